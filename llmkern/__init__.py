@@ -1,0 +1,38 @@
+"""llmkern: fused kernels for large language models.
+
+Ops (each a torch.library op with autograd where it makes sense):
+  sample, top_k_top_p_filter           sorting-free sampling (C++ CPU / CUDA C++)
+  attention, attention_varlen,         fused attention (Triton)
+  attention_with_kvcache
+  lora_linear, lora_linear_multi       fused LoRA matmul (Triton)
+Subpackages: peft, parallel, models, generation, flops, integrations, bench, reference.
+"""
+import importlib as _importlib
+
+__version__ = "0.1.0"
+
+from llmkern.ops.sampling import sample, top_k_top_p_filter  # noqa: E402,F401
+
+# Public names that live in modules imported on first use (keeps `import llmkern` light).
+_LAZY_ATTRS = {
+    "attention": "llmkern.ops.attention",
+    "attention_varlen": "llmkern.ops.attention",
+    "attention_with_kvcache": "llmkern.ops.attention",
+    "lora_linear": "llmkern.ops.lora",
+    "lora_linear_multi": "llmkern.ops.lora",
+    "generate": "llmkern.generation",
+}
+_SUBMODULES = {"bench", "flops", "generation", "integrations", "kernels", "models", "ops", "parallel",
+               "peft", "reference", "testing", "info"}
+
+
+def __getattr__(name):
+    if name in _LAZY_ATTRS:
+        return getattr(_importlib.import_module(_LAZY_ATTRS[name]), name)
+    if name in _SUBMODULES:
+        return _importlib.import_module(f"llmkern.{name}")
+    raise AttributeError(f"module 'llmkern' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_ATTRS) | _SUBMODULES)

@@ -1,0 +1,93 @@
+"""Which implementation an op runs: the compiled extension, Triton, or the PyTorch reference.
+
+Backends: "cuda" (CUDA C++ in llmkern._C), "cpu" (C++ in llmkern._C), "triton" (kernels in
+llmkern/kernels, GPU, or CPU under TRITON_INTERPRET=1) and "reference" (llmkern/reference,
+plain PyTorch). LLMKERN_BACKEND=<name> forces one for every op that has it.
+"""
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("cuda", "cpu", "triton", "reference")
+_ext = None
+_ext_error = None
+_warned = set()
+
+
+def warn_once(key, message):
+    """A deliberate fallback says so once per process."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def extension():
+    """The llmkern._C module, or None when it was not built (the reason is in extension_error())."""
+    global _ext, _ext_error
+    if _ext is None and _ext_error is None:
+        try:
+            from llmkern import _C  # noqa: F401  (loading it registers the C++ ops)
+
+            _ext = _C
+        except ImportError as exc:  # not built, or built against another torch
+            _ext_error = str(exc)
+    return _ext
+
+
+def extension_error():
+    extension()
+    return _ext_error
+
+
+def has_kernel(op, dispatch_key):
+    """Whether llmkern._C registered `op` (e.g. "llmkern::sample") for CPU or CUDA."""
+    if extension() is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
+
+
+def forced():
+    name = os.environ.get("LLMKERN_BACKEND", "").strip().lower()
+    if name and name not in BACKENDS:
+        raise ValueError(f"LLMKERN_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name or None
+
+
+def triton_available():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def choose(op_name, available, preferred):
+    """Pick a backend among `available` (those this op has for this device and dtype).
+
+    `preferred` is the default order. A forced backend the op lacks is ignored for that op with a
+    one-time warning, never silently.
+    """
+    name = forced()
+    if name is not None:
+        if name in available:
+            return name
+        warn_once((op_name, name), f"llmkern: LLMKERN_BACKEND={name} is not available for {op_name} "
+                                   f"here; using {next(b for b in preferred if b in available)}")
+    for b in preferred:
+        if b in available:
+            return b
+    return "reference"
+
+
+# op name -> function(device: torch.device, dtype) -> backend name, used by `python -m llmkern.info`.
+OP_DISPATCH = {}
+
+
+def register_op(name, fn):
+    OP_DISPATCH[name] = fn
+    return fn

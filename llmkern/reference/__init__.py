@@ -1,0 +1,12 @@
+"""Plain-PyTorch references of every op: the test oracle and the fallback when no kernel exists.
+
+Each op's reference lives in its own module here (reference/<op>.py) and is re-exported below.
+"""
+from llmkern.reference.sampling import (  # noqa: F401
+    apply_penalties,
+    filter_logits,
+    philox_uniform,
+    sample,
+    sort_based_sample,
+)
+# (ops added by later issues append their re-exports below this line)

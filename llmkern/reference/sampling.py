@@ -1,0 +1,156 @@
+"""Reference of llmkern.sample / top_k_top_p_filter: sort-based, float64, obviously correct.
+
+Semantics (shared with the C++ and CUDA kernels):
+  processed logits y = (logits + bias, disallowed -> -inf, NaN -> -inf) / temperature
+  top-k keeps y >= the k-th largest value (ties kept); top-p then keeps the values v whose
+  mass strictly above v is < top_p (renormalised over the top-k survivors, whole tie groups
+  kept); min-p keeps p >= min_p * p_max. The draw is the first token, in vocabulary order,
+  whose cumulative kept probability exceeds one uniform u(seed, position).
+"""
+import math
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def _philox4x32(c, k0, k1):
+    c = list(c)
+    for _ in range(10):
+        p0 = 0xD2511F53 * c[0]
+        p1 = 0xCD9E8D57 * c[2]
+        hi0, lo0 = p0 >> 32, p0 & _M32
+        hi1, lo1 = p1 >> 32, p1 & _M32
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    return c
+
+
+def philox_uniform(seed, position):
+    """The row's uniform in [0, 1) (53 bits), exactly as the kernels compute it."""
+    s, p = int(seed) & 0xFFFFFFFFFFFFFFFF, int(position) & 0xFFFFFFFFFFFFFFFF
+    c = _philox4x32([p & _M32, p >> 32, 0x5A4D504C, 0], s & _M32, s >> 32)
+    return ((c[0] >> 5) * 67108864 + (c[1] >> 6)) / 9007199254740992.0
+
+
+def apply_penalties(logits, prev_tokens, repetition_penalty, presence_penalty, frequency_penalty):
+    """Hugging Face's repetition penalty, then OpenAI-style presence/frequency penalties.
+
+    prev_tokens: [B, L] int64, -1 = padding. Penalty arguments are [B] float tensors.
+    Returns a new float32 tensor (the input is not modified).
+    """
+    out = logits.float().clone()
+    if prev_tokens is None or prev_tokens.numel() == 0:
+        return out
+    B, V = out.shape
+    valid = prev_tokens >= 0
+    ids = torch.where(valid, prev_tokens, torch.zeros_like(prev_tokens))
+    counts = torch.zeros(B, V, dtype=torch.float32, device=out.device)
+    counts.scatter_add_(1, ids, valid.float())
+    seen = counts > 0
+    rp = repetition_penalty.float().view(B, 1)
+    penalised = torch.where(out < 0, out * rp, out / rp)
+    out = torch.where(seen, penalised, out)
+    out = out - presence_penalty.float().view(B, 1) * seen.float()
+    out = out - frequency_penalty.float().view(B, 1) * counts
+    return out
+
+
+def _process(logits, temperature, bias, allowed):
+    y = logits.double()
+    if bias is not None:
+        y = y + bias.double()
+    if allowed is not None:
+        y = y.masked_fill(~allowed.bool(), float("-inf"))
+    y = torch.nan_to_num(y, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    t = temperature.double().view(-1, 1)
+    return torch.where(t > 0, y / torch.where(t > 0, t, torch.ones_like(t)), y)
+
+
+def _keep_mask(y, top_k, top_p, min_p):
+    """Boolean [B, V]: which processed logits survive top-k, top-p, min-p (HF order)."""
+    B, V = y.shape
+    keep = torch.ones_like(y, dtype=torch.bool)
+    for r in range(B):
+        row = y[r]
+        m = row.max()
+        if m == float("-inf"):
+            continue
+        k = int(top_k[r])
+        if 0 < k < V:
+            kth = torch.topk(row, k).values[-1]
+            keep[r] &= row >= kth
+        e = torch.where(row == m, torch.ones_like(row), torch.exp(row - m))
+        e = torch.where(keep[r], e, torch.zeros_like(e))
+        p = float(top_p[r])
+        if p < 1.0:
+            asc, _ = torch.sort(row)
+            e_asc = torch.where(row.new_ones(V, dtype=torch.bool), torch.exp(asc - m), asc)
+            e_asc = torch.where(asc == m, torch.ones_like(e_asc), e_asc)
+            e_asc = torch.where(asc >= (kth if 0 < k < V else float("-inf")), e_asc, torch.zeros_like(e_asc))
+            cum = torch.cumsum(e_asc, 0)
+            z = cum[-1]
+            last_le = torch.searchsorted(asc, row, right=True) - 1  # last position holding <= v
+            mass_above = z - cum[last_le]
+            keep[r] &= mass_above < p * z
+        mp = float(min_p[r])
+        if mp > 0:
+            keep[r] &= e >= mp
+    return keep
+
+
+def filter_logits(logits, top_k, top_p, min_p, filter_value=float("-inf")):
+    """Reference of top_k_top_p_filter: the logits with removed entries set to filter_value."""
+    y = torch.nan_to_num(logits.double(), nan=float("-inf"))
+    keep = _keep_mask(y, top_k, top_p, min_p)
+    return torch.where(keep, logits, torch.full_like(logits, filter_value))
+
+
+def sample(logits, temperature, top_k, top_p, min_p, seed, position, logit_bias=None, allowed=None):
+    """Reference of the sampling kernel. All parameters are [B] tensors.
+
+    Returns (tokens int64 [B], logprobs float32 [B], valid bool [B]).
+    """
+    B, V = logits.shape
+    y = _process(logits, temperature, logit_bias, allowed)
+    keep = _keep_mask(y, top_k, top_p, min_p)
+    tokens = torch.zeros(B, dtype=torch.long)
+    logprobs = torch.full((B,), float("-inf"), dtype=torch.float32)
+    valid = torch.zeros(B, dtype=torch.bool)
+    for r in range(B):
+        row = y[r]
+        m = row.max()
+        if m == float("-inf"):
+            continue
+        valid[r] = True
+        e = torch.where(row == m, torch.ones_like(row), torch.exp(row - m))
+        if float(temperature[r]) == 0.0:
+            tokens[r] = int(torch.nonzero(row == m)[0])
+            logprobs[r] = -math.log(float(e.sum()))
+            continue
+        e = torch.where(keep[r], e, torch.zeros_like(e))
+        cdf = torch.cumsum(e, 0)
+        u = philox_uniform(int(seed[r]), int(position[r]))
+        tok = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype), right=True)[0])
+        tok = min(tok, V - 1)
+        tokens[r] = tok
+        logprobs[r] = float(row[tok] - m) - math.log(float(cdf[-1]))
+    dev = logits.device
+    return tokens.to(dev), logprobs.to(dev), valid.to(dev)
+
+
+def sort_based_sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """What users run today (the benchmark baseline): sort, softmax, cumsum, mask, multinomial."""
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=False, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        remove = cum <= 1 - top_p
+        remove[..., -1:] = False
+        logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,28 @@
+"""Shared test setup.
+
+- Without CUDA, Triton kernels run under the interpreter (TRITON_INTERPRET=1, set before triton
+  is imported): tests call the Triton launchers on small CPU tensors in float32/float16.
+- `@pytest.mark.gpu` cases are skipped cleanly without CUDA; run them with `pytest -m gpu`.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
