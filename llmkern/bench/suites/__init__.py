@@ -1,0 +1,1 @@
+"""Benchmark suites: one module per op or topic; each registers with @suite."""
