@@ -86,9 +86,9 @@ def _keep_mask(y, top_k, top_p, min_p):
         p = float(top_p[r])
         if p < 1.0:
             asc, _ = torch.sort(row)
-            e_asc = torch.where(row.new_ones(V, dtype=torch.bool), torch.exp(asc - m), asc)
-            e_asc = torch.where(asc == m, torch.ones_like(e_asc), e_asc)
-            e_asc = torch.where(asc >= (kth if 0 < k < V else float("-inf")), e_asc, torch.zeros_like(e_asc))
+            e_asc = torch.where(asc == m, torch.ones_like(asc), torch.exp(asc - m))
+            floor = torch.topk(row, k).values[-1] if 0 < k < V else float("-inf")
+            e_asc = torch.where(asc >= floor, e_asc, torch.zeros_like(e_asc))
             cum = torch.cumsum(e_asc, 0)
             z = cum[-1]
             last_le = torch.searchsorted(asc, row, right=True) - 1  # last position holding <= v

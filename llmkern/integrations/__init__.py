@@ -1,0 +1,1 @@
+"""Drop-in glue for Hugging Face transformers and PEFT."""

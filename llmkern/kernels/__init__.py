@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers (no registration, no autograd)."""

@@ -1,0 +1,161 @@
+"""What the zoo models share: the attention call (ours or SDPA) and the KV cache.
+
+backend="torch"    F.scaled_dot_product_attention (GQA through enable_gqa).
+backend="llmkern"  llmkern.attention / llmkern.attention_with_kvcache when llmkern.ops.attention
+                   is importable; otherwise SDPA, with a one-time warning saying so.
+Layout everywhere: q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (SDPA's).
+"""
+import torch
+import torch.nn.functional as F
+
+from llmkern._backend import warn_once
+
+BACKENDS = ("llmkern", "torch")
+_OPS = {}
+
+
+def check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def llmkern_ops():
+    """(attention, attention_with_kvcache) from llmkern.ops.attention, None where missing."""
+    if "ops" not in _OPS:
+        attn = kv = None
+        try:
+            from llmkern.ops import attention as mod
+
+            attn = getattr(mod, "attention", None)
+            kv = getattr(mod, "attention_with_kvcache", None)
+        except Exception as exc:  # not landed yet, or broken: fall back, and say so once
+            warn_once(("models", "attention-import"),
+                      f"llmkern.models: llmkern.ops.attention is not importable ({exc!r}); "
+                      f"backend='llmkern' uses torch SDPA for attention")
+        _OPS["ops"] = (attn, kv)
+    return _OPS["ops"]
+
+
+def _sdpa(q, k, v, causal, dropout_p=0.0):
+    H, Hkv = q.shape[1], k.shape[1]
+    Tq, Tk = q.shape[2], k.shape[2]
+    mask = None
+    if causal and Tq != Tk:  # bottom-right aligned causal mask (queries are the last Tq positions)
+        if Tq > 1:
+            i = torch.arange(Tq, device=q.device).view(-1, 1) + (Tk - Tq)
+            mask = torch.arange(Tk, device=q.device).view(1, -1) <= i
+        causal = False
+    kw = {"enable_gqa": True} if H != Hkv else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=causal, **kw)
+
+
+def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None):
+    """Causal self-attention of q over k/v; with a KV cache, k/v are appended first.
+
+    Returns [B, H, Tq, D].
+    """
+    attn_fn = kv_fn = None
+    if backend == "llmkern":
+        attn_fn, kv_fn = llmkern_ops()
+        if dropout_p > 0:
+            warn_once(("models", "dropout"), "llmkern.models: attention dropout > 0 is not supported by "
+                                             "llmkern.attention; using torch SDPA for it")
+            attn_fn = kv_fn = None
+    if cache is not None:
+        start = cache.seqlen
+        if kv_fn is not None and start > 0:
+            k_cache, v_cache = cache.append(layer, k, v)
+            seqlens = torch.full((q.shape[0],), start + k.shape[2], dtype=torch.int32, device=q.device)
+            return kv_fn(q, k_cache, v_cache, seqlens, causal=True)
+        k, v = cache.append(layer, k, v)
+        k, v = k[:, :, :start + q.shape[2]], v[:, :, :start + q.shape[2]]
+    if attn_fn is not None:
+        return attn_fn(q, k, v, causal=True)
+    return _sdpa(q, k, v, True, dropout_p)
+
+
+class KVCache:
+    """Static per-layer key/value buffers [B, Hkv, max_len, D] and the filled length.
+
+    The model writes each layer's new keys/values at positions [seqlen, seqlen + T) and advances
+    `seqlen` once per forward. `reorder(idx)` gathers batch rows (beam search).
+    """
+
+    def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, dtype, device):
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.max_len = max_len
+        self.seqlen = 0
+
+    def append(self, layer, k, v):
+        T = k.shape[2]
+        if self.seqlen + T > self.max_len:
+            raise ValueError(f"KVCache: {self.seqlen} + {T} tokens exceed max_len={self.max_len}")
+        self.k[layer][:, :, self.seqlen:self.seqlen + T] = k
+        self.v[layer][:, :, self.seqlen:self.seqlen + T] = v
+        return self.k[layer], self.v[layer]
+
+    def advance(self, T):
+        self.seqlen += T
+
+    def reorder(self, idx):
+        self.k = [t.index_select(0, idx) for t in self.k]
+        self.v = [t.index_select(0, idx) for t in self.v]
+
+
+class ZooModel(torch.nn.Module):
+    """What GPT and Llama share: the backend switch, the KV cache, the loss, optimizer groups."""
+
+    @property
+    def backend(self):
+        return self._backend
+
+    @backend.setter
+    def backend(self, value):
+        self._backend = check_backend(value)
+        for m in self.modules():
+            if m is not self and hasattr(m, "backend_name"):
+                m.backend_name = value
+
+    def new_cache(self, batch, max_len=None, dtype=None, device=None):
+        """An empty KVCache for `batch` sequences of up to `max_len` tokens (default block_size)."""
+        c = self.config
+        p = next(self.parameters())
+        return KVCache(c.n_layer, batch, c.n_kv_head, max_len or c.block_size, c.head_dim,
+                       dtype or p.dtype, device or p.device)
+
+    @staticmethod
+    def lm_loss(logits, labels):
+        """Next-token cross entropy, Hugging Face style: labels align with input_ids and are shifted
+        here; -100 is ignored."""
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                               labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, torch.nn.Embedding)
+                     and getattr(m, "_position", False))
+        return n
+
+    def configure_optimizer(self, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=None):
+        """AdamW with weight decay on matrices only (nanoGPT); fused on CUDA by default."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        if fused is None:
+            fused = all(p.is_cuda for p in params)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+    def _check_input(self, input_ids, cache):
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
+                             f"{getattr(input_ids, 'shape', type(input_ids))}")
+        start = cache.seqlen if cache is not None else 0
+        if start + input_ids.shape[1] > self.config.block_size:
+            raise ValueError(f"input_ids: {start} + {input_ids.shape[1]} tokens exceed "
+                             f"block_size={self.config.block_size}")
+        return start

@@ -1,0 +1,155 @@
+"""Model configurations of the zoo: one dataclass, named sizes, validation.
+
+Named sizes (``get_config(name)``):
+  gpt2, gpt2-medium, gpt2-large, gpt2-xl          GPT-2 (Radford et al. 2019), context 1024
+  gpt3-125m ... gpt3-175b                          the eight sizes of GPT-3 Table 2.1, context 2048
+  llama-7b, llama-13b, llama2-7b, llama3-8b, ...   LLaMA-style (RMSNorm, RoPE, SwiGLU, GQA)
+  gpt-tiny, llama-tiny                             a few hundred thousand parameters, for tests
+
+GPT-3 Table 2.1 notes: the table lists d_model=5140 for 13B, which is 40 heads x 128 = 5120 in
+the released models; and 24 heads x 128 for 1.3B, which contradicts d_model=2048 (and the 1.3B
+total): we use 16 heads x 128 (d_model = n_heads x d_head, 1.3B parameters), as Megatron-LM and
+GPT-Neo do.
+"""
+import dataclasses
+from typing import Optional
+
+ARCHS = ("gpt", "llama")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    arch: str = "gpt"                 # "gpt" (LayerNorm, GELU, learned positions) or "llama"
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768                 # d_model
+    block_size: int = 1024            # maximum sequence length (context)
+    n_kv_head: Optional[int] = None   # GQA: key/value heads (default n_head)
+    head_dim: Optional[int] = None    # default n_embd // n_head
+    intermediate_size: Optional[int] = None  # FFN width (default 4d for GPT, 2/3*4d rounded for llama)
+    bias: Optional[bool] = None       # biases in linears (default True for GPT, False for llama)
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0       # llama only
+    tie_embeddings: Optional[bool] = None  # lm_head shares the token embedding (GPT default True)
+    activation: Optional[str] = None  # "gelu_tanh" | "gelu" (GPT), "silu" (llama, SwiGLU)
+    name: str = ""
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"ModelConfig.arch must be one of {ARCHS}, got {self.arch!r}")
+        for f in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"ModelConfig.{f} must be a positive int, got {v!r}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if not isinstance(self.n_kv_head, int) or self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
+            raise ValueError(f"ModelConfig.n_kv_head must be a positive divisor of n_head={self.n_head}, "
+                             f"got {self.n_kv_head!r}")
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"ModelConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
+                                 f"(or set head_dim)")
+            self.head_dim = self.n_embd // self.n_head
+        if not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise ValueError(f"ModelConfig.head_dim must be a positive int, got {self.head_dim!r}")
+        if self.arch == "llama" and self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.intermediate_size is None:
+            if self.arch == "gpt":
+                self.intermediate_size = 4 * self.n_embd
+            else:  # LLaMA: 2/3 * 4d rounded up to a multiple of 256
+                self.intermediate_size = 256 * ((int(8 * self.n_embd / 3) + 255) // 256)
+        if not isinstance(self.intermediate_size, int) or self.intermediate_size <= 0:
+            raise ValueError(f"ModelConfig.intermediate_size must be a positive int, got {self.intermediate_size!r}")
+        if self.bias is None:
+            self.bias = self.arch == "gpt"
+        if self.tie_embeddings is None:
+            self.tie_embeddings = self.arch == "gpt"
+        if self.activation is None:
+            self.activation = "gelu_tanh" if self.arch == "gpt" else "silu"
+        allowed = ("gelu_tanh", "gelu", "relu") if self.arch == "gpt" else ("silu",)
+        if self.activation not in allowed:
+            raise ValueError(f"ModelConfig.activation must be one of {allowed} for arch={self.arch!r}, "
+                             f"got {self.activation!r}")
+        if not (0.0 <= float(self.dropout) < 1.0):
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not float(self.norm_eps) > 0:
+            raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        if not float(self.rope_theta) > 0:
+            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+
+    @property
+    def attn_dim(self):
+        """n_head * head_dim: the width of Q (and of the attention output)."""
+        return self.n_head * self.head_dim
+
+    def replace(self, **changes):
+        """A copy with fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _gpt(name, n_layer, n_embd, n_head, block_size, vocab_size=50257):
+    return dict(arch="gpt", name=name, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                block_size=block_size, vocab_size=vocab_size)
+
+
+def _llama(name, n_layer, n_embd, n_head, n_kv_head, intermediate_size, vocab_size, block_size,
+           rope_theta=10000.0, norm_eps=1e-5, tie=False):
+    return dict(arch="llama", name=name, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                n_kv_head=n_kv_head, intermediate_size=intermediate_size, vocab_size=vocab_size,
+                block_size=block_size, rope_theta=rope_theta, norm_eps=norm_eps, tie_embeddings=tie)
+
+
+CONFIGS = {
+    # GPT-2 (HF gpt2, gpt2-medium, gpt2-large, gpt2-xl)
+    "gpt2": _gpt("gpt2", 12, 768, 12, 1024),
+    "gpt2-medium": _gpt("gpt2-medium", 24, 1024, 16, 1024),
+    "gpt2-large": _gpt("gpt2-large", 36, 1280, 20, 1024),
+    "gpt2-xl": _gpt("gpt2-xl", 48, 1600, 25, 1024),
+    # GPT-3 Table 2.1 (n_layers, d_model, n_heads; d_head = d_model / n_heads), n_ctx 2048
+    "gpt3-125m": _gpt("gpt3-125m", 12, 768, 12, 2048),
+    "gpt3-350m": _gpt("gpt3-350m", 24, 1024, 16, 2048),
+    "gpt3-760m": _gpt("gpt3-760m", 24, 1536, 16, 2048),
+    "gpt3-1.3b": _gpt("gpt3-1.3b", 24, 2048, 16, 2048),
+    "gpt3-2.7b": _gpt("gpt3-2.7b", 32, 2560, 32, 2048),
+    "gpt3-6.7b": _gpt("gpt3-6.7b", 32, 4096, 32, 2048),
+    "gpt3-13b": _gpt("gpt3-13b", 40, 5120, 40, 2048),
+    "gpt3-175b": _gpt("gpt3-175b", 96, 12288, 96, 2048),
+    # LLaMA-style
+    "llama-7b": _llama("llama-7b", 32, 4096, 32, 32, 11008, 32000, 2048, norm_eps=1e-6),
+    "llama-13b": _llama("llama-13b", 40, 5120, 40, 40, 13824, 32000, 2048, norm_eps=1e-6),
+    "llama2-7b": _llama("llama2-7b", 32, 4096, 32, 32, 11008, 32000, 4096),
+    "llama3-8b": _llama("llama3-8b", 32, 4096, 32, 8, 14336, 128256, 8192, rope_theta=500000.0),
+    "llama-1b": _llama("llama-1b", 16, 2048, 32, 8, 8192, 128256, 2048, rope_theta=500000.0, tie=True),
+    "llama-350m": _llama("llama-350m", 24, 1024, 16, 4, 2816, 32000, 2048),
+    "llama-125m": _llama("llama-125m", 12, 768, 12, 4, 2048, 32000, 2048),
+    # tiny, for tests and CPU smoke runs
+    "gpt-tiny": dict(arch="gpt", name="gpt-tiny", n_layer=2, n_embd=64, n_head=4, block_size=128,
+                     vocab_size=256),
+    "llama-tiny": dict(arch="llama", name="llama-tiny", n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                       intermediate_size=176, block_size=128, vocab_size=256),
+}
+_ALIASES = {"gpt2-small": "gpt2", "gpt2-124m": "gpt2", "gpt2-350m": "gpt2-medium",
+            "gpt2-774m": "gpt2-large", "gpt2-1.5b": "gpt2-xl", "gpt3-small": "gpt3-125m",
+            "gpt3-medium": "gpt3-350m", "gpt3-large": "gpt3-760m", "gpt3-xl": "gpt3-1.3b"}
+
+
+def available_configs():
+    return sorted(CONFIGS)
+
+
+def get_config(name, **overrides):
+    """The named ModelConfig (see the module docstring), with fields overridden by keyword."""
+    if isinstance(name, ModelConfig):
+        return name.replace(**overrides) if overrides else name
+    key = _ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in CONFIGS:
+        raise ValueError(f"get_config: unknown name {name!r}; known: {', '.join(available_configs())}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    bad = set(overrides) - fields
+    if bad:
+        raise ValueError(f"get_config: unknown ModelConfig field(s) {sorted(bad)}")
+    return ModelConfig(**{**CONFIGS[key], **overrides})

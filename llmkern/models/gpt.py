@@ -1,0 +1,115 @@
+"""GPT (GPT-2 / GPT-3 family) in nanoGPT's spirit: learned positions, pre-LayerNorm, GELU MLP.
+
+    model = GPT(get_config("gpt2"), backend="llmkern")
+    logits = model(idx)                    # [B, T, V]
+    logits, loss = model(idx, labels=idx)  # next-token loss (labels shifted inside, -100 ignored)
+
+Projections are separate q/k/v/o and up/down nn.Linear modules (weights [out, in]) so that LoRA
+(Q/V in the LoRA paper), adapters and tensor-parallel sharding address them by name. The
+attention goes through llmkern.attention (backend="llmkern") or torch SDPA (backend="torch").
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmkern.models._attn import ZooModel, attend, check_backend
+from llmkern.models.configs import ModelConfig, get_config
+
+_ACT = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg, backend):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.attn_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.attn_dim, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.backend_name = backend
+
+    def forward(self, x, cache=None, layer=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        y = attend(q, k, v, backend=self.backend_name, cache=cache, layer=layer,
+                   dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return F.dropout(self.o_proj(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
+        self.act = _ACT[cfg.activation]
+        self.dropout = cfg.dropout
+
+    def forward(self, x):
+        return F.dropout(self.down_proj(self.act(self.up_proj(x))), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, backend):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg, backend)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cache=None, layer=None):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(ZooModel):
+    def __init__(self, config="gpt2", backend="llmkern"):
+        super().__init__()
+        cfg = get_config(config) if not isinstance(config, ModelConfig) else config
+        if cfg.arch != "gpt":
+            raise ValueError(f"GPT needs config.arch='gpt', got {cfg.arch!r} (use Llama)")
+        self.config = cfg
+        self._backend = check_backend(backend)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe._position = True
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList([Block(cfg, backend) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def forward(self, input_ids, labels=None, *, cache=None):
+        """Logits [B, T, V]; (logits, loss) when labels are given. With a KVCache, input_ids are
+        the next tokens after the cache's contents and the cache is extended."""
+        start = self._check_input(input_ids, cache)
+        T = input_ids.shape[1]
+        pos = torch.arange(start, start + T, device=input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(pos))
+        for i, block in enumerate(self.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        logits = self.lm_head(self.ln_f(x))
+        if labels is None:
+            return logits
+        return logits, self.lm_loss(logits, labels)

@@ -1,0 +1,1 @@
+"""Public ops: one module per op (validation, registration, dispatch, autograd)."""

@@ -1,0 +1,264 @@
+"""Sorting-free top-k / top-p / min-p sampling: public API, validation, dispatch.
+
+Kernels: csrc/cpu/sampling.cpp (C++, OpenMP) and csrc/cuda/sampling.cu (CUDA C++), registered as
+torch.ops.llmkern.sample / top_k_top_p_filter in csrc/llmkern.cpp; the plain-PyTorch reference is
+llmkern/reference/sampling.py. The algorithm is described in csrc/sampling.h.
+"""
+import numbers
+from typing import Optional, Union
+
+import torch
+
+from llmkern import _backend
+from llmkern import reference as ref
+
+ScalarOrTensor = Union[float, int, torch.Tensor]
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+# Looked up once: the dispatcher query is not traceable by torch.compile.
+_COMPILED = {"cpu": _backend.has_kernel("llmkern::sample", "CPU"),
+             "cuda": _backend.has_kernel("llmkern::sample", "CUDA")}
+
+
+def _backend_for(device, dtype=None):
+    """"cuda" / "cpu" when llmkern._C has the kernel for this device, else "reference"."""
+    dev = torch.device(device)
+    available = ["reference"]
+    if _COMPILED.get(dev.type, False):
+        available.insert(0, dev.type)
+    choice = _backend.choose("sample", available, ("cuda", "cpu", "reference"))
+    if choice == "reference" and available == ["reference"] and _backend.forced() != "reference":
+        _backend.warn_once(("sample", dev.type), "llmkern.sample: no compiled kernel for "
+                           f"{dev.type} ({_backend.extension_error() or 'not built'}); using the "
+                           "PyTorch reference")
+    return choice
+
+
+_backend.register_op("sample", _backend_for)
+_backend.register_op("top_k_top_p_filter", _backend_for)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+def _check_logits(logits):
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape [batch, vocab], got {tuple(logits.shape)}")
+    if logits.size(1) < 1:
+        raise ValueError("logits must have a non-empty vocabulary dimension")
+    if logits.dtype not in _DTYPES:
+        raise ValueError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+
+
+def _checking_values():
+    """Value checks on tensors need a host sync: skip them while compiling or capturing graphs."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _row_param(name, value, B, device, dtype, lo, hi, lo_open=False, hi_open=False):
+    """A Python scalar or [B] tensor -> [B] tensor of `dtype` on `device`, range-checked."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.expand(B)
+        if value.shape != (B,):
+            raise ValueError(f"{name} must be a scalar or a tensor of shape [{B}], got {tuple(value.shape)}")
+        if value.is_floating_point() and dtype == torch.int64:
+            raise ValueError(f"{name} must be an integer tensor, got {value.dtype}")
+        if value.device != device and value.device.type != "cpu":
+            raise ValueError(f"{name} is on {value.device} but logits are on {device}")
+        t = value.to(device=device, dtype=dtype)
+        if _checking_values() and t.numel() > 0:
+            bad = (t < lo) | (t > hi) if not (lo_open or hi_open) else None
+            if bad is None:
+                bad = ((t <= lo) if lo_open else (t < lo)) | ((t >= hi) if hi_open else (t > hi))
+            if dtype != torch.int64:
+                bad = bad | torch.isnan(t)
+            if bool(bad.any()):
+                raise ValueError(f"{name} values must be in {_interval(lo, hi, lo_open, hi_open)}")
+        return t
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    if dtype == torch.int64 and not float(value).is_integer():
+        raise ValueError(f"{name} must be an integer, got {value}")
+    v = float(value)
+    out_of_range = (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi) or v != v
+    if out_of_range:
+        raise ValueError(f"{name} must be in {_interval(lo, hi, lo_open, hi_open)}, got {value}")
+    return torch.full((B,), value, dtype=dtype, device=device)
+
+
+def _interval(lo, hi, lo_open, hi_open):
+    return f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def _side_tensor(name, t, B, V, device):
+    """logit_bias / allowed_tokens: [V] or [B, V] on the logits' device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.shape not in ((V,), (B, V)):
+        raise ValueError(f"{name} must have shape [{V}] or [{B}, {V}], got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but logits are on {device}")
+    return t
+
+
+def _allowed_mask(allowed, B, V, device):
+    """Boolean [B, V] / [V] mask, or a packed int32 bitmask [B, ceil(V/32)] (bit j of word w allows
+    token 32*w + j, as guided-decoding libraries produce)."""
+    if not isinstance(allowed, torch.Tensor):
+        raise TypeError(f"allowed_tokens must be a torch.Tensor, got {type(allowed).__name__}")
+    if allowed.dtype == torch.bool:
+        return _side_tensor("allowed_tokens", allowed, B, V, device)
+    words = (V + 31) // 32
+    if allowed.dtype == torch.int32 and allowed.shape in ((words,), (B, words)):
+        if allowed.device != device:
+            raise ValueError(f"allowed_tokens is on {allowed.device} but logits are on {device}")
+        bits = torch.arange(32, device=device, dtype=torch.int32)
+        unpacked = ((allowed.unsqueeze(-1) >> bits) & 1).bool()
+        return unpacked.flatten(-2)[..., :V]
+    raise ValueError(f"allowed_tokens must be a bool tensor [{V}] / [{B}, {V}] or a packed int32 "
+                     f"bitmask [{words}] / [{B}, {words}], got {allowed.dtype} {tuple(allowed.shape)}")
+
+
+def _check_prev_tokens(prev_tokens, B, V, device):
+    if not isinstance(prev_tokens, torch.Tensor) or prev_tokens.dtype != torch.int64:
+        raise TypeError("prev_tokens must be an int64 tensor [batch, length] padded with -1")
+    if prev_tokens.dim() != 2 or prev_tokens.size(0) != B:
+        raise ValueError(f"prev_tokens must have shape [{B}, length], got {tuple(prev_tokens.shape)}")
+    if prev_tokens.device != device:
+        raise ValueError(f"prev_tokens is on {prev_tokens.device} but logits are on {device}")
+    if _checking_values() and prev_tokens.numel() and bool(((prev_tokens < -1) | (prev_tokens >= V)).any()):
+        raise ValueError(f"prev_tokens values must be -1 (padding) or token ids in [0, {V})")
+
+
+def _seeds(seed, position, B, device):
+    """Per-row (seed, position). Without a seed, fresh seeds come from torch's generator."""
+    if seed is None:
+        seed_t = torch.randint(_INT64_MIN, _INT64_MAX, (B,), dtype=torch.int64, device=device)
+    else:
+        seed_t = _row_param("seed", seed, B, device, torch.int64, _INT64_MIN, _INT64_MAX)
+    pos = 0 if position is None else position
+    pos_t = _row_param("position", pos, B, device, torch.int64, 0, _INT64_MAX)
+    return seed_t, pos_t
+
+
+# ---- public API -------------------------------------------------------------------------------------
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: ScalarOrTensor = 1.0,
+    top_k: ScalarOrTensor = 0,
+    top_p: ScalarOrTensor = 1.0,
+    min_p: ScalarOrTensor = 0.0,
+    repetition_penalty: ScalarOrTensor = 1.0,
+    presence_penalty: ScalarOrTensor = 0.0,
+    frequency_penalty: ScalarOrTensor = 0.0,
+    prev_tokens: Optional[torch.Tensor] = None,
+    logit_bias: Optional[torch.Tensor] = None,
+    allowed_tokens: Optional[torch.Tensor] = None,
+    seed: Optional[Union[int, torch.Tensor]] = None,
+    position: Optional[Union[int, torch.Tensor]] = None,
+    return_logprobs: bool = False,
+    return_valid: bool = False,
+):
+    """Draw one token per row of `logits` [B, V] (fp32/fp16/bf16) without sorting the vocabulary.
+
+    Order of processing (Hugging Face's): repetition penalty, presence/frequency penalties and
+    `logit_bias`, `allowed_tokens` mask, temperature, top-k, top-p, min-p. Every keyword accepts a
+    Python scalar or a [B] tensor (per-row values). `top_k=0`, `top_p=1`, `min_p=0` disable a filter;
+    `temperature=0` is greedy for that row (argmax, lowest index on ties).
+
+    prev_tokens: [B, L] int64, -1 padded: the tokens seen so far, for the penalties.
+    logit_bias: [V] or [B, V] float added to the logits.
+    allowed_tokens: bool [V] / [B, V] (True = allowed) or packed int32 bitmask [B, ceil(V/32)].
+    seed, position: with a seed, row r's draw is a pure function of (its processed logits,
+        seed[r], position[r]) - reproducible and independent of the batch's order or makeup.
+        Without one, fresh seeds come from torch's generator (torch.manual_seed applies).
+
+    Returns tokens (int64 [B]); with return_logprobs also the log-probability of each token under
+    the distribution it was drawn from (after filtering; for greedy rows, under the temperature-1
+    distribution); with return_valid also a bool [B] mask, False for rows with no finite logit
+    (their token is 0 and logprob -inf). NaN logits count as -inf.
+    """
+    _check_logits(logits)
+    B, V = logits.shape
+    dev = logits.device
+    f32 = torch.float32
+    temperature = _row_param("temperature", temperature, B, dev, f32, 0.0, float("inf"))
+    top_k = _row_param("top_k", top_k, B, dev, torch.int64, 0, _INT64_MAX)
+    top_p = _row_param("top_p", top_p, B, dev, f32, 0.0, 1.0, lo_open=True)
+    min_p = _row_param("min_p", min_p, B, dev, f32, 0.0, 1.0)
+    rep = _row_param("repetition_penalty", repetition_penalty, B, dev, f32, 0.0, float("inf"), lo_open=True)
+    pres = _row_param("presence_penalty", presence_penalty, B, dev, f32, -float("inf"), float("inf"))
+    freq = _row_param("frequency_penalty", frequency_penalty, B, dev, f32, -float("inf"), float("inf"))
+    if logit_bias is not None:
+        logit_bias = _side_tensor("logit_bias", logit_bias, B, V, dev).float()
+    if allowed_tokens is not None:
+        allowed_tokens = _allowed_mask(allowed_tokens, B, V, dev)
+    if prev_tokens is not None:
+        _check_prev_tokens(prev_tokens, B, V, dev)
+        logits = ref.apply_penalties(logits, prev_tokens, rep, pres, freq)
+    seed_t, pos_t = _seeds(seed, position, B, dev)
+
+    if _backend_for(dev) == "reference":
+        tokens, logprobs, valid = ref.sample(logits, temperature, top_k, top_p, min_p, seed_t, pos_t,
+                                             logit_bias=logit_bias, allowed=allowed_tokens)
+    else:
+        tokens, logprobs, valid = torch.ops.llmkern.sample(logits, logit_bias, allowed_tokens, temperature,
+                                                           top_k, top_p, min_p, seed_t, pos_t)
+    out = (tokens,)
+    if return_logprobs:
+        out += (logprobs,)
+    if return_valid:
+        out += (valid,)
+    return out[0] if len(out) == 1 else out
+
+
+def top_k_top_p_filter(logits: torch.Tensor, top_k: ScalarOrTensor = 0, top_p: ScalarOrTensor = 1.0,
+                       min_p: ScalarOrTensor = 0.0, filter_value: float = float("-inf")) -> torch.Tensor:
+    """The logits that Hugging Face's TopK, TopP and MinP warpers (in that order) would return.
+
+    Removed entries are set to `filter_value`; ties at the k-th value are kept; at least one token
+    is kept. One deliberate difference: where the top-p boundary falls inside a group of exactly
+    equal logits, the whole group is kept (HF keeps an arbitrary part of it, by sort order).
+    `logits` is [B, V] or [V]; returns a new tensor of the same shape and dtype.
+    """
+    if isinstance(logits, torch.Tensor) and logits.dim() == 1:
+        return top_k_top_p_filter(logits.unsqueeze(0), top_k, top_p, min_p, filter_value).squeeze(0)
+    _check_logits(logits)
+    B, V = logits.shape
+    dev = logits.device
+    top_k = _row_param("top_k", top_k, B, dev, torch.int64, 0, _INT64_MAX)
+    top_p = _row_param("top_p", top_p, B, dev, torch.float32, 0.0, 1.0, lo_open=True)
+    min_p = _row_param("min_p", min_p, B, dev, torch.float32, 0.0, 1.0)
+    if not isinstance(filter_value, numbers.Real):
+        raise TypeError(f"filter_value must be a number, got {type(filter_value).__name__}")
+    if _backend_for(dev) == "reference":
+        return ref.filter_logits(logits, top_k, top_p, min_p, float(filter_value))
+    return torch.ops.llmkern.top_k_top_p_filter(logits, top_k, top_p, min_p, float(filter_value))
+
+
+# ---- torch.compile support: shapes of the C++ ops' outputs ------------------------------------------
+
+def _register_fakes():
+    if _backend.extension() is None:
+        return
+
+    @torch.library.register_fake("llmkern::sample")
+    def _sample_fake(logits, logit_bias, allowed, temperature, top_k, top_p, min_p, seed, position):
+        B = logits.shape[0]
+        return (logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B,), dtype=torch.float32),
+                logits.new_empty((B,), dtype=torch.bool))
+
+    @torch.library.register_fake("llmkern::top_k_top_p_filter")
+    def _filter_fake(logits, top_k, top_p, min_p, filter_value):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+_register_fakes()

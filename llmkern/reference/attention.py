@@ -1,0 +1,142 @@
+"""Plain-PyTorch reference of fused attention: the test oracle and the CPU fallback.
+
+Same semantics as llmkern.attention (see llmkern/ops/attention.py):
+- layout [batch, heads, seq, head_dim]; GQA/MQA when k/v have fewer heads (dividing q's);
+- causal alignment is bottom-right: query i sees keys j <= i + (Tk - Tq);
+- window=(left, right): query i sees keys j with i + off - left <= j <= i + off + right,
+  off = Tk - Tq (None or a negative value = unbounded on that side);
+- softcap: scores = softcap * tanh(q.k * scale / softcap);
+- key_padding_mask: bool [batch, Tk], True = attend;
+- a query row with no visible key gets a zero output and LSE -inf (never NaN).
+
+Computed in float32 (float64 for float64 inputs), returned in the input dtype; the LSE is float32
+(float64 for float64 inputs). It materialises the [Tq, Tk] score matrix per head: fine as an
+oracle and for short sequences, not as a replacement for the kernel at long lengths.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+
+
+def _normalize_window(window, causal):
+    left, right = (None, None) if window is None else window
+    left = None if left is None or left < 0 else int(left)
+    right = None if right is None or right < 0 else int(right)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
+
+
+def visibility_mask(tq: int, tk: int, *, causal: bool = False, window=None,
+                    device=None, offset: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Bool [tq, tk] mask (True = visible) of causal/window constraints, None when all visible.
+
+    `offset` is the position of query 0 minus the position of key 0 (default tk - tq: bottom-right).
+    """
+    left, right = _normalize_window(window, causal)
+    if left is None and right is None:
+        return None
+    off = tk - tq if offset is None else offset
+    i = torch.arange(tq, device=device)[:, None] + off
+    j = torch.arange(tk, device=device)[None, :]
+    mask = torch.ones(tq, tk, dtype=torch.bool, device=device)
+    if right is not None:
+        mask &= j <= i + right
+    if left is not None:
+        mask &= j >= i - left
+    return mask
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
+              key_padding_mask=None, return_lse=False, mask=None):
+    """Reference attention. q [B, H, Tq, D], k/v [B, Hk, Tk, D]; returns out (, lse [B, H, Tq]).
+
+    `mask` (extra, reference only): bool [B or 1, 1 or H, Tq, Tk] ANDed with the other masks.
+    """
+    B, H, Tq, D = q.shape
+    Hk, Tk = k.shape[1], k.shape[2]
+    G = H // Hk
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    cd = _compute_dtype(q.dtype)
+    qf = q.to(cd).reshape(B, Hk, G, Tq, D)
+    kf = k.to(cd)[:, :, None]
+    vf = v.to(cd)[:, :, None]
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hk, G, Tq, Tk]
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    visible = visibility_mask(Tq, Tk, causal=causal, window=window, device=q.device)
+    full = None
+    if visible is not None:
+        full = visible.view(1, 1, 1, Tq, Tk)
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.to(torch.bool).view(B, 1, 1, 1, Tk)
+        full = kpm if full is None else (full & kpm)
+    if mask is not None:
+        m = mask.to(torch.bool)
+        m = m.expand(B, H, Tq, Tk).reshape(B, Hk, G, Tq, Tk)
+        full = m if full is None else (full & m)
+    if full is not None:
+        s = s.masked_fill(~full, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp(s - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, vf) / torch.where(denom == 0, torch.ones_like(denom), denom)
+    out = out.reshape(B, H, Tq, v.shape[-1]).to(q.dtype)
+    if not return_lse:
+        return out
+    lse = (m + torch.log(denom)).reshape(B, H, Tq)  # log(0) = -inf for empty rows
+    return out, lse
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
+                     causal=False, scale=None, window=None, softcap=None, return_lse=False):
+    """Reference varlen attention: q [total_q, H, D], k/v [total_k, Hk, D], int32 cumulative lengths.
+
+    Returns out [total_q, H, D] (, lse [H, total_q])."""
+    outs, lses = [], []
+    cq = cu_seqlens_q.tolist()
+    ck = cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        qb = q[cq[b]:cq[b + 1]].transpose(0, 1)[None]
+        kb = k[ck[b]:ck[b + 1]].transpose(0, 1)[None]
+        vb = v[ck[b]:ck[b + 1]].transpose(0, 1)[None]
+        o, lse = attention(qb, kb, vb, causal=causal, scale=scale, window=window, softcap=softcap,
+                           return_lse=True)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0])
+    out = torch.cat(outs, dim=0)
+    if not return_lse:
+        return out
+    return out, torch.cat(lses, dim=1)
+
+
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, causal=True, scale=None,
+                           window=None, softcap=None, return_lse=False):
+    """Reference decode: q [B, H, Tq, D] are the last Tq positions of each row's cache_seqlens[b]
+    keys in k_cache/v_cache [B, Hk, Tmax, D] (the new tokens already written there)."""
+    B, H, Tq, D = q.shape
+    Tmax = k_cache.shape[2]
+    lens = cache_seqlens.to(torch.long).to(q.device)
+    j = torch.arange(Tmax, device=q.device)
+    kpm = j[None, :] < lens[:, None]  # [B, Tmax]
+    left, right = _normalize_window(window, causal)
+    pos = lens[:, None] - Tq + torch.arange(Tq, device=q.device)[None, :]  # [B, Tq]
+    vis = torch.ones(B, Tq, Tmax, dtype=torch.bool, device=q.device)
+    if right is not None:
+        vis &= j[None, None, :] <= pos[:, :, None] + right
+    if left is not None:
+        vis &= j[None, None, :] >= pos[:, :, None] - left
+    vis &= kpm[:, None, :]
+    return attention(q, k_cache, v_cache, scale=scale, softcap=softcap, return_lse=return_lse,
+                     mask=vis[:, None])
+
+
+def attention_float64(q, k, v, **kw) -> Tuple[torch.Tensor, ...]:
+    """The reference evaluated on float64 copies of the inputs (the test oracle)."""
+    return attention(q.double(), k.double(), v.double(), **kw)

@@ -1,0 +1,340 @@
+"""llmkern.sample / top_k_top_p_filter on CPU: C++ kernel vs reference vs Hugging Face warpers."""
+import math
+
+import pytest
+import torch
+
+import llmkern
+import llmkern.reference as ref
+from llmkern import _backend
+
+pytestmark = pytest.mark.skipif(not _backend.has_kernel("llmkern::sample", "CPU"),
+                                reason="llmkern._C not built")
+
+hf_logits = pytest.importorskip("transformers.generation.logits_process")
+
+
+def hf_filter(logits, top_k=0, top_p=1.0, min_p=0.0):
+    """Hugging Face's warpers, in generate()'s order."""
+    scores = logits.float().clone()
+    if top_k:
+        scores = hf_logits.TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = hf_logits.TopPLogitsWarper(top_p)(None, scores)
+    if min_p > 0:
+        scores = hf_logits.MinPLogitsWarper(min_p)(None, scores)
+    return scores
+
+
+def rows(kind, B, V, gen):
+    if kind == "normal":
+        return torch.randn(B, V, generator=gen) * 3
+    if kind == "heavy":  # a few dominant tokens, long flat tail
+        x = torch.randn(B, V, generator=gen)
+        x[:, :3] += 12
+        return x[:, torch.randperm(V, generator=gen)]
+    if kind == "neginf":
+        x = torch.randn(B, V, generator=gen)
+        x[torch.rand(B, V, generator=gen) < 0.5] = float("-inf")
+        x[:, 0] = 1.0  # at least one finite
+        return x
+    if kind == "ties":  # integer logits: many exact ties
+        return torch.randint(-5, 5, (B, V), generator=gen).float()
+    if kind == "huge":
+        x = torch.randn(B, V, generator=gen)
+        x[:, V // 2] = 1e4
+        return x
+    raise ValueError(kind)
+
+
+FILTERS = [(0, 1.0, 0.0), (1, 1.0, 0.0), (5, 1.0, 0.0), (50, 1.0, 0.0), (0, 0.9, 0.0), (0, 0.3, 0.0),
+           (0, 1e-6, 0.0), (20, 0.8, 0.0), (0, 1.0, 0.1), (40, 0.95, 0.05)]
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy", "neginf", "huge"])
+@pytest.mark.parametrize("top_k,top_p,min_p", FILTERS)
+def test_filter_equals_hf_warpers(kind, top_k, top_p, min_p):
+    gen = torch.Generator().manual_seed(hash((kind, top_k, top_p, min_p)) % 2**31)
+    x = rows(kind, 6, 1013, gen)
+    ours = llmkern.top_k_top_p_filter(x, top_k, top_p, min_p)
+    theirs = hf_filter(x, top_k, top_p, min_p)
+    assert torch.equal(ours.isfinite(), theirs.isfinite())
+    assert torch.equal(ours[ours.isfinite()], x[ours.isfinite()])
+    assert (ours.isfinite().sum(1) >= 1).all()
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 7, 100])
+def test_topk_keeps_ties_like_hf(top_k):
+    gen = torch.Generator().manual_seed(top_k)
+    x = rows("ties", 8, 257, gen)
+    ours = llmkern.top_k_top_p_filter(x, top_k=top_k)
+    assert torch.equal(ours.isfinite(), hf_filter(x, top_k=top_k).isfinite())
+
+
+def test_all_equal_row():
+    x = torch.zeros(3, 64)
+    assert llmkern.top_k_top_p_filter(x, top_k=5).isfinite().all()  # ties at the k-th value kept
+    # the top-p boundary inside a tie group keeps the whole group (documented difference from HF)
+    assert llmkern.top_k_top_p_filter(x, top_p=0.5).isfinite().all()
+    assert torch.equal(llmkern.top_k_top_p_filter(x, top_p=0.5), ref.filter_logits(
+        x, torch.zeros(3, dtype=torch.long), torch.full((3,), 0.5), torch.zeros(3)))
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy", "ties", "neginf"])
+def test_filter_matches_reference_per_row_params(kind):
+    gen = torch.Generator().manual_seed(7)
+    B, V = 16, 777
+    x = rows(kind, B, V, gen)
+    k = torch.randint(0, 60, (B,), generator=gen)
+    p = torch.rand(B, generator=gen).clamp_min(0.05)
+    mp = torch.rand(B, generator=gen) * 0.2
+    ours = llmkern.top_k_top_p_filter(x, k, p, mp)
+    assert torch.equal(ours, ref.filter_logits(x, k, p, mp))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_filter_dtypes(dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = rows("normal", 4, 500, gen).to(dtype)
+    ours = llmkern.top_k_top_p_filter(x, 30, 0.9, filter_value=-1000.0)
+    assert ours.dtype == dtype
+    B = x.shape[0]
+    expected = ref.filter_logits(x, torch.full((B,), 30), torch.full((B,), 0.9), torch.zeros(B), -1000.0)
+    assert torch.equal(ours, expected)
+    theirs = hf_filter(x.float(), 30, 0.9).isfinite()
+    kept = ours != -1000.0
+    assert (kept | ~theirs).all()  # everything HF keeps is kept
+    # bf16 has many exact ties: the only extra tokens are ties of the boundary value
+    extra = kept & ~theirs
+    for r in range(B):
+        if extra[r].any():
+            assert (x[r][extra[r]] == x[r][theirs[r]].min()).all()
+
+
+def test_filter_1d_and_large_vocab_parallel_path():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(50000, generator=gen) * 2  # B=1, large V: the row is split across threads
+    ours = llmkern.top_k_top_p_filter(x, top_k=1000, top_p=0.7)
+    assert torch.equal(ours.isfinite(), hf_filter(x[None], 1000, 0.7)[0].isfinite())
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+
+def ref_sample(x, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, position=0, **kw):
+    B = x.shape[0]
+    full = lambda v, dt=torch.float32: v if isinstance(v, torch.Tensor) else torch.full((B,), v, dtype=dt)  # noqa: E731
+    return ref.sample(x, full(temperature), full(top_k, torch.long), full(top_p), full(min_p),
+                      full(seed, torch.long), full(position, torch.long), **kw)
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", FILTERS)
+def test_sample_matches_reference(top_k, top_p, min_p):
+    gen = torch.Generator().manual_seed(11)
+    x = rows("heavy", 12, 999, gen)
+    pos = torch.arange(12) * 3
+    tok, lp, valid = llmkern.sample(x, temperature=0.8, top_k=top_k, top_p=top_p, min_p=min_p, seed=42,
+                                    position=pos, return_logprobs=True, return_valid=True)
+    rt, rlp, rv = ref_sample(x, 0.8, top_k, top_p, min_p, 42, pos)
+    assert torch.equal(tok, rt)
+    torch.testing.assert_close(lp, rlp, atol=1e-4, rtol=1e-4)
+    assert valid.all() and rv.all()
+
+
+def test_sample_frequencies_match_filtered_softmax():
+    """Chi-square over many seeds: the draws follow softmax of the filtered, tempered logits."""
+    V, n = 40, 20000
+    gen = torch.Generator().manual_seed(1)
+    row = torch.randn(V, generator=gen) * 1.5
+    x = row.expand(n, V).contiguous()
+    tok = llmkern.sample(x, temperature=0.7, top_k=25, top_p=0.9, seed=123, position=torch.arange(n))
+    filtered = hf_filter((row / 0.7)[None], 25, 0.9)[0]
+    probs = torch.softmax(filtered.double(), 0)
+    counts = torch.bincount(tok, minlength=V).double()
+    assert counts[probs == 0].sum() == 0  # never a filtered token
+    support = probs > 0
+    expected = probs[support] * n
+    chi2 = ((counts[support] - expected) ** 2 / expected).sum().item()
+    dof = int(support.sum()) - 1
+    # 99.9% quantile of chi-square ~ dof + 3.1*sqrt(2 dof) + 7 for these dof
+    assert chi2 < dof + 3.1 * math.sqrt(2 * dof) + 7, (chi2, dof)
+
+
+def test_unseeded_sampling_follows_torch_generator():
+    x = torch.randn(64, 100)
+    torch.manual_seed(5)
+    a = llmkern.sample(x)
+    torch.manual_seed(5)
+    b = llmkern.sample(x)
+    assert torch.equal(a, b)
+    c = llmkern.sample(x)
+    assert not torch.equal(a, c)
+
+
+def test_seed_reproducible_and_batch_invariant():
+    gen = torch.Generator().manual_seed(2)
+    x = rows("normal", 32, 3000, gen)
+    seeds = torch.randint(0, 2**62, (32,), generator=gen)
+    pos = torch.randint(0, 1000, (32,), generator=gen)
+    kw = dict(temperature=1.3, top_k=200, top_p=0.95)
+    a = llmkern.sample(x, seed=seeds, position=pos, **kw)
+    assert torch.equal(a, llmkern.sample(x, seed=seeds, position=pos, **kw))
+    perm = torch.randperm(32, generator=gen)
+    b = llmkern.sample(x[perm], seed=seeds[perm], position=pos[perm], **kw)
+    assert torch.equal(b, a[perm])  # batch order does not matter
+    for r in (0, 17, 31):  # nor batch composition: a row alone draws the same token
+        assert llmkern.sample(x[r:r + 1], seed=seeds[r:r + 1], position=pos[r:r + 1], **kw).item() == a[r]
+    # thread count does not matter either (fixed-point masses are order independent)
+    nt = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(a, llmkern.sample(x, seed=seeds, position=pos, **kw))
+    finally:
+        torch.set_num_threads(nt)
+
+
+def test_greedy_rows_and_mixed_temperature():
+    x = torch.randn(6, 300)
+    x[0, 7] = x[0, 9] = 50.0  # tie: lowest index wins
+    t = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.5, 2.0])
+    tok, lp = llmkern.sample(x, temperature=t, top_k=10, seed=0, return_logprobs=True)
+    assert tok[0] == 7
+    assert tok[1] == x[1].argmax() and tok[3] == x[3].argmax()
+    torch.testing.assert_close(lp[1], torch.log_softmax(x[1], 0)[tok[1]], atol=1e-5, rtol=1e-5)
+    rt, rlp, _ = ref_sample(x, t, 10, 1.0, 0.0, 0, 0)
+    assert torch.equal(tok, rt)
+
+
+def test_logprobs_are_those_of_the_filtered_distribution():
+    x = torch.randn(8, 500)
+    tok, lp = llmkern.sample(x, temperature=0.9, top_p=0.8, seed=3, return_logprobs=True)
+    filtered = hf_filter(x / 0.9, top_p=0.8)
+    expected = torch.log_softmax(filtered, -1).gather(1, tok[:, None])[:, 0]
+    torch.testing.assert_close(lp, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("V", [1, 2, 3, 31, 1001])
+def test_edge_vocab_sizes(V):
+    x = torch.randn(5, V)
+    for k, p in [(0, 1.0), (1, 1.0), (V, 1.0), (V + 10, 1.0), (0, 1e-7), (3, 0.5)]:
+        tok = llmkern.sample(x, top_k=k, top_p=p, seed=9)
+        assert ((tok >= 0) & (tok < V)).all()
+        if k == 1 or p == 1e-7:
+            assert torch.equal(tok, x.argmax(1))
+
+
+def test_no_finite_logit_rows_are_flagged():
+    x = torch.randn(4, 50)
+    x[1] = float("-inf")
+    x[2] = float("nan")
+    x[3, :] = float("nan")
+    x[3, 5] = 2.0  # NaN counts as -inf: only token 5 is possible
+    tok, lp, valid = llmkern.sample(x, top_p=0.9, seed=1, return_logprobs=True, return_valid=True)
+    assert valid.tolist() == [True, False, False, True]
+    assert tok[1] == 0 and tok[2] == 0 and tok[3] == 5
+    assert lp[1] == float("-inf") and lp[3] == 0.0
+
+
+def test_plus_inf_logit():
+    x = torch.randn(2, 20)
+    x[0, 4] = float("inf")
+    tok = llmkern.sample(x, seed=0)
+    assert tok[0] == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sample_dtypes(dtype):
+    x = torch.randn(8, 2000).to(dtype)
+    tok = llmkern.sample(x, top_k=100, top_p=0.9, seed=4, position=torch.arange(8))
+    rt, _, _ = ref_sample(x.float(), 1.0, 100, 0.9, 0.0, 4, torch.arange(8))
+    assert torch.equal(tok, rt)
+
+
+def test_strided_logits():
+    x = torch.randn(4, 600)[:, :500]  # row stride 600
+    assert torch.equal(llmkern.sample(x, top_k=20, seed=1), llmkern.sample(x.contiguous(), top_k=20, seed=1))
+
+
+def test_penalties_bias_and_allowed_mask():
+    B, V = 4, 100
+    x = torch.randn(B, V)
+    prev = torch.tensor([[1, 2, 2, -1], [-1, -1, -1, -1], [5, 5, 5, 5], [0, 99, -1, -1]])
+    bias = torch.zeros(V)
+    bias[10] = 100.0
+    tok = llmkern.sample(x, logit_bias=bias, temperature=0)
+    assert (tok == 10).all()
+    allowed = torch.zeros(B, V, dtype=torch.bool)
+    allowed[:, 20:23] = True
+    tok = llmkern.sample(x, allowed_tokens=allowed, seed=0)
+    assert ((tok >= 20) & (tok < 23)).all()
+    # packed bitmask: bit j of word w allows token 32 w + j
+    packed = torch.zeros(B, 4, dtype=torch.int32)
+    packed[:, 1] = 1 << 3  # token 35
+    assert (llmkern.sample(x, allowed_tokens=packed, seed=0) == 35).all()
+    # repetition penalty equals HF's processor
+    penalised = ref.apply_penalties(x, prev, torch.full((B,), 1.5), torch.zeros(B), torch.zeros(B))
+    hf = hf_logits.RepetitionPenaltyLogitsProcessor(1.5)(prev.clamp_min(0)[:1, :3], x[:1].clone())
+    torch.testing.assert_close(penalised[0], hf[0])
+    # presence / frequency penalties: OpenAI's definition
+    pen = ref.apply_penalties(x, prev, torch.ones(B), torch.full((B,), 0.5), torch.full((B,), 0.25))
+    assert torch.isclose(pen[2, 5], x[2, 5] - 0.5 - 4 * 0.25)
+    a = llmkern.sample(x, prev_tokens=prev, repetition_penalty=1.3, frequency_penalty=0.2, seed=8,
+                       position=torch.arange(B))
+    xp = ref.apply_penalties(x, prev, torch.full((B,), 1.3), torch.zeros(B), torch.full((B,), 0.2))
+    assert torch.equal(a, ref_sample(xp, 1.0, 0, 1.0, 0.0, 8, torch.arange(B))[0])
+
+
+def test_hf_logits_processor_in_generate_loop():
+    from llmkern.integrations.transformers import LlmkernSamplingWarper
+
+    x = torch.randn(3, 400)
+    warper = LlmkernSamplingWarper(top_k=40, top_p=0.9, min_p=0.02)
+    expected = hf_filter(x, 40, 0.9, 0.02)
+    assert torch.equal(warper(None, x).isfinite(), expected.isfinite())
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(temperature=-0.1), "temperature"), (dict(min_p=2.0), "min_p"), (dict(top_k=2.5), "top_k"),
+    (dict(top_p=torch.tensor([0.5, 0.0])), "top_p"), (dict(temperature=torch.ones(3)), "temperature"),
+    (dict(logit_bias=torch.zeros(7)), "logit_bias"), (dict(allowed_tokens=torch.ones(2, 7)), "allowed_tokens"),
+    (dict(prev_tokens=torch.zeros(2, 3, dtype=torch.long) + 100), "prev_tokens"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+])
+def test_bad_arguments(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        llmkern.sample(torch.randn(2, 10), **bad)
+
+
+def test_bad_logits():
+    with pytest.raises(ValueError, match="logits"):
+        llmkern.sample(torch.randn(10))
+    with pytest.raises(ValueError, match="logits"):
+        llmkern.sample(torch.randn(2, 10).double())
+    with pytest.raises(TypeError, match="logits"):
+        llmkern.sample([1.0, 2.0])
+    with pytest.raises(ValueError, match="top_p"):
+        llmkern.top_k_top_p_filter(torch.randn(2, 10), top_p=0)
+
+
+def test_opcheck_and_compile():
+    x = torch.randn(4, 64)
+    B = 4
+    args = (x, None, None, torch.ones(B), torch.full((B,), 5), torch.full((B,), 0.9), torch.zeros(B),
+            torch.zeros(B, dtype=torch.long), torch.arange(B))
+    torch.library.opcheck(torch.ops.llmkern.sample.default, args)
+    torch.library.opcheck(torch.ops.llmkern.top_k_top_p_filter.default,
+                          (x, torch.full((B,), 5), torch.ones(B), torch.zeros(B), float("-inf")))
+
+    def step(logits):
+        return llmkern.sample(logits, top_k=5, top_p=0.9, seed=3, position=0)
+
+    compiled = torch.compile(step, fullgraph=True)
+    assert torch.equal(compiled(x), step(x))
+
+
+def test_reference_fallback_without_extension(monkeypatch):
+    monkeypatch.setenv("LLMKERN_BACKEND", "reference")
+    x = torch.randn(3, 100)
+    a = llmkern.sample(x, top_k=10, seed=2)
+    monkeypatch.delenv("LLMKERN_BACKEND")
+    assert torch.equal(a, llmkern.sample(x, top_k=10, seed=2))
