@@ -10,3 +10,4 @@ from llmkern.reference.sampling import (  # noqa: F401
     sort_based_sample,
 )
 # (ops added by later issues append their re-exports below this line)
+from llmkern.reference.lora import dropout_keep_mask, lora_dropout, lora_linear, lora_linear_multi  # noqa: E402,F401

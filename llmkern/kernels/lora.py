@@ -1,0 +1,397 @@
+"""Triton kernels and launchers for the fused LoRA linear (single and multi-adapter).
+
+Math (PEFT shapes: W [N, K], A [n, R, K], B [n, N, R], x [M, K]):
+    y  = x Wᵀ + b + s_a · (drop(x) A_aᵀ) B_aᵀ          a = adapter of the row (-1: base only)
+
+Kernels (each one launch; the multi-adapter case is the same kernels with per-row adapter ids):
+  _shrink_kernel   xs[M, R] = s_a · drop(X) A_aᵀ            (skinny GEMM, fp32 out, dropout fused)
+  _gemm_kernel     out[M, N] = X Wᵀ + bias + mask ⊙ (xs LB_aᵀ)  (base GEMM, low-rank update in the
+                   epilogue: x and W are read once, the [M, R] intermediate stays small, y is
+                   written once; the backward dx = dy W + mask ⊙ (dxs A) is the same kernel)
+  _reduce_kernel   out[a, P, R] = Σ_{rows of a} drop(Y)ᵀ Z   (dB = dyᵀ xs, dA = dxsᵀ drop(x)),
+                   split over rows for parallelism with a deterministic partial sum
+
+Multi-adapter batches are processed in adapter-sorted order: the caller passes `perm` (sorted
+position -> original row) and `sorted_ids`; rows are gathered/scattered through `perm`, so one
+launch handles any mix of adapters (and -1 rows) without host synchronisation.
+
+Dropout: keep(row, col) = hash(seed, row, col) >= p, a murmur3-finaliser hash on uint32 that the
+reference (llmkern/reference/lora.py, `dropout_keep_mask`) reproduces bit for bit; the backward
+regenerates the mask from the seed instead of storing it.
+
+Launchers take any strides but make inputs contiguous first (gradients from `.sum()` arrive as
+stride-0 expanded tensors). Under TRITON_INTERPRET=1 they use one small fixed configuration;
+on GPU the kernels are autotuned.
+"""
+import triton
+import triton.language as tl
+import torch
+
+from llmkern._backend import triton_interpreting
+
+_HASH_COL = 0x9E3779B1
+
+
+# ----------------------------------------------------------------------------- dropout hash
+
+@triton.jit
+def _fmix32(h):
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    h = h ^ (h >> 16)
+    return h
+
+
+@triton.jit
+def _keep_mask(rows, cols, seed0, seed1, threshold):
+    """[len(rows), len(cols)] bool: hash(seed, row, col) >> 8 >= threshold (= round(p * 2^24))."""
+    hr = _fmix32(rows.to(tl.uint32) ^ seed0.to(tl.uint32))
+    hc = cols.to(tl.uint32) * 0x9E3779B1 + seed1.to(tl.uint32)
+    h = _fmix32(hr[:, None] ^ hc[None, :])
+    return (h >> 8).to(tl.int32) >= threshold
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit(do_not_specialize=["seed0", "seed1", "threshold"])
+def _shrink_kernel(X, A, OUT, ROWS, IDS, SCALES, scale,
+                   M, K, R, n_adapters, seed0, seed1, threshold, inv_keep,
+                   sxm, sxk, sa_a, sa_r, sa_k, som, sor,
+                   HAS_IDS: tl.constexpr, DROPOUT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """OUT[m, r] = s_a · Σ_k drop(X[rows[m], k]) A[a_m, r, k]   (m in sorted order)."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    if HAS_IDS:
+        rows = tl.load(ROWS + offs_m, mask=mask_m, other=0).to(tl.int64)
+        ids = tl.load(IDS + offs_m, mask=mask_m, other=-1).to(tl.int32)
+        lo = tl.min(tl.where(ids >= 0, ids, n_adapters), axis=0)
+        hi = tl.minimum(tl.max(ids, axis=0), n_adapters - 1)
+    else:
+        rows = offs_m.to(tl.int64)
+        ids = tl.zeros([BLOCK_M], dtype=tl.int32)
+        lo = 0
+        hi = 0
+    total = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for a in range(lo, hi + 1):
+        sel = mask_m & (ids == a)
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            mk = kk < K
+            x = tl.load(X + rows[:, None] * sxm + kk[None, :] * sxk,
+                        mask=sel[:, None] & mk[None, :], other=0.0)
+            if DROPOUT:
+                keep = _keep_mask(rows, kk, seed0, seed1, threshold)
+                x = tl.where(keep, x * inv_keep, 0.0).to(X.dtype.element_ty)
+            w = tl.load(A + a * sa_a + offs_r[None, :] * sa_r + kk[:, None] * sa_k,
+                        mask=mk[:, None] & mask_r[None, :], other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        if HAS_IDS:
+            s = tl.load(SCALES + a).to(tl.float32)
+        else:
+            s = scale
+        total += tl.where(sel[:, None], acc * s, 0.0)
+    tl.store(OUT + offs_m[:, None] * som + offs_r[None, :] * sor, total,
+             mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit(do_not_specialize=["seed0", "seed1", "threshold"])
+def _gemm_kernel(X, W, BIAS, XS, LB, OUT, ROWS, IDS,
+                 M, N, K, R, n_adapters, seed0, seed1, threshold, inv_keep,
+                 sxm, sxk, swn, swk, sxs_m, sxs_r, slb_a, slb_n, slb_r, som, son,
+                 HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, EPI_DROPOUT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
+    """OUT[rows[m], n] = Σ_k X[rows[m], k] W[n, k] + bias[n] + mask ⊙ Σ_r XS[m, r] LB[a_m, n, r]."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % group) % size_m)
+    pid_n = (pid % group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if HAS_IDS:
+        rows = tl.load(ROWS + offs_m, mask=mask_m, other=0).to(tl.int64)
+    else:
+        rows = offs_m.to(tl.int64)
+
+    x_ptrs = X + rows[:, None] * sxm + offs_k[None, :] * sxk
+    w_ptrs = W + offs_n[None, :].to(tl.int64) * swn + offs_k[:, None] * swk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mk = (k0 + offs_k) < K
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * sxk
+        w_ptrs += BLOCK_K * swk
+
+    # epilogue: the low-rank update, one small dot per adapter present in the tile
+    if HAS_IDS:
+        ids = tl.load(IDS + offs_m, mask=mask_m, other=-1).to(tl.int32)
+        lo = tl.min(tl.where(ids >= 0, ids, n_adapters), axis=0)
+        hi = tl.minimum(tl.max(ids, axis=0), n_adapters - 1)
+    else:
+        ids = tl.zeros([BLOCK_M], dtype=tl.int32)
+        lo = 0
+        hi = 0
+    offs_r = tl.arange(0, BLOCK_R)
+    lora = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for a in range(lo, hi + 1):
+        sel = mask_m & (ids == a)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + offs_r
+            mr = rr < R
+            xs = tl.load(XS + offs_m[:, None] * sxs_m + rr[None, :] * sxs_r,
+                         mask=sel[:, None] & mr[None, :], other=0.0)
+            lb = tl.load(LB + a * slb_a + offs_n[None, :] * slb_n + rr[:, None] * slb_r,
+                         mask=mr[:, None] & mask_n[None, :], other=0.0)
+            lora = tl.dot(xs.to(lb.dtype), lb, lora, input_precision=PRECISION)
+    if EPI_DROPOUT:
+        keep = _keep_mask(rows, offs_n, seed0, seed1, threshold)
+        lora = tl.where(keep, lora * inv_keep, 0.0)
+    acc += lora
+    if HAS_BIAS:
+        b = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += b[None, :]
+    tl.store(OUT + rows[:, None] * som + offs_n[None, :] * son, acc.to(OUT.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["seed0", "seed1", "threshold"])
+def _reduce_kernel(Y, Z, OUT, ROWS, SEG, M, P, R, split,
+                   seed0, seed1, threshold, inv_keep,
+                   sym, syp, szm, szr, so_s, so_a, so_p, so_r,
+                   HAS_IDS: tl.constexpr, DROPOUT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """OUT[s, a, p, r] = Σ_{m in chunk s of segment a} drop(Y[rows[m], p]) Z[m, r]."""
+    pid_p = tl.program_id(0)
+    a = tl.program_id(1)
+    s = tl.program_id(2)
+    num_r = tl.cdiv(R, BLOCK_R)
+    pid_r = pid_p % num_r
+    pid_p = pid_p // num_r
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_p = offs_p < P
+    mask_r = offs_r < R
+    if HAS_IDS:
+        start = tl.load(SEG + a).to(tl.int32)
+        end = tl.load(SEG + a + 1).to(tl.int32)
+    else:
+        start = 0
+        end = M
+    chunk = tl.cdiv(tl.cdiv(end - start, split), BLOCK_M) * BLOCK_M
+    m_lo = start + s * chunk
+    m_hi = tl.minimum(m_lo + chunk, end)
+    acc = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mm = offs_m < m_hi
+        if HAS_IDS:
+            rows = tl.load(ROWS + offs_m, mask=mm, other=0).to(tl.int64)
+        else:
+            rows = offs_m.to(tl.int64)
+        y = tl.load(Y + rows[:, None] * sym + offs_p[None, :] * syp,
+                    mask=mm[:, None] & mask_p[None, :], other=0.0)
+        if DROPOUT:
+            keep = _keep_mask(rows, offs_p, seed0, seed1, threshold)
+            y = tl.where(keep, y * inv_keep, 0.0).to(Y.dtype.element_ty)
+        z = tl.load(Z + offs_m[:, None] * szm + offs_r[None, :] * szr,
+                    mask=mm[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(tl.trans(y), z.to(y.dtype), acc, input_precision=PRECISION)
+    tl.store(OUT + s * so_s + a * so_a + offs_p[:, None] * so_p + offs_r[None, :] * so_r, acc,
+             mask=mask_p[:, None] & mask_r[None, :])
+
+
+# ----------------------------------------------------------------------------- autotuning
+
+def _gemm_configs():
+    cfgs = []
+    for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+                             (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3),
+                             (256, 128, 64, 8, 3)]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                  num_warps=w, num_stages=s))
+    return cfgs
+
+
+def _shrink_configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bk, w, s in [(16, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 4),
+                                 (64, 64, 4, 4), (128, 64, 8, 3), (32, 256, 4, 3)]]
+
+
+def _reduce_configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_P": bp}, num_warps=w, num_stages=s)
+            for bm, bp, w, s in [(64, 128, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4),
+                                 (128, 64, 4, 3), (32, 128, 4, 4)]]
+
+
+_tuned = {}
+
+
+def _kernel(name):
+    """The raw kernel under the interpreter (fixed small blocks), an autotuned one on GPU."""
+    raw = {"gemm": _gemm_kernel, "shrink": _shrink_kernel, "reduce": _reduce_kernel}[name]
+    if triton_interpreting():
+        return raw, {"gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
+                     "shrink": dict(BLOCK_M=16, BLOCK_K=32),
+                     "reduce": dict(BLOCK_M=16, BLOCK_P=32)}[name]
+    if name not in _tuned:
+        if name == "gemm":
+            _tuned[name] = triton.autotune(_gemm_configs(), key=["N", "K", "R", "HAS_IDS", "EPI_DROPOUT"])(raw)
+        elif name == "shrink":
+            _tuned[name] = triton.autotune(_shrink_configs(), key=["K", "R", "HAS_IDS", "DROPOUT"])(raw)
+        else:
+            _tuned[name] = triton.autotune(_reduce_configs(), key=["P", "R", "HAS_IDS", "DROPOUT"])(raw)
+    return _tuned[name], {}
+
+
+def _launch(name, wrap, grid, *args, **kwargs):
+    kern, fixed = _kernel(name)
+    if wrap is not None:
+        kern = wrap(kern)
+    kern[grid](*args, **kwargs, **fixed)
+
+
+def _block_r(R):
+    return min(64, max(16, triton.next_power_of_2(R)))
+
+
+def _precision(dtype):
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def dropout_params(p, seed):
+    """(seed0, seed1, threshold, inv_keep) as the kernels and the reference use them."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    seed0, seed1 = seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF
+    threshold = int(round(float(p) * (1 << 24)))
+    inv_keep = 1.0 / (1.0 - float(p)) if p < 1 else 0.0
+    return seed0, seed1, threshold, inv_keep
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def shrink(x, A, scale, scales=None, perm=None, sorted_ids=None, dropout_p=0.0, seed=0, wrap=None):
+    """xs[M, R] fp32 = s_a · drop(x[perm]) A_aᵀ (rows in sorted order when `perm` is given).
+
+    x [M, K]; A [n, R, K] (any strides: pass a transposed view to shrink by Bᵀ)."""
+    x = x.contiguous()
+    M, K = x.shape
+    n, R, _ = A.shape
+    out = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    has_ids = sorted_ids is not None
+    s0, s1, thr, inv = dropout_params(dropout_p, seed)
+    BR = _block_r(R)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BR))  # noqa: E731
+    _launch("shrink", wrap, grid,
+            x, A, out, perm if has_ids else x, sorted_ids if has_ids else x,
+            scales if has_ids else x, float(scale),
+            M, K, R, n, s0, s1, thr, inv,
+            x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), out.stride(0), out.stride(1),
+            HAS_IDS=has_ids, DROPOUT=dropout_p > 0, BLOCK_R=BR, PRECISION=_precision(x.dtype))
+    return out
+
+
+def gemm(x, W, bias, xs, LB, perm=None, sorted_ids=None, dropout_p=0.0, seed=0, wrap=None):
+    """out[M, N] = x Wᵀ + bias + mask ⊙ (xs LB_aᵀ).
+
+    x [M, K]; W [N, K] (any strides); xs [M, R] fp32 in sorted order; LB [n, N, R] (any strides).
+    The dropout mask (when dropout_p > 0) applies to the low-rank term at (row, n)."""
+    x = x.contiguous()
+    xs = xs.contiguous()
+    M, K = x.shape
+    N = W.shape[0]
+    n, _, R = LB.shape
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    has_ids = sorted_ids is not None
+    s0, s1, thr, inv = dropout_params(dropout_p, seed)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _launch("gemm", wrap, grid,
+            x, W, bias if bias is not None else x, xs, LB, out,
+            perm if has_ids else x, sorted_ids if has_ids else x,
+            M, N, K, R, n, s0, s1, thr, inv,
+            x.stride(0), x.stride(1), W.stride(0), W.stride(1), xs.stride(0), xs.stride(1),
+            LB.stride(0), LB.stride(1), LB.stride(2), out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, HAS_IDS=has_ids, EPI_DROPOUT=dropout_p > 0,
+            BLOCK_R=_block_r(R), PRECISION=_precision(x.dtype))
+    return out
+
+
+def _split_for(num_tiles, n, M, device):
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, (2 * sms) // max(1, num_tiles * n))
+    return int(min(want, 32, max(1, M // 256)))
+
+
+def reduce_rows(y, z, n, perm=None, seg=None, dropout_p=0.0, seed=0, wrap=None):
+    """out[a, P, R] fp32 = Σ_{rows m of adapter a} drop(y[perm[m]])ᵀ z[m].
+
+    y [M, P] (original row order); z [M, R] fp32 (sorted order); seg [n + 1] segment starts."""
+    y = y.contiguous()
+    z = z.contiguous()
+    M, P = y.shape
+    R = z.shape[1]
+    has_ids = seg is not None
+    BR = _block_r(R)
+    split = _split_for(triton.cdiv(P, 128) * triton.cdiv(R, BR), n, M, y.device)
+    part = torch.empty((split, n, P, R), device=y.device, dtype=torch.float32)
+    s0, s1, thr, inv = dropout_params(dropout_p, seed)
+    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(R, BR), n, split)  # noqa: E731
+    _launch("reduce", wrap, grid,
+            y, z, part, perm if has_ids else y, seg if has_ids else y, M, P, R, split,
+            s0, s1, thr, inv,
+            y.stride(0), y.stride(1), z.stride(0), z.stride(1),
+            part.stride(0), part.stride(1), part.stride(2), part.stride(3),
+            HAS_IDS=has_ids, DROPOUT=dropout_p > 0, BLOCK_R=BR, PRECISION=_precision(y.dtype))
+    return part[0] if split == 1 else part.sum(0)
+
+
+def lora_forward(x, W, bias, A, B, scaling, scalings=None, perm=None, sorted_ids=None,
+                 dropout_p=0.0, seed=0, wrap=None):
+    """(y [M, N], xs [M, R] fp32). x [M, K]; A [n, R, K]; B [n, N, R]."""
+    xs = shrink(x, A, scaling, scalings, perm, sorted_ids, dropout_p, seed, wrap)
+    y = gemm(x, W, bias, xs, B, perm, sorted_ids, 0.0, seed, wrap)
+    return y, xs
+
+
+def lora_backward(dy, x, W, A, B, xs, scaling, scalings=None, perm=None, sorted_ids=None, seg=None,
+                  dropout_p=0.0, seed=0, wrap=None):
+    """(dx [M, K], dA [n, R, K], dB [n, N, R]); never forms B A."""
+    dy = dy.contiguous()
+    n = A.shape[0]
+    # dxs[m] = s_a · dy[m] B_a   (shrink by Bᵀ: a [n, R, N] view of B)
+    dxs = shrink(dy, B.transpose(1, 2), scaling, scalings, perm, sorted_ids, 0.0, seed, wrap)
+    # dx = dy W + mask ⊙ (dxs A_a) / (1 - p)   (W as [K, N] view, A as [n, K, R] view)
+    dx = gemm(dy, W.t(), None, dxs, A.transpose(1, 2), perm, sorted_ids, dropout_p, seed, wrap)
+    # dB_a = dyᵀ xs_a (xs already carries s_a);  dA_a = dxs_aᵀ drop(x)
+    dB = reduce_rows(dy, xs, n, perm, _seg(seg, sorted_ids), 0.0, seed, wrap)
+    dA = reduce_rows(x, dxs, n, perm, _seg(seg, sorted_ids), dropout_p, seed, wrap)
+    return dx, dA.transpose(1, 2).to(A.dtype).contiguous(), dB.to(B.dtype)
+
+
+def _seg(seg, sorted_ids):
+    return seg if sorted_ids is not None else None

@@ -1,0 +1,298 @@
+"""Fused LoRA linear: public API, validation, registration, dispatch, autograd.
+
+    lora_linear(x, W, b, A, B, s, p)        y = x Wᵀ + b + s · (dropout_p(x) Aᵀ) Bᵀ
+    lora_linear_multi(x, W, b, A, B, s, ids) the same with a per-token adapter (ids = -1: base only)
+
+Kernels: llmkern/kernels/lora.py (Triton; the low-rank update fused into the base GEMM, dropout
+mask regenerated from a seed in the backward, multi-adapter batches in one launch per stage);
+reference: llmkern/reference/lora.py. On CUDA the kernels run inside the torch.library ops
+`llmkern::lora_fwd` / `llmkern::lora_bwd` (triton_op + register_autograd, so the op works under
+torch.compile(fullgraph=True)). CPU tensors use the reference unless LLMKERN_BACKEND=triton, which
+runs the same kernels under TRITON_INTERPRET=1 (float32/float16 only).
+"""
+import numbers
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from llmkern import _backend
+from llmkern import reference as ref
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_RANK = 256
+
+
+# ---- dispatch -----------------------------------------------------------------------------------
+
+def _backend_for(device, dtype=torch.float32, op_name="lora_linear"):
+    dev = torch.device(device)
+    available = ["reference"]
+    if dtype in _DTYPES and _backend.triton_available():
+        if dev.type == "cuda":
+            available.insert(0, "triton")
+        elif dev.type == "cpu" and _backend.triton_interpreting() and dtype != torch.bfloat16:
+            available.append("triton")
+    preferred = ("triton", "reference") if dev.type == "cuda" else ("reference", "triton")
+    choice = _backend.choose(op_name, available, preferred)
+    if dev.type == "cuda" and choice == "reference" and _backend.forced() != "reference":
+        _backend.warn_once((op_name, "cuda", dtype), f"llmkern.{op_name}: no Triton kernel for "
+                           f"{dtype} on CUDA here; using the PyTorch reference")
+    return choice
+
+
+_backend.register_op("lora_linear", lambda device, dtype: _backend_for(device, dtype, "lora_linear"))
+_backend.register_op("lora_linear_multi",
+                     lambda device, dtype: _backend_for(device, dtype, "lora_linear_multi"))
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+def _checking_values():
+    """Value checks need a host sync: skip them while compiling or capturing CUDA graphs."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_common(x, weight, bias, lora_A, lora_B, multi):
+    _tensor("x", x)
+    _tensor("weight", weight)
+    _tensor("lora_A", lora_A)
+    _tensor("lora_B", lora_B)
+    if not x.is_floating_point() or x.dtype not in _DTYPES + (torch.float64,):
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have shape [..., in_features] with in_features >= 1, got {tuple(x.shape)}")
+    K = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"weight must have shape [out_features, {K}] (like nn.Linear.weight), "
+                         f"got {tuple(weight.shape)}")
+    N = weight.shape[0]
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight must have the dtype of x ({x.dtype}), got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if bias is not None:
+        _tensor("bias", bias)
+        if bias.shape != (N,):
+            raise ValueError(f"bias must have shape [{N}], got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise ValueError(f"bias must have the dtype of x ({x.dtype}), got {bias.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    lead = "[n_adapters, " if multi else "["
+    adim = 3 if multi else 2
+    if lora_A.dim() != adim or lora_A.shape[-1] != K:
+        raise ValueError(f"lora_A must have shape {lead}r, {K}], got {tuple(lora_A.shape)}")
+    r = lora_A.shape[-2]
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"lora_A rank r must be in 1..{MAX_RANK}, got {r}")
+    if lora_B.dim() != adim or lora_B.shape[-2:] != (N, r) or (multi and lora_B.shape[0] != lora_A.shape[0]):
+        want = f"[{lora_A.shape[0]}, {N}, {r}]" if multi else f"[{N}, {r}]"
+        raise ValueError(f"lora_B must have shape {want}, got {tuple(lora_B.shape)}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if multi and lora_A.shape[0] < 1:
+        raise ValueError("lora_A must hold at least one adapter")
+
+
+def _as_scalar(name, v):
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def _new_seed():
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+# ---- torch.library ops (CUDA path) -----------------------------------------------------------------
+
+def _kern():
+    from llmkern.kernels import lora as K
+    return K
+
+
+try:
+    from torch.library import triton_op as _triton_op, wrap_triton as _wrap_triton
+except ImportError:  # torch < 2.6: no triton_op; the CUDA path runs through _LoRAFunction
+    _triton_op = None
+    _wrap_triton = None
+
+_HAVE_OPS = False
+if _triton_op is not None and _backend.triton_available():
+    @_triton_op("llmkern::lora_fwd", mutates_args=())
+    def _lora_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     lora_A: torch.Tensor, lora_B: torch.Tensor, scalings: Optional[torch.Tensor],
+                     scaling: float, perm: Optional[torch.Tensor], sorted_ids: Optional[torch.Tensor],
+                     seg: Optional[torch.Tensor], dropout_p: float, seed: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _kern().lora_forward(x, weight, bias, lora_A, lora_B, scaling, scalings, perm, sorted_ids,
+                                    dropout_p, seed, wrap=_wrap_triton)
+
+    @_triton_op("llmkern::lora_bwd", mutates_args=())
+    def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                     lora_B: torch.Tensor, xs: torch.Tensor, scalings: Optional[torch.Tensor],
+                     scaling: float, perm: Optional[torch.Tensor], sorted_ids: Optional[torch.Tensor],
+                     seg: Optional[torch.Tensor], dropout_p: float, seed: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _kern().lora_backward(dy, x, weight, lora_A, lora_B, xs, scaling, scalings, perm,
+                                     sorted_ids, seg, dropout_p, seed, wrap=_wrap_triton)
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, bias, lora_A, lora_B, scalings, scaling, perm, sorted_ids, seg, p, seed = inputs
+        ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scalings, perm, sorted_ids, seg)
+        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
+        ctx.has_bias = bias is not None
+
+    def _backward(ctx, dy, _dxs):
+        x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx, dA, dB = torch.ops.llmkern.lora_bwd(dy, x, weight, lora_A, lora_B, xs, scalings, ctx.scaling,
+                                                perm, sorted_ids, seg, ctx.p, ctx.seed)
+        dW = dy.t().mm(x) if ctx.needs_input_grad[1] else None
+        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dW, db, dA, dB, None, None, None, None, None, None, None
+
+    _lora_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+    _HAVE_OPS = True
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """The same kernels called directly (CPU tensors under TRITON_INTERPRET=1, or torch < 2.6)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, scaling, perm, sorted_ids, seg, p, seed):
+        y, xs = _kern().lora_forward(x, weight, bias, lora_A, lora_B, scaling, scalings, perm,
+                                     sorted_ids, p, seed)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg)
+        ctx.scaling, ctx.p, ctx.seed, ctx.has_bias = scaling, p, seed, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx, dA, dB = _kern().lora_backward(dy, x, weight, lora_A, lora_B, xs, ctx.scaling, scalings, perm,
+                                           sorted_ids, seg, ctx.p, ctx.seed)
+        dW = dy.t().mm(x) if ctx.needs_input_grad[1] else None
+        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dW, db, dA, dB, None, None, None, None, None, None, None
+
+
+def _run_triton(x2, weight, bias, A3, B3, scalings, scaling, perm, sorted_ids, seg, p, seed):
+    args = (x2, weight.contiguous(), None if bias is None else bias.contiguous(), A3.contiguous(),
+            B3.contiguous(), scalings, scaling, perm, sorted_ids, seg, p, seed)
+    if x2.device.type == "cuda" and _HAVE_OPS:
+        return torch.ops.llmkern.lora_fwd(*args)[0]
+    return _LoRAFunction.apply(*args)
+
+
+# ---- public API ---------------------------------------------------------------------------------
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                dropout_p: float = 0.0, *, seed: Optional[int] = None) -> torch.Tensor:
+    """LoRA linear layer, fused: ``y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``.
+
+    Args:
+        x: ``[..., in]`` float32 / float16 / bfloat16.
+        weight: ``[out, in]`` (nn.Linear layout), dtype of x. Its gradient is computed only when
+            ``weight.requires_grad`` (the usual frozen base gives none).
+        bias: ``[out]`` or None.
+        lora_A: ``[r, in]``, lora_B: ``[out, r]`` (PEFT layout), 1 <= r <= 256. Cast to x's dtype
+            when they differ.
+        scaling: the LoRA scale (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA).
+        dropout_p: dropout on the LoRA branch input, in [0, 1). The mask is a hash of
+            (seed, row, column), regenerated in the backward rather than stored.
+        seed: dropout seed (default: drawn from torch's CPU generator, so torch.manual_seed
+            makes runs reproducible). ``llmkern.reference.lora_dropout`` gives the same mask.
+
+    Returns ``[..., out]`` in x's dtype (accumulated in float32). Never forms ``B A``.
+    """
+    _check_common(x, weight, bias, lora_A, lora_B, multi=False)
+    scaling = _as_scalar("scaling", scaling)
+    p = _as_scalar("dropout_p", dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    if p > 0 and seed is None:
+        seed = _new_seed()
+    seed = 0 if seed is None else int(seed)
+    lora_A = lora_A.to(x.dtype)
+    lora_B = lora_B.to(x.dtype)
+    backend = _backend_for(x.device, x.dtype, "lora_linear")
+    if backend == "reference" or x.numel() == 0:
+        return ref.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    y = _run_triton(x2, weight, bias, lora_A.unsqueeze(0), lora_B.unsqueeze(0), None, scaling,
+                    None, None, None, p, seed)
+    return y.reshape(*shape[:-1], weight.shape[0])
+
+
+def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      lora_A: torch.Tensor, lora_B: torch.Tensor,
+                      scalings: Union[torch.Tensor, Sequence[float]],
+                      adapter_ids: torch.Tensor) -> torch.Tensor:
+    """Mixed-adapter LoRA linear: token m uses adapter ``adapter_ids[m]`` (-1: base model only).
+
+    Args:
+        x: ``[..., in]``; weight ``[out, in]``; bias ``[out]`` or None.
+        lora_A: ``[n, r, in]``, lora_B: ``[n, out, r]`` (adapters stacked; pad smaller ranks
+            with zeros), scalings: ``[n]`` tensor or sequence of floats.
+        adapter_ids: integer tensor with one id per token (shape ``x.shape[:-1]`` or ``[M]``),
+            values in ``[-1, n)``. Checked on the host except while compiling or capturing a CUDA
+            graph (no host sync then; out-of-range ids act as -1).
+
+    One launch per stage for the whole mixed batch (tokens are processed in adapter-sorted order,
+    sorted on the device). Differentiable in x, weight, bias, lora_A and lora_B.
+    """
+    _check_common(x, weight, bias, lora_A, lora_B, multi=True)
+    n = lora_A.shape[0]
+    M = x.numel() // x.shape[-1]
+    if not isinstance(scalings, torch.Tensor):
+        try:
+            scalings = torch.tensor([float(s) for s in scalings], dtype=torch.float32)
+        except TypeError:
+            raise TypeError(f"scalings must be a tensor or a sequence of floats, got {type(scalings).__name__}")
+    if scalings.shape != (n,):
+        raise ValueError(f"scalings must have shape [{n}] (one per adapter), got {tuple(scalings.shape)}")
+    scalings = scalings.to(device=x.device, dtype=torch.float32)
+    _tensor("adapter_ids", adapter_ids)
+    if adapter_ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
+    if adapter_ids.numel() != M:
+        raise ValueError(f"adapter_ids must hold one id per token ({M}), got shape {tuple(adapter_ids.shape)}")
+    if adapter_ids.device != x.device:
+        raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device}")
+    ids = adapter_ids.reshape(-1)
+    if _checking_values() and M > 0:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < -1 or hi >= n:
+            raise ValueError(f"adapter_ids must be in [-1, {n}), got values in [{lo}, {hi}]")
+    lora_A = lora_A.to(x.dtype)
+    lora_B = lora_B.to(x.dtype)
+    backend = _backend_for(x.device, x.dtype, "lora_linear_multi")
+    if backend == "reference" or M == 0:
+        return ref.lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, ids)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    sorted_ids, perm = torch.sort(ids.to(torch.int32), stable=True)
+    perm = perm.to(torch.int32)
+    seg = torch.searchsorted(sorted_ids, torch.arange(n + 1, device=x.device, dtype=torch.int32)).to(torch.int32)
+    y = _run_triton(x2, weight, bias, lora_A, lora_B, scalings, 1.0, perm, sorted_ids, seg, 0.0, 0)
+    return y.reshape(*shape[:-1], weight.shape[0])

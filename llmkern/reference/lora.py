@@ -1,0 +1,76 @@
+"""Reference of llmkern.lora_linear / lora_linear_multi: plain PyTorch, differentiable.
+
+    y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ          (PEFT shapes: W [out, in], A [r, in], B [out, r])
+
+Dropout keeps x[row, col] when hash(seed, row, col) >> 8 >= round(p · 2^24) and scales kept values
+by 1/(1-p): the same mask the Triton kernels regenerate from the seed (rows index the flattened
+[M, in] view of x). Computes in the dtype of its inputs (pass float64 copies for an oracle).
+"""
+import torch
+import torch.nn.functional as F
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(a, c):
+    """(a * c) mod 2^32 for int64 tensors a in [0, 2^32) and a constant c < 2^32 (no overflow)."""
+    return ((a & 0xFFFF) * c + ((((a >> 16) * c) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h):
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def dropout_params(p, seed):
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF, int(round(float(p) * (1 << 24)))
+
+
+def dropout_keep_mask(M, K, p, seed, device=None):
+    """Bool [M, K]: which elements of the flattened x the fused LoRA dropout keeps."""
+    s0, s1, thr = dropout_params(p, seed)
+    rows = torch.arange(M, device=device, dtype=torch.int64)
+    cols = torch.arange(K, device=device, dtype=torch.int64)
+    hr = _fmix32(rows ^ s0)
+    hc = (_mul32(cols, 0x9E3779B1) + s1) & _M32
+    h = _fmix32(hr[:, None] ^ hc[None, :])
+    return (h >> 8) >= thr
+
+
+def lora_dropout(x, p, seed):
+    """dropout(x) with the fused kernels' mask; x [..., K]."""
+    if p == 0:
+        return x
+    K = x.shape[-1]
+    M = x.numel() // K if K else 0
+    keep = dropout_keep_mask(M, K, p, seed, x.device).reshape(x.shape)
+    return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros_like(x))
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0):
+    """y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ."""
+    y = F.linear(x, weight, bias)
+    xd = lora_dropout(x, dropout_p, seed)
+    return y + scaling * F.linear(F.linear(xd, lora_A), lora_B)
+
+
+def lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids):
+    """Per-token adapters: row m of x[..., in] (flattened) uses adapter adapter_ids[m]; -1 = none.
+
+    lora_A [n, r, in], lora_B [n, out, r], scalings [n], adapter_ids [M]."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    y = F.linear(x2, weight, bias)
+    ids = adapter_ids.reshape(-1).to(x2.device)
+    for a in range(lora_A.shape[0]):
+        idx = (ids == a).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        s = scalings[a].to(x2.dtype) if torch.is_tensor(scalings) else scalings[a]
+        upd = s * F.linear(F.linear(x2.index_select(0, idx), lora_A[a]), lora_B[a])
+        y = y.index_add(0, idx, upd.to(y.dtype))
+    return y.reshape(*shape[:-1], weight.shape[0])
