@@ -1,0 +1,202 @@
+"""Parameter counts, FLOPs per token, MFU/HFU and the dense peak table — the seed deck's formulas.
+
+Parameters of a decoder-only Transformer (seed deck, "Parameter concentration"):
+    token embedding  V·d            position embedding  T·d
+    attention        L·(3·d·d_h·H + (d_h·H)·d) = 4·L·d²         (weights)
+    FFN              L·((d·4d + 4d) + (4d·d + d)) ≈ 8·L·d²       (weights and biases)
+For gpt3-175b this gives 617M, 25M, 57,982M and 115,970M (the seed's table; shares 0.35%, 0.01%,
+33.21%, 66.42%). `param_counts` also lists what the four columns leave out (attention biases,
+LayerNorms, an untied lm_head) so that "total" equals the model's parameter count exactly:
+174,604M for gpt3-175b (the seed's total reads 174,597M, 2.4M above the sum of its columns).
+
+FLOPs per token for training, forward + backward = (1 + 2) × forward:
+    "seed"  6·N + 6·L·T·d        forward 2N + 2·L·T·d (seed deck, "Computation concentration")
+    "palm"  6·N + 12·L·H·Q·T     PaLM appendix B / nanoGPT's estimate_mfu (H·Q = attention width)
+N is the number of parameters that take part in matmuls: `matmul_params(config)` (all parameters
+but the position embedding and, when the lm_head is untied, the input embedding — a lookup).
+MFU = observed tokens/s × FLOPs per token / peak FLOP/s. HFU counts the FLOPs the hardware really
+does: with full activation recomputation the forward runs twice, (1 + 1 + 2) × forward.
+"""
+import dataclasses
+
+# Dense peak FLOP/s (no sparsity). A100 SXM/PCIe; H100 SXM; H100 PCIe; H200 SXM (same SMs as H100).
+PEAK_FLOPS = {
+    "a100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "h100": {"bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1979e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "h100-pcie": {"bf16": 756.5e12, "fp16": 756.5e12, "fp8": 1513e12, "tf32": 378e12, "fp32": 51.2e12},
+    "h200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1979e12, "tf32": 494.7e12, "fp32": 66.9e12},
+}
+PRECISIONS = ("bf16", "fp16", "fp8", "tf32", "fp32")
+CONVENTIONS = ("seed", "palm")
+
+
+def _cfg(config):
+    from llmkern.models.configs import ModelConfig, get_config
+
+    return config if isinstance(config, ModelConfig) else get_config(config)
+
+
+def param_counts(config):
+    """Parameters by component (dict of ints) for a zoo config or its name.
+
+    Keys: token_embedding, position_embedding, attention (weights, the seed's 4Ld² for MHA),
+    ffn (weights + biases), attention_bias, norm, lm_head (0 when tied), total, and
+    shares: each of the first four as a fraction of total.
+    """
+    c = _cfg(config)
+    L, d, V, T = c.n_layer, c.n_embd, c.vocab_size, c.block_size
+    attn_w = L * (d * c.attn_dim + 2 * d * c.n_kv_head * c.head_dim + c.attn_dim * d)
+    attn_b = L * (c.attn_dim + 2 * c.n_kv_head * c.head_dim + d) if c.bias else 0
+    f = c.intermediate_size
+    if c.arch == "gpt":
+        ffn = L * (d * f + f + f * d + d) if c.bias else L * 2 * d * f
+        norm = (2 * L + 1) * d * (2 if c.bias else 1)
+        pos = T * d
+    else:
+        ffn = L * 3 * d * f + (L * (2 * f + d) if c.bias else 0)
+        norm = (2 * L + 1) * d
+        pos = 0
+    out = dict(token_embedding=V * d, position_embedding=pos, attention=attn_w, ffn=ffn,
+               attention_bias=attn_b, norm=norm, lm_head=0 if c.tie_embeddings else V * d)
+    out["total"] = sum(out.values())
+    out["shares"] = {k: out[k] / out["total"] for k in ("token_embedding", "position_embedding", "attention", "ffn")}
+    return out
+
+
+def matmul_params(config):
+    """N for the FLOP formulas: parameters used in matmuls (the token embedding counts when it is
+    the tied output head; the position embedding and an input-only embedding are lookups)."""
+    p = param_counts(config)
+    n = p["total"] - p["position_embedding"]
+    if p["lm_head"]:
+        n -= p["token_embedding"]
+    return n
+
+
+def flops_per_token(n_params, n_layers, seq_len, attn_dim, convention="seed", recompute=False):
+    """Training FLOPs per token (forward + backward).
+
+    convention="seed": 6·N + 6·L·T·d (the seed deck); "palm": 6·N + 12·L·T·attn_dim (PaLM, nanoGPT).
+    attn_dim is d (= H·d_h) for the seed formula and H·Q for PaLM's. recompute=True counts a
+    second forward (full activation checkpointing: 8N + ...), i.e. hardware FLOPs for HFU.
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"flops_per_token: convention must be one of {CONVENTIONS}, got {convention!r}")
+    for name, v in (("n_params", n_params), ("n_layers", n_layers), ("seq_len", seq_len), ("attn_dim", attn_dim)):
+        if not v >= 0:
+            raise ValueError(f"flops_per_token: {name} must be >= 0, got {v!r}")
+    passes = 4 if recompute else 3  # forward 1 + backward 2 (+ recomputed forward 1)
+    attn_fwd = 2 * n_layers * seq_len * attn_dim if convention == "seed" else 4 * n_layers * seq_len * attn_dim
+    return passes * (2 * n_params + attn_fwd)
+
+
+def model_flops_per_token(config, seq_len=None, convention="seed", recompute=False):
+    """flops_per_token for a zoo config (N = matmul_params, T = seq_len or block_size)."""
+    c = _cfg(config)
+    d = c.n_embd if convention == "seed" else c.attn_dim
+    return flops_per_token(matmul_params(c), c.n_layer, seq_len or c.block_size, d, convention, recompute)
+
+
+def mfu(tokens_per_second, flops_per_token, peak_flops):
+    """Model FLOPs utilisation: tokens/s × FLOPs/token ÷ peak FLOP/s. `peak_flops` is a number or
+    a device name ("a100", "h100", ...; bf16 peak) or a (device, precision) pair."""
+    if isinstance(peak_flops, str):
+        peak_flops = peak(peak_flops)
+    elif isinstance(peak_flops, tuple):
+        peak_flops = peak(*peak_flops)
+    if not peak_flops or peak_flops <= 0:
+        raise ValueError(f"mfu: peak_flops must be > 0, got {peak_flops!r}")
+    return tokens_per_second * flops_per_token / peak_flops
+
+
+def hfu(tokens_per_second, flops_per_token, peak_flops, recompute=True):
+    """Hardware FLOPs utilisation: MFU with the recomputed forward counted (× 4/3 under full
+    activation recomputation; equal to MFU without it). `flops_per_token` is the model's (3 passes)."""
+    return mfu(tokens_per_second, flops_per_token * (4 / 3 if recompute else 1), peak_flops)
+
+
+def _precision(dtype):
+    import torch
+
+    if isinstance(dtype, str):
+        p = dtype.lower().replace("float", "fp").replace("bfloat16", "bf16").replace("half", "fp16")
+        p = {"fp16": "fp16", "bfp16": "bf16", "bf16": "bf16", "fp32": "fp32", "tf32": "tf32", "fp8": "fp8"}.get(p, p)
+    elif dtype in (torch.bfloat16,):
+        p = "bf16"
+    elif dtype in (torch.float16,):
+        p = "fp16"
+    elif dtype in (torch.float32,):
+        p = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    elif "float8" in str(dtype):
+        p = "fp8"
+    else:
+        p = str(dtype)
+    if p not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} or a torch dtype, got {dtype!r}")
+    return p
+
+
+def peak(device="a100", dtype="bf16"):
+    """Dense peak FLOP/s of a device name in PEAK_FLOPS at a precision (name or torch dtype)."""
+    name = str(device).lower()
+    if name not in PEAK_FLOPS:
+        raise ValueError(f"peak: unknown device {device!r}; known: {sorted(PEAK_FLOPS)}")
+    p = _precision(dtype)
+    if p not in PEAK_FLOPS[name]:
+        raise ValueError(f"peak: {name} has no dense {p} peak")
+    return PEAK_FLOPS[name][p]
+
+
+def device_name(name):
+    """The PEAK_FLOPS key for a CUDA device name (e.g. 'NVIDIA H100 80GB HBM3' -> 'h100'), or None."""
+    n = name.upper()
+    if "H200" in n or "GH200" in n:
+        return "h200"
+    if "H100" in n:
+        return "h100-pcie" if "PCIE" in n else "h100"
+    if "A100" in n:
+        return "a100"
+    return None
+
+
+def detect_device(device=None):
+    """The PEAK_FLOPS key of `device` (default: current CUDA device), None on CPU or unknown cards."""
+    import torch
+
+    device = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return device_name(torch.cuda.get_device_name(device))
+
+
+def device_peak(device=None, dtype="bf16"):
+    """Dense peak FLOP/s of `device` at `dtype`, None where unknown (CPU, other cards)."""
+    name = detect_device(device)
+    if name is None:
+        return None
+    try:
+        return peak(name, dtype)
+    except ValueError:
+        return None
+
+
+@dataclasses.dataclass
+class Utilization:
+    tokens_per_second: float
+    flops_per_token: float
+    tflops: float                 # achieved model TFLOP/s
+    mfu_a100: float               # against the A100 peak at the same precision
+    mfu_device: float = None      # against the detected device's peak (None on CPU/unknown)
+    device: str = None
+
+
+def utilization(tokens_per_second, flops_per_token, dtype="bf16", device=None):
+    """MFU against the A100 peak and against the detected device's peak, in one record."""
+    p = _precision(dtype)
+    a100 = PEAK_FLOPS["a100"].get(p, PEAK_FLOPS["a100"]["bf16"])
+    dev_peak = device_peak(device, p)
+    return Utilization(tokens_per_second, flops_per_token, tokens_per_second * flops_per_token / 1e12,
+                       mfu(tokens_per_second, flops_per_token, a100),
+                       None if dev_peak is None else mfu(tokens_per_second, flops_per_token, dev_peak),
+                       detect_device(device))

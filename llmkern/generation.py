@@ -1,0 +1,331 @@
+"""Decoding loops over a KV cache: greedy, sampling, beam search, guided decoding.
+
+    from llmkern.generation import generate
+    out = generate(model, input_ids, 32)                                     # greedy
+    out = generate(model, input_ids, 32, strategy="sample", temperature=0.8, top_p=0.95, seed=1)
+    out = generate(model, input_ids, 32, strategy="beam", num_beams=4, length_penalty=1.0)
+    out = generate(model, input_ids, 32, strategy="beam", num_beams=4,
+                   allowed_tokens=mask, scorers=[(0.5, my_feature)])         # guided
+
+`model` is a zoo model (llmkern.models.GPT / Llama) or anything with `model(ids, cache=...)` and
+`model.new_cache(batch, max_len)`; prompts are [B, T] without padding. Returns the prompt followed
+by the new tokens, [B * num_return_sequences, T + n]; rows that stop early (eos) are filled with
+pad_token_id, as transformers' generate does.
+
+Strategies (the seed deck's decoding slide):
+  greedy  argmax of the (penalised, masked) logits — llmkern.sample with temperature=0.
+  sample  llmkern.sample: temperature p_i = exp(o_i/T)/Σ_j exp(o_j/T), top-k, top-p, min-p,
+          repetition/presence/frequency penalties, logit_bias; reproducible with seed=.
+  beam    beam search with transformers' semantics (num_beams, length_penalty, early_stopping in
+          {True, False, "never"}, num_return_sequences): the same sequences as HF generate.
+Guided decoding (any strategy):
+  allowed_tokens  bool [V] or [B, V] (True = allowed), or a function (sequences [N, t]) -> bool
+                  [N, V] or [V] called every step (grammars, tries, vocabulary subsets).
+  scorers         the seed's scored search: score(x_{t+1}, b_t) = score(b_t) + log p(x_{t+1})
+                  + Σ_i α_i f_i(x_{t+1}); each scorer is (α_i, f_i) or f_i (α = 1), where
+                  f_i(sequences [N, t], log_probs [N, V]) -> [N, V] feature values. Beam search
+                  ranks beams by this score; greedy takes its argmax; sampling adds Σ α_i f_i to
+                  the logits.
+"""
+import dataclasses
+from typing import Optional
+
+import torch
+
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    sequences: torch.Tensor            # [N, T + n]
+    scores: Optional[torch.Tensor]     # beam: final (length-penalised) scores [N]; else per-token
+                                       # log-probabilities of the chosen tokens [N, n]
+
+
+def _eos_tensor(eos_token_id, device):
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids or not all(isinstance(i, int) for i in ids):
+        raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _scorers(scorers):
+    out = []
+    for s in scorers or ():
+        if callable(s):
+            out.append((1.0, s))
+        elif isinstance(s, (tuple, list)) and len(s) == 2 and callable(s[1]):
+            out.append((float(s[0]), s[1]))
+        else:
+            raise ValueError(f"scorers: each scorer must be f or (alpha, f) with f callable, got {s!r}")
+    return out
+
+
+def _allowed(allowed_tokens, seqs, V):
+    """The bool [N, V] mask for this step (None = all allowed)."""
+    if allowed_tokens is None:
+        return None
+    m = allowed_tokens(seqs) if callable(allowed_tokens) else allowed_tokens
+    if not torch.is_tensor(m) or m.dtype != torch.bool or m.shape[-1] != V or m.dim() not in (1, 2):
+        raise ValueError(f"allowed_tokens must be a bool tensor [V] or [N, V] with V={V} (or a function "
+                         f"returning one), got {getattr(m, 'dtype', type(m))} {tuple(getattr(m, 'shape', ()))}")
+    m = m.to(seqs.device)
+    if m.dim() == 2 and m.shape[0] != seqs.shape[0]:
+        if seqs.shape[0] % m.shape[0]:
+            raise ValueError(f"allowed_tokens has {m.shape[0]} rows for {seqs.shape[0]} sequences")
+        m = m.repeat_interleave(seqs.shape[0] // m.shape[0], dim=0)  # per prompt -> per beam
+    return m.expand(seqs.shape[0], V)
+
+
+def _score_terms(scorers, seqs, log_probs):
+    total = torch.zeros_like(log_probs)
+    for alpha, f in scorers:
+        v = f(seqs, log_probs)
+        if not torch.is_tensor(v) or v.shape[-1] != log_probs.shape[-1]:
+            raise ValueError(f"scorer {f!r} must return a tensor [N, V], got {getattr(v, 'shape', type(v))}")
+        total = total + alpha * v.to(log_probs.dtype)
+    return total
+
+
+class _Stepper:
+    """Runs the model one step at a time over a KV cache (or over the whole prefix without one)."""
+
+    def __init__(self, model, batch, max_len, use_cache):
+        self.model, self.use_cache = model, use_cache
+        self.cache = model.new_cache(batch, max_len) if use_cache else None
+
+    def __call__(self, seqs, n_new):
+        """Logits (float32) of the last position, given sequences whose last n_new tokens are new."""
+        ids = seqs[:, -n_new:] if self.use_cache else seqs
+        return self.model(ids, cache=self.cache)[:, -1, :].float()
+
+    def reorder(self, idx):
+        if self.cache is not None:
+            self.cache.reorder(idx)
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_id=None, pad_token_id=None,
+             temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+             presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None,
+             num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
+             allowed_tokens=None, scorers=None, use_cache=True, return_dict=False):
+    """Continue `input_ids` [B, T] by up to `max_new_tokens` tokens (see the module docstring)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError(f"input_ids must be an int64 tensor [batch, seq], got "
+                         f"{getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    block = getattr(getattr(model, "config", None), "block_size", None)
+    if block is not None and input_ids.shape[1] + max_new_tokens > block:
+        raise ValueError(f"max_new_tokens: {input_ids.shape[1]} + {max_new_tokens} exceeds the model's "
+                         f"block_size={block}")
+    eos = _eos_tensor(eos_token_id, input_ids.device)
+    if pad_token_id is None:
+        pad_token_id = int(eos[0]) if eos is not None else 0
+    scorers = _scorers(scorers)
+    was_training = model.training
+    model.eval()
+    try:
+        if strategy == "beam":
+            sampling_args = dict(temperature=(temperature, 1.0), top_k=(top_k, 0), top_p=(top_p, 1.0),
+                                 min_p=(min_p, 0.0), repetition_penalty=(repetition_penalty, 1.0),
+                                 presence_penalty=(presence_penalty, 0.0), frequency_penalty=(frequency_penalty, 0.0))
+            for name, (v, default) in sampling_args.items():
+                if v != default:
+                    raise ValueError(f"{name} is a sampling option; strategy='beam' does not take it")
+            if not isinstance(num_beams, int) or num_beams < 1:
+                raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+            if not 1 <= num_return_sequences <= num_beams:
+                raise ValueError(f"num_return_sequences must be in [1, num_beams={num_beams}], "
+                                 f"got {num_return_sequences!r}")
+            if early_stopping not in (True, False, "never"):
+                raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+            out = _beam_search(model, input_ids, max_new_tokens, eos, pad_token_id, num_beams,
+                               float(length_penalty), early_stopping, num_return_sequences,
+                               logit_bias, allowed_tokens, scorers, use_cache)
+        else:
+            if num_beams != 1:
+                raise ValueError(f"num_beams={num_beams} needs strategy='beam'")
+            if num_return_sequences != 1:
+                input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+            out = _decode(model, input_ids, max_new_tokens, strategy, eos, pad_token_id,
+                          dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                               repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                               frequency_penalty=frequency_penalty),
+                          logit_bias, seed, allowed_tokens, scorers, use_cache)
+    finally:
+        model.train(was_training)
+    return out if return_dict else out.sequences
+
+
+def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_bias, seed,
+            allowed_tokens, scorers, use_cache):
+    from llmkern.ops.sampling import sample
+
+    B, T0 = input_ids.shape
+    dev = input_ids.device
+    seqs = input_ids
+    step = _Stepper(model, B, T0 + max_new_tokens, use_cache)
+    unfinished = torch.ones(B, dtype=torch.bool, device=dev)
+    logps = []
+    seeds = None
+    if seed is not None:
+        seeds = (int(seed) + torch.arange(B, device=dev)) if isinstance(seed, int) else seed.to(dev).long()
+    n_new = T0
+    for _ in range(max_new_tokens):
+        logits = step(seqs, n_new)
+        n_new = 1
+        V = logits.shape[-1]
+        mask = _allowed(allowed_tokens, seqs, V)
+        bias = logit_bias
+        if scorers and strategy == "sample":
+            base = torch.log_softmax(logits if mask is None else logits.masked_fill(~mask, float("-inf")), -1)
+            terms = _score_terms(scorers, seqs, base)
+            bias = terms if bias is None else bias.to(terms) + terms
+        kw = dict(knobs, prev_tokens=seqs, logit_bias=bias, allowed_tokens=mask, return_logprobs=True)
+        if strategy == "greedy":
+            kw["temperature"] = 0.0
+            if scorers:  # argmax of log p + Σ α f over the processed (penalised, masked) distribution
+                lp = _processed_logprobs(logits, seqs, kw)
+                score = lp + _score_terms(scorers, seqs, lp)
+                tok = score.argmax(-1)
+                lp_tok = lp.gather(1, tok[:, None])[:, 0]
+            else:
+                tok, lp_tok = sample(logits, **kw)
+        else:
+            kw["seed"] = seeds
+            kw["position"] = torch.full((B,), seqs.shape[1], dtype=torch.long, device=dev) if seeds is not None else None
+            tok, lp_tok = sample(logits, **kw)
+        tok = torch.where(unfinished, tok, torch.full_like(tok, pad))
+        logps.append(torch.where(unfinished, lp_tok.float(), torch.zeros_like(lp_tok.float())))
+        seqs = torch.cat([seqs, tok[:, None]], dim=1)
+        if eos is not None:
+            unfinished &= ~torch.isin(tok, eos)
+            if not unfinished.any():
+                break
+    scores = torch.stack(logps, 1) if logps else torch.zeros(B, 0, device=dev)
+    return GenerationOutput(seqs, scores)
+
+
+def _processed_logprobs(logits, seqs, kw):
+    """log-softmax of the logits after penalties, bias and the allowed mask (what greedy ranks)."""
+    from llmkern.reference.sampling import apply_penalties
+
+    B = logits.shape[0]
+
+    def rows(v):
+        return v.float() if torch.is_tensor(v) else torch.full((B,), float(v), device=logits.device)
+
+    y = apply_penalties(logits, seqs, rows(kw["repetition_penalty"]), rows(kw["presence_penalty"]),
+                        rows(kw["frequency_penalty"]))
+    if kw["logit_bias"] is not None:
+        y = y + kw["logit_bias"].float()
+    if kw["allowed_tokens"] is not None:
+        y = y.masked_fill(~kw["allowed_tokens"], float("-inf"))
+    return torch.log_softmax(y, -1)
+
+
+def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_penalty, early_stopping,
+                 num_return_sequences, logit_bias, allowed_tokens, scorers, use_cache):
+    """transformers' (>= 4.50) vectorised beam search, with our masks and scorers added to the
+    log-probabilities before the beams are ranked."""
+    B, T0 = input_ids.shape
+    dev = input_ids.device
+    K = num_beams
+    max_length = T0 + max_new_tokens
+    n_eos = 0 if eos is None else eos.numel()
+    keep = max(2, 1 + n_eos) * K
+    top_mask = torch.cat([torch.ones(K, dtype=torch.bool), torch.zeros(keep - K, dtype=torch.bool)]).to(dev)
+
+    running = torch.full((B, K, max_length), pad, dtype=torch.long, device=dev)
+    running[:, :, :T0] = input_ids[:, None, :]
+    sequences = running.clone()
+    running_scores = torch.zeros(B, K, device=dev)
+    running_scores[:, 1:] = -1e9
+    beam_scores = torch.full((B, K), -1e9, device=dev)
+    finished = torch.zeros(B, K, dtype=torch.bool, device=dev)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    gen_len = torch.zeros(B, K, dtype=torch.long, device=dev)          # generated tokens of `sequences`
+    running_len = torch.zeros(B, K, dtype=torch.long, device=dev)
+
+    # prefill once per prompt, then copy the cache to every beam
+    step = _Stepper(model, B, max_length, use_cache)
+    cur_len = T0
+    if max_new_tokens == 0:
+        return GenerationOutput(input_ids.repeat_interleave(num_return_sequences, 0),
+                                torch.zeros(B * num_return_sequences, device=dev))
+    logits = step(input_ids, T0).repeat_interleave(K, dim=0)
+    step.reorder(torch.arange(B, device=dev).repeat_interleave(K))
+    batch_offset = torch.arange(B, device=dev).view(-1, 1) * K
+    while True:
+        flat = running[:, :, :cur_len].reshape(B * K, cur_len)
+        V = logits.shape[-1]
+        log_probs = torch.log_softmax(logits, dim=-1)
+        if logit_bias is not None:
+            log_probs = log_probs + logit_bias.to(log_probs)
+        mask = _allowed(allowed_tokens, flat, V)
+        if mask is not None:
+            log_probs = log_probs.masked_fill(~mask, float("-inf"))
+        if scorers:
+            log_probs = log_probs + _score_terms(scorers, flat, log_probs)
+        acc = (log_probs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
+
+        # top-`keep` continuations over all beams
+        topk_scores, topk_idx = torch.topk(acc, keep)
+        src_beam = topk_idx // V
+        topk_ids = topk_idx % V
+        topk_seqs = running.gather(1, src_beam[:, :, None].expand(B, keep, max_length)).clone()
+        topk_seqs[:, :, cur_len] = topk_ids
+        topk_len = running_len.gather(1, src_beam) + 1
+        hits = torch.zeros(B, keep, dtype=torch.bool, device=dev) if eos is None else torch.isin(topk_ids, eos)
+        if cur_len + 1 >= max_length:
+            hits = torch.ones_like(hits)
+
+        # next running beams: the best K that did not stop
+        run_scores = topk_scores + hits.float() * -1e9
+        nxt = torch.topk(run_scores, K)[1]
+        running = topk_seqs.gather(1, nxt[:, :, None].expand(B, K, max_length))
+        running_scores = run_scores.gather(1, nxt)
+        running_len = topk_len.gather(1, nxt)
+        beam_src_flat = (src_beam.gather(1, nxt) + batch_offset).view(-1)
+
+        # finished hypotheses: only among the top K candidates, with the length penalty
+        just_done = hits & top_mask[None, :]
+        fin_scores = topk_scores / ((cur_len + 1 - T0) ** length_penalty)
+        full = finished.all(-1, keepdim=True) & (early_stopping is True)
+        fin_scores = fin_scores + full.float() * -1e9 + (~improvable).float() * -1e9 + (~just_done).float() * -1e9
+        merged_seqs = torch.cat([sequences, topk_seqs], 1)
+        merged_scores = torch.cat([beam_scores, fin_scores], 1)
+        merged_fin = torch.cat([finished, just_done], 1)
+        merged_len = torch.cat([gen_len, topk_len], 1)
+        best = torch.topk(merged_scores, K)[1]
+        sequences = merged_seqs.gather(1, best[:, :, None].expand(B, K, max_length))
+        beam_scores = merged_scores.gather(1, best)
+        finished = merged_fin.gather(1, best)
+        gen_len = merged_len.gather(1, best)
+
+        cur_len += 1
+        # can a running beam still beat the worst finished one? (transformers' heuristic)
+        if early_stopping == "never" and length_penalty > 0.0:
+            best_len = max_length - T0
+        else:
+            best_len = cur_len - T0
+        best_running = running_scores[:, :1] / (best_len ** length_penalty)
+        worst_done = torch.where(finished, beam_scores.min(1, keepdim=True)[0], torch.full_like(beam_scores, -1e9))
+        improvable = improvable & (best_running > worst_done).any(-1, keepdim=True)
+        go_on = bool(improvable.any()) and not (bool(finished.all()) and early_stopping is True) \
+            and not bool(hits.all())
+        if not go_on:
+            break
+        step.reorder(beam_src_flat)
+        logits = step(running[:, :, :cur_len].reshape(B * K, cur_len), 1)
+
+    R = num_return_sequences
+    out_len = T0 + int(gen_len[:, :R].max())
+    seqs = sequences[:, :R, :out_len].reshape(B * R, out_len)
+    return GenerationOutput(seqs, beam_scores[:, :R].reshape(-1))

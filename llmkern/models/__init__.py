@@ -1,0 +1,22 @@
+"""The model zoo: GPT (GPT-2/GPT-3 family) and Llama, one readable file each.
+
+    from llmkern.models import GPT, Llama, get_config, build, from_hf
+    model = GPT(get_config("gpt2"), backend="llmkern")   # or backend="torch"
+    model = build("llama-tiny")                           # GPT or Llama by config.arch
+    model = from_hf("./gpt2-checkpoint")                  # local GPT2LMHeadModel/LlamaForCausalLM
+
+backend="llmkern" runs attention through llmkern.attention (and the KV-cache decode through
+llmkern.attention_with_kvcache); backend="torch" uses plain PyTorch (SDPA, nn.Linear).
+`model.backend = "torch"` switches an existing model.
+"""
+from llmkern.models.configs import CONFIGS, ModelConfig, available_configs, get_config  # noqa: F401
+from llmkern.models._attn import KVCache  # noqa: F401
+from llmkern.models.gpt import GPT  # noqa: F401
+from llmkern.models.llama import Llama  # noqa: F401
+from llmkern.models.hf import from_hf  # noqa: F401
+
+
+def build(config, backend="llmkern", **overrides):
+    """GPT or Llama for a config (name or ModelConfig), chosen by config.arch."""
+    cfg = get_config(config, **overrides)
+    return (GPT if cfg.arch == "gpt" else Llama)(cfg, backend=backend)

@@ -1,0 +1,144 @@
+"""Load local Hugging Face checkpoints (GPT2LMHeadModel, LlamaForCausalLM; safetensors) into the zoo.
+
+    model = from_hf("/path/to/checkpoint_dir", backend="llmkern", dtype=torch.bfloat16)
+
+Reads config.json and model.safetensors (or the shards listed in model.safetensors.index.json);
+no network, no transformers import. GPT-2's Conv1D weights ([in, out]) are transposed into
+nn.Linear layout and its fused c_attn is split into q/k/v.
+"""
+import json
+import os
+
+import torch
+
+from llmkern.models.configs import ModelConfig
+from llmkern.models.gpt import GPT
+from llmkern.models.llama import Llama
+
+
+def _load_state(path):
+    from safetensors.torch import load_file
+
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return load_file(single)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for fn in files:
+            state.update(load_file(os.path.join(path, fn)))
+        return state
+    raise FileNotFoundError(f"from_hf: no model.safetensors or model.safetensors.index.json in {path!r} "
+                            f"(only safetensors checkpoints are supported)")
+
+
+def _strip(state, prefixes):
+    out = {}
+    for k, v in state.items():
+        for p in prefixes:
+            if k.startswith(p):
+                k = k[len(p):]
+                break
+        out[k] = v
+    return out
+
+
+def gpt2_config(hf):
+    act = hf.get("activation_function", "gelu_new")
+    acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+    if act not in acts:
+        raise ValueError(f"from_hf: GPT-2 activation_function {act!r} is not supported")
+    for flag, ok in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
+                     ("scale_attn_weights", True)):
+        if hf.get(flag, ok) != ok:
+            raise ValueError(f"from_hf: GPT-2 config {flag}={hf[flag]!r} is not supported")
+    return ModelConfig(arch="gpt", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+                       n_embd=hf["n_embd"], block_size=hf.get("n_positions", 1024),
+                       intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"], bias=True,
+                       norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=acts[act],
+                       tie_embeddings=hf.get("tie_word_embeddings", True), name=hf.get("_name_or_path", ""))
+
+
+def llama_config(hf):
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise ValueError(f"from_hf: Llama rope_type {rope_type!r} is not supported (only 'default')")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"from_hf: Llama hidden_act {hf['hidden_act']!r} is not supported")
+    if hf.get("attention_bias", False) or hf.get("mlp_bias", False):
+        raise ValueError("from_hf: Llama attention_bias/mlp_bias are not supported")
+    return ModelConfig(arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+                       n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads"),
+                       n_embd=hf["hidden_size"], head_dim=hf.get("head_dim"),
+                       intermediate_size=hf["intermediate_size"],
+                       block_size=hf.get("max_position_embeddings", 2048), bias=False,
+                       norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+                       tie_embeddings=hf.get("tie_word_embeddings", False), name=hf.get("_name_or_path", ""))
+
+
+def _gpt2_state(state, cfg):
+    state = _strip(state, ("transformer.",))
+    out = {"wte.weight": state["wte.weight"], "wpe.weight": state["wpe.weight"],
+           "ln_f.weight": state["ln_f.weight"], "ln_f.bias": state["ln_f.bias"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    d = cfg.n_embd
+    for i in range(cfg.n_layer):
+        p, q = f"h.{i}.", f"h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            out[q + ln + ".weight"] = state[p + ln + ".weight"]
+            out[q + ln + ".bias"] = state[p + ln + ".bias"]
+        w, b = state[p + "attn.c_attn.weight"].t(), state[p + "attn.c_attn.bias"]  # Conv1D [in, 3d]
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[q + f"attn.{name}.weight"] = w[j * d:(j + 1) * d]
+            out[q + f"attn.{name}.bias"] = b[j * d:(j + 1) * d]
+        out[q + "attn.o_proj.weight"] = state[p + "attn.c_proj.weight"].t()
+        out[q + "attn.o_proj.bias"] = state[p + "attn.c_proj.bias"]
+        out[q + "mlp.up_proj.weight"] = state[p + "mlp.c_fc.weight"].t()
+        out[q + "mlp.up_proj.bias"] = state[p + "mlp.c_fc.bias"]
+        out[q + "mlp.down_proj.weight"] = state[p + "mlp.c_proj.weight"].t()
+        out[q + "mlp.down_proj.bias"] = state[p + "mlp.c_proj.bias"]
+    return out
+
+
+def _llama_state(state, cfg):
+    state = _strip(state, ("model.",))
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+def from_hf(path, backend="llmkern", dtype=None, device=None):
+    """A zoo model with the weights of the local Hugging Face checkpoint directory `path`."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        raise FileNotFoundError(f"from_hf: {cfg_file!r} not found (give a local checkpoint directory)")
+    with open(cfg_file) as f:
+        hf = json.load(f)
+    mtype = hf.get("model_type")
+    if mtype == "gpt2":
+        cfg = gpt2_config(hf)
+        model, state = GPT(cfg, backend=backend), _gpt2_state(_load_state(path), cfg)
+    elif mtype == "llama":
+        cfg = llama_config(hf)
+        model, state = Llama(cfg, backend=backend), _llama_state(_load_state(path), cfg)
+    else:
+        raise ValueError(f"from_hf: model_type {mtype!r} is not supported (gpt2, llama)")
+    state = {k: v.contiguous() for k, v in state.items()}
+    if cfg.tie_embeddings:  # load the shared matrix once, through the embedding
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    ignorable = (".attn.bias", ".attn.masked_bias")  # GPT-2's causal-mask buffers in old checkpoints
+    unexpected = [k for k in unexpected if not k.endswith(ignorable)]
+    if missing or unexpected:
+        raise ValueError(f"from_hf: checkpoint does not match the model: missing={missing[:5]} "
+                         f"unexpected={unexpected[:5]}")
+    if dtype is not None or device is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model.eval()

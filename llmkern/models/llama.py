@@ -1,0 +1,129 @@
+"""Llama (LLaMA 1/2/3 family) in nanoGPT's spirit: RMSNorm, rotary positions, SwiGLU MLP, GQA.
+
+    model = Llama(get_config("llama-tiny"), backend="llmkern")
+    logits, loss = model(idx, labels=idx)
+
+Module names follow Hugging Face's LlamaForCausalLM (q_proj, k_proj, v_proj, o_proj, gate_proj,
+up_proj, down_proj, input_layernorm, ...), so PEFT target names carry over unchanged.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmkern.models._attn import ZooModel, attend, check_backend
+from llmkern.models.configs import ModelConfig, get_config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, H, T, D]; cos/sin [T, D] (the two halves of D rotate together, as in HF Llama)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, backend):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.attn_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.attn_dim, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.backend_name = backend
+
+    def forward(self, x, cos, sin, cache=None, layer=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attend(q, k, v, backend=self.backend_name, cache=cache, layer=layer,
+                   dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, backend):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = Attention(cfg, backend)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, layer=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(ZooModel):
+    def __init__(self, config="llama-tiny", backend="llmkern"):
+        super().__init__()
+        cfg = get_config(config) if not isinstance(config, ModelConfig) else config
+        if cfg.arch != "llama":
+            raise ValueError(f"Llama needs config.arch='llama', got {cfg.arch!r} (use GPT)")
+        self.config = cfg
+        self._backend = check_backend(backend)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList([Block(cfg, backend) for _ in range(cfg.n_layer)])
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    def rope(self, start, T, dtype):
+        pos = torch.arange(start, start + T, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.float())
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, input_ids, labels=None, *, cache=None):
+        """Logits [B, T, V]; (logits, loss) when labels are given. With a KVCache, input_ids are
+        the next tokens after the cache's contents and the cache is extended."""
+        start = self._check_input(input_ids, cache)
+        T = input_ids.shape[1]
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope(start, T, x.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        logits = self.lm_head(self.norm(x))
+        if labels is None:
+            return logits
+        return logits, self.lm_loss(logits, labels)
