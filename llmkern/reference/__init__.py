@@ -11,3 +11,4 @@ from llmkern.reference.sampling import (  # noqa: F401
 )
 # (ops added by later issues append their re-exports below this line)
 from llmkern.reference.lora import dropout_keep_mask, lora_dropout, lora_linear, lora_linear_multi  # noqa: E402,F401
+from llmkern.reference.attention import attention_varlen, attention_with_kvcache  # noqa: E402,F401  (dense: reference.attention.attention)

@@ -1,0 +1,701 @@
+"""Triton kernels for fused attention (FlashAttention-2 style) and their launchers.
+
+No registration and no autograd here (llmkern/ops/attention.py does that). Launchers take
+tensors in the layout the op uses and return new tensors; every input is made contiguous in its
+last dimension first (a gradient from `.sum().backward()` arrives as a stride-0 expanded tensor).
+
+Layouts (one kernel serves both, the batch/token/head strides say which):
+- dense:  q [B, H, Tq, D], k/v [B, Hk, Tk, D], lse [B, H, Tq] (float32, natural log);
+- varlen: q [total_q, H, D], k/v [total_k, Hk, D] with int32 cu_seqlens, lse [H, total_q].
+
+Semantics: bottom-right causal alignment (query i sees keys j <= i + Tk - Tq), window
+(left, right) relative to that diagonal, tanh softcap on the scaled scores, optional key padding
+mask (dense only), GQA by head index (never materialising repeated K/V). Rows that see no key
+produce zeros and LSE = -inf.
+
+Kernels:
+- `_attn_fwd`: one program per (query block, batch*head); online softmax in float32 (exp2);
+  the key range is split into masked edge blocks and unmasked interior blocks, and blocks that
+  no query of the program can see are skipped.
+- `_attn_bwd_preprocess`: delta = rowsum(dO * O) - dLSE.
+- `_attn_bwd_dkdv`: one program per (key block, batch*kv-head); loops over the query heads of
+  its GQA group and over query blocks, recomputing P from the saved LSE. It owns its dK/dV rows.
+- `_attn_bwd_dq`: one program per (query block, batch*head); owns its dQ rows.
+  No atomics anywhere: the backward is bitwise deterministic run to run.
+"""
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+UNBOUNDED = 1 << 30  # a window side with no limit
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks for query rows [first, last_row]: (lo, full_lo, full_hi, hi) in block units.
+
+    [lo, full_lo) and [full_hi, hi) need the causal/window/bounds mask, [full_lo, full_hi) not."""
+    lo = tl.maximum(first + off - L, 0)
+    hi = tl.minimum(last_row + off + R + 1, seqlen_k)
+    f_lo = tl.maximum(lo, last_row + off - L)
+    f_hi = tl.minimum(seqlen_k, first + off + R + 1)
+    blk_lo = lo // BLOCK_N
+    blk_hi = tl.maximum(tl.cdiv(hi, BLOCK_N), blk_lo)
+    fb_lo = tl.minimum(tl.maximum(tl.cdiv(f_lo, BLOCK_N), blk_lo), blk_hi)
+    fb_hi = tl.maximum(tl.minimum(f_hi // BLOCK_N, blk_hi), fb_lo)
+    return blk_lo, fb_lo, fb_hi, blk_hi
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
+               blk_start, blk_end, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               PREC: tl.constexpr):
+    for blk in range(blk_start, blk_end):
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
+        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
+        if MASKED:
+            if BLOCK_D == HEAD_DIM:
+                kt = tl.load(k_ptrs, mask=offs_n[None, :] < seqlen_k, other=0.0)
+                v = tl.load(v_ptrs, mask=offs_n[:, None] < seqlen_k, other=0.0)
+            else:
+                kt = tl.load(k_ptrs, mask=(offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM),
+                             other=0.0)
+                v = tl.load(v_ptrs, mask=(offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
+                            other=0.0)
+        else:
+            if BLOCK_D == HEAD_DIM:
+                kt = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                kt = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+                v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        qk = tl.dot(q, kt, input_precision=PREC)
+        if HAS_SOFTCAP:
+            s = _tanh(qk * sc_in) * sc_out
+        else:
+            s = qk * qk_scale
+        if MASKED:
+            rel = offs_n[None, :] - offs_m[:, None] - off
+            vis = (rel <= R) & (rel >= -L) & (offs_n[None, :] < seqlen_k)
+            s = tl.where(vis, s, float("-inf"))
+        if HAS_KPM:
+            km = tl.load(kpm_base + offs_n, mask=offs_n < seqlen_k, other=0)
+            s = tl.where(km[None, :] != 0, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K,
+              qk_scale, sc_in, sc_out,
+              stride_qb, stride_qh, stride_qt,
+              stride_kb, stride_kh, stride_kt,
+              stride_vb, stride_vh, stride_vt,
+              stride_ob, stride_oh, stride_ot,
+              stride_lb, stride_lh, stride_lt,
+              stride_mb,
+              H, GROUP, Tq, Tk, L, R, seq_bucket,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # heaviest query blocks (bottom rows, under a causal mask) first
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = 0
+        seqlen_q = Tq
+        k_start = 0
+        seqlen_k = Tk
+    first = pid_m * BLOCK_M
+    if first >= seqlen_q:
+        return
+    off = seqlen_k - seqlen_q
+    last_row = tl.minimum(first + BLOCK_M, seqlen_q) - 1
+    offs_m = first + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qt
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kt
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vt
+    kpm_base = KPM + b64 * stride_mb
+    q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :]
+    if BLOCK_D == HEAD_DIM:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < seqlen_q, other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    blk_lo, fb_lo, fb_hi, blk_hi = _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
+                               blk_lo, fb_lo, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                               BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
+                               fb_lo, fb_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                               BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
+                               fb_hi, blk_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                               BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC)
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o_base = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_ot
+    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :]
+    if BLOCK_D == HEAD_DIM:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=offs_m[:, None] < seqlen_q)
+    else:
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty),
+                 mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
+    l_ptrs = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + (q_start + offs_m).to(tl.int64) * stride_lt
+    tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _attn_bwd_preprocess(O, DO, DLSE, DELTA, CU_Q,
+                         stride_ob, stride_oh, stride_ot,
+                         stride_db, stride_dh, stride_dt,
+                         stride_lb, stride_lh, stride_lt,
+                         H, Tq,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr,
+                         HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+    else:
+        q_start = 0
+        seqlen_q = Tq
+    first = pid_m * BLOCK_M
+    if first >= seqlen_q:
+        return
+    offs_m = first + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    rows = (q_start + offs_m).to(tl.int64)
+    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + b64 * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b64 * stride_db + h.to(tl.int64) * stride_dh + rows[:, None] * stride_dt + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    l_off = b64 * stride_lb + h.to(tl.int64) * stride_lh + rows * stride_lt
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + l_off, mask=offs_m < seqlen_q, other=0.0)
+    tl.store(DELTA + l_off, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, lse_base, delta_base,
+                    stride_qt, stride_dt, stride_lt, blk_start, blk_end, offs_n, offs_d,
+                    off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out,
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    PREC: tl.constexpr):
+    for blk in range(blk_start, blk_end):
+        offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        q_ptrs = q_base + offs_m[None, :].to(tl.int64) * stride_qt + offs_d[:, None]    # [D, M]
+        do_ptrs = do_base + offs_m[:, None].to(tl.int64) * stride_dt + offs_d[None, :]  # [M, D]
+        if MASKED:
+            qT = tl.load(q_ptrs, mask=(offs_m[None, :] < seqlen_q) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            do = tl.load(do_ptrs, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            lse = tl.load(lse_base + offs_m * stride_lt, mask=offs_m < seqlen_q, other=float("inf"))
+            Di = tl.load(delta_base + offs_m * stride_lt, mask=offs_m < seqlen_q, other=0.0)
+        else:
+            if BLOCK_D == HEAD_DIM:
+                qT = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+            else:
+                qT = tl.load(q_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+                do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            lse = tl.load(lse_base + offs_m * stride_lt)
+            Di = tl.load(delta_base + offs_m * stride_lt)
+        # rows that saw no key have LSE -inf: make their P zero
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        qkT = tl.dot(k, qT, input_precision=PREC)  # [N, M]
+        if HAS_SOFTCAP:
+            t = _tanh(qkT * sc_in)
+            sT = t * sc_out
+        else:
+            sT = qkT * qk_scale
+        pT = tl.math.exp2(sT - lse2[None, :])
+        if MASKED:
+            rel = offs_n[:, None] - offs_m[None, :] - off
+            vis = (rel <= R) & (rel >= -L) & (offs_m[None, :] < seqlen_q) & (offs_n[:, None] < seqlen_k)
+            pT = tl.where(vis, pT, 0.0)
+        if HAS_KPM:
+            pT = tl.where(kpm[:, None], pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dsT = pT * (dpT - Di[None, :])
+        if HAS_SOFTCAP:
+            dsT = dsT * (1.0 - t * t)
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K,
+                   scale, qk_scale, sc_in, sc_out,
+                   stride_qb, stride_qh, stride_qt,
+                   stride_kb, stride_kh, stride_kt,
+                   stride_vb, stride_vh, stride_vt,
+                   stride_db, stride_dh, stride_dt,
+                   stride_lb, stride_lh, stride_lt,
+                   stride_dkb, stride_dkh, stride_dkt,
+                   stride_dvb, stride_dvh, stride_dvt,
+                   stride_mb,
+                   HK, GROUP, Tq, Tk, L, R, seq_bucket,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HK
+    hk = pid_bh % HK
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = 0
+        seqlen_q = Tq
+        k_start = 0
+        seqlen_k = Tk
+    first_n = pid_n * BLOCK_N
+    if first_n >= seqlen_k:
+        return
+    off = seqlen_k - seqlen_q
+    last_n = tl.minimum(first_n + BLOCK_N, seqlen_k) - 1
+    offs_n = first_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+                + (k_start + offs_n[:, None]).to(tl.int64) * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+                + (k_start + offs_n[:, None]).to(tl.int64) * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    if HAS_KPM:
+        kpm = tl.load(KPM + b64 * stride_mb + offs_n, mask=offs_n < seqlen_k, other=0) != 0
+    else:
+        kpm = offs_n < seqlen_k
+    # query rows that can see some key of this block: i in [j - off - R, j - off + L]
+    lo = tl.maximum(first_n - off - R, 0)
+    hi = tl.minimum(last_n - off + L + 1, seqlen_q)
+    blk_lo = lo // BLOCK_M
+    blk_hi = tl.maximum(tl.cdiv(hi, BLOCK_M), blk_lo)
+    # rows that see every key of this block (only when the block is whole)
+    f_lo = tl.maximum(lo, first_n + BLOCK_N - 1 - off - R)
+    f_hi = tl.minimum(seqlen_q, first_n - off + L + 1)
+    if first_n + BLOCK_N > seqlen_k:
+        f_hi = f_lo
+    fb_lo = tl.minimum(tl.maximum(tl.cdiv(f_lo, BLOCK_M), blk_lo), blk_hi)
+    fb_hi = tl.maximum(tl.minimum(f_hi // BLOCK_M, blk_hi), fb_lo)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, GROUP):
+        h = (hk * GROUP + g).to(tl.int64)
+        q_base = Q + b64 * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qt
+        do_base = DO + b64 * stride_db + h * stride_dh + q_start.to(tl.int64) * stride_dt
+        l_off = b64 * stride_lb + h * stride_lh + q_start.to(tl.int64) * stride_lt
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, LSE + l_off, DELTA + l_off,
+                                 stride_qt, stride_dt, stride_lt, blk_lo, fb_lo, offs_n, offs_d,
+                                 off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, LSE + l_off, DELTA + l_off,
+                                 stride_qt, stride_dt, stride_lt, fb_lo, fb_hi, offs_n, offs_d,
+                                 off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, LSE + l_off, DELTA + l_off,
+                                 stride_qt, stride_dt, stride_lt, fb_hi, blk_hi, offs_n, offs_d,
+                                 off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC)
+    dk = dk * scale
+    dk_ptrs = (DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh
+               + (k_start + offs_n[:, None]).to(tl.int64) * stride_dkt + offs_d[None, :])
+    dv_ptrs = (DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh
+               + (k_start + offs_n[:, None]).to(tl.int64) * stride_dvt + offs_d[None, :])
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
+                  blk_start, blk_end, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  PREC: tl.constexpr):
+    for blk in range(blk_start, blk_end):
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + offs_n[None, :].to(tl.int64) * stride_vt + offs_d[:, None]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            vT = tl.load(v_ptrs, mask=(offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        else:
+            if BLOCK_D == HEAD_DIM:
+                k = tl.load(k_ptrs)
+                vT = tl.load(v_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+                vT = tl.load(v_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if HAS_SOFTCAP:
+            t = _tanh(qk * sc_in)
+            s = t * sc_out
+        else:
+            s = qk * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            rel = offs_n[None, :] - offs_m[:, None] - off
+            vis = (rel <= R) & (rel >= -L) & (offs_n[None, :] < seqlen_k)
+            p = tl.where(vis, p, 0.0)
+        if HAS_KPM:
+            km = tl.load(kpm_base + offs_n, mask=offs_n < seqlen_k, other=0)
+            p = tl.where(km[None, :] != 0, p, 0.0)
+        dp = tl.dot(do, vT, input_precision=PREC)
+        ds = p * (dp - Di[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K,
+                 scale, qk_scale, sc_in, sc_out,
+                 stride_qb, stride_qh, stride_qt,
+                 stride_kb, stride_kh, stride_kt,
+                 stride_vb, stride_vh, stride_vt,
+                 stride_db, stride_dh, stride_dt,
+                 stride_lb, stride_lh, stride_lt,
+                 stride_dqb, stride_dqh, stride_dqt,
+                 stride_mb,
+                 H, GROUP, Tq, Tk, L, R, seq_bucket,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = 0
+        seqlen_q = Tq
+        k_start = 0
+        seqlen_k = Tk
+    first = pid_m * BLOCK_M
+    if first >= seqlen_q:
+        return
+    off = seqlen_k - seqlen_q
+    last_row = tl.minimum(first + BLOCK_M, seqlen_q) - 1
+    offs_m = first + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    rows = (q_start + offs_m[:, None]).to(tl.int64)
+    row_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows * stride_qt + offs_d[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DO + b64 * stride_db + h64 * stride_dh + rows * stride_dt + offs_d[None, :],
+                 mask=row_mask, other=0.0)
+    l_off = b64 * stride_lb + h64 * stride_lh + (q_start + offs_m).to(tl.int64) * stride_lt
+    lse = tl.load(LSE + l_off, mask=offs_m < seqlen_q, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    Di = tl.load(DELTA + l_off, mask=offs_m < seqlen_q, other=0.0)
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kt
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vt
+    kpm_base = KPM + b64 * stride_mb
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    blk_lo, fb_lo, fb_hi, blk_hi = _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M, BLOCK_N)
+    dq = _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
+                       blk_lo, fb_lo, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                       BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC)
+    dq = _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
+                       fb_lo, fb_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                       BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC)
+    dq = _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
+                       fb_hi, blk_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                       BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC)
+    dq = dq * scale
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotuning: configs per head dim and architecture; under the interpreter one small fixed config.
+
+def _cfg(bm, bn, w, s):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+
+def _capability():
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_capability()
+    return (0, 0)
+
+
+def _fwd_configs():
+    # sm_90 has 228 KB of shared memory per SM, sm_80 164 KB: deeper pipelines and wider
+    # key tiles fit on Hopper. Configs that do not fit are skipped by the autotuner.
+    if _capability() >= (9, 0):
+        return [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 2),
+                _cfg(64, 64, 4, 4), _cfg(128, 32, 4, 3), _cfg(64, 32, 4, 2)]
+    return [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3),
+            _cfg(128, 32, 4, 3), _cfg(64, 32, 4, 2)]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
+    out = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if d > 128 and (bn > 64 or c.num_stages > 2):
+            continue
+        if d <= 64 and bn < 64:
+            continue
+        out.append(c)
+    return out or configs[-2:]
+
+
+def _bwd_configs():
+    if _capability() >= (9, 0):
+        return [_cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2),
+                _cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2)]
+    return [_cfg(64, 128, 8, 2), _cfg(32, 128, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2),
+            _cfg(128, 64, 8, 2)]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
+    out = [c for c in configs if not (d > 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
+    return out or configs[-2:]
+
+
+_TUNE_KEY = ["BLOCK_D", "IS_CAUSAL", "HAS_KPM", "HAS_SOFTCAP", "IS_VARLEN", "seq_bucket"]
+
+
+def _autotune(fn, configs, prune):
+    kw = dict(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})
+    import inspect
+
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kw["cache_results"] = True  # persist the choice in Triton's cache dir across processes
+    return triton.autotune(**kw)(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(name):
+    if name == "fwd":
+        return _autotune(_attn_fwd, _fwd_configs(), _prune_fwd)
+    if name == "dkdv":
+        return _autotune(_attn_bwd_dkdv, _bwd_configs(), _prune_bwd)
+    if name == "dq":
+        return _autotune(_attn_bwd_dq, [_cfg(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages)
+                                        for c in _bwd_configs()], _prune_bwd)
+    raise KeyError(name)
+
+
+def interpreter_blocks():
+    """Block sizes used under TRITON_INTERPRET=1 (LLMKERN_ATTN_INTERP_BLOCK overrides; >= 16)."""
+    b = int(os.environ.get("LLMKERN_ATTN_INTERP_BLOCK", "32"))
+    return {"BLOCK_M": b, "BLOCK_N": b}
+
+
+def _launch(name, kernel, grid, args, kwargs):
+    if _interpreting():
+        kernel[grid](*args, **kwargs, **interpreter_blocks())
+    else:
+        _tuned(name)[grid](*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+def _last_contig(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_d(d):
+    return max(16, triton.next_power_of_2(d))
+
+
+def _seq_bucket(n):
+    return min(max(triton.next_power_of_2(max(int(n), 1)), 64), 1 << 16)
+
+
+def _window_args(window_left, window_right):
+    L = UNBOUNDED if window_left is None or window_left < 0 else int(window_left)
+    R = UNBOUNDED if window_right is None or window_right < 0 else int(window_right)
+    return L, R
+
+
+def _softcap_args(scale, softcap):
+    if softcap:
+        return scale * LOG2E, scale / softcap, softcap * LOG2E
+    return scale * LOG2E, 0.0, 0.0
+
+
+def _dense_strides(t):
+    """(batch, head, token) strides of [B, H, T, D] or varlen [T, H, D] (batch stride 0)."""
+    if t.dim() == 4:
+        return t.stride(0), t.stride(1), t.stride(2)
+    return 0, t.stride(1), t.stride(0)
+
+
+def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_right=-1, softcap=0.0,
+                      key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                      max_seqlen_q=-1, max_seqlen_k=-1):
+    """Run the forward kernel. Returns (out like q, lse float32).
+
+    Dense: q [B, H, Tq, D], k/v [B, Hk, Tk, D], lse [B, H, Tq].
+    Varlen (cu_seqlens given): q [total_q, H, D], k/v [total_k, Hk, D], lse [H, total_q].
+    Window sides < 0 are unbounded; causal sets the right side to min(right, 0).
+    """
+    q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        total_q, H, D = q.shape
+        Hk = k.shape[1]
+        B = cu_seqlens_q.numel() - 1
+        Tq = max_seqlen_q if max_seqlen_q and max_seqlen_q > 0 else total_q
+        Tk = max_seqlen_k if max_seqlen_k and max_seqlen_k > 0 else k.shape[0]
+        lse = torch.empty(H, total_q, device=q.device, dtype=torch.float32)
+        s_lse = (0, lse.stride(0), lse.stride(1))
+        cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+    else:
+        B, H, Tq, D = q.shape
+        Hk, Tk = k.shape[1], k.shape[2]
+        lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+        s_lse = lse.stride()
+        cu_q = cu_k = lse  # unused
+    out = torch.empty_like(q)
+    if causal:
+        window_right = 0 if window_right is None or window_right < 0 else min(window_right, 0)
+    L, R = _window_args(window_left, window_right)
+    kpm = key_padding_mask
+    if kpm is not None:
+        kpm = kpm.to(torch.bool).contiguous().view(torch.uint8)
+    qk_scale, sc_in, sc_out = _softcap_args(scale, softcap)
+    BD = _block_d(D)
+    grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
+    args = (q, k, v, out, lse, kpm if kpm is not None else lse, cu_q, cu_k,
+            qk_scale, sc_in, sc_out,
+            *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(out),
+            *s_lse, kpm.stride(0) if kpm is not None else 0,
+            H, H // Hk, Tq, Tk, L, R, _seq_bucket(max(Tq, Tk)))
+    kwargs = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=varlen, HAS_KPM=kpm is not None,
+                  HAS_SOFTCAP=bool(softcap), IS_CAUSAL=bool(causal), PREC=_prec(q.dtype))
+    _launch("fwd", _attn_fwd, grid, args, kwargs)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_left=-1, window_right=-1,
+                       softcap=0.0, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                       max_seqlen_q=-1, max_seqlen_k=-1, dlse=None):
+    """Gradients (dq, dk, dv) of the forward above; `dlse` is the gradient of the returned LSE."""
+    q, k, v, out, dout = (_last_contig(t) for t in (q, k, v, out, dout))
+    lse = lse.contiguous()
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        total_q, H, D = q.shape
+        Hk = k.shape[1]
+        B = cu_seqlens_q.numel() - 1
+        Tq = max_seqlen_q if max_seqlen_q and max_seqlen_q > 0 else total_q
+        Tk = max_seqlen_k if max_seqlen_k and max_seqlen_k > 0 else k.shape[0]
+        s_lse = (0, lse.stride(0), lse.stride(1))
+        cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+    else:
+        B, H, Tq, D = q.shape
+        Hk, Tk = k.shape[1], k.shape[2]
+        s_lse = lse.stride()
+        cu_q = cu_k = lse
+    if causal:
+        window_right = 0 if window_right is None or window_right < 0 else min(window_right, 0)
+    L, R = _window_args(window_left, window_right)
+    kpm = key_padding_mask
+    if kpm is not None:
+        kpm = kpm.to(torch.bool).contiguous().view(torch.uint8)
+    qk_scale, sc_in, sc_out = _softcap_args(scale, softcap)
+    BD = _block_d(D)
+    delta = torch.empty_like(lse)
+    if dlse is not None:
+        dlse = dlse.to(torch.float32).contiguous()
+    pre_bm = 64
+    _attn_bwd_preprocess[(triton.cdiv(Tq, pre_bm), B * H)](
+        out, dout, dlse if dlse is not None else lse, delta, cu_q,
+        *_dense_strides(out), *_dense_strides(dout), *s_lse, H, Tq,
+        HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=pre_bm)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    common = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=varlen, HAS_KPM=kpm is not None,
+                  HAS_SOFTCAP=bool(softcap), IS_CAUSAL=bool(causal), PREC=_prec(q.dtype))
+    kpm_arg = kpm if kpm is not None else lse
+    s_m = kpm.stride(0) if kpm is not None else 0
+    bucket = _seq_bucket(max(Tq, Tk))
+    grid_kv = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * Hk)  # noqa: E731
+    _launch("dkdv", _attn_bwd_dkdv, grid_kv,
+            (q, k, v, dout, lse, delta, dk, dv, kpm_arg, cu_q, cu_k, scale, qk_scale, sc_in, sc_out,
+             *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(dout), *s_lse,
+             *_dense_strides(dk), *_dense_strides(dv), s_m, Hk, H // Hk, Tq, Tk, L, R, bucket), common)
+    grid_q = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
+    _launch("dq", _attn_bwd_dq, grid_q,
+            (q, k, v, dout, lse, delta, dq, kpm_arg, cu_q, cu_k, scale, qk_scale, sc_in, sc_out,
+             *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(dout), *s_lse,
+             *_dense_strides(dq), s_m, H, H // Hk, Tq, Tk, L, R, bucket), common)
+    return dq, dk, dv
+
+
+def default_scale(head_dim):
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,199 @@
+"""Triton KV-cache decode attention with split-K (flash-decoding), and its launcher.
+
+q [B, H, Tq, D] (Tq = 1..a few new tokens) against k_cache/v_cache [B, Hk, Tmax, D] holding
+cache_seqlens[b] valid keys per row (the new tokens included, at the end). Query t of row b sits
+at position cache_seqlens[b] - Tq + t (bottom-right alignment).
+
+- `_decode_split`: one program per (key split, block of packed query rows, batch*kv-head). The
+  rows of a program are the GQA group's query heads times the Tq new tokens ("packed GQA"), so
+  each K/V tile is read once for the whole group. Each split writes its partial output
+  (normalised) and LSE in float32.
+- `_decode_combine`: one program per (batch, head, token) merges the splits by their LSE.
+The number of splits is chosen so that B * Hk * splits fills the GPU even for a small batch;
+it depends only on static shapes (no host sync on cache_seqlens).
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from llmkern.kernels.attention import (LOG2E, _block_d, _interpreting, _last_contig, _prec, _softcap_args,
+                                       _tanh, _window_args)
+
+
+@triton.jit
+def _decode_split(Q, K, V, SEQLENS, OP, LP,
+                  qk_scale, sc_in, sc_out,
+                  stride_qb, stride_qh, stride_qt,
+                  stride_kb, stride_kh, stride_kt,
+                  stride_vb, stride_vh, stride_vt,
+                  stride_opb, stride_oph, stride_opt, stride_ops,
+                  stride_lpb, stride_lph, stride_lpt,
+                  HK, GROUP, Tq, L, R, chunk,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    split = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // HK
+    hk = pid_bh % HK
+    b64 = b.to(tl.int64)
+    seqlen = tl.load(SEQLENS + b).to(tl.int32)
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < GROUP * Tq
+    g = r // Tq
+    t = r % Tq
+    h = hk * GROUP + g
+    pos = seqlen - Tq + t  # query positions
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = (Q + b64 * stride_qb + h[:, None].to(tl.int64) * stride_qh + t[:, None].to(tl.int64) * stride_qt
+              + offs_d[None, :])
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    # keys of this split that any row of the program can see
+    start = split * chunk
+    end = tl.minimum(start + chunk, seqlen)
+    pos_min = seqlen - Tq
+    pos_max = seqlen - 1
+    start = tl.maximum(start, pos_min - L)
+    end = tl.minimum(end, pos_max + R + 1)
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kmask = offs_n < end
+        kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None],
+                     mask=kmask[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
+                    mask=kmask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        qk = tl.dot(q, kt, input_precision=PREC)
+        if HAS_SOFTCAP:
+            s = _tanh(qk * sc_in) * sc_out
+        else:
+            s = qk * qk_scale
+        rel = offs_n[None, :] - pos[:, None]
+        vis = (rel <= R) & (rel >= -L) & kmask[None, :]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        m_i = m_new
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    op = (OP + b64 * stride_opb + h[:, None].to(tl.int64) * stride_oph + t[:, None].to(tl.int64) * stride_opt
+          + split * stride_ops + offs_d[None, :])
+    tl.store(op, acc, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    lp = LP + b64 * stride_lpb + h.to(tl.int64) * stride_lph + t.to(tl.int64) * stride_lpt + split
+    tl.store(lp, lse2, mask=row_ok)
+
+
+@triton.jit
+def _decode_combine(OP, LP, O, LSE, S,
+                    stride_opb, stride_oph, stride_opt, stride_ops,
+                    stride_lpb, stride_lph, stride_lpt,
+                    stride_ob, stride_oh, stride_ot,
+                    H, Tq,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    t = pid % Tq
+    h = (pid // Tq) % H
+    b = (pid // Tq) // H
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    lp = tl.load(LP + b.to(tl.int64) * stride_lpb + h * stride_lph + t * stride_lpt + offs_s,
+                 mask=offs_s < S, other=float("-inf"))
+    m = tl.max(lp, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lp - m_safe)
+    denom = tl.sum(w, 0)
+    op = tl.load(OP + b.to(tl.int64) * stride_opb + h * stride_oph + t * stride_opt
+                 + offs_s[:, None] * stride_ops + offs_d[None, :],
+                 mask=(offs_s[:, None] < S) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(op * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(O + b.to(tl.int64) * stride_ob + h * stride_oh + t * stride_ot + offs_d,
+             out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    lse = tl.where(denom == 0.0, float("-inf"), (m_safe + tl.math.log2(tl.where(denom == 0.0, 1.0, denom)))
+                   * 0.6931471805599453)
+    tl.store(LSE + pid, lse)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _decode_config(D, rows):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the split kernel: memory-bound, so wide key
+    tiles and a few pipeline stages; the packed rows (GQA group x new tokens) set BLOCK_M."""
+    bm = min(max(16, triton.next_power_of_2(rows)), 64)
+    if D <= 64:
+        return bm, 128, 4, 3
+    if D <= 128:
+        return bm, 64, 4, 3
+    return bm, 32, 4, 2
+
+
+def choose_num_splits(B, Hk, m_blocks, Tmax, block_n, device):
+    if device.type != "cuda":
+        return max(1, min(4, triton.cdiv(Tmax, 4 * block_n)))
+    programs = B * Hk * m_blocks
+    target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    splits = triton.cdiv(target, programs)
+    # each split gets at least 4 key tiles
+    return int(max(1, min(splits, triton.cdiv(Tmax, 4 * block_n), 128)))
+
+
+def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, window_left=-1,
+                     window_right=-1, softcap=0.0, num_splits=0):
+    """Returns (out [B, H, Tq, D] like q, lse [B, H, Tq] float32)."""
+    q, k_cache, v_cache = _last_contig(q), _last_contig(k_cache), _last_contig(v_cache)
+    B, H, Tq, D = q.shape
+    Hk, Tmax = k_cache.shape[1], k_cache.shape[2]
+    group = H // Hk
+    if causal:
+        window_right = 0 if window_right is None or window_right < 0 else min(window_right, 0)
+    L, R = _window_args(window_left, window_right)
+    qk_scale, sc_in, sc_out = _softcap_args(scale, softcap)
+    rows = group * Tq
+    bm, bn, warps, stages = _decode_config(D, rows)
+    if _interpreting():
+        bn = 32
+    m_blocks = triton.cdiv(rows, bm)
+    S = num_splits if num_splits and num_splits > 0 else choose_num_splits(B, Hk, m_blocks, Tmax, bn, q.device)
+    chunk = triton.cdiv(triton.cdiv(Tmax, S), bn) * bn
+    S = triton.cdiv(Tmax, chunk) if Tmax > 0 else 1
+    BD = _block_d(D)
+    seqlens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    op = torch.empty(B, H, Tq, S, D, device=q.device, dtype=torch.float32)
+    lp = torch.empty(B, H, Tq, S, device=q.device, dtype=torch.float32)
+    extra = {} if _interpreting() else dict(num_warps=warps, num_stages=stages)
+    _decode_split[(S, m_blocks, B * Hk)](
+        q, k_cache, v_cache, seqlens, op, lp, qk_scale, sc_in, sc_out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        op.stride(0), op.stride(1), op.stride(2), op.stride(3),
+        lp.stride(0), lp.stride(1), lp.stride(2),
+        Hk, group, Tq, L, R, chunk,
+        HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=bool(softcap), PREC=_prec(q.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, **extra)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+    _decode_combine[(B * H * Tq,)](
+        op, lp, out, lse, S,
+        op.stride(0), op.stride(1), op.stride(2), op.stride(3),
+        lp.stride(0), lp.stride(1), lp.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), H, Tq,
+        HEAD_DIM=D, BLOCK_D=BD, BLOCK_S=max(2, triton.next_power_of_2(S)))
+    return out, lse
+
+
+__all__ = ["attention_decode", "choose_num_splits", "LOG2E"]
