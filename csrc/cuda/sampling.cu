@@ -1,0 +1,652 @@
+// CUDA kernel of sorting-free top-k / top-p / min-p sampling and filtering (see sampling.h).
+//
+// The same algorithm as csrc/cpu/sampling.cpp, bit for bit: one thread block per row, and every
+// pass recomputes y = transform(logits) from the row (nothing of size V is stored).
+//
+//   P1  transform, max (and the lowest-index argmax), the level-1 count histogram when top-k is on
+//   P2  (top-p without top-k) exp, total fixed-point mass and the level-1 mass histogram
+//   G   gather: the keys of the boundary bucket (or of the top-k survivors, for top-p after
+//       top-k) go to a shared-memory candidate list; radix levels 2 and 3 (or 1..3) then run on
+//       that list. When it overflows (kCandCap), the levels run as further passes over the row.
+//   P5  kept mass per warp chunk (the row is split into one contiguous chunk per warp)
+//   P6  the draw: the chunk holding the target is split over the block's threads, a block-wide
+//       exclusive scan in token order finds the thread, which walks its few elements.
+// Greedy rows: P1 and one pass for the total mass (the logprob). Rows without top-k/top-p skip
+// P2 and G.
+//
+// Determinism: all sums are integer (fixed-point masses, integer shared-memory atomics), so the
+// result does not depend on thread scheduling. Bit-exactness with the CPU kernel: the build uses
+// --use_fast_math (flush-to-zero, approximate division, FMA contraction), so every float
+// operation whose rounding matters goes through inline PTX with IEEE rounding and no FTZ
+// (f_add, f_mul, f_div, ...); comparisons go through order keys or non-FTZ setp.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "sampling.h"
+
+namespace llmkern {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kCandCap = 8192;               // candidate keys kept in shared memory
+constexpr uint32_t kNegInfKey = 0x007fffffu;  // order_key(-inf)
+constexpr uint32_t kNegZeroKey = 0x7fffffffu;  // order_key(-0.0f)
+constexpr uint32_t kPosZeroKey = 0x80000000u;  // order_key(+0.0f)
+
+// ---- exact float arithmetic (IEEE round-to-nearest, no flush-to-zero, no contraction) -------
+
+__device__ __forceinline__ float f_add(float a, float b) {
+  float r;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float f_sub(float a, float b) {
+  float r;
+  asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float f_mul(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float f_div(float a, float b) {
+  float r;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ bool f_ge(float a, float b) {
+  uint32_t r;
+  asm("{\n\t.reg .pred p;\n\tsetp.ge.f32 p, %1, %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+      : "=r"(r) : "f"(a), "f"(b));
+  return r != 0;
+}
+__device__ __forceinline__ bool f_gt(float a, float b) {
+  uint32_t r;
+  asm("{\n\t.reg .pred p;\n\tsetp.gt.f32 p, %1, %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+      : "=r"(r) : "f"(a), "f"(b));
+  return r != 0;
+}
+__device__ __forceinline__ bool f_lt(float a, float b) {
+  uint32_t r;
+  asm("{\n\t.reg .pred p;\n\tsetp.lt.f32 p, %1, %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+      : "=r"(r) : "f"(a), "f"(b));
+  return r != 0;
+}
+__device__ __forceinline__ bool f_eq(float a, float b) {
+  uint32_t r;
+  asm("{\n\t.reg .pred p;\n\tsetp.eq.f32 p, %1, %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+      : "=r"(r) : "f"(a), "f"(b));
+  return r != 0;
+}
+// (uint64_t)x for x >= 0: truncation, no flush-to-zero.
+__device__ __forceinline__ uint64_t f_to_u64(float a) {
+  unsigned long long r;
+  asm("cvt.rzi.u64.f32 %0, %1;" : "=l"(r) : "f"(a));
+  return r;
+}
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+__device__ __forceinline__ bool is_nan(float v) {
+  return (__float_as_uint(v) & 0x7fffffffu) > 0x7f800000u;
+}
+// Inverse of order_key.
+__device__ __forceinline__ float key_float(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// exp(x) for x <= 0: the CPU kernel's Cephes polynomial, operation for operation.
+__device__ __forceinline__ float exp_nonpos(float x) {
+  x = f_lt(x, -87.0f) ? -87.0f : x;
+  const float n = f_sub(f_add(f_mul(x, 1.44269504088896341f), 12582912.0f), 12582912.0f);
+  float r = f_sub(x, f_mul(n, 0.693359375f));
+  r = f_sub(r, f_mul(n, -2.12194440e-4f));
+  float p = 1.9875691500e-4f;
+  p = f_add(f_mul(p, r), 1.3981999507e-3f);
+  p = f_add(f_mul(p, r), 8.3334519073e-3f);
+  p = f_add(f_mul(p, r), 4.1665795894e-2f);
+  p = f_add(f_mul(p, r), 1.6666665459e-1f);
+  p = f_add(f_mul(p, r), 5.0000001201e-1f);
+  const float yv = f_add(f_add(f_mul(f_mul(p, r), r), r), 1.0f);
+  const int32_t scale = ((int32_t)n + 127) << 23;
+  return f_mul(yv, __int_as_float(scale));
+}
+
+// e = exp(y - m), exactly 1 at the maximum (covers m = +inf).
+__device__ __forceinline__ float e_of(float y, float m) {
+  return f_eq(y, m) ? 1.0f : exp_nonpos(f_sub(y, m));
+}
+__device__ __forceinline__ uint64_t mass_of(float e) { return f_to_u64(f_mul(e, kMassScaleF)); }
+__device__ __forceinline__ uint64_t mass_of_key(uint32_t key, float m) {
+  return mass_of(e_of(key_float(key), m));
+}
+
+__device__ __forceinline__ uint32_t digit(uint32_t key, int level) {
+  if (level == 1) return key >> (32 - kBits1);
+  if (level == 2) return (key >> kBits3) & ((1u << kBits2) - 1);
+  return key & ((1u << kBits3) - 1);
+}
+
+// ---- loads ----------------------------------------------------------------------------------
+
+template <DType DT>
+__device__ __forceinline__ float load_x(const void* p, int i) {
+  if constexpr (DT == DType::F32) {
+    return __ldg(static_cast<const float*>(p) + i);
+  } else {
+    const uint16_t h = __ldg(static_cast<const unsigned short*>(p) + i);
+    return DT == DType::F16 ? half_to_float(h) : bf16_to_float(h);
+  }
+}
+
+// One row of the (transformed) logits.
+struct Row {
+  const void* x = nullptr;
+  const float* bias = nullptr;
+  const uint8_t* allowed = nullptr;
+  float temperature = 1.f;
+  bool divide = false;
+};
+
+template <DType DT>
+__device__ __forceinline__ float row_y(const Row& R, int i) {
+  float v = load_x<DT>(R.x, i);
+  if (R.bias) v = f_add(v, __ldg(R.bias + i));
+  if (R.allowed && !__ldg(R.allowed + i)) v = neg_inf();
+  if (R.divide) v = f_div(v, R.temperature);  // division, as HF does
+  return is_nan(v) ? neg_inf() : v;
+}
+
+// The row is split into one contiguous chunk per warp (a multiple of 32 elements).
+struct Chunk {
+  int lo, hi;
+};
+__device__ __forceinline__ Chunk warp_chunk(int V, int w) {
+  const int c = (((V + kWarps - 1) / kWarps) + 31) & ~31;
+  const int lo = min(V, w * c);
+  return {lo, min(V, lo + c)};
+}
+
+// Calls f(i, y, valid) for this warp's chunk; the loop is uniform over the warp's lanes (all 32
+// lanes call f the same number of times, `valid` false past the end), four loads in flight.
+template <DType DT, class F>
+__device__ __forceinline__ void for_row(const Row& R, int V, F&& f) {
+  const int lane = threadIdx.x & 31;
+  const Chunk ch = warp_chunk(V, threadIdx.x >> 5);
+  for (int base = ch.lo; base < ch.hi; base += 128) {
+    float y[4];
+    bool ok[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int i = base + u * 32 + lane;
+      ok[u] = i < ch.hi;
+      y[u] = ok[u] ? row_y<DT>(R, i) : neg_inf();
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) f(base + u * 32 + lane, y[u], ok[u]);
+  }
+}
+
+// ---- shared memory and block-wide helpers -----------------------------------------------------
+
+struct Smem {
+  unsigned long long mass[kBins];  // mass histogram (fixed point)
+  uint32_t cnt[kBins];             // count histogram
+  uint32_t cand[kCandCap];         // candidate keys
+  unsigned long long wscr[kWarps][32];
+  unsigned long long red[kWarps];
+  unsigned long long wsum[kWarps];
+  unsigned long long above;
+  int bucket;
+  int ncand;
+  int token;
+  float ytok;
+};
+
+__device__ __forceinline__ unsigned long long warp_sum(unsigned long long v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ unsigned long long warp_max(unsigned long long v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const unsigned long long u = __shfl_xor_sync(0xffffffffu, v, o);
+    v = u > v ? u : v;
+  }
+  return v;
+}
+
+__device__ unsigned long long block_sum(unsigned long long v, Smem& S) {
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) S.red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  unsigned long long t = 0;
+  for (int w = 0; w < kWarps; ++w) t += S.red[w];
+  __syncthreads();
+  return t;
+}
+
+__device__ unsigned long long block_max(unsigned long long v, Smem& S) {
+  v = warp_max(v);
+  if ((threadIdx.x & 31) == 0) S.red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  unsigned long long t = 0;
+  for (int w = 0; w < kWarps; ++w) t = S.red[w] > t ? S.red[w] : t;
+  __syncthreads();
+  return t;
+}
+
+// Exclusive prefix sum over the threads in thread order; *total gets the block's sum.
+__device__ unsigned long long block_excl_scan(unsigned long long v, Smem& S,
+                                              unsigned long long* total) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  unsigned long long inc = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const unsigned long long n = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += n;
+  }
+  if (lane == 31) S.red[w] = inc;
+  __syncthreads();
+  unsigned long long pre = 0, tot = 0;
+  for (int j = 0; j < kWarps; ++j) {
+    const unsigned long long s = S.red[j];
+    pre += j < w ? s : 0ull;
+    tot += s;
+  }
+  __syncthreads();
+  *total = tot;
+  return pre + inc - v;
+}
+
+// Warp-aggregated histogram update: lanes with the same bin combine before one atomic.
+// Must be called by all 32 lanes of the warp together.
+__device__ __forceinline__ void hist_add(bool ok, uint32_t bin, unsigned long long w, bool by_mass,
+                                         Smem& S) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned g = __match_any_sync(0xffffffffu, ok ? bin : 0xffffffffu);
+  const bool leader = ok && lane == __ffs(g) - 1;
+  if (by_mass) {
+    S.wscr[warp][lane] = w;
+    __syncwarp();
+    if (leader) {
+      unsigned long long s = 0;
+      for (unsigned mm = g; mm; mm &= mm - 1) s += S.wscr[warp][__ffs(mm) - 1];
+      atomicAdd(&S.mass[bin], s);
+    }
+    __syncwarp();
+  } else if (leader) {
+    atomicAdd(&S.cnt[bin], (uint32_t)__popc(g));
+  }
+}
+
+// The CPU's find_bucket, block-wide: the largest bucket b with (weight of buckets >= b) >= target
+// (b = 0 if none); *above = the weight of the buckets above b. Weights in S.mass or S.cnt.
+__device__ int find_bucket(Smem& S, bool by_mass, int bins, unsigned long long target,
+                           unsigned long long* above) {
+  const int per = bins / kThreads;
+  const int lo = threadIdx.x * per;
+  unsigned long long s = 0;
+  for (int j = 0; j < per; ++j) s += by_mass ? S.mass[lo + j] : (unsigned long long)S.cnt[lo + j];
+  unsigned long long tot;
+  const unsigned long long excl = block_excl_scan(s, S, &tot);
+  const unsigned long long suf = tot - excl - s;  // weight of the buckets above my range
+  if (suf < target && target <= suf + s) {
+    unsigned long long acc = suf;
+    for (int b = lo + per - 1; b >= lo; --b) {
+      const unsigned long long wb = by_mass ? S.mass[b] : (unsigned long long)S.cnt[b];
+      if (acc + wb >= target) {
+        S.bucket = b;
+        S.above = acc;
+        break;
+      }
+      acc += wb;
+    }
+  } else if (threadIdx.x == 0 && tot < target) {
+    S.bucket = 0;
+    S.above = tot - (by_mass ? S.mass[0] : (unsigned long long)S.cnt[0]);
+  }
+  __syncthreads();
+  const int b = S.bucket;
+  *above = S.above;
+  __syncthreads();
+  return b;
+}
+
+// Candidate predicate: level-1 digit == val (kind 0) or key >= val (kind 1).
+__device__ __forceinline__ bool pred(uint32_t key, int kind, uint32_t val) {
+  return kind == 0 ? (key >> (32 - kBits1)) == val : key >= val;
+}
+
+// Gathers the keys that satisfy the predicate into S.cand (up to kCandCap); returns their
+// number. With `want_mass`, *z gets their total mass.
+template <DType DT>
+__device__ int gather(const Row& R, int V, float m, int kind, uint32_t val, bool want_mass,
+                      unsigned long long* z, Smem& S) {
+  if (threadIdx.x == 0) S.ncand = 0;
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  unsigned long long my = 0;
+  for_row<DT>(R, V, [&](int, float y, bool ok) {
+    const uint32_t key = order_key(y);
+    const bool hit = ok && pred(key, kind, val);
+    const unsigned bal = __ballot_sync(0xffffffffu, hit);
+    if (bal == 0) return;
+    int base = 0;
+    if (lane == 0) base = atomicAdd(&S.ncand, __popc(bal));
+    base = __shfl_sync(0xffffffffu, base, 0);
+    if (hit) {
+      const int slot = base + __popc(bal & ((1u << lane) - 1));
+      if (slot < kCandCap) S.cand[slot] = key;
+      if (want_mass) my += mass_of(e_of(y, m));
+    }
+  });
+  __syncthreads();
+  const int n = S.ncand;
+  if (want_mass) *z = block_sum(my, S);
+  __syncthreads();
+  return n;
+}
+
+// Radix levels `level`..3 over the candidates (the list, or the row when it overflowed), among
+// the keys that satisfy the predicate and match `prefix` on the digits above `level`. Returns
+// the exact key where the running weight (count or mass, from the top) reaches `target`.
+template <DType DT>
+__device__ uint32_t refine(const Row& R, int V, float m, int ncand, int kind, uint32_t val,
+                           int level, uint32_t prefix, unsigned long long target, bool by_mass,
+                           Smem& S) {
+  const bool from_list = ncand <= kCandCap;
+  for (; level <= 3; ++level) {
+    const int bins = level == 3 ? (1 << kBits3) : kBins;
+    const int shift = level == 2 ? (32 - kBits1) : kBits3;  // key >> shift == prefix
+    for (int b = threadIdx.x; b < bins; b += kThreads) {
+      if (by_mass) S.mass[b] = 0;
+      else S.cnt[b] = 0;
+    }
+    __syncthreads();
+    auto add = [&](bool ok, uint32_t key) {
+      ok = ok && pred(key, kind, val) && (level == 1 || (key >> shift) == prefix);
+      const unsigned long long w = (ok && by_mass) ? mass_of_key(key, m) : 0ull;
+      hist_add(ok, ok ? digit(key, level) : 0u, w, by_mass, S);
+    };
+    if (from_list) {
+      for (int j0 = (threadIdx.x & ~31); j0 < ncand; j0 += kThreads) {
+        const int j = j0 + (threadIdx.x & 31);
+        const bool ok = j < ncand;
+        add(ok, ok ? S.cand[j] : 0u);
+      }
+    } else {
+      for_row<DT>(R, V, [&](int, float y, bool ok) { add(ok, order_key(y)); });
+    }
+    __syncthreads();
+    unsigned long long above = 0;
+    const int b = find_bucket(S, by_mass, bins, target, &above);
+    target -= above;
+    prefix = (prefix << (level == 3 ? kBits3 : kBits2)) | (uint32_t)b;
+  }
+  return prefix;
+}
+
+// P1: y, max key (as a lowest-index argmax) and, with top-k, the level-1 count histogram.
+// Returns the packed (key, ~index) maximum; 0 only for an empty row.
+template <DType DT>
+__device__ unsigned long long pass_max(const Row& R, int V, bool count_hist, Smem& S) {
+  unsigned long long best = 0;
+  for_row<DT>(R, V, [&](int i, float y, bool ok) {
+    const uint32_t key = order_key(y);
+    if (count_hist) hist_add(ok, key >> (32 - kBits1), 0ull, false, S);
+    const uint32_t akey = key == kNegZeroKey ? kPosZeroKey : key;  // -0 == +0
+    const unsigned long long pk = ((unsigned long long)akey << 32) | (uint32_t)~(uint32_t)i;
+    if (ok && pk > best) best = pk;
+  });
+  return block_max(best, S);
+}
+
+__device__ __forceinline__ void clear_hist(Smem& S) {
+  for (int b = threadIdx.x; b < kBins; b += kThreads) {
+    S.cnt[b] = 0;
+    S.mass[b] = 0;
+  }
+}
+
+// The CPU's find_threshold after P1 (which built the count histogram when top-k is on).
+template <DType DT>
+__device__ uint32_t find_threshold(const Row& R, int V, float m, int64_t top_k, float top_p,
+                                   Smem& S) {
+  uint32_t tau = 0;
+  const bool use_k = top_k > 0 && top_k < V;
+  const bool use_p = f_lt(top_p, 1.f);
+  if (use_k) {
+    unsigned long long above = 0;
+    const int b = find_bucket(S, false, kBins, (unsigned long long)top_k, &above);
+    const int n = gather<DT>(R, V, m, 0, (uint32_t)b, false, nullptr, S);
+    tau = refine<DT>(R, V, m, n, 0, (uint32_t)b, 2, (uint32_t)b,
+                     (unsigned long long)top_k - above, false, S);
+  }
+  if (!use_p) return tau;
+  if (use_k) {  // top-p renormalises over the top-k survivors
+    unsigned long long zk = 0;
+    const int n = gather<DT>(R, V, m, 1, tau, true, &zk, S);
+    unsigned long long target = (unsigned long long)ceil((double)top_p * (double)zk);
+    target = target < 1 ? 1 : target;
+    return refine<DT>(R, V, m, n, 1, tau, 1, 0u, target, true, S);
+  }
+  // P2: exp, total mass, level-1 mass histogram.
+  clear_hist(S);
+  __syncthreads();
+  unsigned long long my = 0;
+  for_row<DT>(R, V, [&](int, float y, bool ok) {
+    const unsigned long long w = ok ? mass_of(e_of(y, m)) : 0ull;
+    my += w;
+    hist_add(ok, order_key(y) >> (32 - kBits1), w, true, S);
+  });
+  const unsigned long long z_all = block_sum(my, S);  // (its barrier also ends the histogram)
+  unsigned long long target = (unsigned long long)ceil((double)top_p * (double)z_all);
+  target = target < 1 ? 1 : target;
+  unsigned long long above = 0;
+  const int b = find_bucket(S, true, kBins, target, &above);
+  const int n = gather<DT>(R, V, m, 0, (uint32_t)b, false, nullptr, S);
+  return refine<DT>(R, V, m, n, 0, (uint32_t)b, 2, (uint32_t)b, target - above, true, S);
+}
+
+__device__ __forceinline__ bool kept(float y, float e, uint32_t tau, float min_p) {
+  return order_key(y) >= tau && f_ge(e, min_p);
+}
+
+// ---- kernels ------------------------------------------------------------------------------
+
+template <DType DT>
+__global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleArgs a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Smem& S = *reinterpret_cast<Smem*>(smem_raw);
+  const int64_t r = blockIdx.x;
+  const int V = (int)a.V;
+  const int64_t eb = DT == DType::F32 ? 4 : 2;
+
+  Row R;
+  R.x = static_cast<const char*>(a.logits) + r * a.logits_stride * eb;
+  R.bias = a.bias ? a.bias + r * a.bias_stride : nullptr;
+  R.allowed = a.allowed ? a.allowed + r * a.allowed_stride : nullptr;
+  const float temperature = a.temperature[r];
+  const int64_t top_k = a.top_k[r];
+  const float top_p = a.top_p[r];
+  const float min_p = a.min_p[r];
+  R.temperature = temperature;
+  R.divide = f_gt(temperature, 0.f) && !f_eq(temperature, 1.f);
+  const bool greedy = f_eq(temperature, 0.f);
+  const bool use_k = !greedy && top_k > 0 && top_k < V;
+  const bool need_hist = !greedy && (use_k || f_lt(top_p, 1.f));
+
+  if (use_k) {
+    clear_hist(S);
+    __syncthreads();
+  }
+  const unsigned long long best = pass_max<DT>(R, V, use_k, S);
+  const uint32_t mkey = (uint32_t)(best >> 32);
+  if (best == 0 || mkey == kNegInfKey) {  // no finite logit
+    if (threadIdx.x == 0) {
+      a.tokens[r] = 0;
+      a.logprobs[r] = neg_inf();
+      a.valid[r] = false;
+    }
+    return;
+  }
+  const float m = key_float(mkey);
+  const int argmax = (int)~(uint32_t)best;
+
+  if (greedy) {
+    unsigned long long my = 0;
+    for_row<DT>(R, V, [&](int, float y, bool ok) { my += ok ? mass_of(e_of(y, m)) : 0ull; });
+    const unsigned long long z_all = block_sum(my, S);
+    if (threadIdx.x == 0) {
+      a.tokens[r] = argmax;
+      a.logprobs[r] = -(float)log((double)z_all / kMassScale);
+      a.valid[r] = true;
+    }
+    return;
+  }
+
+  const uint32_t tau = need_hist ? find_threshold<DT>(R, V, m, top_k, top_p, S) : 0u;
+
+  // P5: kept mass per warp chunk.
+  unsigned long long my = 0;
+  for_row<DT>(R, V, [&](int, float y, bool ok) {
+    if (!ok) return;
+    const float e = e_of(y, m);
+    my += kept(y, e, tau, min_p) ? mass_of(e) : 0ull;
+  });
+  my = warp_sum(my);
+  if ((threadIdx.x & 31) == 0) S.wsum[threadIdx.x >> 5] = my;
+  if (threadIdx.x == 0) S.token = -1;
+  __syncthreads();
+  unsigned long long z_kept = 0;
+  for (int w = 0; w < kWarps; ++w) z_kept += S.wsum[w];
+  unsigned long long target = draw_target(row_uniform(a.seed[r], a.position[r]), z_kept);
+  int c = 0;
+  while (c < kWarps - 1 && target >= S.wsum[c]) target -= S.wsum[c++];
+
+  // P6: the chunk holding the target, split over the threads; scan in token order.
+  const Chunk ch = warp_chunk(V, c);
+  const int sub = (ch.hi - ch.lo + kThreads - 1) / kThreads;
+  const int lo = min(ch.hi, ch.lo + (int)threadIdx.x * sub), hi = min(ch.hi, lo + sub);
+  unsigned long long s = 0;
+  for (int i = lo; i < hi; ++i) {
+    const float y = row_y<DT>(R, i);
+    const float e = e_of(y, m);
+    s += kept(y, e, tau, min_p) ? mass_of(e) : 0ull;
+  }
+  unsigned long long tot;
+  const unsigned long long excl = block_excl_scan(s, S, &tot);
+  if (excl <= target && target < excl + s) {
+    unsigned long long acc = excl;
+    for (int i = lo; i < hi; ++i) {
+      const float y = row_y<DT>(R, i);
+      const float e = e_of(y, m);
+      if (!kept(y, e, tau, min_p)) continue;
+      acc += mass_of(e);
+      if (acc > target) {
+        S.token = i;
+        S.ytok = y;
+        break;
+      }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int tok = S.token;
+    float ytok = S.ytok;
+    if (tok < 0) {  // unreachable: the kept set always holds the maximum (mass 2^40)
+      tok = argmax;
+      ytok = m;
+    }
+    a.tokens[r] = tok;
+    a.logprobs[r] = f_sub(f_sub(ytok, m), (float)log((double)z_kept / kMassScale));
+    a.valid[r] = true;
+  }
+}
+
+template <DType DT>
+__global__ void __launch_bounds__(kThreads, 2) filter_kernel(FilterArgs a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Smem& S = *reinterpret_cast<Smem*>(smem_raw);
+  const int64_t r = blockIdx.x;
+  const int V = (int)a.V;
+  const int64_t eb = DT == DType::F32 ? 4 : 2;
+
+  Row R;
+  R.x = static_cast<const char*>(a.logits) + r * a.logits_stride * eb;
+  const int64_t top_k = a.top_k[r];
+  const float top_p = a.top_p[r];
+  const float min_p = a.min_p[r];
+  const bool use_k = top_k > 0 && top_k < V;
+  const bool need_hist = use_k || f_lt(top_p, 1.f);
+
+  if (use_k) {
+    clear_hist(S);
+    __syncthreads();
+  }
+  const unsigned long long best = pass_max<DT>(R, V, use_k, S);
+  const uint32_t mkey = (uint32_t)(best >> 32);
+  const bool valid = !(best == 0 || mkey == kNegInfKey);
+  const float m = key_float(mkey);
+  const uint32_t tau = (valid && need_hist) ? find_threshold<DT>(R, V, m, top_k, top_p, S) : 0u;
+
+  char* out = static_cast<char*>(a.out) + r * a.V * eb;
+  for (int i = threadIdx.x; i < V; i += kThreads) {
+    bool keep = true;
+    if (valid) {
+      const float y = row_y<DT>(R, i);
+      keep = kept(y, e_of(y, m), tau, min_p);
+    }
+    if constexpr (DT == DType::F32) {
+      reinterpret_cast<float*>(out)[i] =
+          keep ? static_cast<const float*>(R.x)[i] : a.filter_value;
+    } else {
+      reinterpret_cast<uint16_t*>(out)[i] =
+          keep ? static_cast<const uint16_t*>(R.x)[i] : a.filter_bits16;
+    }
+  }
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("llmkern: ") + what + ": " + cudaGetErrorString(e));
+}
+
+template <class Args>
+void launch(void (*kern)(Args), const Args& a, void* stream, const char* what) {
+  if (a.V >= (int64_t)1 << 31) throw std::runtime_error(std::string("llmkern: ") + what + ": vocab too large");
+  if (a.B >= (int64_t)1 << 31) throw std::runtime_error(std::string("llmkern: ") + what + ": batch too large");
+  const size_t smem = sizeof(Smem);
+  check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), what);
+  kern<<<(unsigned)a.B, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(a);
+  check(cudaGetLastError(), what);
+}
+
+}  // namespace
+
+void sample_cuda(const SampleArgs& a, void* stream) {
+  if (a.B <= 0 || a.V <= 0) return;
+  switch (a.dtype) {
+    case DType::F32: launch(sample_kernel<DType::F32>, a, stream, "sample"); break;
+    case DType::F16: launch(sample_kernel<DType::F16>, a, stream, "sample"); break;
+    default: launch(sample_kernel<DType::BF16>, a, stream, "sample"); break;
+  }
+}
+
+void filter_cuda(const FilterArgs& a, void* stream) {
+  if (a.B <= 0 || a.V <= 0) return;
+  switch (a.dtype) {
+    case DType::F32: launch(filter_kernel<DType::F32>, a, stream, "top_k_top_p_filter"); break;
+    case DType::F16: launch(filter_kernel<DType::F16>, a, stream, "top_k_top_p_filter"); break;
+    default: launch(filter_kernel<DType::BF16>, a, stream, "top_k_top_p_filter"); break;
+  }
+}
+
+}  // namespace llmkern
