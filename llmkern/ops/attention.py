@@ -1,0 +1,414 @@
+"""Fused attention: public API, validation, registration, dispatch, autograd.
+
+    attention(q, k, v, *, causal, scale, window, softcap, key_padding_mask, return_lse)
+    attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...)
+    attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k, v, causal, ...)
+
+Kernels: llmkern/kernels/attention.py (forward, backward) and attention_decode.py (split-K
+decode); reference: llmkern/reference/attention.py. The Triton path runs inside the
+torch.library custom ops `llmkern::attention_fwd`, `llmkern::attention_bwd` (autograd registered
+on the forward) and `llmkern::attention_decode`, so the op traces under
+torch.compile(fullgraph=True) as one opaque node and passes `opcheck`.
+
+Dispatch: CUDA tensors run the Triton kernels (float16, bfloat16, float32). CPU tensors run the
+reference unless LLMKERN_BACKEND=triton, which runs the same kernels under TRITON_INTERPRET=1
+(float32/float16; the interpreter has no bfloat16). float64 always uses the reference.
+
+The backward is deterministic (bitwise identical run to run): dK/dV and dQ are each owned by one
+program, no atomics (FlashAttention-2's default backward accumulates dQ with atomics and is not).
+"""
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+
+from llmkern import _backend
+from llmkern.reference import attention as ref
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = _KERNEL_DTYPES + (torch.float64,)
+MAX_HEAD_DIM = 256
+
+
+# ---- dispatch -----------------------------------------------------------------------------------
+
+def _backend_for(device, dtype=torch.float16, op_name="attention"):
+    dev = torch.device(device)
+    available = ["reference"]
+    if dtype in _KERNEL_DTYPES and _backend.triton_available():
+        if dev.type == "cuda":
+            available.insert(0, "triton")
+        elif dev.type == "cpu" and _backend.triton_interpreting() and dtype != torch.bfloat16:
+            available.append("triton")
+    preferred = ("triton", "reference") if dev.type == "cuda" else ("reference", "triton")
+    choice = _backend.choose(op_name, available, preferred)
+    if dev.type == "cuda" and choice == "reference" and _backend.forced() != "reference":
+        _backend.warn_once((op_name, "cuda", dtype), f"llmkern.{op_name}: no Triton kernel for "
+                           f"{dtype} on CUDA here; using the PyTorch reference")
+    return choice
+
+
+for _name in ("attention", "attention_varlen", "attention_with_kvcache"):
+    _backend.register_op(_name, lambda device, dtype, _n=_name: _backend_for(device, dtype, _n))
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+def _checking_values():
+    """Value checks that read device memory sync the host: only on CPU tensors, never while compiling."""
+    return not torch.compiler.is_compiling()
+
+
+def _tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_qkv(q, k, v, ndim, layout):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _tensor(name, t)
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16 or float32 (float64: reference only), "
+                             f"got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    D = q.shape[-1]
+    if k.shape[-1] != D:
+        raise ValueError(f"k must have q's head_dim {D}, got {k.shape[-1]}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}, got {D}")
+
+
+def _check_heads(H, Hk):
+    if Hk < 1 or H % Hk != 0:
+        raise ValueError(f"the number of k/v heads ({Hk}) must divide the number of q heads ({H}) "
+                         f"(GQA/MQA)")
+
+
+def _scale(scale, D):
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, torch.Tensor) or not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _window(window):
+    """window -> (left, right) ints, -1 = unbounded."""
+    if window is None:
+        return -1, -1
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be None or a (left, right) pair, got {window!r}")
+    out = []
+    for side, w in zip(("left", "right"), window):
+        if w is None:
+            out.append(-1)
+        elif isinstance(w, numbers.Integral) and not isinstance(w, bool):
+            out.append(int(w) if w >= 0 else -1)
+        else:
+            raise ValueError(f"window {side} must be an int >= 0 or None (unbounded), got {w!r}")
+    return tuple(out)
+
+
+def _softcap(softcap):
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be a finite value >= 0 (0 or None: no capping), got {softcap}")
+    return softcap
+
+
+def _ref_window(wl, wr):
+    if wl < 0 and wr < 0:
+        return None
+    return (wl if wl >= 0 else None, wr if wr >= 0 else None)
+
+
+# ---- torch.library ops (the Triton path) --------------------------------------------------------
+
+def _kern():
+    from llmkern.kernels import attention as kern
+
+    return kern
+
+
+def _lse_shape(q, cu_seqlens_q):
+    if cu_seqlens_q is None:
+        return q.shape[:3]
+    return (q.shape[1], q.shape[0])
+
+
+@torch.library.custom_op("llmkern::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      key_padding_mask: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+                      cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                      scale: float, causal: bool, window_left: int, window_right: int,
+                      softcap: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.full(_lse_shape(q, cu_seqlens_q), float("-inf"),
+                                               device=q.device, dtype=torch.float32)
+    return _kern().attention_forward(
+        q, k, v, scale=scale, causal=causal, window_left=window_left, window_right=window_right,
+        softcap=softcap, key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+      window_left, window_right, softcap):
+    return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("llmkern::attention_bwd", mutates_args=())
+def _attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
+                      key_padding_mask: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+                      cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                      scale: float, causal: bool, window_left: int, window_right: int,
+                      softcap: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    return _kern().attention_backward(
+        dout, q, k, v, out, lse, scale=scale, causal=causal, window_left=window_left,
+        window_right=window_right, softcap=softcap, key_padding_mask=key_padding_mask,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, dlse=dlse)
+
+
+@_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+      max_seqlen_k, scale, causal, window_left, window_right, softcap):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_FWD_ARGS = ("key_padding_mask", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "scale",
+             "causal", "window_left", "window_right", "softcap")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kpm, cu_q, cu_k = inputs[:6]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kpm, cu_q, cu_k)
+    ctx.args = inputs[6:]  # the LSE output is differentiable too: dLSE folds into delta
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, kpm, cu_q, cu_k = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, dlse, kpm, cu_q, cu_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("llmkern::attention_decode", mutates_args=())
+def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         cache_seqlens: torch.Tensor, scale: float, causal: bool, window_left: int,
+                         window_right: int, softcap: float,
+                         num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device,
+                                               dtype=torch.float32)
+    from llmkern.kernels.attention_decode import attention_decode
+
+    return attention_decode(q, k_cache, v_cache, cache_seqlens, scale=scale, causal=causal,
+                            window_left=window_left, window_right=window_right, softcap=softcap,
+                            num_splits=num_splits)
+
+
+@_attention_decode_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, scale, causal, window_left, window_right, softcap, num_splits):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+# ---- public API ---------------------------------------------------------------------------------
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: Optional[float] = None, window: Optional[Tuple[Optional[int], Optional[int]]] = None,
+              softcap: Optional[float] = None, key_padding_mask: Optional[torch.Tensor] = None,
+              return_lse: bool = False):
+    """Fused scaled-dot-product attention (FlashAttention-2 style), a drop-in for
+    ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)``.
+
+    Args:
+        q: [batch, heads, Tq, head_dim]; k, v: [batch, kv_heads, Tk, head_dim]. kv_heads must divide
+            heads (GQA/MQA; K/V are never repeated in memory). head_dim 1..256, any lengths.
+            float16, bfloat16 or float32 (accumulation in float32, output in the input dtype).
+        causal: bottom-right aligned when Tq != Tk: query i sees keys j <= i + Tk - Tq
+            (identical to SDPA's is_causal when Tq == Tk).
+        scale: softmax scale, default 1/sqrt(head_dim).
+        window: (left, right) sliding window around that diagonal: query i sees keys with
+            i + Tk - Tq - left <= j <= i + Tk - Tq + right; None (or -1) on a side = unbounded.
+        softcap: tanh soft-capping of the scaled scores: softcap * tanh(s / softcap).
+        key_padding_mask: bool [batch, Tk], True = attend (left or right padding).
+        return_lse: also return the float32 logsumexp [batch, heads, Tq] (differentiable).
+
+    A query row that sees no key returns zeros (and LSE -inf), never NaN.
+    Memory is O(T): no Tq x Tk tensor is materialised on the Triton path.
+    """
+    _check_qkv(q, k, v, 4, "[batch, heads, seq, head_dim]")
+    B, H, Tq, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"k must have q's batch size {B}, got {k.shape[0]}")
+    _check_heads(H, k.shape[1])
+    Tk = k.shape[2]
+    scale = _scale(scale, D)
+    wl, wr = _window(window)
+    sc = _softcap(softcap)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if key_padding_mask is not None:
+        _tensor("key_padding_mask", key_padding_mask)
+        if key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be a bool tensor (True = attend), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, Tk):
+            raise ValueError(f"key_padding_mask must have shape [batch, Tk] = [{B}, {Tk}], "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    backend = _backend_for(q.device, q.dtype, "attention")
+    if backend == "triton":
+        out, lse = _attention_fwd_op(q, k, v, key_padding_mask, None, None, -1, -1, scale, causal, wl, wr, sc)
+    else:
+        out, lse = ref.attention(q, k, v, causal=causal, scale=scale, window=_ref_window(wl, wr),
+                                 softcap=sc or None, key_padding_mask=key_padding_mask, return_lse=True)
+    return (out, lse) if return_lse else out
+
+
+def _check_cu(name, cu, device, total):
+    _tensor(name, cu)
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D tensor [batch + 1] of cumulative lengths, got {tuple(cu.shape)}")
+    if cu.dtype != torch.int32:
+        raise ValueError(f"{name} must be int32, got {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    if cu.device.type == "cpu" and _checking_values():
+        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{name} must start at 0, be non-decreasing and end at the number of packed "
+                             f"tokens ({total}), got {cu.tolist()}")
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: Optional[int] = None,
+                     max_seqlen_k: Optional[int] = None, *, causal: bool = False,
+                     scale: Optional[float] = None, window=None, softcap: Optional[float] = None,
+                     return_lse: bool = False):
+    """Attention over packed variable-length sequences (training on packed documents).
+
+    q [total_q, heads, head_dim], k/v [total_k, kv_heads, head_dim]; sequence b holds tokens
+    cu_seqlens_q[b]:cu_seqlens_q[b+1] (int32, [batch + 1]). max_seqlen_* are optional upper bounds
+    (a tighter grid); without them no host sync is needed. Causal/window are per sequence,
+    bottom-right aligned. Returns out [total_q, heads, head_dim] (, lse float32 [heads, total_q]).
+    """
+    _check_qkv(q, k, v, 3, "[total_tokens, heads, head_dim]")
+    H, D = q.shape[1], q.shape[2]
+    _check_heads(H, k.shape[1])
+    _check_cu("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
+    _check_cu("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0])
+    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+        raise ValueError(f"cu_seqlens_k must have the length of cu_seqlens_q ({cu_seqlens_q.numel()}), "
+                         f"got {cu_seqlens_k.numel()}")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 0):
+            raise ValueError(f"{name} must be None or an int >= 0, got {m!r}")
+    scale = _scale(scale, D)
+    wl, wr = _window(window)
+    sc = _softcap(softcap)
+    backend = _backend_for(q.device, q.dtype, "attention_varlen")
+    if backend == "triton":
+        mq = int(max_seqlen_q) if max_seqlen_q else -1
+        mk = int(max_seqlen_k) if max_seqlen_k else -1
+        out, lse = _attention_fwd_op(q, k, v, None, cu_seqlens_q, cu_seqlens_k, mq, mk, scale, causal,
+                                     wl, wr, sc)
+    else:
+        out, lse = ref.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
+                                        window=_ref_window(wl, wr), softcap=sc or None, return_lse=True)
+    return (out, lse) if return_lse else out
+
+
+def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           cache_seqlens, *, k: Optional[torch.Tensor] = None,
+                           v: Optional[torch.Tensor] = None, causal: bool = True,
+                           scale: Optional[float] = None, window=None, softcap: Optional[float] = None,
+                           return_lse: bool = False, num_splits: int = 0):
+    """Decode attention against a KV cache, split along the keys (flash-decoding).
+
+    q [batch, heads, Tq, head_dim] (Tq = 1..a few new tokens); k_cache/v_cache
+    [batch, kv_heads, Tmax, head_dim]; cache_seqlens int [batch] (or an int): valid keys per row.
+    If k/v [batch, kv_heads, Tq_new, head_dim] are given they are first written into the caches
+    (in place) at cache_seqlens[b], and attention covers cache_seqlens[b] + Tq_new keys.
+    Query t of row b sits at position len_b - Tq + t (bottom-right causal alignment).
+    num_splits: key splits (0 = chosen from the GPU size). Inference only (no autograd).
+    Returns out [batch, heads, Tq, head_dim] (, lse float32 [batch, heads, Tq]).
+    """
+    _check_qkv(q, k_cache, v_cache, 4, "[batch, heads, seq, head_dim]")
+    B, H, Tq, D = q.shape
+    if k_cache.shape[0] != B:
+        raise ValueError(f"k_cache must have q's batch size {B}, got {k_cache.shape[0]}")
+    Hk, Tmax = k_cache.shape[1], k_cache.shape[2]
+    _check_heads(H, Hk)
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
+    _tensor("cache_seqlens", cache_seqlens)
+    if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (B,):
+        raise ValueError(f"cache_seqlens must be an int32/int64 tensor of shape [{B}], "
+                         f"got {cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new tokens to append) or both be None")
+    t_new = 0
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            _tensor(name, t)
+            if t.dim() != 4 or t.shape[0] != B or t.shape[1] != Hk or t.shape[3] != D or t.shape[2] != k.shape[2]:
+                raise ValueError(f"{name} must have shape [{B}, {Hk}, Tq_new, {D}], got {tuple(t.shape)}")
+            if t.dtype != q.dtype or t.device != q.device:
+                raise ValueError(f"{name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
+        t_new = k.shape[2]
+    if cache_seqlens.device.type == "cpu" and _checking_values() and B > 0:
+        if bool((cache_seqlens < 0).any()) or int(cache_seqlens.max()) + t_new > Tmax:
+            raise ValueError(f"cache_seqlens (+ {t_new} new tokens) must lie in 0..{Tmax} (the cache "
+                             f"length), got {cache_seqlens.tolist()}")
+    if not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
+    scale = _scale(scale, D)
+    wl, wr = _window(window)
+    sc = _softcap(softcap)
+    lens = cache_seqlens
+    if k is not None:
+        idx = (cache_seqlens.to(torch.long)[:, None] + torch.arange(t_new, device=q.device)[None, :])
+        idx = idx[:, None, :, None].expand(B, Hk, t_new, D)
+        k_cache.scatter_(2, idx, k)
+        v_cache.scatter_(2, idx, v)
+        lens = cache_seqlens + t_new
+    backend = _backend_for(q.device, q.dtype, "attention_with_kvcache")
+    if backend == "triton":
+        out, lse = _attention_decode_op(q, k_cache, v_cache, lens.to(torch.int32), scale, causal, wl, wr, sc,
+                                        int(num_splits))
+    else:
+        out, lse = ref.attention_with_kvcache(q, k_cache, v_cache, lens, causal=causal, scale=scale,
+                                              window=_ref_window(wl, wr), softcap=sc or None,
+                                              return_lse=True)
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache"]
