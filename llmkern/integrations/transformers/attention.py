@@ -1,0 +1,154 @@
+"""The "llmkern" attention implementation for Hugging Face transformers (AttentionInterface).
+
+    import llmkern.integrations.transformers as lt
+    lt.register()                                   # once per process
+    model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="llmkern")
+    # or: model.set_attn_implementation("llmkern")
+
+`register()` installs two functions under the name "llmkern":
+- a mask function (AttentionMaskInterface): instead of a [B, 1, Tq, Tk] tensor it returns the 2-D
+  boolean key padding mask [B, Tk] (or None), after checking that the mask the model asked for
+  is one the kernel expresses (causal, bidirectional, sliding window, with padding, at a query
+  offset that is bottom-right aligned with the keys, as with DynamicCache or no cache; and
+  single-token decode against a static cache). Anything else (packed-sequence masks, chunked
+  attention, custom or/and mask functions, static-cache prefill) raises NotImplementedError.
+- an attention function (AttentionInterface) mapping the model's call onto llmkern.attention:
+  GQA natively (no repeat_kv), causal from the module (bottom-right aligned, so decode steps and
+  chunked prefill with a cache need no special case), `sliding_window` -> window, `softcap`,
+  `scaling` -> scale. Attention dropout, position biases and 4-D masks raise a clear error.
+
+Rows of padded queries (left padding) come out as zeros, where eager attention averages all
+values; real tokens get the same result.
+"""
+import torch
+
+import llmkern
+
+NAME = "llmkern"
+
+
+# ---- mask function ------------------------------------------------------------------------------
+
+def _leaves(fn):
+    """The elementary mask functions an and_masks(...) combination is made of."""
+    if getattr(fn, "__qualname__", "").endswith("and_masks.<locals>.and_mask") and fn.__closure__:
+        out = []
+        for cell in fn.__closure__:
+            fns = cell.cell_contents
+            if isinstance(fns, tuple):
+                for f in fns:
+                    out.extend(_leaves(f))
+        return out
+    return [fn]
+
+
+def _classify(mask_function):
+    """'causal' / 'bidirectional' (possibly with a sliding window) or a NotImplementedError."""
+    from transformers import masking_utils as mu
+
+    kinds = set()
+    for f in _leaves(mask_function):
+        name = getattr(f, "__qualname__", repr(f))
+        if f is mu.causal_mask_function:
+            kinds.add("causal")
+        elif f is mu.bidirectional_mask_function:
+            kinds.add("bidirectional")
+        elif name.startswith("sliding_window_overlay.") or name.startswith("sliding_window_bidirectional_overlay."):
+            kinds.add("window")
+        else:
+            raise NotImplementedError(
+                f"llmkern attention cannot express the mask function {name!r} (packed sequences, chunked "
+                f"attention, block or custom masks): it supports causal, bidirectional and sliding-window "
+                f"masks with key padding. Use attn_implementation='sdpa' or 'eager' for this model/input.")
+    if kinds >= {"causal", "bidirectional"}:
+        raise NotImplementedError("llmkern attention: a mask both causal and bidirectional is not expressible")
+    return "causal" if "causal" in kinds else "bidirectional"
+
+
+def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask=None, use_vmap=False, **kwargs):
+    """AttentionMaskInterface entry: returns the bool key padding mask [B, kv_length] or None."""
+    from transformers import masking_utils as mu
+
+    mask_function = mu.causal_mask_function if mask_function is None else mask_function
+    kind = _classify(mask_function)
+    device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
+    pad = None
+    if attention_mask is not None:
+        pad = mu.prepare_padding_mask(attention_mask.to(torch.bool), kv_length, kv_offset)
+        pad = pad[:, kv_offset:kv_offset + kv_length]
+    # Keys after the last query (a static cache's unwritten tail) must be masked.
+    q_end = q_offset + q_length
+    kv_end = kv_offset + kv_length
+    if isinstance(q_end, torch.Tensor) or q_end != kv_end:
+        if kind == "causal" and q_length > 1 and not torch.compiler.is_compiling() and int(q_end) != kv_end:
+            raise NotImplementedError(
+                f"llmkern attention: causal queries at positions {int(q_offset)}..{int(q_end) - 1} against "
+                f"{kv_length} cached keys are not bottom-right aligned (static-cache prefill); use "
+                f"DynamicCache, or 'sdpa' for this step")
+        q_end_t = torch.as_tensor(q_end, device=device)
+        valid = (torch.arange(kv_length, device=device) + kv_offset) < q_end_t
+        valid = valid[None, :].expand(batch_size, kv_length)
+        pad = valid if pad is None else (pad & valid)
+    if pad is not None and not torch.compiler.is_compiling() and bool(pad.all()):
+        pad = None
+    return pad
+
+
+# ---- attention function -------------------------------------------------------------------------
+
+def llmkern_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                              sliding_window=None, softcap=None, is_causal=None, **kwargs):
+    """AttentionInterface entry. query [B, H, Tq, D], key/value [B, Hk, Tk, D] ->
+    ([B, Tq, H, D], None)."""
+    if dropout and dropout > 0:
+        raise NotImplementedError(
+            f"llmkern attention has no attention dropout (got dropout={dropout}); set the model's attention "
+            f"dropout to 0 (e.g. attn_pdrop / attention_dropout) or call model.eval()")
+    if kwargs.get("position_bias") is not None:
+        raise NotImplementedError("llmkern attention does not support additive position biases")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise NotImplementedError("llmkern attention does not support attention sinks")
+    if kwargs.get("output_attentions", False):
+        raise NotImplementedError("llmkern attention does not return attention weights "
+                                  "(output_attentions=True needs attn_implementation='eager')")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    kpm = None
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 \
+                or attention_mask.dtype != torch.bool:
+            desc = (f"{attention_mask.dim()}-D {attention_mask.dtype} tensor"
+                    if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__)
+            raise NotImplementedError(
+                f"llmkern attention got an attention_mask that is a {desc}: it takes the 2-D key padding "
+                f"mask built by its own mask function (llmkern.integrations.transformers.register()); "
+                f"custom 4-D masks need attn_implementation='sdpa' or 'eager'")
+        kpm = attention_mask
+        if kpm.shape[-1] != key.shape[2]:
+            raise NotImplementedError(f"llmkern attention: key padding mask covers {kpm.shape[-1]} keys, "
+                                      f"the layer has {key.shape[2]}")
+    window = None
+    if sliding_window is not None and sliding_window > 0:
+        # HF masks: causal kv > q - sw (left = sw - 1); bidirectional |q - kv| <= sw
+        window = (sliding_window - 1, None) if is_causal else (sliding_window, sliding_window)
+    if value.dtype != query.dtype:
+        value = value.to(query.dtype)
+    if key.dtype != query.dtype:
+        key = key.to(query.dtype)
+    out = llmkern.attention(query, key, value, causal=bool(is_causal), scale=scaling, window=window,
+                            softcap=softcap if softcap else None, key_padding_mask=kpm)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register(name: str = NAME):
+    """Register `name` ("llmkern") with transformers' AttentionInterface and AttentionMaskInterface."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, llmkern_attention_forward)
+    AttentionMaskInterface.register(name, llmkern_mask)
+    return name
+
+
+__all__ = ["register", "llmkern_attention_forward", "llmkern_mask", "NAME"]
