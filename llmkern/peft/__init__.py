@@ -1,0 +1,26 @@
+"""Parameter-efficient finetuning: LoRA (on the fused llmkern.lora_linear op), bottleneck
+adapters and prefix-tuning, with Hugging Face PEFT checkpoint interop.
+
+    from llmkern.peft import inject_lora, save_peft_adapter, load_peft_adapter
+    inject_lora(model, ["q_proj", "v_proj"], r=16, alpha=32, dropout=0.05)
+
+Parameter counts follow the seed deck's formulas (llmkern.peft.counts).
+"""
+from llmkern.peft.adapter import Adapter, AdapterWrapper, add_adapters  # noqa: F401
+from llmkern.peft.checkpoint import load_peft_adapter, save_peft_adapter  # noqa: F401
+from llmkern.peft.counts import (  # noqa: F401
+    adapter_params,
+    adapter_params_exact,
+    lora_params,
+    prefix_params,
+    prefix_params_reparam,
+)
+from llmkern.peft.lora import (  # noqa: F401
+    LoRALinear,
+    count_trainable_parameters,
+    inject_lora,
+    lora_modules,
+    merge_lora,
+    unmerge_lora,
+)
+from llmkern.peft.prefix import PrefixTuning, extend_kv, prefix_attention  # noqa: F401

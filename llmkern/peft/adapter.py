@@ -1,0 +1,80 @@
+"""Bottleneck adapters (Houlsby et al., 2019): h <- h + f(h W_down) W_up.
+
+``Adapter`` is the bottleneck itself; ``add_adapters`` places one after each matching sub-layer
+(an attention block and/or an FFN block) of a model, applied to the sub-layer's output (the first
+element when it returns a tuple, as Hugging Face attention modules do).
+"""
+import re
+from typing import List, Sequence, Union
+
+import torch
+from torch import nn
+
+_ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class Adapter(nn.Module):
+    """h + f(h W_down + b_down) W_up + b_up with W_down [d, r], W_up [r, d].
+
+    ``up`` starts at zero, so a fresh adapter is the identity (near-identity init of the paper).
+    Trainable parameters: 2·r·d + r + d (see llmkern.peft.counts).
+    """
+
+    def __init__(self, d: int, r: int, activation: str = "relu", device=None, dtype=None):
+        super().__init__()
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if activation not in _ACTS:
+            raise ValueError(f"activation must be one of {sorted(_ACTS)}, got {activation!r}")
+        self.d, self.r = d, r
+        self.down = nn.Linear(d, r, device=device, dtype=dtype)
+        self.act = _ACTS[activation]()
+        self.up = nn.Linear(r, d, device=device, dtype=dtype)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(self.act(self.down(h)))
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class AdapterWrapper(nn.Module):
+    """Runs ``module`` then an ``Adapter`` on its output (first element of a tuple output)."""
+
+    def __init__(self, module: nn.Module, adapter: Adapter):
+        super().__init__()
+        self.module = module
+        self.adapter = adapter
+
+    def forward(self, *args, **kwargs):
+        out = self.module(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (self.adapter(out[0]),) + out[1:]
+        return self.adapter(out)
+
+
+def add_adapters(model: nn.Module, targets: Union[str, Sequence[str]], d: int, r: int,
+                 activation: str = "relu", freeze_base: bool = True) -> List[str]:
+    """Put an Adapter after every sub-module whose name matches ``targets`` (a regex, or names
+    such as ("self_attn", "mlp") matched as name suffixes). Returns the wrapped names."""
+    def match(n):
+        if isinstance(targets, str):
+            return re.fullmatch(targets, n) is not None
+        return any(n == t or n.endswith("." + t) for t in targets)
+
+    names = [n for n, _ in model.named_modules() if n and match(n)]
+    if not names:
+        raise ValueError(f"targets {targets!r} matched no module of the model")
+    if freeze_base:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for n in names:
+        mod = model.get_submodule(n)
+        ref = next(mod.parameters(), None)
+        ad = Adapter(d, r, activation, device=None if ref is None else ref.device,
+                     dtype=None if ref is None else ref.dtype)
+        parent_name, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, AdapterWrapper(mod, ad))
+    return names

@@ -1,0 +1,153 @@
+"""LoRA adapters in Hugging Face PEFT's on-disk format, both ways.
+
+A PEFT LoRA adapter directory holds ``adapter_config.json`` (peft_type "LORA", r, lora_alpha,
+target_modules, use_rslora, rank_pattern, alpha_pattern, ...) and ``adapter_model.safetensors``
+with keys ``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.weight``
+([out, r]), where <module> is the module's name inside the (unwrapped) base model.
+"""
+import json
+import os
+import re
+from collections import Counter
+from typing import Optional
+
+import torch
+from torch import nn
+
+from llmkern.peft.lora import LoRALinear, _set_submodule, lora_modules
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+def _pattern_value(patterns, name, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: key k matches module names ending in k."""
+    for k, v in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({k})$", name):
+            return v
+    return default
+
+
+def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None,
+                      task_type: Optional[str] = "CAUSAL_LM") -> None:
+    """Write the model's LoRALinear adapters as a PEFT adapter directory (loadable by
+    ``peft.PeftModel.from_pretrained(base_model, path)``)."""
+    from safetensors.torch import save_file
+
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("model has no LoRALinear modules to save (use inject_lora or load_peft_adapter)")
+    rslora = {m.use_rslora for _, m in mods}
+    if len(rslora) != 1:
+        raise ValueError("save_peft_adapter: PEFT's config has one use_rslora for all modules; "
+                         "the model mixes rsLoRA and plain LoRA modules")
+    r = Counter(m.r for _, m in mods).most_common(1)[0][0]
+    alpha = Counter(m.alpha for _, m in mods).most_common(1)[0][0]
+    dropout = Counter(m.dropout for _, m in mods).most_common(1)[0][0]
+    rank_pattern = {n: m.r for n, m in mods if m.r != r}
+    alpha_pattern = {n: m.alpha for n, m in mods if m.alpha != alpha}
+    tensors = {}
+    for n, m in mods:
+        if m.merged:
+            raise ValueError(f"module {n} is merged; unmerge() it before saving the adapter")
+        tensors[f"{_PREFIX}{n}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
+        tensors[f"{_PREFIX}{n}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in mods}),
+        "use_rslora": rslora.pop(),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_dora": False,
+        "lora_bias": False,
+    }
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _read_weights(path):
+    st = os.path.join(path, WEIGHTS_NAME)
+    if os.path.exists(st):
+        from safetensors.torch import load_file
+
+        return load_file(st)
+    binf = os.path.join(path, "adapter_model.bin")
+    if os.path.exists(binf):
+        return torch.load(binf, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or adapter_model.bin) in {path}")
+
+
+def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> nn.Module:
+    """Load a PEFT LoRA adapter directory into ``model`` (a plain model, not a PeftModel).
+
+    Each module named in the checkpoint becomes a LoRALinear (or, if it already is one, gets the
+    new weights) with PEFT's r / lora_alpha / use_rslora / rank_pattern / alpha_pattern. Raises
+    ValueError for adapter kinds other than plain LoRA on nn.Linear (DoRA, LoRA bias, embeddings,
+    fan_in_fan_out Conv1D layers, modules_to_save).
+    """
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        config = json.load(f)
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        raise ValueError(f"{path}: peft_type must be LORA, got {config.get('peft_type')!r}")
+    for flag in ("use_dora", "lora_bias", "fan_in_fan_out"):
+        if config.get(flag):
+            raise ValueError(f"{path}: {flag}=True adapters are not supported by llmkern.peft")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{path}: bias={config['bias']!r} is not supported (only 'none')")
+    weights = _read_weights(path)
+    pairs = {}
+    for key, t in weights.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise ValueError(f"{path}: unsupported key {key!r} (only LoRA A/B weights of linear layers)")
+        pairs.setdefault(m.group("module"), {})[m.group("ab")] = t
+    if config.get("modules_to_save"):
+        raise ValueError(f"{path}: modules_to_save is not supported by llmkern.peft")
+    if freeze_base:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    for name, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{path}: module {name} has only lora_{''.join(ab)}")
+        A, B = ab["A"], ab["B"]
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: module {name!r} from the checkpoint is not in the model") from None
+        r = A.shape[0]
+        if r != _pattern_value(config.get("rank_pattern"), name, r_default):
+            raise ValueError(f"{path}: {name}.lora_A has rank {r}, config says "
+                             f"{_pattern_value(config.get('rank_pattern'), name, r_default)}")
+        alpha = _pattern_value(config.get("alpha_pattern"), name, alpha_default)
+        if isinstance(mod, LoRALinear):
+            if mod.r != r:
+                raise ValueError(f"{path}: {name} has rank {mod.r}, checkpoint has {r}")
+            mod.alpha, mod.use_rslora = float(alpha), bool(config.get("use_rslora", False))
+        elif isinstance(mod, nn.Linear):
+            mod = LoRALinear(mod, r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
+                             use_rslora=bool(config.get("use_rslora", False)), freeze_base=freeze_base)
+            _set_submodule(model, name, mod)
+        else:
+            raise ValueError(f"{path}: module {name} is a {type(mod).__name__}, not an nn.Linear")
+        if A.shape != mod.lora_A.shape or B.shape != mod.lora_B.shape:
+            raise ValueError(f"{path}: {name}: checkpoint shapes A{tuple(A.shape)} B{tuple(B.shape)} do not "
+                             f"fit the layer (A{tuple(mod.lora_A.shape)} B{tuple(mod.lora_B.shape)})")
+        with torch.no_grad():
+            mod.lora_A.copy_(A)
+            mod.lora_B.copy_(B)
+    return model

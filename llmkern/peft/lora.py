@@ -1,0 +1,157 @@
+"""LoRA modules: LoRALinear (an nn.Linear plus a low-rank update on the fused op) and inject_lora.
+
+    W = W0 + scaling · B A,   A [r, in] kaiming-uniform, B [out, r] zeros (PEFT init),
+    scaling = alpha / r, or alpha / sqrt(r) with rsLoRA.
+"""
+import math
+import re
+from typing import Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from llmkern.ops.lora import lora_linear
+
+
+class LoRALinear(nn.Module):
+    """An ``nn.Linear`` with a LoRA update computed by ``llmkern.lora_linear`` (one fused op).
+
+    The wrapped layer is kept as ``base_layer`` (PEFT's name) and frozen; ``lora_A`` ``[r, in]`` and
+    ``lora_B`` ``[out, r]`` are the trainable parameters. ``merge()`` folds ``scaling · B A`` into
+    the base weight (checking the result is finite), ``unmerge()`` takes it out again.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
+                 use_rslora: bool = False, freeze_base: bool = True):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
+        if not isinstance(r, int) or not 1 <= r <= 256:
+            raise ValueError(f"r must be an int in 1..256, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.alpha, self.dropout, self.use_rslora = r, float(alpha), float(dropout), bool(use_rslora)
+        w = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=w.device, dtype=w.dtype))
+        self.merged = False
+        self.disabled = False
+        if freeze_base:
+            for p in base_layer.parameters():
+                p.requires_grad_(False)
+        self.reset_lora_parameters()
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def reset_lora_parameters(self):
+        """PEFT's default init: A kaiming-uniform(a=√5) like nn.Linear, B zeros (so ΔW = 0)."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B A, [out, in], computed in float32 and returned in the weight's dtype."""
+        return (self.scaling * (self.lora_B.float() @ self.lora_A.float())).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = True):
+        """Fold the update into the base weight: after this, forward is a plain linear."""
+        if self.merged:
+            return
+        new = self.weight.float() + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        if safe_merge and not torch.isfinite(new).all():
+            raise ValueError("merge: the merged weight has non-finite values (NaN/inf); the adapter "
+                             "is broken, weight left unchanged")
+        self.weight.copy_(new.to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            return
+        self.weight.copy_((self.weight.float() - self.scaling * (self.lora_B.float() @ self.lora_A.float()))
+                          .to(self.weight.dtype))
+        self.merged = False
+
+    def num_trainable_parameters(self) -> int:
+        return self.lora_A.numel() + self.lora_B.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled:
+            return self.base_layer(x)
+        p = self.dropout if self.training else 0.0
+        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
+                           self.scaling, p)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, dropout={self.dropout}, rslora={self.use_rslora}, merged={self.merged}")
+
+
+def _matches(name: str, targets: Union[str, Sequence[str]]) -> bool:
+    """PEFT's rule: a string is a full regex match on the module name; a list matches names that
+    equal an entry or end with '.' + entry."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("q_proj", "v_proj"),
+                r: int = 8, alpha: float = 8.0, dropout: float = 0.0, use_rslora: bool = False,
+                freeze_base: bool = True) -> List[str]:
+    """Replace every ``nn.Linear`` whose name matches ``target_modules`` by a ``LoRALinear``.
+
+    With ``freeze_base`` (default) every other parameter of the model is frozen too, so that only
+    the LoRA parameters train. Returns the names of the wrapped modules (raises if none matched).
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, target_modules)]
+    if not names:
+        raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear in the model")
+    if freeze_base:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for n in names:
+        _set_submodule(model, n, LoRALinear(model.get_submodule(n), r=r, alpha=alpha, dropout=dropout,
+                                            use_rslora=use_rslora, freeze_base=freeze_base))
+    return names
+
+
+def lora_modules(model: nn.Module):
+    """(name, LoRALinear) pairs of a model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model: nn.Module, safe_merge: bool = True, remove: bool = False) -> nn.Module:
+    """Merge every LoRALinear; with ``remove`` put the plain nn.Linear back in its place."""
+    for n, m in lora_modules(model):
+        m.merge(safe_merge=safe_merge)
+        if remove:
+            _set_submodule(model, n, m.base_layer)
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    for _, m in lora_modules(model):
+        m.unmerge()
+    return model
+
+
+def count_trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,122 @@
+"""Prefix-tuning (Li & Liang, 2021): learned per-layer key/value prefixes.
+
+    head = Attn(X W_Q, [P_K; X W_K], [P_V; X W_V])
+
+The prefix keys are always visible: with bottom-right causal alignment (llmkern.attention, and
+``prefix_attention`` below), concatenating P_K/P_V in front of K/V gives query i the prefix plus
+keys 0..i. Optionally the prefix is reparameterised for stability, [P_K, P_V] = MLP_θ(P^E), with
+P^E [|P|, d] and an MLP d -> H -> 2·L·d without biases, which is exactly the deck's count
+|P|·d + d·H + H·d·2·L; the vanilla prefix has |P|·d·2·L parameters. ``to_vanilla()`` folds the
+MLP away for inference.
+"""
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmkern.peft import counts
+
+
+class PrefixTuning(nn.Module):
+    """Per-layer prefix keys and values.
+
+    Args:
+        n_layers: L. n_prefix: |P|. d: width of K and V (n_kv_heads · head_dim; the model width
+            for multi-head attention). n_heads: how many K/V heads ``d`` splits into.
+        reparam: use the MLP reparameterisation with hidden size ``hidden`` (H).
+        d_embed: width of the prefix embedding P^E (default d, as in the deck's formula).
+        init: optional initial values — [L, 2, |P|, d] for the vanilla prefix, or [|P|, d_embed]
+            for P^E (e.g. activations of real / task-relevant words, as the paper recommends).
+    """
+
+    def __init__(self, n_layers: int, n_prefix: int, d: int, n_heads: int, reparam: bool = False,
+                 hidden: Optional[int] = None, d_embed: Optional[int] = None,
+                 init: Optional[torch.Tensor] = None, device=None, dtype=None):
+        super().__init__()
+        for name, v in (("n_layers", n_layers), ("n_prefix", n_prefix), ("d", d), ("n_heads", n_heads)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if d % n_heads:
+            raise ValueError(f"d ({d}) must be divisible by n_heads ({n_heads})")
+        self.n_layers, self.n_prefix, self.d, self.n_heads = n_layers, n_prefix, d, n_heads
+        self.head_dim = d // n_heads
+        self.reparam = bool(reparam)
+        kw = dict(device=device, dtype=dtype)
+        if self.reparam:
+            if not isinstance(hidden, int) or hidden < 1:
+                raise ValueError(f"hidden must be a positive int when reparam=True, got {hidden!r}")
+            self.hidden = hidden
+            self.d_embed = d if d_embed is None else d_embed
+            self.embedding = nn.Parameter(torch.randn(n_prefix, self.d_embed, **kw) * 0.02)
+            self.mlp = nn.Sequential(nn.Linear(self.d_embed, hidden, bias=False, **kw), nn.Tanh(),
+                                     nn.Linear(hidden, 2 * n_layers * d, bias=False, **kw))
+            if init is not None:
+                if tuple(init.shape) != (n_prefix, self.d_embed):
+                    raise ValueError(f"init must have shape [{n_prefix}, {self.d_embed}], got {tuple(init.shape)}")
+                with torch.no_grad():
+                    self.embedding.copy_(init)
+        else:
+            self.hidden = None
+            self.d_embed = None
+            self.prefix = nn.Parameter(torch.randn(n_layers, 2, n_prefix, d, **kw) * 0.02)
+            if init is not None:
+                if tuple(init.shape) != (n_layers, 2, n_prefix, d):
+                    raise ValueError(f"init must have shape [{n_layers}, 2, {n_prefix}, {d}], "
+                                     f"got {tuple(init.shape)}")
+                with torch.no_grad():
+                    self.prefix.copy_(init)
+
+    def kv(self) -> torch.Tensor:
+        """All prefixes as one tensor [L, 2, |P|, d] (index 0: keys, 1: values)."""
+        if self.reparam:
+            out = self.mlp(self.embedding)                      # [|P|, 2·L·d]
+            return out.view(self.n_prefix, self.n_layers, 2, self.d).permute(1, 2, 0, 3)
+        return self.prefix
+
+    def forward(self, batch_size: int = 1) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (P_K, P_V), each [batch, n_heads, |P|, head_dim] (an expanded view)."""
+        kv = self.kv().view(self.n_layers, 2, self.n_prefix, self.n_heads, self.head_dim).transpose(2, 3)
+        return [(kv[i, 0].unsqueeze(0).expand(batch_size, -1, -1, -1),
+                 kv[i, 1].unsqueeze(0).expand(batch_size, -1, -1, -1)) for i in range(self.n_layers)]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def formula_parameters(self) -> int:
+        """The seed deck's count for this configuration (equal to num_trainable_parameters when
+        d_embed == d)."""
+        if self.reparam:
+            return (self.n_prefix * self.d_embed + self.d_embed * self.hidden
+                    + self.hidden * self.d * 2 * self.n_layers)
+        return counts.prefix_params(self.n_layers, self.d, self.n_prefix)
+
+    @torch.no_grad()
+    def to_vanilla(self) -> "PrefixTuning":
+        """A vanilla PrefixTuning holding this one's current prefixes (drops the MLP)."""
+        kv = self.kv().detach()
+        return PrefixTuning(self.n_layers, self.n_prefix, self.d, self.n_heads, init=kv.clone(),
+                            device=kv.device, dtype=kv.dtype)
+
+
+def extend_kv(k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor):
+    """[P_K; K], [P_V; V] along the sequence axis (-2). Prefix heads broadcast over the batch."""
+    B = k.shape[0]
+    return (torch.cat([prefix_k.expand(B, -1, -1, -1).to(k.dtype), k], dim=-2),
+            torch.cat([prefix_v.expand(B, -1, -1, -1).to(v.dtype), v], dim=-2))
+
+
+def prefix_attention(q, k, v, prefix_k, prefix_v, causal: bool = True, scale: Optional[float] = None):
+    """softmax(q [P_K; K]ᵀ · scale + mask) [P_V; V] with the prefix always visible (plain PyTorch).
+
+    q [B, H, Tq, D]; k, v [B, H, Tk, D]; prefix_k/v [B or 1, H, P, D]. Causal masking is aligned
+    bottom-right, so query i (of the last Tq positions) sees the prefix and keys up to its own.
+    """
+    k2, v2 = extend_kv(k, v, prefix_k, prefix_v)
+    Tq, Tk = q.shape[-2], k2.shape[-2]
+    mask = None
+    if causal:
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    return F.scaled_dot_product_attention(q, k2, v2, attn_mask=mask,
+                                          scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))

@@ -1,0 +1,284 @@
+"""llmkern.lora_linear / lora_linear_multi: Triton kernels vs the float64 reference.
+
+On a CPU machine the kernels run under TRITON_INTERPRET=1 (conftest) on small odd shapes in
+float32/float16; bf16 and the large shapes are @pytest.mark.gpu.
+"""
+import pytest
+import torch
+
+import llmkern
+from llmkern import reference as ref
+from llmkern.kernels import lora as K
+from llmkern.testing import assert_close, interpreter_dtypes, triton_device
+
+DEV = triton_device()
+needs_triton = pytest.mark.skipif(DEV is None, reason="no CUDA and no TRITON_INTERPRET")
+TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=3e-2, rtol=3e-2),
+       torch.bfloat16: dict(atol=8e-2, rtol=8e-2)}
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+
+
+def _inputs(M, K_, N, r, dtype, n=None, bias=True, device=DEV):
+    g = lambda *s, sc=1.0: (torch.randn(*s, device=device) * sc).to(dtype)  # noqa: E731
+    lead = () if n is None else (n,)
+    x = g(M, K_)
+    W = g(N, K_, sc=K_ ** -0.5)
+    b = g(N) if bias else None
+    A = g(*lead, r, K_, sc=K_ ** -0.5)
+    B = g(*lead, N, r, sc=r ** -0.5)
+    return x, W, b, A, B
+
+
+def _leaf(t, grad=True):
+    return None if t is None else t.detach().clone().requires_grad_(grad)
+
+
+def _d(t, grad=True):
+    return None if t is None else t.detach().double().requires_grad_(grad)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", interpreter_dtypes())
+@pytest.mark.parametrize("M,K_,N,r,p", [(37, 45, 50, 5, 0.0), (19, 64, 33, 16, 0.25), (50, 30, 70, 1, 0.5)])
+def test_lora_linear_matches_reference(triton_backend, dtype, M, K_, N, r, p):
+    x, W, b, A, B = _inputs(M, K_, N, r, dtype)
+    s = 1.7
+    xs, Ws, bs, As, Bs = _leaf(x), _leaf(W), _leaf(b), _leaf(A), _leaf(B)
+    y = llmkern.lora_linear(xs, Ws, bs, As, Bs, s, p, seed=1234)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xd, Wd, bd, Ad, Bd = _d(x), _d(W), _d(b), _d(A), _d(B)
+    yr = ref.lora_linear(xd, Wd, bd, Ad, Bd, s, p, seed=1234)
+    yr.backward(dy.double())
+    tol = TOL[dtype]
+    assert y.dtype == dtype
+    assert_close(y, yr, msg="y", **tol)
+    for name, got, want in (("dx", xs.grad, xd.grad), ("dW", Ws.grad, Wd.grad), ("db", bs.grad, bd.grad),
+                            ("dA", As.grad, Ad.grad), ("dB", Bs.grad, Bd.grad)):
+        assert_close(got, want, msg=name, **tol)
+
+
+@needs_triton
+def test_dropout_mask_matches_reference_and_regenerates(triton_backend):
+    """The kernel's mask is the reference's mask: with B = I-like and W = 0, y is dropout(x) A^T."""
+    M, K_, r, p = 24, 40, 16, 0.4
+    x = torch.randn(M, K_, device=DEV)
+    A = torch.eye(r, K_, device=DEV)
+    B = torch.eye(r, r, device=DEV)
+    W = torch.zeros(r, K_, device=DEV)
+    y = llmkern.lora_linear(x, W, None, A, B, 1.0, p, seed=7)
+    keep = ref.dropout_keep_mask(M, K_, p, 7, device=DEV)
+    want = torch.where(keep, x / (1 - p), torch.zeros_like(x))[:, :r]
+    torch.testing.assert_close(y, want)
+    frac = keep.float().mean().item()
+    assert abs(frac - (1 - p)) < 0.08
+    y2 = llmkern.lora_linear(x, W, None, A, B, 1.0, p, seed=8)
+    assert not torch.equal(y, y2)
+    # the same seed drawn from torch's generator after manual_seed gives the same output
+    torch.manual_seed(3)
+    y3 = llmkern.lora_linear(x, W, None, A, B, 1.0, p)
+    torch.manual_seed(3)
+    y4 = llmkern.lora_linear(x, W, None, A, B, 1.0, p)
+    torch.testing.assert_close(y3, y4, rtol=0, atol=0)
+
+
+@needs_triton
+def test_backward_with_expanded_grad_and_3d_input(triton_backend):
+    """.sum().backward() feeds a stride-0 gradient; x has leading batch dims."""
+    x, W, b, A, B = _inputs(2 * 9, 24, 20, 4, torch.float32)
+    x = x.view(2, 9, 24)
+    xs, As, Bs = _leaf(x), _leaf(A), _leaf(B)
+    Wf = W.clone()  # frozen base: no dW
+    y = llmkern.lora_linear(xs, Wf, b, As, Bs, 0.5, 0.2, seed=11)
+    assert y.shape == (2, 9, 20)
+    y.sum().backward()
+    xd, Ad, Bd = _d(x), _d(A), _d(B)
+    ref.lora_linear(xd, W.double(), b.double(), Ad, Bd, 0.5, 0.2, seed=11).sum().backward()
+    for got, want in ((xs.grad, xd.grad), (As.grad, Ad.grad), (Bs.grad, Bd.grad)):
+        assert_close(got, want, **TOL[torch.float32])
+    assert Wf.grad is None
+
+
+@needs_triton
+def test_rank_above_block_chunk(triton_backend):
+    """Ranks beyond one epilogue chunk (64) loop over rank chunks."""
+    x, W, b, A, B = _inputs(17, 33, 21, 80, torch.float32)
+    xs, As, Bs = _leaf(x), _leaf(A), _leaf(B)
+    y = llmkern.lora_linear(xs, W, b, As, Bs, 0.3)
+    y.backward(torch.ones_like(y))
+    xd, Ad, Bd = _d(x), _d(A), _d(B)
+    yr = ref.lora_linear(xd, W.double(), b.double(), Ad, Bd, 0.3)
+    yr.backward(torch.ones_like(yr))
+    assert_close(y, yr, **TOL[torch.float32])
+    for got, want in ((xs.grad, xd.grad), (As.grad, Ad.grad), (Bs.grad, Bd.grad)):
+        assert_close(got, want, **TOL[torch.float32])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", interpreter_dtypes())
+def test_multi_adapter_matches_reference(triton_backend, dtype):
+    M, K_, N, r, n = 45, 36, 28, 8, 3
+    x, W, b, A, B = _inputs(M, K_, N, r, dtype, n=n)
+    ids = torch.randint(-1, n, (M,), device=DEV)
+    ids[:5] = -1
+    scal = torch.tensor([0.5, 2.0, 1.0])
+    xs, Ws, bs, As, Bs = _leaf(x), _leaf(W), _leaf(b), _leaf(A), _leaf(B)
+    y = llmkern.lora_linear_multi(xs, Ws, bs, As, Bs, scal, ids)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xd, Wd, bd, Ad, Bd = _d(x), _d(W), _d(b), _d(A), _d(B)
+    yr = ref.lora_linear_multi(xd, Wd, bd, Ad, Bd, scal.double(), ids)
+    yr.backward(dy.double())
+    tol = TOL[dtype]
+    assert_close(y, yr, msg="y", **tol)
+    for name, got, want in (("dx", xs.grad, xd.grad), ("dW", Ws.grad, Wd.grad), ("db", bs.grad, bd.grad),
+                            ("dA", As.grad, Ad.grad), ("dB", Bs.grad, Bd.grad)):
+        assert_close(got, want, msg=name, **tol)
+
+
+@needs_triton
+def test_multi_adapter_edge_mixes(triton_backend):
+    """All rows base-only; one adapter unused; ids per token with batch dims; -1 rows are the base."""
+    x, W, b, A, B = _inputs(2 * 11, 20, 24, 4, torch.float32, n=4)
+    x3 = x.view(2, 11, 20)
+    base = torch.nn.functional.linear(x3, W, b)
+    y = llmkern.lora_linear_multi(x3, W, b, A, B, [1.0] * 4, torch.full((2, 11), -1, device=DEV))
+    assert_close(y, base.double(), **TOL[torch.float32])
+    ids = torch.tensor([[0] * 11, [3] * 6 + [-1] * 5], device=DEV)
+    y = llmkern.lora_linear_multi(x3, W, b, A, B, [1.0, 1.0, 1.0, 0.5], ids)
+    yr = ref.lora_linear_multi(x3.double(), W.double(), b.double(), A.double(), B.double(),
+                               torch.tensor([1.0, 1.0, 1.0, 0.5], dtype=torch.float64), ids)
+    assert_close(y, yr, **TOL[torch.float32])
+    assert_close(y[1, 6:], base[1, 6:].double(), **TOL[torch.float32])
+    # a single adapter with every token on it equals lora_linear
+    y1 = llmkern.lora_linear_multi(x, W, b, A[:1], B[:1], [0.7], torch.zeros(22, dtype=torch.int64, device=DEV))
+    y2 = llmkern.lora_linear(x, W, b, A[0], B[0], 0.7)
+    assert_close(y1, y2.double(), **TOL[torch.float32])
+
+
+def test_reference_backend_on_cpu_matches_formula():
+    """The default CPU path (reference) in float64 against the explicit formula."""
+    x, W, b, A, B = _inputs(6, 10, 12, 3, torch.float64, device="cpu")
+    y = llmkern.lora_linear(x, W, b, A, B, 2.0)
+    torch.testing.assert_close(y, x @ W.T + b + 2.0 * (x @ A.T) @ B.T)
+
+
+def test_kernel_dropout_params_agree_with_reference():
+    for p, seed in ((0.1, 0), (0.5, 2**40 + 17), (0.9, 123456789)):
+        assert K.dropout_params(p, seed)[:3] == ref.lora.dropout_params(p, seed)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(weight=torch.randn(12, 11)), "weight must have shape"),
+    (dict(lora_A=torch.randn(3, 11)), "lora_A must have shape"),
+    (dict(lora_B=torch.randn(12, 4)), "lora_B must have shape"),
+    (dict(lora_A=torch.randn(300, 10), lora_B=torch.randn(12, 300)), "rank r must be in"),
+    (dict(bias=torch.randn(5)), "bias must have shape"),
+    (dict(weight=torch.randn(12, 10, dtype=torch.float64)), "weight must have the dtype"),
+    (dict(dropout_p=1.0), "dropout_p must be in"),
+    (dict(x=torch.randint(0, 3, (4, 10))), "x must be float"),
+])
+def test_lora_linear_validation(bad, match):
+    args = dict(x=torch.randn(4, 10), weight=torch.randn(12, 10), bias=torch.randn(12),
+                lora_A=torch.randn(3, 10), lora_B=torch.randn(12, 3), scaling=1.0, dropout_p=0.0)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        llmkern.lora_linear(**args)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(adapter_ids=torch.tensor([0, 1, 2, 0])), "adapter_ids must be in"),
+    (dict(adapter_ids=torch.tensor([0, 1, -2, 0])), "adapter_ids must be in"),
+    (dict(adapter_ids=torch.tensor([0, 1, 0])), "adapter_ids must hold one id per token"),
+    (dict(adapter_ids=torch.tensor([0.0, 1, 0, 0])), "adapter_ids must be an integer"),
+    (dict(scalings=[1.0]), "scalings must have shape"),
+    (dict(lora_B=torch.randn(2, 12, 4)), "lora_B must have shape"),
+    (dict(lora_A=torch.randn(3, 10)), "lora_A must have shape"),
+])
+def test_lora_linear_multi_validation(bad, match):
+    args = dict(x=torch.randn(4, 10), weight=torch.randn(12, 10), bias=None,
+                lora_A=torch.randn(2, 3, 10), lora_B=torch.randn(2, 12, 3), scalings=[1.0, 2.0],
+                adapter_ids=torch.tensor([0, 1, -1, 0]))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        llmkern.lora_linear_multi(**args)
+
+
+def test_info_registration():
+    from llmkern import _backend
+    import llmkern.ops.lora  # noqa: F401
+
+    assert _backend.OP_DISPATCH["lora_linear"](torch.device("cpu"), torch.float32) in ("reference", "triton")
+    assert "lora_linear_multi" in _backend.OP_DISPATCH
+
+
+# ---- GPU ------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M,K_,N,r", [(1000, 1024, 768, 16), (4096, 4096, 4096, 64), (333, 515, 1030, 256)])
+def test_gpu_lora_linear_large(dtype, M, K_, N, r):
+    x, W, b, A, B = _inputs(M, K_, N, r, dtype, device="cuda")
+    xs, As, Bs, Ws = _leaf(x), _leaf(A), _leaf(B), _leaf(W)
+    y = llmkern.lora_linear(xs, Ws, b, As, Bs, 2.0, 0.1, seed=3)
+    y.sum().backward()
+    xd, Ad, Bd, Wd = _d(x), _d(A), _d(B), _d(W)
+    yr = ref.lora_linear(xd, Wd, b.double(), Ad, Bd, 2.0, 0.1, seed=3)
+    yr.sum().backward()
+    rel = lambda a, e: ((a.double() - e).norm() / e.norm()).item()  # noqa: E731
+    lim = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    for got, want in ((y, yr), (xs.grad, xd.grad), (As.grad, Ad.grad), (Bs.grad, Bd.grad), (Ws.grad, Wd.grad)):
+        assert rel(got, want) < lim
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 4, 16])
+def test_gpu_multi_adapter_and_cuda_graph(n):
+    M, K_, N, r = 2048, 1024, 1024, 16
+    x, W, b, A, B = _inputs(M, K_, N, r, torch.bfloat16, n=n, device="cuda")
+    ids = torch.randint(-1, n, (M,), device="cuda")
+    scal = torch.rand(n, device="cuda") + 0.5
+    y = llmkern.lora_linear_multi(x, W, b, A, B, scal, ids)
+    yr = ref.lora_linear_multi(x.double(), W.double(), b.double(), A.double(), B.double(), scal.double(), ids)
+    assert ((y.double() - yr).norm() / yr.norm()).item() < 2e-2
+    # capture in a CUDA graph (no host sync inside), replay with new ids
+    static_ids = ids.clone()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        llmkern.lora_linear_multi(x, W, b, A, B, scal, static_ids)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = llmkern.lora_linear_multi(x, W, b, A, B, scal, static_ids)
+    static_ids.copy_(torch.randint(-1, n, (M,), device="cuda"))
+    g.replay()
+    yr = ref.lora_linear_multi(x.double(), W.double(), b.double(), A.double(), B.double(), scal.double(), static_ids)
+    assert ((out.double() - yr).norm() / yr.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    x, W, b, A, B = _inputs(256, 512, 384, 8, torch.bfloat16, device="cuda")
+    As, Bs = _leaf(A), _leaf(B)
+    f = torch.compile(lambda x, A, B: llmkern.lora_linear(x, W, b, A, B, 0.5), fullgraph=True)
+    y = f(x, As, Bs)
+    y.float().sum().backward()
+    yr = ref.lora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), 0.5)
+    assert ((y.double() - yr).norm() / yr.norm()).item() < 2e-2
+    assert As.grad is not None and Bs.grad is not None
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck():
+    from llmkern.ops import lora as L
+
+    x, W, b, A, B = _inputs(64, 96, 80, 8, torch.float16, device="cuda")
+    torch.library.opcheck(torch.ops.llmkern.lora_fwd.default,
+                          (x, W, b, A[None], B[None], None, 0.5, None, None, None, 0.0, 0),
+                          test_utils=("test_schema", "test_faketensor"))
+    assert L._HAVE_OPS
