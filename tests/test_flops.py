@@ -1,0 +1,102 @@
+"""llmkern.flops: the seed deck's parameter table and FLOP formulas, MFU arithmetic, peak table."""
+import math
+
+import pytest
+import torch
+
+from llmkern import flops
+from llmkern.models import build, get_config
+
+
+def test_gpt3_175b_matches_seed_table():
+    p = flops.param_counts("gpt3-175b")
+    # seed: | Total 174,597M | PE 25M (0.01%) | TE 617M (0.35%) | Attn 57,982M (33.21%) | FFN 115,970M (66.42%) |
+    assert round(p["token_embedding"] / 1e6) == 618 and int(p["token_embedding"] / 1e6) == 617
+    assert round(p["position_embedding"] / 1e6) == 25
+    assert round(p["attention"] / 1e6) == 57982
+    assert round(p["ffn"] / 1e6) == 115970
+    assert p["attention"] == 4 * 96 * 12288 ** 2                    # 4Ld²
+    assert p["ffn"] == 96 * (12288 * 4 * 12288 + 4 * 12288 + 4 * 12288 * 12288 + 12288)
+    s = {k: round(100 * v, 2) for k, v in p["shares"].items()}
+    assert s == {"token_embedding": 0.35, "position_embedding": 0.01, "attention": 33.21, "ffn": 66.42}
+    assert abs(p["total"] - 174_597e6) / 174_597e6 < 1e-4            # seed's total, within 0.01%
+
+
+@pytest.mark.parametrize("name, billions", [
+    ("gpt3-125m", 0.125), ("gpt3-350m", 0.350), ("gpt3-760m", 0.760), ("gpt3-1.3b", 1.3),
+    ("gpt3-2.7b", 2.7), ("gpt3-6.7b", 6.7), ("gpt3-13b", 13.0), ("gpt3-175b", 175.0)])
+def test_gpt3_table_2_1_sizes(name, billions):
+    total = flops.param_counts(name)["total"] / 1e9
+    assert abs(total - billions) / billions < 0.04, (name, total)
+    assert get_config(name).block_size == 2048
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_param_counts_equal_model(name):
+    assert flops.param_counts(name)["total"] == build(name).num_params()
+    assert flops.param_counts(get_config(name, tie_embeddings=not get_config(name).tie_embeddings))["total"] == \
+        build(name, tie_embeddings=not get_config(name).tie_embeddings).num_params()
+
+
+def test_known_totals():
+    assert flops.param_counts("gpt2")["total"] == 124_439_808          # HF gpt2
+    assert flops.param_counts("llama-7b")["total"] == 6_738_415_616    # LLaMA-7B
+    assert flops.param_counts("llama3-8b")["total"] == 8_030_261_248   # Llama-3-8B
+
+
+def test_flops_per_token_conventions():
+    N, L, T, d = 1e9, 24, 2048, 2048
+    assert flops.flops_per_token(N, L, T, d, "seed") == 6 * N + 6 * L * T * d
+    assert flops.flops_per_token(N, L, T, d, "palm") == 6 * N + 12 * L * d * T
+    assert flops.flops_per_token(N, L, T, d, "seed", recompute=True) == 8 * N + 8 * L * T * d
+    # the seed's ≈ 6N with N ≈ 12Ld²
+    c = get_config("gpt3-175b")
+    n = flops.matmul_params(c)
+    assert abs(n - 12 * c.n_layer * c.n_embd ** 2) / n < 0.01
+    assert flops.model_flops_per_token(c, 2048) == 6 * n + 6 * 96 * 2048 * 12288
+    # nanoGPT's estimate for gpt2 at T=1024: 6N + 12LHQT with N = params - wpe
+    g = get_config("gpt2")
+    assert flops.model_flops_per_token(g, 1024, "palm") == 6 * (124_439_808 - 1024 * 768) + 12 * 12 * 768 * 1024
+    with pytest.raises(ValueError, match="convention"):
+        flops.flops_per_token(N, L, T, d, "chinchilla")
+    with pytest.raises(ValueError, match="seq_len"):
+        flops.flops_per_token(N, L, -1, d)
+
+
+def test_mfu_arithmetic():
+    fpt = flops.flops_per_token(124e6, 12, 1024, 768)
+    tps = 0.4 * 312e12 / fpt                                   # exactly 40% of an A100
+    assert math.isclose(flops.mfu(tps, fpt, 312e12), 0.4)
+    assert math.isclose(flops.mfu(tps, fpt, "a100"), 0.4)
+    assert math.isclose(flops.mfu(tps, fpt, ("h100", torch.bfloat16)), 0.4 * 312 / 989.4)
+    assert math.isclose(flops.hfu(tps, fpt, 312e12), 0.4 * 4 / 3)
+    assert math.isclose(flops.hfu(tps, fpt, 312e12, recompute=False), 0.4)
+    u = flops.utilization(tps, fpt, "bf16", device="cpu")
+    assert math.isclose(u.mfu_a100, 0.4) and u.mfu_device is None and u.device is None
+    assert math.isclose(u.tflops, 0.4 * 312)
+    with pytest.raises(ValueError, match="peak_flops"):
+        flops.mfu(1.0, 1.0, 0)
+
+
+def test_peak_table_and_detection():
+    assert flops.peak("a100", "bf16") == 312e12 and flops.peak("a100", "tf32") == 156e12
+    assert flops.peak("a100", torch.float16) == 312e12 and flops.peak("a100", "fp32") == 19.5e12
+    assert flops.peak("h100", "bf16") == 989.4e12 and flops.peak("h100", "fp8") == 1979e12
+    assert flops.peak("h200", "tf32") == 494.7e12 and flops.peak("h200", "fp32") == 66.9e12
+    with pytest.raises(ValueError, match="fp8"):
+        flops.peak("a100", "fp8")
+    with pytest.raises(ValueError, match="device"):
+        flops.peak("tpu-v4")
+    assert flops.device_name("NVIDIA H100 80GB HBM3") == "h100"
+    assert flops.device_name("NVIDIA H100 PCIe") == "h100-pcie"
+    assert flops.device_name("NVIDIA H200") == "h200"
+    assert flops.device_name("NVIDIA A100-SXM4-80GB") == "a100"
+    assert flops.device_name("NVIDIA GeForce RTX 4090") is None
+    assert flops.detect_device("cpu") is None and flops.device_peak("cpu") is None
+
+
+@pytest.mark.gpu
+def test_detect_device_gpu():
+    name = flops.detect_device()
+    if name is not None:
+        assert flops.device_peak(dtype=torch.bfloat16) == flops.PEAK_FLOPS[name]["bf16"]

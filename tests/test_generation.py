@@ -1,0 +1,178 @@
+"""llmkern.generation: greedy and beam equal transformers' generate; sampling; guided decoding."""
+import warnings
+
+import pytest
+import torch
+
+from llmkern.generation import generate
+from llmkern.models import build, from_hf
+
+transformers = pytest.importorskip("transformers")
+V = 97
+PAD = 5  # non-zero: transformers fills finished beams with eos when pad_token_id == 0
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """(ours, transformers) for a random tiny GPT-2 and a random tiny Llama (GQA)."""
+    torch.manual_seed(0)
+    out = {}
+    d = tmp_path_factory.mktemp("ckpt")
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2,
+                                                              n_head=4)).eval()
+    hf.save_pretrained(d / "gpt2")
+    out["gpt2"] = (from_hf(str(d / "gpt2"), backend="torch"), hf)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)).eval()
+    hf.save_pretrained(d / "llama")
+    hf.generation_config.eos_token_id = None  # no default eos (LlamaConfig has eos_token_id=2)
+    out["llama"] = (from_hf(str(d / "llama"), backend="torch"), hf)
+    return out
+
+
+def _hf(hf, x, **kw):
+    return hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, pad_token_id=PAD, **kw)
+
+
+def _eos(m, x):
+    """A token greedy decoding emits a few steps in, so that eos paths are exercised."""
+    return int(generate(m, x, 6)[0, x.shape[1] + 3])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("backend", ["torch", "llmkern"])
+def test_greedy_equals_transformers(pairs, arch, backend):
+    m, hf = pairs[arch]
+    m.backend = backend
+    x = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(generate(m, x, 12), _hf(hf, x, max_new_tokens=12))
+        eos = _eos(m, x)
+        ours = generate(m, x, 12, eos_token_id=eos, pad_token_id=PAD)
+        assert torch.equal(ours, _hf(hf, x, max_new_tokens=12, eos_token_id=eos))
+        assert torch.equal(generate(m, x, 12, eos_token_id=eos, pad_token_id=PAD, use_cache=False), ours)
+        # repetition penalty goes through llmkern.sample's processing, as in HF
+        assert torch.equal(generate(m, x, 8, repetition_penalty=1.3),
+                           _hf(hf, x, max_new_tokens=8, repetition_penalty=1.3))
+    m.backend = "torch"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("early_stopping, length_penalty", [(False, 1.0), (True, 0.0), ("never", -1.5)])
+def test_beam_equals_transformers(pairs, arch, early_stopping, length_penalty):
+    m, hf = pairs[arch]
+    x = torch.randint(0, V, (3, 6), generator=torch.Generator().manual_seed(4))
+    eos = _eos(m, x)
+    for K, R in ((3, 2), (4, 1)):
+        kw = dict(num_beams=K, length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=R)
+        ours = generate(m, x, 10, strategy="beam", eos_token_id=eos, pad_token_id=PAD, **kw)
+        ref = _hf(hf, x, max_new_tokens=10, eos_token_id=eos, **kw)
+        assert torch.equal(ours, ref), (K, R, ours, ref)
+    ours = generate(m, x, 10, strategy="beam", num_beams=3, eos_token_id=eos, pad_token_id=PAD, return_dict=True)
+    ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=10, num_beams=3, eos_token_id=eos,
+                      pad_token_id=PAD, return_dict_in_generate=True, output_scores=True)
+    assert torch.equal(ours.sequences, ref.sequences)
+    torch.testing.assert_close(ours.scores, ref.sequences_scores, atol=1e-5, rtol=1e-5)
+    assert torch.equal(generate(m, x, 10, strategy="beam", num_beams=3, use_cache=False, eos_token_id=eos,
+                                pad_token_id=PAD), ours.sequences)
+
+
+def test_sampling_seeded_and_filtered(pairs):
+    m, _ = pairs["llama"]
+    x = torch.randint(0, V, (4, 5), generator=torch.Generator().manual_seed(5))
+    a = generate(m, x, 10, strategy="sample", temperature=0.9, top_p=0.9, seed=7)
+    b = generate(m, x, 10, strategy="sample", temperature=0.9, top_p=0.9, seed=7)
+    c = generate(m, x, 10, strategy="sample", temperature=0.9, top_p=0.9, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(generate(m, x, 10, strategy="sample", top_k=1, seed=1), generate(m, x, 10))
+    out = generate(m, x, 10, strategy="sample", temperature=1.5, seed=3, return_dict=True)
+    assert out.scores.shape == (4, 10) and bool((out.scores <= 0).all())
+    assert generate(m, x, 3, strategy="sample", num_return_sequences=2, seed=0).shape == (8, 8)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_guided_masks_respected(pairs, strategy):
+    m, _ = pairs["gpt2"]
+    x = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(6))
+    allowed = torch.zeros(V, dtype=torch.bool)
+    allowed[[3, 11, 42, 60]] = True
+    kw = dict(num_beams=3) if strategy == "beam" else dict(seed=0, temperature=2.0)
+    if strategy == "greedy":
+        kw = {}
+    out = generate(m, x, 8, strategy=strategy, allowed_tokens=allowed, **kw)
+    assert bool(allowed[out[:, 5:]].all())
+
+    def alternate(seqs):  # a tiny "grammar": even tokens at even positions, odd at odd ones
+        mask = torch.zeros(seqs.shape[0], V, dtype=torch.bool)
+        mask[:, seqs.shape[1] % 2::2] = True
+        return mask
+
+    out = generate(m, x, 8, strategy=strategy, allowed_tokens=alternate, **kw)
+    pos = torch.arange(5, 13)
+    assert bool(((out[:, 5:] % 2) == (pos % 2)).all())
+    rows = torch.zeros(2, V, dtype=torch.bool)  # per-prompt masks
+    rows[0, 7], rows[1, 9] = True, True
+    out = generate(m, x, 4, strategy=strategy, allowed_tokens=rows, **kw)
+    assert bool((out[0, 5:] == 7).all()) and bool((out[1, 5:] == 9).all())
+
+
+def test_scored_search(pairs):
+    """score(x_{t+1}, b_t) = score(b_t) + log p(x_{t+1}) + Σ α_i f_i(x_{t+1})."""
+    m, _ = pairs["llama"]
+    x = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(7))
+    base = generate(m, x, 8, strategy="beam", num_beams=3, return_dict=True)
+
+    def zero(seqs, logp):
+        return torch.zeros_like(logp)
+
+    same = generate(m, x, 8, strategy="beam", num_beams=3, scorers=[(5.0, zero)], return_dict=True)
+    assert torch.equal(same.sequences, base.sequences)
+
+    def likes_13(seqs, logp):  # a feature of the candidate token
+        f = torch.zeros_like(logp)
+        f[:, 13] = 1.0
+        return f
+
+    assert bool((generate(m, x, 6, scorers=[(100.0, likes_13)])[:, 5:] == 13).all())
+    assert bool((generate(m, x, 6, strategy="beam", num_beams=2, scorers=[(100.0, likes_13)])[:, 5:] == 13).all())
+
+    def no_repeat(seqs, logp):  # penalise tokens already in the beam
+        f = torch.zeros_like(logp)
+        f.scatter_(1, seqs, -1.0)
+        return f
+
+    out = generate(m, x, 8, strategy="beam", num_beams=3, scorers=[(1e3, no_repeat)])
+    for row in out:
+        assert len(set(row[5:].tolist())) == 8 and not set(row[5:].tolist()) & set(row[:5].tolist())
+    # greedy with a scorer = argmax of log p + α f, step by step
+    alpha = 0.7
+    feat = torch.randn(V, generator=torch.Generator().manual_seed(0))
+    out = generate(m, x, 5, scorers=[(alpha, lambda s, lp: feat.expand_as(lp))])
+    seqs = x
+    for _ in range(5):
+        lp = torch.log_softmax(m(seqs)[:, -1].float(), -1)
+        seqs = torch.cat([seqs, (lp + alpha * feat).argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seqs)
+
+
+def test_generate_bad_arguments():
+    m = build("gpt-tiny", backend="torch")
+    x = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="strategy"):
+        generate(m, x, 2, strategy="contrastive")
+    with pytest.raises(ValueError, match="input_ids"):
+        generate(m, x.float(), 2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(m, x, 200)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(m, x, 2, strategy="beam", num_beams=2, top_p=0.5)
+    with pytest.raises(ValueError, match="num_beams"):
+        generate(m, x, 2, num_beams=3)
+    with pytest.raises(ValueError, match="early_stopping"):
+        generate(m, x, 2, strategy="beam", num_beams=2, early_stopping="sometimes")
+    with pytest.raises(ValueError, match="allowed_tokens"):
+        generate(m, x, 2, allowed_tokens=torch.ones(10, dtype=torch.bool))
+    with pytest.raises(ValueError, match="scorers"):
+        generate(m, x, 2, scorers=[3.0])

@@ -1,0 +1,161 @@
+"""llmkern.models: configs, both backends, KV cache, training, and from_hf against transformers."""
+import warnings
+
+import pytest
+import torch
+
+from llmkern.models import GPT, Llama, build, from_hf, get_config, available_configs
+from llmkern.models.configs import ModelConfig
+
+ARCHS = ["gpt-tiny", "llama-tiny"]
+
+
+def test_named_configs():
+    names = available_configs()
+    for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt3-125m", "gpt3-350m", "gpt3-760m",
+              "gpt3-1.3b", "gpt3-2.7b", "gpt3-6.7b", "gpt3-13b", "gpt3-175b", "llama-7b", "llama3-8b",
+              "gpt-tiny", "llama-tiny"):
+        assert n in names
+    c = get_config("gpt3-175b")
+    assert (c.n_layer, c.n_embd, c.n_head, c.head_dim, c.block_size) == (96, 12288, 96, 128, 2048)
+    assert get_config("gpt2-small").name == "gpt2"
+    assert get_config("llama3-8b").n_kv_head == 8
+    assert get_config("gpt-tiny", n_layer=3).n_layer == 3
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(n_embd=100, n_head=3), "n_embd"),
+    (dict(n_layer=0), "n_layer"),
+    (dict(vocab_size=-5), "vocab_size"),
+    (dict(arch="rnn"), "arch"),
+    (dict(n_head=4, n_kv_head=3), "n_kv_head"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(activation="swish"), "activation"),
+    (dict(block_size=2.5), "block_size"),
+    (dict(norm_eps=0), "norm_eps"),
+])
+def test_bad_config_names_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**kwargs)
+
+
+def test_bad_names_and_backends():
+    with pytest.raises(ValueError, match="unknown name"):
+        get_config("gpt5")
+    with pytest.raises(ValueError, match="n_layers"):
+        get_config("gpt2", n_layers=3)
+    with pytest.raises(ValueError, match="backend"):
+        GPT("gpt-tiny", backend="jax")
+    with pytest.raises(ValueError, match="arch"):
+        Llama("gpt-tiny")
+    m = build("gpt-tiny")
+    with pytest.raises(ValueError, match="block_size"):
+        m(torch.zeros(1, 129, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids"):
+        m(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="backend"):
+        m.backend = "triton"
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_backends_agree_and_kv_cache(name):
+    m = build(name, backend="torch").eval()
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        ref = m(x)
+        assert ref.shape == (2, 12, 256)
+        m.backend = "llmkern"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours = m(x)
+            torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+            for backend in ("torch", "llmkern"):   # prefill 5 tokens, then 3 + 1 + ... through the cache
+                m.backend = backend
+                cache = m.new_cache(2, 16)
+                parts = [m(x[:, :5], cache=cache), m(x[:, 5:8], cache=cache)]
+                parts += [m(x[:, t:t + 1], cache=cache) for t in range(8, 12)]
+                torch.testing.assert_close(torch.cat(parts, 1), ref, atol=2e-5, rtol=1e-4)
+                assert cache.seqlen == 12
+
+
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("backend", ["torch", "llmkern"])
+def test_tiny_model_trains(name, backend):
+    torch.manual_seed(0)
+    m = build(name, backend=backend, n_layer=1)
+    opt = m.configure_optimizer(lr=3e-3, weight_decay=0.0)
+    data = torch.randint(0, 256, (4, 33))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        losses = []
+        for _ in range(25):
+            _, loss = m(data, labels=data)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_loss_is_shifted_cross_entropy():
+    m = build("gpt-tiny", backend="torch")
+    x = torch.randint(0, 256, (2, 10))
+    labels = x.clone()
+    labels[:, :3] = -100
+    logits, loss = m(x, labels=labels)
+    ref = torch.nn.functional.cross_entropy(logits[:, 2:-1].reshape(-1, 256), x[:, 3:].reshape(-1))
+    torch.testing.assert_close(loss, ref)
+
+
+# ----------------------------------------------------------------------------- from_hf vs transformers
+transformers = pytest.importorskip("transformers")
+
+
+def _save_gpt2(path, tie=True):
+    torch.manual_seed(1)
+    cfg = transformers.GPT2Config(vocab_size=101, n_positions=64, n_embd=48, n_layer=2, n_head=4,
+                                  tie_word_embeddings=tie)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(path)
+    return hf
+
+
+def _save_llama(path, kv_heads=2, tie=False, head_dim=None):
+    torch.manual_seed(2)
+    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                                   tie_word_embeddings=tie, rms_norm_eps=1e-6, head_dim=head_dim)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # random norm gains so that a mix-up would show
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(path)
+    return hf
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama-gqa", "llama-mha-tied", "llama-head-dim"])
+@pytest.mark.parametrize("backend", ["torch", "llmkern"])
+def test_from_hf_logits_match_transformers(tmp_path, kind, backend):
+    if kind.startswith("gpt2"):
+        hf = _save_gpt2(tmp_path, tie=kind == "gpt2")
+    else:
+        hf = _save_llama(tmp_path, kv_heads=2 if kind == "llama-gqa" else 4, tie=kind == "llama-mha-tied",
+                         head_dim=16 if kind == "llama-head-dim" else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = from_hf(str(tmp_path), backend=backend)
+        x = torch.randint(0, 101, (2, 17))
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), hf(x).logits, atol=1e-4, rtol=1e-4)
+    assert m.num_params() == hf.num_parameters()
+
+
+def test_from_hf_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_hf(str(tmp_path))
+    hf = transformers.BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=8)
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="model_type"):
+        from_hf(str(tmp_path))
