@@ -33,7 +33,8 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kCandCap = 8192;               // candidate keys kept in shared memory
+constexpr int kCandCap = 6144;               // candidates (key, index) kept in shared memory
+constexpr int kListDraw = kThreads;          // the draw runs on the list up to this many kept
 constexpr uint32_t kNegInfKey = 0x007fffffu;  // order_key(-inf)
 constexpr uint32_t kNegZeroKey = 0x7fffffffu;  // order_key(-0.0f)
 constexpr uint32_t kPosZeroKey = 0x80000000u;  // order_key(+0.0f)
@@ -198,12 +199,14 @@ struct Smem {
   unsigned long long mass[kBins];  // mass histogram (fixed point)
   uint32_t cnt[kBins];             // count histogram
   uint32_t cand[kCandCap];         // candidate keys
+  uint32_t cidx[kCandCap];         // their token indices
   unsigned long long wscr[kWarps][32];
   unsigned long long red[kWarps];
   unsigned long long wsum[kWarps];
   unsigned long long above;
   int bucket;
   int ncand;
+  int nkept;
   int token;
   float ytok;
 };
@@ -267,12 +270,14 @@ __device__ unsigned long long block_excl_scan(unsigned long long v, Smem& S,
 
 // Warp-aggregated histogram update: lanes with the same bin combine before one atomic.
 // Must be called by all 32 lanes of the warp together.
-__device__ __forceinline__ void hist_add(bool ok, uint32_t bin, unsigned long long w, bool by_mass,
+// mode 0: counts (S.cnt), 1: masses (S.mass), 2: both.
+__device__ __forceinline__ void hist_add(bool ok, uint32_t bin, unsigned long long w, int mode,
                                          Smem& S) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const unsigned g = __match_any_sync(0xffffffffu, ok ? bin : 0xffffffffu);
   const bool leader = ok && lane == __ffs(g) - 1;
-  if (by_mass) {
+  if (mode != 1 && leader) atomicAdd(&S.cnt[bin], (uint32_t)__popc(g));
+  if (mode != 0) {
     S.wscr[warp][lane] = w;
     __syncwarp();
     if (leader) {
@@ -281,8 +286,6 @@ __device__ __forceinline__ void hist_add(bool ok, uint32_t bin, unsigned long lo
       atomicAdd(&S.mass[bin], s);
     }
     __syncwarp();
-  } else if (leader) {
-    atomicAdd(&S.cnt[bin], (uint32_t)__popc(g));
   }
 }
 
@@ -333,7 +336,7 @@ __device__ int gather(const Row& R, int V, float m, int kind, uint32_t val, bool
   __syncthreads();
   const int lane = threadIdx.x & 31;
   unsigned long long my = 0;
-  for_row<DT>(R, V, [&](int, float y, bool ok) {
+  for_row<DT>(R, V, [&](int i, float y, bool ok) {
     const uint32_t key = order_key(y);
     const bool hit = ok && pred(key, kind, val);
     const unsigned bal = __ballot_sync(0xffffffffu, hit);
@@ -343,7 +346,10 @@ __device__ int gather(const Row& R, int V, float m, int kind, uint32_t val, bool
     base = __shfl_sync(0xffffffffu, base, 0);
     if (hit) {
       const int slot = base + __popc(bal & ((1u << lane) - 1));
-      if (slot < kCandCap) S.cand[slot] = key;
+      if (slot < kCandCap) {
+        S.cand[slot] = key;
+        S.cidx[slot] = (uint32_t)i;
+      }
       if (want_mass) my += mass_of(e_of(y, m));
     }
   });
@@ -373,7 +379,7 @@ __device__ uint32_t refine(const Row& R, int V, float m, int ncand, int kind, ui
     auto add = [&](bool ok, uint32_t key) {
       ok = ok && pred(key, kind, val) && (level == 1 || (key >> shift) == prefix);
       const unsigned long long w = (ok && by_mass) ? mass_of_key(key, m) : 0ull;
-      hist_add(ok, ok ? digit(key, level) : 0u, w, by_mass, S);
+      hist_add(ok, ok ? digit(key, level) : 0u, w, by_mass ? 1 : 0, S);
     };
     if (from_list) {
       for (int j0 = (threadIdx.x & ~31); j0 < ncand; j0 += kThreads) {
@@ -400,7 +406,7 @@ __device__ unsigned long long pass_max(const Row& R, int V, bool count_hist, Sme
   unsigned long long best = 0;
   for_row<DT>(R, V, [&](int i, float y, bool ok) {
     const uint32_t key = order_key(y);
-    if (count_hist) hist_add(ok, key >> (32 - kBits1), 0ull, false, S);
+    if (count_hist) hist_add(ok, key >> (32 - kBits1), 0ull, 0, S);
     const uint32_t akey = key == kNegZeroKey ? kPosZeroKey : key;  // -0 == +0
     const unsigned long long pk = ((unsigned long long)akey << 32) | (uint32_t)~(uint32_t)i;
     if (ok && pk > best) best = pk;
@@ -415,44 +421,80 @@ __device__ __forceinline__ void clear_hist(Smem& S) {
   }
 }
 
+// Elements counted in the buckets >= b of the count histogram.
+__device__ unsigned long long count_from(Smem& S, int b) {
+  unsigned long long c = 0;
+  for (int j = threadIdx.x; j < kBins; j += kThreads) c += j >= b ? S.cnt[j] : 0u;
+  return block_sum(c, S);
+}
+
 // The CPU's find_threshold after P1 (which built the count histogram when top-k is on).
+// The boundary bucket's gather takes every key of level-1 digit >= the bucket's when they fit
+// in the list (their number is known from the count histogram): the top-p step after top-k then
+// needs no pass over the row, and the draw can run on the list. *list_n gets the list's length
+// when it holds every key >= the returned threshold (every kept element), else -1.
 template <DType DT>
 __device__ uint32_t find_threshold(const Row& R, int V, float m, int64_t top_k, float top_p,
-                                   Smem& S) {
+                                   Smem& S, int* list_n) {
   uint32_t tau = 0;
   const bool use_k = top_k > 0 && top_k < V;
   const bool use_p = f_lt(top_p, 1.f);
+  int n = 0;
+  bool wide = false;  // the list holds every key with level-1 digit >= the boundary bucket's
   if (use_k) {
     unsigned long long above = 0;
     const int b = find_bucket(S, false, kBins, (unsigned long long)top_k, &above);
-    const int n = gather<DT>(R, V, m, 0, (uint32_t)b, false, nullptr, S);
+    wide = above + S.cnt[b] <= (unsigned long long)kCandCap;
+    n = gather<DT>(R, V, m, wide ? 1 : 0, wide ? (uint32_t)b << (32 - kBits1) : (uint32_t)b, false,
+                   nullptr, S);
     tau = refine<DT>(R, V, m, n, 0, (uint32_t)b, 2, (uint32_t)b,
                      (unsigned long long)top_k - above, false, S);
-  }
-  if (!use_p) return tau;
-  if (use_k) {  // top-p renormalises over the top-k survivors
+    if (!use_p) {
+      *list_n = wide ? n : -1;
+      return tau;
+    }
+    // top-p renormalises over the top-k survivors (keys >= tau)
     unsigned long long zk = 0;
-    const int n = gather<DT>(R, V, m, 1, tau, true, &zk, S);
+    if (wide) {  // they are all in the list
+      unsigned long long my = 0;
+      for (int j = threadIdx.x; j < n; j += kThreads) {
+        const uint32_t key = S.cand[j];
+        my += key >= tau ? mass_of_key(key, m) : 0ull;
+      }
+      zk = block_sum(my, S);
+    } else {
+      n = gather<DT>(R, V, m, 1, tau, true, &zk, S);
+    }
     unsigned long long target = (unsigned long long)ceil((double)top_p * (double)zk);
     target = target < 1 ? 1 : target;
-    return refine<DT>(R, V, m, n, 1, tau, 1, 0u, target, true, S);
+    const uint32_t tau_p = refine<DT>(R, V, m, n, 1, tau, 1, 0u, target, true, S);
+    *list_n = n <= kCandCap ? n : -1;
+    return tau_p;
   }
-  // P2: exp, total mass, level-1 mass histogram.
+  if (!use_p) {
+    *list_n = -1;
+    return 0u;
+  }
+  // P2: exp, total mass, level-1 mass and count histograms.
   clear_hist(S);
   __syncthreads();
   unsigned long long my = 0;
   for_row<DT>(R, V, [&](int, float y, bool ok) {
     const unsigned long long w = ok ? mass_of(e_of(y, m)) : 0ull;
     my += w;
-    hist_add(ok, order_key(y) >> (32 - kBits1), w, true, S);
+    hist_add(ok, order_key(y) >> (32 - kBits1), w, 2, S);
   });
   const unsigned long long z_all = block_sum(my, S);  // (its barrier also ends the histogram)
   unsigned long long target = (unsigned long long)ceil((double)top_p * (double)z_all);
   target = target < 1 ? 1 : target;
   unsigned long long above = 0;
   const int b = find_bucket(S, true, kBins, target, &above);
-  const int n = gather<DT>(R, V, m, 0, (uint32_t)b, false, nullptr, S);
-  return refine<DT>(R, V, m, n, 0, (uint32_t)b, 2, (uint32_t)b, target - above, true, S);
+  wide = count_from(S, b) <= (unsigned long long)kCandCap;
+  n = gather<DT>(R, V, m, wide ? 1 : 0, wide ? (uint32_t)b << (32 - kBits1) : (uint32_t)b, false,
+                 nullptr, S);
+  tau = refine<DT>(R, V, m, n, 0, (uint32_t)b, 2, (uint32_t)b, target - above, true, S);
+  *list_n = wide ? n : -1;
+  return tau;
 }
 
 __device__ __forceinline__ bool kept(float y, float e, uint32_t tau, float min_p) {
@@ -512,7 +554,68 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleArgs a) {
     return;
   }
 
-  const uint32_t tau = need_hist ? find_threshold<DT>(R, V, m, top_k, top_p, S) : 0u;
+  int list_n = -1;
+  const uint32_t tau = need_hist ? find_threshold<DT>(R, V, m, top_k, top_p, S, &list_n) : 0u;
+
+  if (list_n >= 0) {
+    // Every kept element is in the list: compact the kept ones (index, mass) into the (now free)
+    // histogram arrays; when they are few, each thread takes one and sums the masses of those
+    // before it in token order: no further pass over the row.
+    if (threadIdx.x == 0) S.nkept = 0;
+    __syncthreads();
+    const int lane = threadIdx.x & 31;
+    for (int j0 = threadIdx.x & ~31; j0 < list_n; j0 += kThreads) {
+      const int j = j0 + lane;
+      const bool ok = j < list_n;
+      const uint32_t key = ok ? S.cand[j] : kNegInfKey;
+      const float y = key_float(key);
+      const float e = e_of(y, m);
+      const bool hit = ok && kept(y, e, tau, min_p);
+      const unsigned bal = __ballot_sync(0xffffffffu, hit);
+      if (bal == 0) continue;
+      int base = 0;
+      if (lane == 0) base = atomicAdd(&S.nkept, __popc(bal));
+      base = __shfl_sync(0xffffffffu, base, 0);
+      const int slot = base + __popc(bal & ((1u << lane) - 1));
+      if (hit && slot < kBins) {
+        S.cnt[slot] = S.cidx[j];
+        S.mass[slot] = mass_of(e);
+      }
+    }
+    __syncthreads();
+    const int nk = S.nkept;
+    if (nk <= kListDraw) {
+      const bool mine = (int)threadIdx.x < nk;
+      const uint32_t idx = mine ? S.cnt[threadIdx.x] : 0u;
+      const unsigned long long w = mine ? S.mass[threadIdx.x] : 0ull;
+      unsigned long long before = 0, z_kept = 0;
+      for (int j = 0; j < nk; ++j) {
+        const unsigned long long wj = S.mass[j];
+        z_kept += wj;
+        before += S.cnt[j] < idx ? wj : 0ull;
+      }
+      const unsigned long long target = draw_target(row_uniform(a.seed[r], a.position[r]), z_kept);
+      if (threadIdx.x == 0) S.token = -1;
+      __syncthreads();
+      if (mine && before <= target && target < before + w) {
+        S.token = (int)idx;
+        S.ytok = row_y<DT>(R, (int)idx);
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        int tok = S.token;
+        float ytok = S.ytok;
+        if (tok < 0) {  // unreachable: the kept set always holds the maximum (mass 2^40)
+          tok = argmax;
+          ytok = m;
+        }
+        a.tokens[r] = tok;
+        a.logprobs[r] = f_sub(f_sub(ytok, m), (float)log((double)z_kept / kMassScale));
+        a.valid[r] = true;
+      }
+      return;
+    }
+  }
 
   // P5: kept mass per warp chunk.
   unsigned long long my = 0;
@@ -595,7 +698,9 @@ __global__ void __launch_bounds__(kThreads, 2) filter_kernel(FilterArgs a) {
   const uint32_t mkey = (uint32_t)(best >> 32);
   const bool valid = !(best == 0 || mkey == kNegInfKey);
   const float m = key_float(mkey);
-  const uint32_t tau = (valid && need_hist) ? find_threshold<DT>(R, V, m, top_k, top_p, S) : 0u;
+  int list_n = -1;
+  const uint32_t tau =
+      (valid && need_hist) ? find_threshold<DT>(R, V, m, top_k, top_p, S, &list_n) : 0u;
 
   char* out = static_cast<char*>(a.out) + r * a.V * eb;
   for (int i = threadIdx.x; i < V; i += kThreads) {
