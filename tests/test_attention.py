@@ -1,0 +1,398 @@
+"""llmkern.attention / attention_varlen / attention_with_kvcache: Triton kernels (the interpreter
+on CPU, small shapes, float32/float16) against the float64 reference; reference against SDPA;
+validation; registration (opcheck, torch.compile). GPU cases (bf16, real sizes) under -m gpu."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmkern
+from llmkern.reference import attention as ref
+from llmkern.testing import assert_close, interpreter_dtypes, triton_device
+
+DEV = triton_device()
+needs_triton = pytest.mark.skipif(DEV is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Route CPU tensors through the Triton kernels (under the interpreter); CUDA uses them anyway."""
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+
+
+def _qkv(B, H, Hk, Tq, Tk, D, dtype, device=DEV, requires_grad=True):
+    q = torch.randn(B, H, Tq, D, device=device, dtype=dtype)
+    k = torch.randn(B, Hk, Tk, D, device=device, dtype=dtype)
+    v = torch.randn(B, Hk, Tk, D, device=device, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def _kpm(B, Tk, device=DEV):
+    """Left padding on row 0, right padding on row 1, random holes elsewhere (always one key)."""
+    m = torch.rand(B, Tk, device=device) > 0.3
+    m[:, 0] = True
+    if B > 0:
+        m[0, : Tk // 3] = False
+        m[0, -1] = True
+    if B > 1:
+        m[1, :] = True
+        m[1, Tk - Tk // 4:] = False
+    return m
+
+
+def _check(q, k, v, dtype, *, grad_lse=False, **kw):
+    """Forward, LSE and gradients of llmkern.attention vs the float64 reference."""
+    out, lse = llmkern.attention(q, k, v, return_lse=True, **kw)
+    assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    rout, rlse = ref.attention(qd, kd, vd, return_lse=True, **kw)
+    assert_close(out, rout, dtype, msg="out")
+    fin = torch.isfinite(rlse)
+    assert torch.equal(torch.isfinite(lse), fin), "LSE -inf rows differ"
+    assert_close(lse[fin], rlse[fin], torch.float32, atol=2e-3 if dtype == torch.float16 else 1e-4)
+    assert not out.isnan().any()
+    dout = torch.randn_like(out)
+    loss = (out.float() * dout.float()).sum()
+    rloss = (rout * dout.double()).sum()
+    if grad_lse:
+        dl = torch.randn_like(lse)
+        loss = loss + (torch.where(torch.isfinite(lse), lse, 0) * dl).sum()
+        rloss = rloss + (torch.where(fin, rlse, 0) * dl.double()).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    rgrads = torch.autograd.grad(rloss, (qd, kd, vd))
+    for name, g, rg in zip("qkv", grads, rgrads):
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        scale = max(1.0, rg.abs().max().item())
+        assert_close(g / scale, rg / scale, dtype, msg=f"d{name}")
+    return out, lse
+
+
+# ---- the Triton kernels vs the float64 reference ------------------------------------------------
+
+CASES = [
+    # B, H, Hk, Tq, Tk, D, kwargs
+    (1, 2, 2, 64, 64, 32, dict()),
+    (1, 2, 2, 64, 64, 32, dict(causal=True)),
+    (2, 4, 2, 47, 47, 40, dict(causal=True)),                  # GQA, odd length and head dim
+    (1, 4, 1, 33, 90, 16, dict(causal=True)),                  # MQA, Tq < Tk: bottom-right (chunked prefill)
+    (1, 2, 2, 70, 30, 24, dict(causal=True)),                  # Tq > Tk: first rows see nothing
+    (2, 2, 1, 50, 70, 64, dict(window=(10, 5))),               # sliding window both sides
+    (1, 2, 2, 80, 80, 32, dict(causal=True, window=(16, None))),
+    (2, 2, 2, 40, 65, 16, dict(softcap=5.0)),
+    (2, 2, 2, 40, 65, 16, dict(softcap=2.0, causal=True, scale=0.3)),
+    (2, 2, 1, 37, 61, 32, dict(key_padding_mask="pad")),
+    (2, 2, 2, 61, 61, 32, dict(key_padding_mask="pad", causal=True, window=(20, None))),
+    (1, 2, 2, 40, 40, 80, dict(causal=True)),                  # GPT-3 2.7B head dim
+    (1, 1, 1, 20, 36, 96, dict()),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[:6]}-{sorted(c[6])}" for c in CASES])
+def test_kernel_vs_reference_fp32(triton_backend, case):
+    B, H, Hk, Tq, Tk, D, kw = case
+    kw = dict(kw)
+    if kw.get("key_padding_mask") == "pad":
+        kw["key_padding_mask"] = _kpm(B, Tk)
+    q, k, v = _qkv(B, H, Hk, Tq, Tk, D, torch.float32)
+    _check(q, k, v, torch.float32, **kw)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", interpreter_dtypes())
+def test_kernel_dtypes(triton_backend, dtype):
+    q, k, v = _qkv(2, 4, 2, 50, 50, 64, dtype)
+    _check(q, k, v, dtype, causal=True)
+
+
+@needs_triton
+def test_lse_gradient(triton_backend):
+    q, k, v = _qkv(1, 2, 1, 30, 45, 32, torch.float32)
+    _check(q, k, v, torch.float32, causal=True, grad_lse=True)
+
+
+@needs_triton
+def test_empty_rows_are_zero_not_nan(triton_backend):
+    q, k, v = _qkv(2, 2, 2, 40, 24, 16, torch.float32)
+    kpm = torch.ones(2, 24, dtype=torch.bool, device=DEV)
+    kpm[1] = False                                            # row 1: no key at all
+    out, lse = llmkern.attention(q, k, v, causal=True, key_padding_mask=kpm, return_lse=True)
+    assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()
+    assert (out[0, :, :16] == 0).all() and torch.isneginf(lse[0, :, :16]).all()   # Tq > Tk, causal
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@needs_triton
+def test_backward_with_expanded_grad_and_strided_inputs(triton_backend):
+    """.sum().backward() sends a stride-0 gradient; HF hands [B, T, H, D]-transposed q/k/v."""
+    B, T, H, D = 2, 45, 2, 32
+    base = [torch.randn(B, T, H, D, device=DEV, requires_grad=True) for _ in range(3)]
+    q, k, v = (t.transpose(1, 2) for t in base)
+    out = llmkern.attention(q, k, v, causal=True)
+    out.sum().backward()
+    rb = [t.detach().double().requires_grad_() for t in base]
+    ref.attention(*(t.transpose(1, 2) for t in rb), causal=True).sum().backward()
+    for t, r in zip(base, rb):
+        assert_close(t.grad, r.grad, torch.float32)
+
+
+@needs_triton
+def test_backward_is_deterministic(triton_backend):
+    q, k, v = _qkv(1, 4, 2, 64, 64, 32, torch.float32)
+    dout = torch.randn(1, 4, 64, 32, device=DEV)
+    runs = []
+    for _ in range(2):
+        out = llmkern.attention(q, k, v, causal=True)
+        runs.append(torch.autograd.grad(out, (q, k, v), dout))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# ---- varlen -------------------------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("kw,give_max", [(dict(causal=True), False), (dict(window=(6, 3), softcap=4.0), True)],
+                         ids=["causal", "window-softcap-maxlen"])
+def test_varlen_vs_reference(triton_backend, kw, give_max):
+    lq, lk = [5, 0, 37, 20], [9, 3, 37, 41]
+    cu_q = torch.tensor([0] + list(torch.tensor(lq).cumsum(0)), dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0] + list(torch.tensor(lk).cumsum(0)), dtype=torch.int32, device=DEV)
+    H, Hk, D = 4, 2, 24
+    q = torch.randn(sum(lq), H, D, device=DEV, requires_grad=True)
+    k = torch.randn(sum(lk), Hk, D, device=DEV, requires_grad=True)
+    v = torch.randn(sum(lk), Hk, D, device=DEV, requires_grad=True)
+    mx = (max(lq), max(lk)) if give_max else (None, None)
+    out, lse = llmkern.attention_varlen(q, k, v, cu_q, cu_k, *mx, return_lse=True, **kw)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    rout, rlse = ref.attention_varlen(qd, kd, vd, cu_q.cpu(), cu_k.cpu(), return_lse=True, **kw)
+    assert_close(out, rout, torch.float32)
+    fin = torch.isfinite(rlse)
+    assert_close(lse[fin], rlse[fin], torch.float32)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    rgrads = torch.autograd.grad(rout, (qd, kd, vd), dout.double())
+    for g, rg in zip(grads, rgrads):
+        assert_close(g, rg, torch.float32)
+
+
+# ---- KV-cache decode ------------------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+@pytest.mark.parametrize("Tq,kw", [(1, dict()), (3, dict(softcap=3.0, window=(20, None))), (2, dict(causal=False))],
+                         ids=["decode", "spec3-softcap-window", "noncausal"])
+def test_kvcache_vs_reference(triton_backend, num_splits, Tq, kw):
+    B, H, Hk, Tmax, D = 3, 8, 2, 100, 32
+    kc = torch.randn(B, Hk, Tmax, D, device=DEV)
+    vc = torch.randn(B, Hk, Tmax, D, device=DEV)
+    q = torch.randn(B, H, Tq, D, device=DEV)
+    lens = torch.tensor([1, 57, 100], dtype=torch.int32, device=DEV)
+    out, lse = llmkern.attention_with_kvcache(q, kc, vc, lens, num_splits=num_splits, return_lse=True, **kw)
+    rout, rlse = ref.attention_with_kvcache(q.double(), kc.double(), vc.double(), lens, return_lse=True, **kw)
+    assert_close(out, rout, torch.float32)
+    fin = torch.isfinite(rlse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert_close(lse[fin], rlse[fin], torch.float32)
+
+
+@needs_triton
+def test_kvcache_appends_new_tokens_and_matches_dense(triton_backend):
+    B, H, Hk, Tmax, D, T0 = 2, 4, 4, 48, 16, 30
+    k_all = torch.randn(B, Hk, T0 + 2, D, device=DEV, dtype=torch.float16)
+    v_all = torch.randn(B, Hk, T0 + 2, D, device=DEV, dtype=torch.float16)
+    kc = torch.zeros(B, Hk, Tmax, D, device=DEV, dtype=torch.float16)
+    vc = torch.zeros(B, Hk, Tmax, D, device=DEV, dtype=torch.float16)
+    kc[:, :, :T0], vc[:, :, :T0] = k_all[:, :, :T0], v_all[:, :, :T0]
+    q = torch.randn(B, H, 2, D, device=DEV, dtype=torch.float16)
+    out = llmkern.attention_with_kvcache(q, kc, vc, torch.full((B,), T0, dtype=torch.int32, device=DEV),
+                                         k=k_all[:, :, T0:], v=v_all[:, :, T0:])
+    assert torch.equal(kc[:, :, :T0 + 2], k_all) and torch.equal(vc[:, :, :T0 + 2], v_all)
+    dense = llmkern.attention(q, k_all, v_all, causal=True)
+    assert_close(out, dense.double(), torch.float16)
+
+
+# ---- reference vs PyTorch SDPA (the oracle itself) -------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_matches_sdpa(causal):
+    q = torch.randn(2, 4, 33, 16, dtype=torch.float64)
+    k = torch.randn(2, 2, 33, 16, dtype=torch.float64)
+    v = torch.randn(2, 2, 33, 16, dtype=torch.float64)
+    kpm = _kpm(2, 33, device="cpu")
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    mask = kpm[:, None, None, :]
+    if causal:
+        mask = mask & torch.ones(33, 33, dtype=torch.bool).tril()
+    want = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)
+    got = ref.attention(q, k, v, causal=causal, key_padding_mask=kpm)
+    torch.testing.assert_close(got, want)
+
+
+def test_cpu_default_dispatch_is_reference_and_matches_sdpa(monkeypatch):
+    monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
+    q, k, v = _qkv(1, 2, 2, 20, 20, 16, torch.float32, device="cpu", requires_grad=False)
+    torch.testing.assert_close(llmkern.attention(q, k, v, causal=True),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
+    from llmkern import _backend
+
+    assert _backend.OP_DISPATCH["attention"](torch.device("cpu"), torch.float32) == "reference"
+
+
+# ---- validation -------------------------------------------------------------------------------------
+
+def _bad_cases():
+    q = torch.randn(2, 4, 8, 16)
+    k = torch.randn(2, 2, 8, 16)
+    return [
+        (dict(k=torch.randn(2, 3, 8, 16), v=torch.randn(2, 3, 8, 16)), "divide"),
+        (dict(k=torch.randn(2, 2, 8, 8), v=torch.randn(2, 2, 8, 8)), "head_dim"),
+        (dict(k=torch.randn(3, 2, 8, 16), v=torch.randn(3, 2, 8, 16)), "batch"),
+        (dict(v=torch.randn(2, 2, 9, 16)), "v must have the shape"),
+        (dict(k=k.half(), v=k.half()), "dtype"),
+        (dict(q=q[0]), "q must have shape"),
+        (dict(q=q.int(), k=k.int(), v=k.int()), "float16"),
+        (dict(q=torch.randn(1, 1, 4, 300), k=torch.randn(1, 1, 4, 300), v=torch.randn(1, 1, 4, 300)), "head_dim"),
+        (dict(key_padding_mask=torch.ones(2, 8)), "bool"),
+        (dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool)), "key_padding_mask must have shape"),
+        (dict(window=(1, 2, 3)), "window"),
+        (dict(window=(1.5, 2)), "window left"),
+        (dict(softcap=-1.0), "softcap"),
+        (dict(scale=float("nan")), "scale"),
+    ]
+
+
+@pytest.mark.parametrize("bad,match", _bad_cases(), ids=[m for _, m in _bad_cases()])
+def test_bad_inputs_raise_value_error(bad, match):
+    args = dict(q=torch.randn(2, 4, 8, 16), k=torch.randn(2, 2, 8, 16), v=torch.randn(2, 2, 8, 16))
+    kw = {n: bad.pop(n) for n in list(bad) if n in args}
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        llmkern.attention(args["q"], args["k"], args["v"], **bad)
+
+
+def test_bad_inputs_other_apis():
+    q, k = torch.randn(10, 4, 16), torch.randn(12, 2, 16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    cuk = torch.tensor([0, 5, 12], dtype=torch.int32)
+    with pytest.raises(ValueError, match="int32"):
+        llmkern.attention_varlen(q, k, k, cu.long(), cuk)
+    with pytest.raises(ValueError, match="end at the number"):
+        llmkern.attention_varlen(q, k, k, cu, torch.tensor([0, 5, 11], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens_k must have the length"):
+        llmkern.attention_varlen(q, k, k, cu, torch.tensor([0, 12], dtype=torch.int32))
+    with pytest.raises(ValueError, match="q is on|dtype"):
+        llmkern.attention(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16, dtype=torch.float64),
+                          torch.randn(1, 1, 4, 16, dtype=torch.float64))
+    qd, kc = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 10, 16)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        llmkern.attention_with_kvcache(qd, kc, kc, torch.tensor([3, 11], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        llmkern.attention_with_kvcache(qd, kc, kc, torch.tensor([3.0, 1.0]))
+    with pytest.raises(ValueError, match="together"):
+        llmkern.attention_with_kvcache(qd, kc, kc, 3, k=torch.randn(2, 2, 1, 16))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="is on"):
+            llmkern.attention(torch.randn(1, 1, 4, 16, device="cuda"), torch.randn(1, 1, 4, 16),
+                              torch.randn(1, 1, 4, 16))
+
+
+# ---- registration ------------------------------------------------------------------------------------
+
+@needs_triton
+def test_opcheck(triton_backend):
+    q, k, v = _qkv(1, 2, 1, 20, 24, 16, torch.float32)
+    torch.library.opcheck(torch.ops.llmkern.attention_fwd.default,
+                          (q, k, v, None, None, None, -1, -1, 0.25, True, -1, -1, 0.0))
+    kc = torch.randn(2, 1, 40, 16, device=DEV)
+    torch.library.opcheck(torch.ops.llmkern.attention_decode.default,
+                          (torch.randn(2, 2, 1, 16, device=DEV), kc, kc.clone(),
+                           torch.tensor([5, 40], dtype=torch.int32, device=DEV), 0.25, True, -1, -1, 0.0, 0))
+
+
+@needs_triton
+def test_torch_compile_fullgraph(triton_backend):
+    torch._dynamo.reset()
+    q, k, v = _qkv(1, 2, 1, 24, 24, 16, torch.float32)
+
+    def f(a, b, c):
+        return llmkern.attention(a, b, c, causal=True, window=(8, None)).sum()
+
+    got = torch.compile(f, fullgraph=True)(q, k, v)
+    got.backward()
+    g = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    want = f(q, k, v)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for a, t in zip(g, (q, k, v)):
+        torch.testing.assert_close(a, t.grad)
+
+
+# ---- GPU: real sizes, bf16/fp16, error no worse than 2x SDPA's ----------------------------------------
+
+def _rel_err(x, ref64):
+    return ((x.double() - ref64).norm() / ref64.norm()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("B,H,Hk,T,D", [(2, 16, 16, 1024, 128), (2, 16, 4, 1000, 64), (1, 8, 8, 777, 80),
+                                          (1, 4, 4, 512, 256)])
+def test_gpu_error_vs_sdpa(dtype, causal, B, H, Hk, T, D):
+    q, k, v = _qkv(B, H, Hk, T, T, D, dtype, device="cuda")
+    dout = torch.randn(B, H, T, D, device="cuda", dtype=dtype)
+    out = llmkern.attention(q, k, v, causal=causal)
+    g = torch.autograd.grad(out, (q, k, v), dout)
+    kr, vr = (t.detach().repeat_interleave(H // Hk, 1).requires_grad_() for t in (k, v))
+    qs = q.detach().requires_grad_()
+    sd = F.scaled_dot_product_attention(qs, kr, vr, is_causal=causal)
+    gs = torch.autograd.grad(sd, (qs, kr, vr), dout)
+    gs = (gs[0], gs[1].unflatten(1, (Hk, H // Hk)).sum(2), gs[2].unflatten(1, (Hk, H // Hk)).sum(2))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    r = ref.attention(qd, kd, vd, causal=causal)
+    gr = torch.autograd.grad(r, (qd, kd, vd), dout.double())
+    assert _rel_err(out, r) <= 2 * _rel_err(sd, r) + 1e-4
+    for a, b, c in zip(g, gs, gr):
+        assert _rel_err(a, c) <= 2 * _rel_err(b, c) + 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_features(dtype):
+    q, k, v = _qkv(2, 8, 2, 700, 900, 128, dtype, device="cuda")
+    kpm = _kpm(2, 900, device="cuda")
+    _check(q, k, v, dtype, causal=True, window=(256, None), softcap=30.0, key_padding_mask=kpm)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_vs_sdpa():
+    B, H, Hk, Tmax, D = 32, 32, 8, 8192, 128
+    kc = torch.randn(B, Hk, Tmax, D, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
+    lens = torch.randint(1, Tmax + 1, (B,), device="cuda", dtype=torch.int32)
+    out = llmkern.attention_with_kvcache(q, kc, vc, lens)
+    mask = torch.arange(Tmax, device="cuda")[None, :] < lens[:, None]
+    sd = F.scaled_dot_product_attention(q, kc.repeat_interleave(4, 1), vc.repeat_interleave(4, 1),
+                                        attn_mask=mask[:, None, None, :])
+    r = ref.attention_with_kvcache(q.double(), kc.double(), vc.double(), lens)
+    assert _rel_err(out, r) <= 2 * _rel_err(sd, r) + 1e-4
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph():
+    torch._dynamo.reset()
+    q, k, v = _qkv(2, 8, 2, 256, 256, 64, torch.bfloat16, device="cuda")
+    f = torch.compile(lambda a, b, c: llmkern.attention(a, b, c, causal=True), fullgraph=True)
+    out = f(q, k, v)
+    out.float().sum().backward()
+    assert_close(out, ref.attention(q.double(), k.double(), v.double(), causal=True), torch.bfloat16)
+
+
+def test_scale_default_is_inverse_sqrt_head_dim():
+    q, k, v = _qkv(1, 1, 1, 5, 5, 16, torch.float64, device="cpu", requires_grad=False)
+    torch.testing.assert_close(llmkern.attention(q, k, v), llmkern.attention(q, k, v, scale=1 / math.sqrt(16)))
