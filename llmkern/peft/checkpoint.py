@@ -30,6 +30,19 @@ def _pattern_value(patterns, name, default):
     return default
 
 
+def _target_modules(model, names):
+    """PEFT's target_modules: the module-name suffixes when they select exactly `names`, else a
+    regex (PEFT full-matches a string against module names) listing them."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    lora_children = {n + ".base_layer" for n in names}
+    linears = {n for n, m in model.named_modules()
+               if isinstance(m, (nn.Linear, LoRALinear)) and n not in lora_children}
+    selected = {n for n in linears if any(n == s or n.endswith("." + s) for s in suffixes)}
+    if selected == set(names):
+        return suffixes
+    return "^(" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
+
+
 def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None,
                       task_type: Optional[str] = "CAUSAL_LM") -> None:
     """Write the model's LoRALinear adapters as a PEFT adapter directory (loadable by
@@ -61,7 +74,7 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in mods}),
+        "target_modules": _target_modules(model, [n for n, _ in mods]),
         "use_rslora": rslora.pop(),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,

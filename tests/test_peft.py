@@ -1,0 +1,288 @@
+"""llmkern.peft and llmkern.integrations.peft: modules, PEFT interop, parameter counts (seed deck)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import llmkern
+from llmkern import peft as lp
+from llmkern.testing import triton_device
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+L_, D, H_, V = 2, 32, 4, 64
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=48, num_hidden_layers=L_,
+                                   num_attention_heads=H_, num_key_value_heads=H_, max_position_embeddings=64,
+                                   attn_implementation="eager")
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _randomize_lora(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for n, p in model.named_parameters():
+        if "lora_B" in n or "lora_A" in n:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _ids(B=2, T=8, seed=0):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=["reference", "triton"])
+def backend(request, monkeypatch):
+    if request.param == "triton" and triton_device() != "cpu" and not torch.cuda.is_available():
+        pytest.skip("no Triton device")
+    monkeypatch.setenv("LLMKERN_BACKEND", request.param)
+    return request.param
+
+
+# ---- LoRALinear -----------------------------------------------------------------------------------
+
+def test_lora_linear_init_scaling_merge():
+    base = nn.Linear(20, 12)
+    m = lp.LoRALinear(base, r=4, alpha=8)
+    assert m.scaling == 2.0 and lp.LoRALinear(nn.Linear(20, 12), r=4, alpha=8, use_rslora=True).scaling == 4.0
+    assert torch.count_nonzero(m.lora_B) == 0 and torch.count_nonzero(m.lora_A) > 0
+    bound = 1 / math.sqrt(20)  # kaiming_uniform(a=sqrt(5)) on fan_in 20
+    assert m.lora_A.abs().max() <= bound + 1e-6
+    assert not base.weight.requires_grad and m.lora_A.requires_grad
+    x = torch.randn(3, 5, 20)
+    torch.testing.assert_close(m(x), base(x))  # B = 0: identity update
+    nn.init.normal_(m.lora_B)
+    y = m(x)
+    torch.testing.assert_close(y, base(x) + 2.0 * (x @ m.lora_A.T) @ m.lora_B.T, rtol=1e-5, atol=1e-5)
+    w0 = base.weight.detach().clone()
+    m.merge()
+    assert m.merged
+    torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
+    m.unmerge()
+    torch.testing.assert_close(base.weight, w0, rtol=1e-6, atol=1e-6)
+    w1 = base.weight.detach().clone()
+    with torch.no_grad():
+        m.lora_B[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        m.merge()
+    torch.testing.assert_close(base.weight, w1, rtol=0, atol=0)  # untouched
+    with pytest.raises(ValueError, match="r must be"):
+        lp.LoRALinear(nn.Linear(4, 4), r=0)
+
+
+def test_lora_linear_dropout_only_in_training():
+    m = lp.LoRALinear(nn.Linear(16, 16), r=4, alpha=4, dropout=0.5)
+    nn.init.normal_(m.lora_B)
+    x = torch.randn(6, 16)
+    m.eval()
+    torch.testing.assert_close(m(x), m(x))
+    m.train()
+    torch.manual_seed(0)
+    a = m(x)
+    torch.manual_seed(1)
+    b = m(x)
+    assert not torch.allclose(a, b)
+
+
+def test_inject_lora_count_matches_deck_formula():
+    model = tiny_llama()
+    names = lp.inject_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    assert len(names) == 2 * L_
+    # deck: W_Q and W_V considered, parameter scale 2 x 2 x d x r x L
+    assert lp.count_trainable_parameters(model) == 2 * 2 * D * 4 * L_ == lp.lora_params(L_, D, 4)
+    with pytest.raises(ValueError, match="matched no"):
+        lp.inject_lora(tiny_llama(), ["nope"])
+
+
+def test_inject_and_merge_same_logits(backend):
+    model = tiny_llama()
+    lp.inject_lora(model, ["q_proj", "v_proj", "down_proj"], r=4, alpha=16)
+    _randomize_lora(model)
+    ids = _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+        lp.merge_lora(model)
+        merged = model(ids).logits
+        lp.unmerge_lora(model)
+        after = model(ids).logits
+        lp.merge_lora(model, remove=True)
+        removed = model(ids).logits
+    torch.testing.assert_close(merged, before, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(removed, before, rtol=1e-4, atol=1e-4)
+    assert not lp.lora_modules(model)
+
+
+# ---- PEFT interop ---------------------------------------------------------------------------------
+
+def _peft_model(adapters=("default",), r=4, alpha=8, targets=("q_proj", "v_proj"), seed=1):
+    base = tiny_llama()
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+    model = peft.get_peft_model(base, cfg, adapter_name=adapters[0])
+    for a in adapters[1:]:
+        model.add_adapter(a, peft.LoraConfig(r=r * 2, lora_alpha=alpha, target_modules=list(targets)))
+    _randomize_lora(model, seed)
+    return model.eval()
+
+
+def test_use_fused_lora_same_logits_and_grads(backend):
+    model = _peft_model()
+    ids = _ids()
+    out = model(ids).logits
+    out.float().pow(2).mean().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    calls = []
+    orig = llmkern.ops.lora.lora_linear
+    from llmkern.integrations import peft as ip
+
+    ip.lora_linear = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        ip.use_fused_lora(model)
+        out2 = model(ids).logits
+        out2.float().pow(2).mean().backward()
+    finally:
+        ip.lora_linear = orig
+    assert len(calls) == 2 * L_
+    torch.testing.assert_close(out2, out, rtol=1e-4, atol=1e-4)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, want[n], rtol=1e-3, atol=1e-5, msg=n)
+    ip.use_fused_lora(model, enable=False)
+    assert not any(hasattr(m, "_llmkern_orig_forward") for m in model.modules())
+
+
+def test_use_fused_lora_mixed_adapter_batch(backend):
+    from llmkern.integrations.peft import use_fused_lora
+
+    model = _peft_model(adapters=("ad1", "ad2"))
+    ids = _ids(B=3)
+    names = ["ad2", "__base__", "ad1"]
+    with torch.no_grad():
+        want = model(ids, adapter_names=names).logits
+        use_fused_lora(model)
+        got = model(ids, adapter_names=names).logits
+        model.set_adapter("ad2")
+        got_b = model(ids).logits
+        use_fused_lora(model, enable=False)
+        want_b = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_b, want_b, rtol=1e-4, atol=1e-4)
+
+
+def test_peft_saved_adapter_loads_into_llmkern_and_back(tmp_path):
+    model = _peft_model(r=4, alpha=12)
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path / "peft")
+    ours = lp.load_peft_adapter(tiny_llama(), str(tmp_path / "peft"))
+    assert len(lp.lora_modules(ours)) == 2 * L_
+    assert all(m.scaling == 3.0 for _, m in lp.lora_modules(ours))
+    with torch.no_grad():
+        got = ours(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # ... and back: our files load into PEFT
+    lp.save_peft_adapter(ours, str(tmp_path / "ours"))
+    back = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_llmkern_adapter_with_rank_pattern_roundtrip(tmp_path):
+    model = tiny_llama()
+    lp.inject_lora(model, ["q_proj", "v_proj"], r=4, alpha=8, use_rslora=True)
+    big = lp.LoRALinear(model.model.layers[1].mlp.down_proj, r=8, alpha=2, use_rslora=True)
+    model.model.layers[1].mlp.down_proj = big
+    _randomize_lora(model, 5)
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+    lp.save_peft_adapter(model, str(tmp_path))
+    back = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    again = lp.load_peft_adapter(tiny_llama(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_load_rejects_unsupported(tmp_path):
+    base = tiny_llama()
+    m = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    m.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="use_dora"):
+        lp.load_peft_adapter(tiny_llama(), str(tmp_path))
+
+
+# ---- Adapter --------------------------------------------------------------------------------------
+
+def test_adapter_identity_init_and_counts():
+    a = lp.Adapter(D, 8)
+    h = torch.randn(2, 5, D)
+    torch.testing.assert_close(a(h), h)
+    assert a.num_trainable_parameters() == 2 * 8 * D + 8 + D
+    model = tiny_llama()
+    names = lp.add_adapters(model, ["self_attn", "mlp"], d=D, r=8)
+    assert len(names) == 2 * L_
+    n = lp.count_trainable_parameters(model)
+    assert n == lp.adapter_params_exact(L_, D, 8, sites_per_layer=2)
+    # the deck's 2·L·(r·d + r + d) per adapter site counts the biases twice: exact = deck − L(r + d)
+    assert lp.adapter_params_exact(L_, D, 8) == lp.adapter_params(L_, D, 8) - L_ * (8 + D)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, tiny_llama()(ids).logits)
+    model(ids).logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# ---- Prefix-tuning --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reparam", [False, True])
+def test_prefix_counts_match_deck(reparam):
+    P, Hh = 5, 24
+    pt = lp.PrefixTuning(L_, P, D, H_, reparam=reparam, hidden=Hh if reparam else None)
+    want = lp.prefix_params_reparam(L_, D, P, Hh) if reparam else lp.prefix_params(L_, D, P)
+    assert pt.num_trainable_parameters() == want == pt.formula_parameters()
+    if reparam:
+        assert want == P * D + D * Hh + Hh * D * 2 * L_
+    else:
+        assert want == P * D * 2 * L_
+    kv = pt(batch_size=3)
+    assert len(kv) == L_ and kv[0][0].shape == (3, H_, P, D // H_)
+
+
+def test_prefix_attention_is_always_visible_and_trains():
+    P, B, T, hd = 4, 2, 6, D // H_
+    pt = lp.PrefixTuning(L_, P, D, H_, reparam=True, hidden=16)
+    q, k, v = (torch.randn(B, H_, T, hd) for _ in range(3))
+    pk, pv = pt(B)[1]
+    out = lp.prefix_attention(q, k, v, pk, pv, causal=True)
+    # plain math: scores over [prefix; keys], key j (after the prefix) visible to query i iff j <= i
+    kk, vv = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+    s = q @ kk.transpose(-1, -2) / math.sqrt(hd)
+    mask = torch.ones(T, P + T, dtype=torch.bool)
+    mask[:, P:] = torch.ones(T, T, dtype=torch.bool).tril()
+    want = s.masked_fill(~mask, float("-inf")).softmax(-1) @ vv
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    # the first query still sees every prefix position
+    assert mask[0, :P].all() and not mask[0, P + 1:].any()
+    out.sum().backward()
+    assert pt.embedding.grad is not None and pt.mlp[0].weight.grad is not None
+    van = pt.to_vanilla()
+    torch.testing.assert_close(van.kv(), pt.kv().detach())
+    assert van.num_trainable_parameters() == lp.prefix_params(L_, D, P)
+    # decoding with a KV cache: one query at the end sees the prefix and every cached key
+    o1 = lp.prefix_attention(q[:, :, -1:], k, v, pk, pv, causal=True)
+    torch.testing.assert_close(o1, out[:, :, -1:], rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_validation():
+    with pytest.raises(ValueError, match="divisible"):
+        lp.PrefixTuning(2, 3, 30, 4)
+    with pytest.raises(ValueError, match="hidden"):
+        lp.PrefixTuning(2, 3, 32, 4, reparam=True)
