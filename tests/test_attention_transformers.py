@@ -1,0 +1,142 @@
+"""attn_implementation="llmkern" in Hugging Face transformers: random small GPT-2, Llama (GQA) and
+Mistral (GQA + sliding window) models give the logits and gradients of "eager", padded batches
+included; generation with a cache and left padding gives the same tokens; masks the kernel
+cannot express raise."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import llmkern.integrations.transformers as lt  # noqa: E402
+from llmkern.testing import triton_device  # noqa: E402
+
+DEV = triton_device() or "cpu"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    lt.register()
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    if triton_device() is None:
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+
+
+def _model(kind):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=96, n_positions=64,
+                                      attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      bos_token_id=1, eos_token_id=2)
+        m = transformers.GPT2LMHeadModel(cfg)
+    elif kind == "llama":
+        cfg = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       hidden_size=64, intermediate_size=96, vocab_size=96,
+                                       max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+        m = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.MistralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                         hidden_size=64, intermediate_size=96, vocab_size=96,
+                                         max_position_embeddings=64, sliding_window=5,
+                                         bos_token_id=1, eos_token_id=2)
+        m = transformers.MistralForCausalLM(cfg)
+    return m.to(DEV).float()
+
+
+def _batch():
+    ids = torch.randint(3, 96, (2, 12), device=DEV)
+    am = torch.ones(2, 12, dtype=torch.long, device=DEV)
+    am[0, :3] = 0      # left padding
+    am[1, 9:] = 0      # right padding
+    return ids, am
+
+
+def _logits_and_grads(model, impl, ids, am):
+    model.set_attn_implementation(impl)
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=am).logits
+    (logits * am[..., None]).square().mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral"])
+def test_same_logits_and_grads_as_eager(triton_backend, kind):
+    model = _model(kind).train()
+    ids, am = _batch()
+    le, ge = _logits_and_grads(model, "eager", ids, am)
+    lk, gk = _logits_and_grads(model, "llmkern", ids, am)
+    real = am.bool()
+    torch.testing.assert_close(lk[real], le[real], atol=1e-4, rtol=1e-4)
+    assert set(gk) == set(ge)
+    for n in ge:
+        torch.testing.assert_close(gk[n], ge[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral"])
+def test_generate_with_cache_and_left_padding(kind):
+    """Decode steps (bottom-right causal against the cache) and left padding, default backend."""
+    model = _model(kind).eval()
+    ids = torch.randint(3, 96, (2, 10), device=DEV)
+    am = torch.ones(2, 10, dtype=torch.long, device=DEV)
+    am[0, :4] = 0
+    out = {}
+    for impl in ("eager", "llmkern"):
+        model.set_attn_implementation(impl)
+        out[impl] = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=8, do_sample=False,
+                                   pad_token_id=0)
+    assert torch.equal(out["eager"], out["llmkern"])
+
+
+def test_generate_triton_llama(triton_backend):
+    model = _model("llama").eval()
+    ids = torch.randint(3, 96, (2, 8), device=DEV)
+    am = torch.ones(2, 8, dtype=torch.long, device=DEV)
+    am[1, :3] = 0
+    out = {}
+    for impl in ("eager", "llmkern"):
+        model.set_attn_implementation(impl)
+        out[impl] = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=3, do_sample=False,
+                                   pad_token_id=0)
+    assert torch.equal(out["eager"], out["llmkern"])
+
+
+def test_attention_dropout_raises():
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, attn_pdrop=0.1)
+    model = transformers.GPT2LMHeadModel(cfg).to(DEV).train()
+    model.set_attn_implementation("llmkern")
+    with pytest.raises(NotImplementedError, match="dropout"):
+        model(input_ids=torch.randint(0, 64, (1, 6), device=DEV))
+
+
+def test_packed_sequences_raise():
+    """position_ids restarting inside a row (packed documents, no mask) need a block mask."""
+    model = _model("llama")
+    model.set_attn_implementation("llmkern")
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=DEV)
+    with pytest.raises(NotImplementedError, match="cannot express"):
+        model(input_ids=torch.randint(3, 96, (1, 7), device=DEV), position_ids=pos, use_cache=False)
+
+
+def test_custom_4d_mask_raises():
+    model = _model("llama")
+    model.set_attn_implementation("llmkern")
+    mask = torch.zeros(1, 1, 5, 5, device=DEV)
+    with pytest.raises(NotImplementedError, match="4-D"):
+        model(input_ids=torch.randint(3, 96, (1, 5), device=DEV), attention_mask=mask)
+
+
+def test_mask_function_returns_padding_mask():
+    from transformers import masking_utils as mu
+
+    am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    m = lt.attention.llmkern_mask(2, 5, 5, 0, 0, mu.causal_mask_function, am)
+    assert torch.equal(m, am)
+    assert lt.attention.llmkern_mask(2, 5, 5, 0, 0, mu.causal_mask_function, torch.ones(2, 5, dtype=torch.bool)) is None
+    # decode against a static cache of 8: keys past the query are masked
+    m = lt.attention.llmkern_mask(1, 1, 8, torch.tensor(4), 0, mu.causal_mask_function, None)
+    assert m.tolist() == [[True] * 5 + [False] * 3]
+    with pytest.raises(NotImplementedError, match="static-cache prefill"):
+        lt.attention.llmkern_mask(1, 3, 8, 0, 0, mu.causal_mask_function, None)
