@@ -327,11 +327,24 @@ __device__ __forceinline__ bool pred(uint32_t key, int kind, uint32_t val) {
   return kind == 0 ? (key >> (32 - kBits1)) == val : key >= val;
 }
 
+__device__ __forceinline__ void clear_hist(Smem& S) {
+  for (int b = threadIdx.x; b < kBins; b += kThreads) {
+    S.cnt[b] = 0;
+    S.mass[b] = 0;
+  }
+}
+
 // Gathers the keys that satisfy the predicate into S.cand (up to kCandCap); returns their
-// number. With `want_mass`, *z gets their total mass.
+// number. With `want_mass`, *z gets their total mass. With hist2 >= 0 (a kind-0 predicate that
+// is known to overflow the list), the pass also builds the level-2 histogram of the hits
+// (0: counts, 1: masses), so that the radix walk continues at level 3.
 template <DType DT>
 __device__ int gather(const Row& R, int V, float m, int kind, uint32_t val, bool want_mass,
-                      unsigned long long* z, Smem& S) {
+                      unsigned long long* z, Smem& S, int hist2 = -1) {
+  if (hist2 >= 0) {
+    __syncthreads();  // the caller's reads of the histograms are done
+    clear_hist(S);
+  }
   if (threadIdx.x == 0) S.ncand = 0;
   __syncthreads();
   const int lane = threadIdx.x & 31;
@@ -341,6 +354,8 @@ __device__ int gather(const Row& R, int V, float m, int kind, uint32_t val, bool
     const bool hit = ok && pred(key, kind, val);
     const unsigned bal = __ballot_sync(0xffffffffu, hit);
     if (bal == 0) return;
+    if (hist2 >= 0)
+      hist_add(hit, digit(key, 2), (hist2 == 1 && hit) ? mass_of(e_of(y, m)) : 0ull, hist2, S);
     int base = 0;
     if (lane == 0) base = atomicAdd(&S.ncand, __popc(bal));
     base = __shfl_sync(0xffffffffu, base, 0);
@@ -360,37 +375,47 @@ __device__ int gather(const Row& R, int V, float m, int kind, uint32_t val, bool
   return n;
 }
 
+// The histogram of radix level `level` over the candidates (see refine).
+template <DType DT>
+__device__ void build_level_hist(const Row& R, int V, float m, int ncand, bool from_list, int kind,
+                                 uint32_t val, int level, uint32_t prefix, bool by_mass, Smem& S) {
+  const int bins = level == 3 ? (1 << kBits3) : kBins;
+  const int shift = level == 2 ? (32 - kBits1) : kBits3;  // key >> shift == prefix
+  for (int b = threadIdx.x; b < bins; b += kThreads) {
+    if (by_mass) S.mass[b] = 0;
+    else S.cnt[b] = 0;
+  }
+  __syncthreads();
+  auto add = [&](bool ok, uint32_t key) {
+    ok = ok && pred(key, kind, val) && (level == 1 || (key >> shift) == prefix);
+    const unsigned long long w = (ok && by_mass) ? mass_of_key(key, m) : 0ull;
+    hist_add(ok, ok ? digit(key, level) : 0u, w, by_mass ? 1 : 0, S);
+  };
+  if (from_list) {
+    for (int j0 = (threadIdx.x & ~31); j0 < ncand; j0 += kThreads) {
+      const int j = j0 + (threadIdx.x & 31);
+      const bool ok = j < ncand;
+      add(ok, ok ? S.cand[j] : 0u);
+    }
+  } else {
+    for_row<DT>(R, V, [&](int, float y, bool ok) { add(ok, order_key(y)); });
+  }
+  __syncthreads();
+}
+
 // Radix levels `level`..3 over the candidates (the list, or the row when it overflowed), among
 // the keys that satisfy the predicate and match `prefix` on the digits above `level`. Returns
 // the exact key where the running weight (count or mass, from the top) reaches `target`.
+// `prebuilt`: the histogram of the first level is already in shared memory (see gather).
 template <DType DT>
 __device__ uint32_t refine(const Row& R, int V, float m, int ncand, int kind, uint32_t val,
                            int level, uint32_t prefix, unsigned long long target, bool by_mass,
-                           Smem& S) {
+                           Smem& S, bool prebuilt = false) {
   const bool from_list = ncand <= kCandCap;
-  for (; level <= 3; ++level) {
+  for (; level <= 3; ++level, prebuilt = false) {
+    if (!prebuilt) build_level_hist<DT>(R, V, m, ncand, from_list, kind, val, level, prefix,
+                                        by_mass, S);
     const int bins = level == 3 ? (1 << kBits3) : kBins;
-    const int shift = level == 2 ? (32 - kBits1) : kBits3;  // key >> shift == prefix
-    for (int b = threadIdx.x; b < bins; b += kThreads) {
-      if (by_mass) S.mass[b] = 0;
-      else S.cnt[b] = 0;
-    }
-    __syncthreads();
-    auto add = [&](bool ok, uint32_t key) {
-      ok = ok && pred(key, kind, val) && (level == 1 || (key >> shift) == prefix);
-      const unsigned long long w = (ok && by_mass) ? mass_of_key(key, m) : 0ull;
-      hist_add(ok, ok ? digit(key, level) : 0u, w, by_mass ? 1 : 0, S);
-    };
-    if (from_list) {
-      for (int j0 = (threadIdx.x & ~31); j0 < ncand; j0 += kThreads) {
-        const int j = j0 + (threadIdx.x & 31);
-        const bool ok = j < ncand;
-        add(ok, ok ? S.cand[j] : 0u);
-      }
-    } else {
-      for_row<DT>(R, V, [&](int, float y, bool ok) { add(ok, order_key(y)); });
-    }
-    __syncthreads();
     unsigned long long above = 0;
     const int b = find_bucket(S, by_mass, bins, target, &above);
     target -= above;
@@ -412,13 +437,6 @@ __device__ unsigned long long pass_max(const Row& R, int V, bool count_hist, Sme
     if (ok && pk > best) best = pk;
   });
   return block_max(best, S);
-}
-
-__device__ __forceinline__ void clear_hist(Smem& S) {
-  for (int b = threadIdx.x; b < kBins; b += kThreads) {
-    S.cnt[b] = 0;
-    S.mass[b] = 0;
-  }
 }
 
 // Elements counted in the buckets >= b of the count histogram.
@@ -444,11 +462,13 @@ __device__ uint32_t find_threshold(const Row& R, int V, float m, int64_t top_k, 
   if (use_k) {
     unsigned long long above = 0;
     const int b = find_bucket(S, false, kBins, (unsigned long long)top_k, &above);
-    wide = above + S.cnt[b] <= (unsigned long long)kCandCap;
+    const uint32_t cb = S.cnt[b];
+    wide = above + cb <= (unsigned long long)kCandCap;
+    const bool over = cb > (uint32_t)kCandCap;  // the bucket will not fit in the list
     n = gather<DT>(R, V, m, wide ? 1 : 0, wide ? (uint32_t)b << (32 - kBits1) : (uint32_t)b, false,
-                   nullptr, S);
+                   nullptr, S, over ? 0 : -1);
     tau = refine<DT>(R, V, m, n, 0, (uint32_t)b, 2, (uint32_t)b,
-                     (unsigned long long)top_k - above, false, S);
+                     (unsigned long long)top_k - above, false, S, over);
     if (!use_p) {
       *list_n = wide ? n : -1;
       return tau;
@@ -490,9 +510,10 @@ __device__ uint32_t find_threshold(const Row& R, int V, float m, int64_t top_k, 
   unsigned long long above = 0;
   const int b = find_bucket(S, true, kBins, target, &above);
   wide = count_from(S, b) <= (unsigned long long)kCandCap;
+  const bool over = S.cnt[b] > (uint32_t)kCandCap;
   n = gather<DT>(R, V, m, wide ? 1 : 0, wide ? (uint32_t)b << (32 - kBits1) : (uint32_t)b, false,
-                 nullptr, S);
-  tau = refine<DT>(R, V, m, n, 0, (uint32_t)b, 2, (uint32_t)b, target - above, true, S);
+                 nullptr, S, over ? 1 : -1);
+  tau = refine<DT>(R, V, m, n, 0, (uint32_t)b, 2, (uint32_t)b, target - above, true, S, over);
   *list_n = wide ? n : -1;
   return tau;
 }
