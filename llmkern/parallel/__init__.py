@@ -1,0 +1,25 @@
+"""Tensor parallelism with collectives overlapped with compute (Megatron-LM semantics).
+
+    ColumnParallelLinear, RowParallelLinear     the layers (overlap="ring" | "none")
+    tensor_parallelize(model, group)            shard a transformer's attention and MLP in place
+    cost_model                                  predicted step time / exposed communication
+    comm                                        the ring (decomposed) and plain collectives
+    launch.spawn                                run a function on p local ranks (tests, benchmarks)
+
+Everything runs on torch.distributed (NCCL on GPUs, gloo on CPUs) and works under torchrun.
+"""
+from llmkern.parallel import comm  # noqa: F401
+from llmkern.parallel.comm import set_validation  # noqa: F401
+from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear, OVERLAPS  # noqa: F401
+from llmkern.parallel.tensor_parallel import tensor_parallelize  # noqa: F401
+
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "tensor_parallelize", "set_validation", "OVERLAPS",
+           "comm", "cost_model", "launch"]
+
+
+def __getattr__(name):
+    if name in ("cost_model", "launch"):
+        import importlib
+
+        return importlib.import_module(f"llmkern.parallel.{name}")
+    raise AttributeError(f"module 'llmkern.parallel' has no attribute {name!r}")

@@ -1,0 +1,215 @@
+"""Communication helpers of the tensor-parallel layers: process-group checks, plain collectives
+(the ``overlap="none"`` baseline) and the decomposed, compute-overlapped ones (``"ring"``).
+
+Decomposed collectives (the "collective matmul" of Wang et al., ASPLOS'23):
+
+- ``ring_all_gather(x, group, compute)``: p steps; at step s every rank sends the chunk it holds
+  to rank+1 and receives the next one from rank-1 (``batch_isend_irecv``) while ``compute``
+  runs on the chunk it already has. Returns the gathered tensor ``[p, *x.shape]``.
+- ``ring_reduce_scatter(group, partial)``: p steps; at step s a rank computes its partial
+  result for chunk ``(rank - 1 - s) mod p`` while the running sum of the previous chunk travels
+  to it; after p steps rank r holds the full sum for chunk r.
+- chunked all-reduce: the tokens are split in ``chunks`` pieces; each piece's all-reduce is
+  started asynchronously as soon as its GEMM is done, so it runs under the next piece's GEMM.
+
+On GPUs (NCCL) every transfer runs on NCCL's own stream; on CPUs (gloo) on gloo's threads, so
+the overlap is real in both cases. Every helper raises a clear error instead of hanging: shapes
+are checked across ranks (one small all-gather, see ``set_validation``) before a decomposed
+collective starts, and the process group's timeout bounds every wait.
+"""
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+_VALIDATE = os.environ.get("LLMKERN_TP_VALIDATE", "1") != "0"
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32]
+
+
+def set_validation(enabled):
+    """Turn the per-call cross-rank shape check on (default; env LLMKERN_TP_VALIDATE=0 turns it
+    off) or off. It costs one tiny all-gather per layer call; without it, ranks that pass
+    different shapes fail only by the process group's timeout."""
+    global _VALIDATE
+    previous = _VALIDATE
+    _VALIDATE = bool(enabled)
+    return previous
+
+
+def validation_enabled():
+    return _VALIDATE
+
+
+def resolve_group(group=None, what="llmkern.parallel"):
+    """The process group to use (WORLD for None); a clear error when there is none."""
+    if not dist.is_available():
+        raise RuntimeError(f"{what}: torch.distributed is not available in this build of torch")
+    if not dist.is_initialized():
+        raise RuntimeError(
+            f"{what}: no process group: torch.distributed is not initialized. Call "
+            f"torch.distributed.init_process_group(...) first (torchrun sets up the environment; "
+            f"llmkern.parallel.launch.spawn does it for local runs), then pass group= or use WORLD.")
+    return dist.group.WORLD if group is None else group
+
+
+def world_size(group):
+    return dist.get_world_size(group)
+
+
+def rank(group):
+    return dist.get_rank(group)
+
+
+def global_rank(group, group_rank):
+    if group is None or group is dist.group.WORLD:
+        return group_rank
+    return dist.get_global_rank(group, group_rank)
+
+
+def _meta_device(t, group):
+    """Where a small metadata tensor must live for this group's backend."""
+    try:
+        backend = dist.get_backend(group)
+    except Exception:  # pragma: no cover
+        backend = "gloo"
+    if "nccl" in str(backend).lower():
+        return t.device if t.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_same_shape(t, group, what):
+    """Raise ValueError on every rank when `t` does not have the same shape and dtype on all
+    ranks of `group` (one all-gather of 10 int64s)."""
+    p = world_size(group)
+    if not _VALIDATE or p == 1:
+        return
+    shape = list(t.shape)
+    meta = [len(shape), _DTYPES.index(t.dtype) if t.dtype in _DTYPES else 99]
+    meta += shape[:8] + [-1] * (8 - len(shape[:8]))
+    if len(shape) > 8:
+        meta[-1] = int(torch.Size(shape[7:]).numel())
+    m = torch.tensor(meta, dtype=torch.int64, device=_meta_device(t, group))
+    out = torch.empty(p * m.numel(), dtype=torch.int64, device=m.device)
+    all_gather_into(out, m, group)
+    rows = out.view(p, -1).tolist()
+    if any(row != rows[0] for row in rows):
+        desc = "; ".join(f"rank {i}: shape {tuple(r[2:2 + r[0]][:8])} dtype "
+                         f"{_DTYPES[r[1]] if r[1] < len(_DTYPES) else 'other'}" for i, r in enumerate(rows))
+        raise ValueError(f"{what}: the input differs across tensor-parallel ranks ({desc}); every rank "
+                         f"must pass the same shape and dtype")
+
+
+# ---- plain collectives (the "none" baseline), tolerant of old and new torch names -------------
+
+def _quiet(fn, *args, **kw):
+    # torch >= 2.12 deprecates all_gather_into_tensor/reduce_scatter_tensor in favour of
+    # *_single, which torch 2.11 lacks: keep the names both have and silence the FutureWarning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return fn(*args, **kw)
+
+
+def all_gather_into(out, x, group, async_op=False):
+    """out [p * x.shape[0], *x.shape[1:]] <- x of every rank, in rank order."""
+    return _quiet(dist.all_gather_into_tensor, out, x.contiguous(), group=group, async_op=async_op)
+
+
+def reduce_scatter_into(out, x, group, async_op=False):
+    """out [x.shape[0] / p, ...] <- this rank's slice of the sum of x over ranks."""
+    return _quiet(dist.reduce_scatter_tensor, out, x.contiguous(), group=group, async_op=async_op)
+
+
+def all_gather_dim0(x, group):
+    p = world_size(group)
+    out = x.new_empty((p * x.shape[0],) + tuple(x.shape[1:]))
+    all_gather_into(out, x, group)
+    return out
+
+
+def reduce_scatter_dim0(x, group):
+    p = world_size(group)
+    out = x.new_empty((x.shape[0] // p,) + tuple(x.shape[1:]))
+    reduce_scatter_into(out, x, group)
+    return out
+
+
+def all_gather_last_dim(x, group):
+    """Concatenate x over ranks along the last dimension."""
+    p = world_size(group)
+    if p == 1:
+        return x
+    x = x.contiguous()
+    if x.dim() == 0:
+        x = x.reshape(1)
+    out = x.new_empty((p * x.shape[0],) + tuple(x.shape[1:]))
+    all_gather_into(out, x, group)
+    return torch.cat(out.view((p,) + tuple(x.shape)).unbind(0), dim=-1)
+
+
+# ---- decomposed collectives ---------------------------------------------------------------------
+
+def _exchange(send, recv, group, to_rank, from_rank):
+    ops = [dist.P2POp(dist.isend, send, global_rank(group, to_rank), group),
+           dist.P2POp(dist.irecv, recv, global_rank(group, from_rank), group)]
+    return dist.batch_isend_irecv(ops)
+
+
+def _wait(works):
+    for w in works or ():
+        w.wait()
+
+
+def ring_all_gather(x, group, compute=None):
+    """All-gather of x along a new leading dimension, decomposed into p ring steps, calling
+    ``compute(j, x_j)`` on every rank's chunk j as soon as it is here (its own chunk first), while
+    the next chunk is in flight. Returns the gathered tensor [p, *x.shape]."""
+    p, r = world_size(group), rank(group)
+    full = x.new_empty((p,) + tuple(x.shape))
+    full[r].copy_(x)
+    for s in range(p):
+        j = (r - s) % p
+        works = None
+        if s < p - 1:  # pass the chunk on to rank+1, receive chunk j-1 from rank-1
+            works = _exchange(full[j], full[(j - 1) % p], group, (r + 1) % p, (r - 1) % p)
+        if compute is not None:
+            compute(j, full[j])
+        _wait(works)
+    return full
+
+
+def ring_reduce_scatter(group, partial):
+    """Reduce-scatter of per-rank partial results, decomposed into p ring steps.
+
+    ``partial(c)`` returns this rank's contribution to chunk c (a fresh tensor, same shape for
+    every c); it is called for chunks (r-1, r-2, ..., r) mod p, each while the running sum of the
+    previous chunk is in flight. Returns the sum over ranks of chunk r."""
+    p, r = world_size(group), rank(group)
+    works, recv, send = None, None, None
+    acc = None
+    for s in range(p):
+        c = (r - 1 - s) % p
+        acc = partial(c)
+        if works is not None:
+            _wait(works)
+            acc.add_(recv)
+        if s < p - 1:
+            send, recv = acc, torch.empty_like(acc)
+            works = _exchange(send, recv, group, (r + 1) % p, (r - 1) % p)
+    return acc
+
+
+def chunk_bounds(n, chunks):
+    """[(lo, hi)] splitting range(n) into at most `chunks` nearly equal non-empty pieces."""
+    chunks = max(1, min(int(chunks), n)) if n > 0 else 1
+    base, rem = divmod(n, chunks)
+    out, lo = [], 0
+    for i in range(chunks):
+        hi = lo + base + (1 if i < rem else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+def all_reduce(x, group, async_op=False):
+    return dist.all_reduce(x, group=group, async_op=async_op)

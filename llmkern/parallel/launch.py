@@ -1,0 +1,152 @@
+"""Run a function on p local ranks, each in a fresh process with a process group (for tests,
+benchmarks and quick experiments; production runs use torchrun).
+
+    from llmkern.parallel.launch import spawn
+    results = spawn(fn, world_size=2, args=(...,), timeout=60)   # fn(rank, world_size, *args)
+
+The ranks meet on 127.0.0.1 at a port the OS picks; every collective is bounded by
+`pg_timeout` seconds and the whole run by `timeout` (ranks still alive then are killed), so a bug
+fails instead of hanging. Returns the list of fn's return values in rank order; raises
+RuntimeError with every failed rank's traceback.
+"""
+import datetime
+import os
+import queue as _queue
+import socket
+import time
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port(host="127.0.0.1"):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(rank, world_size, port, backend="gloo", pg_timeout=30.0, host="127.0.0.1"):
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = host
+    os.environ["MASTER_PORT"] = str(port)
+    if backend == "gloo" and host in ("127.0.0.1", "localhost"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    kw = {}
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=pg_timeout), **kw)
+
+
+def _rank_main(rank, world_size, port, backend, pg_timeout, num_threads, tasks, results):
+    import torch.distributed as dist
+
+    try:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        init_process_group(rank, world_size, port, backend, pg_timeout)
+    except BaseException:  # noqa: B902
+        results.put((-1, rank, False, traceback.format_exc()))
+        return
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        task_id, fn, args = task
+        try:
+            results.put((task_id, rank, True, fn(rank, world_size, *args)))
+        except BaseException:  # noqa: B902  (report everything to the parent)
+            results.put((task_id, rank, False, traceback.format_exc()))
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+class RankPool:
+    """`world_size` spawned ranks with a live process group, running functions on request:
+
+        with RankPool(2) as pool:
+            pool.run(fn, args)   # fn(rank, world_size, *args) on every rank; list of results
+
+    Starting ranks (importing torch in each) dominates small runs; a pool pays it once. A task
+    that fails, or does not finish within `timeout`, raises RuntimeError with the tracebacks and
+    closes the pool (its ranks may be left inside a collective)."""
+
+    def __init__(self, world_size, backend="gloo", pg_timeout=30.0, num_threads=1):
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self._results = ctx.Queue()
+        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        port = free_port()
+        self._procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, backend, pg_timeout, num_threads,
+                                                            self._tasks[r], self._results), daemon=True)
+                       for r in range(world_size)]
+        for p in self._procs:
+            p.start()
+        self._next = 0
+        self.closed = False
+
+    def run(self, fn, args=(), timeout=120.0):
+        if self.closed:
+            raise RuntimeError("RankPool is closed")
+        self._next += 1
+        task_id = self._next
+        for q in self._tasks:
+            q.put((task_id, fn, tuple(args)))
+        deadline = time.monotonic() + timeout
+        got, failures = {}, {}
+        while len(got) + len(failures) < self.world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                tid, r, ok, val = self._results.get(timeout=min(left, 1.0))
+            except _queue.Empty:
+                for i, p in enumerate(self._procs):
+                    if not p.is_alive() and i not in got and i not in failures:
+                        failures[i] = f"rank {i} exited with code {p.exitcode} without a result"
+                continue
+            if tid == -1:
+                failures[r] = val
+            elif tid == task_id:
+                (got if ok else failures)[r] = val
+        missing = [i for i in range(self.world_size) if i not in got and i not in failures]
+        if missing or failures:  # ranks may be left mid-collective: start afresh next time
+            self.close()
+        if failures or missing:
+            msg = [f"--- rank {r} failed:\n{tb}" for r, tb in sorted(failures.items())]
+            if missing:
+                msg.append(f"--- ranks {missing} did not finish within {timeout:.0f} s (pool killed)")
+            raise RuntimeError(f"llmkern.parallel.launch: {getattr(fn, '__name__', fn)} failed\n" + "\n".join(msg))
+        return [got[r] for r in range(self.world_size)]
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        for q in self._tasks:
+            try:
+                q.put(None)
+            except Exception:
+                pass
+        for p in self._procs:
+            p.join(timeout=2.0)
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def spawn(fn, world_size, args=(), timeout=120.0, backend="gloo", pg_timeout=30.0, num_threads=1):
+    """Run fn(rank, world_size, *args) on `world_size` spawned ranks; see the module docstring."""
+    with RankPool(world_size, backend, pg_timeout, num_threads) as pool:
+        return pool.run(fn, args, timeout)

@@ -1,0 +1,554 @@
+"""Megatron-style tensor-parallel linear layers whose collectives overlap with their GEMMs.
+
+ColumnParallelLinear: weight [out/p, in], bias [out/p]; y_local = x W_local^T + b_local.
+    Without sequence parallelism x is replicated and its gradient is all-reduced in backward;
+    with it, each rank holds a contiguous 1/p slice of the flattened tokens and the layer
+    all-gathers them before the GEMM (backward: reduce-scatter of the input gradient).
+RowParallelLinear: weight [out, in/p], bias [out] (replicated, added after the reduction);
+    y = reduce(x_local W_local^T) + b, the reduction an all-reduce, or a reduce-scatter along the
+    tokens under sequence parallelism (backward: all-gather of the output gradient, and the
+    bias gradient all-reduced by the layer so that it is complete on every rank).
+
+overlap="none": plain collectives. overlap="ring": the all-gather->GEMM and GEMM->reduce-scatter
+are decomposed into p point-to-point ring steps that run under the chunk GEMMs; the all-reduce
+(no sequence parallelism) is split along tokens into `chunks` pieces whose all-reduces run
+under the next piece's GEMM; in backward the input-gradient collective runs while the weight
+gradient GEMMs compute (Megatron's async dgrad). Results equal "none" up to the order of the
+floating-point sums.
+
+Inputs may have any leading shape; tokens are the flattened leading dimensions. Under sequence
+parallelism the column layer gathers along dim 0 (local [d0, ...] -> [p*d0, ...]) and the row
+layer scatters along dim 0 (it needs d0, or else the token count, divisible by p).
+
+LoRA: a layer may carry lora_A/lora_B factors (``from_linear`` of a PEFT-style module with
+``.base_layer``); the local shard then computes x W^T + s (x A^T) B^T with
+``llmkern.lora_linear`` when that op is importable (else the plain math). The factor that is
+replicated across ranks (A of a column layer, B of a row layer) gets its gradient all-reduced.
+"""
+import math
+import sys
+
+import torch
+import torch.nn as nn
+
+from llmkern._backend import warn_once
+from llmkern.parallel import comm
+
+OVERLAPS = ("none", "ring")
+DEFAULT_ALLREDUCE_CHUNKS = 4
+
+# "auto": use llmkern.lora_linear for the LoRA forward when importable; "plain": x@A.T@B.T*s.
+LORA_IMPL = "auto"
+_fused_lora = None
+
+
+def _lora_op():
+    global _fused_lora
+    if LORA_IMPL != "auto":
+        return None
+    if _fused_lora is None:
+        try:
+            from llmkern.ops.lora import lora_linear  # noqa: F401
+
+            _fused_lora = lora_linear
+        except Exception as exc:  # not landed (or broken): plain math, and say so once
+            warn_once(("parallel", "lora"), f"llmkern.parallel: llmkern.lora_linear is not importable "
+                                            f"({exc!r}); the LoRA shards use plain PyTorch math")
+            _fused_lora = False
+    return _fused_lora or None
+
+
+class _Cfg:
+    """Static configuration passed through autograd.Function.apply."""
+
+    def __init__(self, group, world, overlap, sp, scaling, chunks, what):
+        self.group, self.world, self.overlap, self.sp = group, world, overlap, sp
+        self.scaling, self.chunks, self.what = scaling, chunks, what
+
+
+# ---- local (per-shard) math ---------------------------------------------------------------------
+
+def _fwd_local(x, w, A, B, s, out=None):
+    """out <- x W^T (+ s (x A^T) B^T); x [m, k], w [n, k]."""
+    if A is None:
+        return torch.matmul(x, w.t(), out=out)
+    op = _lora_op()
+    if op is not None:
+        y = op(x, w, None, A, B, s)
+        if out is None:
+            return y
+        return out.copy_(y)
+    y = torch.matmul(x, w.t(), out=out)
+    y.add_(torch.matmul(torch.matmul(x, A.t()), B.t()), alpha=s)
+    return y
+
+
+def _dgrad_local(dy, w, A, B, s, out=None):
+    """out <- dy W (+ s (dy B) A)."""
+    dx = torch.matmul(dy, w, out=out)
+    if A is not None:
+        dx.add_(torch.matmul(torch.matmul(dy, B), A), alpha=s)
+    return dx
+
+
+class _WGrad:
+    """Weight (and LoRA factor) gradients accumulated over token chunks (fp32 for 16-bit)."""
+
+    def __init__(self, w, A, B, s, need_w, need_A, need_B):
+        self.w, self.A, self.B, self.s = w, A, B, s
+        self.need = {"w": need_w, "A": need_A and A is not None, "B": need_B and B is not None}
+        self.acc = {}
+
+    def _add(self, key, val):
+        prev = self.acc.get(key)
+        if prev is None:
+            self.acc[key] = val
+        else:
+            if prev.dtype in (torch.float16, torch.bfloat16):
+                prev = self.acc[key] = prev.float()
+            prev.add_(val)
+
+    def add(self, dy, x):
+        """Accumulate the contribution of tokens dy [m, n], x [m, k]."""
+        if self.need["w"]:
+            self._add("w", torch.mm(dy.t(), x))
+        if self.need["B"]:
+            self._add("B", torch.mm(dy.t(), torch.mm(x, self.A.t())).mul_(self.s))
+        if self.need["A"]:
+            self._add("A", torch.mm(torch.mm(dy, self.B).t(), x).mul_(self.s))
+
+    def get(self, key, like):
+        if not self.need[key]:
+            return None
+        g = self.acc.get(key)
+        if g is None:  # no tokens
+            return torch.zeros_like(like)
+        return g.to(like.dtype)
+
+
+def _reduce_replicated_lora_grad(cfg, key_replicated, grads):
+    """All-reduce the gradient of the LoRA factor that is replicated across ranks."""
+    t = grads.get(key_replicated)
+    if t is not None and cfg.world > 1:
+        comm.all_reduce(t, cfg.group)
+
+
+# ---- autograd functions -------------------------------------------------------------------------
+
+class _ColumnFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, cfg):
+        g, p = cfg.group, cfg.world
+        n = weight.shape[0]
+        if cfg.sp and p > 1:
+            m = x.shape[0]
+            out = x.new_empty((p * m, n))
+            if cfg.overlap == "ring":
+                full = comm.ring_all_gather(
+                    x, g, lambda j, xj: _fwd_local(xj, weight, A, B, cfg.scaling, out=out[j * m:(j + 1) * m]))
+                x_full = full.view(p * m, x.shape[1])
+            else:
+                x_full = comm.all_gather_dim0(x, g)
+                _fwd_local(x_full, weight, A, B, cfg.scaling, out=out)
+        else:
+            x_full = x
+            out = _fwd_local(x, weight, A, B, cfg.scaling)
+        if bias is not None:
+            out.add_(bias)
+        ctx.cfg = cfg
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x_full, weight, A, B)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        cfg = ctx.cfg
+        x_full, weight, A, B = ctx.saved_tensors
+        g, p, s = cfg.group, cfg.world, cfg.scaling
+        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        dy = dy.contiguous()
+        acc = _WGrad(weight, A, B, s, need_w, need_A, need_B)
+        dx = None
+        if not need_x:
+            acc.add(dy, x_full)
+        elif cfg.sp and p > 1:
+            m = x_full.shape[0] // p
+            if cfg.overlap == "ring":
+                def partial(c):
+                    dyc, xc = dy[c * m:(c + 1) * m], x_full[c * m:(c + 1) * m]
+                    part = _dgrad_local(dyc, weight, A, B, s)
+                    acc.add(dyc, xc)  # the wgrad of chunk c also runs under the transfer
+                    return part
+                dx = comm.ring_reduce_scatter(g, partial)
+            else:
+                dx = comm.reduce_scatter_dim0(_dgrad_local(dy, weight, A, B, s), g)
+                acc.add(dy, x_full)
+        elif p > 1:
+            if cfg.overlap == "ring":  # chunked dgrad, each chunk's all-reduce under the next GEMM
+                dx = torch.empty_like(x_full)
+                works = []
+                for lo, hi in comm.chunk_bounds(dy.shape[0], cfg.chunks):
+                    _dgrad_local(dy[lo:hi], weight, A, B, s, out=dx[lo:hi])
+                    works.append(comm.all_reduce(dx[lo:hi], g, async_op=True))
+                acc.add(dy, x_full)  # async dgrad: the weight gradient computes meanwhile
+                for w in works:
+                    w.wait()
+            else:
+                dx = _dgrad_local(dy, weight, A, B, s)
+                comm.all_reduce(dx, g)
+                acc.add(dy, x_full)
+        else:
+            dx = _dgrad_local(dy, weight, A, B, s)
+            acc.add(dy, x_full)
+        grads = {k: acc.get(k, like) for k, like in (("w", weight), ("A", A), ("B", B)) if like is not None}
+        _reduce_replicated_lora_grad(cfg, "A", grads)  # A is replicated in a column layer
+        db = dy.sum(0) if (ctx.has_bias and need_b) else None
+        return dx, grads.get("w"), db, grads.get("A"), grads.get("B"), None
+
+
+class _RowFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, cfg):
+        g, p, s = cfg.group, cfg.world, cfg.scaling
+        M = x.shape[0]
+        if p == 1:
+            y = _fwd_local(x, weight, A, B, s)
+        elif cfg.sp:
+            m = M // p
+            if cfg.overlap == "ring":
+                y = comm.ring_reduce_scatter(g, lambda c: _fwd_local(x[c * m:(c + 1) * m], weight, A, B, s))
+            else:
+                y = comm.reduce_scatter_dim0(_fwd_local(x, weight, A, B, s), g)
+        elif cfg.overlap == "ring":
+            y = x.new_empty((M, weight.shape[0]))
+            works = []
+            for lo, hi in comm.chunk_bounds(M, cfg.chunks):
+                _fwd_local(x[lo:hi], weight, A, B, s, out=y[lo:hi])
+                works.append(comm.all_reduce(y[lo:hi], g, async_op=True))
+            for w in works:
+                w.wait()
+        else:
+            y = _fwd_local(x, weight, A, B, s)
+            comm.all_reduce(y, g)
+        if bias is not None:
+            y.add_(bias)
+        ctx.cfg = cfg
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, A, B)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        cfg = ctx.cfg
+        x, weight, A, B = ctx.saved_tensors
+        g, p, s = cfg.group, cfg.world, cfg.scaling
+        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        dy = dy.contiguous()
+        acc = _WGrad(weight, A, B, s, need_w, need_A, need_B)
+        db, db_work, dx = None, None, None
+        if ctx.has_bias and need_b:
+            db = dy.sum(0)
+            if cfg.sp and p > 1:  # the bias is replicated: its gradient sums over the token shards
+                db = db.contiguous()
+                db_work = comm.all_reduce(db, g, async_op=cfg.overlap == "ring")
+        if cfg.sp and p > 1:
+            m = dy.shape[0]
+            if cfg.overlap == "ring":
+                dx = x.new_empty(x.shape) if need_x else None
+
+                def compute(j, dyj):
+                    if need_x:
+                        _dgrad_local(dyj, weight, A, B, s, out=dx[j * m:(j + 1) * m])
+                    acc.add(dyj, x[j * m:(j + 1) * m])
+                comm.ring_all_gather(dy, g, compute)
+            else:
+                dy_full = comm.all_gather_dim0(dy, g)
+                dx = _dgrad_local(dy_full, weight, A, B, s) if need_x else None
+                acc.add(dy_full, x)
+        else:
+            dx = _dgrad_local(dy, weight, A, B, s) if need_x else None
+            acc.add(dy, x)
+        grads = {k: acc.get(k, like) for k, like in (("w", weight), ("A", A), ("B", B)) if like is not None}
+        _reduce_replicated_lora_grad(cfg, "B", grads)  # B is replicated in a row layer
+        if db_work is not None and cfg.overlap == "ring":
+            db_work.wait()
+        return dx, grads.get("w"), db, grads.get("A"), grads.get("B"), None
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """Forward: concatenate the feature shards of all ranks; backward: keep this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.n = group, x.shape[-1]
+        return comm.all_gather_last_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        r = comm.rank(ctx.group)
+        return dy[..., r * ctx.n:(r + 1) * ctx.n].contiguous(), None
+
+
+class _ScatterLastDim(torch.autograd.Function):
+    """Forward: keep this rank's slice of the features; backward: all-gather the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        p, r = comm.world_size(group), comm.rank(group)
+        n = x.shape[-1] // p
+        ctx.group = group
+        return x[..., r * n:(r + 1) * n].contiguous()
+
+    @staticmethod
+    def backward(ctx, dy):
+        return comm.all_gather_last_dim(dy.contiguous(), ctx.group), None
+
+
+def _maybe_no_compile(fn, _cache={}):
+    # The collectives inside are opaque to torch.compile: a compiled model graph-breaks here.
+    # (Imported lazily: importing torch._dynamo costs seconds, and only compiling needs it.)
+    if "torch._dynamo" not in sys.modules:
+        return fn
+    wrapped = _cache.get(fn)
+    if wrapped is None:
+        wrapped = _cache[fn] = torch.compiler.disable(fn)
+    return wrapped
+
+
+def _column_apply(*args):
+    return _maybe_no_compile(_ColumnFn.apply)(*args)
+
+
+def _row_apply(*args):
+    return _maybe_no_compile(_RowFn.apply)(*args)
+
+
+# ---- modules ------------------------------------------------------------------------------------
+
+def _check_divisible(size, p, what):
+    if size % p:
+        raise ValueError(f"{what}={size} is not divisible by the tensor-parallel world size {p}")
+
+
+def _lora_parts(module):
+    """(base nn.Linear, lora_A [r, in] or None, lora_B [out, r] or None, scaling) of a plain
+    nn.Linear or a PEFT-style LoRA wrapper (.base_layer + lora_A/lora_B modules, dicts of them,
+    or tensors; .scaling a float or a dict)."""
+    if isinstance(module, nn.Linear) and not hasattr(module, "base_layer"):
+        return module, None, None, 1.0
+    base = getattr(module, "base_layer", None)
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"from_linear expects an nn.Linear or a LoRA wrapper with an nn.Linear "
+                        f".base_layer, got {type(module).__name__}")
+
+    def pick(v):
+        if isinstance(v, (nn.ModuleDict, nn.ParameterDict, dict)):
+            if len(v) == 0:
+                return None
+            active = getattr(module, "active_adapter", None)
+            if isinstance(active, (list, tuple)):
+                active = active[0] if active else None
+            key = active if active in v else ("default" if "default" in v else next(iter(v.keys())))
+            return pick(v[key])
+        if isinstance(v, nn.Linear):
+            return v.weight
+        if isinstance(v, torch.Tensor):
+            return v
+        if v is None:
+            return None
+        raise TypeError(f"from_linear: cannot read a LoRA factor from {type(v).__name__}")
+
+    A, B = pick(getattr(module, "lora_A", None)), pick(getattr(module, "lora_B", None))
+    s = getattr(module, "scaling", 1.0)
+    if isinstance(s, dict):
+        active = getattr(module, "active_adapter", "default")
+        if isinstance(active, (list, tuple)):
+            active = active[0] if active else "default"
+        s = s[active] if active in s else (s["default"] if "default" in s else next(iter(s.values())))
+    drop = getattr(module, "lora_dropout", None)
+    if isinstance(drop, (nn.ModuleDict, dict)) and len(drop):
+        drop = next(iter(drop.values()))
+    p_drop = getattr(drop, "p", 0.0) if drop is not None else 0.0
+    if isinstance(drop, float):
+        p_drop = drop
+    if p_drop and p_drop > 0:
+        raise NotImplementedError("tensor-parallel LoRA layers do not support lora_dropout > 0")
+    if (A is None) != (B is None):
+        raise ValueError("from_linear: a LoRA wrapper needs both lora_A and lora_B")
+    if A is not None:
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != base.in_features or B.shape[0] != base.out_features \
+                or A.shape[0] != B.shape[1]:
+            raise ValueError(f"from_linear: LoRA factors must be A [r, {base.in_features}] and "
+                             f"B [{base.out_features}, r], got {tuple(A.shape)} and {tuple(B.shape)}")
+    return base, A, B, float(s)
+
+
+class _ParallelLinear(nn.Module):
+    _kind = ""
+
+    def _setup(self, in_features, out_features, overlap, sequence_parallel, group, chunks):
+        if overlap not in OVERLAPS:
+            raise ValueError(f"{type(self).__name__}: overlap must be one of {OVERLAPS}, got {overlap!r}")
+        self.group = comm.resolve_group(group, type(self).__name__)
+        self.world_size = comm.world_size(self.group)
+        self.rank = comm.rank(self.group)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.overlap = overlap
+        self.sequence_parallel = bool(sequence_parallel)
+        self.chunks = int(chunks) if chunks is not None else max(DEFAULT_ALLREDUCE_CHUNKS, self.world_size)
+        self.lora_A = self.lora_B = None
+        self.lora_scaling = 1.0
+
+    def _cfg(self):
+        return _Cfg(self.group, self.world_size, self.overlap, self.sequence_parallel, self.lora_scaling,
+                    self.chunks, type(self).__name__)
+
+    def _check_input(self, x, features):
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: input must be a tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != features:
+            raise ValueError(f"{name}: input must have {features} features in its last dimension, got "
+                             f"shape {tuple(x.shape)}")
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"{name}: input dtype {x.dtype} differs from the weight dtype {self.weight.dtype}")
+        if x.device != self.weight.device:
+            raise ValueError(f"{name}: input on {x.device}, weight on {self.weight.device}")
+        comm.check_same_shape(x, self.group, name)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"world_size={self.world_size}, overlap={self.overlap!r}, "
+                f"sequence_parallel={self.sequence_parallel}, lora={'yes' if self.lora_A is not None else 'no'}")
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """y = x W^T + b with W split along the output features: weight [out/p, in]."""
+
+    def __init__(self, in_features, out_features, bias=True, *, gather_output=False, sequence_parallel=False,
+                 overlap="ring", group=None, chunks=None, device=None, dtype=None):
+        super().__init__()
+        self._setup(in_features, out_features, overlap, sequence_parallel, group, chunks)
+        _check_divisible(self.out_features, self.world_size, "ColumnParallelLinear: out_features")
+        self.gather_output = bool(gather_output)
+        if self.gather_output and self.sequence_parallel:
+            raise ValueError("ColumnParallelLinear: gather_output=True cannot be combined with sequence_parallel=True")
+        n = self.out_features // self.world_size
+        self.weight = nn.Parameter(torch.empty(n, self.in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(n, device=device, dtype=dtype)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's init, fan_in = in
+
+    @property
+    def out_features_per_rank(self):
+        return self.out_features // self.world_size
+
+    def forward(self, x):
+        self._check_input(x, self.in_features)
+        lead = tuple(x.shape[:-1])
+        x2 = x.reshape(-1, self.in_features)
+        if self.sequence_parallel and self.world_size > 1:
+            lead = (lead[0] * self.world_size,) + lead[1:] if lead else (self.world_size * x2.shape[0],)
+        y = _column_apply(x2, self.weight, self.bias, self.lora_A, self.lora_B, self._cfg())
+        y = y.view(lead + (y.shape[-1],))
+        if self.gather_output and self.world_size > 1:
+            y = _GatherLastDim.apply(y, self.group)
+        return y
+
+    @classmethod
+    def from_linear(cls, linear, group=None, **kw):
+        """Shard an existing nn.Linear (or a PEFT-style LoRA wrapper of one) along its output
+        features: this rank keeps rows [r*out/p, (r+1)*out/p). The weights must be identical on
+        every rank. `segments` (a list of row counts summing to out_features) shards a fused
+        projection (e.g. qkv) segment by segment."""
+        segments = kw.pop("segments", None)
+        base, A, B, s = _lora_parts(linear)
+        layer = cls(base.in_features, base.out_features, bias=base.bias is not None, group=group,
+                    device=base.weight.device, dtype=base.weight.dtype, **kw)
+        p, r = layer.world_size, layer.rank
+        segs = list(segments) if segments else [base.out_features]
+        if sum(segs) != base.out_features:
+            raise ValueError(f"from_linear: segments {segs} must sum to out_features={base.out_features}")
+
+        def rows(t):
+            parts, lo = [], 0
+            for n in segs:
+                _check_divisible(n, p, "ColumnParallelLinear.from_linear: segment size")
+                k = n // p
+                parts.append(t[lo + r * k: lo + (r + 1) * k])
+                lo += n
+            return torch.cat(parts, 0).detach().clone()
+
+        with torch.no_grad():
+            layer.weight.copy_(rows(base.weight))
+            if base.bias is not None:
+                layer.bias.copy_(rows(base.bias))
+        layer.weight.requires_grad_(base.weight.requires_grad)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(base.bias.requires_grad)
+        if A is not None:
+            layer.lora_A = nn.Parameter(A.detach().clone(), requires_grad=A.requires_grad)  # replicated
+            layer.lora_B = nn.Parameter(rows(B), requires_grad=B.requires_grad)
+            layer.lora_scaling = s
+        return layer
+
+
+class RowParallelLinear(_ParallelLinear):
+    """y = x W^T + b with W split along the input features: weight [out, in/p]; b replicated."""
+
+    def __init__(self, in_features, out_features, bias=True, *, input_is_parallel=True, sequence_parallel=False,
+                 overlap="ring", group=None, chunks=None, device=None, dtype=None):
+        super().__init__()
+        self._setup(in_features, out_features, overlap, sequence_parallel, group, chunks)
+        _check_divisible(self.in_features, self.world_size, "RowParallelLinear: in_features")
+        self.input_is_parallel = bool(input_is_parallel)
+        if self.sequence_parallel and not self.input_is_parallel:
+            raise ValueError("RowParallelLinear: sequence_parallel=True needs input_is_parallel=True")
+        k = self.in_features // self.world_size
+        self.weight = nn.Parameter(torch.empty(self.out_features, k, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype)) if bias else None
+        bound = 1.0 / math.sqrt(self.in_features)  # nn.Linear's init with the full fan_in
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    @property
+    def in_features_per_rank(self):
+        return self.in_features // self.world_size
+
+    def forward(self, x):
+        p = self.world_size
+        if not self.input_is_parallel:
+            self._check_input(x, self.in_features)
+            x = _ScatterLastDim.apply(x, self.group) if p > 1 else x
+        else:
+            self._check_input(x, self.in_features_per_rank)
+        lead = tuple(x.shape[:-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.sequence_parallel and p > 1:
+            M = x2.shape[0]
+            if M % p:
+                raise ValueError(f"RowParallelLinear: with sequence_parallel the number of tokens ({M}) must "
+                                 f"be divisible by the world size {p}")
+            lead = (lead[0] // p,) + lead[1:] if lead and lead[0] % p == 0 else (M // p,)
+        y = _row_apply(x2, self.weight, self.bias, self.lora_A, self.lora_B, self._cfg())
+        return y.view(lead + (self.out_features,))
+
+    @classmethod
+    def from_linear(cls, linear, group=None, **kw):
+        """Shard an existing nn.Linear (or a PEFT-style LoRA wrapper of one) along its input
+        features: this rank keeps columns [r*in/p, (r+1)*in/p). Weights must match on every rank."""
+        base, A, B, s = _lora_parts(linear)
+        layer = cls(base.in_features, base.out_features, bias=base.bias is not None, group=group,
+                    device=base.weight.device, dtype=base.weight.dtype, **kw)
+        p, r = layer.world_size, layer.rank
+        k = base.in_features // p
+        with torch.no_grad():
+            layer.weight.copy_(base.weight[:, r * k:(r + 1) * k])
+            if base.bias is not None:
+                layer.bias.copy_(base.bias)
+        layer.weight.requires_grad_(base.weight.requires_grad)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(base.bias.requires_grad)
+        if A is not None:
+            layer.lora_A = nn.Parameter(A[:, r * k:(r + 1) * k].detach().clone(), requires_grad=A.requires_grad)
+            layer.lora_B = nn.Parameter(B.detach().clone(), requires_grad=B.requires_grad)  # replicated
+            layer.lora_scaling = s
+        return layer

@@ -1,0 +1,113 @@
+"""tensor_parallelize(model, group): shard a transformer's attention heads and MLP in place.
+
+Module-naming contract (Hugging Face Llama / GPT-2 / nanoGPT names; llmkern.models follows it):
+
+- Column-parallel (output features split, weights [out/p, in]): nn.Linear children named
+  q_proj, k_proj, v_proj, wq, wk, wv, up_proj, gate_proj, fc1, c_fc, w1, w3, fc_in.
+  Fused projections are sharded segment by segment so that each rank keeps whole heads:
+  qkv_proj, c_attn, Wqkv, qkv (3 segments: q, k, v; with GQA their sizes come from the head
+  counts below) and gate_up_proj (2 segments).
+- Row-parallel (input features split, output all-reduced, bias replicated): o_proj, out_proj,
+  c_proj, down_proj, fc2, w2, wo, fc_out.
+- A module holding a column-parallel q/k/v (or fused qkv) child is an attention module: its head
+  counts n_head / n_heads / num_heads / num_attention_heads and n_kv_head / n_kv_heads /
+  num_key_value_heads / num_kv_heads are divided by p (they must be divisible). Its forward must
+  derive shapes from those counts and head_dim (``view(B, T, self.n_head, self.head_dim)``,
+  ``reshape(B, T, self.n_head * self.head_dim)`` or ``-1``), never from the model width.
+- PEFT-style LoRA wrappers (``.base_layer`` nn.Linear plus lora_A/lora_B) under those names are
+  sharded with their factors. Every other module (embeddings, norms, lm_head) stays replicated.
+- The weights must be identical on every rank before sharding (same seed, or a broadcast).
+
+Sequence parallelism is not applied by tensor_parallelize (norms and dropout would then see token
+shards); use the layers directly for it.
+"""
+import torch.nn as nn
+
+from llmkern.parallel import comm
+from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear, _ParallelLinear
+
+COLUMN_NAMES = {"q_proj", "k_proj", "v_proj", "wq", "wk", "wv", "up_proj", "gate_proj", "fc1", "c_fc", "w1",
+                "w3", "fc_in"}
+FUSED_QKV_NAMES = {"qkv_proj", "c_attn", "Wqkv", "qkv"}
+FUSED_2_NAMES = {"gate_up_proj"}
+ROW_NAMES = {"o_proj", "out_proj", "c_proj", "down_proj", "fc2", "w2", "wo", "fc_out"}
+QKV_NAMES = {"q_proj", "k_proj", "v_proj", "wq", "wk", "wv"} | FUSED_QKV_NAMES
+HEAD_ATTRS = ("n_head", "n_heads", "num_heads", "num_attention_heads")
+KV_HEAD_ATTRS = ("n_kv_head", "n_kv_heads", "num_key_value_heads", "num_kv_heads")
+
+
+def _is_linear(m):
+    if isinstance(m, _ParallelLinear):
+        return False
+    return isinstance(m, nn.Linear) or isinstance(getattr(m, "base_layer", None), nn.Linear)
+
+
+def _base(m):
+    return m if isinstance(m, nn.Linear) and not hasattr(m, "base_layer") else m.base_layer
+
+
+def _heads(module, attrs):
+    for a in attrs:
+        v = getattr(module, a, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return a, v
+    return None, None
+
+
+def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None):
+    """Replace, in place, the attention and MLP projections of `model` by tensor-parallel layers
+    (see the module docstring for the naming contract). Returns `model`. Raises ValueError (on
+    every rank) when a head count or a feature size is not divisible by the world size, and
+    RuntimeError when there is no process group."""
+    group = comm.resolve_group(group, "tensor_parallelize")
+    p = comm.world_size(group)
+    kw = dict(overlap=overlap, chunks=chunks)
+    replaced = 0
+    for parent_name, parent in list(model.named_modules()):
+        children = dict(parent.named_children())
+        attention = any(n in QKV_NAMES and _is_linear(c) for n, c in children.items())
+        h_attr, h = _heads(parent, HEAD_ATTRS)
+        kv_attr, kv = _heads(parent, KV_HEAD_ATTRS)
+        where = parent_name or type(parent).__name__
+        if attention and h is not None:
+            if h % p:
+                raise ValueError(f"tensor_parallelize: {where}.{h_attr}={h} is not divisible by the world size {p}")
+            if kv is not None and kv % p:
+                raise ValueError(f"tensor_parallelize: {where}.{kv_attr}={kv} is not divisible by the world "
+                                 f"size {p} (GQA key/value heads are sharded too)")
+        for name, child in children.items():
+            if not _is_linear(child):
+                continue
+            full = f"{parent_name}.{name}" if parent_name else name
+            try:
+                if name in COLUMN_NAMES:
+                    new = ColumnParallelLinear.from_linear(child, group, **kw)
+                elif name in FUSED_QKV_NAMES:
+                    out = _base(child).out_features
+                    if h is not None and kv is not None and kv != h:
+                        d = out // (h + 2 * kv)
+                        segments = [h * d, kv * d, kv * d]
+                    else:
+                        if out % 3:
+                            raise ValueError(f"fused qkv out_features={out} is not divisible by 3")
+                        segments = [out // 3] * 3
+                    new = ColumnParallelLinear.from_linear(child, group, segments=segments, **kw)
+                elif name in FUSED_2_NAMES:
+                    out = _base(child).out_features
+                    new = ColumnParallelLinear.from_linear(child, group, segments=[out // 2] * 2, **kw)
+                elif name in ROW_NAMES:
+                    new = RowParallelLinear.from_linear(child, group, **kw)
+                else:
+                    continue
+            except ValueError as exc:
+                raise ValueError(f"tensor_parallelize: cannot shard {full}: {exc}") from None
+            setattr(parent, name, new)
+            replaced += 1
+        if attention and h is not None:
+            setattr(parent, h_attr, h // p)
+            if kv is not None:
+                setattr(parent, kv_attr, kv // p)
+    if replaced == 0:
+        raise ValueError("tensor_parallelize: found no projection to shard; the model's linear layers must "
+                         "follow the naming contract in llmkern.parallel.tensor_parallel")
+    return model
