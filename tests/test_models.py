@@ -159,3 +159,73 @@ def test_from_hf_errors(tmp_path):
     hf.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="model_type"):
         from_hf(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- our ops and PEFT
+@pytest.mark.parametrize("name", ARCHS)
+def test_llmkern_backend_uses_llmkern_attention(name, monkeypatch):
+    ops = pytest.importorskip("llmkern.ops.attention")
+    calls = {"attention": 0, "attention_with_kvcache": 0}
+    for fn in calls:
+        orig = getattr(ops, fn)
+
+        def counted(*a, _fn=fn, _orig=orig, **kw):
+            calls[_fn] += 1
+            return _orig(*a, **kw)
+
+        monkeypatch.setattr(ops, fn, counted)
+    m = build(name, backend="llmkern").eval()
+    x = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        m(x)
+        assert calls["attention"] == m.config.n_layer
+        cache = m.new_cache(2, 8)
+        m(x[:, :5], cache=cache)
+        m(x[:, 5:], cache=cache)
+    assert calls["attention_with_kvcache"] == m.config.n_layer
+    m.backend = "torch"
+    before = dict(calls)
+    with torch.no_grad():
+        m(x)
+    assert calls == before
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_peft_attaches(name):
+    peft = pytest.importorskip("llmkern.peft")
+    torch.manual_seed(0)
+    data = torch.randint(0, 256, (2, 17))
+    cfg = build(name).config
+    for kind in ("lora", "adapter", "prefix"):
+        m = build(name, backend="llmkern")
+        with torch.no_grad():
+            base = m(data)
+        if kind == "lora":
+            peft.inject_lora(m, ["q_proj", "v_proj"], r=4, alpha=8)
+        elif kind == "adapter":
+            peft.add_adapters(m, ["mlp"], d=cfg.n_embd, r=8)
+        else:
+            for p in m.parameters():
+                p.requires_grad_(False)
+            m.attach_prefix(peft.PrefixTuning(cfg.n_layer, 3, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head))
+        trainable = [p for p in m.parameters() if p.requires_grad]
+        assert trainable and sum(p.numel() for p in trainable) < 0.2 * m.num_params()
+        opt = torch.optim.AdamW(trainable, lr=1e-2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            losses = []
+            for _ in range(8):
+                _, loss = m(data, labels=data)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        assert losses[-1] < losses[0], (kind, losses)
+        if kind == "prefix":  # decoding through the cache sees the prefix too
+            m.eval()
+            with torch.no_grad():
+                full = m(data)
+                assert not torch.allclose(full, base)
+                cache = m.new_cache(2, 17)
+                steps = [m(data[:, :9], cache=cache)] + [m(data[:, t:t + 1], cache=cache) for t in range(9, 17)]
+                torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)

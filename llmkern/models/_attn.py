@@ -22,19 +22,17 @@ def check_backend(backend):
 
 def llmkern_ops():
     """(attention, attention_with_kvcache) from llmkern.ops.attention, None where missing."""
-    if "ops" not in _OPS:
-        attn = kv = None
+    if "mod" not in _OPS:
         try:
             from llmkern.ops import attention as mod
-
-            attn = getattr(mod, "attention", None)
-            kv = getattr(mod, "attention_with_kvcache", None)
         except Exception as exc:  # not landed yet, or broken: fall back, and say so once
             warn_once(("models", "attention-import"),
                       f"llmkern.models: llmkern.ops.attention is not importable ({exc!r}); "
                       f"backend='llmkern' uses torch SDPA for attention")
-        _OPS["ops"] = (attn, kv)
-    return _OPS["ops"]
+            mod = None
+        _OPS["mod"] = mod
+    mod = _OPS["mod"]
+    return getattr(mod, "attention", None), getattr(mod, "attention_with_kvcache", None)
 
 
 def _sdpa(q, k, v, causal, dropout_p=0.0):
@@ -51,10 +49,11 @@ def _sdpa(q, k, v, causal, dropout_p=0.0):
                                           is_causal=causal, **kw)
 
 
-def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None):
+def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=None):
     """Causal self-attention of q over k/v; with a KV cache, k/v are appended first.
 
-    Returns [B, H, Tq, D].
+    prefix: optional (P_K, P_V) [B or 1, Hkv, P, D] prepended to the keys/values and always
+    visible (prefix-tuning; the cache holds only the real tokens). Returns [B, H, Tq, D].
     """
     attn_fn = kv_fn = None
     if backend == "llmkern":
@@ -65,12 +64,17 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None):
             attn_fn = kv_fn = None
     if cache is not None:
         start = cache.seqlen
-        if kv_fn is not None and start > 0:
+        if kv_fn is not None and start > 0 and prefix is None:
             k_cache, v_cache = cache.append(layer, k, v)
             seqlens = torch.full((q.shape[0],), start + k.shape[2], dtype=torch.int32, device=q.device)
             return kv_fn(q, k_cache, v_cache, seqlens, causal=True)
         k, v = cache.append(layer, k, v)
         k, v = k[:, :, :start + q.shape[2]], v[:, :, :start + q.shape[2]]
+    if prefix is not None:  # bottom-right causal alignment keeps the prefix visible to every query
+        pk, pv = prefix
+        B = q.shape[0]
+        k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+        v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
     if attn_fn is not None:
         return attn_fn(q, k, v, causal=True)
     return _sdpa(q, k, v, True, dropout_p)
@@ -119,6 +123,29 @@ class ZooModel(torch.nn.Module):
         for m in self.modules():
             if m is not self and hasattr(m, "backend_name"):
                 m.backend_name = value
+
+    def attach_prefix(self, prefix):
+        """Attach prefix-tuning: `prefix(batch)` returns per layer (P_K, P_V) [batch, n_kv_head, P,
+        head_dim] (llmkern.peft.PrefixTuning does); None detaches. The prefix's parameters become
+        the model's (train them, freeze the rest)."""
+        if prefix is not None and not callable(prefix):
+            raise ValueError(f"attach_prefix: prefix must be callable(batch) -> [(P_K, P_V)] * n_layer, got {prefix!r}")
+        self.prefix_tuning = prefix
+        return self
+
+    def prefixes(self, batch):
+        prefix = getattr(self, "prefix_tuning", None)
+        if prefix is None:
+            return [None] * self.config.n_layer
+        kvs = list(prefix(batch))
+        c = self.config
+        if len(kvs) != c.n_layer:
+            raise ValueError(f"prefix_tuning gave {len(kvs)} layers of prefixes, the model has {c.n_layer}")
+        for pk, pv in kvs:
+            if pk.dim() != 4 or pk.shape[1] != c.n_kv_head or pk.shape[3] != c.head_dim or pv.shape != pk.shape:
+                raise ValueError(f"prefix_tuning: P_K/P_V must be [batch, n_kv_head={c.n_kv_head}, P, "
+                                 f"head_dim={c.head_dim}], got {tuple(pk.shape)} / {tuple(pv.shape)}")
+        return kvs
 
     def new_cache(self, batch, max_len=None, dtype=None, device=None):
         """An empty KVCache for `batch` sequences of up to `max_len` tokens (default block_size)."""

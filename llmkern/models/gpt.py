@@ -31,12 +31,12 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.backend_name = backend
 
-    def forward(self, x, cache=None, layer=None):
+    def forward(self, x, cache=None, layer=None, prefix=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        y = attend(q, k, v, backend=self.backend_name, cache=cache, layer=layer,
+        y = attend(q, k, v, backend=self.backend_name, cache=cache, layer=layer, prefix=prefix,
                    dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return F.dropout(self.o_proj(y), self.dropout, self.training)
@@ -62,8 +62,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cache=None, layer=None):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, cache=None, layer=None, prefix=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, prefix)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -105,8 +105,9 @@ class GPT(ZooModel):
         T = input_ids.shape[1]
         pos = torch.arange(start, start + T, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
+        prefixes = self.prefixes(input_ids.shape[0])
         for i, block in enumerate(self.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, prefixes[i])
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(self.ln_f(x))

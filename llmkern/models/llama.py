@@ -47,13 +47,13 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.backend_name = backend
 
-    def forward(self, x, cos, sin, cache=None, layer=None):
+    def forward(self, x, cos, sin, cache=None, layer=None, prefix=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attend(q, k, v, backend=self.backend_name, cache=cache, layer=layer,
+        y = attend(q, k, v, backend=self.backend_name, cache=cache, layer=layer, prefix=prefix,
                    dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
@@ -79,8 +79,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, layer=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache=None, layer=None, prefix=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, prefix)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -119,8 +119,9 @@ class Llama(ZooModel):
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(start, T, x.dtype)
+        prefixes = self.prefixes(input_ids.shape[0])
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, cache, i)
+            x = block(x, cos, sin, cache, i, prefixes[i])
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(self.norm(x))

@@ -1,0 +1,179 @@
+"""Suite "mfu": training steps of zoo models, tokens/s and MFU, backend="llmkern" vs backend="torch".
+
+One step = forward, backward, AdamW (fused on CUDA), on random tokens. On CUDA: bf16 autocast with
+fp32 master weights; on CPU: fp32 and a tiny model (quick mode finishes in well under a minute).
+FLOPs per token follow the seed deck (llmkern.flops.model_flops_per_token, "seed" convention:
+6N + 6·L·T·d); MFU is reported against the detected device's peak (`mfu`, None on CPU) and against
+the A100 peak (extra["mfu_a100"]); extra also holds the PaLM-convention MFU and the torch
+backend's numbers. The LoRA row freezes the base model (LoRA r=16 on q_proj and v_proj, the LoRA
+paper's choice): its model FLOPs are 4N + 6·L·T·d (no base weight gradients) + 6·N_lora.
+
+LLMKERN_BENCH_COMPILE=1 wraps both backends' models in torch.compile (default: on for CUDA runs
+that are not quick, off otherwise).
+"""
+import math
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+
+from llmkern import flops
+from llmkern.bench.registry import Result, suite
+from llmkern.bench.timing import time_fn
+from llmkern.models import build, get_config
+
+
+class _TorchLoRA(nn.Module):
+    """Plain-PyTorch LoRA (what PEFT runs): W x + (alpha/r) · B A x, base frozen."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype) * self.scaling
+
+
+def _torch_lora(model, targets, r, alpha):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    for n in names:
+        parent, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent), child, _TorchLoRA(model.get_submodule(n), r, alpha))
+    return model
+
+
+def _ours_lora(model, targets, r, alpha):
+    try:
+        from llmkern.peft import inject_lora
+    except Exception as exc:  # not landed: same plain LoRA, said in the notes
+        return _torch_lora(model, targets, r, alpha), f"llmkern.peft unavailable ({type(exc).__name__})"
+    inject_lora(model, list(targets), r=r, alpha=alpha)
+    return model, ""
+
+
+def _plan(device, quick):
+    """(label, config, batch, seq, lora) rows for this device and mode."""
+    if device.type != "cuda":
+        tiny = get_config("gpt-tiny", n_layer=2, n_embd=128, n_head=4, block_size=128, vocab_size=512)
+        tiny_l = get_config("llama-tiny", n_layer=2, n_embd=128, n_head=4, n_kv_head=2, intermediate_size=352,
+                            block_size=128, vocab_size=512)
+        rows = [("gpt-tiny (2L d128)", tiny, 4, 128, False), ("llama-tiny (2L d128 GQA)", tiny_l, 4, 128, False),
+                ("gpt-tiny (2L d128)", tiny, 4, 128, True)]
+        if not quick:
+            rows.insert(0, ("gpt2-124m", get_config("gpt2"), 1, 256, False))
+        return rows
+    rows = [("gpt2-124m", get_config("gpt2"), 8, 1024, False),
+            ("gpt2-124m", get_config("gpt2"), 8, 1024, True)]
+    if not quick:
+        rows += [("llama-350m", get_config("llama-350m"), 8, 1024, False),
+                 ("gpt3-1.3b", get_config("gpt3-1.3b"), 4, 1024, False)]
+    return rows
+
+
+def _step_fn(cfg, backend, batch, seq, lora, device, compile_):
+    torch.manual_seed(0)
+    model = build(cfg, backend=backend).to(device)
+    note = ""
+    if lora:
+        if backend == "llmkern":
+            model, note = _ours_lora(model, ("q_proj", "v_proj"), 16, 32)
+        else:
+            model = _torch_lora(model, ("q_proj", "v_proj"), 16, 32)
+        model.to(device)
+    opt = model.configure_optimizer(lr=1e-4)
+    data = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
+    fwd = torch.compile(model) if compile_ else model
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _Null()
+
+    def step():
+        with amp:
+            _, loss = fwd(data, labels=data)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad) if lora else 0
+    return step, n_lora, note
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _model_flops(cfg, seq, lora, n_lora, convention):
+    f = flops.model_flops_per_token(cfg, seq, convention)
+    if lora:  # frozen base: no weight gradients (2N of the 6N), plus the LoRA weights' 6·N_lora
+        f = f - 2 * flops.matmul_params(cfg) + 6 * n_lora
+    return f
+
+
+@suite("mfu", "training step (fwd+bwd+AdamW) of zoo models: tok/s and MFU, llmkern vs torch backend")
+def run(ctx):
+    device = torch.device(ctx.device)
+    env = os.environ.get("LLMKERN_BENCH_COMPILE")
+    compile_ = (env == "1") if env is not None else (device.type == "cuda" and not ctx.quick)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    prec = "bf16" if device.type == "cuda" else "fp32"
+    dev_name = flops.detect_device(device)
+    for label, cfg, batch, seq, lora in ctx.progress(_plan(device, ctx.quick), desc="mfu"):
+        times, notes = {}, []
+        n_lora = 0
+        for backend in ("llmkern", "torch"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    step, n_lora_b, note = _step_fn(cfg, backend, batch, seq, lora, device, compile_)
+                    times[backend] = time_fn(step, device=device, quick=ctx.quick)
+                except torch.cuda.OutOfMemoryError:
+                    times[backend] = None
+                    notes.append(f"{backend}: out of memory")
+                    note = ""
+                    n_lora_b = 0
+                finally:
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            if backend == "llmkern":
+                n_lora = n_lora_b
+            if note:
+                notes.append(note)
+            for w in caught:
+                if "llmkern" in str(w.message):
+                    notes.append(str(w.message).split(";")[-1].strip())
+        if times.get("llmkern") is None:
+            continue
+        tokens = batch * seq
+        tok_s = tokens / (times["llmkern"] / 1e3)
+        fpt = _model_flops(cfg, seq, lora, n_lora, "seed")
+        fpt_palm = _model_flops(cfg, seq, lora, n_lora, "palm")
+        a100 = flops.peak("a100", prec)
+        dev_peak = flops.device_peak(device, prec)
+        extra = {"mfu_a100": flops.mfu(tok_s, fpt, a100),
+                 "mfu_a100_palm": flops.mfu(tok_s, fpt_palm, a100),
+                 "flops_per_token": fpt, "tflops": tok_s * fpt / 1e12, "device_peak": dev_name,
+                 "params": flops.param_counts(cfg)["total"], "compiled": compile_}
+        if lora:
+            extra["lora_params"] = n_lora
+        if times.get("torch"):
+            t_tok_s = tokens / (times["torch"] / 1e3)
+            extra["torch_tok_s"] = t_tok_s
+            extra["torch_mfu_a100"] = flops.mfu(t_tok_s, fpt, a100)
+            if dev_peak:
+                extra["torch_mfu"] = flops.mfu(t_tok_s, fpt, dev_peak)
+        yield Result(
+            op=f"{label} {'LoRA finetune' if lora else 'train'} step",
+            shape=f"B={batch} T={seq} {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}",
+            ours_ms=times["llmkern"], baseline="torch backend" + (" + plain LoRA" if lora else ""),
+            baseline_ms=times.get("torch"), throughput=tok_s, unit="tok/s",
+            mfu=flops.mfu(tok_s, fpt, dev_peak) if dev_peak else None,
+            notes="; ".join(dict.fromkeys(notes)), extra=extra)
