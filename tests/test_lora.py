@@ -282,3 +282,23 @@ def test_gpu_opcheck():
                           (x, W, b, A[None], B[None], None, 0.5, None, None, None, 0.0, 0),
                           test_utils=("test_schema", "test_faketensor"))
     assert L._HAVE_OPS
+
+
+def test_autocast_casts_like_linear():
+    x, W, b, A, B = _inputs(8, 16, 12, 4, torch.float32, device="cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = llmkern.lora_linear(x, W, b, A, B, 1.0)
+        ym = llmkern.lora_linear_multi(x, W, b, A[None], B[None], [1.0], torch.zeros(8, dtype=torch.int64))
+    assert y.dtype == torch.bfloat16 and ym.dtype == torch.bfloat16
+    want = ref.lora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), 1.0)
+    assert_close(y, want, dtype=torch.bfloat16)
+    assert_close(ym, want, dtype=torch.bfloat16)
+
+
+def test_suite_runs_on_cpu():
+    from llmkern.bench.registry import Context
+    from llmkern.bench.suites.lora import run
+
+    rows = list(run(Context(device=torch.device("cpu"), quick=True)))
+    assert {r.op.split(" (")[0] for r in rows} >= {"lora_linear fwd", "lora_linear fwd+bwd", "lora_linear_multi fwd"}
+    assert all(r.ours_ms > 0 and r.baseline_ms > 0 for r in rows)

@@ -225,7 +225,7 @@ def _reduce_kernel(Y, Z, OUT, ROWS, SEG, M, P, R, split,
 
 def _gemm_configs():
     cfgs = []
-    for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+    for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
                              (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3),
                              (256, 128, 64, 8, 3)]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
@@ -367,7 +367,7 @@ def reduce_rows(y, z, n, perm=None, seg=None, dropout_p=0.0, seed=0, wrap=None):
             y.stride(0), y.stride(1), z.stride(0), z.stride(1),
             part.stride(0), part.stride(1), part.stride(2), part.stride(3),
             HAS_IDS=has_ids, DROPOUT=dropout_p > 0, BLOCK_R=BR, PRECISION=_precision(y.dtype))
-    return part[0] if split == 1 else part.sum(0)
+    return part.sum(0)  # a fresh tensor (deterministic order), also when split == 1
 
 
 def lora_forward(x, W, bias, A, B, scaling, scalings=None, perm=None, sorted_ids=None,

@@ -116,6 +116,17 @@ def _as_scalar(name, v):
     return v
 
 
+def _autocast_args(x, weight, bias):
+    """Under torch.autocast, cast like F.linear would (to the autocast dtype)."""
+    if not isinstance(x, torch.Tensor) or x.device.type not in ("cuda", "cpu"):
+        return x, weight, bias
+    if not torch.is_autocast_enabled(x.device.type):
+        return x, weight, bias
+    dt = torch.get_autocast_dtype(x.device.type)
+    cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    return cast(x), cast(weight), cast(bias)
+
+
 def _new_seed():
     return int(torch.randint(0, 2**62, (1,)).item())
 
@@ -222,8 +233,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         seed: dropout seed (default: drawn from torch's CPU generator, so torch.manual_seed
             makes runs reproducible). ``llmkern.reference.lora_dropout`` gives the same mask.
 
-    Returns ``[..., out]`` in x's dtype (accumulated in float32). Never forms ``B A``.
+    Returns ``[..., out]`` in x's dtype (accumulated in float32). Never forms ``B A``. Under
+    ``torch.autocast`` the inputs are cast to the autocast dtype first, as ``F.linear`` would be.
     """
+    x, weight, bias = _autocast_args(x, weight, bias)
     _check_common(x, weight, bias, lora_A, lora_B, multi=False)
     scaling = _as_scalar("scaling", scaling)
     p = _as_scalar("dropout_p", dropout_p)
@@ -261,6 +274,7 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     One launch per stage for the whole mixed batch (tokens are processed in adapter-sorted order,
     sorted on the device). Differentiable in x, weight, bias, lora_A and lora_B.
     """
+    x, weight, bias = _autocast_args(x, weight, bias)
     _check_common(x, weight, bias, lora_A, lora_B, multi=True)
     n = lora_A.shape[0]
     M = x.numel() // x.shape[-1]

@@ -1,0 +1,108 @@
+"""Suite "lora": the fused LoRA linear against PEFT-style unfused math and the frozen base GEMM.
+
+GPU protocol (issue 4): M = 8192 tokens, in = out = 4096, r in {8, 16, 64}, bf16.
+  - forward, and forward+backward with a frozen base weight (grads for x, A, B), against
+    (a) PEFT's unfused math  F.linear(x, W, b) + s · B(A(x))  (the row's baseline) and
+    (b) the frozen base layer alone  F.linear(x, W, b)  (extra["base_ms"], extra["vs_base"] =
+    ours / base; target fwd+bwd <= 1.10);
+  - multi-adapter forward with 1, 4 and 16 adapters (r = 16, 16 sequences of 512 tokens, adapter
+    chosen per sequence) against PEFT's per-adapter loop (mixed-batch forward);
+    extra["vs_single"] = ours / single-adapter lora_linear time (target <= 1.2 at 16 adapters).
+FLOPs: base GEMM 2·M·N·K; LoRA forward 2·M·r·(K + N); fwd+bwd with a frozen base
+4·M·N·K + 6·M·r·(K + N).
+On CPU (no GPU): a small float32 comparison of the dispatched op (the PyTorch reference on CPU)
+that finishes in a few seconds; it checks the harness, not the kernels.
+"""
+import torch
+import torch.nn.functional as F
+
+from llmkern.bench.registry import Result, suite
+from llmkern.bench.timing import time_fn
+
+
+def _peft_unfused(x, W, b, A, B, s):
+    return F.linear(x, W, b) + F.linear(F.linear(x, A), B) * s
+
+
+def _fwd_bwd(fn, inputs, dy):
+    def run():
+        y = fn()
+        torch.autograd.grad(y, inputs, dy)
+    return run
+
+
+@suite("lora", "fused LoRA linear vs PEFT unfused and the frozen base GEMM; multi-adapter vs per-adapter loop")
+def run(ctx):
+    import llmkern
+
+    dev = ctx.device
+    cuda = dev.type == "cuda"
+    if cuda:
+        M, K, N, ranks, dtype = 8192, 4096, 4096, (8, 16, 64), torch.bfloat16
+        n_adapters, seqs = (1, 4, 16), 16
+    else:
+        M, K, N, ranks, dtype = 128, 128, 128, (8,), torch.float32
+        n_adapters, seqs = (1, 4), 4
+    dname = str(dtype).replace("torch.", "")
+    t = lambda fn: time_fn(fn, dev, quick=ctx.quick)  # noqa: E731
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rnd = lambda *s, sc=1.0: (torch.randn(*s, device=dev, generator=gen) * sc).to(dtype)  # noqa: E731
+    x = rnd(M, K)
+    W = rnd(N, K, sc=K ** -0.5)
+    b = rnd(N)
+    dy = rnd(M, N)
+    base_fwd = t(lambda: F.linear(x, W, b))
+    xg = x.clone().requires_grad_(True)
+    base_fb = t(_fwd_bwd(lambda: F.linear(xg, W, b), [xg], dy))
+    single = {}
+    for r in ranks:
+        A = rnd(r, K, sc=K ** -0.5).requires_grad_(True)
+        B = rnd(N, r, sc=r ** -0.5).requires_grad_(True)
+        s = 2.0
+        shape = f"M={M} K={K} N={N} r={r} {dname}"
+        with torch.no_grad():
+            ours = t(lambda: llmkern.lora_linear(x, W, b, A, B, s))
+            theirs = t(lambda: _peft_unfused(x, W, b, A, B, s))
+        single[r] = ours
+        fl = 2 * M * N * K + 2 * M * r * (K + N)
+        yield Result(op="lora_linear fwd", shape=shape, ours_ms=ours, baseline="PEFT unfused",
+                     baseline_ms=theirs, throughput=fl / ours / 1e9, unit="TFLOP/s",
+                     extra={"base_ms": base_fwd, "vs_base": ours / base_fwd})
+        ours = t(_fwd_bwd(lambda: llmkern.lora_linear(xg, W, b, A, B, s), [xg, A, B], dy))
+        theirs = t(_fwd_bwd(lambda: _peft_unfused(xg, W, b, A, B, s), [xg, A, B], dy))
+        fl = 4 * M * N * K + 6 * M * r * (K + N)
+        yield Result(op="lora_linear fwd+bwd (frozen W)", shape=shape, ours_ms=ours, baseline="PEFT unfused",
+                     baseline_ms=theirs, throughput=fl / ours / 1e9, unit="TFLOP/s",
+                     extra={"base_ms": base_fb, "vs_base": ours / base_fb, "target_vs_base": 1.10,
+                            "target_vs_unfused": 1.3})
+
+    r = 16 if 16 in ranks else ranks[0]
+    T = M // seqs
+    x3 = x.view(seqs, T, K)
+    for n in n_adapters:
+        A = rnd(n, r, K, sc=K ** -0.5)
+        B = rnd(n, N, r, sc=r ** -0.5)
+        scal = torch.full((n,), 2.0, device=dev)
+        per_seq = torch.arange(seqs, device=dev) % n
+        ids = per_seq[:, None].expand(seqs, T).contiguous()
+        groups = [(a, (per_seq == a).nonzero().squeeze(1)) for a in range(n)]
+        if r not in single:
+            with torch.no_grad():
+                single[r] = t(lambda: llmkern.lora_linear(x, W, b, A[0], B[0], 2.0))
+
+        def loop():  # PEFT's _mixed_batch_forward: base, then one sub-batch per adapter
+            y = F.linear(x3, W, b)
+            for a, idx in groups:
+                if idx.numel():
+                    y[idx] += F.linear(F.linear(x3[idx], A[a]), B[a]) * 2.0
+            return y
+
+        with torch.no_grad():
+            ours = t(lambda: llmkern.lora_linear_multi(x3, W, b, A, B, scal, ids))
+            theirs = t(loop)
+        fl = 2 * M * N * K + 2 * M * r * (K + N)
+        yield Result(op=f"lora_linear_multi fwd ({n} adapters)", shape=f"M={M} K={K} N={N} r={r} {dname}",
+                     ours_ms=ours, baseline="PEFT per-adapter loop", baseline_ms=theirs,
+                     throughput=fl / ours / 1e9, unit="TFLOP/s",
+                     extra={"single_ms": single[r], "vs_single": ours / single[r], "target_vs_single": 1.2},
+                     notes="" if cuda else "CPU: dispatches to the PyTorch reference")
