@@ -58,7 +58,7 @@ def _rows(t, r, p, dim=0):
     return t.narrow(dim, r * n, n)
 
 
-def _case_column(rank, p, overlap, sp, failures, lora=False, dtype=torch.float32):
+def _case_column(rank, p, overlap, sp, failures, lora=False, dtype=torch.float32, **kw):
     torch.manual_seed(1)
     B, T, K, N = 2, 6, 8, 12
     ref = nn.Linear(K, N)
@@ -68,8 +68,8 @@ def _case_column(rank, p, overlap, sp, failures, lora=False, dtype=torch.float32
     dy = torch.randn(B, T, N)
     y_ref = ref(x)
     (y_ref * dy).sum().backward()
-    tag = f"column overlap={overlap} sp={sp} lora={lora} {dtype} p={p}"
-    layer = ColumnParallelLinear.from_linear(copy.deepcopy(ref), overlap=overlap, sequence_parallel=sp).to(dtype)
+    tag = f"column overlap={overlap} sp={sp} lora={lora} {dtype} p={p} {kw}"
+    layer = ColumnParallelLinear.from_linear(copy.deepcopy(ref), overlap=overlap, sequence_parallel=sp, **kw).to(dtype)
     M = B * T
     if sp:
         xl = _rows(x.detach().reshape(M, K), rank, p).clone().to(dtype).requires_grad_(True)
@@ -102,7 +102,7 @@ def _case_column(rank, p, overlap, sp, failures, lora=False, dtype=torch.float32
         _close(f"{tag}: bias grad", layer.bias.grad, _rows(base.bias.grad, rank, p), failures, **tol)
 
 
-def _case_row(rank, p, overlap, sp, failures, lora=False, input_is_parallel=True, dtype=torch.float32):
+def _case_row(rank, p, overlap, sp, failures, lora=False, input_is_parallel=True, dtype=torch.float32, **kw):
     torch.manual_seed(2)
     B, T, K, N = 2, 6, 12, 8
     ref = nn.Linear(K, N)
@@ -112,9 +112,9 @@ def _case_row(rank, p, overlap, sp, failures, lora=False, input_is_parallel=True
     dy = torch.randn(B, T, N)
     y_ref = ref(x)
     (y_ref * dy).sum().backward()
-    tag = f"row overlap={overlap} sp={sp} lora={lora} input_is_parallel={input_is_parallel} {dtype} p={p}"
+    tag = f"row overlap={overlap} sp={sp} lora={lora} input_is_parallel={input_is_parallel} {dtype} p={p} {kw}"
     layer = RowParallelLinear.from_linear(copy.deepcopy(ref), overlap=overlap, sequence_parallel=sp,
-                                          input_is_parallel=input_is_parallel).to(dtype)
+                                          input_is_parallel=input_is_parallel, **kw).to(dtype)
     M = B * T
     xin = x.detach() if not input_is_parallel else _rows(x.detach(), rank, p, dim=2)
     xl = xin.clone().to(dtype).requires_grad_(True)
@@ -188,6 +188,12 @@ def layers_worker(rank, p, full):
                 ncases += 2
         _case_row(rank, p, overlap, False, failures, input_is_parallel=False)
         ncases += 1
+    for pieces in (1, 2, 4):  # ring pipeline granularity (uneven pieces included), and all-reduce chunks
+        _case_column(rank, p, "ring", True, failures, pieces=pieces)
+        _case_row(rank, p, "ring", True, failures, pieces=pieces)
+        _case_column(rank, p, "ring", False, failures, chunks=pieces + 1)
+        _case_row(rank, p, "ring", False, failures, chunks=pieces + 1)
+        ncases += 4
     if full:
         for dtype in (torch.bfloat16, torch.float16):
             _case_mlp(rank, p, "ring", True, failures, dtype=dtype)

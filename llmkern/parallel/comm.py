@@ -149,9 +149,9 @@ def all_gather_last_dim(x, group):
 
 # ---- decomposed collectives ---------------------------------------------------------------------
 
-def _exchange(send, recv, group, to_rank, from_rank):
-    ops = [dist.P2POp(dist.isend, send, global_rank(group, to_rank), group),
-           dist.P2POp(dist.irecv, recv, global_rank(group, from_rank), group)]
+def _exchange(send, recv, group, to_rank, from_rank, tag=0):
+    ops = [dist.P2POp(dist.isend, send, global_rank(group, to_rank), group, tag),
+           dist.P2POp(dist.irecv, recv, global_rank(group, from_rank), group, tag)]
     return dist.batch_isend_irecv(ops)
 
 
@@ -160,43 +160,74 @@ def _wait(works):
         w.wait()
 
 
-def ring_all_gather(x, group, compute=None):
-    """All-gather of x along a new leading dimension, decomposed into p ring steps, calling
-    ``compute(j, x_j)`` on every rank's chunk j as soon as it is here (its own chunk first), while
-    the next chunk is in flight. Returns the gathered tensor [p, *x.shape]."""
+def ring_all_gather(x, group, compute=None, pieces=1):
+    """All-gather of x [m, ...] along dim 0, decomposed into p ring steps: at step s every rank
+    passes the chunk it holds on to rank+1 and receives the next one from rank-1, while
+    ``compute(lo, hi, rows)`` runs on rows [lo, hi) of the gathered [p*m, ...] tensor that are
+    already here (its own chunk first). With pieces > 1 every chunk travels as that many
+    separate messages, so the compute on a chunk starts when its first piece arrives and each
+    piece is forwarded as soon as it is here (a finer pipeline). Returns the gathered tensor."""
     p, r = world_size(group), rank(group)
-    full = x.new_empty((p,) + tuple(x.shape))
-    full[r].copy_(x)
-    for s in range(p):
-        j = (r - s) % p
-        works = None
-        if s < p - 1:  # pass the chunk on to rank+1, receive chunk j-1 from rank-1
-            works = _exchange(full[j], full[(j - 1) % p], group, (r + 1) % p, (r - 1) % p)
-        if compute is not None:
-            compute(j, full[j])
-        _wait(works)
+    m = x.shape[0]
+    full = x.new_empty((p * m,) + tuple(x.shape[1:]))
+    full[r * m:(r + 1) * m].copy_(x)
+    bounds = chunk_bounds(m, pieces)
+    nxt, prv = (r + 1) % p, (r - 1) % p
+
+    def post(t, k):  # step t, piece k: send chunk r-t's piece on, receive chunk r-t-1's piece
+        lo, hi = bounds[k]
+        j_send, j_recv = (r - t) % p, (r - t - 1) % p
+        return _exchange(full[j_send * m + lo:j_send * m + hi], full[j_recv * m + lo:j_recv * m + hi],
+                         group, nxt, prv, tag=k)
+
+    pending = [post(0, k) for k in range(len(bounds))] if p > 1 else []
+    if compute is not None:
+        compute(r * m, (r + 1) * m, full[r * m:(r + 1) * m])
+    for t in range(1, p):
+        j = (r - t) % p
+        posted = []
+        for k, (lo, hi) in enumerate(bounds):
+            _wait(pending[k])
+            if t < p - 1:
+                posted.append(post(t, k))
+            if compute is not None:
+                compute(j * m + lo, j * m + hi, full[j * m + lo:j * m + hi])
+        pending = posted
     return full
 
 
-def ring_reduce_scatter(group, partial):
-    """Reduce-scatter of per-rank partial results, decomposed into p ring steps.
+def ring_reduce_scatter(group, m, partial, pieces=1):
+    """Reduce-scatter along dim 0 of per-rank partial results of a [p*m, ...] tensor, decomposed
+    into p ring steps.
 
-    ``partial(c)`` returns this rank's contribution to chunk c (a fresh tensor, same shape for
-    every c); it is called for chunks (r-1, r-2, ..., r) mod p, each while the running sum of the
-    previous chunk is in flight. Returns the sum over ranks of chunk r."""
+    ``partial(lo, hi)`` returns this rank's contribution to rows [lo, hi) (a fresh tensor); it is
+    called for chunks r-1, r-2, ..., r (mod p), each while the running sum of the previous chunk
+    travels on. With pieces > 1 each chunk is computed and sent in that many pieces, so its
+    first piece is on the wire while the rest computes. Returns the sum over ranks of chunk r
+    ([m, ...])."""
     p, r = world_size(group), rank(group)
-    works, recv, send = None, None, None
-    acc = None
-    for s in range(p):
-        c = (r - 1 - s) % p
-        acc = partial(c)
-        if works is not None:
-            _wait(works)
-            acc.add_(recv)
-        if s < p - 1:
-            send, recv = acc, torch.empty_like(acc)
-            works = _exchange(send, recv, group, (r + 1) % p, (r - 1) % p)
-    return acc
+    bounds = chunk_bounds(m, pieces)
+    nxt, prv = (r + 1) % p, (r - 1) % p
+    pending = []  # per piece: (works, send buffer, receive buffer) of the previous step
+    out = None
+    for t in range(p):
+        c = (r - 1 - t) % p
+        posted = []
+        for k, (lo, hi) in enumerate(bounds):
+            part = partial(c * m + lo, c * m + hi)
+            if t > 0:
+                works, _, recv = pending[k]
+                _wait(works)
+                part.add_(recv)
+            if t < p - 1:
+                recv = torch.empty_like(part)
+                posted.append((_exchange(part, recv, group, nxt, prv, tag=k), part, recv))
+            else:
+                if out is None:
+                    out = part.new_empty((m,) + tuple(part.shape[1:]))
+                out[lo:hi].copy_(part)
+        pending = posted
+    return out
 
 
 def chunk_bounds(n, chunks):

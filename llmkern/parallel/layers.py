@@ -35,7 +35,14 @@ from llmkern._backend import warn_once
 from llmkern.parallel import comm
 
 OVERLAPS = ("none", "ring")
-DEFAULT_ALLREDUCE_CHUNKS = 4
+DEFAULT_ALLREDUCE_CHUNKS = 4  # overlap="ring" without sequence parallelism: all-reduce pieces
+
+
+def default_pieces(world_size):
+    """Messages per ring step (sequence parallelism). With p = 2 one exchange per direction can
+    hide under at most half of the compute, so the chunk travels in 2 pieces; with p >= 4 the
+    ring steps alone make the pipeline fine enough."""
+    return 2 if world_size == 2 else 1
 
 # "auto": use llmkern.lora_linear for the LoRA forward when importable; "plain": x@A.T@B.T*s.
 LORA_IMPL = "auto"
@@ -61,9 +68,9 @@ def _lora_op():
 class _Cfg:
     """Static configuration passed through autograd.Function.apply."""
 
-    def __init__(self, group, world, overlap, sp, scaling, chunks, what):
+    def __init__(self, group, world, overlap, sp, scaling, chunks, pieces, what):
         self.group, self.world, self.overlap, self.sp = group, world, overlap, sp
-        self.scaling, self.chunks, self.what = scaling, chunks, what
+        self.scaling, self.chunks, self.pieces, self.what = scaling, chunks, pieces, what
 
 
 # ---- local (per-shard) math ---------------------------------------------------------------------
@@ -144,9 +151,8 @@ class _ColumnFn(torch.autograd.Function):
             m = x.shape[0]
             out = x.new_empty((p * m, n))
             if cfg.overlap == "ring":
-                full = comm.ring_all_gather(
-                    x, g, lambda j, xj: _fwd_local(xj, weight, A, B, cfg.scaling, out=out[j * m:(j + 1) * m]))
-                x_full = full.view(p * m, x.shape[1])
+                x_full = comm.ring_all_gather(
+                    x, g, lambda lo, hi, xs: _fwd_local(xs, weight, A, B, cfg.scaling, out=out[lo:hi]), cfg.pieces)
             else:
                 x_full = comm.all_gather_dim0(x, g)
                 _fwd_local(x_full, weight, A, B, cfg.scaling, out=out)
@@ -174,12 +180,11 @@ class _ColumnFn(torch.autograd.Function):
         elif cfg.sp and p > 1:
             m = x_full.shape[0] // p
             if cfg.overlap == "ring":
-                def partial(c):
-                    dyc, xc = dy[c * m:(c + 1) * m], x_full[c * m:(c + 1) * m]
-                    part = _dgrad_local(dyc, weight, A, B, s)
-                    acc.add(dyc, xc)  # the wgrad of chunk c also runs under the transfer
+                def partial(lo, hi):
+                    part = _dgrad_local(dy[lo:hi], weight, A, B, s)
+                    acc.add(dy[lo:hi], x_full[lo:hi])  # the wgrad of these rows also runs under the transfer
                     return part
-                dx = comm.ring_reduce_scatter(g, partial)
+                dx = comm.ring_reduce_scatter(g, m, partial, cfg.pieces)
             else:
                 dx = comm.reduce_scatter_dim0(_dgrad_local(dy, weight, A, B, s), g)
                 acc.add(dy, x_full)
@@ -216,7 +221,7 @@ class _RowFn(torch.autograd.Function):
         elif cfg.sp:
             m = M // p
             if cfg.overlap == "ring":
-                y = comm.ring_reduce_scatter(g, lambda c: _fwd_local(x[c * m:(c + 1) * m], weight, A, B, s))
+                y = comm.ring_reduce_scatter(g, m, lambda lo, hi: _fwd_local(x[lo:hi], weight, A, B, s), cfg.pieces)
             else:
                 y = comm.reduce_scatter_dim0(_fwd_local(x, weight, A, B, s), g)
         elif cfg.overlap == "ring":
@@ -256,11 +261,11 @@ class _RowFn(torch.autograd.Function):
             if cfg.overlap == "ring":
                 dx = x.new_empty(x.shape) if need_x else None
 
-                def compute(j, dyj):
+                def compute(lo, hi, dys):
                     if need_x:
-                        _dgrad_local(dyj, weight, A, B, s, out=dx[j * m:(j + 1) * m])
-                    acc.add(dyj, x[j * m:(j + 1) * m])
-                comm.ring_all_gather(dy, g, compute)
+                        _dgrad_local(dys, weight, A, B, s, out=dx[lo:hi])
+                    acc.add(dys, x[lo:hi])
+                comm.ring_all_gather(dy, g, compute, cfg.pieces)
             else:
                 dy_full = comm.all_gather_dim0(dy, g)
                 dx = _dgrad_local(dy_full, weight, A, B, s) if need_x else None
@@ -386,7 +391,7 @@ def _lora_parts(module):
 class _ParallelLinear(nn.Module):
     _kind = ""
 
-    def _setup(self, in_features, out_features, overlap, sequence_parallel, group, chunks):
+    def _setup(self, in_features, out_features, overlap, sequence_parallel, group, chunks, pieces):
         if overlap not in OVERLAPS:
             raise ValueError(f"{type(self).__name__}: overlap must be one of {OVERLAPS}, got {overlap!r}")
         self.group = comm.resolve_group(group, type(self).__name__)
@@ -396,12 +401,15 @@ class _ParallelLinear(nn.Module):
         self.overlap = overlap
         self.sequence_parallel = bool(sequence_parallel)
         self.chunks = int(chunks) if chunks is not None else max(DEFAULT_ALLREDUCE_CHUNKS, self.world_size)
+        self.pieces = int(pieces) if pieces is not None else default_pieces(self.world_size)
+        if self.chunks < 1 or self.pieces < 1:
+            raise ValueError(f"{type(self).__name__}: chunks and pieces must be >= 1, got {chunks!r}, {pieces!r}")
         self.lora_A = self.lora_B = None
         self.lora_scaling = 1.0
 
     def _cfg(self):
         return _Cfg(self.group, self.world_size, self.overlap, self.sequence_parallel, self.lora_scaling,
-                    self.chunks, type(self).__name__)
+                    self.chunks, self.pieces, type(self).__name__)
 
     def _check_input(self, x, features):
         name = type(self).__name__
@@ -426,9 +434,9 @@ class ColumnParallelLinear(_ParallelLinear):
     """y = x W^T + b with W split along the output features: weight [out/p, in]."""
 
     def __init__(self, in_features, out_features, bias=True, *, gather_output=False, sequence_parallel=False,
-                 overlap="ring", group=None, chunks=None, device=None, dtype=None):
+                 overlap="ring", group=None, chunks=None, pieces=None, device=None, dtype=None):
         super().__init__()
-        self._setup(in_features, out_features, overlap, sequence_parallel, group, chunks)
+        self._setup(in_features, out_features, overlap, sequence_parallel, group, chunks, pieces)
         _check_divisible(self.out_features, self.world_size, "ColumnParallelLinear: out_features")
         self.gather_output = bool(gather_output)
         if self.gather_output and self.sequence_parallel:
@@ -496,9 +504,9 @@ class RowParallelLinear(_ParallelLinear):
     """y = x W^T + b with W split along the input features: weight [out, in/p]; b replicated."""
 
     def __init__(self, in_features, out_features, bias=True, *, input_is_parallel=True, sequence_parallel=False,
-                 overlap="ring", group=None, chunks=None, device=None, dtype=None):
+                 overlap="ring", group=None, chunks=None, pieces=None, device=None, dtype=None):
         super().__init__()
-        self._setup(in_features, out_features, overlap, sequence_parallel, group, chunks)
+        self._setup(in_features, out_features, overlap, sequence_parallel, group, chunks, pieces)
         _check_divisible(self.in_features, self.world_size, "RowParallelLinear: in_features")
         self.input_is_parallel = bool(input_is_parallel)
         if self.sequence_parallel and not self.input_is_parallel:
