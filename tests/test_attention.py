@@ -230,6 +230,26 @@ def test_reference_matches_sdpa(causal):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("Tq,Tk,kw", [(20, 20, dict(causal=True)), (10, 30, dict(causal=True)),
+                                      (30, 10, dict(causal=True)), (25, 25, dict(window=(3, 4))),
+                                      (25, 25, dict(causal=True, key_padding_mask="empty-row"))])
+def test_cpu_sdpa_path_matches_reference(monkeypatch, Tq, Tk, kw):
+    """The default CPU path (SDPA's kernel with our masks) == the plain reference, grads included."""
+    monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
+    q = torch.randn(2, 4, Tq, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, Tk, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, Tk, 16, dtype=torch.float64, requires_grad=True)
+    if kw.get("key_padding_mask") == "empty-row":
+        m = torch.rand(2, Tk) > 0.5
+        m[1] = False
+        kw = dict(kw, key_padding_mask=m)
+    out = llmkern.attention(q, k, v, **kw)
+    want = ref.attention(q, k, v, **kw)
+    torch.testing.assert_close(out, want)
+    for g, r in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+        torch.testing.assert_close(g, r)
+
+
 def test_cpu_default_dispatch_is_reference_and_matches_sdpa(monkeypatch):
     monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
     q, k, v = _qkv(1, 2, 2, 20, 20, 16, torch.float32, device="cpu", requires_grad=False)

@@ -1,0 +1,154 @@
+"""Suite "attention": llmkern.attention vs PyTorch SDPA, FlashAttention's protocol.
+
+GPU: bf16, 16k tokens per batch (batch = 16384 / seq), seq 512..16k, hidden 2048 (heads =
+2048 / head_dim), head dim 64 and 128, causal and not; forward, backward and forward+backward in
+TFLOP/s (fwd 4·B·H·T²·D, halved for causal; bwd 2.5x fwd) against every SDPA backend available
+(flash, cuDNN, efficient), all measured in the same run on the same inputs; the row's baseline is
+the fastest SDPA backend, each backend's time is in `extra`. Plus decode: batch 32, 32 query heads
+over 8 KV heads, head dim 128, 8k cached keys, one new token (GB/s of K/V read), against SDPA.
+Quick mode: seq 1k and 4k, head dim 128 only, and the decode row.
+`mfu` is the fraction of the detected card's dense bf16 peak; extra["mfu_a100"] against the A100's.
+
+CPU: a small quick comparison (what llmkern.attention runs on CPU, i.e. the reference, vs SDPA)
+that finishes in a few seconds; it says nothing about the GPU kernels.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from llmkern.bench.registry import Result, suite
+from llmkern.bench.timing import time_fn
+
+TOKENS = 16384
+HIDDEN = 2048
+
+
+def _flops(B, H, T, D, causal, mode):
+    f = 4.0 * B * H * T * T * D * (0.5 if causal else 1.0)
+    return {"fwd": f, "bwd": 2.5 * f, "fwd+bwd": 3.5 * f}[mode]
+
+
+def _sdpa_backends():
+    """name -> context manager factory selecting one SDPA backend (those this torch has)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover
+        return {"default": contextlib.nullcontext}
+    out = {}
+    for name, attr in (("flash", "FLASH_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"),
+                       ("efficient", "EFFICIENT_ATTENTION")):
+        if hasattr(SDPBackend, attr):
+            out[name] = (lambda b=getattr(SDPBackend, attr): sdpa_kernel(b))
+    return out
+
+
+def _timer(fn_fwd, q, k, v, dout, mode):
+    """A zero-argument callable running `mode` of fn_fwd(q, k, v)."""
+    if mode == "fwd":
+        return lambda: fn_fwd(q, k, v)
+    if mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(fn_fwd(q, k, v), (q, k, v), dout)
+    out = fn_fwd(q, k, v)
+    return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+
+def _peaks(device):
+    try:
+        from llmkern import flops
+
+        return flops.device_peak(device, "bf16"), flops.peak("a100", "bf16")
+    except Exception:  # flops module missing or card unknown
+        return None, 312e12
+
+
+def _gpu_rows(ctx):
+    import llmkern
+
+    dev = ctx.device
+    dtype = torch.bfloat16
+    peak, peak_a100 = _peaks(dev)
+    seqs = (1024, 4096) if ctx.quick else (512, 1024, 2048, 4096, 8192, 16384)
+    dims = (128,) if ctx.quick else (64, 128)
+    backends = _sdpa_backends()
+    plan = [(D, causal, T) for D in dims for causal in (False, True) for T in seqs]
+    for D, causal, T in ctx.progress(plan, desc="attention"):
+        B, H = TOKENS // T, HIDDEN // D
+        q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+        dout = torch.randn(B, H, T, D, device=dev, dtype=dtype)
+        ours = lambda a, b, c: llmkern.attention(a, b, c, causal=causal)  # noqa: E731
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            fl = _flops(B, H, T, D, causal, mode)
+            ours_ms = time_fn(_timer(ours, q, k, v, dout, mode), dev, quick=ctx.quick)
+            base = {}
+            def sd(a, b, c):
+                return F.scaled_dot_product_attention(a, b, c, is_causal=causal)
+
+            for name, ctxm in backends.items():
+                try:
+                    with ctxm():  # the backend is picked at the forward; its backward follows
+                        base[name] = time_fn(_timer(sd, q, k, v, dout, mode), dev, quick=ctx.quick)
+                except RuntimeError:  # backend not available for this shape/card
+                    continue
+            best = min(base, key=base.get) if base else None
+            tflops = fl / (ours_ms * 1e-3) / 1e12
+            extra = {f"sdpa-{n}_ms": ms for n, ms in base.items()}
+            extra.update({f"sdpa-{n}_tflops": fl / (ms * 1e-3) / 1e12 for n, ms in base.items()})
+            extra["mfu_a100"] = tflops * 1e12 / peak_a100
+            yield Result(op=f"attention {mode}", shape=f"B={B} H={H} T={T} D={D} causal={causal} bf16",
+                         ours_ms=ours_ms, baseline=f"sdpa-{best}" if best else "",
+                         baseline_ms=base.get(best), throughput=tflops, unit="TFLOP/s",
+                         mfu=tflops * 1e12 / peak if peak else None, extra=extra)
+        del q, k, v, dout
+    yield from _decode_rows(ctx, B=32, H=32, Hk=8, T=8192, D=128, dtype=dtype)
+
+
+def _decode_rows(ctx, B, H, Hk, T, D, dtype):
+    import llmkern
+
+    dev = ctx.device
+    kc = torch.randn(B, Hk, T, D, device=dev, dtype=dtype)
+    vc = torch.randn(B, Hk, T, D, device=dev, dtype=dtype)
+    q = torch.randn(B, H, 1, D, device=dev, dtype=dtype)
+    lens = torch.full((B,), T, dtype=torch.int32, device=dev)
+    ours_ms = time_fn(lambda: llmkern.attention_with_kvcache(q, kc, vc, lens), dev, quick=ctx.quick)
+    kr, vr = kc.repeat_interleave(H // Hk, 1), vc.repeat_interleave(H // Hk, 1)
+    base = {}
+    try:
+        base["sdpa-gqa"] = time_fn(lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True), dev,
+                                   quick=ctx.quick)
+    except (TypeError, RuntimeError):  # enable_gqa needs torch >= 2.5
+        pass
+    base["sdpa-repeated-kv"] = time_fn(lambda: F.scaled_dot_product_attention(q, kr, vr), dev, quick=ctx.quick)
+    best = min(base, key=base.get)
+    gbytes = 2 * kc.numel() * kc.element_size() / 1e9
+    yield Result(op="attention decode (kv-cache, split-K)",
+                 shape=f"B={B} H={H} Hk={Hk} kv={T} D={D} q=1 {str(dtype).replace('torch.', '')}",
+                 ours_ms=ours_ms, baseline=best, baseline_ms=base[best],
+                 throughput=gbytes / (ours_ms * 1e-3), unit="GB/s",
+                 extra={f"{n}_ms": ms for n, ms in base.items()})
+
+
+def _cpu_rows(ctx):
+    """What a CPU user gets from llmkern.attention (the reference path) vs SDPA: seconds."""
+    import llmkern
+
+    B, H, T, D = 1, 4, 256, 64
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    for causal in (False, True):
+        ours = time_fn(lambda: llmkern.attention(q, k, v, causal=causal), ctx.device, quick=True)
+        base = time_fn(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), ctx.device, quick=True)
+        fl = _flops(B, H, T, D, causal, "fwd")
+        yield Result(op="attention fwd (cpu: reference path)", shape=f"B={B} H={H} T={T} D={D} causal={causal} fp32",
+                     ours_ms=ours, baseline="sdpa-cpu", baseline_ms=base,
+                     throughput=fl / (ours * 1e-3) / 1e12, unit="TFLOP/s",
+                     notes="CPU dispatches to the PyTorch reference; GPU numbers need a CUDA run")
+    yield from _decode_rows(ctx, B=2, H=8, Hk=2, T=512, D=64, dtype=torch.float32)
+
+
+@suite("attention", "fused attention vs SDPA (flash/cuDNN/efficient): fwd, bwd, fwd+bwd TFLOP/s; KV-cache decode")
+def run(ctx):
+    if ctx.device.type == "cuda":
+        yield from _gpu_rows(ctx)
+    else:
+        yield from _cpu_rows(ctx)
