@@ -154,6 +154,15 @@ def test_multi_adapter_edge_mixes(triton_backend):
                                torch.tensor([1.0, 1.0, 1.0, 0.5], dtype=torch.float64), ids)
     assert_close(y, yr, **TOL[torch.float32])
     assert_close(y[1, 6:], base[1, 6:].double(), **TOL[torch.float32])
+    # backward with the stride-0 gradient of .sum()
+    x3g, Ag, Bg = _leaf(x3), _leaf(A), _leaf(B)
+    llmkern.lora_linear_multi(x3g, W, b, Ag, Bg, [1.0, 1.0, 1.0, 0.5], ids).sum().backward()
+    x3d, Ad, Bd = _d(x3), _d(A), _d(B)
+    ref.lora_linear_multi(x3d, W.double(), b.double(), Ad, Bd, torch.tensor([1.0, 1.0, 1.0, 0.5]).double(),
+                          ids).sum().backward()
+    for got, want in ((x3g.grad, x3d.grad), (Ag.grad, Ad.grad), (Bg.grad, Bd.grad)):
+        assert_close(got, want, **TOL[torch.float32])
+    assert Ag.grad[1:3].abs().max() == 0  # unused adapters get zero gradients
     # a single adapter with every token on it equals lora_linear
     y1 = llmkern.lora_linear_multi(x, W, b, A[:1], B[:1], [0.7], torch.zeros(22, dtype=torch.int64, device=DEV))
     y2 = llmkern.lora_linear(x, W, b, A[0], B[0], 0.7)
