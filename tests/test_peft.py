@@ -3,10 +3,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import llmkern
 from llmkern import peft as lp
 from llmkern.testing import triton_device
 
@@ -138,8 +136,8 @@ def test_use_fused_lora_same_logits_and_grads(backend):
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     calls = []
-    orig = llmkern.ops.lora.lora_linear
     from llmkern.integrations import peft as ip
+    from llmkern.ops.lora import lora_linear as orig
 
     ip.lora_linear = lambda *a, **k: calls.append(1) or orig(*a, **k)
     try:

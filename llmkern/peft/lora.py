@@ -5,7 +5,7 @@
 """
 import math
 import re
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import List, Sequence, Union
 
 import torch
 from torch import nn
