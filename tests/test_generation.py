@@ -8,6 +8,15 @@ from llmkern.generation import generate
 from llmkern.models import build, from_hf
 
 transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster than two on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 V = 97
 PAD = 5  # non-zero: transformers fills finished beams with eos when pad_token_id == 0
 
@@ -48,34 +57,42 @@ def test_greedy_equals_transformers(pairs, arch, backend):
     x = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert torch.equal(generate(m, x, 12), _hf(hf, x, max_new_tokens=12))
+        if backend == "torch":
+            assert torch.equal(generate(m, x, 12), _hf(hf, x, max_new_tokens=12))
         eos = _eos(m, x)
         ours = generate(m, x, 12, eos_token_id=eos, pad_token_id=PAD)
         assert torch.equal(ours, _hf(hf, x, max_new_tokens=12, eos_token_id=eos))
-        assert torch.equal(generate(m, x, 12, eos_token_id=eos, pad_token_id=PAD, use_cache=False), ours)
-        # repetition penalty goes through llmkern.sample's processing, as in HF
-        assert torch.equal(generate(m, x, 8, repetition_penalty=1.3),
-                           _hf(hf, x, max_new_tokens=8, repetition_penalty=1.3))
+        if backend == "torch":
+            assert torch.equal(generate(m, x, 12, eos_token_id=eos, pad_token_id=PAD, use_cache=False), ours)
+            # repetition penalty goes through llmkern.sample's processing, as in HF
+            assert torch.equal(generate(m, x, 8, repetition_penalty=1.3),
+                               _hf(hf, x, max_new_tokens=8, repetition_penalty=1.3))
     m.backend = "torch"
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("early_stopping, length_penalty", [(False, 1.0), (True, 0.0), ("never", -1.5)])
-def test_beam_equals_transformers(pairs, arch, early_stopping, length_penalty):
+@pytest.mark.parametrize("early_stopping, length_penalty, K, R", [(False, 1.0, 3, 2), (True, 0.0, 4, 1),
+                                                                  ("never", -1.5, 3, 3)])
+def test_beam_equals_transformers(pairs, arch, early_stopping, length_penalty, K, R):
     m, hf = pairs[arch]
     x = torch.randint(0, V, (3, 6), generator=torch.Generator().manual_seed(4))
     eos = _eos(m, x)
-    for K, R in ((3, 2), (4, 1)):
-        kw = dict(num_beams=K, length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=R)
-        ours = generate(m, x, 10, strategy="beam", eos_token_id=eos, pad_token_id=PAD, **kw)
-        ref = _hf(hf, x, max_new_tokens=10, eos_token_id=eos, **kw)
-        assert torch.equal(ours, ref), (K, R, ours, ref)
-    ours = generate(m, x, 10, strategy="beam", num_beams=3, eos_token_id=eos, pad_token_id=PAD, return_dict=True)
-    ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=10, num_beams=3, eos_token_id=eos,
+    kw = dict(num_beams=K, length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=R)
+    ours = generate(m, x, 9, strategy="beam", eos_token_id=eos, pad_token_id=PAD, **kw)
+    ref = _hf(hf, x, max_new_tokens=9, eos_token_id=eos, **kw)
+    assert torch.equal(ours, ref), (ours, ref)
+
+
+def test_beam_scores_and_no_cache(pairs):
+    m, hf = pairs["gpt2"]
+    x = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(4))
+    eos = _eos(m, x)
+    ours = generate(m, x, 9, strategy="beam", num_beams=3, eos_token_id=eos, pad_token_id=PAD, return_dict=True)
+    ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=9, num_beams=3, eos_token_id=eos,
                       pad_token_id=PAD, return_dict_in_generate=True, output_scores=True)
     assert torch.equal(ours.sequences, ref.sequences)
     torch.testing.assert_close(ours.scores, ref.sequences_scores, atol=1e-5, rtol=1e-5)
-    assert torch.equal(generate(m, x, 10, strategy="beam", num_beams=3, use_cache=False, eos_token_id=eos,
+    assert torch.equal(generate(m, x, 9, strategy="beam", num_beams=3, use_cache=False, eos_token_id=eos,
                                 pad_token_id=PAD), ours.sequences)
 
 
