@@ -154,42 +154,95 @@ struct Row {
   bool divide = false;
 };
 
-template <DType DT>
-__device__ __forceinline__ float row_y(const Row& R, int i) {
-  float v = load_x<DT>(R.x, i);
+// The transform of one loaded logit x_i: bias, mask, temperature, NaN -> -inf.
+__device__ __forceinline__ float transform(const Row& R, float v, int i) {
   if (R.bias) v = f_add(v, __ldg(R.bias + i));
   if (R.allowed && !__ldg(R.allowed + i)) v = neg_inf();
   if (R.divide) v = f_div(v, R.temperature);  // division, as HF does
   return is_nan(v) ? neg_inf() : v;
 }
 
-// The row is split into one contiguous chunk per warp (a multiple of 32 elements).
-struct Chunk {
-  int lo, hi;
-};
-__device__ __forceinline__ Chunk warp_chunk(int V, int w) {
-  const int c = (((V + kWarps - 1) / kWarps) + 31) & ~31;
-  const int lo = min(V, w * c);
-  return {lo, min(V, lo + c)};
+template <DType DT>
+__device__ __forceinline__ float row_y(const Row& R, int i) {
+  return transform(R, load_x<DT>(R.x, i), i);
 }
 
-// Calls f(i, y, valid) for this warp's chunk; the loop is uniform over the warp's lanes (all 32
-// lanes call f the same number of times, `valid` false past the end), four loads in flight.
+// 16-byte loads of the logits: kVec elements each, kPer elements per lane and loop step.
+template <DType DT>
+constexpr int kVec = DT == DType::F32 ? 4 : 8;
+constexpr int kPer = 8;
+
+// The row is split into one contiguous chunk per warp. Chunk boundaries (but the first and the
+// last) sit on 16-byte boundaries of the row, so each chunk is a scalar head (first chunk only,
+// up to the first aligned element h), a body of 16-byte vectors and a scalar tail (last one).
+struct Chunk {
+  int lo, hi;    // [lo, hi)
+  int a, be;     // the vector body [a, be)
+};
+template <DType DT>
+__device__ __forceinline__ Chunk warp_chunk(const Row& R, int V, int w) {
+  constexpr int eb = DT == DType::F32 ? 4 : 2;
+  const int mis = (int)(reinterpret_cast<uintptr_t>(R.x) & 15);
+  const int h = min(V, ((16 - mis) & 15) / eb);  // first 16-byte aligned element
+  const int per = (V - h + kWarps - 1) / kWarps;
+  const int c = (per + kVec<DT> - 1) / kVec<DT> * kVec<DT>;
+  Chunk ch;
+  ch.lo = w == 0 ? 0 : min(V, h + w * c);
+  ch.hi = w == kWarps - 1 ? V : min(V, h + (w + 1) * c);
+  ch.a = min(ch.hi, max(ch.lo, h));
+  ch.be = ch.a + (ch.hi - ch.a) / kVec<DT> * kVec<DT>;
+  return ch;
+}
+
+// Calls f(i, y, valid) for every element of this warp's chunk. The loop is uniform over the
+// warp's lanes (all 32 lanes call f the same number of times, `valid` false where there is no
+// element), with 16-byte loads, kPer elements per lane in flight.
 template <DType DT, class F>
 __device__ __forceinline__ void for_row(const Row& R, int V, F&& f) {
   const int lane = threadIdx.x & 31;
-  const Chunk ch = warp_chunk(V, threadIdx.x >> 5);
-  for (int base = ch.lo; base < ch.hi; base += 128) {
-    float y[4];
-    bool ok[4];
+  const Chunk ch = warp_chunk<DT>(R, V, threadIdx.x >> 5);
+  {  // head [lo, a) on lanes 0..7, tail [be, hi) on lanes 8..15 (each under kVec elements)
+    int i = -1;
+    if (lane < ch.a - ch.lo) i = ch.lo + lane;
+    else if (lane >= 8 && lane - 8 < ch.hi - ch.be) i = ch.be + lane - 8;
+    const bool ok = i >= 0;
+    const float y = ok ? row_y<DT>(R, i) : neg_inf();
+    f(ok ? i : 0, y, ok);
+  }
+  constexpr int V1 = kVec<DT>;
+  for (int base = ch.a; base < ch.be; base += 32 * kPer) {
+    float y[kPer];
+    bool ok[kPer];
+    int idx[kPer];
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int i = base + u * 32 + lane;
-      ok[u] = i < ch.hi;
-      y[u] = ok[u] ? row_y<DT>(R, i) : neg_inf();
+    for (int q = 0; q < kPer / V1; ++q) {
+      const int vi = base + (q * 32 + lane) * V1;  // first element of this lane's vector
+      const bool vok = vi < ch.be;                 // (be - vi is a multiple of kVec)
+      float x[V1];
+      if constexpr (DT == DType::F32) {
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (vok) v = __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(R.x) + vi));
+        x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w;
+      } else {
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (vok) v = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(R.x) + vi));
+        const uint32_t w4[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+          const uint16_t hbits = (uint16_t)(w4[t >> 1] >> ((t & 1) * 16));
+          x[t] = DT == DType::F16 ? half_to_float(hbits) : bf16_to_float(hbits);
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < V1; ++t) {
+        const int u = q * V1 + t;
+        idx[u] = vi + t;
+        ok[u] = vok;
+        y[u] = vok ? transform(R, x[t], vi + t) : neg_inf();
+      }
     }
 #pragma unroll
-    for (int u = 0; u < 4; ++u) f(base + u * 32 + lane, y[u], ok[u]);
+    for (int u = 0; u < kPer; ++u) f(idx[u], y[u], ok[u]);
   }
 }
 
@@ -656,7 +709,7 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleArgs a) {
   while (c < kWarps - 1 && target >= S.wsum[c]) target -= S.wsum[c++];
 
   // P6: the chunk holding the target, split over the threads; scan in token order.
-  const Chunk ch = warp_chunk(V, c);
+  const Chunk ch = warp_chunk<DT>(R, V, c);
   const int sub = (ch.hi - ch.lo + kThreads - 1) / kThreads;
   const int lo = min(ch.hi, ch.lo + (int)threadIdx.x * sub), hi = min(ch.hi, lo + sub);
   unsigned long long s = 0;
