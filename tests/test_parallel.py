@@ -450,6 +450,22 @@ def test_no_process_group_is_a_clear_error():
             make()
 
 
+def test_lora_shard_uses_fused_op_when_importable(monkeypatch):
+    """The thin coupling to llmkern.lora_linear: same result as the plain math on a shard."""
+    try:
+        from llmkern.ops.lora import lora_linear  # noqa: F401
+    except Exception as exc:
+        pytest.skip(f"llmkern.ops.lora not importable: {exc!r}")
+    monkeypatch.setattr(tp_layers, "LORA_IMPL", "auto")
+    monkeypatch.setattr(tp_layers, "_fused_lora", None)
+    x, w = torch.randn(7, 6), torch.randn(4, 6)
+    A, B = torch.randn(3, 6), torch.randn(4, 3)
+    assert tp_layers._lora_op() is not None
+    out = torch.empty(7, 4)
+    got = tp_layers._fwd_local(x, w, A, B, 0.5, out=out)
+    torch.testing.assert_close(got, x @ w.t() + (x @ A.t()) @ B.t() * 0.5, **TOL)
+
+
 def test_chunk_bounds():
     from llmkern.parallel.comm import chunk_bounds
 
@@ -458,7 +474,8 @@ def test_chunk_bounds():
     assert chunk_bounds(0, 4) == [(0, 0)]
 
 
-def test_lora_parts_plain_math_and_errors():
+def test_lora_parts_plain_math_and_errors(monkeypatch):
+    monkeypatch.setattr(tp_layers, "LORA_IMPL", "plain")
     base = nn.Linear(6, 4)
     w = LoRAWrapped(base)
     got_base, A, B, s = tp_layers._lora_parts(w)
@@ -471,3 +488,17 @@ def test_lora_parts_plain_math_and_errors():
         tp_layers._lora_parts(w)
     with pytest.raises(TypeError, match="nn.Linear"):
         tp_layers._lora_parts(nn.Conv1d(2, 2, 1))
+
+
+def test_tp_benchmark_suite_runs(ranks):
+    """The `tp` suite's worker on tiny sizes (no performance assertion here: see the suite)."""
+    from llmkern.bench.suites import tp as tp_suite
+
+    cases = [("allgather->GEMM (column, SP fwd)", 64, 32, 16), ("GEMM->reduce-scatter (row, SP fwd)", 64, 16, 32),
+             ("GEMM->all-reduce (row fwd)", 64, 16, 32), ("MLP fwd+bwd (column->GeLU->row, SP)", 64, 32, 8)]
+    stats = ranks(2).run(tp_suite._tp_worker, (cases, True, "cpu", "float32", False), timeout=60)[0]
+    rows = list(tp_suite._rows_from(stats, "gloo"))
+    assert len(rows) == 4
+    for row in rows:
+        assert row.ours_ms > 0 and row.baseline_ms > 0 and "exposed comm" in row.notes
+        assert "exposed_comm_fraction" in row.extra and row.extra["t_compute_ms"] > 0

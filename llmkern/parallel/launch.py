@@ -132,8 +132,9 @@ class RankPool:
                 q.put(None)
             except Exception:
                 pass
+        deadline = time.monotonic() + 3.0  # let the ranks leave the group; then stop them
         for p in self._procs:
-            p.join(timeout=2.0)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
         for p in self._procs:
             if p.is_alive():
                 p.kill()

@@ -6,8 +6,9 @@ Rows per configuration (2 ranks; gloo on CPU, NCCL when 2+ GPUs are visible or u
   t_ring     overlap="ring"  (p2p ring steps under the chunk GEMMs; chunked async all-reduce)
   exposed-communication fraction = (t_ring - t_compute) / (t_none - t_compute): 0 means all the
   communication hides under compute, 1 means none of it does (target: <= 0.5).
-The sizes make the communication about as long as the compute on the machine at hand (the
-measured comm/compute ratio is in each row). Ranks time a fixed number of calls between barriers
+On CPU the GEMM's free dimension (N of the column case, K of the row cases, the MLP width) is
+first scaled so that the communication takes about as long as the compute on the machine at
+hand (the measured comm/compute ratio is in each row; the starting sizes are in CPU_CASES_*). Ranks time a fixed number of calls between barriers
 (the slowest rank counts) and the three variants are measured in interleaved rounds (medians),
 which evens out noise from other work on the machine. Shape checks are off while timing
 (llmkern.parallel.set_validation(False)); they are a separate tiny collective.
@@ -116,7 +117,24 @@ def _make_case(name, M, K, N, device, dtype, group):
     return fns, flops
 
 
-def _tp_worker(rank, p, cases, quick, device_type, dtype_name):
+def _calibrate(name, M, K, N, p, device, dtype, group):
+    """(K, N) with the compute-only dimension scaled so that t_none - t_compute ~= t_compute."""
+    fns, _ = _make_case(name, M, K, N, device, dtype, group)
+    for fn in fns.values():
+        fn()
+    tc = statistics.median(_timed_block(fns["compute"], 2, device, group) for _ in range(3))
+    tn = statistics.median(_timed_block(fns["none"], 2, device, group) for _ in range(3))
+    ratio = min(8.0, max(0.125, (tn - tc) / max(tc, 1e-6)))
+    step = 32 * p
+
+    def scaled(v):
+        return max(step, int(round(v * ratio / step)) * step)
+    if name.startswith("allgather") or name.startswith("MLP"):
+        return K, scaled(N)
+    return scaled(K), N
+
+
+def _tp_worker(rank, p, cases, quick, device_type, dtype_name, calibrate=True):
     import torch.distributed as dist
 
     from llmkern.parallel import set_validation
@@ -128,6 +146,8 @@ def _tp_worker(rank, p, cases, quick, device_type, dtype_name):
     out = []
     rounds = 3 if quick else 7
     for name, M, K, N in cases:
+        if calibrate:  # scale the GEMM's free dimension so that communication ~= compute
+            K, N = _calibrate(name, M, K, N, p, device, dtype, group)
         torch.manual_seed(rank)
         fns, flops = _make_case(name, M, K, N, device, dtype, group)
         for fn in fns.values():  # warm up every variant; calibrate the iteration count
@@ -195,7 +215,7 @@ def _decomposition_rows(ctx):
     del x, w, out
 
 
-def run_stats(world_size=2, quick=True, device_type="cpu", cases=None):
+def run_stats(world_size=2, quick=True, device_type="cpu", cases=None, calibrate=None):
     """Spawn `world_size` ranks and return the per-configuration timing dicts."""
     from llmkern.parallel.launch import RankPool
 
@@ -205,7 +225,9 @@ def run_stats(world_size=2, quick=True, device_type="cpu", cases=None):
     backend = "gloo" if device_type == "cpu" else "nccl"
     dtype_name = "float32" if device_type == "cpu" else "bfloat16"
     with RankPool(world_size, backend=backend, pg_timeout=120.0, num_threads=1 if device_type == "cpu" else 0) as pool:
-        return pool.run(_tp_worker, (cases, quick, device_type, dtype_name), timeout=1800)[0]
+        if calibrate is None:
+            calibrate = device_type == "cpu"
+        return pool.run(_tp_worker, (cases, quick, device_type, dtype_name, calibrate), timeout=1800)[0]
 
 
 @suite("tp", "tensor-parallel layers: exposed communication of ring overlap vs plain collectives; "

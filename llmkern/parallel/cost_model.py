@@ -1,0 +1,207 @@
+"""Cost model of tensor-parallel training: step time and exposed communication on p GPUs.
+
+    from llmkern.parallel import cost_model
+    r = cost_model.predict("gpt3-175b", p=8, hardware="H100", sequence_parallel=True, overlap="ring")
+    print(cost_model.table("gpt3-175b", p=8))          # markdown, the README table
+
+What is modelled (one micro-batch of `micro_batch` sequences through all layers, forward +
+backward, tensor parallelism only: no pipeline or data parallelism, no recomputation):
+
+- Compute: the per-layer GEMMs (QKV, attention output, MLP: 2 matrices, 3 when gated), each
+  split p ways, at ``gemm_efficiency`` x the dense bf16 peak; backward GEMMs = 2x forward;
+  attention core 4*B*H*T*T*D (halved: causal) per forward, 2.5x that in backward, at
+  ``attention_efficiency`` x peak; the LM head (vocab-parallel, split p ways) once per step.
+- Communication per layer (bf16 activations, S = tokens x hidden x 2 bytes): without sequence
+  parallelism 2 all-reduces forward + 2 backward; with it 2 all-gathers + 2 reduce-scatters in
+  each direction (the same bytes). Ring algorithms: an all-gather or reduce-scatter moves
+  (p-1)/p * S per GPU at ``link_efficiency`` x the per-direction link bandwidth (NVLink: half of
+  the 900 GB/s (H100) or 600 GB/s (A100) bidirectional figure), plus ``latency_us`` per step;
+  an all-reduce is twice that.
+- overlap="none": every collective is exposed (its time adds to the step). overlap="ring": each all-gather/reduce-scatter is
+  decomposed into p steps, each transfer hidden under the 1/p chunk of the GEMM it feeds (in
+  backward: of the dgrad + wgrad GEMMs): exposed = (p-1) * max(0, t_step - g/p); without sequence
+  parallelism the all-reduce is split in ``chunks`` pieces pipelined with the GEMM chunks
+  (backward: hidden under the weight-gradient GEMM). Overlapped GEMMs run ``overlap_slowdown``
+  slower (communication kernels take SMs and memory bandwidth).
+"""
+import dataclasses
+from typing import Dict, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    name: str
+    bf16_tflops: float     # dense peak
+    link_gbps: float       # NVLink, GB/s per GPU, bidirectional (the datasheet figure)
+
+
+HARDWARE: Dict[str, Hardware] = {
+    "H100": Hardware("H100 SXM", 989.4, 900.0),
+    "H200": Hardware("H200 SXM", 989.4, 900.0),
+    "A100": Hardware("A100 SXM", 312.0, 600.0),
+}
+
+# Model dimensions used when llmkern.models is not importable (GPT-3 Table 2.1, n_ctx 2048).
+GPT3 = {
+    "gpt3-125m": (12, 768, 12), "gpt3-350m": (24, 1024, 16), "gpt3-760m": (24, 1536, 16),
+    "gpt3-1.3b": (24, 2048, 16), "gpt3-2.7b": (32, 2560, 32), "gpt3-6.7b": (32, 4096, 32),
+    "gpt3-13b": (40, 5120, 40), "gpt3-175b": (96, 12288, 96),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    name: str
+    n_layer: int
+    hidden: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    ffn: int
+    gated: bool
+    vocab: int
+    seq: int
+
+    def params(self):
+        """Parameters (weights of the layers + embeddings, biases and norms ignored)."""
+        attn = self.hidden * self.head_dim * (2 * self.n_head + 2 * self.n_kv_head)
+        mlp = (3 if self.gated else 2) * self.hidden * self.ffn
+        return self.n_layer * (attn + mlp) + self.vocab * self.hidden
+
+
+def dims(model):
+    """Dims of a zoo model name / ModelConfig (llmkern.models.configs), else of the GPT-3 table."""
+    try:
+        from llmkern.models.configs import ModelConfig, get_config
+
+        cfg = model if isinstance(model, ModelConfig) else get_config(model)
+        return Dims(cfg.name or str(model), cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim,
+                    cfg.intermediate_size, cfg.arch == "llama", cfg.vocab_size, cfg.block_size)
+    except ImportError:
+        pass
+    if isinstance(model, Dims):
+        return model
+    key = str(model).lower()
+    if key not in GPT3:
+        raise ValueError(f"cost_model: unknown model {model!r} (llmkern.models is not importable; known: "
+                         f"{', '.join(GPT3)})")
+    L, h, H = GPT3[key]
+    return Dims(key, L, h, H, H, h // H, 4 * h, False, 50257, 2048)
+
+
+def _ring_exposed(g, t_comm, p, latency, slowdown):
+    """Exposed time of a collective decomposed into p ring steps under a GEMM of time g."""
+    if p == 1 or t_comm <= 0:
+        return 0.0
+    step = t_comm / (p - 1) + latency
+    g_chunk = g * (1 + slowdown) / p
+    return (p - 1) * max(0.0, step - g_chunk) + g * slowdown
+
+
+def _chunked_allreduce_exposed(g, t_comm, chunks, slowdown, after=0.0):
+    """Exposed time of an all-reduce split in `chunks` pieces pipelined behind the GEMM chunks
+    (time g in all), followed by `after` more compute it can hide under (backward: the wgrad)."""
+    if t_comm <= 0:
+        return 0.0
+    k = max(1, chunks)
+    gc, ac = g * (1 + slowdown) / k, t_comm / k
+    comm_end = gc + (k - 1) * max(gc, ac) + ac
+    compute_end = (g + after) * (1 + slowdown)
+    return max(comm_end, compute_end) - (g + after)
+
+
+def predict(model="gpt3-175b", p=8, hardware="H100", *, micro_batch=1, seq=None, sequence_parallel=True,
+            overlap="ring", dtype_bytes=2, gemm_efficiency=0.7, attention_efficiency=0.5, link_efficiency=0.8,
+            latency_us=10.0, chunks=4, overlap_slowdown=0.05, link_gbps: Optional[float] = None):
+    """Predicted times (ms) for one micro-batch, forward + backward, through the whole model."""
+    if overlap not in ("none", "ring"):
+        raise ValueError(f"cost_model.predict: overlap must be 'none' or 'ring', got {overlap!r}")
+    d = dims(model)
+    hw = HARDWARE[hardware] if isinstance(hardware, str) else hardware
+    if d.n_head % p or d.n_kv_head % p or d.ffn % p:
+        raise ValueError(f"cost_model.predict: {d.name} does not shard {p} ways (heads {d.n_head}/{d.n_kv_head}, "
+                         f"ffn {d.ffn})")
+    T = micro_batch * (seq or d.seq)
+    s_len = seq or d.seq
+    flops_rate = hw.bf16_tflops * 1e12 * gemm_efficiency
+    attn_rate = hw.bf16_tflops * 1e12 * attention_efficiency
+    bw = (link_gbps or hw.link_gbps) / 2 * 1e9 * link_efficiency  # per direction
+    lat = latency_us * 1e-6
+
+    def gemm(k, n):  # forward time of a [T, k] x [k, n/p] GEMM
+        return 2 * T * k * n / p / flops_rate
+
+    g_qkv = gemm(d.hidden, d.head_dim * (d.n_head + 2 * d.n_kv_head))
+    g_o = gemm(d.head_dim * d.n_head, d.hidden)
+    g_up = gemm(d.hidden, d.ffn * (2 if d.gated else 1))
+    g_down = gemm(d.ffn, d.hidden)
+    attn_core = 4 * micro_batch * d.n_head * s_len * s_len * d.head_dim / 2 / p / attn_rate
+    fwd = g_qkv + g_o + g_up + g_down + attn_core
+    bwd = 2 * (g_qkv + g_o + g_up + g_down) + 2.5 * attn_core
+    S = T * d.hidden * dtype_bytes
+    t_ag = (p - 1) / p * S / bw + (p - 1) * lat if p > 1 else 0.0  # all-gather == reduce-scatter
+    t_ar = 2 * t_ag
+    if sequence_parallel:
+        comm = 8 * t_ag
+        pairs = [(g_qkv, t_ag), (g_o, t_ag), (g_up, t_ag), (g_down, t_ag),             # forward
+                 (2 * g_down, t_ag), (2 * g_up, t_ag), (2 * g_o, t_ag), (2 * g_qkv, t_ag)]  # backward
+        exposed_ring = sum(_ring_exposed(g, t, p, lat, overlap_slowdown) for g, t in pairs)
+    else:
+        comm = 4 * t_ar
+        exposed_ring = (_chunked_allreduce_exposed(g_o, t_ar, chunks, overlap_slowdown)
+                        + _chunked_allreduce_exposed(g_down, t_ar, chunks, overlap_slowdown)
+                        # backward: the input-gradient all-reduce runs under the dgrad chunks, then wgrad
+                        + _chunked_allreduce_exposed(g_up, t_ar, chunks, overlap_slowdown, after=g_up)
+                        + _chunked_allreduce_exposed(g_qkv, t_ar, chunks, overlap_slowdown, after=g_qkv))
+    # the ring's exposed time includes the slowdown of the GEMMs it overlaps with
+    exposed = comm if overlap == "none" or p == 1 else exposed_ring
+    head = 3 * 2 * T * d.hidden * d.vocab / p / flops_rate
+    compute_layer = fwd + bwd
+    step = d.n_layer * (compute_layer + exposed) + head
+    model_flops = 6 * T * d.params() + d.n_layer * 3.5 * 4 * micro_batch * d.n_head * s_len * s_len * d.head_dim / 2
+    return {
+        "model": d.name, "p": p, "hardware": hw.name, "tokens": T, "sequence_parallel": sequence_parallel,
+        "overlap": overlap,
+        "compute_ms": 1e3 * (d.n_layer * compute_layer + head),
+        "comm_ms": 1e3 * d.n_layer * comm,
+        "exposed_ms": 1e3 * d.n_layer * exposed,
+        "exposed_fraction": exposed / comm if comm > 0 else 0.0,
+        "step_ms": 1e3 * step,
+        "mfu": model_flops / p / (step * hw.bf16_tflops * 1e12),
+        "layer": {"gemm_fwd_ms": 1e3 * (g_qkv + g_o + g_up + g_down), "attn_core_fwd_ms": 1e3 * attn_core,
+                  "collective_ms": 1e3 * t_ag, "comm_ms": 1e3 * comm, "exposed_ms": 1e3 * exposed},
+    }
+
+
+def table(model="gpt3-175b", p=8, hardware=("H100", "A100"), micro_batches=(1, 4), **kw):
+    """Markdown table: per GPU type, sequence parallelism and micro-batch, step time with plain
+    collectives vs ring overlap and the exposed-communication fraction."""
+    lines = ["| GPU | SP | tokens | compute ms | comm ms | step ms, none | step ms, ring | exposed comm, ring | "
+             "MFU none / ring |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for hw in hardware:
+        for sp in (False, True):
+            for b in micro_batches:
+                n = predict(model, p, hw, micro_batch=b, sequence_parallel=sp, overlap="none", **kw)
+                r = predict(model, p, hw, micro_batch=b, sequence_parallel=sp, overlap="ring", **kw)
+                lines.append(f"| {hw} | {'yes' if sp else 'no'} | {r['tokens']} | {r['compute_ms']:.0f} | "
+                             f"{r['comm_ms']:.0f} | {n['step_ms']:.0f} | {r['step_ms']:.0f} | "
+                             f"{r['exposed_fraction']:.2f} | {n['mfu']:.2f} / {r['mfu']:.2f} |")
+    return "\n".join(lines)
+
+
+ASSUMPTIONS = ("bf16; GEMMs at 70% of the dense peak (989 TFLOP/s H100, 312 A100), attention core at 50%; "
+               "NVLink at 80% of half the bidirectional figure (900 / 600 GB/s) per direction, 10 us per ring "
+               "step; overlapped GEMMs 5% slower; one micro-batch of 2048-token sequences, forward + backward, "
+               "tensor parallelism only (no pipeline/data parallel, no recomputation); LM head vocab-parallel")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="tensor-parallel cost model")
+    ap.add_argument("--model", default="gpt3-175b")
+    ap.add_argument("-p", type=int, default=8)
+    args = ap.parse_args()
+    print(f"{args.model}, TP={args.p}: {ASSUMPTIONS}\n")
+    print(table(args.model, args.p))
