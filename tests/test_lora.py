@@ -311,3 +311,24 @@ def test_suite_runs_on_cpu():
     rows = list(run(Context(device=torch.device("cpu"), quick=True)))
     assert {r.op.split(" (")[0] for r in rows} >= {"lora_linear fwd", "lora_linear fwd+bwd", "lora_linear_multi fwd"}
     assert all(r.ours_ms > 0 and r.baseline_ms > 0 for r in rows)
+
+
+@needs_triton
+def test_library_op_and_registered_autograd():
+    """torch.ops.llmkern.lora_fwd (the op the CUDA path and torch.compile use) and its
+    register_autograd backward, run eagerly (under the interpreter on CPU)."""
+    from llmkern.ops import lora as L
+
+    if not L._HAVE_OPS:
+        pytest.skip("torch.library.triton_op unavailable")
+    x, W, b, A, B = _inputs(13, 24, 20, 4, torch.float32)
+    xs, Ws, bs, As, Bs = _leaf(x), _leaf(W), _leaf(b), _leaf(A[None]), _leaf(B[None])
+    y, _ = torch.ops.llmkern.lora_fwd(xs, Ws, bs, As, Bs, None, 0.5, None, None, None, 0.2, 9)
+    y.sum().backward()
+    xd, Wd, bd, Ad, Bd = _d(x), _d(W), _d(b), _d(A), _d(B)
+    ref.lora_linear(xd, Wd, bd, Ad, Bd, 0.5, 0.2, 9).sum().backward()
+    assert_close(y, ref.lora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), 0.5, 0.2, 9),
+                 **TOL[torch.float32])
+    for got, want in ((xs.grad, xd.grad), (Ws.grad, Wd.grad), (bs.grad, bd.grad), (As.grad[0], Ad.grad),
+                      (Bs.grad[0], Bd.grad)):
+        assert_close(got, want, **TOL[torch.float32])
