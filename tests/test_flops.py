@@ -100,3 +100,23 @@ def test_detect_device_gpu():
     name = flops.detect_device()
     if name is not None:
         assert flops.device_peak(dtype=torch.bfloat16) == flops.PEAK_FLOPS[name]["bf16"]
+
+
+def test_mfu_suite_rows_on_cpu(monkeypatch):
+    """The `mfu` bench suite yields rows with tok/s, MFU vs A100 and the torch baseline."""
+    from llmkern.bench.registry import Context, load_all
+    from llmkern.bench.suites import mfu as mfu_suite
+
+    assert "mfu" in load_all()
+    tiny = get_config("gpt-tiny", n_layer=1, n_embd=32, n_head=2, block_size=16, vocab_size=64)
+    monkeypatch.setattr(mfu_suite, "_plan", lambda device, quick: [("t", tiny, 2, 16, False), ("t", tiny, 2, 16, True)])
+    monkeypatch.setattr(mfu_suite, "time_fn", lambda fn, device=None, quick=False: (fn(), 2.0)[1])
+    rows = list(mfu_suite.run(Context(device=torch.device("cpu"), quick=True)))
+    assert [r.op for r in rows] == ["t train step", "t LoRA finetune step"]
+    r = rows[0]
+    assert r.unit == "tok/s" and r.throughput == 2 * 16 / 2e-3 and r.mfu is None and r.ratio == 1.0
+    fpt = flops.model_flops_per_token(tiny, 16)
+    assert math.isclose(r.extra["mfu_a100"], r.throughput * fpt / 19.5e12)
+    lora = rows[1]
+    assert lora.extra["lora_params"] == 1 * 2 * (16 * 32 + 32 * 16)      # r=16 on q_proj and v_proj
+    assert lora.extra["flops_per_token"] == fpt - 2 * flops.matmul_params(tiny) + 6 * lora.extra["lora_params"]

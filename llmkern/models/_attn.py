@@ -151,7 +151,10 @@ class ZooModel(torch.nn.Module):
         """An empty KVCache for `batch` sequences of up to `max_len` tokens (default block_size)."""
         c = self.config
         p = next(self.parameters())
-        return KVCache(c.n_layer, batch, c.n_kv_head, max_len or c.block_size, c.head_dim,
+        # heads per rank: tensor_parallelize divides the attention modules' n_kv_head
+        kv_heads = next((m.n_kv_head for m in self.modules() if m is not self and hasattr(m, "n_kv_head")),
+                        c.n_kv_head)
+        return KVCache(c.n_layer, batch, kv_heads, max_len or c.block_size, c.head_dim,
                        dtype or p.dtype, device or p.device)
 
     @staticmethod

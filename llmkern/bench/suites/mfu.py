@@ -8,6 +8,10 @@ the A100 peak (extra["mfu_a100"]); extra also holds the PaLM-convention MFU and 
 backend's numbers. The LoRA row freezes the base model (LoRA r=16 on q_proj and v_proj, the LoRA
 paper's choice): its model FLOPs are 4N + 6·L·T·d (no base weight gradients) + 6·N_lora.
 
+Under torchrun (WORLD_SIZE > 1) the gpt2 step also runs data parallel (PyTorch's FSDP2,
+fully_shard per block) and tensor parallel (llmkern.parallel.tensor_parallelize) over all ranks;
+tokens/s and MFU are then per GPU (global tokens / world size), and every rank yields its rows.
+
 LLMKERN_BENCH_COMPILE=1 wraps both backends' models in torch.compile (default: on for CUDA runs
 that are not quick, off otherwise).
 """
@@ -77,9 +81,36 @@ def _plan(device, quick):
     return rows
 
 
-def _step_fn(cfg, backend, batch, seq, lora, device, compile_):
-    torch.manual_seed(0)
+def _world():
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist
+
+
+def _parallelize(model, mode, device):
+    """FSDP2 ("dp") or llmkern tensor parallel ("tp") over the default process group."""
+    if mode == "dp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in getattr(model, "h", None) or model.layers:
+            fully_shard(block)
+        fully_shard(model)
+    elif mode == "tp":
+        from llmkern.parallel import tensor_parallelize
+
+        tensor_parallelize(model)
+    return model
+
+
+def _step_fn(cfg, backend, batch, seq, lora, device, compile_, parallel=None):
+    torch.manual_seed(0)  # same weights on every rank
     model = build(cfg, backend=backend).to(device)
+    if parallel:
+        model = _parallelize(model, parallel, device)
     note = ""
     if lora:
         if backend == "llmkern":
@@ -126,18 +157,29 @@ def run(ctx):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     prec = "bf16" if device.type == "cuda" else "fp32"
     dev_name = flops.detect_device(device)
-    for label, cfg, batch, seq, lora in ctx.progress(_plan(device, ctx.quick), desc="mfu"):
+    plan = [row + (None,) for row in _plan(device, ctx.quick)]
+    dist = _world()
+    world = dist.get_world_size() if dist is not None else 1
+    if dist is not None:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        first = plan[0]
+        plan = [first[:-1] + ("dp",), first[:-1] + ("tp",)] + plan
+    for label, cfg, batch, seq, lora, parallel in ctx.progress(plan, desc="mfu"):
         times, notes = {}, []
         n_lora = 0
         for backend in ("llmkern", "torch"):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    step, n_lora_b, note = _step_fn(cfg, backend, batch, seq, lora, device, compile_)
+                    step, n_lora_b, note = _step_fn(cfg, backend, batch, seq, lora, device, compile_, parallel)
                     times[backend] = time_fn(step, device=device, quick=ctx.quick)
-                except torch.cuda.OutOfMemoryError:
+                except (torch.cuda.OutOfMemoryError, RuntimeError, ValueError) as exc:
+                    if parallel is None and not isinstance(exc, torch.cuda.OutOfMemoryError):
+                        raise
                     times[backend] = None
-                    notes.append(f"{backend}: out of memory")
+                    notes.append(f"{backend}: {type(exc).__name__}: {str(exc)[:120]}")
                     note = ""
                     n_lora_b = 0
                 finally:
@@ -152,7 +194,8 @@ def run(ctx):
                     notes.append(str(w.message).split(";")[-1].strip())
         if times.get("llmkern") is None:
             continue
-        tokens = batch * seq
+        # per GPU: data parallel processes `world` batches per step, tensor parallel one batch
+        tokens = batch * seq if parallel != "tp" else batch * seq / world
         tok_s = tokens / (times["llmkern"] / 1e3)
         fpt = _model_flops(cfg, seq, lora, n_lora, "seed")
         fpt_palm = _model_flops(cfg, seq, lora, n_lora, "palm")
@@ -171,7 +214,8 @@ def run(ctx):
             if dev_peak:
                 extra["torch_mfu"] = flops.mfu(t_tok_s, fpt, dev_peak)
         yield Result(
-            op=f"{label} {'LoRA finetune' if lora else 'train'} step",
+            op=f"{label} {'LoRA finetune' if lora else 'train'} step"
+               + (f" ({'FSDP2 dp' if parallel == 'dp' else 'llmkern TP tp'}={world}, per GPU)" if parallel else ""),
             shape=f"B={batch} T={seq} {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}",
             ours_ms=times["llmkern"], baseline="torch backend" + (" + plain LoRA" if lora else ""),
             baseline_ms=times.get("torch"), throughput=tok_s, unit="tok/s",
