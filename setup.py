@@ -72,7 +72,7 @@ def _extensions():
     import torch.utils.cpp_extension as cpp_ext
 
     sources = ["csrc/llmkern.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-Wno-psabi"]
     define_macros = []
     ext_cls = cpp_ext.CppExtension
     extra = {"cxx": cxx}

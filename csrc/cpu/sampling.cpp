@@ -2,6 +2,7 @@
 // Plain C++ + OpenMP, no torch headers: rows run in parallel when the batch fills the threads,
 // otherwise each row's passes are split in chunks across the threads.
 #include "sampling.h"
+#include "cpu/simd.h"
 
 #include <omp.h>
 
@@ -16,32 +17,88 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp(x) for x <= 0 (Cephes single-precision polynomial), branch-free so loops vectorise.
-inline float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;  // also maps -inf to -87 (result ~1e-38, zero in fixed point)
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t scale = ((int32_t)n + 127) << 23;
-  float s;
-  std::memcpy(&s, &scale, sizeof(s));
-  return y * s;
+using simd::exp_nonpos;
+using simd::fixed_mass;
+
+// ---- vectorised loops (compiled for AVX2 and for the baseline ISA) --------------------------------
+
+// y = src with NaN -> -inf and -0 -> +0 (so that float order equals key order); returns the max.
+LK_MULTIVERSION float clean_max(const float* src, float* y, int64_t n) {
+  const simd::vf ninf = simd::splat(kNegInf);
+  simd::vf vm = ninf;
+  int64_t i = 0;
+  for (; i + simd::W <= n; i += simd::W) {
+    simd::vf v = simd::load(src + i);
+    v = (v == v ? v : ninf) + 0.0f;
+    simd::store(y + i, v);
+    vm = v > vm ? v : vm;
+  }
+  float m = kNegInf;
+  for (int j = 0; j < simd::W; ++j) m = vm[j] > m ? vm[j] : m;
+  for (; i < n; ++i) {
+    const float v = (src[i] != src[i] ? kNegInf : src[i]) + 0.0f;
+    y[i] = v;
+    m = v > m ? v : m;
+  }
+  return m;
 }
 
-inline uint64_t fixed_mass(float e) { return (uint64_t)(e * kMassScaleF); }
+// e = exp(y - m) (stored when e is not null) and the total fixed-point mass.
+LK_MULTIVERSION uint64_t exp_mass(const float* y, float m, float* e, int64_t n) {
+  simd::MassAcc acc;
+  const simd::vf vm = simd::splat(m), one = simd::splat(1.0f);
+  int64_t i = 0;
+  for (; i + simd::W <= n; i += simd::W) {
+    const simd::vf v = simd::load(y + i);
+    const simd::vf ev = v == vm ? one : simd::exp_nonpos(v - vm);  // y == m covers m = +inf
+    if (e) simd::store(e + i, ev);
+    acc.add(ev);
+  }
+  uint64_t z = acc.sum();
+  for (; i < n; ++i) {
+    const float ev = y[i] == m ? 1.0f : exp_nonpos(y[i] - m);
+    if (e) e[i] = ev;
+    z += fixed_mass(ev);
+  }
+  return z;
+}
+
+// Mass of the kept tokens: y >= thr and e >= min_p.
+LK_MULTIVERSION uint64_t kept_mass(const float* y, const float* e, float thr, float min_p, int64_t n) {
+  simd::MassAcc acc;
+  const simd::vf vt = simd::splat(thr), vp = simd::splat(min_p), zero = simd::splat(0.0f);
+  int64_t i = 0;
+  for (; i + simd::W <= n; i += simd::W) {
+    const simd::vf v = simd::load(y + i), ev = simd::load(e + i);
+    acc.add((v >= vt) & (ev >= vp) ? ev : zero);
+  }
+  uint64_t z = acc.sum();
+  for (; i < n; ++i) z += (y[i] >= thr && e[i] >= min_p) ? fixed_mass(e[i]) : 0;
+  return z;
+}
+
+// Index of the first y[i] >= thr in [0, n), or n.
+LK_MULTIVERSION int64_t first_ge(const float* y, int64_t n, float thr) {
+  const simd::vf vt = simd::splat(thr);
+  int64_t i = 0;
+  for (; i + simd::W <= n; i += simd::W) {
+    const simd::vi hit = simd::load(y + i) >= vt;
+    int any = 0;
+    for (int j = 0; j < simd::W; ++j) any |= hit[j];
+    if (any) break;
+  }
+  for (; i < n; ++i)
+    if (y[i] >= thr) return i;
+  return n;
+}
 
 // Scratch reused across calls (one set per OpenMP thread).
 struct Scratch {
   std::vector<float> y, e;
   std::vector<uint32_t> cand_key;
   std::vector<uint64_t> cand_mass;
+  std::vector<int64_t> cand_idx;  // top-k candidates, in vocabulary order
+  std::vector<float> tmp;
   void reserve(int64_t V) {
     if ((int64_t)y.size() < V) {
       y.resize(V);
@@ -79,6 +136,8 @@ inline void chunk_range(int64_t V, int n, int c, int64_t* lo, int64_t* hi) {
 template <DType DT>
 float transform_range(const void* x, const float* bias, const uint8_t* allowed, float temperature,
                       float* y, int64_t lo, int64_t hi) {
+  if (DT == DType::F32 && !bias && !allowed && (temperature == 1.f || temperature == 0.f))
+    return clean_max(static_cast<const float*>(x) + lo, y + lo, hi - lo);  // one pass
   for (int64_t i = lo; i < hi; ++i) y[i] = load_logit(x, DT, i);
   if (bias)
     for (int64_t i = lo; i < hi; ++i) y[i] += bias[i];
@@ -86,13 +145,7 @@ float transform_range(const void* x, const float* bias, const uint8_t* allowed, 
     for (int64_t i = lo; i < hi; ++i) y[i] = allowed[i] ? y[i] : kNegInf;
   if (temperature > 0.f && temperature != 1.f)
     for (int64_t i = lo; i < hi; ++i) y[i] = y[i] / temperature;  // division, as HF does
-  float m = kNegInf;
-  for (int64_t i = lo; i < hi; ++i) {
-    const float v = std::isnan(y[i]) ? kNegInf : y[i];
-    y[i] = v;
-    m = v > m ? v : m;
-  }
-  return m;
+  return clean_max(y + lo, y + lo, hi - lo);
 }
 
 float transform_dispatch(DType dt, const void* x, const float* bias, const uint8_t* allowed,
@@ -104,26 +157,65 @@ float transform_dispatch(DType dt, const void* x, const float* bias, const uint8
   }
 }
 
-// ---- pass B: e = exp(y - m), total mass, level-1 histogram ----------------------------------
+// ---- e = exp(y - m), masses, level-1 histogram --------------------------------------------------
 
-uint64_t exp_range(const float* y, float m, float* e, Hist* hist, int64_t lo, int64_t hi) {
-  for (int64_t i = lo; i < hi; ++i) {
-    const float v = exp_nonpos(y[i] - m);
-    e[i] = y[i] == m ? 1.0f : v;  // y == m covers m = +inf (inf - inf would be NaN)
+constexpr int64_t kBlock = 2048;  // draw blocks: kept mass per block lets the walk skip ahead
+
+// e over [lo, hi) and the total mass; hist (when given) gets counts and masses per level-1 digit.
+// Order-preserving keys of 8 floats (see order_key).
+inline simd::vu order_keys(simd::vf v) {
+  simd::vu b;
+  std::memcpy(&b, &v, sizeof(b));
+  const simd::vu sign = simd::vu{} + 0x80000000u;
+  return (b & sign) != 0 ? ~b : (b | sign);
+}
+
+// e = exp(y - m) stored, and counts and masses per level-1 digit of the key; returns the total mass.
+LK_MULTIVERSION uint64_t exp_hist(const float* y, float m, float* e, Hist* h, int64_t n) {
+  const simd::vf vm = simd::splat(m), one = simd::splat(1.0f);
+  int64_t i = 0;
+  for (; i + simd::W <= n; i += simd::W) {
+    const simd::vf v = simd::load(y + i);
+    const simd::vf ev = v == vm ? one : simd::exp_nonpos(v - vm);
+    simd::store(e + i, ev);
+    const simd::vf sc = ev * 1048576.0f;
+    const simd::vi whi = __builtin_convertvector(sc, simd::vi);
+    const simd::vi wlo = __builtin_convertvector((sc - __builtin_convertvector(whi, simd::vf)) * 1048576.0f, simd::vi);
+    const simd::vu bin = order_keys(v) >> (32 - kBits1);
+    for (int j = 0; j < simd::W; ++j) {
+      h->cnt[bin[j]] += 1;
+      h->mass[bin[j]] += ((uint64_t)(uint32_t)whi[j] << 20) + (uint64_t)(uint32_t)wlo[j];
+    }
+  }
+  for (; i < n; ++i) {
+    e[i] = y[i] == m ? 1.0f : exp_nonpos(y[i] - m);
+    const uint32_t b = order_key(y[i]) >> (32 - kBits1);
+    h->cnt[b] += 1;
+    h->mass[b] += fixed_mass(e[i]);
   }
   uint64_t z = 0;
-  if (hist) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const uint64_t w = fixed_mass(e[i]);
-      const uint32_t b = order_key(y[i]) >> (32 - kBits1);
-      hist->cnt[b] += 1;
-      hist->mass[b] += w;
-      z += w;
-    }
-  } else {
-    for (int64_t i = lo; i < hi; ++i) z += fixed_mass(e[i]);
-  }
+  for (int b = 0; b < kBins; ++b) z += h->mass[b];
   return z;
+}
+
+// Index of the first element in [0, n) whose level-1 digit is `bucket`, or n.
+LK_MULTIVERSION int64_t first_in_bucket(const float* y, int64_t n, uint32_t bucket) {
+  const simd::vu vb = simd::vu{} + bucket;
+  int64_t i = 0;
+  for (; i + simd::W <= n; i += simd::W) {
+    const simd::vi hit = (order_keys(simd::load(y + i)) >> (32 - kBits1)) == vb;
+    int any = 0;
+    for (int j = 0; j < simd::W; ++j) any |= hit[j];
+    if (any) break;
+  }
+  for (; i < n; ++i)
+    if ((order_key(y[i]) >> (32 - kBits1)) == bucket) return i;
+  return n;
+}
+
+uint64_t exp_range(const float* y, float m, float* e, Hist* hist, int64_t lo, int64_t hi) {
+  if (!hist) return exp_mass(y + lo, m, e + lo, hi - lo);
+  return exp_hist(y + lo, m, e + lo, hist, hi - lo);
 }
 
 // ---- threshold search -------------------------------------------------------------------------
@@ -149,8 +241,8 @@ inline uint32_t digit(uint32_t key, int level) {
   return key & ((1u << kBits3) - 1);
 }
 
-// Refine the radix walk over candidates from `level` on. Weight is the count (by_mass false) or
-// the fixed-point mass. Returns the exact key where the running weight reaches `target`.
+// Radix walk over candidates from `level` on. Weight is the count (by_mass false) or the fixed-point
+// mass. Returns the exact key at which the running weight, from the top, reaches `target`.
 uint32_t refine(std::vector<uint32_t>& key, std::vector<uint64_t>& mass, uint64_t target,
                 bool by_mass, int level) {
   uint64_t w[kBins];
@@ -176,58 +268,98 @@ uint32_t refine(std::vector<uint32_t>& key, std::vector<uint64_t>& mass, uint64_
   return key.empty() ? 0u : key[0];
 }
 
-// Gather (key, mass) of the elements with key >= min_key (and, if level1_bucket >= 0, whose
-// level-1 digit equals it).
-void gather(const float* y, const float* e, int64_t V, uint32_t min_key, int level1_bucket,
-            std::vector<uint32_t>& key, std::vector<uint64_t>& mass) {
+// (key, mass) of the elements whose level-1 digit is `bucket`.
+void gather_bucket(const float* y, const float* e, int64_t V, int bucket, std::vector<uint32_t>& key,
+                   std::vector<uint64_t>& mass) {
   key.clear();
   mass.clear();
   for (int64_t i = 0; i < V; ++i) {
-    const uint32_t k = order_key(y[i]);
-    if (k < min_key) continue;
-    if (level1_bucket >= 0 && (int)digit(k, 1) != level1_bucket) continue;
-    key.push_back(k);
+    i += first_in_bucket(y + i, V - i, (uint32_t)bucket);
+    if (i >= V) break;
+    key.push_back(order_key(y[i]));
     mass.push_back(fixed_mass(e[i]));
   }
 }
 
-// The smallest kept key for top-k then top-p (0 keeps everything).
+inline uint64_t top_p_target(float top_p, uint64_t z) {
+  return std::max<uint64_t>((uint64_t)std::ceil((double)top_p * (double)z), 1);
+}
+
+// Histogram path: the smallest kept key for top-k then top-p over the whole row (0 keeps all).
 uint32_t find_threshold(const float* y, const float* e, int64_t V, const Hist& h, uint64_t z_all,
                         const RowParams& p, Scratch& s) {
   uint32_t tau = 0;
-  uint64_t z_k = z_all;
   const bool use_k = p.top_k > 0 && p.top_k < V;
-  const bool use_p = p.top_p < 1.f;
   if (use_k) {
     uint64_t above = 0;
     const int b = find_bucket(h.cnt, kBins, (uint64_t)p.top_k, &above);
-    gather(y, e, V, 0, b, s.cand_key, s.cand_mass);
+    gather_bucket(y, e, V, b, s.cand_key, s.cand_mass);
     tau = refine(s.cand_key, s.cand_mass, (uint64_t)p.top_k - above, false, 2);
   }
-  if (!use_p) return tau;
+  if (p.top_p >= 1.f) return tau;
   if (use_k) {  // top-p renormalises over the top-k survivors: work on all of them
-    gather(y, e, V, tau, -1, s.cand_key, s.cand_mass);
-    z_k = 0;
+    s.cand_key.clear();
+    s.cand_mass.clear();
+    for (int64_t i = 0; i < V; ++i) {
+      const uint32_t k = order_key(y[i]);
+      if (k < tau) continue;
+      s.cand_key.push_back(k);
+      s.cand_mass.push_back(fixed_mass(e[i]));
+    }
+    uint64_t z_k = 0;
     for (uint64_t w : s.cand_mass) z_k += w;
-    const uint64_t target = (uint64_t)std::ceil((double)p.top_p * (double)z_k);
-    return refine(s.cand_key, s.cand_mass, std::max<uint64_t>(target, 1), true, 1);
+    return refine(s.cand_key, s.cand_mass, top_p_target(p.top_p, z_k), true, 1);
   }
-  const uint64_t target = std::max<uint64_t>((uint64_t)std::ceil((double)p.top_p * (double)z_k), 1);
+  const uint64_t target = top_p_target(p.top_p, z_all);
   uint64_t above = 0;
   const int b = find_bucket(h.mass, kBins, target, &above);
-  gather(y, e, V, 0, b, s.cand_key, s.cand_mass);
+  gather_bucket(y, e, V, b, s.cand_key, s.cand_mass);
   return refine(s.cand_key, s.cand_mass, target - above, true, 2);
 }
 
-inline bool kept(float y, float e, uint32_t tau, float min_p) {
-  return order_key(y) >= tau && e >= min_p;
+// The float whose order_key is `key` (key 0 = keep everything = -inf). y carries no NaN and no
+// -0, so `y >= key_float(tau)` is the same test as `order_key(y) >= tau`.
+inline float key_float(uint32_t key) {
+  if (key <= order_key(kNegInf)) return kNegInf;
+  return bits_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
-uint64_t kept_mass_range(const float* y, const float* e, uint32_t tau, float min_p, int64_t lo,
-                         int64_t hi) {
-  uint64_t z = 0;
-  for (int64_t i = lo; i < hi; ++i) z += kept(y[i], e[i], tau, min_p) ? fixed_mass(e[i]) : 0;
-  return z;
+// ---- small top-k: candidate filter, no pass over the row with exp ---------------------------------
+
+// The k-th largest value among y[idx] (selection, not a sort).
+float kth_value(const float* y, const std::vector<int64_t>& idx, int64_t k, std::vector<float>& tmp) {
+  tmp.resize(idx.size());
+  for (size_t i = 0; i < idx.size(); ++i) tmp[i] = y[idx[i]];
+  std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<float>());
+  return tmp[k - 1];
+}
+
+void keep_at_least(const float* y, std::vector<int64_t>& idx, float thr) {
+  size_t n = 0;
+  for (int64_t i : idx)
+    if (y[i] >= thr) idx[n++] = i;
+  idx.resize(n);
+}
+
+// Appends to `idx`, in order, every i in [lo, hi) with y[i] >= the k-th largest of y[lo:hi] (ties
+// kept). A running threshold (the k-th largest so far) rejects almost every element after the first
+// few blocks with one vectorised comparison per element.
+void topk_candidates(const float* y, int64_t lo, int64_t hi, int64_t k, std::vector<int64_t>& idx,
+                     std::vector<float>& tmp) {
+  idx.clear();
+  float thr = kNegInf;
+  size_t limit = (size_t)std::max<int64_t>(4 * k, 2048);
+  for (int64_t i = lo; i < hi; ++i) {
+    i += first_ge(y + i, hi - i, thr);  // skip the (many) elements below the running threshold
+    if (i >= hi) break;
+    idx.push_back(i);
+    if (idx.size() > limit && (int64_t)idx.size() > k) {
+      thr = kth_value(y, idx, k, tmp);
+      keep_at_least(y, idx, thr);
+      limit = std::max(limit, 2 * idx.size());  // ties can keep many: amortise the reselection
+    }
+  }
+  if ((int64_t)idx.size() > k) keep_at_least(y, idx, kth_value(y, idx, k, tmp));
 }
 
 // ---- one row ------------------------------------------------------------------------------
@@ -236,12 +368,125 @@ struct RowOut {
   int64_t token = 0;
   float logprob = kNegInf;
   bool valid = false;
-  uint32_t tau = 0;  // for the filter op
-  float min_p = 0.f;
+  float thr = kNegInf;  // kept: y >= thr && e >= min_p (histogram path)
+  bool by_candidates = false;  // small top-k path: the kept tokens are s.cand_idx
 };
 
+template <typename Fn>
+void for_chunks(int nchunks, int64_t V, Fn fn) {
+#pragma omp parallel for num_threads(nchunks) if (nchunks > 1)
+  for (int c = 0; c < nchunks; ++c) {
+    int64_t lo, hi;
+    chunk_range(V, nchunks, c, &lo, &hi);
+    fn(c, lo, hi);
+  }
+}
+
+// Small top-k: thresholds and the draw over the candidates only. Leaves the kept tokens in
+// s.cand_idx (vocabulary order).
+void small_topk_row(const float* y, float m, int64_t V, const RowParams& p, bool draw, int64_t seed,
+                    int64_t position, int nchunks, Scratch& s, RowOut& out) {
+  std::vector<std::vector<int64_t>> parts(nchunks);
+  for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+    std::vector<float> tmp;
+    topk_candidates(y, lo, hi, p.top_k, parts[c], tmp);
+  });
+  std::vector<int64_t>& idx = s.cand_idx;
+  idx.clear();
+  for (auto& part : parts) idx.insert(idx.end(), part.begin(), part.end());
+  if ((int64_t)idx.size() > p.top_k) keep_at_least(y, idx, kth_value(y, idx, p.top_k, s.tmp));
+  const size_t n = idx.size();
+  std::vector<float> e(n);
+  for (size_t i = 0; i < n; ++i) e[i] = y[idx[i]] == m ? 1.0f : exp_nonpos(y[idx[i]] - m);
+  float thr = kNegInf;
+  if (p.top_p < 1.f) {
+    s.cand_key.resize(n);
+    s.cand_mass.resize(n);
+    uint64_t z_k = 0;
+    for (size_t i = 0; i < n; ++i) {
+      s.cand_key[i] = order_key(y[idx[i]]);
+      s.cand_mass[i] = fixed_mass(e[i]);
+      z_k += s.cand_mass[i];
+    }
+    thr = key_float(refine(s.cand_key, s.cand_mass, top_p_target(p.top_p, z_k), true, 1));
+  }
+  size_t kept = 0;
+  uint64_t z_kept = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (y[idx[i]] >= thr && e[i] >= p.min_p) {
+      idx[kept] = idx[i];
+      e[kept++] = e[i];
+      z_kept += fixed_mass(e[i]);
+    }
+  }
+  idx.resize(kept);
+  out.by_candidates = true;
+  if (!draw) return;
+  const uint64_t target = draw_target(row_uniform(seed, position), z_kept);
+  uint64_t acc = 0;
+  size_t i = 0;
+  for (; i + 1 < kept; ++i) {
+    acc += fixed_mass(e[i]);
+    if (acc > target) break;
+  }
+  out.token = idx[i];
+  out.logprob = (y[out.token] - m) - (float)std::log((double)z_kept / kMassScale);
+}
+
+// Histogram path (top-p alone, large top-k, min-p alone or no filter): the whole row.
+void histogram_row(const float* y, float* e, float m, int64_t V, const RowParams& p, bool draw,
+                   int64_t seed, int64_t position, int nchunks, Scratch& s, RowOut& out) {
+  const bool need_hist = (p.top_k > 0 && p.top_k < V) || p.top_p < 1.f;
+  std::vector<Hist> hists(need_hist ? nchunks : 0);
+  std::vector<uint64_t> part_z(nchunks, 0);
+  for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+    Hist* h = need_hist ? &hists[c] : nullptr;
+    if (h) h->clear();
+    part_z[c] = exp_range(y, m, e, h, lo, hi);
+  });
+  uint64_t z_all = 0;
+  for (uint64_t z : part_z) z_all += z;
+  for (int c = 1; c < (int)hists.size(); ++c)
+    for (int b = 0; b < kBins; ++b) {
+      hists[0].cnt[b] += hists[c].cnt[b];
+      hists[0].mass[b] += hists[c].mass[b];
+    }
+  out.thr = need_hist ? key_float(find_threshold(y, e, V, hists[0], z_all, p, s)) : kNegInf;
+  if (!draw) return;
+
+  // Kept mass per block of kBlock tokens, then the walk: find the block, then the token in it.
+  const float thr = out.thr, min_p = p.min_p;
+  const int64_t nblocks = (V + kBlock - 1) / kBlock;
+  std::vector<uint64_t> block_mass(nblocks);
+#pragma omp parallel for num_threads(nchunks) if (nchunks > 1)
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t lo = b * kBlock, hi = std::min(V, lo + kBlock);
+    block_mass[b] = kept_mass(y + lo, e + lo, thr, min_p, hi - lo);
+  }
+  uint64_t z_kept = 0;
+  for (uint64_t z : block_mass) z_kept += z;
+  uint64_t target = draw_target(row_uniform(seed, position), z_kept);
+  int64_t b = 0;
+  while (b < nblocks - 1 && target >= block_mass[b]) target -= block_mass[b++];
+  const int64_t lo = b * kBlock, hi = std::min(V, lo + kBlock);
+  uint64_t acc = 0;
+  int64_t tok = -1;
+  for (int64_t i = lo; i < hi; ++i) {
+    if (!(y[i] >= thr && e[i] >= min_p)) continue;
+    acc += fixed_mass(e[i]);
+    tok = i;  // last kept so far: the answer if the target is never passed (cannot happen)
+    if (acc > target) break;
+  }
+  out.token = tok < 0 ? 0 : tok;
+  out.logprob = (y[out.token] - m) - (float)std::log((double)z_kept / kMassScale);
+}
+
+inline bool use_small_topk(const RowParams& p, int64_t V) {
+  return p.top_k > 0 && p.top_k < V && p.top_k <= 4096 && p.top_k * 8 <= V;
+}
+
 // Processes one row with `nchunks` threads (1 inside a row-parallel region).
-// `draw` false: compute the thresholds only (filter op).
+// `draw` false: compute what is kept only (filter op).
 RowOut process_row(const void* x, DType dt, int64_t V, const float* bias, const uint8_t* allowed,
                    const RowParams& p, bool draw, int64_t seed, int64_t position, int nchunks,
                    Scratch& s) {
@@ -250,71 +495,29 @@ RowOut process_row(const void* x, DType dt, int64_t V, const float* bias, const 
   float* y = s.y.data();
   float* e = s.e.data();
   std::vector<float> part_max(nchunks, kNegInf);
-#pragma omp parallel for num_threads(nchunks) if (nchunks > 1)
-  for (int c = 0; c < nchunks; ++c) {
-    int64_t lo, hi;
-    chunk_range(V, nchunks, c, &lo, &hi);
+  for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
     part_max[c] = transform_dispatch(dt, x, bias, allowed, p.temperature, y, lo, hi);
-  }
+  });
   const float m = *std::max_element(part_max.begin(), part_max.end());
   if (m == kNegInf) return out;  // no finite logit: token 0, flagged invalid
   out.valid = true;
 
-  const bool greedy = p.temperature == 0.f;
-  const bool need_hist = !greedy && ((p.top_k > 0 && p.top_k < V) || p.top_p < 1.f);
-  std::vector<Hist> hists(need_hist ? nchunks : 0);
-  std::vector<uint64_t> part_z(nchunks, 0);
-#pragma omp parallel for num_threads(nchunks) if (nchunks > 1)
-  for (int c = 0; c < nchunks; ++c) {
-    int64_t lo, hi;
-    chunk_range(V, nchunks, c, &lo, &hi);
-    Hist* h = need_hist ? &hists[c] : nullptr;
-    if (h) h->clear();
-    part_z[c] = exp_range(y, m, e, h, lo, hi);
-  }
-  uint64_t z_all = 0;
-  for (uint64_t z : part_z) z_all += z;
-  for (int c = 1; c < (int)hists.size(); ++c)
-    for (int b = 0; b < kBins; ++b) {
-      hists[0].cnt[b] += hists[c].cnt[b];
-      hists[0].mass[b] += hists[c].mass[b];
-    }
-
-  if (greedy) {
-    int64_t i = 0;
-    while (y[i] != m) ++i;  // lowest index among the maxima
-    out.token = i;
+  if (p.temperature == 0.f) {  // greedy: lowest index among the maxima
+    std::vector<uint64_t> part_z(nchunks, 0);
+    for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+      part_z[c] = exp_mass(y + lo, m, nullptr, hi - lo);
+    });
+    uint64_t z_all = 0;
+    for (uint64_t z : part_z) z_all += z;
+    out.token = first_ge(y, V, m);
     out.logprob = -(float)std::log((double)z_all / kMassScale);
     return out;
   }
-  out.tau = need_hist ? find_threshold(y, e, V, hists[0], z_all, p, s) : 0u;
-  out.min_p = p.min_p;
-  if (!draw) return out;
-
-  std::vector<uint64_t> part_kept(nchunks, 0);
-#pragma omp parallel for num_threads(nchunks) if (nchunks > 1)
-  for (int c = 0; c < nchunks; ++c) {
-    int64_t lo, hi;
-    chunk_range(V, nchunks, c, &lo, &hi);
-    part_kept[c] = kept_mass_range(y, e, out.tau, p.min_p, lo, hi);
+  if (use_small_topk(p, V)) {
+    small_topk_row(y, m, V, p, draw, seed, position, nchunks, s, out);
+  } else {
+    histogram_row(y, e, m, V, p, draw, seed, position, nchunks, s, out);
   }
-  uint64_t z_kept = 0;
-  for (uint64_t z : part_kept) z_kept += z;
-  uint64_t target = draw_target(row_uniform(seed, position), z_kept);
-  int c = 0;
-  while (c < nchunks - 1 && target >= part_kept[c]) target -= part_kept[c++];
-  int64_t lo, hi;
-  chunk_range(V, nchunks, c, &lo, &hi);
-  uint64_t acc = 0;
-  int64_t tok = -1;
-  for (int64_t i = lo; i < hi; ++i) {
-    if (!kept(y[i], e[i], out.tau, p.min_p)) continue;
-    acc += fixed_mass(e[i]);
-    tok = i;  // last kept so far: the answer if the target is never passed (cannot happen)
-    if (acc > target) break;
-  }
-  out.token = tok < 0 ? 0 : tok;
-  out.logprob = (y[out.token] - m) - (float)std::log((double)z_kept / kMassScale);
   return out;
 }
 
@@ -340,6 +543,19 @@ void for_each_row(int64_t B, int64_t V, RowFn fn) {
   } else {
     for (int64_t r = 0; r < B; ++r) fn(r, inner);
   }
+}
+
+template <typename T>
+void write_filtered(const T* x, T* out, int64_t V, const float* y, const float* e, const RowOut& o,
+                    float min_p, const std::vector<int64_t>& kept_idx, T filter) {
+  if (o.by_candidates) {
+    for (int64_t i = 0; i < V; ++i) out[i] = filter;
+    for (int64_t i : kept_idx) out[i] = x[i];
+    return;
+  }
+  const float thr = o.thr;
+#pragma omp simd
+  for (int64_t i = 0; i < V; ++i) out[i] = (y[i] >= thr && e[i] >= min_p) ? x[i] : filter;
 }
 
 }  // namespace
@@ -368,14 +584,16 @@ void filter_cpu(const FilterArgs& a) {
     p.min_p = a.min_p[r];
     Scratch& s = tls_scratch;
     RowOut o = process_row(x, a.dtype, a.V, nullptr, nullptr, p, false, 0, 0, inner, s);
-    std::memcpy(out, x, a.V * eb);
-    if (!o.valid) return;  // nothing finite: leave the row as it is
-    const float* y = s.y.data();
-    const float* e = s.e.data();
-    for (int64_t i = 0; i < a.V; ++i) {
-      if (kept(y[i], e[i], o.tau, o.min_p)) continue;
-      if (a.dtype == DType::F32) reinterpret_cast<float*>(out)[i] = a.filter_value;
-      else reinterpret_cast<uint16_t*>(out)[i] = a.filter_bits16;
+    if (!o.valid) {  // nothing finite: leave the row as it is
+      std::memcpy(out, x, a.V * eb);
+      return;
+    }
+    if (a.dtype == DType::F32) {
+      write_filtered(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), a.V, s.y.data(),
+                     s.e.data(), o, p.min_p, s.cand_idx, a.filter_value);
+    } else {
+      write_filtered(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<uint16_t*>(out), a.V,
+                     s.y.data(), s.e.data(), o, p.min_p, s.cand_idx, a.filter_bits16);
     }
   });
 }
