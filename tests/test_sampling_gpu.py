@@ -21,7 +21,7 @@ pytestmark = [
 ]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SHAPES = [(1, 1), (7, 5), (64, 1000), (7, 32000), (1, 128256), (7, 128256)]
+SHAPES = [(1, 1), (7, 5), (64, 1000), (3, 1001), (7, 32000), (1, 128256), (7, 128256)]
 
 
 def seeded(*key):
@@ -165,12 +165,20 @@ def test_sample_all_disallowed_and_all_neginf():
     assert torch.isneginf(gpu[1][[2, 4, 5]]).all()
 
 
-def test_sample_non_contiguous_rows():
-    gen = torch.Generator().manual_seed(5)
-    big = torch.randn(8, 3001, generator=gen) * 2
-    x = big[:, 1:2001]  # row stride 3001, odd offset
-    cpu, gpu = run_both(x, None, None, *per_row(8, gen))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_sample_and_filter_unaligned_rows(offset, dtype):
+    """Rows that start off 16-byte boundaries (the kernels' vector loads need a scalar head)."""
+    gen = seeded(5, offset, str(dtype))
+    big = (torch.randn(9, 33001, generator=gen) * 2).to(dtype)
+    x = big[:, offset:offset + 32003]  # row stride 33001, odd length
+    cpu, gpu = run_both(x, None, None, *per_row(9, gen))
     assert_same(cpu, gpu)
+    _, top_k, top_p, min_p, _, _ = per_row(9, gen)
+    f_cpu = torch.ops.llmkern.top_k_top_p_filter(x, top_k, top_p, min_p, float("-inf"))
+    f_gpu = torch.ops.llmkern.top_k_top_p_filter(x.cuda(), top_k.cuda(), top_p.cuda(), min_p.cuda(),
+                                                 float("-inf"))
+    assert torch.equal(f_cpu, f_gpu.cpu())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
