@@ -238,3 +238,31 @@ def test_peft_attaches(name):
                 cache = m.new_cache(2, 17)
                 steps = [m(data[:, :9], cache=cache)] + [m(data[:, t:t + 1], cache=cache) for t in range(9, 17)]
                 torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def _tp_rank(rank, world_size, names):
+    return [_tp_one(name) for name in names]
+
+
+def _tp_one(name):
+    import llmkern.parallel as par
+
+    torch.manual_seed(0)
+    m = build(name, backend="llmkern").eval()
+    x = torch.randint(0, 256, (2, 10))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = m(x)
+        par.tensor_parallelize(m)
+        out = m(x)
+        cache = m.new_cache(2, 10)  # the cache follows the sharded head counts
+        dec = torch.cat([m(x[:, :6], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(6, 10)], 1)
+    return (out - ref).abs().max().item(), (dec - ref).abs().max().item()
+
+
+def test_tensor_parallelize_shards_zoo_models():
+    """2 gloo ranks: the sharded GPT and Llama give the unsharded logits, also through the cache."""
+    launch = pytest.importorskip("llmkern.parallel.launch")
+    for per_rank in launch.spawn(_tp_rank, world_size=2, args=(ARCHS,), timeout=150):
+        for err, dec_err in per_rank:
+            assert err < 1e-4 and dec_err < 1e-4
