@@ -78,6 +78,8 @@ def test_dropout_mask_matches_reference_and_regenerates(triton_backend):
     assert abs(frac - (1 - p)) < 0.08
     y2 = llmkern.lora_linear(x, W, None, A, B, 1.0, p, seed=8)
     assert not torch.equal(y, y2)
+    y5 = llmkern.lora_linear(x, W, None, A, B, 1.0, p, seed=K.seed_tensor(7, DEV))
+    torch.testing.assert_close(y5, y, rtol=0, atol=0)
     # the same seed drawn from torch's generator after manual_seed gives the same output
     torch.manual_seed(3)
     y3 = llmkern.lora_linear(x, W, None, A, B, 1.0, p)
@@ -178,7 +180,10 @@ def test_reference_backend_on_cpu_matches_formula():
 
 def test_kernel_dropout_params_agree_with_reference():
     for p, seed in ((0.1, 0), (0.5, 2**40 + 17), (0.9, 123456789)):
-        assert K.dropout_params(p, seed)[:3] == ref.lora.dropout_params(p, seed)
+        assert K.seed_words(seed) + (K.dropout_params(p)[0],) == ref.lora.dropout_params(p, seed)
+        # an int seed and the int32 [2] tensor of its words give the same mask
+        words = torch.tensor(K.seed_words(seed), dtype=torch.int32)
+        assert torch.equal(ref.dropout_keep_mask(7, 9, p, seed), ref.dropout_keep_mask(7, 9, p, words))
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -280,6 +285,14 @@ def test_gpu_torch_compile_fullgraph():
     yr = ref.lora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), 0.5)
     assert ((y.double() - yr).norm() / yr.norm()).item() < 2e-2
     assert As.grad is not None and Bs.grad is not None
+    # dropout inside the compiled graph: the seed is drawn on the device, no graph break
+    g = torch.compile(lambda x, A, B: llmkern.lora_linear(x, W, b, A, B, 0.5, 0.1), fullgraph=True)
+    torch.manual_seed(1)
+    y1 = g(x, As, Bs)
+    torch.manual_seed(1)
+    y2 = g(x, As, Bs)
+    assert torch.equal(y1, y2) and torch.isfinite(y1.float()).all()
+    y1.float().sum().backward()
 
 
 @pytest.mark.gpu
@@ -288,7 +301,7 @@ def test_gpu_opcheck():
 
     x, W, b, A, B = _inputs(64, 96, 80, 8, torch.float16, device="cuda")
     torch.library.opcheck(torch.ops.llmkern.lora_fwd.default,
-                          (x, W, b, A[None], B[None], None, 0.5, None, None, None, 0.0, 0),
+                          (x, W, b, A[None], B[None], None, 0.5, None, None, None, 0.0, None),
                           test_utils=("test_schema", "test_faketensor"))
     assert L._HAVE_OPS
 
@@ -323,7 +336,8 @@ def test_library_op_and_registered_autograd():
         pytest.skip("torch.library.triton_op unavailable")
     x, W, b, A, B = _inputs(13, 24, 20, 4, torch.float32)
     xs, Ws, bs, As, Bs = _leaf(x), _leaf(W), _leaf(b), _leaf(A[None]), _leaf(B[None])
-    y, _ = torch.ops.llmkern.lora_fwd(xs, Ws, bs, As, Bs, None, 0.5, None, None, None, 0.2, 9)
+    seed = K.seed_tensor(9, x.device)
+    y, _ = torch.ops.llmkern.lora_fwd(xs, Ws, bs, As, Bs, None, 0.5, None, None, None, 0.2, seed)
     y.sum().backward()
     xd, Wd, bd, Ad, Bd = _d(x), _d(W), _d(b), _d(A), _d(B)
     ref.lora_linear(xd, Wd, bd, Ad, Bd, 0.5, 0.2, 9).sum().backward()

@@ -45,19 +45,24 @@ def _fmix32(h):
 
 
 @triton.jit
-def _keep_mask(rows, cols, seed0, seed1, threshold):
-    """[len(rows), len(cols)] bool: hash(seed, row, col) >> 8 >= threshold (= round(p * 2^24))."""
-    hr = _fmix32(rows.to(tl.uint32) ^ seed0.to(tl.uint32))
-    hc = cols.to(tl.uint32) * 0x9E3779B1 + seed1.to(tl.uint32)
+def _keep_mask(rows, cols, SEED, threshold):
+    """[len(rows), len(cols)] bool: hash(seed, row, col) >> 8 >= threshold (= round(p * 2^24)).
+
+    SEED points at two int32 words (seed0, seed1) on the device: no host value, so dropout works
+    under CUDA graphs and torch.compile with a seed drawn by torch.randint on the device."""
+    seed0 = tl.load(SEED).to(tl.uint32)
+    seed1 = tl.load(SEED + 1).to(tl.uint32)
+    hr = _fmix32(rows.to(tl.uint32) ^ seed0)
+    hc = cols.to(tl.uint32) * 0x9E3779B1 + seed1
     h = _fmix32(hr[:, None] ^ hc[None, :])
     return (h >> 8).to(tl.int32) >= threshold
 
 
 # ----------------------------------------------------------------------------- kernels
 
-@triton.jit(do_not_specialize=["seed0", "seed1", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def _shrink_kernel(X, A, OUT, ROWS, IDS, SCALES, scale,
-                   M, K, R, n_adapters, seed0, seed1, threshold, inv_keep,
+                   M, K, R, n_adapters, SEED, threshold, inv_keep,
                    sxm, sxk, sa_a, sa_r, sa_k, som, sor,
                    HAS_IDS: tl.constexpr, DROPOUT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -90,7 +95,7 @@ def _shrink_kernel(X, A, OUT, ROWS, IDS, SCALES, scale,
             x = tl.load(X + rows[:, None] * sxm + kk[None, :] * sxk,
                         mask=sel[:, None] & mk[None, :], other=0.0)
             if DROPOUT:
-                keep = _keep_mask(rows, kk, seed0, seed1, threshold)
+                keep = _keep_mask(rows, kk, SEED, threshold)
                 x = tl.where(keep, x * inv_keep, 0.0).to(X.dtype.element_ty)
             w = tl.load(A + a * sa_a + offs_r[None, :] * sa_r + kk[:, None] * sa_k,
                         mask=mk[:, None] & mask_r[None, :], other=0.0)
@@ -104,9 +109,9 @@ def _shrink_kernel(X, A, OUT, ROWS, IDS, SCALES, scale,
              mask=mask_m[:, None] & mask_r[None, :])
 
 
-@triton.jit(do_not_specialize=["seed0", "seed1", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def _gemm_kernel(X, W, BIAS, XS, LB, OUT, ROWS, IDS,
-                 M, N, K, R, n_adapters, seed0, seed1, threshold, inv_keep,
+                 M, N, K, R, n_adapters, SEED, threshold, inv_keep,
                  sxm, sxk, swn, swk, sxs_m, sxs_r, slb_a, slb_n, slb_r, som, son,
                  HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, EPI_DROPOUT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -164,7 +169,7 @@ def _gemm_kernel(X, W, BIAS, XS, LB, OUT, ROWS, IDS,
                          mask=mr[:, None] & mask_n[None, :], other=0.0)
             lora = tl.dot(xs.to(lb.dtype), lb, lora, input_precision=PRECISION)
     if EPI_DROPOUT:
-        keep = _keep_mask(rows, offs_n, seed0, seed1, threshold)
+        keep = _keep_mask(rows, offs_n, SEED, threshold)
         lora = tl.where(keep, lora * inv_keep, 0.0)
     acc += lora
     if HAS_BIAS:
@@ -174,9 +179,9 @@ def _gemm_kernel(X, W, BIAS, XS, LB, OUT, ROWS, IDS,
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit(do_not_specialize=["seed0", "seed1", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def _reduce_kernel(Y, Z, OUT, ROWS, SEG, M, P, R, split,
-                   seed0, seed1, threshold, inv_keep,
+                   SEED, threshold, inv_keep,
                    sym, syp, szm, szr, so_s, so_a, so_p, so_r,
                    HAS_IDS: tl.constexpr, DROPOUT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -212,7 +217,7 @@ def _reduce_kernel(Y, Z, OUT, ROWS, SEG, M, P, R, split,
         y = tl.load(Y + rows[:, None] * sym + offs_p[None, :] * syp,
                     mask=mm[:, None] & mask_p[None, :], other=0.0)
         if DROPOUT:
-            keep = _keep_mask(rows, offs_p, seed0, seed1, threshold)
+            keep = _keep_mask(rows, offs_p, SEED, threshold)
             y = tl.where(keep, y * inv_keep, 0.0).to(Y.dtype.element_ty)
         z = tl.load(Z + offs_m[:, None] * szm + offs_r[None, :] * szr,
                     mask=mm[:, None] & mask_r[None, :], other=0.0)
@@ -282,18 +287,39 @@ def _precision(dtype):
     return "tf32"
 
 
-def dropout_params(p, seed):
-    """(seed0, seed1, threshold, inv_keep) as the kernels and the reference use them."""
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    seed0, seed1 = seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF
+def dropout_params(p):
+    """(threshold, inv_keep): keep when hash >> 8 >= threshold; kept values scaled by inv_keep."""
     threshold = int(round(float(p) * (1 << 24)))
     inv_keep = 1.0 / (1.0 - float(p)) if p < 1 else 0.0
-    return seed0, seed1, threshold, inv_keep
+    return threshold, inv_keep
+
+
+def seed_words(seed):
+    """An int seed as the (seed0, seed1) pair of non-negative int32 words the hash uses."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF
+
+
+def seed_tensor(seed, device):
+    """The kernels' seed argument: an int32 [2] tensor on `device` (from an int or a tensor)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 2:
+            raise ValueError(f"seed tensor must hold 2 int32 words, got shape {tuple(seed.shape)}")
+        return seed.reshape(2).to(device=device, dtype=torch.int32)
+    return torch.tensor(seed_words(seed), dtype=torch.int32, device=device)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-def shrink(x, A, scale, scales=None, perm=None, sorted_ids=None, dropout_p=0.0, seed=0, wrap=None):
+def _seed_arg(seed, p, like):
+    if p <= 0:
+        return like  # not read
+    if not isinstance(seed, torch.Tensor):
+        raise TypeError("the launchers take the dropout seed as an int32 [2] tensor (see seed_tensor)")
+    return seed
+
+
+def shrink(x, A, scale, scales=None, perm=None, sorted_ids=None, dropout_p=0.0, seed=None, wrap=None):
     """xs[M, R] fp32 = s_a · drop(x[perm]) A_aᵀ (rows in sorted order when `perm` is given).
 
     x [M, K]; A [n, R, K] (any strides: pass a transposed view to shrink by Bᵀ)."""
@@ -302,19 +328,20 @@ def shrink(x, A, scale, scales=None, perm=None, sorted_ids=None, dropout_p=0.0, 
     n, R, _ = A.shape
     out = torch.empty((M, R), device=x.device, dtype=torch.float32)
     has_ids = sorted_ids is not None
-    s0, s1, thr, inv = dropout_params(dropout_p, seed)
+    thr, inv = dropout_params(dropout_p)
+    sd = _seed_arg(seed, dropout_p, x)
     BR = _block_r(R)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BR))  # noqa: E731
     _launch("shrink", wrap, grid,
             x, A, out, perm if has_ids else x, sorted_ids if has_ids else x,
             scales if has_ids else x, float(scale),
-            M, K, R, n, s0, s1, thr, inv,
+            M, K, R, n, sd, thr, inv,
             x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), out.stride(0), out.stride(1),
             HAS_IDS=has_ids, DROPOUT=dropout_p > 0, BLOCK_R=BR, PRECISION=_precision(x.dtype))
     return out
 
 
-def gemm(x, W, bias, xs, LB, perm=None, sorted_ids=None, dropout_p=0.0, seed=0, wrap=None):
+def gemm(x, W, bias, xs, LB, perm=None, sorted_ids=None, dropout_p=0.0, seed=None, wrap=None):
     """out[M, N] = x Wᵀ + bias + mask ⊙ (xs LB_aᵀ).
 
     x [M, K]; W [N, K] (any strides); xs [M, R] fp32 in sorted order; LB [n, N, R] (any strides).
@@ -326,12 +353,13 @@ def gemm(x, W, bias, xs, LB, perm=None, sorted_ids=None, dropout_p=0.0, seed=0, 
     n, _, R = LB.shape
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     has_ids = sorted_ids is not None
-    s0, s1, thr, inv = dropout_params(dropout_p, seed)
+    thr, inv = dropout_params(dropout_p)
+    sd = _seed_arg(seed, dropout_p, x)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _launch("gemm", wrap, grid,
             x, W, bias if bias is not None else x, xs, LB, out,
             perm if has_ids else x, sorted_ids if has_ids else x,
-            M, N, K, R, n, s0, s1, thr, inv,
+            M, N, K, R, n, sd, thr, inv,
             x.stride(0), x.stride(1), W.stride(0), W.stride(1), xs.stride(0), xs.stride(1),
             LB.stride(0), LB.stride(1), LB.stride(2), out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, HAS_IDS=has_ids, EPI_DROPOUT=dropout_p > 0,
@@ -347,7 +375,7 @@ def _split_for(num_tiles, n, M, device):
     return int(min(want, 32, max(1, M // 256)))
 
 
-def reduce_rows(y, z, n, perm=None, seg=None, dropout_p=0.0, seed=0, wrap=None):
+def reduce_rows(y, z, n, perm=None, seg=None, dropout_p=0.0, seed=None, wrap=None):
     """out[a, P, R] fp32 = Σ_{rows m of adapter a} drop(y[perm[m]])ᵀ z[m].
 
     y [M, P] (original row order); z [M, R] fp32 (sorted order); seg [n + 1] segment starts."""
@@ -359,11 +387,12 @@ def reduce_rows(y, z, n, perm=None, seg=None, dropout_p=0.0, seed=0, wrap=None):
     BR = _block_r(R)
     split = _split_for(triton.cdiv(P, 128) * triton.cdiv(R, BR), n, M, y.device)
     part = torch.empty((split, n, P, R), device=y.device, dtype=torch.float32)
-    s0, s1, thr, inv = dropout_params(dropout_p, seed)
+    thr, inv = dropout_params(dropout_p)
+    sd = _seed_arg(seed, dropout_p, y)
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(R, BR), n, split)  # noqa: E731
     _launch("reduce", wrap, grid,
             y, z, part, perm if has_ids else y, seg if has_ids else y, M, P, R, split,
-            s0, s1, thr, inv,
+            sd, thr, inv,
             y.stride(0), y.stride(1), z.stride(0), z.stride(1),
             part.stride(0), part.stride(1), part.stride(2), part.stride(3),
             HAS_IDS=has_ids, DROPOUT=dropout_p > 0, BLOCK_R=BR, PRECISION=_precision(y.dtype))
@@ -371,7 +400,7 @@ def reduce_rows(y, z, n, perm=None, seg=None, dropout_p=0.0, seed=0, wrap=None):
 
 
 def lora_forward(x, W, bias, A, B, scaling, scalings=None, perm=None, sorted_ids=None,
-                 dropout_p=0.0, seed=0, wrap=None):
+                 dropout_p=0.0, seed=None, wrap=None):
     """(y [M, N], xs [M, R] fp32). x [M, K]; A [n, R, K]; B [n, N, R]."""
     xs = shrink(x, A, scaling, scalings, perm, sorted_ids, dropout_p, seed, wrap)
     y = gemm(x, W, bias, xs, B, perm, sorted_ids, 0.0, seed, wrap)
@@ -379,7 +408,7 @@ def lora_forward(x, W, bias, A, B, scaling, scalings=None, perm=None, sorted_ids
 
 
 def lora_backward(dy, x, W, A, B, xs, scaling, scalings=None, perm=None, sorted_ids=None, seg=None,
-                  dropout_p=0.0, seed=0, wrap=None):
+                  dropout_p=0.0, seed=None, wrap=None):
     """(dx [M, K], dA [n, R, K], dB [n, N, R]); never forms B A."""
     dy = dy.contiguous()
     n = A.shape[0]

@@ -127,8 +127,25 @@ def _autocast_args(x, weight, bias):
     return cast(x), cast(weight), cast(bias)
 
 
-def _new_seed():
-    return int(torch.randint(0, 2**62, (1,)).item())
+def _seed_tensor(seed, p, device):
+    """The dropout seed as the int32 [2] device tensor the kernels read (None without dropout).
+
+    None draws it with torch.randint on the device (no host sync; reproducible under
+    torch.manual_seed; fine inside torch.compile and CUDA graphs); an int is split into two
+    31-bit words; a tensor must hold the two words."""
+    if p <= 0:
+        return None
+    if seed is None:
+        return torch.randint(0, 2**31 - 1, (2,), device=device, dtype=torch.int32)
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 2 or seed.is_floating_point():
+            raise ValueError(f"seed must be an int or an integer tensor of 2 words, got {seed.dtype} "
+                             f"{tuple(seed.shape)}")
+        return seed.reshape(2).to(device=device, dtype=torch.int32)
+    if not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or a tensor, got {type(seed).__name__}")
+    s = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return torch.tensor([s & 0x7FFFFFFF, (s >> 31) & 0x7FFFFFFF], dtype=torch.int32, device=device)
 
 
 # ---- torch.library ops (CUDA path) -----------------------------------------------------------------
@@ -150,7 +167,7 @@ if _triton_op is not None and _backend.triton_available():
     def _lora_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      lora_A: torch.Tensor, lora_B: torch.Tensor, scalings: Optional[torch.Tensor],
                      scaling: float, perm: Optional[torch.Tensor], sorted_ids: Optional[torch.Tensor],
-                     seg: Optional[torch.Tensor], dropout_p: float, seed: int
+                     seg: Optional[torch.Tensor], dropout_p: float, seed: Optional[torch.Tensor]
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
         return _kern().lora_forward(x, weight, bias, lora_A, lora_B, scaling, scalings, perm, sorted_ids,
                                     dropout_p, seed, wrap=_wrap_triton)
@@ -159,22 +176,22 @@ if _triton_op is not None and _backend.triton_available():
     def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
                      lora_B: torch.Tensor, xs: torch.Tensor, scalings: Optional[torch.Tensor],
                      scaling: float, perm: Optional[torch.Tensor], sorted_ids: Optional[torch.Tensor],
-                     seg: Optional[torch.Tensor], dropout_p: float, seed: int
+                     seg: Optional[torch.Tensor], dropout_p: float, seed: Optional[torch.Tensor]
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _kern().lora_backward(dy, x, weight, lora_A, lora_B, xs, scaling, scalings, perm,
                                      sorted_ids, seg, dropout_p, seed, wrap=_wrap_triton)
 
     def _setup_context(ctx, inputs, output):
         x, weight, bias, lora_A, lora_B, scalings, scaling, perm, sorted_ids, seg, p, seed = inputs
-        ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scalings, perm, sorted_ids, seg)
-        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
+        ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scalings, perm, sorted_ids, seg, seed)
+        ctx.scaling, ctx.p = scaling, p
         ctx.has_bias = bias is not None
 
     def _backward(ctx, dy, _dxs):
-        x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg = ctx.saved_tensors
+        x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed = ctx.saved_tensors
         dy = dy.contiguous()
         dx, dA, dB = torch.ops.llmkern.lora_bwd(dy, x, weight, lora_A, lora_B, xs, scalings, ctx.scaling,
-                                                perm, sorted_ids, seg, ctx.p, ctx.seed)
+                                                perm, sorted_ids, seg, ctx.p, seed)
         dW = dy.t().mm(x) if ctx.needs_input_grad[1] else None
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dW, db, dA, dB, None, None, None, None, None, None, None
@@ -190,16 +207,16 @@ class _LoRAFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, scaling, perm, sorted_ids, seg, p, seed):
         y, xs = _kern().lora_forward(x, weight, bias, lora_A, lora_B, scaling, scalings, perm,
                                      sorted_ids, p, seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg)
-        ctx.scaling, ctx.p, ctx.seed, ctx.has_bias = scaling, p, seed, bias is not None
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed)
+        ctx.scaling, ctx.p, ctx.has_bias = scaling, p, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg = ctx.saved_tensors
+        x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed = ctx.saved_tensors
         dy = dy.contiguous()
         dx, dA, dB = _kern().lora_backward(dy, x, weight, lora_A, lora_B, xs, ctx.scaling, scalings, perm,
-                                           sorted_ids, seg, ctx.p, ctx.seed)
+                                           sorted_ids, seg, ctx.p, seed)
         dW = dy.t().mm(x) if ctx.needs_input_grad[1] else None
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dW, db, dA, dB, None, None, None, None, None, None, None
@@ -217,7 +234,7 @@ def _run_triton(x2, weight, bias, A3, B3, scalings, scaling, perm, sorted_ids, s
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                dropout_p: float = 0.0, *, seed: Optional[int] = None) -> torch.Tensor:
+                dropout_p: float = 0.0, *, seed: Union[int, torch.Tensor, None] = None) -> torch.Tensor:
     """LoRA linear layer, fused: ``y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``.
 
     Args:
@@ -230,8 +247,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         scaling: the LoRA scale (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA).
         dropout_p: dropout on the LoRA branch input, in [0, 1). The mask is a hash of
             (seed, row, column), regenerated in the backward rather than stored.
-        seed: dropout seed (default: drawn from torch's CPU generator, so torch.manual_seed
-            makes runs reproducible). ``llmkern.reference.lora_dropout`` gives the same mask.
+        seed: dropout seed: an int, or an int32 tensor of two words (default: drawn on x's device
+            with torch.randint, so torch.manual_seed makes runs reproducible and no host sync
+            happens). ``llmkern.reference.lora_dropout(x, p, seed)`` gives the same mask.
 
     Returns ``[..., out]`` in x's dtype (accumulated in float32). Never forms ``B A``. Under
     ``torch.autocast`` the inputs are cast to the autocast dtype first, as ``F.linear`` would be.
@@ -242,18 +260,16 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     p = _as_scalar("dropout_p", dropout_p)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {p}")
-    if p > 0 and seed is None:
-        seed = _new_seed()
-    seed = 0 if seed is None else int(seed)
+    seed_t = _seed_tensor(seed, p, x.device)
     lora_A = lora_A.to(x.dtype)
     lora_B = lora_B.to(x.dtype)
     backend = _backend_for(x.device, x.dtype, "lora_linear")
     if backend == "reference" or x.numel() == 0:
-        return ref.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+        return ref.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, 0 if seed_t is None else seed_t)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     y = _run_triton(x2, weight, bias, lora_A.unsqueeze(0), lora_B.unsqueeze(0), None, scaling,
-                    None, None, None, p, seed)
+                    None, None, None, p, seed_t)
     return y.reshape(*shape[:-1], weight.shape[0])
 
 
@@ -308,5 +324,5 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     sorted_ids, perm = torch.sort(ids.to(torch.int32), stable=True)
     perm = perm.to(torch.int32)
     seg = torch.searchsorted(sorted_ids, torch.arange(n + 1, device=x.device, dtype=torch.int32)).to(torch.int32)
-    y = _run_triton(x2, weight, bias, lora_A, lora_B, scalings, 1.0, perm, sorted_ids, seg, 0.0, 0)
+    y = _run_triton(x2, weight, bias, lora_A, lora_B, scalings, 1.0, perm, sorted_ids, seg, 0.0, None)
     return y.reshape(*shape[:-1], weight.shape[0])

@@ -26,13 +26,22 @@ def _fmix32(h):
 
 
 def dropout_params(p, seed):
+    """(seed0, seed1, threshold). `seed`: an int, or an int32 [2] tensor holding (seed0, seed1)."""
+    thr = int(round(float(p) * (1 << 24)))
+    if isinstance(seed, torch.Tensor):
+        w = seed.reshape(-1).to(torch.int64) & 0xFFFFFFFF
+        return w[0], w[1], thr
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF, int(round(float(p) * (1 << 24)))
+    return seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF, thr
 
 
 def dropout_keep_mask(M, K, p, seed, device=None):
-    """Bool [M, K]: which elements of the flattened x the fused LoRA dropout keeps."""
+    """Bool [M, K]: which elements of the flattened x the fused LoRA dropout keeps.
+
+    seed: an int (split into two 31-bit words) or an int32 [2] tensor of the words themselves."""
     s0, s1, thr = dropout_params(p, seed)
+    if isinstance(s0, torch.Tensor):
+        s0, s1 = s0.to(device), s1.to(device)
     rows = torch.arange(M, device=device, dtype=torch.int64)
     cols = torch.arange(K, device=device, dtype=torch.int64)
     hr = _fmix32(rows ^ s0)
