@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One-shot validation on a GPU machine (H100/H200, torch preinstalled, no network):
+# build the extension, run the GPU tests, run the benchmark harness. Writes at most 8 files:
+#   OUTDIR/{env.txt, build.log, info.txt, pytest_gpu.log, bench.log, bench/results.{json,md,png}}
+# Usage: benchmarks/gpu_check.sh OUTDIR        (about 8 minutes at most)
+set -uo pipefail
+OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+cap=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")
+start=$(date +%s)
+MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap} LLMKERN_CUDA=1 \
+  timeout 300 pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+echo "build rc=$? in $(( $(date +%s) - start )) s"; tail -3 "$OUT/build.log"
+python -m llmkern.info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
+
+timeout 240 python -m pytest -m gpu -q -p no:cacheprovider --timeout 120 > "$OUT/pytest_gpu.log" 2>&1
+echo "pytest -m gpu rc=$?"; tail -15 "$OUT/pytest_gpu.log"
+
+timeout 240 llmkern-bench --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+echo "llmkern-bench rc=$?"; tail -40 "$OUT/bench.log"

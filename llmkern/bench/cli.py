@@ -1,0 +1,72 @@
+"""`llmkern-bench`: run the registered benchmark suites and report speed against baselines.
+
+  llmkern-bench                    every suite, quick mode, on the best device found
+  llmkern-bench --suite sampling   one suite (repeatable); --full for the complete sweep
+  llmkern-bench --list             the suites
+Writes results.json, results.md and results.png to --out (default ./bench-out).
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+from llmkern.bench.registry import Context, load_all
+from llmkern.bench.report import format_table, write_outputs
+
+
+def _progress(iterable, desc="", total=None):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stderr)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="llmkern-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", action="append", default=None, help="suite to run (repeatable); default: all")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small sweep (the default)")
+    mode.add_argument("--full", action="store_true", help="the complete sweep of each suite")
+    p.add_argument("--out", default="bench-out", help="output folder for JSON / markdown / PNG")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--list", action="store_true", help="list the suites and exit")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    suites = load_all()
+    if args.list:
+        for name, s in sorted(suites.items()):
+            print(f"{name:12s} {s.description}")
+        return 0
+    names = args.suite or sorted(suites)
+    unknown = [n for n in names if n not in suites]
+    if unknown:
+        print(f"llmkern-bench: unknown suite(s) {unknown}; available: {sorted(suites)}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ctx = Context(device=device, quick=not args.full, progress=_progress, out_dir=args.out)
+    results, failed = [], []
+    for name in names:
+        start = time.perf_counter()
+        print(f"[llmkern-bench] suite {name} on {device} ({'quick' if ctx.quick else 'full'})", file=sys.stderr)
+        try:
+            for r in suites[name].fn(ctx) or ():
+                r.suite = r.suite or name
+                results.append(r)
+        except Exception as exc:  # one broken suite must not hide the others' numbers
+            failed.append(name)
+            print(f"[llmkern-bench] suite {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"[llmkern-bench] suite {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(format_table(results))
+    paths = write_outputs(results, args.out, device)
+    print("\nwritten: " + ", ".join(paths.values()))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Result tables: printed text, JSON, markdown and a PNG chart of the speed-ups."""
+import json
+import os
+import platform
+
+import torch
+
+COLUMNS = ("suite", "op", "shape", "baseline", "baseline ms", "ours ms", "ratio", "throughput", "MFU")
+
+
+def _fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def rows_as_text(results):
+    rows = [COLUMNS]
+    for r in results:
+        thr = f"{r.throughput:.4g} {r.unit}" if r.throughput is not None else ""
+        mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else ""
+        rows.append((r.suite, r.op, r.shape, r.baseline, _fmt(r.baseline_ms, ".3f"), _fmt(r.ours_ms, ".3f"),
+                     (_fmt(r.ratio, ".2f") + "x") if r.ratio is not None else "", thr, mfu))
+    return rows
+
+
+def format_table(results):
+    rows = rows_as_text(results)
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def environment(device):
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+           "machine": platform.machine(), "threads": torch.get_num_threads()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def write_outputs(results, out_dir, device, name="results"):
+    """Writes <name>.json, <name>.md and (with matplotlib) <name>.png; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    env = environment(device)
+    paths = {}
+    paths["json"] = os.path.join(out_dir, f"{name}.json")
+    with open(paths["json"], "w") as f:
+        json.dump({"environment": env, "results": [r.as_dict() for r in results]}, f, indent=2)
+    paths["md"] = os.path.join(out_dir, f"{name}.md")
+    rows = rows_as_text(results)
+    with open(paths["md"], "w") as f:
+        f.write("# llmkern-bench results\n\n")
+        f.write(", ".join(f"{k}: {v}" for k, v in env.items()) + "\n\n")
+        f.write("ratio = baseline time / our time (> 1: llmkern is faster)\n\n")
+        f.write("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n")
+        for row in rows[1:]:
+            f.write("| " + " | ".join(str(c) for c in row) + " |\n")
+    png = _plot(results, os.path.join(out_dir, f"{name}.png"), env)
+    if png:
+        paths["png"] = png
+    return paths
+
+
+def _plot(results, path, env):
+    """Horizontal bar chart of the speed-up over each row's baseline."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in results if r.ratio is not None]
+    if not rows:
+        return None
+    labels = [f"{r.suite}: {r.op} [{r.shape}] vs {r.baseline}" for r in rows]
+    ratios = [r.ratio for r in rows]
+    fig, ax = plt.subplots(figsize=(11, 0.32 * len(rows) + 1.5))
+    colors = ["tab:green" if x >= 1 else "tab:red" for x in ratios]
+    ax.barh(range(len(rows)), ratios, color=colors)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("speed-up over baseline (log scale, > 1 is faster)")
+    ax.set_title(f"llmkern-bench on {env.get('gpu') or env.get('cpu')} (torch {env['torch']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,66 @@
+"""`python -m llmkern.info`: versions, what llmkern._C contains, the device, and the backend each op
+dispatches to on this machine."""
+import importlib
+import os
+
+import torch
+
+from llmkern import _backend
+
+# Modules that register their op's dispatch with _backend.register_op when imported.
+_OP_MODULES = ("llmkern.ops.sampling", "llmkern.ops.attention", "llmkern.ops.lora")
+
+
+def collect():
+    info = {"llmkern": importlib.import_module("llmkern").__version__, "torch": torch.__version__,
+            "torch CUDA": torch.version.cuda}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    ext = _backend.extension()
+    if ext is None:
+        info["llmkern._C"] = f"not built ({_backend.extension_error()})"
+    else:
+        kernels = []
+        for op in ("llmkern::sample", "llmkern::top_k_top_p_filter"):
+            keys = [k for k in ("CPU", "CUDA") if _backend.has_kernel(op, k)]
+            kernels.append(f"{op.split('::')[1]} [{', '.join(keys)}]")
+        info["llmkern._C"] = f"{ext.__file__}: " + "; ".join(kernels)
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        cap = torch.cuda.get_device_capability()
+        info["device"] = f"cuda: {torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]})"
+    else:
+        dev = torch.device("cpu")
+        info["device"] = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    info["LLMKERN_BACKEND"] = os.environ.get("LLMKERN_BACKEND", "(unset)")
+    info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "(unset)")
+    for mod in _OP_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ImportError as exc:
+            info[f"import {mod}"] = f"failed: {exc}"
+    for op, fn in sorted(_backend.OP_DISPATCH.items()):
+        try:
+            info[f"op {op}"] = fn(dev, torch.float16 if dev.type == "cuda" else torch.float32)
+        except Exception as exc:  # report, never crash the report
+            info[f"op {op}"] = f"error: {exc}"
+    return info
+
+
+def main():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = collect()
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        print(f"{k.ljust(width)}  {v}")
+
+
+if __name__ == "__main__":
+    main()
