@@ -9,8 +9,9 @@ Decomposed collectives (the "collective matmul" of Wang et al., ASPLOS'23):
 - ``ring_reduce_scatter(group, partial)``: p steps; at step s a rank computes its partial
   result for chunk ``(rank - 1 - s) mod p`` while the running sum of the previous chunk travels
   to it; after p steps rank r holds the full sum for chunk r.
-- chunked all-reduce: the tokens are split in ``chunks`` pieces; each piece's all-reduce is
-  started asynchronously as soon as its GEMM is done, so it runs under the next piece's GEMM.
+- ``PipelinedAllReduce``: the tokens are split in ``chunks`` pieces; each piece's all-reduce
+  (point-to-point ring steps) starts as soon as its GEMM is done and advances between the
+  following GEMMs, so it runs under them.
 
 On GPUs (NCCL) every transfer runs on NCCL's own stream; on CPUs (gloo) on gloo's threads, so
 the overlap is real in both cases. Every helper raises a clear error instead of hanging: shapes
@@ -228,6 +229,75 @@ def ring_reduce_scatter(group, m, partial, pieces=1):
                 out[lo:hi].copy_(part)
         pending = posted
     return out
+
+
+class PipelinedAllReduce:
+    """All-reduces of token chunks made of point-to-point ring steps that the caller advances
+    between its GEMM chunks, so each chunk's reduction runs under the following GEMMs:
+
+        ar = PipelinedAllReduce(group)
+        for lo, hi in chunks:
+            gemm(rows lo:hi -> y[lo:hi]); ar.advance(); ar.start(y[lo:hi])
+        ar.finish()
+
+    p = 2: one exchange per chunk (send the partial, receive the peer's, add: the same bytes as a
+    ring all-reduce). p > 2: ring reduce-scatter + all-gather, 2(p-1) steps per chunk, one step
+    per advance(). The reduction (the add) runs on the caller's thread, not the backend's
+    (gloo's own all-reduce reduces on its worker thread, which competes with the GEMM)."""
+
+    def __init__(self, group):
+        self.group = group
+        self.p, self.r = world_size(group), rank(group)
+        self._inflight = []
+        self._count = 0
+
+    def start(self, t):
+        """Begin the all-reduce of the contiguous tensor t (in place)."""
+        if self.p == 1:
+            return
+        if not t.is_contiguous() or t.numel() < self.p:
+            dist.all_reduce(t, group=self.group)
+            return
+        gen = self._steps(t, tag=1 + self._count % 1024)
+        self._count += 1
+        if next(gen, StopIteration) is not StopIteration:
+            self._inflight.append(gen)
+
+    def advance(self):
+        """One step of every all-reduce in flight (waits for the step's transfer)."""
+        alive = []
+        for gen in self._inflight:
+            if next(gen, StopIteration) is not StopIteration:
+                alive.append(gen)
+        self._inflight = alive
+
+    def finish(self):
+        while self._inflight:
+            self.advance()
+
+    def _steps(self, t, tag):
+        p, r, g = self.p, self.r, self.group
+        nxt, prv = (r + 1) % p, (r - 1) % p
+        if p == 2:
+            recv = torch.empty_like(t)
+            works = _exchange(t, recv, g, nxt, prv, tag)
+            yield
+            _wait(works)
+            t.add_(recv)
+            return
+        flat = t.view(-1)
+        segs = [flat[lo:hi] for lo, hi in chunk_bounds(flat.numel(), p)]
+        for step in range(p - 1):  # reduce-scatter: rank r ends owning segment r+1
+            s_send, s_recv = segs[(r - step) % p], segs[(r - step - 1) % p]
+            recv = torch.empty_like(s_recv)
+            works = _exchange(s_send, recv, g, nxt, prv, tag)
+            yield
+            _wait(works)
+            s_recv.add_(recv)
+        for step in range(p - 1):  # all-gather of the reduced segments
+            works = _exchange(segs[(r + 1 - step) % p], segs[(r - step) % p], g, nxt, prv, tag)
+            yield
+            _wait(works)
 
 
 def chunk_bounds(n, chunks):

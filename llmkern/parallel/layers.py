@@ -189,15 +189,18 @@ class _ColumnFn(torch.autograd.Function):
                 dx = comm.reduce_scatter_dim0(_dgrad_local(dy, weight, A, B, s), g)
                 acc.add(dy, x_full)
         elif p > 1:
-            if cfg.overlap == "ring":  # chunked dgrad, each chunk's all-reduce under the next GEMM
+            if cfg.overlap == "ring":  # chunked dgrad, each chunk's all-reduce under the next GEMMs
                 dx = torch.empty_like(x_full)
-                works = []
-                for lo, hi in comm.chunk_bounds(dy.shape[0], cfg.chunks):
+                ar = comm.PipelinedAllReduce(g)
+                bounds = comm.chunk_bounds(dy.shape[0], cfg.chunks)
+                for lo, hi in bounds:
                     _dgrad_local(dy[lo:hi], weight, A, B, s, out=dx[lo:hi])
-                    works.append(comm.all_reduce(dx[lo:hi], g, async_op=True))
-                acc.add(dy, x_full)  # async dgrad: the weight gradient computes meanwhile
-                for w in works:
-                    w.wait()
+                    ar.advance()
+                    ar.start(dx[lo:hi])
+                for lo, hi in bounds:  # async dgrad: the weight gradient computes meanwhile
+                    acc.add(dy[lo:hi], x_full[lo:hi])
+                    ar.advance()
+                ar.finish()
             else:
                 dx = _dgrad_local(dy, weight, A, B, s)
                 comm.all_reduce(dx, g)
@@ -226,12 +229,12 @@ class _RowFn(torch.autograd.Function):
                 y = comm.reduce_scatter_dim0(_fwd_local(x, weight, A, B, s), g)
         elif cfg.overlap == "ring":
             y = x.new_empty((M, weight.shape[0]))
-            works = []
+            ar = comm.PipelinedAllReduce(g)
             for lo, hi in comm.chunk_bounds(M, cfg.chunks):
                 _fwd_local(x[lo:hi], weight, A, B, s, out=y[lo:hi])
-                works.append(comm.all_reduce(y[lo:hi], g, async_op=True))
-            for w in works:
-                w.wait()
+                ar.advance()
+                ar.start(y[lo:hi])
+            ar.finish()
         else:
             y = _fwd_local(x, weight, A, B, s)
             comm.all_reduce(y, g)

@@ -122,9 +122,12 @@ def _calibrate(name, M, K, N, p, device, dtype, group):
     fns, _ = _make_case(name, M, K, N, device, dtype, group)
     for fn in fns.values():
         fn()
-    tc = statistics.median(_timed_block(fns["compute"], 2, device, group) for _ in range(3))
-    tn = statistics.median(_timed_block(fns["none"], 2, device, group) for _ in range(3))
-    ratio = min(8.0, max(0.125, (tn - tc) / max(tc, 1e-6)))
+    tc, tn = [], []
+    for _ in range(5):
+        tc.append(_timed_block(fns["compute"], 2, device, group))
+        tn.append(_timed_block(fns["none"], 2, device, group))
+    tc, tn = statistics.median(tc), statistics.median(tn)
+    ratio = min(4.0, max(0.25, (tn - tc) / max(tc, 1e-6)))
     step = 32 * p
 
     def scaled(v):
@@ -144,7 +147,7 @@ def _tp_worker(rank, p, cases, quick, device_type, dtype_name, calibrate=True):
     dtype = getattr(torch, dtype_name)
     group = dist.group.WORLD
     out = []
-    rounds = 3 if quick else 7
+    rounds = 11 if quick else 21
     for name, M, K, N in cases:
         if calibrate:  # scale the GEMM's free dimension so that communication ~= compute
             K, N = _calibrate(name, M, K, N, p, device, dtype, group)
@@ -153,7 +156,7 @@ def _tp_worker(rank, p, cases, quick, device_type, dtype_name, calibrate=True):
         for fn in fns.values():  # warm up every variant; calibrate the iteration count
             fn()
         probe = _timed_block(fns["none"], 1, device, group)
-        budget = 40.0 if quick else 150.0  # ms per variant per round
+        budget = 30.0 if quick else 100.0  # ms per variant per round
         iters = max(1, min(50, int(budget / max(probe, 1e-3))))
         times = {k: [] for k in fns}
         for _ in range(rounds):
@@ -215,6 +218,9 @@ def _decomposition_rows(ctx):
     del x, w, out
 
 
+_CALIBRATE = [True]
+
+
 def run_stats(world_size=2, quick=True, device_type="cpu", cases=None, calibrate=None):
     """Spawn `world_size` ranks and return the per-configuration timing dicts."""
     from llmkern.parallel.launch import RankPool
@@ -226,7 +232,7 @@ def run_stats(world_size=2, quick=True, device_type="cpu", cases=None, calibrate
     dtype_name = "float32" if device_type == "cpu" else "bfloat16"
     with RankPool(world_size, backend=backend, pg_timeout=120.0, num_threads=1 if device_type == "cpu" else 0) as pool:
         if calibrate is None:
-            calibrate = device_type == "cpu"
+            calibrate = device_type == "cpu" and _CALIBRATE[0]
         return pool.run(_tp_worker, (cases, quick, device_type, dtype_name, calibrate), timeout=1800)[0]
 
 
@@ -261,7 +267,10 @@ if __name__ == "__main__":  # torchrun --nproc-per-node N -m llmkern.bench.suite
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--full", action="store_true")
+    ap.add_argument("--no-calibrate", action="store_true", help="keep the sizes of CPU_CASES_* as they are")
     args = ap.parse_args()
+    if args.no_calibrate:
+        _CALIBRATE[0] = False
     if "RANK" in os.environ:
         import torch.distributed as dist
 
