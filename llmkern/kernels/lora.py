@@ -157,7 +157,12 @@ def _gemm_kernel(X, W, BIAS, XS, LB, OUT, ROWS, IDS,
         lo = 0
         hi = 0
     offs_r = tl.arange(0, BLOCK_R)
-    lora = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # without an epilogue mask the update accumulates straight into acc (one [BM, BN] fp32 tile
+    # live, no extra registers); with the dropout mask it needs its own accumulator
+    if EPI_DROPOUT:
+        lora = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        lora = acc
     for a in range(lo, hi + 1):
         sel = mask_m & (ids == a)
         for r0 in range(0, R, BLOCK_R):
@@ -170,8 +175,9 @@ def _gemm_kernel(X, W, BIAS, XS, LB, OUT, ROWS, IDS,
             lora = tl.dot(xs.to(lb.dtype), lb, lora, input_precision=PRECISION)
     if EPI_DROPOUT:
         keep = _keep_mask(rows, offs_n, SEED, threshold)
-        lora = tl.where(keep, lora * inv_keep, 0.0)
-    acc += lora
+        acc += tl.where(keep, lora * inv_keep, 0.0)
+    else:
+        acc = lora
     if HAS_BIAS:
         b = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc += b[None, :]
