@@ -311,7 +311,7 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device}")
     ids = adapter_ids.reshape(-1)
     if _checking_values() and M > 0:
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
         if lo < -1 or hi >= n:
             raise ValueError(f"adapter_ids must be in [-1, {n}), got values in [{lo}, {hi}]")
     lora_A = lora_A.to(x.dtype)
