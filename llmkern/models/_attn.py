@@ -87,10 +87,11 @@ class KVCache:
     `seqlen` once per forward. `reorder(idx)` gathers batch rows (beam search).
     """
 
-    def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, dtype, device):
-        shape = (batch, n_kv_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+    def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, dtype=None, device=None):
+        self.shape = (batch, n_kv_head, max_len, head_dim)
+        self.dtype, self.device = dtype, device  # None: those of the first keys written (autocast-safe)
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
         self.max_len = max_len
         self.seqlen = 0
 
@@ -98,6 +99,9 @@ class KVCache:
         T = k.shape[2]
         if self.seqlen + T > self.max_len:
             raise ValueError(f"KVCache: {self.seqlen} + {T} tokens exceed max_len={self.max_len}")
+        if self.k[layer] is None:
+            kw = dict(dtype=self.dtype or k.dtype, device=self.device or k.device)
+            self.k[layer], self.v[layer] = torch.zeros(self.shape, **kw), torch.zeros(self.shape, **kw)
         self.k[layer][:, :, self.seqlen:self.seqlen + T] = k
         self.v[layer][:, :, self.seqlen:self.seqlen + T] = v
         return self.k[layer], self.v[layer]
@@ -106,8 +110,8 @@ class KVCache:
         self.seqlen += T
 
     def reorder(self, idx):
-        self.k = [t.index_select(0, idx) for t in self.k]
-        self.v = [t.index_select(0, idx) for t in self.v]
+        self.k = [None if t is None else t.index_select(0, idx) for t in self.k]
+        self.v = [None if t is None else t.index_select(0, idx) for t in self.v]
 
 
 class ZooModel(torch.nn.Module):
@@ -148,14 +152,15 @@ class ZooModel(torch.nn.Module):
         return kvs
 
     def new_cache(self, batch, max_len=None, dtype=None, device=None):
-        """An empty KVCache for `batch` sequences of up to `max_len` tokens (default block_size)."""
+        """An empty KVCache for `batch` sequences of up to `max_len` tokens (default block_size);
+        its dtype is `dtype`, or that of the first keys written (the autocast dtype under autocast)."""
         c = self.config
         p = next(self.parameters())
         # heads per rank: tensor_parallelize divides the attention modules' n_kv_head
         kv_heads = next((m.n_kv_head for m in self.modules() if m is not self and hasattr(m, "n_kv_head")),
                         c.n_kv_head)
         return KVCache(c.n_layer, batch, kv_heads, max_len or c.block_size, c.head_dim,
-                       dtype or p.dtype, device or p.device)
+                       dtype, device or p.device)
 
     @staticmethod
     def lm_loss(logits, labels):

@@ -68,8 +68,9 @@ def _plan(device, quick):
         tiny = get_config("gpt-tiny", n_layer=2, n_embd=128, n_head=4, block_size=128, vocab_size=512)
         tiny_l = get_config("llama-tiny", n_layer=2, n_embd=128, n_head=4, n_kv_head=2, intermediate_size=352,
                             block_size=128, vocab_size=512)
-        rows = [("gpt-tiny (2L d128)", tiny, 4, 128, False), ("llama-tiny (2L d128 GQA)", tiny_l, 4, 128, False),
-                ("gpt-tiny (2L d128)", tiny, 4, 128, True)]
+        B, T = (2, 64) if quick else (4, 128)
+        rows = [("gpt-tiny (2L d128)", tiny, B, T, False), ("llama-tiny (2L d128 GQA)", tiny_l, B, T, False),
+                ("gpt-tiny (2L d128)", tiny, B, T, True)]
         if not quick:
             rows.insert(0, ("gpt2-124m", get_config("gpt2"), 1, 256, False))
         return rows
