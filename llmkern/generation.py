@@ -7,10 +7,11 @@
     out = generate(model, input_ids, 32, strategy="beam", num_beams=4,
                    allowed_tokens=mask, scorers=[(0.5, my_feature)])         # guided
 
-`model` is a zoo model (llmkern.models.GPT / Llama) or anything with `model(ids, cache=...)` and
-`model.new_cache(batch, max_len)`; prompts are [B, T] without padding. Returns the prompt followed
-by the new tokens, [B * num_return_sequences, T + n]; rows that stop early (eos) are filled with
-pad_token_id, as transformers' generate does.
+`model` is a zoo model (llmkern.models.GPT / Llama) or anything with `model(ids, cache=...,
+last_only=True)` and `model.new_cache(batch, max_len)`; prompts are [B, T] without padding.
+Returns the prompt followed by the new tokens, [B * num_return_sequences, T + n]; rows that stop
+early (eos) are filled with pad_token_id, as transformers' generate does (which, unlike us, fills
+finished beams with eos when pad_token_id is 0).
 
 Strategies (the seed deck's decoding slide):
   greedy  argmax of the (penalised, masked) logits — llmkern.sample with temperature=0.
@@ -99,7 +100,7 @@ class _Stepper:
     def __call__(self, seqs, n_new):
         """Logits (float32) of the last position, given sequences whose last n_new tokens are new."""
         ids = seqs[:, -n_new:] if self.use_cache else seqs
-        return self.model(ids, cache=self.cache)[:, -1, :].float()
+        return self.model(ids, cache=self.cache, last_only=True)[:, -1, :].float()
 
     def reorder(self, idx):
         if self.cache is not None:

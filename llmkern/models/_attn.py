@@ -166,8 +166,11 @@ class ZooModel(torch.nn.Module):
     def lm_loss(logits, labels):
         """Next-token cross entropy, Hugging Face style: labels align with input_ids and are shifted
         here; -100 is ignored."""
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                               labels[:, 1:].reshape(-1), ignore_index=-100)
+        shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+        flat = logits.reshape(-1, logits.shape[-1])  # a view: no copy of the [B, T, V] logits
+        if flat.dtype != torch.float32:  # (autocast would upcast it for cross_entropy all the same)
+            flat = flat.float()
+        return F.cross_entropy(flat, shifted.reshape(-1), ignore_index=-100)
 
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())

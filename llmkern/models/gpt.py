@@ -98,9 +98,10 @@ class GPT(ZooModel):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, input_ids, labels=None, *, cache=None):
+    def forward(self, input_ids, labels=None, *, cache=None, last_only=False):
         """Logits [B, T, V]; (logits, loss) when labels are given. With a KVCache, input_ids are
-        the next tokens after the cache's contents and the cache is extended."""
+        the next tokens after the cache's contents and the cache is extended. last_only=True
+        computes the logits of the last position only ([B, 1, V], for decoding)."""
         start = self._check_input(input_ids, cache)
         T = input_ids.shape[1]
         pos = torch.arange(start, start + T, device=input_ids.device)
@@ -110,6 +111,8 @@ class GPT(ZooModel):
             x = block(x, cache, i, prefixes[i])
         if cache is not None:
             cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.ln_f(x))
         if labels is None:
             return logits

@@ -112,9 +112,10 @@ class Llama(ZooModel):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, input_ids, labels=None, *, cache=None):
+    def forward(self, input_ids, labels=None, *, cache=None, last_only=False):
         """Logits [B, T, V]; (logits, loss) when labels are given. With a KVCache, input_ids are
-        the next tokens after the cache's contents and the cache is extended."""
+        the next tokens after the cache's contents and the cache is extended. last_only=True
+        computes the logits of the last position only ([B, 1, V], for decoding)."""
         start = self._check_input(input_ids, cache)
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
@@ -124,6 +125,8 @@ class Llama(ZooModel):
             x = block(x, cos, sin, cache, i, prefixes[i])
         if cache is not None:
             cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
         if labels is None:
             return logits
