@@ -232,10 +232,18 @@ def test_info_registration():
 
 # ---- GPU ------------------------------------------------------------------------------------------
 
+@pytest.fixture
+def fixed_config(monkeypatch):
+    """One kernel configuration instead of autotuning: keeps `pytest -m gpu` short."""
+    monkeypatch.setenv("LLMKERN_LORA_AUTOTUNE", "0")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("M,K_,N,r", [(1000, 1024, 768, 16), (4096, 4096, 4096, 64), (333, 515, 1030, 256)])
-def test_gpu_lora_linear_large(dtype, M, K_, N, r):
+@pytest.mark.parametrize("dtype,M,K_,N,r", [(torch.bfloat16, 1000, 1024, 768, 16),
+                                            (torch.bfloat16, 4096, 4096, 4096, 64),
+                                            (torch.float16, 333, 515, 1030, 256),
+                                            (torch.float32, 257, 384, 200, 8)])
+def test_gpu_lora_linear_large(fixed_config, dtype, M, K_, N, r):
     x, W, b, A, B = _inputs(M, K_, N, r, dtype, device="cuda")
     xs, As, Bs, Ws = _leaf(x), _leaf(A), _leaf(B), _leaf(W)
     y = llmkern.lora_linear(xs, Ws, b, As, Bs, 2.0, 0.1, seed=3)
@@ -251,7 +259,7 @@ def test_gpu_lora_linear_large(dtype, M, K_, N, r):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [1, 4, 16])
-def test_gpu_multi_adapter_and_cuda_graph(n):
+def test_gpu_multi_adapter_and_cuda_graph(fixed_config, n):
     M, K_, N, r = 2048, 1024, 1024, 16
     x, W, b, A, B = _inputs(M, K_, N, r, torch.bfloat16, n=n, device="cuda")
     ids = torch.randint(-1, n, (M,), device="cuda")
@@ -296,7 +304,7 @@ def test_gpu_torch_compile_fullgraph():
 
 
 @pytest.mark.gpu
-def test_gpu_opcheck():
+def test_gpu_opcheck(fixed_config):
     from llmkern.ops import lora as L
 
     x, W, b, A, B = _inputs(64, 96, 80, 8, torch.float16, device="cuda")

@@ -23,6 +23,8 @@ Launchers take any strides but make inputs contiguous first (gradients from `.su
 stride-0 expanded tensors). Under TRITON_INTERPRET=1 they use one small fixed configuration;
 on GPU the kernels are autotuned.
 """
+import os
+
 import triton
 import triton.language as tl
 import torch
@@ -259,18 +261,30 @@ def _reduce_configs():
 _tuned = {}
 
 
+# One sensible GPU configuration per kernel, used when LLMKERN_LORA_AUTOTUNE=0 (fast test runs).
+_FIXED_GPU = {"gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+              "shrink": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+              "reduce": dict(BLOCK_M=64, BLOCK_P=128, num_warps=4, num_stages=3)}
+
+
 def _kernel(name):
-    """The raw kernel under the interpreter (fixed small blocks), an autotuned one on GPU."""
+    """The raw kernel under the interpreter (fixed small blocks), an autotuned one on GPU.
+
+    Autotune keys include the strides that tell the forward GEMM (W, K-contiguous) from the
+    backward one (Wᵀ) and A from the Bᵀ view, so each gets its own configuration."""
     raw = {"gemm": _gemm_kernel, "shrink": _shrink_kernel, "reduce": _reduce_kernel}[name]
     if triton_interpreting():
         return raw, {"gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
                      "shrink": dict(BLOCK_M=16, BLOCK_K=32),
                      "reduce": dict(BLOCK_M=16, BLOCK_P=32)}[name]
+    if os.environ.get("LLMKERN_LORA_AUTOTUNE", "1") == "0":
+        return raw, _FIXED_GPU[name]
     if name not in _tuned:
         if name == "gemm":
-            _tuned[name] = triton.autotune(_gemm_configs(), key=["N", "K", "R", "HAS_IDS", "EPI_DROPOUT"])(raw)
+            _tuned[name] = triton.autotune(_gemm_configs(),
+                                           key=["N", "K", "R", "swk", "HAS_IDS", "EPI_DROPOUT"])(raw)
         elif name == "shrink":
-            _tuned[name] = triton.autotune(_shrink_configs(), key=["K", "R", "HAS_IDS", "DROPOUT"])(raw)
+            _tuned[name] = triton.autotune(_shrink_configs(), key=["K", "R", "sa_k", "HAS_IDS", "DROPOUT"])(raw)
         else:
             _tuned[name] = triton.autotune(_reduce_configs(), key=["P", "R", "HAS_IDS", "DROPOUT"])(raw)
     return _tuned[name], {}

@@ -1,6 +1,7 @@
 """Suite "lora": the fused LoRA linear against PEFT-style unfused math and the frozen base GEMM.
 
-GPU protocol (issue 4): M = 8192 tokens, in = out = 4096, r in {8, 16, 64}, bf16.
+GPU protocol (issue 4; --full): M = 8192 tokens, in = out = 4096, r in {8, 16, 64}, bf16 (quick:
+r = 16, 1 and 16 adapters).
   - forward, and forward+backward with a frozen base weight (grads for x, A, B), against
     (a) PEFT's unfused math  F.linear(x, W, b) + s · B(A(x))  (the row's baseline) and
     (b) the frozen base layer alone  F.linear(x, W, b)  (extra["base_ms"], extra["vs_base"] =
@@ -37,9 +38,9 @@ def run(ctx):
 
     dev = ctx.device
     cuda = dev.type == "cuda"
-    if cuda:
-        M, K, N, ranks, dtype = 8192, 4096, 4096, (8, 16, 64), torch.bfloat16
-        n_adapters, seqs = (1, 4, 16), 16
+    if cuda:  # quick: r = 16 and 1 / 16 adapters (each new shape autotunes the kernels once)
+        M, K, N, dtype, seqs = 8192, 4096, 4096, torch.bfloat16, 16
+        ranks, n_adapters = ((16,), (1, 16)) if ctx.quick else ((8, 16, 64), (1, 4, 16))
     else:
         M, K, N, ranks, dtype = 128, 128, 128, (8,), torch.float32
         n_adapters, seqs = (1, 4), 4
