@@ -91,20 +91,46 @@ def _score_terms(scorers, seqs, log_probs):
 
 
 class _Stepper:
-    """Runs the model one step at a time over a KV cache (or over the whole prefix without one)."""
+    """Runs the model one step at a time over a KV cache (or over the whole prefix without one),
+    keeping the attention mask of left-padded prompts (None: no padding)."""
 
-    def __init__(self, model, batch, max_len, use_cache):
+    def __init__(self, model, batch, max_len, use_cache, mask=None):
         self.model, self.use_cache = model, use_cache
         self.cache = model.new_cache(batch, max_len) if use_cache else None
+        self.mask = mask
 
     def __call__(self, seqs, n_new):
         """Logits (float32) of the last position, given sequences whose last n_new tokens are new."""
         ids = seqs[:, -n_new:] if self.use_cache else seqs
-        return self.model(ids, cache=self.cache, last_only=True)[:, -1, :].float()
+        kw = {}
+        if self.mask is not None:
+            if self.mask.shape[1] < seqs.shape[1]:  # generated tokens are real tokens
+                grow = self.mask.new_ones(self.mask.shape[0], seqs.shape[1] - self.mask.shape[1])
+                self.mask = torch.cat([self.mask, grow], 1)
+            kw["attention_mask"] = self.mask
+        return self.model(ids, cache=self.cache, last_only=True, **kw)[:, -1, :].float()
 
     def reorder(self, idx):
         if self.cache is not None:
             self.cache.reorder(idx)
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, idx)
+
+
+def _check_mask(attention_mask, input_ids):
+    """A left-padding mask [B, T] (1 = token, 0 = padding) as bool, or None when there is no padding."""
+    if attention_mask is None:
+        return None
+    if not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(getattr(attention_mask, 'shape', ()))}")
+    m = attention_mask.to(input_ids.device).bool()
+    if bool(m.all()):
+        return None
+    if not bool(m[:, -1].all()) or bool((m[:, 1:].long() - m[:, :-1].long() < 0).any()):
+        raise ValueError("attention_mask: only left padding is supported for generation (each row: "
+                         "zeros, then ones, ending with a real token)")
+    return m
 
 
 @torch.no_grad()
@@ -112,8 +138,11 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
              temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
              presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None,
              num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
-             allowed_tokens=None, scorers=None, use_cache=True, return_dict=False):
-    """Continue `input_ids` [B, T] by up to `max_new_tokens` tokens (see the module docstring)."""
+             allowed_tokens=None, scorers=None, use_cache=True, return_dict=False, attention_mask=None):
+    """Continue `input_ids` [B, T] by up to `max_new_tokens` tokens (see the module docstring).
+
+    attention_mask: [B, T], 1 = token, 0 = left padding (batched prompts of different lengths,
+    transformers' convention: positions count real tokens only)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
@@ -125,6 +154,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     if block is not None and input_ids.shape[1] + max_new_tokens > block:
         raise ValueError(f"max_new_tokens: {input_ids.shape[1]} + {max_new_tokens} exceeds the model's "
                          f"block_size={block}")
+    mask = _check_mask(attention_mask, input_ids)
     eos = _eos_tensor(eos_token_id, input_ids.device)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos is not None else 0
@@ -148,30 +178,31 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                 raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
             out = _beam_search(model, input_ids, max_new_tokens, eos, pad_token_id, num_beams,
                                float(length_penalty), early_stopping, num_return_sequences,
-                               logit_bias, allowed_tokens, scorers, use_cache)
+                               logit_bias, allowed_tokens, scorers, use_cache, mask)
         else:
             if num_beams != 1:
                 raise ValueError(f"num_beams={num_beams} needs strategy='beam'")
             if num_return_sequences != 1:
                 input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+                mask = None if mask is None else mask.repeat_interleave(num_return_sequences, dim=0)
             out = _decode(model, input_ids, max_new_tokens, strategy, eos, pad_token_id,
                           dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                frequency_penalty=frequency_penalty),
-                          logit_bias, seed, allowed_tokens, scorers, use_cache)
+                          logit_bias, seed, allowed_tokens, scorers, use_cache, mask)
     finally:
         model.train(was_training)
     return out if return_dict else out.sequences
 
 
 def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_bias, seed,
-            allowed_tokens, scorers, use_cache):
+            allowed_tokens, scorers, use_cache, mask):
     from llmkern.ops.sampling import sample
 
     B, T0 = input_ids.shape
     dev = input_ids.device
     seqs = input_ids
-    step = _Stepper(model, B, T0 + max_new_tokens, use_cache)
+    step = _Stepper(model, B, T0 + max_new_tokens, use_cache, mask)
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
     logps = []
     seeds = None
@@ -182,13 +213,13 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
         logits = step(seqs, n_new)
         n_new = 1
         V = logits.shape[-1]
-        mask = _allowed(allowed_tokens, seqs, V)
+        allow = _allowed(allowed_tokens, seqs, V)
         bias = logit_bias
         if scorers and strategy == "sample":
-            base = torch.log_softmax(logits if mask is None else logits.masked_fill(~mask, float("-inf")), -1)
+            base = torch.log_softmax(logits if allow is None else logits.masked_fill(~allow, float("-inf")), -1)
             terms = _score_terms(scorers, seqs, base)
             bias = terms if bias is None else bias.to(terms) + terms
-        kw = dict(knobs, prev_tokens=seqs, logit_bias=bias, allowed_tokens=mask, return_logprobs=True)
+        kw = dict(knobs, prev_tokens=seqs, logit_bias=bias, allowed_tokens=allow, return_logprobs=True)
         if strategy == "greedy":
             kw["temperature"] = 0.0
             if scorers:  # argmax of log p + Σ α f over the processed (penalised, masked) distribution
@@ -232,7 +263,7 @@ def _processed_logprobs(logits, seqs, kw):
 
 
 def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_penalty, early_stopping,
-                 num_return_sequences, logit_bias, allowed_tokens, scorers, use_cache):
+                 num_return_sequences, logit_bias, allowed_tokens, scorers, use_cache, mask):
     """transformers' (>= 4.50) vectorised beam search, with our masks and scorers added to the
     log-probabilities before the beams are ranked."""
     B, T0 = input_ids.shape
@@ -255,7 +286,7 @@ def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_p
     running_len = torch.zeros(B, K, dtype=torch.long, device=dev)
 
     # prefill once per prompt, then copy the cache to every beam
-    step = _Stepper(model, B, max_length, use_cache)
+    step = _Stepper(model, B, max_length, use_cache, mask)
     cur_len = T0
     if max_new_tokens == 0:
         return GenerationOutput(input_ids.repeat_interleave(num_return_sequences, 0),
@@ -269,9 +300,9 @@ def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_p
         log_probs = torch.log_softmax(logits, dim=-1)
         if logit_bias is not None:
             log_probs = log_probs + logit_bias.to(log_probs)
-        mask = _allowed(allowed_tokens, flat, V)
-        if mask is not None:
-            log_probs = log_probs.masked_fill(~mask, float("-inf"))
+        allow = _allowed(allowed_tokens, flat, V)
+        if allow is not None:
+            log_probs = log_probs.masked_fill(~allow, float("-inf"))
         if scorers:
             log_probs = log_probs + _score_terms(scorers, flat, log_probs)
         acc = (log_probs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)

@@ -193,3 +193,32 @@ def test_generate_bad_arguments():
         generate(m, x, 2, allowed_tokens=torch.ones(10, dtype=torch.bool))
     with pytest.raises(ValueError, match="scorers"):
         generate(m, x, 2, scorers=[3.0])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_left_padded_batch_equals_transformers(pairs, arch):
+    m, hf = pairs[arch]
+    x = torch.randint(0, V, (3, 8), generator=torch.Generator().manual_seed(8))
+    am = torch.ones_like(x)
+    am[0, :3] = 0
+    am[2, :5] = 0
+    x[am == 0] = PAD
+    pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 1)  # transformers' positions for left padding
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, attention_mask=am)[am.bool()],
+                                   hf(x, attention_mask=am, position_ids=pos).logits[am.bool()], atol=1e-4, rtol=1e-4)
+    for backend in ("torch", "llmkern"):
+        m.backend = backend
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours = generate(m, x, 8, attention_mask=am, pad_token_id=PAD)
+            assert torch.equal(ours, hf.generate(x, attention_mask=am, max_new_tokens=8, do_sample=False,
+                                                 pad_token_id=PAD))
+            beam = generate(m, x, 8, strategy="beam", num_beams=3, attention_mask=am, pad_token_id=PAD)
+            assert torch.equal(beam, hf.generate(x, attention_mask=am, max_new_tokens=8, do_sample=False,
+                                                 num_beams=3, pad_token_id=PAD))
+            # the padded row continues exactly as the same prompt alone
+            assert torch.equal(ours[2, 5:], generate(m, x[2:, 5:], 8)[0])
+    m.backend = "torch"
+    with pytest.raises(ValueError, match="left padding"):
+        generate(m, x, 2, attention_mask=am.flip(1))

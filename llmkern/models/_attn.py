@@ -35,11 +35,17 @@ def llmkern_ops():
     return getattr(mod, "attention", None), getattr(mod, "attention_with_kvcache", None)
 
 
-def _sdpa(q, k, v, causal, dropout_p=0.0):
+def _sdpa(q, k, v, causal, dropout_p=0.0, key_padding_mask=None):
     H, Hkv = q.shape[1], k.shape[1]
     Tq, Tk = q.shape[2], k.shape[2]
     mask = None
-    if causal and Tq != Tk:  # bottom-right aligned causal mask (queries are the last Tq positions)
+    if key_padding_mask is not None:  # bool [B, Tk]; every query also sees its own key (no empty rows)
+        i = torch.arange(Tq, device=q.device).view(-1, 1) + (Tk - Tq)
+        j = torch.arange(Tk, device=q.device).view(1, -1)
+        mask = key_padding_mask[:, None, None, :] & ((j <= i) if causal else True)
+        mask = mask | (j == i)
+        causal = False
+    elif causal and Tq != Tk:  # bottom-right aligned causal mask (queries are the last Tq positions)
         if Tq > 1:
             i = torch.arange(Tq, device=q.device).view(-1, 1) + (Tk - Tq)
             mask = torch.arange(Tk, device=q.device).view(1, -1) <= i
@@ -49,11 +55,13 @@ def _sdpa(q, k, v, causal, dropout_p=0.0):
                                           is_causal=causal, **kw)
 
 
-def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=None):
+def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=None, key_padding_mask=None):
     """Causal self-attention of q over k/v; with a KV cache, k/v are appended first.
 
     prefix: optional (P_K, P_V) [B or 1, Hkv, P, D] prepended to the keys/values and always
-    visible (prefix-tuning; the cache holds only the real tokens). Returns [B, H, Tq, D].
+    visible (prefix-tuning; the cache holds only the real tokens).
+    key_padding_mask: optional bool [B, Tk] over all keys (cached + new), True = real token.
+    Returns [B, H, Tq, D].
     """
     attn_fn = kv_fn = None
     if backend == "llmkern":
@@ -64,7 +72,7 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
             attn_fn = kv_fn = None
     if cache is not None:
         start = cache.seqlen
-        if kv_fn is not None and start > 0 and prefix is None:
+        if kv_fn is not None and start > 0 and prefix is None and key_padding_mask is None:
             k_cache, v_cache = cache.append(layer, k, v)
             seqlens = torch.full((q.shape[0],), start + k.shape[2], dtype=torch.int32, device=q.device)
             return kv_fn(q, k_cache, v_cache, seqlens, causal=True)
@@ -75,9 +83,13 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
         B = q.shape[0]
         k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
         v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+        if key_padding_mask is not None:
+            key_padding_mask = torch.cat([key_padding_mask.new_ones(B, pk.shape[2]), key_padding_mask], 1)
     if attn_fn is not None:
+        if key_padding_mask is not None:
+            return attn_fn(q, k, v, causal=True, key_padding_mask=key_padding_mask)
         return attn_fn(q, k, v, causal=True)
-    return _sdpa(q, k, v, True, dropout_p)
+    return _sdpa(q, k, v, True, dropout_p, key_padding_mask)
 
 
 class KVCache:
@@ -188,12 +200,31 @@ class ZooModel(torch.nn.Module):
             fused = all(p.is_cuda for p in params)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
-    def _check_input(self, input_ids, cache):
+    def _check_input(self, input_ids, cache, attention_mask=None, position_ids=None):
+        """Validates the inputs; returns (start, position_ids [B, T] or None, key mask [B, Tk] or None).
+
+        attention_mask (Hugging Face semantics): [B, start + T], 1 = real token, 0 = padding (left
+        padding for generation), over the cached and the new tokens. Without position_ids, positions
+        count real tokens only (cumsum(mask) - 1), as transformers does."""
         if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
                              f"{getattr(input_ids, 'shape', type(input_ids))}")
         start = cache.seqlen if cache is not None else 0
-        if start + input_ids.shape[1] > self.config.block_size:
-            raise ValueError(f"input_ids: {start} + {input_ids.shape[1]} tokens exceed "
+        B, T = input_ids.shape
+        if start + T > self.config.block_size:
+            raise ValueError(f"input_ids: {start} + {T} tokens exceed "
                              f"block_size={self.config.block_size}")
-        return start
+        kpm = None
+        if attention_mask is not None:
+            if not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != (B, start + T):
+                raise ValueError(f"attention_mask must be a tensor [batch, cached + new tokens] = "
+                                 f"[{B}, {start + T}], got {tuple(getattr(attention_mask, 'shape', ()))}")
+            kpm = attention_mask.to(device=input_ids.device).bool()
+            if position_ids is None:
+                pos = kpm.long().cumsum(-1) - 1
+                position_ids = pos.masked_fill(~kpm, 1)[:, start:]
+            if bool(kpm.all()):
+                kpm = None
+        if position_ids is not None and tuple(position_ids.shape) != (B, T):
+            raise ValueError(f"position_ids must be [batch, seq] = [{B}, {T}], got {tuple(position_ids.shape)}")
+        return start, position_ids, kpm

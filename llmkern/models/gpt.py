@@ -31,12 +31,13 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.backend_name = backend
 
-    def forward(self, x, cache=None, layer=None, prefix=None):
+    def forward(self, x, cache=None, layer=None, prefix=None, kpm=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         y = attend(q, k, v, backend=self.backend_name, cache=cache, layer=layer, prefix=prefix,
+                   key_padding_mask=kpm,
                    dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return F.dropout(self.o_proj(y), self.dropout, self.training)
@@ -62,8 +63,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cache=None, layer=None, prefix=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, prefix)
+    def forward(self, x, cache=None, layer=None, prefix=None, kpm=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, prefix, kpm)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -98,17 +99,20 @@ class GPT(ZooModel):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, input_ids, labels=None, *, cache=None, last_only=False):
+    def forward(self, input_ids, labels=None, *, cache=None, last_only=False, attention_mask=None,
+                position_ids=None):
         """Logits [B, T, V]; (logits, loss) when labels are given. With a KVCache, input_ids are
         the next tokens after the cache's contents and the cache is extended. last_only=True
-        computes the logits of the last position only ([B, 1, V], for decoding)."""
-        start = self._check_input(input_ids, cache)
+        computes the logits of the last position only ([B, 1, V], for decoding). attention_mask /
+        position_ids: Hugging Face semantics (see ZooModel._check_input), for padded batches."""
+        start, pos, kpm = self._check_input(input_ids, cache, attention_mask, position_ids)
         T = input_ids.shape[1]
-        pos = torch.arange(start, start + T, device=input_ids.device)
+        if pos is None:
+            pos = torch.arange(start, start + T, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
         prefixes = self.prefixes(input_ids.shape[0])
         for i, block in enumerate(self.h):
-            x = block(x, cache, i, prefixes[i])
+            x = block(x, cache, i, prefixes[i], kpm)
         if cache is not None:
             cache.advance(T)
         if last_only:

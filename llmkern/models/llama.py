@@ -32,7 +32,7 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    """x [B, H, T, D]; cos/sin [T, D] (the two halves of D rotate together, as in HF Llama)."""
+    """x [B, H, T, D]; cos/sin [T, D] or [B, 1, T, D] (the two halves of D rotate together, as in HF Llama)."""
     return x * cos + rotate_half(x) * sin
 
 
@@ -47,13 +47,14 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.backend_name = backend
 
-    def forward(self, x, cos, sin, cache=None, layer=None, prefix=None):
+    def forward(self, x, cos, sin, cache=None, layer=None, prefix=None, kpm=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = attend(q, k, v, backend=self.backend_name, cache=cache, layer=layer, prefix=prefix,
+                   key_padding_mask=kpm,
                    dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
@@ -79,8 +80,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, layer=None, prefix=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, prefix)
+    def forward(self, x, cos, sin, cache=None, layer=None, prefix=None, kpm=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, prefix, kpm)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -106,23 +107,29 @@ class Llama(ZooModel):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
 
-    def rope(self, start, T, dtype):
-        pos = torch.arange(start, start + T, device=self.inv_freq.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.float())
+    def rope(self, pos, dtype):
+        """cos, sin for positions pos ([T] or [B, T]): [T, D] or [B, 1, T, D]."""
+        freqs = pos.float()[..., None] * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
+        if emb.dim() == 3:
+            emb = emb[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, input_ids, labels=None, *, cache=None, last_only=False):
+    def forward(self, input_ids, labels=None, *, cache=None, last_only=False, attention_mask=None,
+                position_ids=None):
         """Logits [B, T, V]; (logits, loss) when labels are given. With a KVCache, input_ids are
         the next tokens after the cache's contents and the cache is extended. last_only=True
-        computes the logits of the last position only ([B, 1, V], for decoding)."""
-        start = self._check_input(input_ids, cache)
+        computes the logits of the last position only ([B, 1, V], for decoding). attention_mask /
+        position_ids: Hugging Face semantics (see ZooModel._check_input), for padded batches."""
+        start, pos, kpm = self._check_input(input_ids, cache, attention_mask, position_ids)
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rope(start, T, x.dtype)
+        if pos is None:
+            pos = torch.arange(start, start + T, device=input_ids.device)
+        cos, sin = self.rope(pos, x.dtype)
         prefixes = self.prefixes(input_ids.shape[0])
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, cache, i, prefixes[i])
+            x = block(x, cos, sin, cache, i, prefixes[i], kpm)
         if cache is not None:
             cache.advance(T)
         if last_only:
