@@ -194,6 +194,18 @@ __device__ __forceinline__ Chunk warp_chunk(const Row& R, int V, int w) {
   return ch;
 }
 
+// The warp chunk holding element i (the inverse of warp_chunk).
+template <DType DT>
+__device__ __forceinline__ int chunk_of(const Row& R, int V, int i) {
+  constexpr int eb = DT == DType::F32 ? 4 : 2;
+  const int mis = (int)(reinterpret_cast<uintptr_t>(R.x) & 15);
+  const int h = min(V, ((16 - mis) & 15) / eb);
+  const int per = (V - h + kWarps - 1) / kWarps;
+  const int c = (per + kVec<DT> - 1) / kVec<DT> * kVec<DT>;
+  if (c == 0 || i < h + c) return 0;
+  return min(kWarps - 1, (i - h) / c);
+}
+
 // Calls f(i, y, valid) for every element of this warp's chunk. The loop is uniform over the
 // warp's lanes (all 32 lanes call f the same number of times, `valid` false where there is no
 // element), with 16-byte loads, kPer elements per lane in flight.
@@ -256,6 +268,7 @@ struct Smem {
   unsigned long long wscr[kWarps][32];
   unsigned long long red[kWarps];
   unsigned long long wsum[kWarps];
+  unsigned long long wdef[kWarps];
   unsigned long long above;
   int bucket;
   int ncand;
@@ -375,9 +388,12 @@ __device__ int find_bucket(Smem& S, bool by_mass, int bins, unsigned long long t
   return b;
 }
 
-// Candidate predicate: level-1 digit == val (kind 0) or key >= val (kind 1).
+// Candidate predicates: level-1 digit == val (kind 0), key >= val (kind 1), or the level-1 and
+// level-2 digits == val (kind 2).
+constexpr int kDigit1 = 0, kAtLeast = 1, kDigit12 = 2;
+__device__ __forceinline__ int pred_shift(int kind) { return kind == kDigit1 ? 32 - kBits1 : kBits3; }
 __device__ __forceinline__ bool pred(uint32_t key, int kind, uint32_t val) {
-  return kind == 0 ? (key >> (32 - kBits1)) == val : key >= val;
+  return kind == kAtLeast ? key >= val : (key >> pred_shift(kind)) == val;
 }
 
 __device__ __forceinline__ void clear_hist(Smem& S) {
@@ -390,10 +406,16 @@ __device__ __forceinline__ void clear_hist(Smem& S) {
 // Gathers the keys that satisfy the predicate into S.cand (up to kCandCap); returns their
 // number. With `want_mass`, *z gets their total mass. With hist2 >= 0 (a kind-0 predicate that
 // is known to overflow the list), the pass also builds the level-2 histogram of the hits
-// (0: counts, 1: masses), so that the radix walk continues at level 3.
+// (0: counts, 1: masses), so that the radix walk continues at level 3. With `def` (kinds 0
+// and 2), S.wdef[w] gets the mass, per warp chunk, of the elements above the bucket (certainly
+// kept: the threshold lies in the bucket) with e >= min_p.
 template <DType DT>
 __device__ int gather(const Row& R, int V, float m, int kind, uint32_t val, bool want_mass,
-                      unsigned long long* z, Smem& S, int hist2 = -1) {
+                      unsigned long long* z, Smem& S, int hist2 = -1, bool def = false,
+                      float min_p = 0.f) {
+  const bool want_def = def && kind != kAtLeast;
+  unsigned long long dsum = 0;
+
   if (hist2 >= 0) {
     __syncthreads();  // the caller's reads of the histograms are done
     clear_hist(S);
@@ -405,6 +427,10 @@ __device__ int gather(const Row& R, int V, float m, int kind, uint32_t val, bool
   for_row<DT>(R, V, [&](int i, float y, bool ok) {
     const uint32_t key = order_key(y);
     const bool hit = ok && pred(key, kind, val);
+    if (want_def && ok && (key >> pred_shift(kind)) > val) {
+      const float e = e_of(y, m);
+      dsum += f_ge(e, min_p) ? mass_of(e) : 0ull;
+    }
     const unsigned bal = __ballot_sync(0xffffffffu, hit);
     if (bal == 0) return;
     if (hist2 >= 0)
@@ -421,6 +447,10 @@ __device__ int gather(const Row& R, int V, float m, int kind, uint32_t val, bool
       if (want_mass) my += mass_of(e_of(y, m));
     }
   });
+  if (want_def) {
+    dsum = warp_sum(dsum);
+    if (lane == 0) S.wdef[threadIdx.x >> 5] = dsum;
+  }
   __syncthreads();
   const int n = S.ncand;
   if (want_mass) *z = block_sum(my, S);
@@ -499,76 +529,108 @@ __device__ unsigned long long count_from(Smem& S, int b) {
   return block_sum(c, S);
 }
 
+// What the candidate list tells about the kept set once the threshold is known.
+constexpr int kListNone = 0;      // nothing: the draw needs a pass over the row
+constexpr int kListAll = 1;       // the list holds every kept element
+constexpr int kListBoundary = 2;  // the list holds the threshold's bucket; S.wdef the mass above
+
+// After a kind-0 gather of level-1 bucket b (n hits; with `over`, n > kCandCap and the gather
+// built the level-2 histogram): radix levels 2 and 3. On overflow, the level-2 bucket is
+// gathered in a second pass (kind 2); level 3 then runs on the list unless that overflows too.
+template <DType DT>
+__device__ uint32_t walk_bucket(const Row& R, int V, float m, uint32_t b, int n, bool over,
+                                unsigned long long target, bool by_mass, bool def, float min_p,
+                                Smem& S, int* list_n, int* mode) {
+  if (!over) {
+    *list_n = n;
+    *mode = kListBoundary;
+    return refine<DT>(R, V, m, n, kDigit1, b, 2, b, target, by_mass, S);
+  }
+  unsigned long long above = 0;
+  const int b2 = find_bucket(S, by_mass, kBins, target, &above);
+  const uint32_t prefix = (b << kBits2) | (uint32_t)b2;
+  const int n2 = gather<DT>(R, V, m, kDigit12, prefix, false, nullptr, S, -1, def, min_p);
+  *list_n = n2;
+  *mode = n2 <= kCandCap ? kListBoundary : kListNone;
+  return refine<DT>(R, V, m, n2, kDigit12, prefix, 3, prefix, target - above, by_mass, S);
+}
+
 // The CPU's find_threshold after P1 (which built the count histogram when top-k is on).
 // The boundary bucket's gather takes every key of level-1 digit >= the bucket's when they fit
 // in the list (their number is known from the count histogram): the top-p step after top-k then
-// needs no pass over the row, and the draw can run on the list. *list_n gets the list's length
-// when it holds every key >= the returned threshold (every kept element), else -1.
+// needs no pass over the row, and the draw can run on the list. Otherwise the gather takes the
+// bucket and, with `def` (for the draw), the kept mass above it per warp chunk.
+// *mode and *list_n say what the candidate list holds at the end (kList*).
 template <DType DT>
 __device__ uint32_t find_threshold(const Row& R, int V, float m, int64_t top_k, float top_p,
-                                   Smem& S, int* list_n) {
-  uint32_t tau = 0;
+                                   float min_p, bool def, Smem& S, int* list_n, int* mode) {
   const bool use_k = top_k > 0 && top_k < V;
   const bool use_p = f_lt(top_p, 1.f);
-  int n = 0;
-  bool wide = false;  // the list holds every key with level-1 digit >= the boundary bucket's
+  *list_n = 0;
+  *mode = kListNone;
+  if (!use_k && !use_p) return 0u;
+  unsigned long long above = 0, target = 0;
+  int b = 0;
+  bool wide = false, over = false;
+  const bool by_mass = !use_k;
+  def = def && !(use_k && use_p);  // with top-p after top-k, the mass above the top-k bucket is moot
   if (use_k) {
-    unsigned long long above = 0;
-    const int b = find_bucket(S, false, kBins, (unsigned long long)top_k, &above);
+    target = (unsigned long long)top_k;
+    b = find_bucket(S, false, kBins, target, &above);
     const uint32_t cb = S.cnt[b];
     wide = above + cb <= (unsigned long long)kCandCap;
-    const bool over = cb > (uint32_t)kCandCap;  // the bucket will not fit in the list
-    n = gather<DT>(R, V, m, wide ? 1 : 0, wide ? (uint32_t)b << (32 - kBits1) : (uint32_t)b, false,
-                   nullptr, S, over ? 0 : -1);
-    tau = refine<DT>(R, V, m, n, 0, (uint32_t)b, 2, (uint32_t)b,
-                     (unsigned long long)top_k - above, false, S, over);
-    if (!use_p) {
-      *list_n = wide ? n : -1;
-      return tau;
-    }
-    // top-p renormalises over the top-k survivors (keys >= tau)
-    unsigned long long zk = 0;
-    if (wide) {  // they are all in the list
-      unsigned long long my = 0;
-      for (int j = threadIdx.x; j < n; j += kThreads) {
-        const uint32_t key = S.cand[j];
-        my += key >= tau ? mass_of_key(key, m) : 0ull;
-      }
-      zk = block_sum(my, S);
-    } else {
-      n = gather<DT>(R, V, m, 1, tau, true, &zk, S);
-    }
-    unsigned long long target = (unsigned long long)ceil((double)top_p * (double)zk);
+    over = cb > (uint32_t)kCandCap;
+  } else {
+    // P2: exp, total mass, level-1 mass and count histograms.
+    clear_hist(S);
+    __syncthreads();
+    unsigned long long my = 0;
+    for_row<DT>(R, V, [&](int, float y, bool ok) {
+      const unsigned long long w = ok ? mass_of(e_of(y, m)) : 0ull;
+      my += w;
+      hist_add(ok, order_key(y) >> (32 - kBits1), w, 2, S);
+    });
+    const unsigned long long z_all = block_sum(my, S);  // (its barrier also ends the histograms)
+    target = (unsigned long long)ceil((double)top_p * (double)z_all);
     target = target < 1 ? 1 : target;
-    const uint32_t tau_p = refine<DT>(R, V, m, n, 1, tau, 1, 0u, target, true, S);
-    *list_n = n <= kCandCap ? n : -1;
-    return tau_p;
+    b = find_bucket(S, true, kBins, target, &above);
+    wide = count_from(S, b) <= (unsigned long long)kCandCap;
+    over = S.cnt[b] > (uint32_t)kCandCap;
   }
-  if (!use_p) {
-    *list_n = -1;
-    return 0u;
+  uint32_t tau;
+  int n;
+  if (wide) {  // every key of digit >= b: the list holds every kept element
+    n = gather<DT>(R, V, m, kAtLeast, (uint32_t)b << (32 - kBits1), false, nullptr, S);
+    tau = refine<DT>(R, V, m, n, kDigit1, (uint32_t)b, 2, (uint32_t)b, target - above, by_mass, S);
+    *list_n = n;
+    *mode = kListAll;
+  } else {
+    n = gather<DT>(R, V, m, kDigit1, (uint32_t)b, false, nullptr, S, over ? (by_mass ? 1 : 0) : -1,
+                   def, min_p);
+    tau = walk_bucket<DT>(R, V, m, (uint32_t)b, n, over, target - above, by_mass, def, min_p, S,
+                          list_n, mode);
+    if (!def && *mode == kListBoundary) *mode = kListNone;
   }
-  // P2: exp, total mass, level-1 mass and count histograms.
-  clear_hist(S);
-  __syncthreads();
-  unsigned long long my = 0;
-  for_row<DT>(R, V, [&](int, float y, bool ok) {
-    const unsigned long long w = ok ? mass_of(e_of(y, m)) : 0ull;
-    my += w;
-    hist_add(ok, order_key(y) >> (32 - kBits1), w, 2, S);
-  });
-  const unsigned long long z_all = block_sum(my, S);  // (its barrier also ends the histogram)
-  unsigned long long target = (unsigned long long)ceil((double)top_p * (double)z_all);
-  target = target < 1 ? 1 : target;
-  unsigned long long above = 0;
-  const int b = find_bucket(S, true, kBins, target, &above);
-  wide = count_from(S, b) <= (unsigned long long)kCandCap;
-  const bool over = S.cnt[b] > (uint32_t)kCandCap;
-  n = gather<DT>(R, V, m, wide ? 1 : 0, wide ? (uint32_t)b << (32 - kBits1) : (uint32_t)b, false,
-                 nullptr, S, over ? 1 : -1);
-  tau = refine<DT>(R, V, m, n, 0, (uint32_t)b, 2, (uint32_t)b, target - above, true, S, over);
-  *list_n = wide ? n : -1;
-  return tau;
+  if (!(use_k && use_p)) return tau;
+
+  // top-p renormalises over the top-k survivors (keys >= tau)
+  unsigned long long zk = 0;
+  if (wide) {  // they are all in the list
+    unsigned long long my = 0;
+    for (int j = threadIdx.x; j < n; j += kThreads) {
+      const uint32_t key = S.cand[j];
+      my += key >= tau ? mass_of_key(key, m) : 0ull;
+    }
+    zk = block_sum(my, S);
+  } else {
+    n = gather<DT>(R, V, m, kAtLeast, tau, true, &zk, S);
+  }
+  unsigned long long tp = (unsigned long long)ceil((double)top_p * (double)zk);
+  tp = tp < 1 ? 1 : tp;
+  const uint32_t tau_p = refine<DT>(R, V, m, n, kAtLeast, tau, 1, 0u, tp, true, S);
+  *list_n = n;
+  *mode = n <= kCandCap ? kListAll : kListNone;
+  return tau_p;
 }
 
 __device__ __forceinline__ bool kept(float y, float e, uint32_t tau, float min_p) {
@@ -628,10 +690,11 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleArgs a) {
     return;
   }
 
-  int list_n = -1;
-  const uint32_t tau = need_hist ? find_threshold<DT>(R, V, m, top_k, top_p, S, &list_n) : 0u;
+  int list_n = 0, mode = kListNone;
+  const uint32_t tau =
+      need_hist ? find_threshold<DT>(R, V, m, top_k, top_p, min_p, true, S, &list_n, &mode) : 0u;
 
-  if (list_n >= 0) {
+  if (mode == kListAll) {
     // Every kept element is in the list: compact the kept ones (index, mass) into the (now free)
     // histogram arrays; when they are few, each thread takes one and sums the masses of those
     // before it in token order: no further pass over the row.
@@ -691,15 +754,28 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleArgs a) {
     }
   }
 
-  // P5: kept mass per warp chunk.
-  unsigned long long my = 0;
-  for_row<DT>(R, V, [&](int, float y, bool ok) {
-    if (!ok) return;
-    const float e = e_of(y, m);
-    my += kept(y, e, tau, min_p) ? mass_of(e) : 0ull;
-  });
-  my = warp_sum(my);
-  if ((threadIdx.x & 31) == 0) S.wsum[threadIdx.x >> 5] = my;
+  if (mode != kListNone) {
+    // Kept mass per warp chunk without a pass over the row: the kept elements of the list, plus
+    // (kListBoundary) the mass above the list's bucket found by the gather.
+    if (threadIdx.x < kWarps) S.wsum[threadIdx.x] = mode == kListBoundary ? S.wdef[threadIdx.x] : 0ull;
+    __syncthreads();
+    for (int j = threadIdx.x; j < list_n; j += kThreads) {
+      const uint32_t key = S.cand[j];
+      const float y = key_float(key);
+      const float e = e_of(y, m);
+      if (kept(y, e, tau, min_p)) atomicAdd(&S.wsum[chunk_of<DT>(R, V, (int)S.cidx[j])], mass_of(e));
+    }
+  } else {
+    // P5: kept mass per warp chunk.
+    unsigned long long my = 0;
+    for_row<DT>(R, V, [&](int, float y, bool ok) {
+      if (!ok) return;
+      const float e = e_of(y, m);
+      my += kept(y, e, tau, min_p) ? mass_of(e) : 0ull;
+    });
+    my = warp_sum(my);
+    if ((threadIdx.x & 31) == 0) S.wsum[threadIdx.x >> 5] = my;
+  }
   if (threadIdx.x == 0) S.token = -1;
   __syncthreads();
   unsigned long long z_kept = 0;
@@ -772,9 +848,10 @@ __global__ void __launch_bounds__(kThreads, 2) filter_kernel(FilterArgs a) {
   const uint32_t mkey = (uint32_t)(best >> 32);
   const bool valid = !(best == 0 || mkey == kNegInfKey);
   const float m = key_float(mkey);
-  int list_n = -1;
-  const uint32_t tau =
-      (valid && need_hist) ? find_threshold<DT>(R, V, m, top_k, top_p, S, &list_n) : 0u;
+  int list_n = 0, mode = kListNone;
+  const uint32_t tau = (valid && need_hist)
+                           ? find_threshold<DT>(R, V, m, top_k, top_p, min_p, false, S, &list_n, &mode)
+                           : 0u;
 
   char* out = static_cast<char*>(a.out) + r * a.V * eb;
   for (int i = threadIdx.x; i < V; i += kThreads) {
