@@ -144,7 +144,7 @@ def _case_row(rank, p, overlap, sp, failures, lora=False, input_is_parallel=True
         _close(f"{tag}: bias grad (replicated)", layer.bias.grad, base.bias.grad, failures, **tol)
 
 
-def _case_mlp(rank, p, overlap, sp, failures, dtype=torch.float32):
+def _case_mlp(rank, p, overlap, sp, failures, dtype=torch.float32, **kw):
     torch.manual_seed(3)
     B, T, D, H = 4, 3, 8, 16
     fc1, fc2 = nn.Linear(D, H), nn.Linear(H, D)
@@ -152,9 +152,9 @@ def _case_mlp(rank, p, overlap, sp, failures, dtype=torch.float32):
     dy = torch.randn(B, T, D)
     y_ref = fc2(F.gelu(fc1(x)))
     (y_ref * dy).sum().backward()
-    tag = f"mlp overlap={overlap} sp={sp} {dtype} p={p}"
-    c = ColumnParallelLinear.from_linear(copy.deepcopy(fc1), overlap=overlap, sequence_parallel=sp).to(dtype)
-    r_ = RowParallelLinear.from_linear(copy.deepcopy(fc2), overlap=overlap, sequence_parallel=sp).to(dtype)
+    tag = f"mlp overlap={overlap} sp={sp} {dtype} p={p} {kw}"
+    c = ColumnParallelLinear.from_linear(copy.deepcopy(fc1), overlap=overlap, sequence_parallel=sp, **kw).to(dtype)
+    r_ = RowParallelLinear.from_linear(copy.deepcopy(fc2), overlap=overlap, sequence_parallel=sp, **kw).to(dtype)
     if sp:  # B divisible by p: the shards are [B/p, T, D] (contiguous token slices)
         xl = _rows(x.detach(), rank, p).clone().to(dtype).requires_grad_(True)
         exp_y, dyl, exp_dx = _rows(y_ref.detach(), rank, p), _rows(dy, rank, p), _rows(x.grad, rank, p)
@@ -194,6 +194,15 @@ def layers_worker(rank, p, full):
         _case_column(rank, p, "ring", False, failures, chunks=pieces + 1)
         _case_row(rank, p, "ring", False, failures, chunks=pieces + 1)
         ncases += 4
+        for sp in (False, True):  # the collective transport of the same decompositions
+            _case_column(rank, p, "ring", sp, failures, pieces=pieces, chunks=pieces + 1, transport="collective")
+            _case_row(rank, p, "ring", sp, failures, pieces=pieces, chunks=pieces + 1, transport="collective")
+            ncases += 2
+    if full:
+        for sp in (False, True):
+            _case_mlp(rank, p, "ring", sp, failures, transport="collective")
+            _case_column(rank, p, "ring", sp, failures, lora=True, transport="collective")
+            ncases += 2
     if full:
         for dtype in (torch.bfloat16, torch.float16):
             _case_mlp(rank, p, "ring", True, failures, dtype=dtype)
@@ -365,6 +374,7 @@ def errors_worker(rank, p):
     expect("column not divisible", ValueError, "not divisible", lambda: ColumnParallelLinear(8, 7))
     expect("row not divisible", ValueError, "not divisible", lambda: RowParallelLinear(7, 8))
     expect("bad overlap", ValueError, "overlap", lambda: ColumnParallelLinear(8, 8, overlap="bogus"))
+    expect("bad transport", ValueError, "transport", lambda: RowParallelLinear(8, 8, transport="bogus"))
     expect("heads not divisible", ValueError, "not divisible",
            lambda: tensor_parallelize(TransformerBlock("llama", d=12, n_heads=3, n_kv_heads=3)))
     for overlap in ("none", "ring"):
@@ -498,7 +508,7 @@ def test_tp_benchmark_suite_runs(ranks):
              ("GEMM->all-reduce (row fwd)", 64, 16, 32), ("MLP fwd+bwd (column->GeLU->row, SP)", 64, 32, 8)]
     stats = ranks(2).run(tp_suite._tp_worker, (cases, True, "cpu", "float32", False), timeout=60)[0]
     rows = list(tp_suite._rows_from(stats, "gloo"))
-    assert len(rows) == 4
+    assert len(rows) == 8
     for row in rows:
         assert row.ours_ms > 0 and row.baseline_ms > 0 and "exposed comm" in row.notes
         assert "exposed_comm_fraction" in row.extra and row.extra["t_compute_ms"] > 0

@@ -231,6 +231,75 @@ def ring_reduce_scatter(group, m, partial, pieces=1):
     return out
 
 
+def pieces_all_gather(x, group, compute=None, pieces=2):
+    """Same contract as ring_all_gather, decomposed into `pieces` asynchronous all-gathers of row
+    pieces (transport="collective"): the compute on this rank's chunk runs while they are in
+    flight, then each piece's rows are computed as soon as that piece has arrived."""
+    p, r = world_size(group), rank(group)
+    m = x.shape[0]
+    full = x.new_empty((p * m,) + tuple(x.shape[1:]))
+    full[r * m:(r + 1) * m].copy_(x)
+    bounds = chunk_bounds(m, pieces)
+    posted = []
+    for lo, hi in bounds:
+        buf = x.new_empty((p * (hi - lo),) + tuple(x.shape[1:]))
+        posted.append((buf, all_gather_into(buf, x[lo:hi], group, async_op=True)))
+    if compute is not None:
+        compute(r * m, (r + 1) * m, full[r * m:(r + 1) * m])
+    for (lo, hi), (buf, work) in zip(bounds, posted):
+        work.wait()
+        n = hi - lo
+        for j in range(p):
+            if j == r:
+                continue
+            full[j * m + lo:j * m + hi].copy_(buf[j * n:(j + 1) * n])
+            if compute is not None:
+                compute(j * m + lo, j * m + hi, full[j * m + lo:j * m + hi])
+    return full
+
+
+def pieces_reduce_scatter(group, m, partial, pieces=2):
+    """Same contract as ring_reduce_scatter, decomposed into `pieces` asynchronous
+    reduce-scatters (transport="collective"): piece k (rows [lo, hi) of every rank's chunk) is
+    reduced while the partials of piece k+1 compute."""
+    p, r = world_size(group), rank(group)
+    out, posted = None, []
+    for lo, hi in chunk_bounds(m, pieces):
+        n = hi - lo
+        buf = None
+        for c in range(p):
+            part = partial(c * m + lo, c * m + hi)
+            if buf is None:
+                buf = part.new_empty((p * n,) + tuple(part.shape[1:]))
+                if out is None:
+                    out = part.new_empty((m,) + tuple(part.shape[1:]))
+            buf[c * n:(c + 1) * n].copy_(part)
+        posted.append((reduce_scatter_into(out[lo:hi], buf, group, async_op=True), buf))
+    for work, _ in posted:
+        work.wait()
+    return out
+
+
+class AsyncChunkAllReduce:
+    """transport="collective" counterpart of PipelinedAllReduce: each chunk's all-reduce is the
+    backend's own asynchronous all-reduce (same start/advance/finish interface)."""
+
+    def __init__(self, group):
+        self.group, self._works = group, []
+
+    def start(self, t):
+        if world_size(self.group) > 1:
+            self._works.append(dist.all_reduce(t, group=self.group, async_op=True))
+
+    def advance(self):
+        pass
+
+    def finish(self):
+        for w in self._works:
+            w.wait()
+        self._works = []
+
+
 class PipelinedAllReduce:
     """All-reduces of token chunks made of point-to-point ring steps that the caller advances
     between its GEMM chunks, so each chunk's reduction runs under the following GEMMs:

@@ -35,13 +35,17 @@ from llmkern._backend import warn_once
 from llmkern.parallel import comm
 
 OVERLAPS = ("none", "ring")
+TRANSPORTS = ("p2p", "collective")  # how overlap="ring" moves its pieces (see comm)
 DEFAULT_ALLREDUCE_CHUNKS = 4  # overlap="ring" without sequence parallelism: all-reduce pieces
 
 
-def default_pieces(world_size):
+def default_pieces(world_size, transport="p2p"):
     """Messages per ring step (sequence parallelism). With p = 2 one exchange per direction can
     hide under at most half of the compute, so the chunk travels in 2 pieces; with p >= 4 the
-    ring steps alone make the pipeline fine enough."""
+    ring steps alone make the pipeline fine enough. transport="collective" pipelines its
+    collectives over 4 row pieces."""
+    if transport == "collective":
+        return 4
     return 2 if world_size == 2 else 1
 
 # "auto": use llmkern.lora_linear for the LoRA forward when importable; "plain": x@A.T@B.T*s.
@@ -68,9 +72,21 @@ def _lora_op():
 class _Cfg:
     """Static configuration passed through autograd.Function.apply."""
 
-    def __init__(self, group, world, overlap, sp, scaling, chunks, pieces, what):
+    def __init__(self, group, world, overlap, sp, scaling, chunks, pieces, transport, what):
         self.group, self.world, self.overlap, self.sp = group, world, overlap, sp
         self.scaling, self.chunks, self.pieces, self.what = scaling, chunks, pieces, what
+        self.transport = transport
+
+    def all_gather(self, *args):
+        fn = comm.ring_all_gather if self.transport == "p2p" else comm.pieces_all_gather
+        return fn(*args)
+
+    def reduce_scatter(self, *args):
+        fn = comm.ring_reduce_scatter if self.transport == "p2p" else comm.pieces_reduce_scatter
+        return fn(*args)
+
+    def all_reducer(self):
+        return (comm.PipelinedAllReduce if self.transport == "p2p" else comm.AsyncChunkAllReduce)(self.group)
 
 
 # ---- local (per-shard) math ---------------------------------------------------------------------
@@ -151,7 +167,7 @@ class _ColumnFn(torch.autograd.Function):
             m = x.shape[0]
             out = x.new_empty((p * m, n))
             if cfg.overlap == "ring":
-                x_full = comm.ring_all_gather(
+                x_full = cfg.all_gather(
                     x, g, lambda lo, hi, xs: _fwd_local(xs, weight, A, B, cfg.scaling, out=out[lo:hi]), cfg.pieces)
             else:
                 x_full = comm.all_gather_dim0(x, g)
@@ -184,14 +200,14 @@ class _ColumnFn(torch.autograd.Function):
                     part = _dgrad_local(dy[lo:hi], weight, A, B, s)
                     acc.add(dy[lo:hi], x_full[lo:hi])  # the wgrad of these rows also runs under the transfer
                     return part
-                dx = comm.ring_reduce_scatter(g, m, partial, cfg.pieces)
+                dx = cfg.reduce_scatter(g, m, partial, cfg.pieces)
             else:
                 dx = comm.reduce_scatter_dim0(_dgrad_local(dy, weight, A, B, s), g)
                 acc.add(dy, x_full)
         elif p > 1:
             if cfg.overlap == "ring":  # chunked dgrad, each chunk's all-reduce under the next GEMMs
                 dx = torch.empty_like(x_full)
-                ar = comm.PipelinedAllReduce(g)
+                ar = cfg.all_reducer()
                 bounds = comm.chunk_bounds(dy.shape[0], cfg.chunks)
                 for lo, hi in bounds:
                     _dgrad_local(dy[lo:hi], weight, A, B, s, out=dx[lo:hi])
@@ -224,12 +240,12 @@ class _RowFn(torch.autograd.Function):
         elif cfg.sp:
             m = M // p
             if cfg.overlap == "ring":
-                y = comm.ring_reduce_scatter(g, m, lambda lo, hi: _fwd_local(x[lo:hi], weight, A, B, s), cfg.pieces)
+                y = cfg.reduce_scatter(g, m, lambda lo, hi: _fwd_local(x[lo:hi], weight, A, B, s), cfg.pieces)
             else:
                 y = comm.reduce_scatter_dim0(_fwd_local(x, weight, A, B, s), g)
         elif cfg.overlap == "ring":
             y = x.new_empty((M, weight.shape[0]))
-            ar = comm.PipelinedAllReduce(g)
+            ar = cfg.all_reducer()
             for lo, hi in comm.chunk_bounds(M, cfg.chunks):
                 _fwd_local(x[lo:hi], weight, A, B, s, out=y[lo:hi])
                 ar.advance()
@@ -268,7 +284,7 @@ class _RowFn(torch.autograd.Function):
                     if need_x:
                         _dgrad_local(dys, weight, A, B, s, out=dx[lo:hi])
                     acc.add(dys, x[lo:hi])
-                comm.ring_all_gather(dy, g, compute, cfg.pieces)
+                cfg.all_gather(dy, g, compute, cfg.pieces)
             else:
                 dy_full = comm.all_gather_dim0(dy, g)
                 dx = _dgrad_local(dy_full, weight, A, B, s) if need_x else None
@@ -394,7 +410,7 @@ def _lora_parts(module):
 class _ParallelLinear(nn.Module):
     _kind = ""
 
-    def _setup(self, in_features, out_features, overlap, sequence_parallel, group, chunks, pieces):
+    def _setup(self, in_features, out_features, overlap, sequence_parallel, group, chunks, pieces, transport):
         if overlap not in OVERLAPS:
             raise ValueError(f"{type(self).__name__}: overlap must be one of {OVERLAPS}, got {overlap!r}")
         self.group = comm.resolve_group(group, type(self).__name__)
@@ -404,7 +420,10 @@ class _ParallelLinear(nn.Module):
         self.overlap = overlap
         self.sequence_parallel = bool(sequence_parallel)
         self.chunks = int(chunks) if chunks is not None else max(DEFAULT_ALLREDUCE_CHUNKS, self.world_size)
-        self.pieces = int(pieces) if pieces is not None else default_pieces(self.world_size)
+        if transport not in TRANSPORTS:
+            raise ValueError(f"{type(self).__name__}: transport must be one of {TRANSPORTS}, got {transport!r}")
+        self.pieces = int(pieces) if pieces is not None else default_pieces(self.world_size, transport)
+        self.transport = transport
         if self.chunks < 1 or self.pieces < 1:
             raise ValueError(f"{type(self).__name__}: chunks and pieces must be >= 1, got {chunks!r}, {pieces!r}")
         self.lora_A = self.lora_B = None
@@ -412,7 +431,7 @@ class _ParallelLinear(nn.Module):
 
     def _cfg(self):
         return _Cfg(self.group, self.world_size, self.overlap, self.sequence_parallel, self.lora_scaling,
-                    self.chunks, self.pieces, type(self).__name__)
+                    self.chunks, self.pieces, self.transport, type(self).__name__)
 
     def _check_input(self, x, features):
         name = type(self).__name__
@@ -437,9 +456,9 @@ class ColumnParallelLinear(_ParallelLinear):
     """y = x W^T + b with W split along the output features: weight [out/p, in]."""
 
     def __init__(self, in_features, out_features, bias=True, *, gather_output=False, sequence_parallel=False,
-                 overlap="ring", group=None, chunks=None, pieces=None, device=None, dtype=None):
+                 overlap="ring", group=None, chunks=None, pieces=None, transport="p2p", device=None, dtype=None):
         super().__init__()
-        self._setup(in_features, out_features, overlap, sequence_parallel, group, chunks, pieces)
+        self._setup(in_features, out_features, overlap, sequence_parallel, group, chunks, pieces, transport)
         _check_divisible(self.out_features, self.world_size, "ColumnParallelLinear: out_features")
         self.gather_output = bool(gather_output)
         if self.gather_output and self.sequence_parallel:
@@ -507,9 +526,9 @@ class RowParallelLinear(_ParallelLinear):
     """y = x W^T + b with W split along the input features: weight [out, in/p]; b replicated."""
 
     def __init__(self, in_features, out_features, bias=True, *, input_is_parallel=True, sequence_parallel=False,
-                 overlap="ring", group=None, chunks=None, pieces=None, device=None, dtype=None):
+                 overlap="ring", group=None, chunks=None, pieces=None, transport="p2p", device=None, dtype=None):
         super().__init__()
-        self._setup(in_features, out_features, overlap, sequence_parallel, group, chunks, pieces)
+        self._setup(in_features, out_features, overlap, sequence_parallel, group, chunks, pieces, transport)
         _check_divisible(self.in_features, self.world_size, "RowParallelLinear: in_features")
         self.input_is_parallel = bool(input_is_parallel)
         if self.sequence_parallel and not self.input_is_parallel:

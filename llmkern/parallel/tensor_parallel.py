@@ -54,14 +54,14 @@ def _heads(module, attrs):
     return None, None
 
 
-def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces=None):
+def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces=None, transport="p2p"):
     """Replace, in place, the attention and MLP projections of `model` by tensor-parallel layers
     (see the module docstring for the naming contract). Returns `model`. Raises ValueError (on
     every rank) when a head count or a feature size is not divisible by the world size, and
     RuntimeError when there is no process group."""
     group = comm.resolve_group(group, "tensor_parallelize")
     p = comm.world_size(group)
-    kw = dict(overlap=overlap, chunks=chunks, pieces=pieces)
+    kw = dict(overlap=overlap, chunks=chunks, pieces=pieces, transport=transport)
     replaced = 0
     for parent_name, parent in list(model.named_modules()):
         children = dict(parent.named_children())

@@ -1,9 +1,12 @@
 """Suite `tp`: tensor-parallel layers, communication overlap and the price of decomposition.
 
 Rows per configuration (2 ranks; gloo on CPU, NCCL when 2+ GPUs are visible or under torchrun):
-  t_compute  the same local GEMMs with no communication at all
+  t_compute  the same local GEMMs with no communication at all (monolithic; the chunked GEMMs
+             the ring runs are timed too, as t_compute_chunked_ms in `extra`)
   t_none     overlap="none"  (plain all-gather / reduce-scatter / all-reduce, then or before GEMM)
-  t_ring     overlap="ring"  (p2p ring steps under the chunk GEMMs; chunked async all-reduce)
+  t_ring     overlap="ring"  (p2p ring steps under the chunk GEMMs; chunked all-reduce), with
+             transport="p2p" (send/recv ring steps) and transport="collective" (async
+             collectives per row piece): one row each
   exposed-communication fraction = (t_ring - t_compute) / (t_none - t_compute): 0 means all the
   communication hides under compute, 1 means none of it does (target: <= 0.5).
 On CPU the GEMM's free dimension (N of the column case, K of the row cases, the MLP width) is
@@ -73,6 +76,17 @@ def _timed_block(fn, iters, device, group):
     return t.item()
 
 
+def _chunked(fn, M, chunks):
+    from llmkern.parallel.comm import chunk_bounds
+
+    bounds = chunk_bounds(M, chunks)
+
+    def run():
+        for lo, hi in bounds:
+            fn(lo, hi)
+    return run
+
+
 def _make_case(name, M, K, N, device, dtype, group):
     """Three callables (compute, none, ring) for one configuration on this rank."""
     from llmkern.parallel import ColumnParallelLinear, RowParallelLinear, comm
@@ -81,25 +95,33 @@ def _make_case(name, M, K, N, device, dtype, group):
     kw = dict(device=device, dtype=dtype, group=group, bias=False)
     if name.startswith("allgather"):
         layers = {o: ColumnParallelLinear(K, N, overlap=o, sequence_parallel=True, **kw) for o in ("none", "ring")}
+        layers["ring_coll"] = ColumnParallelLinear(K, N, overlap="ring", sequence_parallel=True, transport="collective",
+                                                   **kw)
         x = torch.randn(M // p, K, device=device, dtype=dtype)
         x_full = torch.randn(M, K, device=device, dtype=dtype)
         w = layers["none"].weight
-        fns = {"compute": lambda: torch.matmul(x_full, w.t())}
+        fns = {"compute": lambda: torch.matmul(x_full, w.t()),
+               "compute_chunked": _chunked(lambda lo, hi: torch.matmul(x_full[lo:hi], w.t()), M, p * layers["ring"].pieces)}
         fns.update({o: (lambda layer=layer: layer(x)) for o, layer in layers.items()})
         flops = 2 * M * K * (N // p)
     elif name.startswith("GEMM->"):
         sp = "reduce-scatter" in name
         layers = {o: RowParallelLinear(K, N, overlap=o, sequence_parallel=sp, **kw) for o in ("none", "ring")}
+        layers["ring_coll"] = RowParallelLinear(K, N, overlap="ring", sequence_parallel=sp, transport="collective", **kw)
         x = torch.randn(M, K // p, device=device, dtype=dtype)
         w = layers["none"].weight
-        fns = {"compute": lambda: torch.matmul(x, w.t())}
+        n_chunks = p * layers["ring"].pieces if sp else layers["ring"].chunks
+        fns = {"compute": lambda: torch.matmul(x, w.t()),
+               "compute_chunked": _chunked(lambda lo, hi: torch.matmul(x[lo:hi], w.t()), M, n_chunks)}
         fns.update({o: (lambda layer=layer: layer(x)) for o, layer in layers.items()})
         flops = 2 * M * (K // p) * N
     else:  # MLP forward + backward
         sp = "SP" in name
         H = N * 4 if device.type == "cpu" else N
-        cols = {o: ColumnParallelLinear(K, H, overlap=o, sequence_parallel=sp, **kw) for o in ("none", "ring")}
-        rows = {o: RowParallelLinear(H, K, overlap=o, sequence_parallel=sp, **kw) for o in ("none", "ring")}
+        variants = {"none": dict(overlap="none"), "ring": dict(overlap="ring"),
+                    "ring_coll": dict(overlap="ring", transport="collective")}
+        cols = {o: ColumnParallelLinear(K, H, sequence_parallel=sp, **v, **kw) for o, v in variants.items()}
+        rows = {o: RowParallelLinear(H, K, sequence_parallel=sp, **v, **kw) for o, v in variants.items()}
         m = M // p if sp else M
         x = torch.randn(m, K, device=device, dtype=dtype, requires_grad=True)
         x_full = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
@@ -110,8 +132,8 @@ def _make_case(name, M, K, N, device, dtype, group):
         def compute():
             F.linear(F.gelu(F.linear(x_full, w1)), w2).backward(dy_full)
 
-        fns = {"compute": compute}
-        for o in ("none", "ring"):
+        fns = {"compute": compute, "compute_chunked": compute}
+        for o in variants:
             fns[o] = (lambda c=cols[o], rr=rows[o]: rr(F.gelu(c(x))).backward(dy))
         flops = 3 * 2 * 2 * M * K * (H // p)
     return fns, flops
@@ -164,27 +186,33 @@ def _tp_worker(rank, p, cases, quick, device_type, dtype_name, calibrate=True):
                 times[k].append(_timed_block(fn, iters, device, group))
         med = {k: statistics.median(v) for k, v in times.items()}
         comm_ms = med["none"] - med["compute"]
+        chunked = med.get("compute_chunked")
         frac = (med["ring"] - med["compute"]) / comm_ms if comm_ms > 0 else float("nan")
+        frac_coll = (med["ring_coll"] - med["compute"]) / comm_ms if comm_ms > 0 else float("nan")
         out.append(dict(name=name, M=M, K=K, N=N, p=p, dtype=dtype_name, flops=flops, iters=iters, rounds=rounds,
                         t_compute=med["compute"], t_none=med["none"], t_ring=med["ring"], exposed=frac,
                         comm_to_compute=comm_ms / med["compute"] if med["compute"] > 0 else float("nan"),
-                        device=device_type))
+                        device=device_type, t_compute_chunked=chunked, t_ring_coll=med["ring_coll"],
+                        exposed_coll=frac_coll))
     return out if rank == 0 else None
 
 
 def _rows_from(stats, backend):
     for s in stats:
-        frac = s["exposed"]
-        verdict = "meets" if frac <= 0.5 else "misses"
-        yield Result(
-            op=f"tp {s['name']}", shape=f"p={s['p']} M={s['M']} K={s['K']} N={s['N']} {s['dtype']} {backend}",
-            ours_ms=s["t_ring"], baseline="overlap=none", baseline_ms=s["t_none"],
-            throughput=s["flops"] / (s["t_ring"] * 1e-3) / 1e9, unit="GFLOP/s/rank",
-            notes=(f"exposed comm {frac:.2f} ({verdict} target <= 0.5); compute-only {s['t_compute']:.2f} ms, "
-                   f"comm/compute {s['comm_to_compute']:.2f}"),
-            extra={"t_compute_ms": s["t_compute"], "t_none_ms": s["t_none"], "t_ring_ms": s["t_ring"],
-                   "exposed_comm_fraction": frac, "comm_to_compute": s["comm_to_compute"], "iters": s["iters"],
-                   "rounds": s["rounds"], "backend": backend})
+        for transport, t_ring, frac in (("p2p", s["t_ring"], s["exposed"]),
+                                        ("collective", s["t_ring_coll"], s["exposed_coll"])):
+            verdict = "meets" if frac <= 0.5 else "misses"
+            yield Result(
+                op=f"tp {s['name']} ring/{transport}",
+                shape=f"p={s['p']} M={s['M']} K={s['K']} N={s['N']} {s['dtype']} {backend}",
+                ours_ms=t_ring, baseline="overlap=none", baseline_ms=s["t_none"],
+                throughput=s["flops"] / (t_ring * 1e-3) / 1e9, unit="GFLOP/s/rank",
+                notes=(f"exposed comm {frac:.2f} ({verdict} target <= 0.5); compute-only {s['t_compute']:.2f} ms "
+                       f"(chunked {s['t_compute_chunked']:.2f}), comm/compute {s['comm_to_compute']:.2f}"),
+                extra={"t_compute_ms": s["t_compute"], "t_none_ms": s["t_none"], "t_ring_ms": t_ring,
+                       "exposed_comm_fraction": frac, "comm_to_compute": s["comm_to_compute"], "iters": s["iters"],
+                       "rounds": s["rounds"], "backend": backend, "transport": transport,
+                       "t_compute_chunked_ms": s["t_compute_chunked"]})
 
 
 def _decomposition_rows(ctx):
