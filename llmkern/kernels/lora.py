@@ -6,7 +6,7 @@ Math (PEFT shapes: W [N, K], A [n, R, K], B [n, N, R], x [M, K]):
 Kernels (each one launch; the multi-adapter case is the same kernels with per-row adapter ids):
   _shrink_kernel   xs[M, R] = s_a · drop(X) A_aᵀ            (skinny GEMM, fp32 out, dropout fused)
   _gemm_kernel     out[M, N] = X Wᵀ + bias + mask ⊙ (xs LB_aᵀ)  (base GEMM, low-rank update in the
-                   epilogue: x and W are read once, the [M, R] intermediate stays small, y is
+                   epilogue: one pass over x and W, the [M, R] intermediate stays small, y is
                    written once; the backward dx = dy W + mask ⊙ (dxs A) is the same kernel)
   _reduce_kernel   out[a, P, R] = Σ_{rows of a} drop(Y)ᵀ Z   (dB = dyᵀ xs, dA = dxsᵀ drop(x)),
                    split over rows for parallelism with a deterministic partial sum
@@ -15,13 +15,18 @@ Multi-adapter batches are processed in adapter-sorted order: the caller passes `
 position -> original row) and `sorted_ids`; rows are gathered/scattered through `perm`, so one
 launch handles any mix of adapters (and -1 rows) without host synchronisation.
 
+Passes over memory: forward = shrink (reads x) + GEMM (reads x, W; writes y); backward = shrink
+of dy by Bᵀ, the dx GEMM (reads dy, W), and two row reductions (dy for dB, x for dA). dW, when
+the weight trains, is one cuBLAS GEMM in the op layer. BA is never formed.
+
 Dropout: keep(row, col) = hash(seed, row, col) >= p, a murmur3-finaliser hash on uint32 that the
-reference (llmkern/reference/lora.py, `dropout_keep_mask`) reproduces bit for bit; the backward
-regenerates the mask from the seed instead of storing it.
+reference (llmkern/reference/lora.py, `dropout_keep_mask`) reproduces bit for bit; the seed is an
+int32 [2] device tensor (no host value: CUDA graphs and torch.compile keep working) and the
+backward regenerates the mask from it instead of storing the mask.
 
 Launchers take any strides but make inputs contiguous first (gradients from `.sum()` arrive as
 stride-0 expanded tensors). Under TRITON_INTERPRET=1 they use one small fixed configuration;
-on GPU the kernels are autotuned.
+on GPU the kernels are autotuned (LLMKERN_LORA_AUTOTUNE=0: one fixed configuration).
 """
 import os
 
