@@ -174,8 +174,15 @@ def run(ctx):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    step, n_lora_b, note = _step_fn(cfg, backend, batch, seq, lora, device, compile_, parallel)
-                    times[backend] = time_fn(step, device=device, quick=ctx.quick)
+                    try:
+                        step, n_lora_b, note = _step_fn(cfg, backend, batch, seq, lora, device, compile_, parallel)
+                        times[backend] = time_fn(step, device=device, quick=ctx.quick)
+                    except Exception as exc:  # torch.compile trouble: measure eagerly, and say so
+                        if not compile_ or isinstance(exc, torch.cuda.OutOfMemoryError):
+                            raise
+                        notes.append(f"{backend}: torch.compile failed ({type(exc).__name__}), eager")
+                        step, n_lora_b, note = _step_fn(cfg, backend, batch, seq, lora, device, False, parallel)
+                        times[backend] = time_fn(step, device=device, quick=ctx.quick)
                 except (torch.cuda.OutOfMemoryError, RuntimeError, ValueError) as exc:
                     if parallel is None and not isinstance(exc, torch.cuda.OutOfMemoryError):
                         raise
