@@ -9,8 +9,8 @@ over 8 KV heads, head dim 128, 8k cached keys, one new token (GB/s of K/V read),
 Quick mode: seq 1k and 4k, head dim 128 only, and the decode row.
 `mfu` is the fraction of the detected card's dense bf16 peak; extra["mfu_a100"] against the A100's.
 
-CPU: a small quick comparison (what llmkern.attention runs on CPU, i.e. the reference, vs SDPA)
-that finishes in a few seconds; it says nothing about the GPU kernels.
+CPU: a small quick comparison (what llmkern.attention runs on CPU: SDPA's CPU kernel with our
+masks, or the reference) vs SDPA, in a few seconds; it says nothing about the GPU kernels.
 """
 import contextlib
 
@@ -139,10 +139,10 @@ def _cpu_rows(ctx):
         ours = time_fn(lambda: llmkern.attention(q, k, v, causal=causal), ctx.device, quick=True)
         base = time_fn(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), ctx.device, quick=True)
         fl = _flops(B, H, T, D, causal, "fwd")
-        yield Result(op="attention fwd (cpu: reference path)", shape=f"B={B} H={H} T={T} D={D} causal={causal} fp32",
+        yield Result(op="attention fwd (cpu path)", shape=f"B={B} H={H} T={T} D={D} causal={causal} fp32",
                      ours_ms=ours, baseline="sdpa-cpu", baseline_ms=base,
                      throughput=fl / (ours * 1e-3) / 1e12, unit="TFLOP/s",
-                     notes="CPU dispatches to the PyTorch reference; GPU numbers need a CUDA run")
+                     notes="CPU runs SDPA's kernel with our masks (or the reference); GPU numbers need a CUDA run")
     yield from _decode_rows(ctx, B=2, H=8, Hk=2, T=512, D=64, dtype=torch.float32)
 
 

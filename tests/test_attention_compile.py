@@ -1,0 +1,131 @@
+"""Compile the attention kernels for the GPU targets (sm_90 bf16, sm_80 fp16) without a GPU.
+
+Triton ships ptxas, so `triton.compile(..., target=GPUTarget("cuda", cc, 32))` runs the whole
+pipeline (TTIR -> TTGIR -> PTX -> cubin) on a CPU-only machine. This catches what the interpreter
+cannot (type rules of the compiled frontend, layouts, shared-memory budgets) and reports each
+kernel's registers, stack (spills) and shared memory. It runs in a subprocess because the tests
+import Triton with TRITON_INTERPRET=1, under which kernels cannot be compiled.
+
+    python tests/test_attention_compile.py [cc] [dtype] [head_dim]    # prints the resource table
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.abspath(__file__)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+_PTRS = {"Q", "K", "V", "O", "LSE", "KPM", "CU_Q", "CU_K", "DO", "DELTA", "DK", "DV", "DQ", "DLSE",
+         "SEQLENS", "OP", "LP"}
+_F32_PTRS = {"LSE": "fp32", "DELTA": "fp32", "DLSE": "fp32", "KPM": "u8", "CU_Q": "i32", "CU_K": "i32",
+             "SEQLENS": "i32", "OP": "fp32", "LP": "fp32"}
+_FLOATS = {"qk_scale", "sc_in", "sc_out", "scale"}
+
+
+def _compile(fn, dtype, consts, cc, num_warps, num_stages):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in _PTRS:
+            sig[name] = "*" + _F32_PTRS.get(name, dtype)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _FLOATS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride") and not name.endswith(("lt", "lpt", "s")):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                       options=dict(num_warps=num_warps, num_stages=num_stages))
+    regs = stack = None
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    cuobjdump = os.path.join(bindir, "cuobjdump")
+    if os.path.exists(cuobjdump):
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        os.unlink(f.name)
+        m = re.search(r"REG:(\d+)", out)
+        regs = int(m.group(1)) if m else None
+        m = re.search(r"STACK:(\d+)", out)
+        stack = int(m.group(1)) if m else None
+    ttgir = k.asm.get("ttgir", "")
+    return dict(regs=regs, stack=stack, smem=k.metadata.shared,
+                wgmma="warp_group_dot" in ttgir, mma="mma" in ttgir)
+
+
+def main(cc=90, dtype="bf16", D=128):
+    import triton
+
+    from llmkern.kernels import attention as A
+    from llmkern.kernels import attention_decode as DEC
+
+    BD = triton.next_power_of_2(D)
+    base = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=False, HAS_KPM=False, HAS_SOFTCAP=False, IS_CAUSAL=True,
+                PREC="tf32")
+    rows = [
+        ("fwd", A._attn_fwd, dict(base, BLOCK_M=128, BLOCK_N=64), 8, 3),
+        ("fwd varlen+kpm+softcap", A._attn_fwd,
+         dict(base, BLOCK_M=64, BLOCK_N=64, IS_VARLEN=True, HAS_KPM=True, HAS_SOFTCAP=True), 4, 2),
+        ("bwd dkdv", A._attn_bwd_dkdv, dict(base, BLOCK_M=32, BLOCK_N=64), 8, 2),
+        ("bwd dq", A._attn_bwd_dq, dict(base, BLOCK_M=128, BLOCK_N=64), 8, 2),
+        ("bwd preprocess", A._attn_bwd_preprocess,
+         dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=False, HAS_DLSE=True, BLOCK_M=64), 4, 1),
+        ("decode split", DEC._decode_split,
+         dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=False, PREC="tf32", BLOCK_M=16, BLOCK_N=64), 4, 3),
+        ("decode combine", DEC._decode_combine, dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_S=16), 4, 1),
+    ]
+    for name, fn, consts, w, s in rows:
+        r = _compile(fn, dtype, consts, cc, w, s)
+        print(f"{name:24s} sm_{cc} {dtype} D={D} warps={w} stages={s}: regs={r['regs']} stack={r['stack']} "
+              f"smem={r['smem']} wgmma={r['wgmma']} mma={r['mma']}", flush=True)
+    print("COMPILED-ALL")
+
+
+def _run(cc, dtype, D):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, HERE, str(cc), dtype, str(D)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+
+
+def _ptxas_available():
+    try:
+        import triton
+    except ImportError:
+        return False
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+
+
+_TARGETS = [(90, "bf16", 128)]
+if os.environ.get("LLMKERN_COMPILE_ALL") == "1":  # more targets: about 40 s of CPU each
+    _TARGETS += [(80, "fp16", 80), (90, "fp16", 64), (90, "bf16", 256)]
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's bundled ptxas")
+@pytest.mark.parametrize("cc,dtype,D", _TARGETS)
+def test_kernels_compile_for_gpu_targets(cc, dtype, D):
+    res = _run(cc, dtype, D)
+    assert res.returncode == 0 and "COMPILED-ALL" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
+    if cc == 90:
+        fwd = next(line for line in res.stdout.splitlines() if line.startswith("fwd "))
+        assert "wgmma=True" in fwd, fwd  # Hopper's warp-group MMA, not the sm_80 path
+    for line in res.stdout.splitlines():
+        m = re.search(r"stack=(\d+)", line)
+        assert m is None or int(m.group(1)) <= 256, f"heavy register spills: {line}"
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    main(int(a[0]) if a else 90, a[1] if len(a) > 1 else "bf16", int(a[2]) if len(a) > 2 else 128)
