@@ -292,3 +292,14 @@ def test_gpu_backends_agree_train_and_decode(name, dtype):
         opt.step()
         opt.zero_grad()
         assert torch.isfinite(loss)
+
+
+def test_from_hf_sharded_checkpoint_and_dtype(tmp_path):
+    hf = _save_llama(tmp_path / "full")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    m = from_hf(str(tmp_path / "sharded"), backend="torch", dtype=torch.float64)
+    assert next(m.parameters()).dtype == torch.float64
+    x = torch.randint(0, 101, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).float(), hf(x).logits, atol=1e-4, rtol=1e-4)
