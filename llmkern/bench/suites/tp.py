@@ -159,7 +159,7 @@ def _calibrate(name, M, K, N, p, device, dtype, group):
     return scaled(K), N
 
 
-def _tp_worker(rank, p, cases, quick, device_type, dtype_name, calibrate=True):
+def _tp_worker(rank, p, cases, quick, device_type, dtype_name, calibrate=True, rounds=None, max_iters=50):
     import torch.distributed as dist
 
     from llmkern.parallel import set_validation
@@ -169,7 +169,7 @@ def _tp_worker(rank, p, cases, quick, device_type, dtype_name, calibrate=True):
     dtype = getattr(torch, dtype_name)
     group = dist.group.WORLD
     out = []
-    rounds = 11 if quick else 21
+    rounds = rounds or (11 if quick else 21)
     for name, M, K, N in cases:
         if calibrate:  # scale the GEMM's free dimension so that communication ~= compute
             K, N = _calibrate(name, M, K, N, p, device, dtype, group)
@@ -179,7 +179,7 @@ def _tp_worker(rank, p, cases, quick, device_type, dtype_name, calibrate=True):
             fn()
         probe = _timed_block(fns["none"], 1, device, group)
         budget = 30.0 if quick else 100.0  # ms per variant per round
-        iters = max(1, min(50, int(budget / max(probe, 1e-3))))
+        iters = max(1, min(max_iters, int(budget / max(probe, 1e-3))))
         times = {k: [] for k in fns}
         for _ in range(rounds):
             for k, fn in fns.items():
