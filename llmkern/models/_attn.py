@@ -72,7 +72,8 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
             attn_fn = kv_fn = None
     if cache is not None:
         start = cache.seqlen
-        if kv_fn is not None and start > 0 and prefix is None and key_padding_mask is None:
+        # the split-K decode kernel is for a few new tokens; longer chunks take the prefill kernel
+        if kv_fn is not None and 0 < start and q.shape[2] <= 16 and prefix is None and key_padding_mask is None:
             k_cache, v_cache = cache.append(layer, k, v)
             seqlens = torch.full((q.shape[0],), start + k.shape[2], dtype=torch.int32, device=q.device)
             return kv_fn(q, k_cache, v_cache, seqlens, causal=True)
