@@ -481,41 +481,68 @@ def _capability():
     return (0, 0)
 
 
-def _fwd_configs():
-    # sm_90 has 228 KB of shared memory per SM, sm_80 164 KB: deeper pipelines and wider
-    # key tiles fit on Hopper. Configs that do not fit are skipped by the autotuner.
-    if _capability() >= (9, 0):
-        return [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 2),
-                _cfg(64, 64, 4, 4), _cfg(128, 32, 4, 3), _cfg(64, 32, 4, 2)]
-    return [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3),
-            _cfg(128, 32, 4, 3), _cfg(64, 32, 4, 2)]
+# Candidate configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, head-dim bucket and
+# architecture. The sm_90 lists keep configs that compile without register spills (or with the
+# fewest) for bf16, as reported by `python tests/test_attention_compile.py` (Triton 3.8's ptxas,
+# no GPU needed); their speed is for the autotuner to measure on the card. sm_80 has 164 KB of
+# shared memory per SM (sm_90: 228 KB): shallower pipelines; configs that do not fit are skipped
+# by the autotuner (OutOfResources).
+_CONFIGS = {
+    # kernel: {arch: {head-dim bucket: [(BM, BN, warps, stages), ...]}}
+    "fwd": {
+        90: {64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 64, 8, 2)],
+             128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+             256: [(64, 32, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3)]},
+        80: {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+             128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+             256: [(64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)]},
+    },
+    "dkdv": {
+        90: {64: [(32, 128, 8, 2), (32, 128, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2)],
+             128: [(32, 128, 8, 1), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 1)],
+             256: [(32, 32, 8, 1), (16, 32, 8, 2)]},
+        80: {64: [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 1)],
+             128: [(32, 128, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2)],
+             256: [(32, 32, 8, 1), (16, 32, 8, 2)]},
+    },
+    "dq": {
+        90: {64: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2)],
+             128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2)],
+             256: [(128, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2)]},
+        80: {64: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
+             128: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
+             256: [(64, 32, 8, 2), (32, 32, 4, 2)]},
+    },
+}
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
-    out = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if d > 128 and (bn > 64 or c.num_stages > 2):
-            continue
-        if d <= 64 and bn < 64:
-            continue
-        out.append(c)
-    return out or configs[-2:]
+def _arch():
+    return 90 if _capability() >= (9, 0) else 80
 
 
-def _bwd_configs():
-    if _capability() >= (9, 0):
-        return [_cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2),
-                _cfg(128, 128, 8, 2), _cfg(128, 64, 8, 2)]
-    return [_cfg(64, 128, 8, 2), _cfg(32, 128, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2),
-            _cfg(128, 64, 8, 2)]
+def _d_bucket(d):
+    return 64 if d <= 64 else (128 if d <= 128 else 256)
 
 
-def _prune_bwd(configs, named_args, **kwargs):
-    d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
-    out = [c for c in configs if not (d > 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)]
-    return out or configs[-2:]
+def _all_configs(kernel):
+    """Every candidate of `kernel` on this architecture (the prune picks the head-dim bucket)."""
+    seen, out = set(), []
+    for lst in _CONFIGS[kernel][_arch()].values():
+        for c in lst:
+            if c not in seen:
+                seen.add(c)
+                out.append(_cfg(*c))
+    return out
+
+
+def _pruner(kernel):
+    def prune(configs, named_args, **kwargs):
+        d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
+        want = set(_CONFIGS[kernel][_arch()][_d_bucket(d)])
+        kept = [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
+        return kept or configs[:1]
+    return prune
 
 
 _TUNE_KEY = ["BLOCK_D", "IS_CAUSAL", "HAS_KPM", "HAS_SOFTCAP", "IS_VARLEN", "seq_bucket"]
@@ -532,14 +559,8 @@ def _autotune(fn, configs, prune):
 
 @functools.lru_cache(maxsize=None)
 def _tuned(name):
-    if name == "fwd":
-        return _autotune(_attn_fwd, _fwd_configs(), _prune_fwd)
-    if name == "dkdv":
-        return _autotune(_attn_bwd_dkdv, _bwd_configs(), _prune_bwd)
-    if name == "dq":
-        return _autotune(_attn_bwd_dq, [_cfg(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages)
-                                        for c in _bwd_configs()], _prune_bwd)
-    raise KeyError(name)
+    fn = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[name]
+    return _autotune(fn, _all_configs(name), _pruner(name))
 
 
 def interpreter_blocks():
