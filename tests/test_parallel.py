@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -208,6 +209,19 @@ def layers_worker(rank, p, full):
             _case_mlp(rank, p, "ring", True, failures, dtype=dtype)
             _case_mlp(rank, p, "ring", False, failures, dtype=dtype)
             ncases += 2
+    from llmkern.parallel import comm  # the p2p-pipelined all-reduce (not the layers' default)
+
+    for chunks in (1, 3):
+        ts = [torch.arange(10.0 * (c + 1)).reshape(-1, 5) * (rank + 1) for c in range(chunks)]
+        ar = comm.PipelinedAllReduce(torch.distributed.group.WORLD)
+        for t in ts:
+            ar.advance()
+            ar.start(t)
+        ar.finish()
+        for c, t in enumerate(ts):
+            _close(f"PipelinedAllReduce chunk {c}", t, torch.arange(10.0 * (c + 1)).reshape(-1, 5) * p * (p + 1) / 2,
+                   failures)
+        ncases += 1
     if failures:
         raise AssertionError(f"rank {rank}: {len(failures)} failures:\n" + "\n".join(failures))
     return ncases
