@@ -1,18 +1,28 @@
 // CUDA kernel of sorting-free top-k / top-p / min-p sampling and filtering (see sampling.h).
 //
-// The same algorithm as csrc/cpu/sampling.cpp, bit for bit: one thread block per row, and every
-// pass recomputes y = transform(logits) from the row (nothing of size V is stored).
+// The same algorithm as csrc/cpu/sampling.cpp, bit for bit: one thread block (512 threads) per
+// row; every pass recomputes y = transform(logits) from the row with 16-byte loads (nothing of
+// size V is stored). The row is split into one contiguous chunk per warp.
 //
-//   P1  transform, max (and the lowest-index argmax), the level-1 count histogram when top-k is on
-//   P2  (top-p without top-k) exp, total fixed-point mass and the level-1 mass histogram
-//   G   gather: the keys of the boundary bucket (or of the top-k survivors, for top-p after
-//       top-k) go to a shared-memory candidate list; radix levels 2 and 3 (or 1..3) then run on
-//       that list. When it overflows (kCandCap), the levels run as further passes over the row.
-//   P5  kept mass per warp chunk (the row is split into one contiguous chunk per warp)
-//   P6  the draw: the chunk holding the target is split over the block's threads, a block-wide
-//       exclusive scan in token order finds the thread, which walks its few elements.
-// Greedy rows: P1 and one pass for the total mass (the logprob). Rows without top-k/top-p skip
-// P2 and G.
+//   P1  transform, max (and the lowest-index argmax); the level-1 count histogram with top-k.
+//   P2  (top-p without top-k) exp, total fixed-point mass, level-1 mass and count histograms.
+//   G   gather into a shared-memory candidate list (key, index; kCandCap entries):
+//       - when the keys of level-1 digit >= the boundary bucket's fit (their number is known
+//         from the count histogram): all of them. Radix levels 2-3, the top-p step after top-k
+//         (levels 1-3 over the top-k survivors) and the draw then run on the list: no further
+//         pass over the row.
+//       - otherwise the boundary bucket, plus the kept mass above it per warp chunk. A bucket
+//         known to overflow the list gets its level-2 histogram in the same pass and a second
+//         gather of its level-2 bucket; only when that overflows too (e.g. all-equal rows) does
+//         level 3 run as a pass over the row.
+//   P5  (only when the list does not hold the kept set) kept mass per warp chunk.
+//   P6  the draw: the chunk holding the target is split over the block's threads; a block-wide
+//       exclusive scan in token order finds the thread, which walks its few elements. When the
+//       list holds all kept elements and they are few (<= 512), each thread takes one and sums
+//       the masses of those before it in token order instead.
+// Typical pass counts over the row: top-k and/or top-p with a small kept set 2 (P1, G; +P2 for
+// top-p alone) plus 1/16 of a row for P6 when the kept set is large; greedy 2; min-p only 2.
+// The filter op: P1, P2, G as above, then one read/write pass.
 //
 // Determinism: all sums are integer (fixed-point masses, integer shared-memory atomics), so the
 // result does not depend on thread scheduling. Bit-exactness with the CPU kernel: the build uses
