@@ -16,6 +16,13 @@ all-reduces run under the following pieces' GEMMs; in backward the input-gradien
 gradient GEMMs compute (Megatron's async dgrad). Results equal "none" up to the order of the
 floating-point sums.
 
+Knobs: pieces (messages per ring step; default 2 for p = 2, else 1), chunks (token chunks of
+the pipelined all-reduce; default max(4, p)), transport ("p2p": ring of batch_isend_irecv, the
+default; "collective": the same decomposition made of async all-gather/reduce-scatter per row
+piece). On GPUs every transfer runs on NCCL's own stream; on CPUs on gloo's threads.
+Biases start at zero (replicated row bias stays identical on every rank); weights use
+nn.Linear's initialisation with the full fan-in. ``from_linear`` copies exact shards.
+
 Inputs may have any leading shape; tokens are the flattened leading dimensions. Under sequence
 parallelism the column layer gathers along dim 0 (local [d0, ...] -> [p*d0, ...]) and the row
 layer scatters along dim 0 (it needs d0, or else the token count, divisible by p).
