@@ -307,8 +307,11 @@ def _launch(name, wrap, grid, *args, **kwargs):
     kern[grid](*args, **kwargs, **fixed)
 
 
-def _block_r(R):
-    return min(64, max(16, triton.next_power_of_2(R)))
+def _block_r(R, cap=64):
+    """Rank chunk: a power of two in [16, cap]; larger ranks loop over chunks. The GEMM epilogue
+    uses cap 32 (sm_90 compile check: r = 64 at 128x256 tiles needs 254 registers with 64-wide
+    chunks, 227 with 32)."""
+    return min(cap, max(16, triton.next_power_of_2(R)))
 
 
 def _precision(dtype):
@@ -393,7 +396,7 @@ def gemm(x, W, bias, xs, LB, perm=None, sorted_ids=None, dropout_p=0.0, seed=Non
             x.stride(0), x.stride(1), W.stride(0), W.stride(1), xs.stride(0), xs.stride(1),
             LB.stride(0), LB.stride(1), LB.stride(2), out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, HAS_IDS=has_ids, EPI_DROPOUT=dropout_p > 0,
-            BLOCK_R=_block_r(R), PRECISION=_precision(x.dtype))
+            BLOCK_R=_block_r(R, 32), PRECISION=_precision(x.dtype))
     return out
 
 
