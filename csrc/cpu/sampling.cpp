@@ -108,13 +108,9 @@ struct Scratch {
 };
 thread_local Scratch tls_scratch;
 
-struct Hist {
+struct Hist {  // counts per level-1 digit of the key
   uint64_t cnt[kBins];
-  uint64_t mass[kBins];
-  void clear() {
-    std::memset(cnt, 0, sizeof(cnt));
-    std::memset(mass, 0, sizeof(mass));
-  }
+  void clear() { std::memset(cnt, 0, sizeof(cnt)); }
 };
 
 struct RowParams {
@@ -170,31 +166,10 @@ inline simd::vu order_keys(simd::vf v) {
   return (b & sign) != 0 ? ~b : (b | sign);
 }
 
-// e = exp(y - m) stored, and counts and masses per level-1 digit of the key; returns the total mass.
-LK_MULTIVERSION uint64_t exp_hist(const float* y, float m, float* e, Hist* h, int64_t n) {
-  const simd::vf vm = simd::splat(m), one = simd::splat(1.0f);
-  int64_t i = 0;
-  for (; i + simd::W <= n; i += simd::W) {
-    const simd::vf v = simd::load(y + i);
-    const simd::vf ev = v == vm ? one : simd::exp_nonpos(v - vm);
-    simd::store(e + i, ev);
-    const simd::vf sc = ev * 1048576.0f;
-    const simd::vi whi = __builtin_convertvector(sc, simd::vi);
-    const simd::vi wlo = __builtin_convertvector((sc - __builtin_convertvector(whi, simd::vf)) * 1048576.0f, simd::vi);
-    const simd::vu bin = order_keys(v) >> (32 - kBits1);
-    for (int j = 0; j < simd::W; ++j) {
-      h->cnt[bin[j]] += 1;
-      h->mass[bin[j]] += ((uint64_t)(uint32_t)whi[j] << 20) + (uint64_t)(uint32_t)wlo[j];
-    }
-  }
-  for (; i < n; ++i) {
-    e[i] = y[i] == m ? 1.0f : exp_nonpos(y[i] - m);
-    const uint32_t b = order_key(y[i]) >> (32 - kBits1);
-    h->cnt[b] += 1;
-    h->mass[b] += fixed_mass(e[i]);
-  }
-  uint64_t z = 0;
-  for (int b = 0; b < kBins; ++b) z += h->mass[b];
+// e = exp(y - m) stored, counts per level-1 digit of the key; returns the total mass.
+uint64_t exp_hist(const float* y, float m, float* e, Hist* h, int64_t n) {
+  const uint64_t z = exp_mass(y, m, e, n);
+  for (int64_t i = 0; i < n; ++i) h->cnt[order_key(y[i]) >> (32 - kBits1)] += 1;
   return z;
 }
 
@@ -210,6 +185,22 @@ LK_MULTIVERSION int64_t first_in_bucket(const float* y, int64_t n, uint32_t buck
   }
   for (; i < n; ++i)
     if ((order_key(y[i]) >> (32 - kBits1)) == bucket) return i;
+  return n;
+}
+
+// Index of the first element in [0, n) with lo <= y < hi, or n.
+LK_MULTIVERSION int64_t first_in_range(const float* y, int64_t n, float lo, float hi) {
+  const simd::vf vl = simd::splat(lo), vh = simd::splat(hi);
+  int64_t i = 0;
+  for (; i + simd::W <= n; i += simd::W) {
+    const simd::vf v = simd::load(y + i);
+    const simd::vi hit = (v >= vl) & (v < vh);
+    int any = 0;
+    for (int j = 0; j < simd::W; ++j) any |= hit[j];
+    if (any) break;
+  }
+  for (; i < n; ++i)
+    if (y[i] >= lo && y[i] < hi) return i;
   return n;
 }
 
@@ -285,36 +276,29 @@ inline uint64_t top_p_target(float top_p, uint64_t z) {
   return std::max<uint64_t>((uint64_t)std::ceil((double)top_p * (double)z), 1);
 }
 
-// Histogram path: the smallest kept key for top-k then top-p over the whole row (0 keeps all).
-uint32_t find_threshold(const float* y, const float* e, int64_t V, const Hist& h, uint64_t z_all,
-                        const RowParams& p, Scratch& s) {
+// Large top-k (histogram of counts), then top-p over its survivors: the smallest kept key.
+uint32_t find_threshold(const float* y, const float* e, int64_t V, const Hist& h, const RowParams& p,
+                        Scratch& s) {
   uint32_t tau = 0;
-  const bool use_k = p.top_k > 0 && p.top_k < V;
-  if (use_k) {
+  {
     uint64_t above = 0;
     const int b = find_bucket(h.cnt, kBins, (uint64_t)p.top_k, &above);
     gather_bucket(y, e, V, b, s.cand_key, s.cand_mass);
     tau = refine(s.cand_key, s.cand_mass, (uint64_t)p.top_k - above, false, 2);
   }
   if (p.top_p >= 1.f) return tau;
-  if (use_k) {  // top-p renormalises over the top-k survivors: work on all of them
-    s.cand_key.clear();
-    s.cand_mass.clear();
-    for (int64_t i = 0; i < V; ++i) {
-      const uint32_t k = order_key(y[i]);
-      if (k < tau) continue;
-      s.cand_key.push_back(k);
-      s.cand_mass.push_back(fixed_mass(e[i]));
-    }
-    uint64_t z_k = 0;
-    for (uint64_t w : s.cand_mass) z_k += w;
-    return refine(s.cand_key, s.cand_mass, top_p_target(p.top_p, z_k), true, 1);
+  // top-p renormalises over the top-k survivors: work on all of them
+  s.cand_key.clear();
+  s.cand_mass.clear();
+  for (int64_t i = 0; i < V; ++i) {
+    const uint32_t k = order_key(y[i]);
+    if (k < tau) continue;
+    s.cand_key.push_back(k);
+    s.cand_mass.push_back(fixed_mass(e[i]));
   }
-  const uint64_t target = top_p_target(p.top_p, z_all);
-  uint64_t above = 0;
-  const int b = find_bucket(h.mass, kBins, target, &above);
-  gather_bucket(y, e, V, b, s.cand_key, s.cand_mass);
-  return refine(s.cand_key, s.cand_mass, target - above, true, 2);
+  uint64_t z_k = 0;
+  for (uint64_t w : s.cand_mass) z_k += w;
+  return refine(s.cand_key, s.cand_mass, top_p_target(p.top_p, z_k), true, 1);
 }
 
 // The float whose order_key is `key` (key 0 = keep everything = -inf). y carries no NaN and no
@@ -322,6 +306,35 @@ uint32_t find_threshold(const float* y, const float* e, int64_t V, const Hist& h
 inline float key_float(uint32_t key) {
   if (key <= order_key(kNegInf)) return kNegInf;
   return bits_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+// Top-p alone: the largest value v with mass(y >= v) >= target, without a histogram. Bisection on
+// the value with vectorised mass counts (FlashInfer-style pivots) narrows a bracket [lo, hi) with
+// mass(>= lo) >= target > mass(>= hi); the radix walk over the few elements inside finishes exactly.
+float top_p_threshold(const float* y, const float* e, int64_t V, float m, uint64_t target, Scratch& s) {
+  constexpr int kRounds = 5;
+  uint64_t mass_hi = kept_mass(y, e, m, 0.f, V);
+  if (mass_hi >= target) return m;
+  float lo = m - 28.0f, hi = m;  // e < 2^-40 below m - 27.8: no fixed-point mass there
+  for (int r = 0; r < kRounds; ++r) {
+    const float mid = 0.5f * (lo + hi);
+    const uint64_t mm = kept_mass(y, e, mid, 0.f, V);
+    if (mm >= target) {
+      lo = mid;
+    } else {
+      hi = mid;
+      mass_hi = mm;
+    }
+  }
+  s.cand_key.clear();
+  s.cand_mass.clear();
+  for (int64_t i = 0; i < V; ++i) {
+    i += first_in_range(y + i, V - i, lo, hi);
+    if (i >= V) break;
+    s.cand_key.push_back(order_key(y[i]));
+    s.cand_mass.push_back(fixed_mass(e[i]));
+  }
+  return key_float(refine(s.cand_key, s.cand_mass, target - mass_hi, true, 1));
 }
 
 // ---- small top-k: candidate filter, no pass over the row with exp ---------------------------------
@@ -436,7 +449,7 @@ void small_topk_row(const float* y, float m, int64_t V, const RowParams& p, bool
 // Histogram path (top-p alone, large top-k, min-p alone or no filter): the whole row.
 void histogram_row(const float* y, float* e, float m, int64_t V, const RowParams& p, bool draw,
                    int64_t seed, int64_t position, int nchunks, Scratch& s, RowOut& out) {
-  const bool need_hist = (p.top_k > 0 && p.top_k < V) || p.top_p < 1.f;
+  const bool need_hist = p.top_k > 0 && p.top_k < V;  // top-p alone uses the bisection
   std::vector<Hist> hists(need_hist ? nchunks : 0);
   std::vector<uint64_t> part_z(nchunks, 0);
   for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
@@ -447,11 +460,9 @@ void histogram_row(const float* y, float* e, float m, int64_t V, const RowParams
   uint64_t z_all = 0;
   for (uint64_t z : part_z) z_all += z;
   for (int c = 1; c < (int)hists.size(); ++c)
-    for (int b = 0; b < kBins; ++b) {
-      hists[0].cnt[b] += hists[c].cnt[b];
-      hists[0].mass[b] += hists[c].mass[b];
-    }
-  out.thr = need_hist ? key_float(find_threshold(y, e, V, hists[0], z_all, p, s)) : kNegInf;
+    for (int b = 0; b < kBins; ++b) hists[0].cnt[b] += hists[c].cnt[b];
+  if (need_hist) out.thr = key_float(find_threshold(y, e, V, hists[0], p, s));
+  else if (p.top_p < 1.f) out.thr = top_p_threshold(y, e, V, m, top_p_target(p.top_p, z_all), s);
   if (!draw) return;
 
   // Kept mass per block of kBlock tokens, then the walk: find the block, then the token in it.
