@@ -250,6 +250,16 @@ def test_cpu_sdpa_path_matches_reference(monkeypatch, Tq, Tk, kw):
         torch.testing.assert_close(g, r)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(window=(5, None)), dict(causal=False)], ids=["causal", "window", "noncausal"])
+def test_cpu_kvcache_path_matches_reference(monkeypatch, kw):
+    monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
+    kc, vc = torch.randn(3, 2, 20, 16, dtype=torch.float64), torch.randn(3, 2, 20, 16, dtype=torch.float64)
+    q = torch.randn(3, 4, 2, 16, dtype=torch.float64)
+    lens = torch.tensor([0, 7, 20], dtype=torch.int32)
+    torch.testing.assert_close(llmkern.attention_with_kvcache(q, kc, vc, lens, **kw),
+                               ref.attention_with_kvcache(q, kc, vc, lens, **kw))
+
+
 def test_cpu_default_dispatch_is_reference_and_matches_sdpa(monkeypatch):
     monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
     q, k, v = _qkv(1, 2, 2, 20, 20, 16, torch.float32, device="cpu", requires_grad=False)

@@ -428,6 +428,19 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if backend == "triton":
         out, lse = _attention_decode_op(q, k_cache, v_cache, lens.to(torch.int32), scale, causal, wl, wr, sc,
                                         int(num_splits))
+    elif q.device.type == "cpu" and not sc and not return_lse and _backend.forced() != "reference":
+        # SDPA's CPU kernel with the reference's visibility mask (per-row lengths, bottom-right)
+        left, right = ref._normalize_window(_ref_window(wl, wr), causal)
+        j = torch.arange(Tmax, device=q.device)
+        pos = lens.to(torch.long)[:, None] - Tq + torch.arange(Tq, device=q.device)[None, :]
+        vis = j[None, None, :] < lens.to(torch.long)[:, None, None]
+        if right is not None:
+            vis = vis & (j[None, None, :] <= pos[:, :, None] + right)
+        if left is not None:
+            vis = vis & (j[None, None, :] >= pos[:, :, None] - left)
+        gqa = {"enable_gqa": True} if Hk != H else {}
+        return torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=vis[:, None],
+                                                                scale=scale, **gqa)
     else:
         out, lse = ref.attention_with_kvcache(q, k_cache, v_cache, lens, causal=causal, scale=scale,
                                               window=_ref_window(wl, wr), softcap=sc or None,
