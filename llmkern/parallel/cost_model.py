@@ -192,8 +192,8 @@ def table(model="gpt3-175b", p=8, hardware=("H100", "A100"), micro_batches=(1, 4
 
 ASSUMPTIONS = ("bf16; GEMMs at 70% of the dense peak (989 TFLOP/s H100, 312 A100), attention core at 50%; "
                "NVLink at 80% of half the bidirectional figure (900 / 600 GB/s) per direction, 10 us per ring "
-               "step; overlapped GEMMs 5% slower; one micro-batch of 2048-token sequences, forward + backward, "
-               "tensor parallelism only (no pipeline/data parallel, no recomputation); LM head vocab-parallel")
+               "step; overlapped GEMMs 5% slower (counted as exposed communication); one micro-batch of "
+               "2048-token sequences, forward + backward, tensor parallelism only (no pipeline/data parallel, no recomputation); LM head vocab-parallel")
 
 
 if __name__ == "__main__":
