@@ -100,6 +100,16 @@ def test_kernel_vs_reference_fp32(triton_backend, case):
 
 
 @needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter block sizes (GPU uses autotuned ones)")
+@pytest.mark.parametrize("blocks", ["16,64", "64,16"])
+def test_kernel_unequal_blocks(triton_backend, monkeypatch, blocks):
+    """GPU configs are asymmetric (e.g. 128x64, 32x128): block-range logic with BLOCK_M != BLOCK_N."""
+    monkeypatch.setenv("LLMKERN_ATTN_INTERP_BLOCK", blocks)
+    q, k, v = _qkv(2, 2, 1, 45, 77, 16, torch.float32)
+    _check(q, k, v, torch.float32, causal=True, window=(30, None), key_padding_mask=_kpm(2, 77))
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", interpreter_dtypes())
 def test_kernel_dtypes(triton_backend, dtype):
     q, k, v = _qkv(2, 4, 2, 50, 50, 64, dtype)

@@ -564,9 +564,13 @@ def _tuned(name):
 
 
 def interpreter_blocks():
-    """Block sizes used under TRITON_INTERPRET=1 (LLMKERN_ATTN_INTERP_BLOCK overrides; >= 16)."""
-    b = int(os.environ.get("LLMKERN_ATTN_INTERP_BLOCK", "32"))
-    return {"BLOCK_M": b, "BLOCK_N": b}
+    """Block sizes used under TRITON_INTERPRET=1: LLMKERN_ATTN_INTERP_BLOCK="BM" or "BM,BN"
+    (each >= 16, powers of two; default 32). The GPU configs are asymmetric, so the tests run
+    unequal blocks too."""
+    spec = os.environ.get("LLMKERN_ATTN_INTERP_BLOCK", "32").split(",")
+    bm = int(spec[0])
+    bn = int(spec[1]) if len(spec) > 1 else bm
+    return {"BLOCK_M": bm, "BLOCK_N": bn}
 
 
 def _launch(name, kernel, grid, args, kwargs):
