@@ -526,3 +526,31 @@ def test_tp_benchmark_suite_runs(ranks):
     for row in rows:
         assert row.ours_ms > 0 and row.baseline_ms > 0 and "exposed comm" in row.notes
         assert "exposed_comm_fraction" in row.extra and row.extra["t_compute_ms"] > 0
+
+
+def gpu_worker(rank, p):
+    failures = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for overlap in ("none", "ring"):
+            torch.manual_seed(0)
+            fc1, fc2 = nn.Linear(64, 256).cuda(), nn.Linear(256, 64).cuda()
+            x = torch.randn(4, 32, 64, device="cuda")
+            ref = fc2(F.gelu(fc1(x)))
+            c = ColumnParallelLinear.from_linear(copy.deepcopy(fc1), overlap=overlap, sequence_parallel=True).to(dtype)
+            r_ = RowParallelLinear.from_linear(copy.deepcopy(fc2), overlap=overlap, sequence_parallel=True).to(dtype)
+            xl = _rows(x, rank, p).to(dtype).requires_grad_(True)  # this rank's tokens
+            y = r_(F.gelu(c(xl)))
+            y.float().sum().backward()
+            _close(f"cuda {dtype} {overlap}", y, _rows(ref, rank, p), failures, atol=0.1, rtol=0.05)
+            assert xl.grad is not None and c.weight.grad.dtype == dtype
+    if failures:
+        raise AssertionError("\n".join(failures))
+    return True
+
+
+@pytest.mark.gpu
+def test_layers_on_cuda_nccl():
+    """CUDA tensors, NCCL, bf16/fp16 through the layers (one rank per visible GPU, at most 2)."""
+    p = min(2, torch.cuda.device_count())
+    with RankPool(p, backend="nccl", num_threads=0) as pool:
+        assert all(pool.run(gpu_worker, timeout=120))
