@@ -43,22 +43,41 @@ LK_MULTIVERSION float clean_max(const float* src, float* y, int64_t n) {
   return m;
 }
 
-// e = exp(y - m) (stored when e is not null) and the total fixed-point mass.
-LK_MULTIVERSION uint64_t exp_mass(const float* y, float m, float* e, int64_t n) {
-  simd::MassAcc acc;
+// e = exp(y - m) (stored when e is not null) and the total fixed-point mass. With `piv`, also the
+// masses of e >= piv[j], j = 0..2, into piv_mass (the first round of the top-p pivot search).
+LK_MULTIVERSION uint64_t exp_mass(const float* y, float m, float* e, int64_t n,
+                                  const float* piv = nullptr, uint64_t* piv_mass = nullptr) {
+  simd::MassAcc acc, pa[3];
   const simd::vf vm = simd::splat(m), one = simd::splat(1.0f);
+  const simd::vf p0 = simd::splat(piv ? piv[0] : 0.f), p1 = simd::splat(piv ? piv[1] : 0.f),
+                 p2 = simd::splat(piv ? piv[2] : 0.f);
   int64_t i = 0;
   for (; i + simd::W <= n; i += simd::W) {
     const simd::vf v = simd::load(y + i);
     const simd::vf ev = v == vm ? one : simd::exp_nonpos(v - vm);  // y == m covers m = +inf
     if (e) simd::store(e + i, ev);
-    acc.add(ev);
+    simd::vi h, l;
+    simd::split_mass(ev, h, l);
+    acc.add_split(h, l);
+    if (piv) {
+      simd::vi k = ev >= p0;
+      pa[0].add_split(h & k, l & k);
+      k = ev >= p1;
+      pa[1].add_split(h & k, l & k);
+      k = ev >= p2;
+      pa[2].add_split(h & k, l & k);
+    }
   }
   uint64_t z = acc.sum();
+  if (piv)
+    for (int j = 0; j < 3; ++j) piv_mass[j] = pa[j].sum();
   for (; i < n; ++i) {
     const float ev = y[i] == m ? 1.0f : exp_nonpos(y[i] - m);
     if (e) e[i] = ev;
-    z += fixed_mass(ev);
+    const uint64_t w = fixed_mass(ev);
+    z += w;
+    if (piv)
+      for (int j = 0; j < 3; ++j) piv_mass[j] += ev >= piv[j] ? w : 0;
   }
   return z;
 }
@@ -188,7 +207,7 @@ LK_MULTIVERSION int64_t first_in_bucket(const float* y, int64_t n, uint32_t buck
   return n;
 }
 
-// Index of the first element in [0, n) with lo <= y < hi, or n.
+// Index of the first element in [0, n) with lo <= y < hi, or n (used on y or on e).
 LK_MULTIVERSION int64_t first_in_range(const float* y, int64_t n, float lo, float hi) {
   const simd::vf vl = simd::splat(lo), vh = simd::splat(hi);
   int64_t i = 0;
@@ -204,10 +223,6 @@ LK_MULTIVERSION int64_t first_in_range(const float* y, int64_t n, float lo, floa
   return n;
 }
 
-uint64_t exp_range(const float* y, float m, float* e, Hist* hist, int64_t lo, int64_t hi) {
-  if (!hist) return exp_mass(y + lo, m, e + lo, hi - lo);
-  return exp_hist(y + lo, m, e + lo, hist, hi - lo);
-}
 
 // ---- threshold search -------------------------------------------------------------------------
 
@@ -308,28 +323,63 @@ inline float key_float(uint32_t key) {
   return bits_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
-// Top-p alone: the largest value v with mass(y >= v) >= target, without a histogram. Bisection on
-// the value with vectorised mass counts (FlashInfer-style pivots) narrows a bracket [lo, hi) with
-// mass(>= lo) >= target > mass(>= hi); the radix walk over the few elements inside finishes exactly.
-float top_p_threshold(const float* y, const float* e, int64_t V, float m, uint64_t target, Scratch& s) {
-  constexpr int kRounds = 5;
-  uint64_t mass_hi = kept_mass(y, e, m, 0.f, V);
-  if (mass_hi >= target) return m;
-  float lo = m - 28.0f, hi = m;  // e < 2^-40 below m - 27.8: no fixed-point mass there
-  for (int r = 0; r < kRounds; ++r) {
-    const float mid = 0.5f * (lo + hi);
-    const uint64_t mm = kept_mass(y, e, mid, 0.f, V);
-    if (mm >= target) {
-      lo = mid;
-    } else {
-      hi = mid;
-      mass_hi = mm;
+// Masses of the elements with e >= piv[j], j = 0..2, in one pass over e.
+LK_MULTIVERSION void masses_ge3(const float* e, int64_t n, const float* piv, uint64_t* out) {
+  simd::MassAcc acc[3];
+  const simd::vf p0 = simd::splat(piv[0]), p1 = simd::splat(piv[1]), p2 = simd::splat(piv[2]);
+  int64_t i = 0;
+  for (; i + simd::W <= n; i += simd::W) {
+    const simd::vf ev = simd::load(e + i);
+    simd::vi h, l;
+    simd::split_mass(ev, h, l);
+    simd::vi k = ev >= p0;
+    acc[0].add_split(h & k, l & k);
+    k = ev >= p1;
+    acc[1].add_split(h & k, l & k);
+    k = ev >= p2;
+    acc[2].add_split(h & k, l & k);
+  }
+  for (int j = 0; j < 3; ++j) {
+    out[j] = acc[j].sum();
+    for (int64_t t = i; t < n; ++t) out[j] += e[t] >= piv[j] ? fixed_mass(e[t]) : 0;
+  }
+}
+
+// Top-p alone: the largest value v with mass(y >= v) >= target, without a histogram. Pivot search
+// on e = exp(y - m) (three pivots per pass, vectorised exact mass counts) narrows a bracket
+// [e_lo, e_hi) with mass(e >= e_lo) >= target > mass(e >= e_hi); e is non-decreasing in y, so the
+// radix walk over the keys of the few elements inside the bracket finishes exactly.
+constexpr int kPivotRounds = 3;  // 4^3 = 64 sub-intervals of the 28-wide range of y - m with mass
+constexpr float kFirstPivots[3] = {-21.0f, -14.0f, -7.0f};  // round 0, counted in the exp pass
+
+float top_p_threshold(const float* y, const float* e, int64_t V, uint64_t target,
+                      const uint64_t* first_round_mass, Scratch& s) {
+  float e_lo = 0.f, e_hi = 2.f;  // e_hi above every e: mass 0
+  float t_lo = -28.0f, t_hi = 0.0f;  // pivots are spread over y - m (e < 2^-40 below -27.8: no mass)
+  uint64_t mass_hi = 0;
+  for (int r = 0; r < kPivotRounds; ++r) {
+    const float w = 0.25f * (t_hi - t_lo);
+    const float t[3] = {t_lo + w, t_lo + 2 * w, t_lo + 3 * w};
+    const float piv[3] = {exp_nonpos(t[0]), exp_nonpos(t[1]), exp_nonpos(t[2])};
+    uint64_t mass[3];
+    if (r == 0) std::copy(first_round_mass, first_round_mass + 3, mass);
+    else masses_ge3(e, V, piv, mass);
+    int j = 0;  // the highest pivot that still holds the target
+    while (j < 3 && mass[j] >= target) ++j;
+    if (j > 0) {
+      e_lo = piv[j - 1];
+      t_lo = t[j - 1];
+    }
+    if (j < 3) {
+      e_hi = piv[j];
+      t_hi = t[j];
+      mass_hi = mass[j];
     }
   }
   s.cand_key.clear();
   s.cand_mass.clear();
   for (int64_t i = 0; i < V; ++i) {
-    i += first_in_range(y + i, V - i, lo, hi);
+    i += first_in_range(e + i, V - i, e_lo, e_hi);
     if (i >= V) break;
     s.cand_key.push_back(order_key(y[i]));
     s.cand_mass.push_back(fixed_mass(e[i]));
@@ -451,18 +501,26 @@ void histogram_row(const float* y, float* e, float m, int64_t V, const RowParams
                    int64_t seed, int64_t position, int nchunks, Scratch& s, RowOut& out) {
   const bool need_hist = p.top_k > 0 && p.top_k < V;  // top-p alone uses the bisection
   std::vector<Hist> hists(need_hist ? nchunks : 0);
-  std::vector<uint64_t> part_z(nchunks, 0);
+  const bool pivots = !need_hist && p.top_p < 1.f;
+  const float piv[3] = {exp_nonpos(kFirstPivots[0]), exp_nonpos(kFirstPivots[1]), exp_nonpos(kFirstPivots[2])};
+  std::vector<uint64_t> part_z(nchunks, 0), part_piv(3 * nchunks, 0);
   for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
-    Hist* h = need_hist ? &hists[c] : nullptr;
-    if (h) h->clear();
-    part_z[c] = exp_range(y, m, e, h, lo, hi);
+    if (need_hist) {
+      hists[c].clear();
+      part_z[c] = exp_hist(y + lo, m, e + lo, &hists[c], hi - lo);
+    } else {
+      part_z[c] = exp_mass(y + lo, m, e + lo, hi - lo, pivots ? piv : nullptr, &part_piv[3 * c]);
+    }
   });
+  uint64_t first_round[3] = {0, 0, 0};
+  for (int c = 0; c < nchunks; ++c)
+    for (int j = 0; j < 3; ++j) first_round[j] += part_piv[3 * c + j];
   uint64_t z_all = 0;
   for (uint64_t z : part_z) z_all += z;
   for (int c = 1; c < (int)hists.size(); ++c)
     for (int b = 0; b < kBins; ++b) hists[0].cnt[b] += hists[c].cnt[b];
   if (need_hist) out.thr = key_float(find_threshold(y, e, V, hists[0], p, s));
-  else if (p.top_p < 1.f) out.thr = top_p_threshold(y, e, V, m, top_p_target(p.top_p, z_all), s);
+  else if (pivots) out.thr = top_p_threshold(y, e, V, top_p_target(p.top_p, z_all), first_round, s);
   if (!draw) return;
 
   // Kept mass per block of kBlock tokens, then the walk: find the block, then the token in it.

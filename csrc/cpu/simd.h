@@ -64,6 +64,13 @@ inline uint64_t fixed_mass(float e) {
   return ((uint64_t)(uint32_t)hi << 20) + (uint64_t)(uint32_t)lo;
 }
 
+// fixed_mass of 8 lanes as (high 20 bits, low 20 bits).
+inline void split_mass(vf e, vi& h, vi& l) {
+  const vf s = e * 1048576.0f;
+  h = __builtin_convertvector(s, vi);
+  l = __builtin_convertvector((s - __builtin_convertvector(h, vf)) * 1048576.0f, vi);
+}
+
 // Lane-wise partial sums of fixed_mass: each half is < 2^21 per element, so uint32 lanes hold at
 // least 2^11 additions before they must be flushed into a uint64.
 struct MassAcc {
@@ -71,9 +78,12 @@ struct MassAcc {
   uint64_t total = 0;
   int pending = 0;
   inline void add(vf e) {
-    const vf s = e * 1048576.0f;
-    const vi h = __builtin_convertvector(s, vi);
-    const vi l = __builtin_convertvector((s - __builtin_convertvector(h, vf)) * 1048576.0f, vi);
+    vi h, l;
+    split_mass(e, h, l);
+    add_split(h, l);
+  }
+  // Adds masses already split by split_mass (lanes masked to zero are not counted).
+  inline void add_split(vi h, vi l) {
     hi += (vu)h;
     lo += (vu)l;
     if (++pending == 2048) flush();
