@@ -20,6 +20,10 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 using simd::exp_nonpos;
 using simd::fixed_mass;
 
+// The order key with -0 folded into +0, so that key order equals float order (y may be the caller's
+// logits, which can hold -0).
+inline uint32_t key_of(float y) { return order_key(y + 0.0f); }
+
 // ---- vectorised loops (compiled for AVX2 and for the baseline ISA) --------------------------------
 
 // y = src with NaN -> -inf and -0 -> +0 (so that float order equals key order); returns the max.
@@ -40,6 +44,31 @@ LK_MULTIVERSION float clean_max(const float* src, float* y, int64_t n) {
     y[i] = v;
     m = v > m ? v : m;
   }
+  return m;
+}
+
+// Max of x and whether x holds a NaN, without writing anything (fp32 logits used in place).
+LK_MULTIVERSION float max_no_copy(const float* x, int64_t n, bool* has_nan) {
+  const simd::vf ninf = simd::splat(kNegInf);
+  simd::vf vm = ninf;
+  simd::vi nan = simd::vi{};
+  int64_t i = 0;
+  for (; i + simd::W <= n; i += simd::W) {
+    const simd::vf v = simd::load(x + i);
+    nan |= v != v;
+    vm = v > vm ? v : vm;
+  }
+  float m = kNegInf;
+  bool any_nan = false;
+  for (int j = 0; j < simd::W; ++j) {
+    m = vm[j] > m ? vm[j] : m;
+    any_nan |= nan[j] != 0;
+  }
+  for (; i < n; ++i) {
+    any_nan |= x[i] != x[i];
+    m = x[i] > m ? x[i] : m;
+  }
+  *has_nan = any_nan;
   return m;
 }
 
@@ -114,8 +143,8 @@ LK_MULTIVERSION int64_t first_ge(const float* y, int64_t n, float thr) {
 // Scratch reused across calls (one set per OpenMP thread).
 struct Scratch {
   std::vector<float> y, e;
-  std::vector<uint32_t> cand_key;
-  std::vector<uint64_t> cand_mass;
+  std::vector<uint32_t> cand_key, tmp_key;
+  std::vector<uint64_t> cand_mass, tmp_mass;
   std::vector<int64_t> cand_idx;  // top-k candidates, in vocabulary order
   std::vector<float> tmp;
   void reserve(int64_t V) {
@@ -179,6 +208,7 @@ constexpr int64_t kBlock = 2048;  // draw blocks: kept mass per block lets the w
 // e over [lo, hi) and the total mass; hist (when given) gets counts and masses per level-1 digit.
 // Order-preserving keys of 8 floats (see order_key).
 inline simd::vu order_keys(simd::vf v) {
+  v = v + 0.0f;  // -0 -> +0, as key_of
   simd::vu b;
   std::memcpy(&b, &v, sizeof(b));
   const simd::vu sign = simd::vu{} + 0x80000000u;
@@ -188,7 +218,7 @@ inline simd::vu order_keys(simd::vf v) {
 // e = exp(y - m) stored, counts per level-1 digit of the key; returns the total mass.
 uint64_t exp_hist(const float* y, float m, float* e, Hist* h, int64_t n) {
   const uint64_t z = exp_mass(y, m, e, n);
-  for (int64_t i = 0; i < n; ++i) h->cnt[order_key(y[i]) >> (32 - kBits1)] += 1;
+  for (int64_t i = 0; i < n; ++i) h->cnt[key_of(y[i]) >> (32 - kBits1)] += 1;
   return z;
 }
 
@@ -203,7 +233,7 @@ LK_MULTIVERSION int64_t first_in_bucket(const float* y, int64_t n, uint32_t buck
     if (any) break;
   }
   for (; i < n; ++i)
-    if ((order_key(y[i]) >> (32 - kBits1)) == bucket) return i;
+    if ((key_of(y[i]) >> (32 - kBits1)) == bucket) return i;
   return n;
 }
 
@@ -282,7 +312,7 @@ void gather_bucket(const float* y, const float* e, int64_t V, int bucket, std::v
   for (int64_t i = 0; i < V; ++i) {
     i += first_in_bucket(y + i, V - i, (uint32_t)bucket);
     if (i >= V) break;
-    key.push_back(order_key(y[i]));
+    key.push_back(key_of(y[i]));
     mass.push_back(fixed_mass(e[i]));
   }
 }
@@ -306,7 +336,7 @@ uint32_t find_threshold(const float* y, const float* e, int64_t V, const Hist& h
   s.cand_key.clear();
   s.cand_mass.clear();
   for (int64_t i = 0; i < V; ++i) {
-    const uint32_t k = order_key(y[i]);
+    const uint32_t k = key_of(y[i]);
     if (k < tau) continue;
     s.cand_key.push_back(k);
     s.cand_mass.push_back(fixed_mass(e[i]));
@@ -316,8 +346,8 @@ uint32_t find_threshold(const float* y, const float* e, int64_t V, const Hist& h
   return refine(s.cand_key, s.cand_mass, top_p_target(p.top_p, z_k), true, 1);
 }
 
-// The float whose order_key is `key` (key 0 = keep everything = -inf). y carries no NaN and no
-// -0, so `y >= key_float(tau)` is the same test as `order_key(y) >= tau`.
+// The float whose key is `key` (key 0 = keep everything = -inf). y carries no NaN and keys fold
+// -0 into +0, so `y >= key_float(tau)` is the same test as `key_of(y) >= tau`.
 inline float key_float(uint32_t key) {
   if (key <= order_key(kNegInf)) return kNegInf;
   return bits_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
@@ -352,8 +382,11 @@ LK_MULTIVERSION void masses_ge3(const float* e, int64_t n, const float* piv, uin
 constexpr int kPivotRounds = 3;  // 4^3 = 64 sub-intervals of the 28-wide range of y - m with mass
 constexpr float kFirstPivots[3] = {-21.0f, -14.0f, -7.0f};  // round 0, counted in the exp pass
 
+template <typename Fn>
+void for_chunks(int nchunks, int64_t V, Fn fn);
+
 float top_p_threshold(const float* y, const float* e, int64_t V, uint64_t target,
-                      const uint64_t* first_round_mass, Scratch& s) {
+                      const uint64_t* first_round_mass, int nchunks, Scratch& s, uint64_t* kept) {
   float e_lo = 0.f, e_hi = 2.f;  // e_hi above every e: mass 0
   float t_lo = -28.0f, t_hi = 0.0f;  // pivots are spread over y - m (e < 2^-40 below -27.8: no mass)
   uint64_t mass_hi = 0;
@@ -362,8 +395,18 @@ float top_p_threshold(const float* y, const float* e, int64_t V, uint64_t target
     const float t[3] = {t_lo + w, t_lo + 2 * w, t_lo + 3 * w};
     const float piv[3] = {exp_nonpos(t[0]), exp_nonpos(t[1]), exp_nonpos(t[2])};
     uint64_t mass[3];
-    if (r == 0) std::copy(first_round_mass, first_round_mass + 3, mass);
-    else masses_ge3(e, V, piv, mass);
+    if (r == 0) {
+      std::copy(first_round_mass, first_round_mass + 3, mass);
+    } else {
+      std::vector<uint64_t> part(3 * nchunks, 0);
+      for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+        masses_ge3(e + lo, hi - lo, piv, &part[3 * c]);
+      });
+      for (int j = 0; j < 3; ++j) {
+        mass[j] = 0;
+        for (int c = 0; c < nchunks; ++c) mass[j] += part[3 * c + j];
+      }
+    }
     int j = 0;  // the highest pivot that still holds the target
     while (j < 3 && mass[j] >= target) ++j;
     if (j > 0) {
@@ -376,15 +419,28 @@ float top_p_threshold(const float* y, const float* e, int64_t V, uint64_t target
       mass_hi = mass[j];
     }
   }
+  std::vector<std::vector<int64_t>> found(nchunks);
+  for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      i += first_in_range(e + i, hi - i, e_lo, e_hi);
+      if (i >= hi) break;
+      found[c].push_back(i);
+    }
+  });
   s.cand_key.clear();
   s.cand_mass.clear();
-  for (int64_t i = 0; i < V; ++i) {
-    i += first_in_range(e + i, V - i, e_lo, e_hi);
-    if (i >= V) break;
-    s.cand_key.push_back(order_key(y[i]));
-    s.cand_mass.push_back(fixed_mass(e[i]));
-  }
-  return key_float(refine(s.cand_key, s.cand_mass, target - mass_hi, true, 1));
+  for (const auto& part : found)
+    for (int64_t i : part) {
+      s.cand_key.push_back(key_of(y[i]));
+      s.cand_mass.push_back(fixed_mass(e[i]));
+    }
+  // Kept mass for free: everything above the bracket, plus the candidates at or above the threshold.
+  s.tmp_key = s.cand_key;
+  s.tmp_mass = s.cand_mass;
+  const uint32_t tau = refine(s.tmp_key, s.tmp_mass, target - mass_hi, true, 1);
+  *kept = mass_hi;
+  for (size_t i = 0; i < s.cand_key.size(); ++i) *kept += s.cand_key[i] >= tau ? s.cand_mass[i] : 0;
+  return key_float(tau);
 }
 
 // ---- small top-k: candidate filter, no pass over the row with exp ---------------------------------
@@ -411,7 +467,7 @@ void topk_candidates(const float* y, int64_t lo, int64_t hi, int64_t k, std::vec
                      std::vector<float>& tmp) {
   idx.clear();
   float thr = kNegInf;
-  size_t limit = (size_t)std::max<int64_t>(4 * k, 2048);
+  size_t limit = (size_t)std::max<int64_t>(4 * k, 512);
   for (int64_t i = lo; i < hi; ++i) {
     i += first_ge(y + i, hi - i, thr);  // skip the (many) elements below the running threshold
     if (i >= hi) break;
@@ -433,11 +489,16 @@ struct RowOut {
   bool valid = false;
   float thr = kNegInf;  // kept: y >= thr && e >= min_p (histogram path)
   bool by_candidates = false;  // small top-k path: the kept tokens are s.cand_idx
+  const float* y = nullptr;    // the processed logits (the input itself when it needed no change)
 };
 
 template <typename Fn>
 void for_chunks(int nchunks, int64_t V, Fn fn) {
-#pragma omp parallel for num_threads(nchunks) if (nchunks > 1)
+  if (nchunks == 1) {  // inside a row-parallel region: no nested OpenMP team
+    fn(0, 0, V);
+    return;
+  }
+#pragma omp parallel for num_threads(nchunks)
   for (int c = 0; c < nchunks; ++c) {
     int64_t lo, hi;
     chunk_range(V, nchunks, c, &lo, &hi);
@@ -467,7 +528,7 @@ void small_topk_row(const float* y, float m, int64_t V, const RowParams& p, bool
     s.cand_mass.resize(n);
     uint64_t z_k = 0;
     for (size_t i = 0; i < n; ++i) {
-      s.cand_key[i] = order_key(y[idx[i]]);
+      s.cand_key[i] = key_of(y[idx[i]]);
       s.cand_mass[i] = fixed_mass(e[i]);
       z_k += s.cand_mass[i];
     }
@@ -519,24 +580,36 @@ void histogram_row(const float* y, float* e, float m, int64_t V, const RowParams
   for (uint64_t z : part_z) z_all += z;
   for (int c = 1; c < (int)hists.size(); ++c)
     for (int b = 0; b < kBins; ++b) hists[0].cnt[b] += hists[c].cnt[b];
-  if (need_hist) out.thr = key_float(find_threshold(y, e, V, hists[0], p, s));
-  else if (pivots) out.thr = top_p_threshold(y, e, V, top_p_target(p.top_p, z_all), first_round, s);
+  uint64_t z_kept = 0;  // known without a pass for top-p alone without min-p
+  bool z_known = !need_hist && !pivots && p.min_p <= 0.f;
+  if (z_known) z_kept = z_all;
+  if (need_hist) {
+    out.thr = key_float(find_threshold(y, e, V, hists[0], p, s));
+  } else if (pivots) {
+    out.thr = top_p_threshold(y, e, V, top_p_target(p.top_p, z_all), first_round, nchunks, s, &z_kept);
+    z_known = p.min_p <= 0.f;
+  }
   if (!draw) return;
 
-  // Kept mass per block of kBlock tokens, then the walk: find the block, then the token in it.
   const float thr = out.thr, min_p = p.min_p;
-  const int64_t nblocks = (V + kBlock - 1) / kBlock;
-  std::vector<uint64_t> block_mass(nblocks);
-#pragma omp parallel for num_threads(nchunks) if (nchunks > 1)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t lo = b * kBlock, hi = std::min(V, lo + kBlock);
-    block_mass[b] = kept_mass(y + lo, e + lo, thr, min_p, hi - lo);
+  if (!z_known) {
+    std::vector<uint64_t> part(nchunks, 0);
+    for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+      part[c] = kept_mass(y + lo, e + lo, thr, min_p, hi - lo);
+    });
+    z_kept = 0;
+    for (uint64_t z : part) z_kept += z;
   }
-  uint64_t z_kept = 0;
-  for (uint64_t z : block_mass) z_kept += z;
+  // The walk: skip whole blocks by their kept mass, then find the token inside one block.
   uint64_t target = draw_target(row_uniform(seed, position), z_kept);
+  const int64_t nblocks = (V + kBlock - 1) / kBlock;
   int64_t b = 0;
-  while (b < nblocks - 1 && target >= block_mass[b]) target -= block_mass[b++];
+  for (; b < nblocks - 1; ++b) {
+    const int64_t lo = b * kBlock;
+    const uint64_t bm = kept_mass(y + lo, e + lo, thr, min_p, std::min(V, lo + kBlock) - lo);
+    if (target < bm) break;
+    target -= bm;
+  }
   const int64_t lo = b * kBlock, hi = std::min(V, lo + kBlock);
   uint64_t acc = 0;
   int64_t tok = -1;
@@ -561,13 +634,28 @@ RowOut process_row(const void* x, DType dt, int64_t V, const float* bias, const 
                    Scratch& s) {
   RowOut out;
   s.reserve(V);
-  float* y = s.y.data();
   float* e = s.e.data();
+  const float* y = s.y.data();
   std::vector<float> part_max(nchunks, kNegInf);
-  for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
-    part_max[c] = transform_dispatch(dt, x, bias, allowed, p.temperature, y, lo, hi);
-  });
+  bool in_place = dt == DType::F32 && !bias && !allowed && (p.temperature == 1.f || p.temperature == 0.f);
+  if (in_place) {  // y is x itself unless x holds a NaN
+    std::vector<char> nan(nchunks, 0);
+    for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+      bool has_nan = false;
+      part_max[c] = max_no_copy(static_cast<const float*>(x) + lo, hi - lo, &has_nan);
+      nan[c] = has_nan;
+    });
+    in_place = std::find(nan.begin(), nan.end(), 1) == nan.end();
+    if (in_place) y = static_cast<const float*>(x);
+  }
+  if (!in_place) {
+    float* ybuf = s.y.data();
+    for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+      part_max[c] = transform_dispatch(dt, x, bias, allowed, p.temperature, ybuf, lo, hi);
+    });
+  }
   const float m = *std::max_element(part_max.begin(), part_max.end());
+  out.y = y;
   if (m == kNegInf) return out;  // no finite logit: token 0, flagged invalid
   out.valid = true;
 
@@ -605,8 +693,8 @@ template <typename RowFn>
 void for_each_row(int64_t B, int64_t V, RowFn fn) {
   const int threads = omp_get_max_threads();
   // Row-parallel when the batch fills the threads; otherwise split each row across them.
-  // (Splitting pays only for long rows: a 128k-token row takes ~0.3 ms on one core.)
-  const int inner = (B >= threads || V < (1 << 18)) ? 1 : (int)std::min<int64_t>(threads, V >> 17);
+  // (Splitting pays only for long rows: a parallel region costs a few microseconds.)
+  const int inner = (B >= threads || V < (1 << 15)) ? 1 : (int)std::min<int64_t>(threads, V >> 14);
   if (inner == 1) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t r = 0; r < B; ++r) fn(r, 1);
@@ -659,11 +747,11 @@ void filter_cpu(const FilterArgs& a) {
       return;
     }
     if (a.dtype == DType::F32) {
-      write_filtered(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), a.V, s.y.data(),
+      write_filtered(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), a.V, o.y,
                      s.e.data(), o, p.min_p, s.cand_idx, a.filter_value);
     } else {
       write_filtered(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<uint16_t*>(out), a.V,
-                     s.y.data(), s.e.data(), o, p.min_p, s.cand_idx, a.filter_bits16);
+                     o.y, s.e.data(), o, p.min_p, s.cand_idx, a.filter_bits16);
     }
   });
 }
