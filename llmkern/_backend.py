@@ -91,3 +91,21 @@ OP_DISPATCH = {}
 def register_op(name, fn):
     OP_DISPATCH[name] = fn
     return fn
+
+
+def choose_triton(op_name, device, dtype, kernel_dtypes):
+    """Backend of a Triton op: "triton" on CUDA; on CPU the reference, or the Triton kernel under
+    TRITON_INTERPRET=1 when LLMKERN_BACKEND=triton (the interpreter has no bfloat16)."""
+    dev = torch.device(device)
+    available = ["reference"]
+    if dtype in kernel_dtypes and triton_available():
+        if dev.type == "cuda":
+            available.insert(0, "triton")
+        elif dev.type == "cpu" and triton_interpreting() and dtype != torch.bfloat16:
+            available.append("triton")
+    preferred = ("triton", "reference") if dev.type == "cuda" else ("reference", "triton")
+    choice = choose(op_name, available, preferred)
+    if dev.type == "cuda" and choice == "reference" and forced() != "reference":
+        warn_once((op_name, "cuda", dtype), f"llmkern.{op_name}: no Triton kernel for {dtype} on CUDA "
+                                            "here; using the PyTorch reference")
+    return choice

@@ -25,19 +25,7 @@ MAX_RANK = 256
 # ---- dispatch -----------------------------------------------------------------------------------
 
 def _backend_for(device, dtype=torch.float32, op_name="lora_linear"):
-    dev = torch.device(device)
-    available = ["reference"]
-    if dtype in _DTYPES and _backend.triton_available():
-        if dev.type == "cuda":
-            available.insert(0, "triton")
-        elif dev.type == "cpu" and _backend.triton_interpreting() and dtype != torch.bfloat16:
-            available.append("triton")
-    preferred = ("triton", "reference") if dev.type == "cuda" else ("reference", "triton")
-    choice = _backend.choose(op_name, available, preferred)
-    if dev.type == "cuda" and choice == "reference" and _backend.forced() != "reference":
-        _backend.warn_once((op_name, "cuda", dtype), f"llmkern.{op_name}: no Triton kernel for "
-                           f"{dtype} on CUDA here; using the PyTorch reference")
-    return choice
+    return _backend.choose_triton(op_name, device, dtype, _DTYPES)
 
 
 _backend.register_op("lora_linear", lambda device, dtype: _backend_for(device, dtype, "lora_linear"))
