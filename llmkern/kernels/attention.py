@@ -46,6 +46,22 @@ def _tanh(x):
 
 
 @triton.jit
+def _seq_bounds(CU_Q, CU_K, b, Tq, Tk, IS_VARLEN: tl.constexpr):
+    """(q_start, seqlen_q, k_start, seqlen_k) of batch row b, packed (varlen) or padded layout."""
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = 0
+        seqlen_q = Tq
+        k_start = 0
+        seqlen_k = Tk
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
 def _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key blocks for query rows [first, last_row]: (lo, full_lo, full_hi, hi) in block units.
 
@@ -130,16 +146,7 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K,
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-    else:
-        q_start = 0
-        seqlen_q = Tq
-        k_start = 0
-        seqlen_k = Tk
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CU_Q, CU_K, b, Tq, Tk, IS_VARLEN)
     first = pid_m * BLOCK_M
     if first >= seqlen_q:
         return
@@ -291,16 +298,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K,
     pid_bh = tl.program_id(1)
     b = pid_bh // HK
     hk = pid_bh % HK
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-    else:
-        q_start = 0
-        seqlen_q = Tq
-        k_start = 0
-        seqlen_k = Tk
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CU_Q, CU_K, b, Tq, Tk, IS_VARLEN)
     first_n = pid_n * BLOCK_N
     if first_n >= seqlen_k:
         return
@@ -421,16 +419,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K,
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-    else:
-        q_start = 0
-        seqlen_q = Tq
-        k_start = 0
-        seqlen_k = Tk
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CU_Q, CU_K, b, Tq, Tk, IS_VARLEN)
     first = pid_m * BLOCK_M
     if first >= seqlen_q:
         return
