@@ -7,10 +7,14 @@
 //   top-k : tau_k = k-th largest key (ties at the k-th value kept, as Hugging Face does).
 //   top-p : over keys >= tau_k, tau_p = the key v with  mass(key > v) < p * Z_k <= mass(key >= v).
 //   min-p : keep e_i >= min_p (e of the max is 1, so this is p_i >= min_p * p_max).
-// The thresholds are found by a three-level radix walk over the keys (11 + 11 + 10 bits): one
-// histogram pass over the row, then passes over the few candidates in the boundary bucket. No
-// sort of the vocabulary. The draw is an inverse-CDF walk in token order with one uniform per
-// row from Philox-4x32-10 keyed by (seed, position): reproducible, independent of the batch.
+// No sort of the vocabulary. The thresholds end in a three-level radix walk over the keys
+// (11 + 11 + 10 bits) of a few candidates; how the candidates are found differs by kernel:
+//   CPU  small top-k: a running-threshold filter (k-th largest so far) over the row;
+//        top-p alone: a pivot search on e with exact vectorised mass counts (3 pivots a pass)
+//        brackets the threshold; large top-k: a level-1 count histogram over the row.
+//   CUDA level-1 count / mass histograms in shared memory, then the boundary bucket's candidates.
+// The draw is an inverse-CDF walk in token order with one uniform per row from Philox-4x32-10
+// keyed by (seed, position): reproducible, independent of the batch.
 #pragma once
 #include <cstdint>
 

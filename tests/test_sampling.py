@@ -283,7 +283,7 @@ def test_penalties_bias_and_allowed_mask():
     assert torch.equal(a, ref_sample(xp, 1.0, 0, 1.0, 0.0, 8, torch.arange(B))[0])
 
 
-def test_hf_logits_processor_in_generate_loop():
+def test_hf_logits_warper_equals_hf_warpers():
     from llmkern.integrations.transformers import LlmkernSamplingWarper
 
     x = torch.randn(3, 400)

@@ -60,8 +60,35 @@ def _checking_values():
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def _row_param(name, value, B, device, dtype, lo, hi, lo_open=False, hi_open=False):
-    """A Python scalar or [B] tensor -> [B] tensor of `dtype` on `device`, range-checked."""
+class _RangeChecks:
+    """Range checks of tensor parameters, verified together: one host sync per call, not one per
+    parameter (a decode loop calls sample once per token)."""
+
+    def __init__(self):
+        self.pending = []  # (name, interval text, bool tensor: any value out of range)
+
+    def add(self, name, t, lo, hi, lo_open, hi_open):
+        if not _checking_values() or t.numel() == 0:
+            return
+        below = t <= lo if lo_open else t < lo
+        above = t >= hi if hi_open else t > hi
+        bad = below | above
+        if t.is_floating_point():
+            bad = bad | torch.isnan(t)
+        self.pending.append((name, _interval(lo, hi, lo_open, hi_open), bad.any()))
+
+    def verify(self):
+        if not self.pending:
+            return
+        flags = torch.stack([bad for _, _, bad in self.pending]).tolist()  # the one sync
+        for (name, interval, _), bad in zip(self.pending, flags):
+            if bad:
+                raise ValueError(f"{name} values must be in {interval}")
+
+
+def _row_param(name, value, B, device, dtype, lo, hi, lo_open=False, hi_open=False, checks=None):
+    """A Python scalar or [B] tensor -> [B] tensor of `dtype` on `device`, range-checked (tensor
+    values are checked when `checks.verify()` runs, or at once without `checks`)."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.expand(B)
@@ -72,14 +99,11 @@ def _row_param(name, value, B, device, dtype, lo, hi, lo_open=False, hi_open=Fal
         if value.device != device and value.device.type != "cpu":
             raise ValueError(f"{name} is on {value.device} but logits are on {device}")
         t = value.to(device=device, dtype=dtype)
-        if _checking_values() and t.numel() > 0:
-            bad = (t < lo) | (t > hi) if not (lo_open or hi_open) else None
-            if bad is None:
-                bad = ((t <= lo) if lo_open else (t < lo)) | ((t >= hi) if hi_open else (t > hi))
-            if dtype != torch.int64:
-                bad = bad | torch.isnan(t)
-            if bool(bad.any()):
-                raise ValueError(f"{name} values must be in {_interval(lo, hi, lo_open, hi_open)}")
+        own = checks is None
+        checks = _RangeChecks() if own else checks
+        checks.add(name, t, lo, hi, lo_open, hi_open)
+        if own:
+            checks.verify()
         return t
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
@@ -189,14 +213,15 @@ def sample(
     _check_logits(logits)
     B, V = logits.shape
     dev = logits.device
-    f32 = torch.float32
-    temperature = _row_param("temperature", temperature, B, dev, f32, 0.0, float("inf"))
-    top_k = _row_param("top_k", top_k, B, dev, torch.int64, 0, _INT64_MAX)
-    top_p = _row_param("top_p", top_p, B, dev, f32, 0.0, 1.0, lo_open=True)
-    min_p = _row_param("min_p", min_p, B, dev, f32, 0.0, 1.0)
-    rep = _row_param("repetition_penalty", repetition_penalty, B, dev, f32, 0.0, float("inf"), lo_open=True)
-    pres = _row_param("presence_penalty", presence_penalty, B, dev, f32, -float("inf"), float("inf"))
-    freq = _row_param("frequency_penalty", frequency_penalty, B, dev, f32, -float("inf"), float("inf"))
+    f32, inf, chk = torch.float32, float("inf"), _RangeChecks()
+    temperature = _row_param("temperature", temperature, B, dev, f32, 0.0, inf, checks=chk)
+    top_k = _row_param("top_k", top_k, B, dev, torch.int64, 0, _INT64_MAX, checks=chk)
+    top_p = _row_param("top_p", top_p, B, dev, f32, 0.0, 1.0, lo_open=True, checks=chk)
+    min_p = _row_param("min_p", min_p, B, dev, f32, 0.0, 1.0, checks=chk)
+    rep = _row_param("repetition_penalty", repetition_penalty, B, dev, f32, 0.0, inf, lo_open=True, checks=chk)
+    pres = _row_param("presence_penalty", presence_penalty, B, dev, f32, -inf, inf, checks=chk)
+    freq = _row_param("frequency_penalty", frequency_penalty, B, dev, f32, -inf, inf, checks=chk)
+    chk.verify()
     if logit_bias is not None:
         logit_bias = _side_tensor("logit_bias", logit_bias, B, V, dev).float()
     if allowed_tokens is not None:
@@ -234,9 +259,11 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: ScalarOrTensor = 0, top_p: S
     _check_logits(logits)
     B, V = logits.shape
     dev = logits.device
-    top_k = _row_param("top_k", top_k, B, dev, torch.int64, 0, _INT64_MAX)
-    top_p = _row_param("top_p", top_p, B, dev, torch.float32, 0.0, 1.0, lo_open=True)
-    min_p = _row_param("min_p", min_p, B, dev, torch.float32, 0.0, 1.0)
+    chk = _RangeChecks()
+    top_k = _row_param("top_k", top_k, B, dev, torch.int64, 0, _INT64_MAX, checks=chk)
+    top_p = _row_param("top_p", top_p, B, dev, torch.float32, 0.0, 1.0, lo_open=True, checks=chk)
+    min_p = _row_param("min_p", min_p, B, dev, torch.float32, 0.0, 1.0, checks=chk)
+    chk.verify()
     if not isinstance(filter_value, numbers.Real):
         raise TypeError(f"filter_value must be a number, got {type(filter_value).__name__}")
     if _backend_for(dev) == "reference":

@@ -78,17 +78,15 @@ def _keep_mask(y, top_k, top_p, min_p):
         if m == float("-inf"):
             continue
         k = int(top_k[r])
-        if 0 < k < V:
-            kth = torch.topk(row, k).values[-1]
-            keep[r] &= row >= kth
+        kth = torch.topk(row, k).values[-1] if 0 < k < V else float("-inf")
+        keep[r] &= row >= kth
         e = torch.where(row == m, torch.ones_like(row), torch.exp(row - m))
         e = torch.where(keep[r], e, torch.zeros_like(e))
         p = float(top_p[r])
         if p < 1.0:
             asc, _ = torch.sort(row)
             e_asc = torch.where(asc == m, torch.ones_like(asc), torch.exp(asc - m))
-            floor = torch.topk(row, k).values[-1] if 0 < k < V else float("-inf")
-            e_asc = torch.where(asc >= floor, e_asc, torch.zeros_like(e_asc))
+            e_asc = torch.where(asc >= kth, e_asc, torch.zeros_like(e_asc))
             cum = torch.cumsum(e_asc, 0)
             z = cum[-1]
             last_le = torch.searchsorted(asc, row, right=True) - 1  # last position holding <= v
