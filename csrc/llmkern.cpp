@@ -28,6 +28,7 @@ DType dtype_of(const at::Tensor& t) {
 at::Tensor row_param(const at::Tensor& t, at::ScalarType st, int64_t B, const at::Tensor& like,
                      const char* name) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == B, "llmkern: ", name, " must have shape [", B, "]");
+  if (t.scalar_type() == st && t.device() == like.device() && t.is_contiguous()) return t;  // no dispatch
   return t.to(like.device(), st).contiguous();
 }
 
@@ -44,6 +45,7 @@ std::pair<at::Tensor, int64_t> row_side(const c10::optional<at::Tensor>& t, at::
 at::Tensor logits_2d(const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 2, "llmkern: logits must be [batch, vocab]");
   TORCH_CHECK(logits.size(1) >= 1, "llmkern: vocab must be non-empty");
+  TORCH_CHECK(logits.size(1) < (int64_t(1) << 31), "llmkern: vocab must be below 2^31 (token ids are int32 inside)");
   return logits.stride(1) == 1 ? logits : logits.contiguous();
 }
 

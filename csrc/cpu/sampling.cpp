@@ -72,43 +72,37 @@ LK_MULTIVERSION float max_no_copy(const float* x, int64_t n, bool* has_nan) {
   return m;
 }
 
-// e = exp(y - m) (stored when e is not null) and the total fixed-point mass. With `piv`, also the
-// masses of e >= piv[j], j = 0..2, into piv_mass (the first round of the top-p pivot search).
-LK_MULTIVERSION uint64_t exp_mass(const float* y, float m, float* e, int64_t n,
-                                  const float* piv = nullptr, uint64_t* piv_mass = nullptr) {
-  simd::MassAcc acc, pa[3];
+// e = exp(y - m) (stored when e is not null) and the total fixed-point mass. (Fusing the top-p
+// pivot counts into this pass was measured slower than a separate pass: register pressure.)
+LK_MULTIVERSION uint64_t exp_mass(const float* y, float m, float* e, int64_t n) {
+  simd::MassAcc acc;
   const simd::vf vm = simd::splat(m), one = simd::splat(1.0f);
-  const simd::vf p0 = simd::splat(piv ? piv[0] : 0.f), p1 = simd::splat(piv ? piv[1] : 0.f),
-                 p2 = simd::splat(piv ? piv[2] : 0.f);
   int64_t i = 0;
   for (; i + simd::W <= n; i += simd::W) {
     const simd::vf v = simd::load(y + i);
     const simd::vf ev = v == vm ? one : simd::exp_nonpos(v - vm);  // y == m covers m = +inf
     if (e) simd::store(e + i, ev);
-    simd::vi h, l;
-    simd::split_mass(ev, h, l);
-    acc.add_split(h, l);
-    if (piv) {
-      simd::vi k = ev >= p0;
-      pa[0].add_split(h & k, l & k);
-      k = ev >= p1;
-      pa[1].add_split(h & k, l & k);
-      k = ev >= p2;
-      pa[2].add_split(h & k, l & k);
-    }
+    acc.add(ev);
   }
   uint64_t z = acc.sum();
-  if (piv)
-    for (int j = 0; j < 3; ++j) piv_mass[j] = pa[j].sum();
   for (; i < n; ++i) {
     const float ev = y[i] == m ? 1.0f : exp_nonpos(y[i] - m);
     if (e) e[i] = ev;
-    const uint64_t w = fixed_mass(ev);
-    z += w;
-    if (piv)
-      for (int j = 0; j < 3; ++j) piv_mass[j] += ev >= piv[j] ? w : 0;
+    z += fixed_mass(ev);
   }
   return z;
+}
+
+// e = exp(y - m) stored, nothing else (the top-p path sums the mass in its first pivot pass, where
+// the fixed-point split is done anyway).
+LK_MULTIVERSION void exp_store(const float* y, float m, float* e, int64_t n) {
+  const simd::vf vm = simd::splat(m), one = simd::splat(1.0f);
+  int64_t i = 0;
+  for (; i + simd::W <= n; i += simd::W) {
+    const simd::vf v = simd::load(y + i);
+    simd::store(e + i, v == vm ? one : simd::exp_nonpos(v - vm));  // y == m covers m = +inf
+  }
+  for (; i < n; ++i) e[i] = y[i] == m ? 1.0f : exp_nonpos(y[i] - m);
 }
 
 // Mass of the kept tokens: y >= thr and e >= min_p.
@@ -145,7 +139,9 @@ struct Scratch {
   std::vector<float> y, e;
   std::vector<uint32_t> cand_key, tmp_key;
   std::vector<uint64_t> cand_mass, tmp_mass;
-  std::vector<int64_t> cand_idx;  // top-k candidates, in vocabulary order
+  std::vector<int64_t> cand_idx;  // candidates or kept tokens, in vocabulary order
+  std::vector<std::vector<int64_t>> parts;  // per-chunk candidates
+  std::vector<std::vector<int32_t>> found;  // per-chunk bracket members
   std::vector<float> tmp;
   void reserve(int64_t V) {
     if ((int64_t)y.size() < V) {
@@ -154,7 +150,12 @@ struct Scratch {
     }
   }
 };
-thread_local Scratch tls_scratch;
+// Not inlined on purpose: when the thread-local's address is a visible constant, GCC re-derives it
+// (a __tls_get_addr call) at every use inside the row loops.
+__attribute__((noinline)) Scratch& thread_scratch() {
+  static thread_local Scratch s;
+  return s;
+}
 
 struct Hist {  // counts per level-1 digit of the key
   uint64_t cnt[kBins];
@@ -237,22 +238,38 @@ LK_MULTIVERSION int64_t first_in_bucket(const float* y, int64_t n, uint32_t buck
   return n;
 }
 
-// Index of the first element in [0, n) with lo <= y < hi, or n (used on y or on e).
-LK_MULTIVERSION int64_t first_in_range(const float* y, int64_t n, float lo, float hi) {
-  const simd::vf vl = simd::splat(lo), vh = simd::splat(hi);
-  int64_t i = 0;
-  for (; i + simd::W <= n; i += simd::W) {
-    const simd::vf v = simd::load(y + i);
-    const simd::vi hit = (v >= vl) & (v < vh);
-    int any = 0;
-    for (int j = 0; j < simd::W; ++j) any |= hit[j];
-    if (any) break;
+// lane_index[b] lists the set bits of the 8-bit mask b, lowest first (padded with zeros).
+struct LaneIndex {
+  simd::vi of[256];
+  LaneIndex() {
+    for (int b = 0; b < 256; ++b) {
+      of[b] = simd::vi{};
+      int k = 0;
+      for (int j = 0; j < simd::W; ++j)
+        if ((b >> j) & 1) of[b][k++] = j;
+    }
   }
-  for (; i < n; ++i)
-    if (y[i] >= lo && y[i] < hi) return i;
+};
+const LaneIndex lane_index;
+
+// Writes to out[0..] every i in [lo, hi) with lo_v <= v[i] < hi_v, in order; returns how many. `out`
+// needs room for hi - lo + 8 entries. Without branches (a hit is rare and random, so a branch on it
+// mispredicts): every 8 elements store the indices of the hits and advance by their count.
+LK_MULTIVERSION int64_t collect_range(const float* v, int64_t lo, int64_t hi, float lo_v, float hi_v,
+                                      int32_t* out) {
+  const simd::vf vl = simd::splat(lo_v), vh = simd::splat(hi_v);
+  int64_t n = 0, i = lo;
+  for (; i + simd::W <= hi; i += simd::W) {
+    const simd::vf x = simd::load(v + i);
+    const unsigned bits = simd::lane_bits((x >= vl) & (x < vh));
+    const simd::vi idx = lane_index.of[bits] + (int32_t)i;
+    std::memcpy(out + n, &idx, sizeof(idx));
+    n += __builtin_popcount(bits);
+  }
+  for (; i < hi; ++i)
+    if (v[i] >= lo_v && v[i] < hi_v) out[n++] = (int32_t)i;
   return n;
 }
-
 
 // ---- threshold search -------------------------------------------------------------------------
 
@@ -277,15 +294,37 @@ inline uint32_t digit(uint32_t key, int level) {
   return key & ((1u << kBits3) - 1);
 }
 
+// refine() for a few candidates: sort them by key, largest first, and walk the groups of equal keys.
+uint32_t refine_sorted(const std::vector<uint32_t>& key, const std::vector<uint64_t>& mass,
+                       uint64_t target, bool by_mass) {
+  std::vector<std::pair<uint32_t, uint64_t>> kw(key.size());
+  for (size_t i = 0; i < key.size(); ++i) kw[i] = {key[i], by_mass ? mass[i] : 1};
+  std::sort(kw.begin(), kw.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  uint64_t acc = 0;
+  for (size_t i = 0; i < kw.size(); ++i) {
+    acc += kw[i].second;
+    const bool group_ends = i + 1 == kw.size() || kw[i + 1].first != kw[i].first;
+    if (group_ends && acc >= target) return kw[i].first;
+  }
+  return kw.empty() ? 0u : kw.back().first;  // target above the total: cannot happen
+}
+
 // Radix walk over candidates from `level` on. Weight is the count (by_mass false) or the fixed-point
-// mass. Returns the exact key at which the running weight, from the top, reaches `target`.
+// mass. Returns the exact key at which the running weight, from the top, reaches `target`: the key v
+// with weight(key > v) < target <= weight(key >= v).
 uint32_t refine(std::vector<uint32_t>& key, std::vector<uint64_t>& mass, uint64_t target,
                 bool by_mass, int level) {
+  if (key.size() <= 128) return refine_sorted(key, mass, target, by_mass);  // cheaper than 2048 bins
   uint64_t w[kBins];
   for (; level <= 3; ++level) {
+    const size_t n = key.size();
+    if (n == 0) break;
+    const uint32_t d0 = digit(key[0], level);
+    size_t same = 1;
+    while (same < n && digit(key[same], level) == d0) ++same;
+    if (same == n) continue;  // one bucket holds every candidate: nothing to count at this level
     const int bins = level == 3 ? (1 << kBits3) : kBins;
     std::fill(w, w + bins, 0);
-    const size_t n = key.size();
     for (size_t i = 0; i < n; ++i) w[digit(key[i], level)] += by_mass ? mass[i] : 1;
     uint64_t above = 0;
     const uint32_t b = (uint32_t)find_bucket(w, bins, target, &above);
@@ -353,15 +392,18 @@ inline float key_float(uint32_t key) {
   return bits_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
-// Masses of the elements with e >= piv[j], j = 0..2, in one pass over e.
-LK_MULTIVERSION void masses_ge3(const float* e, int64_t n, const float* piv, uint64_t* out) {
-  simd::MassAcc acc[3];
+// Masses of the elements with e >= piv[j], j = 0..2, in one pass over e; with `total`, also the
+// mass of all elements.
+LK_MULTIVERSION void masses_ge3(const float* e, int64_t n, const float* piv, uint64_t* mass,
+                                uint64_t* total) {
+  simd::MassAcc acc[3], all;
   const simd::vf p0 = simd::splat(piv[0]), p1 = simd::splat(piv[1]), p2 = simd::splat(piv[2]);
   int64_t i = 0;
   for (; i + simd::W <= n; i += simd::W) {
     const simd::vf ev = simd::load(e + i);
     simd::vi h, l;
     simd::split_mass(ev, h, l);
+    if (total) all.add_split(h, l);
     simd::vi k = ev >= p0;
     acc[0].add_split(h & k, l & k);
     k = ev >= p1;
@@ -370,77 +412,91 @@ LK_MULTIVERSION void masses_ge3(const float* e, int64_t n, const float* piv, uin
     acc[2].add_split(h & k, l & k);
   }
   for (int j = 0; j < 3; ++j) {
-    out[j] = acc[j].sum();
-    for (int64_t t = i; t < n; ++t) out[j] += e[t] >= piv[j] ? fixed_mass(e[t]) : 0;
+    mass[j] = acc[j].sum();
+    for (int64_t t = i; t < n; ++t) mass[j] += e[t] >= piv[j] ? fixed_mass(e[t]) : 0;
+  }
+  if (total) {
+    *total = all.sum();
+    for (int64_t t = i; t < n; ++t) *total += fixed_mass(e[t]);
   }
 }
 
-// Top-p alone: the largest value v with mass(y >= v) >= target, without a histogram. Pivot search
-// on e = exp(y - m) (three pivots per pass, vectorised exact mass counts) narrows a bracket
-// [e_lo, e_hi) with mass(e >= e_lo) >= target > mass(e >= e_hi); e is non-decreasing in y, so the
-// radix walk over the keys of the few elements inside the bracket finishes exactly.
-constexpr int kPivotRounds = 3;  // 4^3 = 64 sub-intervals of the 28-wide range of y - m with mass
-constexpr float kFirstPivots[3] = {-21.0f, -14.0f, -7.0f};  // round 0, counted in the exp pass
+// Top-p: a pivot search on e = exp(y - m) (three pivots per pass, exact vectorised mass counts)
+// narrows a bracket [e_lo, e_hi) with mass(e >= e_lo) >= target > mass(e >= e_hi); a radix walk over
+// the keys of y of the elements inside the bracket then finds the threshold exactly. This needs e
+// to be non-decreasing in y, which simd::exp_nonpos is: tests/test_exp_monotone.py checks it on
+// every float in [-88, 0]. Pivots are spread evenly over y - m in [-28, 0] (below -27.8, e * 2^40 < 1:
+// no mass). Two rounds leave a bracket 28 / 16 = 1.75 wide in y - m: a few hundred to a few thousand
+// elements on real vocabularies (always correct, only slower, when it holds more).
+constexpr int kPivotRounds = 2;
+
+struct Bracket {
+  float e_lo = 0.0f;     // mass(e >= e_lo) >= target
+  float e_hi = 2.0f;     // mass(e >= e_hi) < target (2: above every e, nothing above the bracket)
+  uint64_t mass_hi = 0;  // mass(e >= e_hi)
+};
 
 template <typename Fn>
 void for_chunks(int nchunks, int64_t V, Fn fn);
 
-float top_p_threshold(const float* y, const float* e, int64_t V, uint64_t target,
-                      const uint64_t* first_round_mass, int nchunks, Scratch& s, uint64_t* kept) {
-  float e_lo = 0.f, e_hi = 2.f;  // e_hi above every e: mass 0
-  float t_lo = -28.0f, t_hi = 0.0f;  // pivots are spread over y - m (e < 2^-40 below -27.8: no mass)
-  uint64_t mass_hi = 0;
+// The pivot search; round 0's pass also sums the total mass z, which sets the target p * z.
+Bracket pivot_search(const float* e, int64_t V, float top_p, int nchunks, uint64_t* target_out) {
+  Bracket br;
+  uint64_t target = 0;
+  float t_lo = -28.0f, t_hi = 0.0f;  // the pivots' y - m
   for (int r = 0; r < kPivotRounds; ++r) {
     const float w = 0.25f * (t_hi - t_lo);
     const float t[3] = {t_lo + w, t_lo + 2 * w, t_lo + 3 * w};
     const float piv[3] = {exp_nonpos(t[0]), exp_nonpos(t[1]), exp_nonpos(t[2])};
-    uint64_t mass[3];
-    if (r == 0) {
-      std::copy(first_round_mass, first_round_mass + 3, mass);
-    } else {
-      std::vector<uint64_t> part(3 * nchunks, 0);
-      for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
-        masses_ge3(e + lo, hi - lo, piv, &part[3 * c]);
-      });
-      for (int j = 0; j < 3; ++j) {
-        mass[j] = 0;
-        for (int c = 0; c < nchunks; ++c) mass[j] += part[3 * c + j];
-      }
-    }
+    std::vector<uint64_t> part(4 * nchunks, 0);
+    for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+      masses_ge3(e + lo, hi - lo, piv, &part[4 * c], r == 0 ? &part[4 * c + 3] : nullptr);
+    });
+    uint64_t mass[4] = {0, 0, 0, 0};
+    for (int c = 0; c < nchunks; ++c)
+      for (int j = 0; j < 4; ++j) mass[j] += part[4 * c + j];
+    if (r == 0) target = top_p_target(top_p, mass[3]);
     int j = 0;  // the highest pivot that still holds the target
     while (j < 3 && mass[j] >= target) ++j;
     if (j > 0) {
-      e_lo = piv[j - 1];
+      br.e_lo = piv[j - 1];
       t_lo = t[j - 1];
     }
     if (j < 3) {
-      e_hi = piv[j];
+      br.e_hi = piv[j];
+      br.mass_hi = mass[j];
       t_hi = t[j];
-      mass_hi = mass[j];
     }
   }
-  std::vector<std::vector<int64_t>> found(nchunks);
+  *target_out = target;
+  return br;
+}
+
+// Every index with e_lo <= e < e_hi into s.cand_idx, in order.
+void collect_bracket(const float* e, int64_t V, const Bracket& br, int nchunks, Scratch& s) {
+  s.found.resize(nchunks);
+  std::vector<int64_t> count(nchunks, 0);
   for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      i += first_in_range(e + i, hi - i, e_lo, e_hi);
-      if (i >= hi) break;
-      found[c].push_back(i);
-    }
+    s.found[c].resize(hi - lo + simd::W);
+    count[c] = collect_range(e, lo, hi, br.e_lo, br.e_hi, s.found[c].data());
   });
-  s.cand_key.clear();
-  s.cand_mass.clear();
-  for (const auto& part : found)
-    for (int64_t i : part) {
-      s.cand_key.push_back(key_of(y[i]));
-      s.cand_mass.push_back(fixed_mass(e[i]));
-    }
-  // Kept mass for free: everything above the bracket, plus the candidates at or above the threshold.
-  s.tmp_key = s.cand_key;
-  s.tmp_mass = s.cand_mass;
-  const uint32_t tau = refine(s.tmp_key, s.tmp_mass, target - mass_hi, true, 1);
-  *kept = mass_hi;
-  for (size_t i = 0; i < s.cand_key.size(); ++i) *kept += s.cand_key[i] >= tau ? s.cand_mass[i] : 0;
-  return key_float(tau);
+  s.cand_idx.clear();
+  for (int c = 0; c < nchunks; ++c)
+    s.cand_idx.insert(s.cand_idx.end(), s.found[c].begin(), s.found[c].begin() + count[c]);
+}
+
+// Inverse-CDF draw over kept tokens listed in vocabulary order with their masses (the same token as
+// the walk over the whole row would find).
+int64_t draw_listed(const std::vector<int64_t>& idx, const std::vector<uint64_t>& mass, uint64_t z,
+                    int64_t seed, int64_t position) {
+  const uint64_t target = draw_target(row_uniform(seed, position), z);
+  uint64_t acc = 0;
+  size_t i = 0;
+  for (; i + 1 < idx.size(); ++i) {
+    acc += mass[i];
+    if (acc > target) break;
+  }
+  return idx[i];
 }
 
 // ---- small top-k: candidate filter, no pass over the row with exp ---------------------------------
@@ -506,101 +562,10 @@ void for_chunks(int nchunks, int64_t V, Fn fn) {
   }
 }
 
-// Small top-k: thresholds and the draw over the candidates only. Leaves the kept tokens in
-// s.cand_idx (vocabulary order).
-void small_topk_row(const float* y, float m, int64_t V, const RowParams& p, bool draw, int64_t seed,
-                    int64_t position, int nchunks, Scratch& s, RowOut& out) {
-  std::vector<std::vector<int64_t>> parts(nchunks);
-  for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
-    std::vector<float> tmp;
-    topk_candidates(y, lo, hi, p.top_k, parts[c], tmp);
-  });
-  std::vector<int64_t>& idx = s.cand_idx;
-  idx.clear();
-  for (auto& part : parts) idx.insert(idx.end(), part.begin(), part.end());
-  if ((int64_t)idx.size() > p.top_k) keep_at_least(y, idx, kth_value(y, idx, p.top_k, s.tmp));
-  const size_t n = idx.size();
-  std::vector<float> e(n);
-  for (size_t i = 0; i < n; ++i) e[i] = y[idx[i]] == m ? 1.0f : exp_nonpos(y[idx[i]] - m);
-  float thr = kNegInf;
-  if (p.top_p < 1.f) {
-    s.cand_key.resize(n);
-    s.cand_mass.resize(n);
-    uint64_t z_k = 0;
-    for (size_t i = 0; i < n; ++i) {
-      s.cand_key[i] = key_of(y[idx[i]]);
-      s.cand_mass[i] = fixed_mass(e[i]);
-      z_k += s.cand_mass[i];
-    }
-    thr = key_float(refine(s.cand_key, s.cand_mass, top_p_target(p.top_p, z_k), true, 1));
-  }
-  size_t kept = 0;
-  uint64_t z_kept = 0;
-  for (size_t i = 0; i < n; ++i) {
-    if (y[idx[i]] >= thr && e[i] >= p.min_p) {
-      idx[kept] = idx[i];
-      e[kept++] = e[i];
-      z_kept += fixed_mass(e[i]);
-    }
-  }
-  idx.resize(kept);
-  out.by_candidates = true;
-  if (!draw) return;
-  const uint64_t target = draw_target(row_uniform(seed, position), z_kept);
-  uint64_t acc = 0;
-  size_t i = 0;
-  for (; i + 1 < kept; ++i) {
-    acc += fixed_mass(e[i]);
-    if (acc > target) break;
-  }
-  out.token = idx[i];
-  out.logprob = (y[out.token] - m) - (float)std::log((double)z_kept / kMassScale);
-}
-
-// Histogram path (top-p alone, large top-k, min-p alone or no filter): the whole row.
-void histogram_row(const float* y, float* e, float m, int64_t V, const RowParams& p, bool draw,
-                   int64_t seed, int64_t position, int nchunks, Scratch& s, RowOut& out) {
-  const bool need_hist = p.top_k > 0 && p.top_k < V;  // top-p alone uses the bisection
-  std::vector<Hist> hists(need_hist ? nchunks : 0);
-  const bool pivots = !need_hist && p.top_p < 1.f;
-  const float piv[3] = {exp_nonpos(kFirstPivots[0]), exp_nonpos(kFirstPivots[1]), exp_nonpos(kFirstPivots[2])};
-  std::vector<uint64_t> part_z(nchunks, 0), part_piv(3 * nchunks, 0);
-  for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
-    if (need_hist) {
-      hists[c].clear();
-      part_z[c] = exp_hist(y + lo, m, e + lo, &hists[c], hi - lo);
-    } else {
-      part_z[c] = exp_mass(y + lo, m, e + lo, hi - lo, pivots ? piv : nullptr, &part_piv[3 * c]);
-    }
-  });
-  uint64_t first_round[3] = {0, 0, 0};
-  for (int c = 0; c < nchunks; ++c)
-    for (int j = 0; j < 3; ++j) first_round[j] += part_piv[3 * c + j];
-  uint64_t z_all = 0;
-  for (uint64_t z : part_z) z_all += z;
-  for (int c = 1; c < (int)hists.size(); ++c)
-    for (int b = 0; b < kBins; ++b) hists[0].cnt[b] += hists[c].cnt[b];
-  uint64_t z_kept = 0;  // known without a pass for top-p alone without min-p
-  bool z_known = !need_hist && !pivots && p.min_p <= 0.f;
-  if (z_known) z_kept = z_all;
-  if (need_hist) {
-    out.thr = key_float(find_threshold(y, e, V, hists[0], p, s));
-  } else if (pivots) {
-    out.thr = top_p_threshold(y, e, V, top_p_target(p.top_p, z_all), first_round, nchunks, s, &z_kept);
-    z_known = p.min_p <= 0.f;
-  }
-  if (!draw) return;
-
-  const float thr = out.thr, min_p = p.min_p;
-  if (!z_known) {
-    std::vector<uint64_t> part(nchunks, 0);
-    for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
-      part[c] = kept_mass(y + lo, e + lo, thr, min_p, hi - lo);
-    });
-    z_kept = 0;
-    for (uint64_t z : part) z_kept += z;
-  }
-  // The walk: skip whole blocks by their kept mass, then find the token inside one block.
+// The draw by inverse CDF over the whole row in vocabulary order (kept: y >= thr && e >= min_p):
+// whole blocks are skipped by their kept mass, then the token is found inside one block.
+int64_t walk_draw(const float* y, const float* e, int64_t V, float thr, float min_p, uint64_t z_kept,
+                  int64_t seed, int64_t position) {
   uint64_t target = draw_target(row_uniform(seed, position), z_kept);
   const int64_t nblocks = (V + kBlock - 1) / kBlock;
   int64_t b = 0;
@@ -619,8 +584,120 @@ void histogram_row(const float* y, float* e, float m, int64_t V, const RowParams
     tok = i;  // last kept so far: the answer if the target is never passed (cannot happen)
     if (acc > target) break;
   }
-  out.token = tok < 0 ? 0 : tok;
-  out.logprob = (y[out.token] - m) - (float)std::log((double)z_kept / kMassScale);
+  return tok < 0 ? 0 : tok;
+}
+
+inline float token_logprob(float y_tok, float m, uint64_t z_kept) {
+  return (y_tok - m) - (float)std::log((double)z_kept / kMassScale);
+}
+
+// Small top-k: thresholds and the draw over the candidates only. Leaves the kept tokens in
+// s.cand_idx (vocabulary order).
+void small_topk_row(const float* y, float m, int64_t V, const RowParams& p, bool draw, int64_t seed,
+                    int64_t position, int nchunks, Scratch& s, RowOut& out) {
+  s.parts.resize(nchunks);
+  for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+    std::vector<float> tmp;
+    topk_candidates(y, lo, hi, p.top_k, s.parts[c], tmp);
+  });
+  std::vector<int64_t>& idx = s.cand_idx;
+  idx.clear();
+  for (int c = 0; c < nchunks; ++c) idx.insert(idx.end(), s.parts[c].begin(), s.parts[c].end());
+  if ((int64_t)idx.size() > p.top_k) keep_at_least(y, idx, kth_value(y, idx, p.top_k, s.tmp));
+  const size_t n = idx.size();
+  std::vector<float> e(n);
+  for (size_t i = 0; i < n; ++i) e[i] = y[idx[i]] == m ? 1.0f : exp_nonpos(y[idx[i]] - m);
+  float thr = kNegInf;
+  if (p.top_p < 1.f) {
+    s.cand_key.resize(n);
+    s.cand_mass.resize(n);
+    uint64_t z_k = 0;
+    for (size_t i = 0; i < n; ++i) {
+      s.cand_key[i] = key_of(y[idx[i]]);
+      s.cand_mass[i] = fixed_mass(e[i]);
+      z_k += s.cand_mass[i];
+    }
+    thr = key_float(refine(s.cand_key, s.cand_mass, top_p_target(p.top_p, z_k), true, 1));
+  }
+  size_t kept = 0;
+  uint64_t z_kept = 0;
+  s.cand_mass.clear();
+  for (size_t i = 0; i < n; ++i) {
+    if (y[idx[i]] >= thr && e[i] >= p.min_p) {
+      idx[kept++] = idx[i];
+      s.cand_mass.push_back(fixed_mass(e[i]));
+      z_kept += s.cand_mass.back();
+    }
+  }
+  idx.resize(kept);
+  out.by_candidates = true;
+  if (!draw) return;
+  out.token = draw_listed(idx, s.cand_mass, z_kept, seed, position);
+  out.logprob = token_logprob(y[out.token], m, z_kept);
+}
+
+// Top-p without top-k (min-p optional): the exp pass, two pivot passes, one pass to collect the
+// bracket, then the draw walks the row.
+void top_p_row(const float* y, float* e, float m, int64_t V, const RowParams& p, bool draw,
+               int64_t seed, int64_t position, int nchunks, Scratch& s, RowOut& out) {
+  for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) { exp_store(y + lo, m, e + lo, hi - lo); });
+  uint64_t target = 0;
+  const Bracket br = pivot_search(e, V, p.top_p, nchunks, &target);
+  collect_bracket(e, V, br, nchunks, s);
+  s.cand_key.clear();
+  s.cand_mass.clear();
+  for (int64_t i : s.cand_idx) {
+    s.cand_key.push_back(key_of(y[i]));
+    s.cand_mass.push_back(fixed_mass(e[i]));
+  }
+  const float thr = key_float(refine(s.cand_key, s.cand_mass, target - br.mass_hi, true, 1));
+  out.thr = thr;
+  if (!draw) return;
+  uint64_t z_kept = br.mass_hi;  // everything above the bracket, plus the bracket's kept part
+  for (int64_t i : s.cand_idx) z_kept += y[i] >= thr ? fixed_mass(e[i]) : 0;
+  if (p.min_p > 0.f) {
+    std::vector<uint64_t> part(nchunks, 0);
+    for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+      part[c] = kept_mass(y + lo, e + lo, thr, p.min_p, hi - lo);
+    });
+    z_kept = 0;
+    for (uint64_t z : part) z_kept += z;
+  }
+  out.token = walk_draw(y, e, V, thr, p.min_p, z_kept, seed, position);
+  out.logprob = token_logprob(y[out.token], m, z_kept);
+}
+
+// Histogram path (large top-k, min-p alone or no filter): the whole row.
+void histogram_row(const float* y, float* e, float m, int64_t V, const RowParams& p, bool draw,
+                   int64_t seed, int64_t position, int nchunks, Scratch& s, RowOut& out) {
+  const bool need_hist = p.top_k > 0 && p.top_k < V;
+  std::vector<Hist> hists(need_hist ? nchunks : 0);
+  std::vector<uint64_t> part_z(nchunks, 0);
+  for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+    if (need_hist) {
+      hists[c].clear();
+      part_z[c] = exp_hist(y + lo, m, e + lo, &hists[c], hi - lo);
+    } else {
+      part_z[c] = exp_mass(y + lo, m, e + lo, hi - lo);
+    }
+  });
+  uint64_t z_all = 0;
+  for (uint64_t z : part_z) z_all += z;
+  for (int c = 1; c < (int)hists.size(); ++c)
+    for (int b = 0; b < kBins; ++b) hists[0].cnt[b] += hists[c].cnt[b];
+  if (need_hist) out.thr = key_float(find_threshold(y, e, V, hists[0], p, s));
+  if (!draw) return;
+  uint64_t z_kept = z_all;  // no filter at all: everything is kept
+  if (need_hist || p.min_p > 0.f) {
+    std::vector<uint64_t> part(nchunks, 0);
+    for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+      part[c] = kept_mass(y + lo, e + lo, out.thr, p.min_p, hi - lo);
+    });
+    z_kept = 0;
+    for (uint64_t z : part) z_kept += z;
+  }
+  out.token = walk_draw(y, e, V, out.thr, p.min_p, z_kept, seed, position);
+  out.logprob = token_logprob(y[out.token], m, z_kept);
 }
 
 inline bool use_small_topk(const RowParams& p, int64_t V) {
@@ -672,6 +749,8 @@ RowOut process_row(const void* x, DType dt, int64_t V, const float* bias, const 
   }
   if (use_small_topk(p, V)) {
     small_topk_row(y, m, V, p, draw, seed, position, nchunks, s, out);
+  } else if (p.top_p < 1.f && !(p.top_k > 0 && p.top_k < V)) {
+    top_p_row(y, e, m, V, p, draw, seed, position, nchunks, s, out);
   } else {
     histogram_row(y, e, m, V, p, draw, seed, position, nchunks, s, out);
   }
@@ -694,7 +773,7 @@ void for_each_row(int64_t B, int64_t V, RowFn fn) {
   const int threads = omp_get_max_threads();
   // Row-parallel when the batch fills the threads; otherwise split each row across them.
   // (Splitting pays only for long rows: a parallel region costs a few microseconds.)
-  const int inner = (B >= threads || V < (1 << 15)) ? 1 : (int)std::min<int64_t>(threads, V >> 14);
+  const int inner = (B >= threads || V < (1 << 14)) ? 1 : (int)std::min<int64_t>(threads, V >> 13);
   if (inner == 1) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t r = 0; r < B; ++r) fn(r, 1);
@@ -724,7 +803,7 @@ void sample_cpu(const SampleArgs& a) {
     const float* bias = a.bias ? a.bias + r * a.bias_stride : nullptr;
     const uint8_t* allowed = a.allowed ? a.allowed + r * a.allowed_stride : nullptr;
     RowOut o = process_row(x, a.dtype, a.V, bias, allowed, row_params(a, r), true, a.seed[r],
-                           a.position[r], inner, tls_scratch);
+                           a.position[r], inner, thread_scratch());
     a.tokens[r] = o.token;
     a.logprobs[r] = o.logprob;
     a.valid[r] = o.valid;
@@ -740,7 +819,7 @@ void filter_cpu(const FilterArgs& a) {
     p.top_k = a.top_k[r];
     p.top_p = a.top_p[r];
     p.min_p = a.min_p[r];
-    Scratch& s = tls_scratch;
+    Scratch& s = thread_scratch();
     RowOut o = process_row(x, a.dtype, a.V, nullptr, nullptr, p, false, 0, 0, inner, s);
     if (!o.valid) {  // nothing finite: leave the row as it is
       std::memcpy(out, x, a.V * eb);

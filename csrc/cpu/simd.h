@@ -100,5 +100,20 @@ struct MassAcc {
   }
 };
 
+// Bit j set when lane j of a comparison mask is set (movemask: SSE on x86, a loop elsewhere).
+inline unsigned lane_bits(vi m) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  typedef float v4f __attribute__((vector_size(16)));
+  v4f lo, hi;
+  std::memcpy(&lo, &m, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&m) + sizeof(lo), sizeof(hi));
+  return (unsigned)__builtin_ia32_movmskps(lo) | ((unsigned)__builtin_ia32_movmskps(hi) << 4);
+#else
+  unsigned b = 0;
+  for (int j = 0; j < W; ++j) b |= (unsigned)(m[j] < 0) << j;
+  return b;
+#endif
+}
+
 }  // namespace simd
 }  // namespace llmkern

@@ -49,6 +49,8 @@ def _check_logits(logits):
         raise ValueError(f"logits must have shape [batch, vocab], got {tuple(logits.shape)}")
     if logits.size(1) < 1:
         raise ValueError("logits must have a non-empty vocabulary dimension")
+    if logits.size(1) >= 2**31:
+        raise ValueError(f"logits vocabulary dimension must be below 2^31, got {logits.size(1)}")
     if logits.dtype not in _DTYPES:
         raise ValueError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
 
@@ -57,7 +59,8 @@ def _checking_values():
     """Value checks on tensors need a host sync: skip them while compiling or capturing graphs."""
     if torch.compiler.is_compiling():
         return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    # is_initialized is a cheap flag (is_available reads the environment); capture needs CUDA up.
+    return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
 
 class _RangeChecks:
@@ -105,7 +108,7 @@ def _row_param(name, value, B, device, dtype, lo, hi, lo_open=False, hi_open=Fal
         if own:
             checks.verify()
         return t
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) not in (int, float) and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
     if dtype == torch.int64 and not float(value).is_integer():
         raise ValueError(f"{name} must be an integer, got {value}")
@@ -113,7 +116,27 @@ def _row_param(name, value, B, device, dtype, lo, hi, lo_open=False, hi_open=Fal
     out_of_range = (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi) or v != v
     if out_of_range:
         raise ValueError(f"{name} must be in {_interval(lo, hi, lo_open, hi_open)}, got {value}")
-    return torch.full((B,), value, dtype=dtype, device=device)
+    return _constant_row(value, B, device, dtype)
+
+
+_CONSTANT_ROWS = {}  # (value, B, device, dtype) -> read-only [B] tensor
+_CONSTANT_ROWS_MAX = 256
+
+
+def _constant_row(value, B, device, dtype):
+    """A [B] tensor filled with `value`, cached: a decode loop passes the same scalars every step, and
+    building nine small tensors per call cost more than the kernel at B=1. The ops never write to
+    their parameter tensors, so sharing them is safe. Not cached while tracing (torch.compile /
+    graph capture would bake the cached tensor in as a constant)."""
+    if not _checking_values():
+        return torch.full((B,), value, dtype=dtype, device=device)
+    key = (value, B, device, dtype)
+    t = _CONSTANT_ROWS.get(key)
+    if t is None:
+        if len(_CONSTANT_ROWS) >= _CONSTANT_ROWS_MAX:
+            _CONSTANT_ROWS.clear()
+        t = _CONSTANT_ROWS[key] = torch.full((B,), value, dtype=dtype, device=device)
+    return t
 
 
 def _interval(lo, hi, lo_open, hi_open):
@@ -171,6 +194,36 @@ def _seeds(seed, position, B, device):
     return seed_t, pos_t
 
 
+_PARAM_SETS = {}  # (B, device, scalar values) -> the seven [B] tensors, already validated
+
+
+def _sample_params(B, dev, *values):
+    """temperature, top_k, top_p, min_p and the three penalties as [B] tensors, range-checked. When
+    all seven are plain Python numbers (a decode loop passes the same ones every step) the validated
+    set is cached, so a call at batch 1 costs microseconds in Python, not tens of microseconds."""
+    key = None
+    if all(type(v) in (int, float) for v in values) and _checking_values():
+        key = (B, dev) + tuple((type(v), v) for v in values)
+        hit = _PARAM_SETS.get(key)
+        if hit is not None:
+            return hit
+    f32, inf, chk = torch.float32, float("inf"), _RangeChecks()
+    temperature, top_k, top_p, min_p, rep, pres, freq = values
+    out = (_row_param("temperature", temperature, B, dev, f32, 0.0, inf, checks=chk),
+           _row_param("top_k", top_k, B, dev, torch.int64, 0, _INT64_MAX, checks=chk),
+           _row_param("top_p", top_p, B, dev, f32, 0.0, 1.0, lo_open=True, checks=chk),
+           _row_param("min_p", min_p, B, dev, f32, 0.0, 1.0, checks=chk),
+           _row_param("repetition_penalty", rep, B, dev, f32, 0.0, inf, lo_open=True, checks=chk),
+           _row_param("presence_penalty", pres, B, dev, f32, -inf, inf, checks=chk),
+           _row_param("frequency_penalty", freq, B, dev, f32, -inf, inf, checks=chk))
+    chk.verify()
+    if key is not None:
+        if len(_PARAM_SETS) >= _CONSTANT_ROWS_MAX:
+            _PARAM_SETS.clear()
+        _PARAM_SETS[key] = out
+    return out
+
+
 # ---- public API -------------------------------------------------------------------------------------
 
 def sample(
@@ -213,15 +266,8 @@ def sample(
     _check_logits(logits)
     B, V = logits.shape
     dev = logits.device
-    f32, inf, chk = torch.float32, float("inf"), _RangeChecks()
-    temperature = _row_param("temperature", temperature, B, dev, f32, 0.0, inf, checks=chk)
-    top_k = _row_param("top_k", top_k, B, dev, torch.int64, 0, _INT64_MAX, checks=chk)
-    top_p = _row_param("top_p", top_p, B, dev, f32, 0.0, 1.0, lo_open=True, checks=chk)
-    min_p = _row_param("min_p", min_p, B, dev, f32, 0.0, 1.0, checks=chk)
-    rep = _row_param("repetition_penalty", repetition_penalty, B, dev, f32, 0.0, inf, lo_open=True, checks=chk)
-    pres = _row_param("presence_penalty", presence_penalty, B, dev, f32, -inf, inf, checks=chk)
-    freq = _row_param("frequency_penalty", frequency_penalty, B, dev, f32, -inf, inf, checks=chk)
-    chk.verify()
+    temperature, top_k, top_p, min_p, rep, pres, freq = _sample_params(
+        B, dev, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty)
     if logit_bias is not None:
         logit_bias = _side_tensor("logit_bias", logit_bias, B, V, dev).float()
     if allowed_tokens is not None:
@@ -235,7 +281,8 @@ def sample(
         tokens, logprobs, valid = ref.sample(logits, temperature, top_k, top_p, min_p, seed_t, pos_t,
                                              logit_bias=logit_bias, allowed=allowed_tokens)
     else:
-        tokens, logprobs, valid = torch.ops.llmkern.sample(logits, logit_bias, allowed_tokens, temperature,
+        # .default: the overload packet's resolution costs several microseconds per call
+        tokens, logprobs, valid = torch.ops.llmkern.sample.default(logits, logit_bias, allowed_tokens, temperature,
                                                            top_k, top_p, min_p, seed_t, pos_t)
     out = (tokens,)
     if return_logprobs:
@@ -268,7 +315,7 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: ScalarOrTensor = 0, top_p: S
         raise TypeError(f"filter_value must be a number, got {type(filter_value).__name__}")
     if _backend_for(dev) == "reference":
         return ref.filter_logits(logits, top_k, top_p, min_p, float(filter_value))
-    return torch.ops.llmkern.top_k_top_p_filter(logits, top_k, top_p, min_p, float(filter_value))
+    return torch.ops.llmkern.top_k_top_p_filter.default(logits, top_k, top_p, min_p, float(filter_value))
 
 
 # ---- torch.compile support: shapes of the C++ ops' outputs ------------------------------------------
