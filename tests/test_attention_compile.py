@@ -65,7 +65,12 @@ def _compile(fn, dtype, consts, cc, num_warps, num_stages):
                 wgmma="warp_group_dot" in ttgir, mma="mma" in ttgir)
 
 
-def main(cc=90, dtype="bf16", D=128):
+SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory one block may use (opt-in maximum)
+
+
+def main(cc=90, dtype="bf16", D=128, every_config=False):
+    """Compile each attention kernel for (cc, dtype, D) with the configs the autotuner would try
+    there (the first candidate of the head-dim bucket; every candidate with every_config)."""
     import triton
 
     from llmkern.kernels import attention as A
@@ -74,12 +79,16 @@ def main(cc=90, dtype="bf16", D=128):
     BD = triton.next_power_of_2(D)
     base = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=False, HAS_KPM=False, HAS_SOFTCAP=False, IS_CAUSAL=True,
                 PREC="tf32")
-    rows = [
-        ("fwd", A._attn_fwd, dict(base, BLOCK_M=128, BLOCK_N=64), 8, 3),
+    bucket = A._d_bucket(D)
+    rows = []
+    for kname, fn in [("fwd", A._attn_fwd), ("bwd dkdv", A._attn_bwd_dkdv), ("bwd dq", A._attn_bwd_dq)]:
+        cands = A._CONFIGS[kname.split()[-1]][cc][bucket]
+        for bm, bn, w, s in (cands if every_config else cands[:1]):
+            rows.append((kname, fn, dict(base, BLOCK_M=bm, BLOCK_N=bn), w, s))
+    bm, bn, w, s = A._CONFIGS["fwd"][cc][bucket][0]
+    rows += [
         ("fwd varlen+kpm+softcap", A._attn_fwd,
-         dict(base, BLOCK_M=64, BLOCK_N=64, IS_VARLEN=True, HAS_KPM=True, HAS_SOFTCAP=True), 4, 2),
-        ("bwd dkdv", A._attn_bwd_dkdv, dict(base, BLOCK_M=32, BLOCK_N=64), 8, 2),
-        ("bwd dq", A._attn_bwd_dq, dict(base, BLOCK_M=128, BLOCK_N=64), 8, 2),
+         dict(base, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=True, HAS_KPM=True, HAS_SOFTCAP=True), w, s),
         ("bwd preprocess", A._attn_bwd_preprocess,
          dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=False, HAS_DLSE=True, BLOCK_M=64), 4, 1),
         ("decode split", DEC._decode_split,
@@ -88,16 +97,17 @@ def main(cc=90, dtype="bf16", D=128):
     ]
     for name, fn, consts, w, s in rows:
         r = _compile(fn, dtype, consts, cc, w, s)
-        print(f"{name:24s} sm_{cc} {dtype} D={D} warps={w} stages={s}: regs={r['regs']} stack={r['stack']} "
-              f"smem={r['smem']} wgmma={r['wgmma']} mma={r['mma']}", flush=True)
+        blocks = " ".join(f"{k[6:]}={v}" for k, v in consts.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_S"))
+        print(f"{name:24s} sm_{cc} {dtype} D={D} {blocks} warps={w} stages={s}: regs={r['regs']} "
+              f"stack={r['stack']} smem={r['smem']} wgmma={r['wgmma']} mma={r['mma']}", flush=True)
     print("COMPILED-ALL")
 
 
-def _run(cc, dtype, D):
+def _run(cc, dtype, D, every_config):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, HERE, str(cc), dtype, str(D)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
+    args = [sys.executable, HERE, str(cc), dtype, str(D)] + (["all"] if every_config else [])
+    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
 
 
 def _ptxas_available():
@@ -109,14 +119,15 @@ def _ptxas_available():
 
 
 _TARGETS = [(90, "bf16", 128)]
-if os.environ.get("LLMKERN_COMPILE_ALL") == "1":  # more targets: about 40 s of CPU each
-    _TARGETS += [(80, "fp16", 80), (90, "fp16", 64), (90, "bf16", 256)]
+_EVERY = os.environ.get("LLMKERN_COMPILE_ALL") == "1"
+if _EVERY:  # more targets, every candidate config: minutes of CPU each
+    _TARGETS += [(80, "fp16", 80), (90, "fp16", 64), (90, "bf16", 256), (80, "bf16", 256)]
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's bundled ptxas")
 @pytest.mark.parametrize("cc,dtype,D", _TARGETS)
 def test_kernels_compile_for_gpu_targets(cc, dtype, D):
-    res = _run(cc, dtype, D)
+    res = _run(cc, dtype, D, _EVERY)
     assert res.returncode == 0 and "COMPILED-ALL" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
     if cc == 90:
         fwd = next(line for line in res.stdout.splitlines() if line.startswith("fwd "))
@@ -124,8 +135,11 @@ def test_kernels_compile_for_gpu_targets(cc, dtype, D):
     for line in res.stdout.splitlines():
         m = re.search(r"stack=(\d+)", line)
         assert m is None or int(m.group(1)) <= 256, f"heavy register spills: {line}"
+        m = re.search(r"smem=(\d+)", line)
+        assert m is None or int(m.group(1)) <= SMEM_LIMIT[cc], f"does not fit in shared memory: {line}"
 
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(int(a[0]) if a else 90, a[1] if len(a) > 1 else "bf16", int(a[2]) if len(a) > 2 else 128)
+    main(int(a[0]) if a else 90, a[1] if len(a) > 1 else "bf16", int(a[2]) if len(a) > 2 else 128,
+         every_config=len(a) > 3 and a[3] == "all")

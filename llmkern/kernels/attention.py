@@ -472,19 +472,18 @@ def _capability():
 
 # Candidate configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, head-dim bucket and
 # architecture. The sm_90 lists keep configs that compile without register spills (or with the
-# fewest) for bf16, as reported by `python tests/test_attention_compile.py` (Triton 3.8's ptxas,
-# no GPU needed); their speed is for the autotuner to measure on the card. sm_80 has 164 KB of
-# shared memory per SM (sm_90: 228 KB): shallower pipelines; configs that do not fit are skipped
-# by the autotuner (OutOfResources).
+# fewest) and fit the shared memory a block may use (sm_90: 227 KB, sm_80: 163 KB), as reported by
+# `python tests/test_attention_compile.py CC DTYPE HEAD_DIM all` (Triton's ptxas, no GPU needed);
+# their speed is for the autotuner to measure on the card.
 _CONFIGS = {
     # kernel: {arch: {head-dim bucket: [(BM, BN, warps, stages), ...]}}
     "fwd": {
         90: {64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 64, 8, 2)],
              128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
-             256: [(64, 32, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3)]},
+             256: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)]},
         80: {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
              128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
-             256: [(64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)]},
+             256: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]},
     },
     "dkdv": {
         90: {64: [(32, 128, 8, 2), (32, 128, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2)],
