@@ -302,9 +302,18 @@ def _kernel(name):
 
 def _launch(name, wrap, grid, *args, **kwargs):
     kern, fixed = _kernel(name)
-    if wrap is not None:
+    if wrap is not None and _wrappable(kern):
         kern = wrap(kern)
     kern[grid](*args, **kwargs, **fixed)
+
+
+def _wrappable(kern):
+    """torch.library.wrap_triton takes JIT functions and autotuners only; under some Triton versions'
+    interpreter (3.6) a kernel is an InterpretedFunction, which runs fine unwrapped (eager)."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    return isinstance(kern, (JITFunction, Autotuner))
 
 
 def _block_r(R, cap=64):
