@@ -54,14 +54,21 @@ def main(argv=None):
     for name in names:
         start = time.perf_counter()
         print(f"[llmkern-bench] suite {name} on {device} ({'quick' if ctx.quick else 'full'})", file=sys.stderr)
+        mine = []
         try:
             for r in suites[name].fn(ctx) or ():
                 r.suite = r.suite or name
-                results.append(r)
+                mine.append(r)
         except Exception as exc:  # one broken suite must not hide the others' numbers
             failed.append(name)
             print(f"[llmkern-bench] suite {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         print(f"[llmkern-bench] suite {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        results += mine
+        if len(names) > 1 and mine:  # each suite's table as soon as it is done (a run cut short keeps them)
+            print(format_table(mine), flush=True)
+            write_outputs(results, args.out, device)
+    if len(names) > 1:
+        print("\n[llmkern-bench] all suites:")
     print(format_table(results))
     paths = write_outputs(results, args.out, device)
     print("\nwritten: " + ", ".join(paths.values()))

@@ -523,10 +523,17 @@ def _all_configs(kernel):
     return out
 
 
+def _autotuning():
+    """LLMKERN_ATTN_AUTOTUNE=0: the first candidate of each head-dim bucket, no search (a
+    correctness run on a fresh GPU would otherwise spend minutes compiling every candidate)."""
+    return os.environ.get("LLMKERN_ATTN_AUTOTUNE", "1") != "0"
+
+
 def _pruner(kernel):
     def prune(configs, named_args, **kwargs):
         d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
-        want = set(_CONFIGS[kernel][_arch()][_d_bucket(d)])
+        cands = _CONFIGS[kernel][_arch()][_d_bucket(d)]
+        want = set(cands if _autotuning() else cands[:1])
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
         return kept or configs[:1]
