@@ -439,23 +439,51 @@ struct Bracket {
 template <typename Fn>
 void for_chunks(int nchunks, int64_t V, Fn fn);
 
-// The pivot search; round 0's pass also sums the total mass z, which sets the target p * z.
-Bracket pivot_search(const float* e, int64_t V, float top_p, int nchunks, uint64_t* target_out) {
+// The pivots of round r (0, 1) given the bracket so far in y - m.
+inline void round_pivots(float t_lo, float t_hi, float* t, float* piv) {
+  const float w = 0.25f * (t_hi - t_lo);
+  for (int j = 0; j < 3; ++j) {
+    t[j] = t_lo + (j + 1) * w;
+    piv[j] = exp_nonpos(t[j]);
+  }
+}
+constexpr float kRange[2] = {-28.0f, 0.0f};  // y - m over which the pivots are spread
+
+// e = exp(y - m) over [lo, hi) and, in the same parallel region, round 0's masses plus the total
+// mass (mass[0..3]), a few thousand elements at a time so that e is still in L1 when it is counted.
+void exp_and_first_round(const float* y, float m, float* e, int64_t lo, int64_t hi, uint64_t* mass) {
+  float t[3], piv[3];
+  round_pivots(kRange[0], kRange[1], t, piv);
+  constexpr int64_t kSub = 4096;
+  for (int64_t b = lo; b < hi; b += kSub) {
+    const int64_t n = std::min(kSub, hi - b);
+    exp_store(y + b, m, e + b, n);
+    uint64_t part[4];
+    masses_ge3(e + b, n, piv, part, &part[3]);
+    for (int j = 0; j < 4; ++j) mass[j] += part[j];
+  }
+}
+
+// The pivot search, from round 0's masses and the total mass z (which sets the target p * z).
+Bracket pivot_search(const float* e, int64_t V, float top_p, const uint64_t* mass0, int nchunks,
+                     uint64_t* target_out) {
   Bracket br;
-  uint64_t target = 0;
-  float t_lo = -28.0f, t_hi = 0.0f;  // the pivots' y - m
+  const uint64_t target = top_p_target(top_p, mass0[3]);
+  float t_lo = kRange[0], t_hi = kRange[1];
   for (int r = 0; r < kPivotRounds; ++r) {
-    const float w = 0.25f * (t_hi - t_lo);
-    const float t[3] = {t_lo + w, t_lo + 2 * w, t_lo + 3 * w};
-    const float piv[3] = {exp_nonpos(t[0]), exp_nonpos(t[1]), exp_nonpos(t[2])};
-    std::vector<uint64_t> part(4 * nchunks, 0);
-    for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
-      masses_ge3(e + lo, hi - lo, piv, &part[4 * c], r == 0 ? &part[4 * c + 3] : nullptr);
-    });
-    uint64_t mass[4] = {0, 0, 0, 0};
-    for (int c = 0; c < nchunks; ++c)
-      for (int j = 0; j < 4; ++j) mass[j] += part[4 * c + j];
-    if (r == 0) target = top_p_target(top_p, mass[3]);
+    float t[3], piv[3];
+    round_pivots(t_lo, t_hi, t, piv);
+    uint64_t mass[3] = {mass0[0], mass0[1], mass0[2]};
+    if (r > 0) {
+      std::vector<uint64_t> part(3 * nchunks, 0);
+      for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+        masses_ge3(e + lo, hi - lo, piv, &part[3 * c], nullptr);
+      });
+      for (int j = 0; j < 3; ++j) {
+        mass[j] = 0;
+        for (int c = 0; c < nchunks; ++c) mass[j] += part[3 * c + j];
+      }
+    }
     int j = 0;  // the highest pivot that still holds the target
     while (j < 3 && mass[j] >= target) ++j;
     if (j > 0) {
@@ -636,13 +664,20 @@ void small_topk_row(const float* y, float m, int64_t V, const RowParams& p, bool
   out.logprob = token_logprob(y[out.token], m, z_kept);
 }
 
-// Top-p without top-k (min-p optional): the exp pass, two pivot passes, one pass to collect the
-// bracket, then the draw walks the row.
+// Top-p without top-k (min-p optional): the exp pass with round 0 of the pivot search on each
+// block of e just written, one more pivot pass, one pass to collect the bracket, then the draw
+// walks the row.
 void top_p_row(const float* y, float* e, float m, int64_t V, const RowParams& p, bool draw,
                int64_t seed, int64_t position, int nchunks, Scratch& s, RowOut& out) {
-  for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) { exp_store(y + lo, m, e + lo, hi - lo); });
+  std::vector<uint64_t> part(4 * nchunks, 0);
+  for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+    exp_and_first_round(y, m, e, lo, hi, &part[4 * c]);
+  });
+  uint64_t mass0[4] = {0, 0, 0, 0};
+  for (int c = 0; c < nchunks; ++c)
+    for (int j = 0; j < 4; ++j) mass0[j] += part[4 * c + j];
   uint64_t target = 0;
-  const Bracket br = pivot_search(e, V, p.top_p, nchunks, &target);
+  const Bracket br = pivot_search(e, V, p.top_p, mass0, nchunks, &target);
   collect_bracket(e, V, br, nchunks, s);
   s.cand_key.clear();
   s.cand_mass.clear();
