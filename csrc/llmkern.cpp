@@ -10,6 +10,9 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <cstdlib>
+#include <cstring>
+
 #include "sampling.h"
 
 namespace llmkern {
@@ -41,6 +44,21 @@ std::pair<at::Tensor, int64_t> row_side(const c10::optional<at::Tensor>& t, at::
   at::Tensor c = t->to(like.device(), st).contiguous();
   return {c, c.dim() == 2 ? V : 0};
 }
+
+#ifdef LLMKERN_WITH_CUDA
+// Zeroed scratch for the CUDA kernels' split prepass when the batch is too small to fill the GPU
+// (see split_slices_for in sampling.h); LLMKERN_SAMPLE_SPLIT=0 turns it off. Returns the slices.
+int split_scratch(const at::Tensor& logits, at::Tensor* buf, uint64_t** ptr) {
+  const char* env = std::getenv("LLMKERN_SAMPLE_SPLIT");
+  if (env && std::strcmp(env, "0") == 0) return 0;
+  const int64_t B = logits.size(0), V = logits.size(1);
+  const int slices = split_slices_for(B, V, cuda_sm_count());
+  if (slices == 0) return 0;
+  *buf = at::zeros({split_words(B)}, logits.options().dtype(at::kLong));
+  *ptr = reinterpret_cast<uint64_t*>(buf->data_ptr<int64_t>());
+  return slices;
+}
+#endif
 
 at::Tensor logits_2d(const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 2, "llmkern: logits must be [batch, vocab]");
@@ -89,6 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_impl(
     if (logits.is_cuda()) {
 #ifdef LLMKERN_WITH_CUDA
       c10::cuda::CUDAGuard guard(logits.device());
+      at::Tensor split;
+      a.split_slices = split_scratch(logits, &split, &a.split);
       sample_cuda(a, c10::cuda::getCurrentCUDAStream().stream());
 #endif
     } else {
@@ -125,6 +145,8 @@ at::Tensor filter_impl(const at::Tensor& logits_in, const at::Tensor& top_k, con
     if (logits.is_cuda()) {
 #ifdef LLMKERN_WITH_CUDA
       c10::cuda::CUDAGuard guard(logits.device());
+      at::Tensor split;
+      a.split_slices = split_scratch(logits, &split, &a.split);
       filter_cuda(a, c10::cuda::getCurrentCUDAStream().stream());
 #endif
     } else {

@@ -12,7 +12,8 @@
 //   CPU  small top-k: a running-threshold filter (k-th largest so far) over the row;
 //        top-p alone: a pivot search on e with exact vectorised mass counts (3 pivots a pass)
 //        brackets the threshold; large top-k: a level-1 count histogram over the row.
-//   CUDA level-1 count / mass histograms in shared memory, then the boundary bucket's candidates.
+//   CUDA level-1 count / mass histograms in shared memory, then the boundary bucket's candidates;
+//        at small batch the max and the histograms come from a prepass with several blocks per row.
 // The draw is an inverse-CDF walk in token order with one uniform per row from Philox-4x32-10
 // keyed by (seed, position): reproducible, independent of the batch.
 #pragma once
@@ -45,6 +46,8 @@ struct SampleArgs {
   int64_t* tokens = nullptr;           // out [B]
   float* logprobs = nullptr;           // out [B]
   bool* valid = nullptr;               // out [B]
+  uint64_t* split = nullptr;  // CUDA, small batch: zeroed scratch of split_words(B) words, or null
+  int split_slices = 0;       // blocks per row of the split prepass (0: one block per row, no prepass)
 };
 
 struct FilterArgs {
@@ -57,6 +60,8 @@ struct FilterArgs {
   const float* min_p = nullptr;
   float filter_value = 0.f;     // written for fp32 rows
   uint16_t filter_bits16 = 0;   // the same value's bits in fp16/bf16
+  uint64_t* split = nullptr;    // as in SampleArgs
+  int split_slices = 0;
 };
 
 void sample_cpu(const SampleArgs& a);
@@ -64,11 +69,25 @@ void filter_cpu(const FilterArgs& a);
 // CUDA launchers (csrc/cuda/sampling.cu); `stream` is a cudaStream_t.
 void sample_cuda(const SampleArgs& a, void* stream);
 void filter_cuda(const FilterArgs& a, void* stream);
+int cuda_sm_count();  // of the current device
 
 // ---- pieces shared by both kernels -------------------------------------------------------
 
 constexpr int kBits1 = 11, kBits2 = 11, kBits3 = 10;  // radix digits, high to low
 constexpr int kBins = 1 << 11;
+
+// CUDA at small batch: the row passes that need no threshold yet (max and argmax; the level-1
+// histograms) run as a prepass over `split_slices` blocks per row, so that a few rows still fill
+// the GPU; the per-row kernel then starts from their merged (integer, order-free) results.
+// Scratch layout, in 64-bit words: best[B], z[B], mass[B][kBins], cnt[B][kBins] (32-bit entries).
+inline int64_t split_words(int64_t B) { return B * (2 + kBins + kBins / 2); }
+// Blocks per row: about two blocks per SM over the whole batch, each slice at least 8K elements.
+inline int split_slices_for(int64_t B, int64_t V, int sm_count) {
+  if (B <= 0 || V < 32768 || 2 * B >= sm_count) return 0;
+  const int64_t want = (2 * (int64_t)sm_count + B - 1) / B, cap = V / 8192;
+  const int64_t s = want < cap ? want : cap;
+  return s >= 2 ? (int)s : 0;
+}
 constexpr double kMassScale = 1099511627776.0;  // 2^40
 constexpr float kMassScaleF = 1099511627776.0f;
 

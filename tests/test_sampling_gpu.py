@@ -222,3 +222,31 @@ def test_filter_deterministic():
     a = torch.ops.llmkern.top_k_top_p_filter(x, *args)
     b = torch.ops.llmkern.top_k_top_p_filter(x, *args)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,V", [(1, 128256), (3, 65537), (16, 151936)])
+@pytest.mark.parametrize("kind", ["normal", "ties", "special"])
+def test_split_prepass_changes_nothing(kind, B, V, dtype, monkeypatch):
+    """At small batch the CUDA launch splits each row's first passes over several blocks
+    (csrc/cuda/sampling.cu, split_max_kernel / split_exp_kernel); LLMKERN_SAMPLE_SPLIT=0 turns
+    that off. Both must give the same tokens, logprobs and filtered logits, bit for bit."""
+    gen = seeded(("split", kind, B, V, str(dtype)))
+    x = make_rows(kind, B, V, gen, dtype)[:, 1:]  # unaligned rows (odd offset, odd length)
+    args = tuple(t.cuda() for t in per_row(B, gen))
+    bias = (torch.randn(V - 1, generator=gen) * 0.5).cuda()
+    xc = x.cuda()
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LLMKERN_SAMPLE_SPLIT", flag)
+        out[flag] = (torch.ops.llmkern.sample(xc, None, None, *args),
+                     torch.ops.llmkern.sample(xc, bias, None, *args),
+                     torch.ops.llmkern.top_k_top_p_filter(xc, args[1], args[2], args[3], float("-inf")))
+    def bits(t):  # NaN != NaN: compare bit patterns
+        t = t.cpu()
+        return t.view({4: torch.int32, 2: torch.int16}[t.element_size()]) if t.is_floating_point() else t
+
+    for a, b in zip(out["1"][:2], out["0"][:2]):
+        for t, u in zip(a, b):
+            assert torch.equal(bits(t), bits(u))
+    assert torch.equal(bits(out["1"][2]), bits(out["0"][2]))

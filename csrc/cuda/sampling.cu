@@ -23,6 +23,9 @@
 // Typical pass counts over the row: top-k and/or top-p with a small kept set 2 (P1, G; +P2 for
 // top-p alone) plus 1/16 of a row for P6 when the kept set is large; greedy 2; min-p only 2.
 // The filter op: P1, P2, G as above, then one read/write pass.
+// Small batch (fewer rows than half the SMs): P1 and P2 run first as a split prepass, several
+// blocks per row (split_max_kernel, split_exp_kernel), merged with integer atomics in a zeroed
+// global scratch; the row's block then loads the max and the histograms instead of those passes.
 //
 // Determinism: all sums are integer (fixed-point masses, integer shared-memory atomics), so the
 // result does not depend on thread scheduling. Bit-exactness with the CPU kernel: the build uses
@@ -520,16 +523,29 @@ __device__ uint32_t refine(const Row& R, int V, float m, int ncand, int kind, ui
 // P1: y, max key (as a lowest-index argmax) and, with top-k, the level-1 count histogram.
 // Returns the packed (key, ~index) maximum; 0 only for an empty row.
 template <DType DT>
-__device__ unsigned long long pass_max(const Row& R, int V, bool count_hist, Smem& S) {
+__device__ unsigned long long pass_max(const Row& R, int V, bool count_hist, Smem& S, int base = 0) {
   unsigned long long best = 0;
   for_row<DT>(R, V, [&](int i, float y, bool ok) {
     const uint32_t key = order_key(y);
     if (count_hist) hist_add(ok, key >> (32 - kBits1), 0ull, 0, S);
     const uint32_t akey = key == kNegZeroKey ? kPosZeroKey : key;  // -0 == +0
-    const unsigned long long pk = ((unsigned long long)akey << 32) | (uint32_t)~(uint32_t)i;
+    const unsigned long long pk = ((unsigned long long)akey << 32) | (uint32_t)~(uint32_t)(base + i);
     if (ok && pk > best) best = pk;
   });
   return block_max(best, S);
+}
+
+// P2 over a row (or a slice of one): e, the total fixed-point mass (returned) and the level-1 mass
+// and count histograms in S (cleared by the caller). Its final barrier ends the histograms.
+template <DType DT>
+__device__ unsigned long long p2_slice(const Row& R, int V, float m, Smem& S) {
+  unsigned long long my = 0;
+  for_row<DT>(R, V, [&](int, float y, bool ok) {
+    const unsigned long long w = ok ? mass_of(e_of(y, m)) : 0ull;
+    my += w;
+    hist_add(ok, order_key(y) >> (32 - kBits1), w, 2, S);
+  });
+  return block_sum(my, S);
 }
 
 // Elements counted in the buckets >= b of the count histogram.
@@ -537,6 +553,32 @@ __device__ unsigned long long count_from(Smem& S, int b) {
   unsigned long long c = 0;
   for (int j = threadIdx.x; j < kBins; j += kThreads) c += j >= b ? S.cnt[j] : 0u;
   return block_sum(c, S);
+}
+
+// One row's part of the split prepass's scratch (see split_words in sampling.h).
+struct SplitRow {
+  unsigned long long* best;  // max over the row of (key << 32 | ~index); 0 = not written
+  unsigned long long* z;     // total fixed-point mass (top-p rows)
+  unsigned long long* mass;  // level-1 mass histogram [kBins] (top-p rows)
+  uint32_t* cnt;             // level-1 count histogram [kBins]
+};
+__device__ __forceinline__ SplitRow split_row(uint64_t* buf, int64_t B, int64_t r) {
+  unsigned long long* w = reinterpret_cast<unsigned long long*>(buf);
+  SplitRow sr;
+  sr.best = w + r;
+  sr.z = w + B + r;
+  sr.mass = w + 2 * B + r * kBins;
+  sr.cnt = reinterpret_cast<uint32_t*>(w + 2 * B + B * kBins) + r * kBins;
+  return sr;
+}
+
+// Loads the prepass's histograms into shared memory (masses too with `with_mass`).
+__device__ void load_hist(const SplitRow& sr, bool with_mass, Smem& S) {
+  for (int b = threadIdx.x; b < kBins; b += kThreads) {
+    S.cnt[b] = sr.cnt[b];
+    S.mass[b] = with_mass ? sr.mass[b] : 0ull;
+  }
+  __syncthreads();
 }
 
 // What the candidate list tells about the kept set once the threshold is known.
@@ -573,7 +615,8 @@ __device__ uint32_t walk_bucket(const Row& R, int V, float m, uint32_t b, int n,
 // *mode and *list_n say what the candidate list holds at the end (kList*).
 template <DType DT>
 __device__ uint32_t find_threshold(const Row& R, int V, float m, int64_t top_k, float top_p,
-                                   float min_p, bool def, Smem& S, int* list_n, int* mode) {
+                                   float min_p, bool def, Smem& S, int* list_n, int* mode,
+                                   const SplitRow* split) {
   const bool use_k = top_k > 0 && top_k < V;
   const bool use_p = f_lt(top_p, 1.f);
   *list_n = 0;
@@ -591,16 +634,16 @@ __device__ uint32_t find_threshold(const Row& R, int V, float m, int64_t top_k, 
     wide = above + cb <= (unsigned long long)kCandCap;
     over = cb > (uint32_t)kCandCap;
   } else {
-    // P2: exp, total mass, level-1 mass and count histograms.
-    clear_hist(S);
-    __syncthreads();
-    unsigned long long my = 0;
-    for_row<DT>(R, V, [&](int, float y, bool ok) {
-      const unsigned long long w = ok ? mass_of(e_of(y, m)) : 0ull;
-      my += w;
-      hist_add(ok, order_key(y) >> (32 - kBits1), w, 2, S);
-    });
-    const unsigned long long z_all = block_sum(my, S);  // (its barrier also ends the histograms)
+    // P2: exp, total mass, level-1 mass and count histograms (done by the prepass when split).
+    unsigned long long z_all;
+    if (split) {
+      load_hist(*split, true, S);
+      z_all = *split->z;
+    } else {
+      clear_hist(S);
+      __syncthreads();
+      z_all = p2_slice<DT>(R, V, m, S);
+    }
     target = (unsigned long long)ceil((double)top_p * (double)z_all);
     target = target < 1 ? 1 : target;
     b = find_bucket(S, true, kBins, target, &above);
@@ -650,32 +693,122 @@ __device__ __forceinline__ bool kept(float y, float e, uint32_t tau, float min_p
 // ---- kernels ------------------------------------------------------------------------------
 
 template <DType DT>
+constexpr int64_t kElem = DT == DType::F32 ? 4 : 2;
+
+// Row r of the sampler's or the filter's input, with the transform that applies to it.
+template <DType DT>
+__device__ Row make_row(const SampleArgs& a, int64_t r) {
+  Row R;
+  R.x = static_cast<const char*>(a.logits) + r * a.logits_stride * kElem<DT>;
+  R.bias = a.bias ? a.bias + r * a.bias_stride : nullptr;
+  R.allowed = a.allowed ? a.allowed + r * a.allowed_stride : nullptr;
+  R.temperature = a.temperature[r];
+  R.divide = f_gt(R.temperature, 0.f) && !f_eq(R.temperature, 1.f);
+  return R;
+}
+template <DType DT>
+__device__ Row make_row(const FilterArgs& a, int64_t r) {
+  Row R;
+  R.x = static_cast<const char*>(a.logits) + r * a.logits_stride * kElem<DT>;
+  return R;
+}
+__device__ __forceinline__ bool row_greedy(const SampleArgs& a, int64_t r) { return f_eq(a.temperature[r], 0.f); }
+__device__ __forceinline__ bool row_greedy(const FilterArgs&, int64_t) { return false; }
+
+// Elements [lo, hi) of a row as a row of their own (indices from 0).
+template <DType DT>
+__device__ Row slice_of(Row R, int lo) {
+  R.x = static_cast<const char*>(R.x) + lo * kElem<DT>;
+  if (R.bias) R.bias += lo;
+  if (R.allowed) R.allowed += lo;
+  return R;
+}
+// Slice s of ns: boundaries on multiples of 64 elements.
+__device__ __forceinline__ int slice_lo(int V, int ns, int s) {
+  return s >= ns ? V : min(V, (int)(((int64_t)V * s / ns) & ~(int64_t)63));
+}
+
+// Split prepass, part 1 (grid: slices x rows): max and argmax, and for top-k rows the level-1
+// count histogram, merged over the slices with integer atomics (order-free, so deterministic).
+template <DType DT, class Args>
+__global__ void __launch_bounds__(kThreads, 2) split_max_kernel(Args a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Smem& S = *reinterpret_cast<Smem*>(smem_raw);
+  const int64_t r = blockIdx.y;
+  const int V = (int)a.V, lo = slice_lo(V, gridDim.x, blockIdx.x), hi = slice_lo(V, gridDim.x, blockIdx.x + 1);
+  const SplitRow sr = split_row(a.split, a.B, r);
+  const bool use_k = !row_greedy(a, r) && a.top_k[r] > 0 && a.top_k[r] < V;
+  if (use_k) {
+    clear_hist(S);
+    __syncthreads();
+  }
+  const unsigned long long best = pass_max<DT>(slice_of<DT>(make_row<DT>(a, r), lo), hi - lo, use_k, S, lo);
+  if (threadIdx.x == 0 && best != 0) atomicMax(sr.best, best);
+  if (use_k)
+    for (int b = threadIdx.x; b < kBins; b += kThreads)
+      if (S.cnt[b]) atomicAdd(sr.cnt + b, S.cnt[b]);
+}
+
+// Split prepass, part 2 (after part 1; rows with top-p and no top-k): P2 on each slice, merged.
+template <DType DT, class Args>
+__global__ void __launch_bounds__(kThreads, 2) split_exp_kernel(Args a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Smem& S = *reinterpret_cast<Smem*>(smem_raw);
+  const int64_t r = blockIdx.y;
+  const int V = (int)a.V, lo = slice_lo(V, gridDim.x, blockIdx.x), hi = slice_lo(V, gridDim.x, blockIdx.x + 1);
+  const bool use_k = a.top_k[r] > 0 && a.top_k[r] < V;
+  if (row_greedy(a, r) || use_k || !f_lt(a.top_p[r], 1.f)) return;
+  const SplitRow sr = split_row(a.split, a.B, r);
+  const unsigned long long best = *sr.best;
+  const uint32_t mkey = (uint32_t)(best >> 32);
+  if (best == 0 || mkey == kNegInfKey) return;  // no finite logit: the row kernel stops early
+  clear_hist(S);
+  __syncthreads();
+  const unsigned long long z = p2_slice<DT>(slice_of<DT>(make_row<DT>(a, r), lo), hi - lo, key_float(mkey), S);
+  if (threadIdx.x == 0) atomicAdd(sr.z, z);
+  for (int b = threadIdx.x; b < kBins; b += kThreads) {
+    if (S.cnt[b]) atomicAdd(sr.cnt + b, S.cnt[b]);
+    if (S.mass[b]) atomicAdd(sr.mass + b, S.mass[b]);
+  }
+}
+
+// P1 of a row: the packed max (key << 32 | ~argmax), and with `use_k` the level-1 count histogram
+// in S; from the prepass when the launch is split.
+template <DType DT, class Args>
+__device__ unsigned long long row_max(const Args& a, int64_t r, const Row& R, int V, bool use_k,
+                                      const SplitRow* split, Smem& S) {
+  if (split) {
+    if (use_k) load_hist(*split, false, S);
+    return *split->best;
+  }
+  if (use_k) {
+    clear_hist(S);
+    __syncthreads();
+  }
+  return pass_max<DT>(R, V, use_k, S);
+}
+
+template <DType DT>
 __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Smem& S = *reinterpret_cast<Smem*>(smem_raw);
   const int64_t r = blockIdx.x;
   const int V = (int)a.V;
-  const int64_t eb = DT == DType::F32 ? 4 : 2;
-
-  Row R;
-  R.x = static_cast<const char*>(a.logits) + r * a.logits_stride * eb;
-  R.bias = a.bias ? a.bias + r * a.bias_stride : nullptr;
-  R.allowed = a.allowed ? a.allowed + r * a.allowed_stride : nullptr;
-  const float temperature = a.temperature[r];
+  const Row R = make_row<DT>(a, r);
   const int64_t top_k = a.top_k[r];
   const float top_p = a.top_p[r];
   const float min_p = a.min_p[r];
-  R.temperature = temperature;
-  R.divide = f_gt(temperature, 0.f) && !f_eq(temperature, 1.f);
-  const bool greedy = f_eq(temperature, 0.f);
+  const bool greedy = row_greedy(a, r);
   const bool use_k = !greedy && top_k > 0 && top_k < V;
   const bool need_hist = !greedy && (use_k || f_lt(top_p, 1.f));
-
-  if (use_k) {
-    clear_hist(S);
-    __syncthreads();
+  SplitRow sr;
+  const SplitRow* split = nullptr;
+  if (a.split_slices > 0) {
+    sr = split_row(a.split, a.B, r);
+    split = &sr;
   }
-  const unsigned long long best = pass_max<DT>(R, V, use_k, S);
+
+  const unsigned long long best = row_max<DT>(a, r, R, V, use_k, split, S);
   const uint32_t mkey = (uint32_t)(best >> 32);
   if (best == 0 || mkey == kNegInfKey) {  // no finite logit
     if (threadIdx.x == 0) {
@@ -702,7 +835,7 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleArgs a) {
 
   int list_n = 0, mode = kListNone;
   const uint32_t tau =
-      need_hist ? find_threshold<DT>(R, V, m, top_k, top_p, min_p, true, S, &list_n, &mode) : 0u;
+      need_hist ? find_threshold<DT>(R, V, m, top_k, top_p, min_p, true, S, &list_n, &mode, split) : 0u;
 
   if (mode == kListAll) {
     // Every kept element is in the list: compact the kept ones (index, mass) into the (now free)
@@ -840,27 +973,27 @@ __global__ void __launch_bounds__(kThreads, 2) filter_kernel(FilterArgs a) {
   Smem& S = *reinterpret_cast<Smem*>(smem_raw);
   const int64_t r = blockIdx.x;
   const int V = (int)a.V;
-  const int64_t eb = DT == DType::F32 ? 4 : 2;
-
-  Row R;
-  R.x = static_cast<const char*>(a.logits) + r * a.logits_stride * eb;
+  const int64_t eb = kElem<DT>;
+  const Row R = make_row<DT>(a, r);
   const int64_t top_k = a.top_k[r];
   const float top_p = a.top_p[r];
   const float min_p = a.min_p[r];
   const bool use_k = top_k > 0 && top_k < V;
   const bool need_hist = use_k || f_lt(top_p, 1.f);
-
-  if (use_k) {
-    clear_hist(S);
-    __syncthreads();
+  SplitRow sr;
+  const SplitRow* split = nullptr;
+  if (a.split_slices > 0) {
+    sr = split_row(a.split, a.B, r);
+    split = &sr;
   }
-  const unsigned long long best = pass_max<DT>(R, V, use_k, S);
+
+  const unsigned long long best = row_max<DT>(a, r, R, V, use_k, split, S);
   const uint32_t mkey = (uint32_t)(best >> 32);
   const bool valid = !(best == 0 || mkey == kNegInfKey);
   const float m = key_float(mkey);
   int list_n = 0, mode = kListNone;
   const uint32_t tau = (valid && need_hist)
-                           ? find_threshold<DT>(R, V, m, top_k, top_p, min_p, false, S, &list_n, &mode)
+                           ? find_threshold<DT>(R, V, m, top_k, top_p, min_p, false, S, &list_n, &mode, split)
                            : 0u;
 
   char* out = static_cast<char*>(a.out) + r * a.V * eb;
@@ -886,32 +1019,54 @@ void check(cudaError_t e, const char* what) {
 }
 
 template <class Args>
+void launch_one(void (*kern)(Args), dim3 grid, const Args& a, cudaStream_t stream, const char* what) {
+  const size_t smem = sizeof(Smem);
+  check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), what);
+  kern<<<grid, kThreads, smem, stream>>>(a);
+  check(cudaGetLastError(), what);
+}
+
+// The split prepass (when a.split_slices > 1), then one block per row.
+template <DType DT, class Args>
 void launch(void (*kern)(Args), const Args& a, void* stream, const char* what) {
   if (a.V >= (int64_t)1 << 31) throw std::runtime_error(std::string("llmkern: ") + what + ": vocab too large");
   if (a.B >= (int64_t)1 << 31) throw std::runtime_error(std::string("llmkern: ") + what + ": batch too large");
-  const size_t smem = sizeof(Smem);
-  check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), what);
-  kern<<<(unsigned)a.B, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(a);
-  check(cudaGetLastError(), what);
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (a.split_slices > 1) {
+    if (a.B > 65535 || a.split == nullptr) throw std::runtime_error(std::string("llmkern: ") + what + ": bad split");
+    const dim3 grid((unsigned)a.split_slices, (unsigned)a.B);
+    launch_one(split_max_kernel<DT, Args>, grid, a, st, what);
+    launch_one(split_exp_kernel<DT, Args>, grid, a, st, what);
+  }
+  Args one = a;
+  if (one.split_slices <= 1) one.split_slices = 0;
+  launch_one(kern, dim3((unsigned)a.B), one, st, what);
 }
 
 }  // namespace
 
+int cuda_sm_count() {
+  int dev = 0, n = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  return n;
+}
+
 void sample_cuda(const SampleArgs& a, void* stream) {
   if (a.B <= 0 || a.V <= 0) return;
   switch (a.dtype) {
-    case DType::F32: launch(sample_kernel<DType::F32>, a, stream, "sample"); break;
-    case DType::F16: launch(sample_kernel<DType::F16>, a, stream, "sample"); break;
-    default: launch(sample_kernel<DType::BF16>, a, stream, "sample"); break;
+    case DType::F32: launch<DType::F32>(sample_kernel<DType::F32>, a, stream, "sample"); break;
+    case DType::F16: launch<DType::F16>(sample_kernel<DType::F16>, a, stream, "sample"); break;
+    default: launch<DType::BF16>(sample_kernel<DType::BF16>, a, stream, "sample"); break;
   }
 }
 
 void filter_cuda(const FilterArgs& a, void* stream) {
   if (a.B <= 0 || a.V <= 0) return;
   switch (a.dtype) {
-    case DType::F32: launch(filter_kernel<DType::F32>, a, stream, "top_k_top_p_filter"); break;
-    case DType::F16: launch(filter_kernel<DType::F16>, a, stream, "top_k_top_p_filter"); break;
-    default: launch(filter_kernel<DType::BF16>, a, stream, "top_k_top_p_filter"); break;
+    case DType::F32: launch<DType::F32>(filter_kernel<DType::F32>, a, stream, "top_k_top_p_filter"); break;
+    case DType::F16: launch<DType::F16>(filter_kernel<DType::F16>, a, stream, "top_k_top_p_filter"); break;
+    default: launch<DType::BF16>(filter_kernel<DType::BF16>, a, stream, "top_k_top_p_filter"); break;
   }
 }
 
