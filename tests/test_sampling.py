@@ -192,6 +192,31 @@ def test_seed_reproducible_and_batch_invariant():
         torch.set_num_threads(nt)
 
 
+@pytest.mark.parametrize("kw", [dict(top_p=0.9), dict(top_p=0.5, min_p=0.01), dict(top_k=3000, top_p=0.8),
+                                dict(top_k=40, top_p=0.95), dict(min_p=0.05), dict(temperature=0.7, top_p=0.99)])
+def test_row_split_across_threads_matches_row_parallel(kw):
+    """A lone long row is split across the threads (its passes share one parallel region); a batch
+    runs one row per thread; one thread does everything. All three give the same draws and logprobs,
+    and the filter the same logits."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 40000, generator=gen) * 3
+    seeds = torch.arange(4) * 7919
+    batch, lp = llmkern.sample(x, seed=seeds, return_logprobs=True, **kw)
+    nt = torch.get_num_threads()
+    try:
+        for threads in {nt, 1}:
+            torch.set_num_threads(threads)
+            for r in range(4):
+                tok, lpr = llmkern.sample(x[r:r + 1], seed=seeds[r:r + 1], return_logprobs=True, **kw)
+                assert tok.item() == batch[r].item() and lpr.item() == lp[r].item(), (threads, r)
+    finally:
+        torch.set_num_threads(nt)
+    fkw = {k: v for k, v in kw.items() if k != "temperature"}
+    whole = llmkern.top_k_top_p_filter(x, **fkw)
+    for r in range(4):
+        assert torch.equal(llmkern.top_k_top_p_filter(x[r], **fkw), whole[r])
+
+
 def test_greedy_rows_and_mixed_temperature():
     x = torch.randn(6, 300)
     x[0, 7] = x[0, 9] = 50.0  # tie: lowest index wins

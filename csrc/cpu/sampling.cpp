@@ -123,12 +123,8 @@ LK_MULTIVERSION uint64_t kept_mass(const float* y, const float* e, float thr, fl
 LK_MULTIVERSION int64_t first_ge(const float* y, int64_t n, float thr) {
   const simd::vf vt = simd::splat(thr);
   int64_t i = 0;
-  for (; i + simd::W <= n; i += simd::W) {
-    const simd::vi hit = simd::load(y + i) >= vt;
-    int any = 0;
-    for (int j = 0; j < simd::W; ++j) any |= hit[j];
-    if (any) break;
-  }
+  for (; i + simd::W <= n; i += simd::W)
+    if (simd::lane_bits(simd::load(y + i) >= vt) != 0) break;
   for (; i < n; ++i)
     if (y[i] >= thr) return i;
   return n;
@@ -227,12 +223,8 @@ uint64_t exp_hist(const float* y, float m, float* e, Hist* h, int64_t n) {
 LK_MULTIVERSION int64_t first_in_bucket(const float* y, int64_t n, uint32_t bucket) {
   const simd::vu vb = simd::vu{} + bucket;
   int64_t i = 0;
-  for (; i + simd::W <= n; i += simd::W) {
-    const simd::vi hit = (order_keys(simd::load(y + i)) >> (32 - kBits1)) == vb;
-    int any = 0;
-    for (int j = 0; j < simd::W; ++j) any |= hit[j];
-    if (any) break;
-  }
+  for (; i + simd::W <= n; i += simd::W)
+    if (simd::lane_bits((order_keys(simd::load(y + i)) >> (32 - kBits1)) == vb) != 0) break;
   for (; i < n; ++i)
     if ((key_of(y[i]) >> (32 - kBits1)) == bucket) return i;
   return n;
@@ -428,16 +420,12 @@ LK_MULTIVERSION void masses_ge3(const float* e, int64_t n, const float* piv, uin
 // every float in [-88, 0]. Pivots are spread evenly over y - m in [-28, 0] (below -27.8, e * 2^40 < 1:
 // no mass). Two rounds leave a bracket 28 / 16 = 1.75 wide in y - m: a few hundred to a few thousand
 // elements on real vocabularies (always correct, only slower, when it holds more).
-constexpr int kPivotRounds = 2;
 
 struct Bracket {
   float e_lo = 0.0f;     // mass(e >= e_lo) >= target
   float e_hi = 2.0f;     // mass(e >= e_hi) < target (2: above every e, nothing above the bracket)
   uint64_t mass_hi = 0;  // mass(e >= e_hi)
 };
-
-template <typename Fn>
-void for_chunks(int nchunks, int64_t V, Fn fn);
 
 // The pivots of round r (0, 1) given the bracket so far in y - m.
 inline void round_pivots(float t_lo, float t_hi, float* t, float* piv) {
@@ -464,27 +452,16 @@ void exp_and_first_round(const float* y, float m, float* e, int64_t lo, int64_t 
   }
 }
 
-// The pivot search, from round 0's masses and the total mass z (which sets the target p * z).
-Bracket pivot_search(const float* e, int64_t V, float top_p, const uint64_t* mass0, int nchunks,
-                     uint64_t* target_out) {
+// The pivot search. The bracket after a round: the highest pivot that still holds the target is
+// the new floor, the next one up the new ceiling.
+struct PivotSearch {
   Bracket br;
-  const uint64_t target = top_p_target(top_p, mass0[3]);
-  float t_lo = kRange[0], t_hi = kRange[1];
-  for (int r = 0; r < kPivotRounds; ++r) {
-    float t[3], piv[3];
-    round_pivots(t_lo, t_hi, t, piv);
-    uint64_t mass[3] = {mass0[0], mass0[1], mass0[2]};
-    if (r > 0) {
-      std::vector<uint64_t> part(3 * nchunks, 0);
-      for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
-        masses_ge3(e + lo, hi - lo, piv, &part[3 * c], nullptr);
-      });
-      for (int j = 0; j < 3; ++j) {
-        mass[j] = 0;
-        for (int c = 0; c < nchunks; ++c) mass[j] += part[3 * c + j];
-      }
-    }
-    int j = 0;  // the highest pivot that still holds the target
+  uint64_t target = 0;
+  float t_lo = kRange[0], t_hi = kRange[1];  // the bracket in y - m
+  float t[3], piv[3];                        // this round's pivots
+  PivotSearch() { round_pivots(t_lo, t_hi, t, piv); }
+  void settle(const uint64_t* mass) {
+    int j = 0;
     while (j < 3 && mass[j] >= target) ++j;
     if (j > 0) {
       br.e_lo = piv[j - 1];
@@ -495,19 +472,72 @@ Bracket pivot_search(const float* e, int64_t V, float top_p, const uint64_t* mas
       br.mass_hi = mass[j];
       t_hi = t[j];
     }
+    round_pivots(t_lo, t_hi, t, piv);  // the next round's
   }
-  *target_out = target;
-  return br;
+};
+
+// Sums per-chunk values: out[j] = sum over c of part[stride * c + j], j < n.
+inline void sum_parts(const std::vector<uint64_t>& part, int stride, int n, int nchunks, uint64_t* out) {
+  for (int j = 0; j < n; ++j) {
+    out[j] = 0;
+    for (int c = 0; c < nchunks; ++c) out[j] += part[stride * c + j];
+  }
 }
 
-// Every index with e_lo <= e < e_hi into s.cand_idx, in order.
-void collect_bracket(const float* e, int64_t V, const Bracket& br, int nchunks, Scratch& s) {
-  s.found.resize(nchunks);
+// The bracket of top-p's threshold and its members (into s.cand_idx, in token order), writing e on
+// the way: exp with round 0, round 1, then the collection, each a pass over
+// the row split in nchunks chunks. With several threads, the three passes share one parallel
+// region (a barrier between passes, not a fork and join: waking threads costs microseconds at
+// batch 1, where this runs).
+void bracket_search(const float* y, float m, float* e, int64_t V, float top_p, int nchunks,
+                    Scratch& s, PivotSearch* ps) {
+  std::vector<uint64_t> part0(4 * nchunks, 0), part1(3 * nchunks, 0);
   std::vector<int64_t> count(nchunks, 0);
-  for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
-    s.found[c].resize(hi - lo + simd::W);
-    count[c] = collect_range(e, lo, hi, br.e_lo, br.e_hi, s.found[c].data());
-  });
+  s.found.resize(nchunks);
+  auto after_round0 = [&] {
+    uint64_t mass[4];
+    sum_parts(part0, 4, 4, nchunks, mass);
+    ps->target = top_p_target(top_p, mass[3]);
+    ps->settle(mass);
+  };
+  auto after_round1 = [&] {
+    uint64_t mass[3];
+    sum_parts(part1, 3, 3, nchunks, mass);
+    ps->settle(mass);
+  };
+  auto phase = [&](int which, int c) {
+    int64_t lo, hi;
+    chunk_range(V, nchunks, c, &lo, &hi);
+    if (which == 0) {
+      exp_and_first_round(y, m, e, lo, hi, &part0[4 * c]);
+    } else if (which == 1) {
+      masses_ge3(e + lo, hi - lo, ps->piv, &part1[3 * c], nullptr);
+    } else {
+      s.found[c].resize(hi - lo + simd::W);
+      count[c] = collect_range(e, lo, hi, ps->br.e_lo, ps->br.e_hi, s.found[c].data());
+    }
+  };
+  if (nchunks == 1) {
+    phase(0, 0);
+    after_round0();
+    phase(1, 0);
+    after_round1();
+    phase(2, 0);
+  } else {
+#pragma omp parallel num_threads(nchunks)
+    {
+      const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      for (int c = tid; c < nchunks; c += nth) phase(0, c);
+#pragma omp barrier
+#pragma omp single
+      after_round0();  // (the end of `single` is a barrier)
+      for (int c = tid; c < nchunks; c += nth) phase(1, c);
+#pragma omp barrier
+#pragma omp single
+      after_round1();
+      for (int c = tid; c < nchunks; c += nth) phase(2, c);
+    }
+  }
   s.cand_idx.clear();
   for (int c = 0; c < nchunks; ++c)
     s.cand_idx.insert(s.cand_idx.end(), s.found[c].begin(), s.found[c].begin() + count[c]);
@@ -623,6 +653,7 @@ inline float token_logprob(float y_tok, float m, uint64_t z_kept) {
 // s.cand_idx (vocabulary order).
 void small_topk_row(const float* y, float m, int64_t V, const RowParams& p, bool draw, int64_t seed,
                     int64_t position, int nchunks, Scratch& s, RowOut& out) {
+  if (V < (1 << 17)) nchunks = 1;  // about one comparison per element: threads cost more than they save
   s.parts.resize(nchunks);
   for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
     std::vector<float> tmp;
@@ -664,21 +695,14 @@ void small_topk_row(const float* y, float m, int64_t V, const RowParams& p, bool
   out.logprob = token_logprob(y[out.token], m, z_kept);
 }
 
-// Top-p without top-k (min-p optional): the exp pass with round 0 of the pivot search on each
-// block of e just written, one more pivot pass, one pass to collect the bracket, then the draw
-// walks the row.
+// Top-p without top-k (min-p optional): the bracket search (three passes), the exact threshold
+// from the bracket's members, then the draw walks the row.
 void top_p_row(const float* y, float* e, float m, int64_t V, const RowParams& p, bool draw,
                int64_t seed, int64_t position, int nchunks, Scratch& s, RowOut& out) {
-  std::vector<uint64_t> part(4 * nchunks, 0);
-  for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
-    exp_and_first_round(y, m, e, lo, hi, &part[4 * c]);
-  });
-  uint64_t mass0[4] = {0, 0, 0, 0};
-  for (int c = 0; c < nchunks; ++c)
-    for (int j = 0; j < 4; ++j) mass0[j] += part[4 * c + j];
-  uint64_t target = 0;
-  const Bracket br = pivot_search(e, V, p.top_p, mass0, nchunks, &target);
-  collect_bracket(e, V, br, nchunks, s);
+  PivotSearch ps;
+  bracket_search(y, m, e, V, p.top_p, nchunks, s, &ps);
+  const Bracket& br = ps.br;
+  const uint64_t target = ps.target;
   s.cand_key.clear();
   s.cand_mass.clear();
   for (int64_t i : s.cand_idx) {
