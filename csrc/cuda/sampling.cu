@@ -772,6 +772,14 @@ __global__ void __launch_bounds__(kThreads, 2) split_exp_kernel(Args a) {
   }
 }
 
+// The split prepass's results for row r, or null when the launch is not split.
+template <class Args>
+__device__ __forceinline__ const SplitRow* split_of(const Args& a, int64_t r, SplitRow* sr) {
+  if (a.split_slices <= 0) return nullptr;
+  *sr = split_row(a.split, a.B, r);
+  return sr;
+}
+
 // P1 of a row: the packed max (key << 32 | ~argmax), and with `use_k` the level-1 count histogram
 // in S; from the prepass when the launch is split.
 template <DType DT, class Args>
@@ -802,11 +810,7 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleArgs a) {
   const bool use_k = !greedy && top_k > 0 && top_k < V;
   const bool need_hist = !greedy && (use_k || f_lt(top_p, 1.f));
   SplitRow sr;
-  const SplitRow* split = nullptr;
-  if (a.split_slices > 0) {
-    sr = split_row(a.split, a.B, r);
-    split = &sr;
-  }
+  const SplitRow* split = split_of(a, r, &sr);
 
   const unsigned long long best = row_max<DT>(a, r, R, V, use_k, split, S);
   const uint32_t mkey = (uint32_t)(best >> 32);
@@ -981,11 +985,7 @@ __global__ void __launch_bounds__(kThreads, 2) filter_kernel(FilterArgs a) {
   const bool use_k = top_k > 0 && top_k < V;
   const bool need_hist = use_k || f_lt(top_p, 1.f);
   SplitRow sr;
-  const SplitRow* split = nullptr;
-  if (a.split_slices > 0) {
-    sr = split_row(a.split, a.B, r);
-    split = &sr;
-  }
+  const SplitRow* split = split_of(a, r, &sr);
 
   const unsigned long long best = row_max<DT>(a, r, R, V, use_k, split, S);
   const uint32_t mkey = (uint32_t)(best >> 32);
