@@ -8,10 +8,11 @@
 //   top-p : over keys >= tau_k, tau_p = the key v with  mass(key > v) < p * Z_k <= mass(key >= v).
 //   min-p : keep e_i >= min_p (e of the max is 1, so this is p_i >= min_p * p_max).
 // No sort of the vocabulary. The thresholds end in a three-level radix walk over the keys
-// (11 + 11 + 10 bits) of a few candidates; how the candidates are found differs by kernel:
+// (11 + 11 + 10 bits) of a few candidates (the CPU sorts them instead when they are 128 or fewer:
+// the same answer); how the candidates are found differs by kernel:
 //   CPU  small top-k: a running-threshold filter (k-th largest so far) over the row;
-//        top-p alone: a pivot search on e with exact vectorised mass counts (3 pivots a pass)
-//        brackets the threshold; large top-k: a level-1 count histogram over the row.
+//        top-p alone: a pivot search on e with exact vectorised mass counts (3 pivots a pass, two
+//        passes) brackets the threshold; large top-k: a level-1 count histogram over the row.
 //   CUDA level-1 count / mass histograms in shared memory, then the boundary bucket's candidates;
 //        at small batch the max and the histograms come from a prepass with several blocks per row.
 // The draw is an inverse-CDF walk in token order with one uniform per row from Philox-4x32-10
