@@ -306,11 +306,8 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: ScalarOrTensor = 0, top_p: S
     _check_logits(logits)
     B, V = logits.shape
     dev = logits.device
-    chk = _RangeChecks()
-    top_k = _row_param("top_k", top_k, B, dev, torch.int64, 0, _INT64_MAX, checks=chk)
-    top_p = _row_param("top_p", top_p, B, dev, torch.float32, 0.0, 1.0, lo_open=True, checks=chk)
-    min_p = _row_param("min_p", min_p, B, dev, torch.float32, 0.0, 1.0, checks=chk)
-    chk.verify()
+    # the sampler's validated (and, for plain numbers, cached) parameters, neutral where unused
+    _, top_k, top_p, min_p, _, _, _ = _sample_params(B, dev, 1.0, top_k, top_p, min_p, 1.0, 0.0, 0.0)
     if not isinstance(filter_value, numbers.Real):
         raise TypeError(f"filter_value must be a number, got {type(filter_value).__name__}")
     if _backend_for(dev) == "reference":
