@@ -84,7 +84,7 @@ constexpr int kBins = 1 << 11;
 inline int64_t split_words(int64_t B) { return B * (2 + kBins + kBins / 2); }
 // Blocks per row: about two blocks per SM over the whole batch, each slice at least 8K elements.
 inline int split_slices_for(int64_t B, int64_t V, int sm_count) {
-  if (B <= 0 || V < 32768 || 2 * B >= sm_count) return 0;
+  if (B <= 0 || V < 16384 || 2 * B >= sm_count) return 0;
   const int64_t want = (2 * (int64_t)sm_count + B - 1) / B, cap = V / 8192;
   const int64_t s = want < cap ? want : cap;
   return s >= 2 ? (int)s : 0;
