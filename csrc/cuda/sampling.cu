@@ -728,14 +728,24 @@ __device__ __forceinline__ int slice_lo(int V, int ns, int s) {
   return s >= ns ? V : min(V, (int)(((int64_t)V * s / ns) & ~(int64_t)63));
 }
 
+// This prepass block's row and slice [lo, hi) (grid: slices x rows).
+struct SliceJob {
+  int64_t r;
+  int V, lo, hi;
+  __device__ explicit SliceJob(int64_t vocab)
+      : r(blockIdx.y), V((int)vocab), lo(slice_lo(V, gridDim.x, blockIdx.x)),
+        hi(slice_lo(V, gridDim.x, blockIdx.x + 1)) {}
+};
+
 // Split prepass, part 1 (grid: slices x rows): max and argmax, and for top-k rows the level-1
 // count histogram, merged over the slices with integer atomics (order-free, so deterministic).
 template <DType DT, class Args>
 __global__ void __launch_bounds__(kThreads, 2) split_max_kernel(Args a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Smem& S = *reinterpret_cast<Smem*>(smem_raw);
-  const int64_t r = blockIdx.y;
-  const int V = (int)a.V, lo = slice_lo(V, gridDim.x, blockIdx.x), hi = slice_lo(V, gridDim.x, blockIdx.x + 1);
+  const SliceJob j(a.V);
+  const int64_t r = j.r;
+  const int V = j.V, lo = j.lo, hi = j.hi;
   const SplitRow sr = split_row(a.split, a.B, r);
   const bool use_k = !row_greedy(a, r) && a.top_k[r] > 0 && a.top_k[r] < V;
   if (use_k) {
@@ -754,8 +764,9 @@ template <DType DT, class Args>
 __global__ void __launch_bounds__(kThreads, 2) split_exp_kernel(Args a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Smem& S = *reinterpret_cast<Smem*>(smem_raw);
-  const int64_t r = blockIdx.y;
-  const int V = (int)a.V, lo = slice_lo(V, gridDim.x, blockIdx.x), hi = slice_lo(V, gridDim.x, blockIdx.x + 1);
+  const SliceJob j(a.V);
+  const int64_t r = j.r;
+  const int V = j.V, lo = j.lo, hi = j.hi;
   const bool use_k = a.top_k[r] > 0 && a.top_k[r] < V;
   if (row_greedy(a, r) || use_k || !f_lt(a.top_p[r], 1.f)) return;
   const SplitRow sr = split_row(a.split, a.B, r);
