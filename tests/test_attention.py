@@ -160,6 +160,81 @@ def test_backward_is_deterministic(triton_backend):
         assert torch.equal(a, b)
 
 
+# ---- the TMA (tensor-descriptor) kernels of sm_90+ --------------------------------------------
+
+TMA_CASES = [
+    # B, H, Hk, Tq, Tk, D, kwargs, layout ([B, H, T, D] or HF's [B, T, H, D] transposed)
+    (1, 2, 1, 37, 37, 64, dict(causal=True), "bhtd"),
+    (2, 4, 2, 50, 70, 80, dict(causal=True), "bthd"),                 # GQA, D not a power of two
+    (1, 2, 2, 33, 65, 32, dict(window=(5, 3), softcap=10.0), "bhtd"),
+    (2, 2, 1, 40, 45, 64, dict(causal=True, key_padding_mask="pad"), "bhtd"),
+]
+
+
+def _run_kernels(q, k, v, dout, kw):
+    from llmkern.kernels import attention as A
+
+    scale = kw.pop("scale", q.shape[-1] ** -0.5)
+    wl, wr = kw.pop("window", (None, None))
+    wl, wr = -1 if wl is None else wl, -1 if wr is None else wr
+    out, lse = A.attention_forward(q, k, v, scale=scale, window_left=wl, window_right=wr, **kw)
+    grads = A.attention_backward(dout, q, k, v, out, lse, scale=scale, window_left=wl, window_right=wr, **kw)
+    return (out, lse) + tuple(grads)
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only (the GPU test compares within tolerance)")
+@pytest.mark.parametrize("case", TMA_CASES, ids=[f"{c[:6]}-{sorted(c[6])}-{c[7]}" for c in TMA_CASES])
+def test_tma_kernels_equal_pointer_kernels(monkeypatch, case):
+    """The descriptor loads read exactly what the masked pointer loads read (zeros past T and D),
+    so on the interpreter both paths give bitwise identical outputs and gradients."""
+    from llmkern.kernels import attention as A
+
+    B, H, Hk, Tq, Tk, D, kw, layout = case
+    kw = dict(kw)
+    if kw.get("key_padding_mask") == "pad":
+        kw["key_padding_mask"] = _kpm(B, Tk)
+
+    def make(heads, T):
+        if layout == "bthd":
+            return torch.randn(B, T, heads, D, dtype=torch.float16).transpose(1, 2)
+        return torch.randn(B, heads, T, D, dtype=torch.float16)
+    q, k, v, dout = make(H, Tq), make(Hk, Tk), make(Hk, Tk), make(H, Tq)
+    launched = []
+    launch = A._launch
+    monkeypatch.setattr(A, "_launch", lambda name, *a: (launched.append(name), launch(name, *a)))
+    results = {}
+    for mode in ("0", "force"):
+        monkeypatch.setenv("LLMKERN_ATTN_TMA", mode)
+        results[mode] = _run_kernels(q, k, v, dout, dict(kw))
+    assert launched == ["fwd", "dkdv", "dq", "fwd_tma", "dkdv_tma", "dq_tma"]
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], results["0"], results["force"]):
+        assert torch.equal(a, b), name
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only")
+def test_tma_failure_falls_back_to_pointer_kernels(monkeypatch):
+    from llmkern.kernels import attention as A
+
+    monkeypatch.setenv("LLMKERN_ATTN_TMA", "force")
+    monkeypatch.setattr(A, "_TMA_FAILED", [])
+    launch = A._launch
+
+    def broken(name, *a):
+        if name.endswith("_tma"):
+            raise RuntimeError("simulated descriptor failure")
+        return launch(name, *a)
+    monkeypatch.setattr(A, "_launch", broken)
+    q, k, v, dout = (torch.randn(1, 2, 30, 32, dtype=torch.float16) for _ in range(4))
+    with pytest.warns(RuntimeWarning, match="TMA kernels failed"):
+        got = _run_kernels(q, k, v, dout, dict(causal=True))
+    assert A._TMA_FAILED and not A.use_tma(q, k, v, dout)
+    monkeypatch.setenv("LLMKERN_ATTN_TMA", "0")
+    for a, b in zip(got, _run_kernels(q, k, v, dout, dict(causal=True))):
+        assert torch.equal(a, b)
+
+
 # ---- varlen -------------------------------------------------------------------------------------
 
 @needs_triton
@@ -406,6 +481,32 @@ def test_gpu_features(dtype):
     q, k, v = _qkv(2, 8, 2, 700, 900, 128, dtype, device="cuda")
     kpm = _kpm(2, 900, device="cuda")
     _check(q, k, v, dtype, causal=True, window=(256, None), softcap=30.0, key_padding_mask=kpm)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
+def test_gpu_tma_and_pointer_kernels_agree(monkeypatch, layout):
+    """On sm_90+ dense fp16/bf16 runs the TMA kernels; both paths stay within SDPA-level error."""
+    from llmkern.kernels import attention as A
+
+    B, H, Hk, T, D = 2, 8, 2, 1000, 128
+    def make(heads):
+        if layout == "bthd":
+            return torch.randn(B, T, heads, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        return torch.randn(B, heads, T, D, device="cuda", dtype=torch.bfloat16)
+    q, k, v, dout = make(H), make(Hk), make(Hk), make(H)
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    r = ref.attention(qd, kd, vd, causal=True)
+    gr = torch.autograd.grad(r, (qd, kd, vd), dout.double())
+    errs = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("LLMKERN_ATTN_TMA", mode)
+        assert A.use_tma(q, k, v, q) == (mode == "1" and torch.cuda.get_device_capability() >= (9, 0))
+        res = _run_kernels(q, k, v, dout, dict(causal=True))
+        errs[mode] = [_rel_err(res[0], r)] + [_rel_err(g, c) for g, c in zip(res[2:], gr)]
+    assert not A._TMA_FAILED, A._TMA_FAILED
+    for e_tma, e_ptr in zip(errs["1"], errs["0"]):
+        assert e_tma <= 1.5 * e_ptr + 1e-4, (errs["1"], errs["0"])
 
 
 @pytest.mark.gpu

@@ -31,10 +31,16 @@ def _compile(fn, dtype, consts, cc, num_warps, num_stages):
     from triton.compiler import ASTSource
 
     sig, attrs = {}, {}
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
-        elif name in _PTRS:
+        elif name.startswith("desc_") and consts.get("USE_TMA", True):  # host descriptor [B, heads, T, D]
+            from llmkern.kernels.attention import _TMA_ROWS
+
+            rows = consts[_TMA_ROWS[name]]
+            sig[name] = f"tensordesc<{dtype}[1, 1, {rows}, {consts['BLOCK_D']}]>"
+        elif name in _PTRS or name.startswith("desc_"):
             sig[name] = "*" + _F32_PTRS.get(name, dtype)
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOATS:
@@ -78,13 +84,23 @@ def main(cc=90, dtype="bf16", D=128, every_config=False):
 
     BD = triton.next_power_of_2(D)
     base = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=False, HAS_KPM=False, HAS_SOFTCAP=False, IS_CAUSAL=True,
-                PREC="tf32")
+                PREC="tf32", USE_TMA=False)
     bucket = A._d_bucket(D)
     rows = []
     for kname, fn in [("fwd", A._attn_fwd), ("bwd dkdv", A._attn_bwd_dkdv), ("bwd dq", A._attn_bwd_dq)]:
         cands = A._CONFIGS[kname.split()[-1]][cc][bucket]
         for bm, bn, w, s in (cands if every_config else cands[:1]):
             rows.append((kname, fn, dict(base, BLOCK_M=bm, BLOCK_N=bn), w, s))
+    if cc >= 90:  # the TMA variants (dense fp16/bf16 on sm_90+)
+        tma = dict(base, USE_TMA=True)
+        for kname, fn in [("fwd tma", A._attn_fwd_tma), ("bwd dkdv tma", A._attn_bwd_dkdv),
+                          ("bwd dq tma", A._attn_bwd_dq)]:
+            cands = A._CONFIGS[kname.split()[-2] + "_tma"][90][bucket]
+            for bm, bn, w, s in (cands if every_config else cands[:1]):
+                rows.append((kname, fn, dict(tma, BLOCK_M=bm, BLOCK_N=bn), w, s))
+        bm, bn, w, s = A._CONFIGS["fwd_tma"][90][bucket][0]
+        rows.append(("fwd tma kpm+softcap", A._attn_fwd_tma,
+                     dict(tma, BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=True, HAS_SOFTCAP=True), w, s))
     bm, bn, w, s = A._CONFIGS["fwd"][cc][bucket][0]
     rows += [
         ("fwd varlen+kpm+softcap", A._attn_fwd,

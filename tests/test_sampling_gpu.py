@@ -166,6 +166,34 @@ def test_sample_all_disallowed_and_all_neginf():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [1000, 32000])
+def test_signed_zeros_are_one_value(V, dtype):
+    """-0 and +0 are one logit value on both backends (ties at the top-k / top-p boundary keep
+    both). -0 comes from the input, or from a division: temperature=inf sends every negative
+    logit to -0, every positive one to +0."""
+    B = 6
+    gen = seeded(("zeros", V, str(dtype)))
+    x = torch.randn(B, V, generator=gen)
+    x[0] = -x[0].abs()  # row 0: the zeros are the largest logits
+    x[:3, : V // 2] = 0.0
+    x[:3, V // 4: V // 2] = -0.0
+    x = x.to(dtype)
+    temperature = torch.tensor([1.0, 0.7, 1.0, float("inf"), float("inf"), 0.0])
+    top_k = torch.tensor([1, 1, 0, 1, 0, 0])
+    top_p = torch.tensor([1.0, 0.5, 0.3, 1.0, 0.5, 1.0])
+    min_p = torch.zeros(B)
+    seed = torch.arange(B, dtype=torch.int64) + 11
+    position = torch.zeros(B, dtype=torch.int64)
+    for shift in range(8):  # several draws: -0 and +0 tokens both get picked
+        cpu, gpu = run_both(x, None, None, temperature, top_k, top_p, min_p, seed + 100 * shift, position)
+        assert_same(cpu, gpu)
+    cpu = torch.ops.llmkern.top_k_top_p_filter(x, top_k, top_p, min_p, float("-inf"))
+    gpu = torch.ops.llmkern.top_k_top_p_filter(x.cuda(), top_k.cuda(), top_p.cuda(), min_p.cuda(), float("-inf"))
+    assert torch.equal(cpu.isinf(), gpu.cpu().isinf())
+    assert not cpu[0, : V // 2].isinf().any()  # top_k=1 over a row whose max is 0: all zeros kept
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0, 1, 3])
 def test_sample_and_filter_unaligned_rows(offset, dtype):
     """Rows that start off 16-byte boundaries (the kernels' vector loads need a scalar head)."""

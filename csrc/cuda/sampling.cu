@@ -167,12 +167,14 @@ struct Row {
   bool divide = false;
 };
 
-// The transform of one loaded logit x_i: bias, mask, temperature, NaN -> -inf.
+// The transform of one loaded logit x_i: bias, mask, temperature, NaN -> -inf, -0 -> +0 (as the
+// CPU's clean_max / key_of: -0 and +0 are one value, so every order key of y must fold them; -0
+// comes from the input or from a division, e.g. any negative logit at temperature +inf).
 __device__ __forceinline__ float transform(const Row& R, float v, int i) {
   if (R.bias) v = f_add(v, __ldg(R.bias + i));
   if (R.allowed && !__ldg(R.allowed + i)) v = neg_inf();
   if (R.divide) v = f_div(v, R.temperature);  // division, as HF does
-  return is_nan(v) ? neg_inf() : v;
+  return is_nan(v) ? neg_inf() : f_add(v, 0.0f);  // (asm add: not folded away under fast math)
 }
 
 template <DType DT>

@@ -26,10 +26,16 @@ Kernels:
 import functools
 import math
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side tensor descriptors (Triton >= 3.3): the TMA forward on sm_90+
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -78,16 +84,29 @@ def _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M: tl.constexpr, B
 
 
 @triton.jit
+def _load_kv_tma(desc_k, desc_v, b, hk, blk, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """K^T [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D] of key block `blk` through the tensor-memory
+    accelerator. The descriptors are 4-D [B, Hk, Tk, D], so rows past Tk and columns past D arrive
+    as zeros (never another head's data) and no mask or address arithmetic is needed."""
+    kt = desc_k.load([b, hk, blk * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D).T
+    v = desc_v.load([b, hk, blk * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
+    return kt, v
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
                blk_start, blk_end, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+               desc_k, desc_v, b, hk,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-               PREC: tl.constexpr):
+               PREC: tl.constexpr, USE_TMA: tl.constexpr):
     for blk in range(blk_start, blk_end):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
         v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
-        if MASKED:
+        if USE_TMA:
+            kt, v = _load_kv_tma(desc_k, desc_v, b, hk, blk, BLOCK_N, BLOCK_D)
+        elif MASKED:
             if BLOCK_D == HEAD_DIM:
                 kt = tl.load(k_ptrs, mask=offs_n[None, :] < seqlen_k, other=0.0)
                 v = tl.load(v_ptrs, mask=offs_n[:, None] < seqlen_k, other=0.0)
@@ -127,6 +146,39 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
 
 
 @triton.jit
+def _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, desc_k, desc_v, b, hk,
+              first, seqlen_q, seqlen_k, L, R, qk_scale, sc_in, sc_out,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr):
+    """Output rows [first, first + BLOCK_M) of one head: (normalised acc, lse in natural log).
+    Masked edge blocks, then unmasked interior blocks, then masked edge blocks (see _block_ranges)."""
+    off = seqlen_k - seqlen_q
+    last_row = tl.minimum(first + BLOCK_M, seqlen_q) - 1
+    offs_m = first + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    blk_lo, fb_lo, fb_hi, blk_hi = _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
+                               blk_lo, fb_lo, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                               desc_k, desc_v, b, hk,
+                               BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
+                               fb_lo, fb_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                               desc_k, desc_v, b, hk,
+                               BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
+                               fb_hi, blk_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                               desc_k, desc_v, b, hk,
+                               BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA)
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    return acc, lse
+
+
+@triton.jit
 def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K,
               qk_scale, sc_in, sc_out,
               stride_qb, stride_qh, stride_qt,
@@ -150,8 +202,6 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K,
     first = pid_m * BLOCK_M
     if first >= seqlen_q:
         return
-    off = seqlen_k - seqlen_q
-    last_row = tl.minimum(first + BLOCK_M, seqlen_q) - 1
     offs_m = first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     b64 = b.to(tl.int64)
@@ -164,23 +214,9 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K,
         q = tl.load(q_ptrs, mask=offs_m[:, None] < seqlen_q, other=0.0)
     else:
         q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    blk_lo, fb_lo, fb_hi, blk_hi = _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
-                               blk_lo, fb_lo, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                               BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
-                               fb_lo, fb_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                               BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
-                               fb_hi, blk_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                               BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC)
-    empty = l_i == 0.0
-    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    acc, lse = _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, K, V, b, hk,
+                         first, seqlen_q, seqlen_k, L, R, qk_scale, sc_in, sc_out,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, False)
     o_base = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_ot
     o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :]
     if BLOCK_D == HEAD_DIM:
@@ -190,6 +226,37 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K,
                  mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
     l_ptrs = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + (q_start + offs_m).to(tl.int64) * stride_lt
     tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE, KPM,
+                  qk_scale, sc_in, sc_out,
+                  stride_lb, stride_lh, stride_lt,
+                  stride_mb,
+                  H, GROUP, Tq, Tk, L, R, seq_bucket,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_attn_fwd for dense 16-bit inputs on sm_90+: Q, K, V and O move through tensor
+    descriptors (4-D [B, heads, T, D]) instead of per-thread pointers, which frees the registers
+    the address arithmetic held (so 128x128 tiles fit) and lets the copy engine fill shared
+    memory asynchronously. Same math and masking as _attn_fwd."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    first = pid_m * BLOCK_M
+    q = desc_q.load([b, h, first, 0]).reshape(BLOCK_M, BLOCK_D)
+    kpm_base = KPM + b.to(tl.int64) * stride_mb
+    acc, lse = _fwd_tile(q, KPM, KPM, kpm_base, 0, 0, desc_k, desc_v, b, hk,
+                         first, Tq, Tk, L, R, qk_scale, sc_in, sc_out,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, True)
+    desc_o.store([b, h, first, 0], acc.to(desc_o.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    offs_m = first + tl.arange(0, BLOCK_M)
+    l_ptrs = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m.to(tl.int64) * stride_lt
+    tl.store(l_ptrs, lse, mask=offs_m < Tq)
 
 
 @triton.jit
@@ -232,26 +299,30 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA, CU_Q,
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, lse_base, delta_base,
                     stride_qt, stride_dt, stride_lt, blk_start, blk_end, offs_n, offs_d,
-                    off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out,
+                    off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out, desc_q, desc_do, b, h,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                    PREC: tl.constexpr):
+                    PREC: tl.constexpr, USE_TMA: tl.constexpr):
     for blk in range(blk_start, blk_end):
         offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         q_ptrs = q_base + offs_m[None, :].to(tl.int64) * stride_qt + offs_d[:, None]    # [D, M]
         do_ptrs = do_base + offs_m[:, None].to(tl.int64) * stride_dt + offs_d[None, :]  # [M, D]
-        if MASKED:
+        if USE_TMA:  # rows past Tq and columns past D arrive as zeros
+            qT = desc_q.load([b, h, blk * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D).T
+            do = desc_do.load([b, h, blk * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
+        elif MASKED:
             qT = tl.load(q_ptrs, mask=(offs_m[None, :] < seqlen_q) & (offs_d[:, None] < HEAD_DIM), other=0.0)
             do = tl.load(do_ptrs, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        elif BLOCK_D == HEAD_DIM:
+            qT = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+        else:
+            qT = tl.load(q_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        if MASKED:
             lse = tl.load(lse_base + offs_m * stride_lt, mask=offs_m < seqlen_q, other=float("inf"))
             Di = tl.load(delta_base + offs_m * stride_lt, mask=offs_m < seqlen_q, other=0.0)
         else:
-            if BLOCK_D == HEAD_DIM:
-                qT = tl.load(q_ptrs)
-                do = tl.load(do_ptrs)
-            else:
-                qT = tl.load(q_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-                do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
             lse = tl.load(lse_base + offs_m * stride_lt)
             Di = tl.load(delta_base + offs_m * stride_lt)
         # rows that saw no key have LSE -inf: make their P zero
@@ -279,7 +350,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, lse_base, delta_base,
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, desc_q, desc_do,
                    scale, qk_scale, sc_in, sc_out,
                    stride_qb, stride_qh, stride_qt,
                    stride_kb, stride_kh, stride_kt,
@@ -292,7 +363,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K,
                    HK, GROUP, Tq, Tk, L, R, seq_bucket,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -332,22 +403,23 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K,
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(0, GROUP):
-        h = (hk * GROUP + g).to(tl.int64)
+        hq = hk * GROUP + g
+        h = hq.to(tl.int64)
         q_base = Q + b64 * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qt
         do_base = DO + b64 * stride_db + h * stride_dh + q_start.to(tl.int64) * stride_dt
         l_off = b64 * stride_lb + h * stride_lh + q_start.to(tl.int64) * stride_lt
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, LSE + l_off, DELTA + l_off,
                                  stride_qt, stride_dt, stride_lt, blk_lo, fb_lo, offs_n, offs_d,
-                                 off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out,
-                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC)
+                                 off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out, desc_q, desc_do, b, hq,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, LSE + l_off, DELTA + l_off,
                                  stride_qt, stride_dt, stride_lt, fb_lo, fb_hi, offs_n, offs_d,
-                                 off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out,
-                                 BLOCK_M, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC)
+                                 off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out, desc_q, desc_do, b, hq,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, LSE + l_off, DELTA + l_off,
                                  stride_qt, stride_dt, stride_lt, fb_hi, blk_hi, offs_n, offs_d,
-                                 off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out,
-                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC)
+                                 off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out, desc_q, desc_do, b, hq,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA)
     dk = dk * scale
     dk_ptrs = (DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh
                + (k_start + offs_n[:, None]).to(tl.int64) * stride_dkt + offs_d[None, :])
@@ -360,14 +432,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K,
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
                   blk_start, blk_end, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                  desc_k, desc_v, b, hk,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                  PREC: tl.constexpr):
+                  PREC: tl.constexpr, USE_TMA: tl.constexpr):
     for blk in range(blk_start, blk_end):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
         v_ptrs = v_base + offs_n[None, :].to(tl.int64) * stride_vt + offs_d[:, None]
-        if MASKED:
+        if USE_TMA:
+            k = desc_k.load([b, hk, blk * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
+            vT = desc_v.load([b, hk, blk * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D).T
+        elif MASKED:
             k = tl.load(k_ptrs, mask=(offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
             vT = tl.load(v_ptrs, mask=(offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
         else:
@@ -400,7 +476,7 @@ def _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stri
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K, desc_k, desc_v,
                  scale, qk_scale, sc_in, sc_out,
                  stride_qb, stride_qh, stride_qt,
                  stride_kb, stride_kh, stride_kt,
@@ -412,7 +488,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K,
                  H, GROUP, Tq, Tk, L, R, seq_bucket,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -445,13 +521,16 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K,
     blk_lo, fb_lo, fb_hi, blk_hi = _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
                        blk_lo, fb_lo, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                       BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC)
+                       desc_k, desc_v, b, hk, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC,
+                       USE_TMA)
     dq = _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
                        fb_lo, fb_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                       BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC)
+                       desc_k, desc_v, b, hk, BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC,
+                       USE_TMA)
     dq = _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
                        fb_hi, blk_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                       BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC)
+                       desc_k, desc_v, b, hk, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC,
+                       USE_TMA)
     dq = dq * scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_mask)
@@ -460,8 +539,18 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K,
 # ---------------------------------------------------------------------------------------------
 # Autotuning: configs per head dim and architecture; under the interpreter one small fixed config.
 
-def _cfg(bm, bn, w, s):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+def _cfg(bm, bn, w, s, pre_hook=None):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=pre_hook)
+
+
+_TMA_ROWS = {"desc_q": "BLOCK_M", "desc_o": "BLOCK_M", "desc_do": "BLOCK_M", "desc_k": "BLOCK_N", "desc_v": "BLOCK_N"}
+
+
+def _set_tma_blocks(nargs):
+    """Config pre-hook of the TMA variants: each descriptor's box is one tile of the config."""
+    for name, rows in _TMA_ROWS.items():
+        if name in nargs:
+            nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
 
 
 def _capability():
@@ -485,6 +574,24 @@ _CONFIGS = {
              128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
              256: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]},
     },
+    # the TMA forward (sm_90+, dense fp16/bf16): no address registers, so larger tiles fit
+    "fwd_tma": {
+        90: {64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+             128: [(128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+             256: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)]},
+    },
+    # TMA backward: fewer address registers, so the same tiles spill less (compile test, sm_90,
+    # with Triton 3.6 and 3.8)
+    "dkdv_tma": {
+        90: {64: [(32, 128, 8, 2), (64, 128, 8, 1), (32, 64, 4, 2)],
+             128: [(32, 128, 8, 1), (32, 64, 8, 2), (64, 128, 8, 1)],
+             256: [(16, 64, 8, 2), (32, 32, 8, 1), (32, 32, 8, 2), (16, 32, 8, 2)]},
+    },
+    "dq_tma": {
+        90: {64: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)],
+             128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3)],
+             256: [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)]},
+    },
     "dkdv": {
         90: {64: [(32, 128, 8, 2), (32, 128, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2)],
              128: [(32, 128, 8, 1), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 1)],
@@ -504,8 +611,8 @@ _CONFIGS = {
 }
 
 
-def _arch():
-    return 90 if _capability() >= (9, 0) else 80
+def _arch(kernel="fwd"):
+    return 90 if _capability() >= (9, 0) or kernel.endswith("_tma") else 80
 
 
 def _d_bucket(d):
@@ -515,11 +622,12 @@ def _d_bucket(d):
 def _all_configs(kernel):
     """Every candidate of `kernel` on this architecture (the prune picks the head-dim bucket)."""
     seen, out = set(), []
-    for lst in _CONFIGS[kernel][_arch()].values():
+    hook = _set_tma_blocks if kernel.endswith("_tma") else None
+    for lst in _CONFIGS[kernel][_arch(kernel)].values():
         for c in lst:
             if c not in seen:
                 seen.add(c)
-                out.append(_cfg(*c))
+                out.append(_cfg(*c, pre_hook=hook))
     return out
 
 
@@ -532,7 +640,7 @@ def _autotuning():
 def _pruner(kernel):
     def prune(configs, named_args, **kwargs):
         d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
-        cands = _CONFIGS[kernel][_arch()][_d_bucket(d)]
+        cands = _CONFIGS[kernel][_arch(kernel)][_d_bucket(d)]
         want = set(cands if _autotuning() else cands[:1])
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
@@ -554,7 +662,8 @@ def _autotune(fn, configs, prune):
 
 @functools.lru_cache(maxsize=None)
 def _tuned(name):
-    fn = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[name]
+    fn = {"fwd": _attn_fwd, "fwd_tma": _attn_fwd_tma, "dkdv": _attn_bwd_dkdv, "dkdv_tma": _attn_bwd_dkdv,
+          "dq": _attn_bwd_dq, "dq_tma": _attn_bwd_dq}[name]
     return _autotune(fn, _all_configs(name), _pruner(name))
 
 
@@ -570,7 +679,10 @@ def interpreter_blocks():
 
 def _launch(name, kernel, grid, args, kwargs):
     if _interpreting():
-        kernel[grid](*args, **kwargs, **interpreter_blocks())
+        blocks = interpreter_blocks()
+        if name.endswith("_tma"):
+            _set_tma_blocks(dict(zip(kernel.arg_names, args), **kwargs, **blocks))
+        kernel[grid](*args, **kwargs, **blocks)
     else:
         _tuned(name)[grid](*args, **kwargs)
 
@@ -656,8 +768,59 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
             H, H // Hk, Tq, Tk, L, R, _seq_bucket(max(Tq, Tk)))
     kwargs = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=varlen, HAS_KPM=kpm is not None,
                   HAS_SOFTCAP=bool(softcap), IS_CAUSAL=bool(causal), PREC=_prec(q.dtype))
+    if not varlen and use_tma(q, k, v, out):
+        descs = [_descriptor(t, BD) for t in (q, k, v, out)]
+        tma_args = (*descs, lse, kpm if kpm is not None else lse, qk_scale, sc_in, sc_out, *s_lse,
+                    kpm.stride(0) if kpm is not None else 0, H, H // Hk, Tq, Tk, L, R, _seq_bucket(max(Tq, Tk)))
+        tma_kwargs = {k_: v_ for k_, v_ in kwargs.items() if k_ != "IS_VARLEN"}
+        if _try_tma(lambda: _launch("fwd_tma", _attn_fwd_tma, grid, tma_args, tma_kwargs)):
+            return out, lse
     _launch("fwd", _attn_fwd, grid, args, kwargs)
     return out, lse
+
+
+_TMA_FAILED = []
+
+
+def _try_tma(launch):
+    """Run a TMA launch. If it fails (say, an untested Triton or driver that cannot build it),
+    warn once and return False: the caller reruns the whole step on the pointer kernels, which
+    rewrite every output, and the TMA path stays off for the rest of the process."""
+    if _TMA_FAILED:
+        return False
+    try:
+        launch()
+    except Exception as e:  # noqa: BLE001 - any failure of the optional fast path
+        _TMA_FAILED.append(e)
+        warnings.warn(f"llmkern.attention: the TMA kernels failed ({type(e).__name__}: {e}); using the "
+                      f"pointer kernels from now on (LLMKERN_ATTN_TMA=0 skips them)", RuntimeWarning)
+        return False
+    return True
+
+
+def _descriptor(t, block_d):
+    """Host tensor descriptor of a [B, heads, T, D] tensor; its box is set per config."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, block_d])
+
+
+def _tma_compatible(t):
+    """A 4-D 16-bit tensor the copy engine can address: 16-byte aligned base and strides."""
+    return (t.dim() == 4 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(st > 0 and (st * t.element_size()) % 16 == 0 for st in t.stride()[:-1]))
+
+
+def use_tma(q, k, v, out):
+    """Whether the dense forward runs the tensor-descriptor kernel: sm_90+ (Hopper's copy engine),
+    fp16/bf16, aligned strides. LLMKERN_ATTN_TMA=0 turns it off; =force runs it under the
+    interpreter too (for the CPU tests)."""
+    mode = os.environ.get("LLMKERN_ATTN_TMA", "1")
+    if mode == "0" or _TMA_FAILED or TensorDescriptor is None or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if _interpreting():
+        return mode == "force"
+    if not q.is_cuda or _capability() < (9, 0):
+        return False
+    return all(_tma_compatible(t) for t in (q, k, v, out))
 
 
 def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_left=-1, window_right=-1,
@@ -705,15 +868,27 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
     s_m = kpm.stride(0) if kpm is not None else 0
     bucket = _seq_bucket(max(Tq, Tk))
     grid_kv = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * Hk)  # noqa: E731
-    _launch("dkdv", _attn_bwd_dkdv, grid_kv,
-            (q, k, v, dout, lse, delta, dk, dv, kpm_arg, cu_q, cu_k, scale, qk_scale, sc_in, sc_out,
-             *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(dout), *s_lse,
-             *_dense_strides(dk), *_dense_strides(dv), s_m, Hk, H // Hk, Tq, Tk, L, R, bucket), common)
     grid_q = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
-    _launch("dq", _attn_bwd_dq, grid_q,
-            (q, k, v, dout, lse, delta, dq, kpm_arg, cu_q, cu_k, scale, qk_scale, sc_in, sc_out,
-             *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(dout), *s_lse,
-             *_dense_strides(dq), s_m, H, H // Hk, Tq, Tk, L, R, bucket), common)
+
+    def run(tma):
+        if tma:  # boxes are set per config by _set_tma_blocks
+            desc_q, desc_k, desc_v, desc_do = (_descriptor(t, BD) for t in (q, k, v, dout))
+        else:  # unused: the pointer kernels read q, k, v, dout directly
+            desc_q, desc_k, desc_v, desc_do = q, k, v, dout
+        suffix = "_tma" if tma else ""
+        _launch("dkdv" + suffix, _attn_bwd_dkdv, grid_kv,
+                (q, k, v, dout, lse, delta, dk, dv, kpm_arg, cu_q, cu_k, desc_q, desc_do, scale, qk_scale, sc_in,
+                 sc_out, *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(dout), *s_lse,
+                 *_dense_strides(dk), *_dense_strides(dv), s_m, Hk, H // Hk, Tq, Tk, L, R, bucket),
+                dict(common, USE_TMA=tma))
+        _launch("dq" + suffix, _attn_bwd_dq, grid_q,
+                (q, k, v, dout, lse, delta, dq, kpm_arg, cu_q, cu_k, desc_k, desc_v, scale, qk_scale, sc_in, sc_out,
+                 *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(dout), *s_lse,
+                 *_dense_strides(dq), s_m, H, H // Hk, Tq, Tk, L, R, bucket), dict(common, USE_TMA=tma))
+
+    tma = not varlen and use_tma(q, k, v, dout)
+    if not (tma and _try_tma(lambda: run(True))):
+        run(False)
     return dq, dk, dv
 
 

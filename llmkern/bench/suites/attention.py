@@ -6,13 +6,16 @@ TFLOP/s (fwd 4·B·H·T²·D, halved for causal; bwd 2.5x fwd) against every SDP
 (flash, cuDNN, efficient), all measured in the same run on the same inputs; the row's baseline is
 the fastest SDPA backend, each backend's time is in `extra`. Plus decode: batch 32, 32 query heads
 over 8 KV heads, head dim 128, 8k cached keys, one new token (GB/s of K/V read), against SDPA.
-Quick mode: seq 1k and 4k, head dim 128 only, and the decode row.
+Quick mode: seq 1k and 4k, head dim 128 only, and the decode row. On sm_90+ the dense kernels
+load through tensor descriptors (TMA); at seq 4k, causal, head dim 128 the pointer kernels
+(LLMKERN_ATTN_TMA=0) are timed too, in the row's notes.
 `mfu` is the fraction of the detected card's dense bf16 peak; extra["mfu_a100"] against the A100's.
 
 CPU: a small quick comparison (what llmkern.attention runs on CPU: SDPA's CPU kernel with our
 masks, or the reference) vs SDPA, in a few seconds; it says nothing about the GPU kernels.
 """
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +65,25 @@ def _peaks(device):
         return None, 312e12
 
 
+def _uses_tma(q, k, v):
+    from llmkern.kernels.attention import use_tma
+
+    return use_tma(q, k, v, q)
+
+
+@contextlib.contextmanager
+def _tma_off():
+    old = os.environ.get("LLMKERN_ATTN_TMA")
+    os.environ["LLMKERN_ATTN_TMA"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["LLMKERN_ATTN_TMA"]
+        else:
+            os.environ["LLMKERN_ATTN_TMA"] = old
+
+
 def _gpu_rows(ctx):
     import llmkern
 
@@ -95,10 +117,16 @@ def _gpu_rows(ctx):
             extra = {f"sdpa-{n}_ms": ms for n, ms in base.items()}
             extra.update({f"sdpa-{n}_tflops": fl / (ms * 1e-3) / 1e12 for n, ms in base.items()})
             extra["mfu_a100"] = tflops * 1e12 / peak_a100
+            notes = ""
+            if T == 4096 and causal and D == 128 and _uses_tma(q, k, v):  # the target shape: both kernel families
+                with _tma_off():
+                    ptr_ms = time_fn(_timer(ours, q, k, v, dout, mode), dev, quick=ctx.quick)
+                extra["ours_pointer_kernels_ms"] = ptr_ms
+                notes = f"TMA kernels; pointer kernels {fl / (ptr_ms * 1e-3) / 1e12:.0f} TFLOP/s"
             yield Result(op=f"attention {mode}", shape=f"B={B} H={H} T={T} D={D} causal={causal} bf16",
                          ours_ms=ours_ms, baseline=f"sdpa-{best}" if best else "",
                          baseline_ms=base.get(best), throughput=tflops, unit="TFLOP/s",
-                         mfu=tflops * 1e12 / peak if peak else None, extra=extra)
+                         mfu=tflops * 1e12 / peak if peak else None, extra=extra, notes=notes)
         del q, k, v, dout
     yield from _decode_rows(ctx, B=32, H=32, Hk=8, T=8192, D=128, dtype=dtype)
 
