@@ -123,10 +123,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
                 kt = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
                 v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         qk = tl.dot(q, kt, input_precision=PREC)
+        # s: the scores in log2 units. Without softcap they stay unscaled until the exponent
+        # (max(qk) * scale == max(qk * scale) for scale > 0), so qk * scale - m is one FMA.
         if HAS_SOFTCAP:
             s = _tanh(qk * sc_in) * sc_out
         else:
-            s = qk * qk_scale
+            s = qk
         if MASKED:
             rel = offs_n[None, :] - offs_m[:, None] - off
             vis = (rel <= R) & (rel >= -L) & (offs_n[None, :] < seqlen_k)
@@ -134,9 +136,15 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
         if HAS_KPM:
             km = tl.load(kpm_base + offs_n, mask=offs_n < seqlen_k, other=0)
             s = tl.where(km[None, :] != 0, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if HAS_SOFTCAP:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
+        if HAS_SOFTCAP:
+            p = tl.math.exp2(s - m_safe[:, None])
+        else:
+            p = tl.math.exp2(s * qk_scale - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
