@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # One-shot validation on a GPU machine (H100/H200, torch preinstalled, no network):
-# build the extension, run the GPU tests, run the benchmark harness. Writes at most 8 files:
-#   OUTDIR/{env.txt, build.log, info.txt, pytest_gpu.log, bench.log, bench/results.{json,md,png}}
-# Usage: benchmarks/gpu_check.sh OUTDIR        (at most about 10 minutes; typically less)
+# build the extension, run the GPU tests, run the benchmark harness suite by suite. Writes
+#   OUTDIR/{env.txt, build.log, info.txt, pytest_gpu.log, bench-SUITE.log, bench-SUITE/results.*}
+# Usage: benchmarks/gpu_check.sh OUTDIR
+# Every phase has its own limit and the whole script stops by GPU_CHECK_DEADLINE seconds (default
+# 540, under the device tool's 600 s per command): later phases get what is left.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
+t0=$(date +%s); deadline=${GPU_CHECK_DEADLINE:-540}
+limit() {  # limit WANT: WANT seconds, or what is left before the deadline (1: no time left)
+  local left=$(( deadline - ($(date +%s) - t0) - 5 ))
+  if [ "$left" -lt 15 ]; then echo 1; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
@@ -16,11 +23,11 @@ cat "$OUT/env.txt"
 cap=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")
 start=$(date +%s)
 export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap} LLMKERN_CUDA=1
-timeout 240 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+timeout "$(limit 240)" python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
 rc=$?
 if [ $rc -ne 0 ]; then  # e.g. a read-only site-packages: build in place and import from the checkout
   echo "pip install rc=$rc; building in place" | tee -a "$OUT/build.log"
-  timeout 200 python3 setup.py build_ext --inplace >> "$OUT/build.log" 2>&1
+  timeout "$(limit 200)" python3 setup.py build_ext --inplace >> "$OUT/build.log" 2>&1
   rc=$?
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -28,14 +35,22 @@ echo "build rc=$rc in $(( $(date +%s) - start )) s"; tail -3 "$OUT/build.log"
 python3 -m llmkern.info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
 
 # Correctness first, the C++ sampler before the Triton kernels (those compile on first use); fixed
-# configs for the correctness run (autotuning every test shape would eat the budget).
-timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 50 tests/test_sampling_gpu.py \
+# configs for the correctness run (autotuning every test shape would eat the budget). The Triton
+# tests compile about fifty kernel variants: spread them over 8 processes when pytest-xdist is there.
+timeout "$(limit 60)" python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 50 tests/test_sampling_gpu.py \
   > "$OUT/pytest_gpu.log" 2>&1
 echo "pytest -m gpu (sampling) rc=$?"; tail -5 "$OUT/pytest_gpu.log"
-LLMKERN_LORA_AUTOTUNE=0 LLMKERN_ATTN_AUTOTUNE=0 timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider \
-  --timeout 100 --ignore=tests/test_sampling_gpu.py >> "$OUT/pytest_gpu.log" 2>&1
-echo "pytest -m gpu (the rest) rc=$?"; tail -15 "$OUT/pytest_gpu.log"
+xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
+LLMKERN_LORA_AUTOTUNE=0 LLMKERN_ATTN_AUTOTUNE=0 timeout "$(limit 150)" python3 -m pytest -m gpu -q -p no:cacheprovider $xdist \
+  --timeout 120 --ignore=tests/test_sampling_gpu.py >> "$OUT/pytest_gpu.log" 2>&1
+echo "pytest -m gpu (the rest, ${xdist:-1 process}) rc=$?"; tail -15 "$OUT/pytest_gpu.log"
 
-# The harness prints and writes each suite's results as soon as that suite is done.
-PYTHONUNBUFFERED=1 timeout 150 python3 -m llmkern.bench.cli --out "$OUT/bench" > "$OUT/bench.log" 2>&1
-echo "llmkern-bench rc=$?"; tail -60 "$OUT/bench.log"
+# The harness, one suite at a time with its own time limit (a slow suite cannot starve the
+# others), fastest and most finished first. Each writes its tables as soon as it is done.
+for spec in sampling:45 attention:110 lora:70 mfu:70 tp:40; do
+  suite=${spec%%:*}; lim=$(limit "${spec##*:}")
+  [ "$lim" -gt 1 ] || { echo "llmkern-bench --suite $suite skipped: deadline"; continue; }
+  PYTHONUNBUFFERED=1 timeout "$lim" python3 -m llmkern.bench.cli --suite "$suite" --out "$OUT/bench-$suite" \
+    > "$OUT/bench-$suite.log" 2>&1
+  echo "llmkern-bench --suite $suite rc=$? (limit ${lim} s)"; grep -v "^\[llmkern-bench\]" "$OUT/bench-$suite.log" | tail -25
+done

@@ -29,12 +29,18 @@ stride-0 expanded tensors). Under TRITON_INTERPRET=1 they use one small fixed co
 on GPU the kernels are autotuned (LLMKERN_LORA_AUTOTUNE=0: one fixed configuration).
 """
 import os
+import warnings
 
 import triton
 import triton.language as tl
 import torch
 
 from llmkern._backend import triton_interpreting
+
+try:  # host-side tensor descriptors (Triton >= 3.3): the TMA GEMM on sm_90+
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
 
 _HASH_COL = 0x9E3779B1
 
@@ -116,14 +122,52 @@ def _shrink_kernel(X, A, OUT, ROWS, IDS, SCALES, scale,
              mask=mask_m[:, None] & mask_r[None, :])
 
 
+@triton.jit
+def _base_ptr(X, W, rows, offs_n, mask_m, mask_n, K, sxm, sxk, swn, swk, acc,
+              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += X[rows] Wᵀ of one tile through per-thread pointers (any strides, gathered rows)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X + rows[:, None] * sxm + offs_k[None, :] * sxk
+    w_ptrs = W + offs_n[None, :].to(tl.int64) * swn + offs_k[:, None] * swk
+    for k0 in range(0, K, BLOCK_K):
+        mk = (k0 + offs_k) < K
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * sxk
+        w_ptrs += BLOCK_K * swk
+    return acc
+
+
+@triton.jit
+def _base_tma(desc_x, desc_w, m0, n0, K, acc,
+              BLOCK_K: tl.constexpr, W_T: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += X Wᵀ of one tile through the tensor-memory accelerator (sm_90+): 2-D boxes of X [M, K]
+    and of W [N, K] (W_T: of the row-major [K, N] tensor under the backward's Wᵀ view). Boxes past
+    the tensor's edge arrive zero-filled, exactly what the masked pointer loads read, and the
+    pipeliner turns the loads into asynchronous bulk copies with no address registers."""
+    for k0 in range(0, K, BLOCK_K):
+        x = desc_x.load([m0, k0])
+        if W_T:
+            w = desc_w.load([k0, n0])
+        else:
+            w = desc_w.load([n0, k0]).T
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    return acc
+
+
 @triton.jit(do_not_specialize=["threshold"])
-def _gemm_kernel(X, W, BIAS, XS, LB, OUT, ROWS, IDS,
+def _gemm_kernel(X, W, BIAS, XS, LB, OUT, ROWS, IDS, desc_x, desc_w,
                  M, N, K, R, n_adapters, SEED, threshold, inv_keep,
                  sxm, sxk, swn, swk, sxs_m, sxs_r, slb_a, slb_n, slb_r, som, son,
                  HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, EPI_DROPOUT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
-    """OUT[rows[m], n] = Σ_k X[rows[m], k] W[n, k] + bias[n] + mask ⊙ Σ_r XS[m, r] LB[a_m, n, r]."""
+                 BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+                 USE_TMA: tl.constexpr, W_T: tl.constexpr):
+    """OUT[rows[m], n] = Σ_k X[rows[m], k] W[n, k] + bias[n] + mask ⊙ Σ_r XS[m, r] LB[a_m, n, r].
+
+    USE_TMA (never with HAS_IDS: a gathered row set is no box): X and W come through the
+    descriptors desc_x / desc_w; otherwise those arguments are the raw tensors and unused."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -135,7 +179,6 @@ def _gemm_kernel(X, W, BIAS, XS, LB, OUT, ROWS, IDS,
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
     if HAS_IDS:
@@ -143,16 +186,11 @@ def _gemm_kernel(X, W, BIAS, XS, LB, OUT, ROWS, IDS,
     else:
         rows = offs_m.to(tl.int64)
 
-    x_ptrs = X + rows[:, None] * sxm + offs_k[None, :] * sxk
-    w_ptrs = W + offs_n[None, :].to(tl.int64) * swn + offs_k[:, None] * swk
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mk = (k0 + offs_k) < K
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * sxk
-        w_ptrs += BLOCK_K * swk
+    if USE_TMA:
+        acc = _base_tma(desc_x, desc_w, pid_m * BLOCK_M, pid_n * BLOCK_N, K, acc, BLOCK_K, W_T, PRECISION)
+    else:
+        acc = _base_ptr(X, W, rows, offs_n, mask_m, mask_n, K, sxm, sxk, swn, swk, acc, BLOCK_K, PRECISION)
 
     # epilogue: the low-rank update, one small dot per adapter present in the tile
     if HAS_IDS:
@@ -241,14 +279,34 @@ def _reduce_kernel(Y, Z, OUT, ROWS, SEG, M, P, R, split,
 
 # ----------------------------------------------------------------------------- autotuning
 
+def _gemm_cfg(bm, bn, bk, w, s, pre_hook=None):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s,
+                         pre_hook=pre_hook)
+
+
 def _gemm_configs():
-    cfgs = []
-    for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-                             (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3),
-                             (256, 128, 64, 8, 3)]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                  num_warps=w, num_stages=s))
-    return cfgs
+    return [_gemm_cfg(*c) for c in [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4),
+                                    (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                                    (64, 64, 64, 4, 3), (256, 128, 64, 8, 3)]]
+
+
+# The TMA GEMM's candidates (sm_90): the ones that compile with no register spills and fit the 227 KB
+# of shared memory a block may use, under Triton 3.6 and 3.8, in the forward and in the backward
+# (Wᵀ, dropout epilogue); `python tests/test_lora_compile.py tma` prints the table. Their speed is
+# for the autotuner to measure on the card.
+_GEMM_TMA_TILES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3),
+                   (256, 128, 64, 8, 3), (64, 128, 64, 4, 4)]
+
+
+def _gemm_tma_configs():
+    return [_gemm_cfg(*c, pre_hook=_set_tma_blocks) for c in _GEMM_TMA_TILES]
+
+
+def _set_tma_blocks(nargs):
+    """Config pre-hook of the TMA GEMM: each descriptor's box is the tile the config loads."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["desc_x"].block_shape = [bm, bk]
+    nargs["desc_w"].block_shape = [bk, bn] if nargs["W_T"] else [bn, bk]
 
 
 def _shrink_configs():
@@ -265,43 +323,51 @@ def _reduce_configs():
 
 _tuned = {}
 
+_GEMM_KEY = ["N", "K", "R", "swk", "HAS_IDS", "EPI_DROPOUT"]
+# name: (raw kernel, autotune candidates, autotune key). The keys include the strides that tell the
+# forward GEMM (W, K-contiguous) from the backward one (Wᵀ) and A from the Bᵀ view, so each gets its
+# own configuration.
+_KERNELS = {"gemm": (_gemm_kernel, _gemm_configs, _GEMM_KEY),
+            "gemm_tma": (_gemm_kernel, _gemm_tma_configs, _GEMM_KEY + ["W_T"]),
+            "shrink": (_shrink_kernel, _shrink_configs, ["K", "R", "sa_k", "HAS_IDS", "DROPOUT"]),
+            "reduce": (_reduce_kernel, _reduce_configs, ["P", "R", "HAS_IDS", "DROPOUT"])}
+
+# Under the interpreter: one small fixed configuration per kernel.
+_INTERP = {"gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
+           "shrink": dict(BLOCK_M=16, BLOCK_K=32),
+           "reduce": dict(BLOCK_M=16, BLOCK_P=32)}
+_INTERP["gemm_tma"] = _INTERP["gemm"]
 
 # One sensible GPU configuration per kernel, used when LLMKERN_LORA_AUTOTUNE=0 (fast test runs).
 _FIXED_GPU = {"gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+              "gemm_tma": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
               "shrink": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
               "reduce": dict(BLOCK_M=64, BLOCK_P=128, num_warps=4, num_stages=3)}
 
 
 def _kernel(name):
-    """The raw kernel under the interpreter (fixed small blocks), an autotuned one on GPU.
-
-    Autotune keys include the strides that tell the forward GEMM (W, K-contiguous) from the
-    backward one (Wᵀ) and A from the Bᵀ view, so each gets its own configuration."""
-    raw = {"gemm": _gemm_kernel, "shrink": _shrink_kernel, "reduce": _reduce_kernel}[name]
+    """The raw kernel under the interpreter (fixed small blocks), an autotuned one on GPU."""
+    raw, configs, key = _KERNELS[name]
     if triton_interpreting():
-        return raw, {"gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
-                     "shrink": dict(BLOCK_M=16, BLOCK_K=32),
-                     "reduce": dict(BLOCK_M=16, BLOCK_P=32)}[name]
+        return raw, _INTERP[name]
+    hook = _set_tma_blocks if name.endswith("_tma") else None
     if os.environ.get("LLMKERN_LORA_AUTOTUNE", "1") == "0":
-        key = name + ":fixed"
-        if key not in _tuned:  # a one-config autotuner: no benchmarking, same launch path
+        fixed = name + ":fixed"
+        if fixed not in _tuned:  # a one-config autotuner: no benchmarking, same launch path
             meta = dict(_FIXED_GPU[name])
             w, st = meta.pop("num_warps"), meta.pop("num_stages")
-            _tuned[key] = triton.autotune([triton.Config(meta, num_warps=w, num_stages=st)], key=[])(raw)
-        return _tuned[key], {}
+            _tuned[fixed] = triton.autotune([triton.Config(meta, num_warps=w, num_stages=st, pre_hook=hook)],
+                                            key=[])(raw)
+        return _tuned[fixed], {}
     if name not in _tuned:
-        if name == "gemm":
-            _tuned[name] = triton.autotune(_gemm_configs(),
-                                           key=["N", "K", "R", "swk", "HAS_IDS", "EPI_DROPOUT"])(raw)
-        elif name == "shrink":
-            _tuned[name] = triton.autotune(_shrink_configs(), key=["K", "R", "sa_k", "HAS_IDS", "DROPOUT"])(raw)
-        else:
-            _tuned[name] = triton.autotune(_reduce_configs(), key=["P", "R", "HAS_IDS", "DROPOUT"])(raw)
+        _tuned[name] = triton.autotune(configs(), key=key)(raw)
     return _tuned[name], {}
 
 
 def _launch(name, wrap, grid, *args, **kwargs):
     kern, fixed = _kernel(name)
+    if fixed and name.endswith("_tma"):  # the interpreter runs no config pre-hook: size the boxes here
+        _set_tma_blocks(dict(zip(kern.arg_names, args), **kwargs, **fixed))
     if wrap is not None and _wrappable(kern):
         kern = wrap(kern)
     kern[grid](*args, **kwargs, **fixed)
@@ -398,15 +464,100 @@ def gemm(x, W, bias, xs, LB, perm=None, sorted_ids=None, dropout_p=0.0, seed=Non
     thr, inv = dropout_params(dropout_p)
     sd = _seed_arg(seed, dropout_p, x)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _launch("gemm", wrap, grid,
-            x, W, bias if bias is not None else x, xs, LB, out,
-            perm if has_ids else x, sorted_ids if has_ids else x,
-            M, N, K, R, n, sd, thr, inv,
-            x.stride(0), x.stride(1), W.stride(0), W.stride(1), xs.stride(0), xs.stride(1),
-            LB.stride(0), LB.stride(1), LB.stride(2), out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, HAS_IDS=has_ids, EPI_DROPOUT=dropout_p > 0,
-            BLOCK_R=_block_r(R, 32), PRECISION=_precision(x.dtype))
+
+    def launch(w_tma):
+        if w_tma is None:  # the pointer kernel: the descriptor arguments are unused
+            desc_x, desc_w, w_t = x, W, False
+        else:  # boxes are set per config by _set_tma_blocks
+            w_t = w_tma is not W
+            desc_x, desc_w = _descriptor(x), _descriptor(w_tma)
+        _launch("gemm" if w_tma is None else "gemm_tma", wrap, grid,
+                x, W, bias if bias is not None else x, xs, LB, out,
+                perm if has_ids else x, sorted_ids if has_ids else x, desc_x, desc_w,
+                M, N, K, R, n, sd, thr, inv,
+                x.stride(0), x.stride(1), W.stride(0), W.stride(1), xs.stride(0), xs.stride(1),
+                LB.stride(0), LB.stride(1), LB.stride(2), out.stride(0), out.stride(1),
+                HAS_BIAS=bias is not None, HAS_IDS=has_ids, EPI_DROPOUT=dropout_p > 0,
+                BLOCK_R=_block_r(R, 32), PRECISION=_precision(x.dtype), USE_TMA=w_tma is not None, W_T=w_t)
+
+    # gathered rows (multi-adapter) are no box; a traced op (torch.compile) cannot run config pre-hooks
+    w_tma = None if has_ids or _traced(wrap) or not use_tma(x, W) else _tma_weight(W)
+    if not (w_tma is not None and _try_tma(lambda: launch(w_tma))):
+        launch(None)  # rewrites every element of out
     return out
+
+
+# ----------------------------------------------------------------------------- TMA (sm_90+)
+
+_TMA_FAILED = []
+
+
+def _capability(device):
+    return torch.cuda.get_device_capability(device)
+
+
+def _tma_compatible(t):
+    """A non-empty 2-D tensor the copy engine can address: 16-byte aligned base and row stride."""
+    return (t.dim() == 2 and t.numel() > 0 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+            and t.stride(0) > 0 and (t.stride(0) * t.element_size()) % 16 == 0)
+
+
+def _tma_weight(W):
+    """The row-major tensor the TMA GEMM reads W from: W [N, K] itself, or for a transposed view
+    (the backward's Wᵀ) the [K, N] tensor under it (then W_T); None when neither is addressable."""
+    for t in (W, W.t()):
+        if _tma_compatible(t):
+            return t
+    return None
+
+
+def use_tma(x, W):
+    """Whether the GEMM x Wᵀ can run the tensor-descriptor variant: sm_90+ (Hopper's copy engine),
+    fp16/bf16, aligned x and W. LLMKERN_LORA_TMA=0 turns it off; =force runs it under the
+    interpreter too (for the CPU tests)."""
+    mode = os.environ.get("LLMKERN_LORA_TMA", "1")
+    if mode == "0" or _TMA_FAILED or TensorDescriptor is None or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if triton_interpreting():
+        if mode != "force":
+            return False
+    elif not x.is_cuda or _capability(x.device) < (9, 0):
+        return False
+    return _tma_compatible(x) and _tma_weight(W) is not None
+
+
+def _traced(wrap):
+    """True while torch.compile traces the op (wrap_triton then records the launch instead of
+    running it): Inductor rejects the TMA configs' pre-hooks, so the traced graph keeps the pointer
+    kernels. Eager calls of the op run with wrapping off and take the TMA path."""
+    if wrap is None:
+        return False
+    try:
+        from torch._library.triton import is_wrap_triton_enabled
+    except ImportError:  # pragma: no cover
+        return True
+    return is_wrap_triton_enabled()
+
+
+def _descriptor(t):
+    """Host tensor descriptor of a row-major 2-D tensor; its box is set per config."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
+
+
+def _try_tma(launch):
+    """Run a TMA launch. If it fails (say, an untested Triton or driver that cannot build it), warn
+    once and return False: the caller reruns on the pointer kernel, which rewrites the whole
+    output, and the TMA path stays off for the rest of the process."""
+    if _TMA_FAILED:
+        return False
+    try:
+        launch()
+    except Exception as e:  # noqa: BLE001 - any failure of the optional fast path
+        _TMA_FAILED.append(e)
+        warnings.warn(f"llmkern.lora: the TMA GEMM failed ({type(e).__name__}: {e}); using the pointer "
+                      f"kernel from now on (LLMKERN_LORA_TMA=0 skips it)", RuntimeWarning)
+        return False
+    return True
 
 
 def _split_for(num_tiles, n, M, device):
