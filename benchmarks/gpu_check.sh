@@ -46,7 +46,9 @@ LLMKERN_LORA_AUTOTUNE=0 LLMKERN_ATTN_AUTOTUNE=0 timeout "$(limit 150)" python3 -
 echo "pytest -m gpu (the rest, ${xdist:-1 process}) rc=$?"; tail -15 "$OUT/pytest_gpu.log"
 
 # The harness, one suite at a time with its own time limit (a slow suite cannot starve the
-# others), fastest and most finished first. Each writes its tables as soon as it is done.
+# others), fastest and most finished first. Each writes its tables as soon as it is done. The
+# attention autotuner tries the first two candidates of each list (each costs a compile of seconds).
+export LLMKERN_ATTN_TUNE_TOP=${LLMKERN_ATTN_TUNE_TOP:-2}
 for spec in sampling:45 attention:110 lora:70 mfu:70 tp:40; do
   suite=${spec%%:*}; lim=$(limit "${spec##*:}")
   [ "$lim" -gt 1 ] || { echo "llmkern-bench --suite $suite skipped: deadline"; continue; }

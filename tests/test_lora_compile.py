@@ -7,6 +7,11 @@ kernel's registers, stack (spills) and shared memory. Runs in a subprocess: the 
 Triton with TRITON_INTERPRET=1, under which kernels cannot be compiled.
 
     python tests/test_lora_compile.py [all]      # prints the resource table
+
+The TMA GEMM (sm_90+) rows compile every candidate of `_GEMM_TMA_TILES` in the forward (W [N, K],
+bias) and the backward (Wᵀ read as [K, N], dropout epilogue) shape; the descriptors are typed
+`tensordesc<bf16[rows, cols]>` with the config's box, and the SASS must show the bulk tensor copy
+(UTMALDG) feeding the warp-group MMA (HGMMA).
 """
 import os
 import re
@@ -20,6 +25,17 @@ _DIV16 = {"M", "N", "K", "P"}
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (opt-in maximum)
+
+
+def _tma_box(name, consts):
+    """The box of a TMA GEMM descriptor argument: the tile the config loads."""
+    bm, bn, bk = consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"]
+    if name == "desc_x":
+        return [bm, bk]
+    return [bk, bn] if consts["W_T"] else [bn, bk]
+
+
 def _compile(fn, types, consts, num_warps, num_stages, cc=90):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -29,6 +45,9 @@ def _compile(fn, types, consts, num_warps, num_stages, cc=90):
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
+        elif name.startswith("desc_") and consts.get("USE_TMA"):
+            rows, cols = _tma_box(name, consts)
+            sig[name] = f"tensordesc<{types['X'][1:]}[{rows}, {cols}]>"
         else:
             sig[name] = types.get(name, "i32")
             # what a launch with realistic sizes specialises: 16-aligned pointers, and strides and
@@ -39,6 +58,7 @@ def _compile(fn, types, consts, num_warps, num_stages, cc=90):
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
     regs = stack = None
+    sass = ""
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if os.path.exists(cuobjdump):
         import tempfile
@@ -46,13 +66,15 @@ def _compile(fn, types, consts, num_warps, num_stages, cc=90):
         with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
             f.write(k.asm["cubin"])
         out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
         os.unlink(f.name)
         m = re.search(r"REG:(\d+)", out)
         regs = int(m.group(1)) if m else None
         m = re.search(r"STACK:(\d+)", out)
         stack = int(m.group(1)) if m else None
     ttgir = k.asm.get("ttgir", "")
-    return dict(regs=regs, stack=stack, smem=k.metadata.shared, wgmma="warp_group_dot" in ttgir)
+    return dict(regs=regs, stack=stack, smem=k.metadata.shared, wgmma="warp_group_dot" in ttgir,
+                utmaldg="UTMALDG" in sass, hgmma="HGMMA" in sass)
 
 
 def main(everything=False):
@@ -62,10 +84,10 @@ def main(everything=False):
     shrink_t = dict(X=f"*{dt}", A=f"*{dt}", OUT="*fp32", ROWS="*i32", IDS="*i32", SCALES="*fp32", scale="fp32",
                     SEED="*i32", inv_keep="fp32")
     gemm_t = dict(X=f"*{dt}", W=f"*{dt}", BIAS=f"*{dt}", XS="*fp32", LB=f"*{dt}", OUT=f"*{dt}", ROWS="*i32",
-                  IDS="*i32", SEED="*i32", inv_keep="fp32")
+                  IDS="*i32", desc_x=f"*{dt}", desc_w=f"*{dt}", SEED="*i32", inv_keep="fp32")
     reduce_t = dict(Y=f"*{dt}", Z="*fp32", OUT="*fp32", ROWS="*i32", SEG="*i32", SEED="*i32", inv_keep="fp32")
-    gemm_fwd = dict(sxk=1, swk=1, sxs_r=1, slb_r=1, son=1, PRECISION="tf32", GROUP_M=8)
-    gemm_bwd = dict(sxk=1, swn=1, sxs_r=1, slb_n=1, son=1, PRECISION="tf32", GROUP_M=8)
+    gemm_fwd = dict(sxk=1, swk=1, sxs_r=1, slb_r=1, son=1, PRECISION="tf32", GROUP_M=8, USE_TMA=False, W_T=False)
+    gemm_bwd = dict(sxk=1, swn=1, sxs_r=1, slb_n=1, son=1, PRECISION="tf32", GROUP_M=8, USE_TMA=False, W_T=False)
     rows = [
         ("gemm fwd 128x256", L._gemm_kernel, gemm_t,
          dict(gemm_fwd, HAS_BIAS=True, HAS_IDS=False, EPI_DROPOUT=False, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64,
@@ -92,10 +114,18 @@ def main(everything=False):
              dict(syp=1, szr=1, so_r=1, HAS_IDS=False, DROPOUT=False, BLOCK_M=128, BLOCK_P=128, BLOCK_R=16,
                   PRECISION="tf32"), 8, 3),
         ]
+    for bm, bn, bk, w, s in L._GEMM_TMA_TILES:  # every TMA candidate: the autotuner may pick any
+        tile = dict(USE_TMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        rows += [(f"gemm tma fwd {bm}x{bn}", L._gemm_kernel, gemm_t,
+                  dict(gemm_fwd, **tile, HAS_BIAS=True, HAS_IDS=False, EPI_DROPOUT=False, BLOCK_R=16), w, s),
+                 (f"gemm tma bwd {bm}x{bn}", L._gemm_kernel, gemm_t,
+                  dict(gemm_bwd, **tile, W_T=True, HAS_BIAS=False, HAS_IDS=False, EPI_DROPOUT=True, BLOCK_R=32),
+                  w, s)]
     for name, fn, types, consts, w, s in rows:
         r = _compile(fn, types, consts, w, s)
+        tma = f" utmaldg={r['utmaldg']} hgmma={r['hgmma']}" if consts.get("USE_TMA") else ""
         print(f"{name:24s} sm_90 {dt} warps={w} stages={s}: regs={r['regs']} stack={r['stack']} "
-              f"smem={r['smem']} wgmma={r['wgmma']}", flush=True)
+              f"smem={r['smem']} wgmma={r['wgmma']}{tma}", flush=True)
     print("COMPILED-ALL")
 
 
@@ -117,9 +147,22 @@ def test_lora_kernels_compile_for_sm90():
     lines = res.stdout.splitlines()
     fwd = next(line for line in lines if line.startswith("gemm fwd 128x256"))
     assert "wgmma=True" in fwd, fwd  # Hopper's warp-group MMA in the main GEMM
+    tma = [line for line in lines if line.startswith("gemm tma")]
+    assert len(tma) == 2 * len(_tma_tiles()), tma
+    for line in tma:  # bulk tensor copies feeding the warp-group MMA, and no spills at all
+        assert "wgmma=True utmaldg=True hgmma=True" in line and "stack=0 " in line, line
     for line in lines:
         m = re.search(r"stack=(\d+)", line)
         assert m is None or int(m.group(1)) <= 256, f"heavy register spills: {line}"
+        m = re.search(r"smem=(\d+)", line)
+        assert m is None or int(m.group(1)) <= SMEM_LIMIT, f"does not fit in shared memory: {line}"
+
+
+def _tma_tiles():
+    sys.path.insert(0, ROOT)
+    from llmkern.kernels.lora import _GEMM_TMA_TILES
+
+    return _GEMM_TMA_TILES
 
 
 if __name__ == "__main__":

@@ -645,11 +645,19 @@ def _autotuning():
     return os.environ.get("LLMKERN_ATTN_AUTOTUNE", "1") != "0"
 
 
+def _tune_top():
+    """How many candidates (in list order) the autotuner tries: all, LLMKERN_ATTN_TUNE_TOP=N of
+    them (compile time on a fresh machine), or one with LLMKERN_ATTN_AUTOTUNE=0."""
+    if not _autotuning():
+        return 1
+    return max(1, int(os.environ.get("LLMKERN_ATTN_TUNE_TOP", "1000")))
+
+
 def _pruner(kernel):
     def prune(configs, named_args, **kwargs):
         d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
         cands = _CONFIGS[kernel][_arch(kernel)][_d_bucket(d)]
-        want = set(cands if _autotuning() else cands[:1])
+        want = set(cands[:_tune_top()])
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
         return kept or configs[:1]

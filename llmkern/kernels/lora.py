@@ -27,6 +27,12 @@ backward regenerates the mask from it instead of storing the mask.
 Launchers take any strides but make inputs contiguous first (gradients from `.sum()` arrive as
 stride-0 expanded tensors). Under TRITON_INTERPRET=1 they use one small fixed configuration;
 on GPU the kernels are autotuned (LLMKERN_LORA_AUTOTUNE=0: one fixed configuration).
+
+TMA (sm_90+, fp16/bf16, single adapter, 16-byte aligned rows): the GEMM reads x and W through host
+tensor descriptors instead of per-thread pointers (its own autotune candidates, "gemm_tma"), which
+frees the address registers and lets the copy engine fill shared memory asynchronously; the
+backward's Wᵀ is read as the row-major tensor under the view. LLMKERN_LORA_TMA=0 turns it off,
+=force runs it under the interpreter too; a failure warns once and falls back to the pointer kernel.
 """
 import os
 import warnings
@@ -469,8 +475,7 @@ def gemm(x, W, bias, xs, LB, perm=None, sorted_ids=None, dropout_p=0.0, seed=Non
         if w_tma is None:  # the pointer kernel: the descriptor arguments are unused
             desc_x, desc_w, w_t = x, W, False
         else:  # boxes are set per config by _set_tma_blocks
-            w_t = w_tma is not W
-            desc_x, desc_w = _descriptor(x), _descriptor(w_tma)
+            desc_x, desc_w, w_t = _descriptor(x), _descriptor(w_tma[0]), w_tma[1]
         _launch("gemm" if w_tma is None else "gemm_tma", wrap, grid,
                 x, W, bias if bias is not None else x, xs, LB, out,
                 perm if has_ids else x, sorted_ids if has_ids else x, desc_x, desc_w,
@@ -503,11 +508,12 @@ def _tma_compatible(t):
 
 
 def _tma_weight(W):
-    """The row-major tensor the TMA GEMM reads W from: W [N, K] itself, or for a transposed view
-    (the backward's Wᵀ) the [K, N] tensor under it (then W_T); None when neither is addressable."""
-    for t in (W, W.t()):
-        if _tma_compatible(t):
-            return t
+    """(tensor, W_T): the row-major tensor the TMA GEMM reads W [N, K] from, W itself or, for a
+    transposed view (the backward's Wᵀ), the [K, N] tensor under it; None when neither is addressable."""
+    if _tma_compatible(W):
+        return W, False
+    if _tma_compatible(W.t()):
+        return W.t(), True
     return None
 
 
