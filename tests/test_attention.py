@@ -235,6 +235,21 @@ def test_tma_failure_falls_back_to_pointer_kernels(monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("env,count", [({}, None), ({"LLMKERN_ATTN_TUNE_TOP": "2"}, 2),
+                                       ({"LLMKERN_ATTN_AUTOTUNE": "0"}, 1)])
+def test_autotune_candidates(monkeypatch, env, count):
+    from llmkern.kernels import attention as A
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for kernel in ("fwd", "fwd_tma", "dkdv_tma", "dq"):
+        bucket = A._CONFIGS[kernel][A._arch(kernel)][128]
+        kept = A._pruner(kernel)(A._all_configs(kernel), {"BLOCK_D": 128})
+        got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+        assert sorted(got) == sorted(bucket[:count or len(bucket)])
+        assert all((c.pre_hook is not None) == kernel.endswith("_tma") for c in kept)
+
+
 # ---- varlen -------------------------------------------------------------------------------------
 
 @needs_triton
