@@ -171,6 +171,100 @@ def test_multi_adapter_edge_mixes(triton_backend):
     assert_close(y1, y2.double(), **TOL[torch.float32])
 
 
+# ---- the TMA (tensor-descriptor) GEMM of sm_90+ -------------------------------------------------
+
+def _record_launches(monkeypatch):
+    """The kernel names the launchers run, in order (the list fills as they launch)."""
+    launched = []
+    launch = K._launch
+    monkeypatch.setattr(K, "_launch", lambda name, *a, **kw: (launched.append(name), launch(name, *a, **kw))[1])
+    return launched
+
+
+def _run_lora(x, W, b, A, B, dy, p):
+    leaves = [_leaf(t) for t in (x, W, b, A, B)]
+    y = llmkern.lora_linear(*leaves, 1.7, p, seed=5)
+    y.backward(dy)
+    return [y] + [t.grad for t in leaves]
+
+
+TMA_CASES = [
+    # M, K, N, r, dropout p, the forward and backward (dx) GEMMs that run with LLMKERN_LORA_TMA=force
+    (37, 72, 40, 8, 0.0, ["gemm_tma", "gemm_tma"]),
+    (37, 72, 40, 8, 0.3, ["gemm_tma", "gemm_tma"]),   # dropout epilogue in the dx GEMM
+    (21, 64, 33, 16, 0.2, ["gemm_tma", "gemm"]),      # dy rows (33 halves) are not 16-byte aligned
+    (37, 45, 40, 8, 0.0, ["gemm", "gemm"]),           # nor are x and W rows (45 halves)
+]
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only (the GPU test compares within tolerance)")
+@pytest.mark.parametrize("case", TMA_CASES, ids=[f"{c[0]}x{c[1]}x{c[2]}-r{c[3]}-p{c[4]}" for c in TMA_CASES])
+def test_tma_gemm_equals_pointer_gemm(triton_backend, monkeypatch, case):
+    """The descriptor loads read exactly what the masked pointer loads read (zeros past M, N and K),
+    so under the interpreter both paths give bitwise identical outputs and gradients; tensors whose
+    rows are not 16-byte aligned silently take the pointer path."""
+    M, K_, N, r, p, want = case
+    monkeypatch.setattr(K, "_TMA_FAILED", [])
+    x, W, b, A, B = _inputs(M, K_, N, r, torch.float16)
+    dy = torch.randn(M, N, dtype=torch.float16)
+    launched = _record_launches(monkeypatch)
+    results = {}
+    for mode in ("0", "force"):
+        monkeypatch.setenv("LLMKERN_LORA_TMA", mode)
+        results[mode] = _run_lora(x, W, b, A, B, dy, p)
+    assert [n for n in launched if n.startswith("gemm")] == ["gemm", "gemm"] + want
+    for name, a, b_ in zip(["y", "dx", "dW", "db", "dA", "dB"], results["0"], results["force"]):
+        assert torch.equal(a, b_), name
+    assert not K._TMA_FAILED
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only")
+def test_tma_gemm_skips_gathered_rows(triton_backend, monkeypatch):
+    """Multi-adapter batches gather rows through `perm`: no box, so the pointer GEMM runs."""
+    monkeypatch.setenv("LLMKERN_LORA_TMA", "force")
+    monkeypatch.setattr(K, "_TMA_FAILED", [])
+    x, W, b, A, B = _inputs(24, 32, 16, 4, torch.float16, n=2)
+    launched = _record_launches(monkeypatch)
+    llmkern.lora_linear_multi(_leaf(x), W, b, _leaf(A), _leaf(B), [1.0, 0.5],
+                              torch.tensor([0, 1, -1] * 8)).sum().backward()
+    assert launched.count("gemm") == 2 and "gemm_tma" not in launched
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only")
+def test_tma_failure_falls_back_to_pointer_gemm(triton_backend, monkeypatch):
+    monkeypatch.setenv("LLMKERN_LORA_TMA", "force")
+    monkeypatch.setattr(K, "_TMA_FAILED", [])
+    launch = K._launch
+
+    def broken(name, *a, **kw):
+        if name.endswith("_tma"):
+            raise RuntimeError("simulated descriptor failure")
+        return launch(name, *a, **kw)
+    monkeypatch.setattr(K, "_launch", broken)
+    x, W, b, A, B = _inputs(37, 72, 40, 8, torch.float16)
+    dy = torch.randn(37, 40, dtype=torch.float16)
+    with pytest.warns(RuntimeWarning, match="TMA GEMM failed") as rec:
+        got = _run_lora(x, W, b, A, B, dy, 0.3)
+    assert len([w for w in rec if "TMA GEMM failed" in str(w.message)]) == 1  # once, then off
+    assert K._TMA_FAILED and not K.use_tma(x, W)
+    monkeypatch.setenv("LLMKERN_LORA_TMA", "0")
+    for a, b_ in zip(got, _run_lora(x, W, b, A, B, dy, 0.3)):
+        assert torch.equal(a, b_)
+
+
+def test_tma_gemm_not_traced():
+    """torch.compile traces the op with wrap_triton on; Inductor rejects config pre-hooks, so the
+    traced graph keeps the pointer GEMM (eager calls run with wrapping off: TMA)."""
+    lib = pytest.importorskip("torch._library.triton")
+    assert not K._traced(None)
+    assert K._traced(lib.wrap_triton)
+    with lib.set_wrap_triton_enabled(False):
+        assert not K._traced(lib.wrap_triton)
+
+
 def test_reference_backend_on_cpu_matches_formula():
     """The default CPU path (reference) in float64 against the explicit formula."""
     x, W, b, A, B = _inputs(6, 10, 12, 3, torch.float64, device="cpu")
@@ -255,6 +349,33 @@ def test_gpu_lora_linear_large(fixed_config, dtype, M, K_, N, r):
     lim = 2e-2 if dtype == torch.bfloat16 else 5e-3
     for got, want in ((y, yr), (xs.grad, xd.grad), (As.grad, Ad.grad), (Bs.grad, Bd.grad), (Ws.grad, Wd.grad)):
         assert rel(got, want) < lim
+
+
+@pytest.mark.gpu
+def test_gpu_tma_and_pointer_gemm_agree(fixed_config, monkeypatch):
+    """On sm_90+ the single-adapter GEMMs (forward, and dx with the dropout epilogue) run the TMA
+    variant; both paths stay within bf16 error of the float64 reference."""
+    M, K_, N, r, p = 4096, 4096, 4096, 16, 0.1
+    x, W, b, A, B = _inputs(M, K_, N, r, torch.bfloat16, device="cuda")
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    xd, Ad, Bd = _d(x), _d(A), _d(B)
+    yr = ref.lora_linear(xd, W.double(), b.double(), Ad, Bd, 2.0, p, seed=3)
+    yr.backward(dy.double())
+    rel = lambda a, e: ((a.double() - e).norm() / e.norm()).item()  # noqa: E731
+    monkeypatch.setattr(K, "_TMA_FAILED", [])
+    launched = _record_launches(monkeypatch)
+    errs = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("LLMKERN_LORA_TMA", mode)
+        xs, As, Bs = _leaf(x), _leaf(A), _leaf(B)
+        y = llmkern.lora_linear(xs, W, b, As, Bs, 2.0, p, seed=3)
+        y.backward(dy)
+        errs[mode] = [rel(y, yr), rel(xs.grad, xd.grad), rel(As.grad, Ad.grad), rel(Bs.grad, Bd.grad)]
+    assert not K._TMA_FAILED, K._TMA_FAILED
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    assert launched.count("gemm_tma") == (2 if hopper else 0), launched
+    for e_tma, e_ptr in zip(errs["1"], errs["0"]):
+        assert e_tma <= 1.5 * e_ptr + 1e-4, (errs["1"], errs["0"])
 
 
 @pytest.mark.gpu

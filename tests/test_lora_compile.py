@@ -9,9 +9,9 @@ Triton with TRITON_INTERPRET=1, under which kernels cannot be compiled.
     python tests/test_lora_compile.py [all]      # prints the resource table
 
 The TMA GEMM (sm_90+) rows compile every candidate of `_GEMM_TMA_TILES` in the forward (W [N, K],
-bias) and the backward (Wᵀ read as [K, N], dropout epilogue) shape; the descriptors are typed
-`tensordesc<bf16[rows, cols]>` with the config's box, and the SASS must show the bulk tensor copy
-(UTMALDG) feeding the warp-group MMA (HGMMA).
+bias) and the backward (Wᵀ read as [K, N]; with the dropout epilogue where the prune keeps it)
+shape; the descriptors are typed `tensordesc<bf16[rows, cols]>` with the config's box, and the SASS
+must show the bulk tensor copy (UTMALDG) feeding the warp-group MMA (HGMMA), with no spill.
 """
 import os
 import re
@@ -116,15 +116,16 @@ def main(everything=False):
         ]
     for bm, bn, bk, w, s in L._GEMM_TMA_TILES:  # every TMA candidate: the autotuner may pick any
         tile = dict(USE_TMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        drop = L._fits_dropout_epilogue(bm, bn, w)  # the dropout backward runs only these tiles
         rows += [(f"gemm tma fwd {bm}x{bn}", L._gemm_kernel, gemm_t,
                   dict(gemm_fwd, **tile, HAS_BIAS=True, HAS_IDS=False, EPI_DROPOUT=False, BLOCK_R=16), w, s),
-                 (f"gemm tma bwd {bm}x{bn}", L._gemm_kernel, gemm_t,
-                  dict(gemm_bwd, **tile, W_T=True, HAS_BIAS=False, HAS_IDS=False, EPI_DROPOUT=True, BLOCK_R=32),
+                 (f"gemm tma bwd {bm}x{bn}" + (" drop" if drop else ""), L._gemm_kernel, gemm_t,
+                  dict(gemm_bwd, **tile, W_T=True, HAS_BIAS=False, HAS_IDS=False, EPI_DROPOUT=drop, BLOCK_R=32),
                   w, s)]
     for name, fn, types, consts, w, s in rows:
         r = _compile(fn, types, consts, w, s)
         tma = f" utmaldg={r['utmaldg']} hgmma={r['hgmma']}" if consts.get("USE_TMA") else ""
-        print(f"{name:24s} sm_90 {dt} warps={w} stages={s}: regs={r['regs']} stack={r['stack']} "
+        print(f"{name:26s} sm_90 {dt} warps={w} stages={s}: regs={r['regs']} stack={r['stack']} "
               f"smem={r['smem']} wgmma={r['wgmma']}{tma}", flush=True)
     print("COMPILED-ALL")
 
@@ -139,6 +140,8 @@ def _ptxas_available():
 
 @pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's bundled ptxas")
 def test_lora_kernels_compile_for_sm90():
+    from llmkern.kernels.lora import _GEMM_TMA_TILES
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     args = [sys.executable, HERE] + (["all"] if os.environ.get("LLMKERN_COMPILE_ALL") == "1" else [])
@@ -148,7 +151,7 @@ def test_lora_kernels_compile_for_sm90():
     fwd = next(line for line in lines if line.startswith("gemm fwd 128x256"))
     assert "wgmma=True" in fwd, fwd  # Hopper's warp-group MMA in the main GEMM
     tma = [line for line in lines if line.startswith("gemm tma")]
-    assert len(tma) == 2 * len(_tma_tiles()), tma
+    assert len(tma) == 2 * len(_GEMM_TMA_TILES), tma
     for line in tma:  # bulk tensor copies feeding the warp-group MMA, and no spills at all
         assert "wgmma=True utmaldg=True hgmma=True" in line and "stack=0 " in line, line
     for line in lines:
@@ -156,13 +159,6 @@ def test_lora_kernels_compile_for_sm90():
         assert m is None or int(m.group(1)) <= 256, f"heavy register spills: {line}"
         m = re.search(r"smem=(\d+)", line)
         assert m is None or int(m.group(1)) <= SMEM_LIMIT, f"does not fit in shared memory: {line}"
-
-
-def _tma_tiles():
-    sys.path.insert(0, ROOT)
-    from llmkern.kernels.lora import _GEMM_TMA_TILES
-
-    return _GEMM_TMA_TILES
 
 
 if __name__ == "__main__":

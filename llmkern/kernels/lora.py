@@ -296,16 +296,28 @@ def _gemm_configs():
                                     (64, 64, 64, 4, 3), (256, 128, 64, 8, 3)]]
 
 
-# The TMA GEMM's candidates (sm_90): the ones that compile with no register spills and fit the 227 KB
-# of shared memory a block may use, under Triton 3.6 and 3.8, in the forward and in the backward
-# (Wᵀ, dropout epilogue); `python tests/test_lora_compile.py tma` prints the table. Their speed is
-# for the autotuner to measure on the card.
-_GEMM_TMA_TILES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3),
-                   (256, 128, 64, 8, 3), (64, 128, 64, 4, 4)]
+# The TMA GEMM's candidates (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) on sm_90: each compiles with no
+# register spill and fits the 227 KB of shared memory a block may use, under Triton 3.6 and 3.8, in
+# the forward (W) and the backward (Wᵀ, with the dropout epilogue where _prune_tma keeps it), as
+# `python tests/test_lora_compile.py` reports. Their speed is for the autotuner to measure on the card.
+_GEMM_TMA_TILES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3),
+                   (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
 
 
 def _gemm_tma_configs():
     return [_gemm_cfg(*c, pre_hook=_set_tma_blocks) for c in _GEMM_TMA_TILES]
+
+
+def _fits_dropout_epilogue(bm, bn, warps):
+    """The dropout epilogue keeps a second [BM, BN] fp32 accumulator: both fit in registers at up to
+    64 elements per thread each (128 per thread, say 128x256 on 8 warps, spills 0.5-1 KB)."""
+    return bm * bn <= 64 * 32 * warps
+
+
+def _prune_tma(configs, named_args, **kwargs):
+    if not kwargs.get("EPI_DROPOUT"):
+        return configs
+    return [c for c in configs if _fits_dropout_epilogue(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)]
 
 
 def _set_tma_blocks(nargs):
@@ -330,13 +342,13 @@ def _reduce_configs():
 _tuned = {}
 
 _GEMM_KEY = ["N", "K", "R", "swk", "HAS_IDS", "EPI_DROPOUT"]
-# name: (raw kernel, autotune candidates, autotune key). The keys include the strides that tell the
-# forward GEMM (W, K-contiguous) from the backward one (Wᵀ) and A from the Bᵀ view, so each gets its
-# own configuration.
-_KERNELS = {"gemm": (_gemm_kernel, _gemm_configs, _GEMM_KEY),
-            "gemm_tma": (_gemm_kernel, _gemm_tma_configs, _GEMM_KEY + ["W_T"]),
-            "shrink": (_shrink_kernel, _shrink_configs, ["K", "R", "sa_k", "HAS_IDS", "DROPOUT"]),
-            "reduce": (_reduce_kernel, _reduce_configs, ["P", "R", "HAS_IDS", "DROPOUT"])}
+# name: (raw kernel, autotune candidates, autotune key, early prune). The keys include the strides
+# that tell the forward GEMM (W, K-contiguous) from the backward one (Wᵀ) and A from the Bᵀ view, so
+# each gets its own configuration.
+_KERNELS = {"gemm": (_gemm_kernel, _gemm_configs, _GEMM_KEY, None),
+            "gemm_tma": (_gemm_kernel, _gemm_tma_configs, _GEMM_KEY + ["W_T"], _prune_tma),
+            "shrink": (_shrink_kernel, _shrink_configs, ["K", "R", "sa_k", "HAS_IDS", "DROPOUT"], None),
+            "reduce": (_reduce_kernel, _reduce_configs, ["P", "R", "HAS_IDS", "DROPOUT"], None)}
 
 # Under the interpreter: one small fixed configuration per kernel.
 _INTERP = {"gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
@@ -346,14 +358,14 @@ _INTERP["gemm_tma"] = _INTERP["gemm"]
 
 # One sensible GPU configuration per kernel, used when LLMKERN_LORA_AUTOTUNE=0 (fast test runs).
 _FIXED_GPU = {"gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-              "gemm_tma": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+              "gemm_tma": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
               "shrink": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
               "reduce": dict(BLOCK_M=64, BLOCK_P=128, num_warps=4, num_stages=3)}
 
 
 def _kernel(name):
     """The raw kernel under the interpreter (fixed small blocks), an autotuned one on GPU."""
-    raw, configs, key = _KERNELS[name]
+    raw, configs, key, prune = _KERNELS[name]
     if triton_interpreting():
         return raw, _INTERP[name]
     hook = _set_tma_blocks if name.endswith("_tma") else None
@@ -366,7 +378,8 @@ def _kernel(name):
                                             key=[])(raw)
         return _tuned[fixed], {}
     if name not in _tuned:
-        _tuned[name] = triton.autotune(configs(), key=key)(raw)
+        prune = {"early_config_prune": prune} if prune else None
+        _tuned[name] = triton.autotune(configs(), key=key, prune_configs_by=prune)(raw)
     return _tuned[name], {}
 
 
