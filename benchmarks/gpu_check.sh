@@ -49,7 +49,7 @@ echo "pytest -m gpu (the rest, ${xdist:-1 process}) rc=$?"; tail -15 "$OUT/pytes
 # others), fastest and most finished first. Each writes its tables as soon as it is done. The
 # attention autotuner tries the first two candidates of each list (each costs a compile of seconds).
 export LLMKERN_ATTN_TUNE_TOP=${LLMKERN_ATTN_TUNE_TOP:-2}
-for spec in sampling:45 attention:110 lora:70 mfu:70 tp:40; do
+for spec in sampling:45 cross_entropy:30 attention:110 lora:70 mfu:70 tp:40; do
   suite=${spec%%:*}; lim=$(limit "${spec##*:}")
   [ "$lim" -gt 1 ] || { echo "llmkern-bench --suite $suite skipped: deadline"; continue; }
   PYTHONUNBUFFERED=1 timeout "$lim" python3 -m llmkern.bench.cli --suite "$suite" --out "$OUT/bench-$suite" \

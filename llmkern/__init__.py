@@ -5,6 +5,7 @@ Ops (each a torch.library op with autograd where it makes sense):
   attention, attention_varlen,         fused attention (Triton)
   attention_with_kvcache
   lora_linear, lora_linear_multi       fused LoRA matmul (Triton)
+  cross_entropy                        fused cross-entropy loss over logits (Triton)
 Subpackages: peft, parallel, models, generation, flops, integrations, bench, reference.
 """
 import importlib as _importlib
@@ -20,6 +21,7 @@ _LAZY_ATTRS = {
     "attention_with_kvcache": "llmkern.ops.attention",
     "lora_linear": "llmkern.ops.lora",
     "lora_linear_multi": "llmkern.ops.lora",
+    "cross_entropy": "llmkern.ops.cross_entropy",
     "generate": "llmkern.generation",
 }
 _SUBMODULES = {"bench", "flops", "generation", "integrations", "kernels", "models", "ops", "parallel",

@@ -8,7 +8,7 @@ import torch
 from llmkern import _backend
 
 # Modules that register their op's dispatch with _backend.register_op when imported.
-_OP_MODULES = ("llmkern.ops.sampling", "llmkern.ops.attention", "llmkern.ops.lora")
+_OP_MODULES = ("llmkern.ops.sampling", "llmkern.ops.attention", "llmkern.ops.lora", "llmkern.ops.cross_entropy")
 
 
 def collect():

@@ -116,6 +116,35 @@ def test_loss_is_shifted_cross_entropy():
     torch.testing.assert_close(loss, ref)
 
 
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("kernel", [False, True], ids=["cpu-dispatch", "triton-interpreter"])
+def test_llmkern_backend_loss_is_fused_cross_entropy(name, kernel, monkeypatch):
+    """backend="llmkern" computes the loss with llmkern.cross_entropy: same loss and gradients."""
+    ce = pytest.importorskip("llmkern.ops.cross_entropy")
+    if kernel:
+        monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    calls = []
+    orig = ce.cross_entropy
+    monkeypatch.setattr(ce, "cross_entropy", lambda *a, **kw: (calls.append(1), orig(*a, **kw))[1])
+    m = build(name, backend="torch", n_layer=1)
+    x = torch.randint(0, 256, (2, 17))
+    labels = x.clone()
+    labels[0, :4] = -100
+    results = {}
+    for backend in ("torch", "llmkern"):
+        m.backend = backend
+        m.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, loss = m(x, labels=labels)
+            loss.backward()
+        results[backend] = (loss.detach(), [p.grad.clone() for p in m.parameters()])
+    assert len(calls) == 1
+    torch.testing.assert_close(results["llmkern"][0], results["torch"][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results["llmkern"][1], results["torch"][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- from_hf vs transformers
 transformers = pytest.importorskip("transformers")
 

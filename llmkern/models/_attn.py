@@ -175,11 +175,15 @@ class ZooModel(torch.nn.Module):
         return KVCache(c.n_layer, batch, kv_heads, max_len or c.block_size, c.head_dim,
                        dtype, device or p.device)
 
-    @staticmethod
-    def lm_loss(logits, labels):
+    def lm_loss(self, logits, labels):
         """Next-token cross entropy, Hugging Face style: labels align with input_ids and are shifted
-        here; -100 is ignored."""
+        here; -100 is ignored. backend="llmkern": llmkern.cross_entropy, which reads the (bf16)
+        logits once in the forward and once in the backward instead of upcasting a float32 copy."""
         shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+        if getattr(self, "_backend", "torch") == "llmkern":
+            from llmkern.ops.cross_entropy import cross_entropy
+
+            return cross_entropy(logits, shifted, ignore_index=-100)
         flat = logits.reshape(-1, logits.shape[-1])  # a view: no copy of the [B, T, V] logits
         if flat.dtype != torch.float32:  # (autocast would upcast it for cross_entropy all the same)
             flat = flat.float()

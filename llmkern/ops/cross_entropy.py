@@ -1,0 +1,236 @@
+"""Fused cross-entropy over logits: public API, validation, registration, dispatch, autograd.
+
+    cross_entropy(logits, labels, *, ignore_index=-100, reduction="mean", softcap=None)
+      == F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1), ignore_index=..., reduction=...)
+
+Kernels: llmkern/kernels/cross_entropy.py (forward: one read of the logits, online logsumexp;
+backward: one read and one write, softmax recomputed from the saved logsumexp); reference:
+llmkern/reference/cross_entropy.py. The Triton path runs inside the torch.library custom ops
+`llmkern::cross_entropy_fwd` / `llmkern::cross_entropy_bwd` (autograd registered on the forward),
+so the op traces under torch.compile(fullgraph=True) as one opaque node and passes `opcheck`.
+
+Dispatch: CUDA tensors run the Triton kernels (float32, float16, bfloat16). CPU tensors run the
+reference unless LLMKERN_BACKEND=triton, which runs the same kernels under TRITON_INTERPRET=1
+(float32/float16; the interpreter has no bfloat16). float64 always uses the reference.
+
+Memory traffic per logit: eager ``F.cross_entropy(logits.float(), labels)`` on bf16 logits moves
+about 36 bytes (upcast copy, log_softmax output, their backward, the cast back); this op reads the
+logits once in the forward, once more in the backward and writes the gradient once: 6 bytes for
+bf16. It saves the logits (not a float32 copy) and a float32 logsumexp per row for the backward.
+"""
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+
+from llmkern import _backend
+from llmkern.reference import cross_entropy as ref
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = _KERNEL_DTYPES + (torch.float64,)
+_LABEL_DTYPES = (torch.int64, torch.int32)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# ---- dispatch -----------------------------------------------------------------------------------
+
+def _backend_for(device, dtype=torch.float32, op_name="cross_entropy"):
+    return _backend.choose_triton(op_name, device, dtype, _KERNEL_DTYPES)
+
+
+_backend.register_op("cross_entropy", lambda device, dtype: _backend_for(device, dtype))
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+def _checking_values():
+    """Value checks that read device memory sync the host: only on CPU tensors, never while compiling."""
+    return not torch.compiler.is_compiling()
+
+
+def _tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _softcap(softcap):
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be a finite value >= 0 (0 or None: no capping), got {softcap}")
+    return softcap
+
+
+def _check(logits, labels, ignore_index, reduction):
+    _tensor("logits", logits)
+    _tensor("labels", labels)
+    if logits.dtype not in _DTYPES:
+        raise ValueError(f"logits must be float32, float16 or bfloat16 (float64: reference only), "
+                         f"got {logits.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape [N, V] or [..., V] with V >= 1, got {tuple(logits.shape)}")
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be an int64 or int32 tensor of class indices (class probabilities "
+                         f"are not supported), got {labels.dtype}")
+    if labels.dtype not in _LABEL_DTYPES:
+        raise ValueError(f"labels must be an int64 or int32 tensor of class indices, got {labels.dtype}")
+    lead = tuple(logits.shape[:-1])
+    N = math.prod(lead)
+    if tuple(labels.shape) != lead and not (labels.dim() == 1 and labels.shape[0] == N):
+        raise ValueError(f"labels must have shape {list(lead)} (logits.shape[:-1]) or [{N}], "
+                         f"got {list(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= int(ignore_index) < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    V = logits.shape[-1]
+    if labels.device.type == "cpu" and _checking_values() and N > 0:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        if bool(bad.any()):
+            value = int(labels[bad].reshape(-1)[0])
+            raise ValueError(f"labels must be in [0, {V}) or equal ignore_index ({ignore_index}), "
+                             f"got {value}")
+
+
+def _rows_collapse(shape, stride):
+    """Whether leading dims with these sizes/strides flatten into one strided row dimension."""
+    dims = [(n, s) for n, s in zip(shape, stride) if n != 1]
+    return all(s0 == s1 * n1 for (_, s0), (n1, s1) in zip(dims, dims[1:]))
+
+
+def _flat_logits(logits):
+    """[N, V] view, or [B, T, V] when only two strided row dims express the rows (the kernels take
+    both without a copy, e.g. logits[:, :-1]); anything else is made contiguous."""
+    V = logits.shape[-1]
+    if logits.stride(-1) != 1 and V != 1:
+        logits = logits.contiguous()
+    if logits.dim() == 2:
+        return logits
+    if _rows_collapse(logits.shape[:-1], logits.stride()[:-1]):
+        return logits.reshape(-1, V)  # a view
+    if logits.dim() == 3:
+        return logits
+    return logits.reshape(-1, V)  # copies
+
+
+# ---- torch.library ops (the Triton path) --------------------------------------------------------
+
+def _kern():
+    from llmkern.kernels import cross_entropy as kern
+
+    return kern
+
+
+def _n_valid(labels, V, ignore_index):
+    """Non-ignored rows as an int64 0-dim device tensor (out-of-range labels are ignored)."""
+    return ((labels != ignore_index) & (labels >= 0) & (labels < V)).sum()
+
+
+def _reduce(loss, n_valid, reduction):
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / n_valid
+    return loss
+
+
+@torch.library.custom_op("llmkern::cross_entropy_fwd", mutates_args=())
+def _ce_fwd_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float,
+               reduction: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [N, V] or [B, T, V]; labels [N]. Returns (loss: float32 0-dim, or [N] for "none";
+    lse float32 [N], 0 at ignored rows; n_valid int64 0-dim)."""
+    loss, lse = _kern().cross_entropy_forward(logits, labels, ignore_index=ignore_index, softcap=softcap)
+    n_valid = _n_valid(labels, logits.shape[-1], ignore_index)
+    return _reduce(loss, n_valid, reduction), lse, n_valid
+
+
+@_ce_fwd_op.register_fake
+def _(logits, labels, ignore_index, softcap, reduction):
+    N = labels.shape[0]
+    out = logits.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
+    return out, logits.new_empty((N,), dtype=torch.float32), labels.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("llmkern::cross_entropy_bwd", mutates_args=())
+def _ce_bwd_op(dout: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+               n_valid: torch.Tensor, ignore_index: int, softcap: float, reduction: str) -> torch.Tensor:
+    return _kern().cross_entropy_backward(dout, logits, labels, lse, n_valid, ignore_index=ignore_index,
+                                          softcap=softcap, mean=reduction == "mean")
+
+
+@_ce_bwd_op.register_fake
+def _(dout, logits, labels, lse, n_valid, ignore_index, softcap, reduction):
+    return logits.new_empty(logits.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, ignore_index, softcap, reduction = inputs
+    _, lse, n_valid = output
+    ctx.save_for_backward(logits, labels, lse, n_valid)
+    ctx.args = (ignore_index, softcap, reduction)
+    ctx.mark_non_differentiable(lse, n_valid)
+
+
+def _backward(ctx, dout, _dlse, _dn):
+    logits, labels, lse, n_valid = ctx.saved_tensors
+    dlogits = _ce_bwd_op(dout, logits, labels, lse, n_valid, *ctx.args)
+    return dlogits, None, None, None, None
+
+
+_ce_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public API ---------------------------------------------------------------------------------
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+                  reduction: str = "mean", softcap: Optional[float] = None) -> torch.Tensor:
+    """Fused cross-entropy loss over logits (the LM head's loss), with its gradient.
+
+    Equal to ``F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1),
+    ignore_index=ignore_index, reduction=reduction)`` (soft-capped logits first when `softcap`),
+    without materialising any [N, V] intermediate: the forward reads the logits once, the backward
+    reads them once more and writes the gradient.
+
+    Args:
+        logits: [N, V] or [..., V] (the class dimension is the LAST one, unlike F.cross_entropy's
+            [N, C, d1, ...] layout), float32 / float16 / bfloat16 (float64: reference only). Any
+            strides with a contiguous last dimension are read in place (a [B, T, V] slice such as
+            logits[:, :-1] included); a non-contiguous last dimension is copied first.
+        labels: int64 or int32 class indices, shape logits.shape[:-1] or flat [N]; each in
+            [0, V) or equal to ignore_index. Checked on CPU tensors (ValueError). On CUDA there is
+            no check (no host sync): labels outside [0, V) are treated as ignored (PyTorch would
+            raise a device-side assert instead).
+        ignore_index: label value whose rows contribute nothing (default -100, Hugging Face's).
+        reduction: "mean" over the non-ignored rows (NaN when every row is ignored, like
+            PyTorch; the gradient is then zero), "sum", or "none" (the per-row loss with the
+            labels' leading shape logits.shape[:-1], 0 at ignored rows).
+        softcap: Gemma-style soft-capping applied to the logits inside the kernel,
+            z = softcap * tanh(x / softcap), differentiated through; None or 0: none.
+
+    Returns a float32 tensor (float64 for float64 logits): the loss is accumulated in float32 for
+    every input dtype, i.e. it equals F.cross_entropy(logits.float(), ...). Note that
+    F.cross_entropy(logits) on float16/bfloat16 logits itself would return the logits' dtype.
+    The gradient with respect to logits has the logits' dtype and shape.
+    """
+    _check(logits, labels, ignore_index, reduction)
+    sc = _softcap(softcap)
+    lead = logits.shape[:-1]
+    backend = _backend_for(logits.device, logits.dtype)
+    if backend != "triton" or logits.numel() == 0:
+        return ref.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction,
+                                 softcap=sc or None)
+    x = _flat_logits(logits)
+    out, _, _ = _ce_fwd_op(x, labels.reshape(-1), int(ignore_index), sc, reduction)
+    return out.reshape(lead) if reduction == "none" else out
+
+
+__all__ = ["cross_entropy"]

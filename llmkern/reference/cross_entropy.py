@@ -1,0 +1,32 @@
+"""Reference of llmkern.cross_entropy: plain PyTorch, differentiable; the test oracle and the CPU path.
+
+    cross_entropy(logits [..., V], labels [...], ignore_index, reduction, softcap)
+      = F.cross_entropy(z.reshape(-1, V), labels.reshape(-1), ignore_index=..., reduction=...)
+        with z = logits.float() (float64 stays float64), soft-capped first when softcap is given:
+        z = softcap * tanh(z / softcap).
+
+Labels outside [0, V) that are not ignore_index count as ignored, as in the kernels (the public op
+rejects them on CPU tensors before this runs). "none" returns the loss with the labels' leading
+shape (logits.shape[:-1]), 0 at ignored positions. Not exported from llmkern.reference (the name
+is this module's): use ``llmkern.reference.cross_entropy.cross_entropy``.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+                  reduction: str = "mean", softcap: Optional[float] = None) -> torch.Tensor:
+    V = logits.shape[-1]
+    z = logits.reshape(-1, V)
+    z = z.double() if z.dtype == torch.float64 else z.float()
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    y = labels.reshape(-1).long()
+    in_range = (y >= 0) & (y < V)
+    y = torch.where(in_range | (y == ignore_index), y, torch.full_like(y, ignore_index))
+    out = F.cross_entropy(z, y, ignore_index=ignore_index, reduction=reduction)
+    if reduction == "none":
+        return out.reshape(logits.shape[:-1])
+    return out
