@@ -218,7 +218,7 @@ def test_tma_failure_falls_back_to_pointer_kernels(monkeypatch):
     from llmkern.kernels import attention as A
 
     monkeypatch.setenv("LLMKERN_ATTN_TMA", "force")
-    monkeypatch.setattr(A, "_TMA_FAILED", [])
+    monkeypatch.setattr(A._TMA, "failed", [])
     launch = A._launch
 
     def broken(name, *a):
@@ -229,7 +229,7 @@ def test_tma_failure_falls_back_to_pointer_kernels(monkeypatch):
     q, k, v, dout = (torch.randn(1, 2, 30, 32, dtype=torch.float16) for _ in range(4))
     with pytest.warns(RuntimeWarning, match="TMA kernels failed"):
         got = _run_kernels(q, k, v, dout, dict(causal=True))
-    assert A._TMA_FAILED and not A.use_tma(q, k, v, dout)
+    assert A._TMA.failed and not A.use_tma(q, k, v, dout)
     monkeypatch.setenv("LLMKERN_ATTN_TMA", "0")
     for a, b in zip(got, _run_kernels(q, k, v, dout, dict(causal=True))):
         assert torch.equal(a, b)
@@ -519,7 +519,7 @@ def test_gpu_tma_and_pointer_kernels_agree(monkeypatch, layout):
         assert A.use_tma(q, k, v, q) == (mode == "1" and torch.cuda.get_device_capability() >= (9, 0))
         res = _run_kernels(q, k, v, dout, dict(causal=True))
         errs[mode] = [_rel_err(res[0], r)] + [_rel_err(g, c) for g, c in zip(res[2:], gr)]
-    assert not A._TMA_FAILED, A._TMA_FAILED
+    assert not A._TMA.failed, A._TMA.failed
     for e_tma, e_ptr in zip(errs["1"], errs["0"]):
         assert e_tma <= 1.5 * e_ptr + 1e-4, (errs["1"], errs["0"])
 

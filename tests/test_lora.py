@@ -205,7 +205,7 @@ def test_tma_gemm_equals_pointer_gemm(triton_backend, monkeypatch, case):
     so under the interpreter both paths give bitwise identical outputs and gradients; tensors whose
     rows are not 16-byte aligned silently take the pointer path."""
     M, K_, N, r, p, want = case
-    monkeypatch.setattr(K, "_TMA_FAILED", [])
+    monkeypatch.setattr(K._TMA, "failed", [])
     x, W, b, A, B = _inputs(M, K_, N, r, torch.float16)
     dy = torch.randn(M, N, dtype=torch.float16)
     launched = _record_launches(monkeypatch)
@@ -216,7 +216,7 @@ def test_tma_gemm_equals_pointer_gemm(triton_backend, monkeypatch, case):
     assert [n for n in launched if n.startswith("gemm")] == ["gemm", "gemm"] + want
     for name, a, b_ in zip(["y", "dx", "dW", "db", "dA", "dB"], results["0"], results["force"]):
         assert torch.equal(a, b_), name
-    assert not K._TMA_FAILED
+    assert not K._TMA.failed
 
 
 @needs_triton
@@ -224,7 +224,7 @@ def test_tma_gemm_equals_pointer_gemm(triton_backend, monkeypatch, case):
 def test_tma_gemm_skips_gathered_rows(triton_backend, monkeypatch):
     """Multi-adapter batches gather rows through `perm`: no box, so the pointer GEMM runs."""
     monkeypatch.setenv("LLMKERN_LORA_TMA", "force")
-    monkeypatch.setattr(K, "_TMA_FAILED", [])
+    monkeypatch.setattr(K._TMA, "failed", [])
     x, W, b, A, B = _inputs(24, 32, 16, 4, torch.float16, n=2)
     launched = _record_launches(monkeypatch)
     llmkern.lora_linear_multi(_leaf(x), W, b, _leaf(A), _leaf(B), [1.0, 0.5],
@@ -236,7 +236,7 @@ def test_tma_gemm_skips_gathered_rows(triton_backend, monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only")
 def test_tma_failure_falls_back_to_pointer_gemm(triton_backend, monkeypatch):
     monkeypatch.setenv("LLMKERN_LORA_TMA", "force")
-    monkeypatch.setattr(K, "_TMA_FAILED", [])
+    monkeypatch.setattr(K._TMA, "failed", [])
     launch = K._launch
 
     def broken(name, *a, **kw):
@@ -246,10 +246,10 @@ def test_tma_failure_falls_back_to_pointer_gemm(triton_backend, monkeypatch):
     monkeypatch.setattr(K, "_launch", broken)
     x, W, b, A, B = _inputs(37, 72, 40, 8, torch.float16)
     dy = torch.randn(37, 40, dtype=torch.float16)
-    with pytest.warns(RuntimeWarning, match="TMA GEMM failed") as rec:
+    with pytest.warns(RuntimeWarning, match="TMA kernels failed") as rec:
         got = _run_lora(x, W, b, A, B, dy, 0.3)
-    assert len([w for w in rec if "TMA GEMM failed" in str(w.message)]) == 1  # once, then off
-    assert K._TMA_FAILED and not K.use_tma(x, W)
+    assert len([w for w in rec if "TMA kernels failed" in str(w.message)]) == 1  # once, then off
+    assert K._TMA.failed and not K.use_tma(x, W)
     monkeypatch.setenv("LLMKERN_LORA_TMA", "0")
     for a, b_ in zip(got, _run_lora(x, W, b, A, B, dy, 0.3)):
         assert torch.equal(a, b_)
@@ -362,7 +362,7 @@ def test_gpu_tma_and_pointer_gemm_agree(fixed_config, monkeypatch):
     yr = ref.lora_linear(xd, W.double(), b.double(), Ad, Bd, 2.0, p, seed=3)
     yr.backward(dy.double())
     rel = lambda a, e: ((a.double() - e).norm() / e.norm()).item()  # noqa: E731
-    monkeypatch.setattr(K, "_TMA_FAILED", [])
+    monkeypatch.setattr(K._TMA, "failed", [])
     launched = _record_launches(monkeypatch)
     errs = {}
     for mode in ("0", "1"):
@@ -371,7 +371,7 @@ def test_gpu_tma_and_pointer_gemm_agree(fixed_config, monkeypatch):
         y = llmkern.lora_linear(xs, W, b, As, Bs, 2.0, p, seed=3)
         y.backward(dy)
         errs[mode] = [rel(y, yr), rel(xs.grad, xd.grad), rel(As.grad, Ad.grad), rel(Bs.grad, Bd.grad)]
-    assert not K._TMA_FAILED, K._TMA_FAILED
+    assert not K._TMA.failed, K._TMA.failed
     hopper = torch.cuda.get_device_capability() >= (9, 0)
     assert launched.count("gemm_tma") == (2 if hopper else 0), launched
     for e_tma, e_ptr in zip(errs["1"], errs["0"]):

@@ -26,29 +26,20 @@ Kernels:
 import functools
 import math
 import os
-import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-try:  # host-side tensor descriptors (Triton >= 3.3): the TMA forward on sm_90+
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover
-    TensorDescriptor = None
+from llmkern.kernels import _tma
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 UNBOUNDED = 1 << 30  # a window side with no limit
 
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+from llmkern.kernels._common import interpreting as _interpreting  # noqa: E402
+from llmkern.kernels._common import tanh as _tanh  # noqa: E402
 
 
 @triton.jit
@@ -785,58 +776,24 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
     kwargs = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=varlen, HAS_KPM=kpm is not None,
                   HAS_SOFTCAP=bool(softcap), IS_CAUSAL=bool(causal), PREC=_prec(q.dtype))
     if not varlen and use_tma(q, k, v, out):
-        descs = [_descriptor(t, BD) for t in (q, k, v, out)]
+        descs = [_tma.descriptor(t) for t in (q, k, v, out)]
         tma_args = (*descs, lse, kpm if kpm is not None else lse, qk_scale, sc_in, sc_out, *s_lse,
                     kpm.stride(0) if kpm is not None else 0, H, H // Hk, Tq, Tk, L, R, _seq_bucket(max(Tq, Tk)))
         tma_kwargs = {k_: v_ for k_, v_ in kwargs.items() if k_ != "IS_VARLEN"}
-        if _try_tma(lambda: _launch("fwd_tma", _attn_fwd_tma, grid, tma_args, tma_kwargs)):
+        if _TMA.run(lambda: _launch("fwd_tma", _attn_fwd_tma, grid, tma_args, tma_kwargs)):
             return out, lse
     _launch("fwd", _attn_fwd, grid, args, kwargs)
     return out, lse
 
 
-_TMA_FAILED = []
-
-
-def _try_tma(launch):
-    """Run a TMA launch. If it fails (say, an untested Triton or driver that cannot build it),
-    warn once and return False: the caller reruns the whole step on the pointer kernels, which
-    rewrite every output, and the TMA path stays off for the rest of the process."""
-    if _TMA_FAILED:
-        return False
-    try:
-        launch()
-    except Exception as e:  # noqa: BLE001 - any failure of the optional fast path
-        _TMA_FAILED.append(e)
-        warnings.warn(f"llmkern.attention: the TMA kernels failed ({type(e).__name__}: {e}); using the "
-                      f"pointer kernels from now on (LLMKERN_ATTN_TMA=0 skips them)", RuntimeWarning)
-        return False
-    return True
-
-
-def _descriptor(t, block_d):
-    """Host tensor descriptor of a [B, heads, T, D] tensor; its box is set per config."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, block_d])
-
-
-def _tma_compatible(t):
-    """A 4-D 16-bit tensor the copy engine can address: 16-byte aligned base and strides."""
-    return (t.dim() == 4 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all(st > 0 and (st * t.element_size()) % 16 == 0 for st in t.stride()[:-1]))
+_TMA = _tma.Switch("LLMKERN_ATTN_TMA", "llmkern.attention")
 
 
 def use_tma(q, k, v, out):
-    """Whether the dense forward runs the tensor-descriptor kernel: sm_90+ (Hopper's copy engine),
-    fp16/bf16, aligned strides. LLMKERN_ATTN_TMA=0 turns it off; =force runs it under the
-    interpreter too (for the CPU tests)."""
-    mode = os.environ.get("LLMKERN_ATTN_TMA", "1")
-    if mode == "0" or _TMA_FAILED or TensorDescriptor is None or q.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if _interpreting():
-        return mode == "force"
-    if not q.is_cuda or _capability() < (9, 0):
-        return False
-    return all(_tma_compatible(t) for t in (q, k, v, out))
+    """Whether a dense call runs the tensor-descriptor kernels: sm_90+ (Hopper's copy engine),
+    fp16/bf16, 4-D tensors with 16-byte aligned strides (see llmkern/kernels/_tma.py for
+    LLMKERN_ATTN_TMA)."""
+    return _TMA.allowed(q) and all(t.dim() == 4 and _tma.addressable(t) for t in (q, k, v, out))
 
 
 def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_left=-1, window_right=-1,
@@ -888,7 +845,7 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
 
     def run(tma):
         if tma:  # boxes are set per config by _set_tma_blocks
-            desc_q, desc_k, desc_v, desc_do = (_descriptor(t, BD) for t in (q, k, v, dout))
+            desc_q, desc_k, desc_v, desc_do = (_tma.descriptor(t) for t in (q, k, v, dout))
         else:  # unused: the pointer kernels read q, k, v, dout directly
             desc_q, desc_k, desc_v, desc_do = q, k, v, dout
         suffix = "_tma" if tma else ""
@@ -903,7 +860,7 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
                  *_dense_strides(dq), s_m, H, H // Hk, Tq, Tk, L, R, bucket), dict(common, USE_TMA=tma))
 
     tma = not varlen and use_tma(q, k, v, dout)
-    if not (tma and _try_tma(lambda: run(True))):
+    if not (tma and _TMA.run(lambda: run(True))):
         run(False)
     return dq, dk, dv
 

@@ -46,13 +46,8 @@ _LOG2E = tl.constexpr(LOG2E)  # (kernels may read module globals only as constex
 _LN2 = tl.constexpr(LN2)
 
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+from llmkern.kernels._common import interpreting as _interpreting  # noqa: E402
+from llmkern.kernels._common import tanh as _tanh  # noqa: E402
 
 
 @triton.jit

@@ -35,7 +35,6 @@ backward's Wᵀ is read as the row-major tensor under the view. LLMKERN_LORA_TMA
 =force runs it under the interpreter too; a failure warns once and falls back to the pointer kernel.
 """
 import os
-import warnings
 
 import triton
 import triton.language as tl
@@ -43,10 +42,7 @@ import torch
 
 from llmkern._backend import triton_interpreting
 
-try:  # host-side tensor descriptors (Triton >= 3.3): the TMA GEMM on sm_90+
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover
-    TensorDescriptor = None
+from llmkern.kernels import _tma
 
 _HASH_COL = 0x9E3779B1
 
@@ -488,7 +484,7 @@ def gemm(x, W, bias, xs, LB, perm=None, sorted_ids=None, dropout_p=0.0, seed=Non
         if w_tma is None:  # the pointer kernel: the descriptor arguments are unused
             desc_x, desc_w, w_t = x, W, False
         else:  # boxes are set per config by _set_tma_blocks
-            desc_x, desc_w, w_t = _descriptor(x), _descriptor(w_tma[0]), w_tma[1]
+            desc_x, desc_w, w_t = _tma.descriptor(x), _tma.descriptor(w_tma[0]), w_tma[1]
         _launch("gemm" if w_tma is None else "gemm_tma", wrap, grid,
                 x, W, bias if bias is not None else x, xs, LB, out,
                 perm if has_ids else x, sorted_ids if has_ids else x, desc_x, desc_w,
@@ -500,24 +496,18 @@ def gemm(x, W, bias, xs, LB, perm=None, sorted_ids=None, dropout_p=0.0, seed=Non
 
     # gathered rows (multi-adapter) are no box; a traced op (torch.compile) cannot run config pre-hooks
     w_tma = None if has_ids or _traced(wrap) or not use_tma(x, W) else _tma_weight(W)
-    if not (w_tma is not None and _try_tma(lambda: launch(w_tma))):
+    if not (w_tma is not None and _TMA.run(lambda: launch(w_tma))):
         launch(None)  # rewrites every element of out
     return out
 
 
 # ----------------------------------------------------------------------------- TMA (sm_90+)
 
-_TMA_FAILED = []
-
-
-def _capability(device):
-    return torch.cuda.get_device_capability(device)
+_TMA = _tma.Switch("LLMKERN_LORA_TMA", "llmkern.lora")
 
 
 def _tma_compatible(t):
-    """A non-empty 2-D tensor the copy engine can address: 16-byte aligned base and row stride."""
-    return (t.dim() == 2 and t.numel() > 0 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
-            and t.stride(0) > 0 and (t.stride(0) * t.element_size()) % 16 == 0)
+    return t.dim() == 2 and _tma.addressable(t)
 
 
 def _tma_weight(W):
@@ -532,17 +522,8 @@ def _tma_weight(W):
 
 def use_tma(x, W):
     """Whether the GEMM x Wᵀ can run the tensor-descriptor variant: sm_90+ (Hopper's copy engine),
-    fp16/bf16, aligned x and W. LLMKERN_LORA_TMA=0 turns it off; =force runs it under the
-    interpreter too (for the CPU tests)."""
-    mode = os.environ.get("LLMKERN_LORA_TMA", "1")
-    if mode == "0" or _TMA_FAILED or TensorDescriptor is None or x.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if triton_interpreting():
-        if mode != "force":
-            return False
-    elif not x.is_cuda or _capability(x.device) < (9, 0):
-        return False
-    return _tma_compatible(x) and _tma_weight(W) is not None
+    fp16/bf16, aligned x and W (see llmkern/kernels/_tma.py for LLMKERN_LORA_TMA)."""
+    return _TMA.allowed(x) and _tma_compatible(x) and _tma_weight(W) is not None
 
 
 def _traced(wrap):
@@ -556,27 +537,6 @@ def _traced(wrap):
     except ImportError:  # pragma: no cover
         return True
     return is_wrap_triton_enabled()
-
-
-def _descriptor(t):
-    """Host tensor descriptor of a row-major 2-D tensor; its box is set per config."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
-
-
-def _try_tma(launch):
-    """Run a TMA launch. If it fails (say, an untested Triton or driver that cannot build it), warn
-    once and return False: the caller reruns on the pointer kernel, which rewrites the whole
-    output, and the TMA path stays off for the rest of the process."""
-    if _TMA_FAILED:
-        return False
-    try:
-        launch()
-    except Exception as e:  # noqa: BLE001 - any failure of the optional fast path
-        _TMA_FAILED.append(e)
-        warnings.warn(f"llmkern.lora: the TMA GEMM failed ({type(e).__name__}: {e}); using the pointer "
-                      f"kernel from now on (LLMKERN_LORA_TMA=0 skips it)", RuntimeWarning)
-        return False
-    return True
 
 
 def _split_for(num_tiles, n, M, device):

@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from llmkern import _backend
+from llmkern.ops import _checks
 from llmkern.reference import attention as ref
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -46,15 +47,8 @@ for _name in ("attention", "attention_varlen", "attention_with_kvcache"):
 
 # ---- validation ---------------------------------------------------------------------------------
 
-def _checking_values():
-    """Value checks that read device memory sync the host: only on CPU tensors, never while compiling."""
-    return not torch.compiler.is_compiling()
-
-
-def _tensor(name, t):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
+_checking_values = _checks.checking_values
+_tensor = _checks.tensor_arg
 
 
 def _check_qkv(q, k, v, ndim, layout):
@@ -113,15 +107,7 @@ def _window(window):
     return tuple(out)
 
 
-def _softcap(softcap):
-    if softcap is None:
-        return 0.0
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
-    softcap = float(softcap)
-    if not (softcap >= 0 and math.isfinite(softcap)):
-        raise ValueError(f"softcap must be a finite value >= 0 (0 or None: no capping), got {softcap}")
-    return softcap
+_softcap = _checks.softcap_arg
 
 
 def _ref_window(wl, wr):

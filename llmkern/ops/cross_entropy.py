@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 import torch
 
 from llmkern import _backend
+from llmkern.ops import _checks
 from llmkern.reference import cross_entropy as ref
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -44,26 +45,11 @@ _backend.register_op("cross_entropy", lambda device, dtype: _backend_for(device,
 
 # ---- validation ---------------------------------------------------------------------------------
 
-def _checking_values():
-    """Value checks that read device memory sync the host: only on CPU tensors, never while compiling."""
-    return not torch.compiler.is_compiling()
+_checking_values = _checks.checking_values
+_tensor = _checks.tensor_arg
 
 
-def _tensor(name, t):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
-
-
-def _softcap(softcap):
-    if softcap is None:
-        return 0.0
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
-    softcap = float(softcap)
-    if not (softcap >= 0 and math.isfinite(softcap)):
-        raise ValueError(f"softcap must be a finite value >= 0 (0 or None: no capping), got {softcap}")
-    return softcap
+_softcap = _checks.softcap_arg
 
 
 def _check(logits, labels, ignore_index, reduction):

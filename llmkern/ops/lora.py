@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from llmkern import _backend
+from llmkern.ops import _checks
 from llmkern import reference as ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -35,17 +36,8 @@ _backend.register_op("lora_linear_multi",
 
 # ---- validation ---------------------------------------------------------------------------------
 
-def _checking_values():
-    """Value checks need a host sync: skip them while compiling or capturing CUDA graphs."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-
-
-def _tensor(name, t):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
+_checking_values = _checks.checking_values
+_tensor = _checks.tensor_arg
 
 
 def _check_common(x, weight, bias, lora_A, lora_B, multi):

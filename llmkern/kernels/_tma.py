@@ -1,0 +1,61 @@
+"""Shared plumbing of the TMA (tensor-descriptor) kernel variants of sm_90+: whether a call may
+take them, host descriptors, and the warn-once fallback to the pointer kernels.
+
+Each op owns one `Switch` (attention: LLMKERN_ATTN_TMA, LoRA: LLMKERN_LORA_TMA). Its variable
+reads "0" (off), "force" (on under the Triton interpreter too: the CPU tests) or anything else
+(on for CUDA tensors on sm_90+). A variant that fails to build or launch turns its switch off for
+the rest of the process, with one warning; the caller reruns the step on the pointer kernels.
+"""
+import os
+import warnings
+
+import torch
+
+from llmkern._backend import triton_interpreting
+
+try:  # host-side tensor descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def addressable(t):
+    """The copy engine can address t: non-empty, 16-byte aligned base, last stride 1, every other
+    stride positive and a multiple of 16 bytes."""
+    return (t.numel() > 0 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(st > 0 and (st * t.element_size()) % 16 == 0 for st in t.stride()[:-1]))
+
+
+def descriptor(t):
+    """Host descriptor of t; its box (block_shape) is set per config by the kernel's pre-hook."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1] * (t.dim() - 2) + [16, 16])
+
+
+class Switch:
+    def __init__(self, env, what):
+        self.env, self.what = env, what
+        self.failed = []  # the exception that turned the variant off, if any
+
+    def allowed(self, t):
+        """Mode, dtype and device of a call whose tensors look like t (alignment is the caller's)."""
+        mode = os.environ.get(self.env, "1")
+        if mode == "0" or self.failed or TensorDescriptor is None or t.dtype not in DTYPES:
+            return False
+        if triton_interpreting():
+            return mode == "force"
+        return t.is_cuda and torch.cuda.get_device_capability(t.device) >= (9, 0)
+
+    def run(self, launch):
+        """launch(); False (after one warning, and for good) if it raised."""
+        if self.failed:
+            return False
+        try:
+            launch()
+        except Exception as e:  # noqa: BLE001 - any failure of the optional fast path
+            self.failed.append(e)
+            warnings.warn(f"{self.what}: the TMA kernels failed ({type(e).__name__}: {e}); using the pointer "
+                          f"kernels from now on ({self.env}=0 skips them)", RuntimeWarning)
+            return False
+        return True

@@ -1,0 +1,32 @@
+"""Argument checks the op files share."""
+import math
+import numbers
+
+import torch
+
+
+def tensor_arg(name, t):
+    """t, or a TypeError naming the argument when it is not a tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def checking_values():
+    """Whether value checks that read tensor data (a host sync on CUDA tensors) may run: not while
+    torch.compile traces, nor while a CUDA graph is captured."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def softcap_arg(softcap):
+    """The tanh soft-capping value as a float (0.0: none), or an error naming `softcap`."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be a finite value >= 0 (0 or None: no capping), got {softcap}")
+    return softcap
