@@ -74,7 +74,8 @@ def _compile(fn, types, consts, num_warps, num_stages, cc=90):
         stack = int(m.group(1)) if m else None
     ttgir = k.asm.get("ttgir", "")
     return dict(regs=regs, stack=stack, smem=k.metadata.shared, wgmma="warp_group_dot" in ttgir,
-                utmaldg="UTMALDG" in sass, hgmma="HGMMA" in sass)
+                utmaldg="UTMALDG" in sass, hgmma="HGMMA" in sass, ldg128="LDG.E.128" in sass,
+                stg128="STG.E.128" in sass)
 
 
 def main(everything=False):
