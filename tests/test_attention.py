@@ -85,6 +85,8 @@ CASES = [
     (2, 2, 2, 61, 61, 32, dict(key_padding_mask="pad", causal=True, window=(20, None))),
     (1, 2, 2, 40, 40, 80, dict(causal=True)),                  # GPT-3 2.7B head dim
     (1, 1, 1, 20, 36, 96, dict()),
+    (1, 2, 1, 33, 45, 16, dict(causal=True, scale=-0.2)),     # scale <= 0: the forward's scores stay
+    (1, 2, 2, 20, 40, 16, dict(window=(8, 8), scale=0.0)),    # unscaled until the exponent (needs > 0)
 ]
 
 

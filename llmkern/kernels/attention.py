@@ -742,6 +742,11 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
     Window sides < 0 are unbounded; causal sets the right side to min(right, 0).
     """
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+    if not softcap and scale <= 0:
+        # _fwd_inner keeps the scores unscaled until the exponent (max(qk) * scale, masks as -inf
+        # before the scale), which needs scale > 0: q.k * scale == (-q).k * |scale|, and scale 0
+        # is attention with all scores 0. Same out and LSE; the backward takes the original q.
+        q, scale = (torch.neg(q), -scale) if scale < 0 else (torch.zeros_like(q), 1.0)
     varlen = cu_seqlens_q is not None
     if varlen:
         total_q, H, D = q.shape
