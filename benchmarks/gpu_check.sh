@@ -32,7 +32,7 @@ if [ $rc -ne 0 ]; then  # e.g. a read-only site-packages: build in place and imp
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 echo "build rc=$rc in $(( $(date +%s) - start )) s"; tail -3 "$OUT/build.log"
-python3 -m llmkern.info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
+timeout 60 python3 -m llmkern.info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
 
 # Correctness first, the C++ sampler before the Triton kernels (those compile on first use); fixed
 # configs for the correctness run (autotuning every test shape would eat the budget). The Triton
@@ -46,13 +46,17 @@ LLMKERN_LORA_AUTOTUNE=0 LLMKERN_ATTN_AUTOTUNE=0 timeout "$(limit 150)" python3 -
 echo "pytest -m gpu (the rest, ${xdist:-1 process}) rc=$?"; tail -15 "$OUT/pytest_gpu.log"
 
 # The harness, one suite at a time with its own time limit (a slow suite cannot starve the
-# others), fastest and most finished first. Each writes its tables as soon as it is done. The
-# attention autotuner tries the first two candidates of each list (each costs a compile of seconds).
-export LLMKERN_ATTN_TUNE_TOP=${LLMKERN_ATTN_TUNE_TOP:-2}
+# others), fastest and most finished first. Every row is printed ("[row] ...") and written to
+# bench-SUITE/results.{json,md} as soon as it is measured, so a suite stopped by its limit keeps
+# what it measured. Autotuning is bounded: attention tries the first two candidates of each list,
+# LoRA (its suite and the mfu LoRA step) its first, fixed config; each candidate costs a compile of seconds.
+export LLMKERN_ATTN_TUNE_TOP=${LLMKERN_ATTN_TUNE_TOP:-2} TQDM_DISABLE=1
 for spec in sampling:45 cross_entropy:30 attention:110 lora:70 mfu:70 tp:40; do
   suite=${spec%%:*}; lim=$(limit "${spec##*:}")
   [ "$lim" -gt 1 ] || { echo "llmkern-bench --suite $suite skipped: deadline"; continue; }
-  PYTHONUNBUFFERED=1 timeout "$lim" python3 -m llmkern.bench.cli --suite "$suite" --out "$OUT/bench-$suite" \
-    > "$OUT/bench-$suite.log" 2>&1
-  echo "llmkern-bench --suite $suite rc=$? (limit ${lim} s)"; grep -v "^\[llmkern-bench\]" "$OUT/bench-$suite.log" | tail -25
+  tune=""; case $suite in lora|mfu) tune="LLMKERN_LORA_AUTOTUNE=${LLMKERN_LORA_AUTOTUNE:-0}";; esac
+  env $tune PYTHONUNBUFFERED=1 timeout -k 5 "$lim" python3 -m llmkern.bench.cli --suite "$suite" \
+    --out "$OUT/bench-$suite" > "$OUT/bench-$suite.log" 2>&1
+  echo "llmkern-bench --suite $suite rc=$? (limit ${lim} s)"
+  grep -E "^\[row\]|failed|Error|TMA kernels failed" "$OUT/bench-$suite.log" | tail -30
 done

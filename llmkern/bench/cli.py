@@ -23,6 +23,11 @@ def _progress(iterable, desc="", total=None):
     return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stderr)
 
 
+def _row_line(r):
+    base = f"{r.baseline} {r.baseline_ms:.3f} ms" if r.baseline_ms is not None else "no baseline"
+    return f"{r.suite}: {r.op} [{r.shape}] ours {r.ours_ms:.3f} ms, {base}" + (f"; {r.notes}" if r.notes else "")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="llmkern-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,6 +64,9 @@ def main(argv=None):
             for r in suites[name].fn(ctx) or ():
                 r.suite = r.suite or name
                 mine.append(r)
+                # each row as soon as it is measured: a run stopped by a time limit keeps it
+                print(f"[row] {_row_line(r)}", flush=True)
+                write_outputs(results + mine, args.out, device, plot=False)
         except Exception as exc:  # one broken suite must not hide the others' numbers
             failed.append(name)
             print(f"[llmkern-bench] suite {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)

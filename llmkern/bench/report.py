@@ -47,8 +47,8 @@ def environment(device):
     return env
 
 
-def write_outputs(results, out_dir, device, name="results"):
-    """Writes <name>.json, <name>.md and (with matplotlib) <name>.png; returns the paths."""
+def write_outputs(results, out_dir, device, name="results", plot=True):
+    """Writes <name>.json, <name>.md and (with matplotlib and plot) <name>.png; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     env = environment(device)
     paths = {}
@@ -64,7 +64,7 @@ def write_outputs(results, out_dir, device, name="results"):
         f.write("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n")
         for row in rows[1:]:
             f.write("| " + " | ".join(str(c) for c in row) + " |\n")
-    png = _plot(results, os.path.join(out_dir, f"{name}.png"), env)
+    png = _plot(results, os.path.join(out_dir, f"{name}.png"), env) if plot else None
     if png:
         paths["png"] = png
     return paths

@@ -1,0 +1,22 @@
+"""llmkern-bench's command line: one suite on CPU, rows printed and written as they come."""
+import json
+import os
+
+from llmkern.bench import cli
+
+
+def test_one_suite_prints_rows_and_writes_outputs(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = cli.main(["--suite", "cross_entropy", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("[row] cross_entropy:")]
+    assert rows, printed
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["results"]) == len(rows)
+    assert all(r["ours_ms"] > 0 for r in data["results"])
+    assert os.path.exists(out / "results.md")
+
+
+def test_unknown_suite_is_an_error(tmp_path):
+    assert cli.main(["--suite", "nope", "--out", str(tmp_path)]) == 2
