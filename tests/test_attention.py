@@ -252,6 +252,41 @@ def test_autotune_candidates(monkeypatch, env, count):
         assert all((c.pre_hook is not None) == kernel.endswith("_tma") for c in kept)
 
 
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only")
+def test_batch_beyond_the_grid_limit_runs_in_slices(monkeypatch):
+    """CUDA caps grid y/z at 65535 and the kernels put batch x heads there: larger batches run as
+    several launches over batch slices. Shrink the cap to see the slicing on small tensors."""
+    from llmkern.kernels import attention as A
+    from llmkern.kernels.attention_decode import attention_decode
+
+    B, H, Hk, T, D = 5, 2, 1, 19, 16
+    q, k, v, dout = (torch.randn(B, h, T, D) for h in (H, Hk, Hk, H))
+    kpm = _kpm(B, T)
+    cu = torch.tensor([0, 7, 19, 20, 33, 40], dtype=torch.int32)
+    qv, kv, vv, dv_out = (torch.randn(40, h, D) for h in (H, Hk, Hk, H))
+    lens = torch.tensor([3, 19, 1, 10, 7], dtype=torch.int32)
+
+    def run_all():
+        kw = dict(scale=0.3, causal=True, key_padding_mask=kpm)
+        o, lse = A.attention_forward(q, k, v, **kw)
+        dense = (o, lse) + A.attention_backward(dout, q, k, v, o, lse, **kw, dlse=torch.randn_like(lse))
+        kv_kw = dict(scale=0.3, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=13, max_seqlen_k=13)
+        o, lse = A.attention_forward(qv, kv, vv, **kv_kw)
+        varlen = (o, lse) + A.attention_backward(dv_out, qv, kv, vv, o, lse, **kv_kw)
+        dec = attention_decode(q[:, :, :2], k, v, lens, scale=0.3)
+        return dense + varlen + dec
+
+    torch.manual_seed(1)
+    whole = run_all()
+    monkeypatch.setattr(A, "MAX_GRID_YZ", 3)  # dense/varlen: 1 batch row per launch; decode: 3
+    assert len(A._batch_slices(B, H)) == 5 and len(A._batch_slices(B, Hk)) == 2
+    torch.manual_seed(1)
+    sliced = run_all()
+    for i, (a, b) in enumerate(zip(whole, sliced)):
+        assert a.shape == b.shape and torch.equal(a, b), i
+
+
 # ---- varlen -------------------------------------------------------------------------------------
 
 @needs_triton

@@ -732,6 +732,52 @@ def _dense_strides(t):
     return 0, t.stride(1), t.stride(0)
 
 
+# CUDA caps a grid's y and z dimensions at 65535; the kernels put batch x heads there. Larger
+# batches run as several launches over batch slices (a rare path: the results are concatenated).
+MAX_GRID_YZ = 65535
+
+
+def _batch_slices(B, per_batch):
+    step = max(1, MAX_GRID_YZ // max(1, per_batch))
+    return [(b0, min(B, b0 + step)) for b0 in range(0, B, step)]
+
+
+# Where each argument's batch lives in the varlen layout: q tokens or k tokens, on dim 0 or 1.
+_VARLEN_ROLES = {"attention_forward": ("q0", "k0", "k0"),                              # q, k, v
+                 "attention_backward": ("q0", "q0", "k0", "k0", "q0", "q1")}          # dout, q, k, v, out, lse
+
+
+def _split_batch(fn, B, per_batch, args, kw):
+    """fn over batch slices when B * per_batch programs exceed the grid limit (None when one launch
+    fits). Dense: every tensor's dim 0 is the batch. Varlen: the tokens of each slice's sequences,
+    which costs one host sync of the cumulative lengths (only on this path)."""
+    slices = _batch_slices(B, per_batch)
+    if len(slices) <= 1:
+        return None
+    cu_q, cu_k = kw.get("cu_seqlens_q"), kw.get("cu_seqlens_k")
+    cq = cu_q.tolist() if cu_q is not None else None
+    ck = cu_k.tolist() if cu_k is not None else None
+
+    def cut(t, role, b0, b1):
+        if t is None or cq is None:
+            return None if t is None else t[b0:b1]
+        lo, hi = (cq[b0], cq[b1]) if role[0] == "q" else (ck[b0], ck[b1])
+        return t[lo:hi] if role[1] == "0" else t[:, lo:hi]
+
+    outs = []
+    for b0, b1 in slices:
+        roles = _VARLEN_ROLES[fn.__name__]
+        part = [cut(t, r, b0, b1) for t, r in zip(args, roles)]
+        sub = dict(kw, key_padding_mask=cut(kw.get("key_padding_mask"), "q0", b0, b1))
+        if "dlse" in kw:
+            sub["dlse"] = cut(kw["dlse"], "q1", b0, b1)
+        if cq is not None:
+            sub["cu_seqlens_q"] = cu_q[b0:b1 + 1] - cq[b0]
+            sub["cu_seqlens_k"] = cu_k[b0:b1 + 1] - ck[b0]
+        outs.append(fn(*part, **sub))
+    return outs
+
+
 def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_right=-1, softcap=0.0,
                       key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
                       max_seqlen_q=-1, max_seqlen_k=-1):
@@ -741,6 +787,14 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
     Varlen (cu_seqlens given): q [total_q, H, D], k/v [total_k, Hk, D], lse [H, total_q].
     Window sides < 0 are unbounded; causal sets the right side to min(right, 0).
     """
+    kw = dict(scale=scale, causal=causal, window_left=window_left, window_right=window_right, softcap=softcap,
+              key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+              max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    n_batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
+    parts = _split_batch(attention_forward, n_batch, q.shape[1], (q, k, v), kw)
+    if parts is not None:
+        return (torch.cat([o for o, _ in parts], 0),
+                torch.cat([lse for _, lse in parts], 0 if cu_seqlens_q is None else 1))
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     if not softcap and scale <= 0:
         # _fwd_inner keeps the scores unscaled until the exponent (max(qk) * scale, masks as -inf
@@ -805,6 +859,13 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
                        softcap=0.0, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
                        max_seqlen_q=-1, max_seqlen_k=-1, dlse=None):
     """Gradients (dq, dk, dv) of the forward above; `dlse` is the gradient of the returned LSE."""
+    kw = dict(scale=scale, causal=causal, window_left=window_left, window_right=window_right, softcap=softcap,
+              key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+              max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dlse=dlse)
+    n_batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
+    parts = _split_batch(attention_backward, n_batch, q.shape[1], (dout, q, k, v, out, lse), kw)
+    if parts is not None:
+        return tuple(torch.cat([p[i] for p in parts], 0) for i in range(3))
     q, k, v, out, dout = (_last_contig(t) for t in (q, k, v, out, dout))
     lse = lse.contiguous()
     varlen = cu_seqlens_q is not None

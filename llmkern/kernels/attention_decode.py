@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern.kernels.attention import (LOG2E, _block_d, _interpreting, _last_contig, _prec, _softcap_args,
-                                       _tanh, _window_args)
+from llmkern.kernels.attention import (LOG2E, _batch_slices, _block_d, _interpreting, _last_contig, _prec,
+                                       _softcap_args, _tanh, _window_args)
 
 
 @triton.jit
@@ -154,6 +154,12 @@ def choose_num_splits(B, Hk, m_blocks, Tmax, block_n, device):
 def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, window_left=-1,
                      window_right=-1, softcap=0.0, num_splits=0):
     """Returns (out [B, H, Tq, D] like q, lse [B, H, Tq] float32)."""
+    slices = _batch_slices(q.shape[0], k_cache.shape[1])  # the split grid's z is B * Hk (<= 65535)
+    if len(slices) > 1:
+        parts = [attention_decode(q[b0:b1], k_cache[b0:b1], v_cache[b0:b1], cache_seqlens[b0:b1], scale=scale,
+                                  causal=causal, window_left=window_left, window_right=window_right,
+                                  softcap=softcap, num_splits=num_splits) for b0, b1 in slices]
+        return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
     q, k_cache, v_cache = _last_contig(q), _last_contig(k_cache), _last_contig(v_cache)
     B, H, Tq, D = q.shape
     Hk, Tmax = k_cache.shape[1], k_cache.shape[2]
