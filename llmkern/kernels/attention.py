@@ -663,7 +663,9 @@ def _autotune(fn, configs, prune):
     import inspect
 
     if "cache_results" in inspect.signature(triton.autotune).parameters:
-        kw["cache_results"] = True  # persist the choice in Triton's cache dir across processes
+        # persist the choice in Triton's cache dir across processes (Triton skips this for config
+        # lists with pre-hooks: the TMA variants are re-tuned in each process)
+        kw["cache_results"] = True
     return triton.autotune(**kw)(fn)
 
 
