@@ -5,6 +5,8 @@ Two gloo ranks on 127.0.0.1, one thread each: wall time and process CPU time (us
 Over loopback TCP the kernel copies every byte on both sides, so most of a collective's wall time is
 CPU time. When both cores are busy with the GEMM that CPU time cannot hide under it: the CPU share
 is a floor on the exposed-communication fraction that any overlap scheme reaches on such a machine.
+The last column is the share of both cores busy (all processes, kernel included, from /proc/stat):
+what stays idle during a collective is all that an overlap could fill with GEMM work.
 Usage: python benchmarks/tp_comm_cpu.py
 """
 import os
@@ -16,15 +18,28 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def _machine_ticks():
+    """(all, idle) jiffies of the whole machine, from /proc/stat (Linux); None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    return sum(v), v[3] + v[4]  # idle + iowait
+
+
 def _measure(fn, iters=20):
     dist.barrier()
+    m0 = _machine_ticks()
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(iters):
         fn()
     wall = (time.perf_counter() - t0) / iters
     r1 = resource.getrusage(resource.RUSAGE_SELF)
+    m1 = _machine_ticks()
     cpu = ((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)) / iters
-    return wall * 1e3, cpu * 1e3
+    busy = 1 - (m1[1] - m0[1]) / max(1, m1[0] - m0[0]) if m0 and m1 else float("nan")
+    return wall * 1e3, cpu * 1e3, busy
 
 
 def _worker(rank, port):
@@ -46,10 +61,10 @@ def _worker(rank, port):
         fn()
     rows = [(name,) + _measure(fn) for name, fn in cases]
     if rank == 0:
-        print("| operation | wall ms | CPU ms (user+sys) | CPU share |")
-        print("|---|---|---|---|")
-        for name, wall, cpu in rows:
-            print(f"| {name} | {wall:.2f} | {cpu:.2f} | {cpu / wall:.2f} |")
+        print("| operation | wall ms | rank CPU ms (user+sys) | rank CPU share | whole machine busy |")
+        print("|---|---|---|---|---|")
+        for name, wall, cpu, busy in rows:
+            print(f"| {name} | {wall:.2f} | {cpu:.2f} | {cpu / wall:.2f} | {busy:.2f} |")
     dist.destroy_process_group()
 
 
