@@ -83,7 +83,7 @@ def main(cc=90, dtype="bf16", D=128, every_config=False):
     from llmkern.kernels import attention_decode as DEC
 
     BD = triton.next_power_of_2(D)
-    base = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=False, HAS_KPM=False, HAS_SOFTCAP=False, IS_CAUSAL=True,
+    base = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=False, HAS_KPM=False, HAS_SOFTCAP=False,
                 PREC="tf32", USE_TMA=False)
     bucket = A._d_bucket(D)
     rows = []

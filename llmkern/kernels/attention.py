@@ -177,7 +177,7 @@ def _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, desc_k, desc_v,
     return acc, lse
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["IS_CAUSAL"])
 def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K,
               qk_scale, sc_in, sc_out,
               stride_qb, stride_qh, stride_qt,
@@ -189,7 +189,7 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K,
               H, GROUP, Tq, Tk, L, R, seq_bucket,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
+              IS_CAUSAL, PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # heaviest query blocks (bottom rows, under a causal mask) first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -227,7 +227,7 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K,
     tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["IS_CAUSAL"])
 def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE, KPM,
                   qk_scale, sc_in, sc_out,
                   stride_lb, stride_lh, stride_lt,
@@ -235,7 +235,7 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE, KPM,
                   H, GROUP, Tq, Tk, L, R, seq_bucket,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                  IS_CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                  IS_CAUSAL, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """_attn_fwd for dense 16-bit inputs on sm_90+: Q, K, V and O move through tensor
     descriptors (4-D [B, heads, T, D]) instead of per-thread pointers, which frees the registers
@@ -348,7 +348,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, lse_base, delta_base,
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["IS_CAUSAL"])
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, desc_q, desc_do,
                    scale, qk_scale, sc_in, sc_out,
                    stride_qb, stride_qh, stride_qt,
@@ -362,7 +362,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, desc_q, des
                    HK, GROUP, Tq, Tk, L, R, seq_bucket,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
+                   IS_CAUSAL, PREC: tl.constexpr, USE_TMA: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -474,7 +474,7 @@ def _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stri
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["IS_CAUSAL"])
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K, desc_k, desc_v,
                  scale, qk_scale, sc_in, sc_out,
                  stride_qb, stride_qh, stride_qt,
@@ -487,7 +487,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K, desc_k, desc_v,
                  H, GROUP, Tq, Tk, L, R, seq_bucket,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
+                 IS_CAUSAL, PREC: tl.constexpr, USE_TMA: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -655,6 +655,8 @@ def _pruner(kernel):
     return prune
 
 
+# IS_CAUSAL is a plain, unspecialised int: causal and not tune apart but share compiled kernels
+# (the masks come from the window bounds L, R, so the kernels never read it)
 _TUNE_KEY = ["BLOCK_D", "IS_CAUSAL", "HAS_KPM", "HAS_SOFTCAP", "IS_VARLEN", "seq_bucket"]
 
 
@@ -835,7 +837,7 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
             *s_lse, kpm.stride(0) if kpm is not None else 0,
             H, H // Hk, Tq, Tk, L, R, _seq_bucket(max(Tq, Tk)))
     kwargs = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=varlen, HAS_KPM=kpm is not None,
-                  HAS_SOFTCAP=bool(softcap), IS_CAUSAL=bool(causal), PREC=_prec(q.dtype))
+                  HAS_SOFTCAP=bool(softcap), IS_CAUSAL=int(bool(causal)), PREC=_prec(q.dtype))
     if not varlen and use_tma(q, k, v, out):
         descs = [_tma.descriptor(t) for t in (q, k, v, out)]
         tma_args = (*descs, lse, kpm if kpm is not None else lse, qk_scale, sc_in, sc_out, *s_lse,
@@ -904,7 +906,7 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     common = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=varlen, HAS_KPM=kpm is not None,
-                  HAS_SOFTCAP=bool(softcap), IS_CAUSAL=bool(causal), PREC=_prec(q.dtype))
+                  HAS_SOFTCAP=bool(softcap), IS_CAUSAL=int(bool(causal)), PREC=_prec(q.dtype))
     kpm_arg = kpm if kpm is not None else lse
     s_m = kpm.stride(0) if kpm is not None else 0
     bucket = _seq_bucket(max(Tq, Tk))
