@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot validation on a GPU machine (H100/H200, torch preinstalled, no network):
 # build the extension, run the GPU tests, run the benchmark harness suite by suite. Writes
-#   OUTDIR/{env.txt, build.log, info.txt, pytest_gpu.log, bench-SUITE.log, bench-SUITE/results.*}
+#   OUTDIR/{env.txt, build.log, info.txt, pytest_gpu.log, bench-SUITE.log, bench-SUITE/results.*,
+#   results-page.md (benchmarks/record_results.py: the page to commit under benchmarks/results/)}
 # Usage: benchmarks/gpu_check.sh OUTDIR
 # Every phase has its own limit and the whole script stops by GPU_CHECK_DEADLINE seconds (default
 # 540, under the device tool's 600 s per command): later phases get what is left.
@@ -60,3 +61,7 @@ for spec in sampling:45 cross_entropy:30 attention:110 lora:70 mfu:70 tp:40; do
   echo "llmkern-bench --suite $suite rc=$? (limit ${lim} s)"
   grep -E "^\[row\]|failed|Error|TMA kernels failed" "$OUT/bench-$suite.log" | tail -30
 done
+
+# One page with everything measured above, ready to commit as benchmarks/results/<card>-<date>.md.
+timeout 30 python3 benchmarks/record_results.py "$OUT" --print > "$OUT/results-page.md" 2>&1
+echo "results page: $OUT/results-page.md (rc=$?)"
