@@ -36,12 +36,14 @@ echo "build rc=$rc in $(( $(date +%s) - start )) s"; tail -3 "$OUT/build.log"
 timeout 60 python3 -m llmkern.info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
 
 # Correctness first, the C++ sampler before the Triton kernels (those compile on first use); fixed
-# configs for the correctness run (autotuning every test shape would eat the budget). The Triton
-# tests compile about fifty kernel variants: spread them over 8 processes when pytest-xdist is there.
-timeout "$(limit 60)" python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 50 tests/test_sampling_gpu.py \
-  > "$OUT/pytest_gpu.log" 2>&1
-echo "pytest -m gpu (sampling) rc=$?"; tail -5 "$OUT/pytest_gpu.log"
+# configs for the correctness run (autotuning every test shape would eat the budget). Both test runs
+# spread over 8 processes when pytest-xdist is there: about 300 sampler cases (CPU references on
+# 128k-wide rows), and some fifty Triton kernel variants to compile.
 xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
+OMP_NUM_THREADS=2 timeout "$(limit 60)" python3 -m pytest -m gpu -q -p no:cacheprovider $xdist --timeout 50 \
+  tests/test_sampling_gpu.py \
+  > "$OUT/pytest_gpu.log" 2>&1
+echo "pytest -m gpu (sampling, ${xdist:-1 process}) rc=$?"; tail -5 "$OUT/pytest_gpu.log"
 LLMKERN_LORA_AUTOTUNE=0 LLMKERN_ATTN_AUTOTUNE=0 timeout "$(limit 150)" python3 -m pytest -m gpu -q -p no:cacheprovider $xdist \
   --timeout 120 --ignore=tests/test_sampling_gpu.py >> "$OUT/pytest_gpu.log" 2>&1
 echo "pytest -m gpu (the rest, ${xdist:-1 process}) rc=$?"; tail -15 "$OUT/pytest_gpu.log"
