@@ -32,7 +32,7 @@ if [ $rc -ne 0 ]; then  # e.g. a read-only site-packages: build in place and imp
   rc=$?
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-echo "build rc=$rc in $(( $(date +%s) - start )) s"; tail -3 "$OUT/build.log"
+echo "build rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/build.log"; tail -3 "$OUT/build.log"
 timeout 60 python3 -m llmkern.info > "$OUT/info.txt" 2>&1; cat "$OUT/info.txt"
 
 # Correctness first, the C++ sampler before the Triton kernels (those compile on first use); fixed

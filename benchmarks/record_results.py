@@ -77,11 +77,11 @@ def build_page(out_dir):
              f"Recorded from `benchmarks/gpu_check.sh` output by `benchmarks/record_results.py` on "
              f"{datetime.date.today().isoformat()}. Every number below was measured in that run.", "",
              "## Machine", "", "```", env_text.strip() or "(env.txt missing)", "```", ""]
-    build = _summary_lines(_read(os.path.join(out_dir, "build.log")), [r"build rc=", r"error", r"Successfully"])
+    build = _summary_lines(_read(os.path.join(out_dir, "build.log")), [r"build rc=", r"[Ee]rror", r"Successfully"])
     tests = _summary_lines(_read(os.path.join(out_dir, "pytest_gpu.log")),
-                           [r"\d+ (passed|failed)", r"^FAILED", r"^ERROR", r"TMA kernels failed"])
-    lines += ["## Build and GPU tests", "", "```"] + (build[-5:] or ["(build.log missing)"])
-    lines += tests or ["(pytest_gpu.log missing)"]
+                           [r"\d+ (passed|failed|skipped|error)", r"^FAILED", r"^ERROR", r"TMA kernels failed"])
+    lines += ["## Build and GPU tests", "", "```"] + (build[-5:] or ["(no summary line in build.log)"])
+    lines += tests or ["(no summary line in pytest_gpu.log)"]
     lines += ["```", ""]
     for suite, data in loaded.items():
         rows = data.get("results", [])
