@@ -43,12 +43,32 @@ def collect():
             importlib.import_module(mod)
         except ImportError as exc:
             info[f"import {mod}"] = f"failed: {exc}"
+    info["TMA kernels (attention, LoRA)"] = _tma_status(dev)
     for op, fn in sorted(_backend.OP_DISPATCH.items()):
         try:
             info[f"op {op}"] = fn(dev, torch.float16 if dev.type == "cuda" else torch.float32)
         except Exception as exc:  # report, never crash the report
             info[f"op {op}"] = f"error: {exc}"
     return info
+
+
+def _tma_status(dev):
+    """Whether the sm_90+ tensor-descriptor kernels would run for fp16/bf16 calls here, and why not."""
+    switches = {"LLMKERN_ATTN_TMA": os.environ.get("LLMKERN_ATTN_TMA", "1"),
+                "LLMKERN_LORA_TMA": os.environ.get("LLMKERN_LORA_TMA", "1")}
+    off = [k for k, v in switches.items() if v == "0"]
+    try:
+        from llmkern.kernels import _tma
+    except ImportError as exc:
+        return f"off (Triton not importable: {exc})"
+    if _tma.TensorDescriptor is None:
+        return "off (this Triton has no host tensor descriptors)"
+    if dev.type != "cuda":
+        return "off (no CUDA device)" + ("; LLMKERN_*_TMA=force runs them under the interpreter" if not off else "")
+    cap = torch.cuda.get_device_capability(dev)
+    if cap < (9, 0):
+        return f"off (sm_{cap[0]}{cap[1]}: needs sm_90+)"
+    return "on" + (f", except {', '.join(off)}=0" if off else "")
 
 
 def main():

@@ -20,3 +20,14 @@ def test_one_suite_prints_rows_and_writes_outputs(tmp_path, capsys):
 
 def test_unknown_suite_is_an_error(tmp_path):
     assert cli.main(["--suite", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_info_reports_versions_ops_and_tma(monkeypatch):
+    from llmkern import info
+
+    got = info.collect()
+    assert got["torch"] and "device" in got
+    for op in ("sample", "attention", "lora_linear", "cross_entropy"):
+        assert f"op {op}" in got and not str(got[f"op {op}"]).startswith("error"), got
+    if not __import__("torch").cuda.is_available():
+        assert got["TMA kernels (attention, LoRA)"].startswith("off")
