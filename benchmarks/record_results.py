@@ -5,7 +5,8 @@
 
 The page holds what the run measured, nothing else: the card and versions (env.txt), the build and
 test outcome (build.log, pytest_gpu.log: the summary lines), and every harness row of every suite
-(bench-SUITE/results.json), with the targets of the issues checked where a row carries a verdict.
+(bench-SUITE/results.json), each with its notes (where a row checks an issue's target, its
+verdict is in them).
 Rows a suite did not reach (stopped by its time limit) are simply absent; the page says which
 suites wrote nothing.
 """

@@ -32,14 +32,13 @@ import triton
 import triton.language as tl
 
 from llmkern.kernels import _tma
+from llmkern.kernels._common import interpreting as _interpreting
+from llmkern.kernels._common import tanh as _tanh
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 UNBOUNDED = 1 << 30  # a window side with no limit
 
-
-from llmkern.kernels._common import interpreting as _interpreting  # noqa: E402
-from llmkern.kernels._common import tanh as _tanh  # noqa: E402
 
 
 @triton.jit
@@ -75,16 +74,6 @@ def _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M: tl.constexpr, B
 
 
 @triton.jit
-def _load_kv_tma(desc_k, desc_v, b, hk, blk, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """K^T [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D] of key block `blk` through the tensor-memory
-    accelerator. The descriptors are 4-D [B, Hk, Tk, D], so rows past Tk and columns past D arrive
-    as zeros (never another head's data) and no mask or address arithmetic is needed."""
-    kt = desc_k.load([b, hk, blk * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D).T
-    v = desc_v.load([b, hk, blk * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
-    return kt, v
-
-
-@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
                blk_start, blk_end, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
                desc_k, desc_v, b, hk,
@@ -95,8 +84,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
         v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
-        if USE_TMA:
-            kt, v = _load_kv_tma(desc_k, desc_v, b, hk, blk, BLOCK_N, BLOCK_D)
+        if USE_TMA:  # 4-D boxes: rows past Tk and columns past D arrive as zeros
+            kt = desc_k.load([b, hk, blk * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D).T
+            v = desc_v.load([b, hk, blk * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
         elif MASKED:
             if BLOCK_D == HEAD_DIM:
                 kt = tl.load(k_ptrs, mask=offs_n[None, :] < seqlen_k, other=0.0)
@@ -736,6 +726,16 @@ def _dense_strides(t):
     return 0, t.stride(1), t.stride(0)
 
 
+_TMA = _tma.Switch("LLMKERN_ATTN_TMA", "llmkern.attention")
+
+
+def use_tma(q, k, v, out):
+    """Whether a dense call runs the tensor-descriptor kernels: sm_90+ (Hopper's copy engine),
+    fp16/bf16, 4-D tensors with 16-byte aligned strides (see llmkern/kernels/_tma.py for
+    LLMKERN_ATTN_TMA)."""
+    return _TMA.allowed(q) and all(t.dim() == 4 and _tma.addressable(t) for t in (q, k, v, out))
+
+
 # CUDA caps a grid's y and z dimensions at 65535; the kernels put batch x heads there. Larger
 # batches run as several launches over batch slices (a rare path: the results are concatenated).
 MAX_GRID_YZ = 65535
@@ -768,9 +768,9 @@ def _split_batch(fn, B, per_batch, args, kw):
         lo, hi = (cq[b0], cq[b1]) if role[0] == "q" else (ck[b0], ck[b1])
         return t[lo:hi] if role[1] == "0" else t[:, lo:hi]
 
+    roles = _VARLEN_ROLES[fn.__name__]
     outs = []
     for b0, b1 in slices:
-        roles = _VARLEN_ROLES[fn.__name__]
         part = [cut(t, r, b0, b1) for t, r in zip(args, roles)]
         sub = dict(kw, key_padding_mask=cut(kw.get("key_padding_mask"), "q0", b0, b1))
         if "dlse" in kw:
@@ -847,16 +847,6 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
             return out, lse
     _launch("fwd", _attn_fwd, grid, args, kwargs)
     return out, lse
-
-
-_TMA = _tma.Switch("LLMKERN_ATTN_TMA", "llmkern.attention")
-
-
-def use_tma(q, k, v, out):
-    """Whether a dense call runs the tensor-descriptor kernels: sm_90+ (Hopper's copy engine),
-    fp16/bf16, 4-D tensors with 16-byte aligned strides (see llmkern/kernels/_tma.py for
-    LLMKERN_ATTN_TMA)."""
-    return _TMA.allowed(q) and all(t.dim() == 4 and _tma.addressable(t) for t in (q, k, v, out))
 
 
 def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_left=-1, window_right=-1,

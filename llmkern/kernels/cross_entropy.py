@@ -39,15 +39,14 @@ import torch
 import triton
 import triton.language as tl
 
+from llmkern.kernels._common import interpreting as _interpreting
+from llmkern.kernels._common import tanh as _tanh
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MAX_BLOCK_V = 4096
 _LOG2E = tl.constexpr(LOG2E)  # (kernels may read module globals only as constexpr)
 _LN2 = tl.constexpr(LN2)
-
-
-from llmkern.kernels._common import interpreting as _interpreting  # noqa: E402
-from llmkern.kernels._common import tanh as _tanh  # noqa: E402
 
 
 @triton.jit

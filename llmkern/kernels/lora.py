@@ -41,7 +41,6 @@ import triton.language as tl
 import torch
 
 from llmkern._backend import triton_interpreting
-
 from llmkern.kernels import _tma
 
 _HASH_COL = 0x9E3779B1
@@ -495,7 +494,7 @@ def gemm(x, W, bias, xs, LB, perm=None, sorted_ids=None, dropout_p=0.0, seed=Non
                 BLOCK_R=_block_r(R, 32), PRECISION=_precision(x.dtype), USE_TMA=w_tma is not None, W_T=w_t)
 
     # gathered rows (multi-adapter) are no box; a traced op (torch.compile) cannot run config pre-hooks
-    w_tma = None if has_ids or _traced(wrap) or not use_tma(x, W) else _tma_weight(W)
+    w_tma = None if has_ids or _traced(wrap) or not (_TMA.allowed(x) and _tma_compatible(x)) else _tma_weight(W)
     if not (w_tma is not None and _TMA.run(lambda: launch(w_tma))):
         launch(None)  # rewrites every element of out
     return out
