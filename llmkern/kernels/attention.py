@@ -105,7 +105,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
                 v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         qk = tl.dot(q, kt, input_precision=PREC)
         # s: the scores in log2 units. Without softcap they stay unscaled until the exponent
-        # (max(qk) * scale == max(qk * scale) for scale > 0), so qk * scale - m is one FMA.
+        # (max(qk) * scale == max(qk * scale) for scale > 0, which attention_forward guarantees by
+        # folding a sign or zero scale into q), so qk * scale - m is one FMA.
         if HAS_SOFTCAP:
             s = _tanh(qk * sc_in) * sc_out
         else:
