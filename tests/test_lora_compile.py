@@ -82,11 +82,11 @@ def main(everything=False):
     from llmkern.kernels import lora as L
 
     dt = "bf16"
-    shrink_t = dict(X=f"*{dt}", A=f"*{dt}", OUT="*fp32", ROWS="*i32", IDS="*i32", SCALES="*fp32", scale="fp32",
-                    SEED="*i32", inv_keep="fp32")
+    shrink_t = dict(X=f"*{dt}", A=f"*{dt}", OUT="*fp32", ROWS="*i32", IDS="*i32", SCALES="*fp32", scale="fp64",
+                    SEED="*i32", inv_keep="fp64")
     gemm_t = dict(X=f"*{dt}", W=f"*{dt}", BIAS=f"*{dt}", XS="*fp32", LB=f"*{dt}", OUT=f"*{dt}", ROWS="*i32",
-                  IDS="*i32", desc_x=f"*{dt}", desc_w=f"*{dt}", SEED="*i32", inv_keep="fp32")
-    reduce_t = dict(Y=f"*{dt}", Z="*fp32", OUT="*fp32", ROWS="*i32", SEG="*i32", SEED="*i32", inv_keep="fp32")
+                  IDS="*i32", desc_x=f"*{dt}", desc_w=f"*{dt}", SEED="*i32", inv_keep="fp64")
+    reduce_t = dict(Y=f"*{dt}", Z="*fp32", OUT="*fp32", ROWS="*i32", SEG="*i32", SEED="*i32", inv_keep="fp64")
     gemm_fwd = dict(sxk=1, swk=1, sxs_r=1, slb_r=1, son=1, PRECISION="tf32", GROUP_M=8, USE_TMA=False, W_T=False)
     gemm_bwd = dict(sxk=1, swn=1, sxs_r=1, slb_n=1, son=1, PRECISION="tf32", GROUP_M=8, USE_TMA=False, W_T=False)
     rows = [

@@ -118,7 +118,8 @@ def _shrink_kernel(X, A, OUT, ROWS, IDS, SCALES, scale,
             s = tl.load(SCALES + a).to(tl.float32)
         else:
             s = scale
-        total += tl.where(sel[:, None], acc * s, 0.0)
+        # torch.compile passes Python floats as fp64 scalars: keep the loop-carried sum fp32.
+        total += tl.where(sel[:, None], acc * s, 0.0).to(tl.float32)
     tl.store(OUT + offs_m[:, None] * som + offs_r[None, :] * sor, total,
              mask=mask_m[:, None] & mask_r[None, :])
 
@@ -221,7 +222,7 @@ def _gemm_kernel(X, W, BIAS, XS, LB, OUT, ROWS, IDS, desc_x, desc_w,
             lora = tl.dot(xs.to(lb.dtype), lb, lora, input_precision=PRECISION)
     if EPI_DROPOUT:
         keep = _keep_mask(rows, offs_n, SEED, threshold)
-        acc += tl.where(keep, lora * inv_keep, 0.0)
+        acc += tl.where(keep, lora * inv_keep, 0.0).to(tl.float32)  # inv_keep may be fp64
     else:
         acc = lora
     if HAS_BIAS:
@@ -353,7 +354,8 @@ _INTERP["gemm_tma"] = _INTERP["gemm"]
 
 # One sensible GPU configuration per kernel, used when LLMKERN_LORA_AUTOTUNE=0 (fast test runs).
 _FIXED_GPU = {"gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-              "gemm_tma": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+              # the H100's fastest TMA candidate at 8192x4096x4096 bf16 (0.393 ms vs 0.478 for 128x128)
+              "gemm_tma": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
               "shrink": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
               "reduce": dict(BLOCK_M=64, BLOCK_P=128, num_warps=4, num_stages=3)}
 
