@@ -206,6 +206,7 @@ def test_tma_kernels_equal_pointer_kernels(monkeypatch, case):
     launch = A._launch
     monkeypatch.setattr(A, "_launch", lambda name, *a: (launched.append(name), launch(name, *a)))
     results = {}
+    monkeypatch.setenv("LLMKERN_ATTN_TMA_BWD", "1")
     for mode in ("0", "force"):
         monkeypatch.setenv("LLMKERN_ATTN_TMA", mode)
         results[mode] = _run_kernels(q, k, v, dout, dict(kw))
@@ -216,10 +217,37 @@ def test_tma_kernels_equal_pointer_kernels(monkeypatch, case):
 
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only")
+@pytest.mark.parametrize("mode,want", [(None, ["fwd_tma", "dkdv", "dq_tma"]), ("all", ["fwd_tma", "dkdv_tma", "dq_tma"]),
+                                       ("0", ["fwd_tma", "dkdv", "dq"])])
+def test_tma_backward_kernels_follow_the_switch(monkeypatch, mode, want):
+    """The forward takes the TMA kernel wherever it may; the backward's dQ by default (faster on the
+    H100), dK/dV only with LLMKERN_ATTN_TMA_BWD=all (slower there); same numbers either way."""
+    from llmkern.kernels import attention as A
+
+    monkeypatch.setenv("LLMKERN_ATTN_TMA", "force")
+    if mode is None:
+        monkeypatch.delenv("LLMKERN_ATTN_TMA_BWD", raising=False)
+    else:
+        monkeypatch.setenv("LLMKERN_ATTN_TMA_BWD", mode)
+    monkeypatch.setattr(A._TMA, "failed", [])
+    launched = []
+    launch = A._launch
+    monkeypatch.setattr(A, "_launch", lambda name, *a: (launched.append(name), launch(name, *a)))
+    q, k, v, dout = (torch.randn(1, 2, 20, 16, dtype=torch.float16) for _ in range(4))
+    got = _run_kernels(q, k, v, dout, dict(causal=True))
+    assert launched == want
+    monkeypatch.setenv("LLMKERN_ATTN_TMA", "0")
+    for a, b in zip(got, _run_kernels(q, k, v, dout, dict(causal=True))):
+        assert torch.equal(a, b)
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only")
 def test_tma_failure_falls_back_to_pointer_kernels(monkeypatch):
     from llmkern.kernels import attention as A
 
     monkeypatch.setenv("LLMKERN_ATTN_TMA", "force")
+    monkeypatch.setenv("LLMKERN_ATTN_TMA_BWD", "1")
     monkeypatch.setattr(A._TMA, "failed", [])
     launch = A._launch
 
@@ -551,6 +579,7 @@ def test_gpu_tma_and_pointer_kernels_agree(monkeypatch, layout):
     r = ref.attention(qd, kd, vd, causal=True)
     gr = torch.autograd.grad(r, (qd, kd, vd), dout.double())
     errs = {}
+    monkeypatch.setenv("LLMKERN_ATTN_TMA_BWD", "1")
     for mode in ("0", "1"):
         monkeypatch.setenv("LLMKERN_ATTN_TMA", mode)
         assert A.use_tma(q, k, v, q) == (mode == "1" and torch.cuda.get_device_capability() >= (9, 0))

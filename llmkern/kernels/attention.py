@@ -553,7 +553,10 @@ def _capability():
 # architecture. The sm_90 lists keep configs that compile without register spills (or with the
 # fewest) and fit the shared memory a block may use (sm_90: 227 KB, sm_80: 163 KB), as reported by
 # `python tests/test_attention_compile.py CC DTYPE HEAD_DIM all` (Triton's ptxas, no GPU needed);
-# their speed is for the autotuner to measure on the card.
+# their speed is for the autotuner to measure on the card. The D=128 sm_90 lists are ordered by
+# the times the H100 measured for each candidate (benchmarks/gpu_diag.py, results in
+# benchmarks/results/nvidia-h100-80gb-hbm3-2026-11-26-diag.log), so a bounded search
+# (LLMKERN_ATTN_TUNE_TOP=2) still tries the winners.
 _CONFIGS = {
     # kernel: {arch: {head-dim bucket: [(BM, BN, warps, stages), ...]}}
     "fwd": {
@@ -567,14 +570,14 @@ _CONFIGS = {
     # the TMA forward (sm_90+, dense fp16/bf16): no address registers, so larger tiles fit
     "fwd_tma": {
         90: {64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-             128: [(128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+             128: [(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
              256: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)]},
     },
     # TMA backward: fewer address registers, so the same tiles spill less (compile test, sm_90,
     # with Triton 3.6 and 3.8)
     "dkdv_tma": {
         90: {64: [(32, 128, 8, 2), (64, 128, 8, 1), (32, 64, 4, 2)],
-             128: [(32, 128, 8, 1), (32, 64, 8, 2), (64, 128, 8, 1)],
+             128: [(64, 128, 8, 1), (32, 128, 8, 1), (32, 64, 8, 2)],
              256: [(16, 64, 8, 2), (32, 32, 8, 1), (32, 32, 8, 2), (16, 32, 8, 2)]},
     },
     "dq_tma": {
@@ -584,7 +587,7 @@ _CONFIGS = {
     },
     "dkdv": {
         90: {64: [(32, 128, 8, 2), (32, 128, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2)],
-             128: [(32, 128, 8, 1), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 1)],
+             128: [(32, 128, 8, 1), (32, 128, 8, 2), (64, 64, 8, 1), (32, 64, 8, 2)],
              256: [(32, 32, 8, 1), (16, 32, 8, 2)]},
         80: {64: [(32, 128, 8, 2), (32, 64, 8, 2), (16, 128, 8, 2), (32, 64, 4, 2)],
              128: [(32, 64, 8, 2), (16, 64, 8, 2), (16, 128, 8, 2)],
@@ -735,6 +738,17 @@ def use_tma(q, k, v, out):
     fp16/bf16, 4-D tensors with 16-byte aligned strides (see llmkern/kernels/_tma.py for
     LLMKERN_ATTN_TMA)."""
     return _TMA.allowed(q) and all(t.dim() == 4 and _tma.addressable(t) for t in (q, k, v, out))
+
+
+def backward_tma_kernels():
+    """Which backward kernels take the TMA variant (when use_tma allows it): LLMKERN_ATTN_TMA_BWD
+    = "dq" (default), "all" / "1", or "0". On an H100 (bf16, D=128, fully autotuned) the TMA dq
+    kernel ran 10-13% faster than the pointer one, the TMA dK/dV kernel 2-5% slower
+    (benchmarks/results/nvidia-h100-80gb-hbm3-2026-11-26-diag.log)."""
+    mode = os.environ.get("LLMKERN_ATTN_TMA_BWD", "dq").strip().lower()
+    if mode == "0":
+        return frozenset()
+    return frozenset(("dkdv", "dq")) if mode in ("1", "all") else frozenset(("dq",))
 
 
 # CUDA caps a grid's y and z dimensions at 65535; the kernels put batch x heads there. Larger
@@ -904,25 +918,23 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
     grid_kv = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * Hk)  # noqa: E731
     grid_q = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
 
-    def run(tma):
-        if tma:  # boxes are set per config by _set_tma_blocks
-            desc_q, desc_k, desc_v, desc_do = (_tma.descriptor(t) for t in (q, k, v, dout))
-        else:  # unused: the pointer kernels read q, k, v, dout directly
-            desc_q, desc_k, desc_v, desc_do = q, k, v, dout
-        suffix = "_tma" if tma else ""
-        _launch("dkdv" + suffix, _attn_bwd_dkdv, grid_kv,
+    def run(tma):  # tma: the kernels that take their TMA variant
+        # boxes are set per config by _set_tma_blocks; the pointer kernels read the tensors directly
+        desc_q, desc_do = (_tma.descriptor(t) for t in (q, dout)) if "dkdv" in tma else (q, dout)
+        desc_k, desc_v = (_tma.descriptor(t) for t in (k, v)) if "dq" in tma else (k, v)
+        _launch("dkdv_tma" if "dkdv" in tma else "dkdv", _attn_bwd_dkdv, grid_kv,
                 (q, k, v, dout, lse, delta, dk, dv, kpm_arg, cu_q, cu_k, desc_q, desc_do, scale, qk_scale, sc_in,
                  sc_out, *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(dout), *s_lse,
                  *_dense_strides(dk), *_dense_strides(dv), s_m, Hk, H // Hk, Tq, Tk, L, R, bucket),
-                dict(common, USE_TMA=tma))
-        _launch("dq" + suffix, _attn_bwd_dq, grid_q,
+                dict(common, USE_TMA="dkdv" in tma))
+        _launch("dq_tma" if "dq" in tma else "dq", _attn_bwd_dq, grid_q,
                 (q, k, v, dout, lse, delta, dq, kpm_arg, cu_q, cu_k, desc_k, desc_v, scale, qk_scale, sc_in, sc_out,
                  *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(dout), *s_lse,
-                 *_dense_strides(dq), s_m, H, H // Hk, Tq, Tk, L, R, bucket), dict(common, USE_TMA=tma))
+                 *_dense_strides(dq), s_m, H, H // Hk, Tq, Tk, L, R, bucket), dict(common, USE_TMA="dq" in tma))
 
-    tma = not varlen and use_tma(q, k, v, dout)
-    if not (tma and _TMA.run(lambda: run(True))):
-        run(False)
+    tma = backward_tma_kernels() if not varlen and use_tma(q, k, v, dout) else frozenset()
+    if not (tma and _TMA.run(lambda: run(tma))):
+        run(frozenset())
     return dq, dk, dv
 
 
