@@ -20,6 +20,20 @@ def checking_values():
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+def eager_fast_path(*tensors):
+    """Whether an op may run its torch.autograd.Function directly instead of through its
+    torch.library custom op: plain tensors in eager mode, no torch.compile / export trace and no
+    dispatch mode (FakeTensorMode, ...) active. Both paths run the same kernels; the custom op's
+    dispatch costs about 0.1 ms of host time per call (measured on the 2-core CI machine), which
+    for a 1k-token attention or a LoRA layer is as long as the kernel itself."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def softcap_arg(softcap):
     """The tanh soft-capping value as a float (0.0: none), or an error naming `softcap`."""
     if softcap is None:

@@ -136,6 +136,12 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
                       scale: float, causal: bool, window_left: int, window_right: int,
                       softcap: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     scale, causal, window_left, window_right, softcap)
+
+
+def _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+              scale, causal, window_left, window_right, softcap):
     if q.numel() == 0:
         return torch.zeros_like(q), torch.full(_lse_shape(q, cu_seqlens_q), float("-inf"),
                                                device=q.device, dtype=torch.float32)
@@ -158,6 +164,12 @@ def _attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                       cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
                       scale: float, causal: bool, window_left: int, window_right: int,
                       softcap: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                     max_seqlen_k, scale, causal, window_left, window_right, softcap)
+
+
+def _bwd_impl(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+              max_seqlen_k, scale, causal, window_left, window_right, softcap):
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     return _kern().attention_backward(
@@ -184,15 +196,38 @@ def _setup_context(ctx, inputs, output):
     ctx.args = inputs[6:]  # the LSE output is differentiable too: dLSE folds into delta
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, bwd=None):
     q, k, v, out, lse, kpm, cu_q, cu_k = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, dlse, kpm, cu_q, cu_k, *ctx.args)
+    dq, dk, dv = (bwd or _attention_bwd_op)(dout, q, k, v, out, lse, dlse, kpm, cu_q, cu_k, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """The eager twin of llmkern::attention_fwd / attention_bwd: the same kernels and saved
+    tensors without the torch.library dispatch (see _checks.eager_fast_path)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _fwd_impl(*inputs)
+        ctx.set_materialize_grads(False)  # an unused LSE stays None, as under the custom op
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse, bwd=_bwd_impl)
+
+
+def _attention_fwd(q, k, v, kpm, cu_q, cu_k, *args):
+    """(out, lse), differentiable: the custom op under torch.compile, its eager twin otherwise."""
+    if _checks.eager_fast_path(q, k, v, kpm, cu_q, cu_k):
+        return _AttentionFunction.apply(q, k, v, kpm, cu_q, cu_k, *args)
+    return _attention_fwd_op(q, k, v, kpm, cu_q, cu_k, *args)
 
 
 @torch.library.custom_op("llmkern::attention_decode", mutates_args=())
@@ -262,7 +297,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     backend = _backend_for(q.device, q.dtype, "attention")
     if backend == "triton":
-        out, lse = _attention_fwd_op(q, k, v, key_padding_mask, None, None, -1, -1, scale, causal, wl, wr, sc)
+        out, lse = _attention_fwd(q, k, v, key_padding_mask, None, None, -1, -1, scale, causal, wl, wr, sc)
     elif q.device.type == "cpu" and not sc and not return_lse and _backend.forced() != "reference":
         return _cpu_sdpa(q, k, v, causal, scale, wl, wr, key_padding_mask)
     else:
@@ -334,8 +369,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if backend == "triton":
         mq = int(max_seqlen_q) if max_seqlen_q else -1
         mk = int(max_seqlen_k) if max_seqlen_k else -1
-        out, lse = _attention_fwd_op(q, k, v, None, cu_seqlens_q, cu_seqlens_k, mq, mk, scale, causal,
-                                     wl, wr, sc)
+        out, lse = _attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, mq, mk, scale, causal,
+                                  wl, wr, sc)
     else:
         out, lse = ref.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
                                         window=_ref_window(wl, wr), softcap=sc or None, return_lse=True)

@@ -181,7 +181,7 @@ if _triton_op is not None and _backend.triton_available():
 
 
 class _LoRAFunction(torch.autograd.Function):
-    """The same kernels called directly (CPU tensors under TRITON_INTERPRET=1, or torch < 2.6)."""
+    """The same kernels called directly: eager calls, CPU tensors under TRITON_INTERPRET=1, torch < 2.6."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, scaling, perm, sorted_ids, seg, p, seed):
@@ -205,7 +205,8 @@ class _LoRAFunction(torch.autograd.Function):
 def _run_triton(x2, weight, bias, A3, B3, scalings, scaling, perm, sorted_ids, seg, p, seed):
     args = (x2, weight.contiguous(), None if bias is None else bias.contiguous(), A3.contiguous(),
             B3.contiguous(), scalings, scaling, perm, sorted_ids, seg, p, seed)
-    if x2.device.type == "cuda" and _HAVE_OPS:
+    # the custom op where torch.compile traces; eager calls skip its dispatch (see eager_fast_path)
+    if x2.device.type == "cuda" and _HAVE_OPS and not _checks.eager_fast_path(*args[:6]):
         return torch.ops.llmkern.lora_fwd(*args)[0]
     return _LoRAFunction.apply(*args)
 
