@@ -332,3 +332,22 @@ def test_from_hf_sharded_checkpoint_and_dtype(tmp_path):
     x = torch.randint(0, 101, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(m(x).float(), hf(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_padded_linear_matches_linear_with_an_aligned_row_stride():
+    """The LM head's padded product (GPT-2's V = 50257 is odd; cuBLAS needs aligned strides on GPU):
+    same values and gradients as F.linear, logits a view whose row stride is a multiple of 64."""
+    from llmkern.models._attn import padded_linear
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(99, 16, dtype=torch.float64, requires_grad=True)
+    y = padded_linear(h, W)
+    assert y.shape == (2, 5, 99) and y.stride(-2) == 128 and y.stride(-1) == 1
+    ref_y = torch.nn.functional.linear(h, W)
+    torch.testing.assert_close(y, ref_y)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (h, W), g)
+    want = torch.autograd.grad(ref_y, (h, W), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

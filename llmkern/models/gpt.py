@@ -117,7 +117,7 @@ class GPT(ZooModel):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(self.ln_f(x))
+        logits = self.head_logits(self.ln_f(x))
         if labels is None:
             return logits
         return logits, self.lm_loss(logits, labels)

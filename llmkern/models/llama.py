@@ -134,7 +134,7 @@ class Llama(ZooModel):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(self.norm(x))
+        logits = self.head_logits(self.norm(x))
         if labels is None:
             return logits
         return logits, self.lm_loss(logits, labels)
