@@ -1,0 +1,195 @@
+"""Where the GPU time goes: per-kernel times (torch.profiler) and every autotune candidate's time.
+
+The harness (llmkern-bench) says how fast an op is against its baseline; this says why, in one short
+run on the GPU machine: for each workload it prints the CUDA kernels of a few iterations (time per
+iteration, launches per iteration) and, for each of our autotuned kernels that tuned on it, every
+candidate config's measured time. Sections run in order, each guarded (a failure prints and moves on):
+
+    python benchmarks/gpu_diag.py [attention lora sampling mfu]   (default: all four)
+
+Knobs are the package's own environment variables (LLMKERN_ATTN_TMA, LLMKERN_ATTN_TMA_BWD,
+LLMKERN_LORA_AUTOTUNE, LLMKERN_LORA_TMA, LLMKERN_SAMPLE_SPLIT, LLMKERN_ATTN_TUNE_TOP); a section may
+set them for one workload, and says so in its heading.
+"""
+import contextlib
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+_seen_timings = {}
+
+
+def _say(*a):
+    print(*a, flush=True)
+
+
+@contextlib.contextmanager
+def env(**kv):
+    old = {k: os.environ.get(k) for k in kv}
+    os.environ.update({k: str(v) for k, v in kv.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def kernel_table(label, fn, iters=5, top=14):
+    """Run fn twice (warm-up, tuning), then profile `iters` calls: per-iteration time of each kernel."""
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / iters * 1e3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append((t / iters, e.count / iters, e.key))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    _say(f"\n## {label}: wall {wall:.3f} ms/iter, kernels {total / 1e3:.3f} ms/iter")
+    for t, n, name in rows[:top]:
+        _say(f"  {t:9.1f} us  x{n:<5.1f} {name[:110]}")
+
+
+def dump_autotuners(tuners):
+    """Every candidate's time of each autotuner that tuned since the last dump."""
+    for name, tuner in tuners.items():
+        timings = getattr(tuner, "configs_timings", None)
+        if not timings or _seen_timings.get(name) is timings:
+            continue
+        _seen_timings[name] = timings
+        best = min(timings, key=lambda c: _ms(timings[c]))
+        _say(f"  autotune {name}: {len(timings)} candidates, best {_cfg(best)}")
+        for c, t in sorted(timings.items(), key=lambda ct: _ms(ct[1])):
+            _say(f"    {_ms(t):8.4f} ms  {_cfg(c)}")
+
+
+def _ms(t):
+    return t[0] if isinstance(t, (list, tuple)) else t
+
+
+def _cfg(c):
+    kw = ",".join(f"{k}={v}" for k, v in c.kwargs.items())
+    return f"{kw} w{c.num_warps} s{c.num_stages}"
+
+
+def attention():
+    import llmkern
+    from llmkern.kernels import attention as A
+
+    def tuners():
+        return {n: A._tuned(n) for n in ("fwd", "fwd_tma", "dkdv", "dkdv_tma", "dq", "dq_tma")}
+
+    def qkv(B, H, T, D=128):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        return [torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+                for _ in range(3)]
+
+    cases = [(16, 1024, True), (16, 1024, False), (4, 4096, True)]
+    variants = [("default", {}), ("pointer (LLMKERN_ATTN_TMA=0)", {"LLMKERN_ATTN_TMA": "0"}),
+                ("TMA backward (LLMKERN_ATTN_TMA_BWD=1)", {"LLMKERN_ATTN_TMA_BWD": "1"})]
+    for vname, kv in variants:
+        for B, T, causal in cases:
+            q, k, v = qkv(B, 16, T)
+            do = torch.randn_like(q)
+            with env(**kv):
+                label = f"attention B={B} H=16 T={T} D=128 causal={causal} bf16, {vname}"
+                kernel_table(label + ", fwd", lambda: llmkern.attention(q, k, v, causal=causal))
+                kernel_table(label + ", fwd+bwd",
+                             lambda: torch.autograd.grad(llmkern.attention(q, k, v, causal=causal), (q, k, v), do),
+                             iters=3)
+            dump_autotuners(tuners())
+
+
+def lora():
+    import llmkern
+    from llmkern.kernels import lora as L
+
+    M, K, N, r = 8192, 4096, 4096, 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *s, sc=1.0: (torch.randn(*s, device="cuda", generator=g) * sc).to(torch.bfloat16)  # noqa: E731
+    x, W, b, dy = rnd(M, K), rnd(N, K, sc=K ** -0.5), rnd(N), rnd(M, N)
+    xg = x.clone().requires_grad_()
+    A = rnd(r, K, sc=K ** -0.5).requires_grad_()
+    B = rnd(N, r, sc=r ** -0.5).requires_grad_()
+    kernel_table("base F.linear fwd+bwd (frozen W)",
+                 lambda: torch.autograd.grad(torch.nn.functional.linear(xg, W, b), (xg,), dy))
+    variants = [("fixed config (LLMKERN_LORA_AUTOTUNE=0)", {"LLMKERN_LORA_AUTOTUNE": "0"}),
+                ("fixed config, pointer GEMM (LLMKERN_LORA_TMA=0)", {"LLMKERN_LORA_AUTOTUNE": "0", "LLMKERN_LORA_TMA": "0"}),
+                ("autotuned", {})]
+    for vname, kv in variants:
+        with env(**kv), torch.no_grad():
+            kernel_table(f"lora_linear fwd M={M} K={K} N={N} r={r} bf16, {vname}",
+                         lambda: llmkern.lora_linear(x, W, b, A, B, 2.0))
+        with env(**kv):
+            kernel_table(f"lora_linear fwd+bwd, {vname}",
+                         lambda: torch.autograd.grad(llmkern.lora_linear(xg, W, b, A, B, 2.0), (xg, A, B), dy))
+        dump_autotuners({k: v for k, v in L._tuned.items()})
+    x3 = x.view(16, M // 16, K)
+    for n in (1, 16):
+        An, Bn = rnd(n, r, K, sc=K ** -0.5), rnd(n, N, r, sc=r ** -0.5)
+        scal = torch.full((n,), 2.0, device="cuda")
+        ids = (torch.arange(16, device="cuda") % n)[:, None].expand(16, M // 16).contiguous()
+        with env(LLMKERN_LORA_AUTOTUNE="0"), torch.no_grad():
+            kernel_table(f"lora_linear_multi fwd, {n} adapters, fixed config",
+                         lambda: llmkern.lora_linear_multi(x3, W, b, An, Bn, scal, ids))
+
+
+def sampling():
+    import llmkern
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for B, V in ((256, 128256), (1, 128256)):
+        logits = torch.randn(B, V, device="cuda", generator=g) * 3
+        for name, kw in (("top-k+top-p", dict(top_k=50, top_p=0.9)), ("top-p", dict(top_p=0.9))):
+            for vname, kv in (("default", {}), ("no split prepass", {"LLMKERN_SAMPLE_SPLIT": "0"})):
+                with env(**kv):
+                    kernel_table(f"sample {name} B={B} V={V} fp32, {vname}",
+                                 lambda: llmkern.sample(logits, seed=0, **kw), iters=10)
+        kernel_table(f"torch.softmax B={B} V={V}", lambda: torch.softmax(logits, -1), iters=10)
+
+
+def mfu():
+    from llmkern.bench.suites.mfu import _step_fn
+    from llmkern.models import get_config
+
+    for backend in ("torch", "llmkern"):
+        step, _, _ = _step_fn(get_config("gpt2"), backend, 8, 1024, False, torch.device("cuda"), False)
+        with env(LLMKERN_ATTN_TUNE_TOP="2"):  # as the harness's GPU run: bounded compile time
+            kernel_table(f"gpt2-124m train step B=8 T=1024, backend={backend}", step, iters=3, top=20)
+        del step
+        torch.cuda.empty_cache()
+
+
+SECTIONS = {"attention": attention, "lora": lora, "sampling": sampling, "mfu": mfu}
+
+
+def main(argv):
+    _say(f"gpu_diag on {torch.cuda.get_device_name()} (torch {torch.__version__})")
+    for name in argv or list(SECTIONS):
+        t0 = time.time()
+        _say(f"\n# section {name}")
+        try:
+            SECTIONS[name]()
+        except Exception:  # noqa: BLE001 - one broken section must not hide the others
+            traceback.print_exc()
+        _say(f"# section {name}: {time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
