@@ -10,6 +10,17 @@ def interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cdiv(a, b):
+    """ceil(a / b) for host-side ints. triton.cdiv does the same, but from Triton 3.7 on it is a
+    constexpr function whose wrapper costs microseconds per call in the launchers' hot path."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The smallest power of two >= n (1 for n <= 1), host side (see cdiv for why not Triton's)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
 @triton.jit
 def tanh(x):
     """tanh through the sigmoid (tl has no tanh on every Triton version we support)."""

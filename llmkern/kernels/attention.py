@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from llmkern.kernels import _tma
+from llmkern.kernels._common import cdiv, next_power_of_2
 from llmkern.kernels._common import interpreting as _interpreting
 from llmkern.kernels._common import tanh as _tanh
 
@@ -704,11 +705,11 @@ def _prec(dtype):
 
 
 def _block_d(d):
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def _seq_bucket(n):
-    return min(max(triton.next_power_of_2(max(int(n), 1)), 64), 1 << 16)
+    return min(max(next_power_of_2(max(int(n), 1)), 64), 1 << 16)
 
 
 def _window_args(window_left, window_right):
@@ -845,7 +846,7 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
         kpm = kpm.to(torch.bool).contiguous().view(torch.uint8)
     qk_scale, sc_in, sc_out = _softcap_args(scale, softcap)
     BD = _block_d(D)
-    grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda META: (cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
     args = (q, k, v, out, lse, kpm if kpm is not None else lse, cu_q, cu_k,
             qk_scale, sc_in, sc_out,
             *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(out),
@@ -903,7 +904,7 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
     pre_bm = 64
-    _attn_bwd_preprocess[(triton.cdiv(Tq, pre_bm), B * H)](
+    _attn_bwd_preprocess[(cdiv(Tq, pre_bm), B * H)](
         out, dout, dlse if dlse is not None else lse, delta, cu_q,
         *_dense_strides(out), *_dense_strides(dout), *s_lse, H, Tq,
         HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=pre_bm)
@@ -915,8 +916,8 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
     kpm_arg = kpm if kpm is not None else lse
     s_m = kpm.stride(0) if kpm is not None else 0
     bucket = _seq_bucket(max(Tq, Tk))
-    grid_kv = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * Hk)  # noqa: E731
-    grid_q = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
+    grid_kv = lambda META: (cdiv(Tk, META["BLOCK_N"]), B * Hk)  # noqa: E731
+    grid_q = lambda META: (cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
 
     def run(tma):  # tma: the kernels that take their TMA variant
         # boxes are set per config by _set_tma_blocks; the pointer kernels read the tensors directly

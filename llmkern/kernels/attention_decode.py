@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmkern.kernels._common import cdiv, next_power_of_2
 from llmkern.kernels.attention import (LOG2E, _batch_slices, _block_d, _interpreting, _last_contig, _prec,
                                        _softcap_args, _tanh, _window_args)
 
@@ -133,7 +134,7 @@ def _num_sms(index):
 def _decode_config(D, rows):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the split kernel: memory-bound, so wide key
     tiles and a few pipeline stages; the packed rows (GQA group x new tokens) set BLOCK_M."""
-    bm = min(max(16, triton.next_power_of_2(rows)), 64)
+    bm = min(max(16, next_power_of_2(rows)), 64)
     if D <= 64:
         return bm, 128, 4, 3
     if D <= 128:
@@ -143,12 +144,12 @@ def _decode_config(D, rows):
 
 def choose_num_splits(B, Hk, m_blocks, Tmax, block_n, device):
     if device.type != "cuda":
-        return max(1, min(4, triton.cdiv(Tmax, 4 * block_n)))
+        return max(1, min(4, cdiv(Tmax, 4 * block_n)))
     programs = B * Hk * m_blocks
     target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    splits = triton.cdiv(target, programs)
+    splits = cdiv(target, programs)
     # each split gets at least 4 key tiles
-    return int(max(1, min(splits, triton.cdiv(Tmax, 4 * block_n), 128)))
+    return int(max(1, min(splits, cdiv(Tmax, 4 * block_n), 128)))
 
 
 def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, window_left=-1,
@@ -172,10 +173,10 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
     bm, bn, warps, stages = _decode_config(D, rows)
     if _interpreting():
         bn = 32
-    m_blocks = triton.cdiv(rows, bm)
+    m_blocks = cdiv(rows, bm)
     S = num_splits if num_splits and num_splits > 0 else choose_num_splits(B, Hk, m_blocks, Tmax, bn, q.device)
-    chunk = triton.cdiv(triton.cdiv(Tmax, S), bn) * bn
-    S = triton.cdiv(Tmax, chunk) if Tmax > 0 else 1
+    chunk = cdiv(cdiv(Tmax, S), bn) * bn
+    S = cdiv(Tmax, chunk) if Tmax > 0 else 1
     BD = _block_d(D)
     seqlens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     op = torch.empty(B, H, Tq, S, D, device=q.device, dtype=torch.float32)
@@ -198,7 +199,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
         op.stride(0), op.stride(1), op.stride(2), op.stride(3),
         lp.stride(0), lp.stride(1), lp.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H, Tq,
-        HEAD_DIM=D, BLOCK_D=BD, BLOCK_S=max(2, triton.next_power_of_2(S)))
+        HEAD_DIM=D, BLOCK_D=BD, BLOCK_S=max(2, next_power_of_2(S)))
     return out, lse
 
 

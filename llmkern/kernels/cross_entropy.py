@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmkern.kernels._common import cdiv, next_power_of_2
 from llmkern.kernels._common import interpreting as _interpreting
 from llmkern.kernels._common import tanh as _tanh
 
@@ -188,7 +189,7 @@ def config(V, vec=8):
     row's shift, < vec, must lie inside its first chunk)."""
     if _interpreting():
         return max(interpreter_block(), vec), 1
-    bv = min(MAX_BLOCK_V, max(triton.next_power_of_2(int(V)), 128))
+    bv = min(MAX_BLOCK_V, max(next_power_of_2(int(V)), 128))
     return bv, max(1, min(8, bv // 512))
 
 
@@ -266,7 +267,7 @@ def cross_entropy_backward(dout, logits, labels, lse, n_valid, *, ignore_index=-
     vec = _vec(logits)
     bv, nw = config(V, vec)
     aligned = _aligned(logits, dx) and _rows_congruent(logits, vec)
-    n_blk = triton.cdiv(V + (vec - 1 if aligned else 0), bv)
+    n_blk = cdiv(V + (vec - 1 if aligned else 0), bv)
     stride_dout = dout.stride(0) if dout.dim() else 0
     _ce_bwd[(N, n_blk)](logits, labels, lse, dout, n_valid, dx, T, sb, st, stride_dout, V,
                         int(ignore_index), sc_in, sc_out, HAS_SOFTCAP=bool(softcap), MEAN=bool(mean),

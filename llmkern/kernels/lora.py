@@ -42,6 +42,7 @@ import torch
 
 from llmkern._backend import triton_interpreting
 from llmkern.kernels import _tma
+from llmkern.kernels._common import cdiv, next_power_of_2
 
 _HASH_COL = 0x9E3779B1
 
@@ -402,7 +403,7 @@ def _block_r(R, cap=64):
     """Rank chunk: a power of two in [16, cap]; larger ranks loop over chunks. The GEMM epilogue
     uses cap 32 (sm_90 compile check: r = 64 at 128x256 tiles needs 254 registers with 64-wide
     chunks, 227 with 32)."""
-    return min(cap, max(16, triton.next_power_of_2(R)))
+    return min(cap, max(16, next_power_of_2(R)))
 
 
 def _precision(dtype):
@@ -455,7 +456,7 @@ def shrink(x, A, scale, scales=None, perm=None, sorted_ids=None, dropout_p=0.0, 
     thr, inv = dropout_params(dropout_p)
     sd = _seed_arg(seed, dropout_p, x)
     BR = _block_r(R)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BR))  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(R, BR))  # noqa: E731
     _launch("shrink", wrap, grid,
             x, A, out, perm if has_ids else x, sorted_ids if has_ids else x,
             scales if has_ids else x, float(scale),
@@ -479,7 +480,7 @@ def gemm(x, W, bias, xs, LB, perm=None, sorted_ids=None, dropout_p=0.0, seed=Non
     has_ids = sorted_ids is not None
     thr, inv = dropout_params(dropout_p)
     sd = _seed_arg(seed, dropout_p, x)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
 
     def launch(w_tma):
         if w_tma is None:  # the pointer kernel: the descriptor arguments are unused
@@ -558,11 +559,11 @@ def reduce_rows(y, z, n, perm=None, seg=None, dropout_p=0.0, seed=None, wrap=Non
     R = z.shape[1]
     has_ids = seg is not None
     BR = _block_r(R)
-    split = _split_for(triton.cdiv(P, 128) * triton.cdiv(R, BR), n, M, y.device)
+    split = _split_for(cdiv(P, 128) * cdiv(R, BR), n, M, y.device)
     part = torch.empty((split, n, P, R), device=y.device, dtype=torch.float32)
     thr, inv = dropout_params(dropout_p)
     sd = _seed_arg(seed, dropout_p, y)
-    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(R, BR), n, split)  # noqa: E731
+    grid = lambda meta: (cdiv(P, meta["BLOCK_P"]) * cdiv(R, BR), n, split)  # noqa: E731
     _launch("reduce", wrap, grid,
             y, z, part, perm if has_ids else y, seg if has_ids else y, M, P, R, split,
             sd, thr, inv,
