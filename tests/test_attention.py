@@ -618,3 +618,38 @@ def test_gpu_compile_fullgraph():
 def test_scale_default_is_inverse_sqrt_head_dim():
     q, k, v = _qkv(1, 1, 1, 5, 5, 16, torch.float64, device="cpu", requires_grad=False)
     torch.testing.assert_close(llmkern.attention(q, k, v), llmkern.attention(q, k, v, scale=1 / math.sqrt(16)))
+
+
+def test_eager_fast_path_only_for_plain_eager_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from llmkern.ops._checks import eager_fast_path
+
+    t = torch.randn(2, 3)
+    assert eager_fast_path(t, None, torch.nn.Parameter(t))
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(t)
+        assert not eager_fast_path(fake)
+    assert not eager_fast_path(fake)  # a FakeTensor is no plain tensor, mode or not
+
+
+@needs_triton
+def test_eager_calls_skip_the_custom_op_with_the_same_results(triton_backend, monkeypatch):
+    """Eager attention runs _AttentionFunction (no torch.library dispatch); the custom op, which
+    torch.compile traces, gives the same output and gradients."""
+    from llmkern.ops import attention as ops
+
+    q, k, v = _qkv(1, 2, 1, 24, 24, 16, torch.float32)
+    dout = torch.randn_like(q)
+    eager_out = llmkern.attention(q, k, v, causal=True)
+    eager_grads = torch.autograd.grad(eager_out, (q, k, v), dout)
+    monkeypatch.setattr(ops._checks, "eager_fast_path", lambda *t: False)
+    called = []
+    real = ops._attention_fwd_op
+    monkeypatch.setattr(ops, "_attention_fwd_op", lambda *a: (called.append(1), real(*a))[1])
+    op_out = llmkern.attention(q, k, v, causal=True)
+    op_grads = torch.autograd.grad(op_out, (q, k, v), dout)
+    assert called
+    assert torch.equal(eager_out, op_out)
+    for a, b in zip(eager_grads, op_grads):
+        assert torch.equal(a, b)
