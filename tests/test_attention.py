@@ -653,3 +653,13 @@ def test_eager_calls_skip_the_custom_op_with_the_same_results(triton_backend, mo
     assert torch.equal(eager_out, op_out)
     for a, b in zip(eager_grads, op_grads):
         assert torch.equal(a, b)
+
+
+def test_backward_tma_switch_rejects_unknown_values(monkeypatch):
+    from llmkern.kernels import attention as A
+
+    monkeypatch.setenv("LLMKERN_ATTN_TMA_BWD", "dkdv")
+    with pytest.raises(ValueError, match="LLMKERN_ATTN_TMA_BWD"):
+        A.backward_tma_kernels()
+    monkeypatch.setenv("LLMKERN_ATTN_TMA_BWD", "ALL")
+    assert A.backward_tma_kernels() == {"dkdv", "dq"}

@@ -747,9 +747,13 @@ def backward_tma_kernels():
     kernel ran 10-13% faster than the pointer one, the TMA dK/dV kernel 2-5% slower
     (benchmarks/results/nvidia-h100-80gb-hbm3-2026-11-26-diag.log)."""
     mode = os.environ.get("LLMKERN_ATTN_TMA_BWD", "dq").strip().lower()
-    if mode == "0":
-        return frozenset()
-    return frozenset(("dkdv", "dq")) if mode in ("1", "all") else frozenset(("dq",))
+    if mode not in _BWD_TMA_MODES:
+        raise ValueError(f"LLMKERN_ATTN_TMA_BWD must be one of {sorted(_BWD_TMA_MODES)}, got {mode!r}")
+    return _BWD_TMA_MODES[mode]
+
+
+_BWD_TMA_MODES = {"0": frozenset(), "dq": frozenset(("dq",)), "1": frozenset(("dkdv", "dq")),
+                  "all": frozenset(("dkdv", "dq"))}
 
 
 # CUDA caps a grid's y and z dimensions at 65535; the kernels put batch x heads there. Larger

@@ -127,7 +127,10 @@ class KVCache:
         self.v = [None if t is None else t.index_select(0, idx) for t in self.v]
 
 
-def padded_linear(h, weight, multiple=64):
+HEAD_ALIGN = 64  # LM-head rows are padded to a multiple of this on CUDA (see ZooModel.head_logits)
+
+
+def padded_linear(h, weight, multiple=HEAD_ALIGN):
     """F.linear(h, weight) [..., N] computed as h times a copy of weight padded with zero rows to a
     multiple of `multiple`, returned as a view with the padded row stride (same values and
     gradients; see ZooModel.head_logits for why)."""
@@ -192,7 +195,7 @@ class ZooModel(torch.nn.Module):
         the padding costs a copy of the weight and of the logits' gradient."""
         head = self.lm_head
         V = head.weight.shape[0]
-        if (not h.is_cuda or type(head) is not torch.nn.Linear or head.bias is not None or V % 64 == 0
+        if (not h.is_cuda or type(head) is not torch.nn.Linear or head.bias is not None or V % HEAD_ALIGN == 0
                 or h.numel() // h.shape[-1] < 512):
             return head(h)
         return padded_linear(h, head.weight)
