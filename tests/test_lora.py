@@ -221,15 +221,31 @@ def test_tma_gemm_equals_pointer_gemm(triton_backend, monkeypatch, case):
 
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only")
-def test_tma_gemm_skips_gathered_rows(triton_backend, monkeypatch):
-    """Multi-adapter batches gather rows through `perm`: no box, so the pointer GEMM runs."""
-    monkeypatch.setenv("LLMKERN_LORA_TMA", "force")
+def test_multi_adapter_gemm_keeps_rows_in_place(triton_backend, monkeypatch):
+    """Multi-adapter batches run the same GEMM as one adapter (rows in place, TMA included); only the
+    epilogue loops over the adapters of a tile. Interleaved ids put several adapters (and -1 rows)
+    in every tile; TMA and pointer GEMMs agree bit for bit, and both match the reference."""
     monkeypatch.setattr(K._TMA, "failed", [])
-    x, W, b, A, B = _inputs(24, 32, 16, 4, torch.float16, n=2)
+    x, W, b, A, B = _inputs(40, 32, 48, 4, torch.float16, n=3)
+    ids = torch.tensor([0, 2, -1, 1, 2] * 8)
+    dy = torch.randn(40, 48, dtype=torch.float16)
     launched = _record_launches(monkeypatch)
-    llmkern.lora_linear_multi(_leaf(x), W, b, _leaf(A), _leaf(B), [1.0, 0.5],
-                              torch.tensor([0, 1, -1] * 8)).sum().backward()
-    assert launched.count("gemm") == 2 and "gemm_tma" not in launched
+    results = {}
+    for mode in ("0", "force"):
+        monkeypatch.setenv("LLMKERN_LORA_TMA", mode)
+        leaves = [_leaf(t) for t in (x, W, b, A, B)]
+        y = llmkern.lora_linear_multi(*leaves, [1.0, 0.5, 2.0], ids)
+        y.backward(dy)
+        results[mode] = [y] + [t.grad for t in leaves]
+    assert [n for n in launched if n.startswith("gemm")] == ["gemm", "gemm", "gemm_tma", "gemm_tma"]
+    for name, a, b_ in zip(["y", "dx", "dW", "db", "dA", "dB"], results["0"], results["force"]):
+        assert torch.equal(a, b_), name
+    leaves = [_d(t) for t in (x, W, b, A, B)]
+    yr = ref.lora_linear_multi(*leaves, torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64), ids)
+    yr.backward(dy.double())
+    for name, got, want in zip(["y", "dx", "dW", "db", "dA", "dB"], results["force"], [yr] + [t.grad for t in leaves]):
+        assert_close(got, want, msg=name, **TOL[torch.float16])
+    assert not K._TMA.failed
 
 
 @needs_triton

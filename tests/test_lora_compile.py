@@ -84,8 +84,7 @@ def main(everything=False):
     dt = "bf16"
     shrink_t = dict(X=f"*{dt}", A=f"*{dt}", OUT="*fp32", ROWS="*i32", IDS="*i32", SCALES="*fp32", scale="fp64",
                     SEED="*i32", inv_keep="fp64")
-    gemm_t = dict(X=f"*{dt}", W=f"*{dt}", BIAS=f"*{dt}", XS="*fp32", LB=f"*{dt}", OUT=f"*{dt}", ROWS="*i32",
-                  IDS="*i32", desc_x=f"*{dt}", desc_w=f"*{dt}", SEED="*i32", inv_keep="fp64")
+    gemm_t = dict(X=f"*{dt}", W=f"*{dt}", BIAS=f"*{dt}", XS="*fp32", LB=f"*{dt}", OUT=f"*{dt}", IDS="*i32", desc_x=f"*{dt}", desc_w=f"*{dt}", SEED="*i32", inv_keep="fp64")
     reduce_t = dict(Y=f"*{dt}", Z="*fp32", OUT="*fp32", ROWS="*i32", SEG="*i32", SEED="*i32", inv_keep="fp64")
     gemm_fwd = dict(sxk=1, swk=1, sxs_r=1, slb_r=1, son=1, PRECISION="tf32", GROUP_M=8, USE_TMA=False, W_T=False)
     gemm_bwd = dict(sxk=1, swn=1, sxs_r=1, slb_n=1, son=1, PRECISION="tf32", GROUP_M=8, USE_TMA=False, W_T=False)
@@ -103,6 +102,10 @@ def main(everything=False):
          dict(syp=1, szr=1, so_r=1, HAS_IDS=True, DROPOUT=True, BLOCK_M=64, BLOCK_P=128, BLOCK_R=64,
               PRECISION="tf32"), 4, 3),
     ]
+    bm, bn, bk, w, s = L._FIXED_GPU_TMA_TILE
+    rows.append(("gemm tma fwd multi", L._gemm_kernel, gemm_t,  # rows in place: the TMA main loop
+                 dict(gemm_fwd, USE_TMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=True, HAS_IDS=True,
+                      EPI_DROPOUT=False, BLOCK_R=16), w, s))
     if everything:
         rows += [
             ("gemm fwd multi", L._gemm_kernel, gemm_t,
@@ -152,7 +155,7 @@ def test_lora_kernels_compile_for_sm90():
     fwd = next(line for line in lines if line.startswith("gemm fwd 128x256"))
     assert "wgmma=True" in fwd, fwd  # Hopper's warp-group MMA in the main GEMM
     tma = [line for line in lines if line.startswith("gemm tma")]
-    assert len(tma) == 2 * len(_GEMM_TMA_TILES), tma
+    assert len(tma) == 2 * len(_GEMM_TMA_TILES) + 1, tma
     for line in tma:  # bulk tensor copies feeding the warp-group MMA, and no spills at all
         assert "wgmma=True utmaldg=True hgmma=True" in line and "stack=0 " in line, line
     for line in lines:

@@ -11,9 +11,12 @@ Kernels (each one launch; the multi-adapter case is the same kernels with per-ro
   _reduce_kernel   out[a, P, R] = Σ_{rows of a} drop(Y)ᵀ Z   (dB = dyᵀ xs, dA = dxsᵀ drop(x)),
                    split over rows for parallelism with a deterministic partial sum
 
-Multi-adapter batches are processed in adapter-sorted order: the caller passes `perm` (sorted
-position -> original row) and `sorted_ids`; rows are gathered/scattered through `perm`, so one
-launch handles any mix of adapters (and -1 rows) without host synchronisation.
+Multi-adapter batches: the caller passes `perm` (sorted position -> original row), `sorted_ids`
+and the segment starts. The shrink and the reductions walk the rows in adapter-sorted order through
+`perm` (a tile then meets one or two adapters); the GEMM keeps the rows in place (the per-row ids
+come from scattering sorted_ids back), so its main loop is the single-adapter one, TMA included, and
+only its epilogue loops over the adapters present in a tile. xs / dxs are stored in the original
+row order. One launch per stage handles any mix of adapters (and -1 rows) without host sync.
 
 Passes over memory: forward = shrink (reads x) + GEMM (reads x, W; writes y); backward = shrink
 of dy by Bᵀ, the dx GEMM (reads dy, W), and two row reductions (dy for dB, x for dA). dW, when
@@ -28,7 +31,7 @@ Launchers take any strides but make inputs contiguous first (gradients from `.su
 stride-0 expanded tensors). Under TRITON_INTERPRET=1 they use one small fixed configuration;
 on GPU the kernels are autotuned (LLMKERN_LORA_AUTOTUNE=0: one fixed configuration).
 
-TMA (sm_90+, fp16/bf16, single adapter, 16-byte aligned rows): the GEMM reads x and W through host
+TMA (sm_90+, fp16/bf16, 16-byte aligned rows): the GEMM reads x and W through host
 tensor descriptors instead of per-thread pointers (its own autotune candidates, "gemm_tma"), which
 frees the address registers and lets the copy engine fill shared memory asynchronously; the
 backward's Wᵀ is read as the row-major tensor under the view. LLMKERN_LORA_TMA=0 turns it off,
@@ -82,7 +85,8 @@ def _shrink_kernel(X, A, OUT, ROWS, IDS, SCALES, scale,
                    HAS_IDS: tl.constexpr, DROPOUT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                    PRECISION: tl.constexpr):
-    """OUT[m, r] = s_a · Σ_k drop(X[rows[m], k]) A[a_m, r, k]   (m in sorted order)."""
+    """OUT[rows[m], r] = s_a · Σ_k drop(X[rows[m], k]) A[a_m, r, k]: tiles walk the rows in sorted
+    order (few adapters per tile), results land in the original row order."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -121,14 +125,14 @@ def _shrink_kernel(X, A, OUT, ROWS, IDS, SCALES, scale,
             s = scale
         # torch.compile passes Python floats as fp64 scalars: keep the loop-carried sum fp32.
         total += tl.where(sel[:, None], acc * s, 0.0).to(tl.float32)
-    tl.store(OUT + offs_m[:, None] * som + offs_r[None, :] * sor, total,
+    tl.store(OUT + rows[:, None] * som + offs_r[None, :] * sor, total,
              mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.jit
 def _base_ptr(X, W, rows, offs_n, mask_m, mask_n, K, sxm, sxk, swn, swk, acc,
               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += X[rows] Wᵀ of one tile through per-thread pointers (any strides, gathered rows)."""
+    """acc += X[rows] Wᵀ of one tile through per-thread pointers (any strides)."""
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X + rows[:, None] * sxm + offs_k[None, :] * sxk
     w_ptrs = W + offs_n[None, :].to(tl.int64) * swn + offs_k[:, None] * swk
@@ -160,17 +164,19 @@ def _base_tma(desc_x, desc_w, m0, n0, K, acc,
 
 
 @triton.jit(do_not_specialize=["threshold"])
-def _gemm_kernel(X, W, BIAS, XS, LB, OUT, ROWS, IDS, desc_x, desc_w,
+def _gemm_kernel(X, W, BIAS, XS, LB, OUT, IDS, desc_x, desc_w,
                  M, N, K, R, n_adapters, SEED, threshold, inv_keep,
                  sxm, sxk, swn, swk, sxs_m, sxs_r, slb_a, slb_n, slb_r, som, son,
                  HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, EPI_DROPOUT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
                  USE_TMA: tl.constexpr, W_T: tl.constexpr):
-    """OUT[rows[m], n] = Σ_k X[rows[m], k] W[n, k] + bias[n] + mask ⊙ Σ_r XS[m, r] LB[a_m, n, r].
+    """OUT[m, n] = Σ_k X[m, k] W[n, k] + bias[n] + mask ⊙ Σ_r XS[m, r] LB[a_m, n, r].
 
-    USE_TMA (never with HAS_IDS: a gathered row set is no box): X and W come through the
-    descriptors desc_x / desc_w; otherwise those arguments are the raw tensors and unused."""
+    Rows in their original order, multi-adapter batches too (IDS: the adapter of each row), so the
+    main loop is the single-adapter one (TMA included) and only the epilogue loops over the
+    adapters present in the tile. USE_TMA: X and W come through the descriptors desc_x / desc_w;
+    otherwise those arguments are the raw tensors and unused."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -184,10 +190,7 @@ def _gemm_kernel(X, W, BIAS, XS, LB, OUT, ROWS, IDS, desc_x, desc_w,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    if HAS_IDS:
-        rows = tl.load(ROWS + offs_m, mask=mask_m, other=0).to(tl.int64)
-    else:
-        rows = offs_m.to(tl.int64)
+    rows = offs_m.to(tl.int64)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if USE_TMA:
@@ -240,7 +243,7 @@ def _reduce_kernel(Y, Z, OUT, ROWS, SEG, M, P, R, split,
                    HAS_IDS: tl.constexpr, DROPOUT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
                    PRECISION: tl.constexpr):
-    """OUT[s, a, p, r] = Σ_{m in chunk s of segment a} drop(Y[rows[m], p]) Z[m, r]."""
+    """OUT[s, a, p, r] = Σ_{m in chunk s of segment a} drop(Y[rows[m], p]) Z[rows[m], r]."""
     pid_p = tl.program_id(0)
     a = tl.program_id(1)
     s = tl.program_id(2)
@@ -273,7 +276,7 @@ def _reduce_kernel(Y, Z, OUT, ROWS, SEG, M, P, R, split,
         if DROPOUT:
             keep = _keep_mask(rows, offs_p, SEED, threshold)
             y = tl.where(keep, y * inv_keep, 0.0).to(Y.dtype.element_ty)
-        z = tl.load(Z + offs_m[:, None] * szm + offs_r[None, :] * szr,
+        z = tl.load(Z + rows[:, None] * szm + offs_r[None, :] * szr,
                     mask=mm[:, None] & mask_r[None, :], other=0.0)
         acc = tl.dot(tl.trans(y), z.to(y.dtype), acc, input_precision=PRECISION)
     tl.store(OUT + s * so_s + a * so_a + offs_p[:, None] * so_p + offs_r[None, :] * so_r, acc,
@@ -352,6 +355,8 @@ _INTERP = {"gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
            "shrink": dict(BLOCK_M=16, BLOCK_K=32),
            "reduce": dict(BLOCK_M=16, BLOCK_P=32)}
 _INTERP["gemm_tma"] = _INTERP["gemm"]
+
+_FIXED_GPU_TMA_TILE = (128, 256, 64, 8, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
 
 # One sensible GPU configuration per kernel, used when LLMKERN_LORA_AUTOTUNE=0 (fast test runs).
 _FIXED_GPU = {"gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
@@ -445,7 +450,8 @@ def _seed_arg(seed, p, like):
 
 
 def shrink(x, A, scale, scales=None, perm=None, sorted_ids=None, dropout_p=0.0, seed=None, wrap=None):
-    """xs[M, R] fp32 = s_a · drop(x[perm]) A_aᵀ (rows in sorted order when `perm` is given).
+    """xs[M, R] fp32 = s_a · drop(x) A_aᵀ, in x's row order (with `perm`, the tiles walk the rows in
+    adapter-sorted order, so each tile loops over few adapters).
 
     x [M, K]; A [n, R, K] (any strides: pass a transposed view to shrink by Bᵀ)."""
     x = x.contiguous()
@@ -466,18 +472,19 @@ def shrink(x, A, scale, scales=None, perm=None, sorted_ids=None, dropout_p=0.0, 
     return out
 
 
-def gemm(x, W, bias, xs, LB, perm=None, sorted_ids=None, dropout_p=0.0, seed=None, wrap=None):
+def gemm(x, W, bias, xs, LB, ids=None, dropout_p=0.0, seed=None, wrap=None):
     """out[M, N] = x Wᵀ + bias + mask ⊙ (xs LB_aᵀ).
 
-    x [M, K]; W [N, K] (any strides); xs [M, R] fp32 in sorted order; LB [n, N, R] (any strides).
-    The dropout mask (when dropout_p > 0) applies to the low-rank term at (row, n)."""
+    x [M, K]; W [N, K] (any strides); xs [M, R] fp32; LB [n, N, R] (any strides); ids: int32 [M],
+    the adapter of each row (None: adapter 0 everywhere). The dropout mask (when dropout_p > 0)
+    applies to the low-rank term at (row, n)."""
     x = x.contiguous()
     xs = xs.contiguous()
     M, K = x.shape
     N = W.shape[0]
     n, _, R = LB.shape
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    has_ids = sorted_ids is not None
+    has_ids = ids is not None
     thr, inv = dropout_params(dropout_p)
     sd = _seed_arg(seed, dropout_p, x)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
@@ -488,16 +495,15 @@ def gemm(x, W, bias, xs, LB, perm=None, sorted_ids=None, dropout_p=0.0, seed=Non
         else:  # boxes are set per config by _set_tma_blocks
             desc_x, desc_w, w_t = _tma.descriptor(x), _tma.descriptor(w_tma[0]), w_tma[1]
         _launch("gemm" if w_tma is None else "gemm_tma", wrap, grid,
-                x, W, bias if bias is not None else x, xs, LB, out,
-                perm if has_ids else x, sorted_ids if has_ids else x, desc_x, desc_w,
+                x, W, bias if bias is not None else x, xs, LB, out, ids if has_ids else x, desc_x, desc_w,
                 M, N, K, R, n, sd, thr, inv,
                 x.stride(0), x.stride(1), W.stride(0), W.stride(1), xs.stride(0), xs.stride(1),
                 LB.stride(0), LB.stride(1), LB.stride(2), out.stride(0), out.stride(1),
                 HAS_BIAS=bias is not None, HAS_IDS=has_ids, EPI_DROPOUT=dropout_p > 0,
                 BLOCK_R=_block_r(R, 32), PRECISION=_precision(x.dtype), USE_TMA=w_tma is not None, W_T=w_t)
 
-    # gathered rows (multi-adapter) are no box; a traced op (torch.compile) cannot run config pre-hooks
-    w_tma = None if has_ids or _traced(wrap) or not (_TMA.allowed(x) and _tma_compatible(x)) else _tma_weight(W)
+    # a traced op (torch.compile) cannot run config pre-hooks
+    w_tma = None if _traced(wrap) or not (_TMA.allowed(x) and _tma_compatible(x)) else _tma_weight(W)
     if not (w_tma is not None and _TMA.run(lambda: launch(w_tma))):
         launch(None)  # rewrites every element of out
     return out
@@ -552,7 +558,8 @@ def _split_for(num_tiles, n, M, device):
 def reduce_rows(y, z, n, perm=None, seg=None, dropout_p=0.0, seed=None, wrap=None):
     """out[a, P, R] fp32 = Σ_{rows m of adapter a} drop(y[perm[m]])ᵀ z[m].
 
-    y [M, P] (original row order); z [M, R] fp32 (sorted order); seg [n + 1] segment starts."""
+    y [M, P], z [M, R] fp32 (both in the original row order); perm: sorted position -> row;
+    seg [n + 1]: where each adapter's rows start in the sorted order."""
     y = y.contiguous()
     z = z.contiguous()
     M, P = y.shape
@@ -577,7 +584,7 @@ def lora_forward(x, W, bias, A, B, scaling, scalings=None, perm=None, sorted_ids
                  dropout_p=0.0, seed=None, wrap=None):
     """(y [M, N], xs [M, R] fp32). x [M, K]; A [n, R, K]; B [n, N, R]."""
     xs = shrink(x, A, scaling, scalings, perm, sorted_ids, dropout_p, seed, wrap)
-    y = gemm(x, W, bias, xs, B, perm, sorted_ids, 0.0, seed, wrap)
+    y = gemm(x, W, bias, xs, B, _row_ids(perm, sorted_ids), 0.0, seed, wrap)
     return y, xs
 
 
@@ -589,7 +596,7 @@ def lora_backward(dy, x, W, A, B, xs, scaling, scalings=None, perm=None, sorted_
     # dxs[m] = s_a · dy[m] B_a   (shrink by Bᵀ: a [n, R, N] view of B)
     dxs = shrink(dy, B.transpose(1, 2), scaling, scalings, perm, sorted_ids, 0.0, seed, wrap)
     # dx = dy W + mask ⊙ (dxs A_a) / (1 - p)   (W as [K, N] view, A as [n, K, R] view)
-    dx = gemm(dy, W.t(), None, dxs, A.transpose(1, 2), perm, sorted_ids, dropout_p, seed, wrap)
+    dx = gemm(dy, W.t(), None, dxs, A.transpose(1, 2), _row_ids(perm, sorted_ids), dropout_p, seed, wrap)
     # dB_a = dyᵀ xs_a (xs already carries s_a);  dA_a = dxs_aᵀ drop(x)
     dB = reduce_rows(dy, xs, n, perm, _seg(seg, sorted_ids), 0.0, seed, wrap)
     dA = reduce_rows(x, dxs, n, perm, _seg(seg, sorted_ids), dropout_p, seed, wrap)
@@ -598,3 +605,11 @@ def lora_backward(dy, x, W, A, B, xs, scaling, scalings=None, perm=None, sorted_
 
 def _seg(seg, sorted_ids):
     return seg if sorted_ids is not None else None
+
+
+def _row_ids(perm, sorted_ids):
+    """The adapter of each row in the original order (ids[perm[i]] = sorted_ids[i]), for the GEMM,
+    which keeps the rows in place; None for a single adapter."""
+    if sorted_ids is None:
+        return None
+    return torch.empty_like(sorted_ids).scatter_(0, perm.long(), sorted_ids)
