@@ -4,7 +4,8 @@
 #   OUTDIR/{env.txt, build.log, info.txt, pytest_gpu.log, bench-SUITE.log, bench-SUITE/results.*,
 #   results-page.md (benchmarks/record_results.py: the page to commit under benchmarks/results/)}
 # Usage: benchmarks/gpu_check.sh OUTDIR
-# Knobs: GPU_CHECK_SUITES="sampling:45 attention:110" (suites and their limits in seconds),
+# Knobs: GPU_CHECK_SUITES="sampling:45 attention:110" (suites and their limits in seconds; NAME-compiled
+#   runs suite NAME under torch.compile(mode="reduce-overhead")),
 #   GPU_CHECK_TESTS=0 (skip the pytest phases), GPU_CHECK_BUILD=0 (use an llmkern/_C*.so carried in
 #   from an earlier run of this script on the same image instead of building).
 # Every phase has its own limit and the whole script stops by GPU_CHECK_DEADLINE seconds (default
@@ -64,14 +65,17 @@ fi
 # what it measured. Autotuning is bounded: attention tries the first two candidates of each list,
 # LoRA (its suite and the mfu LoRA step) its first, fixed config; each candidate costs a compile of seconds.
 export LLMKERN_ATTN_TUNE_TOP=${LLMKERN_ATTN_TUNE_TOP:-2} TQDM_DISABLE=1
-for spec in ${GPU_CHECK_SUITES:-sampling:45 cross_entropy:30 attention:110 lora:70 mfu:70 tp:40}; do
-  suite=${spec%%:*}; lim=$(limit "${spec##*:}")
-  [ "$lim" -gt 1 ] || { echo "llmkern-bench --suite $suite skipped: deadline"; continue; }
+# "mfu-compiled" is the mfu suite again with both backends under torch.compile(mode="reduce-overhead")
+# (Inductor + CUDA graphs: no host time per launch), written to bench-mfu-compiled.
+for spec in ${GPU_CHECK_SUITES:-sampling:45 cross_entropy:30 attention:110 lora:70 mfu:70 tp:40 mfu-compiled:150}; do
+  name=${spec%%:*}; suite=${name%-compiled}; lim=$(limit "${spec##*:}")
+  [ "$lim" -gt 1 ] || { echo "llmkern-bench --suite $name skipped: deadline"; continue; }
   tune=""; case $suite in lora|mfu) tune="LLMKERN_LORA_AUTOTUNE=${LLMKERN_LORA_AUTOTUNE:-0}";; esac
+  [ "$name" = "$suite" ] || tune="$tune LLMKERN_BENCH_COMPILE=reduce-overhead"
   env $tune PYTHONUNBUFFERED=1 timeout -k 5 "$lim" python3 -m llmkern.bench.cli --suite "$suite" \
-    --out "$OUT/bench-$suite" > "$OUT/bench-$suite.log" 2>&1
-  echo "llmkern-bench --suite $suite rc=$? (limit ${lim} s)"
-  grep -E "^\[row\]|failed|Error|TMA kernels failed" "$OUT/bench-$suite.log" | tail -30
+    --out "$OUT/bench-$name" > "$OUT/bench-$name.log" 2>&1
+  echo "llmkern-bench --suite $name rc=$? (limit ${lim} s)"
+  grep -E "^\[row\]|failed|Error|TMA kernels failed" "$OUT/bench-$name.log" | tail -30
 done
 
 # One page with everything measured above, ready to commit as benchmarks/results/<card>-<date>.md.

@@ -30,7 +30,9 @@ _SUBMODULES = {"bench", "flops", "generation", "integrations", "kernels", "model
 
 def __getattr__(name):
     if name in _LAZY_ATTRS:
-        return getattr(_importlib.import_module(_LAZY_ATTRS[name]), name)
+        value = getattr(_importlib.import_module(_LAZY_ATTRS[name]), name)
+        globals()[name] = value  # later lookups skip this hook (it costs an import_module per call)
+        return value
     if name in _SUBMODULES:
         return _importlib.import_module(f"llmkern.{name}")
     raise AttributeError(f"module 'llmkern' has no attribute {name!r}")

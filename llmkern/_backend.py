@@ -54,12 +54,17 @@ def forced():
     return name or None
 
 
+_TRITON = []
+
+
 def triton_available():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if not _TRITON:
+        try:
+            import triton  # noqa: F401
+            _TRITON.append(True)
+        except ImportError:
+            _TRITON.append(False)
+    return _TRITON[0]
 
 
 def triton_interpreting():
@@ -96,7 +101,9 @@ def register_op(name, fn):
 def choose_triton(op_name, device, dtype, kernel_dtypes):
     """Backend of a Triton op: "triton" on CUDA; on CPU the reference, or the Triton kernel under
     TRITON_INTERPRET=1 when LLMKERN_BACKEND=triton (the interpreter has no bfloat16)."""
-    dev = torch.device(device)
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    if dev.type == "cuda" and dtype in kernel_dtypes and not os.environ.get("LLMKERN_BACKEND") and triton_available():
+        return "triton"  # the common case, without the general resolution below (host time per call)
     available = ["reference"]
     if dtype in kernel_dtypes and triton_available():
         if dev.type == "cuda":

@@ -31,3 +31,21 @@ def test_info_reports_versions_ops_and_tma(monkeypatch):
         assert f"op {op}" in got and not str(got[f"op {op}"]).startswith("error"), got
     if not __import__("torch").cuda.is_available():
         assert got["TMA kernels (attention, LoRA)"].startswith("off")
+
+
+def test_mfu_compile_mode_knob(monkeypatch):
+    """LLMKERN_BENCH_COMPILE picks the torch.compile mode of the mfu steps; unknown values are errors."""
+    import pytest
+    import torch
+    from llmkern.bench.suites.mfu import compile_mode
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("LLMKERN_BENCH_COMPILE", raising=False)
+    assert compile_mode(cuda, quick=False) == "default" and compile_mode(cuda, quick=True) is None
+    assert compile_mode(cpu, quick=False) is None
+    for value, want in (("0", None), ("1", "default"), ("reduce-overhead", "reduce-overhead")):
+        monkeypatch.setenv("LLMKERN_BENCH_COMPILE", value)
+        assert compile_mode(cpu, quick=True) == want
+    monkeypatch.setenv("LLMKERN_BENCH_COMPILE", "fast")
+    with pytest.raises(ValueError, match="LLMKERN_BENCH_COMPILE"):
+        compile_mode(cpu, quick=True)

@@ -6,6 +6,7 @@ reads "0" (off), "force" (on under the Triton interpreter too: the CPU tests) or
 (on for CUDA tensors on sm_90+). A variant that fails to build or launch turns its switch off for
 the rest of the process, with one warning; the caller reruns the step on the pointer kernels.
 """
+import functools
 import os
 import warnings
 
@@ -33,6 +34,12 @@ def descriptor(t):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1] * (t.dim() - 2) + [16, 16])
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index):
+    """Compute capability of a CUDA device (cached: querying it each call costs host time)."""
+    return torch.cuda.get_device_capability(index)
+
+
 class Switch:
     def __init__(self, env, what):
         self.env, self.what = env, what
@@ -45,7 +52,7 @@ class Switch:
             return False
         if triton_interpreting():
             return mode == "force"
-        return t.is_cuda and torch.cuda.get_device_capability(t.device) >= (9, 0)
+        return t.is_cuda and _capability(t.device.index) >= (9, 0)
 
     def run(self, launch):
         """launch(); False (after one warning, and for good) if it raised."""

@@ -726,9 +726,10 @@ def _softcap_args(scale, softcap):
 
 def _dense_strides(t):
     """(batch, head, token) strides of [B, H, T, D] or varlen [T, H, D] (batch stride 0)."""
-    if t.dim() == 4:
-        return t.stride(0), t.stride(1), t.stride(2)
-    return 0, t.stride(1), t.stride(0)
+    s = t.stride()
+    if len(s) == 4:
+        return s[0], s[1], s[2]
+    return 0, s[1], s[0]
 
 
 _TMA = _tma.Switch("LLMKERN_ATTN_TMA", "llmkern.attention")
@@ -775,6 +776,8 @@ def _split_batch(fn, B, per_batch, args, kw):
     """fn over batch slices when B * per_batch programs exceed the grid limit (None when one launch
     fits). Dense: every tensor's dim 0 is the batch. Varlen: the tokens of each slice's sequences,
     which costs one host sync of the cumulative lengths (only on this path)."""
+    if B * per_batch <= MAX_GRID_YZ:  # the common case: one launch
+        return None
     slices = _batch_slices(B, per_batch)
     if len(slices) <= 1:
         return None

@@ -12,8 +12,10 @@ Under torchrun (WORLD_SIZE > 1) the gpt2 step also runs data parallel (PyTorch's
 fully_shard per block) and tensor parallel (llmkern.parallel.tensor_parallelize) over all ranks;
 tokens/s and MFU are then per GPU (global tokens / world size), and every rank yields its rows.
 
-LLMKERN_BENCH_COMPILE=1 wraps both backends' models in torch.compile (default: on for CUDA runs
-that are not quick, off otherwise).
+LLMKERN_BENCH_COMPILE wraps both backends' models in torch.compile: "1" / "default" (Inductor),
+"reduce-overhead" (Inductor and CUDA graphs: no host time per kernel launch, which is what bounds an
+eager GPT-2 step on llmkern's ops), "max-autotune-no-cudagraphs", or "0" (eager). Unset: "default"
+for CUDA runs that are not quick, eager otherwise. The rows then say which mode ran.
 """
 import math
 import os
@@ -121,7 +123,7 @@ def _step_fn(cfg, backend, batch, seq, lora, device, compile_, parallel=None):
         model.to(device)
     opt = model.configure_optimizer(lr=1e-4)
     data = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
-    fwd = torch.compile(model) if compile_ else model
+    fwd = model if not compile_ else torch.compile(model, mode=None if compile_ == "default" else compile_)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _Null()
 
     def step():
@@ -150,11 +152,24 @@ def _model_flops(cfg, seq, lora, n_lora, convention):
     return f
 
 
+COMPILE_MODES = {"0": None, "1": "default", "default": "default", "reduce-overhead": "reduce-overhead",
+                 "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"}
+
+
+def compile_mode(device, quick):
+    """The torch.compile mode of the steps (None: eager), from LLMKERN_BENCH_COMPILE."""
+    env = os.environ.get("LLMKERN_BENCH_COMPILE")
+    if env is None:
+        return "default" if device.type == "cuda" and not quick else None
+    if env.strip() not in COMPILE_MODES:
+        raise ValueError(f"LLMKERN_BENCH_COMPILE must be one of {sorted(COMPILE_MODES)}, got {env!r}")
+    return COMPILE_MODES[env.strip()]
+
+
 @suite("mfu", "training step (fwd+bwd+AdamW) of zoo models: tok/s and MFU, llmkern vs torch backend")
 def run(ctx):
     device = torch.device(ctx.device)
-    env = os.environ.get("LLMKERN_BENCH_COMPILE")
-    compile_ = (env == "1") if env is not None else (device.type == "cuda" and not ctx.quick)
+    compile_ = compile_mode(device, ctx.quick)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     prec = "bf16" if device.type == "cuda" else "fp32"
     dev_name = flops.detect_device(device)
@@ -224,7 +239,8 @@ def run(ctx):
         yield Result(
             op=f"{label} {'LoRA finetune' if lora else 'train'} step"
                + (f" ({'FSDP2 dp' if parallel == 'dp' else 'llmkern TP tp'}={world}, per GPU)" if parallel else ""),
-            shape=f"B={batch} T={seq} {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}",
+            shape=f"B={batch} T={seq} {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}"
+                  + (f" torch.compile({compile_})" if compile_ else ""),
             ours_ms=times["llmkern"], baseline="torch backend" + (" + plain LoRA" if lora else ""),
             baseline_ms=times.get("torch"), throughput=tok_s, unit="tok/s",
             mfu=flops.mfu(tok_s, fpt, dev_peak) if dev_peak else None,
