@@ -5,9 +5,9 @@ run on the GPU machine: for each workload it prints the CUDA kernels of a few it
 iteration, launches per iteration) and, for each of our autotuned kernels that tuned on it, every
 candidate config's measured time. Sections run in order, each guarded (a failure prints and moves on):
 
-    python benchmarks/gpu_diag.py [attention lora sampling mfu]   (default: all four)
+    python benchmarks/gpu_diag.py [host attention lora sampling mfu]   (default: all five)
 
-Knobs are the package's own environment variables (LLMKERN_ATTN_TMA, LLMKERN_ATTN_TMA_BWD,
+Knobs are the package's own environment variables (LLMKERN_FAST_LAUNCH, LLMKERN_ATTN_TMA, LLMKERN_ATTN_TMA_BWD,
 LLMKERN_LORA_AUTOTUNE, LLMKERN_LORA_TMA, LLMKERN_SAMPLE_SPLIT, LLMKERN_ATTN_TUNE_TOP); a section may
 set them for one workload, and says so in its heading.
 """
@@ -176,7 +176,64 @@ def mfu():
         torch.cuda.empty_cache()
 
 
-SECTIONS = {"attention": attention, "lora": lora, "sampling": sampling, "mfu": mfu}
+def host_and_device_ms(fn, n=10):
+    """(host ms per call, device ms per call) of fn: the host time is measured while a long sleep kernel
+    holds the GPU, so the CPU never waits for it (a call that syncs shows up as a host time near the
+    sleep); the device time with events around n back-to-back calls."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(4e8))  # about 0.2 s of GPU clock cycles
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return host, start.elapsed_time(end) / n
+
+
+def host():
+    """Host time per call against device time, with the launch front on and off (LLMKERN_FAST_LAUNCH):
+    where host > device, the eager op is bound by Python and launch work, not by its kernels."""
+    import llmkern
+    from llmkern.bench.suites.mfu import _step_fn
+    from llmkern.models import get_config
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa: E731
+    q, k, v = (rnd(16, 16, 1024, 128).requires_grad_() for _ in range(3))
+    do = torch.randn_like(q)
+    M, K, N, r = 8192, 4096, 4096, 16
+    x, W, dy = rnd(M, K).requires_grad_(), rnd(N, K) * K ** -0.5, rnd(M, N)
+    A, B = (rnd(r, K) * K ** -0.5).requires_grad_(), (rnd(N, r) * r ** -0.5).requires_grad_()
+    An, Bn = rnd(16, r, K) * K ** -0.5, rnd(16, N, r) * r ** -0.5
+    ids = (torch.arange(M, device="cuda") // (M // 16)).contiguous()
+    scal = torch.full((16,), 2.0, device="cuda")
+    logits, labels = rnd(8 * 1024, 50304), torch.randint(0, 50257, (8 * 1024,), device="cuda")
+    logits.requires_grad_()
+    step, _, _ = _step_fn(get_config("gpt2"), "llmkern", 8, 1024, False, torch.device("cuda"), False)
+    work = [
+        ("attention fwd B=16 H=16 T=1024 D=128 causal", lambda: llmkern.attention(q.detach(), k.detach(), v.detach(), causal=True)),
+        ("attention fwd+bwd (same)", lambda: torch.autograd.grad(llmkern.attention(q, k, v, causal=True), (q, k, v), do)),
+        ("lora_linear fwd+bwd M=8192 K=N=4096 r=16", lambda: torch.autograd.grad(llmkern.lora_linear(x, W, None, A, B, 2.0), (x, A, B), dy)),
+        ("lora_linear_multi fwd, 16 adapters (ids check: a host sync)", lambda: llmkern.lora_linear_multi(x.detach(), W, None, An, Bn, scal, ids)),
+        ("cross_entropy fwd+bwd N=8192 V=50304", lambda: torch.autograd.grad(llmkern.cross_entropy(logits, labels), (logits,))),
+        ("gpt2-124m train step B=8 T=1024 (llmkern)", step),
+    ]
+    with env(LLMKERN_ATTN_TUNE_TOP="2"):
+        for name, fn in work:
+            for fast in ("1", "0"):
+                with env(LLMKERN_FAST_LAUNCH=fast):
+                    h, d = host_and_device_ms(fn, n=3 if "step" in name else 10)
+                _say(f"  {name:44s} FAST_LAUNCH={fast}: host {h:8.3f} ms/call, device {d:8.3f} ms/call")
+
+
+SECTIONS = {"host": host, "attention": attention, "lora": lora, "sampling": sampling, "mfu": mfu}
 
 
 def main(argv):

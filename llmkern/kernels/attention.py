@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmkern.kernels import _autotune as _autotune_front
 from llmkern.kernels import _tma
 from llmkern.kernels._common import cdiv, next_power_of_2
 from llmkern.kernels._common import interpreting as _interpreting
@@ -683,6 +684,12 @@ def interpreter_blocks():
     return {"BLOCK_M": bm, "BLOCK_N": bn}
 
 
+@functools.lru_cache(maxsize=None)
+def _front(name):
+    """The autotuned kernel behind a low-overhead launch front (see llmkern/kernels/_autotune.py)."""
+    return _autotune_front.Tuned(_tuned(name))
+
+
 def _launch(name, kernel, grid, args, kwargs):
     if _interpreting():
         blocks = interpreter_blocks()
@@ -690,7 +697,7 @@ def _launch(name, kernel, grid, args, kwargs):
             _set_tma_blocks(dict(zip(kernel.arg_names, args), **kwargs, **blocks))
         kernel[grid](*args, **kwargs, **blocks)
     else:
-        _tuned(name)[grid](*args, **kwargs)
+        _front(name)[grid](*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ import triton.language as tl
 import torch
 
 from llmkern._backend import triton_interpreting
+from llmkern.kernels import _autotune as _autotune_front
 from llmkern.kernels import _tma
 from llmkern.kernels._common import cdiv, next_power_of_2
 
@@ -392,6 +393,11 @@ def _launch(name, wrap, grid, *args, **kwargs):
         _set_tma_blocks(dict(zip(kern.arg_names, args), **kwargs, **fixed))
     if wrap is not None and _wrappable(kern):
         kern = wrap(kern)
+    elif not fixed:  # an autotuner (GPU): launch through the low-overhead front
+        front = getattr(kern, "_llmkern_front", None)
+        if front is None:
+            front = kern._llmkern_front = _autotune_front.Tuned(kern)
+        kern = front
     kern[grid](*args, **kwargs, **fixed)
 
 

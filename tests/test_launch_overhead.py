@@ -1,0 +1,114 @@
+"""llmkern/kernels/_autotune.py: the launch front launches exactly what triton.autotune would, cheaper.
+
+No GPU needed: the JIT function's `run` is replaced by a recorder, so these tests compare the calls the
+front makes with the calls Triton's Autotuner makes, and time the Python work of each.
+"""
+import time
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from llmkern.kernels import _autotune  # noqa: E402
+
+
+@triton.jit
+def _kernel(X, Y, n, seq_bucket, FLAG: tl.constexpr, BLOCK: tl.constexpr):
+    pass
+
+
+def _recording(monkeypatch, jit):
+    calls = []
+
+    def run(*args, grid, warmup, **kwargs):
+        calls.append((args, grid, dict(kwargs)))
+
+    monkeypatch.setattr(jit, "run", run)
+    return calls
+
+
+def _tuner(hook_log, configs=None):
+    def hook(nargs):
+        hook_log.append((nargs["BLOCK"], nargs["n"], nargs["FLAG"]))
+
+    configs = configs or [triton.Config({"BLOCK": 16}, num_warps=4), triton.Config({"BLOCK": 32}, num_warps=8,
+                                                                                   pre_hook=hook)]
+    at = triton.autotune(configs=configs, key=["seq_bucket", "FLAG"])(_kernel)
+    at.cache_results = False
+    timings = {16: 2.0, 32: 1.0}  # the benchmark picks BLOCK=32 (the config with a pre-hook)
+    benched = []
+
+    def bench(*args, config, **kwargs):
+        benched.append(config.kwargs["BLOCK"])
+        return [timings[config.kwargs["BLOCK"]]] * 3
+
+    at._bench = bench
+    return at, benched
+
+
+def test_front_launches_what_the_autotuner_launches(monkeypatch):
+    calls = _recording(monkeypatch, _kernel)
+    hooks = []
+    at, benched = _tuner(hooks)
+    front = _autotune.Tuned(at)
+    x = torch.zeros(4)
+    grid = (3, 1)
+    front[grid](x, x, 7, 64, FLAG=True)          # new key: the autotuner benchmarks and launches
+    assert sorted(benched) == [16, 32] and front.chosen
+    monkeypatch.setenv("LLMKERN_FAST_LAUNCH", "0")
+    front[grid](x, x, 9, 64, FLAG=True)          # through the autotuner (its cache)
+    monkeypatch.delenv("LLMKERN_FAST_LAUNCH")
+    front[grid](x, x, 9, 64, FLAG=True)          # the front's own path
+    assert len(benched) == 2                     # no new benchmark
+    assert len(calls) == 3
+    via_autotuner, direct = calls[1], calls[2]
+    assert direct[0] == via_autotuner[0] and direct[1] == via_autotuner[1]
+    assert direct[2] == via_autotuner[2] and direct[2]["BLOCK"] == 32 and direct[2]["num_warps"] == 8
+    assert hooks[-2:] == [(32, 9, True), (32, 9, True)]  # the config's pre-hook ran on both paths
+
+
+def test_front_retunes_for_a_new_key_or_dtype(monkeypatch):
+    _recording(monkeypatch, _kernel)
+    at, benched = _tuner([])
+    front = _autotune.Tuned(at)
+    x32, x16 = torch.zeros(4), torch.zeros(4, dtype=torch.float16)
+    front[(1,)](x32, x32, 1, 64, FLAG=True)
+    front[(1,)](x32, x32, 5, 64, FLAG=True)      # n is not a key: same config, no benchmark
+    assert len(benched) == 2 and len(front.chosen) == 1
+    front[(1,)](x32, x32, 1, 128, FLAG=True)     # key argument (positional)
+    front[(1,)](x32, x32, 1, 128, FLAG=False)    # key argument (keyword)
+    front[(1,)](x16, x32, 1, 128, FLAG=False)    # a tensor's dtype
+    assert len(benched) == 8 and len(front.chosen) == 4
+    assert len(at.cache) == 4                    # the autotuner partitions the calls the same way
+
+
+def test_front_is_cheaper_than_the_autotuner(monkeypatch):
+    """The Python work per launch of the attention dK/dV kernel (56 arguments), JIT launch excluded."""
+    from llmkern.kernels import attention as KA
+
+    at = KA._autotune(KA._attn_bwd_dkdv, KA._all_configs("dkdv"), KA._pruner("dkdv"))
+    at.cache_results = False
+    at._bench = lambda *a, config=None, **k: [1.0] * 3
+    _recording(monkeypatch, KA._attn_bwd_dkdv)
+    q = torch.zeros(1, 2, 64, 64, dtype=torch.float16)
+    consts = dict(HEAD_DIM=64, BLOCK_D=64, IS_VARLEN=False, HAS_KPM=False, HAS_SOFTCAP=False, PREC="tf32",
+                  USE_TMA=False)
+    n_pos = at.arg_names.index("HEAD_DIM")
+    args = [q if name[0].isupper() or name.startswith("desc") else 64 for name in at.arg_names[:n_pos]]
+    front = _autotune.Tuned(at)
+    front[(1, 1)](*args, **consts)
+
+    def per_launch(kern):
+        best = float("inf")
+        for _ in range(7):
+            t = time.perf_counter()
+            for _ in range(300):
+                kern[(1, 1)](*args, **consts)
+            best = min(best, (time.perf_counter() - t) / 300 * 1e6)
+        return best
+
+    t_autotuner, t_front = per_launch(at), per_launch(front)
+    print(f"Python work per launch: autotuner {t_autotuner:.1f} us, front {t_front:.1f} us")
+    assert t_front < 0.6 * t_autotuner, (t_front, t_autotuner)
