@@ -91,7 +91,7 @@ def test_front_is_cheaper_than_the_autotuner(monkeypatch):
     at = KA._autotune(KA._attn_bwd_dkdv, KA._all_configs("dkdv"), KA._pruner("dkdv"))
     at.cache_results = False
     at._bench = lambda *a, config=None, **k: [1.0] * 3
-    _recording(monkeypatch, KA._attn_bwd_dkdv)
+    monkeypatch.setattr(KA._attn_bwd_dkdv, "run", lambda *a, grid, warmup, **k: None)
     q = torch.zeros(1, 2, 64, 64, dtype=torch.float16)
     consts = dict(HEAD_DIM=64, BLOCK_D=64, IS_VARLEN=False, HAS_KPM=False, HAS_SOFTCAP=False, PREC="tf32",
                   USE_TMA=False)
@@ -109,6 +109,26 @@ def test_front_is_cheaper_than_the_autotuner(monkeypatch):
             best = min(best, (time.perf_counter() - t) / 300 * 1e6)
         return best
 
-    t_autotuner, t_front = per_launch(at), per_launch(front)
+    import gc
+
+    gc.collect()
+    gc.disable()  # the comparison is of Python work, not of when a collection happens to run
+    try:
+        t_autotuner, t_front = per_launch(at), per_launch(front)
+    finally:
+        gc.enable()
     print(f"Python work per launch: autotuner {t_autotuner:.1f} us, front {t_front:.1f} us")
     assert t_front < 0.6 * t_autotuner, (t_front, t_autotuner)
+
+
+def test_tma_descriptor_equals_the_constructed_one():
+    """_tma.descriptor skips TensorDescriptor's checks (done by `addressable`), not any of its fields."""
+    from llmkern.kernels import _tma
+
+    if _tma.TensorDescriptor is None:
+        pytest.skip("this Triton has no host tensor descriptors")
+    for t in (torch.zeros(2, 3, 40, 64, dtype=torch.float16), torch.zeros(24, 32, dtype=torch.float16)):
+        assert _tma.addressable(t)
+        want = _tma.TensorDescriptor(t, list(t.shape), list(t.stride()), [1] * (t.dim() - 2) + [16, 16])
+        got = _tma.descriptor(t)
+        assert type(got) is type(want) and got == want and got.base is t

@@ -29,9 +29,39 @@ def addressable(t):
             and all(st > 0 and (st * t.element_size()) % 16 == 0 for st in t.stride()[:-1]))
 
 
+def _field_defaults():
+    """TensorDescriptor's defaulted fields, or None when its fields are not the ones `descriptor` knows
+    (base, shape, strides, block_shape and plain defaults): then the constructor runs."""
+    if TensorDescriptor is None:
+        return None
+    import dataclasses
+
+    defaults = {}
+    for f in dataclasses.fields(TensorDescriptor):
+        if f.name in ("base", "shape", "strides", "block_shape"):
+            continue
+        if f.default is dataclasses.MISSING:
+            return None
+        defaults[f.name] = f.default
+    return defaults
+
+
+_DEFAULTS = _field_defaults()
+
+
 def descriptor(t):
-    """Host descriptor of t; its box (block_shape) is set per config by the kernel's pre-hook."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1] * (t.dim() - 2) + [16, 16])
+    """Host descriptor of t; its box (block_shape) is set per config by the kernel's pre-hook.
+
+    Built without TensorDescriptor.__post_init__, whose checks (alignment, strides, rank) `addressable`
+    has made already: 1.7 instead of 5.6 µs per descriptor on the CI machine, and an attention
+    forward makes four of them per call."""
+    shape, strides, box = list(t.shape), list(t.stride()), [1] * (t.dim() - 2) + [16, 16]
+    if _DEFAULTS is None:
+        return TensorDescriptor(t, shape, strides, box)
+    d = object.__new__(TensorDescriptor)
+    d.__dict__.update(_DEFAULTS)
+    d.base, d.shape, d.strides, d.block_shape = t, shape, strides, box
+    return d
 
 
 @functools.lru_cache(maxsize=None)
