@@ -225,12 +225,14 @@ def host():
         ("cross_entropy fwd+bwd N=8192 V=50304", lambda: torch.autograd.grad(llmkern.cross_entropy(logits, labels), (logits,))),
         ("gpt2-124m train step B=8 T=1024 (llmkern)", step),
     ]
+    variants = [("front", {}), ("no front", {"LLMKERN_FAST_LAUNCH": "0"})]
     with env(LLMKERN_ATTN_TUNE_TOP="2"):
         for name, fn in work:
-            for fast in ("1", "0"):
-                with env(LLMKERN_FAST_LAUNCH=fast):
+            extra = [("front, pointer kernels", {"LLMKERN_ATTN_TMA": "0"})] if name.startswith("attention") else []
+            for vname, kv in variants + extra:
+                with env(**kv):
                     h, d = host_and_device_ms(fn, n=3 if "step" in name else 10)
-                _say(f"  {name:44s} FAST_LAUNCH={fast}: host {h:8.3f} ms/call, device {d:8.3f} ms/call")
+                _say(f"  {name:58s} {vname:24s}: host {h:8.3f} ms/call, device {d:8.3f} ms/call")
 
 
 SECTIONS = {"host": host, "attention": attention, "lora": lora, "sampling": sampling, "mfu": mfu}
