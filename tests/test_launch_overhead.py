@@ -132,3 +132,38 @@ def test_tma_descriptor_equals_the_constructed_one():
         want = _tma.TensorDescriptor(t, list(t.shape), list(t.stride()), [1] * (t.dim() - 2) + [16, 16])
         got = _tma.descriptor(t)
         assert type(got) is type(want) and got == want and got.base is t
+
+
+@pytest.mark.gpu
+def test_gpu_front_and_autotuner_give_identical_results(monkeypatch):
+    """On the GPU the front launches the autotuner's chosen config: bitwise the same outputs and
+    gradients as launching through the autotuner, for attention (TMA and pointer) and LoRA."""
+    import llmkern
+
+    monkeypatch.setenv("LLMKERN_ATTN_AUTOTUNE", "0")
+    monkeypatch.setenv("LLMKERN_LORA_AUTOTUNE", "0")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    x = torch.randn(96, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    W = torch.randn(80, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    A = torch.randn(8, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    B = torch.randn(80, 8, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+
+    def run():
+        out = []
+        for tma in ("1", "0"):
+            monkeypatch.setenv("LLMKERN_ATTN_TMA", tma)
+            o = llmkern.attention(q, k, v, causal=True)
+            out += [o, *torch.autograd.grad(o.float().square().sum(), (q, k, v))]
+        y = llmkern.lora_linear(x, W, None, A, B, 0.5)
+        out += [y, *torch.autograd.grad(y.float().square().sum(), (x, A, B))]
+        return out
+
+    run()  # tune every key first
+    monkeypatch.setenv("LLMKERN_FAST_LAUNCH", "0")
+    want = run()
+    monkeypatch.setenv("LLMKERN_FAST_LAUNCH", "1")
+    got = run()
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), i
