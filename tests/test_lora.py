@@ -421,6 +421,22 @@ def test_gpu_multi_adapter_and_cuda_graph(fixed_config, n):
 
 
 @pytest.mark.gpu
+def test_gpu_out_of_range_adapter_ids_raise():
+    """On CUDA the ids' range is read after the kernels are queued; a bad id still raises."""
+    x, W, b, A, B = _inputs(64, 32, 48, 4, torch.float16, n=2, device="cuda")
+    for bad in (2, -2):
+        ids = torch.zeros(64, dtype=torch.int64, device="cuda")
+        ids[17] = bad
+        with pytest.raises(ValueError, match="adapter_ids must be in"):
+            llmkern.lora_linear_multi(x, W, b, A, B, [1.0, 0.5], ids)
+    ids = torch.randint(-1, 2, (64,), device="cuda")
+    y = llmkern.lora_linear_multi(x, W, b, A, B, [1.0, 0.5], ids)
+    yr = ref.lora_linear_multi(x.double(), W.double(), b.double(), A.double(), B.double(),
+                               torch.tensor([1.0, 0.5], dtype=torch.float64), ids)
+    assert_close(y, yr, **TOL[torch.float16])
+
+
+@pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph():
     x, W, b, A, B = _inputs(256, 512, 384, 8, torch.bfloat16, device="cuda")
     As, Bs = _leaf(A), _leaf(B)

@@ -265,8 +265,9 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         lora_A: ``[n, r, in]``, lora_B: ``[n, out, r]`` (adapters stacked; pad smaller ranks
             with zeros), scalings: ``[n]`` tensor or sequence of floats.
         adapter_ids: integer tensor with one id per token (shape ``x.shape[:-1]`` or ``[M]``),
-            values in ``[-1, n)``. Checked on the host except while compiling or capturing a CUDA
-            graph (no host sync then; out-of-range ids act as -1).
+            values in ``[-1, n)``. Checked (ValueError) except while compiling or capturing a CUDA
+            graph (out-of-range ids then act as -1). On CUDA the check reads the ids' min/max after
+            this call's kernels are queued, so it does not leave the GPU idle.
 
     One launch per stage for the whole mixed batch (tokens are processed in adapter-sorted order,
     sorted on the device). Differentiable in x, weight, bias, lora_A and lora_B.
@@ -291,10 +292,42 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if adapter_ids.device != x.device:
         raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device}")
     ids = adapter_ids.reshape(-1)
-    if _checking_values() and M > 0:
-        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
-        if lo < -1 or hi >= n:
-            raise ValueError(f"adapter_ids must be in [-1, {n}), got values in [{lo}, {hi}]")
+    ids_check = _IdsCheck(ids, n) if _checking_values() and M > 0 else None
+    y = _lora_multi(x, weight, bias, lora_A, lora_B, scalings, ids, n, M)
+    if ids_check is not None:
+        ids_check.finish()
+    return y
+
+
+class _IdsCheck:
+    """The range check of adapter_ids without stalling the GPU: on CUDA, the min/max is copied to
+    pinned host memory behind an event and read after the kernels are queued (the wait then covers
+    only work queued before this call, while this call's kernels keep the GPU busy). Out-of-range
+    ids act as -1 in the kernels, so reading the result late never touches memory out of bounds;
+    the call still raises instead of returning."""
+
+    def __init__(self, ids, n):
+        self.n = n
+        minmax = torch.stack(torch.aminmax(ids))
+        self.event = None
+        if minmax.is_cuda:
+            self.host = torch.empty(2, dtype=minmax.dtype, pin_memory=True)
+            self.host.copy_(minmax, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(minmax.device))
+        else:
+            self.host = minmax
+            self.finish()
+
+    def finish(self):
+        if self.event is not None:
+            self.event.synchronize()
+        lo, hi = self.host.tolist()
+        if lo < -1 or hi >= self.n:
+            raise ValueError(f"adapter_ids must be in [-1, {self.n}), got values in [{lo}, {hi}]")
+
+
+def _lora_multi(x, weight, bias, lora_A, lora_B, scalings, ids, n, M):
     lora_A = lora_A.to(x.dtype)
     lora_B = lora_B.to(x.dtype)
     backend = _backend_for(x.device, x.dtype, "lora_linear_multi")
