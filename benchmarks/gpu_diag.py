@@ -217,18 +217,27 @@ def host():
     logits, labels = rnd(8 * 1024, 50304), torch.randint(0, 50257, (8 * 1024,), device="cuda")
     logits.requires_grad_()
     step, _, _ = _step_fn(get_config("gpt2"), "llmkern", 8, 1024, False, torch.device("cuda"), False)
+    step_t, _, _ = _step_fn(get_config("gpt2"), "torch", 8, 1024, False, torch.device("cuda"), False)
+    xs, Ws, As, Bs = rnd(8192, 768).requires_grad_(), rnd(768, 768) * 768 ** -0.5, rnd(16, 768), rnd(768, 16)
+    As.requires_grad_()
+    Bs.requires_grad_()
     work = [
         ("attention fwd B=16 H=16 T=1024 D=128 causal", lambda: llmkern.attention(q.detach(), k.detach(), v.detach(), causal=True)),
         ("attention fwd+bwd (same)", lambda: torch.autograd.grad(llmkern.attention(q, k, v, causal=True), (q, k, v), do)),
         ("lora_linear fwd+bwd M=8192 K=N=4096 r=16", lambda: torch.autograd.grad(llmkern.lora_linear(x, W, None, A, B, 2.0), (x, A, B), dy)),
         ("lora_linear_multi fwd, 16 adapters", lambda: llmkern.lora_linear_multi(x.detach(), W, None, An, Bn, scal, ids)),
         ("cross_entropy fwd+bwd N=8192 V=50304", lambda: torch.autograd.grad(llmkern.cross_entropy(logits, labels), (logits,))),
+        ("lora_linear fwd+bwd M=8192 K=N=768 r=16 (GPT-2 size)",
+         lambda: torch.autograd.grad(llmkern.lora_linear(xs, Ws, None, As, Bs, 2.0), (xs, As, Bs), dy[:, :768])),
         ("gpt2-124m train step B=8 T=1024 (llmkern)", step),
+        ("gpt2-124m train step B=8 T=1024 (torch)", step_t),
     ]
     variants = [("front", {}), ("no front", {"LLMKERN_FAST_LAUNCH": "0"})]
     with env(LLMKERN_ATTN_TUNE_TOP="2"):
         for name, fn in work:
             extra = [("front, pointer kernels", {"LLMKERN_ATTN_TMA": "0"})] if name.startswith("attention") else []
+            if "GPT-2 size" in name:  # the small-layer dispatch (llmkern.ops.lora.fused_pays) against fused
+                extra = [("fused (FUSED_MIN_MNK=0)", {"LLMKERN_LORA_FUSED_MIN_MNK": "0"})]
             for vname, kv in variants + extra:
                 with env(**kv):
                     h, d = host_and_device_ms(fn, n=3 if "step" in name else 10)

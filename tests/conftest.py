@@ -10,6 +10,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The GPU tests run small LoRA layers, which eager calls would send to the cuBLAS composition
+# (llmkern.ops.lora.fused_pays): keep them on the fused kernels under test.
+os.environ.setdefault("LLMKERN_LORA_FUSED_MIN_MNK", "0")
 
 import pytest  # noqa: E402
 

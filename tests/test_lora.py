@@ -518,3 +518,58 @@ def test_library_op_and_registered_autograd():
     for got, want in ((xs.grad, xd.grad), (Ws.grad, Wd.grad), (bs.grad, bd.grad), (As.grad[0], Ad.grad),
                       (Bs.grad[0], Bd.grad)):
         assert_close(got, want, **TOL[torch.float32])
+
+
+# ---- small layers: the cuBLAS composition ---------------------------------------------------
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_cublas_composition_matches_reference(p):
+    """lora_linear_cublas (what small eager CUDA layers run) is the reference's math, dropout mask
+    included, with gradients for x, W, b, A and B."""
+    from llmkern.ops.lora import lora_linear_cublas
+
+    x, W, b, A, B = _inputs(2 * 9, 24, 20, 4, torch.float64, device="cpu")
+    x3 = x.view(2, 9, 24)
+    seed = K.seed_tensor(5, "cpu")
+    leaves = [_leaf(t) for t in (x3, W, b, A, B)]
+    y = lora_linear_cublas(*leaves, 0.7, p, seed)
+    y.square().sum().backward()
+    rleaves = [_leaf(t) for t in (x3, W, b, A, B)]
+    yr = ref.lora_linear(*rleaves, 0.7, p, seed)
+    yr.square().sum().backward()
+    torch.testing.assert_close(y, yr)
+    for a, b_ in zip(leaves, rleaves):
+        torch.testing.assert_close(a.grad, b_.grad)
+
+
+def test_fused_pays_bound(monkeypatch):
+    from llmkern.ops.lora import FUSED_MIN_MNK, fused_pays
+
+    cuda = torch.device("cuda")
+    assert fused_pays(1, 1, 1, torch.device("cpu"))  # CPU: the kernels (interpreter) or the reference
+    monkeypatch.delenv("LLMKERN_LORA_FUSED_MIN_MNK", raising=False)
+    assert not fused_pays(8192, 768, 768, cuda)      # GPT-2 124M projections: cuBLAS
+    assert fused_pays(8192, 4096, 4096, cuda)        # Llama-7B at 8k tokens: fused
+    assert FUSED_MIN_MNK == 2 ** 35
+    monkeypatch.setenv("LLMKERN_LORA_FUSED_MIN_MNK", "0")
+    assert fused_pays(1, 1, 1, cuda)
+
+
+@pytest.mark.gpu
+def test_gpu_small_layers_take_cublas(monkeypatch):
+    from llmkern.ops import lora as L
+
+    monkeypatch.delenv("LLMKERN_LORA_FUSED_MIN_MNK", raising=False)
+    fused = []
+    run = L._run_triton
+    monkeypatch.setattr(L, "_run_triton", lambda *a: (fused.append(1), run(*a))[1])
+    x, W, b, A, B = _inputs(128, 256, 192, 8, torch.bfloat16, device="cuda")
+    leaves = [_leaf(t) for t in (x, A, B)]
+    y = llmkern.lora_linear(leaves[0], W, b, leaves[1], leaves[2], 0.5, 0.1, seed=3)
+    y.float().square().sum().backward()
+    assert not fused
+    yr = ref.lora_linear(x.double(), W.double(), b.double(), A.double(), B.double(), 0.5, 0.1, 3)
+    assert ((y.double() - yr).norm() / yr.norm()).item() < 2e-2
+    monkeypatch.setenv("LLMKERN_LORA_FUSED_MIN_MNK", "0")
+    y2 = llmkern.lora_linear(x, W, b, A, B, 0.5, 0.1, seed=3)
+    assert fused and ((y2.double() - yr).norm() / yr.norm()).item() < 2e-2
