@@ -353,3 +353,26 @@ def test_gpu_bf16_gpt2_vocab_vs_torch():
     none = llmkern.cross_entropy(x.detach(), y, reduction="none", softcap=30.0)
     torch.testing.assert_close(none, _torch_loss(x.detach().float(), y, reduction="none", softcap=30.0),
                                atol=1e-3, rtol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_eager_calls_skip_the_custom_op_with_the_same_results(triton_backend, monkeypatch, reduction):
+    """Eager calls run _CrossEntropyFunction (no torch.library dispatch); the custom op, which
+    torch.compile traces, gives the same loss and gradient bit for bit."""
+    logits = torch.randn(2, 9, 40, device=DEV, requires_grad=True)
+    labels = _labels((2, 9), 40, n_ignored=3)
+    fast = []
+    real_fn = ops._CrossEntropyFunction.apply
+    monkeypatch.setattr(ops._CrossEntropyFunction, "apply", lambda *a: (fast.append(1), real_fn(*a))[1])
+    eager = llmkern.cross_entropy(logits, labels, reduction=reduction)
+    (eager_grad,) = torch.autograd.grad(eager.sum(), (logits,))
+    assert fast
+    monkeypatch.setattr(ops._checks, "eager_fast_path", lambda *t: False)
+    called = []
+    real = ops._ce_fwd_op
+    monkeypatch.setattr(ops, "_ce_fwd_op", lambda *a: (called.append(1), real(*a))[1])
+    op = llmkern.cross_entropy(logits, labels, reduction=reduction)
+    (op_grad,) = torch.autograd.grad(op.sum(), (logits,))
+    assert called and len(fast) == 1
+    assert torch.equal(eager, op) and torch.equal(eager_grad, op_grad)

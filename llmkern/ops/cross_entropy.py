@@ -134,6 +134,10 @@ def _ce_fwd_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, so
                reduction: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [N, V] or [B, T, V]; labels [N]. Returns (loss: float32 0-dim, or [N] for "none";
     lse float32 [N], 0 at ignored rows; n_valid int64 0-dim)."""
+    return _fwd_impl(logits, labels, ignore_index, softcap, reduction)
+
+
+def _fwd_impl(logits, labels, ignore_index, softcap, reduction):
     loss, lse = _kern().cross_entropy_forward(logits, labels, ignore_index=ignore_index, softcap=softcap)
     n_valid = _n_valid(labels, logits.shape[-1], ignore_index)
     return _reduce(loss, n_valid, reduction), lse, n_valid
@@ -149,6 +153,10 @@ def _(logits, labels, ignore_index, softcap, reduction):
 @torch.library.custom_op("llmkern::cross_entropy_bwd", mutates_args=())
 def _ce_bwd_op(dout: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                n_valid: torch.Tensor, ignore_index: int, softcap: float, reduction: str) -> torch.Tensor:
+    return _bwd_impl(dout, logits, labels, lse, n_valid, ignore_index, softcap, reduction)
+
+
+def _bwd_impl(dout, logits, labels, lse, n_valid, ignore_index, softcap, reduction):
     return _kern().cross_entropy_backward(dout, logits, labels, lse, n_valid, ignore_index=ignore_index,
                                           softcap=softcap, mean=reduction == "mean")
 
@@ -166,13 +174,36 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, n_valid)
 
 
-def _backward(ctx, dout, _dlse, _dn):
+def _backward(ctx, dout, _dlse, _dn, bwd=None):
     logits, labels, lse, n_valid = ctx.saved_tensors
-    dlogits = _ce_bwd_op(dout, logits, labels, lse, n_valid, *ctx.args)
+    dlogits = (bwd or _ce_bwd_op)(dout, logits, labels, lse, n_valid, *ctx.args)
     return dlogits, None, None, None, None
 
 
 _ce_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    """The eager twin of llmkern::cross_entropy_fwd / _bwd: the same kernels and saved tensors
+    without the torch.library dispatch (see _checks.eager_fast_path)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _fwd_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse, dn):
+        return _backward(ctx, dout, dlse, dn, bwd=_bwd_impl)
+
+
+def _ce_fwd(logits, labels, *args):
+    """(loss, lse, n_valid), differentiable in logits: the custom op under torch.compile, its eager
+    twin otherwise."""
+    if _checks.eager_fast_path(logits, labels):
+        return _CrossEntropyFunction.apply(logits, labels, *args)
+    return _ce_fwd_op(logits, labels, *args)
 
 
 # ---- public API ---------------------------------------------------------------------------------
@@ -215,7 +246,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
         return ref.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction,
                                  softcap=sc or None)
     x = _flat_logits(logits)
-    out, _, _ = _ce_fwd_op(x, labels.reshape(-1), int(ignore_index), sc, reduction)
+    out, _, _ = _ce_fwd(x, labels.reshape(-1), int(ignore_index), sc, reduction)
     return out.reshape(lead) if reduction == "none" else out
 
 
