@@ -7,7 +7,8 @@
 # Knobs: GPU_CHECK_SUITES="sampling:45 attention:110" (suites and their limits in seconds; NAME-compiled
 #   runs suite NAME under torch.compile(mode="reduce-overhead")),
 #   GPU_CHECK_TESTS=0 (skip the pytest phases), GPU_CHECK_BUILD=0 (use an llmkern/_C*.so carried in
-#   from an earlier run of this script on the same image instead of building).
+#   from an earlier run of this script on the same image instead of building), GPU_CHECK_DIAG="host:110"
+#   (benchmarks/gpu_diag.py sections run before the harness, with their limits; "" for none).
 # Every phase has its own limit and the whole script stops by GPU_CHECK_DEADLINE seconds (default
 # 540, under the device tool's 600 s per command): later phases get what is left.
 set -uo pipefail
@@ -58,6 +59,16 @@ LLMKERN_LORA_AUTOTUNE=0 LLMKERN_ATTN_AUTOTUNE=0 timeout "$(limit 150)" python3 -
   --timeout 120 --ignore=tests/test_sampling_gpu.py >> "$OUT/pytest_gpu.log" 2>&1
 echo "pytest -m gpu (the rest, ${xdist:-1 process}) rc=$?"; tail -15 "$OUT/pytest_gpu.log"
 fi
+
+# Host time against device time per call (launch front on/off, TMA on/off, the small-LoRA dispatch):
+# the eager rows below are bound by it. GPU_CHECK_DIAG="" skips it.
+for sec in ${GPU_CHECK_DIAG-host:110}; do
+  name=${sec%%:*}; lim=$(limit "${sec##*:}")
+  [ "$lim" -gt 1 ] || { echo "gpu_diag $name skipped: deadline"; continue; }
+  PYTHONUNBUFFERED=1 LLMKERN_LORA_AUTOTUNE=${LLMKERN_LORA_AUTOTUNE:-0} timeout -k 5 "$lim" \
+    python3 benchmarks/gpu_diag.py "$name" > "$OUT/diag-$name.log" 2>&1
+  echo "gpu_diag $name rc=$? (limit ${lim} s)"; grep -E "ms/call|Error" "$OUT/diag-$name.log" | tail -30
+done
 
 # The harness, one suite at a time with its own time limit (a slow suite cannot starve the
 # others), fastest and most finished first. Every row is printed ("[row] ...") and written to

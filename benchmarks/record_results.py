@@ -87,6 +87,10 @@ def build_page(out_dir):
     for suite, data in loaded.items():
         rows = data.get("results", [])
         lines += [f"## Suite `{suite}` ({len(rows)} rows)", ""] + suite_table(rows) + [""]
+    diag = _read(os.path.join(out_dir, "diag-host.log"))
+    rows = [line.rstrip() for line in diag.splitlines() if "ms/call" in line]
+    if rows:
+        lines += ["## Host time per call (`benchmarks/gpu_diag.py host`)", "", "```"] + rows + ["```", ""]
     missing = [s for s in SUITES if s not in loaded]
     if missing:
         lines += [f"Suites that wrote no results (not reached, or failed before their first row): "

@@ -24,8 +24,11 @@ def test_page_from_a_gpu_check_folder(tmp_path):
                baseline="sdpa-flash", baseline_ms=0.8, ratio=0.8 / 0.7, throughput=392.0, unit="TFLOP/s",
                mfu=0.396, notes="TMA kernels; pointer kernels 350 TFLOP/s", suite="attention", extra={})
     (tmp_path / "bench-attention" / "results.json").write_text(json.dumps({"environment": {}, "results": [row]}))
+    (tmp_path / "diag-host.log").write_text("# section host\n  attention fwd  front : host    0.210 ms/call, "
+                                            "device    0.190 ms/call\nnoise\n")
     card, page = _module().build_page(str(tmp_path))
     assert card == "nvidia-h100-80gb-hbm3"
+    assert "## Host time per call" in page and "host    0.210 ms/call" in page and "noise" not in page
     assert "NVIDIA H100 80GB HBM3" in page and "build rc=0" in page
     assert "FAILED tests/test_a.py::t" in page and "1 failed, 2 passed" in page
     assert "| attention fwd | B=4 H=16 T=4096 D=128 causal=True bf16 | 0.700 | sdpa-flash | 0.800 | 1.14 |" in page
