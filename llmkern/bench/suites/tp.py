@@ -215,6 +215,26 @@ def _rows_from(stats, backend):
                        "t_compute_chunked_ms": s["t_compute_chunked"]})
 
 
+def _two_stream_chunks(x, w, out, p):
+    """The p chunk GEMMs issued alternately on two side streams (each joined back to the caller's
+    stream): an experiment for the ring layers, whose chunk GEMMs at p = 8 are too small to fill an
+    H100 one at a time (1.65-1.73x the monolithic GEMM, 2026-11-26)."""
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    m = x.shape[0] // p
+
+    def run():
+        main = torch.cuda.current_stream()
+        for s in streams:
+            s.wait_stream(main)
+        for c in range(p):
+            with torch.cuda.stream(streams[c % 2]):
+                torch.matmul(x[c * m:(c + 1) * m], w.t(), out=out[c * m:(c + 1) * m])
+        for s in streams:
+            main.wait_stream(s)
+
+    return run
+
+
 def _decomposition_rows(ctx):
     """Chunked GEMM (p token chunks, as the ring runs it) vs the monolithic GEMM, one device."""
     from llmkern.bench.timing import time_fn
@@ -238,11 +258,16 @@ def _decomposition_rows(ctx):
             mono = time_fn(lambda: torch.matmul(x, w.t(), out=out), device=device, quick=ctx.quick)
             dec = time_fn(chunked, device=device, quick=ctx.quick)
             ratio = dec / mono
+            notes = f"decomposed/monolithic {ratio:.3f} ({'meets' if ratio <= 1.05 else 'misses'} target <= 1.05)"
+            extra = {"ratio": ratio, "p": p}
+            if device.type == "cuda":  # small chunks underfill the GPU: do two streams fill it?
+                dec2 = time_fn(_two_stream_chunks(x, w, out, p), device=device, quick=ctx.quick)
+                extra["two_streams_ms"] = dec2
+                notes += f"; chunks alternating over 2 streams {dec2 / mono:.3f}"
             yield Result(op=f"tp decomposed GEMM ({p} chunks)", shape=f"{model} M={M} K={k} N={n} {str(dtype)[6:]}",
                          ours_ms=dec, baseline="monolithic GEMM", baseline_ms=mono,
                          throughput=2 * M * k * n / (dec * 1e-3) / 1e12, unit="TFLOP/s",
-                         notes=f"decomposed/monolithic {ratio:.3f} ({'meets' if ratio <= 1.05 else 'misses'} "
-                               f"target <= 1.05)", extra={"ratio": ratio, "p": p})
+                         notes=notes, extra=extra)
     del x, w, out
 
 
