@@ -5,7 +5,7 @@ run on the GPU machine: for each workload it prints the CUDA kernels of a few it
 iteration, launches per iteration) and, for each of our autotuned kernels that tuned on it, every
 candidate config's measured time. Sections run in order, each guarded (a failure prints and moves on):
 
-    python benchmarks/gpu_diag.py [host attention lora sampling mfu]   (default: all five)
+    python benchmarks/gpu_diag.py [host decode attention lora sampling mfu]   (default: all)
 
 Knobs are the package's own environment variables (LLMKERN_FAST_LAUNCH, LLMKERN_ATTN_TMA, LLMKERN_ATTN_TMA_BWD,
 LLMKERN_LORA_AUTOTUNE, LLMKERN_LORA_TMA, LLMKERN_SAMPLE_SPLIT, LLMKERN_ATTN_TUNE_TOP); a section may
@@ -244,7 +244,45 @@ def host():
                 _say(f"  {name:58s} {vname:24s}: host {h:8.3f} ms/call, device {d:8.3f} ms/call")
 
 
-SECTIONS = {"host": host, "attention": attention, "lora": lora, "sampling": sampling, "mfu": mfu}
+def decode():
+    """The split-K decode kernel over block sizes, warps, stages and split counts (B=32, GQA 32/8,
+    kv 8192, D=128, bf16), against SDPA: the bench row was 0.403 ms vs SDPA's 0.363 (2026-11-26)."""
+    import llmkern
+    import torch.nn.functional as F
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, Hk, T, D = 32, 32, 8, 8192, 128
+    q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    kc = torch.randn(B, Hk, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    vc = torch.randn_like(kc)
+    lens = torch.full((B,), T, device="cuda", dtype=torch.int32)
+
+    def ms(fn, n=20):
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / n
+
+    gb = 2 * B * Hk * T * D * 2 / 1e9
+    t = ms(lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True))
+    _say(f"  SDPA (enable_gqa): {t:.4f} ms ({gb / t * 1e3:.0f} GB/s)")
+    for cfg in ("64,4,3", "64,4,4", "128,4,2", "128,4,3", "128,8,3", "64,8,4", "32,4,4"):
+        for splits in (0, 2, 4, 8):
+            with env(LLMKERN_DECODE_CONFIG=cfg):
+                try:
+                    t = ms(lambda: llmkern.attention_with_kvcache(q, kc, vc, lens, num_splits=splits))
+                    _say(f"  decode BLOCK_N,warps,stages={cfg:8s} splits={splits or 'auto'}: {t:.4f} ms "
+                         f"({gb / t * 1e3:.0f} GB/s)")
+                except Exception as exc:  # noqa: BLE001 - e.g. a config out of shared memory
+                    _say(f"  decode {cfg} splits={splits}: {type(exc).__name__}: {str(exc)[:100]}")
+
+
+SECTIONS = {"host": host, "decode": decode, "attention": attention, "lora": lora, "sampling": sampling, "mfu": mfu}
 
 
 def main(argv):

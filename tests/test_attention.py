@@ -663,3 +663,16 @@ def test_backward_tma_switch_rejects_unknown_values(monkeypatch):
         A.backward_tma_kernels()
     monkeypatch.setenv("LLMKERN_ATTN_TMA_BWD", "ALL")
     assert A.backward_tma_kernels() == {"dkdv", "dq"}
+
+
+@needs_triton
+def test_decode_config_override(triton_backend, monkeypatch):
+    """LLMKERN_DECODE_CONFIG (gpu_diag's decode sweep) sets BLOCK_N, warps and stages; bad values raise."""
+    from llmkern.kernels import attention_decode as KD
+
+    monkeypatch.setenv("LLMKERN_DECODE_CONFIG", "128,8,3")
+    assert KD._decode_config(128, 4) == (16, 128, 8, 3)
+    for bad in ("128,8", "100,8,3", "128,3,3", "x,8,3"):
+        monkeypatch.setenv("LLMKERN_DECODE_CONFIG", bad)
+        with pytest.raises(ValueError, match="LLMKERN_DECODE_CONFIG"):
+            KD._decode_config(128, 4)

@@ -13,6 +13,7 @@ The number of splits is chosen so that B * Hk * splits fills the GPU even for a 
 it depends only on static shapes (no host sync on cache_seqlens).
 """
 import functools
+import os
 
 import torch
 import triton
@@ -133,8 +134,20 @@ def _num_sms(index):
 
 def _decode_config(D, rows):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the split kernel: memory-bound, so wide key
-    tiles and a few pipeline stages; the packed rows (GQA group x new tokens) set BLOCK_M."""
+    tiles and a few pipeline stages; the packed rows (GQA group x new tokens) set BLOCK_M.
+    LLMKERN_DECODE_CONFIG="BLOCK_N,warps,stages" overrides the rest (benchmarks/gpu_diag.py's decode
+    section sweeps it)."""
     bm = min(max(16, next_power_of_2(rows)), 64)
+    override = os.environ.get("LLMKERN_DECODE_CONFIG")
+    if override:
+        try:
+            bn, warps, stages = (int(v) for v in override.split(","))
+        except ValueError:
+            raise ValueError(f"LLMKERN_DECODE_CONFIG must be 'BLOCK_N,num_warps,num_stages', got {override!r}")
+        if bn < 16 or bn & (bn - 1) or warps not in (1, 2, 4, 8, 16) or stages < 1:
+            raise ValueError(f"LLMKERN_DECODE_CONFIG: BLOCK_N a power of two >= 16, warps in 1..16 (powers of "
+                             f"two), stages >= 1; got {override!r}")
+        return bm, bn, warps, stages
     if D <= 64:
         return bm, 128, 4, 3
     if D <= 128:
