@@ -44,6 +44,11 @@ def collect():
         except ImportError as exc:
             info[f"import {mod}"] = f"failed: {exc}"
     info["TMA kernels (attention, LoRA)"] = _tma_status(dev)
+    info["launch front (autotuned kernels)"] = ("off (LLMKERN_FAST_LAUNCH=0)" if os.environ.get("LLMKERN_FAST_LAUNCH") == "0"
+                                                else "on")
+    bound = os.environ.get("LLMKERN_LORA_FUSED_MIN_MNK")
+    info["LoRA fused from M*N*K"] = (f"{bound} (LLMKERN_LORA_FUSED_MIN_MNK)" if bound is not None
+                                     else "2^35 on CUDA in eager (smaller layers: cuBLAS composition)")
     for op, fn in sorted(_backend.OP_DISPATCH.items()):
         try:
             info[f"op {op}"] = fn(dev, torch.float16 if dev.type == "cuda" else torch.float32)
