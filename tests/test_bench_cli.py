@@ -49,3 +49,17 @@ def test_mfu_compile_mode_knob(monkeypatch):
     monkeypatch.setenv("LLMKERN_BENCH_COMPILE", "fast")
     with pytest.raises(ValueError, match="LLMKERN_BENCH_COMPILE"):
         compile_mode(cpu, quick=True)
+
+
+def test_mfu_rows_knob(monkeypatch):
+    """LLMKERN_BENCH_MFU_ROWS picks mfu rows by model label across quick and full lists."""
+    import pytest
+    import torch
+    from llmkern.bench.suites.mfu import _plan
+
+    monkeypatch.setenv("LLMKERN_BENCH_MFU_ROWS", "gpt3-1.3b")
+    rows = _plan(torch.device("cuda"), quick=True)
+    assert [(r[0], r[2], r[3], r[4]) for r in rows] == [("gpt3-1.3b", 4, 1024, False)]
+    monkeypatch.setenv("LLMKERN_BENCH_MFU_ROWS", "gpt-9")
+    with pytest.raises(ValueError, match="LLMKERN_BENCH_MFU_ROWS"):
+        _plan(torch.device("cpu"), quick=True)

@@ -65,7 +65,21 @@ def _ours_lora(model, targets, r, alpha):
 
 
 def _plan(device, quick):
-    """(label, config, batch, seq, lora) rows for this device and mode."""
+    """(label, config, batch, seq, lora) rows for this device and mode; LLMKERN_BENCH_MFU_ROWS (comma-
+    separated labels, e.g. "gpt3-1.3b") picks rows from every mode's list instead."""
+    pick = os.environ.get("LLMKERN_BENCH_MFU_ROWS")
+    if pick:
+        rows = {(r[0], r[2], r[3], r[4]): r for r in _rows(device, quick=False) + _rows(device, quick=True)}
+        wanted = [w.strip() for w in pick.split(",") if w.strip()]
+        chosen = [r for w in wanted for r in rows.values() if r[0].split(" ")[0] == w]
+        if not chosen:
+            labels = sorted({r[0].split(" ")[0] for r in rows.values()})
+            raise ValueError(f"LLMKERN_BENCH_MFU_ROWS: none of {wanted} is a row here; rows: {labels}")
+        return chosen
+    return _rows(device, quick)
+
+
+def _rows(device, quick):
     if device.type != "cuda":
         tiny = get_config("gpt-tiny", n_layer=2, n_embd=128, n_head=4, block_size=128, vocab_size=512)
         tiny_l = get_config("llama-tiny", n_layer=2, n_embd=128, n_head=4, n_kv_head=2, intermediate_size=352,
