@@ -225,7 +225,7 @@ def host():
         ("attention fwd B=16 H=16 T=1024 D=128 causal", lambda: llmkern.attention(q.detach(), k.detach(), v.detach(), causal=True)),
         ("attention fwd+bwd (same)", lambda: torch.autograd.grad(llmkern.attention(q, k, v, causal=True), (q, k, v), do)),
         ("lora_linear fwd+bwd M=8192 K=N=4096 r=16", lambda: torch.autograd.grad(llmkern.lora_linear(x, W, None, A, B, 2.0), (x, A, B), dy)),
-        ("lora_linear_multi fwd, 16 adapters", lambda: llmkern.lora_linear_multi(x.detach(), W, None, An, Bn, scal, ids)),
+        ("lora_linear_multi fwd, 16 adapters (host waits: ids check)", lambda: llmkern.lora_linear_multi(x.detach(), W, None, An, Bn, scal, ids)),
         ("cross_entropy fwd+bwd N=8192 V=50304", lambda: torch.autograd.grad(llmkern.cross_entropy(logits, labels), (logits,))),
         ("lora_linear fwd+bwd M=8192 K=N=768 r=16 (GPT-2 size)",
          lambda: torch.autograd.grad(llmkern.lora_linear(xs, Ws, None, As, Bs, 2.0), (xs, As, Bs), dy[:, :768])),
