@@ -20,10 +20,11 @@ def _blocks():
 
 
 @pytest.mark.parametrize("index", range(len(_blocks())))
-def test_readme_example_runs(index):
+def test_readme_example_runs(index, tmp_path):
     code = _blocks()[index]
     env = {k: v for k, v in os.environ.items() if k not in ("LLMKERN_BACKEND", "TRITON_INTERPRET")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+    # in a scratch folder: the examples write files (a saved adapter) where they run
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                          timeout=300)
     assert res.returncode == 0, f"README example {index} failed:\n{code}\n{res.stderr[-3000:]}"
