@@ -188,13 +188,21 @@ def host_and_device_ms(fn, n=10):
         fn()
     host = (time.perf_counter() - t0) / n * 1e3
     torch.cuda.synchronize()
+    return host, device_ms(fn, n, warm=False)
+
+
+def device_ms(fn, n=20, warm=True):
+    """Device ms per call of fn: events around n back-to-back calls (after one warm-up call)."""
+    if warm:
+        fn()
+        torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(n):
         fn()
     end.record()
     torch.cuda.synchronize()
-    return host, start.elapsed_time(end) / n
+    return start.elapsed_time(end) / n
 
 
 def host():
@@ -257,17 +265,7 @@ def decode():
     vc = torch.randn_like(kc)
     lens = torch.full((B,), T, device="cuda", dtype=torch.int32)
 
-    def ms(fn, n=20):
-        fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / n
-
+    ms = device_ms
     gb = 2 * B * Hk * T * D * 2 / 1e9
     t = ms(lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True))
     _say(f"  SDPA (enable_gqa): {t:.4f} ms ({gb / t * 1e3:.0f} GB/s)")
