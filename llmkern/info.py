@@ -46,9 +46,13 @@ def collect():
     info["TMA kernels (attention, LoRA)"] = _tma_status(dev)
     info["launch front (autotuned kernels)"] = ("off (LLMKERN_FAST_LAUNCH=0)" if os.environ.get("LLMKERN_FAST_LAUNCH") == "0"
                                                 else "on")
-    bound = os.environ.get("LLMKERN_LORA_FUSED_MIN_MNK")
-    info["LoRA fused from M*N*K"] = (f"{bound} (LLMKERN_LORA_FUSED_MIN_MNK)" if bound is not None
-                                     else "2^35 on CUDA in eager (smaller layers: cuBLAS composition)")
+    try:
+        from llmkern.ops.lora import fused_min_mnk
+
+        info["LoRA fused from M*N*K"] = (f"{fused_min_mnk()} on CUDA in eager (smaller layers: cuBLAS "
+                                         f"composition; LLMKERN_LORA_FUSED_MIN_MNK)")
+    except (ImportError, ValueError) as exc:
+        info["LoRA fused from M*N*K"] = f"error: {exc}"
     for op, fn in sorted(_backend.OP_DISPATCH.items()):
         try:
             info[f"op {op}"] = fn(dev, torch.float16 if dev.type == "cuda" else torch.float32)

@@ -553,6 +553,10 @@ def test_fused_pays_bound(monkeypatch):
     assert FUSED_MIN_MNK == 2 ** 35
     monkeypatch.setenv("LLMKERN_LORA_FUSED_MIN_MNK", "0")
     assert fused_pays(1, 1, 1, cuda)
+    for bad in ("-1", "2**35", "big"):
+        monkeypatch.setenv("LLMKERN_LORA_FUSED_MIN_MNK", bad)
+        with pytest.raises(ValueError, match="LLMKERN_LORA_FUSED_MIN_MNK"):
+            fused_pays(1, 1, 1, cuda)
 
 
 @pytest.mark.gpu

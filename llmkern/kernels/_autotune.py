@@ -1,9 +1,9 @@
 """A low-overhead front for `triton.autotune`: tune once per key, then launch the JIT function directly.
 
 Triton's Autotuner.run rebuilds a dict of every argument and filters it through a list on each call to
-find its key; for our 40-60-argument kernels that cost 73 µs per launch under Triton 3.6 and 41 µs under
-3.8 on the 2-core CI machine (`tests/test_launch_overhead.py` measures it), before the JIT function's own
-launch work. An eager attention forward+backward makes three such launches, a LoRA layer six, so this
+find its key; for the 56-argument dK/dV kernel that cost 39-73 µs per launch under Triton 3.6 and about
+41 µs under 3.8 on the 2-core CI machine, against 14-20 µs through this front
+(`tests/test_launch_overhead.py` measures both), before the JIT function's own launch work. An eager attention forward+backward makes three such launches, a LoRA layer six, so this
 was a large part of the host time that bounded the H100's 1k-token attention and LoRA rows.
 
 `Tuned(autotuner)[grid](*args, **kwargs)` computes the same key from the key arguments' positions

@@ -1,13 +1,8 @@
 """Small pieces the Triton kernel files share."""
-import os
-
 import triton
 import triton.language as tl
 
-
-def interpreting():
-    """Whether Triton runs kernels under its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from llmkern._backend import triton_interpreting as interpreting  # noqa: F401 (TRITON_INTERPRET=1)
 
 
 def cdiv(a, b):

@@ -143,7 +143,7 @@ def _decode_config(D, rows):
         try:
             bn, warps, stages = (int(v) for v in override.split(","))
         except ValueError:
-            raise ValueError(f"LLMKERN_DECODE_CONFIG must be 'BLOCK_N,num_warps,num_stages', got {override!r}")
+            raise ValueError(f"LLMKERN_DECODE_CONFIG must be 'BLOCK_N,num_warps,num_stages', got {override!r}") from None
         if bn < 16 or bn & (bn - 1) or warps not in (1, 2, 4, 8, 16) or stages < 1:
             raise ValueError(f"LLMKERN_DECODE_CONFIG: BLOCK_N a power of two >= 16, warps in 1..16 (powers of "
                              f"two), stages >= 1; got {override!r}")

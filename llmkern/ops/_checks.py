@@ -17,7 +17,8 @@ def checking_values():
     torch.compile traces, nor while a CUDA graph is captured."""
     if torch.compiler.is_compiling():
         return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    # is_initialized is a cheap flag (is_available reads the environment); capture needs CUDA up
+    return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
 
 def eager_fast_path(*tensors):

@@ -267,15 +267,29 @@ def fused_pays(M, N, K, device):
     A fused forward+backward makes six Triton launches, whose host time (Python, launcher) was
     measured at several hundred µs per layer on an H100 machine; a small layer's kernels finish
     sooner than that, so the step waits on the host (a GPT-2 124M LoRA step, M=8192, K=N=768, took
-    57 ms against 28 ms for plain PyTorch LoRA). Below M·N·K = 2^35 (where the fused kernels' GPU
-    time, about 6·M·N·K / 600 TFLOP/s, is some 0.35 ms) the cuBLAS composition wins; above, the
-    fused kernels' fewer memory passes do. Under torch.compile the op is always fused (Inductor
-    launches it, with CUDA graphs at no host cost). LLMKERN_LORA_FUSED_MIN_MNK overrides the bound
-    (0: always fused)."""
+    57 ms against 28 ms for plain PyTorch LoRA). The bound M·N·K = 2^35 is an estimate, not yet a
+    measurement: there the fused kernels' GPU time (about 6·M·N·K / 600 TFLOP/s) is some 0.35 ms, the
+    order of that host time; above it the fused kernels' fewer memory passes should win
+    (`benchmarks/gpu_diag.py host` times a GPT-2-size layer both ways). Under torch.compile the op is
+    always fused (Inductor launches it, with CUDA graphs at no host cost). LLMKERN_LORA_FUSED_MIN_MNK
+    overrides the bound (0: always fused)."""
     if device.type != "cuda" or torch.compiler.is_compiling():
         return True
+    return M * N * K >= fused_min_mnk()
+
+
+def fused_min_mnk():
+    """The bound of fused_pays: LLMKERN_LORA_FUSED_MIN_MNK, or FUSED_MIN_MNK."""
     bound = os.environ.get("LLMKERN_LORA_FUSED_MIN_MNK")
-    return M * N * K >= (FUSED_MIN_MNK if bound is None else int(bound))
+    if bound is None:
+        return FUSED_MIN_MNK
+    try:
+        value = int(bound)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"LLMKERN_LORA_FUSED_MIN_MNK must be an integer >= 0 (0: always fused), got {bound!r}")
+    return value
 
 
 def lora_linear_cublas(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None):

@@ -10,6 +10,7 @@ from typing import Optional, Union
 import torch
 
 from llmkern import _backend
+from llmkern.ops import _checks
 from llmkern import reference as ref
 
 ScalarOrTensor = Union[float, int, torch.Tensor]
@@ -55,12 +56,7 @@ def _check_logits(logits):
         raise ValueError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
 
 
-def _checking_values():
-    """Value checks on tensors need a host sync: skip them while compiling or capturing graphs."""
-    if torch.compiler.is_compiling():
-        return False
-    # is_initialized is a cheap flag (is_available reads the environment); capture needs CUDA up.
-    return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
+_checking_values = _checks.checking_values
 
 
 class _RangeChecks:
