@@ -342,6 +342,48 @@ def test_varlen_vs_reference(triton_backend, kw, give_max):
         assert_close(g, rg, torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("mq,mk", [(8, None), (None, 8), (8, 8)])
+def test_varlen_max_seqlen_under_a_length_raises(monkeypatch, backend, mq, mk):
+    """max_seqlen_* sizes the grids: a bound under the longest sequence would leave rows
+    uncomputed (uninitialised output), so it is an error naming the argument."""
+    if backend == "triton" and DEV is None:
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("LLMKERN_BACKEND", backend)
+    device = DEV or "cpu"
+    cu = torch.tensor([0, 3, 40], dtype=torch.int32, device=device)  # lengths 3 and 37
+    q, k, v = (torch.randn(40, 2, 16, device=device) for _ in range(3))
+    with pytest.raises(ValueError, match="max_seqlen_q" if mq else "max_seqlen_k"):
+        llmkern.attention_varlen(q, k, v, cu, cu, mq, mk, causal=True)
+    ok = llmkern.attention_varlen(q, k, v, cu, cu, 37, 40, causal=True)  # loose bounds are fine
+    assert_close(ok, llmkern.attention_varlen(q, k, v, cu, cu, causal=True), torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("Tq,Tk,kw", [(40, 50, dict(window=(None, 2**31 - 1))),
+                                      (40, 50, dict(window=(2**31 - 1, 2**31 - 1))),
+                                      (30, 20, dict(causal=True, window=(2**31 - 1, None)))],
+                         ids=["right", "both", "left-causal"])
+def test_huge_window_equals_unbounded(triton_backend, Tq, Tk, kw):
+    """Window sides near the int32 limit (a common stand-in for 'no limit') used to overflow the
+    kernels' index sums: every row came back empty."""
+    q, k, v = _qkv(1, 2, 2, Tq, Tk, 32, torch.float32)
+    _check(q, k, v, torch.float32, **kw)
+    qc = q[:, :, -1:].detach()
+    out = llmkern.attention_with_kvcache(qc, k.detach(), v.detach(), Tk, causal=False, window=(None, 2**31 - 1))
+    assert_close(out, llmkern.attention_with_kvcache(qc, k.detach(), v.detach(), Tk, causal=False), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_no_keys_still_gives_every_gradient(monkeypatch, backend):
+    if backend == "triton" and DEV is None:
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("LLMKERN_BACKEND", backend)
+    q, k, v = _qkv(1, 2, 2, 5, 0, 16, torch.float32, device=DEV or "cpu")
+    dq, dk, dv = torch.autograd.grad(llmkern.attention(q, k, v, causal=True).sum(), (q, k, v))
+    assert (dq == 0).all() and dk.shape == k.shape and dv.shape == v.shape
+
+
 # ---- KV-cache decode ------------------------------------------------------------------------------
 
 @needs_triton

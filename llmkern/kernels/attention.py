@@ -39,7 +39,7 @@ from llmkern.kernels._common import tanh as _tanh
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-UNBOUNDED = 1 << 30  # a window side with no limit
+UNBOUNDED = 1 << 30  # a window side with no limit (sequences stay under 2**29 tokens: int32 sums)
 
 
 
@@ -720,8 +720,11 @@ def _seq_bucket(n):
 
 
 def _window_args(window_left, window_right):
-    L = UNBOUNDED if window_left is None or window_left < 0 else int(window_left)
-    R = UNBOUNDED if window_right is None or window_right < 0 else int(window_right)
+    """Window sides as kernel ints. Sides past UNBOUNDED are clamped to it: they see the same keys
+    (sequences are far shorter), and the kernels' index sums (row + offset + side + 1) must stay
+    inside int32, which a side such as 2**31 - 1 would overflow."""
+    L = UNBOUNDED if window_left is None or window_left < 0 else min(int(window_left), UNBOUNDED)
+    R = UNBOUNDED if window_right is None or window_right < 0 else min(int(window_right), UNBOUNDED)
     return L, R
 
 

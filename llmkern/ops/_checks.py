@@ -21,6 +21,33 @@ def checking_values():
     return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
 
+class DeferredRead:
+    """A small tensor's values read on the host without stalling the GPU: on CUDA it is copied to
+    pinned memory behind an event when constructed, and `values()` waits only for the work queued
+    before that point. A caller builds it, queues its kernels, then reads: the GPU keeps busy with
+    the new kernels while the host waits. On CPU the values are there at once."""
+
+    def __init__(self, t):
+        self.event = None
+        if t.is_cuda:
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(t.device))
+        else:
+            self.host = t
+
+    @property
+    def ready(self):
+        """True when values() returns at once (CPU tensors)."""
+        return self.event is None
+
+    def values(self):
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 def eager_fast_path(*tensors):
     """Whether an op may run its torch.autograd.Function directly instead of through its
     torch.library custom op: plain tensors in eager mode, no torch.compile / export trace and no

@@ -339,6 +339,31 @@ def _check_cu(name, cu, device, total):
                              f"tokens ({total}), got {cu.tolist()}")
 
 
+class _MaxSeqlenCheck:
+    """max_seqlen_q/k, when given, size the kernels' grids: a bound under a sequence's length would
+    leave rows uncomputed, so it is an error. The longest lengths are read from cu_seqlens at once
+    on CPU; on CUDA after the kernels are queued (_checks.DeferredRead: no GPU stall), and the call
+    raises instead of returning. Skipped where values cannot be read (torch.compile, graph capture)."""
+
+    def __init__(self, cu_q, cu_k, max_q, max_k):
+        self.bounds = (max_q, max_k)
+        self.lens = None
+        if (max_q or max_k) and _checking_values() and cu_q.numel() > 1:
+            longest = torch.stack([(cu_q[1:] - cu_q[:-1]).max(), (cu_k[1:] - cu_k[:-1]).max()])
+            self.lens = _checks.DeferredRead(longest)
+            if self.lens.ready:
+                self.finish()
+
+    def finish(self):
+        if self.lens is None:
+            return
+        lens, self.lens = self.lens.values(), None
+        for name, bound, n in zip(("max_seqlen_q", "max_seqlen_k"), self.bounds, lens):
+            if bound and n > bound:
+                raise ValueError(f"{name} ({bound}) is smaller than the longest sequence in cu_seqlens_"
+                                 f"{name[-1]} ({n}): it must be an upper bound (or None)")
+
+
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: Optional[int] = None,
                      max_seqlen_k: Optional[int] = None, *, causal: bool = False,
@@ -366,6 +391,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     wl, wr = _window(window)
     sc = _softcap(softcap)
     backend = _backend_for(q.device, q.dtype, "attention_varlen")
+    bounds = _MaxSeqlenCheck(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if backend == "triton":
         mq = int(max_seqlen_q) if max_seqlen_q else -1
         mk = int(max_seqlen_k) if max_seqlen_k else -1
@@ -374,6 +400,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     else:
         out, lse = ref.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
                                         window=_ref_window(wl, wr), softcap=sc or None, return_lse=True)
+    bounds.finish()
     return (out, lse) if return_lse else out
 
 

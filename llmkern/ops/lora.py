@@ -350,29 +350,19 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 
 class _IdsCheck:
-    """The range check of adapter_ids without stalling the GPU: on CUDA, the min/max is copied to
-    pinned host memory behind an event and read after the kernels are queued (the wait then covers
-    only work queued before this call, while this call's kernels keep the GPU busy). Out-of-range
-    ids act as -1 in the kernels, so reading the result late never touches memory out of bounds;
-    the call still raises instead of returning."""
+    """The range check of adapter_ids without stalling the GPU (see _checks.DeferredRead): the
+    min/max is read after the call's kernels are queued. Out-of-range ids act as -1 in the
+    kernels, so reading the result late never touches memory out of bounds; the call still raises
+    instead of returning."""
 
     def __init__(self, ids, n):
         self.n = n
-        minmax = torch.stack(torch.aminmax(ids))
-        self.event = None
-        if minmax.is_cuda:
-            self.host = torch.empty(2, dtype=minmax.dtype, pin_memory=True)
-            self.host.copy_(minmax, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record(torch.cuda.current_stream(minmax.device))
-        else:
-            self.host = minmax
+        self.minmax = _checks.DeferredRead(torch.stack(torch.aminmax(ids)))
+        if self.minmax.ready:
             self.finish()
 
     def finish(self):
-        if self.event is not None:
-            self.event.synchronize()
-        lo, hi = self.host.tolist()
+        lo, hi = self.minmax.values()
         if lo < -1 or hi >= self.n:
             raise ValueError(f"adapter_ids must be in [-1, {self.n}), got values in [{lo}, {hi}]")
 

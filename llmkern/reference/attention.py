@@ -63,7 +63,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
     G = H // Hk
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if Tk == 0:  # nothing to attend to: zeros and LSE -inf (still connected to the graph)
-        out = q[..., :1].mul(0).expand(B, H, Tq, v.shape[-1]) + v.sum() * 0
+        out = q[..., :1].mul(0).expand(B, H, Tq, v.shape[-1]) + (k.sum() + v.sum()) * 0
         lse = torch.full((B, H, Tq), float("-inf"), dtype=_compute_dtype(q.dtype), device=q.device)
         return (out, lse) if return_lse else out
     cd = _compute_dtype(q.dtype)
