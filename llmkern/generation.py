@@ -8,7 +8,10 @@
                    allowed_tokens=mask, scorers=[(0.5, my_feature)])         # guided
 
 `model` is a zoo model (llmkern.models.GPT / Llama) or anything with `model(ids, cache=...,
-last_only=True)` and `model.new_cache(batch, max_len)`; prompts are [B, T] without padding.
+last_only=True)` and `model.new_cache(batch, max_len)`; prompts are [B, T], left-padded with
+`attention_mask=` when their lengths differ (padding is not counted by the penalties). A sequence
+left with no token to choose (allowed_tokens allows none, or the logits have no finite value)
+raises instead of emitting token 0.
 Returns the prompt followed by the new tokens, [B * num_return_sequences, T + n]; rows that stop
 early (eos) are filled with pad_token_id, as transformers' generate does (which, unlike us, fills
 finished beams with eos when pad_token_id is 0).
@@ -202,6 +205,11 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
     B, T0 = input_ids.shape
     dev = input_ids.device
     seqs = input_ids
+    # the tokens the penalties count: left padding is not a token (-1, as transformers skips it)
+    prev = input_ids if mask is None else input_ids.masked_fill(~mask, -1)
+    # the sampler's position per row counts real tokens, so a row draws the same tokens whatever
+    # padding its batch needs
+    position = torch.full((B,), T0, dtype=torch.long, device=dev) if mask is None else mask.sum(-1).long()
     step = _Stepper(model, B, T0 + max_new_tokens, use_cache, mask)
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
     logps = []
@@ -219,29 +227,45 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
             base = torch.log_softmax(logits if allow is None else logits.masked_fill(~allow, float("-inf")), -1)
             terms = _score_terms(scorers, seqs, base)
             bias = terms if bias is None else bias.to(terms) + terms
-        kw = dict(knobs, prev_tokens=seqs, logit_bias=bias, allowed_tokens=allow, return_logprobs=True)
+        kw = dict(knobs, prev_tokens=prev, logit_bias=bias, allowed_tokens=allow, return_logprobs=True)
         if strategy == "greedy":
             kw["temperature"] = 0.0
             if scorers:  # argmax of log p + Σ α f over the processed (penalised, masked) distribution
-                lp = _processed_logprobs(logits, seqs, kw)
+                lp = _processed_logprobs(logits, prev, kw)
                 score = lp + _score_terms(scorers, seqs, lp)
                 tok = score.argmax(-1)
                 lp_tok = lp.gather(1, tok[:, None])[:, 0]
+                valid = torch.isfinite(score).any(-1)
             else:
-                tok, lp_tok = sample(logits, **kw)
+                tok, lp_tok, valid = sample(logits, **kw, return_valid=True)
         else:
             kw["seed"] = seeds
-            kw["position"] = torch.full((B,), seqs.shape[1], dtype=torch.long, device=dev) if seeds is not None else None
-            tok, lp_tok = sample(logits, **kw)
+            kw["position"] = position if seeds is not None else None
+            tok, lp_tok, valid = sample(logits, **kw, return_valid=True)
+        stuck = unfinished & ~valid
         tok = torch.where(unfinished, tok, torch.full_like(tok, pad))
         logps.append(torch.where(unfinished, lp_tok.float(), torch.zeros_like(lp_tok.float())))
         seqs = torch.cat([seqs, tok[:, None]], dim=1)
+        prev = torch.cat([prev, tok[:, None]], dim=1)
+        position = position + 1
         if eos is not None:
             unfinished &= ~torch.isin(tok, eos)
-            if not unfinished.any():
-                break
+        any_stuck, any_left = torch.stack([stuck.any(), unfinished.any()]).tolist()  # one sync
+        if any_stuck:
+            _raise_stuck(stuck, allow, seqs.shape[1] - 1 - T0)
+        if not any_left:
+            break
     scores = torch.stack(logps, 1) if logps else torch.zeros(B, 0, device=dev)
     return GenerationOutput(seqs, scores)
+
+
+def _raise_stuck(stuck, allow, t):
+    """A row left with no token to choose: an error, not a silent token 0."""
+    rows = stuck.nonzero()[:, 0].tolist()
+    if allow is not None and not bool(allow[rows].any(-1).all()):
+        raise ValueError(f"allowed_tokens allows no token for sequence(s) {rows} at new token {t}")
+    raise RuntimeError(f"generate: the model's logits have no finite value for sequence(s) {rows} "
+                       f"at new token {t}")
 
 
 def _processed_logprobs(logits, seqs, kw):
@@ -306,6 +330,7 @@ def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_p
         if scorers:
             log_probs = log_probs + _score_terms(scorers, flat, log_probs)
         acc = (log_probs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
+        stuck = improvable[:, 0] & ~torch.isfinite(acc).any(-1)  # no beam of the prompt can go on
 
         # top-`keep` continuations over all beams
         topk_scores, topk_idx = torch.topk(acc, keep)
@@ -350,9 +375,11 @@ def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_p
         best_running = running_scores[:, :1] / (best_len ** length_penalty)
         worst_done = torch.where(finished, beam_scores.min(1, keepdim=True)[0], torch.full_like(beam_scores, -1e9))
         improvable = improvable & (best_running > worst_done).any(-1, keepdim=True)
-        go_on = bool(improvable.any()) and not (bool(finished.all()) and early_stopping is True) \
-            and not bool(hits.all())
-        if not go_on:
+        any_improvable, all_finished, all_hit, any_stuck = torch.stack(
+            [improvable.any(), finished.all(), hits.all(), stuck.any()]).tolist()  # one sync
+        if any_stuck:
+            _raise_stuck(stuck, None if allow is None else allow.reshape(B, K * V), cur_len - 1 - T0)
+        if not any_improvable or (all_finished and early_stopping is True) or all_hit:
             break
         step.reorder(beam_src_flat)
         logits = step(running[:, :, :cur_len].reshape(B * K, cur_len), 1)

@@ -219,6 +219,36 @@ def test_left_padded_batch_equals_transformers(pairs, arch):
                                                  num_beams=3, pad_token_id=PAD))
             # the padded row continues exactly as the same prompt alone
             assert torch.equal(ours[2, 5:], generate(m, x[2:, 5:], 8)[0])
+            # penalties do not count the padding (transformers skips it too)
+            pen = dict(repetition_penalty=1.5, pad_token_id=PAD)
+            ours = generate(m, x, 8, attention_mask=am, **pen)
+            assert torch.equal(ours, hf.generate(x, attention_mask=am, max_new_tokens=8, do_sample=False, **pen))
+            for kw in (dict(frequency_penalty=2.0), dict(presence_penalty=3.0, strategy="sample", top_k=5)):
+                seeds = dict(seed=torch.tensor([4, 5, 6])) if "top_k" in kw else {}
+                padded = generate(m, x, 8, attention_mask=am, pad_token_id=PAD, **kw, **seeds)
+                seeds = dict(seed=torch.tensor([6])) if "top_k" in kw else {}
+                assert torch.equal(padded[2, 5:], generate(m, x[2:, 5:], 8, **kw, **seeds)[0]), kw
     m.backend = "torch"
     with pytest.raises(ValueError, match="left padding"):
         generate(m, x, 2, attention_mask=am.flip(1))
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_a_sequence_with_no_allowed_token_raises(pairs, strategy):
+    """A row whose allowed_tokens are all False has no token to choose: an error, not token 0.
+    A row that has finished (eos) may allow nothing afterwards."""
+    m, _ = pairs["gpt2"]
+    x = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(2))
+    kw = dict(num_beams=2) if strategy == "beam" else {}
+    allow = torch.ones(2, V, dtype=torch.bool)
+    allow[1] = False
+    with pytest.raises(ValueError, match=r"allowed_tokens allows no token for sequence\(s\) \[1\]"):
+        generate(m, x, 3, strategy=strategy, allowed_tokens=allow, **kw)
+
+    def eos_then_nothing(seqs):  # only token 7 until it is emitted, then nothing
+        done = (seqs[:, 5:] == 7).any(-1)
+        a = torch.zeros(seqs.shape[0], V, dtype=torch.bool)
+        a[~done, 7] = True
+        return a
+    out = generate(m, x, 4, strategy=strategy, allowed_tokens=eos_then_nothing, eos_token_id=7, pad_token_id=PAD, **kw)
+    assert (out[:, 5] == 7).all() and out.shape[1] == 6
