@@ -117,6 +117,25 @@ def test_minus_inf_logits_and_large_values(triton_backend):
 
 
 @needs_triton
+def test_logits_near_float32_max(triton_backend):
+    """|x| > FLT_MAX / log2(e) (about 2.36e38) used to overflow to inf - inf (NaN loss): the kernels
+    scale by log2(e) only after subtracting the row maximum."""
+    x = torch.zeros(3, 10, device=DEV)
+    x[0, 2] = 3e38
+    x[1, 2] = 3e38
+    x[1, 5] = -3e38
+    x[2, 7] = -3.3e38
+    y = torch.tensor([2, 1, 7], device=DEV)
+    x.requires_grad_()
+    loss = llmkern.cross_entropy(x, y, reduction="none")
+    torch.testing.assert_close(loss, F.cross_entropy(x.detach(), y, reduction="none"))
+    loss.sum().backward()
+    xd = x.detach().clone().requires_grad_()
+    F.cross_entropy(xd, y, reduction="sum").backward()
+    torch.testing.assert_close(x.grad, xd.grad)
+
+
+@needs_triton
 @pytest.mark.parametrize("block", [16, 128])
 @pytest.mark.parametrize("V", [63, 64, 77])
 def test_chunk_edges(triton_backend, monkeypatch, block, V):

@@ -76,7 +76,9 @@ def _row_setup(LABELS, row, T, stride_b, stride_t, V, ignore_index, VEC: tl.cons
 
 @triton.jit
 def _fwd_chunk(x_row, rel, shift, end, m, s, sc_in, sc_out, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """Fold the logits at relative offsets `rel` into the running (max, sum-exp) in log2 units."""
+    """Fold the logits at relative offsets `rel` into the running (max, sum of exp(y - max)). Both in
+    natural units: scaling by log2(e) comes after the subtraction, so that logits near float32's
+    largest value (|x| > FLT_MAX / log2(e)) do not overflow to inf - inf."""
     if MASKED:
         cmask = (rel >= shift) & (rel < end)
         x = tl.load(x_row + rel, mask=cmask, other=float("-inf")).to(tl.float32)
@@ -87,10 +89,10 @@ def _fwd_chunk(x_row, rel, shift, end, m, s, sc_in, sc_out, MASKED: tl.constexpr
         if MASKED:
             y = tl.where(cmask, y, float("-inf"))
     else:
-        y = x * _LOG2E
+        y = x
     m_new = tl.maximum(m, tl.max(y, 0))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk of -inf logits: no NaN
-    s = s * tl.exp2(m - m_use) + tl.sum(tl.exp2(y - m_use), 0)
+    s = s * tl.exp2((m - m_use) * _LOG2E) + tl.sum(tl.exp2((y - m_use) * _LOG2E), 0)
     return m_new, s
 
 
@@ -102,8 +104,8 @@ def _ce_fwd(X, LABELS, LOSS, LSE, T, stride_b, stride_t, V, ignore_index, sc_in,
                                                 VEC, ALIGNED)
     x_row = X + base
     cols = tl.arange(0, BLOCK_V)
-    m = tl.full((), float("-inf"), tl.float32)  # running max, log2 units
-    s = tl.full((), 0.0, tl.float32)            # running sum of exp2(y - m)
+    m = tl.full((), float("-inf"), tl.float32)  # running max
+    s = tl.full((), 0.0, tl.float32)            # running sum of exp(y - m)
     # first chunk (holds [0, shift)), whole chunks, then the partial last one; an ignored row
     # (end = 0) reads nothing
     m, s = _fwd_chunk(x_row, cols, shift, end, m, s, sc_in, sc_out, True, HAS_SOFTCAP)
@@ -112,10 +114,10 @@ def _ce_fwd(X, LABELS, LOSS, LSE, T, stride_b, stride_t, V, ignore_index, sc_in,
         m, s = _fwd_chunk(x_row, c * BLOCK_V + cols, shift, end, m, s, sc_in, sc_out, False, HAS_SOFTCAP)
     for c in range(tl.maximum(n_whole, 1), tl.cdiv(end, BLOCK_V)):
         m, s = _fwd_chunk(x_row, c * BLOCK_V + cols, shift, end, m, s, sc_in, sc_out, True, HAS_SOFTCAP)
-    lse = (m + tl.log2(tl.where(valid, s, 1.0))) * _LN2  # (an ignored row has s = 0)
+    lse = m + tl.log2(tl.where(valid, s, 1.0)) * _LN2  # (an ignored row has s = 0)
     xl = tl.load(x_row + shift + tl.where(valid, label, 0), mask=valid, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
-        zl = _tanh(xl * sc_in) * sc_out * _LN2
+        zl = _tanh(xl * sc_in) * sc_out
     else:
         zl = xl
     tl.store(LOSS + row, tl.where(valid, lse - zl, 0.0))
@@ -123,7 +125,7 @@ def _ce_fwd(X, LABELS, LOSS, LSE, T, stride_b, stride_t, V, ignore_index, sc_in,
 
 
 @triton.jit
-def _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse2, g, sc_in, sc_out,
+def _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, g, sc_in, sc_out,
                MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """dlogits at relative offsets `rel`; an ignored row (g = 0) reads nothing and writes zeros."""
     if MASKED:
@@ -135,8 +137,8 @@ def _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse2, g, sc_in,
         th = _tanh(x * sc_in)
         y = th * sc_out
     else:
-        y = x * _LOG2E
-    p = tl.exp2(y - lse2)
+        y = x
+    p = tl.exp2((y - lse) * _LOG2E)
     d = (p - tl.where(rel == label + shift, 1.0, 0.0)) * g
     if HAS_SOFTCAP:
         d = d * (1.0 - th * th)
@@ -160,7 +162,7 @@ def _ce_bwd(X, LABELS, LSE, DOUT, NVALID, DX, T, stride_b, stride_t, stride_dout
     if MEAN:
         g = g / tl.maximum(tl.load(NVALID).to(tl.float32), 1.0)  # n_valid = 0: every row ignored, g unused
     g = tl.where(valid, g, 0.0)
-    lse2 = tl.load(LSE + row) * _LOG2E
+    lse = tl.load(LSE + row)
     if ALIGNED:  # the launcher checked that gradient rows sit at the logits rows' shift
         dbase = tl.multiple_of(row * V - shift, VEC)
     else:
@@ -169,9 +171,9 @@ def _ce_bwd(X, LABELS, LSE, DOUT, NVALID, DX, T, stride_b, stride_t, stride_dout
     dx_row = DX + dbase
     rel = blk * BLOCK_V + tl.arange(0, BLOCK_V)
     if (blk == 0) | ((blk + 1) * BLOCK_V > row_end):
-        _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse2, g, sc_in, sc_out, True, HAS_SOFTCAP)
+        _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, g, sc_in, sc_out, True, HAS_SOFTCAP)
     else:
-        _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse2, g, sc_in, sc_out, False, HAS_SOFTCAP)
+        _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, g, sc_in, sc_out, False, HAS_SOFTCAP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +208,7 @@ def _last_contig(t):
 
 def _softcap_args(softcap):
     if softcap:
-        return 1.0 / softcap, softcap * LOG2E
+        return 1.0 / softcap, softcap
     return 0.0, 0.0
 
 
