@@ -70,6 +70,10 @@ def test_dropout_mask_matches_reference_and_regenerates(triton_backend):
     A = torch.eye(r, K_, device=DEV)
     B = torch.eye(r, r, device=DEV)
     W = torch.zeros(r, K_, device=DEV)
+    for seed in (2**63 + 2**40 + 5, 0xFFFFFFFF):  # words >= 2^31 (negative int32) and the top bits
+        keep = ref.dropout_keep_mask(M, K_, p, seed, device=DEV)
+        want = torch.where(keep, x / (1 - p), torch.zeros_like(x))[:, :r]
+        torch.testing.assert_close(llmkern.lora_linear(x, W, None, A, B, 1.0, p, seed=seed), want)
     y = llmkern.lora_linear(x, W, None, A, B, 1.0, p, seed=7)
     keep = ref.dropout_keep_mask(M, K_, p, 7, device=DEV)
     want = torch.where(keep, x / (1 - p), torch.zeros_like(x))[:, :r]
@@ -288,9 +292,22 @@ def test_reference_backend_on_cpu_matches_formula():
     torch.testing.assert_close(y, x @ W.T + b + 2.0 * (x @ A.T) @ B.T)
 
 
+def test_dropout_masks_of_different_seeds_are_unrelated():
+    """Small int seeds (seed=step in a training loop) used to give row permutations of one mask
+    (rows hashed as row ^ seed), and seeds differing only in bits 62-63 the same mask."""
+    masks = {s: ref.dropout_keep_mask(64, 32, 0.5, s) for s in (0, 1, 5, 37, 2**62, 2**63)}
+    base_rows = {tuple(r.tolist()) for r in masks[0]}
+    for s, m in masks.items():
+        if s:
+            assert not torch.equal(m, masks[0]), s
+            assert sum(tuple(r.tolist()) in base_rows for r in m) <= 2, s  # no shared rows (chance: ~0)
+    assert not torch.equal(masks[2**62], masks[2**63])
+
+
 def test_kernel_dropout_params_agree_with_reference():
     for p, seed in ((0.1, 0), (0.5, 2**40 + 17), (0.9, 123456789)):
-        assert K.seed_words(seed) + (K.dropout_params(p)[0],) == ref.lora.dropout_params(p, seed)
+        s0, s1, thr = ref.lora.dropout_params(p, seed)
+        assert tuple(w & 0xFFFFFFFF for w in K.seed_words(seed)) + (K.dropout_params(p)[0],) == (s0, s1, thr)
         # an int seed and the int32 [2] tensor of its words give the same mask
         words = torch.tensor(K.seed_words(seed), dtype=torch.int32)
         assert torch.equal(ref.dropout_keep_mask(7, 9, p, seed), ref.dropout_keep_mask(7, 9, p, words))

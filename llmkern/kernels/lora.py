@@ -47,6 +47,7 @@ from llmkern._backend import triton_interpreting
 from llmkern.kernels import _autotune as _autotune_front
 from llmkern.kernels import _tma
 from llmkern.kernels._common import cdiv, next_power_of_2
+from llmkern.reference.lora import seed_words  # the int seed -> int32 words split (re-exported)
 
 _HASH_COL = 0x9E3779B1
 
@@ -71,8 +72,12 @@ def _keep_mask(rows, cols, SEED, threshold):
     under CUDA graphs and torch.compile with a seed drawn by torch.randint on the device."""
     seed0 = tl.load(SEED).to(tl.uint32)
     seed1 = tl.load(SEED + 1).to(tl.uint32)
-    hr = _fmix32(rows.to(tl.uint32) ^ seed0)
-    hc = cols.to(tl.uint32) * 0x9E3779B1 + seed1
+    # both keys depend on both words: with a column key from seed1 alone, seeds differing only in
+    # seed0 gave row permutations of one mask (row ^ seed0)
+    k0 = _fmix32(seed0 ^ _fmix32(seed1 ^ 0x68E31DA4))
+    k1 = _fmix32(k0 ^ 0x1B873593)
+    hr = _fmix32(rows.to(tl.uint32) ^ k0)
+    hc = cols.to(tl.uint32) * 0x9E3779B1 + k1
     h = _fmix32(hr[:, None] ^ hc[None, :])
     return (h >> 8).to(tl.int32) >= threshold
 
@@ -428,12 +433,6 @@ def dropout_params(p):
     threshold = int(round(float(p) * (1 << 24)))
     inv_keep = 1.0 / (1.0 - float(p)) if p < 1 else 0.0
     return threshold, inv_keep
-
-
-def seed_words(seed):
-    """An int seed as the (seed0, seed1) pair of non-negative int32 words the hash uses."""
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF
 
 
 def seed_tensor(seed, device):

@@ -114,7 +114,7 @@ def _seed_tensor(seed, p, device):
 
     None draws it with torch.randint on the device (no host sync; reproducible under
     torch.manual_seed; fine inside torch.compile and CUDA graphs); an int is split into two
-    31-bit words; a tensor must hold the two words."""
+    32-bit words; a tensor must hold the two words."""
     if p <= 0:
         return None
     if seed is None:
@@ -126,8 +126,7 @@ def _seed_tensor(seed, p, device):
         return seed.reshape(2).to(device=device, dtype=torch.int32)
     if not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int or a tensor, got {type(seed).__name__}")
-    s = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return torch.tensor([s & 0x7FFFFFFF, (s >> 31) & 0x7FFFFFFF], dtype=torch.int32, device=device)
+    return torch.tensor(ref.lora.seed_words(seed), dtype=torch.int32, device=device)
 
 
 # ---- torch.library ops (CUDA path) -----------------------------------------------------------------

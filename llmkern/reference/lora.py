@@ -25,6 +25,13 @@ def _fmix32(h):
     return h ^ (h >> 16)
 
 
+def seed_words(seed):
+    """An int seed (its low 64 bits) as the (seed0, seed1) words of the kernels' int32 [2] seed
+    tensor (signed int32 values)."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return tuple(w - (1 << 32) if w >= 1 << 31 else w for w in (seed & _M32, seed >> 32))
+
+
 def dropout_params(p, seed):
     """(seed0, seed1, threshold). `seed`: an int, or an int32 [2] tensor holding (seed0, seed1)."""
     thr = int(round(float(p) * (1 << 24)))
@@ -32,20 +39,22 @@ def dropout_params(p, seed):
         w = seed.reshape(-1).to(torch.int64) & 0xFFFFFFFF
         return w[0], w[1], thr
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF, thr
+    return seed & _M32, seed >> 32, thr
 
 
 def dropout_keep_mask(M, K, p, seed, device=None):
     """Bool [M, K]: which elements of the flattened x the fused LoRA dropout keeps.
 
-    seed: an int (split into two 31-bit words) or an int32 [2] tensor of the words themselves."""
+    seed: an int (its low 64 bits, split into two 32-bit words) or an int32 [2] tensor of the words."""
     s0, s1, thr = dropout_params(p, seed)
     if isinstance(s0, torch.Tensor):
         s0, s1 = s0.to(device), s1.to(device)
     rows = torch.arange(M, device=device, dtype=torch.int64)
     cols = torch.arange(K, device=device, dtype=torch.int64)
-    hr = _fmix32(rows ^ s0)
-    hc = (_mul32(cols, 0x9E3779B1) + s1) & _M32
+    k0 = _fmix32(s0 ^ _fmix32(s1 ^ 0x68E31DA4))
+    k1 = _fmix32(k0 ^ 0x1B873593)
+    hr = _fmix32(rows ^ k0)
+    hc = (_mul32(cols, 0x9E3779B1) + k1) & _M32
     h = _fmix32(hr[:, None] ^ hc[None, :])
     return (h >> 8) >= thr
 
