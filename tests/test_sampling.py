@@ -266,6 +266,23 @@ def test_plus_inf_logit():
     assert tok[0] == 4
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(top_k=3), dict(top_p=0.5), dict(temperature=0.0)],
+                         ids=["plain", "top_k", "top_p", "greedy"])
+def test_plus_inf_logits_share_the_mass(kw):
+    """Two +inf logits: each drawn about half the time, log-probability log(1/2) (it was NaN:
+    inf - inf) on the kernel and on the reference."""
+    x = torch.tensor([[1.0, float("inf"), 2.0, float("inf")]]).repeat(64, 1)
+    for sample in (llmkern.sample, _reference_sample):
+        tok, lp = sample(x, seed=torch.arange(64), return_logprobs=True, **kw)
+        assert set(tok.tolist()) <= {1, 3} and (kw or len(set(tok.tolist())) == 2)
+        torch.testing.assert_close(lp, torch.full_like(lp, -math.log(2.0)))
+
+
+def _reference_sample(x, *, seed, return_logprobs, temperature=1.0, top_k=0, top_p=1.0):
+    tok, lp, _ = ref_sample(x, temperature, top_k, top_p, 0.0, seed, torch.zeros_like(seed))
+    return tok, lp
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_sample_dtypes(dtype):
     x = torch.randn(8, 2000).to(dtype)

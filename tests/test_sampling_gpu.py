@@ -50,6 +50,7 @@ def make_rows(kind, B, V, gen, dtype):
         x[torch.rand(B, V, generator=gen) < 0.05] = float("nan")
         x[:, V // 2] = 1e4 if V > 1 else x[:, V // 2]
         x[0, -1] = float("inf")
+        x[0, 0] = float("inf")  # two +inf: the draw picks between them, logprob log(1/2)
         x[-1, :] = float("-inf")  # a row with no finite logit
     else:
         raise ValueError(kind)
@@ -114,6 +115,7 @@ def test_sample_adversarial_rows(kind, B, V, dtype):
     x = make_rows(kind, B, V, gen, dtype)
     cpu, gpu = run_both(x, None, None, *per_row(B, gen))
     assert_same(cpu, gpu)
+    assert not gpu[1][gpu[2]].isnan().any()  # valid rows (+inf ones included) have a logprob
 
 
 @pytest.mark.parametrize("B,V", [(1, 1000), (7, 32000), (64, 1000)])

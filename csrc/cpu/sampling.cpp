@@ -646,7 +646,8 @@ int64_t walk_draw(const float* y, const float* e, int64_t V, float thr, float mi
 }
 
 inline float token_logprob(float y_tok, float m, uint64_t z_kept) {
-  return (y_tok - m) - (float)std::log((double)z_kept / kMassScale);
+  const float d = y_tok == m ? 0.f : y_tok - m;  // 0 at the maximum, also when it is +inf (not NaN)
+  return d - (float)std::log((double)z_kept / kMassScale);
 }
 
 // Small top-k: thresholds and the draw over the candidates only. Leaves the kept tokens in

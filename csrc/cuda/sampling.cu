@@ -907,7 +907,7 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleArgs a) {
           ytok = m;
         }
         a.tokens[r] = tok;
-        a.logprobs[r] = f_sub(f_sub(ytok, m), (float)log((double)z_kept / kMassScale));
+        a.logprobs[r] = f_sub(f_eq(ytok, m) ? 0.f : f_sub(ytok, m), (float)log((double)z_kept / kMassScale));
         a.valid[r] = true;
       }
       return;
@@ -979,7 +979,7 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleArgs a) {
       ytok = m;
     }
     a.tokens[r] = tok;
-    a.logprobs[r] = f_sub(f_sub(ytok, m), (float)log((double)z_kept / kMassScale));
+    a.logprobs[r] = f_sub(f_eq(ytok, m) ? 0.f : f_sub(ytok, m), (float)log((double)z_kept / kMassScale));
     a.valid[r] = true;
   }
 }

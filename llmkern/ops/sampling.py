@@ -256,8 +256,10 @@ def sample(
 
     Returns tokens (int64 [B]); with return_logprobs also the log-probability of each token under
     the distribution it was drawn from (after filtering; for greedy rows, under the temperature-1
-    distribution); with return_valid also a bool [B] mask, False for rows with no finite logit
-    (their token is 0 and logprob -inf). NaN logits count as -inf.
+    distribution); with return_valid also a bool [B] mask, False for rows whose logits are all -inf
+    (their token is 0 and logprob -inf). NaN logits count as -inf. +inf logits share the row's
+    mass equally (the limit of large equal logits; a temperature so small that logits / T
+    overflows float32, about 1e-38 for logits of order 1, makes every positive logit +inf).
     """
     _check_logits(logits)
     B, V = logits.shape

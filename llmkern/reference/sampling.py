@@ -133,7 +133,8 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, position, logit_bias=
         tok = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype), right=True)[0])
         tok = min(tok, V - 1)
         tokens[r] = tok
-        logprobs[r] = float(row[tok] - m) - math.log(float(cdf[-1]))
+        d = 0.0 if row[tok] == m else float(row[tok] - m)  # (+inf maximum: 0, not inf - inf)
+        logprobs[r] = d - math.log(float(cdf[-1]))
     dev = logits.device
     return tokens.to(dev), logprobs.to(dev), valid.to(dev)
 
