@@ -7,6 +7,7 @@ many cases per task: starting a rank (importing torch) costs far more than the c
 """
 import copy
 import math
+import time
 
 import pytest
 import torch
@@ -286,11 +287,11 @@ class GeluMLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, style, d=16, n_heads=4, n_kv_heads=2):
+    def __init__(self, style, d=16, n_heads=4, n_kv_heads=2, ffn=24):
         super().__init__()
         self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
         if style == "llama":
-            self.attn, self.mlp = LlamaStyleAttention(d, n_heads, n_kv_heads), SwiGLU(d, 24)
+            self.attn, self.mlp = LlamaStyleAttention(d, n_heads, n_kv_heads), SwiGLU(d, ffn)
         else:
             self.attn, self.mlp = GPTStyleAttention(d, n_heads), GeluMLP(d)
 
@@ -404,6 +405,20 @@ def errors_worker(rank, p):
     expect("sp tokens not divisible", ValueError, "divisible", lambda: row(torch.randn(3, 8 // p)))
     expect("wrong features", ValueError, "features", lambda: col(torch.randn(4, 5)))
     expect("wrong dtype", TypeError, "dtype", lambda: col(torch.randn(4, 8, dtype=torch.float64)))
+    # a mistake on one rank only: every rank raises at once (the others used to wait in the next
+    # collective until the process group's timeout)
+    t0 = time.perf_counter()
+    bad = {"features": torch.randn(4, 6), "dtype": torch.randn(4, 8, dtype=torch.float64), "type": [1.0]}
+    for what, x_bad in bad.items():
+        expect(f"one rank's {what}", ValueError, "differs across",
+               lambda: col(x_bad if rank == p - 1 else torch.randn(4, 8)))
+    assert time.perf_counter() - t0 < 10, "a one-rank mistake took a process-group timeout"
+    # a failed tensor_parallelize leaves the model as it was
+    block = TransformerBlock("llama", d=12, n_heads=2 * p, n_kv_heads=2 * p, ffn=4 * p + 1)
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    expect("ffn not divisible", ValueError, "not divisible", lambda: tensor_parallelize(block))
+    assert {k: v.shape for k, v in block.state_dict().items()} == {k: v.shape for k, v in before.items()}
+    assert not any(isinstance(m, (ColumnParallelLinear, RowParallelLinear)) for m in block.modules())
     # the group still works after the errors
     y = ColumnParallelLinear(8, 8, sequence_parallel=True)(torch.randn(4, 8))
     assert y.shape == (4 * p, 8 // p)
@@ -460,7 +475,7 @@ def test_tensor_parallelize_zoo_models_2_ranks(ranks):
 
 def test_errors_raise_on_every_rank(ranks):
     seen = ranks(2).run(errors_worker, timeout=60)
-    assert seen[0] == seen[1] and len(seen[0]) >= 12
+    assert seen[0] == seen[1] and len(seen[0]) >= 16
 
 
 def test_no_process_group_is_a_clear_error():
@@ -512,6 +527,28 @@ def test_lora_parts_plain_math_and_errors(monkeypatch):
         tp_layers._lora_parts(w)
     with pytest.raises(TypeError, match="nn.Linear"):
         tp_layers._lora_parts(nn.Conv1d(2, 2, 1))
+
+
+def test_lora_parts_follow_the_wrapper_state():
+    """Merged: the base layer alone (the update is in its weight; it used to be added twice).
+    Disabled, DoRA, or llmkern's own dropout: an error (they used to be ignored)."""
+    from llmkern.peft import LoRALinear
+
+    lin = LoRALinear(nn.Linear(6, 4), r=2, alpha=4)
+    nn.init.normal_(lin.lora_B)
+    lin.merge()
+    base, A, B, _ = tp_layers._lora_parts(lin)
+    assert base is lin.base_layer and A is None and B is None
+    lin.unmerge()
+    lin.disabled = True
+    with pytest.raises(NotImplementedError, match="disabled"):
+        tp_layers._lora_parts(lin)
+    with pytest.raises(NotImplementedError, match="lora_dropout"):
+        tp_layers._lora_parts(LoRALinear(nn.Linear(6, 4), r=2, alpha=4, dropout=0.1))
+    w = LoRAWrapped(nn.Linear(6, 4))
+    w.use_dora = {"default": True}
+    with pytest.raises(NotImplementedError, match="DoRA"):
+        tp_layers._lora_parts(w)
 
 
 def test_tp_benchmark_suite_runs(ranks):

@@ -75,7 +75,7 @@ def _meta_device(t, group):
     except Exception:  # pragma: no cover
         backend = "gloo"
     if "nccl" in str(backend).lower():
-        return t.device if t.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+        return t.device if t is not None and t.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
@@ -85,18 +85,21 @@ def check_same_shape(t, group, what):
     p = world_size(group)
     if not _VALIDATE or p == 1:
         return
-    shape = list(t.shape)
-    meta = [len(shape), _DTYPES.index(t.dtype) if t.dtype in _DTYPES else 99]
-    meta += shape[:8] + [-1] * (8 - len(shape[:8]))
-    if len(shape) > 8:
-        meta[-1] = int(torch.Size(shape[7:]).numel())
+    if t is None:  # not a tensor on this rank: a row no tensor has
+        meta = [-1, 98] + [-1] * 8
+    else:
+        shape = list(t.shape)
+        meta = [len(shape), _DTYPES.index(t.dtype) if t.dtype in _DTYPES else 99]
+        meta += shape[:8] + [-1] * (8 - len(shape[:8]))
+        if len(shape) > 8:
+            meta[-1] = int(torch.Size(shape[7:]).numel())
     m = torch.tensor(meta, dtype=torch.int64, device=_meta_device(t, group))
     out = torch.empty(p * m.numel(), dtype=torch.int64, device=m.device)
     all_gather_into(out, m, group)
     rows = out.view(p, -1).tolist()
     if any(row != rows[0] for row in rows):
-        desc = "; ".join(f"rank {i}: shape {tuple(r[2:2 + r[0]][:8])} dtype "
-                         f"{_DTYPES[r[1]] if r[1] < len(_DTYPES) else 'other'}" for i, r in enumerate(rows))
+        desc = "; ".join(f"rank {i}: not a tensor" if r[0] < 0 else f"rank {i}: shape {tuple(r[2:2 + r[0]][:8])} "
+                         f"dtype {_DTYPES[r[1]] if r[1] < len(_DTYPES) else 'other'}" for i, r in enumerate(rows))
         raise ValueError(f"{what}: the input differs across tensor-parallel ranks ({desc}); every rank "
                          f"must pass the same shape and dtype")
 

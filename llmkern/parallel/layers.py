@@ -367,13 +367,18 @@ def _check_divisible(size, p, what):
 def _lora_parts(module):
     """(base nn.Linear, lora_A [r, in] or None, lora_B [out, r] or None, scaling) of a plain
     nn.Linear or a PEFT-style LoRA wrapper (.base_layer + lora_A/lora_B modules, dicts of them,
-    or tensors; .scaling a float or a dict)."""
+    or tensors; .scaling a float or a dict). A merged wrapper is its base layer (the update is
+    in the weight); disabled adapters, DoRA and dropout are not supported (errors, so that the
+    sharded layer never computes something other than the wrapper)."""
     if isinstance(module, nn.Linear) and not hasattr(module, "base_layer"):
         return module, None, None, 1.0
     base = getattr(module, "base_layer", None)
     if not isinstance(base, nn.Linear):
         raise TypeError(f"from_linear expects an nn.Linear or a LoRA wrapper with an nn.Linear "
                         f".base_layer, got {type(module).__name__}")
+    _check_lora_state(module)
+    if getattr(module, "merged", False):
+        return base, None, None, 1.0
 
     def pick(v):
         if isinstance(v, (nn.ModuleDict, nn.ParameterDict, dict)):
@@ -399,11 +404,11 @@ def _lora_parts(module):
         if isinstance(active, (list, tuple)):
             active = active[0] if active else "default"
         s = s[active] if active in s else (s["default"] if "default" in s else next(iter(s.values())))
-    drop = getattr(module, "lora_dropout", None)
+    drop = getattr(module, "lora_dropout", getattr(module, "dropout", None))  # PEFT's name, then ours
     if isinstance(drop, (nn.ModuleDict, dict)) and len(drop):
         drop = next(iter(drop.values()))
     p_drop = getattr(drop, "p", 0.0) if drop is not None else 0.0
-    if isinstance(drop, float):
+    if isinstance(drop, (float, int)) and not isinstance(drop, bool):
         p_drop = drop
     if p_drop and p_drop > 0:
         raise NotImplementedError("tensor-parallel LoRA layers do not support lora_dropout > 0")
@@ -415,6 +420,17 @@ def _lora_parts(module):
             raise ValueError(f"from_linear: LoRA factors must be A [r, {base.in_features}] and "
                              f"B [{base.out_features}, r], got {tuple(A.shape)} and {tuple(B.shape)}")
     return base, A, B, float(s)
+
+
+def _check_lora_state(module):
+    """Wrapper states a sharded LoRA layer cannot reproduce: raise rather than compute otherwise."""
+    name = type(module).__name__
+    if getattr(module, "disabled", False) or getattr(module, "disable_adapters", False):
+        raise NotImplementedError(f"from_linear: the {name}'s adapter is disabled; enable it, or shard "
+                                  f"its .base_layer for the base model alone")
+    dora = getattr(module, "use_dora", False)
+    if (any(dora.values()) if isinstance(dora, dict) else bool(dora)) or len(getattr(module, "lora_magnitude_vector", ()) or ()):
+        raise NotImplementedError(f"from_linear: {name} uses DoRA, which tensor-parallel LoRA layers do not support")
 
 
 class _ParallelLinear(nn.Module):
@@ -445,6 +461,9 @@ class _ParallelLinear(nn.Module):
 
     def _check_input(self, x, features):
         name = type(self).__name__
+        # the cross-rank check first: a local error on one rank only would leave the others
+        # waiting in the next collective until the process group's timeout
+        comm.check_same_shape(x if isinstance(x, torch.Tensor) else None, self.group, name)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: input must be a tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != features:
@@ -454,7 +473,6 @@ class _ParallelLinear(nn.Module):
             raise TypeError(f"{name}: input dtype {x.dtype} differs from the weight dtype {self.weight.dtype}")
         if x.device != self.weight.device:
             raise ValueError(f"{name}: input on {x.device}, weight on {self.weight.device}")
-        comm.check_same_shape(x, self.group, name)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

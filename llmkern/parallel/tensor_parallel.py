@@ -58,11 +58,11 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
     """Replace, in place, the attention and MLP projections of `model` by tensor-parallel layers
     (see the module docstring for the naming contract). Returns `model`. Raises ValueError (on
     every rank) when a head count or a feature size is not divisible by the world size, and
-    RuntimeError when there is no process group."""
+    RuntimeError when there is no process group; the model is then left unchanged."""
     group = comm.resolve_group(group, "tensor_parallelize")
     p = comm.world_size(group)
     kw = dict(overlap=overlap, chunks=chunks, pieces=pieces, transport=transport)
-    replaced = 0
+    plan = []  # (object, attribute, value), applied only once every projection could be sharded
     for parent_name, parent in list(model.named_modules()):
         children = dict(parent.named_children())
         attention = any(n in QKV_NAMES and _is_linear(c) for n, c in children.items())
@@ -101,13 +101,14 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
                     continue
             except ValueError as exc:
                 raise ValueError(f"tensor_parallelize: cannot shard {full}: {exc}") from None
-            setattr(parent, name, new)
-            replaced += 1
+            plan.append((parent, name, new))
         if attention and h is not None:
-            setattr(parent, h_attr, h // p)
+            plan.append((parent, h_attr, h // p))
             if kv is not None:
-                setattr(parent, kv_attr, kv // p)
-    if replaced == 0:
+                plan.append((parent, kv_attr, kv // p))
+    if not any(isinstance(v, _ParallelLinear) for _, _, v in plan):
         raise ValueError("tensor_parallelize: found no projection to shard; the model's linear layers must "
                          "follow the naming contract in llmkern.parallel.tensor_parallel")
+    for obj, attr, value in plan:  # (an error above leaves the model as it was)
+        setattr(obj, attr, value)
     return model
