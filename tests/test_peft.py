@@ -73,6 +73,17 @@ def test_lora_linear_init_scaling_merge():
         lp.LoRALinear(nn.Linear(4, 4), r=0)
 
 
+def test_float64_merge_round_trip_is_exact_to_float64():
+    m = lp.LoRALinear(nn.Linear(20, 12).double(), r=4, alpha=8)
+    nn.init.normal_(m.lora_B)
+    x = torch.randn(3, 20, dtype=torch.float64)
+    y, w0 = m(x), m.weight.detach().clone()
+    m.merge()
+    torch.testing.assert_close(m(x), y, rtol=1e-12, atol=1e-12)
+    m.unmerge()
+    torch.testing.assert_close(m.weight, w0, rtol=1e-13, atol=1e-13)
+
+
 def test_lora_linear_dropout_only_in_training():
     m = lp.LoRALinear(nn.Linear(16, 16), r=4, alpha=4, dropout=0.5)
     nn.init.normal_(m.lora_B)

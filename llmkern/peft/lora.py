@@ -60,16 +60,26 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    def _acc_dtype(self):
+        """float32 for 16-bit weights, float64 for float64 ones (a float32 product made the float64
+        merge/unmerge round trip lossy)."""
+        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+
+    def _delta(self):
+        dt = self._acc_dtype()
+        return self.scaling * (self.lora_B.to(dt) @ self.lora_A.to(dt))
+
     def delta_weight(self) -> torch.Tensor:
-        """scaling · B A, [out, in], computed in float32 and returned in the weight's dtype."""
-        return (self.scaling * (self.lora_B.float() @ self.lora_A.float())).to(self.weight.dtype)
+        """scaling · B A, [out, in], computed in float32 (float64 for float64 weights) and returned
+        in the weight's dtype."""
+        return self._delta().to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = True):
         """Fold the update into the base weight: after this, forward is a plain linear."""
         if self.merged:
             return
-        new = self.weight.float() + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        new = self.weight.to(self._acc_dtype()) + self._delta()
         if safe_merge and not torch.isfinite(new).all():
             raise ValueError("merge: the merged weight has non-finite values (NaN/inf); the adapter "
                              "is broken, weight left unchanged")
@@ -80,8 +90,7 @@ class LoRALinear(nn.Module):
     def unmerge(self):
         if not self.merged:
             return
-        self.weight.copy_((self.weight.float() - self.scaling * (self.lora_B.float() @ self.lora_A.float()))
-                          .to(self.weight.dtype))
+        self.weight.copy_((self.weight.to(self._acc_dtype()) - self._delta()).to(self.weight.dtype))
         self.merged = False
 
     def num_trainable_parameters(self) -> int:
