@@ -17,8 +17,8 @@ _warned = set()
 
 def warn_once(key, message):
     """A deliberate fallback says so once per process."""
-    if key not in _warned:
-        _warned.add(key)
+    if key not in _warned and not torch.compiler.is_compiling():  # (Dynamo cannot trace warn: the
+        _warned.add(key)                                            # first eager call says it)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 

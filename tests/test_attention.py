@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import llmkern
+import llmkern.ops.attention  # noqa: F401  (registers torch.ops.llmkern.attention_*)
 from llmkern.reference import attention as ref
 from llmkern.testing import assert_close, interpreter_dtypes, triton_device
 
@@ -546,6 +547,60 @@ def test_opcheck(triton_backend):
     torch.library.opcheck(torch.ops.llmkern.attention_decode.default,
                           (torch.randn(2, 2, 1, 16, device=DEV), kc, kc.clone(),
                            torch.tensor([5, 40], dtype=torch.int32, device=DEV), 0.25, True, -1, -1, 0.0, 0))
+
+
+@needs_triton
+def test_fakes_follow_the_kernels_layout(triton_backend):
+    """Inputs whose last dimension is strided are copied by the kernels, whose outputs are then
+    contiguous: the fakes must say so (they kept q's layout, and Inductor rejected the real one)."""
+    def strided(*shape):  # [.., T, D] with stride(-1) == T
+        return torch.randn(*shape[:-2], shape[-1], shape[-2], device=DEV).transpose(-1, -2)
+    q, k, v = strided(1, 2, 16, 5), strided(1, 2, 16, 5), strided(1, 2, 16, 5)
+    args = (q, k, v, None, None, None, -1, -1, 0.25, True, -1, -1, 0.0)
+    torch.library.opcheck(torch.ops.llmkern.attention_fwd.default, args)
+    out, lse = torch.ops.llmkern.attention_fwd(*args)
+    torch.library.opcheck(torch.ops.llmkern.attention_bwd.default,
+                          (strided(1, 2, 16, 5), q, k, v, out, lse, None) + args[3:])
+    kc = torch.randn(2, 1, 40, 16, device=DEV)
+    torch.library.opcheck(torch.ops.llmkern.attention_decode.default,
+                          (strided(2, 2, 3, 16), kc, kc.clone(), torch.tensor([5, 40], dtype=torch.int32, device=DEV),
+                           0.25, True, -1, -1, 0.0, 0))
+
+
+@pytest.mark.parametrize("backend", ["triton", "default"])
+def test_autocast_behaves_like_sdpa(monkeypatch, backend):
+    """Under autocast every path gives SDPA's output dtype and a float32 LSE (the CPU path gave
+    float32 outputs with softcap or LSE, and a bfloat16 LSE; the kernels ignored autocast)."""
+    if backend == "triton":
+        if DEV is None:
+            pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+        monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    device = DEV or "cpu"
+    low = torch.float16 if device == "cpu" and backend == "triton" else torch.bfloat16  # (no bf16 interpreter)
+    q, k, v = _qkv(1, 2, 1, 6, 9, 16, torch.float32, device=device, requires_grad=False)
+    with torch.autocast(torch.device(device).type, dtype=low):
+        want = F.scaled_dot_product_attention(q, k.expand(1, 2, 9, 16), v.expand(1, 2, 9, 16)).dtype
+        out, lse = llmkern.attention(q, k, v, causal=True, softcap=5.0, return_lse=True)
+        assert out.dtype == want == low and lse.dtype == torch.float32
+        assert llmkern.attention(q, k, v).dtype == low
+        cu = torch.tensor([0, 6], dtype=torch.int32, device=device)
+        cuk = torch.tensor([0, 9], dtype=torch.int32, device=device)
+        o, l2 = llmkern.attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cuk,
+                                         return_lse=True)
+        assert o.dtype == low and l2.dtype == torch.float32
+        kc, vc = torch.zeros(1, 1, 12, 16, device=device), torch.zeros(1, 1, 12, 16, device=device)
+        o, l3 = llmkern.attention_with_kvcache(q[:, :, :1], kc, vc, 0, k=k[:, :, :1], v=v[:, :, :1], return_lse=True)
+        assert o.dtype == kc.dtype and l3.dtype == torch.float32  # the cache keeps its dtype
+    assert_close(out, llmkern.attention(q.to(low), k.to(low), v.to(low), causal=True, softcap=5.0), low)
+
+
+def test_vmap_runs_through_the_custom_op():
+    """Under vmap the eager fast path (an autograd.Function without setup_context) is skipped."""
+    q = torch.randn(3, 1, 2, 5, 16)
+    k, v = torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
+    got = torch.func.vmap(lambda qq: llmkern.attention(qq, k, v, causal=True))(q)
+    want = torch.stack([llmkern.attention(qq, k, v, causal=True) for qq in q])
+    torch.testing.assert_close(got, want)
 
 
 @needs_triton

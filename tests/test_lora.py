@@ -594,3 +594,17 @@ def test_gpu_small_layers_take_cublas(monkeypatch):
     monkeypatch.setenv("LLMKERN_LORA_FUSED_MIN_MNK", "0")
     y2 = llmkern.lora_linear(x, W, b, A, B, 0.5, 0.1, seed=3)
     assert fused and ((y2.double() - yr).norm() / yr.norm()).item() < 2e-2
+
+
+def test_multi_adapter_reference_compiles_fullgraph(monkeypatch):
+    """The CPU path (the reference) under torch.compile(fullgraph=True): no data-dependent
+    shapes (its eager loop selects each adapter's rows with nonzero())."""
+    monkeypatch.setenv("LLMKERN_BACKEND", "reference")
+    torch._dynamo.reset()
+    x, W, b = torch.randn(6, 16), torch.randn(12, 16), torch.randn(12)
+    A, B = torch.randn(3, 4, 16), torch.randn(3, 12, 4)
+    ids = torch.tensor([0, -1, 2, 1, 1, -1])
+    f = torch.compile(lambda x: llmkern.lora_linear_multi(x, W, b, A, B, [0.5, 1.0, 2.0], ids), fullgraph=True,
+                      backend="eager")
+    torch.testing.assert_close(f(x), llmkern.lora_linear_multi(x, W, b, A, B, [0.5, 1.0, 2.0], ids))
+    torch._dynamo.reset()

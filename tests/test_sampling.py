@@ -380,3 +380,17 @@ def test_reference_fallback_without_extension(monkeypatch):
     a = llmkern.sample(x, top_k=10, seed=2)
     monkeypatch.delenv("LLMKERN_BACKEND")
     assert torch.equal(a, llmkern.sample(x, top_k=10, seed=2))
+
+
+def test_fallback_warning_inside_torch_compile(monkeypatch):
+    """A forced backend the op lacks warns once; inside torch.compile(fullgraph=True) the warning
+    (which Dynamo cannot trace) is left to the first eager call instead of breaking the graph."""
+    from llmkern import _backend
+
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    monkeypatch.setattr(_backend, "_warned", set())
+    torch._dynamo.reset()
+    x = torch.randn(3, 40)
+    f = torch.compile(lambda t: llmkern.sample(t, top_k=5, seed=3), fullgraph=True, backend="eager")
+    assert torch.equal(f(x), llmkern.sample(x, top_k=5, seed=3))
+    torch._dynamo.reset()

@@ -1,1 +1,10 @@
-"""Public ops: one module per op (validation, registration, dispatch, autograd)."""
+"""Public ops: one module per op (validation, registration, dispatch, autograd).
+
+`import llmkern` registers the sampling ops only; the others register their torch.ops.llmkern.*
+entries when first used (importing Triton costs seconds). `register_all()` registers every op at
+once: call it before torch.export.load / torch.ops.llmkern lookups in a fresh process."""
+
+
+def register_all():
+    """Import every op module, registering all torch.ops.llmkern.* custom ops."""
+    from llmkern.ops import attention, cross_entropy, lora, sampling  # noqa: F401

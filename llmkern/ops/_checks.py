@@ -21,6 +21,22 @@ def checking_values():
     return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
 
+def autocast_dtype(t):
+    """The torch.autocast dtype in effect for t's device (None: autocast off, or t not a tensor)."""
+    if not isinstance(t, torch.Tensor) or t.device.type not in ("cuda", "cpu"):
+        return None
+    if not torch.is_autocast_enabled(t.device.type):
+        return None
+    return torch.get_autocast_dtype(t.device.type)
+
+
+def autocast_cast(dtype, t):
+    """t cast as autocast casts an eligible input (floating point, not float64); others as they are."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
+
+
 class DeferredRead:
     """A small tensor's values read on the host without stalling the GPU: on CUDA it is copied to
     pinned memory behind an event when constructed, and `values()` waits only for the work queued
@@ -54,12 +70,15 @@ def eager_fast_path(*tensors):
     dispatch mode (FakeTensorMode, ...) active. Both paths run the same kernels; the custom op's
     dispatch costs about 0.1 ms of host time per call (measured on the 2-core CI machine), which
     for a 1k-token attention or a LoRA layer is as long as the kernel itself."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or _functorch_active():
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+# vmap / grad wrap tensors that still look like plain ones: the custom op handles them, the
+# autograd.Function (no setup_context) does not
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def softcap_arg(softcap):

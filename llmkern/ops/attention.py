@@ -20,6 +20,7 @@ plain reference.
 The backward is deterministic (bitwise identical run to run): dK/dV and dQ are each owned by one
 program, no atomics (FlashAttention-2's default backward accumulates dQ with atomics and is not).
 """
+import functools
 import math
 import numbers
 from typing import Optional, Tuple
@@ -140,10 +141,17 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      scale, causal, window_left, window_right, softcap)
 
 
+def _kernel_layout(t):
+    """The layout the kernels give their outputs: like t when its last dimension is contiguous,
+    else contiguous (the launchers copy such inputs first). The fakes and the empty-input paths
+    follow it, so that torch.compile sees the strides the kernels produce."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
               scale, causal, window_left, window_right, softcap):
     if q.numel() == 0:
-        return torch.zeros_like(q), torch.full(_lse_shape(q, cu_seqlens_q), float("-inf"),
+        return torch.zeros_like(_kernel_layout(q)), torch.full(_lse_shape(q, cu_seqlens_q), float("-inf"),
                                                device=q.device, dtype=torch.float32)
     return _kern().attention_forward(
         q, k, v, scale=scale, causal=causal, window_left=window_left, window_right=window_right,
@@ -154,7 +162,7 @@ def _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_
 @_attention_fwd_op.register_fake
 def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
       window_left, window_right, softcap):
-    return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
+    return torch.empty_like(_kernel_layout(q)), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("llmkern::attention_bwd", mutates_args=())
@@ -171,7 +179,7 @@ def _attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 def _bwd_impl(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
               max_seqlen_k, scale, causal, window_left, window_right, softcap):
     if q.numel() == 0 or k.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return tuple(torch.zeros_like(_kernel_layout(t)) for t in (q, k, v))
     return _kern().attention_backward(
         dout, q, k, v, out, lse, scale=scale, causal=causal, window_left=window_left,
         window_right=window_right, softcap=softcap, key_padding_mask=key_padding_mask,
@@ -182,7 +190,7 @@ def _bwd_impl(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_
 @_attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
       max_seqlen_k, scale, causal, window_left, window_right, softcap):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return tuple(torch.empty_like(_kernel_layout(t)) for t in (q, k, v))
 
 
 _FWD_ARGS = ("key_padding_mask", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "scale",
@@ -236,7 +244,7 @@ def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          window_right: int, softcap: float,
                          num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
     if q.numel() == 0:
-        return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device,
+        return torch.zeros_like(_kernel_layout(q)), torch.full(q.shape[:3], float("-inf"), device=q.device,
                                                dtype=torch.float32)
     from llmkern.kernels.attention_decode import attention_decode
 
@@ -247,11 +255,33 @@ def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 @_attention_decode_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, scale, causal, window_left, window_right, softcap, num_splits):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(_kernel_layout(q)), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 # ---- public API ---------------------------------------------------------------------------------
 
+def _like_sdpa_under_autocast(fn):
+    """Under torch.autocast, an attention API function runs as SDPA does: q, k, v (floating point,
+    not float64) in the autocast dtype, the op itself with autocast off, so that every path (SDPA,
+    reference, kernels) gives the same output dtype and the float32 softmax statistics and LSE the
+    docs promise. The KV-cache call casts q and the new k/v to the cache's dtype instead (the
+    cache is updated in place and keeps its dtype)."""
+    @functools.wraps(fn)
+    def wrapper(q, *args, **kw):
+        dt = _checks.autocast_dtype(q)
+        if dt is None:
+            return fn(q, *args, **kw)
+        with torch.autocast(q.device.type, enabled=False):
+            if fn.__name__ == "attention_with_kvcache":  # args[0]: the key cache
+                dt = args[0].dtype if args and isinstance(args[0], torch.Tensor) else dt
+                kw = {n: _checks.autocast_cast(dt, t) if n in ("k", "v") else t for n, t in kw.items()}
+                return fn(_checks.autocast_cast(dt, q), *args, **kw)
+            args = tuple(_checks.autocast_cast(dt, t) for t in args[:2]) + args[2:]  # k, v
+            return fn(_checks.autocast_cast(dt, q), *args, **kw)
+    return wrapper
+
+
+@_like_sdpa_under_autocast
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: Optional[float] = None, window: Optional[Tuple[Optional[int], Optional[int]]] = None,
               softcap: Optional[float] = None, key_padding_mask: Optional[torch.Tensor] = None,
@@ -364,6 +394,7 @@ class _MaxSeqlenCheck:
                                  f"{name[-1]} ({n}): it must be an upper bound (or None)")
 
 
+@_like_sdpa_under_autocast
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: Optional[int] = None,
                      max_seqlen_k: Optional[int] = None, *, causal: bool = False,
@@ -404,6 +435,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return (out, lse) if return_lse else out
 
 
+@_like_sdpa_under_autocast
 def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            cache_seqlens, *, k: Optional[torch.Tensor] = None,
                            v: Optional[torch.Tensor] = None, causal: bool = True,

@@ -100,13 +100,10 @@ def _as_scalar(name, v):
 
 def _autocast_args(x, weight, bias):
     """Under torch.autocast, cast like F.linear would (to the autocast dtype)."""
-    if not isinstance(x, torch.Tensor) or x.device.type not in ("cuda", "cpu"):
+    dt = _checks.autocast_dtype(x)
+    if dt is None:
         return x, weight, bias
-    if not torch.is_autocast_enabled(x.device.type):
-        return x, weight, bias
-    dt = torch.get_autocast_dtype(x.device.type)
-    cast = lambda t: t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
-    return cast(x), cast(weight), cast(bias)
+    return tuple(_checks.autocast_cast(dt, t) for t in (x, weight, bias))
 
 
 def _seed_tensor(seed, p, device):

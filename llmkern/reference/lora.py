@@ -85,10 +85,15 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids):
     y = F.linear(x2, weight, bias)
     ids = adapter_ids.reshape(-1).to(x2.device)
     for a in range(lora_A.shape[0]):
+        s = scalings[a].to(x2.dtype) if torch.is_tensor(scalings) else scalings[a]
+        if torch.compiler.is_compiling():  # no data-dependent shapes in a graph: all rows, masked
+            sel = (ids == a)[:, None]
+            upd = s * F.linear(F.linear(torch.where(sel, x2, 0), lora_A[a]), lora_B[a])
+            y = y + torch.where(sel, upd.to(y.dtype), 0)
+            continue
         idx = (ids == a).nonzero().squeeze(1)
         if idx.numel() == 0:
             continue
-        s = scalings[a].to(x2.dtype) if torch.is_tensor(scalings) else scalings[a]
         upd = s * F.linear(F.linear(x2.index_select(0, idx), lora_A[a]), lora_B[a])
         y = y.index_add(0, idx, upd.to(y.dtype))
     return y.reshape(*shape[:-1], weight.shape[0])
