@@ -235,7 +235,9 @@ class ZooModel(torch.nn.Module):
 
         attention_mask (Hugging Face semantics): [B, start + T], 1 = real token, 0 = padding (left
         padding for generation), over the cached and the new tokens. Without position_ids, positions
-        count real tokens only (cumsum(mask) - 1), as transformers does."""
+        count real tokens only (cumsum(mask) - 1), as transformers' generate does (a plain
+        transformers GPT-2 forward numbers 0..T-1 unless given position_ids; Llama's RoPE gives the
+        same scores either way)."""
         if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
                              f"{getattr(input_ids, 'shape', type(input_ids))}")
