@@ -73,6 +73,9 @@ def _tma_status(dev):
     if _tma.TensorDescriptor is None:
         return "off (this Triton has no host tensor descriptors)"
     if dev.type != "cuda":
+        forced = [k for k, v in switches.items() if v == "force"]
+        if forced and os.environ.get("TRITON_INTERPRET") == "1":
+            return f"on under the interpreter ({', '.join(forced)}=force; no CUDA device)"
         return "off (no CUDA device)" + ("; LLMKERN_*_TMA=force runs them under the interpreter" if not off else "")
     cap = torch.cuda.get_device_capability(dev)
     if cap < (9, 0):

@@ -332,6 +332,9 @@ def test_hf_logits_warper_equals_hf_warpers():
     warper = LlmkernSamplingWarper(top_k=40, top_p=0.9, min_p=0.02)
     expected = hf_filter(x, 40, 0.9, 0.02)
     assert torch.equal(warper(None, x).isfinite(), expected.isfinite())
+    got64 = warper(None, x.double())  # float64 scores (HF's warpers take them): kept values unchanged
+    assert got64.dtype == torch.float64 and torch.equal(got64.isfinite(), expected.isfinite())
+    assert torch.equal(got64[got64.isfinite()], x.double()[expected.isfinite()])
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -21,4 +21,8 @@ class LlmkernSamplingWarper(_Base):
         self.top_k, self.top_p, self.min_p, self.filter_value = top_k, top_p, min_p, filter_value
 
     def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
+        if scores.dtype == torch.float64:  # (the kernels take 32/16-bit logits): the kept set of the
+            # float32 rounding, applied to the float64 scores
+            f = top_k_top_p_filter(scores.float(), self.top_k, self.top_p, self.min_p, self.filter_value)
+            return scores.masked_fill(f == self.filter_value, self.filter_value)
         return top_k_top_p_filter(scores, self.top_k, self.top_p, self.min_p, self.filter_value)
