@@ -159,11 +159,19 @@ def _save_gpt2(path, tie=True):
     return hf
 
 
-def _save_llama(path, kv_heads=2, tie=False, head_dim=None):
+# Llama 3.1-style context extension, scaled down so that a 12-dim head has frequencies in all three
+# bands (wavelengths 2*pi*theta^(i/6): kept below 8, blended 8..32, divided by `factor` above 32).
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 0.5, "high_freq_factor": 2.0,
+               "original_max_position_embeddings": 16}
+
+
+def _save_llama(path, kv_heads=2, tie=False, head_dim=None, rope=None):
     torch.manual_seed(2)
     cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
                                    tie_word_embeddings=tie, rms_norm_eps=1e-6, head_dim=head_dim)
+    if rope is not None:
+        cfg.rope_parameters = dict(rope, rope_theta=50.0)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # random norm gains so that a mix-up would show
         for n, p in hf.named_parameters():
@@ -173,14 +181,16 @@ def _save_llama(path, kv_heads=2, tie=False, head_dim=None):
     return hf
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama-gqa", "llama-mha-tied", "llama-head-dim"])
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama-gqa", "llama-mha-tied", "llama-head-dim",
+                                  "llama3-rope", "llama-linear-rope"])
 @pytest.mark.parametrize("backend", ["torch", "llmkern"])
 def test_from_hf_logits_match_transformers(tmp_path, kind, backend):
     if kind.startswith("gpt2"):
         hf = _save_gpt2(tmp_path, tie=kind == "gpt2")
     else:
+        rope = {"llama3-rope": LLAMA3_ROPE, "llama-linear-rope": {"rope_type": "linear", "factor": 4.0}}.get(kind)
         hf = _save_llama(tmp_path, kv_heads=2 if kind == "llama-gqa" else 4, tie=kind == "llama-mha-tied",
-                         head_dim=16 if kind == "llama-head-dim" else None)
+                         head_dim=16 if kind == "llama-head-dim" else None, rope=rope)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = from_hf(str(tmp_path), backend=backend)
@@ -188,6 +198,54 @@ def test_from_hf_logits_match_transformers(tmp_path, kind, backend):
         with torch.no_grad():
             torch.testing.assert_close(m(x), hf(x).logits, atol=1e-4, rtol=1e-4)
     assert m.num_params() == hf.num_parameters()
+
+
+def test_llama3_rope_frequencies_cover_every_band_and_match_transformers(tmp_path):
+    import json
+    import math
+
+    hf = _save_llama(tmp_path, rope=LLAMA3_ROPE)
+    m = from_hf(str(tmp_path), backend="torch")
+    plain = 1.0 / (50.0 ** (torch.arange(0, 12, 2, dtype=torch.float32) / 12))
+    wavelen = 2 * math.pi / plain
+    assert (wavelen < 8).any() and ((wavelen > 8) & (wavelen < 32)).any() and (wavelen > 32).any()
+    assert torch.equal(m.inv_freq, hf.model.rotary_emb.inv_freq)
+    kept, divided = wavelen < 8, wavelen > 32
+    assert torch.equal(m.inv_freq[kept], plain[kept])
+    torch.testing.assert_close(m.inv_freq[divided], plain[divided] / 8.0)
+    # the pre-5.0 config layout (rope_theta + rope_scaling with "type") reads the same
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    params = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = params.pop("rope_theta")
+    params["type"] = params.pop("rope_type")
+    cfg["rope_scaling"] = params
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert torch.equal(from_hf(str(tmp_path), backend="torch").inv_freq, m.inv_freq)
+
+
+@pytest.mark.parametrize("rope, match", [
+    ({"rope_type": "dynamic", "factor": 2.0}, "rope_type 'dynamic' is not supported"),
+    ({"rope_type": "yarn", "factor": 2.0}, "rope_type 'yarn' is not supported"),
+    ({"rope_type": "llama3", "factor": 8.0}, "low_freq_factor"),
+    ({"rope_type": "linear", "factor": -1.0}, "factor"),
+])
+def test_from_hf_rope_scaling_it_cannot_express_raises(tmp_path, rope, match):
+    import json
+
+    _save_llama(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_parameters"] = dict(rope, rope_theta=10000.0)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match):
+        from_hf(str(tmp_path))
+
+
+def test_rope_scaling_config_checks():
+    with pytest.raises(ValueError, match="arch='llama' only"):
+        get_config("gpt-tiny").replace(rope_scaling={"rope_type": "linear", "factor": 2.0})
+    cfg = get_config("llama-tiny").replace(rope_scaling={"rope_type": "linear", "factor": 2.0})
+    base = Llama(get_config("llama-tiny"), backend="torch").inv_freq
+    torch.testing.assert_close(Llama(cfg, backend="torch").inv_freq, base / 2)
 
 
 def test_from_hf_errors(tmp_path):

@@ -32,6 +32,7 @@ class ModelConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0       # llama only
+    rope_scaling: Optional[dict] = None  # llama only: {"rope_type": "linear"|"llama3", "factor": ..., ...}
     tie_embeddings: Optional[bool] = None  # lm_head shares the token embedding (GPT default True)
     activation: Optional[str] = None  # "gelu_tanh" | "gelu" (GPT), "silu" (llama, SwiGLU)
     name: str = ""
@@ -80,6 +81,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps!r}")
         if not float(self.rope_theta) > 0:
             raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.arch)
 
     @property
     def attn_dim(self):
@@ -89,6 +91,40 @@ class ModelConfig:
     def replace(self, **changes):
         """A copy with fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+# Keys each rope_type needs (Hugging Face's rope_scaling / rope_parameters names).
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _check_rope_scaling(scaling, arch):
+    """None for plain RoPE, else a dict with rope_type and its float parameters (validated)."""
+    if scaling is None:
+        return None
+    if arch != "llama":
+        raise ValueError(f"ModelConfig.rope_scaling applies to arch='llama' only, got arch={arch!r}")
+    if not isinstance(scaling, dict):
+        raise ValueError(f"ModelConfig.rope_scaling must be a dict or None, got {type(scaling).__name__}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"ModelConfig.rope_scaling rope_type {kind!r} is not supported "
+                         f"(supported: 'default', {', '.join(repr(k) for k in ROPE_SCALING_KEYS)})")
+    out = {"rope_type": kind}
+    for key in ROPE_SCALING_KEYS[kind]:
+        v = scaling.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v) > 0:
+            raise ValueError(f"ModelConfig.rope_scaling[{key!r}] must be a number > 0 for rope_type {kind!r}, "
+                             f"got {v!r}")
+        out[key] = float(v)
+    if kind == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
+        raise ValueError(f"ModelConfig.rope_scaling: high_freq_factor ({out['high_freq_factor']}) must exceed "
+                         f"low_freq_factor ({out['low_freq_factor']})")
+    return out
 
 
 def _gpt(name, n_layer, n_embd, n_head, block_size, vocab_size=50257):

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from llmkern.models.configs import ModelConfig
+from llmkern.models.configs import ModelConfig, _check_rope_scaling
 from llmkern.models.gpt import GPT
 from llmkern.models.llama import Llama
 
@@ -62,12 +62,14 @@ def gpt2_config(hf):
 
 
 def llama_config(hf):
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise ValueError(f"from_hf: Llama rope_type {rope_type!r} is not supported (only 'default')")
+    # transformers >= 5 writes rope_parameters (theta and scaling in one dict); older configs
+    # rope_theta and rope_scaling.
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    try:
+        scaling = _check_rope_scaling(rope, "llama")
+    except ValueError as e:
+        raise ValueError(f"from_hf: {e}") from None
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"from_hf: Llama hidden_act {hf['hidden_act']!r} is not supported")
     if hf.get("attention_bias", False) or hf.get("mlp_bias", False):
@@ -77,7 +79,7 @@ def llama_config(hf):
                        n_embd=hf["hidden_size"], head_dim=hf.get("head_dim"),
                        intermediate_size=hf["intermediate_size"],
                        block_size=hf.get("max_position_embeddings", 2048), bias=False,
-                       norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+                       norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
                        tie_embeddings=hf.get("tie_word_embeddings", False), name=hf.get("_name_or_path", ""))
 
 

@@ -6,6 +6,8 @@
 Module names follow Hugging Face's LlamaForCausalLM (q_proj, k_proj, v_proj, o_proj, gate_proj,
 up_proj, down_proj, input_layernorm, ...), so PEFT target names carry over unchanged.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,6 +36,31 @@ def rotate_half(x):
 def apply_rope(x, cos, sin):
     """x [B, H, T, D]; cos/sin [T, D] or [B, 1, T, D] (the two halves of D rotate together, as in HF Llama)."""
     return x * cos + rotate_half(x) * sin
+
+
+def rope_inv_freq(cfg):
+    """The rotary frequencies [head_dim / 2] (float32), with the config's context-extension scaling.
+
+    linear: every frequency divided by `factor` (positions interpolated). llama3 (Llama 3.1+):
+    wavelengths shorter than original_max_position_embeddings / high_freq_factor are kept, those
+    longer than original / low_freq_factor are divided by `factor`, and the band between blends
+    the two linearly in original / wavelength.
+    """
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
+    factor, low, high, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], \
+        s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    in_band = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(in_band, blended, scaled)
 
 
 class Attention(nn.Module):
@@ -99,8 +126,7 @@ class Llama(ZooModel):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
