@@ -238,22 +238,30 @@ __device__ __forceinline__ void for_row(const Row& R, int V, F&& f) {
   }
   constexpr int V1 = kVec<DT>;
   for (int base = ch.a; base < ch.be; base += 32 * kPer) {
+    constexpr int NV = kPer / V1;  // 16-byte vectors per lane and step
     float y[kPer];
     bool ok[kPer];
     int idx[kPer];
+    // Every vector's load is issued before any is used, so a lane has NV loads in flight
+    // rather than one load's latency per vector.
+    uint4 raw[NV];
 #pragma unroll
-    for (int q = 0; q < kPer / V1; ++q) {
+    for (int q = 0; q < NV; ++q) {
       const int vi = base + (q * 32 + lane) * V1;  // first element of this lane's vector
-      const bool vok = vi < ch.be;                 // (be - vi is a multiple of kVec)
+      raw[q] = make_uint4(0u, 0u, 0u, 0u);
+      if (vi < ch.be)                              // (be - vi is a multiple of kVec)
+        raw[q] = __ldg(reinterpret_cast<const uint4*>(static_cast<const char*>(R.x) + (size_t)vi * (16 / V1)));
+    }
+#pragma unroll
+    for (int q = 0; q < NV; ++q) {
+      const int vi = base + (q * 32 + lane) * V1;
+      const bool vok = vi < ch.be;
       float x[V1];
+      const uint32_t w4[4] = {raw[q].x, raw[q].y, raw[q].z, raw[q].w};
       if constexpr (DT == DType::F32) {
-        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (vok) v = __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(R.x) + vi));
-        x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w;
+#pragma unroll
+        for (int t = 0; t < 4; ++t) x[t] = __uint_as_float(w4[t]);
       } else {
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (vok) v = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(R.x) + vi));
-        const uint32_t w4[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
           const uint16_t hbits = (uint16_t)(w4[t >> 1] >> ((t & 1) * 16));

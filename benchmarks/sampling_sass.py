@@ -1,0 +1,102 @@
+"""Static look at the CUDA sampler on a machine without a GPU: registers, spills and the SASS of the
+first pass over the row (the max / level-1 histogram loop of `sample_kernel`).
+
+    python benchmarks/sampling_sass.py [sm_90|sm_80] [f32|f16|bf16]
+
+Compiles csrc/cuda/sampling.cu with the extension's nvcc flags (-O3 --use_fast_math) for one target,
+disassembles it with the cuobjdump that ships with Triton, and prints, for every kernel, registers
+and spill bytes (ptxas -v); for `sample_kernel` of the chosen dtype, the instruction count of the
+loop that holds its first 16-byte load (one lane step = 8 elements for fp32 and 16-bit logits alike)
+and how many 16-byte loads that step issues before its first use. The count is static (both
+sides of every branch), so it bounds the work per element from above; the kernel's time at
+B=256 is set by such counts, not by HBM bandwidth, when the loops are instruction-bound.
+"""
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = {"f32": 0, "f16": 1, "bf16": 2}
+
+
+def _tools():
+    import torch.utils.cpp_extension as ext
+    import triton
+
+    nvcc = os.path.join(ext.CUDA_HOME or "/usr/local/cuda", "bin", "nvcc")
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    includes = [f"-I{p}" for p in ext.include_paths(device_type="cuda")]
+    return nvcc, cuobjdump, includes
+
+
+def compile_and_dump(arch):
+    nvcc, cuobjdump, includes = _tools()
+    obj = os.path.join(tempfile.mkdtemp(), "sampling.o")
+    cmd = [nvcc, "-O3", "--use_fast_math", "-std=c++17", f"-arch={arch}", f"-I{ROOT}/csrc", *includes,
+           "-Xptxas", "-v", "-c", f"{ROOT}/csrc/cuda/sampling.cu", "-o", obj]
+    ptxas = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    sass = subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True, check=True).stdout
+    return ptxas, sass
+
+
+def kernel_resources(ptxas):
+    """{mangled name: (registers, spill store bytes, spill load bytes)}"""
+    out, name, spill = {}, None, (0, 0)
+    for line in ptxas.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            name = m.group(1)
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            spill = (int(m.group(1)), int(m.group(2)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            out[name] = (int(m.group(1)),) + spill
+    return out
+
+
+def first_load_loop(sass, dtype_code):
+    """(instructions, 16-byte loads before the first use, opcode counts) of the innermost loop
+    around the first 16-byte load of sample_kernel<dtype>."""
+    funcs = re.split(r"\n\s*Function : ", sass)
+    body = next(f for f in funcs[1:] if f"sample_kernelILNS_5DTypeE{dtype_code}" in f.split("\n", 1)[0])
+    lines = [ln for ln in body.split("\n") if re.search(r"/\*[0-9a-f]+\*/\s+\S", ln)]
+    addr = [int(re.search(r"/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
+    first = next(i for i, ln in enumerate(lines) if "LDG.E.128" in ln)
+    best = None
+    for i, ln in enumerate(lines):
+        m = re.search(r"BRA[^;]*?0x([0-9a-f]+)", ln)
+        if m and int(m.group(1), 16) < addr[i] and int(m.group(1), 16) in addr:
+            j = addr.index(int(m.group(1), 16))
+            if j <= first <= i and (best is None or i - j < best[1] - best[0]):
+                best = (j, i)
+    j, i = best
+    seg = lines[j:i + 1]
+    ops = collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", s).group(1) for s in seg)
+    ahead = 0
+    for s in lines[first:i + 1]:  # consecutive 16-byte loads (other instructions between allowed
+        if "LDG.E.128" in s:      # until the first floating-point use)
+            ahead += 1
+        elif re.search(r"\b(FADD|FSEL|FMUL|FFMA|MUFU)\b", s):
+            break
+    return len(seg), ahead, ops
+
+
+def main():
+    arch = sys.argv[1] if len(sys.argv) > 1 else "sm_90"
+    dt = sys.argv[2] if len(sys.argv) > 2 else "f32"
+    ptxas, sass = compile_and_dump(arch)
+    for name, (regs, st, ld) in sorted(kernel_resources(ptxas).items()):
+        short = re.sub(r".*_sampling_cu_[0-9a-f]{8}\d+", "", name)
+        print(f"{arch} {short[-60:]:60s} registers {regs:3d}  spill stores {st:3d} B  loads {ld:3d} B")
+    n, ahead, ops = first_load_loop(sass, DTYPES[dt])
+    print(f"\nsample_kernel<{dt}> first pass: {n} SASS instructions per lane step of 8 elements "
+          f"({n / 8:.1f} per element, static), {ahead} 16-byte load(s) in flight before the first use")
+    print("most frequent:", ", ".join(f"{k} {v}" for k, v in ops.most_common(12)))
+
+
+if __name__ == "__main__":
+    main()
