@@ -6,8 +6,9 @@ first pass over the row (the max / level-1 histogram loop of `sample_kernel`).
 Compiles csrc/cuda/sampling.cu with the extension's nvcc flags (-O3 --use_fast_math) for one target,
 disassembles it with the cuobjdump that ships with Triton, and prints, for every kernel, registers
 and spill bytes (ptxas -v); for `sample_kernel` of the chosen dtype, the instruction count of the
-loop that holds its first 16-byte load (one lane step = 8 elements for fp32 and 16-bit logits alike)
-and how many 16-byte loads that step issues before its first use. The count is static (both
+loops over the row (one lane step = 8 elements for fp32 and 16-bit logits alike; loop 0 and 1 are
+the first pass, max and level-1 histogram, for general and plain rows) and how many 16-byte loads a
+step issues before their first use. The count is static (both
 sides of every branch), so it bounds the work per element from above; the kernel's time at
 B=256 is set by such counts, not by HBM bandwidth, when the loops are instruction-bound.
 """
@@ -58,31 +59,39 @@ def kernel_resources(ptxas):
     return out
 
 
-def first_load_loop(sass, dtype_code):
-    """(instructions, 16-byte loads before the first use, opcode counts) of the innermost loop
-    around the first 16-byte load of sample_kernel<dtype>."""
+def row_loops(sass, dtype_code):
+    """[(instructions, 16-byte loads before the first use, has a division, opcode counts)] of the
+    innermost loops around sample_kernel<dtype>'s 16-byte loads, in code order. Each pass over
+    the row comes twice since the seventh session: the general loop (bias, mask, temperature
+    division: MUFU.RCP) and the plain one for rows with none of them."""
     funcs = re.split(r"\n\s*Function : ", sass)
     body = next(f for f in funcs[1:] if f"sample_kernelILNS_5DTypeE{dtype_code}" in f.split("\n", 1)[0])
     lines = [ln for ln in body.split("\n") if re.search(r"/\*[0-9a-f]+\*/\s+\S", ln)]
     addr = [int(re.search(r"/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
-    first = next(i for i, ln in enumerate(lines) if "LDG.E.128" in ln)
-    best = None
+    back = []
     for i, ln in enumerate(lines):
         m = re.search(r"BRA[^;]*?0x([0-9a-f]+)", ln)
         if m and int(m.group(1), 16) < addr[i] and int(m.group(1), 16) in addr:
-            j = addr.index(int(m.group(1), 16))
-            if j <= first <= i and (best is None or i - j < best[1] - best[0]):
-                best = (j, i)
-    j, i = best
-    seg = lines[j:i + 1]
-    ops = collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", s).group(1) for s in seg)
-    ahead = 0
-    for s in lines[first:i + 1]:  # consecutive 16-byte loads (other instructions between allowed
-        if "LDG.E.128" in s:      # until the first floating-point use)
-            ahead += 1
-        elif re.search(r"\b(FADD|FSEL|FMUL|FFMA|MUFU)\b", s):
-            break
-    return len(seg), ahead, ops
+            back.append((addr.index(int(m.group(1), 16)), i))
+    out, seen = [], set()
+    for first in (i for i, ln in enumerate(lines) if "LDG.E.128" in ln):
+        around = [(j, i) for j, i in back if j <= first <= i]
+        if not around:
+            continue
+        j, i = min(around, key=lambda t: t[1] - t[0])
+        if (j, i) in seen:
+            continue
+        seen.add((j, i))
+        seg = lines[j:i + 1]
+        ops = collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", x).group(1) for x in seg)
+        ahead = 0
+        for x in lines[first:i + 1]:  # 16-byte loads issued before the first floating-point use
+            if "LDG.E.128" in x:
+                ahead += 1
+            elif re.search(r"\b(FADD|FSEL|FMUL|FFMA|MUFU)\b", x):
+                break
+        out.append((len(seg), ahead, ops["MUFU"] > 0, ops))
+    return out
 
 
 def main():
@@ -92,10 +101,11 @@ def main():
     for name, (regs, st, ld) in sorted(kernel_resources(ptxas).items()):
         short = re.sub(r".*_sampling_cu_[0-9a-f]{8}\d+", "", name)
         print(f"{arch} {short[-60:]:60s} registers {regs:3d}  spill stores {st:3d} B  loads {ld:3d} B")
-    n, ahead, ops = first_load_loop(sass, DTYPES[dt])
-    print(f"\nsample_kernel<{dt}> first pass: {n} SASS instructions per lane step of 8 elements "
-          f"({n / 8:.1f} per element, static), {ahead} 16-byte load(s) in flight before the first use")
-    print("most frequent:", ", ".join(f"{k} {v}" for k, v in ops.most_common(12)))
+    print(f"\nsample_kernel<{dt}>: loops over the row (static SASS instructions per lane step of 8 elements)")
+    for k, (n, ahead, general, ops) in enumerate(row_loops(sass, DTYPES[dt])):
+        print(f"  loop {k:2d} {'general' if general else 'plain  '} {n:5d} ({n / 8:5.1f} per element), "
+              f"{ahead} 16-byte load(s) in flight before the first use; "
+              + ", ".join(f"{o} {c}" for o, c in ops.most_common(6)))
 
 
 if __name__ == "__main__":

@@ -170,16 +170,22 @@ struct Row {
 // The transform of one loaded logit x_i: bias, mask, temperature, NaN -> -inf, -0 -> +0 (as the
 // CPU's clean_max / key_of: -0 and +0 are one value, so every order key of y must fold them; -0
 // comes from the input or from a division, e.g. any negative logit at temperature +inf).
+// Plain: the row has no bias, no mask and no temperature division (checked once per pass by
+// for_row), so the per-element tests and their branches drop out of the row loops.
+template <bool Plain>
 __device__ __forceinline__ float transform(const Row& R, float v, int i) {
-  if (R.bias) v = f_add(v, __ldg(R.bias + i));
-  if (R.allowed && !__ldg(R.allowed + i)) v = neg_inf();
-  if (R.divide) v = f_div(v, R.temperature);  // division, as HF does
+  if constexpr (!Plain) {
+    if (R.bias) v = f_add(v, __ldg(R.bias + i));
+    if (R.allowed && !__ldg(R.allowed + i)) v = neg_inf();
+    if (R.divide) v = f_div(v, R.temperature);  // division, as HF does
+  }
   return is_nan(v) ? neg_inf() : f_add(v, 0.0f);  // (asm add: not folded away under fast math)
 }
+__device__ __forceinline__ bool plain_row(const Row& R) { return !R.bias && !R.allowed && !R.divide; }
 
-template <DType DT>
+template <DType DT, bool Plain = false>
 __device__ __forceinline__ float row_y(const Row& R, int i) {
-  return transform(R, load_x<DT>(R.x, i), i);
+  return transform<Plain>(R, load_x<DT>(R.x, i), i);
 }
 
 // 16-byte loads of the logits: kVec elements each, kPer elements per lane and loop step.
@@ -224,8 +230,8 @@ __device__ __forceinline__ int chunk_of(const Row& R, int V, int i) {
 // Calls f(i, y, valid) for every element of this warp's chunk. The loop is uniform over the
 // warp's lanes (all 32 lanes call f the same number of times, `valid` false where there is no
 // element), with 16-byte loads, kPer elements per lane in flight.
-template <DType DT, class F>
-__device__ __forceinline__ void for_row(const Row& R, int V, F&& f) {
+template <DType DT, bool Plain, class F>
+__device__ __forceinline__ void for_row_impl(const Row& R, int V, F&& f) {
   const int lane = threadIdx.x & 31;
   const Chunk ch = warp_chunk<DT>(R, V, threadIdx.x >> 5);
   {  // head [lo, a) on lanes 0..7, tail [be, hi) on lanes 8..15 (each under kVec elements)
@@ -233,7 +239,7 @@ __device__ __forceinline__ void for_row(const Row& R, int V, F&& f) {
     if (lane < ch.a - ch.lo) i = ch.lo + lane;
     else if (lane >= 8 && lane - 8 < ch.hi - ch.be) i = ch.be + lane - 8;
     const bool ok = i >= 0;
-    const float y = ok ? row_y<DT>(R, i) : neg_inf();
+    const float y = ok ? row_y<DT, Plain>(R, i) : neg_inf();
     f(ok ? i : 0, y, ok);
   }
   constexpr int V1 = kVec<DT>;
@@ -273,12 +279,17 @@ __device__ __forceinline__ void for_row(const Row& R, int V, F&& f) {
         const int u = q * V1 + t;
         idx[u] = vi + t;
         ok[u] = vok;
-        y[u] = vok ? transform(R, x[t], vi + t) : neg_inf();
+        y[u] = vok ? transform<Plain>(R, x[t], vi + t) : neg_inf();
       }
     }
 #pragma unroll
     for (int u = 0; u < kPer; ++u) f(idx[u], y[u], ok[u]);
   }
+}
+template <DType DT, class F>
+__device__ __forceinline__ void for_row(const Row& R, int V, F&& f) {
+  if (plain_row(R)) for_row_impl<DT, true>(R, V, f);
+  else for_row_impl<DT, false>(R, V, f);
 }
 
 // ---- shared memory and block-wide helpers -----------------------------------------------------
