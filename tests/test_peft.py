@@ -184,6 +184,32 @@ def test_use_fused_lora_mixed_adapter_batch(backend):
     torch.testing.assert_close(got_b, want_b, rtol=1e-4, atol=1e-4)
 
 
+def test_use_fused_lora_keeps_peft_float32_adapters_of_half_model(monkeypatch):
+    from llmkern import _backend
+    from llmkern.integrations.peft import use_fused_lora
+
+    monkeypatch.setattr(_backend, "_warned", set())
+
+    # PEFT's default autocast_adapter_dtype=True: float32 adapters on a float16 model, computed in
+    # float32; the fused op computed them in float16 (logits off by ~1e-3, LoRA grads by ~2%)
+    model = peft.get_peft_model(tiny_llama().half(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    _randomize_lora(model)
+    ids = _ids()
+    want = model(ids).logits
+    want.float().pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    use_fused_lora(model)
+    with pytest.warns(RuntimeWarning, match="autocast_adapter_dtype=False"):  # says why it is not fused
+        got = model(ids).logits
+    got.float().pow(2).mean().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_peft_saved_adapter_loads_into_llmkern_and_back(tmp_path):
     model = _peft_model(r=4, alpha=12)
     ids = _ids()
@@ -226,6 +252,94 @@ def test_load_rejects_unsupported(tmp_path):
     m.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="use_dora"):
         lp.load_peft_adapter(tiny_llama(), str(tmp_path))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(alora_invocation_tokens=[5, 7]), "aLoRA"),                     # was loaded as plain LoRA
+    (dict(init_lora_weights="pissa"), "pissa"),                          # base weights PEFT rewrites
+    (dict(init_lora_weights="olora"), "olora"),
+    (dict(modules_to_save=["lm_head"]), "modules_to_save"),              # was "unsupported key"
+    (dict(trainable_token_indices=[1, 2]), "trainable_token_indices"),
+    (dict(target_modules=["embed_tokens", "q_proj"]), "embedding"),
+])
+def test_load_rejects_peft_variants_by_name(tmp_path, kwargs, match):
+    kwargs = {"target_modules": ["q_proj", "v_proj"], **kwargs}
+    m = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, **kwargs))
+    _randomize_lora(m)
+    m.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        lp.load_peft_adapter(tiny_llama(), str(tmp_path))
+
+
+def test_peft_lm_head_adapter_loads_with_its_saved_base_weight(tmp_path):
+    # PEFT saves lm_head.base_layer.weight next to a LoRA on lm_head and loads it into the base layer
+    base = tiny_llama()
+    nn.init.normal_(base.lm_head.weight, std=0.5)
+    m = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]))
+    _randomize_lora(m)
+    m.save_pretrained(tmp_path)
+    ids = _ids()
+    with torch.no_grad():
+        want = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()(ids).logits
+        torch.testing.assert_close(want, m.eval()(ids).logits)
+        got = lp.load_peft_adapter(tiny_llama(), str(tmp_path)).eval()(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_existing_lora_modules_stay_trainable(tmp_path):
+    model = tiny_llama()
+    lp.inject_lora(model, ["q_proj"], r=4, alpha=8)
+    lp.inject_lora(model, ["v_proj"], r=4, alpha=8)  # used to freeze the q_proj LoRA weights
+    assert lp.count_trainable_parameters(model) == 2 * 2 * D * 4 * L_
+    lp.save_peft_adapter(model, str(tmp_path))
+    resumed = tiny_llama()
+    lp.inject_lora(resumed, ["q_proj", "v_proj"], r=4, alpha=8)
+    lp.load_peft_adapter(resumed, str(tmp_path))  # used to leave 0 trainable parameters
+    assert lp.count_trainable_parameters(resumed) == 2 * 2 * D * 4 * L_
+    assert all(m.lora_A.requires_grad and m.lora_B.requires_grad for _, m in lp.lora_modules(resumed))
+    assert not any(p.requires_grad for n, p in resumed.named_parameters() if "lora_" not in n)
+
+
+def test_load_into_merged_lora_model_raises(tmp_path):
+    src = tiny_llama()
+    lp.inject_lora(src, ["q_proj"], r=4, alpha=8)
+    _randomize_lora(src, 7)
+    lp.save_peft_adapter(src, str(tmp_path))
+    model = tiny_llama()
+    lp.inject_lora(model, ["q_proj"], r=4, alpha=8)
+    _randomize_lora(model, 8)
+    lp.merge_lora(model)
+    A0 = model.model.layers[0].self_attn.q_proj.lora_A.detach().clone()
+    with pytest.raises(ValueError, match="merged"):  # the new weights were ignored (merged forward)
+        lp.load_peft_adapter(model, str(tmp_path))
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.lora_A, A0)
+    lp.unmerge_lora(model)
+    lp.load_peft_adapter(model, str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()).logits, src(_ids()).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_inject_lora_does_not_wrap_a_lora_base_layer():
+    model = tiny_llama()
+    lp.inject_lora(model, r".*q_proj", r=2, alpha=2)
+    # ".*q_proj.*" also matches q_proj.base_layer: wrapping it hid that LoRA from the outer forward
+    with pytest.raises(ValueError, match="matched no"):
+        lp.inject_lora(model, r".*q_proj.*", r=2, alpha=2)
+    assert all(type(m.base_layer) is nn.Linear for _, m in lp.lora_modules(model))
+
+
+def test_merge_lora_refuses_tied_weights():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=H_, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    lp.inject_lora(model, ["lm_head"], r=4, alpha=8)
+    _randomize_lora(model)
+    emb = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(ValueError, match="tied"):  # merging also changed the token embedding
+        lp.merge_lora(model)
+    assert torch.equal(model.model.embed_tokens.weight, emb) and not lp.lora_modules(model)[0][1].merged
 
 
 # ---- Adapter --------------------------------------------------------------------------------------

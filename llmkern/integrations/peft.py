@@ -9,7 +9,10 @@ Every ``peft.tuners.lora.Linear`` whose base layer is an ``nn.Linear`` gets a fo
 ``adapter_names`` mixed batches: per-sample adapter names, "__base__" = base model only). Cases
 the fused op does not cover fall back to PEFT's own forward for that call: several active adapters
 at once, LoRA variants (DoRA, aLoRA, ...), lora_bias, fan_in_fan_out, non-Linear or quantised base
-layers, autocast, mismatched dtypes, and mixed batches during training with dropout. Dropout uses
+layers, autocast, mismatched dtypes (input vs base weight, or adapter weights vs input: PEFT's default
+``autocast_adapter_dtype=True`` keeps a bf16/fp16 model's adapters in float32 and computes them in
+float32, so such layers stay on PEFT's forward; create the model with ``autocast_adapter_dtype=False``
+or cast the adapters to the model's dtype to fuse them), and mixed batches during training with dropout. Dropout uses
 llmkern's seeded mask: the same distribution as nn.Dropout but not the same random draws.
 """
 import types
@@ -17,6 +20,7 @@ import types
 import torch
 from torch import nn
 
+from llmkern._backend import warn_once
 from llmkern.ops.lora import lora_linear, lora_linear_multi
 
 _ORIG = "_llmkern_orig_forward"
@@ -35,8 +39,17 @@ def _dropout_p(module, name):
     return 0.0
 
 
-def _plain(module, name):
-    """Whether adapter `name` of `module` is plain LoRA the fused op computes exactly."""
+def _plain(module, name, dtype):
+    """Whether adapter `name` of `module` is plain LoRA the fused op computes exactly: no variant,
+    no lora_bias, and weights in the input's dtype (PEFT computes float32 adapters of a 16-bit
+    model, its autocast_adapter_dtype default, in float32; the fused op would use the input's dtype)."""
+    adapter_dtype = module.lora_A[name].weight.dtype
+    if adapter_dtype != dtype or module.lora_B[name].weight.dtype != dtype:
+        warn_once(("peft-adapter-dtype", adapter_dtype, dtype),
+                  f"use_fused_lora: {adapter_dtype} adapters on {dtype} inputs run on PEFT's own forward "
+                  f"(PEFT computes them in {adapter_dtype}; the fused op would round them to {dtype}). To fuse "
+                  f"them, create the PEFT model with autocast_adapter_dtype=False or cast the adapters to {dtype}")
+        return False
     return (name not in getattr(module, "lora_variant", {})
             and getattr(module.lora_B[name], "bias", None) is None
             and not getattr(module, "use_dora", {}).get(name, False))
@@ -57,7 +70,7 @@ def _fused_forward(self, x, *args, **kwargs):
         active = [a for a in self.active_adapters if a in self.lora_A]
         if not active:
             return base(x)
-        if len(active) > 1 or not _plain(self, active[0]):
+        if len(active) > 1 or not _plain(self, active[0], x.dtype):
             return orig(x, *args, **kwargs)
         a = active[0]
         return lora_linear(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
@@ -68,7 +81,7 @@ def _fused_forward(self, x, *args, **kwargs):
     used = {a for a in adapter_names if a in self.lora_A}
     if not used:
         return base(x)
-    if any(not _plain(self, a) for a in used) or (
+    if any(not _plain(self, a, x.dtype) for a in used) or (
             self.training and any(_dropout_p(self, a) > 0 for a in used)):
         return orig(x, *args, **kwargs)
     names = sorted(used, key=known.index)

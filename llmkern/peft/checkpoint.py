@@ -14,12 +14,39 @@ from typing import Optional
 import torch
 from torch import nn
 
-from llmkern.peft.lora import LoRALinear, _set_submodule, lora_modules
+from llmkern.peft.lora import LoRALinear, _freeze_non_lora, _set_submodule, lora_modules
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+# PEFT saves the base weights of targeted embedding-like layers (lm_head, embed_tokens) next to their
+# LoRA weights (save_embedding_layers="auto") and loads them back into the base layer.
+_BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
+_EMBED_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_[AB](?:\.[^.]+)?$")
+
+# LoraConfig fields that change what the saved A/B weights mean (LoRA variants, extra modules,
+# quantisation, replicated layers): an adapter using any of them is not plain LoRA.
+_UNSUPPORTED = (
+    ("use_dora", "DoRA (use_dora)"),
+    ("lora_bias", "LoRA bias (lora_bias)"),
+    ("fan_in_fan_out", "fan_in_fan_out (GPT-2 Conv1D layers)"),
+    ("alora_invocation_tokens", "aLoRA (alora_invocation_tokens)"),
+    ("use_bdlora", "block-diagonal LoRA (use_bdlora)"),
+    ("arrow_config", "Arrow routing (arrow_config)"),
+    ("velora_config", "VeLoRA (velora_config)"),
+    ("monteclora_config", "MonteCLoRA (monteclora_config)"),
+    ("kasa_config", "KaSA (kasa_config)"),
+    ("use_qalora", "QALoRA (use_qalora)"),
+    ("layer_replication", "layer_replication"),
+    ("modules_to_save", "modules_to_save"),
+    ("trainable_token_indices", "trainable_token_indices"),
+    ("target_parameters", "target_parameters (LoRA on nn.Parameter)"),
+)
+# init_lora_weights values whose adapters only make sense on base weights PEFT modified at init
+# (PiSSA, CorDA, OLoRA, LoftQ, LoRA-GA: W_res = W - s·B0 A0; PEFT recomputes it on load) or that
+# select a LoRA variant (MiCA).
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
 
 
 def _pattern_value(patterns, name, default):
@@ -108,31 +135,51 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     """Load a PEFT LoRA adapter directory into ``model`` (a plain model, not a PeftModel).
 
     Each module named in the checkpoint becomes a LoRALinear (or, if it already is one, gets the
-    new weights) with PEFT's r / lora_alpha / use_rslora / rank_pattern / alpha_pattern. Raises
-    ValueError for adapter kinds other than plain LoRA on nn.Linear (DoRA, LoRA bias, embeddings,
-    fan_in_fan_out Conv1D layers, modules_to_save).
+    new weights) with PEFT's r / lora_alpha / use_rslora / rank_pattern / alpha_pattern; base weights
+    PEFT saved for a targeted lm_head / embedding layer (``<module>.base_layer.weight``) are copied
+    into that layer, as PEFT does. Raises ValueError for adapter kinds other than plain LoRA on
+    nn.Linear (DoRA, aLoRA and other variants, LoRA bias, embeddings, fan_in_fan_out Conv1D layers,
+    modules_to_save, trainable tokens, PiSSA/OLoRA/CorDA/LoftQ-initialised adapters). With
+    ``freeze_base`` every parameter except the LoRA A/B weights is frozen.
     """
     with open(os.path.join(path, CONFIG_NAME)) as f:
         config = json.load(f)
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise ValueError(f"{path}: peft_type must be LORA, got {config.get('peft_type')!r}")
-    for flag in ("use_dora", "lora_bias", "fan_in_fan_out"):
+    for flag, what in _UNSUPPORTED:
         if config.get(flag):
-            raise ValueError(f"{path}: {flag}=True adapters are not supported by llmkern.peft")
+            raise ValueError(f"{path}: {flag}={config[flag]!r}: {what} adapters are not supported by "
+                             f"llmkern.peft (only plain LoRA on nn.Linear)")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ValueError(f"{path}: init_lora_weights={init!r} adapters are not supported by llmkern.peft: "
+                         f"they apply to base weights PEFT modifies at load time; convert the adapter to plain "
+                         f"LoRA with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)")
     if config.get("bias", "none") != "none":
         raise ValueError(f"{path}: bias={config['bias']!r} is not supported (only 'none')")
     weights = _read_weights(path)
-    pairs = {}
+    pairs, base_weights = {}, {}
     for key, t in weights.items():
         m = _KEY.match(key)
-        if m is None:
+        if m is not None:
+            pairs.setdefault(m.group("module"), {})[m.group("ab")] = t
+        elif _BASE_KEY.match(key):
+            base_weights[_BASE_KEY.match(key).group("module")] = t
+        elif _EMBED_KEY.match(key):
+            raise ValueError(f"{path}: LoRA on embedding layers ({_EMBED_KEY.match(key).group('module')}, key "
+                             f"{key!r}) is not supported by llmkern.peft (only nn.Linear)")
+        else:
             raise ValueError(f"{path}: unsupported key {key!r} (only LoRA A/B weights of linear layers)")
-        pairs.setdefault(m.group("module"), {})[m.group("ab")] = t
-    if config.get("modules_to_save"):
-        raise ValueError(f"{path}: modules_to_save is not supported by llmkern.peft")
+    for name in base_weights:
+        if name not in pairs:
+            raise ValueError(f"{path}: unsupported key {_PREFIX}{name}.base_layer.weight (a base weight of a "
+                             f"module without LoRA A/B weights)")
+    merged = [n for n, m in lora_modules(model) if m.merged and n in pairs]
+    if merged:
+        raise ValueError(f"{path}: module {merged[0]} is merged; unmerge_lora(model) before loading new adapter "
+                         f"weights into it (its weight would keep the old update)")
     if freeze_base:
-        for p in model.parameters():
-            p.requires_grad_(False)
+        _freeze_non_lora(model)
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     for name, ab in pairs.items():
         if set(ab) != {"A", "B"}:
@@ -160,7 +207,13 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         if A.shape != mod.lora_A.shape or B.shape != mod.lora_B.shape:
             raise ValueError(f"{path}: {name}: checkpoint shapes A{tuple(A.shape)} B{tuple(B.shape)} do not "
                              f"fit the layer (A{tuple(mod.lora_A.shape)} B{tuple(mod.lora_B.shape)})")
+        W = base_weights.get(name)
+        if W is not None and W.shape != mod.base_layer.weight.shape:
+            raise ValueError(f"{path}: {name}.base_layer.weight has shape {tuple(W.shape)}, the layer's weight "
+                             f"is {tuple(mod.base_layer.weight.shape)}")
         with torch.no_grad():
             mod.lora_A.copy_(A)
             mod.lora_B.copy_(B)
+            if W is not None:  # as PEFT does: the saved base weight replaces the layer's
+                mod.base_layer.weight.copy_(W)
     return model

@@ -130,16 +130,41 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
     With ``freeze_base`` (default) every other parameter of the model is frozen too, so that only
     the LoRA parameters train. Returns the names of the wrapped modules (raises if none matched).
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, target_modules)]
+    wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, LoRALinear)}
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in wrapped
+             and _matches(n, target_modules)]
     if not names:
         raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear in the model")
     if freeze_base:
-        for p in model.parameters():
-            p.requires_grad_(False)
+        _freeze_non_lora(model)
     for n in names:
         _set_submodule(model, n, LoRALinear(model.get_submodule(n), r=r, alpha=alpha, dropout=dropout,
                                             use_rslora=use_rslora, freeze_base=freeze_base))
     return names
+
+
+def _freeze_non_lora(model: nn.Module):
+    """requires_grad=False on every parameter except the LoRA A/B weights of LoRALinear modules
+    (those the model already has keep their state)."""
+    keep = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+
+
+def _tied_base_weights(model: nn.Module, mods):
+    """{LoRALinear name: name of another parameter of `model` that is the same tensor as its base
+    weight} (tied embeddings)."""
+    owners = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        for pn, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((m, f"{n}.{pn}" if n else pn))
+    tied = {}
+    for n, mod in mods:
+        others = [name for m, name in owners.get(id(mod.base_layer.weight), []) if m is not mod.base_layer]
+        if others:
+            tied[n] = others[0]
+    return tied
 
 
 def lora_modules(model: nn.Module):
@@ -148,8 +173,17 @@ def lora_modules(model: nn.Module):
 
 
 def merge_lora(model: nn.Module, safe_merge: bool = True, remove: bool = False) -> nn.Module:
-    """Merge every LoRALinear; with ``remove`` put the plain nn.Linear back in its place."""
-    for n, m in lora_modules(model):
+    """Merge every LoRALinear; with ``remove`` put the plain nn.Linear back in its place.
+
+    Raises ValueError (nothing merged) when a base weight is shared with another module, e.g. an
+    lm_head tied to the token embedding: merging would change that module too."""
+    mods = lora_modules(model)
+    tied = _tied_base_weights(model, [(n, m) for n, m in mods if not m.merged])
+    if tied:
+        n, owner = next(iter(tied.items()))
+        raise ValueError(f"merge_lora: {n}'s weight is shared with {owner} (tied weights); merging would "
+                         f"change {owner} too. Untie the weights first (or keep the adapter unmerged)")
+    for n, m in mods:
         m.merge(safe_merge=safe_merge)
         if remove:
             _set_submodule(model, n, m.base_layer)
