@@ -1,5 +1,6 @@
 """llmkern.peft and llmkern.integrations.peft: modules, PEFT interop, parameter counts (seed deck)."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -409,3 +410,213 @@ def test_prefix_validation():
         lp.PrefixTuning(2, 3, 30, 4)
     with pytest.raises(ValueError, match="hidden"):
         lp.PrefixTuning(2, 3, 32, 4, reparam=True)
+
+
+# ---- PEFT on transformers <-> zoo models (Hugging Face module names) -------------------------------
+
+LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _hf_dir(path, kind):
+    """A tiny random GPT2LMHeadModel / LlamaForCausalLM (GQA) saved to `path`."""
+    torch.manual_seed(3)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        hf = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.GPT2Config(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+        hf = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # random norm gains so that a mix-up would show
+        for n, p in hf.named_parameters():
+            if "norm" in n or ".ln_" in n:
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(path)
+    return str(path)
+
+
+def _hf_base(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _zoo(path):
+    from llmkern.models import from_hf
+
+    return from_hf(path, backend="torch")
+
+
+def _peft_trained(base_dir, adapter_dir, seed=11, **lora):
+    """A PEFT adapter on the HF model with random A/B, saved; returns its logits on _ids()."""
+    m = peft.get_peft_model(_hf_base(base_dir), peft.LoraConfig(lora_dropout=0.0, **lora))
+    _randomize_lora(m, seed)
+    m.save_pretrained(adapter_dir)
+    with torch.no_grad():
+        return m.eval()(_ids()).logits
+
+
+@pytest.mark.parametrize("lora", [
+    dict(target_modules=LLAMA_ALL, r=4, lora_alpha=8),
+    dict(target_modules=["q_proj", "v_proj", "down_proj", "lm_head"], r=4, lora_alpha=16, use_rslora=True,
+         rank_pattern={"v_proj": 2}, alpha_pattern={"lm_head": 3}),
+], ids=["all-linear", "lm_head-rslora-patterns"])
+def test_peft_adapter_on_hf_llama_loads_into_zoo_llama(tmp_path, lora):
+    base = _hf_dir(tmp_path / "base", "llama")
+    want = _peft_trained(base, tmp_path / "ad", **lora)
+    zoo = lp.load_peft_adapter(_zoo(base), str(tmp_path / "ad"))
+    names = dict(lp.lora_modules(zoo))
+    assert "layers.0.self_attn.q_proj" in names and not any(n.startswith("model.") for n in names)
+    assert len(names) == 2 * len([t for t in lora["target_modules"] if t != "lm_head"]) + ("lm_head" in names)
+    with torch.no_grad():
+        torch.testing.assert_close(zoo(_ids()), want, rtol=1e-4, atol=1e-4)
+
+
+def test_zoo_llama_adapter_saves_with_hf_names_and_loads_back(tmp_path):
+    import json
+
+    base = _hf_dir(tmp_path / "base", "llama")
+    zoo = _zoo(base)
+    lp.inject_lora(zoo, LLAMA_ALL, r=4, alpha=8)
+    lp.inject_lora(zoo, ["lm_head"], r=2, alpha=5)
+    _randomize_lora(zoo, 12)
+    with torch.no_grad():
+        want = zoo(_ids())
+    lp.save_peft_adapter(zoo, str(tmp_path / "ad"))
+    cfg = json.load(open(tmp_path / "ad" / "adapter_config.json"))
+    assert sorted(cfg["target_modules"]) == sorted(LLAMA_ALL + ["lm_head"]) and cfg["rank_pattern"] == {"lm_head": 2}
+    back = peft.PeftModel.from_pretrained(_hf_base(base), str(tmp_path / "ad")).eval()
+    assert sum("lora_A" in n for n, _ in back.named_parameters()) == 7 * 2 + 1  # every module found
+    again = lp.load_peft_adapter(_zoo(base), str(tmp_path / "ad"))
+    with torch.no_grad():
+        torch.testing.assert_close(back(_ids()).logits, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(again(_ids()), want, rtol=1e-5, atol=1e-5)
+    # the zoo's own names on request (older llmkern files): still load into the zoo model
+    lp.save_peft_adapter(zoo, str(tmp_path / "zoo"), hf_names=False)
+    assert json.load(open(tmp_path / "zoo" / "adapter_config.json"))["rank_pattern"] == {"lm_head": 2}
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "zoo" / "adapter_model.safetensors"), "pt") as f:
+        assert "base_model.model.layers.0.self_attn.q_proj.lora_A.weight" in f.keys()
+    with torch.no_grad():
+        torch.testing.assert_close(lp.load_peft_adapter(_zoo(base), str(tmp_path / "zoo"))(_ids()), want,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [
+    dict(target_modules=["c_attn", "c_proj", "c_fc"], r=4, lora_alpha=8),
+    dict(target_modules=["c_attn", "c_fc"], r=4, lora_alpha=8, use_rslora=True, rank_pattern={"c_fc": 2}),
+], ids=["all", "rslora"])
+def test_peft_adapter_on_hf_gpt2_loads_into_zoo_gpt(tmp_path, lora):
+    base = _hf_dir(tmp_path / "base", "gpt2")
+    want = _peft_trained(base, tmp_path / "ad", **lora)
+    import json
+    assert json.load(open(tmp_path / "ad" / "adapter_config.json"))["fan_in_fan_out"] is True  # PEFT sets it
+    zoo = lp.load_peft_adapter(_zoo(base), str(tmp_path / "ad"))
+    attn = zoo.h[1].attn
+    assert all(isinstance(getattr(attn, p), lp.LoRALinear) for p in ("q_proj", "k_proj", "v_proj"))
+    assert torch.equal(attn.q_proj.lora_A, attn.v_proj.lora_A) and attn.k_proj.lora_B.shape == (32, 4)
+    assert isinstance(zoo.h[0].mlp.up_proj, lp.LoRALinear)
+    assert isinstance(zoo.h[0].attn.o_proj, lp.LoRALinear) == ("c_proj" in lora["target_modules"])
+    with torch.no_grad():
+        torch.testing.assert_close(zoo(_ids()), want, rtol=1e-4, atol=1e-4)
+    # a plain GPT2LMHeadModel (Conv1D layers) is not a zoo model: fan_in_fan_out is still refused
+    with pytest.raises(ValueError, match="fan_in_fan_out"):
+        lp.load_peft_adapter(_hf_base(base), str(tmp_path / "ad"))
+
+
+def _inject(model, targets, r, alpha, use_rslora=False):
+    lp.inject_lora(model, [f"attn.{t}" if "proj" in t and t[0] in "qkvo" else f"mlp.{t}" for t in targets],
+                   r=r, alpha=alpha, use_rslora=use_rslora)
+
+
+@pytest.mark.parametrize("case", ["qkvo-up-down", "q-v-only-mixed-scalings", "rslora"])
+def test_zoo_gpt_adapter_saves_as_peft_gpt2_and_loads_back(tmp_path, case):
+    import json
+
+    base = _hf_dir(tmp_path / "base", "gpt2")
+    zoo = _zoo(base)
+    if case == "qkvo-up-down":
+        _inject(zoo, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"], r=4, alpha=8)
+    elif case == "q-v-only-mixed-scalings":  # k_proj without LoRA: its block of c_attn is zero
+        _inject(zoo, ["q_proj"], r=4, alpha=8)
+        _inject(zoo, ["v_proj"], r=2, alpha=6)
+    else:
+        _inject(zoo, ["q_proj", "k_proj", "v_proj", "down_proj"], r=4, alpha=8, use_rslora=True)
+        zoo.h[1].attn.k_proj = lp.LoRALinear(zoo.h[1].attn.k_proj.base_layer, r=3, alpha=2, use_rslora=True)
+    _randomize_lora(zoo, 13)
+    before = {n: (m.r, m.alpha, m.lora_A.detach().clone(), m.lora_B.detach().clone())
+              for n, m in lp.lora_modules(zoo)}
+    with torch.no_grad():
+        want = zoo(_ids())
+    lp.save_peft_adapter(zoo, str(tmp_path / "ad"))
+    cfg = json.load(open(tmp_path / "ad" / "adapter_config.json"))
+    assert cfg["fan_in_fan_out"] is True and "c_attn" in cfg["target_modules"]
+    assert cfg["use_rslora"] == (case == "rslora")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        back = peft.PeftModel.from_pretrained(_hf_base(base), str(tmp_path / "ad")).eval()
+    # PEFT only warns about adapter keys it did not find (and then runs the base model)
+    assert not [w for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    with torch.no_grad():
+        torch.testing.assert_close(back(_ids()).logits, want, rtol=1e-4, atol=1e-4)
+    # ... and back into the zoo: the same separate q/k/v LoRAs (ranks, alphas, weights)
+    again = lp.load_peft_adapter(_zoo(base), str(tmp_path / "ad"))
+    after = dict(lp.lora_modules(again))
+    assert sorted(after) == sorted(before)
+    for n, (r, alpha, A, B) in before.items():
+        assert (after[n].r, after[n].alpha) == (r, alpha), n
+        torch.testing.assert_close(after[n].lora_A, A, rtol=0, atol=0)
+        torch.testing.assert_close(after[n].lora_B, B, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(again(_ids()), want, rtol=1e-5, atol=1e-5)
+
+
+def test_zoo_gpt_c_attn_without_block_structure_still_loads_exactly(tmp_path):
+    # save_peft_adapter's record of how q/k/v were packed is only used while B is still block-diagonal
+    # that way; once PEFT trained the c_attn LoRA further, each of q/k/v gets A and its rows of B
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    base = _hf_dir(tmp_path / "base", "gpt2")
+    zoo = _zoo(base)
+    _inject(zoo, ["q_proj", "v_proj"], r=2, alpha=4)
+    _randomize_lora(zoo, 14)
+    lp.save_peft_adapter(zoo, str(tmp_path / "ad"))
+    f = str(tmp_path / "ad" / "adapter_model.safetensors")
+    with safe_open(f, "pt") as fh:
+        meta = fh.metadata()
+    w = load_file(f)
+    key = "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"
+    w[key] = torch.randn(w[key].shape, generator=torch.Generator().manual_seed(0)) * 0.1
+    save_file(w, f, metadata=meta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = peft.PeftModel.from_pretrained(_hf_base(base), str(tmp_path / "ad")).eval()(_ids()).logits
+    got = lp.load_peft_adapter(_zoo(base), str(tmp_path / "ad"))
+    assert got.h[0].attn.k_proj.r == 4 and got.h[1].attn.q_proj.r == 2 and isinstance(got.h[1].attn.k_proj, nn.Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(got(_ids()), want, rtol=1e-4, atol=1e-4)
+
+
+def test_hf_name_mapping_refuses_what_it_cannot_express(tmp_path):
+    base = _hf_dir(tmp_path / "base", "gpt2")
+    _peft_trained(base, tmp_path / "ad", target_modules=["c_attn"], r=4, lora_alpha=8)
+    # a c_attn LoRA for another width: its B rows do not split into this model's q/k/v
+    torch.manual_seed(0)
+    wide = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=101, n_positions=64, n_embd=48,
+                                                                 n_layer=2, n_head=4))
+    wide.save_pretrained(tmp_path / "wide")
+    model = _zoo(str(tmp_path / "wide"))
+    with pytest.raises(ValueError, match=r"transformer\.h\.\d\.attn\.c_attn\.lora_B has 96 output rows"):
+        lp.load_peft_adapter(model, str(tmp_path / "ad"))
+    assert not lp.lora_modules(model)  # nothing half-loaded
+    # an HF c_attn LoRA into a zoo model whose q/k/v LoRAs have another rank
+    zoo = _zoo(base)
+    _inject(zoo, ["q_proj", "k_proj", "v_proj"], r=2, alpha=8)
+    with pytest.raises(ValueError, match=r"h\.0\.attn\.q_proj \(from transformer\.h\.0\.attn\.c_attn .*rank 2"):
+        lp.load_peft_adapter(zoo, str(tmp_path / "ad"))
+    # a zoo LoRA that has no place in the HF model (inside an Adapter wrapper)
+    zoo = _zoo(base)
+    lp.add_adapters(zoo, ["mlp"], d=32, r=4)
+    lp.inject_lora(zoo, ["up_proj"], r=2, alpha=2)
+    with pytest.raises(ValueError, match=r"h\.0\.mlp\.module\.up_proj has no counterpart"):
+        lp.save_peft_adapter(zoo, str(tmp_path / "x"))
+    lp.save_peft_adapter(zoo, str(tmp_path / "x"), hf_names=False)  # its own names are fine

@@ -5,6 +5,8 @@ backend="llmkern"  llmkern.attention / llmkern.attention_with_kvcache when llmke
                    is importable; otherwise SDPA, with a one-time warning saying so.
 Layout everywhere: q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (SDPA's).
 """
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -136,6 +138,19 @@ def padded_linear(h, weight, multiple=HEAD_ALIGN):
     gradients; see ZooModel.head_logits for why)."""
     N = weight.shape[0]
     return F.linear(h, F.pad(weight, (0, 0, 0, -N % multiple)))[..., :N]
+
+
+class HFModule(NamedTuple):
+    """Where a zoo nn.Linear lives in the equivalent transformers model (see GPT/Llama.hf_module_names).
+
+    name    the module's name in GPT2LMHeadModel / LlamaForCausalLM
+    rows    None: the zoo layer is that whole module. A slice: the zoo layer is these output rows
+            of it (GPT-2's c_attn computes q, k and v in one layer: rows [0, d), [d, 2d), [2d, 3d))
+    conv1d  the HF module is a GPT-2 Conv1D (weight stored [in, out]; PEFT's fan_in_fan_out)
+    """
+    name: str
+    rows: Optional[slice] = None
+    conv1d: bool = False
 
 
 class ZooModel(torch.nn.Module):

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmkern.models._attn import ZooModel, attend, check_backend
+from llmkern.models._attn import HFModule, ZooModel, attend, check_backend
 from llmkern.models.configs import ModelConfig, get_config
 
 _ACT = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
@@ -89,6 +89,31 @@ class GPT(ZooModel):
         for name, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def hf_module_names(self):
+        """{zoo nn.Linear name: HFModule}: where each linear layer sits in transformers'
+        GPT2LMHeadModel (the same correspondence as from_hf's weight conversion):
+
+            h.{i}.attn.q_proj / k_proj / v_proj  transformer.h.{i}.attn.c_attn, output rows
+                                                 [0, d) / [d, 2d) / [2d, 3d) of the fused layer
+            h.{i}.attn.o_proj                    transformer.h.{i}.attn.c_proj
+            h.{i}.mlp.up_proj / down_proj        transformer.h.{i}.mlp.c_fc / mlp.c_proj
+            lm_head                              lm_head (an nn.Linear in HF too)
+
+        All but lm_head are Conv1D layers in HF (weight [in, out]). (llmkern.peft's PEFT
+        checkpoints use this to read and write HF names.)"""
+        cfg = self.config
+        q, kv = cfg.attn_dim, cfg.n_kv_head * cfg.head_dim  # GPT-2 itself: both n_embd
+        names = {"lm_head": HFModule("lm_head")}
+        for i in range(cfg.n_layer):
+            hf = f"transformer.h.{i}."
+            names[f"h.{i}.attn.q_proj"] = HFModule(hf + "attn.c_attn", slice(0, q), conv1d=True)
+            names[f"h.{i}.attn.k_proj"] = HFModule(hf + "attn.c_attn", slice(q, q + kv), conv1d=True)
+            names[f"h.{i}.attn.v_proj"] = HFModule(hf + "attn.c_attn", slice(q + kv, q + 2 * kv), conv1d=True)
+            names[f"h.{i}.attn.o_proj"] = HFModule(hf + "attn.c_proj", conv1d=True)
+            names[f"h.{i}.mlp.up_proj"] = HFModule(hf + "mlp.c_fc", conv1d=True)
+            names[f"h.{i}.mlp.down_proj"] = HFModule(hf + "mlp.c_proj", conv1d=True)
+        return names
 
     @staticmethod
     def _init_weights(m):

@@ -4,13 +4,16 @@
 
 Reads config.json and model.safetensors (or the shards listed in model.safetensors.index.json);
 no network, no transformers import. GPT-2's Conv1D weights ([in, out]) are transposed into
-nn.Linear layout and its fused c_attn is split into q/k/v.
+nn.Linear layout and its fused c_attn is split into q/k/v. The zoo models' hf_module_names() give the
+same correspondence per linear layer (zoo name -> HFModule(HF name, output rows, Conv1D or not)); the
+PEFT adapter reader/writer (llmkern.peft.load_peft_adapter / save_peft_adapter) uses it.
 """
 import json
 import os
 
 import torch
 
+from llmkern.models._attn import HFModule  # noqa: F401  (re-exported: the zoo <-> HF name table's entries)
 from llmkern.models.configs import ModelConfig, _check_rope_scaling
 from llmkern.models.gpt import GPT
 from llmkern.models.llama import Llama

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmkern.models._attn import ZooModel, attend, check_backend
+from llmkern.models._attn import HFModule, ZooModel, attend, check_backend
 from llmkern.models.configs import ModelConfig, get_config
 
 
@@ -132,6 +132,18 @@ class Llama(ZooModel):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+
+    def hf_module_names(self):
+        """{zoo nn.Linear name: HFModule}: where each linear layer sits in transformers'
+        LlamaForCausalLM. The names are the same, but HF keeps the decoder under `model.`:
+        layers.{i}.self_attn.q_proj here is model.layers.{i}.self_attn.q_proj there; lm_head is
+        lm_head in both. (llmkern.peft's PEFT checkpoints use this to read and write HF names.)"""
+        names = {"lm_head": HFModule("lm_head")}
+        for i in range(self.config.n_layer):
+            for sub in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+                names[f"layers.{i}.{sub}"] = HFModule(f"model.layers.{i}.{sub}")
+        return names
 
     def rope(self, pos, dtype):
         """cos, sin for positions pos ([T] or [B, T]): [T, D] or [B, 1, T, D]."""

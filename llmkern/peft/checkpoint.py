@@ -6,6 +6,7 @@ with keys ``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.
 ([out, r]), where <module> is the module's name inside the (unwrapped) base model.
 """
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -14,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from llmkern.peft.lora import LoRALinear, _freeze_non_lora, _set_submodule, lora_modules
+from llmkern.peft.lora import MAX_RANK, LoRALinear, _freeze_non_lora, _set_submodule, lora_modules
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -57,23 +58,95 @@ def _pattern_value(patterns, name, default):
     return default
 
 
-def _target_modules(model, names):
-    """PEFT's target_modules: the module-name suffixes when they select exactly `names`, else a
-    regex (PEFT full-matches a string against module names) listing them."""
+def _linear_names(model):
+    """Names of the model's linear layers (a LoRALinear counts, its base_layer does not)."""
+    lora_children = {n + ".base_layer" for n, _ in lora_modules(model)}
+    return {n for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, LoRALinear)) and n not in lora_children}
+
+
+def _target_modules(candidates, names):
+    """PEFT's target_modules: the module-name suffixes when they select exactly `names` among the
+    linear layers `candidates`, else a regex (PEFT full-matches a string against module names)
+    listing them."""
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    lora_children = {n + ".base_layer" for n in names}
-    linears = {n for n, m in model.named_modules()
-               if isinstance(m, (nn.Linear, LoRALinear)) and n not in lora_children}
-    selected = {n for n in linears if any(n == s or n.endswith("." + s) for s in suffixes)}
+    selected = {n for n in candidates if any(n == s or n.endswith("." + s) for s in suffixes)}
     if selected == set(names):
         return suffixes
     return "^(" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
 
 
+def _scaling(alpha, r, use_rslora):
+    """PEFT's (and LoRALinear's) scaling: alpha / r, alpha / sqrt(r) with rsLoRA."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def _hf_names(model):
+    """A zoo model's {zoo linear name: HFModule} (GPT/Llama.hf_module_names), None for other models."""
+    fn = getattr(model, "hf_module_names", None)
+    return fn() if callable(fn) else None
+
+
+# safetensors metadata entry in which save_peft_adapter records how it packed several zoo LoRAs into one
+# HF module's LoRA (GPT-2's c_attn = q, k, v): {HF name: [[zoo name, r, alpha], ...] in column order}, so
+# that load_peft_adapter can give back the separate LoRAs. PEFT ignores it.
+_FUSED_KEY = "llmkern.fused_lora"
+
+
+def _to_hf(mods, hf, use_rslora):
+    """The zoo model's LoRAs as PEFT LoRAs of the equivalent transformers model:
+    [(HF name, r, alpha, dropout, A, B)], the fused-module record, and whether a target is a Conv1D.
+
+    A zoo layer that is a whole HF module keeps its A, B, r and alpha. Zoo layers that are output rows
+    of one HF module (GPT-2's q/k/v in c_attn) become one LoRA of rank R = sum of their ranks:
+    A = concat(A_q, A_k, A_v) [R, in], B block-diagonal [out, R] (the rows of a projection without LoRA
+    are zero). PEFT applies one scaling s to it, taken as the first part's; each other block is
+    multiplied by its own scaling / s, so that every output row gets exactly its zoo update
+    s_p · B_p A_p x. alpha is set so that PEFT computes s for rank R (R·s, or sqrt(R)·s with rsLoRA).
+    """
+    groups = {}
+    for n, m in mods:
+        if n not in hf:
+            raise ValueError(f"save_peft_adapter: module {n} has no counterpart in the Hugging Face model; "
+                             f"save with hf_names=False to write the zoo's own module names")
+        groups.setdefault(hf[n].name, []).append((n, hf[n], m))
+    entries, fused = [], {}
+    for name, parts in groups.items():
+        if len(parts) == 1 and parts[0][1].rows is None:
+            _, _, m = parts[0]
+            entries.append((name, m.r, m.alpha, m.dropout, m.lora_A.detach(), m.lora_B.detach()))
+            continue
+        parts.sort(key=lambda p: p[1].rows.start)
+        out = max(h.rows.stop for h in hf.values() if h.name == name)
+        R = sum(m.r for _, _, m in parts)
+        s = parts[0][2].scaling
+        alpha = s * (math.sqrt(R) if use_rslora else R)
+        A = torch.cat([m.lora_A.detach() for _, _, m in parts])
+        B = A.new_zeros(out, R)
+        col = 0
+        for _, h, m in parts:
+            block = m.lora_B.detach()
+            if m.scaling != s:
+                block = (block.double() * (m.scaling / s)).to(B.dtype)
+            B[h.rows, col:col + m.r] = block
+            col += m.r
+        dropout = Counter(m.dropout for _, _, m in parts).most_common(1)[0][0]
+        entries.append((name, R, alpha, dropout, A, B))
+        fused[name] = [[n, m.r, m.alpha] for n, _, m in parts]
+    return entries, fused, any(hf[n].conv1d for n, _ in mods)
+
+
 def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None,
-                      task_type: Optional[str] = "CAUSAL_LM") -> None:
+                      task_type: Optional[str] = "CAUSAL_LM", hf_names: bool = True) -> None:
     """Write the model's LoRALinear adapters as a PEFT adapter directory (loadable by
-    ``peft.PeftModel.from_pretrained(base_model, path)``)."""
+    ``peft.PeftModel.from_pretrained(base_model, path)``).
+
+    For a zoo model (GPT, Llama) the modules are named as in the equivalent transformers model
+    (``hf_module_names()``: Llama's ``layers.0...`` is ``model.layers.0...``; GPT's q/k/v LoRAs become
+    one exact LoRA on GPT-2's fused ``c_attn``, with fan_in_fan_out=True for its Conv1D layers), so the
+    adapter loads into PEFT on ``LlamaForCausalLM`` / ``GPT2LMHeadModel``; ``hf_names=False`` writes the
+    zoo's own names. Other models: their own module names.
+    """
     from safetensors.torch import save_file
 
     mods = lora_modules(model)
@@ -83,17 +156,29 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     if len(rslora) != 1:
         raise ValueError("save_peft_adapter: PEFT's config has one use_rslora for all modules; "
                          "the model mixes rsLoRA and plain LoRA modules")
-    r = Counter(m.r for _, m in mods).most_common(1)[0][0]
-    alpha = Counter(m.alpha for _, m in mods).most_common(1)[0][0]
-    dropout = Counter(m.dropout for _, m in mods).most_common(1)[0][0]
-    rank_pattern = {n: m.r for n, m in mods if m.r != r}
-    alpha_pattern = {n: m.alpha for n, m in mods if m.alpha != alpha}
-    tensors = {}
+    use_rslora = rslora.pop()
     for n, m in mods:
         if m.merged:
             raise ValueError(f"module {n} is merged; unmerge() it before saving the adapter")
-        tensors[f"{_PREFIX}{n}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
-        tensors[f"{_PREFIX}{n}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+    hf = _hf_names(model) if hf_names else None
+    metadata = {"format": "pt"}
+    if hf is None:
+        entries = [(n, m.r, m.alpha, m.dropout, m.lora_A.detach(), m.lora_B.detach()) for n, m in mods]
+        candidates, fan_in_fan_out = _linear_names(model), False
+    else:
+        entries, fused, fan_in_fan_out = _to_hf(mods, hf, use_rslora)
+        candidates = {h.name for h in hf.values()}
+        if fused:
+            metadata[_FUSED_KEY] = json.dumps(fused)
+    r = Counter(e[1] for e in entries).most_common(1)[0][0]
+    alpha = Counter(e[2] for e in entries).most_common(1)[0][0]
+    dropout = Counter(e[3] for e in entries).most_common(1)[0][0]
+    rank_pattern = {n: er for n, er, *_ in entries if er != r}
+    alpha_pattern = {n: ea for n, _, ea, *_ in entries if ea != alpha}
+    tensors = {}
+    for n, _, _, _, A, B in entries:
+        tensors[f"{_PREFIX}{n}.lora_A.weight"] = A.contiguous().cpu()
+        tensors[f"{_PREFIX}{n}.lora_B.weight"] = B.contiguous().cpu()
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -101,12 +186,13 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
-        "target_modules": _target_modules(model, [n for n, _ in mods]),
-        "use_rslora": rslora.pop(),
+        "target_modules": _target_modules(candidates, [e[0] for e in entries]),
+        "use_rslora": use_rslora,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # GPT-2's Conv1D layers store their weight [in, out]; the LoRA A/B shapes are as for nn.Linear
+        "fan_in_fan_out": fan_in_fan_out,
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
@@ -114,21 +200,63 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
         "lora_bias": False,
     }
     os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata=metadata)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
 
 
 def _read_weights(path):
+    """(tensors, safetensors metadata)."""
     st = os.path.join(path, WEIGHTS_NAME)
     if os.path.exists(st):
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        return load_file(st)
+        with safe_open(st, framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(st), metadata
     binf = os.path.join(path, "adapter_model.bin")
     if os.path.exists(binf):
-        return torch.load(binf, map_location="cpu", weights_only=True)
+        return torch.load(binf, map_location="cpu", weights_only=True), {}
     raise FileNotFoundError(f"no {WEIGHTS_NAME} (or adapter_model.bin) in {path}")
+
+
+def _split_fused(path, name, A, B, alpha, use_rslora, parts, record):
+    """One HF module's LoRA (A [R, in], B [out, R], alpha) as LoRAs of the zoo layers that are row
+    blocks of it (parts: [(zoo name, HFModule)]): [(zoo name, A, B, r, alpha)], exact.
+
+    With save_peft_adapter's record of how it packed them (and B still block-diagonal that way), each
+    zoo layer gets back its own A rows, B block, r and alpha. Otherwise (e.g. a LoRA PEFT trained on
+    GPT-2's c_attn) every part gets the whole A, its rows of B, rank R and the same alpha:
+    B[rows] · A x is exactly what PEFT adds to those output rows.
+    """
+    out = max(h.rows.stop for _, h in parts)
+    if B.shape[0] != out:
+        raise ValueError(f"{path}: {name}.lora_B has {B.shape[0]} output rows, but {name} has {out} "
+                         f"({' + '.join(f'{zn}: {h.rows.stop - h.rows.start}' for zn, h in parts)})")
+    R = A.shape[0]
+    s = _scaling(alpha, R, use_rslora)
+    rows = dict(parts)
+    if record is not None:
+        names = [p[0] for p in record]
+        if (all(n in rows for n in names) and len(set(names)) == len(names)
+                and sum(p[1] for p in record) == R):
+            off_block = torch.ones(B.shape, dtype=torch.bool)
+            col = 0
+            for zn, r, _ in record:
+                off_block[rows[zn].rows, col:col + r] = False
+                col += r
+            if not B[off_block].any():
+                split, col = [], 0
+                for zn, r, a in record:
+                    Bp = B[rows[zn].rows, col:col + r]
+                    sp = _scaling(a, r, use_rslora)
+                    if sp != s:
+                        Bp = (Bp.double() * (s / sp)).to(B.dtype)
+                    split.append((zn, A[col:col + r], Bp, r, a))
+                    col += r
+                return split
+    return [(zn, A, B[h.rows], R, alpha) for zn, h in parts]
 
 
 def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> nn.Module:
@@ -141,12 +269,21 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     nn.Linear (DoRA, aLoRA and other variants, LoRA bias, embeddings, fan_in_fan_out Conv1D layers,
     modules_to_save, trainable tokens, PiSSA/OLoRA/CorDA/LoftQ-initialised adapters). With
     ``freeze_base`` every parameter except the LoRA A/B weights is frozen.
+
+    A zoo model (GPT, Llama) also takes adapters written for the equivalent transformers model
+    (``hf_module_names()``): PEFT on LlamaForCausalLM, or on GPT2LMHeadModel, whose ``c_attn`` LoRA
+    goes to the q/k/v layers exactly (each gets A and its rows of B) and whose fan_in_fan_out=True
+    only concerns the Conv1D base weight layout (A/B are as for nn.Linear). Nothing is changed
+    unless the whole checkpoint fits.
     """
     with open(os.path.join(path, CONFIG_NAME)) as f:
         config = json.load(f)
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise ValueError(f"{path}: peft_type must be LORA, got {config.get('peft_type')!r}")
+    hf = _hf_names(model)
     for flag, what in _UNSUPPORTED:
+        if flag == "fan_in_fan_out" and hf is not None:
+            continue  # zoo layers are nn.Linear; a GPT-2 Conv1D's LoRA A/B have nn.Linear's shapes
         if config.get(flag):
             raise ValueError(f"{path}: {flag}={config[flag]!r}: {what} adapters are not supported by "
                              f"llmkern.peft (only plain LoRA on nn.Linear)")
@@ -157,7 +294,7 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
                          f"LoRA with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)")
     if config.get("bias", "none") != "none":
         raise ValueError(f"{path}: bias={config['bias']!r} is not supported (only 'none')")
-    weights = _read_weights(path)
+    weights, metadata = _read_weights(path)
     pairs, base_weights = {}, {}
     for key, t in weights.items():
         m = _KEY.match(key)
@@ -174,43 +311,86 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         if name not in pairs:
             raise ValueError(f"{path}: unsupported key {_PREFIX}{name}.base_layer.weight (a base weight of a "
                              f"module without LoRA A/B weights)")
-    merged = [n for n, m in lora_modules(model) if m.merged and n in pairs]
-    if merged:
-        raise ValueError(f"{path}: module {merged[0]} is merged; unmerge_lora(model) before loading new adapter "
-                         f"weights into it (its weight would keep the old update)")
-    if freeze_base:
-        _freeze_non_lora(model)
+    use_rslora = bool(config.get("use_rslora", False))
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    records = json.loads(metadata.get(_FUSED_KEY, "{}")) if hf is not None else {}
+    by_hf = {}  # HF module name -> [(zoo name, HFModule)]
+    for zn, h in (hf or {}).items():
+        by_hf.setdefault(h.name, []).append((zn, h))
+
+    # 1. every checkpoint module -> (model module name, A, B, r, alpha, base weight), all checked
+    targets = {}
+
+    def add(name, source, A, B, r, alpha, W):
+        if name in targets:
+            raise ValueError(f"{path}: module {name} gets LoRA weights from both {targets[name][0]} and "
+                             f"{source} in the checkpoint")
+        targets[name] = (source, A, B, r, alpha, W)
+
     for name, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{path}: module {name} has only lora_{''.join(ab)}")
         A, B = ab["A"], ab["B"]
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{path}: module {name!r} from the checkpoint is not in the model") from None
         r = A.shape[0]
+        # rank_pattern / alpha_pattern name the modules as the checkpoint does
         if r != _pattern_value(config.get("rank_pattern"), name, r_default):
             raise ValueError(f"{path}: {name}.lora_A has rank {r}, config says "
                              f"{_pattern_value(config.get('rank_pattern'), name, r_default)}")
         alpha = _pattern_value(config.get("alpha_pattern"), name, alpha_default)
+        W = base_weights.get(name)
+        if hf is None or name in hf or name not in by_hf:  # the model's own name
+            add(name, name, A, B, r, alpha, W)
+            continue
+        parts = by_hf[name]  # an HF name
+        if len(parts) == 1 and parts[0][1].rows is None:
+            if W is not None and parts[0][1].conv1d:
+                raise ValueError(f"{path}: {name}.base_layer.weight: a base weight for a Conv1D module is not "
+                                 f"supported")
+            add(parts[0][0], name, A, B, r, alpha, W)
+            continue
+        if W is not None:
+            raise ValueError(f"{path}: {name}.base_layer.weight: {name} is split into "
+                             f"{', '.join(p[0] for p in parts)} in this model; its base weight cannot be loaded")
+        for zn, Ap, Bp, rp, ap in _split_fused(path, name, A, B, alpha, use_rslora, parts, records.get(name)):
+            add(zn, name, Ap, Bp, rp, ap, None)
+
+    for name, (source, A, B, r, alpha, W) in targets.items():
+        where = name if source == name else f"{name} (from {source} in the checkpoint)"
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: module {where!r} from the checkpoint is not in the model") from None
         if isinstance(mod, LoRALinear):
+            if mod.merged:
+                raise ValueError(f"{path}: module {name} is merged; unmerge_lora(model) before loading new adapter "
+                                 f"weights into it (its weight would keep the old update)")
             if mod.r != r:
-                raise ValueError(f"{path}: {name} has rank {mod.r}, checkpoint has {r}")
-            mod.alpha, mod.use_rslora = float(alpha), bool(config.get("use_rslora", False))
+                raise ValueError(f"{path}: {where} has rank {mod.r}, checkpoint has {r}")
+            layer = mod.base_layer
         elif isinstance(mod, nn.Linear):
-            mod = LoRALinear(mod, r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
-                             use_rslora=bool(config.get("use_rslora", False)), freeze_base=freeze_base)
-            _set_submodule(model, name, mod)
+            if not 1 <= r <= MAX_RANK:
+                raise ValueError(f"{path}: {where}: rank {r} is outside LoRALinear's 1..{MAX_RANK}")
+            layer = mod
         else:
             raise ValueError(f"{path}: module {name} is a {type(mod).__name__}, not an nn.Linear")
-        if A.shape != mod.lora_A.shape or B.shape != mod.lora_B.shape:
-            raise ValueError(f"{path}: {name}: checkpoint shapes A{tuple(A.shape)} B{tuple(B.shape)} do not "
-                             f"fit the layer (A{tuple(mod.lora_A.shape)} B{tuple(mod.lora_B.shape)})")
-        W = base_weights.get(name)
-        if W is not None and W.shape != mod.base_layer.weight.shape:
+        if tuple(A.shape) != (r, layer.in_features) or tuple(B.shape) != (layer.out_features, r):
+            raise ValueError(f"{path}: {where}: checkpoint shapes A{tuple(A.shape)} B{tuple(B.shape)} do not "
+                             f"fit the layer (A{(r, layer.in_features)} B{(layer.out_features, r)})")
+        if W is not None and W.shape != layer.weight.shape:
             raise ValueError(f"{path}: {name}.base_layer.weight has shape {tuple(W.shape)}, the layer's weight "
-                             f"is {tuple(mod.base_layer.weight.shape)}")
+                             f"is {tuple(layer.weight.shape)}")
+
+    # 2. load
+    if freeze_base:
+        _freeze_non_lora(model)
+    for name, (source, A, B, r, alpha, W) in targets.items():
+        mod = model.get_submodule(name)
+        if isinstance(mod, LoRALinear):
+            mod.alpha, mod.use_rslora = float(alpha), use_rslora
+        else:
+            mod = LoRALinear(mod, r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
+                             use_rslora=use_rslora, freeze_base=freeze_base)
+            _set_submodule(model, name, mod)
         with torch.no_grad():
             mod.lora_A.copy_(A)
             mod.lora_B.copy_(B)

@@ -12,6 +12,8 @@ from torch import nn
 
 from llmkern.ops.lora import lora_linear
 
+MAX_RANK = 256  # the largest r a LoRALinear takes
+
 
 class LoRALinear(nn.Module):
     """An ``nn.Linear`` with a LoRA update computed by ``llmkern.lora_linear`` (one fused op).
@@ -26,8 +28,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
-        if not isinstance(r, int) or not 1 <= r <= 256:
-            raise ValueError(f"r must be an int in 1..256, got {r!r}")
+        if not isinstance(r, int) or not 1 <= r <= MAX_RANK:
+            raise ValueError(f"r must be an int in 1..{MAX_RANK}, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.base_layer = base_layer
