@@ -524,6 +524,7 @@ class ColumnParallelLinear(_ParallelLinear):
                     device=base.weight.device, dtype=base.weight.dtype, **kw)
         p, r = layer.world_size, layer.rank
         segs = list(segments) if segments else [base.out_features]
+        layer.segments = segs  # (how the rows were sharded: llmkern.parallel.lora_state gathers by it)
         if sum(segs) != base.out_features:
             raise ValueError(f"from_linear: segments {segs} must sum to out_features={base.out_features}")
 

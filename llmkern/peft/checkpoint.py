@@ -10,6 +10,7 @@ import math
 import os
 import re
 from collections import Counter
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -81,6 +82,15 @@ def _scaling(alpha, r, use_rslora):
     return alpha / (math.sqrt(r) if use_rslora else r)
 
 
+def _is_parallel(module):
+    """Whether `module` is a ColumnParallelLinear / RowParallelLinear (llmkern.parallel)."""
+    try:
+        from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear
+    except ImportError:
+        return False
+    return isinstance(module, (ColumnParallelLinear, RowParallelLinear))
+
+
 def _hf_names(model):
     """A zoo model's {zoo linear name: HFModule} (GPT/Llama.hf_module_names), None for other models."""
     fn = getattr(model, "hf_module_names", None)
@@ -150,13 +160,16 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     from safetensors.torch import save_file
 
     mods = lora_modules(model)
-    if not mods:
-        raise ValueError("model has no LoRALinear modules to save (use inject_lora or load_peft_adapter)")
     rslora = {m.use_rslora for _, m in mods}
-    if len(rslora) != 1:
+    if len(rslora) > 1:
         raise ValueError("save_peft_adapter: PEFT's config has one use_rslora for all modules; "
                          "the model mixes rsLoRA and plain LoRA modules")
-    use_rslora = rslora.pop()
+    use_rslora = rslora.pop() if rslora else False
+    parallel, write, group = _parallel_lora(model, use_rslora)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    mods = sorted(mods + parallel, key=lambda nm: order[nm[0]])  # model order, as before
+    if not mods:
+        raise ValueError("model has no LoRALinear modules to save (use inject_lora or load_peft_adapter)")
     for n, m in mods:
         if m.merged:
             raise ValueError(f"module {n} is merged; unmerge() it before saving the adapter")
@@ -199,10 +212,40 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
         "use_dora": False,
         "lora_bias": False,
     }
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata=metadata)
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    if write:
+        os.makedirs(path, exist_ok=True)
+        save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata=metadata)
+        with open(os.path.join(path, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+    if group is not None:  # the other ranks return once the files are there
+        import torch.distributed as dist
+
+        dist.barrier(group=group)
+
+
+def _parallel_lora(model, use_rslora):
+    """The LoRA of a tensor-parallel model's sharded layers, gathered (a collective: every rank of
+    their group calls save_peft_adapter): ([(name, record like a LoRALinear)], whether this
+    process writes the files, the group). A sharded layer stores its scaling s only: alpha is
+    written as s·r (s·sqrt(r) with rsLoRA), which PEFT turns back into s."""
+    try:
+        from llmkern.parallel import lora_state
+    except ImportError:  # torch.distributed unavailable: no parallel layers either
+        return [], True, None
+    layers = lora_state.parallel_layers(model)
+    if not layers:
+        return [], True, None
+    write, group = lora_state.writer(layers)
+    out = []
+    for n, layer in layers:
+        if layer.lora_A is None:
+            continue
+        A, B = lora_state.gathered_lora(layer)
+        r = A.shape[0]
+        s = float(layer.lora_scaling)
+        out.append((n, SimpleNamespace(r=r, alpha=s * (math.sqrt(r) if use_rslora else r), scaling=s,
+                                       use_rslora=use_rslora, dropout=0.0, merged=False, lora_A=A, lora_B=B)))
+    return out, write, group
 
 
 def _read_weights(path):
@@ -371,6 +414,16 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
             if not 1 <= r <= MAX_RANK:
                 raise ValueError(f"{path}: {where}: rank {r} is outside LoRALinear's 1..{MAX_RANK}")
             layer = mod
+        elif _is_parallel(mod):  # a tensor-parallel layer: whole shapes checked, this rank's shard loaded
+            if mod.lora_A is None:
+                raise ValueError(f"{path}: {where} is a {type(mod).__name__} without LoRA parameters; inject "
+                                 f"LoRA (inject_lora) before tensor_parallelize, then load the adapter")
+            if mod.lora_A.shape[0] != r:
+                raise ValueError(f"{path}: {where} has rank {mod.lora_A.shape[0]}, checkpoint has {r}")
+            if W is not None:
+                raise ValueError(f"{path}: {name}.base_layer.weight: base weights of tensor-parallel layers "
+                                 f"cannot be loaded")
+            layer = mod
         else:
             raise ValueError(f"{path}: module {name} is a {type(mod).__name__}, not an nn.Linear")
         if tuple(A.shape) != (r, layer.in_features) or tuple(B.shape) != (layer.out_features, r):
@@ -385,6 +438,15 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         _freeze_non_lora(model)
     for name, (source, A, B, r, alpha, W) in targets.items():
         mod = model.get_submodule(name)
+        if _is_parallel(mod):
+            from llmkern.parallel import lora_state
+
+            A_shard, B_shard = lora_state.shard_of(mod, A, B)
+            with torch.no_grad():
+                mod.lora_A.copy_(A_shard)
+                mod.lora_B.copy_(B_shard)
+            mod.lora_scaling = _scaling(alpha, r, use_rslora)
+            continue
         if isinstance(mod, LoRALinear):
             mod.alpha, mod.use_rslora = float(alpha), use_rslora
         else:

@@ -148,7 +148,9 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
 def _freeze_non_lora(model: nn.Module):
     """requires_grad=False on every parameter except the LoRA A/B weights of LoRALinear modules
     (those the model already has keep their state)."""
-    keep = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)}
+    # (tensor-parallel layers hold their LoRA shards as lora_A / lora_B parameters too)
+    keep = {id(p) for m in model.modules() for p in (getattr(m, "lora_A", None), getattr(m, "lora_B", None))
+            if isinstance(p, nn.Parameter)}
     for p in model.parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
