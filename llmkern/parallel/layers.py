@@ -359,6 +359,16 @@ def _row_apply(*args):
 
 # ---- modules ------------------------------------------------------------------------------------
 
+def column_rows(t, segments, p, r):
+    """Rank r's rows of t (dim 0) under column sharding: its 1/p of every segment, in order."""
+    parts, lo = [], 0
+    for n in segments:
+        k = n // p
+        parts.append(t[lo + r * k: lo + (r + 1) * k])
+        lo += n
+    return torch.cat(parts, 0)
+
+
 def _check_divisible(size, p, what):
     if size % p:
         raise ValueError(f"{what}={size} is not divisible by the tensor-parallel world size {p}")
@@ -528,14 +538,11 @@ class ColumnParallelLinear(_ParallelLinear):
         if sum(segs) != base.out_features:
             raise ValueError(f"from_linear: segments {segs} must sum to out_features={base.out_features}")
 
+        for n in segs:
+            _check_divisible(n, p, "ColumnParallelLinear.from_linear: segment size")
+
         def rows(t):
-            parts, lo = [], 0
-            for n in segs:
-                _check_divisible(n, p, "ColumnParallelLinear.from_linear: segment size")
-                k = n // p
-                parts.append(t[lo + r * k: lo + (r + 1) * k])
-                lo += n
-            return torch.cat(parts, 0).detach().clone()
+            return column_rows(t, segs, p, r).detach().clone()
 
         with torch.no_grad():
             layer.weight.copy_(rows(base.weight))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from llmkern.parallel import comm
-from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear, column_rows
 
 
 def parallel_layers(model: nn.Module):
@@ -47,12 +47,7 @@ def shard_of(layer, A, B):
     if isinstance(layer, RowParallelLinear):
         k = layer.in_features // p
         return A[:, r * k:(r + 1) * k], B
-    parts, lo = [], 0
-    for n in _segments(layer):
-        k = n // p
-        parts.append(B[lo + r * k: lo + (r + 1) * k])
-        lo += n
-    return A, torch.cat(parts, 0)
+    return A, column_rows(B, _segments(layer), p, r)
 
 
 def writer(layers):

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from llmkern.peft.lora import MAX_RANK, LoRALinear, _freeze_non_lora, _set_submodule, lora_modules
+from llmkern.peft.lora import MAX_RANK, LoRALinear, _freeze_non_lora, _set_submodule, lora_modules, lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -75,11 +75,6 @@ def _target_modules(candidates, names):
     if selected == set(names):
         return suffixes
     return "^(" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
-
-
-def _scaling(alpha, r, use_rslora):
-    """PEFT's (and LoRALinear's) scaling: alpha / r, alpha / sqrt(r) with rsLoRA."""
-    return alpha / (math.sqrt(r) if use_rslora else r)
 
 
 def _is_parallel(module):
@@ -278,7 +273,7 @@ def _split_fused(path, name, A, B, alpha, use_rslora, parts, record):
         raise ValueError(f"{path}: {name}.lora_B has {B.shape[0]} output rows, but {name} has {out} "
                          f"({' + '.join(f'{zn}: {h.rows.stop - h.rows.start}' for zn, h in parts)})")
     R = A.shape[0]
-    s = _scaling(alpha, R, use_rslora)
+    s = lora_scaling(alpha, R, use_rslora)
     rows = dict(parts)
     if record is not None:
         names = [p[0] for p in record]
@@ -293,7 +288,7 @@ def _split_fused(path, name, A, B, alpha, use_rslora, parts, record):
                 split, col = [], 0
                 for zn, r, a in record:
                     Bp = B[rows[zn].rows, col:col + r]
-                    sp = _scaling(a, r, use_rslora)
+                    sp = lora_scaling(a, r, use_rslora)
                     if sp != s:
                         Bp = (Bp.double() * (s / sp)).to(B.dtype)
                     split.append((zn, A[col:col + r], Bp, r, a))
@@ -445,7 +440,7 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
             with torch.no_grad():
                 mod.lora_A.copy_(A_shard)
                 mod.lora_B.copy_(B_shard)
-            mod.lora_scaling = _scaling(alpha, r, use_rslora)
+            mod.lora_scaling = lora_scaling(alpha, r, use_rslora)
             continue
         if isinstance(mod, LoRALinear):
             mod.alpha, mod.use_rslora = float(alpha), use_rslora

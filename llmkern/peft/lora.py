@@ -15,6 +15,11 @@ from llmkern.ops.lora import lora_linear
 MAX_RANK = 256  # the largest r a LoRALinear takes
 
 
+def lora_scaling(alpha, r, use_rslora=False) -> float:
+    """PEFT's LoRA scaling: alpha / r, alpha / sqrt(r) with rsLoRA."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
 class LoRALinear(nn.Module):
     """An ``nn.Linear`` with a LoRA update computed by ``llmkern.lora_linear`` (one fused op).
 
@@ -47,7 +52,7 @@ class LoRALinear(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return lora_scaling(self.alpha, self.r, self.use_rslora)
 
     @property
     def weight(self):
