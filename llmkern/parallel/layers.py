@@ -40,6 +40,7 @@ import torch.nn as nn
 
 from llmkern._backend import warn_once
 from llmkern.parallel import comm
+from llmkern.peft.lora import lora_scaling
 
 OVERLAPS = ("none", "ring")
 TRANSPORTS = ("p2p", "collective")  # how overlap="ring" moves its pieces (see comm)
@@ -432,6 +433,24 @@ def _lora_parts(module):
     return base, A, B, float(s)
 
 
+def _lora_alpha(module, r, s):
+    """(alpha, use_rslora) of a LoRA wrapper whose scaling is s (LoRALinear's .alpha/.use_rslora, PEFT's
+    .lora_alpha dict), or (None, None) when it does not say or they do not give back s exactly."""
+    alpha = getattr(module, "alpha", getattr(module, "lora_alpha", None))
+    if isinstance(alpha, dict):  # PEFT: per adapter; _lora_parts took the active one's factors
+        active = getattr(module, "active_adapter", "default")
+        if isinstance(active, (list, tuple)):
+            active = active[0] if active else "default"
+        alpha = alpha.get(active, alpha.get("default"))
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        return None, None
+    flag = getattr(module, "use_rslora", None)
+    for rs in ((bool(flag),) if isinstance(flag, bool) else (False, True)):
+        if lora_scaling(alpha, r, rs) == s:
+            return alpha, rs
+    return None, None
+
+
 def _check_lora_state(module):
     """Wrapper states a sharded LoRA layer cannot reproduce: raise rather than compute otherwise."""
     name = type(module).__name__
@@ -464,6 +483,9 @@ class _ParallelLinear(nn.Module):
             raise ValueError(f"{type(self).__name__}: chunks and pieces must be >= 1, got {chunks!r}, {pieces!r}")
         self.lora_A = self.lora_B = None
         self.lora_scaling = 1.0
+        # the wrapper's lora_alpha / use_rslora when known (from_linear, load_peft_adapter): lets
+        # save_peft_adapter write the unsharded model's alpha; None: recovered from lora_scaling
+        self.lora_alpha = self.lora_use_rslora = None
 
     def _cfg(self):
         return _Cfg(self.group, self.world_size, self.overlap, self.sequence_parallel, self.lora_scaling,
@@ -555,6 +577,7 @@ class ColumnParallelLinear(_ParallelLinear):
             layer.lora_A = nn.Parameter(A.detach().clone(), requires_grad=A.requires_grad)  # replicated
             layer.lora_B = nn.Parameter(rows(B), requires_grad=B.requires_grad)
             layer.lora_scaling = s
+            layer.lora_alpha, layer.lora_use_rslora = _lora_alpha(linear, A.shape[0], s)
         return layer
 
 
@@ -617,4 +640,5 @@ class RowParallelLinear(_ParallelLinear):
             layer.lora_A = nn.Parameter(A[:, r * k:(r + 1) * k].detach().clone(), requires_grad=A.requires_grad)
             layer.lora_B = nn.Parameter(B.detach().clone(), requires_grad=B.requires_grad)  # replicated
             layer.lora_scaling = s
+            layer.lora_alpha, layer.lora_use_rslora = _lora_alpha(linear, A.shape[0], s)
         return layer

@@ -6,11 +6,20 @@ of lora_A [r, in/p] and the full lora_B [out, r]. llmkern.peft's PEFT checkpoint
 them (a collective: every rank of the layer's group calls it) and its reader copies each rank's
 shard back, so an adapter trained under tensor parallelism saves the same files as the
 unsharded model and loads into either.
+
+A sharded layer's scale is its ``lora_scaling``; its ``lora_alpha`` / ``lora_use_rslora`` (recorded by
+``from_linear`` from the LoRA wrapper, and by the loader) are what the writer puts in the config when
+they still give back that scaling exactly; otherwise the writer derives alpha from the scaling
+(``alpha_for``).
 """
+import math
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from llmkern.parallel import comm
+from llmkern.peft.lora import lora_scaling
 from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear, column_rows
 
 
@@ -58,6 +67,47 @@ def writer(layers):
         raise ValueError("the model's tensor-parallel layers use several process groups; saving their LoRA "
                          "needs one group")
     group = next(iter(groups.values()))
-    import torch.distributed as dist
-
     return dist.get_rank() == comm.global_rank(group, 0), group
+
+
+def recorded_rslora(layer):
+    """The layer's recorded use_rslora when its recorded alpha still gives its scaling, else None."""
+    alpha, rs = getattr(layer, "lora_alpha", None), getattr(layer, "lora_use_rslora", None)
+    if alpha is None or rs is None or layer.lora_A is None:
+        return None
+    return bool(rs) if lora_scaling(alpha, layer.lora_A.shape[0], rs) == float(layer.lora_scaling) else None
+
+
+def alpha_for(layer, r, use_rslora):
+    """The lora_alpha to write for a sharded layer of rank r so that a reader computing
+    alpha / r (alpha / sqrt(r) with use_rslora) gets exactly its lora_scaling s: the recorded alpha
+    when it does, else s·r (s·sqrt(r)) or one of its nearest floats. ValueError if none does."""
+    s = float(layer.lora_scaling)
+    rec, rs = getattr(layer, "lora_alpha", None), getattr(layer, "lora_use_rslora", None)
+    if rec is not None and rs is not None and bool(rs) == use_rslora and lora_scaling(rec, r, use_rslora) == s:
+        return rec
+    a = s * (math.sqrt(r) if use_rslora else r)
+    cands = [a]
+    up = down = a
+    for _ in range(8):
+        up, down = math.nextafter(up, math.inf), math.nextafter(down, -math.inf)
+        cands += [up, down]
+    for c in cands:
+        if math.isfinite(c) and lora_scaling(c, r, use_rslora) == s:
+            return c
+    raise ValueError(f"no lora_alpha gives back the scaling {s!r} of a rank-{r} layer exactly "
+                     f"(use_rslora={use_rslora})")
+
+
+def finish_write(group, error):
+    """After the writing rank tried to write (error: the exception it raised, or None; other ranks pass
+    None): every rank returns once the files are there, or raises. One small all-reduce over `group`
+    instead of a barrier, so that a failed write does not leave the other ranks waiting."""
+    dev = comm._meta_device(None, group)
+    flag = torch.tensor([1 if error is not None else 0], dtype=torch.int64, device=dev)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if error is not None:
+        raise error
+    if flag.item():
+        raise RuntimeError("save_peft_adapter: the writing rank (global rank 0 of the tensor-parallel group) "
+                           "failed to write the adapter; see its error")

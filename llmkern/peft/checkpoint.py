@@ -60,10 +60,11 @@ def _pattern_value(patterns, name, default):
 
 
 def _linear_names(model):
-    """Names of the model's linear layers (a LoRALinear counts, its base_layer does not)."""
+    """Names of the model's linear layers (a LoRALinear or a tensor-parallel layer counts, a
+    LoRALinear's base_layer does not)."""
     lora_children = {n + ".base_layer" for n, _ in lora_modules(model)}
     return {n for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, LoRALinear)) and n not in lora_children}
+            if (isinstance(m, (nn.Linear, LoRALinear)) or _is_parallel(m)) and n not in lora_children}
 
 
 def _target_modules(candidates, names):
@@ -151,11 +152,24 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     one exact LoRA on GPT-2's fused ``c_attn``, with fan_in_fan_out=True for its Conv1D layers), so the
     adapter loads into PEFT on ``LlamaForCausalLM`` / ``GPT2LMHeadModel``; ``hf_names=False`` writes the
     zoo's own names. Other models: their own module names.
+
+    Tensor parallelism (``llmkern.parallel.tensor_parallelize``): on a model whose layers are
+    ColumnParallelLinear / RowParallelLinear with LoRA shards this is a collective. EVERY rank of the
+    layers' process group must call it (same model structure, same path); a rank that does not leaves
+    the others waiting until the group's timeout. Each layer's shards are all-gathered over its group
+    (lora_B rows of column layers, lora_A columns of row layers), and only global rank 0 of the group
+    writes: the same files the unsharded model with the same LoRA writes. Every rank returns once they
+    are written (or raises if rank 0 failed), so a following load on any rank sees them. The sharded
+    layers keep only their scaling s; r comes from the shapes; lora_alpha / use_rslora are the LoRA
+    wrapper's (recorded by ``from_linear`` / ``load_peft_adapter``) while they still give s exactly,
+    otherwise use_rslora is that of the model's other LoRA modules (False if none) and alpha is s·r
+    (s·sqrt(r) with rsLoRA), nudged to a neighbouring float if needed so that PEFT's alpha / r gives
+    back exactly s. Layers sharded without LoRA are not part of the adapter.
     """
     from safetensors.torch import save_file
 
     mods = lora_modules(model)
-    rslora = {m.use_rslora for _, m in mods}
+    rslora = {m.use_rslora for _, m in mods} | _parallel_rslora(model)
     if len(rslora) > 1:
         raise ValueError("save_peft_adapter: PEFT's config has one use_rslora for all modules; "
                          "the model mixes rsLoRA and plain LoRA modules")
@@ -164,7 +178,8 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     mods = sorted(mods + parallel, key=lambda nm: order[nm[0]])  # model order, as before
     if not mods:
-        raise ValueError("model has no LoRALinear modules to save (use inject_lora or load_peft_adapter)")
+        raise ValueError("model has no LoRALinear modules to save (use inject_lora or load_peft_adapter; under "
+                         "tensor parallelism inject_lora before tensor_parallelize)")
     for n, m in mods:
         if m.merged:
             raise ValueError(f"module {n} is merged; unmerge() it before saving the adapter")
@@ -207,22 +222,38 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
         "use_dora": False,
         "lora_bias": False,
     }
+    error = None
     if write:
-        os.makedirs(path, exist_ok=True)
-        save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata=metadata)
-        with open(os.path.join(path, CONFIG_NAME), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-    if group is not None:  # the other ranks return once the files are there
-        import torch.distributed as dist
+        try:
+            os.makedirs(path, exist_ok=True)
+            save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata=metadata)
+            with open(os.path.join(path, CONFIG_NAME), "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+        except Exception as exc:
+            if group is None:
+                raise
+            error = exc
+    if group is not None:  # every rank returns once the files are there (or raises if the write failed)
+        from llmkern.parallel import lora_state
 
-        dist.barrier(group=group)
+        lora_state.finish_write(group, error)
+
+
+def _parallel_rslora(model):
+    """{use_rslora} recorded by the model's tensor-parallel LoRA layers (those whose record still holds)."""
+    try:
+        from llmkern.parallel import lora_state
+    except ImportError:
+        return set()
+    flags = {lora_state.recorded_rslora(m) for _, m in lora_state.parallel_layers(model)}
+    return flags - {None}
 
 
 def _parallel_lora(model, use_rslora):
     """The LoRA of a tensor-parallel model's sharded layers, gathered (a collective: every rank of
     their group calls save_peft_adapter): ([(name, record like a LoRALinear)], whether this
-    process writes the files, the group). A sharded layer stores its scaling s only: alpha is
-    written as s·r (s·sqrt(r) with rsLoRA), which PEFT turns back into s."""
+    process writes the files, the group). alpha: lora_state.alpha_for (PEFT's alpha / r, or
+    alpha / sqrt(r), gives back the layer's scaling exactly)."""
     try:
         from llmkern.parallel import lora_state
     except ImportError:  # torch.distributed unavailable: no parallel layers either
@@ -231,14 +262,13 @@ def _parallel_lora(model, use_rslora):
     if not layers:
         return [], True, None
     write, group = lora_state.writer(layers)
+    with_lora = [(n, layer) for n, layer in layers if layer.lora_A is not None]
+    # (alphas first: an error raises on every rank before any collective)
+    alphas = [lora_state.alpha_for(layer, layer.lora_A.shape[0], use_rslora) for _, layer in with_lora]
     out = []
-    for n, layer in layers:
-        if layer.lora_A is None:
-            continue
+    for (n, layer), alpha in zip(with_lora, alphas):
         A, B = lora_state.gathered_lora(layer)
-        r = A.shape[0]
-        s = float(layer.lora_scaling)
-        out.append((n, SimpleNamespace(r=r, alpha=s * (math.sqrt(r) if use_rslora else r), scaling=s,
+        out.append((n, SimpleNamespace(r=A.shape[0], alpha=alpha, scaling=float(layer.lora_scaling),
                                        use_rslora=use_rslora, dropout=0.0, merged=False, lora_A=A, lora_B=B)))
     return out, write, group
 
@@ -313,6 +343,14 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     goes to the q/k/v layers exactly (each gets A and its rows of B) and whose fan_in_fan_out=True
     only concerns the Conv1D base weight layout (A/B are as for nn.Linear). Nothing is changed
     unless the whole checkpoint fits.
+
+    Tensor parallelism: a ColumnParallelLinear / RowParallelLinear named in the checkpoint must already
+    carry LoRA parameters of the checkpoint's rank (``inject_lora`` before ``tensor_parallelize``); each
+    rank copies its shard of A and B into it (no communication: call it on every rank, each reads the
+    files) and sets its scaling from lora_alpha / r / use_rslora / rank_pattern / alpha_pattern.
+    lora_dropout is not applied by sharded layers (as for existing LoRALinear modules, their dropout is
+    left as it is). A sharded layer without LoRA, another rank, or shapes that do not fit raise
+    ValueError naming the module, before anything is changed.
     """
     with open(os.path.join(path, CONFIG_NAME)) as f:
         config = json.load(f)
@@ -358,6 +396,7 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
 
     # 1. every checkpoint module -> (model module name, A, B, r, alpha, base weight), all checked
     targets = {}
+    shards = {}  # tensor-parallel layers: name -> this rank's (A, B) shard
 
     def add(name, source, A, B, r, alpha, W):
         if name in targets:
@@ -424,6 +463,15 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         if tuple(A.shape) != (r, layer.in_features) or tuple(B.shape) != (layer.out_features, r):
             raise ValueError(f"{path}: {where}: checkpoint shapes A{tuple(A.shape)} B{tuple(B.shape)} do not "
                              f"fit the layer (A{(r, layer.in_features)} B{(layer.out_features, r)})")
+        if _is_parallel(mod):
+            from llmkern.parallel import lora_state
+
+            A_shard, B_shard = lora_state.shard_of(mod, A, B)
+            if A_shard.shape != mod.lora_A.shape or B_shard.shape != mod.lora_B.shape:
+                raise ValueError(f"{path}: {where}: this rank's shards A{tuple(A_shard.shape)} B{tuple(B_shard.shape)} "
+                                 f"of the checkpoint do not fit the {type(mod).__name__}'s LoRA parameters "
+                                 f"A{tuple(mod.lora_A.shape)} B{tuple(mod.lora_B.shape)}")
+            shards[name] = (A_shard, B_shard)
         if W is not None and W.shape != layer.weight.shape:
             raise ValueError(f"{path}: {name}.base_layer.weight has shape {tuple(W.shape)}, the layer's weight "
                              f"is {tuple(layer.weight.shape)}")
@@ -433,14 +481,13 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         _freeze_non_lora(model)
     for name, (source, A, B, r, alpha, W) in targets.items():
         mod = model.get_submodule(name)
-        if _is_parallel(mod):
-            from llmkern.parallel import lora_state
-
-            A_shard, B_shard = lora_state.shard_of(mod, A, B)
+        if name in shards:  # a tensor-parallel layer: this rank's shard
+            A_shard, B_shard = shards[name]
             with torch.no_grad():
                 mod.lora_A.copy_(A_shard)
                 mod.lora_B.copy_(B_shard)
             mod.lora_scaling = lora_scaling(alpha, r, use_rslora)
+            mod.lora_alpha, mod.lora_use_rslora = alpha, use_rslora
             continue
         if isinstance(mod, LoRALinear):
             mod.alpha, mod.use_rslora = float(alpha), use_rslora
