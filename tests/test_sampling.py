@@ -397,3 +397,146 @@ def test_fallback_warning_inside_torch_compile(monkeypatch):
     f = torch.compile(lambda t: llmkern.sample(t, top_k=5, seed=3), fullgraph=True, backend="eager")
     assert torch.equal(f(x), llmkern.sample(x, top_k=5, seed=3))
     torch._dynamo.reset()
+
+
+# ---- audit regressions ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,value", [
+    ("top_k", torch.tensor([True, False])), ("temperature", torch.tensor([True, True])),
+    ("top_p", torch.tensor([0.5 + 1j, 0.5])), ("seed", torch.tensor([True, False])),
+])
+def test_bool_and_complex_parameter_tensors_are_refused(name, value):
+    """A bool tensor was read as 0/1 (a Python bool is refused), a complex one lost its imaginary part."""
+    with pytest.raises(TypeError, match=name):
+        llmkern.sample(torch.randn(2, 10), **{name: value})
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.complex64])
+def test_bool_and_complex_logit_bias_are_refused(dtype):
+    with pytest.raises(TypeError, match="logit_bias"):
+        llmkern.sample(torch.randn(2, 10), logit_bias=torch.zeros(10, dtype=dtype))
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=float("inf")), dict(temperature=torch.tensor([1.0, float("inf")])),
+                                dict(repetition_penalty=float("inf"))])
+def test_infinite_temperature_and_repetition_penalty_are_refused(kw):
+    """temperature=inf turned a +inf logit (the token that must win) into NaN, then -inf: the kernel
+    drew another token and the reference returned a NaN logprob."""
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        llmkern.sample(torch.tensor([[1.0, float("inf"), 2.0], [1.0, 3.0, 2.0]]), **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(presence_penalty=float("inf")), dict(frequency_penalty=float("inf"))])
+def test_infinite_presence_frequency_penalty_bans_only_seen_tokens(kw):
+    """inf * 0 was NaN for every unseen token: the whole row became invalid instead of banning the
+    tokens already seen."""
+    x = torch.tensor([[1.0, 5.0, 2.0], [1.0, 3.0, 2.0]])
+    prev = torch.tensor([[1, -1], [1, 2]])
+    for backend in ("cpu", "reference"):
+        tok, valid = llmkern.sample(x, prev_tokens=prev, temperature=0, return_valid=True, **kw) if backend == "cpu" \
+            else _ref_penalised_greedy(x, prev, **kw)
+        assert valid.all() and tok.tolist() == [2, 0], backend
+    pen = ref.apply_penalties(x, prev, torch.ones(2), torch.full((2,), kw.get("presence_penalty", 0.0)),
+                              torch.full((2,), kw.get("frequency_penalty", 0.0)))
+    assert pen[0].tolist() == [1.0, float("-inf"), 2.0] and pen[1].tolist() == [1.0, float("-inf"), float("-inf")]
+
+
+def _ref_penalised_greedy(x, prev, **kw):
+    import os
+    old = os.environ.get("LLMKERN_BACKEND")
+    os.environ["LLMKERN_BACKEND"] = "reference"
+    try:
+        return llmkern.sample(x, prev_tokens=prev, temperature=0, return_valid=True, **kw)
+    finally:
+        if old is None:
+            del os.environ["LLMKERN_BACKEND"]
+        else:
+            os.environ["LLMKERN_BACKEND"] = old
+
+
+def test_reference_keeps_the_top_token_when_top_p_rounds_to_zero():
+    """top_p=1e-50 is in (0, 1] but rounds to 0 in float32: the kernel keeps the top token (HF's and
+    vLLM's limit), the reference kept nothing (filter) or failed with a math domain error (sample)."""
+    x = torch.tensor([[1.0, 5.0, 2.0], [1.0, 3.0, 3.0]])
+    zero_p = torch.zeros(2)
+    expected = torch.tensor([[float("-inf"), 5.0, float("-inf")], [float("-inf"), 3.0, 3.0]])
+    assert torch.equal(ref.filter_logits(x, torch.zeros(2, dtype=torch.long), zero_p, torch.zeros(2)), expected)
+    assert torch.equal(llmkern.top_k_top_p_filter(x, top_p=1e-50), expected)
+    tok, lp, valid = ref_sample(x, 1.0, 0, zero_p, 0.0, 0, 0)
+    assert tok[0] == 1 and tok[1] in (1, 2) and valid.all()
+    torch.testing.assert_close(lp, torch.tensor([0.0, -math.log(2.0)]))
+    ktok, klp = llmkern.sample(x, top_p=1e-50, seed=0, return_logprobs=True)
+    assert torch.equal(ktok, tok) and torch.allclose(klp, lp)
+
+
+@pytest.mark.parametrize("fv", [float("nan"), float("-inf"), -50.0])
+def test_hf_warper_float64_scores_exact(fv):
+    """float64 scores: the kept set is that of the float64 values (it was that of their float32
+    rounding: values equal in float32 were kept as ties), and a NaN filter_value filters (it left
+    the scores unchanged)."""
+    from llmkern.integrations.transformers import LlmkernSamplingWarper
+
+    x = torch.tensor([[1e-300, 2e-300, 0.0, -1e-300], [1.0, 1.0 + 1e-12, 0.5, 0.9]], dtype=torch.float64)
+    got = LlmkernSamplingWarper(top_k=1, filter_value=fv)(None, x.clone())
+    want = hf_logits.TopKLogitsWarper(1, filter_value=fv)(None, x.clone())
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+    if fv == float("-inf"):  # (HF's chain with a finite filter value gives the removed tokens mass)
+        x = torch.randn(3, 300, dtype=torch.float64)
+        got = LlmkernSamplingWarper(top_k=40, top_p=0.9, min_p=0.02)(None, x.clone())
+        want = hf_logits.MinPLogitsWarper(0.02)(None, hf_logits.TopPLogitsWarper(0.9)(
+            None, hf_logits.TopKLogitsWarper(40)(None, x.clone())))
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("fv", [float("-inf"), 0.0])
+def test_filter_gradient_is_that_of_hf_warpers(fv):
+    """Backward through the filter gave no gradient at all (no autograd kernel: a warning, grad None).
+    The gradient is HF's: that of the kept logits, zero for the removed ones."""
+    x = (torch.randn(3, 200) * 2).requires_grad_()
+    with torch.no_grad():
+        x[0, :3] = 10.0  # a tie at the top
+    w = torch.randn(3, 200)
+    ks = [20, 0, 5]
+    out = llmkern.top_k_top_p_filter(x, top_k=torch.tensor(ks), top_p=0.9, filter_value=fv)
+    (torch.where(out.isfinite(), out, torch.zeros_like(out)) * w).sum().backward()
+    xh = x.detach().clone().requires_grad_()
+    hout = torch.cat([hf_filter_grad(xh[r:r + 1], k, 0.9) for r, k in enumerate(ks)])
+    (torch.where(hout.isfinite(), hout, torch.zeros_like(hout)) * w).sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, xh.grad)
+    # a kept value equal to filter_value keeps its gradient
+    x2 = torch.tensor([[10.0, 10.0, 1.0, -3.0]], requires_grad=True)
+    llmkern.top_k_top_p_filter(x2, top_k=2, filter_value=10.0).sum().backward()
+    assert x2.grad.tolist() == [[1.0, 1.0, 0.0, 0.0]]
+    # 1-D input: the same gradient
+    x1 = x.detach()[1].clone().requires_grad_()
+    llmkern.top_k_top_p_filter(x1, top_p=0.9, filter_value=fv).mul(w[1]).sum().backward()
+    assert torch.equal(x1.grad, xh.grad[1])
+
+
+def hf_filter_grad(x, k, p):
+    if k:
+        x = hf_logits.TopKLogitsWarper(k)(None, x)
+    return hf_logits.TopPLogitsWarper(p)(None, x)
+
+
+def test_sample_logprobs_backward_raises():
+    x = torch.randn(2, 30, requires_grad=True)
+    tok, lp = llmkern.sample(x, seed=0, return_logprobs=True)  # sampling itself works
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        lp.sum().backward()
+
+
+def test_reference_processes_logits_in_float32_like_the_kernels():
+    """At a temperature so small that logits / T overflows float32 (documented: those logits become
+    +-inf and share the mass), the reference divided in float64 and drew the argmax while the kernel
+    drew among the overflowed logits: the oracle disagreed with the kernel."""
+    x = torch.tensor([[1.0, 5.0, 2.0], [1.0, 3.0, 2.0], [-1.0, -3.0, 0.0]])
+    seeds = torch.arange(3)
+    for t in (1e-40, 1e-30, 1e-6):
+        tok, lp, _ = llmkern.sample(x, temperature=t, seed=seeds, return_logprobs=True, return_valid=True)
+        rt, rlp, _ = ref_sample(x, t, 0, 1.0, 0.0, seeds, 0)
+        assert torch.equal(tok, rt), t
+        torch.testing.assert_close(lp, rlp)
+    rt, rlp, _ = ref_sample(x, 1e-40, 0, 1.0, 0.0, seeds, 0)
+    torch.testing.assert_close(rlp, torch.tensor([-math.log(3.0), -math.log(3.0), 0.0]))

@@ -93,6 +93,8 @@ def _row_param(name, value, B, device, dtype, lo, hi, lo_open=False, hi_open=Fal
             value = value.expand(B)
         if value.shape != (B,):
             raise ValueError(f"{name} must be a scalar or a tensor of shape [{B}], got {tuple(value.shape)}")
+        if value.dtype == torch.bool or value.is_complex():  # (a Python bool is refused too)
+            raise TypeError(f"{name} must be an integer or floating-point tensor, got {value.dtype}")
         if value.is_floating_point() and dtype == torch.int64:
             raise ValueError(f"{name} must be an integer tensor, got {value.dtype}")
         if value.device != device and value.device.type != "cpu":
@@ -147,6 +149,8 @@ def _side_tensor(name, t, B, V, device):
         raise ValueError(f"{name} must have shape [{V}] or [{B}, {V}], got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but logits are on {device}")
+    if name == "logit_bias" and (t.dtype == torch.bool or t.is_complex()):
+        raise TypeError(f"logit_bias must be a floating-point or integer tensor, got {t.dtype}")
     return t
 
 
@@ -205,11 +209,13 @@ def _sample_params(B, dev, *values):
             return hit
     f32, inf, chk = torch.float32, float("inf"), _RangeChecks()
     temperature, top_k, top_p, min_p, rep, pres, freq = values
-    out = (_row_param("temperature", temperature, B, dev, f32, 0.0, inf, checks=chk),
+    # (an infinite temperature or repetition penalty divides a +inf logit into NaN)
+    out = (_row_param("temperature", temperature, B, dev, f32, 0.0, inf, hi_open=True, checks=chk),
            _row_param("top_k", top_k, B, dev, torch.int64, 0, _INT64_MAX, checks=chk),
            _row_param("top_p", top_p, B, dev, f32, 0.0, 1.0, lo_open=True, checks=chk),
            _row_param("min_p", min_p, B, dev, f32, 0.0, 1.0, checks=chk),
-           _row_param("repetition_penalty", rep, B, dev, f32, 0.0, inf, lo_open=True, checks=chk),
+           _row_param("repetition_penalty", rep, B, dev, f32, 0.0, inf, lo_open=True, hi_open=True,
+                      checks=chk),
            _row_param("presence_penalty", pres, B, dev, f32, -inf, inf, checks=chk),
            _row_param("frequency_penalty", freq, B, dev, f32, -inf, inf, checks=chk))
     chk.verify()
@@ -328,6 +334,30 @@ def _register_fakes():
     @torch.library.register_fake("llmkern::top_k_top_p_filter")
     def _filter_fake(logits, top_k, top_p, min_p, filter_value):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    # Autograd (without it a backward silently gave no gradient): the filter passes the gradient of
+    # the kept logits through, like HF's masked_fill; the sampler's logprobs are not differentiable.
+    def _filter_setup(ctx, inputs, output):
+        logits, top_k, top_p, min_p, _ = inputs
+        ctx.save_for_backward(logits, top_k, top_p, min_p)
+
+    def _filter_backward(ctx, grad):
+        logits, top_k, top_p, min_p = ctx.saved_tensors
+        # kept <=> not replaced by a NaN filter value (a kept value equal to filter_value is still kept)
+        marked = torch.ops.llmkern.top_k_top_p_filter.default(logits.detach(), top_k, top_p, min_p,
+                                                              float("nan"))
+        kept = ~marked.isnan() | logits.isnan()
+        return torch.where(kept, grad, torch.zeros_like(grad)), None, None, None, None
+
+    def _sample_setup(ctx, inputs, output):
+        pass
+
+    def _sample_backward(ctx, *grads):
+        raise RuntimeError("llmkern.sample: the logprobs it returns are not differentiable; compute "
+                           "log_softmax of the processed logits at the sampled tokens for a gradient")
+
+    torch.library.register_autograd("llmkern::top_k_top_p_filter", _filter_backward, setup_context=_filter_setup)
+    torch.library.register_autograd("llmkern::sample", _sample_backward, setup_context=_sample_setup)
 
 
 _register_fakes()

@@ -52,20 +52,25 @@ def apply_penalties(logits, prev_tokens, repetition_penalty, presence_penalty, f
     rp = repetition_penalty.float().view(B, 1)
     penalised = torch.where(out < 0, out * rp, out / rp)
     out = torch.where(seen, penalised, out)
-    out = out - presence_penalty.float().view(B, 1) * seen.float()
-    out = out - frequency_penalty.float().view(B, 1) * counts
+    # only where seen: an infinite penalty times a zero count would be NaN
+    zero = torch.zeros((), dtype=out.dtype, device=out.device)
+    out = out - torch.where(seen, presence_penalty.float().view(B, 1), zero)
+    out = out - torch.where(seen, frequency_penalty.float().view(B, 1) * counts, zero)
     return out
 
 
 def _process(logits, temperature, bias, allowed):
-    y = logits.double()
+    # in float32, as the kernels (and as documented: a temperature so small that logits / T
+    # overflows float32 makes those logits +-inf)
+    y = logits.float()
     if bias is not None:
-        y = y + bias.double()
+        y = y + bias.float()
     if allowed is not None:
         y = y.masked_fill(~allowed.bool(), float("-inf"))
     y = torch.nan_to_num(y, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-    t = temperature.double().view(-1, 1)
-    return torch.where(t > 0, y / torch.where(t > 0, t, torch.ones_like(t)), y)
+    t = temperature.float().view(-1, 1)
+    y = torch.where(t > 0, y / torch.where(t > 0, t, torch.ones_like(t)), y)
+    return torch.nan_to_num(y, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")).double()
 
 
 def _keep_mask(y, top_k, top_p, min_p):
@@ -91,7 +96,8 @@ def _keep_mask(y, top_k, top_p, min_p):
             z = cum[-1]
             last_le = torch.searchsorted(asc, row, right=True) - 1  # last position holding <= v
             mass_above = z - cum[last_le]
-            keep[r] &= mass_above < p * z
+            # (the top group is always kept: p rounded to 0 in float32 keeps it, as the kernels do)
+            keep[r] &= (mass_above < p * z) | (mass_above == 0)
         mp = float(min_p[r])
         if mp > 0:
             keep[r] &= e >= mp

@@ -1,8 +1,11 @@
 """Hugging Face `generate()` glue for the sampling op: a logits warper running top-k, top-p and
 min-p in one sorting-free pass (llmkern.top_k_top_p_filter)."""
+import numbers
+
 import torch
 
-from llmkern.ops.sampling import top_k_top_p_filter
+from llmkern.ops.sampling import _sample_params, top_k_top_p_filter
+from llmkern.reference.sampling import filter_logits
 
 try:  # subclass HF's LogitsProcessor when transformers is installed, so LogitsProcessorList takes it
     from transformers.generation.logits_process import LogitsProcessor as _Base
@@ -21,8 +24,14 @@ class LlmkernSamplingWarper(_Base):
         self.top_k, self.top_p, self.min_p, self.filter_value = top_k, top_p, min_p, filter_value
 
     def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
-        if scores.dtype == torch.float64:  # (the kernels take 32/16-bit logits): the kept set of the
-            # float32 rounding, applied to the float64 scores
-            f = top_k_top_p_filter(scores.float(), self.top_k, self.top_p, self.min_p, self.filter_value)
-            return scores.masked_fill(f == self.filter_value, self.filter_value)
+        if scores.dtype == torch.float64:
+            # The kernels take 32/16-bit logits; float32 rounding would merge distinct scores into
+            # ties (both kept by top-k) and move overflowing ones to +-inf. The float64 reference
+            # (sorts per row: slower, exact) filters the float64 values themselves.
+            B = scores.shape[0]
+            _, k, p, mp, _, _, _ = _sample_params(B, scores.device, 1.0, self.top_k, self.top_p,
+                                                  self.min_p, 1.0, 0.0, 0.0)
+            if not isinstance(self.filter_value, numbers.Real):
+                raise TypeError(f"filter_value must be a number, got {type(self.filter_value).__name__}")
+            return filter_logits(scores, k, p, mp, float(self.filter_value))
         return top_k_top_p_filter(scores, self.top_k, self.top_p, self.min_p, self.filter_value)
