@@ -224,8 +224,10 @@ def test_llama3_rope_frequencies_cover_every_band_and_match_transformers(tmp_pat
 
 
 @pytest.mark.parametrize("rope, match", [
-    ({"rope_type": "dynamic", "factor": 2.0}, "rope_type 'dynamic' is not supported"),
-    ({"rope_type": "yarn", "factor": 2.0}, "rope_type 'yarn' is not supported"),
+    ({"rope_type": "longrope", "factor": 2.0}, "rope_type 'longrope' is not supported"),
+    ({"rope_type": "yarn", "factor": 2.0, "attention_factor": -1.0}, "attention_factor"),
+    ({"rope_type": "yarn", "factor": 2.0, "beta_fast": "fast"}, "beta_fast"),
+    ({"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
     ({"rope_type": "llama3", "factor": 8.0}, "low_freq_factor"),
     ({"rope_type": "linear", "factor": -1.0}, "factor"),
 ])
@@ -238,6 +240,176 @@ def test_from_hf_rope_scaling_it_cannot_express_raises(tmp_path, rope, match):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=match):
         from_hf(str(tmp_path))
+
+
+def _edit_config(path, fn):
+    import json
+
+    f = path / "config.json"
+    cfg = json.loads(f.read_text())
+    fn(cfg)
+    f.write_text(json.dumps(cfg))
+
+
+def _hf_from_disk(path, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_pretrained(str(path), **kw).eval()
+
+
+def _assert_same_logits(path, hf, T=17, tol=1e-5, **kw):
+    x = torch.randint(0, 101, (2, T))
+    with torch.no_grad():
+        want = hf(x).logits
+        for backend in ("torch", "llmkern"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                got = from_hf(str(path), backend=backend, **kw)(x)
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def _old_rope_layout(scaling, theta=50.0, **top):
+    """config.json edit: the pre-5.0 layout (top-level rope_theta, rope_scaling with "type")."""
+    def edit(cfg):
+        cfg.pop("rope_parameters", None)
+        cfg.update(rope_theta=theta, rope_scaling=scaling, **top)
+    return edit
+
+
+@pytest.mark.parametrize("case", ["rope_scaling-wins", "llama3-no-original", "llama3-top-level-original"])
+def test_from_hf_reads_rope_keys_as_transformers_does(tmp_path, case):
+    """Regressions: transformers takes a non-empty rope_scaling over rope_parameters (from_hf read
+    rope_parameters: other frequencies), fills a missing original_max_position_embeddings of llama3/yarn
+    from max_position_embeddings (from_hf refused), and lets a top-level original_max_position_embeddings
+    override the dict's (from_hf used the dict's: other frequencies)."""
+    _save_llama(tmp_path)
+    llama3 = {k: v for k, v in LLAMA3_ROPE.items() if k != "original_max_position_embeddings"}
+    edit = {"rope_scaling-wins": lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 50.0},
+                                                    rope_scaling={"rope_type": "linear", "factor": 4.0}),
+            "llama3-no-original": _old_rope_layout(llama3),
+            "llama3-top-level-original": _old_rope_layout(dict(llama3, original_max_position_embeddings=32),
+                                                          original_max_position_embeddings=16)}[case]
+    _edit_config(tmp_path, edit)
+    hf = _hf_from_disk(tmp_path)
+    assert torch.equal(from_hf(str(tmp_path), backend="torch").inv_freq, hf.model.rotary_emb.inv_freq)
+    _assert_same_logits(tmp_path, hf)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("case", ["different-lm-head", "only-lm-head"])
+def test_from_hf_tied_config_with_lm_head_in_checkpoint(tmp_path, arch, case):
+    """Regressions, tie_word_embeddings=True: transformers loads a checkpoint whose lm_head.weight differs
+    from the embedding untied (from_hf tied them: other logits), and ties the embedding to lm_head.weight
+    when the checkpoint holds only that (from_hf refused)."""
+    from safetensors.torch import load_file, save_file
+
+    _save_gpt2(tmp_path) if arch == "gpt2" else _save_llama(tmp_path, tie=True)
+    emb = "transformer.wte.weight" if arch == "gpt2" else "model.embed_tokens.weight"
+    f = str(tmp_path / "model.safetensors")
+    state = load_file(f)
+    if case == "different-lm-head":
+        state["lm_head.weight"] = torch.randn_like(state[emb])
+    else:
+        state["lm_head.weight"] = state.pop(emb)
+    save_file(state, f, metadata={"format": "pt"})
+    hf = _hf_from_disk(tmp_path)
+    _assert_same_logits(tmp_path, hf, tol=1e-4)
+    with pytest.warns(UserWarning, match="untied") if case == "different-lm-head" else warnings.catch_warnings():
+        m = from_hf(str(tmp_path), backend="torch")
+    assert m.config.tie_embeddings == (case == "only-lm-head")
+
+
+@pytest.mark.parametrize("change", [dict(activation_function="gelu_fast"), dict(activation_function="gelu_accurate"),
+                                    dict(activation_function="gelu_python"),
+                                    dict(activation_function="gelu_python_tanh"), dict(reorder_and_upcast_attn=True)],
+                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_from_hf_gpt2_equivalent_options_load(tmp_path, change):
+    """Regressions: transformers' other names of the tanh / erf GELU, and reorder_and_upcast_attn (which
+    only changes the precision of the attention scores), were refused."""
+    _save_gpt2(tmp_path)
+    _edit_config(tmp_path, lambda c: c.update(change))
+    _assert_same_logits(tmp_path, _hf_from_disk(tmp_path, attn_implementation="eager"), tol=1e-5)
+
+
+def test_from_hf_gpt2_missing_weight_names_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _save_gpt2(tmp_path)
+    f = str(tmp_path / "model.safetensors")
+    state = load_file(f)
+    del state["transformer.h.1.attn.c_attn.weight"]
+    save_file(state, f, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing 'h.1.attn.c_attn.weight'"):
+        from_hf(str(tmp_path))
+
+
+def test_from_hf_bf16_keeps_rope_frequencies_float32(tmp_path):
+    """Regression: from_hf(dtype=torch.bfloat16) (and any .to(bfloat16) / .half() of a Llama) rounded
+    inv_freq to bf16, shifting every RoPE angle; transformers keeps them float32."""
+    _save_llama(tmp_path, rope=LLAMA3_ROPE)
+    hf = _hf_from_disk(tmp_path, dtype=torch.bfloat16)
+    m = from_hf(str(tmp_path), backend="torch", dtype=torch.bfloat16)
+    assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, hf.model.rotary_emb.inv_freq)
+    assert Llama(get_config("llama-tiny")).half().inv_freq.dtype == torch.float32
+    x = torch.randint(0, 101, (1, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), hf(x).logits, atol=2e-4, rtol=0)
+
+
+# YaRN (transformers' rope_type "yarn"), both config layouts; each row exercises other optional keys.
+YARN_CASES = {
+    "plain": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}, "new"),
+    "mscale-old-layout": ({"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 16, "mscale": 1.0,
+                           "mscale_all_dim": 0.707}, "old"),
+    "no-truncate-betas": ({"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 16,
+                           "beta_fast": 8, "beta_slow": 0.5, "truncate": False, "attention_factor": 0.8}, "new"),
+    "factor-from-lengths": ({"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 16}, "old"),
+}
+
+
+@pytest.mark.parametrize("case", list(YARN_CASES))
+def test_from_hf_yarn_matches_transformers(tmp_path, case):
+    rope, layout = YARN_CASES[case]
+    _save_llama(tmp_path)
+    _edit_config(tmp_path, _old_rope_layout(rope) if layout == "old"
+                 else lambda c: c.update(rope_parameters=dict(rope, rope_theta=50.0)))
+    hf = _hf_from_disk(tmp_path)
+    m = from_hf(str(tmp_path), backend="torch")
+    assert torch.equal(m.inv_freq, hf.model.rotary_emb.inv_freq)
+    assert m.config.rope_scaling["attention_factor"] == hf.model.rotary_emb.attention_scaling
+    if case == "plain":  # the ramp: some frequencies kept, some divided by factor, some in between
+        plain = 1.0 / (50.0 ** (torch.arange(0, 12, 2, dtype=torch.float32) / 12))
+        ratio = plain / m.inv_freq
+        assert (ratio == 1).any() and ((ratio - 4).abs() < 1e-5).any() and ((ratio > 1.01) & (ratio < 3.99)).any()
+        assert m.config.rope_scaling["attention_factor"] != 1.0
+    _assert_same_logits(tmp_path, hf, T=64)
+
+
+@pytest.mark.parametrize("rope", [YARN_CASES["mscale-old-layout"][0], {"type": "dynamic", "factor": 2.0}],
+                         ids=["yarn", "dynamic"])
+@pytest.mark.parametrize("backend", ["torch", "llmkern"])
+def test_from_hf_scaled_rope_generation_matches_transformers(tmp_path, rope, backend):
+    """Greedy decoding through the KV cache up to max_position_embeddings, with and without left
+    padding, gives transformers' generate() tokens. ("dynamic" changes its frequencies only past
+    max_position_embeddings, which the zoo refuses to reach: within it they are the plain ones.)"""
+    from llmkern.generation import generate
+
+    _save_llama(tmp_path)
+    _edit_config(tmp_path, _old_rope_layout(rope))
+    hf = _hf_from_disk(tmp_path)
+    m = from_hf(str(tmp_path), backend=backend)
+    x = torch.randint(0, 101, (2, 5))
+    mask = torch.ones_like(x)
+    mask[1, :2] = 0
+    for kw in ({}, {"attention_mask": mask}):
+        with torch.no_grad():
+            want = hf.generate(x, max_new_tokens=59, do_sample=False, pad_token_id=0, eos_token_id=None, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert torch.equal(generate(m, x, 59, **kw), want)
+    if rope.get("type") == "dynamic":
+        with pytest.raises(ValueError, match="dynamic"):
+            m(x[:, :2], position_ids=torch.tensor([[63, 64], [63, 64]]))
 
 
 def test_rope_scaling_config_checks():

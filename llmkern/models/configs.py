@@ -12,6 +12,7 @@ total): we use 16 heads x 128 (d_model = n_heads x d_head, 1.3B parameters), as 
 GPT-Neo do.
 """
 import dataclasses
+import math
 from typing import Optional
 
 ARCHS = ("gpt", "llama")
@@ -32,7 +33,7 @@ class ModelConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0       # llama only
-    rope_scaling: Optional[dict] = None  # llama only: {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    rope_scaling: Optional[dict] = None  # llama only: {"rope_type": "linear"|"dynamic"|"llama3"|"yarn", "factor": ...}
     tie_embeddings: Optional[bool] = None  # lm_head shares the token embedding (GPT default True)
     activation: Optional[str] = None  # "gelu_tanh" | "gelu" (GPT), "silu" (llama, SwiGLU)
     name: str = ""
@@ -96,7 +97,9 @@ class ModelConfig:
 # Keys each rope_type needs (Hugging Face's rope_scaling / rope_parameters names).
 ROPE_SCALING_KEYS = {
     "linear": ("factor",),
+    "dynamic": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
 }
 
 
@@ -124,6 +127,33 @@ def _check_rope_scaling(scaling, arch):
     if kind == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
         raise ValueError(f"ModelConfig.rope_scaling: high_freq_factor ({out['high_freq_factor']}) must exceed "
                          f"low_freq_factor ({out['low_freq_factor']})")
+    if kind == "yarn":
+        out.update(_yarn_options(scaling, out["factor"]))
+    return out
+
+
+def _yarn_options(scaling, factor):
+    """YaRN's optional keys with transformers' defaults: beta_fast 32 and beta_slow 1 (also when 0 or
+    None), truncate True, and attention_factor (the cos/sin multiplier) 0.1 ln(factor) + 1 when not
+    given, or the ratio of that formula with mscale and with mscale_all_dim when both are set."""
+    def number(key, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"ModelConfig.rope_scaling[{key!r}] must be a number for rope_type 'yarn', got {v!r}")
+        return float(v)
+
+    def mscale(m):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    out = {"beta_fast": number("beta_fast", scaling.get("beta_fast") or 32),
+           "beta_slow": number("beta_slow", scaling.get("beta_slow") or 1),
+           "truncate": bool(scaling.get("truncate", True))}
+    att = scaling.get("attention_factor")
+    if att is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        att = mscale(number("mscale", m)) / mscale(number("mscale_all_dim", m_all)) if m and m_all else mscale(1)
+    if not number("attention_factor", att) > 0:
+        raise ValueError(f"ModelConfig.rope_scaling['attention_factor'] must be > 0, got {att!r}")
+    out["attention_factor"] = float(att)
     return out
 
 

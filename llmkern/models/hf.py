@@ -10,6 +10,7 @@ PEFT adapter reader/writer (llmkern.peft.load_peft_adapter / save_peft_adapter) 
 """
 import json
 import os
+import warnings
 
 import torch
 
@@ -50,11 +51,14 @@ def _strip(state, prefixes):
 
 def gpt2_config(hf):
     act = hf.get("activation_function", "gelu_new")
-    acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+    # transformers' ACT2FN names of the same three functions (tanh approximation, erf, relu)
+    acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_python_tanh": "gelu_tanh",
+            "gelu_fast": "gelu_tanh", "gelu_accurate": "gelu_tanh", "gelu": "gelu", "gelu_python": "gelu",
+            "relu": "relu"}
     if act not in acts:
         raise ValueError(f"from_hf: GPT-2 activation_function {act!r} is not supported")
-    for flag, ok in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
-                     ("scale_attn_weights", True)):
+    # (reorder_and_upcast_attn only changes the precision of the attention scores: accepted)
+    for flag, ok in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True)):
         if hf.get(flag, ok) != ok:
             raise ValueError(f"from_hf: GPT-2 config {flag}={hf[flag]!r} is not supported")
     return ModelConfig(arch="gpt", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
@@ -64,11 +68,30 @@ def gpt2_config(hf):
                        tie_embeddings=hf.get("tie_word_embeddings", True), name=hf.get("_name_or_path", ""))
 
 
+def _rope_parameters(hf):
+    """(rope_theta, scaling dict) as transformers reads config.json: a non-empty rope_scaling (the
+    pre-5.0 name) wins over rope_parameters; rope_theta from that dict, else the top-level key;
+    llama3/yarn take a top-level original_max_position_embeddings first, then the dict's, then
+    max_position_embeddings; yarn's factor defaults to max_position_embeddings / that original."""
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    max_pos = hf.get("max_position_embeddings", 2048)
+    if kind in ("llama3", "yarn"):
+        key = "original_max_position_embeddings"
+        rope[key] = hf[key] if key in hf else rope.get(key, max_pos)
+        if kind == "yarn" and rope.get("factor") is None and isinstance(rope[key], (int, float)) and rope[key] > 0:
+            rope["factor"] = max_pos / rope[key]
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if kind != "default" and partial not in (None, 1, 1.0):
+        raise ValueError(f"from_hf: Llama partial_rotary_factor={partial!r} with rope_type {kind!r} is not supported")
+    return theta, rope
+
+
 def llama_config(hf):
     # transformers >= 5 writes rope_parameters (theta and scaling in one dict); older configs
     # rope_theta and rope_scaling.
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta, rope = _rope_parameters(hf)
     try:
         scaling = _check_rope_scaling(rope, "llama")
     except ValueError as e:
@@ -118,6 +141,23 @@ def _llama_state(state, cfg):
     return {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
 
 
+def _resolve_tie(cfg, state, emb):
+    """transformers' from_pretrained rule for tie_word_embeddings=True: a checkpoint that holds the
+    embedding and lm_head.weight with different values is loaded untied (with a warning); one that
+    holds lm_head.weight only ties the embedding to it."""
+    head = state.get("lm_head.weight")
+    if not cfg.tie_embeddings or head is None:
+        return cfg
+    if emb not in state:
+        state[emb] = head
+        return cfg
+    if state[emb].shape == head.shape and torch.equal(state[emb], head):
+        return cfg
+    warnings.warn(f"from_hf: config.json sets tie_word_embeddings but the checkpoint's lm_head.weight differs "
+                  f"from {emb}: loading them untied, as transformers does")
+    return cfg.replace(tie_embeddings=False)
+
+
 def from_hf(path, backend="llmkern", dtype=None, device=None):
     """A zoo model with the weights of the local Hugging Face checkpoint directory `path`."""
     cfg_file = os.path.join(path, "config.json")
@@ -128,10 +168,17 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
     mtype = hf.get("model_type")
     if mtype == "gpt2":
         cfg = gpt2_config(hf)
-        model, state = GPT(cfg, backend=backend), _gpt2_state(_load_state(path), cfg)
+        state = _strip(_load_state(path), ("transformer.",))
+        cfg = _resolve_tie(cfg, state, "wte.weight")
+        try:
+            model, state = GPT(cfg, backend=backend), _gpt2_state(state, cfg)
+        except KeyError as e:
+            raise ValueError(f"from_hf: checkpoint does not match the model: missing {e}") from None
     elif mtype == "llama":
         cfg = llama_config(hf)
-        model, state = Llama(cfg, backend=backend), _llama_state(_load_state(path), cfg)
+        state = _strip(_load_state(path), ("model.",))
+        cfg = _resolve_tie(cfg, state, "embed_tokens.weight")
+        model, state = Llama(cfg, backend=backend), _llama_state(state, cfg)
     else:
         raise ValueError(f"from_hf: model_type {mtype!r} is not supported (gpt2, llama)")
     state = {k: v.contiguous() for k, v in state.items()}

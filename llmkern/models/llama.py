@@ -44,15 +44,23 @@ def rope_inv_freq(cfg):
     linear: every frequency divided by `factor` (positions interpolated). llama3 (Llama 3.1+):
     wavelengths shorter than original_max_position_embeddings / high_freq_factor are kept, those
     longer than original / low_freq_factor are divided by `factor`, and the band between blends
-    the two linearly in original / wavelength.
+    the two linearly in original / wavelength. dynamic (NTK): theta grows with the sequence length
+    beyond block_size, which the zoo never runs past, so these are the plain frequencies. yarn: see
+    _yarn_inv_freq. Each follows transformers' arithmetic, so that the frequencies agree to the bit.
     """
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     s = cfg.rope_scaling
-    if s is None:
+    theta = cfg.rope_theta
+    if s is not None and s["rope_type"] == "dynamic":  # transformers' NTK theta at seq_len = block_size
+        L = cfg.block_size
+        theta = theta * ((s["factor"] * L / L) - (s["factor"] - 1)) ** (d / (d - 2))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    if s is None or s["rope_type"] == "dynamic":
         return inv_freq
     if s["rope_type"] == "linear":
         return inv_freq / s["factor"]
+    if s["rope_type"] == "yarn":
+        return _yarn_inv_freq(cfg, s)
     factor, low, high, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], \
         s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -61,6 +69,32 @@ def rope_inv_freq(cfg):
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     in_band = (wavelen >= old / high) & (wavelen <= old / low)
     return torch.where(in_band, blended, scaled)
+
+
+def _yarn_inv_freq(cfg, s):
+    """YaRN (Peng et al. 2023): per frequency, a blend of the original one (extrapolation) and the
+    one divided by `factor` (interpolation). Frequency i turns original_max_position_embeddings /
+    wavelength_i times over the original context; those turning more than beta_fast times keep
+    their frequency, fewer than beta_slow times are interpolated, with a linear ramp in i between
+    (its ends floored/ceiled to whole indices when `truncate`). The cos/sin are multiplied by
+    s["attention_factor"] (see Llama.rope)."""
+    d, theta, factor = cfg.head_dim, cfg.rope_theta, s["factor"]
+    wavelength_scale = theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    extrapolated = 1.0 / wavelength_scale
+    interpolated = 1.0 / (factor * wavelength_scale)
+
+    def index_turning(rotations):  # (fractional) i at which 2*pi*theta^(2i/d) * rotations = original context
+        return d * math.log(s["original_max_position_embeddings"] / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = index_turning(s["beta_fast"]), index_turning(s["beta_slow"])
+    if s["truncate"]:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, d - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+    keep = 1 - ramp  # weight of the original frequency
+    return interpolated * (1 - keep) + extrapolated * keep
 
 
 class Attention(nn.Module):
@@ -151,7 +185,19 @@ class Llama(ZooModel):
         emb = torch.cat((freqs, freqs), dim=-1)
         if emb.dim() == 3:
             emb = emb[:, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        s = self.config.rope_scaling
+        scale = s.get("attention_factor", 1.0) if s else 1.0  # YaRN scales cos and sin (in float32)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+    def _apply(self, fn, *args, **kwargs):
+        # The RoPE frequencies stay float32 when the model is cast (.to(torch.bfloat16), .half()), as
+        # in transformers: rounded to bf16 they would shift each angle pos * inv_freq by up to
+        # pos * inv_freq * 2^-9 radians.
+        inv_freq = self.inv_freq
+        super()._apply(fn, *args, **kwargs)
+        if self.inv_freq.dtype != inv_freq.dtype:
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
 
     def forward(self, input_ids, labels=None, *, cache=None, last_only=False, attention_mask=None,
                 position_ids=None):
@@ -164,6 +210,10 @@ class Llama(ZooModel):
         x = self.embed_tokens(input_ids)
         if pos is None:
             pos = torch.arange(start, start + T, device=input_ids.device)
+        elif self.config.rope_scaling and self.config.rope_scaling["rope_type"] == "dynamic" and pos.numel() and \
+                int(pos.max()) >= self.config.block_size:
+            raise ValueError(f"position_ids: rope_type 'dynamic' rescales its frequencies for positions >= "
+                             f"block_size={self.config.block_size}, which is not supported; got {int(pos.max())}")
         cos, sin = self.rope(pos, x.dtype)
         prefixes = self.prefixes(input_ids.shape[0])
         for i, block in enumerate(self.layers):
