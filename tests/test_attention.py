@@ -361,6 +361,22 @@ def test_varlen_max_seqlen_under_a_length_raises(monkeypatch, backend, mq, mk):
 
 
 @needs_triton
+def test_varlen_strided_cu_seqlens(triton_backend):
+    """The kernels read cu_seqlens[b] and [b + 1] as contiguous int32: a strided view (a slice
+    with a step) passed validation, then the kernels read the wrong entries (outputs ~1e12)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(10, 2, 16, device=DEV, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 7, 4, 7, 10, 7], dtype=torch.int32, device=DEV)[::2]
+    out = llmkern.attention_varlen(q, k, v, cu, cu, causal=True)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    want = llmkern.attention_varlen(q, k, v, cu.contiguous(), cu.contiguous(), causal=True)
+    want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+    assert torch.equal(out, want)
+    for g, w in zip(grads, want_grads):
+        assert torch.equal(g, w)
+
+
+@needs_triton
 @pytest.mark.parametrize("Tq,Tk,kw", [(40, 50, dict(window=(None, 2**31 - 1))),
                                       (40, 50, dict(window=(2**31 - 1, 2**31 - 1))),
                                       (30, 20, dict(causal=True, window=(2**31 - 1, None)))],
@@ -383,6 +399,64 @@ def test_no_keys_still_gives_every_gradient(monkeypatch, backend):
     q, k, v = _qkv(1, 2, 2, 5, 0, 16, torch.float32, device=DEV or "cpu")
     dq, dk, dv = torch.autograd.grad(llmkern.attention(q, k, v, causal=True).sum(), (q, k, v))
     assert (dq == 0).all() and dk.shape == k.shape and dv.shape == v.shape
+
+
+@needs_triton
+@pytest.mark.parametrize("softcap", [1e4, 1e6])
+def test_large_softcap_keeps_the_scores(triton_backend, softcap):
+    """softcap * tanh(s / softcap) with tanh as 2 * sigmoid(2x) - 1 cancelled near 0 (absolute
+    error ~1e-7, times softcap): softcap=1e6 gave errors of 0.08 in the output (1e4: 1e-3), where
+    the result is plain attention to 1e-10. Forward, backward and the decode kernel."""
+    q, k, v = _qkv(1, 2, 1, 24, 40, 32, torch.float32)
+    with torch.no_grad():
+        q.mul_(2), k.mul_(2)
+    _check(q, k, v, torch.float32, causal=True, softcap=softcap)
+    kc, vc = k.detach(), v.detach()
+    out = llmkern.attention_with_kvcache(q.detach()[:, :, -2:], kc, vc, 40, softcap=softcap)
+    rout = ref.attention_with_kvcache(q.detach()[:, :, -2:].double(), kc.double(), vc.double(),
+                                      torch.tensor([40]), softcap=softcap)
+    assert_close(out, rout, torch.float32)
+
+
+def test_window_sides_below_minus_one_raise():
+    """-1 is flash-attn's 'unbounded'; any other negative size used to be taken as unbounded too,
+    silently (a window computed as `n - something` that went negative attended everywhere)."""
+    q, k = torch.randn(1, 2, 6, 16), torch.randn(1, 1, 6, 16)
+    assert torch.equal(llmkern.attention(q, k, k, window=(-1, 2)), llmkern.attention(q, k, k, window=(None, 2)))
+    for window in [(-2, 2), (3, -5)]:
+        with pytest.raises(ValueError, match="window (left|right)"):
+            llmkern.attention(q, k, k, window=window)
+        with pytest.raises(ValueError, match="window (left|right)"):
+            llmkern.attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), k[0].transpose(0, 1),
+                                     torch.tensor([0, 6], dtype=torch.int32),
+                                     torch.tensor([0, 6], dtype=torch.int32), window=window)
+        with pytest.raises(ValueError, match="window (left|right)"):
+            llmkern.attention_with_kvcache(q[:, :, :1], k, k, 6, window=window)
+
+
+def test_causal_must_be_a_bool_in_every_api():
+    """attention() rejected causal=None; attention_varlen and attention_with_kvcache took it as
+    False (non-causal attention, silently; the KV-cache call defaults to causal)."""
+    q, k = torch.randn(6, 2, 16), torch.randn(6, 1, 16)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    for causal in (None, 1):
+        with pytest.raises(TypeError, match="causal"):
+            llmkern.attention_varlen(q, k, k, cu, cu, causal=causal)
+        with pytest.raises(TypeError, match="causal"):
+            llmkern.attention_with_kvcache(q[None, :, :1].transpose(1, 2), k[None].transpose(1, 2),
+                                           k[None].transpose(1, 2), 6, causal=causal)
+
+
+@needs_triton
+def test_double_backward_raises_instead_of_dropping_terms(triton_backend):
+    """The kernels' gradients are not differentiable. Through the eager autograd.Function, dQ came
+    back with requires_grad=False under create_graph=True, so a gradient penalty added to the loss
+    silently contributed nothing to the weights' gradients; now it raises (as the custom op does)."""
+    q, k, v = _qkv(1, 2, 1, 8, 8, 16, torch.float32)
+    out = llmkern.attention(q, k, v, causal=True)
+    dq, = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (out.sum() + dq.square().sum()).backward()
 
 
 # ---- KV-cache decode ------------------------------------------------------------------------------

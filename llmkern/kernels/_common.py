@@ -19,5 +19,11 @@ def next_power_of_2(n):
 
 @triton.jit
 def tanh(x):
-    """tanh through the sigmoid (tl has no tanh on every Triton version we support)."""
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    """tanh (tl has none on every Triton version we support) with a small relative error everywhere
+    (< 1e-6 in float32). The sigmoid form 2 * sigmoid(2x) - 1 alone cancels near 0 (absolute error
+    ~1e-7), and a softcap (softcap * tanh(s / softcap), attention and cross-entropy) multiplies that
+    by softcap: with softcap = 1e6 the scores lost every digit. |x| < 1/8 takes the odd series
+    x - x^3/3 + 2x^5/15 - 17x^7/315 instead."""
+    x2 = x * x
+    series = x + x * x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * -0.05396825396825397))
+    return tl.where(x2 < 0.015625, series, 2.0 * tl.sigmoid(2.0 * x) - 1.0)

@@ -42,7 +42,6 @@ LN2 = 0.6931471805599453
 UNBOUNDED = 1 << 30  # a window side with no limit (sequences stay under 2**29 tokens: int32 sums)
 
 
-
 @triton.jit
 def _seq_bounds(CU_Q, CU_K, b, Tq, Tk, IS_VARLEN: tl.constexpr):
     """(q_start, seqlen_q, k_start, seqlen_k) of batch row b, packed (varlen) or padded layout."""
@@ -847,7 +846,7 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
         Tk = max_seqlen_k if max_seqlen_k and max_seqlen_k > 0 else k.shape[0]
         lse = torch.empty(H, total_q, device=q.device, dtype=torch.float32)
         s_lse = (0, lse.stride(0), lse.stride(1))
-        cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+        cu_q, cu_k = (c.to(torch.int32).contiguous() for c in (cu_seqlens_q, cu_seqlens_k))  # read as [b], [b + 1]
     else:
         B, H, Tq, D = q.shape
         Hk, Tk = k.shape[1], k.shape[2]
@@ -903,7 +902,7 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
         Tq = max_seqlen_q if max_seqlen_q and max_seqlen_q > 0 else total_q
         Tk = max_seqlen_k if max_seqlen_k and max_seqlen_k > 0 else k.shape[0]
         s_lse = (0, lse.stride(0), lse.stride(1))
-        cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+        cu_q, cu_k = (c.to(torch.int32).contiguous() for c in (cu_seqlens_q, cu_seqlens_k))  # read as [b], [b + 1]
     else:
         B, H, Tq, D = q.shape
         Hk, Tk = k.shape[1], k.shape[2]

@@ -101,14 +101,19 @@ def _window(window):
     for side, w in zip(("left", "right"), window):
         if w is None:
             out.append(-1)
-        elif isinstance(w, numbers.Integral) and not isinstance(w, bool):
-            out.append(int(w) if w >= 0 else -1)
-        else:
-            raise ValueError(f"window {side} must be an int >= 0 or None (unbounded), got {w!r}")
+        elif isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1:
+            out.append(int(w))  # -1: unbounded, as flash-attn's window_size
+        else:  # a negative size other than -1 is a mistake, not "unbounded"
+            raise ValueError(f"window {side} must be an int >= 0, or None / -1 (unbounded), got {w!r}")
     return tuple(out)
 
 
 _softcap = _checks.softcap_arg
+
+
+def _check_causal(causal):
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
 
 
 def _ref_window(wl, wr):
@@ -227,7 +232,10 @@ class _AttentionFunction(torch.autograd.Function):
         return output
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
+        # the kernels' gradients are not differentiable: a double backward (create_graph=True)
+        # raises, as it does through the custom op, instead of silently dropping second-order terms
         return _backward(ctx, dout, dlse, bwd=_bwd_impl)
 
 
@@ -314,8 +322,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     scale = _scale(scale, D)
     wl, wr = _window(window)
     sc = _softcap(softcap)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    _check_causal(causal)
     if key_padding_mask is not None:
         _tensor("key_padding_mask", key_padding_mask)
         if key_padding_mask.dtype != torch.bool:
@@ -421,6 +428,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     scale = _scale(scale, D)
     wl, wr = _window(window)
     sc = _softcap(softcap)
+    _check_causal(causal)
     backend = _backend_for(q.device, q.dtype, "attention_varlen")
     bounds = _MaxSeqlenCheck(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if backend == "triton":
@@ -485,6 +493,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     scale = _scale(scale, D)
     wl, wr = _window(window)
     sc = _softcap(softcap)
+    _check_causal(causal)
     lens = cache_seqlens
     if k is not None:
         idx = (cache_seqlens.to(torch.long)[:, None] + torch.arange(t_new, device=q.device)[None, :])
