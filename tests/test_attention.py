@@ -616,7 +616,7 @@ def test_bad_inputs_other_apis():
 def test_opcheck(triton_backend):
     q, k, v = _qkv(1, 2, 1, 20, 24, 16, torch.float32)
     torch.library.opcheck(torch.ops.llmkern.attention_fwd.default,
-                          (q, k, v, None, None, None, -1, -1, 0.25, True, -1, -1, 0.0))
+                          (q, k, v, None, None, None, None, -1, -1, 0.25, True, -1, -1, 0.0, 0.0))
     kc = torch.randn(2, 1, 40, 16, device=DEV)
     torch.library.opcheck(torch.ops.llmkern.attention_decode.default,
                           (torch.randn(2, 2, 1, 16, device=DEV), kc, kc.clone(),
@@ -630,7 +630,7 @@ def test_fakes_follow_the_kernels_layout(triton_backend):
     def strided(*shape):  # [.., T, D] with stride(-1) == T
         return torch.randn(*shape[:-2], shape[-1], shape[-2], device=DEV).transpose(-1, -2)
     q, k, v = strided(1, 2, 16, 5), strided(1, 2, 16, 5), strided(1, 2, 16, 5)
-    args = (q, k, v, None, None, None, -1, -1, 0.25, True, -1, -1, 0.0)
+    args = (q, k, v, None, None, None, None, -1, -1, 0.25, True, -1, -1, 0.0, 0.0)
     torch.library.opcheck(torch.ops.llmkern.attention_fwd.default, args)
     out, lse = torch.ops.llmkern.attention_fwd(*args)
     torch.library.opcheck(torch.ops.llmkern.attention_bwd.default,

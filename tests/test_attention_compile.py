@@ -19,10 +19,10 @@ HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 _PTRS = {"Q", "K", "V", "O", "LSE", "KPM", "CU_Q", "CU_K", "DO", "DELTA", "DK", "DV", "DQ", "DLSE",
-         "SEQLENS", "OP", "LP"}
+         "SEQLENS", "OP", "LP", "SEED"}
 _F32_PTRS = {"LSE": "fp32", "DELTA": "fp32", "DLSE": "fp32", "KPM": "u8", "CU_Q": "i32", "CU_K": "i32",
-             "SEQLENS": "i32", "OP": "fp32", "LP": "fp32"}
-_FLOATS = {"qk_scale", "sc_in", "sc_out", "scale"}
+             "SEQLENS": "i32", "OP": "fp32", "LP": "fp32", "SEED": "i32"}
+_FLOATS = {"qk_scale", "sc_in", "sc_out", "scale", "drop_scale"}
 
 
 def _compile(fn, dtype, consts, cc, num_warps, num_stages):
@@ -84,7 +84,7 @@ def main(cc=90, dtype="bf16", D=128, every_config=False):
 
     BD = triton.next_power_of_2(D)
     base = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=False, HAS_KPM=False, HAS_SOFTCAP=False,
-                PREC="tf32", USE_TMA=False)
+                PREC="tf32", USE_TMA=False, DROPOUT=False)
     bucket = A._d_bucket(D)
     rows = []
     for kname, fn in [("fwd", A._attn_fwd), ("bwd dkdv", A._attn_bwd_dkdv), ("bwd dq", A._attn_bwd_dq)]:
@@ -101,6 +101,10 @@ def main(cc=90, dtype="bf16", D=128, every_config=False):
         bm, bn, w, s = A._CONFIGS["fwd_tma"][90][bucket][0]
         rows.append(("fwd tma kpm+softcap", A._attn_fwd_tma,
                      dict(tma, BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=True, HAS_SOFTCAP=True), w, s))
+        rows.append(("fwd tma dropout", A._attn_fwd_tma, dict(tma, BLOCK_M=bm, BLOCK_N=bn, DROPOUT=True), w, s))
+    for kname, fn in [("fwd", A._attn_fwd), ("bwd dkdv", A._attn_bwd_dkdv), ("bwd dq", A._attn_bwd_dq)]:
+        bm, bn, w, s = A._CONFIGS[kname.split()[-1]][cc][bucket][0]  # attention dropout (training)
+        rows.append((kname + " dropout", fn, dict(base, BLOCK_M=bm, BLOCK_N=bn, DROPOUT=True), w, s))
     bm, bn, w, s = A._CONFIGS["fwd"][cc][bucket][0]
     rows += [
         ("fwd varlen+kpm+softcap", A._attn_fwd,

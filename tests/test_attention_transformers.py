@@ -103,12 +103,33 @@ def test_generate_triton_llama(triton_backend):
     assert torch.equal(out["eager"], out["llmkern"])
 
 
-def test_attention_dropout_raises():
-    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, attn_pdrop=0.1)
-    model = transformers.GPT2LMHeadModel(cfg).to(DEV).train()
+def test_attention_dropout_runs_in_training_only(monkeypatch):
+    """transformers passes the module's attention dropout in train() and 0 in eval(): GPT-2's attn_pdrop
+    trains with llmkern's dropout (reproducible under torch.manual_seed) and evaluates like eager."""
+    import llmkern
+
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, attn_pdrop=0.5,
+                                  resid_pdrop=0.0, embd_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg).to(DEV)
+    ids = torch.randint(0, 64, (2, 6), device=DEV)
+    model.eval()
+    model.set_attn_implementation("eager")
+    want = model(input_ids=ids).logits
     model.set_attn_implementation("llmkern")
-    with pytest.raises(NotImplementedError, match="dropout"):
-        model(input_ids=torch.randint(0, 64, (1, 6), device=DEV))
+    seen, real = [], llmkern.attention
+    monkeypatch.setattr(llmkern, "attention", lambda *a, **kw: seen.append(kw.get("dropout_p")) or real(*a, **kw))
+    torch.testing.assert_close(model(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+    assert seen == [0.0]
+    model.train()
+    torch.manual_seed(0)
+    a = model(input_ids=ids).logits
+    torch.manual_seed(0)
+    b = model(input_ids=ids).logits
+    c = model(input_ids=ids).logits
+    assert seen[1:] == [0.5, 0.5, 0.5]
+    assert torch.equal(a, b) and (a - c).abs().max() > 1e-3 and (a - want).abs().max() > 1e-3
+    a.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
 def test_packed_sequences_raise():

@@ -94,7 +94,7 @@ def test_front_is_cheaper_than_the_autotuner(monkeypatch):
     monkeypatch.setattr(KA._attn_bwd_dkdv, "run", lambda *a, grid, warmup, **k: None)
     q = torch.zeros(1, 2, 64, 64, dtype=torch.float16)
     consts = dict(HEAD_DIM=64, BLOCK_D=64, IS_VARLEN=False, HAS_KPM=False, HAS_SOFTCAP=False, PREC="tf32",
-                  USE_TMA=False)
+                  USE_TMA=False, DROPOUT=False)
     n_pos = at.arg_names.index("HEAD_DIM")
     args = [q if name[0].isupper() or name.startswith("desc") else 64 for name in at.arg_names[:n_pos]]
     front = _autotune.Tuned(at)

@@ -27,3 +27,15 @@ def tanh(x):
     x2 = x * x
     series = x + x * x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * -0.05396825396825397))
     return tl.where(x2 < 0.015625, series, 2.0 * tl.sigmoid(2.0 * x) - 1.0)
+
+
+@triton.jit
+def fmix32(h):
+    """murmur3's 32-bit finaliser on uint32 values: the dropout masks' hash (LoRA, attention);
+    llmkern/reference/lora.py reproduces it bit for bit in int64 arithmetic."""
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    h = h ^ (h >> 16)
+    return h

@@ -34,6 +34,7 @@ import triton.language as tl
 from llmkern.kernels import _autotune as _autotune_front
 from llmkern.kernels import _tma
 from llmkern.kernels._common import cdiv, next_power_of_2
+from llmkern.kernels._common import fmix32 as _fmix32
 from llmkern.kernels._common import interpreting as _interpreting
 from llmkern.kernels._common import tanh as _tanh
 
@@ -75,12 +76,38 @@ def _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M: tl.constexpr, B
 
 
 @triton.jit
+def _drop_keys(SEED, bh):
+    """Dropout keys (kh, kc) of head bh = batch * heads + query head. SEED points at the two int32
+    seed words on the device (no host value: CUDA graphs and torch.compile keep working)."""
+    seed0 = tl.load(SEED).to(tl.uint32)
+    seed1 = tl.load(SEED + 1).to(tl.uint32)
+    k0 = _fmix32(seed0 ^ _fmix32(seed1 ^ 0x68E31DA4))
+    kc = _fmix32(k0 ^ 0x1B873593)
+    kh = _fmix32(k0 ^ _fmix32(bh.to(tl.uint32) * 0xCC9E2D51 + kc))
+    return kh, kc
+
+
+@triton.jit
+def _drop_keep(rows, cols, kh, kc, drop_thr, TRANS: tl.constexpr):
+    """keep[i, j] (keep[j, i] with TRANS) for query rows i and key columns j of one head:
+    hash(kh, kc, i, j) >> 8 >= drop_thr (= round(p * 2^24)); the reference's
+    attention_dropout_keep computes the same bits."""
+    hr = _fmix32(rows.to(tl.uint32) ^ kh)
+    hc = cols.to(tl.uint32) * 0x9E3779B1 + kc
+    if TRANS:
+        h = _fmix32(hc[:, None] ^ hr[None, :])
+    else:
+        h = _fmix32(hr[:, None] ^ hc[None, :])
+    return (h >> 8).to(tl.int32) >= drop_thr
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
                blk_start, blk_end, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-               desc_k, desc_v, b, hk,
+               desc_k, desc_v, b, hk, kh, kc, drop_thr,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-               PREC: tl.constexpr, USE_TMA: tl.constexpr):
+               PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr):
     for blk in range(blk_start, blk_end):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
@@ -129,8 +156,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
         else:
             p = tl.math.exp2(s * qk_scale - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser counts every key, dropped or not
         acc = acc * alpha[:, None]
+        if DROPOUT:  # kept weights are scaled by 1/(1-p) once, in _fwd_tile
+            p = tl.where(_drop_keep(offs_m, offs_n, kh, kc, drop_thr, False), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
@@ -138,9 +167,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
 
 @triton.jit
 def _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, desc_k, desc_v, b, hk,
-              first, seqlen_q, seqlen_k, L, R, qk_scale, sc_in, sc_out,
+              first, seqlen_q, seqlen_k, L, R, qk_scale, sc_in, sc_out, kh, kc, drop_thr, drop_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr):
+              HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
+              DROPOUT: tl.constexpr):
     """Output rows [first, first + BLOCK_M) of one head: (normalised acc, lse in natural log).
     Masked edge blocks, then unmasked interior blocks, then masked edge blocks (see _block_ranges)."""
     off = seqlen_k - seqlen_q
@@ -153,25 +183,28 @@ def _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, desc_k, desc_v,
     blk_lo, fb_lo, fb_hi, blk_hi = _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
                                blk_lo, fb_lo, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                               desc_k, desc_v, b, hk,
-                               BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA)
+                               desc_k, desc_v, b, hk, kh, kc, drop_thr,
+                               BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
                                fb_lo, fb_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                               desc_k, desc_v, b, hk,
-                               BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA)
+                               desc_k, desc_v, b, hk, kh, kc, drop_thr,
+                               BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
                                fb_hi, blk_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                               desc_k, desc_v, b, hk,
-                               BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA)
+                               desc_k, desc_v, b, hk, kh, kc, drop_thr,
+                               BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT)
     empty = l_i == 0.0
-    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if DROPOUT:
+        acc = acc * (drop_scale / tl.where(empty, 1.0, l_i))[:, None]
+    else:
+        acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     return acc, lse
 
 
-@triton.jit(do_not_specialize=["IS_CAUSAL"])
-def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K,
-              qk_scale, sc_in, sc_out,
+@triton.jit(do_not_specialize=["IS_CAUSAL", "drop_thr", "drop_b0"])
+def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K, SEED,
+              qk_scale, sc_in, sc_out, drop_thr, drop_scale, drop_b0,
               stride_qb, stride_qh, stride_qt,
               stride_kb, stride_kh, stride_kt,
               stride_vb, stride_vh, stride_vt,
@@ -181,7 +214,7 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K,
               H, GROUP, Tq, Tk, L, R, seq_bucket,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              IS_CAUSAL, PREC: tl.constexpr,
+              IS_CAUSAL, PREC: tl.constexpr, DROPOUT: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # heaviest query blocks (bottom rows, under a causal mask) first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -205,9 +238,12 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K,
         q = tl.load(q_ptrs, mask=offs_m[:, None] < seqlen_q, other=0.0)
     else:
         q = tl.load(q_ptrs, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    kh, kc = 0, 0
+    if DROPOUT:
+        kh, kc = _drop_keys(SEED, (b + drop_b0) * H + h)
     acc, lse = _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, K, V, b, hk,
-                         first, seqlen_q, seqlen_k, L, R, qk_scale, sc_in, sc_out,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, False)
+                         first, seqlen_q, seqlen_k, L, R, qk_scale, sc_in, sc_out, kh, kc, drop_thr, drop_scale,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, False, DROPOUT)
     o_base = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_ot
     o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :]
     if BLOCK_D == HEAD_DIM:
@@ -219,15 +255,15 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K,
     tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
 
 
-@triton.jit(do_not_specialize=["IS_CAUSAL"])
-def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE, KPM,
-                  qk_scale, sc_in, sc_out,
+@triton.jit(do_not_specialize=["IS_CAUSAL", "drop_thr", "drop_b0"])
+def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE, KPM, SEED,
+                  qk_scale, sc_in, sc_out, drop_thr, drop_scale, drop_b0,
                   stride_lb, stride_lh, stride_lt,
                   stride_mb,
                   H, GROUP, Tq, Tk, L, R, seq_bucket,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                  IS_CAUSAL, PREC: tl.constexpr,
+                  IS_CAUSAL, PREC: tl.constexpr, DROPOUT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """_attn_fwd for dense 16-bit inputs on sm_90+: Q, K, V and O move through tensor
     descriptors (4-D [B, heads, T, D]) instead of per-thread pointers, which frees the registers
@@ -241,9 +277,12 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE, KPM,
     first = pid_m * BLOCK_M
     q = desc_q.load([b, h, first, 0]).reshape(BLOCK_M, BLOCK_D)
     kpm_base = KPM + b.to(tl.int64) * stride_mb
+    kh, kc = 0, 0
+    if DROPOUT:
+        kh, kc = _drop_keys(SEED, (b + drop_b0) * H + h)
     acc, lse = _fwd_tile(q, KPM, KPM, kpm_base, 0, 0, desc_k, desc_v, b, hk,
-                         first, Tq, Tk, L, R, qk_scale, sc_in, sc_out,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, True)
+                         first, Tq, Tk, L, R, qk_scale, sc_in, sc_out, kh, kc, drop_thr, drop_scale,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, True, DROPOUT)
     desc_o.store([b, h, first, 0], acc.to(desc_o.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
     offs_m = first + tl.arange(0, BLOCK_M)
     l_ptrs = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m.to(tl.int64) * stride_lt
@@ -291,9 +330,10 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA, CU_Q,
 def _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, lse_base, delta_base,
                     stride_qt, stride_dt, stride_lt, blk_start, blk_end, offs_n, offs_d,
                     off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out, desc_q, desc_do, b, h,
+                    kh, kc, drop_thr, drop_scale,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                    PREC: tl.constexpr, USE_TMA: tl.constexpr):
+                    PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr):
     for blk in range(blk_start, blk_end):
         offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         q_ptrs = q_base + offs_m[None, :].to(tl.int64) * stride_qt + offs_d[:, None]    # [D, M]
@@ -331,8 +371,14 @@ def _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, lse_base, delta_base,
             pT = tl.where(vis, pT, 0.0)
         if HAS_KPM:
             pT = tl.where(kpm[:, None], pT, 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        if DROPOUT:  # dV takes the kept weights (scaled by 1/(1-p) once, at the end); dP the kept entries
+            keepT = _drop_keep(offs_m, offs_n, kh, kc, drop_thr, True)
+            dv = tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, input_precision=PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - Di[None, :])
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - t * t)
@@ -340,9 +386,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, lse_base, delta_base,
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["IS_CAUSAL"])
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, desc_q, desc_do,
-                   scale, qk_scale, sc_in, sc_out,
+@triton.jit(do_not_specialize=["IS_CAUSAL", "drop_thr", "drop_b0"])
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, SEED, desc_q, desc_do,
+                   scale, qk_scale, sc_in, sc_out, drop_thr, drop_scale, drop_b0,
                    stride_qb, stride_qh, stride_qt,
                    stride_kb, stride_kh, stride_kt,
                    stride_vb, stride_vh, stride_vt,
@@ -354,7 +400,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, desc_q, des
                    HK, GROUP, Tq, Tk, L, R, seq_bucket,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   IS_CAUSAL, PREC: tl.constexpr, USE_TMA: tl.constexpr,
+                   IS_CAUSAL, PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -399,19 +445,27 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, desc_q, des
         q_base = Q + b64 * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qt
         do_base = DO + b64 * stride_db + h * stride_dh + q_start.to(tl.int64) * stride_dt
         l_off = b64 * stride_lb + h * stride_lh + q_start.to(tl.int64) * stride_lt
+        kh, kc = 0, 0
+        if DROPOUT:
+            kh, kc = _drop_keys(SEED, (b + drop_b0) * (HK * GROUP) + hq)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, LSE + l_off, DELTA + l_off,
                                  stride_qt, stride_dt, stride_lt, blk_lo, fb_lo, offs_n, offs_d,
                                  off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out, desc_q, desc_do, b, hq,
-                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA)
+                                 kh, kc, drop_thr, drop_scale,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, LSE + l_off, DELTA + l_off,
                                  stride_qt, stride_dt, stride_lt, fb_lo, fb_hi, offs_n, offs_d,
                                  off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out, desc_q, desc_do, b, hq,
-                                 BLOCK_M, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA)
+                                 kh, kc, drop_thr, drop_scale,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, LSE + l_off, DELTA + l_off,
                                  stride_qt, stride_dt, stride_lt, fb_hi, blk_hi, offs_n, offs_d,
                                  off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out, desc_q, desc_do, b, hq,
-                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA)
+                                 kh, kc, drop_thr, drop_scale,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT)
     dk = dk * scale
+    if DROPOUT:
+        dv = dv * drop_scale
     dk_ptrs = (DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh
                + (k_start + offs_n[:, None]).to(tl.int64) * stride_dkt + offs_d[None, :])
     dv_ptrs = (DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh
@@ -423,10 +477,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, desc_q, des
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
                   blk_start, blk_end, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                  desc_k, desc_v, b, hk,
+                  desc_k, desc_v, b, hk, kh, kc, drop_thr, drop_scale,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                  PREC: tl.constexpr, USE_TMA: tl.constexpr):
+                  PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr):
     for blk in range(blk_start, blk_end):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
@@ -459,6 +513,8 @@ def _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stri
             km = tl.load(kpm_base + offs_n, mask=offs_n < seqlen_k, other=0)
             p = tl.where(km[None, :] != 0, p, 0.0)
         dp = tl.dot(do, vT, input_precision=PREC)
+        if DROPOUT:
+            dp = tl.where(_drop_keep(offs_m, offs_n, kh, kc, drop_thr, False), dp * drop_scale, 0.0)
         ds = p * (dp - Di[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
@@ -466,9 +522,9 @@ def _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stri
     return dq
 
 
-@triton.jit(do_not_specialize=["IS_CAUSAL"])
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K, desc_k, desc_v,
-                 scale, qk_scale, sc_in, sc_out,
+@triton.jit(do_not_specialize=["IS_CAUSAL", "drop_thr", "drop_b0"])
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K, SEED, desc_k, desc_v,
+                 scale, qk_scale, sc_in, sc_out, drop_thr, drop_scale, drop_b0,
                  stride_qb, stride_qh, stride_qt,
                  stride_kb, stride_kh, stride_kt,
                  stride_vb, stride_vh, stride_vt,
@@ -479,7 +535,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K, desc_k, desc_v,
                  H, GROUP, Tq, Tk, L, R, seq_bucket,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                 IS_CAUSAL, PREC: tl.constexpr, USE_TMA: tl.constexpr,
+                 IS_CAUSAL, PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -509,19 +565,22 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K, desc_k, desc_v,
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vt
     kpm_base = KPM + b64 * stride_mb
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    kh, kc = 0, 0
+    if DROPOUT:
+        kh, kc = _drop_keys(SEED, (b + drop_b0) * H + h)
     blk_lo, fb_lo, fb_hi, blk_hi = _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
                        blk_lo, fb_lo, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                       desc_k, desc_v, b, hk, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC,
-                       USE_TMA)
+                       desc_k, desc_v, b, hk, kh, kc, drop_thr, drop_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC,
+                       USE_TMA, DROPOUT)
     dq = _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
                        fb_lo, fb_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                       desc_k, desc_v, b, hk, BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC,
-                       USE_TMA)
+                       desc_k, desc_v, b, hk, kh, kc, drop_thr, drop_scale, BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC,
+                       USE_TMA, DROPOUT)
     dq = _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
                        fb_hi, blk_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                       desc_k, desc_v, b, hk, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC,
-                       USE_TMA)
+                       desc_k, desc_v, b, hk, kh, kc, drop_thr, drop_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC,
+                       USE_TMA, DROPOUT)
     dq = dq * scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_mask)
@@ -652,7 +711,7 @@ def _pruner(kernel):
 
 # IS_CAUSAL is a plain, unspecialised int: causal and not tune apart but share compiled kernels
 # (the masks come from the window bounds L, R, so the kernels never read it)
-_TUNE_KEY = ["BLOCK_D", "IS_CAUSAL", "HAS_KPM", "HAS_SOFTCAP", "IS_VARLEN", "seq_bucket"]
+_TUNE_KEY = ["BLOCK_D", "IS_CAUSAL", "HAS_KPM", "HAS_SOFTCAP", "IS_VARLEN", "DROPOUT", "seq_bucket"]
 
 
 def _autotune(fn, configs, prune):
@@ -733,6 +792,14 @@ def _softcap_args(scale, softcap):
     return scale * LOG2E, 0.0, 0.0
 
 
+def _dropout_args(dropout_p, seed, batch_base, placeholder):
+    """(SEED, drop_thr, drop_scale, drop_b0) kernel arguments: keep when hash >> 8 >= drop_thr,
+    kept weights scaled by drop_scale = 1/(1-p). Without dropout the pointer is a placeholder."""
+    if not dropout_p > 0:
+        return placeholder, 0, 1.0, 0
+    return seed, int(round(float(dropout_p) * (1 << 24))), 1.0 / (1.0 - float(dropout_p)), int(batch_base)
+
+
 def _dense_strides(t):
     """(batch, head, token) strides of [B, H, T, D] or varlen [T, H, D] (batch stride 0)."""
     s = t.stride()
@@ -804,7 +871,8 @@ def _split_batch(fn, B, per_batch, args, kw):
     outs = []
     for b0, b1 in slices:
         part = [cut(t, r, b0, b1) for t, r in zip(args, roles)]
-        sub = dict(kw, key_padding_mask=cut(kw.get("key_padding_mask"), "q0", b0, b1))
+        sub = dict(kw, key_padding_mask=cut(kw.get("key_padding_mask"), "q0", b0, b1),
+                   batch_base=kw.get("batch_base", 0) + b0)  # dropout masks by global batch index
         if "dlse" in kw:
             sub["dlse"] = cut(kw["dlse"], "q1", b0, b1)
         if cq is not None:
@@ -816,16 +884,19 @@ def _split_batch(fn, B, per_batch, args, kw):
 
 def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_right=-1, softcap=0.0,
                       key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                      max_seqlen_q=-1, max_seqlen_k=-1):
+                      max_seqlen_q=-1, max_seqlen_k=-1, dropout_p=0.0, seed=None, batch_base=0):
     """Run the forward kernel. Returns (out like q, lse float32).
 
     Dense: q [B, H, Tq, D], k/v [B, Hk, Tk, D], lse [B, H, Tq].
     Varlen (cu_seqlens given): q [total_q, H, D], k/v [total_k, Hk, D], lse [H, total_q].
     Window sides < 0 are unbounded; causal sets the right side to min(right, 0).
+    dropout_p > 0: attention dropout with the mask of seed (int32 [2] on q's device) for batch rows
+    batch_base.. (see llmkern/reference/attention.py, attention_dropout_keep); the LSE is the undropped one.
     """
     kw = dict(scale=scale, causal=causal, window_left=window_left, window_right=window_right, softcap=softcap,
               key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-              max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+              max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, seed=seed,
+              batch_base=batch_base)
     n_batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
     parts = _split_batch(attention_forward, n_batch, q.shape[1], (q, k, v), kw)
     if parts is not None:
@@ -861,18 +932,21 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
     if kpm is not None:
         kpm = kpm.to(torch.bool).contiguous().view(torch.uint8)
     qk_scale, sc_in, sc_out = _softcap_args(scale, softcap)
+    drop = _dropout_args(dropout_p, seed, batch_base, lse)
     BD = _block_d(D)
     grid = lambda META: (cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
-    args = (q, k, v, out, lse, kpm if kpm is not None else lse, cu_q, cu_k,
-            qk_scale, sc_in, sc_out,
+    args = (q, k, v, out, lse, kpm if kpm is not None else lse, cu_q, cu_k, drop[0],
+            qk_scale, sc_in, sc_out, *drop[1:],
             *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(out),
             *s_lse, kpm.stride(0) if kpm is not None else 0,
             H, H // Hk, Tq, Tk, L, R, _seq_bucket(max(Tq, Tk)))
     kwargs = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=varlen, HAS_KPM=kpm is not None,
-                  HAS_SOFTCAP=bool(softcap), IS_CAUSAL=int(bool(causal)), PREC=_prec(q.dtype))
+                  HAS_SOFTCAP=bool(softcap), IS_CAUSAL=int(bool(causal)), PREC=_prec(q.dtype),
+                  DROPOUT=dropout_p > 0)
     if not varlen and use_tma(q, k, v, out):
         descs = [_tma.descriptor(t) for t in (q, k, v, out)]
-        tma_args = (*descs, lse, kpm if kpm is not None else lse, qk_scale, sc_in, sc_out, *s_lse,
+        tma_args = (*descs, lse, kpm if kpm is not None else lse, drop[0], qk_scale, sc_in, sc_out, *drop[1:],
+                    *s_lse,
                     kpm.stride(0) if kpm is not None else 0, H, H // Hk, Tq, Tk, L, R, _seq_bucket(max(Tq, Tk)))
         tma_kwargs = {k_: v_ for k_, v_ in kwargs.items() if k_ != "IS_VARLEN"}
         if _TMA.run(lambda: _launch("fwd_tma", _attn_fwd_tma, grid, tma_args, tma_kwargs)):
@@ -883,11 +957,13 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
 
 def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_left=-1, window_right=-1,
                        softcap=0.0, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                       max_seqlen_q=-1, max_seqlen_k=-1, dlse=None):
-    """Gradients (dq, dk, dv) of the forward above; `dlse` is the gradient of the returned LSE."""
+                       max_seqlen_q=-1, max_seqlen_k=-1, dlse=None, dropout_p=0.0, seed=None, batch_base=0):
+    """Gradients (dq, dk, dv) of the forward above; `dlse` is the gradient of the returned LSE.
+    The dropout mask is regenerated from the seed, not stored."""
     kw = dict(scale=scale, causal=causal, window_left=window_left, window_right=window_right, softcap=softcap,
               key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-              max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dlse=dlse)
+              max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dlse=dlse, dropout_p=dropout_p, seed=seed,
+              batch_base=batch_base)
     n_batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
     parts = _split_batch(attention_backward, n_batch, q.shape[1], (dout, q, k, v, out, lse), kw)
     if parts is not None:
@@ -928,7 +1004,9 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     common = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=varlen, HAS_KPM=kpm is not None,
-                  HAS_SOFTCAP=bool(softcap), IS_CAUSAL=int(bool(causal)), PREC=_prec(q.dtype))
+                  HAS_SOFTCAP=bool(softcap), IS_CAUSAL=int(bool(causal)), PREC=_prec(q.dtype),
+                  DROPOUT=dropout_p > 0)
+    drop = _dropout_args(dropout_p, seed, batch_base, lse)
     kpm_arg = kpm if kpm is not None else lse
     s_m = kpm.stride(0) if kpm is not None else 0
     bucket = _seq_bucket(max(Tq, Tk))
@@ -940,13 +1018,13 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
         desc_q, desc_do = (_tma.descriptor(t) for t in (q, dout)) if "dkdv" in tma else (q, dout)
         desc_k, desc_v = (_tma.descriptor(t) for t in (k, v)) if "dq" in tma else (k, v)
         _launch("dkdv_tma" if "dkdv" in tma else "dkdv", _attn_bwd_dkdv, grid_kv,
-                (q, k, v, dout, lse, delta, dk, dv, kpm_arg, cu_q, cu_k, desc_q, desc_do, scale, qk_scale, sc_in,
-                 sc_out, *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(dout), *s_lse,
+                (q, k, v, dout, lse, delta, dk, dv, kpm_arg, cu_q, cu_k, drop[0], desc_q, desc_do, scale, qk_scale,
+                 sc_in, sc_out, *drop[1:], *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(dout), *s_lse,
                  *_dense_strides(dk), *_dense_strides(dv), s_m, Hk, H // Hk, Tq, Tk, L, R, bucket),
                 dict(common, USE_TMA="dkdv" in tma))
         _launch("dq_tma" if "dq" in tma else "dq", _attn_bwd_dq, grid_q,
-                (q, k, v, dout, lse, delta, dq, kpm_arg, cu_q, cu_k, desc_k, desc_v, scale, qk_scale, sc_in, sc_out,
-                 *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(dout), *s_lse,
+                (q, k, v, dout, lse, delta, dq, kpm_arg, cu_q, cu_k, drop[0], desc_k, desc_v, scale, qk_scale, sc_in,
+                 sc_out, *drop[1:], *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(dout), *s_lse,
                  *_dense_strides(dq), s_m, H, H // Hk, Tq, Tk, L, R, bucket), dict(common, USE_TMA="dq" in tma))
 
     tma = backward_tma_kernels() if not varlen and use_tma(q, k, v, dout) else frozenset()

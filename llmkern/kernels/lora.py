@@ -47,22 +47,13 @@ from llmkern._backend import triton_interpreting
 from llmkern.kernels import _autotune as _autotune_front
 from llmkern.kernels import _tma
 from llmkern.kernels._common import cdiv, next_power_of_2
+from llmkern.kernels._common import fmix32 as _fmix32
 from llmkern.reference.lora import seed_words  # the int seed -> int32 words split (re-exported)
 
 _HASH_COL = 0x9E3779B1
 
 
 # ----------------------------------------------------------------------------- dropout hash
-
-@triton.jit
-def _fmix32(h):
-    h = h ^ (h >> 16)
-    h = h * 0x85EBCA6B
-    h = h ^ (h >> 13)
-    h = h * 0xC2B2AE35
-    h = h ^ (h >> 16)
-    return h
-
 
 @triton.jit
 def _keep_mask(rows, cols, SEED, threshold):

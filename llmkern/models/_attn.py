@@ -68,10 +68,8 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
     attn_fn = kv_fn = None
     if backend == "llmkern":
         attn_fn, kv_fn = llmkern_ops()
-        if dropout_p > 0:
-            warn_once(("models", "dropout"), "llmkern.models: attention dropout > 0 is not supported by "
-                                             "llmkern.attention; using torch SDPA for it")
-            attn_fn = kv_fn = None
+        if dropout_p > 0:  # training: the dense kernel drops; the decode kernel has no dropout
+            kv_fn = None
     if cache is not None:
         start = cache.seqlen
         # the split-K decode kernel is for a few new tokens; longer chunks take the prefill kernel
@@ -89,9 +87,10 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
         if key_padding_mask is not None:
             key_padding_mask = torch.cat([key_padding_mask.new_ones(B, pk.shape[2]), key_padding_mask], 1)
     if attn_fn is not None:
+        kw = {"dropout_p": dropout_p} if dropout_p > 0 else {}
         if key_padding_mask is not None:
-            return attn_fn(q, k, v, causal=True, key_padding_mask=key_padding_mask)
-        return attn_fn(q, k, v, causal=True)
+            kw["key_padding_mask"] = key_padding_mask
+        return attn_fn(q, k, v, causal=True, **kw)
     return _sdpa(q, k, v, True, dropout_p, key_padding_mask)
 
 

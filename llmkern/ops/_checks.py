@@ -91,3 +91,37 @@ def softcap_arg(softcap):
     if not (softcap >= 0 and math.isfinite(softcap)):
         raise ValueError(f"softcap must be a finite value >= 0 (0 or None: no capping), got {softcap}")
     return softcap
+
+
+def dropout_p_arg(dropout_p):
+    """dropout_p as a float in [0, 1), or an error naming it."""
+    if isinstance(dropout_p, torch.Tensor) and dropout_p.numel() == 1:
+        dropout_p = dropout_p.item()
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    return p
+
+
+def dropout_seed(seed, p, device):
+    """The dropout seed as the int32 [2] device tensor the kernels read (None without dropout).
+
+    None draws it with torch.randint on the device (no host sync; reproducible under
+    torch.manual_seed; fine inside torch.compile and CUDA graphs); an int is split into two
+    32-bit words; a tensor must hold the two words."""
+    if p <= 0:
+        return None
+    if seed is None:
+        return torch.randint(0, 2**31 - 1, (2,), device=device, dtype=torch.int32)
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 2 or seed.is_floating_point() or seed.is_complex():
+            raise ValueError(f"seed must be an int or an integer tensor of 2 words, got {seed.dtype} "
+                             f"{tuple(seed.shape)}")
+        return seed.reshape(2).to(device=device, dtype=torch.int32)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or a tensor, got {type(seed).__name__}")
+    from llmkern.reference.lora import seed_words
+
+    return torch.tensor(seed_words(seed), dtype=torch.int32, device=device)

@@ -1,6 +1,6 @@
 """Fused attention: public API, validation, registration, dispatch, autograd.
 
-    attention(q, k, v, *, causal, scale, window, softcap, key_padding_mask, return_lse)
+    attention(q, k, v, *, causal, scale, window, softcap, key_padding_mask, return_lse, dropout_p, seed)
     attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...)
     attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k, v, causal, ...)
 
@@ -139,11 +139,11 @@ def _lse_shape(q, cu_seqlens_q):
 @torch.library.custom_op("llmkern::attention_fwd", mutates_args=())
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_padding_mask: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
-                      cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
-                      scale: float, causal: bool, window_left: int, window_right: int,
-                      softcap: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     scale, causal, window_left, window_right, softcap)
+                      cu_seqlens_k: Optional[torch.Tensor], seed: Optional[torch.Tensor], max_seqlen_q: int,
+                      max_seqlen_k: int, scale: float, causal: bool, window_left: int, window_right: int,
+                      softcap: float, dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k,
+                     scale, causal, window_left, window_right, softcap, dropout_p)
 
 
 def _kernel_layout(t):
@@ -153,20 +153,21 @@ def _kernel_layout(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-              scale, causal, window_left, window_right, softcap):
+def _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k,
+              scale, causal, window_left, window_right, softcap, dropout_p):
     if q.numel() == 0:
         return torch.zeros_like(_kernel_layout(q)), torch.full(_lse_shape(q, cu_seqlens_q), float("-inf"),
                                                device=q.device, dtype=torch.float32)
     return _kern().attention_forward(
         q, k, v, scale=scale, causal=causal, window_left=window_left, window_right=window_right,
         softcap=softcap, key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        dropout_p=dropout_p, seed=seed)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-      window_left, window_right, softcap):
+def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k, scale, causal,
+      window_left, window_right, softcap, dropout_p):
     return torch.empty_like(_kernel_layout(q)), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
 
 
@@ -174,47 +175,47 @@ def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
 def _attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       out: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
                       key_padding_mask: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
-                      cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
-                      scale: float, causal: bool, window_left: int, window_right: int,
-                      softcap: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                     max_seqlen_k, scale, causal, window_left, window_right, softcap)
+                      cu_seqlens_k: Optional[torch.Tensor], seed: Optional[torch.Tensor], max_seqlen_q: int,
+                      max_seqlen_k: int, scale: float, causal: bool, window_left: int, window_right: int,
+                      softcap: float, dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed,
+                     max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p)
 
 
-def _bwd_impl(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-              max_seqlen_k, scale, causal, window_left, window_right, softcap):
+def _bwd_impl(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
+              max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p):
     if q.numel() == 0 or k.numel() == 0:
         return tuple(torch.zeros_like(_kernel_layout(t)) for t in (q, k, v))
     return _kern().attention_backward(
         dout, q, k, v, out, lse, scale=scale, causal=causal, window_left=window_left,
         window_right=window_right, softcap=softcap, key_padding_mask=key_padding_mask,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, dlse=dlse)
+        max_seqlen_k=max_seqlen_k, dlse=dlse, dropout_p=dropout_p, seed=seed)
 
 
 @_attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-      max_seqlen_k, scale, causal, window_left, window_right, softcap):
+def _(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
+      max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p):
     return tuple(torch.empty_like(_kernel_layout(t)) for t in (q, k, v))
 
 
-_FWD_ARGS = ("key_padding_mask", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "scale",
-             "causal", "window_left", "window_right", "softcap")
+_FWD_ARGS = ("key_padding_mask", "cu_seqlens_q", "cu_seqlens_k", "seed", "max_seqlen_q", "max_seqlen_k", "scale",
+             "causal", "window_left", "window_right", "softcap", "dropout_p")
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kpm, cu_q, cu_k = inputs[:6]
+    q, k, v, kpm, cu_q, cu_k, seed = inputs[:7]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kpm, cu_q, cu_k)
-    ctx.args = inputs[6:]  # the LSE output is differentiable too: dLSE folds into delta
+    ctx.save_for_backward(q, k, v, out, lse, kpm, cu_q, cu_k, seed)
+    ctx.args = inputs[7:]  # the LSE output is differentiable too: dLSE folds into delta
 
 
 def _backward(ctx, dout, dlse, bwd=None):
-    q, k, v, out, lse, kpm, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, out, lse, kpm, cu_q, cu_k, seed = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = (bwd or _attention_bwd_op)(dout, q, k, v, out, lse, dlse, kpm, cu_q, cu_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    dq, dk, dv = (bwd or _attention_bwd_op)(dout, q, k, v, out, lse, dlse, kpm, cu_q, cu_k, seed, *ctx.args)
+    return (dq, dk, dv) + (None,) * 12
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -239,11 +240,11 @@ class _AttentionFunction(torch.autograd.Function):
         return _backward(ctx, dout, dlse, bwd=_bwd_impl)
 
 
-def _attention_fwd(q, k, v, kpm, cu_q, cu_k, *args):
+def _attention_fwd(q, k, v, kpm, cu_q, cu_k, seed, *args):
     """(out, lse), differentiable: the custom op under torch.compile, its eager twin otherwise."""
-    if _checks.eager_fast_path(q, k, v, kpm, cu_q, cu_k):
-        return _AttentionFunction.apply(q, k, v, kpm, cu_q, cu_k, *args)
-    return _attention_fwd_op(q, k, v, kpm, cu_q, cu_k, *args)
+    if _checks.eager_fast_path(q, k, v, kpm, cu_q, cu_k, seed):
+        return _AttentionFunction.apply(q, k, v, kpm, cu_q, cu_k, seed, *args)
+    return _attention_fwd_op(q, k, v, kpm, cu_q, cu_k, seed, *args)
 
 
 @torch.library.custom_op("llmkern::attention_decode", mutates_args=())
@@ -293,7 +294,7 @@ def _like_sdpa_under_autocast(fn):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: Optional[float] = None, window: Optional[Tuple[Optional[int], Optional[int]]] = None,
               softcap: Optional[float] = None, key_padding_mask: Optional[torch.Tensor] = None,
-              return_lse: bool = False):
+              return_lse: bool = False, dropout_p: float = 0.0, seed=None):
     """Fused scaled-dot-product attention (FlashAttention-2 style), a drop-in for
     ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)``.
 
@@ -309,6 +310,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         softcap: tanh soft-capping of the scaled scores: softcap * tanh(s / softcap).
         key_padding_mask: bool [batch, Tk], True = attend (left or right padding).
         return_lse: also return the float32 logsumexp [batch, heads, Tq] (differentiable).
+        dropout_p: attention dropout on the softmax weights, in [0, 1) (applied whenever > 0, like
+            SDPA's dropout_p: pass 0 in evaluation). Kept weights are scaled by 1/(1-p); the mask is
+            a hash of the seed and the (batch row, query head, query, key) position, regenerated in
+            the backward (never stored), identical on every backend
+            (``llmkern.reference.attention.attention_dropout_keep``). The LSE is the undropped one.
+        seed: the dropout seed: an int, or an int32 tensor of two words on q's device (default: drawn
+            with torch.randint on q's device, so torch.manual_seed makes runs reproducible, with no
+            host sync).
 
     A query row that sees no key returns zeros (and LSE -inf), never NaN.
     Memory is O(T): no Tq x Tk tensor is materialised on the Triton path.
@@ -320,6 +329,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     _check_heads(H, k.shape[1])
     Tk = k.shape[2]
     scale = _scale(scale, D)
+    p = _checks.dropout_p_arg(dropout_p)
+    seed_t = _checks.dropout_seed(seed, p, q.device)
     wl, wr = _window(window)
     sc = _softcap(softcap)
     _check_causal(causal)
@@ -334,12 +345,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     backend = _backend_for(q.device, q.dtype, "attention")
     if backend == "triton":
-        out, lse = _attention_fwd(q, k, v, key_padding_mask, None, None, -1, -1, scale, causal, wl, wr, sc)
-    elif q.device.type == "cpu" and not sc and not return_lse and _backend.forced() != "reference":
+        out, lse = _attention_fwd(q, k, v, key_padding_mask, None, None, seed_t, -1, -1, scale, causal, wl, wr, sc,
+                                  p)
+    elif (q.device.type == "cpu" and not sc and not return_lse and not p
+          and _backend.forced() != "reference"):
         return _cpu_sdpa(q, k, v, causal, scale, wl, wr, key_padding_mask)
     else:
         out, lse = ref.attention(q, k, v, causal=causal, scale=scale, window=_ref_window(wl, wr),
-                                 softcap=sc or None, key_padding_mask=key_padding_mask, return_lse=True)
+                                 softcap=sc or None, key_padding_mask=key_padding_mask, return_lse=True,
+                                 dropout_p=p, seed=seed_t)
     return (out, lse) if return_lse else out
 
 
@@ -406,13 +420,15 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: Optional[int] = None,
                      max_seqlen_k: Optional[int] = None, *, causal: bool = False,
                      scale: Optional[float] = None, window=None, softcap: Optional[float] = None,
-                     return_lse: bool = False):
+                     return_lse: bool = False, dropout_p: float = 0.0, seed=None):
     """Attention over packed variable-length sequences (training on packed documents).
 
     q [total_q, heads, head_dim], k/v [total_k, kv_heads, head_dim]; sequence b holds tokens
     cu_seqlens_q[b]:cu_seqlens_q[b+1] (int32, [batch + 1]). max_seqlen_* are optional upper bounds
     (a tighter grid); without them no host sync is needed. Causal/window are per sequence,
     bottom-right aligned. Returns out [total_q, heads, head_dim] (, lse float32 [heads, total_q]).
+    dropout_p / seed: as for ``attention``, sequence b taking the mask of batch row b (packed
+    sequences of equal lengths drop what the padded batch drops).
     """
     _check_qkv(q, k, v, 3, "[total_tokens, heads, head_dim]")
     H, D = q.shape[1], q.shape[2]
@@ -429,16 +445,19 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     wl, wr = _window(window)
     sc = _softcap(softcap)
     _check_causal(causal)
+    p = _checks.dropout_p_arg(dropout_p)
+    seed_t = _checks.dropout_seed(seed, p, q.device)
     backend = _backend_for(q.device, q.dtype, "attention_varlen")
     bounds = _MaxSeqlenCheck(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if backend == "triton":
         mq = int(max_seqlen_q) if max_seqlen_q else -1
         mk = int(max_seqlen_k) if max_seqlen_k else -1
-        out, lse = _attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, mq, mk, scale, causal,
-                                  wl, wr, sc)
+        out, lse = _attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, seed_t, mq, mk, scale, causal,
+                                  wl, wr, sc, p)
     else:
         out, lse = ref.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
-                                        window=_ref_window(wl, wr), softcap=sc or None, return_lse=True)
+                                        window=_ref_window(wl, wr), softcap=sc or None, return_lse=True,
+                                        dropout_p=p, seed=seed_t)
     bounds.finish()
     return (out, lse) if return_lse else out
 

@@ -106,24 +106,7 @@ def _autocast_args(x, weight, bias):
     return tuple(_checks.autocast_cast(dt, t) for t in (x, weight, bias))
 
 
-def _seed_tensor(seed, p, device):
-    """The dropout seed as the int32 [2] device tensor the kernels read (None without dropout).
-
-    None draws it with torch.randint on the device (no host sync; reproducible under
-    torch.manual_seed; fine inside torch.compile and CUDA graphs); an int is split into two
-    32-bit words; a tensor must hold the two words."""
-    if p <= 0:
-        return None
-    if seed is None:
-        return torch.randint(0, 2**31 - 1, (2,), device=device, dtype=torch.int32)
-    if isinstance(seed, torch.Tensor):
-        if seed.numel() != 2 or seed.is_floating_point():
-            raise ValueError(f"seed must be an int or an integer tensor of 2 words, got {seed.dtype} "
-                             f"{tuple(seed.shape)}")
-        return seed.reshape(2).to(device=device, dtype=torch.int32)
-    if not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int or a tensor, got {type(seed).__name__}")
-    return torch.tensor(ref.lora.seed_words(seed), dtype=torch.int32, device=device)
+_seed_tensor = _checks.dropout_seed
 
 
 # ---- torch.library ops (CUDA path) -----------------------------------------------------------------

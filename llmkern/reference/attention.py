@@ -7,7 +7,10 @@ Same semantics as llmkern.attention (see llmkern/ops/attention.py):
   off = Tk - Tq (None or a negative value = unbounded on that side);
 - softcap: scores = softcap * tanh(q.k * scale / softcap);
 - key_padding_mask: bool [batch, Tk], True = attend;
-- a query row with no visible key gets a zero output and LSE -inf (never NaN).
+- a query row with no visible key gets a zero output and LSE -inf (never NaN);
+- dropout_p: attention dropout on the softmax weights, kept weights scaled by 1/(1-p), with the
+  mask of `attention_dropout_keep` (a hash of the seed, batch row, query head, query and key
+  position: the Triton kernels regenerate the same bits); the LSE is that of the undropped softmax.
 
 Computed in float32 (float64 for float64 inputs), returned in the input dtype; the LSE is float32
 (float64 for float64 inputs). It materialises the [Tq, Tk] score matrix per head: fine as an
@@ -17,6 +20,8 @@ import math
 from typing import Optional, Tuple
 
 import torch
+
+from llmkern.reference.lora import _fmix32, _mul32, dropout_params
 
 
 def _normalize_window(window, causal):
@@ -48,15 +53,37 @@ def visibility_mask(tq: int, tk: int, *, causal: bool = False, window=None,
     return mask
 
 
+def attention_dropout_keep(B, H, Tq, Tk, p, seed, device=None, batch_base=0):
+    """Bool [B, H, Tq, Tk]: which softmax weights attention dropout keeps (True = kept).
+
+    Element (b, h, i, j) (query head h, query i, key j, positions within the sequence) is kept when
+    hash(seed, (batch_base + b) * H + h, i, j) >> 8 >= round(p * 2^24). seed: an int (its low 64 bits)
+    or an int32 [2] tensor of its two words, as for the LoRA dropout."""
+    s0, s1, thr = dropout_params(p, seed)
+    if isinstance(s0, torch.Tensor):
+        s0, s1 = s0.to(device), s1.to(device)
+    k0 = _fmix32(s0 ^ _fmix32(s1 ^ 0x68E31DA4))
+    kc = _fmix32(k0 ^ 0x1B873593)
+    bh = (batch_base * H + torch.arange(B * H, device=device, dtype=torch.int64)) & 0xFFFFFFFF
+    kh = _fmix32(k0 ^ _fmix32((_mul32(bh, 0xCC9E2D51) + kc) & 0xFFFFFFFF))  # [B*H]
+    rows = torch.arange(Tq, device=device, dtype=torch.int64)
+    cols = torch.arange(Tk, device=device, dtype=torch.int64)
+    hr = _fmix32(rows[None, :] ^ kh[:, None])                       # [B*H, Tq]
+    hc = (_mul32(cols, 0x9E3779B1) + kc) & 0xFFFFFFFF              # [Tk]
+    h = _fmix32(hr[:, :, None] ^ hc[None, None, :])
+    return ((h >> 8) >= thr).reshape(B, H, Tq, Tk)
+
+
 def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
-              key_padding_mask=None, return_lse=False, mask=None):
+              key_padding_mask=None, return_lse=False, mask=None, dropout_p=0.0, seed=0, batch_base=0):
     """Reference attention. q [B, H, Tq, D], k/v [B, Hk, Tk, D]; returns out (, lse [B, H, Tq]).
 
     `mask` (extra, reference only): bool [B or 1, 1 or H, Tq, Tk] ANDed with the other masks.
+    dropout_p, seed, batch_base: attention dropout (see attention_dropout_keep).
     """
     B, H, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
@@ -90,6 +117,9 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
+    if dropout_p > 0:
+        keep = attention_dropout_keep(B, H, Tq, Tk, dropout_p, seed, q.device, batch_base)
+        p = torch.where(keep.reshape(B, Hk, G, Tq, Tk), p * (1.0 / (1.0 - dropout_p)), 0.0)
     out = torch.matmul(p, vf) / torch.where(denom == 0, torch.ones_like(denom), denom)
     out = out.reshape(B, H, Tq, v.shape[-1]).to(q.dtype)
     if not return_lse:
@@ -99,7 +129,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
-                     causal=False, scale=None, window=None, softcap=None, return_lse=False):
+                     causal=False, scale=None, window=None, softcap=None, return_lse=False,
+                     dropout_p=0.0, seed=0):
     """Reference varlen attention: q [total_q, H, D], k/v [total_k, Hk, D], int32 cumulative lengths.
 
     Returns out [total_q, H, D] (, lse [H, total_q])."""
@@ -111,7 +142,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         kb = k[ck[b]:ck[b + 1]].transpose(0, 1)[None]
         vb = v[ck[b]:ck[b + 1]].transpose(0, 1)[None]
         o, lse = attention(qb, kb, vb, causal=causal, scale=scale, window=window, softcap=softcap,
-                           return_lse=True)
+                           return_lse=True, dropout_p=dropout_p, seed=seed, batch_base=b)
         outs.append(o[0].transpose(0, 1))
         lses.append(lse[0])
     out = torch.cat(outs, dim=0)

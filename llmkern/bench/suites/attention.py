@@ -128,7 +128,36 @@ def _gpu_rows(ctx):
                          baseline_ms=base.get(best), throughput=tflops, unit="TFLOP/s",
                          mfu=tflops * 1e12 / peak if peak else None, extra=extra, notes=notes)
         del q, k, v, dout
+    yield from _dropout_row(ctx, T=4096, D=128, p=0.1, dtype=dtype, peak=peak)
     yield from _decode_rows(ctx, B=32, H=32, Hk=8, T=8192, D=128, dtype=dtype)
+
+
+def _dropout_row(ctx, T, D, p, dtype, peak):
+    """Training with attention dropout (fwd+bwd, causal): the mask is hashed inside our kernels; SDPA's
+    flash/efficient backends draw theirs with Philox."""
+    import llmkern
+
+    dev = ctx.device
+    B, H = TOKENS // T, HIDDEN // D
+    q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+    dout = torch.randn(B, H, T, D, device=dev, dtype=dtype)
+    fl = _flops(B, H, T, D, True, "fwd+bwd")
+    ours_ms = time_fn(_timer(lambda a, b, c: llmkern.attention(a, b, c, causal=True, dropout_p=p),
+                             q, k, v, dout, "fwd+bwd"), dev, quick=ctx.quick)
+    base = {}
+    for name, ctxm in _sdpa_backends().items():
+        try:
+            with ctxm():
+                base[name] = time_fn(_timer(lambda a, b, c: F.scaled_dot_product_attention(
+                    a, b, c, is_causal=True, dropout_p=p), q, k, v, dout, "fwd+bwd"), dev, quick=ctx.quick)
+        except RuntimeError:  # backend without dropout or not for this card
+            continue
+    best = min(base, key=base.get) if base else None
+    tflops = fl / (ours_ms * 1e-3) / 1e12
+    yield Result(op="attention fwd+bwd dropout", shape=f"B={B} H={H} T={T} D={D} causal=True p={p} bf16",
+                 ours_ms=ours_ms, baseline=f"sdpa-{best}" if best else "", baseline_ms=base.get(best),
+                 throughput=tflops, unit="TFLOP/s", mfu=tflops * 1e12 / peak if peak else None,
+                 extra={f"sdpa-{n}_ms": ms for n, ms in base.items()})
 
 
 def _decode_rows(ctx, B, H, Hk, T, D, dtype):

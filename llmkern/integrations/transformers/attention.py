@@ -15,7 +15,9 @@
 - an attention function (AttentionInterface) mapping the model's call onto llmkern.attention:
   GQA natively (no repeat_kv), causal from the module (bottom-right aligned, so decode steps and
   chunked prefill with a cache need no special case), `sliding_window` -> window, `softcap`,
-  `scaling` -> scale. Attention dropout, position biases and 4-D masks raise a clear error.
+  `scaling` -> scale, `dropout` -> dropout_p (transformers passes the module's attention dropout in
+  training mode and 0 in eval, so GPT-2's attn_pdrop trains as with eager/SDPA attention; the mask
+  is llmkern's own, not torch's RNG stream). Position biases and 4-D masks raise a clear error.
 
 Rows of padded queries (left padding) come out as zeros, where eager attention averages all
 values; real tokens get the same result.
@@ -101,10 +103,6 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
                               sliding_window=None, softcap=None, is_causal=None, **kwargs):
     """AttentionInterface entry. query [B, H, Tq, D], key/value [B, Hk, Tk, D] ->
     ([B, Tq, H, D], None)."""
-    if dropout and dropout > 0:
-        raise NotImplementedError(
-            f"llmkern attention has no attention dropout (got dropout={dropout}); set the model's attention "
-            f"dropout to 0 (e.g. attn_pdrop / attention_dropout) or call model.eval()")
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError("llmkern attention does not support additive position biases")
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
@@ -137,7 +135,8 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
     if key.dtype != query.dtype:
         key = key.to(query.dtype)
     out = llmkern.attention(query, key, value, causal=bool(is_causal), scale=scaling, window=window,
-                            softcap=softcap if softcap else None, key_padding_mask=kpm)
+                            softcap=softcap if softcap else None, key_padding_mask=kpm,
+                            dropout_p=float(dropout) if dropout else 0.0)
     return out.transpose(1, 2).contiguous(), None
 
 
