@@ -620,7 +620,7 @@ def test_opcheck(triton_backend):
     kc = torch.randn(2, 1, 40, 16, device=DEV)
     torch.library.opcheck(torch.ops.llmkern.attention_decode.default,
                           (torch.randn(2, 2, 1, 16, device=DEV), kc, kc.clone(),
-                           torch.tensor([5, 40], dtype=torch.int32, device=DEV), 0.25, True, -1, -1, 0.0, 0))
+                           torch.tensor([5, 40], dtype=torch.int32, device=DEV), None, 0.25, True, -1, -1, 0.0, 0))
 
 
 @needs_triton
@@ -638,7 +638,7 @@ def test_fakes_follow_the_kernels_layout(triton_backend):
     kc = torch.randn(2, 1, 40, 16, device=DEV)
     torch.library.opcheck(torch.ops.llmkern.attention_decode.default,
                           (strided(2, 2, 3, 16), kc, kc.clone(), torch.tensor([5, 40], dtype=torch.int32, device=DEV),
-                           0.25, True, -1, -1, 0.0, 0))
+                           None, 0.25, True, -1, -1, 0.0, 0))
 
 
 @pytest.mark.parametrize("backend", ["triton", "default"])

@@ -19,9 +19,9 @@ HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 _PTRS = {"Q", "K", "V", "O", "LSE", "KPM", "CU_Q", "CU_K", "DO", "DELTA", "DK", "DV", "DQ", "DLSE",
-         "SEQLENS", "OP", "LP", "SEED"}
+         "SEQLENS", "OP", "LP", "SEED", "BT"}
 _F32_PTRS = {"LSE": "fp32", "DELTA": "fp32", "DLSE": "fp32", "KPM": "u8", "CU_Q": "i32", "CU_K": "i32",
-             "SEQLENS": "i32", "OP": "fp32", "LP": "fp32", "SEED": "i32"}
+             "SEQLENS": "i32", "OP": "fp32", "LP": "fp32", "SEED": "i32", "BT": "i32"}
 _FLOATS = {"qk_scale", "sc_in", "sc_out", "scale", "drop_scale"}
 
 
@@ -112,7 +112,9 @@ def main(cc=90, dtype="bf16", D=128, every_config=False):
         ("bwd preprocess", A._attn_bwd_preprocess,
          dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=False, HAS_DLSE=True, BLOCK_M=64), 4, 1),
         ("decode split", DEC._decode_split,
-         dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=False, PREC="tf32", BLOCK_M=16, BLOCK_N=64), 4, 3),
+         dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=False, PREC="tf32", PAGE=0, BLOCK_M=16, BLOCK_N=64), 4, 3),
+        ("decode split paged", DEC._decode_split,
+         dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=False, PREC="tf32", PAGE=16, BLOCK_M=16, BLOCK_N=64), 4, 3),
         ("decode combine", DEC._decode_combine, dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_S=16), 4, 1),
     ]
     for name, fn, consts, w, s in rows:

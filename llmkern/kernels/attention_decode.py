@@ -3,6 +3,9 @@
 q [B, H, Tq, D] (Tq = 1..a few new tokens) against k_cache/v_cache [B, Hk, Tmax, D] holding
 cache_seqlens[b] valid keys per row (the new tokens included, at the end). Query t of row b sits
 at position cache_seqlens[b] - Tq + t (bottom-right alignment).
+Paged caches (block_table given): k_cache/v_cache are page pools [num_pages, Hk, page_size, D] (any
+strides, so a token-major [num_pages, page_size, Hk, D] pool passed as .transpose(1, 2) works) and
+key j of row b sits in page block_table[b, j // page_size], slot j % page_size.
 
 - `_decode_split`: one program per (key split, block of packed query rows, batch*kv-head). The
   rows of a program are the GQA group's query heads times the Tq new tokens ("packed GQA"), so
@@ -25,16 +28,16 @@ from llmkern.kernels.attention import (LOG2E, _batch_slices, _block_d, _interpre
 
 
 @triton.jit
-def _decode_split(Q, K, V, SEQLENS, OP, LP,
+def _decode_split(Q, K, V, SEQLENS, BT, OP, LP,
                   qk_scale, sc_in, sc_out,
                   stride_qb, stride_qh, stride_qt,
                   stride_kb, stride_kh, stride_kt,
                   stride_vb, stride_vh, stride_vt,
                   stride_opb, stride_oph, stride_opt, stride_ops,
-                  stride_lpb, stride_lph, stride_lpt,
+                  stride_lpb, stride_lph, stride_lpt, stride_btb,
                   HK, GROUP, Tq, L, R, chunk,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                  PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  PREC: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -59,17 +62,29 @@ def _decode_split(Q, K, V, SEQLENS, OP, LP,
     pos_max = seqlen - 1
     start = tl.maximum(start, pos_min - L)
     end = tl.minimum(end, pos_max + R + 1)
-    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    # paged (PAGE > 0): the first stride is the page pool's, each key's page comes from the block table
+    k_base = K + hk.to(tl.int64) * stride_kh
+    v_base = V + hk.to(tl.int64) * stride_vh
+    if PAGE == 0:
+        k_base += b64 * stride_kb
+        v_base += b64 * stride_vb
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kmask = offs_n < end
-        kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None],
+        if PAGE > 0:
+            page = tl.load(BT + b64 * stride_btb + offs_n // PAGE, mask=kmask, other=0).to(tl.int64)
+            slot = (offs_n % PAGE).to(tl.int64)
+            k_rows = page * stride_kb + slot * stride_kt
+            v_rows = page * stride_vb + slot * stride_vt
+        else:
+            k_rows = offs_n.to(tl.int64) * stride_kt
+            v_rows = offs_n.to(tl.int64) * stride_vt
+        kt = tl.load(k_base + k_rows[None, :] + offs_d[:, None],
                      mask=kmask[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
+        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :],
                     mask=kmask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         qk = tl.dot(q, kt, input_precision=PREC)
         if HAS_SOFTCAP:
@@ -166,17 +181,27 @@ def choose_num_splits(B, Hk, m_blocks, Tmax, block_n, device):
 
 
 def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, window_left=-1,
-                     window_right=-1, softcap=0.0, num_splits=0):
-    """Returns (out [B, H, Tq, D] like q, lse [B, H, Tq] float32)."""
+                     window_right=-1, softcap=0.0, num_splits=0, block_table=None):
+    """Returns (out [B, H, Tq, D] like q, lse [B, H, Tq] float32). block_table (int32 [B, pages per
+    row]): k_cache/v_cache are page pools [num_pages, Hk, page_size, D]."""
     slices = _batch_slices(q.shape[0], k_cache.shape[1])  # the split grid's z is B * Hk (<= 65535)
     if len(slices) > 1:
-        parts = [attention_decode(q[b0:b1], k_cache[b0:b1], v_cache[b0:b1], cache_seqlens[b0:b1], scale=scale,
-                                  causal=causal, window_left=window_left, window_right=window_right,
-                                  softcap=softcap, num_splits=num_splits) for b0, b1 in slices]
+        def rows(t, b0, b1):  # a page pool is shared by every row
+            return t if block_table is not None else t[b0:b1]
+        parts = [attention_decode(q[b0:b1], rows(k_cache, b0, b1), rows(v_cache, b0, b1), cache_seqlens[b0:b1],
+                                  scale=scale, causal=causal, window_left=window_left, window_right=window_right,
+                                  softcap=softcap, num_splits=num_splits,
+                                  block_table=None if block_table is None else block_table[b0:b1])
+                 for b0, b1 in slices]
         return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
     q, k_cache, v_cache = _last_contig(q), _last_contig(k_cache), _last_contig(v_cache)
     B, H, Tq, D = q.shape
     Hk, Tmax = k_cache.shape[1], k_cache.shape[2]
+    page = 0
+    if block_table is not None:
+        page = k_cache.shape[2]
+        Tmax = block_table.shape[1] * page
+        block_table = block_table.to(device=q.device, dtype=torch.int32).contiguous()
     group = H // Hk
     if causal:
         window_right = 0 if window_right is None or window_right < 0 else min(window_right, 0)
@@ -196,14 +221,15 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
     lp = torch.empty(B, H, Tq, S, device=q.device, dtype=torch.float32)
     extra = {} if _interpreting() else dict(num_warps=warps, num_stages=stages)
     _decode_split[(S, m_blocks, B * Hk)](
-        q, k_cache, v_cache, seqlens, op, lp, qk_scale, sc_in, sc_out,
+        q, k_cache, v_cache, seqlens, seqlens if block_table is None else block_table, op, lp,
+        qk_scale, sc_in, sc_out,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         op.stride(0), op.stride(1), op.stride(2), op.stride(3),
-        lp.stride(0), lp.stride(1), lp.stride(2),
+        lp.stride(0), lp.stride(1), lp.stride(2), 0 if block_table is None else block_table.stride(0),
         Hk, group, Tq, L, R, chunk,
-        HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=bool(softcap), PREC=_prec(q.dtype),
+        HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=bool(softcap), PREC=_prec(q.dtype), PAGE=page,
         BLOCK_M=bm, BLOCK_N=bn, **extra)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)

@@ -249,8 +249,8 @@ def _attention_fwd(q, k, v, kpm, cu_q, cu_k, seed, *args):
 
 @torch.library.custom_op("llmkern::attention_decode", mutates_args=())
 def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         cache_seqlens: torch.Tensor, scale: float, causal: bool, window_left: int,
-                         window_right: int, softcap: float,
+                         cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], scale: float,
+                         causal: bool, window_left: int, window_right: int, softcap: float,
                          num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
     if q.numel() == 0:
         return torch.zeros_like(_kernel_layout(q)), torch.full(q.shape[:3], float("-inf"), device=q.device,
@@ -259,11 +259,12 @@ def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
     return attention_decode(q, k_cache, v_cache, cache_seqlens, scale=scale, causal=causal,
                             window_left=window_left, window_right=window_right, softcap=softcap,
-                            num_splits=num_splits)
+                            num_splits=num_splits, block_table=block_table)
 
 
 @_attention_decode_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, scale, causal, window_left, window_right, softcap, num_splits):
+def _(q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, window_left, window_right, softcap,
+      num_splits):
     return torch.empty_like(_kernel_layout(q)), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -467,7 +468,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            cache_seqlens, *, k: Optional[torch.Tensor] = None,
                            v: Optional[torch.Tensor] = None, causal: bool = True,
                            scale: Optional[float] = None, window=None, softcap: Optional[float] = None,
-                           return_lse: bool = False, num_splits: int = 0):
+                           return_lse: bool = False, num_splits: int = 0,
+                           block_table: Optional[torch.Tensor] = None):
     """Decode attention against a KV cache, split along the keys (flash-decoding).
 
     q [batch, heads, Tq, head_dim] (Tq = 1..a few new tokens); k_cache/v_cache
@@ -476,13 +478,20 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (in place) at cache_seqlens[b], and attention covers cache_seqlens[b] + Tq_new keys.
     Query t of row b sits at position len_b - Tq + t (bottom-right causal alignment).
     num_splits: key splits (0 = chosen from the GPU size). Inference only (no autograd).
+    block_table: a paged cache (vLLM / FlashAttention's block_table): int32 [batch, pages_per_row];
+        k_cache/v_cache are then page pools [num_pages, kv_heads, page_size, head_dim] (any strides:
+        a token-major pool [num_pages, page_size, kv_heads, head_dim] works as ``.transpose(1, 2)``),
+        key j of row b lives in page block_table[b, j // page_size] at slot j % page_size, and
+        Tmax = pages_per_row * page_size. New k/v are written into those slots.
     Returns out [batch, heads, Tq, head_dim] (, lse float32 [batch, heads, Tq]).
     """
     _check_qkv(q, k_cache, v_cache, 4, "[batch, heads, seq, head_dim]")
     B, H, Tq, D = q.shape
-    if k_cache.shape[0] != B:
-        raise ValueError(f"k_cache must have q's batch size {B}, got {k_cache.shape[0]}")
     Hk, Tmax = k_cache.shape[1], k_cache.shape[2]
+    if block_table is not None:
+        Tmax = _check_block_table(block_table, B, k_cache, q.device)
+    elif k_cache.shape[0] != B:
+        raise ValueError(f"k_cache must have q's batch size {B}, got {k_cache.shape[0]}")
     _check_heads(H, Hk)
     if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
         cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
@@ -515,16 +524,22 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _check_causal(causal)
     lens = cache_seqlens
     if k is not None:
-        idx = (cache_seqlens.to(torch.long)[:, None] + torch.arange(t_new, device=q.device)[None, :])
-        idx = idx[:, None, :, None].expand(B, Hk, t_new, D)
-        k_cache.scatter_(2, idx, k)
-        v_cache.scatter_(2, idx, v)
+        pos = (cache_seqlens.to(torch.long)[:, None] + torch.arange(t_new, device=q.device)[None, :])
+        if block_table is not None:
+            _append_paged(k_cache, v_cache, block_table, pos, k, v)
+        else:
+            idx = pos[:, None, :, None].expand(B, Hk, t_new, D)
+            k_cache.scatter_(2, idx, k)
+            v_cache.scatter_(2, idx, v)
         lens = cache_seqlens + t_new
     backend = _backend_for(q.device, q.dtype, "attention_with_kvcache")
     if backend == "triton":
-        out, lse = _attention_decode_op(q, k_cache, v_cache, lens.to(torch.int32), scale, causal, wl, wr, sc,
-                                        int(num_splits))
-    elif q.device.type == "cpu" and not sc and not return_lse and _backend.forced() != "reference":
+        out, lse = _attention_decode_op(q, k_cache, v_cache, lens.to(torch.int32), block_table, scale, causal,
+                                        wl, wr, sc, int(num_splits))
+        return (out, lse) if return_lse else out
+    if block_table is not None:  # the CPU paths read a dense copy of each row's pages
+        k_cache, v_cache = _gather_pages(k_cache, block_table), _gather_pages(v_cache, block_table)
+    if q.device.type == "cpu" and not sc and not return_lse and _backend.forced() != "reference":
         # SDPA's CPU kernel with the reference's visibility mask (per-row lengths, bottom-right)
         left, right = ref._normalize_window(_ref_window(wl, wr), causal)
         j = torch.arange(Tmax, device=q.device)
@@ -537,11 +552,42 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         gqa = {"enable_gqa": True} if Hk != H else {}
         return torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=vis[:, None],
                                                                 scale=scale, **gqa)
-    else:
-        out, lse = ref.attention_with_kvcache(q, k_cache, v_cache, lens, causal=causal, scale=scale,
-                                              window=_ref_window(wl, wr), softcap=sc or None,
-                                              return_lse=True)
+    out, lse = ref.attention_with_kvcache(q, k_cache, v_cache, lens, causal=causal, scale=scale,
+                                          window=_ref_window(wl, wr), softcap=sc or None, return_lse=True)
     return (out, lse) if return_lse else out
+
+
+def _check_block_table(block_table, B, k_cache, device):
+    """Validate a paged cache's block table; returns the per-row capacity Tmax."""
+    _tensor("block_table", block_table)
+    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B:
+        raise ValueError(f"block_table must be an int32 tensor [batch={B}, pages_per_row], "
+                         f"got {block_table.dtype} {tuple(block_table.shape)}")
+    if block_table.device != device:
+        raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
+    n_pages = k_cache.shape[0]
+    if block_table.device.type == "cpu" and _checking_values() and block_table.numel():
+        lo, hi = int(block_table.min()), int(block_table.max())
+        if lo < 0 or hi >= n_pages:
+            raise ValueError(f"block_table entries must be page indices in 0..{n_pages - 1} (k_cache's first "
+                             f"dimension), got values in {lo}..{hi}")
+    return block_table.shape[1] * k_cache.shape[2]
+
+
+def _append_paged(k_cache, v_cache, block_table, pos, k, v):
+    """Write new tokens k/v [B, Hk, t, D] at positions pos [B, t] of each row's pages."""
+    page_size = k_cache.shape[2]
+    pages = torch.gather(block_table.to(torch.long), 1, pos // page_size).reshape(-1)  # [B * t]
+    slots = (pos % page_size).reshape(-1)
+    k_cache[pages, :, slots] = k.permute(0, 2, 1, 3).reshape(-1, k.shape[1], k.shape[3])
+    v_cache[pages, :, slots] = v.permute(0, 2, 1, 3).reshape(-1, v.shape[1], v.shape[3])
+
+
+def _gather_pages(cache, block_table):
+    """A page pool [num_pages, Hk, page_size, D] as each row's dense cache [B, Hk, Tmax, D]."""
+    B, n = block_table.shape
+    pages = cache[block_table.to(torch.long)]  # [B, n, Hk, page_size, D]
+    return pages.permute(0, 2, 1, 3, 4).reshape(B, cache.shape[1], n * cache.shape[2], cache.shape[3])
 
 
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache"]

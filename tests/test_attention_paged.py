@@ -1,0 +1,151 @@
+"""Paged KV caches in llmkern.attention_with_kvcache (block_table, as vLLM / FlashAttention page them).
+
+A dense cache [B, Hk, Tmax, D] is cut into pages of a shuffled pool [num_pages, Hk, page_size, D]; the
+paged call must give what the dense call gives, on the CPU paths and in the split-K decode kernel
+(interpreter on CPU), with new tokens appended into the right slots, for page sizes below, equal to
+and above the kernel's key tile, and for a token-major pool passed as a transposed view.
+"""
+import pytest
+import torch
+
+import llmkern
+from llmkern.testing import triton_device
+
+DEV = triton_device()
+needs_triton = pytest.mark.skipif(DEV is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+
+
+def _paged(dense, page_size, extra_pages=3, seed=0):
+    """(pool, block_table) holding `dense` [B, Hk, Tmax, D]: every row's pages at shuffled pool indices,
+    plus unused pages of noise (a wrong page index reads garbage, not zeros)."""
+    B, Hk, Tmax, D = dense.shape
+    n = Tmax // page_size
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(B * n + extra_pages, generator=g)
+    pool = torch.randn(B * n + extra_pages, Hk, page_size, D, generator=g).to(dense.dtype)
+    table = order[:B * n].reshape(B, n).to(torch.int32)
+    pages = dense.reshape(B, Hk, n, page_size, D).permute(0, 2, 1, 3, 4)  # [B, n, Hk, ps, D]
+    pool[table.reshape(-1).long()] = pages.reshape(B * n, Hk, page_size, D)
+    return pool, table
+
+
+def _case(B=3, H=4, Hk=2, Tmax=64, D=16, Tq=1, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Tq, D, generator=g).to(dtype)
+    kc = torch.randn(B, Hk, Tmax, D, generator=g).to(dtype)
+    vc = torch.randn(B, Hk, Tmax, D, generator=g).to(dtype)
+    lens = torch.tensor([Tmax, 1, 37][:B], dtype=torch.int32)
+    return q, kc, vc, lens
+
+
+@pytest.mark.parametrize("backend", ["default", "reference", "triton"])
+@pytest.mark.parametrize("page_size", [8, 32, 64])
+@pytest.mark.parametrize("Tq,kw", [(1, {}), (3, dict(window=(9, None), softcap=5.0))])
+def test_paged_equals_dense(monkeypatch, backend, page_size, Tq, kw):
+    if backend != "default":
+        if backend == "triton" and DEV is None:
+            pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+        monkeypatch.setenv("LLMKERN_BACKEND", backend)
+    q, kc, vc, lens = _case(Tq=Tq)
+    want = llmkern.attention_with_kvcache(q, kc, vc, lens, **kw)
+    pk, table = _paged(kc, page_size)
+    pv, _ = _paged(vc, page_size)
+    got = llmkern.attention_with_kvcache(q, pk, pv, lens, block_table=table, **kw)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["default", "triton"])
+def test_appending_writes_the_pages(monkeypatch, backend):
+    if backend == "triton":
+        if DEV is None:
+            pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+        monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    q, kc, vc, _ = _case(Tq=2)
+    lens = torch.tensor([30, 0, 15], dtype=torch.int32)  # row 0's new tokens cross a page boundary (16)
+    k_new, v_new = torch.randn(3, 2, 2, 16), torch.randn(3, 2, 2, 16)
+    pk, table = _paged(kc, 16)
+    pv, _ = _paged(vc, 16)
+    got = llmkern.attention_with_kvcache(q, pk, pv, lens, k=k_new, v=v_new, block_table=table, return_lse=True)
+    want = llmkern.attention_with_kvcache(q, kc, vc, lens, k=k_new, v=v_new, return_lse=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # the pool now holds the dense cache (updated in place by the dense call) in every row's pages
+    from llmkern.ops.attention import _gather_pages
+
+    assert torch.equal(_gather_pages(pk, table), kc) and torch.equal(_gather_pages(pv, table), vc)
+
+
+@needs_triton
+def test_token_major_pool_as_a_view(monkeypatch):
+    """FlashAttention's pool layout [num_pages, page_size, Hk, D], passed as .transpose(1, 2)."""
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    q, kc, vc, lens = _case()
+    want = llmkern.attention_with_kvcache(q, kc, vc, lens)
+    pk, table = _paged(kc, 16)
+    pv, _ = _paged(vc, 16)
+    pk_t, pv_t = pk.transpose(1, 2).contiguous(), pv.transpose(1, 2).contiguous()  # token-major storage
+    got = llmkern.attention_with_kvcache(q, pk_t.transpose(1, 2), pv_t.transpose(1, 2), lens, block_table=table)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_paged_grid_slices(monkeypatch):
+    """Batches beyond the grid limit run in slices; every slice reads the whole pool."""
+    from llmkern.kernels import attention as A
+    from llmkern.kernels.attention_decode import attention_decode
+
+    q, kc, vc, lens = _case()
+    pk, table = _paged(kc, 16)
+    pv, _ = _paged(vc, 16)
+    whole = attention_decode(q, pk, pv, lens, scale=0.25, block_table=table)
+    monkeypatch.setattr(A, "MAX_GRID_YZ", 2)  # Hk = 2: one row per launch
+    sliced = attention_decode(q, pk, pv, lens, scale=0.25, block_table=table)
+    for a, b in zip(whole, sliced):
+        assert torch.equal(a, b)
+
+
+@needs_triton
+def test_opcheck_paged(monkeypatch):
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    q, kc, vc, lens = _case()
+    pk, table = _paged(kc, 16)
+    pv, _ = _paged(vc, 16)
+    torch.library.opcheck(torch.ops.llmkern.attention_decode.default,
+                          (q, pk, pv, lens, table, 0.25, True, -1, -1, 0.0, 0))
+
+
+@pytest.mark.parametrize("table,match", [
+    (torch.zeros(3, 4, dtype=torch.int64), "block_table must be an int32"),
+    (torch.zeros(2, 4, dtype=torch.int32), "block_table must be an int32"),
+    (torch.zeros(3, dtype=torch.int32), "block_table must be an int32"),
+    (torch.full((3, 4), 15, dtype=torch.int32), "page indices in 0..14"),
+    (torch.full((3, 4), -1, dtype=torch.int32), "page indices in 0..14"),
+])
+def test_bad_block_tables_raise(table, match):
+    q, kc, vc, lens = _case()
+    pool = torch.randn(15, 2, 16, 16)
+    with pytest.raises(ValueError, match=match):
+        llmkern.attention_with_kvcache(q, pool, pool.clone(), lens, block_table=table)
+
+
+def test_lengths_beyond_the_table_capacity_raise():
+    q, kc, vc, _ = _case()
+    pool = torch.randn(15, 2, 16, 16)
+    table = torch.zeros(3, 2, dtype=torch.int32)  # 2 pages of 16 = 32 keys per row
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        llmkern.attention_with_kvcache(q, pool, pool.clone(), torch.tensor([33, 1, 1], dtype=torch.int32),
+                                       block_table=table)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        llmkern.attention_with_kvcache(q, pool, pool.clone(), torch.tensor([31, 1, 1], dtype=torch.int32),
+                                       k=torch.randn(3, 2, 2, 16), v=torch.randn(3, 2, 2, 16), block_table=table)
+
+
+@pytest.mark.gpu
+def test_gpu_paged_equals_dense():
+    q, kc, vc, lens = (t.cuda() for t in _case(B=3, H=32, Hk=8, Tmax=4096, D=128, Tq=1, dtype=torch.bfloat16))
+    lens = torch.tensor([4096, 1, 3000], dtype=torch.int32, device="cuda")
+    want = llmkern.attention_with_kvcache(q, kc, vc, lens)
+    pk, table = _paged(kc.cpu(), 256)
+    pv, _ = _paged(vc.cpu(), 256)
+    got = llmkern.attention_with_kvcache(q, pk.cuda(), pv.cuda(), lens, block_table=table.cuda())
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
