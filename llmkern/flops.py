@@ -7,24 +7,35 @@ Parameters of a decoder-only Transformer (seed deck, "Parameter concentration"):
 For gpt3-175b this gives 617M, 25M, 57,982M and 115,970M (the seed's table; shares 0.35%, 0.01%,
 33.21%, 66.42%). `param_counts` also lists what the four columns leave out (attention biases,
 LayerNorms, an untied lm_head) so that "total" equals the model's parameter count exactly:
-174,604M for gpt3-175b (the seed's total reads 174,597M, 2.4M above the sum of its columns).
+174,604M for gpt3-175b (the seed's total reads 174,597M, 2.2M above the sum of its columns).
 
 FLOPs per token for training, forward + backward = (1 + 2) × forward:
     "seed"  6·N + 6·L·T·d        forward 2N + 2·L·T·d (seed deck, "Computation concentration")
     "palm"  6·N + 12·L·H·Q·T     PaLM appendix B / nanoGPT's estimate_mfu (H·Q = attention width)
 N is the number of parameters that take part in matmuls: `matmul_params(config)` (all parameters
-but the position embedding and, when the lm_head is untied, the input embedding — a lookup).
+but the position embedding and, when the lm_head is untied, the input embedding — a lookup). For
+GPT-2 this is nanoGPT's N (get_num_params(): all but wpe). llm.c's gpt2_estimate_mfu uses the seed's
+formula, 6N + 6·L·T·d, with N = every parameter (wpe too: +6·T·d per token, 0.6% for gpt2 at T=1024).
+The seed's N ≈ 12Ld² leaves out the tied lm_head (2·V·d per token forward), which N here counts.
+Causal masking: the seed's attention term 6·L·T·d is PaLM's 12·L·T·d halved — a causal query
+attends to T/2 keys on average; PaLM and nanoGPT count the full T×T score matrix (no halving).
 MFU = observed tokens/s × FLOPs per token / peak FLOP/s. HFU counts the FLOPs the hardware really
 does: with full activation recomputation the forward runs twice, (1 + 1 + 2) × forward.
 """
 import dataclasses
+import warnings
 
-# Dense peak FLOP/s (no sparsity). A100 SXM/PCIe; H100 SXM; H100 PCIe; H200 SXM (same SMs as H100).
+# Dense peak FLOP/s (no sparsity: half the datasheets' starred numbers). A100 SXM/PCIe; H100 SXM;
+# H100 PCIe; H100 NVL and H200 NVL (datasheets: bf16 1,671, fp8 3,341, tf32 835 sparse; fp32 60);
+# H200 SXM (same SMs and clocks as H100 SXM).
+_NVL = {"bf16": 835.5e12, "fp16": 835.5e12, "fp8": 1670.5e12, "tf32": 417.5e12, "fp32": 60e12}
 PEAK_FLOPS = {
     "a100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
     "h100": {"bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1979e12, "tf32": 494.7e12, "fp32": 66.9e12},
     "h100-pcie": {"bf16": 756.5e12, "fp16": 756.5e12, "fp8": 1513e12, "tf32": 378e12, "fp32": 51.2e12},
+    "h100-nvl": dict(_NVL),
     "h200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1979e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "h200-nvl": dict(_NVL),
 }
 PRECISIONS = ("bf16", "fp16", "fp8", "tf32", "fp32")
 CONVENTIONS = ("seed", "palm")
@@ -150,13 +161,16 @@ def peak(device="a100", dtype="bf16"):
 def device_name(name):
     """The PEAK_FLOPS key for a CUDA device name (e.g. 'NVIDIA H100 80GB HBM3' -> 'h100'), or None."""
     n = name.upper()
-    if "H200" in n or "GH200" in n:
-        return "h200"
+    if "H200" in n:  # GH200 (NVL2 too) has the H100 SXM's peaks, as the H200 SXM
+        return "h200-nvl" if "NVL" in n and "GH200" not in n else "h200"
     if "H100" in n:
-        return "h100-pcie" if "PCIE" in n else "h100"
+        return "h100-pcie" if "PCIE" in n else "h100-nvl" if "NVL" in n else "h100"
     if "A100" in n:
         return "a100"
     return None
+
+
+_WARNED = set()
 
 
 def detect_device(device=None):
@@ -167,7 +181,13 @@ def detect_device(device=None):
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return device_name(torch.cuda.get_device_name(device))
+    gpu = torch.cuda.get_device_name(device)
+    key = device_name(gpu)
+    if key is None and gpu not in _WARNED:
+        _WARNED.add(gpu)
+        warnings.warn(f"llmkern.flops: unknown GPU {gpu!r}: no dense peak in PEAK_FLOPS, so MFU against "
+                      f"this card is not reported (only against the A100's peak)", stacklevel=2)
+    return key
 
 
 def device_peak(device=None, dtype="bf16"):
@@ -194,7 +214,7 @@ class Utilization:
 def utilization(tokens_per_second, flops_per_token, dtype="bf16", device=None):
     """MFU against the A100 peak and against the detected device's peak, in one record."""
     p = _precision(dtype)
-    a100 = PEAK_FLOPS["a100"].get(p, PEAK_FLOPS["a100"]["bf16"])
+    a100 = PEAK_FLOPS["a100"].get(p, PEAK_FLOPS["a100"]["bf16"])  # fp8, which the A100 lacks: its bf16 peak
     dev_peak = device_peak(device, p)
     return Utilization(tokens_per_second, flops_per_token, tokens_per_second * flops_per_token / 1e12,
                        mfu(tokens_per_second, flops_per_token, a100),

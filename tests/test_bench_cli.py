@@ -63,3 +63,25 @@ def test_mfu_rows_knob(monkeypatch):
     monkeypatch.setenv("LLMKERN_BENCH_MFU_ROWS", "gpt-9")
     with pytest.raises(ValueError, match="LLMKERN_BENCH_MFU_ROWS"):
         _plan(torch.device("cpu"), quick=True)
+
+
+def test_failed_suite_is_recorded_in_outputs(tmp_path, capsys, monkeypatch):
+    """A suite that raises is listed as failed in results.json / results.md and the printout, with the
+    rows it yielded before; the exit code is 1."""
+    from llmkern.bench.registry import Result, Suite, load_all
+
+    def broken(ctx):
+        yield Result(op="first", shape="s", ours_ms=1.0, baseline="b", baseline_ms=2.0)
+        raise RuntimeError("boom")
+
+    suites = dict(load_all())
+    suites["broken"] = Suite("broken", "", broken)
+    monkeypatch.setattr(cli, "load_all", lambda: suites)
+    out = tmp_path / "bench"
+    assert cli.main(["--suite", "broken", "--out", str(out), "--device", "cpu"]) == 1
+    data = json.loads((out / "results.json").read_text())
+    assert data["failed"] == [{"suite": "broken", "error": "RuntimeError: boom"}]
+    assert [r["op"] for r in data["results"]] == ["first"] and data["results"][0]["ratio"] == 2.0
+    assert "FAILED suite broken: RuntimeError: boom" in (out / "results.md").read_text()
+    printed = capsys.readouterr().out
+    assert "FAILED suite broken" in printed and "ratio = baseline time / our time" in printed

@@ -120,3 +120,31 @@ def test_mfu_suite_rows_on_cpu(monkeypatch):
     lora = rows[1]
     assert lora.extra["lora_params"] == 1 * 2 * (16 * 32 + 32 * 16)      # r=16 on q_proj and v_proj
     assert lora.extra["flops_per_token"] == fpt - 2 * flops.matmul_params(tiny) + 6 * lora.extra["lora_params"]
+    assert "4N + 6LTd + 6N_lora" in lora.notes and "4N" not in r.notes   # the LoRA row says what its MFU counts
+
+
+def test_nvl_cards_have_their_own_peak():
+    """H100 NVL / H200 NVL run at 835.5 dense bf16 TFLOP/s, not the SXM's 989.4 (MFU was 18% low)."""
+    assert flops.device_name("NVIDIA H100 NVL") == "h100-nvl"
+    assert flops.device_name("NVIDIA H200 NVL") == "h200-nvl"
+    assert flops.device_name("NVIDIA GH200 480GB") == "h200" and flops.device_name("NVIDIA GH200 NVL2") == "h200"
+    assert flops.device_name("NVIDIA H100 PCIe") == "h100-pcie"
+    assert flops.device_name("NVIDIA H100 80GB HBM3") == "h100" and flops.device_name("NVIDIA H200") == "h200"
+    for name in ("NVIDIA A100-SXM4-80GB", "NVIDIA A100-PCIE-40GB", "NVIDIA A100 80GB PCIe"):
+        assert flops.peak(flops.device_name(name), "bf16") == 312e12
+    for key in ("h100-nvl", "h200-nvl"):
+        assert flops.peak(key, "bf16") == 835.5e12 and flops.peak(key, "fp8") == 1670.5e12
+        assert flops.peak(key, "tf32") == 417.5e12 and flops.peak(key, "fp32") == 60e12
+    assert flops.peak("h100-pcie", "bf16") == 756.5e12
+
+
+def test_unknown_gpu_says_so(monkeypatch):
+    """A CUDA card missing from the table gives no device peak and a warning naming it (no silent guess)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40S")
+    monkeypatch.setattr(flops, "_WARNED", set(), raising=False)
+    with pytest.warns(UserWarning, match="unknown GPU 'NVIDIA L40S'"):
+        assert flops.detect_device("cuda") is None
+    assert flops.device_peak("cuda") is None
+    u = flops.utilization(1e4, 1e9, "bf16", device="cuda")
+    assert u.mfu_device is None and u.device is None and math.isclose(u.mfu_a100, 1e13 / 312e12)

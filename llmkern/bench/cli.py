@@ -12,7 +12,7 @@ import time
 import torch
 
 from llmkern.bench.registry import Context, load_all
-from llmkern.bench.report import format_table, write_outputs
+from llmkern.bench.report import RATIO_LEGEND, failed_lines, format_table, write_outputs
 
 
 def _progress(iterable, desc="", total=None):
@@ -55,7 +55,7 @@ def main(argv=None):
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ctx = Context(device=device, quick=not args.full, progress=_progress, out_dir=args.out)
-    results, failed = [], []
+    results, failed = [], {}
     for name in names:
         start = time.perf_counter()
         print(f"[llmkern-bench] suite {name} on {device} ({'quick' if ctx.quick else 'full'})", file=sys.stderr)
@@ -66,19 +66,23 @@ def main(argv=None):
                 mine.append(r)
                 # each row as soon as it is measured: a run stopped by a time limit keeps it
                 print(f"[row] {_row_line(r)}", flush=True)
-                write_outputs(results + mine, args.out, device, plot=False)
+                write_outputs(results + mine, args.out, device, plot=False, failed=failed)
         except Exception as exc:  # one broken suite must not hide the others' numbers
-            failed.append(name)
-            print(f"[llmkern-bench] suite {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            print(f"[llmkern-bench] suite {name} failed: {failed[name]}", file=sys.stderr)
+            write_outputs(results + mine, args.out, device, plot=False, failed=failed)  # on record at once
         print(f"[llmkern-bench] suite {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
         results += mine
         if len(names) > 1 and mine:  # each suite's table as soon as it is done (a run cut short keeps them)
             print(format_table(mine), flush=True)
-            write_outputs(results, args.out, device)
+            write_outputs(results, args.out, device, failed=failed)
     if len(names) > 1:
         print("\n[llmkern-bench] all suites:")
     print(format_table(results))
-    paths = write_outputs(results, args.out, device)
+    print(RATIO_LEGEND)
+    for line in failed_lines(failed):
+        print(line)
+    paths = write_outputs(results, args.out, device, failed=failed)
     print("\nwritten: " + ", ".join(paths.values()))
     return 1 if failed else 0
 

@@ -47,23 +47,35 @@ def environment(device):
     return env
 
 
-def write_outputs(results, out_dir, device, name="results", plot=True):
-    """Writes <name>.json, <name>.md and (with matplotlib and plot) <name>.png; returns the paths."""
+RATIO_LEGEND = "ratio = baseline time / our time (> 1: llmkern is faster)"
+
+
+def failed_lines(failed):
+    """One line per failed suite ({suite: error}); its rows, if any, are the ones it yielded first."""
+    return [f"FAILED suite {n}: {e} (its rows above, if any, are partial)" for n, e in (failed or {}).items()]
+
+
+def write_outputs(results, out_dir, device, name="results", plot=True, failed=None):
+    """Writes <name>.json, <name>.md and (with matplotlib and plot) <name>.png; returns the paths.
+    `failed` ({suite: error message}) is recorded in both files ("failed" in the JSON)."""
     os.makedirs(out_dir, exist_ok=True)
     env = environment(device)
     paths = {}
     paths["json"] = os.path.join(out_dir, f"{name}.json")
     with open(paths["json"], "w") as f:
-        json.dump({"environment": env, "results": [r.as_dict() for r in results]}, f, indent=2)
+        json.dump({"environment": env, "results": [r.as_dict() for r in results],
+                   "failed": [{"suite": n, "error": e} for n, e in (failed or {}).items()]}, f, indent=2)
     paths["md"] = os.path.join(out_dir, f"{name}.md")
     rows = rows_as_text(results)
     with open(paths["md"], "w") as f:
         f.write("# llmkern-bench results\n\n")
         f.write(", ".join(f"{k}: {v}" for k, v in env.items()) + "\n\n")
-        f.write("ratio = baseline time / our time (> 1: llmkern is faster)\n\n")
+        f.write(RATIO_LEGEND + "\n\n")
         f.write("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n")
         for row in rows[1:]:
             f.write("| " + " | ".join(str(c) for c in row) + " |\n")
+        for line in failed_lines(failed):
+            f.write(f"\n**{line}**\n")
     png = _plot(results, os.path.join(out_dir, f"{name}.png"), env) if plot else None
     if png:
         paths["png"] = png

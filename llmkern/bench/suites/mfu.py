@@ -231,6 +231,10 @@ def run(ctx):
                     notes.append(str(w.message).split(";")[-1].strip())
         if times.get("llmkern") is None:
             continue
+        if lora:
+            notes.insert(0, "MFU counts 4N + 6LTd + 6N_lora FLOPs/token (frozen base: no weight gradients)")
+        if device.type == "cuda" and dev_name is None:
+            notes.append(f"unknown GPU {torch.cuda.get_device_name(device)!r}: no peak, MFU only vs A100 (extra)")
         # per GPU: data parallel processes `world` batches per step, tensor parallel one batch
         tokens = batch * seq if parallel != "tp" else batch * seq / world
         tok_s = tokens / (times["llmkern"] / 1e3)
