@@ -132,13 +132,29 @@ def test_attention_dropout_runs_in_training_only(monkeypatch):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
-def test_packed_sequences_raise():
-    """position_ids restarting inside a row (packed documents, no mask) need a block mask."""
-    model = _model("llama")
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gpt2"])
+def test_packed_sequences_run_as_varlen(kind):
+    """position_ids restarting inside a row (padding-free packed batches): each document attends only
+    to itself, as eager attention with transformers' packed-sequence mask does; logits and gradients."""
+    model = _model(kind)
+    if kind == "mistral":
+        model.config.sliding_window = 3  # shorter than the documents: the window acts inside each one
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 4, 5, 0, 1, 2]], device=DEV)
+    ids = torch.randint(3, 96, (2, 9), device=DEV)
+    got, want = [], []
+    for impl, out in (("eager", want), ("llmkern", got)):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        logits.square().mean().backward()
+        out += [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # and each document alone gives its slice of the packed logits
     model.set_attn_implementation("llmkern")
-    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3]], device=DEV)
-    with pytest.raises(NotImplementedError, match="cannot express"):
-        model(input_ids=torch.randint(3, 96, (1, 7), device=DEV), position_ids=pos, use_cache=False)
+    alone = model(input_ids=ids[:1, 3:8], position_ids=pos[:1, 3:8], use_cache=False).logits
+    torch.testing.assert_close(alone, got[0][:1, 3:8], atol=1e-5, rtol=1e-5)
 
 
 def test_custom_4d_mask_raises():

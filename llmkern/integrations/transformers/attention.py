@@ -10,8 +10,10 @@
   boolean key padding mask [B, Tk] (or None), after checking that the mask the model asked for
   is one the kernel expresses (causal, bidirectional, sliding window, with padding, at a query
   offset that is bottom-right aligned with the keys, as with DynamicCache or no cache; and
-  single-token decode against a static cache). Anything else (packed-sequence masks, chunked
-  attention, custom or/and mask functions, static-cache prefill) raises NotImplementedError.
+  single-token decode against a static cache). Packed sequences (position_ids restarting inside a
+  row, as DataCollatorWithFlattening builds them) give the int64 sequence indices [B, T] instead,
+  and the attention runs as llmkern.attention_varlen over the packed tokens. Anything else
+  (chunked attention, custom or/and mask functions, static-cache prefill) raises NotImplementedError.
 - an attention function (AttentionInterface) mapping the model's call onto llmkern.attention:
   GQA natively (no repeat_kv), causal from the module (bottom-right aligned, so decode steps and
   chunked prefill with a cache need no special case), `sliding_window` -> window, `softcap`,
@@ -32,8 +34,11 @@ NAME = "llmkern"
 # ---- mask function ------------------------------------------------------------------------------
 
 def _leaves(fn):
-    """The elementary mask functions an and_masks(...) combination is made of."""
-    if getattr(fn, "__qualname__", "").endswith("and_masks.<locals>.and_mask") and fn.__closure__:
+    """The elementary mask functions an and_masks(...) combination is made of. A function remapped to
+    per-sequence positions (packed sequences) counts as the function it wraps: within one sequence
+    positions rise by one per token, so causal / window masks on them are those on token indices."""
+    qual = getattr(fn, "__qualname__", "")
+    if qual.endswith("and_masks.<locals>.and_mask") and fn.__closure__:
         out = []
         for cell in fn.__closure__:
             fns = cell.cell_contents
@@ -41,7 +46,19 @@ def _leaves(fn):
                 for f in fns:
                     out.extend(_leaves(f))
         return out
+    if qual.startswith("remap_positions_for_packed_sequence.") and fn.__closure__:
+        inner = [c.cell_contents for c in fn.__closure__ if callable(c.cell_contents)]
+        if len(inner) == 1:
+            return _leaves(inner[0])
     return [fn]
+
+
+def _packed_ids(leaf):
+    """The [B, T] sequence-index tensor of transformers' packed_sequence_mask_function leaf, or None."""
+    if not getattr(leaf, "__qualname__", "").startswith("packed_sequence_mask_function.") or not leaf.__closure__:
+        return None
+    ids = [c.cell_contents for c in leaf.__closure__ if isinstance(c.cell_contents, torch.Tensor)]
+    return ids[0] if len(ids) == 1 else None
 
 
 def _classify(mask_function):
@@ -51,7 +68,9 @@ def _classify(mask_function):
     kinds = set()
     for f in _leaves(mask_function):
         name = getattr(f, "__qualname__", repr(f))
-        if f is mu.causal_mask_function:
+        if _packed_ids(f) is not None:
+            kinds.add("packed")
+        elif f is mu.causal_mask_function:
             kinds.add("causal")
         elif f is mu.bidirectional_mask_function:
             kinds.add("bidirectional")
@@ -59,9 +78,10 @@ def _classify(mask_function):
             kinds.add("window")
         else:
             raise NotImplementedError(
-                f"llmkern attention cannot express the mask function {name!r} (packed sequences, chunked "
-                f"attention, block or custom masks): it supports causal, bidirectional and sliding-window "
-                f"masks with key padding. Use attn_implementation='sdpa' or 'eager' for this model/input.")
+                f"llmkern attention cannot express the mask function {name!r} (chunked attention, block "
+                f"or custom masks): it supports causal, bidirectional and sliding-window masks with key "
+                f"padding or packed sequences. Use attn_implementation='sdpa' or 'eager' for this model/input.")
+    kinds.discard("packed")
     if kinds >= {"causal", "bidirectional"}:
         raise NotImplementedError("llmkern attention: a mask both causal and bidirectional is not expressible")
     return "causal" if "causal" in kinds else "bidirectional"
@@ -69,11 +89,18 @@ def _classify(mask_function):
 
 def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, use_vmap=False, **kwargs):
-    """AttentionMaskInterface entry: returns the bool key padding mask [B, kv_length] or None."""
+    """AttentionMaskInterface entry: returns the bool key padding mask [B, kv_length] or None; for
+    packed sequences (position_ids restarting inside a row, no padding mask, no cache) the int64
+    sequence indices [B, T], which the attention function turns into varlen attention."""
     from transformers import masking_utils as mu
 
     mask_function = mu.causal_mask_function if mask_function is None else mask_function
     kind = _classify(mask_function)
+    packed = [ids for ids in map(_packed_ids, _leaves(mask_function)) if ids is not None]
+    if packed:
+        if attention_mask is not None or q_length != kv_length or len(packed) > 1:
+            raise NotImplementedError("llmkern attention: packed sequences with a padding mask or a cache")
+        return packed[0].to(torch.long)
     device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
     pad = None
     if attention_mask is not None:
@@ -113,6 +140,17 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     kpm = None
+    window = None
+    if sliding_window is not None and sliding_window > 0:
+        # HF masks: causal kv > q - sw (left = sw - 1); bidirectional |q - kv| <= sw
+        window = (sliding_window - 1, None) if is_causal else (sliding_window, sliding_window)
+    if value.dtype != query.dtype:
+        value = value.to(query.dtype)
+    if key.dtype != query.dtype:
+        key = key.to(query.dtype)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.dtype == torch.long:
+        return _packed_attention(query, key, value, attention_mask, bool(is_causal), scaling, window, softcap,
+                                 dropout), None
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 \
                 or attention_mask.dtype != torch.bool:
@@ -126,18 +164,31 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
         if kpm.shape[-1] != key.shape[2]:
             raise NotImplementedError(f"llmkern attention: key padding mask covers {kpm.shape[-1]} keys, "
                                       f"the layer has {key.shape[2]}")
-    window = None
-    if sliding_window is not None and sliding_window > 0:
-        # HF masks: causal kv > q - sw (left = sw - 1); bidirectional |q - kv| <= sw
-        window = (sliding_window - 1, None) if is_causal else (sliding_window, sliding_window)
-    if value.dtype != query.dtype:
-        value = value.to(query.dtype)
-    if key.dtype != query.dtype:
-        key = key.to(query.dtype)
     out = llmkern.attention(query, key, value, causal=bool(is_causal), scale=scaling, window=window,
                             softcap=softcap if softcap else None, key_padding_mask=kpm,
                             dropout_p=float(dropout) if dropout else 0.0)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_attention(query, key, value, seq_ids, causal, scale, window, softcap, dropout):
+    """Packed sequences (padding-free batches, e.g. DataCollatorWithFlattening): every run of equal
+    sequence indices in a row is one sequence of llmkern.attention_varlen. Returns [B, T, H, D]."""
+    B, H, T, D = query.shape
+    if seq_ids.shape != (B, T) or key.shape[2] != T:
+        raise NotImplementedError(f"llmkern attention: packed sequence indices {tuple(seq_ids.shape)} do not "
+                                  f"match the layer's {B} rows of {T} queries and {key.shape[2]} keys")
+    starts = torch.ones(B, T, dtype=torch.bool, device=seq_ids.device)
+    starts[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]  # (and every row starts a sequence)
+    first = starts.reshape(-1).nonzero().reshape(-1)   # one host sync, as FlashAttention's varlen path
+    cu = torch.cat([first, first.new_tensor([B * T])]).to(torch.int32)
+
+    def tokens(t):  # [B, heads, T, D] -> [B * T, heads, D]
+        return t.transpose(1, 2).reshape(B * T, t.shape[1], D)
+
+    out = llmkern.attention_varlen(tokens(query), tokens(key), tokens(value), cu, cu, causal=causal, scale=scale,
+                                   window=window, softcap=softcap if softcap else None,
+                                   dropout_p=float(dropout) if dropout else 0.0)
+    return out.reshape(B, T, H, D)
 
 
 def register(name: str = NAME):
