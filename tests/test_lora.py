@@ -339,6 +339,11 @@ def test_lora_linear_validation(bad, match):
     (dict(scalings=[1.0]), "scalings must have shape"),
     (dict(lora_B=torch.randn(2, 12, 4)), "lora_B must have shape"),
     (dict(lora_A=torch.randn(3, 10)), "lora_A must have shape"),
+    # the right number of ids in the wrong shape ([T, B] for x [B, T, in]) mapped ids to wrong tokens
+    (dict(adapter_ids=torch.tensor([[0, 1], [-1, 0]])), "adapter_ids must hold one id per token"),
+    # non-finite scalings went through (NaN rows) while lora_linear refuses a NaN scaling
+    (dict(scalings=[1.0, float("nan")]), "scalings must be finite"),
+    (dict(scalings=torch.tensor([float("inf"), 1.0])), "scalings must be finite"),
 ])
 def test_lora_linear_multi_validation(bad, match):
     args = dict(x=torch.randn(4, 10), weight=torch.randn(12, 10), bias=None,
@@ -347,6 +352,65 @@ def test_lora_linear_multi_validation(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         llmkern.lora_linear_multi(**args)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(scalings=[True, 1.0]), "scalings must hold real numbers"),       # was 1.0
+    (dict(scalings=torch.tensor([1 + 1j, 1.0])), "scalings must be a real"),  # imaginary part dropped
+    (dict(scalings="ab"), "scalings must be a tensor or a sequence"),
+])
+def test_lora_linear_multi_scalings_type(bad, match):
+    args = dict(x=torch.randn(4, 10), weight=torch.randn(12, 10), bias=None,
+                lora_A=torch.randn(2, 3, 10), lora_B=torch.randn(2, 12, 3), scalings=[1.0, 2.0],
+                adapter_ids=torch.tensor([0, 1, -1, 0]))
+    args.update(bad)
+    with pytest.raises(TypeError, match=match):
+        llmkern.lora_linear_multi(**args)
+
+
+@pytest.mark.parametrize("backend", ["default", "reference", "triton"])
+def test_scaling_requiring_grad_is_refused(monkeypatch, backend):
+    """A tensor scaling that requires grad silently got no gradient (.item()); a scalings tensor got
+    one on the reference backend and None on the Triton one. Both are refused on every backend;
+    detached tensors and floats still work."""
+    if backend == "triton":
+        if DEV is None:
+            pytest.skip("no CUDA and no TRITON_INTERPRET")
+        monkeypatch.setenv("LLMKERN_BACKEND", backend)
+    elif backend == "reference":
+        monkeypatch.setenv("LLMKERN_BACKEND", backend)
+    dev = DEV or "cpu"
+    x, W, b, A, B = _inputs(5, 12, 10, 3, torch.float32, device=dev)
+    s = torch.tensor(0.7, device=dev, requires_grad=True)
+    with pytest.raises(ValueError, match="scaling must not require grad"):
+        llmkern.lora_linear(x, W, b, A, B, s)
+    ids = torch.tensor([0, 1, -1, 0, 1], device=dev)
+    A2, B2 = torch.stack([A, -A]), torch.stack([B, B])
+    s2 = torch.tensor([0.7, 1.2], device=dev, requires_grad=True)
+    with pytest.raises(ValueError, match="scalings must not require grad"):
+        llmkern.lora_linear_multi(x, W, b, A2, B2, s2, ids)
+    want = ref.lora_linear(x, W, b, A, B, 0.7)
+    assert_close(llmkern.lora_linear(x, W, b, A, B, s.detach()), want.double(), **TOL[torch.float32])
+    with torch.no_grad():
+        assert_close(llmkern.lora_linear(x, W, b, A, B, s), want.double(), **TOL[torch.float32])
+        llmkern.lora_linear_multi(x, W, b, A2, B2, s2, ids)
+
+
+@needs_triton
+def test_double_backward_raises_instead_of_dropping_terms(triton_backend):
+    """The kernels' gradients are not differentiable: under create_graph=True the eager path
+    returned them without a graph, so a gradient penalty added to the loss silently contributed
+    nothing (dx off by 100%); it raises now, as the custom op does."""
+    x, W, b, A, B = _inputs(5, 12, 10, 3, torch.float32)
+    for multi in (False, True):
+        xs = _leaf(x)
+        if multi:
+            y = llmkern.lora_linear_multi(xs, W, b, A[None], B[None], [0.7], torch.zeros(5, dtype=torch.int64))
+        else:
+            y = llmkern.lora_linear(xs, W, b, A, B, 0.7)
+        gx, = torch.autograd.grad(y.square().sum(), xs, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            (y.sum() + gx.square().sum()).backward()
 
 
 def test_info_registration():

@@ -10,6 +10,7 @@ reference: llmkern/reference/lora.py. On CUDA the kernels run inside the torch.l
 torch.compile(fullgraph=True)). CPU tensors use the reference unless LLMKERN_BACKEND=triton, which
 runs the same kernels under TRITON_INTERPRET=1 (float32/float16 only).
 """
+import math
 import numbers
 import os
 from typing import Optional, Sequence, Tuple, Union
@@ -89,6 +90,7 @@ def _check_common(x, weight, bias, lora_A, lora_B, multi):
 
 def _as_scalar(name, v):
     if isinstance(v, torch.Tensor) and v.numel() == 1:
+        _no_grad_arg(name, v)
         v = v.item()
     if not isinstance(v, numbers.Real) or isinstance(v, bool):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
@@ -96,6 +98,47 @@ def _as_scalar(name, v):
     if v != v or v in (float("inf"), float("-inf")):
         raise ValueError(f"{name} must be finite, got {v}")
     return v
+
+
+def _no_grad_arg(name, t):
+    """The ops give no gradient for the LoRA scale(s): a tensor that requires one is refused
+    instead of silently getting None (or, on one backend, a gradient and on another none)."""
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} must not require grad (the op computes no gradient for it): pass a "
+                         f"float or a detached tensor")
+
+
+def _scalings_arg(scalings, n, device):
+    """scalings as a float32 [n] tensor on `device`; element types are checked here, finiteness
+    of a tensor's values with the ids (see _ValueCheck), of a sequence's here."""
+    if isinstance(scalings, torch.Tensor):
+        _no_grad_arg("scalings", scalings)
+        if not (scalings.is_floating_point() or scalings.dtype in _INT_DTYPES):
+            raise TypeError(f"scalings must be a real (floating-point or integer) tensor, got {scalings.dtype}")
+    else:
+        try:
+            if isinstance(scalings, (str, bytes)):
+                raise TypeError
+            items = list(scalings)
+        except TypeError:
+            raise TypeError(f"scalings must be a tensor or a sequence of floats, got {type(scalings).__name__}")
+        vals = []
+        for v in items:
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                _no_grad_arg("scalings", v)
+                v = v.item()
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"scalings must hold real numbers, got {type(v).__name__}")
+            if not math.isfinite(v):
+                raise ValueError(f"scalings must be finite, got {v}")
+            vals.append(float(v))
+        scalings = torch.tensor(vals, dtype=torch.float32)
+    if scalings.shape != (n,):
+        raise ValueError(f"scalings must have shape [{n}] (one per adapter), got {tuple(scalings.shape)}")
+    return scalings.to(device=device, dtype=torch.float32)
+
+
+_INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
 
 def _autocast_args(x, weight, bias):
@@ -173,7 +216,10 @@ class _LoRAFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
+        # the kernels' gradients are not differentiable: a double backward (create_graph=True)
+        # raises, as it does through the custom op, instead of silently dropping second-order terms
         x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed = ctx.saved_tensors
         dy = dy.contiguous()
         dx, dA, dB = _kern().lora_backward(dy, x, weight, lora_A, lora_B, xs, ctx.scaling, scalings, perm,
@@ -206,7 +252,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         bias: ``[out]`` or None.
         lora_A: ``[r, in]``, lora_B: ``[out, r]`` (PEFT layout), 1 <= r <= 256. Cast to x's dtype
             when they differ.
-        scaling: the LoRA scale (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA).
+        scaling: the LoRA scale (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA): a finite float or a
+            one-element tensor that does not require grad (the op gives no gradient for it).
         dropout_p: dropout on the LoRA branch input, in [0, 1). The mask is a hash of
             (seed, row, column), regenerated in the backward rather than stored.
         seed: dropout seed: an int, or an int32 tensor of two words (default: drawn on x's device
@@ -292,11 +339,13 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     Args:
         x: ``[..., in]``; weight ``[out, in]``; bias ``[out]`` or None.
         lora_A: ``[n, r, in]``, lora_B: ``[n, out, r]`` (adapters stacked; pad smaller ranks
-            with zeros), scalings: ``[n]`` tensor or sequence of floats.
+            with zeros), scalings: ``[n]`` tensor (not requiring grad: the op gives no gradient
+            for it) or sequence of floats, all finite.
         adapter_ids: integer tensor with one id per token (shape ``x.shape[:-1]`` or ``[M]``),
-            values in ``[-1, n)``. Checked (ValueError) except while compiling or capturing a CUDA
-            graph (out-of-range ids then act as -1). On CUDA the check reads the ids' min/max after
-            this call's kernels are queued, so it does not leave the GPU idle.
+            values in ``[-1, n)``. The values of ids and of a scalings tensor are checked (ValueError)
+            except while compiling or capturing a CUDA graph (out-of-range ids then act as -1). On
+            CUDA the check reads them after this call's kernels are queued, so it does not leave the
+            GPU idle.
 
     One launch per stage for the whole mixed batch (tokens are processed in adapter-sorted order,
     sorted on the device). Differentiable in x, weight, bias, lora_A and lora_B.
@@ -305,45 +354,49 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     _check_common(x, weight, bias, lora_A, lora_B, multi=True)
     n = lora_A.shape[0]
     M = x.numel() // x.shape[-1]
-    if not isinstance(scalings, torch.Tensor):
-        try:
-            scalings = torch.tensor([float(s) for s in scalings], dtype=torch.float32)
-        except TypeError:
-            raise TypeError(f"scalings must be a tensor or a sequence of floats, got {type(scalings).__name__}")
-    if scalings.shape != (n,):
-        raise ValueError(f"scalings must have shape [{n}] (one per adapter), got {tuple(scalings.shape)}")
-    scalings = scalings.to(device=x.device, dtype=torch.float32)
+    scalings = _scalings_arg(scalings, n, x.device)
     _tensor("adapter_ids", adapter_ids)
-    if adapter_ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+    if adapter_ids.dtype not in _INT_DTYPES:
         raise ValueError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
-    if adapter_ids.numel() != M:
-        raise ValueError(f"adapter_ids must hold one id per token ({M}), got shape {tuple(adapter_ids.shape)}")
+    # exactly x's token dims or flat: ids [T, B] for x [B, T, in] has the right count but maps
+    # every id to the wrong token
+    if adapter_ids.shape != x.shape[:-1] and adapter_ids.shape != (M,):
+        raise ValueError(f"adapter_ids must hold one id per token: shape {tuple(x.shape[:-1])} or [{M}], "
+                         f"got shape {tuple(adapter_ids.shape)}")
     if adapter_ids.device != x.device:
         raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device}")
     ids = adapter_ids.reshape(-1)
-    ids_check = _IdsCheck(ids, n) if _checking_values() and M > 0 else None
+    check = _ValueCheck(ids, n, scalings) if _checking_values() else None
     y = _lora_multi(x, weight, bias, lora_A, lora_B, scalings, ids, n, M)
-    if ids_check is not None:
-        ids_check.finish()
+    if check is not None:
+        check.finish()
     return y
 
 
-class _IdsCheck:
-    """The range check of adapter_ids without stalling the GPU (see _checks.DeferredRead): the
-    min/max is read after the call's kernels are queued. Out-of-range ids act as -1 in the
-    kernels, so reading the result late never touches memory out of bounds; the call still raises
-    instead of returning."""
+class _ValueCheck:
+    """The range check of adapter_ids and the finiteness check of scalings without stalling the
+    GPU (see _checks.DeferredRead): the values are read after the call's kernels are queued.
+    Out-of-range ids act as -1 in the kernels, so reading the result late never touches memory
+    out of bounds; the call still raises instead of returning."""
 
-    def __init__(self, ids, n):
+    def __init__(self, ids, n, scalings):
         self.n = n
-        self.minmax = _checks.DeferredRead(torch.stack(torch.aminmax(ids)))
-        if self.minmax.ready:
+        parts = [(~torch.isfinite(scalings)).sum().reshape(1)]
+        if ids.numel():
+            parts.append(torch.stack(torch.aminmax(ids)).to(torch.int64))
+        self.scalings = scalings
+        self.read = _checks.DeferredRead(torch.cat(parts))
+        if self.read.ready:
             self.finish()
 
     def finish(self):
-        lo, hi = self.minmax.values()
-        if lo < -1 or hi >= self.n:
-            raise ValueError(f"adapter_ids must be in [-1, {self.n}), got values in [{lo}, {hi}]")
+        vals = self.read.values()
+        if vals[0]:
+            raise ValueError(f"scalings must be finite, got {self.scalings.tolist()}")
+        if len(vals) == 3:
+            lo, hi = vals[1:]
+            if lo < -1 or hi >= self.n:
+                raise ValueError(f"adapter_ids must be in [-1, {self.n}), got values in [{lo}, {hi}]")
 
 
 def _lora_multi(x, weight, bias, lora_A, lora_B, scalings, ids, n, M):
