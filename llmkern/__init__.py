@@ -6,6 +6,7 @@ Ops (each a torch.library op with autograd where it makes sense):
   attention_with_kvcache
   lora_linear, lora_linear_multi       fused LoRA matmul (Triton)
   cross_entropy                        fused cross-entropy loss over logits (Triton)
+  linear_cross_entropy                 LM head + loss without materialising the logits
 Subpackages: peft, parallel, models, generation, flops, integrations, bench, reference.
 """
 import importlib as _importlib
@@ -22,6 +23,7 @@ _LAZY_ATTRS = {
     "lora_linear": "llmkern.ops.lora",
     "lora_linear_multi": "llmkern.ops.lora",
     "cross_entropy": "llmkern.ops.cross_entropy",
+    "linear_cross_entropy": "llmkern.ops.cross_entropy",
     "generate": "llmkern.generation",
 }
 _SUBMODULES = {"bench", "flops", "generation", "integrations", "kernels", "models", "ops", "parallel",

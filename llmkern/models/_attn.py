@@ -94,6 +94,11 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
     return _sdpa(q, k, v, True, dropout_p, key_padding_mask)
 
 
+def _shift(labels):
+    """Labels aligned with input_ids -> the next token's label at every position (-100 at the last)."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+
+
 class KVCache:
     """Static per-layer key/value buffers [B, Hkv, max_len, D] and the filled length.
 
@@ -218,7 +223,7 @@ class ZooModel(torch.nn.Module):
         """Next-token cross entropy, Hugging Face style: labels align with input_ids and are shifted
         here; -100 is ignored. backend="llmkern": llmkern.cross_entropy, which reads the (bf16)
         logits once in the forward and once in the backward instead of upcasting a float32 copy."""
-        shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+        shifted = _shift(labels)
         if getattr(self, "_backend", "torch") == "llmkern":
             from llmkern.ops.cross_entropy import cross_entropy
 
@@ -227,6 +232,16 @@ class ZooModel(torch.nn.Module):
         if flat.dtype != torch.float32:  # (autocast would upcast it for cross_entropy all the same)
             flat = flat.float()
         return F.cross_entropy(flat, shifted.reshape(-1), ignore_index=-100)
+
+    def fused_lm_loss(self, h, labels):
+        """lm_loss(head_logits(h), labels) without the logits: llmkern.linear_cross_entropy over the
+        LM head's weight (backend="llmkern", a plain nn.Linear head); otherwise the logits path."""
+        head = self.lm_head
+        if getattr(self, "_backend", "torch") != "llmkern" or type(head) is not torch.nn.Linear:
+            return self.lm_loss(self.head_logits(h), labels)
+        from llmkern.ops.cross_entropy import linear_cross_entropy
+
+        return linear_cross_entropy(h, head.weight, _shift(labels), bias=head.bias, ignore_index=-100)
 
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())

@@ -200,11 +200,13 @@ class Llama(ZooModel):
         return self
 
     def forward(self, input_ids, labels=None, *, cache=None, last_only=False, attention_mask=None,
-                position_ids=None):
+                position_ids=None, return_logits=True):
         """Logits [B, T, V]; (logits, loss) when labels are given. With a KVCache, input_ids are
         the next tokens after the cache's contents and the cache is extended. last_only=True
         computes the logits of the last position only ([B, 1, V], for decoding). attention_mask /
-        position_ids: Hugging Face semantics (see ZooModel._check_input), for padded batches."""
+        position_ids: Hugging Face semantics (see ZooModel._check_input), for padded batches.
+        return_logits=False with labels: (None, loss), the loss from the LM head without the [B, T, V]
+        logits (llmkern.linear_cross_entropy on the llmkern backend: training's memory saver)."""
         start, pos, kpm = self._check_input(input_ids, cache, attention_mask, position_ids)
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
@@ -222,7 +224,10 @@ class Llama(ZooModel):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        logits = self.head_logits(self.norm(x))
+        h = self.norm(x)
+        if labels is not None and not return_logits:
+            return None, self.fused_lm_loss(h, labels)
+        logits = self.head_logits(h)
         if labels is None:
             return logits
         return logits, self.lm_loss(logits, labels)

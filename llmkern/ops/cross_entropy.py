@@ -54,31 +54,34 @@ _softcap = _checks.softcap_arg
 
 def _check(logits, labels, ignore_index, reduction):
     _tensor("logits", logits)
-    _tensor("labels", labels)
     if logits.dtype not in _DTYPES:
         raise ValueError(f"logits must be float32, float16 or bfloat16 (float64: reference only), "
                          f"got {logits.dtype}")
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must have shape [N, V] or [..., V] with V >= 1, got {tuple(logits.shape)}")
+    _check_labels(labels, tuple(logits.shape[:-1]), logits.shape[-1], logits.device, ignore_index,
+                  "logits.shape[:-1]", "logits")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_labels(labels, lead, V, device, ignore_index, lead_name, device_name):
+    _tensor("labels", labels)
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"labels must be an int64 or int32 tensor of class indices (class probabilities "
                          f"are not supported), got {labels.dtype}")
     if labels.dtype not in _LABEL_DTYPES:
         raise ValueError(f"labels must be an int64 or int32 tensor of class indices, got {labels.dtype}")
-    lead = tuple(logits.shape[:-1])
     N = math.prod(lead)
     if tuple(labels.shape) != lead and not (labels.dim() == 1 and labels.shape[0] == N):
-        raise ValueError(f"labels must have shape {list(lead)} (logits.shape[:-1]) or [{N}], "
+        raise ValueError(f"labels must have shape {list(lead)} ({lead_name}) or [{N}], "
                          f"got {list(labels.shape)}")
-    if labels.device != logits.device:
-        raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}")
+    if labels.device != device:
+        raise ValueError(f"labels is on {labels.device} but {device_name} is on {device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -(2**63) <= int(ignore_index) < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    V = logits.shape[-1]
     if labels.device.type == "cpu" and _checking_values() and N > 0:
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
         if bool(bad.any()):
@@ -250,4 +253,196 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     return out.reshape(lead) if reduction == "none" else out
 
 
-__all__ = ["cross_entropy"]
+# ---- fused linear + cross-entropy (the LM head and its loss, without the [N, V] logits) -----------
+
+_LCE_CHUNK_ELEMENTS = 1 << 26  # logits elements per chunk: 128 MB in 16 bits, 256 MB in float32
+
+
+def _lce_chunk_rows(N, V, chunk_size):
+    if chunk_size:
+        return int(chunk_size)
+    return max(1, min(N, _LCE_CHUNK_ELEMENTS // max(V, 1)))
+
+
+def _add_mm(acc, a, b):
+    """acc += a @ b, with acc float32 (float64) and the product accumulated in it (16-bit a and b:
+    one rounding of the product to float32 where the backend has an out_dtype matmul)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    try:
+        acc += torch.mm(a, b, out_dtype=acc.dtype)
+    except (TypeError, RuntimeError, NotImplementedError):
+        acc += (a @ b).to(acc.dtype)
+
+
+def _ce_rows(logits, labels, n_valid, ignore_index, softcap, mean, need_grad):
+    """(per-row loss, dloss/dlogits in the logits' dtype or None) of one chunk of rows."""
+    if _backend_for(logits.device, logits.dtype) == "triton":
+        kern = _kern()
+        loss, lse = kern.cross_entropy_forward(logits, labels, ignore_index=ignore_index, softcap=softcap)
+        if not need_grad:
+            return loss, None
+        one = torch.ones((), device=logits.device, dtype=torch.float32)
+        return loss, kern.cross_entropy_backward(one, logits, labels, lse, n_valid, ignore_index=ignore_index,
+                                                 softcap=softcap, mean=mean)
+    # (mean: 1 / n_valid folded into the gradient; every row ignored: zero, as in the kernels)
+    loss, d = ref.cross_entropy_chunk(logits, labels, ignore_index=ignore_index, softcap=softcap or None,
+                                      need_grad=need_grad,
+                                      grad_scale=n_valid.clamp_min(1).double().reciprocal() if mean else 1.0)
+    return loss, None if d is None else d.to(logits.dtype)
+
+
+def _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size, need_dh, need_dw):
+    """(loss, dh [N, d] or empty, dW float32 [V, d] or empty, db float32 [V] or empty): the gradients
+    of the loss (upstream gradient 1) are computed here, chunk by chunk, while each chunk's logits
+    exist; the backward only scales them. The logits never exist for more than one chunk of rows."""
+    d, V = hidden.shape[-1], weight.shape[0]
+    h, y = hidden.reshape(-1, d), labels.reshape(-1)
+    N = h.shape[0]
+    n_valid = _n_valid(y, V, ignore_index)
+    mean = reduction == "mean"
+    need_db = need_dw and bias is not None
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    dh = torch.empty_like(h) if need_dh else h.new_empty(0)
+    dw = torch.zeros(V, d, device=h.device, dtype=acc) if need_dw else h.new_empty(0, dtype=acc)
+    db = torch.zeros(V, device=h.device, dtype=acc) if need_db else h.new_empty(0, dtype=acc)
+    total = torch.zeros((), device=h.device, dtype=acc)
+    step = _lce_chunk_rows(N, V, chunk_size)
+    for lo in range(0, N, step):
+        hc = h[lo:lo + step]
+        logits = torch.nn.functional.linear(hc, weight, bias)
+        loss, dl = _ce_rows(logits, y[lo:lo + step], n_valid, ignore_index, softcap, mean,
+                            need_dh or need_dw)
+        total += loss.sum()
+        if need_dh:
+            torch.matmul(dl, weight, out=dh[lo:lo + step])
+        if need_dw:
+            _add_mm(dw, dl.t(), hc)
+        if need_db:
+            db += dl.sum(0, dtype=acc)
+    return (total / n_valid if mean else total), dh, dw, db
+
+
+@torch.library.custom_op("llmkern::linear_cross_entropy_fwd", mutates_args=())
+def _lce_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                ignore_index: int, softcap: float, reduction: str, chunk_size: int, need_dh: bool,
+                need_dw: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size, need_dh, need_dw)
+
+
+@_lce_fwd_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size, need_dh, need_dw):
+    d, V = hidden.shape[-1], weight.shape[0]
+    N = hidden.numel() // d if d else 0
+    f32 = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    loss = hidden.new_empty((), dtype=f32)
+    dh = hidden.new_empty((N, d)) if need_dh else hidden.new_empty(0)
+    dw = hidden.new_empty((V, d), dtype=f32) if need_dw else hidden.new_empty(0, dtype=f32)
+    db = hidden.new_empty((V,), dtype=f32) if need_dw and bias is not None else hidden.new_empty(0, dtype=f32)
+    return loss, dh, dw, db
+
+
+def _lce_setup(ctx, inputs, output):
+    hidden, weight, bias = inputs[:3]
+    _, dh, dw, db = output
+    ctx.save_for_backward(dh, dw, db)
+    ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.mark_non_differentiable(dh, dw, db)
+
+
+def _lce_backward(ctx, g, *_):
+    dh, dw, db = ctx.saved_tensors
+    shape, h_dtype, w_dtype, b_dtype = ctx.meta
+    grad_h = (dh * g).to(h_dtype).reshape(shape) if ctx.needs_input_grad[0] else None
+    grad_w = (dw * g).to(w_dtype) if ctx.needs_input_grad[1] else None
+    grad_b = (db * g).to(b_dtype) if ctx.needs_input_grad[2] else None
+    return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+_lce_fwd_op.register_autograd(_lce_backward, setup_context=_lce_setup)
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    """The eager twin of llmkern::linear_cross_entropy_fwd (see _checks.eager_fast_path)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _lce_impl(*inputs)
+        _lce_setup(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, *rest):
+        return _lce_backward(ctx, g, *rest)
+
+
+def _check_lce(hidden, weight, bias, labels, reduction, chunk_size):
+    _tensor("hidden", hidden)
+    _tensor("weight", weight)
+    if hidden.dtype not in _DTYPES:
+        raise ValueError(f"hidden must be float32, float16 or bfloat16 (float64: reference), got {hidden.dtype}")
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape [vocab, {hidden.shape[-1] if hidden.dim() else '?'}] "
+                         f"(hidden's last dim), got {tuple(weight.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        _tensor(name, t)
+        if t.dtype != hidden.dtype or t.device != hidden.device:
+            raise ValueError(f"{name} must be {hidden.dtype} on {hidden.device} like hidden, got {t.dtype} on "
+                             f"{t.device}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' for linear_cross_entropy (its gradients are "
+                         f"computed in the forward), got {reduction!r}; use cross_entropy on the logits for 'none'")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                         softcap: Optional[float] = None, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """The LM head and its loss in one op: ``cross_entropy(F.linear(hidden, weight, bias), labels)``
+    without ever holding the [N, V] logits (Liger's / Apple's "fused linear cross-entropy").
+
+    The rows are processed in chunks (``chunk_size`` rows; default: 2^26 logits per chunk): each
+    chunk's logits are one GEMM in the inputs' dtype, its loss and dlogits come from the
+    cross-entropy kernels (the reference on CPU), and dhidden, dweight (accumulated in float32 over
+    the chunks) and dbias are computed right there, so the backward only scales them by the
+    upstream gradient. Gradients are computed only for the inputs that require them (a frozen LM
+    head, as in LoRA finetuning, skips the dweight GEMMs). Peak memory: one chunk of logits and its
+    gradient, plus float32 [V, d] for dweight when the weight is trained.
+
+    Args:
+        hidden: [..., d] (the final hidden states), float32 / float16 / bfloat16.
+        weight: [V, d] (the LM head's nn.Linear weight, tied or not), hidden's dtype and device.
+        labels: hidden.shape[:-1] or flat [N] int64/int32 class indices (or ignore_index).
+        bias: optional [V].
+        ignore_index, softcap: as for ``cross_entropy``.
+        reduction: "mean" (over non-ignored rows) or "sum".
+        chunk_size: rows per chunk (None: automatic).
+    Under torch.autocast hidden/weight/bias are cast to the autocast dtype first, as F.linear would.
+    Returns a float32 0-dim loss (float64 for float64 inputs).
+    """
+    dt = _checks.autocast_dtype(hidden)
+    if dt is not None:
+        hidden, weight, bias = (_checks.autocast_cast(dt, t) for t in (hidden, weight, bias))
+    _check_lce(hidden, weight, bias, labels, reduction, chunk_size)
+    _check_labels(labels, tuple(hidden.shape[:-1]), weight.shape[0], hidden.device, ignore_index,
+                  "hidden.shape[:-1]", "hidden")
+    sc = _softcap(softcap)
+    grad = torch.is_grad_enabled()
+    need_dh = grad and hidden.requires_grad
+    need_dw = grad and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    args = (int(ignore_index), sc, reduction, int(chunk_size or 0), need_dh, need_dw)
+    with torch.autocast(hidden.device.type, enabled=False):
+        if _checks.eager_fast_path(hidden, weight, bias, labels):
+            return _LinearCrossEntropyFunction.apply(hidden, weight, bias, labels, *args)[0]
+        return _lce_fwd_op(hidden, weight, bias, labels, *args)[0]
+
+
+__all__ = ["cross_entropy", "linear_cross_entropy"]

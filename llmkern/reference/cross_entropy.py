@@ -30,3 +30,34 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     if reduction == "none":
         return out.reshape(logits.shape[:-1])
     return out
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                         reduction: str = "mean", softcap: Optional[float] = None) -> torch.Tensor:
+    """cross_entropy(F.linear(hidden, weight, bias), labels): the oracle of the fused op (it
+    materialises the logits)."""
+    return cross_entropy(F.linear(hidden, weight, bias), labels, ignore_index=ignore_index,
+                         reduction=reduction, softcap=softcap)
+
+
+def cross_entropy_chunk(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+                        softcap: Optional[float] = None, need_grad: bool = True, grad_scale=1.0):
+    """(loss [N] float32, 0 at ignored rows; grad_scale * dloss/dlogits [N, V] float32, or None) of
+    one chunk of rows: the CPU counterpart of the Triton kernels' forward + backward."""
+    x = logits.double() if logits.dtype == torch.float64 else logits.float()
+    V = x.shape[-1]
+    z = softcap * torch.tanh(x / softcap) if softcap else x
+    y = labels.long()
+    valid = (y != ignore_index) & (y >= 0) & (y < V)
+    y0 = torch.where(valid, y, torch.zeros_like(y))
+    logp = torch.log_softmax(z, dim=-1)
+    loss = torch.where(valid, -logp.gather(1, y0[:, None])[:, 0], torch.zeros(1, dtype=logp.dtype))
+    if not need_grad:
+        return loss, None
+    dz = logp.exp_()  # softmax, in place from here on (a chunk is large)
+    dz[torch.arange(len(y0)), y0] -= 1.0
+    dz.mul_(valid.to(dz.dtype)[:, None] * grad_scale)
+    if softcap:
+        dz.mul_(1.0 - (z / softcap) ** 2)
+    return loss, dz

@@ -8,6 +8,10 @@ one bf16 read in the forward; read, read again and write the gradient in forward
 actually moves about 36 bytes per logit: the float32 upcast, log_softmax, their backward, the
 cast back). Quick mode: V = 50257 only.
 
+Plus the LM head with its loss (llmkern.linear_cross_entropy, forward + backward) vs F.linear then
+the eager loss: GPT-2's head (d=768, V=50257; full mode also Llama 3 8B's d=4096, V=128256), N=16384
+tokens, TFLOP/s of its three GEMMs and the peak memory of each.
+
 CPU: one small shape (N=512, V=32000, fp32): what llmkern.cross_entropy runs on CPU (the PyTorch
 reference, i.e. F.cross_entropy itself) vs F.cross_entropy, in seconds; it says nothing about the
 GPU kernels.
@@ -55,19 +59,62 @@ def _rows(ctx, N, V, dtype, notes=""):
     del x, y
 
 
+def _peak_mb(fn, dev):
+    """Peak memory (MB) allocated while fn() runs, above what was allocated before (CUDA only)."""
+    if dev.type != "cuda":
+        return None
+    torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    fn()
+    torch.cuda.synchronize(dev)
+    return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+
+
+def _linear_rows(ctx, N, d, V, dtype, notes=""):
+    """The LM head and its loss, forward + backward (dhidden, dweight): llmkern.linear_cross_entropy
+    (chunked, no [N, V] logits) vs F.linear then eager F.cross_entropy(logits.float()). Throughput:
+    TFLOP/s of the three GEMMs (6·N·d·V); extra: peak memory of each."""
+    import llmkern
+
+    dev = ctx.device
+    gen = torch.Generator(device=dev).manual_seed(0)
+    h = torch.randn(N, d, device=dev, generator=gen).to(dtype).requires_grad_()
+    w = (torch.randn(V, d, device=dev, generator=gen) / d ** 0.5).to(dtype).requires_grad_()
+    y = torch.randint(0, V, (N,), device=dev, generator=gen)
+    ours = lambda: torch.autograd.grad(llmkern.linear_cross_entropy(h, w, y), (h, w))  # noqa: E731
+    base = lambda: torch.autograd.grad(F.cross_entropy(F.linear(h, w).float(), y), (h, w))  # noqa: E731
+    ours_ms = time_fn(ours, dev, quick=ctx.quick)
+    base_ms = time_fn(base, dev, quick=ctx.quick)
+    flops = 6.0 * N * d * V
+    dt = str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float32", "fp32")
+    yield Result(op="linear_cross_entropy fwd+bwd", shape=f"N={N} d={d} V={V} {dt}", ours_ms=ours_ms,
+                 baseline="F.linear + eager F.cross_entropy(logits.float())", baseline_ms=base_ms,
+                 throughput=flops / (ours_ms * 1e-3) / 1e12, unit="TFLOP/s", notes=notes,
+                 extra={"ours_peak_mb": _peak_mb(ours, dev), "baseline_peak_mb": _peak_mb(base, dev)})
+    del h, w, y
+
+
 def _gpu_rows(ctx):
     vocabs = (50257,) if ctx.quick else (50257, 128256)
     for V in ctx.progress(vocabs, desc="cross_entropy"):
         yield from _rows(ctx, TOKENS, V, torch.bfloat16)
+        torch.cuda.empty_cache()
+    heads = ((768, 50257),) if ctx.quick else ((768, 50257), (4096, 128256))  # GPT-2, Llama 3 8B
+    for d, V in heads:
+        yield from _linear_rows(ctx, TOKENS, d, V, torch.bfloat16)
         torch.cuda.empty_cache()
 
 
 def _cpu_rows(ctx):
     yield from _rows(ctx, 512, 32000, torch.float32,
                      notes="CPU runs the PyTorch reference; GPU numbers need a CUDA run")
+    yield from _linear_rows(ctx, 512, 256, 8000, torch.float32,
+                            notes="CPU: chunked GEMMs + the reference; GPU numbers need a CUDA run")
 
 
-@suite("cross_entropy", "fused cross-entropy over logits vs eager F.cross_entropy(logits.float()): fwd, fwd+bwd GB/s")
+@suite("cross_entropy", "fused cross-entropy over logits vs eager F.cross_entropy(logits.float()): fwd, fwd+bwd GB/s; "
+                        "linear_cross_entropy (LM head + loss) vs F.linear + F.cross_entropy")
 def run(ctx):
     if ctx.device.type == "cuda":
         yield from _gpu_rows(ctx)

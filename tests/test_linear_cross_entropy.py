@@ -1,0 +1,189 @@
+"""llmkern.linear_cross_entropy: the LM head and its loss without the [N, V] logits.
+
+Against the float64 oracle cross_entropy(F.linear(hidden, weight, bias), labels): loss and the
+gradients of hidden, weight and bias, on the CPU path and through the cross-entropy kernels (the
+interpreter on CPU), chunked at several sizes; only the gradients asked for are computed; autocast,
+torch.compile, opcheck, the zoo models' return_logits=False, errors.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmkern
+from llmkern.ops import cross_entropy as ops_ce
+from llmkern.reference import cross_entropy as R
+from llmkern.testing import triton_device
+
+DEV = triton_device()
+needs_triton = pytest.mark.skipif(DEV is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+
+
+def _inputs(N=21, d=16, V=37, dtype=torch.float32, bias=True, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(3, N // 3, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    w = (torch.randn(V, d, generator=g) * 0.3).to(device=device, dtype=dtype).requires_grad_()
+    b = torch.randn(V, generator=g).to(device=device, dtype=dtype).requires_grad_() if bias else None
+    y = torch.randint(0, V, (3, N // 3), generator=g).to(device)
+    y[0, 2] = y[2, 0] = -100
+    return h, w, b, y
+
+
+def _check(h, w, b, y, tol, **kw):
+    got = llmkern.linear_cross_entropy(h, w, y, bias=b, **kw)
+    leaves = [t for t in (h, w, b) if t is not None]
+    grads = torch.autograd.grad(got * 1.7, leaves)
+    ref_kw = {k: v for k, v in kw.items() if k != "chunk_size"}
+    d = [t.detach().double().requires_grad_() for t in leaves]
+    want = R.linear_cross_entropy(d[0], d[1], y, bias=d[2] if b is not None else None, **ref_kw)
+    wants = torch.autograd.grad(want * 1.7, d)
+    assert got.dtype == (torch.float64 if h.dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(got.double(), want, **tol)
+    for g, r, t in zip(grads, wants, leaves):
+        assert g.dtype == t.dtype and g.shape == t.shape
+        scale = r.abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(g.double() / scale, r / scale, **tol)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, None])
+@pytest.mark.parametrize("kw", [dict(), dict(reduction="sum"), dict(softcap=4.0)], ids=["mean", "sum", "softcap"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_path_vs_reference(chunk_size, kw, bias):
+    _check(*_inputs(bias=bias), dict(atol=1e-5, rtol=1e-5), chunk_size=chunk_size, **kw)
+
+
+def test_float64_is_exact():
+    _check(*_inputs(dtype=torch.float64), dict(atol=1e-12, rtol=1e-12), chunk_size=4)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, dict(atol=1e-5, rtol=1e-5)),
+                                       (torch.float16, dict(atol=3e-3, rtol=3e-3))])
+def test_kernel_path_vs_reference(monkeypatch, dtype, tol):
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    _check(*_inputs(dtype=dtype, device=DEV), tol, chunk_size=8, softcap=6.0)
+    _check(*_inputs(dtype=dtype, device=DEV, bias=False), tol, reduction="sum")
+
+
+def test_every_row_ignored_gives_nan_mean_and_zero_gradients():
+    h, w, b, y = _inputs()
+    y[:] = -100
+    loss = llmkern.linear_cross_entropy(h, w, y, bias=b)
+    assert torch.isnan(loss)
+    gh, gw, gb = torch.autograd.grad(loss, (h, w, b))
+    assert not gh.any() and not gw.any() and not gb.any()
+    assert llmkern.linear_cross_entropy(h, w, y, bias=b, reduction="sum").item() == 0.0
+
+
+def test_logits_exist_one_chunk_at_a_time(monkeypatch):
+    h, w, b, y = _inputs(N=30)
+    rows, real = [], F.linear
+    monkeypatch.setattr(F, "linear", lambda x, *a, **k: rows.append(x.shape[0]) or real(x, *a, **k))
+    llmkern.linear_cross_entropy(h, w, y, bias=b, chunk_size=8).backward()
+    assert rows == [8, 8, 8, 6]
+
+
+def test_only_requested_gradients_are_computed(monkeypatch):
+    """A frozen LM head (LoRA finetuning) skips the weight-gradient GEMMs; no_grad skips all."""
+    h, w, b, y = _inputs()
+    w.requires_grad_(False)
+    b.requires_grad_(False)
+    want = llmkern.linear_cross_entropy(h, w, y, bias=b)
+
+    def no_dw(*a):
+        raise AssertionError("weight gradient computed for a frozen weight")
+    monkeypatch.setattr(ops_ce, "_add_mm", no_dw)
+    got = llmkern.linear_cross_entropy(h, w, y, bias=b)
+    (gh,) = torch.autograd.grad(got, (h,))
+    assert torch.equal(got, want) and gh.abs().sum() > 0
+    seen, real = [], ops_ce._ce_rows
+    monkeypatch.setattr(ops_ce, "_ce_rows", lambda *a: seen.append(a[-1]) or real(*a))
+    with torch.no_grad():
+        llmkern.linear_cross_entropy(h, w, y, bias=b)
+    assert seen and not any(seen)  # need_grad False for every chunk
+
+
+def test_autocast_casts_like_f_linear():
+    h, w, b, y = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = llmkern.linear_cross_entropy(h, w, y, bias=b)
+        want = R.cross_entropy(F.linear(h, w, b), y)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    got.backward()
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    h, w, b, y = _inputs()
+
+    def f(h, w, b):
+        return llmkern.linear_cross_entropy(h, w, y, bias=b, chunk_size=8)
+
+    got = torch.compile(f, fullgraph=True)(h, w, b)
+    g = torch.autograd.grad(got, (h, w, b))
+    want = f(h, w, b)
+    wg = torch.autograd.grad(want, (h, w, b))
+    torch.testing.assert_close(got, want)
+    for a, c in zip(g, wg):
+        torch.testing.assert_close(a, c)
+
+
+def test_opcheck():
+    h, w, b, y = _inputs()
+    torch.library.opcheck(torch.ops.llmkern.linear_cross_entropy_fwd.default,
+                          (h, w, b, y, -100, 0.0, "mean", 8, True, True))
+
+
+@pytest.mark.parametrize("arch", ["gpt-tiny", "llama-tiny"])
+@pytest.mark.parametrize("backend", ["llmkern", "torch"])
+def test_zoo_return_logits_false(arch, backend):
+    """model(ids, labels, return_logits=False) -> (None, loss): same loss and gradients."""
+    from llmkern.models import GPT, Llama, get_config
+
+    cfg = get_config(arch)
+    torch.manual_seed(0)
+    model = (GPT if arch.startswith("gpt") else Llama)(cfg, backend=backend)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    _, want = model(ids, labels)
+    want.backward()
+    wg = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits, got = model(ids, labels, return_logits=False)
+    got.backward()
+    assert logits is None
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for p, g in zip(model.parameters(), wg):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(reduction="none"), ValueError, "reduction must be 'mean' or 'sum'"),
+    (dict(weight=torch.randn(37, 15)), ValueError, "weight must have shape"),
+    (dict(weight=torch.randn(37, 16, dtype=torch.float64)), ValueError, "weight must be torch.float32"),
+    (dict(bias=torch.randn(36)), ValueError, "bias must have shape"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(labels=torch.randint(0, 37, (3, 6))), ValueError, "labels must have shape"),
+    (dict(labels=torch.full((3, 7), 37)), ValueError, "labels must be in"),
+    (dict(labels=torch.zeros(3, 7)), ValueError, "labels must be an int64"),
+])
+def test_bad_arguments(kw, exc, match):
+    h, w, b, y = _inputs()
+    args = dict(weight=w, labels=y, bias=b)
+    args.update(kw)
+    with pytest.raises(exc, match=match):
+        llmkern.linear_cross_entropy(h, args.pop("weight"), args.pop("labels"), **args)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_vs_unfused():
+    h, w, b, y = _inputs(N=4095, d=256, V=50257, dtype=torch.bfloat16, device="cuda", bias=False)
+    got = llmkern.linear_cross_entropy(h, w, y)
+    gh, gw = torch.autograd.grad(got, (h, w))
+    want = F.cross_entropy(F.linear(h, w).float().reshape(-1, 50257), y.reshape(-1))
+    wh, ww = torch.autograd.grad(want, (h, w))
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    for a, c in ((gh, wh), (gw, ww)):
+        assert ((a.float() - c.float()).norm() / c.float().norm()).item() < 1e-2
