@@ -95,6 +95,9 @@ def test_only_requested_gradients_are_computed(monkeypatch):
     got = llmkern.linear_cross_entropy(h, w, y, bias=b)
     (gh,) = torch.autograd.grad(got, (h,))
     assert torch.equal(got, want) and gh.abs().sum() > 0
+    w2, b2 = w.detach(), b.detach().requires_grad_()  # only the bias trained: still no dweight GEMM
+    (gb,) = torch.autograd.grad(llmkern.linear_cross_entropy(h.detach(), w2, y, bias=b2), (b2,))
+    assert gb.abs().sum() > 0
     seen, real = [], ops_ce._ce_rows
     monkeypatch.setattr(ops_ce, "_ce_rows", lambda *a: seen.append(a[-1]) or real(*a))
     with torch.no_grad():
@@ -132,7 +135,30 @@ def test_torch_compile_fullgraph():
 def test_opcheck():
     h, w, b, y = _inputs()
     torch.library.opcheck(torch.ops.llmkern.linear_cross_entropy_fwd.default,
-                          (h, w, b, y, -100, 0.0, "mean", 8, True, True))
+                          (h, w, b, y, -100, 0.0, "mean", 8, True, True, True))
+
+
+def test_transposed_hidden_under_opcheck_and_inductor():
+    """hidden a transposed [N, d] view: the op's dhidden output must have the contiguous strides its
+    fake promises (it copied hidden's strides: inductor's stride assertion failed, and code generated
+    from the fake strides would read the gradient transposed)."""
+    _, w, b, y = _inputs()
+    y = y.reshape(-1)
+    h = torch.randn(16, y.shape[0]).t().requires_grad_()
+    torch.library.opcheck(torch.ops.llmkern.linear_cross_entropy_fwd.default,
+                          (h, w, b, y, -100, 0.0, "mean", 8, True, True, True))
+    torch._dynamo.reset()
+
+    def f(h, w, b):
+        return llmkern.linear_cross_entropy(h, w, y, bias=b, chunk_size=8)
+
+    got = torch.compile(f, fullgraph=True)(h, w, b)
+    g = torch.autograd.grad(got, (h, w, b))
+    want = f(h, w, b)
+    wg = torch.autograd.grad(want, (h, w, b))
+    torch.testing.assert_close(got, want)
+    for a, c in zip(g, wg):
+        torch.testing.assert_close(a, c)
 
 
 @pytest.mark.parametrize("arch", ["gpt-tiny", "llama-tiny"])

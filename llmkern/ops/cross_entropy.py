@@ -293,7 +293,8 @@ def _ce_rows(logits, labels, n_valid, ignore_index, softcap, mean, need_grad):
     return loss, None if d is None else d.to(logits.dtype)
 
 
-def _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size, need_dh, need_dw):
+def _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size, need_dh, need_dw,
+              need_db):
     """(loss, dh [N, d] or empty, dW float32 [V, d] or empty, db float32 [V] or empty): the gradients
     of the loss (upstream gradient 1) are computed here, chunk by chunk, while each chunk's logits
     exist; the backward only scales them. The logits never exist for more than one chunk of rows."""
@@ -302,9 +303,9 @@ def _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, ch
     N = h.shape[0]
     n_valid = _n_valid(y, V, ignore_index)
     mean = reduction == "mean"
-    need_db = need_dw and bias is not None
+    need_db = need_db and bias is not None
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    dh = torch.empty_like(h) if need_dh else h.new_empty(0)
+    dh = h.new_empty(h.shape) if need_dh else h.new_empty(0)  # contiguous, as the fake says (not h's strides)
     dw = torch.zeros(V, d, device=h.device, dtype=acc) if need_dw else h.new_empty(0, dtype=acc)
     db = torch.zeros(V, device=h.device, dtype=acc) if need_db else h.new_empty(0, dtype=acc)
     total = torch.zeros((), device=h.device, dtype=acc)
@@ -313,7 +314,7 @@ def _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, ch
         hc = h[lo:lo + step]
         logits = torch.nn.functional.linear(hc, weight, bias)
         loss, dl = _ce_rows(logits, y[lo:lo + step], n_valid, ignore_index, softcap, mean,
-                            need_dh or need_dw)
+                            need_dh or need_dw or need_db)
         total += loss.sum()
         if need_dh:
             torch.matmul(dl, weight, out=dh[lo:lo + step])
@@ -327,19 +328,20 @@ def _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, ch
 @torch.library.custom_op("llmkern::linear_cross_entropy_fwd", mutates_args=())
 def _lce_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                 ignore_index: int, softcap: float, reduction: str, chunk_size: int, need_dh: bool,
-                need_dw: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size, need_dh, need_dw)
+                need_dw: bool, need_db: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size, need_dh, need_dw,
+                     need_db)
 
 
 @_lce_fwd_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size, need_dh, need_dw):
+def _(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size, need_dh, need_dw, need_db):
     d, V = hidden.shape[-1], weight.shape[0]
     N = hidden.numel() // d if d else 0
     f32 = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     loss = hidden.new_empty((), dtype=f32)
     dh = hidden.new_empty((N, d)) if need_dh else hidden.new_empty(0)
     dw = hidden.new_empty((V, d), dtype=f32) if need_dw else hidden.new_empty(0, dtype=f32)
-    db = hidden.new_empty((V,), dtype=f32) if need_dw and bias is not None else hidden.new_empty(0, dtype=f32)
+    db = hidden.new_empty((V,), dtype=f32) if need_db and bias is not None else hidden.new_empty(0, dtype=f32)
     return loss, dh, dw, db
 
 
@@ -357,7 +359,7 @@ def _lce_backward(ctx, g, *_):
     grad_h = (dh * g).to(h_dtype).reshape(shape) if ctx.needs_input_grad[0] else None
     grad_w = (dw * g).to(w_dtype) if ctx.needs_input_grad[1] else None
     grad_b = (db * g).to(b_dtype) if ctx.needs_input_grad[2] else None
-    return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+    return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 _lce_fwd_op.register_autograd(_lce_backward, setup_context=_lce_setup)
@@ -437,8 +439,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     sc = _softcap(softcap)
     grad = torch.is_grad_enabled()
     need_dh = grad and hidden.requires_grad
-    need_dw = grad and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    args = (int(ignore_index), sc, reduction, int(chunk_size or 0), need_dh, need_dw)
+    need_dw = grad and weight.requires_grad
+    need_db = grad and bias is not None and bias.requires_grad
+    args = (int(ignore_index), sc, reduction, int(chunk_size or 0), need_dh, need_dw, need_db)
     with torch.autocast(hidden.device.type, enabled=False):
         if _checks.eager_fast_path(hidden, weight, bias, labels):
             return _LinearCrossEntropyFunction.apply(hidden, weight, bias, labels, *args)[0]
