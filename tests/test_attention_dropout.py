@@ -264,3 +264,20 @@ def test_zoo_model_trains_with_llmkern_attention_dropout(monkeypatch):
     torch.manual_seed(1)
     b = model(ids)
     assert set(seen) == {0.3} and torch.equal(a, b)
+
+
+def test_flags_and_seed_are_checked_without_dropout_too():
+    """A truthy non-bool return_lse / num_splits, or a malformed seed with dropout_p=0, is a caller bug:
+    each raises instead of being read loosely."""
+    q, k, v = _qkv(1, 1, 1, 4, 4, 8)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        llmkern.attention(q, k, v, return_lse=1)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        llmkern.attention(q, k, v, seed="1")
+    with pytest.raises(ValueError, match="seed must be an int"):
+        llmkern.attention(q, k, v, seed=torch.tensor([1.0, 2.0]))
+    kc = torch.randn(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="num_splits"):
+        llmkern.attention_with_kvcache(q[:, :, :1].detach(), kc, kc.clone(), 4, num_splits=True)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        llmkern.attention_with_kvcache(q[:, :, :1].detach(), kc, kc.clone(), 4, return_lse=None)

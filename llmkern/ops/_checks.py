@@ -111,17 +111,18 @@ def dropout_seed(seed, p, device):
     None draws it with torch.randint on the device (no host sync; reproducible under
     torch.manual_seed; fine inside torch.compile and CUDA graphs); an int is split into two
     32-bit words; a tensor must hold the two words."""
+    if isinstance(seed, torch.Tensor):  # (checked without dropout too: a bad seed is a bug either way)
+        if seed.numel() != 2 or seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
+            raise ValueError(f"seed must be an int or an integer tensor of 2 words, got {seed.dtype} "
+                             f"{tuple(seed.shape)}")
+    elif seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed must be an int or a tensor, got {type(seed).__name__}")
     if p <= 0:
         return None
     if seed is None:
         return torch.randint(0, 2**31 - 1, (2,), device=device, dtype=torch.int32)
     if isinstance(seed, torch.Tensor):
-        if seed.numel() != 2 or seed.is_floating_point() or seed.is_complex():
-            raise ValueError(f"seed must be an int or an integer tensor of 2 words, got {seed.dtype} "
-                             f"{tuple(seed.shape)}")
         return seed.reshape(2).to(device=device, dtype=torch.int32)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int or a tensor, got {type(seed).__name__}")
     from llmkern.reference.lora import seed_words
 
     return torch.tensor(seed_words(seed), dtype=torch.int32, device=device)

@@ -111,9 +111,10 @@ def _window(window):
 _softcap = _checks.softcap_arg
 
 
-def _check_causal(causal):
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+def _check_causal(causal, return_lse=False):
+    for name, flag in (("causal", causal), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
 
 
 def _ref_window(wl, wr):
@@ -334,7 +335,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     seed_t = _checks.dropout_seed(seed, p, q.device)
     wl, wr = _window(window)
     sc = _softcap(softcap)
-    _check_causal(causal)
+    _check_causal(causal, return_lse)
     if key_padding_mask is not None:
         _tensor("key_padding_mask", key_padding_mask)
         if key_padding_mask.dtype != torch.bool:
@@ -445,7 +446,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     scale = _scale(scale, D)
     wl, wr = _window(window)
     sc = _softcap(softcap)
-    _check_causal(causal)
+    _check_causal(causal, return_lse)
     p = _checks.dropout_p_arg(dropout_p)
     seed_t = _checks.dropout_seed(seed, p, q.device)
     backend = _backend_for(q.device, q.dtype, "attention_varlen")
@@ -516,12 +517,12 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         if bool((cache_seqlens < 0).any()) or int(cache_seqlens.max()) + t_new > Tmax:
             raise ValueError(f"cache_seqlens (+ {t_new} new tokens) must lie in 0..{Tmax} (the cache "
                              f"length), got {cache_seqlens.tolist()}")
-    if not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
     scale = _scale(scale, D)
     wl, wr = _window(window)
     sc = _softcap(softcap)
-    _check_causal(causal)
+    _check_causal(causal, return_lse)
     lens = cache_seqlens
     if k is not None:
         pos = (cache_seqlens.to(torch.long)[:, None] + torch.arange(t_new, device=q.device)[None, :])
