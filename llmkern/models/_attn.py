@@ -235,8 +235,11 @@ class ZooModel(torch.nn.Module):
 
     def fused_lm_loss(self, h, labels):
         """lm_loss(head_logits(h), labels) without the logits: llmkern.linear_cross_entropy over the
-        LM head's weight (backend="llmkern", a plain nn.Linear head); otherwise the logits path."""
+        LM head's weight (backend="llmkern", a plain nn.Linear head), the vocabulary-parallel loss of a
+        sharded head (llmkern.parallel.vocab); otherwise the logits path."""
         head = self.lm_head
+        if hasattr(head, "vocab_parallel_loss"):  # tensor_parallelize(..., vocab_parallel=True)
+            return head.vocab_parallel_loss(h, _shift(labels))
         if getattr(self, "_backend", "torch") != "llmkern" or type(head) is not torch.nn.Linear:
             return self.lm_loss(self.head_logits(h), labels)
         from llmkern.ops.cross_entropy import linear_cross_entropy

@@ -2,6 +2,8 @@
 
     ColumnParallelLinear, RowParallelLinear     the layers (overlap="ring" | "none")
     tensor_parallelize(model, group)            shard a transformer's attention and MLP in place
+                                                (vocab_parallel=True: embedding and LM head too)
+    VocabParallelEmbedding, VocabParallelLMHead vocabulary-sharded embedding / LM head and loss
     lora_state                                  LoRA shards <-> whole factors (llmkern.peft's adapter
                                                 save/load under tensor parallelism uses it)
     cost_model                                  predicted step time / exposed communication
@@ -15,9 +17,11 @@ from llmkern.parallel.comm import set_validation  # noqa: F401
 from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear, OVERLAPS  # noqa: F401
 from llmkern.parallel.tensor_parallel import tensor_parallelize  # noqa: F401
 from llmkern.parallel import lora_state  # noqa: F401
+from llmkern.parallel.vocab import VocabParallelEmbedding, VocabParallelLMHead  # noqa: F401
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "tensor_parallelize", "set_validation", "OVERLAPS",
-           "comm", "lora_state", "cost_model", "launch"]
+           "comm", "lora_state", "cost_model", "launch",
+           "VocabParallelEmbedding", "VocabParallelLMHead"]
 
 
 def __getattr__(name):

@@ -54,11 +54,16 @@ def _heads(module, attrs):
     return None, None
 
 
-def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces=None, transport="p2p"):
+def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces=None, transport="p2p",
+                       vocab_parallel=False):
     """Replace, in place, the attention and MLP projections of `model` by tensor-parallel layers
     (see the module docstring for the naming contract). Returns `model`. Raises ValueError (on
     every rank) when a head count or a feature size is not divisible by the world size, and
-    RuntimeError when there is no process group; the model is then left unchanged."""
+    RuntimeError when there is no process group; the model is then left unchanged.
+    vocab_parallel=True also shards the token embedding and the LM head by vocabulary rows
+    (llmkern.parallel.vocab; a tied head shares the embedding's shard): the LM head's forward then
+    all-gathers the logits, and the zoo models' `model(ids, labels, return_logits=False)` computes the
+    loss on the shards without any [N, V] tensor."""
     group = comm.resolve_group(group, "tensor_parallelize")
     p = comm.world_size(group)
     kw = dict(overlap=overlap, chunks=chunks, pieces=pieces, transport=transport)
@@ -106,6 +111,10 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
             plan.append((parent, h_attr, h // p))
             if kv is not None:
                 plan.append((parent, kv_attr, kv // p))
+    if vocab_parallel:
+        from llmkern.parallel.vocab import vocab_parallel_plan
+
+        plan += vocab_parallel_plan(model, group)
     if not any(isinstance(v, _ParallelLinear) for _, _, v in plan):
         raise ValueError("tensor_parallelize: found no projection to shard; the model's linear layers must "
                          "follow the naming contract in llmkern.parallel.tensor_parallel")
