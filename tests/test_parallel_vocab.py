@@ -3,7 +3,7 @@
 Two gloo ranks on 127.0.0.1; tiny zoo models (GPT: tied head; Llama: untied), a vocabulary that the
 world size does not divide; against the unsharded model: logits, the loss with and without logits,
 and the gradients of the embedding / LM head shards (the rows of the unsharded gradients) and of a
-replicated parameter.
+replicated parameter; greedy generation gives the same tokens.
 """
 import copy
 
@@ -36,12 +36,16 @@ def vocab_worker(rank, world_size):
         none, loss = model(ids, labels, return_logits=False)
         model.zero_grad()
         loss.backward()
+        from llmkern.generation import generate
+
+        with torch.no_grad():
+            same_tokens = torch.equal(generate(model, ids[:, :4], 5), generate(ref, ids[:, :4], 5))
         lo, hi, S = shard_rows(101, None)
         ref_emb = ref.wte if arch.startswith("gpt") else ref.embed_tokens
         norm = "ln_f" if arch.startswith("gpt") else "norm"
         out[arch] = dict(
             is_head=isinstance(head, VocabParallelLMHead), tied=tied, ref_tied=ref.lm_head.weight is ref_emb.weight,
-            shard=tuple(emb.weight.shape), none=none is None,
+            shard=tuple(emb.weight.shape), none=none is None, same_tokens=same_tokens,
             logits=(logits - logits_ref).abs().max().item(),
             loss_full=abs(loss_full.item() - loss_ref.item()), loss=abs(loss.item() - loss_ref.item()),
             emb_grad=(emb.weight.grad[:hi - lo] - ref_emb.weight.grad[lo:hi]).abs().max().item(),
@@ -62,7 +66,7 @@ def test_vocab_parallel_zoo_models_equal_the_unsharded_ones(pool):
     results = pool.run(vocab_worker, timeout=120)
     for rank, res in enumerate(results):
         for arch, r in res.items():
-            assert r["is_head"] and r["none"], r
+            assert r["is_head"] and r["none"] and r["same_tokens"], r
             assert r["tied"] == r["ref_tied"] == arch.startswith("gpt"), r  # a tied head shares the shard
             assert r["shard"][0] == 51, r  # ceil(101 / 2) rows; rank 1 holds 50 real + 1 padding
             for key in ("logits", "loss_full", "loss", "emb_grad", "head_grad", "norm_grad"):
