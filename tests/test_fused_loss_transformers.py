@@ -81,3 +81,35 @@ def test_unsupported_heads_raise():
     model.config.logits_scaling = 2.0
     with pytest.raises(ValueError, match="logits_scaling"):
         lt.use_fused_loss(model)
+
+
+def test_fused_loss_return_dict_false_deepcopy_and_unsupported_heads():
+    """Regressions: return_dict=False crashed (a tuple has no .items()); copy.deepcopy of a patched model
+    computed the loss with the original's weights; a transform around the LM head (RoBERTa's dense +
+    LayerNorm before its decoder, Falcon-H1's multiplier after) or a LoRA injected on lm_head after the
+    patch gave a silently wrong loss."""
+    ref = _model("llama").train()
+    fused = lt.use_fused_loss(copy.deepcopy(ref))
+    ids, labels = _batch()
+    want = ref(input_ids=ids, labels=labels).loss
+    out = fused(input_ids=ids, labels=labels, return_dict=False)
+    assert isinstance(out, tuple)
+    torch.testing.assert_close(out[0], want, atol=1e-6, rtol=1e-6)
+    twin, ref2 = copy.deepcopy(fused), copy.deepcopy(ref)
+    with torch.no_grad():
+        for a, b in zip(twin.parameters(), ref2.parameters()):
+            a.mul_(1.5)
+            b.mul_(1.5)
+    torch.testing.assert_close(twin(input_ids=ids, labels=labels).loss, ref2(input_ids=ids, labels=labels).loss,
+                               atol=1e-6, rtol=1e-6)
+    torch.manual_seed(0)
+    roberta = transformers.RobertaForCausalLM(transformers.RobertaConfig(
+        num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=48, vocab_size=97,
+        is_decoder=True)).train()
+    lt.use_fused_loss(roberta)
+    with pytest.raises(ValueError, match="lm_head"):
+        roberta(input_ids=ids, labels=labels)
+    fused.lm_head = torch.nn.Sequential(fused.lm_head)  # e.g. a wrapper (LoRA) put on the head after the patch
+    fused.get_output_embeddings = lambda: fused.lm_head
+    with pytest.raises(ValueError, match="plain nn.Linear"):
+        fused(input_ids=ids, labels=labels)

@@ -74,6 +74,58 @@ def test_vocab_parallel_zoo_models_equal_the_unsharded_ones(pool):
             assert r["pad_grad"] == 0.0, r
 
 
+def edge_worker(rank, world_size):
+    """Out-of-range labels / ids, every label ignored, a LoRA lm_head: as the unsharded model does."""
+    from llmkern.models import GPT, get_config
+    from llmkern.parallel import tensor_parallelize
+    from llmkern.peft import inject_lora
+
+    cfg = get_config("gpt-tiny").replace(vocab_size=101)
+    torch.manual_seed(0)
+    ref = GPT(cfg, backend="torch")
+    model = tensor_parallelize(copy.deepcopy(ref), vocab_parallel=True)
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for name, labels in (("label_V", ids.clone().index_fill_(1, torch.tensor([3]), 101)),
+                         ("label_neg", ids.clone().index_fill_(1, torch.tensor([3]), -5))):
+        try:
+            model(ids, labels, return_logits=False)
+            out[name] = "no error"
+        except IndexError as exc:
+            out[name] = str(exc)
+    try:
+        model(ids.clone().index_fill_(1, torch.tensor([0]), 101))
+        out["id_V"] = "no error"
+    except IndexError as exc:
+        out["id_V"] = str(exc)
+    ignored = torch.full_like(ids, -100)
+    _, loss_ref = ref(ids, ignored)
+    loss_ref.backward()
+    _, loss = model(ids, ignored, return_logits=False)
+    loss.backward()
+    out["ignored_nan"] = bool(loss.isnan()) and bool(loss_ref.isnan())
+    out["ignored_grads_zero"] = all(bool((p.grad == 0).all()) for p in model.parameters() if p.grad is not None)
+    out["ref_grads_zero"] = all(bool((p.grad == 0).all()) for p in ref.parameters() if p.grad is not None)
+    lora = GPT(cfg.replace(tie_embeddings=False))
+    inject_lora(lora, ["lm_head", "q_proj"])
+    try:
+        tensor_parallelize(lora, vocab_parallel=True)
+        out["lora"] = "no error"
+    except ValueError as exc:
+        out["lora"] = str(exc)
+    return out
+
+
+def test_vocab_parallel_edge_cases_match_torch(pool):
+    """Regressions: out-of-range labels gave a finite loss and out-of-range ids a zero embedding (torch
+    raises); with every label ignored the gradients were NaN (torch: NaN loss, zero gradients)."""
+    for r in pool.run(edge_worker, timeout=120):
+        assert "out of bounds" in r["label_V"] and "out of bounds" in r["label_neg"], r
+        assert "out of range" in r["id_V"], r
+        assert r["ignored_nan"] and r["ref_grads_zero"] and r["ignored_grads_zero"], r
+        assert "LoRA" in r["lora"], r
+
+
 def test_vocab_parallel_needs_a_process_group():
     from llmkern.models import GPT, get_config
     from llmkern.parallel import tensor_parallelize
@@ -81,3 +133,36 @@ def test_vocab_parallel_needs_a_process_group():
     model = GPT(get_config("gpt-tiny"))
     with pytest.raises(RuntimeError, match="no process group"):
         tensor_parallelize(model, vocab_parallel=True)
+
+
+def autocast_worker(rank, world_size):
+    """Under torch.autocast (bf16) the tensor-parallel layers compute like nn.Linear does (they raised a
+    dtype error before): loss and gradients close to the unsharded model's under the same autocast."""
+    from llmkern.models import Llama, get_config
+    from llmkern.parallel import tensor_parallelize
+
+    cfg = get_config("llama-tiny")
+    torch.manual_seed(0)
+    ref = Llama(cfg, backend="torch")
+    ids = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(2))
+    out = {}
+    for vocab_parallel in (False, True):
+        model = tensor_parallelize(copy.deepcopy(ref), vocab_parallel=vocab_parallel)
+        ref.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, want = ref(ids, ids)
+            _, got = model(ids, ids, return_logits=not vocab_parallel)
+        want.backward()
+        got.backward()
+        dtypes = {p.grad.dtype for p in model.parameters()}
+        rel = abs(got.item() - want.item()) / abs(want.item())
+        g_rel = ((model.norm.weight.grad - ref.norm.weight.grad).norm() / ref.norm.weight.grad.norm()).item()
+        out[vocab_parallel] = dict(rel=rel, g_rel=g_rel, dtypes=dtypes, got_dtype=got.dtype)
+    return out
+
+
+def test_tensor_parallel_layers_under_autocast(pool):
+    for res in pool.run(autocast_worker, timeout=120):
+        for vocab_parallel, r in res.items():
+            assert r["rel"] < 2e-2 and r["g_rel"] < 5e-2, (vocab_parallel, r)
+            assert r["dtypes"] == {torch.float32}, r  # gradients reach the float32 parameters

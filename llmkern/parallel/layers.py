@@ -491,7 +491,17 @@ class _ParallelLinear(nn.Module):
         return _Cfg(self.group, self.world_size, self.overlap, self.sequence_parallel, self.lora_scaling,
                     self.chunks, self.pieces, self.transport, type(self).__name__)
 
-    def _check_input(self, x, features):
+    def _cast(self, x):
+        """(x, weight, bias, lora_A, lora_B) as the layer computes with them: under torch.autocast
+        cast to the autocast dtype as nn.Linear would be (gradients flow back to the float32
+        parameters through the casts); otherwise as they are."""
+        from llmkern.ops._checks import autocast_cast, autocast_dtype
+
+        dt = autocast_dtype(x)
+        ts = (x, self.weight, self.bias, self.lora_A, self.lora_B)
+        return ts if dt is None else tuple(autocast_cast(dt, t) for t in ts)
+
+    def _check_input(self, x, features, weight=None):
         name = type(self).__name__
         # the cross-rank check first: a local error on one rank only would leave the others
         # waiting in the next collective until the process group's timeout
@@ -501,8 +511,9 @@ class _ParallelLinear(nn.Module):
         if x.dim() < 1 or x.shape[-1] != features:
             raise ValueError(f"{name}: input must have {features} features in its last dimension, got "
                              f"shape {tuple(x.shape)}")
-        if x.dtype != self.weight.dtype:
-            raise TypeError(f"{name}: input dtype {x.dtype} differs from the weight dtype {self.weight.dtype}")
+        weight = self.weight if weight is None else weight
+        if x.dtype != weight.dtype:
+            raise TypeError(f"{name}: input dtype {x.dtype} differs from the weight dtype {weight.dtype}")
         if x.device != self.weight.device:
             raise ValueError(f"{name}: input on {x.device}, weight on {self.weight.device}")
 
@@ -533,12 +544,13 @@ class ColumnParallelLinear(_ParallelLinear):
         return self.out_features // self.world_size
 
     def forward(self, x):
-        self._check_input(x, self.in_features)
+        x, w, b, A, B = self._cast(x)
+        self._check_input(x, self.in_features, w)
         lead = tuple(x.shape[:-1])
         x2 = x.reshape(-1, self.in_features)
         if self.sequence_parallel and self.world_size > 1:
             lead = (lead[0] * self.world_size,) + lead[1:] if lead else (self.world_size * x2.shape[0],)
-        y = _column_apply(x2, self.weight, self.bias, self.lora_A, self.lora_B, self._cfg())
+        y = _column_apply(x2, w, b, A, B, self._cfg())
         y = y.view(lead + (y.shape[-1],))
         if self.gather_output and self.world_size > 1:
             y = _GatherLastDim.apply(y, self.group)
@@ -604,11 +616,12 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward(self, x):
         p = self.world_size
+        x, w, b, A, B = self._cast(x)
         if not self.input_is_parallel:
-            self._check_input(x, self.in_features)
+            self._check_input(x, self.in_features, w)
             x = _ScatterLastDim.apply(x, self.group) if p > 1 else x
         else:
-            self._check_input(x, self.in_features_per_rank)
+            self._check_input(x, self.in_features_per_rank, w)
         lead = tuple(x.shape[:-1])
         x2 = x.reshape(-1, x.shape[-1])
         if self.sequence_parallel and p > 1:
@@ -617,7 +630,7 @@ class RowParallelLinear(_ParallelLinear):
                 raise ValueError(f"RowParallelLinear: with sequence_parallel the number of tokens ({M}) must "
                                  f"be divisible by the world size {p}")
             lead = (lead[0] // p,) + lead[1:] if lead and lead[0] % p == 0 else (M // p,)
-        y = _row_apply(x2, self.weight, self.bias, self.lora_A, self.lora_B, self._cfg())
+        y = _row_apply(x2, w, b, A, B, self._cfg())
         return y.view(lead + (self.out_features,))
 
     @classmethod

@@ -89,7 +89,11 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, ids):
         lo, hi, _ = shard_rows(self.num_embeddings, self.group)
         mine = (ids >= lo) & (ids < hi)
-        local = F.embedding(torch.where(mine, ids - lo, torch.zeros_like(ids)), self.weight)
+        # an id outside [0, V) looks up row S (out of range) on every rank: F.embedding raises as
+        # nn.Embedding does (a device assert on CUDA), before any collective, instead of a zero embedding
+        bad = (ids < 0) | (ids >= self.num_embeddings)
+        local = torch.where(mine, ids - lo, torch.where(bad, self.weight.shape[0], 0))
+        local = F.embedding(local, self.weight)
         return _SumOverRanks.apply(local * mine.unsqueeze(-1).to(local.dtype), self.group)
 
     def extra_repr(self):
@@ -101,24 +105,31 @@ class _VocabParallelCE(torch.autograd.Function):
     ignore_index rows give 0). The backward is local: softmax minus the one-hot of the label."""
 
     @staticmethod
-    def forward(ctx, logits, labels, lo, valid_cols, ignore_index, group):
+    def forward(ctx, logits, labels, lo, valid_cols, ignore_index, group, num_classes):
+        valid = labels != ignore_index
+        bad = valid & ((labels < 0) | (labels >= num_classes))
+        if not labels.is_cuda and bool(bad.any()):  # (labels are replicated: every rank raises)
+            raise IndexError(f"vocab_parallel_loss: label {labels[bad][0].item()} is out of bounds for "
+                             f"{num_classes} classes (ignore_index={ignore_index})")
         z = logits.float()
         if valid_cols < z.shape[1]:  # the padded rows of the last shard are no classes
             z = z.clone()
             z[:, valid_cols:] = float("-inf")
+        local = labels - lo
+        mine = (local >= 0) & (local < valid_cols) & valid
+        # an out-of-range label gathers column S (out of bounds): a device assert on CUDA, no host sync
+        idx = torch.where(mine, local, torch.where(bad, z.shape[1], 0))
+        z_label = z.gather(1, idx[:, None])[:, 0]
+        idx = torch.where(mine, local, torch.zeros_like(local))
         m = z.max(dim=1).values
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         e = torch.exp(z - m[:, None])
         total = e.sum(dim=1)
-        local = labels - lo
-        mine = (local >= 0) & (local < valid_cols) & (labels != ignore_index)
-        idx = torch.where(mine, local, torch.zeros_like(local))
-        target = torch.where(mine, z.gather(1, idx[:, None])[:, 0] - m, torch.zeros_like(m))
+        target = torch.where(mine, z_label - m, torch.zeros_like(m))
         stats = torch.stack([total, target])
         dist.all_reduce(stats, group=group)
         total, target = stats[0], stats[1]
-        valid = labels != ignore_index
         loss = torch.where(valid, torch.log(total) - target, torch.zeros_like(total))
         e /= total[:, None]  # the softmax, kept for the backward
         ctx.save_for_backward(e, idx, mine, valid)
@@ -131,8 +142,10 @@ class _VocabParallelCE(torch.autograd.Function):
         d = p.clone()
         rows = torch.arange(d.shape[0], device=d.device)
         d[rows, idx] -= mine.to(d.dtype)
-        d *= (g * valid.to(g.dtype))[:, None]
-        return d.to(ctx.dtype), None, None, None, None, None
+        # where, not g * valid: with every label ignored the mean's gradient g is inf (1 / 0) and torch's
+        # cross_entropy gives zero gradients (inf * 0 would be NaN)
+        d *= torch.where(valid, g, torch.zeros_like(g))[:, None]
+        return d.to(ctx.dtype), None, None, None, None, None, None
 
 
 class VocabParallelLMHead(nn.Module):
@@ -169,7 +182,7 @@ class VocabParallelLMHead(nn.Module):
         lo, hi, _ = shard_rows(self.out_features, self.group)
         logits = self._local_logits(h).reshape(-1, self.weight.shape[0])
         y = labels.reshape(-1)
-        loss = _VocabParallelCE.apply(logits, y, lo, hi - lo, ignore_index, self.group)
+        loss = _VocabParallelCE.apply(logits, y, lo, hi - lo, ignore_index, self.group, self.out_features)
         return loss.sum() / (y != ignore_index).sum()
 
     def extra_repr(self):
@@ -187,6 +200,11 @@ def vocab_parallel_plan(model, group):
            if n in EMBEDDING_NAMES and type(c) is nn.Embedding]
     heads = [(p, n, c) for p in model.modules() for n, c in p.named_children()
              if n in HEAD_NAMES and type(c) is nn.Linear]
+    wrapped = [n for p in model.modules() for n, c in p.named_children()
+               if n in HEAD_NAMES | EMBEDDING_NAMES and hasattr(c, "base_layer")]
+    if wrapped:
+        raise ValueError(f"tensor_parallelize(vocab_parallel=True): {wrapped[0]} is wrapped (LoRA); a LoRA on the "
+                         f"token embedding or the LM head is not supported with vocab_parallel")
     if len(emb) != 1 or len(heads) != 1:
         raise ValueError(f"tensor_parallelize(vocab_parallel=True): needs one token embedding (named one of "
                          f"{sorted(EMBEDDING_NAMES)}, an nn.Embedding) and one LM head ({sorted(HEAD_NAMES)}, an "
