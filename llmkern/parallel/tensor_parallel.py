@@ -15,7 +15,9 @@ Module-naming contract (Hugging Face Llama / GPT-2 / nanoGPT names; llmkern.mode
   derive shapes from those counts and head_dim (``view(B, T, self.n_head, self.head_dim)``,
   ``reshape(B, T, self.n_head * self.head_dim)`` or ``-1``), never from the model width.
 - PEFT-style LoRA wrappers (``.base_layer`` nn.Linear plus lora_A/lora_B) under those names are
-  sharded with their factors. Every other module (embeddings, norms, lm_head) stays replicated.
+  sharded with their factors. Every other module (embeddings, norms, lm_head) stays replicated, unless
+  vocab_parallel=True: then the token embedding (wte / embed_tokens / tok_embeddings / word_embeddings)
+  and the LM head (lm_head / output) are sharded by vocabulary rows (llmkern.parallel.vocab).
 - The weights must be identical on every rank before sharding (same seed, or a broadcast).
 
 Sequence parallelism is not applied by tensor_parallelize (norms and dropout would then see token
