@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from llmkern._backend import warn_once
+from llmkern.ops._checks import autocast_cast, autocast_dtype
 from llmkern.parallel import comm
 from llmkern.peft.lora import lora_scaling
 
@@ -495,8 +496,6 @@ class _ParallelLinear(nn.Module):
         """(x, weight, bias, lora_A, lora_B) as the layer computes with them: under torch.autocast
         cast to the autocast dtype as nn.Linear would be (gradients flow back to the float32
         parameters through the casts); otherwise as they are."""
-        from llmkern.ops._checks import autocast_cast, autocast_dtype
-
         dt = autocast_dtype(x)
         ts = (x, self.weight, self.bias, self.lora_A, self.lora_B)
         return ts if dt is None else tuple(autocast_cast(dt, t) for t in ts)
