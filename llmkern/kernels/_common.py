@@ -29,6 +29,26 @@ def tanh(x):
     return tl.where(x2 < 0.015625, series, 2.0 * tl.sigmoid(2.0 * x) - 1.0)
 
 
+def dropout_params(p):
+    """(threshold, inv_keep) of a hashed dropout mask: keep when hash >> 8 >= threshold; kept values
+    scaled by inv_keep (LoRA and attention)."""
+    threshold = int(round(float(p) * (1 << 24)))
+    inv_keep = 1.0 / (1.0 - float(p)) if p < 1 else 0.0
+    return threshold, inv_keep
+
+
+@triton.jit
+def seed_keys(SEED):
+    """(k0, k1): the two 32-bit keys of the dropout hash, from the int32 [2] seed words at SEED (read on
+    the device: no host value). Both depend on both words (with a column key from one word alone,
+    seeds differing only in the other gave row permutations of one mask).
+    llmkern/reference/lora.py's seed_keys computes the same."""
+    seed0 = tl.load(SEED).to(tl.uint32)
+    seed1 = tl.load(SEED + 1).to(tl.uint32)
+    k0 = fmix32(seed0 ^ fmix32(seed1 ^ 0x68E31DA4))
+    return k0, fmix32(k0 ^ 0x1B873593)
+
+
 @triton.jit
 def fmix32(h):
     """murmur3's 32-bit finaliser on uint32 values: the dropout masks' hash (LoRA, attention);

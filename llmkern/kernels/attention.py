@@ -34,7 +34,9 @@ import triton.language as tl
 from llmkern.kernels import _autotune as _autotune_front
 from llmkern.kernels import _tma
 from llmkern.kernels._common import cdiv, next_power_of_2
+from llmkern.kernels._common import dropout_params as _dropout_params
 from llmkern.kernels._common import fmix32 as _fmix32
+from llmkern.kernels._common import seed_keys as _seed_keys
 from llmkern.kernels._common import interpreting as _interpreting
 from llmkern.kernels._common import tanh as _tanh
 
@@ -79,10 +81,7 @@ def _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M: tl.constexpr, B
 def _drop_keys(SEED, bh):
     """Dropout keys (kh, kc) of head bh = batch * heads + query head. SEED points at the two int32
     seed words on the device (no host value: CUDA graphs and torch.compile keep working)."""
-    seed0 = tl.load(SEED).to(tl.uint32)
-    seed1 = tl.load(SEED + 1).to(tl.uint32)
-    k0 = _fmix32(seed0 ^ _fmix32(seed1 ^ 0x68E31DA4))
-    kc = _fmix32(k0 ^ 0x1B873593)
+    k0, kc = _seed_keys(SEED)
     kh = _fmix32(k0 ^ _fmix32(bh.to(tl.uint32) * 0xCC9E2D51 + kc))
     return kh, kc
 
@@ -797,7 +796,7 @@ def _dropout_args(dropout_p, seed, batch_base, placeholder):
     kept weights scaled by drop_scale = 1/(1-p). Without dropout the pointer is a placeholder."""
     if not dropout_p > 0:
         return placeholder, 0, 1.0, 0
-    return seed, int(round(float(dropout_p) * (1 << 24))), 1.0 / (1.0 - float(dropout_p)), int(batch_base)
+    return (seed, *_dropout_params(dropout_p), int(batch_base))
 
 
 def _dense_strides(t):

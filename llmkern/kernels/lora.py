@@ -47,7 +47,9 @@ from llmkern._backend import triton_interpreting
 from llmkern.kernels import _autotune as _autotune_front
 from llmkern.kernels import _tma
 from llmkern.kernels._common import cdiv, next_power_of_2
+from llmkern.kernels._common import dropout_params  # (the launchers below; tests read it here)
 from llmkern.kernels._common import fmix32 as _fmix32
+from llmkern.kernels._common import seed_keys as _seed_keys
 from llmkern.reference.lora import seed_words  # the int seed -> int32 words split (re-exported)
 
 _HASH_COL = 0x9E3779B1
@@ -61,12 +63,7 @@ def _keep_mask(rows, cols, SEED, threshold):
 
     SEED points at two int32 words (seed0, seed1) on the device: no host value, so dropout works
     under CUDA graphs and torch.compile with a seed drawn by torch.randint on the device."""
-    seed0 = tl.load(SEED).to(tl.uint32)
-    seed1 = tl.load(SEED + 1).to(tl.uint32)
-    # both keys depend on both words: with a column key from seed1 alone, seeds differing only in
-    # seed0 gave row permutations of one mask (row ^ seed0)
-    k0 = _fmix32(seed0 ^ _fmix32(seed1 ^ 0x68E31DA4))
-    k1 = _fmix32(k0 ^ 0x1B873593)
+    k0, k1 = _seed_keys(SEED)
     hr = _fmix32(rows.to(tl.uint32) ^ k0)
     hc = cols.to(tl.uint32) * 0x9E3779B1 + k1
     h = _fmix32(hr[:, None] ^ hc[None, :])
@@ -417,13 +414,6 @@ def _precision(dtype):
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
-
-
-def dropout_params(p):
-    """(threshold, inv_keep): keep when hash >> 8 >= threshold; kept values scaled by inv_keep."""
-    threshold = int(round(float(p) * (1 << 24)))
-    inv_keep = 1.0 / (1.0 - float(p)) if p < 1 else 0.0
-    return threshold, inv_keep
 
 
 def seed_tensor(seed, device):

@@ -264,16 +264,25 @@ def _lce_chunk_rows(N, V, chunk_size):
     return max(1, min(N, _LCE_CHUNK_ELEMENTS // max(V, 1)))
 
 
+_OUT_DTYPE_MM = {}  # (device type, input dtype) -> whether torch.mm(..., out_dtype=float32) runs there
+
+
 def _add_mm(acc, a, b):
     """acc += a @ b, with acc float32 (float64) and the product accumulated in it (16-bit a and b:
-    one rounding of the product to float32 where the backend has an out_dtype matmul)."""
+    one rounding of the product to float32 where the backend has an out_dtype matmul, found out once
+    per device type and dtype)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    try:
-        acc += torch.mm(a, b, out_dtype=acc.dtype)
-    except (TypeError, RuntimeError, NotImplementedError):
-        acc += (a @ b).to(acc.dtype)
+    key = (a.device.type, a.dtype)
+    if _OUT_DTYPE_MM.get(key, True):
+        try:
+            acc += torch.mm(a, b, out_dtype=acc.dtype)
+            _OUT_DTYPE_MM[key] = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):  # no such matmul on this torch / device
+            _OUT_DTYPE_MM[key] = False
+    acc += (a @ b).to(acc.dtype)
 
 
 def _ce_rows(logits, labels, n_valid, ignore_index, softcap, mean, need_grad):

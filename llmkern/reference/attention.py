@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from llmkern.reference.lora import _fmix32, _mul32, dropout_params
+from llmkern.reference.lora import _fmix32, _mul32, dropout_params, seed_keys
 
 
 def _normalize_window(window, causal):
@@ -62,8 +62,7 @@ def attention_dropout_keep(B, H, Tq, Tk, p, seed, device=None, batch_base=0):
     s0, s1, thr = dropout_params(p, seed)
     if isinstance(s0, torch.Tensor):
         s0, s1 = s0.to(device), s1.to(device)
-    k0 = _fmix32(s0 ^ _fmix32(s1 ^ 0x68E31DA4))
-    kc = _fmix32(k0 ^ 0x1B873593)
+    k0, kc = seed_keys(s0, s1)
     bh = (batch_base * H + torch.arange(B * H, device=device, dtype=torch.int64)) & 0xFFFFFFFF
     kh = _fmix32(k0 ^ _fmix32((_mul32(bh, 0xCC9E2D51) + kc) & 0xFFFFFFFF))  # [B*H]
     rows = torch.arange(Tq, device=device, dtype=torch.int64)

@@ -42,6 +42,12 @@ def dropout_params(p, seed):
     return seed & _M32, seed >> 32, thr
 
 
+def seed_keys(s0, s1):
+    """(k0, k1): the dropout hash's two keys from the seed words (the kernels' _common.seed_keys)."""
+    k0 = _fmix32(s0 ^ _fmix32(s1 ^ 0x68E31DA4))
+    return k0, _fmix32(k0 ^ 0x1B873593)
+
+
 def dropout_keep_mask(M, K, p, seed, device=None):
     """Bool [M, K]: which elements of the flattened x the fused LoRA dropout keeps.
 
@@ -51,8 +57,7 @@ def dropout_keep_mask(M, K, p, seed, device=None):
         s0, s1 = s0.to(device), s1.to(device)
     rows = torch.arange(M, device=device, dtype=torch.int64)
     cols = torch.arange(K, device=device, dtype=torch.int64)
-    k0 = _fmix32(s0 ^ _fmix32(s1 ^ 0x68E31DA4))
-    k1 = _fmix32(k0 ^ 0x1B873593)
+    k0, k1 = seed_keys(s0, s1)
     hr = _fmix32(rows ^ k0)
     hc = (_mul32(cols, 0x9E3779B1) + k1) & _M32
     h = _fmix32(hr[:, None] ^ hc[None, :])
