@@ -166,3 +166,47 @@ def test_tensor_parallel_layers_under_autocast(pool):
         for vocab_parallel, r in res.items():
             assert r["rel"] < 2e-2 and r["g_rel"] < 5e-2, (vocab_parallel, r)
             assert r["dtypes"] == {torch.float32}, r  # gradients reach the float32 parameters
+
+
+def chunk_worker(rank, world_size):
+    """vocab_parallel_loss straight on a sharded head (with and without bias, chunks of 5 rows or one
+    chunk, ignored rows) against F.cross_entropy of the unsharded F.linear: loss, dh, the shard rows of
+    dW and db."""
+    import torch.nn.functional as F
+
+    from llmkern.parallel.vocab import VocabParallelLMHead, shard_rows
+
+    out = {}
+    gen = torch.Generator().manual_seed(3)
+    V, d, N = 37, 16, 23
+    lo, hi, _ = shard_rows(V, None)
+    for bias in (False, True):
+        full = torch.nn.Linear(d, V, bias=bias)
+        with torch.no_grad():
+            full.weight.copy_(torch.randn(V, d, generator=gen))
+            if bias:
+                full.bias.copy_(torch.randn(V, generator=gen))
+        h0 = torch.randn(N, d, generator=gen)
+        y = torch.randint(0, V, (N,), generator=gen)
+        y[::4] = -100
+        h_ref = h0.clone().requires_grad_()
+        want = F.cross_entropy(full(h_ref), y)
+        want.backward()
+        for chunk in (None, 5):
+            head = VocabParallelLMHead.from_linear(full, None)
+            h = h0.clone().requires_grad_()
+            got = head.vocab_parallel_loss(h.view(1, N, d), y.view(1, N), chunk_size=chunk)
+            got.backward()
+            err = max(abs(got.item() - want.item()), (h.grad - h_ref.grad).abs().max().item(),
+                      (head.weight.grad[:hi - lo] - full.weight.grad[lo:hi]).abs().max().item())
+            if bias:
+                err = max(err, (head.bias.grad[:hi - lo] - full.bias.grad[lo:hi]).abs().max().item())
+            out[(bias, chunk)] = err
+        full.zero_grad()
+    return out
+
+
+def test_vocab_parallel_loss_in_chunks_equals_cross_entropy(pool):
+    for res in pool.run(chunk_worker, timeout=120):
+        for key, err in res.items():
+            assert err < 1e-5, (key, err)

@@ -9,9 +9,10 @@ logits are masked out of the softmax). A tied LM head shares the embedding's sha
   holds the whole output gradient).
 - VocabParallelLMHead: forward(h) returns the whole logits [..., V] (an all-gather along the vocabulary:
   for generation and for callers that want logits); `vocab_parallel_loss(h, labels)` returns the mean
-  next-token loss without gathering anything: each rank computes its [N, S] logits and the softmax
-  statistics are combined with three all-reduces of [N] floats (max, sum of exponentials, target
-  logit). That is what the zoo models use with `model(ids, labels, return_logits=False)`.
+  next-token loss without gathering anything: each rank computes its logits [c, S] one chunk of c rows
+  at a time, the softmax statistics are combined with two all-reduces per chunk (the row max, then the
+  sums of exponentials and the target logits), and the gradients are formed while the chunk exists
+  (llmkern.linear_cross_entropy's scheme), so neither the [N, V] logits nor an [N, S] softmax is kept. That is what the zoo models use with `model(ids, labels, return_logits=False)`.
 
 `tensor_parallelize(model, group, vocab_parallel=True)` installs them; see
 llmkern/parallel/tensor_parallel.py.
@@ -21,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from llmkern.ops import _checks
 from llmkern.parallel import comm
 
 
@@ -100,52 +102,110 @@ class VocabParallelEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, shard={tuple(self.weight.shape)}"
 
 
-class _VocabParallelCE(torch.autograd.Function):
-    """Per-row cross-entropy over vocabulary-sharded logits [N, S] (float32), labels [N] (global ids;
-    ignore_index rows give 0). The backward is local: softmax minus the one-hot of the label."""
+def _check_vocab_labels(labels, ignore_index, num_classes):
+    """Out-of-range labels raise on CPU (labels are replicated: every rank raises); on CUDA the gather
+    of column S in _shard_loss is the device-side assert (no host sync)."""
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= num_classes))
+    if not labels.is_cuda and bool(bad.any()):
+        raise IndexError(f"vocab_parallel_loss: label {labels[bad][0].item()} is out of bounds for "
+                         f"{num_classes} classes (ignore_index={ignore_index})")
+    return valid, bad
+
+
+def _shard_loss(z, labels, valid, bad, lo, valid_cols, group, grad_scale):
+    """Per-row losses of one chunk of vocabulary-sharded float32 logits z [c, S] (combined over the ranks
+    with two all-reduces: the row max, then the sums of exponentials and the target logits), and the
+    loss gradient dloss/dz [c, S] times grad_scale (None for no gradient), computed in place in z."""
+    if valid_cols < z.shape[1]:  # the padded rows of the last shard are no classes
+        z[:, valid_cols:] = float("-inf")
+    local = labels - lo
+    mine = (local >= 0) & (local < valid_cols) & valid
+    # an out-of-range label gathers column S (out of bounds): a device assert on CUDA, no host sync
+    z_label = z.gather(1, torch.where(mine, local, torch.where(bad, z.shape[1], 0))[:, None])[:, 0]
+    m = z.max(dim=1).values
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    z -= m[:, None]
+    z.exp_()
+    stats = torch.stack([z.sum(dim=1), torch.where(mine, z_label - m, torch.zeros_like(m))])
+    dist.all_reduce(stats, group=group)
+    total, target = stats[0], stats[1]
+    loss = torch.where(valid, torch.log(total) - target, torch.zeros_like(total))
+    if grad_scale is None:
+        return loss, None
+    z /= total[:, None]  # the softmax minus the one-hot of the label, for the rows not ignored
+    rows = torch.arange(z.shape[0], device=z.device)
+    z[rows, torch.where(mine, local, torch.zeros_like(local))] -= mine.to(z.dtype)
+    # where, not z * valid: with every label ignored grad_scale is inf (1 / 0) and torch's cross_entropy
+    # gives zero gradients (inf * 0 would be NaN)
+    z *= torch.where(valid, grad_scale, torch.zeros_like(grad_scale))[:, None]
+    return loss, z
+
+
+def _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, group, num_classes, chunk_size,
+                        need_dh, need_dw, need_db):
+    """(mean loss, partial dh [N, d], dW [S, d] float32, db [S] float32): the loss of the sharded LM head
+    and the gradients of the mean (upstream gradient 1), chunk by chunk of rows while each chunk's logits
+    exist. dh is this rank's part (its vocabulary rows' contribution); the ranks' parts sum to dh."""
+    from llmkern.ops.cross_entropy import _add_mm, _lce_chunk_rows
+
+    valid, bad = _check_vocab_labels(labels, ignore_index, num_classes)
+    n_valid = valid.sum()
+    scale = n_valid.clamp_min(1).float().reciprocal().expand(labels.shape[0])
+    scale = torch.where(n_valid > 0, scale, torch.full_like(scale, float("inf")))
+    grads = need_dh or need_dw or need_db
+    S, d = weight.shape
+    dh = torch.empty_like(h) if need_dh else None
+    dw = torch.zeros(S, d, device=h.device, dtype=torch.float32) if need_dw else None
+    db = torch.zeros(S, device=h.device, dtype=torch.float32) if need_db else None
+    total = torch.zeros((), device=h.device, dtype=torch.float32)
+    step = _lce_chunk_rows(h.shape[0], S, chunk_size)
+    for r0 in range(0, h.shape[0], step):
+        rows = slice(r0, r0 + step)
+        z = F.linear(h[rows], weight, bias).float()
+        loss, dz = _shard_loss(z, labels[rows], valid[rows], bad[rows], lo, valid_cols, group,
+                               scale[rows] if grads else None)
+        total += loss.sum()
+        if not grads:
+            continue
+        dz = dz.to(h.dtype)
+        if need_dh:
+            torch.matmul(dz, weight, out=dh[rows])
+        if need_dw:
+            _add_mm(dw, dz.t(), h[rows])
+        if need_db:
+            db += dz.sum(0, dtype=torch.float32)
+    return total / n_valid, dh, dw, db
+
+
+class _VocabParallelLinearCE(torch.autograd.Function):
+    """The sharded LM head and its mean cross-entropy in one function (h [N, d] replicated, labels [N]
+    global ids, ignore_index rows left out): the [N, S] logits exist one chunk of rows at a time and the
+    gradients are formed in the forward (as llmkern.linear_cross_entropy does), so the backward only
+    scales them and sums dh over the ranks (one all-reduce of [N, d])."""
 
     @staticmethod
-    def forward(ctx, logits, labels, lo, valid_cols, ignore_index, group, num_classes):
-        valid = labels != ignore_index
-        bad = valid & ((labels < 0) | (labels >= num_classes))
-        if not labels.is_cuda and bool(bad.any()):  # (labels are replicated: every rank raises)
-            raise IndexError(f"vocab_parallel_loss: label {labels[bad][0].item()} is out of bounds for "
-                             f"{num_classes} classes (ignore_index={ignore_index})")
-        z = logits.float()
-        if valid_cols < z.shape[1]:  # the padded rows of the last shard are no classes
-            z = z.clone()
-            z[:, valid_cols:] = float("-inf")
-        local = labels - lo
-        mine = (local >= 0) & (local < valid_cols) & valid
-        # an out-of-range label gathers column S (out of bounds): a device assert on CUDA, no host sync
-        idx = torch.where(mine, local, torch.where(bad, z.shape[1], 0))
-        z_label = z.gather(1, idx[:, None])[:, 0]
-        idx = torch.where(mine, local, torch.zeros_like(local))
-        m = z.max(dim=1).values
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        e = torch.exp(z - m[:, None])
-        total = e.sum(dim=1)
-        target = torch.where(mine, z_label - m, torch.zeros_like(m))
-        stats = torch.stack([total, target])
-        dist.all_reduce(stats, group=group)
-        total, target = stats[0], stats[1]
-        loss = torch.where(valid, torch.log(total) - target, torch.zeros_like(total))
-        e /= total[:, None]  # the softmax, kept for the backward
-        ctx.save_for_backward(e, idx, mine, valid)
-        ctx.dtype = logits.dtype
+    def forward(ctx, h, weight, bias, labels, lo, valid_cols, ignore_index, group, num_classes, chunk_size):
+        need = ctx.needs_input_grad
+        loss, dh, dw, db = _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, group,
+                                               num_classes, chunk_size, need[0], need[1],
+                                               bias is not None and need[2])
+        ctx.save_for_backward(dh, dw, db)
+        ctx.meta = (group, weight.dtype, None if bias is None else bias.dtype)
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        p, idx, mine, valid = ctx.saved_tensors
-        d = p.clone()
-        rows = torch.arange(d.shape[0], device=d.device)
-        d[rows, idx] -= mine.to(d.dtype)
-        # where, not g * valid: with every label ignored the mean's gradient g is inf (1 / 0) and torch's
-        # cross_entropy gives zero gradients (inf * 0 would be NaN)
-        d *= torch.where(valid, g, torch.zeros_like(g))[:, None]
-        return d.to(ctx.dtype), None, None, None, None, None, None
+        dh, dw, db = ctx.saved_tensors
+        group, w_dtype, b_dtype = ctx.meta
+        if dh is not None:
+            dh = dh * g.to(dh.dtype)
+            dist.all_reduce(dh, group=group)
+        dw = None if dw is None else (dw * g).to(w_dtype)
+        db = None if db is None else (db * g).to(b_dtype)
+        return dh, dw, db, None, None, None, None, None, None, None
 
 
 class VocabParallelLMHead(nn.Module):
@@ -176,14 +236,21 @@ class VocabParallelLMHead(nn.Module):
         full = _GatherLastDim.apply(self._local_logits(h).contiguous(), self.group)
         return full[..., :self.out_features]
 
-    def vocab_parallel_loss(self, h, labels, ignore_index=-100):
+    def vocab_parallel_loss(self, h, labels, ignore_index=-100, chunk_size=None):
         """Mean cross-entropy of the logits of h [..., d] against labels [...] (ignore_index rows left
-        out), computed on the vocabulary shards: no [N, V] tensor on any rank."""
+        out), computed on the vocabulary shards a chunk of rows at a time (`chunk_size` rows; default as
+        llmkern.linear_cross_entropy's): no [N, V] tensor on any rank, and no [N, S] one either."""
         lo, hi, _ = shard_rows(self.out_features, self.group)
-        logits = self._local_logits(h).reshape(-1, self.weight.shape[0])
         y = labels.reshape(-1)
-        loss = _VocabParallelCE.apply(logits, y, lo, hi - lo, ignore_index, self.group, self.out_features)
-        return loss.sum() / (y != ignore_index).sum()
+        if y.numel() * self.in_features != h.numel():
+            raise ValueError(f"vocab_parallel_loss: labels {tuple(labels.shape)} do not match h {tuple(h.shape)}")
+        h, weight, bias = h.reshape(-1, self.in_features), self.weight, self.bias
+        dt = _checks.autocast_dtype(h)
+        if dt is not None:  # the logits in the autocast dtype, as F.linear would compute them
+            h, weight, bias = (_checks.autocast_cast(dt, t) for t in (h, weight, bias))
+        with torch.autocast(h.device.type, enabled=False):
+            return _VocabParallelLinearCE.apply(h, weight, bias, y, lo, hi - lo, ignore_index, self.group,
+                                                self.out_features, chunk_size)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, shard={tuple(self.weight.shape)}"
