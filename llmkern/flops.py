@@ -51,21 +51,23 @@ def param_counts(config):
     """Parameters by component (dict of ints) for a zoo config or its name.
 
     Keys: token_embedding, position_embedding, attention (weights, the seed's 4Ld² for MHA),
-    ffn (weights + biases), attention_bias, norm, lm_head (0 when tied), total, and
+    ffn (weights + biases), attention_bias (q/k/v and o_proj biases, as the config has them), norm
+    (qk-norm gains included), lm_head (0 when tied), total, and
     shares: each of the first four as a fraction of total.
     """
     c = _cfg(config)
     L, d, V, T = c.n_layer, c.n_embd, c.vocab_size, c.block_size
     attn_w = L * (d * c.attn_dim + 2 * d * c.n_kv_head * c.head_dim + c.attn_dim * d)
-    attn_b = L * (c.attn_dim + 2 * c.n_kv_head * c.head_dim + d) if c.bias else 0
+    qkv_bias, o_bias, mlp_bias = c.biases  # (Llama-family options: Qwen2 biases q/k/v only)
+    attn_b = L * ((c.attn_dim + 2 * c.n_kv_head * c.head_dim if qkv_bias else 0) + (d if o_bias else 0))
     f = c.intermediate_size
     if c.arch == "gpt":
-        ffn = L * (d * f + f + f * d + d) if c.bias else L * 2 * d * f
+        ffn = L * (d * f + f + f * d + d) if mlp_bias else L * 2 * d * f
         norm = (2 * L + 1) * d * (2 if c.bias else 1)
         pos = T * d
     else:
-        ffn = L * 3 * d * f + (L * (2 * f + d) if c.bias else 0)
-        norm = (2 * L + 1) * d
+        ffn = L * 3 * d * f + (L * (2 * f + d) if mlp_bias else 0)
+        norm = (2 * L + 1) * d + (L * 2 * c.head_dim if c.qk_norm else 0)  # + Qwen3's q_norm/k_norm gains
         pos = 0
     out = dict(token_embedding=V * d, position_embedding=pos, attention=attn_w, ffn=ffn,
                attention_bias=attn_b, norm=norm, lm_head=0 if c.tie_embeddings else V * d)

@@ -371,6 +371,41 @@ def zoo_worker(rank, p):
     return checked
 
 
+def zoo_families_worker(rank, p):
+    """Llama-family options under tensor parallelism: Qwen2-style q/k/v biases (sharded with their
+    rows) and a per-layer sliding window, Qwen3-style q_norm/k_norm (replicated, gradient summed over
+    the ranks), head_dim != n_embd / n_head, an o_proj bias; forward, every gradient and the KV cache."""
+    from llmkern.models import Llama
+    from llmkern.models.configs import get_config
+
+    failures, checked = [], []
+    for tag, opts in (("qwen2", dict(qkv_bias=True, sliding_window=3, sliding_window_layers=(1,))),
+                      ("qwen3", dict(qkv_bias=True, o_bias=True, qk_norm=True, head_dim=24))):
+        torch.manual_seed(7)
+        ref = Llama(get_config("llama-tiny", **opts), backend="torch")
+        with torch.no_grad():  # random norm gains and biases, weights large enough for peaked attention
+            for n, prm in ref.named_parameters():
+                if "norm" in n:
+                    prm.uniform_(0.5, 1.5)
+                elif "layers" in n:
+                    prm.normal_(0.0, 0.15)
+        tp = tensor_parallelize(copy.deepcopy(ref), overlap="ring")
+        idx = torch.randint(0, ref.config.vocab_size, (2, 8))
+        # a sum, not a mean: gradients of order 1, so that a q_norm gradient missing the other rank's
+        # heads (about half of it) stands out of the tolerance
+        n = _compare_models(f"zoo {tag}", ref, tp, (idx,), lambda out: out.float().pow(2).sum() / 100, rank, p,
+                            failures)
+        with torch.no_grad():
+            full = ref(idx)
+            cache = tp.new_cache(2, 8)
+            dec = torch.cat([tp(idx[:, :4], cache=cache)] + [tp(idx[:, t:t + 1], cache=cache) for t in range(4, 8)], 1)
+        _close(f"zoo {tag}: cache decode", dec, full, failures, **TOL)
+        checked.append((tag, n))
+    if failures:
+        raise AssertionError(f"rank {rank}:\n" + "\n".join(failures))
+    return checked
+
+
 def errors_worker(rank, p):
     import torch.distributed as dist
 
@@ -471,6 +506,11 @@ def test_tensor_parallelize_zoo_models_2_ranks(ranks):
         pytest.skip("llmkern.models (GPT, Llama) not importable")
     checked = ranks(2).run(zoo_worker, timeout=60)
     assert checked[0] and all(n > 0 for _, n in checked[0])
+
+
+def test_tensor_parallelize_zoo_llama_family_options_2_ranks(ranks):
+    checked = ranks(2).run(zoo_families_worker, timeout=60)
+    assert checked[0] == checked[1] and all(n > 0 for _, n in checked[0])
 
 
 def test_errors_raise_on_every_rank(ranks):

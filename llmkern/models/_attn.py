@@ -37,34 +37,50 @@ def llmkern_ops():
     return getattr(mod, "attention", None), getattr(mod, "attention_with_kvcache", None)
 
 
-def _sdpa(q, k, v, causal, dropout_p=0.0, key_padding_mask=None):
+def _sdpa(q, k, v, causal, dropout_p=0.0, key_padding_mask=None, sliding_window=None):
     H, Hkv = q.shape[1], k.shape[1]
     Tq, Tk = q.shape[2], k.shape[2]
     mask = None
+
+    def rows_cols():  # queries are the last Tq positions (bottom-right): query row r sits at key index i
+        return (torch.arange(Tq, device=q.device).view(-1, 1) + (Tk - Tq),
+                torch.arange(Tk, device=q.device).view(1, -1))
+
     if key_padding_mask is not None:  # bool [B, Tk]; every query also sees its own key (no empty rows)
-        i = torch.arange(Tq, device=q.device).view(-1, 1) + (Tk - Tq)
-        j = torch.arange(Tk, device=q.device).view(1, -1)
+        i, j = rows_cols()
         mask = key_padding_mask[:, None, None, :] & ((j <= i) if causal else True)
+        if sliding_window is not None:
+            mask = mask & (j > i - sliding_window)
         mask = mask | (j == i)
         causal = False
-    elif causal and Tq != Tk:  # bottom-right aligned causal mask (queries are the last Tq positions)
+    elif sliding_window is not None:  # the window implies causal here (the zoo's attention always is)
+        i, j = rows_cols()
+        mask = (j <= i) & (j > i - sliding_window)
+        causal = False
+    elif causal and Tq != Tk:  # bottom-right aligned causal mask
         if Tq > 1:
-            i = torch.arange(Tq, device=q.device).view(-1, 1) + (Tk - Tq)
-            mask = torch.arange(Tk, device=q.device).view(1, -1) <= i
+            i, j = rows_cols()
+            mask = j <= i
         causal = False
     kw = {"enable_gqa": True} if H != Hkv else {}
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                           is_causal=causal, **kw)
 
 
-def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=None, key_padding_mask=None):
+def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=None, key_padding_mask=None,
+           sliding_window=None):
     """Causal self-attention of q over k/v; with a KV cache, k/v are appended first.
 
     prefix: optional (P_K, P_V) [B or 1, Hkv, P, D] prepended to the keys/values and always
     visible (prefix-tuning; the cache holds only the real tokens).
     key_padding_mask: optional bool [B, Tk] over all keys (cached + new), True = real token.
+    sliding_window: W, or None: the query at key index i sees keys i-W+1..i only (transformers'
+    sliding_window, kv_idx > q_idx - W). Indices count every key: cached, padding and prefix ones,
+    as transformers' masks count cache positions.
     Returns [B, H, Tq, D].
     """
+    # llmkern.attention's window is (left, right) around the diagonal: W keys = itself + W-1 left
+    window = {} if sliding_window is None else {"window": (sliding_window - 1, 0)}
     attn_fn = kv_fn = None
     if backend == "llmkern":
         attn_fn, kv_fn = llmkern_ops()
@@ -76,7 +92,7 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
         if kv_fn is not None and 0 < start and q.shape[2] <= 16 and prefix is None and key_padding_mask is None:
             k_cache, v_cache = cache.append(layer, k, v)
             seqlens = torch.full((q.shape[0],), start + k.shape[2], dtype=torch.int32, device=q.device)
-            return kv_fn(q, k_cache, v_cache, seqlens, causal=True)
+            return kv_fn(q, k_cache, v_cache, seqlens, causal=True, **window)
         k, v = cache.append(layer, k, v)
         k, v = k[:, :, :start + q.shape[2]], v[:, :, :start + q.shape[2]]
     if prefix is not None:  # bottom-right causal alignment keeps the prefix visible to every query
@@ -87,11 +103,11 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
         if key_padding_mask is not None:
             key_padding_mask = torch.cat([key_padding_mask.new_ones(B, pk.shape[2]), key_padding_mask], 1)
     if attn_fn is not None:
-        kw = {"dropout_p": dropout_p} if dropout_p > 0 else {}
+        kw = dict(window, **({"dropout_p": dropout_p} if dropout_p > 0 else {}))
         if key_padding_mask is not None:
             kw["key_padding_mask"] = key_padding_mask
         return attn_fn(q, k, v, causal=True, **kw)
-    return _sdpa(q, k, v, True, dropout_p, key_padding_mask)
+    return _sdpa(q, k, v, True, dropout_p, key_padding_mask, sliding_window)
 
 
 def _shift(labels):

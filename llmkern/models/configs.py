@@ -6,6 +6,13 @@ Named sizes (``get_config(name)``):
   llama-7b, llama-13b, llama2-7b, llama3-8b, ...   LLaMA-style (RMSNorm, RoPE, SwiGLU, GQA)
   gpt-tiny, llama-tiny                             a few hundred thousand parameters, for tests
 
+Llama-family options (off by default; from_hf sets them for Mistral, Qwen2 and Qwen3 checkpoints):
+  qkv_bias, o_bias      biases on q/k/v_proj and on o_proj, apart from `bias` (which then covers the
+                        MLP only): Qwen2 has q/k/v biases only, Qwen3's attention_bias all four
+  qk_norm               RMSNorm over head_dim of each head of q and k, before RoPE (Qwen3)
+  sliding_window        W: query i sees keys i-W+1..i (Mistral, Qwen2/3 with use_sliding_window),
+  sliding_window_layers in the layers listed (None: every layer)
+
 GPT-3 Table 2.1 notes: the table lists d_model=5140 for 13B, which is 40 heads x 128 = 5120 in
 the released models; and 24 heads x 128 for 1.3B, which contradicts d_model=2048 (and the 1.3B
 total): we use 16 heads x 128 (d_model = n_heads x d_head, 1.3B parameters), as Megatron-LM and
@@ -36,6 +43,11 @@ class ModelConfig:
     rope_scaling: Optional[dict] = None  # llama only: {"rope_type": "linear"|"dynamic"|"llama3"|"yarn", "factor": ...}
     tie_embeddings: Optional[bool] = None  # lm_head shares the token embedding (GPT default True)
     activation: Optional[str] = None  # "gelu_tanh" | "gelu" (GPT), "silu" (llama, SwiGLU)
+    qkv_bias: Optional[bool] = None   # llama only: biases on q/k/v_proj (None: `bias`); Qwen2 True
+    o_bias: Optional[bool] = None     # llama only: bias on o_proj (None: `bias`)
+    qk_norm: bool = False             # llama only: per-head RMSNorm of q and k before RoPE (Qwen3)
+    sliding_window: Optional[int] = None  # llama only: each query sees its last W keys (itself included)
+    sliding_window_layers: Optional[tuple] = None  # the layers that slide (None: all, when sliding_window)
     name: str = ""
 
     def __post_init__(self):
@@ -83,6 +95,48 @@ class ModelConfig:
         if not float(self.rope_theta) > 0:
             raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
         self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.arch)
+        self._check_llama_options()
+
+    def _check_llama_options(self):
+        """The Llama-family options (Mistral / Qwen2 / Qwen3): GPT ignores them, so they must stay unset."""
+        if self.arch != "llama":
+            for f, off in (("qkv_bias", None), ("o_bias", None), ("qk_norm", False), ("sliding_window", None),
+                           ("sliding_window_layers", None)):
+                if getattr(self, f) != off:
+                    raise ValueError(f"ModelConfig.{f} applies to arch='llama' only, got arch={self.arch!r}")
+            return
+        for f in ("qkv_bias", "o_bias"):
+            if getattr(self, f) is not None and not isinstance(getattr(self, f), bool):
+                raise ValueError(f"ModelConfig.{f} must be a bool or None, got {getattr(self, f)!r}")
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"ModelConfig.qk_norm must be a bool, got {self.qk_norm!r}")
+        W = self.sliding_window
+        if W is not None and (not isinstance(W, int) or isinstance(W, bool) or W <= 0):
+            raise ValueError(f"ModelConfig.sliding_window must be a positive int or None, got {W!r}")
+        layers = self.sliding_window_layers
+        if layers is None:
+            return
+        if W is None:
+            raise ValueError("ModelConfig.sliding_window_layers needs sliding_window")
+        if not isinstance(layers, (list, tuple, range)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layer for i in layers):
+            raise ValueError(f"ModelConfig.sliding_window_layers must list layer indices in 0..{self.n_layer - 1}, "
+                             f"got {layers!r}")
+        self.sliding_window_layers = tuple(sorted(set(layers)))
+
+    @property
+    def biases(self):
+        """(q/k/v, o_proj, MLP): whether those linear layers have biases."""
+        qkv = self.bias if self.qkv_bias is None else self.qkv_bias
+        o = self.bias if self.o_bias is None else self.o_bias
+        return qkv, o, self.bias
+
+    def layer_window(self, i):
+        """The sliding window W of layer i (query t sees keys t-W+1..t), or None (full causal)."""
+        if self.sliding_window is None:
+            return None
+        layers = self.sliding_window_layers
+        return self.sliding_window if layers is None or i in layers else None
 
     @property
     def attn_dim(self):

@@ -1,6 +1,20 @@
-"""Load local Hugging Face checkpoints (GPT2LMHeadModel, LlamaForCausalLM; safetensors) into the zoo.
+"""Load local Hugging Face checkpoints (safetensors) into the zoo.
 
     model = from_hf("/path/to/checkpoint_dir", backend="llmkern", dtype=torch.bfloat16)
+
+Supported config.json model_types:
+  gpt2     GPT2LMHeadModel -> GPT
+  llama    LlamaForCausalLM -> Llama (rope_scaling linear / dynamic / llama3 / yarn; attention_bias,
+           mlp_bias)
+  mistral  MistralForCausalLM -> Llama with sliding_window (null: none), in every layer
+  qwen2    Qwen2ForCausalLM -> Llama with q/k/v biases; use_sliding_window honoured per layer
+           (layer_types, else the layers from max_window_layers on)
+  qwen3    Qwen3ForCausalLM -> Llama with q_norm/k_norm, its head_dim, attention_bias; sliding
+           windows as Qwen2
+Every Llama-family model uses hidden_act "silu", tie_word_embeddings, rope_theta / rope_parameters
+(or the older rope_scaling) and rms_norm_eps as transformers reads them. Anything else that would
+change the outputs (another activation, mixture-of-experts keys, other model_types) raises a
+ValueError naming the config key: nothing loads silently wrong.
 
 Reads config.json and model.safetensors (or the shards listed in model.safetensors.index.json);
 no network, no transformers import. GPT-2's Conv1D weights ([in, out]) are transposed into
@@ -18,6 +32,9 @@ from llmkern.models._attn import HFModule  # noqa: F401  (re-exported: the zoo <
 from llmkern.models.configs import ModelConfig, _check_rope_scaling
 from llmkern.models.gpt import GPT
 from llmkern.models.llama import Llama
+
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")  # model_types the zoo's Llama loads
 
 
 def _load_state(path):
@@ -74,9 +91,11 @@ def _rope_parameters(hf):
     llama3/yarn take a top-level original_max_position_embeddings first, then the dict's, then
     max_position_embeddings; yarn's factor defaults to max_position_embeddings / that original."""
     rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    if any(isinstance(v, dict) for v in rope.values()):  # Gemma-3 style, one per layer type: not read here
+        raise ValueError(f"from_hf: rope_parameters with one dict per layer type ({sorted(rope)}) are not supported")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     kind = rope.get("rope_type", rope.get("type", "default"))
-    max_pos = hf.get("max_position_embeddings", 2048)
+    max_pos = hf.get("max_position_embeddings", 2048)  # (llama_config fills in each family's default)
     if kind in ("llama3", "yarn"):
         key = "original_max_position_embeddings"
         rope[key] = hf[key] if key in hf else rope.get(key, max_pos)
@@ -84,11 +103,69 @@ def _rope_parameters(hf):
             rope["factor"] = max_pos / rope[key]
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
     if kind != "default" and partial not in (None, 1, 1.0):
-        raise ValueError(f"from_hf: Llama partial_rotary_factor={partial!r} with rope_type {kind!r} is not supported")
+        raise ValueError(f"from_hf: partial_rotary_factor={partial!r} with rope_type {kind!r} is not supported")
     return theta, rope
 
 
+# config.json defaults of the Llama-family classes (transformers 5), for keys a file may leave out
+_QWEN_WINDOW = dict(use_sliding_window=False, sliding_window=4096, max_window_layers=28)
+_FAMILY_DEFAULTS = {
+    "llama": dict(max_position_embeddings=2048, num_key_value_heads=None, head_dim=None),
+    "mistral": dict(max_position_embeddings=4096 * 32, num_key_value_heads=8, head_dim=None, sliding_window=4096),
+    "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=None, **_QWEN_WINDOW),
+    "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=128, **_QWEN_WINDOW),
+}
+# keys of mixture-of-experts variants (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek ...): a dense model would
+# load without their expert weights, silently wrong
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
+
+
+def _bool_key(hf, key, family):
+    v = hf.get(key, False)
+    if v not in (None, True, False):
+        raise ValueError(f"from_hf: {family} config {key}={v!r} must be a bool")
+    return bool(v)
+
+
+def _sliding_window(hf, family):
+    """(W or None, sliding layer indices or None = all), as transformers' Mistral / Qwen2 / Qwen3
+    read config.json. Mistral: `sliding_window` (null: none) in every layer (MistralForCausalLM
+    ignores layer_types). Qwen2/3: only with use_sliding_window, in the layers layer_types marks
+    "sliding_attention" (default: those from max_window_layers on)."""
+    if family == "llama":
+        return None, None
+    if family != "mistral" and not _bool_key(hf, "use_sliding_window", family):
+        return None, None
+    W = hf["sliding_window"]
+    if W is None:
+        return None, None
+    if isinstance(W, bool) or not isinstance(W, int) or W <= 0:
+        raise ValueError(f"from_hf: {family} config sliding_window={W!r} must be a positive int or null")
+    if family == "mistral":
+        return W, None
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types")
+    if types is None:
+        first = hf["max_window_layers"]
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    if not isinstance(types, list) or len(types) != n or \
+            not set(types) <= {"full_attention", "sliding_attention"}:
+        raise ValueError(f"from_hf: {family} config layer_types must list 'full_attention' / 'sliding_attention' "
+                         f"for each of the {n} layers, got {types!r}")
+    return W, tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+
+
 def llama_config(hf):
+    """The zoo ModelConfig of a Llama-family config.json: LlamaForCausalLM, MistralForCausalLM (sliding
+    window), Qwen2ForCausalLM (q/k/v biases, optional sliding windows per layer) and Qwen3ForCausalLM
+    (qk-norm, explicit head_dim, attention_bias). Raises ValueError, naming the config key, for what the
+    zoo cannot express."""
+    family = hf.get("model_type", "llama")
+    hf = {**_FAMILY_DEFAULTS[family], **hf}
+    for key in _MOE_KEYS:
+        if hf.get(key):
+            raise ValueError(f"from_hf: {family} config {key}={hf[key]!r}: mixture-of-experts models are not "
+                             f"supported")
     # transformers >= 5 writes rope_parameters (theta and scaling in one dict); older configs
     # rope_theta and rope_scaling.
     theta, rope = _rope_parameters(hf)
@@ -97,14 +174,23 @@ def llama_config(hf):
     except ValueError as e:
         raise ValueError(f"from_hf: {e}") from None
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"from_hf: Llama hidden_act {hf['hidden_act']!r} is not supported")
-    if hf.get("attention_bias", False) or hf.get("mlp_bias", False):
-        raise ValueError("from_hf: Llama attention_bias/mlp_bias are not supported")
+        raise ValueError(f"from_hf: {family} config hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
+    if family == "llama":  # attention_bias: q/k/v/o; mlp_bias: gate/up/down
+        qkv = o = _bool_key(hf, "attention_bias", family)
+        mlp = _bool_key(hf, "mlp_bias", family)
+    elif family == "qwen3":
+        qkv = o = _bool_key(hf, "attention_bias", family)
+        mlp = False
+    else:  # Mistral: no biases; Qwen2: q/k/v always biased, o_proj and the MLP never
+        qkv, o, mlp = family == "qwen2", False, False
+    window, window_layers = _sliding_window(hf, family)
     return ModelConfig(arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
-                       n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads"),
-                       n_embd=hf["hidden_size"], head_dim=hf.get("head_dim"),
+                       n_head=hf["num_attention_heads"], n_kv_head=hf["num_key_value_heads"],
+                       n_embd=hf["hidden_size"], head_dim=hf["head_dim"],
                        intermediate_size=hf["intermediate_size"],
-                       block_size=hf.get("max_position_embeddings", 2048), bias=False,
+                       block_size=hf["max_position_embeddings"], bias=mlp, qkv_bias=qkv, o_bias=o,
+                       qk_norm=family == "qwen3", sliding_window=window, sliding_window_layers=window_layers,
+                       dropout=float(hf.get("attention_dropout") or 0.0),
                        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
                        tie_embeddings=hf.get("tie_word_embeddings", False), name=hf.get("_name_or_path", ""))
 
@@ -159,7 +245,15 @@ def _resolve_tie(cfg, state, emb):
 
 
 def from_hf(path, backend="llmkern", dtype=None, device=None):
-    """A zoo model with the weights of the local Hugging Face checkpoint directory `path`."""
+    """A zoo model with the weights of the local Hugging Face checkpoint directory `path` (config.json
+    and safetensors weights), in eval mode.
+
+    model_type "gpt2" gives a GPT; "llama", "mistral", "qwen2" and "qwen3" give a Llama whose config
+    carries the family's options (Mistral's sliding window, Qwen2's q/k/v biases and per-layer
+    sliding windows, Qwen3's qk-norm and head_dim; see the module docstring). The logits equal those
+    of transformers' *ForCausalLM on the same checkpoint. Unsupported configurations raise ValueError
+    naming the config key. dtype/device: cast and move the model after loading (the RoPE frequencies
+    stay float32)."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"from_hf: {cfg_file!r} not found (give a local checkpoint directory)")
@@ -174,13 +268,13 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
             model, state = GPT(cfg, backend=backend), _gpt2_state(state, cfg)
         except KeyError as e:
             raise ValueError(f"from_hf: checkpoint does not match the model: missing {e}") from None
-    elif mtype == "llama":
+    elif mtype in LLAMA_FAMILY:
         cfg = llama_config(hf)
         state = _strip(_load_state(path), ("model.",))
         cfg = _resolve_tie(cfg, state, "embed_tokens.weight")
         model, state = Llama(cfg, backend=backend), _llama_state(state, cfg)
     else:
-        raise ValueError(f"from_hf: model_type {mtype!r} is not supported (gpt2, llama)")
+        raise ValueError(f"from_hf: model_type {mtype!r} is not supported (gpt2, {', '.join(LLAMA_FAMILY)})")
     state = {k: v.contiguous() for k, v in state.items()}
     if cfg.tie_embeddings:  # load the shared matrix once, through the embedding
         state.pop("lm_head.weight", None)

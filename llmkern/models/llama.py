@@ -5,6 +5,11 @@
 
 Module names follow Hugging Face's LlamaForCausalLM (q_proj, k_proj, v_proj, o_proj, gate_proj,
 up_proj, down_proj, input_layernorm, ...), so PEFT target names carry over unchanged.
+
+The same file is Mistral, Qwen2 and Qwen3 with config options (ModelConfig; all off by default):
+qkv_bias / o_bias (Qwen2: biases on q/k/v only), qk_norm (Qwen3: q_norm / k_norm, RMSNorm over each
+head's head_dim before RoPE), sliding_window / sliding_window_layers (Mistral, and Qwen2/3 with
+use_sliding_window: a query sees its last W keys, itself included).
 """
 import math
 
@@ -98,24 +103,32 @@ def _yarn_inv_freq(cfg, s):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, backend):
+    def __init__(self, cfg, backend, layer=0):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.attn_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
-        self.o_proj = nn.Linear(cfg.attn_dim, cfg.n_embd, bias=cfg.bias)
+        qkv_bias, o_bias, _ = cfg.biases
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.attn_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.attn_dim, cfg.n_embd, bias=o_bias)
+        # qk_norm: one gain per head_dim channel, shared by the heads (tensor parallelism replicates it)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.sliding_window = cfg.layer_window(layer)
         self.dropout = cfg.dropout
         self.backend_name = backend
 
     def forward(self, x, cos, sin, cache=None, layer=None, prefix=None, kpm=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.q_norm is not None:  # [B, T, H, D]: normalised over D, per head
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = attend(q, k, v, backend=self.backend_name, cache=cache, layer=layer, prefix=prefix,
-                   key_padding_mask=kpm,
+                   key_padding_mask=kpm, sliding_window=self.sliding_window,
                    dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
@@ -125,19 +138,20 @@ class MLP(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
+        bias = cfg.biases[2]
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, backend):
+    def __init__(self, cfg, backend, layer=0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.self_attn = Attention(cfg, backend)
+        self.self_attn = Attention(cfg, backend, layer)
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
@@ -155,7 +169,7 @@ class Llama(ZooModel):
         self.config = cfg
         self._backend = check_backend(backend)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.layers = nn.ModuleList([Block(cfg, backend) for _ in range(cfg.n_layer)])
+        self.layers = nn.ModuleList([Block(cfg, backend, i) for i in range(cfg.n_layer)])
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -169,7 +183,8 @@ class Llama(ZooModel):
 
     def hf_module_names(self):
         """{zoo nn.Linear name: HFModule}: where each linear layer sits in transformers'
-        LlamaForCausalLM. The names are the same, but HF keeps the decoder under `model.`:
+        LlamaForCausalLM (and Mistral/Qwen2/Qwen3ForCausalLM, which use the same names; q_norm and
+        k_norm are not linear layers). The names are the same, but HF keeps the decoder under `model.`:
         layers.{i}.self_attn.q_proj here is model.layers.{i}.self_attn.q_proj there; lm_head is
         lm_head in both. (llmkern.peft's PEFT checkpoints use this to read and write HF names.)"""
         names = {"lm_head": HFModule("lm_head")}

@@ -14,6 +14,9 @@ Module-naming contract (Hugging Face Llama / GPT-2 / nanoGPT names; llmkern.mode
   num_key_value_heads / num_kv_heads are divided by p (they must be divisible). Its forward must
   derive shapes from those counts and head_dim (``view(B, T, self.n_head, self.head_dim)``,
   ``reshape(B, T, self.n_head * self.head_dim)`` or ``-1``), never from the model width.
+- Per-head norms of such an attention module (children q_norm / k_norm, as Qwen3's: one gain per
+  head_dim channel, shared by all heads) stay replicated; their gradients are summed over the ranks
+  in the backward (each rank's heads give only part of it), as transformers' "replicated_with_grad_allreduce".
 - PEFT-style LoRA wrappers (``.base_layer`` nn.Linear plus lora_A/lora_B) under those names are
   sharded with their factors. Every other module (embeddings, norms, lm_head) stays replicated, unless
   vocab_parallel=True: then the token embedding (wte / embed_tokens / tok_embeddings / word_embeddings)
@@ -36,6 +39,7 @@ ROW_NAMES = {"o_proj", "out_proj", "c_proj", "down_proj", "fc2", "w2", "wo", "fc
 QKV_NAMES = {"q_proj", "k_proj", "v_proj", "wq", "wk", "wv"} | FUSED_QKV_NAMES
 HEAD_ATTRS = ("n_head", "n_heads", "num_heads", "num_attention_heads")
 KV_HEAD_ATTRS = ("n_kv_head", "n_kv_heads", "num_key_value_heads", "num_kv_heads")
+HEAD_NORM_NAMES = {"q_norm", "k_norm"}
 
 
 def _is_linear(m):
@@ -56,6 +60,16 @@ def _heads(module, attrs):
     return None, None
 
 
+def _sum_grad_over_ranks(param, group):
+    """The gradient of a replicated parameter used by sharded heads is each rank's part: sum it."""
+    def hook(grad):
+        grad = grad.contiguous().clone()
+        comm.all_reduce(grad, group)
+        return grad
+
+    param.register_hook(hook)
+
+
 def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces=None, transport="p2p",
                        vocab_parallel=False):
     """Replace, in place, the attention and MLP projections of `model` by tensor-parallel layers
@@ -70,6 +84,7 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
     p = comm.world_size(group)
     kw = dict(overlap=overlap, chunks=chunks, pieces=pieces, transport=transport)
     plan = []  # (object, attribute, value), applied only once every projection could be sharded
+    summed = []  # replicated parameters of the sharded heads (q_norm / k_norm gains)
     for parent_name, parent in list(model.named_modules()):
         children = dict(parent.named_children())
         attention = any(n in QKV_NAMES and _is_linear(c) for n, c in children.items())
@@ -110,6 +125,7 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
                 raise ValueError(f"tensor_parallelize: cannot shard {full}: {exc}") from None
             plan.append((parent, name, new))
         if attention and h is not None:
+            summed += [prm for n, c in children.items() if n in HEAD_NORM_NAMES for prm in c.parameters()]
             plan.append((parent, h_attr, h // p))
             if kv is not None:
                 plan.append((parent, kv_attr, kv // p))
@@ -122,4 +138,7 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
                          "follow the naming contract in llmkern.parallel.tensor_parallel")
     for obj, attr, value in plan:  # (an error above leaves the model as it was)
         setattr(obj, attr, value)
+    if p > 1:
+        for prm in summed:
+            _sum_grad_over_ranks(prm, group)
     return model

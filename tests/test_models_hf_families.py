@@ -1,0 +1,283 @@
+"""from_hf on Mistral, Qwen2 and Qwen3 checkpoints: the zoo's Llama (with its family options) gives
+transformers' logits on both backends, transformers' greedy tokens through the KV cache (sliding
+windows shorter than the sequence, left padding), and loads PEFT LoRA adapters saved on transformers'
+model. Tiny random float32 models, saved with save_pretrained (safetensors)."""
+import json
+import warnings
+
+import pytest
+import torch
+
+from llmkern import flops
+from llmkern.generation import generate
+from llmkern.models import Llama, from_hf, get_config
+
+transformers = pytest.importorskip("transformers")
+
+V = 97
+PAD = 5
+COMMON = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+# family -> (config class, model class, options): windows shorter than the prompts below
+FAMILIES = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=5)),
+    # layer 0 full, layer 1 sliding (max_window_layers=1): per-layer windows
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+    # head_dim 24 != 64 / 4, tied embeddings
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, tie_word_embeddings=True)),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster than two on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _save(path, family, seed=0, **changes):
+    """A tiny random transformers model of `family`, saved to `path`; random norm gains and biases so
+    that a mix-up would show."""
+    cfg_cls, model_cls, options = FAMILIES[family]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **options, **changes})
+    hf = getattr(transformers, model_cls)(cfg).eval()
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+            elif n.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    hf.save_pretrained(path)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """family -> (checkpoint directory, transformers model)."""
+    root = tmp_path_factory.mktemp("families")
+    return {f: (str(root / f), _save(root / f, f)) for f in FAMILIES}
+
+
+def _load(path, backend="torch"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return from_hf(path, backend=backend)
+
+
+def _ids(B=2, T=17, seed=0):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_configs_carry_the_family_options(saved):
+    mistral, qwen2, qwen3 = (_load(saved[f][0]).config for f in FAMILIES)
+    assert (mistral.sliding_window, mistral.sliding_window_layers, mistral.biases) == (5, None, (False,) * 3)
+    assert [mistral.layer_window(i) for i in range(2)] == [5, 5]
+    assert qwen2.biases == (True, False, False) and [qwen2.layer_window(i) for i in range(2)] == [None, 6]
+    assert qwen3.qk_norm and qwen3.head_dim == 24 and qwen3.tie_embeddings and qwen3.sliding_window is None
+    assert not qwen2.qk_norm and not mistral.qk_norm
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("backend", ["torch", "llmkern"])
+def test_logits_match_transformers(saved, family, backend):
+    path, hf = saved[family]
+    m = _load(path, backend)
+    x = _ids()  # 17 tokens: past the windows
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(m(x), hf(x).logits, atol=1e-5, rtol=1e-5)
+    assert m.num_params() == hf.num_parameters() == flops.param_counts(m.config)["total"]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("backend", ["torch", "llmkern"])
+def test_greedy_generation_matches_transformers(saved, family, backend):
+    """8 new tokens after a 9-token prompt: the decode steps run past the windows; also left padded
+    (transformers' windows count the padding positions too, as the zoo's do) and without the cache."""
+    path, hf = saved[family]
+    m = _load(path, backend)
+    x = _ids(T=9, seed=1)
+    am = torch.ones_like(x)
+    am[1, :3] = 0
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False, pad_token_id=PAD)
+        assert torch.equal(generate(m, x, 8), want)
+        want = hf.generate(x, attention_mask=am, max_new_tokens=8, do_sample=False, pad_token_id=PAD)
+        assert torch.equal(generate(m, x, 8, attention_mask=am, pad_token_id=PAD), want)
+        if backend == "torch":
+            assert torch.equal(generate(m, x, 8, attention_mask=am, pad_token_id=PAD, use_cache=False), want)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_cache_decode_equals_full_forward_on_both_backends(saved, family, monkeypatch):
+    """Token-by-token decoding through the cache (llmkern: the decode kernel's window) equals the full
+    forward; the backends agree; backend="llmkern" hands the window to llmkern's attention ops."""
+    ops = pytest.importorskip("llmkern.ops.attention")
+    windows = []
+    for fn in ("attention", "attention_with_kvcache"):
+        def recorded(*a, _orig=getattr(ops, fn), _fn=fn, **kw):
+            windows.append((_fn, kw.get("window")))
+            return _orig(*a, **kw)
+        monkeypatch.setattr(ops, fn, recorded)
+    path, _ = saved[family]
+    x = _ids(T=16, seed=2)
+    outs = {}
+    for backend in ("torch", "llmkern"):
+        m = _load(path, backend)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            full = m(x)
+            cache = m.new_cache(2, 16)
+            steps = torch.cat([m(x[:, :7], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(7, 16)], 1)
+        torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+        outs[backend] = full
+    torch.testing.assert_close(outs["llmkern"], outs["torch"], atol=1e-5, rtol=1e-5)
+    W = 5 if family == "mistral" else 6
+    sliding = [(W - 1, 0)] if family == "mistral" else [None, (W - 1, 0)]  # per layer
+    assert windows[:2] == [("attention", w) for w in sliding * (2 // len(sliding))]
+    assert ("attention_with_kvcache", (W - 1, 0)) in windows
+
+
+def test_peft_lora_adapter_on_qwen2_loads_into_the_zoo(tmp_path, saved):
+    """A LoRA adapter that PEFT saved on Qwen2ForCausalLM (biased q/k/v, every linear targeted) loads
+    with llmkern.peft.load_peft_adapter and gives PEFT's logits; saved back with HF names, PEFT reads it."""
+    peft = pytest.importorskip("peft")
+    lp = pytest.importorskip("llmkern.peft")
+    path, _ = saved["qwen2"]
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    pm = peft.get_peft_model(base, peft.LoraConfig(target_modules=targets, r=4, lora_alpha=8, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.save_pretrained(tmp_path / "ad")
+    x = _ids()
+    with torch.no_grad():
+        want = pm.eval()(x).logits
+    zoo = lp.load_peft_adapter(_load(path), str(tmp_path / "ad"))
+    assert len(dict(lp.lora_modules(zoo))) == 2 * len(targets)
+    with torch.no_grad():
+        torch.testing.assert_close(zoo(x), want, atol=1e-5, rtol=1e-5)
+    lp.save_peft_adapter(zoo, str(tmp_path / "back"))
+    back = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path),
+                                          str(tmp_path / "back")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family, changes", [
+    ("qwen3", dict(attention_bias=True, use_sliding_window=True, sliding_window=4, layer_types=[
+        "sliding_attention", "full_attention"])),
+    ("qwen2", dict(use_sliding_window=False)),  # sliding_window set but off
+    ("mistral", dict(sliding_window=None, tie_word_embeddings=True)),
+], ids=["qwen3-bias-window-layer0", "qwen2-window-off", "mistral-no-window-tied"])
+def test_more_options_match_transformers(tmp_path, family, changes):
+    hf = _save(tmp_path, family, seed=3, **changes)
+    x = _ids(T=12, seed=4)
+    for backend in ("torch", "llmkern"):
+        m = _load(str(tmp_path), backend)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), hf(x).logits, atol=1e-5, rtol=1e-5)
+    assert m.num_params() == hf.num_parameters() == flops.param_counts(m.config)["total"]
+    if family == "qwen3":
+        assert m.config.biases == (True, True, False) and m.config.sliding_window_layers == (0,)
+    else:
+        assert m.config.sliding_window is None
+
+
+def test_llama_attention_and_mlp_bias_match_transformers(tmp_path):
+    torch.manual_seed(5)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True)).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    hf.save_pretrained(tmp_path)
+    m = _load(str(tmp_path))
+    assert m.config.biases == (True, True, True)
+    with torch.no_grad():
+        torch.testing.assert_close(m(_ids()), hf(_ids()).logits, atol=1e-5, rtol=1e-5)
+    assert m.num_params() == hf.num_parameters() == flops.param_counts(m.config)["total"]
+
+
+def _edit(path, **changes):
+    f = path / "config.json"
+    cfg = json.loads(f.read_text())
+    cfg.update(changes)
+    f.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("family, changes, key", [
+    ("mistral", dict(hidden_act="gelu"), "hidden_act"),
+    ("qwen2", dict(hidden_act="gelu_pytorch_tanh"), "hidden_act"),
+    ("mistral", dict(num_local_experts=8), "num_local_experts"),
+    ("qwen3", dict(num_experts=4), "num_experts"),
+    ("qwen2", dict(moe_intermediate_size=32), "moe_intermediate_size"),
+    ("mistral", dict(sliding_window=-2), "sliding_window"),
+    ("qwen2", dict(sliding_window="6"), "sliding_window"),
+    ("qwen2", dict(layer_types=["full_attention", "chunked_attention"]), "layer_types"),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=4, layer_types=["sliding_attention"]), "layer_types"),
+    ("qwen3", dict(use_sliding_window="yes"), "use_sliding_window"),
+    ("qwen3", dict(attention_bias="no"), "attention_bias"),
+    ("qwen2", dict(model_type="qwen2_moe"), "model_type"),
+    ("qwen3", dict(rope_parameters={"rope_type": "longrope", "factor": 2.0, "rope_theta": 1e4}), "rope_type"),
+    ("mistral", dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e3}}),
+     "rope_parameters"),
+])
+def test_unsupported_configs_raise_naming_the_key(tmp_path, family, changes, key):
+    _save(tmp_path, family)
+    _edit(tmp_path, **changes)
+    with pytest.raises(ValueError, match=key):
+        from_hf(str(tmp_path))
+
+
+def test_model_config_options_are_checked():
+    llama = get_config("llama-tiny")
+    for bad, match in ((dict(sliding_window=0), "sliding_window"), (dict(sliding_window_layers=(0,)), "needs"),
+                       (dict(sliding_window=4, sliding_window_layers=(2,)), "sliding_window_layers"),
+                       (dict(qkv_bias="yes"), "qkv_bias"), (dict(qk_norm=1.0), "qk_norm")):
+        with pytest.raises(ValueError, match=match):
+            llama.replace(**bad)
+    for field, value in (("qk_norm", True), ("sliding_window", 4), ("qkv_bias", True)):
+        with pytest.raises(ValueError, match=f"{field} applies to arch='llama' only"):
+            get_config("gpt-tiny", **{field: value})
+    # off by default: the named configs are unchanged
+    assert llama.biases == (False, False, False) and not llama.qk_norm and llama.layer_window(0) is None
+    cfg = llama.replace(sliding_window=4, sliding_window_layers=[1, 0, 1], qk_norm=True, qkv_bias=True)
+    assert cfg.sliding_window_layers == (0, 1)
+    m = Llama(cfg, backend="torch")
+    assert m.layers[0].self_attn.q_norm.weight.shape == (cfg.head_dim,)
+    assert m.layers[0].self_attn.q_proj.bias is not None and m.layers[0].self_attn.o_proj.bias is None
+    assert m.num_params() == flops.param_counts(cfg)["total"]
+    names = m.hf_module_names()
+    assert names["layers.1.self_attn.k_proj"].name == "model.layers.1.self_attn.k_proj"
+    assert not any("norm" in n for n in names)
+
+
+def test_mistral_window_through_the_triton_kernels(saved, monkeypatch):
+    """backend="llmkern" with the Triton attention and decode kernels (under the interpreter here):
+    the windowed logits and the greedy tokens (left padded) are transformers'."""
+    import os
+
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the Triton kernels on CPU tensors under TRITON_INTERPRET=1")
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    path, hf = saved["mistral"]
+    m = _load(path, "llmkern")
+    x = _ids(T=9, seed=5)
+    am = torch.ones_like(x)
+    am[0, :2] = 0
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(m(x), hf(x).logits, atol=1e-5, rtol=1e-5)
+        want = hf.generate(x, attention_mask=am, max_new_tokens=8, do_sample=False, pad_token_id=PAD)
+        assert torch.equal(generate(m, x, 8, attention_mask=am, pad_token_id=PAD), want)
