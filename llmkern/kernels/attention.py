@@ -11,7 +11,10 @@ Layouts (one kernel serves both, the batch/token/head strides say which):
 Semantics: bottom-right causal alignment (query i sees keys j <= i + Tk - Tq), window
 (left, right) relative to that diagonal, tanh softcap on the scaled scores, optional key padding
 mask (dense only), GQA by head index (never materialising repeated K/V). Rows that see no key
-produce zeros and LSE = -inf.
+produce zeros and LSE = -inf. Optional attention sinks (gpt-oss): a per-query-head logit that joins
+every row's softmax denominator and adds no value; the forward starts each row's online softmax
+from it (max = sink, sum = 1), so the saved LSE is that of the whole denominator and the backward
+kernels, recomputing P = exp(s - LSE), need no change (dsinks: sink_grad, from LSE and delta).
 
 Kernels:
 - `_attn_fwd`: one program per (query block, batch*head); online softmax in float32 (exp2);
@@ -166,18 +169,26 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
 
 @triton.jit
 def _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, desc_k, desc_v, b, hk,
-              first, seqlen_q, seqlen_k, L, R, qk_scale, sc_in, sc_out, kh, kc, drop_thr, drop_scale,
+              first, seqlen_q, seqlen_k, L, R, qk_scale, sc_in, sc_out, kh, kc, drop_thr, drop_scale, sink,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
-              DROPOUT: tl.constexpr):
+              DROPOUT: tl.constexpr, HAS_SINKS: tl.constexpr):
     """Output rows [first, first + BLOCK_M) of one head: (normalised acc, lse in natural log).
-    Masked edge blocks, then unmasked interior blocks, then masked edge blocks (see _block_ranges)."""
+    Masked edge blocks, then unmasked interior blocks, then masked edge blocks (see _block_ranges).
+    With HAS_SINKS, `sink` (this head's sink logit, natural units) is one more key with no value."""
     off = seqlen_k - seqlen_q
     last_row = tl.minimum(first + BLOCK_M, seqlen_q) - 1
     offs_m = first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:
+        # the sink is the first "key" the online softmax sees: max = sink (log2 units, as m_i), sum
+        # exp2(0) = 1, nothing added to acc. The loop rescales it with every new max, the LSE below
+        # counts it, and a row that sees no key ends with out = 0 and LSE = sink (l_i = 1, not 0).
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     blk_lo, fb_lo, fb_hi, blk_hi = _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
@@ -202,7 +213,7 @@ def _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, desc_k, desc_v,
 
 
 @triton.jit(do_not_specialize=["IS_CAUSAL", "drop_thr", "drop_b0"])
-def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K, SEED,
+def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K, SEED, SINKS,
               qk_scale, sc_in, sc_out, drop_thr, drop_scale, drop_b0,
               stride_qb, stride_qh, stride_qt,
               stride_kb, stride_kh, stride_kt,
@@ -213,7 +224,7 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K, SEED,
               H, GROUP, Tq, Tk, L, R, seq_bucket,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              IS_CAUSAL, PREC: tl.constexpr, DROPOUT: tl.constexpr,
+              IS_CAUSAL, PREC: tl.constexpr, DROPOUT: tl.constexpr, HAS_SINKS: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # heaviest query blocks (bottom rows, under a causal mask) first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -240,9 +251,12 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K, SEED,
     kh, kc = 0, 0
     if DROPOUT:
         kh, kc = _drop_keys(SEED, (b + drop_b0) * H + h)
+    sink = 0.0
+    if HAS_SINKS:
+        sink = tl.load(SINKS + h)
     acc, lse = _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, K, V, b, hk,
-                         first, seqlen_q, seqlen_k, L, R, qk_scale, sc_in, sc_out, kh, kc, drop_thr, drop_scale,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, False, DROPOUT)
+                         first, seqlen_q, seqlen_k, L, R, qk_scale, sc_in, sc_out, kh, kc, drop_thr, drop_scale, sink,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, False, DROPOUT, HAS_SINKS)
     o_base = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_ot
     o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :]
     if BLOCK_D == HEAD_DIM:
@@ -255,14 +269,14 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K, SEED,
 
 
 @triton.jit(do_not_specialize=["IS_CAUSAL", "drop_thr", "drop_b0"])
-def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE, KPM, SEED,
+def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE, KPM, SEED, SINKS,
                   qk_scale, sc_in, sc_out, drop_thr, drop_scale, drop_b0,
                   stride_lb, stride_lh, stride_lt,
                   stride_mb,
                   H, GROUP, Tq, Tk, L, R, seq_bucket,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                  IS_CAUSAL, PREC: tl.constexpr, DROPOUT: tl.constexpr,
+                  IS_CAUSAL, PREC: tl.constexpr, DROPOUT: tl.constexpr, HAS_SINKS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """_attn_fwd for dense 16-bit inputs on sm_90+: Q, K, V and O move through tensor
     descriptors (4-D [B, heads, T, D]) instead of per-thread pointers, which frees the registers
@@ -279,9 +293,12 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE, KPM, SEED,
     kh, kc = 0, 0
     if DROPOUT:
         kh, kc = _drop_keys(SEED, (b + drop_b0) * H + h)
+    sink = 0.0
+    if HAS_SINKS:
+        sink = tl.load(SINKS + h)
     acc, lse = _fwd_tile(q, KPM, KPM, kpm_base, 0, 0, desc_k, desc_v, b, hk,
-                         first, Tq, Tk, L, R, qk_scale, sc_in, sc_out, kh, kc, drop_thr, drop_scale,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, True, DROPOUT)
+                         first, Tq, Tk, L, R, qk_scale, sc_in, sc_out, kh, kc, drop_thr, drop_scale, sink,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, True, DROPOUT, HAS_SINKS)
     desc_o.store([b, h, first, 0], acc.to(desc_o.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
     offs_m = first + tl.arange(0, BLOCK_M)
     l_ptrs = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m.to(tl.int64) * stride_lt
@@ -883,7 +900,7 @@ def _split_batch(fn, B, per_batch, args, kw):
 
 def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_right=-1, softcap=0.0,
                       key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                      max_seqlen_q=-1, max_seqlen_k=-1, dropout_p=0.0, seed=None, batch_base=0):
+                      max_seqlen_q=-1, max_seqlen_k=-1, dropout_p=0.0, seed=None, batch_base=0, sinks=None):
     """Run the forward kernel. Returns (out like q, lse float32).
 
     Dense: q [B, H, Tq, D], k/v [B, Hk, Tk, D], lse [B, H, Tq].
@@ -891,11 +908,13 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
     Window sides < 0 are unbounded; causal sets the right side to min(right, 0).
     dropout_p > 0: attention dropout with the mask of seed (int32 [2] on q's device) for batch rows
     batch_base.. (see llmkern/reference/attention.py, attention_dropout_keep); the LSE is the undropped one.
+    sinks: [H] per-query-head sink logits (any float dtype; read as float32): they join each row's
+    softmax denominator, and the returned LSE is the log of that whole denominator.
     """
     kw = dict(scale=scale, causal=causal, window_left=window_left, window_right=window_right, softcap=softcap,
               key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, seed=seed,
-              batch_base=batch_base)
+              batch_base=batch_base, sinks=sinks)
     n_batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
     parts = _split_batch(attention_forward, n_batch, q.shape[1], (q, k, v), kw)
     if parts is not None:
@@ -932,19 +951,20 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
         kpm = kpm.to(torch.bool).contiguous().view(torch.uint8)
     qk_scale, sc_in, sc_out = _softcap_args(scale, softcap)
     drop = _dropout_args(dropout_p, seed, batch_base, lse)
+    sink_arg = lse if sinks is None else sinks.to(device=q.device, dtype=torch.float32).contiguous()
     BD = _block_d(D)
     grid = lambda META: (cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
-    args = (q, k, v, out, lse, kpm if kpm is not None else lse, cu_q, cu_k, drop[0],
+    args = (q, k, v, out, lse, kpm if kpm is not None else lse, cu_q, cu_k, drop[0], sink_arg,
             qk_scale, sc_in, sc_out, *drop[1:],
             *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(out),
             *s_lse, kpm.stride(0) if kpm is not None else 0,
             H, H // Hk, Tq, Tk, L, R, _seq_bucket(max(Tq, Tk)))
     kwargs = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=varlen, HAS_KPM=kpm is not None,
                   HAS_SOFTCAP=bool(softcap), IS_CAUSAL=int(bool(causal)), PREC=_prec(q.dtype),
-                  DROPOUT=dropout_p > 0)
+                  DROPOUT=dropout_p > 0, HAS_SINKS=sinks is not None)
     if not varlen and use_tma(q, k, v, out):
         descs = [_tma.descriptor(t) for t in (q, k, v, out)]
-        tma_args = (*descs, lse, kpm if kpm is not None else lse, drop[0], qk_scale, sc_in, sc_out, *drop[1:],
+        tma_args = (*descs, lse, kpm if kpm is not None else lse, drop[0], sink_arg, qk_scale, sc_in, sc_out, *drop[1:],
                     *s_lse,
                     kpm.stride(0) if kpm is not None else 0, H, H // Hk, Tq, Tk, L, R, _seq_bucket(max(Tq, Tk)))
         tma_kwargs = {k_: v_ for k_, v_ in kwargs.items() if k_ != "IS_VARLEN"}
@@ -956,17 +976,24 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
 
 def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_left=-1, window_right=-1,
                        softcap=0.0, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                       max_seqlen_q=-1, max_seqlen_k=-1, dlse=None, dropout_p=0.0, seed=None, batch_base=0):
+                       max_seqlen_q=-1, max_seqlen_k=-1, dlse=None, dropout_p=0.0, seed=None, batch_base=0,
+                       sinks=None):
     """Gradients (dq, dk, dv) of the forward above; `dlse` is the gradient of the returned LSE.
-    The dropout mask is regenerated from the seed, not stored."""
+    The dropout mask is regenerated from the seed, not stored.
+    With sinks ([H], the forward's): `lse` is the sink-aware LSE the forward returned, which is all
+    the kernels need; the result is (dq, dk, dv, dsinks) with dsinks = sink_grad(...) in sinks' dtype."""
     kw = dict(scale=scale, causal=causal, window_left=window_left, window_right=window_right, softcap=softcap,
               key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dlse=dlse, dropout_p=dropout_p, seed=seed,
-              batch_base=batch_base)
+              batch_base=batch_base, sinks=None if sinks is None else sinks.float())
     n_batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
     parts = _split_batch(attention_backward, n_batch, q.shape[1], (dout, q, k, v, out, lse), kw)
     if parts is not None:
-        return tuple(torch.cat([p[i] for p in parts], 0) for i in range(3))
+        grads = tuple(torch.cat([p[i] for p in parts], 0) for i in range(3))
+        if sinks is None:
+            return grads
+        # each slice's dsinks sums its rows in float32 (float32 sinks in kw): add them, cast once
+        return grads + (torch.stack([p[3] for p in parts]).sum(0).to(sinks.dtype),)
     q, k, v, out, dout = (_last_contig(t) for t in (q, k, v, out, dout))
     lse = lse.contiguous()
     varlen = cu_seqlens_q is not None
@@ -1029,7 +1056,25 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
     tma = backward_tma_kernels() if not varlen and use_tma(q, k, v, dout) else frozenset()
     if not (tma and _TMA.run(lambda: run(tma))):
         run(frozenset())
-    return dq, dk, dv
+    if sinks is None:
+        return dq, dk, dv
+    return dq, dk, dv, sink_grad(sinks, lse, delta, varlen)
+
+
+def sink_grad(sinks, lse, delta, varlen=False):
+    """d loss / d sinks [H] from the sink-aware LSE and delta = rowsum(dO * O) - dLSE (dense
+    [B, H, Tq], varlen [H, total_q]).
+
+    A sink's probability in row i is p_i = exp(sink - LSE_i); O_i = (sum_j e^s_j [keep_j] v_j) / Z_i
+    depends on the sink only through Z_i, so dO_i/dsink = -p_i O_i, and dLSE_i/dsink = p_i: hence
+    dsink = -sum_i p_i (dO_i . O_i - dLSE_i) = -sum_i p_i delta_i over the rows of the head. Dropout
+    masks only the numerator, so this holds with dropout too. A plain torch sum: deterministic."""
+    s = sinks.to(device=lse.device, dtype=torch.float32)
+    s = s[:, None] if varlen else s[None, :, None]
+    p = torch.where(lse == float("-inf"), 0.0, torch.exp(s - lse))  # (LSE = -inf only with sink -inf)
+    g = -(p * delta.float())
+    g = g.sum(1) if varlen else g.sum((0, 2))
+    return g.to(sinks.dtype)
 
 
 def default_scale(head_dim):

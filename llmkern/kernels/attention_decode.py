@@ -11,7 +11,9 @@ key j of row b sits in page block_table[b, j // page_size], slot j % page_size.
   rows of a program are the GQA group's query heads times the Tq new tokens ("packed GQA"), so
   each K/V tile is read once for the whole group. Each split writes its partial output
   (normalised) and LSE in float32.
-- `_decode_combine`: one program per (batch, head, token) merges the splits by their LSE.
+- `_decode_combine`: one program per (batch, head, token) merges the splits by their LSE. An
+  attention sink (gpt-oss: a per-query-head logit in the softmax denominator, no value) joins here
+  as one more partial, with LSE = sink and a zero output.
 The number of splits is chosen so that B * Hk * splits fills the GPU even for a small batch;
 it depends only on static shapes (no host sync on cache_seqlens).
 """
@@ -113,12 +115,13 @@ def _decode_split(Q, K, V, SEQLENS, BT, OP, LP,
 
 
 @triton.jit
-def _decode_combine(OP, LP, O, LSE, S,
+def _decode_combine(OP, LP, O, LSE, SINKS, S,
                     stride_opb, stride_oph, stride_opt, stride_ops,
                     stride_lpb, stride_lph, stride_lpt,
                     stride_ob, stride_oh, stride_ot,
                     H, Tq,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                    HAS_SINKS: tl.constexpr):
     pid = tl.program_id(0)
     t = pid % Tq
     h = (pid // Tq) % H
@@ -128,9 +131,14 @@ def _decode_combine(OP, LP, O, LSE, S,
     lp = tl.load(LP + b.to(tl.int64) * stride_lpb + h * stride_lph + t * stride_lpt + offs_s,
                  mask=offs_s < S, other=float("-inf"))
     m = tl.max(lp, 0)
+    if HAS_SINKS:  # the sink: one more partial with LSE sink (log2 units, as lp) and a zero output
+        sink2 = tl.load(SINKS + h) * 1.4426950408889634
+        m = tl.maximum(m, sink2)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lp - m_safe)
     denom = tl.sum(w, 0)
+    if HAS_SINKS:
+        denom += tl.math.exp2(sink2 - m_safe)
     op = tl.load(OP + b.to(tl.int64) * stride_opb + h * stride_oph + t * stride_opt
                  + offs_s[:, None] * stride_ops + offs_d[None, :],
                  mask=(offs_s[:, None] < S) & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -181,9 +189,10 @@ def choose_num_splits(B, Hk, m_blocks, Tmax, block_n, device):
 
 
 def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, window_left=-1,
-                     window_right=-1, softcap=0.0, num_splits=0, block_table=None):
+                     window_right=-1, softcap=0.0, num_splits=0, block_table=None, sinks=None):
     """Returns (out [B, H, Tq, D] like q, lse [B, H, Tq] float32). block_table (int32 [B, pages per
-    row]): k_cache/v_cache are page pools [num_pages, Hk, page_size, D]."""
+    row]): k_cache/v_cache are page pools [num_pages, Hk, page_size, D]. sinks: [H] per-query-head
+    sink logits (read as float32), counted in the softmax denominator and in the LSE."""
     slices = _batch_slices(q.shape[0], k_cache.shape[1])  # the split grid's z is B * Hk (<= 65535)
     if len(slices) > 1:
         def rows(t, b0, b1):  # a page pool is shared by every row
@@ -191,7 +200,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
         parts = [attention_decode(q[b0:b1], rows(k_cache, b0, b1), rows(v_cache, b0, b1), cache_seqlens[b0:b1],
                                   scale=scale, causal=causal, window_left=window_left, window_right=window_right,
                                   softcap=softcap, num_splits=num_splits,
-                                  block_table=None if block_table is None else block_table[b0:b1])
+                                  block_table=None if block_table is None else block_table[b0:b1], sinks=sinks)
                  for b0, b1 in slices]
         return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
     q, k_cache, v_cache = _last_contig(q), _last_contig(k_cache), _last_contig(v_cache)
@@ -233,12 +242,13 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
         BLOCK_M=bm, BLOCK_N=bn, **extra)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+    sink_arg = lse if sinks is None else sinks.to(device=q.device, dtype=torch.float32).contiguous()
     _decode_combine[(B * H * Tq,)](
-        op, lp, out, lse, S,
+        op, lp, out, lse, sink_arg, S,
         op.stride(0), op.stride(1), op.stride(2), op.stride(3),
         lp.stride(0), lp.stride(1), lp.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H, Tq,
-        HEAD_DIM=D, BLOCK_D=BD, BLOCK_S=max(2, next_power_of_2(S)))
+        HEAD_DIM=D, BLOCK_D=BD, BLOCK_S=max(2, next_power_of_2(S)), HAS_SINKS=sinks is not None)
     return out, lse
 
 

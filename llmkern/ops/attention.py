@@ -1,8 +1,8 @@
 """Fused attention: public API, validation, registration, dispatch, autograd.
 
-    attention(q, k, v, *, causal, scale, window, softcap, key_padding_mask, return_lse, dropout_p, seed)
-    attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...)
-    attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k, v, causal, ...)
+    attention(q, k, v, *, causal, scale, window, softcap, key_padding_mask, return_lse, dropout_p, seed, sinks)
+    attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ..., sinks)
+    attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k, v, causal, ..., sinks)
 
 Kernels: llmkern/kernels/attention.py (forward, backward) and attention_decode.py (split-K
 decode); reference: llmkern/reference/attention.py. The Triton path runs inside the
@@ -111,6 +111,20 @@ def _window(window):
 _softcap = _checks.softcap_arg
 
 
+def _check_sinks(sinks, H, device):
+    """sinks: None or a floating tensor [heads] (the query heads) on q's device."""
+    if sinks is None:
+        return
+    _tensor("sinks", sinks)
+    if not sinks.is_floating_point():
+        raise ValueError(f"sinks must be a floating-point tensor (one logit per query head), got {sinks.dtype}")
+    if tuple(sinks.shape) != (H,):
+        raise ValueError(f"sinks must have shape [heads] = [{H}] (one logit per query head), "
+                         f"got {tuple(sinks.shape)}")
+    if sinks.device != device:
+        raise ValueError(f"sinks is on {sinks.device} but q is on {device}")
+
+
 def _check_causal(causal, return_lse=False):
     for name, flag in (("causal", causal), ("return_lse", return_lse)):
         if not isinstance(flag, bool):
@@ -142,9 +156,12 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_padding_mask: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
                       cu_seqlens_k: Optional[torch.Tensor], seed: Optional[torch.Tensor], max_seqlen_q: int,
                       max_seqlen_k: int, scale: float, causal: bool, window_left: int, window_right: int,
-                      softcap: float, dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                      softcap: float, dropout_p: float,
+                      sinks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    # sinks comes last, with a default: calls written before it (opcheck tests, users of
+    # torch.ops.llmkern.attention_fwd) keep their meaning
     return _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k,
-                     scale, causal, window_left, window_right, softcap, dropout_p)
+                     scale, causal, window_left, window_right, softcap, dropout_p, sinks)
 
 
 def _kernel_layout(t):
@@ -155,7 +172,7 @@ def _kernel_layout(t):
 
 
 def _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k,
-              scale, causal, window_left, window_right, softcap, dropout_p):
+              scale, causal, window_left, window_right, softcap, dropout_p, sinks=None):
     if q.numel() == 0:
         return torch.zeros_like(_kernel_layout(q)), torch.full(_lse_shape(q, cu_seqlens_q), float("-inf"),
                                                device=q.device, dtype=torch.float32)
@@ -163,12 +180,12 @@ def _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_s
         q, k, v, scale=scale, causal=causal, window_left=window_left, window_right=window_right,
         softcap=softcap, key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        dropout_p=dropout_p, seed=seed)
+        dropout_p=dropout_p, seed=seed, sinks=sinks)
 
 
 @_attention_fwd_op.register_fake
 def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k, scale, causal,
-      window_left, window_right, softcap, dropout_p):
+      window_left, window_right, softcap, dropout_p, sinks=None):
     return torch.empty_like(_kernel_layout(q)), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
 
 
@@ -178,45 +195,69 @@ def _attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                       key_padding_mask: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
                       cu_seqlens_k: Optional[torch.Tensor], seed: Optional[torch.Tensor], max_seqlen_q: int,
                       max_seqlen_k: int, scale: float, causal: bool, window_left: int, window_right: int,
-                      softcap: float, dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      softcap: float, dropout_p: float, sinks: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dsinks). dsinks has sinks' shape and dtype; without sinks (None: not given, or
+    no gradient wanted) it is an empty float32 tensor (a custom op's outputs cannot be None)."""
     return _bwd_impl(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed,
-                     max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p)
+                     max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p,
+                     sinks)
+
+
+def _no_dsinks(q):
+    return q.new_empty(0, dtype=torch.float32)
 
 
 def _bwd_impl(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
-              max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p):
+              max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p, sinks=None):
     if q.numel() == 0 or k.numel() == 0:
-        return tuple(torch.zeros_like(_kernel_layout(t)) for t in (q, k, v))
-    return _kern().attention_backward(
+        grads = tuple(torch.zeros_like(_kernel_layout(t)) for t in (q, k, v))
+        if sinks is None:
+            return grads + (_no_dsinks(q),)
+        # no key: out = 0 and LSE = sink, so delta = -dLSE and the sinks take dLSE
+        delta = torch.zeros_like(lse) if dlse is None else -dlse.float()
+        return grads + (_kern().sink_grad(sinks, lse, delta, cu_seqlens_q is not None),)
+    grads = _kern().attention_backward(
         dout, q, k, v, out, lse, scale=scale, causal=causal, window_left=window_left,
         window_right=window_right, softcap=softcap, key_padding_mask=key_padding_mask,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, dlse=dlse, dropout_p=dropout_p, seed=seed)
+        max_seqlen_k=max_seqlen_k, dlse=dlse, dropout_p=dropout_p, seed=seed, sinks=sinks)
+    return grads if sinks is not None else grads + (_no_dsinks(q),)
 
 
 @_attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
-      max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p):
-    return tuple(torch.empty_like(_kernel_layout(t)) for t in (q, k, v))
+      max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p, sinks=None):
+    dsinks = _no_dsinks(q) if sinks is None else torch.empty_like(sinks)
+    return tuple(torch.empty_like(_kernel_layout(t)) for t in (q, k, v)) + (dsinks,)
 
 
 _FWD_ARGS = ("key_padding_mask", "cu_seqlens_q", "cu_seqlens_k", "seed", "max_seqlen_q", "max_seqlen_k", "scale",
              "causal", "window_left", "window_right", "softcap", "dropout_p")
+_N_ARGS = 3 + len(_FWD_ARGS)  # the forward's inputs before sinks (q, k, v, then _FWD_ARGS)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, kpm, cu_q, cu_k, seed = inputs[:7]
+    sinks = inputs[_N_ARGS] if len(inputs) > _N_ARGS else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kpm, cu_q, cu_k, seed)
-    ctx.args = inputs[7:]  # the LSE output is differentiable too: dLSE folds into delta
+    ctx.save_for_backward(q, k, v, out, lse, kpm, cu_q, cu_k, seed, sinks)
+    ctx.args = inputs[7:_N_ARGS]  # the LSE output is differentiable too: dLSE folds into delta
+    ctx.n_inputs = len(inputs)
 
 
 def _backward(ctx, dout, dlse, bwd=None):
-    q, k, v, out, lse, kpm, cu_q, cu_k, seed = ctx.saved_tensors
+    q, k, v, out, lse, kpm, cu_q, cu_k, seed, sinks = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = (bwd or _attention_bwd_op)(dout, q, k, v, out, lse, dlse, kpm, cu_q, cu_k, seed, *ctx.args)
-    return (dq, dk, dv) + (None,) * 12
+    # the kernels only need the sink-aware LSE; sinks go to the backward only for their gradient
+    want_dsinks = sinks is not None and ctx.needs_input_grad[_N_ARGS]
+    dq, dk, dv, dsinks = (bwd or _attention_bwd_op)(dout, q, k, v, out, lse, dlse, kpm, cu_q, cu_k, seed,
+                                                    *ctx.args, sinks if want_dsinks else None)
+    grads = (dq, dk, dv) + (None,) * (_N_ARGS - 3)
+    if ctx.n_inputs > _N_ARGS:
+        grads += (dsinks if want_dsinks else None,)
+    return grads
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -241,18 +282,19 @@ class _AttentionFunction(torch.autograd.Function):
         return _backward(ctx, dout, dlse, bwd=_bwd_impl)
 
 
-def _attention_fwd(q, k, v, kpm, cu_q, cu_k, seed, *args):
+def _attention_fwd(q, k, v, kpm, cu_q, cu_k, seed, *args, sinks=None):
     """(out, lse), differentiable: the custom op under torch.compile, its eager twin otherwise."""
-    if _checks.eager_fast_path(q, k, v, kpm, cu_q, cu_k, seed):
-        return _AttentionFunction.apply(q, k, v, kpm, cu_q, cu_k, seed, *args)
-    return _attention_fwd_op(q, k, v, kpm, cu_q, cu_k, seed, *args)
+    extra = () if sinks is None else (sinks,)  # without sinks, the calls of before (same graph)
+    if _checks.eager_fast_path(q, k, v, kpm, cu_q, cu_k, seed, sinks):
+        return _AttentionFunction.apply(q, k, v, kpm, cu_q, cu_k, seed, *args, *extra)
+    return _attention_fwd_op(q, k, v, kpm, cu_q, cu_k, seed, *args, *extra)
 
 
 @torch.library.custom_op("llmkern::attention_decode", mutates_args=())
 def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], scale: float,
                          causal: bool, window_left: int, window_right: int, softcap: float,
-                         num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                         num_splits: int, sinks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     if q.numel() == 0:
         return torch.zeros_like(_kernel_layout(q)), torch.full(q.shape[:3], float("-inf"), device=q.device,
                                                dtype=torch.float32)
@@ -260,12 +302,12 @@ def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
     return attention_decode(q, k_cache, v_cache, cache_seqlens, scale=scale, causal=causal,
                             window_left=window_left, window_right=window_right, softcap=softcap,
-                            num_splits=num_splits, block_table=block_table)
+                            num_splits=num_splits, block_table=block_table, sinks=sinks)
 
 
 @_attention_decode_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, window_left, window_right, softcap,
-      num_splits):
+      num_splits, sinks=None):
     return torch.empty_like(_kernel_layout(q)), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -296,7 +338,7 @@ def _like_sdpa_under_autocast(fn):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: Optional[float] = None, window: Optional[Tuple[Optional[int], Optional[int]]] = None,
               softcap: Optional[float] = None, key_padding_mask: Optional[torch.Tensor] = None,
-              return_lse: bool = False, dropout_p: float = 0.0, seed=None):
+              return_lse: bool = False, dropout_p: float = 0.0, seed=None, sinks: Optional[torch.Tensor] = None):
     """Fused scaled-dot-product attention (FlashAttention-2 style), a drop-in for
     ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)``.
 
@@ -320,8 +362,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         seed: the dropout seed: an int, or an int32 tensor of two words on q's device (default: drawn
             with torch.randint on q's device, so torch.manual_seed makes runs reproducible, with no
             host sync).
+        sinks: attention sinks (gpt-oss), a floating tensor [heads] of per-query-head logits on q's
+            device (any float dtype, used in float32). Each joins its head's softmax denominator and
+            contributes no value: p_j = exp(s_j) / (sum_k exp(s_k) + exp(sinks[h])), with s_j the
+            scores after scale, softcap and masks (transformers' gpt-oss eager attention, `s_aux`).
+            The LSE is then that of the whole denominator, and a row that sees no key gets zeros and
+            LSE sinks[h]. Differentiable (gpt-oss trains them). Dropout drops only the keys'
+            weights; the sink always stays in the denominator.
 
-    A query row that sees no key returns zeros (and LSE -inf), never NaN.
+    A query row that sees no key returns zeros (and LSE -inf, or the sink), never NaN.
     Memory is O(T): no Tq x Tk tensor is materialised on the Triton path.
     """
     _check_qkv(q, k, v, 4, "[batch, heads, seq, head_dim]")
@@ -336,6 +385,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     wl, wr = _window(window)
     sc = _softcap(softcap)
     _check_causal(causal, return_lse)
+    _check_sinks(sinks, H, q.device)
     if key_padding_mask is not None:
         _tensor("key_padding_mask", key_padding_mask)
         if key_padding_mask.dtype != torch.bool:
@@ -348,19 +398,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     backend = _backend_for(q.device, q.dtype, "attention")
     if backend == "triton":
         out, lse = _attention_fwd(q, k, v, key_padding_mask, None, None, seed_t, -1, -1, scale, causal, wl, wr, sc,
-                                  p)
-    elif (q.device.type == "cpu" and not sc and not return_lse and not p
+                                  p, sinks=sinks)
+    elif (q.device.type == "cpu" and not sc and not return_lse and not p and sinks is None
           and _backend.forced() != "reference"):
         return _cpu_sdpa(q, k, v, causal, scale, wl, wr, key_padding_mask)
     else:
         out, lse = ref.attention(q, k, v, causal=causal, scale=scale, window=_ref_window(wl, wr),
                                  softcap=sc or None, key_padding_mask=key_padding_mask, return_lse=True,
-                                 dropout_p=p, seed=seed_t)
+                                 dropout_p=p, seed=seed_t, sinks=sinks)
     return (out, lse) if return_lse else out
 
 
 def _cpu_sdpa(q, k, v, causal, scale, wl, wr, key_padding_mask):
-    """The CPU path where SDPA can express the call (no softcap, no LSE): the same semantics as the
+    """The CPU path where SDPA can express the call (no softcap, no LSE, no sinks): the same semantics as the
     reference through SDPA's fused CPU kernel (about 10x faster than the plain reference).
     SDPA's safe softmax gives zeros for rows with no visible key, as the reference does."""
     Tq, Tk = q.shape[2], k.shape[2]
@@ -422,7 +472,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: Optional[int] = None,
                      max_seqlen_k: Optional[int] = None, *, causal: bool = False,
                      scale: Optional[float] = None, window=None, softcap: Optional[float] = None,
-                     return_lse: bool = False, dropout_p: float = 0.0, seed=None):
+                     return_lse: bool = False, dropout_p: float = 0.0, seed=None,
+                     sinks: Optional[torch.Tensor] = None):
     """Attention over packed variable-length sequences (training on packed documents).
 
     q [total_q, heads, head_dim], k/v [total_k, kv_heads, head_dim]; sequence b holds tokens
@@ -431,6 +482,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     bottom-right aligned. Returns out [total_q, heads, head_dim] (, lse float32 [heads, total_q]).
     dropout_p / seed: as for ``attention``, sequence b taking the mask of batch row b (packed
     sequences of equal lengths drop what the padded batch drops).
+    sinks: as for ``attention``: [heads] per-query-head sink logits in every row's softmax denominator
+    (differentiable); the LSE includes them.
     """
     _check_qkv(q, k, v, 3, "[total_tokens, heads, head_dim]")
     H, D = q.shape[1], q.shape[2]
@@ -447,6 +500,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     wl, wr = _window(window)
     sc = _softcap(softcap)
     _check_causal(causal, return_lse)
+    _check_sinks(sinks, H, q.device)
     p = _checks.dropout_p_arg(dropout_p)
     seed_t = _checks.dropout_seed(seed, p, q.device)
     backend = _backend_for(q.device, q.dtype, "attention_varlen")
@@ -455,11 +509,11 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         mq = int(max_seqlen_q) if max_seqlen_q else -1
         mk = int(max_seqlen_k) if max_seqlen_k else -1
         out, lse = _attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, seed_t, mq, mk, scale, causal,
-                                  wl, wr, sc, p)
+                                  wl, wr, sc, p, sinks=sinks)
     else:
         out, lse = ref.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
                                         window=_ref_window(wl, wr), softcap=sc or None, return_lse=True,
-                                        dropout_p=p, seed=seed_t)
+                                        dropout_p=p, seed=seed_t, sinks=sinks)
     bounds.finish()
     return (out, lse) if return_lse else out
 
@@ -470,7 +524,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            v: Optional[torch.Tensor] = None, causal: bool = True,
                            scale: Optional[float] = None, window=None, softcap: Optional[float] = None,
                            return_lse: bool = False, num_splits: int = 0,
-                           block_table: Optional[torch.Tensor] = None):
+                           block_table: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None):
     """Decode attention against a KV cache, split along the keys (flash-decoding).
 
     q [batch, heads, Tq, head_dim] (Tq = 1..a few new tokens); k_cache/v_cache
@@ -484,6 +538,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         a token-major pool [num_pages, page_size, kv_heads, head_dim] works as ``.transpose(1, 2)``),
         key j of row b lives in page block_table[b, j // page_size] at slot j % page_size, and
         Tmax = pages_per_row * page_size. New k/v are written into those slots.
+    sinks: as for ``attention``: [heads] per-query-head sink logits in the softmax denominator (the
+        split-K kernel adds them when it combines the splits); the LSE includes them.
     Returns out [batch, heads, Tq, head_dim] (, lse float32 [batch, heads, Tq]).
     """
     _check_qkv(q, k_cache, v_cache, 4, "[batch, heads, seq, head_dim]")
@@ -523,6 +579,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     wl, wr = _window(window)
     sc = _softcap(softcap)
     _check_causal(causal, return_lse)
+    _check_sinks(sinks, H, q.device)
     lens = cache_seqlens
     if k is not None:
         pos = (cache_seqlens.to(torch.long)[:, None] + torch.arange(t_new, device=q.device)[None, :])
@@ -535,12 +592,13 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         lens = cache_seqlens + t_new
     backend = _backend_for(q.device, q.dtype, "attention_with_kvcache")
     if backend == "triton":
+        extra = () if sinks is None else (sinks,)
         out, lse = _attention_decode_op(q, k_cache, v_cache, lens.to(torch.int32), block_table, scale, causal,
-                                        wl, wr, sc, int(num_splits))
+                                        wl, wr, sc, int(num_splits), *extra)
         return (out, lse) if return_lse else out
     if block_table is not None:  # the CPU paths read a dense copy of each row's pages
         k_cache, v_cache = _gather_pages(k_cache, block_table), _gather_pages(v_cache, block_table)
-    if q.device.type == "cpu" and not sc and not return_lse and _backend.forced() != "reference":
+    if q.device.type == "cpu" and not sc and not return_lse and sinks is None and _backend.forced() != "reference":
         # SDPA's CPU kernel with the reference's visibility mask (per-row lengths, bottom-right)
         left, right = ref._normalize_window(_ref_window(wl, wr), causal)
         j = torch.arange(Tmax, device=q.device)
@@ -554,7 +612,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=vis[:, None],
                                                                 scale=scale, **gqa)
     out, lse = ref.attention_with_kvcache(q, k_cache, v_cache, lens, causal=causal, scale=scale,
-                                          window=_ref_window(wl, wr), softcap=sc or None, return_lse=True)
+                                          window=_ref_window(wl, wr), softcap=sc or None, return_lse=True,
+                                          sinks=sinks)
     return (out, lse) if return_lse else out
 
 

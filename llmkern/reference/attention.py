@@ -8,6 +8,9 @@ Same semantics as llmkern.attention (see llmkern/ops/attention.py):
 - softcap: scores = softcap * tanh(q.k * scale / softcap);
 - key_padding_mask: bool [batch, Tk], True = attend;
 - a query row with no visible key gets a zero output and LSE -inf (never NaN);
+- sinks: per-query-head logits [H] that join every row's softmax denominator and add no value
+  (gpt-oss): p_j = exp(s_j) / (sum_k exp(s_k) + exp(sink_h)); the LSE is the log of that whole
+  denominator, so a row with no visible key gets a zero output and LSE sink_h;
 - dropout_p: attention dropout on the softmax weights, kept weights scaled by 1/(1-p), with the
   mask of `attention_dropout_keep` (a hash of the seed, batch row, query head, query and key
   position: the Triton kernels regenerate the same bits); the LSE is that of the undropped softmax.
@@ -78,21 +81,27 @@ def _compute_dtype(dtype):
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
-              key_padding_mask=None, return_lse=False, mask=None, dropout_p=0.0, seed=0, batch_base=0):
+              key_padding_mask=None, return_lse=False, mask=None, dropout_p=0.0, seed=0, batch_base=0,
+              sinks=None):
     """Reference attention. q [B, H, Tq, D], k/v [B, Hk, Tk, D]; returns out (, lse [B, H, Tq]).
 
     `mask` (extra, reference only): bool [B or 1, 1 or H, Tq, Tk] ANDed with the other masks.
     dropout_p, seed, batch_base: attention dropout (see attention_dropout_keep).
+    sinks: [H] per-head sink logits (any float dtype, computed in the compute dtype, differentiable).
     """
     B, H, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     G = H // Hk
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if Tk == 0:  # nothing to attend to: zeros and LSE -inf (still connected to the graph)
-        out = q[..., :1].mul(0).expand(B, H, Tq, v.shape[-1]) + (k.sum() + v.sum()) * 0
-        lse = torch.full((B, H, Tq), float("-inf"), dtype=_compute_dtype(q.dtype), device=q.device)
-        return (out, lse) if return_lse else out
     cd = _compute_dtype(q.dtype)
+    sink = None if sinks is None else sinks.to(device=q.device, dtype=cd).reshape(1, Hk, G, 1, 1)
+    if Tk == 0:  # nothing to attend to: zeros and LSE -inf, or the sink's (still connected to the graph)
+        out = q[..., :1].mul(0).expand(B, H, Tq, v.shape[-1]) + (k.sum() + v.sum()) * 0
+        lse = torch.full((B, H, Tq), float("-inf"), dtype=cd, device=q.device)
+        if sink is not None:
+            out = out + sink.reshape(1, H, 1, 1).to(out.dtype) * 0
+            lse = sink.reshape(1, H, 1).expand(B, H, Tq)
+        return (out, lse) if return_lse else out
     qf = q.to(cd).reshape(B, Hk, G, Tq, D)
     kf = k.to(cd)[:, :, None]
     vf = v.to(cd)[:, :, None]
@@ -113,9 +122,13 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
     if full is not None:
         s = s.masked_fill(~full, float("-inf"))
     m = s.amax(dim=-1, keepdim=True).detach()
+    if sink is not None:  # the sink takes part in the running max, as one more (value-less) key
+        m = torch.maximum(m, sink.detach())
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        denom = denom + torch.exp(sink - m)
     if dropout_p > 0:
         keep = attention_dropout_keep(B, H, Tq, Tk, dropout_p, seed, q.device, batch_base)
         p = torch.where(keep.reshape(B, Hk, G, Tq, Tk), p * (1.0 / (1.0 - dropout_p)), 0.0)
@@ -129,7 +142,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
                      causal=False, scale=None, window=None, softcap=None, return_lse=False,
-                     dropout_p=0.0, seed=0):
+                     dropout_p=0.0, seed=0, sinks=None):
     """Reference varlen attention: q [total_q, H, D], k/v [total_k, Hk, D], int32 cumulative lengths.
 
     Returns out [total_q, H, D] (, lse [H, total_q])."""
@@ -141,7 +154,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         kb = k[ck[b]:ck[b + 1]].transpose(0, 1)[None]
         vb = v[ck[b]:ck[b + 1]].transpose(0, 1)[None]
         o, lse = attention(qb, kb, vb, causal=causal, scale=scale, window=window, softcap=softcap,
-                           return_lse=True, dropout_p=dropout_p, seed=seed, batch_base=b)
+                           return_lse=True, dropout_p=dropout_p, seed=seed, batch_base=b, sinks=sinks)
         outs.append(o[0].transpose(0, 1))
         lses.append(lse[0])
     out = torch.cat(outs, dim=0)
@@ -151,7 +164,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, causal=True, scale=None,
-                           window=None, softcap=None, return_lse=False):
+                           window=None, softcap=None, return_lse=False, sinks=None):
     """Reference decode: q [B, H, Tq, D] are the last Tq positions of each row's cache_seqlens[b]
     keys in k_cache/v_cache [B, Hk, Tmax, D] (the new tokens already written there)."""
     B, H, Tq, D = q.shape
@@ -168,7 +181,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, causal=True, s
         vis &= j[None, None, :] >= pos[:, :, None] - left
     vis &= kpm[:, None, :]
     return attention(q, k_cache, v_cache, scale=scale, softcap=softcap, return_lse=return_lse,
-                     mask=vis[:, None])
+                     mask=vis[:, None], sinks=sinks)
 
 
 def attention_float64(q, k, v, **kw) -> Tuple[torch.Tensor, ...]:

@@ -19,10 +19,12 @@
   chunked prefill with a cache need no special case), `sliding_window` -> window, `softcap`,
   `scaling` -> scale, `dropout` -> dropout_p (transformers passes the module's attention dropout in
   training mode and 0 in eval, so GPT-2's attn_pdrop trains as with eager/SDPA attention; the mask
-  is llmkern's own, not torch's RNG stream). Position biases and 4-D masks raise a clear error.
+  is llmkern's own, not torch's RNG stream), attention sinks (`s_aux`, gpt-oss's per-head
+  `sinks` parameter; `sinks` as other models name it) -> sinks, trained through the kernels'
+  backward. Position biases and 4-D masks raise a clear error.
 
 Rows of padded queries (left padding) come out as zeros, where eager attention averages all
-values; real tokens get the same result.
+values (with sinks, eager gives about zero there too); real tokens get the same result.
 """
 import torch
 
@@ -132,8 +134,9 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
     ([B, Tq, H, D], None)."""
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError("llmkern attention does not support additive position biases")
-    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        raise NotImplementedError("llmkern attention does not support attention sinks")
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        sinks = kwargs.get("sinks")
     if kwargs.get("output_attentions", False):
         raise NotImplementedError("llmkern attention does not return attention weights "
                                   "(output_attentions=True needs attn_implementation='eager')")
@@ -150,7 +153,7 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
         key = key.to(query.dtype)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.dtype == torch.long:
         return _packed_attention(query, key, value, attention_mask, bool(is_causal), scaling, window, softcap,
-                                 dropout), None
+                                 dropout, sinks), None
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 \
                 or attention_mask.dtype != torch.bool:
@@ -166,11 +169,11 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
                                       f"the layer has {key.shape[2]}")
     out = llmkern.attention(query, key, value, causal=bool(is_causal), scale=scaling, window=window,
                             softcap=softcap if softcap else None, key_padding_mask=kpm,
-                            dropout_p=float(dropout) if dropout else 0.0)
+                            dropout_p=float(dropout) if dropout else 0.0, sinks=sinks)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _packed_attention(query, key, value, seq_ids, causal, scale, window, softcap, dropout):
+def _packed_attention(query, key, value, seq_ids, causal, scale, window, softcap, dropout, sinks=None):
     """Packed sequences (padding-free batches, e.g. DataCollatorWithFlattening): every run of equal
     sequence indices in a row is one sequence of llmkern.attention_varlen. Returns [B, T, H, D]."""
     B, H, T, D = query.shape
@@ -187,7 +190,7 @@ def _packed_attention(query, key, value, seq_ids, causal, scale, window, softcap
 
     out = llmkern.attention_varlen(tokens(query), tokens(key), tokens(value), cu, cu, causal=causal, scale=scale,
                                    window=window, softcap=softcap if softcap else None,
-                                   dropout_p=float(dropout) if dropout else 0.0)
+                                   dropout_p=float(dropout) if dropout else 0.0, sinks=sinks)
     return out.reshape(B, T, H, D)
 
 
