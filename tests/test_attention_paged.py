@@ -149,3 +149,32 @@ def test_gpu_paged_equals_dense():
     pv, _ = _paged(vc.cpu(), 256)
     got = llmkern.attention_with_kvcache(q, pk.cuda(), pv.cuda(), lens, block_table=table.cuda())
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_kernel_bad_lengths_and_pages_give_nan_rows_not_wild_reads(paged):
+    """The host checks cache_seqlens only on the CPU (a check on CUDA would sync): the kernel itself reads
+    nothing past a row's capacity and turns a row whose length lies outside 0..capacity (or whose block
+    table names a page outside the pool) into NaN, leaving the other rows exact. Before, a too-long row
+    read the next row's keys (or past the allocation) and returned finite numbers."""
+    from llmkern.kernels.attention_decode import attention_decode
+
+    q, kc, vc, lens = (t.to(DEV) for t in _case(B=4, Tmax=64))
+    lens = torch.tensor([64, 70, -3, 37], dtype=torch.int32, device=DEV)  # rows 1 and 2 are bad
+    kw = dict(scale=0.25, num_splits=3)
+    if paged:
+        pool_k, table = _paged(kc.cpu(), 16)
+        pool_v, _ = _paged(vc.cpu(), 16)
+        pool_k, pool_v, table = pool_k.to(DEV), pool_v.to(DEV), table.to(DEV)
+        table[3, 1] = pool_k.shape[0] + 7  # row 3 (37 keys: pages 0..2) names a page outside the pool
+        out, lse = attention_decode(q, pool_k, pool_v, lens, block_table=table, **kw)
+        good = [0]
+    else:
+        out, lse = attention_decode(q, kc, vc, lens, **kw)
+        good = [0, 3]
+    bad = [b for b in range(4) if b not in good]
+    assert torch.isnan(out[bad]).all() and torch.isnan(lse[bad]).all()
+    ok = torch.tensor(good)
+    want = llmkern.attention_with_kvcache(q[ok], kc[ok], vc[ok], lens[ok].clamp(0, 64), scale=0.25)
+    torch.testing.assert_close(out[ok], want, atol=1e-5, rtol=1e-5)

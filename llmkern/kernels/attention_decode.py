@@ -15,7 +15,9 @@ key j of row b sits in page block_table[b, j // page_size], slot j % page_size.
   attention sink (gpt-oss: a per-query-head logit in the softmax denominator, no value) joins here
   as one more partial, with LSE = sink and a zero output.
 The number of splits is chosen so that B * Hk * splits fills the GPU even for a small batch;
-it depends only on static shapes (no host sync on cache_seqlens).
+it depends only on static shapes (no host sync on cache_seqlens). A row whose length lies outside
+0..capacity, or whose block table names a page outside the pool, reads nothing out of bounds and gets
+NaN outputs and LSE (the host cannot check the values without a sync).
 """
 import functools
 import os
@@ -37,7 +39,7 @@ def _decode_split(Q, K, V, SEQLENS, BT, OP, LP,
                   stride_vb, stride_vh, stride_vt,
                   stride_opb, stride_oph, stride_opt, stride_ops,
                   stride_lpb, stride_lph, stride_lpt, stride_btb,
-                  HK, GROUP, Tq, L, R, chunk,
+                  HK, GROUP, Tq, L, R, chunk, T_CAP, NUM_PAGES,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   PREC: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
@@ -47,6 +49,9 @@ def _decode_split(Q, K, V, SEQLENS, BT, OP, LP,
     hk = pid_bh % HK
     b64 = b.to(tl.int64)
     seqlen = tl.load(SEQLENS + b).to(tl.int32)
+    # a length outside 0..T_CAP (the row's capacity) is a caller's bug the host cannot see without a
+    # sync: read nothing past the row and return NaN for it (never a silently wrong number)
+    row_bad = (seqlen < 0) | (seqlen > T_CAP)
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < GROUP * Tq
     g = r // Tq
@@ -59,7 +64,7 @@ def _decode_split(Q, K, V, SEQLENS, BT, OP, LP,
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     # keys of this split that any row of the program can see
     start = split * chunk
-    end = tl.minimum(start + chunk, seqlen)
+    end = tl.minimum(tl.minimum(start + chunk, seqlen), T_CAP)
     pos_min = seqlen - Tq
     pos_max = seqlen - 1
     start = tl.maximum(start, pos_min - L)
@@ -78,6 +83,9 @@ def _decode_split(Q, K, V, SEQLENS, BT, OP, LP,
         kmask = offs_n < end
         if PAGE > 0:
             page = tl.load(BT + b64 * stride_btb + offs_n // PAGE, mask=kmask, other=0).to(tl.int64)
+            page_ok = (page >= 0) & (page < NUM_PAGES)  # a bad block-table entry: NaN, not a wild read
+            row_bad = row_bad | (tl.sum((kmask & ~page_ok).to(tl.int32), 0) > 0)
+            kmask = kmask & page_ok
             slot = (offs_n % PAGE).to(tl.int64)
             k_rows = page * stride_kb + slot * stride_kt
             v_rows = page * stride_vb + slot * stride_vt
@@ -107,6 +115,8 @@ def _decode_split(Q, K, V, SEQLENS, BT, OP, LP,
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    acc = tl.where(row_bad, float("nan"), acc)  # (the combine turns any NaN partial into a NaN row)
+    lse2 = tl.where(row_bad, float("nan"), lse2)
     op = (OP + b64 * stride_opb + h[:, None].to(tl.int64) * stride_oph + t[:, None].to(tl.int64) * stride_opt
           + split * stride_ops + offs_d[None, :])
     tl.store(op, acc, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -237,7 +247,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         op.stride(0), op.stride(1), op.stride(2), op.stride(3),
         lp.stride(0), lp.stride(1), lp.stride(2), 0 if block_table is None else block_table.stride(0),
-        Hk, group, Tq, L, R, chunk,
+        Hk, group, Tq, L, R, chunk, Tmax, k_cache.shape[0] if block_table is not None else 0,
         HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=bool(softcap), PREC=_prec(q.dtype), PAGE=page,
         BLOCK_M=bm, BLOCK_N=bn, **extra)
     out = torch.empty_like(q)
