@@ -78,13 +78,14 @@ def _decode_split(Q, K, V, SEQLENS, BT, OP, LP,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    page_bad = tl.zeros([BLOCK_N], dtype=tl.int32)  # (reduced once after the loop: fewer registers)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kmask = offs_n < end
         if PAGE > 0:
             page = tl.load(BT + b64 * stride_btb + offs_n // PAGE, mask=kmask, other=0).to(tl.int64)
             page_ok = (page >= 0) & (page < NUM_PAGES)  # a bad block-table entry: NaN, not a wild read
-            row_bad = row_bad | (tl.sum((kmask & ~page_ok).to(tl.int32), 0) > 0)
+            page_bad = page_bad | (kmask & ~page_ok).to(tl.int32)
             kmask = kmask & page_ok
             slot = (offs_n % PAGE).to(tl.int64)
             k_rows = page * stride_kb + slot * stride_kt
@@ -112,6 +113,7 @@ def _decode_split(Q, K, V, SEQLENS, BT, OP, LP,
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
         m_i = m_new
+    row_bad = row_bad | (tl.max(page_bad, 0) > 0)
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
