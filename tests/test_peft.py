@@ -248,11 +248,17 @@ def test_llmkern_adapter_with_rank_pattern_roundtrip(tmp_path):
 
 
 def test_load_rejects_unsupported(tmp_path):
+    # (DoRA, once refused here, loads now: tests/test_dora.py)
     base = tiny_llama()
-    m = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    m = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
     m.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="use_dora"):
+    with pytest.raises(ValueError, match="lora_bias"):
         lp.load_peft_adapter(tiny_llama(), str(tmp_path))
+    # DoRA on an embedding is still refused (only nn.Linear)
+    m = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["embed_tokens"], use_dora=True))
+    m.save_pretrained(tmp_path / "emb")
+    with pytest.raises(ValueError, match="embedding"):
+        lp.load_peft_adapter(tiny_llama(), str(tmp_path / "emb"))
 
 
 @pytest.mark.parametrize("kwargs, match", [

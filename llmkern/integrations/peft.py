@@ -5,15 +5,18 @@
     model(input_ids, adapter_names=["a", "b", "__base__"])  # mixed batch: one launch per layer
 
 Every ``peft.tuners.lora.Linear`` whose base layer is an ``nn.Linear`` gets a forward that calls
-``llmkern.lora_linear`` (one active adapter) or ``llmkern.lora_linear_multi`` (PEFT's
-``adapter_names`` mixed batches: per-sample adapter names, "__base__" = base model only). Cases
-the fused op does not cover fall back to PEFT's own forward for that call: several active adapters
-at once, LoRA variants (DoRA, aLoRA, ...), lora_bias, fan_in_fan_out, non-Linear or quantised base
+``llmkern.lora_linear`` (one active adapter), ``llmkern.peft.dora_linear`` (one active DoRA adapter,
+``use_dora=True``: PEFT's DoRA semantics without forming B A) or ``llmkern.lora_linear_multi`` (PEFT's
+``adapter_names`` mixed batches: per-sample adapter names, "__base__" = base model only; PEFT itself
+refuses ``adapter_names`` when an adapter in the batch uses DoRA, and that error is kept). Cases
+the fused ops do not cover fall back to PEFT's own forward for that call: several active adapters
+at once, other LoRA variants (aLoRA, ...), lora_bias, fan_in_fan_out, non-Linear or quantised base
 layers, autocast, mismatched dtypes (input vs base weight, or adapter weights vs input: PEFT's default
 ``autocast_adapter_dtype=True`` keeps a bf16/fp16 model's adapters in float32 and computes them in
 float32, so such layers stay on PEFT's forward; create the model with ``autocast_adapter_dtype=False``
-or cast the adapters to the model's dtype to fuse them), and mixed batches during training with dropout. Dropout uses
-llmkern's seeded mask: the same distribution as nn.Dropout but not the same random draws.
+or cast the adapters to the model's dtype to fuse them; the same for a DoRA magnitude), and mixed batches
+during training with dropout. Dropout uses llmkern's seeded mask: the same distribution as nn.Dropout but
+not the same random draws.
 """
 import types
 
@@ -22,6 +25,7 @@ from torch import nn
 
 from llmkern._backend import warn_once
 from llmkern.ops.lora import lora_linear, lora_linear_multi
+from llmkern.peft.dora import dora_linear
 
 _ORIG = "_llmkern_orig_forward"
 
@@ -39,20 +43,46 @@ def _dropout_p(module, name):
     return 0.0
 
 
-def _plain(module, name, dtype):
-    """Whether adapter `name` of `module` is plain LoRA the fused op computes exactly: no variant,
-    no lora_bias, and weights in the input's dtype (PEFT computes float32 adapters of a 16-bit
-    model, its autocast_adapter_dtype default, in float32; the fused op would use the input's dtype)."""
-    adapter_dtype = module.lora_A[name].weight.dtype
-    if adapter_dtype != dtype or module.lora_B[name].weight.dtype != dtype:
+def _kind(module, name, dtype):
+    """What adapter `name` of `module` is, for the fused ops: "lora" (plain LoRA, lora_linear computes
+    it exactly), "dora" (PEFT's DoRA on a Linear, dora_linear), or None (PEFT's forward). Both need no
+    lora_bias and weights in the input's dtype (PEFT computes float32 adapters of a 16-bit model, its
+    autocast_adapter_dtype default, in float32; the fused op would use the input's dtype)."""
+    variant = getattr(module, "lora_variant", {}).get(name)
+    dora = _dora_layer(module, name, variant)
+    if variant is not None and dora is None:  # another variant (aLoRA, ...), or DoRA we do not cover
+        return None
+    weights = [module.lora_A[name].weight, module.lora_B[name].weight] + ([dora.weight] if dora is not None else [])
+    adapter_dtype = next((w.dtype for w in weights if w.dtype != dtype), None)
+    if adapter_dtype is not None:
         warn_once(("peft-adapter-dtype", adapter_dtype, dtype),
                   f"use_fused_lora: {adapter_dtype} adapters on {dtype} inputs run on PEFT's own forward "
                   f"(PEFT computes them in {adapter_dtype}; the fused op would round them to {dtype}). To fuse "
                   f"them, create the PEFT model with autocast_adapter_dtype=False or cast the adapters to {dtype}")
-        return False
-    return (name not in getattr(module, "lora_variant", {})
-            and getattr(module.lora_B[name], "bias", None) is None
-            and not getattr(module, "use_dora", {}).get(name, False))
+        return None
+    if getattr(module.lora_B[name], "bias", None) is not None:
+        return None
+    if dora is not None:
+        return "dora"
+    return None if getattr(module, "use_dora", {}).get(name, False) else "lora"
+
+
+def _dora_layer(module, name, variant):
+    """PEFT's DoRA magnitude layer of adapter `name` when its variant is exactly DoRA for Linear layers
+    (not a composed or subclassed variant) on a layer without fan_in_fan_out; else None."""
+    try:
+        from peft.tuners.lora.variants import DoraLinearVariant
+    except ImportError:
+        return None
+    mags = getattr(module, "lora_magnitude_vector", None)
+    if type(variant) is not DoraLinearVariant or mags is None or name not in mags:
+        return None
+    return None if getattr(mags[name], "fan_in_fan_out", False) else mags[name]
+
+
+def _plain(module, name, dtype):
+    """Whether adapter `name` of `module` is plain LoRA (see _kind)."""
+    return _kind(module, name, dtype) == "lora"
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -70,11 +100,16 @@ def _fused_forward(self, x, *args, **kwargs):
         active = [a for a in self.active_adapters if a in self.lora_A]
         if not active:
             return base(x)
-        if len(active) > 1 or not _plain(self, active[0], x.dtype):
+        kind = _kind(self, active[0], x.dtype) if len(active) == 1 else None
+        if kind is None:
             return orig(x, *args, **kwargs)
         a = active[0]
+        p = _dropout_p(self, a) if self.training else 0.0
+        if kind == "dora":
+            return dora_linear(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
+                               self.lora_magnitude_vector[a].weight, float(self.scaling[a]), p)
         return lora_linear(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
-                           float(self.scaling[a]), _dropout_p(self, a) if self.training else 0.0)
+                           float(self.scaling[a]), p)
 
     self._check_forward_args(x, *args, **kwargs)
     known = [a for a in self.lora_A.keys()]

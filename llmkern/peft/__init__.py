@@ -1,12 +1,14 @@
-"""Parameter-efficient finetuning: LoRA (on the fused llmkern.lora_linear op), bottleneck
+"""Parameter-efficient finetuning: LoRA and DoRA (on the fused llmkern.lora_linear op), bottleneck
 adapters and prefix-tuning, with Hugging Face PEFT checkpoint interop.
 
     from llmkern.peft import inject_lora, save_peft_adapter, load_peft_adapter
     inject_lora(model, ["q_proj", "v_proj"], r=16, alpha=32, dropout=0.05)
+    inject_lora(model, ["k_proj"], r=8, alpha=16, use_dora=True)  # DoRA: dora_linear, PEFT's semantics
 
 Parameter counts follow the seed deck's formulas (llmkern.peft.counts).
 """
 from llmkern.peft.adapter import Adapter, AdapterWrapper, add_adapters  # noqa: F401
+from llmkern.peft.dora import dora_linear, dora_weight_norm  # noqa: F401
 from llmkern.peft.checkpoint import load_peft_adapter, save_peft_adapter  # noqa: F401
 from llmkern.peft.counts import (  # noqa: F401
     adapter_params,

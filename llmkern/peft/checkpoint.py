@@ -3,7 +3,8 @@
 A PEFT LoRA adapter directory holds ``adapter_config.json`` (peft_type "LORA", r, lora_alpha,
 target_modules, use_rslora, rank_pattern, alpha_pattern, ...) and ``adapter_model.safetensors``
 with keys ``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.weight``
-([out, r]), where <module> is the module's name inside the (unwrapped) base model.
+([out, r]), where <module> is the module's name inside the (unwrapped) base model. A DoRA adapter
+(``use_dora: true``) also has ``...lora_magnitude_vector`` ([out], no ``.weight`` suffix: PEFT strips it).
 """
 import json
 import math
@@ -26,11 +27,13 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?
 # LoRA weights (save_embedding_layers="auto") and loads them back into the base layer.
 _BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
 _EMBED_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_[AB](?:\.[^.]+)?$")
+# DoRA magnitudes: PEFT writes <module>.lora_magnitude_vector; its state_dict (and older files) say
+# <module>.lora_magnitude_vector.<adapter>.weight or <module>.lora_magnitude_vector.weight
+_MAG_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 
 # LoraConfig fields that change what the saved A/B weights mean (LoRA variants, extra modules,
 # quantisation, replicated layers): an adapter using any of them is not plain LoRA.
 _UNSUPPORTED = (
-    ("use_dora", "DoRA (use_dora)"),
     ("lora_bias", "LoRA bias (lora_bias)"),
     ("fan_in_fan_out", "fan_in_fan_out (GPT-2 Conv1D layers)"),
     ("alora_invocation_tokens", "aLoRA (alora_invocation_tokens)"),
@@ -99,9 +102,16 @@ def _hf_names(model):
 _FUSED_KEY = "llmkern.fused_lora"
 
 
-def _to_hf(mods, hf, use_rslora):
+def _magnitude(m):
+    """A LoRA module's DoRA magnitude (detached), None without DoRA."""
+    mag = getattr(m, "lora_magnitude_vector", None) if getattr(m, "use_dora", False) else None
+    return None if mag is None else mag.detach()
+
+
+def _to_hf(model, mods, hf, use_rslora):
     """The zoo model's LoRAs as PEFT LoRAs of the equivalent transformers model:
-    [(HF name, r, alpha, dropout, A, B)], the fused-module record, and whether a target is a Conv1D.
+    [(HF name, r, alpha, dropout, A, B, DoRA magnitude or None)], the fused-module record, and whether
+    a target is a Conv1D.
 
     A zoo layer that is a whole HF module keeps its A, B, r and alpha. Zoo layers that are output rows
     of one HF module (GPT-2's q/k/v in c_attn) become one LoRA of rank R = sum of their ranks:
@@ -109,6 +119,9 @@ def _to_hf(mods, hf, use_rslora):
     are zero). PEFT applies one scaling s to it, taken as the first part's; each other block is
     multiplied by its own scaling / s, so that every output row gets exactly its zoo update
     s_p · B_p A_p x. alpha is set so that PEFT computes s for rank R (R·s, or sqrt(R)·s with rsLoRA).
+    DoRA is row-wise, so this stays exact: row i's norm ‖W_i + s B_i A‖ is its zoo layer's, and the
+    magnitudes are concatenated in row order; the rows of a projection without LoRA get their base row
+    norms as magnitude (a factor of 1: they stay the base layer's).
     """
     groups = {}
     for n, m in mods:
@@ -120,7 +133,7 @@ def _to_hf(mods, hf, use_rslora):
     for name, parts in groups.items():
         if len(parts) == 1 and parts[0][1].rows is None:
             _, _, m = parts[0]
-            entries.append((name, m.r, m.alpha, m.dropout, m.lora_A.detach(), m.lora_B.detach()))
+            entries.append((name, m.r, m.alpha, m.dropout, m.lora_A.detach(), m.lora_B.detach(), _magnitude(m)))
             continue
         parts.sort(key=lambda p: p[1].rows.start)
         out = max(h.rows.stop for h in hf.values() if h.name == name)
@@ -136,8 +149,18 @@ def _to_hf(mods, hf, use_rslora):
                 block = (block.double() * (m.scaling / s)).to(B.dtype)
             B[h.rows, col:col + m.r] = block
             col += m.r
+        M = None
+        if any(_magnitude(m) is not None for _, _, m in parts):
+            M = A.new_zeros(out)
+            with_lora = {zn for zn, _, _ in parts}
+            for zn, h in hf.items():  # rows of projections without LoRA: their base row norms
+                if h.name == name and zn not in with_lora:
+                    weight = model.get_submodule(zn).weight.detach()
+                    M[h.rows] = torch.linalg.vector_norm(weight.to(torch.float32), dim=1).to(M.dtype)
+            for _, h, m in parts:
+                M[h.rows] = _magnitude(m)
         dropout = Counter(m.dropout for _, _, m in parts).most_common(1)[0][0]
-        entries.append((name, R, alpha, dropout, A, B))
+        entries.append((name, R, alpha, dropout, A, B, M))
         fused[name] = [[n, m.r, m.alpha] for n, _, m in parts]
     return entries, fused, any(hf[n].conv1d for n, _ in mods)
 
@@ -152,6 +175,10 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     one exact LoRA on GPT-2's fused ``c_attn``, with fan_in_fan_out=True for its Conv1D layers), so the
     adapter loads into PEFT on ``LlamaForCausalLM`` / ``GPT2LMHeadModel``; ``hf_names=False`` writes the
     zoo's own names. Other models: their own module names.
+
+    DoRA (``use_dora=True`` LoRALinear modules) is written as PEFT writes it: ``use_dora: true`` and a
+    ``<module>.lora_magnitude_vector`` per module. PEFT's config has one use_dora for all modules, so a
+    model that mixes DoRA and plain LoRA modules raises ValueError.
 
     Tensor parallelism (``llmkern.parallel.tensor_parallelize``): on a model whose layers are
     ColumnParallelLinear / RowParallelLinear with LoRA shards this is a collective. EVERY rank of the
@@ -174,7 +201,15 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
         raise ValueError("save_peft_adapter: PEFT's config has one use_rslora for all modules; "
                          "the model mixes rsLoRA and plain LoRA modules")
     use_rslora = rslora.pop() if rslora else False
+    dora = {bool(m.use_dora) for _, m in mods}
+    if len(dora) > 1:
+        raise ValueError("save_peft_adapter: PEFT's config has one use_dora for all modules; the model mixes "
+                         "DoRA and plain LoRA modules")
+    use_dora = dora.pop() if dora else False
     parallel, write, group = _parallel_lora(model, use_rslora)
+    if parallel and use_dora:
+        raise ValueError("save_peft_adapter: the model mixes DoRA LoRALinear modules and tensor-parallel LoRA "
+                         "layers (plain LoRA); PEFT's config has one use_dora for all modules")
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     mods = sorted(mods + parallel, key=lambda nm: order[nm[0]])  # model order, as before
     if not mods:
@@ -186,10 +221,11 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     hf = _hf_names(model) if hf_names else None
     metadata = {"format": "pt"}
     if hf is None:
-        entries = [(n, m.r, m.alpha, m.dropout, m.lora_A.detach(), m.lora_B.detach()) for n, m in mods]
+        entries = [(n, m.r, m.alpha, m.dropout, m.lora_A.detach(), m.lora_B.detach(), _magnitude(m))
+                   for n, m in mods]
         candidates, fan_in_fan_out = _linear_names(model), False
     else:
-        entries, fused, fan_in_fan_out = _to_hf(mods, hf, use_rslora)
+        entries, fused, fan_in_fan_out = _to_hf(model, mods, hf, use_rslora)
         candidates = {h.name for h in hf.values()}
         if fused:
             metadata[_FUSED_KEY] = json.dumps(fused)
@@ -199,9 +235,11 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     rank_pattern = {n: er for n, er, *_ in entries if er != r}
     alpha_pattern = {n: ea for n, _, ea, *_ in entries if ea != alpha}
     tensors = {}
-    for n, _, _, _, A, B in entries:
+    for n, _, _, _, A, B, M in entries:
         tensors[f"{_PREFIX}{n}.lora_A.weight"] = A.contiguous().cpu()
         tensors[f"{_PREFIX}{n}.lora_B.weight"] = B.contiguous().cpu()
+        if M is not None:
+            tensors[f"{_PREFIX}{n}.lora_magnitude_vector"] = M.contiguous().cpu()
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -219,7 +257,7 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": use_dora,
         "lora_bias": False,
     }
     error = None
@@ -269,7 +307,8 @@ def _parallel_lora(model, use_rslora):
     for (n, layer), alpha in zip(with_lora, alphas):
         A, B = lora_state.gathered_lora(layer)
         out.append((n, SimpleNamespace(r=A.shape[0], alpha=alpha, scaling=float(layer.lora_scaling),
-                                       use_rslora=use_rslora, dropout=0.0, merged=False, lora_A=A, lora_B=B)))
+                                       use_rslora=use_rslora, dropout=0.0, merged=False, lora_A=A, lora_B=B,
+                                       use_dora=False, lora_magnitude_vector=None)))
     return out, write, group
 
 
@@ -289,9 +328,10 @@ def _read_weights(path):
     raise FileNotFoundError(f"no {WEIGHTS_NAME} (or adapter_model.bin) in {path}")
 
 
-def _split_fused(path, name, A, B, alpha, use_rslora, parts, record):
-    """One HF module's LoRA (A [R, in], B [out, R], alpha) as LoRAs of the zoo layers that are row
-    blocks of it (parts: [(zoo name, HFModule)]): [(zoo name, A, B, r, alpha)], exact.
+def _split_fused(path, name, A, B, alpha, use_rslora, parts, record, M=None):
+    """One HF module's LoRA (A [R, in], B [out, R], alpha, DoRA magnitude M [out] or None) as LoRAs of
+    the zoo layers that are row blocks of it (parts: [(zoo name, HFModule)]):
+    [(zoo name, A, B, r, alpha, M rows or None)], exact (DoRA is row-wise: each part gets its rows of M).
 
     With save_peft_adapter's record of how it packed them (and B still block-diagonal that way), each
     zoo layer gets back its own A rows, B block, r and alpha. Otherwise (e.g. a LoRA PEFT trained on
@@ -302,6 +342,9 @@ def _split_fused(path, name, A, B, alpha, use_rslora, parts, record):
     if B.shape[0] != out:
         raise ValueError(f"{path}: {name}.lora_B has {B.shape[0]} output rows, but {name} has {out} "
                          f"({' + '.join(f'{zn}: {h.rows.stop - h.rows.start}' for zn, h in parts)})")
+    if M is not None and tuple(M.shape) != (out,):
+        raise ValueError(f"{path}: {name}.lora_magnitude_vector has shape {tuple(M.shape)}, {name} has {out} "
+                         f"output rows")
     R = A.shape[0]
     s = lora_scaling(alpha, R, use_rslora)
     rows = dict(parts)
@@ -321,10 +364,10 @@ def _split_fused(path, name, A, B, alpha, use_rslora, parts, record):
                     sp = lora_scaling(a, r, use_rslora)
                     if sp != s:
                         Bp = (Bp.double() * (s / sp)).to(B.dtype)
-                    split.append((zn, A[col:col + r], Bp, r, a))
+                    split.append((zn, A[col:col + r], Bp, r, a, None if M is None else M[rows[zn].rows]))
                     col += r
                 return split
-    return [(zn, A, B[h.rows], R, alpha) for zn, h in parts]
+    return [(zn, A, B[h.rows], R, alpha, None if M is None else M[h.rows]) for zn, h in parts]
 
 
 def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> nn.Module:
@@ -333,10 +376,13 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     Each module named in the checkpoint becomes a LoRALinear (or, if it already is one, gets the
     new weights) with PEFT's r / lora_alpha / use_rslora / rank_pattern / alpha_pattern; base weights
     PEFT saved for a targeted lm_head / embedding layer (``<module>.base_layer.weight``) are copied
-    into that layer, as PEFT does. Raises ValueError for adapter kinds other than plain LoRA on
-    nn.Linear (DoRA, aLoRA and other variants, LoRA bias, embeddings, fan_in_fan_out Conv1D layers,
-    modules_to_save, trainable tokens, PiSSA/OLoRA/CorDA/LoftQ-initialised adapters). With
-    ``freeze_base`` every parameter except the LoRA A/B weights is frozen.
+    into that layer, as PEFT does. DoRA adapters (``use_dora: true``, a ``lora_magnitude_vector`` per
+    module) load as DoRA LoRALinear modules (an existing LoRALinear is switched to DoRA, or back to plain
+    LoRA for a plain adapter). Raises ValueError for adapter kinds other than LoRA / DoRA on
+    nn.Linear (aLoRA and other variants, LoRA bias, embeddings, fan_in_fan_out Conv1D layers,
+    modules_to_save, trainable tokens, PiSSA/OLoRA/CorDA/LoftQ-initialised adapters, DoRA on
+    tensor-parallel layers). With ``freeze_base`` every parameter except the LoRA A/B weights (and DoRA
+    magnitudes) is frozen.
 
     A zoo model (GPT, Llama) also takes adapters written for the equivalent transformers model
     (``hf_module_names()``): PEFT on LlamaForCausalLM, or on GPT2LMHeadModel, whose ``c_attn`` LoRA
@@ -370,12 +416,17 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
                          f"LoRA with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)")
     if config.get("bias", "none") != "none":
         raise ValueError(f"{path}: bias={config['bias']!r} is not supported (only 'none')")
+    use_dora = bool(config.get("use_dora", False))
     weights, metadata = _read_weights(path)
-    pairs, base_weights = {}, {}
+    pairs, base_weights, magnitudes = {}, {}, {}
     for key, t in weights.items():
         m = _KEY.match(key)
         if m is not None:
             pairs.setdefault(m.group("module"), {})[m.group("ab")] = t
+        elif _MAG_KEY.match(key):
+            if not use_dora:
+                raise ValueError(f"{path}: key {key!r} is a DoRA magnitude, but the config says use_dora=False")
+            magnitudes[_MAG_KEY.match(key).group("module")] = t
         elif _BASE_KEY.match(key):
             base_weights[_BASE_KEY.match(key).group("module")] = t
         elif _EMBED_KEY.match(key):
@@ -387,6 +438,14 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         if name not in pairs:
             raise ValueError(f"{path}: unsupported key {_PREFIX}{name}.base_layer.weight (a base weight of a "
                              f"module without LoRA A/B weights)")
+    for name in magnitudes:
+        if name not in pairs:
+            raise ValueError(f"{path}: {_PREFIX}{name}.lora_magnitude_vector belongs to a module without LoRA A/B "
+                             f"weights")
+    if use_dora:
+        for name in pairs:
+            if name not in magnitudes:
+                raise ValueError(f"{path}: use_dora=True but module {name} has no lora_magnitude_vector")
     use_rslora = bool(config.get("use_rslora", False))
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     records = json.loads(metadata.get(_FUSED_KEY, "{}")) if hf is not None else {}
@@ -398,11 +457,11 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     targets = {}
     shards = {}  # tensor-parallel layers: name -> this rank's (A, B) shard
 
-    def add(name, source, A, B, r, alpha, W):
+    def add(name, source, A, B, r, alpha, W, M):
         if name in targets:
             raise ValueError(f"{path}: module {name} gets LoRA weights from both {targets[name][0]} and "
                              f"{source} in the checkpoint")
-        targets[name] = (source, A, B, r, alpha, W)
+        targets[name] = (source, A, B, r, alpha, W, M)
 
     for name, ab in pairs.items():
         if set(ab) != {"A", "B"}:
@@ -415,23 +474,24 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
                              f"{_pattern_value(config.get('rank_pattern'), name, r_default)}")
         alpha = _pattern_value(config.get("alpha_pattern"), name, alpha_default)
         W = base_weights.get(name)
+        M = magnitudes.get(name)
         if hf is None or name in hf or name not in by_hf:  # the model's own name
-            add(name, name, A, B, r, alpha, W)
+            add(name, name, A, B, r, alpha, W, M)
             continue
         parts = by_hf[name]  # an HF name
         if len(parts) == 1 and parts[0][1].rows is None:
             if W is not None and parts[0][1].conv1d:
                 raise ValueError(f"{path}: {name}.base_layer.weight: a base weight for a Conv1D module is not "
                                  f"supported")
-            add(parts[0][0], name, A, B, r, alpha, W)
+            add(parts[0][0], name, A, B, r, alpha, W, M)
             continue
         if W is not None:
             raise ValueError(f"{path}: {name}.base_layer.weight: {name} is split into "
                              f"{', '.join(p[0] for p in parts)} in this model; its base weight cannot be loaded")
-        for zn, Ap, Bp, rp, ap in _split_fused(path, name, A, B, alpha, use_rslora, parts, records.get(name)):
-            add(zn, name, Ap, Bp, rp, ap, None)
+        for zn, Ap, Bp, rp, ap, Mp in _split_fused(path, name, A, B, alpha, use_rslora, parts, records.get(name), M):
+            add(zn, name, Ap, Bp, rp, ap, None, Mp)
 
-    for name, (source, A, B, r, alpha, W) in targets.items():
+    for name, (source, A, B, r, alpha, W, M) in targets.items():
         where = name if source == name else f"{name} (from {source} in the checkpoint)"
         try:
             mod = model.get_submodule(name)
@@ -457,12 +517,17 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
             if W is not None:
                 raise ValueError(f"{path}: {name}.base_layer.weight: base weights of tensor-parallel layers "
                                  f"cannot be loaded")
+            if M is not None:
+                raise ValueError(f"{path}: {where}: DoRA (use_dora) is not supported on tensor-parallel layers")
             layer = mod
         else:
             raise ValueError(f"{path}: module {name} is a {type(mod).__name__}, not an nn.Linear")
         if tuple(A.shape) != (r, layer.in_features) or tuple(B.shape) != (layer.out_features, r):
             raise ValueError(f"{path}: {where}: checkpoint shapes A{tuple(A.shape)} B{tuple(B.shape)} do not "
                              f"fit the layer (A{(r, layer.in_features)} B{(layer.out_features, r)})")
+        if M is not None and tuple(M.shape) != (layer.out_features,):
+            raise ValueError(f"{path}: {where}: lora_magnitude_vector has shape {tuple(M.shape)}, the layer has "
+                             f"{layer.out_features} output features")
         if _is_parallel(mod):
             from llmkern.parallel import lora_state
 
@@ -479,7 +544,7 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     # 2. load
     if freeze_base:
         _freeze_non_lora(model)
-    for name, (source, A, B, r, alpha, W) in targets.items():
+    for name, (source, A, B, r, alpha, W, M) in targets.items():
         mod = model.get_submodule(name)
         if name in shards:  # a tensor-parallel layer: this rank's shard
             A_shard, B_shard = shards[name]
@@ -491,13 +556,16 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
             continue
         if isinstance(mod, LoRALinear):
             mod.alpha, mod.use_rslora = float(alpha), use_rslora
+            mod.set_use_dora(M is not None)
         else:
             mod = LoRALinear(mod, r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
-                             use_rslora=use_rslora, freeze_base=freeze_base)
+                             use_rslora=use_rslora, freeze_base=freeze_base, use_dora=M is not None)
             _set_submodule(model, name, mod)
         with torch.no_grad():
             mod.lora_A.copy_(A)
             mod.lora_B.copy_(B)
+            if M is not None:
+                mod.lora_magnitude_vector.copy_(M)
             if W is not None:  # as PEFT does: the saved base weight replaces the layer's
                 mod.base_layer.weight.copy_(W)
     return model

@@ -2,6 +2,8 @@
 
     W = W0 + scaling · B A,   A [r, in] kaiming-uniform, B [out, r] zeros (PEFT init),
     scaling = alpha / r, or alpha / sqrt(r) with rsLoRA.
+    DoRA (use_dora=True): W = (m / ‖W0 + scaling · B A‖_row) ⊙ (W0 + scaling · B A), magnitude m [out]
+    initialised to the row norms of W0 (PEFT init); see llmkern.peft.dora.
 """
 import math
 import re
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 from llmkern.ops.lora import lora_linear
+from llmkern.peft.dora import dora_linear, dora_weight_norm
 
 MAX_RANK = 256  # the largest r a LoRALinear takes
 
@@ -26,10 +29,16 @@ class LoRALinear(nn.Module):
     The wrapped layer is kept as ``base_layer`` (PEFT's name) and frozen; ``lora_A`` ``[r, in]`` and
     ``lora_B`` ``[out, r]`` are the trainable parameters. ``merge()`` folds ``scaling · B A`` into
     the base weight (checking the result is finite), ``unmerge()`` takes it out again.
+
+    ``use_dora=True``: DoRA (``llmkern.peft.dora_linear``, PEFT's semantics): a third trainable parameter
+    ``lora_magnitude_vector`` ``[out]`` (PEFT's name), initialised to the row norms of the base weight, and
+    ``y = (m / ‖W + s B A‖_row) ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b`` with the norm detached and never forming B A.
+    ``merge()`` writes ``(m / ‖W + s B A‖_row) ⊙ (W + s B A)`` into the weight and keeps the norm it used,
+    so that ``unmerge()`` can divide it out again (as PEFT does).
     """
 
     def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
-                 use_rslora: bool = False, freeze_base: bool = True):
+                 use_rslora: bool = False, freeze_base: bool = True, use_dora: bool = False):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
@@ -43,6 +52,10 @@ class LoRALinear(nn.Module):
         w = base_layer.weight
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=w.device, dtype=w.dtype))
+        self.use_dora = bool(use_dora)
+        self.register_parameter("lora_magnitude_vector", None)
+        # DoRA: the row norms merge() divided by, which unmerge() needs (the merged weight no longer has them)
+        self.register_buffer("_dora_merged_norm", None, persistent=False)
         self.merged = False
         self.disabled = False
         if freeze_base:
@@ -63,9 +76,38 @@ class LoRALinear(nn.Module):
         return self.base_layer.bias
 
     def reset_lora_parameters(self):
-        """PEFT's default init: A kaiming-uniform(a=√5) like nn.Linear, B zeros (so ΔW = 0)."""
+        """PEFT's default init: A kaiming-uniform(a=√5) like nn.Linear, B zeros (so ΔW = 0); with DoRA
+        the magnitude is the row norms of the base weight (so the layer starts as the base layer)."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if self.use_dora:
+            self._init_magnitude()
+
+    def _init_magnitude(self):
+        m = self.dora_weight_norm().to(self.weight.dtype)
+        if self.lora_magnitude_vector is None:
+            self.lora_magnitude_vector = nn.Parameter(m)
+        else:
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(m)
+
+    def set_use_dora(self, use_dora: bool):
+        """Switch DoRA on (a new magnitude, initialised to the current ‖W + s B A‖ rows so that the
+        output does not change) or off (the magnitude is dropped). Not while merged."""
+        if self.merged:
+            raise ValueError("set_use_dora: the module is merged; unmerge() it first")
+        use_dora = bool(use_dora)
+        if use_dora and self.lora_magnitude_vector is None:
+            self.use_dora = True
+            self._init_magnitude()
+        elif not use_dora:
+            self.lora_magnitude_vector = None
+            self.use_dora = False
+
+    def dora_weight_norm(self) -> torch.Tensor:
+        """‖W + scaling · B A‖₂ per output row, [out], float32 (float64 for float64 weights), detached;
+        computed without forming B A (llmkern.peft.dora_weight_norm). Only meaningful unmerged."""
+        return dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)
 
     def _acc_dtype(self):
         """float32 for 16-bit weights, float64 for float64 ones (a float32 product made the float64
@@ -78,41 +120,66 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B A, [out, in], computed in float32 (float64 for float64 weights) and returned
-        in the weight's dtype."""
+        in the weight's dtype. (With DoRA too, as PEFT's get_delta_weight: the magnitude rescaling is
+        not part of it.)"""
         return self._delta().to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = True):
-        """Fold the update into the base weight: after this, forward is a plain linear."""
+        """Fold the update into the base weight: after this, forward is a plain linear.
+
+        DoRA: the weight becomes ``(m / n) ⊙ (W + s B A)`` row-wise with ``n = ‖W + s B A‖_row`` (PEFT's
+        merge); n is kept for unmerge(). With ``safe_merge`` a non-finite result, or a zero magnitude
+        entry (its merged row would be 0 and unmerge() could not give W back), raises and leaves the
+        weight unchanged."""
         if self.merged:
             return
         new = self.weight.to(self._acc_dtype()) + self._delta()
+        norm = None
+        if self.use_dora:
+            norm = self.dora_weight_norm()
+            factor = self.lora_magnitude_vector.to(norm.dtype) / norm
+            if safe_merge and not bool((factor != 0).all()):
+                raise ValueError("merge: lora_magnitude_vector has zero entries (or the ratio underflows): "
+                                 "unmerge() could not restore those rows; weight left unchanged")
+            new = factor.to(new.dtype)[:, None] * new
         if safe_merge and not torch.isfinite(new).all():
             raise ValueError("merge: the merged weight has non-finite values (NaN/inf); the adapter "
                              "is broken, weight left unchanged")
         self.weight.copy_(new.to(self.weight.dtype))
+        self._dora_merged_norm = norm
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if not self.merged:
             return
-        self.weight.copy_((self.weight.to(self._acc_dtype()) - self._delta()).to(self.weight.dtype))
+        w = self.weight.to(self._acc_dtype())
+        if self.use_dora:  # PEFT's unmerge: W = W_merged / (m / n) - s B A, n as merge() computed it
+            factor = self.lora_magnitude_vector.to(self._dora_merged_norm.dtype) / self._dora_merged_norm
+            w = w / factor.to(w.dtype)[:, None]
+        self.weight.copy_((w - self._delta()).to(self.weight.dtype))
+        self._dora_merged_norm = None
         self.merged = False
 
     def num_trainable_parameters(self) -> int:
-        return self.lora_A.numel() + self.lora_B.numel()
+        n = self.lora_A.numel() + self.lora_B.numel()
+        return n + (self.lora_magnitude_vector.numel() if self.lora_magnitude_vector is not None else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
         p = self.dropout if self.training else 0.0
+        if self.use_dora:
+            return dora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
+                               self.lora_magnitude_vector, self.scaling, p)
         return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
                            self.scaling, p)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha}, dropout={self.dropout}, rslora={self.use_rslora}, merged={self.merged}")
+                f"alpha={self.alpha}, dropout={self.dropout}, rslora={self.use_rslora}, "
+                + ("dora=True, " if self.use_dora else "") + f"merged={self.merged}")
 
 
 def _matches(name: str, targets: Union[str, Sequence[str]]) -> bool:
@@ -131,8 +198,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module):
 
 def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("q_proj", "v_proj"),
                 r: int = 8, alpha: float = 8.0, dropout: float = 0.0, use_rslora: bool = False,
-                freeze_base: bool = True) -> List[str]:
-    """Replace every ``nn.Linear`` whose name matches ``target_modules`` by a ``LoRALinear``.
+                freeze_base: bool = True, use_dora: bool = False) -> List[str]:
+    """Replace every ``nn.Linear`` whose name matches ``target_modules`` by a ``LoRALinear``
+    (``use_dora=True``: DoRA ones, with a trainable magnitude vector per layer).
 
     With ``freeze_base`` (default) every other parameter of the model is frozen too, so that only
     the LoRA parameters train. Returns the names of the wrapped modules (raises if none matched).
@@ -146,15 +214,16 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
         _freeze_non_lora(model)
     for n in names:
         _set_submodule(model, n, LoRALinear(model.get_submodule(n), r=r, alpha=alpha, dropout=dropout,
-                                            use_rslora=use_rslora, freeze_base=freeze_base))
+                                            use_rslora=use_rslora, freeze_base=freeze_base, use_dora=use_dora))
     return names
 
 
 def _freeze_non_lora(model: nn.Module):
-    """requires_grad=False on every parameter except the LoRA A/B weights of LoRALinear modules
-    (those the model already has keep their state)."""
+    """requires_grad=False on every parameter except the LoRA A/B weights (and DoRA magnitudes) of
+    LoRALinear modules (those the model already has keep their state)."""
     # (tensor-parallel layers hold their LoRA shards as lora_A / lora_B parameters too)
-    keep = {id(p) for m in model.modules() for p in (getattr(m, "lora_A", None), getattr(m, "lora_B", None))
+    names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    keep = {id(p) for m in model.modules() for p in (getattr(m, n, None) for n in names)
             if isinstance(p, nn.Parameter)}
     for p in model.parameters():
         if id(p) not in keep:
