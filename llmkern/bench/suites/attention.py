@@ -129,7 +129,49 @@ def _gpu_rows(ctx):
                          mfu=tflops * 1e12 / peak if peak else None, extra=extra, notes=notes)
         del q, k, v, dout
     yield from _dropout_row(ctx, T=4096, D=128, p=0.1, dtype=dtype, peak=peak)
+    yield from _sinks_row(ctx, T=4096, H=64, Hk=8, D=64, dtype=dtype, peak=peak)
     yield from _decode_rows(ctx, B=32, H=32, Hk=8, T=8192, D=128, dtype=dtype)
+
+
+def _sdpa_with_sinks(q, k, v, sinks):
+    """The sinks through SDPA, causal (T = Tq = Tk): one more key of zeros whose score is the sink, given
+    by a float mask [1, H, T, T + 1] (T^2 memory; what a user without a sink kernel can write)."""
+    B, H, T, D = q.shape
+    rep = H // k.shape[1]
+    k, v = (torch.cat([t.repeat_interleave(rep, 1), t.new_zeros(B, H, 1, D)], 2) for t in (k, v))
+    i = torch.arange(T, device=q.device)
+    mask = torch.zeros(T, T + 1, device=q.device, dtype=q.dtype)
+    mask[:, :T].masked_fill_(i[None, :] > i[:, None], float("-inf"))
+    mask = mask.expand(H, T, T + 1).clone()
+    mask[:, :, T] = sinks.to(q.dtype)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None])
+
+
+def _sinks_row(ctx, T, H, Hk, D, dtype, peak):
+    """gpt-oss-style attention (GQA, per-head sinks, causal) fwd+bwd: the sink inside our kernels' online
+    softmax against SDPA with the sink as an extra masked key column (the sinks' own gradient is left out
+    of both timings)."""
+    import llmkern
+
+    dev = ctx.device
+    B = max(1, TOKENS // T // 4)
+    q = torch.randn(B, H, T, D, device=dev, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(B, Hk, T, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
+    sinks = torch.randn(H, device=dev)
+    dout = torch.randn(B, H, T, D, device=dev, dtype=dtype)
+    fl = _flops(B, H, T, D, True, "fwd+bwd")
+    ours_ms = time_fn(_timer(lambda a, b, c: llmkern.attention(a, b, c, causal=True, sinks=sinks),
+                             q, k, v, dout, "fwd+bwd"), dev, quick=ctx.quick)
+    try:
+        base_ms = time_fn(_timer(lambda a, b, c: _sdpa_with_sinks(a, b, c, sinks), q, k, v, dout, "fwd+bwd"),
+                          dev, quick=ctx.quick)
+    except RuntimeError:  # out of memory for the T^2 mask on a small card
+        base_ms = None
+    tflops = fl / (ours_ms * 1e-3) / 1e12
+    yield Result(op="attention fwd+bwd sinks (gpt-oss)",
+                 shape=f"B={B} H={H} Hk={Hk} T={T} D={D} causal=True {str(dtype).replace('torch.', '')}",
+                 ours_ms=ours_ms, baseline="sdpa + sink column mask" if base_ms else "", baseline_ms=base_ms,
+                 throughput=tflops, unit="TFLOP/s", mfu=tflops * 1e12 / peak if peak else None)
 
 
 def _dropout_row(ctx, T, D, p, dtype, peak):

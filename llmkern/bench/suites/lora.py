@@ -6,6 +6,8 @@ r = 16, 1 and 16 adapters).
     (a) PEFT's unfused math  F.linear(x, W, b) + s · B(A(x))  (the row's baseline) and
     (b) the frozen base layer alone  F.linear(x, W, b)  (extra["base_ms"], extra["vs_base"] =
     ours / base; target fwd+bwd <= 1.10);
+  - DoRA forward+backward (frozen W; grads for x, A, B and the magnitude) against PEFT's DoRA math,
+    which forms W + s·B·A for the row norms every call (llmkern.peft.dora_linear does not);
   - multi-adapter forward with 1, 4 and 16 adapters (r = 16, 16 sequences of 512 tokens, adapter
     chosen per sequence) against PEFT's per-adapter loop (mixed-batch forward);
     extra["vs_single"] = ours / single-adapter lora_linear time (target <= 1.2 at 16 adapters).
@@ -28,6 +30,12 @@ from llmkern.bench.timing import time_fn
 
 def _peft_unfused(x, W, b, A, B, s):
     return F.linear(x, W, b) + F.linear(F.linear(x, A), B) * s
+
+
+def _peft_dora(x, W, b, A, B, m, s):
+    """PEFT's DoRA forward (no dropout): forms W + s·B·A for its row norms every call."""
+    norm = torch.linalg.vector_norm(W + s * (B @ A), dim=1).detach()
+    return (m / norm) * (F.linear(x, W) + F.linear(F.linear(x, A), B) * s) + b
 
 
 def _fwd_bwd(fn, inputs, dy):
@@ -88,6 +96,7 @@ def run(ctx):
                      baseline_ms=base_fb, throughput=fl / ours / 1e9, unit="TFLOP/s",
                      notes="target ratio >= 0.91 (ours <= 1.10x base)")
 
+    yield from _dora_rows(ctx, x, xg, W, b, dy, rnd, 16 if 16 in ranks else ranks[0], t, dname)
     r = 16 if 16 in ranks else ranks[0]
     T = M // seqs
     x3 = x.view(seqs, T, K)
@@ -121,3 +130,23 @@ def run(ctx):
         yield Result(op=f"lora_linear_multi fwd ({n} adapters)", shape=f"M={M} K={K} N={N} r={r} {dname}",
                      ours_ms=ours, baseline="single-adapter lora_linear", baseline_ms=single[r],
                      throughput=fl / ours / 1e9, unit="TFLOP/s", notes="target ratio >= 0.83 (<= 1.2x single)")
+
+
+def _dora_rows(ctx, x, xg, W, b, dy, rnd, r, t, dname):
+    """DoRA fwd+bwd (frozen W; grads for x, A, B, magnitude): llmkern.peft.dora_linear (row norms without
+    B·A, the fused LoRA op) against PEFT's DoRA math (W + s·B·A formed each call)."""
+    from llmkern.peft import dora_linear
+
+    M, K = x.shape
+    N = W.shape[0]
+    A = rnd(r, K, sc=K ** -0.5).requires_grad_(True)
+    B = rnd(N, r, sc=r ** -0.5).requires_grad_(True)
+    m = torch.linalg.vector_norm(W.float(), dim=1).to(W.dtype).requires_grad_(True)
+    s = 2.0
+    inputs = [xg, A, B, m]
+    ours = t(_fwd_bwd(lambda: dora_linear(xg, W, b, A, B, m, s), inputs, dy))
+    theirs = t(_fwd_bwd(lambda: _peft_dora(xg, W, b, A, B, m, s), inputs, dy))
+    fl = 4 * M * N * K + 6 * M * r * (K + N)
+    yield Result(op="dora_linear fwd+bwd (frozen W)", shape=f"M={M} K={K} N={N} r={r} {dname}", ours_ms=ours,
+                 baseline="PEFT DoRA math", baseline_ms=theirs, throughput=fl / ours / 1e9, unit="TFLOP/s",
+                 notes="" if x.is_cuda else "CPU: the PyTorch reference LoRA op")
