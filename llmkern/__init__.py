@@ -7,6 +7,7 @@ Ops (each a torch.library op with autograd where it makes sense):
   lora_linear, lora_linear_multi       fused LoRA matmul (Triton)
   cross_entropy                        fused cross-entropy loss over logits (Triton)
   linear_cross_entropy                 LM head + loss without materialising the logits
+  speculative_accept                   speculative decoding's exact rejection sampling (PyTorch)
 Subpackages: peft, parallel, models, generation, flops, integrations, bench, reference.
 """
 import importlib as _importlib
@@ -24,6 +25,7 @@ _LAZY_ATTRS = {
     "lora_linear_multi": "llmkern.ops.lora",
     "cross_entropy": "llmkern.ops.cross_entropy",
     "linear_cross_entropy": "llmkern.ops.cross_entropy",
+    "speculative_accept": "llmkern.ops.speculative",
     "generate": "llmkern.generation",
 }
 _SUBMODULES = {"bench", "flops", "generation", "integrations", "kernels", "models", "ops", "parallel",

@@ -6,6 +6,7 @@
     out = generate(model, input_ids, 32, strategy="beam", num_beams=4, length_penalty=1.0)
     out = generate(model, input_ids, 32, strategy="beam", num_beams=4,
                    allowed_tokens=mask, scorers=[(0.5, my_feature)])         # guided
+    out = generate(model, input_ids, 32, draft_model=small, num_draft_tokens=4)  # speculative
 
 `model` is a zoo model (llmkern.models.GPT / Llama) or anything with `model(ids, cache=...,
 last_only=True)` and `model.new_cache(batch, max_len)`; prompts are [B, T], left-padded with
@@ -30,6 +31,23 @@ Guided decoding (any strategy):
                   f_i(sequences [N, t], log_probs [N, V]) -> [N, V] feature values. Beam search
                   ranks beams by this score; greedy takes its argmax; sampling adds Σ α_i f_i to
                   the logits.
+Speculative decoding (draft_model=, greedy or sample; Leviathan et al. 2023, Chen et al. 2023):
+  each step the draft proposes k = num_draft_tokens tokens one by one over its own KV cache, the
+  target scores the k + 1 positions in one forward over its cache, llmkern.speculative_accept keeps
+  a prefix of the proposals plus one token of its own, and both caches are cut back to the kept
+  length (KVCache.crop: a length update, no copy). The output is distributed exactly as the target's
+  (processed: temperature, top_k, top_p, min_p, logit_bias, allowed_tokens, applied to both models'
+  logits alike); greedy emits the same tokens as plain greedy decoding (up to float rounding between
+  a k + 1-token and a 1-token forward deciding a near-tie). The draft needs the target's vocabulary.
+  Batches: the zoo's KVCache has one length for all rows, so each step every unfinished row keeps
+  the shortest accepted run among them (the others' later accepted tokens are dropped and proposed
+  again next step). This stays exact (where a row is cut depends, beyond its own accepted run, only
+  on the other rows' independent draws), but a large batch accepts fewer tokens per step than one
+  row does.
+  Not supported with a draft model (ValueError): beam search, repetition / presence / frequency
+  penalties, scorers, allowed_tokens given as a function, use_cache=False. return_dict=True adds
+  num_draft_tokens [N] (proposed while the row ran) and num_accepted_draft_tokens [N] (proposals kept
+  in the output) to the GenerationOutput.
 """
 import dataclasses
 from typing import Optional
@@ -44,6 +62,10 @@ class GenerationOutput:
     sequences: torch.Tensor            # [N, T + n]
     scores: Optional[torch.Tensor]     # beam: final (length-penalised) scores [N]; else per-token
                                        # log-probabilities of the chosen tokens [N, n]
+    # speculative decoding (draft_model=) only, else None: per row, the draft tokens proposed while
+    # the row was unfinished and those kept in the output (their ratio: the acceptance rate)
+    num_draft_tokens: Optional[torch.Tensor] = None           # int64 [N]
+    num_accepted_draft_tokens: Optional[torch.Tensor] = None  # int64 [N]
 
 
 def _eos_tensor(eos_token_id, device):
@@ -141,11 +163,15 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
              temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
              presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None,
              num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
-             allowed_tokens=None, scorers=None, use_cache=True, return_dict=False, attention_mask=None):
+             allowed_tokens=None, scorers=None, use_cache=True, return_dict=False, attention_mask=None,
+             draft_model=None, num_draft_tokens=4):
     """Continue `input_ids` [B, T] by up to `max_new_tokens` tokens (see the module docstring).
 
     attention_mask: [B, T], 1 = token, 0 = left padding (batched prompts of different lengths,
-    transformers' convention: positions count real tokens only)."""
+    transformers' convention: positions count real tokens only).
+    draft_model: a smaller model with the same vocabulary and the same interface (plus
+    `model(ids, cache=...)` returning logits of every position and a cache with `crop(n)`, as the zoo
+    models have): speculative decoding, num_draft_tokens (k >= 1) proposals per step."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
@@ -162,10 +188,25 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos is not None else 0
     scorers = _scorers(scorers)
+    if draft_model is not None:
+        _check_speculative(draft_model, input_ids, max_new_tokens, strategy, num_draft_tokens, num_beams,
+                           dict(repetition_penalty=(repetition_penalty, 1.0), presence_penalty=(presence_penalty, 0.0),
+                                frequency_penalty=(frequency_penalty, 0.0)),
+                           allowed_tokens, scorers, use_cache, model)
     was_training = model.training
+    draft_training = draft_model.training if draft_model is not None else None
     model.eval()
+    if draft_model is not None:
+        draft_model.eval()
     try:
-        if strategy == "beam":
+        if draft_model is not None:
+            if num_return_sequences != 1:
+                input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+                mask = None if mask is None else mask.repeat_interleave(num_return_sequences, dim=0)
+            out = _speculative_decode(model, draft_model, input_ids, max_new_tokens, strategy, eos, pad_token_id,
+                                      dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p),
+                                      logit_bias, seed, allowed_tokens, mask, num_draft_tokens)
+        elif strategy == "beam":
             sampling_args = dict(temperature=(temperature, 1.0), top_k=(top_k, 0), top_p=(top_p, 1.0),
                                  min_p=(min_p, 0.0), repetition_penalty=(repetition_penalty, 1.0),
                                  presence_penalty=(presence_penalty, 0.0), frequency_penalty=(frequency_penalty, 0.0))
@@ -195,6 +236,8 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                           logit_bias, seed, allowed_tokens, scorers, use_cache, mask)
     finally:
         model.train(was_training)
+        if draft_model is not None:
+            draft_model.train(draft_training)
     return out if return_dict else out.sequences
 
 
@@ -257,6 +300,191 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
             break
     scores = torch.stack(logps, 1) if logps else torch.zeros(B, 0, device=dev)
     return GenerationOutput(seqs, scores)
+
+
+# ---- speculative decoding ------------------------------------------------------------------------------
+
+def _check_speculative(draft, input_ids, max_new_tokens, strategy, k, num_beams, penalties, allowed_tokens,
+                       scorers, use_cache, model):
+    if strategy == "beam" or num_beams != 1:
+        raise ValueError("draft_model: speculative decoding runs strategy='greedy' or 'sample', not beam search")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"num_draft_tokens must be an int >= 1, got {k!r}")
+    for name, (v, default) in penalties.items():
+        if torch.is_tensor(v) or v != default:
+            raise ValueError(f"{name} is not supported with draft_model (speculative decoding)")
+    if scorers:
+        raise ValueError("scorers are not supported with draft_model (speculative decoding)")
+    if callable(allowed_tokens):
+        raise ValueError("allowed_tokens as a function is not supported with draft_model (speculative decoding); "
+                         "pass a bool tensor [V] or [B, V]")
+    if not use_cache:
+        raise ValueError("draft_model needs use_cache=True (speculative decoding cuts the KV caches back)")
+    for name, m in (("model", model), ("draft_model", draft)):
+        if not callable(getattr(m, "new_cache", None)):
+            raise ValueError(f"{name} must have new_cache(batch, max_len) (a zoo model) for speculative decoding")
+    cfg, draft_cfg = getattr(model, "config", None), getattr(draft, "config", None)
+    block = getattr(draft_cfg, "block_size", None)
+    if block is not None and input_ids.shape[1] + max_new_tokens > block:
+        raise ValueError(f"max_new_tokens: {input_ids.shape[1]} + {max_new_tokens} exceeds the draft model's "
+                         f"block_size={block}")
+    v, v_draft = getattr(cfg, "vocab_size", None), getattr(draft_cfg, "vocab_size", None)
+    if v is not None and v_draft is not None and v != v_draft:
+        raise ValueError(f"draft_model must share the model's vocabulary: vocab_size {v_draft} != {v}")
+
+
+def _spec_scores(logits, bias, allow):
+    """[B, n, V] float32: logits + logit_bias, disallowed tokens -inf, NaN -inf (llmkern.sample's order)."""
+    y = logits.float()
+    if bias is not None:
+        y = y + (bias.float() if bias.dim() == 1 else bias.float()[:, None])
+    if allow is not None:
+        y = y.masked_fill(~allow[:, None], float("-inf"))
+    return torch.nan_to_num(y, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+
+
+def _spec_probs(y, knobs):
+    """The distribution llmkern.sample draws from, [B, n, V]: scores / temperature, top-k, top-p, min-p
+    (top_k_top_p_filter), softmax; +inf scores share their row's mass."""
+    from llmkern.ops.sampling import top_k_top_p_filter
+
+    B, n, V = y.shape
+    t = knobs["temperature"]
+    y = y / (t.to(device=y.device, dtype=y.dtype).view(B, 1, 1) if torch.is_tensor(t) else float(t))
+    flat = y.reshape(B * n, V)
+    pinf = torch.isposinf(flat)
+    flat = torch.where(pinf.any(-1, keepdim=True),
+                       torch.where(pinf, torch.zeros_like(flat), torch.full_like(flat, float("-inf"))), flat)
+    top_k, top_p, min_p = knobs["top_k"], knobs["top_p"], knobs["min_p"]
+    if any(torch.is_tensor(v) for v in (top_k, top_p, min_p)) or (top_k, top_p, min_p) != (0, 1.0, 0.0):
+        def rows(v):  # per-sequence values -> per (sequence, position) row
+            return v.to(y.device).repeat_interleave(n) if torch.is_tensor(v) else v
+
+        flat = top_k_top_p_filter(flat, rows(top_k), rows(top_p), rows(min_p))
+    return torch.softmax(flat, -1).view(B, n, V)
+
+
+def _speculative_decode(model, draft, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_bias, seed,
+                        allowed_tokens, mask, k):
+    """Speculative decoding (module docstring): draft k, score k + 1 in one target forward, accept, crop."""
+    from llmkern.ops.sampling import _sample_params, _side_tensor
+    from llmkern.ops.speculative import (STREAM_DRAFT, STREAM_RESIDUAL, draw, philox_uniform, row_seeds,
+                                         speculative_accept)
+
+    B, T0 = input_ids.shape
+    dev = input_ids.device
+    _sample_params(B, dev, knobs["temperature"], knobs["top_k"], knobs["top_p"], knobs["min_p"], 1.0, 0.0, 0.0)
+    t = knobs["temperature"]
+    greedy = strategy == "greedy" or (not torch.is_tensor(t) and t == 0)
+    if not greedy and torch.is_tensor(t) and not bool((t > 0).all()):
+        raise ValueError("temperature: rows with temperature 0 (greedy) are not supported with draft_model and "
+                         "strategy='sample'; use strategy='greedy'")
+    seeds = None if greedy else row_seeds(seed, B, dev)
+    zeros = torch.zeros(B, dtype=torch.long, device=dev)
+    if max_new_tokens == 0:
+        return GenerationOutput(input_ids, torch.zeros(B, 0, device=dev), zeros, zeros.clone())
+    max_len = T0 + max_new_tokens
+    tcache, dcache = model.new_cache(B, max_len), draft.new_cache(B, max_len)
+    for name, c in (("model", tcache), ("draft_model", dcache)):
+        if not callable(getattr(c, "crop", None)):
+            raise ValueError(f"{name}.new_cache() must return a cache with crop(n) for speculative decoding")
+    full_mask = None if mask is None else torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)
+
+    def forward(m, cache, start, ids, last_only):
+        kw = {} if full_mask is None else {"attention_mask": full_mask[:, :start + ids.shape[1]]}
+        return m(ids, cache=cache, last_only=last_only, **kw).float()
+
+    side = {}
+
+    def scores(logits, who):
+        V = logits.shape[-1]
+        if not side:  # logit_bias and the allowed mask, checked once the vocabulary is known
+            side["V"] = V
+            side["bias"] = None if logit_bias is None else _side_tensor("logit_bias", logit_bias, B, V, dev)
+            side["allow"] = _allowed(allowed_tokens, input_ids, V)
+        elif V != side["V"]:
+            raise ValueError(f"draft_model must share the model's vocabulary: its logits have {V} entries, "
+                             f"the other model's {side['V']} ({who})")
+        return _spec_scores(logits, side["bias"], side["allow"])
+
+    # the sampler's position per row counts real tokens (as in _decode)
+    position = torch.full((B,), T0, dtype=torch.long, device=dev) if mask is None else mask.sum(-1).long()
+    seqs = input_ids
+    t_len = d_len = gen = 0  # tokens in the target's / draft's cache; tokens generated
+    unfinished = torch.ones(B, dtype=torch.bool, device=dev)
+    proposed, kept = zeros.clone(), zeros.clone()
+    logps = []
+    while gen < max_new_tokens:
+        L = T0 + gen
+        kk = min(k, max_new_tokens - gen - 1)  # the target reads at most L + kk <= T0 + max_new_tokens tokens
+        pos = position + gen
+        # 1. the draft proposes kk tokens, one forward each; its cache may lag by one token (all accepted)
+        drafts, qs = [], []
+        draft_ok = torch.ones(B, dtype=torch.bool, device=dev)
+        for i in range(kk):
+            ids = seqs[:, d_len:] if i == 0 else drafts[-1][:, None]
+            y = scores(forward(draft, dcache, d_len, ids, True)[:, -1:], "draft_model")
+            d_len += ids.shape[1]
+            draft_ok &= (y[:, 0] > float("-inf")).any(-1)
+            if greedy:
+                tok = y[:, 0].argmax(-1)
+            else:
+                q = _spec_probs(y, knobs)[:, 0]
+                tok = draw(q, philox_uniform(seeds, pos + i, STREAM_DRAFT))
+                qs.append(q)
+            drafts.append(tok)
+        # 2. the target scores the last token and the kk proposals in one forward (the prompt first)
+        if L - 1 > t_len:
+            forward(model, tcache, t_len, seqs[:, t_len:L - 1], True)
+            t_len = L - 1
+        ids = torch.cat([seqs[:, t_len:]] + [d[:, None] for d in drafts], 1)
+        y = scores(forward(model, tcache, t_len, ids, False)[:, -(kk + 1):], "model")
+        valid = (y > float("-inf")).any(-1).all(-1)
+        # 3. accept: out [B, kk + 1] holds each row's accepted proposals, then one token of the target
+        if greedy:
+            logp = torch.log_softmax(y, -1)  # greedy's logprobs: the temperature-1 distribution
+            if kk:
+                out, n = speculative_accept(torch.stack(drafts, 1), None, y, greedy=True)
+            else:
+                out, n = y[:, 0].argmax(-1)[:, None], zeros
+        else:
+            p = _spec_probs(y, knobs)
+            logp = p.log()
+            if kk:
+                out, n = speculative_accept(torch.stack(drafts, 1), torch.stack(qs, 1), p, seed=seeds, position=pos)
+            else:
+                out, n = draw(p[:, 0], philox_uniform(seeds, pos, STREAM_RESIDUAL))[:, None], zeros
+        # every unfinished row keeps the shortest run among them (one cache length for the batch)
+        M, any_stuck, draft_stuck = torch.stack([torch.where(unfinished, n + 1, kk + 1).min(),
+                                                 (unfinished & ~valid).any().long(),
+                                                 (unfinished & ~draft_ok).any().long()]).tolist()  # one sync
+        if any_stuck:
+            _raise_stuck(unfinished & ~valid, side["allow"], gen)
+        if draft_stuck:
+            rows = (unfinished & ~draft_ok).nonzero()[:, 0].tolist()
+            raise RuntimeError(f"generate: the draft model's logits have no finite value for sequence(s) {rows} "
+                               f"at new token {gen}")
+        new = out[:, :M]
+        keep = unfinished[:, None].expand(B, M)
+        if eos is not None:  # tokens after a row's eos become padding
+            hit = torch.isin(new, eos) & keep
+            keep = keep & (hit.long().cumsum(1) - hit.long() == 0)
+        lp = logp[:, :M].gather(-1, new.clamp(min=0)[..., None]).squeeze(-1)
+        logps.append(torch.where(keep, lp, torch.zeros_like(lp)))
+        proposed += torch.where(unfinished, kk, 0)
+        kept += torch.minimum(n, keep.sum(1))
+        if eos is not None:
+            unfinished = unfinished & ~hit.any(1)
+        seqs = torch.cat([seqs, torch.where(keep, new, torch.full_like(new, pad))], 1)
+        gen += M
+        # 4. roll back: both caches hold the tokens before the last one emitted (the draft's may lag)
+        t_len = L + M - 1
+        tcache.crop(t_len)
+        d_len = min(d_len, t_len)
+        dcache.crop(d_len)
+        if eos is not None and not bool(unfinished.any()):
+            break
+    return GenerationOutput(seqs, torch.cat(logps, 1), proposed, kept)
 
 
 def _raise_stuck(stuck, allow, t):

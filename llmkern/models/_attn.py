@@ -119,7 +119,8 @@ class KVCache:
     """Static per-layer key/value buffers [B, Hkv, max_len, D] and the filled length.
 
     The model writes each layer's new keys/values at positions [seqlen, seqlen + T) and advances
-    `seqlen` once per forward. `reorder(idx)` gathers batch rows (beam search).
+    `seqlen` once per forward. `reorder(idx)` gathers batch rows (beam search); `crop(n)` cuts the
+    length back (speculative decoding).
     """
 
     def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, dtype=None, device=None):
@@ -143,6 +144,13 @@ class KVCache:
 
     def advance(self, T):
         self.seqlen += T
+
+    def crop(self, n):
+        """Keep the first n cached tokens (speculative decoding's rollback of rejected drafts): a
+        length update, no copy; the next append overwrites what lay past n. transformers' Cache.crop."""
+        if not 0 <= n <= self.seqlen:
+            raise ValueError(f"KVCache.crop: n must be in [0, {self.seqlen}], got {n}")
+        self.seqlen = n
 
     def reorder(self, idx):
         self.k = [None if t is None else t.index_select(0, idx) for t in self.k]

@@ -2,7 +2,9 @@
 
 `import llmkern` registers the sampling ops only; the others register their torch.ops.llmkern.*
 entries when first used (importing Triton costs seconds). `register_all()` registers every op at
-once: call it before torch.export.load / torch.ops.llmkern lookups in a fresh process."""
+once: call it before torch.export.load / torch.ops.llmkern lookups in a fresh process.
+speculative_accept is plain PyTorch (no custom op to register) and light to import."""
+from llmkern.ops.speculative import speculative_accept  # noqa: F401
 
 
 def register_all():
