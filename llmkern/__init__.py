@@ -7,6 +7,9 @@ Ops (each a torch.library op with autograd where it makes sense):
   lora_linear, lora_linear_multi       fused LoRA matmul (Triton)
   cross_entropy                        fused cross-entropy loss over logits (Triton)
   linear_cross_entropy                 LM head + loss without materialising the logits
+  rms_norm, layer_norm                 fused RMSNorm / LayerNorm (+ residual add) (Triton)
+  rope                                 fused rotary embeddings on q and k together (Triton)
+  swiglu, geglu                        fused gated activations silu(g) * u, gelu(g) * u (Triton)
   speculative_accept                   speculative decoding's exact rejection sampling (PyTorch)
 Subpackages: peft, parallel, models, generation, flops, integrations, bench, reference.
 """
@@ -25,6 +28,11 @@ _LAZY_ATTRS = {
     "lora_linear_multi": "llmkern.ops.lora",
     "cross_entropy": "llmkern.ops.cross_entropy",
     "linear_cross_entropy": "llmkern.ops.cross_entropy",
+    "rms_norm": "llmkern.ops.norm",
+    "layer_norm": "llmkern.ops.norm",
+    "rope": "llmkern.ops.rope",
+    "swiglu": "llmkern.ops.swiglu",
+    "geglu": "llmkern.ops.swiglu",
     "speculative_accept": "llmkern.ops.speculative",
     "generate": "llmkern.generation",
 }

@@ -13,3 +13,5 @@ from llmkern.reference.sampling import (  # noqa: F401
 from llmkern.reference.lora import dropout_keep_mask, lora_dropout, lora_linear, lora_linear_multi  # noqa: E402,F401
 from llmkern.reference.attention import attention_varlen, attention_with_kvcache  # noqa: E402,F401  (dense: reference.attention.attention)
 # cross entropy: llmkern.reference.cross_entropy.cross_entropy (not re-exported: the name is its module's)
+from llmkern.reference.norm import layer_norm, rms_norm  # noqa: E402,F401
+# rope, swiglu, geglu: llmkern.reference.rope.rope, llmkern.reference.swiglu.swiglu / .geglu (not re-exported)

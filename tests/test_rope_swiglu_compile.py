@@ -1,0 +1,73 @@
+"""Compile the RoPE and SwiGLU/GeGLU kernels for sm_90 (bf16) and sm_80 (fp16) without a GPU (Triton's
+bundled ptxas), as tests/test_cross_entropy_compile.py does: catches what the interpreter cannot
+(module globals a compiled kernel may not read, constexpr rules, layouts), checks that nothing spills
+and that the contiguous loads and stores are 16-byte vectors (LDG.E.128 / STG.E.128).
+
+The signatures are those of a real launch: channel / column strides of 1 are constexpr (Triton
+specialises an int argument equal to 1), other strides and the sizes HALF, R, D, F divisible by 16.
+
+    python tests/test_rope_swiglu_compile.py      # prints the resource table
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import test_lora_compile
+from test_lora_compile import _compile, _ptxas_available
+
+HERE = os.path.abspath(__file__)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def _rope_rows():
+    from llmkern.kernels import rope as K
+
+    unit = dict(sq_d=1, sk_d=1, sqo_d=1, sko_d=1, sc_d=1)
+    base = dict(unit, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_HALF=64, HAS_PASS=False, BLOCK_PASS=1)
+    partial = dict(unit, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_HALF=16, HAS_PASS=True, BLOCK_PASS=128)  # R = 32 of 128
+    return [("rope fwd", K._rope, dict(base, INTERLEAVED=False, TRANSPOSE=False), 4),
+            ("rope bwd", K._rope, dict(base, INTERLEAVED=False, TRANSPOSE=True), 4),
+            ("rope interleaved fwd", K._rope, dict(base, INTERLEAVED=True, TRANSPOSE=False), 4),
+            ("rope partial bwd", K._rope, dict(partial, INTERLEAVED=False, TRANSPOSE=True), 4)]
+
+
+def _glu_rows():
+    from llmkern.kernels import swiglu as K
+
+    unit = dict(sg_f=1, su_f=1, sd_f=1)
+    rows = []
+    for act, code in K.ACTS.items():
+        rows.append((f"glu fwd {act}", K._glu_fwd, dict(unit, ACT=code, BLOCK=2048), 8))
+        rows.append((f"glu bwd {act}", K._glu_bwd, dict(unit, ACT=code, BLOCK=2048), 8))
+    return rows
+
+
+def main():
+    test_lora_compile._DIV16 = test_lora_compile._DIV16 | {"HALF", "R", "D", "F"}  # realistic sizes
+    for cc, dt in ((90, "bf16"), (80, "fp16")):
+        types = {n: f"*{dt}" for n in ("Q", "K", "QO", "KO", "COS", "SIN", "G", "U", "O", "DO", "DG", "DU")}
+        for name, fn, consts, warps in _rope_rows() + _glu_rows():
+            consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+            r = _compile(fn, types, consts, warps, 1, cc=cc)
+            print(f"{name:22s} sm_{cc} {dt}: regs={r['regs']} stack={r['stack']} ldg128={r['ldg128']} "
+                  f"stg128={r['stg128']}", flush=True)
+    print("COMPILED-ALL")
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's bundled ptxas")
+def test_rope_swiglu_kernels_compile():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, HERE], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert res.returncode == 0 and "COMPILED-ALL" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
+    lines = res.stdout.splitlines()[:-1]
+    assert len(lines) == 2 * 10, lines
+    for line in lines:
+        assert "stack=0 " in line, f"register spills: {line}"
+        assert "ldg128=True stg128=True" in line, f"no 16-byte vectors: {line}"
+
+
+if __name__ == "__main__":
+    main()
