@@ -281,3 +281,27 @@ def test_mistral_window_through_the_triton_kernels(saved, monkeypatch):
         torch.testing.assert_close(m(x), hf(x).logits, atol=1e-5, rtol=1e-5)
         want = hf.generate(x, attention_mask=am, max_new_tokens=8, do_sample=False, pad_token_id=PAD)
         assert torch.equal(generate(m, x, 8, attention_mask=am, pad_token_id=PAD), want)
+
+
+@pytest.mark.parametrize("types", [["full_attention", "sliding_attention"], ["full_attention", "full_attention"]])
+def test_mistral_config_with_layer_types_loads_as_transformers_auto_classes_do(tmp_path, types):
+    """A model_type "mistral" config.json that lists layer_types (Ministral-style checkpoints): transformers'
+    AutoConfig treats it as Ministral, whose layers slide only where layer_types says "sliding_attention"
+    (MistralForCausalLM itself would slide everywhere, and warns to use the Auto classes). from_hf follows
+    the Auto classes: logits and greedy tokens through the KV cache (left padded) are theirs."""
+    _save(tmp_path, "mistral", seed=6, sliding_window=3)
+    _edit(tmp_path, layer_types=types)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    hf.generation_config.eos_token_id = None
+    m = _load(str(tmp_path))
+    assert [m.config.layer_window(i) for i in range(2)] == [3 if t == "sliding_attention" else None for t in types]
+    x = _ids(T=9, seed=7)
+    am = torch.ones_like(x)
+    am[0, :2] = 0
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(m(x), hf(x).logits, atol=1e-5, rtol=1e-5)
+        want = hf.generate(x, attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+        assert torch.equal(generate(m, x, 6, attention_mask=am, pad_token_id=PAD), want)

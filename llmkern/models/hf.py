@@ -6,7 +6,9 @@ Supported config.json model_types:
   gpt2     GPT2LMHeadModel -> GPT
   llama    LlamaForCausalLM -> Llama (rope_scaling linear / dynamic / llama3 / yarn; attention_bias,
            mlp_bias)
-  mistral  MistralForCausalLM -> Llama with sliding_window (null: none), in every layer
+  mistral  MistralForCausalLM -> Llama with sliding_window (null: none), in every layer; with
+           layer_types (Ministral-style), in the layers marked "sliding_attention", as transformers'
+           AutoModelForCausalLM loads it (as MinistralForCausalLM)
   qwen2    Qwen2ForCausalLM -> Llama with q/k/v biases; use_sliding_window honoured per layer
            (layer_types, else the layers from max_window_layers on)
   qwen3    Qwen3ForCausalLM -> Llama with q_norm/k_norm, its head_dim, attention_bias; sliding
@@ -129,8 +131,10 @@ def _bool_key(hf, key, family):
 
 def _sliding_window(hf, family):
     """(W or None, sliding layer indices or None = all), as transformers' Mistral / Qwen2 / Qwen3
-    read config.json. Mistral: `sliding_window` (null: none) in every layer (MistralForCausalLM
-    ignores layer_types). Qwen2/3: only with use_sliding_window, in the layers layer_types marks
+    read config.json. Mistral: `sliding_window` (null: none) in every layer, unless config.json lists
+    layer_types: transformers' AutoConfig then loads it as Ministral, which slides only in the layers
+    marked "sliding_attention" (MistralForCausalLM itself would ignore them, and warns to use the Auto
+    classes). Qwen2/3: only with use_sliding_window, in the layers layer_types marks
     "sliding_attention" (default: those from max_window_layers on)."""
     if family == "llama":
         return None, None
@@ -141,7 +145,7 @@ def _sliding_window(hf, family):
         return None, None
     if isinstance(W, bool) or not isinstance(W, int) or W <= 0:
         raise ValueError(f"from_hf: {family} config sliding_window={W!r} must be a positive int or null")
-    if family == "mistral":
+    if family == "mistral" and hf.get("layer_types") is None:
         return W, None
     n = hf["num_hidden_layers"]
     types = hf.get("layer_types")
