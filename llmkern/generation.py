@@ -183,6 +183,10 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     if block is not None and input_ids.shape[1] + max_new_tokens > block:
         raise ValueError(f"max_new_tokens: {input_ids.shape[1]} + {max_new_tokens} exceeds the model's "
                          f"block_size={block}")
+    for name, m in (("model", model), ("draft_model", draft_model)):
+        if getattr(m, "context_parallel", None) is not None:  # its forward takes sequence shards
+            raise NotImplementedError(f"generate: {name} is context-parallel (llmkern.parallel.context_parallelize); "
+                                      f"generate with the unsharded model")
     mask = _check_mask(attention_mask, input_ids)
     eos = _eos_tensor(eos_token_id, input_ids.device)
     if pad_token_id is None:

@@ -68,7 +68,7 @@ def _sdpa(q, k, v, causal, dropout_p=0.0, key_padding_mask=None, sliding_window=
 
 
 def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=None, key_padding_mask=None,
-           sliding_window=None):
+           sliding_window=None, context_parallel=None):
     """Causal self-attention of q over k/v; with a KV cache, k/v are appended first.
 
     prefix: optional (P_K, P_V) [B or 1, Hkv, P, D] prepended to the keys/values and always
@@ -77,8 +77,13 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
     sliding_window: W, or None: the query at key index i sees keys i-W+1..i only (transformers'
     sliding_window, kv_idx > q_idx - W). Indices count every key: cached, padding and prefix ones,
     as transformers' masks count cache positions.
+    context_parallel: the sequence is sharded over ranks (llmkern.parallel.context_parallelize sets it):
+    q/k/v are this rank's tokens, and the keys of every rank are gathered.
     Returns [B, H, Tq, D].
     """
+    if context_parallel is not None:
+        return context_parallel.attend(q, k, v, cache=cache, prefix=prefix, key_padding_mask=key_padding_mask,
+                                       sliding_window=sliding_window, dropout_p=dropout_p)
     # llmkern.attention's window is (left, right) around the diagonal: W keys = itself + W-1 left
     window = {} if sliding_window is None else {"window": (sliding_window - 1, 0)}
     attn_fn = kv_fn = None
@@ -247,15 +252,15 @@ class ZooModel(torch.nn.Module):
         """Next-token cross entropy, Hugging Face style: labels align with input_ids and are shifted
         here; -100 is ignored. backend="llmkern": llmkern.cross_entropy, which reads the (bf16)
         logits once in the forward and once in the backward instead of upcasting a float32 copy."""
-        shifted = _shift(labels)
+        shifted = self.next_token_labels(labels)
         if getattr(self, "_backend", "torch") == "llmkern":
             from llmkern.ops.cross_entropy import cross_entropy
 
-            return cross_entropy(logits, shifted, ignore_index=-100)
+            return self.global_loss(cross_entropy(logits, shifted, ignore_index=-100), shifted)
         flat = logits.reshape(-1, logits.shape[-1])  # a view: no copy of the [B, T, V] logits
         if flat.dtype != torch.float32:  # (autocast would upcast it for cross_entropy all the same)
             flat = flat.float()
-        return F.cross_entropy(flat, shifted.reshape(-1), ignore_index=-100)
+        return self.global_loss(F.cross_entropy(flat, shifted.reshape(-1), ignore_index=-100), shifted)
 
     def fused_lm_loss(self, h, labels):
         """lm_loss(head_logits(h), labels) without the logits: llmkern.linear_cross_entropy over the
@@ -263,12 +268,35 @@ class ZooModel(torch.nn.Module):
         sharded head (llmkern.parallel.vocab); otherwise the logits path."""
         head = self.lm_head
         if hasattr(head, "vocab_parallel_loss"):  # tensor_parallelize(..., vocab_parallel=True)
-            return head.vocab_parallel_loss(h, _shift(labels))
+            shifted = self.next_token_labels(labels)
+            return self.global_loss(head.vocab_parallel_loss(h, shifted), shifted)
         if getattr(self, "_backend", "torch") != "llmkern" or type(head) is not torch.nn.Linear:
             return self.lm_loss(self.head_logits(h), labels)
         from llmkern.ops.cross_entropy import linear_cross_entropy
 
-        return linear_cross_entropy(h, head.weight, _shift(labels), bias=head.bias, ignore_index=-100)
+        shifted = self.next_token_labels(labels)
+        return self.global_loss(linear_cross_entropy(h, head.weight, shifted, bias=head.bias, ignore_index=-100),
+                                shifted)
+
+    # Hook points of context parallelism (llmkern.parallel.context_parallelize sets `context_parallel`:
+    # the sequence is sharded over ranks); without it, the plain single-sequence behaviour.
+    context_parallel = None
+
+    def positions(self, start, T, device):
+        """Positions [T] of the T new tokens after `start` cached ones; under context parallelism, the
+        absolute positions of this rank's shard of the sequence."""
+        if self.context_parallel is not None:
+            return self.context_parallel.positions(T, self.config.block_size, device)
+        return torch.arange(start, start + T, device=device)
+
+    def next_token_labels(self, labels):
+        """The next token's label at every position (-100 at the last; across the shards under context
+        parallelism)."""
+        return _shift(labels) if self.context_parallel is None else self.context_parallel.next_token_labels(labels)
+
+    def global_loss(self, loss, shifted):
+        """The mean loss over this rank's tokens -> over all tokens (context parallelism; else unchanged)."""
+        return loss if self.context_parallel is None else self.context_parallel.global_mean(loss, shifted)
 
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())

@@ -37,7 +37,7 @@ class CausalSelfAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         y = attend(q, k, v, backend=self.backend_name, cache=cache, layer=layer, prefix=prefix,
-                   key_padding_mask=kpm,
+                   key_padding_mask=kpm, context_parallel=getattr(self, "context_parallel", None),
                    dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return F.dropout(self.o_proj(y), self.dropout, self.training)
@@ -135,7 +135,7 @@ class GPT(ZooModel):
         start, pos, kpm = self._check_input(input_ids, cache, attention_mask, position_ids)
         T = input_ids.shape[1]
         if pos is None:
-            pos = torch.arange(start, start + T, device=input_ids.device)
+            pos = self.positions(start, T, input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
         prefixes = self.prefixes(input_ids.shape[0])
         for i, block in enumerate(self.h):

@@ -129,6 +129,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = attend(q, k, v, backend=self.backend_name, cache=cache, layer=layer, prefix=prefix,
                    key_padding_mask=kpm, sliding_window=self.sliding_window,
+                   context_parallel=getattr(self, "context_parallel", None),
                    dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
@@ -226,7 +227,7 @@ class Llama(ZooModel):
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
         if pos is None:
-            pos = torch.arange(start, start + T, device=input_ids.device)
+            pos = self.positions(start, T, input_ids.device)
         elif self.config.rope_scaling and self.config.rope_scaling["rope_type"] == "dynamic" and pos.numel() and \
                 int(pos.max()) >= self.config.block_size:
             raise ValueError(f"position_ids: rope_type 'dynamic' rescales its frequencies for positions >= "

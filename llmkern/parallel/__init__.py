@@ -4,6 +4,8 @@
     tensor_parallelize(model, group)            shard a transformer's attention and MLP in place
                                                 (vocab_parallel=True: embedding and LM head too)
     VocabParallelEmbedding, VocabParallelLMHead vocabulary-sharded embedding / LM head and loss
+    context_parallelize(model, group)           context parallelism: the sequence sharded over ranks
+                                                (context_parallel_attention, shard_sequence, ...)
     lora_state                                  LoRA shards <-> whole factors (llmkern.peft's adapter
                                                 save/load under tensor parallelism uses it)
     cost_model                                  predicted step time / exposed communication
@@ -18,10 +20,15 @@ from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear, OVE
 from llmkern.parallel.tensor_parallel import tensor_parallelize  # noqa: F401
 from llmkern.parallel import lora_state  # noqa: F401
 from llmkern.parallel.vocab import VocabParallelEmbedding, VocabParallelLMHead  # noqa: F401
+from llmkern.parallel.context import (all_reduce_gradients, context_parallel_attention,  # noqa: F401
+                                      context_parallel_positions, context_parallelize, gather_sequence,
+                                      shard_sequence)
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "tensor_parallelize", "set_validation", "OVERLAPS",
            "comm", "lora_state", "cost_model", "launch",
-           "VocabParallelEmbedding", "VocabParallelLMHead"]
+           "VocabParallelEmbedding", "VocabParallelLMHead",
+           "context_parallel_attention", "context_parallelize", "shard_sequence", "gather_sequence",
+           "context_parallel_positions", "all_reduce_gradients"]
 
 
 def __getattr__(name):

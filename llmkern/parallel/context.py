@@ -1,0 +1,340 @@
+"""Context parallelism: the sequence sharded across ranks for long-context training (Llama 3's scheme).
+
+Every rank holds a shard of the tokens (of every activation: [B, T_local, d]); the weights are
+replicated. The only layer that mixes tokens is attention: each rank all-gathers the keys and values of
+the whole sequence (one all-gather of K/V per layer; its backward is one reduce-scatter that sends every
+rank the dK/dV of the tokens it owns) and computes the attention of its own queries against the keys
+they may see. Llama 3 (Dubey et al. 2024, section 3.3.2) chose this over ring attention because GQA
+makes K/V small (n_kv_head heads against n_head for Q) and the all-gather is one collective that
+handles any mask.
+
+Layouts (p ranks, global length T):
+
+- "zigzag" (default): the sequence is cut into 2p equal chunks and rank r holds chunks r and 2p-1-r, in
+  that order. Under the causal mask chunk j costs j+1 key chunks, so every rank does (r+1) + (2p-r) =
+  2p+1: the same work on every rank. T must be a multiple of 2p.
+- "contiguous": rank r holds chunk r of p (rank p-1 does p times the work of rank 0 under the causal
+  mask). T must be a multiple of p.
+
+Each local chunk j of c tokens holds the queries at absolute positions [j·c, (j+1)·c). With a causal
+mask they see keys [0, (j+1)·c): llmkern.attention's causal mask is bottom-right aligned (query i of Tq
+sees keys <= i + Tk - Tq), which for that key prefix is exactly the absolute causal mask; no custom mask
+is built. A sliding window (left, right) keeps the same alignment and also drops the keys left of the
+window from the call (less compute). Non-causal attention sees every key.
+
+    from llmkern.parallel import context_parallel_attention, shard_sequence, context_parallelize
+    q, k, v = (shard_sequence(t, group, dim=2) for t in (q_full, k_full, v_full))
+    out = context_parallel_attention(q, k, v, group, causal=True)     # this rank's rows of the output
+
+    model = context_parallelize(Llama(cfg), group)   # a zoo model: the sequence sharded, weights replicated
+    _, loss = model(shard_sequence(ids, group), shard_sequence(ids, group))   # the global mean
+    loss.backward()
+    all_reduce_gradients(model)                      # each rank's gradients cover its tokens: sum them
+
+Not supported (a clear error): lengths that 2p (zigzag) or p (contiguous) does not divide (pad the
+sequence), KV caches (generation), attention masks / padding, prefix tuning and attention dropout.
+"""
+import torch
+import torch.distributed as dist
+
+from llmkern.parallel import comm
+
+LAYOUTS = ("zigzag", "contiguous")
+
+
+# ---- the layout ----------------------------------------------------------------------------------
+
+def _check_layout(layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def _rank_chunks(p, layout):
+    """[global chunk ids that rank r holds, in its local order] for r in range(p)."""
+    if layout == "zigzag":
+        return [[r, 2 * p - 1 - r] for r in range(p)]
+    return [[r] for r in range(p)]
+
+
+def _global_order(p, layout):
+    """[(rank, slot)] of the global chunks 0, 1, ...: where each one sits in the gathered shards."""
+    where = {j: (r, s) for r, js in enumerate(_rank_chunks(p, layout)) for s, j in enumerate(js)}
+    return [where[j] for j in range(len(where))]
+
+
+def _take(x, dim, chunk_ids, c):
+    """The chunks `chunk_ids` (of c elements along dim) of x, concatenated in that order."""
+    parts = [x.narrow(dim, j * c, c) for j in chunk_ids]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _check_length(T, p, layout, what, local=False):
+    n = 2 * p if layout == "zigzag" else p
+    per_rank = n // p
+    if (local and T % per_rank) or (not local and T % n):
+        length = f"the local sequence length {T}" if local else f"the sequence length {T}"
+        raise ValueError(f"{what}: {length} is not divisible: layout={layout!r} cuts the global sequence into "
+                         f"{n} equal chunks ({'2p' if layout == 'zigzag' else 'p'}, p={p} ranks), "
+                         f"{per_rank} per rank; pad the sequence to a multiple of {n}")
+    return n
+
+
+def shard_sequence(x, group=None, dim=1, layout="zigzag"):
+    """This rank's part of a full-sequence tensor x (inputs, labels, position ids, q/k/v...) along `dim`:
+    chunks r and 2p-1-r of 2p (zigzag) or chunk r of p (contiguous). Not differentiable through
+    collectives (it is a slice). ValueError when x.shape[dim] is not a multiple of 2p (p)."""
+    _check_layout(layout)
+    group = comm.resolve_group(group, "shard_sequence")
+    p, r = comm.world_size(group), comm.rank(group)
+    dim = dim % x.dim()
+    n = _check_length(x.shape[dim], p, layout, "shard_sequence")
+    return _take(x, dim, _rank_chunks(p, layout)[r], x.shape[dim] // n)
+
+
+def context_parallel_positions(T_global, group=None, layout="zigzag", device=None):
+    """The absolute positions (int64 [T_global / p]) of this rank's tokens, in its local order: what RoPE or
+    a learned position embedding needs (shard_sequence of arange(T_global))."""
+    _check_layout(layout)
+    group = comm.resolve_group(group, "context_parallel_positions")
+    p, r = comm.world_size(group), comm.rank(group)
+    n = _check_length(T_global, p, layout, "context_parallel_positions")
+    return _take(torch.arange(T_global, device=device), 0, _rank_chunks(p, layout)[r], T_global // n)
+
+
+def _all_gather_sequence(x, group, dim, layout):
+    """Every rank's shard along dim, put back in the global order (one all-gather)."""
+    p = comm.world_size(group)
+    if p == 1:
+        return x
+    shards = comm.all_gather_dim0(x.contiguous().unsqueeze(0), group)  # [p, *x.shape], rank order
+    order = _global_order(p, layout)
+    c = x.shape[dim] // (len(order) // p)
+    return torch.cat([shards[r].narrow(dim, s * c, c) for r, s in order], dim)
+
+
+def _reduce_scatter_sequence(dy, group, dim, layout):
+    """The sum over ranks of each rank's gradient of the gathered tensor, restricted to this rank's tokens
+    (one reduce-scatter): the backward of the all-gather when the ranks use the gathered tensor differently."""
+    p = comm.world_size(group)
+    if p == 1:
+        return dy
+    chunks = _rank_chunks(p, layout)
+    c = dy.shape[dim] // (p * len(chunks[0]))
+    per_rank = torch.stack([_take(dy, dim, js, c) for js in chunks])  # [p, *local shape], rank order
+    return comm.reduce_scatter_dim0(per_rank, group)[0]
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Forward: the all-gather of the shards in the global order. Backward: reduce-scatter of the gradient
+    (each rank's use of the whole tensor contributes to every token's gradient), or this rank's slice
+    of it (every rank computed the same function of the whole tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim, layout, reduce_grad):
+        ctx.meta = (group, dim, layout, reduce_grad)
+        return _all_gather_sequence(x, group, dim, layout)
+
+    @staticmethod
+    def backward(ctx, dy):
+        group, dim, layout, reduce_grad = ctx.meta
+        if reduce_grad:
+            dx = _reduce_scatter_sequence(dy.contiguous(), group, dim, layout)
+        else:
+            p, r = comm.world_size(group), comm.rank(group)
+            chunks = _rank_chunks(p, layout)
+            dx = _take(dy, dim, chunks[r], dy.shape[dim] // (p * len(chunks[0])))
+        return dx, None, None, None, None
+
+
+def gather_sequence(x, group=None, dim=1, layout="zigzag", *, reduce_grad=True):
+    """The inverse of shard_sequence: the full sequence (global order) from every rank's shard x along
+    `dim` (one all-gather). Differentiable. reduce_grad=True (default): the backward reduce-scatters the
+    gradient (right when each rank computes something different from the gathered tensor, e.g. its own
+    queries' attention over gathered keys); reduce_grad=False: each rank keeps its slice of its own
+    gradient (right when every rank computes the same function of the gathered tensor)."""
+    _check_layout(layout)
+    group = comm.resolve_group(group, "gather_sequence")
+    dim = dim % x.dim()
+    _check_length(x.shape[dim], comm.world_size(group), layout, "gather_sequence", local=True)
+    comm.check_same_shape(x, group, "gather_sequence")
+    return _GatherSequence.apply(x, group, dim, layout, bool(reduce_grad))
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+def _key_range(j, c, T, causal, wl, wr):
+    """(lo, hi, window) of the call for local chunk j (queries [j·c, (j+1)·c)): the keys [lo, hi) it needs
+    and the window to pass so that llmkern.attention's bottom-right alignment (query i of the call sits
+    at key index i + (hi - lo) - c) puts each query on its absolute position. wl/wr: -1 = unbounded."""
+    lo = 0 if wl < 0 else max(0, j * c - wl)
+    if causal:  # keys up to the chunk's end: the alignment is then exact (no shift)
+        hi = (j + 1) * c
+    else:  # keys up to the window's right edge; the diagonal then sits delta = hi - (j+1)·c to the right
+        hi = T if wr < 0 else min(T, (j + 1) * c + wr)
+    delta = hi - (j + 1) * c
+    if wl < 0 and (wr < 0 or causal):
+        return lo, hi, None
+    return lo, hi, (None if wl < 0 else wl + delta, None if wr < 0 else wr - delta)
+
+
+def context_parallel_attention(q, k, v, group=None, *, causal=True, layout="zigzag", scale=None, window=None,
+                               softcap=None):
+    """Attention of this rank's queries over the whole (sequence-sharded) context.
+
+    q [B, H, T_local, D], k/v [B, Hk, T_local, D]: this rank's shard of the sequence (shard_sequence along
+    dim 2, `layout`), T_local = T / p. K and V are all-gathered (one collective for both, un-repeated under
+    GQA; the backward reduce-scatters dK/dV to their owners), then every local chunk attends to the keys
+    it may see with llmkern.attention (bottom-right causal alignment, no custom mask). Returns this rank's
+    rows of attention(q_full, k_full, v_full, causal=causal, window=window, ...) [B, H, T_local, D].
+    causal / scale / window (left, right) / softcap: as llmkern.attention, in absolute positions.
+    ValueError when T_local is odd under zigzag, or the shapes differ across ranks; RuntimeError without a
+    process group."""
+    from llmkern.ops.attention import _window, attention
+
+    _check_layout(layout)
+    group = comm.resolve_group(group, "context_parallel_attention")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not torch.is_tensor(t) or t.dim() != 4:
+            raise ValueError(f"context_parallel_attention: {name} must be a tensor [batch, heads, seq, head_dim], "
+                             f"got {getattr(t, 'shape', type(t))}")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"context_parallel_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         f"must be this rank's shard of the same sequence ([B, H, T_local, D], [B, Hk, T_local, D])")
+    p = comm.world_size(group)
+    n = _check_length(q.shape[2], p, layout, "context_parallel_attention", local=True)
+    wl, wr = _window(window)
+    comm.check_same_shape(k, group, "context_parallel_attention")
+    kv = _GatherSequence.apply(torch.stack((k, v)), group, 3, layout, True)  # [2, B, Hk, T, D], global order
+    T, c = kv.shape[3], kv.shape[3] // n
+    chunks = _rank_chunks(p, layout)[comm.rank(group)]
+    outs = []
+    for s, j in enumerate(chunks):
+        lo, hi, win = _key_range(j, c, T, causal, wl, wr)
+        outs.append(attention(q.narrow(2, s * c, c), kv[0, :, :, lo:hi], kv[1, :, :, lo:hi], causal=causal,
+                              scale=scale, window=win, softcap=softcap))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+# ---- the zoo models --------------------------------------------------------------------------------
+
+class ContextParallel:
+    """What context_parallelize attaches to a zoo model (`model.context_parallel`) and to its attention
+    modules; llmkern.models calls it at four hook points: the attention (attend), the positions
+    (ZooModel.positions), the next-token labels and the loss (ZooModel.lm_loss / fused_lm_loss)."""
+
+    def __init__(self, group, layout):
+        self.group, self.layout = group, layout
+
+    def attend(self, q, k, v, *, cache=None, prefix=None, key_padding_mask=None, sliding_window=None,
+               dropout_p=0.0):
+        unsupported = [name for name, on in (("a KV cache", cache is not None), ("prefix tuning", prefix is not None),
+                                             ("an attention mask (padding)", key_padding_mask is not None),
+                                             ("attention dropout", dropout_p > 0)) if on]
+        if unsupported:
+            raise NotImplementedError(f"context parallelism does not support {unsupported[0]} (use the model "
+                                      f"without context_parallelize for it; dropout: config.dropout=0 or eval())")
+        window = None if sliding_window is None else (sliding_window - 1, 0)  # W keys: itself + W-1 left
+        return context_parallel_attention(q, k, v, self.group, causal=True, layout=self.layout, window=window)
+
+    def positions(self, T_local, block_size, device):
+        p = comm.world_size(self.group)
+        _check_length(T_local, p, self.layout, "context parallelism", local=True)
+        if p * T_local > block_size:
+            raise ValueError(f"context parallelism: the global sequence ({p} ranks x {T_local} tokens) exceeds "
+                             f"block_size={block_size}")
+        return context_parallel_positions(p * T_local, self.group, self.layout, device)
+
+    def next_token_labels(self, labels):
+        """labels [B, T_local] (this rank's shard, aligned with input_ids) -> the next token's label at each
+        local position: the shift crosses chunk borders, so it is done on the gathered labels (one
+        all-gather of B·T integers)."""
+        full = _all_gather_sequence(labels, self.group, 1, self.layout)
+        shifted = torch.cat([full[:, 1:], full.new_full((full.shape[0], 1), -100)], dim=1)
+        return shard_sequence(shifted, self.group, 1, self.layout)
+
+    def global_mean(self, loss, shifted):
+        """The mean over the valid tokens of all ranks from this rank's mean `loss` over its own.
+        Returns the same value on every rank; its backward carries only this rank's part
+        (n_local / n_global · d local mean): summing the parameter gradients over the ranks
+        (all_reduce_gradients) gives the unsharded model's gradient."""
+        from llmkern.parallel.vocab import _SumOverRanks
+
+        n_local = (shifted != -100).sum()
+        n = n_local.clone()
+        dist.all_reduce(n, group=self.group)
+        part = torch.where(n_local > 0, loss, torch.zeros_like(loss)) * (n_local / n.clamp_min(1)).to(loss.dtype)
+        total = _SumOverRanks.apply(part, self.group)
+        # no valid label anywhere: NaN like the unsharded mean (an added constant: the gradients stay zero)
+        return total + torch.where(n > 0, 0.0, float("nan")).to(total.dtype)
+
+
+def _check_forward(model, args, kwargs):
+    """Forward pre-hook of a context-parallel zoo model: refuse what the sharded sequence cannot do."""
+    if kwargs.get("cache") is not None:
+        raise NotImplementedError("context parallelism does not support a KV cache (generation): generate with "
+                                  "a model that is not context_parallelize'd (same weights)")
+    if kwargs.get("attention_mask") is not None:
+        raise NotImplementedError("context parallelism does not support attention_mask (padding); pack the "
+                                  "sequences instead")
+    if kwargs.get("last_only"):
+        raise NotImplementedError("context parallelism does not support last_only (the last token lives on "
+                                  "one rank): it is for decoding")
+    if getattr(model, "prefix_tuning", None) is not None:
+        raise NotImplementedError("context parallelism does not support prefix tuning")
+
+
+def context_parallelize(model, group=None, layout="zigzag"):
+    """Make a zoo model (llmkern.models GPT or Llama) run with the sequence sharded over `group`; returns it.
+
+    Afterwards the model takes this rank's shard of input_ids and labels (shard_sequence(x, group, 1,
+    layout)) and position_ids if any (the shard of the absolute ones; default: context_parallel_positions),
+    returns the logits of its own tokens and, with labels, the mean loss over all tokens of all ranks
+    (the same value on every rank; the next-token shift is done across the shards). The parameters stay
+    replicated, and each rank's gradients cover only its tokens: call all_reduce_gradients(model) after
+    loss.backward() (it sums them over the group) to get the unsharded model's gradients. Under data
+    parallelism on top, reduce over the data x context ranks by a sum divided by the data-parallel size
+    (an averaging DDP/FSDP over both: multiply the loss by the context-parallel size).
+
+    Attention runs through context_parallel_attention (llmkern.attention) whatever model.backend says.
+    The weights must be identical on every rank (same seed, or a broadcast). Composes with
+    tensor_parallelize on a different group (heads sharded over the TP group, tokens over this one).
+    NotImplementedError for a KV cache, attention_mask, last_only, prefix tuning and attention dropout."""
+    from llmkern.models._attn import ZooModel
+
+    _check_layout(layout)
+    group = comm.resolve_group(group, "context_parallelize")
+    if not isinstance(model, ZooModel):
+        raise TypeError(f"context_parallelize: needs a llmkern.models model (GPT, Llama), got {type(model).__name__}")
+    if getattr(model, "context_parallel", None) is not None:
+        raise ValueError("context_parallelize: the model is context-parallel already")
+    cp = ContextParallel(group, layout)
+    for m in model.modules():
+        if m is not model and hasattr(m, "backend_name"):  # the attention modules (they call attend)
+            m.context_parallel = cp
+    model.context_parallel = cp
+    model.register_forward_pre_hook(_check_forward, with_kwargs=True)
+    return model
+
+
+def all_reduce_gradients(model, group=None):
+    """Sum the gradients of `model`'s parameters over the context-parallel group (default: the one
+    context_parallelize gave the model, else WORLD), in place, in one all-reduce per dtype (flattened)."""
+    if group is None and getattr(model, "context_parallel", None) is not None:
+        group = model.context_parallel.group
+    group = comm.resolve_group(group, "all_reduce_gradients")
+    if comm.world_size(group) == 1:
+        return model
+    grads = {}
+    for prm in model.parameters():  # (parameters() yields a tied weight once)
+        if prm.grad is not None:
+            grads.setdefault(prm.grad.dtype, []).append(prm.grad)
+    for gs in grads.values():
+        flat = torch.cat([g.reshape(-1) for g in gs])
+        dist.all_reduce(flat, group=group)
+        for g, part in zip(gs, flat.split([g.numel() for g in gs])):
+            g.copy_(part.view_as(g))
+    return model
+
+
+__all__ = ["context_parallel_attention", "shard_sequence", "gather_sequence", "context_parallel_positions",
+           "context_parallelize", "all_reduce_gradients", "ContextParallel", "LAYOUTS"]
