@@ -1,4 +1,5 @@
 """llmkern.models: configs, both backends, KV cache, training, and from_hf against transformers."""
+import copy
 import os
 import warnings
 
@@ -610,3 +611,44 @@ def test_compiled_step_runs_the_triton_ops(name, monkeypatch):
     torch.testing.assert_close(loss_c, loss, atol=1e-6, rtol=1e-6)
     for a, b in zip([p.grad for p in m.parameters()], eager):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,qk_norm", [("gpt-tiny", False), ("llama-tiny", False), ("llama-tiny", True)])
+def test_llmkern_backend_runs_the_fused_elementwise_ops(name, qk_norm, monkeypatch):
+    """backend="llmkern" runs RMSNorm / LayerNorm (fused with the residual add before the second norm),
+    RoPE and SwiGLU on llmkern's ops, here through their Triton kernels under the interpreter: every op
+    is called, and logits and every gradient equal backend="torch"'s (the same weights)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the Triton kernels on CPU tensors under TRITON_INTERPRET=1")
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    import llmkern
+
+    kw = {"qk_norm": True} if qk_norm else {}
+    ref = build(name, backend="torch", n_layer=2, **kw)
+    m = copy.deepcopy(ref)
+    m.backend = "llmkern"
+    calls = {}
+    for op in ("rms_norm", "layer_norm", "rope", "swiglu"):
+        fn = getattr(llmkern, op)
+
+        def counted(*a, _op=op, _fn=fn, **k):
+            calls[_op] = calls.get(_op, 0) + 1
+            return _fn(*a, **k)
+
+        monkeypatch.setattr(llmkern, op, counted)
+    x = torch.randint(0, 256, (2, 13))
+    out = {}
+    for model in (ref, m):
+        logits, loss = model(x, labels=x)
+        loss.backward()
+        out[model.backend] = (logits, [p.grad for p in model.parameters()])
+    L = 2
+    if name.startswith("gpt"):
+        assert calls == {"layer_norm": 2 * L + 1}, calls  # ln_1, ln_2 per block, ln_f
+    else:
+        norms = 2 * L + 1 + (2 * L if qk_norm else 0)
+        assert calls == {"rms_norm": norms, "rope": L, "swiglu": L}, calls
+    torch.testing.assert_close(out["llmkern"][0], out["torch"][0], atol=2e-5, rtol=2e-5)
+    for a, b in zip(out["llmkern"][1], out["torch"][1]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4)

@@ -6,13 +6,16 @@
 
 Projections are separate q/k/v/o and up/down nn.Linear modules (weights [out, in]) so that LoRA
 (Q/V in the LoRA paper), adapters and tensor-parallel sharding address them by name. The
-attention goes through llmkern.attention (backend="llmkern") or torch SDPA (backend="torch").
+attention goes through llmkern.attention (backend="llmkern") or torch SDPA (backend="torch"); on
+llmkern, LayerNorm runs llmkern.layer_norm, fused with the residual add before ln_2.
 """
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import llmkern  # (llmkern.layer_norm loads on first use)
 
 from llmkern.models._attn import HFModule, ZooModel, attend, check_backend
 from llmkern.models.configs import ModelConfig, get_config
@@ -55,17 +58,41 @@ class MLP(nn.Module):
         return F.dropout(self.down_proj(self.act(self.up_proj(x))), self.dropout, self.training)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and state dict). forward(x, residual) -> (ln(x + residual),
+    x + residual): the residual add and the norm after it. backend="llmkern": one llmkern.layer_norm
+    when the dtypes agree and autocast would not run F.layer_norm in float32 on 16-bit inputs."""
+
+    def __init__(self, dim, eps, bias, backend="torch"):
+        super().__init__(dim, eps=eps, bias=bias)
+        self.backend_name = backend
+
+    def forward(self, x, residual=None):
+        if self.backend_name == "llmkern" and self._fusable(x, residual):
+            return llmkern.layer_norm(x, self.weight, self.bias, self.eps, residual=residual,
+                                      return_residual=residual is not None)
+        if residual is not None:
+            x = x + residual
+            return super().forward(x), x
+        return super().forward(x)
+
+    def _fusable(self, x, residual):
+        same = x.dtype == self.weight.dtype and (residual is None or residual.dtype == x.dtype)
+        return same and (x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type))
+
+
 class Block(nn.Module):
     def __init__(self, cfg, backend):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.norm_eps, cfg.bias, backend)
         self.attn = CausalSelfAttention(cfg, backend)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.norm_eps, cfg.bias, backend)
         self.mlp = MLP(cfg)
 
     def forward(self, x, cache=None, layer=None, prefix=None, kpm=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, prefix, kpm)
-        return x + self.mlp(self.ln_2(x))
+        a = self.attn(self.ln_1(x), cache, layer, prefix, kpm)
+        h, x = self.ln_2(a, residual=x)  # x + a and its norm (one kernel on llmkern)
+        return x + self.mlp(h)
 
 
 class GPT(ZooModel):
@@ -81,7 +108,7 @@ class GPT(ZooModel):
         self.wpe._position = True
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList([Block(cfg, backend) for _ in range(cfg.n_layer)])
-        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.norm_eps, cfg.bias, backend)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight

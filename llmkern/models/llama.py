@@ -10,6 +10,9 @@ The same file is Mistral, Qwen2 and Qwen3 with config options (ModelConfig; all 
 qkv_bias / o_bias (Qwen2: biases on q/k/v only), qk_norm (Qwen3: q_norm / k_norm, RMSNorm over each
 head's head_dim before RoPE), sliding_window / sliding_window_layers (Mistral, and Qwen2/3 with
 use_sliding_window: a query sees its last W keys, itself included).
+
+backend="llmkern" runs every op on llmkern's kernels: attention, RMSNorm fused with the residual add
+before it, RoPE on q and k in one launch, SwiGLU, and the loss; backend="torch" is plain PyTorch.
 """
 import math
 
@@ -17,17 +20,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import llmkern  # (the fused ops load on first use: llmkern.rms_norm, llmkern.rope, llmkern.swiglu)
 from llmkern.models._attn import HFModule, ZooModel, attend, check_backend
 from llmkern.models.configs import ModelConfig, get_config
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
+    """LlamaRMSNorm. forward(x) -> norm(x); forward(x, residual) -> (norm(x + residual), x + residual),
+    the pre-norm block's residual add and the norm after it. backend="llmkern": one llmkern.rms_norm
+    (the same rounding order: normalise in float32, round to x's dtype, multiply by the weight) when the
+    dtypes agree (a float32 weight on bf16 inputs promotes here, so that stays on the torch math)."""
+
+    def __init__(self, dim, eps, backend="torch"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.backend_name = backend
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        if self.backend_name == "llmkern" and fusable(x, self.weight, residual):
+            return llmkern.rms_norm(x, self.weight, self.eps, residual=residual,
+                                    return_residual=residual is not None)
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -36,6 +55,12 @@ class RMSNorm(nn.Module):
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def fusable(x, weight, residual=None):
+    """Whether a fused elementwise op computes exactly what the module's torch math does: the same dtype
+    everywhere (mixed dtypes promote in the torch math)."""
+    return x.dtype == weight.dtype and (residual is None or residual.dtype == x.dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -112,8 +137,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.attn_dim, cfg.n_embd, bias=o_bias)
         # qk_norm: one gain per head_dim channel, shared by the heads (tensor parallelism replicates it)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, backend) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, backend) if cfg.qk_norm else None
         self.sliding_window = cfg.layer_window(layer)
         self.dropout = cfg.dropout
         self.backend_name = backend
@@ -126,7 +151,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.backend_name == "llmkern" and q.dtype == k.dtype:
+            q, k = llmkern.rope(q, k, cos, sin)  # one launch for both; float32 math, one rounding
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = attend(q, k, v, backend=self.backend_name, cache=cache, layer=layer, prefix=prefix,
                    key_padding_mask=kpm, sliding_window=self.sliding_window,
                    context_parallel=getattr(self, "context_parallel", None),
@@ -137,28 +165,33 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, backend="torch"):
         super().__init__()
         bias = cfg.biases[2]
         self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=bias)
+        self.backend_name = backend
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.backend_name == "llmkern" and gate.dtype == up.dtype:
+            return self.down_proj(llmkern.swiglu(gate, up))  # one pass, silu recomputed in the backward
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
     def __init__(self, cfg, backend, layer=0):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps, backend)
         self.self_attn = Attention(cfg, backend, layer)
-        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps, backend)
+        self.mlp = MLP(cfg, backend)
 
     def forward(self, x, cos, sin, cache=None, layer=None, prefix=None, kpm=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, prefix, kpm)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, prefix, kpm)
+        h, x = self.post_attention_layernorm(a, residual=x)  # x + a and its norm (one kernel on llmkern)
+        return x + self.mlp(h)
 
 
 class Llama(ZooModel):
@@ -171,7 +204,7 @@ class Llama(ZooModel):
         self._backend = check_backend(backend)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.layers = nn.ModuleList([Block(cfg, backend, i) for i in range(cfg.n_layer)])
-        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps, backend)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
