@@ -652,3 +652,22 @@ def test_llmkern_backend_runs_the_fused_elementwise_ops(name, qk_norm, monkeypat
     torch.testing.assert_close(out["llmkern"][0], out["torch"][0], atol=2e-5, rtol=2e-5)
     for a, b in zip(out["llmkern"][1], out["torch"][1]):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_torch_backend_padding_rows_equal_llmkern(name):
+    """With left and right padding, backend="torch" gives llmkern's logits at every position, padding ones
+    included: a query with no visible key attends to nothing (zeros), and a right-padding query sees the
+    real keys only. Before, SDPA's path let padding queries also see their own key, so the loss on
+    labels predicted from the last left-padding position differed (found by the from_hf fuzz)."""
+    torch.manual_seed(0)
+    m = build(name, backend="torch").eval()
+    x = torch.randint(0, 256, (2, 9))
+    am = torch.ones(2, 9, dtype=torch.long)
+    am[0, :3] = 0
+    am[1, 7:] = 0
+    with torch.no_grad():
+        want = m(x, attention_mask=am)
+        m.backend = "llmkern"
+        got = m(x, attention_mask=am)
+    torch.testing.assert_close(want, got, atol=1e-5, rtol=1e-5)

@@ -46,12 +46,16 @@ def _sdpa(q, k, v, causal, dropout_p=0.0, key_padding_mask=None, sliding_window=
         return (torch.arange(Tq, device=q.device).view(-1, 1) + (Tk - Tq),
                 torch.arange(Tk, device=q.device).view(1, -1))
 
-    if key_padding_mask is not None:  # bool [B, Tk]; every query also sees its own key (no empty rows)
+    empty = None
+    if key_padding_mask is not None:  # bool [B, Tk]
         i, j = rows_cols()
         mask = key_padding_mask[:, None, None, :] & ((j <= i) if causal else True)
         if sliding_window is not None:
             mask = mask & (j > i - sliding_window)
-        mask = mask | (j == i)
+        # a query with no visible key (left padding) returns zeros, as llmkern.attention and transformers
+        # do; SDPA would give NaN for it, so it sees its own key and its output is zeroed below
+        empty = ~mask.any(-1, keepdim=True)
+        mask = mask | (empty & (j == i))
         causal = False
     elif sliding_window is not None:  # the window implies causal here (the zoo's attention always is)
         i, j = rows_cols()
@@ -63,8 +67,8 @@ def _sdpa(q, k, v, causal, dropout_p=0.0, key_padding_mask=None, sliding_window=
             mask = j <= i
         causal = False
     kw = {"enable_gqa": True} if H != Hkv else {}
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                          is_causal=causal, **kw)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, **kw)
+    return out if empty is None else out.masked_fill(empty, 0.0)
 
 
 def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=None, key_padding_mask=None,
