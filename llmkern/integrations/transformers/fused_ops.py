@@ -1,0 +1,324 @@
+"""Run a loaded Hugging Face model's norms, RoPE and gated MLPs on llmkern's fused ops.
+
+    import llmkern.integrations.transformers as lt
+    lt.use_fused_ops(model)          # a LlamaForCausalLM, Qwen3, Mistral, Gemma, GPT-2, ... (a PeftModel too)
+    model._llmkern_fused_ops         # {"rms_norm": 5, "layer_norm": 0, "mlp": 2, "rope": 2}
+
+Patching is per module instance (an instance attribute `forward`, bound with types.MethodType so that
+copy.deepcopy binds the copy); classes and transformers' module globals are left alone, so other models in
+the process are unaffected. What is patched:
+
+- RMSNorm: modules whose class forward is, bytecode for bytecode, transformers' LlamaRMSNorm forward
+  (Llama, Mistral, Qwen2, Qwen3 incl. q_norm / k_norm, ...: ``weight * norm(x).to(dtype)``) or
+  GemmaRMSNorm's (Gemma, Gemma 2, Gemma 3: ``norm(x) * (1 + weight)``, offset=1.0) -> llmkern.rms_norm with
+  the module's eps. Other classes named *RMSNorm are left alone, with a one-time warning. A call whose input
+  dtype is not the weight's (transformers then returns the weight's dtype) runs the original forward.
+- nn.LayerNorm (exactly that class, 1-D normalized_shape) -> llmkern.layer_norm; the original forward
+  runs for mixed dtypes and under autocast unless x is float32 (F.layer_norm runs in float32 there).
+- Gated MLPs whose forward is LlamaMLP's, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, with act_fn
+  silu (swiglu) or the torch gelu / tanh gelu (geglu) -> down_proj(swiglu(gate_proj(x), up_proj(x))).
+- RoPE: transformers 5.x attention classes call the module-global ``apply_rotary_pos_emb(q, k, cos, sin)``
+  of their modeling file (``use_kernelized_func`` is a no-op without the `kernels` package and adds no
+  per-instance hook the forward reads). The attention instance gets a copy of its class forward whose
+  globals are a copy of the modeling module's with that name bound to llmkern.rope, the decorators around
+  the forward (deprecate_kwarg) rebuilt around the copy. Before that, the module's function is checked
+  numerically against llmkern.rope (float64, random cos / sin); calls the op does not express (unsqueeze_dim
+  != 1, partial rotary, cos / sin of another dtype than q, ...) run the original function. The copied
+  globals are a snapshot: reassigning another global of that modeling module afterwards does not reach the
+  patched instances.
+"""
+import functools
+import logging
+import types
+
+import torch
+from torch import nn
+
+from llmkern._backend import warn_once
+
+_MARK = "_llmkern_fused"          # on a patched module: its kind
+_COUNTS = "_llmkern_fused_ops"    # on the model: modules patched per kind
+_KINDS = ("rms_norm", "layer_norm", "mlp", "rope")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+logger = logging.getLogger(__name__)
+
+
+# ---- recognising transformers' classes ----------------------------------------------------------
+
+def _code(fn):
+    fn = getattr(fn, "__func__", fn)
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    code = getattr(fn, "__code__", None)
+    return None if code is None else (code.co_code, code.co_consts, code.co_names, code.co_argcount,
+                                      code.co_kwonlyargcount, code.co_flags)
+
+
+@functools.lru_cache(maxsize=None)
+def _references():
+    """The bytecode of transformers' reference RMSNorm / MLP implementations."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    return {"llama_norm": _code(LlamaRMSNorm.forward), "gemma_norm": (_code(GemmaRMSNorm.forward),
+                                                                       _code(GemmaRMSNorm._norm)),
+            "mlp": _code(LlamaMLP.forward)}
+
+
+def _rms_convention(cls):
+    """(offset, eps attribute) of an RMSNorm class computing exactly what Llama's or Gemma's does, else None."""
+    ref = _references()
+    if _code(cls.forward) == ref["llama_norm"]:
+        return 0.0, "variance_epsilon"
+    if (_code(cls.forward), _code(getattr(cls, "_norm", None))) == ref["gemma_norm"]:
+        return 1.0, "eps"
+    return None
+
+
+def _glu(act):
+    """("silu", None) / ("gelu", approximate) when act_fn is exactly one llmkern.swiglu / geglu compute."""
+    from transformers import activations as A
+
+    t = type(act)
+    if t is nn.SiLU or t is getattr(A, "SiLUActivation", None):
+        return "silu", None
+    if t is nn.GELU and act.approximate in ("none", "tanh"):
+        return "gelu", act.approximate
+    fn = getattr(act, "act", None)
+    if t is getattr(A, "GELUActivation", None) and fn is nn.functional.gelu:
+        return "gelu", "none"
+    if (t is getattr(A, "GELUTanh", None) and isinstance(fn, functools.partial) and fn.func is nn.functional.gelu
+            and not fn.args and fn.keywords == {"approximate": "tanh"}):
+        return "gelu", "tanh"
+    return None
+
+
+# ---- patched forwards (bound to the module instance) ----------------------------------------------
+
+def _rms_forward(self, hidden_states, *args, **kwargs):
+    from llmkern.ops.norm import rms_norm
+
+    w = self.weight
+    eps = getattr(self, self._llmkern_eps_attr, None)
+    if (args or kwargs or not isinstance(hidden_states, torch.Tensor) or not isinstance(w, torch.Tensor)
+            or hidden_states.dtype != w.dtype or hidden_states.dtype not in _FLOATS
+            or isinstance(eps, bool) or not isinstance(eps, (float, int)) or not eps > 0):
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    return rms_norm(hidden_states, w, float(eps), offset=self._llmkern_offset)
+
+
+def _ln_forward(self, input, *args, **kwargs):
+    from llmkern.ops.norm import layer_norm
+
+    w, b = self.weight, self.bias
+    x = input
+    if (args or kwargs or not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS
+            or len(self.normalized_shape) != 1 or any(p is not None and p.dtype != x.dtype for p in (w, b))
+            or (x.dtype != torch.float32 and torch.is_autocast_enabled(x.device.type))
+            or not self.eps > 0):
+        return type(self).forward(self, input, *args, **kwargs)
+    return layer_norm(x, w, b, float(self.eps))
+
+
+def _mlp_forward(self, x, *args, **kwargs):
+    from llmkern.ops.swiglu import geglu, swiglu
+
+    kind = None if (args or kwargs) else _glu(self.act_fn)
+    if kind is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if not (isinstance(gate, torch.Tensor) and isinstance(up, torch.Tensor) and gate.shape == up.shape
+            and gate.dtype == up.dtype and gate.dtype in _FLOATS and gate.device == up.device):
+        return self.down_proj(self.act_fn(gate) * up)  # (the original's math on the same projections)
+    h = swiglu(gate, up) if kind[0] == "silu" else geglu(gate, up, approximate=kind[1])
+    return self.down_proj(h)
+
+
+# ---- RoPE: a per-class copy of the attention forward whose apply_rotary_pos_emb is llmkern.rope -------
+
+_ROPE_NAME = "apply_rotary_pos_emb"
+_rope_checked = {}   # transformers' function -> whether it equals llmkern.rope (the probe below)
+_rope_forwards = {}  # class forward -> its copy (or None: nothing to patch)
+
+
+def _rope_agrees(fn):
+    """Whether fn(q, k, cos, sin) is llmkern.rope(q, k, cos, sin) for [B, T, D] cos / sin (checked once, in
+    float64 on random inputs, cos / sin not of the cat(f, f) form, so any per-channel difference shows)."""
+    if fn not in _rope_checked:
+        from llmkern.reference.rope import rope  # what llmkern.rope computes (its CPU path, float64 here)
+
+        g = torch.Generator().manual_seed(0)
+        q, k = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 1, 5, 8, generator=g,
+                                                                                     dtype=torch.float64)
+        cos, sin = torch.randn(2, 2, 5, 8, generator=g, dtype=torch.float64).unbind(0)
+        try:
+            got = fn(q, k, cos, sin)
+            want = rope(q, k, cos, sin)
+            ok = (isinstance(got, tuple) and len(got) == 2
+                  and all(isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-12,
+                                                                                                atol=1e-12)
+                          for a, b in zip(got, want)))
+        except Exception:  # noqa: BLE001 (another signature or layout: not ours to replace)
+            ok = False
+        _rope_checked[fn] = ok
+    return _rope_checked[fn]
+
+
+def _fused_rope(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if _rope_fits(q, k, cos, sin, args, kwargs):
+            from llmkern.ops.rope import rope
+
+            return rope(q, k, cos, sin)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb.__wrapped__ = original
+    apply_rotary_pos_emb._llmkern_fused = True
+    return apply_rotary_pos_emb
+
+
+def _rope_fits(q, k, cos, sin, args, kwargs):
+    """The calls the probe vouches for: q [B, Hq, T, D], k [B, Hk, T, D], cos / sin [B or 1, T, D], all of one
+    float dtype and device, unsqueeze_dim=1."""
+    if args not in ((), (1,)) or kwargs not in ({}, {"unsqueeze_dim": 1}):
+        return False
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, cos, sin)):
+        return False
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or q.dtype not in _FLOATS:
+        return False
+    B, _, T, D = q.shape
+    return (k.shape[0] == B and k.shape[2:] == (T, D) and cos.shape == sin.shape and cos.shape[0] in (1, B)
+            and cos.shape[1:] == (T, D) and D % 2 == 0 and k.dtype == cos.dtype == sin.dtype == q.dtype
+            and k.device == cos.device == sin.device == q.device)
+
+
+def _cells(fn, old, new):
+    """fn's closure with the cell holding `old` replaced by one holding `new` (None if there is none)."""
+    cells, found = [], False
+    for c in fn.__closure__ or ():
+        try:
+            hit = c.cell_contents is old
+        except ValueError:  # an empty cell
+            hit = False
+        cells.append(types.CellType(new) if hit else c)
+        found |= hit
+    return tuple(cells) if found else None
+
+
+def _copy_function(fn, globals_, closure):
+    new = types.FunctionType(fn.__code__, globals_, fn.__name__, fn.__defaults__, closure)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__dict__.update(fn.__dict__)
+    new.__qualname__ = fn.__qualname__
+    new.__doc__ = fn.__doc__
+    return new
+
+
+def _rebuild(fn):
+    """A copy of fn (and of the decorator wrappers around it) whose innermost function sees a fused
+    apply_rotary_pos_emb; None when fn does not call a verified one."""
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is not None and getattr(fn, "__closure__", None):
+        new_inner = _rebuild(inner)
+        if new_inner is None:
+            return None
+        closure = _cells(fn, inner, new_inner)
+        if closure is None:  # a wrapper that does not call what it says it wraps: leave it
+            return None
+        new = _copy_function(fn, fn.__globals__, closure)
+        new.__wrapped__ = new_inner
+        return new
+    code = getattr(fn, "__code__", None)
+    if code is None or _ROPE_NAME not in code.co_names:
+        return None
+    original = fn.__globals__.get(_ROPE_NAME)
+    if not callable(original) or getattr(original, "_llmkern_fused", False) or not _rope_agrees(original):
+        return None
+    scope = dict(fn.__globals__)
+    scope[_ROPE_NAME] = _fused_rope(original)
+    return _copy_function(fn, scope, fn.__closure__)
+
+
+def _rope_forward_for(cls):
+    fwd = cls.forward
+    if fwd not in _rope_forwards:
+        _rope_forwards[fwd] = _rebuild(fwd)
+    return _rope_forwards[fwd]
+
+
+def _calls_rope(cls):
+    code = _code(cls.forward)
+    return code is not None and _ROPE_NAME in code[2]
+
+
+# ---- the patching -------------------------------------------------------------------------------
+
+def _bind(module, kind, fn, **attrs):
+    for name, value in attrs.items():
+        object.__setattr__(module, name, value)
+    module.forward = types.MethodType(fn, module)
+    object.__setattr__(module, _MARK, kind)
+
+
+def _patch(module, enabled):
+    """Patch one module if it is of a kind in `enabled`; returns the kind or None."""
+    cls = type(module)
+    if "forward" in module.__dict__:  # another instance-level patch (ours is marked): do not stack on it
+        return None
+    if cls is nn.LayerNorm:
+        if "layer_norm" in enabled and len(module.normalized_shape) == 1:
+            _bind(module, "layer_norm", _ln_forward)
+            return "layer_norm"
+        return None
+    if "rmsnorm" in cls.__name__.lower():
+        if "rms_norm" not in enabled:
+            return None
+        conv = _rms_convention(cls)
+        if conv is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            warn_once(("use_fused_ops", cls.__module__, cls.__qualname__),
+                      f"use_fused_ops: {cls.__name__} is not a known RMSNorm convention (neither LlamaRMSNorm's "
+                      f"nor GemmaRMSNorm's forward); left unpatched")
+            return None
+        _bind(module, "rms_norm", _rms_forward, _llmkern_offset=conv[0], _llmkern_eps_attr=conv[1])
+        return "rms_norm"
+    if "mlp" in enabled and _code(cls.forward) == _references()["mlp"]:
+        if _glu(getattr(module, "act_fn", None)) is None:
+            return None
+        _bind(module, "mlp", _mlp_forward)
+        return "mlp"
+    if "rope" in enabled and _calls_rope(cls):
+        fwd = _rope_forward_for(cls)
+        if fwd is None:
+            warn_once(("use_fused_ops-rope", cls.__module__, cls.__qualname__),
+                      f"use_fused_ops: {cls.__name__} calls an apply_rotary_pos_emb that is not llmkern.rope's "
+                      f"computation (or behind a decorator that cannot be rebuilt); left unpatched")
+            return None
+        _bind(module, "rope", fwd)
+        return "rope"
+    return None
+
+
+def use_fused_ops(model, *, rms_norm=True, rope=True, mlp=True, layer_norm=True):
+    """Patch `model` (a transformers model, or a PeftModel around one) in place so that its RMSNorm,
+    LayerNorm, gated MLP and RoPE computations run on llmkern's fused ops (see the module docstring for
+    what is recognised and when a call falls back to the original code). Returns `model`.
+
+    Per module instance, nothing global; idempotent (patched modules are skipped; calling it again with more
+    kinds enabled patches those too); copy.deepcopy of a patched model gives a patched copy using its own
+    parameters. `model._llmkern_fused_ops` then holds the number of modules running each fused op, e.g.
+    {"rms_norm": 5, "layer_norm": 0, "mlp": 2, "rope": 2}."""
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped model
+    enabled = {k for k, on in zip(_KINDS, (rms_norm, layer_norm, mlp, rope)) if on}
+    counts = dict.fromkeys(_KINDS, 0)
+    for module in root.modules():
+        kind = getattr(module, _MARK, None) if "forward" in module.__dict__ else None
+        if kind is None:
+            kind = _patch(module, enabled)
+        if kind is not None:
+            counts[kind] += 1
+    object.__setattr__(root, _COUNTS, counts)
+    logger.info("use_fused_ops: %s", ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    return model
+
+
+__all__ = ["use_fused_ops"]

@@ -1,0 +1,308 @@
+"""llmkern.integrations.transformers.use_fused_ops: a loaded transformers model with its RMSNorm / LayerNorm /
+gated MLP / RoPE modules patched (per instance) onto llmkern's fused ops gives the logits, gradients and greedy
+tokens of the unpatched model."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+import llmkern.integrations.transformers as lt  # noqa: E402
+from llmkern.ops import norm as norm_ops, rope as rope_ops, swiglu as swiglu_ops  # noqa: E402
+from llmkern.testing import triton_device  # noqa: E402
+
+V = 97
+L = 2
+# modules patched per kind for each tiny model (L layers)
+EXPECTED = {
+    "llama": {"rms_norm": 2 * L + 1, "layer_norm": 0, "mlp": L, "rope": L},
+    "mistral": {"rms_norm": 2 * L + 1, "layer_norm": 0, "mlp": L, "rope": L},
+    "qwen3": {"rms_norm": 4 * L + 1, "layer_norm": 0, "mlp": L, "rope": L},       # + q_norm, k_norm
+    "gemma3": {"rms_norm": 6 * L + 1, "layer_norm": 0, "mlp": L, "rope": L},      # 4 per layer + q/k norms
+    "gpt2": {"rms_norm": 0, "layer_norm": 2 * L + 1, "mlp": 0, "rope": 0},
+}
+
+
+def _model(kind, **overrides):
+    torch.manual_seed(0)
+    common = dict(num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                  intermediate_size=48, vocab_size=V, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=L, n_head=2, n_embd=32, vocab_size=V, n_positions=64, attn_pdrop=0.0,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+        m = transformers.GPT2LMHeadModel(cfg)
+    elif kind == "llama":
+        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(tie_word_embeddings=False, **common, **overrides))
+    elif kind == "mistral":
+        m = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=5, **common))
+    elif kind == "qwen3":
+        m = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=8, **common))
+    elif kind == "gemma3":  # offset-1 norms (zero-initialised weights), gelu-tanh MLP, q/k norms, softcaps
+        common.update(num_attention_heads=2, num_key_value_heads=1)
+        m = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(head_dim=16, sliding_window=4, **common))
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():  # norm weights away from their init (ones / zeros), so a wrong convention shows
+        for name, p in m.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return m.float()
+
+
+def _batch(T=9):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (2, T), generator=g)
+    am = torch.ones(2, T, dtype=torch.long)
+    am[0, :3] = 0  # left padding
+    return ids, am
+
+
+def _logits_and_grads(model, ids, am):
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=am).logits
+    (logits * am[..., None]).square().mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(model_a, model_b, ids, am, atol=1e-5, rtol=1e-5):
+    la, ga = _logits_and_grads(model_a, ids, am)
+    lb, gb = _logits_and_grads(model_b, ids, am)
+    real = am.bool()
+    torch.testing.assert_close(la[real], lb[real], atol=atol, rtol=rtol)
+    assert set(ga) == set(gb) and ga
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], atol=atol, rtol=rtol, msg=n)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the calls of the fused ops (the patched forwards import them at call time)."""
+    calls = {"rms_norm": 0, "layer_norm": 0, "swiglu": 0, "geglu": 0, "rope": 0}
+
+    def wrap(mod, name):
+        real = getattr(mod, name)
+
+        def counted(*a, **kw):
+            calls[name] += 1
+            return real(*a, **kw)
+        monkeypatch.setattr(mod, name, counted)
+
+    for mod, name in ((norm_ops, "rms_norm"), (norm_ops, "layer_norm"), (swiglu_ops, "swiglu"),
+                      (swiglu_ops, "geglu"), (rope_ops, "rope")):
+        wrap(mod, name)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3", "mistral", "gpt2"])
+def test_same_logits_and_grads_and_counts(kind, spy):
+    ref = _model(kind).train()
+    fused = copy.deepcopy(ref)
+    assert lt.use_fused_ops(fused) is fused
+    assert fused._llmkern_fused_ops == EXPECTED[kind]
+    ids, am = _batch()
+    _assert_same(fused, ref, ids, am)
+    n = EXPECTED[kind]
+    assert spy["rms_norm"] == n["rms_norm"] and spy["layer_norm"] == n["layer_norm"]
+    assert spy["rope"] == n["rope"]
+    assert spy["swiglu" if kind != "gemma3" else "geglu"] == n["mlp"]
+    # idempotent: a second call patches nothing new and reports the same counts
+    forwards = [m.__dict__.get("forward") for m in fused.modules()]
+    lt.use_fused_ops(fused)
+    assert fused._llmkern_fused_ops == EXPECTED[kind]
+    assert [m.__dict__.get("forward") for m in fused.modules()] == forwards
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3", "gpt2"])
+def test_greedy_generate_same_tokens(kind):
+    ref = _model(kind).eval()
+    fused = lt.use_fused_ops(copy.deepcopy(ref))
+    ids, am = _batch(7)
+    kw = dict(attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(fused.generate(input_ids=ids, **kw), ref.generate(input_ids=ids, **kw))
+
+
+def test_only_the_patched_instance_changes(spy):
+    """Per instance: the class, transformers' module globals and another model of the same class are untouched."""
+    from transformers.models.llama import modeling_llama
+
+    original_rope = modeling_llama.apply_rotary_pos_emb
+    fused, other = lt.use_fused_ops(_model("llama")), _model("llama")
+    assert modeling_llama.apply_rotary_pos_emb is original_rope
+    assert "forward" not in vars(other.model.norm) and "forward" not in vars(other.model.layers[0].self_attn)
+    ids, am = _batch()
+    with torch.no_grad():
+        other(input_ids=ids, attention_mask=am)
+    assert all(v == 0 for v in spy.values())
+    with torch.no_grad():
+        fused(input_ids=ids, attention_mask=am)
+    assert spy["rope"] == L and spy["rms_norm"] == 2 * L + 1
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_with_llmkern_attention_and_fused_loss(kind, spy):
+    lt.register()
+    ref = _model(kind).train()
+    fused = copy.deepcopy(ref)
+    fused.set_attn_implementation("llmkern")
+    lt.use_fused_loss(lt.use_fused_ops(fused))
+    ids, am = _batch()
+    labels = ids.masked_fill(am == 0, -100)
+    want = ref(input_ids=ids, attention_mask=am, labels=labels)
+    got = fused(input_ids=ids, attention_mask=am, labels=labels)
+    want.loss.backward()
+    got.loss.backward()
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+    for (n, a), b in zip(fused.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5, msg=n)
+    assert spy["rope"] == L and spy["rms_norm"] == EXPECTED[kind]["rms_norm"]
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+def test_triton_kernels_under_the_interpreter(monkeypatch, kind):
+    """Qwen3 (q/k norms, GQA) and Gemma 3 (offset norms, geglu) with every fused op on the Triton kernels
+    (the interpreter on CPU, float32)."""
+    if triton_device() is None:
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    from llmkern.kernels import norm as kn, rope as kr, swiglu as ks
+
+    launches = {"norm": 0, "rope": 0, "glu": 0}
+    for mod, name, key in ((kn, "norm_forward", "norm"), (kr, "rope_apply", "rope"), (ks, "glu_forward", "glu")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, (lambda real, key: lambda *a, **kw: (
+            launches.__setitem__(key, launches[key] + 1), real(*a, **kw))[1])(real, key))
+    dev = triton_device()
+    ref = _model(kind).to(dev).train()
+    fused = lt.use_fused_ops(copy.deepcopy(ref))
+    ids, am = (t.to(dev) for t in _batch(6))
+    la, ga = _logits_and_grads(ref, ids, am)
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    lb, gb = _logits_and_grads(fused, ids, am)
+    real = am.bool()
+    torch.testing.assert_close(lb[real], la[real], atol=1e-5, rtol=1e-5)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], atol=1e-5, rtol=1e-4, msg=n)
+    n = EXPECTED[kind]  # (rope_apply runs the backward too)
+    assert launches == {"norm": n["rms_norm"], "rope": 2 * n["rope"], "glu": n["mlp"]}
+
+
+def test_deepcopy_uses_the_copys_parameters():
+    ref = _model("qwen3").train()
+    fused = lt.use_fused_ops(copy.deepcopy(ref))
+    twin, ref2 = copy.deepcopy(fused), copy.deepcopy(ref)
+    assert twin._llmkern_fused_ops == EXPECTED["qwen3"]
+    for name, m in twin.named_modules():
+        if "forward" in vars(m):
+            assert m.forward.__self__ is m, name
+    with torch.no_grad():  # change the copies only: a forward bound to the original would miss it
+        for a, b in zip(twin.parameters(), ref2.parameters()):
+            a.mul_(1.5)
+            b.mul_(1.5)
+    ids, am = _batch()
+    _assert_same(twin, ref2, ids, am)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_lora_model():
+    peft = pytest.importorskip("peft")
+    ref = peft.get_peft_model(_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                               lora_dropout=0.0))
+    with torch.no_grad():  # LoRA B starts at zero: give the adapters an effect
+        for n, p in ref.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ref.train()
+    fused = copy.deepcopy(ref)
+    assert lt.use_fused_ops(fused) is fused
+    assert fused._llmkern_fused_ops == EXPECTED["llama"]
+    assert fused.get_base_model()._llmkern_fused_ops == EXPECTED["llama"]
+    ids, am = _batch()
+    _assert_same(fused, ref, ids, am)
+
+
+def test_nothing_to_patch_gives_zero_counts():
+    zero = dict.fromkeys(("rms_norm", "layer_norm", "mlp", "rope"), 0)
+    torch.manual_seed(0)
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        d_model=32, d_ff=48, num_layers=1, num_heads=2, d_kv=16, vocab_size=V))  # T5LayerNorm, T5 MLPs: not ours
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lt.use_fused_ops(t5)._llmkern_fused_ops == zero
+        seq = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        assert lt.use_fused_ops(seq)._llmkern_fused_ops == zero
+    assert not any("forward" in vars(m) for m in t5.modules())
+    gpt2 = lt.use_fused_ops(_model("gpt2"), layer_norm=False)
+    assert gpt2._llmkern_fused_ops == zero
+    llama = lt.use_fused_ops(_model("llama"), rms_norm=False, rope=False)
+    assert llama._llmkern_fused_ops == {**zero, "mlp": L}
+    lt.use_fused_ops(llama)  # enabling more kinds later patches those too
+    assert llama._llmkern_fused_ops == EXPECTED["llama"]
+
+
+def test_unknown_rms_norm_class_warns_once_and_is_left_alone():
+    class OddRMSNorm(nn.Module):  # a different computation behind an RMSNorm name
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(8))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            return self.weight * x / x.norm(dim=-1, keepdim=True)
+
+    model = nn.Sequential(OddRMSNorm(), OddRMSNorm())
+    with pytest.warns(RuntimeWarning, match="OddRMSNorm"):
+        lt.use_fused_ops(model)
+    assert model._llmkern_fused_ops["rms_norm"] == 0
+    assert not any("forward" in vars(m) for m in model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lt.use_fused_ops(model)  # one-time warning
+
+
+def test_fallbacks_keep_transformers_semantics(spy):
+    """Mixed dtypes (RMSNorm: transformers returns the weight's dtype), LayerNorm under autocast (float32
+    result), apply_rotary_pos_emb calls the op does not express: the original code runs."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    rms = LlamaRMSNorm(16)
+    ln = nn.LayerNorm(16)
+    with torch.no_grad():
+        rms.weight.copy_(torch.randn(16))
+    model = lt.use_fused_ops(nn.Sequential(rms, ln))
+    assert model._llmkern_fused_ops["rms_norm"] == 1 and model._llmkern_fused_ops["layer_norm"] == 1
+    x = torch.randn(3, 16)
+    rms_bf16 = copy.deepcopy(rms).to(torch.bfloat16)
+    for module, inp in ((rms, x.to(torch.bfloat16)), (rms_bf16, x)):  # both give float32 in transformers
+        want, got = LlamaRMSNorm.forward(module, inp), module(inp)
+        assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+    assert spy["rms_norm"] == 0
+    torch.testing.assert_close(rms(x), LlamaRMSNorm.forward(rms, x))
+    assert spy["rms_norm"] == 1
+    xb = x.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = nn.LayerNorm.forward(ln, xb), ln(xb)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    assert spy["layer_norm"] == 0
+    torch.testing.assert_close(ln(x), nn.LayerNorm.forward(ln, x))
+    assert spy["layer_norm"] == 1
+
+    attn = lt.use_fused_ops(_model("llama")).model.layers[0].self_attn
+    fused_apply = attn.forward.__func__.__wrapped__.__globals__["apply_rotary_pos_emb"]
+    assert fused_apply is not apply_rotary_pos_emb and fused_apply.__wrapped__ is apply_rotary_pos_emb
+    q, k = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 2, 8)  # [B, T, H, D]: unsqueeze_dim=2
+    cos, sin = torch.randn(2, 2, 5, 8).unbind(0)
+    for a, b in zip(fused_apply(q, k, cos, sin, unsqueeze_dim=2), apply_rotary_pos_emb(q, k, cos, sin, 2)):
+        assert torch.equal(a, b)
+    qt, kt = q.transpose(1, 2), k.transpose(1, 2)
+    for a, b in zip(fused_apply(qt, kt, cos.double(), sin.double()), apply_rotary_pos_emb(qt, kt, cos.double(),
+                                                                                          sin.double())):
+        assert a.dtype == b.dtype == torch.float64 and torch.equal(a, b)  # cos / sin of another dtype
+    assert spy["rope"] == 0
+    for a, b in zip(fused_apply(qt, kt, cos, sin), apply_rotary_pos_emb(qt, kt, cos, sin)):
+        torch.testing.assert_close(a, b)
+    assert spy["rope"] == 1
