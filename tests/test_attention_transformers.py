@@ -177,3 +177,94 @@ def test_mask_function_returns_padding_mask():
     assert m.tolist() == [[True] * 5 + [False] * 3]
     with pytest.raises(NotImplementedError, match="static-cache prefill"):
         lt.attention.llmkern_mask(1, 3, 8, 0, 0, mu.causal_mask_function, None)
+
+
+def _moe_model(kind):
+    torch.manual_seed(0)
+    common = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                  intermediate_size=96, vocab_size=96, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0, attention_dropout=0.0)
+    if kind == "qwen2_moe":  # layer 0 slides (use_sliding_window, max_window_layers), layer 1 is full
+        cfg = transformers.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                          shared_expert_intermediate_size=48, use_sliding_window=True,
+                                          sliding_window=3, max_window_layers=2, **common)
+        m = transformers.Qwen2MoeForCausalLM(cfg)
+    elif kind == "phimoe":
+        cfg = transformers.PhimoeConfig(num_local_experts=4, num_experts_per_tok=2, sliding_window=3, **common)
+        m = transformers.PhimoeForCausalLM(cfg)
+    else:  # OLMoE: no sliding window in its masks, but its attention passes config.sliding_window along
+        cfg = transformers.OlmoeConfig(num_experts=4, num_experts_per_tok=2, **common)
+        cfg.sliding_window = 3
+        m = transformers.OlmoeForCausalLM(cfg)
+    return m.to(DEV).float().eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen2_moe", "phimoe", "olmoe"])
+def test_window_is_the_one_of_the_mask(kind):
+    """Regression: the window came from the attention call's `sliding_window` argument, which Qwen2-MoE (with
+    use_sliding_window) and PhiMoE do not pass although they build sliding-window masks (llmkern attended to
+    every key: other logits, silently), and which OLMoE passes from its config over a full causal mask."""
+    model = _moe_model(kind)
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(3)).to(DEV)
+    am = torch.ones(2, 9, dtype=torch.long, device=DEV)
+    am[0, :2] = 0
+    out = {}
+    for impl in ("eager", "llmkern"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            out[impl] = (model(input_ids=ids).logits, model(input_ids=ids, attention_mask=am).logits,
+                         model.generate(input_ids=ids, attention_mask=am, max_new_tokens=4, do_sample=False,
+                                        pad_token_id=0))
+    real = am.bool()
+    torch.testing.assert_close(out["llmkern"][0], out["eager"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["llmkern"][1][real], out["eager"][1][real], atol=1e-5, rtol=1e-5)
+    assert torch.equal(out["llmkern"][2], out["eager"][2])
+
+
+def test_mask_function_carries_the_window():
+    """A sliding-window mask is a tagged tensor whenever the window masks a key, and None (no window) only
+    when it masks none."""
+    from transformers import masking_utils as mu
+
+    sw = mu.sliding_window_causal_mask_function(3)
+    m = lt.attention.llmkern_mask(2, 5, 5, 0, 0, sw, None)
+    assert m.dtype == torch.bool and bool(m.all()) and m._llmkern_window == 3
+    assert lt.attention.llmkern_mask(2, 3, 3, 0, 0, sw, None) is None  # 3 keys: the window masks none
+    assert lt.attention.llmkern_mask(1, 1, 3, 7, 5, sw, None) is None  # decode against a window cache
+    m = lt.attention.llmkern_mask(2, 5, 5, 0, 0, mu.causal_mask_function, None)
+    assert m is None
+    am = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    m = lt.attention.llmkern_mask(2, 5, 5, 0, 0, mu.causal_mask_function, am)
+    assert torch.equal(m, am) and m._llmkern_window is None
+
+
+def test_cross_attention_sees_every_encoder_key():
+    """Regression: the mask function masked the keys past the last query (meant for the unwritten tail of a
+    static cache) for bidirectional masks too, so the cross-attention of an encoder-decoder (BART) with fewer
+    decoder than encoder tokens ignored the encoder's last tokens: other logits, silently."""
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                  decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48, vocab_size=96,
+                                  max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    model = transformers.BartForConditionalGeneration(cfg).to(DEV).float()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 96, (2, 10), generator=g).to(DEV)
+    am = torch.ones(2, 10, dtype=torch.long, device=DEV)
+    am[0, 7:] = 0
+    dec = torch.randint(3, 96, (2, 4), generator=g).to(DEV)  # fewer decoder tokens than encoder tokens
+    got, want = [], []
+    for impl, out in (("eager", want), ("llmkern", got)):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=am, decoder_input_ids=dec).logits
+        logits.square().mean().backward()
+        out += [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+        with torch.no_grad():
+            out.append(model.generate(input_ids=ids, attention_mask=am, max_new_tokens=4, do_sample=False,
+                                      num_beams=1, output_scores=True, return_dict_in_generate=True).scores)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(got[1:-1], want[1:-1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for a, b in zip(got[-1], want[-1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -113,3 +113,88 @@ def test_fused_loss_return_dict_false_deepcopy_and_unsupported_heads():
     fused.get_output_embeddings = lambda: fused.lm_head
     with pytest.raises(ValueError, match="plain nn.Linear"):
         fused(input_ids=ids, labels=labels)
+
+
+def test_generate_sees_the_models_forward_signature():
+    """Regression: the patched forward's signature was (*args, labels=None, **kwargs), and generate() reads
+    the forward's signature to decide what to pass: without `position_ids` in it, generate stopped building
+    them from the attention mask, so a left-padded batch decoded with positions counted from the padding
+    (GPT-2's absolute positions: other scores, silently), and without `logits_to_keep` it ran the LM head on
+    every prompt position."""
+    import inspect
+
+    ref = _model("gpt2").eval()
+    fused = lt.use_fused_loss(copy.deepcopy(ref))
+    assert inspect.signature(fused.forward) == inspect.signature(ref.forward)
+    assert fused._supports_logits_to_keep()
+    ids, _ = _batch()
+    am = torch.ones_like(ids)
+    am[0, :4] = 0  # left padding
+    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=4, do_sample=False, pad_token_id=0,
+              output_scores=True, return_dict_in_generate=True)
+    want, got = ref.generate(**kw), fused.generate(**kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    twin = copy.deepcopy(fused).train()  # the copy's signature too, and its training loss still fused
+    assert inspect.signature(twin.forward) == inspect.signature(ref.forward)
+    ids, labels = _batch()
+    assert twin(input_ids=ids, labels=labels).logits is None
+
+
+def _moe(kind):
+    torch.manual_seed(0)
+    common = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                  intermediate_size=48, vocab_size=97, num_experts_per_tok=2, output_router_logits=True)
+    if kind == "mixtral":
+        return transformers.MixtralForCausalLM(transformers.MixtralConfig(num_local_experts=4,
+                                                                          router_aux_loss_coef=0.5, **common))
+    return transformers.JetMoeForCausalLM(transformers.JetMoeConfig(  # its coefficient: aux_loss_coef
+        num_local_experts=4, kv_channels=8, aux_loss_coef=0.5, **common))
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "jetmoe"])
+def test_router_aux_loss_is_added(kind):
+    """Regression: with output_router_logits (MoE training), the model adds coef * aux_loss (the router's
+    load-balancing loss) to its loss when it gets labels; the fused loss called the model without labels
+    and returned the cross-entropy alone (a loss ~1 lower, no router gradients from it), silently."""
+    ref = _moe(kind).train()
+    fused = lt.use_fused_loss(copy.deepcopy(ref))
+    ids, labels = _batch()
+    want, got = ref(input_ids=ids, labels=labels), fused(input_ids=ids, labels=labels)
+    assert want.aux_loss is not None and got.logits is None
+    torch.testing.assert_close(got.aux_loss, want.aux_loss)
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-6, rtol=1e-6)
+    want.loss.backward()
+    got.loss.backward()
+    for (n, a), b in zip(fused.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_losses_it_cannot_compute_raise():
+    """A custom loss_function (the model's own loss is then not transformers' causal-LM cross-entropy) and a
+    router aux loss whose coefficient the fused loss cannot find raise instead of being dropped."""
+    model = _model("llama").train()
+    lt.use_fused_loss(model)
+    ids, labels = _batch()
+    model.loss_function = lambda logits, labels, **kw: logits.float().mean()
+    with pytest.raises(ValueError, match="loss_function"):
+        model(input_ids=ids, labels=labels)
+    moe = lt.use_fused_loss(_moe("mixtral").train())
+    del moe.router_aux_loss_coef
+    with pytest.raises(ValueError, match="aux_loss"):
+        moe(input_ids=ids, labels=labels)
+
+
+def test_models_with_their_own_loss_code_are_refused():
+    """Regression: XLM (its prediction layer's cross-entropy, labels not shifted) and CPM-Ant (an inline
+    CrossEntropyLoss) compute their loss without transformers' loss_function, and the fused loss gave the
+    shifted causal-LM loss instead, silently (~20% off). A model whose forward does not compute its loss with
+    self.loss_function is refused."""
+    torch.manual_seed(0)
+    xlm = transformers.XLMWithLMHeadModel(transformers.XLMConfig(
+        vocab_size=97, emb_dim=32, n_layers=1, n_heads=2, causal=True, dropout=0.0, attention_dropout=0.0))
+    with pytest.raises(ValueError, match="loss_function"):
+        lt.use_fused_loss(xlm)
+    llama = _model("llama")
+    assert lt.use_fused_loss(llama) is llama  # (its forward calls self.loss_function)

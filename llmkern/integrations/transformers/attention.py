@@ -16,7 +16,10 @@
   (chunked attention, custom or/and mask functions, static-cache prefill) raises NotImplementedError.
 - an attention function (AttentionInterface) mapping the model's call onto llmkern.attention:
   GQA natively (no repeat_kv), causal from the module (bottom-right aligned, so decode steps and
-  chunked prefill with a cache need no special case), `sliding_window` -> window, `softcap`,
+  chunked prefill with a cache need no special case), the mask's sliding window -> window (the mask
+  function tags the tensor it returns with it, and returns a tensor whenever the window masks a key; the
+  model's `sliding_window` argument, which some models omit or pass without a windowed mask, counts only
+  for masks from elsewhere), `softcap`,
   `scaling` -> scale, `dropout` -> dropout_p (transformers passes the module's attention dropout in
   training mode and 0 in eval, so GPT-2's attn_pdrop trains as with eager/SDPA attention; the mask
   is llmkern's own, not torch's RNG stream), attention sinks (`s_aux`, gpt-oss's per-head
@@ -63,6 +66,40 @@ def _packed_ids(leaf):
     return ids[0] if len(ids) == 1 else None
 
 
+def _mask_window(mask_function):
+    """The sliding window of the mask (transformers' sliding_window_overlay / sliding_window_bidirectional_overlay
+    closure: kv > q - W, |q - kv| <= W), or None."""
+    sizes = set()
+    for f in _leaves(mask_function):
+        name = getattr(f, "__qualname__", "")
+        if name.startswith(("sliding_window_overlay.", "sliding_window_bidirectional_overlay.")):
+            cells = [c.cell_contents for c in (f.__closure__ or ()) if isinstance(c.cell_contents, int)
+                     and not isinstance(c.cell_contents, bool)]
+            if len(cells) != 1:
+                raise NotImplementedError(f"llmkern attention: cannot read the window size of {name!r}")
+            sizes.add(cells[0])
+    if len(sizes) > 1:
+        raise NotImplementedError(f"llmkern attention: a mask with several sliding windows {sorted(sizes)}")
+    return sizes.pop() if sizes else None
+
+
+def _window_binds(kind, window, q_offset, q_length, kv_offset, kv_length):
+    """Whether the window masks any (query, key) pair of this call (tensor offsets: assume it does)."""
+    if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
+        return True
+    q_last, kv_last = q_offset + q_length - 1, kv_offset + kv_length - 1
+    if kind == "causal":
+        return q_last - kv_offset >= window
+    return max(q_last - kv_offset, kv_last - q_offset) > window
+
+
+def _tag(mask, window):
+    """The mask function's result, carrying the window its mask has (see llmkern_attention_forward)."""
+    if mask is not None:
+        mask._llmkern_window = window
+    return mask
+
+
 def _classify(mask_function):
     """'causal' / 'bidirectional' (possibly with a sliding window) or a NotImplementedError."""
     from transformers import masking_utils as mu
@@ -98,21 +135,28 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
 
     mask_function = mu.causal_mask_function if mask_function is None else mask_function
     kind = _classify(mask_function)
+    window = _mask_window(mask_function)
     packed = [ids for ids in map(_packed_ids, _leaves(mask_function)) if ids is not None]
     if packed:
         if attention_mask is not None or q_length != kv_length or len(packed) > 1:
             raise NotImplementedError("llmkern attention: packed sequences with a padding mask or a cache")
-        return packed[0].to(torch.long)
+        return _tag(packed[0].to(torch.long, copy=True), window)  # (a tensor of our own to tag)
+    if window is not None and not _window_binds(kind, window, q_offset, q_length, kv_offset, kv_length):
+        window = None  # (every key is within the window: no need to carry a mask for it)
     device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
     pad = None
     if attention_mask is not None:
         pad = mu.prepare_padding_mask(attention_mask.to(torch.bool), kv_length, kv_offset)
         pad = pad[:, kv_offset:kv_offset + kv_length]
-    # Keys after the last query (a static cache's unwritten tail) must be masked.
+    # Causal: keys after the last query (a static cache's unwritten tail) must be masked. Bidirectional masks
+    # (encoders, an encoder-decoder's cross-attention: fewer queries than keys) see every key, as in eager.
     q_end = q_offset + q_length
     kv_end = kv_offset + kv_length
-    if isinstance(q_end, torch.Tensor) or q_end != kv_end:
-        if kind == "causal" and q_length > 1 and not torch.compiler.is_compiling() and int(q_end) != kv_end:
+    if kind != "causal" and window is not None and (isinstance(q_end, torch.Tensor) or q_end != kv_end):
+        raise NotImplementedError("llmkern attention: a bidirectional sliding window with queries not aligned "
+                                  "with the keys is not expressible")
+    if kind == "causal" and (isinstance(q_end, torch.Tensor) or q_end != kv_end):
+        if q_length > 1 and not torch.compiler.is_compiling() and int(q_end) != kv_end:
             raise NotImplementedError(
                 f"llmkern attention: causal queries at positions {int(q_offset)}..{int(q_end) - 1} against "
                 f"{kv_length} cached keys are not bottom-right aligned (static-cache prefill); use "
@@ -121,9 +165,11 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         valid = (torch.arange(kv_length, device=device) + kv_offset) < q_end_t
         valid = valid[None, :].expand(batch_size, kv_length)
         pad = valid if pad is None else (pad & valid)
-    if pad is not None and not torch.compiler.is_compiling() and bool(pad.all()):
+    if pad is not None and window is None and not torch.compiler.is_compiling() and bool(pad.all()):
         pad = None
-    return pad
+    if pad is None and window is not None:  # a windowed mask is never None: None means "no window" (below)
+        pad = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+    return _tag(pad, window)
 
 
 # ---- attention function -------------------------------------------------------------------------
@@ -144,6 +190,14 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
         is_causal = getattr(module, "is_causal", True)
     kpm = None
     window = None
+    # The window is the mask's, when the mask is llmkern_mask's (None, or a tensor it tagged): eager and SDPA
+    # attend by the mask alone, and models do not always pass a `sliding_window` argument that agrees with
+    # it (Qwen2-MoE with use_sliding_window and PhiMoE build a sliding-window mask but pass none; OLMoE passes
+    # config.sliding_window with a full causal mask). The argument is used for a mask from elsewhere only.
+    if attention_mask is None:
+        sliding_window = None
+    elif isinstance(attention_mask, torch.Tensor) and hasattr(attention_mask, "_llmkern_window"):
+        sliding_window = attention_mask._llmkern_window
     if sliding_window is not None and sliding_window > 0:
         # HF masks: causal kv > q - sw (left = sw - 1); bidirectional |q - kv| <= sw
         window = (sliding_window - 1, None) if is_causal else (sliding_window, sliding_window)

@@ -8,7 +8,8 @@ In training mode, a call with `labels` runs the decoder as usual, but the LM hea
 llmkern.linear_cross_entropy over the final hidden states (chunked rows: the logits never exist whole),
 with transformers' semantics: labels shifted inside (or `shift_labels` given), -100 ignored, mean over the
 labelled tokens, or sum / `num_items_in_batch` when the Trainer passes it (gradient accumulation), and
-Gemma-2's final_logit_softcapping. The output's `logits` is None then (the LM head still runs on the last
+Gemma-2's final_logit_softcapping, and an MoE model's router loss (`coef * aux_loss`, with
+output_router_logits). The output's `logits` is None then (the LM head still runs on the last
 position only, through `logits_to_keep=1`). In eval mode, or without labels, the model is unchanged.
 """
 import inspect
@@ -35,10 +36,43 @@ def _check_model(model):
     for key in ("logit_scale", "logits_scaling"):
         if getattr(cfg, key, None) not in (None, 1, 1.0):
             raise ValueError(f"use_fused_loss: config.{key}={getattr(cfg, key)!r} scales the logits; not supported")
+    if getattr(cfg, "z_loss_coefficient", None) not in (None, 0, 0.0):  # (Bamba: a z-loss on the full logits)
+        raise ValueError(f"use_fused_loss: config.z_loss_coefficient={cfg.z_loss_coefficient!r} adds a z-loss of "
+                         f"the logits; not supported")
+    # The fused loss is transformers' causal-LM cross-entropy (ForCausalLMLoss: labels shifted inside): a model
+    # computing its loss with code of its own (XLM, CPM-Ant, BartForCausalLM: labels not shifted) or whose
+    # loss_function is another (set by the user, another loss_type) would silently get a different loss.
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    fn = type(model).forward
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    if "loss_function" not in getattr(getattr(fn, "__code__", None), "co_names", ()):
+        raise ValueError(f"use_fused_loss: {type(model).__name__}.forward computes its loss with code of its own, "
+                         f"not transformers' loss_function (ForCausalLMLoss); not supported")
+    if getattr(model, "loss_function", ForCausalLMLoss) is not ForCausalLMLoss:
+        raise ValueError(f"use_fused_loss: {type(model).__name__}.loss_function is not transformers' "
+                         f"ForCausalLMLoss (a custom loss); not supported")
     forward = getattr(model, "_llmkern_original_forward", model.forward)
     if "logits_to_keep" not in inspect.signature(forward).parameters:
         raise ValueError(f"use_fused_loss: {type(model).__name__}.forward has no logits_to_keep argument")
     return head
+
+
+_AUX_COEFS = ("router_aux_loss_coef", "aux_loss_coef")  # what MoE *ForCausalLM multiply their aux_loss by
+
+
+def _aux_loss_term(model, out):
+    """coef * out.aux_loss, which an MoE model with output_router_logits adds to its loss when it gets labels
+    (the fused call runs it without labels, so the term is added here), or None without an aux_loss."""
+    aux = out.get("aux_loss") if hasattr(out, "get") else None
+    if aux is None:
+        return None
+    coefs = [getattr(model, name) for name in _AUX_COEFS if isinstance(getattr(model, name, None), (int, float))]
+    if len(coefs) != 1:
+        raise ValueError(f"use_fused_loss: {type(model).__name__} returns a router aux_loss (output_router_logits) "
+                         f"but has no single coefficient for it among {_AUX_COEFS}; not supported")
+    return coefs[0] * aux
 
 
 def _root(t):
@@ -103,9 +137,28 @@ def _fused_forward(self, *args, labels=None, **kwargs):
                                 reduction=reduction, softcap=softcap, chunk_size=chunk_size)
     if n_items is not None:
         loss = loss / (n_items.to(loss.device) if torch.is_tensor(n_items) else n_items)
+    aux = _aux_loss_term(self, out)
+    if aux is not None:
+        loss = loss + aux.to(loss.device)
     fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
     result = type(out)(loss=loss, logits=None, **fields)
     return result if return_dict else result.to_tuple()
+
+
+def _with_signature(original):
+    """_fused_forward under the signature of `original` (the bound forward it replaces). generate() reads the
+    forward's signature to decide what to pass (position_ids built from the attention mask, attention_mask,
+    logits_to_keep): with a bare (*args, **kwargs) it silently dropped position_ids, so a left-padded batch
+    decoded with positions counted from the padding (other logits for absolute-position models, GPT-2).
+    A new function per patched model (its signature is the model's); copy.deepcopy keeps it and binds the copy."""
+    def forward(self, *args, **kwargs):
+        return _fused_forward(self, *args, **kwargs)
+
+    sig = inspect.signature(original)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
+    forward.__doc__ = _fused_forward.__doc__
+    return forward
 
 
 def use_fused_loss(model, chunk_size=None):
@@ -119,7 +172,7 @@ def use_fused_loss(model, chunk_size=None):
     _check_model(lm)
     lm._llmkern_original_forward = lm.forward
     lm._llmkern_fused_loss_chunk_size = chunk_size
-    lm.forward = types.MethodType(_fused_forward, lm)
+    lm.forward = types.MethodType(_with_signature(lm.forward), lm)
     setattr(lm, _ATTR, True)
     return model
 
