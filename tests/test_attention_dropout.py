@@ -209,6 +209,34 @@ def test_torch_compile_fullgraph_with_dropout(triton_backend):
         torch.testing.assert_close(a, b)
 
 
+def test_compiled_reference_path_keeps_the_dropout_mask_opaque(monkeypatch):
+    """Regression: on the reference path (CPU default, float64) the dropout mask's hash was traced inline,
+    and Inductor's lowering of it from the seed tensor ran for minutes (torch.compile of
+    llmkern.attention(..., dropout_p=0.1) on CPU never finished in practice). The mask is one custom op
+    in the graph now; the compiled call equals eager, sinks included."""
+    monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
+    torch._dynamo.reset()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    q, k, v = _qkv(1, 2, 1, 12, 12, 16, device="cpu")
+    sinks = torch.randn(2)
+
+    def f(a, b, c):
+        return llmkern.attention(a, b, c, causal=True, dropout_p=0.3, seed=1234, sinks=sinks)
+
+    torch.testing.assert_close(torch.compile(f, backend=record, fullgraph=True)(q, k, v), f(q, k, v),
+                               rtol=0, atol=0)
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.ops.llmkern.attention_dropout_keep.default in targets, targets
+    assert len(targets) < 100, len(targets)
+    seed = torch.tensor([5, 6], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.llmkern.attention_dropout_keep.default, (seed, 2, 3, 4, 5, 0.3, 1))
+
+
 @pytest.mark.parametrize("kw,exc,match", [
     (dict(dropout_p=1.0), ValueError, "dropout_p must be in"),
     (dict(dropout_p=-0.1), ValueError, "dropout_p must be in"),

@@ -138,6 +138,27 @@ def test_dora_linear_dropout_is_seeded_and_peft_like():
     torch.testing.assert_close(lp.dora_linear(x, W, b, A, B, m, 0.5, 0.4), a, rtol=0, atol=0)
 
 
+def test_dora_linear_with_dropout_compiles_with_an_opaque_mask():
+    """Regression: under torch.compile the dropout term's mask (llmkern.reference.lora_dropout, on every
+    device) was traced inline, and Inductor's lowering of the hash from a tensor seed ran for many
+    minutes. The mask is one custom op in the graph now; the compiled call equals eager."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x, W, b, A, B, m = _inputs(12, 16, 10, 4, torch.float32)
+    f = torch.compile(lambda x: lp.dora_linear(x, W, b, A, B, m, 0.5, 0.3, seed=5), backend=record,
+                      fullgraph=True)
+    torch.testing.assert_close(f(x), lp.dora_linear(x, W, b, A, B, m, 0.5, 0.3, seed=5), rtol=0, atol=0)
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.ops.llmkern.lora_dropout_keep_mask.default in targets, targets
+    assert len(targets) < 60, len(targets)
+    seed = torch.tensor([5, 0], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.llmkern.lora_dropout_keep_mask.default, (seed, 6, 7, 0.3))
+
+
 @pytest.mark.skipif(triton_device() is None, reason="no CUDA and no TRITON_INTERPRET")
 def test_dora_linear_through_triton_kernels(monkeypatch):
     monkeypatch.setenv("LLMKERN_BACKEND", "triton")

@@ -237,6 +237,27 @@ def test_non_contiguous_inputs(triton_backend, layout, rms):
 
 
 @needs_triton
+@pytest.mark.parametrize("rms", [True, False], ids=["rms", "ln"])
+def test_strided_weight_and_bias(triton_backend, rms):
+    """A weight / bias that is a strided view (w[::2], a column of a stacked parameter): the kernels
+    index them with unit stride, so the launchers must make them dense (they read the wrong elements,
+    silently, before)."""
+    N = 24
+    x, r, dy = torch.randn(3, 5, N).unbind(0)
+    w_big, b_big = torch.randn(2 * N, requires_grad=True), torch.randn(N, 3, requires_grad=True)
+    w, b = w_big[::2], None if rms else b_big[:, 1]  # (_check's clones would make them dense)
+    op, refn = (llmkern.rms_norm, ref.rms_norm) if rms else (llmkern.layer_norm, ref.layer_norm)
+    y = _run(op, rms, x, w, b, r, 0.0, False)
+    want = _run(refn, rms, x.double(), w.double(), None if rms else b.double(), r.double(), 0.0, False)
+    assert_close(y, want, torch.float32)
+    params = (w_big,) if rms else (w_big, b_big)
+    got = torch.autograd.grad(y, params, dy)
+    exp = torch.autograd.grad(_run(refn, rms, x, w, b, r, 0.0, False), params, dy)
+    for a, c in zip(got, exp):
+        assert_close(a, c, torch.float32)
+
+
+@needs_triton
 def test_zero_rows_and_hidden_size_limit(triton_backend):
     x = torch.randn(0, 3, 16, requires_grad=True)
     w = torch.randn(16, requires_grad=True)

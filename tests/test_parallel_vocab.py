@@ -210,3 +210,33 @@ def test_vocab_parallel_loss_in_chunks_equals_cross_entropy(pool):
     for res in pool.run(chunk_worker, timeout=120):
         for key, err in res.items():
             assert err < 1e-5, (key, err)
+
+
+def no_grad_worker(rank, world_size):
+    """vocab_parallel_loss under torch.no_grad (an evaluation): the same loss, and no gradient work (the
+    chunked loss forms its gradients in the forward; under no_grad it formed dh and the float32 dW all the
+    same, since an autograd.Function's needs_input_grad ignores the grad mode)."""
+    import llmkern.ops.cross_entropy as ce
+    from llmkern.parallel.vocab import VocabParallelLMHead
+
+    gen = torch.Generator().manual_seed(4)
+    full = torch.nn.Linear(16, 37, bias=True)
+    head = VocabParallelLMHead.from_linear(full, None)
+    h = torch.randn(2, 11, 16, generator=gen, requires_grad=True)
+    y = torch.randint(0, 37, (2, 11), generator=gen)
+    want = head.vocab_parallel_loss(h, y, chunk_size=4).item()
+    calls = []
+    orig = ce._add_mm
+    ce._add_mm = lambda *a: calls.append(1) or orig(*a)
+    try:
+        with torch.no_grad():
+            got = head.vocab_parallel_loss(h, y, chunk_size=4)
+    finally:
+        ce._add_mm = orig
+    return dict(err=abs(got.item() - want), grad_fn=got.grad_fn is None, dw_gemms=len(calls))
+
+
+def test_vocab_parallel_loss_under_no_grad_forms_no_gradients(pool):
+    for r in pool.run(no_grad_worker, timeout=120):
+        assert r["err"] < 1e-6 and r["grad_fn"], r
+        assert r["dw_gemms"] == 0, r

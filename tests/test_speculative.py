@@ -225,6 +225,36 @@ def test_compiles_without_graph_breaks():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_compiled_graph_keeps_philox_opaque():
+    """Regression: traced inline, the Philox rounds put ~500 integer ops into the graph, whose expression
+    tree Inductor's lowering walked without bound: torch.compile(speculative_accept) with the default
+    backend ran for over ten minutes (an int seed). The uniforms are one custom op in the graph now
+    (and Inductor compiles the whole call in seconds)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.softmax(torch.randn(2, 3, 11, generator=g), -1)
+    p = torch.softmax(torch.randn(2, 4, 11, generator=g), -1)
+    d = torch.multinomial(q.view(-1, 11), 1, generator=g).view(2, 3)
+    f = torch.compile(lambda d, q, p: speculative_accept(d, q, p, seed=1, position=5), backend=record,
+                      fullgraph=True)
+    got, want = f(d, q, p), speculative_accept(d, q, p, seed=1, position=5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.llmkern.philox_uniform.default) == 2, targets  # accept + residual draws
+    assert len(targets) < 100, len(targets)
+
+
+def test_philox_custom_op_opcheck():
+    seeds, positions = torch.tensor([3, -4])[:, None], torch.arange(5)
+    torch.library.opcheck(torch.ops.llmkern.philox_uniform.default, (seeds, positions, 2))
+    assert torch.equal(torch.ops.llmkern.philox_uniform(seeds, positions, 2), philox_uniform(seeds, positions, 2))
+
+
 # ---- generate(draft_model=...) ------------------------------------------------------------------------
 
 V = 64

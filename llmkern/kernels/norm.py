@@ -177,6 +177,12 @@ def _empty(t):
     return t.new_empty(0, dtype=torch.float32)
 
 
+def _dense(t):
+    """A [N] weight / bias as the kernels read it (W + cols: unit stride). A strided view (a slice of a
+    stacked parameter, w[::2]) would otherwise be read as the wrong elements, silently."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def norm_forward(x, weight, bias, residual, eps, *, rms, offset=0.0):
     """(y, s, mean, rstd): y in x's shape and dtype (contiguous); s = x + residual likewise (empty
     without a residual); mean (empty for RMSNorm) and rstd float32 [M] (M = rows of x).
@@ -185,6 +191,7 @@ def norm_forward(x, weight, bias, residual, eps, *, rms, offset=0.0):
     are one strided dimension, else copied); weight, bias: [N] or None."""
     shape = x.shape
     x = rows2d(x, shape[-1])
+    weight, bias = _dense(weight), _dense(bias)
     M, N = x.shape
     y = x.new_empty(shape)
     s = x.new_empty(shape) if residual is not None else x.new_empty(0)
@@ -215,6 +222,7 @@ def norm_backward(dy, ds, x, weight, mean, rstd, *, rms, offset=0.0, need_dw=Tru
     returned residual s, x's shape, or None."""
     shape, N = x.shape, x.shape[-1]
     x, dy = rows2d(x, N), rows2d(dy, N)
+    weight = _dense(weight)
     M = x.shape[0]
     dx = x.new_empty(shape)
     need_dw = bool(need_dw and weight is not None)

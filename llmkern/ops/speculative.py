@@ -23,6 +23,8 @@ from typing import Optional, Union
 
 import torch
 
+from llmkern.ops import _checks
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _M32 = 0xFFFFFFFF
@@ -44,7 +46,17 @@ def _mulhilo(a, b):
 def philox_uniform(seed: torch.Tensor, position: torch.Tensor, stream: int = 0) -> torch.Tensor:
     """Uniforms in [0, 1) (float64, 53 random bits), elementwise over broadcast int64 `seed` and
     `position` tensors: Philox-4x32-10 with key = seed and counter = (position, 0x5A4D504C, stream).
-    Stream 0 gives exactly llmkern.sample's uniform (llmkern.reference.philox_uniform)."""
+    Stream 0 gives exactly llmkern.sample's uniform (llmkern.reference.philox_uniform).
+
+    Under torch.compile (or any dispatch mode) it is the opaque custom op `llmkern::philox_uniform`:
+    inlined, Inductor's lowering walks the ten rounds' integer expression tree (every word is read
+    several times per round) without bound; compiling speculative_accept took over ten minutes."""
+    if _checks.eager_fast_path(seed, position):
+        return _philox_impl(seed, position, int(stream))
+    return _philox_op(seed, position, int(stream))
+
+
+def _philox_impl(seed, position, stream):
     seed, position = torch.broadcast_tensors(seed.long(), position.long())
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     c0, c1 = position & _M32, (position >> 32) & _M32
@@ -56,6 +68,16 @@ def philox_uniform(seed: torch.Tensor, position: torch.Tensor, stream: int = 0) 
         k0 = (k0 + 0x9E3779B9) & _M32
         k1 = (k1 + 0xBB67AE85) & _M32
     return ((c0 >> 5) * 67108864 + (c1 >> 6)).double() * (1.0 / 9007199254740992.0)
+
+
+@torch.library.custom_op("llmkern::philox_uniform", mutates_args=())
+def _philox_op(seed: torch.Tensor, position: torch.Tensor, stream: int) -> torch.Tensor:
+    return _philox_impl(seed, position, stream)
+
+
+@_philox_op.register_fake
+def _(seed, position, stream):
+    return seed.new_empty(torch.broadcast_shapes(seed.shape, position.shape), dtype=torch.float64)
 
 
 def draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

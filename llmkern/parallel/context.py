@@ -309,7 +309,8 @@ def context_parallelize(model, group=None, layout="zigzag"):
         raise ValueError("context_parallelize: the model is context-parallel already")
     cp = ContextParallel(group, layout)
     for m in model.modules():
-        if m is not model and hasattr(m, "backend_name"):  # the attention modules (they call attend)
+        # the modules that call attend() read it (norms and MLPs also carry backend_name; they ignore it)
+        if m is not model and hasattr(m, "backend_name"):
             m.context_parallel = cp
     model.context_parallel = cp
     model.register_forward_pre_hook(_check_forward, with_kwargs=True)

@@ -249,6 +249,11 @@ class VocabParallelLMHead(nn.Module):
         if dt is not None:  # the logits in the autocast dtype, as F.linear would compute them
             h, weight, bias = (_checks.autocast_cast(dt, t) for t in (h, weight, bias))
         with torch.autocast(h.device.type, enabled=False):
+            if not torch.is_grad_enabled():
+                # (an autograd.Function's needs_input_grad ignores no_grad: through apply, an evaluation
+                # would form dh, the float32 [S, d] dW and db, three GEMMs' work, and throw them away)
+                return _vocab_parallel_lce(h, weight, bias, y, lo, hi - lo, ignore_index, self.group,
+                                           self.out_features, chunk_size, False, False, False)[0]
             return _VocabParallelLinearCE.apply(h, weight, bias, y, lo, hi - lo, ignore_index, self.group,
                                                 self.out_features, chunk_size)
 

@@ -61,7 +61,15 @@ def attention_dropout_keep(B, H, Tq, Tk, p, seed, device=None, batch_base=0):
 
     Element (b, h, i, j) (query head h, query i, key j, positions within the sequence) is kept when
     hash(seed, (batch_base + b) * H + h, i, j) >> 8 >= round(p * 2^24). seed: an int (its low 64 bits)
-    or an int32 [2] tensor of its two words, as for the LoRA dropout."""
+    or an int32 [2] tensor of its two words, as for the LoRA dropout. Under torch.compile a tensor seed
+    goes through the opaque custom op `llmkern::attention_dropout_keep` (see lora.dropout_keep_mask:
+    inlined, Inductor's lowering of the hash ran for many minutes)."""
+    if isinstance(seed, torch.Tensor) and torch.compiler.is_compiling():
+        return _dropout_keep_op(seed.to(device), B, H, Tq, Tk, float(p), int(batch_base))
+    return _dropout_keep(B, H, Tq, Tk, p, seed, device, batch_base)
+
+
+def _dropout_keep(B, H, Tq, Tk, p, seed, device, batch_base):
     s0, s1, thr = dropout_params(p, seed)
     if isinstance(s0, torch.Tensor):
         s0, s1 = s0.to(device), s1.to(device)
@@ -74,6 +82,17 @@ def attention_dropout_keep(B, H, Tq, Tk, p, seed, device=None, batch_base=0):
     hc = (_mul32(cols, 0x9E3779B1) + kc) & 0xFFFFFFFF              # [Tk]
     h = _fmix32(hr[:, :, None] ^ hc[None, None, :])
     return ((h >> 8) >= thr).reshape(B, H, Tq, Tk)
+
+
+@torch.library.custom_op("llmkern::attention_dropout_keep", mutates_args=())
+def _dropout_keep_op(seed: torch.Tensor, B: int, H: int, Tq: int, Tk: int, p: float,
+                     batch_base: int) -> torch.Tensor:
+    return _dropout_keep(B, H, Tq, Tk, p, seed, seed.device, batch_base)
+
+
+@_dropout_keep_op.register_fake
+def _(seed, B, H, Tq, Tk, p, batch_base):
+    return seed.new_empty((B, H, Tq, Tk), dtype=torch.bool)
 
 
 def _compute_dtype(dtype):

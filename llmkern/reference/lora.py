@@ -51,7 +51,17 @@ def seed_keys(s0, s1):
 def dropout_keep_mask(M, K, p, seed, device=None):
     """Bool [M, K]: which elements of the flattened x the fused LoRA dropout keeps.
 
-    seed: an int (its low 64 bits, split into two 32-bit words) or an int32 [2] tensor of the words."""
+    seed: an int (its low 64 bits, split into two 32-bit words) or an int32 [2] tensor of the words.
+    Under torch.compile a tensor seed goes through the opaque custom op `llmkern::lora_dropout_keep_mask`:
+    inlined, Inductor's lowering walked the hash's integer expression tree (each word read several times
+    per step, keys derived from the tensor) without bound, so compiling lora_linear's reference path or
+    dora_linear with dropout ran for many minutes."""
+    if isinstance(seed, torch.Tensor) and torch.compiler.is_compiling():
+        return _keep_mask_op(seed.to(device), M, K, float(p))
+    return _keep_mask(M, K, p, seed, device)
+
+
+def _keep_mask(M, K, p, seed, device):
     s0, s1, thr = dropout_params(p, seed)
     if isinstance(s0, torch.Tensor):
         s0, s1 = s0.to(device), s1.to(device)
@@ -62,6 +72,16 @@ def dropout_keep_mask(M, K, p, seed, device=None):
     hc = (_mul32(cols, 0x9E3779B1) + k1) & _M32
     h = _fmix32(hr[:, None] ^ hc[None, :])
     return (h >> 8) >= thr
+
+
+@torch.library.custom_op("llmkern::lora_dropout_keep_mask", mutates_args=())
+def _keep_mask_op(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
+    return _keep_mask(M, K, p, seed, seed.device)
+
+
+@_keep_mask_op.register_fake
+def _(seed, M, K, p):
+    return seed.new_empty((M, K), dtype=torch.bool)
 
 
 def lora_dropout(x, p, seed):
