@@ -331,7 +331,9 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         eps: > 0, added to the variance (the biased one, as F.layer_norm).
         residual, return_residual: as for rms_norm.
 
-    Statistics in float32, y rounded once to x's dtype. Returns y, or (y, s).
+    Statistics in float32, y rounded once to x's dtype. Returns y, or (y, s). Unlike F.layer_norm, which
+    torch.autocast runs in float32 (a float32 output for bf16 inputs), the output stays in x's dtype
+    under autocast too.
     """
     eps = _check(x, (("weight", weight), ("bias", bias)), residual, eps, return_residual)
     if not _use_triton(x, "layer_norm"):
