@@ -10,13 +10,7 @@ from llmkern.models import build, from_hf
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py: tiny models)
 V = 97
 PAD = 5  # non-zero: transformers fills finished beams with eos when pad_token_id == 0
 

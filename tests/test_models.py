@@ -12,13 +12,7 @@ from llmkern.models.configs import ModelConfig
 ARCHS = ["gpt-tiny", "llama-tiny"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py: tiny models)
 
 
 def test_named_configs():

@@ -13,13 +13,7 @@ from llmkern.ops.speculative import philox_uniform, speculative_accept
 from llmkern.reference import philox_uniform as reference_uniform
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py: tiny models)
 
 
 def _chi2(tokens, probs, min_expected=5.0):
