@@ -38,3 +38,15 @@ def assert_close(actual, expected, dtype=None, msg="", **overrides):
 
 def max_abs_err(actual, expected):
     return (actual.double() - expected.double()).abs().max().item()
+
+
+def tiny_hf_llama(seed=0, vocab=64, hidden=32, layers=2, heads=4):
+    """A tiny random transformers LlamaForCausalLM (float32, eager attention, eval mode): the PEFT and
+    integration tests' model. Imports transformers when called."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=48,
+                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                                   max_position_embeddings=64, attn_implementation="eager")
+    return transformers.LlamaForCausalLM(cfg).eval()

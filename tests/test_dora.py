@@ -11,7 +11,7 @@ from torch import nn
 from llmkern import peft as lp
 from llmkern import reference as ref
 from llmkern.peft import dora as D
-from llmkern.testing import assert_close, triton_device
+from llmkern.testing import assert_close, tiny_hf_llama, triton_device
 
 TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=3e-2, rtol=3e-2)}
 
@@ -304,11 +304,7 @@ L_, Dm, H_, V = 2, 32, 4, 64
 
 
 def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=Dm, intermediate_size=48, num_hidden_layers=L_,
-                                   num_attention_heads=H_, num_key_value_heads=H_, max_position_embeddings=64,
-                                   attn_implementation="eager")
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_hf_llama(seed, vocab=V, hidden=Dm, layers=L_, heads=H_)
 
 
 def _randomize(model, seed=1):

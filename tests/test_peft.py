@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from llmkern import peft as lp
-from llmkern.testing import triton_device
+from llmkern.testing import tiny_hf_llama, triton_device
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -16,11 +16,7 @@ L_, D, H_, V = 2, 32, 4, 64
 
 
 def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=48, num_hidden_layers=L_,
-                                   num_attention_heads=H_, num_key_value_heads=H_, max_position_embeddings=64,
-                                   attn_implementation="eager")
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_hf_llama(seed, vocab=V, hidden=D, layers=L_, heads=H_)
 
 
 def _randomize_lora(model, seed=1):

@@ -128,6 +128,19 @@ def _positions(position, B, device):
 
 # ---- validation -------------------------------------------------------------------------------------
 
+def _check_probs(name, t, lead, layout, dev, V=None):
+    """t: a float tensor [*lead, V] (V given, or any >= 1) on dev."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 3 or t.shape[:2] != lead or t.shape[2] < 1 or (V is not None and t.shape[2] != V):
+        raise ValueError(f"{name} must have shape {layout} = [{lead[0]}, {lead[1]}, {'V' if V is None else V}], "
+                         f"got {tuple(t.shape)}")
+    if t.dtype not in _DTYPES:
+        raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if t.device != dev:
+        raise ValueError(f"{name} is on {t.device} but draft_tokens are on {dev}")
+
+
 def _check(draft_tokens, draft_probs, target_probs, greedy):
     if not isinstance(draft_tokens, torch.Tensor):
         raise TypeError(f"draft_tokens must be a torch.Tensor, got {type(draft_tokens).__name__}")
@@ -138,29 +151,13 @@ def _check(draft_tokens, draft_probs, target_probs, greedy):
     if k < 1:
         raise ValueError("draft_tokens must hold k >= 1 draft tokens per row, got k = 0")
     dev = draft_tokens.device
-    if not isinstance(target_probs, torch.Tensor):
-        raise TypeError(f"target_probs must be a torch.Tensor, got {type(target_probs).__name__}")
-    if target_probs.dim() != 3 or target_probs.shape[:2] != (B, k + 1) or target_probs.shape[2] < 1:
-        raise ValueError(f"target_probs must have shape [batch, k + 1, vocab] = [{B}, {k + 1}, V], got "
-                         f"{tuple(target_probs.shape)}")
-    if target_probs.dtype not in _DTYPES:
-        raise ValueError(f"target_probs must be float32, float16, bfloat16 or float64, got {target_probs.dtype}")
-    if target_probs.device != dev:
-        raise ValueError(f"target_probs is on {target_probs.device} but draft_tokens are on {dev}")
+    _check_probs("target_probs", target_probs, (B, k + 1), "[batch, k + 1, vocab]", dev)
     V = target_probs.shape[2]
     if draft_probs is None:
         if not greedy:
             raise ValueError("draft_probs is required unless greedy=True")
     else:
-        if not isinstance(draft_probs, torch.Tensor):
-            raise TypeError(f"draft_probs must be a torch.Tensor or None, got {type(draft_probs).__name__}")
-        if draft_probs.shape != (B, k, V):
-            raise ValueError(f"draft_probs must have shape [batch, k, vocab] = [{B}, {k}, {V}], got "
-                             f"{tuple(draft_probs.shape)}")
-        if draft_probs.dtype not in _DTYPES:
-            raise ValueError(f"draft_probs must be float32, float16, bfloat16 or float64, got {draft_probs.dtype}")
-        if draft_probs.device != dev:
-            raise ValueError(f"draft_probs is on {draft_probs.device} but draft_tokens are on {dev}")
+        _check_probs("draft_probs", draft_probs, (B, k), "[batch, k, vocab]", dev, V)
     # token range: checked where it costs no device sync (on CUDA, gather's own bounds check fires)
     if dev.type == "cpu" and not torch.compiler.is_compiling() and draft_tokens.numel() \
             and bool(((draft_tokens < 0) | (draft_tokens >= V)).any()):

@@ -309,8 +309,7 @@ def context_parallelize(model, group=None, layout="zigzag"):
         raise ValueError("context_parallelize: the model is context-parallel already")
     cp = ContextParallel(group, layout)
     for m in model.modules():
-        # the modules that call attend() read it (norms and MLPs also carry backend_name; they ignore it)
-        if m is not model and hasattr(m, "backend_name"):
+        if m is not model and hasattr(m, "backend_name") and hasattr(m, "n_head"):  # the attention modules
             m.context_parallel = cp
     model.context_parallel = cp
     model.register_forward_pre_hook(_check_forward, with_kwargs=True)

@@ -44,19 +44,36 @@ def _check_model(model):
     # loss_function is another (set by the user, another loss_type) would silently get a different loss.
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    fn = type(model).forward
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    if "loss_function" not in getattr(getattr(fn, "__code__", None), "co_names", ()):
+    if not _calls_loss_function(type(model)):
         raise ValueError(f"use_fused_loss: {type(model).__name__}.forward computes its loss with code of its own, "
                          f"not transformers' loss_function (ForCausalLMLoss); not supported")
     if getattr(model, "loss_function", ForCausalLMLoss) is not ForCausalLMLoss:
         raise ValueError(f"use_fused_loss: {type(model).__name__}.loss_function is not transformers' "
                          f"ForCausalLMLoss (a custom loss); not supported")
-    forward = getattr(model, "_llmkern_original_forward", model.forward)
-    if "logits_to_keep" not in inspect.signature(forward).parameters:
+    if not _takes_logits_to_keep(getattr(model, "_llmkern_original_forward", model.forward)):
         raise ValueError(f"use_fused_loss: {type(model).__name__}.forward has no logits_to_keep argument")
     return head
+
+
+# _check_model runs on every training call (the head may have been replaced since the patch): what depends
+# only on the class's code is looked up once per class / function
+_CODE_CHECKS = {}
+
+
+def _calls_loss_function(cls):
+    if cls not in _CODE_CHECKS:
+        fn = cls.forward
+        while hasattr(fn, "__wrapped__"):
+            fn = fn.__wrapped__
+        _CODE_CHECKS[cls] = "loss_function" in getattr(getattr(fn, "__code__", None), "co_names", ())
+    return _CODE_CHECKS[cls]
+
+
+def _takes_logits_to_keep(forward):
+    key = getattr(forward, "__func__", forward)
+    if key not in _CODE_CHECKS:
+        _CODE_CHECKS[key] = "logits_to_keep" in inspect.signature(forward).parameters
+    return _CODE_CHECKS[key]
 
 
 _AUX_COEFS = ("router_aux_loss_coef", "aux_loss_coef")  # what MoE *ForCausalLM multiply their aux_loss by
