@@ -4,7 +4,9 @@ Ops (each a torch.library op with autograd where it makes sense):
   sample, top_k_top_p_filter           sorting-free sampling (C++ CPU / CUDA C++)
   attention, attention_varlen,         fused attention (Triton)
   attention_with_kvcache
-  lora_linear, lora_linear_multi       fused LoRA matmul (Triton)
+  lora_linear, lora_linear_multi       fused LoRA matmul (Triton); the base weight dense or 4-bit NF4
+  nf4_quantize, nf4_dequantize,        QLoRA's 4-bit NormalFloat weights (bitsandbytes layout)
+  NF4Weight
   cross_entropy                        fused cross-entropy loss over logits (Triton)
   linear_cross_entropy                 LM head + loss without materialising the logits
   rms_norm, layer_norm                 fused RMSNorm / LayerNorm (+ residual add) (Triton)
@@ -34,6 +36,9 @@ _LAZY_ATTRS = {
     "swiglu": "llmkern.ops.swiglu",
     "geglu": "llmkern.ops.swiglu",
     "speculative_accept": "llmkern.ops.speculative",
+    "NF4Weight": "llmkern.ops.nf4",
+    "nf4_quantize": "llmkern.ops.nf4",
+    "nf4_dequantize": "llmkern.ops.nf4",
     "generate": "llmkern.generation",
 }
 _SUBMODULES = {"bench", "flops", "generation", "integrations", "kernels", "models", "ops", "parallel",

@@ -57,6 +57,21 @@ def forced():
 _TRITON = []
 
 
+def env_count(name, default, meaning=""):
+    """The integer >= 0 in environment variable `name`, or `default` when it is unset; a clear
+    ValueError naming the variable otherwise (a tuning bound must never be silently ignored)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{name} must be an integer >= 0{meaning}, got {raw!r}")
+    return value
+
+
 def triton_available():
     if not _TRITON:
         try:

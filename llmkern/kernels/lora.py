@@ -46,6 +46,8 @@ import torch
 from llmkern._backend import triton_interpreting
 from llmkern.kernels import _autotune as _autotune_front
 from llmkern.kernels import _tma
+from llmkern.kernels import nf4 as _nf4
+from llmkern.kernels.nf4 import nf4_values as _nf4_values
 from llmkern.kernels._common import cdiv, next_power_of_2
 from llmkern.kernels._common import dropout_params  # (the launchers below; tests read it here)
 from llmkern.kernels._common import fmix32 as _fmix32
@@ -141,6 +143,25 @@ def _base_ptr(X, W, rows, offs_n, mask_m, mask_n, K, sxm, sxk, swn, swk, acc,
 
 
 @triton.jit
+def _base_nf4(X, WQ, ABSMAX, LEVELS, rows, offs_n, mask_m, mask_n, K, sxm, sxk, swn, swk, acc,
+              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, QBLOCK: tl.constexpr):
+    """acc += X[rows] Wᵀ of one tile with W in 4-bit NF4 (QLoRA): each [BLOCK_K, BLOCK_N] tile of W is
+    read as packed bytes and dequantized in registers (swn / swk: W's element strides, which tell W from
+    the backward's Wᵀ; see llmkern/kernels/nf4.py)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X + rows[:, None] * sxm + offs_k[None, :] * sxk
+    w_flat = offs_n[None, :].to(tl.int64) * swn + offs_k[:, None].to(tl.int64) * swk
+    for k0 in range(0, K, BLOCK_K):
+        mk = (k0 + offs_k) < K
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
+        w = _nf4_values(WQ, ABSMAX, LEVELS, w_flat, mk[:, None] & mask_n[None, :], QBLOCK)
+        acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * sxk
+        w_flat += BLOCK_K * swk
+    return acc
+
+
+@triton.jit
 def _base_tma(desc_x, desc_w, m0, n0, K, acc,
               BLOCK_K: tl.constexpr, W_T: tl.constexpr, PRECISION: tl.constexpr):
     """acc += X Wᵀ of one tile through the tensor-memory accelerator (sm_90+): 2-D boxes of X [M, K]
@@ -158,19 +179,20 @@ def _base_tma(desc_x, desc_w, m0, n0, K, acc,
 
 
 @triton.jit(do_not_specialize=["threshold"])
-def _gemm_kernel(X, W, BIAS, XS, LB, OUT, IDS, desc_x, desc_w,
+def _gemm_kernel(X, W, WQ_ABSMAX, WQ_LEVELS, BIAS, XS, LB, OUT, IDS, desc_x, desc_w,
                  M, N, K, R, n_adapters, SEED, threshold, inv_keep,
                  sxm, sxk, swn, swk, sxs_m, sxs_r, slb_a, slb_n, slb_r, som, son,
                  HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, EPI_DROPOUT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
-                 USE_TMA: tl.constexpr, W_T: tl.constexpr):
+                 USE_TMA: tl.constexpr, W_T: tl.constexpr, W_NF4: tl.constexpr, QBLOCK: tl.constexpr):
     """OUT[m, n] = Σ_k X[m, k] W[n, k] + bias[n] + mask ⊙ Σ_r XS[m, r] LB[a_m, n, r].
 
     Rows in their original order, multi-adapter batches too (IDS: the adapter of each row), so the
     main loop is the single-adapter one (TMA included) and only the epilogue loops over the
     adapters present in the tile. USE_TMA: X and W come through the descriptors desc_x / desc_w;
-    otherwise those arguments are the raw tensors and unused."""
+    otherwise those arguments are the raw tensors and unused. W_NF4: W holds 4-bit NF4 codes (QLoRA),
+    scaled per QBLOCK elements by WQ_ABSMAX, with levels WQ_LEVELS (otherwise both are unused)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -189,6 +211,9 @@ def _gemm_kernel(X, W, BIAS, XS, LB, OUT, IDS, desc_x, desc_w,
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if USE_TMA:
         acc = _base_tma(desc_x, desc_w, pid_m * BLOCK_M, pid_n * BLOCK_N, K, acc, BLOCK_K, W_T, PRECISION)
+    elif W_NF4:
+        acc = _base_nf4(X, W, WQ_ABSMAX, WQ_LEVELS, rows, offs_n, mask_m, mask_n, K, sxm, sxk, swn, swk, acc,
+                        BLOCK_K, PRECISION, QBLOCK)
     else:
         acc = _base_ptr(X, W, rows, offs_n, mask_m, mask_n, K, sxm, sxk, swn, swk, acc, BLOCK_K, PRECISION)
 
@@ -335,7 +360,7 @@ def _reduce_configs():
 
 _tuned = {}
 
-_GEMM_KEY = ["N", "K", "R", "swk", "HAS_IDS", "EPI_DROPOUT"]
+_GEMM_KEY = ["N", "K", "R", "swk", "HAS_IDS", "EPI_DROPOUT", "W_NF4"]
 # name: (raw kernel, autotune candidates, autotune key, early prune). The keys include the strides
 # that tell the forward GEMM (W, K-contiguous) from the backward one (Wᵀ) and A from the Bᵀ view, so
 # each gets its own configuration.
@@ -461,7 +486,8 @@ def shrink(x, A, scale, scales=None, perm=None, sorted_ids=None, dropout_p=0.0, 
 def gemm(x, W, bias, xs, LB, ids=None, dropout_p=0.0, seed=None, wrap=None):
     """out[M, N] = x Wᵀ + bias + mask ⊙ (xs LB_aᵀ).
 
-    x [M, K]; W [N, K] (any strides); xs [M, R] fp32; LB [n, N, R] (any strides); ids: int32 [M],
+    x [M, K]; W [N, K] (any strides), or an NF4Operand (4-bit, dequantized in the main loop; no TMA);
+    xs [M, R] fp32; LB [n, N, R] (any strides); ids: int32 [M],
     the adapter of each row (None: adapter 0 everywhere). The dropout mask (when dropout_p > 0)
     applies to the low-rank term at (row, n)."""
     x = x.contiguous()
@@ -475,21 +501,27 @@ def gemm(x, W, bias, xs, LB, ids=None, dropout_p=0.0, seed=None, wrap=None):
     sd = _seed_arg(seed, dropout_p, x)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
 
+    nf4 = isinstance(W, _nf4.NF4Operand)
+    w_arg, absmax, levels = (W.packed, W.absmax, W.levels) if nf4 else (W, x, x)
+
     def launch(w_tma):
         if w_tma is None:  # the pointer kernel: the descriptor arguments are unused
-            desc_x, desc_w, w_t = x, W, False
+            desc_x, desc_w, w_t = x, w_arg, False
         else:  # boxes are set per config by _set_tma_blocks
             desc_x, desc_w, w_t = _tma.descriptor(x), _tma.descriptor(w_tma[0]), w_tma[1]
         _launch("gemm" if w_tma is None else "gemm_tma", wrap, grid,
-                x, W, bias if bias is not None else x, xs, LB, out, ids if has_ids else x, desc_x, desc_w,
+                x, w_arg, absmax, levels, bias if bias is not None else x, xs, LB, out, ids if has_ids else x,
+                desc_x, desc_w,
                 M, N, K, R, n, sd, thr, inv,
                 x.stride(0), x.stride(1), W.stride(0), W.stride(1), xs.stride(0), xs.stride(1),
                 LB.stride(0), LB.stride(1), LB.stride(2), out.stride(0), out.stride(1),
                 HAS_BIAS=bias is not None, HAS_IDS=has_ids, EPI_DROPOUT=dropout_p > 0,
-                BLOCK_R=_block_r(R, 32), PRECISION=_precision(x.dtype), USE_TMA=w_tma is not None, W_T=w_t)
+                BLOCK_R=_block_r(R, 32), PRECISION=_precision(x.dtype), USE_TMA=w_tma is not None, W_T=w_t,
+                W_NF4=nf4, QBLOCK=W.blocksize if nf4 else 1)
 
     # a traced op (torch.compile) cannot run config pre-hooks
-    w_tma = None if _traced(wrap) or not (_TMA.allowed(x) and _tma_compatible(x)) else _tma_weight(W)
+    tma_ok = not (nf4 or _traced(wrap)) and _TMA.allowed(x) and _tma_compatible(x)
+    w_tma = _tma_weight(W) if tma_ok else None
     if not (w_tma is not None and _TMA.run(lambda: launch(w_tma))):
         launch(None)  # rewrites every element of out
     return out
@@ -568,7 +600,8 @@ def reduce_rows(y, z, n, perm=None, seg=None, dropout_p=0.0, seed=None, wrap=Non
 
 def lora_forward(x, W, bias, A, B, scaling, scalings=None, perm=None, sorted_ids=None,
                  dropout_p=0.0, seed=None, wrap=None):
-    """(y [M, N], xs [M, R] fp32). x [M, K]; A [n, R, K]; B [n, N, R]."""
+    """(y [M, N], xs [M, R] fp32). x [M, K]; W [N, K] or an NF4Operand; A [n, R, K]; B [n, N, R]."""
+    W = _nf4.gemm_weight(W, x.shape[0], x.dtype, wrap)
     xs = shrink(x, A, scaling, scalings, perm, sorted_ids, dropout_p, seed, wrap)
     y = gemm(x, W, bias, xs, B, _row_ids(perm, sorted_ids), 0.0, seed, wrap)
     return y, xs
@@ -576,8 +609,10 @@ def lora_forward(x, W, bias, A, B, scaling, scalings=None, perm=None, sorted_ids
 
 def lora_backward(dy, x, W, A, B, xs, scaling, scalings=None, perm=None, sorted_ids=None, seg=None,
                   dropout_p=0.0, seed=None, wrap=None):
-    """(dx [M, K], dA [n, R, K], dB [n, N, R]); never forms B A."""
+    """(dx [M, K], dA [n, R, K], dB [n, N, R]); never forms B A. An NF4 W is dequantized again (in the
+    dx GEMM's main loop or into a temporary, as in the forward), never kept between the passes."""
     dy = dy.contiguous()
+    W = _nf4.gemm_weight(W, dy.shape[0], dy.dtype, wrap)
     n = A.shape[0]
     # dxs[m] = s_a · dy[m] B_a   (shrink by Bᵀ: a [n, R, N] view of B)
     dxs = shrink(dy, B.transpose(1, 2), scaling, scalings, perm, sorted_ids, 0.0, seed, wrap)

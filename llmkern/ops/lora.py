@@ -12,7 +12,6 @@ runs the same kernels under TRITON_INTERPRET=1 (float32/float16 only).
 """
 import math
 import numbers
-import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from llmkern import _backend
 from llmkern.ops import _checks
+from llmkern.ops.nf4 import NF4Weight
 from llmkern import reference as ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -45,7 +45,8 @@ _tensor = _checks.tensor_arg
 
 def _check_common(x, weight, bias, lora_A, lora_B, multi):
     _tensor("x", x)
-    _tensor("weight", weight)
+    if not isinstance(weight, NF4Weight):
+        _tensor("weight", weight)
     _tensor("lora_A", lora_A)
     _tensor("lora_B", lora_B)
     if not x.is_floating_point() or x.dtype not in _DTYPES + (torch.float64,):
@@ -57,7 +58,7 @@ def _check_common(x, weight, bias, lora_A, lora_B, multi):
         raise ValueError(f"weight must have shape [out_features, {K}] (like nn.Linear.weight), "
                          f"got {tuple(weight.shape)}")
     N = weight.shape[0]
-    if weight.dtype != x.dtype:
+    if weight.dtype != x.dtype and not isinstance(weight, NF4Weight):  # NF4: dequantized to x's dtype
         raise ValueError(f"weight must have the dtype of x ({x.dtype}), got {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
@@ -142,7 +143,8 @@ _INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
 
 def _autocast_args(x, weight, bias):
-    """Under torch.autocast, cast like F.linear would (to the autocast dtype)."""
+    """Under torch.autocast, cast like F.linear would (to the autocast dtype); an NF4 weight stays as it
+    is (the op dequantizes it to x's dtype)."""
     dt = _checks.autocast_dtype(x)
     if dt is None:
         return x, weight, bias
@@ -171,48 +173,68 @@ if _triton_op is not None and _backend.triton_available():
     def _lora_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      lora_A: torch.Tensor, lora_B: torch.Tensor, scalings: Optional[torch.Tensor],
                      scaling: float, perm: Optional[torch.Tensor], sorted_ids: Optional[torch.Tensor],
-                     seg: Optional[torch.Tensor], dropout_p: float, seed: Optional[torch.Tensor]
+                     seg: Optional[torch.Tensor], dropout_p: float, seed: Optional[torch.Tensor],
+                     nf4_absmax: Optional[torch.Tensor] = None, nf4_levels: Optional[torch.Tensor] = None,
+                     nf4_blocksize: int = 0
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-        return _kern().lora_forward(x, weight, bias, lora_A, lora_B, scaling, scalings, perm, sorted_ids,
+        W = _weight_operand(weight, nf4_absmax, nf4_levels, nf4_blocksize, lora_B.shape[1], x.shape[1])
+        return _kern().lora_forward(x, W, bias, lora_A, lora_B, scaling, scalings, perm, sorted_ids,
                                     dropout_p, seed, wrap=_wrap_triton)
 
     @_triton_op("llmkern::lora_bwd", mutates_args=())
     def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
                      lora_B: torch.Tensor, xs: torch.Tensor, scalings: Optional[torch.Tensor],
                      scaling: float, perm: Optional[torch.Tensor], sorted_ids: Optional[torch.Tensor],
-                     seg: Optional[torch.Tensor], dropout_p: float, seed: Optional[torch.Tensor]
+                     seg: Optional[torch.Tensor], dropout_p: float, seed: Optional[torch.Tensor],
+                     nf4_absmax: Optional[torch.Tensor] = None, nf4_levels: Optional[torch.Tensor] = None,
+                     nf4_blocksize: int = 0
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _kern().lora_backward(dy, x, weight, lora_A, lora_B, xs, scaling, scalings, perm,
+        W = _weight_operand(weight, nf4_absmax, nf4_levels, nf4_blocksize, lora_B.shape[1], x.shape[1])
+        return _kern().lora_backward(dy, x, W, lora_A, lora_B, xs, scaling, scalings, perm,
                                      sorted_ids, seg, dropout_p, seed, wrap=_wrap_triton)
 
     def _setup_context(ctx, inputs, output):
-        x, weight, bias, lora_A, lora_B, scalings, scaling, perm, sorted_ids, seg, p, seed = inputs
-        ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scalings, perm, sorted_ids, seg, seed)
-        ctx.scaling, ctx.p = scaling, p
+        x, weight, bias, lora_A, lora_B, scalings, scaling, perm, sorted_ids, seg, p, seed, *nf4 = inputs
+        ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scalings, perm, sorted_ids, seg, seed,
+                              nf4[0], nf4[1])
+        ctx.scaling, ctx.p, ctx.nf4_blocksize = scaling, p, nf4[2]
         ctx.has_bias = bias is not None
 
     def _backward(ctx, dy, _dxs):
-        x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed = ctx.saved_tensors
+        x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed, absmax, levels = ctx.saved_tensors
         dy = dy.contiguous()
         dx, dA, dB = torch.ops.llmkern.lora_bwd(dy, x, weight, lora_A, lora_B, xs, scalings, ctx.scaling,
-                                                perm, sorted_ids, seg, ctx.p, seed)
+                                                perm, sorted_ids, seg, ctx.p, seed, absmax, levels,
+                                                ctx.nf4_blocksize)
         dW = dy.t().mm(x) if ctx.needs_input_grad[1] else None
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dW, db, dA, dB, None, None, None, None, None, None, None
+        return dx, dW, db, dA, dB, None, None, None, None, None, None, None, None, None, None
 
     _lora_fwd_op.register_autograd(_backward, setup_context=_setup_context)
     _HAVE_OPS = True
+
+
+def _weight_operand(weight, absmax, levels, blocksize, N, K):
+    """What the kernels take as W: the dense weight, or (absmax given) the NF4 codes in `weight`."""
+    if absmax is None:
+        return weight
+    from llmkern.kernels.nf4 import NF4Operand
+
+    return NF4Operand(weight, absmax, levels, (N, K), blocksize)
 
 
 class _LoRAFunction(torch.autograd.Function):
     """The same kernels called directly: eager calls, CPU tensors under TRITON_INTERPRET=1, torch < 2.6."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, scaling, perm, sorted_ids, seg, p, seed):
-        y, xs = _kern().lora_forward(x, weight, bias, lora_A, lora_B, scaling, scalings, perm,
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, scaling, perm, sorted_ids, seg, p, seed,
+                nf4_absmax, nf4_levels, nf4_blocksize):
+        W = _weight_operand(weight, nf4_absmax, nf4_levels, nf4_blocksize, lora_B.shape[1], x.shape[1])
+        y, xs = _kern().lora_forward(x, W, bias, lora_A, lora_B, scaling, scalings, perm,
                                      sorted_ids, p, seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed)
-        ctx.scaling, ctx.p, ctx.has_bias = scaling, p, bias is not None
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed,
+                              nf4_absmax, nf4_levels)
+        ctx.scaling, ctx.p, ctx.has_bias, ctx.nf4_blocksize = scaling, p, bias is not None, nf4_blocksize
         return y
 
     @staticmethod
@@ -220,18 +242,24 @@ class _LoRAFunction(torch.autograd.Function):
     def backward(ctx, dy):
         # the kernels' gradients are not differentiable: a double backward (create_graph=True)
         # raises, as it does through the custom op, instead of silently dropping second-order terms
-        x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed = ctx.saved_tensors
+        x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed, absmax, levels = ctx.saved_tensors
         dy = dy.contiguous()
-        dx, dA, dB = _kern().lora_backward(dy, x, weight, lora_A, lora_B, xs, ctx.scaling, scalings, perm,
+        W = _weight_operand(weight, absmax, levels, ctx.nf4_blocksize, lora_B.shape[1], x.shape[1])
+        dx, dA, dB = _kern().lora_backward(dy, x, W, lora_A, lora_B, xs, ctx.scaling, scalings, perm,
                                            sorted_ids, seg, ctx.p, seed)
         dW = dy.t().mm(x) if ctx.needs_input_grad[1] else None
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dW, db, dA, dB, None, None, None, None, None, None, None
+        return dx, dW, db, dA, dB, None, None, None, None, None, None, None, None, None, None
 
 
 def _run_triton(x2, weight, bias, A3, B3, scalings, scaling, perm, sorted_ids, seg, p, seed):
+    if isinstance(weight, NF4Weight):  # the codes go in weight's place, with the scales after the seed
+        nf4 = (weight.absmax, weight.operand().levels, weight.blocksize)
+        weight = weight.packed
+    else:
+        nf4 = (None, None, 0)
     args = (x2, weight.contiguous(), None if bias is None else bias.contiguous(), A3.contiguous(),
-            B3.contiguous(), scalings, scaling, perm, sorted_ids, seg, p, seed)
+            B3.contiguous(), scalings, scaling, perm, sorted_ids, seg, p, seed, *nf4)
     # the custom op where torch.compile traces; eager calls skip its dispatch (see eager_fast_path)
     if x2.device.type == "cuda" and _HAVE_OPS and not _checks.eager_fast_path(*args[:6]):
         return torch.ops.llmkern.lora_fwd(*args)[0]
@@ -248,7 +276,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     Args:
         x: ``[..., in]`` float32 / float16 / bfloat16.
         weight: ``[out, in]`` (nn.Linear layout), dtype of x. Its gradient is computed only when
-            ``weight.requires_grad`` (the usual frozen base gives none).
+            ``weight.requires_grad`` (the usual frozen base gives none). Or an ``NF4Weight``
+            (``llmkern.nf4_quantize``, QLoRA's frozen 4-bit base): the kernels then read W in 4 bits and
+            dequantize it on chip (or, for many rows, in one pass into a temporary that is freed at once;
+            see llmkern/kernels/nf4.py); no dense copy is kept for the backward.
         bias: ``[out]`` or None.
         lora_A: ``[r, in]``, lora_B: ``[out, r]`` (PEFT layout), 1 <= r <= 256. Cast to x's dtype
             when they differ.
@@ -274,9 +305,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     lora_B = lora_B.to(x.dtype)
     backend = _backend_for(x.device, x.dtype, "lora_linear")
     if backend == "reference" or x.numel() == 0:
-        return ref.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, 0 if seed_t is None else seed_t)
+        return ref.lora_linear(x, _dense(weight, x.dtype), bias, lora_A, lora_B, scaling, p,
+                               0 if seed_t is None else seed_t)
     shape = x.shape
-    if not fused_pays(x.numel() // shape[-1], weight.shape[0], shape[-1], x.device):
+    nf4 = isinstance(weight, NF4Weight)  # always fused: the cuBLAS path would keep a dense copy for the backward
+    if not nf4 and not fused_pays(x.numel() // shape[-1], weight.shape[0], shape[-1], x.device):
         return lora_linear_cublas(x, weight, bias, lora_A, lora_B, scaling, p, seed_t)
     x2 = x.reshape(-1, shape[-1])
     y = _run_triton(x2, weight, bias, lora_A.unsqueeze(0), lora_B.unsqueeze(0), None, scaling,
@@ -306,16 +339,7 @@ def fused_pays(M, N, K, device):
 
 def fused_min_mnk():
     """The bound of fused_pays: LLMKERN_LORA_FUSED_MIN_MNK, or FUSED_MIN_MNK."""
-    bound = os.environ.get("LLMKERN_LORA_FUSED_MIN_MNK")
-    if bound is None:
-        return FUSED_MIN_MNK
-    try:
-        value = int(bound)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"LLMKERN_LORA_FUSED_MIN_MNK must be an integer >= 0 (0: always fused), got {bound!r}")
-    return value
+    return _backend.env_count("LLMKERN_LORA_FUSED_MIN_MNK", FUSED_MIN_MNK, " (0: always fused)")
 
 
 def lora_linear_cublas(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None):
@@ -337,7 +361,7 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     """Mixed-adapter LoRA linear: token m uses adapter ``adapter_ids[m]`` (-1: base model only).
 
     Args:
-        x: ``[..., in]``; weight ``[out, in]``; bias ``[out]`` or None.
+        x: ``[..., in]``; weight ``[out, in]`` or an ``NF4Weight`` (see lora_linear); bias ``[out]`` or None.
         lora_A: ``[n, r, in]``, lora_B: ``[n, out, r]`` (adapters stacked; pad smaller ranks
             with zeros), scalings: ``[n]`` tensor (not requiring grad: the op gives no gradient
             for it) or sequence of floats, all finite.
@@ -399,12 +423,17 @@ class _ValueCheck:
                 raise ValueError(f"adapter_ids must be in [-1, {self.n}), got values in [{lo}, {hi}]")
 
 
+def _dense(weight, dtype):
+    """The reference's weight: an NF4 weight dequantized to `dtype` (outside autograd: it is frozen)."""
+    return weight.dequantize(dtype) if isinstance(weight, NF4Weight) else weight
+
+
 def _lora_multi(x, weight, bias, lora_A, lora_B, scalings, ids, n, M):
     lora_A = lora_A.to(x.dtype)
     lora_B = lora_B.to(x.dtype)
     backend = _backend_for(x.device, x.dtype, "lora_linear_multi")
     if backend == "reference" or M == 0:
-        return ref.lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, ids)
+        return ref.lora_linear_multi(x, _dense(weight, x.dtype), bias, lora_A, lora_B, scalings, ids)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     sorted_ids, perm = torch.sort(ids.to(torch.int32), stable=True)

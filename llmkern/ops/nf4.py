@@ -1,0 +1,144 @@
+"""4-bit NF4 weights (QLoRA): the frozen base weight of a LoRA layer stored in 4 bits.
+
+    qw = llmkern.nf4_quantize(linear.weight, blocksize=64)     # NF4Weight: 0.5 byte/param + 4 B/block
+    y = llmkern.lora_linear(x, qw, bias, A, B, scaling)        # the fused LoRA op reads W in 4 bits
+    W = llmkern.nf4_dequantize(qw, torch.bfloat16)             # the dense weight, when needed
+
+The layout is bitsandbytes' (see llmkern/reference/nf4.py), so `NF4Weight.from_bnb(param)` reads a
+`bnb.nn.Params4bit` (an NF4 `Linear4bit` weight, double-quantized or not) without copying its codes, and
+`nf4_quantize` gives the bytes bitsandbytes' quantize_4bit gives. Kernels: llmkern/kernels/nf4.py (the
+dequantization inside the LoRA GEMM's main loop, and a standalone dequantization pass).
+"""
+from typing import Optional
+
+import torch
+
+from llmkern import _backend
+from llmkern.ops import _checks
+from llmkern.reference import nf4 as ref
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_backend.register_op("nf4_dequantize", lambda device, dtype: _backend.choose_triton("nf4_dequantize", device,
+                                                                                  dtype, _DTYPES))
+
+
+def _check_blocksize(blocksize):
+    # a power of two, as bitsandbytes' are: the kernels then find an element's block with a shift
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 2 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two >= 2 (bitsandbytes uses 64), got {blocksize!r}")
+
+
+class NF4Weight:
+    """A frozen linear weight ``[out_features, in_features]`` in 4-bit NormalFloat (bitsandbytes layout).
+
+    packed: uint8, ``ceil(N·K / 2)`` bytes (two codes per byte, the first in the high nibble; bnb's
+    ``[n, 1]`` shape is accepted); absmax: float32 ``[ceil(N·K / blocksize)]``, the scale of each block of
+    ``blocksize`` consecutive elements; dtype: the dtype ``dequantize()`` returns by default (the
+    original weight's). Not a tensor and not trainable: it is the frozen base of a (Q)LoRA layer.
+    """
+
+    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize: int = 64,
+                 dtype: torch.dtype = torch.float32):
+        _checks.tensor_arg("packed", packed)
+        _checks.tensor_arg("absmax", absmax)
+        if len(tuple(shape)) != 2 or any(int(s) < 1 for s in shape):
+            raise ValueError(f"shape must be [out_features, in_features] with both >= 1, got {tuple(shape)}")
+        _check_blocksize(blocksize)
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        N, K = (int(s) for s in shape)
+        if packed.dtype != torch.uint8 or packed.numel() != -(-N * K // 2):
+            raise ValueError(f"packed must be uint8 with ceil({N}·{K} / 2) = {-(-N * K // 2)} elements, got "
+                             f"{packed.dtype} with {packed.numel()}")
+        nblocks = -(-N * K // blocksize)
+        if absmax.dtype != torch.float32 or absmax.numel() != nblocks:
+            raise ValueError(f"absmax must be float32 with ceil({N}·{K} / {blocksize}) = {nblocks} elements, got "
+                             f"{absmax.dtype} with {absmax.numel()}")
+        if absmax.device != packed.device:
+            raise ValueError(f"absmax is on {absmax.device} but packed is on {packed.device}")
+        self.packed = packed.reshape(-1).contiguous()
+        self.absmax = absmax.reshape(-1).contiguous()
+        self.shape = torch.Size((N, K))
+        self.blocksize = blocksize
+        self.dtype = dtype
+
+    out_features = property(lambda self: self.shape[0])
+    in_features = property(lambda self: self.shape[1])
+    device = property(lambda self: self.packed.device)
+    requires_grad = False
+
+    def dim(self):
+        return 2
+
+    @property
+    def nbytes(self):
+        return self.packed.numel() + 4 * self.absmax.numel()
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense weight ``[N, K]`` in `dtype` (default: self.dtype). See nf4_dequantize."""
+        return nf4_dequantize(self, dtype)
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "NF4Weight":
+        """The same codes on `device` (dtype: the default dequantization dtype)."""
+        return NF4Weight(self.packed.to(device), self.absmax.to(device), self.shape, self.blocksize,
+                         dtype or self.dtype)
+
+    def operand(self):
+        """The LoRA launchers' view of this weight (llmkern.kernels.nf4.NF4Operand)."""
+        from llmkern.kernels.nf4 import NF4Operand, levels_on
+
+        return NF4Operand(self.packed, self.absmax, levels_on(self.device), self.shape, self.blocksize)
+
+    @classmethod
+    def from_bnb(cls, weight, dtype: Optional[torch.dtype] = None) -> "NF4Weight":
+        """An NF4Weight over a bitsandbytes ``Params4bit`` (``Linear4bit.weight``) of quant_type "nf4": the
+        codes are shared, not copied; a double-quantized absmax is expanded to float32 once here."""
+        state = getattr(weight, "quant_state", None)
+        if state is None:
+            raise ValueError("weight must be a bitsandbytes Params4bit with a quant_state (quantized: moved to "
+                             "its device), got " + type(weight).__name__)
+        if getattr(state, "quant_type", "nf4") != "nf4":
+            raise ValueError(f"only NF4 weights are supported, got quant_type={state.quant_type!r}")
+        absmax = state.absmax
+        if getattr(state, "nested", False):
+            inner = state.state2
+            absmax = ref.dequantize_absmax(absmax, inner.code, inner.absmax, state.offset, inner.blocksize)
+        return cls(weight.data, absmax.to(torch.float32), tuple(state.shape), int(state.blocksize),
+                   dtype or state.dtype)
+
+    def __repr__(self):
+        return (f"NF4Weight(shape={tuple(self.shape)}, blocksize={self.blocksize}, dtype={self.dtype}, "
+                f"device={self.device})")
+
+
+def nf4_quantize(weight: torch.Tensor, blocksize: int = 64) -> NF4Weight:
+    """Quantize a linear weight ``[out, in]`` to NF4 (round to the nearest of 16 levels, one absmax per
+    `blocksize` consecutive elements): the same bytes as bitsandbytes' ``quantize_4bit(w, blocksize,
+    quant_type="nf4")``. Any device; the dtype of `weight` becomes the default dequantization dtype."""
+    _checks.tensor_arg("weight", weight)
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"weight must be a non-empty [out_features, in_features] tensor, got shape "
+                         f"{tuple(weight.shape)}")
+    if weight.dtype not in _DTYPES:
+        raise ValueError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
+    _check_blocksize(blocksize)
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight must be finite to quantize it (it holds inf or NaN)")
+    packed, absmax = ref.nf4_quantize(weight, blocksize)
+    return NF4Weight(packed, absmax, weight.shape, blocksize, weight.dtype)
+
+
+def nf4_dequantize(qweight: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The dense weight ``[N, K]`` of an NF4Weight in `dtype` (default: its own): one Triton pass on CUDA
+    (reads 0.5 B, writes 2 B per element), the reference on CPU."""
+    if not isinstance(qweight, NF4Weight):
+        raise TypeError(f"qweight must be an NF4Weight (llmkern.nf4_quantize), got {type(qweight).__name__}")
+    dtype = dtype or qweight.dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    if _backend.choose_triton("nf4_dequantize", qweight.device, dtype, _DTYPES) == "reference":
+        return ref.nf4_dequantize(qweight.packed, qweight.absmax, qweight.shape, qweight.blocksize, dtype)
+    from llmkern.kernels.nf4 import dequantize
+
+    return dequantize(qweight.operand(), dtype)
