@@ -91,7 +91,7 @@ def main(everything=False):
     gemm_bwd = dict(sxk=1, swn=1, sxs_r=1, slb_n=1, son=1, PRECISION="tf32", GROUP_M=8, USE_TMA=False, W_T=False,
                     W_NF4=False, QBLOCK=1)
     # QLoRA: W as 4-bit NF4 codes, dequantized in the main loop (forward W, backward Wᵀ)
-    nf4_t = dict(gemm_t, W="*u8", WQ_ABSMAX="*fp32", WQ_LEVELS="*fp32")
+    nf4_t = dict(gemm_t, W="*u8", WQ_ABSMAX="*fp32", WQ_PAIRS="*i64")
     rows = [
         ("gemm fwd 128x256", L._gemm_kernel, gemm_t,
          dict(gemm_fwd, HAS_BIAS=True, HAS_IDS=False, EPI_DROPOUT=False, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64,
@@ -106,13 +106,13 @@ def main(everything=False):
          dict(syp=1, szr=1, so_r=1, HAS_IDS=True, DROPOUT=True, BLOCK_M=64, BLOCK_P=128, BLOCK_R=64,
               PRECISION="tf32"), 4, 3),
     ]
-    for bm, bn, w in [(128, 128, 8), (64, 128, 4), (16, 128, 4)]:
+    for bm, bn, bk, w, st in L._GEMM_NF4_TILES:  # every NF4 candidate (blocksize 64), forward and backward
+        tile = dict(W_NF4=True, QBLOCK=64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
         rows += [(f"gemm nf4 fwd {bm}x{bn}", L._gemm_kernel, nf4_t,
-                  dict(gemm_fwd, W_NF4=True, QBLOCK=64, HAS_BIAS=True, HAS_IDS=False, EPI_DROPOUT=False,
-                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, BLOCK_R=16), w, 3),
-                 (f"gemm nf4 bwd {bm}x{bn}", L._gemm_kernel, nf4_t,
-                  dict(gemm_bwd, W_NF4=True, QBLOCK=64, HAS_BIAS=False, HAS_IDS=False, EPI_DROPOUT=True,
-                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, BLOCK_R=32), w, 3)]
+                  dict(gemm_fwd, **tile, HAS_BIAS=True, HAS_IDS=False, EPI_DROPOUT=False, BLOCK_R=16), w, st),
+                 (f"gemm nf4 bwd {bm}x{bn} drop", L._gemm_kernel, nf4_t,
+                  dict(gemm_bwd, **tile, W_T=True, HAS_BIAS=False, HAS_IDS=False, EPI_DROPOUT=True, BLOCK_R=32),
+                  w, st)]
     bm, bn, bk, w, s = L._FIXED_GPU_TMA_TILE
     rows.append(("gemm tma fwd multi", L._gemm_kernel, gemm_t,  # rows in place: the TMA main loop
                  dict(gemm_fwd, USE_TMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=True, HAS_IDS=True,

@@ -47,7 +47,7 @@ from llmkern._backend import triton_interpreting
 from llmkern.kernels import _autotune as _autotune_front
 from llmkern.kernels import _tma
 from llmkern.kernels import nf4 as _nf4
-from llmkern.kernels.nf4 import nf4_values as _nf4_values
+from llmkern.kernels.nf4 import nf4_levels as _nf4_levels, scale_blocks as _scale_blocks
 from llmkern.kernels._common import cdiv, next_power_of_2
 from llmkern.kernels._common import dropout_params  # (the launchers below; tests read it here)
 from llmkern.kernels._common import fmix32 as _fmix32
@@ -143,21 +143,53 @@ def _base_ptr(X, W, rows, offs_n, mask_m, mask_n, K, sxm, sxk, swn, swk, acc,
 
 
 @triton.jit
-def _base_nf4(X, WQ, ABSMAX, LEVELS, rows, offs_n, mask_m, mask_n, K, sxm, sxk, swn, swk, acc,
-              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, QBLOCK: tl.constexpr):
-    """acc += X[rows] Wᵀ of one tile with W in 4-bit NF4 (QLoRA): each [BLOCK_K, BLOCK_N] tile of W is
-    read as packed bytes and dequantized in registers (swn / swk: W's element strides, which tell W from
-    the backward's Wᵀ; see llmkern/kernels/nf4.py)."""
+def _base_nf4(X, WQ, ABSMAX, PAIRS, rows, n0, mask_m, K, N, sxm, sxk, row_bytes, acc,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, QBLOCK: tl.constexpr,
+              W_T: tl.constexpr):
+    """acc += X[rows] Wᵀ of one tile with W in 4-bit NF4 (QLoRA): each W tile is read as packed bytes
+    (a quarter of bf16's traffic) and dequantized in registers right before the dot. The stored weight
+    is [out, in] with `row_bytes` bytes per row, in whole quantization blocks of QBLOCK elements, so a
+    tile row needs one absmax per block it spans (NB = its width / QBLOCK, at least 1), not one per element.
+    Forward (not W_T): the reduction runs along a stored row; the tile is loaded [BLOCK_N, BLOCK_K] and
+    transposed. Backward dx = dy W (W_T): the reduction index is the stored row, the output columns run
+    along it."""
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X + rows[:, None] * sxm + offs_k[None, :] * sxk
-    w_flat = offs_n[None, :].to(tl.int64) * swn + offs_k[:, None].to(tl.int64) * swk
+    blocks_per_row = row_bytes // (QBLOCK // 2)
+    if W_T:  # tile [BLOCK_K stored rows, BLOCK_N columns of them]
+        pairs = n0 // 2 + tl.arange(0, BLOCK_N // 2)
+        cols_b = n0 // QBLOCK + tl.arange(0, (BLOCK_N + QBLOCK - 1) // QBLOCK)
+        w_bytes = offs_k[:, None].to(tl.int64) * row_bytes + pairs[None, :]
+        w_scale = offs_k[:, None].to(tl.int64) * blocks_per_row + cols_b[None, :]
+        mask_c = (2 * pairs < N)[None, :]
+        mask_cb = (cols_b * QBLOCK < N)[None, :]
+        step_bytes = BLOCK_K * row_bytes
+        step_scale = BLOCK_K * blocks_per_row
+    else:  # tile [BLOCK_N stored rows, BLOCK_K columns of them], transposed for the dot
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        pairs = tl.arange(0, BLOCK_K // 2)
+        cols_b = tl.arange(0, (BLOCK_K + QBLOCK - 1) // QBLOCK)
+        w_bytes = offs_n[:, None].to(tl.int64) * row_bytes + pairs[None, :]
+        w_scale = offs_n[:, None].to(tl.int64) * blocks_per_row + cols_b[None, :]
+        mask_r = (offs_n < N)[:, None]
+        step_bytes = BLOCK_K // 2
+        step_scale = 0  # advanced per iteration below (BLOCK_K may be less than one block)
     for k0 in range(0, K, BLOCK_K):
         mk = (k0 + offs_k) < K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
-        w = _nf4_values(WQ, ABSMAX, LEVELS, w_flat, mk[:, None] & mask_n[None, :], QBLOCK)
+        if W_T:
+            lv = _nf4_levels(WQ, PAIRS, w_bytes, mk[:, None] & mask_c)
+            sc = tl.load(ABSMAX + w_scale, mask=mk[:, None] & mask_cb, other=0.0)
+            w = _scale_blocks(lv, sc, (BLOCK_N + QBLOCK - 1) // QBLOCK)
+        else:
+            lv = _nf4_levels(WQ, PAIRS, w_bytes, mask_r & (k0 + 2 * pairs < K)[None, :])
+            sc = tl.load(ABSMAX + w_scale + k0 // QBLOCK, mask=mask_r & (k0 + cols_b * QBLOCK < K)[None, :],
+                         other=0.0)
+            w = tl.trans(_scale_blocks(lv, sc, (BLOCK_K + QBLOCK - 1) // QBLOCK))
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * sxk
-        w_flat += BLOCK_K * swk
+        w_bytes += step_bytes
+        w_scale += step_scale
     return acc
 
 
@@ -179,7 +211,7 @@ def _base_tma(desc_x, desc_w, m0, n0, K, acc,
 
 
 @triton.jit(do_not_specialize=["threshold"])
-def _gemm_kernel(X, W, WQ_ABSMAX, WQ_LEVELS, BIAS, XS, LB, OUT, IDS, desc_x, desc_w,
+def _gemm_kernel(X, W, WQ_ABSMAX, WQ_PAIRS, BIAS, XS, LB, OUT, IDS, desc_x, desc_w,
                  M, N, K, R, n_adapters, SEED, threshold, inv_keep,
                  sxm, sxk, swn, swk, sxs_m, sxs_r, slb_a, slb_n, slb_r, som, son,
                  HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, EPI_DROPOUT: tl.constexpr,
@@ -192,7 +224,8 @@ def _gemm_kernel(X, W, WQ_ABSMAX, WQ_LEVELS, BIAS, XS, LB, OUT, IDS, desc_x, des
     main loop is the single-adapter one (TMA included) and only the epilogue loops over the
     adapters present in the tile. USE_TMA: X and W come through the descriptors desc_x / desc_w;
     otherwise those arguments are the raw tensors and unused. W_NF4: W holds 4-bit NF4 codes (QLoRA),
-    scaled per QBLOCK elements by WQ_ABSMAX, with levels WQ_LEVELS (otherwise both are unused)."""
+    scaled per QBLOCK elements by WQ_ABSMAX, with the level-pair table WQ_PAIRS (otherwise both are
+    unused); W_T then tells the backward's Wᵀ (see _base_nf4)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -211,9 +244,9 @@ def _gemm_kernel(X, W, WQ_ABSMAX, WQ_LEVELS, BIAS, XS, LB, OUT, IDS, desc_x, des
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if USE_TMA:
         acc = _base_tma(desc_x, desc_w, pid_m * BLOCK_M, pid_n * BLOCK_N, K, acc, BLOCK_K, W_T, PRECISION)
-    elif W_NF4:
-        acc = _base_nf4(X, W, WQ_ABSMAX, WQ_LEVELS, rows, offs_n, mask_m, mask_n, K, sxm, sxk, swn, swk, acc,
-                        BLOCK_K, PRECISION, QBLOCK)
+    elif W_NF4:  # swn: bytes per stored row
+        acc = _base_nf4(X, W, WQ_ABSMAX, WQ_PAIRS, rows, pid_n * BLOCK_N, mask_m, K, N, sxm, sxk, swn, acc,
+                        BLOCK_N, BLOCK_K, PRECISION, QBLOCK, W_T)
     else:
         acc = _base_ptr(X, W, rows, offs_n, mask_m, mask_n, K, sxm, sxk, swn, swk, acc, BLOCK_K, PRECISION)
 
@@ -323,6 +356,17 @@ _GEMM_TMA_TILES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8,
                    (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
 
 
+# The NF4 GEMM (QLoRA) runs only for M <= LLMKERN_NF4_FUSED_MAX_M rows (kernels/nf4.py), where W's
+# traffic is the cost: small row tiles give more column tiles to fill the SMs. Each compiles for sm_90 with
+# no spill (`python tests/test_lora_compile.py`); which wins is for the autotuner on the card.
+_GEMM_NF4_TILES = [(16, 64, 64, 4, 4), (16, 128, 64, 4, 3), (32, 128, 64, 4, 3), (64, 64, 64, 4, 4),
+                   (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)]
+
+
+def _gemm_nf4_configs():
+    return [_gemm_cfg(*c) for c in _GEMM_NF4_TILES]
+
+
 def _gemm_tma_configs():
     return [_gemm_cfg(*c, pre_hook=_set_tma_blocks) for c in _GEMM_TMA_TILES]
 
@@ -360,12 +404,13 @@ def _reduce_configs():
 
 _tuned = {}
 
-_GEMM_KEY = ["N", "K", "R", "swk", "HAS_IDS", "EPI_DROPOUT", "W_NF4"]
+_GEMM_KEY = ["N", "K", "R", "swk", "HAS_IDS", "EPI_DROPOUT", "W_NF4", "W_T"]
 # name: (raw kernel, autotune candidates, autotune key, early prune). The keys include the strides
 # that tell the forward GEMM (W, K-contiguous) from the backward one (Wᵀ) and A from the Bᵀ view, so
 # each gets its own configuration.
 _KERNELS = {"gemm": (_gemm_kernel, _gemm_configs, _GEMM_KEY, None),
-            "gemm_tma": (_gemm_kernel, _gemm_tma_configs, _GEMM_KEY + ["W_T"], _prune_tma),
+            "gemm_tma": (_gemm_kernel, _gemm_tma_configs, _GEMM_KEY, _prune_tma),
+            "gemm_nf4": (_gemm_kernel, _gemm_nf4_configs, _GEMM_KEY, None),
             "shrink": (_shrink_kernel, _shrink_configs, ["K", "R", "sa_k", "HAS_IDS", "DROPOUT"], None),
             "reduce": (_reduce_kernel, _reduce_configs, ["P", "R", "HAS_IDS", "DROPOUT"], None)}
 
@@ -373,7 +418,7 @@ _KERNELS = {"gemm": (_gemm_kernel, _gemm_configs, _GEMM_KEY, None),
 _INTERP = {"gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
            "shrink": dict(BLOCK_M=16, BLOCK_K=32),
            "reduce": dict(BLOCK_M=16, BLOCK_P=32)}
-_INTERP["gemm_tma"] = _INTERP["gemm"]
+_INTERP["gemm_tma"] = _INTERP["gemm_nf4"] = _INTERP["gemm"]
 
 _FIXED_GPU_TMA_TILE = (128, 256, 64, 8, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
 
@@ -381,6 +426,7 @@ _FIXED_GPU_TMA_TILE = (128, 256, 64, 8, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, 
 _FIXED_GPU = {"gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
               # the H100's fastest TMA candidate at 8192x4096x4096 bf16 (0.393 ms vs 0.478 for 128x128)
               "gemm_tma": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+              "gemm_nf4": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
               "shrink": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
               "reduce": dict(BLOCK_M=64, BLOCK_P=128, num_warps=4, num_stages=3)}
 
@@ -486,7 +532,8 @@ def shrink(x, A, scale, scales=None, perm=None, sorted_ids=None, dropout_p=0.0, 
 def gemm(x, W, bias, xs, LB, ids=None, dropout_p=0.0, seed=None, wrap=None):
     """out[M, N] = x Wᵀ + bias + mask ⊙ (xs LB_aᵀ).
 
-    x [M, K]; W [N, K] (any strides), or an NF4Operand (4-bit, dequantized in the main loop; no TMA);
+    x [M, K]; W [N, K] (any strides), or an NF4Operand of even in_features (4-bit, dequantized in the
+    main loop; no TMA);
     xs [M, R] fp32; LB [n, N, R] (any strides); ids: int32 [M],
     the adapter of each row (None: adapter 0 everywhere). The dropout mask (when dropout_p > 0)
     applies to the low-rank term at (row, n)."""
@@ -502,18 +549,21 @@ def gemm(x, W, bias, xs, LB, ids=None, dropout_p=0.0, seed=None, wrap=None):
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
 
     nf4 = isinstance(W, _nf4.NF4Operand)
-    w_arg, absmax, levels = (W.packed, W.absmax, W.levels) if nf4 else (W, x, x)
+    w_arg, absmax, pairs = (W.packed, W.absmax, W.pairs) if nf4 else (W, x, x)
+    # the NF4 main loop's strides: bytes per stored row (the layout is fixed)
+    sw = (W.stored_shape[1] // 2, 0) if nf4 else (W.stride(0), W.stride(1))
 
     def launch(w_tma):
         if w_tma is None:  # the pointer kernel: the descriptor arguments are unused
-            desc_x, desc_w, w_t = x, w_arg, False
+            desc_x, desc_w, w_t = x, w_arg, nf4 and W.transposed
         else:  # boxes are set per config by _set_tma_blocks
             desc_x, desc_w, w_t = _tma.descriptor(x), _tma.descriptor(w_tma[0]), w_tma[1]
-        _launch("gemm" if w_tma is None else "gemm_tma", wrap, grid,
-                x, w_arg, absmax, levels, bias if bias is not None else x, xs, LB, out, ids if has_ids else x,
+        name = "gemm_tma" if w_tma is not None else ("gemm_nf4" if nf4 else "gemm")
+        _launch(name, wrap, grid,
+                x, w_arg, absmax, pairs, bias if bias is not None else x, xs, LB, out, ids if has_ids else x,
                 desc_x, desc_w,
                 M, N, K, R, n, sd, thr, inv,
-                x.stride(0), x.stride(1), W.stride(0), W.stride(1), xs.stride(0), xs.stride(1),
+                x.stride(0), x.stride(1), *sw, xs.stride(0), xs.stride(1),
                 LB.stride(0), LB.stride(1), LB.stride(2), out.stride(0), out.stride(1),
                 HAS_BIAS=bias is not None, HAS_IDS=has_ids, EPI_DROPOUT=dropout_p > 0,
                 BLOCK_R=_block_r(R, 32), PRECISION=_precision(x.dtype), USE_TMA=w_tma is not None, W_T=w_t,

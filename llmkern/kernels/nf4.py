@@ -29,55 +29,67 @@ NF4_FUSED_MAX_M = 256
 
 
 @triton.jit
-def nf4_values(WQ, ABSMAX, LEVELS, flat, mask, QBLOCK: tl.constexpr):
-    """fp32 values of the elements at flat indices `flat` (any shape; int64), 0 where not `mask`."""
-    byte = tl.load(WQ + (flat >> 1), mask=mask, other=0).to(tl.int32)
-    code = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 0xF  # even index: high nibble
-    level = tl.load(LEVELS + code, mask=mask, other=0.0)
-    scale = tl.load(ABSMAX + flat // QBLOCK, mask=mask, other=0.0)
-    return level * scale
+def nf4_levels(WQ, PAIRS, byte_idx, mask):
+    """Unscaled fp32 levels of the two elements of each byte at `byte_idx` ([R, C] int64; 0 where not
+    `mask`), as [R, 2C] in storage order (element 2b, then 2b+1). One gather from the 256-entry PAIRS
+    table gives both levels of a byte."""
+    byte = tl.load(WQ + byte_idx, mask=mask, other=0).to(tl.int32)
+    bits = tl.load(PAIRS + byte)
+    first = (bits & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    second = ((bits >> 32) & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    pair = tl.join(first, second)  # [R, C, 2]
+    return tl.reshape(pair, [pair.shape[0], 2 * pair.shape[1]])
 
 
 @triton.jit
-def _dequant_kernel(WQ, ABSMAX, LEVELS, OUT, numel, QBLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    """OUT[f] = levels[code f] · absmax[f // QBLOCK] for BLOCK consecutive elements per program."""
-    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = flat < numel
-    w = nf4_values(WQ, ABSMAX, LEVELS, flat, mask, QBLOCK)
-    tl.store(OUT + flat, w.to(OUT.dtype.element_ty), mask=mask)
+def scale_blocks(vals, scale, NB: tl.constexpr):
+    """vals [R, C] times scale [R, NB]: column block j (C // NB columns) takes scale[:, j]."""
+    v = tl.reshape(vals, [vals.shape[0], NB, vals.shape[1] // NB]) * scale[:, :, None]
+    return tl.reshape(v, [vals.shape[0], vals.shape[1]])
 
 
-_levels_cache = {}
+@triton.jit
+def _dequant_kernel(WQ, ABSMAX, PAIRS, OUT, numel, QBLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[f] = levels[code f] · absmax[f // QBLOCK] for the 2·BLOCK elements of BLOCK consecutive bytes
+    (any shape: the blocks of the flat layout; each byte's two elements share a block, QBLOCK is even)."""
+    byte_idx = (tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK))[None, :]
+    mask = 2 * byte_idx < numel
+    scale = tl.load(ABSMAX + byte_idx // (QBLOCK // 2), mask=mask, other=0.0)
+    w = scale_blocks(nf4_levels(WQ, PAIRS, byte_idx, mask), scale, BLOCK)
+    flat = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(OUT + flat, tl.reshape(w, [2 * BLOCK]).to(OUT.dtype.element_ty), mask=flat < numel)
 
 
-def levels_on(device):
-    """The 16 NF4 levels as an fp32 tensor on `device` (made once per device: no copy per call)."""
+_pairs_cache = {}
+
+
+def pair_table(device):
+    """The kernels' level table: int64 [256], entry b = the fp32 bits of levels[b >> 4] in the low word and
+    of levels[b & 15] in the high word (both elements of a packed byte in one gather). Made once per
+    device: no host copy per call."""
     key = (device.type, device.index)
-    t = _levels_cache.get(key)
+    t = _pairs_cache.get(key)
     if t is None:
-        t = _levels_cache[key] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+        bits = torch.tensor(NF4_LEVELS, dtype=torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        b = torch.arange(256)
+        t = _pairs_cache[key] = (bits[b >> 4] | (bits[b & 15] << 32)).to(device)
     return t
 
 
 class NF4Operand:
     """What the LoRA launchers take in place of a dense W [N, K]: the packed codes, the fp32 absmax, the
-    levels table and the stored [N, K] shape; `t()` gives the backward's Wᵀ (same storage, the element
-    strides swapped)."""
+    pair table (pair_table) and the stored [N, K] shape; `t()` gives the backward's Wᵀ (same storage)."""
 
-    def __init__(self, packed, absmax, levels, shape, blocksize, transposed=False):
-        self.packed, self.absmax, self.levels = packed, absmax, levels
+    def __init__(self, packed, absmax, pairs, shape, blocksize, transposed=False):
+        self.packed, self.absmax, self.pairs = packed, absmax, pairs
         self.stored_shape = (int(shape[0]), int(shape[1]))
         self.blocksize = int(blocksize)
         self.transposed = transposed
         N, K = self.stored_shape
         self.shape = (K, N) if transposed else (N, K)
-        self.strides = (1, K) if transposed else (K, 1)
-
-    def stride(self, dim):
-        return self.strides[dim]
 
     def t(self):
-        return NF4Operand(self.packed, self.absmax, self.levels, self.stored_shape, self.blocksize,
+        return NF4Operand(self.packed, self.absmax, self.pairs, self.stored_shape, self.blocksize,
                           not self.transposed)
 
 
@@ -85,9 +97,9 @@ def dequantize(op, dtype, wrap=None):
     """The dense [N, K] weight (of W; Wᵀ operands come back as the transposed view) in `dtype`."""
     numel = op.stored_shape[0] * op.stored_shape[1]
     out = torch.empty(op.stored_shape, device=op.packed.device, dtype=dtype)
-    block = 1024
+    block = 1024  # bytes per program
     kern = _dequant_kernel if wrap is None else wrap(_dequant_kernel)
-    kern[(cdiv(numel, block),)](op.packed, op.absmax, op.levels, out, numel, QBLOCK=op.blocksize, BLOCK=block)
+    kern[(cdiv(numel, 2 * block),)](op.packed, op.absmax, op.pairs, out, numel, QBLOCK=op.blocksize, BLOCK=block)
     return out.t() if op.transposed else out
 
 
@@ -99,7 +111,9 @@ def fused_max_m():
 
 def gemm_weight(W, M, dtype, wrap=None):
     """W as the GEMM of M rows should read it: a dense tensor as it is; an NF4Operand as it is for
-    M <= fused_max_m() (dequantized in the GEMM's main loop), else dequantized into a temporary."""
-    if not isinstance(W, NF4Operand) or M <= fused_max_m():
+    M <= fused_max_m() (dequantized in the GEMM's main loop), else dequantized into a temporary. The main
+    loop needs rows made of whole quantization blocks (in_features a multiple of the blocksize, as in
+    every LLM layer); other shapes always take the temporary."""
+    if not isinstance(W, NF4Operand) or (M <= fused_max_m() and W.stored_shape[1] % W.blocksize == 0):
         return W
     return dequantize(W, dtype, wrap)

@@ -86,9 +86,9 @@ class NF4Weight:
 
     def operand(self):
         """The LoRA launchers' view of this weight (llmkern.kernels.nf4.NF4Operand)."""
-        from llmkern.kernels.nf4 import NF4Operand, levels_on
+        from llmkern.kernels.nf4 import NF4Operand, pair_table
 
-        return NF4Operand(self.packed, self.absmax, levels_on(self.device), self.shape, self.blocksize)
+        return NF4Operand(self.packed, self.absmax, pair_table(self.device), self.shape, self.blocksize)
 
     @classmethod
     def from_bnb(cls, weight, dtype: Optional[torch.dtype] = None) -> "NF4Weight":
