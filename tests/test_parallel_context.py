@@ -5,10 +5,15 @@ per module). Against the single-process computation on the full sequence (fp32):
 context_parallel_attention's output and dq/dk/dv (zigzag and contiguous, causal or not, GQA/MQA, windows,
 softcap, chunk lengths that are no power of two), shard/gather round trips and positions, and zoo GPT /
 Llama models under context_parallelize: logits, the loss and every parameter gradient after
-all_reduce_gradients, also on a 2 x 2 tensor x context parallel mesh (4 ranks). Errors: no process group,
-lengths that 2p does not divide, KV cache, attention_mask, attention dropout.
+all_reduce_gradients, also on a 2 x 2 tensor x context parallel mesh (4 ranks). float16, bfloat16 autocast
+and the Triton kernels (interpreter) against the unsharded op; torch.compile against eager. Memory: the
+bytes autograd saves per call are this rank's q, k, v, output and LSE, below the gathered K/V that the
+former implementation held (measured with saved_tensors_hooks), and the backward issues one all-gather and
+one reduce-scatter. Errors: no process group, lengths that 2p does not divide, KV cache, attention_mask,
+attention dropout.
 """
 import copy
+import os
 
 import pytest
 import torch
@@ -57,6 +62,115 @@ def attention_worker(rank, p, chunk):
             errs[name] = (a.grad - shard_sequence(b.grad, None, 2, layout)).abs().max().item()
         out.append((case, errs))
     return out
+
+
+def _saved_bytes(fn):
+    """(fn(), bytes of the distinct storages autograd saves for the backward while fn runs): a saved view
+    keeps its whole storage alive."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def _old_context_attention(q, k, v, layout, **kw):
+    """The former implementation (K/V gathered by an autograd op, llmkern.attention per chunk on slices of
+    it): autograd keeps the gathered K/V until the backward. The memory test's "before"."""
+    from llmkern import attention
+    from llmkern.parallel import comm, gather_sequence
+    from llmkern.parallel.context import _chunk_calls
+
+    kv = gather_sequence(torch.stack((k, v)), None, 3, layout)
+    group = comm.resolve_group(None)
+    calls = _chunk_calls(q.shape[2], comm.world_size(group), comm.rank(group), layout, kw.pop("causal"), -1, -1)
+    c = q.shape[2] // len(calls)
+    return torch.cat([attention(q.narrow(2, s * c, c), kv[0, :, :, lo:hi], kv[1, :, :, lo:hi], causal=True, **kw)
+                      for s, lo, hi, _ in calls], 2)
+
+
+def memory_worker(rank, p):
+    """Bytes saved for the backward by context_parallel_attention and by the former implementation,
+    the bound they are held to, and the collectives the backward issues."""
+    from llmkern.parallel import comm, context_parallel_attention, shard_sequence
+
+    res = {}
+    for layout in ("zigzag", "contiguous"):
+        B, H, T, D = 1, 2, 16 * p, 16
+        g = torch.Generator().manual_seed(3)
+        # (clones: a contiguous shard is a view of the full tensor, whose storage would be counted)
+        q, k, v = (shard_sequence(torch.randn(B, H, T, D, generator=g), None, 2, layout).clone().requires_grad_()
+                   for _ in range(3))
+        out, new = _saved_bytes(lambda: context_parallel_attention(q, k, v, causal=True, layout=layout))
+        _, old = _saved_bytes(lambda: _old_context_attention(q, k, v, layout, causal=True))
+        local = 4 * q.numel() * q.element_size() + B * H * q.shape[2] * 4  # q, k, v, out, fp32 LSE
+        calls, real = [], (comm.all_gather_into, comm.reduce_scatter_into)
+        comm.all_gather_into = lambda *a, **kw: calls.append("all_gather") or real[0](*a, **kw)
+        comm.reduce_scatter_into = lambda *a, **kw: calls.append("reduce_scatter") or real[1](*a, **kw)
+        try:
+            out.sum().backward()
+        finally:
+            comm.all_gather_into, comm.reduce_scatter_into = real
+        res[layout] = dict(new=new, old=old, local=local, gathered=2 * B * H * T * D * 4, backward=calls)
+    return res
+
+
+def dtype_worker(rank, p):
+    """Max relative error against the unsharded llmkern.attention in float16 (reference path), under
+    bfloat16 autocast, and in float32 on the Triton kernels (the interpreter on CPU), with the output
+    dtype and the backend that ran."""
+    from llmkern import attention
+    from llmkern.ops.attention import _backend_for
+    from llmkern.parallel import context_parallel_attention, shard_sequence
+
+    res = {}
+    cases = (("fp16", torch.float16, None, False), ("autocast", torch.float32, None, True),
+             ("triton", torch.float32, "triton", False))
+    for name, dtype, backend, autocast in cases:
+        if backend == "triton" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+            continue
+        g = torch.Generator().manual_seed(5)
+        q, k, v, dy = (torch.randn(1, h, 8 * p, 16, generator=g).to(dtype) for h in (4, 2, 2, 4))
+        kw = dict(causal=True, window=(5, 0), softcap=4.0)
+        old = os.environ.get("LLMKERN_BACKEND")
+        os.environ["LLMKERN_BACKEND"] = backend or old or ""
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                full = [t.clone().requires_grad_() for t in (q, k, v)]
+                ref = attention(*full, **kw)
+                (ref.float() * dy).sum().backward()
+                loc = [shard_sequence(t, None, 2).requires_grad_() for t in (q, k, v)]
+                got = context_parallel_attention(*loc, **kw)
+                (got.float() * shard_sequence(dy, None, 2)).sum().backward()
+            ran = _backend_for(q.device, got.dtype)
+        finally:
+            os.environ.pop("LLMKERN_BACKEND") if old is None else os.environ.update(LLMKERN_BACKEND=old)
+        pairs = [(got, ref.detach())] + [(a.grad, b.grad) for a, b in zip(loc, full)]
+        errs = [((a.float() - shard_sequence(b.float(), None, 2)).abs().max() / b.float().abs().max()).item()
+                for a, b in pairs]
+        res[name] = dict(err=max(errs), dtype=str(got.dtype), grad_dtype=str(loc[0].grad.dtype), backend=ran)
+    return res
+
+
+def compile_worker(rank, p):
+    """context_parallel_attention inside torch.compile (graph breaks at the collectives, as before): the
+    output and gradients against eager."""
+    from llmkern.parallel import context_parallel_attention, shard_sequence
+
+    g = torch.Generator().manual_seed(9)
+    q, k, v, dy = (shard_sequence(torch.randn(1, h, 8 * p, 8, generator=g), None, 2) for h in (4, 2, 2, 4))
+    fn = lambda a, b, c: context_parallel_attention(a, b, c, window=(3, 0))  # noqa: E731
+    outs = []
+    for f in (fn, torch.compile(fn, backend="aot_eager")):
+        loc = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = f(*loc)
+        (out * dy).sum().backward()
+        outs.append([out.detach()] + [t.grad for t in loc])
+    return [(a - b).abs().max().item() for a, b in zip(*outs)]
 
 
 def shard_worker(rank, p):
@@ -249,6 +363,32 @@ def test_context_parallel_attention_equals_full_attention_2_ranks(pool2):
 
 def test_context_parallel_attention_equals_full_attention_4_ranks(pool4):
     _check_attention(pool4.run(attention_worker, (2,), timeout=120))  # T = 16 (zigzag) / 8 (contiguous)
+
+
+def test_context_parallel_attention_saves_only_local_tensors(pool4):
+    """What autograd holds per call is this rank's q, k, v, output and LSE, not the gathered K/V (p times
+    the local K/V); the backward gathers K/V again and reduce-scatters dK/dV."""
+    for res in pool4.run(memory_worker, timeout=60):
+        for layout, r in res.items():
+            assert r["old"] >= r["gathered"], (layout, r)  # the measurement sees a held gathered K/V
+            assert r["new"] <= r["local"] < r["gathered"], (layout, r)
+            assert r["backward"] == ["all_gather", "reduce_scatter"], (layout, r)
+
+
+def test_context_parallel_attention_dtypes_and_backends(pool2):
+    for res in pool2.run(dtype_worker, timeout=120):
+        fp16, amp = res["fp16"], res["autocast"]
+        assert fp16["dtype"] == fp16["grad_dtype"] == "torch.float16" and fp16["err"] < 5e-3, res
+        # autocast: bf16 attention, float32 gradients of the float32 inputs (as llmkern.attention)
+        assert amp["dtype"] == "torch.bfloat16" and amp["grad_dtype"] == "torch.float32" and amp["err"] < 3e-2, res
+        if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":  # (conftest sets it on CPU)
+            # the kernels' backward from the saved output and LSE
+            assert res["triton"]["backend"] == "triton" and res["triton"]["err"] < 1e-5, res
+
+
+def test_context_parallel_attention_under_torch_compile(pool2):
+    for errs in pool2.run(compile_worker, timeout=120):
+        assert max(errs) < 1e-6, errs
 
 
 @pytest.mark.parametrize("p", [2, 4])

@@ -290,6 +290,19 @@ def _attention_fwd(q, k, v, kpm, cu_q, cu_k, seed, *args, sinks=None):
     return _attention_fwd_op(q, k, v, kpm, cu_q, cu_k, seed, *args, *extra)
 
 
+def _attention_backward(dout, q, k, v, out, lse, *, causal, scale, window, softcap):
+    """(dq, dk, dv) of attention(q, k, v, causal=, scale=, window=, softcap=) from the forward's out and
+    LSE and dout, without rerunning the forward: the op's own backward (the Triton kernels, or the
+    reference's formulas). For callers that hold out/LSE but not the autograd graph (context parallelism
+    re-gathers K/V for it). No masks, dropout or sinks; scale/window/softcap as `attention`."""
+    scale, (wl, wr), sc = _scale(scale, q.shape[-1]), _window(window), _softcap(softcap)
+    if _backend_for(q.device, q.dtype) != "triton":
+        return ref.attention_backward(dout, q, k, v, out, lse, causal, scale, _ref_window(wl, wr), sc)
+    args = (dout, q, k, v, out, lse, None, None, None, None, None, -1, -1, scale, causal, wl, wr, sc, 0.0)
+    bwd = _bwd_impl if _checks.eager_fast_path(dout, q, k, v, out, lse) else _attention_bwd_op
+    return tuple(bwd(*args)[:3])
+
+
 @torch.library.custom_op("llmkern::attention_decode", mutates_args=())
 def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], scale: float,

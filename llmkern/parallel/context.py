@@ -2,11 +2,19 @@
 
 Every rank holds a shard of the tokens (of every activation: [B, T_local, d]); the weights are
 replicated. The only layer that mixes tokens is attention: each rank all-gathers the keys and values of
-the whole sequence (one all-gather of K/V per layer; its backward is one reduce-scatter that sends every
-rank the dK/dV of the tokens it owns) and computes the attention of its own queries against the keys
-they may see. Llama 3 (Dubey et al. 2024, section 3.3.2) chose this over ring attention because GQA
-makes K/V small (n_kv_head heads against n_head for Q) and the all-gather is one collective that
+the whole sequence (one all-gather of K/V per layer) and computes the attention of its own queries against
+the keys they may see. Llama 3 (Dubey et al. 2024, section 3.3.2) chose this over ring attention because
+GQA makes K/V small (n_kv_head heads against n_head for Q) and the all-gather is one collective that
 handles any mask.
+
+Memory and the backward: the gathered K/V ([2, B, Hk, T, D], p times the local K/V) lives only during the
+forward and again during the backward of one layer. What each call keeps for the backward is O(T_local):
+this rank's q, k, v, the output and the float32 logsumexp. The backward all-gathers K/V once more (a
+second all-gather per layer: re-sending is cheaper than holding the gathered K/V of every layer, the
+trade Llama 3 and Megatron make), runs the attention op's own backward from the saved output and LSE
+(no forward recomputation) for the local queries against the gathered keys, and reduce-scatters dK/dV
+so that every rank gets the gradient of the tokens it owns. Per layer and step: 2 all-gathers of K/V
+and 1 reduce-scatter of dK/dV.
 
 Layouts (p ranks, global length T):
 
@@ -32,7 +40,8 @@ window from the call (less compute). Non-causal attention sees every key.
     all_reduce_gradients(model)                      # each rank's gradients cover its tokens: sum them
 
 Not supported (a clear error): lengths that 2p (zigzag) or p (contiguous) does not divide (pad the
-sequence), KV caches (generation), attention masks / padding, prefix tuning and attention dropout.
+sequence), KV caches (generation), attention masks / padding, prefix tuning, attention dropout, and a
+second derivative through the attention (create_graph=True; neither do the attention kernels).
 """
 import torch
 import torch.distributed as dist
@@ -177,19 +186,85 @@ def _key_range(j, c, T, causal, wl, wr):
     return lo, hi, (None if wl < 0 else wl + delta, None if wr < 0 else wr - delta)
 
 
+def _chunk_calls(T_local, p, rank, layout, causal, wl, wr):
+    """[(local slot, lo, hi, window)]: for each local chunk, the gathered keys [lo, hi) it attends to and
+    the window of its llmkern.attention call (see _key_range)."""
+    chunks = _rank_chunks(p, layout)[rank]
+    c = T_local // len(chunks)
+    return [(s, *_key_range(j, c, p * T_local, causal, wl, wr)) for s, j in enumerate(chunks)]
+
+
+def _cat(parts, dim):
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _gather_kv(k, v, group, layout):
+    """[2, B, Hk, T, D]: K and V of the whole sequence in the global order (one all-gather for both)."""
+    return _all_gather_sequence(torch.stack((k, v)), group, 3, layout)
+
+
+class _ContextParallelAttention(torch.autograd.Function):
+    """Forward: all-gather K/V, attend each local chunk to its key range (`calls`, see _chunk_calls).
+    Saved: this rank's q, k, v, the output and the fp32 LSE, all O(T_local); the gathered K/V are freed
+    when the forward returns. Backward: all-gather K/V again, the attention op's own backward per chunk
+    from out/LSE (dq of the local queries, dK/dV of the gathered keys, summed where the chunks' key
+    ranges overlap), then one reduce-scatter sends every rank the dK/dV of the tokens it owns."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, layout, calls, opts):
+        from llmkern.ops.attention import attention
+
+        kv = _gather_kv(k, v, group, layout)
+        c = q.shape[2] // len(calls)
+        res = [attention(q.narrow(2, s * c, c), kv[0, :, :, lo:hi], kv[1, :, :, lo:hi], window=win,
+                         return_lse=True, **opts) for s, lo, hi, win in calls]
+        out, lse = (_cat([r[i] for r in res], 2) for i in (0, 1))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.meta = (group, layout, calls, opts)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        from llmkern.ops.attention import _attention_backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        group, layout, calls, opts = ctx.meta
+        kv = _gather_kv(k, v, group, layout)  # again: cheaper to re-send than to hold for every layer
+        dkv = torch.zeros_like(kv)
+        c = q.shape[2] // len(calls)
+        dqs = []
+        for s, lo, hi, win in calls:
+            dq, dk, dv = _attention_backward(*(t.narrow(2, s * c, c) for t in (dout, q)), kv[0, :, :, lo:hi],
+                                             kv[1, :, :, lo:hi], *(t.narrow(2, s * c, c) for t in (out, lse)),
+                                             window=win, **opts)
+            dqs.append(dq)
+            dkv[0, :, :, lo:hi] += dk  # zigzag: both local chunks see the keys of the early chunks
+            dkv[1, :, :, lo:hi] += dv
+        dk = dv = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            dk, dv = _reduce_scatter_sequence(dkv, group, 3, layout).unbind(0)
+        return _cat(dqs, 2), dk, dv, None, None, None, None
+
+
 def context_parallel_attention(q, k, v, group=None, *, causal=True, layout="zigzag", scale=None, window=None,
                                softcap=None):
     """Attention of this rank's queries over the whole (sequence-sharded) context.
 
     q [B, H, T_local, D], k/v [B, Hk, T_local, D]: this rank's shard of the sequence (shard_sequence along
     dim 2, `layout`), T_local = T / p. K and V are all-gathered (one collective for both, un-repeated under
-    GQA; the backward reduce-scatters dK/dV to their owners), then every local chunk attends to the keys
-    it may see with llmkern.attention (bottom-right causal alignment, no custom mask). Returns this rank's
-    rows of attention(q_full, k_full, v_full, causal=causal, window=window, ...) [B, H, T_local, D].
+    GQA), then every local chunk attends to the keys it may see with llmkern.attention (bottom-right causal
+    alignment, no custom mask). For the backward only this rank's q, k, v, output and fp32 LSE are kept:
+    it all-gathers K/V once more, runs the attention backward from the saved output and LSE (no forward
+    recomputation) and reduce-scatters dK/dV to their owners. Returns this rank's rows of
+    attention(q_full, k_full, v_full, causal=causal, window=window, ...) [B, H, T_local, D].
     causal / scale / window (left, right) / softcap: as llmkern.attention, in absolute positions.
+    Under torch.autocast, q/k/v are cast to the autocast dtype first (as llmkern.attention does), so
+    K/V travel in it. Not twice differentiable (like the attention kernels).
     ValueError when T_local is odd under zigzag, or the shapes differ across ranks; RuntimeError without a
     process group."""
-    from llmkern.ops.attention import _window, attention
+    from llmkern.ops import _checks
+    from llmkern.ops.attention import _window
 
     _check_layout(layout)
     group = comm.resolve_group(group, "context_parallel_attention")
@@ -200,19 +275,16 @@ def context_parallel_attention(q, k, v, group=None, *, causal=True, layout="zigz
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or k.shape[3] != q.shape[3]:
         raise ValueError(f"context_parallel_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
                          f"must be this rank's shard of the same sequence ([B, H, T_local, D], [B, Hk, T_local, D])")
-    p = comm.world_size(group)
-    n = _check_length(q.shape[2], p, layout, "context_parallel_attention", local=True)
-    wl, wr = _window(window)
+    _check_length(q.shape[2], comm.world_size(group), layout, "context_parallel_attention", local=True)
+    calls = _chunk_calls(q.shape[2], comm.world_size(group), comm.rank(group), layout, causal, *_window(window))
+    opts = dict(causal=causal, scale=scale, softcap=softcap)
     comm.check_same_shape(k, group, "context_parallel_attention")
-    kv = _GatherSequence.apply(torch.stack((k, v)), group, 3, layout, True)  # [2, B, Hk, T, D], global order
-    T, c = kv.shape[3], kv.shape[3] // n
-    chunks = _rank_chunks(p, layout)[comm.rank(group)]
-    outs = []
-    for s, j in enumerate(chunks):
-        lo, hi, win = _key_range(j, c, T, causal, wl, wr)
-        outs.append(attention(q.narrow(2, s * c, c), kv[0, :, :, lo:hi], kv[1, :, :, lo:hi], causal=causal,
-                              scale=scale, window=win, softcap=softcap))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    dt = _checks.autocast_dtype(q)
+    if dt is None:
+        return _ContextParallelAttention.apply(q, k, v, group, layout, calls, opts)
+    with torch.autocast(q.device.type, enabled=False):  # the saved tensors and the kernels in one dtype
+        q, k, v = (_checks.autocast_cast(dt, t) for t in (q, k, v))
+        return _ContextParallelAttention.apply(q, k, v, group, layout, calls, opts)
 
 
 # ---- the zoo models --------------------------------------------------------------------------------

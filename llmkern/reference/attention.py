@@ -206,3 +206,31 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, causal=True, s
 def attention_float64(q, k, v, **kw) -> Tuple[torch.Tensor, ...]:
     """The reference evaluated on float64 copies of the inputs (the test oracle)."""
     return attention(q.double(), k.double(), v.double(), **kw)
+
+
+def attention_backward(dout, q, k, v, out, lse, causal, scale, window, softcap):
+    """(dq, dk, dv) of attention(q, k, v) from the forward's out and LSE, without autograd through a
+    recomputed forward (FlashAttention's backward formulas, in the reference's compute dtype; no masks,
+    dropout or sinks; window as visibility_mask takes it): P = exp(S - LSE), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), chained through softcap."""
+    B, H, Tq, D = q.shape
+    Hk, Tk, G = k.shape[1], k.shape[2], H // k.shape[1]
+    cd = _compute_dtype(q.dtype)
+    qf, do, of = (t.to(cd).reshape(B, Hk, G, Tq, t.shape[-1]) for t in (q, dout, out))
+    kf, vf = k.to(cd)[:, :, None], v.to(cd)[:, :, None]
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if softcap:
+        tanh = torch.tanh(s / softcap)
+        s = softcap * tanh
+    visible = visibility_mask(Tq, Tk, causal=causal, window=window, device=q.device)
+    if visible is not None:
+        s = s.masked_fill(~visible, float("-inf"))
+    lse = lse.to(cd).reshape(B, Hk, G, Tq, 1)
+    p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0.0))  # a row with no key: all -inf, P = 0
+    ds = p * (torch.matmul(do, vf.transpose(-1, -2)) - (do * of).sum(-1, keepdim=True))
+    if softcap:
+        ds = ds * (1 - tanh * tanh)
+    ds = ds * scale
+    dq = torch.matmul(ds, kf).reshape(B, H, Tq, D)
+    dk = torch.matmul(ds.transpose(-1, -2), qf).sum(2)
+    dv = torch.matmul(p.transpose(-1, -2), do).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
