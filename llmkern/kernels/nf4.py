@@ -23,7 +23,6 @@ import triton.language as tl
 
 from llmkern._backend import env_count
 from llmkern.kernels._common import cdiv
-from llmkern.reference.nf4 import NF4_LEVELS
 
 NF4_FUSED_MAX_M = 256
 
@@ -60,25 +59,9 @@ def _dequant_kernel(WQ, ABSMAX, PAIRS, OUT, numel, QBLOCK: tl.constexpr, BLOCK: 
     tl.store(OUT + flat, tl.reshape(w, [2 * BLOCK]).to(OUT.dtype.element_ty), mask=flat < numel)
 
 
-_pairs_cache = {}
-
-
-def pair_table(device):
-    """The kernels' level table: int64 [256], entry b = the fp32 bits of levels[b >> 4] in the low word and
-    of levels[b & 15] in the high word (both elements of a packed byte in one gather). Made once per
-    device: no host copy per call."""
-    key = (device.type, device.index)
-    t = _pairs_cache.get(key)
-    if t is None:
-        bits = torch.tensor(NF4_LEVELS, dtype=torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-        b = torch.arange(256)
-        t = _pairs_cache[key] = (bits[b >> 4] | (bits[b & 15] << 32)).to(device)
-    return t
-
-
 class NF4Operand:
     """What the LoRA launchers take in place of a dense W [N, K]: the packed codes, the fp32 absmax, the
-    pair table (pair_table) and the stored [N, K] shape; `t()` gives the backward's Wᵀ (same storage)."""
+    pair table (llmkern.reference.nf4.level_pairs) and the stored [N, K] shape; `t()` gives the backward's Wᵀ (same storage)."""
 
     def __init__(self, packed, absmax, pairs, shape, blocksize, transposed=False):
         self.packed, self.absmax, self.pairs = packed, absmax, pairs

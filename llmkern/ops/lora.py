@@ -254,7 +254,7 @@ class _LoRAFunction(torch.autograd.Function):
 
 def _run_triton(x2, weight, bias, A3, B3, scalings, scaling, perm, sorted_ids, seg, p, seed):
     if isinstance(weight, NF4Weight):  # the codes go in weight's place, with the scales after the seed
-        nf4 = (weight.absmax, weight.operand().pairs, weight.blocksize)
+        nf4 = (weight.absmax, weight.pairs, weight.blocksize)
         weight = weight.packed
     else:
         nf4 = (None, None, 0)

@@ -62,6 +62,8 @@ class NF4Weight:
         self.shape = torch.Size((N, K))
         self.blocksize = blocksize
         self.dtype = dtype
+        # the kernels' level table, made here (not per call, and not while torch.compile traces a call)
+        self.pairs = ref.level_pairs(self.packed.device)
 
     out_features = property(lambda self: self.shape[0])
     in_features = property(lambda self: self.shape[1])
@@ -86,9 +88,9 @@ class NF4Weight:
 
     def operand(self):
         """The LoRA launchers' view of this weight (llmkern.kernels.nf4.NF4Operand)."""
-        from llmkern.kernels.nf4 import NF4Operand, pair_table
+        from llmkern.kernels.nf4 import NF4Operand
 
-        return NF4Operand(self.packed, self.absmax, pair_table(self.device), self.shape, self.blocksize)
+        return NF4Operand(self.packed, self.absmax, self.pairs, self.shape, self.blocksize)
 
     @classmethod
     def from_bnb(cls, weight, dtype: Optional[torch.dtype] = None) -> "NF4Weight":

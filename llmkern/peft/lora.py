@@ -4,6 +4,7 @@
     scaling = alpha / r, or alpha / sqrt(r) with rsLoRA.
     DoRA (use_dora=True): W = (m / ‖W0 + scaling · B A‖_row) ⊙ (W0 + scaling · B A), magnitude m [out]
     initialised to the row norms of W0 (PEFT init); see llmkern.peft.dora.
+    QLoRA: the base layer may be a frozen 4-bit llmkern.peft.NF4Linear (see llmkern.peft.qlora).
 """
 import math
 import re
@@ -14,6 +15,7 @@ from torch import nn
 
 from llmkern.ops.lora import lora_linear
 from llmkern.peft.dora import dora_linear, dora_weight_norm
+from llmkern.peft.qlora import NF4Linear, nf4_dora_linear
 
 MAX_RANK = 256  # the largest r a LoRALinear takes
 
@@ -30,6 +32,14 @@ class LoRALinear(nn.Module):
     ``lora_B`` ``[out, r]`` are the trainable parameters. ``merge()`` folds ``scaling · B A`` into
     the base weight (checking the result is finite), ``unmerge()`` takes it out again.
 
+    QLoRA: ``base_layer`` may be a frozen 4-bit ``NF4Linear`` (``quantized`` is then True). A and B take its
+    compute_dtype, the forward hands its ``NF4Weight`` to ``lora_linear`` (the kernels read W in 4 bits) and
+    the input must have the compute dtype (or run under autocast), as with a dense base. ``weight`` is then
+    that NF4Weight. ``merge()`` raises: W + s·B·A cannot be stored in 4 bits without re-quantizing it (a
+    new rounding error, and no exact unmerge); ``merged_linear()`` (what ``merge_lora(model, remove=True)``
+    puts in the layer's place) returns a dense ``nn.Linear`` of dequant(W) + s·B·A instead. DoRA works: its
+    row norms are computed from the dequantized weight (a temporary per call, see nf4_dora_linear).
+
     ``use_dora=True``: DoRA (``llmkern.peft.dora_linear``, PEFT's semantics): a third trainable parameter
     ``lora_magnitude_vector`` ``[out]`` (PEFT's name), initialised to the row norms of the base weight, and
     ``y = (m / ‖W + s B A‖_row) ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b`` with the norm detached and never forming B A.
@@ -40,8 +50,9 @@ class LoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
                  use_rslora: bool = False, freeze_base: bool = True, use_dora: bool = False):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
+        if not isinstance(base_layer, (nn.Linear, NF4Linear)):
+            raise TypeError(f"base_layer must be an nn.Linear or an llmkern.peft.NF4Linear, got "
+                            f"{type(base_layer).__name__}")
         if not isinstance(r, int) or not 1 <= r <= MAX_RANK:
             raise ValueError(f"r must be an int in 1..{MAX_RANK}, got {r!r}")
         if not 0.0 <= dropout < 1.0:
@@ -49,7 +60,7 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.alpha, self.dropout, self.use_rslora = r, float(alpha), float(dropout), bool(use_rslora)
-        w = base_layer.weight
+        w = base_layer.nf4_weight() if isinstance(base_layer, NF4Linear) else base_layer.weight
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=w.device, dtype=w.dtype))
         self.use_dora = bool(use_dora)
@@ -68,7 +79,22 @@ class LoRALinear(nn.Module):
         return lora_scaling(self.alpha, self.r, self.use_rslora)
 
     @property
+    def quantized(self) -> bool:
+        """Whether the base layer is a 4-bit NF4Linear (QLoRA)."""
+        return isinstance(self.base_layer, NF4Linear)
+
+    @property
     def weight(self):
+        """The base weight: a tensor, or for a 4-bit base its NF4Weight (what lora_linear takes)."""
+        return self.base_layer.nf4_weight() if self.quantized else self.base_layer.weight
+
+    def _base_dtype(self):
+        return self.base_layer.compute_dtype if self.quantized else self.base_layer.weight.dtype
+
+    def _dense_weight(self):
+        """The base weight as a dense tensor (a 4-bit one dequantized into a temporary, no autograd)."""
+        if self.quantized:
+            return self.base_layer.nf4_weight().dequantize()
         return self.base_layer.weight
 
     @property
@@ -84,7 +110,7 @@ class LoRALinear(nn.Module):
             self._init_magnitude()
 
     def _init_magnitude(self):
-        m = self.dora_weight_norm().to(self.weight.dtype)
+        m = self.dora_weight_norm().to(self._base_dtype())
         if self.lora_magnitude_vector is None:
             self.lora_magnitude_vector = nn.Parameter(m)
         else:
@@ -107,12 +133,12 @@ class LoRALinear(nn.Module):
     def dora_weight_norm(self) -> torch.Tensor:
         """‖W + scaling · B A‖₂ per output row, [out], float32 (float64 for float64 weights), detached;
         computed without forming B A (llmkern.peft.dora_weight_norm). Only meaningful unmerged."""
-        return dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)
+        return dora_weight_norm(self._dense_weight(), self.lora_A, self.lora_B, self.scaling)
 
     def _acc_dtype(self):
         """float32 for 16-bit weights, float64 for float64 ones (a float32 product made the float64
         merge/unmerge round trip lossy)."""
-        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        return torch.float64 if self._base_dtype() == torch.float64 else torch.float32
 
     def _delta(self):
         dt = self._acc_dtype()
@@ -122,7 +148,24 @@ class LoRALinear(nn.Module):
         """scaling · B A, [out, in], computed in float32 (float64 for float64 weights) and returned
         in the weight's dtype. (With DoRA too, as PEFT's get_delta_weight: the magnitude rescaling is
         not part of it.)"""
-        return self._delta().to(self.weight.dtype)
+        return self._delta().to(self._base_dtype())
+
+    def _merged_weight(self, safe_merge, what="merge"):
+        """(W + s B A, or with DoRA (m / n) ⊙ (W + s B A), in the accumulation dtype; n or None), checked
+        as merge() documents when safe_merge."""
+        new = self._dense_weight().to(self._acc_dtype()) + self._delta()
+        norm = None
+        if self.use_dora:
+            norm = self.dora_weight_norm()
+            factor = self.lora_magnitude_vector.to(norm.dtype) / norm
+            if safe_merge and not bool((factor != 0).all()):
+                raise ValueError(f"{what}: lora_magnitude_vector has zero entries (or the ratio underflows): "
+                                 "unmerge() could not restore those rows; weight left unchanged")
+            new = factor.to(new.dtype)[:, None] * new
+        if safe_merge and not torch.isfinite(new).all():
+            raise ValueError(f"{what}: the merged weight has non-finite values (NaN/inf); the adapter "
+                             "is broken, weight left unchanged")
+        return new, norm
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = True):
@@ -131,24 +174,30 @@ class LoRALinear(nn.Module):
         DoRA: the weight becomes ``(m / n) ⊙ (W + s B A)`` row-wise with ``n = ‖W + s B A‖_row`` (PEFT's
         merge); n is kept for unmerge(). With ``safe_merge`` a non-finite result, or a zero magnitude
         entry (its merged row would be 0 and unmerge() could not give W back), raises and leaves the
-        weight unchanged."""
+        weight unchanged. A 4-bit base raises ValueError (see the class docstring; ``merged_linear()``)."""
         if self.merged:
             return
-        new = self.weight.to(self._acc_dtype()) + self._delta()
-        norm = None
-        if self.use_dora:
-            norm = self.dora_weight_norm()
-            factor = self.lora_magnitude_vector.to(norm.dtype) / norm
-            if safe_merge and not bool((factor != 0).all()):
-                raise ValueError("merge: lora_magnitude_vector has zero entries (or the ratio underflows): "
-                                 "unmerge() could not restore those rows; weight left unchanged")
-            new = factor.to(new.dtype)[:, None] * new
-        if safe_merge and not torch.isfinite(new).all():
-            raise ValueError("merge: the merged weight has non-finite values (NaN/inf); the adapter "
-                             "is broken, weight left unchanged")
+        if self.quantized:
+            raise ValueError("merge: the base layer is 4-bit (NF4Linear); W + s·B·A cannot be stored in it without "
+                             "re-quantizing. Use merge_lora(model, remove=True) (or layer.merged_linear()), which "
+                             "gives a dense nn.Linear of dequantized W + s·B·A (quantize_nf4 it again if wanted)")
+        new, norm = self._merged_weight(safe_merge)
         self.weight.copy_(new.to(self.weight.dtype))
         self._dora_merged_norm = norm
         self.merged = True
+
+    @torch.no_grad()
+    def merged_linear(self, safe_merge: bool = True) -> nn.Linear:
+        """A new dense, frozen ``nn.Linear`` computing what this layer computes (the merged weight as merge()
+        forms it, the base bias), in the base dtype; this layer is unchanged. For a 4-bit base W is the
+        dequantized weight (the merged layer is then exactly the unmerged one up to rounding)."""
+        w = self.base_layer.weight.detach() if self.merged else self._merged_weight(safe_merge, "merged_linear")[0]
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                          dtype=self._base_dtype())
+        dense.weight.copy_(w)
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
+        return dense.requires_grad_(False)
 
     @torch.no_grad()
     def unmerge(self):
@@ -170,16 +219,27 @@ class LoRALinear(nn.Module):
         if self.merged or self.disabled:
             return self.base_layer(x)
         p = self.dropout if self.training else 0.0
+        if self.quantized:
+            return self._forward_nf4(x, p)
         if self.use_dora:
             return dora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
                                self.lora_magnitude_vector, self.scaling, p)
         return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
                            self.scaling, p)
 
+    def _forward_nf4(self, x, p):
+        base = self.base_layer
+        base.check_input(x)
+        if self.use_dora:
+            return nf4_dora_linear(x, base.nf4_weight(), base.bias, self.lora_A, self.lora_B,
+                                   self.lora_magnitude_vector, self.scaling, p)
+        return lora_linear(x, base.nf4_weight(), base.bias, self.lora_A, self.lora_B, self.scaling, p)
+
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, rslora={self.use_rslora}, "
-                + ("dora=True, " if self.use_dora else "") + f"merged={self.merged}")
+                + ("dora=True, " if self.use_dora else "") + ("nf4=True, " if self.quantized else "")
+                + f"merged={self.merged}")
 
 
 def _matches(name: str, targets: Union[str, Sequence[str]]) -> bool:
@@ -199,17 +259,18 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module):
 def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("q_proj", "v_proj"),
                 r: int = 8, alpha: float = 8.0, dropout: float = 0.0, use_rslora: bool = False,
                 freeze_base: bool = True, use_dora: bool = False) -> List[str]:
-    """Replace every ``nn.Linear`` whose name matches ``target_modules`` by a ``LoRALinear``
-    (``use_dora=True``: DoRA ones, with a trainable magnitude vector per layer).
+    """Replace every ``nn.Linear`` (or 4-bit ``NF4Linear``: QLoRA, see quantize_nf4) whose name matches
+    ``target_modules`` by a ``LoRALinear`` (``use_dora=True``: DoRA ones, with a trainable magnitude vector
+    per layer).
 
     With ``freeze_base`` (default) every other parameter of the model is frozen too, so that only
     the LoRA parameters train. Returns the names of the wrapped modules (raises if none matched).
     """
     wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, LoRALinear)}
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in wrapped
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear)) and id(m) not in wrapped
              and _matches(n, target_modules)]
     if not names:
-        raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear in the model")
+        raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear (or NF4Linear) in the model")
     if freeze_base:
         _freeze_non_lora(model)
     for n in names:

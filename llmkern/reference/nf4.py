@@ -29,6 +29,15 @@ def nf4_levels(device=None):
     return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
 
 
+def level_pairs(device=None):
+    """The kernels' level table (llmkern/kernels/nf4.py): int64 [256], entry b holds the fp32 bits of
+    levels[b >> 4] (the byte's first element) in its low word and of levels[b & 15] in its high word, so
+    one gather dequantizes both elements of a packed byte."""
+    bits = nf4_levels().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    b = torch.arange(256)
+    return (bits[b >> 4] | (bits[b & 15] << 32)).to(device)
+
+
 def nf4_quantize(weight, blocksize=64):
     """(packed uint8 [ceil(numel / 2)], absmax fp32 [ceil(numel / blocksize)]) of `weight` (any shape,
     flattened row-major). Each element takes the nearest level (ties to the lower one); an all-zero block

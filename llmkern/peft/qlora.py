@@ -1,0 +1,293 @@
+"""QLoRA modules: frozen 4-bit NF4 base layers (NF4Linear), quantize_nf4, and the ops they run on.
+
+    quantize_nf4(model)                          # every nn.Linear but lm_head -> NF4Linear (0.5 B/param)
+    inject_lora(model, ["q_proj", "v_proj"])     # LoRALinear over NF4Linear: QLoRA (Dettmers et al. 2023)
+    merge_lora(model, remove=True)               # LoRA layers -> dense nn.Linear of dequant(W) + s·B·A
+
+NF4Linear keeps bitsandbytes' NF4 layout (llmkern.nf4_quantize) in two buffers, ``packed`` (uint8) and
+``absmax`` (float32), so ``.to(device)``, ``state_dict()`` and ``load_state_dict`` handle them like any
+module state; the weight is never a parameter. Its forward dequantizes W for the product and again in the
+backward (nf4_linear): no dense copy of W stays alive between the two, which is the memory QLoRA saves.
+A LoRALinear over it hands the NF4Weight to the fused llmkern.lora_linear (W read in 4 bits by the kernels).
+"""
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmkern import reference as ref
+from llmkern.ops import _checks
+from llmkern.ops.lora import _as_scalar, _autocast_args, _check_common, lora_linear
+from llmkern.ops.nf4 import NF4Weight, _check_blocksize, nf4_dequantize, nf4_quantize
+from llmkern.peft.dora import dora_weight_norm
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---- ops on an NF4Weight ----------------------------------------------------------------------------
+
+class _NF4LinearFn(torch.autograd.Function):
+    """y = x Wᵀ + b with W dequantized in the forward and again in the backward (only the 4-bit codes are
+    saved): what bitsandbytes' matmul_4bit does for a frozen weight. W gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, bias, shape, blocksize):
+        W = nf4_dequantize(NF4Weight(packed, absmax, shape, blocksize, x.dtype))
+        ctx.save_for_backward(packed, absmax)
+        ctx.meta = (shape, blocksize)
+        ctx.has_bias = bias is not None
+        return F.linear(x, W, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        packed, absmax = ctx.saved_tensors
+        dx = db = None
+        if ctx.needs_input_grad[0]:
+            dx = dy.matmul(nf4_dequantize(NF4Weight(packed, absmax, *ctx.meta, dtype=dy.dtype)))
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            db = dy.reshape(-1, dy.shape[-1]).sum(0)
+        return dx, None, None, db, None, None
+
+
+def nf4_linear(x: torch.Tensor, qweight: NF4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for a frozen 4-bit weight: W is dequantized to x's dtype (the autocast dtype
+    under torch.autocast, as F.linear casts) for the forward product and again for the backward, so no
+    dense W is kept for the backward. Differentiable in x and bias."""
+    _checks.tensor_arg("x", x)
+    if not isinstance(qweight, NF4Weight):
+        raise TypeError(f"qweight must be an NF4Weight (llmkern.nf4_quantize), got {type(qweight).__name__}")
+    x, _, bias = _autocast_args(x, qweight, bias)
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != qweight.in_features:
+        raise ValueError(f"x must have shape [..., {qweight.in_features}] (the weight's in_features), got "
+                         f"{tuple(x.shape)}")
+    if x.device != qweight.device:
+        raise ValueError(f"qweight is on {qweight.device} but x is on {x.device}")
+    if bias is not None:
+        _checks.tensor_arg("bias", bias)
+        if bias.shape != (qweight.out_features,) or bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(f"bias must be a [{qweight.out_features}] tensor of x's dtype ({x.dtype}) on "
+                             f"{x.device}, got {bias.dtype} {tuple(bias.shape)} on {bias.device}")
+    with torch.autocast(x.device.type, enabled=False):  # (already cast above)
+        return _NF4LinearFn.apply(x, qweight.packed, qweight.absmax, bias, tuple(qweight.shape),
+                                  qweight.blocksize)
+
+
+def nf4_dora_linear(x: torch.Tensor, qweight: NF4Weight, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, magnitude: torch.Tensor, scaling: float, dropout_p: float = 0.0, *,
+                    seed: Union[int, torch.Tensor, None] = None) -> torch.Tensor:
+    """``llmkern.peft.dora_linear`` (PEFT's DoRA) over a frozen 4-bit weight: the same formula and dropout
+    semantics. The row norms ‖W + s·B·A‖ need W itself: it is dequantized once per call into a temporary
+    (freed before the products run); the products read W in 4 bits (lora_linear, nf4_linear), so nothing
+    dense is kept for the backward."""
+    x, _, bias = _autocast_args(x, qweight, bias)
+    _check_common(x, qweight, bias, lora_A, lora_B, multi=False)
+    _checks.tensor_arg("magnitude", magnitude)
+    N = qweight.out_features
+    if magnitude.shape != (N,) or not magnitude.is_floating_point() or magnitude.device != x.device:
+        raise ValueError(f"magnitude must be a floating-point [{N}] tensor on {x.device}, got {magnitude.dtype} "
+                         f"{tuple(magnitude.shape)} on {magnitude.device}")
+    s = _as_scalar("scaling", scaling)
+    p = _checks.dropout_p_arg(dropout_p)
+    seed_t = _checks.dropout_seed(seed, p, x.device)
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    norm = dora_weight_norm(qweight.dequantize(x.dtype), lora_A, lora_B, s)      # [out] float32, detached
+    scale = (magnitude.to(norm.dtype) / norm).to(x.dtype)
+    out = lora_linear(x, qweight, None, lora_A, lora_B, s, p, seed=seed_t)
+    y = out * scale if bias is None else torch.addcmul(bias, out, scale)
+    if p > 0:  # PEFT's base term on the dropped input, as dora_linear adds it
+        y = y + nf4_linear(ref.lora_dropout(x, p, seed_t) - x, qweight) * (scale - 1)
+    return y
+
+
+# ---- the module -------------------------------------------------------------------------------------
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored in 4-bit NF4 (bitsandbytes' layout): QLoRA's base layer.
+
+    Buffers ``packed`` (uint8 ``[ceil(out·in / 2)]``) and ``absmax`` (float32 ``[ceil(out·in / blocksize)]``)
+    hold the weight; ``bias`` is an ordinary (frozen by LoRA injection) parameter or None. ``compute_dtype``
+    is the dtype the layer computes in, as an ``nn.Linear`` whose weight had that dtype: the input must have
+    it (under torch.autocast, the autocast dtype is used, as F.linear's). Casting the module
+    (``.half()``, ``.to(torch.bfloat16)``) changes ``compute_dtype``; ``absmax`` stays float32.
+
+    ``NF4Linear(in, out)`` holds zeros until a state dict is loaded into it; ``from_linear(linear)`` quantizes
+    an ``nn.Linear``; ``dequantize()`` gives the dense ``nn.Linear`` back (with the quantization error);
+    ``nf4_weight()`` is the ``NF4Weight`` view that ``llmkern.lora_linear`` takes.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, blocksize: int = 64,
+                 compute_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        _check_blocksize(blocksize)
+        if compute_dtype not in _DTYPES:
+            raise ValueError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
+        self.in_features, self.out_features, self.blocksize = in_features, out_features, blocksize
+        self.compute_dtype = compute_dtype
+        n = in_features * out_features
+        self.register_buffer("packed", torch.zeros(-(-n // 2), dtype=torch.uint8, device=device))
+        self.register_buffer("absmax", torch.zeros(-(-n // blocksize), dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_nf4(cls, qweight: NF4Weight, bias: Optional[torch.Tensor] = None,
+                 compute_dtype: Optional[torch.dtype] = None) -> "NF4Linear":
+        """A layer over the codes of `qweight` (shared, not copied); compute_dtype defaults to qweight.dtype.
+        `bias` is copied (a frozen parameter of compute_dtype)."""
+        if not isinstance(qweight, NF4Weight):
+            raise TypeError(f"qweight must be an NF4Weight, got {type(qweight).__name__}")
+        dt = compute_dtype or qweight.dtype
+        layer = cls(qweight.in_features, qweight.out_features, bias=False, blocksize=qweight.blocksize,
+                    compute_dtype=dt, device="meta")
+        layer.packed, layer.absmax = qweight.packed, qweight.absmax
+        if bias is not None:
+            _checks.tensor_arg("bias", bias)
+            if bias.shape != (qweight.out_features,):
+                raise ValueError(f"bias must have shape [{qweight.out_features}], got {tuple(bias.shape)}")
+            layer.bias = nn.Parameter(bias.detach().to(device=qweight.device, dtype=dt, copy=True),
+                                      requires_grad=False)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64) -> "NF4Linear":
+        """Quantize an ``nn.Linear`` (float32/float16/bfloat16 weight; its dtype becomes compute_dtype).
+        The bias is copied and keeps its requires_grad."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        layer = cls.from_nf4(nf4_quantize(linear.weight.detach(), blocksize), linear.bias)
+        if linear.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        return layer
+
+    @classmethod
+    def from_bnb(cls, layer: nn.Module) -> "NF4Linear":
+        """The same layer from a bitsandbytes ``Linear4bit`` of quant_type "nf4" (codes shared, not copied;
+        a double-quantized absmax is expanded to float32). compute_dtype: the layer's, else its weight's."""
+        weight = getattr(layer, "weight", None)
+        qw = NF4Weight.from_bnb(weight)
+        bias = getattr(layer, "bias", None)
+        return cls.from_nf4(qw, bias, getattr(layer, "compute_dtype", None) or qw.dtype)
+
+    def nf4_weight(self) -> NF4Weight:
+        """The weight as an NF4Weight over this layer's buffers (no copy), default dtype compute_dtype."""
+        return NF4Weight(self.packed, self.absmax, (self.out_features, self.in_features), self.blocksize,
+                         self.compute_dtype)
+
+    @torch.no_grad()
+    def dequantize(self) -> nn.Linear:
+        """A dense, frozen ``nn.Linear`` (compute_dtype, same device) holding the dequantized weight."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=self.packed.device, dtype=self.compute_dtype)
+        dense.weight.copy_(self.nf4_weight().dequantize())
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
+        return dense.requires_grad_(False)
+
+    def check_input(self, x: torch.Tensor):
+        """A clear error for an input the layer cannot compute on (as nn.Linear would refuse it)."""
+        _checks.tensor_arg("x", x)
+        if _checks.autocast_dtype(x) is None and x.dtype != self.compute_dtype:
+            raise ValueError(f"x must have the layer's compute_dtype ({self.compute_dtype}), got {x.dtype} (cast the "
+                             f"input, cast the module with .to(dtype), or run under torch.autocast)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return nf4_linear(x, self.nf4_weight(), self.bias)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Module casts (.half(), .to(dtype), .float()) convert floating buffers: absmax must stay float32
+        # (the NF4 layout's, and bf16 scales would add error to every element), while the cast is taken
+        # as the new compute dtype. fn applied to an empty tensor tells which dtype a cast leads to.
+        absmax, dtype = self.absmax, self.compute_dtype
+        super()._apply(fn, *args, **kwargs)
+        if self.absmax.dtype != torch.float32:
+            self.absmax = absmax.to(self.absmax.device)
+        new = fn(torch.empty(0, dtype=dtype, device=self.absmax.device)).dtype
+        if new in _DTYPES:
+            self.compute_dtype = new
+        return self
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"blocksize={self.blocksize}, compute_dtype={self.compute_dtype}")
+
+
+# ---- model surgery ------------------------------------------------------------------------------------
+
+def _targets(model, target_modules, skip):
+    """{id: (module, [paths], match name)} of the exact nn.Linear modules to quantize. A LoRALinear's base
+    layer is matched by the LoRALinear's name (its base_layer child is the same layer)."""
+    from llmkern.peft.lora import LoRALinear, _matches
+
+    found = {}
+    parents = dict(model.named_modules(remove_duplicate=False))
+    for name, m in model.named_modules(remove_duplicate=False):
+        if type(m) is not nn.Linear or not name:
+            continue
+        owner, _, child = name.rpartition(".")
+        lora = isinstance(parents.get(owner), LoRALinear) and child == "base_layer"
+        key = owner if lora else name
+        if (target_modules is not None and not _matches(key, target_modules)) or (skip and _matches(key, skip)):
+            continue
+        if lora and parents[owner].merged:
+            raise ValueError(f"quantize_nf4: {owner} is merged (its base weight holds W + s·B·A); unmerge() it "
+                             f"first")
+        found.setdefault(id(m), (m, [], key))[1].append(name)
+    return found
+
+
+def _check_untied(model, found):
+    """A weight shared with another module (tied embeddings) would end up dense there and 4-bit here."""
+    weights = {id(lin.weight): (lin, paths) for lin, paths, _ in found.values()}
+    for n, m in model.named_modules(remove_duplicate=False):
+        for pn, p in m.named_parameters(recurse=False):
+            lin, paths = weights.get(id(p), (m, None))
+            if m is not lin:
+                raise ValueError(f"quantize_nf4: {paths[0]}.weight is shared with {n}.{pn} (tied weights); "
+                                 f"quantizing it would untie them. Leave it out (skip=...) or untie first")
+
+
+def quantize_nf4(model: nn.Module, target_modules: Union[str, Sequence[str], None] = None, blocksize: int = 64,
+                 skip: Union[str, Sequence[str], None] = ("lm_head",)) -> List[str]:
+    """Replace ``nn.Linear`` modules of `model` in place by frozen 4-bit ``NF4Linear`` ones; returns the
+    names of the replaced modules.
+
+    target_modules: PEFT's rule (a list: names equal to an entry or ending in "." + entry; a string: a
+    full-match regex), or None for every nn.Linear. Names matching `skip` are left dense (default: the LM
+    head, as bitsandbytes/transformers do). A LoRALinear's base layer counts under the LoRALinear's name
+    (so a loaded adapter can be quantized under); merged ones are refused. Only exact nn.Linear modules
+    are replaced (subclasses may be read by their parent, as nn.MultiheadAttention reads its out_proj).
+    Weights tied to another module are refused. Everything is checked and quantized before the model is
+    changed. Each layer keeps its weight's dtype as compute_dtype and its bias (and requires_grad).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_blocksize(blocksize)
+    found = _targets(model, target_modules, skip)
+    if not found:
+        raise ValueError(f"quantize_nf4: target_modules {target_modules!r} (skip {skip!r}) matched no nn.Linear "
+                         f"in the model (a bare nn.Linear: use NF4Linear.from_linear)")
+    _check_untied(model, found)
+    layers = {}
+    for key, (lin, paths, _) in found.items():
+        try:
+            layers[key] = NF4Linear.from_linear(lin, blocksize)
+        except ValueError as e:
+            raise ValueError(f"quantize_nf4: {paths[0]}: {e}") from None
+    from llmkern.peft.lora import _set_submodule
+
+    names = []
+    for key, (_, paths, _) in found.items():
+        for path in paths:
+            _set_submodule(model, path, layers[key])
+            names.append(path)
+    return names
