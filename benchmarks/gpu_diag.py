@@ -5,7 +5,7 @@ run on the GPU machine: for each workload it prints the CUDA kernels of a few it
 iteration, launches per iteration) and, for each of our autotuned kernels that tuned on it, every
 candidate config's measured time. Sections run in order, each guarded (a failure prints and moves on):
 
-    python benchmarks/gpu_diag.py [host decode attention lora sampling mfu]   (default: all)
+    python benchmarks/gpu_diag.py [host decode attention lora sampling mfu nf4]   (default: all)
 
 Knobs are the package's own environment variables (LLMKERN_FAST_LAUNCH, LLMKERN_ATTN_TMA, LLMKERN_ATTN_TMA_BWD,
 LLMKERN_LORA_AUTOTUNE, LLMKERN_LORA_TMA, LLMKERN_SAMPLE_SPLIT, LLMKERN_ATTN_TUNE_TOP); a section may
@@ -280,7 +280,43 @@ def decode():
                     _say(f"  decode {cfg} splits={splits}: {type(exc).__name__}: {str(exc)[:100]}")
 
 
-SECTIONS = {"host": host, "decode": decode, "attention": attention, "lora": lora, "sampling": sampling, "mfu": mfu}
+def nf4():
+    """QLoRA's NF4 GEMM: where the in-loop dequantization (fused) stops beating dequantize-first, over M
+    (LLMKERN_NF4_FUSED_MAX_M, default 256, is an estimate until this runs), against the dense LoRA op and
+    bitsandbytes' dequantize + cuBLAS when bitsandbytes is installed. K=N=4096, r=16, bf16, frozen base."""
+    import llmkern
+
+    K, N, r = 4096, 4096, 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *s, sc=1.0: (torch.randn(*s, device="cuda", generator=g) * sc).to(torch.bfloat16)  # noqa: E731
+    W = rnd(N, K, sc=K ** -0.5)
+    qw = llmkern.nf4_quantize(W)
+    A, B = rnd(r, K, sc=K ** -0.5), rnd(N, r, sc=r ** -0.5)
+    gb = qw.nbytes / 1e9
+    t = device_ms(lambda: llmkern.nf4_dequantize(qw, torch.bfloat16))
+    _say(f"  nf4_dequantize {N}x{K}: {t:.4f} ms ({(gb + N * K * 2 / 1e9) / t * 1e3:.0f} GB/s)")
+    try:
+        import bitsandbytes.functional as bnbF
+        q, st = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4")
+        t = device_ms(lambda: bnbF.dequantize_4bit(q, st))
+        _say(f"  bitsandbytes dequantize_4bit: {t:.4f} ms")
+    except Exception as exc:  # noqa: BLE001 - not installed, or no kernel for this card
+        _say(f"  bitsandbytes: {type(exc).__name__}: {str(exc)[:80]}")
+    for M in (1, 16, 64, 128, 256, 512, 1024, 4096):
+        x = rnd(M, K)
+        with torch.no_grad():
+            row = [f"M={M:5d}"]
+            for label, kv in (("fused", {"LLMKERN_NF4_FUSED_MAX_M": str(1 << 30)}),
+                              ("dequant-first", {"LLMKERN_NF4_FUSED_MAX_M": "0"})):
+                with env(**kv):
+                    row.append(f"{label} {device_ms(lambda: llmkern.lora_linear(x, qw, None, A, B, 2.0)):.4f}")
+            row.append(f"dense {device_ms(lambda: llmkern.lora_linear(x, W, None, A, B, 2.0)):.4f}")
+            row.append(f"W-read floor {gb / 3.35:.4f}")  # 4-bit W once at 3.35 TB/s (H100 SXM), in ms
+        _say("  lora_linear fwd ms: " + ", ".join(row))
+
+
+SECTIONS = {"host": host, "decode": decode, "attention": attention, "lora": lora, "sampling": sampling, "mfu": mfu,
+            "nf4": nf4}
 
 
 def main(argv):
