@@ -5,8 +5,8 @@ Ops (each a torch.library op with autograd where it makes sense):
   attention, attention_varlen,         fused attention (Triton)
   attention_with_kvcache
   lora_linear, lora_linear_multi       fused LoRA matmul (Triton); the base weight dense or 4-bit NF4
-  nf4_quantize, nf4_dequantize,        QLoRA's 4-bit NormalFloat weights (bitsandbytes layout)
-  NF4Weight
+  nf4_quantize, nf4_dequantize,        QLoRA's 4-bit NormalFloat weights (bitsandbytes layout), and the
+  nf4_linear, NF4Weight                frozen 4-bit linear layer that keeps only the codes for its backward
   cross_entropy                        fused cross-entropy loss over logits (Triton)
   linear_cross_entropy                 LM head + loss without materialising the logits
   rms_norm, layer_norm                 fused RMSNorm / LayerNorm (+ residual add) (Triton)
@@ -39,6 +39,7 @@ _LAZY_ATTRS = {
     "NF4Weight": "llmkern.ops.nf4",
     "nf4_quantize": "llmkern.ops.nf4",
     "nf4_dequantize": "llmkern.ops.nf4",
+    "nf4_linear": "llmkern.ops.nf4",
     "generate": "llmkern.generation",
 }
 _SUBMODULES = {"bench", "flops", "generation", "integrations", "kernels", "models", "ops", "parallel",

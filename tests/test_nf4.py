@@ -513,6 +513,83 @@ def test_backward_keeps_only_the_codes(triton_backend, gemm_path):
     _check(_grads(x, A, B), _grads(xd, Ad, Bd), torch.float32, ("dx", "dA", "dB"))
 
 
+def test_reference_backward_keeps_only_the_codes():
+    """The CPU reference path of lora_linear (no LLMKERN_BACKEND) runs its base through nf4_linear too."""
+    M, K, N, r = 7, 64, 24, 4
+    qw = llmkern.nf4_quantize(_weight(N, K), 32)
+    x, b, A, B = _lora_inputs((M,), K, N, r, torch.float32, device="cpu")
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = llmkern.lora_linear(x, qw, b, A, B, 0.5)
+    assert not [t for t in saved if t.is_floating_point() and t.numel() == N * K]
+    y.sum().backward()
+    xd, bd, Ad, Bd = _f64_leaves(x, b, A, B)
+    ref.lora_linear(xd, _dense(qw), bd, Ad, Bd, 0.5).sum().backward()
+    _check(_grads(x, A, B, b), _grads(xd, Ad, Bd, bd), torch.float32, ("dx", "dA", "dB", "db"))
+
+
+# ---- 6b. nf4_linear: a 4-bit layer without an adapter --------------------------------------------------
+
+def _nf4_linear_case(lead, K, N, blocksize, dtype, bias, device):
+    qw = llmkern.nf4_quantize(_weight(N, K, device=device), blocksize)
+    x = torch.randn(*lead, K, device=device).to(dtype).requires_grad_()
+    b = torch.randn(N, device=device).to(dtype).requires_grad_() if bias else None
+    return qw, x, b
+
+
+def _check_nf4_linear(qw, x, b, dtype):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = llmkern.nf4_linear(x, qw, b)
+    assert not [t for t in saved if t.is_floating_point() and t.numel() == qw.shape.numel()], "dense W saved"
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xd = x.detach().double().requires_grad_()
+    bd = None if b is None else b.detach().double().requires_grad_()
+    yr = torch.nn.functional.linear(xd, _dense(qw), bd)
+    yr.backward(dy.double())
+    names = ("y", "dx") + (("db",) if b is not None else ())
+    _check((y, x.grad) + ((b.grad,) if b is not None else ()),
+           (yr, xd.grad) + ((bd.grad,) if b is not None else ()), dtype, names)
+
+
+@pytest.mark.parametrize("K,N,blocksize,bias", [(64, 24, 32, True), (45, 10, 64, False), (128, 33, 128, True)])
+def test_nf4_linear_reference(K, N, blocksize, bias):
+    _check_nf4_linear(*_nf4_linear_case((2, 5), K, N, blocksize, torch.float32, bias, "cpu"), torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", interpreter_dtypes())
+@pytest.mark.parametrize("K,N,blocksize,bias", [(64, 24, 32, True), (45, 10, 64, False)])
+def test_nf4_linear_triton(triton_backend, gemm_path, dequant_calls, dtype, K, N, blocksize, bias):
+    qw, x, b = _nf4_linear_case((3, 6), K, N, blocksize, dtype, bias, DEV)
+    _check_nf4_linear(qw, x, b, dtype)
+    assert len(dequant_calls) == _expected_passes(gemm_path, K, blocksize)
+
+
+def test_nf4_linear_opcheck_and_compile():
+    qw, x, b = _nf4_linear_case((6,), 64, 16, 32, torch.float32, True, "cpu")
+    torch.library.opcheck(torch.ops.llmkern.nf4_linear_fwd.default,
+                          (x.detach().requires_grad_(), qw.packed, qw.absmax, qw.pairs, b, 16, 32))
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: llmkern.nf4_linear(x, qw, b), fullgraph=True)
+    assert_close(f(x), llmkern.nf4_linear(x, qw, b), atol=1e-5, rtol=1e-5)
+
+
+def test_nf4_linear_errors():
+    qw, x, b = _nf4_linear_case((3,), 64, 16, 32, torch.float32, True, "cpu")
+    with pytest.raises(TypeError, match="qweight"):
+        llmkern.nf4_linear(x, qw.dequantize(), b)
+    with pytest.raises(ValueError, match="x must have shape"):
+        llmkern.nf4_linear(x[:, :32], qw, b)
+    with pytest.raises(ValueError, match="bias"):
+        llmkern.nf4_linear(x, qw, b[:8])
+    with pytest.raises(ValueError, match="bias"):
+        llmkern.nf4_linear(x, qw, b.double())
+    with pytest.raises(ValueError, match="x must be"):
+        llmkern.nf4_linear(x.double(), qw)
+
+
 # ---- 7. GPU -------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -568,3 +645,24 @@ def test_gpu_lora_linear_nf4_torch_compile_fullgraph(fixed_config):
         assert _rel(y, yr) < 2e-2, M
         for name, g, w in (("dx", x.grad, xd.grad), ("dA", A.grad, Ad.grad), ("dB", B.grad, Bd.grad)):
             assert g is not None and _rel(g, w) < 2e-2, (M, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [16, 512])
+def test_gpu_nf4_linear_bf16_eager_and_compiled(fixed_config, M):
+    """Both paths (M = 16 dequantizes in the GEMM's main loop, 512 first), eager and under
+    torch.compile(fullgraph=True), against the float64 product with the dequantized weight."""
+    torch._dynamo.reset()
+    K, N = 1024, 768
+    qw = llmkern.nf4_quantize(_weight(N, K, torch.bfloat16, device="cuda"), 64)
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    f = torch.compile(lambda x: llmkern.nf4_linear(x, qw, b), fullgraph=True, dynamic=False)
+    for fn in (lambda x: llmkern.nf4_linear(x, qw, b), f):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        y = fn(x)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        xd = x.detach().double().requires_grad_()
+        yr = torch.nn.functional.linear(xd, _dense(qw), b.double())
+        yr.backward(dy.double())
+        assert _rel(y, yr) < 1e-2 and _rel(x.grad, xd.grad) < 1e-2

@@ -648,6 +648,18 @@ def reduce_rows(y, z, n, perm=None, seg=None, dropout_p=0.0, seed=None, wrap=Non
     return part.sum(0)  # a fresh tensor (deterministic order), also when split == 1
 
 
+def base_matmul(x, W, bias=None, wrap=None):
+    """x Wᵀ + bias [M, N] alone (no low-rank term): the 4-bit base layers of a QLoRA model that carry no
+    adapter. W: an NF4Operand (its .t() for the backward's dx = dy W). Few rows run the GEMM kernel with an
+    empty rank (its main loop dequantizes W); many rows dequantize W into a temporary for cuBLAS."""
+    x = x.contiguous()
+    W = _nf4.gemm_weight(W, x.shape[0], x.dtype, wrap)
+    if isinstance(W, torch.Tensor):
+        return torch.nn.functional.linear(x, W, bias)
+    xs = x.new_empty((x.shape[0], 0), dtype=torch.float32)
+    return gemm(x, W, bias, xs, x.new_empty((1, W.shape[0], 0)), wrap=wrap)
+
+
 def lora_forward(x, W, bias, A, B, scaling, scalings=None, perm=None, sorted_ids=None,
                  dropout_p=0.0, seed=None, wrap=None):
     """(y [M, N], xs [M, R] fp32). x [M, K]; W [N, K] or an NF4Operand; A [n, R, K]; B [n, N, R]."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from llmkern import _backend
 from llmkern.ops import _checks
-from llmkern.ops.nf4 import NF4Weight
+from llmkern.ops.nf4 import NF4Weight, nf4_linear
 from llmkern import reference as ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -305,8 +305,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     lora_B = lora_B.to(x.dtype)
     backend = _backend_for(x.device, x.dtype, "lora_linear")
     if backend == "reference" or x.numel() == 0:
-        return ref.lora_linear(x, _dense(weight, x.dtype), bias, lora_A, lora_B, scaling, p,
-                               0 if seed_t is None else seed_t)
+        if isinstance(weight, NF4Weight):  # the base through nf4_linear: only the codes kept for the backward
+            return nf4_linear(x, weight, bias) + ref.lora_delta(x, lora_A, lora_B, scaling, p,
+                                                                0 if seed_t is None else seed_t)
+        return ref.lora_linear(x, weight, bias, lora_A, lora_B, scaling, p, 0 if seed_t is None else seed_t)
     shape = x.shape
     nf4 = isinstance(weight, NF4Weight)  # always fused: the cuBLAS path would keep a dense copy for the backward
     if not nf4 and not fused_pays(x.numel() // shape[-1], weight.shape[0], shape[-1], x.device):
@@ -423,17 +425,15 @@ class _ValueCheck:
                 raise ValueError(f"adapter_ids must be in [-1, {self.n}), got values in [{lo}, {hi}]")
 
 
-def _dense(weight, dtype):
-    """The reference's weight: an NF4 weight dequantized to `dtype` (outside autograd: it is frozen)."""
-    return weight.dequantize(dtype) if isinstance(weight, NF4Weight) else weight
-
-
 def _lora_multi(x, weight, bias, lora_A, lora_B, scalings, ids, n, M):
     lora_A = lora_A.to(x.dtype)
     lora_B = lora_B.to(x.dtype)
     backend = _backend_for(x.device, x.dtype, "lora_linear_multi")
     if backend == "reference" or M == 0:
-        return ref.lora_linear_multi(x, _dense(weight, x.dtype), bias, lora_A, lora_B, scalings, ids)
+        if isinstance(weight, NF4Weight):  # as in lora_linear: the base keeps only the codes
+            y = nf4_linear(x, weight, bias).reshape(M, weight.shape[0])
+            return ref.add_lora_multi(y, x, lora_A, lora_B, scalings, ids).reshape(*x.shape[:-1], -1)
+        return ref.lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, ids)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     sorted_ids, perm = torch.sort(ids.to(torch.int32), stable=True)

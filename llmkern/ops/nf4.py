@@ -3,6 +3,7 @@
     qw = llmkern.nf4_quantize(linear.weight, blocksize=64)     # NF4Weight: 0.5 byte/param + 4 B/block
     y = llmkern.lora_linear(x, qw, bias, A, B, scaling)        # the fused LoRA op reads W in 4 bits
     W = llmkern.nf4_dequantize(qw, torch.bfloat16)             # the dense weight, when needed
+    y = llmkern.nf4_linear(x, qw, bias)                        # a 4-bit layer without an adapter
 
 The layout is bitsandbytes' (see llmkern/reference/nf4.py), so `NF4Weight.from_bnb(param)` reads a
 `bnb.nn.Params4bit` (an NF4 `Linear4bit` weight, double-quantized or not) without copying its codes, and
@@ -19,8 +20,9 @@ from llmkern.reference import nf4 as ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_backend.register_op("nf4_dequantize", lambda device, dtype: _backend.choose_triton("nf4_dequantize", device,
-                                                                                  dtype, _DTYPES))
+for _name in ("nf4_dequantize", "nf4_linear"):
+    _backend.register_op(_name, lambda device, dtype, _name=_name: _backend.choose_triton(_name, device, dtype,
+                                                                                       _DTYPES))
 
 
 def _check_blocksize(blocksize):
@@ -144,3 +146,109 @@ def nf4_dequantize(qweight: NF4Weight, dtype: Optional[torch.dtype] = None) -> t
     from llmkern.kernels.nf4 import dequantize
 
     return dequantize(qweight.operand(), dtype)
+
+
+# ---- nf4_linear: a frozen 4-bit layer without an adapter --------------------------------------------
+
+def _matmul_impl(x2, packed, absmax, pairs, bias, shape, blocksize, transposed):
+    """x2 Wᵀ + bias (or, transposed, x2 W: the backward's dx) with W [N, K] = shape in NF4."""
+    if _backend.choose_triton("nf4_linear", x2.device, x2.dtype, _DTYPES) != "triton":
+        W = ref.nf4_dequantize(packed, absmax, shape, blocksize, x2.dtype)
+        return torch.nn.functional.linear(x2, W.t() if transposed else W, bias)
+    from llmkern.kernels.lora import base_matmul
+    from llmkern.kernels.nf4 import NF4Operand
+
+    return base_matmul(x2, NF4Operand(packed, absmax, pairs, shape, blocksize, transposed), bias)
+
+
+@torch.library.custom_op("llmkern::nf4_linear_fwd", mutates_args=())
+def _nf4_fwd_op(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor,
+                bias: Optional[torch.Tensor], out_features: int, blocksize: int) -> torch.Tensor:
+    return _matmul_impl(x2, packed, absmax, pairs, bias, (out_features, x2.shape[1]), blocksize, False)
+
+
+@_nf4_fwd_op.register_fake
+def _(x2, packed, absmax, pairs, bias, out_features, blocksize):
+    return x2.new_empty((x2.shape[0], out_features))
+
+
+@torch.library.custom_op("llmkern::nf4_linear_bwd", mutates_args=())
+def _nf4_bwd_op(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor,
+                in_features: int, blocksize: int) -> torch.Tensor:
+    return _matmul_impl(dy, packed, absmax, pairs, None, (dy.shape[1], in_features), blocksize, True)
+
+
+@_nf4_bwd_op.register_fake
+def _(dy, packed, absmax, pairs, in_features, blocksize):
+    return dy.new_empty((dy.shape[0], in_features))
+
+
+def _setup_context(ctx, inputs, output):
+    x2, packed, absmax, pairs, bias, _, blocksize = inputs
+    ctx.save_for_backward(packed, absmax, pairs)  # the codes, never a dense W
+    ctx.in_features, ctx.blocksize, ctx.has_bias = x2.shape[1], blocksize, bias is not None
+
+
+def _backward(ctx, dy, bwd=None):
+    packed, absmax, pairs = ctx.saved_tensors
+    dy = dy.contiguous()
+    dx = (bwd or _nf4_bwd_op)(dy, packed, absmax, pairs, ctx.in_features, ctx.blocksize)
+    db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+    return dx, None, None, None, db, None, None
+
+
+_nf4_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _NF4LinearFunction(torch.autograd.Function):
+    """The eager twin of llmkern::nf4_linear_fwd / _bwd (see _checks.eager_fast_path)."""
+
+    @staticmethod
+    def forward(ctx, x2, packed, absmax, pairs, bias, out_features, blocksize):
+        y = _matmul_impl(x2, packed, absmax, pairs, bias, (out_features, x2.shape[1]), blocksize, False)
+        _setup_context(ctx, (x2, packed, absmax, pairs, bias, out_features, blocksize), y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        return _backward(ctx, dy, bwd=lambda dy, p, a, t, k, bs: _matmul_impl(dy, p, a, t, None, (dy.shape[1], k),
+                                                                             bs, True))
+
+
+def nf4_linear(x: torch.Tensor, qweight: NF4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``y = x Wᵀ + b`` with a frozen 4-bit weight (an NF4Weight): the base layers of a QLoRA model that
+    carry no adapter. Differentiable in x and bias; W has no gradient.
+
+    What autograd keeps for the backward is the 4-bit codes (``F.linear(x, nf4_dequantize(qw), b)`` would
+    keep a dense copy of W per layer until the backward: the memory QLoRA exists to save). The backward
+    dequantizes again. On CUDA: the LoRA GEMM kernel with an empty rank for few rows (W dequantized in its
+    main loop), one dequantization pass + cuBLAS for many (see llmkern/kernels/nf4.py); on CPU the
+    reference. x: ``[..., in]`` float32 / float16 / bfloat16 (under autocast: cast to its dtype);
+    bias: ``[out]`` in x's dtype or None. Returns ``[..., out]`` in x's dtype.
+    """
+    _checks.tensor_arg("x", x)
+    if not isinstance(qweight, NF4Weight):
+        raise TypeError(f"qweight must be an NF4Weight (llmkern.nf4_quantize), got {type(qweight).__name__}")
+    dt = _checks.autocast_dtype(x)
+    if dt is not None:
+        x, bias = _checks.autocast_cast(dt, x), _checks.autocast_cast(dt, bias)
+    N, K = qweight.shape
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must have shape [..., {K}] (qweight's in_features), got {tuple(x.shape)}")
+    if x.device != qweight.device:
+        raise ValueError(f"x is on {x.device} but qweight is on {qweight.device}")
+    if bias is not None:
+        _checks.tensor_arg("bias", bias)
+        if bias.shape != (N,) or bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(f"bias must be a [{N}] tensor of x's dtype ({x.dtype}) on {x.device}, got "
+                             f"{bias.dtype} {tuple(bias.shape)} on {bias.device}")
+    x2 = x.reshape(-1, K)
+    args = (x2, qweight.packed, qweight.absmax, qweight.pairs, bias, N, qweight.blocksize)
+    if _checks.eager_fast_path(x2, bias):
+        y = _NF4LinearFunction.apply(*args)
+    else:
+        y = torch.ops.llmkern.nf4_linear_fwd(*args)
+    return y.reshape(*x.shape[:-1], N)

@@ -10,7 +10,8 @@ from llmkern.reference.sampling import (  # noqa: F401
     sort_based_sample,
 )
 # (ops added by later issues append their re-exports below this line)
-from llmkern.reference.lora import dropout_keep_mask, lora_dropout, lora_linear, lora_linear_multi  # noqa: E402,F401
+from llmkern.reference.lora import (  # noqa: E402,F401
+    add_lora_multi, dropout_keep_mask, lora_delta, lora_dropout, lora_linear, lora_linear_multi)
 from llmkern.reference.attention import attention_varlen, attention_with_kvcache  # noqa: E402,F401  (dense: reference.attention.attention)
 # cross entropy: llmkern.reference.cross_entropy.cross_entropy (not re-exported: the name is its module's)
 from llmkern.reference.norm import layer_norm, rms_norm  # noqa: E402,F401

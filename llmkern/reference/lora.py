@@ -96,9 +96,13 @@ def lora_dropout(x, p, seed):
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0):
     """y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ."""
-    y = F.linear(x, weight, bias)
+    return F.linear(x, weight, bias) + lora_delta(x, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def lora_delta(x, lora_A, lora_B, scaling, dropout_p=0.0, seed=0):
+    """The low-rank term alone: scaling · (dropout(x) Aᵀ) Bᵀ."""
     xd = lora_dropout(x, dropout_p, seed)
-    return y + scaling * F.linear(F.linear(xd, lora_A), lora_B)
+    return scaling * F.linear(F.linear(xd, lora_A), lora_B)
 
 
 def lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids):
@@ -106,8 +110,13 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids):
 
     lora_A [n, r, in], lora_B [n, out, r], scalings [n], adapter_ids [M]."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    y = F.linear(x2, weight, bias)
+    y = F.linear(x.reshape(-1, shape[-1]), weight, bias)
+    return add_lora_multi(y, x, lora_A, lora_B, scalings, adapter_ids).reshape(*shape[:-1], weight.shape[0])
+
+
+def add_lora_multi(y, x, lora_A, lora_B, scalings, adapter_ids):
+    """y [M, out] (the base output of the flattened x) plus each row's adapter update."""
+    x2 = x.reshape(-1, x.shape[-1])
     ids = adapter_ids.reshape(-1).to(x2.device)
     for a in range(lora_A.shape[0]):
         s = scalings[a].to(x2.dtype) if torch.is_tensor(scalings) else scalings[a]
@@ -121,4 +130,4 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_ids):
             continue
         upd = s * F.linear(F.linear(x2.index_select(0, idx), lora_A[a]), lora_B[a])
         y = y.index_add(0, idx, upd.to(y.dtype))
-    return y.reshape(*shape[:-1], weight.shape[0])
+    return y
