@@ -87,11 +87,11 @@ def main(everything=False):
     gemm_t = dict(X=f"*{dt}", W=f"*{dt}", BIAS=f"*{dt}", XS="*fp32", LB=f"*{dt}", OUT=f"*{dt}", IDS="*i32", desc_x=f"*{dt}", desc_w=f"*{dt}", SEED="*i32", inv_keep="fp64")
     reduce_t = dict(Y=f"*{dt}", Z="*fp32", OUT="*fp32", ROWS="*i32", SEG="*i32", SEED="*i32", inv_keep="fp64")
     gemm_fwd = dict(sxk=1, swk=1, sxs_r=1, slb_r=1, son=1, PRECISION="tf32", GROUP_M=8, USE_TMA=False, W_T=False,
-                    W_NF4=False, QBLOCK=1)
+                    W_NF4=False, QBLOCK=1, NESTED=False)
     gemm_bwd = dict(sxk=1, swn=1, sxs_r=1, slb_n=1, son=1, PRECISION="tf32", GROUP_M=8, USE_TMA=False, W_T=False,
-                    W_NF4=False, QBLOCK=1)
+                    W_NF4=False, QBLOCK=1, NESTED=False)
     # QLoRA: W as 4-bit NF4 codes, dequantized in the main loop (forward W, backward Wᵀ)
-    nf4_t = dict(gemm_t, W="*u8", WQ_ABSMAX="*fp32", WQ_PAIRS="*i64")
+    nf4_t = dict(gemm_t, W="*u8", WQ_ABSMAX="*fp32", WQ_PAIRS="*i64", WQ_STATE2="*fp32")
     rows = [
         ("gemm fwd 128x256", L._gemm_kernel, gemm_t,
          dict(gemm_fwd, HAS_BIAS=True, HAS_IDS=False, EPI_DROPOUT=False, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64,
@@ -113,6 +113,10 @@ def main(everything=False):
                  (f"gemm nf4 bwd {bm}x{bn} drop", L._gemm_kernel, nf4_t,
                   dict(gemm_bwd, **tile, W_T=True, HAS_BIAS=False, HAS_IDS=False, EPI_DROPOUT=True, BLOCK_R=32),
                   w, st)]
+    # double quantization (8-bit absmax decoded in the main loop), on the largest tile
+    rows.append(("gemm nf4 fwd 128x128 dq", L._gemm_kernel, dict(nf4_t, WQ_ABSMAX="*u8"),
+                 dict(gemm_fwd, W_NF4=True, NESTED=True, QBLOCK=64, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
+                      HAS_BIAS=True, HAS_IDS=False, EPI_DROPOUT=False, BLOCK_R=16), 8, 3))
     bm, bn, bk, w, s = L._FIXED_GPU_TMA_TILE
     rows.append(("gemm tma fwd multi", L._gemm_kernel, gemm_t,  # rows in place: the TMA main loop
                  dict(gemm_fwd, USE_TMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=True, HAS_IDS=True,

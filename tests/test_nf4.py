@@ -112,7 +112,7 @@ def _dense(qw, dtype=None):
     """qw's dense weight in float64 through the reference dequantization in `dtype` (default qw's): what
     the kernels multiply, dequantized in fp32 and cast to x's dtype. Plain PyTorch, so it adds no Triton
     pass to `dequant_calls`."""
-    w = RN.nf4_dequantize(qw.packed, qw.absmax, qw.shape, qw.blocksize, dtype or qw.dtype)
+    w = RN.nf4_dequantize(qw.packed, qw.scales(), qw.shape, qw.blocksize, dtype or qw.dtype)
     return w.double()
 
 
@@ -196,6 +196,82 @@ def test_from_bnb_matches_bitsandbytes_dequantize(compress_statistics, shape, bl
     if not compress_statistics:  # same codes and scales as llmkern's own quantization
         own = llmkern.nf4_quantize(W, blocksize)
         assert torch.equal(own.packed, qw.packed) and torch.equal(own.absmax, qw.absmax)
+    else:  # the 8-bit absmax is kept as it is (shared), decoded in the kernels
+        assert qw.nested is not None and qw.absmax.dtype == torch.uint8
+        assert qw.absmax.data_ptr() == param.quant_state.absmax.data_ptr()
+
+
+def test_double_quant_map_and_codes_like_bitsandbytes():
+    """The dynamic map is bitsandbytes' bit for bit; the absmax codes are the nearest entries, which
+    bitsandbytes' own (approximate) search matches except for a few values near a midpoint."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    assert torch.equal(RN.dynamic_map(), F.create_dynamic_map(signed=True).float())
+    W = _weight(512, 512)
+    with _eager_bnb():
+        _, state = F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+    own = llmkern.nf4_quantize(W, 64, double_quant=True)
+    code_map, absmax2, offset = own.nested
+    assert torch.allclose(offset, state.offset) and torch.equal(absmax2, state.state2.absmax)
+    same = (own.absmax == state.absmax.flatten()).float().mean().item()
+    assert same > 0.99, same
+    # and each of ours is the nearest: its decoding error is never above bitsandbytes'
+    exact = RN.nf4_quantize(W, 64)[1]
+    ours = (own.scales() - exact).abs()
+    theirs = (RN.dequantize_absmax(state.absmax, code_map, absmax2, offset) - exact).abs()
+    assert (ours <= theirs + 1e-9).all()
+
+
+@pytest.mark.parametrize("shape", [(300, 256), (33, 70), (7, 9)])
+def test_double_quant_round_trip_and_size(shape):
+    W = _weight(*shape)
+    plain, dq = llmkern.nf4_quantize(W, 64), llmkern.nf4_quantize(W, 64, double_quant=True)
+    assert dq.absmax.dtype == torch.uint8 and "double_quant=True" in repr(dq)
+    # the decoded scales are within one map step of the exact ones (relative to their group's max)
+    code_map, absmax2, _ = dq.nested
+    step = (code_map[1:] - code_map[:-1]).max()
+    err = (dq.scales() - plain.absmax).abs()
+    assert (err <= step * absmax2.repeat_interleave(RN.BLOCKSIZE2)[:err.numel()] / 2 + 1e-7).all()
+    # and the weight error grows by little (the scales lose ~2-3 significant digits, not the codes)
+    e_plain = (plain.dequantize() - W).abs().mean()
+    e_dq = (dq.dequantize() - W).abs().mean()
+    assert e_dq <= e_plain * 1.05
+    # 8-bit scales: 4 + 8/64 + 32/(64·256) = 4.127 bits per weight instead of 4.5 at blocksize 64, plus the
+    # fixed map and offset (257 floats)
+    nb, ng = plain.absmax.numel(), absmax2.numel()
+    assert plain.nbytes == plain.packed.numel() + 4 * nb
+    assert dq.nbytes == dq.packed.numel() + nb + 4 * (ng + 257)
+    moved = dq.to("cpu", torch.float16)
+    assert moved.dtype == torch.float16 and torch.equal(moved.dequantize(torch.float32), dq.dequantize())
+
+
+def test_double_quant_errors():
+    packed, absmax = _parts()
+    codes, code_map, absmax2, offset = RN.quantize_absmax(absmax)
+    assert NF4Weight(packed, codes, (4, 10), 32, nested=(code_map, absmax2, offset)).nested is not None
+    with pytest.raises(ValueError, match="absmax must be uint8"):
+        NF4Weight(packed, absmax, (4, 10), 32, nested=(code_map, absmax2, offset))
+    with pytest.raises(ValueError, match="nested"):
+        NF4Weight(packed, codes, (4, 10), 32, nested=(code_map[:-1], absmax2, offset))
+    with pytest.raises(ValueError, match="nested"):
+        NF4Weight(packed, codes, (4, 10), 32, nested=(code_map, absmax2))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", interpreter_dtypes())
+def test_double_quant_triton_kernels(triton_backend, gemm_path, dtype):
+    """The kernels decode the 8-bit absmax (dequantize pass, LoRA GEMM, nf4_linear) as the reference does."""
+    M, K, N, r = 9, 128, 40, 4
+    qw = llmkern.nf4_quantize(_weight(300, 256), 64, double_quant=True).to(DEV)
+    want = RN.nf4_dequantize(qw.packed, qw.scales(), qw.shape, 64, dtype)
+    assert torch.equal(llmkern.nf4_dequantize(qw, dtype), want)
+    qw = llmkern.nf4_quantize(_weight(N, K), 32, double_quant=True).to(DEV)
+    x, b, A, B = _lora_inputs((M,), K, N, r, dtype)
+    y = llmkern.lora_linear(x, qw, b, A, B, 0.5)
+    y.float().square().sum().backward()
+    xd, bd, Ad, Bd = _f64_leaves(x, b, A, B)
+    ref.lora_linear(xd, _dense(qw), bd, Ad, Bd, 0.5).square().sum().backward()
+    _check(_grads(x, A, B), _grads(xd, Ad, Bd), dtype, ("dx", "dA", "dB"))
+    _check_nf4_linear(qw, x.detach().requires_grad_(), b.detach().requires_grad_(), dtype)
 
 
 @pytest.mark.parametrize("linear", [False, True])
@@ -570,7 +646,7 @@ def test_nf4_linear_triton(triton_backend, gemm_path, dequant_calls, dtype, K, N
 def test_nf4_linear_opcheck_and_compile():
     qw, x, b = _nf4_linear_case((6,), 64, 16, 32, torch.float32, True, "cpu")
     torch.library.opcheck(torch.ops.llmkern.nf4_linear_fwd.default,
-                          (x.detach().requires_grad_(), qw.packed, qw.absmax, qw.pairs, b, 16, 32))
+                          (x.detach().requires_grad_(), qw.packed, qw.absmax, qw.pairs, qw.state2, b, 16, 32))
     torch._dynamo.reset()
     f = torch.compile(lambda x: llmkern.nf4_linear(x, qw, b), fullgraph=True)
     assert_close(f(x), llmkern.nf4_linear(x, qw, b), atol=1e-5, rtol=1e-5)

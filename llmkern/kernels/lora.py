@@ -47,7 +47,7 @@ from llmkern._backend import triton_interpreting
 from llmkern.kernels import _autotune as _autotune_front
 from llmkern.kernels import _tma
 from llmkern.kernels import nf4 as _nf4
-from llmkern.kernels.nf4 import nf4_levels as _nf4_levels, scale_blocks as _scale_blocks
+from llmkern.kernels.nf4 import block_scales as _block_scales, nf4_levels as _nf4_levels, scale_blocks as _scale_blocks
 from llmkern.kernels._common import cdiv, next_power_of_2
 from llmkern.kernels._common import dropout_params  # (the launchers below; tests read it here)
 from llmkern.kernels._common import fmix32 as _fmix32
@@ -143,16 +143,16 @@ def _base_ptr(X, W, rows, offs_n, mask_m, mask_n, K, sxm, sxk, swn, swk, acc,
 
 
 @triton.jit
-def _base_nf4(X, WQ, ABSMAX, PAIRS, rows, n0, mask_m, K, N, sxm, sxk, row_bytes, acc,
+def _base_nf4(X, WQ, ABSMAX, PAIRS, STATE2, rows, n0, mask_m, K, N, sxm, sxk, row_bytes, acc,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, QBLOCK: tl.constexpr,
-              W_T: tl.constexpr):
+              W_T: tl.constexpr, NESTED: tl.constexpr):
     """acc += X[rows] Wᵀ of one tile with W in 4-bit NF4 (QLoRA): each W tile is read as packed bytes
     (a quarter of bf16's traffic) and dequantized in registers right before the dot. The stored weight
     is [out, in] with `row_bytes` bytes per row, in whole quantization blocks of QBLOCK elements, so a
     tile row needs one absmax per block it spans (NB = its width / QBLOCK, at least 1), not one per element.
     Forward (not W_T): the reduction runs along a stored row; the tile is loaded [BLOCK_N, BLOCK_K] and
     transposed. Backward dx = dy W (W_T): the reduction index is the stored row, the output columns run
-    along it."""
+    along it. NESTED: the absmax is double-quantized (kernels/nf4.py block_scales)."""
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X + rows[:, None] * sxm + offs_k[None, :] * sxk
     blocks_per_row = row_bytes // (QBLOCK // 2)
@@ -179,12 +179,12 @@ def _base_nf4(X, WQ, ABSMAX, PAIRS, rows, n0, mask_m, K, N, sxm, sxk, row_bytes,
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
         if W_T:
             lv = _nf4_levels(WQ, PAIRS, w_bytes, mk[:, None] & mask_c)
-            sc = tl.load(ABSMAX + w_scale, mask=mk[:, None] & mask_cb, other=0.0)
+            sc = _block_scales(ABSMAX, STATE2, w_scale, mk[:, None] & mask_cb, NESTED)
             w = _scale_blocks(lv, sc, (BLOCK_N + QBLOCK - 1) // QBLOCK)
         else:
             lv = _nf4_levels(WQ, PAIRS, w_bytes, mask_r & (k0 + 2 * pairs < K)[None, :])
-            sc = tl.load(ABSMAX + w_scale + k0 // QBLOCK, mask=mask_r & (k0 + cols_b * QBLOCK < K)[None, :],
-                         other=0.0)
+            sc = _block_scales(ABSMAX, STATE2, w_scale + k0 // QBLOCK, mask_r & (k0 + cols_b * QBLOCK < K)[None, :],
+                               NESTED)
             w = tl.trans(_scale_blocks(lv, sc, (BLOCK_K + QBLOCK - 1) // QBLOCK))
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * sxk
@@ -211,13 +211,14 @@ def _base_tma(desc_x, desc_w, m0, n0, K, acc,
 
 
 @triton.jit(do_not_specialize=["threshold"])
-def _gemm_kernel(X, W, WQ_ABSMAX, WQ_PAIRS, BIAS, XS, LB, OUT, IDS, desc_x, desc_w,
+def _gemm_kernel(X, W, WQ_ABSMAX, WQ_PAIRS, WQ_STATE2, BIAS, XS, LB, OUT, IDS, desc_x, desc_w,
                  M, N, K, R, n_adapters, SEED, threshold, inv_keep,
                  sxm, sxk, swn, swk, sxs_m, sxs_r, slb_a, slb_n, slb_r, som, son,
                  HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, EPI_DROPOUT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
-                 USE_TMA: tl.constexpr, W_T: tl.constexpr, W_NF4: tl.constexpr, QBLOCK: tl.constexpr):
+                 USE_TMA: tl.constexpr, W_T: tl.constexpr, W_NF4: tl.constexpr, QBLOCK: tl.constexpr,
+                 NESTED: tl.constexpr):
     """OUT[m, n] = Σ_k X[m, k] W[n, k] + bias[n] + mask ⊙ Σ_r XS[m, r] LB[a_m, n, r].
 
     Rows in their original order, multi-adapter batches too (IDS: the adapter of each row), so the
@@ -225,7 +226,8 @@ def _gemm_kernel(X, W, WQ_ABSMAX, WQ_PAIRS, BIAS, XS, LB, OUT, IDS, desc_x, desc
     adapters present in the tile. USE_TMA: X and W come through the descriptors desc_x / desc_w;
     otherwise those arguments are the raw tensors and unused. W_NF4: W holds 4-bit NF4 codes (QLoRA),
     scaled per QBLOCK elements by WQ_ABSMAX, with the level-pair table WQ_PAIRS (otherwise both are
-    unused); W_T then tells the backward's Wᵀ (see _base_nf4)."""
+    unused); W_T then tells the backward's Wᵀ, NESTED a double-quantized absmax decoded with WQ_STATE2
+    (see _base_nf4)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -245,8 +247,8 @@ def _gemm_kernel(X, W, WQ_ABSMAX, WQ_PAIRS, BIAS, XS, LB, OUT, IDS, desc_x, desc
     if USE_TMA:
         acc = _base_tma(desc_x, desc_w, pid_m * BLOCK_M, pid_n * BLOCK_N, K, acc, BLOCK_K, W_T, PRECISION)
     elif W_NF4:  # swn: bytes per stored row
-        acc = _base_nf4(X, W, WQ_ABSMAX, WQ_PAIRS, rows, pid_n * BLOCK_N, mask_m, K, N, sxm, sxk, swn, acc,
-                        BLOCK_N, BLOCK_K, PRECISION, QBLOCK, W_T)
+        acc = _base_nf4(X, W, WQ_ABSMAX, WQ_PAIRS, WQ_STATE2, rows, pid_n * BLOCK_N, mask_m, K, N, sxm, sxk, swn,
+                        acc, BLOCK_N, BLOCK_K, PRECISION, QBLOCK, W_T, NESTED)
     else:
         acc = _base_ptr(X, W, rows, offs_n, mask_m, mask_n, K, sxm, sxk, swn, swk, acc, BLOCK_K, PRECISION)
 
@@ -404,7 +406,7 @@ def _reduce_configs():
 
 _tuned = {}
 
-_GEMM_KEY = ["N", "K", "R", "swk", "HAS_IDS", "EPI_DROPOUT", "W_NF4", "W_T"]
+_GEMM_KEY = ["N", "K", "R", "swk", "HAS_IDS", "EPI_DROPOUT", "W_NF4", "W_T", "NESTED"]
 # name: (raw kernel, autotune candidates, autotune key, early prune). The keys include the strides
 # that tell the forward GEMM (W, K-contiguous) from the backward one (Wᵀ) and A from the Bᵀ view, so
 # each gets its own configuration.
@@ -550,6 +552,7 @@ def gemm(x, W, bias, xs, LB, ids=None, dropout_p=0.0, seed=None, wrap=None):
 
     nf4 = isinstance(W, _nf4.NF4Operand)
     w_arg, absmax, pairs = (W.packed, W.absmax, W.pairs) if nf4 else (W, x, x)
+    state2 = W.state2 if nf4 and W.state2 is not None else x
     # the NF4 main loop's strides: bytes per stored row (the layout is fixed)
     sw = (W.stored_shape[1] // 2, 0) if nf4 else (W.stride(0), W.stride(1))
 
@@ -560,14 +563,14 @@ def gemm(x, W, bias, xs, LB, ids=None, dropout_p=0.0, seed=None, wrap=None):
             desc_x, desc_w, w_t = _tma.descriptor(x), _tma.descriptor(w_tma[0]), w_tma[1]
         name = "gemm_tma" if w_tma is not None else ("gemm_nf4" if nf4 else "gemm")
         _launch(name, wrap, grid,
-                x, w_arg, absmax, pairs, bias if bias is not None else x, xs, LB, out, ids if has_ids else x,
+                x, w_arg, absmax, pairs, state2, bias if bias is not None else x, xs, LB, out, ids if has_ids else x,
                 desc_x, desc_w,
                 M, N, K, R, n, sd, thr, inv,
                 x.stride(0), x.stride(1), *sw, xs.stride(0), xs.stride(1),
                 LB.stride(0), LB.stride(1), LB.stride(2), out.stride(0), out.stride(1),
                 HAS_BIAS=bias is not None, HAS_IDS=has_ids, EPI_DROPOUT=dropout_p > 0,
                 BLOCK_R=_block_r(R, 32), PRECISION=_precision(x.dtype), USE_TMA=w_tma is not None, W_T=w_t,
-                W_NF4=nf4, QBLOCK=W.blocksize if nf4 else 1)
+                W_NF4=nf4, QBLOCK=W.blocksize if nf4 else 1, NESTED=nf4 and W.state2 is not None)
 
     # a traced op (torch.compile) cannot run config pre-hooks
     tma_ok = not (nf4 or _traced(wrap)) and _TMA.allowed(x) and _tma_compatible(x)

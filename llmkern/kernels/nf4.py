@@ -41,6 +41,20 @@ def nf4_levels(WQ, PAIRS, byte_idx, mask):
 
 
 @triton.jit
+def block_scales(ABSMAX, STATE2, idx, mask, NESTED: tl.constexpr):
+    """fp32 absmax of the quantization blocks at `idx`: stored, or (NESTED, double quantization) decoded
+    from its uint8 code: STATE2[code] · STATE2[257 + idx // 256] + STATE2[256] (code map, offset and one
+    scale per 256 blocks in one fp32 tensor)."""
+    if NESTED:  # (one return: Triton types every return of a function alike)
+        code = tl.load(ABSMAX + idx, mask=mask, other=0).to(tl.int32)
+        scale2 = tl.load(STATE2 + 257 + idx // 256, mask=mask, other=0.0)
+        scale = tl.load(STATE2 + code) * scale2 + tl.load(STATE2 + 256)
+    else:
+        scale = tl.load(ABSMAX + idx, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
 def scale_blocks(vals, scale, NB: tl.constexpr):
     """vals [R, C] times scale [R, NB]: column block j (C // NB columns) takes scale[:, j]."""
     v = tl.reshape(vals, [vals.shape[0], NB, vals.shape[1] // NB]) * scale[:, :, None]
@@ -48,12 +62,13 @@ def scale_blocks(vals, scale, NB: tl.constexpr):
 
 
 @triton.jit
-def _dequant_kernel(WQ, ABSMAX, PAIRS, OUT, numel, QBLOCK: tl.constexpr, BLOCK: tl.constexpr):
+def _dequant_kernel(WQ, ABSMAX, PAIRS, STATE2, OUT, numel, QBLOCK: tl.constexpr, BLOCK: tl.constexpr,
+                    NESTED: tl.constexpr):
     """OUT[f] = levels[code f] · absmax[f // QBLOCK] for the 2·BLOCK elements of BLOCK consecutive bytes
     (any shape: the blocks of the flat layout; each byte's two elements share a block, QBLOCK is even)."""
     byte_idx = (tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK))[None, :]
     mask = 2 * byte_idx < numel
-    scale = tl.load(ABSMAX + byte_idx // (QBLOCK // 2), mask=mask, other=0.0)
+    scale = block_scales(ABSMAX, STATE2, byte_idx // (QBLOCK // 2), mask, NESTED)
     w = scale_blocks(nf4_levels(WQ, PAIRS, byte_idx, mask), scale, BLOCK)
     flat = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
     tl.store(OUT + flat, tl.reshape(w, [2 * BLOCK]).to(OUT.dtype.element_ty), mask=flat < numel)
@@ -63,8 +78,8 @@ class NF4Operand:
     """What the LoRA launchers take in place of a dense W [N, K]: the packed codes, the fp32 absmax, the
     pair table (llmkern.reference.nf4.level_pairs) and the stored [N, K] shape; `t()` gives the backward's Wᵀ (same storage)."""
 
-    def __init__(self, packed, absmax, pairs, shape, blocksize, transposed=False):
-        self.packed, self.absmax, self.pairs = packed, absmax, pairs
+    def __init__(self, packed, absmax, pairs, shape, blocksize, transposed=False, state2=None):
+        self.packed, self.absmax, self.pairs, self.state2 = packed, absmax, pairs, state2
         self.stored_shape = (int(shape[0]), int(shape[1]))
         self.blocksize = int(blocksize)
         self.transposed = transposed
@@ -73,7 +88,7 @@ class NF4Operand:
 
     def t(self):
         return NF4Operand(self.packed, self.absmax, self.pairs, self.stored_shape, self.blocksize,
-                          not self.transposed)
+                          not self.transposed, self.state2)
 
 
 def dequantize(op, dtype, wrap=None):
@@ -82,7 +97,9 @@ def dequantize(op, dtype, wrap=None):
     out = torch.empty(op.stored_shape, device=op.packed.device, dtype=dtype)
     block = 1024  # bytes per program
     kern = _dequant_kernel if wrap is None else wrap(_dequant_kernel)
-    kern[(cdiv(numel, 2 * block),)](op.packed, op.absmax, op.pairs, out, numel, QBLOCK=op.blocksize, BLOCK=block)
+    nested = op.state2 is not None
+    kern[(cdiv(numel, 2 * block),)](op.packed, op.absmax, op.pairs, op.state2 if nested else op.absmax, out, numel,
+                                    QBLOCK=op.blocksize, BLOCK=block, NESTED=nested)
     return out.t() if op.transposed else out
 
 

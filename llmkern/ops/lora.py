@@ -175,9 +175,9 @@ if _triton_op is not None and _backend.triton_available():
                      scaling: float, perm: Optional[torch.Tensor], sorted_ids: Optional[torch.Tensor],
                      seg: Optional[torch.Tensor], dropout_p: float, seed: Optional[torch.Tensor],
                      nf4_absmax: Optional[torch.Tensor] = None, nf4_pairs: Optional[torch.Tensor] = None,
-                     nf4_blocksize: int = 0
+                     nf4_blocksize: int = 0, nf4_state2: Optional[torch.Tensor] = None
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-        W = _weight_operand(weight, nf4_absmax, nf4_pairs, nf4_blocksize, lora_B.shape[1], x.shape[1])
+        W = _weight_operand(weight, nf4_absmax, nf4_pairs, nf4_blocksize, nf4_state2, lora_B.shape[1], x.shape[1])
         return _kern().lora_forward(x, W, bias, lora_A, lora_B, scaling, scalings, perm, sorted_ids,
                                     dropout_p, seed, wrap=_wrap_triton)
 
@@ -187,40 +187,40 @@ if _triton_op is not None and _backend.triton_available():
                      scaling: float, perm: Optional[torch.Tensor], sorted_ids: Optional[torch.Tensor],
                      seg: Optional[torch.Tensor], dropout_p: float, seed: Optional[torch.Tensor],
                      nf4_absmax: Optional[torch.Tensor] = None, nf4_pairs: Optional[torch.Tensor] = None,
-                     nf4_blocksize: int = 0
+                     nf4_blocksize: int = 0, nf4_state2: Optional[torch.Tensor] = None
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        W = _weight_operand(weight, nf4_absmax, nf4_pairs, nf4_blocksize, lora_B.shape[1], x.shape[1])
+        W = _weight_operand(weight, nf4_absmax, nf4_pairs, nf4_blocksize, nf4_state2, lora_B.shape[1], x.shape[1])
         return _kern().lora_backward(dy, x, W, lora_A, lora_B, xs, scaling, scalings, perm,
                                      sorted_ids, seg, dropout_p, seed, wrap=_wrap_triton)
 
     def _setup_context(ctx, inputs, output):
         x, weight, bias, lora_A, lora_B, scalings, scaling, perm, sorted_ids, seg, p, seed, *nf4 = inputs
         ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scalings, perm, sorted_ids, seg, seed,
-                              nf4[0], nf4[1])
+                              nf4[0], nf4[1], nf4[3])
         ctx.scaling, ctx.p, ctx.nf4_blocksize = scaling, p, nf4[2]
         ctx.has_bias = bias is not None
 
     def _backward(ctx, dy, _dxs):
-        x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed, absmax, pairs = ctx.saved_tensors
+        x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed, absmax, pairs, state2 = ctx.saved_tensors
         dy = dy.contiguous()
         dx, dA, dB = torch.ops.llmkern.lora_bwd(dy, x, weight, lora_A, lora_B, xs, scalings, ctx.scaling,
                                                 perm, sorted_ids, seg, ctx.p, seed, absmax, pairs,
-                                                ctx.nf4_blocksize)
+                                                ctx.nf4_blocksize, state2)
         dW = dy.t().mm(x) if ctx.needs_input_grad[1] else None
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dW, db, dA, dB, None, None, None, None, None, None, None, None, None, None
+        return dx, dW, db, dA, dB, None, None, None, None, None, None, None, None, None, None, None
 
     _lora_fwd_op.register_autograd(_backward, setup_context=_setup_context)
     _HAVE_OPS = True
 
 
-def _weight_operand(weight, absmax, pairs, blocksize, N, K):
+def _weight_operand(weight, absmax, pairs, blocksize, state2, N, K):
     """What the kernels take as W: the dense weight, or (absmax given) the NF4 codes in `weight`."""
     if absmax is None:
         return weight
     from llmkern.kernels.nf4 import NF4Operand
 
-    return NF4Operand(weight, absmax, pairs, (N, K), blocksize)
+    return NF4Operand(weight, absmax, pairs, (N, K), blocksize, state2=state2)
 
 
 class _LoRAFunction(torch.autograd.Function):
@@ -228,12 +228,12 @@ class _LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, scaling, perm, sorted_ids, seg, p, seed,
-                nf4_absmax, nf4_pairs, nf4_blocksize):
-        W = _weight_operand(weight, nf4_absmax, nf4_pairs, nf4_blocksize, lora_B.shape[1], x.shape[1])
+                nf4_absmax, nf4_pairs, nf4_blocksize, nf4_state2):
+        W = _weight_operand(weight, nf4_absmax, nf4_pairs, nf4_blocksize, nf4_state2, lora_B.shape[1], x.shape[1])
         y, xs = _kern().lora_forward(x, W, bias, lora_A, lora_B, scaling, scalings, perm,
                                      sorted_ids, p, seed)
         ctx.save_for_backward(x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed,
-                              nf4_absmax, nf4_pairs)
+                              nf4_absmax, nf4_pairs, nf4_state2)
         ctx.scaling, ctx.p, ctx.has_bias, ctx.nf4_blocksize = scaling, p, bias is not None, nf4_blocksize
         return y
 
@@ -242,22 +242,22 @@ class _LoRAFunction(torch.autograd.Function):
     def backward(ctx, dy):
         # the kernels' gradients are not differentiable: a double backward (create_graph=True)
         # raises, as it does through the custom op, instead of silently dropping second-order terms
-        x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed, absmax, pairs = ctx.saved_tensors
+        x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed, absmax, pairs, state2 = ctx.saved_tensors
         dy = dy.contiguous()
-        W = _weight_operand(weight, absmax, pairs, ctx.nf4_blocksize, lora_B.shape[1], x.shape[1])
+        W = _weight_operand(weight, absmax, pairs, ctx.nf4_blocksize, state2, lora_B.shape[1], x.shape[1])
         dx, dA, dB = _kern().lora_backward(dy, x, W, lora_A, lora_B, xs, ctx.scaling, scalings, perm,
                                            sorted_ids, seg, ctx.p, seed)
         dW = dy.t().mm(x) if ctx.needs_input_grad[1] else None
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dW, db, dA, dB, None, None, None, None, None, None, None, None, None, None
+        return dx, dW, db, dA, dB, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _run_triton(x2, weight, bias, A3, B3, scalings, scaling, perm, sorted_ids, seg, p, seed):
     if isinstance(weight, NF4Weight):  # the codes go in weight's place, with the scales after the seed
-        nf4 = (weight.absmax, weight.pairs, weight.blocksize)
+        nf4 = (weight.absmax, weight.pairs, weight.blocksize, weight.state2)
         weight = weight.packed
     else:
-        nf4 = (None, None, 0)
+        nf4 = (None, None, 0, None)
     args = (x2, weight.contiguous(), None if bias is None else bias.contiguous(), A3.contiguous(),
             B3.contiguous(), scalings, scaling, perm, sorted_ids, seg, p, seed, *nf4)
     # the custom op where torch.compile traces; eager calls skip its dispatch (see eager_fast_path)

@@ -35,13 +35,15 @@ class NF4Weight:
     """A frozen linear weight ``[out_features, in_features]`` in 4-bit NormalFloat (bitsandbytes layout).
 
     packed: uint8, ``ceil(N·K / 2)`` bytes (two codes per byte, the first in the high nibble; bnb's
-    ``[n, 1]`` shape is accepted); absmax: float32 ``[ceil(N·K / blocksize)]``, the scale of each block of
-    ``blocksize`` consecutive elements; dtype: the dtype ``dequantize()`` returns by default (the
-    original weight's). Not a tensor and not trainable: it is the frozen base of a (Q)LoRA layer.
+    ``[n, 1]`` shape is accepted); absmax: the scale of each block of ``blocksize`` consecutive elements,
+    ``[ceil(N·K / blocksize)]``: float32, or with double quantization (``nested``) uint8 codes;
+    nested: None, or ``(code_map [256] fp32, absmax2 fp32 [ceil(n_blocks / 256)], offset)`` decoding
+    them (see llmkern.reference.nf4); dtype: the dtype ``dequantize()`` returns by default (the original
+    weight's). Not a tensor and not trainable: it is the frozen base of a (Q)LoRA layer.
     """
 
     def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize: int = 64,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, *, nested=None):
         _checks.tensor_arg("packed", packed)
         _checks.tensor_arg("absmax", absmax)
         if len(tuple(shape)) != 2 or any(int(s) < 1 for s in shape):
@@ -54,18 +56,26 @@ class NF4Weight:
             raise ValueError(f"packed must be uint8 with ceil({N}·{K} / 2) = {-(-N * K // 2)} elements, got "
                              f"{packed.dtype} with {packed.numel()}")
         nblocks = -(-N * K // blocksize)
-        if absmax.dtype != torch.float32 or absmax.numel() != nblocks:
-            raise ValueError(f"absmax must be float32 with ceil({N}·{K} / {blocksize}) = {nblocks} elements, got "
+        want = torch.uint8 if nested is not None else torch.float32
+        if absmax.dtype != want or absmax.numel() != nblocks:
+            kind = "uint8 (double-quantized codes)" if nested is not None else "float32"
+            raise ValueError(f"absmax must be {kind} with ceil({N}·{K} / {blocksize}) = {nblocks} elements, got "
                              f"{absmax.dtype} with {absmax.numel()}")
         if absmax.device != packed.device:
             raise ValueError(f"absmax is on {absmax.device} but packed is on {packed.device}")
         self.packed = packed.reshape(-1).contiguous()
         self.absmax = absmax.reshape(-1).contiguous()
+        self.nested = None if nested is None else _nested_arg(nested, nblocks, packed.device)
         self.shape = torch.Size((N, K))
         self.blocksize = blocksize
         self.dtype = dtype
-        # the kernels' level table, made here (not per call, and not while torch.compile traces a call)
+        # the kernels' tables, made here (not per call, and not while torch.compile traces a call): the
+        # level pairs, and the double-quantization state as one fp32 tensor [code_map | offset | absmax2]
         self.pairs = ref.level_pairs(self.packed.device)
+        self.state2 = None
+        if self.nested is not None:
+            code_map, absmax2, offset = self.nested
+            self.state2 = torch.cat([code_map, offset.reshape(1), absmax2])
 
     out_features = property(lambda self: self.shape[0])
     in_features = property(lambda self: self.shape[1])
@@ -77,7 +87,16 @@ class NF4Weight:
 
     @property
     def nbytes(self):
-        return self.packed.numel() + 4 * self.absmax.numel()
+        """Bytes of the codes and scales (the shared level tables not counted)."""
+        extra = 0 if self.state2 is None else 4 * self.state2.numel()
+        return self.packed.numel() + self.absmax.numel() * self.absmax.element_size() + extra
+
+    def scales(self) -> torch.Tensor:
+        """The fp32 absmax of every block (double quantization decoded)."""
+        if self.nested is None:
+            return self.absmax
+        code_map, absmax2, offset = self.nested
+        return ref.dequantize_absmax(self.absmax, code_map, absmax2, offset)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense weight ``[N, K]`` in `dtype` (default: self.dtype). See nf4_dequantize."""
@@ -85,41 +104,64 @@ class NF4Weight:
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "NF4Weight":
         """The same codes on `device` (dtype: the default dequantization dtype)."""
+        nested = None if self.nested is None else tuple(t.to(device) for t in self.nested)
         return NF4Weight(self.packed.to(device), self.absmax.to(device), self.shape, self.blocksize,
-                         dtype or self.dtype)
+                         dtype or self.dtype, nested=nested)
 
     def operand(self):
         """The LoRA launchers' view of this weight (llmkern.kernels.nf4.NF4Operand)."""
         from llmkern.kernels.nf4 import NF4Operand
 
-        return NF4Operand(self.packed, self.absmax, self.pairs, self.shape, self.blocksize)
+        return NF4Operand(self.packed, self.absmax, self.pairs, self.shape, self.blocksize, state2=self.state2)
 
     @classmethod
     def from_bnb(cls, weight, dtype: Optional[torch.dtype] = None) -> "NF4Weight":
         """An NF4Weight over a bitsandbytes ``Params4bit`` (``Linear4bit.weight``) of quant_type "nf4": the
-        codes are shared, not copied; a double-quantized absmax is expanded to float32 once here."""
+        codes and scales are shared, not copied (a double-quantized absmax stays in 8 bits)."""
         state = getattr(weight, "quant_state", None)
         if state is None:
             raise ValueError("weight must be a bitsandbytes Params4bit with a quant_state (quantized: moved to "
                              "its device), got " + type(weight).__name__)
         if getattr(state, "quant_type", "nf4") != "nf4":
             raise ValueError(f"only NF4 weights are supported, got quant_type={state.quant_type!r}")
-        absmax = state.absmax
+        nested = None
         if getattr(state, "nested", False):
             inner = state.state2
-            absmax = ref.dequantize_absmax(absmax, inner.code, inner.absmax, state.offset, inner.blocksize)
-        return cls(weight.data, absmax.to(torch.float32), tuple(state.shape), int(state.blocksize),
-                   dtype or state.dtype)
+            if int(inner.blocksize) != ref.BLOCKSIZE2:
+                raise ValueError(f"double quantization with {inner.blocksize} scales per group is not supported "
+                                 f"(only {ref.BLOCKSIZE2}, bitsandbytes' default)")
+            nested = (inner.code, inner.absmax, state.offset)
+        return cls(weight.data, state.absmax, tuple(state.shape), int(state.blocksize), dtype or state.dtype,
+                   nested=nested)
 
     def __repr__(self):
-        return (f"NF4Weight(shape={tuple(self.shape)}, blocksize={self.blocksize}, dtype={self.dtype}, "
+        dq = ", double_quant=True" if self.nested is not None else ""
+        return (f"NF4Weight(shape={tuple(self.shape)}, blocksize={self.blocksize}{dq}, dtype={self.dtype}, "
                 f"device={self.device})")
 
 
-def nf4_quantize(weight: torch.Tensor, blocksize: int = 64) -> NF4Weight:
+def _nested_arg(nested, nblocks, device):
+    """(code_map, absmax2, offset) as fp32 tensors on `device`, checked."""
+    try:
+        code_map, absmax2, offset = nested
+    except (TypeError, ValueError):
+        raise ValueError("nested must be (code_map, absmax2, offset)") from None
+    code_map = torch.as_tensor(code_map, dtype=torch.float32, device=device).reshape(-1)
+    absmax2 = torch.as_tensor(absmax2, dtype=torch.float32, device=device).reshape(-1)
+    offset = torch.as_tensor(offset, dtype=torch.float32, device=device).reshape(())
+    groups = -(-nblocks // ref.BLOCKSIZE2)
+    if code_map.numel() != 256 or absmax2.numel() != groups:
+        raise ValueError(f"nested: code_map must have 256 entries and absmax2 ceil({nblocks} / {ref.BLOCKSIZE2}) "
+                         f"= {groups}, got {code_map.numel()} and {absmax2.numel()}")
+    return code_map, absmax2, offset
+
+
+def nf4_quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
     """Quantize a linear weight ``[out, in]`` to NF4 (round to the nearest of 16 levels, one absmax per
     `blocksize` consecutive elements): the same bytes as bitsandbytes' ``quantize_4bit(w, blocksize,
-    quant_type="nf4")``. Any device; the dtype of `weight` becomes the default dequantization dtype."""
+    quant_type="nf4")``. ``double_quant=True`` stores the absmax in 8 bits too (QLoRA's double
+    quantization: 4.127 bits per weight instead of 4.5 at blocksize 64). Any device; the dtype of `weight`
+    becomes the default dequantization dtype."""
     _checks.tensor_arg("weight", weight)
     if weight.dim() != 2 or weight.numel() == 0:
         raise ValueError(f"weight must be a non-empty [out_features, in_features] tensor, got shape "
@@ -130,7 +172,10 @@ def nf4_quantize(weight: torch.Tensor, blocksize: int = 64) -> NF4Weight:
     if not torch.isfinite(weight).all():
         raise ValueError("weight must be finite to quantize it (it holds inf or NaN)")
     packed, absmax = ref.nf4_quantize(weight, blocksize)
-    return NF4Weight(packed, absmax, weight.shape, blocksize, weight.dtype)
+    if not double_quant:
+        return NF4Weight(packed, absmax, weight.shape, blocksize, weight.dtype)
+    codes, code_map, absmax2, offset = ref.quantize_absmax(absmax)
+    return NF4Weight(packed, codes, weight.shape, blocksize, weight.dtype, nested=(code_map, absmax2, offset))
 
 
 def nf4_dequantize(qweight: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -142,7 +187,7 @@ def nf4_dequantize(qweight: NF4Weight, dtype: Optional[torch.dtype] = None) -> t
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     if _backend.choose_triton("nf4_dequantize", qweight.device, dtype, _DTYPES) == "reference":
-        return ref.nf4_dequantize(qweight.packed, qweight.absmax, qweight.shape, qweight.blocksize, dtype)
+        return ref.nf4_dequantize(qweight.packed, qweight.scales(), qweight.shape, qweight.blocksize, dtype)
     from llmkern.kernels.nf4 import dequantize
 
     return dequantize(qweight.operand(), dtype)
@@ -150,51 +195,52 @@ def nf4_dequantize(qweight: NF4Weight, dtype: Optional[torch.dtype] = None) -> t
 
 # ---- nf4_linear: a frozen 4-bit layer without an adapter --------------------------------------------
 
-def _matmul_impl(x2, packed, absmax, pairs, bias, shape, blocksize, transposed):
+def _matmul_impl(x2, packed, absmax, pairs, state2, bias, shape, blocksize, transposed):
     """x2 Wᵀ + bias (or, transposed, x2 W: the backward's dx) with W [N, K] = shape in NF4."""
     if _backend.choose_triton("nf4_linear", x2.device, x2.dtype, _DTYPES) != "triton":
-        W = ref.nf4_dequantize(packed, absmax, shape, blocksize, x2.dtype)
+        W = ref.nf4_dequantize(packed, ref.block_scales(absmax, state2), shape, blocksize, x2.dtype)
         return torch.nn.functional.linear(x2, W.t() if transposed else W, bias)
     from llmkern.kernels.lora import base_matmul
     from llmkern.kernels.nf4 import NF4Operand
 
-    return base_matmul(x2, NF4Operand(packed, absmax, pairs, shape, blocksize, transposed), bias)
+    return base_matmul(x2, NF4Operand(packed, absmax, pairs, shape, blocksize, transposed, state2), bias)
 
 
 @torch.library.custom_op("llmkern::nf4_linear_fwd", mutates_args=())
 def _nf4_fwd_op(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor,
-                bias: Optional[torch.Tensor], out_features: int, blocksize: int) -> torch.Tensor:
-    return _matmul_impl(x2, packed, absmax, pairs, bias, (out_features, x2.shape[1]), blocksize, False)
+                state2: Optional[torch.Tensor], bias: Optional[torch.Tensor], out_features: int,
+                blocksize: int) -> torch.Tensor:
+    return _matmul_impl(x2, packed, absmax, pairs, state2, bias, (out_features, x2.shape[1]), blocksize, False)
 
 
 @_nf4_fwd_op.register_fake
-def _(x2, packed, absmax, pairs, bias, out_features, blocksize):
+def _(x2, packed, absmax, pairs, state2, bias, out_features, blocksize):
     return x2.new_empty((x2.shape[0], out_features))
 
 
 @torch.library.custom_op("llmkern::nf4_linear_bwd", mutates_args=())
 def _nf4_bwd_op(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor,
-                in_features: int, blocksize: int) -> torch.Tensor:
-    return _matmul_impl(dy, packed, absmax, pairs, None, (dy.shape[1], in_features), blocksize, True)
+                state2: Optional[torch.Tensor], in_features: int, blocksize: int) -> torch.Tensor:
+    return _matmul_impl(dy, packed, absmax, pairs, state2, None, (dy.shape[1], in_features), blocksize, True)
 
 
 @_nf4_bwd_op.register_fake
-def _(dy, packed, absmax, pairs, in_features, blocksize):
+def _(dy, packed, absmax, pairs, state2, in_features, blocksize):
     return dy.new_empty((dy.shape[0], in_features))
 
 
 def _setup_context(ctx, inputs, output):
-    x2, packed, absmax, pairs, bias, _, blocksize = inputs
-    ctx.save_for_backward(packed, absmax, pairs)  # the codes, never a dense W
+    x2, packed, absmax, pairs, state2, bias, _, blocksize = inputs
+    ctx.save_for_backward(packed, absmax, pairs, state2)  # the codes, never a dense W
     ctx.in_features, ctx.blocksize, ctx.has_bias = x2.shape[1], blocksize, bias is not None
 
 
 def _backward(ctx, dy, bwd=None):
-    packed, absmax, pairs = ctx.saved_tensors
+    packed, absmax, pairs, state2 = ctx.saved_tensors
     dy = dy.contiguous()
-    dx = (bwd or _nf4_bwd_op)(dy, packed, absmax, pairs, ctx.in_features, ctx.blocksize)
-    db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
-    return dx, None, None, None, db, None, None
+    dx = (bwd or _nf4_bwd_op)(dy, packed, absmax, pairs, state2, ctx.in_features, ctx.blocksize)
+    db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[5] else None
+    return dx, None, None, None, None, db, None, None
 
 
 _nf4_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -204,16 +250,17 @@ class _NF4LinearFunction(torch.autograd.Function):
     """The eager twin of llmkern::nf4_linear_fwd / _bwd (see _checks.eager_fast_path)."""
 
     @staticmethod
-    def forward(ctx, x2, packed, absmax, pairs, bias, out_features, blocksize):
-        y = _matmul_impl(x2, packed, absmax, pairs, bias, (out_features, x2.shape[1]), blocksize, False)
-        _setup_context(ctx, (x2, packed, absmax, pairs, bias, out_features, blocksize), y)
+    def forward(ctx, *inputs):
+        x2, packed, absmax, pairs, state2, bias, out_features, blocksize = inputs
+        y = _matmul_impl(x2, packed, absmax, pairs, state2, bias, (out_features, x2.shape[1]), blocksize, False)
+        _setup_context(ctx, inputs, y)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        return _backward(ctx, dy, bwd=lambda dy, p, a, t, k, bs: _matmul_impl(dy, p, a, t, None, (dy.shape[1], k),
-                                                                             bs, True))
+        return _backward(ctx, dy, bwd=lambda dy, p, a, t, s2, k, bs: _matmul_impl(dy, p, a, t, s2, None,
+                                                                                  (dy.shape[1], k), bs, True))
 
 
 def nf4_linear(x: torch.Tensor, qweight: NF4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -246,7 +293,7 @@ def nf4_linear(x: torch.Tensor, qweight: NF4Weight, bias: Optional[torch.Tensor]
             raise ValueError(f"bias must be a [{N}] tensor of x's dtype ({x.dtype}) on {x.device}, got "
                              f"{bias.dtype} {tuple(bias.shape)} on {bias.device}")
     x2 = x.reshape(-1, K)
-    args = (x2, qweight.packed, qweight.absmax, qweight.pairs, bias, N, qweight.blocksize)
+    args = (x2, qweight.packed, qweight.absmax, qweight.pairs, qweight.state2, bias, N, qweight.blocksize)
     if _checks.eager_fast_path(x2, bias):
         y = _NF4LinearFunction.apply(*args)
     else:

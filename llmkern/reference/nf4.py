@@ -13,8 +13,12 @@ The 16 levels are the quantiles of N(0, 1) that the QLoRA paper defines (8 posit
 normalised to [-1, 1]; below are their float32 values as bitsandbytes stores them (they differ from a
 float64 recomputation by at most 1.2e-7, so they are data here, not recomputed).
 
-Double quantization (bnb `compress_statistics=True`) stores absmax itself as uint8 codes of an 8-bit
-dynamic map with one fp32 scale per 256 blocks and a mean offset; `dequantize_absmax` undoes it.
+Double quantization (QLoRA's, bnb `compress_statistics=True`) stores absmax itself in 8 bits: the mean
+`offset` is subtracted, each group of 256 absmax values is scaled by its own max |.| (absmax2, fp32), and
+each value becomes the index of the nearest entry of the signed 8-bit dynamic map (`dynamic_map`): 0.127
+bits per weight for the scales instead of 0.5 at blocksize 64. `dequantize_absmax` undoes it.
+bitsandbytes' own quantizer picks a neighbouring entry for a few values near a midpoint; the codes here are
+the nearest ones, and the decoding is the same.
 """
 import torch
 
@@ -74,7 +78,46 @@ def nf4_dequantize(packed, absmax, shape, blocksize=64, dtype=torch.float32):
     return (nf4_levels(packed.device)[codes] * scale).reshape(tuple(shape)).to(dtype)
 
 
-def dequantize_absmax(codes, code_map, scales, offset, blocksize2=256):
+BLOCKSIZE2 = 256  # absmax values per second-level scale (bitsandbytes' fixed choice)
+
+
+def dynamic_map():
+    """The signed 8-bit dynamic map of double quantization, fp32 [256] ascending: for i = 0..6 the
+    midpoints of 2^i equal steps of [0.1, 1] scaled by 10^(i-6), both signs, plus 0 and 1 (a float
+    with a 7-level decimal exponent and a fraction of i bits; Dettmers 2015). Computed in float32, which
+    gives bitsandbytes' create_dynamic_map() bit for bit."""
+    vals = []
+    for i in range(7):
+        edges = torch.linspace(0.1, 1.0, 2 ** i + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - 6)
+        vals += mids.tolist() + (-mids).tolist()
+    return torch.tensor(sorted(vals + [0.0, 1.0]), dtype=torch.float32)
+
+
+def quantize_absmax(absmax, blocksize2=BLOCKSIZE2):
+    """(codes uint8 [n], code_map fp32 [256], absmax2 fp32 [ceil(n / blocksize2)], offset fp32 [])) of
+    fp32 block scales: double quantization, the nearest map entry of (absmax - mean) / absmax2."""
+    offset = absmax.mean()
+    centred = absmax - offset
+    n = centred.numel()
+    groups = -(-n // blocksize2)
+    padded = torch.nn.functional.pad(centred, (0, groups * blocksize2 - n)).view(groups, blocksize2)
+    absmax2 = padded.abs().amax(dim=1)
+    scaled = padded / torch.where(absmax2 > 0, absmax2, torch.ones_like(absmax2))[:, None]
+    code_map = dynamic_map().to(absmax.device)
+    codes = torch.bucketize(scaled.reshape(-1)[:n], (code_map[1:] + code_map[:-1]) / 2).to(torch.uint8)
+    return codes, code_map, absmax2, offset
+
+
+def block_scales(absmax, state2=None):
+    """fp32 absmax [n] from what the kernels take: absmax itself, or (double quantization) its uint8 codes
+    and state2 = [code_map (256) | offset (1) | absmax2], llmkern.NF4Weight's layout."""
+    if state2 is None:
+        return absmax
+    return dequantize_absmax(absmax, state2[:256], state2[257:], state2[256])
+
+
+def dequantize_absmax(codes, code_map, scales, offset, blocksize2=BLOCKSIZE2):
     """Double quantization's absmax (fp32 [n]): code_map[codes[i]] · scales[i // blocksize2] + offset."""
     vals = code_map.to(torch.float32)[codes.reshape(-1).long()]
     scale = scales.reshape(-1).to(torch.float32).repeat_interleave(blocksize2)[:vals.numel()]
