@@ -75,6 +75,30 @@ def eager_fast_path(*tensors):
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
+def eager_twin(name, impl, setup_context, backward, doc, *, once_differentiable=True, materialize_grads=True):
+    """The eager twin of a custom op: a torch.autograd.Function whose forward runs `impl` (the op's own
+    implementation) and `setup_context`, and whose backward is the op's registered `backward` (bind its
+    backward implementation with functools.partial), so that eager calls skip the torch.library dispatch
+    (see eager_fast_path) and save exactly what the op saves. once_differentiable: a double backward
+    raises (the kernels' gradients are not differentiable), as it does through the op;
+    materialize_grads=False: gradients of unused outputs stay None, as under the op."""
+
+    def forward(ctx, *inputs):
+        output = impl(*inputs)
+        if not materialize_grads:
+            ctx.set_materialize_grads(False)
+        setup_context(ctx, inputs, output)
+        return output
+
+    def run_backward(ctx, *grads):
+        return backward(ctx, *grads)
+
+    if once_differentiable:
+        run_backward = torch.autograd.function.once_differentiable(run_backward)
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(run_backward), "__doc__": doc})
+
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # vmap / grad wrap tensors that still look like plain ones: the custom op handles them, the
 # autograd.Function (no setup_context) does not

@@ -263,23 +263,11 @@ def _backward(ctx, dout, dlse, bwd=None):
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _AttentionFunction(torch.autograd.Function):
-    """The eager twin of llmkern::attention_fwd / attention_bwd: the same kernels and saved
-    tensors without the torch.library dispatch (see _checks.eager_fast_path)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _fwd_impl(*inputs)
-        ctx.set_materialize_grads(False)  # an unused LSE stays None, as under the custom op
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, dlse):
-        # the kernels' gradients are not differentiable: a double backward (create_graph=True)
-        # raises, as it does through the custom op, instead of silently dropping second-order terms
-        return _backward(ctx, dout, dlse, bwd=_bwd_impl)
+# an unused LSE's gradient stays None, as under the custom op
+_AttentionFunction = _checks.eager_twin("_AttentionFunction", _fwd_impl, _setup_context,
+                                        functools.partial(_backward, bwd=_bwd_impl),
+                                        "The eager twin of llmkern::attention_fwd / attention_bwd.",
+                                        materialize_grads=False)
 
 
 def _attention_fwd(q, k, v, kpm, cu_q, cu_k, seed, *args, sinks=None):

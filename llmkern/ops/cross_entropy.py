@@ -18,6 +18,7 @@ about 36 bytes (upcast copy, log_softmax output, their backward, the cast back);
 logits once in the forward, once more in the backward and writes the gradient once: 6 bytes for
 bf16. It saves the logits (not a float32 copy) and a float32 logsumexp per row for the backward.
 """
+import functools
 import math
 import numbers
 from typing import Optional, Tuple
@@ -186,19 +187,10 @@ def _backward(ctx, dout, _dlse, _dn, bwd=None):
 _ce_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _CrossEntropyFunction(torch.autograd.Function):
-    """The eager twin of llmkern::cross_entropy_fwd / _bwd: the same kernels and saved tensors
-    without the torch.library dispatch (see _checks.eager_fast_path)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _fwd_impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dout, dlse, dn):
-        return _backward(ctx, dout, dlse, dn, bwd=_bwd_impl)
+_CrossEntropyFunction = _checks.eager_twin("_CrossEntropyFunction", _fwd_impl, _setup_context,
+                                           functools.partial(_backward, bwd=_bwd_impl),
+                                           "The eager twin of llmkern::cross_entropy_fwd / _bwd.",
+                                           once_differentiable=False)
 
 
 def _ce_fwd(logits, labels, *args):
@@ -374,19 +366,8 @@ def _lce_backward(ctx, g, *_):
 _lce_fwd_op.register_autograd(_lce_backward, setup_context=_lce_setup)
 
 
-class _LinearCrossEntropyFunction(torch.autograd.Function):
-    """The eager twin of llmkern::linear_cross_entropy_fwd (see _checks.eager_fast_path)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _lce_impl(*inputs)
-        _lce_setup(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g, *rest):
-        return _lce_backward(ctx, g, *rest)
+_LinearCrossEntropyFunction = _checks.eager_twin("_LinearCrossEntropyFunction", _lce_impl, _lce_setup, _lce_backward,
+                                                 "The eager twin of llmkern::linear_cross_entropy_fwd.")
 
 
 def _check_lce(hidden, weight, bias, labels, reduction, chunk_size):

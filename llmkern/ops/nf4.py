@@ -10,6 +10,7 @@ The layout is bitsandbytes' (see llmkern/reference/nf4.py), so `NF4Weight.from_b
 `nf4_quantize` gives the bytes bitsandbytes' quantize_4bit gives. Kernels: llmkern/kernels/nf4.py (the
 dequantization inside the LoRA GEMM's main loop, and a standalone dequantization pass).
 """
+import functools
 from typing import Optional
 
 import torch
@@ -221,7 +222,7 @@ def _(x2, packed, absmax, pairs, state2, bias, out_features, blocksize):
 @torch.library.custom_op("llmkern::nf4_linear_bwd", mutates_args=())
 def _nf4_bwd_op(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor,
                 state2: Optional[torch.Tensor], in_features: int, blocksize: int) -> torch.Tensor:
-    return _matmul_impl(dy, packed, absmax, pairs, state2, None, (dy.shape[1], in_features), blocksize, True)
+    return _bwd_impl(dy, packed, absmax, pairs, state2, in_features, blocksize)
 
 
 @_nf4_bwd_op.register_fake
@@ -246,21 +247,17 @@ def _backward(ctx, dy, bwd=None):
 _nf4_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _NF4LinearFunction(torch.autograd.Function):
-    """The eager twin of llmkern::nf4_linear_fwd / _bwd (see _checks.eager_fast_path)."""
+def _bwd_impl(dy, packed, absmax, pairs, state2, in_features, blocksize):
+    return _matmul_impl(dy, packed, absmax, pairs, state2, None, (dy.shape[1], in_features), blocksize, True)
 
-    @staticmethod
-    def forward(ctx, *inputs):
-        x2, packed, absmax, pairs, state2, bias, out_features, blocksize = inputs
-        y = _matmul_impl(x2, packed, absmax, pairs, state2, bias, (out_features, x2.shape[1]), blocksize, False)
-        _setup_context(ctx, inputs, y)
-        return y
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        return _backward(ctx, dy, bwd=lambda dy, p, a, t, s2, k, bs: _matmul_impl(dy, p, a, t, s2, None,
-                                                                                  (dy.shape[1], k), bs, True))
+def _fwd_impl(x2, packed, absmax, pairs, state2, bias, out_features, blocksize):
+    return _matmul_impl(x2, packed, absmax, pairs, state2, bias, (out_features, x2.shape[1]), blocksize, False)
+
+
+_NF4LinearFunction = _checks.eager_twin("_NF4LinearFunction", _fwd_impl, _setup_context,
+                                        functools.partial(_backward, bwd=_bwd_impl),
+                                        "The eager twin of llmkern::nf4_linear_fwd / _bwd.")
 
 
 def nf4_linear(x: torch.Tensor, qweight: NF4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -28,6 +28,7 @@ transformers' LlamaRMSNorm and the zoo's RMSNorm do; with an offset (Gemma) or w
 there is one rounding at the end, as GemmaRMSNorm / Gemma3RMSNorm do. In float32 both are one
 rounding; in bf16 they differ by at most about one bf16 ulp of y.
 """
+import functools
 import math
 import numbers
 from typing import Optional, Tuple
@@ -249,32 +250,12 @@ def _ln_backward(ctx, dy, ds, _dmean, _drstd, bwd=None):
 _ln_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup)
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    """The eager twin of llmkern::rms_norm_fwd / _bwd (see _checks.eager_fast_path)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _rms_fwd_impl(*inputs)
-        _rms_setup(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dy, ds, drstd):
-        return _rms_backward(ctx, dy, ds, drstd, bwd=_rms_bwd_impl)
-
-
-class _LayerNormFunction(torch.autograd.Function):
-    """The eager twin of llmkern::layer_norm_fwd / _bwd (see _checks.eager_fast_path)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _ln_fwd_impl(*inputs)
-        _ln_setup(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dy, ds, dmean, drstd):
-        return _ln_backward(ctx, dy, ds, dmean, drstd, bwd=_ln_bwd_impl)
+_RMSNormFunction = _checks.eager_twin("_RMSNormFunction", _rms_fwd_impl, _rms_setup,
+                                      functools.partial(_rms_backward, bwd=_rms_bwd_impl),
+                                      "The eager twin of llmkern::rms_norm_fwd / _bwd.", once_differentiable=False)
+_LayerNormFunction = _checks.eager_twin("_LayerNormFunction", _ln_fwd_impl, _ln_setup,
+                                        functools.partial(_ln_backward, bwd=_ln_bwd_impl),
+                                        "The eager twin of llmkern::layer_norm_fwd / _bwd.", once_differentiable=False)
 
 
 def _finish(out, return_residual):

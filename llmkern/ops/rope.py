@@ -133,19 +133,8 @@ def _backward(ctx, dq, dk):
 _rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _RopeFunction(torch.autograd.Function):
-    """The eager twin of llmkern::rope: the same kernel and saved tensors without the torch.library
-    dispatch (see _checks.eager_fast_path)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dq, dk):
-        return _backward(ctx, dq, dk)
+_RopeFunction = _checks.eager_twin("_RopeFunction", _impl, _setup_context, _backward,
+                                   "The eager twin of llmkern::rope.", once_differentiable=False)
 
 
 def _rope(q, k, cos, sin, interleaved, transpose):

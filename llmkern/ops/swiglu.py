@@ -19,6 +19,7 @@ writes the product (10 bytes) forward and saves silu(g) for the backward (an ext
 tensor per MLP); its backward moves about 18 more (three elementwise kernels). This op moves 6 bytes
 forward, 10 backward, and saves only gate and up (which autograd keeps anyway for the projections).
 """
+import functools
 from typing import Tuple
 
 import torch
@@ -112,19 +113,9 @@ def _backward(ctx, dout, bwd=None):
 _glu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _GatedFunction(torch.autograd.Function):
-    """The eager twin of llmkern::swiglu_fwd / _bwd (see _checks.eager_fast_path)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _fwd_impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        return _backward(ctx, dout, bwd=_bwd_impl)
+_GatedFunction = _checks.eager_twin("_GatedFunction", _fwd_impl, _setup_context,
+                                    functools.partial(_backward, bwd=_bwd_impl),
+                                    "The eager twin of llmkern::swiglu_fwd / _bwd.")
 
 
 def _gated(gate, up, activation):
