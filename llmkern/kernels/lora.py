@@ -359,10 +359,11 @@ _GEMM_TMA_TILES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8,
 
 
 # The NF4 GEMM (QLoRA) runs only for M <= LLMKERN_NF4_FUSED_MAX_M rows (kernels/nf4.py), where W's
-# traffic is the cost: small row tiles give more column tiles to fill the SMs. Each compiles for sm_90 with
+# traffic is the cost: small row tiles give more column tiles to fill the SMs (at M = 1 and N = 4096,
+# 32-column tiles make 128 programs for the 132 SMs of an H100). Each compiles for sm_90 with
 # no spill (`python tests/test_lora_compile.py`); which wins is for the autotuner on the card.
-_GEMM_NF4_TILES = [(16, 64, 64, 4, 4), (16, 128, 64, 4, 3), (32, 128, 64, 4, 3), (64, 64, 64, 4, 4),
-                   (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)]
+_GEMM_NF4_TILES = [(16, 32, 128, 2, 4), (16, 64, 64, 4, 4), (16, 64, 128, 4, 3), (16, 128, 64, 4, 3),
+                   (32, 128, 64, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)]
 
 
 def _gemm_nf4_configs():
