@@ -11,13 +11,26 @@ Every ``peft.tuners.lora.Linear`` whose base layer is an ``nn.Linear`` gets a fo
 refuses ``adapter_names`` when an adapter in the batch uses DoRA, and that error is kept). Cases
 the fused ops do not cover fall back to PEFT's own forward for that call: several active adapters
 at once, other LoRA variants (aLoRA, ...), lora_bias, fan_in_fan_out, non-Linear or quantised base
-layers, autocast, mismatched dtypes (input vs base weight, or adapter weights vs input: PEFT's default
-``autocast_adapter_dtype=True`` keeps a bf16/fp16 model's adapters in float32 and computes them in
-float32, so such layers stay on PEFT's forward; create the model with ``autocast_adapter_dtype=False``
-or cast the adapters to the model's dtype to fuse them; the same for a DoRA magnitude), and mixed batches
-during training with dropout. Dropout uses llmkern's seeded mask: the same distribution as nn.Dropout but
-not the same random draws.
+layers (except bitsandbytes NF4, below), autocast, mismatched dtypes (input vs base weight, or adapter
+weights vs input: PEFT's default ``autocast_adapter_dtype=True`` keeps a bf16/fp16 model's adapters in
+float32 and computes them in float32, so such layers stay on PEFT's forward; create the model with
+``autocast_adapter_dtype=False`` or cast the adapters to the model's dtype to fuse them; the same for a
+DoRA magnitude), and mixed batches during training with dropout. Dropout uses llmkern's seeded mask: the
+same distribution as nn.Dropout but not the same random draws.
+
+QLoRA: a ``peft.tuners.lora.bnb.Linear4bit`` layer (PEFT's LoRA over a bitsandbytes ``Linear4bit`` of
+quant_type "nf4", double-quantized or not) runs ``llmkern.lora_linear`` on ``NF4Weight.from_bnb`` of its
+weight (the kernels read the 4-bit codes as bitsandbytes stores them), for one active plain-LoRA adapter
+when the input has the layer's compute_dtype: bitsandbytes then computes the base product in that dtype and
+returns it in the input's, as the fused op does. Otherwise (an input of another dtype, e.g. float32 hidden
+states on a bf16-compute layer: bitsandbytes rounds the base product through the compute dtype; DoRA and
+other variants; mixed-adapter batches; bitsandbytes' CPU-repacked inference layout; a quant_storage other
+than uint8) the call runs PEFT's forward. The NF4Weight is cached on the layer (from_bnb reads the
+quant_state, decodes or wraps a double-quantized absmax and builds the kernels' tables: not per call) and
+rebuilt when the weight tensor, its data, its version or its quant_state changes. bitsandbytes is never
+imported here: such layers exist only once the model imported it.
 """
+import sys
 import types
 
 import torch
@@ -25,15 +38,76 @@ from torch import nn
 
 from llmkern._backend import warn_once
 from llmkern.ops.lora import lora_linear, lora_linear_multi
+from llmkern.ops.nf4 import NF4Weight
 from llmkern.peft.dora import dora_linear
 
 _ORIG = "_llmkern_orig_forward"
+_NF4_CACHE = "_llmkern_nf4_cache"
 
 
-def _lora_linear_cls():
+def _lora_linear_classes():
+    """PEFT's LoRA Linear class, plus its bitsandbytes Linear4bit class when bitsandbytes is loaded."""
     from peft.tuners.lora.layer import Linear
 
-    return Linear
+    classes = [Linear]
+    if "bitsandbytes" in sys.modules:  # a model with 4-bit layers has imported it; never import it ourselves
+        try:
+            from peft.tuners.lora import bnb as peft_bnb
+        except ImportError:
+            return classes
+        if getattr(peft_bnb, "Linear4bit", None) is not None:
+            classes.append(peft_bnb.Linear4bit)
+    return classes
+
+
+def _bnb_nf4(base):
+    """Whether `base` is a bitsandbytes Linear4bit (its own forward, not a subclass's) holding NF4 codes in
+    the layout NF4Weight reads, with its compute dtype fixed."""
+    Linear4bit = getattr(getattr(sys.modules.get("bitsandbytes"), "nn", None), "Linear4bit", None)
+    if Linear4bit is None or not isinstance(base, Linear4bit) or type(base).forward is not Linear4bit.forward:
+        return False
+    state = getattr(base.weight, "quant_state", None)
+    # not quantized yet (bnb fixes that up in its forward), FP4, or bnb's repacked CPU inference layout
+    if state is None or getattr(state, "quant_type", None) != "nf4" or getattr(state, "packing_format_for_cpu", False):
+        return False
+    # (without a compute dtype, bitsandbytes takes the first input's: let its forward do that)
+    return base.compute_dtype is not None and getattr(base, "compute_type_is_set", True)
+
+
+def _nf4_base(module, x):
+    """(NF4Weight, bias) of module's bitsandbytes NF4 Linear4bit base for input x, or None when the fused
+    op cannot reproduce bitsandbytes' result (see the module docstring): PEFT's forward then runs."""
+    base = module.base_layer
+    if not _bnb_nf4(base):
+        return None
+    if base.compute_dtype != x.dtype:
+        warn_once(("peft-nf4-dtype", base.compute_dtype, x.dtype),
+                  f"use_fused_lora: {x.dtype} inputs to 4-bit layers with compute_dtype={base.compute_dtype} run on "
+                  f"PEFT's own forward (bitsandbytes rounds the base product through {base.compute_dtype}; the "
+                  f"fused op computes in the input's dtype). Give the layers inputs of their compute dtype to fuse")
+        return None
+    qweight = _cached_nf4(module, base.weight, base.weight.quant_state)
+    if qweight is None:
+        return None
+    bias = base.bias
+    return qweight, None if bias is None else bias.to(x.dtype)  # (bnb casts the bias to the compute dtype too)
+
+
+def _cached_nf4(module, weight, state):
+    """NF4Weight.from_bnb(weight), cached on `module` under a key that changes when the weight is replaced,
+    its data is swapped or written in place, or its quant_state changes. None: layout not readable."""
+    key = (id(weight), weight.data_ptr(), weight._version, id(state), state.absmax.data_ptr(), state.absmax._version)
+    cached = module.__dict__.get(_NF4_CACHE)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    try:
+        qweight = NF4Weight.from_bnb(weight)
+    except ValueError as e:  # e.g. a quant_storage other than uint8
+        warn_once(("peft-nf4-layout", str(e)), f"use_fused_lora: a 4-bit layer runs on PEFT's own forward: {e}")
+        return None
+    # the weight and state objects are kept with the key so that their ids cannot be reused while cached
+    module.__dict__[_NF4_CACHE] = (key, qweight, weight, state)
+    return qweight
 
 
 def _dropout_p(module, name):
@@ -85,31 +159,45 @@ def _plain(module, name, dtype):
     return _kind(module, name, dtype) == "lora"
 
 
+def _base_operands(self, x):
+    """(weight, bias, quantized) the fused ops take for this layer's base on input x, or None."""
+    base = self.base_layer
+    if type(base) is nn.Linear:
+        return None if x.dtype != base.weight.dtype else (base.weight, base.bias, False)
+    if torch.is_autocast_enabled(x.device.type):  # (bitsandbytes' casts under autocast are its own)
+        return None
+    nf4 = _nf4_base(self, x)
+    return None if nf4 is None else (*nf4, True)
+
+
 def _fused_forward(self, x, *args, **kwargs):
     orig = getattr(self, _ORIG)
     base = self.base_layer
-    if (args or type(base) is not nn.Linear or getattr(self, "fan_in_fan_out", False)
-            or self.disable_adapters or self.merged or not isinstance(x, torch.Tensor)
-            or x.dtype != base.weight.dtype or torch.is_autocast_enabled()):
+    if (args or getattr(self, "fan_in_fan_out", False) or self.disable_adapters or self.merged
+            or not isinstance(x, torch.Tensor) or torch.is_autocast_enabled()):
         return orig(x, *args, **kwargs)
     other = {k: v for k, v in kwargs.items() if k != "adapter_names" and v is not None}
-    if other:
+    operands = None if other else _base_operands(self, x)
+    if operands is None:
         return orig(x, *args, **kwargs)
+    weight, bias, quantized = operands
     adapter_names = kwargs.get("adapter_names")
     if adapter_names is None:
         active = [a for a in self.active_adapters if a in self.lora_A]
         if not active:
             return base(x)
         kind = _kind(self, active[0], x.dtype) if len(active) == 1 else None
-        if kind is None:
+        if kind is None or (quantized and kind != "lora"):  # (DoRA on a 4-bit base: PEFT's forward)
             return orig(x, *args, **kwargs)
         a = active[0]
         p = _dropout_p(self, a) if self.training else 0.0
         if kind == "dora":
-            return dora_linear(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
+            return dora_linear(x, weight, bias, self.lora_A[a].weight, self.lora_B[a].weight,
                                self.lora_magnitude_vector[a].weight, float(self.scaling[a]), p)
-        return lora_linear(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
+        return lora_linear(x, weight, bias, self.lora_A[a].weight, self.lora_B[a].weight,
                            float(self.scaling[a]), p)
+    if quantized:  # mixed-adapter batches on a 4-bit base: PEFT's forward
+        return orig(x, *args, **kwargs)
 
     self._check_forward_args(x, *args, **kwargs)
     known = [a for a in self.lora_A.keys()]
@@ -140,12 +228,13 @@ def _fused_forward(self, x, *args, **kwargs):
 
 
 def use_fused_lora(peft_model: nn.Module, enable: bool = True) -> nn.Module:
-    """Switch every PEFT LoRA Linear layer of ``peft_model`` to the fused op (``enable=False``
-    restores PEFT's own forward). Returns the model; outputs are unchanged up to rounding."""
-    Linear = _lora_linear_cls()
+    """Switch every PEFT LoRA Linear layer of ``peft_model`` (and every 4-bit bitsandbytes one: QLoRA) to the
+    fused op (``enable=False`` restores PEFT's own forward). Returns the model; outputs are unchanged up to
+    rounding."""
+    classes = tuple(_lora_linear_classes())
     n = 0
     for m in peft_model.modules():
-        if type(m) is not Linear:
+        if type(m) not in classes:
             continue
         if enable and not hasattr(m, _ORIG):
             setattr(m, _ORIG, m.forward)
@@ -154,6 +243,7 @@ def use_fused_lora(peft_model: nn.Module, enable: bool = True) -> nn.Module:
         elif not enable and hasattr(m, _ORIG):
             del m.forward
             delattr(m, _ORIG)
+            m.__dict__.pop(_NF4_CACHE, None)
             n += 1
     if enable and n == 0 and not any(hasattr(m, _ORIG) for m in peft_model.modules()):
         raise ValueError("use_fused_lora: the model has no PEFT LoRA Linear layers")

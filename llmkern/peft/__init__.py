@@ -4,6 +4,7 @@ adapters and prefix-tuning, with Hugging Face PEFT checkpoint interop.
     from llmkern.peft import inject_lora, save_peft_adapter, load_peft_adapter
     inject_lora(model, ["q_proj", "v_proj"], r=16, alpha=32, dropout=0.05)
     inject_lora(model, ["k_proj"], r=8, alpha=16, use_dora=True)  # DoRA: dora_linear, PEFT's semantics
+    quantize_nf4(model); inject_lora(model, ["q_proj", "v_proj"])  # QLoRA: frozen 4-bit NF4Linear bases
 
 Parameter counts follow the seed deck's formulas (llmkern.peft.counts).
 """
@@ -25,4 +26,5 @@ from llmkern.peft.lora import (  # noqa: F401
     merge_lora,
     unmerge_lora,
 )
+from llmkern.peft.qlora import NF4Linear, nf4_dora_linear, quantize_nf4  # noqa: F401
 from llmkern.peft.prefix import PrefixTuning, extend_kv, prefix_attention  # noqa: F401

@@ -47,7 +47,7 @@ class LoRALinear(nn.Module):
     so that ``unmerge()`` can divide it out again (as PEFT does).
     """
 
-    def __init__(self, base_layer: nn.Linear, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
+    def __init__(self, base_layer: Union[nn.Linear, NF4Linear], r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
                  use_rslora: bool = False, freeze_base: bool = True, use_dora: bool = False):
         super().__init__()
         if not isinstance(base_layer, (nn.Linear, NF4Linear)):
@@ -190,7 +190,7 @@ class LoRALinear(nn.Module):
     def merged_linear(self, safe_merge: bool = True) -> nn.Linear:
         """A new dense, frozen ``nn.Linear`` computing what this layer computes (the merged weight as merge()
         forms it, the base bias), in the base dtype; this layer is unchanged. For a 4-bit base W is the
-        dequantized weight (the merged layer is then exactly the unmerged one up to rounding)."""
+        dequantized weight, so the dense layer computes what this one does, up to rounding."""
         w = self.base_layer.weight.detach() if self.merged else self._merged_weight(safe_merge, "merged_linear")[0]
         dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
                           dtype=self._base_dtype())
@@ -315,14 +315,26 @@ def merge_lora(model: nn.Module, safe_merge: bool = True, remove: bool = False) 
     """Merge every LoRALinear; with ``remove`` put the plain nn.Linear back in its place.
 
     Raises ValueError (nothing merged) when a base weight is shared with another module, e.g. an
-    lm_head tied to the token embedding: merging would change that module too."""
+    lm_head tied to the token embedding: merging would change that module too. LoRA layers over a 4-bit
+    NF4Linear (QLoRA) cannot merge in place: without ``remove`` they raise ValueError (nothing merged);
+    with ``remove`` each is replaced by ``merged_linear()``, a dense nn.Linear of dequantized W + s·B·A
+    (all of them formed before the model is changed)."""
     mods = lora_modules(model)
-    tied = _tied_base_weights(model, [(n, m) for n, m in mods if not m.merged])
+    quantized = [(n, m) for n, m in mods if m.quantized]
+    if quantized and not remove:
+        raise ValueError(f"merge_lora: {quantized[0][0]} has a 4-bit base layer (NF4Linear) that cannot hold W + "
+                         f"s·B·A; pass remove=True to replace such layers by dense nn.Linear layers of the merged "
+                         f"weight (nothing merged)")
+    tied = _tied_base_weights(model, [(n, m) for n, m in mods if not m.merged and not m.quantized])
     if tied:
         n, owner = next(iter(tied.items()))
         raise ValueError(f"merge_lora: {n}'s weight is shared with {owner} (tied weights); merging would "
                          f"change {owner} too. Untie the weights first (or keep the adapter unmerged)")
+    dense = {n: m.merged_linear(safe_merge=safe_merge) for n, m in quantized}
     for n, m in mods:
+        if n in dense:
+            _set_submodule(model, n, dense[n])
+            continue
         m.merge(safe_merge=safe_merge)
         if remove:
             _set_submodule(model, n, m.base_layer)

@@ -6,75 +6,25 @@
 
 NF4Linear keeps bitsandbytes' NF4 layout (llmkern.nf4_quantize) in two buffers, ``packed`` (uint8) and
 ``absmax`` (float32), so ``.to(device)``, ``state_dict()`` and ``load_state_dict`` handle them like any
-module state; the weight is never a parameter. Its forward dequantizes W for the product and again in the
-backward (nf4_linear): no dense copy of W stays alive between the two, which is the memory QLoRA saves.
-A LoRALinear over it hands the NF4Weight to the fused llmkern.lora_linear (W read in 4 bits by the kernels).
+module state; the weight is never a parameter. Its forward is llmkern.nf4_linear, which keeps only the codes
+for the backward (no dense copy of W stays alive between the two: the memory QLoRA saves). A LoRALinear over
+it hands the NF4Weight to the fused llmkern.lora_linear (W read in 4 bits by the kernels).
 """
 from typing import List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmkern import reference as ref
 from llmkern.ops import _checks
 from llmkern.ops.lora import _as_scalar, _autocast_args, _check_common, lora_linear
-from llmkern.ops.nf4 import NF4Weight, _check_blocksize, nf4_dequantize, nf4_quantize
+from llmkern.ops.nf4 import NF4Weight, _check_blocksize, nf4_linear, nf4_quantize
 from llmkern.peft.dora import dora_weight_norm
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-# ---- ops on an NF4Weight ----------------------------------------------------------------------------
-
-class _NF4LinearFn(torch.autograd.Function):
-    """y = x Wᵀ + b with W dequantized in the forward and again in the backward (only the 4-bit codes are
-    saved): what bitsandbytes' matmul_4bit does for a frozen weight. W gets no gradient."""
-
-    @staticmethod
-    def forward(ctx, x, packed, absmax, bias, shape, blocksize):
-        W = nf4_dequantize(NF4Weight(packed, absmax, shape, blocksize, x.dtype))
-        ctx.save_for_backward(packed, absmax)
-        ctx.meta = (shape, blocksize)
-        ctx.has_bias = bias is not None
-        return F.linear(x, W, bias)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        packed, absmax = ctx.saved_tensors
-        dx = db = None
-        if ctx.needs_input_grad[0]:
-            dx = dy.matmul(nf4_dequantize(NF4Weight(packed, absmax, *ctx.meta, dtype=dy.dtype)))
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            db = dy.reshape(-1, dy.shape[-1]).sum(0)
-        return dx, None, None, db, None, None
-
-
-def nf4_linear(x: torch.Tensor, qweight: NF4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, W, bias)`` for a frozen 4-bit weight: W is dequantized to x's dtype (the autocast dtype
-    under torch.autocast, as F.linear casts) for the forward product and again for the backward, so no
-    dense W is kept for the backward. Differentiable in x and bias."""
-    _checks.tensor_arg("x", x)
-    if not isinstance(qweight, NF4Weight):
-        raise TypeError(f"qweight must be an NF4Weight (llmkern.nf4_quantize), got {type(qweight).__name__}")
-    x, _, bias = _autocast_args(x, qweight, bias)
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != qweight.in_features:
-        raise ValueError(f"x must have shape [..., {qweight.in_features}] (the weight's in_features), got "
-                         f"{tuple(x.shape)}")
-    if x.device != qweight.device:
-        raise ValueError(f"qweight is on {qweight.device} but x is on {x.device}")
-    if bias is not None:
-        _checks.tensor_arg("bias", bias)
-        if bias.shape != (qweight.out_features,) or bias.dtype != x.dtype or bias.device != x.device:
-            raise ValueError(f"bias must be a [{qweight.out_features}] tensor of x's dtype ({x.dtype}) on "
-                             f"{x.device}, got {bias.dtype} {tuple(bias.shape)} on {bias.device}")
-    with torch.autocast(x.device.type, enabled=False):  # (already cast above)
-        return _NF4LinearFn.apply(x, qweight.packed, qweight.absmax, bias, tuple(qweight.shape),
-                                  qweight.blocksize)
-
+# ---- DoRA on an NF4Weight ----------------------------------------------------------------------------
 
 def nf4_dora_linear(x: torch.Tensor, qweight: NF4Weight, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                     lora_B: torch.Tensor, magnitude: torch.Tensor, scaling: float, dropout_p: float = 0.0, *,
@@ -83,6 +33,9 @@ def nf4_dora_linear(x: torch.Tensor, qweight: NF4Weight, bias: Optional[torch.Te
     semantics. The row norms ‖W + s·B·A‖ need W itself: it is dequantized once per call into a temporary
     (freed before the products run); the products read W in 4 bits (lora_linear, nf4_linear), so nothing
     dense is kept for the backward."""
+    if not isinstance(qweight, NF4Weight):
+        raise TypeError(f"qweight must be an NF4Weight (a dense weight: llmkern.peft.dora_linear), got "
+                        f"{type(qweight).__name__}")
     x, _, bias = _autocast_args(x, qweight, bias)
     _check_common(x, qweight, bias, lora_A, lora_B, multi=False)
     _checks.tensor_arg("magnitude", magnitude)
@@ -137,18 +90,24 @@ class NF4Linear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self._nf4 = None  # (packed, absmax, compute_dtype, NF4Weight): see nf4_weight
 
     @classmethod
     def from_nf4(cls, qweight: NF4Weight, bias: Optional[torch.Tensor] = None,
                  compute_dtype: Optional[torch.dtype] = None) -> "NF4Linear":
-        """A layer over the codes of `qweight` (shared, not copied); compute_dtype defaults to qweight.dtype.
-        `bias` is copied (a frozen parameter of compute_dtype)."""
+        """A layer over the codes of `qweight` (shared, not copied; double-quantized scales are decoded to
+        float32); compute_dtype defaults to qweight.dtype. `bias` is copied (a frozen parameter of
+        compute_dtype)."""
         if not isinstance(qweight, NF4Weight):
             raise TypeError(f"qweight must be an NF4Weight, got {type(qweight).__name__}")
         dt = compute_dtype or qweight.dtype
         layer = cls(qweight.in_features, qweight.out_features, bias=False, blocksize=qweight.blocksize,
                     compute_dtype=dt, device="meta")
-        layer.packed, layer.absmax = qweight.packed, qweight.absmax
+        # a double-quantized weight (8-bit scales) is held with its scales decoded to float32: the layer's
+        # state is the plain layout (0.5 bit per weight more at blocksize 64)
+        nested = getattr(qweight, "nested", None) is not None
+        layer.packed, layer.absmax = qweight.packed, qweight.scales() if nested else qweight.absmax
+        layer.nf4_weight()
         if bias is not None:
             _checks.tensor_arg("bias", bias)
             if bias.shape != (qweight.out_features,):
@@ -171,16 +130,25 @@ class NF4Linear(nn.Module):
     @classmethod
     def from_bnb(cls, layer: nn.Module) -> "NF4Linear":
         """The same layer from a bitsandbytes ``Linear4bit`` of quant_type "nf4" (codes shared, not copied;
-        a double-quantized absmax is expanded to float32). compute_dtype: the layer's, else its weight's."""
-        weight = getattr(layer, "weight", None)
-        qw = NF4Weight.from_bnb(weight)
-        bias = getattr(layer, "bias", None)
-        return cls.from_nf4(qw, bias, getattr(layer, "compute_dtype", None) or qw.dtype)
+        a double-quantized absmax is decoded to float32). compute_dtype: the layer's, else its weight's."""
+        if getattr(getattr(layer, "weight", None), "quant_state", None) is None:
+            raise TypeError(f"layer must be a quantized bitsandbytes Linear4bit (moved to its device), got "
+                            f"{type(layer).__name__}")
+        qw = NF4Weight.from_bnb(layer.weight)
+        return cls.from_nf4(qw, layer.bias, getattr(layer, "compute_dtype", None) or qw.dtype)
 
     def nf4_weight(self) -> NF4Weight:
-        """The weight as an NF4Weight over this layer's buffers (no copy), default dtype compute_dtype."""
-        return NF4Weight(self.packed, self.absmax, (self.out_features, self.in_features), self.blocksize,
-                         self.compute_dtype)
+        """The weight as an NF4Weight over this layer's buffers (no copy), default dtype compute_dtype.
+
+        Made once and kept while the buffers and compute_dtype stay the same objects (an NF4Weight builds its
+        kernels' level table on the device when made: not per call, and not while torch.compile traces one).
+        In-place writes (load_state_dict) reach it through the shared storage."""
+        c = self._nf4
+        if c is None or c[0] is not self.packed or c[1] is not self.absmax or c[2] != self.compute_dtype:
+            qw = NF4Weight(self.packed, self.absmax, (self.out_features, self.in_features), self.blocksize,
+                           self.compute_dtype)
+            self._nf4 = c = (self.packed, self.absmax, self.compute_dtype, qw)
+        return c[3]
 
     @torch.no_grad()
     def dequantize(self) -> nn.Linear:
@@ -214,6 +182,7 @@ class NF4Linear(nn.Module):
         new = fn(torch.empty(0, dtype=dtype, device=self.absmax.device)).dtype
         if new in _DTYPES:
             self.compute_dtype = new
+        self.nf4_weight()  # made now, outside any later compiled forward
         return self
 
     def extra_repr(self):
@@ -263,8 +232,8 @@ def quantize_nf4(model: nn.Module, target_modules: Union[str, Sequence[str], Non
 
     target_modules: PEFT's rule (a list: names equal to an entry or ending in "." + entry; a string: a
     full-match regex), or None for every nn.Linear. Names matching `skip` are left dense (default: the LM
-    head, as bitsandbytes/transformers do). A LoRALinear's base layer counts under the LoRALinear's name
-    (so a loaded adapter can be quantized under); merged ones are refused. Only exact nn.Linear modules
+    head, as bitsandbytes/transformers do; the zoo models also read lm_head.weight directly). A LoRALinear's base layer counts under the LoRALinear's name
+    (so a model with a loaded adapter can be quantized); merged ones are refused. Only exact nn.Linear modules
     are replaced (subclasses may be read by their parent, as nn.MultiheadAttention reads its out_proj).
     Weights tied to another module are refused. Everything is checked and quantized before the model is
     changed. Each layer keeps its weight's dtype as compute_dtype and its bias (and requires_grad).

@@ -8,6 +8,10 @@ r = 16, 1 and 16 adapters).
     ours / base; target fwd+bwd <= 1.10);
   - DoRA forward+backward (frozen W; grads for x, A, B and the magnitude) against PEFT's DoRA math,
     which forms W + s·B·A for the row norms every call (llmkern.peft.dora_linear does not);
+  - QLoRA forward+backward (frozen NF4 base W, blocksize 64; grads for x, A, B): lora_linear(x, qw, ...)
+    against what PEFT runs on bitsandbytes (a Linear4bit forward, i.e. matmul_4bit, plus the two LoRA
+    matmuls) when bitsandbytes imports, else against llmkern.nf4_dequantize + F.linear + the LoRA matmuls
+    under autograd (the dequantized W then stays alive for the backward);
   - multi-adapter forward with 1, 4 and 16 adapters (r = 16, 16 sequences of 512 tokens, adapter
     chosen per sequence) against PEFT's per-adapter loop (mixed-batch forward);
     extra["vs_single"] = ours / single-adapter lora_linear time (target <= 1.2 at 16 adapters).
@@ -97,6 +101,7 @@ def run(ctx):
                      notes="target ratio >= 0.91 (ours <= 1.10x base)")
 
     yield from _dora_rows(ctx, x, xg, W, b, dy, rnd, 16 if 16 in ranks else ranks[0], t, dname)
+    yield from _qlora_rows(xg, W, b, dy, rnd, 16 if 16 in ranks else ranks[0], t, dname, base_fb)
     r = 16 if 16 in ranks else ranks[0]
     T = M // seqs
     x3 = x.view(seqs, T, K)
@@ -150,3 +155,44 @@ def _dora_rows(ctx, x, xg, W, b, dy, rnd, r, t, dname):
     yield Result(op="dora_linear fwd+bwd (frozen W)", shape=f"M={M} K={K} N={N} r={r} {dname}", ours_ms=ours,
                  baseline="PEFT DoRA math", baseline_ms=theirs, throughput=fl / ours / 1e9, unit="TFLOP/s",
                  notes="" if x.is_cuda else "CPU: the PyTorch reference LoRA op")
+
+
+def _bnb_linear4bit(W, b):
+    """A bitsandbytes NF4 Linear4bit over W (blocksize 64, no double quantization: the absmax llmkern's
+    NF4Weight holds), computing in W's dtype; None when bitsandbytes does not import here."""
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # not installed, or no usable binary for this machine
+        return None
+    N, K = W.shape
+    layer = bnb.nn.Linear4bit(K, N, bias=True, compute_dtype=W.dtype, compress_statistics=False, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(W.detach().clone(), requires_grad=False, compress_statistics=False,
+                                     quant_type="nf4", blocksize=64)
+    layer.bias = torch.nn.Parameter(b.detach().clone(), requires_grad=False)
+    return layer.to(W.device).train()  # (train: bitsandbytes repacks CPU weights for eval-mode inference)
+
+
+def _qlora_rows(xg, W, b, dy, rnd, r, t, dname, base_fb):
+    """QLoRA fwd+bwd (frozen NF4 W; grads for x, A, B): the fused op reading W in 4 bits against the
+    baseline a user has today (see the module docstring)."""
+    import llmkern
+
+    M, K = xg.shape
+    N = W.shape[0]
+    A = rnd(r, K, sc=K ** -0.5).requires_grad_(True)
+    B = rnd(N, r, sc=r ** -0.5).requires_grad_(True)
+    s = 2.0
+    qw = llmkern.nf4_quantize(W, 64)
+    bnb_layer = _bnb_linear4bit(W, b)
+    if bnb_layer is not None:
+        base, name = bnb_layer, "PEFT on bitsandbytes (matmul_4bit + LoRA)"
+    else:
+        base, name = (lambda u: F.linear(u, llmkern.nf4_dequantize(qw, u.dtype), b)), "nf4_dequantize + F.linear + LoRA"
+    inputs = [xg, A, B]
+    ours = t(_fwd_bwd(lambda: llmkern.lora_linear(xg, qw, b, A, B, s), inputs, dy))
+    theirs = t(_fwd_bwd(lambda: base(xg) + F.linear(F.linear(xg, A), B) * s, inputs, dy))
+    fl = 4 * M * N * K + 6 * M * r * (K + N)
+    yield Result(op="qlora lora_linear fwd+bwd (NF4 W)", shape=f"M={M} K={K} N={N} r={r} {dname} blocksize=64",
+                 ours_ms=ours, baseline=name, baseline_ms=theirs, throughput=fl / ours / 1e9, unit="TFLOP/s",
+                 extra={"base_ms": base_fb, "vs_base": ours / base_fb, "weight_bytes": qw.nbytes},
+                 notes="" if xg.is_cuda else "CPU: the PyTorch reference (W dequantized per call)")

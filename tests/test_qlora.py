@@ -1,0 +1,583 @@
+"""QLoRA: llmkern.peft.NF4Linear / quantize_nf4 / LoRALinear over a 4-bit base, and use_fused_lora on PEFT
+models quantized with bitsandbytes (NF4). The oracle is always the same computation on the dequantized
+dense weights (or PEFT's own forward)."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import llmkern
+from llmkern import peft as lp
+from llmkern.models import Llama, get_config
+from llmkern.peft.lora import _set_submodule
+from llmkern.testing import triton_device
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+needs_interpreter = pytest.mark.skipif(triton_device() is None, reason="no CUDA and no TRITON_INTERPRET")
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from llmkern import _backend
+
+    assert _backend.choose_triton("lora_linear", torch.device("cpu"), torch.float32, (torch.float32,)) == "triton"
+
+
+def _dense_copy(model):
+    """The model with every NF4Linear (also under LoRALinear) replaced by its dequantized nn.Linear."""
+    dense = copy.deepcopy(model)
+    for name, m in list(dense.named_modules()):
+        if isinstance(m, lp.NF4Linear):
+            _set_submodule(dense, name, m.dequantize())
+    return dense
+
+
+def _randomize_lora(model, seed=1, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _dense_saved(fn, N, K):
+    """Shapes of [N, K]-sized floating tensors autograd saves while fn() runs (a dense W kept for the
+    backward), via saved-tensor hooks."""
+    seen = []
+
+    def pack(t):
+        if t.is_floating_point() and t.numel() >= N * K and tuple(t.shape) in ((N, K), (K, N)):
+            seen.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, seen
+
+
+# ---- NF4Linear ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K,N,bias", [(64, 48, True), (37, 23, False), (96, 5, True)])
+def test_nf4_linear_matches_dense_dequantized_layer(dtype, K, N, bias):
+    lin = nn.Linear(K, N, bias=bias).to(dtype)
+    layer = lp.NF4Linear.from_linear(lin)
+    assert layer.compute_dtype == dtype and layer.packed.dtype == torch.uint8 and layer.absmax.dtype == torch.float32
+    dense = layer.dequantize()
+    assert isinstance(dense, nn.Linear) and dense.weight.dtype == dtype and not dense.weight.requires_grad
+    torch.testing.assert_close(dense.weight, llmkern.nf4_dequantize(llmkern.nf4_quantize(lin.weight)))
+    x = torch.randn(3, 5, K).to(dtype)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    if bias:
+        layer.bias.requires_grad_(True)
+        dense.bias.requires_grad_(True)
+    y, saved = _dense_saved(lambda: layer(xa), N, K)
+    assert not saved, "the 4-bit layer kept a dense W for the backward"
+    y_ref = dense(xb)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(xa.grad, xb.grad, **tol)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad, dense.bias.grad, **tol)
+
+
+def test_nf4_linear_state_dict_round_trip_and_casts():
+    lin = nn.Linear(40, 24)
+    layer = lp.NF4Linear.from_linear(lin, blocksize=32)
+    sd = layer.state_dict()
+    assert set(sd) == {"packed", "absmax", "bias"}
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    fresh = lp.NF4Linear(40, 24, bias=True, blocksize=32)
+    x = torch.randn(4, 40)
+    assert fresh(x).abs().max() < 1e-3 * lin(x).abs().max()  # zeros + a zero bias until loaded
+    fresh.load_state_dict(torch.load(buf))
+    torch.testing.assert_close(fresh(x), layer(x), atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        lp.NF4Linear(40, 24, blocksize=64).load_state_dict(sd)
+    # a module cast changes the compute dtype; the scales stay float32 (exactly)
+    absmax = layer.absmax.clone()
+    layer.to(torch.bfloat16)
+    assert layer.compute_dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    assert layer.absmax.dtype == torch.float32 and torch.equal(layer.absmax, absmax)
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+    layer.float()
+    assert layer.compute_dtype == torch.float32 and torch.equal(layer.absmax, absmax)
+    assert "compute_dtype=torch.float32" in repr(layer)
+
+
+def test_nf4_linear_errors_and_autocast():
+    layer = lp.NF4Linear.from_linear(nn.Linear(16, 8))
+    with pytest.raises(ValueError, match="compute_dtype"):
+        layer(torch.randn(2, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x must have shape \[..., 16\]"):
+        layer(torch.randn(2, 15))
+    with pytest.raises(TypeError, match="linear must be an nn.Linear"):
+        lp.NF4Linear.from_linear(layer)
+    with pytest.raises(ValueError, match="blocksize"):
+        lp.NF4Linear.from_linear(nn.Linear(16, 8), blocksize=48)
+    with pytest.raises(ValueError, match="in_features"):
+        lp.NF4Linear(0, 8)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        lp.NF4Linear(4, 8, compute_dtype=torch.float64)
+    with pytest.raises(TypeError, match="qweight"):
+        lp.nf4_dora_linear(torch.randn(2, 16), torch.randn(8, 16), None, torch.randn(2, 16), torch.randn(8, 2),
+                           torch.ones(8), 1.0)
+    x = torch.randn(2, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as F.linear: computed in the autocast dtype
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer.dequantize()(x), atol=5e-2, rtol=5e-2)
+
+
+# ---- quantize_nf4 -----------------------------------------------------------------------------------------
+
+def test_quantize_nf4_targets_skip_and_refusals():
+    model = Llama(get_config("llama-tiny"), backend="torch")
+    names = lp.quantize_nf4(copy.deepcopy(model))
+    assert len(names) == 7 * model.config.n_layer and "lm_head" not in names
+    m = copy.deepcopy(model)
+    assert lp.quantize_nf4(m, ["q_proj", "down_proj"]) == [f"layers.{i}.{s}" for i in range(2)
+                                                           for s in ("self_attn.q_proj", "mlp.down_proj")]
+    assert type(m.layers[0].self_attn.k_proj) is nn.Linear
+    assert lp.quantize_nf4(copy.deepcopy(model), r".*\.o_proj", skip=None) == ["layers.0.self_attn.o_proj",
+                                                                               "layers.1.self_attn.o_proj"]
+    m = copy.deepcopy(model)
+    assert "lm_head" in lp.quantize_nf4(m, skip=())
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        lp.quantize_nf4(copy.deepcopy(model), ["nope"])
+    tied = Llama(get_config("llama-tiny", tie_embeddings=True), backend="torch")
+    with pytest.raises(ValueError, match="tied weights"):
+        lp.quantize_nf4(tied, skip=())
+    assert type(tied.lm_head) is nn.Linear and type(tied.layers[0].self_attn.q_proj) is nn.Linear  # unchanged
+    seq = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2))
+    assert lp.quantize_nf4(seq) == ["0"]  # the attention's out_proj (an nn.Linear subclass) stays dense
+    bad = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).double())
+    with pytest.raises(ValueError, match="quantize_nf4: 1: .*float32, float16 or bfloat16"):
+        lp.quantize_nf4(bad)
+    assert type(bad[0]) is nn.Linear  # checked before anything changed
+
+
+def test_quantize_nf4_under_existing_lora_layers():
+    """A LoRA adapter loaded into a dense model (or injected before quantizing) keeps working: its base
+    layer is quantized under the LoRALinear's name; merged layers are refused."""
+    model = Llama(get_config("llama-tiny"), backend="torch")
+    lp.inject_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    _randomize_lora(model)
+    names = lp.quantize_nf4(model, ["q_proj", "k_proj"])
+    assert "layers.0.self_attn.q_proj.base_layer" in names and "layers.0.self_attn.k_proj" in names
+    q = model.layers[0].self_attn.q_proj
+    assert q.quantized and not model.layers[0].self_attn.v_proj.quantized
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), _dense_copy(model)(ids), atol=1e-5, rtol=1e-5)
+    m2 = Llama(get_config("llama-tiny"), backend="torch")
+    lp.inject_lora(m2, ["q_proj"], r=4)
+    lp.merge_lora(m2)
+    with pytest.raises(ValueError, match="merged"):
+        lp.quantize_nf4(m2)
+
+
+# ---- QLoRA zoo models ---------------------------------------------------------------------------------------
+
+def _qlora_pair(use_dora=False, backend="torch", seed=0):
+    torch.manual_seed(seed)
+    model = Llama(get_config("llama-tiny"), backend=backend)
+    lp.quantize_nf4(model)
+    dense = _dense_copy(model)
+    for m in (model, dense):
+        torch.manual_seed(seed + 1)
+        lp.inject_lora(m, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8, use_dora=use_dora)
+        _randomize_lora(m)
+    return model, dense
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad()
+    _, loss = model(ids, labels=ids)
+    loss.backward()
+    return loss.detach(), _lora_grads(model)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_zoo_qlora_matches_dequantized_dense_and_trains(use_dora):
+    model, dense = _qlora_pair(use_dora)
+    n_lora = 3 * model.config.n_layer * (2 + use_dora)
+    assert lp.count_trainable_parameters(model) == lp.count_trainable_parameters(dense)
+    assert len([p for p in model.parameters() if p.requires_grad]) == n_lora
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (model, dense)]
+    losses = []
+    for _ in range(3):  # a few training steps stay in lockstep with the dense model
+        (lq, gq), (ld, gd) = _loss_and_grads(model, ids), _loss_and_grads(dense, ids)
+        torch.testing.assert_close(lq, ld, atol=1e-5, rtol=1e-5)
+        assert gq.keys() == gd.keys() and len(gq) == n_lora
+        for n in gq:
+            torch.testing.assert_close(gq[n], gd[n], atol=1e-5, rtol=1e-4, msg=n)
+        for o in opts:
+            o.step()
+        losses.append(lq.item())
+    assert losses[-1] < losses[0]
+
+
+@needs_interpreter
+def test_zoo_qlora_triton_kernels_match_dequantized_dense(triton_backend, monkeypatch):
+    model, dense = _qlora_pair()
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(4))
+    lq, gq = _loss_and_grads(model, ids)
+    monkeypatch.setenv("LLMKERN_BACKEND", "reference")
+    ld, gd = _loss_and_grads(dense, ids)
+    torch.testing.assert_close(lq, ld, atol=1e-4, rtol=1e-4)
+    for n in gq:
+        torch.testing.assert_close(gq[n], gd[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("use_dora,dropout", [(False, 0.0), (True, 0.1)])
+def test_lora_layer_on_nf4_keeps_no_dense_weight(request, monkeypatch, backend, use_dora, dropout):
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    K, N = 64, 40
+    layer = lp.LoRALinear(lp.NF4Linear.from_linear(nn.Linear(K, N)), r=4, alpha=8, dropout=dropout,
+                          use_dora=use_dora).train()
+    _randomize_lora(layer)
+    ref = lp.LoRALinear(layer.base_layer.dequantize(), r=4, alpha=8, dropout=dropout, use_dora=use_dora).train()
+    ref.load_state_dict({k: v for k, v in layer.state_dict().items() if "base_layer" not in k}, strict=False)
+    x = torch.randn(2, 7, K)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    torch.manual_seed(5)
+    y, saved = _dense_saved(lambda: layer(xa), N, K)
+    assert not saved, "the QLoRA layer kept a dense W for the backward"
+    monkeypatch.setenv("LLMKERN_BACKEND", "reference")
+    torch.manual_seed(5)  # the same dropout seed: the same mask on every path
+    y_ref = ref(xb)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-4, rtol=1e-4)
+    for n, p in layer.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, dict(ref.named_parameters())[n].grad, atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_qlora_layers_compile_fullgraph():
+    """NF4Linear and a LoRALinear over it trace without graph breaks (the NF4Weight is made outside the
+    traced forward and kept); compiled outputs and gradients equal eager ones."""
+    torch.manual_seed(0)
+    for layer in (lp.NF4Linear.from_linear(nn.Linear(64, 32)),
+                  lp.LoRALinear(lp.NF4Linear.from_linear(nn.Linear(64, 32)), r=4)):
+        _randomize_lora(layer)
+        x = torch.randn(4, 64)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        got = torch.compile(layer, fullgraph=True)(xa)
+        want = layer(xb)
+        got.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(xa.grad, xb.grad)
+
+
+def test_nf4_linear_from_double_quantized_weight():
+    import inspect
+
+    if "double_quant" not in inspect.signature(llmkern.nf4_quantize).parameters:
+        pytest.skip("nf4_quantize has no double_quant here")
+    W = torch.randn(48, 64)
+    qw = llmkern.nf4_quantize(W, double_quant=True)
+    layer = lp.NF4Linear.from_nf4(qw)  # held with float32 scales (the plain layout)
+    assert layer.absmax.dtype == torch.float32 and torch.equal(layer.packed, qw.packed)
+    torch.testing.assert_close(layer.dequantize().weight, qw.dequantize(), atol=0, rtol=0)
+
+
+def test_qlora_dora_with_dropout_matches_dense_dora():
+    K, N = 48, 32
+    base = lp.NF4Linear.from_linear(nn.Linear(K, N))
+    layer = lp.LoRALinear(base, r=4, alpha=8, dropout=0.2, use_dora=True).train()
+    ref = lp.LoRALinear(base.dequantize(), r=4, alpha=8, dropout=0.2, use_dora=True).train()
+    # the magnitude starts at the row norms of the dequantized weight (the layer starts as its base)
+    torch.testing.assert_close(layer.lora_magnitude_vector, ref.lora_magnitude_vector)
+    _randomize_lora(layer)
+    _randomize_lora(ref)
+    x = torch.randn(6, K)
+    outs = []
+    for m in (layer, ref):
+        torch.manual_seed(7)
+        y = m(x)
+        y.pow(2).sum().backward()
+        outs.append((y, _lora_grads(m)))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    for n in outs[0][1]:
+        torch.testing.assert_close(outs[0][1][n], outs[1][1][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_qlora_merge_behaviour():
+    model, _ = _qlora_pair()
+    q = model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match="remove=True"):
+        q.merge()
+    with pytest.raises(ValueError, match="remove=True"):
+        lp.merge_lora(model)
+    assert all(not m.merged for _, m in lp.lora_modules(model))  # nothing merged
+    lp.unmerge_lora(model)  # nothing to undo
+    ids = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        before = model(ids)
+        lp.merge_lora(model, remove=True)
+        after = model(ids)
+    assert not lp.lora_modules(model)
+    merged_q = model.layers[0].self_attn.q_proj
+    assert type(merged_q) is nn.Linear and not merged_q.weight.requires_grad
+    assert isinstance(model.layers[0].self_attn.k_proj, lp.NF4Linear)  # not a LoRA layer: stays 4-bit
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    # DoRA: merged_linear holds (m / ‖W + sBA‖) ⊙ (W + sBA) of the dequantized W
+    layer = lp.LoRALinear(lp.NF4Linear.from_linear(nn.Linear(32, 16)), r=4, use_dora=True)
+    _randomize_lora(layer)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.merged_linear()(x), layer(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        layer.lora_B.fill_(float("inf"))
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.merged_linear()
+
+
+def test_qlora_adapter_saves_and_loads_both_ways(tmp_path):
+    """Adapters trained on a QLoRA model save in PEFT's format; they load into a dense model (then
+    quantize_nf4 it: the same codes) or into a quantized model with LoRA injected first."""
+    model, _ = _qlora_pair()
+    lp.save_peft_adapter(model, str(tmp_path))
+    ids = torch.randint(0, 256, (1, 8))
+    torch.manual_seed(0)
+    dense = Llama(get_config("llama-tiny"), backend="torch")  # _qlora_pair's model before quantize_nf4
+    lp.load_peft_adapter(dense, str(tmp_path))
+    lp.quantize_nf4(dense)
+    injected, _ = _qlora_pair()
+    _randomize_lora(injected, seed=9)
+    lp.load_peft_adapter(injected, str(tmp_path))
+    with torch.no_grad():
+        want = model(ids)
+        torch.testing.assert_close(dense(ids), want, atol=0, rtol=0)
+        torch.testing.assert_close(injected(ids), want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="NF4Linear, not an nn.Linear"):  # no LoRA layer to load into
+        quantized = Llama(get_config("llama-tiny"), backend="torch")
+        lp.quantize_nf4(quantized)
+        lp.load_peft_adapter(quantized, str(tmp_path))
+
+
+# ---- PEFT models quantized with bitsandbytes --------------------------------------------------------------
+
+def _bnb_peft_model(tmp_path, double_quant=True, compute_dtype=torch.float32, dtype=torch.float32,
+                    targets=("q_proj", "v_proj", "down_proj"), **lora):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    # in_features multiples of 64: bitsandbytes 0.50's CPU dequantization is wrong when a 64-block spans
+    # two rows (see test_bnb_cpu_blocks_spanning_rows)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                   attn_implementation="eager")
+    path = tmp_path / "tiny-llama"
+    if not path.exists():
+        transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_compute_dtype=compute_dtype,
+                                           bnb_4bit_use_double_quant=double_quant)
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, device_map="cpu",
+                                                             dtype=dtype)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets),
+                                                      lora_dropout=0.0, **lora))
+    _randomize_lora(model)
+    # train mode: in eval mode without grad, bitsandbytes repacks CPU weights into its own inference layout
+    return model.train()
+
+
+def _logits_and_grads(model, ids):
+    model.zero_grad()
+    out = model(ids).logits
+    out.float().pow(2).mean().backward()
+    return out.detach(), _lora_grads(model)
+
+
+def _count_nf4_calls(monkeypatch):
+    from llmkern.integrations import peft as ip
+    from llmkern.ops.nf4 import NF4Weight
+
+    calls = []
+    orig = ip.lora_linear
+    monkeypatch.setattr(ip, "lora_linear", lambda *a, **k: calls.append(isinstance(a[1], NF4Weight)) or orig(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("backend,double_quant", [("reference", True), ("reference", False), ("triton", True)])
+def test_use_fused_lora_on_bnb_4bit_same_logits_and_grads(tmp_path, monkeypatch, request, backend, double_quant):
+    if backend == "triton":
+        if triton_device() is None:
+            pytest.skip("no CUDA and no TRITON_INTERPRET")
+        request.getfixturevalue("triton_backend")
+    monkeypatch.setenv("LLMKERN_BACKEND", backend)
+    from llmkern.integrations.peft import use_fused_lora
+
+    model = _bnb_peft_model(tmp_path, double_quant)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer).__module__ == "peft.tuners.lora.bnb" and type(layer.base_layer).__name__ == "Linear4bit"
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    want, want_g = _logits_and_grads(model, ids)
+    calls = _count_nf4_calls(monkeypatch)
+    use_fused_lora(model)
+    got, got_g = _logits_and_grads(model, ids)
+    assert calls == [True] * 6  # every targeted 4-bit layer ran the fused op on its NF4 codes
+    tol = dict(atol=1e-5, rtol=1e-5) if backend == "reference" else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, want, **tol)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], atol=1e-5, rtol=1e-3, msg=n)
+    use_fused_lora(model, enable=False)
+    assert not any(hasattr(m, "_llmkern_orig_forward") or hasattr(m, "_llmkern_nf4_cache") for m in model.modules())
+
+
+def test_use_fused_lora_4bit_cache_follows_the_weight(tmp_path, monkeypatch):
+    import bitsandbytes as bnb
+    from llmkern.integrations.peft import use_fused_lora
+
+    model = _bnb_peft_model(tmp_path, targets=("q_proj",))
+    use_fused_lora(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 64)
+    layer(x)
+    cached = layer._llmkern_nf4_cache[1]
+    layer(x)
+    assert layer._llmkern_nf4_cache[1] is cached  # the double-quantized absmax is expanded once
+    # a new weight (same shape): the cache is rebuilt, the result follows it
+    W = torch.randn(64, 64)
+    layer.base_layer.weight = bnb.nn.Params4bit(W, requires_grad=False, quant_type="nf4").to("cpu")
+    got = layer(x)
+    assert layer._llmkern_nf4_cache[1] is not cached
+    want = layer._llmkern_orig_forward(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_use_fused_lora_4bit_falls_back_where_bnb_differs(tmp_path, monkeypatch):
+    from llmkern import _backend
+    from llmkern.integrations.peft import use_fused_lora
+
+    monkeypatch.setattr(_backend, "_warned", set())
+    # float32 inputs on bf16-compute layers: bitsandbytes rounds the base product through bf16; kept on PEFT
+    model = _bnb_peft_model(tmp_path, compute_dtype=torch.bfloat16, targets=("q_proj",))
+    ids = torch.randint(0, 64, (2, 8))
+    want, want_g = _logits_and_grads(model, ids)
+    calls = _count_nf4_calls(monkeypatch)
+    use_fused_lora(model)
+    with pytest.warns(RuntimeWarning, match="compute_dtype=torch.bfloat16"):
+        got, got_g = _logits_and_grads(model, ids)
+    assert not calls
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    # DoRA on a 4-bit base: PEFT's forward
+    dora = _bnb_peft_model(tmp_path, targets=("q_proj",), use_dora=True)
+    with torch.no_grad():
+        want = dora(ids).logits
+        use_fused_lora(dora)
+        torch.testing.assert_close(dora(ids).logits, want, atol=0, rtol=0)
+    assert not calls
+    # eval mode without grad: bitsandbytes may repack the CPU weights (packing_format_for_cpu); after that
+    # the codes are not in the NF4 layout, and the layer stays on PEFT's forward
+    model = _bnb_peft_model(tmp_path, targets=("q_proj",)).eval()
+    with torch.no_grad():
+        want = model(ids).logits
+        use_fused_lora(model)
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    state = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.quant_state
+    assert len(calls) == (0 if getattr(state, "packing_format_for_cpu", False) else 2)
+
+
+def test_use_fused_lora_on_bnb_4bit_bf16(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMKERN_BACKEND", "reference")
+    from llmkern.integrations.peft import use_fused_lora
+
+    model = _bnb_peft_model(tmp_path, compute_dtype=torch.bfloat16, dtype=torch.bfloat16, targets=("q_proj", "v_proj"))
+    for m in model.modules():  # PEFT keeps the adapters in float32 by default (computed in float32)
+        if hasattr(m, "lora_A"):
+            m.to(torch.bfloat16)
+    ids = torch.randint(0, 64, (2, 8))
+    want, want_g = _logits_and_grads(model, ids)
+    calls = _count_nf4_calls(monkeypatch)
+    use_fused_lora(model)
+    got, got_g = _logits_and_grads(model, ids)
+    assert calls == [True] * 4
+    torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n].float(), want_g[n].float(), atol=2e-2, rtol=1e-1, msg=n)
+
+
+def test_nf4_linear_from_bnb_matches_the_bnb_layer():
+    bnb = pytest.importorskip("bitsandbytes")
+    lin = nn.Linear(128, 32)
+    for double_quant in (False, True):
+        q = bnb.nn.Linear4bit(128, 32, compute_dtype=torch.float32, compress_statistics=double_quant,
+                              quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=double_quant)
+        q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        q = q.to("cpu").train()
+        layer = lp.NF4Linear.from_bnb(q)
+        x = torch.randn(5, 128)
+        torch.testing.assert_close(layer(x), q(x), atol=1e-5, rtol=1e-5)
+        if not double_quant:  # the same bytes as llmkern's own quantizer
+            assert torch.equal(layer.packed, lp.NF4Linear.from_linear(lin).packed)
+
+
+def test_bnb_cpu_blocks_spanning_rows():
+    """Documents why the bitsandbytes tests use in_features % 64 == 0: bitsandbytes 0.50.2's CPU
+    dequantize_4bit is wrong where a 64-element block spans two rows; llmkern reads the same codes right."""
+    bnb = pytest.importorskip("bitsandbytes")
+    W = torch.randn(8, 32)
+    p = bnb.nn.Params4bit(W.clone(), requires_grad=False, quant_type="nf4", compress_statistics=False).to("cpu")
+    from bitsandbytes.functional import dequantize_4bit
+
+    ours = llmkern.ops.nf4.NF4Weight.from_bnb(p).dequantize()
+    assert torch.equal(llmkern.nf4_quantize(W).packed, p.data.reshape(-1))  # the same codes
+    assert (ours - W).abs().max() < 0.5  # NF4's rounding error on N(0, 1) weights
+    theirs = dequantize_4bit(p.data, p.quant_state)
+    if (theirs - W).abs().max() < 0.5:
+        pytest.skip("this bitsandbytes dequantizes blocks spanning rows right on CPU")
+
+
+# ---- the benchmark row ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_bnb", [True, False])
+def test_bench_qlora_row_baselines_compute_the_same_layer(monkeypatch, with_bnb):
+    from llmkern.bench.suites import lora as suite
+
+    if with_bnb:
+        pytest.importorskip("bitsandbytes")
+    else:
+        monkeypatch.setattr(suite, "_bnb_linear4bit", lambda W, b: None)
+    def run_once(fn):
+        fn()
+        return 1.0
+
+    M, K, N = 16, 64, 32
+    W, b, x, dy = torch.randn(N, K) / 8, torch.randn(N), torch.randn(M, K), torch.randn(M, N)
+    rnd = lambda *s, sc=1.0: torch.randn(*s) * sc  # noqa: E731
+    rows = list(suite._qlora_rows(x.requires_grad_(True), W, b, dy, rnd, 4, run_once, "float32", 1.0))
+    assert len(rows) == 1 and rows[0].op == "qlora lora_linear fwd+bwd (NF4 W)"
+    assert ("bitsandbytes" in rows[0].baseline) == with_bnb
+    if with_bnb:  # the bitsandbytes baseline layer computes x·dequant(nf4(W))ᵀ + b, as ours
+        layer = suite._bnb_linear4bit(W, b)
+        ref = nn.functional.linear(x, llmkern.nf4_dequantize(llmkern.nf4_quantize(W)), b)
+        torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
