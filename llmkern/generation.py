@@ -39,15 +39,19 @@ Speculative decoding (draft_model=, greedy or sample; Leviathan et al. 2023, Che
   (processed: temperature, top_k, top_p, min_p, logit_bias, allowed_tokens, applied to both models'
   logits alike); greedy emits the same tokens as plain greedy decoding (up to float rounding between
   a k + 1-token and a 1-token forward deciding a near-tie). The draft needs the target's vocabulary.
-  Batches: the zoo's KVCache has one length for all rows, so each step every unfinished row keeps
-  the shortest accepted run among them (the others' later accepted tokens are dropped and proposed
-  again next step). This stays exact (where a row is cut depends, beyond its own accepted run, only
-  on the other rows' independent draws), but a large batch accepts fewer tokens per step than one
-  row does.
+  Batches: every row keeps its own accepted run. The zoo's KVCache holds a length per row, so each
+  cache is cut back per row (crop with a [B] tensor), and the rows' sequences grow by different
+  amounts. The forwards stay rectangular: every row feeds the same number of tokens, the target its
+  last token and K proposals, the draft its last two tokens (its cache is cut to all but those, so a
+  row whose draft cache already held the first one reads it again). K is num_draft_tokens, lowered
+  near the end so that the row furthest ahead still fits in T + max_new_tokens and the one furthest
+  behind uses all K (a row keeps at most the tokens it has left). Rows that have finished ride along
+  at cache length 0, their outputs ignored. Each row is thus decoded as it would be alone, and the
+  output stays exactly the target's distribution. One host sync per step (the loop's stop test).
   Not supported with a draft model (ValueError): beam search, repetition / presence / frequency
   penalties, scorers, allowed_tokens given as a function, use_cache=False. return_dict=True adds
-  num_draft_tokens [N] (proposed while the row ran) and num_accepted_draft_tokens [N] (proposals kept
-  in the output) to the GenerationOutput.
+  num_draft_tokens [N] (proposals made while the row ran, those beyond its remaining max_new_tokens
+  not counted) and num_accepted_draft_tokens [N] (proposals kept in the output) to the GenerationOutput.
 """
 import dataclasses
 from typing import Optional
@@ -170,8 +174,9 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     attention_mask: [B, T], 1 = token, 0 = left padding (batched prompts of different lengths,
     transformers' convention: positions count real tokens only).
     draft_model: a smaller model with the same vocabulary and the same interface (plus
-    `model(ids, cache=...)` returning logits of every position and a cache with `crop(n)`, as the zoo
-    models have): speculative decoding, num_draft_tokens (k >= 1) proposals per step."""
+    `model(ids, cache=...)` returning logits of every position, and caches, its and the model's, with
+    the zoo KVCache's per-row `crop(n [B], max_n=)`): speculative decoding, num_draft_tokens (k >= 1)
+    proposals per step."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
@@ -370,10 +375,10 @@ def _spec_probs(y, knobs):
 
 def _speculative_decode(model, draft, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_bias, seed,
                         allowed_tokens, mask, k):
-    """Speculative decoding (module docstring): draft k, score k + 1 in one target forward, accept, crop."""
-    from llmkern.ops.sampling import _sample_params, _side_tensor
-    from llmkern.ops.speculative import (STREAM_DRAFT, STREAM_RESIDUAL, draw, philox_uniform, row_seeds,
-                                         speculative_accept)
+    """Speculative decoding (module docstring): each step the draft proposes K tokens per row, the target
+    scores K + 1 per row in one forward, every row keeps its own accepted run, and both caches are cut
+    back per row."""
+    from llmkern.ops.sampling import _sample_params
 
     B, T0 = input_ids.shape
     dev = input_ids.device
@@ -383,112 +388,199 @@ def _speculative_decode(model, draft, input_ids, max_new_tokens, strategy, eos, 
     if not greedy and torch.is_tensor(t) and not bool((t > 0).all()):
         raise ValueError("temperature: rows with temperature 0 (greedy) are not supported with draft_model and "
                          "strategy='sample'; use strategy='greedy'")
-    seeds = None if greedy else row_seeds(seed, B, dev)
-    zeros = torch.zeros(B, dtype=torch.long, device=dev)
     if max_new_tokens == 0:
+        zeros = torch.zeros(B, dtype=torch.long, device=dev)
         return GenerationOutput(input_ids, torch.zeros(B, 0, device=dev), zeros, zeros.clone())
-    max_len = T0 + max_new_tokens
-    tcache, dcache = model.new_cache(B, max_len), draft.new_cache(B, max_len)
-    for name, c in (("model", tcache), ("draft_model", dcache)):
-        if not callable(getattr(c, "crop", None)):
-            raise ValueError(f"{name}.new_cache() must return a cache with crop(n) for speculative decoding")
-    full_mask = None if mask is None else torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)
+    s = _Speculation(model, draft, input_ids, max_new_tokens, greedy, eos, pad, knobs, logit_bias, seed,
+                     allowed_tokens, mask, k)
+    K = min(k, max_new_tokens - 1)  # proposals per row this step (the same for every row)
+    while True:
+        stats = s.step(K)
+        if stats is None:
+            break
+        lo, hi = stats  # the fewest / most tokens generated by an unfinished row
+        # a row's caches hold its tokens but the last one or two, and it reads K + 1 more: every row must
+        # fit in max_len, and K = (room of the row furthest behind) - 1 is all that row can use
+        K = min(k, max_new_tokens - hi, max_new_tokens - lo - 1)
+    return s.output()
 
-    def forward(m, cache, start, ids, last_only):
-        kw = {} if full_mask is None else {"attention_mask": full_mask[:, :start + ids.shape[1]]}
+
+class _Speculation:
+    """Speculative decoding's state. Per row: its tokens buf [B, width] (prompt, then generated tokens,
+    then padding), gen (tokens generated), unfinished. Row b's sequence is buf[b, :T0 + gen[b]]; between
+    steps the target's cache holds all of it but the last token, the draft's all but the last two (so
+    that every row feeds the same number of tokens, whether or not the draft had proposed its last token)."""
+
+    def __init__(self, model, draft, input_ids, max_new_tokens, greedy, eos, pad, knobs, logit_bias, seed,
+                 allowed_tokens, mask, k):
+        from llmkern.ops.speculative import row_seeds
+
+        B, T0 = input_ids.shape
+        dev = self.dev = input_ids.device
+        self.model, self.draft, self.greedy, self.eos, self.pad, self.knobs = model, draft, greedy, eos, pad, knobs
+        self.T0, self.max_new = T0, max_new_tokens
+        self.seeds = None if greedy else row_seeds(seed, B, dev)
+        max_len = T0 + max_new_tokens
+        self.tcache, self.dcache = model.new_cache(B, max_len), draft.new_cache(B, max_len)
+        for name, c in (("model", self.tcache), ("draft_model", self.dcache)):
+            if not callable(getattr(c, "crop", None)):
+                raise ValueError(f"{name}.new_cache() must return a cache with crop(n) taking per-row lengths "
+                                 f"for speculative decoding (the zoo's KVCache)")
+        width = max_len + k + 1  # a step writes k + 1 columns after a row's end (the rejected ones: padding)
+        self.full_mask = None if mask is None else torch.cat([mask, mask.new_ones(B, width - T0)], 1)
+        self.buf = torch.full((B, width), pad, dtype=torch.long, device=dev)
+        self.buf[:, :T0] = input_ids
+        self.logps = torch.zeros(B, width - T0, device=dev)
+        self.gen = torch.zeros(B, dtype=torch.long, device=dev)
+        self.unfinished = torch.ones(B, dtype=torch.bool, device=dev)
+        self.proposed, self.kept = self.gen.clone(), self.gen.clone()
+        # the sampler's position per row counts real tokens (as in _decode)
+        self.position = torch.full((B,), T0, dtype=torch.long, device=dev) if mask is None else mask.sum(-1).long()
+        self.side = dict(bias=logit_bias, allowed=allowed_tokens, input_ids=input_ids)
+        self.t_len = self.d_len = 0  # host bounds (max over rows) of the target's / draft's cache lengths
+        self.first = True
+        self.top = 0  # the most tokens generated by a row
+
+    def forward(self, m, cache, start, ids, last_only):
+        kw = {} if self.full_mask is None else {"attention_mask": self.full_mask[:, :start + ids.shape[1]]}
         return m(ids, cache=cache, last_only=last_only, **kw).float()
 
-    side = {}
+    def scores(self, logits, who):
+        from llmkern.ops.sampling import _side_tensor
 
-    def scores(logits, who):
-        V = logits.shape[-1]
-        if not side:  # logit_bias and the allowed mask, checked once the vocabulary is known
+        V, side = logits.shape[-1], self.side
+        if "V" not in side:  # logit_bias and the allowed mask, checked once the vocabulary is known
+            B = logits.shape[0]
             side["V"] = V
-            side["bias"] = None if logit_bias is None else _side_tensor("logit_bias", logit_bias, B, V, dev)
-            side["allow"] = _allowed(allowed_tokens, input_ids, V)
+            side["bias"] = None if side["bias"] is None else _side_tensor("logit_bias", side["bias"], B, V, self.dev)
+            side["allow"] = _allowed(side["allowed"], side["input_ids"], V)
         elif V != side["V"]:
             raise ValueError(f"draft_model must share the model's vocabulary: its logits have {V} entries, "
                              f"the other model's {side['V']} ({who})")
         return _spec_scores(logits, side["bias"], side["allow"])
 
-    # the sampler's position per row counts real tokens (as in _decode)
-    position = torch.full((B,), T0, dtype=torch.long, device=dev) if mask is None else mask.sum(-1).long()
-    seqs = input_ids
-    t_len = d_len = gen = 0  # tokens in the target's / draft's cache; tokens generated
-    unfinished = torch.ones(B, dtype=torch.bool, device=dev)
-    proposed, kept = zeros.clone(), zeros.clone()
-    logps = []
-    while gen < max_new_tokens:
-        L = T0 + gen
-        kk = min(k, max_new_tokens - gen - 1)  # the target reads at most L + kk <= T0 + max_new_tokens tokens
-        pos = position + gen
-        # 1. the draft proposes kk tokens, one forward each; its cache may lag by one token (all accepted)
+    def step(self, K):
+        """One step for every row; None once no row is left, else (lo, hi) of the unfinished rows' gen."""
+        L, pos = self.T0 + self.gen, self.position + self.gen
+        drafts, qs, draft_ok = self.propose(K, L, pos)
+        y, valid = self.verify(K, L, drafts)
+        out, n, logp = self.accept(K, y, drafts, qs, pos)
+        stuck, draft_stuck = self.unfinished & ~valid, self.unfinished & ~draft_ok
+        gen_before = self.gen
+        self.commit(K, L, out, n, logp)
+        u, g = self.unfinished, self.gen
+        stats = torch.stack([stuck.any().long(), draft_stuck.any().long(), u.any().long(),
+                             torch.where(u, g, self.max_new).min(), torch.where(u, g, 0).max(), g.max()])
+        any_stuck, any_draft_stuck, any_left, lo, hi, self.top = stats.tolist()  # the step's one sync
+        if any_stuck:
+            _raise_stuck(stuck, self.side["allow"], _new_token_index(gen_before, stuck))
+        if any_draft_stuck:
+            rows = draft_stuck.nonzero()[:, 0].tolist()
+            raise RuntimeError(f"generate: the draft model's logits have no finite value for sequence(s) {rows} "
+                               f"at new token {_new_token_index(gen_before, draft_stuck)}")
+        if not any_left:
+            return None
+        self.rollback(hi)
+        return lo, hi
+
+    def propose(self, K, L, pos):
+        """The draft's K proposals per row [B, K] (one forward each), their distributions (sampling) and
+        whether each row's draft logits had a finite value."""
+        from llmkern.ops.speculative import STREAM_DRAFT, draw, philox_uniform
+
+        B = L.shape[0]
         drafts, qs = [], []
-        draft_ok = torch.ones(B, dtype=torch.bool, device=dev)
-        for i in range(kk):
-            ids = seqs[:, d_len:] if i == 0 else drafts[-1][:, None]
-            y = scores(forward(draft, dcache, d_len, ids, True)[:, -1:], "draft_model")
-            d_len += ids.shape[1]
-            draft_ok &= (y[:, 0] > float("-inf")).any(-1)
-            if greedy:
+        ok = torch.ones(B, dtype=torch.bool, device=self.dev)
+        if self.first:  # the whole prompt into the empty cache
+            ids = self.buf[:, :self.T0]
+        else:  # each row's last two tokens (rollback)
+            ids = self.buf.gather(1, L[:, None] + torch.arange(-2, 0, device=self.dev))
+        for i in range(K):
+            ids = ids if i == 0 else drafts[-1][:, None]
+            y = self.scores(self.forward(self.draft, self.dcache, self.d_len, ids, True)[:, -1:], "draft_model")
+            self.d_len += ids.shape[1]
+            ok &= (y[:, 0] > float("-inf")).any(-1)
+            if self.greedy:
                 tok = y[:, 0].argmax(-1)
             else:
-                q = _spec_probs(y, knobs)[:, 0]
-                tok = draw(q, philox_uniform(seeds, pos + i, STREAM_DRAFT))
+                q = _spec_probs(y, self.knobs)[:, 0]
+                tok = draw(q, philox_uniform(self.seeds, pos + i, STREAM_DRAFT))
                 qs.append(q)
             drafts.append(tok)
-        # 2. the target scores the last token and the kk proposals in one forward (the prompt first)
-        if L - 1 > t_len:
-            forward(model, tcache, t_len, seqs[:, t_len:L - 1], True)
-            t_len = L - 1
-        ids = torch.cat([seqs[:, t_len:]] + [d[:, None] for d in drafts], 1)
-        y = scores(forward(model, tcache, t_len, ids, False)[:, -(kk + 1):], "model")
-        valid = (y > float("-inf")).any(-1).all(-1)
-        # 3. accept: out [B, kk + 1] holds each row's accepted proposals, then one token of the target
-        if greedy:
-            logp = torch.log_softmax(y, -1)  # greedy's logprobs: the temperature-1 distribution
-            if kk:
-                out, n = speculative_accept(torch.stack(drafts, 1), None, y, greedy=True)
+        drafts = torch.stack(drafts, 1) if drafts else self.buf.new_zeros(B, 0)
+        return drafts, (torch.stack(qs, 1) if qs else None), ok
+
+    def verify(self, K, L, drafts):
+        """The target's scores [B, K + 1, V] of each row's last token and its K proposals, in one forward
+        (the prompt first), and whether every position of a row had a finite score."""
+        if self.first and self.T0 > 1:
+            self.forward(self.model, self.tcache, 0, self.buf[:, :self.T0 - 1], True)
+            self.t_len = self.T0 - 1
+        self.first = False
+        ids = torch.cat([self.buf.gather(1, L[:, None] - 1), drafts], 1)
+        y = self.scores(self.forward(self.model, self.tcache, self.t_len, ids, False)[:, -(K + 1):], "model")
+        self.t_len += K + 1
+        return y, (y > float("-inf")).any(-1).all(-1)
+
+    def accept(self, K, y, drafts, qs, pos):
+        """out [B, K + 1]: per row its accepted proposals, then one token of the target's; n [B] accepted;
+        the log-probabilities [B, K + 1, V] the scores report (greedy: of the temperature-1 distribution)."""
+        from llmkern.ops.speculative import STREAM_RESIDUAL, draw, philox_uniform, speculative_accept
+
+        if self.greedy:
+            if K:
+                out, n = speculative_accept(drafts, None, y, greedy=True)
             else:
-                out, n = y[:, 0].argmax(-1)[:, None], zeros
+                out, n = y[:, 0].argmax(-1)[:, None], torch.zeros_like(pos)
+            return out, n, torch.log_softmax(y, -1)
+        p = _spec_probs(y, self.knobs)
+        if K:
+            out, n = speculative_accept(drafts, qs, p, seed=self.seeds, position=pos)
         else:
-            p = _spec_probs(y, knobs)
-            logp = p.log()
-            if kk:
-                out, n = speculative_accept(torch.stack(drafts, 1), torch.stack(qs, 1), p, seed=seeds, position=pos)
-            else:
-                out, n = draw(p[:, 0], philox_uniform(seeds, pos, STREAM_RESIDUAL))[:, None], zeros
-        # every unfinished row keeps the shortest run among them (one cache length for the batch)
-        M, any_stuck, draft_stuck = torch.stack([torch.where(unfinished, n + 1, kk + 1).min(),
-                                                 (unfinished & ~valid).any().long(),
-                                                 (unfinished & ~draft_ok).any().long()]).tolist()  # one sync
-        if any_stuck:
-            _raise_stuck(unfinished & ~valid, side["allow"], gen)
-        if draft_stuck:
-            rows = (unfinished & ~draft_ok).nonzero()[:, 0].tolist()
-            raise RuntimeError(f"generate: the draft model's logits have no finite value for sequence(s) {rows} "
-                               f"at new token {gen}")
-        new = out[:, :M]
-        keep = unfinished[:, None].expand(B, M)
-        if eos is not None:  # tokens after a row's eos become padding
-            hit = torch.isin(new, eos) & keep
+            out, n = draw(p[:, 0], philox_uniform(self.seeds, pos, STREAM_RESIDUAL))[:, None], torch.zeros_like(pos)
+        return out, n, p.log()
+
+    def commit(self, K, L, out, n, logp):
+        """Append each unfinished row's run to its sequence: at most the tokens left to max_new_tokens, none
+        after an eos."""
+        room = (self.max_new - self.gen - 1).clamp(min=0)  # proposals a row can still keep
+        n = torch.minimum(n, room)
+        j = torch.arange(K + 1, device=self.dev)
+        keep = (j < n[:, None] + 1) & self.unfinished[:, None]
+        hit = None
+        if self.eos is not None:  # tokens after a row's eos become padding
+            hit = torch.isin(out, self.eos) & keep
             keep = keep & (hit.long().cumsum(1) - hit.long() == 0)
-        lp = logp[:, :M].gather(-1, new.clamp(min=0)[..., None]).squeeze(-1)
-        logps.append(torch.where(keep, lp, torch.zeros_like(lp)))
-        proposed += torch.where(unfinished, kk, 0)
-        kept += torch.minimum(n, keep.sum(1))
-        if eos is not None:
-            unfinished = unfinished & ~hit.any(1)
-        seqs = torch.cat([seqs, torch.where(keep, new, torch.full_like(new, pad))], 1)
-        gen += M
-        # 4. roll back: both caches hold the tokens before the last one emitted (the draft's may lag)
-        t_len = L + M - 1
-        tcache.crop(t_len)
-        d_len = min(d_len, t_len)
-        dcache.crop(d_len)
-        if eos is not None and not bool(unfinished.any()):
-            break
-    return GenerationOutput(seqs, torch.cat(logps, 1), proposed, kept)
+        count = keep.sum(1)
+        lp = logp.gather(-1, out.clamp(min=0)[..., None]).squeeze(-1)
+        # every row writes its K + 1 columns (the buffer has room): kept tokens, then padding
+        self.buf.scatter_(1, L[:, None] + j, torch.where(keep, out, self.pad))
+        self.logps.scatter_(1, self.gen[:, None] + j, torch.where(keep, lp, torch.zeros_like(lp)))
+        self.proposed += torch.where(self.unfinished, room.clamp(max=K), 0)
+        self.kept += torch.where(self.unfinished, torch.minimum(n, count), 0)
+        self.gen = self.gen + count
+        self.unfinished = self.unfinished & (self.gen < self.max_new)
+        if hit is not None:
+            self.unfinished = self.unfinished & ~hit.any(1)
+
+    def rollback(self, hi):
+        """Cut both caches back per row (a length update): the target's to all of a row's tokens but the
+        last, the draft's to all but the last two (it re-reads one token it may hold already, so that every
+        row feeds it two). Finished rows go back to length 0: they still ride along in the batch (their
+        outputs are ignored) and must fit in the cache."""
+        L = self.T0 + self.gen
+        self.t_len, self.d_len = self.T0 + hi - 1, self.T0 + hi - 2
+        self.tcache.crop(torch.where(self.unfinished, L - 1, 0), max_n=self.t_len)
+        self.dcache.crop(torch.where(self.unfinished, L - 2, 0), max_n=self.d_len)
+
+    def output(self):
+        return GenerationOutput(self.buf[:, :self.T0 + self.top], self.logps[:, :self.top], self.proposed, self.kept)
+
+
+def _new_token_index(gen, rows):
+    """The new-token index of the given rows, for an error message: one int, or a list when they differ."""
+    ts = sorted(set(gen[rows].tolist()))
+    return ts[0] if len(ts) == 1 else ts
 
 
 def _raise_stuck(stuck, allow, t):

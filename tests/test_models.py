@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from llmkern.models import GPT, Llama, build, from_hf, get_config, available_configs
+from llmkern.models import GPT, KVCache, Llama, build, from_hf, get_config, available_configs
 from llmkern.models.configs import ModelConfig
 
 ARCHS = ["gpt-tiny", "llama-tiny"]
@@ -81,6 +81,100 @@ def test_backends_agree_and_kv_cache(name):
                 parts += [m(x[:, t:t + 1], cache=cache) for t in range(8, 12)]
                 torch.testing.assert_close(torch.cat(parts, 1), ref, atol=2e-5, rtol=1e-4)
                 assert cache.seqlen == 12
+
+
+def test_kvcache_per_row_lengths():
+    """KVCache: per-row crop, appends at each row's own offset, reorder with the lengths, crop(int)."""
+    B, H, D = 3, 2, 4
+    k0, v0, k1, v1 = (torch.randn(B, H, t, D) for t in (6, 6, 3, 3))
+    c = KVCache(1, B, H, 10, D, device="cpu")
+    c.append(0, k0, v0)
+    c.advance(6)
+    assert c.uniform and c.seqlen == 6 and c.lengths.tolist() == [6] * 3 and c.lengths.dtype == torch.int32
+    keep = [2, 6, 4]
+    c.crop(torch.tensor(keep))
+    assert not c.uniform and c.lengths.tolist() == keep and c.seqlen == 6
+    kc, vc = c.append(0, k1, v1)
+    c.advance(3)
+    assert c.lengths.tolist() == [5, 9, 7] and c.seqlen == 9
+    for b, n in enumerate(keep):  # the same as each row appended alone
+        one = KVCache(1, 1, H, 10, D, device="cpu")
+        one.append(0, k0[b:b + 1, :, :n], v0[b:b + 1, :, :n])
+        one.advance(n)
+        ko, vo = one.append(0, k1[b:b + 1], v1[b:b + 1])
+        assert torch.equal(kc[b, :, :n + 3], ko[0, :, :n + 3]) and torch.equal(vc[b, :, :n + 3], vo[0, :, :n + 3])
+    before = c.k[0].clone()
+    c.reorder(torch.tensor([2, 0, 0]))
+    assert c.lengths.tolist() == [7, 5, 5] and torch.equal(c.k[0][0], before[2]) and torch.equal(c.k[0][2], before[0])
+    c.crop(6)  # every row: none grows
+    assert c.lengths.tolist() == [6, 5, 5] and c.seqlen == 6 and not c.uniform
+    c.crop(torch.tensor([1, 2, 0]), max_n=4)
+    assert c.seqlen == 4 and c.lengths.tolist() == [1, 2, 0]
+    for bad in (torch.tensor([1, 2]), torch.tensor([2, 2, 0]), torch.tensor([1.0, 0.0, 0.0]), 5, -1, True):
+        with pytest.raises(ValueError, match="crop"):
+            c.crop(bad)
+    with pytest.raises(ValueError, match="max_n"):
+        c.crop(torch.tensor([1, 2, 0]), max_n=1)
+    c.crop(0)
+    assert c.uniform and c.lengths.tolist() == [0] * 3
+
+
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("backend", ["torch", "llmkern", "triton"])
+def test_per_row_cache_matches_full_forward(name, backend, monkeypatch):
+    """A cache cut back to different lengths per row, then T new tokens per row: the logits of each row's
+    new tokens are those of a forward over that row's tokens without a cache (left padding and a sliding
+    window too). backend="llmkern" passes the per-row lengths to attention_with_kvcache."""
+    ops = pytest.importorskip("llmkern.ops.attention")
+    if backend == "triton":  # the Triton kernels, under the interpreter on a CPU
+        monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    seqlens = []
+    orig = ops.attention_with_kvcache
+    monkeypatch.setattr(ops, "attention_with_kvcache",
+                        lambda *a, **kw: (seqlens.append(a[3].tolist()), orig(*a, **kw))[1])
+    over = dict(n_layer=1, sliding_window=4) if name == "llama-tiny" else dict(n_layer=1)
+    m = build(name, backend="torch" if backend == "torch" else "llmkern", **over).eval()
+    B, T = 3, 3
+    x = torch.randint(0, 256, (B, 13))
+    keep, pads = torch.tensor([4, 9, 6]), [0, 2, 1]
+    new = torch.stack([x[b, n:n + T] for b, n in enumerate(keep.tolist())])
+    for padded in (False, True):
+        am = torch.ones(B, 12, dtype=torch.long)
+        for b, pad in enumerate(pads if padded else [0] * B):
+            am[b, :pad] = 0
+        mask = (lambda n: {"attention_mask": am[:, :n]}) if padded else (lambda n: {})
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the padded llmkern case says it takes SDPA)
+            cache = m.new_cache(B, 12)
+            m(x[:, :10], cache=cache, **mask(10))
+            cache.crop(keep)
+            y = m(new, cache=cache, **mask(cache.seqlen + T))
+            for b, n in enumerate(keep.tolist()):
+                start = pads[b] if padded else 0  # padding is not a token: the row alone starts after it
+                ref = m(x[b:b + 1, start:n + T])[0, -T:]
+                torch.testing.assert_close(y[b], ref, atol=2e-5, rtol=1e-4)
+        assert cache.lengths.tolist() == (keep + T).tolist()
+    if backend != "torch":  # the unpadded forward: the decode kernel with each row's keys
+        assert seqlens == [(keep + T).tolist()]
+
+
+@pytest.mark.parametrize("backend", ["torch", "llmkern"])
+def test_per_row_cache_with_prefix_tuning(backend):
+    peft = pytest.importorskip("llmkern.peft")
+    m = build("llama-tiny", backend=backend, n_layer=1).eval()
+    cfg = m.config
+    m.attach_prefix(peft.PrefixTuning(cfg.n_layer, 3, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head))
+    x = torch.randint(0, 256, (2, 12))
+    keep = [7, 3]
+    new = torch.stack([x[b, n:n + 2] for b, n in enumerate(keep)])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cache = m.new_cache(2, 12)
+        m(x[:, :9], cache=cache)
+        cache.crop(torch.tensor(keep))
+        y = m(new, cache=cache)
+        for b, n in enumerate(keep):
+            torch.testing.assert_close(y[b], m(x[b:b + 1, :n + 2])[0, -2:], atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ARCHS)

@@ -323,6 +323,78 @@ def test_speculative_greedy_options(models):
     assert torch.equal(generate(target, x, 0, draft_model=small), x)
 
 
+class _SometimesWrong(torch.nn.Module):
+    """A draft that is the target (a copy) except where wrong(row, slot) says: there it proposes the
+    target's least likely token (the argmin), so it is rejected. `slot` is the key slot of the predicted
+    token (padding counted), read from the per-row cache lengths."""
+
+    def __init__(self, target, wrong):
+        super().__init__()
+        self.m, self.wrong = copy.deepcopy(target), wrong
+        self.config = target.config
+
+    def new_cache(self, batch, max_len=None):
+        return self.m.new_cache(batch, max_len)
+
+    def forward(self, ids, cache=None, last_only=False, **kw):
+        y = self.m(ids, cache=cache, last_only=last_only, **kw)
+        assert last_only  # (generate asks the draft for the last position only)
+        flip = torch.tensor([self.wrong(b, int(s)) for b, s in enumerate(cache.lengths)])
+        return torch.where(flip[:, None, None], -y, y)
+
+
+def _target_steps(wrong, B, T0, max_new, k, per_row):
+    """Target verify forwards of greedy speculative decoding when the draft is right at (row, slot) unless
+    wrong(row, slot): per_row=True, every row keeps its own run (K as _speculative_decode chooses it);
+    per_row=False, the previous rule: every row keeps the shortest run of the batch."""
+    gen, steps, K = [0] * B, 0, min(k, max_new - 1)
+    while any(g < max_new for g in gen):
+        rows = [b for b in range(B) if gen[b] < max_new]
+        runs = {}
+        for b in rows:
+            n = 0
+            while n < K and not wrong(b, T0 + gen[b] + n):
+                n += 1
+            runs[b] = min(n, max_new - gen[b] - 1) + 1
+        for b in rows:
+            gen[b] += runs[b] if per_row else min(runs.values())
+        steps += 1
+        left = [gen[b] for b in range(B) if gen[b] < max_new]
+        if left:
+            K = min(k, max_new - max(left), max_new - min(left) - 1)
+    return steps
+
+
+def test_batched_rows_keep_their_own_accepted_runs(models):
+    """Rows whose drafts fail at different slots: each keeps its whole accepted run (the old rule kept the
+    batch's shortest, here one token a step), with the output of plain greedy decoding, row by row."""
+    target = models["target"]
+    B, T0, n, k = 4, 8, 24, 4
+    x = _prompts(B, T=T0, seed=6)
+    am = torch.ones_like(x)
+    for b, pad in enumerate([0, 3, 5, 1]):  # prompts of 8, 5, 3, 7 tokens
+        am[b, :pad] = 0
+
+    def wrong(b, slot):  # row 0: always right; rows 1-3: wrong every third slot, each at another phase
+        return b > 0 and (slot + b) % 3 == 0
+
+    draft = _SometimesWrong(target, wrong)
+    calls = []
+    hook = target.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[1]))
+    try:
+        spec = generate(target, x, n, attention_mask=am, draft_model=draft, num_draft_tokens=k, return_dict=True)
+    finally:
+        hook.remove()
+    assert torch.equal(spec.sequences, generate(target, x, n, attention_mask=am))
+    verify = len(calls) - 1  # (the first call is the prompt's prefill)
+    assert calls[0] == T0 - 1 and verify == _target_steps(wrong, B, T0, n, k, per_row=True)
+    old = _target_steps(wrong, B, T0, n, k, per_row=False)
+    assert old == n and 2 * verify < old, (verify, old)  # measured: 9 verify forwards instead of 24
+    # the kept proposals: row 0 all of them; the others about two of every three tokens
+    acc = spec.num_accepted_draft_tokens.tolist()
+    assert acc[0] == int(spec.num_draft_tokens[0]) and all(a >= 14 for a in acc[1:]), acc
+
+
 def test_llmkern_backend(models):
     """The target's k + 1 queries go through llmkern.attention_with_kvcache (bottom-right causal)."""
     target, small = models["target"], models["close"]
@@ -336,6 +408,23 @@ def test_llmkern_backend(models):
     finally:
         target.backend = small.backend = "torch"
     assert torch.equal(spec, plain)
+
+
+@pytest.mark.gpu
+def test_gpu_batched_speculative_llmkern_backend(models):
+    """On CUDA the target's per-row verify runs the Triton decode kernel with per-row cache_seqlens
+    (the padded batch: SDPA with the per-row mask); greedy equals plain greedy row by row."""
+    target, draft = copy.deepcopy(models["target"]).cuda(), copy.deepcopy(models["close"]).cuda()
+    target.backend = draft.backend = "llmkern"
+    x = _prompts(4, T=8, seed=7).cuda()
+    am = torch.ones_like(x)
+    am[1, :3] = 0
+    am[3, :5] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the padded batch says it takes SDPA)
+        for kw in ({}, {"attention_mask": am}):
+            plain = generate(target, x, 20, **kw)
+            assert torch.equal(generate(target, x, 20, draft_model=draft, num_draft_tokens=4, **kw), plain)
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "sample"])

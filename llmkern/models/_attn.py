@@ -37,14 +37,18 @@ def llmkern_ops():
     return getattr(mod, "attention", None), getattr(mod, "attention_with_kvcache", None)
 
 
-def _sdpa(q, k, v, causal, dropout_p=0.0, key_padding_mask=None, sliding_window=None):
+def _sdpa(q, k, v, causal, dropout_p=0.0, key_padding_mask=None, sliding_window=None, q_start=None):
+    """SDPA with the zoo's masks. q_start: None, the queries are the last Tq keys (bottom-right); or
+    [B] (long), row b's query r sits at key index q_start[b] + r (a cache with per-row lengths; keys
+    past a row's last query are then stale slots, hidden by the causal mask)."""
     H, Hkv = q.shape[1], k.shape[1]
     Tq, Tk = q.shape[2], k.shape[2]
     mask = None
 
-    def rows_cols():  # queries are the last Tq positions (bottom-right): query row r sits at key index i
-        return (torch.arange(Tq, device=q.device).view(-1, 1) + (Tk - Tq),
-                torch.arange(Tk, device=q.device).view(1, -1))
+    def rows_cols():  # the key index i of each query row ([Tq, 1], or [B, 1, Tq, 1] per row), key indices j
+        r = torch.arange(Tq, device=q.device).view(-1, 1)
+        i = r + (Tk - Tq) if q_start is None else q_start.view(-1, 1, 1, 1) + r
+        return i, torch.arange(Tk, device=q.device).view(1, -1)
 
     empty = None
     if key_padding_mask is not None:  # bool [B, Tk]
@@ -60,6 +64,10 @@ def _sdpa(q, k, v, causal, dropout_p=0.0, key_padding_mask=None, sliding_window=
     elif sliding_window is not None:  # the window implies causal here (the zoo's attention always is)
         i, j = rows_cols()
         mask = (j <= i) & (j > i - sliding_window)
+        causal = False
+    elif causal and q_start is not None:  # per row: even a single query must not see the stale slots
+        i, j = rows_cols()
+        mask = j <= i
         causal = False
     elif causal and Tq != Tk:  # bottom-right aligned causal mask
         if Tq > 1:
@@ -83,6 +91,7 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
     as transformers' masks count cache positions.
     context_parallel: the sequence is sharded over ranks (llmkern.parallel.context_parallelize sets it):
     q/k/v are this rank's tokens, and the keys of every rank are gathered.
+    A cache whose rows hold different lengths (KVCache.uniform False): see _attend_rows.
     Returns [B, H, Tq, D].
     """
     if context_parallel is not None:
@@ -95,6 +104,9 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
         attn_fn, kv_fn = llmkern_ops()
         if dropout_p > 0:  # training: the dense kernel drops; the decode kernel has no dropout
             kv_fn = None
+    if cache is not None and not cache.uniform:
+        return _attend_rows(q, k, v, cache, layer, kv_fn, prefix, key_padding_mask, sliding_window, window,
+                            dropout_p)
     if cache is not None:
         start = cache.seqlen
         # the split-K decode kernel is for a few new tokens; longer chunks take the prefill kernel
@@ -104,13 +116,7 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
             return kv_fn(q, k_cache, v_cache, seqlens, causal=True, **window)
         k, v = cache.append(layer, k, v)
         k, v = k[:, :, :start + q.shape[2]], v[:, :, :start + q.shape[2]]
-    if prefix is not None:  # bottom-right causal alignment keeps the prefix visible to every query
-        pk, pv = prefix
-        B = q.shape[0]
-        k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
-        v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
-        if key_padding_mask is not None:
-            key_padding_mask = torch.cat([key_padding_mask.new_ones(B, pk.shape[2]), key_padding_mask], 1)
+    k, v, key_padding_mask = _with_prefix(q.shape[0], k, v, prefix, key_padding_mask)
     if attn_fn is not None:
         kw = dict(window, **({"dropout_p": dropout_p} if dropout_p > 0 else {}))
         if key_padding_mask is not None:
@@ -119,17 +125,63 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
     return _sdpa(q, k, v, True, dropout_p, key_padding_mask, sliding_window)
 
 
+def _with_prefix(B, k, v, prefix, key_padding_mask):
+    """Prefix-tuning's keys/values prepended (bottom-right causal alignment keeps them visible to every
+    query), and the padding mask extended over them."""
+    if prefix is None:
+        return k, v, key_padding_mask
+    pk, pv = prefix
+    k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+    v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+    if key_padding_mask is not None:
+        key_padding_mask = torch.cat([key_padding_mask.new_ones(B, pk.shape[2]), key_padding_mask], 1)
+    return k, v, key_padding_mask
+
+
+def _attend_rows(q, k, v, cache, layer, kv_fn, prefix, key_padding_mask, sliding_window, window, dropout_p):
+    """attend() over a cache whose rows hold different lengths (speculative decoding's per-row rollback):
+    row b's T new keys go to slots lengths[b] .. lengths[b] + T - 1, and its query r sits at slot
+    lengths[b] + r, seeing the slots up to its own (those past it, up to cache.seqlen + T, are stale).
+    The llmkern backend runs llmkern.attention_with_kvcache with per-row cache_seqlens, whatever the
+    number of new tokens (the dense kernel has one causal offset for all rows); with a key padding mask,
+    which that kernel does not take, SDPA with the per-row mask (saying so once)."""
+    T = q.shape[2]
+    starts = cache.lengths.to(device=q.device, dtype=torch.long)  # before this forward's append
+    k_cache, v_cache = cache.append(layer, k, v)
+    span = cache.seqlen + T
+    k, v, key_padding_mask = _with_prefix(q.shape[0], k_cache[:, :, :span], v_cache[:, :, :span], prefix,
+                                          key_padding_mask)
+    if prefix is not None:
+        starts = starts + prefix[0].shape[2]
+    if kv_fn is not None and key_padding_mask is None:
+        return kv_fn(q, k, v, (starts + T).to(torch.int32), causal=True, **window)
+    if kv_fn is not None:
+        warn_once(("models", "rows-padding"),
+                  "llmkern.models: backend='llmkern' with per-row KV cache lengths and a padding mask "
+                  "(left-padded prompts) uses torch SDPA: llmkern.attention_with_kvcache takes no padding mask")
+    return _sdpa(q, k, v, True, dropout_p, key_padding_mask, sliding_window, q_start=starts)
+
+
 def _shift(labels):
     """Labels aligned with input_ids -> the next token's label at every position (-100 at the last)."""
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
 
 
 class KVCache:
-    """Static per-layer key/value buffers [B, Hkv, max_len, D] and the filled length.
+    """Static per-layer key/value buffers [B, Hkv, max_len, D] and each row's filled length.
 
-    The model writes each layer's new keys/values at positions [seqlen, seqlen + T) and advances
-    `seqlen` once per forward. `reorder(idx)` gathers batch rows (beam search); `crop(n)` cuts the
-    length back (speculative decoding).
+    lengths  int32 [B] on the cache's device: row b holds keys at slots [0, lengths[b]).
+    seqlen   a host int >= every row's length: the slots a forward reads are [0, seqlen + T).
+    uniform  True while every row is known to hold exactly seqlen tokens (a new cache, crop(0), and a
+             uniform cache after crop(int), advance or reorder): a forward then writes all rows at one
+             offset (a slice) and the attention has one causal offset for the batch. After a per-row
+             crop it is False: row b writes its T new keys at its own offset lengths[b] (a scatter),
+             its queries see the slots up to their own (zoo attention: _attend_rows) and its positions
+             count from lengths[b]; seqlen is then an upper bound (exact when crop was given max_n).
+
+    The model advances every row by its T new tokens once per forward (advance), with no host
+    sync. `reorder(idx)` gathers batch rows (beam search) with their lengths; `crop(n)` cuts lengths
+    back (speculative decoding's rollback; n an int for all rows or a [B] tensor per row).
     """
 
     def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, dtype=None, device=None):
@@ -139,31 +191,70 @@ class KVCache:
         self.v = [None] * n_layer
         self.max_len = max_len
         self.seqlen = 0
+        self.uniform = True
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
 
     def append(self, layer, k, v):
+        """Write k/v [B, Hkv, T, D] at each row's offset; returns the layer's whole buffers."""
         T = k.shape[2]
         if self.seqlen + T > self.max_len:
             raise ValueError(f"KVCache: {self.seqlen} + {T} tokens exceed max_len={self.max_len}")
         if self.k[layer] is None:
             kw = dict(dtype=self.dtype or k.dtype, device=self.device or k.device)
             self.k[layer], self.v[layer] = torch.zeros(self.shape, **kw), torch.zeros(self.shape, **kw)
-        self.k[layer][:, :, self.seqlen:self.seqlen + T] = k
-        self.v[layer][:, :, self.seqlen:self.seqlen + T] = v
-        return self.k[layer], self.v[layer]
+        kc, vc = self.k[layer], self.v[layer]
+        if self.uniform:
+            kc[:, :, self.seqlen:self.seqlen + T] = k
+            vc[:, :, self.seqlen:self.seqlen + T] = v
+        else:
+            slots = self.lengths.to(device=kc.device, dtype=torch.long)[:, None] + torch.arange(T, device=kc.device)
+            idx = slots[:, None, :, None].expand(k.shape)
+            kc.scatter_(2, idx, k.to(kc.dtype))
+            vc.scatter_(2, idx, v.to(vc.dtype))
+        return kc, vc
 
     def advance(self, T):
         self.seqlen += T
+        self.lengths = self.lengths + T  # (not in place: a crop may have been given the caller's tensor)
 
-    def crop(self, n):
-        """Keep the first n cached tokens (speculative decoding's rollback of rejected drafts): a
-        length update, no copy; the next append overwrites what lay past n. transformers' Cache.crop."""
-        if not 0 <= n <= self.seqlen:
-            raise ValueError(f"KVCache.crop: n must be in [0, {self.seqlen}], got {n}")
+    def crop(self, n, max_n=None):
+        """Keep the first n cached tokens (speculative decoding's rollback of rejected drafts): a length
+        update, no copy; the next append overwrites what lay past n. transformers' Cache.crop.
+
+        n: an int, every row (rows holding fewer keep theirs), in [0, seqlen]; or an int tensor [B],
+        row b keeps n[b] <= lengths[b] tokens (checked where the cache is on the CPU; on a GPU that
+        would cost a host sync). max_n: a host int >= max(n), the new seqlen (the caller usually knows
+        it); None keeps seqlen as the bound (or takes max(n) on the CPU)."""
+        if torch.is_tensor(n):
+            return self._crop_rows(n, max_n)
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.seqlen:
+            raise ValueError(f"KVCache.crop: n must be an int in [0, {self.seqlen}] or a tensor [batch], got {n!r}")
+        self.lengths = self.lengths.clamp(max=n) if not self.uniform else torch.full_like(self.lengths, n)
         self.seqlen = n
+        self.uniform = self.uniform or n == 0
+
+    def _crop_rows(self, n, max_n):
+        B = self.shape[0]
+        if tuple(n.shape) != (B,) or n.is_floating_point() or n.is_complex() or n.dtype == torch.bool:
+            raise ValueError(f"KVCache.crop: per-row n must be an int tensor [{B}], got {n.dtype} {tuple(n.shape)}")
+        n = n.to(device=self.lengths.device, dtype=torch.int32, copy=True)
+        if max_n is not None and (isinstance(max_n, bool) or not isinstance(max_n, int)
+                                  or not 0 <= max_n <= self.seqlen):
+            raise ValueError(f"KVCache.crop: max_n must be an int in [0, {self.seqlen}], got {max_n!r}")
+        if n.device.type == "cpu" and B:  # values checked where that needs no device sync
+            top = int(n.max())
+            if bool((n < 0).any()) or bool((n > self.lengths).any()) or (max_n is not None and top > max_n):
+                raise ValueError(f"KVCache.crop: n must lie in [0, lengths] per row (and <= max_n={max_n}); "
+                                 f"lengths {self.lengths.tolist()}, got {n.tolist()}")
+            max_n = top if max_n is None else max_n
+        self.lengths = n
+        self.seqlen = self.seqlen if max_n is None else max_n
+        self.uniform = False
 
     def reorder(self, idx):
         self.k = [None if t is None else t.index_select(0, idx) for t in self.k]
         self.v = [None if t is None else t.index_select(0, idx) for t in self.v]
+        self.lengths = self.lengths.index_select(0, idx.to(self.lengths.device))
 
 
 HEAD_ALIGN = 64  # LM-head rows are padded to a multiple of this on CUDA (see ZooModel.head_logits)
@@ -325,7 +416,11 @@ class ZooModel(torch.nn.Module):
         padding for generation), over the cached and the new tokens. Without position_ids, positions
         count real tokens only (cumsum(mask) - 1), as transformers' generate does (a plain
         transformers GPT-2 forward numbers 0..T-1 unless given position_ids; Llama's RoPE gives the
-        same scores either way)."""
+        same scores either way).
+        A cache with per-row lengths (KVCache.uniform False): row b's new tokens sit at key slots
+        lengths[b] + 0..T-1 and take those positions (or, with attention_mask, the mask's positions at
+        those columns; start is then cache.seqlen, an upper bound, and the columns past a row's new
+        tokens are ignored)."""
         if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
                              f"{getattr(input_ids, 'shape', type(input_ids))}")
@@ -334,6 +429,11 @@ class ZooModel(torch.nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"input_ids: {start} + {T} tokens exceed "
                              f"block_size={self.config.block_size}")
+        # a cache with per-row lengths: row b's new tokens sit at key slots lengths[b] + 0..T-1
+        slots = None
+        if cache is not None and not cache.uniform:
+            rows = cache.lengths.to(device=input_ids.device, dtype=torch.long)
+            slots = rows[:, None] + torch.arange(T, device=input_ids.device)
         kpm = None
         if attention_mask is not None:
             if not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != (B, start + T):
@@ -342,9 +442,12 @@ class ZooModel(torch.nn.Module):
             kpm = attention_mask.to(device=input_ids.device).bool()
             if position_ids is None:
                 pos = kpm.long().cumsum(-1) - 1
-                position_ids = pos.masked_fill(~kpm, 1)[:, start:]
+                pos = pos.masked_fill(~kpm, 1)
+                position_ids = pos[:, start:] if slots is None else pos.gather(1, slots)
             if bool(kpm.all()):
                 kpm = None
+        if position_ids is None:
+            position_ids = slots
         if position_ids is not None and tuple(position_ids.shape) != (B, T):
             raise ValueError(f"position_ids must be [batch, seq] = [{B}, {T}], got {tuple(position_ids.shape)}")
         return start, position_ids, kpm

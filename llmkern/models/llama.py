@@ -261,7 +261,10 @@ class Llama(ZooModel):
         x = self.embed_tokens(input_ids)
         if pos is None:
             pos = self.positions(start, T, input_ids.device)
-        elif self.config.rope_scaling and self.config.rope_scaling["rope_type"] == "dynamic" and pos.numel() and \
+        # positions derived here (cache, attention_mask) stay below block_size: only the caller's are
+        # checked (reading them is a host sync)
+        elif position_ids is not None and self.config.rope_scaling and \
+                self.config.rope_scaling["rope_type"] == "dynamic" and pos.numel() and \
                 int(pos.max()) >= self.config.block_size:
             raise ValueError(f"position_ids: rope_type 'dynamic' rescales its frequencies for positions >= "
                              f"block_size={self.config.block_size}, which is not supported; got {int(pos.max())}")
