@@ -117,9 +117,14 @@ def main(cc=90, dtype="bf16", D=128, every_config=False):
         ("bwd preprocess", A._attn_bwd_preprocess,
          dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=False, HAS_DLSE=True, BLOCK_M=64), 4, 1),
         ("decode split", DEC._decode_split,
-         dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=False, PREC="tf32", PAGE=0, BLOCK_M=16, BLOCK_N=64), 4, 3),
+         dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=False, PREC="tf32", PAGE=0, BLOCK_M=16, BLOCK_N=64,
+              HAS_KPM=False), 4, 3),
         ("decode split paged", DEC._decode_split,
-         dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=False, PREC="tf32", PAGE=16, BLOCK_M=16, BLOCK_N=64), 4, 3),
+         dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=False, PREC="tf32", PAGE=16, BLOCK_M=16, BLOCK_N=64,
+              HAS_KPM=False), 4, 3),
+        ("decode split padded", DEC._decode_split,  # a key padding mask (left-padded batches)
+         dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=False, PREC="tf32", PAGE=0, BLOCK_M=16, BLOCK_N=64,
+              HAS_KPM=True), 4, 3),
         ("decode combine", DEC._decode_combine, dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_S=16, HAS_SINKS=False), 4, 1),
         ("decode combine sinks", DEC._decode_combine, dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_S=16, HAS_SINKS=True), 4, 1),
     ]

@@ -178,3 +178,48 @@ def test_decode_kernel_bad_lengths_and_pages_give_nan_rows_not_wild_reads(paged)
     ok = torch.tensor(good)
     want = llmkern.attention_with_kvcache(q[ok], kc[ok], vc[ok], lens[ok].clamp(0, 64), scale=0.25)
     torch.testing.assert_close(out[ok], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["default", "reference", "triton"])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("Tq,kw", [(1, {}), (3, dict(window=(5, None), softcap=5.0))])
+def test_decode_key_padding_mask(monkeypatch, backend, paged, Tq, kw):
+    """key_padding_mask hides cache slots (a left-padded prompt's pads): the same as attending to each row's
+    unpadded keys alone; a query that sees no key returns zeros."""
+    if backend != "default":
+        if backend == "triton" and DEV is None:
+            pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+        monkeypatch.setenv("LLMKERN_BACKEND", backend)
+    q, kc, vc, lens = _case(Tq=Tq)
+    B, Tmax = kc.shape[0], kc.shape[2]
+    pads = torch.tensor([5, 0, 30])  # row 2: 30 pads before its 7 tokens
+    j = torch.arange(Tmax)
+    kpm = j[None, :] >= pads[:, None]
+    kpm[1] = False  # row 1 sees nothing at all
+    k_in, v_in, table = kc, vc, None
+    if paged:
+        k_in, table = _paged(kc, 16)
+        v_in, _ = _paged(vc, 16)
+    # (the default CPU path without softcap and LSE is SDPA's kernel: asked for no LSE there)
+    sdpa = backend == "default" and not kw
+    res = llmkern.attention_with_kvcache(q, k_in, v_in, lens, key_padding_mask=kpm, block_table=table,
+                                         return_lse=not sdpa, **kw)
+    out, lse = (res, None) if sdpa else res
+    for b in range(B):
+        p, n = int(pads[b]), int(lens[b])
+        if b == 1:
+            assert torch.equal(out[b], torch.zeros_like(out[b]))
+            assert lse is None or torch.isneginf(lse[b]).all()
+            continue
+        # the row alone, its pads dropped: same relative positions, so the same window
+        want = llmkern.attention_with_kvcache(q[b:b + 1], kc[b:b + 1, :, p:], vc[b:b + 1, :, p:],
+                                              torch.tensor([n - p], dtype=torch.int32), **kw)
+        torch.testing.assert_close(out[b:b + 1], want, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_key_padding_mask_errors():
+    q, kc, vc, lens = _case()
+    with pytest.raises(ValueError, match="key_padding_mask must be a bool tensor"):
+        llmkern.attention_with_kvcache(q, kc, vc, lens, key_padding_mask=torch.ones(3, 64))
+    with pytest.raises(ValueError, match="key_padding_mask must be a bool tensor"):
+        llmkern.attention_with_kvcache(q, kc, vc, lens, key_padding_mask=torch.ones(3, 63, dtype=torch.bool))

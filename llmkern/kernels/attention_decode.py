@@ -32,16 +32,17 @@ from llmkern.kernels.attention import (LOG2E, _batch_slices, _block_d, _interpre
 
 
 @triton.jit
-def _decode_split(Q, K, V, SEQLENS, BT, OP, LP,
+def _decode_split(Q, K, V, SEQLENS, BT, KPM, OP, LP,
                   qk_scale, sc_in, sc_out,
                   stride_qb, stride_qh, stride_qt,
                   stride_kb, stride_kh, stride_kt,
                   stride_vb, stride_vh, stride_vt,
                   stride_opb, stride_oph, stride_opt, stride_ops,
-                  stride_lpb, stride_lph, stride_lpt, stride_btb,
+                  stride_lpb, stride_lph, stride_lpt, stride_btb, stride_kpmb,
                   HK, GROUP, Tq, L, R, chunk, T_CAP, NUM_PAGES,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                  PREC: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  PREC: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_KPM: tl.constexpr):
     split = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -82,6 +83,8 @@ def _decode_split(Q, K, V, SEQLENS, BT, OP, LP,
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kmask = offs_n < end
+        if HAS_KPM:  # cache slots the caller hides (a left-padded prompt's pads): one byte per key
+            kmask = kmask & (tl.load(KPM + b64 * stride_kpmb + offs_n, mask=kmask, other=0) != 0)
         if PAGE > 0:
             page = tl.load(BT + b64 * stride_btb + offs_n // PAGE, mask=kmask, other=0).to(tl.int64)
             page_ok = (page >= 0) & (page < NUM_PAGES)  # a bad block-table entry: NaN, not a wild read
@@ -201,10 +204,13 @@ def choose_num_splits(B, Hk, m_blocks, Tmax, block_n, device):
 
 
 def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, window_left=-1,
-                     window_right=-1, softcap=0.0, num_splits=0, block_table=None, sinks=None):
+                     window_right=-1, softcap=0.0, num_splits=0, block_table=None, sinks=None,
+                     key_padding_mask=None):
     """Returns (out [B, H, Tq, D] like q, lse [B, H, Tq] float32). block_table (int32 [B, pages per
     row]): k_cache/v_cache are page pools [num_pages, Hk, page_size, D]. sinks: [H] per-query-head
-    sink logits (read as float32), counted in the softmax denominator and in the LSE."""
+    sink logits (read as float32), counted in the softmax denominator and in the LSE.
+    key_padding_mask: [B, Tmax] bool, False = a cache slot no query sees (indexed by the key's logical
+    position, paged caches too)."""
     slices = _batch_slices(q.shape[0], k_cache.shape[1])  # the split grid's z is B * Hk (<= 65535)
     if len(slices) > 1:
         def rows(t, b0, b1):  # a page pool is shared by every row
@@ -212,7 +218,8 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
         parts = [attention_decode(q[b0:b1], rows(k_cache, b0, b1), rows(v_cache, b0, b1), cache_seqlens[b0:b1],
                                   scale=scale, causal=causal, window_left=window_left, window_right=window_right,
                                   softcap=softcap, num_splits=num_splits,
-                                  block_table=None if block_table is None else block_table[b0:b1], sinks=sinks)
+                                  block_table=None if block_table is None else block_table[b0:b1], sinks=sinks,
+                                  key_padding_mask=None if key_padding_mask is None else key_padding_mask[b0:b1])
                  for b0, b1 in slices]
         return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
     q, k_cache, v_cache = _last_contig(q), _last_contig(k_cache), _last_contig(v_cache)
@@ -241,17 +248,20 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
     op = torch.empty(B, H, Tq, S, D, device=q.device, dtype=torch.float32)
     lp = torch.empty(B, H, Tq, S, device=q.device, dtype=torch.float32)
     extra = {} if _interpreting() else dict(num_warps=warps, num_stages=stages)
+    kpm = None if key_padding_mask is None else key_padding_mask.to(device=q.device, dtype=torch.uint8).contiguous()
     _decode_split[(S, m_blocks, B * Hk)](
-        q, k_cache, v_cache, seqlens, seqlens if block_table is None else block_table, op, lp,
+        q, k_cache, v_cache, seqlens, seqlens if block_table is None else block_table,
+        seqlens if kpm is None else kpm, op, lp,
         qk_scale, sc_in, sc_out,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         op.stride(0), op.stride(1), op.stride(2), op.stride(3),
         lp.stride(0), lp.stride(1), lp.stride(2), 0 if block_table is None else block_table.stride(0),
+        0 if kpm is None else kpm.stride(0),
         Hk, group, Tq, L, R, chunk, Tmax, k_cache.shape[0] if block_table is not None else 0,
         HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=bool(softcap), PREC=_prec(q.dtype), PAGE=page,
-        BLOCK_M=bm, BLOCK_N=bn, **extra)
+        BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=kpm is not None, **extra)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
     sink_arg = lse if sinks is None else sinks.to(device=q.device, dtype=torch.float32).contiguous()

@@ -295,7 +295,8 @@ def _attention_backward(dout, q, k, v, out, lse, *, causal, scale, window, softc
 def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], scale: float,
                          causal: bool, window_left: int, window_right: int, softcap: float,
-                         num_splits: int, sinks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                         num_splits: int, sinks: Optional[torch.Tensor] = None,
+                         key_padding_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     if q.numel() == 0:
         return torch.zeros_like(_kernel_layout(q)), torch.full(q.shape[:3], float("-inf"), device=q.device,
                                                dtype=torch.float32)
@@ -303,12 +304,13 @@ def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
     return attention_decode(q, k_cache, v_cache, cache_seqlens, scale=scale, causal=causal,
                             window_left=window_left, window_right=window_right, softcap=softcap,
-                            num_splits=num_splits, block_table=block_table, sinks=sinks)
+                            num_splits=num_splits, block_table=block_table, sinks=sinks,
+                            key_padding_mask=key_padding_mask)
 
 
 @_attention_decode_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, window_left, window_right, softcap,
-      num_splits, sinks=None):
+      num_splits, sinks=None, key_padding_mask=None):
     return torch.empty_like(_kernel_layout(q)), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -525,7 +527,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            v: Optional[torch.Tensor] = None, causal: bool = True,
                            scale: Optional[float] = None, window=None, softcap: Optional[float] = None,
                            return_lse: bool = False, num_splits: int = 0,
-                           block_table: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None):
+                           block_table: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
+                           key_padding_mask: Optional[torch.Tensor] = None):
     """Decode attention against a KV cache, split along the keys (flash-decoding).
 
     q [batch, heads, Tq, head_dim] (Tq = 1..a few new tokens); k_cache/v_cache
@@ -541,6 +544,9 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         Tmax = pages_per_row * page_size. New k/v are written into those slots.
     sinks: as for ``attention``: [heads] per-query-head sink logits in the softmax denominator (the
         split-K kernel adds them when it combines the splits); the LSE includes them.
+    key_padding_mask: bool [batch, Tmax], True = attend: cache slots no query may see, e.g. the pads of a
+        left-padded prompt in a batch (positions stay cache indices: the pads sit before a row's tokens).
+        A query that then sees no key returns zeros (LSE -inf).
     Returns out [batch, heads, Tq, head_dim] (, lse float32 [batch, heads, Tq]).
     """
     _check_qkv(q, k_cache, v_cache, 4, "[batch, heads, seq, head_dim]")
@@ -581,6 +587,13 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     sc = _softcap(softcap)
     _check_causal(causal, return_lse)
     _check_sinks(sinks, H, q.device)
+    if key_padding_mask is not None:
+        _tensor("key_padding_mask", key_padding_mask)
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, Tmax):
+            raise ValueError(f"key_padding_mask must be a bool tensor [batch={B}, Tmax={Tmax}] (True = attend), got "
+                             f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     lens = cache_seqlens
     if k is not None:
         pos = (cache_seqlens.to(torch.long)[:, None] + torch.arange(t_new, device=q.device)[None, :])
@@ -593,9 +606,11 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         lens = cache_seqlens + t_new
     backend = _backend_for(q.device, q.dtype, "attention_with_kvcache")
     if backend == "triton":
-        extra = () if sinks is None else (sinks,)
+        extra = {} if sinks is None else {"sinks": sinks}
+        if key_padding_mask is not None:
+            extra["key_padding_mask"] = key_padding_mask
         out, lse = _attention_decode_op(q, k_cache, v_cache, lens.to(torch.int32), block_table, scale, causal,
-                                        wl, wr, sc, int(num_splits), *extra)
+                                        wl, wr, sc, int(num_splits), **extra)
         return (out, lse) if return_lse else out
     if block_table is not None:  # the CPU paths read a dense copy of each row's pages
         k_cache, v_cache = _gather_pages(k_cache, block_table), _gather_pages(v_cache, block_table)
@@ -609,12 +624,14 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             vis = vis & (j[None, None, :] <= pos[:, :, None] + right)
         if left is not None:
             vis = vis & (j[None, None, :] >= pos[:, :, None] - left)
+        if key_padding_mask is not None:
+            vis = vis & key_padding_mask[:, None, :]
         gqa = {"enable_gqa": True} if Hk != H else {}
         return torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=vis[:, None],
                                                                 scale=scale, **gqa)
     out, lse = ref.attention_with_kvcache(q, k_cache, v_cache, lens, causal=causal, scale=scale,
                                           window=_ref_window(wl, wr), softcap=sc or None, return_lse=True,
-                                          sinks=sinks)
+                                          sinks=sinks, key_padding_mask=key_padding_mask)
     return (out, lse) if return_lse else out
 
 

@@ -183,9 +183,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, causal=True, scale=None,
-                           window=None, softcap=None, return_lse=False, sinks=None):
+                           window=None, softcap=None, return_lse=False, sinks=None, key_padding_mask=None):
     """Reference decode: q [B, H, Tq, D] are the last Tq positions of each row's cache_seqlens[b]
-    keys in k_cache/v_cache [B, Hk, Tmax, D] (the new tokens already written there)."""
+    keys in k_cache/v_cache [B, Hk, Tmax, D] (the new tokens already written there);
+    key_padding_mask [B, Tmax] bool (True = attend) hides cache slots, e.g. a left-padded prompt's."""
     B, H, Tq, D = q.shape
     Tmax = k_cache.shape[2]
     lens = cache_seqlens.to(torch.long).to(q.device)
@@ -198,6 +199,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, causal=True, s
         vis &= j[None, None, :] <= pos[:, :, None] + right
     if left is not None:
         vis &= j[None, None, :] >= pos[:, :, None] - left
+    if key_padding_mask is not None:
+        kpm = kpm & key_padding_mask.to(torch.bool)
     vis &= kpm[:, None, :]
     return attention(q, k_cache, v_cache, scale=scale, softcap=softcap, return_lse=return_lse,
                      mask=vis[:, None], sinks=sinks)
@@ -211,7 +214,8 @@ def attention_float64(q, k, v, **kw) -> Tuple[torch.Tensor, ...]:
 def attention_backward(dout, q, k, v, out, lse, causal, scale, window, softcap):
     """(dq, dk, dv) of attention(q, k, v) from the forward's out and LSE, without autograd through a
     recomputed forward (FlashAttention's backward formulas, in the reference's compute dtype; no masks,
-    dropout or sinks; window as visibility_mask takes it): P = exp(S - LSE), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), chained through softcap."""
+    dropout or sinks; window as visibility_mask takes it): P = exp(S - LSE), dV = P^T dO,
+    dS = P * (dO V^T - rowsum(dO * O)), chained through softcap."""
     B, H, Tq, D = q.shape
     Hk, Tk, G = k.shape[1], k.shape[2], H // k.shape[1]
     cd = _compute_dtype(q.dtype)
