@@ -143,8 +143,7 @@ def test_per_row_cache_matches_full_forward(name, backend, monkeypatch):
         for b, pad in enumerate(pads if padded else [0] * B):
             am[b, :pad] = 0
         mask = (lambda n: {"attention_mask": am[:, :n]}) if padded else (lambda n: {})
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # (the padded llmkern case says it takes SDPA)
+        with torch.no_grad():
             cache = m.new_cache(B, 12)
             m(x[:, :10], cache=cache, **mask(10))
             cache.crop(keep)
@@ -154,8 +153,8 @@ def test_per_row_cache_matches_full_forward(name, backend, monkeypatch):
                 ref = m(x[b:b + 1, start:n + T])[0, -T:]
                 torch.testing.assert_close(y[b], ref, atol=2e-5, rtol=1e-4)
         assert cache.lengths.tolist() == (keep + T).tolist()
-    if backend != "torch":  # the unpadded forward: the decode kernel with each row's keys
-        assert seqlens == [(keep + T).tolist()]
+    if backend != "torch":  # both forwards: the decode kernel with each row's keys (and the padding mask)
+        assert seqlens == [(keep + T).tolist()] * 2
 
 
 @pytest.mark.parametrize("backend", ["torch", "llmkern"])

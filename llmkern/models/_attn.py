@@ -110,10 +110,11 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
     if cache is not None:
         start = cache.seqlen
         # the split-K decode kernel is for a few new tokens; longer chunks take the prefill kernel
-        if kv_fn is not None and 0 < start and q.shape[2] <= 16 and prefix is None and key_padding_mask is None:
+        if kv_fn is not None and 0 < start and q.shape[2] <= 16 and prefix is None:
             k_cache, v_cache = cache.append(layer, k, v)
             seqlens = torch.full((q.shape[0],), start + k.shape[2], dtype=torch.int32, device=q.device)
-            return kv_fn(q, k_cache, v_cache, seqlens, causal=True, **window)
+            return kv_fn(q, k_cache, v_cache, seqlens, causal=True, **window,
+                         **_cache_mask(key_padding_mask, k_cache.shape[2]))
         k, v = cache.append(layer, k, v)
         k, v = k[:, :, :start + q.shape[2]], v[:, :, :start + q.shape[2]]
     k, v, key_padding_mask = _with_prefix(q.shape[0], k, v, prefix, key_padding_mask)
@@ -138,13 +139,21 @@ def _with_prefix(B, k, v, prefix, key_padding_mask):
     return k, v, key_padding_mask
 
 
+def _cache_mask(key_padding_mask, width):
+    """attention_with_kvcache's key_padding_mask argument: the model's mask [B, keys so far] widened to the
+    cache's `width` (the slots past it are beyond every row's length anyway); none without a mask."""
+    if key_padding_mask is None:
+        return {}
+    extra = width - key_padding_mask.shape[1]
+    return {"key_padding_mask": torch.nn.functional.pad(key_padding_mask.to(torch.bool), (0, extra), value=False)}
+
+
 def _attend_rows(q, k, v, cache, layer, kv_fn, prefix, key_padding_mask, sliding_window, window, dropout_p):
     """attend() over a cache whose rows hold different lengths (speculative decoding's per-row rollback):
     row b's T new keys go to slots lengths[b] .. lengths[b] + T - 1, and its query r sits at slot
     lengths[b] + r, seeing the slots up to its own (those past it, up to cache.seqlen + T, are stale).
-    The llmkern backend runs llmkern.attention_with_kvcache with per-row cache_seqlens, whatever the
-    number of new tokens (the dense kernel has one causal offset for all rows); with a key padding mask,
-    which that kernel does not take, SDPA with the per-row mask (saying so once)."""
+    The llmkern backend runs llmkern.attention_with_kvcache with per-row cache_seqlens and the key padding
+    mask, whatever the number of new tokens (the dense kernel has one causal offset for all rows)."""
     T = q.shape[2]
     starts = cache.lengths.to(device=q.device, dtype=torch.long)  # before this forward's append
     k_cache, v_cache = cache.append(layer, k, v)
@@ -153,12 +162,9 @@ def _attend_rows(q, k, v, cache, layer, kv_fn, prefix, key_padding_mask, sliding
                                           key_padding_mask)
     if prefix is not None:
         starts = starts + prefix[0].shape[2]
-    if kv_fn is not None and key_padding_mask is None:
-        return kv_fn(q, k, v, (starts + T).to(torch.int32), causal=True, **window)
     if kv_fn is not None:
-        warn_once(("models", "rows-padding"),
-                  "llmkern.models: backend='llmkern' with per-row KV cache lengths and a padding mask "
-                  "(left-padded prompts) uses torch SDPA: llmkern.attention_with_kvcache takes no padding mask")
+        return kv_fn(q, k, v, (starts + T).to(torch.int32), causal=True, **window,
+                     **_cache_mask(key_padding_mask, k.shape[2]))
     return _sdpa(q, k, v, True, dropout_p, key_padding_mask, sliding_window, q_start=starts)
 
 
