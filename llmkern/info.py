@@ -55,6 +55,13 @@ def collect():
                                          f"composition; LLMKERN_LORA_FUSED_MIN_MNK)")
     except (ImportError, ValueError) as exc:
         info["LoRA fused from M*N*K"] = f"error: {exc}"
+    try:
+        from llmkern.kernels.nf4 import fused_max_m
+
+        info["NF4 GEMM in-loop dequant"] = (f"up to {fused_max_m()} rows (more: dequantize W first, then the dense "
+                                            f"GEMM; LLMKERN_NF4_FUSED_MAX_M)")
+    except (ImportError, ValueError) as exc:
+        info["NF4 GEMM in-loop dequant"] = f"error: {exc}"
     for op, fn in sorted(_backend.OP_DISPATCH.items()):
         try:
             info[f"op {op}"] = fn(dev, torch.float16 if dev.type == "cuda" else torch.float32)
