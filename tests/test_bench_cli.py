@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 from llmkern.bench import cli
 
 
@@ -85,3 +87,103 @@ def test_failed_suite_is_recorded_in_outputs(tmp_path, capsys, monkeypatch):
     assert "FAILED suite broken: RuntimeError: boom" in (out / "results.md").read_text()
     printed = capsys.readouterr().out
     assert "FAILED suite broken" in printed and "ratio = baseline time / our time" in printed
+
+
+def _tiny_gpt(**kw):
+    from llmkern.models import get_config
+
+    return get_config("gpt-tiny", **{**dict(n_layer=1, n_embd=128, n_head=4, block_size=32, vocab_size=64), **kw})
+
+
+def test_mfu_plans_have_a_qlora_row_next_to_the_lora_one(monkeypatch):
+    import torch
+    from llmkern.bench.suites.mfu import _plan
+
+    monkeypatch.delenv("LLMKERN_BENCH_MFU_ROWS", raising=False)
+    for device in ("cpu", "cuda"):
+        kinds = [r[4] for r in _plan(torch.device(device), quick=True)]
+        assert kinds.index("qlora") == kinds.index("lora") + 1, (device, kinds)
+        rows = {r[4]: r for r in _plan(torch.device(device), quick=False)}
+        assert rows["qlora"][:4] == rows["lora"][:4]  # the same model, batch and length as the LoRA row
+
+
+@pytest.mark.parametrize("with_bnb", [True, False])
+def test_mfu_qlora_row_models_compute_the_same_finetune(monkeypatch, with_bnb):
+    """QLoRA row: llmkern's quantize_nf4 + inject_lora against plain LoRA over bitsandbytes 4-bit layers
+    (without bitsandbytes: over llmkern's NF4Linear): the same 4-bit layers, trainable parameters and loss."""
+    import torch
+    from torch import nn
+
+    from llmkern import peft as lp
+    from llmkern.bench.suites import mfu
+    from llmkern.models import build
+
+    if with_bnb:
+        kind = pytest.importorskip("bitsandbytes").nn.Linear4bit
+    else:
+        monkeypatch.setattr(mfu, "_bnb", lambda: None)
+        kind = lp.NF4Linear
+    cfg, models = _tiny_gpt(tie_embeddings=False), {}
+    for backend in ("llmkern", "torch"):
+        torch.manual_seed(0)
+        models[backend], note = mfu._qlora(build(cfg, backend=backend), backend, torch.float32)
+        assert ("bitsandbytes not importable" in note) == (backend == "torch" and not with_bnb)
+    ours, theirs = models["llmkern"], models["torch"]
+    q, k = ours.h[0].attn.q_proj, ours.h[0].attn.k_proj
+    assert isinstance(q, lp.LoRALinear) and q.quantized and q.r == 16 and not q.base_layer.double_quant
+    assert isinstance(k, lp.NF4Linear) and type(ours.lm_head) is nn.Linear and type(theirs.lm_head) is nn.Linear
+    tq, tk = theirs.h[0].attn.q_proj, theirs.h[0].attn.k_proj
+    assert isinstance(tq, mfu._TorchLoRA) and isinstance(tq.base, kind) and isinstance(tk, kind)
+    assert isinstance(theirs.h[0].attn.v_proj, mfu._TorchLoRA) and isinstance(theirs.h[0].mlp.down_proj, kind)
+    codes = tk.weight.data if with_bnb else tk.packed
+    assert torch.equal(codes.reshape(-1), k.packed)  # the same NF4 codes
+    trainable = [sorted(p.numel() for p in m.parameters() if p.requires_grad) for m in (ours, theirs)]
+    assert trainable[0] == trainable[1] and len(trainable[0]) == 4 * cfg.n_layer
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # B = 0 at init: both are the 4-bit base model
+        torch.testing.assert_close(ours(ids, labels=ids)[1], theirs(ids, labels=ids)[1], atol=1e-4, rtol=1e-4)
+
+
+def test_mfu_suite_writes_the_qlora_row(tmp_path, capsys, monkeypatch):
+    """The QLoRA row goes through the harness like the LoRA row: same FLOP convention, the peak memory left
+    empty on CPU, the JSON schema unchanged."""
+    from llmkern.bench.suites import mfu
+
+    cfg = _tiny_gpt()
+    rows = [("tiny", cfg, 1, 16, "lora"), ("tiny", cfg, 1, 16, "qlora")]
+    monkeypatch.setattr(mfu, "_rows", lambda device, quick: rows)
+    monkeypatch.setattr(mfu, "time_fn", lambda step, **kw: step() or 2.0)  # one step per backend, "2 ms"
+    out = tmp_path / "bench"
+    assert cli.main(["--suite", "mfu", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    assert "[row] mfu: tiny QLoRA finetune step" in capsys.readouterr().out
+    lora, qlora = json.loads((out / "results.json").read_text())["results"]
+    assert (lora["op"], qlora["op"]) == ("tiny LoRA finetune step", "tiny QLoRA finetune step")
+    assert qlora["baseline"] == mfu.qlora_baseline()[0] and qlora["throughput"] == 16 / 2e-3
+    assert "NF4 base" in qlora["notes"] and "frozen base" in qlora["notes"] and qlora["mfu"] is None
+    for key in ("flops_per_token", "lora_params", "mfu_a100"):
+        assert qlora["extra"][key] == lora["extra"][key] and qlora["extra"][key] > 0, key
+    assert qlora["extra"]["peak_mem_bytes"] is None and qlora["extra"]["torch_peak_mem_bytes"] is None
+    assert set(qlora) == set(lora) and "QLoRA finetune" in (out / "results.md").read_text()
+
+
+def test_mfu_peak_memory_is_one_steady_state_step_on_cuda_only(monkeypatch):
+    """On CUDA the peak is read after a warm step, over one more step, apart from the timing; on CPU there is
+    none (None: not measured, never a made-up number)."""
+    import torch
+    from llmkern.bench.suites import mfu
+
+    log = []
+    monkeypatch.setattr(mfu, "_step_fn", lambda *a: (lambda: log.append("step"), 7, "n"))
+    monkeypatch.setattr(mfu, "time_fn", lambda step, **kw: log.append("time") or 1.5)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: log.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: log.append("peak") or 3 << 29)
+    args = (None, "llmkern", 1, 16, "qlora")
+    assert mfu._measure(*args, torch.device("cuda"), None, None, True) == (1.5, 7, "n", 3 << 29)
+    assert log == ["step", "reset", "step", "peak", "time"]
+    log.clear()
+    assert mfu._measure(*args, torch.device("cpu"), None, None, True) == (1.5, 7, "n", None)
+    assert log == ["time"]
+    notes = mfu._finetune_notes("qlora", {"llmkern": 3 << 29, "torch": 1 << 31})
+    assert notes[-1] == "peak memory of a step 1.50 GiB vs 2.00 GiB baseline"
+    assert not any("peak" in n for n in mfu._finetune_notes("lora", {"llmkern": None, "torch": None}))

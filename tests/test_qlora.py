@@ -156,8 +156,6 @@ def test_quantize_nf4_targets_skip_and_refusals():
     assert type(m.layers[0].self_attn.k_proj) is nn.Linear
     assert lp.quantize_nf4(copy.deepcopy(model), r".*\.o_proj", skip=None) == ["layers.0.self_attn.o_proj",
                                                                                "layers.1.self_attn.o_proj"]
-    m = copy.deepcopy(model)
-    assert "lm_head" in lp.quantize_nf4(m, skip=())
     with pytest.raises(ValueError, match="matched no nn.Linear"):
         lp.quantize_nf4(copy.deepcopy(model), ["nope"])
     tied = Llama(get_config("llama-tiny", tie_embeddings=True), backend="torch")
@@ -170,6 +168,35 @@ def test_quantize_nf4_targets_skip_and_refusals():
     with pytest.raises(ValueError, match="quantize_nf4: 1: .*float32, float16 or bfloat16"):
         lp.quantize_nf4(bad)
     assert type(bad[0]) is nn.Linear  # checked before anything changed
+
+
+def test_quantize_nf4_refuses_a_zoo_models_lm_head(monkeypatch):
+    """The zoo's head_logits / loss path read lm_head.weight: quantize_nf4 leaves a zoo model's LM head dense,
+    with a ValueError saying why, wherever the model sits and under a LoRA layer too."""
+    from collections import OrderedDict
+
+    from llmkern.peft import qlora
+
+    model = Llama(get_config("llama-tiny"), backend="torch")
+    with pytest.raises(ValueError, match=r"lm_head is the LM head of the llmkern zoo model Llama, .*reads "
+                                         r"lm_head\.weight .*skip=\('lm_head',\)"):
+        lp.quantize_nf4(model, skip=())
+    assert type(model.lm_head) is nn.Linear and type(model.layers[0].self_attn.q_proj) is nn.Linear  # unchanged
+    with pytest.raises(ValueError, match=r"lm\.lm_head is the LM head .* at 'lm'"):
+        lp.quantize_nf4(nn.ModuleDict({"lm": model}), ["lm_head"], skip=None)
+    lp.inject_lora(model, ["lm_head"], r=2)
+    with pytest.raises(ValueError, match=r"lm_head\.base_layer is the LM head"):
+        lp.quantize_nf4(model, ["lm_head"], skip=None)
+    # why: without the check, the quantized head has no .weight for the zoo's logits path
+    monkeypatch.setattr(qlora, "_check_zoo_heads", lambda *a: None)
+    m = Llama(get_config("llama-tiny"), backend="torch")
+    lp.quantize_nf4(m, ["lm_head"], skip=None)
+    with pytest.raises(AttributeError, match="weight"):
+        m(torch.randint(0, 256, (1, 4)))
+    monkeypatch.undo()
+    # a module named lm_head outside a zoo model is a plain layer: quantized
+    seq = nn.Sequential(OrderedDict(body=nn.Linear(8, 8), lm_head=nn.Linear(8, 16)))
+    assert lp.quantize_nf4(seq, skip=()) == ["body", "lm_head"] and isinstance(seq.lm_head, lp.NF4Linear)
 
 
 def test_quantize_nf4_under_existing_lora_layers():
@@ -194,10 +221,12 @@ def test_quantize_nf4_under_existing_lora_layers():
 
 # ---- QLoRA zoo models ---------------------------------------------------------------------------------------
 
-def _qlora_pair(use_dora=False, backend="torch", seed=0):
+def _qlora_pair(use_dora=False, backend="torch", seed=0, double_quant=False):
     torch.manual_seed(seed)
     model = Llama(get_config("llama-tiny"), backend=backend)
-    lp.quantize_nf4(model)
+    lp.quantize_nf4(model, double_quant=double_quant)
+    layers = [m for m in model.modules() if isinstance(m, lp.NF4Linear)]
+    assert len(layers) == 7 * model.config.n_layer and all(m.double_quant == double_quant for m in layers)
     dense = _dense_copy(model)
     for m in (model, dense):
         torch.manual_seed(seed + 1)
@@ -213,9 +242,9 @@ def _loss_and_grads(model, ids):
     return loss.detach(), _lora_grads(model)
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_zoo_qlora_matches_dequantized_dense_and_trains(use_dora):
-    model, dense = _qlora_pair(use_dora)
+@pytest.mark.parametrize("use_dora,double_quant", [(False, False), (True, False), (False, True)])
+def test_zoo_qlora_matches_dequantized_dense_and_trains(use_dora, double_quant):
+    model, dense = _qlora_pair(use_dora, double_quant=double_quant)
     n_lora = 3 * model.config.n_layer * (2 + use_dora)
     assert lp.count_trainable_parameters(model) == lp.count_trainable_parameters(dense)
     assert len([p for p in model.parameters() if p.requires_grad]) == n_lora
@@ -247,13 +276,14 @@ def test_zoo_qlora_triton_kernels_match_dequantized_dense(triton_backend, monkey
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_interpreter)])
-@pytest.mark.parametrize("use_dora,dropout", [(False, 0.0), (True, 0.1)])
-def test_lora_layer_on_nf4_keeps_no_dense_weight(request, monkeypatch, backend, use_dora, dropout):
+@pytest.mark.parametrize("use_dora,dropout,double_quant", [(False, 0.0, False), (True, 0.1, False),
+                                                           (False, 0.0, True), (True, 0.1, True)])
+def test_lora_layer_on_nf4_keeps_no_dense_weight(request, monkeypatch, backend, use_dora, dropout, double_quant):
     if backend == "triton":
         request.getfixturevalue("triton_backend")
     K, N = 64, 40
-    layer = lp.LoRALinear(lp.NF4Linear.from_linear(nn.Linear(K, N)), r=4, alpha=8, dropout=dropout,
-                          use_dora=use_dora).train()
+    base = lp.NF4Linear.from_linear(nn.Linear(K, N), double_quant=double_quant)
+    layer = lp.LoRALinear(base, r=4, alpha=8, dropout=dropout, use_dora=use_dora).train()
     _randomize_lora(layer)
     ref = lp.LoRALinear(layer.base_layer.dequantize(), r=4, alpha=8, dropout=dropout, use_dora=use_dora).train()
     ref.load_state_dict({k: v for k, v in layer.state_dict().items() if "base_layer" not in k}, strict=False)
@@ -280,7 +310,8 @@ def test_qlora_layers_compile_fullgraph():
     traced forward and kept); compiled outputs and gradients equal eager ones."""
     torch.manual_seed(0)
     for layer in (lp.NF4Linear.from_linear(nn.Linear(64, 32)),
-                  lp.LoRALinear(lp.NF4Linear.from_linear(nn.Linear(64, 32)), r=4)):
+                  lp.LoRALinear(lp.NF4Linear.from_linear(nn.Linear(64, 32)), r=4),
+                  lp.LoRALinear(lp.NF4Linear.from_linear(nn.Linear(64, 32), double_quant=True), r=4)):
         _randomize_lora(layer)
         x = torch.randn(4, 64)
         xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -292,21 +323,99 @@ def test_qlora_layers_compile_fullgraph():
         torch.testing.assert_close(xa.grad, xb.grad)
 
 
-def test_nf4_linear_from_double_quantized_weight():
-    import inspect
-
-    if "double_quant" not in inspect.signature(llmkern.nf4_quantize).parameters:
-        pytest.skip("nf4_quantize has no double_quant here")
-    W = torch.randn(48, 64)
-    qw = llmkern.nf4_quantize(W, double_quant=True)
-    layer = lp.NF4Linear.from_nf4(qw)  # held with float32 scales (the plain layout)
-    assert layer.absmax.dtype == torch.float32 and torch.equal(layer.packed, qw.packed)
-    torch.testing.assert_close(layer.dequantize().weight, qw.dequantize(), atol=0, rtol=0)
+def _saved(state_dict):
+    """state_dict through torch.save / torch.load (what a checkpoint holds)."""
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf)
 
 
-def test_qlora_dora_with_dropout_matches_dense_dora():
+def test_nf4_linear_double_quant_keeps_8bit_scales():
+    lin = nn.Linear(1024, 512)
+    plain, dq = lp.NF4Linear.from_linear(lin), lp.NF4Linear.from_linear(lin, double_quant=True)
+    qw = llmkern.nf4_quantize(lin.weight, double_quant=True)
+    assert dq.double_quant and not plain.double_quant and plain.state2 is None
+    assert set(dq.state_dict()) == {"packed", "absmax", "state2", "bias"} and "double_quant=True" in repr(dq)
+    assert dq.absmax.dtype == torch.uint8 and dq.state2.dtype == torch.float32
+    assert torch.equal(dq.packed, plain.packed) and torch.equal(dq.absmax, qw.absmax)
+    assert torch.equal(dq.state2, qw.state2)
+
+    def scale_bits(layer):  # bits of scale state per weight
+        sd = layer.state_dict()
+        nbytes = sum(sd[k].numel() * sd[k].element_size() for k in ("absmax", "state2") if k in sd)
+        return 8 * nbytes / lin.weight.numel()
+
+    blocks = lin.weight.numel() // 64
+    assert scale_bits(plain) == 0.5
+    assert scale_bits(dq) == 8 * (blocks + 4 * (257 + blocks // 256)) / lin.weight.numel() < 0.15
+    # the layer's NF4Weight is the nested one, over the layer's buffers (nothing copied, nothing decoded)
+    w = dq.nf4_weight()
+    assert w.nested is not None and w.absmax.data_ptr() == dq.absmax.data_ptr() and w.state2 is dq.state2
+    dense = dq.dequantize()
+    torch.testing.assert_close(dense.weight, qw.dequantize(), atol=0, rtol=0)
+    assert not torch.equal(dense.weight, plain.dequantize().weight)  # the 8-bit scales' own rounding
+    x = torch.randn(3, 1024)
+    torch.testing.assert_close(dq(x), dense(x), atol=1e-5, rtol=1e-5)
+    # from_nf4 shares the codes and the 8-bit scales of a nested NF4Weight
+    layer = lp.NF4Linear.from_nf4(qw)
+    assert layer.double_quant and layer.absmax is qw.absmax and layer.state2 is qw.state2
+
+
+def test_nf4_linear_double_quant_state_dicts_of_both_layouts_and_casts():
+    lin = nn.Linear(64, 40)
+    plain, dq = lp.NF4Linear.from_linear(lin), lp.NF4Linear.from_linear(lin, double_quant=True)
+    x = torch.randn(3, 64)
+    fresh = lp.NF4Linear(64, 40, double_quant=True)
+    assert fresh(x).abs().max() == 0  # zeros until loaded
+    cached = fresh.nf4_weight()
+    fresh.load_state_dict(_saved(dq.state_dict()))
+    assert fresh.nf4_weight() is cached  # loaded in place: the cached NF4Weight reads the new state
+    torch.testing.assert_close(fresh(x), dq(x), atol=0, rtol=0)
+    # a state dict of the other layout: the layer's buffers follow it
+    for src in (plain, dq):
+        for start in (False, True):
+            layer = lp.NF4Linear(64, 40, double_quant=start)
+            layer.load_state_dict(_saved(src.state_dict()))
+            assert layer.double_quant == src.double_quant and layer.absmax.dtype == src.absmax.dtype
+            torch.testing.assert_close(layer(x), src(x), atol=0, rtol=0)
+    # an absmax of the wrong dtype for the layout is refused (copy_ would cast float scales to uint8)
+    with pytest.raises(RuntimeError, match=r"absmax: a state dict with state2 .* uint8 codes .* torch.float32"):
+        lp.NF4Linear(64, 40).load_state_dict(dict(dq.state_dict(), absmax=plain.absmax))
+    with pytest.raises(RuntimeError, match=r"without state2 .* float32 scales .* torch.uint8"):
+        lp.NF4Linear(64, 40, double_quant=True).load_state_dict(
+            {k: v for k, v in dq.state_dict().items() if k != "state2"})
+    with pytest.raises(RuntimeError, match="size mismatch for state2"):
+        lp.NF4Linear(64, 40).load_state_dict(dict(dq.state_dict(), state2=dq.state2[:-1]))
+    # module casts change the compute dtype; absmax codes and the fp32 state2 stay as they are
+    codes, state2, want, weight = dq.absmax.clone(), dq.state2.clone(), dq(x), dq.dequantize().weight
+    for cast, dt in ((lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.half(), torch.float16)):
+        cast(dq)
+        assert dq.compute_dtype == dt and dq.bias.dtype == dt and dq.nf4_weight().dtype == dt
+        assert dq.state2.dtype == torch.float32 and torch.equal(dq.state2, state2) and torch.equal(dq.absmax, codes)
+        torch.testing.assert_close(dq(x.to(dt)).float(), want, atol=5e-2, rtol=5e-2)
+    dq.float()  # the weight comes back exactly (the bias went through bf16 / fp16, as an nn.Linear's would)
+    assert dq.compute_dtype == torch.float32 and torch.equal(dq.dequantize().weight, weight)
+    meta = copy.deepcopy(dq).to("meta")  # a device move takes every buffer along, dtypes kept
+    assert {b.device.type for b in meta.buffers()} == {"meta"}
+    assert meta.absmax.dtype == torch.uint8 and meta.state2.dtype == torch.float32
+    assert meta.nf4_weight().state2 is meta.state2
+
+
+def test_quantize_nf4_double_quant_argument():
+    with pytest.raises(TypeError, match="double_quant must be a bool"):
+        lp.quantize_nf4(nn.Sequential(nn.Linear(8, 8)), double_quant=1)
+    with pytest.raises(TypeError, match="double_quant must be a bool"):
+        lp.NF4Linear.from_linear(nn.Linear(8, 8), double_quant="yes")
+    seq = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 8))
+    lp.quantize_nf4(seq, double_quant=True)
+    assert seq[0].double_quant and seq[1].double_quant and seq[1].state2.numel() == 258
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_qlora_dora_with_dropout_matches_dense_dora(double_quant):
     K, N = 48, 32
-    base = lp.NF4Linear.from_linear(nn.Linear(K, N))
+    base = lp.NF4Linear.from_linear(nn.Linear(K, N), double_quant=double_quant)
     layer = lp.LoRALinear(base, r=4, alpha=8, dropout=0.2, use_dora=True).train()
     ref = lp.LoRALinear(base.dequantize(), r=4, alpha=8, dropout=0.2, use_dora=True).train()
     # the magnitude starts at the row norms of the dequantized weight (the layer starts as its base)
@@ -325,8 +434,9 @@ def test_qlora_dora_with_dropout_matches_dense_dora():
         torch.testing.assert_close(outs[0][1][n], outs[1][1][n], atol=1e-5, rtol=1e-4, msg=n)
 
 
-def test_qlora_merge_behaviour():
-    model, _ = _qlora_pair()
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_qlora_merge_behaviour(double_quant):
+    model, _ = _qlora_pair(double_quant=double_quant)
     q = model.layers[0].self_attn.q_proj
     with pytest.raises(ValueError, match="remove=True"):
         q.merge()
@@ -345,7 +455,8 @@ def test_qlora_merge_behaviour():
     assert isinstance(model.layers[0].self_attn.k_proj, lp.NF4Linear)  # not a LoRA layer: stays 4-bit
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     # DoRA: merged_linear holds (m / ‖W + sBA‖) ⊙ (W + sBA) of the dequantized W
-    layer = lp.LoRALinear(lp.NF4Linear.from_linear(nn.Linear(32, 16)), r=4, use_dora=True)
+    layer = lp.LoRALinear(lp.NF4Linear.from_linear(nn.Linear(32, 16), double_quant=double_quant), r=4,
+                          use_dora=True)
     _randomize_lora(layer)
     x = torch.randn(3, 32)
     with torch.no_grad():
@@ -535,6 +646,13 @@ def test_nf4_linear_from_bnb_matches_the_bnb_layer():
         q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
         q = q.to("cpu").train()
         layer = lp.NF4Linear.from_bnb(q)
+        state = q.weight.quant_state
+        # bitsandbytes' scales are shared, not copied; double-quantized ones stay 8-bit codes
+        assert layer.double_quant == double_quant and layer.absmax.data_ptr() == state.absmax.data_ptr()
+        assert layer.absmax.dtype == (torch.uint8 if double_quant else torch.float32)
+        if double_quant:
+            want = torch.cat([state.state2.code, state.offset.reshape(1), state.state2.absmax])
+            assert torch.equal(layer.state2, want) and layer.nf4_weight().state2 is layer.state2
         x = torch.randn(5, 128)
         torch.testing.assert_close(layer(x), q(x), atol=1e-5, rtol=1e-5)
         if not double_quant:  # the same bytes as llmkern's own quantizer

@@ -1,14 +1,16 @@
 """QLoRA modules: frozen 4-bit NF4 base layers (NF4Linear), quantize_nf4, and the ops they run on.
 
     quantize_nf4(model)                          # every nn.Linear but lm_head -> NF4Linear (0.5 B/param)
+    quantize_nf4(model, double_quant=True)       # ... with 8-bit scales (4.127 instead of 4.5 bits/param)
     inject_lora(model, ["q_proj", "v_proj"])     # LoRALinear over NF4Linear: QLoRA (Dettmers et al. 2023)
     merge_lora(model, remove=True)               # LoRA layers -> dense nn.Linear of dequant(W) + s·B·A
 
-NF4Linear keeps bitsandbytes' NF4 layout (llmkern.nf4_quantize) in two buffers, ``packed`` (uint8) and
-``absmax`` (float32), so ``.to(device)``, ``state_dict()`` and ``load_state_dict`` handle them like any
-module state; the weight is never a parameter. Its forward is llmkern.nf4_linear, which keeps only the codes
-for the backward (no dense copy of W stays alive between the two: the memory QLoRA saves). A LoRALinear over
-it hands the NF4Weight to the fused llmkern.lora_linear (W read in 4 bits by the kernels).
+NF4Linear keeps bitsandbytes' NF4 layout (llmkern.nf4_quantize) in buffers, ``packed`` (uint8) and
+``absmax`` (float32; or, double-quantized, uint8 codes plus the fp32 ``state2``), so ``.to(device)``,
+``state_dict()`` and ``load_state_dict`` handle them like any module state; the weight is never a parameter.
+Its forward is llmkern.nf4_linear, which keeps only the codes for the backward (no dense copy of W stays alive
+between the two: the memory QLoRA saves). A LoRALinear over it hands the NF4Weight to the fused
+llmkern.lora_linear (W read in 4 bits by the kernels).
 """
 from typing import List, Optional, Sequence, Union
 
@@ -20,6 +22,7 @@ from llmkern.ops import _checks
 from llmkern.ops.lora import _as_scalar, _autocast_args, _check_common, lora_linear
 from llmkern.ops.nf4 import NF4Weight, _check_blocksize, nf4_linear, nf4_quantize
 from llmkern.peft.dora import dora_weight_norm
+from llmkern.reference import nf4 as ref_nf4
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -61,19 +64,24 @@ def nf4_dora_linear(x: torch.Tensor, qweight: NF4Weight, bias: Optional[torch.Te
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in 4-bit NF4 (bitsandbytes' layout): QLoRA's base layer.
 
-    Buffers ``packed`` (uint8 ``[ceil(out·in / 2)]``) and ``absmax`` (float32 ``[ceil(out·in / blocksize)]``)
-    hold the weight; ``bias`` is an ordinary (frozen by LoRA injection) parameter or None. ``compute_dtype``
-    is the dtype the layer computes in, as an ``nn.Linear`` whose weight had that dtype: the input must have
-    it (under torch.autocast, the autocast dtype is used, as F.linear's). Casting the module
-    (``.half()``, ``.to(torch.bfloat16)``) changes ``compute_dtype``; ``absmax`` stays float32.
+    Buffers ``packed`` (uint8 ``[ceil(out·in / 2)]``) and ``absmax`` (the scale of each block of ``blocksize``
+    weights, ``[ceil(out·in / blocksize)]``) hold the weight. ``absmax`` is float32, or with double
+    quantization (``double_quant``: QLoRA's 8-bit scales, 0.127 instead of 0.5 bits per weight at blocksize
+    64) uint8 codes decoded by the float32 buffer ``state2`` = ``[code_map (256) | offset (1) | absmax2]``
+    (NF4Weight.state2's layout; None without double quantization). ``bias`` is an ordinary (frozen by LoRA
+    injection) parameter or None. ``compute_dtype`` is the dtype the layer computes in, as an ``nn.Linear``
+    whose weight had that dtype: the input must have it (under torch.autocast, the autocast dtype is used, as
+    F.linear's). Casting the module (``.half()``, ``.to(torch.bfloat16)``) changes ``compute_dtype``; the
+    float32 scales (``absmax`` or ``state2``) stay float32.
 
-    ``NF4Linear(in, out)`` holds zeros until a state dict is loaded into it; ``from_linear(linear)`` quantizes
-    an ``nn.Linear``; ``dequantize()`` gives the dense ``nn.Linear`` back (with the quantization error);
-    ``nf4_weight()`` is the ``NF4Weight`` view that ``llmkern.lora_linear`` takes.
+    ``NF4Linear(in, out)`` holds zeros until a state dict is loaded into it (a state dict of the other layout
+    is taken too: the buffers follow it); ``from_linear(linear)`` quantizes an ``nn.Linear``;
+    ``dequantize()`` gives the dense ``nn.Linear`` back (with the quantization error); ``nf4_weight()`` is
+    the ``NF4Weight`` view that ``llmkern.lora_linear`` takes.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, blocksize: int = 64,
-                 compute_dtype: torch.dtype = torch.float32, device=None):
+                 compute_dtype: torch.dtype = torch.float32, device=None, double_quant: bool = False):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -81,32 +89,52 @@ class NF4Linear(nn.Module):
         _check_blocksize(blocksize)
         if compute_dtype not in _DTYPES:
             raise ValueError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
+        _check_double_quant(double_quant)
         self.in_features, self.out_features, self.blocksize = in_features, out_features, blocksize
         self.compute_dtype = compute_dtype
         n = in_features * out_features
         self.register_buffer("packed", torch.zeros(-(-n // 2), dtype=torch.uint8, device=device))
-        self.register_buffer("absmax", torch.zeros(-(-n // blocksize), dtype=torch.float32, device=device))
+        self._set_layout(double_quant, device)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self._nf4 = None  # (packed, absmax, compute_dtype, NF4Weight): see nf4_weight
+        self._nf4 = None  # (packed, absmax, state2, compute_dtype, NF4Weight): see nf4_weight
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.in_features * self.out_features // self.blocksize)
+
+    @property
+    def double_quant(self) -> bool:
+        """Whether the block scales are double-quantized (uint8 ``absmax`` + ``state2``)."""
+        return self.state2 is not None
+
+    def _set_layout(self, double_quant: bool, device=None):
+        """(Re)make ``absmax`` / ``state2`` as zeros of the plain or the double-quantized layout."""
+        nb = self.n_blocks
+        if double_quant:
+            self.register_buffer("absmax", torch.zeros(nb, dtype=torch.uint8, device=device))
+            self.register_buffer("state2", torch.zeros(_state2_numel(nb), dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("absmax", torch.zeros(nb, dtype=torch.float32, device=device))
+            self.register_buffer("state2", None)
 
     @classmethod
     def from_nf4(cls, qweight: NF4Weight, bias: Optional[torch.Tensor] = None,
                  compute_dtype: Optional[torch.dtype] = None) -> "NF4Linear":
-        """A layer over the codes of `qweight` (shared, not copied; double-quantized scales are decoded to
-        float32); compute_dtype defaults to qweight.dtype. `bias` is copied (a frozen parameter of
+        """A layer over the codes and scales of `qweight` (shared, not copied; double-quantized scales stay in
+        8 bits); compute_dtype defaults to qweight.dtype. `bias` is copied (a frozen parameter of
         compute_dtype)."""
         if not isinstance(qweight, NF4Weight):
             raise TypeError(f"qweight must be an NF4Weight, got {type(qweight).__name__}")
         dt = compute_dtype or qweight.dtype
+        nested = qweight.nested is not None
         layer = cls(qweight.in_features, qweight.out_features, bias=False, blocksize=qweight.blocksize,
-                    compute_dtype=dt, device="meta")
-        # a double-quantized weight (8-bit scales) is held with its scales decoded to float32: the layer's
-        # state is the plain layout (0.5 bit per weight more at blocksize 64)
-        nested = getattr(qweight, "nested", None) is not None
-        layer.packed, layer.absmax = qweight.packed, qweight.scales() if nested else qweight.absmax
+                    compute_dtype=dt, device="meta", double_quant=nested)
+        layer.packed, layer.absmax = qweight.packed, qweight.absmax
+        if nested:  # NF4Weight.state2 is [code_map | offset | absmax2], the layer's layout
+            layer.state2 = qweight.state2
         layer.nf4_weight()
         if bias is not None:
             _checks.tensor_arg("bias", bias)
@@ -117,20 +145,21 @@ class NF4Linear(nn.Module):
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64) -> "NF4Linear":
-        """Quantize an ``nn.Linear`` (float32/float16/bfloat16 weight; its dtype becomes compute_dtype).
-        The bias is copied and keeps its requires_grad."""
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = False) -> "NF4Linear":
+        """Quantize an ``nn.Linear`` (float32/float16/bfloat16 weight; its dtype becomes compute_dtype), with
+        8-bit block scales if `double_quant`. The bias is copied and keeps its requires_grad."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        layer = cls.from_nf4(nf4_quantize(linear.weight.detach(), blocksize), linear.bias)
+        _check_double_quant(double_quant)
+        layer = cls.from_nf4(nf4_quantize(linear.weight.detach(), blocksize, double_quant), linear.bias)
         if linear.bias is not None:
             layer.bias.requires_grad_(linear.bias.requires_grad)
         return layer
 
     @classmethod
     def from_bnb(cls, layer: nn.Module) -> "NF4Linear":
-        """The same layer from a bitsandbytes ``Linear4bit`` of quant_type "nf4" (codes shared, not copied;
-        a double-quantized absmax is decoded to float32). compute_dtype: the layer's, else its weight's."""
+        """The same layer from a bitsandbytes ``Linear4bit`` of quant_type "nf4" (codes and scales shared, not
+        copied; a double-quantized absmax stays in 8 bits). compute_dtype: the layer's, else its weight's."""
         if getattr(getattr(layer, "weight", None), "quant_state", None) is None:
             raise TypeError(f"layer must be a quantized bitsandbytes Linear4bit (moved to its device), got "
                             f"{type(layer).__name__}")
@@ -144,11 +173,18 @@ class NF4Linear(nn.Module):
         kernels' level table on the device when made: not per call, and not while torch.compile traces one).
         In-place writes (load_state_dict) reach it through the shared storage."""
         c = self._nf4
-        if c is None or c[0] is not self.packed or c[1] is not self.absmax or c[2] != self.compute_dtype:
+        if (c is None or c[0] is not self.packed or c[1] is not self.absmax or c[2] is not self.state2
+                or c[3] != self.compute_dtype):
+            s2 = self.state2
+            nested = None if s2 is None else (s2[:256], s2[257:], s2[256])
             qw = NF4Weight(self.packed, self.absmax, (self.out_features, self.in_features), self.blocksize,
-                           self.compute_dtype)
-            self._nf4 = c = (self.packed, self.absmax, self.compute_dtype, qw)
-        return c[3]
+                           self.compute_dtype, nested=nested)
+            if s2 is not None:
+                # NF4Weight concatenates its views of s2 into a new state2 of the same layout: take the buffer
+                # itself, so that an in-place load reaches what the kernels read
+                qw.state2 = s2
+            self._nf4 = c = (self.packed, self.absmax, s2, self.compute_dtype, qw)
+        return c[4]
 
     @torch.no_grad()
     def dequantize(self) -> nn.Linear:
@@ -172,22 +208,60 @@ class NF4Linear(nn.Module):
         return nf4_linear(x, self.nf4_weight(), self.bias)
 
     def _apply(self, fn, *args, **kwargs):
-        # Module casts (.half(), .to(dtype), .float()) convert floating buffers: absmax must stay float32
-        # (the NF4 layout's, and bf16 scales would add error to every element), while the cast is taken
-        # as the new compute dtype. fn applied to an empty tensor tells which dtype a cast leads to.
-        absmax, dtype = self.absmax, self.compute_dtype
+        # Module casts (.half(), .to(dtype), .float()) convert floating buffers: the scales (absmax, or the
+        # double-quantization state2) must stay float32 (the NF4 layout's, and bf16 scales would add error to
+        # every element), while the cast is taken as the new compute dtype. fn applied to an empty tensor
+        # tells which dtype a cast leads to.
+        fp32 = {n: t for n, t in (("absmax", self.absmax), ("state2", self.state2))
+                if t is not None and t.dtype == torch.float32}
+        dtype = self.compute_dtype
         super()._apply(fn, *args, **kwargs)
-        if self.absmax.dtype != torch.float32:
-            self.absmax = absmax.to(self.absmax.device)
-        new = fn(torch.empty(0, dtype=dtype, device=self.absmax.device)).dtype
+        for name, old in fp32.items():
+            new = getattr(self, name)
+            if new.dtype != torch.float32:
+                setattr(self, name, old.to(new.device))
+        new = fn(torch.empty(0, dtype=dtype, device=self.packed.device)).dtype
         if new in _DTYPES:
             self.compute_dtype = new
         self.nf4_weight()  # made now, outside any later compiled forward
         return self
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The layout follows the state dict (state2 present: double-quantized), so that a checkpoint of either
+        # layout loads into a layer made with the default one; a mismatched absmax dtype is an error (copy_
+        # would cast float scales to uint8 codes silently).
+        absmax = state_dict.get(prefix + "absmax")
+        n_errors = len(error_msgs)
+        if absmax is not None:
+            nested = prefix + "state2" in state_dict
+            if absmax.is_floating_point() == nested:
+                error_msgs.append(f"NF4Linear {prefix}absmax: a state dict {'with' if nested else 'without'} "
+                                  f"{prefix}state2 (double-quantized scales) must hold "
+                                  f"{'uint8 codes' if nested else 'float32 scales'} in absmax, got {absmax.dtype}")
+                return
+            if nested != self.double_quant:
+                self._set_layout(nested, self.packed.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if len(error_msgs) == n_errors:
+            self.nf4_weight()  # (assign=True may have replaced the buffers)
+
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"blocksize={self.blocksize}, compute_dtype={self.compute_dtype}")
+                f"blocksize={self.blocksize}, compute_dtype={self.compute_dtype}"
+                + (", double_quant=True" if self.double_quant else ""))
+
+
+def _check_double_quant(double_quant):
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool, got {double_quant!r}")
+
+
+def _state2_numel(n_blocks: int) -> int:
+    """Entries of state2 for `n_blocks` block scales: the 256-entry code map, the offset, one absmax2 per
+    group of ref_nf4.BLOCKSIZE2 scales."""
+    return 256 + 1 + -(-n_blocks // ref_nf4.BLOCKSIZE2)
 
 
 # ---- model surgery ------------------------------------------------------------------------------------
@@ -225,31 +299,52 @@ def _check_untied(model, found):
                                  f"quantizing it would untie them. Leave it out (skip=...) or untie first")
 
 
+def _check_zoo_heads(model, found):
+    """A llmkern zoo model (llmkern.models) reads ``lm_head.weight`` as a dense tensor: head_logits (the padded
+    logits GEMM) and the loss path (linear cross-entropy, tied embeddings) use it, and an NF4Linear has no
+    ``.weight``: refused, whether the head is a bare nn.Linear or a LoRALinear's base."""
+    from llmkern.models._attn import ZooModel
+
+    for name, zoo in model.named_modules(remove_duplicate=False):
+        head = getattr(zoo, "lm_head", None) if isinstance(zoo, ZooModel) else None
+        hit = found.get(id(getattr(head, "base_layer", head)))
+        if hit is not None:
+            where = f" at {name!r}" if name else ""
+            raise ValueError(f"quantize_nf4: {hit[1][0]} is the LM head of the llmkern zoo model "
+                             f"{type(zoo).__name__}{where}, whose head_logits / loss path reads lm_head.weight as a "
+                             f"dense weight (tied to the embedding or not), which a 4-bit NF4Linear does not have. "
+                             f"Leave it dense: skip=('lm_head',), the default")
+
+
 def quantize_nf4(model: nn.Module, target_modules: Union[str, Sequence[str], None] = None, blocksize: int = 64,
-                 skip: Union[str, Sequence[str], None] = ("lm_head",)) -> List[str]:
+                 skip: Union[str, Sequence[str], None] = ("lm_head",), double_quant: bool = False) -> List[str]:
     """Replace ``nn.Linear`` modules of `model` in place by frozen 4-bit ``NF4Linear`` ones; returns the
     names of the replaced modules.
 
     target_modules: PEFT's rule (a list: names equal to an entry or ending in "." + entry; a string: a
     full-match regex), or None for every nn.Linear. Names matching `skip` are left dense (default: the LM
-    head, as bitsandbytes/transformers do; the zoo models also read lm_head.weight directly). A LoRALinear's base layer counts under the LoRALinear's name
-    (so a model with a loaded adapter can be quantized); merged ones are refused. Only exact nn.Linear modules
-    are replaced (subclasses may be read by their parent, as nn.MultiheadAttention reads its out_proj).
-    Weights tied to another module are refused. Everything is checked and quantized before the model is
-    changed. Each layer keeps its weight's dtype as compute_dtype and its bias (and requires_grad).
+    head, as bitsandbytes/transformers do). A LoRALinear's base layer counts under the LoRALinear's name (so a
+    model with a loaded adapter can be quantized); merged ones are refused. Only exact nn.Linear modules are
+    replaced (subclasses may be read by their parent, as nn.MultiheadAttention reads its out_proj). Weights
+    tied to another module are refused, and so is the lm_head of a llmkern zoo model (its loss path reads
+    lm_head.weight). `double_quant`: QLoRA's 8-bit block scales (NF4Linear.double_quant). Everything is
+    checked and quantized before the model is changed. Each layer keeps its weight's dtype as compute_dtype
+    and its bias (and requires_grad).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_blocksize(blocksize)
+    _check_double_quant(double_quant)
     found = _targets(model, target_modules, skip)
     if not found:
         raise ValueError(f"quantize_nf4: target_modules {target_modules!r} (skip {skip!r}) matched no nn.Linear "
                          f"in the model (a bare nn.Linear: use NF4Linear.from_linear)")
     _check_untied(model, found)
+    _check_zoo_heads(model, found)
     layers = {}
     for key, (lin, paths, _) in found.items():
         try:
-            layers[key] = NF4Linear.from_linear(lin, blocksize)
+            layers[key] = NF4Linear.from_linear(lin, blocksize, double_quant)
         except ValueError as e:
             raise ValueError(f"quantize_nf4: {paths[0]}: {e}") from None
     from llmkern.peft.lora import _set_submodule

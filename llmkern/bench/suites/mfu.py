@@ -6,7 +6,13 @@ FLOPs per token follow the seed deck (llmkern.flops.model_flops_per_token, "seed
 6N + 6·L·T·d); MFU is reported against the detected device's peak (`mfu`, None on CPU) and against
 the A100 peak (extra["mfu_a100"]); extra also holds the PaLM-convention MFU and the torch
 backend's numbers. The LoRA row freezes the base model (LoRA r=16 on q_proj and v_proj, the LoRA
-paper's choice): its model FLOPs are 4N + 6·L·T·d (no base weight gradients) + 6·N_lora.
+paper's choice): its model FLOPs are 4N + 6·L·T·d (no base weight gradients) + 6·N_lora. The QLoRA row
+is the same finetune over a 4-bit base: llmkern.peft.quantize_nf4 (every linear but lm_head, NF4,
+blocksize 64, no double quantization) + inject_lora, against what PEFT users run: plain LoRA over
+bitsandbytes Linear4bit (NF4) layers on the torch backend (without bitsandbytes: over llmkern's
+NF4Linear, said in the notes); same FLOP count. On CUDA every row's extra holds the peak memory of one
+step (torch.cuda.max_memory_allocated: weights, optimizer state, activations; "peak_mem_bytes" and
+"torch_peak_mem_bytes"); on CPU they are None (not measured).
 
 Under torchrun (WORLD_SIZE > 1) the gpt2 step also runs data parallel (PyTorch's FSDP2,
 fully_shard per block) and tensor parallel (llmkern.parallel.tensor_parallelize) over all ranks;
@@ -30,14 +36,19 @@ from llmkern.bench.timing import time_fn
 from llmkern.models import build, get_config
 
 
+LORA_TARGETS, LORA_R, LORA_ALPHA = ("q_proj", "v_proj"), 16, 32
+
+
 class _TorchLoRA(nn.Module):
-    """Plain-PyTorch LoRA (what PEFT runs): W x + (alpha/r) · B A x, base frozen."""
+    """Plain-PyTorch LoRA (what PEFT runs): W x + (alpha/r) · B A x, base frozen (a dense, bitsandbytes 4-bit
+    or llmkern NF4 layer)."""
 
     def __init__(self, base, r, alpha):
         super().__init__()
         self.base = base
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        device = next(iter(list(base.parameters()) + list(base.buffers()))).device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = alpha / r
 
@@ -45,10 +56,10 @@ class _TorchLoRA(nn.Module):
         return self.base(x) + (x @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype) * self.scaling
 
 
-def _torch_lora(model, targets, r, alpha):
+def _torch_lora(model, targets, r, alpha, kinds=(nn.Linear,)):
     for p in model.parameters():
         p.requires_grad_(False)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    names = [n for n, m in model.named_modules() if isinstance(m, kinds) and n.rsplit(".", 1)[-1] in targets]
     for n in names:
         parent, _, child = n.rpartition(".")
         setattr(model.get_submodule(parent), child, _TorchLoRA(model.get_submodule(n), r, alpha))
@@ -64,9 +75,61 @@ def _ours_lora(model, targets, r, alpha):
     return model, ""
 
 
+def _bnb():
+    """The bitsandbytes module, or None where it does not import (not installed, no binary for here)."""
+    try:
+        import bitsandbytes
+    except Exception:
+        return None
+    return bitsandbytes
+
+
+def _bnb_quantize(model, compute_dtype):
+    """Every nn.Linear but lm_head -> bitsandbytes Linear4bit (NF4, blocksize 64, no double quantization),
+    in place, as transformers' BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4") does."""
+    bnb = _bnb()
+    for name, m in list(model.named_modules()):
+        if type(m) is not nn.Linear or name.rsplit(".", 1)[-1] == "lm_head":
+            continue
+        q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None, compute_dtype=compute_dtype,
+                              compress_statistics=False, quant_type="nf4", device="meta")
+        q.weight = bnb.nn.Params4bit(m.weight.detach(), requires_grad=False, compress_statistics=False,
+                                     quant_type="nf4", blocksize=64)
+        if m.bias is not None:
+            q.bias = nn.Parameter(m.bias.detach(), requires_grad=False)
+        # moving a Params4bit quantizes it; train mode: in eval mode bnb repacks CPU weights for inference
+        q = q.to(m.weight.device).train()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q)
+    return model
+
+
+def qlora_baseline():
+    """(name, note) of the QLoRA row's baseline on this machine."""
+    if _bnb() is not None:
+        return "torch backend + plain LoRA on bitsandbytes Linear4bit (NF4)", ""
+    return ("torch backend + plain LoRA on llmkern NF4Linear",
+            "bitsandbytes not importable here: the baseline's 4-bit layers are llmkern NF4Linear (nf4_linear)")
+
+
+def _qlora(model, backend, compute_dtype):
+    """The QLoRA finetune of the module docstring on `model` (in place); returns (model, note)."""
+    from llmkern.peft import NF4Linear, inject_lora, quantize_nf4
+
+    if backend == "llmkern":
+        quantize_nf4(model, double_quant=False)
+        inject_lora(model, list(LORA_TARGETS), r=LORA_R, alpha=LORA_ALPHA)
+        return model, ""
+    if _bnb() is not None:
+        return _torch_lora(_bnb_quantize(model, compute_dtype), LORA_TARGETS, LORA_R, LORA_ALPHA), ""
+    quantize_nf4(model, double_quant=False)
+    return _torch_lora(model, LORA_TARGETS, LORA_R, LORA_ALPHA, kinds=(nn.Linear, NF4Linear)), qlora_baseline()[1]
+
+
 def _plan(device, quick):
-    """(label, config, batch, seq, lora) rows for this device and mode; LLMKERN_BENCH_MFU_ROWS (comma-
-    separated labels, e.g. "gpt3-1.3b") picks rows from every mode's list instead."""
+    """(label, config, batch, seq, lora) rows for this device and mode (lora: False, "lora" or "qlora");
+    LLMKERN_BENCH_MFU_ROWS (comma-separated labels, e.g. "gpt3-1.3b") picks rows from every mode's list
+    instead."""
     pick = os.environ.get("LLMKERN_BENCH_MFU_ROWS")
     if pick:
         rows = {(r[0], r[2], r[3], r[4]): r for r in _rows(device, quick=False) + _rows(device, quick=True)}
@@ -85,14 +148,16 @@ def _rows(device, quick):
         tiny_l = get_config("llama-tiny", n_layer=2, n_embd=128, n_head=4, n_kv_head=2, intermediate_size=352,
                             block_size=128, vocab_size=512)
         B, T = (2, 64) if quick else (4, 128)
+        # (the QLoRA row on gpt-tiny: every in_features a multiple of 64, as bitsandbytes' CPU 4-bit needs)
         rows = [("gpt-tiny (2L d128)", tiny, B, T, False), ("llama-tiny (2L d128 GQA)", tiny_l, B, T, False),
-                ("gpt-tiny (2L d128)", tiny, B, T, True)]
+                ("gpt-tiny (2L d128)", tiny, B, T, "lora"), ("gpt-tiny (2L d128)", tiny, B, T, "qlora")]
         if not quick:
             rows.insert(0, ("gpt2-124m", get_config("gpt2"), 1, 256, False))
         return rows
     # (quick keeps one Llama row last: RMSNorm + residual, RoPE and SwiGLU run llmkern's fused ops there)
     rows = [("gpt2-124m", get_config("gpt2"), 8, 1024, False),
-            ("gpt2-124m", get_config("gpt2"), 8, 1024, True),
+            ("gpt2-124m", get_config("gpt2"), 8, 1024, "lora"),
+            ("gpt2-124m", get_config("gpt2"), 8, 1024, "qlora"),
             ("llama-350m", get_config("llama-350m"), 8, 1024, False)]
     if not quick:
         rows += [("gpt3-1.3b", get_config("gpt3-1.3b"), 4, 1024, False)]
@@ -130,11 +195,14 @@ def _step_fn(cfg, backend, batch, seq, lora, device, compile_, parallel=None):
     if parallel:
         model = _parallelize(model, parallel, device)
     note = ""
-    if lora:
+    if lora == "qlora":  # bnb's compute dtype: the dtype the step computes in (bf16 autocast on CUDA)
+        model, note = _qlora(model, backend, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    elif lora:
         if backend == "llmkern":
-            model, note = _ours_lora(model, ("q_proj", "v_proj"), 16, 32)
+            model, note = _ours_lora(model, LORA_TARGETS, LORA_R, LORA_ALPHA)
         else:
-            model = _torch_lora(model, ("q_proj", "v_proj"), 16, 32)
+            model = _torch_lora(model, LORA_TARGETS, LORA_R, LORA_ALPHA)
+    if lora:
         model.to(device)
     opt = model.configure_optimizer(lr=1e-4)
     data = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
@@ -150,6 +218,56 @@ def _step_fn(cfg, backend, batch, seq, lora, device, compile_, parallel=None):
 
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad) if lora else 0
     return step, n_lora, note
+
+
+def _measure(cfg, backend, batch, seq, lora, device, compile_, parallel, quick):
+    """(median ms, n_lora, note, peak bytes) of one backend's step; the model is freed on return. The peak
+    (CUDA only, None elsewhere) is that of one steady-state step, measured apart from the timing (the
+    timer's own buffers are not the step's)."""
+    step, n_lora, note = _step_fn(cfg, backend, batch, seq, lora, device, compile_, parallel)
+    peak = None
+    if device.type == "cuda":
+        step()  # (the first step makes the optimizer state, and compiles)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    return time_fn(step, device=device, quick=quick), n_lora, note, peak
+
+
+def _measure_or_eager(args, quick, notes):
+    """_measure(*args, quick); torch.compile trouble: measured eagerly, and said so in `notes`."""
+    cfg, backend, batch, seq, lora, device, compile_, parallel = args
+    try:
+        return _measure(*args, quick)
+    except Exception as exc:
+        if not compile_ or isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise
+        notes.append(f"{backend}: torch.compile failed ({type(exc).__name__}), eager")
+    # (outside the except block: the failed model, held by the traceback, is freed first)
+    return _measure(cfg, backend, batch, seq, lora, device, False, parallel, quick)
+
+
+def _finetune_notes(lora, peaks):
+    """The notes a (Q)LoRA row starts with: its FLOP convention, its base, its peak memory (CUDA)."""
+    notes = ["MFU counts 4N + 6LTd + 6N_lora FLOPs/token (frozen base: no weight gradients)"]
+    if lora == "qlora":
+        notes.append(f"NF4 base (blocksize 64, no double quant) on all linears but lm_head; LoRA r={LORA_R} on "
+                     f"{'/'.join(LORA_TARGETS)}")
+    if peaks.get("llmkern") is not None:
+        other = f" vs {peaks['torch'] / 2 ** 30:.2f} GiB baseline" if peaks.get("torch") is not None else ""
+        notes.append(f"peak memory of a step {peaks['llmkern'] / 2 ** 30:.2f} GiB{other}")
+    return notes
+
+
+_KIND = {False: "train", True: "LoRA finetune", "lora": "LoRA finetune", "qlora": "QLoRA finetune"}
+
+
+def _baseline_name(lora):
+    if lora == "qlora":
+        return qlora_baseline()[0]
+    return "torch backend" + (" + plain LoRA" if lora else "")
 
 
 class _Null:
@@ -200,23 +318,17 @@ def run(ctx):
     for label, cfg, batch, seq, lora, parallel in ctx.progress(plan, desc="mfu"):
         times, notes = {}, []
         n_lora = 0
+        peaks = {}
         for backend in ("llmkern", "torch"):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    try:
-                        step, n_lora_b, note = _step_fn(cfg, backend, batch, seq, lora, device, compile_, parallel)
-                        times[backend] = time_fn(step, device=device, quick=ctx.quick)
-                    except Exception as exc:  # torch.compile trouble: measure eagerly, and say so
-                        if not compile_ or isinstance(exc, torch.cuda.OutOfMemoryError):
-                            raise
-                        notes.append(f"{backend}: torch.compile failed ({type(exc).__name__}), eager")
-                        step, n_lora_b, note = _step_fn(cfg, backend, batch, seq, lora, device, False, parallel)
-                        times[backend] = time_fn(step, device=device, quick=ctx.quick)
+                    args = (cfg, backend, batch, seq, lora, device, compile_, parallel)
+                    times[backend], n_lora_b, note, peaks[backend] = _measure_or_eager(args, ctx.quick, notes)
                 except (torch.cuda.OutOfMemoryError, RuntimeError, ValueError) as exc:
                     if parallel is None and not isinstance(exc, torch.cuda.OutOfMemoryError):
                         raise
-                    times[backend] = None
+                    times[backend], peaks[backend] = None, None
                     notes.append(f"{backend}: {type(exc).__name__}: {str(exc)[:120]}")
                     note = ""
                     n_lora_b = 0
@@ -233,7 +345,7 @@ def run(ctx):
         if times.get("llmkern") is None:
             continue
         if lora:
-            notes.insert(0, "MFU counts 4N + 6LTd + 6N_lora FLOPs/token (frozen base: no weight gradients)")
+            notes = _finetune_notes(lora, peaks) + notes
         if device.type == "cuda" and dev_name is None:
             notes.append(f"unknown GPU {torch.cuda.get_device_name(device)!r}: no peak, MFU only vs A100 (extra)")
         # per GPU: data parallel processes `world` batches per step, tensor parallel one batch
@@ -246,7 +358,8 @@ def run(ctx):
         extra = {"mfu_a100": flops.mfu(tok_s, fpt, a100),
                  "mfu_a100_palm": flops.mfu(tok_s, fpt_palm, a100),
                  "flops_per_token": fpt, "tflops": tok_s * fpt / 1e12, "device_peak": dev_name,
-                 "params": flops.param_counts(cfg)["total"], "compiled": compile_}
+                 "params": flops.param_counts(cfg)["total"], "compiled": compile_,
+                 "peak_mem_bytes": peaks.get("llmkern"), "torch_peak_mem_bytes": peaks.get("torch")}
         if lora:
             extra["lora_params"] = n_lora
         if times.get("torch"):
@@ -256,11 +369,11 @@ def run(ctx):
             if dev_peak:
                 extra["torch_mfu"] = flops.mfu(t_tok_s, fpt, dev_peak)
         yield Result(
-            op=f"{label} {'LoRA finetune' if lora else 'train'} step"
+            op=f"{label} {_KIND[lora]} step"
                + (f" ({'FSDP2 dp' if parallel == 'dp' else 'llmkern TP tp'}={world}, per GPU)" if parallel else ""),
             shape=f"B={batch} T={seq} {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}"
                   + (f" torch.compile({compile_})" if compile_ else ""),
-            ours_ms=times["llmkern"], baseline="torch backend" + (" + plain LoRA" if lora else ""),
+            ours_ms=times["llmkern"], baseline=_baseline_name(lora),
             baseline_ms=times.get("torch"), throughput=tok_s, unit="tok/s",
             mfu=flops.mfu(tok_s, fpt, dev_peak) if dev_peak else None,
             notes="; ".join(dict.fromkeys(notes)), extra=extra)
