@@ -254,6 +254,15 @@ def test_double_quant_errors():
         NF4Weight(packed, codes, (4, 10), 32, nested=(code_map[:-1], absmax2, offset))
     with pytest.raises(ValueError, match="nested"):
         NF4Weight(packed, codes, (4, 10), 32, nested=(code_map, absmax2))
+    # the kernels' layout as one tensor: used as it is (in-place writes reach the kernels), views as `nested`
+    state2 = torch.cat([code_map, offset.reshape(1), absmax2])
+    qw = NF4Weight(packed, codes, (4, 10), 32, nested=state2)
+    assert qw.state2 is state2 and qw.nested[0].data_ptr() == state2.data_ptr()
+    assert torch.equal(qw.scales(), NF4Weight(packed, codes, (4, 10), 32, nested=(code_map, absmax2, offset)).scales())
+    with pytest.raises(ValueError, match="nested"):
+        NF4Weight(packed, codes, (4, 10), 32, nested=state2[:-1])
+    with pytest.raises(ValueError, match="nested as a tensor must be 1-D float32"):
+        NF4Weight(packed, codes, (4, 10), 32, nested=state2.double())
 
 
 @needs_triton

@@ -39,7 +39,8 @@ class NF4Weight:
     ``[n, 1]`` shape is accepted); absmax: the scale of each block of ``blocksize`` consecutive elements,
     ``[ceil(N·K / blocksize)]``: float32, or with double quantization (``nested``) uint8 codes;
     nested: None, or ``(code_map [256] fp32, absmax2 fp32 [ceil(n_blocks / 256)], offset)`` decoding
-    them (see llmkern.reference.nf4); dtype: the dtype ``dequantize()`` returns by default (the original
+    them (see llmkern.reference.nf4), or those three as one float32 tensor ``[code_map | offset | absmax2]``
+    (the kernels' layout, ``.state2``: used as it is, not copied); dtype: the dtype ``dequantize()`` returns by default (the original
     weight's). Not a tensor and not trainable: it is the frozen base of a (Q)LoRA layer.
     """
 
@@ -66,17 +67,15 @@ class NF4Weight:
             raise ValueError(f"absmax is on {absmax.device} but packed is on {packed.device}")
         self.packed = packed.reshape(-1).contiguous()
         self.absmax = absmax.reshape(-1).contiguous()
-        self.nested = None if nested is None else _nested_arg(nested, nblocks, packed.device)
+        # the double-quantization state as one fp32 tensor [code_map | offset | absmax2] (what the kernels
+        # read), and `nested` as views of it
+        self.state2 = None if nested is None else _state2_arg(nested, nblocks, packed.device)
+        self.nested = None if nested is None else (self.state2[:256], self.state2[257:], self.state2[256])
         self.shape = torch.Size((N, K))
         self.blocksize = blocksize
         self.dtype = dtype
-        # the kernels' tables, made here (not per call, and not while torch.compile traces a call): the
-        # level pairs, and the double-quantization state as one fp32 tensor [code_map | offset | absmax2]
+        # the kernels' level-pair table, made here (not per call, and not while torch.compile traces a call)
         self.pairs = ref.level_pairs(self.packed.device)
-        self.state2 = None
-        if self.nested is not None:
-            code_map, absmax2, offset = self.nested
-            self.state2 = torch.cat([code_map, offset.reshape(1), absmax2])
 
     out_features = property(lambda self: self.shape[0])
     in_features = property(lambda self: self.shape[1])
@@ -105,9 +104,8 @@ class NF4Weight:
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "NF4Weight":
         """The same codes on `device` (dtype: the default dequantization dtype)."""
-        nested = None if self.nested is None else tuple(t.to(device) for t in self.nested)
         return NF4Weight(self.packed.to(device), self.absmax.to(device), self.shape, self.blocksize,
-                         dtype or self.dtype, nested=nested)
+                         dtype or self.dtype, nested=None if self.state2 is None else self.state2.to(device))
 
     def operand(self):
         """The LoRA launchers' view of this weight (llmkern.kernels.nf4.NF4Operand)."""
@@ -141,20 +139,31 @@ class NF4Weight:
                 f"device={self.device})")
 
 
-def _nested_arg(nested, nblocks, device):
-    """(code_map, absmax2, offset) as fp32 tensors on `device`, checked."""
-    try:
-        code_map, absmax2, offset = nested
-    except (TypeError, ValueError):
-        raise ValueError("nested must be (code_map, absmax2, offset)") from None
-    code_map = torch.as_tensor(code_map, dtype=torch.float32, device=device).reshape(-1)
-    absmax2 = torch.as_tensor(absmax2, dtype=torch.float32, device=device).reshape(-1)
-    offset = torch.as_tensor(offset, dtype=torch.float32, device=device).reshape(())
+def _state2_arg(nested, nblocks, device):
+    """The float32 [code_map (256) | offset (1) | absmax2] tensor of `nested` (a tensor of that layout, used as
+    it is, or a (code_map, absmax2, offset) tuple, concatenated), checked."""
     groups = -(-nblocks // ref.BLOCKSIZE2)
-    if code_map.numel() != 256 or absmax2.numel() != groups:
-        raise ValueError(f"nested: code_map must have 256 entries and absmax2 ceil({nblocks} / {ref.BLOCKSIZE2}) "
-                         f"= {groups}, got {code_map.numel()} and {absmax2.numel()}")
-    return code_map, absmax2, offset
+    if isinstance(nested, torch.Tensor):
+        state2 = nested
+        if state2.dtype != torch.float32 or state2.dim() != 1 or state2.device != device:
+            raise ValueError(f"nested as a tensor must be 1-D float32 on {device}, got {state2.dtype} "
+                             f"{tuple(state2.shape)} on {state2.device}")
+    else:
+        try:
+            code_map, absmax2, offset = nested
+        except (TypeError, ValueError):
+            raise ValueError("nested must be (code_map, absmax2, offset) or their float32 concatenation "
+                             "[code_map | offset | absmax2]") from None
+        code_map, absmax2, offset = (torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1)
+                                     for t in (code_map, absmax2, offset))
+        if code_map.numel() != 256 or offset.numel() != 1:
+            raise ValueError(f"nested: code_map must have 256 entries and offset 1, got {code_map.numel()} and "
+                             f"{offset.numel()}")
+        state2 = torch.cat([code_map, offset, absmax2])
+    if state2.numel() != 257 + groups:
+        raise ValueError(f"nested: 256 map entries, the offset and ceil({nblocks} / {ref.BLOCKSIZE2}) = {groups} "
+                         f"second-level scales make {257 + groups} values, got {state2.numel()}")
+    return state2
 
 
 def nf4_quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:

@@ -175,14 +175,9 @@ class NF4Linear(nn.Module):
         c = self._nf4
         if (c is None or c[0] is not self.packed or c[1] is not self.absmax or c[2] is not self.state2
                 or c[3] != self.compute_dtype):
-            s2 = self.state2
-            nested = None if s2 is None else (s2[:256], s2[257:], s2[256])
+            s2 = self.state2  # (NF4Weight's own layout: used as it is, so in-place loads reach the kernels)
             qw = NF4Weight(self.packed, self.absmax, (self.out_features, self.in_features), self.blocksize,
-                           self.compute_dtype, nested=nested)
-            if s2 is not None:
-                # NF4Weight concatenates its views of s2 into a new state2 of the same layout: take the buffer
-                # itself, so that an in-place load reaches what the kernels read
-                qw.state2 = s2
+                           self.compute_dtype, nested=s2)
             self._nf4 = c = (self.packed, self.absmax, s2, self.compute_dtype, qw)
         return c[4]
 

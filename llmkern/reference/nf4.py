@@ -69,13 +69,19 @@ def nf4_unpack(packed, numel):
 
 def nf4_dequantize(packed, absmax, shape, blocksize=64, dtype=torch.float32):
     """The weight of `shape` from its NF4 codes and per-block absmax: level[code] · absmax[i // blocksize],
-    computed in fp32 and returned in `dtype`."""
+    computed in fp32 and returned in `dtype`. (One gather of both levels per byte from a [256, 2] table and
+    one multiply by the block scales: the CPU path of every NF4 op runs this, forward and backward.)"""
     numel = 1
     for s in shape:
         numel *= int(s)
-    codes = nf4_unpack(packed.reshape(-1), numel).long()
-    scale = absmax.reshape(-1).to(torch.float32).repeat_interleave(blocksize)[:numel]
-    return (nf4_levels(packed.device)[codes] * scale).reshape(tuple(shape)).to(dtype)
+    b = torch.arange(256, device=packed.device)
+    levels = nf4_levels(packed.device)
+    pair_table = torch.stack([levels[b >> 4], levels[b & 15]], dim=1)  # [256, 2]: byte -> its two values
+    vals = pair_table[packed.reshape(-1).long()].reshape(-1)
+    nblocks = absmax.numel()
+    vals = torch.nn.functional.pad(vals, (0, max(0, nblocks * blocksize - vals.numel())))[:nblocks * blocksize]
+    out = vals.view(nblocks, blocksize) * absmax.reshape(-1, 1).to(torch.float32)
+    return out.reshape(-1)[:numel].reshape(tuple(shape)).to(dtype)
 
 
 BLOCKSIZE2 = 256  # absmax values per second-level scale (bitsandbytes' fixed choice)
