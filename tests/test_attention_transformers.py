@@ -268,3 +268,33 @@ def test_cross_attention_sees_every_encoder_key():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     for a, b in zip(got[-1], want[-1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["default", "triton"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral"])
+def test_left_padded_training_equals_sdpa(monkeypatch, backend, kind):
+    """Left padding in training: a pad query sees no key; llmkern gives it zeros, as transformers' SDPA path
+    does, so the logits at every position (pads included), the loss (whose first real token is predicted from
+    the last pad position) and every gradient equal SDPA's."""
+    if backend == "triton":
+        if triton_device() is None:
+            pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+        monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    model = _model(kind).train()
+    ids = torch.randint(3, 96, (2, 12), device=DEV)
+    am = torch.ones(2, 12, dtype=torch.long, device=DEV)
+    am[0, :3] = 0
+    am[1, :7] = 0
+    labels = ids.masked_fill(am == 0, -100)
+    res = {}
+    for impl in ("sdpa", "llmkern"):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=am, labels=labels)
+        out.loss.backward()
+        res[impl] = out.logits.detach(), out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    (ls, loss_s, gs), (lk, loss_k, gk) = res["sdpa"], res["llmkern"]
+    torch.testing.assert_close(lk, ls, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss_k, loss_s, atol=1e-5, rtol=1e-5)
+    for n in gs:
+        torch.testing.assert_close(gk[n], gs[n], atol=1e-4, rtol=1e-3, msg=n)
