@@ -152,6 +152,15 @@ def test_quantize_ties_and_levels_like_bitsandbytes():
     # the levels quantize to themselves
     codes = RN.nf4_unpack(qw.packed, 128)
     assert torch.equal(codes[1 + 3 * 15:1 + 3 * 15 + 16], torch.arange(16, dtype=torch.uint8))
+    # midpoints scaled by arbitrary block maxima: w / absmax and w · (1 / absmax) differ by an ulp now and then,
+    # which decides a tie; bitsandbytes multiplies by the reciprocal, and so does nf4_quantize
+    g = torch.Generator().manual_seed(0)
+    am = torch.rand(400, generator=g) * 2 + 0.1
+    W = mid[torch.randint(0, 15, (400, 64), generator=g)] * am[:, None]
+    W[:, 0] = am
+    with _eager_bnb():
+        packed, _ = F.quantize_4bit(W, blocksize=64, quant_type="nf4")
+    assert torch.equal(llmkern.nf4_quantize(W, 64).packed, packed.reshape(-1))
 
 
 def _bnb_param(W, blocksize, compress_statistics, quant_type="nf4", linear=False):
@@ -242,6 +251,17 @@ def test_double_quant_round_trip_and_size(shape):
     assert dq.nbytes == dq.packed.numel() + nb + 4 * (ng + 257)
     moved = dq.to("cpu", torch.float16)
     assert moved.dtype == torch.float16 and torch.equal(moved.dequantize(torch.float32), dq.dequantize())
+
+
+def test_gemm_refuses_rows_of_partial_blocks():
+    """The in-loop dequantization reads whole blocks per row; the public ops route other shapes through the
+    dequantize-first path, and the launcher itself refuses them rather than reading wrong scales."""
+    from llmkern.kernels import lora as KL
+
+    qw = llmkern.nf4_quantize(_weight(8, 70), 64)
+    x = torch.randn(3, 70)
+    with pytest.raises(ValueError, match="multiple of the blocksize"):
+        KL.gemm(x, qw.operand(), None, x.new_zeros(3, 1), x.new_zeros(1, 8, 1))
 
 
 def test_double_quant_errors():

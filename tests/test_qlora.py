@@ -699,3 +699,36 @@ def test_bench_qlora_row_baselines_compute_the_same_layer(monkeypatch, with_bnb)
         layer = suite._bnb_linear4bit(W, b)
         ref = nn.functional.linear(x, llmkern.nf4_dequantize(llmkern.nf4_quantize(W)), b)
         torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_nf4linear_refuses_float64_casts():
+    from llmkern.peft import NF4Linear
+
+    q = NF4Linear.from_linear(torch.nn.Linear(64, 16))
+    with pytest.raises(ValueError, match="cast to torch.float64 is not supported"):
+        q.double()
+    assert q.compute_dtype == torch.float32 and q.bias.dtype == torch.float32  # left as it was
+    q.half()
+    assert q.compute_dtype == torch.float16 and q.absmax.dtype == torch.float32
+
+
+def test_qlora_gpt_partial_dora_adapter_saves(tmp_path):
+    """GPT's q/k/v LoRAs save as one c_attn LoRA; with DoRA the magnitude rows of the projections without a
+    LoRA are their base rows' norms, read from the 4-bit base (dequantized) after quantize_nf4."""
+    from llmkern.models import build
+    from llmkern.peft import inject_lora, quantize_nf4, save_peft_adapter
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = build("gpt-tiny")
+    dense_k = model.get_submodule("h.0.attn.k_proj").weight.detach().clone()
+    quantize_nf4(model)
+    inject_lora(model, ["q_proj"], r=4, use_dora=True)
+    save_peft_adapter(model, str(tmp_path))
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    mags = [t for n, t in tensors.items() if "magnitude" in n]
+    assert mags and all(torch.isfinite(t).all() and (t > 0).all() for t in mags)
+    # layer 0's c_attn magnitude: the k rows are ‖dequantized W_k‖ per row, close to the dense norms
+    d = dense_k.shape[0]
+    mag0 = next(t for n, t in tensors.items() if "magnitude" in n and ".0." in n)
+    torch.testing.assert_close(mag0[d:2 * d].float(), dense_k.norm(dim=1), rtol=0.05, atol=1e-3)

@@ -366,6 +366,12 @@ _GEMM_NF4_TILES = [(16, 32, 128, 2, 4), (16, 64, 64, 4, 4), (16, 64, 128, 4, 3),
                    (32, 128, 64, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)]
 
 
+def _nf4_tuner(M):
+    """The NF4 GEMM's autotuner for M rows: decoding (M <= 16) and small batches tune apart, so that the
+    tile chosen at one does not serve the other (M is not in the key: a tuning per batch size costs more)."""
+    return "gemm_nf4_decode" if M <= 16 else "gemm_nf4"
+
+
 def _gemm_nf4_configs():
     return [_gemm_cfg(*c) for c in _GEMM_NF4_TILES]
 
@@ -414,6 +420,7 @@ _GEMM_KEY = ["N", "K", "R", "swk", "HAS_IDS", "EPI_DROPOUT", "W_NF4", "W_T", "NE
 _KERNELS = {"gemm": (_gemm_kernel, _gemm_configs, _GEMM_KEY, None),
             "gemm_tma": (_gemm_kernel, _gemm_tma_configs, _GEMM_KEY, _prune_tma),
             "gemm_nf4": (_gemm_kernel, _gemm_nf4_configs, _GEMM_KEY, None),
+            "gemm_nf4_decode": (_gemm_kernel, _gemm_nf4_configs, _GEMM_KEY, None),
             "shrink": (_shrink_kernel, _shrink_configs, ["K", "R", "sa_k", "HAS_IDS", "DROPOUT"], None),
             "reduce": (_reduce_kernel, _reduce_configs, ["P", "R", "HAS_IDS", "DROPOUT"], None)}
 
@@ -421,7 +428,7 @@ _KERNELS = {"gemm": (_gemm_kernel, _gemm_configs, _GEMM_KEY, None),
 _INTERP = {"gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
            "shrink": dict(BLOCK_M=16, BLOCK_K=32),
            "reduce": dict(BLOCK_M=16, BLOCK_P=32)}
-_INTERP["gemm_tma"] = _INTERP["gemm_nf4"] = _INTERP["gemm"]
+_INTERP["gemm_tma"] = _INTERP["gemm_nf4"] = _INTERP["gemm_nf4_decode"] = _INTERP["gemm"]
 
 _FIXED_GPU_TMA_TILE = (128, 256, 64, 8, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
 
@@ -430,6 +437,7 @@ _FIXED_GPU = {"gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_
               # the H100's fastest TMA candidate at 8192x4096x4096 bf16 (0.393 ms vs 0.478 for 128x128)
               "gemm_tma": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
               "gemm_nf4": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+              "gemm_nf4_decode": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3),
               "shrink": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
               "reduce": dict(BLOCK_M=64, BLOCK_P=128, num_warps=4, num_stages=3)}
 
@@ -535,8 +543,8 @@ def shrink(x, A, scale, scales=None, perm=None, sorted_ids=None, dropout_p=0.0, 
 def gemm(x, W, bias, xs, LB, ids=None, dropout_p=0.0, seed=None, wrap=None):
     """out[M, N] = x Wᵀ + bias + mask ⊙ (xs LB_aᵀ).
 
-    x [M, K]; W [N, K] (any strides), or an NF4Operand of even in_features (4-bit, dequantized in the
-    main loop; no TMA);
+    x [M, K]; W [N, K] (any strides), or an NF4Operand whose in_features are whole quantization blocks
+    (4-bit, dequantized in the main loop; no TMA; other shapes go through nf4.gemm_weight's temporary);
     xs [M, R] fp32; LB [n, N, R] (any strides); ids: int32 [M],
     the adapter of each row (None: adapter 0 everywhere). The dropout mask (when dropout_p > 0)
     applies to the low-rank term at (row, n)."""
@@ -552,6 +560,9 @@ def gemm(x, W, bias, xs, LB, ids=None, dropout_p=0.0, seed=None, wrap=None):
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
 
     nf4 = isinstance(W, _nf4.NF4Operand)
+    if nf4 and W.stored_shape[1] % W.blocksize:
+        raise ValueError(f"the NF4 GEMM needs in_features ({W.stored_shape[1]}) to be a multiple of the blocksize "
+                         f"({W.blocksize}); dequantize W first (kernels.nf4.gemm_weight does)")
     w_arg, absmax, pairs = (W.packed, W.absmax, W.pairs) if nf4 else (W, x, x)
     state2 = W.state2 if nf4 and W.state2 is not None else x
     # the NF4 main loop's strides: bytes per stored row (the layout is fixed)
@@ -562,7 +573,7 @@ def gemm(x, W, bias, xs, LB, ids=None, dropout_p=0.0, seed=None, wrap=None):
             desc_x, desc_w, w_t = x, w_arg, nf4 and W.transposed
         else:  # boxes are set per config by _set_tma_blocks
             desc_x, desc_w, w_t = _tma.descriptor(x), _tma.descriptor(w_tma[0]), w_tma[1]
-        name = "gemm_tma" if w_tma is not None else ("gemm_nf4" if nf4 else "gemm")
+        name = "gemm_tma" if w_tma is not None else (_nf4_tuner(M) if nf4 else "gemm")
         _launch(name, wrap, grid,
                 x, w_arg, absmax, pairs, state2, bias if bias is not None else x, xs, LB, out, ids if has_ids else x,
                 desc_x, desc_w,

@@ -3,8 +3,10 @@ main loop, a standalone dequantization kernel, and the operand object the LoRA l
 
 Layout (bitsandbytes', see llmkern/reference/nf4.py): element f of the row-major [N, K] weight has its
 4-bit code in byte f // 2 (high nibble for even f) and its scale in absmax[f // QBLOCK]; its value is
-levels[code] · absmax. A tile of W (or of Wᵀ, the backward's dx = dy W) is addressed through the flat
-index f = n·swn + k·swk with (swn, swk) = (K, 1) for W and (1, K) for Wᵀ, so one load serves both.
+levels[code] · absmax. The GEMM's main loop (llmkern/kernels/lora.py `_base_nf4`) reads a tile of W, or of
+Wᵀ for the backward's dx = dy W, as whole bytes of stored rows (`nf4_levels`: both elements of a byte from
+one table gather) and scales it per quantization block (`block_scales`, `scale_blocks`); that needs rows made
+of whole blocks (in_features a multiple of the blocksize), which `gemm_weight` checks.
 
 Two ways to use it in a GEMM with M rows of x (see `gemm_weight`):
 - fused: the GEMM loads packed bytes and dequantizes each W tile in registers right before tl.dot. W is

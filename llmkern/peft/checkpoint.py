@@ -155,7 +155,7 @@ def _to_hf(model, mods, hf, use_rslora):
             with_lora = {zn for zn, _, _ in parts}
             for zn, h in hf.items():  # rows of projections without LoRA: their base row norms
                 if h.name == name and zn not in with_lora:
-                    weight = model.get_submodule(zn).weight.detach()
+                    weight = _dense_weight(model.get_submodule(zn))
                     M[h.rows] = torch.linalg.vector_norm(weight.to(torch.float32), dim=1).to(M.dtype)
             for _, h, m in parts:
                 M[h.rows] = _magnitude(m)
@@ -163,6 +163,13 @@ def _to_hf(model, mods, hf, use_rslora):
         entries.append((name, R, alpha, dropout, A, B, M))
         fused[name] = [[n, m.r, m.alpha] for n, _, m in parts]
     return entries, fused, any(hf[n].conv1d for n, _ in mods)
+
+
+def _dense_weight(module):
+    """The [out, in] weight of a base layer, detached: an nn.Linear's, or a 4-bit NF4Linear's dequantized."""
+    if hasattr(module, "nf4_weight"):
+        return module.nf4_weight().dequantize(torch.float32)
+    return module.weight.detach()
 
 
 def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None,

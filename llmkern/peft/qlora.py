@@ -210,14 +210,17 @@ class NF4Linear(nn.Module):
         fp32 = {n: t for n, t in (("absmax", self.absmax), ("state2", self.state2))
                 if t is not None and t.dtype == torch.float32}
         dtype = self.compute_dtype
+        cast = fn(torch.empty(0, dtype=dtype, device=self.packed.device)).dtype
+        if cast.is_floating_point and cast not in _DTYPES:  # e.g. .double(): refused before anything moves
+            raise ValueError(f"NF4Linear computes in float32, float16 or bfloat16; a cast to {cast} is not supported "
+                             f"(dequantize() gives a dense nn.Linear that can be cast)")
         super()._apply(fn, *args, **kwargs)
         for name, old in fp32.items():
             new = getattr(self, name)
             if new.dtype != torch.float32:
                 setattr(self, name, old.to(new.device))
-        new = fn(torch.empty(0, dtype=dtype, device=self.packed.device)).dtype
-        if new in _DTYPES:
-            self.compute_dtype = new
+        if cast in _DTYPES:
+            self.compute_dtype = cast
         self.nf4_weight()  # made now, outside any later compiled forward
         return self
 

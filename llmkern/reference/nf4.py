@@ -51,7 +51,9 @@ def nf4_quantize(weight, blocksize=64):
     nblocks = -(-n // blocksize)
     padded = torch.nn.functional.pad(flat, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
     absmax = padded.abs().amax(dim=1)
-    scaled = padded / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
+    # times the reciprocal, as bitsandbytes scales (a division differs by an ulp now and then, which moves an
+    # element lying on a midpoint between two levels to the other one)
+    scaled = padded * (1.0 / torch.where(absmax > 0, absmax, torch.ones_like(absmax)))[:, None]
     levels = nf4_levels(weight.device)
     midpoints = (levels[1:] + levels[:-1]) / 2
     codes = torch.bucketize(scaled.reshape(-1)[:n], midpoints).to(torch.uint8)
@@ -109,7 +111,7 @@ def quantize_absmax(absmax, blocksize2=BLOCKSIZE2):
     groups = -(-n // blocksize2)
     padded = torch.nn.functional.pad(centred, (0, groups * blocksize2 - n)).view(groups, blocksize2)
     absmax2 = padded.abs().amax(dim=1)
-    scaled = padded / torch.where(absmax2 > 0, absmax2, torch.ones_like(absmax2))[:, None]
+    scaled = padded * (1.0 / torch.where(absmax2 > 0, absmax2, torch.ones_like(absmax2)))[:, None]
     code_map = dynamic_map().to(absmax.device)
     codes = torch.bucketize(scaled.reshape(-1)[:n], (code_map[1:] + code_map[:-1]) / 2).to(torch.uint8)
     return codes, code_map, absmax2, offset
