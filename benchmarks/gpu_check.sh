@@ -78,7 +78,7 @@ done
 export LLMKERN_ATTN_TUNE_TOP=${LLMKERN_ATTN_TUNE_TOP:-2} TQDM_DISABLE=1
 # "mfu-compiled" is the mfu suite again with both backends under torch.compile(mode="reduce-overhead")
 # (Inductor + CUDA graphs: no host time per launch), written to bench-mfu-compiled.
-for spec in ${GPU_CHECK_SUITES:-sampling:45 cross_entropy:30 attention:110 lora:70 mfu:70 tp:40 mfu-compiled:150 norm:25 rope:20 swiglu:20}; do
+for spec in ${GPU_CHECK_SUITES:-sampling:45 cross_entropy:30 attention:110 lora:70 mfu:70 tp:40 mfu-compiled:150 norm:25 rope:20 swiglu:20 moe:60}; do
   name=${spec%%:*}; suite=${name%-compiled}; lim=$(limit "${spec##*:}")
   [ "$lim" -gt 1 ] || { echo "llmkern-bench --suite $name skipped: deadline"; continue; }
   tune=""; case $suite in lora|mfu) tune="LLMKERN_LORA_AUTOTUNE=${LLMKERN_LORA_AUTOTUNE:-0}";; esac

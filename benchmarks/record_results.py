@@ -17,7 +17,7 @@ import json
 import os
 import re
 
-SUITES = ("sampling", "cross_entropy", "attention", "lora", "mfu", "tp", "norm", "rope", "swiglu")
+SUITES = ("sampling", "cross_entropy", "attention", "lora", "mfu", "tp", "norm", "rope", "swiglu", "moe")
 
 
 def _read(path):

@@ -17,3 +17,4 @@ from llmkern.reference.attention import attention_varlen, attention_with_kvcache
 from llmkern.reference.norm import layer_norm, rms_norm  # noqa: E402,F401
 # rope, swiglu, geglu: llmkern.reference.rope.rope, llmkern.reference.swiglu.swiglu / .geglu (not re-exported)
 # NF4 (QLoRA 4-bit weights): llmkern.reference.nf4.nf4_quantize / nf4_dequantize (not re-exported)
+# Mixture-of-Experts MLP: llmkern.reference.moe.moe_mlp / moe_route (not re-exported)

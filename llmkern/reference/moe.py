@@ -1,0 +1,71 @@
+"""Reference of llmkern.moe_mlp / llmkern.moe_route: plain PyTorch, differentiable; the test oracle and
+the CPU path.
+
+    y[t] = Σ_j topk_weights[t, j] · down_e(act(gate_e(x_t)) · up_e(x_t)),   e = topk_ids[t, j]
+
+with gate_e = rows [0, F) of w_gate_up[e] [2F, d], up_e = rows [F, 2F), down_e = w_down[e] [d, F]
+(transformers' MixtralExperts / Qwen2MoeExperts layout), act = silu ("swiglu") or tanh-gelu ("geglu").
+
+`moe_mlp` is transformers' loop over experts (the rows routed to expert e, three matmuls, index_add
+back), computed in float32 (float64 stays float64) and returned in x's dtype. Under torch.compile it
+runs `moe_mlp_dense` instead, which has static shapes (every expert on every token, weighted by a
+[T, E] coefficient matrix: E/k times the FLOPs, but no data-dependent sizes to break the graph).
+Not exported from llmkern.reference (the name is this module's): use ``llmkern.reference.moe.moe_mlp``.
+"""
+import torch
+
+from llmkern.reference.swiglu import activation as _activation
+
+ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_tanh"}
+
+
+def _prepare(x, w_gate_up, topk_ids, topk_weights):
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    d = x.shape[-1]
+    k = topk_ids.shape[-1]
+    return dt, x.reshape(-1, d).to(dt), topk_ids.reshape(-1, k), topk_weights.reshape(-1, k).to(dt)
+
+
+def _expert(x, w_gate_up, w_down, act, dt):
+    """down(act(gate(x)) · up(x)) of one expert for rows x [n, d]."""
+    h = x @ w_gate_up.to(dt).t()
+    g, u = h.chunk(2, dim=-1)
+    return (_activation(g, ACTIVATIONS[act]) * u) @ w_down.to(dt).t()
+
+
+def moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights, activation="swiglu"):
+    """The loop over experts; x [..., d], topk_ids / topk_weights [..., k] (or [T, k])."""
+    if torch.compiler.is_compiling():
+        return moe_mlp_dense(x, w_gate_up, w_down, topk_ids, topk_weights, activation)
+    dt, x2, ids, w = _prepare(x, w_gate_up, topk_ids, topk_weights)
+    y = torch.zeros_like(x2)
+    for e in range(w_gate_up.shape[0]):
+        tok, slot = torch.where(ids == e)
+        if tok.numel() == 0:  # (a host sync on CUDA: the reference is not the CUDA path)
+            continue
+        o = _expert(x2[tok], w_gate_up[e], w_down[e], activation, dt)
+        y = y.index_add(0, tok, o * w[tok, slot, None])
+    return y.to(x.dtype).reshape(x.shape)
+
+
+def moe_mlp_dense(x, w_gate_up, w_down, topk_ids, topk_weights, activation="swiglu"):
+    """The same sum with static shapes: every expert on every token, times coef[t, e] = Σ_j
+    w[t, j]·[ids[t, j] == e] (0 for experts the token does not use)."""
+    dt, x2, ids, w = _prepare(x, w_gate_up, topk_ids, topk_weights)
+    E = w_gate_up.shape[0]
+    coef = torch.zeros(x2.shape[0], E, device=x.device, dtype=dt).scatter_add(1, ids.long(), w)
+    y = torch.zeros_like(x2)
+    for e in range(E):
+        y = y + coef[:, e:e + 1] * _expert(x2, w_gate_up[e], w_down[e], activation, dt)
+    return y.to(x.dtype).reshape(x.shape)
+
+
+def moe_route(router_logits, k, renormalize=True):
+    """(topk_weights, topk_ids int64) of softmax(router_logits) in float32 (float64 stays float64);
+    renormalize: the k weights of a token divided by their sum (Mixtral; Qwen2-MoE's norm_topk_prob)."""
+    dt = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
+    probs = torch.softmax(router_logits.to(dt), dim=-1)
+    weights, ids = torch.topk(probs, k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
