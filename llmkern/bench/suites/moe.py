@@ -41,6 +41,29 @@ def hf_expert_loop(x, w_gate_up, w_down, topk_ids, topk_weights):
     return out
 
 
+def torch_grouped_mm(x, w_gate_up, w_down, topk_ids, topk_weights):
+    """The strongest plain-PyTorch path (what transformers' experts_implementation="grouped_mm" does): the
+    (token, slot) pairs sorted by expert, two cuBLAS grouped GEMMs (torch._grouped_mm, sm_90, bf16) with the
+    activation between them, weighted index_add back. CUDA only."""
+    E, k = w_gate_up.shape[0], topk_ids.shape[1]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
+    tok = order // k
+    gate, up = torch._grouped_mm(x[tok], w_gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    o = torch._grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs)
+    o = o * topk_weights.reshape(-1)[order, None].to(o.dtype)
+    return torch.zeros_like(x).index_add(0, tok, o.to(x.dtype))
+
+
+def _baselines(dev):
+    """(name, function) of the baselines on this device."""
+    out = [("transformers loop over experts (eager)", hf_expert_loop)]
+    if dev.type == "cuda" and hasattr(torch, "_grouped_mm"):
+        out.append(("torch._grouped_mm (transformers' grouped_mm experts)", torch_grouped_mm))
+    return out
+
+
 def _rows(ctx, label, T, d, F_, E, k, dtype, modes=("fwd", "fwd+bwd"), notes=""):
     import llmkern
     from llmkern.flops import device_peak
@@ -58,25 +81,29 @@ def _rows(ctx, label, T, d, F_, E, k, dtype, modes=("fwd", "fwd+bwd"), notes="")
     fwd_flops = 2 * T * k * 3 * F_ * d
     peak = device_peak(dev, dtype)
     shape = f"T={T} d={d} F={F_} E={E} k={k} {str(dtype).replace('torch.', '')}"
-    for mode in modes:
+    def timed(fn, mode):
         if mode == "fwd":
             with torch.no_grad():
-                ours = time_fn(lambda: llmkern.moe_mlp(x, wgu, wd, ids, tw), dev, quick=ctx.quick)
-                base = time_fn(lambda: hf_expert_loop(x, wgu, wd, ids, tw), dev, quick=ctx.quick)
-            flops = fwd_flops
-        else:
-            ours = time_fn(lambda: torch.autograd.grad(llmkern.moe_mlp(x, wgu, wd, ids, tw), leaves, dy),
-                           dev, quick=ctx.quick)
-            base = time_fn(lambda: torch.autograd.grad(hf_expert_loop(x, wgu, wd, ids, tw), leaves, dy),
-                           dev, quick=ctx.quick)
-            flops = 3 * fwd_flops
+                return time_fn(lambda: fn(x, wgu, wd, ids, tw), dev, quick=ctx.quick)
+        return time_fn(lambda: torch.autograd.grad(fn(x, wgu, wd, ids, tw), leaves, dy), dev, quick=ctx.quick)
+
+    for mode in modes:
+        flops = fwd_flops if mode == "fwd" else 3 * fwd_flops
+        ours = timed(llmkern.moe_mlp, mode)
         tflops = flops / (ours * 1e-3) / 1e12
-        extra = {"tflop": flops / 1e12, "baseline_tflops": flops / (base * 1e-3) / 1e12}
-        if peak:
-            extra["mfu"] = tflops * 1e12 / peak
-        yield Result(op=f"moe_mlp {label} {mode}", shape=shape, ours_ms=ours,
-                     baseline="transformers loop over experts (eager)", baseline_ms=base, throughput=tflops,
-                     unit="TFLOP/s", mfu=extra.get("mfu"), notes=notes, extra=extra)
+        for name, fn in _baselines(dev):
+            try:
+                base = timed(fn, mode)
+            except (RuntimeError, NotImplementedError) as exc:  # e.g. _grouped_mm on a card without it
+                yield Result(op=f"moe_mlp {label} {mode}", shape=shape, ours_ms=ours, baseline=name,
+                             baseline_ms=None, throughput=tflops, unit="TFLOP/s",
+                             notes=f"baseline failed: {type(exc).__name__}: {str(exc)[:80]}")
+                continue
+            extra = {"tflop": flops / 1e12, "baseline_tflops": flops / (base * 1e-3) / 1e12}
+            if peak:
+                extra["mfu"] = tflops * 1e12 / peak
+            yield Result(op=f"moe_mlp {label} {mode}", shape=shape, ours_ms=ours, baseline=name, baseline_ms=base,
+                         throughput=tflops, unit="TFLOP/s", mfu=extra.get("mfu"), notes=notes, extra=extra)
     if dev.type == "cuda":
         del x, wgu, wd, dy, leaves
         torch.cuda.empty_cache()
