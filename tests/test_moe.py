@@ -247,7 +247,11 @@ def test_torch_compile_fullgraph_reference_path(monkeypatch):
     """CPU tensors run the reference; under torch.compile its static-shape (dense) form traces whole."""
     monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
     torch._dynamo.reset()
-    x, wgu, wd, ids, tw = _problem(7, 16, 12, 4, 2, device="cpu")
+    _compiled_equals_eager(*_problem(7, 16, 12, 4, 2, device="cpu"))
+
+
+def _compiled_equals_eager(x, wgu, wd, ids, tw):
+    """torch.compile(fullgraph=True) of a loss through moe_mlp: the eager value and gradients."""
     leaves = [t.requires_grad_() for t in (x, wgu, wd, tw)]
 
     def f(x, wgu, wd, ids, tw):
@@ -289,19 +293,7 @@ def test_opcheck(triton_backend):
 @needs_triton
 def test_torch_compile_fullgraph_custom_op(triton_backend):
     torch._dynamo.reset()
-    x, wgu, wd, ids, tw = _problem(9, 24, 20, 4, 2)
-    leaves = [t.requires_grad_() for t in (x, wgu, wd, tw)]
-
-    def f(x, wgu, wd, ids, tw):
-        return (llmkern.moe_mlp(x, wgu, wd, ids, tw) ** 2).sum()
-
-    got = torch.compile(f, fullgraph=True)(x, wgu, wd, ids, tw)
-    g_got = torch.autograd.grad(got, leaves)
-    want = f(x, wgu, wd, ids, tw)
-    g_want = torch.autograd.grad(want, leaves)
-    torch.testing.assert_close(got, want)
-    for a, b in zip(g_got, g_want):
-        torch.testing.assert_close(a, b)
+    _compiled_equals_eager(*_problem(9, 24, 20, 4, 2))
 
 
 @needs_triton

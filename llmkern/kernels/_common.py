@@ -59,3 +59,12 @@ def fmix32(h):
     h = h * 0xC2B2AE35
     h = h ^ (h >> 16)
     return h
+
+
+@triton.jit
+def split_rows(start, end, split, s, BLOCK_M: tl.constexpr):
+    """(lo, hi): piece s of `split` of the rows [start, end), in whole BLOCK_M tiles: the row range one
+    program of a split reduction (sum over rows, the pieces added afterwards in a fixed order) covers."""
+    chunk = tl.cdiv(tl.cdiv(end - start, split), BLOCK_M) * BLOCK_M
+    lo = start + s * chunk
+    return lo, tl.minimum(lo + chunk, end)

@@ -52,6 +52,7 @@ from llmkern.kernels._common import cdiv, next_power_of_2
 from llmkern.kernels._common import dropout_params  # (the launchers below; tests read it here)
 from llmkern.kernels._common import fmix32 as _fmix32
 from llmkern.kernels._common import seed_keys as _seed_keys
+from llmkern.kernels._common import split_rows as _split_rows
 from llmkern.reference.lora import seed_words  # the int seed -> int32 words split (re-exported)
 
 _HASH_COL = 0x9E3779B1
@@ -314,9 +315,7 @@ def _reduce_kernel(Y, Z, OUT, ROWS, SEG, M, P, R, split,
     else:
         start = 0
         end = M
-    chunk = tl.cdiv(tl.cdiv(end - start, split), BLOCK_M) * BLOCK_M
-    m_lo = start + s * chunk
-    m_hi = tl.minimum(m_lo + chunk, end)
+    m_lo, m_hi = _split_rows(start, end, split, s, BLOCK_M)
     acc = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)

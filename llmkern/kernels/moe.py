@@ -61,6 +61,7 @@ import triton.language as tl
 from llmkern._backend import triton_interpreting
 from llmkern.kernels import _autotune as _autotune_front
 from llmkern.kernels._common import cdiv, next_power_of_2
+from llmkern.kernels._common import split_rows as _split_rows
 from llmkern.kernels.swiglu import ACTS
 from llmkern.kernels.swiglu import _act
 
@@ -233,9 +234,7 @@ def _wgrad_kernel(Y, Z, TW, ORDER, SEG, OUT, P, R, k_top, split,
     mask_r = offs_r < R
     start = tl.load(SEG + e)
     end = tl.load(SEG + e + 1)
-    chunk = tl.cdiv(tl.cdiv(end - start, split), BLOCK_M) * BLOCK_M
-    m_lo = start + s * chunk
-    m_hi = tl.minimum(m_lo + chunk, end)
+    m_lo, m_hi = _split_rows(start, end, split, s, BLOCK_M)
     acc = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
