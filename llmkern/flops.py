@@ -13,7 +13,10 @@ FLOPs per token for training, forward + backward = (1 + 2) × forward:
     "seed"  6·N + 6·L·T·d        forward 2N + 2·L·T·d (seed deck, "Computation concentration")
     "palm"  6·N + 12·L·H·Q·T     PaLM appendix B / nanoGPT's estimate_mfu (H·Q = attention width)
 N is the number of parameters that take part in matmuls: `matmul_params(config)` (all parameters
-but the position embedding and, when the lm_head is untied, the input embedding — a lookup). For
+but the position embedding and, when the lm_head is untied, the input embedding — a lookup). For a
+sparse mixture of experts (config.n_experts > 0) N counts the active parameters, those one token
+runs through: k of the E experts per MoE layer, the router, the rest of the model
+(param_counts(...)["active"]; "total" counts every expert: Mixtral 8x7B 46.7B total, 12.9B active). For
 GPT-2 this is nanoGPT's N (get_num_params(): all but wpe). llm.c's gpt2_estimate_mfu uses the seed's
 formula, 6N + 6·L·T·d, with N = every parameter (wpe too: +6·T·d per token, 0.6% for gpt2 at T=1024).
 The seed's N ≈ 12Ld² leaves out the tied lm_head (2·V·d per token forward), which N here counts.
@@ -51,8 +54,11 @@ def param_counts(config):
     """Parameters by component (dict of ints) for a zoo config or its name.
 
     Keys: token_embedding, position_embedding, attention (weights, the seed's 4Ld² for MHA),
-    ffn (weights + biases), attention_bias (q/k/v and o_proj biases, as the config has them), norm
-    (qk-norm gains included), lm_head (0 when tied), total, and
+    ffn (weights + biases; every expert of a mixture of experts, and its shared expert), attention_bias
+    (q/k/v and o_proj biases, as the config has them), norm (qk-norm gains included), lm_head (0 when
+    tied), router (MoE routers and shared-expert gates; 0 for dense models), total (the sum of those),
+    experts (the routed experts' share of ffn), active (the parameters one token uses: total less the
+    E - k experts it is not routed to in each MoE layer; total for dense models), and
     shares: each of the first four as a fraction of total.
     """
     c = _cfg(config)
@@ -61,26 +67,41 @@ def param_counts(config):
     qkv_bias, o_bias, mlp_bias = c.biases  # (Llama-family options: Qwen2 biases q/k/v only)
     attn_b = L * ((c.attn_dim + 2 * c.n_kv_head * c.head_dim if qkv_bias else 0) + (d if o_bias else 0))
     f = c.intermediate_size
+    router = experts = inactive = 0
     if c.arch == "gpt":
         ffn = L * (d * f + f + f * d + d) if mlp_bias else L * 2 * d * f
         norm = (2 * L + 1) * d * (2 if c.bias else 1)
         pos = T * d
     else:
-        ffn = L * 3 * d * f + (L * (2 * f + d) if mlp_bias else 0)
+        def swiglu(width):  # gate, up, down (+ their biases)
+            return 3 * d * width + ((2 * width + d) if mlp_bias else 0)
+
+        L_moe = c.n_moe_layers  # (0 for a dense model)
+        ffn = (L - L_moe) * swiglu(f)
+        if L_moe:
+            E, k, F = c.n_experts, c.n_experts_per_tok, c.moe_ffn_dim
+            experts = L_moe * E * 3 * d * F  # the routed experts (no biases)
+            inactive = L_moe * (E - k) * 3 * d * F  # the experts a token does not use
+            shared = L_moe * swiglu(c.moe_shared_ffn_dim) if c.moe_shared_ffn_dim else 0
+            ffn += experts + shared
+            router = L_moe * d * (E + (1 if c.moe_shared_ffn_dim else 0))  # + the shared expert's gate
         norm = (2 * L + 1) * d + (L * 2 * c.head_dim if c.qk_norm else 0)  # + Qwen3's q_norm/k_norm gains
         pos = 0
     out = dict(token_embedding=V * d, position_embedding=pos, attention=attn_w, ffn=ffn,
-               attention_bias=attn_b, norm=norm, lm_head=0 if c.tie_embeddings else V * d)
+               attention_bias=attn_b, norm=norm, lm_head=0 if c.tie_embeddings else V * d, router=router)
     out["total"] = sum(out.values())
+    out["experts"] = experts
+    out["active"] = out["total"] - inactive
     out["shares"] = {k: out[k] / out["total"] for k in ("token_embedding", "position_embedding", "attention", "ffn")}
     return out
 
 
 def matmul_params(config):
     """N for the FLOP formulas: parameters used in matmuls (the token embedding counts when it is
-    the tied output head; the position embedding and an input-only embedding are lookups)."""
+    the tied output head; the position embedding and an input-only embedding are lookups). For a
+    mixture of experts, the *active* parameters: a token runs k of the E experts (and the router)."""
     p = param_counts(config)
-    n = p["total"] - p["position_embedding"]
+    n = p["active"] - p["position_embedding"]
     if p["lm_head"]:
         n -= p["token_embedding"]
     return n

@@ -148,3 +148,20 @@ def test_unknown_gpu_says_so(monkeypatch):
     assert flops.device_peak("cuda") is None
     u = flops.utilization(1e4, 1e9, "bf16", device="cuda")
     assert u.mfu_device is None and u.device is None and math.isclose(u.mfu_a100, 1e13 / 312e12)
+
+
+def test_moe_param_counts_and_active_flops():
+    """Mixture of experts: total counts every expert (equal to the model), active k of E per MoE layer,
+    and the FLOP formulas use the active ones."""
+    c = get_config("mixtral-tiny")
+    p = flops.param_counts(c)
+    assert p["total"] == build(c).num_params()
+    L, d, E, k, F = c.n_layer, c.n_embd, c.n_experts, c.n_experts_per_tok, c.moe_ffn_dim
+    assert p["experts"] == L * E * 3 * d * F and p["router"] == L * d * E
+    assert p["total"] - p["active"] == L * (E - k) * 3 * d * F
+    assert flops.matmul_params(c) == p["active"] - c.vocab_size * d  # untied: the input embedding is a lookup
+    dense_ffn = c.replace(n_experts=0, n_experts_per_tok=None, moe_ffn_dim=None, intermediate_size=k * F)
+    # a top-k MoE costs what a dense model of k experts' width costs, plus the router
+    assert flops.model_flops_per_token(c, 64) - flops.model_flops_per_token(dense_ffn, 64) == 6 * L * d * E
+    m8 = flops.param_counts("mixtral-8x7b")
+    assert round(m8["total"] / 1e9, 1) == 46.7 and round(m8["active"] / 1e9, 1) == 12.9

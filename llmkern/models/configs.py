@@ -4,7 +4,8 @@ Named sizes (``get_config(name)``):
   gpt2, gpt2-medium, gpt2-large, gpt2-xl          GPT-2 (Radford et al. 2019), context 1024
   gpt3-125m ... gpt3-175b                          the eight sizes of GPT-3 Table 2.1, context 2048
   llama-7b, llama-13b, llama2-7b, llama3-8b, ...   LLaMA-style (RMSNorm, RoPE, SwiGLU, GQA)
-  gpt-tiny, llama-tiny                             a few hundred thousand parameters, for tests
+  mixtral-8x7b                                     sparse MoE: 8 experts, top-2 (counting only)
+  gpt-tiny, llama-tiny, mixtral-tiny               a few hundred thousand parameters, for tests
 
 Llama-family options (off by default; from_hf sets them for Mistral, Qwen2 and Qwen3 checkpoints):
   qkv_bias, o_bias      biases on q/k/v_proj and on o_proj, apart from `bias` (which then covers the
@@ -12,6 +13,19 @@ Llama-family options (off by default; from_hf sets them for Mistral, Qwen2 and Q
   qk_norm               RMSNorm over head_dim of each head of q and k, before RoPE (Qwen3)
   sliding_window        W: query i sees keys i-W+1..i (Mistral, Qwen2/3 with use_sliding_window),
   sliding_window_layers in the layers listed (None: every layer)
+
+Sparse mixture of experts (Llama family; off with n_experts = 0, the dense SwiGLU MLP):
+  n_experts             E > 0: the MLP of each MoE layer is E SwiGLU experts of width moe_ffn_dim
+                        (default intermediate_size) and a router (Mixtral, Qwen2-MoE, Qwen3-MoE)
+  n_experts_per_tok     k in 1..E experts per token (default 2, Mixtral's), softmax-top-k routed
+  moe_renormalize       the k routing weights divided by their sum (Mixtral; Qwen's norm_topk_prob)
+  moe_shared_ffn_dim    > 0: a shared expert of that width on every token, scaled by a sigmoid gate
+                        (Qwen2-MoE)
+  moe_layers            the layers that are sparse (None: all); the others keep the dense MLP of
+                        intermediate_size (Qwen-MoE's mlp_only_layers / decoder_sparse_step)
+  router_aux_loss_coef  > 0: the Switch/Mixtral load-balancing loss times this is added to the
+                        returned loss (0: off)
+Named: mixtral-8x7b (the real sizes: 46.7B parameters, 12.9B active per token), mixtral-tiny (tests).
 
 GPT-3 Table 2.1 notes: the table lists d_model=5140 for 13B, which is 40 heads x 128 = 5120 in
 the released models; and 24 heads x 128 for 1.3B, which contradicts d_model=2048 (and the 1.3B
@@ -48,6 +62,14 @@ class ModelConfig:
     qk_norm: bool = False             # llama only: per-head RMSNorm of q and k before RoPE (Qwen3)
     sliding_window: Optional[int] = None  # llama only: each query sees its last W keys (itself included)
     sliding_window_layers: Optional[tuple] = None  # the layers that slide (None: all, when sliding_window)
+    # sparse mixture of experts (llama only; see the module docstring)
+    n_experts: int = 0                # E experts per MoE layer; 0: the dense MLP
+    n_experts_per_tok: Optional[int] = None  # top-k (default 2 when n_experts > 0)
+    moe_ffn_dim: Optional[int] = None  # each expert's width (default intermediate_size)
+    moe_renormalize: bool = True      # top-k weights renormalized to sum 1 (Mixtral)
+    moe_shared_ffn_dim: int = 0       # Qwen2-MoE's sigmoid-gated shared expert (0: none)
+    moe_layers: Optional[tuple] = None  # the sparse layers (None: all)
+    router_aux_loss_coef: float = 0.0  # load-balancing loss weight (0: off)
     name: str = ""
 
     def __post_init__(self):
@@ -96,6 +118,56 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
         self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.arch)
         self._check_llama_options()
+        self._check_moe()
+
+    def _check_moe(self):
+        """The mixture-of-experts fields: all at their defaults for a dense model (n_experts = 0), so a
+        typo'd MoE config never builds a silently dense model."""
+        E = self.n_experts
+        if not isinstance(E, int) or isinstance(E, bool) or E < 0:
+            raise ValueError(f"ModelConfig.n_experts must be an int >= 0 (0: dense MLP), got {E!r}")
+        if E == 0:
+            for f, off in (("n_experts_per_tok", None), ("moe_ffn_dim", None), ("moe_shared_ffn_dim", 0),
+                           ("moe_layers", None), ("router_aux_loss_coef", 0.0)):
+                if getattr(self, f) != off:
+                    raise ValueError(f"ModelConfig.{f} applies to mixture-of-experts models only "
+                                     f"(n_experts > 0), got {f}={getattr(self, f)!r} with n_experts=0")
+            return
+        if self.arch != "llama":
+            raise ValueError(f"ModelConfig.n_experts applies to arch='llama' only, got arch={self.arch!r}")
+        if self.n_experts_per_tok is None:
+            self.n_experts_per_tok = min(2, E)
+        k = self.n_experts_per_tok
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= E:
+            raise ValueError(f"ModelConfig.n_experts_per_tok must be an int in 1..n_experts={E}, got {k!r}")
+        if self.moe_ffn_dim is None:
+            self.moe_ffn_dim = self.intermediate_size
+        for f in ("moe_ffn_dim", "moe_shared_ffn_dim"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if f == "moe_ffn_dim" else 0):
+                raise ValueError(f"ModelConfig.{f} must be a {'positive' if f == 'moe_ffn_dim' else 'non-negative'} "
+                                 f"int, got {v!r}")
+        if not isinstance(self.moe_renormalize, bool):
+            raise ValueError(f"ModelConfig.moe_renormalize must be a bool, got {self.moe_renormalize!r}")
+        c = self.router_aux_loss_coef
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0:
+            raise ValueError(f"ModelConfig.router_aux_loss_coef must be a number >= 0 (0: off), got {c!r}")
+        self.router_aux_loss_coef = float(c)
+        layers = self.moe_layers
+        if layers is not None:
+            if not isinstance(layers, (list, tuple, range)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layer for i in layers):
+                raise ValueError(f"ModelConfig.moe_layers must list layer indices in 0..{self.n_layer - 1} "
+                                 f"(or be None: every layer), got {layers!r}")
+            self.moe_layers = tuple(sorted(set(layers)))
+
+    def layer_is_moe(self, i):
+        """Whether layer i's MLP is the sparse mixture of experts (else the dense SwiGLU MLP)."""
+        return self.n_experts > 0 and (self.moe_layers is None or i in self.moe_layers)
+
+    @property
+    def n_moe_layers(self):
+        return sum(self.layer_is_moe(i) for i in range(self.n_layer))
 
     def _check_llama_options(self):
         """The Llama-family options (Mistral / Qwen2 / Qwen3): GPT ignores them, so they must stay unset."""
@@ -217,10 +289,10 @@ def _gpt(name, n_layer, n_embd, n_head, block_size, vocab_size=50257):
 
 
 def _llama(name, n_layer, n_embd, n_head, n_kv_head, intermediate_size, vocab_size, block_size,
-           rope_theta=10000.0, norm_eps=1e-5, tie=False):
+           rope_theta=10000.0, norm_eps=1e-5, tie=False, **moe):
     return dict(arch="llama", name=name, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
                 n_kv_head=n_kv_head, intermediate_size=intermediate_size, vocab_size=vocab_size,
-                block_size=block_size, rope_theta=rope_theta, norm_eps=norm_eps, tie_embeddings=tie)
+                block_size=block_size, rope_theta=rope_theta, norm_eps=norm_eps, tie_embeddings=tie, **moe)
 
 
 CONFIGS = {
@@ -246,11 +318,16 @@ CONFIGS = {
     "llama-1b": _llama("llama-1b", 16, 2048, 32, 8, 8192, 128256, 2048, rope_theta=500000.0, tie=True),
     "llama-350m": _llama("llama-350m", 24, 1024, 16, 4, 2816, 32000, 2048),
     "llama-125m": _llama("llama-125m", 12, 768, 12, 4, 2048, 32000, 2048),
+    # Mixtral 8x7B (mistralai/Mixtral-8x7B-v0.1 config.json): 8 experts of width 14336, top-2
+    "mixtral-8x7b": _llama("mixtral-8x7b", 32, 4096, 32, 8, 14336, 32000, 32768, rope_theta=1e6,
+                           n_experts=8, n_experts_per_tok=2),
     # tiny, for tests and CPU smoke runs
     "gpt-tiny": dict(arch="gpt", name="gpt-tiny", n_layer=2, n_embd=64, n_head=4, block_size=128,
                      vocab_size=256),
     "llama-tiny": dict(arch="llama", name="llama-tiny", n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
                        intermediate_size=176, block_size=128, vocab_size=256),
+    "mixtral-tiny": dict(arch="llama", name="mixtral-tiny", n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                         intermediate_size=96, block_size=128, vocab_size=256, n_experts=4, n_experts_per_tok=2),
 }
 _ALIASES = {"gpt2-small": "gpt2", "gpt2-124m": "gpt2", "gpt2-350m": "gpt2-medium",
             "gpt2-774m": "gpt2-large", "gpt2-1.5b": "gpt2-xl", "gpt3-small": "gpt3-125m",

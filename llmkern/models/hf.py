@@ -13,10 +13,21 @@ Supported config.json model_types:
            (layer_types, else the layers from max_window_layers on)
   qwen3    Qwen3ForCausalLM -> Llama with q_norm/k_norm, its head_dim, attention_bias; sliding
            windows as Qwen2
+  mixtral  MixtralForCausalLM -> Llama with n_experts = num_local_experts, top-k num_experts_per_tok
+           (renormalized), Mistral's sliding_window
+  qwen2_moe  Qwen2MoeForCausalLM -> Llama with experts of moe_intermediate_size, norm_topk_prob, the
+           sigmoid-gated shared expert (shared_expert_intermediate_size), q/k/v biases (qkv_bias), dense
+           layers per mlp_only_layers / decoder_sparse_step
+  qwen3_moe  Qwen3MoeForCausalLM -> the same without the shared expert, with Qwen3's attention
+Expert weights load from either checkpoint layout: one tensor per expert (Mixtral's
+block_sparse_moe.experts.{e}.w1/w3/w2, Qwen's mlp.experts.{e}.gate_proj/up_proj/down_proj, which is what
+transformers 5's save_pretrained writes) or the stacked mlp.experts.gate_up_proj / down_proj.
+router_aux_loss_coef is taken only when output_router_logits is set (transformers adds the aux loss to
+the loss only then); router_jitter_noise (training-time noise) is not implemented and warns.
 Every Llama-family model uses hidden_act "silu", tie_word_embeddings, rope_theta / rope_parameters
 (or the older rope_scaling) and rms_norm_eps as transformers reads them. Anything else that would
-change the outputs (another activation, mixture-of-experts keys, other model_types) raises a
-ValueError naming the config key: nothing loads silently wrong.
+change the outputs (another activation, mixture-of-experts keys on a dense family, Qwen-MoE sliding
+windows, other model_types) raises a ValueError naming the config key: nothing loads silently wrong.
 
 Reads config.json and model.safetensors (or the shards listed in model.safetensors.index.json);
 no network, no transformers import. GPT-2's Conv1D weights ([in, out]) are transposed into
@@ -36,7 +47,8 @@ from llmkern.models.gpt import GPT
 from llmkern.models.llama import Llama
 
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")  # model_types the zoo's Llama loads
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")  # the zoo's Llama loads
+MOE_FAMILY = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def _load_state(path):
@@ -111,11 +123,19 @@ def _rope_parameters(hf):
 
 # config.json defaults of the Llama-family classes (transformers 5), for keys a file may leave out
 _QWEN_WINDOW = dict(use_sliding_window=False, sliding_window=4096, max_window_layers=28)
+_QWEN_MOE = dict(use_sliding_window=False, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=False)
 _FAMILY_DEFAULTS = {
     "llama": dict(max_position_embeddings=2048, num_key_value_heads=None, head_dim=None),
     "mistral": dict(max_position_embeddings=4096 * 32, num_key_value_heads=8, head_dim=None, sliding_window=4096),
     "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=None, **_QWEN_WINDOW),
     "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=128, **_QWEN_WINDOW),
+    "mixtral": dict(max_position_embeddings=4096 * 32, num_key_value_heads=8, head_dim=None, sliding_window=None,
+                    num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(max_position_embeddings=32768, num_key_value_heads=16, head_dim=None, qkv_bias=True,
+                      num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                      shared_expert_intermediate_size=5632, **_QWEN_MOE),
+    "qwen3_moe": dict(max_position_embeddings=32768, num_key_value_heads=4, head_dim=None, num_experts=128,
+                      num_experts_per_tok=8, moe_intermediate_size=768, **_QWEN_MOE),
 }
 # keys of mixture-of-experts variants (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek ...): a dense model would
 # load without their expert weights, silently wrong
@@ -166,10 +186,11 @@ def llama_config(hf):
     zoo cannot express."""
     family = hf.get("model_type", "llama")
     hf = {**_FAMILY_DEFAULTS[family], **hf}
-    for key in _MOE_KEYS:
-        if hf.get(key):
-            raise ValueError(f"from_hf: {family} config {key}={hf[key]!r}: mixture-of-experts models are not "
-                             f"supported")
+    if family not in MOE_FAMILY:
+        for key in _MOE_KEYS:
+            if hf.get(key):
+                raise ValueError(f"from_hf: {family} config {key}={hf[key]!r}: mixture-of-experts keys on a dense "
+                                 f"model_type are not supported (the MoE families: {', '.join(MOE_FAMILY)})")
     # transformers >= 5 writes rope_parameters (theta and scaling in one dict); older configs
     # rope_theta and rope_scaling.
     theta, rope = _rope_parameters(hf)
@@ -182,21 +203,102 @@ def llama_config(hf):
     if family == "llama":  # attention_bias: q/k/v/o; mlp_bias: gate/up/down
         qkv = o = _bool_key(hf, "attention_bias", family)
         mlp = _bool_key(hf, "mlp_bias", family)
-    elif family == "qwen3":
+    elif family in ("qwen3", "qwen3_moe"):
         qkv = o = _bool_key(hf, "attention_bias", family)
         mlp = False
-    else:  # Mistral: no biases; Qwen2: q/k/v always biased, o_proj and the MLP never
+    elif family == "qwen2_moe":  # q/k/v biased per qkv_bias (default True)
+        qkv, o, mlp = _bool_key(hf, "qkv_bias", family), False, False
+    else:  # Mistral, Mixtral: no biases; Qwen2: q/k/v always biased, o_proj and the MLP never
         qkv, o, mlp = family == "qwen2", False, False
-    window, window_layers = _sliding_window(hf, family)
+    moe = _moe_options(hf, family) if family in MOE_FAMILY else {}
+    # Mixtral slides like Mistral (every layer); Qwen-MoE windows follow their own layer rules: refused
+    window, window_layers = _sliding_window(hf, "mistral" if family == "mixtral" else family)
     return ModelConfig(arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
                        n_head=hf["num_attention_heads"], n_kv_head=hf["num_key_value_heads"],
                        n_embd=hf["hidden_size"], head_dim=hf["head_dim"],
                        intermediate_size=hf["intermediate_size"],
                        block_size=hf["max_position_embeddings"], bias=mlp, qkv_bias=qkv, o_bias=o,
-                       qk_norm=family == "qwen3", sliding_window=window, sliding_window_layers=window_layers,
+                       qk_norm=family in ("qwen3", "qwen3_moe"), sliding_window=window,
+                       sliding_window_layers=window_layers, **moe,
                        dropout=float(hf.get("attention_dropout") or 0.0),
                        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
                        tie_embeddings=hf.get("tie_word_embeddings", False), name=hf.get("_name_or_path", ""))
+
+
+def _int_key(hf, key, family, low=1):
+    v = hf.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"from_hf: {family} config {key}={v!r} must be an int >= {low}")
+    return v
+
+
+def _moe_options(hf, family):
+    """The ModelConfig MoE fields of a Mixtral / Qwen2-MoE / Qwen3-MoE config.json (ValueError naming the
+    key for what the zoo cannot express)."""
+    n = hf["num_hidden_layers"]
+    # transformers 5 writes num_local_experts for all three (num_experts is its alias); older Qwen files num_experts
+    key = "num_local_experts" if hf.get("num_local_experts") is not None or family == "mixtral" else "num_experts"
+    E = _int_key(hf, key, family)
+    k = _int_key(hf, "num_experts_per_tok", family)
+    if k > E:
+        raise ValueError(f"from_hf: {family} config num_experts_per_tok={k} exceeds {key}={E}")
+    out = dict(n_experts=E, n_experts_per_tok=k)
+    coef = hf.get("router_aux_loss_coef", 0.001) or 0.0
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or coef < 0:
+        raise ValueError(f"from_hf: {family} config router_aux_loss_coef={coef!r} must be a number >= 0")
+    # transformers adds coef * aux to the loss only when output_router_logits is set: the same loss here
+    out["router_aux_loss_coef"] = float(coef) if _bool_key(hf, "output_router_logits", family) else 0.0
+    if family == "mixtral":
+        if hf.get("router_jitter_noise"):
+            warnings.warn(f"from_hf: mixtral config router_jitter_noise={hf['router_jitter_noise']!r} is ignored "
+                          f"(training-time multiplicative noise on the router input; not implemented)")
+        if hf.get("layer_types") is not None:
+            raise ValueError("from_hf: mixtral config layer_types is not supported (Mixtral slides in every layer)")
+        return out
+    if _bool_key(hf, "use_sliding_window", family):
+        raise ValueError(f"from_hf: use_sliding_window=True is not supported for model_type {family!r} (the Qwen "
+                         f"MoE families' per-layer window rules differ from Qwen2/3's)")
+    out["moe_ffn_dim"] = _int_key(hf, "moe_intermediate_size", family)
+    out["moe_renormalize"] = _bool_key(hf, "norm_topk_prob", family)
+    if family == "qwen2_moe":
+        out["moe_shared_ffn_dim"] = _int_key(hf, "shared_expert_intermediate_size", family)
+    step, dense = _int_key(hf, "decoder_sparse_step", family), hf.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
+        raise ValueError(f"from_hf: {family} config mlp_only_layers={dense!r} must list layer indices")
+    sparse = tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0)
+    if not sparse:  # every layer dense: a plain Llama would do, but a zoo MoE config needs a sparse layer
+        raise ValueError(f"from_hf: {family} config mlp_only_layers={dense!r} / decoder_sparse_step={step} leave "
+                         f"no sparse layer")
+    if len(sparse) < n:
+        out["moe_layers"] = sparse
+    return out
+
+
+# per-expert checkpoint names (gate, up, down) of each family: stacked into gate_up_proj / down_proj
+_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
+                 "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+
+
+def _stack_experts(state, cfg, family):
+    """Per-expert weights -> the zoo's stacked experts, in place: layers.{i}.mlp.experts.{e}.<gate>.weight
+    [F, d] and <up> into experts.gate_up_proj [E, 2F, d] (gate rows first), <down> [d, F] into
+    experts.down_proj [E, d, F]. Mixtral's block_sparse_moe is renamed mlp (as transformers 5 does).
+    A checkpoint already stacked (transformers 5's in-memory names) passes through."""
+    for key in [k for k in state if ".block_sparse_moe." in k]:
+        state[key.replace(".block_sparse_moe.", ".mlp.")] = state.pop(key)
+    gate, up, down = _EXPERT_NAMES[family]
+    for i in range(cfg.n_layer):
+        p = f"layers.{i}.mlp.experts."
+        if not cfg.layer_is_moe(i) or p + "gate_up_proj" in state:
+            continue
+        try:
+            w = [[state.pop(f"{p}{e}.{name}.weight") for e in range(cfg.n_experts)] for name in (gate, up, down)]
+        except KeyError as exc:
+            raise ValueError(f"from_hf: checkpoint does not match model_type {family!r}: missing expert weight "
+                             f"{exc}") from None
+        state[p + "gate_up_proj"] = torch.cat([torch.stack(w[0]), torch.stack(w[1])], dim=1)  # [E, 2F, d]
+        state[p + "down_proj"] = torch.stack(w[2])  # [E, d, F]
+    return state
 
 
 def _gpt2_state(state, cfg):
@@ -252,9 +354,10 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
     """A zoo model with the weights of the local Hugging Face checkpoint directory `path` (config.json
     and safetensors weights), in eval mode.
 
-    model_type "gpt2" gives a GPT; "llama", "mistral", "qwen2" and "qwen3" give a Llama whose config
-    carries the family's options (Mistral's sliding window, Qwen2's q/k/v biases and per-layer
-    sliding windows, Qwen3's qk-norm and head_dim; see the module docstring). The logits equal those
+    model_type "gpt2" gives a GPT; "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe" and
+    "qwen3_moe" give a Llama whose config carries the family's options (Mistral's sliding window, Qwen2's
+    q/k/v biases and per-layer sliding windows, Qwen3's qk-norm and head_dim, the MoE families' experts;
+    see the module docstring). The logits equal those
     of transformers' *ForCausalLM on the same checkpoint. Unsupported configurations raise ValueError
     naming the config key. dtype/device: cast and move the model after loading (the RoPE frequencies
     stay float32)."""
@@ -276,6 +379,8 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
         cfg = llama_config(hf)
         state = _strip(_load_state(path), ("model.",))
         cfg = _resolve_tie(cfg, state, "embed_tokens.weight")
+        if mtype in MOE_FAMILY:
+            state = _stack_experts(state, cfg, mtype)
         model, state = Llama(cfg, backend=backend), _llama_state(state, cfg)
     else:
         raise ValueError(f"from_hf: model_type {mtype!r} is not supported (gpt2, {', '.join(LLAMA_FAMILY)})")

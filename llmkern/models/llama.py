@@ -11,8 +11,14 @@ qkv_bias / o_bias (Qwen2: biases on q/k/v only), qk_norm (Qwen3: q_norm / k_norm
 head's head_dim before RoPE), sliding_window / sliding_window_layers (Mistral, and Qwen2/3 with
 use_sliding_window: a query sees its last W keys, itself included).
 
+With config.n_experts > 0 it is also Mixtral / Qwen2-MoE / Qwen3-MoE: the MLP of each MoE layer
+(config.moe_layers, default all) is a sparse mixture of experts (MoE below: a router `gate`, experts
+`experts.gate_up_proj` [E, 2F, d] / `experts.down_proj` [E, d, F], transformers 5's names and layout),
+and router_aux_loss_coef > 0 adds the load-balancing loss to the returned loss.
+
 backend="llmkern" runs every op on llmkern's kernels: attention, RMSNorm fused with the residual add
-before it, RoPE on q and k in one launch, SwiGLU, and the loss; backend="torch" is plain PyTorch.
+before it, RoPE on q and k in one launch, SwiGLU, the MoE experts (llmkern.moe_mlp), and the loss;
+backend="torch" is plain PyTorch (the MoE as transformers' loop over experts).
 """
 import math
 
@@ -163,14 +169,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). width: the hidden width (default intermediate_size; a
+    Qwen2-MoE shared expert has its own)."""
 
-    def __init__(self, cfg, backend="torch"):
+    def __init__(self, cfg, backend="torch", width=None):
         super().__init__()
         bias = cfg.biases[2]
-        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=bias)
+        width = width or cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.n_embd, width, bias=bias)
+        self.up_proj = nn.Linear(cfg.n_embd, width, bias=bias)
+        self.down_proj = nn.Linear(width, cfg.n_embd, bias=bias)
         self.backend_name = backend
 
     def forward(self, x):
@@ -180,17 +188,138 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class Experts(nn.Module):
+    """E SwiGLU experts as two stacked weights (transformers 5's MixtralExperts layout, llmkern.moe_mlp's
+    operands): gate_up_proj [E, 2F, d] (each expert's gate rows [0, F), then its up rows) and
+    down_proj [E, d, F] (nn.Linear layout per expert). No forward: MoE runs them."""
+
+    def __init__(self, n_experts, d, width):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * width, d))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, d, width))
+        nn.init.normal_(self.gate_up_proj, mean=0.0, std=0.02)
+        nn.init.normal_(self.down_proj, mean=0.0, std=0.02)
+
+
+class MoE(nn.Module):
+    """Sparse mixture of experts (Mixtral's SparseMoeBlock): each token goes through k of E SwiGLU
+    experts, chosen by a linear router, and their outputs are summed with the routing weights
+
+        p = softmax(gate(x))  [.., E];   (w, e) = top-k of p (w / sum(w) when moe_renormalize)
+        y = sum_j w_j * expert_{e_j}(x)   (+ sigmoid(shared_expert_gate(x)) * shared_expert(x), Qwen2-MoE)
+
+    backend="llmkern": llmkern.moe_mlp (grouped GEMMs over expert-sorted tokens on CUDA); "torch":
+    transformers' loop over experts (the tokens routed to e, three matmuls, index_add back), or every
+    expert on every token masked by the routing weights under torch.compile (static shapes)."""
+
+    def __init__(self, cfg, backend="torch"):
+        super().__init__()
+        d, E = cfg.n_embd, cfg.n_experts
+        self.n_experts, self.top_k, self.renormalize = E, cfg.n_experts_per_tok, cfg.moe_renormalize
+        self.gate = nn.Linear(d, E, bias=False)  # the router (transformers' `gate`)
+        self.experts = Experts(E, d, cfg.moe_ffn_dim)
+        self.shared_expert = self.shared_expert_gate = None
+        if cfg.moe_shared_ffn_dim:
+            self.shared_expert = MLP(cfg, backend, width=cfg.moe_shared_ffn_dim)
+            self.shared_expert_gate = nn.Linear(d, 1, bias=False)
+        self.backend_name = backend
+
+    def forward(self, x, router_logits=None):
+        """x [B, T, d] -> [B, T, d]. router_logits: a list to append this layer's router logits
+        [B*T, E] to (for the load-balancing loss)."""
+        logits = self.gate(x)  # [B, T, E] (x's dtype, or autocast's)
+        if router_logits is not None:
+            router_logits.append(logits.reshape(-1, self.n_experts))
+        # float32 softmax and top-k (Mixtral's router); weights [B, T, k] float32, ids [B, T, k] int64
+        weights, ids = llmkern.moe_route(logits, self.top_k, renormalize=self.renormalize)
+        w_gu, w_d = self.experts.gate_up_proj, self.experts.down_proj
+        # The experts' matmuls run in autocast's dtype under autocast, as nn.Linear's would (moe_mlp
+        # wants one dtype for x and the weights; the stacked weights are not nn.Linear, autocast
+        # would not cast them)
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        xe, w_gu, w_d = x.to(dt), w_gu.to(dt), w_d.to(dt)
+        if self.backend_name == "llmkern":
+            y = llmkern.moe_mlp(xe, w_gu, w_d, ids, weights)
+        elif torch.compiler.is_compiling():
+            y = _experts_dense(xe, w_gu, w_d, ids, weights)
+        else:
+            y = _experts_loop(xe, w_gu, w_d, ids, weights)
+        if self.shared_expert is not None:
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y
+
+
+def _expert(x, w_gate_up, w_down):
+    """One SwiGLU expert on rows x [n, d]: down(silu(gate x) * up x) -> [n, d]."""
+    gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)  # [n, F] each
+    return F.linear(F.silu(gate) * up, w_down)
+
+
+def _experts_loop(x, w_gate_up, w_down, ids, weights):
+    """The torch backend's experts, transformers' loop: for each expert, the (token, slot) pairs routed
+    to it, its MLP on those rows, scaled by their weights, added back. x [B, T, d]; ids / weights [B, T, k]."""
+    B, T, d = x.shape
+    x2, ids, weights = x.reshape(-1, d), ids.reshape(B * T, -1), weights.reshape(B * T, -1)
+    y = torch.zeros_like(x2)
+    for e in range(w_gate_up.shape[0]):
+        tok, slot = torch.where(ids == e)  # (a host sync on CUDA, as in transformers' eager loop)
+        if tok.numel() == 0:
+            continue
+        out = _expert(x2[tok], w_gate_up[e], w_down[e]) * weights[tok, slot, None]
+        y = y.index_add(0, tok, out.to(y.dtype))
+    return y.view(B, T, d)
+
+
+def _experts_dense(x, w_gate_up, w_down, ids, weights):
+    """The same sum with static shapes, for torch.compile: every expert on every token, times the
+    token's weight for it (0 when not routed there). E/k times the FLOPs of the loop."""
+    coef = torch.zeros(*ids.shape[:-1], w_gate_up.shape[0], device=x.device, dtype=weights.dtype)
+    coef = coef.scatter_add(-1, ids, weights)  # [B, T, E]
+    y = torch.zeros_like(x)
+    for e in range(w_gate_up.shape[0]):
+        y = y + (_expert(x, w_gate_up[e], w_down[e]) * coef[..., e:e + 1]).to(y.dtype)
+    return y
+
+
+def load_balancing_loss(router_logits, top_k, attention_mask=None):
+    """The Switch Transformer / Mixtral auxiliary loss over the MoE layers (as transformers'
+    load_balancing_loss_func computes it):
+
+        E * sum_e f_e * P_e,   f_e = (top-k assignments to expert e) / tokens,   P_e = mean router probability of e
+
+    where both are pooled over every layer's tokens (so f sums to k, P to 1; a uniform router gives k).
+    router_logits: a list of [N, E] per layer (N = B*T tokens); attention_mask: optional [B, T] (0 =
+    padding, not counted). Computed in float32. Differentiable through P (f is a count)."""
+    if not router_logits:
+        raise ValueError("load_balancing_loss: router_logits must list at least one layer's [tokens, n_experts]")
+    E = router_logits[0].shape[-1]
+    counts = torch.zeros(E, device=router_logits[0].device, dtype=torch.float32)
+    prob_sum = torch.zeros_like(counts)
+    rows = 0.0
+    mask = None if attention_mask is None else attention_mask.reshape(-1).to(counts.device, torch.float32)
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)  # [N, E]
+        ids = torch.topk(probs, top_k, dim=-1).indices  # [N, k]
+        per_row = torch.ones_like(probs[:, 0]) if mask is None else mask  # [N]: 1 for a counted token
+        counts = counts.index_add(0, ids.reshape(-1), per_row.repeat_interleave(top_k))
+        prob_sum = prob_sum + (probs * per_row[:, None]).sum(0)
+        rows = rows + per_row.sum()
+    return E * torch.sum((counts / rows) * (prob_sum / rows))
+
+
 class Block(nn.Module):
     def __init__(self, cfg, backend, layer=0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps, backend)
         self.self_attn = Attention(cfg, backend, layer)
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps, backend)
-        self.mlp = MLP(cfg, backend)
+        self.mlp = MoE(cfg, backend) if cfg.layer_is_moe(layer) else MLP(cfg, backend)
 
-    def forward(self, x, cos, sin, cache=None, layer=None, prefix=None, kpm=None):
+    def forward(self, x, cos, sin, cache=None, layer=None, prefix=None, kpm=None, router_logits=None):
         a = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, prefix, kpm)
         h, x = self.post_attention_layernorm(a, residual=x)  # x + a and its norm (one kernel on llmkern)
+        if isinstance(self.mlp, MoE):
+            return x + self.mlp(h, router_logits)
         return x + self.mlp(h)
 
 
@@ -223,8 +352,14 @@ class Llama(ZooModel):
         lm_head in both. (llmkern.peft's PEFT checkpoints use this to read and write HF names.)"""
         names = {"lm_head": HFModule("lm_head")}
         for i in range(self.config.n_layer):
-            for sub in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            subs = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+            mlp = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+            if not self.config.layer_is_moe(i):
+                subs += mlp
+            elif self.config.moe_shared_ffn_dim:  # Qwen2-MoE's shared expert and its gate are nn.Linear there too
+                subs += [m.replace("mlp.", "mlp.shared_expert.") for m in mlp] + ["mlp.shared_expert_gate"]
+            # (the router and the stacked experts are not nn.Linear in transformers 5: no entry)
+            for sub in subs:
                 names[f"layers.{i}.{sub}"] = HFModule(f"model.layers.{i}.{sub}")
         return names
 
@@ -270,16 +405,27 @@ class Llama(ZooModel):
                              f"block_size={self.config.block_size}, which is not supported; got {int(pos.max())}")
         cos, sin = self.rope(pos, x.dtype)
         prefixes = self.prefixes(input_ids.shape[0])
+        # the MoE layers' router logits, collected only when the load-balancing loss will use them
+        aux = [] if labels is not None and self.config.n_experts and self.config.router_aux_loss_coef else None
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, cache, i, prefixes[i], kpm)
+            x = block(x, cos, sin, cache, i, prefixes[i], kpm, router_logits=aux)
         if cache is not None:
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
         h = self.norm(x)
         if labels is not None and not return_logits:
-            return None, self.fused_lm_loss(h, labels)
+            return None, self._with_aux_loss(self.fused_lm_loss(h, labels), aux, attention_mask, T)
         logits = self.head_logits(h)
         if labels is None:
             return logits
-        return logits, self.lm_loss(logits, labels)
+        return logits, self._with_aux_loss(self.lm_loss(logits, labels), aux, attention_mask, T)
+
+    def _with_aux_loss(self, loss, router_logits, attention_mask, T):
+        """loss + router_aux_loss_coef * the load-balancing loss of this forward's T tokens (padding not
+        counted), as MixtralForCausalLM adds it when it outputs router logits; loss itself when off."""
+        if not router_logits:
+            return loss
+        mask = None if attention_mask is None else attention_mask[:, -T:]
+        aux = load_balancing_loss(router_logits, self.config.n_experts_per_tok, mask)
+        return loss + self.config.router_aux_loss_coef * aux.to(loss.dtype)

@@ -6,7 +6,10 @@ FLOPs per token follow the seed deck (llmkern.flops.model_flops_per_token, "seed
 6N + 6·L·T·d); MFU is reported against the detected device's peak (`mfu`, None on CPU) and against
 the A100 peak (extra["mfu_a100"]); extra also holds the PaLM-convention MFU and the torch
 backend's numbers. The LoRA row freezes the base model (LoRA r=16 on q_proj and v_proj, the LoRA
-paper's choice): its model FLOPs are 4N + 6·L·T·d (no base weight gradients) + 6·N_lora. The QLoRA row
+paper's choice): its model FLOPs are 4N + 6·L·T·d (no base weight gradients) + 6·N_lora. The MoE rows
+(Mixtral-style sparse experts: llmkern.moe_mlp vs transformers' loop over experts) count the active
+parameters, N = those one token runs through (k of the E experts), and run eager unless
+LLMKERN_BENCH_COMPILE is set. The QLoRA row
 is the same finetune over a 4-bit base: llmkern.peft.quantize_nf4 (every linear but lm_head, NF4,
 blocksize 64, no double quantization) + inject_lora, against what PEFT users run: plain LoRA over
 bitsandbytes Linear4bit (NF4) layers on the torch backend (without bitsandbytes: over llmkern's
@@ -149,7 +152,11 @@ def _rows(device, quick):
                             block_size=128, vocab_size=512)
         B, T = (2, 64) if quick else (4, 128)
         # (the QLoRA row on gpt-tiny: every in_features a multiple of 64, as bitsandbytes' CPU 4-bit needs)
+        # sparse MoE: 4 experts of width 176, top-2 (the same active FFN width as llama-tiny's 352)
+        tiny_moe = get_config("mixtral-tiny", n_layer=2, n_embd=128, n_head=4, n_kv_head=2, intermediate_size=176,
+                              block_size=128, vocab_size=512)
         rows = [("gpt-tiny (2L d128)", tiny, B, T, False), ("llama-tiny (2L d128 GQA)", tiny_l, B, T, False),
+                ("mixtral-tiny (2L d128 E4 top-2)", tiny_moe, B, T, False),
                 ("gpt-tiny (2L d128)", tiny, B, T, "lora"), ("gpt-tiny (2L d128)", tiny, B, T, "qlora")]
         if not quick:
             rows.insert(0, ("gpt2-124m", get_config("gpt2"), 1, 256, False))
@@ -158,7 +165,12 @@ def _rows(device, quick):
     rows = [("gpt2-124m", get_config("gpt2"), 8, 1024, False),
             ("gpt2-124m", get_config("gpt2"), 8, 1024, "lora"),
             ("gpt2-124m", get_config("gpt2"), 8, 1024, "qlora"),
-            ("llama-350m", get_config("llama-350m"), 8, 1024, False)]
+            ("llama-350m", get_config("llama-350m"), 8, 1024, False),
+            # Mixtral-style: llama-350m's width and attention, 12 layers of 8 experts (its FFN width), top-2:
+            # 0.93B parameters, 0.31B active per token
+            ("mixtral-12L-d1024-8e", get_config("mixtral-tiny", n_layer=12, n_embd=1024, n_head=16, n_kv_head=4,
+                                                intermediate_size=2816, vocab_size=32000, block_size=2048,
+                                                n_experts=8, n_experts_per_tok=2), 8, 1024, False)]
     if not quick:
         rows += [("gpt3-1.3b", get_config("gpt3-1.3b"), 4, 1024, False)]
     return rows
@@ -285,6 +297,22 @@ def _model_flops(cfg, seq, lora, n_lora, convention):
     return f
 
 
+def _moe_note(cfg):
+    p = flops.param_counts(cfg)
+    return (f"MoE: MFU counts the active parameters, k={cfg.n_experts_per_tok} of E={cfg.n_experts} experts per "
+            f"token (6N_active + 6LTd; {p['active'] / 1e6:.3g}M active of {p['total'] / 1e6:.3g}M)")
+
+
+def _moe_compile(compile_):
+    """(compile mode, note) of an MoE row: eager unless LLMKERN_BENCH_COMPILE asks for a mode (the torch
+    backend's loop over experts has data-dependent shapes; compiled, it runs every expert on every token)."""
+    if os.environ.get("LLMKERN_BENCH_COMPILE") is None:
+        return None, "; eager (the torch baseline is transformers' loop over experts)" if compile_ else ""
+    if compile_:
+        return compile_, "; torch baseline compiled: every expert on every token (E/k x its expert FLOPs)"
+    return None, ""
+
+
 COMPILE_MODES = {"0": None, "1": "default", "default": "default", "reduce-overhead": "reduce-overhead",
                  "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"}
 
@@ -319,11 +347,15 @@ def run(ctx):
         times, notes = {}, []
         n_lora = 0
         peaks = {}
+        row_compile = compile_
+        if cfg.n_experts:
+            row_compile, note = _moe_compile(compile_)
+            notes.append(_moe_note(cfg) + note)
         for backend in ("llmkern", "torch"):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    args = (cfg, backend, batch, seq, lora, device, compile_, parallel)
+                    args = (cfg, backend, batch, seq, lora, device, row_compile, parallel)
                     times[backend], n_lora_b, note, peaks[backend] = _measure_or_eager(args, ctx.quick, notes)
                 except (torch.cuda.OutOfMemoryError, RuntimeError, ValueError) as exc:
                     if parallel is None and not isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -358,7 +390,8 @@ def run(ctx):
         extra = {"mfu_a100": flops.mfu(tok_s, fpt, a100),
                  "mfu_a100_palm": flops.mfu(tok_s, fpt_palm, a100),
                  "flops_per_token": fpt, "tflops": tok_s * fpt / 1e12, "device_peak": dev_name,
-                 "params": flops.param_counts(cfg)["total"], "compiled": compile_,
+                 "params": flops.param_counts(cfg)["total"], "active_params": flops.param_counts(cfg)["active"],
+                 "compiled": row_compile,
                  "peak_mem_bytes": peaks.get("llmkern"), "torch_peak_mem_bytes": peaks.get("torch")}
         if lora:
             extra["lora_params"] = n_lora
@@ -372,7 +405,7 @@ def run(ctx):
             op=f"{label} {_KIND[lora]} step"
                + (f" ({'FSDP2 dp' if parallel == 'dp' else 'llmkern TP tp'}={world}, per GPU)" if parallel else ""),
             shape=f"B={batch} T={seq} {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}"
-                  + (f" torch.compile({compile_})" if compile_ else ""),
+                  + (f" torch.compile({row_compile})" if row_compile else ""),
             ours_ms=times["llmkern"], baseline=_baseline_name(lora),
             baseline_ms=times.get("torch"), throughput=tok_s, unit="tok/s",
             mfu=flops.mfu(tok_s, fpt, dev_peak) if dev_peak else None,
