@@ -395,3 +395,20 @@ def test_gpu_bf16_vs_reference(T, d, F, E, k, monkeypatch):
     for name, a, b in zip(("y", "dx", "dw_gate_up", "dw_down", "dtopk_weights"), (y,) + got, (want,) + wants):
         err = (a.float() - b).norm() / b.norm().clamp_min(1e-30)
         assert err < 1e-2, f"{name}: relative error {err:.3g}"
+
+
+@needs_triton
+def test_unchecked_out_of_range_ids_are_skipped(triton_backend, monkeypatch):
+    """Where ids are not read on the host (CUDA, compile), a slot whose id lies outside [0, E) adds nothing,
+    even an int64 id that a narrowing cast would wrap onto a real expert (2^32 + 1 -> 1)."""
+    from llmkern.ops import _checks
+
+    monkeypatch.setattr(_checks, "checking_values", lambda: False)
+    x, wgu, wd, ids, tw = _problem(6, 16, 12, 4, 2)
+    bad = ids.clone().to(torch.int64)
+    bad[0, 1], bad[3, 0], bad[4, 1] = 2 ** 32 + 1, -3, 4
+    keep = torch.ones_like(tw)
+    keep[0, 1] = keep[3, 0] = keep[4, 1] = 0
+    got = llmkern.moe_mlp(x, wgu, wd, bad, tw)
+    want = ref.moe_mlp(x.double(), wgu.double(), wd.double(), ids, tw.double() * keep)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)

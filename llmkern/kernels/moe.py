@@ -259,7 +259,9 @@ def _wgrad_kernel(Y, Z, TW, ORDER, SEG, OUT, P, R, k_top, split,
             act, _ = _act(g, ACT, False)
             z = (act * u).to(Z.dtype.element_ty)  # the a the forward's second GEMM read
         acc = tl.dot(tl.trans(y), z, acc, input_precision=PRECISION)
-    tl.store(OUT + s * so_s + e * so_e + offs_p[:, None].to(tl.int64) * so_p + offs_r[None, :],
+    # (int64 before the products: (E-1)·P·R passes 2^31 for DeepSeek-V2/V3-size experts)
+    tl.store(OUT + s.to(tl.int64) * so_s + e.to(tl.int64) * so_e + offs_p[:, None].to(tl.int64) * so_p
+             + offs_r[None, :],
              acc.to(OUT.dtype.element_ty), mask=mask_p[:, None] & mask_r[None, :])
 
 

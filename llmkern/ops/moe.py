@@ -222,7 +222,10 @@ def moe_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk
     if _backend_for(x.device, x.dtype) != "triton":
         return ref.moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights, activation)
     kern = _kern()
-    ids = topk_ids.reshape(T, k).to(torch.int32).contiguous()
+    # out-of-range ids (unchecked on CUDA: no host sync) become -1 before the narrowing cast, so that a huge
+    # int64 id cannot wrap onto a real expert; the kernels skip -1
+    ids = topk_ids.reshape(T, k)
+    ids = torch.where((ids < 0) | (ids >= E), -1, ids).to(torch.int32).contiguous()
     tw = topk_weights.reshape(T, k).contiguous()
     x2 = x.reshape(T, x.shape[-1]).contiguous()
     order, seg = kern.sort_pairs(ids, E)

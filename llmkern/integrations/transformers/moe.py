@@ -16,7 +16,8 @@ weights [E, out, in], no biases, a gated MLP with silu (-> "swiglu") or tanh-app
 as transpose views: the kernels read weights through their strides, so no copy is made. Anything else
 (interleaved gate/up, biases, a custom `_apply_gate` such as gpt-oss's clamped SwiGLU, an exact-erf
 gelu, ungated experts, a post-expert norm, expert parallelism, quantized weights) raises
-NotImplementedError naming what is unsupported; it never falls back to another implementation.
+NotImplementedError naming what is unsupported; shapes the op itself refuses (more than 1024 experts, an odd
+number of gate_up rows) raise its ValueError. It never falls back to another implementation.
 """
 import torch
 import torch.nn.functional as F
