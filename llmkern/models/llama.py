@@ -232,21 +232,25 @@ class MoE(nn.Module):
             router_logits.append(logits.reshape(-1, self.n_experts))
         # float32 softmax and top-k (Mixtral's router); weights [B, T, k] float32, ids [B, T, k] int64
         weights, ids = llmkern.moe_route(logits, self.top_k, renormalize=self.renormalize)
-        w_gu, w_d = self.experts.gate_up_proj, self.experts.down_proj
-        # The experts' matmuls run in autocast's dtype under autocast, as nn.Linear's would (moe_mlp
-        # wants one dtype for x and the weights; the stacked weights are not nn.Linear, autocast
-        # would not cast them)
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        xe, w_gu, w_d = x.to(dt), w_gu.to(dt), w_d.to(dt)
-        if self.backend_name == "llmkern":
-            y = llmkern.moe_mlp(xe, w_gu, w_d, ids, weights)
-        elif torch.compiler.is_compiling():
-            y = _experts_dense(xe, w_gu, w_d, ids, weights)
-        else:
-            y = _experts_loop(xe, w_gu, w_d, ids, weights)
+        y = run_experts(self.backend_name, x, self.experts.gate_up_proj, self.experts.down_proj, ids, weights)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y
+
+
+def run_experts(backend, x, w_gate_up, w_down, ids, weights):
+    """sum_j weights[.., j] * expert_{ids[.., j]}(x): x [B, T, d]; ids / weights [B, T, k]. backend "llmkern":
+    llmkern.moe_mlp; "torch": the expert loop (every expert on every token under torch.compile). Under
+    autocast the experts' matmuls run in its dtype, as nn.Linear's would (moe_mlp wants one dtype for x and
+    the weights; the stacked weights are not nn.Linear, autocast would not cast them). Also what the
+    tensor-parallel MoE (llmkern.parallel.moe) runs on its shard of the experts."""
+    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    x, w_gate_up, w_down = x.to(dt), w_gate_up.to(dt), w_down.to(dt)
+    if backend == "llmkern":
+        return llmkern.moe_mlp(x, w_gate_up, w_down, ids, weights)
+    if torch.compiler.is_compiling():
+        return _experts_dense(x, w_gate_up, w_down, ids, weights)
+    return _experts_loop(x, w_gate_up, w_down, ids, weights)
 
 
 def _expert(x, w_gate_up, w_down):

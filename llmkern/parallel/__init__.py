@@ -2,7 +2,9 @@
 
     ColumnParallelLinear, RowParallelLinear     the layers (overlap="ring" | "none")
     tensor_parallelize(model, group)            shard a transformer's attention and MLP in place
-                                                (vocab_parallel=True: embedding and LM head too)
+                                                (vocab_parallel=True: embedding and LM head too;
+                                                MoE layers: the routed experts along their FFN width)
+    TensorParallelMoE, ShardedExperts           expert tensor parallelism (llmkern.parallel.moe)
     VocabParallelEmbedding, VocabParallelLMHead vocabulary-sharded embedding / LM head and loss
     context_parallelize(model, group)           context parallelism: the sequence sharded over ranks
                                                 (context_parallel_attention, shard_sequence, ...)
@@ -28,7 +30,7 @@ __all__ = ["ColumnParallelLinear", "RowParallelLinear", "tensor_parallelize", "s
            "comm", "lora_state", "cost_model", "launch",
            "VocabParallelEmbedding", "VocabParallelLMHead",
            "context_parallel_attention", "context_parallelize", "shard_sequence", "gather_sequence",
-           "context_parallel_positions", "all_reduce_gradients"]
+           "context_parallel_positions", "all_reduce_gradients", "TensorParallelMoE", "ShardedExperts"]
 
 
 def __getattr__(name):
@@ -36,4 +38,8 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module(f"llmkern.parallel.{name}")
+    if name in ("TensorParallelMoE", "ShardedExperts"):  # (lazy: llmkern.parallel.moe imports the model zoo)
+        from llmkern.parallel import moe
+
+        return getattr(moe, name)
     raise AttributeError(f"module 'llmkern.parallel' has no attribute {name!r}")

@@ -21,10 +21,17 @@ Module-naming contract (Hugging Face Llama / GPT-2 / nanoGPT names; llmkern.mode
   sharded with their factors. Every other module (embeddings, norms, lm_head) stays replicated, unless
   vocab_parallel=True: then the token embedding (wte / embed_tokens / tok_embeddings / word_embeddings)
   and the LM head (lm_head / output) are sharded by vocabulary rows (llmkern.parallel.vocab).
-- The weights must be identical on every rank before sharding (same seed, or a broadcast).
+- Sparse MoE layers (the zoo's llmkern.models.llama.MoE: router `gate`, stacked experts
+  `experts.gate_up_proj` [E, 2F, d] / `experts.down_proj` [E, d, F]) become TensorParallelMoE
+  (llmkern.parallel.moe): every routed expert is sharded along F (F must be divisible by p), the router
+  stays replicated, the partial outputs are all-reduced. A Qwen2-MoE shared expert is a dense MLP and
+  is sharded as one (its names above); shared_expert_gate stays replicated.
+- The weights must be identical on every rank before sharding (same seed, or a broadcast); a model
+  loaded with llmkern.models.from_hf on every rank is.
 
 Sequence parallelism is not applied by tensor_parallelize (norms and dropout would then see token
-shards); use the layers directly for it.
+shards); use the layers directly for it (TensorParallelMoE.from_moe(moe, group, sequence_parallel=True)
+for an MoE layer).
 """
 import torch.nn as nn
 
@@ -70,6 +77,15 @@ def _sum_grad_over_ranks(param, group):
     param.register_hook(hook)
 
 
+def _moe_shard(moe, group, where):
+    from llmkern.parallel.moe import TensorParallelMoE
+
+    try:
+        return TensorParallelMoE.from_moe(moe, group, shard_shared_expert=False)
+    except ValueError as exc:
+        raise ValueError(f"tensor_parallelize: cannot shard {where}: {exc}") from None
+
+
 def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces=None, transport="p2p",
                        vocab_parallel=False):
     """Replace, in place, the attention and MLP projections of `model` by tensor-parallel layers
@@ -85,6 +101,8 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
     kw = dict(overlap=overlap, chunks=chunks, pieces=pieces, transport=transport)
     plan = []  # (object, attribute, value), applied only once every projection could be sharded
     summed = []  # replicated parameters of the sharded heads (q_norm / k_norm gains)
+    from llmkern.parallel.moe import TensorParallelMoE, is_moe  # (imports the model zoo: on first use only)
+
     for parent_name, parent in list(model.named_modules()):
         children = dict(parent.named_children())
         attention = any(n in QKV_NAMES and _is_linear(c) for n, c in children.items())
@@ -98,9 +116,12 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
                 raise ValueError(f"tensor_parallelize: {where}.{kv_attr}={kv} is not divisible by the world "
                                  f"size {p} (GQA key/value heads are sharded too)")
         for name, child in children.items():
+            full = f"{parent_name}.{name}" if parent_name else name
+            if is_moe(child):  # (its shared expert's linear layers are planned with its own children)
+                plan.append((parent, name, _moe_shard(child, group, full)))
+                continue
             if not _is_linear(child):
                 continue
-            full = f"{parent_name}.{name}" if parent_name else name
             try:
                 if name in COLUMN_NAMES:
                     new = ColumnParallelLinear.from_linear(child, group, **kw)
@@ -133,7 +154,7 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
         from llmkern.parallel.vocab import vocab_parallel_plan
 
         plan += vocab_parallel_plan(model, group)
-    if not any(isinstance(v, _ParallelLinear) for _, _, v in plan):
+    if not any(isinstance(v, (_ParallelLinear, TensorParallelMoE)) for _, _, v in plan):
         raise ValueError("tensor_parallelize: found no projection to shard; the model's linear layers must "
                          "follow the naming contract in llmkern.parallel.tensor_parallel")
     for obj, attr, value in plan:  # (an error above leaves the model as it was)
