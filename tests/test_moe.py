@@ -2,10 +2,10 @@
 float16, 16x32 tiles so that experts span several row tiles and partial ones) against the float64
 reference (transformers' loop over experts), forward and the gradients of x, w_gate_up, w_down and
 topk_weights; empty experts, k = 1 and k > 1, odd sizes, leading dims, stride-0 upstream gradients,
-the split weight-gradient reduction, partial gradient sets, determinism, ids outside [0, E) on the
-kernels' own (CUDA) path; registration (opcheck, torch.compile on the reference and on the custom op),
-the eager twin; validation; the router; transformers' MixtralExperts. GPU case (bf16, realistic sizes)
-under -m gpu."""
+the split weight-gradient reduction, partial gradient sets, determinism, dropped slots (id -1) on every
+path, ids outside [0, E) on the kernels' own (CUDA) path, the exact erf GeGLU; registration (opcheck,
+torch.compile on the reference and on the custom op), the eager twin; validation; the router;
+transformers' MixtralExperts. GPU case (bf16, realistic sizes) under -m gpu."""
 import pytest
 import torch
 
@@ -46,13 +46,16 @@ def _tol(dtype):
 
 
 def _grads_vs_reference(x, wgu, wd, ids, tw, activation="swiglu", dy=None, tol=None):
-    """moe_mlp's output and its four gradients against the float64 reference."""
+    """moe_mlp's output and its four gradients against the float64 reference. The oracle never sees an
+    id -1 (a dropped slot): it runs such a slot on expert 0 with weight 0, so that its output and weight
+    gradient are 0 by the chain rule rather than by the skipping under test."""
     dtype = x.dtype
     leaves = [t.detach().requires_grad_() for t in (x, wgu, wd, tw)]
     y = llmkern.moe_mlp(leaves[0], leaves[1], leaves[2], ids, leaves[3], activation)
     assert y.shape == x.shape and y.dtype == dtype
     exact = [t.detach().double().requires_grad_() for t in (x, wgu, wd, tw)]
-    want = ref.moe_mlp(exact[0], exact[1], exact[2], ids, exact[3], activation)
+    keep = (ids >= 0).double()
+    want = ref.moe_mlp(exact[0], exact[1], exact[2], ids.clamp_min(0), exact[3] * keep, activation)
     tol = tol or _tol(dtype)
     assert_close(y, want, dtype, msg="y", **tol)
     dy = torch.randn_like(y) if dy is None else dy
@@ -205,10 +208,68 @@ def test_empty_batch(triton_backend):
         assert t.grad.shape == t.shape and not t.grad.any()
 
 
+# ---- dropped slots (id -1) and the exact (erf) GeGLU -------------------------------------------------
+
+def _with_dropped_slots(x, wgu, wd, ids, tw):
+    """The problem with three slots dropped (-1): one of token 0, one of token 2 and the whole last token."""
+    ids = ids.clone()
+    ids[0, 0] = ids[2, 1] = -1
+    ids[-1, :] = -1
+    return x, wgu, wd, ids, tw
+
+
+@pytest.mark.parametrize("path, dtype", [("reference", torch.float32), ("triton", torch.float32),
+                                         ("triton", torch.float16)])
+def test_dropped_slots_add_nothing(monkeypatch, path, dtype):
+    """-1 is "no expert" on every path: the CPU reference and the Triton kernels (the interpreter here)
+    give the reference with those slots' weights zeroed, all four gradients included, and a dropped
+    slot's topk_weight gradient is exactly 0."""
+    from llmkern import _backend
+
+    if path == "triton" and DEV is None:
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    if path == "triton":
+        monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    else:
+        monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
+    device = DEV if path == "triton" else "cpu"
+    assert _backend.OP_DISPATCH["moe_mlp"](torch.device(device), dtype) == path
+    x, wgu, wd, ids, tw = _with_dropped_slots(*_problem(11, 24, 20, 4, 2, dtype, device=device))
+    y, (dx, _, _, dtw) = _grads_vs_reference(x, wgu, wd, ids, tw)
+    dropped = ids < 0
+    assert (dtw[dropped] == 0).all() and (dtw[~dropped] != 0).all()
+    assert not y[-1].any() and not dx[-1].any()  # the token with no expert: nothing in, nothing out
+
+
+def test_geglu_exact_reference_is_erf_gelu():
+    """The reference's "geglu_exact" (llmkern.moe_mlp's CPU path) is 0.5·g·(1 + erf(g/√2))·u, written out
+    here for k = 1, and differs from the tanh "geglu" by far more than the kernel tests' float32 tolerance."""
+    x, wgu, wd, ids, tw = _problem(9, 16, 12, 3, 1, torch.float64, device="cpu")
+    x = 3 * x  # gates of a few units, where the two gelus differ most
+    e = ids[:, 0]
+    h = torch.einsum("td,tfd->tf", x, wgu[e])
+    g, u = h.chunk(2, -1)
+    a = 0.5 * g * (1 + torch.erf(g / 2 ** 0.5)) * u
+    want = tw[:, :1] * torch.einsum("tf,tdf->td", a, wd[e])
+    got = llmkern.moe_mlp(x, wgu, wd, ids, tw, activation="geglu_exact")
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    tanh = llmkern.moe_mlp(x, wgu, wd, ids, tw, activation="geglu")
+    assert (tanh - want).abs().max() > 1e-4
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", interpreter_dtypes())
+def test_geglu_exact_kernels(triton_backend, dtype):
+    """The exact erf GeGLU in the kernels' epilogues (act forward, act' in the backward's dh, act again in
+    the dw_down recompute) against the float64 reference: the output and all four gradients."""
+    x, wgu, wd, ids, tw = _problem(13, 40, 36, 5, 2, dtype, empty=(3,))
+    _grads_vs_reference((3 * x.float()).to(dtype), wgu, wd, ids, tw, activation="geglu_exact")
+
+
 # ---- the reference and the CPU default path -------------------------------------------------------
 
 def test_reference_loop_equals_dense_form():
-    x, wgu, wd, ids, tw = _problem(11, 16, 12, 5, 2, torch.float64, empty=(2,), device="cpu")
+    x, wgu, wd, ids, tw = _with_dropped_slots(*_problem(11, 16, 12, 5, 2, torch.float64, empty=(2,), device="cpu"))
     torch.testing.assert_close(ref.moe_mlp(x, wgu, wd, ids, tw), ref.moe_mlp_dense(x, wgu, wd, ids, tw))
 
 
@@ -247,11 +308,12 @@ def test_torch_compile_fullgraph_reference_path(monkeypatch):
     """CPU tensors run the reference; under torch.compile its static-shape (dense) form traces whole."""
     monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
     torch._dynamo.reset()
-    _compiled_equals_eager(*_problem(7, 16, 12, 4, 2, device="cpu"))
+    _compiled_equals_eager(*_with_dropped_slots(*_problem(7, 16, 12, 4, 2, device="cpu")))
 
 
 def _compiled_equals_eager(x, wgu, wd, ids, tw):
-    """torch.compile(fullgraph=True) of a loss through moe_mlp: the eager value and gradients."""
+    """torch.compile(fullgraph=True) of a loss through moe_mlp: the eager value and gradients (and a -1
+    slot's weight gradient, 0, when ids has one)."""
     leaves = [t.requires_grad_() for t in (x, wgu, wd, tw)]
 
     def f(x, wgu, wd, ids, tw):
@@ -264,6 +326,7 @@ def _compiled_equals_eager(x, wgu, wd, ids, tw):
     torch.testing.assert_close(got, want)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b)
+    assert not g_got[3][ids < 0].any()
 
 
 # ---- registration ------------------------------------------------------------------------------------
@@ -293,7 +356,7 @@ def test_opcheck(triton_backend):
 @needs_triton
 def test_torch_compile_fullgraph_custom_op(triton_backend):
     torch._dynamo.reset()
-    _compiled_equals_eager(*_problem(9, 24, 20, 4, 2))
+    _compiled_equals_eager(*_with_dropped_slots(*_problem(9, 24, 20, 4, 2)))
 
 
 @needs_triton
@@ -340,12 +403,11 @@ def test_bad_inputs():
         f(x, wgu, wd, ids, tw[:, :1])
     with pytest.raises(ValueError, match="topk_weights must be a floating-point"):
         f(x, wgu, wd, ids, ids)
-    with pytest.raises(ValueError, match=r"topk_ids must be in \[0, 4\)"):
-        f(x, wgu, wd, ids + 3, tw)
-    with pytest.raises(ValueError, match=r"topk_ids must be in \[0, 4\)"):
-        f(x, wgu, wd, ids - 1, tw)
-    with pytest.raises(ValueError, match="only 4 experts"):
-        f(x, wgu, wd, torch.zeros(4, 5, dtype=torch.long), torch.ones(4, 5))
+    for bad in (-2, 4, 9):  # -1 is a dropped slot; anything else outside [0, E) is an error on CPU
+        ids_bad = ids.clone()
+        ids_bad[2, 1] = bad
+        with pytest.raises(ValueError, match=r"topk_ids must be in \[0, 4\) \(n_experts\) or -1 \(a dropped slot"):
+            f(x, wgu, wd, ids_bad, tw)
     with pytest.raises(ValueError, match="activation must be one of"):
         f(x, wgu, wd, ids, tw, activation="relu")
     with pytest.raises(ValueError, match="experts"):

@@ -1,9 +1,11 @@
 """experts_implementation="llmkern" in Hugging Face transformers: tiny random Mixtral, Qwen2-MoE, Qwen3-MoE,
-OLMoE, DeepSeek-V3 (routed experts), Aria (transposed expert weights, passed as views) and Gemma-4 (GeGLU
-experts) give eager's logits and gradients in training mode on a padded batch, on the reference path and
-on the Triton kernels (the interpreter on CPU); greedy generation with a cache gives eager's tokens;
-from_pretrained(..., experts_implementation="llmkern") works; layouts llmkern.moe_mlp does not take
-(gpt-oss, biases, post-expert norms, exact gelu, expert parallelism, ...) raise NotImplementedError."""
+OLMoE, DeepSeek-V3 (routed experts), Aria (transposed expert weights, passed as views), Gemma-4 (GeGLU
+experts) and Mixtral with exact-gelu experts (hidden_act="gelu" -> "geglu_exact") give eager's logits and
+gradients in training mode on a padded batch, on the reference path and on the Triton kernels (the
+interpreter on CPU); greedy generation with a cache gives eager's tokens; from_pretrained(...,
+experts_implementation="llmkern") works; an expert-parallel rank's experts (sentinel ids) give transformers'
+batched_mm; layouts llmkern.moe_mlp does not take (gpt-oss, biases, post-expert norms, other activations,
+...) raise NotImplementedError."""
 import pytest
 import torch
 
@@ -52,6 +54,9 @@ def moe_calls(monkeypatch):
 def _config(kind):
     if kind == "mixtral":
         return T.MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
+    if kind == "mixtral_exact_gelu":  # transformers' "gelu" (GELUActivation: F.gelu, erf) -> geglu_exact
+        return T.MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+                               hidden_act="gelu")
     if kind == "qwen2_moe":  # + a shared expert, top-k weights not renormalized
         return T.Qwen2MoeConfig(**COMMON, intermediate_size=24, moe_intermediate_size=20, num_experts=4,
                                 num_experts_per_tok=2, shared_expert_intermediate_size=16)
@@ -78,9 +83,9 @@ def _config(kind):
 
 _CLASSES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
             "olmoe": "OlmoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "aria": "AriaTextForCausalLM",
-            "gemma4": "Gemma4ForCausalLM"}
+            "gemma4": "Gemma4ForCausalLM", "mixtral_exact_gelu": "MixtralForCausalLM"}
 N_MOE_LAYERS = {"deepseek_v3": 1}  # (the others: every layer)
-ACTIVATION = {"gemma4": "geglu"}
+ACTIVATION = {"gemma4": "geglu", "mixtral_exact_gelu": "geglu_exact"}
 
 
 def _model(kind):
@@ -205,6 +210,64 @@ def test_compiles_without_graph_breaks():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_activation_names():
+    """act_fn -> the op's activation, by the function it computes: exact erf gelu in any spelling is
+    "geglu_exact", the tanh forms "geglu", a clipped gelu nothing."""
+    from transformers.activations import ACT2FN
+
+    from llmkern.integrations.transformers.moe import _activation_name
+
+    want = {"gelu": "geglu_exact", "gelu_python": "geglu_exact", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu",
+            "silu": "swiglu", "gelu_10": None, "quick_gelu": None}
+    assert {name: _activation_name(ACT2FN[name]) for name in want} == want
+    assert _activation_name(torch.nn.GELU()) == _activation_name(torch.nn.functional.gelu) == "geglu_exact"
+    assert _activation_name(torch.nn.GELU(approximate="tanh")) == "geglu"
+
+
+def _expert_parallel_rank(model, rank, ep_size):
+    """Layer 0's experts as rank `rank` of `ep_size` holds them under transformers' expert parallelism
+    (MoEParamShard): its slice of the experts, num_experts the local count, _is_expert_parallel set."""
+    experts = model.model.layers[0].mlp.experts
+    n = experts.num_experts // ep_size
+    for name in ("gate_up_proj", "down_proj"):
+        local = getattr(experts, name)[rank * n:(rank + 1) * n].detach().clone()
+        setattr(experts, name, torch.nn.Parameter(local))
+    experts.num_experts, experts._is_expert_parallel = n, True
+    return experts
+
+
+@pytest.mark.parametrize("ep_size", [2, 4])
+@pytest.mark.parametrize("backend", ["default", "triton"])
+def test_expert_parallel_sentinel_ids(backend, ep_size, request, moe_calls):
+    """Under expert parallelism a rank's experts get local ids, the other ranks' slots as the sentinel
+    num_experts (AllReduceEP). They become the op's -1: output and gradients (experts, input, routing
+    weights; a sentinel slot's weight gradient 0) are transformers' own EP-aware batched_mm's, with
+    nonzero weights at the sentinels (batched_mm masks them too). ep_size 4: one local expert for k = 2."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    model = _model("mixtral")
+    experts = _expert_parallel_rank(model, rank=1, ep_size=ep_size)
+    n = 4 // ep_size
+    torch.manual_seed(1)
+    x = torch.randn(7, 32, device=DEV)
+    ids = torch.randint(0, 4, (7, 2), device=DEV)
+    ids[0] = n + torch.arange(2, device=DEV) % n  # a token with both slots on this rank (experts n.. 2n-1)
+    off_rank = ids // n != 1
+    local = torch.where(off_rank, n, ids % n)
+    assert off_rank.any() and not off_rank.all()
+    tw = torch.rand(7, 2, device=DEV) + 0.1
+    out = {}
+    for impl in ("batched_mm", "llmkern"):
+        model.set_experts_implementation(impl)
+        leaves = [x.clone().requires_grad_(), tw.clone().requires_grad_()]
+        y = experts(leaves[0], local, leaves[1])
+        out[impl] = (y,) + torch.autograd.grad(y.square().sum(), leaves + [experts.gate_up_proj, experts.down_proj])
+    assert len(moe_calls) == 1
+    for name, a, b in zip(("y", "dx", "dtopk_weights", "dgate_up", "ddown"), out["llmkern"], out["batched_mm"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    assert not out["llmkern"][2][off_rank].any() and out["llmkern"][2][~off_rank].all()
+
+
 # ---- refusals -----------------------------------------------------------------------------------------
 
 def test_gpt_oss_is_refused():
@@ -224,7 +287,6 @@ def test_gpt_oss_is_refused():
     ("has_bias", True, "biases"),
     ("has_post_expert_norm", True, "post-expert norm"),
     ("has_gate", False, "ungated"),
-    ("_is_expert_parallel", True, "expert parallelism"),
 ])
 def test_unsupported_layout_flags_are_refused(flag, value, words):
     model = _model("mixtral")
@@ -234,7 +296,7 @@ def test_unsupported_layout_flags_are_refused(flag, value, words):
         model(input_ids=_batch(1, 4)[0])
 
 
-@pytest.mark.parametrize("act, words", [("gelu", "exact erf gelu"), ("relu", "ReLU")])
+@pytest.mark.parametrize("act, words", [("gelu_10", "ClippedGELUActivation"), ("relu", "ReLU")])
 def test_unsupported_activations_are_refused(act, words):
     cfg = _config("mixtral")
     cfg.hidden_act = act

@@ -43,8 +43,12 @@ dw_down reduction and the d topk_weights dot), so the saved activations are 2F p
 3F; o is not kept either (d topk_weights = <ga, a> needs no o). Forward temporaries: a [T·k, F],
 o [T·k, d]. transformers' loop over experts keeps x rows, g|u, act(g), a, o and o·w per expert.
 
-Pairs whose id is outside [0, E) (possible only on CUDA, where the op does not read ids on the
-host) are never visited: the combine skips them and their d topk_weights is 0.
+Pairs whose id is -1 (a dropped slot: llmkern.moe_mlp's "no expert", on every device; the op maps any
+other id outside [0, E), which only CUDA leaves unchecked, to -1 as well) are never visited: they sort
+before seg[0], the combine skips them and their d topk_weights is 0.
+
+act: the constexpr ACT of llmkern/kernels/swiglu.py's _act (silu, tanh gelu, exact erf gelu), in the
+gate-up epilogue (act(g)) and the backward's (act'(g)); tl.math.erf lowers to libdevice's erff on GPU.
 
 Accumulation in float32; outputs in the input dtype. Launchers make their activations contiguous
 (a gradient from `.sum()` arrives as a stride-0 expanded tensor); weights are read through their
@@ -276,10 +280,12 @@ def _combine_kernel(O, TW, IDS, OUT, E, N, k_top, n_cb, HAS_W: tl.constexpr, BLO
     for j in range(0, k_top):
         p = t * k_top + j
         e = tl.load(IDS + p)
-        o = tl.load(O + p * N + cols, mask=mask, other=0.0).to(tl.float32)
+        valid = (e >= 0) & (e < E)
+        # a dropped slot's row of O was never written (not read), and its weight may be anything (not used)
+        o = tl.load(O + p * N + cols, mask=mask & valid, other=0.0).to(tl.float32)
         if HAS_W:
             o = o * tl.load(TW + p).to(tl.float32)
-        acc += tl.where((e >= 0) & (e < E), o, 0.0)
+        acc += tl.where(valid, o, 0.0)
     tl.store(OUT + t * N + cols, acc.to(OUT.dtype.element_ty), mask=mask)
 
 

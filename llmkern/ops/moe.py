@@ -4,6 +4,7 @@ registration, dispatch, autograd.
     moe_route(router_logits, k, renormalize=True) -> (topk_weights, topk_ids)      softmax + top-k
     moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights, activation="swiglu") -> y
         y[t] = Σ_j topk_weights[t, j] · down_e(act(gate_e(x_t)) · up_e(x_t)),   e = topk_ids[t, j]
+        (a slot with e = NO_EXPERT = -1, dropped by a capacity limit or owned by another rank, adds nothing)
 
 Kernels: llmkern/kernels/moe.py (the T·k (token, slot) pairs sorted by expert on the device, grouped
 GEMMs over the sorted rows with the activation fused into the first one's epilogue, a deterministic
@@ -30,7 +31,10 @@ from llmkern.reference import moe as ref
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPES = _KERNEL_DTYPES + (torch.float64,)
 _INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
-_ACTS = {"swiglu": "silu", "geglu": "gelu_tanh"}
+# moe_mlp's activation -> the kernels' act (llmkern/kernels/swiglu.py ACTS); "geglu_exact" is the gate of
+# llmkern.geglu(approximate="none"), F.gelu's default erf form
+_ACTS = {"swiglu": "silu", "geglu": "gelu_tanh", "geglu_exact": "gelu"}
+NO_EXPERT = -1  # the topk_ids value of a dropped slot, on every device
 MAX_EXPERTS = 1024  # llmkern/kernels/moe.py's MAX_EXPERTS (not imported: that module needs Triton)
 
 
@@ -80,8 +84,6 @@ def _check_routing(x, topk_ids, topk_weights, E):
     if topk_ids.shape[:-1] != x.shape[:-1] and tuple(topk_ids.shape) != (T, k):
         raise ValueError(f"topk_ids must hold k ids per token: shape {tuple(x.shape[:-1]) + (k,)} or [{T}, {k}], "
                          f"got {tuple(topk_ids.shape)}")
-    if k > E:
-        raise ValueError(f"topk_ids has k = {k} slots per token but there are only {E} experts")
     if not topk_weights.is_floating_point():
         raise ValueError(f"topk_weights must be a floating-point tensor, got {topk_weights.dtype}")
     if topk_weights.shape != topk_ids.shape:
@@ -92,8 +94,9 @@ def _check_routing(x, topk_ids, topk_weights, E):
     # the ids' range costs a host sync on CUDA: checked on CPU only (the kernels skip bad ids on CUDA)
     if topk_ids.device.type == "cpu" and topk_ids.numel() and _checks.checking_values():
         lo, hi = torch.aminmax(topk_ids.to(torch.int64))
-        if lo < 0 or hi >= E:
-            raise ValueError(f"topk_ids must be in [0, {E}) (n_experts), got values in [{int(lo)}, {int(hi)}]")
+        if lo < NO_EXPERT or hi >= E:
+            raise ValueError(f"topk_ids must be in [0, {E}) (n_experts) or {NO_EXPERT} (a dropped slot: no expert), "
+                             f"got values in [{int(lo)}, {int(hi)}]")
     return T, k
 
 
@@ -206,12 +209,17 @@ def moe_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk
         w_gate_up: [E, 2F, d], x's dtype: each expert's gate rows [0, F) then up rows [F, 2F)
             (transformers' MixtralExperts.gate_up_proj; Mixtral's w1 and w3 stacked). Any strides.
         w_down: [E, d, F], x's dtype (nn.Linear layout per expert). Any strides.
-        topk_ids: integer [..., k] (x's leading dims) or [T, k], values in [0, E); k <= E. The k ids of a
-            token are normally distinct (top-k); repeated ids are summed like distinct experts.
-            Checked on CPU; on CUDA (no host sync) a slot with an id outside [0, E) contributes nothing.
+        topk_ids: integer [..., k] (x's leading dims) or [T, k], values in [0, E) or -1. The k
+            ids of a token are normally distinct (top-k); repeated ids are summed like distinct experts,
+            and k may exceed E (an expert-parallel rank holds fewer experts than a token's k slots). -1 marks a dropped slot (a capacity-limited router's overflow, an expert on another
+            rank under expert parallelism), on every device and backend: the slot adds nothing and its
+            topk_weight gets gradient 0. Other values are checked on CPU (ValueError); on CUDA (no host
+            sync) any id outside [0, E) is treated like -1.
         topk_weights: floating point, topk_ids' shape (any float dtype: a float32 router's weights
             with a bf16 x are read as they are). Its gradient is the router's.
-        activation: "swiglu" (silu(g) * u: Mixtral, Qwen-MoE, DeepSeek) or "geglu" (tanh gelu(g) * u).
+        activation: "swiglu" (silu(g) * u: Mixtral, Qwen-MoE, DeepSeek), "geglu" (tanh-approximated
+            gelu(g) * u: Gemma-4, llmkern.geglu's default) or "geglu_exact" (the exact erf gelu(g) * u:
+            F.gelu's default, llmkern.geglu(approximate="none")).
 
     Returns y with x's shape and dtype. Differentiable in x, w_gate_up, w_down and topk_weights.
     Accumulates in float32; the activation a = act(g)·u is rounded to x's dtype before the down
@@ -225,7 +233,7 @@ def moe_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk
     # out-of-range ids (unchecked on CUDA: no host sync) become -1 before the narrowing cast, so that a huge
     # int64 id cannot wrap onto a real expert; the kernels skip -1
     ids = topk_ids.reshape(T, k)
-    ids = torch.where((ids < 0) | (ids >= E), -1, ids).to(torch.int32).contiguous()
+    ids = torch.where((ids < 0) | (ids >= E), NO_EXPERT, ids).to(torch.int32).contiguous()
     tw = topk_weights.reshape(T, k).contiguous()
     x2 = x.reshape(T, x.shape[-1]).contiguous()
     order, seg = kern.sort_pairs(ids, E)

@@ -4,7 +4,8 @@ the CPU path.
     y[t] = Σ_j topk_weights[t, j] · down_e(act(gate_e(x_t)) · up_e(x_t)),   e = topk_ids[t, j]
 
 with gate_e = rows [0, F) of w_gate_up[e] [2F, d], up_e = rows [F, 2F), down_e = w_down[e] [d, F]
-(transformers' MixtralExperts / Qwen2MoeExperts layout), act = silu ("swiglu") or tanh-gelu ("geglu").
+(transformers' MixtralExperts / Qwen2MoeExperts layout), act = silu ("swiglu"), tanh-gelu ("geglu") or
+exact erf gelu ("geglu_exact"). A slot whose id is -1 (a dropped slot) adds nothing.
 
 `moe_mlp` is transformers' loop over experts (the rows routed to expert e, three matmuls, index_add
 back), computed in float32 (float64 stays float64) and returned in x's dtype. Under torch.compile it
@@ -16,7 +17,7 @@ import torch
 
 from llmkern.reference.swiglu import activation as _activation
 
-ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_tanh"}
+ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_tanh", "geglu_exact": "gelu"}
 
 
 def _prepare(x, w_gate_up, topk_ids, topk_weights):
@@ -34,7 +35,8 @@ def _expert(x, w_gate_up, w_down, act, dt):
 
 
 def moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights, activation="swiglu"):
-    """The loop over experts; x [..., d], topk_ids / topk_weights [..., k] (or [T, k])."""
+    """The loop over experts; x [..., d], topk_ids / topk_weights [..., k] (or [T, k]). Slots with id -1
+    match no expert, so they add nothing and their weights get no gradient."""
     if torch.compiler.is_compiling():
         return moe_mlp_dense(x, w_gate_up, w_down, topk_ids, topk_weights, activation)
     dt, x2, ids, w = _prepare(x, w_gate_up, topk_ids, topk_weights)
@@ -53,7 +55,11 @@ def moe_mlp_dense(x, w_gate_up, w_down, topk_ids, topk_weights, activation="swig
     w[t, j]·[ids[t, j] == e] (0 for experts the token does not use)."""
     dt, x2, ids, w = _prepare(x, w_gate_up, topk_ids, topk_weights)
     E = w_gate_up.shape[0]
-    coef = torch.zeros(x2.shape[0], E, device=x.device, dtype=dt).scatter_add(1, ids.long(), w)
+    # a -1 slot scatters a zero weight onto expert 0 (scatter needs an index in range): nothing added,
+    # and the where() leaves its weight without gradient
+    dropped = ids < 0
+    w = torch.where(dropped, 0.0, w)
+    coef = torch.zeros(x2.shape[0], E, device=x.device, dtype=dt).scatter_add(1, ids.long().clamp_min(0), w)
     y = torch.zeros_like(x2)
     for e in range(E):
         y = y + coef[:, e:e + 1] * _expert(x2, w_gate_up[e], w_down[e], activation, dt)

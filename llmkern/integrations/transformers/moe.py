@@ -11,13 +11,17 @@ Qwen2MoeExperts, OlmoeExperts, DeepseekV3Experts, ...) then runs `llmkern_expert
 reach them (and the router, through top_k_weights) as with the other implementations.
 
 The op's layout is transformers' default one: [gate; up] concatenated along the output features,
-weights [E, out, in], no biases, a gated MLP with silu (-> "swiglu") or tanh-approximated gelu
-(-> "geglu": gelu_pytorch_tanh, gelu_new, gelu_fast). Transposed weights ([E, in, out], Aria) are passed
-as transpose views: the kernels read weights through their strides, so no copy is made. Anything else
-(interleaved gate/up, biases, a custom `_apply_gate` such as gpt-oss's clamped SwiGLU, an exact-erf
-gelu, ungated experts, a post-expert norm, expert parallelism, quantized weights) raises
-NotImplementedError naming what is unsupported; shapes the op itself refuses (more than 1024 experts, an odd
-number of gate_up rows) raise its ValueError. It never falls back to another implementation.
+weights [E, out, in], no biases, a gated MLP with silu (-> "swiglu"), tanh-approximated gelu
+(-> "geglu": gelu_pytorch_tanh, gelu_new, gelu_fast) or exact erf gelu (-> "geglu_exact": gelu,
+gelu_python, nn.GELU()). Transposed weights ([E, in, out], Aria) are passed as transpose views: the
+kernels read weights through their strides, so no copy is made. Under expert parallelism
+(`_is_expert_parallel`) the EP dispatch hands the module local expert ids with its off-rank slots set
+to the sentinel num_experts (weight 0); those become the op's -1 (a dropped slot), which adds nothing,
+as grouped_mm's sentinel masking does. Anything else (interleaved gate/up, biases, a custom
+`_apply_gate` such as gpt-oss's clamped SwiGLU, other activations, ungated experts, a post-expert norm,
+quantized weights) raises NotImplementedError naming what is unsupported; shapes the op itself refuses
+(more than 1024 experts, an odd number of gate_up rows) raise its ValueError. It never falls back to
+another implementation.
 """
 import torch
 import torch.nn.functional as F
@@ -43,16 +47,18 @@ def _activation_name(act):
     # all three are 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), the op's "geglu"
     if isinstance(act, (A.GELUTanh, A.NewGELUActivation, A.FastGELUActivation)):
         return "geglu"
-    if isinstance(act, torch.nn.GELU) and act.approximate == "tanh":
-        return "geglu"
+    if isinstance(act, torch.nn.GELU):
+        return "geglu" if act.approximate == "tanh" else "geglu_exact"
+    # transformers' "gelu" and "gelu_python": F.gelu and x·½(1 + erf(x/√2)), both the exact form (matched
+    # by exact type: ClippedGELUActivation and friends compute something else)
+    if act is F.gelu or type(act) is A.GELUActivation:
+        return "geglu_exact"
     return None
 
 
 def _describe(act):
     if act is None:
         return "no act_fn attribute"
-    if act is F.gelu or isinstance(act, torch.nn.GELU) or type(act).__name__ == "GELUActivation":
-        return f"{type(act).__name__} (exact erf gelu: llmkern.moe_mlp's geglu is the tanh approximation)"
     return getattr(act, "__name__", type(act).__name__)
 
 
@@ -70,8 +76,6 @@ def _unsupported(module):
         reasons.append("expert biases (has_bias=True)")
     if flag("has_post_expert_norm", False):
         reasons.append("a post-expert norm (has_post_expert_norm=True)")
-    if flag("_is_expert_parallel", False):
-        reasons.append("expert parallelism (sentinel expert ids)")
     if getattr(type(module), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
         reasons.append(f"a custom gate ({type(module).__name__}._apply_gate, e.g. a clamped or scaled SwiGLU)")
     elif flag("has_gate", True) and _activation_name(getattr(module, "act_fn", None)) is None:
@@ -98,7 +102,7 @@ def _check(module):
         raise NotImplementedError(
             f"llmkern experts implementation does not support {type(module).__name__}: "
             f"{'; '.join(reasons)}. llmkern.moe_mlp takes concatenated [gate; up] weights without bias, "
-            f"with a silu or tanh-gelu gate; {_ADVICE}.")
+            f"with a silu or gelu (tanh or exact) gate; {_ADVICE}.")
 
 
 # ---- the experts forward ------------------------------------------------------------------------
@@ -124,6 +128,14 @@ def _run(x, wgu, wd, top_k_index, top_k_weights, activation):
         return llmkern.moe_mlp(x, wgu, wd, top_k_index, top_k_weights, activation)
 
 
+def _local_ids(module, top_k_index):
+    """top_k_index with expert parallelism's sentinels (ids >= the module's local num_experts, as
+    transformers' grouped_mm_experts_forward tests them) as the op's -1; elementwise, no host sync."""
+    if not getattr(module, "_is_expert_parallel", False):
+        return top_k_index
+    return torch.where(top_k_index >= module.num_experts, -1, top_k_index)
+
+
 def llmkern_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """ExpertsInterface entry: hidden_states [num_tokens, hidden], top_k_index / top_k_weights
     [num_tokens, k] -> [num_tokens, hidden] in hidden_states' dtype (as grouped_mm_experts_forward).
@@ -131,7 +143,7 @@ def llmkern_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     _check(self)
     wgu, wd = _weights(self)
     activation = _activation_name(self.act_fn)
-    y = _run(hidden_states, wgu, wd, top_k_index, top_k_weights, activation)
+    y = _run(hidden_states, wgu, wd, _local_ids(self, top_k_index), top_k_weights, activation)
     return y.to(hidden_states.dtype)
 
 
