@@ -50,3 +50,25 @@ def tiny_hf_llama(seed=0, vocab=64, hidden=32, layers=2, heads=4):
                                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                                    max_position_embeddings=64, attn_implementation="eager")
     return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def save_tiny_hf(path, config_cls, model_cls, config, seed=0, router_std=None):
+    """A tiny random transformers model (`config_cls` / `model_cls` names in transformers, `config` its
+    keyword arguments) saved to `path` and returned (eval mode, no eos). Norm gains and biases are random
+    so that a loading mix-up shows; router_std: MoE routers (``mlp.gate``) drawn with this std, large enough
+    for decisive top-k choices (no near-ties that rounding could flip)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config)).eval()
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+            elif n.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+            elif router_std is not None and n.endswith("mlp.gate.weight"):
+                p.normal_(0.0, router_std)
+    hf.save_pretrained(path)
+    return hf

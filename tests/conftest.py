@@ -39,3 +39,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    """ranks(p) -> a RankPool of p gloo ranks, started once per module (starting a rank costs
+    seconds: importing torch), restarted after a failure."""
+    from llmkern.parallel.launch import RankPool
+
+    pools = {}
+
+    def get(p):
+        if p not in pools or pools[p].closed:
+            pools[p] = RankPool(p, pg_timeout=30.0)
+        return pools[p]
+
+    yield get
+    for pool in pools.values():
+        pool.close()

@@ -11,6 +11,7 @@ import torch
 from llmkern import flops
 from llmkern.generation import generate
 from llmkern.models import Llama, from_hf, get_config
+from llmkern.testing import save_tiny_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,21 +33,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py: tiny models)
 
 
 def _save(path, family, seed=0, **changes):
-    """A tiny random transformers model of `family`, saved to `path`; random norm gains and biases so
-    that a mix-up would show."""
+    """A tiny random transformers model of `family`, saved to `path` (llmkern.testing.save_tiny_hf)."""
     cfg_cls, model_cls, options = FAMILIES[family]
-    torch.manual_seed(seed)
-    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **options, **changes})
-    hf = getattr(transformers, model_cls)(cfg).eval()
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-            elif n.endswith(".bias"):
-                p.normal_(0.0, 0.5)
-    hf.save_pretrained(path)
-    return hf
+    return save_tiny_hf(path, cfg_cls, model_cls, {**COMMON, **options, **changes}, seed)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from llmkern import flops
 from llmkern.generation import generate
 from llmkern.models import Llama, build, from_hf, get_config
 from llmkern.models.llama import _experts_dense, _experts_loop, load_balancing_loss
+from llmkern.testing import save_tiny_hf
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py: tiny models)
 
@@ -35,24 +36,10 @@ FAMILIES = {
 
 
 def _save(path, family, seed=0, **changes):
-    """A tiny random transformers MoE model saved to `path`. Random norm gains and biases, and routers
-    with large weights (decisive top-k choices: no near-ties that rounding could flip)."""
-    transformers = pytest.importorskip("transformers")
+    """A tiny random transformers MoE model saved to `path`, its routers decisive (llmkern.testing)."""
+    pytest.importorskip("transformers")
     cfg_cls, model_cls, options = FAMILIES[family]
-    torch.manual_seed(seed)
-    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **options, **changes})
-    hf = getattr(transformers, model_cls)(cfg).eval()
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-            elif n.endswith(".bias"):
-                p.normal_(0.0, 0.5)
-            elif n.endswith("mlp.gate.weight"):
-                p.normal_(0.0, 0.3)
-    hf.save_pretrained(path)
-    return hf
+    return save_tiny_hf(path, cfg_cls, model_cls, {**COMMON, **options, **changes}, seed, router_std=0.3)
 
 
 @pytest.fixture(scope="module")

@@ -461,22 +461,6 @@ def errors_worker(rank, p):
     return sorted(seen)
 
 
-@pytest.fixture(scope="module")
-def ranks():
-    """ranks(p) -> a RankPool of p gloo ranks, started once per module (starting a rank costs
-    seconds: importing torch), restarted after a failure."""
-    pools = {}
-
-    def get(p):
-        if p not in pools or pools[p].closed:
-            pools[p] = RankPool(p, pg_timeout=30.0)
-        return pools[p]
-
-    yield get
-    for pool in pools.values():
-        pool.close()
-
-
 # ---- tests --------------------------------------------------------------------------------------
 
 def test_layers_match_nn_linear_2_ranks(ranks):

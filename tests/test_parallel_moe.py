@@ -17,7 +17,6 @@ import torch.distributed as dist
 from llmkern.models import Llama, get_config
 from llmkern.models.llama import MoE, load_balancing_loss
 from llmkern.parallel import ColumnParallelLinear, RowParallelLinear, tensor_parallelize
-from llmkern.parallel.launch import RankPool
 from llmkern.parallel.moe import ShardedExperts, TensorParallelMoE
 
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -215,20 +214,6 @@ def errors_worker(rank, p):
 
 
 # ---- tests --------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ranks():
-    pools = {}
-
-    def get(p):
-        if p not in pools or pools[p].closed:
-            pools[p] = RankPool(p, pg_timeout=30.0)
-        return pools[p]
-
-    yield get
-    for pool in pools.values():
-        pool.close()
-
 
 def test_moe_models_match_unsharded_2_ranks(ranks):
     """mixtral-tiny and a Qwen2-MoE-like model (shared expert, a dense layer, the load-balancing loss), on
