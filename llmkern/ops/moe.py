@@ -213,8 +213,8 @@ def moe_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk
             ids of a token are normally distinct (top-k); repeated ids are summed like distinct experts,
             and k may exceed E (an expert-parallel rank holds fewer experts than a token's k slots). -1 marks a dropped slot (a capacity-limited router's overflow, an expert on another
             rank under expert parallelism), on every device and backend: the slot adds nothing and its
-            topk_weight gets gradient 0. Other values are checked on CPU (ValueError); on CUDA (no host
-            sync) any id outside [0, E) is treated like -1.
+            topk_weight gets gradient 0. Other values are checked on CPU in eager calls (ValueError); where
+            the ids are not read on the host (CUDA, torch.compile) any id outside [0, E) is treated like -1.
         topk_weights: floating point, topk_ids' shape (any float dtype: a float32 router's weights
             with a bf16 x are read as they are). Its gradient is the router's.
         activation: "swiglu" (silu(g) * u: Mixtral, Qwen-MoE, DeepSeek), "geglu" (tanh-approximated

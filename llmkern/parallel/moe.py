@@ -152,7 +152,7 @@ class TensorParallelMoE(llama.MoE):
         self.shared_expert = moe.shared_expert
         if moe.shared_expert is not None and shard_shared_expert:
             self.shared_expert = _shard_dense_mlp(moe.shared_expert, group, self.sequence_parallel, layer_kw)
-        return self
+        return self.train(moe.training)  # (a model put in eval() before tensor_parallelize stays in eval)
 
     def forward(self, x, router_logits=None):
         """x [..., d] (this rank's tokens under sequence parallelism) -> y, x's shape. router_logits: a list

@@ -55,11 +55,12 @@ def moe_mlp_dense(x, w_gate_up, w_down, topk_ids, topk_weights, activation="swig
     w[t, j]·[ids[t, j] == e] (0 for experts the token does not use)."""
     dt, x2, ids, w = _prepare(x, w_gate_up, topk_ids, topk_weights)
     E = w_gate_up.shape[0]
-    # a -1 slot scatters a zero weight onto expert 0 (scatter needs an index in range): nothing added,
-    # and the where() leaves its weight without gradient
-    dropped = ids < 0
+    # a -1 slot, or an id no eager check saw (torch.compile) outside [0, E), scatters a zero weight onto
+    # expert 0 (scatter needs an index in range): nothing added, and the where() leaves its weight without
+    # gradient, as the kernels treat such slots
+    dropped = (ids < 0) | (ids >= E)
     w = torch.where(dropped, 0.0, w)
-    coef = torch.zeros(x2.shape[0], E, device=x.device, dtype=dt).scatter_add(1, ids.long().clamp_min(0), w)
+    coef = torch.zeros(x2.shape[0], E, device=x.device, dtype=dt).scatter_add(1, ids.long().clamp(0, E - 1), w)
     y = torch.zeros_like(x2)
     for e in range(E):
         y = y + coef[:, e:e + 1] * _expert(x2, w_gate_up[e], w_down[e], activation, dt)
