@@ -12,6 +12,7 @@ from llmkern import peft as lp
 from llmkern import reference as ref
 from llmkern.peft import dora as D
 from llmkern.testing import assert_close, tiny_hf_llama, triton_device
+from test_peft import _hf_base, _hf_dir, _zoo  # (the tiny transformers checkpoints of the PEFT tests)
 
 TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=3e-2, rtol=3e-2)}
 
@@ -460,33 +461,6 @@ def test_load_rejects_inconsistent_dora_files(tmp_path):
 
 
 # ---- PEFT on transformers <-> zoo models ----------------------------------------------------------
-
-def _hf_dir(path, kind):
-    torch.manual_seed(3)
-    if kind == "llama":
-        cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-        hf = transformers.LlamaForCausalLM(cfg)
-    else:
-        cfg = transformers.GPT2Config(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4)
-        hf = transformers.GPT2LMHeadModel(cfg)
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n or ".ln_" in n:
-                p.uniform_(0.5, 1.5)
-    hf.save_pretrained(path)
-    return str(path)
-
-
-def _hf_base(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-def _zoo(path):
-    from llmkern.models import from_hf
-
-    return from_hf(path, backend="torch")
-
 
 def test_peft_dora_on_hf_llama_loads_into_zoo_llama_and_back(tmp_path):
     base = _hf_dir(tmp_path / "base", "llama")

@@ -157,16 +157,23 @@ def _ptxas_available():
     return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
 
 
+def compiled_table(script, args=(), timeout=300):
+    """Run a compile script (`python script [args]` outside the interpreter: TRITON_INTERPRET unset) and
+    return its printed table, one line per kernel (the closing COMPILED-ALL line dropped); fails the test
+    on an error or a missing COMPILED-ALL."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=timeout)
+    assert res.returncode == 0 and "COMPILED-ALL" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
+    return [line for line in res.stdout.splitlines() if line != "COMPILED-ALL"]
+
+
 @pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's bundled ptxas")
 def test_lora_kernels_compile_for_sm90():
     from llmkern.kernels.lora import _GEMM_TMA_TILES
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    args = [sys.executable, HERE] + (["all"] if os.environ.get("LLMKERN_COMPILE_ALL") == "1" else [])
-    res = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert res.returncode == 0 and "COMPILED-ALL" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
-    lines = res.stdout.splitlines()
+    lines = compiled_table(HERE, ["all"] if os.environ.get("LLMKERN_COMPILE_ALL") == "1" else [])
     fwd = next(line for line in lines if line.startswith("gemm fwd 128x256"))
     assert "wgmma=True" in fwd, fwd  # Hopper's warp-group MMA in the main GEMM
     tma = [line for line in lines if line.startswith("gemm tma")]

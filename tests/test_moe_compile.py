@@ -16,16 +16,13 @@ and the sizes F, K, N, P, R divisible by 16 (d = 2048, F = 1408 or 14336, ...).
 """
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 import test_lora_compile
-from test_lora_compile import SMEM_LIMIT, _compile, _ptxas_available
+from test_lora_compile import SMEM_LIMIT, _compile, _ptxas_available, compiled_table
 
 HERE = os.path.abspath(__file__)
-ROOT = os.path.dirname(os.path.dirname(HERE))
 BLOCK_E = 256
 
 
@@ -90,11 +87,7 @@ def main():
 
 @pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's bundled ptxas")
 def test_moe_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, HERE], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert res.returncode == 0 and "COMPILED-ALL" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
-    lines = res.stdout.splitlines()[:-1]
+    lines = compiled_table(HERE, timeout=600)
     from llmkern.kernels import moe as K
 
     with_act = len(K.GATE_UP_TILES) + len(K.GATE_UP_BWD_TILES) + len(K.WGRAD_TILES)  # each has a gelu copy
