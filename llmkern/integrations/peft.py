@@ -144,6 +144,8 @@ def _kind(module, name, dtype):
 def _dora_layer(module, name, variant):
     """PEFT's DoRA magnitude layer of adapter `name` when its variant is exactly DoRA for Linear layers
     (not a composed or subclassed variant) on a layer without fan_in_fan_out; else None."""
+    if variant is None:  # plain LoRA (every call of the fused forward asks: no import for it)
+        return None
     try:
         from peft.tuners.lora.variants import DoraLinearVariant
     except ImportError:

@@ -1,4 +1,5 @@
 """Small pieces the Triton kernel files share."""
+import torch
 import triton
 import triton.language as tl
 
@@ -68,3 +69,13 @@ def split_rows(start, end, split, s, BLOCK_M: tl.constexpr):
     chunk = tl.cdiv(tl.cdiv(end - start, split), BLOCK_M) * BLOCK_M
     lo = start + s * chunk
     return lo, tl.minimum(lo + chunk, end)
+
+
+def sort_segments(ids, n):
+    """(sorted ids, order, seg), all int32, on the device with no host sync: ids (any shape, flattened)
+    sorted stably (equal ids keep their order: deterministic sums), order[i] the position of the i-th sorted
+    id, and seg [n + 1] where each value 0..n-1 starts in the sorted order (values outside [0, n) sort before
+    seg[0] or after seg[n]). Multi-adapter LoRA's rows by adapter, MoE's (token, slot) pairs by expert."""
+    sorted_ids, order = torch.sort(ids.reshape(-1).to(torch.int32), stable=True)
+    bounds = torch.arange(n + 1, device=sorted_ids.device, dtype=torch.int32)
+    return sorted_ids, order.to(torch.int32), torch.searchsorted(sorted_ids, bounds, out_int32=True)

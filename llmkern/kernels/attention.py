@@ -253,7 +253,7 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K, SEED, SINKS,
         kh, kc = _drop_keys(SEED, (b + drop_b0) * H + h)
     sink = 0.0
     if HAS_SINKS:
-        sink = tl.load(SINKS + h)
+        sink = tl.load(SINKS + h).to(tl.float32)
     acc, lse = _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, K, V, b, hk,
                          first, seqlen_q, seqlen_k, L, R, qk_scale, sc_in, sc_out, kh, kc, drop_thr, drop_scale, sink,
                          BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, False, DROPOUT, HAS_SINKS)
@@ -295,7 +295,7 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE, KPM, SEED, SINKS,
         kh, kc = _drop_keys(SEED, (b + drop_b0) * H + h)
     sink = 0.0
     if HAS_SINKS:
-        sink = tl.load(SINKS + h)
+        sink = tl.load(SINKS + h).to(tl.float32)
     acc, lse = _fwd_tile(q, KPM, KPM, kpm_base, 0, 0, desc_k, desc_v, b, hk,
                          first, Tq, Tk, L, R, qk_scale, sc_in, sc_out, kh, kc, drop_thr, drop_scale, sink,
                          BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, True, DROPOUT, HAS_SINKS)
@@ -951,7 +951,7 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
         kpm = kpm.to(torch.bool).contiguous().view(torch.uint8)
     qk_scale, sc_in, sc_out = _softcap_args(scale, softcap)
     drop = _dropout_args(dropout_p, seed, batch_base, lse)
-    sink_arg = lse if sinks is None else sinks.to(device=q.device, dtype=torch.float32).contiguous()
+    sink_arg = lse if sinks is None else sinks.contiguous()  # (any float dtype: read as float32 in the kernels)
     BD = _block_d(D)
     grid = lambda META: (cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
     args = (q, k, v, out, lse, kpm if kpm is not None else lse, cu_q, cu_k, drop[0], sink_arg,

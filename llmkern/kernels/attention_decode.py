@@ -147,7 +147,7 @@ def _decode_combine(OP, LP, O, LSE, SINKS, S,
                  mask=offs_s < S, other=float("-inf"))
     m = tl.max(lp, 0)
     if HAS_SINKS:  # the sink: one more partial with LSE sink (log2 units, as lp) and a zero output
-        sink2 = tl.load(SINKS + h) * 1.4426950408889634
+        sink2 = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
         m = tl.maximum(m, sink2)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lp - m_safe)
@@ -248,7 +248,8 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
     op = torch.empty(B, H, Tq, S, D, device=q.device, dtype=torch.float32)
     lp = torch.empty(B, H, Tq, S, device=q.device, dtype=torch.float32)
     extra = {} if _interpreting() else dict(num_warps=warps, num_stages=stages)
-    kpm = None if key_padding_mask is None else key_padding_mask.to(device=q.device, dtype=torch.uint8).contiguous()
+    # (a bool mask's own bytes, as the dense kernels read it: a view, no copy per decoded token)
+    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous().view(torch.uint8)
     _decode_split[(S, m_blocks, B * Hk)](
         q, k_cache, v_cache, seqlens, seqlens if block_table is None else block_table,
         seqlens if kpm is None else kpm, op, lp,
@@ -264,7 +265,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
         BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=kpm is not None, **extra)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
-    sink_arg = lse if sinks is None else sinks.to(device=q.device, dtype=torch.float32).contiguous()
+    sink_arg = lse if sinks is None else sinks.contiguous()  # (any float dtype: read as float32 in the kernel)
     _decode_combine[(B * H * Tq,)](
         op, lp, out, lse, sink_arg, S,
         op.stride(0), op.stride(1), op.stride(2), op.stride(3),

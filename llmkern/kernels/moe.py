@@ -64,7 +64,7 @@ import triton.language as tl
 
 from llmkern._backend import triton_interpreting
 from llmkern.kernels import _autotune as _autotune_front
-from llmkern.kernels._common import cdiv, next_power_of_2
+from llmkern.kernels._common import cdiv, next_power_of_2, sort_segments
 from llmkern.kernels._common import split_rows as _split_rows
 from llmkern.kernels.swiglu import ACTS
 from llmkern.kernels.swiglu import _act
@@ -79,11 +79,8 @@ def sort_pairs(topk_ids, n_experts):
     [seg[e], seg[e+1])). Stable: an expert's pairs stay in token order (deterministic sums, and
     neighbouring rows of a tile are neighbouring tokens). Ids outside [0, E) sort before seg[0] or
     after seg[E]."""
-    flat = topk_ids.reshape(-1).to(torch.int32)
-    sorted_ids, order = torch.sort(flat, stable=True)
-    bounds = torch.arange(n_experts + 1, device=flat.device, dtype=torch.int32)
-    seg = torch.searchsorted(sorted_ids, bounds, out_int32=True)
-    return order.to(torch.int32), seg
+    _, order, seg = sort_segments(topk_ids, n_experts)
+    return order, seg
 
 
 # ----------------------------------------------------------------------------- shared pieces

@@ -451,8 +451,9 @@ class ZooModel(torch.nn.Module):
                 pos = pos.masked_fill(~kpm, 1)
                 position_ids = pos[:, start:] if slots is None else pos.gather(1, slots)
             # no padding: drop the mask (the unmasked kernels are faster). Reading that is a host sync on
-            # CUDA: done for prompts, not for each decoded token (the decode kernel takes the mask at ~no cost)
-            if (T > 1 or kpm.device.type == "cpu") and bool(kpm.all()):
+            # CUDA: done for a prompt (no cache yet), not for the forwards that continue a cache (decoding,
+            # speculative drafts and verifies: the decode kernel and the per-row path take the mask at ~no cost)
+            if (start == 0 or kpm.device.type == "cpu") and bool(kpm.all()):
                 kpm = None
         if position_ids is None:
             position_ids = slots

@@ -436,8 +436,8 @@ def _lora_multi(x, weight, bias, lora_A, lora_B, scalings, ids, n, M):
         return ref.lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, ids)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    sorted_ids, perm = torch.sort(ids.to(torch.int32), stable=True)
-    perm = perm.to(torch.int32)
-    seg = torch.searchsorted(sorted_ids, torch.arange(n + 1, device=x.device, dtype=torch.int32)).to(torch.int32)
+    from llmkern.kernels._common import sort_segments  # (Triton is imported only on the Triton path)
+
+    sorted_ids, perm, seg = sort_segments(ids, n)
     y = _run_triton(x2, weight, bias, lora_A, lora_B, scalings, 1.0, perm, sorted_ids, seg, 0.0, None)
     return y.reshape(*shape[:-1], weight.shape[0])

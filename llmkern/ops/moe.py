@@ -33,7 +33,7 @@ _DTYPES = _KERNEL_DTYPES + (torch.float64,)
 _INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 # moe_mlp's activation -> the kernels' act (llmkern/kernels/swiglu.py ACTS); "geglu_exact" is the gate of
 # llmkern.geglu(approximate="none"), F.gelu's default erf form
-_ACTS = {"swiglu": "silu", "geglu": "gelu_tanh", "geglu_exact": "gelu"}
+_ACTS = ref.ACTIVATIONS  # activation name -> the kernels' fused activation
 NO_EXPERT = -1  # the topk_ids value of a dropped slot, on every device
 MAX_EXPERTS = 1024  # llmkern/kernels/moe.py's MAX_EXPERTS (not imported: that module needs Triton)
 

@@ -93,10 +93,7 @@ class NF4Weight:
 
     def scales(self) -> torch.Tensor:
         """The fp32 absmax of every block (double quantization decoded)."""
-        if self.nested is None:
-            return self.absmax
-        code_map, absmax2, offset = self.nested
-        return ref.dequantize_absmax(self.absmax, code_map, absmax2, offset)
+        return ref.block_scales(self.absmax, self.state2)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense weight ``[N, K]`` in `dtype` (default: self.dtype). See nf4_dequantize."""
@@ -220,7 +217,7 @@ def _matmul_impl(x2, packed, absmax, pairs, state2, bias, shape, blocksize, tran
 def _nf4_fwd_op(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, pairs: torch.Tensor,
                 state2: Optional[torch.Tensor], bias: Optional[torch.Tensor], out_features: int,
                 blocksize: int) -> torch.Tensor:
-    return _matmul_impl(x2, packed, absmax, pairs, state2, bias, (out_features, x2.shape[1]), blocksize, False)
+    return _fwd_impl(x2, packed, absmax, pairs, state2, bias, out_features, blocksize)
 
 
 @_nf4_fwd_op.register_fake

@@ -1,6 +1,6 @@
 """QLoRA modules: frozen 4-bit NF4 base layers (NF4Linear), quantize_nf4, and the ops they run on.
 
-    quantize_nf4(model)                          # every nn.Linear but lm_head -> NF4Linear (0.5 B/param)
+    quantize_nf4(model)                          # every nn.Linear but lm_head -> NF4Linear (~0.56 B/param: 4.5 bits)
     quantize_nf4(model, double_quant=True)       # ... with 8-bit scales (4.127 instead of 4.5 bits/param)
     inject_lora(model, ["q_proj", "v_proj"])     # LoRALinear over NF4Linear: QLoRA (Dettmers et al. 2023)
     merge_lora(model, remove=True)               # LoRA layers -> dense nn.Linear of dequant(W) + s·B·A

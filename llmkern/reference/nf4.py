@@ -129,4 +129,5 @@ def dequantize_absmax(codes, code_map, scales, offset, blocksize2=BLOCKSIZE2):
     """Double quantization's absmax (fp32 [n]): code_map[codes[i]] · scales[i // blocksize2] + offset."""
     vals = code_map.to(torch.float32)[codes.reshape(-1).long()]
     scale = scales.reshape(-1).to(torch.float32).repeat_interleave(blocksize2)[:vals.numel()]
-    return vals * scale + float(offset)
+    # (offset may be a 0-d device tensor: added as a tensor, never read on the host)
+    return vals * scale + torch.as_tensor(offset, dtype=torch.float32, device=vals.device)
