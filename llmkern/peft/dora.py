@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from llmkern import reference as ref
 from llmkern.ops import _checks
 from llmkern.ops.lora import _as_scalar, _autocast_args, _check_common, lora_linear
+from llmkern.ops.nf4 import NF4Weight, nf4_linear
 
 # rows of a 16-bit weight converted at a time where torch has no float32-accumulating path that reads
 # it directly (CPU reductions and GEMMs cast their input first)
@@ -92,7 +93,11 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     ``W_i`` (about ``eps · ‖W_i‖² / ‖W_i + s B_i A‖²``, eps of float32).
     """
     _check_weight_lora(weight, lora_A, lora_B)
-    s = _as_scalar("scaling", scaling)
+    return _dora_weight_norm(weight, lora_A, lora_B, _as_scalar("scaling", scaling))
+
+
+def _dora_weight_norm(weight, lora_A, lora_B, s):
+    """dora_weight_norm without its argument checks (the ops call it on inputs they checked)."""
     acc = _acc_dtype(weight.dtype)
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         W = weight.detach()
@@ -122,7 +127,9 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     Args:
         x: ``[..., in]`` float32 / float16 / bfloat16 (float64: the reference path).
         weight: ``[out, in]``, dtype of x. Gets a gradient when ``weight.requires_grad`` (through the
-            two linear terms only: the norm is detached, as in PEFT).
+            two linear terms only: the norm is detached, as in PEFT). Or a frozen 4-bit ``NF4Weight``
+            (QDoRA): the products read it in 4 bits (``lora_linear``, ``nf4_linear``); the row norms
+            dequantize it into a temporary per call, nothing dense is kept for the backward.
         bias: ``[out]`` or None.
         lora_A: ``[r, in]``, lora_B: ``[out, r]``, 1 <= r <= 256; cast to x's dtype when they differ.
         magnitude: ``[out]`` (PEFT's ``lora_magnitude_vector``), floating point; cast to x's dtype.
@@ -151,11 +158,13 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     lora_A = lora_A.to(x.dtype)
     lora_B = lora_B.to(x.dtype)
     acc = _acc_dtype(x.dtype)
-    norm = dora_weight_norm(weight, lora_A, lora_B, s)
+    quantized = isinstance(weight, NF4Weight)
+    norm = _dora_weight_norm(weight.dequantize(x.dtype) if quantized else weight, lora_A, lora_B, s)
     scale = (magnitude.to(acc) / norm).to(x.dtype)                       # m / n, [out]
     out = lora_linear(x, weight, None, lora_A, lora_B, s, p, seed=seed_t)
     y = out * scale if bias is None else torch.addcmul(bias, out, scale)
     if p > 0:
         # PEFT's base term on the dropped input: (m/n - 1) ⊙ x̃ Wᵀ, on top of x Wᵀ scaled above
-        y = y + F.linear(ref.lora_dropout(x, p, seed_t) - x, weight) * (scale - 1)
+        base = nf4_linear if quantized else F.linear
+        y = y + base(ref.lora_dropout(x, p, seed_t) - x, weight) * (scale - 1)
     return y

@@ -17,11 +17,9 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from llmkern import reference as ref
 from llmkern.ops import _checks
-from llmkern.ops.lora import _as_scalar, _autocast_args, _check_common, lora_linear
 from llmkern.ops.nf4 import NF4Weight, _check_blocksize, nf4_linear, nf4_quantize
-from llmkern.peft.dora import dora_weight_norm
+from llmkern.peft.dora import dora_linear
 from llmkern.reference import nf4 as ref_nf4
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -32,31 +30,13 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def nf4_dora_linear(x: torch.Tensor, qweight: NF4Weight, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                     lora_B: torch.Tensor, magnitude: torch.Tensor, scaling: float, dropout_p: float = 0.0, *,
                     seed: Union[int, torch.Tensor, None] = None) -> torch.Tensor:
-    """``llmkern.peft.dora_linear`` (PEFT's DoRA) over a frozen 4-bit weight: the same formula and dropout
-    semantics. The row norms ‖W + s·B·A‖ need W itself: it is dequantized once per call into a temporary
-    (freed before the products run); the products read W in 4 bits (lora_linear, nf4_linear), so nothing
-    dense is kept for the backward."""
+    """``llmkern.peft.dora_linear`` (PEFT's DoRA) over a frozen 4-bit weight, which it takes directly: this
+    name only insists on the NF4Weight. The row norms ‖W + s·B·A‖ dequantize W into a temporary per call;
+    the products read W in 4 bits, so nothing dense is kept for the backward."""
     if not isinstance(qweight, NF4Weight):
         raise TypeError(f"qweight must be an NF4Weight (a dense weight: llmkern.peft.dora_linear), got "
                         f"{type(qweight).__name__}")
-    x, _, bias = _autocast_args(x, qweight, bias)
-    _check_common(x, qweight, bias, lora_A, lora_B, multi=False)
-    _checks.tensor_arg("magnitude", magnitude)
-    N = qweight.out_features
-    if magnitude.shape != (N,) or not magnitude.is_floating_point() or magnitude.device != x.device:
-        raise ValueError(f"magnitude must be a floating-point [{N}] tensor on {x.device}, got {magnitude.dtype} "
-                         f"{tuple(magnitude.shape)} on {magnitude.device}")
-    s = _as_scalar("scaling", scaling)
-    p = _checks.dropout_p_arg(dropout_p)
-    seed_t = _checks.dropout_seed(seed, p, x.device)
-    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    norm = dora_weight_norm(qweight.dequantize(x.dtype), lora_A, lora_B, s)      # [out] float32, detached
-    scale = (magnitude.to(norm.dtype) / norm).to(x.dtype)
-    out = lora_linear(x, qweight, None, lora_A, lora_B, s, p, seed=seed_t)
-    y = out * scale if bias is None else torch.addcmul(bias, out, scale)
-    if p > 0:  # PEFT's base term on the dropped input, as dora_linear adds it
-        y = y + nf4_linear(ref.lora_dropout(x, p, seed_t) - x, qweight) * (scale - 1)
-    return y
+    return dora_linear(x, qweight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed=seed)
 
 
 # ---- the module -------------------------------------------------------------------------------------
