@@ -105,6 +105,21 @@ def _check(module):
             f"with a silu or gelu (tanh or exact) gate; {_ADVICE}.")
 
 
+def _checked_activation(module):
+    """The op's activation name for `module`, after _check; both cached on the module while its class, weights,
+    activation, weight dtypes and expert-parallel flag stay the same (the checks cost ~10 µs, every layer, every call)."""
+    key = (type(module), *(id(getattr(module, n, None)) for n in ("gate_up_proj", "down_proj", "act_fn")),
+           *(getattr(getattr(module, n, None), "dtype", None) for n in ("gate_up_proj", "down_proj")),
+           getattr(module, "_is_expert_parallel", False))
+    cached = module.__dict__.get("_llmkern_experts_check")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    _check(module)
+    activation = _activation_name(module.act_fn)
+    module.__dict__["_llmkern_experts_check"] = (key, activation)
+    return activation
+
+
 # ---- the experts forward ------------------------------------------------------------------------
 
 def _weights(module):
@@ -140,9 +155,8 @@ def llmkern_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """ExpertsInterface entry: hidden_states [num_tokens, hidden], top_k_index / top_k_weights
     [num_tokens, k] -> [num_tokens, hidden] in hidden_states' dtype (as grouped_mm_experts_forward).
     Raises NotImplementedError for an experts layout llmkern.moe_mlp does not take."""
-    _check(self)
+    activation = _checked_activation(self)
     wgu, wd = _weights(self)
-    activation = _activation_name(self.act_fn)
     y = _run(hidden_states, wgu, wd, _local_ids(self, top_k_index), top_k_weights, activation)
     return y.to(hidden_states.dtype)
 
