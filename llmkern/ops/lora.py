@@ -10,6 +10,7 @@ reference: llmkern/reference/lora.py. On CUDA the kernels run inside the torch.l
 torch.compile(fullgraph=True)). CPU tensors use the reference unless LLMKERN_BACKEND=triton, which
 runs the same kernels under TRITON_INTERPRET=1 (float32/float16 only).
 """
+import functools
 import math
 import numbers
 from typing import Optional, Sequence, Tuple, Union
@@ -167,6 +168,42 @@ except ImportError:  # torch < 2.6: no triton_op; the CUDA path runs through _Lo
     _triton_op = None
     _wrap_triton = None
 
+def _fwd_impl(x, weight, bias, lora_A, lora_B, scalings, scaling, perm, sorted_ids, seg, dropout_p, seed,
+              nf4_absmax=None, nf4_pairs=None, nf4_blocksize=0, nf4_state2=None, wrap=None):
+    """(y, xs): the forward kernels (wrap: wrap_triton while the custom op is traced)."""
+    W = _weight_operand(weight, nf4_absmax, nf4_pairs, nf4_blocksize, nf4_state2, lora_B.shape[1], x.shape[1])
+    return _kern().lora_forward(x, W, bias, lora_A, lora_B, scaling, scalings, perm, sorted_ids, dropout_p, seed,
+                                wrap=wrap)
+
+
+def _bwd_impl(dy, x, weight, lora_A, lora_B, xs, scalings, scaling, perm, sorted_ids, seg, dropout_p, seed,
+              nf4_absmax=None, nf4_pairs=None, nf4_blocksize=0, nf4_state2=None, wrap=None):
+    """(dx, dA, dB): the backward kernels."""
+    W = _weight_operand(weight, nf4_absmax, nf4_pairs, nf4_blocksize, nf4_state2, lora_B.shape[1], x.shape[1])
+    return _kern().lora_backward(dy, x, W, lora_A, lora_B, xs, scaling, scalings, perm, sorted_ids, seg,
+                                 dropout_p, seed, wrap=wrap)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scalings, scaling, perm, sorted_ids, seg, p, seed, *nf4 = inputs
+    absmax, pairs, blocksize, state2 = nf4 if nf4 else (None, None, 0, None)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scalings, perm, sorted_ids, seg, seed,
+                          absmax, pairs, state2)
+    ctx.scaling, ctx.p, ctx.nf4_blocksize = scaling, p, blocksize
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _dxs, bwd=None):
+    x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed, absmax, pairs, state2 = ctx.saved_tensors
+    dy = dy.contiguous()
+    dx, dA, dB = (bwd or torch.ops.llmkern.lora_bwd)(dy, x, weight, lora_A, lora_B, xs, scalings, ctx.scaling,
+                                                     perm, sorted_ids, seg, ctx.p, seed, absmax, pairs,
+                                                     ctx.nf4_blocksize, state2)
+    dW = dy.t().mm(x) if ctx.needs_input_grad[1] else None
+    db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx, dW, db, dA, dB, None, None, None, None, None, None, None, None, None, None, None
+
+
 _HAVE_OPS = False
 if _triton_op is not None and _backend.triton_available():
     @_triton_op("llmkern::lora_fwd", mutates_args=())
@@ -177,9 +214,8 @@ if _triton_op is not None and _backend.triton_available():
                      nf4_absmax: Optional[torch.Tensor] = None, nf4_pairs: Optional[torch.Tensor] = None,
                      nf4_blocksize: int = 0, nf4_state2: Optional[torch.Tensor] = None
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-        W = _weight_operand(weight, nf4_absmax, nf4_pairs, nf4_blocksize, nf4_state2, lora_B.shape[1], x.shape[1])
-        return _kern().lora_forward(x, W, bias, lora_A, lora_B, scaling, scalings, perm, sorted_ids,
-                                    dropout_p, seed, wrap=_wrap_triton)
+        return _fwd_impl(x, weight, bias, lora_A, lora_B, scalings, scaling, perm, sorted_ids, seg, dropout_p, seed,
+                         nf4_absmax, nf4_pairs, nf4_blocksize, nf4_state2, wrap=_wrap_triton)
 
     @_triton_op("llmkern::lora_bwd", mutates_args=())
     def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
@@ -189,26 +225,8 @@ if _triton_op is not None and _backend.triton_available():
                      nf4_absmax: Optional[torch.Tensor] = None, nf4_pairs: Optional[torch.Tensor] = None,
                      nf4_blocksize: int = 0, nf4_state2: Optional[torch.Tensor] = None
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        W = _weight_operand(weight, nf4_absmax, nf4_pairs, nf4_blocksize, nf4_state2, lora_B.shape[1], x.shape[1])
-        return _kern().lora_backward(dy, x, W, lora_A, lora_B, xs, scaling, scalings, perm,
-                                     sorted_ids, seg, dropout_p, seed, wrap=_wrap_triton)
-
-    def _setup_context(ctx, inputs, output):
-        x, weight, bias, lora_A, lora_B, scalings, scaling, perm, sorted_ids, seg, p, seed, *nf4 = inputs
-        ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scalings, perm, sorted_ids, seg, seed,
-                              nf4[0], nf4[1], nf4[3])
-        ctx.scaling, ctx.p, ctx.nf4_blocksize = scaling, p, nf4[2]
-        ctx.has_bias = bias is not None
-
-    def _backward(ctx, dy, _dxs):
-        x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed, absmax, pairs, state2 = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx, dA, dB = torch.ops.llmkern.lora_bwd(dy, x, weight, lora_A, lora_B, xs, scalings, ctx.scaling,
-                                                perm, sorted_ids, seg, ctx.p, seed, absmax, pairs,
-                                                ctx.nf4_blocksize, state2)
-        dW = dy.t().mm(x) if ctx.needs_input_grad[1] else None
-        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dW, db, dA, dB, None, None, None, None, None, None, None, None, None, None, None
+        return _bwd_impl(dy, x, weight, lora_A, lora_B, xs, scalings, scaling, perm, sorted_ids, seg, dropout_p,
+                         seed, nf4_absmax, nf4_pairs, nf4_blocksize, nf4_state2, wrap=_wrap_triton)
 
     _lora_fwd_op.register_autograd(_backward, setup_context=_setup_context)
     _HAVE_OPS = True
@@ -223,33 +241,11 @@ def _weight_operand(weight, absmax, pairs, blocksize, state2, N, K):
     return NF4Operand(weight, absmax, pairs, (N, K), blocksize, state2=state2)
 
 
-class _LoRAFunction(torch.autograd.Function):
-    """The same kernels called directly: eager calls, CPU tensors under TRITON_INTERPRET=1, torch < 2.6."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, scaling, perm, sorted_ids, seg, p, seed,
-                nf4_absmax, nf4_pairs, nf4_blocksize, nf4_state2):
-        W = _weight_operand(weight, nf4_absmax, nf4_pairs, nf4_blocksize, nf4_state2, lora_B.shape[1], x.shape[1])
-        y, xs = _kern().lora_forward(x, W, bias, lora_A, lora_B, scaling, scalings, perm,
-                                     sorted_ids, p, seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed,
-                              nf4_absmax, nf4_pairs, nf4_state2)
-        ctx.scaling, ctx.p, ctx.has_bias, ctx.nf4_blocksize = scaling, p, bias is not None, nf4_blocksize
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        # the kernels' gradients are not differentiable: a double backward (create_graph=True)
-        # raises, as it does through the custom op, instead of silently dropping second-order terms
-        x, weight, lora_A, lora_B, xs, scalings, perm, sorted_ids, seg, seed, absmax, pairs, state2 = ctx.saved_tensors
-        dy = dy.contiguous()
-        W = _weight_operand(weight, absmax, pairs, ctx.nf4_blocksize, state2, lora_B.shape[1], x.shape[1])
-        dx, dA, dB = _kern().lora_backward(dy, x, W, lora_A, lora_B, xs, ctx.scaling, scalings, perm,
-                                           sorted_ids, seg, ctx.p, seed)
-        dW = dy.t().mm(x) if ctx.needs_input_grad[1] else None
-        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dW, db, dA, dB, None, None, None, None, None, None, None, None, None, None, None
+# The same kernels without the custom op's dispatch: eager calls, CPU tensors under TRITON_INTERPRET=1,
+# torch < 2.6. A double backward raises, as through the op (the kernels' gradients are not differentiable).
+_LoRAFunction = _checks.eager_twin("_LoRAFunction", _fwd_impl, _setup_context,
+                                   functools.partial(_backward, bwd=_bwd_impl),
+                                   "The eager twin of llmkern::lora_fwd / lora_bwd.", materialize_grads=False)
 
 
 def _run_triton(x2, weight, bias, A3, B3, scalings, scaling, perm, sorted_ids, seg, p, seed):
@@ -263,7 +259,7 @@ def _run_triton(x2, weight, bias, A3, B3, scalings, scaling, perm, sorted_ids, s
     # the custom op where torch.compile traces; eager calls skip its dispatch (see eager_fast_path)
     if x2.device.type == "cuda" and _HAVE_OPS and not _checks.eager_fast_path(*args[:6]):
         return torch.ops.llmkern.lora_fwd(*args)[0]
-    return _LoRAFunction.apply(*args)
+    return _LoRAFunction.apply(*args)[0]
 
 
 # ---- public API ---------------------------------------------------------------------------------
