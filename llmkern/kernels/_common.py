@@ -1,4 +1,6 @@
 """Small pieces the Triton kernel files share."""
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -79,3 +81,21 @@ def sort_segments(ids, n):
     sorted_ids, order = torch.sort(ids.reshape(-1).to(torch.int32), stable=True)
     bounds = torch.arange(n + 1, device=sorted_ids.device, dtype=torch.int32)
     return sorted_ids, order.to(torch.int32), torch.searchsorted(sorted_ids, bounds, out_int32=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device):
+    """Streaming multiprocessors of a CUDA device (cached per device; an index-less device is the current one)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def mma_precision(dtype):
+    """tl.dot's input_precision for `dtype`: float32 inputs keep full precision unless torch allows TF32
+    matmuls (torch.backends.cuda.matmul.allow_tf32), as cuBLAS does for them; 16-bit inputs are exact."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"

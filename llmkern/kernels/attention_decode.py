@@ -19,14 +19,13 @@ it depends only on static shapes (no host sync on cache_seqlens). A row whose le
 0..capacity, or whose block table names a page outside the pool, reads nothing out of bounds and gets
 NaN outputs and LSE (the host cannot check the values without a sync).
 """
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from llmkern.kernels._common import cdiv, next_power_of_2
+from llmkern.kernels._common import cdiv, next_power_of_2, sm_count
 from llmkern.kernels.attention import (LOG2E, _batch_slices, _block_d, _interpreting, _last_contig, _prec,
                                        _softcap_args, _tanh, _window_args)
 
@@ -165,11 +164,6 @@ def _decode_combine(OP, LP, O, LSE, SINKS, S,
     tl.store(LSE + pid, lse)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _decode_config(D, rows):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the split kernel: memory-bound, so wide key
     tiles and a few pipeline stages; the packed rows (GQA group x new tokens) set BLOCK_M.
@@ -197,7 +191,7 @@ def choose_num_splits(B, Hk, m_blocks, Tmax, block_n, device):
     if device.type != "cuda":
         return max(1, min(4, cdiv(Tmax, 4 * block_n)))
     programs = B * Hk * m_blocks
-    target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    target = 2 * sm_count(device)
     splits = cdiv(target, programs)
     # each split gets at least 4 key tiles
     return int(max(1, min(splits, cdiv(Tmax, 4 * block_n), 128)))

@@ -48,7 +48,7 @@ from llmkern.kernels import _autotune as _autotune_front
 from llmkern.kernels import _tma
 from llmkern.kernels import nf4 as _nf4
 from llmkern.kernels.nf4 import block_scales as _block_scales, nf4_levels as _nf4_levels, scale_blocks as _scale_blocks
-from llmkern.kernels._common import cdiv, next_power_of_2
+from llmkern.kernels._common import cdiv, mma_precision, next_power_of_2, sm_count
 from llmkern.kernels._common import dropout_params  # (the launchers below; tests read it here)
 from llmkern.kernels._common import fmix32 as _fmix32
 from llmkern.kernels._common import seed_keys as _seed_keys
@@ -491,12 +491,6 @@ def _block_r(R, cap=64):
     return min(cap, max(16, next_power_of_2(R)))
 
 
-def _precision(dtype):
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def seed_tensor(seed, device):
     """The kernels' seed argument: an int32 [2] tensor on `device` (from an int or a tensor)."""
     if isinstance(seed, torch.Tensor):
@@ -535,7 +529,7 @@ def shrink(x, A, scale, scales=None, perm=None, sorted_ids=None, dropout_p=0.0, 
             scales if has_ids else x, float(scale),
             M, K, R, n, sd, thr, inv,
             x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), out.stride(0), out.stride(1),
-            HAS_IDS=has_ids, DROPOUT=dropout_p > 0, BLOCK_R=BR, PRECISION=_precision(x.dtype))
+            HAS_IDS=has_ids, DROPOUT=dropout_p > 0, BLOCK_R=BR, PRECISION=mma_precision(x.dtype))
     return out
 
 
@@ -580,7 +574,7 @@ def gemm(x, W, bias, xs, LB, ids=None, dropout_p=0.0, seed=None, wrap=None):
                 x.stride(0), x.stride(1), *sw, xs.stride(0), xs.stride(1),
                 LB.stride(0), LB.stride(1), LB.stride(2), out.stride(0), out.stride(1),
                 HAS_BIAS=bias is not None, HAS_IDS=has_ids, EPI_DROPOUT=dropout_p > 0,
-                BLOCK_R=_block_r(R, 32), PRECISION=_precision(x.dtype), USE_TMA=w_tma is not None, W_T=w_t,
+                BLOCK_R=_block_r(R, 32), PRECISION=mma_precision(x.dtype), USE_TMA=w_tma is not None, W_T=w_t,
                 W_NF4=nf4, QBLOCK=W.blocksize if nf4 else 1, NESTED=nf4 and W.state2 is not None)
 
     # a traced op (torch.compile) cannot run config pre-hooks
@@ -632,7 +626,7 @@ def _traced(wrap):
 def _split_for(num_tiles, n, M, device):
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     want = max(1, (2 * sms) // max(1, num_tiles * n))
     return int(min(want, 32, max(1, M // 256)))
 
@@ -658,7 +652,7 @@ def reduce_rows(y, z, n, perm=None, seg=None, dropout_p=0.0, seed=None, wrap=Non
             sd, thr, inv,
             y.stride(0), y.stride(1), z.stride(0), z.stride(1),
             part.stride(0), part.stride(1), part.stride(2), part.stride(3),
-            HAS_IDS=has_ids, DROPOUT=dropout_p > 0, BLOCK_R=BR, PRECISION=_precision(y.dtype))
+            HAS_IDS=has_ids, DROPOUT=dropout_p > 0, BLOCK_R=BR, PRECISION=mma_precision(y.dtype))
     return part.sum(0)  # a fresh tensor (deterministic order), also when split == 1
 
 

@@ -55,7 +55,6 @@ Accumulation in float32; outputs in the input dtype. Launchers make their activa
 strides. Under TRITON_INTERPRET=1 one small fixed configuration per kernel; on GPU the kernels are
 autotuned (LLMKERN_MOE_AUTOTUNE=0: one fixed configuration each).
 """
-import functools
 import os
 
 import torch
@@ -64,7 +63,7 @@ import triton.language as tl
 
 from llmkern._backend import triton_interpreting
 from llmkern.kernels import _autotune as _autotune_front
-from llmkern.kernels._common import cdiv, next_power_of_2, sort_segments
+from llmkern.kernels._common import cdiv, mma_precision, next_power_of_2, sm_count, sort_segments
 from llmkern.kernels._common import split_rows as _split_rows
 from llmkern.kernels.swiglu import ACTS
 from llmkern.kernels.swiglu import _act
@@ -359,12 +358,6 @@ def _launch(name, grid, *args, **kwargs):
     kern[grid](*args, **kwargs, **fixed)
 
 
-def _precision(dtype):
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _rows_hint(n_pairs, n_experts):
     """Autotune key: rows per expert on average, as a power of two (decoding and prefill differ)."""
     return min(4096, next_power_of_2(cdiv(n_pairs, n_experts)))
@@ -379,18 +372,13 @@ def _tile_grid(n_pairs, n_experts, N):
     return lambda meta: (cdiv(n_pairs, meta["BLOCK_M"]) + min(n_experts, n_pairs), cdiv(N, meta["BLOCK_N"]))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _split_for(n_pairs, n_experts, P, R, device):
     """Row chunks of the weight-gradient reduction: enough programs for two waves of the SMs, at least
     ~512 rows per chunk, and partial buffers under 256 MiB; 1 (no buffer) on CPU."""
     if device.type != "cuda":
         return 1
     tiles = cdiv(P, 128) * cdiv(R, 128) * n_experts
-    want = cdiv(2 * _sm_count(device.index or 0), tiles)
+    want = cdiv(2 * sm_count(device), tiles)
     by_rows = max(1, n_pairs // (512 * n_experts))
     by_mem = max(1, (256 << 20) // (4 * n_experts * P * R))
     return int(min(want, by_rows, by_mem, 32))
@@ -418,7 +406,7 @@ def _sorted_gemm(inp, B, order, seg, n_pairs, N, sb_n, sb_k):
     out = torch.empty((n_pairs, N), device=inp.device, dtype=inp.dtype)
     _launch("gemm", _tile_grid(n_pairs, E, N), inp, B, order, seg, out, E, N, inp.shape[1],
             _rows_hint(n_pairs, E), inp.stride(0), B.stride(0), sb_n, sb_k,
-            BLOCK_E=_block_e(E), PRECISION=_precision(inp.dtype))
+            BLOCK_E=_block_e(E), PRECISION=mma_precision(inp.dtype))
     return out
 
 
@@ -438,7 +426,7 @@ def moe_forward(x, w_gate_up, w_down, topk_ids, topk_weights, order, seg, act="s
         return torch.zeros((T, d), device=x.device, dtype=x.dtype), h
     _launch("gate_up", _tile_grid(n_pairs, E, F), x, w_gate_up, order, seg, a, h if save_h else a,
             E, F, d, topk_ids.shape[1], _rows_hint(n_pairs, E), x.stride(0), *w_gate_up.stride(),
-            ACT=ACTS[act], SAVE_H=save_h, BLOCK_E=_block_e(E), PRECISION=_precision(x.dtype))
+            ACT=ACTS[act], SAVE_H=save_h, BLOCK_E=_block_e(E), PRECISION=mma_precision(x.dtype))
     o = _sorted_gemm(a, w_down, order, seg, n_pairs, d, w_down.stride(1), w_down.stride(2))
     del a
     return _combine(o, topk_weights.contiguous(), topk_ids.contiguous(), E, x.dtype), h
@@ -453,7 +441,7 @@ def _wgrad(y, z, tw, order, seg, k, P, R, y_token, act, dtype, split=None):
     grid = lambda meta: (cdiv(P, meta["BLOCK_P"]) * cdiv(R, meta["BLOCK_R"]), E, split)  # noqa: E731
     _launch("wgrad", grid, y, z, tw, order, seg, out, P, R, k, split,
             y.stride(0), z.stride(0), out.stride(0), out.stride(1), out.stride(2),
-            Y_TOKEN=y_token, Z_TOKEN=not y_token, ACT=ACTS[act], PRECISION=_precision(dtype))
+            Y_TOKEN=y_token, Z_TOKEN=not y_token, ACT=ACTS[act], PRECISION=mma_precision(dtype))
     return out[0] if split == 1 else out.sum(0).to(dtype)  # a fixed summation order: deterministic
 
 
@@ -480,7 +468,7 @@ def moe_backward(dy, x, w_gate_up, w_down, topk_ids, topk_weights, order, seg, h
     _launch("gate_up_bwd", _tile_grid(n_pairs, E, F), dy, w_down, tw, order, seg, h, dh, dwp,
             E, F, d, k, n_pairs, n_slots, _rows_hint(n_pairs, E),
             dy.stride(0), w_down.stride(0), w_down.stride(2), w_down.stride(1),
-            ACT=ACTS[act], BLOCK_E=_block_e(E), SLOT_N=slot_n, PRECISION=_precision(x.dtype))
+            ACT=ACTS[act], BLOCK_E=_block_e(E), SLOT_N=slot_n, PRECISION=mma_precision(x.dtype))
     valid = (topk_ids >= 0) & (topk_ids < E)
     dtw = torch.where(valid, dwp.sum(0).view(T, k), 0.0).to(topk_weights.dtype)
     dx = dw_gate_up = dw_down = None

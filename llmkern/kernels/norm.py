@@ -29,14 +29,13 @@ Kernels:
   its own row of a [num_programs, N] partial buffer. The launcher sums those rows with torch.sum:
   dweight / dbias are deterministic (no atomics; the program count depends on the device only).
 """
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from llmkern.kernels._common import cdiv, next_power_of_2
+from llmkern.kernels._common import cdiv, next_power_of_2, sm_count
 from llmkern.kernels._common import interpreting as _interpreting
 
 MAX_N = 65536  # the largest hidden size a row of registers holds
@@ -156,14 +155,9 @@ def _bwd_programs(M, bm, device):
     if _interpreting() or device.type != "cuda":
         target = interpreter_programs()
     else:
-        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        target = 2 * sm_count(device)
     per = cdiv(cdiv(M, target), bm) * bm
     return cdiv(M, per), per
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def rows2d(t, N):
