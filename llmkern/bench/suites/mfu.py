@@ -161,7 +161,7 @@ def _rows(device, quick):
         if not quick:
             rows.insert(0, ("gpt2-124m", get_config("gpt2"), 1, 256, False))
         return rows
-    # (quick keeps one Llama row last: RMSNorm + residual, RoPE and SwiGLU run llmkern's fused ops there)
+    # (quick keeps a Llama row, whose RMSNorm + residual, RoPE and SwiGLU run llmkern's fused ops, and a MoE row)
     rows = [("gpt2-124m", get_config("gpt2"), 8, 1024, False),
             ("gpt2-124m", get_config("gpt2"), 8, 1024, "lora"),
             ("gpt2-124m", get_config("gpt2"), 8, 1024, "qlora"),

@@ -96,6 +96,18 @@ def _root(t):
     return t if t._base is None else t._base
 
 
+_SIGNATURES = {}
+
+
+def _signature(bound):
+    """inspect.signature of a bound forward, looked up once per underlying function (not per call)."""
+    fn = getattr(bound, "__func__", bound)
+    sig = _SIGNATURES.get(fn)
+    if sig is None:
+        sig = _SIGNATURES[fn] = inspect.signature(bound)
+    return sig
+
+
 def _fused_forward(self, *args, labels=None, **kwargs):
     """The patched forward, bound to the *ForCausalLM (types.MethodType, so that copy.deepcopy of a
     patched model binds the copy, not the original). Everything is looked up on `self` at call time."""
@@ -103,7 +115,7 @@ def _fused_forward(self, *args, labels=None, **kwargs):
 
     original = self._llmkern_original_forward
     if args:  # model(input_ids, ...) -> keywords
-        sig = inspect.signature(original)
+        sig = _signature(original)
         bound = sig.bind_partial(*args, **kwargs).arguments
         kwargs = {}
         for name, value in bound.items():
