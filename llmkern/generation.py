@@ -354,8 +354,9 @@ def _spec_scores(logits, bias, allow):
 
 def _spec_probs(y, knobs):
     """The distribution llmkern.sample draws from, [B, n, V]: scores / temperature, top-k, top-p, min-p
-    (top_k_top_p_filter), softmax; +inf scores share their row's mass."""
-    from llmkern.ops.sampling import top_k_top_p_filter
+    (top_k_top_p_filter on knobs["filter_rows"], validated once by _speculative_decode), softmax; +inf
+    scores share their row's mass."""
+    from llmkern.ops.sampling import filter_rows
 
     B, n, V = y.shape
     t = knobs["temperature"]
@@ -364,12 +365,8 @@ def _spec_probs(y, knobs):
     pinf = torch.isposinf(flat)
     flat = torch.where(pinf.any(-1, keepdim=True),
                        torch.where(pinf, torch.zeros_like(flat), torch.full_like(flat, float("-inf"))), flat)
-    top_k, top_p, min_p = knobs["top_k"], knobs["top_p"], knobs["min_p"]
-    if any(torch.is_tensor(v) for v in (top_k, top_p, min_p)) or (top_k, top_p, min_p) != (0, 1.0, 0.0):
-        def rows(v):  # per-sequence values -> per (sequence, position) row
-            return v.to(y.device).repeat_interleave(n) if torch.is_tensor(v) else v
-
-        flat = top_k_top_p_filter(flat, rows(top_k), rows(top_p), rows(min_p))
+    if knobs["filter_rows"] is not None:  # per-sequence [B] values -> per (sequence, position) row
+        flat = filter_rows(flat, *(v.repeat_interleave(n) for v in knobs["filter_rows"]))
     return torch.softmax(flat, -1).view(B, n, V)
 
 
@@ -382,7 +379,12 @@ def _speculative_decode(model, draft, input_ids, max_new_tokens, strategy, eos, 
 
     B, T0 = input_ids.shape
     dev = input_ids.device
-    _sample_params(B, dev, knobs["temperature"], knobs["top_k"], knobs["top_p"], knobs["min_p"], 1.0, 0.0, 0.0)
+    _, top_k, top_p, min_p = _sample_params(B, dev, knobs["temperature"], knobs["top_k"], knobs["top_p"],
+                                            knobs["min_p"], 1.0, 0.0, 0.0)[:4]
+    neutral = not any(torch.is_tensor(knobs[n]) for n in ("top_k", "top_p", "min_p")) \
+        and (knobs["top_k"], knobs["top_p"], knobs["min_p"]) == (0, 1.0, 0.0)
+    # the validated [B] tensors: the filter runs twice a step and must not re-check (a host sync) each time
+    knobs = dict(knobs, filter_rows=None if neutral else (top_k, top_p, min_p))
     t = knobs["temperature"]
     greedy = strategy == "greedy" or (not torch.is_tensor(t) and t == 0)
     if not greedy and torch.is_tensor(t) and not bool((t > 0).all()):

@@ -461,6 +461,23 @@ def test_sampled_speculative_is_reproducible(models):
         generate(target, x, 4, strategy="sample", draft_model=small, temperature=torch.tensor([0.0, 1.0, 1.0]))
 
 
+def test_sampled_speculative_checks_tensor_knobs_once(models, monkeypatch):
+    """Per-row top_k / top_p tensors are range-checked (one host read) once per generate call, not at
+    every draft and verify step; out-of-range values are still refused."""
+    from llmkern.ops import sampling
+
+    target, small = models["target"], models["close"]
+    x = _prompts(2, seed=3)
+    calls = []
+    verify = sampling._RangeChecks.verify
+    monkeypatch.setattr(sampling._RangeChecks, "verify", lambda self: (calls.append(1), verify(self))[1])
+    out = generate(target, x, 12, strategy="sample", seed=2, draft_model=small, num_draft_tokens=3,
+                   top_k=torch.tensor([1, 4]), top_p=torch.tensor([0.9, 0.8]))
+    assert len(calls) == 1 and out.shape == (2, x.shape[1] + 12)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(target, x, 4, strategy="sample", draft_model=small, top_p=torch.tensor([0.5, 1.5]))
+
+
 def _exact_joint(model, prompt, V, process):
     """P(x1, x2) [V, V] and P(x3) [V] of the target's sampled continuation, by enumeration."""
     pairs = torch.cartesian_prod(torch.arange(V), torch.arange(V))

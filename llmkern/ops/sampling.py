@@ -314,9 +314,15 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: ScalarOrTensor = 0, top_p: S
     _, top_k, top_p, min_p, _, _, _ = _sample_params(B, dev, 1.0, top_k, top_p, min_p, 1.0, 0.0, 0.0)
     if not isinstance(filter_value, numbers.Real):
         raise TypeError(f"filter_value must be a number, got {type(filter_value).__name__}")
-    if _backend_for(dev) == "reference":
-        return ref.filter_logits(logits, top_k, top_p, min_p, float(filter_value))
-    return torch.ops.llmkern.top_k_top_p_filter.default(logits, top_k, top_p, min_p, float(filter_value))
+    return filter_rows(logits, top_k, top_p, min_p, float(filter_value))
+
+
+def filter_rows(logits, top_k, top_p, min_p, filter_value=float("-inf")):
+    """top_k_top_p_filter on [B] parameter tensors that _sample_params already validated: no checks and
+    so no host sync (a decoding loop validates its parameters once, not once per token)."""
+    if _backend_for(logits.device) == "reference":
+        return ref.filter_logits(logits, top_k, top_p, min_p, filter_value)
+    return torch.ops.llmkern.top_k_top_p_filter.default(logits, top_k, top_p, min_p, filter_value)
 
 
 # ---- torch.compile support: shapes of the C++ ops' outputs ------------------------------------------
