@@ -31,6 +31,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Route CPU tensors through the Triton kernels (under the interpreter); CUDA uses them anyway."""
+    from llmkern.testing import triton_device
+
+    if triton_device() is None:
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: one intra-op thread is faster than two on a shared 2-core machine (a module marks

@@ -16,12 +16,6 @@ DEV = triton_device()
 needs_triton = pytest.mark.skipif(DEV is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    """Route CPU tensors through the Triton kernels (under the interpreter); CUDA uses them anyway."""
-    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
-
-
 def _qkv(B, H, Hk, Tq, Tk, D, dtype, device=DEV, requires_grad=True):
     q = torch.randn(B, H, Tq, D, device=device, dtype=dtype)
     k = torch.randn(B, Hk, Tk, D, device=device, dtype=dtype)

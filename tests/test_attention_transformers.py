@@ -18,13 +18,6 @@ def _registered():
     lt.register()
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    if triton_device() is None:
-        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
-    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
-
-
 def _model(kind):
     torch.manual_seed(0)
     if kind == "gpt2":

@@ -18,12 +18,6 @@ needs_triton = pytest.mark.skipif(DEV is None, reason="Triton kernels need CUDA 
 IGNORE = -100
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    """Route CPU tensors through the Triton kernels (under the interpreter); CUDA uses them anyway."""
-    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
-
-
 def _labels(lead, V, n_ignored=0, ignore_index=IGNORE, device=DEV, dtype=torch.int64):
     y = torch.randint(0, V, lead, device=device)
     if n_ignored:

@@ -17,11 +17,6 @@ TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=3e-2,
        torch.bfloat16: dict(atol=8e-2, rtol=8e-2)}
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
-
-
 def _inputs(M, K_, N, r, dtype, n=None, bias=True, device=DEV):
     g = lambda *s, sc=1.0: (torch.randn(*s, device=device) * sc).to(dtype)  # noqa: E731
     lead = () if n is None else (n,)
