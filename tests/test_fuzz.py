@@ -1,0 +1,205 @@
+"""Randomised shapes and layouts: the Triton kernels (the interpreter on CPU) against float64 formulas
+written here, independently of llmkern.reference.
+
+The other test files pick their shapes by hand; this one draws them (fixed seeds, so a failure
+reproduces): odd sizes around the kernels' tile edges, ranks and expert counts of 1, leading dims,
+non-contiguous inputs (transposed and sliced views), ignored labels, dropped expert slots. Each case
+checks the output and every input gradient. float32 only (the interpreter's exact dtype), small sizes.
+LLMKERN_FUZZ_SCALE=k runs k times as many cases.
+"""
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmkern
+from llmkern.testing import triton_device
+
+DEV = triton_device()
+pytestmark = [pytest.mark.skipif(DEV is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1"),
+              pytest.mark.usefixtures("triton_backend")]
+ODD = (1, 2, 7, 15, 16, 17, 31, 33, 48, 65)
+
+
+def _cases(n):
+    """n seeds per test; LLMKERN_FUZZ_SCALE=k draws k times as many (a longer hunt: scale 5 ran 280 cases
+    in 70 s here)."""
+    return range(n * int(os.environ.get("LLMKERN_FUZZ_SCALE", "1")))
+
+
+def _leaf(t, rng, layout=True):
+    """t as a requires-grad leaf, sometimes a non-contiguous view of a larger tensor with t's values."""
+    t = t.to(DEV)
+    if layout and t.dim() >= 2 and rng.random() < 0.5:
+        if rng.random() < 0.5:  # a transposed copy, transposed back: same values, swapped strides
+            t = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        else:  # a slice of a wider tensor: row stride larger than the row
+            wide = torch.zeros(*t.shape[:-1], t.shape[-1] + 3, device=DEV, dtype=t.dtype)
+            wide[..., :t.shape[-1]] = t
+            t = wide[..., :t.shape[-1]]
+        return t.detach().requires_grad_()
+    return t.detach().clone().requires_grad_()
+
+
+def _check(ours, want, leaves, exact, tol=2e-4):
+    """ours/want outputs; then the gradients of the same random upstream gradient."""
+    assert ours.shape == want.shape, (ours.shape, want.shape)
+    torch.testing.assert_close(ours.double(), want, atol=tol, rtol=tol)
+    dy = torch.randn(ours.shape, dtype=torch.float64)
+    ours.backward(dy.to(ours.dtype).to(ours.device))
+    want.backward(dy)
+    for i, (a, b) in enumerate(zip(leaves, exact)):
+        if b.grad is None:
+            continue
+        assert a.grad is not None, f"no gradient for input {i}"
+        torch.testing.assert_close(a.grad.double().cpu(), b.grad, atol=tol * 5, rtol=tol * 5,
+                                   msg=lambda m, i=i: f"gradient of input {i}: {m}")
+
+
+def _exact(*ts):
+    return [t.detach().double().cpu().requires_grad_() for t in ts]
+
+
+@pytest.mark.parametrize("case", _cases(8))
+def test_lora_linear(case):
+    rng = random.Random(100 + case)
+    M, K, N = rng.choice(ODD), rng.choice(ODD), rng.choice(ODD)
+    r = rng.choice((1, 2, 4, 8, 16))
+    lead = (M,) if rng.random() < 0.5 else (1, M)
+    x, W = torch.randn(*lead, K), torch.randn(N, K) / K ** 0.5
+    A, B = torch.randn(r, K) / K ** 0.5, torch.randn(N, r)
+    bias = torch.randn(N) if rng.random() < 0.5 else None
+    s = rng.choice((0.5, 2.0))
+    train_w = rng.random() < 0.3
+    leaves = [_leaf(t, rng) for t in (x, W, A, B)] + ([_leaf(bias, rng)] if bias is not None else [])
+    if not train_w:
+        leaves[1].requires_grad_(False)
+    y = llmkern.lora_linear(leaves[0], leaves[1], leaves[4] if bias is not None else None, leaves[2],
+                            leaves[3], s)
+    ex = _exact(*leaves)
+    want = ex[0] @ ex[1].T + s * (ex[0] @ ex[2].T) @ ex[3].T + (ex[4] if bias is not None else 0)
+    if not train_w:
+        ex[1].grad = None
+        ex[1].requires_grad_(False)
+    _check(y, want, leaves, ex)
+
+
+@pytest.mark.parametrize("case", _cases(6))
+def test_lora_linear_multi(case):
+    rng = random.Random(200 + case)
+    M, K, N = rng.choice(ODD), rng.choice(ODD), rng.choice(ODD)
+    n, r = rng.choice((1, 2, 3)), rng.choice((1, 4, 8))
+    x, W = torch.randn(M, K), torch.randn(N, K) / K ** 0.5
+    A, B = torch.randn(n, r, K) / K ** 0.5, torch.randn(n, N, r)
+    scal = torch.rand(n) + 0.5
+    ids = torch.randint(-1, n, (M,), generator=torch.Generator().manual_seed(case))
+    leaves = [_leaf(x, rng), _leaf(W, rng).requires_grad_(False), _leaf(A, rng, False), _leaf(B, rng, False)]
+    y = llmkern.lora_linear_multi(leaves[0], leaves[1], None, leaves[2], leaves[3], scal.to(DEV), ids.to(DEV))
+    ex = _exact(*leaves)
+    ex[1].requires_grad_(False)
+    safe = ids.clamp_min(0)
+    on = (ids >= 0).double()[:, None]
+    low = torch.einsum("mk,mrk->mr", ex[0], ex[2][safe])
+    want = ex[0] @ ex[1].T + on * scal.double()[safe][:, None] * torch.einsum("mr,mnr->mn", low, ex[3][safe])
+    _check(y, want, leaves, ex)
+
+
+@pytest.mark.parametrize("case", _cases(6))
+def test_moe_mlp(case):
+    rng = random.Random(300 + case)
+    T, d, Fw = rng.choice(ODD), rng.choice((8, 16, 17, 32)), rng.choice((8, 15, 16, 33))
+    E = rng.choice((1, 2, 3, 5))
+    k = rng.randint(1, E)
+    act = rng.choice(("swiglu", "geglu"))
+    x = torch.randn(T, d)
+    wgu, wd = torch.randn(E, 2 * Fw, d) / d ** 0.5, torch.randn(E, d, Fw) / Fw ** 0.5
+    tw, ids = llmkern.moe_route(torch.randn(T, E), k)
+    if rng.random() < 0.5 and T > 1:  # drop a few slots (capacity-limited routers mark them -1)
+        ids = ids.clone()
+        ids[0, 0] = -1
+    leaves = [_leaf(x, rng), _leaf(wgu, rng, False), _leaf(wd, rng, False), _leaf(tw, rng, False)]
+    y = llmkern.moe_mlp(leaves[0], leaves[1], leaves[2], ids.to(DEV), leaves[3], act)
+    ex = _exact(*leaves)
+    out = torch.zeros(T, d, dtype=torch.float64)
+    g = {"swiglu": F.silu, "geglu": lambda z: F.gelu(z, approximate="tanh")}[act]
+    for t in range(T):
+        for j in range(k):
+            e = int(ids[t, j])
+            if e < 0:
+                continue
+            h = ex[1][e] @ ex[0][t]
+            out = out.index_add(0, torch.tensor([t]), (ex[3][t, j] * (ex[2][e] @ (g(h[:Fw]) * h[Fw:])))[None])
+    _check(y, out, leaves, ex)
+
+
+@pytest.mark.parametrize("case", _cases(6))
+def test_linear_cross_entropy(case):
+    rng = random.Random(400 + case)
+    Nt, d, V = rng.choice(ODD), rng.choice((8, 16, 33)), rng.choice((2, 17, 64, 100))
+    softcap = rng.choice((None, 3.0))
+    reduction = rng.choice(("mean", "sum"))
+    h, W = torch.randn(Nt, d), torch.randn(V, d) / d ** 0.5
+    labels = torch.randint(0, V, (Nt,))
+    labels[torch.rand(Nt) < 0.3] = -100
+    leaves = [_leaf(h, rng), _leaf(W, rng)]
+    loss = llmkern.linear_cross_entropy(leaves[0], leaves[1], labels.to(DEV), softcap=softcap,
+                                        reduction=reduction, chunk_size=rng.choice((None, 5)))
+    ex = _exact(*leaves)
+    z = ex[0] @ ex[1].T
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    want = F.cross_entropy(z, labels, ignore_index=-100, reduction=reduction)
+    if reduction == "mean" and not bool((labels != -100).any()):
+        want = z.sum() * 0  # every label ignored: 0, not NaN
+    _check(loss.reshape(()), want.reshape(()), leaves, ex)
+
+
+@pytest.mark.parametrize("case", _cases(6))
+def test_rms_norm_with_residual(case):
+    rng = random.Random(500 + case)
+    lead, N = (rng.choice(ODD), rng.choice((1, 3))), rng.choice((8, 17, 64, 100))
+    offset = rng.choice((0.0, 1.0))
+    x, res, w = torch.randn(*lead, N), torch.randn(*lead, N), torch.randn(N) * 0.5
+    leaves = [_leaf(x, rng), _leaf(res, rng), _leaf(w, rng)]
+    y, s = llmkern.rms_norm(leaves[0], leaves[2], 1e-6, residual=leaves[1], offset=offset, return_residual=True)
+    ex = _exact(*leaves)
+    s64 = ex[0] + ex[1]
+    want = s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-6) * (offset + ex[2])
+    # one output that depends on both: y and s weighted, so both gradients are checked
+    _check(y + 0.5 * s, want + 0.5 * s64, leaves, ex)
+
+
+@pytest.mark.parametrize("case", _cases(4))
+def test_rope(case):
+    rng = random.Random(600 + case)
+    B, T, H, Hk = rng.choice((1, 2)), rng.choice(ODD), rng.choice((2, 4)), rng.choice((1, 2))
+    D = rng.choice((8, 16, 32))
+    q, k = torch.randn(B, H, T, D), torch.randn(B, Hk, T, D)
+    ang = torch.arange(T)[:, None] * (10000 ** (-torch.arange(0, D, 2) / D))[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    leaves = [_leaf(q, rng), _leaf(k, rng)]
+    qo, ko = llmkern.rope(leaves[0], leaves[1], cos.to(DEV), sin.to(DEV))
+    ex = _exact(*leaves)
+
+    def rot(x):
+        x1, x2 = x.chunk(2, -1)
+        return x * cos.double() + torch.cat([-x2, x1], -1) * sin.double()
+
+    _check(torch.cat([qo.flatten(), ko.flatten()]), torch.cat([rot(ex[0]).flatten(), rot(ex[1]).flatten()]),
+           leaves, ex)
+
+
+@pytest.mark.parametrize("case", _cases(4))
+def test_gated_activations(case):
+    rng = random.Random(700 + case)
+    shape = (rng.choice(ODD), rng.choice(ODD))
+    gate, up = torch.randn(*shape) * 3, torch.randn(*shape)
+    leaves = [_leaf(gate, rng), _leaf(up, rng)]
+    ex = _exact(*leaves)
+    if case % 2:
+        y, want = llmkern.geglu(*leaves), F.gelu(ex[0], approximate="tanh") * ex[1]
+    else:
+        y, want = llmkern.swiglu(*leaves), F.silu(ex[0]) * ex[1]
+    _check(y, want, leaves, ex)
