@@ -203,3 +203,22 @@ def test_gated_activations(case):
     else:
         y, want = llmkern.swiglu(*leaves), F.silu(ex[0]) * ex[1]
     _check(y, want, leaves, ex)
+
+
+@pytest.mark.parametrize("case", _cases(6))
+def test_qlora_linear(case):
+    """lora_linear over a 4-bit NF4 base: the kernels' in-loop dequantization (M <= 256 rows, in_features a
+    multiple of the block) or the dequantize-first path, against the dense float64 product of the
+    dequantized weight."""
+    rng = random.Random(800 + case)
+    blocksize = rng.choice((64, 128))
+    M, K, N = rng.choice(ODD), rng.choice((64, 128, 192, 100)), rng.choice(ODD)
+    r = rng.choice((1, 4, 8))
+    qw = llmkern.nf4_quantize((torch.randn(N, K) / K ** 0.5).to(DEV), blocksize,
+                              double_quant=rng.random() < 0.5)
+    W = llmkern.nf4_dequantize(qw).double().cpu()
+    x, A, B = torch.randn(M, K), torch.randn(r, K) / K ** 0.5, torch.randn(N, r)
+    leaves = [_leaf(x, rng), _leaf(A, rng), _leaf(B, rng)]
+    y = llmkern.lora_linear(leaves[0], qw, None, leaves[1], leaves[2], 2.0)
+    ex = _exact(*leaves)
+    _check(y, ex[0] @ W.T + 2.0 * (ex[0] @ ex[1].T) @ ex[2].T, leaves, ex)
