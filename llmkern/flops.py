@@ -86,6 +86,7 @@ def param_counts(config):
             ffn += experts + shared
             router = L_moe * d * (E + (1 if c.moe_shared_ffn_dim else 0))  # + the shared expert's gate
         norm = (2 * L + 1) * d + (L * 2 * c.head_dim if c.qk_norm else 0)  # + Qwen3's q_norm/k_norm gains
+        norm += 2 * L * d if c.post_norms else 0  # Gemma 2/3's norms after attention and around the MLP
         pos = 0
     out = dict(token_embedding=V * d, position_embedding=pos, attention=attn_w, ffn=ffn,
                attention_bias=attn_b, norm=norm, lm_head=0 if c.tie_embeddings else V * d, router=router)

@@ -37,10 +37,12 @@ def llmkern_ops():
     return getattr(mod, "attention", None), getattr(mod, "attention_with_kvcache", None)
 
 
-def _sdpa(q, k, v, causal, dropout_p=0.0, key_padding_mask=None, sliding_window=None, q_start=None):
+def _sdpa(q, k, v, causal, dropout_p=0.0, key_padding_mask=None, sliding_window=None, q_start=None, scale=None,
+          softcap=None):
     """SDPA with the zoo's masks. q_start: None, the queries are the last Tq keys (bottom-right); or
     [B] (long), row b's query r sits at key index q_start[b] + r (a cache with per-row lengths; keys
-    past a row's last query are then stale slots, hidden by the causal mask)."""
+    past a row's last query are then stale slots, hidden by the causal mask). scale: SDPA's (None:
+    1/sqrt(head_dim)); softcap: the scaled scores capped first (SDPA has no such option: _eager then)."""
     H, Hkv = q.shape[1], k.shape[1]
     Tq, Tk = q.shape[2], k.shape[2]
     mask = None
@@ -74,13 +76,34 @@ def _sdpa(q, k, v, causal, dropout_p=0.0, key_padding_mask=None, sliding_window=
             i, j = rows_cols()
             mask = j <= i
         causal = False
-    kw = {"enable_gqa": True} if H != Hkv else {}
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, **kw)
+    if softcap is not None:
+        if causal:  # (only Tq == Tk is left causal here)
+            i, j = rows_cols()
+            mask = j <= i
+        out = _eager(q, k, v, mask, scale, softcap, dropout_p)
+    else:
+        kw = {"enable_gqa": True} if H != Hkv else {}
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+                                             scale=scale, **kw)
     return out if empty is None else out.masked_fill(empty, 0.0)
 
 
+def _eager(q, k, v, mask, scale, softcap, dropout_p):
+    """Attention with soft-capped scores (Gemma 2), transformers' eager order: s = (q k^T) * scale,
+    s = softcap * tanh(s / softcap), masked, softmax in float32, rounded to q's dtype, times v.
+    mask: bool, broadcastable to [B, H, Tq, Tk], True = visible (every row sees at least one key); None: all."""
+    rep = q.shape[1] // k.shape[1]  # GQA: each K/V head serves `rep` query heads
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    s = torch.tanh(s / softcap) * softcap
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(F.dropout(p, dropout_p) if dropout_p > 0 else p, v)
+
+
 def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=None, key_padding_mask=None,
-           sliding_window=None, context_parallel=None):
+           sliding_window=None, scale=None, softcap=None, context_parallel=None):
     """Causal self-attention of q over k/v; with a KV cache, k/v are appended first.
 
     prefix: optional (P_K, P_V) [B or 1, Hkv, P, D] prepended to the keys/values and always
@@ -89,6 +112,8 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
     sliding_window: W, or None: the query at key index i sees keys i-W+1..i only (transformers'
     sliding_window, kv_idx > q_idx - W). Indices count every key: cached, padding and prefix ones,
     as transformers' masks count cache positions.
+    scale: the softmax scale (None: 1/sqrt(head_dim)); softcap: tanh soft-capping of the scaled scores,
+    softcap * tanh(s / softcap), before the masks (Gemma 2); None: off.
     context_parallel: the sequence is sharded over ranks (llmkern.parallel.context_parallelize sets it):
     q/k/v are this rank's tokens, and the keys of every rank are gathered.
     A cache whose rows hold different lengths (KVCache.uniform False): see _attend_rows.
@@ -96,34 +121,36 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
     """
     if context_parallel is not None:
         return context_parallel.attend(q, k, v, cache=cache, prefix=prefix, key_padding_mask=key_padding_mask,
-                                       sliding_window=sliding_window, dropout_p=dropout_p)
-    # llmkern.attention's window is (left, right) around the diagonal: W keys = itself + W-1 left
-    window = {} if sliding_window is None else {"window": (sliding_window - 1, 0)}
+                                       sliding_window=sliding_window, dropout_p=dropout_p, scale=scale,
+                                       softcap=softcap)
+    # llmkern's attention options: the window is (left, right) around the diagonal, W keys = itself + W-1 left
+    opts = {} if sliding_window is None else {"window": (sliding_window - 1, 0)}
+    opts.update({name: x for name, x in (("scale", scale), ("softcap", softcap)) if x is not None})
     attn_fn = kv_fn = None
     if backend == "llmkern":
         attn_fn, kv_fn = llmkern_ops()
         if dropout_p > 0:  # training: the dense kernel drops; the decode kernel has no dropout
             kv_fn = None
     if cache is not None and not cache.uniform:
-        return _attend_rows(q, k, v, cache, layer, kv_fn, prefix, key_padding_mask, sliding_window, window,
-                            dropout_p)
+        return _attend_rows(q, k, v, cache, layer, kv_fn, prefix, key_padding_mask, sliding_window, opts,
+                            dropout_p, scale, softcap)
     if cache is not None:
         start = cache.seqlen
         # the split-K decode kernel is for a few new tokens; longer chunks take the prefill kernel
         if kv_fn is not None and 0 < start and q.shape[2] <= 16 and prefix is None:
             k_cache, v_cache = cache.append(layer, k, v)
             seqlens = torch.full((q.shape[0],), start + k.shape[2], dtype=torch.int32, device=q.device)
-            return kv_fn(q, k_cache, v_cache, seqlens, causal=True, **window,
+            return kv_fn(q, k_cache, v_cache, seqlens, causal=True, **opts,
                          **_cache_mask(key_padding_mask, k_cache.shape[2]))
         k, v = cache.append(layer, k, v)
         k, v = k[:, :, :start + q.shape[2]], v[:, :, :start + q.shape[2]]
     k, v, key_padding_mask = _with_prefix(q.shape[0], k, v, prefix, key_padding_mask)
     if attn_fn is not None:
-        kw = dict(window, **({"dropout_p": dropout_p} if dropout_p > 0 else {}))
+        kw = dict(opts, **({"dropout_p": dropout_p} if dropout_p > 0 else {}))
         if key_padding_mask is not None:
             kw["key_padding_mask"] = key_padding_mask
         return attn_fn(q, k, v, causal=True, **kw)
-    return _sdpa(q, k, v, True, dropout_p, key_padding_mask, sliding_window)
+    return _sdpa(q, k, v, True, dropout_p, key_padding_mask, sliding_window, scale=scale, softcap=softcap)
 
 
 def _with_prefix(B, k, v, prefix, key_padding_mask):
@@ -148,7 +175,8 @@ def _cache_mask(key_padding_mask, width):
     return {"key_padding_mask": torch.nn.functional.pad(key_padding_mask.to(torch.bool), (0, extra), value=False)}
 
 
-def _attend_rows(q, k, v, cache, layer, kv_fn, prefix, key_padding_mask, sliding_window, window, dropout_p):
+def _attend_rows(q, k, v, cache, layer, kv_fn, prefix, key_padding_mask, sliding_window, opts, dropout_p,
+                 scale=None, softcap=None):
     """attend() over a cache whose rows hold different lengths (speculative decoding's per-row rollback):
     row b's T new keys go to slots lengths[b] .. lengths[b] + T - 1, and its query r sits at slot
     lengths[b] + r, seeing the slots up to its own (those past it, up to cache.seqlen + T, are stale).
@@ -163,9 +191,10 @@ def _attend_rows(q, k, v, cache, layer, kv_fn, prefix, key_padding_mask, sliding
     if prefix is not None:
         starts = starts + prefix[0].shape[2]
     if kv_fn is not None:
-        return kv_fn(q, k, v, (starts + T).to(torch.int32), causal=True, **window,
+        return kv_fn(q, k, v, (starts + T).to(torch.int32), causal=True, **opts,
                      **_cache_mask(key_padding_mask, k.shape[2]))
-    return _sdpa(q, k, v, True, dropout_p, key_padding_mask, sliding_window, q_start=starts)
+    return _sdpa(q, k, v, True, dropout_p, key_padding_mask, sliding_window, q_start=starts, scale=scale,
+                 softcap=softcap)
 
 
 def _shift(labels):
@@ -341,13 +370,17 @@ class ZooModel(torch.nn.Module):
         padded row stride: cuBLAS picks its fast kernels only for 16-byte aligned leading
         dimensions. On an H100, an unpadded GPT-2 124M training step (B=8, T=1024) spent 15.4 of its
         43 ms of kernel time in three align-1 GEMMs of the LM head (logits, dlogits W, dlogitsᵀ h);
-        the padding costs a copy of the weight and of the logits' gradient."""
+        the padding costs a copy of the weight and of the logits' gradient. config.logit_softcap (Gemma 2/3):
+        the logits come back soft-capped, c * tanh(logits / c), as transformers returns them."""
         head = self.lm_head
         V = head.weight.shape[0]
         if (not h.is_cuda or type(head) is not torch.nn.Linear or head.bias is not None or V % HEAD_ALIGN == 0
                 or h.numel() // h.shape[-1] < 512):
-            return head(h)
-        return padded_linear(h, head.weight)
+            logits = head(h)
+        else:
+            logits = padded_linear(h, head.weight)
+        cap = getattr(self.config, "logit_softcap", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def lm_loss(self, logits, labels):
         """Next-token cross entropy, Hugging Face style: labels align with input_ids and are shifted
@@ -368,7 +401,11 @@ class ZooModel(torch.nn.Module):
         LM head's weight (backend="llmkern", a plain nn.Linear head), the vocabulary-parallel loss of a
         sharded head (llmkern.parallel.vocab); otherwise the logits path."""
         head = self.lm_head
+        cap = getattr(self.config, "logit_softcap", None)
         if hasattr(head, "vocab_parallel_loss"):  # tensor_parallelize(..., vocab_parallel=True)
+            if cap is not None:
+                raise NotImplementedError("the vocabulary-parallel loss does not support config.logit_softcap "
+                                          "(Gemma 2/3): use return_logits=True")
             shifted = self.next_token_labels(labels)
             return self.global_loss(head.vocab_parallel_loss(h, shifted), shifted)
         if getattr(self, "_backend", "torch") != "llmkern" or type(head) is not torch.nn.Linear:
@@ -376,8 +413,8 @@ class ZooModel(torch.nn.Module):
         from llmkern.ops.cross_entropy import linear_cross_entropy
 
         shifted = self.next_token_labels(labels)
-        return self.global_loss(linear_cross_entropy(h, head.weight, shifted, bias=head.bias, ignore_index=-100),
-                                shifted)
+        loss = linear_cross_entropy(h, head.weight, shifted, bias=head.bias, ignore_index=-100, softcap=cap)
+        return self.global_loss(loss, shifted)
 
     # Hook points of context parallelism (llmkern.parallel.context_parallelize sets `context_parallel`:
     # the sequence is sharded over ranks); without it, the plain single-sequence behaviour.

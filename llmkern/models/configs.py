@@ -14,6 +14,19 @@ Llama-family options (off by default; from_hf sets them for Mistral, Qwen2 and Q
   sliding_window        W: query i sees keys i-W+1..i (Mistral, Qwen2/3 with use_sliding_window),
   sliding_window_layers in the layers listed (None: every layer)
 
+Gemma options (Llama family, off by default; from_hf sets them for Gemma, Gemma 2 and Gemma 3 text):
+  activation            "gelu_tanh" / "gelu": the MLP is GeGLU, down(gelu(gate(x)) * up(x)) (Gemma)
+  norm_offset           every RMSNorm multiplies by (norm_offset + weight), in float32 with one rounding
+                        at the end (Gemma: 1.0, the gains stored around 0; 0: Llama's weight)
+  scale_embeddings      token embeddings times sqrt(n_embd), that factor rounded to their dtype (Gemma)
+  post_norms            Gemma 2/3's sandwich block: RMSNorms on the attention output and around the MLP
+  attn_scale            the softmax scale of the attention scores (None: head_dim ** -0.5; Gemma 2/3:
+                        query_pre_attn_scalar ** -0.5)
+  attn_softcap          the scaled scores soft-capped, c * tanh(s / c), before the mask (Gemma 2)
+  logit_softcap         the LM head's logits soft-capped the same way, in the loss too (Gemma 2/3)
+  rope_local_theta      the RoPE base of the sliding-window layers, plain RoPE without rope_scaling
+                        (Gemma 3's local layers); None: the same RoPE in every layer
+
 Sparse mixture of experts (Llama family; off with n_experts = 0, the dense SwiGLU MLP):
   n_experts             E > 0: the MLP of each MoE layer is E SwiGLU experts of width moe_ffn_dim
                         (default intermediate_size) and a router (Mixtral, Qwen2-MoE, Qwen3-MoE)
@@ -62,6 +75,14 @@ class ModelConfig:
     qk_norm: bool = False             # llama only: per-head RMSNorm of q and k before RoPE (Qwen3)
     sliding_window: Optional[int] = None  # llama only: each query sees its last W keys (itself included)
     sliding_window_layers: Optional[tuple] = None  # the layers that slide (None: all, when sliding_window)
+    # Gemma (llama only; see the module docstring)
+    norm_offset: float = 0.0          # RMSNorm gain (norm_offset + weight): Gemma 1.0
+    scale_embeddings: bool = False    # token embeddings times sqrt(n_embd)
+    post_norms: bool = False          # Gemma 2/3: norms on the attention and MLP outputs too
+    attn_scale: Optional[float] = None  # attention softmax scale (None: head_dim ** -0.5)
+    attn_softcap: Optional[float] = None  # c * tanh(scores / c) (None: off)
+    logit_softcap: Optional[float] = None  # c * tanh(logits / c) (None: off)
+    rope_local_theta: Optional[float] = None  # RoPE base of the sliding-window layers (None: rope_theta)
     # sparse mixture of experts (llama only; see the module docstring)
     n_experts: int = 0                # E experts per MoE layer; 0: the dense MLP
     n_experts_per_tok: Optional[int] = None  # top-k (default 2 when n_experts > 0)
@@ -106,7 +127,7 @@ class ModelConfig:
             self.tie_embeddings = self.arch == "gpt"
         if self.activation is None:
             self.activation = "gelu_tanh" if self.arch == "gpt" else "silu"
-        allowed = ("gelu_tanh", "gelu", "relu") if self.arch == "gpt" else ("silu",)
+        allowed = ("gelu_tanh", "gelu", "relu") if self.arch == "gpt" else ("silu", "gelu_tanh", "gelu")
         if self.activation not in allowed:
             raise ValueError(f"ModelConfig.activation must be one of {allowed} for arch={self.arch!r}, "
                              f"got {self.activation!r}")
@@ -135,6 +156,9 @@ class ModelConfig:
             return
         if self.arch != "llama":
             raise ValueError(f"ModelConfig.n_experts applies to arch='llama' only, got arch={self.arch!r}")
+        if self.activation != "silu":  # (llmkern.moe_mlp's experts are SwiGLU)
+            raise ValueError(f"ModelConfig.activation must be 'silu' for mixture-of-experts models, "
+                             f"got {self.activation!r}")
         if self.n_experts_per_tok is None:
             self.n_experts_per_tok = min(2, E)
         k = self.n_experts_per_tok
@@ -173,10 +197,11 @@ class ModelConfig:
         """The Llama-family options (Mistral / Qwen2 / Qwen3): GPT ignores them, so they must stay unset."""
         if self.arch != "llama":
             for f, off in (("qkv_bias", None), ("o_bias", None), ("qk_norm", False), ("sliding_window", None),
-                           ("sliding_window_layers", None)):
+                           ("sliding_window_layers", None)) + _GEMMA_OFF:
                 if getattr(self, f) != off:
                     raise ValueError(f"ModelConfig.{f} applies to arch='llama' only, got arch={self.arch!r}")
             return
+        self._check_gemma_options()
         for f in ("qkv_bias", "o_bias"):
             if getattr(self, f) is not None and not isinstance(getattr(self, f), bool):
                 raise ValueError(f"ModelConfig.{f} must be a bool or None, got {getattr(self, f)!r}")
@@ -195,6 +220,28 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.sliding_window_layers must list layer indices in 0..{self.n_layer - 1}, "
                              f"got {layers!r}")
         self.sliding_window_layers = tuple(sorted(set(layers)))
+
+    def _check_gemma_options(self):
+        """The Gemma options' types and ranges (see the module docstring)."""
+        for f in ("scale_embeddings", "post_norms"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"ModelConfig.{f} must be a bool, got {getattr(self, f)!r}")
+        if isinstance(self.norm_offset, bool) or not isinstance(self.norm_offset, (int, float)):
+            raise ValueError(f"ModelConfig.norm_offset must be a number, got {self.norm_offset!r}")
+        self.norm_offset = float(self.norm_offset)
+        for f in ("attn_scale", "attn_softcap", "logit_softcap", "rope_local_theta"):
+            v = getattr(self, f)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v) > 0:
+                raise ValueError(f"ModelConfig.{f} must be a number > 0 or None, got {v!r}")
+            setattr(self, f, float(v))
+        if self.rope_local_theta is not None and self.sliding_window is None:
+            raise ValueError("ModelConfig.rope_local_theta needs sliding_window (it applies to the sliding layers)")
+
+    def layer_rope_is_local(self, i):
+        """Whether layer i takes the local RoPE (rope_local_theta): set, and the layer slides (Gemma 3)."""
+        return self.rope_local_theta is not None and self.layer_window(i) is not None
 
     @property
     def biases(self):
@@ -218,6 +265,11 @@ class ModelConfig:
     def replace(self, **changes):
         """A copy with fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+# The Gemma options' off values (GPT must leave them there)
+_GEMMA_OFF = (("norm_offset", 0.0), ("scale_embeddings", False), ("post_norms", False), ("attn_scale", None),
+              ("attn_softcap", None), ("logit_softcap", None), ("rope_local_theta", None))
 
 
 # Keys each rope_type needs (Hugging Face's rope_scaling / rope_parameters names).

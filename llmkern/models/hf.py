@@ -19,6 +19,19 @@ Supported config.json model_types:
            sigmoid-gated shared expert (shared_expert_intermediate_size), q/k/v biases (qkv_bias), dense
            layers per mlp_only_layers / decoder_sparse_step
   qwen3_moe  Qwen3MoeForCausalLM -> the same without the shared expert, with Qwen3's attention
+  gemma    GemmaForCausalLM -> Llama with a GeGLU MLP (hidden_act), RMSNorm gains (1 + w) in float32,
+           embeddings times sqrt(hidden_size), head_dim, attention_bias
+  gemma2   Gemma2ForCausalLM -> Gemma plus the sandwich norms (post_attention / pre_feedforward /
+           post_feedforward_layernorm), attention scale query_pre_attn_scalar ** -0.5,
+           attn_logit_softcapping, final_logit_softcapping (logits and loss), sliding_window in the
+           layers layer_types marks "sliding_attention" (default: every other one, from layer 0)
+  gemma3_text  Gemma3ForCausalLM (text only) -> Gemma 2 plus q_norm/k_norm and Gemma 3's RoPE: the
+           sliding layers' rope_parameters["sliding_attention"] (or the older rope_local_base_freq,
+           plain RoPE only), the others' rope_parameters["full_attention"] (or rope_theta / rope_scaling:
+           linear, llama3, yarn, dynamic); default layer_types from sliding_window_pattern (6).
+           attn_logit_softcapping must be null: transformers' Gemma3Attention does not apply it (loading
+           either way could be silently wrong). gemma3 (the multimodal wrapper), gemma3n, gemma4: not
+           supported.
 Expert weights load from either checkpoint layout: one tensor per expert (Mixtral's
 block_sparse_moe.experts.{e}.w1/w3/w2, Qwen's mlp.experts.{e}.gate_proj/up_proj/down_proj, which is what
 transformers 5's save_pretrained writes) or the stacked mlp.experts.gate_up_proj / down_proj.
@@ -27,7 +40,9 @@ the loss only then); router_jitter_noise (training-time noise) is not implemente
 Every Llama-family model uses hidden_act "silu", tie_word_embeddings, rope_theta / rope_parameters
 (or the older rope_scaling) and rms_norm_eps as transformers reads them. Anything else that would
 change the outputs (another activation, mixture-of-experts keys on a dense family, Qwen-MoE sliding
-windows, other model_types) raises a ValueError naming the config key: nothing loads silently wrong.
+windows, other model_types; for Gemma use_bidirectional_attention, another hidden activation, a
+rope_type on Gemma 3's sliding layers) raises a ValueError naming the config key: nothing loads silently
+wrong.
 
 Reads config.json and model.safetensors (or the shards listed in model.safetensors.index.json);
 no network, no transformers import. GPT-2's Conv1D weights ([in, out]) are transposed into
@@ -49,6 +64,7 @@ from llmkern.models.llama import Llama
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")  # the zoo's Llama loads
 MOE_FAMILY = ("mixtral", "qwen2_moe", "qwen3_moe")
+GEMMA_FAMILY = ("gemma", "gemma2", "gemma3_text")  # also the zoo's Llama, with the Gemma options
 
 
 def _load_state(path):
@@ -225,6 +241,146 @@ def llama_config(hf):
                        tie_embeddings=hf.get("tie_word_embeddings", False), name=hf.get("_name_or_path", ""))
 
 
+# config.json defaults of the Gemma classes (transformers 5), for keys a file may leave out
+_GEMMA_COMMON = dict(head_dim=256, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                     attention_bias=False, use_bidirectional_attention=None)
+_GEMMA2_COMMON = dict(_GEMMA_COMMON, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                      num_attention_heads=8, num_key_value_heads=4, hidden_activation="gelu_pytorch_tanh",
+                      query_pre_attn_scalar=256, sliding_window=4096, layer_types=None)
+_GEMMA_DEFAULTS = {
+    "gemma": dict(_GEMMA_COMMON, vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=16, hidden_act="gelu_pytorch_tanh",
+                  max_position_embeddings=8192),
+    "gemma2": dict(_GEMMA2_COMMON, vocab_size=256000, max_position_embeddings=8192, final_logit_softcapping=30.0,
+                   attn_logit_softcapping=50.0),
+    "gemma3_text": dict(_GEMMA2_COMMON, vocab_size=262208, max_position_embeddings=131072,
+                        final_logit_softcapping=None, attn_logit_softcapping=None, sliding_window_pattern=6),
+}
+# transformers' ACT2FN names -> the zoo MLP's activation (GeGLU with the tanh or the erf gelu; SwiGLU)
+_GEMMA_ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_python_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+               "gelu_fast": "gelu_tanh", "gelu": "gelu", "gelu_python": "gelu", "silu": "silu", "swish": "silu"}
+
+
+def _positive(hf, key, family, optional=False):
+    """hf[key] as a float > 0 (None allowed when optional), else a ValueError naming the key."""
+    v = hf.get(key)
+    if optional and v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise ValueError(f"from_hf: {family} config {key}={v!r} must be a number > 0{' or null' if optional else ''}")
+    return float(v)
+
+
+def _gemma_activation(hf, family):
+    """The MLP activation: GemmaConfig reads hidden_act (its legacy "gelu" means the tanh approximation, as
+    transformers converts it), Gemma 2/3 hidden_activation."""
+    key = "hidden_act" if family == "gemma" else "hidden_activation"
+    act = hf.get(key)
+    if family == "gemma" and act == "gelu":
+        return "gelu_tanh"
+    if act not in _GEMMA_ACTS:
+        raise ValueError(f"from_hf: {family} config {key}={act!r} is not supported ({', '.join(_GEMMA_ACTS)})")
+    return _GEMMA_ACTS[act]
+
+
+def _gemma_layer_types(hf, family):
+    """The sliding layers (a tuple of indices) per layer_types, or transformers' default when it is null:
+    Gemma 2 slides in every other layer (0, 2, ...), Gemma 3 in all but every sliding_window_pattern-th."""
+    n = hf["num_hidden_layers"]
+    types = hf.get("layer_types")
+    if types is None:
+        period = 2 if family == "gemma2" else _int_key(hf, "sliding_window_pattern", family)
+        types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n)]
+    if not isinstance(types, list) or len(types) != n or not set(types) <= {"full_attention", "sliding_attention"}:
+        raise ValueError(f"from_hf: {family} config layer_types must list 'full_attention' / 'sliding_attention' "
+                         f"for each of the {n} layers, got {types!r}")
+    return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+
+
+def _gemma3_rope(hf):
+    """(rope_theta, rope scaling dict, local theta) of a Gemma 3 text config, as Gemma3TextConfig reads it:
+    rope_parameters holds one dict per layer type (a missing one: plain RoPE); the older keys fill in what
+    it leaves out: rope_scaling updates the full-attention dict, rope_theta (default 1e6) and
+    rope_local_base_freq (default 1e4) are the two bases. The sliding layers must use plain RoPE."""
+    params = hf.get("rope_parameters") or {}
+    if not isinstance(params, dict) or not set(params) <= {"full_attention", "sliding_attention"}:
+        raise ValueError(f"from_hf: gemma3_text config rope_parameters must hold one dict per layer type "
+                         f"('full_attention', 'sliding_attention'), got {params!r}")
+    full = dict(params.get("full_attention") or {"rope_type": "default"})
+    full.update(hf.get("rope_scaling") or {})
+    local = dict(params.get("sliding_attention") or {"rope_type": "default"})
+    if "type" in full and full.get("rope_type", full["type"]) != full["type"]:  # transformers keeps rope_type
+        raise ValueError(f"from_hf: gemma3_text config rope_scaling / rope_parameters['full_attention'] give "
+                         f"conflicting 'type' and 'rope_type': {full!r}")
+    full.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
+    local.setdefault("rope_theta", hf.get("rope_local_base_freq", 10_000.0))
+    for name, d in (("full_attention", full), ("sliding_attention", local)):
+        if d.get("partial_rotary_factor", hf.get("partial_rotary_factor")) not in (None, 1, 1.0):
+            raise ValueError(f"from_hf: gemma3_text config partial_rotary_factor ({name}) is not supported")
+    if local.get("rope_type", local.get("type", "default")) != "default":
+        raise ValueError(f"from_hf: gemma3_text config rope_parameters['sliding_attention'] rope_type "
+                         f"{local.get('rope_type', local.get('type'))!r} is not supported (only 'default')")
+    kind = full.get("rope_type", full.get("type", "default"))
+    if kind in ("llama3", "yarn"):
+        full.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
+        if kind == "yarn" and full.get("factor") is None:
+            full["factor"] = hf["max_position_embeddings"] / full["original_max_position_embeddings"]
+    return _positive(full, "rope_theta", "gemma3_text"), full, _positive(local, "rope_theta", "gemma3_text")
+
+
+def _gemma_refusals(hf, family):
+    """ValueError, naming the key, for what changes a Gemma model's outputs and the zoo does not do."""
+    for key in _MOE_KEYS:
+        if hf.get(key):
+            raise ValueError(f"from_hf: {family} config {key}={hf[key]!r}: mixture-of-experts keys are not supported")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError(f"from_hf: {family} config use_bidirectional_attention=True is not supported (the zoo's "
+                         f"attention is causal)")
+    if family == "gemma3_text" and hf.get("attn_logit_softcapping") is not None:
+        raise ValueError(f"from_hf: gemma3_text config attn_logit_softcapping={hf['attn_logit_softcapping']!r} is "
+                         f"not supported: transformers' Gemma3Attention ignores it, so its meaning is ambiguous "
+                         f"(set it to null)")
+
+
+def _gemma2_options(hf, family, local_theta):
+    """The ModelConfig fields of Gemma 2/3's block and attention: the sandwich norms, the attention scale,
+    the soft-caps, the sliding windows (and Gemma 3's local RoPE base on those layers)."""
+    layers = _gemma_layer_types(hf, family)
+    window = _int_key(hf, "sliding_window", family) if layers else None
+    return dict(post_norms=True, sliding_window=window, sliding_window_layers=layers if window else None,
+                attn_scale=_positive(hf, "query_pre_attn_scalar", family) ** -0.5,
+                attn_softcap=_positive(hf, "attn_logit_softcapping", family, optional=True),
+                logit_softcap=_positive(hf, "final_logit_softcapping", family, optional=True),
+                rope_local_theta=local_theta if window else None)
+
+
+def gemma_config(hf):
+    """The zoo ModelConfig of a Gemma / Gemma 2 / Gemma 3 text config.json (see the module docstring).
+    Raises ValueError, naming the config key, for what the zoo cannot express."""
+    family = hf["model_type"]
+    hf = {**_GEMMA_DEFAULTS[family], **hf}
+    _gemma_refusals(hf, family)
+    if family == "gemma3_text":
+        theta, rope, local_theta = _gemma3_rope(hf)
+    else:
+        (theta, rope), local_theta = _rope_parameters(hf), None
+    try:
+        scaling = _check_rope_scaling(rope, "llama")
+    except ValueError as e:
+        raise ValueError(f"from_hf: {e}") from None
+    bias = _bool_key(hf, "attention_bias", family)
+    options = {} if family == "gemma" else _gemma2_options(hf, family, local_theta)
+    return ModelConfig(arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+                       n_head=hf["num_attention_heads"], n_kv_head=hf["num_key_value_heads"],
+                       n_embd=hf["hidden_size"], head_dim=hf["head_dim"], intermediate_size=hf["intermediate_size"],
+                       block_size=hf["max_position_embeddings"], bias=False, qkv_bias=bias, o_bias=bias,
+                       activation=_gemma_activation(hf, family), norm_offset=1.0, scale_embeddings=True,
+                       qk_norm=family == "gemma3_text", **options,
+                       dropout=float(hf.get("attention_dropout") or 0.0), norm_eps=hf["rms_norm_eps"],
+                       rope_theta=float(theta), rope_scaling=scaling,
+                       tie_embeddings=hf["tie_word_embeddings"], name=hf.get("_name_or_path", ""))
+
+
 def _int_key(hf, key, family, low=1):
     v = hf.get(key)
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -354,10 +510,11 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
     """A zoo model with the weights of the local Hugging Face checkpoint directory `path` (config.json
     and safetensors weights), in eval mode.
 
-    model_type "gpt2" gives a GPT; "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe" and
-    "qwen3_moe" give a Llama whose config carries the family's options (Mistral's sliding window, Qwen2's
-    q/k/v biases and per-layer sliding windows, Qwen3's qk-norm and head_dim, the MoE families' experts;
-    see the module docstring). The logits equal those
+    model_type "gpt2" gives a GPT; "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
+    "qwen3_moe", "gemma", "gemma2" and "gemma3_text" give a Llama whose config carries the family's options
+    (Mistral's sliding window, Qwen2's q/k/v biases and per-layer sliding windows, Qwen3's qk-norm and
+    head_dim, the MoE families' experts, Gemma's GeGLU, norms, scales and soft-caps; see the module
+    docstring). The logits equal those
     of transformers' *ForCausalLM on the same checkpoint. Unsupported configurations raise ValueError
     naming the config key. dtype/device: cast and move the model after loading (the RoPE frequencies
     stay float32)."""
@@ -375,15 +532,16 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
             model, state = GPT(cfg, backend=backend), _gpt2_state(state, cfg)
         except KeyError as e:
             raise ValueError(f"from_hf: checkpoint does not match the model: missing {e}") from None
-    elif mtype in LLAMA_FAMILY:
-        cfg = llama_config(hf)
+    elif mtype in LLAMA_FAMILY or mtype in GEMMA_FAMILY:
+        cfg = llama_config(hf) if mtype in LLAMA_FAMILY else gemma_config(hf)
         state = _strip(_load_state(path), ("model.",))
         cfg = _resolve_tie(cfg, state, "embed_tokens.weight")
         if mtype in MOE_FAMILY:
             state = _stack_experts(state, cfg, mtype)
         model, state = Llama(cfg, backend=backend), _llama_state(state, cfg)
     else:
-        raise ValueError(f"from_hf: model_type {mtype!r} is not supported (gpt2, {', '.join(LLAMA_FAMILY)})")
+        raise ValueError(f"from_hf: model_type {mtype!r} is not supported "
+                         f"(gpt2, {', '.join(LLAMA_FAMILY + GEMMA_FAMILY)})")
     state = {k: v.contiguous() for k, v in state.items()}
     if cfg.tie_embeddings:  # load the shared matrix once, through the embedding
         state.pop("lm_head.weight", None)

@@ -11,6 +11,13 @@ qkv_bias / o_bias (Qwen2: biases on q/k/v only), qk_norm (Qwen3: q_norm / k_norm
 head's head_dim before RoPE), sliding_window / sliding_window_layers (Mistral, and Qwen2/3 with
 use_sliding_window: a query sees its last W keys, itself included).
 
+It is also Gemma, Gemma 2 and Gemma 3 (text) with the Gemma options: a GeGLU MLP (activation
+"gelu_tanh"), RMSNorm gains (1 + w) applied in float32 (norm_offset=1), embeddings scaled by sqrt(d)
+(scale_embeddings), Gemma 2/3's sandwich norms (post_norms: the attention and MLP outputs are normalised
+before their residual adds), the attention scale attn_scale, tanh soft-capping of the attention scores
+(attn_softcap) and of the logits (logit_softcap), and Gemma 3's local RoPE base on its sliding layers
+(rope_local_theta).
+
 With config.n_experts > 0 it is also Mixtral / Qwen2-MoE / Qwen3-MoE: the MLP of each MoE layer
 (config.moe_layers, default all) is a sparse mixture of experts (MoE below: a router `gate`, experts
 `experts.gate_up_proj` [E, 2F, d] / `experts.down_proj` [E, d, F], transformers 5's names and layout),
@@ -35,17 +42,19 @@ class RMSNorm(nn.Module):
     """LlamaRMSNorm. forward(x) -> norm(x); forward(x, residual) -> (norm(x + residual), x + residual),
     the pre-norm block's residual add and the norm after it. backend="llmkern": one llmkern.rms_norm
     (the same rounding order: normalise in float32, round to x's dtype, multiply by the weight) when the
-    dtypes agree (a float32 weight on bf16 inputs promotes here, so that stays on the torch math)."""
+    dtypes agree (a float32 weight on bf16 inputs promotes here, so that stays on the torch math).
+    offset=1: GemmaRMSNorm, the gain (1 + weight) applied in float32 and the result rounded once."""
 
-    def __init__(self, dim, eps, backend="torch"):
+    def __init__(self, dim, eps, backend="torch", offset=0.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))  # a gain of 1 at initialisation
         self.eps = eps
+        self.offset = offset
         self.backend_name = backend
 
     def forward(self, x, residual=None):
         if self.backend_name == "llmkern" and fusable(x, self.weight, residual):
-            return llmkern.rms_norm(x, self.weight, self.eps, residual=residual,
+            return llmkern.rms_norm(x, self.weight, self.eps, residual=residual, offset=self.offset,
                                     return_residual=residual is not None)
         if residual is not None:
             x = x + residual
@@ -55,6 +64,8 @@ class RMSNorm(nn.Module):
     def _norm(self, x):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma: multiplied in float32, one rounding
+            return (h * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
@@ -143,9 +154,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.attn_dim, cfg.n_embd, bias=o_bias)
         # qk_norm: one gain per head_dim channel, shared by the heads (tensor parallelism replicates it)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, backend) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, backend) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, backend, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, backend, cfg.norm_offset) if cfg.qk_norm else None
         self.sliding_window = cfg.layer_window(layer)
+        self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap  # (None: 1/sqrt(head_dim), no cap)
         self.dropout = cfg.dropout
         self.backend_name = backend
 
@@ -162,15 +174,15 @@ class Attention(nn.Module):
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = attend(q, k, v, backend=self.backend_name, cache=cache, layer=layer, prefix=prefix,
-                   key_padding_mask=kpm, sliding_window=self.sliding_window,
+                   key_padding_mask=kpm, sliding_window=self.sliding_window, scale=self.scale, softcap=self.softcap,
                    context_parallel=getattr(self, "context_parallel", None),
                    dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). width: the hidden width (default intermediate_size; a
-    Qwen2-MoE shared expert has its own)."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); GeGLU (Gemma) with activation "gelu_tanh" / "gelu". width:
+    the hidden width (default intermediate_size; a Qwen2-MoE shared expert has its own)."""
 
     def __init__(self, cfg, backend="torch", width=None):
         super().__init__()
@@ -179,13 +191,21 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.n_embd, width, bias=bias)
         self.up_proj = nn.Linear(cfg.n_embd, width, bias=bias)
         self.down_proj = nn.Linear(width, cfg.n_embd, bias=bias)
+        self.activation = cfg.activation
         self.backend_name = backend
 
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)
         if self.backend_name == "llmkern" and gate.dtype == up.dtype:
-            return self.down_proj(llmkern.swiglu(gate, up))  # one pass, silu recomputed in the backward
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(self._fused(gate, up))  # one pass, the activation recomputed in the backward
+        if self.activation == "silu":
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.gelu(gate, approximate="tanh" if self.activation == "gelu_tanh" else "none") * up)
+
+    def _fused(self, gate, up):
+        if self.activation == "silu":
+            return llmkern.swiglu(gate, up)
+        return llmkern.geglu(gate, up, approximate="tanh" if self.activation == "gelu_tanh" else "none")
 
 
 class Experts(nn.Module):
@@ -312,19 +332,34 @@ def load_balancing_loss(router_logits, top_k, attention_mask=None):
 
 
 class Block(nn.Module):
+    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)). With config.post_norms (Gemma 2/3) the outputs are
+    normalised too, x + norm(attn(norm(x))) and x + norm(mlp(norm(x))), and the norms take Gemma's names:
+    post_attention_layernorm is then the attention output's, pre/post_feedforward_layernorm the MLP's."""
+
     def __init__(self, cfg, backend, layer=0):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps, backend)
+        d, eps, off = cfg.n_embd, cfg.norm_eps, cfg.norm_offset
+        self.input_layernorm = RMSNorm(d, eps, backend, off)
         self.self_attn = Attention(cfg, backend, layer)
-        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps, backend)
+        self.post_attention_layernorm = RMSNorm(d, eps, backend, off)
+        if cfg.post_norms:
+            self.pre_feedforward_layernorm = RMSNorm(d, eps, backend, off)
+            self.post_feedforward_layernorm = RMSNorm(d, eps, backend, off)
+        self.post_norms = cfg.post_norms
         self.mlp = MoE(cfg, backend) if cfg.layer_is_moe(layer) else MLP(cfg, backend)
 
     def forward(self, x, cos, sin, cache=None, layer=None, prefix=None, kpm=None, router_logits=None):
         a = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, prefix, kpm)
+        if self.post_norms:  # Gemma 2/3: x + norm(a), and that sum's pre-MLP norm (one kernel on llmkern)
+            h, x = self.pre_feedforward_layernorm(self.post_attention_layernorm(a), residual=x)
+            return x + self.post_feedforward_layernorm(self._mlp(h, router_logits))
         h, x = self.post_attention_layernorm(a, residual=x)  # x + a and its norm (one kernel on llmkern)
+        return x + self._mlp(h, router_logits)
+
+    def _mlp(self, h, router_logits):
         if isinstance(self.mlp, MoE):
-            return x + self.mlp(h, router_logits)
-        return x + self.mlp(h)
+            return self.mlp(h, router_logits)
+        return self.mlp(h)
 
 
 class Llama(ZooModel):
@@ -337,11 +372,17 @@ class Llama(ZooModel):
         self._backend = check_backend(backend)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.layers = nn.ModuleList([Block(cfg, backend, i) for i in range(cfg.n_layer)])
-        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps, backend)
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps, backend, cfg.norm_offset)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        if cfg.rope_local_theta is not None:  # Gemma 3's sliding layers: plain RoPE of their own base
+            local = cfg.replace(rope_theta=cfg.rope_local_theta, rope_scaling=None)
+            self.register_buffer("inv_freq_local", rope_inv_freq(local), persistent=False)
+        if cfg.scale_embeddings:  # Gemma: sqrt(d) as a float32 buffer, cast with the model, as transformers keeps it
+            self.register_buffer("embed_scale", torch.tensor(cfg.n_embd ** 0.5, dtype=torch.float32),
+                                 persistent=False)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
@@ -350,8 +391,8 @@ class Llama(ZooModel):
 
     def hf_module_names(self):
         """{zoo nn.Linear name: HFModule}: where each linear layer sits in transformers'
-        LlamaForCausalLM (and Mistral/Qwen2/Qwen3ForCausalLM, which use the same names; q_norm and
-        k_norm are not linear layers). The names are the same, but HF keeps the decoder under `model.`:
+        LlamaForCausalLM (and Mistral/Qwen2/Qwen3/Gemma/Gemma2/Gemma3ForCausalLM, which use the same
+        names; the norms are not linear layers). The names are the same, but HF keeps the decoder under `model.`:
         layers.{i}.self_attn.q_proj here is model.layers.{i}.self_attn.q_proj there; lm_head is
         lm_head in both. (llmkern.peft's PEFT checkpoints use this to read and write HF names.)"""
         names = {"lm_head": HFModule("lm_head")}
@@ -367,13 +408,14 @@ class Llama(ZooModel):
                 names[f"layers.{i}.{sub}"] = HFModule(f"model.layers.{i}.{sub}")
         return names
 
-    def rope(self, pos, dtype):
-        """cos, sin for positions pos ([T] or [B, T]): [T, D] or [B, 1, T, D]."""
-        freqs = pos.float()[..., None] * self.inv_freq.float()
+    def rope(self, pos, dtype, local=False):
+        """cos, sin for positions pos ([T] or [B, T]): [T, D] or [B, 1, T, D]. local: those of the sliding
+        layers' RoPE (config.rope_local_theta)."""
+        freqs = pos.float()[..., None] * (self.inv_freq_local if local else self.inv_freq).float()
         emb = torch.cat((freqs, freqs), dim=-1)
         if emb.dim() == 3:
             emb = emb[:, None]
-        s = self.config.rope_scaling
+        s = None if local else self.config.rope_scaling
         scale = s.get("attention_factor", 1.0) if s else 1.0  # YaRN scales cos and sin (in float32)
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
@@ -381,10 +423,12 @@ class Llama(ZooModel):
         # The RoPE frequencies stay float32 when the model is cast (.to(torch.bfloat16), .half()), as
         # in transformers: rounded to bf16 they would shift each angle pos * inv_freq by up to
         # pos * inv_freq * 2^-9 radians.
-        inv_freq = self.inv_freq
+        names = [n for n in ("inv_freq", "inv_freq_local") if hasattr(self, n)]
+        before = {n: getattr(self, n) for n in names}
         super()._apply(fn, *args, **kwargs)
-        if self.inv_freq.dtype != inv_freq.dtype:
-            self.inv_freq = inv_freq.to(self.inv_freq.device)
+        for n in names:
+            if getattr(self, n).dtype != before[n].dtype:
+                setattr(self, n, before[n].to(getattr(self, n).device))
         return self
 
     def forward(self, input_ids, labels=None, *, cache=None, last_only=False, attention_mask=None,
@@ -397,7 +441,9 @@ class Llama(ZooModel):
         logits (llmkern.linear_cross_entropy on the llmkern backend: training's memory saver)."""
         start, pos, kpm = self._check_input(input_ids, cache, attention_mask, position_ids)
         T = input_ids.shape[1]
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids)  # [B, T, d]
+        if self.config.scale_embeddings:  # Gemma: times sqrt(d), that factor rounded to x's dtype first
+            x = x * self.embed_scale.to(x.dtype)
         if pos is None:
             pos = self.positions(start, T, input_ids.device)
         # positions derived here (cache, attention_mask) stay below block_size: only the caller's are
@@ -407,11 +453,13 @@ class Llama(ZooModel):
                 int(pos.max()) >= self.config.block_size:
             raise ValueError(f"position_ids: rope_type 'dynamic' rescales its frequencies for positions >= "
                              f"block_size={self.config.block_size}, which is not supported; got {int(pos.max())}")
-        cos, sin = self.rope(pos, x.dtype)
+        rope = self.rope(pos, x.dtype)  # (cos, sin)
+        local = self.rope(pos, x.dtype, local=True) if self.config.rope_local_theta is not None else rope
         prefixes = self.prefixes(input_ids.shape[0])
         # the MoE layers' router logits, collected only when the load-balancing loss will use them
         aux = [] if labels is not None and self.config.n_experts and self.config.router_aux_loss_coef else None
         for i, block in enumerate(self.layers):
+            cos, sin = local if self.config.layer_rope_is_local(i) else rope
             x = block(x, cos, sin, cache, i, prefixes[i], kpm, router_logits=aux)
         if cache is not None:
             cache.advance(T)

@@ -298,7 +298,7 @@ class ContextParallel:
         self.group, self.layout = group, layout
 
     def attend(self, q, k, v, *, cache=None, prefix=None, key_padding_mask=None, sliding_window=None,
-               dropout_p=0.0):
+               dropout_p=0.0, scale=None, softcap=None):
         unsupported = [name for name, on in (("a KV cache", cache is not None), ("prefix tuning", prefix is not None),
                                              ("an attention mask (padding)", key_padding_mask is not None),
                                              ("attention dropout", dropout_p > 0)) if on]
@@ -306,7 +306,8 @@ class ContextParallel:
             raise NotImplementedError(f"context parallelism does not support {unsupported[0]} (use the model "
                                       f"without context_parallelize for it; dropout: config.dropout=0 or eval())")
         window = None if sliding_window is None else (sliding_window - 1, 0)  # W keys: itself + W-1 left
-        return context_parallel_attention(q, k, v, self.group, causal=True, layout=self.layout, window=window)
+        return context_parallel_attention(q, k, v, self.group, causal=True, layout=self.layout, window=window,
+                                          scale=scale, softcap=softcap)
 
     def positions(self, T_local, block_size, device):
         p = comm.world_size(self.group)
