@@ -317,7 +317,33 @@ class HFModule(NamedTuple):
 
 
 class ZooModel(torch.nn.Module):
-    """What GPT and Llama share: the backend switch, the KV cache, the loss, optimizer groups."""
+    """What GPT and Llama share: the backend switch, the KV cache, the loss, optimizer groups, activation
+    recomputation."""
+
+    gradient_checkpointing = False  # (an instance attribute once enabled)
+
+    def gradient_checkpointing_enable(self, enable=True):
+        """Full activation recomputation (transformers' name for it): in training, each block keeps only its
+        input for the backward and runs its forward again there (torch.utils.checkpoint, non-reentrant),
+        so activation memory is one [B, T, d] tensor per layer plus one block's working set, for a second
+        forward's FLOPs (llmkern.flops.hfu counts them). The RNG state is replayed, so dropout masks
+        (llmkern's seeds are drawn from torch's generator) are the same in both forwards. Off in eval,
+        under torch.no_grad and with a KV cache. Returns the model."""
+        if not isinstance(enable, bool):
+            raise TypeError(f"gradient_checkpointing_enable: enable must be a bool, got {type(enable).__name__}")
+        self.gradient_checkpointing = enable
+        return self
+
+    def gradient_checkpointing_disable(self):
+        return self.gradient_checkpointing_enable(False)
+
+    def run_block(self, block, *args, cache=None, **kwargs):
+        """block(*args, cache=cache, **kwargs), recomputed in the backward when gradient checkpointing is on."""
+        if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, *args, cache=None, use_reentrant=False, **kwargs)
+        return block(*args, cache=cache, **kwargs)
 
     @property
     def backend(self):

@@ -166,7 +166,7 @@ class GPT(ZooModel):
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
         prefixes = self.prefixes(input_ids.shape[0])
         for i, block in enumerate(self.h):
-            x = block(x, cache, i, prefixes[i], kpm)
+            x = self.run_block(block, x, cache=cache, layer=i, prefix=prefixes[i], kpm=kpm)
         if cache is not None:
             cache.advance(T)
         if last_only:

@@ -460,7 +460,8 @@ class Llama(ZooModel):
         aux = [] if labels is not None and self.config.n_experts and self.config.router_aux_loss_coef else None
         for i, block in enumerate(self.layers):
             cos, sin = local if self.config.layer_rope_is_local(i) else rope
-            x = block(x, cos, sin, cache, i, prefixes[i], kpm, router_logits=aux)
+            x = self.run_block(block, x, cos, sin, cache=cache, layer=i, prefix=prefixes[i], kpm=kpm,
+                               router_logits=aux)
         if cache is not None:
             cache.advance(T)
         if last_only:

@@ -15,7 +15,10 @@ blocksize 64, no double quantization) + inject_lora, against what PEFT users run
 bitsandbytes Linear4bit (NF4) layers on the torch backend (without bitsandbytes: over llmkern's
 NF4Linear, said in the notes); same FLOP count. On CUDA every row's extra holds the peak memory of one
 step (torch.cuda.max_memory_allocated: weights, optimizer state, activations; "peak_mem_bytes" and
-"torch_peak_mem_bytes"); on CPU they are None (not measured).
+"torch_peak_mem_bytes"); on CPU they are None (not measured). The "train (recompute)" row is the plain
+step with full activation recomputation on both backends (the zoo's gradient_checkpointing_enable): MFU
+counts the model's FLOPs as every row does, extra["hfu"] / ["hfu_a100"] the hardware FLOPs (the
+recomputed forward too, llmkern.flops.hfu), and the peak memory shows what recomputation saves.
 
 Under torchrun (WORLD_SIZE > 1) the gpt2 step also runs data parallel (PyTorch's FSDP2,
 fully_shard per block) and tensor parallel (llmkern.parallel.tensor_parallelize) over all ranks;
@@ -130,7 +133,8 @@ def _qlora(model, backend, compute_dtype):
 
 
 def _plan(device, quick):
-    """(label, config, batch, seq, lora) rows for this device and mode (lora: False, "lora" or "qlora");
+    """(label, config, batch, seq, kind) rows for this device and mode (kind: False, "lora", "qlora" or
+    "recompute": a plain training step with full activation recomputation);
     LLMKERN_BENCH_MFU_ROWS (comma-separated labels, e.g. "gpt3-1.3b") picks rows from every mode's list
     instead."""
     pick = os.environ.get("LLMKERN_BENCH_MFU_ROWS")
@@ -157,12 +161,14 @@ def _rows(device, quick):
                               block_size=128, vocab_size=512)
         rows = [("gpt-tiny (2L d128)", tiny, B, T, False), ("llama-tiny (2L d128 GQA)", tiny_l, B, T, False),
                 ("mixtral-tiny (2L d128 E4 top-2)", tiny_moe, B, T, False),
-                ("gpt-tiny (2L d128)", tiny, B, T, "lora"), ("gpt-tiny (2L d128)", tiny, B, T, "qlora")]
+                ("gpt-tiny (2L d128)", tiny, B, T, "lora"), ("gpt-tiny (2L d128)", tiny, B, T, "qlora"),
+                ("gpt-tiny (2L d128)", tiny, B, T, "recompute")]
         if not quick:
             rows.insert(0, ("gpt2-124m", get_config("gpt2"), 1, 256, False))
         return rows
     # (quick keeps a Llama row, whose RMSNorm + residual, RoPE and SwiGLU run llmkern's fused ops, and a MoE row)
     rows = [("gpt2-124m", get_config("gpt2"), 8, 1024, False),
+            ("gpt2-124m", get_config("gpt2"), 8, 1024, "recompute"),
             ("gpt2-124m", get_config("gpt2"), 8, 1024, "lora"),
             ("gpt2-124m", get_config("gpt2"), 8, 1024, "qlora"),
             ("llama-350m", get_config("llama-350m"), 8, 1024, False),
@@ -201,20 +207,22 @@ def _parallelize(model, mode, device):
     return model
 
 
-def _step_fn(cfg, backend, batch, seq, lora, device, compile_, parallel=None):
+def _step_fn(cfg, backend, batch, seq, kind, device, compile_, parallel=None):
     torch.manual_seed(0)  # same weights on every rank
     model = build(cfg, backend=backend).to(device)
     if parallel:
         model = _parallelize(model, parallel, device)
     note = ""
-    if lora == "qlora":  # bnb's compute dtype: the dtype the step computes in (bf16 autocast on CUDA)
+    if kind == "qlora":  # bnb's compute dtype: the dtype the step computes in (bf16 autocast on CUDA)
         model, note = _qlora(model, backend, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    elif lora:
+    elif kind == "recompute":
+        model.gradient_checkpointing_enable()  # (both backends: the same recomputation)
+    elif kind:
         if backend == "llmkern":
             model, note = _ours_lora(model, LORA_TARGETS, LORA_R, LORA_ALPHA)
         else:
             model = _torch_lora(model, LORA_TARGETS, LORA_R, LORA_ALPHA)
-    if lora:
+    if kind in FINETUNE:
         model.to(device)
     opt = model.configure_optimizer(lr=1e-4)
     data = torch.randint(0, cfg.vocab_size, (batch, seq), device=device)
@@ -228,15 +236,15 @@ def _step_fn(cfg, backend, batch, seq, lora, device, compile_, parallel=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad) if lora else 0
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad) if kind in FINETUNE else 0
     return step, n_lora, note
 
 
-def _measure(cfg, backend, batch, seq, lora, device, compile_, parallel, quick):
+def _measure(cfg, backend, batch, seq, kind, device, compile_, parallel, quick):
     """(median ms, n_lora, note, peak bytes) of one backend's step; the model is freed on return. The peak
     (CUDA only, None elsewhere) is that of one steady-state step, measured apart from the timing (the
     timer's own buffers are not the step's)."""
-    step, n_lora, note = _step_fn(cfg, backend, batch, seq, lora, device, compile_, parallel)
+    step, n_lora, note = _step_fn(cfg, backend, batch, seq, kind, device, compile_, parallel)
     peak = None
     if device.type == "cuda":
         step()  # (the first step makes the optimizer state, and compiles)
@@ -250,7 +258,7 @@ def _measure(cfg, backend, batch, seq, lora, device, compile_, parallel, quick):
 
 def _measure_or_eager(args, quick, notes):
     """_measure(*args, quick); torch.compile trouble: measured eagerly, and said so in `notes`."""
-    cfg, backend, batch, seq, lora, device, compile_, parallel = args
+    cfg, backend, batch, seq, kind, device, compile_, parallel = args
     try:
         return _measure(*args, quick)
     except Exception as exc:
@@ -258,13 +266,13 @@ def _measure_or_eager(args, quick, notes):
             raise
         notes.append(f"{backend}: torch.compile failed ({type(exc).__name__}), eager")
     # (outside the except block: the failed model, held by the traceback, is freed first)
-    return _measure(cfg, backend, batch, seq, lora, device, False, parallel, quick)
+    return _measure(cfg, backend, batch, seq, kind, device, False, parallel, quick)
 
 
-def _finetune_notes(lora, peaks):
+def _finetune_notes(kind, peaks):
     """The notes a (Q)LoRA row starts with: its FLOP convention, its base, its peak memory (CUDA)."""
     notes = ["MFU counts 4N + 6LTd + 6N_lora FLOPs/token (frozen base: no weight gradients)"]
-    if lora == "qlora":
+    if kind == "qlora":
         notes.append(f"NF4 base (blocksize 64, no double quant) on all linears but lm_head; LoRA r={LORA_R} on "
                      f"{'/'.join(LORA_TARGETS)}")
     if peaks.get("llmkern") is not None:
@@ -273,13 +281,15 @@ def _finetune_notes(lora, peaks):
     return notes
 
 
-_KIND = {False: "train", True: "LoRA finetune", "lora": "LoRA finetune", "qlora": "QLoRA finetune"}
+_KIND = {False: "train", True: "LoRA finetune", "lora": "LoRA finetune", "qlora": "QLoRA finetune",
+         "recompute": "train (recompute)"}
+FINETUNE = (True, "lora", "qlora")
 
 
-def _baseline_name(lora):
-    if lora == "qlora":
+def _baseline_name(kind):
+    if kind == "qlora":
         return qlora_baseline()[0]
-    return "torch backend" + (" + plain LoRA" if lora else "")
+    return "torch backend" + (" + plain LoRA" if kind in FINETUNE else " (recompute)" if kind else "")
 
 
 class _Null:
@@ -290,9 +300,9 @@ class _Null:
         return False
 
 
-def _model_flops(cfg, seq, lora, n_lora, convention):
+def _model_flops(cfg, seq, kind, n_lora, convention):
     f = flops.model_flops_per_token(cfg, seq, convention)
-    if lora:  # frozen base: no weight gradients (2N of the 6N), plus the LoRA weights' 6·N_lora
+    if kind in FINETUNE:  # frozen base: no weight gradients (2N of the 6N), plus the LoRA weights' 6·N_lora
         f = f - 2 * flops.matmul_params(cfg) + 6 * n_lora
     return f
 
@@ -343,7 +353,7 @@ def run(ctx):
             torch.cuda.set_device(device)
         first = plan[0]
         plan = [first[:-1] + ("dp",), first[:-1] + ("tp",)] + plan
-    for label, cfg, batch, seq, lora, parallel in ctx.progress(plan, desc="mfu"):
+    for label, cfg, batch, seq, kind, parallel in ctx.progress(plan, desc="mfu"):
         times, notes = {}, []
         n_lora = 0
         peaks = {}
@@ -355,7 +365,7 @@ def run(ctx):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    args = (cfg, backend, batch, seq, lora, device, row_compile, parallel)
+                    args = (cfg, backend, batch, seq, kind, device, row_compile, parallel)
                     times[backend], n_lora_b, note, peaks[backend] = _measure_or_eager(args, ctx.quick, notes)
                 except (torch.cuda.OutOfMemoryError, RuntimeError, ValueError) as exc:
                     if parallel is None and not isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -376,15 +386,15 @@ def run(ctx):
                     notes.append(str(w.message).split(";")[-1].strip())
         if times.get("llmkern") is None:
             continue
-        if lora:
-            notes = _finetune_notes(lora, peaks) + notes
+        if kind in FINETUNE:
+            notes = _finetune_notes(kind, peaks) + notes
         if device.type == "cuda" and dev_name is None:
             notes.append(f"unknown GPU {torch.cuda.get_device_name(device)!r}: no peak, MFU only vs A100 (extra)")
         # per GPU: data parallel processes `world` batches per step, tensor parallel one batch
         tokens = batch * seq if parallel != "tp" else batch * seq / world
         tok_s = tokens / (times["llmkern"] / 1e3)
-        fpt = _model_flops(cfg, seq, lora, n_lora, "seed")
-        fpt_palm = _model_flops(cfg, seq, lora, n_lora, "palm")
+        fpt = _model_flops(cfg, seq, kind, n_lora, "seed")
+        fpt_palm = _model_flops(cfg, seq, kind, n_lora, "palm")
         a100 = flops.peak("a100", prec)
         dev_peak = flops.device_peak(device, prec)
         extra = {"mfu_a100": flops.mfu(tok_s, fpt, a100),
@@ -393,8 +403,13 @@ def run(ctx):
                  "params": flops.param_counts(cfg)["total"], "active_params": flops.param_counts(cfg)["active"],
                  "compiled": row_compile,
                  "peak_mem_bytes": peaks.get("llmkern"), "torch_peak_mem_bytes": peaks.get("torch")}
-        if lora:
+        if kind in FINETUNE:
             extra["lora_params"] = n_lora
+        if kind == "recompute":  # hardware FLOPs: the recomputed forward counted (MFU does not count it)
+            extra["hfu_a100"] = flops.hfu(tok_s, fpt, a100)
+            extra["hfu"] = flops.hfu(tok_s, fpt, dev_peak) if dev_peak else None
+            notes.append("full activation recomputation (gradient_checkpointing_enable), both backends; HFU "
+                         f"{extra['hfu_a100']:.1%} of the A100 peak")
         if times.get("torch"):
             t_tok_s = tokens / (times["torch"] / 1e3)
             extra["torch_tok_s"] = t_tok_s
@@ -402,11 +417,11 @@ def run(ctx):
             if dev_peak:
                 extra["torch_mfu"] = flops.mfu(t_tok_s, fpt, dev_peak)
         yield Result(
-            op=f"{label} {_KIND[lora]} step"
+            op=f"{label} {_KIND[kind]} step"
                + (f" ({'FSDP2 dp' if parallel == 'dp' else 'llmkern TP tp'}={world}, per GPU)" if parallel else ""),
             shape=f"B={batch} T={seq} {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}"
                   + (f" torch.compile({row_compile})" if row_compile else ""),
-            ours_ms=times["llmkern"], baseline=_baseline_name(lora),
+            ours_ms=times["llmkern"], baseline=_baseline_name(kind),
             baseline_ms=times.get("torch"), throughput=tok_s, unit="tok/s",
             mfu=flops.mfu(tok_s, fpt, dev_peak) if dev_peak else None,
             notes="; ".join(dict.fromkeys(notes)), extra=extra)
