@@ -19,9 +19,10 @@ HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 _PTRS = {"Q", "K", "V", "O", "LSE", "KPM", "CU_Q", "CU_K", "DO", "DELTA", "DK", "DV", "DQ", "DLSE",
-         "SEQLENS", "OP", "LP", "SEED", "BT", "SINKS"}
+         "SEQLENS", "OP", "LP", "SEED", "BT", "SINKS", "ALIBI"}
 _F32_PTRS = {"LSE": "fp32", "DELTA": "fp32", "DLSE": "fp32", "KPM": "u8", "CU_Q": "i32", "CU_K": "i32",
-             "SEQLENS": "i32", "OP": "fp32", "LP": "fp32", "SEED": "i32", "BT": "i32", "SINKS": "fp32"}
+             "SEQLENS": "i32", "OP": "fp32", "LP": "fp32", "SEED": "i32", "BT": "i32", "SINKS": "fp32",
+             "ALIBI": "fp32"}
 _FLOATS = {"qk_scale", "sc_in", "sc_out", "scale", "drop_scale"}
 
 
@@ -84,7 +85,7 @@ def main(cc=90, dtype="bf16", D=128, every_config=False):
 
     BD = triton.next_power_of_2(D)
     base = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=False, HAS_KPM=False, HAS_SOFTCAP=False,
-                PREC="tf32", USE_TMA=False, DROPOUT=False, HAS_SINKS=False)
+                PREC="tf32", USE_TMA=False, DROPOUT=False, HAS_SINKS=False, HAS_ALIBI=False)
     bucket = A._d_bucket(D)
     rows = []
     for kname, fn in [("fwd", A._attn_fwd), ("bwd dkdv", A._attn_bwd_dkdv), ("bwd dq", A._attn_bwd_dq)]:
@@ -103,9 +104,16 @@ def main(cc=90, dtype="bf16", D=128, every_config=False):
                      dict(tma, BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=True, HAS_SOFTCAP=True), w, s))
         rows.append(("fwd tma dropout", A._attn_fwd_tma, dict(tma, BLOCK_M=bm, BLOCK_N=bn, DROPOUT=True), w, s))
         rows.append(("fwd tma sinks", A._attn_fwd_tma, dict(tma, BLOCK_M=bm, BLOCK_N=bn, HAS_SINKS=True), w, s))
+        # ALiBi: a per-tile bias in every kernel that shares the inner loops (softcap first, as FlashAttention)
+        rows.append(("fwd tma alibi+softcap", A._attn_fwd_tma,
+                     dict(tma, BLOCK_M=bm, BLOCK_N=bn, HAS_ALIBI=True, HAS_SOFTCAP=True), w, s))
+        for kname, fn in [("bwd dkdv tma", A._attn_bwd_dkdv), ("bwd dq tma", A._attn_bwd_dq)]:
+            bm_, bn_, w_, s_ = A._CONFIGS[kname.split()[-2] + "_tma"][90][bucket][0]
+            rows.append((kname + " alibi", fn, dict(tma, BLOCK_M=bm_, BLOCK_N=bn_, HAS_ALIBI=True), w_, s_))
     for kname, fn in [("fwd", A._attn_fwd), ("bwd dkdv", A._attn_bwd_dkdv), ("bwd dq", A._attn_bwd_dq)]:
         bm, bn, w, s = A._CONFIGS[kname.split()[-1]][cc][bucket][0]  # attention dropout (training)
         rows.append((kname + " dropout", fn, dict(base, BLOCK_M=bm, BLOCK_N=bn, DROPOUT=True), w, s))
+        rows.append((kname + " alibi", fn, dict(base, BLOCK_M=bm, BLOCK_N=bn, HAS_ALIBI=True), w, s))
     bm, bn, w, s = A._CONFIGS["fwd"][cc][bucket][0]
     rows += [
         ("fwd varlen+kpm+softcap", A._attn_fwd,
@@ -114,17 +122,24 @@ def main(cc=90, dtype="bf16", D=128, every_config=False):
         ("fwd sinks", A._attn_fwd, dict(base, BLOCK_M=bm, BLOCK_N=bn, HAS_SINKS=True), w, s),
         ("fwd varlen+sinks+dropout", A._attn_fwd,
          dict(base, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=True, HAS_SINKS=True, DROPOUT=True), w, s),
+        ("fwd varlen+alibi", A._attn_fwd, dict(base, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=True, HAS_ALIBI=True), w, s),
         ("bwd preprocess", A._attn_bwd_preprocess,
          dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=False, HAS_DLSE=True, BLOCK_M=64), 4, 1),
         ("decode split", DEC._decode_split,
          dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=False, PREC="tf32", PAGE=0, BLOCK_M=16, BLOCK_N=64,
-              HAS_KPM=False), 4, 3),
+              HAS_KPM=False, HAS_ALIBI=False), 4, 3),
         ("decode split paged", DEC._decode_split,
          dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=False, PREC="tf32", PAGE=16, BLOCK_M=16, BLOCK_N=64,
-              HAS_KPM=False), 4, 3),
+              HAS_KPM=False, HAS_ALIBI=False), 4, 3),
         ("decode split padded", DEC._decode_split,  # a key padding mask (left-padded batches)
          dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=False, PREC="tf32", PAGE=0, BLOCK_M=16, BLOCK_N=64,
-              HAS_KPM=True), 4, 3),
+              HAS_KPM=True, HAS_ALIBI=False), 4, 3),
+        ("decode split alibi", DEC._decode_split,
+         dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=True, PREC="tf32", PAGE=0, BLOCK_M=16, BLOCK_N=64,
+              HAS_KPM=False, HAS_ALIBI=True), 4, 3),
+        ("decode split paged alibi", DEC._decode_split,
+         dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=False, PREC="tf32", PAGE=16, BLOCK_M=16, BLOCK_N=64,
+              HAS_KPM=False, HAS_ALIBI=True), 4, 3),
         ("decode combine", DEC._decode_combine, dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_S=16, HAS_SINKS=False), 4, 1),
         ("decode combine sinks", DEC._decode_combine, dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_S=16, HAS_SINKS=True), 4, 1),
     ]

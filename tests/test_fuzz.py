@@ -222,3 +222,123 @@ def test_qlora_linear(case):
     y = llmkern.lora_linear(leaves[0], qw, None, leaves[1], leaves[2], 2.0)
     ex = _exact(*leaves)
     _check(y, ex[0] @ W.T + 2.0 * (ex[0] @ ex[1].T) @ ex[2].T, leaves, ex)
+
+
+# ---- attention ----------------------------------------------------------------------------------------
+
+def _attention_exact(q, k, v, causal, window, softcap, kpm, sinks, alibi, scale):
+    """float64 attention by the definition: q [B, H, Tq, D], k/v [B, Hk, Tk, D]; masks bottom-right
+    aligned; a row with no visible key gives zeros and LSE -inf (or the sink's logit)."""
+    B, H, Tq, _ = q.shape
+    Hk, Tk = k.shape[1], k.shape[2]
+    k, v = k.repeat_interleave(H // Hk, 1), v.repeat_interleave(H // Hk, 1)
+    s = scale * q @ k.transpose(-1, -2)                           # [B, H, Tq, Tk]
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    diag = torch.arange(Tq)[:, None] + Tk - Tq                   # the key on query i's diagonal
+    j = torch.arange(Tk)[None]
+    if alibi is not None:
+        slopes = alibi.double().reshape(-1, H)[:, :, None, None]  # [1 or B, H, 1, 1]
+        s = s - slopes * (diag - j).abs()
+    ok = torch.ones(Tq, Tk, dtype=torch.bool)
+    if causal:
+        ok &= j <= diag
+    if window is not None:
+        ok &= (j >= diag - window[0]) & (j <= diag + window[1])
+    ok = ok[None, None].expand(B, H, Tq, Tk)
+    if kpm is not None:
+        ok = ok & kpm[:, None, None, :]
+    s = s.masked_fill(~ok, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.double()[None, :, None, None].expand(B, H, Tq, 1)], -1)
+    # rows with no finite score: zeros and LSE -inf, kept out of the autograd graph (no NaN gradients)
+    seen = torch.isfinite(s).any(-1, keepdim=True)
+    s = torch.where(seen, s, torch.zeros_like(s))
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    p = torch.where(seen, torch.exp(s - lse), torch.zeros_like(s))
+    return p[..., :Tk] @ v, torch.where(seen, lse, float("-inf")).squeeze(-1)
+
+
+@pytest.mark.parametrize("case", _cases(12))
+def test_attention(case):
+    rng = random.Random(900 + case)
+    B, Hk = rng.choice((1, 2)), rng.choice((1, 2))
+    H = Hk * rng.choice((1, 2, 3))
+    Tq, Tk = rng.choice(ODD), rng.choice(ODD)
+    D = rng.choice((8, 16, 24, 40, 64))
+    causal = rng.random() < 0.5
+    window = (rng.randint(0, 8), rng.randint(0, 8)) if rng.random() < 0.3 else None
+    softcap = rng.choice((None, None, 2.0))
+    kpm = torch.rand(B, Tk) < 0.8 if rng.random() < 0.3 else None
+    sinks = torch.randn(H) if rng.random() < 0.25 else None
+    alibi = torch.rand(*((B, H) if rng.random() < 0.5 else (H,))) if rng.random() < 0.25 else None
+    scale = rng.choice((None, 0.3))
+    hf_layout = rng.random() < 0.5  # q/k/v as transformers hands them: [B, T, H, D] transposed
+    qkv = [torch.randn(B, h, T, D) for h, T in ((H, Tq), (Hk, Tk), (Hk, Tk))]
+    if hf_layout:
+        leaves = [t.transpose(1, 2).contiguous().transpose(1, 2).to(DEV).requires_grad_() for t in qkv]
+    else:
+        leaves = [_leaf(t, rng) for t in qkv]
+    out, lse = llmkern.attention(*leaves, causal=causal, window=window, softcap=softcap, scale=scale,
+                                 key_padding_mask=None if kpm is None else kpm.to(DEV), return_lse=True,
+                                 sinks=None if sinks is None else sinks.to(DEV),
+                                 alibi_slopes=None if alibi is None else alibi.to(DEV))
+    ex = _exact(*leaves)
+    want, want_lse = _attention_exact(*ex, causal, window, softcap, kpm, sinks, alibi, scale or D ** -0.5)
+    torch.testing.assert_close(lse.double().cpu(), want_lse, atol=2e-4, rtol=2e-4)
+    _check(out, want, leaves, ex)
+
+
+@pytest.mark.parametrize("case", _cases(6))
+def test_attention_varlen(case):
+    rng = random.Random(1000 + case)
+    n, Hk = rng.choice((1, 2, 3)), rng.choice((1, 2))
+    H, D = Hk * rng.choice((1, 2)), rng.choice((16, 24, 32))
+    lq = [rng.choice((0,) + ODD[:6]) for _ in range(n)]
+    lk = [q_len + rng.choice((0, 0, 3)) for q_len in lq]  # Tk >= Tq: prefix keys, or the same length
+    causal, softcap = rng.random() < 0.5, rng.choice((None, 2.0))
+    alibi = torch.rand(n, H) if rng.random() < 0.3 else None
+    cu = [torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32) for lens in (lq, lk)]
+    leaves = [torch.randn(sum(L), h, D, device=DEV).requires_grad_() for L, h in ((lq, H), (lk, Hk), (lk, Hk))]
+    out = llmkern.attention_varlen(*leaves, cu[0].to(DEV), cu[1].to(DEV), causal=causal, softcap=softcap,
+                                   alibi_slopes=None if alibi is None else alibi.to(DEV))
+    ex = _exact(*leaves)
+    parts = []
+    for b in range(n):
+        qs, ks = slice(int(cu[0][b]), int(cu[0][b + 1])), slice(int(cu[1][b]), int(cu[1][b + 1]))
+        seq = [t[sl].transpose(0, 1)[None] for t, sl in ((ex[0], qs), (ex[1], ks), (ex[2], ks))]
+        o, _ = _attention_exact(*seq, causal, None, softcap, None, None,
+                                None if alibi is None else alibi[b], D ** -0.5)
+        parts.append(o[0].transpose(0, 1))
+    _check(out, torch.cat(parts), leaves, ex)
+
+
+@pytest.mark.parametrize("case", _cases(6))
+def test_attention_with_kvcache(case):
+    """Decode against a cache with per-row lengths, contiguous or paged (pages in a shuffled pool)."""
+    rng = random.Random(1100 + case)
+    B, Hk = rng.choice((1, 2, 3)), rng.choice((1, 2))
+    H, D, Tq = Hk * rng.choice((1, 4)), rng.choice((16, 32, 40)), rng.choice((1, 1, 2, 4))
+    page = rng.choice((None, 4, 16))
+    Tmax = 48
+    lens = torch.tensor([rng.randint(Tq, Tmax) for _ in range(B)], dtype=torch.int32)
+    softcap = rng.choice((None, 2.0))
+    window = (rng.randint(0, 10), 0) if rng.random() < 0.3 else None
+    q, kc, vc = torch.randn(B, H, Tq, D), torch.randn(B, Hk, Tmax, D), torch.randn(B, Hk, Tmax, D)
+    kw = dict(causal=True, softcap=softcap, window=window)
+    if page is None:
+        out = llmkern.attention_with_kvcache(q.to(DEV), kc.to(DEV), vc.to(DEV), lens.to(DEV), **kw)
+    else:  # row b's page i at a shuffled pool index
+        per_row = Tmax // page
+        perm = torch.randperm(B * per_row, generator=torch.Generator().manual_seed(case))
+        table = perm.view(B, per_row).to(torch.int32)
+        pool = [torch.empty(B * per_row, Hk, page, D) for _ in range(2)]
+        for cache, p in zip((kc, vc), pool):
+            p[table.flatten().long()] = cache.view(B, Hk, per_row, page, D).transpose(1, 2).reshape(-1, Hk, page, D)
+        out = llmkern.attention_with_kvcache(q.to(DEV), pool[0].to(DEV), pool[1].to(DEV), lens.to(DEV),
+                                             block_table=table.to(DEV), **kw)
+    for b in range(B):
+        L = int(lens[b])
+        want, _ = _attention_exact(q[b:b + 1].double(), kc[b:b + 1, :, :L].double(), vc[b:b + 1, :, :L].double(),
+                                   True, window, softcap, None, None, None, D ** -0.5)
+        torch.testing.assert_close(out[b:b + 1].double().cpu(), want, atol=2e-4, rtol=2e-4)

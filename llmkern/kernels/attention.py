@@ -15,6 +15,10 @@ produce zeros and LSE = -inf. Optional attention sinks (gpt-oss): a per-query-he
 every row's softmax denominator and adds no value; the forward starts each row's online softmax
 from it (max = sink, sum = 1), so the saved LSE is that of the whole denominator and the backward
 kernels, recomputing P = exp(s - LSE), need no change (dsinks: sink_grad, from LSE and delta).
+Optional ALiBi (FlashAttention-2's semantics): -slope * |i + Tk - Tq - j| added to the scores after
+softcap, before the masks, slopes [H] or [B, H]; each program loads its head's slope once and adds the
+bias per tile in log2 units (HAS_ALIBI: the kernels without it compile as before). The slopes get no
+gradient; the backward adds the same bias when it recomputes P.
 
 Kernels:
 - `_attn_fwd`: one program per (query block, batch*head); online softmax in float32 (exp2);
@@ -104,12 +108,30 @@ def _drop_keep(rows, cols, kh, kc, drop_thr, TRANS: tl.constexpr):
 
 
 @triton.jit
+def _alibi(s, slope2, rows, cols, off, TRANS: tl.constexpr):
+    """s (scaled scores, log2 units) plus the ALiBi bias -slope * |i + off - j| of query rows i and key
+    columns j ([j, i] with TRANS); slope2 = slope * log2(e), so the bias is in s's units (FlashAttention-2's
+    semantics: after softcap, before the masks). The distance is exact in int32, converted once."""
+    if TRANS:
+        dist = tl.abs(cols[:, None] - rows[None, :] - off)
+    else:
+        dist = tl.abs(cols[None, :] - rows[:, None] - off)
+    return s - slope2 * dist.to(tl.float32)
+
+
+@triton.jit
+def _alibi_slope2(ALIBI, b, h, stride_slopes):
+    """The ALiBi slope of batch row b, head h (stride_slopes = 0 for [H] slopes), times log2(e)."""
+    return tl.load(ALIBI + b.to(tl.int64) * stride_slopes + h).to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
                blk_start, blk_end, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-               desc_k, desc_v, b, hk, kh, kc, drop_thr,
+               desc_k, desc_v, b, hk, kh, kc, drop_thr, slope2,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-               PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr):
+               PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr):
     for blk in range(blk_start, blk_end):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
@@ -134,13 +156,17 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
                 kt = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
                 v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         qk = tl.dot(q, kt, input_precision=PREC)
-        # s: the scores in log2 units. Without softcap they stay unscaled until the exponent
+        # s: the scores in log2 units. Without softcap or ALiBi they stay unscaled until the exponent
         # (max(qk) * scale == max(qk * scale) for scale > 0, which attention_forward guarantees by
         # folding a sign or zero scale into q), so qk * scale - m is one FMA.
         if HAS_SOFTCAP:
             s = _tanh(qk * sc_in) * sc_out
+        elif HAS_ALIBI:
+            s = qk * qk_scale
         else:
             s = qk
+        if HAS_ALIBI:
+            s = _alibi(s, slope2, offs_m, offs_n, off, False)
         if MASKED:
             rel = offs_n[None, :] - offs_m[:, None] - off
             vis = (rel <= R) & (rel >= -L) & (offs_n[None, :] < seqlen_k)
@@ -148,12 +174,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
         if HAS_KPM:
             km = tl.load(kpm_base + offs_n, mask=offs_n < seqlen_k, other=0)
             s = tl.where(km[None, :] != 0, s, float("-inf"))
-        if HAS_SOFTCAP:
+        if HAS_SOFTCAP or HAS_ALIBI:  # s already scaled
             m_new = tl.maximum(m_i, tl.max(s, 1))
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        if HAS_SOFTCAP:
+        if HAS_SOFTCAP or HAS_ALIBI:
             p = tl.math.exp2(s - m_safe[:, None])
         else:
             p = tl.math.exp2(s * qk_scale - m_safe[:, None])
@@ -170,12 +196,15 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
 @triton.jit
 def _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, desc_k, desc_v, b, hk,
               first, seqlen_q, seqlen_k, L, R, qk_scale, sc_in, sc_out, kh, kc, drop_thr, drop_scale, sink,
+              slope2,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
-              DROPOUT: tl.constexpr, HAS_SINKS: tl.constexpr):
+              DROPOUT: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Output rows [first, first + BLOCK_M) of one head: (normalised acc, lse in natural log).
     Masked edge blocks, then unmasked interior blocks, then masked edge blocks (see _block_ranges).
-    With HAS_SINKS, `sink` (this head's sink logit, natural units) is one more key with no value."""
+    With HAS_SINKS, `sink` (this head's sink logit, natural units) is one more key with no value.
+    With HAS_ALIBI, slope2 is this row's ALiBi slope times log2(e); the bias masks nothing, so the
+    block ranges (and the skipped blocks) are those without it."""
     off = seqlen_k - seqlen_q
     last_row = tl.minimum(first + BLOCK_M, seqlen_q) - 1
     offs_m = first + tl.arange(0, BLOCK_M)
@@ -193,16 +222,19 @@ def _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, desc_k, desc_v,
     blk_lo, fb_lo, fb_hi, blk_hi = _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
                                blk_lo, fb_lo, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                               desc_k, desc_v, b, hk, kh, kc, drop_thr,
-                               BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT)
+                               desc_k, desc_v, b, hk, kh, kc, drop_thr, slope2,
+                               BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT,
+                               HAS_ALIBI)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
                                fb_lo, fb_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                               desc_k, desc_v, b, hk, kh, kc, drop_thr,
-                               BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT)
+                               desc_k, desc_v, b, hk, kh, kc, drop_thr, slope2,
+                               BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT,
+                               HAS_ALIBI)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
                                fb_hi, blk_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                               desc_k, desc_v, b, hk, kh, kc, drop_thr,
-                               BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT)
+                               desc_k, desc_v, b, hk, kh, kc, drop_thr, slope2,
+                               BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT,
+                               HAS_ALIBI)
     empty = l_i == 0.0
     if DROPOUT:
         acc = acc * (drop_scale / tl.where(empty, 1.0, l_i))[:, None]
@@ -213,19 +245,19 @@ def _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, desc_k, desc_v,
 
 
 @triton.jit(do_not_specialize=["IS_CAUSAL", "drop_thr", "drop_b0"])
-def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K, SEED, SINKS,
+def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K, SEED, SINKS, ALIBI,
               qk_scale, sc_in, sc_out, drop_thr, drop_scale, drop_b0,
               stride_qb, stride_qh, stride_qt,
               stride_kb, stride_kh, stride_kt,
               stride_vb, stride_vh, stride_vt,
               stride_ob, stride_oh, stride_ot,
               stride_lb, stride_lh, stride_lt,
-              stride_mb,
+              stride_mb, stride_slopes,
               H, GROUP, Tq, Tk, L, R, seq_bucket,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               IS_CAUSAL, PREC: tl.constexpr, DROPOUT: tl.constexpr, HAS_SINKS: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # heaviest query blocks (bottom rows, under a causal mask) first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -254,9 +286,13 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K, SEED, SINKS,
     sink = 0.0
     if HAS_SINKS:
         sink = tl.load(SINKS + h).to(tl.float32)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = _alibi_slope2(ALIBI, b, h, stride_slopes)
     acc, lse = _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, K, V, b, hk,
                          first, seqlen_q, seqlen_k, L, R, qk_scale, sc_in, sc_out, kh, kc, drop_thr, drop_scale, sink,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, False, DROPOUT, HAS_SINKS)
+                         slope2, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, False, DROPOUT,
+                         HAS_SINKS, HAS_ALIBI)
     o_base = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_ot
     o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :]
     if BLOCK_D == HEAD_DIM:
@@ -269,15 +305,15 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K, SEED, SINKS,
 
 
 @triton.jit(do_not_specialize=["IS_CAUSAL", "drop_thr", "drop_b0"])
-def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE, KPM, SEED, SINKS,
+def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE, KPM, SEED, SINKS, ALIBI,
                   qk_scale, sc_in, sc_out, drop_thr, drop_scale, drop_b0,
                   stride_lb, stride_lh, stride_lt,
-                  stride_mb,
+                  stride_mb, stride_slopes,
                   H, GROUP, Tq, Tk, L, R, seq_bucket,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   IS_CAUSAL, PREC: tl.constexpr, DROPOUT: tl.constexpr, HAS_SINKS: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """_attn_fwd for dense 16-bit inputs on sm_90+: Q, K, V and O move through tensor
     descriptors (4-D [B, heads, T, D]) instead of per-thread pointers, which frees the registers
     the address arithmetic held (so 128x128 tiles fit) and lets the copy engine fill shared
@@ -296,9 +332,13 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE, KPM, SEED, SINKS,
     sink = 0.0
     if HAS_SINKS:
         sink = tl.load(SINKS + h).to(tl.float32)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = _alibi_slope2(ALIBI, b, h, stride_slopes)
     acc, lse = _fwd_tile(q, KPM, KPM, kpm_base, 0, 0, desc_k, desc_v, b, hk,
                          first, Tq, Tk, L, R, qk_scale, sc_in, sc_out, kh, kc, drop_thr, drop_scale, sink,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, True, DROPOUT, HAS_SINKS)
+                         slope2, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, True, DROPOUT,
+                         HAS_SINKS, HAS_ALIBI)
     desc_o.store([b, h, first, 0], acc.to(desc_o.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
     offs_m = first + tl.arange(0, BLOCK_M)
     l_ptrs = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m.to(tl.int64) * stride_lt
@@ -346,10 +386,10 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA, CU_Q,
 def _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, lse_base, delta_base,
                     stride_qt, stride_dt, stride_lt, blk_start, blk_end, offs_n, offs_d,
                     off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out, desc_q, desc_do, b, h,
-                    kh, kc, drop_thr, drop_scale,
+                    kh, kc, drop_thr, drop_scale, slope2,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                    PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr):
+                    PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr):
     for blk in range(blk_start, blk_end):
         offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         q_ptrs = q_base + offs_m[None, :].to(tl.int64) * stride_qt + offs_d[:, None]    # [D, M]
@@ -380,6 +420,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, lse_base, delta_base,
             sT = t * sc_out
         else:
             sT = qkT * qk_scale
+        if HAS_ALIBI:  # an additive constant: dS (and the softcap chain below) is unchanged
+            sT = _alibi(sT, slope2, offs_m, offs_n, off, True)
         pT = tl.math.exp2(sT - lse2[None, :])
         if MASKED:
             rel = offs_n[:, None] - offs_m[None, :] - off
@@ -403,7 +445,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, lse_base, delta_base,
 
 
 @triton.jit(do_not_specialize=["IS_CAUSAL", "drop_thr", "drop_b0"])
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, SEED, desc_q, desc_do,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, SEED, ALIBI, desc_q, desc_do,
                    scale, qk_scale, sc_in, sc_out, drop_thr, drop_scale, drop_b0,
                    stride_qb, stride_qh, stride_qt,
                    stride_kb, stride_kh, stride_kt,
@@ -412,12 +454,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, SEED, desc_
                    stride_lb, stride_lh, stride_lt,
                    stride_dkb, stride_dkh, stride_dkt,
                    stride_dvb, stride_dvh, stride_dvt,
-                   stride_mb,
+                   stride_mb, stride_slopes,
                    HK, GROUP, Tq, Tk, L, R, seq_bucket,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    IS_CAUSAL, PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HK
@@ -464,21 +506,27 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, SEED, desc_
         kh, kc = 0, 0
         if DROPOUT:
             kh, kc = _drop_keys(SEED, (b + drop_b0) * (HK * GROUP) + hq)
+        slope2 = 0.0
+        if HAS_ALIBI:  # each query head of the group has its own slope
+            slope2 = _alibi_slope2(ALIBI, b, hq, stride_slopes)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, LSE + l_off, DELTA + l_off,
                                  stride_qt, stride_dt, stride_lt, blk_lo, fb_lo, offs_n, offs_d,
                                  off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out, desc_q, desc_do, b, hq,
-                                 kh, kc, drop_thr, drop_scale,
-                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT)
+                                 kh, kc, drop_thr, drop_scale, slope2,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT,
+                                 HAS_ALIBI)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, LSE + l_off, DELTA + l_off,
                                  stride_qt, stride_dt, stride_lt, fb_lo, fb_hi, offs_n, offs_d,
                                  off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out, desc_q, desc_do, b, hq,
-                                 kh, kc, drop_thr, drop_scale,
-                                 BLOCK_M, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT)
+                                 kh, kc, drop_thr, drop_scale, slope2,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT,
+                                 HAS_ALIBI)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, LSE + l_off, DELTA + l_off,
                                  stride_qt, stride_dt, stride_lt, fb_hi, blk_hi, offs_n, offs_d,
                                  off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out, desc_q, desc_do, b, hq,
-                                 kh, kc, drop_thr, drop_scale,
-                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT)
+                                 kh, kc, drop_thr, drop_scale, slope2,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT,
+                                 HAS_ALIBI)
     dk = dk * scale
     if DROPOUT:
         dv = dv * drop_scale
@@ -493,10 +541,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, SEED, desc_
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
                   blk_start, blk_end, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                  desc_k, desc_v, b, hk, kh, kc, drop_thr, drop_scale,
+                  desc_k, desc_v, b, hk, kh, kc, drop_thr, drop_scale, slope2,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                  PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr):
+                  PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr):
     for blk in range(blk_start, blk_end):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
@@ -520,6 +568,8 @@ def _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stri
             s = t * sc_out
         else:
             s = qk * qk_scale
+        if HAS_ALIBI:
+            s = _alibi(s, slope2, offs_m, offs_n, off, False)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             rel = offs_n[None, :] - offs_m[:, None] - off
@@ -539,7 +589,7 @@ def _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stri
 
 
 @triton.jit(do_not_specialize=["IS_CAUSAL", "drop_thr", "drop_b0"])
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K, SEED, desc_k, desc_v,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K, SEED, ALIBI, desc_k, desc_v,
                  scale, qk_scale, sc_in, sc_out, drop_thr, drop_scale, drop_b0,
                  stride_qb, stride_qh, stride_qt,
                  stride_kb, stride_kh, stride_kt,
@@ -547,12 +597,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K, SEED, desc_k, des
                  stride_db, stride_dh, stride_dt,
                  stride_lb, stride_lh, stride_lt,
                  stride_dqb, stride_dqh, stride_dqt,
-                 stride_mb,
+                 stride_mb, stride_slopes,
                  H, GROUP, Tq, Tk, L, R, seq_bucket,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                  IS_CAUSAL, PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -584,19 +634,22 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K, SEED, desc_k, des
     kh, kc = 0, 0
     if DROPOUT:
         kh, kc = _drop_keys(SEED, (b + drop_b0) * H + h)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = _alibi_slope2(ALIBI, b, h, stride_slopes)
     blk_lo, fb_lo, fb_hi, blk_hi = _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
                        blk_lo, fb_lo, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                       desc_k, desc_v, b, hk, kh, kc, drop_thr, drop_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC,
-                       USE_TMA, DROPOUT)
+                       desc_k, desc_v, b, hk, kh, kc, drop_thr, drop_scale, slope2,
+                       BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT, HAS_ALIBI)
     dq = _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
                        fb_lo, fb_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                       desc_k, desc_v, b, hk, kh, kc, drop_thr, drop_scale, BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC,
-                       USE_TMA, DROPOUT)
+                       desc_k, desc_v, b, hk, kh, kc, drop_thr, drop_scale, slope2,
+                       BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT, HAS_ALIBI)
     dq = _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
                        fb_hi, blk_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
-                       desc_k, desc_v, b, hk, kh, kc, drop_thr, drop_scale, BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC,
-                       USE_TMA, DROPOUT)
+                       desc_k, desc_v, b, hk, kh, kc, drop_thr, drop_scale, slope2,
+                       BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT, HAS_ALIBI)
     dq = dq * scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_mask)
@@ -727,7 +780,7 @@ def _pruner(kernel):
 
 # IS_CAUSAL is a plain, unspecialised int: causal and not tune apart but share compiled kernels
 # (the masks come from the window bounds L, R, so the kernels never read it)
-_TUNE_KEY = ["BLOCK_D", "IS_CAUSAL", "HAS_KPM", "HAS_SOFTCAP", "IS_VARLEN", "DROPOUT", "seq_bucket"]
+_TUNE_KEY = ["BLOCK_D", "IS_CAUSAL", "HAS_KPM", "HAS_SOFTCAP", "IS_VARLEN", "DROPOUT", "HAS_ALIBI", "seq_bucket"]
 
 
 def _autotune(fn, configs, prune):
@@ -889,6 +942,8 @@ def _split_batch(fn, B, per_batch, args, kw):
         part = [cut(t, r, b0, b1) for t, r in zip(args, roles)]
         sub = dict(kw, key_padding_mask=cut(kw.get("key_padding_mask"), "q0", b0, b1),
                    batch_base=kw.get("batch_base", 0) + b0)  # dropout masks by global batch index
+        if kw.get("alibi_slopes") is not None:  # [B, H] slopes by batch row (sequence), [H] as they are
+            sub["alibi_slopes"] = alibi_rows(kw["alibi_slopes"], b0, b1)
         if "dlse" in kw:
             sub["dlse"] = cut(kw["dlse"], "q1", b0, b1)
         if cq is not None:
@@ -898,9 +953,24 @@ def _split_batch(fn, B, per_batch, args, kw):
     return outs
 
 
+def alibi_rows(alibi_slopes, b0, b1):
+    """The ALiBi slopes of batch rows b0..b1-1: a [B, H] tensor's rows, a [H] tensor itself."""
+    return alibi_slopes[b0:b1] if alibi_slopes.dim() == 2 else alibi_slopes
+
+
+def _alibi_args(alibi_slopes, placeholder):
+    """(ALIBI pointer, stride_slopes) kernel arguments: float32 slopes [H] (stride 0: every batch row)
+    or [B, H]; without ALiBi the pointer is a placeholder."""
+    if alibi_slopes is None:
+        return placeholder, 0
+    a = alibi_slopes.to(torch.float32).contiguous()
+    return a, (a.stride(0) if a.dim() == 2 else 0)
+
+
 def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_right=-1, softcap=0.0,
                       key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                      max_seqlen_q=-1, max_seqlen_k=-1, dropout_p=0.0, seed=None, batch_base=0, sinks=None):
+                      max_seqlen_q=-1, max_seqlen_k=-1, dropout_p=0.0, seed=None, batch_base=0, sinks=None,
+                      alibi_slopes=None):
     """Run the forward kernel. Returns (out like q, lse float32).
 
     Dense: q [B, H, Tq, D], k/v [B, Hk, Tk, D], lse [B, H, Tq].
@@ -910,11 +980,13 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
     batch_base.. (see llmkern/reference/attention.py, attention_dropout_keep); the LSE is the undropped one.
     sinks: [H] per-query-head sink logits (any float dtype; read as float32): they join each row's
     softmax denominator, and the returned LSE is the log of that whole denominator.
+    alibi_slopes: float32 [H] or [B, H] (B = sequences for varlen): ALiBi, -slope * |i + Tk - Tq - j|
+    added to the (softcapped) scores before the masks, Tq/Tk each sequence's lengths.
     """
     kw = dict(scale=scale, causal=causal, window_left=window_left, window_right=window_right, softcap=softcap,
               key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, seed=seed,
-              batch_base=batch_base, sinks=sinks)
+              batch_base=batch_base, sinks=sinks, alibi_slopes=alibi_slopes)
     n_batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
     parts = _split_batch(attention_forward, n_batch, q.shape[1], (q, k, v), kw)
     if parts is not None:
@@ -952,21 +1024,22 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
     qk_scale, sc_in, sc_out = _softcap_args(scale, softcap)
     drop = _dropout_args(dropout_p, seed, batch_base, lse)
     sink_arg = lse if sinks is None else sinks.contiguous()  # (any float dtype: read as float32 in the kernels)
+    alibi, s_alibi = _alibi_args(alibi_slopes, lse)
     BD = _block_d(D)
     grid = lambda META: (cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
-    args = (q, k, v, out, lse, kpm if kpm is not None else lse, cu_q, cu_k, drop[0], sink_arg,
+    args = (q, k, v, out, lse, kpm if kpm is not None else lse, cu_q, cu_k, drop[0], sink_arg, alibi,
             qk_scale, sc_in, sc_out, *drop[1:],
             *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(out),
-            *s_lse, kpm.stride(0) if kpm is not None else 0,
+            *s_lse, kpm.stride(0) if kpm is not None else 0, s_alibi,
             H, H // Hk, Tq, Tk, L, R, _seq_bucket(max(Tq, Tk)))
     kwargs = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=varlen, HAS_KPM=kpm is not None,
                   HAS_SOFTCAP=bool(softcap), IS_CAUSAL=int(bool(causal)), PREC=_prec(q.dtype),
-                  DROPOUT=dropout_p > 0, HAS_SINKS=sinks is not None)
+                  DROPOUT=dropout_p > 0, HAS_SINKS=sinks is not None, HAS_ALIBI=alibi_slopes is not None)
     if not varlen and use_tma(q, k, v, out):
         descs = [_tma.descriptor(t) for t in (q, k, v, out)]
-        tma_args = (*descs, lse, kpm if kpm is not None else lse, drop[0], sink_arg, qk_scale, sc_in, sc_out, *drop[1:],
-                    *s_lse,
-                    kpm.stride(0) if kpm is not None else 0, H, H // Hk, Tq, Tk, L, R, _seq_bucket(max(Tq, Tk)))
+        tma_args = (*descs, lse, kpm if kpm is not None else lse, drop[0], sink_arg, alibi, qk_scale, sc_in, sc_out,
+                    *drop[1:], *s_lse, kpm.stride(0) if kpm is not None else 0, s_alibi,
+                    H, H // Hk, Tq, Tk, L, R, _seq_bucket(max(Tq, Tk)))
         tma_kwargs = {k_: v_ for k_, v_ in kwargs.items() if k_ != "IS_VARLEN"}
         if _TMA.run(lambda: _launch("fwd_tma", _attn_fwd_tma, grid, tma_args, tma_kwargs)):
             return out, lse
@@ -977,15 +1050,16 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
 def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_left=-1, window_right=-1,
                        softcap=0.0, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
                        max_seqlen_q=-1, max_seqlen_k=-1, dlse=None, dropout_p=0.0, seed=None, batch_base=0,
-                       sinks=None):
+                       sinks=None, alibi_slopes=None):
     """Gradients (dq, dk, dv) of the forward above; `dlse` is the gradient of the returned LSE.
     The dropout mask is regenerated from the seed, not stored.
     With sinks ([H], the forward's): `lse` is the sink-aware LSE the forward returned, which is all
-    the kernels need; the result is (dq, dk, dv, dsinks) with dsinks = sink_grad(...) in sinks' dtype."""
+    the kernels need; the result is (dq, dk, dv, dsinks) with dsinks = sink_grad(...) in sinks' dtype.
+    alibi_slopes: the forward's; the kernels add the same bias when they recompute P (no slope gradient)."""
     kw = dict(scale=scale, causal=causal, window_left=window_left, window_right=window_right, softcap=softcap,
               key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dlse=dlse, dropout_p=dropout_p, seed=seed,
-              batch_base=batch_base, sinks=None if sinks is None else sinks.float())
+              batch_base=batch_base, sinks=None if sinks is None else sinks.float(), alibi_slopes=alibi_slopes)
     n_batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
     parts = _split_batch(attention_backward, n_batch, q.shape[1], (dout, q, k, v, out, lse), kw)
     if parts is not None:
@@ -1031,8 +1105,9 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
     dv = torch.empty_like(v)
     common = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=varlen, HAS_KPM=kpm is not None,
                   HAS_SOFTCAP=bool(softcap), IS_CAUSAL=int(bool(causal)), PREC=_prec(q.dtype),
-                  DROPOUT=dropout_p > 0)
+                  DROPOUT=dropout_p > 0, HAS_ALIBI=alibi_slopes is not None)
     drop = _dropout_args(dropout_p, seed, batch_base, lse)
+    alibi, s_alibi = _alibi_args(alibi_slopes, lse)
     kpm_arg = kpm if kpm is not None else lse
     s_m = kpm.stride(0) if kpm is not None else 0
     bucket = _seq_bucket(max(Tq, Tk))
@@ -1044,14 +1119,16 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
         desc_q, desc_do = (_tma.descriptor(t) for t in (q, dout)) if "dkdv" in tma else (q, dout)
         desc_k, desc_v = (_tma.descriptor(t) for t in (k, v)) if "dq" in tma else (k, v)
         _launch("dkdv_tma" if "dkdv" in tma else "dkdv", _attn_bwd_dkdv, grid_kv,
-                (q, k, v, dout, lse, delta, dk, dv, kpm_arg, cu_q, cu_k, drop[0], desc_q, desc_do, scale, qk_scale,
-                 sc_in, sc_out, *drop[1:], *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(dout), *s_lse,
-                 *_dense_strides(dk), *_dense_strides(dv), s_m, Hk, H // Hk, Tq, Tk, L, R, bucket),
+                (q, k, v, dout, lse, delta, dk, dv, kpm_arg, cu_q, cu_k, drop[0], alibi, desc_q, desc_do, scale,
+                 qk_scale, sc_in, sc_out, *drop[1:], *_dense_strides(q), *_dense_strides(k), *_dense_strides(v),
+                 *_dense_strides(dout), *s_lse, *_dense_strides(dk), *_dense_strides(dv), s_m, s_alibi,
+                 Hk, H // Hk, Tq, Tk, L, R, bucket),
                 dict(common, USE_TMA="dkdv" in tma))
         _launch("dq_tma" if "dq" in tma else "dq", _attn_bwd_dq, grid_q,
-                (q, k, v, dout, lse, delta, dq, kpm_arg, cu_q, cu_k, drop[0], desc_k, desc_v, scale, qk_scale, sc_in,
-                 sc_out, *drop[1:], *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(dout), *s_lse,
-                 *_dense_strides(dq), s_m, H, H // Hk, Tq, Tk, L, R, bucket), dict(common, USE_TMA="dq" in tma))
+                (q, k, v, dout, lse, delta, dq, kpm_arg, cu_q, cu_k, drop[0], alibi, desc_k, desc_v, scale, qk_scale,
+                 sc_in, sc_out, *drop[1:], *_dense_strides(q), *_dense_strides(k), *_dense_strides(v),
+                 *_dense_strides(dout), *s_lse, *_dense_strides(dq), s_m, s_alibi, H, H // Hk, Tq, Tk, L, R, bucket),
+                dict(common, USE_TMA="dq" in tma))
 
     tma = backward_tma_kernels() if not varlen and use_tma(q, k, v, dout) else frozenset()
     if not (tma and _TMA.run(lambda: run(tma))):

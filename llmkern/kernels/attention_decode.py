@@ -14,6 +14,8 @@ key j of row b sits in page block_table[b, j // page_size], slot j % page_size.
 - `_decode_combine`: one program per (batch, head, token) merges the splits by their LSE. An
   attention sink (gpt-oss: a per-query-head logit in the softmax denominator, no value) joins here
   as one more partial, with LSE = sink and a zero output.
+ALiBi (alibi_slopes [H] or [B, H]): the split kernel adds -slope * |pos - j| to the scores of each
+packed row (its own query head's slope, loaded once per program), pos being the query's cache position.
 The number of splits is chosen so that B * Hk * splits fills the GPU even for a small batch;
 it depends only on static shapes (no host sync on cache_seqlens). A row whose length lies outside
 0..capacity, or whose block table names a page outside the pool, reads nothing out of bounds and gets
@@ -26,22 +28,22 @@ import triton
 import triton.language as tl
 
 from llmkern.kernels._common import cdiv, next_power_of_2, sm_count
-from llmkern.kernels.attention import (LOG2E, _batch_slices, _block_d, _interpreting, _last_contig, _prec,
-                                       _softcap_args, _tanh, _window_args)
+from llmkern.kernels.attention import (LOG2E, _alibi_args, _batch_slices, _block_d, _interpreting, _last_contig,
+                                       _prec, _softcap_args, _tanh, _window_args, alibi_rows)
 
 
 @triton.jit
-def _decode_split(Q, K, V, SEQLENS, BT, KPM, OP, LP,
+def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, OP, LP,
                   qk_scale, sc_in, sc_out,
                   stride_qb, stride_qh, stride_qt,
                   stride_kb, stride_kh, stride_kt,
                   stride_vb, stride_vh, stride_vt,
                   stride_opb, stride_oph, stride_opt, stride_ops,
-                  stride_lpb, stride_lph, stride_lpt, stride_btb, stride_kpmb,
+                  stride_lpb, stride_lph, stride_lpt, stride_btb, stride_kpmb, stride_slopes,
                   HK, GROUP, Tq, L, R, chunk, T_CAP, NUM_PAGES,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   PREC: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_KPM: tl.constexpr):
+                  HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr):
     split = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -62,6 +64,8 @@ def _decode_split(Q, K, V, SEQLENS, BT, KPM, OP, LP,
     q_ptrs = (Q + b64 * stride_qb + h[:, None].to(tl.int64) * stride_qh + t[:, None].to(tl.int64) * stride_qt
               + offs_d[None, :])
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if HAS_ALIBI:  # the packed rows span the group's query heads: one slope per row, times log2(e)
+        slope2 = tl.load(ALIBI + b64 * stride_slopes + h, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
     # keys of this split that any row of the program can see
     start = split * chunk
     end = tl.minimum(tl.minimum(start + chunk, seqlen), T_CAP)
@@ -105,6 +109,8 @@ def _decode_split(Q, K, V, SEQLENS, BT, KPM, OP, LP,
         else:
             s = qk * qk_scale
         rel = offs_n[None, :] - pos[:, None]
+        if HAS_ALIBI:  # -slope * |pos - j| (log2 units, as s), after softcap and before the masks
+            s = s - slope2[:, None] * tl.abs(rel).to(tl.float32)
         vis = (rel <= R) & (rel >= -L) & kmask[None, :]
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -199,12 +205,13 @@ def choose_num_splits(B, Hk, m_blocks, Tmax, block_n, device):
 
 def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, window_left=-1,
                      window_right=-1, softcap=0.0, num_splits=0, block_table=None, sinks=None,
-                     key_padding_mask=None):
+                     key_padding_mask=None, alibi_slopes=None):
     """Returns (out [B, H, Tq, D] like q, lse [B, H, Tq] float32). block_table (int32 [B, pages per
     row]): k_cache/v_cache are page pools [num_pages, Hk, page_size, D]. sinks: [H] per-query-head
     sink logits (read as float32), counted in the softmax denominator and in the LSE.
     key_padding_mask: [B, Tmax] bool, False = a cache slot no query sees (indexed by the key's logical
-    position, paged caches too)."""
+    position, paged caches too). alibi_slopes: float32 [H] or [B, H]: ALiBi, -slope * |pos - j| with pos
+    the query's position (Tk = the row's cache length)."""
     slices = _batch_slices(q.shape[0], k_cache.shape[1])  # the split grid's z is B * Hk (<= 65535)
     if len(slices) > 1:
         def rows(t, b0, b1):  # a page pool is shared by every row
@@ -213,7 +220,8 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
                                   scale=scale, causal=causal, window_left=window_left, window_right=window_right,
                                   softcap=softcap, num_splits=num_splits,
                                   block_table=None if block_table is None else block_table[b0:b1], sinks=sinks,
-                                  key_padding_mask=None if key_padding_mask is None else key_padding_mask[b0:b1])
+                                  key_padding_mask=None if key_padding_mask is None else key_padding_mask[b0:b1],
+                                  alibi_slopes=None if alibi_slopes is None else alibi_rows(alibi_slopes, b0, b1))
                  for b0, b1 in slices]
         return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
     q, k_cache, v_cache = _last_contig(q), _last_contig(k_cache), _last_contig(v_cache)
@@ -244,19 +252,20 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
     extra = {} if _interpreting() else dict(num_warps=warps, num_stages=stages)
     # (a bool mask's own bytes, as the dense kernels read it: a view, no copy per decoded token)
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous().view(torch.uint8)
+    alibi, s_alibi = _alibi_args(alibi_slopes, seqlens)
     _decode_split[(S, m_blocks, B * Hk)](
         q, k_cache, v_cache, seqlens, seqlens if block_table is None else block_table,
-        seqlens if kpm is None else kpm, op, lp,
+        seqlens if kpm is None else kpm, alibi, op, lp,
         qk_scale, sc_in, sc_out,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         op.stride(0), op.stride(1), op.stride(2), op.stride(3),
         lp.stride(0), lp.stride(1), lp.stride(2), 0 if block_table is None else block_table.stride(0),
-        0 if kpm is None else kpm.stride(0),
+        0 if kpm is None else kpm.stride(0), s_alibi,
         Hk, group, Tq, L, R, chunk, Tmax, k_cache.shape[0] if block_table is not None else 0,
         HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=bool(softcap), PREC=_prec(q.dtype), PAGE=page,
-        BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=kpm is not None, **extra)
+        BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=kpm is not None, HAS_ALIBI=alibi_slopes is not None, **extra)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
     sink_arg = lse if sinks is None else sinks.contiguous()  # (any float dtype: read as float32 in the kernel)

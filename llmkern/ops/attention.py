@@ -1,8 +1,9 @@
 """Fused attention: public API, validation, registration, dispatch, autograd.
 
-    attention(q, k, v, *, causal, scale, window, softcap, key_padding_mask, return_lse, dropout_p, seed, sinks)
-    attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ..., sinks)
-    attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k, v, causal, ..., sinks)
+    attention(q, k, v, *, causal, scale, window, softcap, key_padding_mask, return_lse, dropout_p, seed, sinks,
+              alibi_slopes)
+    attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ..., sinks, alibi_slopes)
+    attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k, v, causal, ..., sinks, alibi_slopes)
 
 Kernels: llmkern/kernels/attention.py (forward, backward) and attention_decode.py (split-K
 decode); reference: llmkern/reference/attention.py. The Triton path runs inside the
@@ -125,6 +126,23 @@ def _check_sinks(sinks, H, device):
         raise ValueError(f"sinks is on {sinks.device} but q is on {device}")
 
 
+def _check_alibi(alibi_slopes, B, H, device):
+    """alibi_slopes: None or a float32 tensor [heads] or [batch, heads] on q's device, finite. The values
+    are read on CPU only (on CUDA it would cost a host sync per call; a NaN slope gives NaN rows)."""
+    if alibi_slopes is None:
+        return
+    _tensor("alibi_slopes", alibi_slopes)
+    if alibi_slopes.dtype != torch.float32:
+        raise ValueError(f"alibi_slopes must be float32 (as FlashAttention's), got {alibi_slopes.dtype}")
+    if tuple(alibi_slopes.shape) not in ((H,), (B, H)):
+        raise ValueError(f"alibi_slopes must have shape [heads] = [{H}] or [batch, heads] = [{B}, {H}], "
+                         f"got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
+    if alibi_slopes.device.type == "cpu" and _checking_values() and not bool(torch.isfinite(alibi_slopes).all()):
+        raise ValueError(f"alibi_slopes must be finite, got {alibi_slopes.tolist()}")
+
+
 def _check_causal(causal, return_lse=False):
     for name, flag in (("causal", causal), ("return_lse", return_lse)):
         if not isinstance(flag, bool):
@@ -156,12 +174,12 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_padding_mask: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
                       cu_seqlens_k: Optional[torch.Tensor], seed: Optional[torch.Tensor], max_seqlen_q: int,
                       max_seqlen_k: int, scale: float, causal: bool, window_left: int, window_right: int,
-                      softcap: float, dropout_p: float,
-                      sinks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    # sinks comes last, with a default: calls written before it (opcheck tests, users of
+                      softcap: float, dropout_p: float, sinks: Optional[torch.Tensor] = None,
+                      alibi_slopes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    # sinks and alibi_slopes come last, with defaults: calls written before them (opcheck tests, users of
     # torch.ops.llmkern.attention_fwd) keep their meaning
     return _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k,
-                     scale, causal, window_left, window_right, softcap, dropout_p, sinks)
+                     scale, causal, window_left, window_right, softcap, dropout_p, sinks, alibi_slopes)
 
 
 def _kernel_layout(t):
@@ -172,7 +190,7 @@ def _kernel_layout(t):
 
 
 def _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k,
-              scale, causal, window_left, window_right, softcap, dropout_p, sinks=None):
+              scale, causal, window_left, window_right, softcap, dropout_p, sinks=None, alibi_slopes=None):
     if q.numel() == 0:
         return torch.zeros_like(_kernel_layout(q)), torch.full(_lse_shape(q, cu_seqlens_q), float("-inf"),
                                                device=q.device, dtype=torch.float32)
@@ -180,12 +198,12 @@ def _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_s
         q, k, v, scale=scale, causal=causal, window_left=window_left, window_right=window_right,
         softcap=softcap, key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        dropout_p=dropout_p, seed=seed, sinks=sinks)
+        dropout_p=dropout_p, seed=seed, sinks=sinks, alibi_slopes=alibi_slopes)
 
 
 @_attention_fwd_op.register_fake
 def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k, scale, causal,
-      window_left, window_right, softcap, dropout_p, sinks=None):
+      window_left, window_right, softcap, dropout_p, sinks=None, alibi_slopes=None):
     return torch.empty_like(_kernel_layout(q)), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
 
 
@@ -195,13 +213,15 @@ def _attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                       key_padding_mask: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
                       cu_seqlens_k: Optional[torch.Tensor], seed: Optional[torch.Tensor], max_seqlen_q: int,
                       max_seqlen_k: int, scale: float, causal: bool, window_left: int, window_right: int,
-                      softcap: float, dropout_p: float, sinks: Optional[torch.Tensor] = None
+                      softcap: float, dropout_p: float, sinks: Optional[torch.Tensor] = None,
+                      alibi_slopes: Optional[torch.Tensor] = None
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dsinks). dsinks has sinks' shape and dtype; without sinks (None: not given, or
-    no gradient wanted) it is an empty float32 tensor (a custom op's outputs cannot be None)."""
+    no gradient wanted) it is an empty float32 tensor (a custom op's outputs cannot be None).
+    alibi_slopes: the forward's (no gradient: ALiBi is not trained)."""
     return _bwd_impl(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed,
                      max_seqlen_q, max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p,
-                     sinks)
+                     sinks, alibi_slopes)
 
 
 def _no_dsinks(q):
@@ -209,7 +229,8 @@ def _no_dsinks(q):
 
 
 def _bwd_impl(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
-              max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p, sinks=None):
+              max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p, sinks=None,
+              alibi_slopes=None):
     if q.numel() == 0 or k.numel() == 0:
         grads = tuple(torch.zeros_like(_kernel_layout(t)) for t in (q, k, v))
         if sinks is None:
@@ -221,13 +242,13 @@ def _bwd_impl(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_
         dout, q, k, v, out, lse, scale=scale, causal=causal, window_left=window_left,
         window_right=window_right, softcap=softcap, key_padding_mask=key_padding_mask,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, dlse=dlse, dropout_p=dropout_p, seed=seed, sinks=sinks)
+        max_seqlen_k=max_seqlen_k, dlse=dlse, dropout_p=dropout_p, seed=seed, sinks=sinks, alibi_slopes=alibi_slopes)
     return grads if sinks is not None else grads + (_no_dsinks(q),)
 
 
 @_attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
-      max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p, sinks=None):
+      max_seqlen_k, scale, causal, window_left, window_right, softcap, dropout_p, sinks=None, alibi_slopes=None):
     dsinks = _no_dsinks(q) if sinks is None else torch.empty_like(sinks)
     return tuple(torch.empty_like(_kernel_layout(t)) for t in (q, k, v)) + (dsinks,)
 
@@ -235,29 +256,31 @@ def _(dout, q, k, v, out, lse, dlse, key_padding_mask, cu_seqlens_q, cu_seqlens_
 _FWD_ARGS = ("key_padding_mask", "cu_seqlens_q", "cu_seqlens_k", "seed", "max_seqlen_q", "max_seqlen_k", "scale",
              "causal", "window_left", "window_right", "softcap", "dropout_p")
 _N_ARGS = 3 + len(_FWD_ARGS)  # the forward's inputs before sinks (q, k, v, then _FWD_ARGS)
+_ALIBI = _N_ARGS + 1  # alibi_slopes' position, after sinks
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, kpm, cu_q, cu_k, seed = inputs[:7]
     sinks = inputs[_N_ARGS] if len(inputs) > _N_ARGS else None
+    alibi = inputs[_ALIBI] if len(inputs) > _ALIBI else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kpm, cu_q, cu_k, seed, sinks)
+    ctx.save_for_backward(q, k, v, out, lse, kpm, cu_q, cu_k, seed, sinks, alibi)
     ctx.args = inputs[7:_N_ARGS]  # the LSE output is differentiable too: dLSE folds into delta
     ctx.n_inputs = len(inputs)
 
 
 def _backward(ctx, dout, dlse, bwd=None):
-    q, k, v, out, lse, kpm, cu_q, cu_k, seed, sinks = ctx.saved_tensors
+    q, k, v, out, lse, kpm, cu_q, cu_k, seed, sinks, alibi = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     # the kernels only need the sink-aware LSE; sinks go to the backward only for their gradient
     want_dsinks = sinks is not None and ctx.needs_input_grad[_N_ARGS]
+    extra = () if alibi is None else (alibi,)  # without ALiBi, the call of before (same graph)
     dq, dk, dv, dsinks = (bwd or _attention_bwd_op)(dout, q, k, v, out, lse, dlse, kpm, cu_q, cu_k, seed,
-                                                    *ctx.args, sinks if want_dsinks else None)
+                                                    *ctx.args, sinks if want_dsinks else None, *extra)
     grads = (dq, dk, dv) + (None,) * (_N_ARGS - 3)
-    if ctx.n_inputs > _N_ARGS:
-        grads += (dsinks if want_dsinks else None,)
-    return grads
+    # then sinks' gradient and alibi_slopes' (none: FlashAttention does not train the slopes either)
+    return grads + (dsinks if want_dsinks else None, None)[:ctx.n_inputs - _N_ARGS]
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -270,10 +293,11 @@ _AttentionFunction = _checks.eager_twin("_AttentionFunction", _fwd_impl, _setup_
                                         materialize_grads=False)
 
 
-def _attention_fwd(q, k, v, kpm, cu_q, cu_k, seed, *args, sinks=None):
+def _attention_fwd(q, k, v, kpm, cu_q, cu_k, seed, *args, sinks=None, alibi_slopes=None):
     """(out, lse), differentiable: the custom op under torch.compile, its eager twin otherwise."""
-    extra = () if sinks is None else (sinks,)  # without sinks, the calls of before (same graph)
-    if _checks.eager_fast_path(q, k, v, kpm, cu_q, cu_k, seed, sinks):
+    # without sinks or ALiBi, the calls of before (same graph)
+    extra = (sinks, alibi_slopes) if alibi_slopes is not None else (() if sinks is None else (sinks,))
+    if _checks.eager_fast_path(q, k, v, kpm, cu_q, cu_k, seed, sinks, alibi_slopes):
         return _AttentionFunction.apply(q, k, v, kpm, cu_q, cu_k, seed, *args, *extra)
     return _attention_fwd_op(q, k, v, kpm, cu_q, cu_k, seed, *args, *extra)
 
@@ -296,7 +320,8 @@ def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], scale: float,
                          causal: bool, window_left: int, window_right: int, softcap: float,
                          num_splits: int, sinks: Optional[torch.Tensor] = None,
-                         key_padding_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                         key_padding_mask: Optional[torch.Tensor] = None,
+                         alibi_slopes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     if q.numel() == 0:
         return torch.zeros_like(_kernel_layout(q)), torch.full(q.shape[:3], float("-inf"), device=q.device,
                                                dtype=torch.float32)
@@ -305,12 +330,12 @@ def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return attention_decode(q, k_cache, v_cache, cache_seqlens, scale=scale, causal=causal,
                             window_left=window_left, window_right=window_right, softcap=softcap,
                             num_splits=num_splits, block_table=block_table, sinks=sinks,
-                            key_padding_mask=key_padding_mask)
+                            key_padding_mask=key_padding_mask, alibi_slopes=alibi_slopes)
 
 
 @_attention_decode_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, window_left, window_right, softcap,
-      num_splits, sinks=None, key_padding_mask=None):
+      num_splits, sinks=None, key_padding_mask=None, alibi_slopes=None):
     return torch.empty_like(_kernel_layout(q)), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -341,7 +366,8 @@ def _like_sdpa_under_autocast(fn):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               scale: Optional[float] = None, window: Optional[Tuple[Optional[int], Optional[int]]] = None,
               softcap: Optional[float] = None, key_padding_mask: Optional[torch.Tensor] = None,
-              return_lse: bool = False, dropout_p: float = 0.0, seed=None, sinks: Optional[torch.Tensor] = None):
+              return_lse: bool = False, dropout_p: float = 0.0, seed=None, sinks: Optional[torch.Tensor] = None,
+              alibi_slopes: Optional[torch.Tensor] = None):
     """Fused scaled-dot-product attention (FlashAttention-2 style), a drop-in for
     ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)``.
 
@@ -372,6 +398,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             The LSE is then that of the whole denominator, and a row that sees no key gets zeros and
             LSE sinks[h]. Differentiable (gpt-oss trains them). Dropout drops only the keys'
             weights; the sink always stays in the denominator.
+        alibi_slopes: ALiBi with FlashAttention-2's semantics: a float32 tensor [heads] or
+            [batch, heads] on q's device; the score of query i and key j gets the bias
+            -slope * |i + Tk - Tq - j| (bottom-right aligned, as the causal mask), added after scale
+            and softcap and before the masks: s = softcap(scale * q.k) - slope * |i + Tk - Tq - j|.
+            The slopes get no gradient (FlashAttention's neither); q, k and v's gradients include the bias.
 
     A query row that sees no key returns zeros (and LSE -inf, or the sink), never NaN.
     Memory is O(T): no Tq x Tk tensor is materialised on the Triton path.
@@ -389,6 +420,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     sc = _softcap(softcap)
     _check_causal(causal, return_lse)
     _check_sinks(sinks, H, q.device)
+    _check_alibi(alibi_slopes, B, H, q.device)
     if key_padding_mask is not None:
         _tensor("key_padding_mask", key_padding_mask)
         if key_padding_mask.dtype != torch.bool:
@@ -401,14 +433,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     backend = _backend_for(q.device, q.dtype, "attention")
     if backend == "triton":
         out, lse = _attention_fwd(q, k, v, key_padding_mask, None, None, seed_t, -1, -1, scale, causal, wl, wr, sc,
-                                  p, sinks=sinks)
-    elif (q.device.type == "cpu" and not sc and not return_lse and not p and sinks is None
+                                  p, sinks=sinks, alibi_slopes=alibi_slopes)
+    elif (q.device.type == "cpu" and not sc and not return_lse and not p and sinks is None and alibi_slopes is None
           and _backend.forced() != "reference"):
         return _cpu_sdpa(q, k, v, causal, scale, wl, wr, key_padding_mask)
     else:
         out, lse = ref.attention(q, k, v, causal=causal, scale=scale, window=_ref_window(wl, wr),
                                  softcap=sc or None, key_padding_mask=key_padding_mask, return_lse=True,
-                                 dropout_p=p, seed=seed_t, sinks=sinks)
+                                 dropout_p=p, seed=seed_t, sinks=sinks, alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out
 
 
@@ -476,7 +508,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      max_seqlen_k: Optional[int] = None, *, causal: bool = False,
                      scale: Optional[float] = None, window=None, softcap: Optional[float] = None,
                      return_lse: bool = False, dropout_p: float = 0.0, seed=None,
-                     sinks: Optional[torch.Tensor] = None):
+                     sinks: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None):
     """Attention over packed variable-length sequences (training on packed documents).
 
     q [total_q, heads, head_dim], k/v [total_k, kv_heads, head_dim]; sequence b holds tokens
@@ -487,6 +519,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     sequences of equal lengths drop what the padded batch drops).
     sinks: as for ``attention``: [heads] per-query-head sink logits in every row's softmax denominator
     (differentiable); the LSE includes them.
+    alibi_slopes: as for ``attention`` (float32 [heads] or [batch, heads], batch = the number of sequences;
+    not differentiated): sequence b's bias is -slope * |i + Tk_b - Tq_b - j| over its own lengths.
     """
     _check_qkv(q, k, v, 3, "[total_tokens, heads, head_dim]")
     H, D = q.shape[1], q.shape[2]
@@ -504,6 +538,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     sc = _softcap(softcap)
     _check_causal(causal, return_lse)
     _check_sinks(sinks, H, q.device)
+    _check_alibi(alibi_slopes, cu_seqlens_q.numel() - 1, H, q.device)
     p = _checks.dropout_p_arg(dropout_p)
     seed_t = _checks.dropout_seed(seed, p, q.device)
     backend = _backend_for(q.device, q.dtype, "attention_varlen")
@@ -512,11 +547,11 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         mq = int(max_seqlen_q) if max_seqlen_q else -1
         mk = int(max_seqlen_k) if max_seqlen_k else -1
         out, lse = _attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, seed_t, mq, mk, scale, causal,
-                                  wl, wr, sc, p, sinks=sinks)
+                                  wl, wr, sc, p, sinks=sinks, alibi_slopes=alibi_slopes)
     else:
         out, lse = ref.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
                                         window=_ref_window(wl, wr), softcap=sc or None, return_lse=True,
-                                        dropout_p=p, seed=seed_t, sinks=sinks)
+                                        dropout_p=p, seed=seed_t, sinks=sinks, alibi_slopes=alibi_slopes)
     bounds.finish()
     return (out, lse) if return_lse else out
 
@@ -528,7 +563,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            scale: Optional[float] = None, window=None, softcap: Optional[float] = None,
                            return_lse: bool = False, num_splits: int = 0,
                            block_table: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
-                           key_padding_mask: Optional[torch.Tensor] = None):
+                           key_padding_mask: Optional[torch.Tensor] = None,
+                           alibi_slopes: Optional[torch.Tensor] = None):
     """Decode attention against a KV cache, split along the keys (flash-decoding).
 
     q [batch, heads, Tq, head_dim] (Tq = 1..a few new tokens); k_cache/v_cache
@@ -547,6 +583,9 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     key_padding_mask: bool [batch, Tmax], True = attend: cache slots no query may see, e.g. the pads of a
         left-padded prompt in a batch (positions stay cache indices: the pads sit before a row's tokens).
         A query that then sees no key returns zeros (LSE -inf).
+    alibi_slopes: as for ``attention`` (float32 [heads] or [batch, heads]): query t of row b, at position
+        pos = len_b - Tq + t, gets -slope * |pos - j| on key j (Tk = the row's cache length, new tokens
+        included; positions are cache indices, so left padding counts in the distance, as in FlashAttention).
     Returns out [batch, heads, Tq, head_dim] (, lse float32 [batch, heads, Tq]).
     """
     _check_qkv(q, k_cache, v_cache, 4, "[batch, heads, seq, head_dim]")
@@ -587,6 +626,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     sc = _softcap(softcap)
     _check_causal(causal, return_lse)
     _check_sinks(sinks, H, q.device)
+    _check_alibi(alibi_slopes, B, H, q.device)
     if key_padding_mask is not None:
         _tensor("key_padding_mask", key_padding_mask)
         if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, Tmax):
@@ -609,12 +649,15 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         extra = {} if sinks is None else {"sinks": sinks}
         if key_padding_mask is not None:
             extra["key_padding_mask"] = key_padding_mask
+        if alibi_slopes is not None:
+            extra["alibi_slopes"] = alibi_slopes
         out, lse = _attention_decode_op(q, k_cache, v_cache, lens.to(torch.int32), block_table, scale, causal,
                                         wl, wr, sc, int(num_splits), **extra)
         return (out, lse) if return_lse else out
     if block_table is not None:  # the CPU paths read a dense copy of each row's pages
         k_cache, v_cache = _gather_pages(k_cache, block_table), _gather_pages(v_cache, block_table)
-    if q.device.type == "cpu" and not sc and not return_lse and sinks is None and _backend.forced() != "reference":
+    if (q.device.type == "cpu" and not sc and not return_lse and sinks is None and alibi_slopes is None
+            and _backend.forced() != "reference"):
         # SDPA's CPU kernel with the reference's visibility mask (per-row lengths, bottom-right)
         left, right = ref._normalize_window(_ref_window(wl, wr), causal)
         j = torch.arange(Tmax, device=q.device)
@@ -631,7 +674,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                                                 scale=scale, **gqa)
     out, lse = ref.attention_with_kvcache(q, k_cache, v_cache, lens, causal=causal, scale=scale,
                                           window=_ref_window(wl, wr), softcap=sc or None, return_lse=True,
-                                          sinks=sinks, key_padding_mask=key_padding_mask)
+                                          sinks=sinks, key_padding_mask=key_padding_mask, alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out
 
 

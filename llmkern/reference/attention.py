@@ -11,6 +11,9 @@ Same semantics as llmkern.attention (see llmkern/ops/attention.py):
 - sinks: per-query-head logits [H] that join every row's softmax denominator and add no value
   (gpt-oss): p_j = exp(s_j) / (sum_k exp(s_k) + exp(sink_h)); the LSE is the log of that whole
   denominator, so a row with no visible key gets a zero output and LSE sink_h;
+- alibi_slopes: ALiBi, FlashAttention-2's semantics: float32 [H] or [B, H] slopes; the score of query i
+  and key j gets -slope * |i + Tk - Tq - j| (bottom-right aligned like the causal mask; for decode,
+  Tk is the row's cache length) after scale and softcap, before the masks; never differentiated;
 - dropout_p: attention dropout on the softmax weights, kept weights scaled by 1/(1-p), with the
   mask of `attention_dropout_keep` (a hash of the seed, batch row, query head, query and key
   position: the Triton kernels regenerate the same bits); the LSE is that of the undropped softmax.
@@ -99,12 +102,28 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def alibi_bias(alibi_slopes, q_pos, tk, dtype=torch.float32):
+    """ALiBi bias -slope * |q_pos - j| for keys j < tk: [B or 1, H, Tq, tk] in `dtype`.
+
+    alibi_slopes: [H] or [B, H]; q_pos: the queries' positions among the keys, [Tq] or [B, Tq]
+    (bottom-right alignment: i + Tk - Tq). The slopes are detached: ALiBi is not trained
+    (FlashAttention gives them no gradient either)."""
+    slopes = alibi_slopes.detach().to(device=q_pos.device, dtype=dtype)
+    slopes = slopes.reshape(-1 if slopes.dim() == 2 else 1, slopes.shape[-1], 1, 1)
+    pos = q_pos.reshape(-1 if q_pos.dim() == 2 else 1, 1, q_pos.shape[-1], 1)
+    j = torch.arange(tk, device=q_pos.device)
+    return -slopes * (pos - j).abs().to(dtype)
+
+
 def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
               key_padding_mask=None, return_lse=False, mask=None, dropout_p=0.0, seed=0, batch_base=0,
-              sinks=None):
+              sinks=None, alibi_slopes=None, bias=None):
     """Reference attention. q [B, H, Tq, D], k/v [B, Hk, Tk, D]; returns out (, lse [B, H, Tq]).
 
     `mask` (extra, reference only): bool [B or 1, 1 or H, Tq, Tk] ANDed with the other masks.
+    alibi_slopes: [H] or [B, H] (see the module docstring; not differentiated).
+    `bias` (extra, reference only): float [B or 1, H, Tq, Tk] added where ALiBi's bias goes (after
+    softcap, before the masks): how the decode reference places its per-row ALiBi positions.
     dropout_p, seed, batch_base: attention dropout (see attention_dropout_keep).
     sinks: [H] per-head sink logits (any float dtype, computed in the compute dtype, differentiable).
     """
@@ -127,6 +146,10 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
     s = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hk, G, Tq, Tk]
     if softcap:
         s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        bias = alibi_bias(alibi_slopes, torch.arange(Tq, device=q.device) + (Tk - Tq), Tk, cd)
+    if bias is not None:
+        s = s + bias.to(cd).expand(B, H, Tq, Tk).reshape(B, Hk, G, Tq, Tk)
     visible = visibility_mask(Tq, Tk, causal=causal, window=window, device=q.device)
     full = None
     if visible is not None:
@@ -161,8 +184,9 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
                      causal=False, scale=None, window=None, softcap=None, return_lse=False,
-                     dropout_p=0.0, seed=0, sinks=None):
+                     dropout_p=0.0, seed=0, sinks=None, alibi_slopes=None):
     """Reference varlen attention: q [total_q, H, D], k/v [total_k, Hk, D], int32 cumulative lengths.
+    alibi_slopes [H] or [batch, H]: each sequence's Tq/Tk align its bias.
 
     Returns out [total_q, H, D] (, lse [H, total_q])."""
     outs, lses = [], []
@@ -172,8 +196,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         qb = q[cq[b]:cq[b + 1]].transpose(0, 1)[None]
         kb = k[ck[b]:ck[b + 1]].transpose(0, 1)[None]
         vb = v[ck[b]:ck[b + 1]].transpose(0, 1)[None]
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
         o, lse = attention(qb, kb, vb, causal=causal, scale=scale, window=window, softcap=softcap,
-                           return_lse=True, dropout_p=dropout_p, seed=seed, batch_base=b, sinks=sinks)
+                           return_lse=True, dropout_p=dropout_p, seed=seed, batch_base=b, sinks=sinks,
+                           alibi_slopes=slopes)
         outs.append(o[0].transpose(0, 1))
         lses.append(lse[0])
     out = torch.cat(outs, dim=0)
@@ -183,10 +209,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, causal=True, scale=None,
-                           window=None, softcap=None, return_lse=False, sinks=None, key_padding_mask=None):
+                           window=None, softcap=None, return_lse=False, sinks=None, key_padding_mask=None,
+                           alibi_slopes=None):
     """Reference decode: q [B, H, Tq, D] are the last Tq positions of each row's cache_seqlens[b]
     keys in k_cache/v_cache [B, Hk, Tmax, D] (the new tokens already written there);
-    key_padding_mask [B, Tmax] bool (True = attend) hides cache slots, e.g. a left-padded prompt's."""
+    key_padding_mask [B, Tmax] bool (True = attend) hides cache slots, e.g. a left-padded prompt's;
+    alibi_slopes [H] or [B, H]: the bias of each row's query positions (Tk = the row's length)."""
     B, H, Tq, D = q.shape
     Tmax = k_cache.shape[2]
     lens = cache_seqlens.to(torch.long).to(q.device)
@@ -202,8 +230,9 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, causal=True, s
     if key_padding_mask is not None:
         kpm = kpm & key_padding_mask.to(torch.bool)
     vis &= kpm[:, None, :]
+    bias = None if alibi_slopes is None else alibi_bias(alibi_slopes, pos, Tmax, _compute_dtype(q.dtype))
     return attention(q, k_cache, v_cache, scale=scale, softcap=softcap, return_lse=return_lse,
-                     mask=vis[:, None], sinks=sinks)
+                     mask=vis[:, None], sinks=sinks, bias=bias)
 
 
 def attention_float64(q, k, v, **kw) -> Tuple[torch.Tensor, ...]:

@@ -9,6 +9,8 @@ over 8 KV heads, head dim 128, 8k cached keys, one new token (GB/s of K/V read),
 Quick mode: seq 1k and 4k, head dim 128 only, and the decode row. On sm_90+ the dense kernels
 load through tensor descriptors (TMA); at seq 4k, causal, head dim 128 the pointer kernels
 (LLMKERN_ATTN_TMA=0) are timed too, in the row's notes.
+Training rows with dropout, sinks and ALiBi (fwd+bwd, causal, seq 4k) follow, each against what a user
+would write without our kernel.
 `mfu` is the fraction of the detected card's dense bf16 peak; extra["mfu_a100"] against the A100's.
 
 CPU: a small quick comparison (what llmkern.attention runs on CPU: SDPA's CPU kernel with our
@@ -130,6 +132,7 @@ def _gpu_rows(ctx):
         del q, k, v, dout
     yield from _dropout_row(ctx, T=4096, D=128, p=0.1, dtype=dtype, peak=peak)
     yield from _sinks_row(ctx, T=4096, H=64, Hk=8, D=64, dtype=dtype, peak=peak)
+    yield from _alibi_row(ctx, T=4096, H=16, D=128, dtype=dtype, peak=peak)
     yield from _decode_rows(ctx, B=32, H=32, Hk=8, T=8192, D=128, dtype=dtype)
 
 
@@ -171,6 +174,36 @@ def _sinks_row(ctx, T, H, Hk, D, dtype, peak):
     yield Result(op="attention fwd+bwd sinks (gpt-oss)",
                  shape=f"B={B} H={H} Hk={Hk} T={T} D={D} causal=True {str(dtype).replace('torch.', '')}",
                  ours_ms=ours_ms, baseline="sdpa + sink column mask" if base_ms else "", baseline_ms=base_ms,
+                 throughput=tflops, unit="TFLOP/s", mfu=tflops * 1e12 / peak if peak else None)
+
+
+def _alibi_row(ctx, T, H, D, dtype, peak):
+    """ALiBi (causal, the paper's slopes) fwd+bwd: the bias computed per tile in our kernels against SDPA
+    with the bias and the causal mask as a float attn_mask [H, T, T] (what a user without an ALiBi kernel
+    writes; SDPA's flash backend takes no float mask, so the efficient or cuDNN one runs)."""
+    import llmkern
+
+    dev = ctx.device
+    B = max(1, TOKENS // T // 2)
+    q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+    dout = torch.randn(B, H, T, D, device=dev, dtype=dtype)
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], device=dev)
+    fl = _flops(B, H, T, D, True, "fwd+bwd")
+    ours_ms = time_fn(_timer(lambda a, b, c: llmkern.attention(a, b, c, causal=True, alibi_slopes=slopes),
+                             q, k, v, dout, "fwd+bwd"), dev, quick=ctx.quick)
+    try:
+        i = torch.arange(T, device=dev)
+        mask = (-slopes[:, None, None] * (i[:, None] - i[None, :]).abs()).masked_fill(i[None, :] > i[:, None],
+                                                                                     float("-inf"))
+        mask = mask[None].to(dtype)
+        base_ms = time_fn(_timer(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask),
+                                 q, k, v, dout, "fwd+bwd"), dev, quick=ctx.quick)
+    except RuntimeError:  # out of memory for the T^2 mask on a small card
+        base_ms = None
+    tflops = fl / (ours_ms * 1e-3) / 1e12
+    yield Result(op="attention fwd+bwd alibi",
+                 shape=f"B={B} H={H} T={T} D={D} causal=True {str(dtype).replace('torch.', '')}",
+                 ours_ms=ours_ms, baseline="sdpa + float bias mask" if base_ms else "", baseline_ms=base_ms,
                  throughput=tflops, unit="TFLOP/s", mfu=tflops * 1e12 / peak if peak else None)
 
 
