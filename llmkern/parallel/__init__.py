@@ -5,6 +5,9 @@
                                                 (vocab_parallel=True: embedding and LM head too;
                                                 MoE layers: the routed experts along their FFN width)
     TensorParallelMoE, ShardedExperts           expert tensor parallelism (llmkern.parallel.moe)
+    expert_parallelize(model, group)            expert parallelism: whole experts partitioned over the
+                                                ranks, tokens exchanged by all-to-all (ExpertParallelMoE,
+                                                all_reduce_replicated_grads: llmkern.parallel.expert)
     VocabParallelEmbedding, VocabParallelLMHead vocabulary-sharded embedding / LM head and loss
     context_parallelize(model, group)           context parallelism: the sequence sharded over ranks
                                                 (context_parallel_attention, shard_sequence, ...)
@@ -30,7 +33,10 @@ __all__ = ["ColumnParallelLinear", "RowParallelLinear", "tensor_parallelize", "s
            "comm", "lora_state", "cost_model", "launch",
            "VocabParallelEmbedding", "VocabParallelLMHead",
            "context_parallel_attention", "context_parallelize", "shard_sequence", "gather_sequence",
-           "context_parallel_positions", "all_reduce_gradients", "TensorParallelMoE", "ShardedExperts"]
+           "context_parallel_positions", "all_reduce_gradients", "TensorParallelMoE", "ShardedExperts",
+           "ExpertParallelMoE", "expert_parallelize", "all_reduce_replicated_grads", "expert_parameter_names"]
+
+_EXPERT = ("ExpertParallelMoE", "expert_parallelize", "all_reduce_replicated_grads", "expert_parameter_names")
 
 
 def __getattr__(name):
@@ -42,4 +48,8 @@ def __getattr__(name):
         from llmkern.parallel import moe
 
         return getattr(moe, name)
+    if name in _EXPERT:  # (lazy too: llmkern.parallel.expert imports the model zoo)
+        from llmkern.parallel import expert
+
+        return getattr(expert, name)
     raise AttributeError(f"module 'llmkern.parallel' has no attribute {name!r}")

@@ -235,8 +235,11 @@ def _shard_dense_mlp(mlp, group, sequence_parallel, layer_kw):
 
 
 def is_moe(module):
-    """Whether tensor_parallelize shards `module` as a sparse MoE layer (the zoo's MoE)."""
-    return isinstance(module, llama.MoE) and not isinstance(module, TensorParallelMoE)
+    """Whether tensor_parallelize shards `module` as a sparse MoE layer (the zoo's MoE, not already tensor- or
+    expert-parallel: an ExpertParallelMoE holds only E/p experts, tensor_parallelize refuses such models)."""
+    from llmkern.parallel.expert import ExpertParallelMoE
+
+    return isinstance(module, llama.MoE) and not isinstance(module, (TensorParallelMoE, ExpertParallelMoE))
 
 
 __all__ = ["TensorParallelMoE", "ShardedExperts", "is_moe"]

@@ -102,6 +102,12 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
     plan = []  # (object, attribute, value), applied only once every projection could be sharded
     summed = []  # replicated parameters of the sharded heads (q_norm / k_norm gains)
     from llmkern.parallel.moe import TensorParallelMoE, is_moe  # (imports the model zoo: on first use only)
+    from llmkern.parallel.expert import ExpertParallelMoE
+
+    if any(isinstance(m, ExpertParallelMoE) for m in model.modules()):  # (the same on every rank)
+        raise ValueError("tensor_parallelize: the model is expert-parallel (expert_parallelize): its ranks hold "
+                         "different tokens and different experts; tensor parallelism over the same group is not "
+                         "supported")
 
     for parent_name, parent in list(model.named_modules()):
         children = dict(parent.named_children())
