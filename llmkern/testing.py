@@ -72,3 +72,78 @@ def save_tiny_hf(path, config_cls, model_cls, config, seed=0, router_std=None):
                 p.normal_(0.0, router_std)
     hf.save_pretrained(path)
     return hf
+
+
+class TinyHFFamilies:
+    """Tiny random transformers checkpoints of several model families, for from_hf tests.
+
+    families: {family: (config class name, model class name, its config options)}; common: the config
+    options every family shares; router_std: see save_tiny_hf."""
+
+    def __init__(self, families, common, router_std=None):
+        self.families, self.common, self.router_std = families, common, router_std
+
+    def save(self, path, family, seed=0, **changes):
+        """`family`'s tiny model (its options, then `changes`) saved to `path`; returns the transformers model."""
+        cfg_cls, model_cls, options = self.families[family]
+        return save_tiny_hf(path, cfg_cls, model_cls, {**self.common, **options, **changes}, seed, self.router_std)
+
+    def save_all(self, root):
+        """{family: (checkpoint directory under root, transformers model)} for every family."""
+        return {f: (str(root / f), self.save(root / f, f)) for f in self.families}
+
+
+def load_hf(path, backend="torch"):
+    """llmkern.models.from_hf(path, backend) without its warnings (tiny test checkpoints trip some)."""
+    import warnings
+
+    from llmkern.models import from_hf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return from_hf(path, backend=backend)
+
+
+def random_ids(vocab, B, T, seed=0):
+    """int64 token ids [B, T] in [0, vocab), from a generator seeded with `seed`."""
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_greedy_matches_transformers(model, hf, x, n_new, pad, no_cache=False):
+    """llmkern.generate's greedy tokens equal transformers' hf.generate for the prompts x [B, T]: unpadded,
+    and with row 1's first three tokens as left padding (attention_mask 0, pad token `pad`); with no_cache
+    also the padded case without the KV cache."""
+    import warnings
+
+    from llmkern.generation import generate
+
+    am = torch.ones_like(x)
+    am[1, :3] = 0
+    kw = dict(max_new_tokens=n_new, do_sample=False, pad_token_id=pad)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(generate(model, x, n_new), hf.generate(x, attention_mask=torch.ones_like(x), **kw))
+        want = hf.generate(x, attention_mask=am, **kw)
+        assert torch.equal(generate(model, x, n_new, attention_mask=am, pad_token_id=pad), want)
+        if no_cache:
+            assert torch.equal(generate(model, x, n_new, attention_mask=am, pad_token_id=pad, use_cache=False), want)
+
+
+def collect_close(tag, actual, expected, failures, atol=1e-4, rtol=1e-4):
+    """Compare two tensors (or two Nones) in float64 and append a one-line message to `failures` when they
+    differ, instead of raising: a spawned rank reports all of its mismatches at once (raise_failures)."""
+    if actual is None or expected is None:
+        if actual is not None or expected is not None:
+            failures.append(f"{tag}: one of actual / expected is None")
+        return
+    try:
+        torch.testing.assert_close(actual.detach().double(), expected.detach().double(), atol=atol, rtol=rtol)
+    except AssertionError as exc:
+        lines = str(exc).splitlines()
+        failures.append(f"{tag}: {lines[0]} {lines[-1] if len(lines) > 1 else ''}".rstrip())
+
+
+def raise_failures(rank, failures):
+    """AssertionError listing a rank's collected failures, if any."""
+    if failures:
+        raise AssertionError(f"rank {rank}: {len(failures)} failures:\n" + "\n".join(failures))

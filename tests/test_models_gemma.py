@@ -15,7 +15,7 @@ import llmkern
 
 from llmkern.generation import generate
 from llmkern.models import Llama, from_hf, get_config
-from llmkern.testing import save_tiny_hf
+from llmkern.testing import TinyHFFamilies, assert_greedy_matches_transformers, load_hf, random_ids
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,26 +44,18 @@ TOL = dict(atol=3e-5, rtol=1e-5)
 pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py: tiny models)
 
 
-def _save(path, family, seed=0, **changes):
-    cfg_cls, model_cls, options = FAMILIES[family]
-    return save_tiny_hf(path, cfg_cls, model_cls, {**COMMON, **options, **changes}, seed)
+HF = TinyHFFamilies(FAMILIES, COMMON)
+_save, _load = HF.save, load_hf
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """family -> (checkpoint directory, transformers model)."""
-    root = tmp_path_factory.mktemp("gemma")
-    return {f: (str(root / f), _save(root / f, f)) for f in FAMILIES}
-
-
-def _load(path, backend="torch"):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return from_hf(path, backend=backend)
+    return HF.save_all(tmp_path_factory.mktemp("gemma"))
 
 
 def _ids(B=2, T=13, seed=0):
-    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+    return random_ids(V, B, T, seed)
 
 
 def _edit(path, **changes):
@@ -152,17 +144,7 @@ def test_greedy_generation_matches_transformers(saved, family, backend):
     (transformers' windows count the padding positions too, as the zoo's do) and without the cache."""
     path, hf = saved[family]
     m = _load(path, backend)
-    x = _ids(T=9, seed=1)
-    am = torch.ones_like(x)
-    am[1, :3] = 0
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        want = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False, pad_token_id=PAD)
-        assert torch.equal(generate(m, x, 6), want)
-        want = hf.generate(x, attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
-        assert torch.equal(generate(m, x, 6, attention_mask=am, pad_token_id=PAD), want)
-        if backend == "torch":
-            assert torch.equal(generate(m, x, 6, attention_mask=am, pad_token_id=PAD, use_cache=False), want)
+    assert_greedy_matches_transformers(m, hf, _ids(T=9, seed=1), 6, PAD, no_cache=backend == "torch")
 
 
 def test_cache_decode_hands_scale_softcap_and_window_to_llmkern(saved, monkeypatch):

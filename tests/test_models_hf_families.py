@@ -11,7 +11,7 @@ import torch
 from llmkern import flops
 from llmkern.generation import generate
 from llmkern.models import Llama, from_hf, get_config
-from llmkern.testing import save_tiny_hf
+from llmkern.testing import TinyHFFamilies, assert_greedy_matches_transformers, load_hf, random_ids
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,27 +32,18 @@ FAMILIES = {
 pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py: tiny models)
 
 
-def _save(path, family, seed=0, **changes):
-    """A tiny random transformers model of `family`, saved to `path` (llmkern.testing.save_tiny_hf)."""
-    cfg_cls, model_cls, options = FAMILIES[family]
-    return save_tiny_hf(path, cfg_cls, model_cls, {**COMMON, **options, **changes}, seed)
+HF = TinyHFFamilies(FAMILIES, COMMON)
+_save, _load = HF.save, load_hf
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """family -> (checkpoint directory, transformers model)."""
-    root = tmp_path_factory.mktemp("families")
-    return {f: (str(root / f), _save(root / f, f)) for f in FAMILIES}
-
-
-def _load(path, backend="torch"):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return from_hf(path, backend=backend)
+    return HF.save_all(tmp_path_factory.mktemp("families"))
 
 
 def _ids(B=2, T=17, seed=0):
-    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+    return random_ids(V, B, T, seed)
 
 
 def test_configs_carry_the_family_options(saved):
@@ -83,17 +74,7 @@ def test_greedy_generation_matches_transformers(saved, family, backend):
     (transformers' windows count the padding positions too, as the zoo's do) and without the cache."""
     path, hf = saved[family]
     m = _load(path, backend)
-    x = _ids(T=9, seed=1)
-    am = torch.ones_like(x)
-    am[1, :3] = 0
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        want = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False, pad_token_id=PAD)
-        assert torch.equal(generate(m, x, 8), want)
-        want = hf.generate(x, attention_mask=am, max_new_tokens=8, do_sample=False, pad_token_id=PAD)
-        assert torch.equal(generate(m, x, 8, attention_mask=am, pad_token_id=PAD), want)
-        if backend == "torch":
-            assert torch.equal(generate(m, x, 8, attention_mask=am, pad_token_id=PAD, use_cache=False), want)
+    assert_greedy_matches_transformers(m, hf, _ids(T=9, seed=1), 8, PAD, no_cache=backend == "torch")
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])

@@ -13,7 +13,7 @@ from llmkern import flops
 from llmkern.generation import generate
 from llmkern.models import Llama, build, from_hf, get_config
 from llmkern.models.llama import _experts_dense, _experts_loop, load_balancing_loss
-from llmkern.testing import save_tiny_hf
+from llmkern.testing import TinyHFFamilies, load_hf, random_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py: tiny models)
 
@@ -35,28 +35,18 @@ FAMILIES = {
 }
 
 
-def _save(path, family, seed=0, **changes):
-    """A tiny random transformers MoE model saved to `path`, its routers decisive (llmkern.testing)."""
-    pytest.importorskip("transformers")
-    cfg_cls, model_cls, options = FAMILIES[family]
-    return save_tiny_hf(path, cfg_cls, model_cls, {**COMMON, **options, **changes}, seed, router_std=0.3)
+HF = TinyHFFamilies(FAMILIES, COMMON, router_std=0.3)
+_save, _load = HF.save, load_hf
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """family -> (checkpoint directory, transformers model)."""
-    root = tmp_path_factory.mktemp("moe")
-    return {f: (str(root / f), _save(root / f, f)) for f in FAMILIES}
-
-
-def _load(path, backend="torch"):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return from_hf(path, backend=backend)
+    return HF.save_all(tmp_path_factory.mktemp("moe"))
 
 
 def _ids(B=2, T=13, seed=0):
-    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+    return random_ids(V, B, T, seed)
 
 
 # ---- config ---------------------------------------------------------------------------------------

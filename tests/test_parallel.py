@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from llmkern.parallel import ColumnParallelLinear, RowParallelLinear, tensor_parallelize
 from llmkern.parallel import layers as tp_layers
 from llmkern.parallel.launch import RankPool
+from llmkern.testing import collect_close
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -43,16 +44,8 @@ class LoRAWrapped(nn.Module):
         return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x)) * s
 
 
-def _close(name, actual, expected, failures, **tol):
-    tol = {**TOL, **tol}
-    if actual is None or expected is None:
-        if not (actual is None and expected is None):
-            failures.append(f"{name}: one of actual/expected is None")
-        return
-    try:
-        torch.testing.assert_close(actual.detach().double(), expected.detach().double(), **tol)
-    except AssertionError as exc:
-        failures.append(f"{name}: {str(exc).splitlines()[0]} {str(exc).splitlines()[-1] if exc.args else ''}")
+def _close(tag, actual, expected, failures, **tol):
+    collect_close(tag, actual, expected, failures, **{**TOL, **tol})
 
 
 def _rows(t, r, p, dim=0):

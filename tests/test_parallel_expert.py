@@ -20,6 +20,7 @@ from llmkern.models.llama import MoE
 from llmkern.parallel import tensor_parallelize
 from llmkern.parallel.expert import (ExpertParallelMoE, LocalExperts, all_reduce_replicated_grads,
                                      expert_parallelize, expert_parameter_names)
+from llmkern.testing import collect_close, raise_failures
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 LAYER = dict(n_embd=32, moe_ffn_dim=24)  # (mixtral-tiny's attention sizes; only the MoE layer is built)
@@ -30,19 +31,7 @@ QWEN2_MOE = dict(moe_ffn_dim=48, moe_shared_ffn_dim=40, moe_layers=(1,), moe_ren
 # ---- helpers (top level: the spawned ranks import them) -----------------------------------------
 
 def _close(tag, actual, expected, failures, **tol):
-    if actual is None or expected is None:
-        if actual is not None or expected is not None:
-            failures.append(f"{tag}: one of actual / expected is None")
-        return
-    try:
-        torch.testing.assert_close(actual.detach().double(), expected.detach().double(), **{**TOL, **tol})
-    except AssertionError as exc:
-        failures.append(f"{tag}: {str(exc).splitlines()[0]}")
-
-
-def _raise(rank, failures):
-    if failures:
-        raise AssertionError(f"rank {rank}: {len(failures)} failures:\n" + "\n".join(failures))
+    collect_close(tag, actual, expected, failures, **{**TOL, **tol})
 
 
 class _Route:
@@ -161,7 +150,7 @@ def layer_worker(rank, p, cases):
         gu, dn = ep.experts.gathered()
         full = torch.cat([ref.experts.gate_up_proj.flatten(), ref.experts.down_proj.flatten()])
         _close(f"{tag}: gathered experts", torch.cat([gu.flatten(), dn.flatten()]), full, failures, atol=0, rtol=0)
-    _raise(rank, failures)
+    raise_failures(rank, failures)
     return len(cases)
 
 
@@ -228,7 +217,7 @@ def model_worker(rank, p, source, backend, steps):
             owner = mods[name.rsplit(".", 1)[0]]
             expected = expected[owner.first:owner.first + owner.n_local]
         _close(f"after {steps} AdamW steps: {name}", prm, expected, failures)
-    _raise(rank, failures)
+    raise_failures(rank, failures)
     return sorted(expert_names)
 
 
@@ -246,7 +235,7 @@ def compile_worker(rank, p):
     _close("compiled loss", outs[1], outs[0], failures)
     for (name, a), (_, c) in zip(eager.named_parameters(), compiled.named_parameters()):
         _close(f"compiled grad of {name}", c.grad, a.grad, failures)
-    _raise(rank, failures)
+    raise_failures(rank, failures)
     return True
 
 

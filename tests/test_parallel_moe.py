@@ -18,6 +18,7 @@ from llmkern.models import Llama, get_config
 from llmkern.models.llama import MoE, load_balancing_loss
 from llmkern.parallel import ColumnParallelLinear, RowParallelLinear, tensor_parallelize
 from llmkern.parallel.moe import ShardedExperts, TensorParallelMoE
+from llmkern.testing import collect_close, raise_failures
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 # a Qwen2-MoE-like config: shared expert, layer 0 dense, no renormalisation, load-balancing loss
@@ -28,14 +29,7 @@ QWEN2_MOE = dict(moe_ffn_dim=48, moe_shared_ffn_dim=40, moe_layers=(1,), moe_ren
 # ---- helpers (top level: the spawned ranks import them) -----------------------------------------
 
 def _close(tag, actual, expected, failures, **tol):
-    if actual is None or expected is None:
-        if actual is not None or expected is not None:
-            failures.append(f"{tag}: one of actual / expected is None")
-        return
-    try:
-        torch.testing.assert_close(actual.detach().double(), expected.detach().double(), **{**TOL, **tol})
-    except AssertionError as exc:
-        failures.append(f"{tag}: {str(exc).splitlines()[0]}")
+    collect_close(tag, actual, expected, failures, **{**TOL, **tol})
 
 
 def _decisive(model, seed=0):
@@ -94,11 +88,6 @@ def _check_expert_memory(tag, ref, tp, p, failures):
         failures.append(f"{tag}: no expert parameter found")
 
 
-def _raise(rank, failures):
-    if failures:
-        raise AssertionError(f"rank {rank}: {len(failures)} failures:\n" + "\n".join(failures))
-
-
 # ---- workers ------------------------------------------------------------------------------------
 
 def model_worker(rank, p, cases):
@@ -128,7 +117,7 @@ def model_worker(rank, p, cases):
         _close(f"{tag}: gathered gate_up_proj", gu, full.gate_up_proj, failures, atol=0, rtol=0)
         _close(f"{tag}: gathered down_proj", dn, full.down_proj, failures, atol=0, rtol=0)
         checked.append(n)
-    _raise(rank, failures)
+    raise_failures(rank, failures)
     return checked
 
 
@@ -164,7 +153,7 @@ def layer_worker(rank, p, backends):
             _close(f"{tag}: input grad", xt.grad, xr.grad[rows], failures)
             _check_grads(tag, ref, tp, rank, p, failures)
             n += 1
-    _raise(rank, failures)
+    raise_failures(rank, failures)
     return n
 
 
@@ -183,7 +172,7 @@ def from_hf_worker(rank, p, path, backend):
         out.pow(2).mean().backward()
     _close("from_hf: logits", outs[1], outs[0], failures)
     _check_grads("from_hf", ref, tp, rank, p, failures)
-    _raise(rank, failures)
+    raise_failures(rank, failures)
     return sorted(n for n, m in tp.named_modules() if isinstance(m, TensorParallelMoE))
 
 
