@@ -147,3 +147,47 @@ def raise_failures(rank, failures):
     """AssertionError listing a rank's collected failures, if any."""
     if failures:
         raise AssertionError(f"rank {rank}: {len(failures)} failures:\n" + "\n".join(failures))
+
+
+def assert_peft_lora_round_trip(path, workdir, x, atol=1e-5, rtol=1e-5):
+    """A LoRA adapter that PEFT saves on the transformers checkpoint at `path` (every attention and MLP
+    projection targeted, random nonzero factors) loads into the zoo (llmkern.peft.load_peft_adapter over
+    from_hf) with PEFT's logits on x; saved back with HF names (save_peft_adapter), PEFT reads it and gives
+    them again. Imports peft and transformers."""
+    import peft
+    import transformers
+
+    from llmkern import peft as lp
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    pm = peft.get_peft_model(base, peft.LoraConfig(target_modules=targets, r=4, lora_alpha=8, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.save_pretrained(workdir / "ad")
+    with torch.no_grad():
+        want = pm.eval()(x).logits
+    zoo = lp.load_peft_adapter(load_hf(path), str(workdir / "ad"))
+    assert len(dict(lp.lora_modules(zoo))) == 2 * len(targets)
+    with torch.no_grad():
+        torch.testing.assert_close(zoo(x), want, atol=atol, rtol=rtol)
+    lp.save_peft_adapter(zoo, str(workdir / "back"))
+    back = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path),
+                                          str(workdir / "back")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, want, atol=atol, rtol=rtol)
+
+
+def padding_mask(B, Tk, device="cpu"):
+    """A bool key_padding_mask [B, Tk] (True = attend): left padding on row 0, random holes elsewhere, the
+    last key always visible, and (B > 1) row 1 fully masked (no key at all)."""
+    g = torch.Generator().manual_seed(7)
+    m = torch.rand(B, Tk, generator=g) > 0.3
+    m[:, -1] = True
+    m[0, : Tk // 3] = False
+    if B > 1:
+        m[1] = False
+    return m.to(device)

@@ -14,7 +14,7 @@ import torch
 import llmkern
 import llmkern.ops.attention  # noqa: F401  (registers torch.ops.llmkern.attention_*)
 from llmkern.reference import attention as ref
-from llmkern.testing import assert_close, triton_device
+from llmkern.testing import assert_close, padding_mask, triton_device
 
 DEV = triton_device()
 needs_triton = pytest.mark.skipif(DEV is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -32,14 +32,7 @@ def _inputs(B, H, Hk, Tq, Tk, D, dtype=torch.float32, device=DEV, sink_dtype=tor
 
 
 def _pad(B, Tk, device=DEV):
-    """Left padding on row 0, holes elsewhere, and (B > 1) row 1 fully masked: no key at all."""
-    g = torch.Generator().manual_seed(7)
-    m = torch.rand(B, Tk, generator=g) > 0.3
-    m[:, -1] = True
-    m[0, : Tk // 3] = False
-    if B > 1:
-        m[1] = False
-    return m.to(device)
+    return padding_mask(B, Tk, device)
 
 
 def _eager_gpt_oss(q, k, v, sinks, scale, mask=None):

@@ -15,7 +15,8 @@ import llmkern
 
 from llmkern.generation import generate
 from llmkern.models import Llama, from_hf, get_config
-from llmkern.testing import TinyHFFamilies, assert_greedy_matches_transformers, load_hf, random_ids
+from llmkern.testing import (TinyHFFamilies, assert_greedy_matches_transformers, assert_peft_lora_round_trip,
+                             load_hf, random_ids)
 
 transformers = pytest.importorskip("transformers")
 
@@ -175,30 +176,8 @@ def test_cache_decode_hands_scale_softcap_and_window_to_llmkern(saved, monkeypat
 def test_peft_lora_adapter_on_gemma3_round_trips(tmp_path, saved):
     """A LoRA adapter that PEFT saved on Gemma3ForCausalLM (every linear targeted) loads into the zoo through
     hf_module_names and gives PEFT's logits; saved back with HF names, PEFT reads it."""
-    peft = pytest.importorskip("peft")
-    lp = pytest.importorskip("llmkern.peft")
-    path, _ = saved["gemma3_text"]
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    pm = peft.get_peft_model(base, peft.LoraConfig(target_modules=targets, r=4, lora_alpha=8, lora_dropout=0.0))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    pm.save_pretrained(tmp_path / "ad")
-    x = _ids()
-    with torch.no_grad():
-        want = pm.eval()(x).logits
-    zoo = lp.load_peft_adapter(_load(path), str(tmp_path / "ad"))
-    assert len(dict(lp.lora_modules(zoo))) == 2 * len(targets)
-    with torch.no_grad():
-        torch.testing.assert_close(zoo(x), want, **TOL)
-    lp.save_peft_adapter(zoo, str(tmp_path / "back"))
-    back = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path),
-                                          str(tmp_path / "back")).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(back(x).logits, want, **TOL)
+    pytest.importorskip("peft")
+    assert_peft_lora_round_trip(saved["gemma3_text"][0], tmp_path, _ids(), **TOL)
 
 
 @pytest.mark.parametrize("family, changes", [

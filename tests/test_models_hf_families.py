@@ -11,7 +11,8 @@ import torch
 from llmkern import flops
 from llmkern.generation import generate
 from llmkern.models import Llama, from_hf, get_config
-from llmkern.testing import TinyHFFamilies, assert_greedy_matches_transformers, load_hf, random_ids
+from llmkern.testing import (TinyHFFamilies, assert_greedy_matches_transformers, assert_peft_lora_round_trip,
+                             load_hf, random_ids)
 
 transformers = pytest.importorskip("transformers")
 
@@ -110,30 +111,8 @@ def test_cache_decode_equals_full_forward_on_both_backends(saved, family, monkey
 def test_peft_lora_adapter_on_qwen2_loads_into_the_zoo(tmp_path, saved):
     """A LoRA adapter that PEFT saved on Qwen2ForCausalLM (biased q/k/v, every linear targeted) loads
     with llmkern.peft.load_peft_adapter and gives PEFT's logits; saved back with HF names, PEFT reads it."""
-    peft = pytest.importorskip("peft")
-    lp = pytest.importorskip("llmkern.peft")
-    path, _ = saved["qwen2"]
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    pm = peft.get_peft_model(base, peft.LoraConfig(target_modules=targets, r=4, lora_alpha=8, lora_dropout=0.0))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    pm.save_pretrained(tmp_path / "ad")
-    x = _ids()
-    with torch.no_grad():
-        want = pm.eval()(x).logits
-    zoo = lp.load_peft_adapter(_load(path), str(tmp_path / "ad"))
-    assert len(dict(lp.lora_modules(zoo))) == 2 * len(targets)
-    with torch.no_grad():
-        torch.testing.assert_close(zoo(x), want, atol=1e-5, rtol=1e-5)
-    lp.save_peft_adapter(zoo, str(tmp_path / "back"))
-    back = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path),
-                                          str(tmp_path / "back")).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(back(x).logits, want, atol=1e-5, rtol=1e-5)
+    pytest.importorskip("peft")
+    assert_peft_lora_round_trip(saved["qwen2"][0], tmp_path, _ids())
 
 
 @pytest.mark.parametrize("family, changes", [
