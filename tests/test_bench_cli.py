@@ -187,3 +187,33 @@ def test_mfu_peak_memory_is_one_steady_state_step_on_cuda_only(monkeypatch):
     notes = mfu._finetune_notes("qlora", {"llmkern": 3 << 29, "torch": 1 << 31})
     assert notes[-1] == "peak memory of a step 1.50 GiB vs 2.00 GiB baseline"
     assert not any("peak" in n for n in mfu._finetune_notes("lora", {"llmkern": None, "torch": None}))
+
+
+def mfu_torchrun_worker(rank, p, out):
+    """The mfu suite as torchrun runs it (WORLD_SIZE > 1, a process group up): tiny rows, one timed step."""
+    import torch
+
+    from llmkern.bench.suites import mfu
+    from llmkern.models import get_config
+
+    os.environ["WORLD_SIZE"] = str(p)
+    tiny = get_config("gpt-tiny", n_layer=1, n_embd=64, n_head=2, block_size=32, vocab_size=128)
+    moe = get_config("mixtral-tiny", n_layer=1, n_embd=64, n_head=2, n_kv_head=2, intermediate_size=32,
+                     block_size=32, vocab_size=128, n_experts=2 * p, n_experts_per_tok=2)
+    mfu._rows = lambda device, quick: [("tiny", tiny, 2, 16, False), ("moe", moe, 2, 16, False)]
+    mfu.time_fn = lambda step, **kw: (step(), step(), 2.0)[-1]  # two steps: the optimizer's state, then one
+    torch.manual_seed(rank)  # (each rank's own data under dp / ep)
+    assert cli.main(["--suite", "mfu", "--quick", "--out", f"{out}/{rank}", "--device", "cpu"]) == 0
+    return {r["op"]: r["notes"] for r in json.loads(open(f"{out}/{rank}/results.json").read())["results"]}
+
+
+def test_mfu_suite_under_torchrun_runs_tp_and_ep_rows(ranks, tmp_path):
+    """With 2 gloo ranks the suite adds FSDP2's data-parallel and llmkern's tensor-parallel rows of its first
+    model and the expert-parallel row of its first MoE model, each measured (a failed parallel step would
+    leave its row out)."""
+    for rows in ranks(2).run(mfu_torchrun_worker, (str(tmp_path),), timeout=120):
+        ops = set(rows)
+        assert "tiny train step (FSDP2 dp=2, per GPU)" in ops, rows
+        assert "tiny train step (llmkern TP tp=2, per GPU)" in ops, rows
+        assert "moe train step (llmkern EP ep=2, per GPU)" in ops, rows
+        assert "moe train step" in ops and "tiny train step" in ops

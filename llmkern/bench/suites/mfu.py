@@ -21,8 +21,10 @@ counts the model's FLOPs as every row does, extra["hfu"] / ["hfu_a100"] the hard
 recomputed forward too, llmkern.flops.hfu), and the peak memory shows what recomputation saves.
 
 Under torchrun (WORLD_SIZE > 1) the gpt2 step also runs data parallel (PyTorch's FSDP2,
-fully_shard per block) and tensor parallel (llmkern.parallel.tensor_parallelize) over all ranks;
-tokens/s and MFU are then per GPU (global tokens / world size), and every rank yields its rows.
+fully_shard per block) and tensor parallel (llmkern.parallel.tensor_parallelize) over all ranks, and the
+first MoE row expert parallel (llmkern.parallel.expert_parallelize: each rank its own batch and E/p whole
+experts, the replicated gradients averaged by all_reduce_replicated_grads); tokens/s and MFU are then per
+GPU (global tokens / world size), and every rank yields its rows.
 
 LLMKERN_BENCH_COMPILE wraps both backends' models in torch.compile: "1" / "default" (Inductor),
 "reduce-overhead" (Inductor and CUDA graphs: no host time per kernel launch, which is what bounds an
@@ -193,7 +195,8 @@ def _world():
 
 
 def _parallelize(model, mode, device):
-    """FSDP2 ("dp") or llmkern tensor parallel ("tp") over the default process group."""
+    """FSDP2 ("dp"), llmkern tensor parallel ("tp") or expert parallel ("ep", MoE models: each rank its own
+    batch and E/p whole experts) over the default process group."""
     if mode == "dp":
         from torch.distributed.fsdp import fully_shard
 
@@ -204,6 +207,10 @@ def _parallelize(model, mode, device):
         from llmkern.parallel import tensor_parallelize
 
         tensor_parallelize(model)
+    elif mode == "ep":
+        from llmkern.parallel import expert_parallelize
+
+        expert_parallelize(model)
     return model
 
 
@@ -233,6 +240,10 @@ def _step_fn(cfg, backend, batch, seq, kind, device, compile_, parallel=None):
         with amp:
             _, loss = fwd(data, labels=data)
         loss.backward()
+        if parallel == "ep":  # the replicated weights' data-parallel mean (DDP's job elsewhere)
+            from llmkern.parallel import all_reduce_replicated_grads
+
+            all_reduce_replicated_grads(model, op="mean")
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -284,6 +295,7 @@ def _finetune_notes(kind, peaks):
 _KIND = {False: "train", True: "LoRA finetune", "lora": "LoRA finetune", "qlora": "QLoRA finetune",
          "recompute": "train (recompute)"}
 FINETUNE = (True, "lora", "qlora")
+_PARALLEL_LABEL = {"dp": "FSDP2 dp", "tp": "llmkern TP tp", "ep": "llmkern EP ep"}
 
 
 def _baseline_name(kind):
@@ -352,7 +364,8 @@ def run(ctx):
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         first = plan[0]
-        plan = [first[:-1] + ("dp",), first[:-1] + ("tp",)] + plan
+        moe = next((r for r in plan if r[1].n_experts and r[1].n_experts % world == 0 and not r[4]), None)
+        plan = [first[:-1] + ("dp",), first[:-1] + ("tp",)] + ([moe[:-1] + ("ep",)] if moe else []) + plan
     for label, cfg, batch, seq, kind, parallel in ctx.progress(plan, desc="mfu"):
         times, notes = {}, []
         n_lora = 0
@@ -418,7 +431,7 @@ def run(ctx):
                 extra["torch_mfu"] = flops.mfu(t_tok_s, fpt, dev_peak)
         yield Result(
             op=f"{label} {_KIND[kind]} step"
-               + (f" ({'FSDP2 dp' if parallel == 'dp' else 'llmkern TP tp'}={world}, per GPU)" if parallel else ""),
+               + (f" ({_PARALLEL_LABEL[parallel]}={world}, per GPU)" if parallel else ""),
             shape=f"B={batch} T={seq} {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}"
                   + (f" torch.compile({row_compile})" if row_compile else ""),
             ours_ms=times["llmkern"], baseline=_baseline_name(kind),
