@@ -180,7 +180,7 @@ def chunk_worker(rank, world_size):
     gen = torch.Generator().manual_seed(3)
     V, d, N = 37, 16, 23
     lo, hi, _ = shard_rows(V, None)
-    for bias in (False, True):
+    for bias, cap in ((False, None), (True, None), (True, 3.0)):  # cap: Gemma 2's final logit soft-cap
         full = torch.nn.Linear(d, V, bias=bias)
         with torch.no_grad():
             full.weight.copy_(torch.randn(V, d, generator=gen))
@@ -190,18 +190,19 @@ def chunk_worker(rank, world_size):
         y = torch.randint(0, V, (N,), generator=gen)
         y[::4] = -100
         h_ref = h0.clone().requires_grad_()
-        want = F.cross_entropy(full(h_ref), y)
+        logits = full(h_ref)
+        want = F.cross_entropy(logits if cap is None else cap * torch.tanh(logits / cap), y)
         want.backward()
         for chunk in (None, 5):
             head = VocabParallelLMHead.from_linear(full, None)
             h = h0.clone().requires_grad_()
-            got = head.vocab_parallel_loss(h.view(1, N, d), y.view(1, N), chunk_size=chunk)
+            got = head.vocab_parallel_loss(h.view(1, N, d), y.view(1, N), chunk_size=chunk, softcap=cap)
             got.backward()
             err = max(abs(got.item() - want.item()), (h.grad - h_ref.grad).abs().max().item(),
                       (head.weight.grad[:hi - lo] - full.weight.grad[lo:hi]).abs().max().item())
             if bias:
                 err = max(err, (head.bias.grad[:hi - lo] - full.bias.grad[lo:hi]).abs().max().item())
-            out[(bias, chunk)] = err
+            out[(bias, cap, chunk)] = err
         full.zero_grad()
     return out
 

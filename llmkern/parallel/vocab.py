@@ -144,10 +144,11 @@ def _shard_loss(z, labels, valid, bad, lo, valid_cols, group, grad_scale):
 
 
 def _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, group, num_classes, chunk_size,
-                        need_dh, need_dw, need_db):
+                        need_dh, need_dw, need_db, softcap=None):
     """(mean loss, partial dh [N, d], dW [S, d] float32, db [S] float32): the loss of the sharded LM head
     and the gradients of the mean (upstream gradient 1), chunk by chunk of rows while each chunk's logits
-    exist. dh is this rank's part (its vocabulary rows' contribution); the ranks' parts sum to dh."""
+    exist. dh is this rank's part (its vocabulary rows' contribution); the ranks' parts sum to dh.
+    softcap: the logits soft-capped first, c * tanh(z / c) (Gemma 2/3's final_logit_softcapping)."""
     from llmkern.ops.cross_entropy import _add_mm, _lce_chunk_rows
 
     valid, bad = _check_vocab_labels(labels, ignore_index, num_classes)
@@ -164,11 +165,16 @@ def _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, g
     for r0 in range(0, h.shape[0], step):
         rows = slice(r0, r0 + step)
         z = F.linear(h[rows], weight, bias).float()
+        if softcap:
+            t = torch.tanh(z / softcap)
+            z = softcap * t
         loss, dz = _shard_loss(z, labels[rows], valid[rows], bad[rows], lo, valid_cols, group,
                                scale[rows] if grads else None)
         total += loss.sum()
         if not grads:
             continue
+        if softcap:
+            dz = dz * (1 - t * t)  # d(c tanh(z / c)) / dz
         dz = dz.to(h.dtype)
         if need_dh:
             torch.matmul(dz, weight, out=dh[rows])
@@ -186,11 +192,12 @@ class _VocabParallelLinearCE(torch.autograd.Function):
     scales them and sums dh over the ranks (one all-reduce of [N, d])."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, labels, lo, valid_cols, ignore_index, group, num_classes, chunk_size):
+    def forward(ctx, h, weight, bias, labels, lo, valid_cols, ignore_index, group, num_classes, chunk_size,
+                softcap=None):
         need = ctx.needs_input_grad
         loss, dh, dw, db = _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, group,
                                                num_classes, chunk_size, need[0], need[1],
-                                               bias is not None and need[2])
+                                               bias is not None and need[2], softcap)
         ctx.save_for_backward(dh, dw, db)
         ctx.meta = (group, weight.dtype, None if bias is None else bias.dtype)
         return loss
@@ -205,7 +212,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             dist.all_reduce(dh, group=group)
         dw = None if dw is None else (dw * g).to(w_dtype)
         db = None if db is None else (db * g).to(b_dtype)
-        return dh, dw, db, None, None, None, None, None, None, None
+        return (dh, dw, db) + (None,) * 8  # labels ... softcap
 
 
 class VocabParallelLMHead(nn.Module):
@@ -236,10 +243,11 @@ class VocabParallelLMHead(nn.Module):
         full = _GatherLastDim.apply(self._local_logits(h).contiguous(), self.group)
         return full[..., :self.out_features]
 
-    def vocab_parallel_loss(self, h, labels, ignore_index=-100, chunk_size=None):
+    def vocab_parallel_loss(self, h, labels, ignore_index=-100, chunk_size=None, softcap=None):
         """Mean cross-entropy of the logits of h [..., d] against labels [...] (ignore_index rows left
         out), computed on the vocabulary shards a chunk of rows at a time (`chunk_size` rows; default as
-        llmkern.linear_cross_entropy's): no [N, V] tensor on any rank, and no [N, S] one either."""
+        llmkern.linear_cross_entropy's): no [N, V] tensor on any rank, and no [N, S] one either.
+        softcap: the logits soft-capped first, softcap * tanh(z / softcap) (None or 0: off)."""
         lo, hi, _ = shard_rows(self.out_features, self.group)
         y = labels.reshape(-1)
         if y.numel() * self.in_features != h.numel():
@@ -253,9 +261,9 @@ class VocabParallelLMHead(nn.Module):
                 # (an autograd.Function's needs_input_grad ignores no_grad: through apply, an evaluation
                 # would form dh, the float32 [S, d] dW and db, three GEMMs' work, and throw them away)
                 return _vocab_parallel_lce(h, weight, bias, y, lo, hi - lo, ignore_index, self.group,
-                                           self.out_features, chunk_size, False, False, False)[0]
+                                           self.out_features, chunk_size, False, False, False, softcap)[0]
             return _VocabParallelLinearCE.apply(h, weight, bias, y, lo, hi - lo, ignore_index, self.group,
-                                                self.out_features, chunk_size)
+                                                self.out_features, chunk_size, softcap)
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, shard={tuple(self.weight.shape)}"
