@@ -156,6 +156,45 @@ at::Tensor filter_impl(const at::Tensor& logits_in, const at::Tensor& top_k, con
   return out;
 }
 
+// llmkern.top_logprobs on CPU (no CUDA kernel: on GPUs the Python op composes torch ops).
+// Returns (ids [B, n], logprobs [B, n], token_logprobs, token_ranks); the last two are [B] with
+// tokens and empty without.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_impl(
+    const at::Tensor& logits_in, int64_t n, const at::Tensor& temperature,
+    const c10::optional<at::Tensor>& tokens) {
+  at::Tensor logits = logits_2d(logits_in);
+  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(n >= 0 && n <= V, "llmkern: n must be in [0, ", V, "], got ", n);
+  auto t = row_param(temperature, at::kFloat, B, logits, "temperature");
+  at::Tensor tok;
+  if (tokens.has_value()) {
+    tok = row_param(*tokens, at::kLong, B, logits, "tokens");
+    const int64_t* p = tok.data_ptr<int64_t>();
+    for (int64_t r = 0; r < B; ++r)  // an id out of range would read outside the row
+      TORCH_CHECK(p[r] >= 0 && p[r] < V, "llmkern: tokens must be in [0, ", V, "), got ", p[r]);
+  }
+  auto ids = at::empty({B, n}, logits.options().dtype(at::kLong));
+  auto lps = at::empty({B, n}, logits.options().dtype(at::kFloat));
+  const int64_t nt = tok.defined() ? B : 0;
+  auto tok_lp = at::empty({nt}, logits.options().dtype(at::kFloat));
+  auto tok_rank = at::empty({nt}, logits.options().dtype(at::kLong));
+  LogprobArgs a;
+  a.logits = logits.data_ptr();
+  a.dtype = dtype_of(logits);
+  a.B = B;
+  a.V = V;
+  a.logits_stride = logits.stride(0);
+  a.temperature = t.data_ptr<float>();
+  a.n = n;
+  a.tokens = tok.defined() ? tok.data_ptr<int64_t>() : nullptr;
+  a.top_ids = ids.data_ptr<int64_t>();
+  a.top_logprobs = lps.data_ptr<float>();
+  a.token_logprobs = tok_lp.data_ptr<float>();
+  a.token_ranks = tok_rank.data_ptr<int64_t>();
+  if (B > 0) logprobs_cpu(a);
+  return {ids, lps, tok_lp, tok_rank};
+}
+
 }  // namespace
 }  // namespace llmkern
 
@@ -164,11 +203,13 @@ TORCH_LIBRARY(llmkern, m) {
       "sample(Tensor logits, Tensor? logit_bias, Tensor? allowed, Tensor temperature, Tensor top_k, "
       "Tensor top_p, Tensor min_p, Tensor seed, Tensor position) -> (Tensor, Tensor, Tensor)");
   m.def("top_k_top_p_filter(Tensor logits, Tensor top_k, Tensor top_p, Tensor min_p, float filter_value) -> Tensor");
+  m.def("top_logprobs(Tensor logits, int n, Tensor temperature, Tensor? tokens) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(llmkern, CPU, m) {
   m.impl("sample", &llmkern::sample_impl);
   m.impl("top_k_top_p_filter", &llmkern::filter_impl);
+  m.impl("top_logprobs", &llmkern::logprobs_impl);
 }
 
 #ifdef LLMKERN_WITH_CUDA

@@ -65,8 +65,26 @@ struct FilterArgs {
   int split_slices = 0;
 };
 
+// Log-probabilities as serving engines report them (llmkern.top_logprobs): per row, under
+// softmax(logits / temperature) with NaN -> -inf, the n most likely tokens (descending, lowest id
+// first on ties) and, with tokens, each token's logprob and rank (1 + #logits strictly larger).
+// CPU only: on CUDA the Python op composes torch ops (see llmkern/ops/sampling.py).
+struct LogprobArgs {
+  const void* logits = nullptr;  // [B, V], row stride logits_stride (elements), unit column stride
+  DType dtype = DType::F32;
+  int64_t B = 0, V = 0, logits_stride = 0;
+  const float* temperature = nullptr;  // [B], > 0
+  int64_t n = 0;                       // 0 <= n <= V
+  const int64_t* tokens = nullptr;     // optional [B], in [0, V)
+  int64_t* top_ids = nullptr;          // out [B, n]
+  float* top_logprobs = nullptr;       // out [B, n]
+  float* token_logprobs = nullptr;     // out [B] (with tokens)
+  int64_t* token_ranks = nullptr;      // out [B] (with tokens)
+};
+
 void sample_cpu(const SampleArgs& a);
 void filter_cpu(const FilterArgs& a);
+void logprobs_cpu(const LogprobArgs& a);
 // CUDA launchers (csrc/cuda/sampling.cu); `stream` is a cudaStream_t.
 void sample_cuda(const SampleArgs& a, void* stream);
 void filter_cuda(const FilterArgs& a, void* stream);

@@ -2,6 +2,7 @@
 
 Ops (each a torch.library op with autograd where it makes sense):
   sample, top_k_top_p_filter           sorting-free sampling (C++ CPU / CUDA C++)
+  top_logprobs                         serving-style top-n / token logprobs and ranks (C++ CPU)
   attention, attention_varlen,         fused attention (Triton)
   attention_with_kvcache
   lora_linear, lora_linear_multi       fused LoRA matmul (Triton); the base weight dense or 4-bit NF4
@@ -20,7 +21,7 @@ import importlib as _importlib
 
 __version__ = "0.1.0"
 
-from llmkern.ops.sampling import sample, top_k_top_p_filter  # noqa: E402,F401
+from llmkern.ops.sampling import TopLogprobs, sample, top_k_top_p_filter, top_logprobs  # noqa: E402,F401
 
 # Public names that live in modules imported on first use (keeps `import llmkern` light).
 _LAZY_ATTRS = {

@@ -70,6 +70,15 @@ class GenerationOutput:
     # the row was unfinished and those kept in the output (their ratio: the acceptance rate)
     num_draft_tokens: Optional[torch.Tensor] = None           # int64 [N]
     num_accepted_draft_tokens: Optional[torch.Tensor] = None  # int64 [N]
+    # top_logprobs=k > 0 only, else None (OpenAI's logprobs / top_logprobs, vLLM's logprobs=k): per
+    # generated position, "raw" log-probabilities of the model's distribution (log_softmax of its
+    # logits, before temperature, penalties, bias, masks and filters; llmkern.top_logprobs) - the k
+    # most likely ids and their logprobs, the chosen token's logprob and its rank (1 + the number of
+    # tokens with a larger logit). Positions after a row finished: ids -1, logprobs 0, rank 0.
+    top_logprob_ids: Optional[torch.Tensor] = None  # int64 [N, n, k]
+    top_logprobs: Optional[torch.Tensor] = None     # float32 [N, n, k]
+    raw_logprobs: Optional[torch.Tensor] = None     # float32 [N, n]
+    token_ranks: Optional[torch.Tensor] = None      # int64 [N, n]
 
 
 def _eos_tensor(eos_token_id, device):
@@ -168,7 +177,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
              presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None,
              num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
              allowed_tokens=None, scorers=None, use_cache=True, return_dict=False, attention_mask=None,
-             draft_model=None, num_draft_tokens=4):
+             draft_model=None, num_draft_tokens=4, top_logprobs=0):
     """Continue `input_ids` [B, T] by up to `max_new_tokens` tokens (see the module docstring).
 
     attention_mask: [B, T], 1 = token, 0 = left padding (batched prompts of different lengths,
@@ -176,7 +185,10 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     draft_model: a smaller model with the same vocabulary and the same interface (plus
     `model(ids, cache=...)` returning logits of every position, and caches, its and the model's, with
     the zoo KVCache's per-row `crop(n [B], max_n=)`): speculative decoding, num_draft_tokens (k >= 1)
-    proposals per step."""
+    proposals per step.
+    top_logprobs: k > 0 (greedy and sample, with return_dict=True) adds, per generated position, the k
+    most likely token ids and the raw log-probabilities of the model (see GenerationOutput)."""
+    _check_top_logprobs(top_logprobs, strategy, return_dict, draft_model)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
@@ -242,7 +254,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                           dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                frequency_penalty=frequency_penalty),
-                          logit_bias, seed, allowed_tokens, scorers, use_cache, mask)
+                          logit_bias, seed, allowed_tokens, scorers, use_cache, mask, top_logprobs)
     finally:
         model.train(was_training)
         if draft_model is not None:
@@ -250,8 +262,48 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     return out if return_dict else out.sequences
 
 
+def _check_top_logprobs(k, strategy, return_dict, draft_model):
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"top_logprobs must be an int >= 0, got {k!r}")
+    if k == 0:
+        return
+    if not return_dict:
+        raise ValueError("top_logprobs needs return_dict=True (they are fields of the GenerationOutput)")
+    if strategy == "beam":
+        raise ValueError("top_logprobs is supported for strategy='greedy' and 'sample', not beam search")
+    if draft_model is not None:
+        raise ValueError("top_logprobs is not supported with draft_model (speculative decoding)")
+
+
+class _TopLogprobs:
+    """Collects top_logprobs per step for _decode (k > 0 only: the default path does none of this)."""
+
+    def __init__(self, k):
+        self.k, self.steps = k, []
+
+    def add(self, logits, tok, unfinished):
+        from llmkern.ops.sampling import _constant_row, top_logprobs_rows
+
+        B, V = logits.shape
+        if self.k > V:
+            raise ValueError(f"top_logprobs={self.k} exceeds the vocabulary size {V}")
+        # raw: temperature 1; tok comes from the sampler (in range), so no validation sync per step
+        r = top_logprobs_rows(logits, self.k, _constant_row(1.0, B, logits.device, torch.float32), tok)
+        live = unfinished[:, None]
+        self.steps.append((torch.where(live, r.ids, -1), torch.where(live, r.logprobs, 0.0),
+                           torch.where(unfinished, r.token_logprobs, 0.0), torch.where(unfinished, r.token_ranks, 0)))
+
+    def fill(self, out, B, dev):
+        if self.steps:
+            ids, lps, tok_lps, ranks = (torch.stack(parts, 1) for parts in zip(*self.steps))
+        else:
+            ids, lps = torch.zeros(B, 0, self.k, dtype=torch.long, device=dev), torch.zeros(B, 0, self.k, device=dev)
+            tok_lps, ranks = torch.zeros(B, 0, device=dev), torch.zeros(B, 0, dtype=torch.long, device=dev)
+        return dataclasses.replace(out, top_logprob_ids=ids, top_logprobs=lps, raw_logprobs=tok_lps, token_ranks=ranks)
+
+
 def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_bias, seed,
-            allowed_tokens, scorers, use_cache, mask):
+            allowed_tokens, scorers, use_cache, mask, top_logprobs=0):
     from llmkern.ops.sampling import sample
 
     B, T0 = input_ids.shape
@@ -265,6 +317,7 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
     step = _Stepper(model, B, T0 + max_new_tokens, use_cache, mask)
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
     logps = []
+    tops = _TopLogprobs(top_logprobs) if top_logprobs else None
     seeds = None
     if seed is not None:
         seeds = (int(seed) + torch.arange(B, device=dev)) if isinstance(seed, int) else seed.to(dev).long()
@@ -295,6 +348,8 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
             kw["position"] = position if seeds is not None else None
             tok, lp_tok, valid = sample(logits, **kw, return_valid=True)
         stuck = unfinished & ~valid
+        if tops is not None:
+            tops.add(logits, tok, unfinished)
         tok = torch.where(unfinished, tok, torch.full_like(tok, pad))
         logps.append(torch.where(unfinished, lp_tok.float(), torch.zeros_like(lp_tok.float())))
         seqs = torch.cat([seqs, tok[:, None]], dim=1)
@@ -308,7 +363,8 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
         if not any_left:
             break
     scores = torch.stack(logps, 1) if logps else torch.zeros(B, 0, device=dev)
-    return GenerationOutput(seqs, scores)
+    out = GenerationOutput(seqs, scores)
+    return out if tops is None else tops.fill(out, B, dev)
 
 
 # ---- speculative decoding ------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def collect():
         info["llmkern._C"] = f"not built ({_backend.extension_error()})"
     else:
         kernels = []
-        for op in ("llmkern::sample", "llmkern::top_k_top_p_filter"):
+        for op in ("llmkern::sample", "llmkern::top_k_top_p_filter", "llmkern::top_logprobs"):
             keys = [k for k in ("CPU", "CUDA") if _backend.has_kernel(op, k)]
             kernels.append(f"{op.split('::')[1]} [{', '.join(keys)}]")
         info["llmkern._C"] = f"{ext.__file__}: " + "; ".join(kernels)

@@ -855,6 +855,131 @@ void write_filtered(const T* x, T* out, int64_t V, const float* y, const float* 
   for (int64_t i = 0; i < V; ++i) out[i] = (y[i] >= thr && e[i] >= min_p) ? x[i] : filter;
 }
 
+// ---- log-probabilities (llmkern.top_logprobs) ---------------------------------------------------
+
+// Sum of exp((y - m) * inv_t) over n elements: float lanes over blocks of 2048 elements (256 terms
+// per lane, each in [0, 1]), blocks summed in double - about 1e-7 relative, and about 1.5x faster
+// than the sampler's exact fixed-point mass, which a reported logprob does not need.
+LK_MULTIVERSION double exp_sum_scaled(const float* y, float m, float inv_t, int64_t n) {
+  const simd::vf vm = simd::splat(m), one = simd::splat(1.0f), vt = simd::splat(inv_t);
+  double total = 0.0;
+  int64_t i = 0;
+  while (i + simd::W <= n) {
+    simd::vf acc = simd::splat(0.0f);
+    const int64_t end = std::min(n, i + 2048);
+    for (; i + simd::W <= end; i += simd::W) {
+      const simd::vf v = simd::load(y + i);
+      acc += v == vm ? one : simd::exp_nonpos((v - vm) * vt);  // y == m covers m = +inf
+    }
+    for (int j = 0; j < simd::W; ++j) total += acc[j];
+  }
+  for (; i < n; ++i) total += y[i] == m ? 1.0f : exp_nonpos((y[i] - m) * inv_t);
+  return total;
+}
+
+// How many of y[0, n) are strictly greater than v (a token's rank is 1 + this).
+LK_MULTIVERSION int64_t count_greater(const float* y, float v, int64_t n) {
+  const simd::vf vv = simd::splat(v);
+  simd::vi cnt = simd::vi{};
+  int64_t i = 0;
+  for (; i + simd::W <= n; i += simd::W) cnt -= simd::load(y + i) > vv;  // true lanes are -1
+  int64_t c = 0;
+  for (int j = 0; j < simd::W; ++j) c += cnt[j];
+  for (; i < n; ++i) c += y[i] > v;
+  return c;
+}
+
+// The row as NaN-free float32 (the fp32 input itself when it holds no NaN, else s.y) and its max.
+const float* clean_row(const void* x, DType dt, int64_t V, int nchunks, Scratch& s, float* m) {
+  s.reserve(V);
+  std::vector<float> part_max(nchunks, kNegInf);
+  const float* y = nullptr;
+  if (dt == DType::F32) {
+    std::vector<char> nan(nchunks, 0);
+    for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+      bool has_nan = false;
+      part_max[c] = max_no_copy(static_cast<const float*>(x) + lo, hi - lo, &has_nan);
+      nan[c] = has_nan;
+    });
+    if (std::find(nan.begin(), nan.end(), 1) == nan.end()) y = static_cast<const float*>(x);
+  }
+  if (!y) {  // half precision (one row of float32 scratch, not [B, V]) or NaNs to replace
+    float* ybuf = s.y.data();
+    for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+      part_max[c] = transform_dispatch(dt, x, nullptr, nullptr, 1.f, ybuf, lo, hi);
+    });
+    y = ybuf;
+  }
+  *m = *std::max_element(part_max.begin(), part_max.end());
+  return y;
+}
+
+// ids[0, n): the n largest of y, descending, lowest index first among equal values. Small n: the
+// sampler's running-threshold filter leaves a few candidates per chunk, which are then sorted.
+void top_n_ids(const float* y, int64_t V, int64_t n, int nchunks, Scratch& s, int64_t* ids) {
+  std::vector<int64_t>& idx = s.cand_idx;
+  if (n * 8 > V || n > 4096) {
+    idx.resize(V);
+    for (int64_t i = 0; i < V; ++i) idx[i] = i;
+  } else {
+    s.parts.resize(nchunks);
+    for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+      std::vector<float> tmp;
+      topk_candidates(y, lo, hi, n, s.parts[c], tmp);
+    });
+    idx.clear();
+    for (int c = 0; c < nchunks; ++c) idx.insert(idx.end(), s.parts[c].begin(), s.parts[c].end());
+  }
+  auto before = [y](int64_t a, int64_t b) { return y[a] > y[b] || (y[a] == y[b] && a < b); };
+  std::partial_sort(idx.begin(), idx.begin() + n, idx.end(), before);
+  std::copy(idx.begin(), idx.begin() + n, ids);
+}
+
+void logprob_row(const LogprobArgs& a, int64_t r, int nchunks, Scratch& s) {
+  const int64_t V = a.V, n = a.n, elem = a.dtype == DType::F32 ? 4 : 2;
+  const void* x = static_cast<const char*>(a.logits) + r * a.logits_stride * elem;
+  int64_t* ids = a.top_ids + r * n;
+  float* lps = a.top_logprobs + r * n;
+  float m;
+  const float* y = clean_row(x, a.dtype, V, nchunks, s, &m);
+  if (m == kNegInf) {  // nothing finite: every logprob -inf, ids 0..n-1, rank 1
+    for (int64_t j = 0; j < n; ++j) {
+      ids[j] = j;
+      lps[j] = kNegInf;
+    }
+    if (a.tokens) {
+      a.token_logprobs[r] = kNegInf;
+      a.token_ranks[r] = 1;
+    }
+    return;
+  }
+  const float t = a.temperature[r];
+  std::vector<double> part_z(nchunks, 0.0);
+  for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+    part_z[c] = exp_sum_scaled(y + lo, m, 1.0f / t, hi - lo);
+  });
+  double z = 0.0;
+  for (double p : part_z) z += p;  // >= 1: the maximum's term is exactly 1
+  const double log_z = std::log(z);
+  // (y == m: 0, not inf - inf when the maximum is +inf; the same division as the mass pass)
+  auto logprob = [&](float v) { return (float)((v == m ? 0.0 : (double)((v - m) / t)) - log_z); };
+  if (n > 0) {
+    top_n_ids(y, V, n, V >= (1 << 17) ? nchunks : 1, s, ids);  // (as small_topk_row: threads cost more below)
+    for (int64_t j = 0; j < n; ++j) lps[j] = logprob(y[ids[j]]);
+  }
+  if (a.tokens) {
+    const float v = y[a.tokens[r]];
+    std::vector<int64_t> part_c(nchunks, 0);
+    for_chunks(nchunks, V, [&](int c, int64_t lo, int64_t hi) {
+      part_c[c] = count_greater(y + lo, v, hi - lo);
+    });
+    int64_t above = 0;
+    for (int64_t c : part_c) above += c;
+    a.token_logprobs[r] = logprob(v);
+    a.token_ranks[r] = 1 + above;
+  }
+}
+
 }  // namespace
 
 void sample_cpu(const SampleArgs& a) {
@@ -893,6 +1018,10 @@ void filter_cpu(const FilterArgs& a) {
                      o.y, s.e.data(), o, p.min_p, s.cand_idx, a.filter_bits16);
     }
   });
+}
+
+void logprobs_cpu(const LogprobArgs& a) {
+  for_each_row(a.B, a.V, [&](int64_t r, int inner) { logprob_row(a, r, inner, thread_scratch()); });
 }
 
 }  // namespace llmkern
