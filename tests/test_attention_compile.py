@@ -6,7 +6,10 @@ cannot (type rules of the compiled frontend, layouts, shared-memory budgets) and
 kernel's registers, stack (spills) and shared memory. It runs in a subprocess because the tests
 import Triton with TRITON_INTERPRET=1, under which kernels cannot be compiled.
 
-    python tests/test_attention_compile.py [cc] [dtype] [head_dim]    # prints the resource table
+    python tests/test_attention_compile.py [cc] [dtype] [head_dim[/head_dim_v]] [all]    # prints the resource table
+
+head_dim/head_dim_v (e.g. 192/128, DeepSeek MLA's prefill shape) compiles the kernels with a value head dim
+different from the query/key one.
 """
 import os
 import re
@@ -37,10 +40,10 @@ def _compile(fn, dtype, consts, cc, num_warps, num_stages):
         if name in consts:
             sig[name] = "constexpr"
         elif name.startswith("desc_") and consts.get("USE_TMA", True):  # host descriptor [B, heads, T, D]
-            from llmkern.kernels.attention import _TMA_ROWS
+            from llmkern.kernels.attention import _TMA_COLS, _TMA_ROWS
 
-            rows = consts[_TMA_ROWS[name]]
-            sig[name] = f"tensordesc<{dtype}[1, 1, {rows}, {consts['BLOCK_D']}]>"
+            rows, cols = consts[_TMA_ROWS[name]], consts.get(_TMA_COLS[name], consts["BLOCK_D"])
+            sig[name] = f"tensordesc<{dtype}[1, 1, {rows}, {cols}]>"
         elif name in _PTRS or name.startswith("desc_"):
             sig[name] = "*" + _F32_PTRS.get(name, dtype)
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -75,18 +78,21 @@ def _compile(fn, dtype, consts, cc, num_warps, num_stages):
 SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory one block may use (opt-in maximum)
 
 
-def main(cc=90, dtype="bf16", D=128, every_config=False):
-    """Compile each attention kernel for (cc, dtype, D) with the configs the autotuner would try
-    there (the first candidate of the head-dim bucket; every candidate with every_config)."""
+def main(cc=90, dtype="bf16", D=128, every_config=False, Dv=None):
+    """Compile each attention kernel for (cc, dtype, D, Dv = the value head dim, default D) with the
+    configs the autotuner would try there (the first candidate of the head-dim bucket; every
+    candidate with every_config)."""
     import triton
 
     from llmkern.kernels import attention as A
     from llmkern.kernels import attention_decode as DEC
 
-    BD = triton.next_power_of_2(D)
-    base = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=False, HAS_KPM=False, HAS_SOFTCAP=False,
+    Dv = D if Dv is None else Dv
+    BD, BDV = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
+    dims = dict(HEAD_DIM=D, BLOCK_D=BD, HEAD_DIM_V=Dv, BLOCK_DV=BDV)
+    base = dict(dims, IS_VARLEN=False, HAS_KPM=False, HAS_SOFTCAP=False,
                 PREC="tf32", USE_TMA=False, DROPOUT=False, HAS_SINKS=False, HAS_ALIBI=False)
-    bucket = A._d_bucket(D)
+    bucket = A._d_bucket(D, Dv)
     rows = []
     for kname, fn in [("fwd", A._attn_fwd), ("bwd dkdv", A._attn_bwd_dkdv), ("bwd dq", A._attn_bwd_dq)]:
         cands = A._CONFIGS[kname.split()[-1]][cc][bucket]
@@ -115,6 +121,7 @@ def main(cc=90, dtype="bf16", D=128, every_config=False):
         rows.append((kname + " dropout", fn, dict(base, BLOCK_M=bm, BLOCK_N=bn, DROPOUT=True), w, s))
         rows.append((kname + " alibi", fn, dict(base, BLOCK_M=bm, BLOCK_N=bn, HAS_ALIBI=True), w, s))
     bm, bn, w, s = A._CONFIGS["fwd"][cc][bucket][0]
+    _, dec_bn, dec_w, dec_s = DEC._decode_config(max(D, Dv), 16)  # the split kernel's launch config
     rows += [
         ("fwd varlen+kpm+softcap", A._attn_fwd,
          dict(base, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=True, HAS_KPM=True, HAS_SOFTCAP=True), w, s),
@@ -123,35 +130,38 @@ def main(cc=90, dtype="bf16", D=128, every_config=False):
         ("fwd varlen+sinks+dropout", A._attn_fwd,
          dict(base, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=True, HAS_SINKS=True, DROPOUT=True), w, s),
         ("fwd varlen+alibi", A._attn_fwd, dict(base, BLOCK_M=bm, BLOCK_N=bn, IS_VARLEN=True, HAS_ALIBI=True), w, s),
-        ("bwd preprocess", A._attn_bwd_preprocess,
-         dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=False, HAS_DLSE=True, BLOCK_M=64), 4, 1),
+        ("bwd preprocess", A._attn_bwd_preprocess,  # rowsum(dO * O): Dv wide
+         dict(HEAD_DIM=Dv, BLOCK_D=BDV, IS_VARLEN=False, HAS_DLSE=True, BLOCK_M=64), 4, 1),
         ("decode split", DEC._decode_split,
-         dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=False, PREC="tf32", PAGE=0, BLOCK_M=16, BLOCK_N=64,
-              HAS_KPM=False, HAS_ALIBI=False), 4, 3),
+         dict(dims, HAS_SOFTCAP=False, PREC="tf32", PAGE=0, BLOCK_M=16, BLOCK_N=dec_bn,
+              HAS_KPM=False, HAS_ALIBI=False), dec_w, dec_s),
         ("decode split paged", DEC._decode_split,
-         dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=False, PREC="tf32", PAGE=16, BLOCK_M=16, BLOCK_N=64,
-              HAS_KPM=False, HAS_ALIBI=False), 4, 3),
+         dict(dims, HAS_SOFTCAP=False, PREC="tf32", PAGE=16, BLOCK_M=16, BLOCK_N=dec_bn,
+              HAS_KPM=False, HAS_ALIBI=False), dec_w, dec_s),
         ("decode split padded", DEC._decode_split,  # a key padding mask (left-padded batches)
-         dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=False, PREC="tf32", PAGE=0, BLOCK_M=16, BLOCK_N=64,
-              HAS_KPM=True, HAS_ALIBI=False), 4, 3),
+         dict(dims, HAS_SOFTCAP=False, PREC="tf32", PAGE=0, BLOCK_M=16, BLOCK_N=dec_bn,
+              HAS_KPM=True, HAS_ALIBI=False), dec_w, dec_s),
         ("decode split alibi", DEC._decode_split,
-         dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=True, PREC="tf32", PAGE=0, BLOCK_M=16, BLOCK_N=64,
-              HAS_KPM=False, HAS_ALIBI=True), 4, 3),
+         dict(dims, HAS_SOFTCAP=True, PREC="tf32", PAGE=0, BLOCK_M=16, BLOCK_N=dec_bn,
+              HAS_KPM=False, HAS_ALIBI=True), dec_w, dec_s),
         ("decode split paged alibi", DEC._decode_split,
-         dict(HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=False, PREC="tf32", PAGE=16, BLOCK_M=16, BLOCK_N=64,
-              HAS_KPM=False, HAS_ALIBI=True), 4, 3),
-        ("decode combine", DEC._decode_combine, dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_S=16, HAS_SINKS=False), 4, 1),
-        ("decode combine sinks", DEC._decode_combine, dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_S=16, HAS_SINKS=True), 4, 1),
+         dict(dims, HAS_SOFTCAP=False, PREC="tf32", PAGE=16, BLOCK_M=16, BLOCK_N=dec_bn,
+              HAS_KPM=False, HAS_ALIBI=True), dec_w, dec_s),
+        ("decode combine", DEC._decode_combine, dict(HEAD_DIM=Dv, BLOCK_D=BDV, BLOCK_S=16, HAS_SINKS=False), 4, 1),
+        ("decode combine sinks", DEC._decode_combine, dict(HEAD_DIM=Dv, BLOCK_D=BDV, BLOCK_S=16, HAS_SINKS=True),
+         4, 1),
     ]
     for name, fn, consts, w, s in rows:
         r = _compile(fn, dtype, consts, cc, w, s)
         blocks = " ".join(f"{k[6:]}={v}" for k, v in consts.items() if k in ("BLOCK_M", "BLOCK_N", "BLOCK_S"))
-        print(f"{name:24s} sm_{cc} {dtype} D={D} {blocks} warps={w} stages={s}: regs={r['regs']} "
+        dim = f"D={D}" if Dv == D else f"D={D}/{Dv}"
+        print(f"{name:24s} sm_{cc} {dtype} {dim} {blocks} warps={w} stages={s}: regs={r['regs']} "
               f"stack={r['stack']} smem={r['smem']} wgmma={r['wgmma']} mma={r['mma']}", flush=True)
     print("COMPILED-ALL")
 
 
 def _run(cc, dtype, D, every_config):
+    """D: the head dim, or "D/Dv" with a different value head dim."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     args = [sys.executable, HERE, str(cc), dtype, str(D)] + (["all"] if every_config else [])
@@ -166,7 +176,8 @@ def _ptxas_available():
     return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
 
 
-_TARGETS = [(90, "bf16", 128)]
+# 192/128: DeepSeek MLA's prefill/training shape (q/k 128 nope + 64 rope, v 128), TMA and pointer variants
+_TARGETS = [(90, "bf16", 128), (90, "bf16", "192/128")]
 _EVERY = os.environ.get("LLMKERN_COMPILE_ALL") == "1"
 if _EVERY:  # more targets, every candidate config: about 15 s of CPU each
     _TARGETS += [(80, "fp16", 80), (90, "fp16", 64), (90, "bf16", 256), (80, "bf16", 256)]
@@ -189,5 +200,6 @@ def test_kernels_compile_for_gpu_targets(cc, dtype, D):
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(int(a[0]) if a else 90, a[1] if len(a) > 1 else "bf16", int(a[2]) if len(a) > 2 else 128,
-         every_config=len(a) > 3 and a[3] == "all")
+    d, _, dv = (a[2] if len(a) > 2 else "128").partition("/")
+    main(int(a[0]) if a else 90, a[1] if len(a) > 1 else "bf16", int(d),
+         every_config=len(a) > 3 and a[3] == "all", Dv=int(dv) if dv else None)

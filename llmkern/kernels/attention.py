@@ -5,8 +5,11 @@ tensors in the layout the op uses and return new tensors; every input is made co
 last dimension first (a gradient from `.sum().backward()` arrives as a stride-0 expanded tensor).
 
 Layouts (one kernel serves both, the batch/token/head strides say which):
-- dense:  q [B, H, Tq, D], k/v [B, Hk, Tk, D], lse [B, H, Tq] (float32, natural log);
-- varlen: q [total_q, H, D], k/v [total_k, Hk, D] with int32 cu_seqlens, lse [H, total_q].
+- dense:  q [B, H, Tq, D], k [B, Hk, Tk, D], v [B, Hk, Tk, Dv], lse [B, H, Tq] (float32, natural log);
+- varlen: q [total_q, H, D], k [total_k, Hk, D], v [total_k, Hk, Dv] with int32 cu_seqlens, lse [H, total_q].
+The value head dim Dv may differ from D (DeepSeek MLA's prefill: D = 192, Dv = 128): HEAD_DIM/BLOCK_D
+size q, k, dq, dk; HEAD_DIM_V/BLOCK_DV size v, o, do, the output and dV accumulators and delta. With
+Dv == D the two are the same constexprs and the kernels compile as before.
 
 Semantics: bottom-right causal alignment (query i sees keys j <= i + Tk - Tq), window
 (left, right) relative to that diagonal, tanh softcap on the scaled scores, optional key padding
@@ -127,34 +130,39 @@ def _alibi_slope2(ALIBI, b, h, stride_slopes):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
-               blk_start, blk_end, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+               blk_start, blk_end, offs_m, offs_d, offs_dv, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
                desc_k, desc_v, b, hk, kh, kc, drop_thr, slope2,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr):
     for blk in range(blk_start, blk_end):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None]
-        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
-        if USE_TMA:  # 4-D boxes: rows past Tk and columns past D arrive as zeros
+        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_dv[None, :]
+        if USE_TMA:  # 4-D boxes: rows past Tk and columns past D (Dv) arrive as zeros
             kt = desc_k.load([b, hk, blk * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D).T
-            v = desc_v.load([b, hk, blk * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = desc_v.load([b, hk, blk * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_DV)
         elif MASKED:
             if BLOCK_D == HEAD_DIM:
                 kt = tl.load(k_ptrs, mask=offs_n[None, :] < seqlen_k, other=0.0)
-                v = tl.load(v_ptrs, mask=offs_n[:, None] < seqlen_k, other=0.0)
             else:
                 kt = tl.load(k_ptrs, mask=(offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM),
                              other=0.0)
-                v = tl.load(v_ptrs, mask=(offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
+            if BLOCK_DV == HEAD_DIM_V:
+                v = tl.load(v_ptrs, mask=offs_n[:, None] < seqlen_k, other=0.0)
+            else:
+                v = tl.load(v_ptrs, mask=(offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V),
                             other=0.0)
         else:
             if BLOCK_D == HEAD_DIM:
                 kt = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
             else:
                 kt = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-                v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            if BLOCK_DV == HEAD_DIM_V:
+                v = tl.load(v_ptrs)
+            else:
+                v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
         qk = tl.dot(q, kt, input_precision=PREC)
         # s: the scores in log2 units. Without softcap or ALiBi they stay unscaled until the exponent
         # (max(qk) * scale == max(qk * scale) for scale > 0, which attention_forward guarantees by
@@ -198,6 +206,7 @@ def _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, desc_k, desc_v,
               first, seqlen_q, seqlen_k, L, R, qk_scale, sc_in, sc_out, kh, kc, drop_thr, drop_scale, sink,
               slope2,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
               HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
               DROPOUT: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Output rows [first, first + BLOCK_M) of one head: (normalised acc, lse in natural log).
@@ -209,6 +218,7 @@ def _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, desc_k, desc_v,
     last_row = tl.minimum(first + BLOCK_M, seqlen_q) - 1
     offs_m = first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     if HAS_SINKS:
         # the sink is the first "key" the online softmax sees: max = sink (log2 units, as m_i), sum
         # exp2(0) = 1, nothing added to acc. The loop rescales it with every new max, the LSE below
@@ -218,23 +228,23 @@ def _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, desc_k, desc_v,
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     blk_lo, fb_lo, fb_hi, blk_hi = _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
-                               blk_lo, fb_lo, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                               blk_lo, fb_lo, offs_m, offs_d, offs_dv, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
                                desc_k, desc_v, b, hk, kh, kc, drop_thr, slope2,
-                               BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT,
-                               HAS_ALIBI)
+                               BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                               True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT, HAS_ALIBI)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
-                               fb_lo, fb_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                               fb_lo, fb_hi, offs_m, offs_d, offs_dv, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
                                desc_k, desc_v, b, hk, kh, kc, drop_thr, slope2,
-                               BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT,
-                               HAS_ALIBI)
+                               BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                               False, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT, HAS_ALIBI)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kt, stride_vt,
-                               fb_hi, blk_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                               fb_hi, blk_hi, offs_m, offs_d, offs_dv, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
                                desc_k, desc_v, b, hk, kh, kc, drop_thr, slope2,
-                               BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT,
-                               HAS_ALIBI)
+                               BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                               True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT, HAS_ALIBI)
     empty = l_i == 0.0
     if DROPOUT:
         acc = acc * (drop_scale / tl.where(empty, 1.0, l_i))[:, None]
@@ -254,7 +264,7 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K, SEED, SINKS, ALIBI,
               stride_lb, stride_lh, stride_lt,
               stride_mb, stride_slopes,
               H, GROUP, Tq, Tk, L, R, seq_bucket,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
               IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               IS_CAUSAL, PREC: tl.constexpr, DROPOUT: tl.constexpr, HAS_SINKS: tl.constexpr,
               HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -291,15 +301,16 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K, SEED, SINKS, ALIBI,
         slope2 = _alibi_slope2(ALIBI, b, h, stride_slopes)
     acc, lse = _fwd_tile(q, k_base, v_base, kpm_base, stride_kt, stride_vt, K, V, b, hk,
                          first, seqlen_q, seqlen_k, L, R, qk_scale, sc_in, sc_out, kh, kc, drop_thr, drop_scale, sink,
-                         slope2, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, False, DROPOUT,
-                         HAS_SINKS, HAS_ALIBI)
+                         slope2, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, HAS_KPM, HAS_SOFTCAP, PREC,
+                         False, DROPOUT, HAS_SINKS, HAS_ALIBI)
     o_base = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_ot
-    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :]
-    if BLOCK_D == HEAD_DIM:
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_ot + offs_dv[None, :]
+    if BLOCK_DV == HEAD_DIM_V:
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=offs_m[:, None] < seqlen_q)
     else:
         tl.store(o_ptrs, acc.to(O.dtype.element_ty),
-                 mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
+                 mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V))
     l_ptrs = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + (q_start + offs_m).to(tl.int64) * stride_lt
     tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
 
@@ -310,7 +321,7 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE, KPM, SEED, SINKS, ALIBI,
                   stride_lb, stride_lh, stride_lt,
                   stride_mb, stride_slopes,
                   H, GROUP, Tq, Tk, L, R, seq_bucket,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                   HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   IS_CAUSAL, PREC: tl.constexpr, DROPOUT: tl.constexpr, HAS_SINKS: tl.constexpr,
                   HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -337,9 +348,9 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE, KPM, SEED, SINKS, ALIBI,
         slope2 = _alibi_slope2(ALIBI, b, h, stride_slopes)
     acc, lse = _fwd_tile(q, KPM, KPM, kpm_base, 0, 0, desc_k, desc_v, b, hk,
                          first, Tq, Tk, L, R, qk_scale, sc_in, sc_out, kh, kc, drop_thr, drop_scale, sink,
-                         slope2, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HAS_KPM, HAS_SOFTCAP, PREC, True, DROPOUT,
-                         HAS_SINKS, HAS_ALIBI)
-    desc_o.store([b, h, first, 0], acc.to(desc_o.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+                         slope2, BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, HAS_KPM, HAS_SOFTCAP, PREC,
+                         True, DROPOUT, HAS_SINKS, HAS_ALIBI)
+    desc_o.store([b, h, first, 0], acc.to(desc_o.dtype).reshape(1, 1, BLOCK_M, BLOCK_DV))
     offs_m = first + tl.arange(0, BLOCK_M)
     l_ptrs = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m.to(tl.int64) * stride_lt
     tl.store(l_ptrs, lse, mask=offs_m < Tq)
@@ -384,28 +395,32 @@ def _attn_bwd_preprocess(O, DO, DLSE, DELTA, CU_Q,
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, lse_base, delta_base,
-                    stride_qt, stride_dt, stride_lt, blk_start, blk_end, offs_n, offs_d,
+                    stride_qt, stride_dt, stride_lt, blk_start, blk_end, offs_n, offs_d, offs_dv,
                     off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out, desc_q, desc_do, b, h,
                     kh, kc, drop_thr, drop_scale, slope2,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                     MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr):
     for blk in range(blk_start, blk_end):
         offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         q_ptrs = q_base + offs_m[None, :].to(tl.int64) * stride_qt + offs_d[:, None]    # [D, M]
-        do_ptrs = do_base + offs_m[:, None].to(tl.int64) * stride_dt + offs_d[None, :]  # [M, D]
-        if USE_TMA:  # rows past Tq and columns past D arrive as zeros
+        do_ptrs = do_base + offs_m[:, None].to(tl.int64) * stride_dt + offs_dv[None, :]  # [M, Dv]
+        if USE_TMA:  # rows past Tq and columns past D (Dv) arrive as zeros
             qT = desc_q.load([b, h, blk * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D).T
-            do = desc_do.load([b, h, blk * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = desc_do.load([b, h, blk * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_DV)
         elif MASKED:
             qT = tl.load(q_ptrs, mask=(offs_m[None, :] < seqlen_q) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            do = tl.load(do_ptrs, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        elif BLOCK_D == HEAD_DIM:
-            qT = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
+            do = tl.load(do_ptrs, mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         else:
-            qT = tl.load(q_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            if BLOCK_D == HEAD_DIM:
+                qT = tl.load(q_ptrs)
+            else:
+                qT = tl.load(q_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            if BLOCK_DV == HEAD_DIM_V:
+                do = tl.load(do_ptrs)
+            else:
+                do = tl.load(do_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
         if MASKED:
             lse = tl.load(lse_base + offs_m * stride_lt, mask=offs_m < seqlen_q, other=float("inf"))
             Di = tl.load(delta_base + offs_m * stride_lt, mask=offs_m < seqlen_q, other=0.0)
@@ -456,7 +471,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, SEED, ALIBI
                    stride_dvb, stride_dvh, stride_dvt,
                    stride_mb, stride_slopes,
                    HK, GROUP, Tq, Tk, L, R, seq_bucket,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                    IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    IS_CAUSAL, PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -472,12 +487,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, SEED, ALIBI
     last_n = tl.minimum(first_n + BLOCK_N, seqlen_k) - 1
     offs_n = first_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     b64 = b.to(tl.int64)
-    kv_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    k_mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    v_mask = (offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V)
     k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
-                + (k_start + offs_n[:, None]).to(tl.int64) * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+                + (k_start + offs_n[:, None]).to(tl.int64) * stride_kt + offs_d[None, :], mask=k_mask, other=0.0)
     v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
-                + (k_start + offs_n[:, None]).to(tl.int64) * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+                + (k_start + offs_n[:, None]).to(tl.int64) * stride_vt + offs_dv[None, :], mask=v_mask, other=0.0)
     if HAS_KPM:
         kpm = tl.load(KPM + b64 * stride_mb + offs_n, mask=offs_n < seqlen_k, other=0) != 0
     else:
@@ -496,7 +513,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, SEED, ALIBI
     fb_hi = tl.maximum(tl.minimum(f_hi // BLOCK_M, blk_hi), fb_lo)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for g in range(0, GROUP):
         hq = hk * GROUP + g
         h = hq.to(tl.int64)
@@ -510,58 +527,61 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, CU_Q, CU_K, SEED, ALIBI
         if HAS_ALIBI:  # each query head of the group has its own slope
             slope2 = _alibi_slope2(ALIBI, b, hq, stride_slopes)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, LSE + l_off, DELTA + l_off,
-                                 stride_qt, stride_dt, stride_lt, blk_lo, fb_lo, offs_n, offs_d,
+                                 stride_qt, stride_dt, stride_lt, blk_lo, fb_lo, offs_n, offs_d, offs_dv,
                                  off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out, desc_q, desc_do, b, hq,
                                  kh, kc, drop_thr, drop_scale, slope2,
-                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT,
-                                 HAS_ALIBI)
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                                 True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT, HAS_ALIBI)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, LSE + l_off, DELTA + l_off,
-                                 stride_qt, stride_dt, stride_lt, fb_lo, fb_hi, offs_n, offs_d,
+                                 stride_qt, stride_dt, stride_lt, fb_lo, fb_hi, offs_n, offs_d, offs_dv,
                                  off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out, desc_q, desc_do, b, hq,
                                  kh, kc, drop_thr, drop_scale, slope2,
-                                 BLOCK_M, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT,
-                                 HAS_ALIBI)
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                                 False, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT, HAS_ALIBI)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kpm, q_base, do_base, LSE + l_off, DELTA + l_off,
-                                 stride_qt, stride_dt, stride_lt, fb_hi, blk_hi, offs_n, offs_d,
+                                 stride_qt, stride_dt, stride_lt, fb_hi, blk_hi, offs_n, offs_d, offs_dv,
                                  off, L, R, seqlen_q, seqlen_k, qk_scale, sc_in, sc_out, desc_q, desc_do, b, hq,
                                  kh, kc, drop_thr, drop_scale, slope2,
-                                 BLOCK_M, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT,
-                                 HAS_ALIBI)
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                                 True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT, HAS_ALIBI)
     dk = dk * scale
     if DROPOUT:
         dv = dv * drop_scale
     dk_ptrs = (DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh
                + (k_start + offs_n[:, None]).to(tl.int64) * stride_dkt + offs_d[None, :])
     dv_ptrs = (DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh
-               + (k_start + offs_n[:, None]).to(tl.int64) * stride_dvt + offs_d[None, :])
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+               + (k_start + offs_n[:, None]).to(tl.int64) * stride_dvt + offs_dv[None, :])
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=k_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=v_mask)
 
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
-                  blk_start, blk_end, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                  blk_start, blk_end, offs_m, offs_d, offs_dv, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
                   desc_k, desc_v, b, hk, kh, kc, drop_thr, drop_scale, slope2,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                   MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr):
     for blk in range(blk_start, blk_end):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
-        v_ptrs = v_base + offs_n[None, :].to(tl.int64) * stride_vt + offs_d[:, None]
+        v_ptrs = v_base + offs_n[None, :].to(tl.int64) * stride_vt + offs_dv[:, None]
         if USE_TMA:
             k = desc_k.load([b, hk, blk * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
-            vT = desc_v.load([b, hk, blk * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D).T
+            vT = desc_v.load([b, hk, blk * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_DV).T
         elif MASKED:
             k = tl.load(k_ptrs, mask=(offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            vT = tl.load(v_ptrs, mask=(offs_n[None, :] < seqlen_k) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            vT = tl.load(v_ptrs, mask=(offs_n[None, :] < seqlen_k) & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
         else:
             if BLOCK_D == HEAD_DIM:
                 k = tl.load(k_ptrs)
-                vT = tl.load(v_ptrs)
             else:
                 k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-                vT = tl.load(v_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            if BLOCK_DV == HEAD_DIM_V:
+                vT = tl.load(v_ptrs)
+            else:
+                vT = tl.load(v_ptrs, mask=offs_dv[:, None] < HEAD_DIM_V, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if HAS_SOFTCAP:
             t = _tanh(qk * sc_in)
@@ -599,7 +619,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K, SEED, ALIBI, desc
                  stride_dqb, stride_dqh, stride_dqt,
                  stride_mb, stride_slopes,
                  H, GROUP, Tq, Tk, L, R, seq_bucket,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                  IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                  IS_CAUSAL, PREC: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr,
                  HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -616,13 +636,14 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K, SEED, ALIBI, desc
     last_row = tl.minimum(first + BLOCK_M, seqlen_q) - 1
     offs_m = first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     rows = (q_start + offs_m[:, None]).to(tl.int64)
     row_mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows * stride_qt + offs_d[None, :], mask=row_mask, other=0.0)
-    do = tl.load(DO + b64 * stride_db + h64 * stride_dh + rows * stride_dt + offs_d[None, :],
-                 mask=row_mask, other=0.0)
+    do = tl.load(DO + b64 * stride_db + h64 * stride_dh + rows * stride_dt + offs_dv[None, :],
+                 mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     l_off = b64 * stride_lb + h64 * stride_lh + (q_start + offs_m).to(tl.int64) * stride_lt
     lse = tl.load(LSE + l_off, mask=offs_m < seqlen_q, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -639,17 +660,20 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K, SEED, ALIBI, desc
         slope2 = _alibi_slope2(ALIBI, b, h, stride_slopes)
     blk_lo, fb_lo, fb_hi, blk_hi = _block_ranges(first, last_row, off, L, R, seqlen_k, BLOCK_M, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
-                       blk_lo, fb_lo, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                       blk_lo, fb_lo, offs_m, offs_d, offs_dv, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
                        desc_k, desc_v, b, hk, kh, kc, drop_thr, drop_scale, slope2,
-                       BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT, HAS_ALIBI)
+                       BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA,
+                       DROPOUT, HAS_ALIBI)
     dq = _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
-                       fb_lo, fb_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                       fb_lo, fb_hi, offs_m, offs_d, offs_dv, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
                        desc_k, desc_v, b, hk, kh, kc, drop_thr, drop_scale, slope2,
-                       BLOCK_N, HEAD_DIM, BLOCK_D, False, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT, HAS_ALIBI)
+                       BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, False, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA,
+                       DROPOUT, HAS_ALIBI)
     dq = _bwd_dq_inner(dq, q, do, lse2, Di, k_base, v_base, kpm_base, stride_kt, stride_vt,
-                       fb_hi, blk_hi, offs_m, offs_d, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
+                       fb_hi, blk_hi, offs_m, offs_d, offs_dv, off, L, R, seqlen_k, qk_scale, sc_in, sc_out,
                        desc_k, desc_v, b, hk, kh, kc, drop_thr, drop_scale, slope2,
-                       BLOCK_N, HEAD_DIM, BLOCK_D, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA, DROPOUT, HAS_ALIBI)
+                       BLOCK_N, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, True, HAS_KPM, HAS_SOFTCAP, PREC, USE_TMA,
+                       DROPOUT, HAS_ALIBI)
     dq = dq * scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_mask)
@@ -663,13 +687,16 @@ def _cfg(bm, bn, w, s, pre_hook=None):
 
 
 _TMA_ROWS = {"desc_q": "BLOCK_M", "desc_o": "BLOCK_M", "desc_do": "BLOCK_M", "desc_k": "BLOCK_N", "desc_v": "BLOCK_N"}
+# q and k are D wide; v, o and do are Dv wide (the value head dim, which may differ)
+_TMA_COLS = {"desc_q": "BLOCK_D", "desc_k": "BLOCK_D", "desc_o": "BLOCK_DV", "desc_do": "BLOCK_DV",
+             "desc_v": "BLOCK_DV"}
 
 
 def _set_tma_blocks(nargs):
     """Config pre-hook of the TMA variants: each descriptor's box is one tile of the config."""
     for name, rows in _TMA_ROWS.items():
         if name in nargs:
-            nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
+            nargs[name].block_shape = [1, 1, nargs[rows], nargs[_TMA_COLS[name]]]
 
 
 def _capability():
@@ -737,7 +764,10 @@ def _arch(kernel="fwd"):
     return 90 if _capability() >= (9, 0) or kernel.endswith("_tma") else 80
 
 
-def _d_bucket(d):
+def _d_bucket(d, dv=None):
+    """The config bucket of head dims d (q/k) and dv (v, default d): by the wider one, since the
+    K and V tiles, the output accumulator and the dK/dV accumulators each grow with their own width."""
+    d = d if dv is None else max(d, dv)
     return 64 if d <= 64 else (128 if d <= 128 else 256)
 
 
@@ -770,7 +800,8 @@ def _tune_top():
 def _pruner(kernel):
     def prune(configs, named_args, **kwargs):
         d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
-        cands = _CONFIGS[kernel][_arch(kernel)][_d_bucket(d)]
+        dv = named_args.get("BLOCK_DV", kwargs.get("BLOCK_DV", d))
+        cands = _CONFIGS[kernel][_arch(kernel)][_d_bucket(d, dv)]
         want = set(cands[:_tune_top()])
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
@@ -780,7 +811,8 @@ def _pruner(kernel):
 
 # IS_CAUSAL is a plain, unspecialised int: causal and not tune apart but share compiled kernels
 # (the masks come from the window bounds L, R, so the kernels never read it)
-_TUNE_KEY = ["BLOCK_D", "IS_CAUSAL", "HAS_KPM", "HAS_SOFTCAP", "IS_VARLEN", "DROPOUT", "HAS_ALIBI", "seq_bucket"]
+_TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_KPM", "HAS_SOFTCAP", "IS_VARLEN", "DROPOUT", "HAS_ALIBI",
+             "seq_bucket"]
 
 
 def _autotune(fn, configs, prune):
@@ -832,6 +864,21 @@ def _launch(name, kernel, grid, args, kwargs):
 
 def _last_contig(t):
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def empty_out(q, dv):
+    """The output of attention on q with value head dim dv: torch.empty_like(q) when dv is q's head
+    dim; else the same memory order of q's dimensions (a [B, T, H, D] buffer seen as [B, H, T, D]
+    gives a [B, T, H, Dv] one: transformers' transpose back is then free), dense. The fakes call it
+    too, so torch.compile sees the strides the kernels produce."""
+    if q.shape[-1] == dv:
+        return torch.empty_like(q)
+    lead = sorted(range(q.dim() - 1), key=lambda i: -q.stride(i))  # outermost first (a stable sort: ties in order)
+    buf = q.new_empty([q.shape[i] for i in lead] + [dv])
+    inv = [0] * (q.dim() - 1)
+    for pos, i in enumerate(lead):
+        inv[i] = pos
+    return buf.permute(*inv, q.dim() - 1)
 
 
 def _prec(dtype):
@@ -971,10 +1018,10 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
                       key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
                       max_seqlen_q=-1, max_seqlen_k=-1, dropout_p=0.0, seed=None, batch_base=0, sinks=None,
                       alibi_slopes=None):
-    """Run the forward kernel. Returns (out like q, lse float32).
+    """Run the forward kernel. Returns (out like q with v's last dim Dv, lse float32).
 
-    Dense: q [B, H, Tq, D], k/v [B, Hk, Tk, D], lse [B, H, Tq].
-    Varlen (cu_seqlens given): q [total_q, H, D], k/v [total_k, Hk, D], lse [H, total_q].
+    Dense: q [B, H, Tq, D], k [B, Hk, Tk, D], v [B, Hk, Tk, Dv], lse [B, H, Tq].
+    Varlen (cu_seqlens given): q [total_q, H, D], k [total_k, Hk, D], v [total_k, Hk, Dv], lse [H, total_q].
     Window sides < 0 are unbounded; causal sets the right side to min(right, 0).
     dropout_p > 0: attention dropout with the mask of seed (int32 [2] on q's device) for batch rows
     batch_base.. (see llmkern/reference/attention.py, attention_dropout_keep); the LSE is the undropped one.
@@ -1014,7 +1061,8 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
         lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
         s_lse = lse.stride()
         cu_q = cu_k = lse  # unused
-    out = torch.empty_like(q)
+    Dv = v.shape[-1]
+    out = empty_out(q, Dv)
     if causal:
         window_right = 0 if window_right is None or window_right < 0 else min(window_right, 0)
     L, R = _window_args(window_left, window_right)
@@ -1025,14 +1073,14 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
     drop = _dropout_args(dropout_p, seed, batch_base, lse)
     sink_arg = lse if sinks is None else sinks.contiguous()  # (any float dtype: read as float32 in the kernels)
     alibi, s_alibi = _alibi_args(alibi_slopes, lse)
-    BD = _block_d(D)
+    BD, BDV = _block_d(D), _block_d(Dv)
     grid = lambda META: (cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
     args = (q, k, v, out, lse, kpm if kpm is not None else lse, cu_q, cu_k, drop[0], sink_arg, alibi,
             qk_scale, sc_in, sc_out, *drop[1:],
             *_dense_strides(q), *_dense_strides(k), *_dense_strides(v), *_dense_strides(out),
             *s_lse, kpm.stride(0) if kpm is not None else 0, s_alibi,
             H, H // Hk, Tq, Tk, L, R, _seq_bucket(max(Tq, Tk)))
-    kwargs = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=varlen, HAS_KPM=kpm is not None,
+    kwargs = dict(HEAD_DIM=D, BLOCK_D=BD, HEAD_DIM_V=Dv, BLOCK_DV=BDV, IS_VARLEN=varlen, HAS_KPM=kpm is not None,
                   HAS_SOFTCAP=bool(softcap), IS_CAUSAL=int(bool(causal)), PREC=_prec(q.dtype),
                   DROPOUT=dropout_p > 0, HAS_SINKS=sinks is not None, HAS_ALIBI=alibi_slopes is not None)
     if not varlen and use_tma(q, k, v, out):
@@ -1052,6 +1100,7 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
                        max_seqlen_q=-1, max_seqlen_k=-1, dlse=None, dropout_p=0.0, seed=None, batch_base=0,
                        sinks=None, alibi_slopes=None):
     """Gradients (dq, dk, dv) of the forward above; `dlse` is the gradient of the returned LSE.
+    v, out and dout are Dv wide, q and k D wide (the forward's shapes).
     The dropout mask is regenerated from the seed, not stored.
     With sinks ([H], the forward's): `lse` is the sink-aware LSE the forward returned, which is all
     the kernels need; the result is (dq, dk, dv, dsinks) with dsinks = sink_grad(...) in sinks' dtype.
@@ -1091,19 +1140,20 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
     if kpm is not None:
         kpm = kpm.to(torch.bool).contiguous().view(torch.uint8)
     qk_scale, sc_in, sc_out = _softcap_args(scale, softcap)
-    BD = _block_d(D)
+    Dv = v.shape[-1]
+    BD, BDV = _block_d(D), _block_d(Dv)
     delta = torch.empty_like(lse)
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
     pre_bm = 64
-    _attn_bwd_preprocess[(cdiv(Tq, pre_bm), B * H)](
+    _attn_bwd_preprocess[(cdiv(Tq, pre_bm), B * H)](  # rowsum(dO * O): both are Dv wide
         out, dout, dlse if dlse is not None else lse, delta, cu_q,
         *_dense_strides(out), *_dense_strides(dout), *s_lse, H, Tq,
-        HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=pre_bm)
+        HEAD_DIM=Dv, BLOCK_D=BDV, IS_VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=pre_bm)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    common = dict(HEAD_DIM=D, BLOCK_D=BD, IS_VARLEN=varlen, HAS_KPM=kpm is not None,
+    common = dict(HEAD_DIM=D, BLOCK_D=BD, HEAD_DIM_V=Dv, BLOCK_DV=BDV, IS_VARLEN=varlen, HAS_KPM=kpm is not None,
                   HAS_SOFTCAP=bool(softcap), IS_CAUSAL=int(bool(causal)), PREC=_prec(q.dtype),
                   DROPOUT=dropout_p > 0, HAS_ALIBI=alibi_slopes is not None)
     drop = _dropout_args(dropout_p, seed, batch_base, lse)

@@ -1,6 +1,7 @@
 """Triton KV-cache decode attention with split-K (flash-decoding), and its launcher.
 
-q [B, H, Tq, D] (Tq = 1..a few new tokens) against k_cache/v_cache [B, Hk, Tmax, D] holding
+q [B, H, Tq, D] (Tq = 1..a few new tokens) against k_cache [B, Hk, Tmax, D] and v_cache [B, Hk, Tmax, Dv]
+(Dv, the value head dim, may differ from D: the output and the split partials are Dv wide) holding
 cache_seqlens[b] valid keys per row (the new tokens included, at the end). Query t of row b sits
 at position cache_seqlens[b] - Tq + t (bottom-right alignment).
 Paged caches (block_table given): k_cache/v_cache are page pools [num_pages, Hk, page_size, D] (any
@@ -29,7 +30,7 @@ import triton.language as tl
 
 from llmkern.kernels._common import cdiv, next_power_of_2, sm_count
 from llmkern.kernels.attention import (LOG2E, _alibi_args, _batch_slices, _block_d, _interpreting, _last_contig,
-                                       _prec, _softcap_args, _tanh, _window_args, alibi_rows)
+                                       _prec, _softcap_args, _tanh, _window_args, alibi_rows, empty_out)
 
 
 @triton.jit
@@ -41,8 +42,9 @@ def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, OP, LP,
                   stride_opb, stride_oph, stride_opt, stride_ops,
                   stride_lpb, stride_lph, stride_lpt, stride_btb, stride_kpmb, stride_slopes,
                   HK, GROUP, Tq, L, R, chunk, T_CAP, NUM_PAGES,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                  PREC: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+                  PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr):
     split = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -61,6 +63,7 @@ def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, OP, LP,
     h = hk * GROUP + g
     pos = seqlen - Tq + t  # query positions
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)  # v, the partial outputs: the value head dim
     q_ptrs = (Q + b64 * stride_qb + h[:, None].to(tl.int64) * stride_qh + t[:, None].to(tl.int64) * stride_qt
               + offs_d[None, :])
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -81,7 +84,7 @@ def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, OP, LP,
         v_base += b64 * stride_vb
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     page_bad = tl.zeros([BLOCK_N], dtype=tl.int32)  # (reduced once after the loop: fewer registers)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -101,8 +104,8 @@ def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, OP, LP,
             v_rows = offs_n.to(tl.int64) * stride_vt
         kt = tl.load(k_base + k_rows[None, :] + offs_d[:, None],
                      mask=kmask[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :],
-                    mask=kmask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :],
+                    mask=kmask[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         qk = tl.dot(q, kt, input_precision=PREC)
         if HAS_SOFTCAP:
             s = _tanh(qk * sc_in) * sc_out
@@ -128,8 +131,8 @@ def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, OP, LP,
     acc = tl.where(row_bad, float("nan"), acc)  # (the combine turns any NaN partial into a NaN row)
     lse2 = tl.where(row_bad, float("nan"), lse2)
     op = (OP + b64 * stride_opb + h[:, None].to(tl.int64) * stride_oph + t[:, None].to(tl.int64) * stride_opt
-          + split * stride_ops + offs_d[None, :])
-    tl.store(op, acc, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+          + split * stride_ops + offs_dv[None, :])
+    tl.store(op, acc, mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     lp = LP + b64 * stride_lpb + h.to(tl.int64) * stride_lph + t.to(tl.int64) * stride_lpt + split
     tl.store(lp, lse2, mask=row_ok)
 
@@ -206,8 +209,9 @@ def choose_num_splits(B, Hk, m_blocks, Tmax, block_n, device):
 def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, window_left=-1,
                      window_right=-1, softcap=0.0, num_splits=0, block_table=None, sinks=None,
                      key_padding_mask=None, alibi_slopes=None):
-    """Returns (out [B, H, Tq, D] like q, lse [B, H, Tq] float32). block_table (int32 [B, pages per
-    row]): k_cache/v_cache are page pools [num_pages, Hk, page_size, D]. sinks: [H] per-query-head
+    """Returns (out [B, H, Tq, Dv] like q, lse [B, H, Tq] float32), Dv = v_cache's last dim (may differ
+    from q/k_cache's D). block_table (int32 [B, pages per row]): k_cache/v_cache are page pools
+    [num_pages, Hk, page_size, D or Dv]. sinks: [H] per-query-head
     sink logits (read as float32), counted in the softmax denominator and in the LSE.
     key_padding_mask: [B, Tmax] bool, False = a cache slot no query sees (indexed by the key's logical
     position, paged caches too). alibi_slopes: float32 [H] or [B, H]: ALiBi, -slope * |pos - j| with pos
@@ -238,16 +242,17 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
     L, R = _window_args(window_left, window_right)
     qk_scale, sc_in, sc_out = _softcap_args(scale, softcap)
     rows = group * Tq
-    bm, bn, warps, stages = _decode_config(D, rows)
+    Dv = v_cache.shape[-1]
+    bm, bn, warps, stages = _decode_config(max(D, Dv), rows)  # K and V tiles: by the wider head dim
     if _interpreting():
         bn = 32
     m_blocks = cdiv(rows, bm)
     S = num_splits if num_splits and num_splits > 0 else choose_num_splits(B, Hk, m_blocks, Tmax, bn, q.device)
     chunk = cdiv(cdiv(Tmax, S), bn) * bn
     S = cdiv(Tmax, chunk) if Tmax > 0 else 1
-    BD = _block_d(D)
+    BD, BDV = _block_d(D), _block_d(Dv)
     seqlens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-    op = torch.empty(B, H, Tq, S, D, device=q.device, dtype=torch.float32)
+    op = torch.empty(B, H, Tq, S, Dv, device=q.device, dtype=torch.float32)
     lp = torch.empty(B, H, Tq, S, device=q.device, dtype=torch.float32)
     extra = {} if _interpreting() else dict(num_warps=warps, num_stages=stages)
     # (a bool mask's own bytes, as the dense kernels read it: a view, no copy per decoded token)
@@ -264,9 +269,9 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
         lp.stride(0), lp.stride(1), lp.stride(2), 0 if block_table is None else block_table.stride(0),
         0 if kpm is None else kpm.stride(0), s_alibi,
         Hk, group, Tq, L, R, chunk, Tmax, k_cache.shape[0] if block_table is not None else 0,
-        HEAD_DIM=D, BLOCK_D=BD, HAS_SOFTCAP=bool(softcap), PREC=_prec(q.dtype), PAGE=page,
+        HEAD_DIM=D, BLOCK_D=BD, HEAD_DIM_V=Dv, BLOCK_DV=BDV, HAS_SOFTCAP=bool(softcap), PREC=_prec(q.dtype), PAGE=page,
         BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=kpm is not None, HAS_ALIBI=alibi_slopes is not None, **extra)
-    out = torch.empty_like(q)
+    out = empty_out(q, Dv)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
     sink_arg = lse if sinks is None else sinks.contiguous()  # (any float dtype: read as float32 in the kernel)
     _decode_combine[(B * H * Tq,)](
@@ -274,7 +279,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
         op.stride(0), op.stride(1), op.stride(2), op.stride(3),
         lp.stride(0), lp.stride(1), lp.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H, Tq,
-        HEAD_DIM=D, BLOCK_D=BD, BLOCK_S=max(2, next_power_of_2(S)), HAS_SINKS=sinks is not None)
+        HEAD_DIM=Dv, BLOCK_D=BDV, BLOCK_S=max(2, next_power_of_2(S)), HAS_SINKS=sinks is not None)  # outputs: Dv
     return out, lse
 
 

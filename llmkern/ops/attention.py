@@ -53,26 +53,33 @@ _checking_values = _checks.checking_values
 _tensor = _checks.tensor_arg
 
 
-def _check_qkv(q, k, v, ndim, layout):
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def _check_qkv(q, k, v, ndim, layout, names=("k", "v")):
+    """q, k, v (or the caches, named by `names`): dtypes, devices and shapes. v's last dimension (the
+    value head dim Dv, the output's) may differ from q/k's D (DeepSeek MLA: D = 192, Dv = 128)."""
+    kn, vn = names
+    for name, t in (("q", q), (kn, k), (vn, v)):
         _tensor(name, t)
         if t.dim() != ndim:
             raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
             raise ValueError(f"{name} must be float16, bfloat16 or float32 (float64: reference only), "
                              f"got {t.dtype}")
-    for name, t in (("k", k), ("v", v)):
+    for name, t in ((kn, k), (vn, v)):
         if t.dtype != q.dtype:
             raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"{vn} must have the shape of {kn} {tuple(k.shape[:-1]) + ('Dv',)} but for its last "
+                         f"dimension (the value head dim), got {tuple(v.shape)}")
     D = q.shape[-1]
     if k.shape[-1] != D:
-        raise ValueError(f"k must have q's head_dim {D}, got {k.shape[-1]}")
+        raise ValueError(f"{kn} must have q's head_dim {D}, got {k.shape[-1]}")
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}, got {D}")
+    if not 1 <= v.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"{vn}'s head_dim (its last dimension, the value head dim) must be in 1..{MAX_HEAD_DIM}, "
+                         f"got {v.shape[-1]}")
 
 
 def _check_heads(H, Hk):
@@ -189,11 +196,19 @@ def _kernel_layout(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _empty_out(q, v):
+    """The attention output of q with v's head dim, in the kernels' layout (kernels/attention.empty_out)."""
+    q = _kernel_layout(q)
+    if q.shape[-1] == v.shape[-1]:
+        return torch.empty_like(q)  # (without importing the kernels)
+    return _kern().empty_out(q, v.shape[-1])
+
+
 def _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k,
               scale, causal, window_left, window_right, softcap, dropout_p, sinks=None, alibi_slopes=None):
     if q.numel() == 0:
-        return torch.zeros_like(_kernel_layout(q)), torch.full(_lse_shape(q, cu_seqlens_q), float("-inf"),
-                                               device=q.device, dtype=torch.float32)
+        return _empty_out(q, v).zero_(), torch.full(_lse_shape(q, cu_seqlens_q), float("-inf"),
+                                                    device=q.device, dtype=torch.float32)
     return _kern().attention_forward(
         q, k, v, scale=scale, causal=causal, window_left=window_left, window_right=window_right,
         softcap=softcap, key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q,
@@ -204,7 +219,7 @@ def _fwd_impl(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_s
 @_attention_fwd_op.register_fake
 def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k, scale, causal,
       window_left, window_right, softcap, dropout_p, sinks=None, alibi_slopes=None):
-    return torch.empty_like(_kernel_layout(q)), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
+    return _empty_out(q, v), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("llmkern::attention_bwd", mutates_args=())
@@ -323,8 +338,8 @@ def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          key_padding_mask: Optional[torch.Tensor] = None,
                          alibi_slopes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     if q.numel() == 0:
-        return torch.zeros_like(_kernel_layout(q)), torch.full(q.shape[:3], float("-inf"), device=q.device,
-                                               dtype=torch.float32)
+        return _empty_out(q, v_cache).zero_(), torch.full(q.shape[:3], float("-inf"), device=q.device,
+                                                          dtype=torch.float32)
     from llmkern.kernels.attention_decode import attention_decode
 
     return attention_decode(q, k_cache, v_cache, cache_seqlens, scale=scale, causal=causal,
@@ -336,7 +351,7 @@ def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 @_attention_decode_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, window_left, window_right, softcap,
       num_splits, sinks=None, key_padding_mask=None, alibi_slopes=None):
-    return torch.empty_like(_kernel_layout(q)), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _empty_out(q, v_cache), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 # ---- public API ---------------------------------------------------------------------------------
@@ -372,8 +387,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)``.
 
     Args:
-        q: [batch, heads, Tq, head_dim]; k, v: [batch, kv_heads, Tk, head_dim]. kv_heads must divide
-            heads (GQA/MQA; K/V are never repeated in memory). head_dim 1..256, any lengths.
+        q: [batch, heads, Tq, head_dim]; k: [batch, kv_heads, Tk, head_dim]; v: [batch, kv_heads, Tk,
+            head_dim_v]. kv_heads must divide heads (GQA/MQA; K/V are never repeated in memory).
+            head_dim and head_dim_v 1..256 (they may differ, as SDPA allows: DeepSeek MLA's prefill and
+            training shape has head_dim 192 = 128 + 64 rope, head_dim_v 128), any lengths.
             float16, bfloat16 or float32 (accumulation in float32, output in the input dtype).
         causal: bottom-right aligned when Tq != Tk: query i sees keys j <= i + Tk - Tq
             (identical to SDPA's is_causal when Tq == Tk).
@@ -404,6 +421,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             and softcap and before the masks: s = softcap(scale * q.k) - slope * |i + Tk - Tq - j|.
             The slopes get no gradient (FlashAttention's neither); q, k and v's gradients include the bias.
 
+    Returns out [batch, heads, Tq, head_dim_v] (v's head dim) (, lse float32 [batch, heads, Tq]).
     A query row that sees no key returns zeros (and LSE -inf, or the sink), never NaN.
     Memory is O(T): no Tq x Tk tensor is materialised on the Triton path.
     """
@@ -511,10 +529,11 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      sinks: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None):
     """Attention over packed variable-length sequences (training on packed documents).
 
-    q [total_q, heads, head_dim], k/v [total_k, kv_heads, head_dim]; sequence b holds tokens
+    q [total_q, heads, head_dim], k [total_k, kv_heads, head_dim], v [total_k, kv_heads, head_dim_v]
+    (head_dim_v may differ from head_dim, as for ``attention``); sequence b holds tokens
     cu_seqlens_q[b]:cu_seqlens_q[b+1] (int32, [batch + 1]). max_seqlen_* are optional upper bounds
     (a tighter grid); without them no host sync is needed. Causal/window are per sequence,
-    bottom-right aligned. Returns out [total_q, heads, head_dim] (, lse float32 [heads, total_q]).
+    bottom-right aligned. Returns out [total_q, heads, head_dim_v] (, lse float32 [heads, total_q]).
     dropout_p / seed: as for ``attention``, sequence b taking the mask of batch row b (packed
     sequences of equal lengths drop what the padded batch drops).
     sinks: as for ``attention``: [heads] per-query-head sink logits in every row's softmax denominator
@@ -567,14 +586,16 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            alibi_slopes: Optional[torch.Tensor] = None):
     """Decode attention against a KV cache, split along the keys (flash-decoding).
 
-    q [batch, heads, Tq, head_dim] (Tq = 1..a few new tokens); k_cache/v_cache
-    [batch, kv_heads, Tmax, head_dim]; cache_seqlens int [batch] (or an int): valid keys per row.
-    If k/v [batch, kv_heads, Tq_new, head_dim] are given they are first written into the caches
-    (in place) at cache_seqlens[b], and attention covers cache_seqlens[b] + Tq_new keys.
+    q [batch, heads, Tq, head_dim] (Tq = 1..a few new tokens); k_cache [batch, kv_heads, Tmax, head_dim],
+    v_cache [batch, kv_heads, Tmax, head_dim_v] (head_dim_v may differ from head_dim, as for ``attention``);
+    cache_seqlens int [batch] (or an int): valid keys per row.
+    If k [batch, kv_heads, Tq_new, head_dim] and v [batch, kv_heads, Tq_new, head_dim_v] are given they are
+    first written into the caches (in place) at cache_seqlens[b], and attention covers cache_seqlens[b] +
+    Tq_new keys.
     Query t of row b sits at position len_b - Tq + t (bottom-right causal alignment).
     num_splits: key splits (0 = chosen from the GPU size). Inference only (no autograd).
     block_table: a paged cache (vLLM / FlashAttention's block_table): int32 [batch, pages_per_row];
-        k_cache/v_cache are then page pools [num_pages, kv_heads, page_size, head_dim] (any strides:
+        k_cache/v_cache are then page pools [num_pages, kv_heads, page_size, head_dim (v: head_dim_v)] (any strides:
         a token-major pool [num_pages, page_size, kv_heads, head_dim] works as ``.transpose(1, 2)``),
         key j of row b lives in page block_table[b, j // page_size] at slot j % page_size, and
         Tmax = pages_per_row * page_size. New k/v are written into those slots.
@@ -586,10 +607,11 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     alibi_slopes: as for ``attention`` (float32 [heads] or [batch, heads]): query t of row b, at position
         pos = len_b - Tq + t, gets -slope * |pos - j| on key j (Tk = the row's cache length, new tokens
         included; positions are cache indices, so left padding counts in the distance, as in FlashAttention).
-    Returns out [batch, heads, Tq, head_dim] (, lse float32 [batch, heads, Tq]).
+    Returns out [batch, heads, Tq, head_dim_v] (, lse float32 [batch, heads, Tq]).
     """
-    _check_qkv(q, k_cache, v_cache, 4, "[batch, heads, seq, head_dim]")
+    _check_qkv(q, k_cache, v_cache, 4, "[batch, heads, seq, head_dim]", names=("k_cache", "v_cache"))
     B, H, Tq, D = q.shape
+    Dv = v_cache.shape[-1]
     Hk, Tmax = k_cache.shape[1], k_cache.shape[2]
     if block_table is not None:
         Tmax = _check_block_table(block_table, B, k_cache, q.device)
@@ -608,10 +630,10 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError("k and v must be given together (new tokens to append) or both be None")
     t_new = 0
     if k is not None:
-        for name, t in (("k", k), ("v", v)):
+        for name, t, d in (("k", k, D), ("v", v, Dv)):  # each as wide as its cache (Dv: v_cache's)
             _tensor(name, t)
-            if t.dim() != 4 or t.shape[0] != B or t.shape[1] != Hk or t.shape[3] != D or t.shape[2] != k.shape[2]:
-                raise ValueError(f"{name} must have shape [{B}, {Hk}, Tq_new, {D}], got {tuple(t.shape)}")
+            if t.dim() != 4 or t.shape[0] != B or t.shape[1] != Hk or t.shape[3] != d or t.shape[2] != k.shape[2]:
+                raise ValueError(f"{name} must have shape [{B}, {Hk}, Tq_new, {d}], got {tuple(t.shape)}")
             if t.dtype != q.dtype or t.device != q.device:
                 raise ValueError(f"{name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
         t_new = k.shape[2]
@@ -640,9 +662,9 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         if block_table is not None:
             _append_paged(k_cache, v_cache, block_table, pos, k, v)
         else:
-            idx = pos[:, None, :, None].expand(B, Hk, t_new, D)
-            k_cache.scatter_(2, idx, k)
-            v_cache.scatter_(2, idx, v)
+            idx = pos[:, None, :, None]
+            k_cache.scatter_(2, idx.expand(B, Hk, t_new, D), k)
+            v_cache.scatter_(2, idx.expand(B, Hk, t_new, Dv), v)
         lens = cache_seqlens + t_new
     backend = _backend_for(q.device, q.dtype, "attention_with_kvcache")
     if backend == "triton":
@@ -696,7 +718,7 @@ def _check_block_table(block_table, B, k_cache, device):
 
 
 def _append_paged(k_cache, v_cache, block_table, pos, k, v):
-    """Write new tokens k/v [B, Hk, t, D] at positions pos [B, t] of each row's pages."""
+    """Write new tokens k [B, Hk, t, D] / v [B, Hk, t, Dv] at positions pos [B, t] of each row's pages."""
     page_size = k_cache.shape[2]
     pages = torch.gather(block_table.to(torch.long), 1, pos // page_size).reshape(-1)  # [B * t]
     slots = (pos % page_size).reshape(-1)
@@ -705,7 +727,7 @@ def _append_paged(k_cache, v_cache, block_table, pos, k, v):
 
 
 def _gather_pages(cache, block_table):
-    """A page pool [num_pages, Hk, page_size, D] as each row's dense cache [B, Hk, Tmax, D]."""
+    """A page pool [num_pages, Hk, page_size, D] as each row's dense cache [B, Hk, Tmax, D] (D: the pool's)."""
     B, n = block_table.shape
     pages = cache[block_table.to(torch.long)]  # [B, n, Hk, page_size, D]
     return pages.permute(0, 2, 1, 3, 4).reshape(B, cache.shape[1], n * cache.shape[2], cache.shape[3])

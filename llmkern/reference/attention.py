@@ -1,7 +1,8 @@
 """Plain-PyTorch reference of fused attention: the test oracle and the CPU fallback.
 
 Same semantics as llmkern.attention (see llmkern/ops/attention.py):
-- layout [batch, heads, seq, head_dim]; GQA/MQA when k/v have fewer heads (dividing q's);
+- layout [batch, heads, seq, head_dim]; GQA/MQA when k/v have fewer heads (dividing q's); v's head dim
+  (the output's) may differ from q/k's (DeepSeek MLA: 192 for q/k, 128 for v);
 - causal alignment is bottom-right: query i sees keys j <= i + (Tk - Tq);
 - window=(left, right): query i sees keys j with i + off - left <= j <= i + off + right,
   off = Tk - Tq (None or a negative value = unbounded on that side);
@@ -118,7 +119,8 @@ def alibi_bias(alibi_slopes, q_pos, tk, dtype=torch.float32):
 def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
               key_padding_mask=None, return_lse=False, mask=None, dropout_p=0.0, seed=0, batch_base=0,
               sinks=None, alibi_slopes=None, bias=None):
-    """Reference attention. q [B, H, Tq, D], k/v [B, Hk, Tk, D]; returns out (, lse [B, H, Tq]).
+    """Reference attention. q [B, H, Tq, D], k [B, Hk, Tk, D], v [B, Hk, Tk, Dv]; returns out [B, H, Tq, Dv]
+    (, lse [B, H, Tq]).
 
     `mask` (extra, reference only): bool [B or 1, 1 or H, Tq, Tk] ANDed with the other masks.
     alibi_slopes: [H] or [B, H] (see the module docstring; not differentiated).
@@ -185,10 +187,11 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
                      causal=False, scale=None, window=None, softcap=None, return_lse=False,
                      dropout_p=0.0, seed=0, sinks=None, alibi_slopes=None):
-    """Reference varlen attention: q [total_q, H, D], k/v [total_k, Hk, D], int32 cumulative lengths.
+    """Reference varlen attention: q [total_q, H, D], k [total_k, Hk, D], v [total_k, Hk, Dv], int32
+    cumulative lengths.
     alibi_slopes [H] or [batch, H]: each sequence's Tq/Tk align its bias.
 
-    Returns out [total_q, H, D] (, lse [H, total_q])."""
+    Returns out [total_q, H, Dv] (, lse [H, total_q])."""
     outs, lses = [], []
     cq = cu_seqlens_q.tolist()
     ck = cu_seqlens_k.tolist()
@@ -212,7 +215,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, causal=True, s
                            window=None, softcap=None, return_lse=False, sinks=None, key_padding_mask=None,
                            alibi_slopes=None):
     """Reference decode: q [B, H, Tq, D] are the last Tq positions of each row's cache_seqlens[b]
-    keys in k_cache/v_cache [B, Hk, Tmax, D] (the new tokens already written there);
+    keys in k_cache [B, Hk, Tmax, D] / v_cache [B, Hk, Tmax, Dv] (the new tokens already written there);
     key_padding_mask [B, Tmax] bool (True = attend) hides cache slots, e.g. a left-padded prompt's;
     alibi_slopes [H] or [B, H]: the bias of each row's query positions (Tk = the row's length)."""
     B, H, Tq, D = q.shape
@@ -244,7 +247,7 @@ def attention_backward(dout, q, k, v, out, lse, causal, scale, window, softcap):
     """(dq, dk, dv) of attention(q, k, v) from the forward's out and LSE, without autograd through a
     recomputed forward (FlashAttention's backward formulas, in the reference's compute dtype; no masks,
     dropout or sinks; window as visibility_mask takes it): P = exp(S - LSE), dV = P^T dO,
-    dS = P * (dO V^T - rowsum(dO * O)), chained through softcap."""
+    dS = P * (dO V^T - rowsum(dO * O)), chained through softcap. v, out and dout may be Dv wide."""
     B, H, Tq, D = q.shape
     Hk, Tk, G = k.shape[1], k.shape[2], H // k.shape[1]
     cd = _compute_dtype(q.dtype)

@@ -10,7 +10,7 @@ Quick mode: seq 1k and 4k, head dim 128 only, and the decode row. On sm_90+ the 
 load through tensor descriptors (TMA); at seq 4k, causal, head dim 128 the pointer kernels
 (LLMKERN_ATTN_TMA=0) are timed too, in the row's notes.
 Training rows with dropout, sinks and ALiBi (fwd+bwd, causal, seq 4k) follow, each against what a user
-would write without our kernel.
+would write without our kernel; outside quick mode also DeepSeek MLA's head dims (q/k 192, v 128) against SDPA.
 `mfu` is the fraction of the detected card's dense bf16 peak; extra["mfu_a100"] against the A100's.
 
 CPU: a small quick comparison (what llmkern.attention runs on CPU: SDPA's CPU kernel with our
@@ -133,6 +133,8 @@ def _gpu_rows(ctx):
     yield from _dropout_row(ctx, T=4096, D=128, p=0.1, dtype=dtype, peak=peak)
     yield from _sinks_row(ctx, T=4096, H=64, Hk=8, D=64, dtype=dtype, peak=peak)
     yield from _alibi_row(ctx, T=4096, H=16, D=128, dtype=dtype, peak=peak)
+    if not ctx.quick:
+        yield from _mla_row(ctx, T=4096, H=16, D=192, Dv=128, dtype=dtype, peak=peak)
     yield from _decode_rows(ctx, B=32, H=32, Hk=8, T=8192, D=128, dtype=dtype)
 
 
@@ -205,6 +207,37 @@ def _alibi_row(ctx, T, H, D, dtype, peak):
                  shape=f"B={B} H={H} T={T} D={D} causal=True {str(dtype).replace('torch.', '')}",
                  ours_ms=ours_ms, baseline="sdpa + float bias mask" if base_ms else "", baseline_ms=base_ms,
                  throughput=tflops, unit="TFLOP/s", mfu=tflops * 1e12 / peak if peak else None)
+
+
+def _mla_row(ctx, T, H, D, Dv, dtype, peak):
+    """DeepSeek MLA's prefill/training attention (q/k 192 = 128 nope + 64 rope, v 128; causal) fwd+bwd against
+    the fastest SDPA backend that takes a value head dim different from q/k's. FLOPs: 2·T²·D for Q·Kᵀ plus
+    2·T²·Dv for P·V per head (halved for causal), times 3.5 for fwd+bwd."""
+    import llmkern
+
+    dev = ctx.device
+    B = max(1, TOKENS // T // 2)
+    q, k = (torch.randn(B, H, T, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
+    v = torch.randn(B, H, T, Dv, device=dev, dtype=dtype, requires_grad=True)
+    dout = torch.randn(B, H, T, Dv, device=dev, dtype=dtype)
+    fl = _flops(B, H, T, (D + Dv) / 2, True, "fwd+bwd")
+    ours_ms = time_fn(_timer(lambda a, b, c: llmkern.attention(a, b, c, causal=True), q, k, v, dout, "fwd+bwd"),
+                      dev, quick=ctx.quick)
+    base = {}
+    for name, ctxm in {**_sdpa_backends(), "default": contextlib.nullcontext}.items():  # (default: SDPA's pick)
+        try:
+            with ctxm():
+                base[name] = time_fn(_timer(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
+                                            q, k, v, dout, "fwd+bwd"), dev, quick=ctx.quick)
+        except RuntimeError:  # a backend without this head-dim pair (flash: D == Dv only) or this card
+            continue
+    best = min(base, key=base.get) if base else None
+    tflops = fl / (ours_ms * 1e-3) / 1e12
+    yield Result(op="attention fwd+bwd D=192 Dv=128 (DeepSeek MLA prefill)",
+                 shape=f"B={B} H={H} T={T} D={D} Dv={Dv} causal=True {str(dtype).replace('torch.', '')}",
+                 ours_ms=ours_ms, baseline=f"sdpa-{best}" if best else "", baseline_ms=base.get(best),
+                 throughput=tflops, unit="TFLOP/s", mfu=tflops * 1e12 / peak if peak else None,
+                 extra={f"sdpa-{n}_ms": ms for n, ms in base.items()})
 
 
 def _dropout_row(ctx, T, D, p, dtype, peak):

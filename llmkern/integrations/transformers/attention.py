@@ -176,8 +176,9 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
 
 def llmkern_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                               sliding_window=None, softcap=None, is_causal=None, **kwargs):
-    """AttentionInterface entry. query [B, H, Tq, D], key/value [B, Hk, Tk, D] ->
-    ([B, Tq, H, D], None)."""
+    """AttentionInterface entry. query [B, H, Tq, D], key [B, Hk, Tk, D], value [B, Hk, Tk, Dv] ->
+    ([B, Tq, H, Dv], None). Dv may differ from D (DeepSeek-V2/V3's MLA: 192 / 128): value is taken as it
+    is, unpadded (transformers pads it to D only for flash-attention)."""
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError("llmkern attention does not support additive position biases")
     sinks = kwargs.get("s_aux")
@@ -229,8 +230,8 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
 
 def _packed_attention(query, key, value, seq_ids, causal, scale, window, softcap, dropout, sinks=None):
     """Packed sequences (padding-free batches, e.g. DataCollatorWithFlattening): every run of equal
-    sequence indices in a row is one sequence of llmkern.attention_varlen. Returns [B, T, H, D]."""
-    B, H, T, D = query.shape
+    sequence indices in a row is one sequence of llmkern.attention_varlen. Returns [B, T, H, Dv]."""
+    B, H, T, _ = query.shape
     if seq_ids.shape != (B, T) or key.shape[2] != T:
         raise NotImplementedError(f"llmkern attention: packed sequence indices {tuple(seq_ids.shape)} do not "
                                   f"match the layer's {B} rows of {T} queries and {key.shape[2]} keys")
@@ -239,13 +240,13 @@ def _packed_attention(query, key, value, seq_ids, causal, scale, window, softcap
     first = starts.reshape(-1).nonzero().reshape(-1)   # one host sync, as FlashAttention's varlen path
     cu = torch.cat([first, first.new_tensor([B * T])]).to(torch.int32)
 
-    def tokens(t):  # [B, heads, T, D] -> [B * T, heads, D]
-        return t.transpose(1, 2).reshape(B * T, t.shape[1], D)
+    def tokens(t):  # [B, heads, T, d] -> [B * T, heads, d] (d: D, or value's Dv)
+        return t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[3])
 
     out = llmkern.attention_varlen(tokens(query), tokens(key), tokens(value), cu, cu, causal=causal, scale=scale,
                                    window=window, softcap=softcap if softcap else None,
                                    dropout_p=float(dropout) if dropout else 0.0, sinks=sinks)
-    return out.reshape(B, T, H, D)
+    return out.reshape(B, T, H, value.shape[3])
 
 
 def register(name: str = NAME):
