@@ -64,6 +64,8 @@ def param_counts(config):
     c = _cfg(config)
     L, d, V, T = c.n_layer, c.n_embd, c.vocab_size, c.block_size
     attn_w = L * (d * c.attn_dim + 2 * d * c.n_kv_head * c.head_dim + c.attn_dim * d)
+    if c.kv_lora_rank:
+        attn_w = L * _mla_weights(c)
     qkv_bias, o_bias, mlp_bias = c.biases  # (Llama-family options: Qwen2 biases q/k/v only)
     attn_b = L * ((c.attn_dim + 2 * c.n_kv_head * c.head_dim if qkv_bias else 0) + (d if o_bias else 0))
     f = c.intermediate_size
@@ -84,9 +86,11 @@ def param_counts(config):
             inactive = L_moe * (E - k) * 3 * d * F  # the experts a token does not use
             shared = L_moe * swiglu(c.moe_shared_ffn_dim) if c.moe_shared_ffn_dim else 0
             ffn += experts + shared
-            router = L_moe * d * (E + (1 if c.moe_shared_ffn_dim else 0))  # + the shared expert's gate
+            gated = c.moe_shared_ffn_dim and c.moe_router == "softmax"  # (DeepSeek's shared experts: no gate)
+            router = L_moe * d * (E + (1 if gated else 0))  # + Qwen2-MoE's shared expert gate
         norm = (2 * L + 1) * d + (L * 2 * c.head_dim if c.qk_norm else 0)  # + Qwen3's q_norm/k_norm gains
         norm += 2 * L * d if c.post_norms else 0  # Gemma 2/3's norms after attention and around the MLP
+        norm += L * (c.kv_lora_rank + (c.q_lora_rank or 0))  # MLA's kv_a_layernorm and q_a_layernorm
         pos = 0
     out = dict(token_embedding=V * d, position_embedding=pos, attention=attn_w, ffn=ffn,
                attention_bias=attn_b, norm=norm, lm_head=0 if c.tie_embeddings else V * d, router=router)
@@ -95,6 +99,15 @@ def param_counts(config):
     out["active"] = out["total"] - inactive
     out["shares"] = {k: out[k] / out["total"] for k in ("token_embedding", "position_embedding", "attention", "ffn")}
     return out
+
+
+def _mla_weights(c):
+    """One layer's multi-head latent attention weights: q (q_proj, or q_a_proj + q_b_proj), kv_a_proj_with_mqa
+    (the latent and the shared rotary key), kv_b_proj (per head: the keys' other channels and the values),
+    o_proj. (Biases are refused with MLA; its norms are counted with the norms.)"""
+    d, H, D, Dv, R, Dr = c.n_embd, c.n_head, c.head_dim, c.v_head_dim, c.kv_lora_rank, c.qk_rope_head_dim
+    q = d * H * D if c.q_lora_rank is None else d * c.q_lora_rank + c.q_lora_rank * H * D
+    return q + d * (R + Dr) + R * H * (D - Dr + Dv) + H * Dv * d
 
 
 def matmul_params(config):
@@ -128,7 +141,8 @@ def flops_per_token(n_params, n_layers, seq_len, attn_dim, convention="seed", re
 def model_flops_per_token(config, seq_len=None, convention="seed", recompute=False):
     """flops_per_token for a zoo config (N = matmul_params, T = seq_len or block_size)."""
     c = _cfg(config)
-    d = c.n_embd if convention == "seed" else c.attn_dim
+    # PaLM's 4·T·H·Q per layer forward is q·k (2·T·H·D) plus p·v (2·T·H·Dv): their mean for MLA (Dv != D)
+    d = c.n_embd if convention == "seed" else c.attn_dim if c.out_dim == c.attn_dim else (c.attn_dim + c.out_dim) / 2
     return flops_per_token(matmul_params(c), c.n_layer, seq_len or c.block_size, d, convention, recompute)
 
 

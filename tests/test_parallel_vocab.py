@@ -19,8 +19,10 @@ def vocab_worker(rank, world_size):
     from llmkern.parallel.vocab import VocabParallelEmbedding, VocabParallelLMHead, shard_rows
 
     out = {}
-    for arch, cls in (("gpt-tiny", GPT), ("llama-tiny", Llama)):
-        cfg = get_config(arch).replace(vocab_size=101)  # not divisible by 2
+    # (gemma2-style: the final logit soft-cap, in the sharded loss too)
+    for arch, cls, kw in (("gpt-tiny", GPT, {}), ("llama-tiny", Llama, {}),
+                          ("llama-tiny", Llama, dict(logit_softcap=0.05, norm_offset=1.0, post_norms=True))):
+        cfg = get_config(arch).replace(vocab_size=101, **kw)  # not divisible by 2
         torch.manual_seed(0)
         ref = cls(cfg, backend="torch")
         ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -43,7 +45,7 @@ def vocab_worker(rank, world_size):
         lo, hi, S = shard_rows(101, None)
         ref_emb = ref.wte if arch.startswith("gpt") else ref.embed_tokens
         norm = "ln_f" if arch.startswith("gpt") else "norm"
-        out[arch] = dict(
+        out[arch + ("-softcap" if kw else "")] = dict(
             is_head=isinstance(head, VocabParallelLMHead), tied=tied, ref_tied=ref.lm_head.weight is ref_emb.weight,
             shard=tuple(emb.weight.shape), none=none is None, same_tokens=same_tokens,
             logits=(logits - logits_ref).abs().max().item(),

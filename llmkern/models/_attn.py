@@ -203,7 +203,8 @@ def _shift(labels):
 
 
 class KVCache:
-    """Static per-layer key/value buffers [B, Hkv, max_len, D] and each row's filled length.
+    """Static per-layer key/value buffers [B, Hkv, max_len, D] and each row's filled length (the values'
+    buffers take the width of the first values written: multi-head latent attention's Dv < D).
 
     lengths  int32 [B] on the cache's device: row b holds keys at slots [0, lengths[b]).
     seqlen   a host int >= every row's length: the slots a forward reads are [0, seqlen + T).
@@ -236,16 +237,17 @@ class KVCache:
             raise ValueError(f"KVCache: {self.seqlen} + {T} tokens exceed max_len={self.max_len}")
         if self.k[layer] is None:
             kw = dict(dtype=self.dtype or k.dtype, device=self.device or k.device)
-            self.k[layer], self.v[layer] = torch.zeros(self.shape, **kw), torch.zeros(self.shape, **kw)
+            self.k[layer] = torch.zeros(self.shape, **kw)
+            self.v[layer] = torch.zeros(self.shape[:3] + v.shape[3:], **kw)
         kc, vc = self.k[layer], self.v[layer]
         if self.uniform:
             kc[:, :, self.seqlen:self.seqlen + T] = k
             vc[:, :, self.seqlen:self.seqlen + T] = v
         else:
             slots = self.lengths.to(device=kc.device, dtype=torch.long)[:, None] + torch.arange(T, device=kc.device)
-            idx = slots[:, None, :, None].expand(k.shape)
-            kc.scatter_(2, idx, k.to(kc.dtype))
-            vc.scatter_(2, idx, v.to(vc.dtype))
+            idx = slots[:, None, :, None]
+            kc.scatter_(2, idx.expand(k.shape), k.to(kc.dtype))
+            vc.scatter_(2, idx.expand(v.shape), v.to(vc.dtype))
         return kc, vc
 
     def advance(self, T):
@@ -429,11 +431,8 @@ class ZooModel(torch.nn.Module):
         head = self.lm_head
         cap = getattr(self.config, "logit_softcap", None)
         if hasattr(head, "vocab_parallel_loss"):  # tensor_parallelize(..., vocab_parallel=True)
-            if cap is not None:
-                raise NotImplementedError("the vocabulary-parallel loss does not support config.logit_softcap "
-                                          "(Gemma 2/3): use return_logits=True")
             shifted = self.next_token_labels(labels)
-            return self.global_loss(head.vocab_parallel_loss(h, shifted), shifted)
+            return self.global_loss(head.vocab_parallel_loss(h, shifted, softcap=cap), shifted)
         if getattr(self, "_backend", "torch") != "llmkern" or type(head) is not torch.nn.Linear:
             return self.lm_loss(self.head_logits(h), labels)
         from llmkern.ops.cross_entropy import linear_cross_entropy

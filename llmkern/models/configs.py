@@ -5,7 +5,9 @@ Named sizes (``get_config(name)``):
   gpt3-125m ... gpt3-175b                          the eight sizes of GPT-3 Table 2.1, context 2048
   llama-7b, llama-13b, llama2-7b, llama3-8b, ...   LLaMA-style (RMSNorm, RoPE, SwiGLU, GQA)
   mixtral-8x7b                                     sparse MoE: 8 experts, top-2 (counting only)
-  gpt-tiny, llama-tiny, mixtral-tiny               a few hundred thousand parameters, for tests
+  deepseek-v3                                      MLA + 256 sigmoid-routed experts, top-8 (counting only)
+  gpt-tiny, llama-tiny, mixtral-tiny,              a few hundred thousand parameters, for tests
+  deepseek-v3-tiny
 
 Llama-family options (off by default; from_hf sets them for Mistral, Qwen2 and Qwen3 checkpoints):
   qkv_bias, o_bias      biases on q/k/v_proj and on o_proj, apart from `bias` (which then covers the
@@ -38,7 +40,30 @@ Sparse mixture of experts (Llama family; off with n_experts = 0, the dense SwiGL
                         intermediate_size (Qwen-MoE's mlp_only_layers / decoder_sparse_step)
   router_aux_loss_coef  > 0: the Switch/Mixtral load-balancing loss times this is added to the
                         returned loss (0: off)
-Named: mixtral-8x7b (the real sizes: 46.7B parameters, 12.9B active per token), mixtral-tiny (tests).
+  moe_router            "softmax" (above) or "sigmoid", DeepSeek-V3's aux-loss-free router: sigmoid scores s,
+                        the layer's e_score_correction_bias b added for the choice only (top moe_topk_group of
+                        moe_n_group expert groups by the sum of each group's top-2 s + b, then the top k of
+                        s + b in those groups), the weights the chosen s (divided by their sum when
+                        moe_renormalize) times moe_routed_scaling; the shared experts (moe_shared_ffn_dim wide,
+                        n_shared_experts * moe_intermediate_size in DeepSeek's terms) are then ungated
+  moe_n_group, moe_topk_group, moe_routed_scaling
+                        the "sigmoid" router's group limit and weight scale (1, 1, 1.0: off)
+Named: mixtral-8x7b (the real sizes: 46.7B parameters, 12.9B active per token), mixtral-tiny (tests),
+deepseek-v3 (671B parameters, 37.6B active; counting only), deepseek-v3-tiny (tests).
+
+Multi-head latent attention (DeepSeek-V2/V3's MLA; Llama family; off with kv_lora_rank = 0):
+  kv_lora_rank          R > 0: each token's keys and values come from a compressed latent of width R
+                        (kv_a_proj_with_mqa, RMSNorm kv_a_layernorm, kv_b_proj up to the heads), plus one
+                        rotary key head of qk_rope_head_dim channels shared by all heads
+  q_lora_rank           the queries through a bottleneck of this rank (q_a_proj, q_a_layernorm, q_b_proj);
+                        None: one q_proj
+  qk_rope_head_dim      the rotary channels at the end of each q/k head; head_dim (the q/k head width) is
+                        qk_nope_head_dim + qk_rope_head_dim, and RoPE (rope_scaling too) runs over these only
+  v_head_dim            the value head width (default head_dim); the attention output is n_head * v_head_dim
+  rope_interleave       the rotary channels come in pairs (2i, 2i+1) (DeepSeek-V3's rope_interleave): they
+                        are gathered to (evens, odds) before the usual rotate-half RoPE, as transformers does
+  n_kv_head must equal n_head (every head has its own keys); qk_norm, q/k/v/o biases, sliding windows and
+  attn_softcap are refused with MLA. attn_scale: the YaRN mscale correction (from_hf sets it).
 
 GPT-3 Table 2.1 notes: the table lists d_model=5140 for 13B, which is 40 heads x 128 = 5120 in
 the released models; and 24 heads x 128 for 1.3B, which contradicts d_model=2048 (and the 1.3B
@@ -91,6 +116,16 @@ class ModelConfig:
     moe_shared_ffn_dim: int = 0       # Qwen2-MoE's sigmoid-gated shared expert (0: none)
     moe_layers: Optional[tuple] = None  # the sparse layers (None: all)
     router_aux_loss_coef: float = 0.0  # load-balancing loss weight (0: off)
+    moe_router: str = "softmax"       # "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3; see the module docstring)
+    moe_n_group: int = 1              # "sigmoid": expert groups, of which moe_topk_group are kept per token
+    moe_topk_group: int = 1
+    moe_routed_scaling: float = 1.0   # "sigmoid": routing weights times this (routed_scaling_factor)
+    # multi-head latent attention (llama only; see the module docstring)
+    kv_lora_rank: int = 0             # R > 0: MLA with a K/V latent of width R; 0: plain attention
+    q_lora_rank: Optional[int] = None  # MLA: the queries' bottleneck rank (None: one q_proj)
+    qk_rope_head_dim: int = 0         # MLA: the rotary channels of each q/k head (the last ones)
+    v_head_dim: Optional[int] = None  # MLA: the value head width (default head_dim)
+    rope_interleave: bool = False     # MLA: rotary channels in interleaved pairs (DeepSeek-V3)
     name: str = ""
 
     def __post_init__(self):
@@ -112,7 +147,7 @@ class ModelConfig:
             self.head_dim = self.n_embd // self.n_head
         if not isinstance(self.head_dim, int) or self.head_dim <= 0:
             raise ValueError(f"ModelConfig.head_dim must be a positive int, got {self.head_dim!r}")
-        if self.arch == "llama" and self.head_dim % 2:
+        if self.arch == "llama" and self.head_dim % 2 and not self.kv_lora_rank:  # (MLA: the rotary part's checked)
             raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
         if self.intermediate_size is None:
             if self.arch == "gpt":
@@ -139,6 +174,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
         self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.arch)
         self._check_llama_options()
+        self._check_mla()
         self._check_moe()
 
     def _check_moe(self):
@@ -149,7 +185,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.n_experts must be an int >= 0 (0: dense MLP), got {E!r}")
         if E == 0:
             for f, off in (("n_experts_per_tok", None), ("moe_ffn_dim", None), ("moe_shared_ffn_dim", 0),
-                           ("moe_layers", None), ("router_aux_loss_coef", 0.0)):
+                           ("moe_layers", None), ("router_aux_loss_coef", 0.0)) + _ROUTER_OFF:
                 if getattr(self, f) != off:
                     raise ValueError(f"ModelConfig.{f} applies to mixture-of-experts models only "
                                      f"(n_experts > 0), got {f}={getattr(self, f)!r} with n_experts=0")
@@ -184,6 +220,35 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.moe_layers must list layer indices in 0..{self.n_layer - 1} "
                                  f"(or be None: every layer), got {layers!r}")
             self.moe_layers = tuple(sorted(set(layers)))
+        self._check_router()
+
+    def _check_router(self):
+        """moe_router and the "sigmoid" router's group limit and scale (the softmax router has neither: they
+        must stay off, not be silently ignored)."""
+        if self.moe_router not in ("softmax", "sigmoid"):
+            raise ValueError(f"ModelConfig.moe_router must be 'softmax' or 'sigmoid', got {self.moe_router!r}")
+        G, Gk, s = self.moe_n_group, self.moe_topk_group, self.moe_routed_scaling
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
+            raise ValueError(f"ModelConfig.moe_routed_scaling must be a number > 0, got {s!r}")
+        self.moe_routed_scaling = float(s)
+        if self.moe_router == "softmax":
+            for f, off in _ROUTER_OFF[1:]:
+                if getattr(self, f) != off:
+                    raise ValueError(f"ModelConfig.{f} applies to moe_router='sigmoid' only, got {f}="
+                                     f"{getattr(self, f)!r}")
+            return
+        if self.router_aux_loss_coef:  # (load_balancing_loss is the softmax router's)
+            raise ValueError(f"ModelConfig.router_aux_loss_coef must be 0 with moe_router='sigmoid' (aux-loss-free), "
+                             f"got {self.router_aux_loss_coef!r}")
+        E = self.n_experts
+        if not isinstance(G, int) or isinstance(G, bool) or G < 1 or E % G or E // G < 2:
+            raise ValueError(f"ModelConfig.moe_n_group must be a positive divisor of n_experts={E} leaving >= 2 "
+                             f"experts per group (groups are ranked by their top-2 scores), got {G!r}")
+        if not isinstance(Gk, int) or isinstance(Gk, bool) or not 1 <= Gk <= G:
+            raise ValueError(f"ModelConfig.moe_topk_group must be an int in 1..moe_n_group={G}, got {Gk!r}")
+        if self.n_experts_per_tok > Gk * (E // G):
+            raise ValueError(f"ModelConfig.n_experts_per_tok={self.n_experts_per_tok} exceeds the "
+                             f"{Gk * (E // G)} experts of moe_topk_group={Gk} groups")
 
     def layer_is_moe(self, i):
         """Whether layer i's MLP is the sparse mixture of experts (else the dense SwiGLU MLP)."""
@@ -197,7 +262,7 @@ class ModelConfig:
         """The Llama-family options (Mistral / Qwen2 / Qwen3): GPT ignores them, so they must stay unset."""
         if self.arch != "llama":
             for f, off in (("qkv_bias", None), ("o_bias", None), ("qk_norm", False), ("sliding_window", None),
-                           ("sliding_window_layers", None)) + _GEMMA_OFF:
+                           ("sliding_window_layers", None)) + _GEMMA_OFF + _MLA_OFF:
                 if getattr(self, f) != off:
                     raise ValueError(f"ModelConfig.{f} applies to arch='llama' only, got arch={self.arch!r}")
             return
@@ -239,6 +304,58 @@ class ModelConfig:
         if self.rope_local_theta is not None and self.sliding_window is None:
             raise ValueError("ModelConfig.rope_local_theta needs sliding_window (it applies to the sliding layers)")
 
+    def _check_mla(self):
+        """The multi-head latent attention fields: all off without kv_lora_rank; with it, consistent widths and
+        none of the attention options MLA does not implement."""
+        R = self.kv_lora_rank
+        if not isinstance(R, int) or isinstance(R, bool) or R < 0:
+            raise ValueError(f"ModelConfig.kv_lora_rank must be an int >= 0 (0: no MLA), got {R!r}")
+        if R == 0:
+            for f, off in _MLA_OFF[1:]:
+                if getattr(self, f) != off:
+                    raise ValueError(f"ModelConfig.{f} applies to multi-head latent attention only (kv_lora_rank > 0), "
+                                     f"got {f}={getattr(self, f)!r}")
+            return
+        Dr = self.qk_rope_head_dim
+        if not isinstance(Dr, int) or isinstance(Dr, bool) or Dr <= 0 or Dr % 2 or Dr > self.head_dim:
+            raise ValueError(f"ModelConfig.qk_rope_head_dim must be an even int in 2..head_dim={self.head_dim} with "
+                             f"MLA, got {Dr!r}")
+        if self.v_head_dim is None:
+            self.v_head_dim = self.head_dim
+        for f in ("v_head_dim", "q_lora_rank"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ValueError(f"ModelConfig.{f} must be a positive int{' or None' if f == 'q_lora_rank' else ''}, "
+                                 f"got {v!r}")
+        if self.v_head_dim > 256:  # (llmkern.attention's head dims: 1..256)
+            raise ValueError(f"ModelConfig.v_head_dim={self.v_head_dim} must be at most 256")
+        if not isinstance(self.rope_interleave, bool):
+            raise ValueError(f"ModelConfig.rope_interleave must be a bool, got {self.rope_interleave!r}")
+        if self.n_kv_head != self.n_head:
+            raise ValueError(f"ModelConfig.n_kv_head must equal n_head={self.n_head} with MLA, got {self.n_kv_head}")
+        for f, off in (("qk_norm", False), ("qkv_bias", None), ("o_bias", None), ("sliding_window", None),
+                       ("attn_softcap", None)):
+            if getattr(self, f) not in (off, False):
+                raise ValueError(f"ModelConfig.{f} is not supported with multi-head latent attention "
+                                 f"(kv_lora_rank > 0), got {f}={getattr(self, f)!r}")
+        if self.bias:
+            raise ValueError("ModelConfig.bias=True is not supported with multi-head latent attention")
+
+    @property
+    def rope_dim(self):
+        """The channels RoPE rotates in each q/k head: qk_rope_head_dim with MLA, else head_dim."""
+        return self.qk_rope_head_dim if self.kv_lora_rank else self.head_dim
+
+    @property
+    def qk_nope_head_dim(self):
+        """MLA: the channels of each q/k head without RoPE (head_dim - qk_rope_head_dim)."""
+        return self.head_dim - self.qk_rope_head_dim
+
+    @property
+    def out_dim(self):
+        """n_head * the value head width: the width of the attention output (o_proj's input)."""
+        return self.n_head * (self.v_head_dim or self.head_dim)
+
     def layer_rope_is_local(self, i):
         """Whether layer i takes the local RoPE (rope_local_theta): set, and the layer slides (Gemma 3)."""
         return self.rope_local_theta is not None and self.layer_window(i) is not None
@@ -270,6 +387,13 @@ class ModelConfig:
 # The Gemma options' off values (GPT must leave them there)
 _GEMMA_OFF = (("norm_offset", 0.0), ("scale_embeddings", False), ("post_norms", False), ("attn_scale", None),
               ("attn_softcap", None), ("logit_softcap", None), ("rope_local_theta", None))
+
+
+# The MoE router fields' off values (dense models and the softmax router leave them there)
+_ROUTER_OFF = (("moe_router", "softmax"), ("moe_n_group", 1), ("moe_topk_group", 1), ("moe_routed_scaling", 1.0))
+# The MLA fields' off values
+_MLA_OFF = (("kv_lora_rank", 0), ("q_lora_rank", None), ("qk_rope_head_dim", 0), ("v_head_dim", None),
+            ("rope_interleave", False))
 
 
 # Keys each rope_type needs (Hugging Face's rope_scaling / rope_parameters names).
@@ -320,7 +444,7 @@ def _yarn_options(scaling, factor):
         return float(v)
 
     def mscale(m):
-        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+        return yarn_mscale(factor, m)
 
     out = {"beta_fast": number("beta_fast", scaling.get("beta_fast") or 32),
            "beta_slow": number("beta_slow", scaling.get("beta_slow") or 1),
@@ -335,6 +459,12 @@ def _yarn_options(scaling, factor):
     return out
 
 
+def yarn_mscale(factor, m=1.0):
+    """YaRN's magnitude correction 0.1 * m * ln(factor) + 1 (1 for factor <= 1): the cos/sin factor, and with
+    DeepSeek's mscale_all_dim squared into the softmax scale (transformers' yarn_get_mscale)."""
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
 def _gpt(name, n_layer, n_embd, n_head, block_size, vocab_size=50257):
     return dict(arch="gpt", name=name, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
                 block_size=block_size, vocab_size=vocab_size)
@@ -345,6 +475,20 @@ def _llama(name, n_layer, n_embd, n_head, n_kv_head, intermediate_size, vocab_si
     return dict(arch="llama", name=name, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
                 n_kv_head=n_kv_head, intermediate_size=intermediate_size, vocab_size=vocab_size,
                 block_size=block_size, rope_theta=rope_theta, norm_eps=norm_eps, tie_embeddings=tie, **moe)
+
+
+def _deepseek_v3(n_experts, n_experts_per_tok, moe_ffn_dim, n_shared, first_dense, n_layer, nope, rope,
+                 rope_scaling=None, **fields):
+    """The ModelConfig fields of a DeepSeek-V3-style model: MLA (q/k heads nope + rope wide, interleaved RoPE,
+    the softmax scale with YaRN's mscale_all_dim correction as transformers applies it), the sigmoid router,
+    n_shared ungated shared experts, dense layers before first_dense."""
+    scale = (nope + rope) ** -0.5
+    if rope_scaling and rope_scaling.get("mscale_all_dim"):
+        scale *= yarn_mscale(rope_scaling["factor"], rope_scaling["mscale_all_dim"]) ** 2
+    return dict(head_dim=nope + rope, qk_rope_head_dim=rope, rope_interleave=True,
+                rope_scaling=rope_scaling, attn_scale=scale, n_experts=n_experts, n_experts_per_tok=n_experts_per_tok,
+                moe_ffn_dim=moe_ffn_dim, moe_shared_ffn_dim=n_shared * moe_ffn_dim, moe_router="sigmoid",
+                moe_layers=tuple(range(first_dense, n_layer)), **fields)
 
 
 CONFIGS = {
@@ -373,6 +517,16 @@ CONFIGS = {
     # Mixtral 8x7B (mistralai/Mixtral-8x7B-v0.1 config.json): 8 experts of width 14336, top-2
     "mixtral-8x7b": _llama("mixtral-8x7b", 32, 4096, 32, 8, 14336, 32000, 32768, rope_theta=1e6,
                            n_experts=8, n_experts_per_tok=2),
+    # DeepSeek-V3 (deepseek-ai/DeepSeek-V3 config.json, without the multi-token-prediction layer): MLA, 3 dense
+    # layers, then 256 routed experts (top-8 of the best 4 of 8 groups) and one shared expert per layer
+    "deepseek-v3": _llama("deepseek-v3", 61, 7168, 128, 128, 18432, 129280, 163840, norm_eps=1e-6,
+                          **_deepseek_v3(n_experts=256, n_experts_per_tok=8, moe_ffn_dim=2048, n_shared=1,
+                                         first_dense=3, n_layer=61, moe_n_group=8, moe_topk_group=4,
+                                         moe_routed_scaling=2.5, kv_lora_rank=512, q_lora_rank=1536,
+                                         nope=128, rope=64, v_head_dim=128,
+                                         rope_scaling={"rope_type": "yarn", "factor": 40.0, "beta_fast": 32,
+                                                       "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                                       "original_max_position_embeddings": 4096})),
     # tiny, for tests and CPU smoke runs
     "gpt-tiny": dict(arch="gpt", name="gpt-tiny", n_layer=2, n_embd=64, n_head=4, block_size=128,
                      vocab_size=256),
@@ -380,6 +534,12 @@ CONFIGS = {
                        intermediate_size=176, block_size=128, vocab_size=256),
     "mixtral-tiny": dict(arch="llama", name="mixtral-tiny", n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
                          intermediate_size=96, block_size=128, vocab_size=256, n_experts=4, n_experts_per_tok=2),
+    "deepseek-v3-tiny": dict(arch="llama", name="deepseek-v3-tiny", n_embd=64, n_head=4, intermediate_size=96,
+                             block_size=128, vocab_size=256, n_layer=3,
+                             **_deepseek_v3(n_experts=8, n_experts_per_tok=2, moe_ffn_dim=32, n_shared=1,
+                                            first_dense=1, n_layer=3, moe_n_group=4, moe_topk_group=2,
+                                            moe_routed_scaling=2.5, kv_lora_rank=16, q_lora_rank=24, nope=16,
+                                            rope=8, v_head_dim=12)),
 }
 _ALIASES = {"gpt2-small": "gpt2", "gpt2-124m": "gpt2", "gpt2-350m": "gpt2-medium",
             "gpt2-774m": "gpt2-large", "gpt2-1.5b": "gpt2-xl", "gpt3-small": "gpt3-125m",

@@ -32,6 +32,18 @@ Supported config.json model_types:
            attn_logit_softcapping must be null: transformers' Gemma3Attention does not apply it (loading
            either way could be silently wrong). gemma3 (the multimodal wrapper), gemma3n, gemma4: not
            supported.
+  deepseek_v3  DeepseekV3ForCausalLM -> Llama with multi-head latent attention (kv_lora_rank, q_lora_rank or
+           null, qk_nope/qk_rope/v_head_dim, rope_interleave; the softmax scale with YaRN's mscale_all_dim
+           correction as transformers applies it) and, from layer first_k_dense_replace on, the aux-loss-free
+           MoE (n_routed_experts of moe_intermediate_size, num_experts_per_tok, sigmoid scores with
+           e_score_correction_bias for the choice, n_group / topk_group, norm_topk_prob, routed_scaling_factor,
+           n_shared_experts ungated). No aux loss, as transformers (output_router_logits adds none for it).
+           Multi-token-prediction layers (num_nextn_predict_layers, stored as the layers past
+           num_hidden_layers) are ignored with a warning, as transformers ignores them. Refused, naming the key:
+           topk_method other than "noaux_tc", scoring_func other than "sigmoid", moe_layer_freq != 1 (keys of
+           DeepSeek's own code that transformers ignores), quantization_config, attention_bias,
+           num_key_value_heads != num_attention_heads, another hidden_act. deepseek_v2 (a softmax router):
+           not supported.
 Expert weights load from either checkpoint layout: one tensor per expert (Mixtral's
 block_sparse_moe.experts.{e}.w1/w3/w2, Qwen's mlp.experts.{e}.gate_proj/up_proj/down_proj, which is what
 transformers 5's save_pretrained writes) or the stacked mlp.experts.gate_up_proj / down_proj.
@@ -57,7 +69,7 @@ import warnings
 import torch
 
 from llmkern.models._attn import HFModule  # noqa: F401  (re-exported: the zoo <-> HF name table's entries)
-from llmkern.models.configs import ModelConfig, _check_rope_scaling
+from llmkern.models.configs import ModelConfig, _check_rope_scaling, yarn_mscale
 from llmkern.models.gpt import GPT
 from llmkern.models.llama import Llama
 
@@ -65,6 +77,7 @@ from llmkern.models.llama import Llama
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")  # the zoo's Llama loads
 MOE_FAMILY = ("mixtral", "qwen2_moe", "qwen3_moe")
 GEMMA_FAMILY = ("gemma", "gemma2", "gemma3_text")  # also the zoo's Llama, with the Gemma options
+DEEPSEEK_FAMILY = ("deepseek_v3",)  # the zoo's Llama with MLA and the sigmoid-routed MoE
 
 
 def _load_state(path):
@@ -432,7 +445,126 @@ def _moe_options(hf, family):
 
 # per-expert checkpoint names (gate, up, down) of each family: stacked into gate_up_proj / down_proj
 _EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
-                 "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+                 "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+                 "deepseek_v3": ("gate_proj", "up_proj", "down_proj")}
+
+
+# DeepseekV3Config's defaults (transformers 5), for keys a config.json may leave out
+_DEEPSEEK_DEFAULTS = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                          num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=None, n_shared_experts=1,
+                          n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536,
+                          qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4,
+                          num_experts_per_tok=8, first_k_dense_replace=3, norm_topk_prob=True, hidden_act="silu",
+                          max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                          rope_interleave=True, attention_bias=False, num_nextn_predict_layers=1)
+# keys of the original DeepSeek code's config.json that transformers' DeepseekV3 ignores, and their only value
+# that means what it runs (anything else would load silently different: refused)
+_DEEPSEEK_FIXED = dict(topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1)
+
+
+def _deepseek_refusals(hf):
+    """ValueError, naming the key, for DeepSeek-V3 configs transformers would run differently from the
+    checkpoint's intent or not at all, and for what the zoo does not do."""
+    fam = "deepseek_v3"
+    for key, ok in _DEEPSEEK_FIXED.items():
+        if hf.get(key) not in (None, ok):
+            raise ValueError(f"from_hf: {fam} config {key}={hf[key]!r} is not supported (only {ok!r}: DeepSeek-V3's "
+                             f"router; transformers' DeepseekV3 ignores the key and runs that one)")
+    if hf.get("quantization_config") is not None:
+        raise ValueError(f"from_hf: {fam} config quantization_config is not supported (quantized weights, e.g. the "
+                         f"fp8 release: dequantize the checkpoint first)")
+    if hf.get("hidden_act") != "silu":
+        raise ValueError(f"from_hf: {fam} config hidden_act={hf.get('hidden_act')!r} is not supported (only 'silu')")
+    if _bool_key(hf, "attention_bias", fam):
+        raise ValueError(f"from_hf: {fam} config attention_bias=True is not supported")
+    heads, kv = hf["num_attention_heads"], hf["num_key_value_heads"]
+    if kv is not None and kv != heads:  # (transformers' MLA repeats kv_b_proj's heads: it cannot run either)
+        raise ValueError(f"from_hf: {fam} config num_key_value_heads={kv!r} must equal num_attention_heads={heads} "
+                         f"(MLA makes one key/value head per query head)")
+
+
+def _deepseek_scale(rope, qk_head_dim):
+    """The softmax scale: qk_head_dim ** -0.5, times YaRN's mscale(factor, mscale_all_dim) squared when
+    rope_parameters has a rope_type other than default and a nonzero mscale_all_dim (transformers'
+    yarn_apply_mscale); None when that is plain qk_head_dim ** -0.5."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    m_all = rope.get("mscale_all_dim")
+    if kind == "default" or not m_all:
+        return None
+    factor = _positive(rope, "factor", "deepseek_v3 rope_parameters")
+    return qk_head_dim ** -0.5 * yarn_mscale(factor, m_all) * yarn_mscale(factor, m_all)
+
+
+def _deepseek_groups(moe):
+    """The router's group limit, checked under config.json's names (ModelConfig checks the same as moe_n_group ...):
+    n_group must split n_routed_experts into groups of >= 2 (groups rank by their top-2 scores), topk_group lie
+    in 1..n_group, and the kept groups hold num_experts_per_tok experts."""
+    E, k, G, Gk = moe["n_experts"], moe["n_experts_per_tok"], moe["moe_n_group"], moe["moe_topk_group"]
+    if E % G or E // G < 2:
+        raise ValueError(f"from_hf: deepseek_v3 config n_group={G} must divide n_routed_experts={E} into groups of "
+                         f">= 2 experts")
+    if Gk > G or k > Gk * (E // G):
+        raise ValueError(f"from_hf: deepseek_v3 config topk_group={Gk} must be <= n_group={G} and keep "
+                         f"num_experts_per_tok={k} experts (groups of {E // G})")
+
+
+def deepseek_config(hf):
+    """The zoo ModelConfig of a DeepSeek-V3 config.json (see the module docstring). Raises ValueError, naming
+    the config key, for what the zoo cannot express."""
+    fam = "deepseek_v3"
+    hf = {**_DEEPSEEK_DEFAULTS, **hf}
+    _deepseek_refusals(hf)
+    theta, rope = _rope_parameters(hf)
+    try:
+        scaling = _check_rope_scaling(rope, "llama")
+    except ValueError as e:
+        raise ValueError(f"from_hf: {e}") from None
+    n, first = _int_key(hf, "num_hidden_layers", fam), _int_key(hf, "first_k_dense_replace", fam, low=0)
+    if first >= n:
+        raise ValueError(f"from_hf: {fam} config first_k_dense_replace={first} leaves no MoE layer of "
+                         f"num_hidden_layers={n}")
+    nope, rope_dim = _int_key(hf, "qk_nope_head_dim", fam, low=0), _int_key(hf, "qk_rope_head_dim", fam)
+    q_rank = None if hf.get("q_lora_rank") is None else _int_key(hf, "q_lora_rank", fam)
+    mla = dict(kv_lora_rank=_int_key(hf, "kv_lora_rank", fam), q_lora_rank=q_rank, qk_rope_head_dim=rope_dim,
+               v_head_dim=_int_key(hf, "v_head_dim", fam), rope_interleave=_bool_key(hf, "rope_interleave", fam),
+               head_dim=nope + rope_dim, attn_scale=_deepseek_scale(rope, nope + rope_dim))
+    F = _int_key(hf, "moe_intermediate_size", fam)
+    moe = dict(n_experts=_int_key(hf, "n_routed_experts", fam),
+               n_experts_per_tok=_int_key(hf, "num_experts_per_tok", fam), moe_ffn_dim=F,
+               moe_renormalize=_bool_key(hf, "norm_topk_prob", fam), moe_router="sigmoid",
+               moe_shared_ffn_dim=_int_key(hf, "n_shared_experts", fam, low=0) * F,  # (ungated, one MLP)
+               moe_n_group=_int_key(hf, "n_group", fam), moe_topk_group=_int_key(hf, "topk_group", fam),
+               moe_routed_scaling=_positive(hf, "routed_scaling_factor", fam),
+               moe_layers=tuple(range(first, n)) if first else None)
+    _deepseek_groups(moe)
+    try:
+        return ModelConfig(arch="llama", vocab_size=hf["vocab_size"], n_layer=n, n_head=hf["num_attention_heads"],
+                           n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+                           block_size=hf["max_position_embeddings"], bias=False, **mla, **moe,
+                           dropout=float(hf.get("attention_dropout") or 0.0), norm_eps=hf["rms_norm_eps"],
+                           rope_theta=float(theta), rope_scaling=scaling, tie_embeddings=hf["tie_word_embeddings"],
+                           name=hf.get("_name_or_path", ""))
+    except ValueError as e:  # (ModelConfig's checks name its fields: say which file they came from)
+        raise ValueError(f"from_hf: {fam} config: {e}") from None
+
+
+def _drop_mtp_layers(state, cfg, hf):
+    """DeepSeek-V3's multi-token-prediction modules are stored as layers num_hidden_layers .. + 
+    num_nextn_predict_layers - 1; transformers' DeepseekV3ForCausalLM has no such layers and ignores their
+    weights: so does this, with a warning (they serve speculative decoding only, never the logits)."""
+    extra = [k for k in state if k.startswith("layers.") and int(k.split(".")[1]) >= cfg.n_layer]
+    if not extra:
+        return state
+    mtp = hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 1)) or 0
+    if isinstance(mtp, bool) or not isinstance(mtp, int) or \
+            any(int(k.split(".")[1]) >= cfg.n_layer + mtp for k in extra):
+        raise ValueError(f"from_hf: deepseek_v3 checkpoint holds layers past num_hidden_layers={cfg.n_layer} beyond "
+                         f"num_nextn_predict_layers={mtp!r} (e.g. {extra[0]})")
+    warnings.warn(f"from_hf: deepseek_v3: ignoring the {mtp} multi-token-prediction layer(s) "
+                  f"(num_nextn_predict_layers; {len(extra)} tensors), as transformers does: the model predicts the "
+                  f"next token only")
+    extra = set(extra)
+    return {k: v for k, v in state.items() if k not in extra}
 
 
 def _stack_experts(state, cfg, family):
@@ -511,10 +643,10 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
     and safetensors weights), in eval mode.
 
     model_type "gpt2" gives a GPT; "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
-    "qwen3_moe", "gemma", "gemma2" and "gemma3_text" give a Llama whose config carries the family's options
-    (Mistral's sliding window, Qwen2's q/k/v biases and per-layer sliding windows, Qwen3's qk-norm and
-    head_dim, the MoE families' experts, Gemma's GeGLU, norms, scales and soft-caps; see the module
-    docstring). The logits equal those
+    "qwen3_moe", "gemma", "gemma2", "gemma3_text" and "deepseek_v3" give a Llama whose config carries the
+    family's options (Mistral's sliding window, Qwen2's q/k/v biases and per-layer sliding windows, Qwen3's
+    qk-norm and head_dim, the MoE families' experts, Gemma's GeGLU, norms, scales and soft-caps, DeepSeek-V3's
+    latent attention and sigmoid router; see the module docstring). The logits equal those
     of transformers' *ForCausalLM on the same checkpoint. Unsupported configurations raise ValueError
     naming the config key. dtype/device: cast and move the model after loading (the RoPE frequencies
     stay float32)."""
@@ -532,16 +664,19 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
             model, state = GPT(cfg, backend=backend), _gpt2_state(state, cfg)
         except KeyError as e:
             raise ValueError(f"from_hf: checkpoint does not match the model: missing {e}") from None
-    elif mtype in LLAMA_FAMILY or mtype in GEMMA_FAMILY:
-        cfg = llama_config(hf) if mtype in LLAMA_FAMILY else gemma_config(hf)
+    elif mtype in LLAMA_FAMILY or mtype in GEMMA_FAMILY or mtype in DEEPSEEK_FAMILY:
+        cfg = llama_config(hf) if mtype in LLAMA_FAMILY else gemma_config(hf) if mtype in GEMMA_FAMILY else \
+            deepseek_config(hf)
         state = _strip(_load_state(path), ("model.",))
         cfg = _resolve_tie(cfg, state, "embed_tokens.weight")
-        if mtype in MOE_FAMILY:
+        if mtype in DEEPSEEK_FAMILY:
+            state = _drop_mtp_layers(state, cfg, hf)
+        if mtype in MOE_FAMILY or mtype in DEEPSEEK_FAMILY:
             state = _stack_experts(state, cfg, mtype)
         model, state = Llama(cfg, backend=backend), _llama_state(state, cfg)
     else:
         raise ValueError(f"from_hf: model_type {mtype!r} is not supported "
-                         f"(gpt2, {', '.join(LLAMA_FAMILY + GEMMA_FAMILY)})")
+                         f"(gpt2, {', '.join(LLAMA_FAMILY + GEMMA_FAMILY + DEEPSEEK_FAMILY)})")
     state = {k: v.contiguous() for k, v in state.items()}
     if cfg.tie_embeddings:  # load the shared matrix once, through the embedding
         state.pop("lm_head.weight", None)

@@ -18,6 +18,9 @@ before their residual adds), the attention scale attn_scale, tanh soft-capping o
 (attn_softcap) and of the logits (logit_softcap), and Gemma 3's local RoPE base on its sliding layers
 (rope_local_theta).
 
+With config.kv_lora_rank > 0 and moe_router "sigmoid" it is DeepSeek-V3 (deepseek.py: multi-head latent
+attention, the aux-loss-free group-limited sigmoid router, ungated shared experts).
+
 With config.n_experts > 0 it is also Mixtral / Qwen2-MoE / Qwen3-MoE: the MLP of each MoE layer
 (config.moe_layers, default all) is a sparse mixture of experts (MoE below: a router `gate`, experts
 `experts.gate_up_proj` [E, 2F, d] / `experts.down_proj` [E, d, F], transformers 5's names and layout),
@@ -86,7 +89,8 @@ def apply_rope(x, cos, sin):
 
 
 def rope_inv_freq(cfg):
-    """The rotary frequencies [head_dim / 2] (float32), with the config's context-extension scaling.
+    """The rotary frequencies [rope_dim / 2] (float32: head_dim, or MLA's qk_rope_head_dim), with the
+    config's context-extension scaling.
 
     linear: every frequency divided by `factor` (positions interpolated). llama3 (Llama 3.1+):
     wavelengths shorter than original_max_position_embeddings / high_freq_factor are kept, those
@@ -95,7 +99,7 @@ def rope_inv_freq(cfg):
     beyond block_size, which the zoo never runs past, so these are the plain frequencies. yarn: see
     _yarn_inv_freq. Each follows transformers' arithmetic, so that the frequencies agree to the bit.
     """
-    d = cfg.head_dim
+    d = cfg.rope_dim
     s = cfg.rope_scaling
     theta = cfg.rope_theta
     if s is not None and s["rope_type"] == "dynamic":  # transformers' NTK theta at seq_len = block_size
@@ -125,7 +129,7 @@ def _yarn_inv_freq(cfg, s):
     their frequency, fewer than beta_slow times are interpolated, with a linear ramp in i between
     (its ends floored/ceiled to whole indices when `truncate`). The cos/sin are multiplied by
     s["attention_factor"] (see Llama.rope)."""
-    d, theta, factor = cfg.head_dim, cfg.rope_theta, s["factor"]
+    d, theta, factor = cfg.rope_dim, cfg.rope_theta, s["factor"]
     wavelength_scale = theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
     extrapolated = 1.0 / wavelength_scale
     interpolated = 1.0 / (factor * wavelength_scale)
@@ -339,14 +343,19 @@ class Block(nn.Module):
     def __init__(self, cfg, backend, layer=0):
         super().__init__()
         d, eps, off = cfg.n_embd, cfg.norm_eps, cfg.norm_offset
+        # DeepSeek-V3's multi-head latent attention and sigmoid-routed MoE live in deepseek.py (imported here:
+        # it builds on this module's RMSNorm, MLP and experts)
+        from llmkern.models.deepseek import DeepseekMoE, MLAttention
+
         self.input_layernorm = RMSNorm(d, eps, backend, off)
-        self.self_attn = Attention(cfg, backend, layer)
+        self.self_attn = (MLAttention if cfg.kv_lora_rank else Attention)(cfg, backend, layer)
         self.post_attention_layernorm = RMSNorm(d, eps, backend, off)
         if cfg.post_norms:
             self.pre_feedforward_layernorm = RMSNorm(d, eps, backend, off)
             self.post_feedforward_layernorm = RMSNorm(d, eps, backend, off)
         self.post_norms = cfg.post_norms
-        self.mlp = MoE(cfg, backend) if cfg.layer_is_moe(layer) else MLP(cfg, backend)
+        moe = DeepseekMoE if cfg.moe_router == "sigmoid" else MoE
+        self.mlp = moe(cfg, backend) if cfg.layer_is_moe(layer) else MLP(cfg, backend)
 
     def forward(self, x, cos, sin, cache=None, layer=None, prefix=None, kpm=None, router_logits=None):
         a = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, prefix, kpm)
@@ -357,7 +366,7 @@ class Block(nn.Module):
         return x + self._mlp(h, router_logits)
 
     def _mlp(self, h, router_logits):
-        if isinstance(self.mlp, MoE):
+        if isinstance(self.mlp, MoE):  # (DeepSeek's aux-loss-free DeepseekMoE needs no router logits)
             return self.mlp(h, router_logits)
         return self.mlp(h)
 
@@ -391,17 +400,24 @@ class Llama(ZooModel):
 
     def hf_module_names(self):
         """{zoo nn.Linear name: HFModule}: where each linear layer sits in transformers'
-        LlamaForCausalLM (and Mistral/Qwen2/Qwen3/Gemma/Gemma2/Gemma3ForCausalLM, which use the same
-        names; the norms are not linear layers). The names are the same, but HF keeps the decoder under `model.`:
+        LlamaForCausalLM (and Mistral/Qwen2/Qwen3/Gemma/Gemma2/Gemma3/DeepseekV3ForCausalLM, which use the
+        same names, MLA's projections included; the norms are not linear layers). The names are the same, but
+        HF keeps the decoder under `model.`:
         layers.{i}.self_attn.q_proj here is model.layers.{i}.self_attn.q_proj there; lm_head is
         lm_head in both. (llmkern.peft's PEFT checkpoints use this to read and write HF names.)"""
         names = {"lm_head": HFModule("lm_head")}
-        for i in range(self.config.n_layer):
+        c = self.config
+        for i in range(c.n_layer):
             subs = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+            if c.kv_lora_rank:  # DeepSeek's MLA (DeepseekV3Attention's names)
+                q = ["self_attn.q_proj"] if c.q_lora_rank is None else ["self_attn.q_a_proj", "self_attn.q_b_proj"]
+                subs = q + ["self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj", "self_attn.o_proj"]
             mlp = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-            if not self.config.layer_is_moe(i):
+            if not c.layer_is_moe(i):
                 subs += mlp
-            elif self.config.moe_shared_ffn_dim:  # Qwen2-MoE's shared expert and its gate are nn.Linear there too
+            elif c.moe_shared_ffn_dim and c.moe_router == "sigmoid":  # DeepSeek's ungated shared experts
+                subs += [m.replace("mlp.", "mlp.shared_experts.") for m in mlp]
+            elif c.moe_shared_ffn_dim:  # Qwen2-MoE's shared expert and its gate are nn.Linear there too
                 subs += [m.replace("mlp.", "mlp.shared_expert.") for m in mlp] + ["mlp.shared_expert_gate"]
             # (the router and the stacked experts are not nn.Linear in transformers 5: no entry)
             for sub in subs:

@@ -380,6 +380,12 @@ def context_parallelize(model, group=None, layout="zigzag"):
         raise TypeError(f"context_parallelize: needs a llmkern.models model (GPT, Llama), got {type(model).__name__}")
     if getattr(model, "context_parallel", None) is not None:
         raise ValueError("context_parallelize: the model is context-parallel already")
+    from llmkern.models.deepseek import latent_attention_or_sigmoid_moe
+
+    mla = latent_attention_or_sigmoid_moe(model)  # (the same on every rank)
+    if mla is not None:
+        raise ValueError(f"context_parallelize: DeepSeek-V3's multi-head latent attention and "
+                         f"sigmoid-routed MoE ({mla}) are not supported yet")
     cp = ContextParallel(group, layout)
     for m in model.modules():
         if m is not model and hasattr(m, "backend_name") and hasattr(m, "n_head"):  # the attention modules

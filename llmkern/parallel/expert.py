@@ -327,6 +327,12 @@ def expert_parallelize(model, group=None):
     without a process group. Combine with DDP / FSDP (or ``all_reduce_replicated_grads``) for the
     replicated parameters' gradients."""
     group = comm.resolve_group(group, "expert_parallelize")
+    from llmkern.models.deepseek import latent_attention_or_sigmoid_moe
+
+    mla = latent_attention_or_sigmoid_moe(model)  # (the same on every rank)
+    if mla is not None:
+        raise ValueError(f"expert_parallelize: DeepSeek-V3's multi-head latent attention and "
+                         f"sigmoid-routed MoE ({mla}) are not supported yet")
     p, what = comm.world_size(group), "expert_parallelize"
     targets = [(parent, name, child) for _, parent in model.named_modules() for name, child in parent.named_children()
                if isinstance(child, llama.MoE)]

@@ -97,6 +97,12 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
     all-gathers the logits, and the zoo models' `model(ids, labels, return_logits=False)` computes the
     loss on the shards without any [N, V] tensor."""
     group = comm.resolve_group(group, "tensor_parallelize")
+    from llmkern.models.deepseek import latent_attention_or_sigmoid_moe
+
+    mla = latent_attention_or_sigmoid_moe(model)  # (the same on every rank)
+    if mla is not None:
+        raise ValueError(f"tensor_parallelize: DeepSeek-V3's multi-head latent attention and "
+                         f"sigmoid-routed MoE ({mla}) are not supported yet")
     p = comm.world_size(group)
     kw = dict(overlap=overlap, chunks=chunks, pieces=pieces, transport=transport)
     plan = []  # (object, attribute, value), applied only once every projection could be sharded

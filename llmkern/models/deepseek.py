@@ -1,0 +1,168 @@
+"""DeepSeek-V3's two blocks for the zoo's Llama: multi-head latent attention and the aux-loss-free MoE.
+
+Llama (llama.py) builds them from the config: MLAttention when config.kv_lora_rank > 0, DeepseekMoE on the
+MoE layers when config.moe_router == "sigmoid". Module and parameter names are transformers'
+DeepseekV3ForCausalLM's (q_a_proj, q_a_layernorm, q_b_proj or q_proj, kv_a_proj_with_mqa, kv_a_layernorm,
+kv_b_proj, o_proj; mlp.gate.weight / mlp.gate.e_score_correction_bias, mlp.experts.gate_up_proj / down_proj,
+mlp.shared_experts.*), so checkpoints and PEFT adapters carry over by name.
+
+MLA (DeepSeek-V2 section 2.1): per token,
+    q      = q_b_proj(norm(q_a_proj(x)))  (or q_proj(x))                   [H, nope + rope]
+    c, kpe = kv_a_proj_with_mqa(x)                                          [R], [rope]: one key head for all
+    k_nope, v = kv_b_proj(norm(c))                                          [H, nope], [H, v_head_dim]
+    k      = (k_nope, RoPE(kpe) for every head),  q = (q_nope, RoPE(q_pe))
+RoPE turns only the rope channels. The keys and values are materialised per head (the KV cache holds
+them, not the latent c: simple, and correct for every decoding path; caching c and absorbing kv_b_proj
+into q and o_proj is the memory saver this does not do).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import llmkern
+from llmkern.models._attn import attend
+from llmkern.models.llama import MLP, Experts, RMSNorm, apply_rope, run_experts
+
+# transformers builds q_a_layernorm / kv_a_layernorm with DeepseekV3RMSNorm's default eps, not rms_norm_eps
+LATENT_NORM_EPS = 1e-6
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (see the module docstring); the forward has Attention's signature."""
+
+    def __init__(self, cfg, backend, layer=0):
+        super().__init__()
+        d, H = cfg.n_embd, cfg.n_head
+        self.n_head = self.n_kv_head = H  # (new_cache reads n_kv_head: every head has its own k and v)
+        self.head_dim, self.v_head_dim = cfg.head_dim, cfg.v_head_dim
+        self.nope, self.rope_dim, self.kv_rank = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        self.q_proj = self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, H * cfg.head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, backend, cfg.norm_offset)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS, backend, cfg.norm_offset)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, d, bias=False)
+        self.interleave = cfg.rope_interleave
+        self.scale = cfg.attn_scale  # (None: head_dim ** -0.5; YaRN's mscale_all_dim correction otherwise)
+        self.dropout = cfg.dropout
+        self.backend_name = backend
+
+    def forward(self, x, cos, sin, cache=None, layer=None, prefix=None, kpm=None):
+        if prefix is not None:  # (a prefix's values would need v_head_dim, its keys the rope split: not done)
+            raise NotImplementedError("prefix-tuning is not supported with multi-head latent attention")
+        B, T, _ = x.shape
+        H, nope, Dr = self.n_head, self.nope, self.rope_dim
+        if self.q_proj is not None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, T, H, self.head_dim).transpose(1, 2).split([nope, Dr], dim=-1)  # [B, H, T, .]
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, Dr], dim=-1)  # [B, T, R], [B, T, Dr]
+        kv = self.kv_b_proj(self.kv_a_layernorm(c.contiguous()))  # [B, T, H * (nope + Dv)]
+        k_nope, v = kv.view(B, T, H, nope + self.v_head_dim).transpose(1, 2).split([nope, self.v_head_dim], dim=-1)
+        q_pe, k_pe = self._rope(q_pe, k_pe.unsqueeze(1), cos, sin)  # k_pe [B, 1, T, Dr]: one head, shared
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [B, H, T, head_dim]
+        k = torch.cat([k_nope, k_pe.expand(B, H, T, Dr)], dim=-1)
+        # v keeps its own head dim (Dv < D): llmkern.attention and SDPA take it as it is
+        y = attend(q, k, v, backend=self.backend_name, cache=cache, layer=layer, key_padding_mask=kpm,
+                   scale=self.scale, context_parallel=getattr(self, "context_parallel", None),
+                   dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, Dv]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
+
+    def _rope(self, q_pe, k_pe, cos, sin):
+        """RoPE on the rotary channels ([B, H or 1, T, Dr]). Interleaved checkpoints (DeepSeek-V3) pair the
+        channels (2i, 2i+1); transformers rotates those pairs and writes the results as (evens, odds), which is
+        the rotate-half RoPE of the channels gathered to (evens, odds) first: done so here, same values."""
+        if self.interleave:
+            q_pe = torch.cat([q_pe[..., 0::2], q_pe[..., 1::2]], dim=-1)
+            k_pe = torch.cat([k_pe[..., 0::2], k_pe[..., 1::2]], dim=-1)
+        if self.backend_name == "llmkern" and q_pe.dtype == k_pe.dtype:
+            return llmkern.rope(q_pe, k_pe, cos, sin)
+        return apply_rope(q_pe, cos, sin), apply_rope(k_pe, cos, sin)
+
+
+def sigmoid_group_route(logits, bias, top_k, n_group, topk_group, renormalize, scaling):
+    """DeepSeek-V3's aux-loss-free routing of N tokens over E experts: logits [N, E] (float32) and the
+    selection bias [E] -> (weights [N, k] float32, ids [N, k] int64).
+
+    s = sigmoid(logits); the choice ranks s + bias (the bias steers the load; it never enters a weight):
+    the experts form n_group equal groups, each group scores the sum of its top-2 biased scores, the
+    best topk_group groups stay, and the top_k biased scores within them are chosen. The weights are the
+    chosen experts' unbiased s, divided by their sum (+ 1e-20) when renormalize, times scaling."""
+    N, E = logits.shape
+    scores = torch.sigmoid(logits)
+    biased = scores + bias
+    group_scores = biased.view(N, n_group, E // n_group).topk(2, dim=-1).values.sum(-1)  # [N, G]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)  # [N, G]
+    keep = keep.repeat_interleave(E // n_group, dim=1)  # [N, E]: the experts of the kept groups
+    ids = biased.masked_fill(~keep, float("-inf")).topk(top_k, dim=-1).indices  # [N, k]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
+
+
+class TopkRouter(nn.Module):
+    """transformers' DeepseekV3TopkRouter's parameters: weight [E, d] (the router logits, computed in float32)
+    and the buffer e_score_correction_bias [E] (trained outside backprop, by the load; a checkpoint's)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.n_embd))
+        nn.init.normal_(self.weight, mean=0.0, std=0.02)
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_experts))
+        self.top_k, self.renormalize = cfg.n_experts_per_tok, cfg.moe_renormalize
+        self.n_group, self.topk_group, self.scaling = cfg.moe_n_group, cfg.moe_topk_group, cfg.moe_routed_scaling
+
+    def _apply(self, fn, *args, **kwargs):
+        # transformers keeps the router's weight and bias float32 whatever the model's dtype
+        # (_keep_in_fp32_modules_strict): the choice hinges on small score differences (the bias's especially),
+        # which bf16 would round away. A cast to 16 bits moves them (device) but keeps their float32 values.
+        def keep_fp32(t):
+            out = fn(t)
+            if t.dtype == torch.float32 and out.dtype in (torch.float16, torch.bfloat16):
+                return t.to(out.device)
+            return out
+
+        return super()._apply(keep_fp32, *args, **kwargs)
+
+    def forward(self, x):
+        """x [B, T, d] -> (weights [B, T, k] float32, ids [B, T, k])."""
+        logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # [B*T, E] float32
+        w, ids = sigmoid_group_route(logits, self.e_score_correction_bias.float(), self.top_k, self.n_group,
+                                     self.topk_group, self.renormalize, self.scaling)
+        return w.view(*x.shape[:-1], -1), ids.view(*x.shape[:-1], -1)
+
+
+class DeepseekMoE(nn.Module):
+    """DeepSeek-V3's MoE layer: y = sum_j w_j * expert_{e_j}(x) + shared_experts(x), (w, e) from the sigmoid
+    group-limited router (TopkRouter); the shared experts are one ungated SwiGLU MLP of width
+    config.moe_shared_ffn_dim (n_shared_experts * moe_intermediate_size). Experts as in llama.MoE:
+    llmkern.moe_mlp on backend "llmkern", transformers' loop on "torch"."""
+
+    def __init__(self, cfg, backend="torch"):
+        super().__init__()
+        self.gate = TopkRouter(cfg)
+        self.experts = Experts(cfg.n_experts, cfg.n_embd, cfg.moe_ffn_dim)
+        self.shared_experts = MLP(cfg, backend, width=cfg.moe_shared_ffn_dim) if cfg.moe_shared_ffn_dim else None
+        self.backend_name = backend
+
+    def forward(self, x):
+        """x [B, T, d] -> [B, T, d]."""
+        weights, ids = self.gate(x)
+        y = run_experts(self.backend_name, x, self.experts.gate_up_proj, self.experts.down_proj, ids, weights)
+        return y if self.shared_experts is None else y + self.shared_experts(x)
+
+
+def latent_attention_or_sigmoid_moe(model):
+    """The name of the first multi-head latent attention or DeepSeek MoE module in `model`, or None: the
+    parallel wrappers (tensor, expert and context parallelism) do not handle them yet and refuse such
+    models by this name instead of failing on a shape."""
+    return next((n or type(m).__name__ for n, m in model.named_modules() if isinstance(m, (MLAttention, DeepseekMoE))),
+                None)
