@@ -149,17 +149,18 @@ def raise_failures(rank, failures):
         raise AssertionError(f"rank {rank}: {len(failures)} failures:\n" + "\n".join(failures))
 
 
-def assert_peft_lora_round_trip(path, workdir, x, atol=1e-5, rtol=1e-5):
-    """A LoRA adapter that PEFT saves on the transformers checkpoint at `path` (every attention and MLP
-    projection targeted, random nonzero factors) loads into the zoo (llmkern.peft.load_peft_adapter over
-    from_hf) with PEFT's logits on x; saved back with HF names (save_peft_adapter), PEFT reads it and gives
-    them again. Imports peft and transformers."""
+def assert_peft_lora_round_trip(path, workdir, x, atol=1e-5, rtol=1e-5, targets=None, n_layers=None):
+    """A LoRA adapter that PEFT saves on the transformers checkpoint at `path` (`targets`, default every
+    attention and MLP projection; random nonzero factors) loads into the zoo (llmkern.peft.load_peft_adapter
+    over from_hf) with PEFT's logits on x; saved back with HF names (save_peft_adapter), PEFT reads it and
+    gives them again. n_layers: expect n_layers * len(targets) LoRA modules (default 2 layers). Imports peft
+    and transformers."""
     import peft
     import transformers
 
     from llmkern import peft as lp
 
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     pm = peft.get_peft_model(base, peft.LoraConfig(target_modules=targets, r=4, lora_alpha=8, lora_dropout=0.0))
     g = torch.Generator().manual_seed(1)
@@ -171,7 +172,7 @@ def assert_peft_lora_round_trip(path, workdir, x, atol=1e-5, rtol=1e-5):
     with torch.no_grad():
         want = pm.eval()(x).logits
     zoo = lp.load_peft_adapter(load_hf(path), str(workdir / "ad"))
-    assert len(dict(lp.lora_modules(zoo))) == 2 * len(targets)
+    assert len(dict(lp.lora_modules(zoo))) == (n_layers or 2) * len(targets)
     with torch.no_grad():
         torch.testing.assert_close(zoo(x), want, atol=atol, rtol=rtol)
     lp.save_peft_adapter(zoo, str(workdir / "back"))
@@ -191,3 +192,24 @@ def padding_mask(B, Tk, device="cpu"):
     if B > 1:
         m[1] = False
     return m.to(device)
+
+
+def attention_tma_vs_pointer(monkeypatch, q, k, v, dout, **kw):
+    """Run the attention forward and backward kernels (llmkern.kernels.attention) with the pointer loads,
+    then with the TMA descriptor kernels forced (every backward kernel too), under the interpreter; assert
+    that both launch what they should and give bitwise equal out, lse, dq, dk and dv (the descriptor boxes
+    read exactly what the masked loads read)."""
+    from llmkern.kernels import attention as A
+
+    launched, launch = [], A._launch
+    monkeypatch.setattr(A, "_launch", lambda name, *a: (launched.append(name), launch(name, *a)))
+    monkeypatch.setenv("LLMKERN_ATTN_TMA_BWD", "all")
+    monkeypatch.setattr(A._TMA, "failed", [])
+    res = {}
+    for mode in ("0", "force"):
+        monkeypatch.setenv("LLMKERN_ATTN_TMA", mode)
+        o, lse = A.attention_forward(q, k, v, **kw)
+        res[mode] = (o, lse) + tuple(A.attention_backward(dout, q, k, v, o, lse, **kw))
+    assert launched == ["fwd", "dkdv", "dq", "fwd_tma", "dkdv_tma", "dq_tma"]
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), res["0"], res["force"]):
+        assert torch.equal(a, b), name

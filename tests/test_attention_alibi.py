@@ -18,7 +18,7 @@ import torch
 import llmkern
 import llmkern.ops.attention  # noqa: F401  (registers torch.ops.llmkern.attention_*)
 from llmkern.reference import attention as ref
-from llmkern.testing import assert_close, padding_mask, triton_device
+from llmkern.testing import assert_close, attention_tma_vs_pointer, padding_mask, triton_device
 
 DEV = triton_device()
 needs_triton = pytest.mark.skipif(DEV is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -216,26 +216,12 @@ def test_slopes_get_no_gradient(triton_backend):
 @needs_triton
 def test_tma_kernels_equal_pointer_kernels(monkeypatch):
     """The descriptor kernels (sm_90+) share the inner loops: with ALiBi they give the pointer kernels' bits."""
-    from llmkern.kernels import attention as A
-
     if torch.cuda.is_available():
         pytest.skip("interpreter only (bitwise equality)")
     q, k, v = (t.detach() for t in _inputs(2, 4, 2, 33, 40, 32, torch.float16, device="cpu"))
     dout = torch.randn_like(q)
     kw = dict(scale=0.2, causal=True, softcap=6.0, alibi_slopes=_slopes(2, 4, "bh", device="cpu"))
-    launched = []
-    launch = A._launch
-    monkeypatch.setattr(A, "_launch", lambda name, *a: (launched.append(name), launch(name, *a)))
-    monkeypatch.setenv("LLMKERN_ATTN_TMA_BWD", "all")
-    monkeypatch.setattr(A._TMA, "failed", [])
-    res = {}
-    for mode in ("0", "force"):
-        monkeypatch.setenv("LLMKERN_ATTN_TMA", mode)
-        o, lse = A.attention_forward(q, k, v, **kw)
-        res[mode] = (o, lse) + tuple(A.attention_backward(dout, q, k, v, o, lse, **kw))
-    assert launched == ["fwd", "dkdv", "dq", "fwd_tma", "dkdv_tma", "dq_tma"]
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), res["0"], res["force"]):
-        assert torch.equal(a, b), name
+    attention_tma_vs_pointer(monkeypatch, q, k, v, dout, **kw)
 
 
 @needs_triton

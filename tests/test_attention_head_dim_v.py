@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import llmkern
 import llmkern.ops.attention  # noqa: F401  (registers torch.ops.llmkern.attention_*)
 from llmkern.reference import attention as ref
-from llmkern.testing import assert_close, padding_mask, triton_device
+from llmkern.testing import assert_close, attention_tma_vs_pointer, padding_mask, triton_device
 
 DEV = triton_device()
 needs_triton = pytest.mark.skipif(DEV is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -250,26 +250,12 @@ def test_decode_appends_k_and_v_dense_and_paged(triton_backend):
 @pytest.mark.parametrize("D,Dv", [(48, 32), (16, 40)])
 def test_tma_kernels_equal_pointer_kernels(monkeypatch, D, Dv):
     """The descriptor kernels (sm_90+) take v, o and do in Dv-wide boxes: the pointer kernels' bits."""
-    from llmkern.kernels import attention as A
-
     if torch.cuda.is_available():
         pytest.skip("interpreter only (bitwise equality)")
     q, k, v = _inputs(1, 4, 2, 33, 40, D, Dv, torch.float16, device="cpu", grad=False)
     dout = torch.randn(1, 4, 33, Dv).half()
     kw = dict(scale=0.2, causal=True, softcap=6.0)
-    launched = []
-    launch = A._launch
-    monkeypatch.setattr(A, "_launch", lambda name, *a: (launched.append(name), launch(name, *a)))
-    monkeypatch.setenv("LLMKERN_ATTN_TMA_BWD", "all")
-    monkeypatch.setattr(A._TMA, "failed", [])
-    res = {}
-    for mode in ("0", "force"):
-        monkeypatch.setenv("LLMKERN_ATTN_TMA", mode)
-        o, lse = A.attention_forward(q, k, v, **kw)
-        res[mode] = (o, lse) + tuple(A.attention_backward(dout, q, k, v, o, lse, **kw))
-    assert launched == ["fwd", "dkdv", "dq", "fwd_tma", "dkdv_tma", "dq_tma"]
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), res["0"], res["force"]):
-        assert torch.equal(a, b), name
+    attention_tma_vs_pointer(monkeypatch, q, k, v, dout, **kw)
 
 
 @needs_triton

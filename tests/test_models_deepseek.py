@@ -15,7 +15,8 @@ from llmkern import flops
 from llmkern.models import Llama, from_hf, get_config
 from llmkern.models._attn import attend
 from llmkern.models.deepseek import sigmoid_group_route
-from llmkern.testing import TinyHFFamilies, assert_greedy_matches_transformers, load_hf, random_ids
+from llmkern.testing import (TinyHFFamilies, assert_greedy_matches_transformers, assert_peft_lora_round_trip,
+                             load_hf, random_ids)
 
 transformers = pytest.importorskip("transformers")
 
@@ -255,33 +256,11 @@ def test_greedy_generation_matches_transformers(saved, family, backend):
 def test_peft_lora_round_trip(saved, tmp_path):
     """A LoRA adapter PEFT saves on transformers' model (every MLA projection targeted) loads into the zoo with
     PEFT's logits, and saved back, PEFT reads it to the same."""
-    peft = pytest.importorskip("peft")
-    from llmkern import peft as lp
-
-    path, _ = saved["v3"]
+    pytest.importorskip("peft")
     # (attention only: PEFT turns any target named gate_proj / up_proj / down_proj on a DeepSeek-V3 model, however
     # qualified, into LoRA on the stacked experts' parameters too (target_parameters), which llmkern.peft refuses)
     targets = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
-    base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    pm = peft.get_peft_model(base, peft.LoraConfig(target_modules=targets, r=4, lora_alpha=8, lora_dropout=0.0))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    pm.save_pretrained(tmp_path / "ad")
-    x = _ids()
-    with torch.no_grad():
-        want = pm.eval()(x).logits
-    zoo = lp.load_peft_adapter(_load(path), str(tmp_path / "ad"))
-    assert len(dict(lp.lora_modules(zoo))) == 3 * 5  # 3 layers' attention
-    with torch.no_grad():
-        torch.testing.assert_close(zoo(x), want, **TOL)
-    lp.save_peft_adapter(zoo, str(tmp_path / "back"))
-    back = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path),
-                                          str(tmp_path / "back")).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(back(x).logits, want, **TOL)
+    assert_peft_lora_round_trip(saved["v3"][0], tmp_path, _ids(), targets=targets, n_layers=3, **TOL)
 
 
 def test_multi_token_prediction_layers_are_ignored(saved, tmp_path):
