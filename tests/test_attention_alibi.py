@@ -18,7 +18,8 @@ import torch
 import llmkern
 import llmkern.ops.attention  # noqa: F401  (registers torch.ops.llmkern.attention_*)
 from llmkern.reference import attention as ref
-from llmkern.testing import assert_close, attention_tma_vs_pointer, padding_mask, triton_device
+from llmkern.testing import (assert_close, attention_grid_slices_equal, attention_tma_vs_pointer, padding_mask,
+                             triton_device)
 
 DEV = triton_device()
 needs_triton = pytest.mark.skipif(DEV is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -227,23 +228,11 @@ def test_tma_kernels_equal_pointer_kernels(monkeypatch):
 @needs_triton
 def test_grid_slices_take_their_rows_of_slopes(monkeypatch):
     """Batches past the grid limit run in slices: a [B, H] slope tensor is sliced with them (decode too)."""
-    from llmkern.kernels import attention as A
-    from llmkern.kernels.attention_decode import attention_decode
-
     q, k, v = (t.detach() for t in _inputs(3, 2, 1, 13, 17, 16))
     dout = torch.randn_like(q)
     kw = dict(scale=0.25, causal=True, alibi_slopes=_slopes(3, 2, "bh", big=True))
     lens = torch.tensor([17, 4, 9], dtype=torch.int32, device=DEV)
-
-    def run():
-        o, lse = A.attention_forward(q, k, v, **kw)
-        dec = attention_decode(q[:, :, :2], k, v, lens, **kw)
-        return (o, lse) + tuple(A.attention_backward(dout, q, k, v, o, lse, **kw)) + dec
-
-    whole = run()
-    monkeypatch.setattr(A, "MAX_GRID_YZ", 2)  # one batch row per launch
-    for a, b in zip(whole, run()):
-        assert torch.equal(a, b)
+    attention_grid_slices_equal(monkeypatch, q, k, v, dout, lens, **kw)
 
 
 # ---- varlen and decode ---------------------------------------------------------------------------
