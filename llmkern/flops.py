@@ -126,7 +126,9 @@ def flops_per_token(n_params, n_layers, seq_len, attn_dim, convention="seed", re
 
     convention="seed": 6·N + 6·L·T·d (the seed deck); "palm": 6·N + 12·L·T·attn_dim (PaLM, nanoGPT).
     attn_dim is d (= H·d_h) for the seed formula and H·Q for PaLM's. recompute=True counts a
-    second forward (full activation checkpointing: 8N + ...), i.e. hardware FLOPs for HFU.
+    second forward of everything (full activation checkpointing of the whole model: 8N + 8·L·T·d with
+    the seed's formula), i.e. hardware FLOPs for HFU; the zoo recomputes its blocks only
+    (model_flops_per_token(recompute=True) counts that).
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"flops_per_token: convention must be one of {CONVENTIONS}, got {convention!r}")
@@ -139,11 +141,23 @@ def flops_per_token(n_params, n_layers, seq_len, attn_dim, convention="seed", re
 
 
 def model_flops_per_token(config, seq_len=None, convention="seed", recompute=False):
-    """flops_per_token for a zoo config (N = matmul_params, T = seq_len or block_size)."""
+    """flops_per_token for a zoo config (N = matmul_params, T = seq_len or block_size). recompute=True: the
+    hardware FLOPs of the zoo's activation recomputation (gradient_checkpointing_enable), which runs the
+    transformer blocks' forward a second time but not the LM head's (V·d per token, tied or not): the
+    model's FLOPs + 2·(N - V·d) + the attention forward, for HFU (mfu() of these FLOPs). With PaLM's
+    attention term this is Megatron-LM's full-recomputation count (Korthikanti et al.). torch's
+    non-reentrant checkpoint stops recomputing once every saved tensor is back, so each block's last
+    projection (whose output no gradient needs) is not run again: the hardware does a little less."""
     c = _cfg(config)
+    T = seq_len or c.block_size
     # PaLM's 4·T·H·Q per layer forward is q·k (2·T·H·D) plus p·v (2·T·H·Dv): their mean for MLA (Dv != D)
     d = c.n_embd if convention == "seed" else c.attn_dim if c.out_dim == c.attn_dim else (c.attn_dim + c.out_dim) / 2
-    return flops_per_token(matmul_params(c), c.n_layer, seq_len or c.block_size, d, convention, recompute)
+    n = matmul_params(c)
+    model = flops_per_token(n, c.n_layer, T, d, convention)
+    if not recompute:
+        return model
+    blocks_fwd = flops_per_token(n - c.vocab_size * c.n_embd, c.n_layer, T, d, convention) / 3
+    return model + blocks_fwd
 
 
 def mfu(tokens_per_second, flops_per_token, peak_flops):

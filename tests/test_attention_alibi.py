@@ -207,6 +207,22 @@ def test_none_is_the_call_without_alibi_and_zero_slopes_are_no_alibi(triton_back
 
 
 @needs_triton
+def test_huge_slopes_give_the_limit_not_nan(triton_backend):
+    """A finite slope near float32's maximum (times log2(e) it would overflow; inf * 0 on the diagonal would
+    be NaN): the kernels give the reference's limit, each query attending to its diagonal key alone."""
+    q, k, v = _inputs(1, 2, 1, 5, 7, 16)
+    slopes = torch.tensor([3e38, 0.5], device=DEV)
+    out = llmkern.attention(q, k, v, causal=True, alibi_slopes=slopes)
+    want = ref.attention(*(t.double() for t in (q, k, v)), causal=True, alibi_slopes=slopes)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0, 0], v[0, 0, 2:], atol=1e-6, rtol=0)  # query i sees key i + 2 only
+    lens = torch.tensor([7], dtype=torch.int32, device=DEV)
+    dec = llmkern.attention_with_kvcache(q[:, :, -1:].detach(), k.detach(), v.detach(), lens, alibi_slopes=slopes)
+    torch.testing.assert_close(dec[0, 0, 0], v[0, 0, 6], atol=1e-6, rtol=0)
+
+
+@needs_triton
 def test_slopes_get_no_gradient(triton_backend):
     q, k, v = _inputs(1, 2, 2, 12, 12, 16)
     slopes = _slopes(1, 2, "h").requires_grad_()

@@ -165,3 +165,20 @@ def test_moe_param_counts_and_active_flops():
     assert flops.model_flops_per_token(c, 64) - flops.model_flops_per_token(dense_ffn, 64) == 6 * L * d * E
     m8 = flops.param_counts("mixtral-8x7b")
     assert round(m8["total"] / 1e9, 1) == 46.7 and round(m8["active"] / 1e9, 1) == 12.9
+
+
+def test_recompute_flops_are_megatrons_hardware_flops():
+    """model_flops_per_token(recompute=True): the model's FLOPs plus one more forward of the blocks, not of
+    the LM head (the zoo checkpoints its blocks): with PaLM's attention term this is Korthikanti et al.'s
+    (Megatron-LM) full-recomputation count, 96·l·h²·(1 + s/6h + V/16lh) per token, against their model
+    FLOPs 72·l·h²·(1 + s/6h + V/12lh)."""
+    c, s_ = get_config("gpt3-175b"), 2048
+    l, h, V = c.n_layer, c.n_embd, c.vocab_size
+    hw = flops.model_flops_per_token(c, s_, "palm", recompute=True)
+    model = flops.model_flops_per_token(c, s_, "palm")
+    assert abs(hw / (96 * l * h * h * (1 + s_ / (6 * h) + V / (16 * l * h))) - 1) < 2e-3
+    assert abs(model / (72 * l * h * h * (1 + s_ / (6 * h) + V / (12 * l * h))) - 1) < 2e-3
+    g = get_config("gpt2")
+    assert flops.model_flops_per_token(g, 1024, recompute=True) == (
+        flops.model_flops_per_token(g, 1024) + 2 * (flops.matmul_params(g) - g.vocab_size * g.n_embd)
+        + 2 * g.n_layer * 1024 * g.n_embd)

@@ -124,8 +124,11 @@ def _alibi(s, slope2, rows, cols, off, TRANS: tl.constexpr):
 
 @triton.jit
 def _alibi_slope2(ALIBI, b, h, stride_slopes):
-    """The ALiBi slope of batch row b, head h (stride_slopes = 0 for [H] slopes), times log2(e)."""
-    return tl.load(ALIBI + b.to(tl.int64) * stride_slopes + h).to(tl.float32) * 1.4426950408889634
+    """The ALiBi slope of batch row b, head h (stride_slopes = 0 for [H] slopes), times log2(e). Clamped to
+    +-1e30 first: a finite slope near float32's maximum would overflow to inf and make inf * 0 = NaN on the
+    diagonal, while any slope past 1e30 already gives every off-diagonal score its limit."""
+    slope = tl.load(ALIBI + b.to(tl.int64) * stride_slopes + h).to(tl.float32)
+    return tl.minimum(tl.maximum(slope, -1e30), 1e30) * 1.4426950408889634
 
 
 @triton.jit

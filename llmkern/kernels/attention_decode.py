@@ -68,7 +68,8 @@ def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, OP, LP,
               + offs_d[None, :])
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     if HAS_ALIBI:  # the packed rows span the group's query heads: one slope per row, times log2(e)
-        slope2 = tl.load(ALIBI + b64 * stride_slopes + h, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        slope = tl.load(ALIBI + b64 * stride_slopes + h, mask=row_ok, other=0.0).to(tl.float32)
+        slope2 = tl.minimum(tl.maximum(slope, -1e30), 1e30) * 1.4426950408889634  # (as _alibi_slope2: no inf)
     # keys of this split that any row of the program can see
     start = split * chunk
     end = tl.minimum(tl.minimum(start + chunk, seqlen), T_CAP)

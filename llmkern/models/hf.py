@@ -532,7 +532,8 @@ def deepseek_config(hf):
     moe = dict(n_experts=_int_key(hf, "n_routed_experts", fam),
                n_experts_per_tok=_int_key(hf, "num_experts_per_tok", fam), moe_ffn_dim=F,
                moe_renormalize=_bool_key(hf, "norm_topk_prob", fam), moe_router="sigmoid",
-               moe_shared_ffn_dim=_int_key(hf, "n_shared_experts", fam, low=0) * F,  # (ungated, one MLP)
+               # (ungated, one MLP; 0 is refused: transformers then saves zero-width shared-expert weights)
+               moe_shared_ffn_dim=_int_key(hf, "n_shared_experts", fam) * F,
                moe_n_group=_int_key(hf, "n_group", fam), moe_topk_group=_int_key(hf, "topk_group", fam),
                moe_routed_scaling=_positive(hf, "routed_scaling_factor", fam),
                moe_layers=tuple(range(first, n)) if first else None)

@@ -418,9 +418,11 @@ def run(ctx):
                  "peak_mem_bytes": peaks.get("llmkern"), "torch_peak_mem_bytes": peaks.get("torch")}
         if kind in FINETUNE:
             extra["lora_params"] = n_lora
-        if kind == "recompute":  # hardware FLOPs: the recomputed forward counted (MFU does not count it)
-            extra["hfu_a100"] = flops.hfu(tok_s, fpt, a100)
-            extra["hfu"] = flops.hfu(tok_s, fpt, dev_peak) if dev_peak else None
+        if kind == "recompute":  # hardware FLOPs: the blocks' recomputed forward counted (MFU does not count it)
+            hw = flops.model_flops_per_token(cfg, seq, "seed", recompute=True)
+            extra["hardware_flops_per_token"] = hw
+            extra["hfu_a100"] = flops.mfu(tok_s, hw, a100)
+            extra["hfu"] = flops.mfu(tok_s, hw, dev_peak) if dev_peak else None
             notes.append("full activation recomputation (gradient_checkpointing_enable), both backends; HFU "
                          f"{extra['hfu_a100']:.1%} of the A100 peak")
         if times.get("torch"):
