@@ -145,20 +145,24 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, position, logit_bias=
     return tokens.to(dev), logprobs.to(dev), valid.to(dev)
 
 
-def _order_keys(x):
-    """int64 keys of float32 x [R, V] whose descending order is (value descending, id ascending):
-    the value's order-preserving int32 image in the high half, V - 1 - id in the low half (so that
-    topk of the keys is a deterministic top-n, whatever order torch.topk gives equal values)."""
-    b = (x + 0.0).view(torch.int32)  # (+ 0.0 folds -0 into +0: equal logits, equal keys)
-    k32 = b ^ ((b >> 31) & 0x7FFFFFFF)  # signed int order = float order (no NaN here)
+def _top_ids(x, n):
+    """ids [R, n] of the n largest of x [R, V] (float32, no NaN): value descending, lowest id first on ties,
+    whatever order torch.topk gives equal values. Two 4-byte topk passes: the n-th value, then int32 keys
+    that rank everything above it by id and the ties at it by id (the lowest tied ids fill the rest); a
+    stable sort of the n picks by value then keeps ids ascending within equal values."""
     V = x.shape[-1]
-    low = V - 1 - torch.arange(V, device=x.device, dtype=torch.int64)
-    return (k32.to(torch.int64) << 32) | low
+    thr = x.topk(n, -1, sorted=False).values.amin(-1, keepdim=True)      # the n-th largest value
+    ids = torch.arange(V, device=x.device, dtype=torch.int32)
+    key = torch.where(x > thr, 2 * V - ids, torch.where(x == thr, V - ids, torch.zeros_like(ids)))
+    picks = key.topk(n, -1).indices                                       # above thr, then ties; ids ascending
+    order = torch.sort(x.gather(1, picks), dim=-1, descending=True, stable=True).indices
+    return picks.gather(1, order)
 
 
 def top_logprobs(logits, n, temperature, tokens=None, chunk_elements=1 << 22):
     """Reference (and the non-CPU path) of llmkern.top_logprobs, in torch ops on a few rows at a time:
-    a float32 copy of at most `chunk_elements` logits lives at once, never a [B, V] one.
+    a float32 copy of at most `chunk_elements` logits lives at once, never a [B, V] one; the logprobs
+    are formed for the picked ids only (one logsumexp per row, no [B, V] log-softmax).
 
     temperature: [B] float32 > 0; tokens: [B] int64 in [0, V) or None.
     Returns (ids int64 [B, n], logprobs float32 [B, n], token_logprobs float32 [B] / [0],
@@ -168,19 +172,23 @@ def top_logprobs(logits, n, temperature, tokens=None, chunk_elements=1 << 22):
     rows = max(1, chunk_elements // V)
     out = ([], [], [], [])
     for lo in range(0, B, rows):
-        x = logits[lo:lo + rows].float()
-        x = x.masked_fill(x.isnan(), float("-inf"))
+        x = logits[lo:lo + rows].float().nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
         m = x.amax(-1, keepdim=True)
+        t = temperature[lo:lo + rows, None]
         # (x - m) / T, with 0 at the maximum (also when it is +inf: +inf logits share the mass)
-        d = torch.where(x == m, torch.zeros_like(x), (x - m) / temperature[lo:lo + rows, None])
-        lp = d - torch.logsumexp(d, -1, keepdim=True)
-        lp = lp.masked_fill(m == float("-inf"), float("-inf"))  # no finite logit: all -inf
-        ids = _order_keys(x).topk(n, -1).indices if n else x.new_empty((x.shape[0], 0), dtype=torch.int64)
+        lse = torch.logsumexp(torch.where(x == m, torch.zeros_like(x), (x - m) / t), -1, keepdim=True)
+
+        def logprob(idx):  # the logprobs of the ids idx [R, k] only
+            xi = x.gather(1, idx)
+            lp = torch.where(xi == m, torch.zeros_like(xi), (xi - m) / t) - lse
+            return lp.masked_fill(m == float("-inf"), float("-inf"))  # no finite logit: all -inf
+
+        ids = _top_ids(x, n) if n else x.new_empty((x.shape[0], 0), dtype=torch.int64)
         out[0].append(ids)
-        out[1].append(lp.gather(1, ids))
+        out[1].append(logprob(ids))
         if tokens is not None:
             tok = tokens[lo:lo + rows, None]
-            out[2].append(lp.gather(1, tok)[:, 0])
+            out[2].append(logprob(tok)[:, 0])
             out[3].append((x > x.gather(1, tok)).sum(-1) + 1)
     if B == 0:
         return (logits.new_empty((0, n), dtype=torch.int64), logits.new_empty((0, n), dtype=torch.float32),
