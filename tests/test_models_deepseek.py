@@ -293,6 +293,7 @@ def test_multi_token_prediction_layers_are_ignored(saved, tmp_path):
     (dict(num_key_value_heads=2), "num_key_value_heads=2"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(first_k_dense_replace=3), "first_k_dense_replace=3 leaves no MoE layer"),
+    (dict(n_shared_experts=0), "n_shared_experts=0 must be an int >= 1"),
     (dict(n_group=3), "n_group=3 must divide n_routed_experts=8"),
     (dict(topk_group=3), "topk_group=3 must be <= n_group=2"),
     (dict(num_experts_per_tok=5), "keep num_experts_per_tok=5"),
@@ -332,24 +333,3 @@ def test_router_stays_float32_when_the_model_is_cast(saved):
         assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert m.float().layers[1].mlp.experts.down_proj.dtype == torch.float32
 
-
-def parallel_refusal_worker(rank, p):
-    """tensor_parallelize, expert_parallelize and context_parallelize refuse a DeepSeek-V3 model by name (on
-    every rank) instead of failing on a shape."""
-    from llmkern.models import build, get_config
-    from llmkern.parallel import context_parallelize, expert_parallelize, tensor_parallelize
-
-    out = []
-    for fn in (tensor_parallelize, expert_parallelize, context_parallelize):
-        try:
-            fn(build(get_config("deepseek-v3-tiny"), backend="torch"))
-        except ValueError as exc:
-            out.append("multi-head latent attention" in str(exc) and "not supported" in str(exc))
-        else:
-            out.append(False)
-    return out
-
-
-def test_parallel_wrappers_refuse_deepseek(ranks):
-    for res in ranks(2).run(parallel_refusal_worker, timeout=60):
-        assert res == [True, True, True]

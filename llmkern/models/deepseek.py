@@ -14,6 +14,11 @@ MLA (DeepSeek-V2 section 2.1): per token,
 RoPE turns only the rope channels. The keys and values are materialised per head (the KV cache holds
 them, not the latent c: simple, and correct for every decoding path; caching c and absorbing kv_b_proj
 into q and o_proj is the memory saver this does not do).
+
+Parallelism (llmkern.parallel): tensor_parallelize shards MLA by heads (q_b_proj or q_proj and kv_b_proj
+column-parallel, o_proj row-parallel, the down projections and latent norms replicated; `shared_key_grad`
+below) and DeepseekMoE as any zoo MoE (a llama.MoE subclass: only its route and shared experts differ);
+expert_parallelize and context_parallelize take these models as they take Llama / Mixtral.
 """
 import torch
 import torch.nn as nn
@@ -21,7 +26,7 @@ import torch.nn.functional as F
 
 import llmkern
 from llmkern.models._attn import attend
-from llmkern.models.llama import MLP, Experts, RMSNorm, apply_rope, run_experts
+from llmkern.models.llama import MLP, Experts, MoE, RMSNorm, apply_rope
 
 # transformers builds q_a_layernorm / kv_a_layernorm with DeepseekV3RMSNorm's default eps, not rms_norm_eps
 LATENT_NORM_EPS = 1e-6
@@ -52,6 +57,12 @@ class MLAttention(nn.Module):
         self.dropout = cfg.dropout
         self.backend_name = backend
 
+    # Set by tensor_parallelize: a function applied to the rotary key head k_pe, which every head uses. With
+    # the heads sharded, each rank's gradient of k_pe is its heads' part only, so the function's backward sums
+    # it over the ranks (its forward is the identity); then kv_a_proj_with_mqa and x get the whole gradient
+    # (the other replicated inputs of sharded layers get it from the column-parallel layers' backward).
+    shared_key_grad = None
+
     def forward(self, x, cos, sin, cache=None, layer=None, prefix=None, kpm=None):
         if prefix is not None:  # (a prefix's values would need v_head_dim, its keys the rope split: not done)
             raise NotImplementedError("prefix-tuning is not supported with multi-head latent attention")
@@ -63,6 +74,8 @@ class MLAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(B, T, H, self.head_dim).transpose(1, 2).split([nope, Dr], dim=-1)  # [B, H, T, .]
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, Dr], dim=-1)  # [B, T, R], [B, T, Dr]
+        if self.shared_key_grad is not None:
+            k_pe = self.shared_key_grad(k_pe)
         kv = self.kv_b_proj(self.kv_a_layernorm(c.contiguous()))  # [B, T, H * (nope + Dv)]
         k_nope, v = kv.view(B, T, H, nope + self.v_head_dim).transpose(1, 2).split([nope, self.v_head_dim], dim=-1)
         q_pe, k_pe = self._rope(q_pe, k_pe.unsqueeze(1), cos, sin)  # k_pe [B, 1, T, Dr]: one head, shared
@@ -140,29 +153,28 @@ class TopkRouter(nn.Module):
         return w.view(*x.shape[:-1], -1), ids.view(*x.shape[:-1], -1)
 
 
-class DeepseekMoE(nn.Module):
+class DeepseekMoE(MoE):
     """DeepSeek-V3's MoE layer: y = sum_j w_j * expert_{e_j}(x) + shared_experts(x), (w, e) from the sigmoid
     group-limited router (TopkRouter); the shared experts are one ungated SwiGLU MLP of width
     config.moe_shared_ffn_dim (n_shared_experts * moe_intermediate_size). Experts as in llama.MoE:
-    llmkern.moe_mlp on backend "llmkern", transformers' loop on "torch"."""
+    llmkern.moe_mlp on backend "llmkern", transformers' loop on "torch".
+
+    A llama.MoE with its own route and add_shared (llama.MoE's forward runs them around the experts), so
+    that the parallel MoE layers (tensor and expert parallelism) take it as they take Mixtral's."""
 
     def __init__(self, cfg, backend="torch"):
-        super().__init__()
+        nn.Module.__init__(self)  # (not MoE.__init__: another router and shared experts, transformers' names)
+        self.n_experts, self.top_k, self.renormalize = cfg.n_experts, cfg.n_experts_per_tok, cfg.moe_renormalize
         self.gate = TopkRouter(cfg)
         self.experts = Experts(cfg.n_experts, cfg.n_embd, cfg.moe_ffn_dim)
         self.shared_experts = MLP(cfg, backend, width=cfg.moe_shared_ffn_dim) if cfg.moe_shared_ffn_dim else None
+        self.shared_expert = self.shared_expert_gate = None  # (llama.MoE's gated Qwen2-MoE expert: none here)
         self.backend_name = backend
 
-    def forward(self, x):
-        """x [B, T, d] -> [B, T, d]."""
-        weights, ids = self.gate(x)
-        y = run_experts(self.backend_name, x, self.experts.gate_up_proj, self.experts.down_proj, ids, weights)
+    def route(self, x, router_logits=None):
+        """x [B, T, d] -> (weights [B, T, k] float32, ids [B, T, k]) from TopkRouter. Aux-loss-free: no router
+        logits are handed out (router_logits, if a list, is left as it is)."""
+        return self.gate(x)
+
+    def add_shared(self, x, y):
         return y if self.shared_experts is None else y + self.shared_experts(x)
-
-
-def latent_attention_or_sigmoid_moe(model):
-    """The name of the first multi-head latent attention or DeepSeek MoE module in `model`, or None: the
-    parallel wrappers (tensor, expert and context parallelism) do not handle them yet and refuse such
-    models by this name instead of failing on a shape."""
-    return next((n or type(m).__name__ for n, m in model.named_modules() if isinstance(m, (MLAttention, DeepseekMoE))),
-                None)

@@ -251,15 +251,27 @@ class MoE(nn.Module):
     def forward(self, x, router_logits=None):
         """x [B, T, d] -> [B, T, d]. router_logits: a list to append this layer's router logits
         [B*T, E] to (for the load-balancing loss)."""
+        weights, ids = self.route(x, router_logits)
+        y = run_experts(self.backend_name, x, self.experts.gate_up_proj, self.experts.down_proj, ids, weights)
+        return self.add_shared(x, y)
+
+    # route and add_shared are the layer's own parts around the routed experts: the parallel MoE layers
+    # (llmkern.parallel.moe / .expert) run the experts their way between them, and a subclass with another
+    # router (deepseek.DeepseekMoE) overrides them
+
+    def route(self, x, router_logits=None):
+        """x [B, T, d] -> (weights [B, T, k] float32, ids [B, T, k] int64): Mixtral's float32 softmax and top-k
+        of the router's logits, which are appended ([B*T, E]) to the list router_logits when given."""
         logits = self.gate(x)  # [B, T, E] (x's dtype, or autocast's)
         if router_logits is not None:
             router_logits.append(logits.reshape(-1, self.n_experts))
-        # float32 softmax and top-k (Mixtral's router); weights [B, T, k] float32, ids [B, T, k] int64
-        weights, ids = llmkern.moe_route(logits, self.top_k, renormalize=self.renormalize)
-        y = run_experts(self.backend_name, x, self.experts.gate_up_proj, self.experts.down_proj, ids, weights)
-        if self.shared_expert is not None:
-            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return y
+        return llmkern.moe_route(logits, self.top_k, renormalize=self.renormalize)
+
+    def add_shared(self, x, y):
+        """y plus the shared expert's output on x (Qwen2-MoE: gated by sigmoid(shared_expert_gate(x))), or y."""
+        if self.shared_expert is None:
+            return y
+        return y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 
 def run_experts(backend, x, w_gate_up, w_down, ids, weights):
@@ -366,7 +378,7 @@ class Block(nn.Module):
         return x + self._mlp(h, router_logits)
 
     def _mlp(self, h, router_logits):
-        if isinstance(self.mlp, MoE):  # (DeepSeek's aux-loss-free DeepseekMoE needs no router logits)
+        if isinstance(self.mlp, MoE):  # (DeepSeek's aux-loss-free DeepseekMoE, a MoE too, hands out none)
             return self.mlp(h, router_logits)
         return self.mlp(h)
 

@@ -7,7 +7,7 @@ the keys they may see. Llama 3 (Dubey et al. 2024, section 3.3.2) chose this ove
 GQA makes K/V small (n_kv_head heads against n_head for Q) and the all-gather is one collective that
 handles any mask.
 
-Memory and the backward: the gathered K/V ([2, B, Hk, T, D], p times the local K/V) lives only during the
+Memory and the backward: the gathered K/V ([B, Hk, T, D + Dv], p times the local K/V) lives only during the
 forward and again during the backward of one layer. What each call keeps for the backward is O(T_local):
 this rank's q, k, v, the output and the float32 logsumexp. The backward all-gathers K/V once more (a
 second all-gather per layer: re-sending is cheaper than holding the gathered K/V of every layer, the
@@ -199,8 +199,11 @@ def _cat(parts, dim):
 
 
 def _gather_kv(k, v, group, layout):
-    """[2, B, Hk, T, D]: K and V of the whole sequence in the global order (one all-gather for both)."""
-    return _all_gather_sequence(torch.stack((k, v)), group, 3, layout)
+    """K [B, Hk, T, D] and V [B, Hk, T, Dv] of the whole sequence in the global order: one all-gather of both,
+    concatenated along the head dim (Dv may differ from D: DeepSeek's MLA), returned as views of it (the
+    attention kernels take views whose last dim is contiguous as they are)."""
+    kv = _all_gather_sequence(torch.cat((k, v), -1), group, 2, layout)
+    return kv.split([k.shape[-1], v.shape[-1]], -1)
 
 
 class _ContextParallelAttention(torch.autograd.Function):
@@ -214,9 +217,9 @@ class _ContextParallelAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, group, layout, calls, opts):
         from llmkern.ops.attention import attention
 
-        kv = _gather_kv(k, v, group, layout)
+        k_all, v_all = _gather_kv(k, v, group, layout)
         c = q.shape[2] // len(calls)
-        res = [attention(q.narrow(2, s * c, c), kv[0, :, :, lo:hi], kv[1, :, :, lo:hi], window=win,
+        res = [attention(q.narrow(2, s * c, c), k_all[:, :, lo:hi], v_all[:, :, lo:hi], window=win,
                          return_lse=True, **opts) for s, lo, hi, win in calls]
         out, lse = (_cat([r[i] for r in res], 2) for i in (0, 1))
         ctx.save_for_backward(q, k, v, out, lse)
@@ -230,20 +233,21 @@ class _ContextParallelAttention(torch.autograd.Function):
 
         q, k, v, out, lse = ctx.saved_tensors
         group, layout, calls, opts = ctx.meta
-        kv = _gather_kv(k, v, group, layout)  # again: cheaper to re-send than to hold for every layer
-        dkv = torch.zeros_like(kv)
+        k_all, v_all = _gather_kv(k, v, group, layout)  # again: cheaper to re-send than to hold for every layer
+        D = k.shape[-1]
+        dkv = k_all.new_zeros(k_all.shape[:-1] + (D + v.shape[-1],))  # dK and dV side by side, as gathered
         c = q.shape[2] // len(calls)
         dqs = []
         for s, lo, hi, win in calls:
-            dq, dk, dv = _attention_backward(*(t.narrow(2, s * c, c) for t in (dout, q)), kv[0, :, :, lo:hi],
-                                             kv[1, :, :, lo:hi], *(t.narrow(2, s * c, c) for t in (out, lse)),
+            dq, dk, dv = _attention_backward(*(t.narrow(2, s * c, c) for t in (dout, q)), k_all[:, :, lo:hi],
+                                             v_all[:, :, lo:hi], *(t.narrow(2, s * c, c) for t in (out, lse)),
                                              window=win, **opts)
             dqs.append(dq)
-            dkv[0, :, :, lo:hi] += dk  # zigzag: both local chunks see the keys of the early chunks
-            dkv[1, :, :, lo:hi] += dv
+            dkv[:, :, lo:hi, :D] += dk  # zigzag: both local chunks see the keys of the early chunks
+            dkv[:, :, lo:hi, D:] += dv
         dk = dv = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            dk, dv = _reduce_scatter_sequence(dkv, group, 3, layout).unbind(0)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:  # one reduce-scatter for both
+            dk, dv = _reduce_scatter_sequence(dkv, group, 2, layout).split([D, v.shape[-1]], -1)
         return _cat(dqs, 2), dk, dv, None, None, None, None
 
 
@@ -251,13 +255,15 @@ def context_parallel_attention(q, k, v, group=None, *, causal=True, layout="zigz
                                softcap=None):
     """Attention of this rank's queries over the whole (sequence-sharded) context.
 
-    q [B, H, T_local, D], k/v [B, Hk, T_local, D]: this rank's shard of the sequence (shard_sequence along
-    dim 2, `layout`), T_local = T / p. K and V are all-gathered (one collective for both, un-repeated under
-    GQA), then every local chunk attends to the keys it may see with llmkern.attention (bottom-right causal
-    alignment, no custom mask). For the backward only this rank's q, k, v, output and fp32 LSE are kept:
-    it all-gathers K/V once more, runs the attention backward from the saved output and LSE (no forward
-    recomputation) and reduce-scatters dK/dV to their owners. Returns this rank's rows of
-    attention(q_full, k_full, v_full, causal=causal, window=window, ...) [B, H, T_local, D].
+    q [B, H, T_local, D], k [B, Hk, T_local, D], v [B, Hk, T_local, Dv] (Dv may differ from D, as in
+    llmkern.attention: DeepSeek's MLA): this rank's shard of the sequence (shard_sequence along dim 2,
+    `layout`), T_local = T / p. K and V are all-gathered (one collective for both, concatenated along the
+    head dim; un-repeated under GQA), then every local chunk attends to the keys it may see with
+    llmkern.attention (bottom-right causal alignment, no custom mask). For the backward only this rank's
+    q, k, v, output and fp32 LSE are kept: it all-gathers K/V once more, runs the attention backward from the
+    saved output and LSE (no forward recomputation) and reduce-scatters dK/dV to their owners (one
+    reduce-scatter for both). Returns this rank's rows of
+    attention(q_full, k_full, v_full, causal=causal, window=window, ...) [B, H, T_local, Dv].
     causal / scale / window (left, right) / softcap: as llmkern.attention, in absolute positions.
     Under torch.autocast, q/k/v are cast to the autocast dtype first (as llmkern.attention does), so
     K/V travel in it. Not twice differentiable (like the attention kernels).
@@ -272,13 +278,16 @@ def context_parallel_attention(q, k, v, group=None, *, causal=True, layout="zigz
         if not torch.is_tensor(t) or t.dim() != 4:
             raise ValueError(f"context_parallel_attention: {name} must be a tensor [batch, heads, seq, head_dim], "
                              f"got {getattr(t, 'shape', type(t))}")
-    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or k.shape[3] != q.shape[3]:
+    if k.shape[:3] != v.shape[:3] or (k.shape[0], k.shape[2], k.shape[3]) != (q.shape[0], q.shape[2], q.shape[3]):
         raise ValueError(f"context_parallel_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                         f"must be this rank's shard of the same sequence ([B, H, T_local, D], [B, Hk, T_local, D])")
+                         f"must be this rank's shard of the same sequence ([B, H, T_local, D], [B, Hk, T_local, D], "
+                         f"[B, Hk, T_local, Dv])")
     _check_length(q.shape[2], comm.world_size(group), layout, "context_parallel_attention", local=True)
     calls = _chunk_calls(q.shape[2], comm.world_size(group), comm.rank(group), layout, causal, *_window(window))
     opts = dict(causal=causal, scale=scale, softcap=softcap)
-    comm.check_same_shape(k, group, "context_parallel_attention")
+    # (one check for both: the shape of the concatenated K/V that is all-gathered; no memory behind it)
+    comm.check_same_shape(k.new_empty(()).expand(*k.shape[:3], k.shape[3] + v.shape[3]), group,
+                          "context_parallel_attention")
     dt = _checks.autocast_dtype(q)
     if dt is None:
         return _ContextParallelAttention.apply(q, k, v, group, layout, calls, opts)
@@ -357,7 +366,8 @@ def _check_forward(model, args, kwargs):
 
 
 def context_parallelize(model, group=None, layout="zigzag"):
-    """Make a zoo model (llmkern.models GPT or Llama) run with the sequence sharded over `group`; returns it.
+    """Make a zoo model (llmkern.models GPT or Llama, DeepSeek-V3's MLA and MoE included) run with the sequence
+    sharded over `group`; returns it.
 
     Afterwards the model takes this rank's shard of input_ids and labels (shard_sequence(x, group, 1,
     layout)) and position_ids if any (the shard of the absolute ones; default: context_parallel_positions),
@@ -380,12 +390,6 @@ def context_parallelize(model, group=None, layout="zigzag"):
         raise TypeError(f"context_parallelize: needs a llmkern.models model (GPT, Llama), got {type(model).__name__}")
     if getattr(model, "context_parallel", None) is not None:
         raise ValueError("context_parallelize: the model is context-parallel already")
-    from llmkern.models.deepseek import latent_attention_or_sigmoid_moe
-
-    mla = latent_attention_or_sigmoid_moe(model)  # (the same on every rank)
-    if mla is not None:
-        raise ValueError(f"context_parallelize: DeepSeek-V3's multi-head latent attention and "
-                         f"sigmoid-routed MoE ({mla}) are not supported yet")
     cp = ContextParallel(group, layout)
     for m in model.modules():
         if m is not model and hasattr(m, "backend_name") and hasattr(m, "n_head"):  # the attention modules

@@ -40,6 +40,11 @@ DDP. With averaged gradients (DDP's mean), divide the expert gradients by p too
 (``all_reduce_replicated_grads(model, op="mean")`` does both), so that every gradient is that of the mean
 of the ranks' losses.
 
+The routing is the layer's own (its route method): Mixtral's softmax top-k, or DeepSeek-V3's sigmoid
+group-limited choice for llmkern.models.deepseek.DeepseekMoE (an ExpertParallelDeepseekMoE then: its router,
+selection bias buffer and ungated shared experts replicated like the rest; the bias gets no gradient, as
+unsharded).
+
 The load-balancing loss is each rank's own, computed on its tokens' router logits (as Megatron-LM does per
 micro-batch): the layer appends only the local logits to ``router_logits``.
 
@@ -52,8 +57,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import llmkern
 from llmkern.models import llama
+from llmkern.models.deepseek import DeepseekMoE
 from llmkern.parallel import comm
 from llmkern.parallel.layers import _maybe_no_compile
 
@@ -108,9 +113,10 @@ def _agree(group, what, meta, error=None, describe=None):
 
 
 def _layer_meta(moe):
-    """(E, 2F, d, top_k, renormalize, shared-expert width or 0) of a zoo MoE layer."""
+    """(E, 2F, d, top_k, renormalize, shared-expert parameter count or 0) of a zoo MoE layer."""
     E, two_f, d = moe.experts.gate_up_proj.shape
-    shared = 0 if moe.shared_expert is None else sum(p.numel() for p in moe.shared_expert.parameters())
+    shared = [getattr(moe, n, None) for n in ("shared_expert", "shared_experts")]
+    shared = sum(p.numel() for m in shared if m is not None for p in m.parameters())
     return [E, two_f, d, moe.top_k, int(bool(moe.renormalize)), shared]
 
 
@@ -185,12 +191,17 @@ class ExpertParallelMoE(llama.MoE):
 
     @classmethod
     def _build(cls, moe, group):
+        if isinstance(moe, DeepseekMoE):
+            cls = ExpertParallelDeepseekMoE
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.n_experts, self.top_k, self.renormalize = moe.n_experts, moe.top_k, moe.renormalize
         self.backend_name, self.group = moe.backend_name, group
         self.world_size, self.rank = comm.world_size(group), comm.rank(group)
-        self.gate, self.shared_expert, self.shared_expert_gate = moe.gate, moe.shared_expert, moe.shared_expert_gate
+        self.gate = moe.gate  # replicated, as the shared expert(s) and Qwen2-MoE's gate of it
+        for name in ("shared_expert", "shared_expert_gate", "shared_experts"):
+            if hasattr(moe, name):
+                setattr(self, name, getattr(moe, name))
         self.experts = LocalExperts(moe.experts, group)
         return self.train(moe.training)
 
@@ -200,14 +211,9 @@ class ExpertParallelMoE(llama.MoE):
         problem = self._input_problem(x)
         if problem is not None:  # join the count exchange with an error flag: every rank raises
             _maybe_no_compile(_fail_together)(self, problem)
-        logits = self.gate(x)
-        if router_logits is not None:
-            router_logits.append(logits.reshape(-1, self.n_experts))
-        weights, ids = llmkern.moe_route(logits, self.top_k, renormalize=self.renormalize)
+        weights, ids = self.route(x, router_logits)  # (the layer's own routing, on this rank's tokens)
         y = _maybe_no_compile(_expert_parallel_mlp)(self, x, ids, weights)  # data-dependent sizes, collectives
-        if self.shared_expert is not None:
-            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return y
+        return self.add_shared(x, y)
 
     def _input_problem(self, x):
         d = self.experts.gate_up_proj.shape[2]
@@ -218,6 +224,12 @@ class ExpertParallelMoE(llama.MoE):
 
     def extra_repr(self):
         return f"world_size={self.world_size}, rank={self.rank}"
+
+
+class ExpertParallelDeepseekMoE(ExpertParallelMoE, DeepseekMoE):
+    """ExpertParallelMoE of DeepSeek-V3's MoE layer (llmkern.models.deepseek.DeepseekMoE): its route (sigmoid,
+    group-limited, the selection bias) and add_shared (ungated shared experts) come from DeepseekMoE through
+    the MRO (ExpertParallelMoE defines neither)."""
 
 
 # ---- dispatch, experts, combine --------------------------------------------------------------------
@@ -319,20 +331,14 @@ def _combine(out, pairs, w2, T, k, d, dt):
 # ---- whole models -----------------------------------------------------------------------------------
 
 def expert_parallelize(model, group=None):
-    """Replace, in place, every zoo MoE layer (llmkern.models.llama.MoE) of `model` (a zoo Llama with
-    n_experts, or a from_hf Mixtral / Qwen2-MoE / Qwen3-MoE model) by an ExpertParallelMoE over `group`;
+    """Replace, in place, every zoo MoE layer (llmkern.models.llama.MoE, DeepseekMoE too) of `model` (a zoo Llama with
+    n_experts, or a from_hf Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-V3 model) by an ExpertParallelMoE over `group`;
     returns `model`. The weights must be identical on every rank. ValueError on every rank (the model then
     left unchanged) when the model is already expert- or tensor-parallel (TensorParallelMoE), has no MoE
     layer, n_experts is not divisible by the world size, or the layers differ across ranks; RuntimeError
     without a process group. Combine with DDP / FSDP (or ``all_reduce_replicated_grads``) for the
     replicated parameters' gradients."""
     group = comm.resolve_group(group, "expert_parallelize")
-    from llmkern.models.deepseek import latent_attention_or_sigmoid_moe
-
-    mla = latent_attention_or_sigmoid_moe(model)  # (the same on every rank)
-    if mla is not None:
-        raise ValueError(f"expert_parallelize: DeepSeek-V3's multi-head latent attention and "
-                         f"sigmoid-routed MoE ({mla}) are not supported yet")
     p, what = comm.world_size(group), "expert_parallelize"
     targets = [(parent, name, child) for _, parent in model.named_modules() for name, child in parent.named_children()
                if isinstance(child, llama.MoE)]
@@ -413,5 +419,5 @@ def _any_rank_has_grad(params, group):
     return [bool(f) for f in flags.tolist()]
 
 
-__all__ = ["ExpertParallelMoE", "LocalExperts", "expert_parallelize", "all_reduce_replicated_grads",
-           "expert_parameter_names"]
+__all__ = ["ExpertParallelMoE", "ExpertParallelDeepseekMoE", "LocalExperts", "expert_parallelize",
+           "all_reduce_replicated_grads", "expert_parameter_names"]

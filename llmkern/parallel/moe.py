@@ -33,6 +33,12 @@ Qwen2-MoE's shared expert is a dense MLP: tensor_parallelize shards it with the 
 ``TensorParallelMoE.from_moe`` does it itself when used alone. Memory per rank: the routed experts
 take 1/p of their unsharded size; compute per rank: 1/p of the experts' FLOPs (plus the replicated
 router).
+
+The routing is the layer's own (llama.MoE.route: Mixtral's softmax top-k; DeepseekMoE.route: DeepSeek-V3's
+sigmoid group-limited choice with its selection bias, a buffer that stays replicated and gets no gradient):
+a DeepseekMoE becomes a TensorParallelDeepseekMoE, the same layer with DeepseekMoE's route and ungated
+shared experts. Its router computes its float32 logits inside TopkRouter, so sequence parallelism (where the
+router weight's gradient must be summed over the ranks) is refused for it.
 """
 import copy
 
@@ -42,6 +48,7 @@ import torch.nn.functional as F
 
 import llmkern
 from llmkern.models import llama
+from llmkern.models.deepseek import DeepseekMoE
 from llmkern.parallel import comm
 from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear, _maybe_no_compile, _ParallelLinear
 from llmkern.parallel.vocab import _CopyToRanks, _SumOverRanks
@@ -142,16 +149,21 @@ class TensorParallelMoE(llama.MoE):
         group = comm.resolve_group(group, "TensorParallelMoE")
         if sequence_parallel:
             _check_sequence_parallel(moe, shard_shared_expert)
+        if isinstance(moe, DeepseekMoE):
+            cls = TensorParallelDeepseekMoE
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.n_experts, self.top_k, self.renormalize = moe.n_experts, moe.top_k, moe.renormalize
         self.backend_name, self.group, self.sequence_parallel = moe.backend_name, group, bool(sequence_parallel)
         self.world_size = comm.world_size(group)
-        self.gate, self.shared_expert_gate = moe.gate, moe.shared_expert_gate  # replicated
+        self.gate = moe.gate  # replicated (DeepSeek's with its selection bias buffer)
+        for name in _SHARED_NAMES:  # (the shared expert(s) and Qwen2-MoE's gate of it, where the layer has them)
+            if hasattr(moe, name):
+                setattr(self, name, getattr(moe, name))
         self.experts = ShardedExperts(moe.experts, group)
-        self.shared_expert = moe.shared_expert
-        if moe.shared_expert is not None and shard_shared_expert:
-            self.shared_expert = _shard_dense_mlp(moe.shared_expert, group, self.sequence_parallel, layer_kw)
+        mlp = "shared_experts" if isinstance(moe, DeepseekMoE) else "shared_expert"
+        if getattr(moe, mlp) is not None and shard_shared_expert:
+            setattr(self, mlp, _shard_dense_mlp(getattr(moe, mlp), group, self.sequence_parallel, layer_kw))
         return self.train(moe.training)  # (a model put in eval() before tensor_parallelize stays in eval)
 
     def forward(self, x, router_logits=None):
@@ -159,14 +171,22 @@ class TensorParallelMoE(llama.MoE):
         to append this layer's router logits [tokens, E] to (all of the tokens, also under sequence
         parallelism)."""
         comm.check_same_shape(x, self.group, type(self).__name__)  # a local error would hang the others
+        weights, ids = self.route(x, router_logits)
+        return self.add_shared(x, self._routed(x, ids, weights))
+
+    def route(self, x, router_logits=None):
+        """llama.MoE.route with the replicated router under sequence parallelism (see _replicated_linear) and
+        the router logits of all of the tokens."""
         logits = self._replicated_linear(self.gate, x)
         if router_logits is not None:
             router_logits.append(self._all_tokens(logits.reshape(-1, self.n_experts), reduce_grad=False))
-        weights, ids = llmkern.moe_route(logits, self.top_k, renormalize=self.renormalize)
-        y = self._routed(x, ids, weights)
-        if self.shared_expert is not None:
-            y = y + torch.sigmoid(self._replicated_linear(self.shared_expert_gate, x)) * self.shared_expert(x)
-        return y
+        return llmkern.moe_route(logits, self.top_k, renormalize=self.renormalize)
+
+    def add_shared(self, x, y):
+        """llama.MoE.add_shared with the shared expert's gate replicated as the router is."""
+        if self.shared_expert is None:
+            return y
+        return y + torch.sigmoid(self._replicated_linear(self.shared_expert_gate, x)) * self.shared_expert(x)
 
     def _replicated_linear(self, linear, x):
         """A replicated linear layer on x. Under sequence parallelism it sees only this rank's tokens: its
@@ -203,10 +223,27 @@ class TensorParallelMoE(llama.MoE):
         return f"world_size={self.world_size}, sequence_parallel={self.sequence_parallel}"
 
 
+class TensorParallelDeepseekMoE(TensorParallelMoE, DeepseekMoE):
+    """TensorParallelMoE of DeepSeek-V3's MoE layer (llmkern.models.deepseek.DeepseekMoE): its sigmoid
+    group-limited routing (the replicated TopkRouter: the routing weights' gradient reaches it whole through
+    the experts' enter all-reduce, as the softmax router's does) and its ungated shared experts (a dense MLP,
+    sharded like Qwen2-MoE's shared expert). No sequence parallelism (from_moe refuses it)."""
+
+    # (TensorParallelMoE's route and add_shared come first in the MRO: the layer's own ones are wanted)
+    route, add_shared = DeepseekMoE.route, DeepseekMoE.add_shared
+
+
+_SHARED_NAMES = ("shared_expert", "shared_expert_gate", "shared_experts")
+
+
 def _check_sequence_parallel(moe, shard_shared_expert):
     """Under sequence parallelism the replicated router and shared-expert gate see only this rank's
     tokens (their gradients are summed over the ranks through their weights: plain nn.Linear only), and a
     replicated shared expert would get only its tokens' gradient: it must be sharded."""
+    if isinstance(moe, DeepseekMoE):
+        raise ValueError("TensorParallelMoE(sequence_parallel=True) does not support DeepSeek-V3's MoE "
+                         "(DeepseekMoE): its router (TopkRouter) computes the logits itself, so its weight's "
+                         "gradient could not be summed over the ranks' token shards; use sequence_parallel=False")
     for name in ("gate", "shared_expert_gate"):
         if getattr(moe, name) is not None and type(getattr(moe, name)) is not nn.Linear:
             raise ValueError(f"TensorParallelMoE(sequence_parallel=True): {name} must be a plain nn.Linear, got "
@@ -242,4 +279,4 @@ def is_moe(module):
     return isinstance(module, llama.MoE) and not isinstance(module, (TensorParallelMoE, ExpertParallelMoE))
 
 
-__all__ = ["TensorParallelMoE", "ShardedExperts", "is_moe"]
+__all__ = ["TensorParallelMoE", "TensorParallelDeepseekMoE", "ShardedExperts", "is_moe"]

@@ -3,7 +3,9 @@
 Module-naming contract (Hugging Face Llama / GPT-2 / nanoGPT names; llmkern.models follows it):
 
 - Column-parallel (output features split, weights [out/p, in]): nn.Linear children named
-  q_proj, k_proj, v_proj, wq, wk, wv, up_proj, gate_proj, fc1, c_fc, w1, w3, fc_in.
+  q_proj, k_proj, v_proj, wq, wk, wv, up_proj, gate_proj, fc1, c_fc, w1, w3, fc_in, and multi-head latent
+  attention's up projections q_b_proj and kv_b_proj (DeepSeek-V2/V3: per-head blocks of nope + rope and
+  nope + v_head_dim rows, so contiguous row shards are whole heads).
   Fused projections are sharded segment by segment so that each rank keeps whole heads:
   qkv_proj, c_attn, Wqkv, qkv (3 segments: q, k, v; with GQA their sizes come from the head
   counts below) and gate_up_proj (2 segments).
@@ -14,6 +16,12 @@ Module-naming contract (Hugging Face Llama / GPT-2 / nanoGPT names; llmkern.mode
   num_key_value_heads / num_kv_heads are divided by p (they must be divisible). Its forward must
   derive shapes from those counts and head_dim (``view(B, T, self.n_head, self.head_dim)``,
   ``reshape(B, T, self.n_head * self.head_dim)`` or ``-1``), never from the model width.
+- Multi-head latent attention (llmkern.models.deepseek.MLAttention, transformers' DeepseekV3Attention
+  names): the heads are sharded as above; the down projections q_a_proj and kv_a_proj_with_mqa and the
+  latent norms q_a_layernorm / kv_a_layernorm stay replicated. Their outputs feed column-parallel layers,
+  whose backward all-reduces the input gradient, so their gradients are whole on every rank, except through
+  the rotary key head that kv_a_proj_with_mqa makes for all heads: its gradient is summed over the ranks
+  (MLAttention.shared_key_grad).
 - Per-head norms of such an attention module (children q_norm / k_norm, as Qwen3's: one gain per
   head_dim channel, shared by all heads) stay replicated; their gradients are summed over the ranks
   in the backward (each rank's heads give only part of it), as transformers' "replicated_with_grad_allreduce".
@@ -25,7 +33,10 @@ Module-naming contract (Hugging Face Llama / GPT-2 / nanoGPT names; llmkern.mode
   `experts.gate_up_proj` [E, 2F, d] / `experts.down_proj` [E, d, F]) become TensorParallelMoE
   (llmkern.parallel.moe): every routed expert is sharded along F (F must be divisible by p), the router
   stays replicated, the partial outputs are all-reduced. A Qwen2-MoE shared expert is a dense MLP and
-  is sharded as one (its names above); shared_expert_gate stays replicated.
+  is sharded as one (its names above); shared_expert_gate stays replicated. DeepSeek-V3's MoE
+  (llmkern.models.deepseek.DeepseekMoE: sigmoid group-limited router `gate` with its selection bias, ungated
+  `shared_experts`) likewise: routed experts sharded along F, router and bias replicated, shared experts
+  sharded as a dense MLP.
 - The weights must be identical on every rank before sharding (same seed, or a broadcast); a model
   loaded with llmkern.models.from_hf on every rank is.
 
@@ -38,12 +49,13 @@ import torch.nn as nn
 from llmkern.parallel import comm
 from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear, _ParallelLinear
 
+MLA_COLUMN_NAMES = {"q_b_proj", "kv_b_proj"}  # (MLA's q_proj, without a q bottleneck, is the usual name)
 COLUMN_NAMES = {"q_proj", "k_proj", "v_proj", "wq", "wk", "wv", "up_proj", "gate_proj", "fc1", "c_fc", "w1",
-                "w3", "fc_in"}
+                "w3", "fc_in"} | MLA_COLUMN_NAMES
 FUSED_QKV_NAMES = {"qkv_proj", "c_attn", "Wqkv", "qkv"}
 FUSED_2_NAMES = {"gate_up_proj"}
 ROW_NAMES = {"o_proj", "out_proj", "c_proj", "down_proj", "fc2", "w2", "wo", "fc_out"}
-QKV_NAMES = {"q_proj", "k_proj", "v_proj", "wq", "wk", "wv"} | FUSED_QKV_NAMES
+QKV_NAMES = {"q_proj", "k_proj", "v_proj", "wq", "wk", "wv"} | FUSED_QKV_NAMES | MLA_COLUMN_NAMES
 HEAD_ATTRS = ("n_head", "n_heads", "num_heads", "num_attention_heads")
 KV_HEAD_ATTRS = ("n_kv_head", "n_kv_heads", "num_key_value_heads", "num_kv_heads")
 HEAD_NORM_NAMES = {"q_norm", "k_norm"}
@@ -77,6 +89,18 @@ def _sum_grad_over_ranks(param, group):
     param.register_hook(hook)
 
 
+def _shared_key_grad(group):
+    """MLAttention.shared_key_grad for tensor parallelism over `group`: the identity, its backward the sum
+    of the gradient over the ranks (each rank's heads use the one rotary key head)."""
+    from llmkern.parallel.layers import _maybe_no_compile
+    from llmkern.parallel.vocab import _CopyToRanks
+
+    def shared_key_grad(k_pe):
+        return _maybe_no_compile(_CopyToRanks.apply)(k_pe, group)  # (a collective: opaque to torch.compile)
+
+    return shared_key_grad
+
+
 def _moe_shard(moe, group, where):
     from llmkern.parallel.moe import TensorParallelMoE
 
@@ -97,12 +121,8 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
     all-gathers the logits, and the zoo models' `model(ids, labels, return_logits=False)` computes the
     loss on the shards without any [N, V] tensor."""
     group = comm.resolve_group(group, "tensor_parallelize")
-    from llmkern.models.deepseek import latent_attention_or_sigmoid_moe
+    from llmkern.models.deepseek import MLAttention
 
-    mla = latent_attention_or_sigmoid_moe(model)  # (the same on every rank)
-    if mla is not None:
-        raise ValueError(f"tensor_parallelize: DeepSeek-V3's multi-head latent attention and "
-                         f"sigmoid-routed MoE ({mla}) are not supported yet")
     p = comm.world_size(group)
     kw = dict(overlap=overlap, chunks=chunks, pieces=pieces, transport=transport)
     plan = []  # (object, attribute, value), applied only once every projection could be sharded
@@ -162,6 +182,8 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
             plan.append((parent, h_attr, h // p))
             if kv is not None:
                 plan.append((parent, kv_attr, kv // p))
+            if isinstance(parent, MLAttention) and p > 1:
+                plan.append((parent, "shared_key_grad", _shared_key_grad(group)))
     if vocab_parallel:
         from llmkern.parallel.vocab import vocab_parallel_plan
 
