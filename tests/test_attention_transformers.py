@@ -30,6 +30,21 @@ def _model(kind):
                                        hidden_size=64, intermediate_size=96, vocab_size=96,
                                        max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
         m = transformers.LlamaForCausalLM(cfg)
+    elif kind == "deepseek_v3":  # multi-head latent attention: v's head dim (12) != q/k's (16 + 8)
+        cfg = transformers.DeepseekV3Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                            hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                            vocab_size=96, max_position_embeddings=64, n_routed_experts=4,
+                                            num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                                            first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+                                            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                                            bos_token_id=1, eos_token_id=2)
+        m = transformers.DeepseekV3ForCausalLM(cfg)
+    elif kind == "gemma2":  # attention soft-cap, query_pre_attn_scalar, sliding windows on alternate layers
+        cfg = transformers.Gemma2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=16, hidden_size=64, intermediate_size=96, vocab_size=96,
+                                        max_position_embeddings=64, sliding_window=5, attn_logit_softcapping=2.0,
+                                        query_pre_attn_scalar=24, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        m = transformers.Gemma2ForCausalLM(cfg)
     else:
         cfg = transformers.MistralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
                                          hidden_size=64, intermediate_size=96, vocab_size=96,
@@ -55,7 +70,7 @@ def _logits_and_grads(model, impl, ids, am):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "deepseek_v3", "gemma2"])
 def test_same_logits_and_grads_as_eager(triton_backend, kind):
     model = _model(kind).train()
     ids, am = _batch()
@@ -68,7 +83,7 @@ def test_same_logits_and_grads_as_eager(triton_backend, kind):
         torch.testing.assert_close(gk[n], ge[n], atol=1e-4, rtol=1e-3, msg=n)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "deepseek_v3", "gemma2"])
 def test_generate_with_cache_and_left_padding(kind):
     """Decode steps (bottom-right causal against the cache) and left padding, default backend."""
     model = _model(kind).eval()

@@ -3,7 +3,8 @@ written here, independently of llmkern.reference.
 
 The other test files pick their shapes by hand; this one draws them (fixed seeds, so a failure
 reproduces): odd sizes around the kernels' tile edges, ranks and expert counts of 1, leading dims,
-non-contiguous inputs (transposed and sliced views), ignored labels, dropped expert slots. Each case
+non-contiguous inputs (transposed and sliced views), ignored labels, dropped expert slots, a value head
+dim of its own in attention. Each case
 checks the output and every input gradient. float32 only (the interpreter's exact dtype), small sizes.
 LLMKERN_FUZZ_SCALE=k runs k times as many cases.
 """
@@ -274,7 +275,8 @@ def test_attention(case):
     alibi = torch.rand(*((B, H) if rng.random() < 0.5 else (H,))) if rng.random() < 0.25 else None
     scale = rng.choice((None, 0.3))
     hf_layout = rng.random() < 0.5  # q/k/v as transformers hands them: [B, T, H, D] transposed
-    qkv = [torch.randn(B, h, T, D) for h, T in ((H, Tq), (Hk, Tk), (Hk, Tk))]
+    Dv = D if rng.random() < 0.6 else rng.choice((8, 24, 40))  # v's own head dim (DeepSeek's MLA: Dv != D)
+    qkv = [torch.randn(B, h, T, d) for h, T, d in ((H, Tq, D), (Hk, Tk, D), (Hk, Tk, Dv))]
     if hf_layout:
         leaves = [t.transpose(1, 2).contiguous().transpose(1, 2).to(DEV).requires_grad_() for t in qkv]
     else:
@@ -319,12 +321,13 @@ def test_attention_with_kvcache(case):
     rng = random.Random(1100 + case)
     B, Hk = rng.choice((1, 2, 3)), rng.choice((1, 2))
     H, D, Tq = Hk * rng.choice((1, 4)), rng.choice((16, 32, 40)), rng.choice((1, 1, 2, 4))
+    Dv = D if rng.random() < 0.6 else rng.choice((8, 24))
     page = rng.choice((None, 4, 16))
     Tmax = 48
     lens = torch.tensor([rng.randint(Tq, Tmax) for _ in range(B)], dtype=torch.int32)
     softcap = rng.choice((None, 2.0))
     window = (rng.randint(0, 10), 0) if rng.random() < 0.3 else None
-    q, kc, vc = torch.randn(B, H, Tq, D), torch.randn(B, Hk, Tmax, D), torch.randn(B, Hk, Tmax, D)
+    q, kc, vc = torch.randn(B, H, Tq, D), torch.randn(B, Hk, Tmax, D), torch.randn(B, Hk, Tmax, Dv)
     kw = dict(causal=True, softcap=softcap, window=window)
     if page is None:
         out = llmkern.attention_with_kvcache(q.to(DEV), kc.to(DEV), vc.to(DEV), lens.to(DEV), **kw)
@@ -332,9 +335,10 @@ def test_attention_with_kvcache(case):
         per_row = Tmax // page
         perm = torch.randperm(B * per_row, generator=torch.Generator().manual_seed(case))
         table = perm.view(B, per_row).to(torch.int32)
-        pool = [torch.empty(B * per_row, Hk, page, D) for _ in range(2)]
+        pool = [torch.empty(B * per_row, Hk, page, d) for d in (D, Dv)]
         for cache, p in zip((kc, vc), pool):
-            p[table.flatten().long()] = cache.view(B, Hk, per_row, page, D).transpose(1, 2).reshape(-1, Hk, page, D)
+            d = cache.shape[-1]
+            p[table.flatten().long()] = cache.view(B, Hk, per_row, page, d).transpose(1, 2).reshape(-1, Hk, page, d)
         out = llmkern.attention_with_kvcache(q.to(DEV), pool[0].to(DEV), pool[1].to(DEV), lens.to(DEV),
                                              block_table=table.to(DEV), **kw)
     for b in range(B):
