@@ -150,6 +150,18 @@ def tp_errors_worker(rank, p):
         TensorParallelMoE.from_moe(_model("v3").layers[1].mlp, sequence_parallel=True)
     except ValueError as exc:
         out.append("DeepseekMoE" in str(exc) and "sequence_parallel" in str(exc))
+    # transformers' own DeepseekV3Attention: its shared rotary key's gradient would stay partial
+    import transformers
+
+    cfg = transformers.DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                                        n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                        first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=None,
+                                        qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8)
+    try:
+        tensor_parallelize(transformers.DeepseekV3ForCausalLM(cfg))
+    except ValueError as exc:
+        out.append("DeepseekV3Attention" in str(exc) and "from_hf" in str(exc))
     return out
 
 
@@ -249,7 +261,7 @@ def cp_worker(rank, p):
 def test_tensor_parallel_deepseek_equals_unsharded_2_ranks(ranks):
     pool = ranks(2)
     assert all(len(r) == 2 and min(r) > 20 for r in pool.run(tp_worker, (), timeout=90))
-    assert pool.run(tp_errors_worker, timeout=60) == [[True, True, True]] * 2
+    assert pool.run(tp_errors_worker, timeout=60) == [[True, True, True, True]] * 2
 
 
 def test_tensor_and_expert_parallel_deepseek_4_ranks(ranks):

@@ -16,8 +16,8 @@ Module-naming contract (Hugging Face Llama / GPT-2 / nanoGPT names; llmkern.mode
   num_key_value_heads / num_kv_heads are divided by p (they must be divisible). Its forward must
   derive shapes from those counts and head_dim (``view(B, T, self.n_head, self.head_dim)``,
   ``reshape(B, T, self.n_head * self.head_dim)`` or ``-1``), never from the model width.
-- Multi-head latent attention (llmkern.models.deepseek.MLAttention, transformers' DeepseekV3Attention
-  names): the heads are sharded as above; the down projections q_a_proj and kv_a_proj_with_mqa and the
+- Multi-head latent attention (llmkern.models.deepseek.MLAttention, with transformers' DeepseekV3Attention
+  names; transformers' own module is refused): the heads are sharded as above; the down projections q_a_proj and kv_a_proj_with_mqa and the
   latent norms q_a_layernorm / kv_a_layernorm stay replicated. Their outputs feed column-parallel layers,
   whose backward all-reduces the input gradient, so their gradients are whole on every rank, except through
   the rotary key head that kv_a_proj_with_mqa makes for all heads: its gradient is summed over the ranks
@@ -141,6 +141,12 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
         h_attr, h = _heads(parent, HEAD_ATTRS)
         kv_attr, kv = _heads(parent, KV_HEAD_ATTRS)
         where = parent_name or type(parent).__name__
+        if "kv_a_proj_with_mqa" in children and not isinstance(parent, MLAttention):
+            # another MLA implementation (transformers' DeepseekV3Attention): its shared rotary key's gradient
+            # would stay this rank's heads' part (the zoo's MLAttention sums it over the ranks): refuse
+            raise ValueError(f"tensor_parallelize: {where} ({type(parent).__name__}) is a multi-head latent "
+                             f"attention other than the zoo's MLAttention; load the checkpoint with "
+                             f"llmkern.models.from_hf to shard it")
         if attention and h is not None:
             if h % p:
                 raise ValueError(f"tensor_parallelize: {where}.{h_attr}={h} is not divisible by the world size {p}")
