@@ -220,6 +220,8 @@ class KVCache:
     back (speculative decoding's rollback; n an int for all rows or a [B] tensor per row).
     """
 
+    latent = False  # (LatentKVCache: multi-head latent attention's compressed cache)
+
     def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, dtype=None, device=None):
         self.shape = (batch, n_kv_head, max_len, head_dim)
         self.dtype, self.device = dtype, device  # None: those of the first keys written (autocast-safe)
@@ -292,6 +294,47 @@ class KVCache:
         self.k = [None if t is None else t.index_select(0, idx) for t in self.k]
         self.v = [None if t is None else t.index_select(0, idx) for t in self.v]
         self.lengths = self.lengths.index_select(0, idx.to(self.lengths.device))
+
+    @property
+    def nbytes(self):
+        """Bytes of the buffers allocated so far (a layer's are allocated at its first append)."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+
+class LatentKVCache(KVCache):
+    """Multi-head latent attention's compressed cache (DeepSeek-V2/V3; FlashMLA's layout): per layer one buffer
+    [B, 1, max_len, R + Dr] holding each token's normalised latent c_kv [R] and its rotated shared key k_pe [Dr]:
+    R + Dr numbers per token and layer instead of the full cache's H * (nope + rope + Dv) (DeepSeek-V3: 576
+    against 40960). MLAttention (deepseek.py) decodes against it with kv_b_proj absorbed into the query and
+    the output: the keys are the buffer itself (one head, MQA), the values its first R channels, a view.
+
+    Lengths, crop, advance and reorder are KVCache's (the per-row semantics hold as they are); only append
+    differs: it writes the latent alone and returns (buffer, buffer[..., :R])."""
+
+    latent = True
+
+    def __init__(self, n_layer, batch, max_len, kv_rank, rope_dim, dtype=None, device=None):
+        super().__init__(n_layer, batch, 1, max_len, kv_rank + rope_dim, dtype, device)
+        self.kv_rank = kv_rank
+
+    def append(self, layer, k, v=None):
+        """Write the latent k [B, 1, T, R + Dr] at each row's offset (v, if given, must be k's first R channels,
+        which the buffer already holds: it is not written). Returns (keys [B, 1, max_len, R + Dr], values
+        [B, 1, max_len, R], a strided view of the keys: no copy)."""
+        if k.dim() != 4 or tuple(k.shape[1::2]) != self.shape[1::2]:
+            raise ValueError(f"LatentKVCache: the latent must be [batch, 1, T, {self.shape[3]}], got {tuple(k.shape)}")
+        T = k.shape[2]
+        if self.seqlen + T > self.max_len:
+            raise ValueError(f"KVCache: {self.seqlen} + {T} tokens exceed max_len={self.max_len}")
+        if self.k[layer] is None:
+            self.k[layer] = torch.zeros(self.shape, dtype=self.dtype or k.dtype, device=self.device or k.device)
+        kc = self.k[layer]
+        if self.uniform:
+            kc[:, :, self.seqlen:self.seqlen + T] = k
+        else:
+            slots = self.lengths.to(device=kc.device, dtype=torch.long)[:, None] + torch.arange(T, device=kc.device)
+            kc.scatter_(2, slots[:, None, :, None].expand(k.shape), k.to(kc.dtype))
+        return kc, kc[..., :self.kv_rank]
 
 
 HEAD_ALIGN = 64  # LM-head rows are padded to a multiple of this on CUDA (see ZooModel.head_logits)
@@ -381,11 +424,28 @@ class ZooModel(torch.nn.Module):
                                  f"head_dim={c.head_dim}], got {tuple(pk.shape)} / {tuple(pv.shape)}")
         return kvs
 
-    def new_cache(self, batch, max_len=None, dtype=None, device=None):
+    # new_cache's default for `latent` (set it on a model with multi-head latent attention, e.g.
+    # `model.latent_cache = True`, and generate() and every other new_cache caller get the compressed cache)
+    latent_cache = False
+
+    def new_cache(self, batch, max_len=None, dtype=None, device=None, latent=None):
         """An empty KVCache for `batch` sequences of up to `max_len` tokens (default block_size);
-        its dtype is `dtype`, or that of the first keys written (the autocast dtype under autocast)."""
+        its dtype is `dtype`, or that of the first keys written (the autocast dtype under autocast).
+        latent=True (default: the model's `latent_cache` attribute, False): multi-head latent attention's
+        compressed LatentKVCache, kv_lora_rank + rope channels per token and layer (DeepSeek; ValueError
+        for a model without MLA). Under tensor parallelism it is the same on every rank: the latent is
+        not per head."""
         c = self.config
         p = next(self.parameters())
+        latent = self.latent_cache if latent is None else latent
+        if not isinstance(latent, bool):
+            raise TypeError(f"new_cache: latent must be a bool, got {type(latent).__name__}")
+        if latent:
+            if not getattr(c, "kv_lora_rank", 0):
+                raise ValueError("new_cache: latent=True needs multi-head latent attention (config.kv_lora_rank > 0, "
+                                 "DeepSeek); this model caches per-head keys and values")
+            return LatentKVCache(c.n_layer, batch, max_len or c.block_size, c.kv_lora_rank, c.rope_dim,
+                                 dtype, device or p.device)
         # heads per rank: tensor_parallelize divides the attention modules' n_kv_head
         kv_heads = next((m.n_kv_head for m in self.modules() if m is not self and hasattr(m, "n_kv_head")),
                         c.n_kv_head)

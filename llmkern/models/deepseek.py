@@ -11,9 +11,17 @@ MLA (DeepSeek-V2 section 2.1): per token,
     c, kpe = kv_a_proj_with_mqa(x)                                          [R], [rope]: one key head for all
     k_nope, v = kv_b_proj(norm(c))                                          [H, nope], [H, v_head_dim]
     k      = (k_nope, RoPE(kpe) for every head),  q = (q_nope, RoPE(q_pe))
-RoPE turns only the rope channels. The keys and values are materialised per head (the KV cache holds
-them, not the latent c: simple, and correct for every decoding path; caching c and absorbing kv_b_proj
-into q and o_proj is the memory saver this does not do).
+RoPE turns only the rope channels. The keys and values are materialised per head; the default KV cache holds
+them (KVCache [B, H, T, nope + rope] and [B, H, T, Dv]).
+
+The latent cache (model.new_cache(..., latent=True), or model.latent_cache = True for generate): per token only
+(norm(c), RoPE(kpe)) [R + Dr] (LatentKVCache, one "head"), and decoding absorbs kv_b_proj (DeepSeek-V2 section
+2.1.2; FlashMLA's layout). With kv_b_proj's weight split per head into W_uk [H, nope, R] and W_uv [H, Dv, R]:
+    q_nope . k_nope = q_nope . (W_uk c) = (q_nope W_uk) . c,   so q = (q_nope W_uk, RoPE(q_pe))   [H, R + Dr]
+    sum_j p_j v_j   = W_uv (sum_j p_j c_j)
+an MQA over the cache (keys: the cache, values: its first R channels, a view), with the original softmax
+scale (of nope + rope), then W_uv and o_proj. The prompt (an empty cache) takes the per-head path (fewer FLOPs
+for long prompts: nope + rope < R + Dr channels per score) and writes the latent.
 
 Parallelism (llmkern.parallel): tensor_parallelize shards MLA by heads (q_b_proj or q_proj and kv_b_proj
 column-parallel, o_proj row-parallel, the down projections and latent norms replicated; `shared_key_grad`
@@ -30,6 +38,17 @@ from llmkern.models.llama import MLP, Experts, MoE, RMSNorm, apply_rope
 
 # transformers builds q_a_layernorm / kv_a_layernorm with DeepseekV3RMSNorm's default eps, not rms_norm_eps
 LATENT_NORM_EPS = 1e-6
+# the widest q/k or v head llmkern's attention kernels take (llmkern.ops.attention.MAX_HEAD_DIM)
+MAX_KERNEL_HEAD_DIM = 256
+
+
+def _unwrapped_parallel(m):
+    """True for a tensor-parallel linear layer without LoRA factors (its forward is x W^T, W its shard)."""
+    if getattr(m, "lora_A", 0) is not None:
+        return False
+    from llmkern.parallel.layers import _ParallelLinear
+
+    return isinstance(m, _ParallelLinear)
 
 
 class MLAttention(nn.Module):
@@ -67,6 +86,22 @@ class MLAttention(nn.Module):
         if prefix is not None:  # (a prefix's values would need v_head_dim, its keys the rope split: not done)
             raise NotImplementedError("prefix-tuning is not supported with multi-head latent attention")
         B, T, _ = x.shape
+        q_nope, q_pe, c_kv, k_pe = self._project(x, cos, sin)
+        if getattr(cache, "latent", False):
+            y = self._attend_latent(q_nope, q_pe, c_kv, k_pe, cache, layer, kpm)
+        else:
+            k, v = self._expand(c_kv, k_pe)
+            # v keeps its own head dim (Dv < D): llmkern.attention and SDPA take it as it is
+            y = attend(torch.cat([q_nope, q_pe], dim=-1), k, v, backend=self.backend_name, cache=cache, layer=layer,
+                       key_padding_mask=kpm, scale=self.scale,
+                       context_parallel=getattr(self, "context_parallel", None),
+                       dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, Dv]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.v_head_dim))
+
+    def _project(self, x, cos, sin):
+        """x [B, T, d] -> q_nope [B, H, T, nope], q_pe [B, H, T, Dr] (rotated), the normalised latent
+        c_kv [B, T, R] and the shared rotary key k_pe [B, 1, T, Dr] (rotated)."""
+        B, T, _ = x.shape
         H, nope, Dr = self.n_head, self.nope, self.rope_dim
         if self.q_proj is not None:
             q = self.q_proj(x)
@@ -76,16 +111,55 @@ class MLAttention(nn.Module):
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, Dr], dim=-1)  # [B, T, R], [B, T, Dr]
         if self.shared_key_grad is not None:
             k_pe = self.shared_key_grad(k_pe)
-        kv = self.kv_b_proj(self.kv_a_layernorm(c.contiguous()))  # [B, T, H * (nope + Dv)]
-        k_nope, v = kv.view(B, T, H, nope + self.v_head_dim).transpose(1, 2).split([nope, self.v_head_dim], dim=-1)
         q_pe, k_pe = self._rope(q_pe, k_pe.unsqueeze(1), cos, sin)  # k_pe [B, 1, T, Dr]: one head, shared
-        q = torch.cat([q_nope, q_pe], dim=-1)  # [B, H, T, head_dim]
-        k = torch.cat([k_nope, k_pe.expand(B, H, T, Dr)], dim=-1)
-        # v keeps its own head dim (Dv < D): llmkern.attention and SDPA take it as it is
-        y = attend(q, k, v, backend=self.backend_name, cache=cache, layer=layer, key_padding_mask=kpm,
-                   scale=self.scale, context_parallel=getattr(self, "context_parallel", None),
-                   dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, Dv]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
+        return q_nope, q_pe, self.kv_a_layernorm(c.contiguous()), k_pe
+
+    def _expand(self, c_kv, k_pe):
+        """The per-head keys [B, H, T, nope + Dr] and values [B, H, T, Dv] of the latents c_kv [B, T, R] and
+        k_pe [B, 1, T, Dr]."""
+        B, T, _ = c_kv.shape
+        H, nope, Dv = self.n_head, self.nope, self.v_head_dim
+        kv = self.kv_b_proj(c_kv)  # [B, T, H * (nope + Dv)]
+        k_nope, v = kv.view(B, T, H, nope + Dv).transpose(1, 2).split([nope, Dv], dim=-1)
+        return torch.cat([k_nope, k_pe.expand(B, H, T, self.rope_dim)], dim=-1), v
+
+    def _attend_latent(self, q_nope, q_pe, c_kv, k_pe, cache, layer, kpm):
+        """Attention through a LatentKVCache (see the module docstring) -> [B, H, T, Dv]."""
+        R = self.kv_rank
+        # under autocast the latent norm gives float32; cache the autocast dtype, which kv_b_proj's matmul (the
+        # per-head path) would read it in anyway: the cache stays half the size
+        dt = torch.get_autocast_dtype(c_kv.device.type) if torch.is_autocast_enabled(c_kv.device.type) else k_pe.dtype
+        latent = torch.cat([c_kv.unsqueeze(1), k_pe], dim=-1).to(dt)  # [B, 1, T, R + Dr]: what is cached
+        dropout_p = self.dropout if self.training else 0.0
+        if cache.uniform and cache.seqlen == 0:  # the prompt: no earlier token to read, per-head attention
+            cache.append(layer, latent)
+            k, v = self._expand(c_kv, k_pe)
+            return attend(torch.cat([q_nope, q_pe], dim=-1), k, v, backend=self.backend_name,
+                          key_padding_mask=kpm, scale=self.scale, dropout_p=dropout_p)
+        w_uk, w_uv = self._absorbed_weights(c_kv)  # [H, nope, R], [H, Dv, R]
+        q = torch.cat([torch.matmul(q_nope, w_uk), q_pe], dim=-1)  # [B, H, T, R + Dr]
+        # llmkern's kernels take head dims up to 256 (llmkern.ops.attention.MAX_HEAD_DIM): the zoo's tiny configs;
+        # a real DeepSeek's latent (576 / 512 channels) goes to SDPA (plain torch) instead of an error
+        backend = self.backend_name if R + self.rope_dim <= MAX_KERNEL_HEAD_DIM else "torch"
+        # the scale is the per-head scores' (of nope + rope channels): the absorbed scores are the same numbers
+        scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+        y = attend(q, latent, latent[..., :R], backend=backend, cache=cache, layer=layer, key_padding_mask=kpm,
+                   scale=scale, dropout_p=dropout_p)  # [B, H, T, R]: MQA, one latent "head" for all
+        return torch.matmul(y, w_uv.transpose(1, 2))  # [B, H, T, Dv]
+
+    def _absorbed_weights(self, like):
+        """kv_b_proj's weight split per (local) head: W_uk [H, nope, R], W_uv [H, Dv, R].
+
+        A plain nn.Linear (or an unwrapped tensor-parallel shard: its rows are this rank's heads) gives its
+        weight, viewed. A wrapped one (LoRA / DoRA / QLoRA, llmkern.peft or PEFT, merged or not) is run on the
+        identity: its rows are then the weight its forward applies, the adapter merged in, whatever the
+        wrapper. That costs R x R x out multiply-adds per layer and step; merge_lora(model) first to serve."""
+        m, R = self.kv_b_proj, self.kv_rank
+        if type(m) is nn.Linear or _unwrapped_parallel(m):
+            w = m.weight  # [H * (nope + Dv), R]
+        else:  # (the identity in the latent's dtype: what the per-head path feeds kv_b_proj)
+            w = m(torch.eye(R, dtype=like.dtype, device=like.device)).t()  # x = I: x W^T = W^T
+        return w.reshape(self.n_head, self.nope + self.v_head_dim, R).split([self.nope, self.v_head_dim], dim=1)
 
     def _rope(self, q_pe, k_pe, cos, sin):
         """RoPE on the rotary channels ([B, H or 1, T, Dr]). Interleaved checkpoints (DeepSeek-V3) pair the
