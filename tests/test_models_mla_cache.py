@@ -142,8 +142,10 @@ def test_wide_latent_falls_back_to_sdpa(monkeypatch):
     calls = _spy(monkeypatch)
     m = _model(backend="llmkern", kv_lora_rank=256)
     x = _ids(T=8)
+    monkeypatch.setattr(__import__("llmkern._backend", fromlist=["_warned"]), "_warned", set())
     with torch.no_grad():
-        lat, _ = _decode(m, x, 6, True)
+        with pytest.warns(RuntimeWarning, match="latent KV cache's 264 channels"):  # (said, once)
+            lat, _ = _decode(m, x, 6, True)
         assert calls == []
         full, _ = _decode(m, x, 6, False)
     assert calls and calls[0][0].shape[-1] == D  # (the full cache still takes the kernel)
@@ -183,6 +185,28 @@ def test_lora_wrapped_kv_b_proj_is_absorbed_merged(use_dora):
         torch.testing.assert_close(_decode(m, x, 6, True)[0], full, atol=1e-5, rtol=1e-5)
         merge_lora(m)
         torch.testing.assert_close(_decode(m, x, 6, True)[0], full, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_lora_with_bias_and_per_sample_adapters():
+    """PEFT's LoRA on kv_b_proj with lora_bias=True: the absorbed path adds the values' bias (the keys' part
+    cancels in the softmax), the full cache's logits; per-sample adapters (adapter_names) cannot be absorbed
+    into one weight and are refused by name."""
+    peft = pytest.importorskip("peft")
+
+    m = _model()
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["kv_b_proj"], lora_bias=True,
+                                                 init_lora_weights=False), m)
+    x = _ids(T=9)
+    with torch.no_grad():
+        full, _ = _decode(m, x, 6, False)
+        torch.testing.assert_close(_decode(m, x, 6, True)[0], full, atol=1e-5, rtol=1e-5)
+    layer = m.layers[0].self_attn.kv_b_proj
+    layer.register_forward_pre_hook(lambda mod, args, kwargs: (args, {**kwargs, "adapter_names": ["default"] * 2}),
+                                    with_kwargs=True)  # (what PEFT's mixed-batch forward installs)
+    cache = m.new_cache(2, 32, latent=True)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="adapter_names"):
+        m(x[:, :6], cache=cache)
+        m(x[:, 6:7], cache=cache)
 
 
 # ---- generate ---------------------------------------------------------------------------------------

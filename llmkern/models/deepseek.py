@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llmkern
+from llmkern._backend import warn_once
 from llmkern.models._attn import attend
 from llmkern.models.llama import MLP, Experts, MoE, RMSNorm, apply_rope
 
@@ -136,30 +137,47 @@ class MLAttention(nn.Module):
             k, v = self._expand(c_kv, k_pe)
             return attend(torch.cat([q_nope, q_pe], dim=-1), k, v, backend=self.backend_name,
                           key_padding_mask=kpm, scale=self.scale, dropout_p=dropout_p)
-        w_uk, w_uv = self._absorbed_weights(c_kv)  # [H, nope, R], [H, Dv, R]
-        q = torch.cat([torch.matmul(q_nope, w_uk), q_pe], dim=-1)  # [B, H, T, R + Dr]
+        w_uk, w_uv, b_v = self._absorbed_weights(c_kv)  # [H, nope, R], [H, Dv, R], [H, Dv] or None
+        # (einsum batches over the heads: matmul would broadcast, i.e. copy, the weights over the batch)
+        q = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_pe], dim=-1)  # [B, H, T, R + Dr]
         # llmkern's kernels take head dims up to 256 (llmkern.ops.attention.MAX_HEAD_DIM): the zoo's tiny configs;
         # a real DeepSeek's latent (576 / 512 channels) goes to SDPA (plain torch) instead of an error
         backend = self.backend_name if R + self.rope_dim <= MAX_KERNEL_HEAD_DIM else "torch"
+        if backend != self.backend_name:
+            warn_once("mla-latent-sdpa", f"llmkern: the latent KV cache's {R + self.rope_dim} channels exceed the "
+                                         f"attention kernels' {MAX_KERNEL_HEAD_DIM}; decoding runs SDPA (plain torch)")
         # the scale is the per-head scores' (of nope + rope channels): the absorbed scores are the same numbers
         scale = self.scale if self.scale is not None else self.head_dim ** -0.5
         y = attend(q, latent, latent[..., :R], backend=backend, cache=cache, layer=layer, key_padding_mask=kpm,
                    scale=scale, dropout_p=dropout_p)  # [B, H, T, R]: MQA, one latent "head" for all
-        return torch.matmul(y, w_uv.transpose(1, 2))  # [B, H, T, Dv]
+        out = torch.einsum("bhtr,hvr->bhtv", y, w_uv)  # [B, H, T, Dv]
+        # kv_b_proj's bias: its key part shifts every score of a query equally (the softmax drops it), its value
+        # part adds b_v (the attention weights sum to 1)
+        return out if b_v is None else out + b_v[:, None, :]
 
     def _absorbed_weights(self, like):
-        """kv_b_proj's weight split per (local) head: W_uk [H, nope, R], W_uv [H, Dv, R].
+        """kv_b_proj split per (local) head: W_uk [H, nope, R], W_uv [H, Dv, R] and the values' bias [H, Dv]
+        (None without a bias; the keys' bias cancels in the softmax).
 
         A plain nn.Linear (or an unwrapped tensor-parallel shard: its rows are this rank's heads) gives its
         weight, viewed. A wrapped one (LoRA / DoRA / QLoRA, llmkern.peft or PEFT, merged or not) is run on the
-        identity: its rows are then the weight its forward applies, the adapter merged in, whatever the
-        wrapper. That costs R x R x out multiply-adds per layer and step; merge_lora(model) first to serve."""
-        m, R = self.kv_b_proj, self.kv_rank
+        identity and on zeros: x W^T + b at x = I and x = 0 give the weight and the bias its forward applies,
+        the adapter merged in, whatever the wrapper. That costs R x R x out multiply-adds per layer and step;
+        merge_lora(model) first to serve. Per-sample adapters (PEFT's adapter_names) cannot be absorbed into
+        one weight: NotImplementedError."""
+        m, R, H, nope, Dv = self.kv_b_proj, self.kv_rank, self.n_head, self.nope, self.v_head_dim
         if type(m) is nn.Linear or _unwrapped_parallel(m):
-            w = m.weight  # [H * (nope + Dv), R]
+            w, b = m.weight, m.bias  # [H * (nope + Dv), R], [H * (nope + Dv)] or None
         else:  # (the identity in the latent's dtype: what the per-head path feeds kv_b_proj)
-            w = m(torch.eye(R, dtype=like.dtype, device=like.device)).t()  # x = I: x W^T = W^T
-        return w.reshape(self.n_head, self.nope + self.v_head_dim, R).split([self.nope, self.v_head_dim], dim=1)
+            if any(mod._forward_pre_hooks for mod in m.modules()):  # PEFT's per-sample adapter_names hook
+                raise NotImplementedError("the latent KV cache cannot absorb per-sample adapters (adapter_names) "
+                                          "into kv_b_proj: use the full cache (new_cache(latent=False))")
+            eye = torch.eye(R, dtype=like.dtype, device=like.device)
+            b = m(torch.zeros_like(eye[:1]))[0]  # x = 0: the bias (zeros without one; no host read to tell)
+            w = (m(eye) - b).t()                 # x = I: W^T + b
+        w_uk, w_uv = w.reshape(H, nope + Dv, R).split([nope, Dv], dim=1)
+        b_v = None if b is None else b.reshape(H, nope + Dv)[:, nope:]
+        return w_uk, w_uv, b_v
 
     def _rope(self, q_pe, k_pe, cos, sin):
         """RoPE on the rotary channels ([B, H or 1, T, Dr]). Interleaved checkpoints (DeepSeek-V3) pair the
