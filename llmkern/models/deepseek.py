@@ -36,6 +36,7 @@ import llmkern
 from llmkern._backend import warn_once
 from llmkern.models._attn import attend
 from llmkern.models.llama import MLP, Experts, MoE, RMSNorm, apply_rope
+from llmkern.ops import _checks
 
 # transformers builds q_a_layernorm / kv_a_layernorm with DeepseekV3RMSNorm's default eps, not rms_norm_eps
 LATENT_NORM_EPS = 1e-6
@@ -129,7 +130,7 @@ class MLAttention(nn.Module):
         R = self.kv_rank
         # under autocast the latent norm gives float32; cache the autocast dtype, which kv_b_proj's matmul (the
         # per-head path) would read it in anyway: the cache stays half the size
-        dt = torch.get_autocast_dtype(c_kv.device.type) if torch.is_autocast_enabled(c_kv.device.type) else k_pe.dtype
+        dt = _checks.autocast_dtype(c_kv) or k_pe.dtype
         latent = torch.cat([c_kv.unsqueeze(1), k_pe], dim=-1).to(dt)  # [B, 1, T, R + Dr]: what is cached
         dropout_p = self.dropout if self.training else 0.0
         if cache.uniform and cache.seqlen == 0:  # the prompt: no earlier token to read, per-head attention

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import llmkern  # (the fused ops load on first use: llmkern.rms_norm, llmkern.rope, llmkern.swiglu)
 from llmkern.models._attn import HFModule, ZooModel, attend, check_backend
 from llmkern.models.configs import ModelConfig, get_config
+from llmkern.ops import _checks
 
 
 class RMSNorm(nn.Module):
@@ -280,7 +281,7 @@ def run_experts(backend, x, w_gate_up, w_down, ids, weights):
     autocast the experts' matmuls run in its dtype, as nn.Linear's would (moe_mlp wants one dtype for x and
     the weights; the stacked weights are not nn.Linear, autocast would not cast them). Also what the
     tensor-parallel MoE (llmkern.parallel.moe) runs on its shard of the experts."""
-    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dt = _checks.autocast_dtype(x) or x.dtype
     x, w_gate_up, w_down = x.to(dt), w_gate_up.to(dt), w_down.to(dt)
     if backend == "llmkern":
         return llmkern.moe_mlp(x, w_gate_up, w_down, ids, weights)

@@ -59,6 +59,7 @@ import torch.nn as nn
 
 from llmkern.models import llama
 from llmkern.models.deepseek import DeepseekMoE
+from llmkern.ops import _checks
 from llmkern.parallel import comm
 from llmkern.parallel.layers import _maybe_no_compile
 
@@ -234,11 +235,6 @@ class ExpertParallelDeepseekMoE(ExpertParallelMoE, DeepseekMoE):
 
 # ---- dispatch, experts, combine --------------------------------------------------------------------
 
-def _compute_dtype(x):
-    """The experts' dtype (run_experts': autocast's when it is on): rows travel in it."""
-    on = torch.is_autocast_enabled(x.device.type)
-    return torch.get_autocast_dtype(x.device.type) if on else x.dtype
-
 
 def _exchange_counts(moe, counts, header):
     """counts [p, E/p] (this rank's pairs per expert, grouped by owner) and header [_HEADER] -> host lists
@@ -277,7 +273,7 @@ def _expert_parallel_mlp(moe, x, ids, weights):
     """Σ_j weights[t, j] · expert_{ids[t, j]}(x_t) with the experts on their owner ranks (module docstring)."""
     shape, d, k = x.shape, x.shape[-1], ids.shape[-1]
     x2, ids2, w2 = x.reshape(-1, d), ids.reshape(-1), weights.reshape(-1, k)
-    T, E, n_local, dt = x2.shape[0], moe.n_experts, moe.experts.n_local, _compute_dtype(x)
+    T, E, n_local, dt = x2.shape[0], moe.n_experts, moe.experts.n_local, _checks.autocast_dtype(x) or x.dtype
     # sort the pairs by expert, dropped ones (-1, or out of range) last: a pair's owner is expert // n_local
     key = torch.where((ids2 >= 0) & (ids2 < E), ids2, E)
     order = torch.argsort(key, stable=True)
