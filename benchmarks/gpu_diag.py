@@ -5,10 +5,11 @@ run on the GPU machine: for each workload it prints the CUDA kernels of a few it
 iteration, launches per iteration) and, for each of our autotuned kernels that tuned on it, every
 candidate config's measured time. Sections run in order, each guarded (a failure prints and moves on):
 
-    python benchmarks/gpu_diag.py [host decode attention lora sampling mfu nf4]   (default: all)
+    python benchmarks/gpu_diag.py [host decode attention lora sampling mfu nf4 mla]   (default: all)
 
 Knobs are the package's own environment variables (LLMKERN_FAST_LAUNCH, LLMKERN_ATTN_TMA, LLMKERN_ATTN_TMA_BWD,
-LLMKERN_LORA_AUTOTUNE, LLMKERN_LORA_TMA, LLMKERN_SAMPLE_SPLIT, LLMKERN_ATTN_TUNE_TOP); a section may
+LLMKERN_LORA_AUTOTUNE, LLMKERN_LORA_TMA, LLMKERN_SAMPLE_SPLIT, LLMKERN_ATTN_TUNE_TOP, LLMKERN_DECODE_CONFIG,
+LLMKERN_MLA_CONFIG); a section may
 set them for one workload, and says so in its heading.
 """
 import contextlib
@@ -315,8 +316,38 @@ def nf4():
         _say("  lora_linear fwd ms: " + ", ".join(row))
 
 
+def mla():
+    """llmkern.mla_decode (DeepSeek-V3's latent cache: 512 + 64 channels, one kv head, bf16, B=64, kv 4096,
+    one new token) over tile configs and split counts, for 16 local heads (TP=8) and 128 (TP=1), against SDPA
+    with the heads folded into query rows (one GEMM pair per batch row; the best plain-torch form). The floor
+    is the latent read once: B * T * 576 * 2 bytes."""
+    import llmkern
+    import torch.nn.functional as F
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, T, R, Dr = 64, 4096, 512, 64
+    kv = torch.randn(B, 1, T, R + Dr, device="cuda", dtype=torch.bfloat16, generator=g)
+    lens = torch.full((B,), T, device="cuda", dtype=torch.int32)
+    gb = kv.numel() * 2 / 1e9
+    for H in (16, 128):
+        q = torch.randn(B, H, 1, R + Dr, device="cuda", dtype=torch.bfloat16, generator=g)
+        t = device_ms(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), kv, kv[..., :R], scale=0.1))
+        _say(f"  H={H} SDPA (heads as query rows): {t:.4f} ms ({gb / t * 1e3:.0f} GB/s)")
+        cfgs = ("", "16,64,8,2", "32,64,8,2", "64,32,8,2", "64,64,8,2", "64,16,8,3", "32,32,4,2", "16,32,4,3")
+        for cfg in cfgs:
+            for splits in (0, 4, 16):
+                with env(LLMKERN_MLA_CONFIG=cfg) if cfg else contextlib.nullcontext():
+                    try:
+                        t = device_ms(lambda: llmkern.mla_decode(q, kv, lens, head_dim_v=R, scale=0.1,
+                                                                 num_splits=splits))
+                        _say(f"  H={H} mla_decode M,N,warps,stages={cfg or 'default':10s} splits={splits or 'auto'}: "
+                             f"{t:.4f} ms ({gb / t * 1e3:.0f} GB/s)")
+                    except Exception as exc:  # noqa: BLE001 - e.g. a config out of shared memory
+                        _say(f"  H={H} mla_decode {cfg} splits={splits}: {type(exc).__name__}: {str(exc)[:100]}")
+
+
 SECTIONS = {"host": host, "decode": decode, "attention": attention, "lora": lora, "sampling": sampling, "mfu": mfu,
-            "nf4": nf4}
+            "nf4": nf4, "mla": mla}
 
 
 def main(argv):

@@ -6,10 +6,11 @@ cannot (type rules of the compiled frontend, layouts, shared-memory budgets) and
 kernel's registers, stack (spills) and shared memory. It runs in a subprocess because the tests
 import Triton with TRITON_INTERPRET=1, under which kernels cannot be compiled.
 
-    python tests/test_attention_compile.py [cc] [dtype] [head_dim[/head_dim_v]] [all]    # prints the resource table
+    python tests/test_attention_compile.py [cc] [dtype] [head_dim[/head_dim_v] | mla] [all]    # the resource table
 
 head_dim/head_dim_v (e.g. 192/128, DeepSeek MLA's prefill shape) compiles the kernels with a value head dim
-different from the query/key one.
+different from the query/key one; "mla" compiles the latent-cache decode kernel (llmkern.mla_decode) at
+DeepSeek-V3's 512 + 64 channels with the configs mla_config picks for 16, 32 and 128 packed rows.
 """
 import os
 import re
@@ -22,7 +23,7 @@ HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 _PTRS = {"Q", "K", "V", "O", "LSE", "KPM", "CU_Q", "CU_K", "DO", "DELTA", "DK", "DV", "DQ", "DLSE",
-         "SEQLENS", "OP", "LP", "SEED", "BT", "SINKS", "ALIBI"}
+         "SEQLENS", "OP", "LP", "SEED", "BT", "SINKS", "ALIBI", "KV"}
 _F32_PTRS = {"LSE": "fp32", "DELTA": "fp32", "DLSE": "fp32", "KPM": "u8", "CU_Q": "i32", "CU_K": "i32",
              "SEQLENS": "i32", "OP": "fp32", "LP": "fp32", "SEED": "i32", "BT": "i32", "SINKS": "fp32",
              "ALIBI": "fp32"}
@@ -160,6 +161,22 @@ def main(cc=90, dtype="bf16", D=128, every_config=False, Dv=None):
     print("COMPILED-ALL")
 
 
+def main_mla(cc=90, dtype="bf16"):
+    """The MLA decode split kernel at Dv 512 + 64 rotary channels: contiguous, paged, and paged with a padding
+    mask, for each packed-row count's config."""
+    from llmkern.kernels import mla_decode as MLA
+
+    for rows in (16, 32, 128):
+        bm, bn, w, s = MLA.mla_config(512, rows)
+        for page, kpm in ((0, False), (16, False), (64, True)):
+            consts = dict(DV=512, BLOCK_DV=512, DR=64, BLOCK_DR=64, PREC="tf32", PAGE=page, BLOCK_M=bm, BLOCK_N=bn,
+                          HAS_KPM=kpm)
+            r = _compile(MLA._mla_split, dtype, consts, cc, w, s)
+            print(f"mla split rows={rows} page={page} kpm={kpm} sm_{cc} {dtype} M={bm} N={bn} warps={w} stages={s}: "
+                  f"regs={r['regs']} stack={r['stack']} smem={r['smem']} wgmma={r['wgmma']} mma={r['mma']}", flush=True)
+    print("COMPILED-ALL")
+
+
 def _run(cc, dtype, D, every_config):
     """D: the head dim, or "D/Dv" with a different value head dim."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -177,7 +194,7 @@ def _ptxas_available():
 
 
 # 192/128: DeepSeek MLA's prefill/training shape (q/k 128 nope + 64 rope, v 128), TMA and pointer variants
-_TARGETS = [(90, "bf16", 128), (90, "bf16", "192/128")]
+_TARGETS = [(90, "bf16", 128), (90, "bf16", "192/128"), (90, "bf16", "mla")]
 _EVERY = os.environ.get("LLMKERN_COMPILE_ALL") == "1"
 if _EVERY:  # more targets, every candidate config: about 15 s of CPU each
     _TARGETS += [(80, "fp16", 80), (90, "fp16", 64), (90, "bf16", 256), (80, "bf16", 256)]
@@ -188,7 +205,7 @@ if _EVERY:  # more targets, every candidate config: about 15 s of CPU each
 def test_kernels_compile_for_gpu_targets(cc, dtype, D):
     res = _run(cc, dtype, D, _EVERY)
     assert res.returncode == 0 and "COMPILED-ALL" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
-    if cc == 90:
+    if cc == 90 and D != "mla":
         fwd = next(line for line in res.stdout.splitlines() if line.startswith("fwd "))
         assert "wgmma=True" in fwd, fwd  # Hopper's warp-group MMA, not the sm_80 path
     for line in res.stdout.splitlines():
@@ -200,6 +217,9 @@ def test_kernels_compile_for_gpu_targets(cc, dtype, D):
 
 if __name__ == "__main__":
     a = sys.argv[1:]
+    if len(a) > 2 and a[2] == "mla":
+        main_mla(int(a[0]), a[1])
+        sys.exit(0)
     d, _, dv = (a[2] if len(a) > 2 else "128").partition("/")
     main(int(a[0]) if a else 90, a[1] if len(a) > 1 else "bf16", int(d),
          every_config=len(a) > 3 and a[3] == "all", Dv=int(dv) if dv else None)

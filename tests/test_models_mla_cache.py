@@ -70,6 +70,16 @@ def _spy(monkeypatch):
     return calls
 
 
+def _spy_mla(monkeypatch):
+    """Records (kv_cache, head_dim_v) of every llmkern.mla_decode call the zoo makes."""
+    from llmkern.ops import mla_decode as mla_ops
+
+    calls, orig = [], mla_ops.mla_decode
+    monkeypatch.setattr(mla_ops, "mla_decode", lambda *a, **kw: (calls.append((a[1], kw["head_dim_v"])),
+                                                                 orig(*a, **kw))[1])
+    return calls
+
+
 # ---- the cache --------------------------------------------------------------------------------------
 
 def test_latent_cache_layout_and_bytes():
@@ -116,9 +126,9 @@ def test_latent_cache_errors():
 @pytest.mark.parametrize("backend", ["torch", "llmkern"])
 def test_decode_logits_match_full_cache(variant, backend, monkeypatch):
     """Decode steps (and a 3-token chunk) through the latent cache give the full cache's and the uncached
-    forward's logits to float32 rounding. backend="llmkern" runs attention_with_kvcache on the latent itself:
+    forward's logits to float32 rounding. backend="llmkern" runs llmkern.mla_decode on the latent itself:
     MQA, keys R + Dr wide, values its first R channels (no copy)."""
-    calls = _spy(monkeypatch)
+    calls = _spy_mla(monkeypatch)
     m = _model(variant, backend)
     x = _ids(T=12)
     with torch.no_grad():
@@ -128,42 +138,63 @@ def test_decode_logits_match_full_cache(variant, backend, monkeypatch):
         full, _ = _decode(m, x, 6, False, chunk=9)
     torch.testing.assert_close(lat, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lat, want, atol=1e-5, rtol=1e-5)
-    if backend == "llmkern":
-        assert n_lat == 4 * L  # three single tokens and the chunk, every layer
-        r = m.config.kv_lora_rank
-        for k_cache, v_cache in calls[:n_lat]:
-            assert k_cache.shape == (2, 1, 32, r + DR) and v_cache.shape == (2, 1, 32, r)
-            assert v_cache.data_ptr() == k_cache.data_ptr()
+    r = m.config.kv_lora_rank
+    assert n_lat == (4 * L if backend == "llmkern" else 0)  # three single tokens and the chunk, every layer
+    for kv_cache, head_dim_v in calls:
+        assert kv_cache.shape == (2, 1, 32, r + DR) and head_dim_v == r
 
 
-def test_wide_latent_falls_back_to_sdpa(monkeypatch):
-    """R + Dr > 256 (a real DeepSeek's 512 + 64): backend="llmkern" decodes the latent with SDPA, not the kernel,
-    and without an error; same logits as the full cache."""
-    calls = _spy(monkeypatch)
+def test_wide_latent_runs_mla_decode(monkeypatch):
+    """R + Dr > 256 (past the dense kernels' head dims; a real DeepSeek's is 512 + 64): backend="llmkern" still
+    decodes the latent with llmkern.mla_decode, without a warning; same logits as the full cache."""
+    calls = _spy_mla(monkeypatch)
     m = _model(backend="llmkern", kv_lora_rank=256)
+    x = _ids(T=8)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lat, _ = _decode(m, x, 6, True)
+        full, _ = _decode(m, x, 6, False)
+    assert len(calls) == 2 * L and calls[0][0].shape[-1] == 264 and calls[0][1] == 256
+    torch.testing.assert_close(lat, full, atol=1e-5, rtol=1e-5)
+
+
+def test_latent_past_mla_decode_limits_falls_back_to_sdpa(monkeypatch):
+    """A latent wider than mla_decode takes (kv_lora_rank > 512) decodes with SDPA, says so once, and gives the
+    full cache's logits."""
+    calls = _spy_mla(monkeypatch)
+    m = _model(backend="llmkern", kv_lora_rank=520)
     x = _ids(T=8)
     monkeypatch.setattr(__import__("llmkern._backend", fromlist=["_warned"]), "_warned", set())
     with torch.no_grad():
-        with pytest.warns(RuntimeWarning, match="latent KV cache's 264 channels"):  # (said, once)
+        with pytest.warns(RuntimeWarning, match="520 \\+ 8 channels exceed llmkern.mla_decode"):
             lat, _ = _decode(m, x, 6, True)
-        assert calls == []
         full, _ = _decode(m, x, 6, False)
-    assert calls and calls[0][0].shape[-1] == D  # (the full cache still takes the kernel)
+    assert calls == []
     torch.testing.assert_close(lat, full, atol=1e-5, rtol=1e-5)
 
 
 def test_triton_interpreter_decode(triton_backend, monkeypatch):
-    """The Triton split-K decode kernel (under the interpreter on a CPU) on the latent: the torch backend's
-    full-cache logits and greedy tokens."""
-    calls = _spy(monkeypatch)
+    """The Triton MLA decode kernel (under the interpreter on a CPU) on the latent, with rows of different
+    lengths (a left-padded batch): the torch backend's full-cache logits."""
+    calls = _spy_mla(monkeypatch)
     m = _model("yarn", "llmkern")
     x = _ids(T=9)
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[1, :3] = False
     with torch.no_grad():
-        got, _ = _decode(m, x, 6, True)
+        got = _decode_masked(m, x, mask, 6, True)
         m.backend = "torch"
-        want, _ = _decode(m, x, 6, False)
+        want = _decode_masked(m, x, mask, 6, False)
     assert len(calls) == 3 * L
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=1e-5)
+
+
+def _decode_masked(m, x, mask, prompt, latent):
+    """_decode with an attention mask (left padding): logits [B, T, V]."""
+    cache = m.new_cache(x.shape[0], 32, latent=latent)
+    outs = [m(x[:, :prompt], cache=cache, attention_mask=mask[:, :prompt])]
+    outs += [m(x[:, t:t + 1], cache=cache, attention_mask=mask[:, :t + 1]) for t in range(prompt, x.shape[1])]
+    return torch.cat(outs, 1)
 
 
 @pytest.mark.parametrize("use_dora", [False, True])

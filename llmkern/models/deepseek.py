@@ -20,7 +20,9 @@ The latent cache (model.new_cache(..., latent=True), or model.latent_cache = Tru
     q_nope . k_nope = q_nope . (W_uk c) = (q_nope W_uk) . c,   so q = (q_nope W_uk, RoPE(q_pe))   [H, R + Dr]
     sum_j p_j v_j   = W_uv (sum_j p_j c_j)
 an MQA over the cache (keys: the cache, values: its first R channels, a view), with the original softmax
-scale (of nope + rope), then W_uv and o_proj. The prompt (an empty cache) takes the per-head path (fewer FLOPs
+scale (of nope + rope), then W_uv and o_proj. backend="llmkern" runs it as llmkern.mla_decode (a Triton kernel
+that reads each latent tile once for the scores and the values, up to 512 + 256 channels; the reference on a
+CPU), backend="torch" as SDPA. The prompt (an empty cache) takes the per-head path (fewer FLOPs
 for long prompts: nope + rope < R + Dr channels per score) and writes the latent.
 
 Parallelism (llmkern.parallel): tensor_parallelize shards MLA by heads (q_b_proj or q_proj and kv_b_proj
@@ -34,14 +36,13 @@ import torch.nn.functional as F
 
 import llmkern
 from llmkern._backend import warn_once
-from llmkern.models._attn import attend
+from llmkern.models._attn import _cache_mask, attend
 from llmkern.models.llama import MLP, Experts, MoE, RMSNorm, apply_rope
 from llmkern.ops import _checks
+from llmkern.ops import mla_decode as mla_ops
 
 # transformers builds q_a_layernorm / kv_a_layernorm with DeepseekV3RMSNorm's default eps, not rms_norm_eps
 LATENT_NORM_EPS = 1e-6
-# the widest q/k or v head llmkern's attention kernels take (llmkern.ops.attention.MAX_HEAD_DIM)
-MAX_KERNEL_HEAD_DIM = 256
 
 
 def _unwrapped_parallel(m):
@@ -141,16 +142,16 @@ class MLAttention(nn.Module):
         w_uk, w_uv, b_v = self._absorbed_weights(c_kv)  # [H, nope, R], [H, Dv, R], [H, Dv] or None
         # (einsum batches over the heads: matmul would broadcast, i.e. copy, the weights over the batch)
         q = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_pe], dim=-1)  # [B, H, T, R + Dr]
-        # llmkern's kernels take head dims up to 256 (llmkern.ops.attention.MAX_HEAD_DIM): the zoo's tiny configs;
-        # a real DeepSeek's latent (576 / 512 channels) goes to SDPA (plain torch) instead of an error
-        backend = self.backend_name if R + self.rope_dim <= MAX_KERNEL_HEAD_DIM else "torch"
-        if backend != self.backend_name:
-            warn_once("mla-latent-sdpa", f"llmkern: the latent KV cache's {R + self.rope_dim} channels exceed the "
-                                         f"attention kernels' {MAX_KERNEL_HEAD_DIM}; decoding runs SDPA (plain torch)")
         # the scale is the per-head scores' (of nope + rope channels): the absorbed scores are the same numbers
         scale = self.scale if self.scale is not None else self.head_dim ** -0.5
-        y = attend(q, latent, latent[..., :R], backend=backend, cache=cache, layer=layer, key_padding_mask=kpm,
-                   scale=scale, dropout_p=dropout_p)  # [B, H, T, R]: MQA, one latent "head" for all
+        if self.backend_name == "llmkern" and dropout_p == 0.0 and _mla_decode_fits(R, self.rope_dim):
+            y = _latent_decode(q, latent, cache, layer, kpm, scale)  # [B, H, T, R]
+        else:  # SDPA (plain torch): MQA over the latent, one "head" for all
+            if self.backend_name == "llmkern" and dropout_p == 0.0:
+                warn_once("mla-latent-sdpa", f"llmkern: the latent KV cache's {R} + {self.rope_dim} channels exceed "
+                                             f"llmkern.mla_decode's limits; decoding runs SDPA (plain torch)")
+            y = attend(q, latent, latent[..., :R], backend="torch", cache=cache, layer=layer, key_padding_mask=kpm,
+                       scale=scale, dropout_p=dropout_p)
         out = torch.einsum("bhtr,hvr->bhtv", y, w_uv)  # [B, H, T, Dv]
         # kv_b_proj's bias: its key part shifts every score of a query equally (the softmax drops it), its value
         # part adds b_v (the attention weights sum to 1)
@@ -190,6 +191,25 @@ class MLAttention(nn.Module):
         if self.backend_name == "llmkern" and q_pe.dtype == k_pe.dtype:
             return llmkern.rope(q_pe, k_pe, cos, sin)
         return apply_rope(q_pe, cos, sin), apply_rope(k_pe, cos, sin)
+
+
+def _mla_decode_fits(kv_rank, rope_dim):
+    return kv_rank <= mla_ops.MAX_HEAD_DIM_V and rope_dim <= mla_ops.MAX_ROPE_DIM
+
+
+def _latent_decode(q, latent, cache, layer, kpm, scale):
+    """llmkern.mla_decode of the absorbed queries q [B, H, T, R + Dr] over the latent cache, after appending
+    this forward's latent [B, 1, T, R + Dr] -> [B, H, T, R]. Row b's T queries sit at its slots
+    lengths[b] .. lengths[b] + T - 1 (the cache's offset for every row while it is uniform) and see the slots
+    up to their own, as attend() does for the full cache (its _attend_rows after a per-row rollback)."""
+    B, T = q.shape[0], q.shape[2]
+    if cache.uniform:
+        seqlens = torch.full((B,), cache.seqlen + T, dtype=torch.int32, device=q.device)
+    else:
+        seqlens = (cache.lengths.to(device=q.device, dtype=torch.int32) + T)
+    kv, _ = cache.append(layer, latent)
+    return mla_ops.mla_decode(q.to(kv.dtype), kv, seqlens, head_dim_v=cache.kv_rank, causal=True, scale=scale,
+                              **_cache_mask(kpm, kv.shape[2]))
 
 
 def sigmoid_group_route(logits, bias, top_k, n_group, topk_group, renormalize, scaling):

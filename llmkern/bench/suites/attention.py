@@ -11,6 +11,9 @@ load through tensor descriptors (TMA); at seq 4k, causal, head dim 128 the point
 (LLMKERN_ATTN_TMA=0) are timed too, in the row's notes.
 Training rows with dropout, sinks and ALiBi (fwd+bwd, causal, seq 4k) follow, each against what a user
 would write without our kernel; outside quick mode also DeepSeek MLA's head dims (q/k 192, v 128) against SDPA.
+Last, DeepSeek-V3's latent-cache decode (llmkern.mla_decode: 512 + 64 channels, one kv head, 16 and 128 query
+heads, kv 4096, one new token; GB/s of the latent read once) against SDPA over the same cache, with the query
+heads as SDPA's heads (enable_gqa: what the zoo ran before) and folded into query rows (the best plain-torch form).
 `mfu` is the fraction of the detected card's dense bf16 peak; extra["mfu_a100"] against the A100's.
 
 CPU: a small quick comparison (what llmkern.attention runs on CPU: SDPA's CPU kernel with our
@@ -137,6 +140,8 @@ def _gpu_rows(ctx):
     yield from _alibi_row(ctx, T=4096, H=16, D=128, dtype=dtype, peak=peak)
     if not ctx.quick:
         yield from _mla_row(ctx, T=4096, H=16, D=192, Dv=128, dtype=dtype, peak=peak)
+    for H in (16, 128):
+        yield from _mla_decode_row(ctx, B=64, H=H, T=4096, R=512, Dr=64, dtype=dtype)
 
 
 def _sdpa_with_sinks(q, k, v, sinks):
@@ -295,6 +300,34 @@ def _decode_rows(ctx, B, H, Hk, T, D, dtype):
                  extra={f"{n}_ms": ms for n, ms in base.items()})
 
 
+def _mla_decode_row(ctx, B, H, T, R, Dr, dtype):
+    """llmkern.mla_decode over a latent cache [B, 1, T, R + Dr] (values: its first R channels) vs SDPA."""
+    import llmkern
+
+    dev = ctx.device
+    kv = torch.randn(B, 1, T, R + Dr, device=dev, dtype=dtype)
+    q = torch.randn(B, H, 1, R + Dr, device=dev, dtype=dtype)
+    lens = torch.full((B,), T, dtype=torch.int32, device=dev)
+    scale = (128 + Dr) ** -0.5  # (DeepSeek's per-head scale; any number times the same work)
+    ours_ms = time_fn(lambda: llmkern.mla_decode(q, kv, lens, head_dim_v=R, scale=scale), dev, quick=ctx.quick)
+    base = {"sdpa-heads-as-rows": time_fn(  # [B, 1, H, D]: one query head of H rows, no repeat of the cache
+        lambda: F.scaled_dot_product_attention(q.transpose(1, 2), kv, kv[..., :R], scale=scale), dev, quick=ctx.quick)}
+    try:
+        base["sdpa-gqa"] = time_fn(lambda: F.scaled_dot_product_attention(q, kv, kv[..., :R], scale=scale,
+                                                                          enable_gqa=True), dev, quick=ctx.quick)
+    except (TypeError, RuntimeError):  # enable_gqa needs torch >= 2.5
+        pass
+    best = min(base, key=base.get)
+    gbytes = kv.numel() * kv.element_size() / 1e9
+    flops = 2 * B * H * T * (2 * R + Dr)
+    extra = {f"{n}_ms": ms for n, ms in base.items()}
+    extra["tflops"] = flops / (ours_ms * 1e-3) / 1e12
+    yield Result(op="mla decode (latent kv-cache)",
+                 shape=f"B={B} H={H} kv={T} D={R}+{Dr} q=1 {str(dtype).replace('torch.', '')}",
+                 ours_ms=ours_ms, baseline=best, baseline_ms=base[best], throughput=gbytes / (ours_ms * 1e-3),
+                 unit="GB/s", extra=extra, notes="FlashMLA / FlashInfer MLA are not installed on the bench machine")
+
+
 def _cpu_rows(ctx):
     """What a CPU user gets from llmkern.attention (the reference path) vs SDPA: seconds."""
     import llmkern
@@ -310,6 +343,7 @@ def _cpu_rows(ctx):
                      throughput=fl / (ours * 1e-3) / 1e12, unit="TFLOP/s",
                      notes="CPU runs SDPA's kernel with our masks (or the reference); GPU numbers need a CUDA run")
     yield from _decode_rows(ctx, B=2, H=8, Hk=2, T=512, D=64, dtype=torch.float32)
+    yield from _mla_decode_row(ctx, B=2, H=16, T=512, R=128, Dr=32, dtype=torch.float32)
 
 
 @suite("attention", "fused attention vs SDPA (flash/cuDNN/efficient): fwd, bwd, fwd+bwd TFLOP/s; KV-cache decode")

@@ -1,0 +1,204 @@
+"""Triton decode attention over a multi-head latent (MLA) KV cache, split along the keys, and its launcher.
+
+DeepSeek-V2/V3 decoding with kv_b_proj absorbed (llmkern/models/deepseek.py; FlashMLA's layout) is an MQA
+whose one key "head" per token is the cached latent [c | k_pe] (D = R + Dr channels, 512 + 64 for DeepSeek-V3)
+and whose value is the same row's first Dv = R channels. So
+
+    q [B, H, Tq, D]  x  kv_cache [B, Hk, Tmax, D]  ->  out [B, H, Tq, Dv] = softmax(q kv^T * scale) kv[..., :Dv]
+
+(Hk = 1 for DeepSeek; any Hk dividing H works). Paged caches (block_table) are page pools
+[num_pages, Hk, page_size, D] as for attention_with_kvcache.
+
+Why not attention_decode with v_cache = kv_cache[..., :Dv]: its tiles are one power of two wide (576 -> 1024
+channels) and it loads the K tile and the V tile separately, i.e. the latent twice. Here each key tile is
+loaded once as two pieces, the latent [BLOCK_N, Dv] and the rotary part [Dr, BLOCK_N]; the scores are
+q_lat . latent + q_rope . rope, and the same latent tile is the value operand of P V. The query rows of a
+program are the group's heads times the Tq new tokens (packed, as in attention_decode), so every key tile is
+read once per program for all of them. Each split writes a normalised partial and its LSE; attention_decode's
+combine kernel merges them.
+
+A row whose length lies outside 0..capacity, or whose block table names a page outside the pool, reads
+nothing out of bounds and gets NaN outputs and LSE (the host cannot check without a sync).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from llmkern.kernels._common import cdiv, next_power_of_2
+from llmkern.kernels.attention import (LOG2E, UNBOUNDED, _batch_slices, _block_d, _interpreting, _last_contig,
+                                       _prec, empty_out)
+from llmkern.kernels.attention_decode import _decode_combine, choose_num_splits
+
+
+@triton.jit
+def _mla_split(Q, KV, SEQLENS, BT, KPM, OP, LP, qk_scale,
+               stride_qb, stride_qh, stride_qt,
+               stride_kb, stride_kh, stride_kt,
+               stride_opb, stride_oph, stride_opt, stride_ops,
+               stride_lpb, stride_lph, stride_lpt, stride_btb, stride_kpmb,
+               HK, GROUP, Tq, R, chunk, T_CAP, NUM_PAGES,
+               DV: tl.constexpr, BLOCK_DV: tl.constexpr, DR: tl.constexpr, BLOCK_DR: tl.constexpr,
+               PREC: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_KPM: tl.constexpr):
+    split = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // HK
+    hk = pid_bh % HK
+    b64 = b.to(tl.int64)
+    seqlen = tl.load(SEQLENS + b).to(tl.int32)
+    row_bad = (seqlen < 0) | (seqlen > T_CAP)  # a caller's bug the host cannot see: NaN, no wild read
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < GROUP * Tq
+    g = r // Tq
+    t = r % Tq
+    h = hk * GROUP + g
+    pos = seqlen - Tq + t  # each packed row's query position
+    offs_v = tl.arange(0, BLOCK_DV)
+    offs_r = tl.arange(0, BLOCK_DR)
+    q_rows = Q + b64 * stride_qb + h[:, None].to(tl.int64) * stride_qh + t[:, None].to(tl.int64) * stride_qt
+    q_lat = tl.load(q_rows + offs_v[None, :], mask=row_ok[:, None] & (offs_v[None, :] < DV), other=0.0)
+    if DR > 0:
+        q_rope = tl.load(q_rows + DV + offs_r[None, :], mask=row_ok[:, None] & (offs_r[None, :] < DR), other=0.0)
+    start = split * chunk
+    end = tl.minimum(tl.minimum(start + chunk, seqlen), T_CAP)
+    end = tl.minimum(end, seqlen - 1 + R + 1)  # causal (R = 0): no key past the last query
+    kv_base = KV + hk.to(tl.int64) * stride_kh
+    if PAGE == 0:
+        kv_base += b64 * stride_kb
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    page_bad = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kmask = offs_n < end
+        if HAS_KPM:  # cache slots the caller hides (a left-padded prompt's pads)
+            kmask = kmask & (tl.load(KPM + b64 * stride_kpmb + offs_n, mask=kmask, other=0) != 0)
+        if PAGE > 0:
+            page = tl.load(BT + b64 * stride_btb + offs_n // PAGE, mask=kmask, other=0).to(tl.int64)
+            page_ok = (page >= 0) & (page < NUM_PAGES)
+            page_bad = page_bad | (kmask & ~page_ok).to(tl.int32)
+            kmask = kmask & page_ok
+            rows = page * stride_kb + (offs_n % PAGE).to(tl.int64) * stride_kt
+        else:
+            rows = offs_n.to(tl.int64) * stride_kt
+        # the latent tile, loaded once: the keys' first DV channels and the values
+        lat = tl.load(kv_base + rows[:, None] + offs_v[None, :],
+                      mask=kmask[:, None] & (offs_v[None, :] < DV), other=0.0)
+        qk = tl.dot(q_lat, tl.trans(lat), input_precision=PREC)
+        if DR > 0:  # the rotary channels DV..DV+DR-1, loaded key-major for the dot
+            kr = tl.load(kv_base + rows[None, :] + DV + offs_r[:, None],
+                         mask=kmask[None, :] & (offs_r[:, None] < DR), other=0.0)
+            qk = tl.dot(q_rope, kr, qk, input_precision=PREC)
+        s = qk * qk_scale
+        vis = ((offs_n[None, :] - pos[:, None]) <= R) & kmask[None, :]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(lat.dtype), lat, acc, input_precision=PREC)
+        m_i = m_new
+    row_bad = row_bad | (tl.max(page_bad, 0) > 0)
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    acc = tl.where(row_bad, float("nan"), acc)
+    lse2 = tl.where(row_bad, float("nan"), lse2)
+    op = (OP + b64 * stride_opb + h[:, None].to(tl.int64) * stride_oph + t[:, None].to(tl.int64) * stride_opt
+          + split * stride_ops + offs_v[None, :])
+    tl.store(op, acc, mask=row_ok[:, None] & (offs_v[None, :] < DV))
+    lp = LP + b64 * stride_lpb + h.to(tl.int64) * stride_lph + t.to(tl.int64) * stride_lpt + split
+    tl.store(lp, lse2, mask=row_ok)
+
+
+def mla_config(dv, rows):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the split kernel. The float32 accumulator is
+    BLOCK_M x Dv (64 x 512 for DeepSeek-V3: 128 registers a thread at 8 warps), so wide latents take
+    8 warps and short key tiles (each tile is BLOCK_N x Dv 16-bit numbers in shared memory per stage);
+    BLOCK_M is the packed rows (heads x new tokens) rounded up to a power of two in 16..64.
+    LLMKERN_MLA_CONFIG="BLOCK_M,BLOCK_N,warps,stages" overrides it (benchmarks/gpu_diag.py mla sweeps it)."""
+    override = os.environ.get("LLMKERN_MLA_CONFIG")
+    if override:
+        try:
+            bm, bn, warps, stages = (int(v) for v in override.split(","))
+        except ValueError:
+            raise ValueError(f"LLMKERN_MLA_CONFIG must be 'BLOCK_M,BLOCK_N,num_warps,num_stages', "
+                             f"got {override!r}") from None
+        if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1) or warps not in (1, 2, 4, 8, 16) or stages < 1:
+            raise ValueError(f"LLMKERN_MLA_CONFIG: BLOCK_M and BLOCK_N powers of two >= 16, warps in 1..16 "
+                             f"(powers of two), stages >= 1; got {override!r}")
+        return bm, bn, warps, stages
+    bm = min(max(16, next_power_of_2(rows)), 64)
+    # compiled for sm_90 bf16 with ptxas (contiguous, paged, padded): none of these spills (the 64 x 32 Dv-512
+    # tile 16 bytes when paged and padded); Dv 512 at 64 rows is wgmma at 255 registers and 148 KB of shared memory
+    if dv <= 128:
+        return bm, 64, 4, 3
+    if dv <= 256:
+        return (64, 64, 8, 2) if bm == 64 else (bm, 32, 4, 2)
+    return (bm, 32, 8, 2) if bm == 64 else (bm, 64, 8, 2)
+
+
+def mla_decode(q, kv_cache, cache_seqlens, *, head_dim_v, scale, causal=True, num_splits=0, block_table=None,
+               key_padding_mask=None):
+    """Returns (out [B, H, Tq, head_dim_v] like q, lse [B, H, Tq] float32). q [B, H, Tq, D]; kv_cache
+    [B, Hk, Tmax, D] (or a page pool [num_pages, Hk, page_size, D] with block_table int32 [B, pages per row]);
+    the values are kv_cache[..., :head_dim_v]. key_padding_mask: bool [B, Tmax], False = a slot no query sees."""
+    slices = _batch_slices(q.shape[0], kv_cache.shape[1])  # the split grid's z is B * Hk (<= 65535)
+    if len(slices) > 1:
+        parts = [mla_decode(q[b0:b1], kv_cache if block_table is not None else kv_cache[b0:b1],
+                            cache_seqlens[b0:b1], head_dim_v=head_dim_v, scale=scale, causal=causal,
+                            num_splits=num_splits, block_table=None if block_table is None else block_table[b0:b1],
+                            key_padding_mask=None if key_padding_mask is None else key_padding_mask[b0:b1])
+                 for b0, b1 in slices]
+        return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
+    q, kv_cache = _last_contig(q), _last_contig(kv_cache)
+    B, H, Tq, D = q.shape
+    Hk, Tmax = kv_cache.shape[1], kv_cache.shape[2]
+    page = 0
+    if block_table is not None:
+        page = kv_cache.shape[2]
+        Tmax = block_table.shape[1] * page
+        block_table = block_table.to(device=q.device, dtype=torch.int32).contiguous()
+    Dv, Dr = head_dim_v, D - head_dim_v
+    rows = (H // Hk) * Tq
+    bm, bn, warps, stages = mla_config(Dv, rows)
+    if _interpreting():
+        bn = 32
+    m_blocks = cdiv(rows, bm)
+    S = num_splits if num_splits and num_splits > 0 else choose_num_splits(B, Hk, m_blocks, Tmax, bn, q.device)
+    chunk = cdiv(cdiv(Tmax, S), bn) * bn
+    S = cdiv(Tmax, chunk) if Tmax > 0 else 1
+    seqlens = cache_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    op = torch.empty(B, H, Tq, S, Dv, device=q.device, dtype=torch.float32)
+    lp = torch.empty(B, H, Tq, S, device=q.device, dtype=torch.float32)
+    extra = {} if _interpreting() else dict(num_warps=warps, num_stages=stages)
+    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous().view(torch.uint8)
+    _mla_split[(S, m_blocks, B * Hk)](
+        q, kv_cache, seqlens, seqlens if block_table is None else block_table, seqlens if kpm is None else kpm,
+        op, lp, scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        op.stride(0), op.stride(1), op.stride(2), op.stride(3),
+        lp.stride(0), lp.stride(1), lp.stride(2), 0 if block_table is None else block_table.stride(0),
+        0 if kpm is None else kpm.stride(0),
+        Hk, H // Hk, Tq, 0 if causal else UNBOUNDED, chunk, Tmax, kv_cache.shape[0] if block_table is not None else 0,
+        DV=Dv, BLOCK_DV=_block_d(Dv), DR=Dr, BLOCK_DR=_block_d(max(Dr, 1)), PREC=_prec(q.dtype), PAGE=page,
+        BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=kpm is not None, **extra)
+    out = empty_out(q, Dv)
+    lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+    _decode_combine[(B * H * Tq,)](
+        op, lp, out, lse, lse, S,
+        op.stride(0), op.stride(1), op.stride(2), op.stride(3),
+        lp.stride(0), lp.stride(1), lp.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), H, Tq,
+        HEAD_DIM=Dv, BLOCK_D=_block_d(Dv), BLOCK_S=max(2, next_power_of_2(S)), HAS_SINKS=False)
+    return out, lse
+
+
+__all__ = ["mla_decode", "mla_config"]

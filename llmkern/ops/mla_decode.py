@@ -1,0 +1,172 @@
+"""Decode attention over a multi-head latent (MLA) KV cache: public API, validation, registration, dispatch.
+
+    mla_decode(q, kv_cache, cache_seqlens, *, head_dim_v, causal, scale, block_table, key_padding_mask,
+               num_splits, return_lse)
+
+DeepSeek-V2/V3 serving with kv_b_proj absorbed (FlashMLA's and FlashInfer's MLA decode): the cache holds one
+row [c | k_pe] per token (D = kv_lora_rank + rope channels), the keys are those rows and the values their
+first head_dim_v channels. Kernel: llmkern/kernels/mla_decode.py (each latent tile read once for the scores
+and for P V, head dims past the dense kernels' 256); reference: llmkern/reference/attention.py's
+attention_with_kvcache with v the cache's first head_dim_v channels (grouped heads: no repeat of the cache
+per query head). On a CPU, calls without the LSE run SDPA's CPU kernel with the query heads folded into
+query rows and the reference's masks (LLMKERN_BACKEND=reference forces the reference). The Triton path runs inside the custom op `llmkern::mla_decode` (torch.compile, opcheck).
+Inference only (no autograd), as attention_with_kvcache.
+"""
+import numbers
+from typing import Optional, Tuple
+
+import torch
+
+from llmkern import _backend
+from llmkern.ops import _checks
+from llmkern.ops.attention import (_KERNEL_DTYPES, _DTYPES, _check_block_table, _check_causal, _check_heads,
+                                   _gather_pages, _scale, _tensor)
+from llmkern.reference import attention as ref
+
+MAX_HEAD_DIM_V = 512   # the latent (DeepSeek: kv_lora_rank 512)
+MAX_ROPE_DIM = 256     # the channels after it (DeepSeek: 64)
+
+_backend.register_op("mla_decode", lambda device, dtype: _backend.choose_triton("mla_decode", device, dtype,
+                                                                               _KERNEL_DTYPES))
+
+
+@torch.library.custom_op("llmkern::mla_decode", mutates_args=())
+def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                   block_table: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                   head_dim_v: int, scale: float, causal: bool, num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    from llmkern.kernels.attention import empty_out
+
+    if q.numel() == 0:
+        return empty_out(q, head_dim_v).zero_(), torch.full(q.shape[:3], float("-inf"), device=q.device,
+                                                            dtype=torch.float32)
+    from llmkern.kernels.mla_decode import mla_decode as kernel
+
+    return kernel(q, kv_cache, cache_seqlens, head_dim_v=head_dim_v, scale=scale, causal=causal,
+                  num_splits=num_splits, block_table=block_table, key_padding_mask=key_padding_mask)
+
+
+@_mla_decode_op.register_fake
+def _(q, kv_cache, cache_seqlens, block_table, key_padding_mask, head_dim_v, scale, causal, num_splits):
+    from llmkern.kernels.attention import empty_out
+
+    return empty_out(q, head_dim_v), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _check_inputs(q, kv_cache, head_dim_v, block_table):
+    """Shapes, dtypes and devices of q and the cache; returns (B, H, Tq, D, Tmax)."""
+    _tensor("q", q)
+    _tensor("kv_cache", kv_cache)
+    if q.dim() != 4 or kv_cache.dim() != 4:
+        raise ValueError(f"q and kv_cache must be 4-D ([batch, heads, Tq, D] and [batch, kv_heads, Tmax, D], or a "
+                         f"page pool [num_pages, kv_heads, page_size, D]), got {q.dim()}-D and {kv_cache.dim()}-D")
+    if q.dtype not in _DTYPES or kv_cache.dtype != q.dtype:
+        raise ValueError(f"q and kv_cache must share a floating dtype in {[str(d) for d in _DTYPES]}, got "
+                         f"{q.dtype} and {kv_cache.dtype}")
+    if kv_cache.device != q.device:
+        raise ValueError(f"kv_cache is on {kv_cache.device} but q is on {q.device}")
+    B, H, Tq, D = q.shape
+    if kv_cache.shape[3] != D:
+        raise ValueError(f"kv_cache's last dimension must be q's head dim {D}, got {kv_cache.shape[3]}")
+    if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, numbers.Integral):
+        raise TypeError(f"head_dim_v must be an int, got {type(head_dim_v).__name__}")
+    if not 1 <= head_dim_v <= min(D, MAX_HEAD_DIM_V) or D - head_dim_v > MAX_ROPE_DIM:
+        raise ValueError(f"head_dim_v (the value channels, kv_cache's first ones) must be in 1..{min(D, MAX_HEAD_DIM_V)} "
+                         f"with at most {MAX_ROPE_DIM} channels after it (q's head dim is {D}), got {head_dim_v}")
+    _check_heads(H, kv_cache.shape[1])
+    if block_table is not None:
+        return B, H, Tq, D, _check_block_table(block_table, B, kv_cache, q.device)
+    if kv_cache.shape[0] != B:
+        raise ValueError(f"kv_cache must have q's batch size {B}, got {kv_cache.shape[0]}")
+    return B, H, Tq, D, kv_cache.shape[2]
+
+
+def _check_lengths(cache_seqlens, B, Tmax, device):
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=device)
+    _tensor("cache_seqlens", cache_seqlens)
+    if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (B,):
+        raise ValueError(f"cache_seqlens must be an int32/int64 tensor of shape [{B}], "
+                         f"got {cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {device}")
+    if device.type == "cpu" and _checks.checking_values() and B > 0:
+        if bool((cache_seqlens < 0).any()) or int(cache_seqlens.max()) > Tmax:
+            raise ValueError(f"cache_seqlens must lie in 0..{Tmax} (the cache length), got {cache_seqlens.tolist()}")
+    return cache_seqlens
+
+
+def _check_kpm(key_padding_mask, B, Tmax, device):
+    if key_padding_mask is None:
+        return
+    _tensor("key_padding_mask", key_padding_mask)
+    if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, Tmax):
+        raise ValueError(f"key_padding_mask must be a bool tensor [batch={B}, Tmax={Tmax}] (True = attend), got "
+                         f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+    if key_padding_mask.device != device:
+        raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {device}")
+
+
+def _cpu_sdpa(q, kv_cache, lens, Dv, causal, scale, key_padding_mask):
+    """The reference's semantics through SDPA's CPU kernel, each kv head's query heads folded into query rows
+    ([B, Hk, G * Tq, D] against the cache as it is: no copy of the cache per query head, as the kernel)."""
+    B, H, Tq, D = q.shape
+    Hk, Tmax = kv_cache.shape[1], kv_cache.shape[2]
+    G = H // Hk
+    j = torch.arange(Tmax, device=q.device)
+    lens = lens.to(torch.long)
+    vis = (j[None, None, :] < lens[:, None, None]).expand(B, Tq, Tmax)  # [B, Tq, Tmax]
+    if causal:
+        pos = lens[:, None] - Tq + torch.arange(Tq, device=q.device)[None, :]  # [B, Tq]
+        vis = vis & (j[None, None, :] <= pos[:, :, None])
+    if key_padding_mask is not None:
+        vis = vis & key_padding_mask[:, None, :]
+    empty = ~vis.any(-1, keepdim=True)  # [B, Tq, 1]: SDPA would give NaN there; a zero row instead
+    vis = vis | empty
+    rows = q.reshape(B, Hk, G * Tq, D)  # row g * Tq + t: query head hk * G + g, new token t
+    mask = vis[:, None, None].expand(B, 1, G, Tq, Tmax).reshape(B, 1, G * Tq, Tmax)
+    out = torch.nn.functional.scaled_dot_product_attention(rows, kv_cache, kv_cache[..., :Dv], attn_mask=mask,
+                                                           scale=scale)
+    return out.reshape(B, H, Tq, Dv).masked_fill(empty[:, None], 0.0)
+
+
+def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens, *, head_dim_v: int, causal: bool = True,
+               scale: Optional[float] = None, block_table: Optional[torch.Tensor] = None,
+               key_padding_mask: Optional[torch.Tensor] = None, num_splits: int = 0, return_lse: bool = False):
+    """Decode attention whose values are the first head_dim_v channels of the keys (MLA's latent cache).
+
+    q [batch, heads, Tq, D] (Tq = 1..a few new tokens; DeepSeek: the absorbed query q_nope W_uk of
+    kv_lora_rank channels, then the rotated q_pe); kv_cache [batch, kv_heads, Tmax, D] (DeepSeek: one
+    kv head, each token's normalised latent c_kv then its rotated k_pe); cache_seqlens int [batch] (or an
+    int): valid keys per row, the new tokens included (write them into the cache first).
+        out = softmax(q kv^T * scale) kv[..., :head_dim_v]
+    head_dim_v in 1..512, D - head_dim_v (the rotary channels) in 0..256. scale: None = 1/sqrt(D); DeepSeek
+    passes the per-head scores' own scale (of nope + rope channels), which the absorbed scores keep.
+    causal: query t of row b sits at position len_b - Tq + t and sees keys up to it (bottom-right).
+    block_table: a paged cache, int32 [batch, pages_per_row]; kv_cache is then a page pool
+        [num_pages, kv_heads, page_size, D] (any strides) and key j of row b lives in page
+        block_table[b, j // page_size] at slot j % page_size.
+    key_padding_mask: bool [batch, Tmax], True = attend (a left-padded prompt's pads: False). A query that
+        sees no key returns zeros (LSE -inf).
+    num_splits: key splits (0 = chosen from the GPU size).
+    Returns out [batch, heads, Tq, head_dim_v] (, lse float32 [batch, heads, Tq]). Inference only.
+    """
+    B, H, Tq, D, Tmax = _check_inputs(q, kv_cache, head_dim_v, block_table)
+    cache_seqlens = _check_lengths(cache_seqlens, B, Tmax, q.device)
+    _check_kpm(key_padding_mask, B, Tmax, q.device)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
+    _check_causal(causal, return_lse)
+    scale = _scale(scale, D)
+    if _backend.choose_triton("mla_decode", q.device, q.dtype, _KERNEL_DTYPES) == "triton":
+        out, lse = _mla_decode_op(q, kv_cache, cache_seqlens.to(torch.int32), block_table, key_padding_mask,
+                                  int(head_dim_v), scale, causal, int(num_splits))
+        return (out, lse) if return_lse else out
+    if block_table is not None:  # the CPU paths read a dense copy of each row's pages
+        kv_cache = _gather_pages(kv_cache, block_table)
+    if q.device.type == "cpu" and not return_lse and _backend.forced() != "reference":
+        return _cpu_sdpa(q, kv_cache, cache_seqlens, head_dim_v, causal, scale, key_padding_mask)
+    return ref.attention_with_kvcache(q, kv_cache, kv_cache[..., :head_dim_v], cache_seqlens, causal=causal,
+                                      scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse)
+
+
+__all__ = ["mla_decode", "MAX_HEAD_DIM_V", "MAX_ROPE_DIM"]
