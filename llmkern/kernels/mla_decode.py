@@ -14,7 +14,8 @@ channels) and it loads the K tile and the V tile separately, i.e. the latent twi
 loaded once as two pieces, the latent [BLOCK_N, Dv] and the rotary part [Dr, BLOCK_N]; the scores are
 q_lat . latent + q_rope . rope, and the same latent tile is the value operand of P V. The query rows of a
 program are the group's heads times the Tq new tokens (packed, as in attention_decode), so every key tile is
-read once per program for all of them. Each split writes a normalised partial and its LSE; attention_decode's
+read once per program for all of them (with more than 64 rows, the row blocks of a key range are adjacent in
+the grid, so their reads of the same tiles meet in L2). Each split writes a normalised partial and its LSE; attention_decode's
 combine kernel merges them.
 
 A row whose length lies outside 0..capacity, or whose block table names a page outside the pool, reads
@@ -42,8 +43,8 @@ def _mla_split(Q, KV, SEQLENS, BT, KPM, OP, LP, qk_scale,
                DV: tl.constexpr, BLOCK_DV: tl.constexpr, DR: tl.constexpr, BLOCK_DR: tl.constexpr,
                PREC: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_KPM: tl.constexpr):
-    split = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m = tl.program_id(0)  # (fastest: the row blocks of one key range run together and share its tiles in L2)
+    split = tl.program_id(1)
     pid_bh = tl.program_id(2)
     b = pid_bh // HK
     hk = pid_bh % HK
@@ -179,7 +180,7 @@ def mla_decode(q, kv_cache, cache_seqlens, *, head_dim_v, scale, causal=True, nu
     lp = torch.empty(B, H, Tq, S, device=q.device, dtype=torch.float32)
     extra = {} if _interpreting() else dict(num_warps=warps, num_stages=stages)
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous().view(torch.uint8)
-    _mla_split[(S, m_blocks, B * Hk)](
+    _mla_split[(m_blocks, S, B * Hk)](
         q, kv_cache, seqlens, seqlens if block_table is None else block_table, seqlens if kpm is None else kpm,
         op, lp, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
