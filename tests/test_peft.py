@@ -1,4 +1,5 @@
 """llmkern.peft and llmkern.integrations.peft: modules, PEFT interop, parameter counts (seed deck)."""
+import copy
 import math
 import warnings
 
@@ -243,6 +244,61 @@ def test_llmkern_adapter_with_rank_pattern_roundtrip(tmp_path):
         torch.testing.assert_close(again(ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
+def test_rank_and_alpha_patterns_name_one_module_each(tmp_path):
+    """rank_pattern / alpha_pattern keys are anchored: PEFT matches a key k as (.*\\.)?(k)$, so a bare "layers.0"
+    would also set vision.layers.0's rank and alpha (a shape error or a silently wrong scaling in PEFT)."""
+    class Tower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    class Net(Tower):
+        def __init__(self):
+            super().__init__()
+            self.vision = Tower()
+
+        def forward(self, x):
+            return self.vision(super().forward(x))
+
+    torch.manual_seed(0)
+    base = Net()
+    model = copy.deepcopy(base)
+    lp.inject_lora(model, ["vision.layers.0", "vision.layers.1", "layers.1"], r=4, alpha=8)
+    lp.inject_lora(model, ["layers.0"], r=2, alpha=32)  # its own rank and alpha
+    _randomize_lora(model, 3)
+    model.eval()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = model(x)
+    lp.save_peft_adapter(model, str(tmp_path), task_type=None)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    again = lp.load_peft_adapter(copy.deepcopy(base), str(tmp_path)).eval()
+    assert back.base_model.model.vision.layers[0].lora_A["default"].weight.shape[0] == 4
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_use_fused_lora_falls_back_above_the_kernels_rank():
+    """PEFT takes any rank; the fused kernels take up to 256: a rank-320 adapter runs on PEFT's forward."""
+    from llmkern.integrations import peft as ip
+
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(320, 320))
+    model = peft.get_peft_model(lin, peft.LoraConfig(r=320, lora_alpha=16, target_modules=["0"]))
+    _randomize_lora(model, 2)
+    x = torch.randn(2, 320)
+    with torch.no_grad():
+        want = model(x)
+        ip.use_fused_lora(model)
+        torch.testing.assert_close(model(x), want)
+
+
 def test_load_rejects_unsupported(tmp_path):
     # (DoRA, once refused here, loads now: tests/test_dora.py)
     base = tiny_llama()
@@ -484,7 +540,7 @@ def test_zoo_llama_adapter_saves_with_hf_names_and_loads_back(tmp_path):
         want = zoo(_ids())
     lp.save_peft_adapter(zoo, str(tmp_path / "ad"))
     cfg = json.load(open(tmp_path / "ad" / "adapter_config.json"))
-    assert sorted(cfg["target_modules"]) == sorted(LLAMA_ALL + ["lm_head"]) and cfg["rank_pattern"] == {"lm_head": 2}
+    assert sorted(cfg["target_modules"]) == sorted(LLAMA_ALL + ["lm_head"]) and cfg["rank_pattern"] == {"^lm_head": 2}
     back = peft.PeftModel.from_pretrained(_hf_base(base), str(tmp_path / "ad")).eval()
     assert sum("lora_A" in n for n, _ in back.named_parameters()) == 7 * 2 + 1  # every module found
     again = lp.load_peft_adapter(_zoo(base), str(tmp_path / "ad"))
@@ -493,7 +549,7 @@ def test_zoo_llama_adapter_saves_with_hf_names_and_loads_back(tmp_path):
         torch.testing.assert_close(again(_ids()), want, rtol=1e-5, atol=1e-5)
     # the zoo's own names on request (older llmkern files): still load into the zoo model
     lp.save_peft_adapter(zoo, str(tmp_path / "zoo"), hf_names=False)
-    assert json.load(open(tmp_path / "zoo" / "adapter_config.json"))["rank_pattern"] == {"lm_head": 2}
+    assert json.load(open(tmp_path / "zoo" / "adapter_config.json"))["rank_pattern"] == {"^lm_head": 2}
     from safetensors import safe_open
     with safe_open(str(tmp_path / "zoo" / "adapter_model.safetensors"), "pt") as f:
         assert "base_model.model.layers.0.self_attn.q_proj.lora_A.weight" in f.keys()

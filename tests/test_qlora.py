@@ -469,7 +469,8 @@ def test_qlora_merge_behaviour(double_quant):
 
 def test_qlora_adapter_saves_and_loads_both_ways(tmp_path):
     """Adapters trained on a QLoRA model save in PEFT's format; they load into a dense model (then
-    quantize_nf4 it: the same codes) or into a quantized model with LoRA injected first."""
+    quantize_nf4 it: the same codes), into a quantized model with LoRA injected first, and into a quantized
+    model without LoRA (QLoRA's usual order: quantize, then load the adapter)."""
     model, _ = _qlora_pair()
     lp.save_peft_adapter(model, str(tmp_path))
     ids = torch.randint(0, 256, (1, 8))
@@ -484,10 +485,49 @@ def test_qlora_adapter_saves_and_loads_both_ways(tmp_path):
         want = model(ids)
         torch.testing.assert_close(dense(ids), want, atol=0, rtol=0)
         torch.testing.assert_close(injected(ids), want, atol=0, rtol=0)
-    with pytest.raises(ValueError, match="NF4Linear, not an nn.Linear"):  # no LoRA layer to load into
-        quantized = Llama(get_config("llama-tiny"), backend="torch")
-        lp.quantize_nf4(quantized)
-        lp.load_peft_adapter(quantized, str(tmp_path))
+    torch.manual_seed(0)
+    quantized = Llama(get_config("llama-tiny"), backend="torch")
+    lp.quantize_nf4(quantized)
+    lp.load_peft_adapter(quantized, str(tmp_path))  # (was refused: "a NF4Linear, not an nn.Linear")
+    assert {n for n, _ in lp.lora_modules(quantized)} == {n for n, _ in lp.lora_modules(model)}
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(ids), want, atol=0, rtol=0)
+
+
+def test_qlora_adapter_on_some_layers_saves_peft_targets_of_those_only(tmp_path):
+    """save_peft_adapter counts the 4-bit layers among the candidates of PEFT's target_modules: LoRA on one of
+    two q_proj layers must not save target_modules=["q_proj"] (PEFT would wrap both, the second untrained)."""
+    peft = pytest.importorskip("peft")
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.v_proj = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.v_proj(self.q_proj(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            return self.layers[1](self.layers[0](x))
+
+    torch.manual_seed(0)
+    base = Net()
+    model = copy.deepcopy(base)
+    lp.quantize_nf4(model)
+    lp.inject_lora(model, ["layers.0.q_proj"], r=4, alpha=8)
+    lp.save_peft_adapter(model, str(tmp_path), task_type=None)
+    import json
+
+    targets = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert targets != ["q_proj"]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    wrapped = [n for n, m in loaded.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert wrapped == ["base_model.model.layers.0.q_proj"]
 
 
 # ---- PEFT models quantized with bitsandbytes --------------------------------------------------------------

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from llmkern._backend import warn_once
-from llmkern.ops.lora import lora_linear, lora_linear_multi
+from llmkern.ops.lora import MAX_RANK, lora_linear, lora_linear_multi
 from llmkern.ops.nf4 import NF4Weight
 from llmkern.peft.dora import dora_linear
 
@@ -120,8 +120,9 @@ def _dropout_p(module, name):
 def _kind(module, name, dtype):
     """What adapter `name` of `module` is, for the fused ops: "lora" (plain LoRA, lora_linear computes
     it exactly), "dora" (PEFT's DoRA on a Linear, dora_linear), or None (PEFT's forward). Both need no
-    lora_bias and weights in the input's dtype (PEFT computes float32 adapters of a 16-bit model, its
-    autocast_adapter_dtype default, in float32; the fused op would use the input's dtype)."""
+    lora_bias, a rank the kernels take (<= MAX_RANK) and weights in the input's dtype (PEFT computes
+    float32 adapters of a 16-bit model, its autocast_adapter_dtype default, in float32; the fused op would
+    use the input's dtype)."""
     variant = getattr(module, "lora_variant", {}).get(name)
     dora = _dora_layer(module, name, variant)
     if variant is not None and dora is None:  # another variant (aLoRA, ...), or DoRA we do not cover
@@ -135,6 +136,8 @@ def _kind(module, name, dtype):
                   f"them, create the PEFT model with autocast_adapter_dtype=False or cast the adapters to {dtype}")
         return None
     if getattr(module.lora_B[name], "bias", None) is not None:
+        return None
+    if module.lora_A[name].weight.shape[0] > MAX_RANK:  # PEFT takes any rank; the fused kernels up to MAX_RANK
         return None
     if dora is not None:
         return "dora"

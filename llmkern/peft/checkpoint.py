@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from llmkern.peft.lora import MAX_RANK, LoRALinear, _freeze_non_lora, _set_submodule, lora_modules, lora_scaling
+from llmkern.peft.qlora import NF4Linear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -62,12 +63,17 @@ def _pattern_value(patterns, name, default):
     return default
 
 
+def _pattern_key(name):
+    """A rank_pattern / alpha_pattern key that PEFT's rule matches to the module `name` alone."""
+    return "^" + re.escape(name)
+
+
 def _linear_names(model):
-    """Names of the model's linear layers (a LoRALinear or a tensor-parallel layer counts, a
-    LoRALinear's base_layer does not)."""
+    """Names of the model's linear layers, those PEFT's target_modules could select (an nn.Linear, a 4-bit
+    NF4Linear, a LoRALinear or a tensor-parallel layer counts, a LoRALinear's base_layer does not)."""
     lora_children = {n + ".base_layer" for n, _ in lora_modules(model)}
     return {n for n, m in model.named_modules()
-            if (isinstance(m, (nn.Linear, LoRALinear)) or _is_parallel(m)) and n not in lora_children}
+            if (isinstance(m, (nn.Linear, NF4Linear, LoRALinear)) or _is_parallel(m)) and n not in lora_children}
 
 
 def _target_modules(candidates, names):
@@ -239,8 +245,11 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     r = Counter(e[1] for e in entries).most_common(1)[0][0]
     alpha = Counter(e[2] for e in entries).most_common(1)[0][0]
     dropout = Counter(e[3] for e in entries).most_common(1)[0][0]
-    rank_pattern = {n: er for n, er, *_ in entries if er != r}
-    alpha_pattern = {n: ea for n, _, ea, *_ in entries if ea != alpha}
+    # PEFT matches a pattern key k against module names as the regex (.*\.)?(k)$: a bare name would also pick
+    # every module whose name ends in it (vision.layers.0 for layers.0), and its dots match any character.
+    # Anchored and escaped, a key names one module (_pattern_value reads them with PEFT's rule).
+    rank_pattern = {_pattern_key(n): er for n, er, *_ in entries if er != r}
+    alpha_pattern = {_pattern_key(n): ea for n, _, ea, *_ in entries if ea != alpha}
     tensors = {}
     for n, _, _, _, A, B, M in entries:
         tensors[f"{_PREFIX}{n}.lora_A.weight"] = A.contiguous().cpu()
@@ -511,7 +520,7 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
             if mod.r != r:
                 raise ValueError(f"{path}: {where} has rank {mod.r}, checkpoint has {r}")
             layer = mod.base_layer
-        elif isinstance(mod, nn.Linear):
+        elif isinstance(mod, (nn.Linear, NF4Linear)):  # (QLoRA: quantize_nf4 first, then load the adapter)
             if not 1 <= r <= MAX_RANK:
                 raise ValueError(f"{path}: {where}: rank {r} is outside LoRALinear's 1..{MAX_RANK}")
             layer = mod
@@ -528,7 +537,7 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
                 raise ValueError(f"{path}: {where}: DoRA (use_dora) is not supported on tensor-parallel layers")
             layer = mod
         else:
-            raise ValueError(f"{path}: module {name} is a {type(mod).__name__}, not an nn.Linear")
+            raise ValueError(f"{path}: module {name} is a {type(mod).__name__}, not an nn.Linear (or NF4Linear)")
         if tuple(A.shape) != (r, layer.in_features) or tuple(B.shape) != (layer.out_features, r):
             raise ValueError(f"{path}: {where}: checkpoint shapes A{tuple(A.shape)} B{tuple(B.shape)} do not "
                              f"fit the layer (A{(r, layer.in_features)} B{(layer.out_features, r)})")
@@ -544,6 +553,9 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
                                  f"of the checkpoint do not fit the {type(mod).__name__}'s LoRA parameters "
                                  f"A{tuple(mod.lora_A.shape)} B{tuple(mod.lora_B.shape)}")
             shards[name] = (A_shard, B_shard)
+        if W is not None and isinstance(layer, NF4Linear):
+            raise ValueError(f"{path}: {name}.base_layer.weight: {where} is a 4-bit NF4Linear; a saved base weight "
+                             f"cannot be loaded into it (load the adapter before quantize_nf4)")
         if W is not None and W.shape != layer.weight.shape:
             raise ValueError(f"{path}: {name}.base_layer.weight has shape {tuple(W.shape)}, the layer's weight "
                              f"is {tuple(layer.weight.shape)}")
