@@ -309,7 +309,9 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
     B, T0 = input_ids.shape
     dev = input_ids.device
     seqs = input_ids
-    # the tokens the penalties count: left padding is not a token (-1, as transformers skips it)
+    # the tokens the penalties count: left padding is not a token (-1, as transformers skips it).
+    # The repetition penalty counts the prompt and the output (HF, vLLM), presence / frequency
+    # penalties the output only (vLLM, OpenAI): it starts at column T0 of prev.
     prev = input_ids if mask is None else input_ids.masked_fill(~mask, -1)
     # the sampler's position per row counts real tokens, so a row draws the same tokens whatever
     # padding its batch needs
@@ -327,16 +329,12 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
         n_new = 1
         V = logits.shape[-1]
         allow = _allowed(allowed_tokens, seqs, V)
-        bias = logit_bias
-        if scorers and strategy == "sample":
-            base = torch.log_softmax(logits if allow is None else logits.masked_fill(~allow, float("-inf")), -1)
-            terms = _score_terms(scorers, seqs, base)
-            bias = terms if bias is None else bias.to(terms) + terms
-        kw = dict(knobs, prev_tokens=prev, logit_bias=bias, allowed_tokens=allow, return_logprobs=True)
+        kw = dict(knobs, prev_tokens=prev, output_start=T0, logit_bias=logit_bias, allowed_tokens=allow,
+                  return_logprobs=True)
         if strategy == "greedy":
             kw["temperature"] = 0.0
-            if scorers:  # argmax of log p + Σ α f over the processed (penalised, masked) distribution
-                lp = _processed_logprobs(logits, prev, kw)
+            if scorers:  # argmax of log p + Σ α f over the processed (biased, penalised, masked) distribution
+                lp = _processed_logprobs(logits, prev, T0, kw)
                 score = lp + _score_terms(scorers, seqs, lp)
                 tok = score.argmax(-1)
                 lp_tok = lp.gather(1, tok[:, None])[:, 0]
@@ -346,7 +344,14 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
         else:
             kw["seed"] = seeds
             kw["position"] = position if seeds is not None else None
-            tok, lp_tok, valid = sample(logits, **kw, return_valid=True)
+            if scorers:  # Σ α f added to the biased, penalised logits (as greedy adds it after them)
+                base = _log_softmax(logits if allow is None else logits.masked_fill(~allow, float("-inf")))
+                terms = _score_terms(scorers, seqs, base)
+                y = _penalised(logits, prev, T0, kw)
+                kw.update(prev_tokens=None, output_start=None, logit_bias=terms)
+                tok, lp_tok, valid = sample(y, **kw, return_valid=True)
+            else:
+                tok, lp_tok, valid = sample(logits, **kw, return_valid=True)
         stuck = unfinished & ~valid
         if tops is not None:
             tops.add(logits, tok, unfinished)
@@ -650,22 +655,40 @@ def _raise_stuck(stuck, allow, t):
                        f"at new token {t}")
 
 
-def _processed_logprobs(logits, seqs, kw):
-    """log-softmax of the logits after penalties, bias and the allowed mask (what greedy ranks)."""
+def _log_softmax(y):
+    """log-softmax with llmkern.sample's conventions: NaN counts as -inf, +inf logits share the row's mass
+    (plain torch.log_softmax turns a row with a NaN or a +inf into NaN)."""
+    y = torch.nan_to_num(y.float(), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    pinf = torch.isposinf(y)
+    y = torch.where(pinf.any(-1, keepdim=True),
+                    torch.where(pinf, torch.zeros_like(y), torch.full_like(y, float("-inf"))), y)
+    return torch.log_softmax(y, -1)
+
+
+def _penalised(logits, prev, output_start, kw):
+    """float32 [B, V]: logits + logit_bias, then the penalties (llmkern.sample's order: HF's and vLLM's);
+    the repetition penalty counts all of prev, presence / frequency prev[:, output_start:]."""
+    from llmkern.ops.sampling import _sample_params, _side_tensor
     from llmkern.reference.sampling import apply_penalties
 
-    B = logits.shape[0]
-
-    def rows(v):
-        return v.float() if torch.is_tensor(v) else torch.full((B,), float(v), device=logits.device)
-
-    y = apply_penalties(logits, seqs, rows(kw["repetition_penalty"]), rows(kw["presence_penalty"]),
-                        rows(kw["frequency_penalty"]))
+    B, V = logits.shape
+    dev = logits.device
+    _, _, _, _, rep, pres, freq = _sample_params(B, dev, 1.0, 0, 1.0, 0.0, kw["repetition_penalty"],
+                                                 kw["presence_penalty"], kw["frequency_penalty"])
+    y = logits.float()
     if kw["logit_bias"] is not None:
-        y = y + kw["logit_bias"].float()
+        y = y + _side_tensor("logit_bias", kw["logit_bias"], B, V, dev).float()
+    return apply_penalties(y, prev, rep, pres, freq, output_start=output_start)
+
+
+def _processed_logprobs(logits, prev, output_start, kw):
+    """log-softmax of the logits after bias, penalties and the allowed mask (what greedy ranks), with
+    llmkern.sample's treatment of NaN (-inf) and +inf logits, so that greedy with scorers ranks what plain
+    greedy ranks."""
+    y = _penalised(logits, prev, output_start, kw)
     if kw["allowed_tokens"] is not None:
         y = y.masked_fill(~kw["allowed_tokens"], float("-inf"))
-    return torch.log_softmax(y, -1)
+    return _log_softmax(y)
 
 
 def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_penalty, early_stopping,

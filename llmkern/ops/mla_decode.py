@@ -148,7 +148,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens, *, head_d
     key_padding_mask: bool [batch, Tmax], True = attend (a left-padded prompt's pads: False). A query that
         sees no key returns zeros (LSE -inf).
     num_splits: key splits (0 = chosen from the GPU size).
-    Returns out [batch, heads, Tq, head_dim_v] (, lse float32 [batch, heads, Tq]). Inference only.
+    Returns out [batch, heads, Tq, head_dim_v] (, lse [batch, heads, Tq]: float32; float64 for float64 inputs).
+    Inference only.
     """
     B, H, Tq, D, Tmax = _check_inputs(q, kv_cache, head_dim_v, block_table)
     cache_seqlens = _check_lengths(cache_seqlens, B, Tmax, q.device)

@@ -139,7 +139,8 @@ def _row_param(name, value, B, device, dtype, lo, hi, lo_open=False, hi_open=Fal
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
     if dtype == torch.int64 and not float(value).is_integer():
         raise ValueError(f"{name} must be an integer, got {value}")
-    v = float(value)
+    # an int is compared as an int: float() would round 2**63 - 1 up to 2**63, out of int64's range
+    v = int(value) if isinstance(value, numbers.Integral) else float(value)
     out_of_range = (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi) or v != v
     if out_of_range:
         raise ValueError(f"{name} must be in {_interval(lo, hi, lo_open, hi_open)}, got {value}")
@@ -212,6 +213,34 @@ def _check_prev_tokens(prev_tokens, B, V, device):
         raise ValueError(f"prev_tokens values must be -1 (padding) or token ids in [0, {V})")
 
 
+def _output_start(output_start, prev_tokens, B, device):
+    """None, or int64 [B]: where each row's output begins in prev_tokens (0 <= start <= L)."""
+    if output_start is None:
+        return None
+    if prev_tokens is None:
+        raise ValueError("output_start needs prev_tokens (it indexes into them)")
+    L = prev_tokens.shape[1]
+    if isinstance(output_start, torch.Tensor):
+        if output_start.dim() == 0:
+            output_start = output_start.expand(B)
+        if output_start.shape != (B,):
+            raise ValueError(f"output_start must be an int or a tensor of shape [{B}], got "
+                             f"{tuple(output_start.shape)}")
+        if output_start.dtype == torch.bool or output_start.is_floating_point() or output_start.is_complex():
+            raise TypeError(f"output_start must be an integer tensor, got {output_start.dtype}")
+        if output_start.device != device and output_start.device.type != "cpu":
+            raise ValueError(f"output_start is on {output_start.device} but logits are on {device}")
+        t = output_start.to(device=device, dtype=torch.int64)
+        if _checking_values() and B and bool(((t < 0) | (t > L)).any()):
+            raise ValueError(f"output_start values must be in [0, {L}] (prev_tokens has {L} columns)")
+        return t
+    if isinstance(output_start, bool) or not isinstance(output_start, numbers.Integral):
+        raise TypeError(f"output_start must be an int or an integer tensor, got {type(output_start).__name__}")
+    if not 0 <= int(output_start) <= L:
+        raise ValueError(f"output_start must be in [0, {L}] (prev_tokens has {L} columns), got {output_start}")
+    return _constant_row(int(output_start), B, device, torch.int64)
+
+
 def _seeds(seed, position, B, device):
     """Per-row (seed, position). Without a seed, fresh seeds come from torch's generator."""
     if seed is None:
@@ -268,6 +297,7 @@ def sample(
     presence_penalty: ScalarOrTensor = 0.0,
     frequency_penalty: ScalarOrTensor = 0.0,
     prev_tokens: Optional[torch.Tensor] = None,
+    output_start: Optional[Union[int, torch.Tensor]] = None,
     logit_bias: Optional[torch.Tensor] = None,
     allowed_tokens: Optional[torch.Tensor] = None,
     seed: Optional[Union[int, torch.Tensor]] = None,
@@ -277,12 +307,20 @@ def sample(
 ):
     """Draw one token per row of `logits` [B, V] (fp32/fp16/bf16) without sorting the vocabulary.
 
-    Order of processing (Hugging Face's): repetition penalty, presence/frequency penalties and
-    `logit_bias`, `allowed_tokens` mask, temperature, top-k, top-p, min-p. Every keyword accepts a
-    Python scalar or a [B] tensor (per-row values). `top_k=0`, `top_p=1`, `min_p=0` disable a filter;
-    `temperature=0` is greedy for that row (argmax, lowest index on ties).
+    Order of processing (Hugging Face's generate and vLLM's): `logit_bias`, repetition penalty,
+    presence/frequency penalties, `allowed_tokens` mask, temperature, top-k, top-p, min-p. (The bias
+    comes before the penalties: the repetition penalty divides / multiplies the biased logit.) Every
+    keyword accepts a Python scalar or a [B] tensor (per-row values). `top_k=0`, `top_p=1`,
+    `min_p=0` disable a filter; `temperature=0` is greedy for that row (argmax, lowest index on ties).
 
-    prev_tokens: [B, L] int64, -1 padded: the tokens seen so far, for the penalties.
+    prev_tokens: [B, L] int64, -1 padded: the tokens seen so far (prompt, then output), for the
+        penalties. The repetition penalty (HF's: a seen token's logit divided by it when positive,
+        multiplied when negative) counts all of them.
+    output_start: None, an int or an int64 [B] tensor in [0, L]: where each row's output (generated)
+        tokens begin in prev_tokens. The presence and frequency penalties (OpenAI's and vLLM's:
+        logit -= presence * (count > 0) + frequency * count) count only the output tokens
+        prev_tokens[b, output_start[b]:], as vLLM and OpenAI do; None (the default) counts every
+        token of prev_tokens as output. Needs prev_tokens.
     logit_bias: [V] or [B, V] float added to the logits.
     allowed_tokens: bool [V] / [B, V] (True = allowed) or packed int32 bitmask [B, ceil(V/32)].
     seed, position: with a seed, row r's draw is a pure function of (its processed logits,
@@ -307,7 +345,12 @@ def sample(
         allowed_tokens = _allowed_mask(allowed_tokens, B, V, dev)
     if prev_tokens is not None:
         _check_prev_tokens(prev_tokens, B, V, dev)
-        logits = ref.apply_penalties(logits, prev_tokens, rep, pres, freq)
+    start = _output_start(output_start, prev_tokens, B, dev)
+    if prev_tokens is not None:
+        if logit_bias is not None:  # the bias first (HF, vLLM), then the penalties; not again in the kernel
+            logits = logits.float() + logit_bias
+            logit_bias = None
+        logits = ref.apply_penalties(logits, prev_tokens, rep, pres, freq, output_start=start)
     seed_t, pos_t = _seeds(seed, position, B, dev)
 
     if _backend_for(dev) == "reference":

@@ -34,10 +34,19 @@ def philox_uniform(seed, position):
     return ((c[0] >> 5) * 67108864 + (c[1] >> 6)) / 9007199254740992.0
 
 
-def apply_penalties(logits, prev_tokens, repetition_penalty, presence_penalty, frequency_penalty):
-    """Hugging Face's repetition penalty, then OpenAI-style presence/frequency penalties.
+def apply_penalties(logits, prev_tokens, repetition_penalty, presence_penalty, frequency_penalty,
+                    output_start=None):
+    """Hugging Face's repetition penalty, then OpenAI's / vLLM's presence and frequency penalties.
 
-    prev_tokens: [B, L] int64, -1 = padding. Penalty arguments are [B] float tensors.
+    prev_tokens: [B, L] int64, -1 = padding: the tokens seen so far (prompt, then output).
+    output_start: None, an int or a [B] int64 tensor in [0, L]: row b's output (generated) tokens are
+    prev_tokens[b, output_start[b]:]; None = 0 (every token counts as output).
+    Penalty arguments are [B] float tensors. What each penalty counts:
+      repetition_penalty: every token of prev_tokens (prompt and output, as HF and vLLM): a seen
+        token's logit is divided by the penalty when positive, multiplied when negative.
+      presence_penalty, frequency_penalty: the output tokens only (OpenAI's and vLLM's definition):
+        logit -= presence_penalty * (count > 0) + frequency_penalty * count, where count is the
+        number of times the token occurs in prev_tokens[b, output_start[b]:].
     Returns a new float32 tensor (the input is not modified).
     """
     out = logits.float().clone()
@@ -49,13 +58,18 @@ def apply_penalties(logits, prev_tokens, repetition_penalty, presence_penalty, f
     counts = torch.zeros(B, V, dtype=torch.float32, device=out.device)
     counts.scatter_add_(1, ids, valid.float())
     seen = counts > 0
+    if output_start is not None:  # presence / frequency count the output part only
+        start = torch.as_tensor(output_start, dtype=torch.long, device=out.device).expand(B).reshape(B, 1)
+        in_output = valid & (torch.arange(prev_tokens.shape[1], device=out.device) >= start)
+        counts = torch.zeros_like(counts).scatter_add_(1, ids, in_output.float())
     rp = repetition_penalty.float().view(B, 1)
     penalised = torch.where(out < 0, out * rp, out / rp)
     out = torch.where(seen, penalised, out)
-    # only where seen: an infinite penalty times a zero count would be NaN
+    # only where counted: an infinite penalty times a zero count would be NaN
+    counted = counts > 0
     zero = torch.zeros((), dtype=out.dtype, device=out.device)
-    out = out - torch.where(seen, presence_penalty.float().view(B, 1), zero)
-    out = out - torch.where(seen, frequency_penalty.float().view(B, 1) * counts, zero)
+    out = out - torch.where(counted, presence_penalty.float().view(B, 1), zero)
+    out = out - torch.where(counted, frequency_penalty.float().view(B, 1) * counts, zero)
     return out
 
 
