@@ -23,7 +23,7 @@ HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 _PTRS = {"Q", "K", "V", "O", "LSE", "KPM", "CU_Q", "CU_K", "DO", "DELTA", "DK", "DV", "DQ", "DLSE",
-         "SEQLENS", "OP", "LP", "SEED", "BT", "SINKS", "ALIBI", "KV"}
+         "SEQLENS", "OP", "LP", "SEED", "BT", "SINKS", "ALIBI", "KV", "KPE"}
 _F32_PTRS = {"LSE": "fp32", "DELTA": "fp32", "DLSE": "fp32", "KPM": "u8", "CU_Q": "i32", "CU_K": "i32",
              "SEQLENS": "i32", "OP": "fp32", "LP": "fp32", "SEED": "i32", "BT": "i32", "SINKS": "fp32",
              "ALIBI": "fp32"}

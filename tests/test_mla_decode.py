@@ -168,6 +168,24 @@ def test_paged_equals_dense(backend, page_size, Tq, causal):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("paged", [False, True])
+def test_separate_rotary_cache(backend, paged):
+    """kpe_cache (FlashInfer's separate ckv / kpe pools): kv_cache holds the latent only, kpe_cache the rotary
+    channels, in tensors of their own strides (here: kpe cut from a wider buffer); the same as the one cache."""
+    q, kv = _inputs(3, 4, 1, 2, 64, 48, seed=3)
+    lens = torch.tensor([64, 2, 41], dtype=torch.int32)
+    want, want_lse = _oracle(q, kv, lens, 32)
+    ckv = kv[..., :32].contiguous()
+    kpe = torch.cat([kv[..., 32:], torch.randn(3, 1, 64, 8)], dim=-1)[..., :16]  # strided rows
+    table = None
+    if paged:
+        ckv, table = _paged(ckv, 16)
+        kpe, _ = _paged(kv[..., 32:].contiguous(), 16)  # (same seed: the same page order as ckv's)
+    out, lse = mla_decode(q, ckv, lens, head_dim_v=32, kpe_cache=kpe, block_table=table, return_lse=True)
+    _check(out, lse, want, want_lse, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_token_major_pool_as_a_view(backend):
     """FlashAttention's pool layout [num_pages, page_size, Hk, D], passed as .transpose(1, 2)."""
     q, kv = _inputs(3, 4, 2, 2, 64, 48)
@@ -375,6 +393,11 @@ def _bad_cases():
         ((q, kv, 17), ok, ValueError, "cache_seqlens"),
         ((q, kv, torch.tensor([16.0, 3.0])), ok, ValueError, "cache_seqlens"),
         ((q, kv, [16, 3]), ok, TypeError, "cache_seqlens"),
+        ((q, kv[..., :32], lens), dict(ok, kpe_cache=torch.randn(2, 1, 16, 8)), ValueError, "kpe_cache"),  # 32 + 8
+        ((q, kv[..., :32], lens), dict(ok, kpe_cache=torch.randn(2, 1, 15, 16)), ValueError, "kpe_cache"),
+        ((q, kv[..., :32], lens), dict(ok, kpe_cache=torch.randn(2, 1, 16, 16).half()), ValueError, "kpe_cache"),
+        ((q, kv, lens), dict(ok, kpe_cache=torch.randn(2, 1, 16, 16)), ValueError, "kpe_cache"),  # kv still 48 wide
+        ((q, kv[..., :32], lens), dict(ok, kpe_cache=[1.0]), TypeError, "kpe_cache"),
         ((q, kv, lens), dict(ok, key_padding_mask=torch.ones(2, 16)), ValueError, "key_padding_mask"),
         ((q, kv, lens), dict(ok, key_padding_mask=torch.ones(2, 15, dtype=torch.bool)), ValueError,
          "key_padding_mask"),
@@ -418,6 +441,9 @@ def test_opcheck(triton_backend):
     out, lse = torch.ops.llmkern.mla_decode(q_t, pool, lens, table, kpm, 32, 0.2, False, 0)
     want, want_lse = _oracle(q, kv, lens, 32, causal=False, scale=0.2, key_padding_mask=kpm)
     _check(out, lse, want, want_lse, 1e-5)
+    # the rotary channels in a cache of their own
+    torch.library.opcheck(torch.ops.llmkern.mla_decode.default,
+                          (q, kv[..., :32].contiguous(), lens, None, None, 32, 0.2, True, 2, kv[..., 32:].contiguous()))
 
 
 def test_torch_compile_fullgraph(triton_backend):

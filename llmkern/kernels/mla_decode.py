@@ -7,7 +7,8 @@ and whose value is the same row's first Dv = R channels. So
     q [B, H, Tq, D]  x  kv_cache [B, Hk, Tmax, D]  ->  out [B, H, Tq, Dv] = softmax(q kv^T * scale) kv[..., :Dv]
 
 (Hk = 1 for DeepSeek; any Hk dividing H works). Paged caches (block_table) are page pools
-[num_pages, Hk, page_size, D] as for attention_with_kvcache.
+[num_pages, Hk, page_size, D] as for attention_with_kvcache. The rotary part may also live in a tensor of its
+own (kpe_cache, FlashInfer's separate ckv / kpe pools): the kernel reads it through its own strides.
 
 Why not attention_decode with v_cache = kv_cache[..., :Dv]: its tiles are one power of two wide (576 -> 1024
 channels) and it loads the K tile and the V tile separately, i.e. the latent twice. Here each key tile is
@@ -15,8 +16,8 @@ loaded once as two pieces, the latent [BLOCK_N, Dv] and the rotary part [Dr, BLO
 q_lat . latent + q_rope . rope, and the same latent tile is the value operand of P V. The query rows of a
 program are the group's heads times the Tq new tokens (packed, as in attention_decode), so every key tile is
 read once per program for all of them (with more than 64 rows, the row blocks of a key range are adjacent in
-the grid, so their reads of the same tiles meet in L2). Each split writes a normalised partial and its LSE; attention_decode's
-combine kernel merges them.
+the grid, so their reads of the same tiles meet in L2). Each split writes a normalised partial and its LSE;
+attention_decode's combine kernel merges them.
 
 A row whose length lies outside 0..capacity, or whose block table names a page outside the pool, reads
 nothing out of bounds and gets NaN outputs and LSE (the host cannot check without a sync).
@@ -34,9 +35,10 @@ from llmkern.kernels.attention_decode import _decode_combine, choose_num_splits
 
 
 @triton.jit
-def _mla_split(Q, KV, SEQLENS, BT, KPM, OP, LP, qk_scale,
+def _mla_split(Q, KV, KPE, SEQLENS, BT, KPM, OP, LP, qk_scale,
                stride_qb, stride_qh, stride_qt,
                stride_kb, stride_kh, stride_kt,
+               stride_pb, stride_ph, stride_pt,
                stride_opb, stride_oph, stride_opt, stride_ops,
                stride_lpb, stride_lph, stride_lpt, stride_btb, stride_kpmb,
                HK, GROUP, Tq, R, chunk, T_CAP, NUM_PAGES,
@@ -67,8 +69,10 @@ def _mla_split(Q, KV, SEQLENS, BT, KPM, OP, LP, qk_scale,
     end = tl.minimum(tl.minimum(start + chunk, seqlen), T_CAP)
     end = tl.minimum(end, seqlen - 1 + R + 1)  # causal (R = 0): no key past the last query
     kv_base = KV + hk.to(tl.int64) * stride_kh
+    kpe_base = KPE + hk.to(tl.int64) * stride_ph  # (the rotary part: the same rows' last channels, or a pool of its own)
     if PAGE == 0:
         kv_base += b64 * stride_kb
+        kpe_base += b64 * stride_pb
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -83,15 +87,18 @@ def _mla_split(Q, KV, SEQLENS, BT, KPM, OP, LP, qk_scale,
             page_ok = (page >= 0) & (page < NUM_PAGES)
             page_bad = page_bad | (kmask & ~page_ok).to(tl.int32)
             kmask = kmask & page_ok
-            rows = page * stride_kb + (offs_n % PAGE).to(tl.int64) * stride_kt
+            slot = (offs_n % PAGE).to(tl.int64)
+            rows = page * stride_kb + slot * stride_kt
+            rows_pe = page * stride_pb + slot * stride_pt
         else:
             rows = offs_n.to(tl.int64) * stride_kt
+            rows_pe = offs_n.to(tl.int64) * stride_pt
         # the latent tile, loaded once: the keys' first DV channels and the values
         lat = tl.load(kv_base + rows[:, None] + offs_v[None, :],
                       mask=kmask[:, None] & (offs_v[None, :] < DV), other=0.0)
         qk = tl.dot(q_lat, tl.trans(lat), input_precision=PREC)
-        if DR > 0:  # the rotary channels DV..DV+DR-1, loaded key-major for the dot
-            kr = tl.load(kv_base + rows[None, :] + DV + offs_r[:, None],
+        if DR > 0:  # the rotary channels, loaded key-major for the dot
+            kr = tl.load(kpe_base + rows_pe[None, :] + offs_r[:, None],
                          mask=kmask[None, :] & (offs_r[:, None] < DR), other=0.0)
             qk = tl.dot(q_rope, kr, qk, input_precision=PREC)
         s = qk * qk_scale
@@ -146,19 +153,25 @@ def mla_config(dv, rows):
 
 
 def mla_decode(q, kv_cache, cache_seqlens, *, head_dim_v, scale, causal=True, num_splits=0, block_table=None,
-               key_padding_mask=None):
+               key_padding_mask=None, kpe_cache=None):
     """Returns (out [B, H, Tq, head_dim_v] like q, lse [B, H, Tq] float32). q [B, H, Tq, D]; kv_cache
     [B, Hk, Tmax, D] (or a page pool [num_pages, Hk, page_size, D] with block_table int32 [B, pages per row]);
-    the values are kv_cache[..., :head_dim_v]. key_padding_mask: bool [B, Tmax], False = a slot no query sees."""
+    the values are kv_cache[..., :head_dim_v]. kpe_cache: the rotary channels in a tensor of their own
+    (FlashInfer's ckv / kpe pools): kv_cache is then [.., head_dim_v] and kpe_cache [.., D - head_dim_v], with
+    the same leading shape. key_padding_mask: bool [B, Tmax], False = a slot no query sees."""
     slices = _batch_slices(q.shape[0], kv_cache.shape[1])  # the split grid's z is B * Hk (<= 65535)
     if len(slices) > 1:
-        parts = [mla_decode(q[b0:b1], kv_cache if block_table is not None else kv_cache[b0:b1],
-                            cache_seqlens[b0:b1], head_dim_v=head_dim_v, scale=scale, causal=causal,
-                            num_splits=num_splits, block_table=None if block_table is None else block_table[b0:b1],
-                            key_padding_mask=None if key_padding_mask is None else key_padding_mask[b0:b1])
+        def rows(t, b0, b1):  # a page pool is shared by every row
+            return t if block_table is not None or t is None else t[b0:b1]
+        parts = [mla_decode(q[b0:b1], rows(kv_cache, b0, b1), cache_seqlens[b0:b1], head_dim_v=head_dim_v,
+                            scale=scale, causal=causal, num_splits=num_splits,
+                            block_table=None if block_table is None else block_table[b0:b1],
+                            key_padding_mask=None if key_padding_mask is None else key_padding_mask[b0:b1],
+                            kpe_cache=rows(kpe_cache, b0, b1))
                  for b0, b1 in slices]
         return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
     q, kv_cache = _last_contig(q), _last_contig(kv_cache)
+    kpe = kv_cache[..., head_dim_v:] if kpe_cache is None else _last_contig(kpe_cache)
     B, H, Tq, D = q.shape
     Hk, Tmax = kv_cache.shape[1], kv_cache.shape[2]
     page = 0
@@ -181,10 +194,11 @@ def mla_decode(q, kv_cache, cache_seqlens, *, head_dim_v, scale, causal=True, nu
     extra = {} if _interpreting() else dict(num_warps=warps, num_stages=stages)
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous().view(torch.uint8)
     _mla_split[(m_blocks, S, B * Hk)](
-        q, kv_cache, seqlens, seqlens if block_table is None else block_table, seqlens if kpm is None else kpm,
+        q, kv_cache, kpe, seqlens, seqlens if block_table is None else block_table, seqlens if kpm is None else kpm,
         op, lp, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        kpe.stride(0), kpe.stride(1), kpe.stride(2),
         op.stride(0), op.stride(1), op.stride(2), op.stride(3),
         lp.stride(0), lp.stride(1), lp.stride(2), 0 if block_table is None else block_table.stride(0),
         0 if kpm is None else kpm.stride(0),

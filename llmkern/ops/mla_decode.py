@@ -1,7 +1,7 @@
 """Decode attention over a multi-head latent (MLA) KV cache: public API, validation, registration, dispatch.
 
     mla_decode(q, kv_cache, cache_seqlens, *, head_dim_v, causal, scale, block_table, key_padding_mask,
-               num_splits, return_lse)
+               num_splits, return_lse, kpe_cache)
 
 DeepSeek-V2/V3 serving with kv_b_proj absorbed (FlashMLA's and FlashInfer's MLA decode): the cache holds one
 row [c | k_pe] per token (D = kv_lora_rank + rope channels), the keys are those rows and the values their
@@ -33,7 +33,8 @@ _backend.register_op("mla_decode", lambda device, dtype: _backend.choose_triton(
 @torch.library.custom_op("llmkern::mla_decode", mutates_args=())
 def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                    block_table: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
-                   head_dim_v: int, scale: float, causal: bool, num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                   head_dim_v: int, scale: float, causal: bool, num_splits: int,
+                   kpe_cache: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     from llmkern.kernels.attention import empty_out
 
     if q.numel() == 0:
@@ -42,18 +43,20 @@ def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch
     from llmkern.kernels.mla_decode import mla_decode as kernel
 
     return kernel(q, kv_cache, cache_seqlens, head_dim_v=head_dim_v, scale=scale, causal=causal,
-                  num_splits=num_splits, block_table=block_table, key_padding_mask=key_padding_mask)
+                  num_splits=num_splits, block_table=block_table, key_padding_mask=key_padding_mask,
+                  kpe_cache=kpe_cache)
 
 
 @_mla_decode_op.register_fake
-def _(q, kv_cache, cache_seqlens, block_table, key_padding_mask, head_dim_v, scale, causal, num_splits):
+def _(q, kv_cache, cache_seqlens, block_table, key_padding_mask, head_dim_v, scale, causal, num_splits,
+      kpe_cache=None):
     from llmkern.kernels.attention import empty_out
 
     return empty_out(q, head_dim_v), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _check_inputs(q, kv_cache, head_dim_v, block_table):
-    """Shapes, dtypes and devices of q and the cache; returns (B, H, Tq, D, Tmax)."""
+def _check_inputs(q, kv_cache, head_dim_v, block_table, kpe_cache=None):
+    """Shapes, dtypes and devices of q and the cache(s); returns (B, H, Tq, D, Tmax)."""
     _tensor("q", q)
     _tensor("kv_cache", kv_cache)
     if q.dim() != 4 or kv_cache.dim() != 4:
@@ -65,10 +68,12 @@ def _check_inputs(q, kv_cache, head_dim_v, block_table):
     if kv_cache.device != q.device:
         raise ValueError(f"kv_cache is on {kv_cache.device} but q is on {q.device}")
     B, H, Tq, D = q.shape
-    if kv_cache.shape[3] != D:
-        raise ValueError(f"kv_cache's last dimension must be q's head dim {D}, got {kv_cache.shape[3]}")
     if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, numbers.Integral):
         raise TypeError(f"head_dim_v must be an int, got {type(head_dim_v).__name__}")
+    if kpe_cache is not None:
+        _check_kpe(kpe_cache, kv_cache, head_dim_v, D)
+    elif kv_cache.shape[3] != D:
+        raise ValueError(f"kv_cache's last dimension must be q's head dim {D}, got {kv_cache.shape[3]}")
     if not 1 <= head_dim_v <= min(D, MAX_HEAD_DIM_V) or D - head_dim_v > MAX_ROPE_DIM:
         raise ValueError(f"head_dim_v (the value channels, kv_cache's first ones) must be in 1..{min(D, MAX_HEAD_DIM_V)} "
                          f"with at most {MAX_ROPE_DIM} channels after it (q's head dim is {D}), got {head_dim_v}")
@@ -78,6 +83,21 @@ def _check_inputs(q, kv_cache, head_dim_v, block_table):
     if kv_cache.shape[0] != B:
         raise ValueError(f"kv_cache must have q's batch size {B}, got {kv_cache.shape[0]}")
     return B, H, Tq, D, kv_cache.shape[2]
+
+
+def _check_kpe(kpe_cache, kv_cache, head_dim_v, D):
+    """kpe_cache: the rotary channels of the keys in their own tensor, kv_cache then holding the latent only."""
+    _tensor("kpe_cache", kpe_cache)
+    if kpe_cache.dim() != 4 or tuple(kpe_cache.shape[:3]) != tuple(kv_cache.shape[:3]):
+        raise ValueError(f"kpe_cache must be 4-D with kv_cache's leading shape {tuple(kv_cache.shape[:3])}, got "
+                         f"{tuple(kpe_cache.shape)}")
+    if kpe_cache.dtype != kv_cache.dtype or kpe_cache.device != kv_cache.device:
+        raise ValueError(f"kpe_cache must be {kv_cache.dtype} on {kv_cache.device} (as kv_cache), got "
+                         f"{kpe_cache.dtype} on {kpe_cache.device}")
+    if kv_cache.shape[3] != head_dim_v or head_dim_v + kpe_cache.shape[3] != D:
+        raise ValueError(f"with kpe_cache, kv_cache's last dimension must be head_dim_v={head_dim_v} and "
+                         f"head_dim_v + kpe_cache's last dimension q's head dim {D}; got kv_cache "
+                         f"{tuple(kv_cache.shape)}, kpe_cache {tuple(kpe_cache.shape)}")
 
 
 def _check_lengths(cache_seqlens, B, Tmax, device):
@@ -131,7 +151,8 @@ def _cpu_sdpa(q, kv_cache, lens, Dv, causal, scale, key_padding_mask):
 
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens, *, head_dim_v: int, causal: bool = True,
                scale: Optional[float] = None, block_table: Optional[torch.Tensor] = None,
-               key_padding_mask: Optional[torch.Tensor] = None, num_splits: int = 0, return_lse: bool = False):
+               key_padding_mask: Optional[torch.Tensor] = None, num_splits: int = 0, return_lse: bool = False,
+               kpe_cache: Optional[torch.Tensor] = None):
     """Decode attention whose values are the first head_dim_v channels of the keys (MLA's latent cache).
 
     q [batch, heads, Tq, D] (Tq = 1..a few new tokens; DeepSeek: the absorbed query q_nope W_uk of
@@ -148,10 +169,13 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens, *, head_d
     key_padding_mask: bool [batch, Tmax], True = attend (a left-padded prompt's pads: False). A query that
         sees no key returns zeros (LSE -inf).
     num_splits: key splits (0 = chosen from the GPU size).
+    kpe_cache: the rotary channels in a tensor of their own (FlashInfer's separate ckv / kpe pools): kv_cache
+        is then [.., head_dim_v] (the latent, also the values) and kpe_cache [.., D - head_dim_v] with the same
+        leading shape (and page pool, under block_table); the keys are their concatenation. No copy is made.
     Returns out [batch, heads, Tq, head_dim_v] (, lse [batch, heads, Tq]: float32; float64 for float64 inputs).
     Inference only.
     """
-    B, H, Tq, D, Tmax = _check_inputs(q, kv_cache, head_dim_v, block_table)
+    B, H, Tq, D, Tmax = _check_inputs(q, kv_cache, head_dim_v, block_table, kpe_cache)
     cache_seqlens = _check_lengths(cache_seqlens, B, Tmax, q.device)
     _check_kpm(key_padding_mask, B, Tmax, q.device)
     if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
@@ -159,9 +183,12 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens, *, head_d
     _check_causal(causal, return_lse)
     scale = _scale(scale, D)
     if _backend.choose_triton("mla_decode", q.device, q.dtype, _KERNEL_DTYPES) == "triton":
+        extra = {} if kpe_cache is None else {"kpe_cache": kpe_cache}
         out, lse = _mla_decode_op(q, kv_cache, cache_seqlens.to(torch.int32), block_table, key_padding_mask,
-                                  int(head_dim_v), scale, causal, int(num_splits))
+                                  int(head_dim_v), scale, causal, int(num_splits), **extra)
         return (out, lse) if return_lse else out
+    if kpe_cache is not None:  # the CPU paths read the keys whole
+        kv_cache = torch.cat([kv_cache, kpe_cache], dim=-1)
     if block_table is not None:  # the CPU paths read a dense copy of each row's pages
         kv_cache = _gather_pages(kv_cache, block_table)
     if q.device.type == "cpu" and not return_lse and _backend.forced() != "reference":
