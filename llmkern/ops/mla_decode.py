@@ -8,8 +8,8 @@ row [c | k_pe] per token (D = kv_lora_rank + rope channels), the keys are those 
 first head_dim_v channels. Kernel: llmkern/kernels/mla_decode.py (each latent tile read once for the scores
 and for P V, head dims past the dense kernels' 256); reference: llmkern/reference/attention.py's
 attention_with_kvcache with v the cache's first head_dim_v channels (grouped heads: no repeat of the cache
-per query head). On a CPU, calls without the LSE run SDPA's CPU kernel with the query heads folded into
-query rows and the reference's masks (LLMKERN_BACKEND=reference forces the reference). The Triton path runs inside the custom op `llmkern::mla_decode` (torch.compile, opcheck).
+per query head). Off the kernel (CPU tensors, float64) it runs the reference's semantics as one product per
+batch row and kv head, the query heads folded into query rows (LLMKERN_BACKEND=reference forces the reference). The Triton path runs inside the custom op `llmkern::mla_decode` (torch.compile, opcheck).
 Inference only (no autograd), as attention_with_kvcache.
 """
 import numbers
@@ -126,12 +126,17 @@ def _check_kpm(key_padding_mask, B, Tmax, device):
         raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {device}")
 
 
-def _cpu_sdpa(q, kv_cache, lens, Dv, causal, scale, key_padding_mask):
-    """The reference's semantics through SDPA's CPU kernel, each kv head's query heads folded into query rows
-    ([B, Hk, G * Tq, D] against the cache as it is: no copy of the cache per query head, as the kernel)."""
+def _folded(q, kv_cache, lens, Dv, causal, scale, key_padding_mask):
+    """The reference's semantics with each kv head's query heads folded into query rows: one [G * Tq, D] x
+    [D, Tmax] product per (batch row, kv head) against the cache as it is (no copy per query head, as the
+    kernel), in float32 (float64 for float64). SDPA's CPU kernel was 10-30x slower here: the values are a
+    strided view of the keys. Returns (out [B, H, Tq, Dv] in q's dtype, lse [B, H, Tq])."""
     B, H, Tq, D = q.shape
     Hk, Tmax = kv_cache.shape[1], kv_cache.shape[2]
     G = H // Hk
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if Tmax == 0:  # no key anywhere
+        return q.new_zeros(B, H, Tq, Dv), torch.full((B, H, Tq), float("-inf"), dtype=cd, device=q.device)
     j = torch.arange(Tmax, device=q.device)
     lens = lens.to(torch.long)
     vis = (j[None, None, :] < lens[:, None, None]).expand(B, Tq, Tmax)  # [B, Tq, Tmax]
@@ -140,13 +145,16 @@ def _cpu_sdpa(q, kv_cache, lens, Dv, causal, scale, key_padding_mask):
         vis = vis & (j[None, None, :] <= pos[:, :, None])
     if key_padding_mask is not None:
         vis = vis & key_padding_mask[:, None, :]
-    empty = ~vis.any(-1, keepdim=True)  # [B, Tq, 1]: SDPA would give NaN there; a zero row instead
-    vis = vis | empty
-    rows = q.reshape(B, Hk, G * Tq, D)  # row g * Tq + t: query head hk * G + g, new token t
-    mask = vis[:, None, None].expand(B, 1, G, Tq, Tmax).reshape(B, 1, G * Tq, Tmax)
-    out = torch.nn.functional.scaled_dot_product_attention(rows, kv_cache, kv_cache[..., :Dv], attn_mask=mask,
-                                                           scale=scale)
-    return out.reshape(B, H, Tq, Dv).masked_fill(empty[:, None], 0.0)
+    vis = vis[:, None, None].expand(B, 1, G, Tq, Tmax).reshape(B, 1, G * Tq, Tmax)
+    kv = kv_cache.to(cd)
+    rows = q.reshape(B, Hk, G * Tq, D).to(cd)  # row g * Tq + t: query head hk * G + g, new token t
+    s = torch.matmul(rows, kv.transpose(-1, -2)).mul_(scale).masked_fill_(~vis, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = m.masked_fill(torch.isneginf(m), 0.0)  # a query that sees no key: p all zeros, a zero output, LSE -inf
+    p = torch.exp(s.sub_(m))
+    denom = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p, kv[..., :Dv]).div_(denom.clamp_min(torch.finfo(cd).tiny))
+    return out.reshape(B, H, Tq, Dv).to(q.dtype), (m + denom.log()).reshape(B, H, Tq)
 
 
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens, *, head_dim_v: int, causal: bool = True,
@@ -191,8 +199,9 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens, *, head_d
         kv_cache = torch.cat([kv_cache, kpe_cache], dim=-1)
     if block_table is not None:  # the CPU paths read a dense copy of each row's pages
         kv_cache = _gather_pages(kv_cache, block_table)
-    if q.device.type == "cpu" and not return_lse and _backend.forced() != "reference":
-        return _cpu_sdpa(q, kv_cache, cache_seqlens, head_dim_v, causal, scale, key_padding_mask)
+    if _backend.forced() != "reference":
+        out, lse = _folded(q, kv_cache, cache_seqlens, head_dim_v, causal, scale, key_padding_mask)
+        return (out, lse) if return_lse else out
     return ref.attention_with_kvcache(q, kv_cache, kv_cache[..., :head_dim_v], cache_seqlens, causal=causal,
                                       scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse)
 
