@@ -241,6 +241,25 @@ def test_dropped_slots_add_nothing(monkeypatch, path, dtype):
     assert not y[-1].any() and not dx[-1].any()  # the token with no expert: nothing in, nothing out
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T", [0, 4])
+def test_reference_with_no_routed_slot_has_zero_gradients(monkeypatch, dtype, T):
+    """Every slot dropped (or no token): the reference path's output still depends on the inputs, so backward
+    gives zero gradients, as the kernels do (it raised "element 0 of tensors does not require grad")."""
+    monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, 16, generator=g, dtype=dtype, requires_grad=True)
+    wgu = torch.randn(4, 24, 16, generator=g, dtype=dtype, requires_grad=True)
+    wd = torch.randn(4, 16, 12, generator=g, dtype=dtype, requires_grad=True)
+    ids = torch.full((T, 2), -1)
+    tw = torch.rand(T, 2, generator=g, dtype=dtype, requires_grad=True)
+    y = llmkern.moe_mlp(x, wgu, wd, ids, tw)
+    assert y.shape == x.shape and not y.any()
+    y.sum().backward()
+    for t in (x, wgu, wd, tw):
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
+
+
 def test_geglu_exact_reference_is_erf_gelu():
     """The reference's "geglu_exact" (llmkern.moe_mlp's CPU path) is 0.5·g·(1 + erf(g/√2))·u, written out
     here for k = 1, and differs from the tanh "geglu" by far more than the kernel tests' float32 tolerance."""

@@ -41,10 +41,14 @@ def moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights, activation="swiglu"):
         return moe_mlp_dense(x, w_gate_up, w_down, topk_ids, topk_weights, activation)
     dt, x2, ids, w = _prepare(x, w_gate_up, topk_ids, topk_weights)
     y = torch.zeros_like(x2)
+    hit = False
     for e in range(w_gate_up.shape[0]):
         tok, slot = torch.where(ids == e)
-        if tok.numel() == 0:  # (a host sync on CUDA: the reference is not the CUDA path)
+        if tok.numel() == 0 and (hit or e + 1 < w_gate_up.shape[0]):  # (a host sync: not the CUDA path)
             continue
+        # (the last expert runs even on no rows when no slot was routed at all: y then still depends on the
+        # inputs, whose gradients are zeros, as the kernels give, instead of a y outside the graph)
+        hit = True
         o = _expert(x2[tok], w_gate_up[e], w_down[e], activation, dt)
         y = y.index_add(0, tok, o * w[tok, slot, None])
     return y.to(x.dtype).reshape(x.shape)
