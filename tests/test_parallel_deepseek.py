@@ -1,7 +1,8 @@
 """DeepSeek-V3 zoo models (multi-head latent attention, the sigmoid group-limited MoE with its selection bias and
 ungated shared experts) under tensor, expert and context parallelism, against the unsharded model in one
 process with the same weights (float32, tiny configs: deepseek-v3-tiny and a variant with one q_proj and
-rotate-half RoPE).
+rotate-half RoPE); DeepSeek-V2 (deepseek-v2-tiny: V2's group-limited softmax router) under tensor and expert
+parallelism.
 
 - tensor_parallelize: logits, loss, every parameter gradient (a sharded parameter's: its slice of the
   unsharded one), and greedy decoding through the KV cache. The gradients are compared relative to their
@@ -26,7 +27,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py: tiny models)
 VARIANTS = {  # name -> (config changes, backend)
     "v3": (dict(), "torch"),
     "lite": (dict(q_lora_rank=None, rope_interleave=False, moe_renormalize=False), "llmkern"),
+    "v2": (dict(), "llmkern"),
 }
+PRESETS = {"v2": "deepseek-v2-tiny"}  # variant -> the config it changes (default deepseek-v3-tiny)
 
 
 # ---- helpers (top level: the spawned ranks import them) -----------------------------------------
@@ -38,7 +41,7 @@ def _model(variant, **changes):
 
     opts, backend = VARIANTS[variant]
     torch.manual_seed(0)
-    model = Llama(get_config("deepseek-v3-tiny", **{**opts, **changes}), backend=backend)
+    model = Llama(get_config(PRESETS.get(variant, "deepseek-v3-tiny"), **{**opts, **changes}), backend=backend)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -86,15 +89,15 @@ def _ids(vocab, B, T, seed):
     return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-def tp_worker(rank, p):
-    """tensor_parallelize on both variants: the sharding, logits, loss, every gradient, the KV cache."""
+def tp_worker(rank, p, variants=("v3", "lite")):
+    """tensor_parallelize on the variants: the sharding, logits, loss, every gradient, the KV cache."""
     from llmkern.models.deepseek import MLAttention
     from llmkern.parallel import tensor_parallelize
     from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear
     from llmkern.parallel.moe import TensorParallelDeepseekMoE
 
     failures, checked = [], []
-    for variant in VARIANTS:
+    for variant in variants:
         ref = _model(variant)
         tp = tensor_parallelize(copy.deepcopy(ref))
         attn, moe = tp.layers[1].self_attn, tp.layers[1].mlp
@@ -271,9 +274,14 @@ def test_tensor_and_expert_parallel_deepseek_4_ranks(ranks):
     assert names[0] == names[3] and len(names[0]) == 4  # 2 MoE layers x (gate_up_proj, down_proj)
 
 
+def test_tensor_parallel_deepseek_v2_equals_unsharded_2_ranks(ranks):
+    """DeepSeek-V2's MoE layer (DeepseekMoE with the softmax router) shards as V3's: TensorParallelDeepseekMoE."""
+    assert ranks(2).run(tp_worker, (("v2",),), timeout=90) == [[len(dict(_model("v2").named_parameters()))]] * 2
+
+
 def test_expert_parallel_deepseek_equals_unsharded_2_ranks(ranks):
     pool = ranks(2)
-    for variant, steps in (("v3", 2), ("lite", 1)):
+    for variant, steps in (("v3", 2), ("lite", 1), ("v2", 1)):
         names = pool.run(ep_worker, (variant, steps), timeout=90)
         assert names[0] == ["layers.1.mlp.experts.down_proj", "layers.1.mlp.experts.gate_up_proj",
                             "layers.2.mlp.experts.down_proj", "layers.2.mlp.experts.gate_up_proj"]

@@ -3,7 +3,7 @@
     from llmkern.models import GPT, Llama, get_config, build, from_hf
     model = GPT(get_config("gpt2"), backend="llmkern")   # or backend="torch"
     model = build("llama-tiny")                           # GPT or Llama by config.arch
-    model = from_hf("./checkpoint")                       # local GPT-2, Llama, Mistral, Qwen, Gemma, DeepSeek-V3
+    model = from_hf("./checkpoint")                       # local GPT-2, Llama, Mistral, Qwen, Gemma, DeepSeek-V2/V3
 
 backend="llmkern" runs attention through llmkern.attention (and the KV-cache decode through
 llmkern.attention_with_kvcache); backend="torch" uses plain PyTorch (SDPA, nn.Linear).

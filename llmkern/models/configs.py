@@ -6,8 +6,9 @@ Named sizes (``get_config(name)``):
   llama-7b, llama-13b, llama2-7b, llama3-8b, ...   LLaMA-style (RMSNorm, RoPE, SwiGLU, GQA)
   mixtral-8x7b                                     sparse MoE: 8 experts, top-2 (counting only)
   deepseek-v3                                      MLA + 256 sigmoid-routed experts, top-8 (counting only)
+  deepseek-v2-lite                                 MLA + 64 softmax-routed experts, top-6 (counting only)
   gpt-tiny, llama-tiny, mixtral-tiny,              a few hundred thousand parameters, for tests
-  deepseek-v3-tiny
+  deepseek-v3-tiny, deepseek-v2-tiny
 
 Llama-family options (off by default; from_hf sets them for Mistral, Qwen2 and Qwen3 checkpoints):
   qkv_bias, o_bias      biases on q/k/v_proj and on o_proj, apart from `bias` (which then covers the
@@ -40,16 +41,28 @@ Sparse mixture of experts (Llama family; off with n_experts = 0, the dense SwiGL
                         intermediate_size (Qwen-MoE's mlp_only_layers / decoder_sparse_step)
   router_aux_loss_coef  > 0: the Switch/Mixtral load-balancing loss times this is added to the
                         returned loss (0: off)
-  moe_router            "softmax" (above) or "sigmoid", DeepSeek-V3's aux-loss-free router: sigmoid scores s,
-                        the layer's e_score_correction_bias b added for the choice only (top moe_topk_group of
+  moe_router            "softmax" (above), or one of DeepSeek's two routers (the MoE layer is then
+                        deepseek.DeepseekMoE, and the shared experts (moe_shared_ffn_dim wide,
+                        n_shared_experts * moe_intermediate_size in DeepSeek's terms) are ungated):
+                        "sigmoid", DeepSeek-V3's aux-loss-free router: sigmoid scores s, the layer's
+                        e_score_correction_bias b added for the choice only (top moe_topk_group of
                         moe_n_group expert groups by the sum of each group's top-2 s + b, then the top k of
                         s + b in those groups), the weights the chosen s (divided by their sum when
-                        moe_renormalize) times moe_routed_scaling; the shared experts (moe_shared_ffn_dim wide,
-                        n_shared_experts * moe_intermediate_size in DeepSeek's terms) are then ungated
+                        moe_renormalize) times moe_routed_scaling;
+                        "softmax_group", DeepSeek-V2's router: float32 softmax scores p, the top
+                        moe_topk_group of moe_n_group groups by the MAX of each group's p (the other groups'
+                        p set to 0), then the top k of p; the weights the chosen p (divided by their sum when
+                        moe_renormalize; transformers' V2 does not) times moe_routed_scaling. V2's topk_method
+                        "greedy" is moe_n_group = moe_topk_group = 1, "group_limited_greedy" any group limit.
+                        Neither has an aux loss (router_aux_loss_coef must be 0)
   moe_n_group, moe_topk_group, moe_routed_scaling
-                        the "sigmoid" router's group limit and weight scale (1, 1, 1.0: off)
+                        the DeepSeek routers' group limit and weight scale (1, 1, 1.0: off; the "softmax"
+                        router must leave them there). moe_n_group divides n_experts ("sigmoid": into
+                        groups of >= 2, as groups rank by their top-2 scores), moe_topk_group lies in
+                        1..moe_n_group, and the kept groups hold at least n_experts_per_tok experts
 Named: mixtral-8x7b (the real sizes: 46.7B parameters, 12.9B active per token), mixtral-tiny (tests),
-deepseek-v3 (671B parameters, 37.6B active; counting only), deepseek-v3-tiny (tests).
+deepseek-v3 (671B parameters, 37.6B active; counting only), deepseek-v2-lite (15.7B parameters, 2.7B active;
+counting only), deepseek-v3-tiny and deepseek-v2-tiny (tests).
 
 Multi-head latent attention (DeepSeek-V2/V3's MLA; Llama family; off with kv_lora_rank = 0):
   kv_lora_rank          R > 0: each token's keys and values come from a compressed latent of width R
@@ -60,8 +73,9 @@ Multi-head latent attention (DeepSeek-V2/V3's MLA; Llama family; off with kv_lor
   qk_rope_head_dim      the rotary channels at the end of each q/k head; head_dim (the q/k head width) is
                         qk_nope_head_dim + qk_rope_head_dim, and RoPE (rope_scaling too) runs over these only
   v_head_dim            the value head width (default head_dim); the attention output is n_head * v_head_dim
-  rope_interleave       the rotary channels come in pairs (2i, 2i+1) (DeepSeek-V3's rope_interleave): they
-                        are gathered to (evens, odds) before the usual rotate-half RoPE, as transformers does
+  rope_interleave       the rotary channels come in pairs (2i, 2i+1) (DeepSeek-V3's rope_interleave, and
+                        always in DeepSeek-V2): they are gathered to (evens, odds) before the usual rotate-half
+                        RoPE, as transformers' V3 does (V2's complex rotation of the pairs gives the same scores)
   n_kv_head must equal n_head (every head has its own keys); qk_norm, q/k/v/o biases, sliding windows and
   attn_softcap are refused with MLA. attn_scale: the YaRN mscale correction (from_hf sets it).
 
@@ -116,10 +130,11 @@ class ModelConfig:
     moe_shared_ffn_dim: int = 0       # Qwen2-MoE's sigmoid-gated shared expert (0: none)
     moe_layers: Optional[tuple] = None  # the sparse layers (None: all)
     router_aux_loss_coef: float = 0.0  # load-balancing loss weight (0: off)
-    moe_router: str = "softmax"       # "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3; see the module docstring)
-    moe_n_group: int = 1              # "sigmoid": expert groups, of which moe_topk_group are kept per token
+    moe_router: str = "softmax"       # "softmax" (Mixtral, Qwen), "sigmoid" (DeepSeek-V3) or "softmax_group"
+                                      # (DeepSeek-V2); see the module docstring
+    moe_n_group: int = 1              # DeepSeek routers: expert groups, of which moe_topk_group are kept per token
     moe_topk_group: int = 1
-    moe_routed_scaling: float = 1.0   # "sigmoid": routing weights times this (routed_scaling_factor)
+    moe_routed_scaling: float = 1.0   # DeepSeek routers: routing weights times this (routed_scaling_factor)
     # multi-head latent attention (llama only; see the module docstring)
     kv_lora_rank: int = 0             # R > 0: MLA with a K/V latent of width R; 0: plain attention
     q_lora_rank: Optional[int] = None  # MLA: the queries' bottleneck rank (None: one q_proj)
@@ -223,10 +238,10 @@ class ModelConfig:
         self._check_router()
 
     def _check_router(self):
-        """moe_router and the "sigmoid" router's group limit and scale (the softmax router has neither: they
+        """moe_router and the DeepSeek routers' group limit and scale (the softmax router has neither: they
         must stay off, not be silently ignored)."""
-        if self.moe_router not in ("softmax", "sigmoid"):
-            raise ValueError(f"ModelConfig.moe_router must be 'softmax' or 'sigmoid', got {self.moe_router!r}")
+        if self.moe_router not in MOE_ROUTERS:
+            raise ValueError(f"ModelConfig.moe_router must be one of {MOE_ROUTERS}, got {self.moe_router!r}")
         G, Gk, s = self.moe_n_group, self.moe_topk_group, self.moe_routed_scaling
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
             raise ValueError(f"ModelConfig.moe_routed_scaling must be a number > 0, got {s!r}")
@@ -234,21 +249,28 @@ class ModelConfig:
         if self.moe_router == "softmax":
             for f, off in _ROUTER_OFF[1:]:
                 if getattr(self, f) != off:
-                    raise ValueError(f"ModelConfig.{f} applies to moe_router='sigmoid' only, got {f}="
-                                     f"{getattr(self, f)!r}")
+                    raise ValueError(f"ModelConfig.{f} applies to the DeepSeek routers only (moe_router 'sigmoid' "
+                                     f"or 'softmax_group'), got {f}={getattr(self, f)!r}")
             return
         if self.router_aux_loss_coef:  # (load_balancing_loss is the softmax router's)
-            raise ValueError(f"ModelConfig.router_aux_loss_coef must be 0 with moe_router='sigmoid' (aux-loss-free), "
-                             f"got {self.router_aux_loss_coef!r}")
+            raise ValueError(f"ModelConfig.router_aux_loss_coef must be 0 with moe_router={self.moe_router!r} (no "
+                             f"aux loss), got {self.router_aux_loss_coef!r}")
         E = self.n_experts
-        if not isinstance(G, int) or isinstance(G, bool) or G < 1 or E % G or E // G < 2:
-            raise ValueError(f"ModelConfig.moe_n_group must be a positive divisor of n_experts={E} leaving >= 2 "
-                             f"experts per group (groups are ranked by their top-2 scores), got {G!r}")
+        least = 2 if self.moe_router == "sigmoid" else 1  # (the sigmoid router ranks groups by their top-2 scores)
+        if not isinstance(G, int) or isinstance(G, bool) or G < 1 or E % G or E // G < least:
+            why = " leaving >= 2 experts per group (groups are ranked by their top-2 scores)" if least == 2 else ""
+            raise ValueError(f"ModelConfig.moe_n_group must be a positive divisor of n_experts={E}{why}, got {G!r}")
         if not isinstance(Gk, int) or isinstance(Gk, bool) or not 1 <= Gk <= G:
             raise ValueError(f"ModelConfig.moe_topk_group must be an int in 1..moe_n_group={G}, got {Gk!r}")
         if self.n_experts_per_tok > Gk * (E // G):
             raise ValueError(f"ModelConfig.n_experts_per_tok={self.n_experts_per_tok} exceeds the "
                              f"{Gk * (E // G)} experts of moe_topk_group={Gk} groups")
+
+    @property
+    def deepseek_moe(self):
+        """Whether the MoE layers are DeepSeek's (deepseek.DeepseekMoE: moe_router "sigmoid" or "softmax_group",
+        ungated shared experts named shared_experts)."""
+        return self.n_experts > 0 and self.moe_router in DEEPSEEK_ROUTERS
 
     def layer_is_moe(self, i):
         """Whether layer i's MLP is the sparse mixture of experts (else the dense SwiGLU MLP)."""
@@ -389,6 +411,9 @@ _GEMMA_OFF = (("norm_offset", 0.0), ("scale_embeddings", False), ("post_norms", 
               ("attn_softcap", None), ("logit_softcap", None), ("rope_local_theta", None))
 
 
+# moe_router's values: the first is Mixtral's, the others DeepSeek's (deepseek.DeepseekMoE)
+MOE_ROUTERS = ("softmax", "sigmoid", "softmax_group")
+DEEPSEEK_ROUTERS = MOE_ROUTERS[1:]
 # The MoE router fields' off values (dense models and the softmax router leave them there)
 _ROUTER_OFF = (("moe_router", "softmax"), ("moe_n_group", 1), ("moe_topk_group", 1), ("moe_routed_scaling", 1.0))
 # The MLA fields' off values
@@ -477,17 +502,18 @@ def _llama(name, n_layer, n_embd, n_head, n_kv_head, intermediate_size, vocab_si
                 block_size=block_size, rope_theta=rope_theta, norm_eps=norm_eps, tie_embeddings=tie, **moe)
 
 
-def _deepseek_v3(n_experts, n_experts_per_tok, moe_ffn_dim, n_shared, first_dense, n_layer, nope, rope,
-                 rope_scaling=None, **fields):
+def _deepseek(n_experts, n_experts_per_tok, moe_ffn_dim, n_shared, first_dense, n_layer, nope, rope,
+              rope_scaling=None, moe_router="sigmoid", **fields):
     """The ModelConfig fields of a DeepSeek-V3-style model: MLA (q/k heads nope + rope wide, interleaved RoPE,
-    the softmax scale with YaRN's mscale_all_dim correction as transformers applies it), the sigmoid router,
-    n_shared ungated shared experts, dense layers before first_dense."""
+    the softmax scale with YaRN's mscale_all_dim correction as transformers applies it), the sigmoid router
+    (DeepSeek-V2: moe_router="softmax_group"), n_shared ungated shared experts, dense layers before
+    first_dense."""
     scale = (nope + rope) ** -0.5
     if rope_scaling and rope_scaling.get("mscale_all_dim"):
         scale *= yarn_mscale(rope_scaling["factor"], rope_scaling["mscale_all_dim"]) ** 2
     return dict(head_dim=nope + rope, qk_rope_head_dim=rope, rope_interleave=True,
                 rope_scaling=rope_scaling, attn_scale=scale, n_experts=n_experts, n_experts_per_tok=n_experts_per_tok,
-                moe_ffn_dim=moe_ffn_dim, moe_shared_ffn_dim=n_shared * moe_ffn_dim, moe_router="sigmoid",
+                moe_ffn_dim=moe_ffn_dim, moe_shared_ffn_dim=n_shared * moe_ffn_dim, moe_router=moe_router,
                 moe_layers=tuple(range(first_dense, n_layer)), **fields)
 
 
@@ -520,13 +546,23 @@ CONFIGS = {
     # DeepSeek-V3 (deepseek-ai/DeepSeek-V3 config.json, without the multi-token-prediction layer): MLA, 3 dense
     # layers, then 256 routed experts (top-8 of the best 4 of 8 groups) and one shared expert per layer
     "deepseek-v3": _llama("deepseek-v3", 61, 7168, 128, 128, 18432, 129280, 163840, norm_eps=1e-6,
-                          **_deepseek_v3(n_experts=256, n_experts_per_tok=8, moe_ffn_dim=2048, n_shared=1,
+                          **_deepseek(n_experts=256, n_experts_per_tok=8, moe_ffn_dim=2048, n_shared=1,
                                          first_dense=3, n_layer=61, moe_n_group=8, moe_topk_group=4,
                                          moe_routed_scaling=2.5, kv_lora_rank=512, q_lora_rank=1536,
                                          nope=128, rope=64, v_head_dim=128,
                                          rope_scaling={"rope_type": "yarn", "factor": 40.0, "beta_fast": 32,
                                                        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
                                                        "original_max_position_embeddings": 4096})),
+    # DeepSeek-V2-Lite (deepseek-ai/DeepSeek-V2-Lite config.json): MLA without the q bottleneck, 1 dense layer, then
+    # 64 routed experts (softmax, greedy top-6, not renormalised) and 2 shared experts per layer
+    "deepseek-v2-lite": _llama("deepseek-v2-lite", 27, 2048, 16, 16, 10944, 102400, 163840, norm_eps=1e-6,
+                               **_deepseek(n_experts=64, n_experts_per_tok=6, moe_ffn_dim=1408, n_shared=2,
+                                              first_dense=1, n_layer=27, moe_router="softmax_group",
+                                              moe_renormalize=False, kv_lora_rank=512, q_lora_rank=None,
+                                              nope=128, rope=64, v_head_dim=128,
+                                              rope_scaling={"rope_type": "yarn", "factor": 40.0, "beta_fast": 32,
+                                                            "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
+                                                            "original_max_position_embeddings": 4096})),
     # tiny, for tests and CPU smoke runs
     "gpt-tiny": dict(arch="gpt", name="gpt-tiny", n_layer=2, n_embd=64, n_head=4, block_size=128,
                      vocab_size=256),
@@ -536,10 +572,18 @@ CONFIGS = {
                          intermediate_size=96, block_size=128, vocab_size=256, n_experts=4, n_experts_per_tok=2),
     "deepseek-v3-tiny": dict(arch="llama", name="deepseek-v3-tiny", n_embd=64, n_head=4, intermediate_size=96,
                              block_size=128, vocab_size=256, n_layer=3,
-                             **_deepseek_v3(n_experts=8, n_experts_per_tok=2, moe_ffn_dim=32, n_shared=1,
+                             **_deepseek(n_experts=8, n_experts_per_tok=2, moe_ffn_dim=32, n_shared=1,
                                             first_dense=1, n_layer=3, moe_n_group=4, moe_topk_group=2,
                                             moe_routed_scaling=2.5, kv_lora_rank=16, q_lora_rank=24, nope=16,
                                             rope=8, v_head_dim=12)),
+    # DeepSeek-V2-style: one q_proj, the softmax router limited to the better of 2 groups, not renormalised (the
+    # limit shows only with top_k > moe_topk_group: the kept groups hold the best experts)
+    "deepseek-v2-tiny": dict(arch="llama", name="deepseek-v2-tiny", n_embd=64, n_head=4, intermediate_size=96,
+                             block_size=128, vocab_size=256, n_layer=3,
+                             **_deepseek(n_experts=8, n_experts_per_tok=2, moe_ffn_dim=32, n_shared=2,
+                                            first_dense=1, n_layer=3, moe_router="softmax_group", moe_n_group=2,
+                                            moe_topk_group=1, moe_routed_scaling=2.0, moe_renormalize=False,
+                                            kv_lora_rank=16, q_lora_rank=None, nope=16, rope=8, v_head_dim=12)),
 }
 _ALIASES = {"gpt2-small": "gpt2", "gpt2-124m": "gpt2", "gpt2-350m": "gpt2-medium",
             "gpt2-774m": "gpt2-large", "gpt2-1.5b": "gpt2-xl", "gpt3-small": "gpt3-125m",

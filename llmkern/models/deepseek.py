@@ -1,10 +1,14 @@
-"""DeepSeek-V3's two blocks for the zoo's Llama: multi-head latent attention and the aux-loss-free MoE.
+"""DeepSeek-V2/V3's two blocks for the zoo's Llama: multi-head latent attention and the DeepSeek MoE.
 
 Llama (llama.py) builds them from the config: MLAttention when config.kv_lora_rank > 0, DeepseekMoE on the
-MoE layers when config.moe_router == "sigmoid". Module and parameter names are transformers'
-DeepseekV3ForCausalLM's (q_a_proj, q_a_layernorm, q_b_proj or q_proj, kv_a_proj_with_mqa, kv_a_layernorm,
-kv_b_proj, o_proj; mlp.gate.weight / mlp.gate.e_score_correction_bias, mlp.experts.gate_up_proj / down_proj,
-mlp.shared_experts.*), so checkpoints and PEFT adapters carry over by name.
+MoE layers when config.moe_router is "sigmoid" (DeepSeek-V3's aux-loss-free router, TopkRouter) or
+"softmax_group" (DeepSeek-V2's softmax router, greedy or group-limited greedy, SoftmaxGroupRouter). Module and
+parameter names are transformers' DeepseekV3ForCausalLM's / DeepseekV2ForCausalLM's (q_a_proj, q_a_layernorm,
+q_b_proj or q_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj; mlp.gate.weight (and V3's
+mlp.gate.e_score_correction_bias), mlp.experts.gate_up_proj / down_proj, mlp.shared_experts.*), so checkpoints
+and PEFT adapters carry over by name. The two families' attention is the same computation (V2 rotates its
+interleaved rotary pairs as complex numbers and keeps them interleaved, V3 writes them as (evens, odds): the
+same channels permuted alike in q and k, so the same scores).
 
 MLA (DeepSeek-V2 section 2.1): per token,
     q      = q_b_proj(norm(q_a_proj(x)))  (or q_proj(x))                   [H, nope + rope]
@@ -234,20 +238,42 @@ def sigmoid_group_route(logits, bias, top_k, n_group, topk_group, renormalize, s
     return weights * scaling, ids
 
 
-class TopkRouter(nn.Module):
-    """transformers' DeepseekV3TopkRouter's parameters: weight [E, d] (the router logits, computed in float32)
-    and the buffer e_score_correction_bias [E] (trained outside backprop, by the load; a checkpoint's)."""
+def softmax_group_route(logits, top_k, n_group, topk_group, renormalize, scaling):
+    """DeepSeek-V2's routing of N tokens over E experts (transformers' DeepseekV2TopkRouter): logits [N, E]
+    (float32) -> (weights [N, k] float32, ids [N, k] int64).
+
+    p = softmax(logits) in float32; the experts form n_group equal groups, each group scores the MAX of its p,
+    the best topk_group groups stay and the p of the other groups' experts are set to 0; the ids are the top_k
+    of those scores, the weights their p (divided by their sum + 1e-20 when renormalize; transformers' V2
+    never renormalises), times scaling. topk_method "group_limited_greedy" is that; "greedy" (plain top-k of p)
+    is n_group = topk_group = 1. (The kept groups hold the topk_group best experts: the limit changes the choice
+    only when top_k > topk_group.) The top-k calls are transformers' (sorted=False), so ties resolve alike."""
+    N, E = logits.shape
+    scores = logits.softmax(dim=-1, dtype=torch.float32)
+    if n_group > 1:
+        group_scores = scores.view(N, n_group, E // n_group).max(dim=-1).values  # [N, G]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(topk_group, dim=-1, sorted=False).indices, True)  # [N, G]
+        scores = scores.masked_fill(~keep.repeat_interleave(E // n_group, dim=1), 0.0)  # [N, E]
+    weights, ids = scores.topk(top_k, dim=-1, sorted=False)  # [N, k]
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
+
+
+class _Float32Router(nn.Module):
+    """A DeepSeek router: weight [E, d] (the router logits are computed in float32), kept float32 when the
+    model is cast."""
 
     def __init__(self, cfg):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.n_embd))
         nn.init.normal_(self.weight, mean=0.0, std=0.02)
-        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_experts))
         self.top_k, self.renormalize = cfg.n_experts_per_tok, cfg.moe_renormalize
         self.n_group, self.topk_group, self.scaling = cfg.moe_n_group, cfg.moe_topk_group, cfg.moe_routed_scaling
 
     def _apply(self, fn, *args, **kwargs):
-        # transformers keeps the router's weight and bias float32 whatever the model's dtype
+        # transformers keeps the router's weight (and V3's bias) float32 whatever the model's dtype
         # (_keep_in_fp32_modules_strict): the choice hinges on small score differences (the bias's especially),
         # which bf16 would round away. A cast to 16 bits moves them (device) but keeps their float32 values.
         def keep_fp32(t):
@@ -261,16 +287,42 @@ class TopkRouter(nn.Module):
     def forward(self, x):
         """x [B, T, d] -> (weights [B, T, k] float32, ids [B, T, k])."""
         logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # [B*T, E] float32
-        w, ids = sigmoid_group_route(logits, self.e_score_correction_bias.float(), self.top_k, self.n_group,
-                                     self.topk_group, self.renormalize, self.scaling)
+        w, ids = self._route(logits)
         return w.view(*x.shape[:-1], -1), ids.view(*x.shape[:-1], -1)
 
 
+class TopkRouter(_Float32Router):
+    """transformers' DeepseekV3TopkRouter's parameters: weight [E, d] (the router logits, computed in float32)
+    and the buffer e_score_correction_bias [E] (trained outside backprop, by the load; a checkpoint's);
+    sigmoid_group_route (moe_router "sigmoid")."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_experts))
+
+    def _route(self, logits):
+        return sigmoid_group_route(logits, self.e_score_correction_bias.float(), self.top_k, self.n_group,
+                                   self.topk_group, self.renormalize, self.scaling)
+
+
+class SoftmaxGroupRouter(_Float32Router):
+    """transformers' DeepseekV2TopkRouter's parameter: weight [E, d] (float32 logits; no selection bias);
+    softmax_group_route (moe_router "softmax_group")."""
+
+    def _route(self, logits):
+        return softmax_group_route(logits, self.top_k, self.n_group, self.topk_group, self.renormalize,
+                                   self.scaling)
+
+
+ROUTERS = {"sigmoid": TopkRouter, "softmax_group": SoftmaxGroupRouter}  # moe_router -> DeepseekMoE's gate
+
+
 class DeepseekMoE(MoE):
-    """DeepSeek-V3's MoE layer: y = sum_j w_j * expert_{e_j}(x) + shared_experts(x), (w, e) from the sigmoid
-    group-limited router (TopkRouter); the shared experts are one ungated SwiGLU MLP of width
-    config.moe_shared_ffn_dim (n_shared_experts * moe_intermediate_size). Experts as in llama.MoE:
-    llmkern.moe_mlp on backend "llmkern", transformers' loop on "torch".
+    """DeepSeek-V2/V3's MoE layer: y = sum_j w_j * expert_{e_j}(x) + shared_experts(x), (w, e) from the router
+    of config.moe_router (ROUTERS: V3's sigmoid group-limited TopkRouter, V2's softmax SoftmaxGroupRouter); the
+    shared experts are one ungated SwiGLU MLP of width config.moe_shared_ffn_dim (n_shared_experts *
+    moe_intermediate_size). Experts as in llama.MoE: llmkern.moe_mlp on backend "llmkern", transformers' loop
+    on "torch".
 
     A llama.MoE with its own route and add_shared (llama.MoE's forward runs them around the experts), so
     that the parallel MoE layers (tensor and expert parallelism) take it as they take Mixtral's."""
@@ -278,15 +330,18 @@ class DeepseekMoE(MoE):
     def __init__(self, cfg, backend="torch"):
         nn.Module.__init__(self)  # (not MoE.__init__: another router and shared experts, transformers' names)
         self.n_experts, self.top_k, self.renormalize = cfg.n_experts, cfg.n_experts_per_tok, cfg.moe_renormalize
-        self.gate = TopkRouter(cfg)
+        if cfg.moe_router not in ROUTERS:
+            raise ValueError(f"DeepseekMoE needs config.moe_router in {tuple(ROUTERS)}, got {cfg.moe_router!r}")
+        self.gate = ROUTERS[cfg.moe_router](cfg)
         self.experts = Experts(cfg.n_experts, cfg.n_embd, cfg.moe_ffn_dim)
         self.shared_experts = MLP(cfg, backend, width=cfg.moe_shared_ffn_dim) if cfg.moe_shared_ffn_dim else None
         self.shared_expert = self.shared_expert_gate = None  # (llama.MoE's gated Qwen2-MoE expert: none here)
         self.backend_name = backend
 
     def route(self, x, router_logits=None):
-        """x [B, T, d] -> (weights [B, T, k] float32, ids [B, T, k]) from TopkRouter. Aux-loss-free: no router
-        logits are handed out (router_logits, if a list, is left as it is)."""
+        """x [B, T, d] -> (weights [B, T, k] float32, ids [B, T, k]) from the router (gate). No aux loss (V3 is
+        aux-loss-free; transformers' V2 computes none): no router logits are handed out (router_logits, if a
+        list, is left as it is)."""
         return self.gate(x)
 
     def add_shared(self, x, y):

@@ -42,8 +42,18 @@ Supported config.json model_types:
            num_hidden_layers) are ignored with a warning, as transformers ignores them. Refused, naming the key:
            topk_method other than "noaux_tc", scoring_func other than "sigmoid", moe_layer_freq != 1 (keys of
            DeepSeek's own code that transformers ignores), quantization_config, attention_bias,
-           num_key_value_heads != num_attention_heads, another hidden_act. deepseek_v2 (a softmax router):
-           not supported.
+           num_key_value_heads != num_attention_heads, another hidden_act.
+  deepseek_v2  DeepseekV2ForCausalLM (DeepSeek-V2, V2-Lite with q_lora_rank null) -> the same Llama with MLA
+           (V2's RoPE always rotates interleaved pairs; YaRN's mscale_all_dim scale as V3) and, from layer
+           first_k_dense_replace on (default 0), V2's MoE (moe_router "softmax_group"): float32 softmax scores,
+           topk_method "greedy" (plain top-k; n_group / topk_group ignored, as transformers does) or
+           "group_limited_greedy" (the best topk_group of n_group groups by their best score, then top-k), no
+           selection bias, no renormalisation (transformers' V2 router has none), times routed_scaling_factor;
+           n_shared_experts ungated. No aux loss, as transformers. Refused, naming the key: another topk_method,
+           scoring_func other than "softmax", moe_layer_freq != 1, norm_topk_prob true and rope_interleave false
+           (DeepSeek's own code would renormalise / the key would mean another RoPE; transformers ignores both),
+           quantization_config, attention_bias, mlp_bias, num_key_value_heads != num_attention_heads, another
+           hidden_act.
 Expert weights load from either checkpoint layout: one tensor per expert (Mixtral's
 block_sparse_moe.experts.{e}.w1/w3/w2, Qwen's mlp.experts.{e}.gate_proj/up_proj/down_proj, which is what
 transformers 5's save_pretrained writes) or the stacked mlp.experts.gate_up_proj / down_proj.
@@ -77,7 +87,7 @@ from llmkern.models.llama import Llama
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")  # the zoo's Llama loads
 MOE_FAMILY = ("mixtral", "qwen2_moe", "qwen3_moe")
 GEMMA_FAMILY = ("gemma", "gemma2", "gemma3_text")  # also the zoo's Llama, with the Gemma options
-DEEPSEEK_FAMILY = ("deepseek_v3",)  # the zoo's Llama with MLA and the sigmoid-routed MoE
+DEEPSEEK_FAMILY = ("deepseek_v3", "deepseek_v2")  # the zoo's Llama with MLA and DeepSeek's MoE (deepseek.py)
 
 
 def _load_state(path):
@@ -446,74 +456,121 @@ def _moe_options(hf, family):
 # per-expert checkpoint names (gate, up, down) of each family: stacked into gate_up_proj / down_proj
 _EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
                  "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
-                 "deepseek_v3": ("gate_proj", "up_proj", "down_proj")}
+                 "deepseek_v3": ("gate_proj", "up_proj", "down_proj"),
+                 "deepseek_v2": ("gate_proj", "up_proj", "down_proj")}
 
 
-# DeepseekV3Config's defaults (transformers 5), for keys a config.json may leave out
-_DEEPSEEK_DEFAULTS = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-                          num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=None, n_shared_experts=1,
-                          n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536,
-                          qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4,
-                          num_experts_per_tok=8, first_k_dense_replace=3, norm_topk_prob=True, hidden_act="silu",
-                          max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                          rope_interleave=True, attention_bias=False, num_nextn_predict_layers=1)
-# keys of the original DeepSeek code's config.json that transformers' DeepseekV3 ignores, and their only value
-# that means what it runs (anything else would load silently different: refused)
-_DEEPSEEK_FIXED = dict(topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1)
+# DeepseekV3Config's / DeepseekV2Config's defaults (transformers 5), for keys a config.json may leave out
+_DEEPSEEK_DEFAULTS = {
+    "deepseek_v3": dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                        num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=None, n_shared_experts=1,
+                        n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536,
+                        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4,
+                        num_experts_per_tok=8, first_k_dense_replace=3, norm_topk_prob=True, hidden_act="silu",
+                        max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                        rope_interleave=True, attention_bias=False, num_nextn_predict_layers=1),
+    "deepseek_v2": dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008, moe_intermediate_size=1407,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None, n_shared_experts=2,
+                        n_routed_experts=64, routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=1536,
+                        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=None, topk_group=None,
+                        topk_method="greedy", num_experts_per_tok=None, first_k_dense_replace=0,
+                        norm_topk_prob=False, hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-6,
+                        tie_word_embeddings=False, attention_bias=False, mlp_bias=False),
+}
+# keys of the original DeepSeek code's config.json that transformers' DeepseekV3 / DeepseekV2 ignores, and their
+# only value that means what it runs (anything else would load silently different: refused). DeepSeek-V2's own
+# code renormalises the routing weights when norm_topk_prob is set, and reads no rope_interleave (its RoPE, as
+# transformers' V2, always rotates interleaved pairs)
+_DEEPSEEK_FIXED = {
+    "deepseek_v3": dict(topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1),
+    "deepseek_v2": dict(scoring_func="softmax", moe_layer_freq=1, norm_topk_prob=False, rope_interleave=True),
+}
+_DEEPSEEK_WHY = {  # (family, key) -> what transformers runs instead; default: the family's router
+    ("deepseek_v3", None): "DeepSeek-V3's router; transformers' DeepseekV3 ignores the key and runs that one",
+    ("deepseek_v2", None): "DeepSeek-V2's softmax router; transformers' DeepseekV2 ignores the key and runs that one",
+    ("deepseek_v2", "norm_topk_prob"): "transformers' DeepseekV2 ignores the key and never renormalises the routing "
+                                       "weights; DeepSeek's own code would",
+    ("deepseek_v2", "rope_interleave"): "transformers' DeepseekV2 ignores the key and always rotates interleaved "
+                                        "pairs",
+}
+# DeepSeek-V2's topk_method values (transformers' DeepseekV2TopkRouter runs these two; anything else fails there)
+_V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 
 
-def _deepseek_refusals(hf):
-    """ValueError, naming the key, for DeepSeek-V3 configs transformers would run differently from the
-    checkpoint's intent or not at all, and for what the zoo does not do."""
-    fam = "deepseek_v3"
-    for key, ok in _DEEPSEEK_FIXED.items():
+def _deepseek_refusals(hf, fam):
+    """ValueError, naming the key, for DeepSeek-V3 / V2 configs (fam: the model_type) transformers would run
+    differently from the checkpoint's intent or not at all, and for what the zoo does not do."""
+    for key, ok in _DEEPSEEK_FIXED[fam].items():
         if hf.get(key) not in (None, ok):
-            raise ValueError(f"from_hf: {fam} config {key}={hf[key]!r} is not supported (only {ok!r}: DeepSeek-V3's "
-                             f"router; transformers' DeepseekV3 ignores the key and runs that one)")
+            why = _DEEPSEEK_WHY.get((fam, key), _DEEPSEEK_WHY[fam, None])
+            raise ValueError(f"from_hf: {fam} config {key}={hf[key]!r} is not supported (only {ok!r}: {why})")
+    if fam == "deepseek_v2" and hf.get("topk_method") not in _V2_TOPK_METHODS:
+        raise ValueError(f"from_hf: {fam} config topk_method={hf.get('topk_method')!r} is not supported (only "
+                         f"{', '.join(repr(m) for m in _V2_TOPK_METHODS)}, which transformers' DeepseekV2 runs)")
     if hf.get("quantization_config") is not None:
         raise ValueError(f"from_hf: {fam} config quantization_config is not supported (quantized weights, e.g. the "
                          f"fp8 release: dequantize the checkpoint first)")
     if hf.get("hidden_act") != "silu":
         raise ValueError(f"from_hf: {fam} config hidden_act={hf.get('hidden_act')!r} is not supported (only 'silu')")
+    # (q_a_proj / kv_a_proj_with_mqa / o_proj biases: MLAttention could hold them, but ModelConfig's qkv_bias /
+    # o_bias and the parameter counts (llmkern.flops) mean the per-head q/k/v biases; no DeepSeek release has them)
     if _bool_key(hf, "attention_bias", fam):
         raise ValueError(f"from_hf: {fam} config attention_bias=True is not supported")
+    if fam == "deepseek_v2" and _bool_key(hf, "mlp_bias", fam):
+        raise ValueError(f"from_hf: {fam} config mlp_bias=True is not supported (biases on the dense MLPs and "
+                         f"shared experts)")
     heads, kv = hf["num_attention_heads"], hf["num_key_value_heads"]
     if kv is not None and kv != heads:  # (transformers' MLA repeats kv_b_proj's heads: it cannot run either)
         raise ValueError(f"from_hf: {fam} config num_key_value_heads={kv!r} must equal num_attention_heads={heads} "
                          f"(MLA makes one key/value head per query head)")
 
 
-def _deepseek_scale(rope, qk_head_dim):
+def _deepseek_scale(rope, qk_head_dim, fam="deepseek_v3"):
     """The softmax scale: qk_head_dim ** -0.5, times YaRN's mscale(factor, mscale_all_dim) squared when
     rope_parameters has a rope_type other than default and a nonzero mscale_all_dim (transformers'
-    yarn_apply_mscale); None when that is plain qk_head_dim ** -0.5."""
+    yarn_apply_mscale, the same in V2 and V3); None when that is plain qk_head_dim ** -0.5."""
     kind = rope.get("rope_type", rope.get("type", "default"))
     m_all = rope.get("mscale_all_dim")
     if kind == "default" or not m_all:
         return None
-    factor = _positive(rope, "factor", "deepseek_v3 rope_parameters")
+    factor = _positive(rope, "factor", f"{fam} rope_parameters")
     return qk_head_dim ** -0.5 * yarn_mscale(factor, m_all) * yarn_mscale(factor, m_all)
 
 
-def _deepseek_groups(moe):
+def _deepseek_groups(moe, fam="deepseek_v3"):
     """The router's group limit, checked under config.json's names (ModelConfig checks the same as moe_n_group ...):
-    n_group must split n_routed_experts into groups of >= 2 (groups rank by their top-2 scores), topk_group lie
-    in 1..n_group, and the kept groups hold num_experts_per_tok experts."""
+    n_group must split n_routed_experts into equal groups (V3: of >= 2, as groups rank by their top-2 scores),
+    topk_group lie in 1..n_group, and the kept groups hold num_experts_per_tok experts."""
     E, k, G, Gk = moe["n_experts"], moe["n_experts_per_tok"], moe["moe_n_group"], moe["moe_topk_group"]
-    if E % G or E // G < 2:
-        raise ValueError(f"from_hf: deepseek_v3 config n_group={G} must divide n_routed_experts={E} into groups of "
-                         f">= 2 experts")
+    least = 2 if fam == "deepseek_v3" else 1
+    if E % G or E // G < least:
+        raise ValueError(f"from_hf: {fam} config n_group={G} must divide n_routed_experts={E} into groups"
+                         f"{' of >= 2 experts' if least == 2 else ''}")
     if Gk > G or k > Gk * (E // G):
-        raise ValueError(f"from_hf: deepseek_v3 config topk_group={Gk} must be <= n_group={G} and keep "
+        raise ValueError(f"from_hf: {fam} config topk_group={Gk} must be <= n_group={G} and keep "
                          f"num_experts_per_tok={k} experts (groups of {E // G})")
 
 
+def _deepseek_router(hf, fam):
+    """The router's ModelConfig fields: V3's sigmoid router (n_group / topk_group, norm_topk_prob), or V2's
+    softmax router: topk_method "greedy" is one group (transformers then ignores n_group / topk_group),
+    "group_limited_greedy" reads them; never renormalised (transformers' V2 ignores norm_topk_prob, refused
+    when true)."""
+    if fam == "deepseek_v3":
+        return dict(moe_router="sigmoid", moe_renormalize=_bool_key(hf, "norm_topk_prob", fam),
+                    moe_n_group=_int_key(hf, "n_group", fam), moe_topk_group=_int_key(hf, "topk_group", fam))
+    if hf["topk_method"] == "greedy":
+        return dict(moe_router="softmax_group", moe_renormalize=False, moe_n_group=1, moe_topk_group=1)
+    return dict(moe_router="softmax_group", moe_renormalize=False, moe_n_group=_int_key(hf, "n_group", fam),
+                moe_topk_group=_int_key(hf, "topk_group", fam))
+
+
 def deepseek_config(hf):
-    """The zoo ModelConfig of a DeepSeek-V3 config.json (see the module docstring). Raises ValueError, naming
-    the config key, for what the zoo cannot express."""
-    fam = "deepseek_v3"
-    hf = {**_DEEPSEEK_DEFAULTS, **hf}
-    _deepseek_refusals(hf)
+    """The zoo ModelConfig of a DeepSeek-V3 or DeepSeek-V2 config.json (model_type "deepseek_v3" / "deepseek_v2";
+    see the module docstring). Raises ValueError, naming the config key, for what the zoo cannot express."""
+    fam = hf.get("model_type", "deepseek_v3")
+    hf = {**_DEEPSEEK_DEFAULTS[fam], **hf}
+    _deepseek_refusals(hf, fam)
     theta, rope = _rope_parameters(hf)
     try:
         scaling = _check_rope_scaling(rope, "llama")
@@ -525,19 +582,19 @@ def deepseek_config(hf):
                          f"num_hidden_layers={n}")
     nope, rope_dim = _int_key(hf, "qk_nope_head_dim", fam, low=0), _int_key(hf, "qk_rope_head_dim", fam)
     q_rank = None if hf.get("q_lora_rank") is None else _int_key(hf, "q_lora_rank", fam)
+    # (V2 always rotates interleaved pairs; V3 per rope_interleave)
+    interleave = True if fam == "deepseek_v2" else _bool_key(hf, "rope_interleave", fam)
     mla = dict(kv_lora_rank=_int_key(hf, "kv_lora_rank", fam), q_lora_rank=q_rank, qk_rope_head_dim=rope_dim,
-               v_head_dim=_int_key(hf, "v_head_dim", fam), rope_interleave=_bool_key(hf, "rope_interleave", fam),
-               head_dim=nope + rope_dim, attn_scale=_deepseek_scale(rope, nope + rope_dim))
+               v_head_dim=_int_key(hf, "v_head_dim", fam), rope_interleave=interleave,
+               head_dim=nope + rope_dim, attn_scale=_deepseek_scale(rope, nope + rope_dim, fam))
     F = _int_key(hf, "moe_intermediate_size", fam)
     moe = dict(n_experts=_int_key(hf, "n_routed_experts", fam),
                n_experts_per_tok=_int_key(hf, "num_experts_per_tok", fam), moe_ffn_dim=F,
-               moe_renormalize=_bool_key(hf, "norm_topk_prob", fam), moe_router="sigmoid",
                # (ungated, one MLP; 0 is refused: transformers then saves zero-width shared-expert weights)
                moe_shared_ffn_dim=_int_key(hf, "n_shared_experts", fam) * F,
-               moe_n_group=_int_key(hf, "n_group", fam), moe_topk_group=_int_key(hf, "topk_group", fam),
                moe_routed_scaling=_positive(hf, "routed_scaling_factor", fam),
-               moe_layers=tuple(range(first, n)) if first else None)
-    _deepseek_groups(moe)
+               moe_layers=tuple(range(first, n)) if first else None, **_deepseek_router(hf, fam))
+    _deepseek_groups(moe, fam)
     try:
         return ModelConfig(arch="llama", vocab_size=hf["vocab_size"], n_layer=n, n_head=hf["num_attention_heads"],
                            n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
@@ -644,11 +701,11 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
     and safetensors weights), in eval mode.
 
     model_type "gpt2" gives a GPT; "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
-    "qwen3_moe", "gemma", "gemma2", "gemma3_text" and "deepseek_v3" give a Llama whose config carries the
-    family's options (Mistral's sliding window, Qwen2's q/k/v biases and per-layer sliding windows, Qwen3's
-    qk-norm and head_dim, the MoE families' experts, Gemma's GeGLU, norms, scales and soft-caps, DeepSeek-V3's
-    latent attention and sigmoid router; see the module docstring). The logits equal those
-    of transformers' *ForCausalLM on the same checkpoint. Unsupported configurations raise ValueError
+    "qwen3_moe", "gemma", "gemma2", "gemma3_text", "deepseek_v3" and "deepseek_v2" give a Llama whose config
+    carries the family's options (Mistral's sliding window, Qwen2's q/k/v biases and per-layer sliding windows,
+    Qwen3's qk-norm and head_dim, the MoE families' experts, Gemma's GeGLU, norms, scales and soft-caps,
+    DeepSeek's latent attention and V3's sigmoid / V2's softmax router; see the module docstring). The logits
+    equal those of transformers' *ForCausalLM on the same checkpoint. Unsupported configurations raise ValueError
     naming the config key. dtype/device: cast and move the model after loading (the RoPE frequencies
     stay float32)."""
     cfg_file = os.path.join(path, "config.json")
@@ -670,7 +727,7 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
             deepseek_config(hf)
         state = _strip(_load_state(path), ("model.",))
         cfg = _resolve_tie(cfg, state, "embed_tokens.weight")
-        if mtype in DEEPSEEK_FAMILY:
+        if mtype == "deepseek_v3":  # (DeepSeek-V2 has no multi-token prediction)
             state = _drop_mtp_layers(state, cfg, hf)
         if mtype in MOE_FAMILY or mtype in DEEPSEEK_FAMILY:
             state = _stack_experts(state, cfg, mtype)

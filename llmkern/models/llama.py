@@ -19,7 +19,8 @@ before their residual adds), the attention scale attn_scale, tanh soft-capping o
 (rope_local_theta).
 
 With config.kv_lora_rank > 0 and moe_router "sigmoid" it is DeepSeek-V3 (deepseek.py: multi-head latent
-attention, the aux-loss-free group-limited sigmoid router, ungated shared experts).
+attention, the aux-loss-free group-limited sigmoid router, ungated shared experts); with moe_router
+"softmax_group" DeepSeek-V2 (the same with V2's softmax router, greedy or group-limited).
 
 With config.n_experts > 0 it is also Mixtral / Qwen2-MoE / Qwen3-MoE: the MLP of each MoE layer
 (config.moe_layers, default all) is a sparse mixture of experts (MoE below: a router `gate`, experts
@@ -356,7 +357,7 @@ class Block(nn.Module):
     def __init__(self, cfg, backend, layer=0):
         super().__init__()
         d, eps, off = cfg.n_embd, cfg.norm_eps, cfg.norm_offset
-        # DeepSeek-V3's multi-head latent attention and sigmoid-routed MoE live in deepseek.py (imported here:
+        # DeepSeek-V2/V3's multi-head latent attention and MoE (DeepseekMoE) live in deepseek.py (imported here:
         # it builds on this module's RMSNorm, MLP and experts)
         from llmkern.models.deepseek import DeepseekMoE, MLAttention
 
@@ -367,7 +368,7 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(d, eps, backend, off)
             self.post_feedforward_layernorm = RMSNorm(d, eps, backend, off)
         self.post_norms = cfg.post_norms
-        moe = DeepseekMoE if cfg.moe_router == "sigmoid" else MoE
+        moe = DeepseekMoE if cfg.deepseek_moe else MoE
         self.mlp = moe(cfg, backend) if cfg.layer_is_moe(layer) else MLP(cfg, backend)
 
     def forward(self, x, cos, sin, cache=None, layer=None, prefix=None, kpm=None, router_logits=None):
@@ -413,7 +414,7 @@ class Llama(ZooModel):
 
     def hf_module_names(self):
         """{zoo nn.Linear name: HFModule}: where each linear layer sits in transformers'
-        LlamaForCausalLM (and Mistral/Qwen2/Qwen3/Gemma/Gemma2/Gemma3/DeepseekV3ForCausalLM, which use the
+        LlamaForCausalLM (and Mistral/Qwen2/Qwen3/Gemma/Gemma2/Gemma3/DeepseekV2/V3ForCausalLM, which use the
         same names, MLA's projections included; the norms are not linear layers). The names are the same, but
         HF keeps the decoder under `model.`:
         layers.{i}.self_attn.q_proj here is model.layers.{i}.self_attn.q_proj there; lm_head is
@@ -428,7 +429,7 @@ class Llama(ZooModel):
             mlp = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
             if not c.layer_is_moe(i):
                 subs += mlp
-            elif c.moe_shared_ffn_dim and c.moe_router == "sigmoid":  # DeepSeek's ungated shared experts
+            elif c.moe_shared_ffn_dim and c.deepseek_moe:  # DeepSeek's ungated shared experts
                 subs += [m.replace("mlp.", "mlp.shared_experts.") for m in mlp]
             elif c.moe_shared_ffn_dim:  # Qwen2-MoE's shared expert and its gate are nn.Linear there too
                 subs += [m.replace("mlp.", "mlp.shared_expert.") for m in mlp] + ["mlp.shared_expert_gate"]
