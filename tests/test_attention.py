@@ -662,6 +662,23 @@ def test_autocast_behaves_like_sdpa(monkeypatch, backend):
     assert_close(out, llmkern.attention(q.to(low), k.to(low), v.to(low), causal=True, softcap=5.0), low)
 
 
+def test_autocast_with_keyword_arguments():
+    """k / v (and the KV cache) passed by keyword are cast as positional ones are (they raised a dtype error)."""
+    q, k, v = _qkv(1, 2, 1, 6, 9, 16, torch.float32, device="cpu", requires_grad=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = llmkern.attention(q, k, v, causal=True)
+        assert torch.equal(llmkern.attention(q, k=k, v=v, causal=True), want)
+        assert torch.equal(llmkern.attention(q=q, k=k, v=v, causal=True), want)
+        cu, cuk = torch.tensor([0, 6], dtype=torch.int32), torch.tensor([0, 9], dtype=torch.int32)
+        t = (q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1))
+        assert torch.equal(llmkern.attention_varlen(t[0], k=t[1], v=t[2], cu_seqlens_q=cu, cu_seqlens_k=cuk),
+                           llmkern.attention_varlen(*t, cu, cuk))
+        kc, vc = torch.randn(1, 1, 12, 16), torch.randn(1, 1, 12, 16)
+        got = llmkern.attention_with_kvcache(q[:, :, :1], k_cache=kc, v_cache=vc, cache_seqlens=3)
+        assert got.dtype == torch.float32  # the cache's dtype
+        assert torch.equal(got, llmkern.attention_with_kvcache(q[:, :, :1], kc, vc, 3))
+
+
 def test_vmap_runs_through_the_custom_op():
     """Under vmap the eager fast path (an autograd.Function without setup_context) is skipped."""
     q = torch.randn(3, 1, 2, 5, 16)

@@ -399,3 +399,13 @@ def test_eager_calls_skip_the_custom_op_with_the_same_results(triton_backend, mo
     (op_grad,) = torch.autograd.grad(op.sum(), (logits,))
     assert called and len(fast) == 1
     assert torch.equal(eager, op) and torch.equal(eager_grad, op_grad)
+
+
+def test_double_backward_raises_on_the_kernel_path(triton_backend):
+    """A double backward through the kernels raises (as through the custom op) instead of returning a first
+    gradient detached from the graph (a gradient penalty would silently count as zero)."""
+    logits = torch.randn(6, 40, requires_grad=True)
+    labels = torch.randint(0, 40, (6,))
+    (g,) = torch.autograd.grad(llmkern.cross_entropy(logits, labels), logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.pow(2).sum().backward()

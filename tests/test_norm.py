@@ -520,3 +520,14 @@ def test_gpu_bf16_vs_transformers_and_torch():
     b = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(llmkern.layer_norm(x, mod.weight, b), F.layer_norm(x, (4096,), mod.weight, b),
                                atol=2e-2, rtol=2e-2)
+
+
+def test_double_backward_raises_on_the_kernel_path(triton_backend):
+    """The kernels' gradients are not differentiable: a double backward raises (as through the custom op),
+    instead of a first gradient detached from the graph that silently drops a gradient-penalty term."""
+    x = torch.randn(4, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    for y in (llmkern.rms_norm(x, w, 1e-6), llmkern.layer_norm(x, w, torch.zeros(32), 1e-5)):
+        (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            gx.pow(2).sum().backward()

@@ -1,4 +1,5 @@
 """Argument checks the op files share."""
+import functools
 import math
 import numbers
 
@@ -80,8 +81,8 @@ def eager_twin(name, impl, setup_context, backward, doc, *, once_differentiable=
     implementation) and `setup_context`, and whose backward is the op's registered `backward` (bind its
     backward implementation with functools.partial), so that eager calls skip the torch.library dispatch
     (see eager_fast_path) and save exactly what the op saves. once_differentiable: a double backward
-    raises (the kernels' gradients are not differentiable), as it does through the op;
-    materialize_grads=False: gradients of unused outputs stay None, as under the op."""
+    raises (the kernels' gradients are not differentiable), as it does through the op (see
+    _once_differentiable); materialize_grads=False: gradients of unused outputs stay None, as under the op."""
 
     def forward(ctx, *inputs):
         output = impl(*inputs)
@@ -94,9 +95,42 @@ def eager_twin(name, impl, setup_context, backward, doc, *, once_differentiable=
         return backward(ctx, *grads)
 
     if once_differentiable:
-        run_backward = torch.autograd.function.once_differentiable(run_backward)
+        run_backward = _once_differentiable(run_backward)
     return type(name, (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(run_backward), "__doc__": doc})
+
+
+def _once_differentiable(backward):
+    """torch.autograd.function.once_differentiable, but also when the incoming gradients do not require grad.
+    Under create_graph=True the gradients a kernel returns depend on the saved inputs (logits, x, weights),
+    which require grad, so the custom op's gradient requires grad and a backward through it raises. PyTorch's
+    decorator looks at the incoming gradients only: for a loss's own gradient (ones) it returned plain tensors,
+    and a gradient penalty built on them silently counted as a constant. Here every gradient made under
+    create_graph raises when differentiated."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outputs
+        many = isinstance(outputs, tuple)
+        outs = outputs if many else (outputs,)
+        err = torch._C._functions.DelayedError(b"trying to differentiate twice a function that was marked with "
+                                                b"@once_differentiable (llmkern's kernels give first-order "
+                                                b"gradients only)", len(outs))
+
+        def fake_requires_grad(t):
+            if t is None:
+                return None
+            t = t.detach()
+            t.requires_grad = True
+            return t
+
+        wrapped = err(*[fake_requires_grad(t) for t in outs])
+        wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+        wrapped = tuple(None if o is None else w for o, w in zip(outs, wrapped))
+        return wrapped if many else wrapped[0]
+    return wrapper
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

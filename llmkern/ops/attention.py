@@ -22,6 +22,7 @@ The backward is deterministic (bitwise identical run to run): dK/dV and dQ are e
 program, no atomics (FlashAttention-2's default backward accumulates dQ with atomics and is not).
 """
 import functools
+import inspect
 import math
 import numbers
 from typing import Optional, Tuple
@@ -362,18 +363,23 @@ def _like_sdpa_under_autocast(fn):
     reference, kernels) gives the same output dtype and the float32 softmax statistics and LSE the
     docs promise. The KV-cache call casts q and the new k/v to the cache's dtype instead (the
     cache is updated in place and keeps its dtype)."""
+    sig = inspect.signature(fn)
+    kv_cache = fn.__name__ == "attention_with_kvcache"
+
     @functools.wraps(fn)
     def wrapper(q, *args, **kw):
         dt = _checks.autocast_dtype(q)
         if dt is None:
             return fn(q, *args, **kw)
+        bound = sig.bind(q, *args, **kw)  # (k, v / k_cache may come by position or by keyword, as SDPA's)
+        a = bound.arguments
+        if kv_cache:  # q and the new k/v take the cache's dtype
+            dt = a["k_cache"].dtype if isinstance(a.get("k_cache"), torch.Tensor) else dt
+        for name in ("q", "k", "v"):
+            if name in a:
+                a[name] = _checks.autocast_cast(dt, a[name])
         with torch.autocast(q.device.type, enabled=False):
-            if fn.__name__ == "attention_with_kvcache":  # args[0]: the key cache
-                dt = args[0].dtype if args and isinstance(args[0], torch.Tensor) else dt
-                kw = {n: _checks.autocast_cast(dt, t) if n in ("k", "v") else t for n, t in kw.items()}
-                return fn(_checks.autocast_cast(dt, q), *args, **kw)
-            args = tuple(_checks.autocast_cast(dt, t) for t in args[:2]) + args[2:]  # k, v
-            return fn(_checks.autocast_cast(dt, q), *args, **kw)
+            return fn(*bound.args, **bound.kwargs)
     return wrapper
 
 

@@ -189,8 +189,7 @@ _ce_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 _CrossEntropyFunction = _checks.eager_twin("_CrossEntropyFunction", _fwd_impl, _setup_context,
                                            functools.partial(_backward, bwd=_bwd_impl),
-                                           "The eager twin of llmkern::cross_entropy_fwd / _bwd.",
-                                           once_differentiable=False)
+                                           "The eager twin of llmkern::cross_entropy_fwd / _bwd.")
 
 
 def _ce_fwd(logits, labels, *args):

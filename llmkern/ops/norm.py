@@ -252,10 +252,10 @@ _ln_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup)
 
 _RMSNormFunction = _checks.eager_twin("_RMSNormFunction", _rms_fwd_impl, _rms_setup,
                                       functools.partial(_rms_backward, bwd=_rms_bwd_impl),
-                                      "The eager twin of llmkern::rms_norm_fwd / _bwd.", once_differentiable=False)
+                                      "The eager twin of llmkern::rms_norm_fwd / _bwd.")
 _LayerNormFunction = _checks.eager_twin("_LayerNormFunction", _ln_fwd_impl, _ln_setup,
                                         functools.partial(_ln_backward, bwd=_ln_bwd_impl),
-                                        "The eager twin of llmkern::layer_norm_fwd / _bwd.", once_differentiable=False)
+                                        "The eager twin of llmkern::layer_norm_fwd / _bwd.")
 
 
 def _finish(out, return_residual):
