@@ -18,11 +18,21 @@ early (eos) are filled with pad_token_id, as transformers' generate does (which,
 finished beams with eos when pad_token_id is 0).
 
 Strategies (the seed deck's decoding slide):
-  greedy  argmax of the (penalised, masked) logits — llmkern.sample with temperature=0.
+  greedy  argmax of the (biased, penalised, masked) logits — llmkern.sample with temperature=0.
   sample  llmkern.sample: temperature p_i = exp(o_i/T)/Σ_j exp(o_j/T), top-k, top-p, min-p,
           repetition/presence/frequency penalties, logit_bias; reproducible with seed=.
   beam    beam search with transformers' semantics (num_beams, length_penalty, early_stopping in
           {True, False, "never"}, num_return_sequences): the same sequences as HF generate.
+Penalties and bias (greedy and sample), in HF's and vLLM's order: logit_bias is added first, then
+the repetition penalty (HF's; it counts the prompt and the generated tokens, as HF and vLLM), then
+presence_penalty and frequency_penalty (OpenAI's; they count the generated tokens only, as vLLM and
+OpenAI: llmkern.sample's output_start is the prompt length).
+Per-row values: temperature, top_k, top_p, min_p, the penalties and seed take a scalar or a [B] tensor
+(one value per prompt), logit_bias [V] or [B, V]; with num_return_sequences = R > 1 a per-prompt value
+applies to each of its R sequences (rows B * R, prompt-major; a [B * R] / [B * R, V] tensor gives one
+per sequence), and a [B] seed gives sequence j of prompt b the seed seed[b] + j (an int seed s gives
+row r the seed s + r), so a prompt generated alone with its values draws the same tokens (with a
+draft model, see below). Beam search takes logit_bias [V] or [B, V] (added to every beam of the prompt).
 Guided decoding (any strategy):
   allowed_tokens  bool [V] or [B, V] (True = allowed), or a function (sequences [N, t]) -> bool
                   [N, V] or [V] called every step (grammars, tries, vocabulary subsets).
@@ -30,7 +40,7 @@ Guided decoding (any strategy):
                   + Σ_i α_i f_i(x_{t+1}); each scorer is (α_i, f_i) or f_i (α = 1), where
                   f_i(sequences [N, t], log_probs [N, V]) -> [N, V] feature values. Beam search
                   ranks beams by this score; greedy takes its argmax; sampling adds Σ α_i f_i to
-                  the logits.
+                  the biased, penalised logits.
 Speculative decoding (draft_model=, greedy or sample; Leviathan et al. 2023, Chen et al. 2023):
   each step the draft proposes k = num_draft_tokens tokens one by one over its own KV cache, the
   target scores the k + 1 positions in one forward over its cache, llmkern.speculative_accept keeps
@@ -46,8 +56,14 @@ Speculative decoding (draft_model=, greedy or sample; Leviathan et al. 2023, Che
   row whose draft cache already held the first one reads it again). K is num_draft_tokens, lowered
   near the end so that the row furthest ahead still fits in T + max_new_tokens and the one furthest
   behind uses all K (a row keeps at most the tokens it has left). Rows that have finished ride along
-  at cache length 0, their outputs ignored. Each row is thus decoded as it would be alone, and the
-  output stays exactly the target's distribution. One host sync per step (the loop's stop test).
+  at cache length 0, their outputs ignored. What holds per row, whatever the batch: its output is
+  distributed exactly as the target's (K is fixed before a step's draws, and every K keeps the
+  distribution exact), and greedy rows emit plain greedy's tokens (as above). What does not: a
+  sampled row's seeded tokens may differ from those it draws alone. K is shared by the batch, so in
+  the last steps (once some row has at most num_draft_tokens tokens left) it depends on how far the
+  other rows got, and a different K changes the draws a row makes (a bonus token where a longer run
+  would test one more proposal). Plain sampling's seeded rows do not depend on the batch. One host
+  sync per step (the loop's stop test).
   Not supported with a draft model (ValueError): beam search, repetition / presence / frequency
   penalties, scorers, allowed_tokens given as a function, use_cache=False. return_dict=True adds
   num_draft_tokens [N] (proposals made while the row ran, those beyond its remaining max_new_tokens
@@ -214,6 +230,13 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                            dict(repetition_penalty=(repetition_penalty, 1.0), presence_penalty=(presence_penalty, 0.0),
                                 frequency_penalty=(frequency_penalty, 0.0)),
                            allowed_tokens, scorers, use_cache, model)
+    if strategy != "beam" or draft_model is not None:  # per-prompt tensors -> per returned sequence
+        B, R = input_ids.shape[0], num_return_sequences
+        temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias, \
+            seed = (_per_sequence(name, v, B, R) for name, v in (
+                ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
+                ("repetition_penalty", repetition_penalty), ("presence_penalty", presence_penalty),
+                ("frequency_penalty", frequency_penalty), ("logit_bias", logit_bias), ("seed", seed)))
     was_training = model.training
     draft_training = draft_model.training if draft_model is not None else None
     model.eval()
@@ -232,7 +255,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                                  min_p=(min_p, 0.0), repetition_penalty=(repetition_penalty, 1.0),
                                  presence_penalty=(presence_penalty, 0.0), frequency_penalty=(frequency_penalty, 0.0))
             for name, (v, default) in sampling_args.items():
-                if v != default:
+                if torch.is_tensor(v) or v != default:
                     raise ValueError(f"{name} is a sampling option; strategy='beam' does not take it")
             if not isinstance(num_beams, int) or num_beams < 1:
                 raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
@@ -260,6 +283,27 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
         if draft_model is not None:
             draft_model.train(draft_training)
     return out if return_dict else out.sequences
+
+
+def _per_sequence(name, v, B, R):
+    """A per-prompt tensor (first dimension B) -> one row per returned sequence (B * R rows, prompt-major,
+    as input_ids.repeat_interleave(R) and a per-prompt allowed_tokens): the prompt's value repeated, except
+    seeds: sequence j of prompt b gets seed[b] + j (distinct sequences; an int seed s gives row r s + r, so
+    a prompt run alone with seed[b] draws the same). Scalars, 0-dim tensors, a [V] logit_bias and tensors
+    already per sequence (B * R rows) are returned as they are."""
+    if R == 1 or not torch.is_tensor(v) or v.dim() == 0 or (name == "logit_bias" and v.dim() == 1):
+        return v
+    if v.shape[0] == B * R:
+        return v
+    if v.shape[0] != B:
+        shape = "[B]" if name != "logit_bias" else "[B, V]"
+        raise ValueError(f"{name} must be a scalar, a {shape} tensor with one row per prompt ({B}) or per returned "
+                         f"sequence ({B * R}, num_return_sequences={R}), got {tuple(v.shape)}")
+    if name == "seed":
+        if v.dtype == torch.bool or v.is_floating_point() or v.is_complex():
+            raise TypeError(f"seed must be an int or an integer tensor, got {v.dtype}")
+        return v.repeat_interleave(R) + torch.arange(R, device=v.device, dtype=v.dtype).repeat(B)
+    return v.repeat_interleave(R, dim=0)
 
 
 def _check_top_logprobs(k, strategy, return_dict, draft_model):
@@ -723,12 +767,19 @@ def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_p
     logits = step(input_ids, T0).repeat_interleave(K, dim=0)
     step.reorder(torch.arange(B, device=dev).repeat_interleave(K))
     batch_offset = torch.arange(B, device=dev).view(-1, 1) * K
+    if logit_bias is not None:  # [V] or per prompt [B, V] -> per beam, as a per-prompt allowed_tokens
+        from llmkern.ops.sampling import _side_tensor
+
+        logit_bias = logit_bias.to(dev) if torch.is_tensor(logit_bias) else logit_bias
+        logit_bias = _side_tensor("logit_bias", logit_bias, B, logits.shape[-1], dev).float()
+        if logit_bias.dim() == 2:
+            logit_bias = logit_bias.repeat_interleave(K, dim=0)
     while True:
         flat = running[:, :, :cur_len].reshape(B * K, cur_len)
         V = logits.shape[-1]
         log_probs = torch.log_softmax(logits, dim=-1)
         if logit_bias is not None:
-            log_probs = log_probs + logit_bias.to(log_probs)
+            log_probs = log_probs + logit_bias
         allow = _allowed(allowed_tokens, flat, V)
         if allow is not None:
             log_probs = log_probs.masked_fill(~allow, float("-inf"))

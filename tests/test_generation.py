@@ -246,3 +246,163 @@ def test_a_sequence_with_no_allowed_token_raises(pairs, strategy):
         return a
     out = generate(m, x, 4, strategy=strategy, allowed_tokens=eos_then_nothing, eos_token_id=7, pad_token_id=PAD, **kw)
     assert (out[:, 5] == 7).all() and out.shape[1] == 6
+
+
+# ---- review regressions ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_logit_bias_before_repetition_penalty_equals_transformers(pairs, arch):
+    """HF's generate adds sequence_bias before the repetition penalty (so does vLLM): with both, our greedy
+    tokens differed from transformers'. Greedy with a (zero) scorer ranks the same processed logits."""
+    m, hf = pairs[arch]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, V, (3, 6), generator=g)
+    bias = torch.randn(V, generator=g) * 0.5
+    kw = dict(repetition_penalty=1.8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = _hf(hf, x, max_new_tokens=10, sequence_bias={(t,): float(bias[t]) for t in range(V)}, **kw)
+    assert torch.equal(generate(m, x, 10, logit_bias=bias, pad_token_id=PAD, **kw), want)
+    zero = lambda s, lp: torch.zeros_like(lp)  # noqa: E731
+    assert torch.equal(generate(m, x, 10, logit_bias=bias, pad_token_id=PAD, scorers=[zero], **kw), want)
+    # per prompt [B, V] with the same rows: the same tokens
+    assert torch.equal(generate(m, x, 10, logit_bias=bias.expand(3, V), pad_token_id=PAD, **kw), want)
+
+
+def _vllm_greedy(m, x, n, rep, pres, freq, bias=None):
+    """Greedy decoding step by step with vLLM's penalties written out: bias, then the repetition penalty over
+    prompt and output tokens, then presence / frequency penalties over the output tokens only."""
+    seqs = x
+    for _ in range(n):
+        y = m(seqs)[:, -1].float()
+        if bias is not None:
+            y = y + bias
+        for r in range(seqs.shape[0]):
+            for t in set(seqs[r].tolist()):
+                y[r, t] = y[r, t] / rep if y[r, t] > 0 else y[r, t] * rep
+            out = seqs[r, x.shape[1]:].tolist()
+            for t in set(out):
+                y[r, t] -= pres + freq * out.count(t)
+        seqs = torch.cat([seqs, y.argmax(-1, keepdim=True)], 1)
+    return seqs
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only(pairs):
+    """vLLM and OpenAI count only generated tokens for presence / frequency penalties (the repetition
+    penalty counts the prompt too): generate counted the prompt for all three, so even the first new token
+    was penalised when the prompt held the unpenalised choice."""
+    m, _ = pairs["llama"]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, V, (64, 12), generator=g)
+    first = generate(m, x, 1)[:, -1]
+    held = (x == first[:, None]).any(-1)  # prompts that hold the token greedy emits first
+    x, first = x[held][:4], first[held][:4]
+    assert x.shape[0] == 4
+    for kw in (dict(presence_penalty=2.0), dict(frequency_penalty=2.0)):
+        assert torch.equal(generate(m, x, 1, **kw)[:, -1], first), kw
+        # sampling: the first draw is the unpenalised one too
+        assert torch.equal(generate(m, x, 1, strategy="sample", seed=3, **kw),
+                           generate(m, x, 1, strategy="sample", seed=3))
+    bias = torch.randn(V, generator=g)
+    for rep, pres, freq in ((1.0, 0.8, 0.0), (1.0, 0.0, 0.6), (1.4, 0.5, 0.3)):
+        kw = dict(repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq)
+        want = _vllm_greedy(m, x, 10, rep, pres, freq, bias)
+        assert torch.equal(generate(m, x, 10, logit_bias=bias, **kw), want), kw
+        zero = lambda s, lp: torch.zeros_like(lp)  # noqa: E731
+        assert torch.equal(generate(m, x, 10, logit_bias=bias, scorers=[zero], **kw), want), kw
+        # temperature -> 0 in sampling (top_k=1) follows the same penalties
+        assert torch.equal(generate(m, x, 10, strategy="sample", top_k=1, seed=0, logit_bias=bias, **kw), want), kw
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample"])
+def test_per_prompt_tensors_with_num_return_sequences(pairs, strategy):
+    """A [B, V] logit_bias and [B] temperature / seed / top_k / penalties failed with num_return_sequences > 1
+    ("must have shape [4], got (2,)"); they apply per prompt, as a [B, V] allowed_tokens does."""
+    m, _ = pairs["llama"]
+    g = torch.Generator().manual_seed(3)
+    B, R = 2, 3
+    x = torch.randint(0, V, (B, 5), generator=g)
+    bias = torch.randn(B, V, generator=g) * 2
+    per_prompt = dict(logit_bias=bias, repetition_penalty=torch.tensor([1.0, 1.5]),
+                      presence_penalty=torch.tensor([0.5, 0.0]))
+    if strategy == "sample":
+        per_prompt.update(temperature=torch.tensor([0.7, 1.3]), top_k=torch.tensor([0, 20]),
+                          top_p=torch.tensor([0.9, 1.0]), min_p=torch.tensor([0.0, 0.05]), seed=torch.tensor([11, 50]))
+    out = generate(m, x, 8, strategy=strategy, num_return_sequences=R, **per_prompt)
+    assert out.shape == (B * R, 13)
+    alone = torch.cat([generate(m, x[b:b + 1], 8, strategy=strategy, num_return_sequences=R,
+                                **{k: v[b:b + 1] for k, v in per_prompt.items()}) for b in range(B)])
+    assert torch.equal(out, alone)
+    explicit = {k: v.repeat_interleave(R, 0) for k, v in per_prompt.items()}
+    if strategy == "sample":  # sequence j of prompt b: seed[b] + j
+        explicit["seed"] = torch.tensor([11, 12, 13, 50, 51, 52])
+        assert len({tuple(r) for r in out[:R].tolist()}) > 1  # distinct sequences, not R copies
+    assert torch.equal(out, generate(m, x.repeat_interleave(R, 0), 8, strategy=strategy, **explicit))
+    assert torch.equal(out, generate(m, x, 8, strategy=strategy, num_return_sequences=R, **explicit))
+    if strategy == "sample":  # an int seed s: row r draws with s + r, the same as the [B] seed [s, s + R]
+        assert torch.equal(generate(m, x, 8, strategy=strategy, num_return_sequences=R, seed=11),
+                           generate(m, x, 8, strategy=strategy, num_return_sequences=R, seed=torch.tensor([11, 14])))
+    with pytest.raises(ValueError, match=r"logit_bias must be .* per prompt \(2\) or per returned sequence \(6"):
+        generate(m, x, 2, strategy=strategy, num_return_sequences=R, logit_bias=torch.zeros(4, V))
+    with pytest.raises(ValueError, match="presence_penalty"):
+        generate(m, x, 2, strategy=strategy, num_return_sequences=R, presence_penalty=torch.zeros(5))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_beam_search_per_prompt_logit_bias(pairs, arch):
+    """A [B, V] logit_bias crashed beam search (log_probs [B * K, V] + bias [B, V]): it is added to every beam
+    of its prompt; a [V] bias equals transformers' sequence_bias."""
+    m, hf = pairs[arch]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, V, (2, 6), generator=g)
+    bias = torch.randn(2, V, generator=g) * 2
+    kw = dict(strategy="beam", num_beams=3, num_return_sequences=2, pad_token_id=PAD)
+    out = generate(m, x, 7, logit_bias=bias, **kw)
+    for b in range(2):
+        alone = generate(m, x[b:b + 1], 7, logit_bias=bias[b], **kw)
+        assert torch.equal(out[2 * b:2 * b + 2], alone), b
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = _hf(hf, x[b:b + 1], max_new_tokens=7, num_beams=3, num_return_sequences=2,
+                      sequence_bias={(t,): float(bias[b, t]) for t in range(V)})
+        assert torch.equal(alone, ref), b
+    with pytest.raises(ValueError, match="logit_bias"):
+        generate(m, x, 2, logit_bias=torch.zeros(3, V), strategy="beam", num_beams=2)
+    with pytest.raises(ValueError, match="temperature is a sampling option"):
+        generate(m, x, 2, temperature=torch.tensor([0.5, 1.0]), strategy="beam", num_beams=2)
+
+
+class _FixedLogits(torch.nn.Module):
+    """The same logits at every step: token 3 the largest finite one, and a NaN at token 0 or a +inf at 5."""
+
+    def __init__(self, special):
+        super().__init__()
+        self.special = special
+
+    def forward(self, ids, cache=None, last_only=True, **kw):
+        y = -torch.arange(V, dtype=torch.float32).expand(ids.shape[0], 1, V).clone()
+        y[..., 3] = 5.0
+        if self.special == "nan":
+            y[..., 0] = float("nan")
+        else:
+            y[..., 5] = float("inf")
+        return y
+
+
+@pytest.mark.parametrize("special", ["nan", "inf"])
+def test_greedy_with_scorers_treats_nan_and_inf_logits_like_plain_greedy(special):
+    """llmkern.sample counts NaN logits as -inf and lets +inf logits share the mass; greedy with scorers
+    took torch.log_softmax of the raw row (all NaN) and raised "no finite value"."""
+    m = _FixedLogits(special)
+    x = torch.zeros(2, 3, dtype=torch.long)
+    plain = generate(m, x, 3, use_cache=False, return_dict=True)
+    assert bool((plain.sequences[:, 3:] == (3 if special == "nan" else 5)).all())
+    zero = lambda s, lp: torch.zeros_like(lp)  # noqa: E731
+    for strategy in ("greedy", "sample"):
+        kw = dict(strategy=strategy, top_k=1, seed=0) if strategy == "sample" else {}
+        # a scorer reading the log-probabilities (finite where plain greedy's are)
+        reads_lp = (1e-3, lambda s, lp: lp.clamp(min=-50))
+        got = generate(m, x, 3, use_cache=False, return_dict=True, scorers=[zero, reads_lp], **kw)
+        assert torch.equal(got.sequences, plain.sequences), strategy
+    got = generate(m, x, 3, use_cache=False, return_dict=True, scorers=[zero])
+    torch.testing.assert_close(got.scores, plain.scores)

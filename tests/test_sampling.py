@@ -540,3 +540,118 @@ def test_reference_processes_logits_in_float32_like_the_kernels():
         torch.testing.assert_close(lp, rlp)
     rt, rlp, _ = ref_sample(x, 1e-40, 0, 1.0, 0.0, seeds, 0)
     torch.testing.assert_close(rlp, torch.tensor([-math.log(3.0), -math.log(3.0), 0.0]))
+
+
+# ---- review regressions: bias order, output-only presence/frequency penalties, int64 scalars ------------
+
+def _hf_bias_then_repetition(x, prev, bias, penalty):
+    """Hugging Face generate()'s order: SequenceBiasLogitsProcessor, then RepetitionPenaltyLogitsProcessor."""
+    s = hf_logits.SequenceBiasLogitsProcessor({(t,): float(bias[t]) for t in range(bias.numel())})(prev, x.clone())
+    return hf_logits.RepetitionPenaltyLogitsProcessor(penalty)(prev, s)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_logit_bias_is_added_before_the_repetition_penalty(monkeypatch, backend):
+    """HF and vLLM add the bias first; llmkern.sample added it after the penalties, so the repetition
+    penalty did not scale it: greedy picked token 0 (2 / 2 + 1.5 = 2.5) where HF picks token 1
+    ((2 + 1.5) / 2 = 1.75 < 2.2)."""
+    if backend == "reference":
+        monkeypatch.setenv("LLMKERN_BACKEND", "reference")
+    x, prev = torch.tensor([[2.0, 2.2, 0.0]]), torch.tensor([[0]])
+    bias = torch.tensor([1.5, 0.0, 0.0])
+    assert int(_hf_bias_then_repetition(x, prev, bias, 2.0).argmax()) == 1
+    assert llmkern.sample(x, temperature=0, repetition_penalty=2.0, prev_tokens=prev, logit_bias=bias).tolist() == [1]
+    # random rows: the distribution drawn from is HF's processed logits (seeded draws and logprobs equal)
+    g = torch.Generator().manual_seed(3)
+    B, V = 6, 50
+    x = torch.randn(B, V, generator=g) * 2
+    prev = torch.randint(0, V, (B, 12), generator=g)
+    bias = torch.randn(V, generator=g) * 2
+    want = torch.cat([_hf_bias_then_repetition(x[r:r + 1], prev[r:r + 1], bias, 1.7) for r in range(B)])
+    tok, lp = llmkern.sample(x, repetition_penalty=1.7, prev_tokens=prev, logit_bias=bias, seed=5,
+                             position=torch.arange(B), return_logprobs=True)
+    rt, rlp, _ = ref_sample(want, 1.0, 0, 1.0, 0.0, 5, torch.arange(B))
+    assert torch.equal(tok, rt)
+    torch.testing.assert_close(lp, rlp)
+    greedy = llmkern.sample(x, temperature=0, repetition_penalty=1.7, prev_tokens=prev,
+                            logit_bias=bias[None].expand(B, V))
+    assert torch.equal(greedy, want.argmax(-1))
+
+
+def _vllm_penalties(x, prompt, output, rep, pres, freq):
+    """vLLM's apply_penalties, written out: the repetition penalty over prompt and output tokens, presence and
+    frequency over the output tokens only (-1 = padding)."""
+    y = x.clone()
+    for r in range(x.shape[0]):
+        seen = {t for t in prompt[r].tolist() + output[r].tolist() if t >= 0}
+        for t in seen:
+            y[r, t] = y[r, t] / rep if y[r, t] > 0 else y[r, t] * rep
+        outs = [t for t in output[r].tolist() if t >= 0]
+        for t in set(outs):
+            y[r, t] -= pres + freq * outs.count(t)
+    return y
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_output_start_presence_and_frequency_count_only_output_tokens(monkeypatch, backend):
+    """vLLM and OpenAI count only the generated tokens for presence / frequency penalties, the prompt too for
+    the repetition penalty: output_start says where the output begins in prev_tokens."""
+    if backend == "reference":
+        monkeypatch.setenv("LLMKERN_BACKEND", "reference")
+    g = torch.Generator().manual_seed(4)
+    B, V, L = 3, 40, 10
+    x = torch.randn(B, V, generator=g) * 2
+    prev = torch.randint(0, 12, (B, L), generator=g)  # small ids: repeats within and across the parts
+    prev[1, :2] = -1                                   # left padding
+    start = torch.tensor([6, 2, 10])                   # row 2: no output token yet
+    want = _vllm_penalties(x, [prev[r, :start[r]] for r in range(B)], [prev[r, start[r]:] for r in range(B)],
+                           1.3, 0.7, 0.4)
+    got = ref.apply_penalties(x, prev, torch.full((B,), 1.3), torch.full((B,), 0.7), torch.full((B,), 0.4),
+                              output_start=start)
+    torch.testing.assert_close(got, want)
+    kw = dict(prev_tokens=prev, repetition_penalty=1.3, presence_penalty=0.7, frequency_penalty=0.4)
+    assert torch.equal(llmkern.sample(x, temperature=0, output_start=start, **kw), want.argmax(-1))
+    tok = llmkern.sample(x, output_start=start, seed=9, position=3, **kw)
+    assert torch.equal(tok, ref_sample(want, 1.0, 0, 1.0, 0.0, 9, 3)[0])
+    # an int applies to every row; without output_start every token counts (the old, documented default)
+    torch.testing.assert_close(
+        ref.apply_penalties(x, prev, torch.ones(B), torch.full((B,), 0.7), torch.zeros(B), output_start=L), x)
+    every = _vllm_penalties(x, [prev[r, :0] for r in range(B)], list(prev), 1.3, 0.7, 0.4)
+    assert torch.equal(llmkern.sample(x, temperature=0, **kw), every.argmax(-1))
+    assert torch.equal(llmkern.sample(x, temperature=0, output_start=0, **kw), every.argmax(-1))
+    only_rep = _vllm_penalties(x, list(prev), [prev[r, :0] for r in range(B)], 1.3, 0.7, 0.4)
+    assert torch.equal(llmkern.sample(x, temperature=0, output_start=torch.tensor(L), **kw), only_rep.argmax(-1))
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(output_start=2), ValueError, "output_start needs prev_tokens"),
+    (dict(output_start=4, prev_tokens=torch.zeros(2, 3, dtype=torch.long)), ValueError,
+     r"output_start must be in \[0, 3\]"),
+    (dict(output_start=-1, prev_tokens=torch.zeros(2, 3, dtype=torch.long)), ValueError, "output_start"),
+    (dict(output_start=torch.tensor([0, 4]), prev_tokens=torch.zeros(2, 3, dtype=torch.long)), ValueError,
+     r"output_start values must be in \[0, 3\]"),
+    (dict(output_start=torch.tensor([0, 1, 2]), prev_tokens=torch.zeros(2, 3, dtype=torch.long)), ValueError,
+     r"output_start must be an int or a tensor of shape \[2\]"),
+    (dict(output_start=torch.tensor([0.0, 1.0]), prev_tokens=torch.zeros(2, 3, dtype=torch.long)), TypeError,
+     "output_start must be an integer tensor"),
+    (dict(output_start=True, prev_tokens=torch.zeros(2, 3, dtype=torch.long)), TypeError, "output_start"),
+    (dict(output_start=1.0, prev_tokens=torch.zeros(2, 3, dtype=torch.long)), TypeError, "output_start"),
+])
+def test_output_start_bad_arguments(kw, err, match):
+    with pytest.raises(err, match=match):
+        llmkern.sample(torch.randn(2, 10), presence_penalty=1.0, **kw)
+
+
+def test_int64_scalars_near_the_limits_are_accepted():
+    """float(2**63 - 1) rounds up to 2**63, so valid int64 seeds near the top (and positions, top_k) were
+    refused as out of range; a [1] tensor with the same seed was accepted."""
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    for s in (2**63 - 1, 2**63 - 100, 2**63 - 512, -(2**63)):
+        assert torch.equal(llmkern.sample(x, seed=s), llmkern.sample(x, seed=torch.full((3,), s))), s
+    big = 2**63 - 1
+    assert torch.equal(llmkern.sample(x, seed=1, position=big),
+                       llmkern.sample(x, seed=1, position=torch.full((3,), big)))
+    assert torch.equal(llmkern.sample(x, seed=1, top_k=big), llmkern.sample(x, seed=1, top_k=0))
+    for name, value in (("seed", 2**63), ("seed", -(2**63) - 1), ("position", 2**63), ("top_k", 2**63)):
+        with pytest.raises(ValueError, match=name):
+            llmkern.sample(x, **{"seed": 1, name: value})

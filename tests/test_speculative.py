@@ -550,3 +550,24 @@ def test_speculative_bad_arguments(models):
     allow[1] = False
     with pytest.raises(ValueError, match=r"allowed_tokens allows no token for sequence\(s\) \[1\]"):
         generate(target, _prompts(2), 3, draft_model=small, allowed_tokens=allow)
+
+
+def test_speculative_per_prompt_tensors_with_num_return_sequences(models):
+    """A [B, V] logit_bias and [B] temperature / seed failed with num_return_sequences > 1: they apply to each
+    of the prompt's sequences (as in plain decoding; seeds seed[b] + j)."""
+    target, small = models["target"], models["close"]
+    B, R = 2, 2
+    x = _prompts(B, T=5, seed=3)
+    bias = torch.zeros(B, V)
+    bias[0, 7], bias[1, 11] = 2.0, 2.0
+    kw = dict(draft_model=small, num_draft_tokens=3, num_return_sequences=R)
+    greedy = generate(target, x, 10, logit_bias=bias, **kw)
+    assert torch.equal(greedy, generate(target, x, 10, logit_bias=bias, num_return_sequences=R))
+    per_prompt = dict(logit_bias=bias, temperature=torch.tensor([0.7, 1.2]), top_k=torch.tensor([0, 10]),
+                      seed=torch.tensor([5, 40]))
+    out = generate(target, x, 10, strategy="sample", **per_prompt, **kw)
+    explicit = dict(logit_bias=bias.repeat_interleave(R, 0), temperature=torch.tensor([0.7, 0.7, 1.2, 1.2]),
+                    top_k=torch.tensor([0, 0, 10, 10]), seed=torch.tensor([5, 6, 40, 41]))
+    assert torch.equal(out, generate(target, x.repeat_interleave(R, 0), 10, strategy="sample", draft_model=small,
+                                     num_draft_tokens=3, **explicit))
+    assert torch.equal(out, generate(target, x, 10, strategy="sample", **explicit, **kw))
