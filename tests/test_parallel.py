@@ -454,6 +454,187 @@ def errors_worker(rank, p):
     return sorted(seen)
 
 
+# ---- regressions: strided inputs, segment-sharded gather_output, float32 LoRA factors ------------
+
+def strided_input_worker(rank, p):
+    """2-D inputs with transposed strides (h.t(), a column-major activation) through the ring layers, and
+    the all-reduce helpers on strided views. The column layer's chunked dgrad all-reduce (overlap="ring",
+    no sequence parallelism) used to allocate dx with the input's strides (empty_like), so its row chunks
+    were strided views and the all-reduce reduced the wrong bytes: wrong, nondeterministic input
+    gradients."""
+    from llmkern.parallel import comm
+
+    failures = []
+    K, N, M = 8, 12, 10
+    for transport in ("p2p", "collective"):
+        for chunks in (None, 3):
+            for lora in (False, True):
+                for sp in (False, True):
+                    torch.manual_seed(5)
+                    ref = LoRAWrapped(nn.Linear(K, N)) if lora else nn.Linear(K, N)
+                    base = torch.randn(K, p * M)
+                    x_ref = base.t().contiguous().requires_grad_(True)
+                    dy = torch.randn(p * M, N)
+                    y_ref = ref(x_ref)
+                    (y_ref * dy).sum().backward()
+                    layer = ColumnParallelLinear.from_linear(copy.deepcopy(ref), overlap="ring", transport=transport,
+                                                             chunks=chunks, sequence_parallel=sp)
+                    if sp:  # this rank's tokens, still a transposed view
+                        x = base[:, rank * M:(rank + 1) * M].t().requires_grad_(True)
+                        exp_dx = _rows(x_ref.grad, rank, p)
+                    else:
+                        x = base.t().requires_grad_(True)
+                        exp_dx = x_ref.grad
+                    assert not x.is_contiguous()
+                    y = layer(x)
+                    (y * _rows(dy, rank, p, dim=1)).sum().backward()
+                    tag = f"column ring transposed input {transport} chunks={chunks} lora={lora} sp={sp} p={p}"
+                    _close(f"{tag}: forward", y, _rows(y_ref.detach(), rank, p, dim=1), failures)
+                    _close(f"{tag}: input grad", x.grad, exp_dx, failures)
+                    if lora:
+                        _close(f"{tag}: lora_A grad", layer.lora_A.grad, ref.lora_A["default"].weight.grad, failures)
+                        _close(f"{tag}: lora_B grad", layer.lora_B.grad,
+                               _rows(ref.lora_B["default"].weight.grad, rank, p), failures)
+                    else:
+                        _close(f"{tag}: weight grad", layer.weight.grad, _rows(ref.weight.grad, rank, p), failures)
+        # the row layer's input shard as a transposed view
+        torch.manual_seed(6)
+        ref = nn.Linear(N, K)
+        base = torch.randn(N, M)
+        x_ref = base.t().contiguous().requires_grad_(True)
+        dy = torch.randn(M, K)
+        y_ref = ref(x_ref)
+        (y_ref * dy).sum().backward()
+        layer = RowParallelLinear.from_linear(copy.deepcopy(ref), overlap="ring", transport=transport, chunks=3)
+        x = base[rank * (N // p):(rank + 1) * (N // p)].t().requires_grad_(True)
+        y = layer(x)
+        (y * dy).sum().backward()
+        _close(f"row ring transposed input {transport}: forward", y, y_ref.detach(), failures)
+        _close(f"row ring transposed input {transport}: input grad", x.grad, _rows(x_ref.grad, rank, p, dim=1),
+               failures)
+    # the all-reduce helpers on a strided view: the view's elements summed, the rest of its storage kept
+    group = torch.distributed.group.WORLD
+    helpers = {"AsyncChunkAllReduce": comm.AsyncChunkAllReduce, "PipelinedAllReduce": comm.PipelinedAllReduce,
+               "all_reduce": None}
+    for name, make in helpers.items():
+        store = torch.arange(20.0).reshape(4, 5) * (rank + 1)
+        view = store.t()[1:3]  # [2, 4], strides (1, 5)
+        if make is None:
+            comm.all_reduce(view, group)
+        else:
+            ar = make(group)
+            ar.advance()
+            ar.start(view)
+            ar.finish()
+        expected = (torch.arange(20.0).reshape(4, 5) * (rank + 1)).t().clone()
+        expected[1:3] = torch.arange(20.0).reshape(4, 5).t()[1:3] * (p * (p + 1) / 2)
+        _close(f"{name} of a strided view", store.t(), expected, failures)
+    if failures:
+        raise AssertionError(f"rank {rank}: {len(failures)} failures:\n" + "\n".join(failures))
+    return True
+
+
+def segments_gather_worker(rank, p):
+    """ColumnParallelLinear.from_linear(fused, segments=..., gather_output=True) returns the features in
+    nn.Linear's order ([q | k | v]); it returned them rank-major ([rank 0: q k v | rank 1: q k v])."""
+    from llmkern.parallel.layers import column_rows
+
+    failures = []
+    K = 8
+    for segs in ([4 * p, 2 * p, 2 * p], [3 * p, 3 * p]):  # GQA-style fused qkv, gate_up
+        for overlap in ("none", "ring"):
+            for lora in (False, True):
+                torch.manual_seed(7)
+                N = sum(segs)
+                ref = LoRAWrapped(nn.Linear(K, N)) if lora else nn.Linear(K, N)
+                x = torch.randn(2, 3, K, requires_grad=True)
+                dy = torch.randn(2, 3, N)
+                y_ref = ref(x)
+                (y_ref * dy).sum().backward()
+                layer = ColumnParallelLinear.from_linear(copy.deepcopy(ref), gather_output=True, segments=segs,
+                                                         overlap=overlap)
+                xl = x.detach().clone().requires_grad_(True)
+                y = layer(xl)
+                (y * dy).sum().backward()
+                tag = f"segments={segs} gather_output {overlap} lora={lora} p={p}"
+                _close(f"{tag}: forward", y, y_ref.detach(), failures)
+                _close(f"{tag}: input grad", xl.grad, x.grad, failures)
+                if lora:
+                    _close(f"{tag}: lora_A grad", layer.lora_A.grad, ref.lora_A["default"].weight.grad, failures)
+                    _close(f"{tag}: lora_B grad", layer.lora_B.grad,
+                           column_rows(ref.lora_B["default"].weight.grad, segs, p, rank), failures)
+                else:
+                    _close(f"{tag}: weight grad", layer.weight.grad, column_rows(ref.weight.grad, segs, p, rank),
+                           failures)
+                    _close(f"{tag}: bias grad", layer.bias.grad, column_rows(ref.bias.grad, segs, p, rank), failures)
+    if failures:
+        raise AssertionError(f"rank {rank}: {len(failures)} failures:\n" + "\n".join(failures))
+    return True
+
+
+def lora_factor_dtype_worker(rank, p):
+    """float32 LoRA factors on a bf16 / fp16 base (PEFT's default keeps adapters in float32): the
+    sharded layers compute the adapter in the compute dtype (as llmkern.lora_linear does) and give the
+    factors float32 gradients. Forward and backward used to fail with a dtype mismatch (LORA_IMPL="plain":
+    the forward; "auto": the backward). Against the float64 formula of the same (rounded) parameters."""
+    failures = []
+    previous = tp_layers.LORA_IMPL
+    try:
+        for impl in ("auto", "plain"):
+            tp_layers.LORA_IMPL = impl
+            for dtype in (torch.bfloat16, torch.float16):
+                for cls in (ColumnParallelLinear, RowParallelLinear):
+                    for overlap, sp in (("none", False), ("ring", False), ("ring", True)):
+                        _case_lora_factor_dtype(rank, p, cls, impl, dtype, overlap, sp, failures)
+    finally:
+        tp_layers.LORA_IMPL = previous
+    if failures:
+        raise AssertionError(f"rank {rank}: {len(failures)} failures:\n" + "\n".join(failures))
+    return True
+
+
+def _case_lora_factor_dtype(rank, p, cls, impl, dtype, overlap, sp, failures):
+    torch.manual_seed(8)
+    column = cls is ColumnParallelLinear
+    K, N, M = (8, 12, 4 * p) if column else (12, 8, 4 * p)
+    w = LoRAWrapped(nn.Linear(K, N).to(dtype))  # the factors stay float32
+    A32, B32 = w.lora_A["default"].weight, w.lora_B["default"].weight
+    assert A32.dtype == B32.dtype == torch.float32
+    s = w.scaling["default"]
+    x = torch.randn(M, K).to(dtype)
+    dy = torch.randn(M, N).to(dtype)
+    # float64 reference: y = x W^T + b + s (x A^T) B^T
+    x64 = x.double().requires_grad_(True)
+    A64, B64 = A32.detach().double().requires_grad_(True), B32.detach().double().requires_grad_(True)
+    y64 = x64 @ w.base_layer.weight.double().t() + w.base_layer.bias.double() + s * (x64 @ A64.t()) @ B64.t()
+    (y64 * dy.double()).sum().backward()
+    layer = cls.from_linear(copy.deepcopy(w), overlap=overlap, sequence_parallel=sp)
+    if column:
+        xl = _rows(x, rank, p) if sp else x
+        exp_dx = _rows(x64.grad, rank, p) if sp else x64.grad
+        exp_y, dyl = _rows(y64.detach(), rank, p, dim=1), _rows(dy, rank, p, dim=1)
+        exp_dA, exp_dB = A64.grad, _rows(B64.grad, rank, p)
+    else:
+        xl = _rows(x, rank, p, dim=1)
+        exp_dx = _rows(x64.grad, rank, p, dim=1)
+        exp_y, dyl = (_rows(y64.detach(), rank, p), _rows(dy, rank, p)) if sp else (y64.detach(), dy)
+        exp_dA, exp_dB = _rows(A64.grad, rank, p, dim=1), B64.grad
+    xl = xl.clone().requires_grad_(True)
+    y = layer(xl)
+    (y * dyl).sum().backward()
+    tag = f"{cls.__name__} float32 LoRA on {dtype} LORA_IMPL={impl} overlap={overlap} sp={sp} p={p}"
+    tol = dict(atol=0.1, rtol=0.05)
+    _close(f"{tag}: forward", y, exp_y, failures, **tol)
+    _close(f"{tag}: input grad", xl.grad, exp_dx, failures, **tol)
+    _close(f"{tag}: lora_A grad", layer.lora_A.grad, exp_dA, failures, **tol)
+    _close(f"{tag}: lora_B grad", layer.lora_B.grad, exp_dB, failures, **tol)
+    dtypes = (y.dtype, xl.grad.dtype, layer.lora_A.dtype, layer.lora_A.grad.dtype, layer.lora_B.grad.dtype)
+    if dtypes != (dtype, dtype, torch.float32, torch.float32, torch.float32):
+        failures.append(f"{tag}: dtypes (y, dx, A, dA, dB) {dtypes}")
+    if layer.weight.grad is not None:
+        failures.append(f"{tag}: frozen base weight got a gradient")
+
+
 # ---- tests --------------------------------------------------------------------------------------
 
 def test_layers_match_nn_linear_2_ranks(ranks):
@@ -493,6 +674,21 @@ def test_tensor_parallelize_zoo_llama_family_options_2_ranks(ranks):
 def test_errors_raise_on_every_rank(ranks):
     seen = ranks(2).run(errors_worker, timeout=60)
     assert seen[0] == seen[1] and len(seen[0]) >= 16
+
+
+def test_ring_layers_with_transposed_inputs_2_ranks(ranks):
+    """Regression: a transposed 2-D input gave the column layer (overlap="ring") a wrong input gradient."""
+    assert all(ranks(2).run(strided_input_worker, timeout=60))
+
+
+def test_segment_sharded_gather_output_is_in_linear_order_2_ranks(ranks):
+    """Regression: from_linear(..., segments=[...], gather_output=True) returned rank-major features."""
+    assert all(ranks(2).run(segments_gather_worker, timeout=60))
+
+
+def test_float32_lora_factors_on_16bit_base_2_ranks(ranks):
+    """Regression: float32 LoRA factors on a bf16/fp16 base failed in forward or backward."""
+    assert all(ranks(2).run(lora_factor_dtype_worker, timeout=60))
 
 
 def test_no_process_group_is_a_clear_error():

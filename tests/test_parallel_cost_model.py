@@ -51,3 +51,44 @@ def test_errors_and_table():
     lines = md.splitlines()
     assert lines[0].startswith("| GPU") and len(lines) == 2 + 2 * 2 * 2
     assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
+def test_dims_accepts_a_dims():
+    """Regression: dims(Dims) raised (get_config's ValueError came before the Dims branch)."""
+    d = cm.Dims("tiny", 2, 1024, 8, 8, 128, 4096, False, 32000, 2048)
+    assert cm.dims(d) is d
+    r = cm.predict(d, p=8)
+    assert r["model"] == "tiny" and r["step_ms"] > 0
+
+
+@pytest.mark.parametrize("sp", [False, True])
+@pytest.mark.parametrize("latency_us", [0.0, 10.0, 1000.0])
+def test_ring_with_free_gemms_exposes_the_plain_collective(sp, latency_us):
+    """With free GEMMs and no slowdown nothing hides the transfers: the ring exposes exactly the plain
+    collectives' time, never more. Regression: each ring step's latency was counted twice (t_comm holds
+    the p - 1 step latencies already), up to 2x the collective's time."""
+    kw = dict(sequence_parallel=sp, overlap_slowdown=0.0, latency_us=latency_us, gemm_efficiency=1e12,
+              attention_efficiency=1e12)
+    none = cm.predict("gpt3-175b", 8, "H100", overlap="none", **kw)
+    ring = cm.predict("gpt3-175b", 8, "H100", overlap="ring", **kw)
+    if sp:  # the decomposed ring: exactly the collective's time
+        assert ring["exposed_ms"] == pytest.approx(none["comm_ms"], rel=1e-6)
+    assert ring["exposed_fraction"] <= 1 + 1e-9 and ring["exposed_ms"] <= none["comm_ms"] * (1 + 1e-9)
+    p, lat = 8, latency_us * 1e-6
+    t_ag = 1e-3 + (p - 1) * lat
+    assert cm._ring_exposed(0.0, t_ag, p, lat, 0.0) == pytest.approx(t_ag)
+    # a GEMM chunk longer than a step hides it
+    assert cm._ring_exposed(2 * t_ag * p, t_ag, p, lat, 0.0) == 0.0
+
+
+def test_readme_table_is_the_model_output():
+    """The README's cost-model table is what `python -m llmkern.parallel.cost_model` prints now."""
+    import pathlib
+
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    if not readme.exists():
+        pytest.skip("no README.md next to tests/")
+    lines = readme.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| GPU | SP | tokens"))
+    table = cm.table("gpt3-175b", 8).splitlines()
+    assert lines[start:start + len(table)] == table

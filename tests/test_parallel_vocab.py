@@ -243,3 +243,53 @@ def test_vocab_parallel_loss_under_no_grad_forms_no_gradients(pool):
     for r in pool.run(no_grad_worker, timeout=120):
         assert r["err"] < 1e-6 and r["grad_fn"], r
         assert r["dw_gemms"] == 0, r
+
+
+def mismatch_worker(rank, world_size):
+    """Ranks that pass different shapes to the vocabulary-parallel layers: every rank raises a ValueError
+    naming the argument (gloo aborted the process: "Received data size doesn't match expected size")."""
+    import time
+
+    from llmkern.parallel.vocab import VocabParallelEmbedding, VocabParallelLMHead
+
+    torch.manual_seed(0)
+    emb = VocabParallelEmbedding.from_embedding(torch.nn.Embedding(10, 4))
+    head = VocabParallelLMHead.from_linear(torch.nn.Linear(4, 10))
+    n = 5 + rank
+    cases = {
+        "ids": lambda: emb(torch.randint(0, 10, (2 + rank, 3))),
+        "logits h": lambda: head(torch.randn(n, 4)),
+        "loss h": lambda: head.vocab_parallel_loss(torch.randn(n, 4), torch.randint(0, 10, (n,))),
+        # h the same everywhere, labels wrong on one rank only (it used to raise there alone)
+        "loss labels": lambda: head.vocab_parallel_loss(torch.randn(5, 4), torch.randint(0, 10, (5 + rank,))),
+    }
+    out = {}
+    t0 = time.perf_counter()
+    for name, fn in cases.items():
+        try:
+            fn()
+            out[name] = "no error"
+        except ValueError as exc:
+            out[name] = str(exc)
+        with torch.no_grad():  # the group still works
+            if not torch.equal(emb(torch.tensor([[1, 7]])), torch.nn.functional.embedding(
+                    torch.tensor([[1, 7]]), _full_weight(emb))):
+                out[name] += " / the group is broken afterwards"
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _full_weight(emb):
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(emb.weight) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, emb.weight.detach().contiguous())
+    return torch.cat(parts)[:emb.num_embeddings]
+
+
+def test_vocab_parallel_shape_mismatch_raises_on_every_rank(pool):
+    for r in pool.run(mismatch_worker, timeout=60):
+        for name, want in (("ids", "VocabParallelEmbedding: ids"), ("logits h", "VocabParallelLMHead: h"),
+                           ("loss h", "vocab_parallel_loss: h"), ("loss labels", "vocab_parallel_loss: labels")):
+            assert want in r[name] and "differs across" in r[name], (name, r)
+        assert r["seconds"] < 10, r  # no process-group timeout

@@ -218,13 +218,13 @@ def ring_reduce_scatter(group, m, partial, pieces=1):
         c = (r - 1 - t) % p
         posted = []
         for k, (lo, hi) in enumerate(bounds):
-            part = partial(c * m + lo, c * m + hi)
+            part = partial(c * m + lo, c * m + hi).contiguous()  # it is sent as it is
             if t > 0:
                 works, _, recv = pending[k]
                 _wait(works)
                 part.add_(recv)
             if t < p - 1:
-                recv = torch.empty_like(part)
+                recv = part.new_empty(part.shape)
                 posted.append((_exchange(part, recv, group, nxt, prv, tag=k), part, recv))
             else:
                 if out is None:
@@ -285,21 +285,26 @@ def pieces_reduce_scatter(group, m, partial, pieces=2):
 
 class AsyncChunkAllReduce:
     """transport="collective" counterpart of PipelinedAllReduce: each chunk's all-reduce is the
-    backend's own asynchronous all-reduce (same start/advance/finish interface)."""
+    backend's own asynchronous all-reduce (same start/advance/finish interface). A tensor that is
+    not contiguous (a strided view) is reduced in a contiguous copy that finish() writes back:
+    the backends reduce the bytes of the storage, not the view's elements."""
 
     def __init__(self, group):
         self.group, self._works = group, []
 
     def start(self, t):
         if world_size(self.group) > 1:
-            self._works.append(dist.all_reduce(t, group=self.group, async_op=True))
+            buf = t if t.is_contiguous() else t.contiguous()
+            self._works.append((dist.all_reduce(buf, group=self.group, async_op=True), buf, t))
 
     def advance(self):
         pass
 
     def finish(self):
-        for w in self._works:
+        for w, buf, t in self._works:
             w.wait()
+            if buf is not t:
+                t.copy_(buf)
         self._works = []
 
 
@@ -328,7 +333,7 @@ class PipelinedAllReduce:
         if self.p == 1:
             return
         if not t.is_contiguous() or t.numel() < self.p:
-            dist.all_reduce(t, group=self.group)
+            all_reduce(t, self.group)  # (a strided view: through a contiguous copy)
             return
         gen = self._steps(t, tag=1 + self._count % 1024)
         self._count += 1
@@ -351,7 +356,7 @@ class PipelinedAllReduce:
         p, r, g = self.p, self.r, self.group
         nxt, prv = (r + 1) % p, (r - 1) % p
         if p == 2:
-            recv = torch.empty_like(t)
+            recv = t.new_empty(t.shape)
             works = _exchange(t, recv, g, nxt, prv, tag)
             yield
             _wait(works)
@@ -361,7 +366,7 @@ class PipelinedAllReduce:
         segs = [flat[lo:hi] for lo, hi in chunk_bounds(flat.numel(), p)]
         for step in range(p - 1):  # reduce-scatter: rank r ends owning segment r+1
             s_send, s_recv = segs[(r - step) % p], segs[(r - step - 1) % p]
-            recv = torch.empty_like(s_recv)
+            recv = s_recv.new_empty(s_recv.shape)
             works = _exchange(s_send, recv, g, nxt, prv, tag)
             yield
             _wait(works)
@@ -385,4 +390,14 @@ def chunk_bounds(n, chunks):
 
 
 def all_reduce(x, group, async_op=False):
+    """In-place sum of x over the ranks. x need not be contiguous when async_op is False (a strided
+    view is reduced in a contiguous copy, written back); an asynchronous one needs a contiguous x."""
+    if not x.is_contiguous():
+        if async_op:
+            raise ValueError("comm.all_reduce: an asynchronous all-reduce needs a contiguous tensor (got "
+                             f"shape {tuple(x.shape)} strides {x.stride()})")
+        buf = x.contiguous()
+        dist.all_reduce(buf, group=group)
+        x.copy_(buf)
+        return None
     return dist.all_reduce(x, group=group, async_op=async_op)

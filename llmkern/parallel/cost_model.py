@@ -70,7 +70,10 @@ class Dims:
 
 
 def dims(model):
-    """Dims of a zoo model name / ModelConfig (llmkern.models.configs), else of the GPT-3 table."""
+    """Dims of a zoo model name / ModelConfig (llmkern.models.configs), else of the GPT-3 table; a
+    Dims as it is."""
+    if isinstance(model, Dims):
+        return model
     try:
         from llmkern.models.configs import ModelConfig, get_config
 
@@ -79,8 +82,6 @@ def dims(model):
                     cfg.intermediate_size, cfg.arch == "llama", cfg.vocab_size, cfg.block_size)
     except ImportError:
         pass
-    if isinstance(model, Dims):
-        return model
     key = str(model).lower()
     if key not in GPT3:
         raise ValueError(f"cost_model: unknown model {model!r} (llmkern.models is not importable; known: "
@@ -90,10 +91,13 @@ def dims(model):
 
 
 def _ring_exposed(g, t_comm, p, latency, slowdown):
-    """Exposed time of a collective decomposed into p ring steps under a GEMM of time g."""
+    """Exposed time of a collective decomposed into p ring steps under a GEMM of time g. t_comm is
+    the whole collective's time, its (p - 1) step latencies included (predict's t_ag), so one ring
+    step takes t_comm / (p - 1): with free GEMMs (g = 0) the ring exposes exactly t_comm. (`latency`,
+    the per-step latency, is in t_comm already; the argument is kept for callers.)"""
     if p == 1 or t_comm <= 0:
         return 0.0
-    step = t_comm / (p - 1) + latency
+    step = t_comm / (p - 1)
     g_chunk = g * (1 + slowdown) / p
     return (p - 1) * max(0.0, step - g_chunk) + g * slowdown
 

@@ -31,6 +31,9 @@ LoRA: a layer may carry lora_A/lora_B factors (``from_linear`` of a PEFT-style m
 ``.base_layer``); the local shard then computes x W^T + s (x A^T) B^T with
 ``llmkern.lora_linear`` when that op is importable (else the plain math). The factor that is
 replicated across ranks (A of a column layer, B of a row layer) gets its gradient all-reduced.
+Factors in another dtype than the input (PEFT keeps adapters float32 on a bf16/fp16 base) are cast to
+the compute dtype in the math, as ``llmkern.lora_linear`` does; their gradients come back in the
+factors' own dtype.
 """
 import math
 import sys
@@ -152,20 +155,42 @@ class _WGrad:
         if self.need["A"]:
             self._add("A", torch.mm(torch.mm(dy, self.B).t(), x).mul_(self.s))
 
-    def get(self, key, like):
+    def get(self, key, like, dtype=None):
+        """The gradient for `key` in `dtype` (default like's): a LoRA factor's in the factor's own dtype,
+        whatever the compute dtype. Contiguous (it may be handed to a collective)."""
         if not self.need[key]:
             return None
+        dtype = like.dtype if dtype is None else dtype
         g = self.acc.get(key)
         if g is None:  # no tokens
-            return torch.zeros_like(like)
-        return g.to(like.dtype)
+            return torch.zeros(like.shape, dtype=dtype, device=like.device)
+        return g.to(dtype).contiguous()
+
+
+def _lora_compute(x, A, B):
+    """(A, B) in the compute dtype x.dtype, as llmkern.lora_linear and PEFT's layers use float32
+    factors (PEFT's default for adapters) on a 16-bit base; the gradients go back to the factors'
+    own dtype (the autograd functions return them so)."""
+    if A is None:
+        return A, B
+    return A.to(x.dtype), B.to(x.dtype)
+
+
+def _grads(acc, weight, A, B, lora_dtypes):
+    """{"w", "A", "B": gradient} of the parameters that need one; A, B are the compute-dtype factors,
+    lora_dtypes the dtypes of the factors the layer holds."""
+    out = {"w": acc.get("w", weight)}
+    if A is not None:
+        out["A"] = acc.get("A", A, lora_dtypes[0])
+        out["B"] = acc.get("B", B, lora_dtypes[1])
+    return out
 
 
 def _reduce_replicated_lora_grad(cfg, key_replicated, grads):
     """All-reduce the gradient of the LoRA factor that is replicated across ranks."""
     t = grads.get(key_replicated)
     if t is not None and cfg.world > 1:
-        comm.all_reduce(t, cfg.group)
+        comm.all_reduce(t, cfg.group)  # (contiguous: _WGrad.get)
 
 
 # ---- autograd functions -------------------------------------------------------------------------
@@ -175,6 +200,8 @@ class _ColumnFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, A, B, cfg):
         g, p = cfg.group, cfg.world
         n = weight.shape[0]
+        ctx.lora_dtypes = None if A is None else (A.dtype, B.dtype)
+        A, B = _lora_compute(x, A, B)
         if cfg.sp and p > 1:
             m = x.shape[0]
             out = x.new_empty((p * m, n))
@@ -218,7 +245,9 @@ class _ColumnFn(torch.autograd.Function):
                 acc.add(dy, x_full)
         elif p > 1:
             if cfg.overlap == "ring":  # chunked dgrad, each chunk's all-reduce under the next GEMMs
-                dx = torch.empty_like(x_full)
+                # contiguous whatever x's strides (empty_like would copy them: a transposed 2-D input
+                # made every row chunk below a strided view, and the all-reduce of such a view is wrong)
+                dx = x_full.new_empty(x_full.shape)
                 ar = cfg.all_reducer()
                 bounds = comm.chunk_bounds(dy.shape[0], cfg.chunks)
                 for lo, hi in bounds:
@@ -236,7 +265,7 @@ class _ColumnFn(torch.autograd.Function):
         else:
             dx = _dgrad_local(dy, weight, A, B, s)
             acc.add(dy, x_full)
-        grads = {k: acc.get(k, like) for k, like in (("w", weight), ("A", A), ("B", B)) if like is not None}
+        grads = _grads(acc, weight, A, B, ctx.lora_dtypes)
         _reduce_replicated_lora_grad(cfg, "A", grads)  # A is replicated in a column layer
         db = dy.sum(0) if (ctx.has_bias and need_b) else None
         return dx, grads.get("w"), db, grads.get("A"), grads.get("B"), None
@@ -247,6 +276,8 @@ class _RowFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, A, B, cfg):
         g, p, s = cfg.group, cfg.world, cfg.scaling
         M = x.shape[0]
+        ctx.lora_dtypes = None if A is None else (A.dtype, B.dtype)
+        A, B = _lora_compute(x, A, B)
         if p == 1:
             y = _fwd_local(x, weight, A, B, s)
         elif cfg.sp:
@@ -304,7 +335,7 @@ class _RowFn(torch.autograd.Function):
         else:
             dx = _dgrad_local(dy, weight, A, B, s) if need_x else None
             acc.add(dy, x)
-        grads = {k: acc.get(k, like) for k, like in (("w", weight), ("A", A), ("B", B)) if like is not None}
+        grads = _grads(acc, weight, A, B, ctx.lora_dtypes)
         _reduce_replicated_lora_grad(cfg, "B", grads)  # B is replicated in a row layer
         if db_work is not None and cfg.overlap == "ring":
             db_work.wait()
@@ -312,17 +343,42 @@ class _RowFn(torch.autograd.Function):
 
 
 class _GatherLastDim(torch.autograd.Function):
-    """Forward: concatenate the feature shards of all ranks; backward: keep this rank's slice."""
+    """Forward: concatenate the feature shards of all ranks; backward: keep this rank's slice.
+
+    segments (the whole layer's segment sizes, a column layer sharded segment by segment: each rank's
+    features are its 1/p of every segment, in order): the gathered features are put back in the
+    unsharded layer's order, segment 0 of ranks 0..p-1, then segment 1, ... (not rank-major)."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, group, segments=None):
         ctx.group, ctx.n = group, x.shape[-1]
-        return comm.all_gather_last_dim(x, group)
+        p = comm.world_size(group)
+        segs = list(segments) if segments is not None and len(segments) > 1 and p > 1 else None
+        ctx.segments = segs
+        full = comm.all_gather_last_dim(x, group)
+        if segs is None:
+            return full
+        lead = tuple(full.shape[:-1])
+        per_rank = full.view(lead + (p, ctx.n))  # [..., rank, this rank's features]
+        parts, lo = [], 0
+        for size in segs:  # segment j: rank 0's part j, rank 1's part j, ...
+            k = size // p
+            parts.append(per_rank[..., lo:lo + k].reshape(lead + (size,)))
+            lo += k
+        return torch.cat(parts, dim=-1)
 
     @staticmethod
     def backward(ctx, dy):
         r = comm.rank(ctx.group)
-        return dy[..., r * ctx.n:(r + 1) * ctx.n].contiguous(), None
+        if ctx.segments is None:
+            return dy[..., r * ctx.n:(r + 1) * ctx.n].contiguous(), None, None
+        p = comm.world_size(ctx.group)
+        parts, off = [], 0
+        for size in ctx.segments:  # this rank's columns of every segment
+            k = size // p
+            parts.append(dy[..., off + r * k:off + (r + 1) * k])
+            off += size
+        return torch.cat(parts, dim=-1), None, None
 
 
 class _ScatterLastDim(torch.autograd.Function):
@@ -552,7 +608,8 @@ class ColumnParallelLinear(_ParallelLinear):
         y = _column_apply(x2, w, b, A, B, self._cfg())
         y = y.view(lead + (y.shape[-1],))
         if self.gather_output and self.world_size > 1:
-            y = _GatherLastDim.apply(y, self.group)
+            # in the unsharded layer's feature order, also for a segment-sharded (fused qkv) layer
+            y = _GatherLastDim.apply(y, self.group, getattr(self, "segments", None))
         return y
 
     @classmethod
@@ -560,7 +617,8 @@ class ColumnParallelLinear(_ParallelLinear):
         """Shard an existing nn.Linear (or a PEFT-style LoRA wrapper of one) along its output
         features: this rank keeps rows [r*out/p, (r+1)*out/p). The weights must be identical on
         every rank. `segments` (a list of row counts summing to out_features) shards a fused
-        projection (e.g. qkv) segment by segment."""
+        projection (e.g. qkv) segment by segment; with gather_output=True the gathered features are
+        in the linear's order ([q | k | v]), not rank by rank."""
         segments = kw.pop("segments", None)
         base, A, B, s = _lora_parts(linear)
         layer = cls(base.in_features, base.out_features, bias=base.bias is not None, group=group,

@@ -89,6 +89,10 @@ class VocabParallelEmbedding(nn.Module):
         return cls(shard, emb.num_embeddings, group)
 
     def forward(self, ids):
+        # ranks that pass different shapes raise here, on every rank (in the all-reduce below gloo
+        # aborts the process and NCCL hangs until the timeout)
+        comm.check_same_shape(ids if isinstance(ids, torch.Tensor) else None, self.group,
+                              "VocabParallelEmbedding: ids")
         lo, hi, _ = shard_rows(self.num_embeddings, self.group)
         mine = (ids >= lo) & (ids < hi)
         # an id outside [0, V) looks up row S (out of range) on every rank: F.embedding raises as
@@ -240,6 +244,7 @@ class VocabParallelLMHead(nn.Module):
         """The whole logits [..., V] (all-gathered over the vocabulary)."""
         from llmkern.parallel.layers import _GatherLastDim
 
+        comm.check_same_shape(h if isinstance(h, torch.Tensor) else None, self.group, "VocabParallelLMHead: h")
         full = _GatherLastDim.apply(self._local_logits(h).contiguous(), self.group)
         return full[..., :self.out_features]
 
@@ -248,6 +253,11 @@ class VocabParallelLMHead(nn.Module):
         out), computed on the vocabulary shards a chunk of rows at a time (`chunk_size` rows; default as
         llmkern.linear_cross_entropy's): no [N, V] tensor on any rank, and no [N, S] one either.
         softcap: the logits soft-capped first, softcap * tanh(z / softcap) (None or 0: off)."""
+        # the cross-rank checks first: on one rank only, the local error below would leave the others in
+        # _shard_loss's all-reduces, where different sizes abort the process (gloo) or hang (NCCL)
+        for name, t in (("h", h), ("labels", labels)):
+            comm.check_same_shape(t if isinstance(t, torch.Tensor) else None, self.group,
+                                  f"vocab_parallel_loss: {name}")
         lo, hi, _ = shard_rows(self.out_features, self.group)
         y = labels.reshape(-1)
         if y.numel() * self.in_features != h.numel():
