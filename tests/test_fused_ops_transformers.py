@@ -281,6 +281,8 @@ def test_fallbacks_keep_transformers_semantics(spy):
         want, got = LlamaRMSNorm.forward(module, inp), module(inp)
         assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
     assert spy["rms_norm"] == 0
+    rms64 = copy.deepcopy(rms).double()  # transformers computes float64 inputs in float32: its forward runs
+    assert torch.equal(rms64(x.double()), LlamaRMSNorm.forward(rms64, x.double())) and spy["rms_norm"] == 0
     torch.testing.assert_close(rms(x), LlamaRMSNorm.forward(rms, x))
     assert spy["rms_norm"] == 1
     xb = x.to(torch.bfloat16)

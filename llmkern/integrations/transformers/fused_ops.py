@@ -102,6 +102,8 @@ def _rms_forward(self, hidden_states, *args, **kwargs):
     eps = getattr(self, self._llmkern_eps_attr, None)
     if (args or kwargs or not isinstance(hidden_states, torch.Tensor) or not isinstance(w, torch.Tensor)
             or hidden_states.dtype != w.dtype or hidden_states.dtype not in _FLOATS
+            # (transformers' RMSNorms compute float64 inputs in float32: its own forward keeps that result)
+            or hidden_states.dtype == torch.float64
             or isinstance(eps, bool) or not isinstance(eps, (float, int)) or not eps > 0):
         return type(self).forward(self, hidden_states, *args, **kwargs)
     return rms_norm(hidden_states, w, float(eps), offset=self._llmkern_offset)
