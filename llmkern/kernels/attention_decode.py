@@ -34,6 +34,34 @@ from llmkern.kernels.attention import (LOG2E, _alibi_args, _batch_slices, _block
 
 
 @triton.jit
+def _softmax_step(s, m_i, l_i):
+    """One key tile of the online softmax (scores s in log2 units, -inf where hidden): (p, alpha, m_new, l_new),
+    acc to be scaled by alpha and to gain p V. A row that has seen no key yet keeps m = -inf, l = 0."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _store_partial(OP, LP, acc, m_i, l_i, row_bad, b64, h, t, split, row_ok, offs_v,
+                   stride_opb, stride_oph, stride_opt, stride_ops, stride_lpb, stride_lph, stride_lpt,
+                   DV: tl.constexpr):
+    """A split's normalised partial output [rows, DV] and its LSE (log2 units), float32; NaN for bad rows."""
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    acc = tl.where(row_bad, float("nan"), acc)  # (the combine turns any NaN partial into a NaN row)
+    lse2 = tl.where(row_bad, float("nan"), lse2)
+    op = (OP + b64 * stride_opb + h[:, None].to(tl.int64) * stride_oph + t[:, None].to(tl.int64) * stride_opt
+          + split * stride_ops + offs_v[None, :])
+    tl.store(op, acc, mask=row_ok[:, None] & (offs_v[None, :] < DV))
+    lp = LP + b64 * stride_lpb + h.to(tl.int64) * stride_lph + t.to(tl.int64) * stride_lpt + split
+    tl.store(lp, lse2, mask=row_ok)
+
+
+@triton.jit
 def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, OP, LP,
                   qk_scale, sc_in, sc_out,
                   stride_qb, stride_qh, stride_qt,
@@ -116,26 +144,11 @@ def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, OP, LP,
         if HAS_ALIBI:  # -slope * |pos - j| (log2 units, as s), after softcap and before the masks
             s = s - slope2[:, None] * tl.abs(rel).to(tl.float32)
         vis = (rel <= R) & (rel >= -L) & kmask[None, :]
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-        m_i = m_new
+        p, alpha, m_i, l_i = _softmax_step(tl.where(vis, s, float("-inf")), m_i, l_i)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
     row_bad = row_bad | (tl.max(page_bad, 0) > 0)
-    empty = l_i == 0.0
-    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    acc = tl.where(row_bad, float("nan"), acc)  # (the combine turns any NaN partial into a NaN row)
-    lse2 = tl.where(row_bad, float("nan"), lse2)
-    op = (OP + b64 * stride_opb + h[:, None].to(tl.int64) * stride_oph + t[:, None].to(tl.int64) * stride_opt
-          + split * stride_ops + offs_dv[None, :])
-    tl.store(op, acc, mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    lp = LP + b64 * stride_lpb + h.to(tl.int64) * stride_lph + t.to(tl.int64) * stride_lpt + split
-    tl.store(lp, lse2, mask=row_ok)
+    _store_partial(OP, LP, acc, m_i, l_i, row_bad, b64, h, t, split, row_ok, offs_dv,
+                   stride_opb, stride_oph, stride_opt, stride_ops, stride_lpb, stride_lph, stride_lpt, HEAD_DIM_V)
 
 
 @triton.jit

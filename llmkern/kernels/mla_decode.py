@@ -31,7 +31,7 @@ import triton.language as tl
 from llmkern.kernels._common import cdiv, next_power_of_2
 from llmkern.kernels.attention import (LOG2E, UNBOUNDED, _batch_slices, _block_d, _interpreting, _last_contig,
                                        _prec, empty_out)
-from llmkern.kernels.attention_decode import _decode_combine, choose_num_splits
+from llmkern.kernels.attention_decode import _decode_combine, _softmax_step, _store_partial, choose_num_splits
 
 
 @triton.jit
@@ -103,26 +103,11 @@ def _mla_split(Q, KV, KPE, SEQLENS, BT, KPM, OP, LP, qk_scale,
             qk = tl.dot(q_rope, kr, qk, input_precision=PREC)
         s = qk * qk_scale
         vis = ((offs_n[None, :] - pos[:, None]) <= R) & kmask[None, :]
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(lat.dtype), lat, acc, input_precision=PREC)
-        m_i = m_new
+        p, alpha, m_i, l_i = _softmax_step(tl.where(vis, s, float("-inf")), m_i, l_i)
+        acc = tl.dot(p.to(lat.dtype), lat, acc * alpha[:, None], input_precision=PREC)  # (the latent: the values)
     row_bad = row_bad | (tl.max(page_bad, 0) > 0)
-    empty = l_i == 0.0
-    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    acc = tl.where(row_bad, float("nan"), acc)
-    lse2 = tl.where(row_bad, float("nan"), lse2)
-    op = (OP + b64 * stride_opb + h[:, None].to(tl.int64) * stride_oph + t[:, None].to(tl.int64) * stride_opt
-          + split * stride_ops + offs_v[None, :])
-    tl.store(op, acc, mask=row_ok[:, None] & (offs_v[None, :] < DV))
-    lp = LP + b64 * stride_lpb + h.to(tl.int64) * stride_lph + t.to(tl.int64) * stride_lpt + split
-    tl.store(lp, lse2, mask=row_ok)
+    _store_partial(OP, LP, acc, m_i, l_i, row_bad, b64, h, t, split, row_ok, offs_v,
+                   stride_opb, stride_oph, stride_opt, stride_ops, stride_lpb, stride_lph, stride_lpt, DV)
 
 
 def mla_config(dv, rows):
