@@ -104,6 +104,16 @@ def load_hf(path, backend="torch"):
         return from_hf(path, backend=backend)
 
 
+def edit_hf_config(path, **changes):
+    """Update a saved checkpoint's config.json (a pathlib.Path to its directory) with `changes`."""
+    import json
+
+    f = path / "config.json"
+    cfg = json.loads(f.read_text())
+    cfg.update(changes)
+    f.write_text(json.dumps(cfg))
+
+
 def random_ids(vocab, B, T, seed=0):
     """int64 token ids [B, T] in [0, vocab), from a generator seeded with `seed`."""
     return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))

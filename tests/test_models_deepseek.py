@@ -4,7 +4,6 @@ greedy tokens through the KV cache (left padding too), and loads PEFT LoRA adapt
 Tiny random float32 DeepseekV3ForCausalLM checkpoints (save_pretrained, safetensors): 3 layers, the first dense;
 8 experts in 2 groups of which 1 is kept, so the group limit matters; a nonzero e_score_correction_bias, so the
 bias matters (test_each_deepseek_feature_matters checks both, and the RoPE layout and the YaRN softmax scale)."""
-import json
 import warnings
 
 import pytest
@@ -16,7 +15,7 @@ from llmkern.models import Llama, from_hf, get_config
 from llmkern.models._attn import attend
 from llmkern.models.deepseek import sigmoid_group_route
 from llmkern.testing import (TinyHFFamilies, assert_greedy_matches_transformers, assert_peft_lora_round_trip,
-                             load_hf, random_ids)
+                             edit_hf_config, load_hf, random_ids)
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,13 +65,6 @@ def saved(tmp_path_factory):
 
 def _ids(B=2, T=13, seed=0):
     return random_ids(V, B, T, seed)
-
-
-def _edit(path, **changes):
-    f = path / "config.json"
-    cfg = json.loads(f.read_text())
-    cfg.update(changes)
-    f.write_text(json.dumps(cfg))
 
 
 # ---- config and counting ----------------------------------------------------------------------------
@@ -279,7 +271,7 @@ def test_multi_token_prediction_layers_are_ignored(saved, tmp_path):
         m = from_hf(str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(m(x), hf(x).logits, **TOL)
-    _edit(tmp_path, num_nextn_predict_layers=0)
+    edit_hf_config(tmp_path, num_nextn_predict_layers=0)
     with pytest.raises(ValueError, match="beyond num_nextn_predict_layers=0"):
         from_hf(str(tmp_path))
 
@@ -306,7 +298,7 @@ def test_unsupported_configs_raise_naming_the_key(saved, tmp_path, changes, matc
     path, _ = saved["v3"]
     (tmp_path / "config.json").write_text(open(f"{path}/config.json").read())
     (tmp_path / "model.safetensors").symlink_to(f"{path}/model.safetensors")
-    _edit(tmp_path, **changes)
+    edit_hf_config(tmp_path, **changes)
     with pytest.raises(ValueError, match=match), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from_hf(str(tmp_path))

@@ -11,7 +11,6 @@ Tiny random float32 DeepseekV2ForCausalLM checkpoints (save_pretrained, safetens
 test_each_v2_feature_matters checks that the tests see each of those (and the interleaved RoPE, the scaling, the
 absence of renormalisation)."""
 import itertools
-import json
 import warnings
 
 import pytest
@@ -22,7 +21,7 @@ from llmkern import flops
 from llmkern.models import Llama, from_hf, get_config
 from llmkern.models.deepseek import SoftmaxGroupRouter, softmax_group_route
 from llmkern.testing import (TinyHFFamilies, assert_greedy_matches_transformers, assert_peft_lora_round_trip,
-                             load_hf, random_ids)
+                             edit_hf_config, load_hf, random_ids)
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,13 +56,6 @@ def saved(tmp_path_factory):
 
 def _ids(B=2, T=13, seed=0):
     return random_ids(V, B, T, seed)
-
-
-def _edit(path, **changes):
-    f = path / "config.json"
-    cfg = json.loads(f.read_text())
-    cfg.update(changes)
-    f.write_text(json.dumps(cfg))
 
 
 # ---- config and counting ----------------------------------------------------------------------------
@@ -358,7 +350,7 @@ def test_unsupported_configs_raise_naming_the_key(saved, tmp_path, family, chang
     path, _ = saved[family]
     (tmp_path / "config.json").write_text(open(f"{path}/config.json").read())
     (tmp_path / "model.safetensors").symlink_to(f"{path}/model.safetensors")
-    _edit(tmp_path, **changes)
+    edit_hf_config(tmp_path, **changes)
     with pytest.raises(ValueError, match=match), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from_hf(str(tmp_path))

@@ -4,7 +4,6 @@ transformers' logits and loss on both backends, its gradients, its greedy tokens
 transformers' model. Tiny random float32 models, saved with save_pretrained (safetensors), with weights
 large enough (initializer_range 0.3) that the soft-caps, the windows and the local RoPE change the logits
 by far more than the tolerance (test_each_gemma_option_matters checks that)."""
-import json
 import os
 import warnings
 
@@ -16,7 +15,7 @@ import llmkern
 from llmkern.generation import generate
 from llmkern.models import Llama, from_hf, get_config
 from llmkern.testing import (TinyHFFamilies, assert_greedy_matches_transformers, assert_peft_lora_round_trip,
-                             load_hf, random_ids)
+                             edit_hf_config, load_hf, random_ids)
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,13 +56,6 @@ def saved(tmp_path_factory):
 
 def _ids(B=2, T=13, seed=0):
     return random_ids(V, B, T, seed)
-
-
-def _edit(path, **changes):
-    f = path / "config.json"
-    cfg = json.loads(f.read_text())
-    cfg.update(changes)
-    f.write_text(json.dumps(cfg))
 
 
 def test_configs_carry_the_gemma_options(saved):
@@ -192,7 +184,7 @@ def test_peft_lora_adapter_on_gemma3_round_trips(tmp_path, saved):
 ], ids=["gemma-legacy-gelu-bias", "gemma2-default-layers-erf-gelu", "gemma3-legacy-rope-keys"])
 def test_older_config_keys_load_as_transformers_reads_them(tmp_path, family, changes):
     _save(tmp_path, family, seed=4, **{k: v for k, v in changes.items() if k in ("num_hidden_layers", "layer_types")})
-    _edit(tmp_path, **changes)
+    edit_hf_config(tmp_path, **changes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
@@ -260,7 +252,7 @@ def test_gemma2_through_the_triton_kernels(saved, monkeypatch):
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_unsupported_configs_raise_naming_the_key(tmp_path, family, changes, key):
     _save(tmp_path, family)
-    _edit(tmp_path, **changes)
+    edit_hf_config(tmp_path, **changes)
     with pytest.raises(ValueError, match=key):
         from_hf(str(tmp_path))
 

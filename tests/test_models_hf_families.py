@@ -2,7 +2,6 @@
 transformers' logits on both backends, transformers' greedy tokens through the KV cache (sliding
 windows shorter than the sequence, left padding), and loads PEFT LoRA adapters saved on transformers'
 model. Tiny random float32 models, saved with save_pretrained (safetensors)."""
-import json
 import warnings
 
 import pytest
@@ -12,7 +11,7 @@ from llmkern import flops
 from llmkern.generation import generate
 from llmkern.models import Llama, from_hf, get_config
 from llmkern.testing import (TinyHFFamilies, assert_greedy_matches_transformers, assert_peft_lora_round_trip,
-                             load_hf, random_ids)
+                             edit_hf_config, load_hf, random_ids)
 
 transformers = pytest.importorskip("transformers")
 
@@ -150,13 +149,6 @@ def test_llama_attention_and_mlp_bias_match_transformers(tmp_path):
     assert m.num_params() == hf.num_parameters() == flops.param_counts(m.config)["total"]
 
 
-def _edit(path, **changes):
-    f = path / "config.json"
-    cfg = json.loads(f.read_text())
-    cfg.update(changes)
-    f.write_text(json.dumps(cfg))
-
-
 @pytest.mark.parametrize("family, changes, key", [
     ("mistral", dict(hidden_act="gelu"), "hidden_act"),
     ("qwen2", dict(hidden_act="gelu_pytorch_tanh"), "hidden_act"),
@@ -177,7 +169,7 @@ def _edit(path, **changes):
 ])
 def test_unsupported_configs_raise_naming_the_key(tmp_path, family, changes, key):
     _save(tmp_path, family)
-    _edit(tmp_path, **changes)
+    edit_hf_config(tmp_path, **changes)
     with pytest.raises(ValueError, match=key):
         from_hf(str(tmp_path))
 
@@ -233,7 +225,7 @@ def test_mistral_config_with_layer_types_loads_as_transformers_auto_classes_do(t
     (MistralForCausalLM itself would slide everywhere, and warns to use the Auto classes). from_hf follows
     the Auto classes: logits and greedy tokens through the KV cache (left padded) are theirs."""
     _save(tmp_path, "mistral", seed=6, sliding_window=3)
-    _edit(tmp_path, layer_types=types)
+    edit_hf_config(tmp_path, layer_types=types)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()

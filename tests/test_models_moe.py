@@ -13,7 +13,7 @@ from llmkern import flops
 from llmkern.generation import generate
 from llmkern.models import Llama, build, from_hf, get_config
 from llmkern.models.llama import _experts_dense, _experts_loop, load_balancing_loss
-from llmkern.testing import TinyHFFamilies, load_hf, random_ids
+from llmkern.testing import TinyHFFamilies, edit_hf_config, load_hf, random_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py: tiny models)
 
@@ -218,13 +218,6 @@ def test_aux_loss_matches_transformers(tmp_path, family):
     assert _load(str(tmp_path)).config.router_aux_loss_coef == 0.0
 
 
-def _edit(path, **changes):
-    f = path / "config.json"
-    cfg = json.loads(f.read_text())
-    cfg.update(changes)
-    f.write_text(json.dumps(cfg))
-
-
 @pytest.mark.parametrize("family, changes, match", [
     ("qwen2_moe", dict(use_sliding_window=True), "use_sliding_window"),
     ("mixtral", dict(num_experts_per_tok=5), "num_experts_per_tok"),
@@ -235,7 +228,7 @@ def _edit(path, **changes):
 ])
 def test_unsupported_moe_configs_raise_naming_the_key(tmp_path, family, changes, match):
     _save(tmp_path, family)
-    _edit(tmp_path, **changes)
+    edit_hf_config(tmp_path, **changes)
     with pytest.raises(ValueError, match=match):
         from_hf(str(tmp_path))
 
