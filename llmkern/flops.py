@@ -26,6 +26,7 @@ MFU = observed tokens/s × FLOPs per token / peak FLOP/s. HFU counts the FLOPs t
 does: with full activation recomputation the forward runs twice, (1 + 1 + 2) × forward.
 """
 import dataclasses
+import re
 import warnings
 
 # Dense peak FLOP/s (no sparsity: half the datasheets' starred numbers). A100 SXM/PCIe; H100 SXM;
@@ -173,8 +174,11 @@ def mfu(tokens_per_second, flops_per_token, peak_flops):
 
 
 def hfu(tokens_per_second, flops_per_token, peak_flops, recompute=True):
-    """Hardware FLOPs utilisation: MFU with the recomputed forward counted (× 4/3 under full
-    activation recomputation; equal to MFU without it). `flops_per_token` is the model's (3 passes)."""
+    """Hardware FLOPs utilisation: MFU with the recomputed forward counted (× 4/3 when the whole model's
+    forward runs again, LM head included; equal to MFU without it). `flops_per_token` is the model's (3
+    passes). For the zoo's recomputation (gradient_checkpointing_enable: the blocks run again, the LM head
+    does not, Megatron-LM's count) use mfu(tokens_per_second, model_flops_per_token(cfg, recompute=True),
+    peak) instead, as the mfu suite does: this rule is 1-8% higher there (GPT-2: 7.8%)."""
     return mfu(tokens_per_second, flops_per_token * (4 / 3 if recompute else 1), peak_flops)
 
 
@@ -217,7 +221,7 @@ def device_name(name):
         return "h200-nvl" if "NVL" in n and "GH200" not in n else "h200"
     if "H100" in n:
         return "h100-pcie" if "PCIE" in n else "h100-nvl" if "NVL" in n else "h100"
-    if "A100" in n:
+    if re.search(r"\bA100\b", n):  # (a whole token: the RTX A1000 is not an A100)
         return "a100"
     return None
 

@@ -217,3 +217,32 @@ def test_mfu_suite_under_torchrun_runs_tp_and_ep_rows(ranks, tmp_path):
         assert "tiny train step (llmkern TP tp=2, per GPU)" in ops, rows
         assert "moe train step (llmkern EP ep=2, per GPU)" in ops, rows
         assert "moe train step" in ops and "tiny train step" in ops
+
+
+def test_cuda_timing_times_several_calls_of_a_slow_step(monkeypatch):
+    """triton's do_bench times rep / estimate calls: a 41.6 ms step with rep=40 was ONE timed call. The rep now
+    grows with the step's own time (MIN_CUDA_RUNS calls at least), in quick and full mode."""
+    triton_testing = pytest.importorskip("triton.testing")
+    from llmkern.bench import timing
+
+    seen = []
+    monkeypatch.setattr(timing, "_once_ms", lambda fn: 41.6)
+    monkeypatch.setattr(triton_testing, "do_bench", lambda fn, warmup, rep, return_mode: seen.append(rep) or 41.6)
+    for quick in (True, False):
+        assert timing._time_cuda(lambda: None, quick) == 41.6
+        assert seen[-1] >= timing.MIN_CUDA_RUNS[quick] * 41.6
+    monkeypatch.setattr(timing, "_once_ms", lambda fn: 0.01)  # fast kernels keep the usual budget
+    timing._time_cuda(lambda: None, True)
+    assert seen[-1] == 40
+
+
+def test_attention_mfu_counts_model_flops():
+    """The attention suite's TFLOP/s use FlashAttention's backward factor 2.5 (it recomputes Q K^T); its MFU column
+    counts model FLOPs (backward 2x the forward), as llmkern.flops does."""
+    from llmkern.bench.suites import attention
+
+    f = attention._flops(1, 1, 128, 64, True, "fwd")
+    for mode, model in (("fwd", 1.0), ("bwd", 2.0), ("fwd+bwd", 3.0)):
+        tflops = attention._flops(1, 1, 128, 64, True, mode) / 1e-3 / 1e12  # the row's TFLOP/s at 1 ms
+        assert attention._mfu(tflops, 1e15, mode) == pytest.approx(model * f / 1e-3 / 1e15)
+    assert attention._mfu(1.0, None) is None

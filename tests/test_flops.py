@@ -92,6 +92,8 @@ def test_peak_table_and_detection():
     assert flops.device_name("NVIDIA H200") == "h200"
     assert flops.device_name("NVIDIA A100-SXM4-80GB") == "a100"
     assert flops.device_name("NVIDIA GeForce RTX 4090") is None
+    assert flops.device_name("NVIDIA RTX A1000 6GB Laptop GPU") is None  # (not an A100: "A100" in its name)
+    assert flops.device_name("NVIDIA A100 80GB PCIe") == "a100"
     assert flops.detect_device("cpu") is None and flops.device_peak("cpu") is None
 
 

@@ -14,12 +14,28 @@ def time_fn(fn, device=None, warmup=3, min_run_time=0.5, quick=False):
     return _time_cpu(fn, warmup, 0.2 if quick else min_run_time)
 
 
+MIN_CUDA_RUNS = {True: 5, False: 10}  # timed calls at least (quick, full)
+
+
+def _once_ms(fn):
+    """Device ms of one call after a warm-up call (compilation and autotuning happen there)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def _time_cuda(fn, quick):
     try:
         from triton.testing import do_bench
 
-        return float(do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
-                              return_mode="median"))
+        # do_bench times rep / estimate calls: for a 40 ms training step a rep of 40 ms is ONE timed call.
+        # The rep grows with the call's own time so that the median has MIN_CUDA_RUNS calls at least.
+        rep = max(40 if quick else 100, MIN_CUDA_RUNS[quick] * _once_ms(fn))
+        return float(do_bench(fn, warmup=10 if quick else 25, rep=rep, return_mode="median"))
     except ImportError:
         for _ in range(5):
             fn()

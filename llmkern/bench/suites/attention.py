@@ -14,7 +14,9 @@ would write without our kernel; outside quick mode also DeepSeek MLA's head dims
 Last, DeepSeek-V3's latent-cache decode (llmkern.mla_decode: 512 + 64 channels, one kv head, 16 and 128 query
 heads, kv 4096, one new token; GB/s of the latent read once) against SDPA over the same cache, with the query
 heads as SDPA's heads (enable_gqa: what the zoo ran before) and folded into query rows (the best plain-torch form).
-`mfu` is the fraction of the detected card's dense bf16 peak; extra["mfu_a100"] against the A100's.
+TFLOP/s count FlashAttention's way (backward 2.5x the forward: it recomputes Q K^T); `mfu` counts the model's
+FLOPs (backward 2x the forward, as llmkern.flops and the mfu suite do) as a fraction of the detected card's
+dense bf16 peak; extra["mfu_a100"] against the A100's.
 
 CPU: a small quick comparison (what llmkern.attention runs on CPU: SDPA's CPU kernel with our
 masks, or the reference) vs SDPA, in a few seconds; it says nothing about the GPU kernels.
@@ -35,6 +37,14 @@ HIDDEN = 2048
 def _flops(B, H, T, D, causal, mode):
     f = 4.0 * B * H * T * T * D * (0.5 if causal else 1.0)
     return {"fwd": f, "bwd": 2.5 * f, "fwd+bwd": 3.5 * f}[mode]
+
+
+_MODEL_SHARE = {"fwd": 1.0, "bwd": 2.0 / 2.5, "fwd+bwd": 3.0 / 3.5}  # model FLOPs / FlashAttention's count
+
+
+def _mfu(tflops, peak, mode="fwd+bwd"):
+    """Model FLOPs utilisation of a row timed at `tflops` (FlashAttention's count) against `peak` FLOP/s."""
+    return tflops * 1e12 * _MODEL_SHARE[mode] / peak if peak else None
 
 
 def _sdpa_backends():
@@ -121,7 +131,7 @@ def _gpu_rows(ctx):
             tflops = fl / (ours_ms * 1e-3) / 1e12
             extra = {f"sdpa-{n}_ms": ms for n, ms in base.items()}
             extra.update({f"sdpa-{n}_tflops": fl / (ms * 1e-3) / 1e12 for n, ms in base.items()})
-            extra["mfu_a100"] = tflops * 1e12 / peak_a100
+            extra["mfu_a100"] = _mfu(tflops, peak_a100, mode)
             notes = ""
             if T == 4096 and causal and D == 128 and _uses_tma(q, k, v):  # the target shape: both kernel families
                 with _tma_off():
@@ -131,7 +141,7 @@ def _gpu_rows(ctx):
             yield Result(op=f"attention {mode}", shape=f"B={B} H={H} T={T} D={D} causal={causal} bf16",
                          ours_ms=ours_ms, baseline=f"sdpa-{best}" if best else "",
                          baseline_ms=base.get(best), throughput=tflops, unit="TFLOP/s",
-                         mfu=tflops * 1e12 / peak if peak else None, extra=extra, notes=notes)
+                         mfu=_mfu(tflops, peak, mode), extra=extra, notes=notes)
         del q, k, v, dout
     yield from _dropout_row(ctx, T=4096, D=128, p=0.1, dtype=dtype, peak=peak)
     yield from _sinks_row(ctx, T=4096, H=64, Hk=8, D=64, dtype=dtype, peak=peak)
@@ -182,7 +192,7 @@ def _sinks_row(ctx, T, H, Hk, D, dtype, peak):
     yield Result(op="attention fwd+bwd sinks (gpt-oss)",
                  shape=f"B={B} H={H} Hk={Hk} T={T} D={D} causal=True {str(dtype).replace('torch.', '')}",
                  ours_ms=ours_ms, baseline="sdpa + sink column mask" if base_ms else "", baseline_ms=base_ms,
-                 throughput=tflops, unit="TFLOP/s", mfu=tflops * 1e12 / peak if peak else None)
+                 throughput=tflops, unit="TFLOP/s", mfu=_mfu(tflops, peak))
 
 
 def _alibi_row(ctx, T, H, D, dtype, peak):
@@ -212,7 +222,7 @@ def _alibi_row(ctx, T, H, D, dtype, peak):
     yield Result(op="attention fwd+bwd alibi",
                  shape=f"B={B} H={H} T={T} D={D} causal=True {str(dtype).replace('torch.', '')}",
                  ours_ms=ours_ms, baseline="sdpa + float bias mask" if base_ms else "", baseline_ms=base_ms,
-                 throughput=tflops, unit="TFLOP/s", mfu=tflops * 1e12 / peak if peak else None)
+                 throughput=tflops, unit="TFLOP/s", mfu=_mfu(tflops, peak))
 
 
 def _mla_row(ctx, T, H, D, Dv, dtype, peak):
@@ -242,7 +252,7 @@ def _mla_row(ctx, T, H, D, Dv, dtype, peak):
     yield Result(op="attention fwd+bwd D=192 Dv=128 (DeepSeek MLA prefill)",
                  shape=f"B={B} H={H} T={T} D={D} Dv={Dv} causal=True {str(dtype).replace('torch.', '')}",
                  ours_ms=ours_ms, baseline=f"sdpa-{best}" if best else "", baseline_ms=base.get(best),
-                 throughput=tflops, unit="TFLOP/s", mfu=tflops * 1e12 / peak if peak else None,
+                 throughput=tflops, unit="TFLOP/s", mfu=_mfu(tflops, peak),
                  extra={f"sdpa-{n}_ms": ms for n, ms in base.items()})
 
 
@@ -270,7 +280,7 @@ def _dropout_row(ctx, T, D, p, dtype, peak):
     tflops = fl / (ours_ms * 1e-3) / 1e12
     yield Result(op="attention fwd+bwd dropout", shape=f"B={B} H={H} T={T} D={D} causal=True p={p} bf16",
                  ours_ms=ours_ms, baseline=f"sdpa-{best}" if best else "", baseline_ms=base.get(best),
-                 throughput=tflops, unit="TFLOP/s", mfu=tflops * 1e12 / peak if peak else None,
+                 throughput=tflops, unit="TFLOP/s", mfu=_mfu(tflops, peak),
                  extra={f"sdpa-{n}_ms": ms for n, ms in base.items()})
 
 

@@ -59,7 +59,7 @@ def _rows(ctx, N, V, dtype, notes=""):
     del x, y
 
 
-def _peak_mb(fn, dev):
+def _peak_mib(fn, dev):
     """Peak memory (MB) allocated while fn() runs, above what was allocated before (CUDA only)."""
     if dev.type != "cuda":
         return None
@@ -91,7 +91,7 @@ def _linear_rows(ctx, N, d, V, dtype, notes=""):
     yield Result(op="linear_cross_entropy fwd+bwd", shape=f"N={N} d={d} V={V} {dt}", ours_ms=ours_ms,
                  baseline="F.linear + eager F.cross_entropy(logits.float())", baseline_ms=base_ms,
                  throughput=flops / (ours_ms * 1e-3) / 1e12, unit="TFLOP/s", notes=notes,
-                 extra={"ours_peak_mb": _peak_mb(ours, dev), "baseline_peak_mb": _peak_mb(base, dev)})
+                 extra={"ours_peak_mib": _peak_mib(ours, dev), "baseline_peak_mib": _peak_mib(base, dev)})
     del h, w, y
 
 

@@ -18,7 +18,8 @@ step (torch.cuda.max_memory_allocated: weights, optimizer state, activations; "p
 "torch_peak_mem_bytes"); on CPU they are None (not measured). The "train (recompute)" row is the plain
 step with full activation recomputation on both backends (the zoo's gradient_checkpointing_enable): MFU
 counts the model's FLOPs as every row does, extra["hfu"] / ["hfu_a100"] the hardware FLOPs (the
-recomputed forward too, llmkern.flops.hfu), and the peak memory shows what recomputation saves.
+blocks' recomputed forward too: model_flops_per_token(recompute=True), Megatron-LM's count, the LM head not
+recomputed), and the peak memory shows what recomputation saves.
 
 Under torchrun (WORLD_SIZE > 1) the gpt2 step also runs data parallel (PyTorch's FSDP2,
 fully_shard per block) and tensor parallel (llmkern.parallel.tensor_parallelize) over all ranks, and the
