@@ -431,6 +431,15 @@ def test_from_hf_gpt2_missing_weight_names_it(tmp_path):
         from_hf(str(tmp_path))
 
 
+def test_from_hf_gpt2_refuses_weights_it_would_not_load(tmp_path):
+    """A checkpoint holding more layers than its config says: refused, naming the unused weights (the GPT-2
+    conversion read what the config asked for and dropped the rest silently)."""
+    _save_gpt2(tmp_path)
+    _edit_config(tmp_path, lambda c: c.update(n_layer=c["n_layer"] - 1))
+    with pytest.raises(ValueError, match=r"unexpected=\['h\.1\."):
+        from_hf(str(tmp_path))
+
+
 def test_from_hf_bf16_keeps_rope_frequencies_float32(tmp_path):
     """Regression: from_hf(dtype=torch.bfloat16) (and any .to(bfloat16) / .half() of a Llama) rounded
     inv_freq to bf16, shifting every RoPE angle; transformers keeps them float32."""

@@ -233,6 +233,28 @@ def test_unsupported_moe_configs_raise_naming_the_key(tmp_path, family, changes,
         from_hf(str(tmp_path))
 
 
+def test_mixtral_config_without_rope_theta_and_eps_takes_mixtrals_defaults(tmp_path, saved):
+    """A config.json that leaves out rope_theta and rms_norm_eps gets MixtralConfig's defaults (1e6, 1e-5), not
+    Llama's (10000, 1e-6): the same logits as transformers' model loaded from that file."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    path, _ = saved["mixtral"]
+    shutil.copytree(path, tmp_path, dirs_exist_ok=True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for key in ("rope_theta", "rope_parameters", "rope_scaling", "rms_norm_eps"):
+        cfg.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert (hf.config.rope_parameters["rope_theta"], hf.config.rms_norm_eps) == (1e6, 1e-5)
+    m = _load(str(tmp_path))
+    assert (m.config.rope_theta, m.config.norm_eps) == (1e6, 1e-5)
+    x = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), hf(x).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_stacked_checkpoint_layout_loads_too(tmp_path, saved):
     """A checkpoint holding transformers 5's in-memory names (experts stacked) loads as the per-expert one."""
     from safetensors.torch import save_file

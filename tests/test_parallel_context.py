@@ -213,7 +213,7 @@ def _grad_errors(model, ref):
 
 def zoo_worker(rank, p):
     """GPT and Llama (GQA; sliding window; contiguous layout; the fused loss; Gemma 2's options: attention
-    scale and soft-caps, sandwich norms) under context_parallelize
+    scale and soft-caps, sandwich norms; Mixtral with its load-balancing loss) under context_parallelize
     against the unsharded model on the full sequence."""
     from llmkern.models import GPT, Llama, get_config
     from llmkern.parallel import all_reduce_gradients, context_parallelize, shard_sequence
@@ -225,7 +225,9 @@ def zoo_worker(rank, p):
                 ("gpt-contiguous", GPT, get_config("gpt-tiny"), "contiguous", False),
                 ("gemma2-style", Llama, get_config("llama-tiny", activation="gelu_tanh", norm_offset=1.0, post_norms=True,
                                                    scale_embeddings=True, attn_scale=4.0, attn_softcap=0.5,
-                                                   logit_softcap=3.0), "zigzag", True)]
+                                                   logit_softcap=3.0), "zigzag", True),
+                # the load-balancing loss pools its expert statistics over the ranks (per-rank copies were wrong)
+                ("mixtral-aux", Llama, get_config("mixtral-tiny", router_aux_loss_coef=0.5), "zigzag", True)]
     out = {}
     for name, cls, cfg, layout, return_logits in variants:
         torch.manual_seed(0)

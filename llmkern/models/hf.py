@@ -169,7 +169,7 @@ _FAMILY_DEFAULTS = {
     "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=None, **_QWEN_WINDOW),
     "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=128, **_QWEN_WINDOW),
     "mixtral": dict(max_position_embeddings=4096 * 32, num_key_value_heads=8, head_dim=None, sliding_window=None,
-                    num_local_experts=8, num_experts_per_tok=2),
+                    num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6, rms_norm_eps=1e-5),
     "qwen2_moe": dict(max_position_embeddings=32768, num_key_value_heads=16, head_dim=None, qkv_bias=True,
                       num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
                       shared_expert_intermediate_size=5632, **_QWEN_MOE),
@@ -647,8 +647,32 @@ def _stack_experts(state, cfg, family):
     return state
 
 
+class _Reads(dict):
+    """A state dict that records which keys were read (what is left over was not loaded)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def left(self):
+        return [k for k in self if k not in self.read]
+
+
+# GPT-2 keys a causal LM does not use and transformers' GPT2LMHeadModel skips too: the causal-mask buffers of
+# old checkpoints, and cross-attention (add_cross_attention: only an encoder-decoder's encoder states use it)
+_GPT2_UNUSED = (".attn.bias", ".attn.masked_bias")
+_GPT2_CROSS = (".crossattention.", ".ln_cross_attn.")
+
+
 def _gpt2_state(state, cfg):
-    state = _strip(state, ("transformer.",))
+    """The zoo GPT's state dict from a GPT2LMHeadModel checkpoint's; keys it does not use (other than
+    _GPT2_UNUSED / _GPT2_CROSS, and a tied lm_head) are returned under their own names, so that
+    load_state_dict reports them as unexpected (a config with fewer layers than the file: refused)."""
+    state = _Reads(_strip(state, ("transformer.",)))
     out = {"wte.weight": state["wte.weight"], "wpe.weight": state["wpe.weight"],
            "ln_f.weight": state["ln_f.weight"], "ln_f.bias": state["ln_f.bias"]}
     if not cfg.tie_embeddings:
@@ -669,6 +693,10 @@ def _gpt2_state(state, cfg):
         out[q + "mlp.up_proj.bias"] = state[p + "mlp.c_fc.bias"]
         out[q + "mlp.down_proj.weight"] = state[p + "mlp.c_proj.weight"].t()
         out[q + "mlp.down_proj.bias"] = state[p + "mlp.c_proj.bias"]
+    for k in state.left():
+        if not (k.endswith(_GPT2_UNUSED) or any(c in k for c in _GPT2_CROSS)
+                or (cfg.tie_embeddings and k == "lm_head.weight")):
+            out[k] = dict.__getitem__(state, k)  # (unexpected by the model: reported)
     return out
 
 
@@ -740,8 +768,7 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    ignorable = (".attn.bias", ".attn.masked_bias")  # GPT-2's causal-mask buffers in old checkpoints
-    unexpected = [k for k in unexpected if not k.endswith(ignorable)]
+    unexpected = [k for k in unexpected if not k.endswith(_GPT2_UNUSED)]  # (old checkpoints' mask buffers)
     if missing or unexpected:
         raise ValueError(f"from_hf: checkpoint does not match the model: missing={missing[:5]} "
                          f"unexpected={unexpected[:5]}")

@@ -323,7 +323,7 @@ def _experts_dense(x, w_gate_up, w_down, ids, weights):
     return y
 
 
-def load_balancing_loss(router_logits, top_k, attention_mask=None):
+def load_balancing_loss(router_logits, top_k, attention_mask=None, pool=None):
     """The Switch Transformer / Mixtral auxiliary loss over the MoE layers (as transformers'
     load_balancing_loss_func computes it):
 
@@ -331,7 +331,9 @@ def load_balancing_loss(router_logits, top_k, attention_mask=None):
 
     where both are pooled over every layer's tokens (so f sums to k, P to 1; a uniform router gives k).
     router_logits: a list of [N, E] per layer (N = B*T tokens); attention_mask: optional [B, T] (0 =
-    padding, not counted). Computed in float32. Differentiable through P (f is a count)."""
+    padding, not counted). Computed in float32. Differentiable through P (f is a count).
+    pool: a function (counts, prob_sum, rows) -> the same summed over the ranks that hold the other tokens
+    (context parallelism: ContextParallel.pool_router_stats), so that f and P are the whole sequence's."""
     if not router_logits:
         raise ValueError("load_balancing_loss: router_logits must list at least one layer's [tokens, n_experts]")
     E = router_logits[0].shape[-1]
@@ -346,6 +348,8 @@ def load_balancing_loss(router_logits, top_k, attention_mask=None):
         counts = counts.index_add(0, ids.reshape(-1), per_row.repeat_interleave(top_k))
         prob_sum = prob_sum + (probs * per_row[:, None]).sum(0)
         rows = rows + per_row.sum()
+    if pool is not None:
+        counts, prob_sum, rows = pool(counts, prob_sum, rows)
     return E * torch.sum((counts / rows) * (prob_sum / rows))
 
 
@@ -510,5 +514,7 @@ class Llama(ZooModel):
         if not router_logits:
             return loss
         mask = None if attention_mask is None else attention_mask[:, -T:]
-        aux = load_balancing_loss(router_logits, self.config.n_experts_per_tok, mask)
+        cp = self.context_parallel  # (its ranks hold the rest of the sequence: f and P pooled over them)
+        aux = load_balancing_loss(router_logits, self.config.n_experts_per_tok, mask,
+                                  pool=None if cp is None else cp.pool_router_stats)
         return loss + self.config.router_aux_loss_coef * aux.to(loss.dtype)

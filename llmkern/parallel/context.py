@@ -334,6 +334,19 @@ class ContextParallel:
         shifted = torch.cat([full[:, 1:], full.new_full((full.shape[0], 1), -100)], dim=1)
         return shard_sequence(shifted, self.group, 1, self.layout)
 
+    def pool_router_stats(self, counts, prob_sum, rows):
+        """The load-balancing loss's statistics (llmkern.models.llama.load_balancing_loss) summed over the
+        ranks: the loss E * sum_e f_e P_e is a product of two whole-sequence averages, so per-rank copies do not
+        add up to it. counts and rows are plain sums (no gradient); prob_sum's backward is this rank's part, so
+        every rank computes the unsharded loss and the summed parameter gradients are the unsharded ones."""
+        from llmkern.parallel.vocab import _SumOverRanks
+
+        counts = counts.detach().clone()
+        rows = torch.as_tensor(rows, dtype=torch.float32, device=counts.device).detach().clone()
+        dist.all_reduce(counts, group=self.group)
+        dist.all_reduce(rows, group=self.group)
+        return counts, _SumOverRanks.apply(prob_sum, self.group), rows
+
     def global_mean(self, loss, shifted):
         """The mean over the valid tokens of all ranks from this rank's mean `loss` over its own.
         Returns the same value on every rank; its backward carries only this rank's part
