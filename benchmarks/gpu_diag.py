@@ -333,7 +333,8 @@ def mla():
         q = torch.randn(B, H, 1, R + Dr, device="cuda", dtype=torch.bfloat16, generator=g)
         t = device_ms(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), kv, kv[..., :R], scale=0.1))
         _say(f"  H={H} SDPA (heads as query rows): {t:.4f} ms ({gb / t * 1e3:.0f} GB/s)")
-        cfgs = ("", "16,64,8,2", "32,64,8,2", "64,32,8,2", "64,64,8,2", "64,16,8,3", "32,32,4,2", "16,32,4,3")
+        cfgs = ("", "16,64,8,2", "32,64,8,2", "32,32,8,2", "64,16,8,2", "64,32,8,2", "64,64,8,2", "64,16,8,3",
+                "32,32,4,2", "16,32,4,3")
         for cfg in cfgs:
             for splits in (0, 4, 16):
                 with env(LLMKERN_MLA_CONFIG=cfg) if cfg else contextlib.nullcontext():

@@ -128,13 +128,14 @@ def mla_config(dv, rows):
                              f"(powers of two), stages >= 1; got {override!r}")
         return bm, bn, warps, stages
     bm = min(max(16, next_power_of_2(rows)), 64)
-    # compiled for sm_90 bf16 with ptxas (contiguous, paged, padded): none of these spills (the 64 x 32 Dv-512
-    # tile 16 bytes when paged and padded); Dv 512 at 64 rows is wgmma at 255 registers and 148 KB of shared memory
+    # compiled for sm_90 bf16 with ptxas (contiguous, paged, padded), Triton 3.8: none of these spills; Dv 512
+    # at 64 rows is wgmma at 255 registers and 128 KB of shared memory (64 x 16 keys: 64 x 32 spilled 16-264
+    # bytes, under Triton 3.6 too, where 64 x 16 spills 104-192 bytes and 32 x 64 none)
     if dv <= 128:
         return bm, 64, 4, 3
     if dv <= 256:
         return (64, 64, 8, 2) if bm == 64 else (bm, 32, 4, 2)
-    return (bm, 32, 8, 2) if bm == 64 else (bm, 64, 8, 2)
+    return (bm, 16, 8, 2) if bm == 64 else (bm, 64, 8, 2)
 
 
 def mla_decode(q, kv_cache, cache_seqlens, *, head_dim_v, scale, causal=True, num_splits=0, block_table=None,
