@@ -92,3 +92,15 @@ def test_readme_table_is_the_model_output():
     start = next(i for i, line in enumerate(lines) if line.startswith("| GPU | SP | tokens"))
     table = cm.table("gpt3-175b", 8).splitlines()
     assert lines[start:start + len(table)] == table
+
+
+def test_pipeline_bubble_fraction():
+    assert cm.pipeline_bubble_fraction(1, 8) == 0.0
+    assert cm.pipeline_bubble_fraction(4, 4) == pytest.approx(3 / 7)
+    assert cm.pipeline_bubble_fraction(2, 1) == pytest.approx(0.5)  # one micro-batch: stages take turns
+    # more micro-batches hide it: (p - 1) / (m + p - 1) falls towards 0 like (p - 1) / m
+    fr = [cm.pipeline_bubble_fraction(8, m) for m in (1, 8, 64, 1024)]
+    assert fr == sorted(fr, reverse=True) and fr[-1] < 0.01
+    for p, m in ((0, 4), (4, 0), (2.0, 4), (True, 4)):
+        with pytest.raises(ValueError, match="positive int"):
+            cm.pipeline_bubble_fraction(p, m)

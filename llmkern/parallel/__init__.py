@@ -11,9 +11,12 @@
     VocabParallelEmbedding, VocabParallelLMHead vocabulary-sharded embedding / LM head and loss
     context_parallelize(model, group)           context parallelism: the sequence sharded over ranks
                                                 (context_parallel_attention, shard_sequence, ...)
+    pipeline_parallelize(model, group, ...)     pipeline parallelism: the blocks cut into stages, one per rank,
+                                                micro-batches through them (GPipe / 1F1B: PipelineParallel,
+                                                llmkern.parallel.pipeline)
     lora_state                                  LoRA shards <-> whole factors (llmkern.peft's adapter
                                                 save/load under tensor parallelism uses it)
-    cost_model                                  predicted step time / exposed communication
+    cost_model                                  predicted step time / exposed communication, pipeline bubble
     comm                                        the ring (decomposed) and plain collectives
     launch.spawn                                run a function on p local ranks (tests, benchmarks)
 
@@ -34,7 +37,8 @@ __all__ = ["ColumnParallelLinear", "RowParallelLinear", "tensor_parallelize", "s
            "VocabParallelEmbedding", "VocabParallelLMHead",
            "context_parallel_attention", "context_parallelize", "shard_sequence", "gather_sequence",
            "context_parallel_positions", "all_reduce_gradients", "TensorParallelMoE", "ShardedExperts",
-           "ExpertParallelMoE", "expert_parallelize", "all_reduce_replicated_grads", "expert_parameter_names"]
+           "ExpertParallelMoE", "expert_parallelize", "all_reduce_replicated_grads", "expert_parameter_names",
+           "pipeline_parallelize", "PipelineParallel"]
 
 _EXPERT = ("ExpertParallelMoE", "expert_parallelize", "all_reduce_replicated_grads", "expert_parameter_names")
 
@@ -52,4 +56,8 @@ def __getattr__(name):
         from llmkern.parallel import expert
 
         return getattr(expert, name)
+    if name in ("pipeline_parallelize", "PipelineParallel"):  # (lazy too: it imports the model zoo)
+        from llmkern.parallel import pipeline
+
+        return getattr(pipeline, name)
     raise AttributeError(f"module 'llmkern.parallel' has no attribute {name!r}")
