@@ -197,7 +197,7 @@ def mfu_torchrun_worker(rank, p, out):
     from llmkern.models import get_config
 
     os.environ["WORLD_SIZE"] = str(p)
-    tiny = get_config("gpt-tiny", n_layer=1, n_embd=64, n_head=2, block_size=32, vocab_size=128)
+    tiny = get_config("gpt-tiny", n_layer=2, n_embd=64, n_head=2, block_size=32, vocab_size=128)
     moe = get_config("mixtral-tiny", n_layer=1, n_embd=64, n_head=2, n_kv_head=2, intermediate_size=32,
                      block_size=32, vocab_size=128, n_experts=2 * p, n_experts_per_tok=2)
     mfu._rows = lambda device, quick: [("tiny", tiny, 2, 16, False), ("moe", moe, 2, 16, False)]
@@ -208,14 +208,16 @@ def mfu_torchrun_worker(rank, p, out):
 
 
 def test_mfu_suite_under_torchrun_runs_tp_and_ep_rows(ranks, tmp_path):
-    """With 2 gloo ranks the suite adds FSDP2's data-parallel and llmkern's tensor-parallel rows of its first
-    model and the expert-parallel row of its first MoE model, each measured (a failed parallel step would
+    """With 2 gloo ranks the suite adds FSDP2's data-parallel, llmkern's tensor- and pipeline-parallel rows of its
+    first model and the expert-parallel row of its first MoE model, each measured (a failed parallel step would
     leave its row out)."""
     for rows in ranks(2).run(mfu_torchrun_worker, (str(tmp_path),), timeout=120):
         ops = set(rows)
         assert "tiny train step (FSDP2 dp=2, per GPU)" in ops, rows
         assert "tiny train step (llmkern TP tp=2, per GPU)" in ops, rows
         assert "moe train step (llmkern EP ep=2, per GPU)" in ops, rows
+        assert "tiny train step (llmkern PP pp=2, per GPU)" in ops, rows
+        assert "1F1B over 2 micro-batches" in rows["tiny train step (llmkern PP pp=2, per GPU)"]
         assert "moe train step" in ops and "tiny train step" in ops
 
 
@@ -246,3 +248,11 @@ def test_attention_mfu_counts_model_flops():
         tflops = attention._flops(1, 1, 128, 64, True, mode) / 1e-3 / 1e12  # the row's TFLOP/s at 1 ms
         assert attention._mfu(tflops, 1e15, mode) == pytest.approx(model * f / 1e-3 / 1e15)
     assert attention._mfu(1.0, None) is None
+
+
+def test_pipeline_row_microbatches():
+    """The pp row's micro-batch count: the most (up to 4 per stage) that divide the batch with m >= p for 1F1B."""
+    from llmkern.bench.suites.mfu import pp_microbatches
+
+    assert [pp_microbatches(b, 2) for b in (1, 2, 3, 8, 12, 16)] == [None, 2, 3, 8, 6, 8]
+    assert pp_microbatches(6, 4) is None and pp_microbatches(16, 4) == 16

@@ -24,8 +24,9 @@ recomputed), and the peak memory shows what recomputation saves.
 Under torchrun (WORLD_SIZE > 1) the gpt2 step also runs data parallel (PyTorch's FSDP2,
 fully_shard per block) and tensor parallel (llmkern.parallel.tensor_parallelize) over all ranks, and the
 first MoE row expert parallel (llmkern.parallel.expert_parallelize: each rank its own batch and E/p whole
-experts, the replicated gradients averaged by all_reduce_replicated_grads); tokens/s and MFU are then per
-GPU (global tokens / world size), and every rank yields its rows.
+experts, the replicated gradients averaged by all_reduce_replicated_grads), and the first row pipeline
+parallel (llmkern.parallel.pipeline_parallelize, 1F1B over m micro-batches, eager: one batch through p
+stages); tokens/s and MFU are then per GPU (global tokens / world size), and every rank yields its rows.
 
 LLMKERN_BENCH_COMPILE wraps both backends' models in torch.compile: "1" / "default" (Inductor),
 "reduce-overhead" (Inductor and CUDA graphs: no host time per kernel launch, which is what bounds an
@@ -216,10 +217,23 @@ def _parallelize(model, mode, device):
     return model
 
 
+def pp_microbatches(batch, world):
+    """The pipeline row's micro-batches: the most, up to 4 per stage, that divide the batch and feed 1F1B
+    (m >= p); None when the batch has no such split."""
+    return next((m for m in range(min(batch, 4 * world), world - 1, -1) if batch % m == 0), None)
+
+
 def _step_fn(cfg, backend, batch, seq, kind, device, compile_, parallel=None):
     torch.manual_seed(0)  # same weights on every rank
     model = build(cfg, backend=backend).to(device)
-    if parallel:
+    pipe = None
+    if parallel == "pp":  # (eager: the stages run inside torch.distributed.pipelining's schedule)
+        from llmkern.parallel import pipeline_parallelize
+
+        world = torch.distributed.get_world_size()
+        pipe = pipeline_parallelize(model, n_microbatches=pp_microbatches(batch, world), schedule="1f1b")
+        compile_ = None
+    elif parallel:
         model = _parallelize(model, parallel, device)
     note = ""
     if kind == "qlora":  # bnb's compute dtype: the dtype the step computes in (bf16 autocast on CUDA)
@@ -239,6 +253,12 @@ def _step_fn(cfg, backend, batch, seq, kind, device, compile_, parallel=None):
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _Null()
 
     def step():
+        if pipe is not None:  # forward and backward of every micro-batch, through every stage
+            with amp:
+                pipe.step(data, data)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return
         with amp:
             _, loss = fwd(data, labels=data)
         loss.backward()
@@ -297,7 +317,7 @@ def _finetune_notes(kind, peaks):
 _KIND = {False: "train", True: "LoRA finetune", "lora": "LoRA finetune", "qlora": "QLoRA finetune",
          "recompute": "train (recompute)"}
 FINETUNE = (True, "lora", "qlora")
-_PARALLEL_LABEL = {"dp": "FSDP2 dp", "tp": "llmkern TP tp", "ep": "llmkern EP ep"}
+_PARALLEL_LABEL = {"dp": "FSDP2 dp", "tp": "llmkern TP tp", "ep": "llmkern EP ep", "pp": "llmkern PP pp"}
 
 
 def _baseline_name(kind):
@@ -367,7 +387,8 @@ def run(ctx):
             torch.cuda.set_device(device)
         first = plan[0]
         moe = next((r for r in plan if r[1].n_experts and r[1].n_experts % world == 0 and not r[4]), None)
-        plan = [first[:-1] + ("dp",), first[:-1] + ("tp",)] + ([moe[:-1] + ("ep",)] if moe else []) + plan
+        pp = [first[:-1] + ("pp",)] if pp_microbatches(first[2], world) and first[1].n_layer >= world else []
+        plan = [first[:-1] + ("dp",), first[:-1] + ("tp",)] + ([moe[:-1] + ("ep",)] if moe else []) + pp + plan
     for label, cfg, batch, seq, kind, parallel in ctx.progress(plan, desc="mfu"):
         times, notes = {}, []
         n_lora = 0
@@ -405,8 +426,12 @@ def run(ctx):
             notes = _finetune_notes(kind, peaks) + notes
         if device.type == "cuda" and dev_name is None:
             notes.append(f"unknown GPU {torch.cuda.get_device_name(device)!r}: no peak, MFU only vs A100 (extra)")
-        # per GPU: data parallel processes `world` batches per step, tensor parallel one batch
-        tokens = batch * seq if parallel != "tp" else batch * seq / world
+        # per GPU: data (and expert) parallel process `world` batches per step, tensor and pipeline parallel one
+        tokens = batch * seq if parallel not in ("tp", "pp") else batch * seq / world
+        if parallel == "pp":
+            m = pp_microbatches(batch, world)
+            notes.append(f"1F1B over {m} micro-batches of {batch // m}: bubble "
+                         f"{(world - 1) / (m + world - 1):.0%} of the step (cost_model.pipeline_bubble_fraction)")
         tok_s = tokens / (times["llmkern"] / 1e3)
         fpt = _model_flops(cfg, seq, kind, n_lora, "seed")
         fpt_palm = _model_flops(cfg, seq, kind, n_lora, "palm")
