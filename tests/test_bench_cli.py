@@ -255,4 +255,4 @@ def test_pipeline_row_microbatches():
     from llmkern.bench.suites.mfu import pp_microbatches
 
     assert [pp_microbatches(b, 2) for b in (1, 2, 3, 8, 12, 16)] == [None, 2, 3, 8, 6, 8]
-    assert pp_microbatches(6, 4) is None and pp_microbatches(16, 4) == 16
+    assert pp_microbatches(3, 4) is None and pp_microbatches(6, 4) == 6 and pp_microbatches(16, 4) == 16
