@@ -6,6 +6,7 @@ Ops (each a torch.library op with autograd where it makes sense):
   attention, attention_varlen,         fused attention (Triton)
   attention_with_kvcache
   mla_decode                           decode over a multi-head latent (DeepSeek MLA) KV cache (Triton)
+  merge_attention_states               (out, lse) of two key sets -> their union's (cascade decoding) (Triton)
   lora_linear, lora_linear_multi       fused LoRA matmul (Triton); the base weight dense or 4-bit NF4
   nf4_quantize, nf4_dequantize,        QLoRA's 4-bit NormalFloat weights (bitsandbytes layout), and the
   nf4_linear, NF4Weight                frozen 4-bit linear layer that keeps only the codes for its backward
@@ -30,6 +31,7 @@ _LAZY_ATTRS = {
     "attention_varlen": "llmkern.ops.attention",
     "attention_with_kvcache": "llmkern.ops.attention",
     "mla_decode": "llmkern.ops.mla_decode",
+    "merge_attention_states": "llmkern.ops.merge_attention_states",
     "lora_linear": "llmkern.ops.lora",
     "lora_linear_multi": "llmkern.ops.lora",
     "cross_entropy": "llmkern.ops.cross_entropy",

@@ -10,7 +10,8 @@ from llmkern import _backend
 # Modules that register their op's dispatch with _backend.register_op when imported.
 _OP_MODULES = ("llmkern.ops.sampling", "llmkern.ops.attention", "llmkern.ops.lora", "llmkern.ops.cross_entropy")
 _OP_MODULES += ("llmkern.ops.norm",)
-_OP_MODULES += ("llmkern.ops.rope", "llmkern.ops.swiglu", "llmkern.ops.nf4", "llmkern.ops.moe", "llmkern.ops.mla_decode")
+_OP_MODULES += ("llmkern.ops.rope", "llmkern.ops.swiglu", "llmkern.ops.nf4", "llmkern.ops.moe", "llmkern.ops.mla_decode",
+                 "llmkern.ops.merge_attention_states")
 
 
 def collect():

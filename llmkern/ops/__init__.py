@@ -9,6 +9,6 @@ from llmkern.ops.speculative import speculative_accept  # noqa: F401
 
 def register_all():
     """Import every op module, registering all torch.ops.llmkern.* custom ops."""
-    from llmkern.ops import attention, cross_entropy, lora, mla_decode, sampling  # noqa: F401
+    from llmkern.ops import attention, cross_entropy, lora, merge_attention_states, mla_decode, sampling  # noqa: F401
     from llmkern.ops import norm  # noqa: F401
     from llmkern.ops import rope, swiglu  # noqa: F401

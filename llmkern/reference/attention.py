@@ -270,3 +270,21 @@ def attention_backward(dout, q, k, v, out, lse, causal, scale, window, softcap):
     dk = torch.matmul(ds.transpose(-1, -2), qf).sum(2)
     dv = torch.matmul(p.transpose(-1, -2), do).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    """Two attention states of the same queries over disjoint key sets -> the state over their union:
+    out [..., D] = (w_a out_a + w_b out_b) / (w_a + w_b) with w = exp(lse - max(lse_a, lse_b)), lse [...] =
+    logsumexp(lse_a, lse_b); a side with LSE -inf weighs nothing, both -inf give zeros and -inf. Computed in
+    float32 (float64 for float64 inputs), differentiable in all four; returns (out in out_a's dtype, lse)."""
+    cd = _compute_dtype(out_a.dtype)
+    la, lb = lse_a.to(cd), lse_b.to(cd)
+    m = torch.maximum(la, lb)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m).detach()  # (a constant shift: no gradient)
+    wa, wb = torch.exp(la - m), torch.exp(lb - m)
+    s = wa + wb
+    empty = s == 0
+    safe = torch.where(empty, torch.ones_like(s), s)
+    out = (out_a.to(cd) * (wa / safe)[..., None] + out_b.to(cd) * (wb / safe)[..., None]).to(out_a.dtype)
+    lse = torch.where(empty, torch.full_like(s, float("-inf")), m + torch.log(safe))
+    return out, lse

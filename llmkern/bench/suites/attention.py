@@ -13,7 +13,8 @@ Training rows with dropout, sinks and ALiBi (fwd+bwd, causal, seq 4k) follow, ea
 would write without our kernel; outside quick mode also DeepSeek MLA's head dims (q/k 192, v 128) against SDPA.
 Last, DeepSeek-V3's latent-cache decode (llmkern.mla_decode: 512 + 64 channels, one kv head, 16 and 128 query
 heads, kv 4096, one new token; GB/s of the latent read once) against SDPA over the same cache, with the query
-heads as SDPA's heads (enable_gqa: what the zoo ran before) and folded into query rows (the best plain-torch form).
+heads as SDPA's heads (enable_gqa: what the zoo ran before) and folded into query rows (the best plain-torch form);
+and merge_attention_states (cascade decoding's merge) against the same formula in eager torch ops.
 TFLOP/s count FlashAttention's way (backward 2.5x the forward: it recomputes Q K^T); `mfu` counts the model's
 FLOPs (backward 2x the forward, as llmkern.flops and the mfu suite do) as a fraction of the detected card's
 dense bf16 peak; extra["mfu_a100"] against the A100's.
@@ -152,6 +153,7 @@ def _gpu_rows(ctx):
         yield from _mla_row(ctx, T=4096, H=16, D=192, Dv=128, dtype=dtype, peak=peak)
     for H in (16, 128):
         yield from _mla_decode_row(ctx, B=64, H=H, T=4096, R=512, Dr=64, dtype=dtype)
+    yield from _merge_row(ctx, B=64, H=32, D=128, dtype=dtype)
 
 
 def _sdpa_with_sinks(q, k, v, sinks):
@@ -336,6 +338,23 @@ def _mla_decode_row(ctx, B, H, T, R, Dr, dtype):
                  shape=f"B={B} H={H} kv={T} D={R}+{Dr} q=1 {str(dtype).replace('torch.', '')}",
                  ours_ms=ours_ms, baseline=best, baseline_ms=base[best], throughput=gbytes / (ours_ms * 1e-3),
                  unit="GB/s", extra=extra, notes="FlashMLA / FlashInfer MLA are not installed on the bench machine")
+
+
+def _merge_row(ctx, B, H, D, dtype):
+    """merge_attention_states of two decode states [B, H, 1, D] (cascade decoding's last step) vs the same
+    formula in eager torch ops (logaddexp, exp, weighted sum): GB/s of the bytes the merge must move."""
+    import llmkern
+    from llmkern.reference.attention import merge_attention_states as eager
+
+    dev = ctx.device
+    oa, ob = (torch.randn(B, H, 1, D, device=dev, dtype=dtype) for _ in range(2))
+    la, lb = (torch.randn(B, H, 1, device=dev) for _ in range(2))
+    ours_ms = time_fn(lambda: llmkern.merge_attention_states(oa, la, ob, lb), dev, quick=ctx.quick)
+    base_ms = time_fn(lambda: eager(oa, la, ob, lb), dev, quick=ctx.quick)
+    gbytes = (3 * oa.numel() * oa.element_size() + 3 * la.numel() * 4) / 1e9
+    yield Result(op="merge attention states (cascade)", shape=f"B={B} H={H} q=1 D={D} "
+                 f"{str(dtype).replace('torch.', '')}", ours_ms=ours_ms, baseline="eager torch ops",
+                 baseline_ms=base_ms, throughput=gbytes / (ours_ms * 1e-3), unit="GB/s")
 
 
 def _cpu_rows(ctx):
