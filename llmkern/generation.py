@@ -35,7 +35,9 @@ row r the seed s + r), so a prompt generated alone with its values draws the sam
 draft model, see below). Beam search takes logit_bias [V] or [B, V] (added to every beam of the prompt).
 Guided decoding (any strategy):
   allowed_tokens  bool [V] or [B, V] (True = allowed), or a function (sequences [N, t]) -> bool
-                  [N, V] or [V] called every step (grammars, tries, vocabulary subsets).
+                  [N, V] or [V] called every step (grammars, tries, vocabulary subsets);
+                  ChoiceConstraint(choices, vocab_size, prompt_len, eos_token_id) is one: each row
+                  generates exactly one of the given token sequences (vLLM's guided_choice).
   scorers         the seed's scored search: score(x_{t+1}, b_t) = score(b_t) + log p(x_{t+1})
                   + Σ_i α_i f_i(x_{t+1}); each scorer is (α_i, f_i) or f_i (α = 1), where
                   f_i(sequences [N, t], log_probs [N, V]) -> [N, V] feature values. Beam search
@@ -132,6 +134,67 @@ def _allowed(allowed_tokens, seqs, V):
             raise ValueError(f"allowed_tokens has {m.shape[0]} rows for {seqs.shape[0]} sequences")
         m = m.repeat_interleave(seqs.shape[0] // m.shape[0], dim=0)  # per prompt -> per beam
     return m.expand(seqs.shape[0], V)
+
+
+class ChoiceConstraint:
+    """Guided decoding over a fixed set of token sequences (vLLM's guided_choice): an allowed_tokens function
+    that lets each row generate exactly one of `choices` (lists of token ids), then eos_token_id (and then
+    nothing but it / pad: the row has finished).
+
+        c = ChoiceConstraint([[12, 7], [12, 9, 4], [30]], vocab_size=V, prompt_len=x.shape[1], eos_token_id=2)
+        out = generate(model, x, 4, allowed_tokens=c, eos_token_id=2)       # any strategy
+
+    The choices form a trie; a row's allowed tokens are the children of the node its generated tokens
+    (sequences[:, prompt_len:]) lead to, plus eos where a choice ends there (a choice that is a prefix of another
+    may stop or go on). Without eos_token_id a completed choice allows only its continuations, and a row that
+    completed one with none left gets every token (max_new_tokens should then be the longest choice). The walk
+    starts from the root each step (O(tokens so far) per row, on the host), so it holds under beam search's
+    reordering. A row outside the trie (possible only if the function was bypassed) allows eos alone."""
+
+    def __init__(self, choices, vocab_size, prompt_len, eos_token_id=None):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"ChoiceConstraint: vocab_size must be an int >= 1, got {vocab_size!r}")
+        if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 0:
+            raise ValueError(f"ChoiceConstraint: prompt_len must be an int >= 0, got {prompt_len!r}")
+        if eos_token_id is not None and not (isinstance(eos_token_id, int) and 0 <= eos_token_id < vocab_size):
+            raise ValueError(f"ChoiceConstraint: eos_token_id must be None or a token id in [0, {vocab_size}), "
+                             f"got {eos_token_id!r}")
+        if not choices:
+            raise ValueError("ChoiceConstraint: choices must list at least one token sequence")
+        self.vocab_size, self.prompt_len, self.eos = vocab_size, prompt_len, eos_token_id
+        self.root = {}
+        for c in choices:
+            ids = [int(t) for t in (c.tolist() if torch.is_tensor(c) else c)]
+            if not ids or any(not 0 <= t < vocab_size for t in ids):
+                raise ValueError(f"ChoiceConstraint: each choice must be a non-empty list of token ids in "
+                                 f"[0, {vocab_size}), got {c!r}")
+            node = self.root
+            for t in ids:
+                node = node.setdefault(t, {})
+            node[None] = True  # a choice ends here
+
+    def _allowed_ids(self, generated):
+        node = self.root
+        for t in generated:
+            if self.eos is not None and t == self.eos and node.get(None):  # finished: eos (then padding) only
+                return [self.eos]
+            node = node.get(t)
+            if node is None:  # off the trie
+                return None if self.eos is None else [self.eos]
+        ids = [t for t in node if t is not None]
+        if node.get(None) and self.eos is not None:
+            ids.append(self.eos)
+        return ids or None
+
+    def __call__(self, seqs):
+        mask = torch.zeros(seqs.shape[0], self.vocab_size, dtype=torch.bool)
+        for row, generated in enumerate(seqs[:, self.prompt_len:].tolist()):
+            ids = self._allowed_ids(generated)
+            if ids is None:
+                mask[row] = True
+            else:
+                mask[row, ids] = True
+        return mask.to(seqs.device)
 
 
 def _score_terms(scorers, seqs, log_probs):

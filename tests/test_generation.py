@@ -228,6 +228,35 @@ def test_left_padded_batch_equals_transformers(pairs, arch):
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_choice_constraint_generates_one_of_the_choices(pairs, strategy):
+    """ChoiceConstraint (vLLM's guided_choice): every row generates one of the choices, then eos and padding;
+    choices sharing a prefix, one a prefix of another, a single-token one."""
+    from llmkern.generation import ChoiceConstraint
+
+    m, _ = pairs["gpt2"]
+    x = torch.randint(0, V, (3, 5), generator=torch.Generator().manual_seed(8))
+    choices = [[12, 7], [12, 9, 4], [12, 9], [30]]
+    c = ChoiceConstraint(choices, vocab_size=V, prompt_len=5, eos_token_id=2)
+    kw = dict(num_beams=3, num_return_sequences=2) if strategy == "beam" else dict(seed=1, temperature=3.0)
+    if strategy == "greedy":
+        kw = {}
+    for _ in range(2 if strategy == "sample" else 1):
+        out = generate(m, x, 5, strategy=strategy, allowed_tokens=c, eos_token_id=2, pad_token_id=0, **kw)
+        for row in out[:, 5:].tolist():
+            stop = row.index(2)
+            assert row[:stop] in choices and all(t == 0 for t in row[stop + 1:]), row
+        kw["seed"] = 2
+    # without eos: a completed choice with no continuation allows anything
+    c = ChoiceConstraint([[5, 6]], vocab_size=V, prompt_len=0)
+    assert c(torch.tensor([[5]]))[0].nonzero().flatten().tolist() == [6]
+    assert bool(c(torch.tensor([[5, 6]])).all())
+    with pytest.raises(ValueError, match="choice"):
+        ChoiceConstraint([[V]], vocab_size=V, prompt_len=0)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        ChoiceConstraint([[1]], vocab_size=V, prompt_len=0, eos_token_id=V)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
 def test_a_sequence_with_no_allowed_token_raises(pairs, strategy):
     """A row whose allowed_tokens are all False has no token to choose: an error, not token 0.
     A row that has finished (eos) may allow nothing afterwards."""
