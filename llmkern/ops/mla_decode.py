@@ -179,8 +179,11 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens, *, head_d
     num_splits: key splits (0 = chosen from the GPU size).
     kpe_cache: the rotary channels in a tensor of their own (FlashInfer's separate ckv / kpe pools): kv_cache
         is then [.., head_dim_v] (the latent, also the values) and kpe_cache [.., D - head_dim_v] with the same
-        leading shape (and page pool, under block_table); the keys are their concatenation. No copy is made.
-    Returns out [batch, heads, Tq, head_dim_v] (, lse [batch, heads, Tq]: float32; float64 for float64 inputs).
+        leading shape (and page pool, under block_table); the keys are their concatenation. The kernel reads
+        both in place (the CPU path concatenates them).
+    Returns out [batch, heads, Tq, head_dim_v] (, lse [batch, heads, Tq]: the natural log of the softmax
+    denominator, as FlashMLA's and llmkern.attention's, not FlashInfer's base 2; float32, float64 for float64
+    inputs).
     Inference only.
     """
     B, H, Tq, D, Tmax = _check_inputs(q, kv_cache, head_dim_v, block_table, kpe_cache)
