@@ -168,9 +168,10 @@ class _WGrad:
 
 
 def _lora_compute(x, A, B):
-    """(A, B) in the compute dtype x.dtype, as llmkern.lora_linear and PEFT's layers use float32
-    factors (PEFT's default for adapters) on a 16-bit base; the gradients go back to the factors'
-    own dtype (the autograd functions return them so)."""
+    """(A, B) in the compute dtype x.dtype, as llmkern.lora_linear uses float32 factors (PEFT's default for
+    adapters) on a 16-bit base; the gradients go back to the factors' own dtype (the autograd functions return
+    them so). PEFT's own layers compute the adapter path in float32 instead: results differ from them by the
+    16-bit rounding of the low-rank product."""
     if A is None:
         return A, B
     return A.to(x.dtype), B.to(x.dtype)
