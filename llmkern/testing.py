@@ -104,6 +104,25 @@ def load_hf(path, backend="torch"):
         return from_hf(path, backend=backend)
 
 
+def assert_logits_and_loss_match_transformers(model, hf, x, check_flops=True, **tol):
+    """A zoo model's logits, its loss with labels (the first three of row 0 ignored) and its loss without the
+    logits (return_logits=False: llmkern's linear_cross_entropy path) equal the transformers model's on ids x;
+    its parameter count equals transformers' (and llmkern.flops.param_counts' when check_flops)."""
+    from llmkern import flops
+
+    labels = x.clone()
+    labels[0, :3] = -100
+    with torch.no_grad():
+        want = hf(x, labels=labels)
+        logits, loss = model(x, labels=labels)
+        torch.testing.assert_close(logits, want.logits, **tol)
+        torch.testing.assert_close(loss, want.loss, **tol)
+        torch.testing.assert_close(model(x, labels=labels, return_logits=False)[1], want.loss, **tol)
+    assert model.num_params() == hf.num_parameters()
+    if check_flops:
+        assert model.num_params() == flops.param_counts(model.config)["total"]
+
+
 def edit_hf_config(path, **changes):
     """Update a saved checkpoint's config.json (a pathlib.Path to its directory) with `changes`."""
     import json

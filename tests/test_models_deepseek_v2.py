@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from llmkern import flops
 from llmkern.models import Llama, from_hf, get_config
 from llmkern.models.deepseek import SoftmaxGroupRouter, softmax_group_route
-from llmkern.testing import (TinyHFFamilies, assert_greedy_matches_transformers, assert_peft_lora_round_trip,
-                             edit_hf_config, load_hf, random_ids)
+from llmkern.testing import (TinyHFFamilies, assert_greedy_matches_transformers,
+                             assert_logits_and_loss_match_transformers, assert_peft_lora_round_trip, edit_hf_config,
+                             load_hf, random_ids)
 
 transformers = pytest.importorskip("transformers")
 
@@ -199,16 +200,7 @@ def test_logits_and_loss_match_transformers(saved, family, backend):
     (llmkern: linear_cross_entropy) are transformers'; parameters counted right."""
     path, hf = saved[family]
     m = load_hf(path, backend)
-    x = _ids()
-    labels = x.clone()
-    labels[0, :3] = -100
-    with torch.no_grad():
-        want = hf(x, labels=labels)
-        logits, loss = m(x, labels=labels)
-        torch.testing.assert_close(logits, want.logits, **TOL)
-        torch.testing.assert_close(loss, want.loss, **TOL)
-        torch.testing.assert_close(m(x, labels=labels, return_logits=False)[1], want.loss, **TOL)
-    assert m.num_params() == hf.num_parameters() == flops.param_counts(m.config)["total"]
+    assert_logits_and_loss_match_transformers(m, hf, _ids(), **TOL)
 
 
 def test_triton_interpreter_logits(saved, triton_backend):
