@@ -62,6 +62,32 @@ def _store_partial(OP, LP, acc, m_i, l_i, row_bad, b64, h, t, split, row_ok, off
 
 
 @triton.jit
+def _key_rows(n0, end, b64, KPM, stride_kpmb, BT, stride_btb, NUM_PAGES, page_bad,
+              stride_kb, stride_kt, stride_vb, stride_vt,
+              HAS_KPM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tile n0..n0+BLOCK_N of batch row b: (offs_n, kmask, row offsets of K, of V, page_bad). kmask drops
+    keys past `end`, those the padding mask hides (one byte per key) and, paged (PAGE > 0: the first strides are
+    the page pool's, each key's page from the block table), those whose page lies outside the pool: page_bad
+    records them (a bad block-table entry gives NaN, not a wild read)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    kmask = offs_n < end
+    if HAS_KPM:
+        kmask = kmask & (tl.load(KPM + b64 * stride_kpmb + offs_n, mask=kmask, other=0) != 0)
+    if PAGE > 0:
+        page = tl.load(BT + b64 * stride_btb + offs_n // PAGE, mask=kmask, other=0).to(tl.int64)
+        page_ok = (page >= 0) & (page < NUM_PAGES)
+        page_bad = page_bad | (kmask & ~page_ok).to(tl.int32)
+        kmask = kmask & page_ok
+        slot = (offs_n % PAGE).to(tl.int64)
+        k_rows = page * stride_kb + slot * stride_kt
+        v_rows = page * stride_vb + slot * stride_vt
+    else:
+        k_rows = offs_n.to(tl.int64) * stride_kt
+        v_rows = offs_n.to(tl.int64) * stride_vt
+    return offs_n, kmask, k_rows, v_rows, page_bad
+
+
+@triton.jit
 def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, OP, LP,
                   qk_scale, sc_in, sc_out,
                   stride_qb, stride_qh, stride_qt,
@@ -116,21 +142,9 @@ def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, OP, LP,
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     page_bad = tl.zeros([BLOCK_N], dtype=tl.int32)  # (reduced once after the loop: fewer registers)
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kmask = offs_n < end
-        if HAS_KPM:  # cache slots the caller hides (a left-padded prompt's pads): one byte per key
-            kmask = kmask & (tl.load(KPM + b64 * stride_kpmb + offs_n, mask=kmask, other=0) != 0)
-        if PAGE > 0:
-            page = tl.load(BT + b64 * stride_btb + offs_n // PAGE, mask=kmask, other=0).to(tl.int64)
-            page_ok = (page >= 0) & (page < NUM_PAGES)  # a bad block-table entry: NaN, not a wild read
-            page_bad = page_bad | (kmask & ~page_ok).to(tl.int32)
-            kmask = kmask & page_ok
-            slot = (offs_n % PAGE).to(tl.int64)
-            k_rows = page * stride_kb + slot * stride_kt
-            v_rows = page * stride_vb + slot * stride_vt
-        else:
-            k_rows = offs_n.to(tl.int64) * stride_kt
-            v_rows = offs_n.to(tl.int64) * stride_vt
+        offs_n, kmask, k_rows, v_rows, page_bad = _key_rows(
+            n0, end, b64, KPM, stride_kpmb, BT, stride_btb, NUM_PAGES, page_bad,
+            stride_kb, stride_kt, stride_vb, stride_vt, HAS_KPM, PAGE, BLOCK_N)
         kt = tl.load(k_base + k_rows[None, :] + offs_d[:, None],
                      mask=kmask[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
         v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :],

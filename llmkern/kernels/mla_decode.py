@@ -31,7 +31,8 @@ import triton.language as tl
 from llmkern.kernels._common import cdiv, next_power_of_2
 from llmkern.kernels.attention import (LOG2E, UNBOUNDED, _batch_slices, _block_d, _interpreting, _last_contig,
                                        _prec, empty_out)
-from llmkern.kernels.attention_decode import _decode_combine, _softmax_step, _store_partial, choose_num_splits
+from llmkern.kernels.attention_decode import (_decode_combine, _key_rows, _softmax_step, _store_partial,
+                                              choose_num_splits)
 
 
 @triton.jit
@@ -78,21 +79,9 @@ def _mla_split(Q, KV, KPE, SEQLENS, BT, KPM, OP, LP, qk_scale,
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     page_bad = tl.zeros([BLOCK_N], dtype=tl.int32)
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kmask = offs_n < end
-        if HAS_KPM:  # cache slots the caller hides (a left-padded prompt's pads)
-            kmask = kmask & (tl.load(KPM + b64 * stride_kpmb + offs_n, mask=kmask, other=0) != 0)
-        if PAGE > 0:
-            page = tl.load(BT + b64 * stride_btb + offs_n // PAGE, mask=kmask, other=0).to(tl.int64)
-            page_ok = (page >= 0) & (page < NUM_PAGES)
-            page_bad = page_bad | (kmask & ~page_ok).to(tl.int32)
-            kmask = kmask & page_ok
-            slot = (offs_n % PAGE).to(tl.int64)
-            rows = page * stride_kb + slot * stride_kt
-            rows_pe = page * stride_pb + slot * stride_pt
-        else:
-            rows = offs_n.to(tl.int64) * stride_kt
-            rows_pe = offs_n.to(tl.int64) * stride_pt
+        offs_n, kmask, rows, rows_pe, page_bad = _key_rows(  # (the rotary part: rows of its own strides)
+            n0, end, b64, KPM, stride_kpmb, BT, stride_btb, NUM_PAGES, page_bad,
+            stride_kb, stride_kt, stride_pb, stride_pt, HAS_KPM, PAGE, BLOCK_N)
         # the latent tile, loaded once: the keys' first DV channels and the values
         lat = tl.load(kv_base + rows[:, None] + offs_v[None, :],
                       mask=kmask[:, None] & (offs_v[None, :] < DV), other=0.0)
