@@ -104,3 +104,15 @@ def test_pipeline_bubble_fraction():
     for p, m in ((0, 4), (4, 0), (2.0, 4), (True, 4)):
         with pytest.raises(ValueError, match="positive int"):
             cm.pipeline_bubble_fraction(p, m)
+    # interleaved 1F1B: v chunks per rank shrink the ramp to (p - 1) chunk passes of 1/v of a stage's work
+    assert cm.pipeline_bubble_fraction(4, 4, virtual_stages=1) == cm.pipeline_bubble_fraction(4, 4)
+    assert cm.pipeline_bubble_fraction(4, 8, virtual_stages=2) == pytest.approx(3 / 19)
+    assert cm.pipeline_bubble_fraction(1, 8, virtual_stages=4) == 0.0
+    # the paper's bubble time fraction (1 / v) (p - 1) / m, of the ideal time: bubble / (1 - bubble)
+    f = cm.pipeline_bubble_fraction(8, 16, virtual_stages=4)
+    assert f / (1 - f) == pytest.approx((1 / 4) * 7 / 16)
+    fr = [cm.pipeline_bubble_fraction(4, 8, virtual_stages=v) for v in (1, 2, 4, 8)]
+    assert fr == sorted(fr, reverse=True)
+    for v in (0, 1.0, True):
+        with pytest.raises(ValueError, match="virtual_stages must be a positive int"):
+            cm.pipeline_bubble_fraction(4, 4, virtual_stages=v)

@@ -7,7 +7,10 @@ over m micro-batches must give the unsharded full-batch loss (the mean over the 
 and, for each parameter this rank's stage holds (by its unsharded name), the unsharded gradient: float32, 1e-5.
 The labels ignore (-100) a whole micro-batch, most of another and a random 30% of a third, so a mean of
 micro-batch means would differ. GPT ties wte and lm_head: the first and last stage hold copies whose gradients
-must both be the unsharded (summed) one, and stay bitwise equal through optimizer steps.
+must both be the unsharded (summed) one, and stay bitwise equal through optimizer steps. Interleaved 1F1B
+(virtual_stages chunks per rank) is checked the same way on 2 and 4 ranks. Tensor parallelism inside the stages runs
+on the 4-rank grid TP = 2 x PP = 2 (tensor_parallelize over [0, 1] / [2, 3], pipeline_parallelize over [0, 2] /
+[1, 3]): every parameter's gradient is compared shard-wise with its slice of the unsharded gradient.
 """
 import copy
 
@@ -91,12 +94,14 @@ def _tied_copies_equal(pipe, group=None):
     return torch.equal(out[0], out[-1])
 
 
-def _layout(tag, pipe, n_layer, stages, failures):
-    """The stage holds exactly its blocks (by global index), the embeddings on the first, the head on the last."""
-    bounds = split_layers(n_layer, pipe.num_stages, stages)
+def _layout(tag, pipe, n_layer, stages, failures, virtual_stages=1):
+    """The stage holds exactly its blocks (by global index: under interleaving the chunks r, r + p, ...), the
+    embeddings on the first, the head on the last."""
+    p = pipe.num_stages
+    bounds = split_layers(n_layer, p, stages, virtual_stages)
     model = pipe.model
     blocks = model.h if hasattr(model, "h") else model.layers
-    want = [str(i) for i in range(*bounds[pipe.stage_index])]
+    want = [str(i) for k in range(virtual_stages) for i in range(*bounds[pipe.stage_index + k * p])]
     if list(blocks.keys()) != want:
         failures.append(f"{tag}: stage {pipe.stage_index} holds blocks {list(blocks.keys())}, expected {want}")
     emb = model.wte if hasattr(model, "h") else model.embed_tokens
@@ -106,21 +111,25 @@ def _layout(tag, pipe, n_layer, stages, failures):
 
 # ---- workers ------------------------------------------------------------------------------------
 
-def step_worker(rank, p, name, overrides, schedule, backend, stages, checkpointing, group_ranks=None):
+def step_worker(rank, p, name, overrides, schedule, backend, stages, checkpointing, group_ranks=None,
+                virtual_stages=1):
     """A pipelined step (loss, every gradient), the evaluation forward (logits; loss with labels, fused and not),
     an SGD step (parameters), two accumulated steps, and AdamW keeping the tied copies equal. group_ranks: the
-    pipelines' rank lists (several pipelines on subgroups of WORLD), else one over WORLD."""
+    pipelines' rank lists (several pipelines on subgroups of WORLD), else one over WORLD. virtual_stages: the
+    model chunks per rank (schedule "interleaved-1f1b")."""
     failures = []
     group, seed = None, 1
     if group_ranks is not None:
         groups = [dist.new_group(r) for r in group_ranks]  # (every rank creates every group)
         which = next(i for i, r in enumerate(group_ranks) if rank in r)
         group, seed = groups[which], 10 + which  # each pipeline its own batches
-    tag = f"{name} {overrides} {schedule} {backend} stages={stages} ckpt={checkpointing} p={p} rank={rank}"
+    tag = (f"{name} {overrides} {schedule} v={virtual_stages} {backend} stages={stages} ckpt={checkpointing} p={p} "
+           f"rank={rank}")
     ref = _reference(name, overrides, backend, checkpointing)
     n_layer = ref.config.n_layer
-    pipe = pipeline_parallelize(copy.deepcopy(ref), group, n_microbatches=M, schedule=schedule, stages=stages)
-    _layout(tag, pipe, n_layer, stages, failures)
+    pipe = pipeline_parallelize(copy.deepcopy(ref), group, n_microbatches=M, schedule=schedule, stages=stages,
+                                virtual_stages=virtual_stages)
+    _layout(tag, pipe, n_layer, stages, failures, virtual_stages)
     tied = ref.config.tie_embeddings
 
     # one step: loss and gradients
@@ -201,7 +210,23 @@ def errors_worker(rank, p):
     out["stages"] = _outcome(lambda: pipeline_parallelize(fresh(), n_microbatches=2, stages=[2, 0]))
     out["1f1b micro-batches"] = _outcome(lambda: pipeline_parallelize(fresh(), n_microbatches=1))
     out["n_microbatches type"] = _outcome(lambda: pipeline_parallelize(fresh(), n_microbatches=2.0))
-    out["tensor-parallel"] = _outcome(lambda: pipeline_parallelize(tensor_parallelize(fresh()), n_microbatches=2))
+    out["tensor-parallel over the pipeline group"] = _outcome(
+        lambda: pipeline_parallelize(tensor_parallelize(fresh()), n_microbatches=2))
+    out["interleaved, virtual_stages=1"] = _outcome(
+        lambda: pipeline_parallelize(fresh(), n_microbatches=2, schedule="interleaved-1f1b"))
+    out["virtual_stages without interleaving"] = _outcome(
+        lambda: pipeline_parallelize(fresh(), n_microbatches=2, virtual_stages=2))
+    out["interleaved micro-batches"] = _outcome(lambda: pipeline_parallelize(
+        _reference("gpt-tiny", {"n_layer": 4}, "torch"), n_microbatches=3, schedule="interleaved-1f1b",
+        virtual_stages=2))
+    out["interleaved chunks"] = _outcome(
+        lambda: pipeline_parallelize(fresh(), n_microbatches=2, schedule="interleaved-1f1b", virtual_stages=2))
+    out["interleaved stages"] = _outcome(lambda: pipeline_parallelize(
+        _reference("gpt-tiny", {"n_layer": 4}, "torch"), n_microbatches=2, schedule="interleaved-1f1b",
+        virtual_stages=2, stages=[2, 2]))
+    out["virtual_stages on rank 1"] = _outcome(lambda: pipeline_parallelize(
+        _reference("gpt-tiny", {"n_layer": 6}, "torch"), n_microbatches=2, schedule="interleaved-1f1b",
+        virtual_stages=3 if rank == 1 else 2))
     moe = _reference("mixtral-tiny", {}, "torch")
     out["expert-parallel"] = _outcome(lambda: pipeline_parallelize(expert_parallelize(copy.deepcopy(moe)),
                                                                    n_microbatches=2))
@@ -224,6 +249,13 @@ def errors_worker(rank, p):
         with torch.no_grad():
             pipe.step(ids, labels)
     out["step under no_grad"] = _outcome(no_grad_step)
+    # freezing the tied embedding by name reaches one copy only (wte on rank 0): refused, not a hang
+    for name, param in model.named_parameters():
+        if name.startswith("wte"):
+            param.requires_grad_(False)
+    out["one tied copy frozen"] = _outcome(lambda: pipe.step(ids, labels))
+    for name, param in model.named_parameters():
+        param.requires_grad_(True)
     loss = pipe.step(ids, labels)  # still usable
     ok = loss is None or bool(torch.isfinite(loss))
     return out, unchanged, ok, repr(pipe)
@@ -231,6 +263,150 @@ def errors_worker(rank, p):
 
 def too_many_ranks_worker(rank, p):
     return _outcome(lambda: pipeline_parallelize(_reference("gpt-tiny", {}, "torch"), n_microbatches=4))
+
+
+# ---- tensor parallelism inside the stages: the 4-rank TP x PP grid --------------------------------
+
+TP_GROUPS, PP_GROUPS = [[0, 1], [2, 3]], [[0, 2], [1, 3]]  # TP = 2 x PP = 2
+
+
+def _grid_groups(rank, tp_groups=TP_GROUPS, pp_groups=PP_GROUPS):
+    """(this rank's tensor-parallel group, its pipeline group); every rank creates every group, in one order."""
+    tgs = [dist.new_group(r) for r in tp_groups]
+    pgs = [dist.new_group(r) for r in pp_groups]
+    return (next(g for g, r in zip(tgs, tp_groups) if rank in r), next(g for g, r in zip(pgs, pp_groups) if rank in r))
+
+
+def _expected_shard(name, owner, grad, tp):
+    """This tensor-parallel rank's slice of the unsharded gradient of parameter `name` of module `owner`."""
+    from llmkern.parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
+    from llmkern.parallel.layers import column_rows
+    from llmkern.parallel.vocab import _shard
+
+    p, r = dist.get_world_size(tp), dist.get_rank(tp)
+    if isinstance(owner, ColumnParallelLinear):
+        return column_rows(grad, owner.segments, p, r)
+    if isinstance(owner, RowParallelLinear) and name.endswith("weight"):
+        k = grad.shape[1] // p
+        return grad[:, r * k:(r + 1) * k]
+    if isinstance(owner, (VocabParallelEmbedding, VocabParallelLMHead)):
+        return _shard(grad, tp)  # (rows [r S, (r + 1) S), zero-padded)
+    return grad  # replicated: the whole gradient on every rank
+
+
+def _check_shards(tag, pipe, ref, tp, what, failures, values=False):
+    """Every parameter of this rank's stage (tensor-parallel shards) has its slice of the unsharded model's
+    gradient (values=True: its slice of the parameter)."""
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    mods = dict(pipe.model.named_modules())
+    names = [n for n, _ in pipe.named_parameters()]
+    if not names or any(n not in ref_params for n in names):
+        failures.append(f"{tag}: stage parameter names {names} are not the unsharded model's")
+        return 0
+    sharded = 0
+    for name, prm in pipe.named_parameters():
+        owner = mods[name.rsplit(".", 1)[0]]
+        want = ref_params[name] if values else ref_params[name].grad
+        exp = _expected_shard(name, owner, want, tp)
+        sharded += exp.shape != want.shape
+        got = prm if values else prm.grad
+        if got is None:
+            failures.append(f"{tag}: {name} has no gradient")
+        else:
+            _close(f"{tag}: {what} of {name}", got, exp, failures)
+    return sharded
+
+
+def grid_worker(rank, p, name, overrides, schedule, backend, vocab_parallel=False, virtual_stages=1):
+    """tensor_parallelize over the TP groups, then pipeline_parallelize over the PP groups: the loss, every
+    gradient (shard-wise against the unsharded full-batch step), the evaluation logits and loss, an SGD step, a
+    second step, and the tied copies equal after AdamW."""
+    from llmkern.parallel import tensor_parallelize
+
+    failures = []
+    tp, pp = _grid_groups(rank)
+    tag = f"grid {name} {overrides} {schedule} v={virtual_stages} {backend} vocab_parallel={vocab_parallel} rank={rank}"
+    ref = _reference(name, overrides, backend)
+    model = tensor_parallelize(copy.deepcopy(ref), tp, vocab_parallel=vocab_parallel)
+    pipe = pipeline_parallelize(model, pp, n_microbatches=M, schedule=schedule, virtual_stages=virtual_stages)
+    _layout(tag, pipe, ref.config.n_layer, None, failures, virtual_stages)
+    if pipe.tp_group is not tp or pipe.stage_index != rank // 2:
+        failures.append(f"{tag}: stage {pipe.stage_index}, tp_group {pipe.tp_group}")
+
+    ids, labels = _batch(ref.config.vocab_size, 1)  # (the same batch on every rank)
+    loss = pipe.step(ids, labels)
+    _, ref_loss = ref(ids, labels, return_logits=False)
+    ref_loss.backward()
+    if pipe.is_last:
+        _close(f"{tag}: loss", loss, ref_loss, failures)
+    sharded = _check_shards(tag, pipe, ref, tp, "grad", failures)
+    if not sharded:
+        failures.append(f"{tag}: no tensor-parallel shard on this stage")
+
+    with torch.no_grad():
+        logits = pipe.forward(ids)
+        both = pipe.forward(ids, labels)
+        if pipe.is_last:
+            ref_logits, ref_eval = ref(ids, labels)
+            _close(f"{tag}: eval logits", logits, ref_logits, failures)
+            _close(f"{tag}: eval loss", both[1], ref_eval, failures)
+
+    opt = torch.optim.SGD(pipe.parameters(), lr=0.5)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    opt.step(), ref_opt.step(), opt.zero_grad(), ref_opt.zero_grad()
+    _check_shards(tag, pipe, ref, tp, "value after SGD", failures, values=True)
+    ids, labels = _batch(ref.config.vocab_size, 2)
+    loss = pipe.step(ids if pipe.is_first else None, labels if pipe.is_last else None)
+    _, ref_loss = ref(ids, labels)
+    ref_loss.backward()
+    if pipe.is_last:
+        _close(f"{tag}: loss of step 2", loss, ref_loss, failures)
+    _check_shards(f"{tag}: step 2", pipe, ref, tp, "grad", failures)
+    torch.optim.AdamW(pipe.parameters(), lr=1e-2).step()
+    if ref.config.tie_embeddings and not _tied_copies_equal(pipe, pp):
+        failures.append(f"{tag}: the tied embedding's copies differ after AdamW")
+    raise_failures(rank, failures)
+    return pipe.stage_index, dist.get_rank(tp)
+
+
+def grid_errors_worker(rank, p):
+    """Refusals on the 4-rank grid raise on every rank: a local error on one rank, a disagreement inside one
+    pipeline, groups that are not a grid, sequence parallelism, a bad batch on one rank; then a step still runs."""
+    from llmkern.parallel import tensor_parallelize
+
+    tp, pp = _grid_groups(rank)
+    crossed_tp, crossed_pp = _grid_groups(rank, [[0, 3], [1, 2]], [[0, 1], [2, 3]])  # TP ranks at different stages
+    mixed_tp, mixed_pp = _grid_groups(rank, TP_GROUPS, [[0, 3], [1, 2]])  # pipelines mixing TP ranks 0 and 1
+    gpt = _reference("gpt-tiny", {}, "torch")
+
+    def tp_model(group=tp):
+        return tensor_parallelize(copy.deepcopy(gpt), group)
+
+    out = {}
+    out["bad schedule on rank 3"] = _outcome(lambda: pipeline_parallelize(
+        tp_model(), pp, n_microbatches=2, schedule="zero-bubble" if rank == 3 else "1f1b"))
+    out["n_microbatches differ on rank 2"] = _outcome(lambda: pipeline_parallelize(
+        tp_model(), pp, n_microbatches=4 if rank == 2 else 2))
+    out["TP group = PP group"] = _outcome(lambda: pipeline_parallelize(tp_model(), tp, n_microbatches=2))
+    out["TP ranks at different stages"] = _outcome(lambda: pipeline_parallelize(
+        tp_model(crossed_tp), crossed_pp, n_microbatches=2))
+    out["pipelines mix TP ranks"] = _outcome(lambda: pipeline_parallelize(tp_model(mixed_tp), mixed_pp,
+                                                                          n_microbatches=2))
+
+    def sequence_parallel():
+        model = tp_model()
+        model.h[0].mlp.up_proj.sequence_parallel = True
+        return pipeline_parallelize(model, pp, n_microbatches=2)
+    out["sequence parallel"] = _outcome(sequence_parallel)
+
+    pipe = pipeline_parallelize(tp_model(), pp, n_microbatches=2)
+    ids, labels = _batch(256, 3, batch=4)
+    out["float input_ids on rank 0"] = _outcome(lambda: pipe.step(ids.float() if rank == 0 else ids, labels))
+    out["batch differs on rank 1"] = _outcome(lambda: pipe.step(ids[:2] if rank == 1 else ids,
+                                                                labels[:2] if rank == 1 else labels))
+    loss = pipe.step(ids, labels)  # still usable
+    ok = loss is None or bool(torch.isfinite(loss))
+    return out, ok, repr(pipe)
 
 
 # ---- tests --------------------------------------------------------------------------------------
@@ -265,10 +441,21 @@ CASES_4 = [
 ]
 
 
+CASES_INTERLEAVED_2 = [  # (... as above, v): v model chunks per rank
+    ("gpt-tiny", {"n_layer": 4}, "interleaved-1f1b", "torch", None, False, 2),  # rank 0: blocks 0, 2; rank 1: 1, 3
+    ("llama-tiny", {"n_layer": 7}, "interleaved-1f1b", "llmkern", None, True, 3),  # uneven: [2, 1, 1, 1, 1, 1]
+]
+CASES_INTERLEAVED_4 = [
+    ("gpt-tiny", {"n_layer": 8}, "interleaved-1f1b", "llmkern", None, False, 2),
+    ("llama-tiny", {"n_layer": 9}, "interleaved-1f1b", "torch", [1, 1, 1, 1, 2, 1, 1, 1], False, 2),
+]
+
+
 def _id(case):
-    name, overrides, schedule, backend, stages, ckpt = case
+    name, overrides, schedule, backend, stages, ckpt = case[:6]
     return "-".join([name, *(f"{k}{v}" for k, v in overrides.items()), schedule, backend] +
-                    (["stages"] if stages else []) + (["ckpt"] if ckpt else []))
+                    (["stages"] if stages else []) + (["ckpt"] if ckpt else []) +
+                    ([f"v{case[6]}"] if len(case) > 6 else []))
 
 
 @pytest.mark.parametrize("case", CASES_2, ids=_id)
@@ -279,6 +466,65 @@ def test_pipeline_equals_unsharded_2_ranks(pool2, case):
 @pytest.mark.parametrize("case", CASES_4, ids=_id)
 def test_pipeline_equals_unsharded_4_ranks(pool4, case):
     assert pool4.run(step_worker, case, timeout=60) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("case", CASES_INTERLEAVED_2, ids=_id)
+def test_interleaved_equals_unsharded_2_ranks(pool2, case):
+    assert pool2.run(step_worker, case[:6] + (None, case[6]), timeout=60) == [0, 1]
+
+
+@pytest.mark.parametrize("case", CASES_INTERLEAVED_4, ids=_id)
+def test_interleaved_equals_unsharded_4_ranks(pool4, case):
+    assert pool4.run(step_worker, case[:6] + (None, case[6]), timeout=60) == [0, 1, 2, 3]
+
+
+GRID_CASES = [  # (name, config overrides, schedule, backend, vocab_parallel, virtual_stages) on TP = 2 x PP = 2
+    ("gpt-tiny", {}, "1f1b", "torch", False, 1),  # tied: the copies' gradients summed between matching TP ranks
+    ("gpt-tiny", {"n_layer": 3}, "gpipe", "llmkern", True, 1),  # vocab-parallel tied embedding and head
+    ("llama-tiny", {}, "1f1b", "llmkern", False, 1),  # GQA: 4 query heads, 2 key / value heads
+    ("llama-tiny", {}, "gpipe", "torch", False, 1),
+    ("gpt-tiny", {"n_layer": 4}, "interleaved-1f1b", "torch", False, 2),
+]
+
+
+def _grid_id(case):
+    name, overrides, schedule, backend, vocab, v = case
+    return "-".join([name, *(f"{k}{x}" for k, x in overrides.items()), schedule, backend] +
+                    (["vocab_parallel"] if vocab else []) + ([f"v{v}"] if v > 1 else []))
+
+
+@pytest.mark.parametrize("case", GRID_CASES, ids=_grid_id)
+def test_tensor_parallel_stages_equal_unsharded_4_ranks(pool4, case):
+    """Megatron's TP x PP grid: tensor_parallelize over [0, 1] / [2, 3], then pipeline_parallelize over [0, 2] /
+    [1, 3]: (pipeline stage, tensor-parallel rank) per global rank."""
+    assert pool4.run(grid_worker, case, timeout=60) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_tensor_parallel_stages_errors_on_every_rank(pool4):
+    results = pool4.run(grid_errors_worker, timeout=90)
+    expect = {  # case: (phrase in every rank's message, or None)
+        "bad schedule on rank 3": None,
+        "n_microbatches differ on rank 2": None,
+        "TP group = PP group": "form a grid",
+        "TP ranks at different stages": "form a grid",
+        "pipelines mix TP ranks": "disagree",
+        "sequence parallel": "sequence parallelism",
+        "float input_ids on rank 0": None,
+        "batch differs on rank 1": None,
+    }
+    for case, phrase in expect.items():
+        got = [out[case] for out, _, _ in results]
+        assert all(g is not None for g in got), f"{case}: not refused on every rank: {got}"
+        if phrase is not None:
+            assert all(phrase in g[1] for g in got), f"{case}: {got}"
+    outs = [out for out, _, _ in results]
+    assert outs[3]["bad schedule on rank 3"][0] == "ValueError" and "schedule" in outs[3]["bad schedule on rank 3"][1]
+    assert "tensor-parallel rank(s) [1]" in outs[2]["bad schedule on rank 3"][1]  # rank 2 hears it from rank 3
+    assert "disagree" in outs[0]["n_microbatches differ on rank 2"][1]
+    assert "input_ids must be an integer tensor" in outs[0]["float input_ids on rank 0"][1]
+    assert "one shape" in outs[3]["batch differs on rank 1"][1]
+    assert all(ok for _, ok, _ in results)
+    assert "tensor-parallel rank 1 of 2" in results[1][2]
 
 
 def test_two_pipelines_on_subgroups(pool4):
@@ -298,7 +544,13 @@ def test_pipeline_errors_on_every_rank(pool2):
         "stages": ("ValueError", "ValueError", "stages"),
         "1f1b micro-batches": ("ValueError", "ValueError", "n_microbatches"),
         "n_microbatches type": ("ValueError", "ValueError", "n_microbatches"),
-        "tensor-parallel": ("ValueError", "ValueError", "tensor"),
+        "tensor-parallel over the pipeline group": ("ValueError", "ValueError", "form a grid"),
+        "interleaved, virtual_stages=1": ("ValueError", "ValueError", "virtual_stages >= 2"),
+        "virtual_stages without interleaving": ("ValueError", "ValueError", "needs schedule='interleaved-1f1b'"),
+        "interleaved micro-batches": ("ValueError", "ValueError", "multiple of the number of pipeline ranks (2)"),
+        "interleaved chunks": ("ValueError", "ValueError", "4 model chunks (virtual_stages=2 x 2 ranks)"),
+        "interleaved stages": ("ValueError", "ValueError", "each of the 4 model chunks'"),
+        "virtual_stages on rank 1": ("ValueError", "ValueError", "disagree"),
         "expert-parallel": ("ValueError", "ValueError", "expert"),
         "aux loss": ("ValueError", "ValueError", "router_aux_loss_coef"),
         "calling the model": ("RuntimeError", "RuntimeError", "pipeline-parallel"),
@@ -309,6 +561,7 @@ def test_pipeline_errors_on_every_rank(pool2):
         "float input_ids": ("ValueError", "ValueError", None),
         "too long": ("ValueError", "ValueError", "block_size"),
         "step under no_grad": ("RuntimeError", "RuntimeError", "torch.no_grad"),
+        "one tied copy frozen": ("ValueError", "ValueError", "freeze or unfreeze them together"),
     }
     (out0, unchanged0, ok0, repr0), (out1, unchanged1, ok1, repr1) = results
     assert unchanged0 and unchanged1, "a refused model was changed"
@@ -337,6 +590,13 @@ def test_split_layers():
     assert split_layers(5, 4) == [(0, 2), (2, 3), (3, 4), (4, 5)]
     assert split_layers(8, 2) == [(0, 4), (4, 8)]
     assert split_layers(5, 2, [1, 4]) == [(0, 1), (1, 5)]
+    # interleaved: v * p chunks in pipeline order (rank r holds chunks r, r + p, ...)
+    assert split_layers(7, 2, virtual_stages=3) == [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7)]
+    assert split_layers(6, 2, [1, 2, 2, 1], virtual_stages=2) == [(0, 1), (1, 3), (3, 5), (5, 6)]
+    with pytest.raises(ValueError, match="4 model chunks"):
+        split_layers(6, 2, [3, 3], virtual_stages=2)
+    with pytest.raises(ValueError, match="every chunk needs at least one block"):
+        split_layers(3, 2, virtual_stages=2)
     for bad in ([2, 2, 1], [5, 0], [2.5, 2.5], (3, 3), "23"):
         with pytest.raises(ValueError, match="stages"):
             split_layers(5, 2, bad)

@@ -11,9 +11,11 @@
     VocabParallelEmbedding, VocabParallelLMHead vocabulary-sharded embedding / LM head and loss
     context_parallelize(model, group)           context parallelism: the sequence sharded over ranks
                                                 (context_parallel_attention, shard_sequence, ...)
-    pipeline_parallelize(model, group, ...)     pipeline parallelism: the blocks cut into stages, one per rank,
-                                                micro-batches through them (GPipe / 1F1B: PipelineParallel,
-                                                llmkern.parallel.pipeline)
+    pipeline_parallelize(model, group, ...)     pipeline parallelism: the blocks cut into stages, one per rank
+                                                (or v interleaved chunks), micro-batches through them (GPipe /
+                                                1F1B / interleaved 1F1B: PipelineParallel,
+                                                llmkern.parallel.pipeline); a tensor_parallelize'd model on a
+                                                TP x PP grid of groups too
     lora_state                                  LoRA shards <-> whole factors (llmkern.peft's adapter
                                                 save/load under tensor parallelism uses it)
     cost_model                                  predicted step time / exposed communication, pipeline bubble

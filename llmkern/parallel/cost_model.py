@@ -177,17 +177,23 @@ def predict(model="gpt3-175b", p=8, hardware="H100", *, micro_batch=1, seq=None,
     }
 
 
-def pipeline_bubble_fraction(p, m):
-    """The idle fraction of a pipeline-parallel step (GPipe or 1F1B: llmkern.parallel.pipeline) on p stages with
-    m micro-batches, the stages equally fast: (p - 1) / (m + p - 1). A micro-batch's forward and backward take
+def pipeline_bubble_fraction(p, m, virtual_stages=1):
+    """The idle fraction of a pipeline-parallel step (llmkern.parallel.pipeline) on p stages with m micro-batches,
+    the stages equally fast: (p - 1) / (m + p - 1) for GPipe or 1F1B. A micro-batch's forward and backward take
     t on each stage; the step takes (m + p - 1)·t (the first micro-batch reaches the last stage after p - 1
     forwards, the last one's gradient the first stage after p - 1 backwards), of which every rank works m·t
     (GPipe, Huang et al. 2018, section 2.2; Narayanan et al. 2021's bubble (p - 1) / m of the ideal time).
-    1F1B leaves the same bubble; it bounds the activations in flight instead. 0 for p = 1."""
-    for name, v in (("p", p), ("m", m)):
+    1F1B leaves the same bubble; it bounds the activations in flight instead.
+
+    virtual_stages=v > 1: interleaved 1F1B (Narayanan et al. 2021, section 2.2.2), each rank holding v chunks of
+    1/v of its blocks, so the ramp-up and ramp-down are made of chunk passes of t/v: the bubble is (p - 1)·t/v
+    against the same m·t of work, an idle fraction of (p - 1) / (v·m + p - 1) (the paper's bubble time fraction
+    (1/v)·(p - 1)/m, taken of the whole step). Its price, not counted here: v times the stage-boundary P2P
+    traffic. 0 for p = 1."""
+    for name, v in (("p", p), ("m", m), ("virtual_stages", virtual_stages)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"pipeline_bubble_fraction: {name} must be a positive int, got {v!r}")
-    return (p - 1) / (m + p - 1)
+    return (p - 1) / (virtual_stages * m + p - 1)
 
 
 def table(model="gpt3-175b", p=8, hardware=("H100", "A100"), micro_batches=(1, 4), **kw):

@@ -1,6 +1,7 @@
-"""Pipeline parallelism (PP) for the zoo models: the blocks cut into contiguous stages, one per rank, and each
-batch streamed through them as micro-batches (GPipe, Huang et al. 2018; the 1F1B order of PipeDream-Flush,
-Narayanan et al. 2021, which Megatron-LM and torchtitan run).
+"""Pipeline parallelism (PP) for the zoo models: the blocks cut into contiguous stages, one per rank (or v
+interleaved chunks per rank), and each batch streamed through them as micro-batches (GPipe, Huang et al. 2018;
+the 1F1B order of PipeDream-Flush and its interleaved variant, Narayanan et al. 2021, which Megatron-LM and
+torchtitan run), alone or with tensor parallelism inside each stage (Megatron's TP x PP grid).
 
     pipe = pipeline_parallelize(model, group, n_microbatches=8, schedule="1f1b")
     opt = torch.optim.AdamW(pipe.parameters())        # this rank's stage only
@@ -18,25 +19,45 @@ rank r + 1 (in the embeddings' dtype); the backward sends their gradients the ot
 cross each stage boundary per micro-batch. A rank holds the weights, gradients and optimizer state of 1/p of
 the blocks; the price is the bubble below.
 
-Schedules (torch.distributed.pipelining's ScheduleGPipe and Schedule1F1B; the transport is torch's P2P,
-isend / irecv, NCCL on GPUs and gloo on CPUs):
+Schedules (torch.distributed.pipelining's ScheduleGPipe, Schedule1F1B and ScheduleInterleaved1F1B; the
+transport is torch's P2P, isend / irecv, NCCL on GPUs and gloo on CPUs):
 
-    "gpipe"  every rank runs the m forwards, then the m backwards: a rank holds the activations of all m
-             micro-batches at the peak.
-    "1f1b"   rank r runs p - r forwards, then alternates one backward and one forward: at most p - r
-             micro-batches in flight, so activation memory is bounded by p, not m (needs m >= p).
-Both leave the same bubble, (p - 1) / (m + p - 1) of the step idle on every rank
-(llmkern.parallel.cost_model.pipeline_bubble_fraction): m >> p hides it.
+    "gpipe"             every rank runs the m forwards, then the m backwards: a rank holds the activations of
+                        all m micro-batches at the peak.
+    "1f1b"              rank r runs p - r forwards, then alternates one backward and one forward: at most p - r
+                        micro-batches in flight, so activation memory is bounded by p, not m (needs m >= p).
+    "interleaved-1f1b"  virtual_stages=v >= 2: the blocks are cut into v·p chunks and rank r holds chunks r,
+                        r + p, ..., r + (v - 1)·p (non-contiguous: v = 2, p = 2, 8 blocks: rank 0 holds blocks
+                        0-1 and 4-5, rank 1 blocks 2-3 and 6-7; `stages` then lists the v·p chunks' block counts);
+                        a micro-batch goes round the ranks v times, 1F1B over the chunks (torch's
+                        ScheduleInterleaved1F1B, one PipelineStage per chunk; needs m a multiple of p).
+GPipe and 1F1B leave the same bubble, (p - 1) / (m + p - 1) of the step idle on every rank; interleaving
+shrinks it to (p - 1) / (v·m + p - 1) (the ramp is made of chunks of 1/v of a stage's work) for v times the
+stage-boundary transfers and somewhat more activations in flight
+(llmkern.parallel.cost_model.pipeline_bubble_fraction(p, m, virtual_stages)): m >> p hides it.
+
+Tensor parallelism inside the stages (tensor_parallelize(model, tp_group), then pipeline_parallelize(model,
+pp_group, ...)): the groups must form a grid, each tensor-parallel group's ranks at the same stage of different
+pipelines and each pipeline's ranks at the same tensor-parallel rank (4 ranks, TP = PP = 2: TP groups [0, 1],
+[2, 3], PP groups [0, 2], [1, 3]; every rank creates every group). The hidden states between stages are
+replicated over the tensor-parallel ranks (no sequence parallelism), so each rank sends to and receives from its
+counterpart in its own pipeline, unchanged; the blocks' collectives run in the tensor-parallel group meanwhile.
+The tied embedding's gradients are summed between the first and last stage of each pipeline, i.e. between
+ranks of the same tensor-parallel rank, which hold the same (vocabulary-parallel: the same rows') copy;
+vocab_parallel=True works (the first stage's sharded embedding, the last stage's sharded head and loss). The
+argument checks run over both groups (pipeline, tensor-parallel, pipeline again), so an error on any rank of the
+grid raises on every rank. Data parallelism over such grids (gradient all-reduce) is the caller's.
 
 What the zoo needs and how it is done:
 
 - Positions: every stage builds its own (arange(T) of the micro-batch: GPT's learned positions on the first
   stage, RoPE's cos / sin on each stage for its blocks, Gemma 3's local RoPE by the global layer index).
 - The loss: the zoo's own (fused_lm_loss: llmkern.linear_cross_entropy on the llmkern backend, the logit
-  soft-cap) per micro-batch on the last stage, weighted so that the sum over the micro-batches is the mean over
-  the valid (label != -100) tokens of the whole batch, not the mean of the micro-batch means: micro-batch j
-  contributes n_j / N · mean_j (N the batch's valid tokens), and 0 when n_j = 0. Gradients therefore equal the
-  unsharded model's full-batch step (tests: float32, 1e-5), whatever the ignored labels' spread.
+  soft-cap, the vocabulary-parallel loss of a sharded head) per micro-batch on the last stage, weighted so that
+  the sum over the micro-batches is the mean over the valid (label != -100) tokens of the whole batch, not the
+  mean of the micro-batch means: micro-batch j contributes n_j / N · mean_j (N the batch's valid tokens), and 0
+  when n_j = 0. Gradients therefore equal the unsharded model's full-batch step (tests: float32, 1e-5), whatever
+  the ignored labels' spread.
 - Tied embeddings (GPT-2's wte = lm_head, Gemma...): the first and last stage hold copies (equal at the
   start); after each step their gradients are summed over the two ranks (Megatron-LM's embedding group, here
   one isend / irecv pair), so both copies get the unsharded gradient and stay equal under any optimizer that
@@ -46,19 +67,30 @@ What the zoo needs and how it is done:
 - Dropout: works, but each rank draws from its own RNG, so the masks differ from a single-process run's.
 
 Not supported (errors raised on every rank, so that none waits alone in a collective): a model that is not a
-zoo GPT / Llama; one that is tensor-, expert- or context-parallel already, or has prefix tuning; more ranks than
-blocks; n_microbatches not dividing the batch (checked per call), or below p under "1f1b"; a MoE model with
+zoo GPT / Llama; one that is expert- or context-parallel already, or has prefix tuning; a tensor-parallel one
+whose group shares ranks with the pipeline group (not a grid), whose layers use several groups, or with
+sequence-parallel layers (the stages exchange replicated hidden states; tensor_parallelize never applies
+sequence parallelism); more ranks (interleaved: v·p chunks) than blocks; n_microbatches not dividing the batch
+(checked per call), below p under "1f1b", not a multiple of p under "interleaved-1f1b"; virtual_stages other
+than 1 without "interleaved-1f1b", or below 2 with it; "interleaved-1f1b" on one rank; a MoE model with
 router_aux_loss_coef > 0 (the load-balancing loss pools the router statistics of every MoE layer, on every
 stage, over the whole batch; no stage has them when its first backward starts under 1F1B: build the model with
 router_aux_loss_coef=0; DeepSeek-V3's aux-loss-free routers have none); KV caches, attention_mask and
 position_ids (training and evaluation of packed, unpadded batches only). A rank that fails inside the schedule
-itself (an exception in a block) leaves the others waiting until the process group's timeout.
+itself (an exception in a block) leaves the others waiting until the process group's timeout, and so does a
+model that is tensor-parallel on some ranks of a grid and not on others (a rank that is not cannot know the
+tensor-parallel group to report to).
 
 The stage's inputs and outputs are declared to torch.distributed.pipelining up front (static shapes: no
-metadata exchange, no extra forward); one PipelineStage and schedule per micro-batch shape and mode (train /
-eval) are built on first use and kept (the last few), so a new sequence length costs one small handshake.
+metadata exchange, no extra forward); one set of PipelineStages and a schedule per micro-batch shape and mode
+(train / eval) are built on first use and kept (the last few), so a new sequence length costs one small
+handshake. The batch goes to schedule.step whole (torch cuts it into the m micro-batches), the one calling
+convention every torch release with these schedules takes. Tested on CPU with gloo only (2 and 4 ranks, against
+the unsharded model); not timed, and not yet run with NCCL on GPUs.
 """
 import collections
+import functools
+import inspect
 import zlib
 
 import torch
@@ -70,17 +102,32 @@ from llmkern.models.gpt import GPT
 from llmkern.models.llama import Llama
 from llmkern.parallel import comm
 
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = ("1f1b", "gpipe", "interleaved-1f1b")
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-_CACHE = 4  # (stage, schedule) pairs kept per pipeline: one per micro-batch shape and mode
+_CACHE = 4  # (stages, schedule) entries kept per pipeline: one per micro-batch shape and mode
+_GRID_EXAMPLE = "e.g. on 4 ranks: tensor-parallel groups [0, 1], [2, 3] and pipeline groups [0, 2], [1, 3]"
 
 
 # ---- cross-rank agreement (a local error must not leave the other ranks waiting) ------------------
 
-def _agree(group, what, meta, error=None, describe=None):
-    """One all-gather of (error flag, *meta) ints over `group`; then every rank raises when any rank failed its
-    local check (the failing rank its own exception, the others a ValueError naming it) or when the meta
-    differs. Returns the gathered rows (rank order, without the flag)."""
+def _ranks(group):
+    """The global ranks of `group`, in group-rank order."""
+    return list(dist.get_process_group_ranks(group))
+
+
+def _named(group, idx):
+    """' (global ranks [...])' for group ranks idx of a subgroup, '' for WORLD."""
+    if group is None or group is dist.group.WORLD:
+        return ""
+    ranks = _ranks(group)
+    return f" (global ranks {[ranks[i] for i in idx]})"
+
+
+def _check(group, what, meta, error=None, describe=None, kind="pipeline", hint=None):
+    """One all-gather of (error flag, *meta) ints over `group`; returns (the gathered rows in rank order, without
+    the flag; the error to raise or None): this rank's own error, else a ValueError naming the ranks that failed,
+    else (describe given) one saying how the meta differs. Raises nothing itself: the caller spreads the outcome
+    over the other groups of the grid first."""
     row = [1 if error is not None else 0] + [int(v) for v in meta]
     rows = [row]
     if comm.world_size(group) > 1:
@@ -88,16 +135,16 @@ def _agree(group, what, meta, error=None, describe=None):
         out = t.new_empty(comm.world_size(group) * t.numel())
         comm.all_gather_into(out, t, group)
         rows = out.view(comm.world_size(group), -1).tolist()
-    if error is not None:
-        raise error
-    failed = [i for i, r in enumerate(rows) if r[0]]
-    if failed:
-        raise ValueError(f"{what}: failed on pipeline rank(s) {failed} (their error says why)")
-    if describe is not None and any(r[1:] != rows[0][1:] for r in rows):
-        desc = "; ".join(f"rank {i}: {describe(r[1:])}" for i, r in enumerate(rows))
-        raise ValueError(f"{what}: the ranks disagree ({desc}); every rank of the pipeline group must pass the same "
-                         f"model and arguments")
-    return [r[1:] for r in rows]
+    if error is None:
+        failed = [i for i, r in enumerate(rows) if r[0]]
+        if failed:
+            error = ValueError(f"{what}: failed on {kind} rank(s) {failed}{_named(group, failed)} (their error "
+                               f"says why)")
+        elif describe is not None and any(r[1:] != rows[0][1:] for r in rows):
+            desc = "; ".join(f"{kind} rank {i}: {describe(r[1:])}" for i, r in enumerate(rows))
+            error = ValueError(f"{what}: the ranks disagree ({desc}); " + (
+                hint or "every rank of the pipeline group must pass the same model and arguments"))
+    return [r[1:] for r in rows], error
 
 
 # ---- the zoo models' parts --------------------------------------------------------------------------
@@ -112,20 +159,29 @@ _PARTS = {"gpt": dict(blocks="h", first=("wte", "wpe"), last=("ln_f", "lm_head")
           "llama": dict(blocks="layers", first=("embed_tokens",), last=("norm", "lm_head"), embedding="embed_tokens")}
 
 
-def split_layers(n_layer, p, stages=None):
-    """[(lo, hi)] per rank: contiguous block ranges. stages=None: balanced by block count, the first
-    n_layer % p ranks one block more (the last rank also runs the LM head and the loss); else `stages` gives
-    each rank's block count (p positive ints summing to n_layer). ValueError naming what is wrong."""
-    if n_layer < p:
-        raise ValueError(f"pipeline_parallelize: {p} ranks but the model has {n_layer} blocks: every stage needs at "
-                         f"least one block (use fewer pipeline ranks)")
+def split_layers(n_layer, p, stages=None, virtual_stages=1):
+    """[(lo, hi)] per model chunk: contiguous block ranges, v·p of them (v = virtual_stages) in pipeline order
+    (chunk c runs on rank c % p: one chunk per rank for v = 1, ranks r, r + p, ... for interleaving).
+    stages=None: balanced by block count, the first chunks one block more when v·p does not divide n_layer (the
+    last chunk also runs the LM head and the loss); else `stages` gives each chunk's block count (v·p positive
+    ints summing to n_layer). ValueError naming what is wrong."""
+    v = virtual_stages
+    n = p * v
+    if n_layer < n:
+        if v == 1:
+            raise ValueError(f"pipeline_parallelize: {p} ranks but the model has {n_layer} blocks: every stage needs "
+                             f"at least one block (use fewer pipeline ranks)")
+        raise ValueError(f"pipeline_parallelize: {n} model chunks (virtual_stages={v} x {p} ranks) but the model has "
+                         f"{n_layer} blocks: every chunk needs at least one block (use fewer virtual stages or ranks)")
     if stages is None:
-        counts = [n_layer // p + (1 if r < n_layer % p else 0) for r in range(p)]
+        counts = [n_layer // n + (1 if r < n_layer % n else 0) for r in range(n)]
     else:
         counts = list(stages) if isinstance(stages, (list, tuple)) else None
-        if (counts is None or len(counts) != p or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
+        if (counts is None or len(counts) != n or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
                                                         for c in counts) or sum(counts) != n_layer):
-            raise ValueError(f"pipeline_parallelize: stages must list each of the {p} ranks' block counts (positive "
+            whose = f"{p} ranks'" if v == 1 else \
+                f"{n} model chunks' (virtual_stages={v} x {p} ranks, in pipeline order)"
+            raise ValueError(f"pipeline_parallelize: stages must list each of the {whose} block counts (positive "
                              f"ints summing to n_layer={n_layer}), got {stages!r}")
     bounds = [0]
     for c in counts:
@@ -133,8 +189,13 @@ def split_layers(n_layer, p, stages=None):
     return list(zip(bounds, bounds[1:]))
 
 
-def _model_error(model, p, n_microbatches, schedule, stages):
-    """Why `model` cannot be pipelined this way (an exception to raise), or None."""
+def _is_count(v, least=1):
+    return not isinstance(v, bool) and isinstance(v, int) and v >= least
+
+
+def _model_error(model, p, n_microbatches, schedule, stages, virtual_stages):
+    """Why `model` cannot be pipelined this way (an exception to raise), or None (the tensor-parallel layers are
+    checked by _tensor_parallel)."""
     what = "pipeline_parallelize"
     if not isinstance(model, ZooModel) or _arch(model) is None:
         return TypeError(f"{what}: needs a llmkern.models model (GPT or Llama, from_hf's too), got "
@@ -143,8 +204,22 @@ def _model_error(model, p, n_microbatches, schedule, stages):
         return ValueError(f"{what}: the model is pipeline-parallel already")
     if schedule not in SCHEDULES:
         return ValueError(f"{what}: schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
+    if not _is_count(n_microbatches):
         return ValueError(f"{what}: n_microbatches must be a positive int, got {n_microbatches!r}")
+    if not _is_count(virtual_stages):
+        return ValueError(f"{what}: virtual_stages must be a positive int, got {virtual_stages!r}")
+    if schedule == "interleaved-1f1b":
+        if virtual_stages < 2:
+            return ValueError(f"{what}: schedule='interleaved-1f1b' needs virtual_stages >= 2 model chunks per rank "
+                              f"(got {virtual_stages}; one chunk per rank is schedule='1f1b')")
+        if p < 2:
+            return ValueError(f"{what}: schedule='interleaved-1f1b' needs at least 2 pipeline ranks, got {p}")
+        if n_microbatches % p:
+            return ValueError(f"{what}: schedule='interleaved-1f1b' needs n_microbatches to be a multiple of the "
+                              f"number of pipeline ranks ({p}), got n_microbatches={n_microbatches}")
+    elif virtual_stages != 1:
+        return ValueError(f"{what}: virtual_stages={virtual_stages} needs schedule='interleaved-1f1b' (got "
+                          f"schedule={schedule!r}, which runs one chunk per rank)")
     if schedule == "1f1b" and n_microbatches < p:
         return ValueError(f"{what}: schedule='1f1b' needs n_microbatches >= the number of stages ({p}), got "
                           f"n_microbatches={n_microbatches} (use more micro-batches, or schedule='gpipe')")
@@ -153,10 +228,6 @@ def _model_error(model, p, n_microbatches, schedule, stages):
                           f"not combined with it here")
     if getattr(model, "prefix_tuning", None) is not None:
         return ValueError(f"{what}: prefix tuning is not supported under pipeline parallelism (detach it first)")
-    parallel = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("llmkern.parallel.")})
-    if parallel:
-        return ValueError(f"{what}: the model is tensor- or expert-parallel already ({', '.join(parallel)}); "
-                          f"pipeline parallelism is not combined with tensor_parallelize / expert_parallelize here")
     cfg = model.config
     if cfg.n_experts and cfg.router_aux_loss_coef:
         return ValueError(f"{what}: router_aux_loss_coef={cfg.router_aux_loss_coef} > 0 is not supported: the "
@@ -164,12 +235,61 @@ def _model_error(model, p, n_microbatches, schedule, stages):
                           f"which no stage has before its backward starts; build the model with "
                           f"router_aux_loss_coef=0")
     try:
-        split_layers(cfg.n_layer, p, stages)
+        split_layers(cfg.n_layer, p, stages, virtual_stages)
     except ValueError as exc:
         return exc
     if _embedding(model).weight.dtype not in _DTYPES:
         return ValueError(f"{what}: the embeddings' dtype {_embedding(model).weight.dtype} is not supported")
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def _tensor_parallel_types():
+    from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from llmkern.parallel.moe import ShardedExperts, TensorParallelMoE
+    from llmkern.parallel.vocab import VocabParallelEmbedding, VocabParallelLMHead
+
+    return (ColumnParallelLinear, RowParallelLinear, TensorParallelMoE, ShardedExperts, VocabParallelEmbedding,
+            VocabParallelLMHead)
+
+
+def _tensor_parallel(model, group):
+    """(the tensor-parallel group of `model`'s layers or None, an error or None). The group is found whenever the
+    model has tensor-parallel layers over one group (also when the error is set: the grid agreement then runs over
+    it); None for a plain model, or a tensor-parallel group of one rank."""
+    what = "pipeline_parallelize"
+    if not isinstance(model, nn.Module):
+        return None, None
+    mods = [(n, m) for n, m in model.named_modules() if type(m).__module__.startswith("llmkern.parallel.")]
+    if not mods:
+        return None, None
+    tp_types = _tensor_parallel_types()
+    other = sorted({type(m).__name__ for _, m in mods if not isinstance(m, tp_types)})
+    if other:
+        return None, ValueError(f"{what}: the model is expert-parallel ({', '.join(other)}); pipeline parallelism "
+                                f"is not combined with expert_parallelize here (tensor_parallelize is)")
+    groups = {}
+    for _, m in mods:
+        groups.setdefault(tuple(_ranks(m.group)), m.group)
+    if len(groups) > 1:
+        return None, ValueError(f"{what}: the model's tensor-parallel layers use different process groups (global "
+                                f"ranks {sorted(groups)}); tensor_parallelize the model over one group")
+    tp = next(iter(groups.values()))
+    if comm.world_size(tp) == 1:
+        tp = None
+    sp = [n for n, m in mods if getattr(m, "sequence_parallel", False)]
+    if sp:
+        return tp, ValueError(f"{what}: sequence parallelism ({sp[0]}) is not supported under pipeline "
+                              f"parallelism: the stages exchange hidden states replicated over the tensor-parallel "
+                              f"ranks (tensor_parallelize does not apply sequence parallelism)")
+    if tp is not None:
+        shared = set(_ranks(tp)) & set(_ranks(group))
+        if shared != {dist.get_rank()}:
+            return tp, ValueError(f"{what}: the model is tensor-parallel over global ranks {_ranks(tp)}, which share "
+                                  f"ranks with the pipeline group (global ranks {_ranks(group)}): tensor- and "
+                                  f"pipeline-parallel groups must form a grid, each rank of a tensor-parallel group "
+                                  f"at the same stage of another pipeline ({_GRID_EXAMPLE})")
+    return tp, None
 
 
 def _embedding(model):
@@ -181,17 +301,30 @@ def _refuse_forward(model, args, kwargs):
                        "through the returned PipelineParallel (step / forward)")
 
 
+@functools.lru_cache(maxsize=None)
+def _step_takes(cls, name):
+    """Whether `cls.step` takes the keyword `name` (return_outputs is not in every torch the pipeline runs on)."""
+    return name in inspect.signature(cls.step).parameters
+
+
 # ---- the stage module ------------------------------------------------------------------------------
 
 class _Stage(nn.Module):
-    """What torch.distributed.pipelining runs on this rank: forward(x), x the input_ids [b, T] (first stage) or
-    the hidden states [b, T, d] (the others) -> the hidden states after this rank's blocks [b, T, d], sent in
-    `dtype`; on the last stage after the final norm (the loss and the logits are taken from them)."""
+    """What torch.distributed.pipelining runs for one model chunk: forward(x), x the input_ids [b, T] (the first
+    chunk) or the hidden states [b, T, d] (the others) -> the hidden states after the chunk's blocks [b, T, d],
+    sent in `dtype`; on the last chunk after the final norm (the loss and the logits are taken from them). Its
+    submodules are the chunk's own (blocks, and the embeddings / final norm and head on the first / last chunk):
+    the pruned model holds them all, a rank's chunks share it."""
 
     def __init__(self, model, layers, first, last, dtype):
         super().__init__()
-        self.model = model  # (a submodule: the stage's parameters are the pruned model's)
+        self.__dict__["model"] = model  # (not a submodule: only this chunk's parts are the stage's)
         self.arch = _arch(model)
+        parts = _PARTS[self.arch]
+        blocks = getattr(model, parts["blocks"])
+        self.blocks = nn.ModuleDict({str(i): blocks[str(i)] for i in layers})
+        names = (parts["first"] if first else ()) + (parts["last"] if last else ())
+        self.ends = nn.ModuleDict({n: getattr(model, n) for n in names if getattr(model, n, None) is not None})
         self.layers, self.first, self.last, self.dtype = layers, first, last, dtype
 
     def forward(self, x):
@@ -200,16 +333,15 @@ class _Stage(nn.Module):
             x = self._embed(x)
         T = x.shape[1]
         pos = model.positions(0, T, x.device)
-        blocks = getattr(model, _PARTS[self.arch]["blocks"])
         if self.arch == "gpt":
             for i in self.layers:
-                x = model.run_block(blocks[str(i)], x, cache=None, layer=i, prefix=None, kpm=None)
+                x = model.run_block(self.blocks[str(i)], x, cache=None, layer=i, prefix=None, kpm=None)
         else:
             rope = model.rope(pos, x.dtype)
             local = model.rope(pos, x.dtype, local=True) if cfg.rope_local_theta is not None else rope
             for i in self.layers:
                 cos, sin = local if cfg.layer_rope_is_local(i) else rope
-                x = model.run_block(blocks[str(i)], x, cos, sin, cache=None, layer=i, prefix=None, kpm=None,
+                x = model.run_block(self.blocks[str(i)], x, cos, sin, cache=None, layer=i, prefix=None, kpm=None,
                                     router_logits=None)
         if self.last:
             return (model.ln_f if self.arch == "gpt" else model.norm)(x)
@@ -232,8 +364,12 @@ class PipelineParallel:
     """This rank's stage of a pipeline-parallel zoo model (build it with pipeline_parallelize).
 
     model          the zoo model, pruned to this rank's stage in place (parameters keep their names)
-    stage_index    this rank's stage (its rank in `group`); num_stages = p
-    layers         the global indices of this stage's blocks (range)
+    stage_index    this rank's stage (its rank in `group`); num_stages = p (the pipeline ranks)
+    bounds         [(lo, hi)] per model chunk: the global block indices of every chunk (one per rank, or v·p
+                   under interleaving, chunk c on rank c % p)
+    virtual_stages v, the model chunks per rank; chunks: this rank's chunk indices (stage_index, + p, ...)
+    layers         the global indices of this rank's blocks (a range for v = 1)
+    tp_group       the tensor-parallel group of the model's layers (None without tensor parallelism)
     is_first, is_last, n_microbatches, schedule, group
 
     step(input_ids, labels)   one training step's forward + backward (gradients accumulated)
@@ -241,17 +377,21 @@ class PipelineParallel:
     parameters(), named_parameters(), train(), eval(): the stage model's
     """
 
-    def __init__(self, model, group, n_microbatches, schedule, bounds, dtype):
+    def __init__(self, model, group, n_microbatches, schedule, bounds, dtype, virtual_stages=1, tp_group=None):
         self.model, self.group = model, group
         self.n_microbatches, self.schedule = n_microbatches, schedule
         self.num_stages, self.stage_index = comm.world_size(group), comm.rank(group)
         self.is_first, self.is_last = self.stage_index == 0, self.stage_index == self.num_stages - 1
         self.bounds = bounds
-        self.layers = range(*bounds[self.stage_index])
+        self.virtual_stages = virtual_stages
+        self.chunks = [self.stage_index + k * self.num_stages for k in range(virtual_stages)]
+        self.chunk_layers = [range(*bounds[c]) for c in self.chunks]
+        self.layers = self.chunk_layers[0] if virtual_stages == 1 else [i for r in self.chunk_layers for i in r]
+        self.tp_group = tp_group
         self.dtype = dtype
         self.device = _embedding(model).weight.device  # (before the pruning: the stage runs there)
         self.tied = None  # (this rank's copy of the tied embedding, the other end's group rank)
-        self._stage = None
+        self._stages = []  # one _Stage per chunk
         self._entries = collections.OrderedDict()
         self._n_valid = None
 
@@ -270,11 +410,14 @@ class PipelineParallel:
         return self.train(False)
 
     def __repr__(self):
-        lo, hi = self.bounds[self.stage_index]
-        parts = (["embeddings"] if self.is_first else []) + [f"blocks [{lo}, {hi})"] + \
+        blocks = ", ".join(f"[{r.start}, {r.stop})" for r in self.chunk_layers)
+        parts = (["embeddings"] if self.is_first else []) + [f"blocks {blocks}"] + \
                 (["final norm, LM head, loss"] if self.is_last else [])
+        extra = f", virtual_stages={self.virtual_stages} (chunks {self.chunks})" if self.virtual_stages > 1 else ""
+        if self.tp_group is not None:
+            extra += f", tensor-parallel rank {comm.rank(self.tp_group)} of {comm.world_size(self.tp_group)}"
         return (f"PipelineParallel(stage {self.stage_index} of {self.num_stages}: {', '.join(parts)}; "
-                f"schedule={self.schedule!r}, n_microbatches={self.n_microbatches})")
+                f"schedule={self.schedule!r}, n_microbatches={self.n_microbatches}{extra})")
 
     # ---- the steps ----
 
@@ -285,24 +428,22 @@ class PipelineParallel:
         tokens of the whole batch. The tied embedding's two copies get the summed gradient.
 
         input_ids [B, T] (integer) is needed on the first rank, labels [B, T] (aligned with input_ids, shifted
-        inside, -100 ignored) on the last; other ranks may pass them or None. n_microbatches must divide B.
-        Returns the batch's mean loss (a detached scalar) on the last rank, None on the others. Every rank of
-        the group must call it; a bad argument on any rank raises on every rank (before any transfer)."""
+        inside, -100 ignored) on the last; other ranks may pass them or None (under tensor parallelism the ranks
+        of a stage pass the same). n_microbatches must divide B. Returns the batch's mean loss (a detached scalar)
+        on the last rank, None on the others. Every rank of the group (of the grid, with tensor parallelism)
+        must call it; a bad argument on any rank raises on every rank (before any transfer)."""
         B, T = self._agree_batch("PipelineParallel.step", input_ids, labels, need_labels=True, train=True)
         m = self.n_microbatches
         schedule = self._entry(B // m, T, train=True)
-        kw = {}
-        if self.is_first:
-            kw["arg_mbs"] = [(c,) for c in input_ids.to(self.device, torch.long).chunk(m)]
+        ids = input_ids.to(self.device, torch.long) if self.is_first else None
         losses, n_valid = [], None
         if self.is_last:
             labels = labels.to(self.device, torch.long)
             n_valid = (_shift(labels) != -100).sum()  # N: the valid tokens of the whole batch (_loss reads it)
-            kw.update(target_mbs=list(labels.chunk(m)), losses=losses)
         before = self._tied_grad_before()
         self._n_valid = n_valid
         try:
-            schedule.step(return_outputs=False, **kw)
+            self._run(schedule, ids, labels, losses, train=True)
         finally:
             self._n_valid = None
         self._sync_tied(before)
@@ -321,11 +462,9 @@ class PipelineParallel:
         B, T = self._agree_batch("PipelineParallel.forward", input_ids, labels, need_labels=False)
         m = self.n_microbatches
         schedule = self._entry(B // m, T, train=False)
-        kw = {}
-        if self.is_first:
-            kw["arg_mbs"] = [(c,) for c in input_ids.to(self.device, torch.long).chunk(m)]
+        ids = input_ids.to(self.device, torch.long) if self.is_first else None
         with torch.no_grad():
-            h = schedule.step(**kw)
+            h = self._run(schedule, ids, train=False)
             if not self.is_last:
                 return None
             model = self.model
@@ -340,9 +479,21 @@ class PipelineParallel:
 
     # ---- helpers ----
 
+    def _run(self, schedule, ids, labels=None, losses=None, train=False):
+        """schedule.step over the whole batch (torch cuts it into the n_microbatches micro-batches along dim 0,
+        as chunk() would: they divide it), input_ids on the first rank, the targets on the last."""
+        args = (ids,) if self.is_first else ()
+        kw = {}
+        if train and self.is_last:
+            kw.update(target=labels, losses=losses)
+        if _step_takes(type(schedule), "return_outputs"):
+            kw["return_outputs"] = not train
+        return schedule.step(*args, **kw)
+
     def _agree_batch(self, what, input_ids, labels, need_labels, train=False):
-        """Check the arguments on every rank (one all-gather of a few ints): (B, T) of the batch, or an error
-        on every rank."""
+        """Check the arguments on every rank (one all-gather of a few ints over the pipeline group; with tensor
+        parallelism one more over the tensor-parallel group and a third over the pipeline group, so that an error
+        anywhere in the grid raises everywhere): (B, T) of the batch, or an error on every rank."""
         error = None
         shapes = []
         for name, t in (("input_ids", input_ids), ("labels", labels)):
@@ -361,19 +512,36 @@ class PipelineParallel:
             error = ValueError(f"{what}: the first stage (pipeline rank 0) needs input_ids")
         if error is None and self.is_last and need_labels and labels is None:
             error = ValueError(f"{what}: the last stage (pipeline rank {self.num_stages - 1}) needs labels")
-        rows = _agree(self.group, what, shapes, error)
-        given = {tuple(r[i:i + 2]) for r in rows for i in (0, 2) if r[i] >= 0}
-        if len(given) > 1:
-            desc = "; ".join(f"rank {i}: input_ids {tuple(r[:2]) if r[0] >= 0 else None}, labels "
-                             f"{tuple(r[2:]) if r[2] >= 0 else None}" for i, r in enumerate(rows))
-            raise ValueError(f"{what}: input_ids and labels must have one shape [batch, seq] on every rank ({desc})")
-        B, T = rows[0][:2]
-        m = self.n_microbatches
-        if B < 1 or T < 1 or B % m:
-            raise ValueError(f"{what}: n_microbatches={m} must divide the batch size {B} (input_ids [{B}, {T}]): "
-                             f"every micro-batch holds batch / n_microbatches sequences")
-        if T > self.model.config.block_size:
-            raise ValueError(f"{what}: input_ids: {T} tokens exceed block_size={self.model.config.block_size}")
+        # the tied embedding's copies (first and last stage) must agree on requires_grad: one frozen by name
+        # (wte on the first stage, lm_head on the last) would leave the other alone in _sync_tied's exchange
+        shapes.append(-1 if self.tied is None or not train else int(self.tied[0].requires_grad))
+        rows, error = _check(self.group, what, shapes, error)
+        B = T = -1
+        if error is None and len({r[4] for r in rows if r[4] >= 0}) > 1:
+            error = ValueError(f"{what}: the tied embedding's two copies (the first stage's input embedding, the last "
+                               f"stage's lm_head.weight) must both require grad or both not: freeze or unfreeze "
+                               f"them together (one parameter in the unsharded model)")
+        if error is None:
+            given = {tuple(r[i:i + 2]) for r in rows for i in (0, 2) if r[i] >= 0}
+            B, T = next(iter(given)) if len(given) == 1 else (-1, -1)
+            m = self.n_microbatches
+            if len(given) > 1:
+                desc = "; ".join(f"rank {i}: input_ids {tuple(r[:2]) if r[0] >= 0 else None}, labels "
+                                 f"{tuple(r[2:4]) if r[2] >= 0 else None}" for i, r in enumerate(rows))
+                error = ValueError(f"{what}: input_ids and labels must have one shape [batch, seq] on every rank "
+                                   f"({desc})")
+            elif B < 1 or T < 1 or B % m:
+                error = ValueError(f"{what}: n_microbatches={m} must divide the batch size {B} (input_ids [{B}, {T}]): "
+                                   f"every micro-batch holds batch / n_microbatches sequences")
+            elif T > self.model.config.block_size:
+                error = ValueError(f"{what}: input_ids: {T} tokens exceed block_size={self.model.config.block_size}")
+        if self.tp_group is not None:
+            _, error = _check(self.tp_group, what, [B, T] if error is None else [-1, -1], error,
+                              lambda r: f"batch [{r[0]}, {r[1]}]", kind="tensor-parallel",
+                              hint="the tensor-parallel ranks of a stage must pass the same batch")
+            _, error = _check(self.group, what, [], error)
+        if error is not None:
+            raise error
         return B, T
 
     def _entry(self, b, T, train):
@@ -382,16 +550,23 @@ class PipelineParallel:
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                                  ScheduleInterleaved1F1B)
 
         d = self.model.config.n_embd
+        n = self.num_stages * self.virtual_stages
         # (requires_grad on the examples: torch derives from it which gradients travel back)
         hidden = torch.empty(b, T, d, dtype=self.dtype, device="meta", requires_grad=train)
-        inp = torch.empty(b, T, dtype=torch.long, device="meta") if self.is_first else hidden
-        stage = PipelineStage(self._stage, self.stage_index, self.num_stages, self.device, input_args=(inp,),
-                              output_args=(hidden,), group=self.group)
-        cls = Schedule1F1B if self.schedule == "1f1b" else ScheduleGPipe
-        sched = cls(stage, self.n_microbatches, loss_fn=self._loss if train else None, scale_grads=False)
+        ids = torch.empty(b, T, dtype=torch.long, device="meta")
+        stages = [PipelineStage(module, c, n, self.device, input_args=(ids if c == 0 else hidden,),
+                                output_args=(hidden,), group=self.group)
+                  for c, module in zip(self.chunks, self._stages)]
+        loss_fn = self._loss if train else None
+        if self.schedule == "interleaved-1f1b":
+            sched = ScheduleInterleaved1F1B(stages, self.n_microbatches, loss_fn=loss_fn, scale_grads=False)
+        else:
+            cls = Schedule1F1B if self.schedule == "1f1b" else ScheduleGPipe
+            sched = cls(stages[0], self.n_microbatches, loss_fn=loss_fn, scale_grads=False)
         self._entries[key] = sched
         while len(self._entries) > _CACHE:  # (the same keys in the same order on every rank: the same eviction)
             self._entries.popitem(last=False)
@@ -412,8 +587,10 @@ class PipelineParallel:
         return None if g is None else g.clone()
 
     def _sync_tied(self, before):
-        """Sum this step's gradient of the tied embedding over its two copies (first and last stage): one isend /
-        irecv pair. Both ranks then hold before + (d_first + d_last), bitwise equal (addition commutes)."""
+        """Sum this step's gradient of the tied embedding over its two copies (first and last stage, of this
+        pipeline: under tensor parallelism the same tensor-parallel rank, so the same vocabulary shard of a
+        vocab-parallel one): one isend / irecv pair. Both ranks then hold before + (d_first + d_last), bitwise
+        equal (addition commutes)."""
         if self.tied is None or not self.tied[0].requires_grad:
             return
         weight, peer = self.tied
@@ -428,15 +605,19 @@ class PipelineParallel:
         weight.grad = total if before is None else before + total
 
 
-def pipeline_parallelize(model, group=None, *, n_microbatches, schedule="1f1b", stages=None):
+def pipeline_parallelize(model, group=None, *, n_microbatches, schedule="1f1b", stages=None, virtual_stages=1):
     """Cut a zoo model (llmkern.models GPT or Llama: Mistral, Qwen, Gemma, Mixtral / Qwen-MoE, DeepSeek-V2/V3
-    included) into pipeline stages over the ranks of `group` (default WORLD), this rank keeping its own;
-    returns a PipelineParallel (module docstring: the schedules, the loss, tied embeddings).
+    included), plain or tensor-parallel (tensor_parallelize over a group that forms a grid with `group`), into
+    pipeline stages over the ranks of `group` (default WORLD), this rank keeping its own; returns a
+    PipelineParallel (module docstring: the schedules, the loss, tied embeddings, the TP x PP grid).
 
     n_microbatches  m: each batch is cut into m micro-batches of B / m sequences (m must divide B)
-    schedule        "1f1b" (default: activation memory bounded by p micro-batches; needs m >= p) or "gpipe"
-    stages          None: the blocks split evenly by count (the first ranks one more when p does not divide
-                    them); or each rank's block count, e.g. [3, 2, 2, 1] (p positive ints summing to n_layer)
+    schedule        "1f1b" (default: activation memory bounded by p micro-batches; needs m >= p), "gpipe", or
+                    "interleaved-1f1b" (virtual_stages >= 2 chunks per rank; needs m a multiple of p)
+    stages          None: the blocks split evenly by count (the first ranks / chunks one more when p / v·p does not
+                    divide them); or each rank's block count, e.g. [3, 2, 2, 1] (p positive ints summing to
+                    n_layer), under interleaving each chunk's, in pipeline order (v·p ints; chunk c on rank c % p)
+    virtual_stages  v, the model chunks per rank (interleaved-1f1b only; 1 otherwise)
 
     The model is changed in place: the blocks of other stages, and the embeddings (all but the first stage) and
     the final norm and LM head (all but the last) are removed; the remaining parameters keep their names (the
@@ -445,33 +626,57 @@ def pipeline_parallelize(model, group=None, *, n_microbatches, schedule="1f1b", 
     the device this rank's stage runs on. A tied embedding becomes two copies (first and last stage) whose
     gradients step() sums.
 
-    Errors (on every rank, the model left unchanged): TypeError for a model that is not a zoo GPT / Llama;
-    ValueError for more ranks than blocks, bad stages / schedule / n_microbatches, a model that is tensor-,
-    expert- or context-parallel or has prefix tuning, router_aux_loss_coef > 0 on a MoE model, or a model
-    that differs across ranks; RuntimeError without a process group."""
+    Errors (on every rank, of the whole TP x PP grid, the model left unchanged): TypeError for a model that is
+    not a zoo GPT / Llama; ValueError for more ranks (chunks) than blocks, bad stages / schedule /
+    n_microbatches / virtual_stages, a model that is expert- or context-parallel, sequence-parallel, tensor-parallel
+    over a group that is not a grid with `group`, has prefix tuning, router_aux_loss_coef > 0 on a MoE model, or
+    differs across ranks; RuntimeError without a process group."""
     group = comm.resolve_group(group, "pipeline_parallelize")
     p, what = comm.world_size(group), "pipeline_parallelize"
-    error = _model_error(model, p, n_microbatches, schedule, stages)
-    meta = [0] * 9
+    error = _model_error(model, p, n_microbatches, schedule, stages, virtual_stages)
+    tp, tp_error = _tensor_parallel(model, group)
+    error = error or tp_error
+    tp_meta = [comm.world_size(tp), comm.rank(tp)] if tp is not None else [1, 0]
+    meta = [0] * 11
     if error is None:
         cfg = model.config
         emb = _embedding(model).weight
-        counts = [hi - lo for lo, hi in split_layers(cfg.n_layer, p, stages)]
+        counts = [hi - lo for lo, hi in split_layers(cfg.n_layer, p, stages, virtual_stages)]
         meta = [0 if _arch(model) == "gpt" else 1, cfg.n_layer, cfg.n_embd, cfg.vocab_size,
                 int(model.lm_head.weight is emb), sum(prm.numel() for prm in model.parameters()),
-                n_microbatches * 2 + SCHEDULES.index(schedule), zlib.crc32(repr(counts).encode()),
+                n_microbatches, SCHEDULES.index(schedule), virtual_stages, zlib.crc32(repr(counts).encode()),
                 _DTYPES.index(emb.dtype)]
 
     def describe(m):
         return (f"{'GPT' if m[0] == 0 else 'Llama'} n_layer={m[1]} n_embd={m[2]} vocab={m[3]} tied={bool(m[4])} "
-                f"params={m[5]}, n_microbatches={m[6] // 2}, schedule={SCHEDULES[m[6] % 2]!r}, stages digest {m[7]}, "
-                f"dtype {_DTYPES[m[8]]}")
+                f"params={m[5]}, n_microbatches={m[6]}, schedule={SCHEDULES[m[7]]!r}, virtual_stages={m[8]}, "
+                f"stages digest {m[9]}, dtype {_DTYPES[m[10]]}, tensor-parallel rank {m[12]} of {m[11]}")
 
-    _agree(group, what, meta, error, describe)
-    bounds = split_layers(model.config.n_layer, p, stages)
-    pipe = PipelineParallel(model, group, n_microbatches, schedule, bounds, _embedding(model).weight.dtype)
+    # 1. over the pipeline group: this rank's checks, the same model and arguments, the same tensor-parallel rank
+    rows, error = _check(group, what, meta + tp_meta, error, describe)
+    if tp is not None:
+        # 2. over the tensor-parallel group: its ranks at the same stage (the grid), with the same arguments
+        def describe_tp(m):
+            return (f"pipeline rank {m[0]} of {m[1]}, n_microbatches={m[2]}, schedule={SCHEDULES[m[3]]!r}, "
+                    f"virtual_stages={m[4]}, stages digest {m[5]}")
+
+        grid = [comm.rank(group), p] + meta[6:10]
+        _, error = _check(tp, what, grid, error, describe_tp, kind="tensor-parallel",
+                          hint=f"tensor- and pipeline-parallel groups must form a grid, each rank of a tensor-parallel "
+                               f"group at the same stage of another pipeline, all with the same arguments "
+                               f"({_GRID_EXAMPLE})")
+    if any(r[-2] > 1 for r in rows):
+        # 3. over the pipeline group again: an error found in step 2 reaches the pipelines of the other ranks
+        _, error = _check(group, what, [], error)
+    if error is not None:
+        raise error
+    bounds = split_layers(model.config.n_layer, p, stages, virtual_stages)
+    pipe = PipelineParallel(model, group, n_microbatches, schedule, bounds, _embedding(model).weight.dtype,
+                            virtual_stages, tp)
     _prune(model, pipe, p)
-    pipe._stage = _Stage(model, pipe.layers, pipe.is_first, pipe.is_last, pipe.dtype)
+    n = p * virtual_stages
+    pipe._stages = [_Stage(model, layers, c == 0, c == n - 1, pipe.dtype)
+                    for c, layers in zip(pipe.chunks, pipe.chunk_layers)]
     model.pipeline_parallel = pipe
     model.register_forward_pre_hook(_refuse_forward, with_kwargs=True)
     return pipe
@@ -485,7 +690,7 @@ def _prune(model, pipe, p):
     if tied and p > 1 and pipe.is_last:  # the last stage's own copy of the tied weight
         model.lm_head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
     blocks = getattr(model, parts["blocks"])
-    setattr(model, parts["blocks"], nn.ModuleDict({str(i): blocks[i] for i in pipe.layers}))
+    setattr(model, parts["blocks"], nn.ModuleDict({str(i): blocks[i] for i in sorted(pipe.layers)}))
     if not pipe.is_first:
         for name in parts["first"]:
             setattr(model, name, None)
