@@ -119,6 +119,17 @@ def all_gather_into(out, x, group, async_op=False):
     return _quiet(dist.all_gather_into_tensor, out, x.contiguous(), group=group, async_op=async_op)
 
 
+def gather_ints(row, group):
+    """Every rank's list of ints `row` (one length on every rank), in rank order: one small all-gather (the
+    argument checks that must agree across ranks before any collective that could hang)."""
+    if world_size(group) == 1:
+        return [list(row)]
+    t = torch.tensor(row, dtype=torch.int64, device=_meta_device(None, group))
+    out = t.new_empty(world_size(group) * t.numel())
+    all_gather_into(out, t, group)
+    return out.view(world_size(group), -1).tolist()
+
+
 def reduce_scatter_into(out, x, group, async_op=False):
     """out [x.shape[0] / p, ...] <- this rank's slice of the sum of x over ranks."""
     return _quiet(dist.reduce_scatter_tensor, out, x.contiguous(), group=group, async_op=async_op)

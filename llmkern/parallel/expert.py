@@ -95,13 +95,7 @@ class _AllToAll(torch.autograd.Function):
 def _agree(group, what, meta, error=None, describe=None):
     """One all-gather of (error flag, *meta) ints; then every rank raises the same ValueError when any
     rank failed its local check or any meta differs, so that none goes on into a collective alone."""
-    row = [1 if error else 0] + [int(v) for v in meta]
-    rows = [row]
-    if comm.world_size(group) > 1:
-        t = torch.tensor(row, dtype=torch.int64, device=comm._meta_device(None, group))
-        out = t.new_empty(comm.world_size(group) * t.numel())
-        comm.all_gather_into(out, t, group)
-        rows = out.view(comm.world_size(group), -1).tolist()
+    rows = comm.gather_ints([1 if error else 0] + [int(v) for v in meta], group)
     if error:
         raise ValueError(error)
     failed = [i for i, r in enumerate(rows) if r[0]]

@@ -128,13 +128,7 @@ def _check(group, what, meta, error=None, describe=None, kind="pipeline", hint=N
     the flag; the error to raise or None): this rank's own error, else a ValueError naming the ranks that failed,
     else (describe given) one saying how the meta differs. Raises nothing itself: the caller spreads the outcome
     over the other groups of the grid first."""
-    row = [1 if error is not None else 0] + [int(v) for v in meta]
-    rows = [row]
-    if comm.world_size(group) > 1:
-        t = torch.tensor(row, dtype=torch.int64, device=comm._meta_device(None, group))
-        out = t.new_empty(comm.world_size(group) * t.numel())
-        comm.all_gather_into(out, t, group)
-        rows = out.view(comm.world_size(group), -1).tolist()
+    rows = comm.gather_ints([1 if error is not None else 0] + [int(v) for v in meta], group)
     if error is None:
         failed = [i for i, r in enumerate(rows) if r[0]]
         if failed:
