@@ -147,7 +147,9 @@ class ChoiceConstraint:
     The choices form a trie; a row's allowed tokens are the children of the node its generated tokens
     (sequences[:, prompt_len:]) lead to, plus eos where a choice ends there (a choice that is a prefix of another
     may stop or go on). Without eos_token_id a completed choice allows only its continuations, and a row that
-    completed one with none left gets every token (max_new_tokens should then be the longest choice). The walk
+    completed one with none left gets every token (max_new_tokens should then be the longest choice; a shorter
+    max_new_tokens returns a prefix of a choice). With beam search, beams beyond the valid completions come back
+    as low-scored fillers (as transformers' beam search gives them). The walk
     starts from the root each step (O(tokens so far) per row, on the host), so it holds under beam search's
     reordering. A row outside the trie (possible only if the function was bypassed) allows eos alone."""
 
@@ -159,8 +161,9 @@ class ChoiceConstraint:
         if eos_token_id is not None and not (isinstance(eos_token_id, int) and 0 <= eos_token_id < vocab_size):
             raise ValueError(f"ChoiceConstraint: eos_token_id must be None or a token id in [0, {vocab_size}), "
                              f"got {eos_token_id!r}")
-        if not choices:
-            raise ValueError("ChoiceConstraint: choices must list at least one token sequence")
+        if torch.is_tensor(choices) or not isinstance(choices, (list, tuple)) or not choices:
+            raise ValueError(f"ChoiceConstraint: choices must be a non-empty list of token sequences (lists or 1-D "
+                             f"tensors of ids), got {type(choices).__name__}")
         self.vocab_size, self.prompt_len, self.eos = vocab_size, prompt_len, eos_token_id
         self.root = {}
         for c in choices:
@@ -168,6 +171,9 @@ class ChoiceConstraint:
             if not ids or any(not 0 <= t < vocab_size for t in ids):
                 raise ValueError(f"ChoiceConstraint: each choice must be a non-empty list of token ids in "
                                  f"[0, {vocab_size}), got {c!r}")
+            if eos_token_id is not None and eos_token_id in ids[:-1]:  # (generation stops at the first eos)
+                raise ValueError(f"ChoiceConstraint: choice {ids} holds eos_token_id={eos_token_id} before its end: "
+                                 f"generation stops there, so it could never be produced")
             node = self.root
             for t in ids:
                 node = node.setdefault(t, {})

@@ -254,6 +254,12 @@ def test_choice_constraint_generates_one_of_the_choices(pairs, strategy):
         ChoiceConstraint([[V]], vocab_size=V, prompt_len=0)
     with pytest.raises(ValueError, match="eos_token_id"):
         ChoiceConstraint([[1]], vocab_size=V, prompt_len=0, eos_token_id=V)
+    with pytest.raises(ValueError, match="before its end"):  # generation would stop at that eos
+        ChoiceConstraint([[12, 2, 7]], vocab_size=V, prompt_len=0, eos_token_id=2)
+    with pytest.raises(ValueError, match="non-empty list"):
+        ChoiceConstraint(torch.tensor([[12, 30]]), vocab_size=V, prompt_len=0)
+    assert ChoiceConstraint([torch.tensor([12, 30])], vocab_size=V, prompt_len=0)(torch.zeros(1, 0, dtype=torch.long))[
+        0].nonzero().flatten().tolist() == [12]
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
