@@ -77,7 +77,8 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
 
     out_a, out_b [..., head_dim] (one floating dtype; e.g. [batch, heads, Tq, Dv]); lse_a, lse_b [...] (natural
     log, as the attention ops return it; any floating dtype). A side whose LSE is -inf (its queries saw no key)
-    weighs nothing; both -inf give a zero output and LSE -inf; NaN propagates. Returns (out in out_a's dtype,
+    weighs nothing; both -inf give a zero output and LSE -inf; NaN propagates, and so does an LSE of +inf (no
+    attention op returns one) as NaN. Returns (out in out_a's dtype,
     lse float32; float64 for float64 outputs). Differentiable in all four inputs.
     """
     _check(out_a, lse_a, out_b, lse_b)
