@@ -8,6 +8,7 @@ Environment:
 """
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,17 @@ def _real_cuda_home():
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
 
 
+def _nvcc_major(home):
+    """The CUDA major version of the toolkit at `home` (nvcc --version), or None when it cannot be read."""
+    try:
+        out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+        m = re.search(r"release (\d+)\.", out)
+        return int(m.group(1)) if m else None
+    except Exception:  # pragma: no cover - best effort
+        return None
+
+
 def _want_cuda(torch):
     mode = os.environ.get("LLMKERN_CUDA", "auto").lower()
     if mode in ("0", "false", "no", "off"):
@@ -54,6 +66,14 @@ def _want_cuda(torch):
     possible = torch.version.cuda is not None and home is not None
     if mode in ("1", "true", "yes", "on") and not possible:
         sys.exit("LLMKERN_CUDA=1 but no CUDA toolkit (CUDA_HOME) or no CUDA build of torch was found")
+    if possible and mode not in ("1", "true", "yes", "on"):
+        # torch.utils.cpp_extension refuses a toolkit whose major version differs from torch's CUDA (an error,
+        # not a warning): under "auto" build the CPU kernels instead of failing the install
+        nvcc, torch_major = _nvcc_major(home), int(torch.version.cuda.split(".")[0])
+        if nvcc is not None and nvcc != torch_major:
+            print(f"llmkern setup: CUDA toolkit {home} is CUDA {nvcc}, torch is built for CUDA {torch.version.cuda}: "
+                  f"skipping the CUDA sources (LLMKERN_CUDA=1 forces them)", file=sys.stderr)
+            return False, None
     return possible, home
 
 

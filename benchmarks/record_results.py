@@ -91,6 +91,9 @@ def build_page(out_dir):
     rows = [line.rstrip() for line in diag.splitlines() if "ms/call" in line]
     if rows:
         lines += ["## Host time per call (`benchmarks/gpu_diag.py host`)", "", "```"] + rows + ["```", ""]
+    mla = [line.rstrip() for line in _read(os.path.join(out_dir, "diag-mla.log")).splitlines() if " ms (" in line]
+    if mla:
+        lines += ["## MLA decode tiles (`benchmarks/gpu_diag.py mla`)", "", "```"] + mla + ["```", ""]
     missing = [s for s in SUITES if s not in loaded]
     if missing:
         lines += [f"Suites that wrote no results (not reached, or failed before their first row): "

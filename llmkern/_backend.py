@@ -31,7 +31,11 @@ def extension():
 
             _ext = _C
         except ImportError as exc:  # not built, or built against another torch
-            _ext_error = str(exc)
+            # (first asked while llmkern/__init__ runs, Python words a missing module as "partially initialized
+            # module ... circular import": say what it is)
+            missing = getattr(exc, "name", None) in ("llmkern._C", "_C") or "cannot import name '_C'" in str(exc)
+            _ext_error = ("llmkern._C is not built (pip install --no-build-isolation -e . builds it)" if missing
+                          else f"llmkern._C does not load: {exc}")
     return _ext
 
 

@@ -256,3 +256,20 @@ def test_pipeline_row_microbatches():
 
     assert [pp_microbatches(b, 2) for b in (1, 2, 3, 8, 12, 16)] == [None, 2, 3, 8, 6, 8]
     assert pp_microbatches(3, 4) is None and pp_microbatches(6, 4) == 6 and pp_microbatches(16, 4) == 16
+
+
+def test_missing_extension_is_named_as_not_built(monkeypatch):
+    """Without llmkern._C the reason says it is not built (Python's own wording, from inside llmkern's
+    __init__, was "partially initialized module ... circular import")."""
+    import sys
+
+    from llmkern import _backend
+
+    import llmkern
+
+    monkeypatch.setitem(sys.modules, "llmkern._C", None)  # (import llmkern._C then raises ImportError)
+    monkeypatch.delattr(llmkern, "_C", raising=False)
+    monkeypatch.setattr(_backend, "_ext", None)
+    monkeypatch.setattr(_backend, "_ext_error", None)
+    assert _backend.extension() is None
+    assert "llmkern._C is not built" in _backend.extension_error()
