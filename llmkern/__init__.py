@@ -15,7 +15,8 @@ Ops (each a torch.library op with autograd where it makes sense):
   rms_norm, layer_norm                 fused RMSNorm / LayerNorm (+ residual add) (Triton)
   rope                                 fused rotary embeddings on q and k together (Triton)
   swiglu, geglu                        fused gated activations silu(g) * u, gelu(g) * u (Triton)
-  moe_mlp, moe_route                   fused Mixture-of-Experts MLP (grouped GEMMs, Triton) and its router
+  moe_mlp, moe_route, moe_capacity     fused Mixture-of-Experts MLP (grouped GEMMs, Triton), its router, and
+                                       token dropping by expert capacity
   speculative_accept                   speculative decoding's exact rejection sampling (PyTorch)
 Subpackages: peft, parallel, models, generation, flops, integrations, bench, reference.
 """
@@ -43,6 +44,7 @@ _LAZY_ATTRS = {
     "geglu": "llmkern.ops.swiglu",
     "moe_mlp": "llmkern.ops.moe",
     "moe_route": "llmkern.ops.moe",
+    "moe_capacity": "llmkern.ops.moe",
     "speculative_accept": "llmkern.ops.speculative",
     "NF4Weight": "llmkern.ops.nf4",
     "nf4_quantize": "llmkern.ops.nf4",

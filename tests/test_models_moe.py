@@ -91,7 +91,9 @@ def _grads(model, x, **kw):
     dict(router_aux_loss_coef=0.05),
     dict(n_experts=5, n_experts_per_tok=3, moe_renormalize=False, moe_shared_ffn_dim=24, moe_ffn_dim=40,
          moe_layers=(1,)),
-], ids=["mixtral-aux", "qwen2moe-like"])
+    dict(moe_capacity_factor=0.75),  # pairs dropped (token dropping): the same on both backends
+    dict(moe_capacity_factor=0.75, moe_drop_policy="position"),
+], ids=["mixtral-aux", "qwen2moe-like", "capacity-probs", "capacity-position"])
 def test_backends_agree_forward_and_backward(changes):
     """backend="llmkern" (llmkern.moe_mlp) and "torch" (the loop over experts): same loss (aux included)
     and gradients, every parameter's (router and experts too) reached; the model's parameters are
@@ -120,12 +122,75 @@ def test_backends_agree_forward_and_backward(changes):
 
 
 def test_dense_expert_path_equals_the_loop():
-    """The torch backend's static-shape form (used under torch.compile) equals its loop."""
+    """The torch backend's static-shape form (used under torch.compile) equals its loop, dropped pairs too."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 16, generator=g)
     w_gu, w_d = torch.randn(4, 2 * 12, 16, generator=g) * 0.2, torch.randn(4, 16, 12, generator=g) * 0.2
     w, ids = torch.softmax(torch.randn(2, 5, 4, generator=g), -1).topk(2, -1)
     torch.testing.assert_close(_experts_dense(x, w_gu, w_d, ids, w), _experts_loop(x, w_gu, w_d, ids, w))
+    ids = ids.clone()
+    ids[0, 1, 0] = ids[1, 3, 1] = -1  # dropped (moe_capacity)
+    torch.testing.assert_close(_experts_dense(x, w_gu, w_d, ids, w), _experts_loop(x, w_gu, w_d, ids, w))
+
+
+def _capacity_loop(ids, w, E, C, policy):
+    """moe_capacity written as a loop: per expert, its pairs in priority order, all past the first C dropped."""
+    out = ids.clone()
+    pairs = [(n, j) for n in range(ids.shape[0]) for j in range(ids.shape[1])]
+    for e in range(E):
+        mine = [p for p in pairs if ids[p] == e]
+        if policy == "probs":
+            mine.sort(key=lambda p: (-float(w[p]), p))
+        for p in mine[C:]:
+            out[p] = -1
+    return out
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_moe_capacity_equals_a_loop(policy):
+    """llmkern.moe_capacity: C = ceil(factor * tokens * k / E) pairs per expert, by weight or by position, ties
+    in (token, slot) order, pairs dropped before stay dropped; a large factor drops nothing."""
+    import math
+
+    import llmkern
+
+    g = torch.Generator().manual_seed(1)
+    for trial in range(40):
+        N, E = int(torch.randint(1, 25, (), generator=g)), int(torch.randint(1, 8, (), generator=g))
+        k = int(torch.randint(1, E + 1, (), generator=g))
+        w, ids = torch.softmax(torch.randn(N, E, generator=g), -1).topk(k, -1)
+        if trial % 3 == 0:
+            w = (w * 4).round() / 4  # ties
+        ids[torch.rand(N, k, generator=g) < 0.1] = -1
+        factor = float(torch.rand((), generator=g)) * 1.5 + 0.05
+        got = llmkern.moe_capacity(ids.view(N, 1, k), w.view(N, 1, k), E, factor, policy).view(N, k)
+        assert torch.equal(got, _capacity_loop(ids, w, E, math.ceil(factor * N * k / E), policy)), trial
+    assert torch.equal(llmkern.moe_capacity(ids, w, E, float(E), policy), ids)
+    for bad, match in ((dict(capacity_factor=0.0), "capacity_factor"), (dict(policy="random"), "policy"),
+                       (dict(n_experts=0), "n_experts")):
+        kw = dict(topk_ids=ids, topk_weights=w, n_experts=E, capacity_factor=1.0, policy=policy) | bad
+        with pytest.raises(ValueError, match=match):
+            llmkern.moe_capacity(**kw)
+
+
+def test_capacity_factor_in_the_zoo():
+    """moe_capacity_factor drops the routed pairs past each expert's capacity (fewer expert rows computed: the
+    output changes), a factor large enough for every pair changes nothing; DeepSeek's routers refuse it."""
+    cfg = get_config("mixtral-tiny")
+    torch.manual_seed(0)
+    m = Llama(cfg, backend="torch")
+    x = torch.randint(0, cfg.vocab_size, (2, 11))
+    for factor, same in ((float(cfg.n_experts), True), (0.5, False)):
+        dropped = Llama(cfg.replace(moe_capacity_factor=factor), backend="torch")
+        dropped.load_state_dict(m.state_dict())
+        with torch.no_grad():
+            assert torch.allclose(dropped(x), m(x)) == same
+    with pytest.raises(ValueError, match="moe_capacity_factor applies to the 'softmax' router only"):
+        get_config("deepseek-v3-tiny", moe_capacity_factor=1.0)
+    with pytest.raises(ValueError, match="moe_drop_policy"):
+        get_config("mixtral-tiny", moe_drop_policy="random")
+    with pytest.raises(ValueError, match="mixture-of-experts models only"):
+        get_config("llama-tiny", moe_capacity_factor=1.0)
 
 
 def test_lora_on_the_attention_of_an_moe_model():

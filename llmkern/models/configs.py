@@ -55,6 +55,12 @@ Sparse mixture of experts (Llama family; off with n_experts = 0, the dense SwiGL
                         moe_renormalize; transformers' V2 does not) times moe_routed_scaling. V2's topk_method
                         "greedy" is moe_n_group = moe_topk_group = 1, "group_limited_greedy" any group limit.
                         Neither has an aux loss (router_aux_loss_coef must be 0)
+  moe_capacity_factor   None: dropless (every routed pair computed); c > 0: each expert of a layer takes at most
+                        ceil(c * tokens * k / n_experts) (token, slot) pairs of the forward's tokens, the others
+                        dropped (llmkern.moe_capacity: GShard / Switch / Megatron-LM's capacity factor); the
+                        "softmax" router only. Under sequence or expert parallelism the tokens are each rank's.
+  moe_drop_policy       which pairs an expert over capacity keeps: "probs" (the highest routing weights,
+                        Megatron-LM's default) or "position" (the earliest tokens, GShard's)
   moe_n_group, moe_topk_group, moe_routed_scaling
                         the DeepSeek routers' group limit and weight scale (1, 1, 1.0: off; the "softmax"
                         router must leave them there). moe_n_group divides n_experts ("sigmoid": into
@@ -130,6 +136,8 @@ class ModelConfig:
     moe_shared_ffn_dim: int = 0       # Qwen2-MoE's sigmoid-gated shared expert (0: none)
     moe_layers: Optional[tuple] = None  # the sparse layers (None: all)
     router_aux_loss_coef: float = 0.0  # load-balancing loss weight (0: off)
+    moe_capacity_factor: Optional[float] = None  # expert capacity (None: dropless; see the module docstring)
+    moe_drop_policy: str = "probs"    # over capacity: keep the highest weights ("probs") or earliest ("position")
     moe_router: str = "softmax"       # "softmax" (Mixtral, Qwen), "sigmoid" (DeepSeek-V3) or "softmax_group"
                                       # (DeepSeek-V2); see the module docstring
     moe_n_group: int = 1              # DeepSeek routers: expert groups, of which moe_topk_group are kept per token
@@ -200,7 +208,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.n_experts must be an int >= 0 (0: dense MLP), got {E!r}")
         if E == 0:
             for f, off in (("n_experts_per_tok", None), ("moe_ffn_dim", None), ("moe_shared_ffn_dim", 0),
-                           ("moe_layers", None), ("router_aux_loss_coef", 0.0)) + _ROUTER_OFF:
+                           ("moe_layers", None), ("router_aux_loss_coef", 0.0), ("moe_capacity_factor", None),
+                           ("moe_drop_policy", "probs")) + _ROUTER_OFF:
                 if getattr(self, f) != off:
                     raise ValueError(f"ModelConfig.{f} applies to mixture-of-experts models only "
                                      f"(n_experts > 0), got {f}={getattr(self, f)!r} with n_experts=0")
@@ -246,6 +255,15 @@ class ModelConfig:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
             raise ValueError(f"ModelConfig.moe_routed_scaling must be a number > 0, got {s!r}")
         self.moe_routed_scaling = float(s)
+        c = self.moe_capacity_factor
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < float("inf")):
+            raise ValueError(f"ModelConfig.moe_capacity_factor must be None (dropless) or a finite number > 0, "
+                             f"got {c!r}")
+        if self.moe_drop_policy not in ("probs", "position"):
+            raise ValueError(f"ModelConfig.moe_drop_policy must be 'probs' or 'position', got {self.moe_drop_policy!r}")
+        if c is not None and self.moe_router != "softmax":
+            raise ValueError(f"ModelConfig.moe_capacity_factor applies to the 'softmax' router only (DeepSeek's "
+                             f"routers are dropless), got moe_router={self.moe_router!r}")
         if self.moe_router == "softmax":
             for f, off in _ROUTER_OFF[1:]:
                 if getattr(self, f) != off:

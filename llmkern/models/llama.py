@@ -242,6 +242,7 @@ class MoE(nn.Module):
         super().__init__()
         d, E = cfg.n_embd, cfg.n_experts
         self.n_experts, self.top_k, self.renormalize = E, cfg.n_experts_per_tok, cfg.moe_renormalize
+        self.capacity_factor, self.drop_policy = cfg.moe_capacity_factor, cfg.moe_drop_policy
         self.gate = nn.Linear(d, E, bias=False)  # the router (transformers' `gate`)
         self.experts = Experts(E, d, cfg.moe_ffn_dim)
         self.shared_expert = self.shared_expert_gate = None
@@ -263,11 +264,15 @@ class MoE(nn.Module):
 
     def route(self, x, router_logits=None):
         """x [B, T, d] -> (weights [B, T, k] float32, ids [B, T, k] int64): Mixtral's float32 softmax and top-k
-        of the router's logits, which are appended ([B*T, E]) to the list router_logits when given."""
+        of the router's logits, which are appended ([B*T, E]) to the list router_logits when given; with
+        config.moe_capacity_factor the pairs past an expert's capacity get id -1 (llmkern.moe_capacity)."""
         logits = self.gate(x)  # [B, T, E] (x's dtype, or autocast's)
         if router_logits is not None:
             router_logits.append(logits.reshape(-1, self.n_experts))
-        return llmkern.moe_route(logits, self.top_k, renormalize=self.renormalize)
+        weights, ids = llmkern.moe_route(logits, self.top_k, renormalize=self.renormalize)
+        if self.capacity_factor is not None:  # pairs past an expert's capacity: id -1, nothing computed
+            ids = llmkern.moe_capacity(ids, weights, self.n_experts, self.capacity_factor, self.drop_policy)
+        return weights, ids
 
     def add_shared(self, x, y):
         """y plus the shared expert's output on x (Qwen2-MoE: gated by sigmoid(shared_expert_gate(x))), or y."""
@@ -316,7 +321,8 @@ def _experts_dense(x, w_gate_up, w_down, ids, weights):
     """The same sum with static shapes, for torch.compile: every expert on every token, times the
     token's weight for it (0 when not routed there). E/k times the FLOPs of the loop."""
     coef = torch.zeros(*ids.shape[:-1], w_gate_up.shape[0], device=x.device, dtype=weights.dtype)
-    coef = coef.scatter_add(-1, ids, weights)  # [B, T, E]
+    kept = ids >= 0  # (a dropped pair, id -1 (moe_capacity): no expert, weight 0)
+    coef = coef.scatter_add(-1, ids.clamp_min(0), torch.where(kept, weights, torch.zeros_like(weights)))  # [B, T, E]
     y = torch.zeros_like(x)
     for e in range(w_gate_up.shape[0]):
         y = y + (_expert(x, w_gate_up[e], w_down[e]) * coef[..., e:e + 1]).to(y.dtype)

@@ -19,6 +19,7 @@ reference unless LLMKERN_BACKEND=triton, which runs the same kernels under TRITO
 (float32/float16). float64 always uses the reference.
 """
 import functools
+import math
 import numbers
 from typing import Tuple
 
@@ -265,4 +266,35 @@ def moe_route(router_logits: torch.Tensor, k: int, renormalize: bool = True
     return ref.moe_route(router_logits, int(k), bool(renormalize))
 
 
-__all__ = ["moe_mlp", "moe_route"]
+def moe_capacity(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, capacity_factor: float,
+                 policy: str = "probs") -> torch.Tensor:
+    """Token dropping by expert capacity (GShard, Switch Transformer, Megatron-LM's moe_expert_capacity_factor):
+    each expert takes at most C = ceil(capacity_factor * tokens * k / n_experts) (token, slot) pairs; the others'
+    ids become -1, which moe_mlp treats as "no expert" (nothing added, zero gradient for their weight).
+
+    topk_ids int [..., k] (ids in 0..n_experts-1, or -1 already dropped), topk_weights [..., k] (ranks the pairs
+    under policy "probs": the highest routing weights of an expert are kept, Megatron's default; "position":
+    the earliest tokens, GShard's). capacity_factor > 0 (1.0: a perfectly balanced router drops nothing).
+    Returns the new ids [..., k] (int64); the weights are left as they are (renormalise them yourself if the
+    dropped share should go to the kept experts). Plain PyTorch: no host sync."""
+    _checks.tensor_arg("topk_ids", topk_ids)
+    _checks.tensor_arg("topk_weights", topk_weights)
+    if topk_ids.dtype not in (torch.int32, torch.int64) or topk_ids.dim() < 1:
+        raise ValueError(f"topk_ids must be an int32/int64 tensor [..., k], got {topk_ids.dtype} "
+                         f"{tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape or topk_weights.device != topk_ids.device:
+        raise ValueError(f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)} and device, got "
+                         f"{tuple(topk_weights.shape)} on {topk_weights.device}")
+    if isinstance(n_experts, bool) or not isinstance(n_experts, numbers.Integral) or n_experts < 1:
+        raise ValueError(f"n_experts must be an int >= 1, got {n_experts!r}")
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, numbers.Real) or \
+            not 0 < capacity_factor < float("inf"):
+        raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor!r}")
+    if policy not in ("probs", "position"):
+        raise ValueError(f"policy must be 'probs' or 'position', got {policy!r}")
+    tokens, k = topk_ids.numel() // max(topk_ids.shape[-1], 1), topk_ids.shape[-1]
+    capacity = math.ceil(capacity_factor * tokens * k / n_experts)
+    return ref.moe_capacity(topk_ids.to(torch.int64), topk_weights, int(n_experts), capacity, policy)
+
+
+__all__ = ["moe_mlp", "moe_route", "moe_capacity"]

@@ -80,3 +80,22 @@ def moe_route(router_logits, k, renormalize=True):
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
+
+
+def moe_capacity(ids, weights, n_experts, capacity, policy="probs"):
+    """ids [..., k] with the (token, slot) pairs past each expert's capacity set to -1 (dropped: moe_mlp adds
+    nothing for them). Within an expert the pairs are ranked by routing weight, highest first ("probs",
+    Megatron-LM's drop policy), or by token position, earliest first ("position", GShard / Switch), ties in
+    (token, slot) order; the first `capacity` of each expert are kept."""
+    k = ids.shape[-1]
+    flat_ids = ids.reshape(-1)
+    n = flat_ids.numel()
+    order = torch.arange(n, device=ids.device)
+    if policy == "probs":  # weight descending; stable: ties keep (token, slot) order
+        order = torch.sort(-weights.reshape(-1).detach().to(torch.float32), stable=True).indices
+    by_expert = order[torch.sort(flat_ids[order], stable=True).indices]  # grouped by expert, priority kept
+    experts = flat_ids[by_expert]  # sorted (dropped -1 pairs first)
+    rank = torch.arange(n, device=ids.device) - torch.searchsorted(experts, experts)  # place within its expert
+    drop = torch.zeros(n, dtype=torch.bool, device=ids.device)
+    drop[by_expert] = (rank >= capacity) & (experts >= 0)
+    return torch.where(drop, torch.full_like(flat_ids, -1), flat_ids).view(ids.shape[:-1] + (k,))
