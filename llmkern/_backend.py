@@ -33,7 +33,10 @@ def extension():
         except ImportError as exc:  # not built, or built against another torch
             # (first asked while llmkern/__init__ runs, Python words a missing module as "partially initialized
             # module ... circular import": say what it is)
-            missing = getattr(exc, "name", None) in ("llmkern._C", "_C") or "cannot import name '_C'" in str(exc)
+            import glob
+
+            here = os.path.dirname(os.path.abspath(__file__))
+            missing = not glob.glob(os.path.join(here, "_C*.so")) and not glob.glob(os.path.join(here, "_C*.pyd"))
             _ext_error = ("llmkern._C is not built (pip install --no-build-isolation -e . builds it)" if missing
                           else f"llmkern._C does not load: {exc}")
     return _ext

@@ -269,7 +269,10 @@ def test_missing_extension_is_named_as_not_built(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "llmkern._C", None)  # (import llmkern._C then raises ImportError)
     monkeypatch.delattr(llmkern, "_C", raising=False)
-    monkeypatch.setattr(_backend, "_ext", None)
-    monkeypatch.setattr(_backend, "_ext_error", None)
-    assert _backend.extension() is None
-    assert "llmkern._C is not built" in _backend.extension_error()
+    for files in ([], ["_C.so"]):  # no library: "not built"; a library that does not load: its own error
+        monkeypatch.setattr(_backend, "_ext", None)
+        monkeypatch.setattr(_backend, "_ext_error", None)
+        monkeypatch.setattr("glob.glob", lambda pattern, _f=files: list(_f))
+        assert _backend.extension() is None
+        assert ("llmkern._C is not built" in _backend.extension_error()) == (not files)
+        assert files == [] or "llmkern._C does not load" in _backend.extension_error()

@@ -148,7 +148,7 @@ def _capacity_loop(ids, w, E, C, policy):
 
 @pytest.mark.parametrize("policy", ["probs", "position"])
 def test_moe_capacity_equals_a_loop(policy):
-    """llmkern.moe_capacity: C = ceil(factor * tokens * k / E) pairs per expert, by weight or by position, ties
+    """llmkern.moe_capacity: C = ceil(tokens * k / E * factor) pairs per expert (Megatron's rounding), by weight or by position, ties
     in (token, slot) order, pairs dropped before stay dropped; a large factor drops nothing."""
     import math
 
@@ -164,8 +164,9 @@ def test_moe_capacity_equals_a_loop(policy):
         ids[torch.rand(N, k, generator=g) < 0.1] = -1
         factor = float(torch.rand((), generator=g)) * 1.5 + 0.05
         got = llmkern.moe_capacity(ids.view(N, 1, k), w.view(N, 1, k), E, factor, policy).view(N, k)
-        assert torch.equal(got, _capacity_loop(ids, w, E, math.ceil(factor * N * k / E), policy)), trial
+        assert torch.equal(got, _capacity_loop(ids, w, E, math.ceil(N * k / E * factor), policy)), trial
     assert torch.equal(llmkern.moe_capacity(ids, w, E, float(E), policy), ids)
+    assert torch.equal(llmkern.moe_capacity(ids, w, E, 1e300, policy), ids)  # (huge: every pair fits)
     for bad, match in ((dict(capacity_factor=0.0), "capacity_factor"), (dict(policy="random"), "policy"),
                        (dict(n_experts=0), "n_experts")):
         kw = dict(topk_ids=ids, topk_weights=w, n_experts=E, capacity_factor=1.0, policy=policy) | bad

@@ -198,6 +198,14 @@ def errors_worker(rank, p):
         seen.append(str(exc))
     else:
         raise AssertionError(f"sequence_parallel with a replicated shared expert: no ValueError on rank {rank}")
+    try:  # a capacity would count each rank's token shard under sequence parallelism
+        TensorParallelMoE.from_moe(MoE(get_config("mixtral-tiny", moe_capacity_factor=1.0), "torch"),
+                                   sequence_parallel=True)
+    except ValueError as exc:
+        assert "capacity" in str(exc), str(exc)
+        seen.append(str(exc))
+    else:
+        raise AssertionError(f"sequence_parallel with a capacity factor: no ValueError on rank {rank}")
     dist.barrier()
     return seen
 
@@ -208,7 +216,8 @@ def test_moe_models_match_unsharded_2_ranks(ranks):
     """mixtral-tiny and a Qwen2-MoE-like model (shared expert, a dense layer, the load-balancing loss), on
     the torch and the llmkern backends."""
     cases = [("mixtral-tiny", {}, "torch"), ("mixtral-tiny", QWEN2_MOE, "llmkern"),
-             ("mixtral-tiny", QWEN2_MOE, "torch")]
+             ("mixtral-tiny", QWEN2_MOE, "torch"),
+             ("mixtral-tiny", dict(moe_capacity_factor=0.5), "llmkern")]  # token dropping: the unsharded drops
     checked = ranks(2).run(model_worker, (cases,), timeout=60)
     assert checked[0] == checked[1] and len(checked[0]) == len(cases)
 
@@ -262,4 +271,4 @@ def test_tensor_parallelize_a_from_hf_moe_model_2_ranks(ranks, tmp_path):
 
 def test_ffn_not_divisible_is_a_clear_error_on_every_rank(ranks):
     seen = ranks(2).run(errors_worker, timeout=60)
-    assert seen[0] == seen[1] and len(seen[0]) == 3
+    assert seen[0] == seen[1] and len(seen[0]) == 4

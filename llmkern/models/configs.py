@@ -56,11 +56,12 @@ Sparse mixture of experts (Llama family; off with n_experts = 0, the dense SwiGL
                         "greedy" is moe_n_group = moe_topk_group = 1, "group_limited_greedy" any group limit.
                         Neither has an aux loss (router_aux_loss_coef must be 0)
   moe_capacity_factor   None: dropless (every routed pair computed); c > 0: each expert of a layer takes at most
-                        ceil(c * tokens * k / n_experts) (token, slot) pairs of the forward's tokens, the others
+                        ceil(tokens * k / n_experts * c) (token, slot) pairs of the forward's tokens, the others
                         dropped (llmkern.moe_capacity: GShard / Switch / Megatron-LM's capacity factor); the
-                        "softmax" router only. Under sequence or expert parallelism the tokens are each rank's.
+                        "softmax" router only. Under expert parallelism the tokens are each rank's own batch
+                        (Megatron-LM's); tensor parallelism with sequence parallelism refuses it.
   moe_drop_policy       which pairs an expert over capacity keeps: "probs" (the highest routing weights,
-                        Megatron-LM's default) or "position" (the earliest tokens, GShard's)
+                        Megatron-LM's default) or "position" (the earliest tokens, Megatron's other policy)
   moe_n_group, moe_topk_group, moe_routed_scaling
                         the DeepSeek routers' group limit and weight scale (1, 1, 1.0: off; the "softmax"
                         router must leave them there). moe_n_group divides n_experts ("sigmoid": into

@@ -269,10 +269,15 @@ class MoE(nn.Module):
         logits = self.gate(x)  # [B, T, E] (x's dtype, or autocast's)
         if router_logits is not None:
             router_logits.append(logits.reshape(-1, self.n_experts))
-        weights, ids = llmkern.moe_route(logits, self.top_k, renormalize=self.renormalize)
-        if self.capacity_factor is not None:  # pairs past an expert's capacity: id -1, nothing computed
-            ids = llmkern.moe_capacity(ids, weights, self.n_experts, self.capacity_factor, self.drop_policy)
-        return weights, ids
+        return self.drop_over_capacity(*llmkern.moe_route(logits, self.top_k, renormalize=self.renormalize))
+
+    def drop_over_capacity(self, weights, ids):
+        """(weights, ids) with the pairs past an expert's capacity given id -1 (llmkern.moe_capacity) when the
+        config sets moe_capacity_factor; as they are otherwise. (The parallel layers route through it too.)"""
+        factor = getattr(self, "capacity_factor", None)
+        if factor is None:
+            return weights, ids
+        return weights, llmkern.moe_capacity(ids, weights, self.n_experts, factor, self.drop_policy)
 
     def add_shared(self, x, y):
         """y plus the shared expert's output on x (Qwen2-MoE: gated by sigmoid(shared_expert_gate(x))), or y."""

@@ -269,12 +269,14 @@ def moe_route(router_logits: torch.Tensor, k: int, renormalize: bool = True
 def moe_capacity(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, capacity_factor: float,
                  policy: str = "probs") -> torch.Tensor:
     """Token dropping by expert capacity (GShard, Switch Transformer, Megatron-LM's moe_expert_capacity_factor):
-    each expert takes at most C = ceil(capacity_factor * tokens * k / n_experts) (token, slot) pairs; the others'
-    ids become -1, which moe_mlp treats as "no expert" (nothing added, zero gradient for their weight).
+    each expert takes at most C = ceil(tokens * k / n_experts * capacity_factor) (token, slot) pairs (Megatron's
+    get_capacity); the others' ids become -1, which moe_mlp treats as "no expert" (nothing added, zero gradient
+    for their weight).
 
     topk_ids int [..., k] (ids in 0..n_experts-1, or -1 already dropped), topk_weights [..., k] (ranks the pairs
     under policy "probs": the highest routing weights of an expert are kept, Megatron's default; "position":
-    the earliest tokens, GShard's). capacity_factor > 0 (1.0: a perfectly balanced router drops nothing).
+    the earliest tokens, Megatron's other policy; GShard's top-2 also puts every first choice before the second
+    choices, which this does not). capacity_factor > 0 (1.0: a perfectly balanced router drops nothing).
     Returns the new ids [..., k] (int64); the weights are left as they are (renormalise them yourself if the
     dropped share should go to the kept experts). Plain PyTorch: no host sync."""
     _checks.tensor_arg("topk_ids", topk_ids)
@@ -293,7 +295,8 @@ def moe_capacity(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: 
     if policy not in ("probs", "position"):
         raise ValueError(f"policy must be 'probs' or 'position', got {policy!r}")
     tokens, k = topk_ids.numel() // max(topk_ids.shape[-1], 1), topk_ids.shape[-1]
-    capacity = math.ceil(capacity_factor * tokens * k / n_experts)
+    # Megatron-LM's get_capacity: ceil(tokens * k / E * factor); never more than every pair (a huge factor)
+    capacity = min(math.ceil(tokens * k / n_experts * capacity_factor), tokens * k)
     return ref.moe_capacity(topk_ids.to(torch.int64), topk_weights, int(n_experts), capacity, policy)
 
 

@@ -26,9 +26,11 @@ backward moves the same again. Rows travel in the experts' compute dtype (autoca
 Memory per rank: E/p of the experts; compute: the experts' FLOPs of the rows it receives (equal shares
 only when the router balances the load).
 
-Not done here (documented limits): no capacity factor, so no token dropping (dropless: a rank receives
-however many rows are routed to it, up to p·T·k); no overlap of the all-to-all with compute; no
-combination with expert tensor parallelism (llmkern.parallel.moe) on the same layer.
+A capacity factor (ModelConfig.moe_capacity_factor) drops pairs at the source, counted over this rank's own
+tokens (each rank routes its own batch, as Megatron-LM's expert-parallel ranks do): dropped pairs are not
+sent. Without one the layer is dropless (a rank receives however many rows are routed to it, up to p·T·k).
+Not done here (documented limits): no overlap of the all-to-all with compute; no combination with expert
+tensor parallelism (llmkern.parallel.moe) on the same layer.
 
 Gradients. The exchange is an autograd.Function whose backward is the reverse all-to-all, so x and the
 routing weights get this rank's gradient and every expert weight the gradient of all ranks' tokens routed
@@ -191,6 +193,9 @@ class ExpertParallelMoE(llama.MoE):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.n_experts, self.top_k, self.renormalize = moe.n_experts, moe.top_k, moe.renormalize
+        # (a capacity counts this rank's tokens: each rank routes its own batch, as Megatron-LM's EP ranks do)
+        self.capacity_factor = getattr(moe, "capacity_factor", None)
+        self.drop_policy = getattr(moe, "drop_policy", "probs")
         self.backend_name, self.group = moe.backend_name, group
         self.world_size, self.rank = comm.world_size(group), comm.rank(group)
         self.gate = moe.gate  # replicated, as the shared expert(s) and Qwen2-MoE's gate of it

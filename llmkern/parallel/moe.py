@@ -149,11 +149,17 @@ class TensorParallelMoE(llama.MoE):
         group = comm.resolve_group(group, "TensorParallelMoE")
         if sequence_parallel:
             _check_sequence_parallel(moe, shard_shared_expert)
+            if getattr(moe, "capacity_factor", None) is not None:  # (each rank would count its token shard)
+                raise ValueError("TensorParallelMoE: a capacity factor (moe_capacity_factor) with sequence "
+                                 "parallelism is not supported: the capacity would count each rank's token shard, "
+                                 "not the sequence's; use tensor parallelism without sequence_parallel")
         if isinstance(moe, DeepseekMoE):
             cls = TensorParallelDeepseekMoE
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.n_experts, self.top_k, self.renormalize = moe.n_experts, moe.top_k, moe.renormalize
+        self.capacity_factor = getattr(moe, "capacity_factor", None)  # (x replicated: the unsharded drops)
+        self.drop_policy = getattr(moe, "drop_policy", "probs")
         self.backend_name, self.group, self.sequence_parallel = moe.backend_name, group, bool(sequence_parallel)
         self.world_size = comm.world_size(group)
         self.gate = moe.gate  # replicated (DeepSeek's with its selection bias buffer)
@@ -180,7 +186,7 @@ class TensorParallelMoE(llama.MoE):
         logits = self._replicated_linear(self.gate, x)
         if router_logits is not None:
             router_logits.append(self._all_tokens(logits.reshape(-1, self.n_experts), reduce_grad=False))
-        return llmkern.moe_route(logits, self.top_k, renormalize=self.renormalize)
+        return self.drop_over_capacity(*llmkern.moe_route(logits, self.top_k, renormalize=self.renormalize))
 
     def add_shared(self, x, y):
         """llama.MoE.add_shared with the shared expert's gate replicated as the router is."""

@@ -85,7 +85,7 @@ def moe_route(router_logits, k, renormalize=True):
 def moe_capacity(ids, weights, n_experts, capacity, policy="probs"):
     """ids [..., k] with the (token, slot) pairs past each expert's capacity set to -1 (dropped: moe_mlp adds
     nothing for them). Within an expert the pairs are ranked by routing weight, highest first ("probs",
-    Megatron-LM's drop policy), or by token position, earliest first ("position", GShard / Switch), ties in
+    Megatron-LM's default drop policy), or by token position, earliest first ("position", Megatron's other), ties in
     (token, slot) order; the first `capacity` of each expert are kept."""
     k = ids.shape[-1]
     flat_ids = ids.reshape(-1)
