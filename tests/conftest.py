@@ -67,3 +67,15 @@ def ranks():
     yield get
     for pool in pools.values():
         pool.close()
+
+
+@pytest.fixture(scope="module")
+def pool2(ranks):
+    """The module's RankPool of 2 gloo ranks (see ranks)."""
+    return ranks(2)
+
+
+@pytest.fixture(scope="module")
+def pool4(ranks):
+    """The module's RankPool of 4 gloo ranks (see ranks)."""
+    return ranks(4)

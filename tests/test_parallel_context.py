@@ -18,7 +18,6 @@ import os
 import pytest
 import torch
 
-from llmkern.parallel.launch import RankPool
 
 TOL = 2e-5
 
@@ -341,20 +340,6 @@ def error_worker(rank, p):
 
 
 # ---- tests -----------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def pool2():
-    p = RankPool(2, pg_timeout=30.0)
-    yield p
-    p.close()
-
-
-@pytest.fixture(scope="module")
-def pool4():
-    p = RankPool(4, pg_timeout=30.0)
-    yield p
-    p.close()
-
 
 def _check_attention(results):
     for rank, res in enumerate(results):

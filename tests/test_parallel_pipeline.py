@@ -20,7 +20,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from llmkern.models import build, get_config
-from llmkern.parallel.launch import RankPool
 from llmkern.parallel.pipeline import PipelineParallel, pipeline_parallelize, split_layers
 from llmkern.testing import collect_close, raise_failures
 
@@ -410,20 +409,6 @@ def grid_errors_worker(rank, p):
 
 
 # ---- tests --------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def pool2():
-    p = RankPool(2, pg_timeout=30.0)
-    yield p
-    p.close()
-
-
-@pytest.fixture(scope="module")
-def pool4():
-    p = RankPool(4, pg_timeout=30.0)
-    yield p
-    p.close()
-
 
 CASES_2 = [  # (name, config overrides, schedule, backend, stages, gradient checkpointing)
     ("gpt-tiny", {}, "1f1b", "torch", None, False),

@@ -234,6 +234,16 @@ def choose_num_splits(B, Hk, m_blocks, Tmax, block_n, device):
     return int(max(1, min(splits, cdiv(Tmax, 4 * block_n), 128)))
 
 
+def cache_pages(cache, block_table, device):
+    """(page size, each row's capacity Tmax, the block table as int32 on `device`) of a KV cache: a dense cache
+    [B, Hk, Tmax, D] has page size 0 (no block table); a page pool [num_pages, Hk, page_size, D] holds
+    pages_per_row * page_size keys per row."""
+    if block_table is None:
+        return 0, cache.shape[2], None
+    page = cache.shape[2]
+    return page, block_table.shape[1] * page, block_table.to(device=device, dtype=torch.int32).contiguous()
+
+
 def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, window_left=-1,
                      window_right=-1, softcap=0.0, num_splits=0, block_table=None, sinks=None,
                      key_padding_mask=None, alibi_slopes=None):
@@ -258,12 +268,8 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
         return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
     q, k_cache, v_cache = _last_contig(q), _last_contig(k_cache), _last_contig(v_cache)
     B, H, Tq, D = q.shape
-    Hk, Tmax = k_cache.shape[1], k_cache.shape[2]
-    page = 0
-    if block_table is not None:
-        page = k_cache.shape[2]
-        Tmax = block_table.shape[1] * page
-        block_table = block_table.to(device=q.device, dtype=torch.int32).contiguous()
+    Hk = k_cache.shape[1]
+    page, Tmax, block_table = cache_pages(k_cache, block_table, q.device)
     group = H // Hk
     if causal:
         window_right = 0 if window_right is None or window_right < 0 else min(window_right, 0)
@@ -311,4 +317,4 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
     return out, lse
 
 
-__all__ = ["attention_decode", "choose_num_splits", "LOG2E"]
+__all__ = ["attention_decode", "cache_pages", "choose_num_splits", "LOG2E"]

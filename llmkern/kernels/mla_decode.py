@@ -32,7 +32,7 @@ from llmkern.kernels._common import cdiv, next_power_of_2
 from llmkern.kernels.attention import (LOG2E, UNBOUNDED, _batch_slices, _block_d, _interpreting, _last_contig,
                                        _prec, empty_out)
 from llmkern.kernels.attention_decode import (_decode_combine, _key_rows, _softmax_step, _store_partial,
-                                              choose_num_splits)
+                                              cache_pages, choose_num_splits)
 
 
 @triton.jit
@@ -148,12 +148,8 @@ def mla_decode(q, kv_cache, cache_seqlens, *, head_dim_v, scale, causal=True, nu
     q, kv_cache = _last_contig(q), _last_contig(kv_cache)
     kpe = kv_cache[..., head_dim_v:] if kpe_cache is None else _last_contig(kpe_cache)
     B, H, Tq, D = q.shape
-    Hk, Tmax = kv_cache.shape[1], kv_cache.shape[2]
-    page = 0
-    if block_table is not None:
-        page = kv_cache.shape[2]
-        Tmax = block_table.shape[1] * page
-        block_table = block_table.to(device=q.device, dtype=torch.int32).contiguous()
+    Hk = kv_cache.shape[1]
+    page, Tmax, block_table = cache_pages(kv_cache, block_table, q.device)
     Dv, Dr = head_dim_v, D - head_dim_v
     rows = (H // Hk) * Tq
     bm, bn, warps, stages = mla_config(Dv, rows)
