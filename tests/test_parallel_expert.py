@@ -298,6 +298,34 @@ LAYER_CASES_2 = [  # (backend, E, k, routing, shared expert)
 ]
 
 
+def capacity_worker(rank, p, policy):
+    """A capacity factor under expert parallelism counts each rank's own tokens (Megatron's EP ranks): rank r's
+    output and input gradient equal the unsharded layer's on rank r's tokens alone, and pairs were dropped."""
+    failures = []
+    cfg = get_config("mixtral-tiny", n_experts=4, n_experts_per_tok=2, moe_capacity_factor=0.5,
+                     moe_drop_policy=policy, **LAYER)
+    ref = _reference_layer(cfg, "torch", False, seed=7)
+    ep = ExpertParallelMoE.from_moe(copy.deepcopy(ref))
+    x = _tokens(ref, rank, p, False, seed=7)
+    x_ref, x_ep = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(rank))
+    (ref(x_ref) * w).sum().backward()
+    (ep(x_ep) * w).sum().backward()
+    with torch.no_grad():
+        dropped = int((ref.route(x)[1] < 0).sum())
+    if dropped == 0:
+        failures.append(f"rank {rank}: no pair dropped (factor 0.5)")
+    _close(f"{policy}: y", ep(x_ep.detach()), ref(x_ref.detach()), failures)
+    _close(f"{policy}: grad of x", x_ep.grad, x_ref.grad, failures)
+    raise_failures(rank, failures)
+    return dropped
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_capacity_counts_each_ranks_tokens_2_ranks(ranks, policy):
+    assert all(n > 0 for n in ranks(2).run(capacity_worker, (policy,), timeout=60))
+
+
 def test_layer_matches_unsharded_2_ranks(ranks):
     assert ranks(2).run(layer_worker, (LAYER_CASES_2,), timeout=60) == [len(LAYER_CASES_2)] * 2
 
