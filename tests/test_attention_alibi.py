@@ -25,11 +25,6 @@ DEV = triton_device()
 needs_triton = pytest.mark.skipif(DEV is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
-
-
 def alibi_slopes(H):
     """The ALiBi paper's geometric slopes 2^(-8 (h + 1) / H) (H a power of two)."""
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)])

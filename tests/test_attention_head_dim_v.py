@@ -23,11 +23,6 @@ DEV = triton_device()
 needs_triton = pytest.mark.skipif(DEV is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
-
-
 def _inputs(B, H, Hk, Tq, Tk, D, Dv, dtype=torch.float32, device=DEV, seed=0, grad=True):
     g = torch.Generator().manual_seed(seed)
     shapes = ((B, H, Tq, D), (B, Hk, Tk, D), (B, Hk, Tk, Dv))

@@ -88,6 +88,23 @@ def _key_rows(n0, end, b64, KPM, stride_kpmb, BT, stride_btb, NUM_PAGES, page_ba
 
 
 @triton.jit
+def _packed_rows(SEQLENS, pid_m, pid_bh, HK, GROUP, Tq, T_CAP, BLOCK_M: tl.constexpr):
+    """A split program's batch row and query rows: the GQA group's heads times the Tq new tokens, packed
+    (row r = head g of the group, token t). Returns (b64, hk, seqlen, row_bad, row_ok, t, h, pos): row_bad when
+    the row's length lies outside 0..T_CAP (a caller's bug the host cannot see without a sync: the kernel reads
+    nothing past the row and returns NaN for it), pos the query positions (bottom-right aligned)."""
+    b = pid_bh // HK
+    hk = pid_bh % HK
+    seqlen = tl.load(SEQLENS + b).to(tl.int32)
+    row_bad = (seqlen < 0) | (seqlen > T_CAP)
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < GROUP * Tq
+    t = r % Tq
+    h = hk * GROUP + r // Tq
+    return b.to(tl.int64), hk, seqlen, row_bad, row_ok, t, h, seqlen - Tq + t
+
+
+@triton.jit
 def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, OP, LP,
                   qk_scale, sc_in, sc_out,
                   stride_qb, stride_qh, stride_qt,
@@ -103,19 +120,7 @@ def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, OP, LP,
     split = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_bh = tl.program_id(2)
-    b = pid_bh // HK
-    hk = pid_bh % HK
-    b64 = b.to(tl.int64)
-    seqlen = tl.load(SEQLENS + b).to(tl.int32)
-    # a length outside 0..T_CAP (the row's capacity) is a caller's bug the host cannot see without a
-    # sync: read nothing past the row and return NaN for it (never a silently wrong number)
-    row_bad = (seqlen < 0) | (seqlen > T_CAP)
-    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = r < GROUP * Tq
-    g = r // Tq
-    t = r % Tq
-    h = hk * GROUP + g
-    pos = seqlen - Tq + t  # query positions
+    b64, hk, seqlen, row_bad, row_ok, t, h, pos = _packed_rows(SEQLENS, pid_m, pid_bh, HK, GROUP, Tq, T_CAP, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)  # v, the partial outputs: the value head dim
     q_ptrs = (Q + b64 * stride_qb + h[:, None].to(tl.int64) * stride_qh + t[:, None].to(tl.int64) * stride_qt

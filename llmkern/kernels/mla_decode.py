@@ -31,7 +31,7 @@ import triton.language as tl
 from llmkern.kernels._common import cdiv, next_power_of_2
 from llmkern.kernels.attention import (LOG2E, UNBOUNDED, _batch_slices, _block_d, _interpreting, _last_contig,
                                        _prec, empty_out)
-from llmkern.kernels.attention_decode import (_decode_combine, _key_rows, _softmax_step, _store_partial,
+from llmkern.kernels.attention_decode import (_decode_combine, _key_rows, _packed_rows, _softmax_step, _store_partial,
                                               cache_pages, choose_num_splits)
 
 
@@ -49,17 +49,7 @@ def _mla_split(Q, KV, KPE, SEQLENS, BT, KPM, OP, LP, qk_scale,
     pid_m = tl.program_id(0)  # (fastest: the row blocks of one key range run together and share its tiles in L2)
     split = tl.program_id(1)
     pid_bh = tl.program_id(2)
-    b = pid_bh // HK
-    hk = pid_bh % HK
-    b64 = b.to(tl.int64)
-    seqlen = tl.load(SEQLENS + b).to(tl.int32)
-    row_bad = (seqlen < 0) | (seqlen > T_CAP)  # a caller's bug the host cannot see: NaN, no wild read
-    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = r < GROUP * Tq
-    g = r // Tq
-    t = r % Tq
-    h = hk * GROUP + g
-    pos = seqlen - Tq + t  # each packed row's query position
+    b64, hk, seqlen, row_bad, row_ok, t, h, pos = _packed_rows(SEQLENS, pid_m, pid_bh, HK, GROUP, Tq, T_CAP, BLOCK_M)
     offs_v = tl.arange(0, BLOCK_DV)
     offs_r = tl.arange(0, BLOCK_DR)
     q_rows = Q + b64 * stride_qb + h[:, None].to(tl.int64) * stride_qh + t[:, None].to(tl.int64) * stride_qt
