@@ -436,14 +436,18 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
     seeds = None
     if seed is not None:
         seeds = (int(seed) + torch.arange(B, device=dev)) if isinstance(seed, int) else seed.to(dev).long()
+    # without a penalty (scalars at their neutral values) the sampler gets no prev_tokens: no [B, V] count
+    # pass per step, and the bias stays in its kernel
+    neutral = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    penalised = any(torch.is_tensor(knobs[k]) or knobs[k] != v for k, v in neutral.items())
     n_new = T0
     for _ in range(max_new_tokens):
         logits = step(seqs, n_new)
         n_new = 1
         V = logits.shape[-1]
         allow = _allowed(allowed_tokens, seqs, V)
-        kw = dict(knobs, prev_tokens=prev, output_start=T0, logit_bias=logit_bias, allowed_tokens=allow,
-                  return_logprobs=True)
+        kw = dict(knobs, prev_tokens=prev if penalised else None, output_start=T0 if penalised else None,
+                  logit_bias=logit_bias, allowed_tokens=allow, return_logprobs=True)
         if strategy == "greedy":
             kw["temperature"] = 0.0
             if scorers:  # argmax of log p + Σ α f over the processed (biased, penalised, masked) distribution
@@ -781,17 +785,14 @@ def _log_softmax(y):
 def _penalised(logits, prev, output_start, kw):
     """float32 [B, V]: logits + logit_bias, then the penalties (llmkern.sample's order: HF's and vLLM's);
     the repetition penalty counts all of prev, presence / frequency prev[:, output_start:]."""
-    from llmkern.ops.sampling import _sample_params, _side_tensor
-    from llmkern.reference.sampling import apply_penalties
+    from llmkern.ops.sampling import _sample_params, _side_tensor, biased_and_penalised
 
     B, V = logits.shape
     dev = logits.device
     _, _, _, _, rep, pres, freq = _sample_params(B, dev, 1.0, 0, 1.0, 0.0, kw["repetition_penalty"],
                                                  kw["presence_penalty"], kw["frequency_penalty"])
-    y = logits.float()
-    if kw["logit_bias"] is not None:
-        y = y + _side_tensor("logit_bias", kw["logit_bias"], B, V, dev).float()
-    return apply_penalties(y, prev, rep, pres, freq, output_start=output_start)
+    bias = None if kw["logit_bias"] is None else _side_tensor("logit_bias", kw["logit_bias"], B, V, dev).float()
+    return biased_and_penalised(logits, bias, prev, rep, pres, freq, output_start)
 
 
 def _processed_logprobs(logits, prev, output_start, kw):

@@ -241,6 +241,17 @@ def _output_start(output_start, prev_tokens, B, device):
     return _constant_row(int(output_start), B, device, torch.int64)
 
 
+def biased_and_penalised(logits, logit_bias, prev_tokens, rep, pres, freq, output_start):
+    """float32 [B, V]: logits + logit_bias (float32 [B or 1, V], or None), then the penalties (rep, pres, freq:
+    [B] float32) over prev_tokens, output_start as llmkern.sample takes it: HF's and vLLM's order (the
+    repetition penalty divides / multiplies the biased logit). llmkern.sample and generate's scored paths
+    (greedy and sampling with scorers) share it."""
+    y = logits.float()
+    if logit_bias is not None:
+        y = y + logit_bias
+    return ref.apply_penalties(y, prev_tokens, rep, pres, freq, output_start=output_start)
+
+
 def _seeds(seed, position, B, device):
     """Per-row (seed, position). Without a seed, fresh seeds come from torch's generator."""
     if seed is None:
@@ -346,11 +357,9 @@ def sample(
     if prev_tokens is not None:
         _check_prev_tokens(prev_tokens, B, V, dev)
     start = _output_start(output_start, prev_tokens, B, dev)
-    if prev_tokens is not None:
-        if logit_bias is not None:  # the bias first (HF, vLLM), then the penalties; not again in the kernel
-            logits = logits.float() + logit_bias
-            logit_bias = None
-        logits = ref.apply_penalties(logits, prev_tokens, rep, pres, freq, output_start=start)
+    if prev_tokens is not None:  # (the bias goes in with them, first: not again in the kernel)
+        logits = biased_and_penalised(logits, logit_bias, prev_tokens, rep, pres, freq, start)
+        logit_bias = None
     seed_t, pos_t = _seeds(seed, position, B, dev)
 
     if _backend_for(dev) == "reference":
