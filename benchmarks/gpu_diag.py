@@ -279,6 +279,15 @@ def decode():
                          f"({gb / t * 1e3:.0f} GB/s)")
                 except Exception as exc:  # noqa: BLE001 - e.g. a config out of shared memory
                     _say(f"  decode {cfg} splits={splits}: {type(exc).__name__}: {str(exc)[:100]}")
+    # the float8 cache (half the bytes): the same kernel with wider key tiles may pay off there
+    k8, v8 = llmkern.quantize_kv(kc), llmkern.quantize_kv(vc)
+    for cfg in ("64,4,3", "128,4,3", "128,8,3", "256,8,3"):
+        with env(LLMKERN_DECODE_CONFIG=cfg):
+            try:
+                t = ms(lambda: llmkern.attention_with_kvcache(q, k8, v8, lens, k_scale=1.0, v_scale=1.0))
+                _say(f"  decode fp8 cache BLOCK_N,warps,stages={cfg:8s}: {t:.4f} ms ({gb / 2 / t * 1e3:.0f} GB/s)")
+            except Exception as exc:  # noqa: BLE001
+                _say(f"  decode fp8 {cfg}: {type(exc).__name__}: {str(exc)[:100]}")
 
 
 def nf4():

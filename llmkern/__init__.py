@@ -4,7 +4,7 @@ Ops (each a torch.library op with autograd where it makes sense):
   sample, top_k_top_p_filter           sorting-free sampling (C++ CPU / CUDA C++)
   top_logprobs                         serving-style top-n / token logprobs and ranks (C++ CPU)
   attention, attention_varlen,         fused attention (Triton)
-  attention_with_kvcache
+  attention_with_kvcache, quantize_kv  (float8 KV caches: k_scale / v_scale)
   mla_decode                           decode over a multi-head latent (DeepSeek MLA) KV cache (Triton)
   merge_attention_states               (out, lse) of two key sets -> their union's (cascade decoding) (Triton)
   lora_linear, lora_linear_multi       fused LoRA matmul (Triton); the base weight dense or 4-bit NF4
@@ -31,6 +31,7 @@ _LAZY_ATTRS = {
     "attention": "llmkern.ops.attention",
     "attention_varlen": "llmkern.ops.attention",
     "attention_with_kvcache": "llmkern.ops.attention",
+    "quantize_kv": "llmkern.ops.attention",
     "mla_decode": "llmkern.ops.mla_decode",
     "merge_attention_states": "llmkern.ops.merge_attention_states",
     "lora_linear": "llmkern.ops.lora",

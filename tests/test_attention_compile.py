@@ -23,10 +23,10 @@ HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 _PTRS = {"Q", "K", "V", "O", "LSE", "KPM", "CU_Q", "CU_K", "DO", "DELTA", "DK", "DV", "DQ", "DLSE",
-         "SEQLENS", "OP", "LP", "SEED", "BT", "SINKS", "ALIBI", "KV", "KPE"}
+         "SEQLENS", "OP", "LP", "SEED", "BT", "SINKS", "ALIBI", "KV", "KPE", "KS", "VS"}
 _F32_PTRS = {"LSE": "fp32", "DELTA": "fp32", "DLSE": "fp32", "KPM": "u8", "CU_Q": "i32", "CU_K": "i32",
              "SEQLENS": "i32", "OP": "fp32", "LP": "fp32", "SEED": "i32", "BT": "i32", "SINKS": "fp32",
-             "ALIBI": "fp32"}
+             "ALIBI": "fp32", "KS": "fp32", "VS": "fp32"}
 _FLOATS = {"qk_scale", "sc_in", "sc_out", "scale", "drop_scale"}
 
 
@@ -47,6 +47,8 @@ def _compile(fn, dtype, consts, cc, num_warps, num_stages):
             sig[name] = f"tensordesc<{dtype}[1, 1, {rows}, {cols}]>"
         elif name in _PTRS or name.startswith("desc_"):
             sig[name] = "*" + _F32_PTRS.get(name, dtype)
+            if consts.get("HAS_KV_SCALE") and name in ("K", "V", "KV", "KPE"):  # a float8 KV cache (sm_89+: e4m3)
+                sig[name] = "*fp8e4nv" if cc >= 89 else "*fp8e5"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOATS:
             sig[name] = "fp32"
@@ -135,19 +137,26 @@ def main(cc=90, dtype="bf16", D=128, every_config=False, Dv=None):
          dict(HEAD_DIM=Dv, BLOCK_D=BDV, IS_VARLEN=False, HAS_DLSE=True, BLOCK_M=64), 4, 1),
         ("decode split", DEC._decode_split,
          dict(dims, HAS_SOFTCAP=False, PREC="tf32", PAGE=0, BLOCK_M=16, BLOCK_N=dec_bn,
-              HAS_KPM=False, HAS_ALIBI=False), dec_w, dec_s),
+              HAS_KPM=False, HAS_ALIBI=False, HAS_KV_SCALE=False), dec_w, dec_s),
         ("decode split paged", DEC._decode_split,
          dict(dims, HAS_SOFTCAP=False, PREC="tf32", PAGE=16, BLOCK_M=16, BLOCK_N=dec_bn,
-              HAS_KPM=False, HAS_ALIBI=False), dec_w, dec_s),
+              HAS_KPM=False, HAS_ALIBI=False, HAS_KV_SCALE=False), dec_w, dec_s),
         ("decode split padded", DEC._decode_split,  # a key padding mask (left-padded batches)
          dict(dims, HAS_SOFTCAP=False, PREC="tf32", PAGE=0, BLOCK_M=16, BLOCK_N=dec_bn,
-              HAS_KPM=True, HAS_ALIBI=False), dec_w, dec_s),
+              HAS_KPM=True, HAS_ALIBI=False, HAS_KV_SCALE=False), dec_w, dec_s),
         ("decode split alibi", DEC._decode_split,
          dict(dims, HAS_SOFTCAP=True, PREC="tf32", PAGE=0, BLOCK_M=16, BLOCK_N=dec_bn,
-              HAS_KPM=False, HAS_ALIBI=True), dec_w, dec_s),
+              HAS_KPM=False, HAS_ALIBI=True, HAS_KV_SCALE=False), dec_w, dec_s),
         ("decode split paged alibi", DEC._decode_split,
          dict(dims, HAS_SOFTCAP=False, PREC="tf32", PAGE=16, BLOCK_M=16, BLOCK_N=dec_bn,
-              HAS_KPM=False, HAS_ALIBI=True), dec_w, dec_s),
+              HAS_KPM=False, HAS_ALIBI=True, HAS_KV_SCALE=False), dec_w, dec_s),
+        # a float8 KV cache (e4m3 on sm_90, e5m2 on sm_80), read as stored and widened in registers
+        ("decode split fp8", DEC._decode_split,
+         dict(dims, HAS_SOFTCAP=False, PREC="tf32", PAGE=0, BLOCK_M=16, BLOCK_N=dec_bn,
+              HAS_KPM=False, HAS_ALIBI=False, HAS_KV_SCALE=True), dec_w, dec_s),
+        ("decode split paged fp8", DEC._decode_split,
+         dict(dims, HAS_SOFTCAP=True, PREC="tf32", PAGE=16, BLOCK_M=16, BLOCK_N=dec_bn,
+              HAS_KPM=True, HAS_ALIBI=False, HAS_KV_SCALE=True), dec_w, dec_s),
         ("decode combine", DEC._decode_combine, dict(HEAD_DIM=Dv, BLOCK_D=BDV, BLOCK_S=16, HAS_SINKS=False), 4, 1),
         ("decode combine sinks", DEC._decode_combine, dict(HEAD_DIM=Dv, BLOCK_D=BDV, BLOCK_S=16, HAS_SINKS=True),
          4, 1),
@@ -167,12 +176,14 @@ def main_mla(cc=90, dtype="bf16"):
     from llmkern.kernels import mla_decode as MLA
 
     for rows in (16, 32, 128):
-        bm, bn, w, s = MLA.mla_config(512, rows)
-        for page, kpm in ((0, False), (16, False), (64, True)):
+        for page, kpm, fp8 in ((0, False, False), (16, False, False), (64, True, False), (0, False, True),
+                               (16, True, True)):  # (fp8: a float8 latent cache, its own configs)
+            bm, bn, w, s = MLA.mla_config(512, rows, fp8)
             consts = dict(DV=512, BLOCK_DV=512, DR=64, BLOCK_DR=64, PREC="tf32", PAGE=page, BLOCK_M=bm, BLOCK_N=bn,
-                          HAS_KPM=kpm)
+                          HAS_KPM=kpm, HAS_KV_SCALE=fp8)
             r = _compile(MLA._mla_split, dtype, consts, cc, w, s)
-            print(f"mla split rows={rows} page={page} kpm={kpm} sm_{cc} {dtype} M={bm} N={bn} warps={w} stages={s}: "
+            print(f"mla split rows={rows} page={page} kpm={kpm} fp8={fp8} sm_{cc} {dtype} M={bm} N={bn} warps={w} "
+                  f"stages={s}: "
                   f"regs={r['regs']} stack={r['stack']} smem={r['smem']} wgmma={r['wgmma']} mma={r['mma']}", flush=True)
     print("COMPILED-ALL")
 

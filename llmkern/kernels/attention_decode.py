@@ -21,6 +21,9 @@ The number of splits is chosen so that B * Hk * splits fills the GPU even for a 
 it depends only on static shapes (no host sync on cache_seqlens). A row whose length lies outside
 0..capacity, or whose block table names a page outside the pool, reads nothing out of bounds and gets
 NaN outputs and LSE (the host cannot check the values without a sync).
+A float8 cache (float8_e4m3fn / float8_e5m2, vLLM's and FlashInfer's fp8 KV cache): the tiles are read as
+stored (half the bytes of a 16-bit cache; decode is bound by them) and widened to q's dtype in registers; the
+per-kv-head scales multiply the scores (K's) and the split's partial output (V's), never the tiles.
 """
 import os
 
@@ -29,6 +32,7 @@ import triton
 import triton.language as tl
 
 from llmkern.kernels._common import cdiv, next_power_of_2, sm_count
+from llmkern.reference.attention import dequantize_kv
 from llmkern.kernels.attention import (LOG2E, _alibi_args, _batch_slices, _block_d, _interpreting, _last_contig,
                                        _prec, _softcap_args, _tanh, _window_args, alibi_rows, empty_out)
 
@@ -105,7 +109,7 @@ def _packed_rows(SEQLENS, pid_m, pid_bh, HK, GROUP, Tq, T_CAP, BLOCK_M: tl.const
 
 
 @triton.jit
-def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, OP, LP,
+def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, KS, VS, OP, LP,
                   qk_scale, sc_in, sc_out,
                   stride_qb, stride_qh, stride_qt,
                   stride_kb, stride_kh, stride_kt,
@@ -116,11 +120,15 @@ def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, OP, LP,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr,
                   PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr):
+                  HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KV_SCALE: tl.constexpr):
     split = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_bh = tl.program_id(2)
     b64, hk, seqlen, row_bad, row_ok, t, h, pos = _packed_rows(SEQLENS, pid_m, pid_bh, HK, GROUP, Tq, T_CAP, BLOCK_M)
+    if HAS_KV_SCALE:  # a float8 cache: K's scale joins the score scale (one multiply per score, as before)
+        k_scale = tl.load(KS + hk)
+        qk_scale = qk_scale * k_scale
+        sc_in = sc_in * k_scale
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)  # v, the partial outputs: the value head dim
     q_ptrs = (Q + b64 * stride_qb + h[:, None].to(tl.int64) * stride_qh + t[:, None].to(tl.int64) * stride_qt
@@ -150,10 +158,11 @@ def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, OP, LP,
         offs_n, kmask, k_rows, v_rows, page_bad = _key_rows(
             n0, end, b64, KPM, stride_kpmb, BT, stride_btb, NUM_PAGES, page_bad,
             stride_kb, stride_kt, stride_vb, stride_vt, HAS_KPM, PAGE, BLOCK_N)
+        # (a float8 cache's tiles widen to q's dtype in registers: the bytes read are halved, the MMAs unchanged)
         kt = tl.load(k_base + k_rows[None, :] + offs_d[:, None],
-                     mask=kmask[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+                     mask=kmask[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0).to(q.dtype)
         v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :],
-                    mask=kmask[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                    mask=kmask[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0).to(q.dtype)
         qk = tl.dot(q, kt, input_precision=PREC)
         if HAS_SOFTCAP:
             s = _tanh(qk * sc_in) * sc_out
@@ -166,6 +175,8 @@ def _decode_split(Q, K, V, SEQLENS, BT, KPM, ALIBI, OP, LP,
         p, alpha, m_i, l_i = _softmax_step(tl.where(vis, s, float("-inf")), m_i, l_i)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
     row_bad = row_bad | (tl.max(page_bad, 0) > 0)
+    if HAS_KV_SCALE:  # V's scale: once on the partial output, not per value
+        acc = acc * tl.load(VS + hk)
     _store_partial(OP, LP, acc, m_i, l_i, row_bad, b64, h, t, split, row_ok, offs_dv,
                    stride_opb, stride_oph, stride_opt, stride_ops, stride_lpb, stride_lph, stride_lpt, HEAD_DIM_V)
 
@@ -239,6 +250,14 @@ def choose_num_splits(B, Hk, m_blocks, Tmax, block_n, device):
     return int(max(1, min(splits, cdiv(Tmax, 4 * block_n), 128)))
 
 
+def fp8_in_registers(dtype, device):
+    """Whether the decode kernel reads a cache of `dtype` (float8) itself: Triton converts float8_e4m3fn on
+    sm_89+ only (Ada, Hopper); float8_e5m2 everywhere."""
+    if dtype != torch.float8_e4m3fn or device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def cache_pages(cache, block_table, device):
     """(page size, each row's capacity Tmax, the block table as int32 on `device`) of a KV cache: a dense cache
     [B, Hk, Tmax, D] has page size 0 (no block table); a page pool [num_pages, Hk, page_size, D] holds
@@ -251,14 +270,19 @@ def cache_pages(cache, block_table, device):
 
 def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, window_left=-1,
                      window_right=-1, softcap=0.0, num_splits=0, block_table=None, sinks=None,
-                     key_padding_mask=None, alibi_slopes=None):
+                     key_padding_mask=None, alibi_slopes=None, k_scale=None, v_scale=None):
     """Returns (out [B, H, Tq, Dv] like q, lse [B, H, Tq] float32), Dv = v_cache's last dim (may differ
     from q/k_cache's D). block_table (int32 [B, pages per row]): k_cache/v_cache are page pools
     [num_pages, Hk, page_size, D or Dv]. sinks: [H] per-query-head
     sink logits (read as float32), counted in the softmax denominator and in the LSE.
     key_padding_mask: [B, Tmax] bool, False = a cache slot no query sees (indexed by the key's logical
     position, paged caches too). alibi_slopes: float32 [H] or [B, H]: ALiBi, -slope * |pos - j| with pos
-    the query's position (Tk = the row's cache length)."""
+    the query's position (Tk = the row's cache length). k_cache / v_cache may be float8 (one dtype), read as
+    x * k_scale / x * v_scale (float32 [Hk], or None: 1), widened to q's dtype in registers."""
+    if k_cache.dtype != q.dtype and not fp8_in_registers(k_cache.dtype, q.device):
+        # (Triton converts float8_e4m3fn only on sm_89+: older GPUs read a dequantized copy)
+        k_cache, v_cache = dequantize_kv(k_cache, k_scale, q.dtype), dequantize_kv(v_cache, v_scale, q.dtype)
+        k_scale = v_scale = None
     slices = _batch_slices(q.shape[0], k_cache.shape[1])  # the split grid's z is B * Hk (<= 65535)
     if len(slices) > 1:
         def rows(t, b0, b1):  # a page pool is shared by every row
@@ -268,7 +292,8 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
                                   softcap=softcap, num_splits=num_splits,
                                   block_table=None if block_table is None else block_table[b0:b1], sinks=sinks,
                                   key_padding_mask=None if key_padding_mask is None else key_padding_mask[b0:b1],
-                                  alibi_slopes=None if alibi_slopes is None else alibi_rows(alibi_slopes, b0, b1))
+                                  alibi_slopes=None if alibi_slopes is None else alibi_rows(alibi_slopes, b0, b1),
+                                  k_scale=k_scale, v_scale=v_scale)
                  for b0, b1 in slices]
         return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
     q, k_cache, v_cache = _last_contig(q), _last_contig(k_cache), _last_contig(v_cache)
@@ -299,7 +324,8 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
     alibi, s_alibi = _alibi_args(alibi_slopes, seqlens)
     _decode_split[(S, m_blocks, B * Hk)](
         q, k_cache, v_cache, seqlens, seqlens if block_table is None else block_table,
-        seqlens if kpm is None else kpm, alibi, op, lp,
+        seqlens if kpm is None else kpm, alibi, seqlens if k_scale is None else k_scale,
+        seqlens if v_scale is None else v_scale, op, lp,
         qk_scale, sc_in, sc_out,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -309,7 +335,8 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
         0 if kpm is None else kpm.stride(0), s_alibi,
         Hk, group, Tq, L, R, chunk, Tmax, k_cache.shape[0] if block_table is not None else 0,
         HEAD_DIM=D, BLOCK_D=BD, HEAD_DIM_V=Dv, BLOCK_DV=BDV, HAS_SOFTCAP=bool(softcap), PREC=_prec(q.dtype), PAGE=page,
-        BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=kpm is not None, HAS_ALIBI=alibi_slopes is not None, **extra)
+        BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=kpm is not None, HAS_ALIBI=alibi_slopes is not None,
+        HAS_KV_SCALE=k_scale is not None, **extra)
     out = empty_out(q, Dv)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
     sink_arg = lse if sinks is None else sinks.contiguous()  # (any float dtype: read as float32 in the kernel)
@@ -322,4 +349,4 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
     return out, lse
 
 
-__all__ = ["attention_decode", "cache_pages", "choose_num_splits", "LOG2E"]
+__all__ = ["attention_decode", "cache_pages", "choose_num_splits", "fp8_in_registers", "LOG2E"]

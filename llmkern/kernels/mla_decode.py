@@ -32,11 +32,12 @@ from llmkern.kernels._common import cdiv, next_power_of_2
 from llmkern.kernels.attention import (LOG2E, UNBOUNDED, _batch_slices, _block_d, _interpreting, _last_contig,
                                        _prec, empty_out)
 from llmkern.kernels.attention_decode import (_decode_combine, _key_rows, _packed_rows, _softmax_step, _store_partial,
-                                              cache_pages, choose_num_splits)
+                                              cache_pages, choose_num_splits, fp8_in_registers)
+from llmkern.reference.attention import dequantize_kv
 
 
 @triton.jit
-def _mla_split(Q, KV, KPE, SEQLENS, BT, KPM, OP, LP, qk_scale,
+def _mla_split(Q, KV, KPE, SEQLENS, BT, KPM, KS, OP, LP, qk_scale,
                stride_qb, stride_qh, stride_qt,
                stride_kb, stride_kh, stride_kt,
                stride_pb, stride_ph, stride_pt,
@@ -45,11 +46,14 @@ def _mla_split(Q, KV, KPE, SEQLENS, BT, KPM, OP, LP, qk_scale,
                HK, GROUP, Tq, R, chunk, T_CAP, NUM_PAGES,
                DV: tl.constexpr, BLOCK_DV: tl.constexpr, DR: tl.constexpr, BLOCK_DR: tl.constexpr,
                PREC: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_KPM: tl.constexpr):
+               HAS_KPM: tl.constexpr, HAS_KV_SCALE: tl.constexpr):
     pid_m = tl.program_id(0)  # (fastest: the row blocks of one key range run together and share its tiles in L2)
     split = tl.program_id(1)
     pid_bh = tl.program_id(2)
     b64, hk, seqlen, row_bad, row_ok, t, h, pos = _packed_rows(SEQLENS, pid_m, pid_bh, HK, GROUP, Tq, T_CAP, BLOCK_M)
+    if HAS_KV_SCALE:  # a float8 cache: its one scale joins the score scale here and the output after the loop
+        kv_scale = tl.load(KS + hk)
+        qk_scale = qk_scale * kv_scale
     offs_v = tl.arange(0, BLOCK_DV)
     offs_r = tl.arange(0, BLOCK_DR)
     q_rows = Q + b64 * stride_qb + h[:, None].to(tl.int64) * stride_qh + t[:, None].to(tl.int64) * stride_qt
@@ -73,23 +77,26 @@ def _mla_split(Q, KV, KPE, SEQLENS, BT, KPM, OP, LP, qk_scale,
             n0, end, b64, KPM, stride_kpmb, BT, stride_btb, NUM_PAGES, page_bad,
             stride_kb, stride_kt, stride_pb, stride_pt, HAS_KPM, PAGE, BLOCK_N)
         # the latent tile, loaded once: the keys' first DV channels and the values
+        # (a float8 cache's tiles widen to q's dtype in registers)
         lat = tl.load(kv_base + rows[:, None] + offs_v[None, :],
-                      mask=kmask[:, None] & (offs_v[None, :] < DV), other=0.0)
+                      mask=kmask[:, None] & (offs_v[None, :] < DV), other=0.0).to(q_lat.dtype)
         qk = tl.dot(q_lat, tl.trans(lat), input_precision=PREC)
         if DR > 0:  # the rotary channels, loaded key-major for the dot
             kr = tl.load(kpe_base + rows_pe[None, :] + offs_r[:, None],
-                         mask=kmask[None, :] & (offs_r[:, None] < DR), other=0.0)
+                         mask=kmask[None, :] & (offs_r[:, None] < DR), other=0.0).to(q_lat.dtype)
             qk = tl.dot(q_rope, kr, qk, input_precision=PREC)
         s = qk * qk_scale
         vis = ((offs_n[None, :] - pos[:, None]) <= R) & kmask[None, :]
         p, alpha, m_i, l_i = _softmax_step(tl.where(vis, s, float("-inf")), m_i, l_i)
         acc = tl.dot(p.to(lat.dtype), lat, acc * alpha[:, None], input_precision=PREC)  # (the latent: the values)
     row_bad = row_bad | (tl.max(page_bad, 0) > 0)
+    if HAS_KV_SCALE:
+        acc = acc * kv_scale
     _store_partial(OP, LP, acc, m_i, l_i, row_bad, b64, h, t, split, row_ok, offs_v,
                    stride_opb, stride_oph, stride_opt, stride_ops, stride_lpb, stride_lph, stride_lpt, DV)
 
 
-def mla_config(dv, rows):
+def mla_config(dv, rows, fp8=False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the split kernel. The float32 accumulator is
     BLOCK_M x Dv (64 x 512 for DeepSeek-V3: 128 registers a thread at 8 warps), so wide latents take
     8 warps and short key tiles (each tile is BLOCK_N x Dv 16-bit numbers in shared memory per stage);
@@ -114,16 +121,23 @@ def mla_config(dv, rows):
         return bm, 64, 4, 3
     if dv <= 256:
         return (64, 64, 8, 2) if bm == 64 else (bm, 32, 4, 2)
+    if fp8:  # (widening a float8 tile takes registers: 64 x 16 spilled 288-512 bytes, 32 x 64 up to 32; 32 x 32 none)
+        return (16, 64, 8, 2) if bm == 16 else (32, 32, 8, 2)
     return (bm, 16, 8, 2) if bm == 64 else (bm, 64, 8, 2)
 
 
 def mla_decode(q, kv_cache, cache_seqlens, *, head_dim_v, scale, causal=True, num_splits=0, block_table=None,
-               key_padding_mask=None, kpe_cache=None):
+               key_padding_mask=None, kpe_cache=None, kv_scale=None):
     """Returns (out [B, H, Tq, head_dim_v] like q, lse [B, H, Tq] float32). q [B, H, Tq, D]; kv_cache
     [B, Hk, Tmax, D] (or a page pool [num_pages, Hk, page_size, D] with block_table int32 [B, pages per row]);
     the values are kv_cache[..., :head_dim_v]. kpe_cache: the rotary channels in a tensor of their own
     (FlashInfer's ckv / kpe pools): kv_cache is then [.., head_dim_v] and kpe_cache [.., D - head_dim_v], with
-    the same leading shape. key_padding_mask: bool [B, Tmax], False = a slot no query sees."""
+    the same leading shape. key_padding_mask: bool [B, Tmax], False = a slot no query sees. A float8 cache (and
+    kpe_cache): stored x stands for x * kv_scale (float32 [Hk], or None: 1)."""
+    if kv_cache.dtype != q.dtype and not fp8_in_registers(kv_cache.dtype, q.device):  # (sm_80: e4m3 dequantized)
+        kv_cache = dequantize_kv(kv_cache, kv_scale, q.dtype)
+        kpe_cache = None if kpe_cache is None else dequantize_kv(kpe_cache, kv_scale, q.dtype)
+        kv_scale = None
     slices = _batch_slices(q.shape[0], kv_cache.shape[1])  # the split grid's z is B * Hk (<= 65535)
     if len(slices) > 1:
         def rows(t, b0, b1):  # a page pool is shared by every row
@@ -132,7 +146,7 @@ def mla_decode(q, kv_cache, cache_seqlens, *, head_dim_v, scale, causal=True, nu
                             scale=scale, causal=causal, num_splits=num_splits,
                             block_table=None if block_table is None else block_table[b0:b1],
                             key_padding_mask=None if key_padding_mask is None else key_padding_mask[b0:b1],
-                            kpe_cache=rows(kpe_cache, b0, b1))
+                            kpe_cache=rows(kpe_cache, b0, b1), kv_scale=kv_scale)
                  for b0, b1 in slices]
         return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
     q, kv_cache = _last_contig(q), _last_contig(kv_cache)
@@ -142,7 +156,7 @@ def mla_decode(q, kv_cache, cache_seqlens, *, head_dim_v, scale, causal=True, nu
     page, Tmax, block_table = cache_pages(kv_cache, block_table, q.device)
     Dv, Dr = head_dim_v, D - head_dim_v
     rows = (H // Hk) * Tq
-    bm, bn, warps, stages = mla_config(Dv, rows)
+    bm, bn, warps, stages = mla_config(Dv, rows, fp8=kv_cache.dtype != q.dtype)
     if _interpreting():
         bn = 32
     m_blocks = cdiv(rows, bm)
@@ -156,7 +170,7 @@ def mla_decode(q, kv_cache, cache_seqlens, *, head_dim_v, scale, causal=True, nu
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous().view(torch.uint8)
     _mla_split[(m_blocks, S, B * Hk)](
         q, kv_cache, kpe, seqlens, seqlens if block_table is None else block_table, seqlens if kpm is None else kpm,
-        op, lp, scale * LOG2E,
+        seqlens if kv_scale is None else kv_scale, op, lp, scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         kpe.stride(0), kpe.stride(1), kpe.stride(2),
@@ -165,7 +179,7 @@ def mla_decode(q, kv_cache, cache_seqlens, *, head_dim_v, scale, causal=True, nu
         0 if kpm is None else kpm.stride(0),
         Hk, H // Hk, Tq, 0 if causal else UNBOUNDED, chunk, Tmax, kv_cache.shape[0] if block_table is not None else 0,
         DV=Dv, BLOCK_DV=_block_d(Dv), DR=Dr, BLOCK_DR=_block_d(max(Dr, 1)), PREC=_prec(q.dtype), PAGE=page,
-        BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=kpm is not None, **extra)
+        BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=kpm is not None, HAS_KV_SCALE=kv_scale is not None, **extra)
     out = empty_out(q, Dv)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
     _decode_combine[(B * H * Tq,)](

@@ -14,6 +14,7 @@ from llmkern._backend import warn_once
 
 BACKENDS = ("llmkern", "torch")
 _OPS = {}
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # (llmkern.ops.attention.FP8_DTYPES: KV-cache storage)
 
 
 def check_backend(backend):
@@ -140,10 +141,10 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
         if kv_fn is not None and 0 < start and q.shape[2] <= 16 and prefix is None:
             k_cache, v_cache = cache.append(layer, k, v)
             seqlens = torch.full((q.shape[0],), start + k.shape[2], dtype=torch.int32, device=q.device)
-            return kv_fn(q, k_cache, v_cache, seqlens, causal=True, **opts,
+            return kv_fn(q, k_cache, v_cache, seqlens, causal=True, **opts, **cache.scales(),
                          **_cache_mask(key_padding_mask, k_cache.shape[2]))
         k, v = cache.append(layer, k, v)
-        k, v = k[:, :, :start + q.shape[2]], v[:, :, :start + q.shape[2]]
+        k, v = cache.read(k[:, :, :start + q.shape[2]], v[:, :, :start + q.shape[2]], q.dtype)
     k, v, key_padding_mask = _with_prefix(q.shape[0], k, v, prefix, key_padding_mask)
     if attn_fn is not None:
         kw = dict(opts, **({"dropout_p": dropout_p} if dropout_p > 0 else {}))
@@ -186,15 +187,29 @@ def _attend_rows(q, k, v, cache, layer, kv_fn, prefix, key_padding_mask, sliding
     starts = cache.lengths.to(device=q.device, dtype=torch.long)  # before this forward's append
     k_cache, v_cache = cache.append(layer, k, v)
     span = cache.seqlen + T
-    k, v, key_padding_mask = _with_prefix(q.shape[0], k_cache[:, :, :span], v_cache[:, :, :span], prefix,
-                                          key_padding_mask)
+    k, v, scales = k_cache[:, :, :span], v_cache[:, :, :span], cache.scales()
+    if scales and (kv_fn is None or prefix is not None):  # (only the decode kernel reads an fp8 cache itself)
+        k, v, scales = *cache.read(k, v, q.dtype), {}
+    k, v, key_padding_mask = _with_prefix(q.shape[0], k, v, prefix, key_padding_mask)
     if prefix is not None:
         starts = starts + prefix[0].shape[2]
     if kv_fn is not None:
-        return kv_fn(q, k, v, (starts + T).to(torch.int32), causal=True, **opts,
+        return kv_fn(q, k, v, (starts + T).to(torch.int32), causal=True, **opts, **scales,
                      **_cache_mask(key_padding_mask, k.shape[2]))
     return _sdpa(q, k, v, True, dropout_p, key_padding_mask, sliding_window, q_start=starts, scale=scale,
                  softcap=softcap)
+
+
+def _quantize(x, dtype, scale):
+    """llmkern.quantize_kv (imported on first use, like the attention ops)."""
+    from llmkern.ops.attention import quantize_kv
+
+    return quantize_kv(x, dtype, scale)
+
+
+def _bytes(t):
+    """A float8 tensor as its bytes (scatter_ has no float8 kernel on the CPU)."""
+    return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
 
 
 def _shift(labels):
@@ -218,13 +233,26 @@ class KVCache:
     The model advances every row by its T new tokens once per forward (advance), with no host
     sync. `reorder(idx)` gathers batch rows (beam search) with their lengths; `crop(n)` cuts lengths
     back (speculative decoding's rollback; n an int for all rows or a [B] tensor per row).
+
+    dtype float8_e4m3fn / float8_e5m2: an fp8 cache (half a 16-bit cache's bytes, vLLM's kv_cache_dtype="fp8"):
+    keys are stored as llmkern.quantize_kv(k, dtype, k_scale) (values: v_scale; floats, per tensor, default 1.0
+    as vLLM's without calibrated scales) and every attention reads them back as stored: the decode kernel
+    directly (attention_with_kvcache's k_scale / v_scale), the other paths through a dequantized copy (read()).
     """
 
     latent = False  # (LatentKVCache: multi-head latent attention's compressed cache)
 
-    def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, dtype=None, device=None):
+    def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, dtype=None, device=None, k_scale=1.0,
+                 v_scale=1.0):
         self.shape = (batch, n_kv_head, max_len, head_dim)
         self.dtype, self.device = dtype, device  # None: those of the first keys written (autocast-safe)
+        self.fp8 = dtype in FP8_DTYPES
+        for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < float("inf"):
+                raise ValueError(f"KVCache: {name} must be a finite positive float, got {x!r}")
+        if not self.fp8 and (k_scale != 1.0 or v_scale != 1.0):
+            raise ValueError(f"KVCache: k_scale / v_scale are for a float8 cache (dtype {FP8_DTYPES}), got dtype {dtype}")
+        self.k_scale, self.v_scale = float(k_scale), float(v_scale)
         self.k = [None] * n_layer
         self.v = [None] * n_layer
         self.max_len = max_len
@@ -242,15 +270,28 @@ class KVCache:
             self.k[layer] = torch.zeros(self.shape, **kw)
             self.v[layer] = torch.zeros(self.shape[:3] + v.shape[3:], **kw)
         kc, vc = self.k[layer], self.v[layer]
+        if self.fp8:
+            k, v = _quantize(k, kc.dtype, self.k_scale), _quantize(v, vc.dtype, self.v_scale)
         if self.uniform:
             kc[:, :, self.seqlen:self.seqlen + T] = k
             vc[:, :, self.seqlen:self.seqlen + T] = v
         else:
             slots = self.lengths.to(device=kc.device, dtype=torch.long)[:, None] + torch.arange(T, device=kc.device)
             idx = slots[:, None, :, None]
-            kc.scatter_(2, idx.expand(k.shape), k.to(kc.dtype))
-            vc.scatter_(2, idx.expand(v.shape), v.to(vc.dtype))
+            _bytes(kc).scatter_(2, idx.expand(k.shape), _bytes(k.to(kc.dtype)))
+            _bytes(vc).scatter_(2, idx.expand(v.shape), _bytes(v.to(vc.dtype)))
         return kc, vc
+
+    def read(self, k, v, dtype):
+        """Cached keys/values (buffers or slices of them) as attention reads them: in `dtype`, an fp8 cache's
+        dequantized (x * scale)."""
+        if not self.fp8:
+            return k, v
+        return ((k.to(torch.float32) * self.k_scale).to(dtype), (v.to(torch.float32) * self.v_scale).to(dtype))
+
+    def scales(self):
+        """attention_with_kvcache's scale arguments for this cache ({} unless fp8)."""
+        return {"k_scale": self.k_scale, "v_scale": self.v_scale} if self.fp8 else {}
 
     def advance(self, T):
         self.seqlen += T
@@ -314,6 +355,9 @@ class LatentKVCache(KVCache):
     latent = True
 
     def __init__(self, n_layer, batch, max_len, kv_rank, rope_dim, dtype=None, device=None):
+        if dtype in FP8_DTYPES:
+            raise ValueError(f"LatentKVCache: a float8 latent cache is not supported (mla_decode reads 16-bit or "
+                             f"float32 latents), got dtype {dtype}")
         super().__init__(n_layer, batch, 1, max_len, kv_rank + rope_dim, dtype, device)
         self.kv_rank = kv_rank
 
@@ -427,10 +471,16 @@ class ZooModel(torch.nn.Module):
     # new_cache's default for `latent` (set it on a model with multi-head latent attention, e.g.
     # `model.latent_cache = True`, and generate() and every other new_cache caller get the compressed cache)
     latent_cache = False
+    # new_cache's default dtype (None: the keys' own); torch.float8_e4m3fn / float8_e5m2 gives generate() and
+    # every other new_cache caller an fp8 KV cache, read by the decode kernel with kv_cache_scales
+    kv_cache_dtype = None
+    kv_cache_scales = (1.0, 1.0)
 
     def new_cache(self, batch, max_len=None, dtype=None, device=None, latent=None):
         """An empty KVCache for `batch` sequences of up to `max_len` tokens (default block_size);
-        its dtype is `dtype`, or that of the first keys written (the autocast dtype under autocast).
+        its dtype is `dtype` (default: the model's `kv_cache_dtype` attribute, None), or that of the first keys
+        written (the autocast dtype under autocast). A float8 dtype gives an fp8 cache (KVCache) whose scales
+        are the model's `kv_cache_scales` (k_scale, v_scale), default (1.0, 1.0).
         latent=True (default: the model's `latent_cache` attribute, False): multi-head latent attention's
         compressed LatentKVCache, kv_lora_rank + rope channels per token and layer (DeepSeek; ValueError
         for a model without MLA). Under tensor parallelism it is the same on every rank: the latent is
@@ -438,6 +488,7 @@ class ZooModel(torch.nn.Module):
         c = self.config
         p = next(self.parameters())
         latent = self.latent_cache if latent is None else latent
+        dtype = self.kv_cache_dtype if dtype is None else dtype
         if not isinstance(latent, bool):
             raise TypeError(f"new_cache: latent must be a bool, got {type(latent).__name__}")
         if latent:
@@ -449,8 +500,9 @@ class ZooModel(torch.nn.Module):
         # heads per rank: tensor_parallelize divides the attention modules' n_kv_head
         kv_heads = next((m.n_kv_head for m in self.modules() if m is not self and hasattr(m, "n_kv_head")),
                         c.n_kv_head)
+        scales = self.kv_cache_scales if dtype in FP8_DTYPES else (1.0, 1.0)
         return KVCache(c.n_layer, batch, kv_heads, max_len or c.block_size, c.head_dim,
-                       dtype, device or p.device)
+                       dtype, device or p.device, *scales)
 
     def head_logits(self, h):
         """lm_head(h) [..., V]. On CUDA, when V is not a multiple of 64 (GPT-2's 50257), the product

@@ -35,6 +35,8 @@ from llmkern.reference import attention as ref
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPES = _KERNEL_DTYPES + (torch.float64,)
+# KV-cache storage dtypes besides q's (attention_with_kvcache: read with k_scale / v_scale)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 MAX_HEAD_DIM = 256
 
 
@@ -54,20 +56,24 @@ _checking_values = _checks.checking_values
 _tensor = _checks.tensor_arg
 
 
-def _check_qkv(q, k, v, ndim, layout, names=("k", "v")):
+def _check_qkv(q, k, v, ndim, layout, names=("k", "v"), fp8_ok=False):
     """q, k, v (or the caches, named by `names`): dtypes, devices and shapes. v's last dimension (the
-    value head dim Dv, the output's) may differ from q/k's D (DeepSeek MLA: D = 192, Dv = 128)."""
+    value head dim Dv, the output's) may differ from q/k's D (DeepSeek MLA: D = 192, Dv = 128).
+    fp8_ok: k and v may both be one float8 dtype (a quantized KV cache) instead of q's."""
     kn, vn = names
     for name, t in (("q", q), (kn, k), (vn, v)):
         _tensor(name, t)
         if t.dim() != ndim:
             raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name} must be float16, bfloat16 or float32 (float64: reference only), "
+        if t.dtype not in _DTYPES and not (fp8_ok and t is not q and t.dtype in FP8_DTYPES):
+            also = " (a cache: also float8_e4m3fn or float8_e5m2)" if fp8_ok and t is not q else ""
+            raise ValueError(f"{name} must be float16, bfloat16 or float32 (float64: reference only){also}, "
                              f"got {t.dtype}")
+    want = k.dtype if fp8_ok and k.dtype in FP8_DTYPES else q.dtype
     for name, t in ((kn, k), (vn, v)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.dtype != want:
+            what = f"{kn}'s float8 dtype" if want != q.dtype else f"the dtype of q"
+            raise ValueError(f"{name} must have {what} ({want}), got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if v.shape[:-1] != k.shape[:-1]:
@@ -337,7 +343,8 @@ def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          causal: bool, window_left: int, window_right: int, softcap: float,
                          num_splits: int, sinks: Optional[torch.Tensor] = None,
                          key_padding_mask: Optional[torch.Tensor] = None,
-                         alibi_slopes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                         alibi_slopes: Optional[torch.Tensor] = None, k_scale: Optional[torch.Tensor] = None,
+                         v_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     if q.numel() == 0:
         return _empty_out(q, v_cache).zero_(), torch.full(q.shape[:3], float("-inf"), device=q.device,
                                                           dtype=torch.float32)
@@ -346,12 +353,13 @@ def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return attention_decode(q, k_cache, v_cache, cache_seqlens, scale=scale, causal=causal,
                             window_left=window_left, window_right=window_right, softcap=softcap,
                             num_splits=num_splits, block_table=block_table, sinks=sinks,
-                            key_padding_mask=key_padding_mask, alibi_slopes=alibi_slopes)
+                            key_padding_mask=key_padding_mask, alibi_slopes=alibi_slopes, k_scale=k_scale,
+                            v_scale=v_scale)
 
 
 @_attention_decode_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, window_left, window_right, softcap,
-      num_splits, sinks=None, key_padding_mask=None, alibi_slopes=None):
+      num_splits, sinks=None, key_padding_mask=None, alibi_slopes=None, k_scale=None, v_scale=None):
     return _empty_out(q, v_cache), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -373,8 +381,9 @@ def _like_sdpa_under_autocast(fn):
             return fn(q, *args, **kw)
         bound = sig.bind(q, *args, **kw)  # (k, v / k_cache may come by position or by keyword, as SDPA's)
         a = bound.arguments
-        if kv_cache:  # q and the new k/v take the cache's dtype
-            dt = a["k_cache"].dtype if isinstance(a.get("k_cache"), torch.Tensor) else dt
+        if kv_cache:  # q and the new k/v take the cache's dtype (a float8 cache's: the autocast dtype)
+            kc = a.get("k_cache")
+            dt = kc.dtype if isinstance(kc, torch.Tensor) and kc.dtype not in FP8_DTYPES else dt
         for name in ("q", "k", "v"):
             if name in a:
                 a[name] = _checks.autocast_cast(dt, a[name])
@@ -589,7 +598,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            return_lse: bool = False, num_splits: int = 0,
                            block_table: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
                            key_padding_mask: Optional[torch.Tensor] = None,
-                           alibi_slopes: Optional[torch.Tensor] = None):
+                           alibi_slopes: Optional[torch.Tensor] = None, k_scale=None, v_scale=None):
     """Decode attention against a KV cache, split along the keys (flash-decoding).
 
     q [batch, heads, Tq, head_dim] (Tq = 1..a few new tokens); k_cache [batch, kv_heads, Tmax, head_dim],
@@ -613,9 +622,16 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     alibi_slopes: as for ``attention`` (float32 [heads] or [batch, heads]): query t of row b, at position
         pos = len_b - Tq + t, gets -slope * |pos - j| on key j (Tk = the row's cache length, new tokens
         included; positions are cache indices, so left padding counts in the distance, as in FlashAttention).
+    k_scale, v_scale: a float8 cache (vLLM's / FlashInfer's fp8 KV cache): k_cache and v_cache may both be
+        float8_e4m3fn or float8_e5m2 while q is 16-bit (or float32); stored x stands for x * k_scale (v:
+        x * v_scale), a positive float or a float tensor [] or [kv_heads] on q's device (per-tensor or per-head;
+        default 1.0, vLLM's without calibrated scales). New k/v are written as ``quantize_kv`` does (divided by
+        the scale, saturated to the format's range). The kernel reads the 1-byte tiles (decode is bound by
+        reading the cache: half the bytes of a 16-bit cache) and widens them in registers; the scales multiply
+        the scores and the output. Scales with a cache in q's dtype raise ValueError.
     Returns out [batch, heads, Tq, head_dim_v] (, lse float32 [batch, heads, Tq]).
     """
-    _check_qkv(q, k_cache, v_cache, 4, "[batch, heads, seq, head_dim]", names=("k_cache", "v_cache"))
+    _check_qkv(q, k_cache, v_cache, 4, "[batch, heads, seq, head_dim]", names=("k_cache", "v_cache"), fp8_ok=True)
     B, H, Tq, D = q.shape
     Dv = v_cache.shape[-1]
     Hk, Tmax = k_cache.shape[1], k_cache.shape[2]
@@ -655,6 +671,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _check_causal(causal, return_lse)
     _check_sinks(sinks, H, q.device)
     _check_alibi(alibi_slopes, B, H, q.device)
+    k_scale = _kv_scale("k_scale", k_scale, k_cache, Hk, q.device)
+    v_scale = _kv_scale("v_scale", v_scale, v_cache, Hk, q.device)
     if key_padding_mask is not None:
         _tensor("key_padding_mask", key_padding_mask)
         if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, Tmax):
@@ -664,13 +682,15 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     lens = cache_seqlens
     if k is not None:
+        if k_cache.dtype in FP8_DTYPES:
+            k, v = quantize_kv(k, k_cache.dtype, k_scale), quantize_kv(v, v_cache.dtype, v_scale)
         pos = (cache_seqlens.to(torch.long)[:, None] + torch.arange(t_new, device=q.device)[None, :])
         if block_table is not None:
             _append_paged(k_cache, v_cache, block_table, pos, k, v)
         else:
             idx = pos[:, None, :, None]
-            k_cache.scatter_(2, idx.expand(B, Hk, t_new, D), k)
-            v_cache.scatter_(2, idx.expand(B, Hk, t_new, Dv), v)
+            _bytes(k_cache).scatter_(2, idx.expand(B, Hk, t_new, D), _bytes(k))
+            _bytes(v_cache).scatter_(2, idx.expand(B, Hk, t_new, Dv), _bytes(v))
         lens = cache_seqlens + t_new
     backend = _backend_for(q.device, q.dtype, "attention_with_kvcache")
     if backend == "triton":
@@ -679,11 +699,15 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             extra["key_padding_mask"] = key_padding_mask
         if alibi_slopes is not None:
             extra["alibi_slopes"] = alibi_slopes
+        if k_scale is not None:
+            extra.update(k_scale=k_scale, v_scale=v_scale)
         out, lse = _attention_decode_op(q, k_cache, v_cache, lens.to(torch.int32), block_table, scale, causal,
                                         wl, wr, sc, int(num_splits), **extra)
         return (out, lse) if return_lse else out
     if block_table is not None:  # the CPU paths read a dense copy of each row's pages
         k_cache, v_cache = _gather_pages(k_cache, block_table), _gather_pages(v_cache, block_table)
+    if k_cache.dtype in FP8_DTYPES:  # (the reference and SDPA read the dequantized cache)
+        k_cache, v_cache = ref.dequantize_kv(k_cache, k_scale, q.dtype), ref.dequantize_kv(v_cache, v_scale, q.dtype)
     if (q.device.type == "cpu" and not sc and not return_lse and sinks is None and alibi_slopes is None
             and _backend.forced() != "reference"):
         # SDPA's CPU kernel with the reference's visibility mask (per-row lengths, bottom-right)
@@ -704,6 +728,56 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                           window=_ref_window(wl, wr), softcap=sc or None, return_lse=True,
                                           sinks=sinks, key_padding_mask=key_padding_mask, alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out
+
+
+def _bytes(t):
+    """A float8 tensor as its bytes (scatter_ has no float8 kernel on the CPU), others as they are."""
+    return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
+
+
+def _kv_scale(name, scale, cache, Hk, device):
+    """k_scale / v_scale of a float8 cache as a float32 tensor [Hk] (None: a scale of 1, or a cache in q's
+    dtype, which takes no scale)."""
+    fp8 = cache.dtype in FP8_DTYPES
+    if scale is None:
+        return None
+    if not fp8:
+        raise ValueError(f"{name} is for a float8 cache (float8_e4m3fn / float8_e5m2); this cache is {cache.dtype}")
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"{name} must be a finite positive float, got {scale!r}")
+        return torch.full((Hk,), float(scale), dtype=torch.float32, device=device)
+    _tensor(name, scale)
+    if not scale.is_floating_point() or tuple(scale.shape) not in ((), (1,), (Hk,)):
+        raise ValueError(f"{name} must be a positive float or a float tensor [] or [kv_heads={Hk}], "
+                         f"got {scale.dtype} {tuple(scale.shape)}")
+    if scale.device != device:
+        raise ValueError(f"{name} is on {scale.device} but q is on {device}")
+    if scale.device.type == "cpu" and _checking_values() and not bool((scale.isfinite() & (scale > 0)).all()):
+        raise ValueError(f"{name} must be finite and positive, got {scale.tolist()}")
+    return scale.to(torch.float32).reshape(-1).expand(Hk).contiguous()
+
+
+def quantize_kv(x: torch.Tensor, dtype=torch.float8_e4m3fn, scale=None) -> torch.Tensor:
+    """Keys or values [..., kv_heads, T, head_dim] (dim 1 of a 4-d cache layout: [B, Hk, T, D], or a page pool
+    [num_pages, Hk, page_size, D]) as a float8 cache stores them: x / scale, saturated to `dtype`'s finite range
+    (float8_e4m3fn: +-448, float8_e5m2: +-57344; a plain cast would turn the overflow into NaN / inf), NaN kept.
+    scale: None (1), a positive float, or a float tensor [] or [kv_heads]; attention_with_kvcache's k_scale /
+    v_scale read it back."""
+    if dtype not in FP8_DTYPES:
+        raise ValueError(f"quantize_kv: dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
+    _tensor("x", x)
+    if not x.is_floating_point() or x.dim() != 4:
+        raise ValueError(f"quantize_kv: x must be a floating tensor [batch or pages, kv_heads, T, head_dim], got "
+                         f"{x.dtype} {tuple(x.shape)}")
+    y = x.to(torch.float32)
+    if scale is not None and not (torch.is_tensor(scale) and scale.dtype == torch.float32
+                                  and tuple(scale.shape) == (x.shape[1],)):
+        scale = _kv_scale("scale", scale, torch.empty(0, dtype=dtype), x.shape[1], x.device)
+    if scale is not None:
+        y = y / scale.view(1, -1, 1, 1)
+    fmax = torch.finfo(dtype).max
+    return y.clamp(-fmax, fmax).to(dtype)
 
 
 def _check_block_table(block_table, B, k_cache, device):
@@ -739,4 +813,4 @@ def _gather_pages(cache, block_table):
     return pages.permute(0, 2, 1, 3, 4).reshape(B, cache.shape[1], n * cache.shape[2], cache.shape[3])
 
 
-__all__ = ["attention", "attention_varlen", "attention_with_kvcache"]
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "quantize_kv"]

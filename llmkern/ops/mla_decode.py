@@ -19,8 +19,8 @@ import torch
 
 from llmkern import _backend
 from llmkern.ops import _checks
-from llmkern.ops.attention import (_KERNEL_DTYPES, _DTYPES, _check_block_table, _check_causal, _check_heads,
-                                   _gather_pages, _scale, _tensor)
+from llmkern.ops.attention import (_KERNEL_DTYPES, _DTYPES, FP8_DTYPES, _check_block_table, _check_causal,
+                                   _check_heads, _gather_pages, _kv_scale, _scale, _tensor)
 from llmkern.reference import attention as ref
 
 MAX_HEAD_DIM_V = 512   # the latent (DeepSeek: kv_lora_rank 512)
@@ -34,7 +34,8 @@ _backend.register_op("mla_decode", lambda device, dtype: _backend.choose_triton(
 def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                    block_table: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                    head_dim_v: int, scale: float, causal: bool, num_splits: int,
-                   kpe_cache: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                   kpe_cache: Optional[torch.Tensor] = None,
+                   kv_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     from llmkern.kernels.attention import empty_out
 
     if q.numel() == 0:
@@ -44,12 +45,12 @@ def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch
 
     return kernel(q, kv_cache, cache_seqlens, head_dim_v=head_dim_v, scale=scale, causal=causal,
                   num_splits=num_splits, block_table=block_table, key_padding_mask=key_padding_mask,
-                  kpe_cache=kpe_cache)
+                  kpe_cache=kpe_cache, kv_scale=kv_scale)
 
 
 @_mla_decode_op.register_fake
 def _(q, kv_cache, cache_seqlens, block_table, key_padding_mask, head_dim_v, scale, causal, num_splits,
-      kpe_cache=None):
+      kpe_cache=None, kv_scale=None):
     from llmkern.kernels.attention import empty_out
 
     return empty_out(q, head_dim_v), q.new_empty(q.shape[:3], dtype=torch.float32)
@@ -62,9 +63,9 @@ def _check_inputs(q, kv_cache, head_dim_v, block_table, kpe_cache=None):
     if q.dim() != 4 or kv_cache.dim() != 4:
         raise ValueError(f"q and kv_cache must be 4-D ([batch, heads, Tq, D] and [batch, kv_heads, Tmax, D], or a "
                          f"page pool [num_pages, kv_heads, page_size, D]), got {q.dim()}-D and {kv_cache.dim()}-D")
-    if q.dtype not in _DTYPES or kv_cache.dtype != q.dtype:
-        raise ValueError(f"q and kv_cache must share a floating dtype in {[str(d) for d in _DTYPES]}, got "
-                         f"{q.dtype} and {kv_cache.dtype}")
+    if q.dtype not in _DTYPES or (kv_cache.dtype != q.dtype and kv_cache.dtype not in FP8_DTYPES):
+        raise ValueError(f"q and kv_cache must share a floating dtype in {[str(d) for d in _DTYPES]} (kv_cache may "
+                         f"also be float8_e4m3fn / float8_e5m2), got {q.dtype} and {kv_cache.dtype}")
     if kv_cache.device != q.device:
         raise ValueError(f"kv_cache is on {kv_cache.device} but q is on {q.device}")
     B, H, Tq, D = q.shape
@@ -160,7 +161,7 @@ def _folded(q, kv_cache, lens, Dv, causal, scale, key_padding_mask):
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens, *, head_dim_v: int, causal: bool = True,
                scale: Optional[float] = None, block_table: Optional[torch.Tensor] = None,
                key_padding_mask: Optional[torch.Tensor] = None, num_splits: int = 0, return_lse: bool = False,
-               kpe_cache: Optional[torch.Tensor] = None):
+               kpe_cache: Optional[torch.Tensor] = None, kv_scale=None):
     """Decode attention whose values are the first head_dim_v channels of the keys (MLA's latent cache).
 
     q [batch, heads, Tq, D] (Tq = 1..a few new tokens; DeepSeek: the absorbed query q_nope W_uk of
@@ -181,6 +182,11 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens, *, head_d
         is then [.., head_dim_v] (the latent, also the values) and kpe_cache [.., D - head_dim_v] with the same
         leading shape (and page pool, under block_table); the keys are their concatenation. The kernel reads
         both in place (the CPU path concatenates them).
+    kv_scale: a float8 latent cache (vLLM's fp8 KV cache for MLA): kv_cache (and kpe_cache) may be
+        float8_e4m3fn / float8_e5m2 with q 16-bit (or float32); stored x stands for x * kv_scale, one scale for
+        the latent and the rotary part (a positive float, or a float tensor [] or [kv_heads]; default 1.0);
+        write such a cache with ``llmkern.quantize_kv``. The kernel reads the 1-byte tiles and widens them in
+        registers. A scale with a cache in q's dtype raises ValueError.
     Returns out [batch, heads, Tq, head_dim_v] (, lse [batch, heads, Tq]: the natural log of the softmax
     denominator, as FlashMLA's and llmkern.attention's, not FlashInfer's base 2; float32, float64 for float64
     inputs).
@@ -193,8 +199,11 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens, *, head_d
         raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
     _check_causal(causal, return_lse)
     scale = _scale(scale, D)
+    kv_scale = _kv_scale("kv_scale", kv_scale, kv_cache, kv_cache.shape[1], q.device)
     if _backend.choose_triton("mla_decode", q.device, q.dtype, _KERNEL_DTYPES) == "triton":
         extra = {} if kpe_cache is None else {"kpe_cache": kpe_cache}
+        if kv_scale is not None:
+            extra["kv_scale"] = kv_scale
         out, lse = _mla_decode_op(q, kv_cache, cache_seqlens.to(torch.int32), block_table, key_padding_mask,
                                   int(head_dim_v), scale, causal, int(num_splits), **extra)
         return (out, lse) if return_lse else out
@@ -202,6 +211,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens, *, head_d
         kv_cache = torch.cat([kv_cache, kpe_cache], dim=-1)
     if block_table is not None:  # the CPU paths read a dense copy of each row's pages
         kv_cache = _gather_pages(kv_cache, block_table)
+    if kv_cache.dtype in FP8_DTYPES:  # (and a dequantized copy of a float8 cache)
+        kv_cache = ref.dequantize_kv(kv_cache, kv_scale, q.dtype)
     if _backend.forced() != "reference":
         out, lse = _folded(q, kv_cache, cache_seqlens, head_dim_v, causal, scale, key_padding_mask)
         return (out, lse) if return_lse else out

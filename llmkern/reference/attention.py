@@ -238,6 +238,14 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, causal=True, s
                      mask=vis[:, None], sinks=sinks, bias=bias)
 
 
+def dequantize_kv(cache, scale, dtype):
+    """A float8 KV cache [*, Hk, T, D] read back as `dtype`: x * scale (float32 [Hk], or None: 1) in float32."""
+    x = cache.to(torch.float32)
+    if scale is not None:
+        x = x * scale.view(1, -1, 1, 1)
+    return x.to(dtype)
+
+
 def attention_float64(q, k, v, **kw) -> Tuple[torch.Tensor, ...]:
     """The reference evaluated on float64 copies of the inputs (the test oracle)."""
     return attention(q.double(), k.double(), v.double(), **kw)

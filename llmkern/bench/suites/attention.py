@@ -310,6 +310,16 @@ def _decode_rows(ctx, B, H, Hk, T, D, dtype):
                  ours_ms=ours_ms, baseline=best, baseline_ms=base[best],
                  throughput=gbytes / (ours_ms * 1e-3), unit="GB/s",
                  extra={f"{n}_ms": ms for n, ms in base.items()})
+    # the same cache stored as float8 (vLLM's kv_cache_dtype="fp8"): half the bytes the decode reads
+    fp8 = torch.float8_e4m3fn
+    k8, v8 = llmkern.quantize_kv(kc, fp8, 0.5), llmkern.quantize_kv(vc, fp8, 0.5)
+    fp8_ms = time_fn(lambda: llmkern.attention_with_kvcache(q, k8, v8, lens, k_scale=0.5, v_scale=0.5), dev,
+                     quick=ctx.quick)
+    yield Result(op="attention decode, fp8 kv-cache",
+                 shape=f"B={B} H={H} Hk={Hk} kv={T} D={D} q=1 {str(dtype).replace('torch.', '')}, cache e4m3",
+                 ours_ms=fp8_ms, baseline=f"llmkern {str(dtype).replace('torch.', '')} cache", baseline_ms=ours_ms,
+                 throughput=gbytes / 2 / (fp8_ms * 1e-3), unit="GB/s",
+                 notes="" if dev.type == "cuda" else "CPU: the reference reads a dequantized copy")
 
 
 def _mla_decode_row(ctx, B, H, T, R, Dr, dtype):
@@ -338,6 +348,13 @@ def _mla_decode_row(ctx, B, H, T, R, Dr, dtype):
                  shape=f"B={B} H={H} kv={T} D={R}+{Dr} q=1 {str(dtype).replace('torch.', '')}",
                  ours_ms=ours_ms, baseline=best, baseline_ms=base[best], throughput=gbytes / (ours_ms * 1e-3),
                  unit="GB/s", extra=extra, notes="FlashMLA / FlashInfer MLA are not installed on the bench machine")
+    kv8 = llmkern.quantize_kv(kv, torch.float8_e4m3fn)  # the latent cache stored as float8 (vLLM's fp8 MLA cache)
+    fp8_ms = time_fn(lambda: llmkern.mla_decode(q, kv8, lens, head_dim_v=R, scale=scale, kv_scale=1.0), dev,
+                     quick=ctx.quick)
+    yield Result(op="mla decode, fp8 latent cache",
+                 shape=f"B={B} H={H} kv={T} D={R}+{Dr} q=1 {str(dtype).replace('torch.', '')}, cache e4m3",
+                 ours_ms=fp8_ms, baseline=f"llmkern {str(dtype).replace('torch.', '')} cache", baseline_ms=ours_ms,
+                 throughput=gbytes / 2 / (fp8_ms * 1e-3), unit="GB/s")
 
 
 def _merge_row(ctx, B, H, D, dtype):
