@@ -336,7 +336,35 @@ def error_worker(rank, p):
         attention_mask=_error(lambda: model(ids, attention_mask=torch.ones(2, 8, dtype=torch.long))),
         dropout=_error(lambda: gpt.train()(ids)),
         twice=_error(lambda: context_parallelize(model)),
-        not_zoo=_error(lambda: context_parallelize(torch.nn.Linear(2, 2))))
+        not_zoo=_error(lambda: context_parallelize(torch.nn.Linear(2, 2))),
+        capacity=_error(lambda: context_parallelize(Llama(get_config("mixtral-tiny", moe_capacity_factor=1.0)))))
+
+
+def ep_cp_worker(rank, p):
+    """A MoE model both expert- and context-parallel over the same ranks: all_reduce_gradients sums the replicated
+    parameters' gradients but leaves the partitioned experts' (complete on their rank) alone; every gradient
+    equals the unsharded model's (this rank's experts: its slice)."""
+    from llmkern.models import Llama, get_config
+    from llmkern.parallel import all_reduce_gradients, context_parallelize, expert_parallelize, shard_sequence
+
+    torch.manual_seed(0)
+    ref = Llama(get_config("mixtral-tiny", router_aux_loss_coef=0.2), backend="torch")
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    _, loss_ref = ref(ids, ids)
+    loss_ref.backward()
+    model = expert_parallelize(context_parallelize(copy.deepcopy(ref)))
+    _, loss = model(shard_sequence(ids), shard_sequence(ids))
+    loss.backward()
+    all_reduce_gradients(model)
+    refp, worst, n = dict(ref.named_parameters()), 0.0, 0
+    for name, prm in model.named_parameters():
+        want = refp[name].grad
+        if prm.shape != want.shape:  # this rank's experts
+            k = prm.shape[0]
+            want = want[rank * k:(rank + 1) * k]
+        worst = max(worst, ((prm.grad - want).abs().max() / want.abs().max()).item())
+        n += 1
+    return dict(loss=abs(loss.item() - loss_ref.item()), grad=worst, n=n)
 
 
 # ---- tests -----------------------------------------------------------------------------------------
@@ -431,6 +459,12 @@ def test_context_parallel_errors(pool2):
         assert r["dropout"].startswith("NotImplementedError") and "dropout" in r["dropout"], r
         assert r["twice"].startswith("ValueError") and "already" in r["twice"], r
         assert r["not_zoo"].startswith("TypeError"), r
+        assert r["capacity"].startswith("NotImplementedError") and "moe_capacity_factor" in r["capacity"], r
+
+
+def test_expert_and_context_parallel_over_the_same_ranks(pool2):
+    for r in pool2.run(ep_cp_worker, timeout=60):
+        assert r["n"] > 10 and r["loss"] < 1e-5 and r["grad"] < 1e-5, r
 
 
 def test_context_parallel_needs_a_process_group():

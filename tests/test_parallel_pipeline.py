@@ -231,6 +231,8 @@ def errors_worker(rank, p):
                                                                    n_microbatches=2))
     aux = _reference("mixtral-tiny", {"router_aux_loss_coef": 0.02}, "torch")
     out["aux loss"] = _outcome(lambda: pipeline_parallelize(aux, n_microbatches=2))
+    cap = _reference("mixtral-tiny", {"moe_capacity_factor": 1.0}, "torch")
+    out["capacity factor"] = _outcome(lambda: pipeline_parallelize(cap, n_microbatches=2))
     unchanged = isinstance(aux.layers, nn.ModuleList) and len(aux.layers) == 2 and aux.lm_head is not None
 
     model = fresh()
@@ -243,6 +245,8 @@ def errors_worker(rank, p):
     out["shapes differ"] = _outcome(lambda: pipe.step(ids, labels[:, :8] if rank == 1 else labels))
     out["float input_ids"] = _outcome(lambda: pipe.step(ids.float() if rank == 0 else ids, labels))
     out["too long"] = _outcome(lambda: pipe.step(*_batch(256, 4, batch=2, seq=200)))
+    out["token id out of range"] = _outcome(lambda: pipe.step(ids + 256 * (rank == 0), labels))
+    out["label out of range"] = _outcome(lambda: pipe.step(ids, labels.clamp(min=-1) if rank == 1 else labels))
 
     def no_grad_step():
         with torch.no_grad():
@@ -538,6 +542,9 @@ def test_pipeline_errors_on_every_rank(pool2):
         "virtual_stages on rank 1": ("ValueError", "ValueError", "disagree"),
         "expert-parallel": ("ValueError", "ValueError", "expert"),
         "aux loss": ("ValueError", "ValueError", "router_aux_loss_coef"),
+        "capacity factor": ("ValueError", "ValueError", "moe_capacity_factor"),
+        "token id out of range": ("ValueError", "ValueError", None),
+        "label out of range": ("ValueError", "ValueError", None),
         "calling the model": ("RuntimeError", "RuntimeError", "pipeline-parallel"),
         "parallelize twice": ("ValueError", "ValueError", "already"),
         "batch not divisible": ("ValueError", "ValueError", "n_microbatches=2 must divide the batch size 3"),
@@ -564,6 +571,44 @@ def test_pipeline_errors_on_every_rank(pool2):
     assert "rank(s) [1]" in out0["no labels on the last rank"][1]
     assert "input_ids must be an integer tensor" in out0["float input_ids"][1]
     assert "rank(s) [0]" in out1["float input_ids"][1]
+    assert "input_ids must lie in [0, 256)" in out0["token id out of range"][1]
+    assert "rank(s) [0]" in out1["token id out of range"][1]
+    assert "labels must lie in [0, 256) (the vocabulary) or be -100" in out1["label out of range"][1]
+
+
+def lora_tied_head_worker(rank, p):
+    """GPT (tied wte / lm_head) with LoRA on lm_head as well: the last stage's copy lives in the LoRA layer's base
+    layer; loss and every gradient (the LoRA factors') equal the unsharded model's."""
+    from llmkern.peft.lora import inject_lora
+
+    failures, tag = [], f"gpt-tiny LoRA on lm_head rank={rank}"
+    ref = _reference("gpt-tiny", {}, "torch")
+    inject_lora(ref, ("q_proj", "v_proj", "lm_head"), r=4)
+    for name, param in ref.named_parameters():  # (B starts at zero: give the factors values)
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    pipe = pipeline_parallelize(copy.deepcopy(ref), n_microbatches=2, schedule="gpipe")
+    ids, labels = _batch(ref.config.vocab_size, 5, batch=4)
+    loss = pipe.step(ids, labels)
+    _, ref_loss = ref(ids, labels)
+    ref_loss.backward()
+    if pipe.is_last:
+        _close(f"{tag}: loss", loss, ref_loss, failures)
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    trained = [(n, prm) for n, prm in pipe.named_parameters() if prm.requires_grad]
+    if not any("lora_A" in n for n, _ in trained):
+        failures.append(f"{tag}: no LoRA factor on this stage: {[n for n, _ in trained]}")
+    for name, prm in trained:
+        if prm.grad is None:
+            failures.append(f"{tag}: {name} has no gradient")
+        else:
+            _close(f"{tag}: grad of {name}", prm.grad, ref_params[name].grad, failures)
+    raise_failures(rank, failures)
+    return pipe.stage_index
+
+
+def test_tied_embeddings_with_lora_on_the_head(pool2):
+    assert pool2.run(lora_tied_head_worker, timeout=60) == [0, 1]
 
 
 def test_more_ranks_than_blocks(pool4):

@@ -394,7 +394,8 @@ def context_parallelize(model, group=None, layout="zigzag"):
     Attention runs through context_parallel_attention (llmkern.attention) whatever model.backend says.
     The weights must be identical on every rank (same seed, or a broadcast). Composes with
     tensor_parallelize on a different group (heads sharded over the TP group, tokens over this one).
-    NotImplementedError for a KV cache, attention_mask, last_only, prefix tuning and attention dropout."""
+    NotImplementedError for a KV cache, attention_mask, last_only, prefix tuning, attention dropout and a MoE
+    capacity factor."""
     from llmkern.models._attn import ZooModel
 
     _check_layout(layout)
@@ -403,6 +404,11 @@ def context_parallelize(model, group=None, layout="zigzag"):
         raise TypeError(f"context_parallelize: needs a llmkern.models model (GPT, Llama), got {type(model).__name__}")
     if getattr(model, "context_parallel", None) is not None:
         raise ValueError("context_parallelize: the model is context-parallel already")
+    capacity = getattr(model.config, "moe_capacity_factor", None)
+    if getattr(model.config, "n_experts", 0) and capacity is not None:
+        raise NotImplementedError(f"context_parallelize: moe_capacity_factor={capacity} is not supported: an expert's "
+                                  f"capacity counts the tokens in front of it, this rank's shard here, so other pairs "
+                                  f"would be dropped than in the unsharded model; build it with moe_capacity_factor=None")
     cp = ContextParallel(group, layout)
     for m in model.modules():
         if m is not model and hasattr(m, "backend_name") and hasattr(m, "n_head"):  # the attention modules
@@ -412,17 +418,41 @@ def context_parallelize(model, group=None, layout="zigzag"):
     return model
 
 
+def _partitioned_experts(model, group):
+    """ids of the parameters of expert-parallel layers partitioned over `group` itself (each rank holds other
+    experts, whose gradients the all-to-all's backward already completed: not to be summed); ValueError for
+    expert parallelism over a group that overlaps `group` partly (neither replicas nor one partition)."""
+    from llmkern.parallel.expert import ExpertParallelMoE
+
+    ranks = set(dist.get_process_group_ranks(group))
+    skip = set()
+    for name, m in model.named_modules():
+        if not isinstance(m, ExpertParallelMoE):
+            continue
+        ep = set(dist.get_process_group_ranks(m.group))
+        if ep == ranks:
+            skip.update(id(prm) for prm in m.experts.parameters())
+        elif ep & ranks != {dist.get_rank()}:
+            raise ValueError(f"all_reduce_gradients: {name} is expert-parallel over global ranks {sorted(ep)}, which "
+                             f"overlap the context-parallel group (global ranks {sorted(ranks)}) in part: expert- and "
+                             f"context-parallel groups must be the same ranks or form a grid")
+    return skip
+
+
 def all_reduce_gradients(model, group=None):
     """Sum the gradients of `model`'s parameters over the context-parallel group (default: the one
-    context_parallelize gave the model, else WORLD), in place, in one all-reduce per dtype (flattened)."""
+    context_parallelize gave the model, else WORLD), in place, in one all-reduce per dtype (flattened).
+    The experts of an expert-parallel model partitioned over the same group are left as they are (their
+    gradients are complete on the rank that holds them)."""
     if group is None and getattr(model, "context_parallel", None) is not None:
         group = model.context_parallel.group
     group = comm.resolve_group(group, "all_reduce_gradients")
     if comm.world_size(group) == 1:
         return model
+    skip = _partitioned_experts(model, group)
     grads = {}
     for prm in model.parameters():  # (parameters() yields a tied weight once)
-        if prm.grad is not None:
+        if prm.grad is not None and id(prm) not in skip:
             grads.setdefault(prm.grad.dtype, []).append(prm.grad)
     for gs in grads.values():
         flat = torch.cat([g.reshape(-1) for g in gs])

@@ -223,6 +223,10 @@ def _model_error(model, p, n_microbatches, schedule, stages, virtual_stages):
     if getattr(model, "prefix_tuning", None) is not None:
         return ValueError(f"{what}: prefix tuning is not supported under pipeline parallelism (detach it first)")
     cfg = model.config
+    if cfg.n_experts and cfg.moe_capacity_factor is not None:
+        return ValueError(f"{what}: moe_capacity_factor={cfg.moe_capacity_factor} is not supported: an expert's "
+                          f"capacity counts the tokens of one forward, a micro-batch here, so other pairs would be "
+                          f"dropped than in the whole-batch step; build the model with moe_capacity_factor=None")
     if cfg.n_experts and cfg.router_aux_loss_coef:
         return ValueError(f"{what}: router_aux_loss_coef={cfg.router_aux_loss_coef} > 0 is not supported: the "
                           f"load-balancing loss pools the router statistics of every MoE layer over the whole batch, "
@@ -245,6 +249,19 @@ def _tensor_parallel_types():
 
     return (ColumnParallelLinear, RowParallelLinear, TensorParallelMoE, ShardedExperts, VocabParallelEmbedding,
             VocabParallelLMHead)
+
+
+def _value_error(what, input_ids, labels, vocab):
+    """ValueError for token ids outside [0, vocab) or labels outside it other than -100 (ignored), else None."""
+    for name, t, low in (("input_ids", input_ids, 0), ("labels", labels, -100)):
+        if t is None or t.numel() == 0:
+            continue
+        lo, hi = (int(v) for v in t.aminmax())
+        bad = hi >= vocab or lo < low or (name == "labels" and bool(((t < 0) & (t != -100)).any()))
+        if bad:
+            return ValueError(f"{what}: {name} must lie in [0, {vocab}) (the vocabulary)"
+                              f"{' or be -100 (ignored)' if name == 'labels' else ''}; got values in {lo}..{hi}")
+    return None
 
 
 def _tensor_parallel(model, group):
@@ -506,6 +523,9 @@ class PipelineParallel:
             error = ValueError(f"{what}: the first stage (pipeline rank 0) needs input_ids")
         if error is None and self.is_last and need_labels and labels is None:
             error = ValueError(f"{what}: the last stage (pipeline rank {self.num_stages - 1}) needs labels")
+        if error is None:  # out-of-range values would fail inside the schedule, on one rank, the others then hang
+            error = _value_error(what, input_ids if self.is_first else None, labels if self.is_last else None,
+                                 self.model.config.vocab_size)
         # the tied embedding's copies (first and last stage) must agree on requires_grad: one frozen by name
         # (wte on the first stage, lm_head on the last) would leave the other alone in _sync_tied's exchange
         shapes.append(-1 if self.tied is None or not train else int(self.tied[0].requires_grad))
@@ -681,8 +701,11 @@ def _prune(model, pipe, p):
     parts = _PARTS[_arch(model)]
     emb = getattr(model, parts["embedding"])
     tied = model.lm_head.weight is emb.weight
+    head = model.lm_head
+    while "weight" not in head._parameters and hasattr(head, "base_layer"):  # (a LoRA / DoRA wrapper's base layer)
+        head = head.base_layer
     if tied and p > 1 and pipe.is_last:  # the last stage's own copy of the tied weight
-        model.lm_head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
     blocks = getattr(model, parts["blocks"])
     setattr(model, parts["blocks"], nn.ModuleDict({str(i): blocks[i] for i in sorted(pipe.layers)}))
     if not pipe.is_first:
