@@ -162,3 +162,11 @@ def test_opcheck_and_compile(monkeypatch):
     got = torch.compile(lambda *t: merge_attention_states(*t), fullgraph=True)(oa, la, ob, lb)
     want = _formula(oa, la, ob, lb)
     torch.testing.assert_close(got[0].double(), want[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_zero_head_dim(backend):
+    oa, la, ob, lb = _states((3,), 0)
+    out, lse = merge_attention_states(oa, la, ob, lb)
+    assert out.shape == (3, 0)
+    torch.testing.assert_close(lse.double(), _formula(oa, la, ob, lb)[1])

@@ -427,6 +427,35 @@ def test_bad_arguments_name_the_argument(case):
         mla_decode(*args, **kwargs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_garbage_in_hidden_cache_slots_is_never_read(monkeypatch, backend):
+    """Slots past a row's length, hidden by the padding mask or in pages past the length may hold anything (a
+    torch.empty cache): NaN there must not reach the output on any path (weight 0 times NaN is NaN)."""
+    if backend == "triton" and DEV is None:
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    if backend != "default":
+        monkeypatch.setenv("LLMKERN_BACKEND", backend)
+    q, kv = _inputs(2, 4, 2, 1, 24, 40, seed=3)
+    lens = torch.tensor([9, 24], dtype=torch.int32)
+    kpm = torch.ones(2, 24, dtype=torch.bool)
+    kpm[1, :4] = False
+    want, _ = _oracle(q, kv, lens, 32, key_padding_mask=kpm)
+    dirty = kv.clone()
+    dirty[0, :, 9:] = float("nan")
+    dirty[1, :, :4] = float("nan")
+    got = mla_decode(q, dirty, lens, head_dim_v=32, key_padding_mask=kpm)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    # paged: row 0's pages past its length are a page of NaN
+    pool = torch.cat([kv[0].view(2, 3, 8, 40).transpose(0, 1), kv[1].view(2, 3, 8, 40).transpose(0, 1),
+                      torch.full((1, 2, 8, 40), float("nan"))])
+    table = torch.tensor([[0, 1, 6], [3, 4, 5]], dtype=torch.int32)
+    got = mla_decode(q, pool, lens, head_dim_v=32, key_padding_mask=kpm, block_table=table)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    # attention_with_kvcache over the same dirty cache (its CPU path runs SDPA)
+    got = llmkern.attention_with_kvcache(q, dirty, dirty[..., :32].contiguous(), lens, key_padding_mask=kpm)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
 # ---- torch.library -------------------------------------------------------------------------------
 
 def test_opcheck(triton_backend):
@@ -444,6 +473,11 @@ def test_opcheck(triton_backend):
     # the rotary channels in a cache of their own
     torch.library.opcheck(torch.ops.llmkern.mla_decode.default,
                           (q, kv[..., :32].contiguous(), lens, None, None, 32, 0.2, True, 2, kv[..., 32:].contiguous()))
+    # q with a strided last dimension (the kernel reads a contiguous copy: the fake gives its output's layout)
+    q_s = q.permute(3, 0, 2, 1).contiguous().permute(1, 3, 2, 0)
+    assert q_s.stride(-1) != 1
+    torch.library.opcheck(torch.ops.llmkern.mla_decode.default, (q_s, kv, lens, None, None, 32, 0.2, True, 2))
+    torch.library.opcheck(torch.ops.llmkern.mla_decode.default, (q_s, kv, lens, None, None, 48, 0.2, True, 2))
 
 
 def test_torch_compile_fullgraph(triton_backend):

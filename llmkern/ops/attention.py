@@ -721,6 +721,10 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             vis = vis & (j[None, None, :] >= pos[:, :, None] - left)
         if key_padding_mask is not None:
             vis = vis & key_padding_mask[:, None, :]
+        unseen = ~vis.any(dim=1)  # [B, Tmax]: slots past the length or padded may hold anything (0 * NaN = NaN)
+        if bool(unseen.any()):  # (SDPA adds its -inf mask to the scores: a NaN key too)
+            k_cache = k_cache.masked_fill(unseen[:, None, :, None], 0.0)
+            v_cache = v_cache.masked_fill(unseen[:, None, :, None], 0.0)
         gqa = {"enable_gqa": True} if Hk != H else {}
         return torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=vis[:, None],
                                                                 scale=scale, **gqa)

@@ -40,9 +40,9 @@ def _merge_op(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
               lse_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     from llmkern.kernels.merge_attention_states import merge_attention_states as kernel
 
-    D = out_a.shape[-1]
-    out, lse = kernel(out_a.reshape(-1, D).contiguous(), lse_a.reshape(-1).contiguous(),
-                      out_b.reshape(-1, D).contiguous(), lse_b.reshape(-1).contiguous())
+    D, N = out_a.shape[-1], lse_a.numel()  # (N rows, not -1: a head dim of 0 leaves -1 undetermined)
+    out, lse = kernel(out_a.reshape(N, D).contiguous(), lse_a.reshape(N).contiguous(),
+                      out_b.reshape(N, D).contiguous(), lse_b.reshape(N).contiguous())
     return out.view(out_a.shape), lse.view(lse_a.shape)
 
 

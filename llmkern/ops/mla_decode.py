@@ -20,7 +20,7 @@ import torch
 from llmkern import _backend
 from llmkern.ops import _checks
 from llmkern.ops.attention import (_KERNEL_DTYPES, _DTYPES, FP8_DTYPES, _check_block_table, _check_causal,
-                                   _check_heads, _gather_pages, _kv_scale, _scale, _tensor)
+                                   _check_heads, _gather_pages, _kernel_layout, _kv_scale, _scale, _tensor)
 from llmkern.reference import attention as ref
 
 MAX_HEAD_DIM_V = 512   # the latent (DeepSeek: kv_lora_rank 512)
@@ -38,8 +38,8 @@ def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch
                    kv_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     from llmkern.kernels.attention import empty_out
 
-    if q.numel() == 0:
-        return empty_out(q, head_dim_v).zero_(), torch.full(q.shape[:3], float("-inf"), device=q.device,
+    if q.numel() == 0:  # (the kernel's output layout: q's when its last dim is contiguous, as the fake's)
+        return empty_out(_kernel_layout(q), head_dim_v).zero_(), torch.full(q.shape[:3], float("-inf"), device=q.device,
                                                             dtype=torch.float32)
     from llmkern.kernels.mla_decode import mla_decode as kernel
 
@@ -53,7 +53,7 @@ def _(q, kv_cache, cache_seqlens, block_table, key_padding_mask, head_dim_v, sca
       kpe_cache=None, kv_scale=None):
     from llmkern.kernels.attention import empty_out
 
-    return empty_out(q, head_dim_v), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return empty_out(_kernel_layout(q), head_dim_v), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _check_inputs(q, kv_cache, head_dim_v, block_table, kpe_cache=None):
@@ -154,7 +154,11 @@ def _folded(q, kv_cache, lens, Dv, causal, scale, key_padding_mask):
     m = m.masked_fill(torch.isneginf(m), 0.0)  # a query that sees no key: p all zeros, a zero output, LSE -inf
     p = torch.exp(s.sub_(m))
     denom = p.sum(dim=-1, keepdim=True)
-    out = torch.matmul(p, kv[..., :Dv]).div_(denom.clamp_min(torch.finfo(cd).tiny))
+    vals = kv[..., :Dv]
+    unseen = ~vis.any(dim=2)  # [B, 1, Tmax]: slots past the length or padded may hold anything (0 * NaN = NaN)
+    if bool(unseen.any()):
+        vals = vals.masked_fill(unseen[..., None], 0.0)
+    out = torch.matmul(p, vals).div_(denom.clamp_min(torch.finfo(cd).tiny))
     return out.reshape(B, H, Tq, Dv).to(q.dtype), (m + denom.log()).reshape(B, H, Tq)
 
 

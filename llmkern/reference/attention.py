@@ -165,6 +165,7 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
         full = m if full is None else (full & m)
     if full is not None:
         s = s.masked_fill(~full, float("-inf"))
+        vf = _unseen_values_zeroed(vf, full, B, Hk, G, Tq, Tk)
     m = s.amax(dim=-1, keepdim=True).detach()
     if sink is not None:  # the sink takes part in the running max, as one more (value-less) key
         m = torch.maximum(m, sink.detach())
@@ -182,6 +183,15 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
         return out
     lse = (m + torch.log(denom)).reshape(B, H, Tq)  # log(0) = -inf for empty rows
     return out, lse
+
+
+def _unseen_values_zeroed(vf, full, B, Hk, G, Tq, Tk):
+    """vf [B, Hk, 1, Tk, Dv] with the values of keys no query of the row sees set to 0: their weight is 0, but
+    0 * NaN is NaN, and hidden cache slots (past a row's length, padding) may hold anything (torch.empty)."""
+    seen = full.expand(B, Hk, G, Tq, Tk).any(dim=3).any(dim=2)  # [B, Hk, Tk]
+    if bool(seen.all()):
+        return vf
+    return vf.masked_fill(~seen[:, :, None, :, None], 0.0)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
