@@ -280,8 +280,38 @@ def test_zoo_fp8_cache_errors():
         KVCache(1, 1, 1, 4, 8, dtype=torch.float16, k_scale=2.0)
     with pytest.raises(ValueError, match="v_scale must be a finite positive float"):
         KVCache(1, 1, 1, 4, 8, dtype=torch.float8_e4m3fn, v_scale=0.0)
-    with pytest.raises(ValueError, match="float8 latent cache is not supported"):
-        LatentKVCache(1, 1, 4, 8, 4, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="k_scale / v_scale are for a float8 cache"):
+        LatentKVCache(1, 1, 4, 8, 4, dtype=torch.float32, kv_scale=2.0)
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3-tiny", "deepseek-v2-tiny"])
+def test_zoo_fp8_latent_cache(monkeypatch, name):
+    """DeepSeek's latent cache stored as float8 (one scale per latent row): decode logits through mla_decode (the
+    llmkern backend, kernel under the interpreter) equal SDPA over the dequantized latent (the torch backend),
+    and the latent buffers are float8; greedy generation and speculation (per-row crops) run on it."""
+    if DEV is None:
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    from llmkern.generation import generate
+
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(4))
+    logits = {}
+    for backend in ("llmkern", "torch"):
+        m = _model(name, backend)
+        m.latent_cache, m.kv_cache_dtype, m.kv_cache_scales = True, torch.float8_e4m3fn, (0.5, 1.0)
+        cache = m.new_cache(2, 16)
+        assert cache.latent and cache.fp8 and cache.k_scale == cache.v_scale == 0.5
+        with torch.no_grad():
+            m(ids[:, :5], cache=cache)
+            logits[backend] = torch.cat([m(ids[:, 5:6], cache=cache), m(ids[:, 6:7], cache=cache)], 1)
+        assert all(t.dtype == torch.float8_e4m3fn for t in cache.k)
+    torch.testing.assert_close(logits["llmkern"], logits["torch"], atol=1e-4, rtol=1e-4)
+    m = _model(name, "torch")
+    m.latent_cache, m.kv_cache_dtype = True, torch.float8_e4m3fn
+    with torch.no_grad():
+        greedy = generate(m, ids[:, :4], 5)
+        spec = generate(m, ids[:, :4], 5, draft_model=m, num_draft_tokens=2)
+    assert torch.equal(spec, greedy)
 
 
 # ---- mla_decode over a float8 latent cache --------------------------------------------------------

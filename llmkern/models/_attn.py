@@ -354,11 +354,10 @@ class LatentKVCache(KVCache):
 
     latent = True
 
-    def __init__(self, n_layer, batch, max_len, kv_rank, rope_dim, dtype=None, device=None):
-        if dtype in FP8_DTYPES:
-            raise ValueError(f"LatentKVCache: a float8 latent cache is not supported (mla_decode reads 16-bit or "
-                             f"float32 latents), got dtype {dtype}")
-        super().__init__(n_layer, batch, 1, max_len, kv_rank + rope_dim, dtype, device)
+    def __init__(self, n_layer, batch, max_len, kv_rank, rope_dim, dtype=None, device=None, kv_scale=1.0):
+        # (a float8 latent: one scale for the latent and its rotary part, mla_decode's kv_scale; read() and
+        # scales() see it as both k_scale and v_scale, the values being the latent's first channels)
+        super().__init__(n_layer, batch, 1, max_len, kv_rank + rope_dim, dtype, device, kv_scale, kv_scale)
         self.kv_rank = kv_rank
 
     def append(self, layer, k, v=None):
@@ -373,11 +372,13 @@ class LatentKVCache(KVCache):
         if self.k[layer] is None:
             self.k[layer] = torch.zeros(self.shape, dtype=self.dtype or k.dtype, device=self.device or k.device)
         kc = self.k[layer]
+        if self.fp8:
+            k = _quantize(k, kc.dtype, self.k_scale)
         if self.uniform:
             kc[:, :, self.seqlen:self.seqlen + T] = k
         else:
             slots = self.lengths.to(device=kc.device, dtype=torch.long)[:, None] + torch.arange(T, device=kc.device)
-            kc.scatter_(2, slots[:, None, :, None].expand(k.shape), k.to(kc.dtype))
+            _bytes(kc).scatter_(2, slots[:, None, :, None].expand(k.shape), _bytes(k.to(kc.dtype)))
         return kc, kc[..., :self.kv_rank]
 
 
@@ -480,7 +481,8 @@ class ZooModel(torch.nn.Module):
         """An empty KVCache for `batch` sequences of up to `max_len` tokens (default block_size);
         its dtype is `dtype` (default: the model's `kv_cache_dtype` attribute, None), or that of the first keys
         written (the autocast dtype under autocast). A float8 dtype gives an fp8 cache (KVCache) whose scales
-        are the model's `kv_cache_scales` (k_scale, v_scale), default (1.0, 1.0).
+        are the model's `kv_cache_scales` (k_scale, v_scale), default (1.0, 1.0); a float8 latent cache takes
+        k_scale for the whole latent row.
         latent=True (default: the model's `latent_cache` attribute, False): multi-head latent attention's
         compressed LatentKVCache, kv_lora_rank + rope channels per token and layer (DeepSeek; ValueError
         for a model without MLA). Under tensor parallelism it is the same on every rank: the latent is
@@ -496,7 +498,7 @@ class ZooModel(torch.nn.Module):
                 raise ValueError("new_cache: latent=True needs multi-head latent attention (config.kv_lora_rank > 0, "
                                  "DeepSeek); this model caches per-head keys and values")
             return LatentKVCache(c.n_layer, batch, max_len or c.block_size, c.kv_lora_rank, c.rope_dim,
-                                 dtype, device or p.device)
+                                 dtype, device or p.device, self.kv_cache_scales[0] if dtype in FP8_DTYPES else 1.0)
         # heads per rank: tensor_parallelize divides the attention modules' n_kv_head
         kv_heads = next((m.n_kv_head for m in self.modules() if m is not self and hasattr(m, "n_kv_head")),
                         c.n_kv_head)

@@ -212,8 +212,9 @@ def _latent_decode(q, latent, cache, layer, kpm, scale):
     else:
         seqlens = (cache.lengths.to(device=q.device, dtype=torch.int32) + T)
     kv, _ = cache.append(layer, latent)
-    return mla_ops.mla_decode(q.to(kv.dtype), kv, seqlens, head_dim_v=cache.kv_rank, causal=True, scale=scale,
-                              **_cache_mask(kpm, kv.shape[2]))
+    fp8 = {"kv_scale": cache.k_scale} if cache.fp8 else {}  # (a float8 cache: q stays in the latent's dtype)
+    return mla_ops.mla_decode(q.to(latent.dtype if cache.fp8 else kv.dtype), kv, seqlens, head_dim_v=cache.kv_rank,
+                              causal=True, scale=scale, **fp8, **_cache_mask(kpm, kv.shape[2]))
 
 
 def sigmoid_group_route(logits, bias, top_k, n_group, topk_group, renormalize, scaling):
