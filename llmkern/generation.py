@@ -22,7 +22,8 @@ Strategies (the seed deck's decoding slide):
   sample  llmkern.sample: temperature p_i = exp(o_i/T)/Σ_j exp(o_j/T), top-k, top-p, min-p,
           repetition/presence/frequency penalties, logit_bias; reproducible with seed=.
   beam    beam search with transformers' semantics (num_beams, length_penalty, early_stopping in
-          {True, False, "never"}, num_return_sequences): the same sequences as HF generate.
+          {True, False, "never"}, num_return_sequences): the same sequences as HF generate. num_beams=1
+          is greedy decoding, as in HF generate (see generate's docstring for its scores).
 Penalties and bias (greedy and sample), in HF's and vLLM's order: logit_bias is added first, then
 the repetition penalty (HF's; it counts the prompt and the generated tokens, as HF and vLLM), then
 presence_penalty and frequency_penalty (OpenAI's; they count the generated tokens only, as vLLM and
@@ -30,12 +31,15 @@ OpenAI: llmkern.sample's output_start is the prompt length).
 Per-row values: temperature, top_k, top_p, min_p, the penalties and seed take a scalar or a [B] tensor
 (one value per prompt), logit_bias [V] or [B, V]; with num_return_sequences = R > 1 a per-prompt value
 applies to each of its R sequences (rows B * R, prompt-major; a [B * R] / [B * R, V] tensor gives one
-per sequence), and a [B] seed gives sequence j of prompt b the seed seed[b] + j (an int seed s gives
-row r the seed s + r), so a prompt generated alone with its values draws the same tokens (with a
-draft model, see below). Beam search takes logit_bias [V] or [B, V] (added to every beam of the prompt).
+per sequence), and a [B] seed gives sequence j of prompt b the seed seed[b] + j (an int seed s, numpy
+integer or 0-dim integer tensor, gives row r the seed s + r; seed tensors must be integer), so a prompt
+generated alone with its values draws the same tokens (with a draft model, see below). Beam search
+takes logit_bias [V] or [B, V] (added to every beam of the prompt).
 Guided decoding (any strategy):
-  allowed_tokens  bool [V] or [B, V] (True = allowed), or a function (sequences [N, t]) -> bool
-                  [N, V] or [V] called every step (grammars, tries, vocabulary subsets);
+  allowed_tokens  bool [V], [1, V], [B, V] (per prompt: each of its sequences / beams) or [N, V] (per
+                  sequence, N = B * num_return_sequences, or B * num_beams for beam search; other row
+                  counts raise) (True = allowed), or a function (sequences [N, t]) -> bool of those
+                  shapes called every step (grammars, tries, vocabulary subsets);
                   ChoiceConstraint(choices, vocab_size, prompt_len, eos_token_id) is one: each row
                   generates exactly one of the given token sequences (vLLM's guided_choice).
   scorers         the seed's scored search: score(x_{t+1}, b_t) = score(b_t) + log p(x_{t+1})
@@ -72,6 +76,7 @@ Speculative decoding (draft_model=, greedy or sample; Leviathan et al. 2023, Che
   not counted) and num_accepted_draft_tokens [N] (proposals kept in the output) to the GenerationOutput.
 """
 import dataclasses
+import numbers
 from typing import Optional
 
 import torch
@@ -120,20 +125,23 @@ def _scorers(scorers):
     return out
 
 
-def _allowed(allowed_tokens, seqs, V):
-    """The bool [N, V] mask for this step (None = all allowed)."""
+def _allowed(allowed_tokens, seqs, V, prompts):
+    """The bool [N, V] mask for this step (None = all allowed), from 1 row, one per prompt (`prompts` of them:
+    each spread over its sequences / beams) or one per sequence (N); any other count would be spread over rows
+    of the wrong prompts."""
     if allowed_tokens is None:
         return None
     m = allowed_tokens(seqs) if callable(allowed_tokens) else allowed_tokens
     if not torch.is_tensor(m) or m.dtype != torch.bool or m.shape[-1] != V or m.dim() not in (1, 2):
         raise ValueError(f"allowed_tokens must be a bool tensor [V] or [N, V] with V={V} (or a function "
                          f"returning one), got {getattr(m, 'dtype', type(m))} {tuple(getattr(m, 'shape', ()))}")
-    m = m.to(seqs.device)
-    if m.dim() == 2 and m.shape[0] != seqs.shape[0]:
-        if seqs.shape[0] % m.shape[0]:
-            raise ValueError(f"allowed_tokens has {m.shape[0]} rows for {seqs.shape[0]} sequences")
-        m = m.repeat_interleave(seqs.shape[0] // m.shape[0], dim=0)  # per prompt -> per beam
-    return m.expand(seqs.shape[0], V)
+    m, N = m.to(seqs.device), seqs.shape[0]
+    if m.dim() == 2 and m.shape[0] not in (1, N):
+        if m.shape[0] != prompts:
+            raise ValueError(f"allowed_tokens has {m.shape[0]} rows: it takes 1, one per prompt ({prompts}) or one "
+                             f"per sequence ({N})")
+        m = m.repeat_interleave(N // prompts, dim=0)  # per prompt -> per sequence / beam
+    return m.expand(N, V)
 
 
 class ChoiceConstraint:
@@ -193,6 +201,9 @@ class ChoiceConstraint:
         return ids or None
 
     def __call__(self, seqs):
+        if seqs.shape[1] < self.prompt_len:  # a wrong prompt_len would walk the trie from the wrong token
+            raise ValueError(f"ChoiceConstraint: prompt_len={self.prompt_len} exceeds the sequences' width "
+                             f"{seqs.shape[1]}; pass the prompt's width (input_ids.shape[1])")
         mask = torch.zeros(seqs.shape[0], self.vocab_size, dtype=torch.bool)
         for row, generated in enumerate(seqs[:, self.prompt_len:].tolist()):
             ids = self._allowed_ids(generated)
@@ -272,15 +283,26 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     the zoo KVCache's per-row `crop(n [B], max_n=)`): speculative decoding, num_draft_tokens (k >= 1)
     proposals per step.
     top_logprobs: k > 0 (greedy and sample, with return_dict=True) adds, per generated position, the k
-    most likely token ids and the raw log-probabilities of the model (see GenerationOutput)."""
+    most likely token ids and the raw log-probabilities of the model (see GenerationOutput).
+    num_return_sequences: an int >= 1 (at most num_beams for beam search).
+    strategy="beam" with num_beams=1 is greedy decoding (transformers' generate(num_beams=1) is greedy
+    search: a single beam does not go on past an eos for a better hypothesis), so early_stopping does not
+    apply; return_dict=True still gives a beam's scores [B]: the sum of the chosen tokens' log-probabilities
+    (greedy's: after logit_bias and allowed_tokens, without the scorers' terms) divided by (new tokens, eos
+    included) ** length_penalty."""
     _check_top_logprobs(top_logprobs, strategy, return_dict, draft_model)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError(f"input_ids must be an int64 tensor [batch, seq], got "
                          f"{getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.shape[1] == 0:  # the first step conditions on the prompt's last token
+        raise ValueError(f"input_ids must hold at least one token per row, got {tuple(input_ids.shape)}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be an int >= 1, got {num_return_sequences!r}")
+    seed = _seed_arg(seed)
     block = getattr(getattr(model, "config", None), "block_size", None)
     if block is not None and input_ids.shape[1] + max_new_tokens > block:
         raise ValueError(f"max_new_tokens: {input_ids.shape[1]} + {max_new_tokens} exceeds the model's "
@@ -306,6 +328,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                 ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
                 ("repetition_penalty", repetition_penalty), ("presence_penalty", presence_penalty),
                 ("frequency_penalty", frequency_penalty), ("logit_bias", logit_bias), ("seed", seed)))
+    prompts = input_ids.shape[0]  # (a per-prompt allowed_tokens spreads over the prompt's sequences)
     was_training = model.training
     draft_training = draft_model.training if draft_model is not None else None
     model.eval()
@@ -318,7 +341,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                 mask = None if mask is None else mask.repeat_interleave(num_return_sequences, dim=0)
             out = _speculative_decode(model, draft_model, input_ids, max_new_tokens, strategy, eos, pad_token_id,
                                       dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p),
-                                      logit_bias, seed, allowed_tokens, mask, num_draft_tokens)
+                                      logit_bias, seed, allowed_tokens, mask, num_draft_tokens, prompts)
         elif strategy == "beam":
             sampling_args = dict(temperature=(temperature, 1.0), top_k=(top_k, 0), top_p=(top_p, 1.0),
                                  min_p=(min_p, 0.0), repetition_penalty=(repetition_penalty, 1.0),
@@ -333,9 +356,13 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                                  f"got {num_return_sequences!r}")
             if early_stopping not in (True, False, "never"):
                 raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-            out = _beam_search(model, input_ids, max_new_tokens, eos, pad_token_id, num_beams,
-                               float(length_penalty), early_stopping, num_return_sequences,
-                               logit_bias, allowed_tokens, scorers, use_cache, mask)
+            if num_beams == 1:  # greedy decoding, as transformers' generate runs for one beam
+                out = _one_beam(model, input_ids, max_new_tokens, eos, pad_token_id, float(length_penalty),
+                                logit_bias, allowed_tokens, scorers, use_cache, mask)
+            else:
+                out = _beam_search(model, input_ids, max_new_tokens, eos, pad_token_id, num_beams,
+                                   float(length_penalty), early_stopping, num_return_sequences,
+                                   logit_bias, allowed_tokens, scorers, use_cache, mask)
         else:
             if num_beams != 1:
                 raise ValueError(f"num_beams={num_beams} needs strategy='beam'")
@@ -346,7 +373,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                           dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                frequency_penalty=frequency_penalty),
-                          logit_bias, seed, allowed_tokens, scorers, use_cache, mask, top_logprobs)
+                          logit_bias, seed, allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts)
     finally:
         model.train(was_training)
         if draft_model is not None:
@@ -369,10 +396,24 @@ def _per_sequence(name, v, B, R):
         raise ValueError(f"{name} must be a scalar, a {shape} tensor with one row per prompt ({B}) or per returned "
                          f"sequence ({B * R}, num_return_sequences={R}), got {tuple(v.shape)}")
     if name == "seed":
-        if v.dtype == torch.bool or v.is_floating_point() or v.is_complex():
-            raise TypeError(f"seed must be an int or an integer tensor, got {v.dtype}")
+        from llmkern.ops.speculative import row_seeds
+
+        v = row_seeds(v, B, v.device)  # refuses bool / float seeds and other shapes
         return v.repeat_interleave(R) + torch.arange(R, device=v.device, dtype=v.dtype).repeat(B)
     return v.repeat_interleave(R, dim=0)
+
+
+def _seed_arg(seed):
+    """generate's seed as an int, a tensor or None: a 0-dim integer tensor and numpy's integers are ints (row r
+    then draws with s + r; a 0-dim tensor spread over the rows gave every sequence of a prompt the same seed).
+    row_seeds checks the rest where the seeds are made (a float or bool tensor would be truncated silently)."""
+    from llmkern.ops.speculative import row_seeds
+
+    if torch.is_tensor(seed) and seed.dim() == 0:
+        return int(row_seeds(seed.reshape(1), 1, seed.device)[0])  # (refuses bool / float seeds)
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        return int(seed)
+    return seed
 
 
 def _check_top_logprobs(k, strategy, return_dict, draft_model):
@@ -416,8 +457,10 @@ class _TopLogprobs:
 
 
 def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_bias, seed,
-            allowed_tokens, scorers, use_cache, mask, top_logprobs=0):
+            allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts):
+    """Greedy or sampled decoding of input_ids [N, T] (each prompt's rows repeated: `prompts` of them)."""
     from llmkern.ops.sampling import sample
+    from llmkern.ops.speculative import row_seeds
 
     B, T0 = input_ids.shape
     dev = input_ids.device
@@ -433,9 +476,7 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
     logps = []
     tops = _TopLogprobs(top_logprobs) if top_logprobs else None
-    seeds = None
-    if seed is not None:
-        seeds = (int(seed) + torch.arange(B, device=dev)) if isinstance(seed, int) else seed.to(dev).long()
+    seeds = None if seed is None else row_seeds(seed, B, dev)  # int s: row r gets s + r
     # without a penalty (scalars at their neutral values) the sampler gets no prev_tokens: no [B, V] count
     # pass per step, and the bias stays in its kernel
     neutral = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
@@ -445,7 +486,7 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
         logits = step(seqs, n_new)
         n_new = 1
         V = logits.shape[-1]
-        allow = _allowed(allowed_tokens, seqs, V)
+        allow = _allowed(allowed_tokens, seqs, V, prompts)
         kw = dict(knobs, prev_tokens=prev if penalised else None, output_start=T0 if penalised else None,
                   logit_bias=logit_bias, allowed_tokens=allow, return_logprobs=True)
         if strategy == "greedy":
@@ -549,7 +590,7 @@ def _spec_probs(y, knobs):
 
 
 def _speculative_decode(model, draft, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_bias, seed,
-                        allowed_tokens, mask, k):
+                        allowed_tokens, mask, k, prompts):
     """Speculative decoding (module docstring): each step the draft proposes K tokens per row, the target
     scores K + 1 per row in one forward, every row keeps its own accepted run, and both caches are cut
     back per row."""
@@ -572,7 +613,7 @@ def _speculative_decode(model, draft, input_ids, max_new_tokens, strategy, eos, 
         zeros = torch.zeros(B, dtype=torch.long, device=dev)
         return GenerationOutput(input_ids, torch.zeros(B, 0, device=dev), zeros, zeros.clone())
     s = _Speculation(model, draft, input_ids, max_new_tokens, greedy, eos, pad, knobs, logit_bias, seed,
-                     allowed_tokens, mask, k)
+                     allowed_tokens, mask, k, prompts)
     K = min(k, max_new_tokens - 1)  # proposals per row this step (the same for every row)
     while True:
         stats = s.step(K)
@@ -592,7 +633,7 @@ class _Speculation:
     that every row feeds the same number of tokens, whether or not the draft had proposed its last token)."""
 
     def __init__(self, model, draft, input_ids, max_new_tokens, greedy, eos, pad, knobs, logit_bias, seed,
-                 allowed_tokens, mask, k):
+                 allowed_tokens, mask, k, prompts):
         from llmkern.ops.speculative import row_seeds
 
         B, T0 = input_ids.shape
@@ -616,7 +657,7 @@ class _Speculation:
         self.proposed, self.kept = self.gen.clone(), self.gen.clone()
         # the sampler's position per row counts real tokens (as in _decode)
         self.position = torch.full((B,), T0, dtype=torch.long, device=dev) if mask is None else mask.sum(-1).long()
-        self.side = dict(bias=logit_bias, allowed=allowed_tokens, input_ids=input_ids)
+        self.side = dict(bias=logit_bias, allowed=allowed_tokens, input_ids=input_ids, prompts=prompts)
         self.t_len = self.d_len = 0  # host bounds (max over rows) of the target's / draft's cache lengths
         self.first = True
         self.top = 0  # the most tokens generated by a row
@@ -633,7 +674,7 @@ class _Speculation:
             B = logits.shape[0]
             side["V"] = V
             side["bias"] = None if side["bias"] is None else _side_tensor("logit_bias", side["bias"], B, V, self.dev)
-            side["allow"] = _allowed(side["allowed"], side["input_ids"], V)
+            side["allow"] = _allowed(side["allowed"], side["input_ids"], V, side["prompts"])
         elif V != side["V"]:
             raise ValueError(f"draft_model must share the model's vocabulary: its logits have {V} entries, "
                              f"the other model's {side['V']} ({who})")
@@ -805,6 +846,24 @@ def _processed_logprobs(logits, prev, output_start, kw):
     return _log_softmax(y)
 
 
+def _one_beam(model, input_ids, max_new_tokens, eos, pad, length_penalty, logit_bias, allowed_tokens, scorers,
+              use_cache, mask):
+    """num_beams=1: greedy decoding, as transformers' generate runs it (a lone beam would go on past an eos
+    looking for a better hypothesis, which greedy does not). The scores stay a beam's, [B]: the sum of the
+    tokens' log-probabilities / (new tokens, eos included) ** length_penalty."""
+    knobs = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+                 frequency_penalty=0.0)
+    B, T0 = input_ids.shape
+    out = _decode(model, input_ids, max_new_tokens, "greedy", eos, pad, knobs, logit_bias, None, allowed_tokens,
+                  scorers, use_cache, mask, 0, B)
+    new = out.sequences[:, T0:]
+    n = torch.full((B,), new.shape[1], dtype=torch.long, device=new.device)
+    if eos is not None:  # a row's tokens end at its first eos (padding follows)
+        hit = torch.isin(new, eos)
+        n = torch.where(hit.any(-1), hit.long().argmax(-1) + 1, n)
+    return GenerationOutput(out.sequences, out.scores.sum(-1) / n.clamp(min=1).float() ** length_penalty)
+
+
 def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_penalty, early_stopping,
                  num_return_sequences, logit_bias, allowed_tokens, scorers, use_cache, mask):
     """transformers' (>= 4.50) vectorised beam search, with our masks and scorers added to the
@@ -827,6 +886,7 @@ def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_p
     improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
     gen_len = torch.zeros(B, K, dtype=torch.long, device=dev)          # generated tokens of `sequences`
     running_len = torch.zeros(B, K, dtype=torch.long, device=dev)
+    running_open = torch.ones(B, K, dtype=torch.bool, device=dev)     # not an eos-ended placeholder
 
     # prefill once per prompt, then copy the cache to every beam
     step = _Stepper(model, B, max_length, use_cache, mask)
@@ -850,13 +910,19 @@ def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_p
         log_probs = torch.log_softmax(logits, dim=-1)
         if logit_bias is not None:
             log_probs = log_probs + logit_bias
-        allow = _allowed(allowed_tokens, flat, V)
+        allow = _allowed(allowed_tokens, flat, V, B)
         if allow is not None:
             log_probs = log_probs.masked_fill(~allow, float("-inf"))
         if scorers:
             log_probs = log_probs + _score_terms(scorers, flat, log_probs)
         acc = (log_probs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
-        stuck = improvable[:, 0] & ~torch.isfinite(acc).any(-1)  # no beam of the prompt can go on
+        # no beam of the prompt can go on: an error if one of them is a real hypothesis; if they are all
+        # placeholders (eos-ended, or scored -inf) every real one has finished and the prompt is done
+        # (allowed_tokens may allow nothing after eos; improvable can stay True under early_stopping="never")
+        can_go_on = torch.isfinite(acc).any(-1)
+        real = (running_open & (running_scores > float("-inf"))).any(-1)
+        stuck = improvable[:, 0] & ~can_go_on & real
+        improvable = improvable & can_go_on[:, None]
 
         # top-`keep` continuations over all beams
         topk_scores, topk_idx = torch.topk(acc, keep)
@@ -875,6 +941,7 @@ def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_p
         running = topk_seqs.gather(1, nxt[:, :, None].expand(B, K, max_length))
         running_scores = run_scores.gather(1, nxt)
         running_len = topk_len.gather(1, nxt)
+        running_open = (~hits).gather(1, nxt)
         beam_src_flat = (src_beam.gather(1, nxt) + batch_offset).view(-1)
 
         # finished hypotheses: only among the top K candidates, with the length penalty

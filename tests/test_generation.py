@@ -441,3 +441,128 @@ def test_greedy_with_scorers_treats_nan_and_inf_logits_like_plain_greedy(special
         assert torch.equal(got.sequences, plain.sequences), strategy
     got = generate(m, x, 3, use_cache=False, return_dict=True, scorers=[zero])
     torch.testing.assert_close(got.scores, plain.scores)
+
+
+@pytest.mark.parametrize("R", [1, 3])
+def test_zero_dim_and_numpy_seeds_are_ints(pairs, R):
+    """A 0-dim tensor seed gave every row the same seed (the R sequences of a prompt were identical, where an
+    int seed s gives row r the seed s + r); np.int64 raised AttributeError; float / bool seed tensors were
+    truncated silently."""
+    np = pytest.importorskip("numpy")
+    m, _ = pairs["llama"]
+    x = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(9))
+    kw = dict(strategy="sample", temperature=1.5, num_return_sequences=R)
+    want = generate(m, x, 6, seed=3, **kw)
+    assert torch.equal(generate(m, x, 6, seed=torch.tensor(3), **kw), want)
+    assert torch.equal(generate(m, x, 6, seed=np.int64(3), **kw), want)
+    if R > 1:
+        assert len({tuple(r) for r in want[:R].tolist()}) > 1  # distinct sequences, not R copies
+    for bad in (torch.tensor([1.9, 2.9]), torch.tensor([True, False]), torch.tensor(3.0), torch.tensor(True),
+                torch.tensor([[1], [2]]), torch.tensor([1, 2, 3, 4, 5])):
+        with pytest.raises(ValueError, match="seed"):
+            generate(m, x, 2, seed=bad, **kw)
+
+
+@pytest.mark.parametrize("early_stopping, length_penalty", [(False, 1.0), ("never", 0.0), ("never", 1.0),
+                                                            ("never", 2.0)])
+def test_beam_search_allows_nothing_after_eos_with_any_early_stopping(pairs, early_stopping, length_penalty):
+    """early_stopping="never" with length_penalty > 0 raised "allowed_tokens allows no token" once every real
+    hypothesis had finished: the running beams left were eos-ended placeholders, counted as stuck."""
+    m, _ = pairs["gpt2"]
+    x = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(2))
+
+    def eos_then_nothing(seqs):  # only token 7 until it is emitted, then nothing
+        done = (seqs[:, 5:] == 7).any(-1)
+        a = torch.zeros(seqs.shape[0], V, dtype=torch.bool)
+        a[~done, 7] = True
+        return a
+    for K in (2, 3):
+        out = generate(m, x, 4, strategy="beam", num_beams=K, allowed_tokens=eos_then_nothing, eos_token_id=7,
+                       pad_token_id=PAD, early_stopping=early_stopping, length_penalty=length_penalty)
+        assert out[:, 5:].tolist() == [[7], [7]], K
+    # a real beam with nothing allowed still raises
+    allow = torch.ones(2, V, dtype=torch.bool)
+    allow[1] = False
+    with pytest.raises(ValueError, match=r"allowed_tokens allows no token for sequence\(s\) \[1\]"):
+        generate(m, x, 3, strategy="beam", num_beams=2, allowed_tokens=allow, early_stopping=early_stopping,
+                 length_penalty=length_penalty)
+
+
+@pytest.mark.parametrize("early_stopping", [False, "never"])
+def test_one_beam_is_greedy_as_transformers(pairs, early_stopping):
+    """transformers' generate(num_beams=1) is greedy search; our one-beam search went on past an eos looking for
+    a better hypothesis and returned other tokens. Its scores stay a beam's: [N], sum of log-probabilities /
+    (new tokens, eos included) ** length_penalty."""
+    m, hf = pairs["gpt2"]
+    x = torch.randint(0, V, (3, 6), generator=torch.Generator().manual_seed(1))
+    eos = int(generate(m, x, 8)[0, 8])
+    kw = dict(eos_token_id=eos, pad_token_id=PAD)
+    out = generate(m, x, 8, strategy="beam", num_beams=1, early_stopping=early_stopping, length_penalty=2.0,
+                   return_dict=True, **kw)
+    greedy = generate(m, x, 8, return_dict=True, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = _hf(hf, x, max_new_tokens=8, num_beams=1, eos_token_id=eos)
+    assert torch.equal(out.sequences, ref) and torch.equal(out.sequences, greedy.sequences)
+    new = out.sequences[:, 6:]
+    n = torch.where((new == eos).any(-1), (new == eos).long().argmax(-1) + 1, new.shape[1])
+    assert (n < 8).any()  # an eos path is exercised
+    torch.testing.assert_close(out.scores, greedy.scores.sum(-1) / n.float() ** 2.0)
+    empty = generate(m, x, 0, strategy="beam", num_beams=1, return_dict=True)
+    assert torch.equal(empty.sequences, x) and torch.equal(empty.scores, torch.zeros(3))
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        generate(m, x, 2, strategy="beam", num_beams=1, num_return_sequences=2)
+    with pytest.raises(ValueError, match="temperature is a sampling option"):
+        generate(m, x, 2, strategy="beam", num_beams=1, temperature=0.5)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_allowed_tokens_rows_must_be_one_per_prompt_or_sequence(pairs, strategy):
+    """A mask with a row count dividing the sequences (2 rows for 4 prompts) was spread over the wrong rows."""
+    m, _ = pairs["gpt2"]
+    x = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(8))
+    kw = dict(num_beams=3, num_return_sequences=3) if strategy == "beam" else dict(num_return_sequences=3)
+    if strategy == "sample":
+        kw["seed"] = 0
+    rows = torch.zeros(6, V, dtype=torch.bool)
+    rows[torch.arange(6), 10 + torch.arange(6)] = True
+    per_seq = generate(m, x, 2, strategy=strategy, allowed_tokens=rows, **kw)[:, 5:]
+    if strategy != "beam":  # (beams are ranked: row k of a prompt is not beam k)
+        assert per_seq.tolist() == [[10 + i] * 2 for i in range(6)]
+    per_prompt = generate(m, x, 2, strategy=strategy, allowed_tokens=rows[[0, 3]], **kw)[:, 5:]
+    assert bool((per_prompt[:3] == 10).all()) and bool((per_prompt[3:] == 13).all())
+    assert bool((generate(m, x, 2, strategy=strategy, allowed_tokens=rows[:1], **kw)[:, 5:] == 10).all())
+    for n in (3, 4, 12):
+        with pytest.raises(ValueError, match=rf"allowed_tokens has {n} rows.*per prompt \(2\).*per sequence \(6\)"):
+            generate(m, x, 2, strategy=strategy, allowed_tokens=rows.repeat(2, 1)[:n], **kw)
+        with pytest.raises(ValueError, match=rf"allowed_tokens has {n} rows"):
+            generate(m, x, 2, strategy=strategy, allowed_tokens=lambda s, n=n: rows.repeat(2, 1)[:n], **kw)
+    x4 = torch.randint(0, V, (4, 5), generator=torch.Generator().manual_seed(8))  # the reviewer's case
+    with pytest.raises(ValueError, match="allowed_tokens has 2 rows"):
+        generate(m, x4, 2, strategy=strategy, allowed_tokens=rows[:2],
+                 **({"num_beams": 2} if strategy == "beam" else {}))
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample"])
+def test_num_return_sequences_is_an_int_at_least_one(pairs, strategy):
+    """0 returned an empty tensor, -1 and 2.0 raised torch errors, True counted as 1."""
+    m, _ = pairs["gpt2"]
+    x = torch.zeros(2, 3, dtype=torch.long)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="num_return_sequences must be an int >= 1"):
+            generate(m, x, 2, strategy=strategy, num_return_sequences=bad, seed=0)
+
+
+def test_empty_prompt_and_choice_constraint_prompt_len_are_checked(pairs):
+    """An empty prompt [B, 0] raised IndexError; a ChoiceConstraint whose prompt_len exceeds the sequences read
+    the wrong tokens as generated ones."""
+    from llmkern.generation import ChoiceConstraint
+
+    m, _ = pairs["gpt2"]
+    with pytest.raises(ValueError, match="input_ids"):
+        generate(m, torch.zeros(1, 0, dtype=torch.long), 3)
+    c = ChoiceConstraint([[12, 7]], vocab_size=V, prompt_len=6, eos_token_id=2)
+    x = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(8))
+    with pytest.raises(ValueError, match="prompt_len=6"):
+        generate(m, x, 3, allowed_tokens=c, eos_token_id=2)
+    assert c(torch.zeros(1, 6, dtype=torch.long))[0].nonzero().flatten().tolist() == [12]
