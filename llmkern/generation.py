@@ -559,6 +559,12 @@ def _check_speculative(draft, input_ids, max_new_tokens, strategy, k, num_beams,
     v, v_draft = getattr(cfg, "vocab_size", None), getattr(draft_cfg, "vocab_size", None)
     if v is not None and v_draft is not None and v != v_draft:
         raise ValueError(f"draft_model must share the model's vocabulary: vocab_size {v_draft} != {v}")
+    for name, c in (("model", cfg), ("draft_model", draft_cfg)):
+        if getattr(c, "n_experts", 0) and getattr(c, "moe_capacity_factor", None) is not None:
+            # an expert's capacity counts the tokens of one forward: the target's K + 1 verified positions would
+            # drop other pairs than one-token decoding, changing the distribution speculation must reproduce
+            raise ValueError(f"{name}: a MoE with moe_capacity_factor={c.moe_capacity_factor} is not supported with "
+                             f"draft_model (speculative decoding); build it with moe_capacity_factor=None")
 
 
 def _spec_scores(logits, bias, allow):
@@ -603,8 +609,10 @@ def _speculative_decode(model, draft, input_ids, max_new_tokens, strategy, eos, 
     neutral = not any(torch.is_tensor(knobs[n]) for n in ("top_k", "top_p", "min_p")) \
         and (knobs["top_k"], knobs["top_p"], knobs["min_p"]) == (0, 1.0, 0.0)
     # the validated [B] tensors: the filter runs twice a step and must not re-check (a host sync) each time
-    knobs = dict(knobs, filter_rows=None if neutral else (top_k, top_p, min_p))
     t = knobs["temperature"]
+    if torch.is_tensor(t) and t.dim() == 0:  # (one temperature for every row, as a number)
+        t = float(t)
+    knobs = dict(knobs, temperature=t, filter_rows=None if neutral else (top_k, top_p, min_p))
     greedy = strategy == "greedy" or (not torch.is_tensor(t) and t == 0)
     if not greedy and torch.is_tensor(t) and not bool((t > 0).all()):
         raise ValueError("temperature: rows with temperature 0 (greedy) are not supported with draft_model and "
@@ -753,7 +761,7 @@ class _Speculation:
                 out, n = speculative_accept(drafts, None, y, greedy=True)
             else:
                 out, n = y[:, 0].argmax(-1)[:, None], torch.zeros_like(pos)
-            return out, n, torch.log_softmax(y, -1)
+            return out, n, _log_softmax(y)  # (+inf scores share the mass, as plain greedy's)
         p = _spec_probs(y, self.knobs)
         if K:
             out, n = speculative_accept(drafts, qs, p, seed=self.seeds, position=pos)

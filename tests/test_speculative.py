@@ -550,6 +550,26 @@ def test_speculative_bad_arguments(models):
     allow[1] = False
     with pytest.raises(ValueError, match=r"allowed_tokens allows no token for sequence\(s\) \[1\]"):
         generate(target, _prompts(2), 3, draft_model=small, allowed_tokens=allow)
+    moe = build("mixtral-tiny", backend="torch", vocab_size=V, moe_capacity_factor=1.0)
+    with pytest.raises(ValueError, match="model: a MoE with moe_capacity_factor=1.0"):
+        generate(moe, x, 4, draft_model=small)
+
+
+def test_speculative_infinite_bias_and_zero_dim_temperature(models):
+    """A +inf logit_bias forces a token: greedy speculation reports the scores plain greedy does (0, not NaN);
+    a 0-d temperature tensor is one temperature for every row (it crashed the speculative path)."""
+    target, small = models["target"], models["close"]
+    x = _prompts(2)
+    bias = torch.zeros(V)
+    bias[7] = float("inf")
+    plain = generate(target, x, 3, logit_bias=bias, return_dict=True)
+    spec = generate(target, x, 3, logit_bias=bias, draft_model=small, num_draft_tokens=2, return_dict=True)
+    assert torch.equal(spec.sequences, plain.sequences) and bool((spec.sequences[:, 5:] == 7).all())
+    torch.testing.assert_close(spec.scores, plain.scores)
+    assert not bool(spec.scores.isnan().any())
+    got = generate(target, x, 6, strategy="sample", temperature=torch.tensor(0.8), seed=3, draft_model=small)
+    want = generate(target, x, 6, strategy="sample", temperature=0.8, seed=3, draft_model=small)
+    assert torch.equal(got, want)
 
 
 def test_speculative_per_prompt_tensors_with_num_return_sequences(models):
