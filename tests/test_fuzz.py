@@ -333,18 +333,26 @@ def test_attention_with_kvcache(case):
     window = (rng.randint(0, 10), 0) if rng.random() < 0.3 else None
     q, kc, vc = torch.randn(B, H, Tq, D), torch.randn(B, Hk, Tmax, D), torch.randn(B, Hk, Tmax, Dv)
     kw = dict(causal=True, softcap=softcap, window=window)
+    if rng.random() < 0.4:  # a float8 cache with per-kv-head scales: the oracle reads it dequantized
+        fp8 = rng.choice((torch.float8_e4m3fn, torch.float8_e5m2))
+        ks, vs = torch.rand(Hk) + 0.25, torch.rand(Hk) + 0.25
+        kc, vc = llmkern.quantize_kv(kc, fp8, ks), llmkern.quantize_kv(vc, fp8, vs)
+        kw.update(k_scale=ks.to(DEV), v_scale=vs.to(DEV))
+        deq = (kc.float() * ks[:, None, None], vc.float() * vs[:, None, None])
     if page is None:
         out = llmkern.attention_with_kvcache(q.to(DEV), kc.to(DEV), vc.to(DEV), lens.to(DEV), **kw)
     else:  # row b's page i at a shuffled pool index
         per_row = Tmax // page
         perm = torch.randperm(B * per_row, generator=torch.Generator().manual_seed(case))
         table = perm.view(B, per_row).to(torch.int32)
-        pool = [torch.empty(B * per_row, Hk, page, d) for d in (D, Dv)]
+        pool = [torch.empty(B * per_row, Hk, page, d, dtype=kc.dtype) for d in (D, Dv)]
         for cache, p in zip((kc, vc), pool):
             d = cache.shape[-1]
             p[table.flatten().long()] = cache.view(B, Hk, per_row, page, d).transpose(1, 2).reshape(-1, Hk, page, d)
         out = llmkern.attention_with_kvcache(q.to(DEV), pool[0].to(DEV), pool[1].to(DEV), lens.to(DEV),
                                              block_table=table.to(DEV), **kw)
+    if "k_scale" in kw:
+        kc, vc = deq
     for b in range(B):
         L = int(lens[b])
         want, _ = _attention_exact(q[b:b + 1].double(), kc[b:b + 1, :, :L].double(), vc[b:b + 1, :, :L].double(),
