@@ -125,10 +125,55 @@ def _scorers(scorers):
     return out
 
 
+class _Banned:
+    """transformers' masking logits processors on top of allowed_tokens (`base`): min_new_tokens
+    (MinNewTokensLengthLogitsProcessor: no eos before that many new tokens), no_repeat_ngram_size
+    (NoRepeatNGramLogitsProcessor: no token that would repeat an n-gram of the sequence, prompt and padding
+    included, as HF counts them) and bad_words_ids (NoBadWordsLogitsProcessor: a listed sequence's last token
+    is banned where the sequence ends with the others; sequences equal to [eos] are dropped, as HF does). Each
+    bans tokens (logit -inf), so their order against each other and the penalties does not matter. On the
+    device, no host sync."""
+
+    def __init__(self, base, prompt_len, eos, min_new_tokens, ngram, bad_words):
+        self.base, self.prompt_len, self.eos, self.min_new, self.ngram = base, prompt_len, eos, min_new_tokens, ngram
+        eos_ids = set() if eos is None else set(eos.tolist())
+        words = [list(w) for w in bad_words or () if not (len(w) == 1 and w[0] in eos_ids)]
+        self.single = sorted({w[0] for w in words if len(w) == 1})
+        self.multi = [w for w in words if len(w) > 1]
+
+    def banned(self, seqs, V):
+        """bool [N, V], True = banned this step, or None."""
+        N, t = seqs.shape
+        ban = torch.zeros(N, V, dtype=torch.bool, device=seqs.device)
+        top = max(self.single + [w[-1] for w in self.multi], default=-1)
+        if top >= V:
+            raise ValueError(f"bad_words_ids: token {top} is outside the vocabulary (V={V})")
+        if self.eos is not None and t - self.prompt_len < self.min_new:
+            ban[:, self.eos.to(seqs.device)] = True
+        if self.ngram and t >= self.ngram:  # (HF: cur_len + 1 >= n; with t = n - 1 no n-gram is complete)
+            n = self.ngram
+            grams = seqs.unfold(1, n, 1)  # [N, t - n + 1, n]: every n-gram so far
+            hit = (grams[..., :-1] == seqs[:, t - n + 1:][:, None, :]).all(-1)  # starts with the last n - 1 tokens
+            count = torch.zeros(N, V, dtype=torch.int32, device=seqs.device)
+            count.scatter_add_(1, grams[..., -1], hit.to(torch.int32))  # the tokens that followed those
+            ban |= count > 0
+        if self.single:
+            ban[:, self.single] = True
+        for w in self.multi:
+            if t >= len(w) - 1:
+                tail = seqs[:, t - len(w) + 1:]
+                ban[:, w[-1]] |= (tail == torch.tensor(w[:-1], device=seqs.device)).all(-1)
+        return ban
+
+
 def _allowed(allowed_tokens, seqs, V, prompts):
     """The bool [N, V] mask for this step (None = all allowed), from 1 row, one per prompt (`prompts` of them:
     each spread over its sequences / beams) or one per sequence (N); any other count would be spread over rows
-    of the wrong prompts."""
+    of the wrong prompts. A _Banned adds its bans to its base mask."""
+    if isinstance(allowed_tokens, _Banned):
+        m = _allowed(allowed_tokens.base, seqs, V, prompts)
+        ban = allowed_tokens.banned(seqs, V)
+        return ~ban if m is None else m & ~ban
     if allowed_tokens is None:
         return None
     m = allowed_tokens(seqs) if callable(allowed_tokens) else allowed_tokens
@@ -273,7 +318,8 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
              presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None,
              num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
              allowed_tokens=None, scorers=None, use_cache=True, return_dict=False, attention_mask=None,
-             draft_model=None, num_draft_tokens=4, top_logprobs=0):
+             draft_model=None, num_draft_tokens=4, top_logprobs=0, min_new_tokens=0, no_repeat_ngram_size=0,
+             bad_words_ids=None):
     """Continue `input_ids` [B, T] by up to `max_new_tokens` tokens (see the module docstring).
 
     attention_mask: [B, T], 1 = token, 0 = left padding (batched prompts of different lengths,
@@ -285,6 +331,11 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     top_logprobs: k > 0 (greedy and sample, with return_dict=True) adds, per generated position, the k
     most likely token ids and the raw log-probabilities of the model (see GenerationOutput).
     num_return_sequences: an int >= 1 (at most num_beams for beam search).
+    min_new_tokens, no_repeat_ngram_size, bad_words_ids: transformers' generate options of those names (any
+    strategy but speculative): no eos before min_new_tokens new tokens (vLLM's min_tokens); no n-gram of
+    no_repeat_ngram_size tokens twice in a sequence (its prompt and padding included, as HF counts); no
+    sequence of bad_words_ids (lists of token ids; a one-token list bans the token, a longer one its last token
+    after the others). They ban tokens as allowed_tokens does (and join its mask), so the outputs equal HF's.
     strategy="beam" with num_beams=1 is greedy decoding (transformers' generate(num_beams=1) is greedy
     search: a single beam does not go on past an eos for a better hypothesis), so early_stopping does not
     apply; return_dict=True still gives a beam's scores [B]: the sum of the chosen tokens' log-probabilities
@@ -316,6 +367,12 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos is not None else 0
     scorers = _scorers(scorers)
+    rules = _check_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids)
+    if rules:
+        if draft_model is not None:
+            raise ValueError(f"{', '.join(rules)} are not supported with draft_model (speculative decoding)")
+        allowed_tokens = _Banned(allowed_tokens, input_ids.shape[1], eos, min_new_tokens, no_repeat_ngram_size,
+                                 bad_words_ids)
     if draft_model is not None:
         _check_speculative(draft_model, input_ids, max_new_tokens, strategy, num_draft_tokens, num_beams,
                            dict(repetition_penalty=(repetition_penalty, 1.0), presence_penalty=(presence_penalty, 0.0),
@@ -379,6 +436,22 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
         if draft_model is not None:
             draft_model.train(draft_training)
     return out if return_dict else out.sequences
+
+
+def _check_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids):
+    """Validate generate's HF masking options; returns the names of those in use."""
+    for name, v in (("min_new_tokens", min_new_tokens), ("no_repeat_ngram_size", no_repeat_ngram_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0 (0: off), got {v!r}")
+    if bad_words_ids is not None:
+        ok = isinstance(bad_words_ids, (list, tuple)) and all(
+            isinstance(w, (list, tuple)) and len(w) > 0 and all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in w) for w in bad_words_ids)
+        if not ok:
+            raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids (ints >= 0), got "
+                             f"{bad_words_ids!r}")
+    return [name for name, on in (("min_new_tokens", min_new_tokens), ("no_repeat_ngram_size", no_repeat_ngram_size),
+                                  ("bad_words_ids", bad_words_ids)) if on]
 
 
 def _per_sequence(name, v, B, R):

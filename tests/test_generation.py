@@ -566,3 +566,54 @@ def test_empty_prompt_and_choice_constraint_prompt_len_are_checked(pairs):
     with pytest.raises(ValueError, match="prompt_len=6"):
         generate(m, x, 3, allowed_tokens=c, eos_token_id=2)
     assert c(torch.zeros(1, 6, dtype=torch.long))[0].nonzero().flatten().tolist() == [12]
+
+
+def _ngrams(row, n):
+    return [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_min_new_tokens_no_repeat_ngram_and_bad_words_equal_transformers(pairs, arch):
+    """transformers' masking processors (min_new_tokens, no_repeat_ngram_size, bad_words_ids), alone and
+    together, greedy and beam search, a left-padded batch included: the same tokens as HF generate."""
+    m, hf = pairs[arch]
+    x = torch.randint(0, V, (3, 6), generator=torch.Generator().manual_seed(11))
+    am = torch.ones_like(x)
+    am[1, :2] = 0
+    x[am == 0] = PAD
+    plain = generate(m, x, 10, attention_mask=am, pad_token_id=PAD)
+    eos = int(plain[0, 6 + 1])  # emitted early: min_new_tokens must hold it back
+    bad = [[int(plain[2, 6 + 2])], [int(plain[0, 6 + 3]), int(plain[0, 6 + 4])], [eos]]  # ([eos] dropped, as HF)
+    cases = [dict(min_new_tokens=5, eos_token_id=eos), dict(no_repeat_ngram_size=2), dict(no_repeat_ngram_size=1),
+             dict(bad_words_ids=bad, eos_token_id=eos),
+             dict(min_new_tokens=3, no_repeat_ngram_size=3, bad_words_ids=bad[:2], eos_token_id=eos)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kw in cases:
+            for beams in (1, 3):
+                ours = generate(m, x, 10, attention_mask=am, pad_token_id=PAD, num_beams=beams,
+                                strategy="beam" if beams > 1 else "greedy", **kw)
+                ref = hf.generate(x, attention_mask=am, max_new_tokens=10, do_sample=False, num_beams=beams,
+                                  pad_token_id=PAD, **kw)
+                assert torch.equal(ours, ref), (kw, beams, ours, ref)
+    # the constraints hold when sampling too
+    out = generate(m, x, 12, strategy="sample", temperature=2.0, seed=1, no_repeat_ngram_size=2,
+                   min_new_tokens=6, eos_token_id=eos, pad_token_id=PAD, bad_words_ids=[[7], [8, 9]])
+    for row in out.tolist():
+        grams = _ngrams(row, 2)
+        assert len(grams) == len(set(grams))
+        assert eos not in row[6:12] and 7 not in row[6:] and (8, 9) not in _ngrams(row[5:], 2)
+
+
+def test_masking_options_bad_arguments(pairs):
+    m, _ = pairs["llama"]
+    x = torch.randint(0, V, (1, 4))
+    for kw, match in [(dict(min_new_tokens=-1), "min_new_tokens"), (dict(no_repeat_ngram_size=1.5), "no_repeat"),
+                      (dict(bad_words_ids=[3]), "bad_words_ids"), (dict(bad_words_ids=[[]]), "bad_words_ids"),
+                      (dict(bad_words_ids=[[True]]), "bad_words_ids")]:
+        with pytest.raises(ValueError, match=match):
+            generate(m, x, 2, **kw)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(m, x, 2, bad_words_ids=[[V]])
+    with pytest.raises(ValueError, match="not supported with draft_model"):
+        generate(m, x, 2, draft_model=m, no_repeat_ngram_size=2)
