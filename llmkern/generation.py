@@ -34,7 +34,9 @@ applies to each of its R sequences (rows B * R, prompt-major; a [B * R] / [B * R
 per sequence), and a [B] seed gives sequence j of prompt b the seed seed[b] + j (an int seed s, numpy
 integer or 0-dim integer tensor, gives row r the seed s + r; seed tensors must be integer), so a prompt
 generated alone with its values draws the same tokens (with a draft model, see below). Beam search
-takes logit_bias [V] or [B, V] (added to every beam of the prompt).
+takes logit_bias [V] or [B, V] (added to every beam of the prompt) and repetition_penalty (a float or [B]:
+HF's processor on the beams' log-probabilities, the prompt's padding not counted); the other sampling
+options raise with it.
 Guided decoding (any strategy):
   allowed_tokens  bool [V], [1, V], [B, V] (per prompt: each of its sequences / beams) or [N, V] (per
                   sequence, N = B * num_return_sequences, or B * num_beams for beam search; other row
@@ -401,8 +403,8 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                                       logit_bias, seed, allowed_tokens, mask, num_draft_tokens, prompts)
         elif strategy == "beam":
             sampling_args = dict(temperature=(temperature, 1.0), top_k=(top_k, 0), top_p=(top_p, 1.0),
-                                 min_p=(min_p, 0.0), repetition_penalty=(repetition_penalty, 1.0),
-                                 presence_penalty=(presence_penalty, 0.0), frequency_penalty=(frequency_penalty, 0.0))
+                                 min_p=(min_p, 0.0), presence_penalty=(presence_penalty, 0.0),
+                                 frequency_penalty=(frequency_penalty, 0.0))
             for name, (v, default) in sampling_args.items():
                 if torch.is_tensor(v) or v != default:
                     raise ValueError(f"{name} is a sampling option; strategy='beam' does not take it")
@@ -415,11 +417,11 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                 raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
             if num_beams == 1:  # greedy decoding, as transformers' generate runs for one beam
                 out = _one_beam(model, input_ids, max_new_tokens, eos, pad_token_id, float(length_penalty),
-                                logit_bias, allowed_tokens, scorers, use_cache, mask)
+                                logit_bias, allowed_tokens, scorers, use_cache, mask, repetition_penalty)
             else:
                 out = _beam_search(model, input_ids, max_new_tokens, eos, pad_token_id, num_beams,
                                    float(length_penalty), early_stopping, num_return_sequences,
-                                   logit_bias, allowed_tokens, scorers, use_cache, mask)
+                                   logit_bias, allowed_tokens, scorers, use_cache, mask, repetition_penalty)
         else:
             if num_beams != 1:
                 raise ValueError(f"num_beams={num_beams} needs strategy='beam'")
@@ -927,13 +929,23 @@ def _processed_logprobs(logits, prev, output_start, kw):
     return _log_softmax(y)
 
 
+def _beam_penalty(repetition_penalty, B, K, dev):
+    """The repetition penalty per beam, float32 [B * K], or None when it is 1 for every prompt."""
+    if not torch.is_tensor(repetition_penalty) and repetition_penalty == 1.0:
+        return None
+    from llmkern.ops.sampling import _sample_params
+
+    rep = _sample_params(B, dev, 1.0, 0, 1.0, 0.0, repetition_penalty, 0.0, 0.0)[4]  # (validated, [B])
+    return rep.repeat_interleave(K)
+
+
 def _one_beam(model, input_ids, max_new_tokens, eos, pad, length_penalty, logit_bias, allowed_tokens, scorers,
-              use_cache, mask):
+              use_cache, mask, repetition_penalty=1.0):
     """num_beams=1: greedy decoding, as transformers' generate runs it (a lone beam would go on past an eos
     looking for a better hypothesis, which greedy does not). The scores stay a beam's, [B]: the sum of the
     tokens' log-probabilities / (new tokens, eos included) ** length_penalty."""
-    knobs = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
-                 frequency_penalty=0.0)
+    knobs = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=repetition_penalty,
+                 presence_penalty=0.0, frequency_penalty=0.0)
     B, T0 = input_ids.shape
     out = _decode(model, input_ids, max_new_tokens, "greedy", eos, pad, knobs, logit_bias, None, allowed_tokens,
                   scorers, use_cache, mask, 0, B)
@@ -946,9 +958,11 @@ def _one_beam(model, input_ids, max_new_tokens, eos, pad, length_penalty, logit_
 
 
 def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_penalty, early_stopping,
-                 num_return_sequences, logit_bias, allowed_tokens, scorers, use_cache, mask):
+                 num_return_sequences, logit_bias, allowed_tokens, scorers, use_cache, mask, repetition_penalty=1.0):
     """transformers' (>= 4.50) vectorised beam search, with our masks and scorers added to the
-    log-probabilities before the beams are ranked."""
+    log-probabilities before the beams are ranked. repetition_penalty (a float or [B] per prompt) acts on the
+    (biased) log-probabilities, as HF's processor does in beam search: a seen token's log-probability (<= 0)
+    is multiplied by it; the prompt's padding is not counted (as in greedy)."""
     B, T0 = input_ids.shape
     dev = input_ids.device
     K = num_beams
@@ -985,12 +999,21 @@ def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_p
         logit_bias = _side_tensor("logit_bias", logit_bias, B, logits.shape[-1], dev).float()
         if logit_bias.dim() == 2:
             logit_bias = logit_bias.repeat_interleave(K, dim=0)
+    rep = _beam_penalty(repetition_penalty, B, K, dev)
+    prompt_real = None if mask is None else mask.repeat_interleave(K, dim=0)  # the prompt's real tokens, per beam
     while True:
         flat = running[:, :, :cur_len].reshape(B * K, cur_len)
         V = logits.shape[-1]
         log_probs = torch.log_softmax(logits, dim=-1)
         if logit_bias is not None:
             log_probs = log_probs + logit_bias
+        if rep is not None:
+            from llmkern.reference.sampling import apply_penalties
+
+            prev = flat if prompt_real is None else torch.cat([flat[:, :T0].masked_fill(~prompt_real, -1),
+                                                               flat[:, T0:]], 1)
+            zero = torch.zeros_like(rep)
+            log_probs = apply_penalties(log_probs.float(), prev, rep, zero, zero)
         allow = _allowed(allowed_tokens, flat, V, B)
         if allow is not None:
             log_probs = log_probs.masked_fill(~allow, float("-inf"))

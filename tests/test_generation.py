@@ -617,3 +617,33 @@ def test_masking_options_bad_arguments(pairs):
         generate(m, x, 2, bad_words_ids=[[V]])
     with pytest.raises(ValueError, match="not supported with draft_model"):
         generate(m, x, 2, draft_model=m, no_repeat_ngram_size=2)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_beam_search_repetition_penalty_equals_transformers(pairs, arch):
+    """HF applies the repetition penalty to the beams' log-probabilities (multiplied where seen); a padded
+    batch, eos, several returned sequences, and a [B] per-prompt penalty against each prompt alone."""
+    m, hf = pairs[arch]
+    x = torch.randint(0, V, (3, 6), generator=torch.Generator().manual_seed(12))
+    am = torch.ones_like(x)
+    am[2, :3] = 0
+    x[am == 0] = PAD
+    eos = _eos(m, x)
+    kw = dict(num_beams=3, num_return_sequences=2, eos_token_id=eos, pad_token_id=PAD)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for pen in (1.5, 0.7):
+            ours = generate(m, x, 9, strategy="beam", attention_mask=am, repetition_penalty=pen, **kw)
+            ref = hf.generate(x, attention_mask=am, max_new_tokens=9, do_sample=False, repetition_penalty=pen, **kw)
+            assert torch.equal(ours, ref), (pen, ours, ref)
+        assert not torch.equal(generate(m, x, 9, strategy="beam", attention_mask=am, repetition_penalty=1.5, **kw),
+                               generate(m, x, 9, strategy="beam", attention_mask=am, **kw))
+        per_row = generate(m, x[:2], 9, strategy="beam", repetition_penalty=torch.tensor([1.5, 2.0]), **kw)
+        for b, pen in enumerate((1.5, 2.0)):  # (the batch's width is its longest sequence's: pads past a row's)
+            alone = generate(m, x[b:b + 1], 9, strategy="beam", repetition_penalty=pen, **kw)
+            w = alone.shape[1]
+            assert torch.equal(per_row[2 * b:2 * b + 2, :w], alone) and bool((per_row[2 * b:2 * b + 2, w:] == PAD).all())
+        one = generate(m, x, 9, strategy="beam", num_beams=1, attention_mask=am, repetition_penalty=1.5,
+                       eos_token_id=eos, pad_token_id=PAD)
+        assert torch.equal(one, hf.generate(x, attention_mask=am, max_new_tokens=9, do_sample=False,
+                                            repetition_penalty=1.5, eos_token_id=eos, pad_token_id=PAD))
