@@ -321,7 +321,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
              num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
              allowed_tokens=None, scorers=None, use_cache=True, return_dict=False, attention_mask=None,
              draft_model=None, num_draft_tokens=4, top_logprobs=0, min_new_tokens=0, no_repeat_ngram_size=0,
-             bad_words_ids=None):
+             bad_words_ids=None, stop_sequences=None):
     """Continue `input_ids` [B, T] by up to `max_new_tokens` tokens (see the module docstring).
 
     attention_mask: [B, T], 1 = token, 0 = left padding (batched prompts of different lengths,
@@ -338,6 +338,9 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     no_repeat_ngram_size tokens twice in a sequence (its prompt and padding included, as HF counts); no
     sequence of bad_words_ids (lists of token ids; a one-token list bans the token, a longer one its last token
     after the others). They ban tokens as allowed_tokens does (and join its mask), so the outputs equal HF's.
+    stop_sequences: lists of token ids (greedy and sample): a sequence stops once its generated tokens end with
+    one of them (kept in the output, as HF's stop_strings keep theirs; pad_token_id follows), like an eos of
+    several tokens (vLLM's stop, on token ids: no tokenizer here). Beam search and draft_model refuse them.
     strategy="beam" with num_beams=1 is greedy decoding (transformers' generate(num_beams=1) is greedy
     search: a single beam does not go on past an eos for a better hypothesis), so early_stopping does not
     apply; return_dict=True still gives a beam's scores [B]: the sum of the chosen tokens' log-probabilities
@@ -370,6 +373,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
         pad_token_id = int(eos[0]) if eos is not None else 0
     scorers = _scorers(scorers)
     rules = _check_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids)
+    stops = _check_stops(stop_sequences, strategy, draft_model, input_ids.device)
     if rules:
         if draft_model is not None:
             raise ValueError(f"{', '.join(rules)} are not supported with draft_model (speculative decoding)")
@@ -432,12 +436,40 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                           dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                frequency_penalty=frequency_penalty),
-                          logit_bias, seed, allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts)
+                          logit_bias, seed, allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts, stops)
     finally:
         model.train(was_training)
         if draft_model is not None:
             draft_model.train(draft_training)
     return out if return_dict else out.sequences
+
+
+def _token_lists(name, v):
+    """Whether v is a list (or tuple) of non-empty lists of token ids (ints >= 0)."""
+    return isinstance(v, (list, tuple)) and all(
+        isinstance(w, (list, tuple)) and len(w) > 0 and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in w) for w in v)
+
+
+def _check_stops(stop_sequences, strategy, draft_model, device):
+    """stop_sequences as int64 tensors on `device`, or None."""
+    if stop_sequences is None:
+        return None
+    if not _token_lists("stop_sequences", stop_sequences):
+        raise ValueError(f"stop_sequences must be a list of non-empty lists of token ids (ints >= 0), got "
+                         f"{stop_sequences!r}")
+    if strategy == "beam" or draft_model is not None:
+        raise ValueError("stop_sequences are supported by strategy='greedy' and 'sample' without draft_model")
+    return [torch.tensor(w, dtype=torch.long, device=device) for w in stop_sequences] or None
+
+
+def _stopped(seqs, T0, stops):
+    """bool [N]: the generated tokens of seqs [N, t] (from column T0) end with one of the stop sequences."""
+    done = torch.zeros(seqs.shape[0], dtype=torch.bool, device=seqs.device)
+    for w in stops:
+        if seqs.shape[1] - T0 >= w.numel():
+            done |= (seqs[:, seqs.shape[1] - w.numel():] == w).all(-1)
+    return done
 
 
 def _check_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids):
@@ -446,10 +478,7 @@ def _check_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be an int >= 0 (0: off), got {v!r}")
     if bad_words_ids is not None:
-        ok = isinstance(bad_words_ids, (list, tuple)) and all(
-            isinstance(w, (list, tuple)) and len(w) > 0 and all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in w) for w in bad_words_ids)
-        if not ok:
+        if not _token_lists("bad_words_ids", bad_words_ids):
             raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids (ints >= 0), got "
                              f"{bad_words_ids!r}")
     return [name for name, on in (("min_new_tokens", min_new_tokens), ("no_repeat_ngram_size", no_repeat_ngram_size),
@@ -532,8 +561,9 @@ class _TopLogprobs:
 
 
 def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_bias, seed,
-            allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts):
-    """Greedy or sampled decoding of input_ids [N, T] (each prompt's rows repeated: `prompts` of them)."""
+            allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts, stops=None):
+    """Greedy or sampled decoding of input_ids [N, T] (each prompt's rows repeated: `prompts` of them); stops:
+    token sequences (int64 tensors) that end a row as an eos does."""
     from llmkern.ops.sampling import sample
     from llmkern.ops.speculative import row_seeds
 
@@ -595,6 +625,8 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
         position = position + 1
         if eos is not None:
             unfinished &= ~torch.isin(tok, eos)
+        if stops is not None:
+            unfinished &= ~_stopped(seqs, T0, stops)
         any_stuck, any_left = torch.stack([stuck.any(), unfinished.any()]).tolist()  # one sync
         if any_stuck:
             _raise_stuck(stuck, allow, seqs.shape[1] - 1 - T0)

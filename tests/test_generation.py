@@ -647,3 +647,38 @@ def test_beam_search_repetition_penalty_equals_transformers(pairs, arch):
                        eos_token_id=eos, pad_token_id=PAD)
         assert torch.equal(one, hf.generate(x, attention_mask=am, max_new_tokens=9, do_sample=False,
                                             repetition_penalty=1.5, eos_token_id=eos, pad_token_id=PAD))
+
+
+def test_stop_sequences_equal_a_transformers_stopping_criterion(pairs):
+    """A row stops once its generated tokens end with a stop sequence (kept, then padding), as transformers'
+    generate with a StoppingCriteria of the same test; sampling keeps every row up to its first stop."""
+
+    class StopOn(transformers.StoppingCriteria):
+        def __init__(self, seqs, T0):
+            self.seqs, self.T0 = [torch.tensor(s) for s in seqs], T0
+
+        def __call__(self, input_ids, scores, **kw):
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            for s in self.seqs:
+                if input_ids.shape[1] - self.T0 >= len(s):
+                    done |= (input_ids[:, -len(s):] == s).all(-1)
+            return done
+
+    m, hf = pairs["llama"]
+    x = torch.randint(0, V, (3, 6), generator=torch.Generator().manual_seed(13))
+    plain = generate(m, x, 12)
+    stops = [[int(plain[0, 8]), int(plain[0, 9])], [int(plain[2, 10])], [int(x[1, -1])]]  # the last: in the prompt
+    # (an eos that never comes: without one HF does not pad the rows its criteria stop, it runs them on)
+    eos = next(t for t in range(V) if t not in plain.tolist()[0] + plain.tolist()[1] + plain.tolist()[2])
+    ours = generate(m, x, 12, stop_sequences=stops, eos_token_id=eos, pad_token_id=PAD)
+    ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False, pad_token_id=PAD,
+                      eos_token_id=eos, stopping_criteria=transformers.StoppingCriteriaList([StopOn(stops, 6)]))
+    assert torch.equal(ours, ref) and not torch.equal(ours[:, :plain.shape[1]], plain)
+    assert ours.shape[1] <= plain.shape[1] and bool((ours[0, 10:] == PAD).all())
+    out = generate(m, x, 12, strategy="sample", temperature=1.5, seed=2, stop_sequences=[[3], [4, 5]], pad_token_id=PAD)
+    for row in out[:, 6:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t == 3 or (i and row[i - 1:i + 1] == [4, 5])), len(row))
+        assert all(t == PAD for t in row[cut:])
+    for kw in (dict(stop_sequences=[[]]), dict(stop_sequences=[[3]], strategy="beam", num_beams=2)):
+        with pytest.raises(ValueError, match="stop_sequences"):
+            generate(m, x, 2, **kw)
