@@ -104,6 +104,10 @@ class GenerationOutput:
     top_logprobs: Optional[torch.Tensor] = None     # float32 [N, n, k]
     raw_logprobs: Optional[torch.Tensor] = None     # float32 [N, n]
     token_ranks: Optional[torch.Tensor] = None      # int64 [N, n]
+    # prompt_logprobs=True only (vLLM's prompt_logprobs, lm-eval's loglikelihood): raw log p(x_t | x_<t) of
+    # each prompt token, from the prefill's logits; NaN where there is no such probability (a row's first
+    # real token, left padding)
+    prompt_logprobs: Optional[torch.Tensor] = None  # float32 [N, T]
 
 
 def _eos_tensor(eos_token_id, device):
@@ -275,10 +279,11 @@ class _Stepper:
     """Runs the model one step at a time over a KV cache (or over the whole prefix without one),
     keeping the attention mask of left-padded prompts (None: no padding)."""
 
-    def __init__(self, model, batch, max_len, use_cache, mask=None):
+    def __init__(self, model, batch, max_len, use_cache, mask=None, prompt_logprobs=False):
         self.model, self.use_cache = model, use_cache
         self.cache = model.new_cache(batch, max_len) if use_cache else None
         self.mask = mask
+        self.want_prompt, self.prompt_lp = prompt_logprobs, None  # (the first call's logits, every position)
 
     def __call__(self, seqs, n_new):
         """Logits (float32) of the last position, given sequences whose last n_new tokens are new."""
@@ -289,13 +294,38 @@ class _Stepper:
                 grow = self.mask.new_ones(self.mask.shape[0], seqs.shape[1] - self.mask.shape[1])
                 self.mask = torch.cat([self.mask, grow], 1)
             kw["attention_mask"] = self.mask
+        if self.want_prompt:  # the prefill: every position's logits, once
+            self.want_prompt = False
+            logits = self.model(ids, cache=self.cache, **kw)
+            self.prompt_lp = _prompt_logprobs(logits, ids, self.mask)
+            return logits[:, -1, :].float()
         return self.model(ids, cache=self.cache, last_only=True, **kw)[:, -1, :].float()
+
+    def output(self, out, input_ids, repeat=1):
+        """`out` with the prompt's logprobs (a prefill here first if no step ran), rows repeated `repeat` times."""
+        if self.want_prompt:
+            self(input_ids, input_ids.shape[1])
+        if self.prompt_lp is None:
+            return out
+        return dataclasses.replace(out, prompt_logprobs=self.prompt_lp.repeat_interleave(repeat, dim=0))
 
     def reorder(self, idx):
         if self.cache is not None:
             self.cache.reorder(idx)
         if self.mask is not None:
             self.mask = self.mask.index_select(0, idx)
+
+
+def _prompt_logprobs(logits, ids, mask):
+    """float32 [B, T]: log p(ids[:, t] | ids[:, :t]) from the prefill's logits [B, T, V]; NaN at t = 0, at
+    left padding and at a row's first real token (no real token before it)."""
+    B, T = ids.shape
+    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    out = torch.cat([lp.new_full((B, 1), float("nan")), lp], dim=1)
+    if mask is not None:
+        seen = torch.cat([mask.new_zeros(B, 1), mask[:, :-1]], dim=1)
+        out = out.masked_fill(~(mask & seen), float("nan"))
+    return out
 
 
 def _check_mask(attention_mask, input_ids):
@@ -321,7 +351,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
              num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
              allowed_tokens=None, scorers=None, use_cache=True, return_dict=False, attention_mask=None,
              draft_model=None, num_draft_tokens=4, top_logprobs=0, min_new_tokens=0, no_repeat_ngram_size=0,
-             bad_words_ids=None, stop_sequences=None):
+             bad_words_ids=None, stop_sequences=None, prompt_logprobs=False):
     """Continue `input_ids` [B, T] by up to `max_new_tokens` tokens (see the module docstring).
 
     attention_mask: [B, T], 1 = token, 0 = left padding (batched prompts of different lengths,
@@ -341,12 +371,20 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     stop_sequences: lists of token ids (greedy and sample): a sequence stops once its generated tokens end with
     one of them (kept in the output, as HF's stop_strings keep theirs; pad_token_id follows), like an eos of
     several tokens (vLLM's stop, on token ids: no tokenizer here). Beam search and draft_model refuse them.
+    prompt_logprobs: True (with return_dict=True; any strategy but speculative) adds the raw log-probability of
+    every prompt token given the tokens before it (GenerationOutput.prompt_logprobs [N, T], vLLM's
+    prompt_logprobs; NaN at padding and at a row's first token), from the prefill's logits of every position
+    (a [B, T, V] float32 log-softmax: memory to match).
     strategy="beam" with num_beams=1 is greedy decoding (transformers' generate(num_beams=1) is greedy
     search: a single beam does not go on past an eos for a better hypothesis), so early_stopping does not
     apply; return_dict=True still gives a beam's scores [B]: the sum of the chosen tokens' log-probabilities
     (greedy's: after logit_bias and allowed_tokens, without the scorers' terms) divided by (new tokens, eos
     included) ** length_penalty."""
     _check_top_logprobs(top_logprobs, strategy, return_dict, draft_model)
+    if prompt_logprobs not in (False, True):
+        raise ValueError(f"prompt_logprobs must be True or False, got {prompt_logprobs!r}")
+    if prompt_logprobs and (not return_dict or draft_model is not None):
+        raise ValueError("prompt_logprobs needs return_dict=True and no draft_model")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
@@ -421,11 +459,13 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                 raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
             if num_beams == 1:  # greedy decoding, as transformers' generate runs for one beam
                 out = _one_beam(model, input_ids, max_new_tokens, eos, pad_token_id, float(length_penalty),
-                                logit_bias, allowed_tokens, scorers, use_cache, mask, repetition_penalty)
+                                logit_bias, allowed_tokens, scorers, use_cache, mask, repetition_penalty,
+                                prompt_logprobs)
             else:
                 out = _beam_search(model, input_ids, max_new_tokens, eos, pad_token_id, num_beams,
                                    float(length_penalty), early_stopping, num_return_sequences,
-                                   logit_bias, allowed_tokens, scorers, use_cache, mask, repetition_penalty)
+                                   logit_bias, allowed_tokens, scorers, use_cache, mask, repetition_penalty,
+                                   prompt_logprobs)
         else:
             if num_beams != 1:
                 raise ValueError(f"num_beams={num_beams} needs strategy='beam'")
@@ -436,7 +476,8 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                           dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                frequency_penalty=frequency_penalty),
-                          logit_bias, seed, allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts, stops)
+                          logit_bias, seed, allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts, stops,
+                          prompt_logprobs)
     finally:
         model.train(was_training)
         if draft_model is not None:
@@ -561,7 +602,7 @@ class _TopLogprobs:
 
 
 def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_bias, seed,
-            allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts, stops=None):
+            allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts, stops=None, prompt_logprobs=False):
     """Greedy or sampled decoding of input_ids [N, T] (each prompt's rows repeated: `prompts` of them); stops:
     token sequences (int64 tensors) that end a row as an eos does."""
     from llmkern.ops.sampling import sample
@@ -577,7 +618,7 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
     # the sampler's position per row counts real tokens, so a row draws the same tokens whatever
     # padding its batch needs
     position = torch.full((B,), T0, dtype=torch.long, device=dev) if mask is None else mask.sum(-1).long()
-    step = _Stepper(model, B, T0 + max_new_tokens, use_cache, mask)
+    step = _Stepper(model, B, T0 + max_new_tokens, use_cache, mask, prompt_logprobs)
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
     logps = []
     tops = _TopLogprobs(top_logprobs) if top_logprobs else None
@@ -633,7 +674,7 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
         if not any_left:
             break
     scores = torch.stack(logps, 1) if logps else torch.zeros(B, 0, device=dev)
-    out = GenerationOutput(seqs, scores)
+    out = step.output(GenerationOutput(seqs, scores), input_ids)
     return out if tops is None else tops.fill(out, B, dev)
 
 
@@ -972,7 +1013,7 @@ def _beam_penalty(repetition_penalty, B, K, dev):
 
 
 def _one_beam(model, input_ids, max_new_tokens, eos, pad, length_penalty, logit_bias, allowed_tokens, scorers,
-              use_cache, mask, repetition_penalty=1.0):
+              use_cache, mask, repetition_penalty=1.0, prompt_logprobs=False):
     """num_beams=1: greedy decoding, as transformers' generate runs it (a lone beam would go on past an eos
     looking for a better hypothesis, which greedy does not). The scores stay a beam's, [B]: the sum of the
     tokens' log-probabilities / (new tokens, eos included) ** length_penalty."""
@@ -980,17 +1021,18 @@ def _one_beam(model, input_ids, max_new_tokens, eos, pad, length_penalty, logit_
                  presence_penalty=0.0, frequency_penalty=0.0)
     B, T0 = input_ids.shape
     out = _decode(model, input_ids, max_new_tokens, "greedy", eos, pad, knobs, logit_bias, None, allowed_tokens,
-                  scorers, use_cache, mask, 0, B)
+                  scorers, use_cache, mask, 0, B, prompt_logprobs=prompt_logprobs)
     new = out.sequences[:, T0:]
     n = torch.full((B,), new.shape[1], dtype=torch.long, device=new.device)
     if eos is not None:  # a row's tokens end at its first eos (padding follows)
         hit = torch.isin(new, eos)
         n = torch.where(hit.any(-1), hit.long().argmax(-1) + 1, n)
-    return GenerationOutput(out.sequences, out.scores.sum(-1) / n.clamp(min=1).float() ** length_penalty)
+    return dataclasses.replace(out, scores=out.scores.sum(-1) / n.clamp(min=1).float() ** length_penalty)
 
 
 def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_penalty, early_stopping,
-                 num_return_sequences, logit_bias, allowed_tokens, scorers, use_cache, mask, repetition_penalty=1.0):
+                 num_return_sequences, logit_bias, allowed_tokens, scorers, use_cache, mask, repetition_penalty=1.0,
+                 prompt_logprobs=False):
     """transformers' (>= 4.50) vectorised beam search, with our masks and scorers added to the
     log-probabilities before the beams are ranked. repetition_penalty (a float or [B] per prompt) acts on the
     (biased) log-probabilities, as HF's processor does in beam search: a seen token's log-probability (<= 0)
@@ -1016,11 +1058,12 @@ def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_p
     running_open = torch.ones(B, K, dtype=torch.bool, device=dev)     # not an eos-ended placeholder
 
     # prefill once per prompt, then copy the cache to every beam
-    step = _Stepper(model, B, max_length, use_cache, mask)
+    step = _Stepper(model, B, max_length, use_cache, mask, prompt_logprobs)
     cur_len = T0
     if max_new_tokens == 0:
-        return GenerationOutput(input_ids.repeat_interleave(num_return_sequences, 0),
-                                torch.zeros(B * num_return_sequences, device=dev))
+        return step.output(GenerationOutput(input_ids.repeat_interleave(num_return_sequences, 0),
+                                            torch.zeros(B * num_return_sequences, device=dev)),
+                           input_ids, num_return_sequences)
     logits = step(input_ids, T0).repeat_interleave(K, dim=0)
     step.reorder(torch.arange(B, device=dev).repeat_interleave(K))
     batch_offset = torch.arange(B, device=dev).view(-1, 1) * K
@@ -1116,4 +1159,4 @@ def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_p
     R = num_return_sequences
     out_len = T0 + int(gen_len[:, :R].max())
     seqs = sequences[:, :R, :out_len].reshape(B * R, out_len)
-    return GenerationOutput(seqs, beam_scores[:, :R].reshape(-1))
+    return step.output(GenerationOutput(seqs, beam_scores[:, :R].reshape(-1)), input_ids, R)

@@ -682,3 +682,31 @@ def test_stop_sequences_equal_a_transformers_stopping_criterion(pairs):
     for kw in (dict(stop_sequences=[[]]), dict(stop_sequences=[[3]], strategy="beam", num_beams=2)):
         with pytest.raises(ValueError, match="stop_sequences"):
             generate(m, x, 2, **kw)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_prompt_logprobs_equal_transformers_logits(pairs, strategy):
+    """log p(x_t | x_<t) of every prompt token from the prefill: transformers' log-softmax at the previous
+    position, NaN at padding and at a row's first token; rows repeated per returned sequence; the generated
+    tokens unchanged."""
+    m, hf = pairs["llama"]
+    x = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(14))
+    am = torch.ones_like(x)
+    am[1, :3] = 0
+    x[am == 0] = PAD
+    pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 1)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(x, attention_mask=am, position_ids=pos).logits.float(), -1)
+    want = torch.full((3, 7), float("nan"))
+    want[:, 1:] = ref[:, :-1].gather(-1, x[:, 1:, None])[..., 0]
+    want[1, :4] = float("nan")  # row 1: 3 pads, then its first real token
+    kw = dict(strategy=strategy, attention_mask=am, pad_token_id=PAD, num_return_sequences=2)
+    kw.update(num_beams=2) if strategy == "beam" else kw.update(seed=1) if strategy == "sample" else None
+    for n in (5, 0):
+        out = generate(m, x, n, return_dict=True, prompt_logprobs=True, **kw)
+        assert out.prompt_logprobs.shape == (6, 7)
+        torch.testing.assert_close(out.prompt_logprobs, want.repeat_interleave(2, 0), atol=1e-4, rtol=1e-4,
+                                   equal_nan=True)
+        assert torch.equal(out.sequences, generate(m, x, n, **kw))
+    with pytest.raises(ValueError, match="prompt_logprobs needs return_dict"):
+        generate(m, x, 2, prompt_logprobs=True)
