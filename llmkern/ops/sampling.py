@@ -19,6 +19,7 @@ from llmkern.reference import sampling as _ref_sampling
 ScalarOrTensor = Union[float, int, torch.Tensor]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+MAX_VOCAB = 2**24  # (real vocabularies: up to ~262k)
 
 
 # Looked up once: the dispatcher query is not traceable by torch.compile.
@@ -79,8 +80,9 @@ def _check_logits(logits):
         raise ValueError(f"logits must have shape [batch, vocab], got {tuple(logits.shape)}")
     if logits.size(1) < 1:
         raise ValueError("logits must have a non-empty vocabulary dimension")
-    if logits.size(1) >= 2**31:
-        raise ValueError(f"logits vocabulary dimension must be below 2^31, got {logits.size(1)}")
+    if logits.size(1) > MAX_VOCAB:  # (each token's weight is up to 2^40 in a 64-bit fixed-point sum)
+        raise ValueError(f"logits vocabulary dimension must be at most 2^24 = {MAX_VOCAB} (the kernels' fixed-point "
+                         f"mass sums would wrap past it), got {logits.size(1)}")
     if logits.dtype not in _DTYPES:
         raise ValueError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
 
@@ -336,6 +338,8 @@ def sample(
     allowed_tokens: bool [V] / [B, V] (True = allowed) or packed int32 bitmask [B, ceil(V/32)].
     seed, position: with a seed, row r's draw is a pure function of (its processed logits,
         seed[r], position[r]) - reproducible and independent of the batch's order or makeup.
+        A scalar is every row's: rows then draw with the same uniform (identical rows give the same
+        token); pass seed=s + torch.arange(B) for independent rows (generate does).
         Without one, fresh seeds come from torch's generator (torch.manual_seed applies).
 
     Returns tokens (int64 [B]); with return_logprobs also the log-probability of each token under
