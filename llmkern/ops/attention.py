@@ -722,7 +722,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         if key_padding_mask is not None:
             vis = vis & key_padding_mask[:, None, :]
         unseen = ~vis.any(dim=1)  # [B, Tmax]: slots past the length or padded may hold anything (0 * NaN = NaN)
-        if bool(unseen.any()):  # (SDPA adds its -inf mask to the scores: a NaN key too)
+        if torch.compiler.is_compiling() or bool(unseen.any()):  # (SDPA adds its -inf mask: a NaN key too)
             k_cache = k_cache.masked_fill(unseen[:, None, :, None], 0.0)
             v_cache = v_cache.masked_fill(unseen[:, None, :, None], 0.0)
         gqa = {"enable_gqa": True} if Hk != H else {}

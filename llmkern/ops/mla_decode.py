@@ -156,7 +156,7 @@ def _folded(q, kv_cache, lens, Dv, causal, scale, key_padding_mask):
     denom = p.sum(dim=-1, keepdim=True)
     vals = kv[..., :Dv]
     unseen = ~vis.any(dim=2)  # [B, 1, Tmax]: slots past the length or padded may hold anything (0 * NaN = NaN)
-    if bool(unseen.any()):
+    if torch.compiler.is_compiling() or bool(unseen.any()):  # (traced: no data-dependent branch)
         vals = vals.masked_fill(unseen[..., None], 0.0)
     out = torch.matmul(p, vals).div_(denom.clamp_min(torch.finfo(cd).tiny))
     return out.reshape(B, H, Tq, Dv).to(q.dtype), (m + denom.log()).reshape(B, H, Tq)

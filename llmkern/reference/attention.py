@@ -189,7 +189,7 @@ def _unseen_values_zeroed(vf, full, B, Hk, G, Tq, Tk):
     """vf [B, Hk, 1, Tk, Dv] with the values of keys no query of the row sees set to 0: their weight is 0, but
     0 * NaN is NaN, and hidden cache slots (past a row's length, padding) may hold anything (torch.empty)."""
     seen = full.expand(B, Hk, G, Tq, Tk).any(dim=3).any(dim=2)  # [B, Hk, Tk]
-    if bool(seen.all()):
+    if not torch.compiler.is_compiling() and bool(seen.all()):  # (traced: no data-dependent branch)
         return vf
     return vf.masked_fill(~seen[:, :, None, :, None], 0.0)
 
