@@ -154,6 +154,21 @@ def test_fp8_cache_appends_quantized_tokens(monkeypatch, backend, paged):
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("backend", ["default", "reference", "triton"])
+def test_fp8_cache_one_scale_given(monkeypatch, backend):
+    """A scale left out is 1, the other applies (the kernel read cache_seqlens as the missing V scale)."""
+    _use(monkeypatch, backend)
+    q, k, v, lens = _case(B=2, H=8, Hk=4)  # (more kv heads than rows: the wrong read ran past the lengths)
+    k8, v8 = llmkern.quantize_kv(k), llmkern.quantize_kv(v)
+    for ks, vs in ((0.5, None), (None, 2.0), (torch.linspace(0.5, 1, 4), None)):
+        kt = None if ks is None else torch.as_tensor(ks, dtype=torch.float32).expand(4)
+        vt = None if vs is None else torch.full((4,), vs)
+        want = ref.attention_with_kvcache(q.double(), ref.dequantize_kv(k8, kt, torch.float64),
+                                          ref.dequantize_kv(v8, vt, torch.float64), lens)
+        got = llmkern.attention_with_kvcache(q, k8, v8, lens, k_scale=ks, v_scale=vs)
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
 def test_fp8_cache_errors():
     q, k, v, lens = _case()
     k8, v8 = llmkern.quantize_kv(k), llmkern.quantize_kv(v)
@@ -171,6 +186,9 @@ def test_fp8_cache_errors():
         llmkern.attention_with_kvcache(q, k8, v8, lens, v_scale=torch.tensor([1.0, 0.0]))
     with pytest.raises(ValueError, match="k_scale must be a finite positive float"):
         llmkern.attention_with_kvcache(q, k8, v8, lens, k_scale=float("inf"))
+    for bad in (torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0]), torch.tensor([float("nan"), 1.0])):
+        with pytest.raises(ValueError, match="scale must be finite and positive"):  # (float32 [Hk] too)
+            llmkern.quantize_kv(k, torch.float8_e4m3fn, bad)
     with pytest.raises(ValueError, match="k must be torch.float32"):  # new tokens come in q's dtype
         llmkern.attention_with_kvcache(q, k8, v8, lens - 1, k=k8[:, :, :1], v=v8[:, :, :1])
 

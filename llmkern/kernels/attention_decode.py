@@ -279,6 +279,9 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
     position, paged caches too). alibi_slopes: float32 [H] or [B, H]: ALiBi, -slope * |pos - j| with pos
     the query's position (Tk = the row's cache length). k_cache / v_cache may be float8 (one dtype), read as
     x * k_scale / x * v_scale (float32 [Hk], or None: 1), widened to q's dtype in registers."""
+    if (k_scale is None) != (v_scale is None):  # (the kernel takes both or neither: a missing one is 1)
+        ones = torch.ones(k_cache.shape[1], dtype=torch.float32, device=q.device)
+        k_scale, v_scale = (ones if k_scale is None else k_scale), (ones if v_scale is None else v_scale)
     if k_cache.dtype != q.dtype and not fp8_in_registers(k_cache.dtype, q.device):
         # (Triton converts float8_e4m3fn only on sm_89+: older GPUs read a dequantized copy)
         k_cache, v_cache = dequantize_kv(k_cache, k_scale, q.dtype), dequantize_kv(v_cache, v_scale, q.dtype)

@@ -503,6 +503,8 @@ class ZooModel(torch.nn.Module):
         kv_heads = next((m.n_kv_head for m in self.modules() if m is not self and hasattr(m, "n_kv_head")),
                         c.n_kv_head)
         scales = self.kv_cache_scales if dtype in FP8_DTYPES else (1.0, 1.0)
+        if not isinstance(scales, (tuple, list)) or len(scales) != 2:
+            raise ValueError(f"new_cache: kv_cache_scales must be (k_scale, v_scale), got {scales!r}")
         return KVCache(c.n_layer, batch, kv_heads, max_len or c.block_size, c.head_dim,
                        dtype, device or p.device, *scales)
 

@@ -699,8 +699,9 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             extra["key_padding_mask"] = key_padding_mask
         if alibi_slopes is not None:
             extra["alibi_slopes"] = alibi_slopes
-        if k_scale is not None:
-            extra.update(k_scale=k_scale, v_scale=v_scale)
+        if k_scale is not None or v_scale is not None:  # (both or neither: a missing one is 1)
+            ones = lambda x: torch.ones(Hk, dtype=torch.float32, device=q.device) if x is None else x  # noqa: E731
+            extra.update(k_scale=ones(k_scale), v_scale=ones(v_scale))
         out, lse = _attention_decode_op(q, k_cache, v_cache, lens.to(torch.int32), block_table, scale, causal,
                                         wl, wr, sc, int(num_splits), **extra)
         return (out, lse) if return_lse else out
@@ -757,9 +758,10 @@ def _kv_scale(name, scale, cache, Hk, device):
                          f"got {scale.dtype} {tuple(scale.shape)}")
     if scale.device != device:
         raise ValueError(f"{name} is on {scale.device} but q is on {device}")
+    scale = scale.to(torch.float32)  # (a float8 scale has no isfinite)
     if scale.device.type == "cpu" and _checking_values() and not bool((scale.isfinite() & (scale > 0)).all()):
         raise ValueError(f"{name} must be finite and positive, got {scale.tolist()}")
-    return scale.to(torch.float32).reshape(-1).expand(Hk).contiguous()
+    return scale.reshape(-1).expand(Hk).contiguous()
 
 
 def quantize_kv(x: torch.Tensor, dtype=torch.float8_e4m3fn, scale=None) -> torch.Tensor:
@@ -775,8 +777,7 @@ def quantize_kv(x: torch.Tensor, dtype=torch.float8_e4m3fn, scale=None) -> torch
         raise ValueError(f"quantize_kv: x must be a floating tensor [batch or pages, kv_heads, T, head_dim], got "
                          f"{x.dtype} {tuple(x.shape)}")
     y = x.to(torch.float32)
-    if scale is not None and not (torch.is_tensor(scale) and scale.dtype == torch.float32
-                                  and tuple(scale.shape) == (x.shape[1],)):
+    if scale is not None:  # (validated and made float32 [kv_heads], whatever form it came in)
         scale = _kv_scale("scale", scale, torch.empty(0, dtype=dtype), x.shape[1], x.device)
     if scale is not None:
         y = y / scale.view(1, -1, 1, 1)
