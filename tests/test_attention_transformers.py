@@ -187,6 +187,19 @@ def test_mask_function_returns_padding_mask():
         lt.attention.llmkern_mask(1, 3, 8, 0, 0, mu.causal_mask_function, None)
 
 
+
+def test_static_cache_multi_token_step_refused_when_traced(monkeypatch):
+    """Traced (torch.compile), a static cache's query offset is a tensor and the alignment of a multi-token step
+    cannot be checked: refused (it ran with the chunk seeing its own future keys); a one-token decode runs."""
+    from transformers import masking_utils as mu
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(NotImplementedError, match="static-cache prefill"):
+        lt.attention.llmkern_mask(1, 3, 8, torch.tensor(5), 0, mu.causal_mask_function, None)
+    m = lt.attention.llmkern_mask(1, 1, 8, torch.tensor(4), 0, mu.causal_mask_function, None)
+    assert m.tolist() == [[True] * 5 + [False] * 3]
+
+
 def _moe_model(kind):
     torch.manual_seed(0)
     common = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,

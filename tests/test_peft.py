@@ -284,6 +284,21 @@ def test_rank_and_alpha_patterns_name_one_module_each(tmp_path):
         torch.testing.assert_close(again(x), want, rtol=1e-5, atol=1e-5)
 
 
+def test_use_fused_lora_falls_back_under_cpu_autocast(monkeypatch):
+    """Autocast on the input's device (CPU here) runs PEFT's own forward, as documented (the check asked about
+    CUDA's autocast only)."""
+    from llmkern.integrations import peft as ip
+
+    model = _peft_model()
+    ip.use_fused_lora(model)
+    calls = []
+    monkeypatch.setattr(ip, "lora_linear", lambda *a, **k: calls.append(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(_ids())
+    assert not calls
+    ip.use_fused_lora(model, enable=False)
+
+
 def test_use_fused_lora_falls_back_above_the_kernels_rank():
     """PEFT takes any rank; the fused kernels take up to 256: a rank-320 adapter runs on PEFT's forward."""
     from llmkern.integrations import peft as ip

@@ -337,6 +337,32 @@ def test_hf_logits_warper_equals_hf_warpers():
     assert torch.equal(got64[got64.isfinite()], x.double()[expected.isfinite()])
 
 
+def test_hf_logits_warper_temperature_and_min_tokens_to_keep():
+    """temperature first, then the filters, none cutting below min_tokens_to_keep: HF's Temperature, TopK, TopP
+    and MinP warpers in generate's order (a sharp row, where top-p alone would keep 1 token)."""
+    from transformers.generation import logits_process as lp
+
+    from llmkern.integrations.transformers import LlmkernSamplingWarper
+
+    x = torch.randn(4, 300) * 3
+    x[0, 7] = 40.0
+    for t, k, p, mp, m in [(0.5, 0, 0.5, 0.0, 1), (0.5, 0, 1.0, 0.2, 1), (2.0, 3, 0.9, 0.0, 5),
+                           (0.7, 0, 0.01, 0.0, 3), (1.0, 1, 1.0, 0.5, 2)]:
+        want = lp.TemperatureLogitsWarper(t)(None, x.clone())
+        if k:
+            want = lp.TopKLogitsWarper(k, min_tokens_to_keep=m)(None, want)
+        if p < 1.0:
+            want = lp.TopPLogitsWarper(p, min_tokens_to_keep=m)(None, want)
+        if mp:
+            want = lp.MinPLogitsWarper(mp, min_tokens_to_keep=m)(None, want)
+        got = LlmkernSamplingWarper(temperature=t, top_k=k, top_p=p, min_p=mp, min_tokens_to_keep=m)(None, x.clone())
+        assert torch.equal(got.isfinite(), want.isfinite()), (t, k, p, mp, m)
+        torch.testing.assert_close(got[got.isfinite()], want[want.isfinite()])
+    for bad in (dict(temperature=0.0), dict(min_tokens_to_keep=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LlmkernSamplingWarper(**bad)
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
     (dict(temperature=-0.1), "temperature"), (dict(min_p=2.0), "min_p"), (dict(top_k=2.5), "top_k"),

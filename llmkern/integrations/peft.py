@@ -179,7 +179,7 @@ def _fused_forward(self, x, *args, **kwargs):
     orig = getattr(self, _ORIG)
     base = self.base_layer
     if (args or getattr(self, "fan_in_fan_out", False) or self.disable_adapters or self.merged
-            or not isinstance(x, torch.Tensor) or torch.is_autocast_enabled()):
+            or not isinstance(x, torch.Tensor) or torch.is_autocast_enabled(x.device.type)):
         return orig(x, *args, **kwargs)
     other = {k: v for k, v in kwargs.items() if k != "adapter_names" and v is not None}
     operands = None if other else _base_operands(self, x)

@@ -156,11 +156,14 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         raise NotImplementedError("llmkern attention: a bidirectional sliding window with queries not aligned "
                                   "with the keys is not expressible")
     if kind == "causal" and (isinstance(q_end, torch.Tensor) or q_end != kv_end):
-        if q_length > 1 and not torch.compiler.is_compiling() and int(q_end) != kv_end:
+        # (traced, a static cache's offset is a tensor: whether the queries end at the last key cannot be
+        # checked, and a misaligned chunk would see its own future keys: refused)
+        if q_length > 1 and (torch.compiler.is_compiling() or int(q_end) != kv_end):
+            where = "" if torch.compiler.is_compiling() else f" at positions {int(q_offset)}..{int(q_end) - 1}"
             raise NotImplementedError(
-                f"llmkern attention: causal queries at positions {int(q_offset)}..{int(q_end) - 1} against "
-                f"{kv_length} cached keys are not bottom-right aligned (static-cache prefill); use "
-                f"DynamicCache, or 'sdpa' for this step")
+                f"llmkern attention: causal queries{where} against {kv_length} cached keys are not bottom-right "
+                f"aligned (static-cache prefill, or a multi-token step over a static cache under torch.compile); "
+                f"use DynamicCache, or 'sdpa' for this step")
         q_end_t = torch.as_tensor(q_end, device=device)
         valid = (torch.arange(kv_length, device=device) + kv_offset) < q_end_t
         valid = valid[None, :].expand(batch_size, kv_length)

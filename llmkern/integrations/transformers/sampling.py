@@ -14,24 +14,45 @@ except ImportError:  # pragma: no cover - transformers is optional
 
 
 class LlmkernSamplingWarper(_Base):
-    """Drop-in for HF's TopKLogitsWarper + TopPLogitsWarper + MinPLogitsWarper.
+    """Drop-in for HF's TemperatureLogitsWarper + TopKLogitsWarper + TopPLogitsWarper + MinPLogitsWarper.
 
-    Use: `model.generate(..., do_sample=True, top_k=0, top_p=1.0,
-    logits_processor=LogitsProcessorList([LlmkernSamplingWarper(top_k=50, top_p=0.9)]))`.
+    Use: `model.generate(..., do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+    logits_processor=LogitsProcessorList([LlmkernSamplingWarper(temperature=0.7, top_k=50, top_p=0.9)]))`.
+    Give the temperature here, not to generate(): transformers runs custom processors before its own
+    warpers, so its temperature would come after our filters (HF's order is temperature first).
+    min_tokens_to_keep: as HF's warpers' (beam sampling keeps 1 + the number of eos tokens): top-k keeps at
+    least that many, top-p and min-p never cut below the min_tokens_to_keep-th largest score.
     """
 
-    def __init__(self, top_k=0, top_p=1.0, min_p=0.0, filter_value=float("-inf")):
+    def __init__(self, top_k=0, top_p=1.0, min_p=0.0, filter_value=float("-inf"), temperature=1.0,
+                 min_tokens_to_keep=1):
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+            raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
+        if isinstance(min_tokens_to_keep, bool) or not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
+            raise ValueError(f"min_tokens_to_keep must be an int >= 1, got {min_tokens_to_keep!r}")
         self.top_k, self.top_p, self.min_p, self.filter_value = top_k, top_p, min_p, filter_value
+        self.temperature, self.min_tokens_to_keep = float(temperature), min_tokens_to_keep
 
     def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        m = min(self.min_tokens_to_keep, scores.shape[-1])
+        top_k = self.top_k if not self.top_k else max(self.top_k, m)
+        out = self._filter(scores, top_k)
+        if m > 1:  # (top-p / min-p never cut below the m-th largest score, as HF's warpers)
+            kth = scores.topk(m, dim=-1).values[..., -1:]
+            out = torch.where(scores >= kth, scores, out)
+        return out
+
+    def _filter(self, scores, top_k):
         if scores.dtype == torch.float64:
             # The kernels take 32/16-bit logits; float32 rounding would merge distinct scores into
             # ties (both kept by top-k) and move overflowing ones to +-inf. The float64 reference
             # (sorts per row: slower, exact) filters the float64 values themselves.
             B = scores.shape[0]
-            _, k, p, mp, _, _, _ = _sample_params(B, scores.device, 1.0, self.top_k, self.top_p,
+            _, k, p, mp, _, _, _ = _sample_params(B, scores.device, 1.0, top_k, self.top_p,
                                                   self.min_p, 1.0, 0.0, 0.0)
             if not isinstance(self.filter_value, numbers.Real):
                 raise TypeError(f"filter_value must be a number, got {type(self.filter_value).__name__}")
             return filter_logits(scores, k, p, mp, float(self.filter_value))
-        return top_k_top_p_filter(scores, self.top_k, self.top_p, self.min_p, self.filter_value)
+        return top_k_top_p_filter(scores, top_k, self.top_p, self.min_p, self.filter_value)
