@@ -371,3 +371,28 @@ def test_mla_decode_fp8_errors():
         llmkern.mla_decode(q, kv8[..., :32], 8, head_dim_v=32, kpe_cache=kv8[..., 32:].float())
     with pytest.raises(ValueError, match="kv_scale must be finite and positive"):
         llmkern.mla_decode(q, kv8, 8, head_dim_v=32, kv_scale=torch.tensor(-1.0))
+
+
+@pytest.mark.skipif(DEV is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+def test_fp8_dequantize_first_path(monkeypatch):
+    """Where Triton cannot convert the cache's float8 in registers (e4m3 before sm_89), the launchers read a
+    dequantized copy: the same results, one scale or both."""
+    import llmkern.kernels.attention_decode as dec
+    import llmkern.kernels.mla_decode as mla
+
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    q, k, v, lens = _case(Tq=2)
+    k8, v8 = llmkern.quantize_kv(k, torch.float8_e4m3fn, 0.5), llmkern.quantize_kv(v)
+    for ks, vs in ((0.5, 1.0), (0.5, None)):
+        want = llmkern.attention_with_kvcache(q, k8, v8, lens, k_scale=ks, v_scale=vs)
+        monkeypatch.setattr(dec, "fp8_in_registers", lambda dtype, device: False)
+        got = llmkern.attention_with_kvcache(q, k8, v8, lens, k_scale=ks, v_scale=vs)
+        monkeypatch.undo()
+        monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    kv8 = llmkern.quantize_kv(torch.randn(3, 1, 48, 40), torch.float8_e4m3fn, 2.0)
+    qm = torch.randn(3, 4, 1, 40)
+    want = llmkern.mla_decode(qm, kv8, lens, head_dim_v=32, kv_scale=2.0)
+    monkeypatch.setattr(mla, "fp8_in_registers", lambda dtype, device: False)
+    torch.testing.assert_close(llmkern.mla_decode(qm, kv8, lens, head_dim_v=32, kv_scale=2.0), want,
+                               atol=1e-5, rtol=1e-5)
