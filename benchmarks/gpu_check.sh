@@ -92,7 +92,8 @@ fi
 # of each list, LoRA (its suite and the mfu LoRA step) its first, fixed config. "mfu-compiled" is the mfu suite
 # under torch.compile(mode="reduce-overhead") (Inductor + CUDA graphs: no host time per launch).
 export LLMKERN_ATTN_TUNE_TOP=${LLMKERN_ATTN_TUNE_TOP:-2} TQDM_DISABLE=1
-plan="attention:110 lora:60 mfu:70 sampling:40 diag-mla:60 tp:40 mfu-compiled:120 diag-host:90 cross_entropy:30"
+plan="attention:110 lora:60 mfu:70 sampling:40 generate:60 diag-mla:60 tp:40 mfu-compiled:120 diag-host:90"
+plan="$plan cross_entropy:30"
 plan="$plan moe:60 norm:25 rope:20 swiglu:20"
 for spec in ${GPU_CHECK_PLAN:-$plan}; do
   name=${spec%%:*}; want=${spec#"$name"}; want=${want#:}; lim=$(limit "${want:-60}")

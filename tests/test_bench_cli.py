@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from llmkern.bench import cli
 
@@ -276,3 +277,17 @@ def test_missing_extension_is_named_as_not_built(monkeypatch):
         assert _backend.extension() is None
         assert ("llmkern._C is not built" in _backend.extension_error()) == (not files)
         assert files == [] or "llmkern._C does not load" in _backend.extension_error()
+
+
+def test_generate_suite_rows(tmp_path, capsys, monkeypatch):
+    """The generate suite times llmkern.generate on both backends, an fp8 cache and sampling: three rows."""
+    from llmkern.bench import cli
+    from llmkern.bench.suites import generate
+
+    monkeypatch.setattr(generate, "_plan", lambda device, quick: [("llama-tiny", 1, 8, 2, torch.float32)])
+    out = tmp_path / "gen"
+    assert cli.main(["--suite", "generate", "--out", str(out), "--device", "cpu", "--quick"]) == 0
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert [r["op"] for r in rows] == ["generate greedy", "generate greedy, fp8 kv-cache",
+                                       "generate sample (top-k 50, top-p 0.9)"]
+    assert all(r["throughput"] > 0 and r["baseline_ms"] > 0 for r in rows)
