@@ -598,7 +598,9 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            return_lse: bool = False, num_splits: int = 0,
                            block_table: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
                            key_padding_mask: Optional[torch.Tensor] = None,
-                           alibi_slopes: Optional[torch.Tensor] = None, k_scale=None, v_scale=None):
+                           alibi_slopes: Optional[torch.Tensor] = None, k_scale=None, v_scale=None,
+                           rotary_cos: Optional[torch.Tensor] = None, rotary_sin: Optional[torch.Tensor] = None,
+                           rotary_interleaved: bool = False):
     """Decode attention against a KV cache, split along the keys (flash-decoding).
 
     q [batch, heads, Tq, head_dim] (Tq = 1..a few new tokens); k_cache [batch, kv_heads, Tmax, head_dim],
@@ -629,6 +631,12 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         the scale, saturated to the format's range). The kernel reads the 1-byte tiles (decode is bound by
         reading the cache: half the bytes of a 16-bit cache) and widens them in registers; the scales multiply
         the scores and the output. Scales with a cache in q's dtype raise ValueError.
+    rotary_cos, rotary_sin: FlashAttention's flash_attn_with_kvcache rotary: [seqlen_ro, rotary_dim / 2] tables
+        (rotary_dim <= head_dim, even); with new k/v, RoPE (llmkern.rope, fused) is applied to the new keys at
+        positions cache_seqlens[b] + i before they are written, and to q at its own positions (the last Tq of the
+        row's new length) when causal or windowed, else at cache_seqlens[b] for every query token (as
+        FlashAttention). rotary_interleaved: pairs (2i, 2i + 1) (GPT-J) instead of (i, i + rotary_dim / 2).
+        seqlen_ro must cover cache_seqlens + Tq_new (checked on CPU).
     Returns out [batch, heads, Tq, head_dim_v] (, lse float32 [batch, heads, Tq]).
     """
     _check_qkv(q, k_cache, v_cache, 4, "[batch, heads, seq, head_dim]", names=("k_cache", "v_cache"), fp8_ok=True)
@@ -681,6 +689,9 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     lens = cache_seqlens
+    if rotary_cos is not None or rotary_sin is not None:
+        q, k = _rotary(q, k, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved,
+                       causal or wl >= 0 or wr >= 0, D, Tmax)
     if k is not None:
         if k_cache.dtype in FP8_DTYPES:
             k, v = quantize_kv(k, k_cache.dtype, k_scale), quantize_kv(v, v_cache.dtype, v_scale)
@@ -733,6 +744,42 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                           window=_ref_window(wl, wr), softcap=sc or None, return_lse=True,
                                           sinks=sinks, key_padding_mask=key_padding_mask, alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out
+
+
+def _rotary(q, k, cache_seqlens, cos, sin, interleaved, aligned, D, Tmax):
+    """attention_with_kvcache's rotary: (q, k) rotated at their positions (see its docstring)."""
+    from llmkern.ops.rope import rope
+
+    if k is None:
+        raise ValueError("rotary_cos / rotary_sin rotate the new keys: pass k and v (FlashAttention's rule)")
+    for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
+        _tensor(name, t)
+        if t.dim() != 2 or not t.is_floating_point() or t.shape != (cos.shape if torch.is_tensor(cos) else ()):
+            raise ValueError(f"{name} must be a float tensor [seqlen_ro, rotary_dim / 2] shaped like rotary_cos, "
+                             f"got {getattr(t, 'dtype', None)} {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"rotary_interleaved must be a bool, got {type(interleaved).__name__}")
+    half = cos.shape[1]
+    if not 1 <= 2 * half <= D:
+        raise ValueError(f"rotary_cos's rotary_dim / 2 = {half} must be in 1..head_dim / 2 = {D // 2}")
+    B, Tq, t_new = q.shape[0], q.shape[2], k.shape[2]
+    start = cache_seqlens.to(torch.long)[:, None]
+    pos_k = start + torch.arange(t_new, device=q.device)[None, :]  # [B, t_new]
+    pos_q = (start + t_new - Tq + torch.arange(Tq, device=q.device)[None, :]) if aligned else start.expand(B, Tq)
+    if q.device.type == "cpu" and _checking_values() and B and int(pos_k.max()) >= cos.shape[0]:
+        raise ValueError(f"rotary_cos has {cos.shape[0]} positions; the new keys reach {int(pos_k.max())}")
+
+    def table(t, pos):  # [seqlen_ro, R / 2] -> [B, T, R] at the positions, in the layout llmkern.rope takes
+        full = t.repeat_interleave(2, dim=-1) if interleaved else torch.cat([t, t], dim=-1)
+        return full[pos.clamp(0, t.shape[0] - 1)]
+
+    if aligned and Tq == t_new:  # the same positions: one fused launch for both
+        return rope(q, k, table(cos, pos_k), table(sin, pos_k), interleaved=interleaved)
+    q = rope(q, q, table(cos, pos_q), table(sin, pos_q), interleaved=interleaved)[0]
+    k = rope(k, k, table(cos, pos_k), table(sin, pos_k), interleaved=interleaved)[0]
+    return q, k
 
 
 def _bytes(t):
