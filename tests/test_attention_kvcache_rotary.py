@@ -69,3 +69,34 @@ def test_rotary_errors():
                                        rotary_sin=torch.ones(8, 5))
     with pytest.raises(ValueError, match="the new keys reach 7"):
         llmkern.attention_with_kvcache(q, kc, kc.clone(), 7, k=k, v=k, rotary_cos=cos[:7], rotary_sin=cos[:7])
+
+
+@pytest.mark.parametrize("backend", ["default", "triton"])
+def test_cache_batch_idx_reads_and_appends_the_named_rows(monkeypatch, backend):
+    """cache_batch_idx (FlashAttention's): batch row b uses row idx[b] of a larger dense cache, new tokens
+    appended there; equal to the call on the gathered rows, the other rows untouched."""
+    if backend == "triton":
+        if DEV is None:
+            pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+        monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    g = torch.Generator().manual_seed(1)
+    N, B, H, Hk, D, Tmax, Tq = 5, 2, 4, 2, 16, 24, 2
+    kc, vc = torch.randn(N, Hk, Tmax, D, generator=g), torch.randn(N, Hk, Tmax, D, generator=g)
+    q, k, v = torch.randn(B, H, Tq, D, generator=g), torch.randn(B, Hk, Tq, D, generator=g), torch.randn(B, Hk, Tq, D,
+                                                                                                         generator=g)
+    idx, lens = torch.tensor([3, 1]), torch.tensor([7, 15], dtype=torch.int32)
+    kpm = torch.ones(B, Tmax, dtype=torch.bool)
+    kpm[1, :2] = False
+    pool_k, pool_v = kc.clone(), vc.clone()
+    got = llmkern.attention_with_kvcache(q, pool_k, pool_v, lens, k=k, v=v, cache_batch_idx=idx,
+                                         key_padding_mask=kpm, softcap=5.0)
+    rows_k, rows_v = kc[idx].clone(), vc[idx].clone()
+    want = llmkern.attention_with_kvcache(q, rows_k, rows_v, lens, k=k, v=v, key_padding_mask=kpm, softcap=5.0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(pool_k[idx], rows_k) and torch.equal(pool_v[idx], rows_v)
+    others = torch.tensor([0, 2, 4])
+    assert torch.equal(pool_k[others], kc[others]) and torch.equal(pool_v[others], vc[others])
+    with pytest.raises(ValueError, match="cache_batch_idx must be an int32/int64 tensor"):
+        llmkern.attention_with_kvcache(q, pool_k, pool_v, lens, cache_batch_idx=idx.float())
+    with pytest.raises(ValueError, match="block_table entries must be page indices in 0..4"):
+        llmkern.attention_with_kvcache(q, pool_k, pool_v, lens, cache_batch_idx=torch.tensor([5, 0]))

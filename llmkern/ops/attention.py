@@ -600,7 +600,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            key_padding_mask: Optional[torch.Tensor] = None,
                            alibi_slopes: Optional[torch.Tensor] = None, k_scale=None, v_scale=None,
                            rotary_cos: Optional[torch.Tensor] = None, rotary_sin: Optional[torch.Tensor] = None,
-                           rotary_interleaved: bool = False):
+                           rotary_interleaved: bool = False, cache_batch_idx: Optional[torch.Tensor] = None):
     """Decode attention against a KV cache, split along the keys (flash-decoding).
 
     q [batch, heads, Tq, head_dim] (Tq = 1..a few new tokens); k_cache [batch, kv_heads, Tmax, head_dim],
@@ -637,12 +637,17 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         row's new length) when causal or windowed, else at cache_seqlens[b] for every query token (as
         FlashAttention). rotary_interleaved: pairs (2i, 2i + 1) (GPT-J) instead of (i, i + rotary_dim / 2).
         seqlen_ro must cover cache_seqlens + Tq_new (checked on CPU).
+    cache_batch_idx: int [batch] (FlashAttention's): row b reads and appends cache row cache_batch_idx[b] of a
+        dense cache [N, kv_heads, Tmax, D] with N >= batch (a persistent pool of request slots); run as a paged
+        cache of one page per row (page size Tmax), so everything above holds. Not with block_table.
     Returns out [batch, heads, Tq, head_dim_v] (, lse float32 [batch, heads, Tq]).
     """
     _check_qkv(q, k_cache, v_cache, 4, "[batch, heads, seq, head_dim]", names=("k_cache", "v_cache"), fp8_ok=True)
     B, H, Tq, D = q.shape
     Dv = v_cache.shape[-1]
     Hk, Tmax = k_cache.shape[1], k_cache.shape[2]
+    if cache_batch_idx is not None:  # a dense pool is a paged cache with one page of Tmax slots per row
+        block_table = _batch_idx_table(cache_batch_idx, block_table, B, q.device)
     if block_table is not None:
         Tmax = _check_block_table(block_table, B, k_cache, q.device)
     elif k_cache.shape[0] != B:
@@ -830,6 +835,19 @@ def quantize_kv(x: torch.Tensor, dtype=torch.float8_e4m3fn, scale=None) -> torch
         y = y / scale.view(1, -1, 1, 1)
     fmax = torch.finfo(dtype).max
     return y.clamp(-fmax, fmax).to(dtype)
+
+
+def _batch_idx_table(cache_batch_idx, block_table, B, device):
+    """cache_batch_idx [B] as a block table [B, 1] (one page per row)."""
+    _tensor("cache_batch_idx", cache_batch_idx)
+    if block_table is not None:
+        raise ValueError("cache_batch_idx and block_table cannot be combined (a paged cache names its rows' pages)")
+    if cache_batch_idx.dtype not in (torch.int32, torch.int64) or tuple(cache_batch_idx.shape) != (B,):
+        raise ValueError(f"cache_batch_idx must be an int32/int64 tensor [batch={B}], got {cache_batch_idx.dtype} "
+                         f"{tuple(cache_batch_idx.shape)}")
+    if cache_batch_idx.device != device:
+        raise ValueError(f"cache_batch_idx is on {cache_batch_idx.device} but q is on {device}")
+    return cache_batch_idx.to(torch.int32).view(B, 1)
 
 
 def _check_block_table(block_table, B, k_cache, device):
