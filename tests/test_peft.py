@@ -416,6 +416,39 @@ def test_merge_lora_refuses_tied_weights():
     assert torch.equal(model.model.embed_tokens.weight, emb) and not lp.lora_modules(model)[0][1].merged
 
 
+def test_safe_merge_checks_the_stored_dtype_and_merges_all_or_nothing():
+    """float16: W + s B A past 65504 is refused (it was cast to inf after the float32 check); merge_lora checks
+    every layer before merging any (a broken second layer left the first merged, its adapter gone)."""
+    torch.manual_seed(0)
+    lin = lp.LoRALinear(nn.Linear(2, 2).half(), r=1, alpha=1.0)
+    with torch.no_grad():
+        lin.base_layer.weight.fill_(60000.0)
+        lin.lora_A.fill_(100.0)
+        lin.lora_B.fill_(100.0)
+    with pytest.raises(ValueError, match="non-finite values .* in torch.float16"):
+        lin.merge()
+    assert not lin.merged and bool(torch.isfinite(lin.base_layer.weight).all())
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    lp.inject_lora(model, ["0", "1"], r=2)
+    _randomize_lora(model)
+    with torch.no_grad():
+        model[1].lora_B[0, 0] = float("nan")
+    for remove in (False, True):
+        with pytest.raises(ValueError, match="non-finite"):
+            lp.merge_lora(model, remove=remove)
+        assert all(isinstance(m, lp.LoRALinear) and not m.merged for m in model)
+
+
+def test_inject_lora_refuses_multihead_attention_out_proj():
+    """nn.MultiheadAttention reads out_proj.weight itself: a LoRA there would never run (it was wrapped, silently
+    inert)."""
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    with pytest.raises(ValueError, match="out_proj of an nn.MultiheadAttention"):
+        lp.inject_lora(layer, ["out_proj", "linear1"])
+    assert type(layer.linear1) is nn.Linear  # nothing wrapped
+    assert lp.inject_lora(layer, ["linear1"]) == ["linear1"]
+
+
 # ---- Adapter --------------------------------------------------------------------------------------
 
 def test_adapter_identity_init_and_counts():
@@ -435,6 +468,17 @@ def test_adapter_identity_init_and_counts():
         torch.testing.assert_close(model(ids).logits, tiny_llama()(ids).logits)
     model(ids).logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_add_adapters_refuses_nested_targets():
+    """A target inside another (self_attn and its o_proj) was a crash after the outer wrap and the freeze; now a
+    ValueError before anything changes."""
+    model = tiny_llama()
+    before = sum(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="inside another match"):
+        lp.add_adapters(model, ["self_attn", "o_proj"], d=D, r=4)
+    assert sum(p.requires_grad for p in model.parameters()) == before
+    assert not any(isinstance(m, lp.AdapterWrapper) for m in model.modules())
 
 
 # ---- Prefix-tuning --------------------------------------------------------------------------------

@@ -67,6 +67,10 @@ def add_adapters(model: nn.Module, targets: Union[str, Sequence[str]], d: int, r
     names = [n for n, _ in model.named_modules() if n and match(n)]
     if not names:
         raise ValueError(f"targets {targets!r} matched no module of the model")
+    nested = [(n, o) for n in names for o in names if n.startswith(o + ".")]
+    if nested:  # (wrapping the outer one first would hide the inner one's path; nothing changed yet)
+        raise ValueError(f"targets {targets!r} matched {nested[0][0]!r} inside another match {nested[0][1]!r}: an "
+                         f"adapter after both would apply twice; narrow the targets")
     if freeze_base:
         for p in model.parameters():
             p.requires_grad_(False)

@@ -162,9 +162,10 @@ class LoRALinear(nn.Module):
                 raise ValueError(f"{what}: lora_magnitude_vector has zero entries (or the ratio underflows): "
                                  "unmerge() could not restore those rows; weight left unchanged")
             new = factor.to(new.dtype)[:, None] * new
-        if safe_merge and not torch.isfinite(new).all():
-            raise ValueError(f"{what}: the merged weight has non-finite values (NaN/inf); the adapter "
-                             "is broken, weight left unchanged")
+        # (checked in the base dtype the weight is stored in: float16 overflows past 65504)
+        if safe_merge and not torch.isfinite(new.to(self._base_dtype())).all():
+            raise ValueError(f"{what}: the merged weight has non-finite values (NaN/inf) in {self._base_dtype()}; "
+                             "the adapter is broken (or the sum overflows the dtype), weight left unchanged")
         return new, norm
 
     @torch.no_grad()
@@ -269,6 +270,11 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
     wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, LoRALinear)}
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear)) and id(m) not in wrapped
              and _matches(n, target_modules)]
+    mha = _read_in_place(model, names)
+    if mha:
+        raise ValueError(f"inject_lora: {mha[0]} is the out_proj of an nn.MultiheadAttention, which reads its weight "
+                         f"directly (F.multi_head_attention_forward), so a LoRA there would never run; leave it out "
+                         f"of target_modules")
     if not names:
         raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear (or NF4Linear) in the model")
     if freeze_base:
@@ -277,6 +283,13 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
         _set_submodule(model, n, LoRALinear(model.get_submodule(n), r=r, alpha=alpha, dropout=dropout,
                                             use_rslora=use_rslora, freeze_base=freeze_base, use_dora=use_dora))
     return names
+
+
+def _read_in_place(model, names):
+    """The names among `names` of nn.MultiheadAttention's out_proj (a Linear subclass whose forward MHA never calls)."""
+    owners = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+              if isinstance(m, nn.MultiheadAttention)}
+    return [n for n in names if n in owners]
 
 
 def _freeze_non_lora(model: nn.Module):
@@ -331,6 +344,10 @@ def merge_lora(model: nn.Module, safe_merge: bool = True, remove: bool = False) 
         raise ValueError(f"merge_lora: {n}'s weight is shared with {owner} (tied weights); merging would "
                          f"change {owner} too. Untie the weights first (or keep the adapter unmerged)")
     dense = {n: m.merged_linear(safe_merge=safe_merge) for n, m in quantized}
+    if safe_merge:  # every merge checked before any is done: a broken adapter leaves the model as it was
+        for _, m in mods:
+            if not m.merged and not m.quantized:
+                m._merged_weight(True)
     for n, m in mods:
         if n in dense:
             _set_submodule(model, n, dense[n])
