@@ -419,6 +419,21 @@ def test_from_hf_gpt2_equivalent_options_load(tmp_path, change):
     _assert_same_logits(tmp_path, _hf_from_disk(tmp_path, attn_implementation="eager"), tol=1e-5)
 
 
+def test_from_hf_gpt2_reads_its_dropout(tmp_path):
+    """attn_pdrop / resid_pdrop / embd_pdrop (equal: the zoo's GPT has one rate) become ModelConfig.dropout: a
+    loaded GPT-2 trains with dropout as transformers' does (it trained without); unequal rates are refused."""
+    _save_gpt2(tmp_path)
+    _edit_config(tmp_path, lambda c: c.update(attn_pdrop=0.3, resid_pdrop=0.3, embd_pdrop=0.3))
+    m = from_hf(str(tmp_path), backend="torch")
+    assert m.config.dropout == 0.3
+    x = torch.randint(0, 101, (2, 8))
+    with torch.no_grad():
+        assert not torch.allclose(m.train()(x), m.eval()(x))
+    _edit_config(tmp_path, lambda c: c.update(resid_pdrop=0.1))
+    with pytest.raises(ValueError, match="dropout rates must be equal"):
+        from_hf(str(tmp_path), backend="torch")
+
+
 def test_from_hf_gpt2_missing_weight_names_it(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -240,3 +240,24 @@ def test_mistral_config_with_layer_types_loads_as_transformers_auto_classes_do(t
         torch.testing.assert_close(m(x), hf(x).logits, atol=1e-5, rtol=1e-5)
         want = hf.generate(x, attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
         assert torch.equal(generate(m, x, 6, attention_mask=am, pad_token_id=PAD), want)
+
+
+def test_pad_token_row_gets_no_embedding_gradient_as_in_transformers(tmp_path):
+    """transformers' Llama-family embeddings take padding_idx=pad_token_id: that row gets no gradient from the
+    lookup (the zoo trained it); the vocabulary-parallel embedding keeps the rule (tests/test_parallel_vocab)."""
+    hf = _save(tmp_path, "qwen2", seed=5, pad_token_id=PAD)
+    m = _load(str(tmp_path), "torch")
+    assert m.config.pad_token_id == PAD and m.embed_tokens.padding_idx == PAD
+    x = _ids(T=9, seed=6)
+    x[:, :3] = PAD
+    labels = x.clone()
+    labels[:, :3] = -100
+    _, loss = m(x, labels=labels)
+    loss.backward()
+    hf(x, labels=labels).loss.backward()
+    got, want = m.embed_tokens.weight.grad, hf.model.embed_tokens.weight.grad
+    assert float(want[PAD].abs().max()) == 0.0 and float(got[PAD].abs().max()) == 0.0
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="pad_token_id=97"):
+        edit_hf_config(tmp_path, pad_token_id=V)
+        _load(str(tmp_path), "torch")

@@ -293,3 +293,32 @@ def test_vocab_parallel_shape_mismatch_raises_on_every_rank(pool):
                            ("loss h", "vocab_parallel_loss: h"), ("loss labels", "vocab_parallel_loss: labels")):
             assert want in r[name] and "differs across" in r[name], (name, r)
         assert r["seconds"] < 10, r  # no process-group timeout
+
+
+def padding_idx_worker(rank, world_size):
+    """An embedding with padding_idx (transformers' Llama-family pad_token_id) sharded by vocabulary: the same
+    output, and the padding row (held by one rank) gets no gradient; each rank's rows equal the unsharded ones."""
+    import torch.distributed as dist
+
+    from llmkern.parallel.vocab import VocabParallelEmbedding, shard_rows
+
+    torch.manual_seed(0)
+    results = []
+    for pad in (1, 9):  # (on rank 0's and on rank 1's shard of 11 rows)
+        emb = torch.nn.Embedding(11, 4, padding_idx=pad)
+        ids = torch.tensor([[pad, 3, pad, 9, 1, 10]])
+        par = VocabParallelEmbedding.from_embedding(emb)
+        out = par(ids)
+        out.pow(2).sum().backward()
+        emb(ids).pow(2).sum().backward()
+        lo, hi, _ = shard_rows(11, dist.group.WORLD)
+        results.append(((out - emb(ids)).abs().max().item(),
+                        (par.weight.grad[:hi - lo] - emb.weight.grad[lo:hi]).abs().max().item(),
+                        float(emb.weight.grad[pad].abs().max())))
+    return results
+
+
+def test_vocab_parallel_embedding_keeps_padding_idx(pool):
+    for res in pool.run(padding_idx_worker, timeout=60):
+        for out_err, grad_err, pad_grad in res:
+            assert out_err < 1e-6 and grad_err < 1e-6 and pad_grad == 0.0, res

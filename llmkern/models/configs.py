@@ -150,6 +150,9 @@ class ModelConfig:
     qk_rope_head_dim: int = 0         # MLA: the rotary channels of each q/k head (the last ones)
     v_head_dim: Optional[int] = None  # MLA: the value head width (default head_dim)
     rope_interleave: bool = False     # MLA: rotary channels in interleaved pairs (DeepSeek-V3)
+    # the token embedding's padding_idx (transformers' Llama-family models: config.pad_token_id): that row gets no
+    # gradient from the lookup; None (GPT-2, the zoo's own configs): every row trains
+    pad_token_id: Optional[int] = None
     name: str = ""
 
     def __post_init__(self):

@@ -131,11 +131,27 @@ def gpt2_config(hf):
     for flag, ok in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True)):
         if hf.get(flag, ok) != ok:
             raise ValueError(f"from_hf: GPT-2 config {flag}={hf[flag]!r} is not supported")
+    # (transformers' GPT-2 drops at three places; the zoo's GPT has one rate for all three)
+    drops = {k: hf.get(k, 0.1) for k in ("attn_pdrop", "resid_pdrop", "embd_pdrop")}
+    if len(set(drops.values())) > 1:
+        raise ValueError(f"from_hf: GPT-2 dropout rates must be equal (the zoo's GPT has one), got {drops}")
     return ModelConfig(arch="gpt", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-                       n_embd=hf["n_embd"], block_size=hf.get("n_positions", 1024),
+                       n_embd=hf["n_embd"], block_size=hf.get("n_positions", 1024), dropout=drops["attn_pdrop"],
                        intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"], bias=True,
                        norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=acts[act],
                        tie_embeddings=hf.get("tie_word_embeddings", True), name=hf.get("_name_or_path", ""))
+
+
+def _padding_idx(hf):
+    """transformers' Llama-family embedding padding_idx: config.pad_token_id, when it is a token of the vocabulary
+    (nn.Embedding refuses others; None: no padding row)."""
+    pad = hf.get("pad_token_id")
+    if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < hf["vocab_size"]:
+        return pad
+    if pad is not None:
+        raise ValueError(f"from_hf: pad_token_id={pad!r} is not a token id in [0, {hf['vocab_size']}) (transformers' "
+                         f"embedding padding_idx)")
+    return None
 
 
 def _rope_parameters(hf):
@@ -507,6 +523,11 @@ def _deepseek_refusals(hf, fam):
     if fam == "deepseek_v2" and hf.get("topk_method") not in _V2_TOPK_METHODS:
         raise ValueError(f"from_hf: {fam} config topk_method={hf.get('topk_method')!r} is not supported (only "
                          f"{', '.join(repr(m) for m in _V2_TOPK_METHODS)}, which transformers' DeepseekV2 runs)")
+    if fam == "deepseek_v3" and hf.get("head_dim") not in (None, hf.get("qk_rope_head_dim", 64)):
+        # (transformers' DeepseekV3 builds its RoPE frequencies from head_dim; the checkpoints have head_dim equal
+        # to the rotary channels, which the zoo reads)
+        raise ValueError(f"from_hf: {fam} config head_dim={hf['head_dim']!r} differs from qk_rope_head_dim="
+                         f"{hf.get('qk_rope_head_dim', 64)!r} (transformers would rotate with other frequencies)")
     if hf.get("quantization_config") is not None:
         raise ValueError(f"from_hf: {fam} config quantization_config is not supported (quantized weights, e.g. the "
                          f"fp8 release: dequantize the checkpoint first)")
@@ -753,6 +774,7 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
     elif mtype in LLAMA_FAMILY or mtype in GEMMA_FAMILY or mtype in DEEPSEEK_FAMILY:
         cfg = llama_config(hf) if mtype in LLAMA_FAMILY else gemma_config(hf) if mtype in GEMMA_FAMILY else \
             deepseek_config(hf)
+        cfg = cfg.replace(pad_token_id=_padding_idx(hf))
         state = _strip(_load_state(path), ("model.",))
         cfg = _resolve_tie(cfg, state, "embed_tokens.weight")
         if mtype == "deepseek_v3":  # (DeepSeek-V2 has no multi-token prediction)

@@ -408,7 +408,7 @@ class Llama(ZooModel):
             raise ValueError(f"Llama needs config.arch='llama', got {cfg.arch!r} (use GPT)")
         self.config = cfg
         self._backend = check_backend(backend)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd, padding_idx=cfg.pad_token_id)
         self.layers = nn.ModuleList([Block(cfg, backend, i) for i in range(cfg.n_layer)])
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps, backend, cfg.norm_offset)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)

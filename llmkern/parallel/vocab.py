@@ -74,19 +74,20 @@ class _CopyToRanks(torch.autograd.Function):
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, weight_shard: nn.Parameter, num_embeddings: int, group):
+    def __init__(self, weight_shard: nn.Parameter, num_embeddings: int, group, padding_idx=None):
         super().__init__()
         self.weight, self.num_embeddings, self.group = weight_shard, num_embeddings, group
         self.embedding_dim = weight_shard.shape[1]
+        self.padding_idx = padding_idx  # (global id: its row gets no gradient on the rank that holds it)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, group=None):
         group = comm.resolve_group(group, "VocabParallelEmbedding")
-        if emb.padding_idx is not None or emb.max_norm is not None or emb.scale_grad_by_freq or emb.sparse:
-            raise ValueError("VocabParallelEmbedding: padding_idx, max_norm, scale_grad_by_freq and sparse "
-                             "embeddings are not supported")
+        if emb.max_norm is not None or emb.scale_grad_by_freq or emb.sparse:
+            raise ValueError("VocabParallelEmbedding: max_norm, scale_grad_by_freq and sparse embeddings are not "
+                             "supported")
         shard = nn.Parameter(_shard(emb.weight.detach(), group), requires_grad=emb.weight.requires_grad)
-        return cls(shard, emb.num_embeddings, group)
+        return cls(shard, emb.num_embeddings, group, emb.padding_idx)
 
     def forward(self, ids):
         # ranks that pass different shapes raise here, on every rank (in the all-reduce below gloo
@@ -99,7 +100,9 @@ class VocabParallelEmbedding(nn.Module):
         # nn.Embedding does (a device assert on CUDA), before any collective, instead of a zero embedding
         bad = (ids < 0) | (ids >= self.num_embeddings)
         local = torch.where(mine, ids - lo, torch.where(bad, self.weight.shape[0], 0))
-        local = F.embedding(local, self.weight)
+        pad = self.padding_idx
+        local_pad = pad - lo if pad is not None and lo <= pad < hi else None
+        local = F.embedding(local, self.weight, padding_idx=local_pad)
         return _SumOverRanks.apply(local * mine.unsqueeze(-1).to(local.dtype), self.group)
 
     def extra_repr(self):
