@@ -114,8 +114,8 @@ def _eos_tensor(eos_token_id, device):
     if eos_token_id is None:
         return None
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if not ids or not all(isinstance(i, int) for i in ids):
-        raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"eos_token_id must be a token id (an int >= 0) or a list of them, got {eos_token_id!r}")
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
@@ -155,7 +155,8 @@ class _Banned:
         if top >= V:
             raise ValueError(f"bad_words_ids: token {top} is outside the vocabulary (V={V})")
         if self.eos is not None and t - self.prompt_len < self.min_new:
-            ban[:, self.eos.to(seqs.device)] = True
+            eos = self.eos.to(seqs.device)
+            ban[:, eos[eos < V]] = True  # (an id past the vocabulary is never emitted: nothing to ban, as HF)
         if self.ngram and t >= self.ngram:  # (HF: cur_len + 1 >= n; with t = n - 1 no n-gram is complete)
             n = self.ngram
             grams = seqs.unfold(1, n, 1)  # [N, t - n + 1, n]: every n-gram so far
@@ -1024,7 +1025,7 @@ def _one_beam(model, input_ids, max_new_tokens, eos, pad, length_penalty, logit_
                   scorers, use_cache, mask, 0, B, prompt_logprobs=prompt_logprobs)
     new = out.sequences[:, T0:]
     n = torch.full((B,), new.shape[1], dtype=torch.long, device=new.device)
-    if eos is not None:  # a row's tokens end at its first eos (padding follows)
+    if eos is not None and new.shape[1] > 0:  # a row's tokens end at its first eos (padding follows)
         hit = torch.isin(new, eos)
         n = torch.where(hit.any(-1), hit.long().argmax(-1) + 1, n)
     return dataclasses.replace(out, scores=out.scores.sum(-1) / n.clamp(min=1).float() ** length_penalty)

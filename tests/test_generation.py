@@ -710,3 +710,19 @@ def test_prompt_logprobs_equal_transformers_logits(pairs, strategy):
         assert torch.equal(out.sequences, generate(m, x, n, **kw))
     with pytest.raises(ValueError, match="prompt_logprobs needs return_dict"):
         generate(m, x, 2, prompt_logprobs=True)
+
+
+def test_eos_ids_checked_and_one_beam_with_no_new_token(pairs):
+    """A negative eos id is refused (with min_new_tokens it banned the vocabulary's last token); an id past the
+    vocabulary bans nothing (as HF); one beam with max_new_tokens=0 and an eos returns the prompt (argmax over
+    zero tokens raised)."""
+    m, hf = pairs["llama"]
+    x = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(15))
+    with pytest.raises(ValueError, match="eos_token_id must be a token id"):
+        generate(m, x, 3, eos_token_id=-1, min_new_tokens=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = generate(m, x, 4, eos_token_id=V + 5, min_new_tokens=3, pad_token_id=PAD)
+        assert torch.equal(ours, _hf(hf, x, max_new_tokens=4, eos_token_id=V + 5, min_new_tokens=3))
+    out = generate(m, x, 0, strategy="beam", num_beams=1, eos_token_id=3, return_dict=True, prompt_logprobs=True)
+    assert torch.equal(out.sequences, x) and out.scores.shape == (2,)
