@@ -804,3 +804,95 @@ def test_layers_on_cuda_nccl():
     p = min(2, torch.cuda.device_count())
     with RankPool(p, backend="nccl", num_threads=0) as pool:
         assert all(pool.run(gpu_worker, timeout=120))
+
+
+# ---- transformers' attention modules (no head-count attributes: the counts are in the config) --------
+
+def _hf_model(kind, **over):
+    import transformers as T
+
+    kw = dict(dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                   num_key_value_heads=2, attn_implementation="eager"), **over)
+    cfg = dict(llama=T.LlamaConfig, qwen3=T.Qwen3Config, olmo2=T.Olmo2Config, phi3=T.Phi3Config)[kind](**kw)
+    torch.manual_seed(0)
+    m = T.AutoModelForCausalLM.from_config(cfg).double()
+    with torch.no_grad():  # gains away from 1, so that a missing part of their gradient shows
+        for n, prm in m.named_parameters():
+            if "norm" in n:
+                prm.add_(0.1 * torch.randn_like(prm))
+    return m
+
+
+class _FusedNoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv_proj, self.o_proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+
+def hf_attention_worker(rank, p):
+    seen = {}
+    m = _hf_model("qwen3", head_dim=8)  # q_norm / k_norm: per-head gains, replicated
+    ref = copy.deepcopy(m)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    ref(input_ids=ids, labels=ids).loss.backward()
+    tensor_parallelize(m)
+    loss = m(input_ids=ids, labels=ids).loss
+    loss.backward()
+    a, a_ref = m.model.layers[0].self_attn, ref.model.layers[0].self_attn
+    seen["qwen3"] = max([abs(loss.item() - ref(input_ids=ids, labels=ids).loss.item())]
+                        + [(getattr(a, n).weight.grad - getattr(a_ref, n).weight.grad).abs().max().item()
+                           for n in ("q_norm", "k_norm")])
+    frozen = _hf_model("qwen3", head_dim=8).requires_grad_(False)  # (PEFT freezes the gains: no hook to add)
+    seen["frozen"] = type(tensor_parallelize(frozen)).__name__
+    for case, make in (("kv heads", lambda: _hf_model("llama", num_key_value_heads=1)),
+                       ("olmo2", lambda: _hf_model("olmo2")),
+                       ("phi3", lambda: _hf_model("phi3", pad_token_id=0)),
+                       ("fused", lambda: nn.Sequential(_FusedNoHeads()))):
+        model = make()
+        before = {k: v.shape for k, v in model.state_dict().items()}
+        try:
+            tensor_parallelize(model)
+            seen[case] = "accepted"
+        except ValueError as exc:
+            same = before == {k: v.shape for k, v in model.state_dict().items()}
+            seen[case] = str(exc) + ("" if same else " (model changed)")
+    return seen
+
+
+def test_tensor_parallelize_transformers_attention_2_ranks(ranks):
+    """Regression: transformers 5's attention modules have no head-count attributes; q_norm / k_norm
+    gradients were left as each rank's part, the key/value head count was not checked (accepted, then a
+    shape error in forward), and Phi3's fused qkv_proj (split by config.num_attention_heads) fell back
+    to thirds. Now the counts come from the config; what cannot be sharded is refused on every rank."""
+    pytest.importorskip("transformers")
+    seen = ranks(2).run(hf_attention_worker, timeout=60)
+    assert seen[0] == seen[1]
+    s = seen[0]
+    assert s["qwen3"] < 1e-12 and s["frozen"] == "Qwen3ForCausalLM", s
+    assert "config.num_key_value_heads)=1 is not divisible by the world size 2" in s["kv heads"], s
+    assert "q_norm has 32 features, not head_dim=8" in s["olmo2"], s
+    assert "reads its head counts from the config" in s["phi3"], s
+    assert "segment sizes cannot be derived" in s["fused"], s
+    assert not any("model changed" in v for v in s.values() if isinstance(v, str)), s
+
+
+def vocab_float64_worker(rank, p):
+    from llmkern.parallel.vocab import VocabParallelLMHead
+
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 50).double()
+    h = torch.randn(9, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (9,), generator=torch.Generator().manual_seed(2))
+    ref = F.cross_entropy(lin(h), labels)
+    ref.backward()
+    head = VocabParallelLMHead.from_linear(copy.deepcopy(lin))
+    hl = h.detach().clone().requires_grad_(True)
+    loss = head.vocab_parallel_loss(hl, labels)
+    loss.backward()
+    return str(loss.dtype), abs(loss.item() - ref.item()), (hl.grad - h.grad).abs().max().item()
+
+
+def test_vocab_parallel_loss_float64_2_ranks(ranks):
+    """Regression: float64 logits were computed in float32 (loss float32, errors ~1e-7)."""
+    for dtype, loss_err, dh_err in ranks(2).run(vocab_float64_worker, timeout=60):
+        assert dtype == "torch.float64" and loss_err < 1e-12 and dh_err < 1e-12, (dtype, loss_err, dh_err)

@@ -357,3 +357,82 @@ def test_alpha_for_gives_back_the_scaling_exactly():
     # the wrapper's alpha is kept while it gives the scaling
     layer = SimpleNamespace(lora_scaling=7 / 3, lora_A=torch.empty(3, 1), lora_alpha=7, lora_use_rslora=False)
     assert alpha_for(layer, 3, False) == 7
+
+
+# ---- PEFT wrappers that a sharded layer cannot reproduce (regressions: sharded silently wrong) ----
+
+class _Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up_proj, self.down_proj = nn.Linear(6, 8), nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.down_proj(torch.relu(self.up_proj(x)))
+
+
+def _peft_two(second=None, first=None):
+    """_Two under PEFT LoRA (adapter "default", config `first`), plus an adapter "second" when given,
+    with random factors (PEFT starts lora_B and its bias at zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    targets = dict(r=2, target_modules=["up_proj", "down_proj"])
+    m = get_peft_model(_Two().double(), LoraConfig(**targets, **(first or {})))
+    if second is not None:
+        m.add_adapter("second", LoraConfig(**targets, **second))
+    with torch.no_grad():
+        for n, prm in m.named_parameters():
+            if "lora" in n:
+                prm.normal_()
+    return m
+
+
+def peft_wrapper_worker(rank, world_size):
+    from llmkern.parallel import tensor_parallelize
+
+    x = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    seen = {}
+    for case in ("lora_bias", "two_active", "second_active"):
+        m = _peft_two(first=dict(lora_bias=True) if case == "lora_bias" else None,
+                      second=None if case == "lora_bias" else {})
+        if case == "two_active":
+            m.base_model.set_adapter(["default", "second"])
+        elif case == "second_active":
+            m.base_model.set_adapter("second")
+        with torch.no_grad():
+            want = m(x)
+        inner = m.base_model.model
+        try:
+            tensor_parallelize(inner)
+        except NotImplementedError as exc:
+            seen[case] = str(exc)
+            continue
+        with torch.no_grad():
+            seen[case] = (inner(x) - want).abs().max().item()
+    return seen
+
+
+def test_peft_lora_bias_and_several_active_adapters_refused(pool):
+    """Regression: lora_bias=True (lora_B's bias) was dropped and only the first of several active adapters
+    kept (PEFT sums them): now refused on every rank; one active adapter among several is the one sharded."""
+    pytest.importorskip("peft")
+    for seen in pool.run(peft_wrapper_worker, timeout=90):
+        assert "lora_bias" in seen["lora_bias"], seen
+        assert "2 active adapters" in seen["two_active"], seen
+        assert seen["second_active"] < 1e-10, seen
+
+
+def test_peft_lora_dropout_is_the_active_adapters():
+    """Regression: lora_dropout was read from the first adapter, not the active one."""
+    pytest.importorskip("peft")
+    from llmkern.parallel.layers import _lora_parts
+
+    m = _peft_two(second=dict(lora_dropout=0.5))
+    m.base_model.set_adapter("second")  # active adapter with dropout: refused (it used to be accepted)
+    with pytest.raises(NotImplementedError, match="lora_dropout"):
+        _lora_parts(m.base_model.model.up_proj)
+    m = _peft_two(first=dict(lora_dropout=0.5), second={})
+    m.base_model.set_adapter("second")  # the inactive adapter's dropout is not used: accepted
+    layer = m.base_model.model.up_proj
+    _, A, B, s = _lora_parts(layer)
+    assert A is layer.lora_A["second"].weight and B is layer.lora_B["second"].weight and s == layer.scaling["second"]

@@ -437,8 +437,9 @@ def _lora_parts(module):
     """(base nn.Linear, lora_A [r, in] or None, lora_B [out, r] or None, scaling) of a plain
     nn.Linear or a PEFT-style LoRA wrapper (.base_layer + lora_A/lora_B modules, dicts of them,
     or tensors; .scaling a float or a dict). A merged wrapper is its base layer (the update is
-    in the weight); disabled adapters, DoRA and dropout are not supported (errors, so that the
-    sharded layer never computes something other than the wrapper)."""
+    in the weight); disabled adapters, DoRA, dropout, a bias on lora_B (PEFT's lora_bias) and several
+    active adapters are not supported (errors, so that the sharded layer never computes something other
+    than the wrapper). Per-adapter dicts are read at the active adapter's key."""
     if isinstance(module, nn.Linear) and not hasattr(module, "base_layer"):
         return module, None, None, 1.0
     base = getattr(module, "base_layer", None)
@@ -449,16 +450,21 @@ def _lora_parts(module):
     if getattr(module, "merged", False):
         return base, None, None, 1.0
 
-    def pick(v):
+    active = _active_adapter(module)
+    lora_bias = getattr(module, "lora_bias", False)  # PEFT: per adapter
+    if isinstance(lora_bias, dict):
+        lora_bias = bool(lora_bias) and lora_bias[_adapter_key(lora_bias, active)]
+    if lora_bias is True:  # (the update gains scaling * lora_B.bias)
+        raise NotImplementedError(f"from_linear: the {type(module).__name__} uses lora_bias=True (a bias on "
+                                  f"lora_B), which tensor-parallel LoRA layers do not support")
+
+    def pick(v, what):
         if isinstance(v, (nn.ModuleDict, nn.ParameterDict, dict)):
-            if len(v) == 0:
-                return None
-            active = getattr(module, "active_adapter", None)
-            if isinstance(active, (list, tuple)):
-                active = active[0] if active else None
-            key = active if active in v else ("default" if "default" in v else next(iter(v.keys())))
-            return pick(v[key])
+            return pick(v[_adapter_key(v, active)], what) if len(v) else None
         if isinstance(v, nn.Linear):
+            if v.bias is not None:
+                raise NotImplementedError(f"from_linear: the {type(module).__name__}'s {what} has a bias, which "
+                                          f"tensor-parallel LoRA layers do not support")
             return v.weight
         if isinstance(v, torch.Tensor):
             return v
@@ -466,16 +472,13 @@ def _lora_parts(module):
             return None
         raise TypeError(f"from_linear: cannot read a LoRA factor from {type(v).__name__}")
 
-    A, B = pick(getattr(module, "lora_A", None)), pick(getattr(module, "lora_B", None))
+    A, B = pick(getattr(module, "lora_A", None), "lora_A"), pick(getattr(module, "lora_B", None), "lora_B")
     s = getattr(module, "scaling", 1.0)
     if isinstance(s, dict):
-        active = getattr(module, "active_adapter", "default")
-        if isinstance(active, (list, tuple)):
-            active = active[0] if active else "default"
-        s = s[active] if active in s else (s["default"] if "default" in s else next(iter(s.values())))
+        s = s[_adapter_key(s, active)]
     drop = getattr(module, "lora_dropout", getattr(module, "dropout", None))  # PEFT's name, then ours
     if isinstance(drop, (nn.ModuleDict, dict)) and len(drop):
-        drop = next(iter(drop.values()))
+        drop = drop[_adapter_key(drop, active)]  # (the active adapter's: another's dropout is not used)
     p_drop = getattr(drop, "p", 0.0) if drop is not None else 0.0
     if isinstance(drop, (float, int)) and not isinstance(drop, bool):
         p_drop = drop
@@ -496,10 +499,7 @@ def _lora_alpha(module, r, s):
     .lora_alpha dict), or (None, None) when it does not say or they do not give back s exactly."""
     alpha = getattr(module, "alpha", getattr(module, "lora_alpha", None))
     if isinstance(alpha, dict):  # PEFT: per adapter; _lora_parts took the active one's factors
-        active = getattr(module, "active_adapter", "default")
-        if isinstance(active, (list, tuple)):
-            active = active[0] if active else "default"
-        alpha = alpha.get(active, alpha.get("default"))
+        alpha = alpha[_adapter_key(alpha, _active_adapter(module))] if alpha else None
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         return None, None
     flag = getattr(module, "use_rslora", None)
@@ -507,6 +507,29 @@ def _lora_alpha(module, r, s):
         if lora_scaling(alpha, r, rs) == s:
             return alpha, rs
     return None, None
+
+
+def _active_adapter(module):
+    """The name of the wrapper's active adapter (None: it does not say). Several active adapters that the
+    layer holds are refused: PEFT sums their updates, a sharded layer holds one pair of factors."""
+    active = getattr(module, "active_adapter", None)
+    if not isinstance(active, (list, tuple)):
+        return active
+    held = getattr(module, "lora_A", None)
+    if isinstance(held, (nn.ModuleDict, nn.ParameterDict, dict)):
+        active = [a for a in active if a in held] or list(active)  # (PEFT skips the ones it does not hold)
+    if len(active) > 1:
+        raise NotImplementedError(f"from_linear: the {type(module).__name__} has {len(active)} active adapters "
+                                  f"{list(active)}; tensor-parallel LoRA layers hold one (merge the others, or "
+                                  f"set_adapter to one)")
+    return active[0] if active else None
+
+
+def _adapter_key(d, active):
+    """The key of a per-adapter dict (factors, scaling, dropout, alpha) for the active adapter."""
+    if active in d:
+        return active
+    return "default" if "default" in d else next(iter(d.keys()))
 
 
 def _check_lora_state(module):

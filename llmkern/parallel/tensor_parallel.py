@@ -16,6 +16,10 @@ Module-naming contract (Hugging Face Llama / GPT-2 / nanoGPT names; llmkern.mode
   num_key_value_heads / num_kv_heads are divided by p (they must be divisible). Its forward must
   derive shapes from those counts and head_dim (``view(B, T, self.n_head, self.head_dim)``,
   ``reshape(B, T, self.n_head * self.head_dim)`` or ``-1``), never from the model width.
+  An attention module without head-count attributes (transformers 5's) takes them from its .config (or
+  the model's) num_attention_heads / num_key_value_heads, which are checked but not rewritten: its forward
+  must use ``-1`` and head_dim; one that reads head counts from the config (Phi3's split of qkv_proj) is
+  refused, as is a fused qkv without any head count (its segment sizes are unknown).
 - Multi-head latent attention (llmkern.models.deepseek.MLAttention, with transformers' DeepseekV3Attention
   names; transformers' own module is refused): the heads are sharded as above; the down projections q_a_proj and kv_a_proj_with_mqa and the
   latent norms q_a_layernorm / kv_a_layernorm stay replicated. Their outputs feed column-parallel layers,
@@ -25,6 +29,7 @@ Module-naming contract (Hugging Face Llama / GPT-2 / nanoGPT names; llmkern.mode
 - Per-head norms of such an attention module (children q_norm / k_norm, as Qwen3's: one gain per
   head_dim channel, shared by all heads) stay replicated; their gradients are summed over the ranks
   in the backward (each rank's heads give only part of it), as transformers' "replicated_with_grad_allreduce".
+  A q_norm / k_norm whose gain is not head_dim wide (OLMo 2's norm over all the heads) is refused.
 - PEFT-style LoRA wrappers (``.base_layer`` nn.Linear plus lora_A/lora_B) under those names are
   sharded with their factors. Every other module (embeddings, norms, lm_head) stays replicated, unless
   vocab_parallel=True: then the token embedding (wte / embed_tokens / tok_embeddings / word_embeddings)
@@ -44,6 +49,9 @@ Sequence parallelism is not applied by tensor_parallelize (norms and dropout wou
 shards); use the layers directly for it (TensorParallelMoE.from_moe(moe, group, sequence_parallel=True)
 for an MoE layer).
 """
+import inspect
+import re
+
 import torch.nn as nn
 
 from llmkern.parallel import comm
@@ -77,6 +85,55 @@ def _heads(module, attrs):
         if isinstance(v, int) and not isinstance(v, bool):
             return a, v
     return None, None
+
+
+def _config_heads(module, model):
+    """(h, kv, head_dim) from the config of an attention module without head-count attributes
+    (transformers 5's: they live in module.config, or the model's), None where it does not say."""
+    cfg = getattr(module, "config", None)
+    if cfg is None:
+        cfg = getattr(model, "config", None)
+    _, h = _heads(cfg, ("num_attention_heads", "n_head", "n_heads"))
+    _, kv = _heads(cfg, KV_HEAD_ATTRS)
+    _, hd = _heads(module, ("head_dim",))
+    if hd is None:
+        _, hd = _heads(cfg, ("head_dim",))
+    return h, kv, hd
+
+
+def _reads_config_heads(module):
+    """Whether the module's forward reads head counts from its config (Phi3 splits its fused qkv_proj by
+    config.num_attention_heads): after sharding those are the unsharded counts (the config is shared by
+    the layers and the model; tensor_parallelize does not rewrite it)."""
+    try:
+        src = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return re.search(r"config\.(num_attention_heads|num_key_value_heads|n_head|num_heads)\b", src) is not None
+
+
+def _head_dim(parent, children, h, hd):
+    """The attention's head_dim: its attribute or config's, else q's rows over the head count."""
+    if hd is not None or h is None:
+        return hd
+    q = children.get("q_proj", children.get("wq"))
+    return _base(q).out_features // h if q is not None and _is_linear(q) else None
+
+
+def _check_head_norms(children, hd, where):
+    """q_norm / k_norm stay replicated: right only for one gain per head_dim channel, shared by the heads
+    (Qwen3, Gemma 3). OLMo 2's norm over all the heads' features would need the sharded features' sum."""
+    for n, c in children.items():
+        if n not in HEAD_NORM_NAMES:
+            continue
+        w = getattr(c, "weight", None)
+        if not isinstance(w, nn.Parameter):  # (no gain: nothing to sum, and its width is not known)
+            continue
+        size = w.numel()
+        if size != hd:
+            raise ValueError(f"tensor_parallelize: {where}.{n} has {size} features, not head_dim={hd}: only a "
+                             f"per-head norm (one gain per head_dim channel, Qwen3's) can stay replicated; a "
+                             f"norm over all the heads' features (OLMo 2's) is not supported")
 
 
 def _sum_grad_over_ranks(param, group):
@@ -147,11 +204,28 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
             raise ValueError(f"tensor_parallelize: {where} ({type(parent).__name__}) is a multi-head latent "
                              f"attention other than the zoo's MLAttention; load the checkpoint with "
                              f"llmkern.models.from_hf to shard it")
+        hd = None
+        if attention and h is None:  # transformers 5: the counts are in the config (not rewritten)
+            h, cfg_kv, hd = _config_heads(parent, model)
+            kv = kv if kv is not None else cfg_kv
+            if h is not None and _reads_config_heads(parent):
+                raise ValueError(f"tensor_parallelize: {where} ({type(parent).__name__}) reads its head counts "
+                                 f"from the config in forward (config.num_attention_heads), which stays the "
+                                 f"unsharded count; this attention module is not supported")
+        if attention and h is None and any(n in FUSED_QKV_NAMES for n in children):
+            raise ValueError(f"tensor_parallelize: {where} ({type(parent).__name__}) has a fused qkv projection "
+                             f"but no head count (an attribute {'/'.join(HEAD_ATTRS)}, or a config with "
+                             f"num_attention_heads): its q/k/v segment sizes cannot be derived")
+        if attention:
+            hd = _head_dim(parent, children, h, hd if hd is not None else _heads(parent, ("head_dim",))[1])
+            _check_head_norms(children, hd, where)
         if attention and h is not None:
+            h_name = f"{where}.{h_attr}" if h_attr else f"{where} (config.num_attention_heads)"
+            kv_name = f"{where}.{kv_attr}" if kv_attr else f"{where} (config.num_key_value_heads)"
             if h % p:
-                raise ValueError(f"tensor_parallelize: {where}.{h_attr}={h} is not divisible by the world size {p}")
+                raise ValueError(f"tensor_parallelize: {h_name}={h} is not divisible by the world size {p}")
             if kv is not None and kv % p:
-                raise ValueError(f"tensor_parallelize: {where}.{kv_attr}={kv} is not divisible by the world "
+                raise ValueError(f"tensor_parallelize: {kv_name}={kv} is not divisible by the world "
                                  f"size {p} (GQA key/value heads are sharded too)")
         for name, child in children.items():
             full = f"{parent_name}.{name}" if parent_name else name
@@ -165,13 +239,12 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
                     new = ColumnParallelLinear.from_linear(child, group, **kw)
                 elif name in FUSED_QKV_NAMES:
                     out = _base(child).out_features
-                    if h is not None and kv is not None and kv != h:
-                        d = out // (h + 2 * kv)
-                        segments = [h * d, kv * d, kv * d]
-                    else:
-                        if out % 3:
-                            raise ValueError(f"fused qkv out_features={out} is not divisible by 3")
-                        segments = [out // 3] * 3
+                    n_kv = kv if kv is not None else h
+                    if out % (h + 2 * n_kv):
+                        raise ValueError(f"fused qkv out_features={out} is not (heads {h} + 2 * key/value "
+                                         f"heads {n_kv}) * head_dim")
+                    d = out // (h + 2 * n_kv)
+                    segments = [h * d, n_kv * d, n_kv * d]
                     new = ColumnParallelLinear.from_linear(child, group, segments=segments, **kw)
                 elif name in FUSED_2_NAMES:
                     out = _base(child).out_features
@@ -183,10 +256,12 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
             except ValueError as exc:
                 raise ValueError(f"tensor_parallelize: cannot shard {full}: {exc}") from None
             plan.append((parent, name, new))
-        if attention and h is not None:
+        if attention:  # (whether or not the module holds the head counts: each rank has its heads' part)
             summed += [prm for n, c in children.items() if n in HEAD_NORM_NAMES for prm in c.parameters()]
+        if attention and h_attr is not None:
             plan.append((parent, h_attr, h // p))
-            if kv is not None:
+        if attention and h is not None:
+            if kv_attr is not None:
                 plan.append((parent, kv_attr, kv // p))
             if isinstance(parent, MLAttention) and p > 1:
                 plan.append((parent, "shared_key_grad", _shared_key_grad(group)))
@@ -200,6 +275,9 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
     for obj, attr, value in plan:  # (an error above leaves the model as it was)
         setattr(obj, attr, value)
     if p > 1:
+        # (a frozen gain, as PEFT leaves it, has no gradient to sum: torch allows no hook on it; unfrozen
+        # after sharding, its gradient would be this rank's part)
         for prm in summed:
-            _sum_grad_over_ranks(prm, group)
+            if prm.requires_grad:
+                _sum_grad_over_ranks(prm, group)
     return model

@@ -121,7 +121,7 @@ def _check_vocab_labels(labels, ignore_index, num_classes):
 
 
 def _shard_loss(z, labels, valid, bad, lo, valid_cols, group, grad_scale):
-    """Per-row losses of one chunk of vocabulary-sharded float32 logits z [c, S] (combined over the ranks
+    """Per-row losses of one chunk of vocabulary-sharded float32 (float64) logits z [c, S] (combined over the ranks
     with two all-reduces: the row max, then the sums of exponentials and the target logits), and the
     loss gradient dloss/dz [c, S] times grad_scale (None for no gradient), computed in place in z."""
     if valid_cols < z.shape[1]:  # the padded rows of the last shard are no classes
@@ -152,7 +152,7 @@ def _shard_loss(z, labels, valid, bad, lo, valid_cols, group, grad_scale):
 
 def _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, group, num_classes, chunk_size,
                         need_dh, need_dw, need_db, softcap=None):
-    """(mean loss, partial dh [N, d], dW [S, d] float32, db [S] float32): the loss of the sharded LM head
+    """(mean loss, partial dh [N, d], dW [S, d] float32, db [S] float32; float64 for float64 h): the loss of the sharded LM head
     and the gradients of the mean (upstream gradient 1), chunk by chunk of rows while each chunk's logits
     exist. dh is this rank's part (its vocabulary rows' contribution); the ranks' parts sum to dh.
     softcap: the logits soft-capped first, c * tanh(z / c) (Gemma 2/3's final_logit_softcapping)."""
@@ -160,18 +160,20 @@ def _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, g
 
     valid, bad = _check_vocab_labels(labels, ignore_index, num_classes)
     n_valid = valid.sum()
-    scale = n_valid.clamp_min(1).float().reciprocal().expand(labels.shape[0])
+    # float32 at least (16-bit logits lose the loss), float64 inputs in float64 (as F.cross_entropy)
+    ct = torch.promote_types(h.dtype, torch.float32)
+    scale = n_valid.clamp_min(1).to(ct).reciprocal().expand(labels.shape[0])
     scale = torch.where(n_valid > 0, scale, torch.full_like(scale, float("inf")))
     grads = need_dh or need_dw or need_db
     S, d = weight.shape
     dh = torch.empty_like(h) if need_dh else None
-    dw = torch.zeros(S, d, device=h.device, dtype=torch.float32) if need_dw else None
-    db = torch.zeros(S, device=h.device, dtype=torch.float32) if need_db else None
-    total = torch.zeros((), device=h.device, dtype=torch.float32)
+    dw = torch.zeros(S, d, device=h.device, dtype=ct) if need_dw else None
+    db = torch.zeros(S, device=h.device, dtype=ct) if need_db else None
+    total = torch.zeros((), device=h.device, dtype=ct)
     step = _lce_chunk_rows(h.shape[0], S, chunk_size)
     for r0 in range(0, h.shape[0], step):
         rows = slice(r0, r0 + step)
-        z = F.linear(h[rows], weight, bias).float()
+        z = F.linear(h[rows], weight, bias).to(ct)
         if softcap:
             t = torch.tanh(z / softcap)
             z = softcap * t
@@ -188,7 +190,7 @@ def _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, g
         if need_dw:
             _add_mm(dw, dz.t(), h[rows])
         if need_db:
-            db += dz.sum(0, dtype=torch.float32)
+            db += dz.sum(0, dtype=ct)
     return total / n_valid, dh, dw, db
 
 
