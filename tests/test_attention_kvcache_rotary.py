@@ -56,6 +56,15 @@ def test_rotary_equals_rotating_by_hand(monkeypatch, backend, interleaved, R, ca
     assert torch.equal(vc, vc_w)
 
 
+def test_rotary_with_no_new_token_is_a_no_op():
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 0, 8)
+    kc = torch.randn(1, 2, 8, 8)
+    cos = torch.ones(8, 4)
+    torch.testing.assert_close(llmkern.attention_with_kvcache(q, kc, kc.clone(), 3, k=k, v=k, rotary_cos=cos,
+                                                              rotary_sin=cos * 0),
+                               llmkern.attention_with_kvcache(q, kc, kc.clone(), 3, k=k, v=k))
+
+
 def test_rotary_errors():
     q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
     kc = torch.zeros(1, 2, 8, 8)
@@ -98,5 +107,6 @@ def test_cache_batch_idx_reads_and_appends_the_named_rows(monkeypatch, backend):
     assert torch.equal(pool_k[others], kc[others]) and torch.equal(pool_v[others], vc[others])
     with pytest.raises(ValueError, match="cache_batch_idx must be an int32/int64 tensor"):
         llmkern.attention_with_kvcache(q, pool_k, pool_v, lens, cache_batch_idx=idx.float())
-    with pytest.raises(ValueError, match="block_table entries must be page indices in 0..4"):
-        llmkern.attention_with_kvcache(q, pool_k, pool_v, lens, cache_batch_idx=torch.tensor([5, 0]))
+    for bad in (torch.tensor([5, 0]), torch.tensor([2**32 + 1, 0])):  # (the second wrapped to row 1 in int32)
+        with pytest.raises(ValueError, match="cache_batch_idx entries must be rows of k_cache in 0..4"):
+            llmkern.attention_with_kvcache(q, pool_k, pool_v, lens, cache_batch_idx=bad)

@@ -647,7 +647,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Dv = v_cache.shape[-1]
     Hk, Tmax = k_cache.shape[1], k_cache.shape[2]
     if cache_batch_idx is not None:  # a dense pool is a paged cache with one page of Tmax slots per row
-        block_table = _batch_idx_table(cache_batch_idx, block_table, B, q.device)
+        block_table = _batch_idx_table(cache_batch_idx, block_table, B, q.device, k_cache.shape[0])
     if block_table is not None:
         Tmax = _check_block_table(block_table, B, k_cache, q.device)
     elif k_cache.shape[0] != B:
@@ -773,6 +773,8 @@ def _rotary(q, k, cache_seqlens, cos, sin, interleaved, aligned, D, Tmax):
     start = cache_seqlens.to(torch.long)[:, None]
     pos_k = start + torch.arange(t_new, device=q.device)[None, :]  # [B, t_new]
     pos_q = (start + t_new - Tq + torch.arange(Tq, device=q.device)[None, :]) if aligned else start.expand(B, Tq)
+    if t_new == 0:  # (nothing to write, nothing to rotate it with)
+        return q, k
     if q.device.type == "cpu" and _checking_values() and B and int(pos_k.max()) >= cos.shape[0]:
         raise ValueError(f"rotary_cos has {cos.shape[0]} positions; the new keys reach {int(pos_k.max())}")
 
@@ -837,7 +839,7 @@ def quantize_kv(x: torch.Tensor, dtype=torch.float8_e4m3fn, scale=None) -> torch
     return y.clamp(-fmax, fmax).to(dtype)
 
 
-def _batch_idx_table(cache_batch_idx, block_table, B, device):
+def _batch_idx_table(cache_batch_idx, block_table, B, device, n_rows):
     """cache_batch_idx [B] as a block table [B, 1] (one page per row)."""
     _tensor("cache_batch_idx", cache_batch_idx)
     if block_table is not None:
@@ -847,6 +849,11 @@ def _batch_idx_table(cache_batch_idx, block_table, B, device):
                          f"{tuple(cache_batch_idx.shape)}")
     if cache_batch_idx.device != device:
         raise ValueError(f"cache_batch_idx is on {cache_batch_idx.device} but q is on {device}")
+    if cache_batch_idx.device.type == "cpu" and _checking_values() and B:  # (before int32: 2^32 + 1 would wrap to 1)
+        lo, hi = int(cache_batch_idx.min()), int(cache_batch_idx.max())
+        if lo < 0 or hi >= n_rows:
+            raise ValueError(f"cache_batch_idx entries must be rows of k_cache in 0..{n_rows - 1}, got values in "
+                             f"{lo}..{hi}")
     return cache_batch_idx.to(torch.int32).view(B, 1)
 
 
