@@ -409,3 +409,16 @@ def test_double_backward_raises_on_the_kernel_path(triton_backend):
     (g,) = torch.autograd.grad(llmkern.cross_entropy(logits, labels), logits, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         g.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e6, 1e7])
+def test_loss_is_shift_invariant_with_large_logits(triton_backend, offset):
+    """The kernel's loss is (max - z_label) + log(sum): lse - z_label lost the log-sum to rounding once the
+    logits were large (4.9e-1 off at 1e7; F.cross_entropy stays at 1e-6). The gradient still reads the float32
+    LSE: it is exact only while |logits| is far below 1e4 (README)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1000, generator=g) * 3 + offset
+    y = torch.randint(0, 1000, (4,), generator=g)
+    want = F.cross_entropy(x.double(), y, reduction="none")
+    got = llmkern.cross_entropy(x.to(DEV), y.to(DEV), reduction="none")
+    assert (got.double().cpu() - want).abs().max() < 1e-5

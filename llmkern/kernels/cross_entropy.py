@@ -114,13 +114,15 @@ def _ce_fwd(X, LABELS, LOSS, LSE, T, stride_b, stride_t, V, ignore_index, sc_in,
         m, s = _fwd_chunk(x_row, c * BLOCK_V + cols, shift, end, m, s, sc_in, sc_out, False, HAS_SOFTCAP)
     for c in range(tl.maximum(n_whole, 1), tl.cdiv(end, BLOCK_V)):
         m, s = _fwd_chunk(x_row, c * BLOCK_V + cols, shift, end, m, s, sc_in, sc_out, True, HAS_SOFTCAP)
-    lse = m + tl.log2(tl.where(valid, s, 1.0)) * _LN2  # (an ignored row has s = 0)
+    log_s = tl.log2(tl.where(valid, s, 1.0)) * _LN2  # (an ignored row has s = 0)
+    lse = m + log_s
     xl = tl.load(x_row + shift + tl.where(valid, label, 0), mask=valid, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
         zl = _tanh(xl * sc_in) * sc_out
     else:
         zl = xl
-    tl.store(LOSS + row, tl.where(valid, lse - zl, 0.0))
+    # (m - zl) + log s, not lse - zl: with large logits lse rounds log s away and the difference cancels
+    tl.store(LOSS + row, tl.where(valid, (m - zl) + log_s, 0.0))
     tl.store(LSE + row, tl.where(valid, lse, 0.0))
 
 
