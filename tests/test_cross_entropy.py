@@ -413,12 +413,22 @@ def test_double_backward_raises_on_the_kernel_path(triton_backend):
 
 @pytest.mark.parametrize("offset", [1e4, 1e6, 1e7])
 def test_loss_is_shift_invariant_with_large_logits(triton_backend, offset):
-    """The kernel's loss is (max - z_label) + log(sum): lse - z_label lost the log-sum to rounding once the
-    logits were large (4.9e-1 off at 1e7; F.cross_entropy stays at 1e-6). The gradient still reads the float32
-    LSE: it is exact only while |logits| is far below 1e4 (README)."""
+    """The kernel's loss is (max - z_label) + log(sum), and the backward reads the log-sum-exp with its rounding
+    error (TwoSum): one float32 LSE lost the log-sum once the logits were large (loss 0.49 off at 1e7, gradient
+    rows summing to 0.6 instead of 0; F.cross_entropy stays at 1e-6). Ties at float32's largest value too."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 1000, generator=g) * 3 + offset
     y = torch.randint(0, 1000, (4,), generator=g)
-    want = F.cross_entropy(x.double(), y, reduction="none")
-    got = llmkern.cross_entropy(x.to(DEV), y.to(DEV), reduction="none")
-    assert (got.double().cpu() - want).abs().max() < 1e-5
+    xd = x.double().requires_grad_()
+    want = F.cross_entropy(xd, y, reduction="none")
+    want.sum().backward()
+    xt = x.to(DEV).requires_grad_()
+    got = llmkern.cross_entropy(xt, y.to(DEV), reduction="none")
+    got.sum().backward()
+    assert (got.double().cpu() - want.detach()).abs().max() < 1e-5
+    assert (xt.grad.double().cpu() - xd.grad).abs().max() < 1e-5
+    big = torch.full((1, 20), float("-inf"))
+    big[0, :14] = 3.4e38
+    xt = big.to(DEV).requires_grad_()
+    llmkern.cross_entropy(xt, torch.tensor([0], device=DEV)).backward()
+    torch.testing.assert_close(xt.grad[0, 1:14].cpu(), torch.full((13,), 1 / 14))

@@ -15,10 +15,12 @@ Semantics (those of ``F.cross_entropy(logits.float(), labels, ignore_index=...)`
 Kernels:
 - `_ce_fwd`: one program per row; loops over V in BLOCK_V chunks with an online max / sum-exp in
   float32 (exp2 on log2e-scaled values; one exponential per logit), reads the label's logit with
-  one scalar load, writes the row's loss and logsumexp (float32, natural log). One read of the
-  logits; ignored rows read nothing.
+  one scalar load, writes the row's loss, (max - z[label]) + log(sum), and its logsumexp as two float32
+  numbers, m + log(sum) and that sum's rounding error (TwoSum): with large logits one float32 would lose
+  log(sum) and the backward's probabilities would not sum to 1. One read of the logits; ignored rows
+  read nothing.
 - `_ce_bwd`: one program per (row, chunk of BLOCK_V columns): recomputes softmax from the saved
-  logsumexp and writes dlogits = (softmax - onehot(label)) * g_row [* (1 - tanh^2) with softcap]
+  logsumexp pair, exp((z - lse) - lse_lo), and writes dlogits = (softmax - onehot(label)) * g_row [* (1 - tanh^2) with softcap]
   in the logits' dtype. g_row = dout[row * stride_dout] (stride 0: one scalar for mean/sum),
   divided by n_valid (read from device memory) for "mean", 0 for ignored rows (selected, not
   multiplied, so an all-ignored batch whose mean gradient is inf/nan still gets zeros). One read
@@ -116,6 +118,11 @@ def _ce_fwd(X, LABELS, LOSS, LSE, T, stride_b, stride_t, V, ignore_index, sc_in,
         m, s = _fwd_chunk(x_row, c * BLOCK_V + cols, shift, end, m, s, sc_in, sc_out, True, HAS_SOFTCAP)
     log_s = tl.log2(tl.where(valid, s, 1.0)) * _LN2  # (an ignored row has s = 0)
     lse = m + log_s
+    # the rounding of m + log s (TwoSum): with large logits lse alone loses log s, and the backward's
+    # exp(y - lse) would be off by that (the probabilities of a row no longer summing to 1)
+    bb = lse - m
+    lo = (m - (lse - bb)) + (log_s - bb)
+    lo = tl.where((lse == lse) & (tl.abs(lse) < float("inf")), lo, 0.0)
     xl = tl.load(x_row + shift + tl.where(valid, label, 0), mask=valid, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
         zl = _tanh(xl * sc_in) * sc_out
@@ -123,11 +130,12 @@ def _ce_fwd(X, LABELS, LOSS, LSE, T, stride_b, stride_t, V, ignore_index, sc_in,
         zl = xl
     # (m - zl) + log s, not lse - zl: with large logits lse rounds log s away and the difference cancels
     tl.store(LOSS + row, tl.where(valid, (m - zl) + log_s, 0.0))
-    tl.store(LSE + row, tl.where(valid, lse, 0.0))
+    tl.store(LSE + 2 * row, tl.where(valid, lse, 0.0))
+    tl.store(LSE + 2 * row + 1, tl.where(valid, lo, 0.0))
 
 
 @triton.jit
-def _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, g, sc_in, sc_out,
+def _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, lse_lo, g, sc_in, sc_out,
                MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """dlogits at relative offsets `rel`; an ignored row (g = 0) reads nothing and writes zeros."""
     if MASKED:
@@ -140,7 +148,7 @@ def _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, g, sc_in, 
         y = th * sc_out
     else:
         y = x
-    p = tl.exp2((y - lse) * _LOG2E)
+    p = tl.exp2(((y - lse) - lse_lo) * _LOG2E)
     d = (p - tl.where(rel == label + shift, 1.0, 0.0)) * g
     if HAS_SOFTCAP:
         d = d * (1.0 - th * th)
@@ -164,7 +172,8 @@ def _ce_bwd(X, LABELS, LSE, DOUT, NVALID, DX, T, stride_b, stride_t, stride_dout
     if MEAN:
         g = g / tl.maximum(tl.load(NVALID).to(tl.float32), 1.0)  # n_valid = 0: every row ignored, g unused
     g = tl.where(valid, g, 0.0)
-    lse = tl.load(LSE + row)
+    lse = tl.load(LSE + 2 * row)
+    lse_lo = tl.load(LSE + 2 * row + 1)
     if ALIGNED:  # the launcher checked that gradient rows sit at the logits rows' shift
         dbase = tl.multiple_of(row * V - shift, VEC)
     else:
@@ -173,9 +182,11 @@ def _ce_bwd(X, LABELS, LSE, DOUT, NVALID, DX, T, stride_b, stride_t, stride_dout
     dx_row = DX + dbase
     rel = blk * BLOCK_V + tl.arange(0, BLOCK_V)
     if (blk == 0) | ((blk + 1) * BLOCK_V > row_end):
-        _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, g, sc_in, sc_out, True, HAS_SOFTCAP)
+        _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, lse_lo, g, sc_in, sc_out, True,
+                   HAS_SOFTCAP)
     else:
-        _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, g, sc_in, sc_out, False, HAS_SOFTCAP)
+        _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, lse_lo, g, sc_in, sc_out, False,
+                   HAS_SOFTCAP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +252,7 @@ def cross_entropy_forward(logits, labels, *, ignore_index=-100, softcap=0.0):
     V = logits.shape[-1]
     N = labels.numel()
     loss = torch.empty(N, device=logits.device, dtype=torch.float32)
-    lse = torch.empty(N, device=logits.device, dtype=torch.float32)
+    lse = torch.empty(N, 2, device=logits.device, dtype=torch.float32)  # (log-sum-exp and its rounding)
     if N == 0:
         return loss, lse
     B, T, sb, st = _rows(logits)

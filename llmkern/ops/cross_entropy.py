@@ -137,7 +137,7 @@ def _reduce(loss, n_valid, reduction):
 def _ce_fwd_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float,
                reduction: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [N, V] or [B, T, V]; labels [N]. Returns (loss: float32 0-dim, or [N] for "none";
-    lse float32 [N], 0 at ignored rows; n_valid int64 0-dim)."""
+    lse float32 [N, 2]: the log-sum-exp and its rounding error, 0 at ignored rows; n_valid int64 0-dim)."""
     return _fwd_impl(logits, labels, ignore_index, softcap, reduction)
 
 
@@ -151,7 +151,7 @@ def _fwd_impl(logits, labels, ignore_index, softcap, reduction):
 def _(logits, labels, ignore_index, softcap, reduction):
     N = labels.shape[0]
     out = logits.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
-    return out, logits.new_empty((N,), dtype=torch.float32), labels.new_empty((), dtype=torch.int64)
+    return out, logits.new_empty((N, 2), dtype=torch.float32), labels.new_empty((), dtype=torch.int64)
 
 
 @torch.library.custom_op("llmkern::cross_entropy_bwd", mutates_args=())
