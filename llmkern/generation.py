@@ -486,7 +486,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     return out if return_dict else out.sequences
 
 
-def _token_lists(name, v):
+def _token_lists(v):
     """Whether v is a list (or tuple) of non-empty lists of token ids (ints >= 0)."""
     return isinstance(v, (list, tuple)) and all(
         isinstance(w, (list, tuple)) and len(w) > 0 and all(
@@ -497,7 +497,7 @@ def _check_stops(stop_sequences, strategy, draft_model, device):
     """stop_sequences as int64 tensors on `device`, or None."""
     if stop_sequences is None:
         return None
-    if not _token_lists("stop_sequences", stop_sequences):
+    if not _token_lists(stop_sequences):
         raise ValueError(f"stop_sequences must be a list of non-empty lists of token ids (ints >= 0), got "
                          f"{stop_sequences!r}")
     if strategy == "beam" or draft_model is not None:
@@ -520,7 +520,7 @@ def _check_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be an int >= 0 (0: off), got {v!r}")
     if bad_words_ids is not None:
-        if not _token_lists("bad_words_ids", bad_words_ids):
+        if not _token_lists(bad_words_ids):
             raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids (ints >= 0), got "
                              f"{bad_words_ids!r}")
     return [name for name, on in (("min_new_tokens", min_new_tokens), ("no_repeat_ngram_size", no_repeat_ngram_size),

@@ -290,8 +290,15 @@ class KVCache:
         return ((k.to(torch.float32) * self.k_scale).to(dtype), (v.to(torch.float32) * self.v_scale).to(dtype))
 
     def scales(self):
-        """attention_with_kvcache's scale arguments for this cache ({} unless fp8)."""
-        return {"k_scale": self.k_scale, "v_scale": self.v_scale} if self.fp8 else {}
+        """attention_with_kvcache's scale arguments for this cache ({} unless fp8): float32 [kv_heads] tensors made
+        once on the buffers' device (floats would cost two fills per layer and decode step)."""
+        if not self.fp8:
+            return {}
+        dev = next(t.device for t in self.k if t is not None)
+        if getattr(self, "_scale_t", None) is None or self._scale_t[0].device != dev:
+            self._scale_t = tuple(torch.full((self.shape[1],), x, dtype=torch.float32, device=dev)
+                                  for x in (self.k_scale, self.v_scale))
+        return {"k_scale": self._scale_t[0], "v_scale": self._scale_t[1]}
 
     def advance(self, T):
         self.seqlen += T

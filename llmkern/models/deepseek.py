@@ -212,7 +212,7 @@ def _latent_decode(q, latent, cache, layer, kpm, scale):
     else:
         seqlens = (cache.lengths.to(device=q.device, dtype=torch.int32) + T)
     kv, _ = cache.append(layer, latent)
-    fp8 = {"kv_scale": cache.k_scale} if cache.fp8 else {}  # (a float8 cache: q stays in the latent's dtype)
+    fp8 = {"kv_scale": cache.scales()["k_scale"]} if cache.fp8 else {}  # (float8: q stays in the latent's dtype)
     return mla_ops.mla_decode(q.to(latent.dtype if cache.fp8 else kv.dtype), kv, seqlens, head_dim_v=cache.kv_rank,
                               causal=True, scale=scale, **fp8, **_cache_mask(kpm, kv.shape[2]))
 

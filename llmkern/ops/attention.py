@@ -715,9 +715,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             extra["key_padding_mask"] = key_padding_mask
         if alibi_slopes is not None:
             extra["alibi_slopes"] = alibi_slopes
-        if k_scale is not None or v_scale is not None:  # (both or neither: a missing one is 1)
-            ones = lambda x: torch.ones(Hk, dtype=torch.float32, device=q.device) if x is None else x  # noqa: E731
-            extra.update(k_scale=ones(k_scale), v_scale=ones(v_scale))
+        extra.update({n: t for n, t in (("k_scale", k_scale), ("v_scale", v_scale)) if t is not None})
         out, lse = _attention_decode_op(q, k_cache, v_cache, lens.to(torch.int32), block_table, scale, causal,
                                         wl, wr, sc, int(num_splits), **extra)
         return (out, lse) if return_lse else out
@@ -779,8 +777,8 @@ def _rotary(q, k, cache_seqlens, cos, sin, interleaved, aligned, D, Tmax):
         raise ValueError(f"rotary_cos has {cos.shape[0]} positions; the new keys reach {int(pos_k.max())}")
 
     def table(t, pos):  # [seqlen_ro, R / 2] -> [B, T, R] at the positions, in the layout llmkern.rope takes
-        full = t.repeat_interleave(2, dim=-1) if interleaved else torch.cat([t, t], dim=-1)
-        return full[pos.clamp(0, t.shape[0] - 1)]
+        rows = t[pos.clamp(0, t.shape[0] - 1)]
+        return rows.repeat_interleave(2, dim=-1) if interleaved else torch.cat([rows, rows], dim=-1)
 
     if aligned and Tq == t_new:  # the same positions: one fused launch for both
         return rope(q, k, table(cos, pos_k), table(sin, pos_k), interleaved=interleaved)
@@ -797,11 +795,18 @@ def _bytes(t):
 def _kv_scale(name, scale, cache, Hk, device):
     """k_scale / v_scale of a float8 cache as a float32 tensor [Hk] (None: a scale of 1, or a cache in q's
     dtype, which takes no scale)."""
-    fp8 = cache.dtype in FP8_DTYPES
     if scale is None:
         return None
-    if not fp8:
+    if cache.dtype not in FP8_DTYPES:
         raise ValueError(f"{name} is for a float8 cache (float8_e4m3fn / float8_e5m2); this cache is {cache.dtype}")
+    return _scale_tensor(name, scale, Hk, device)
+
+
+def _scale_tensor(name, scale, Hk, device):
+    """A dequantization scale (positive float, or float tensor [] / [Hk]) as float32 [Hk], validated."""
+    if torch.is_tensor(scale) and scale.dtype == torch.float32 and scale.dim() == 1 and scale.shape[0] == Hk \
+            and scale.device == device and scale.is_contiguous() and not (device.type == "cpu" and _checking_values()):
+        return scale  # (already the kernel's form; a cache's own scales each decode step: no copy)
     if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"{name} must be a finite positive float, got {scale!r}")
@@ -832,7 +837,7 @@ def quantize_kv(x: torch.Tensor, dtype=torch.float8_e4m3fn, scale=None) -> torch
                          f"{x.dtype} {tuple(x.shape)}")
     y = x.to(torch.float32)
     if scale is not None:  # (validated and made float32 [kv_heads], whatever form it came in)
-        scale = _kv_scale("scale", scale, torch.empty(0, dtype=dtype), x.shape[1], x.device)
+        scale = _scale_tensor("scale", scale, x.shape[1], x.device)
     if scale is not None:
         y = y / scale.view(1, -1, 1, 1)
     fmax = torch.finfo(dtype).max
