@@ -9,9 +9,11 @@
 # pytest_gpu.log, bench-attention.log, diag-mla.log and all.tar.gz (everything: env.txt, build.log,
 # info.txt, every bench-SUITE.log and bench-SUITE/results.{json,md}, every diag-SECTION.log), refreshed
 # after each phase so that a run cut short still brings back what it measured.
-# Knobs: GPU_CHECK_PLAN="attention:110 diag-mla:60 lora:60" (harness suites, NAME-compiled = the suite under
-#   torch.compile(mode="reduce-overhead"), and diag-SECTION = benchmarks/gpu_diag.py SECTION, each with its
-#   limit in seconds, in order; a name without ":N" gets 60), GPU_CHECK_TESTS=0 (skip the pytest phases),
+# Knobs: GPU_CHECK_PLAN="attention:110 diag-mla:60 lora:60" (harness suites, mfu-compiled = the mfu suite with
+#   LLMKERN_BENCH_COMPILE=reduce-overhead, i.e. its steps under torch.compile(mode="reduce-overhead"): only mfu
+#   reads that knob, so any other NAME-compiled phase is skipped; and diag-SECTION = benchmarks/gpu_diag.py
+#   SECTION, each with its limit in seconds, in order; a name without ":N" gets 60), GPU_CHECK_TESTS=0 (skip
+#   the pytest phases),
 #   GPU_CHECK_BUILD=0 (use an llmkern/_C*.so carried in from an earlier run on the same image instead of
 #   building), GPU_CHECK_WORK (the scratch folder; default a new one under /tmp).
 # Phases start only before GPU_CHECK_DEADLINE seconds (default 540) and get what is left of it (skipped when
@@ -70,16 +72,18 @@ snapshot
 # the failures so far; -rfE lists every failed test.
 if [ "${GPU_CHECK_TESTS:-1}" != 0 ]; then
   xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
+  to50=""; to120=""  # per-test limits only with pytest-timeout (an unknown --timeout would fail pytest at once)
+  python3 -c "import pytest_timeout" 2>/dev/null && { to50="--timeout 50"; to120="--timeout 120"; }
   lim=$(limit 60)
   if [ "$lim" -gt 1 ]; then
     OMP_NUM_THREADS=2 timeout -s INT -k 10 "$lim" python3 -m pytest -m gpu -q -rfE -p no:cacheprovider $xdist \
-      --timeout 50 tests/test_sampling_gpu.py > "$W/pytest_gpu.log" 2>&1
+      $to50 tests/test_sampling_gpu.py > "$W/pytest_gpu.log" 2>&1
     phase "pytest -m gpu (sampling, ${xdist:-1 process}) rc=$?"; tail -5 "$W/pytest_gpu.log"
   else phase "pytest -m gpu (sampling) skipped: deadline"; fi
   lim=$(limit 150)
   if [ "$lim" -gt 1 ]; then
     LLMKERN_LORA_AUTOTUNE=0 LLMKERN_ATTN_AUTOTUNE=0 timeout -s INT -k 10 "$lim" python3 -m pytest -m gpu -q -rfE \
-      -p no:cacheprovider $xdist --timeout 120 --ignore=tests/test_sampling_gpu.py >> "$W/pytest_gpu.log" 2>&1
+      -p no:cacheprovider $xdist $to120 --ignore=tests/test_sampling_gpu.py >> "$W/pytest_gpu.log" 2>&1
     phase "pytest -m gpu (the rest, ${xdist:-1 process}) rc=$?"; tail -15 "$W/pytest_gpu.log"
   else phase "pytest -m gpu (the rest) skipped: deadline"; fi
   snapshot
@@ -106,6 +110,9 @@ for spec in ${GPU_CHECK_PLAN:-$plan}; do
       phase "gpu_diag $sec rc=$? (limit ${lim} s)"; grep -E "ms/call|ms \(|Error" "$W/$name.log" | tail -30;;
     *)
       suite=${name%-compiled}
+      if [ "$name" != "$suite" ] && [ "$suite" != mfu ]; then  # (LLMKERN_BENCH_COMPILE: read by the mfu suite only)
+        phase "$name skipped: only mfu has a compiled mode"; continue
+      fi
       tune=""; case $suite in lora|mfu) tune="LLMKERN_LORA_AUTOTUNE=${LLMKERN_LORA_AUTOTUNE:-0}";; esac
       [ "$name" = "$suite" ] || tune="$tune LLMKERN_BENCH_COMPILE=reduce-overhead"
       env $tune PYTHONUNBUFFERED=1 timeout -k 5 "$lim" python3 -m llmkern.bench.cli --suite "$suite" \

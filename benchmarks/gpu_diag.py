@@ -3,7 +3,8 @@
 The harness (llmkern-bench) says how fast an op is against its baseline; this says why, in one short
 run on the GPU machine: for each workload it prints the CUDA kernels of a few iterations (time per
 iteration, launches per iteration) and, for each of our autotuned kernels that tuned on it, every
-candidate config's measured time. Sections run in order, each guarded (a failure prints and moves on):
+candidate config's measured time. Sections run in order, each guarded (a failure prints its traceback
+and moves on; the exit status is 1 when any section failed):
 
     python benchmarks/gpu_diag.py [host decode attention lora sampling mfu nf4 mla]   (default: all)
 
@@ -361,16 +362,25 @@ SECTIONS = {"host": host, "decode": decode, "attention": attention, "lora": lora
 
 
 def main(argv):
+    """Runs the sections; returns 1 when any of them raised (after running the rest), else 0."""
     _say(f"gpu_diag on {torch.cuda.get_device_name()} (torch {torch.__version__})")
+    failed = []
     for name in argv or list(SECTIONS):
         t0 = time.time()
         _say(f"\n# section {name}")
         try:
+            if name not in SECTIONS:
+                raise KeyError(f"unknown section {name!r}; sections: {' '.join(SECTIONS)}")
             SECTIONS[name]()
-        except Exception:  # noqa: BLE001 - one broken section must not hide the others
+        except Exception as exc:  # noqa: BLE001 - one broken section must not hide the others
             traceback.print_exc()
+            failed.append(f"{name} ({type(exc).__name__})")
         _say(f"# section {name}: {time.time() - t0:.1f} s")
+    if failed:
+        _say(f"\n# gpu_diag: FAILED sections: {', '.join(failed)}")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

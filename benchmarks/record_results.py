@@ -8,7 +8,9 @@ test outcome (build.log, pytest_gpu.log: the summary lines), and every harness r
 (bench-SUITE/results.json), each with its notes (where a row checks an issue's target, its
 verdict is in them).
 Rows a suite did not reach (stopped by its time limit) are simply absent; the page says which
-suites wrote nothing.
+suites wrote nothing. A suite that raised (results.json "failed") is marked FAILED under its heading with
+the error (its rows, if any, are the partial ones before it); a results.json that cannot be read is named
+on the page instead of breaking it.
 """
 import argparse
 import datetime
@@ -17,7 +19,9 @@ import json
 import os
 import re
 
-SUITES = ("sampling", "cross_entropy", "attention", "lora", "mfu", "tp", "norm", "rope", "swiglu", "moe")
+HERE = os.path.dirname(os.path.abspath(__file__))
+_KNOWN_SUITES = ("attention", "lora", "mfu", "sampling", "generate", "tp", "mfu-compiled", "cross_entropy", "moe",
+                 "norm", "rope", "swiglu")  # (when gpu_check.sh cannot be read)
 
 
 def _read(path):
@@ -26,6 +30,17 @@ def _read(path):
             return f.read()
     except OSError:
         return ""
+
+
+def gpu_check_suites(script=os.path.join(HERE, "gpu_check.sh")):
+    """The harness phases of gpu_check.sh's default plan (its `plan="..."` lines), in order: each writes
+    bench-NAME/results.json (NAME-compiled included; diag-SECTION phases write no results.json)."""
+    specs = " ".join(re.findall(r'^plan="(?:\$plan )?([^"$]*)"', _read(script), re.M)).split()
+    names = tuple(dict.fromkeys(spec.split(":")[0] for spec in specs if not spec.startswith("diag-")))
+    return names or _KNOWN_SUITES
+
+
+SUITES = gpu_check_suites()
 
 
 def card_name(env_text, results):
@@ -54,25 +69,49 @@ def suite_table(rows):
     for r in rows:
         thr = f"{_fmt(r.get('throughput'))} {r.get('unit') or ''}".strip()
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else ""
-        out.append(f"| {r['op']} | {r['shape']} | {_fmt(r['ours_ms'])} | {r.get('baseline') or ''} | "
+        out.append(f"| {r.get('op')} | {r.get('shape')} | {_fmt(r.get('ours_ms'))} | {r.get('baseline') or ''} | "
                    f"{_fmt(r.get('baseline_ms'))} | {_fmt(r.get('ratio'), 2)} | {thr} | {mfu} | "
                    f"{(r.get('notes') or '').replace('|', '/')} |")
     return out
 
 
+def _load(path):
+    """(the parsed results.json, None), or (None, why it could not be read): one unreadable file (e.g. cut
+    short by a kill during its write) must not cost the page every other suite."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:  # (json.JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        return None, f"{type(exc).__name__}: {exc}"
+    if not isinstance(data, dict) or not isinstance(data.get("results") or [], list):
+        return None, "not a harness results object"
+    return data, None
+
+
+def _failures(data):
+    """[(suite, error)] of a results.json's "failed" list (written by llmkern.bench.cli when a suite raises)."""
+    out = []
+    for f in data.get("failed") or []:
+        if isinstance(f, dict):
+            out.append((str(f.get("suite") or "?"), str(f.get("error") or "(no message)")))
+        else:
+            out.append(("?", str(f)))
+    return out
+
+
 def build_page(out_dir):
     env_text = _read(os.path.join(out_dir, "env.txt"))
-    loaded = {}
-    for suite in SUITES:
-        path = os.path.join(out_dir, f"bench-{suite}", "results.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                loaded[suite] = json.load(f)
+    found = {s: os.path.join(out_dir, f"bench-{s}", "results.json") for s in SUITES}
     for path in sorted(glob.glob(os.path.join(out_dir, "bench-*", "results.json"))):
-        suite = os.path.basename(os.path.dirname(path))[len("bench-"):]
-        if suite not in loaded:
-            with open(path) as f:
-                loaded[suite] = json.load(f)
+        found.setdefault(os.path.basename(os.path.dirname(path))[len("bench-"):], path)
+    loaded, unreadable = {}, {}
+    for suite, path in found.items():
+        if os.path.exists(path):
+            data, why = _load(path)
+            if data is None:
+                unreadable[suite] = why
+            else:
+                loaded[suite] = data
     card = card_name(env_text, list(loaded.values()))
     lines = [f"# GPU results: {card}", "",
              f"Recorded from `benchmarks/gpu_check.sh` output by `benchmarks/record_results.py` on "
@@ -84,9 +123,33 @@ def build_page(out_dir):
     lines += ["## Build and GPU tests", "", "```"] + (build[-5:] or ["(no summary line in build.log)"])
     lines += tests or ["(no summary line in pytest_gpu.log)"]
     lines += ["```", ""]
-    for suite, data in loaded.items():
-        rows = data.get("results", [])
-        lines += [f"## Suite `{suite}` ({len(rows)} rows)", ""] + suite_table(rows) + [""]
+    missing, partial = [], []
+    for suite in found:
+        if suite in unreadable:
+            lines += [f"## Suite `{suite}`: results.json UNREADABLE", "",
+                      f"**`bench-{suite}/results.json` could not be read ({unreadable[suite]})**: no rows from "
+                      f"it on this page; the rows the suite printed are the `[row]` lines of bench-{suite}.log.", ""]
+            missing.append(f"{suite} (results.json unreadable)")
+            continue
+        if suite not in loaded:
+            missing.append(suite)
+            continue
+        data = loaded[suite]
+        rows = [r for r in data.get("results") or [] if isinstance(r, dict)]
+        failures = _failures(data)
+        if failures and not rows:
+            lines += [f"## Suite `{suite}` (0 rows, FAILED before its first row)", ""]
+            missing.append(f"{suite} (failed before its first row)")
+        elif failures:
+            lines += [f"## Suite `{suite}` ({len(rows)} rows, FAILED: partial)", ""]
+            partial.append(suite)
+        else:
+            lines += [f"## Suite `{suite}` ({len(rows)} rows)", ""]
+        for name, error in failures:
+            what = "the rows below are the ones it measured before that" if rows else "no rows"
+            lines += [f"**FAILED suite {name}: {error.replace('|', '/')}** ({what})", ""]
+        if rows or not failures:
+            lines += suite_table(rows) + [""]
     diag = _read(os.path.join(out_dir, "diag-host.log"))
     rows = [line.rstrip() for line in diag.splitlines() if "ms/call" in line]
     if rows:
@@ -94,10 +157,11 @@ def build_page(out_dir):
     mla = [line.rstrip() for line in _read(os.path.join(out_dir, "diag-mla.log")).splitlines() if " ms (" in line]
     if mla:
         lines += ["## MLA decode tiles (`benchmarks/gpu_diag.py mla`)", "", "```"] + mla + ["```", ""]
-    missing = [s for s in SUITES if s not in loaded]
+    if partial:
+        lines += [f"Suites that failed after some rows (their tables are partial): {', '.join(partial)}.", ""]
     if missing:
-        lines += [f"Suites that wrote no results (not reached, or failed before their first row): "
-                  f"{', '.join(missing)}.", ""]
+        lines += [f"Suites that wrote no results (not reached, failed before their first row, or an unreadable "
+                  f"results.json): {', '.join(missing)}.", ""]
     return card, "\n".join(lines)
 
 

@@ -291,3 +291,31 @@ def test_generate_suite_rows(tmp_path, capsys, monkeypatch):
     assert [r["op"] for r in rows] == ["generate greedy", "generate greedy, fp8 kv-cache",
                                        "generate sample (top-k 50, top-p 0.9)"]
     assert all(r["throughput"] > 0 and r["baseline_ms"] > 0 for r in rows)
+
+
+def test_generate_yields_each_row_when_its_timings_are_done(monkeypatch):
+    """The generate suite yields each row as soon as the timings it needs are taken (a run stopped by its
+    limit keeps the finished rows); the timings are the same, in the same order."""
+    import types
+
+    import torch
+
+    from llmkern.bench.registry import Context
+    from llmkern.bench.suites import generate
+
+    calls = []
+
+    def fake_time(fn, device, quick):
+        calls.append(fn)
+        return float(len(calls))
+
+    monkeypatch.setattr(generate, "time_fn", fake_time)
+    monkeypatch.setattr(generate, "_model", lambda name, backend, *a: types.SimpleNamespace(backend=backend,
+                                                                                           kv_cache_dtype=None))
+    ctx = Context(device=torch.device("cpu"), quick=True, progress=lambda it, **kw: it, out_dir=None)
+    seen = []
+    for row in generate.run(ctx):
+        seen.append((row.op, len(calls), row.ours_ms, row.baseline_ms))
+    # timings 1..5: llmkern greedy, prefill, torch backend, fp8 cache, sampling
+    assert seen == [("generate greedy", 3, 1.0, 3.0), ("generate greedy, fp8 kv-cache", 4, 4.0, 1.0),
+                    ("generate sample (top-k 50, top-p 0.9)", 5, 5.0, 1.0)]

@@ -34,3 +34,91 @@ def test_page_from_a_gpu_check_folder(tmp_path):
     assert "| attention fwd | B=4 H=16 T=4096 D=128 causal=True bf16 | 0.700 | sdpa-flash | 0.800 | 1.14 |" in page
     assert "39.6%" in page and "pointer kernels 350 TFLOP/s" in page
     assert "Suites that wrote no results" in page and "sampling" in page.split("wrote no results")[1]
+
+
+def _row(op, suite):
+    return dict(op=op, shape="s", ours_ms=0.7, baseline="b", baseline_ms=0.8, ratio=0.8 / 0.7, throughput=1.0,
+                unit="TFLOP/s", mfu=None, notes="", suite=suite, extra={})
+
+
+def _write(tmp_path, suite, obj_or_text):
+    (tmp_path / f"bench-{suite}").mkdir()
+    text = obj_or_text if isinstance(obj_or_text, str) else json.dumps(obj_or_text, indent=2)
+    (tmp_path / f"bench-{suite}" / "results.json").write_text(text)
+
+
+def test_failed_suites_are_marked_and_counted(tmp_path):
+    """results.json's "failed" list (llmkern.bench.cli): a suite that failed after some rows is marked FAILED
+    with its error under its heading (the table is partial); one that failed before its first row is named
+    with its error and counted among the suites that wrote no results."""
+    _write(tmp_path, "attention", {"environment": {}, "results": [_row("attention fwd", "attention")],
+                                   "failed": [{"suite": "attention", "error": "ValueError: bad DECODE_CONFIG"}]})
+    _write(tmp_path, "mfu", {"environment": {}, "results": [],
+                             "failed": [{"suite": "mfu", "error": "ValueError: LLMKERN_BENCH_COMPILE must be"}]})
+    _write(tmp_path, "lora", {"environment": {}, "results": [_row("lora fwd", "lora")], "failed": []})
+    _, page = _module().build_page(str(tmp_path))
+    att = page.split("## Suite `attention`")[1].split("## ")[0]
+    assert att.startswith(" (1 rows, FAILED: partial)")
+    assert "**FAILED suite attention: ValueError: bad DECODE_CONFIG**" in att and "| attention fwd |" in att
+    mfu = page.split("## Suite `mfu`")[1].split("## ")[0]
+    assert mfu.startswith(" (0 rows, FAILED before its first row)")
+    assert "FAILED suite mfu: ValueError: LLMKERN_BENCH_COMPILE must be" in mfu and "| op |" not in mfu
+    lora = page.split("## Suite `lora`")[1].split("## ")[0]
+    assert lora.startswith(" (1 rows)") and "FAILED" not in lora
+    missing = page.split("Suites that wrote no results")[1]
+    assert "mfu (failed before its first row)" in missing and "lora" not in missing
+    assert "attention" not in missing and "generate" in missing
+    assert "failed after some rows (their tables are partial): attention." in page
+
+
+def test_unreadable_results_json_does_not_break_the_page(tmp_path):
+    """A results.json cut short (or otherwise unparsable) is named on the page; every other suite's rows stay."""
+    text = json.dumps({"environment": {}, "results": [_row("lora fwd", "lora")], "failed": []}, indent=2)
+    _write(tmp_path, "lora", text[:len(text) // 2])
+    _write(tmp_path, "attention", {"environment": {}, "results": [_row("attention fwd", "attention")],
+                                   "failed": []})
+    _write(tmp_path, "norm", "[1, 2]")  # valid JSON, not a results object
+    _, page = _module().build_page(str(tmp_path))
+    assert "| attention fwd |" in page and "lora fwd" not in page
+    assert "## Suite `lora`: results.json UNREADABLE" in page and "JSONDecodeError" in page
+    assert "## Suite `norm`: results.json UNREADABLE" in page
+    missing = page.split("Suites that wrote no results")[1]
+    assert "lora (results.json unreadable)" in missing and "norm (results.json unreadable)" in missing
+
+
+def test_suites_are_the_harness_phases_of_gpu_check():
+    """The suites the page expects are gpu_check.sh's harness phases (bench-NAME folders), generate and
+    mfu-compiled included; diag-SECTION phases write no results.json."""
+    mod = _module()
+    assert {"generate", "mfu-compiled", "attention", "swiglu"} <= set(mod.SUITES)
+    assert not any(s.startswith("diag-") for s in mod.SUITES)
+
+
+def test_results_json_is_replaced_atomically(tmp_path, monkeypatch):
+    """write_outputs writes a temporary file and renames it over results.json / results.md: a run killed
+    during a write leaves the previous complete file, never a truncated one (nor a stray temporary file)."""
+    import torch
+
+    from llmkern.bench import report
+    from llmkern.bench.registry import Result
+
+    rows = [Result(op="first", shape="s", ours_ms=1.0, baseline="b", baseline_ms=2.0, suite="x")]
+    report.write_outputs(rows, str(tmp_path), torch.device("cpu"), plot=False)
+    before = (tmp_path / "results.json").read_text()
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # (a kill between the write and the rename)
+
+    monkeypatch.setattr(report.os, "replace", killed)
+    more = rows + [Result(op="second", shape="s", ours_ms=1.0, baseline="b", baseline_ms=2.0, suite="x")]
+    try:
+        report.write_outputs(more, str(tmp_path), torch.device("cpu"), plot=False)
+    except KeyboardInterrupt:
+        pass
+    assert (tmp_path / "results.json").read_text() == before
+    assert [r["op"] for r in json.loads(before)["results"]] == ["first"]
+    assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]
+    monkeypatch.undo()
+    report.write_outputs(more, str(tmp_path), torch.device("cpu"), plot=False)
+    assert [r["op"] for r in json.loads((tmp_path / "results.json").read_text())["results"]] == ["first", "second"]
+    assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]

@@ -55,6 +55,22 @@ def failed_lines(failed):
     return [f"FAILED suite {n}: {e} (its rows above, if any, are partial)" for n, e in (failed or {}).items()]
 
 
+def _write_atomic(path, text):
+    """Writes `text` to a temporary file in `path`'s folder, then renames it over `path`: a reader (or a run
+    killed mid-write by a time limit) sees the old file or the new one, never a truncated one."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")  # (open's usual mode)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def write_outputs(results, out_dir, device, name="results", plot=True, failed=None):
     """Writes <name>.json, <name>.md and (with matplotlib and plot) <name>.png; returns the paths.
     `failed` ({suite: error message}) is recorded in both files ("failed" in the JSON)."""
@@ -62,20 +78,16 @@ def write_outputs(results, out_dir, device, name="results", plot=True, failed=No
     env = environment(device)
     paths = {}
     paths["json"] = os.path.join(out_dir, f"{name}.json")
-    with open(paths["json"], "w") as f:
-        json.dump({"environment": env, "results": [r.as_dict() for r in results],
-                   "failed": [{"suite": n, "error": e} for n, e in (failed or {}).items()]}, f, indent=2)
+    _write_atomic(paths["json"], json.dumps(
+        {"environment": env, "results": [r.as_dict() for r in results],
+         "failed": [{"suite": n, "error": e} for n, e in (failed or {}).items()]}, indent=2))
     paths["md"] = os.path.join(out_dir, f"{name}.md")
     rows = rows_as_text(results)
-    with open(paths["md"], "w") as f:
-        f.write("# llmkern-bench results\n\n")
-        f.write(", ".join(f"{k}: {v}" for k, v in env.items()) + "\n\n")
-        f.write(RATIO_LEGEND + "\n\n")
-        f.write("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n")
-        for row in rows[1:]:
-            f.write("| " + " | ".join(str(c) for c in row) + " |\n")
-        for line in failed_lines(failed):
-            f.write(f"\n**{line}**\n")
+    md = ["# llmkern-bench results\n\n", ", ".join(f"{k}: {v}" for k, v in env.items()) + "\n\n",
+          RATIO_LEGEND + "\n\n", "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"]
+    md += ["| " + " | ".join(str(c) for c in row) + " |\n" for row in rows[1:]]
+    md += [f"\n**{line}**\n" for line in failed_lines(failed)]
+    _write_atomic(paths["md"], "".join(md))
     png = _plot(results, os.path.join(out_dir, f"{name}.png"), env) if plot else None
     if png:
         paths["png"] = png
