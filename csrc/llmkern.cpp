@@ -63,8 +63,8 @@ int split_scratch(const at::Tensor& logits, at::Tensor* buf, uint64_t** ptr) {
 at::Tensor logits_2d(const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 2, "llmkern: logits must be [batch, vocab]");
   TORCH_CHECK(logits.size(1) >= 1, "llmkern: vocab must be non-empty");
-  // each token's weight is up to 2^40 in the kernels' 64-bit fixed-point mass sums: more than 2^24 tokens could wrap
-  TORCH_CHECK(logits.size(1) <= (int64_t(1) << 24), "llmkern: vocab must be at most 2^24 (fixed-point mass sums)");
+  // each token's weight is up to 2^40 in the kernels' 64-bit fixed-point mass sums: 2^24 tied tokens wrap to 0
+  TORCH_CHECK(logits.size(1) < (int64_t(1) << 24), "llmkern: vocab must be below 2^24 (fixed-point mass sums)");
   return logits.stride(1) == 1 ? logits : logits.contiguous();
 }
 

@@ -385,15 +385,16 @@ def test_bad_logits():
         llmkern.sample([1.0, 2.0])
     with pytest.raises(ValueError, match="top_p"):
         llmkern.top_k_top_p_filter(torch.randn(2, 10), top_p=0)
-    # past 2^24 tokens the kernels' 64-bit fixed-point mass sums (up to 2^40 a token) could wrap: refused by the
-    # Python API and by the C++ op (an expanded view: no 67 MB allocation)
-    huge = torch.zeros(1, 1).expand(1, 2**24 + 1)
+    # at 2^24 tokens the kernels' 64-bit fixed-point mass sums (up to 2^40 a token) wrap (a uniform row sums to
+    # 2^64 = 0: always the last token, logprob +inf): refused by the Python API and by the C++ op (an expanded
+    # view: no 67 MB allocation)
+    huge = torch.zeros(1, 1).expand(1, 2**24)
     for fn in (llmkern.sample, llmkern.top_k_top_p_filter, llmkern.top_logprobs):
-        with pytest.raises(ValueError, match="at most 2\\^24"):
+        with pytest.raises(ValueError, match="below 2\\^24"):
             fn(huge) if fn is not llmkern.top_logprobs else fn(huge, 1)
     if hasattr(torch.ops.llmkern, "sample"):
         B = 1
-        with pytest.raises(RuntimeError, match="at most 2\\^24"):
+        with pytest.raises(RuntimeError, match="below 2\\^24"):
             torch.ops.llmkern.sample(huge, None, None, torch.ones(B), torch.zeros(B, dtype=torch.long), torch.ones(B),
                                      torch.zeros(B), torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long))
 

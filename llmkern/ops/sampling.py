@@ -19,7 +19,7 @@ from llmkern.reference import sampling as _ref_sampling
 ScalarOrTensor = Union[float, int, torch.Tensor]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-MAX_VOCAB = 2**24  # (real vocabularies: up to ~262k)
+MAX_VOCAB = 2**24 - 1  # (real vocabularies: up to ~262k)
 
 
 # Looked up once: the dispatcher query is not traceable by torch.compile.
@@ -80,9 +80,10 @@ def _check_logits(logits):
         raise ValueError(f"logits must have shape [batch, vocab], got {tuple(logits.shape)}")
     if logits.size(1) < 1:
         raise ValueError("logits must have a non-empty vocabulary dimension")
-    if logits.size(1) > MAX_VOCAB:  # (each token's weight is up to 2^40 in a 64-bit fixed-point sum)
-        raise ValueError(f"logits vocabulary dimension must be at most 2^24 = {MAX_VOCAB} (the kernels' fixed-point "
-                         f"mass sums would wrap past it), got {logits.size(1)}")
+    if logits.size(1) > MAX_VOCAB:  # each token's weight is up to 2^40 in a 64-bit fixed-point sum: 2^24 tied
+        # tokens sum to 2^64, which wraps to 0
+        raise ValueError(f"logits vocabulary dimension must be below 2^24 (at most {MAX_VOCAB}: the kernels' "
+                         f"fixed-point mass sums wrap at 2^24 tokens), got {logits.size(1)}")
     if logits.dtype not in _DTYPES:
         raise ValueError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
 
