@@ -1,4 +1,5 @@
 """Small pieces the Triton kernel files share."""
+import contextlib
 import functools
 
 import torch
@@ -6,6 +7,28 @@ import triton
 import triton.language as tl
 
 from llmkern._backend import triton_interpreting as interpreting  # noqa: F401 (TRITON_INTERPRET=1)
+
+
+def on_device(*args):
+    """The device to launch on: Triton runs a kernel on the *current* CUDA device and its current stream, not on
+    its arguments' device, so tensors on cuda:1 while device 0 is current (model.to("cuda:1"), transformers'
+    device_map="auto") would be read from device 0, unordered with cuda:1's stream (or refused without peer
+    access). Returns a context entering the first tensor argument's device when it is another one."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.is_cuda and a.device.index != torch.cuda.current_device():
+                return torch.cuda.device(a.device.index)
+            break
+    return contextlib.nullcontext()
+
+
+def launches_on_device(fn):
+    """Decorator: run a launcher on its first tensor argument's CUDA device (see on_device)."""
+    @functools.wraps(fn)
+    def launcher(*args, **kwargs):
+        with on_device(*args, *kwargs.values()):
+            return fn(*args, **kwargs)
+    return launcher
 
 
 def cdiv(a, b):

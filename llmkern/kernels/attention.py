@@ -43,7 +43,7 @@ import triton.language as tl
 
 from llmkern.kernels import _autotune as _autotune_front
 from llmkern.kernels import _tma
-from llmkern.kernels._common import cdiv, next_power_of_2
+from llmkern.kernels._common import cdiv, launches_on_device, next_power_of_2, on_device
 from llmkern.kernels._common import dropout_params as _dropout_params
 from llmkern.kernels._common import fmix32 as _fmix32
 from llmkern.kernels._common import seed_keys as _seed_keys
@@ -703,6 +703,8 @@ def _set_tma_blocks(nargs):
 
 
 def _capability():
+    # (the current device's: the launchers enter their tensors' device first, see on_device. The candidate lists
+    # are built on first use, so a process driving GPUs of two architectures tunes over the first one's list.)
     if torch.cuda.is_available():
         return torch.cuda.get_device_capability()
     return (0, 0)
@@ -853,13 +855,14 @@ def _front(name):
 
 
 def _launch(name, kernel, grid, args, kwargs):
-    if _interpreting():
-        blocks = interpreter_blocks()
-        if name.endswith("_tma"):
-            _set_tma_blocks(dict(zip(kernel.arg_names, args), **kwargs, **blocks))
-        kernel[grid](*args, **kwargs, **blocks)
-    else:
-        _front(name)[grid](*args, **kwargs)
+    with on_device(*args):
+        if _interpreting():
+            blocks = interpreter_blocks()
+            if name.endswith("_tma"):
+                _set_tma_blocks(dict(zip(kernel.arg_names, args), **kwargs, **blocks))
+            kernel[grid](*args, **kwargs, **blocks)
+        else:
+            _front(name)[grid](*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1017,6 +1020,7 @@ def _alibi_args(alibi_slopes, placeholder):
     return a, (a.stride(0) if a.dim() == 2 else 0)
 
 
+@launches_on_device
 def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_right=-1, softcap=0.0,
                       key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
                       max_seqlen_q=-1, max_seqlen_k=-1, dropout_p=0.0, seed=None, batch_base=0, sinks=None,
@@ -1098,6 +1102,7 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
     return out, lse
 
 
+@launches_on_device
 def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_left=-1, window_right=-1,
                        softcap=0.0, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
                        max_seqlen_q=-1, max_seqlen_k=-1, dlse=None, dropout_p=0.0, seed=None, batch_base=0,

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern.kernels._common import cdiv, next_power_of_2, sm_count
+from llmkern.kernels._common import cdiv, launches_on_device, next_power_of_2, sm_count
 from llmkern.reference.attention import dequantize_kv
 from llmkern.kernels.attention import (LOG2E, _alibi_args, _batch_slices, _block_d, _interpreting, _last_contig,
                                        _prec, _softcap_args, _tanh, _window_args, alibi_rows, empty_out)
@@ -268,6 +268,7 @@ def cache_pages(cache, block_table, device):
     return page, block_table.shape[1] * page, block_table.to(device=device, dtype=torch.int32).contiguous()
 
 
+@launches_on_device
 def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, window_left=-1,
                      window_right=-1, softcap=0.0, num_splits=0, block_table=None, sinks=None,
                      key_padding_mask=None, alibi_slopes=None, k_scale=None, v_scale=None):

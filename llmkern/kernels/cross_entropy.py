@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern.kernels._common import cdiv, next_power_of_2
+from llmkern.kernels._common import cdiv, launches_on_device, next_power_of_2
 from llmkern.kernels._common import interpreting as _interpreting
 from llmkern.kernels._common import tanh as _tanh
 
@@ -242,6 +242,7 @@ def _rows_congruent(logits, vec):
     return st % vec == V % vec and (B == 1 or sb % vec == (T * V) % vec)
 
 
+@launches_on_device
 def cross_entropy_forward(logits, labels, *, ignore_index=-100, softcap=0.0):
     """Per-row loss and logsumexp, both float32 [N] (0 for ignored rows).
 
@@ -264,6 +265,7 @@ def cross_entropy_forward(logits, labels, *, ignore_index=-100, softcap=0.0):
     return loss, lse
 
 
+@launches_on_device
 def cross_entropy_backward(dout, logits, labels, lse, n_valid, *, ignore_index=-100, softcap=0.0,
                            mean=False):
     """dlogits, contiguous, with the logits' shape and dtype.

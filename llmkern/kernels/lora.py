@@ -48,7 +48,7 @@ from llmkern.kernels import _autotune as _autotune_front
 from llmkern.kernels import _tma
 from llmkern.kernels import nf4 as _nf4
 from llmkern.kernels.nf4 import block_scales as _block_scales, nf4_levels as _nf4_levels, scale_blocks as _scale_blocks
-from llmkern.kernels._common import cdiv, mma_precision, next_power_of_2, sm_count
+from llmkern.kernels._common import cdiv, mma_precision, next_power_of_2, on_device, sm_count
 from llmkern.kernels._common import dropout_params  # (the launchers below; tests read it here)
 from llmkern.kernels._common import fmix32 as _fmix32
 from llmkern.kernels._common import seed_keys as _seed_keys
@@ -472,7 +472,8 @@ def _launch(name, wrap, grid, *args, **kwargs):
         if front is None:
             front = kern._llmkern_front = _autotune_front.Tuned(kern)
         kern = front
-    kern[grid](*args, **kwargs, **fixed)
+    with on_device(*args):
+        kern[grid](*args, **kwargs, **fixed)
 
 
 def _wrappable(kern):

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern.kernels._common import cdiv, next_power_of_2
+from llmkern.kernels._common import cdiv, launches_on_device, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -40,6 +40,7 @@ def _merge(OA, LA, OB, LB, O, L, N, D,
     tl.store(L + rows, lse, mask=ok)
 
 
+@launches_on_device
 def merge_attention_states(out_a, lse_a, out_b, lse_b):
     """out_* [N, D] (contiguous, one dtype), lse_* [N] (contiguous, any float dtype) -> (out [N, D] in out_a's
     dtype, lse [N] float32)."""

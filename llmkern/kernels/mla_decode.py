@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern.kernels._common import cdiv, next_power_of_2
+from llmkern.kernels._common import cdiv, launches_on_device, next_power_of_2
 from llmkern.kernels.attention import (LOG2E, UNBOUNDED, _batch_slices, _block_d, _interpreting, _last_contig,
                                        _prec, empty_out)
 from llmkern.kernels.attention_decode import (_decode_combine, _key_rows, _packed_rows, _softmax_step, _store_partial,
@@ -126,6 +126,7 @@ def mla_config(dv, rows, fp8=False):
     return (bm, 16, 8, 2) if bm == 64 else (bm, 64, 8, 2)
 
 
+@launches_on_device
 def mla_decode(q, kv_cache, cache_seqlens, *, head_dim_v, scale, causal=True, num_splits=0, block_table=None,
                key_padding_mask=None, kpe_cache=None, kv_scale=None):
     """Returns (out [B, H, Tq, head_dim_v] like q, lse [B, H, Tq] float32). q [B, H, Tq, D]; kv_cache

@@ -63,7 +63,8 @@ import triton.language as tl
 
 from llmkern._backend import triton_interpreting
 from llmkern.kernels import _autotune as _autotune_front
-from llmkern.kernels._common import cdiv, mma_precision, next_power_of_2, sm_count, sort_segments
+from llmkern.kernels._common import cdiv, launches_on_device, mma_precision, next_power_of_2, on_device, sm_count
+from llmkern.kernels._common import sort_segments
 from llmkern.kernels._common import split_rows as _split_rows
 from llmkern.kernels.swiglu import ACTS
 from llmkern.kernels.swiglu import _act
@@ -355,7 +356,8 @@ def _kernel(name, esize):
 
 def _launch(name, grid, *args, **kwargs):
     kern, fixed = _kernel(name, args[0].element_size())
-    kern[grid](*args, **kwargs, **fixed)
+    with on_device(*args):
+        kern[grid](*args, **kwargs, **fixed)
 
 
 def _rows_hint(n_pairs, n_experts):
@@ -386,6 +388,7 @@ def _split_for(n_pairs, n_experts, P, R, device):
 
 # ----------------------------------------------------------------------------- launchers
 
+@launches_on_device
 def _combine(o, tw, ids, n_experts, dtype):
     """[T, N] = Σ_j tw[t, j] · o[t·k + j] (tw None: plain sum) over the slots with a valid id."""
     T, k = ids.shape

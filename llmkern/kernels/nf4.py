@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from llmkern._backend import env_count
-from llmkern.kernels._common import cdiv
+from llmkern.kernels._common import cdiv, on_device
 
 NF4_FUSED_MAX_M = 256
 
@@ -100,8 +100,9 @@ def dequantize(op, dtype, wrap=None):
     block = 1024  # bytes per program
     kern = _dequant_kernel if wrap is None else wrap(_dequant_kernel)
     nested = op.state2 is not None
-    kern[(cdiv(numel, 2 * block),)](op.packed, op.absmax, op.pairs, op.state2 if nested else op.absmax, out, numel,
-                                    QBLOCK=op.blocksize, BLOCK=block, NESTED=nested)
+    with on_device(op.packed):
+        kern[(cdiv(numel, 2 * block),)](op.packed, op.absmax, op.pairs, op.state2 if nested else op.absmax, out,
+                                        numel, QBLOCK=op.blocksize, BLOCK=block, NESTED=nested)
     return out.t() if op.transposed else out
 
 

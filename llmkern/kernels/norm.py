@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern.kernels._common import cdiv, next_power_of_2, sm_count
+from llmkern.kernels._common import cdiv, launches_on_device, next_power_of_2, sm_count
 from llmkern.kernels._common import interpreting as _interpreting
 
 MAX_N = 65536  # the largest hidden size a row of registers holds
@@ -177,6 +177,7 @@ def _dense(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+@launches_on_device
 def norm_forward(x, weight, bias, residual, eps, *, rms, offset=0.0):
     """(y, s, mean, rstd): y in x's shape and dtype (contiguous); s = x + residual likewise (empty
     without a residual); mean (empty for RMSNorm) and rstd float32 [M] (M = rows of x).
@@ -208,6 +209,7 @@ def cast_xn(rms, weight, offset):
     return bool(rms and weight is not None and offset == 0.0)
 
 
+@launches_on_device
 def norm_backward(dy, ds, x, weight, mean, rstd, *, rms, offset=0.0, need_dw=True, need_db=False):
     """(dx in x's shape and dtype, dweight float32 [N] or empty, dbias float32 [N] or empty).
 

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern.kernels._common import cdiv, next_power_of_2
+from llmkern.kernels._common import cdiv, launches_on_device, next_power_of_2
 from llmkern.kernels._common import interpreting as _interpreting
 
 MAX_TILE = 2048   # elements per half-tile (BLOCK_H * BLOCK_HALF) at long sequences
@@ -150,6 +150,7 @@ def _cos_sin_rows(cos, sin):
     return cos, sin, (0 if cos.shape[0] == 1 else sb, st, sd)
 
 
+@launches_on_device
 def rope_apply(q, k, cos, sin, *, interleaved=False, transpose=False):
     """(q_out, k_out), each allocated like its input (torch.empty_like: a dense layout is kept).
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern.kernels._common import cdiv, next_power_of_2
+from llmkern.kernels._common import cdiv, launches_on_device, next_power_of_2
 from llmkern.kernels._common import interpreting as _interpreting
 from llmkern.kernels._common import tanh as _tanh
 
@@ -129,6 +129,7 @@ def _grid(M, F):
     return (M * n_cb,), n_cb, block, warps
 
 
+@launches_on_device
 def glu_forward(gate, up, act="silu"):
     """act(gate) * up, contiguous, with gate's shape and dtype (gate and up: same shape and dtype,
     any strides)."""
@@ -142,6 +143,7 @@ def glu_forward(gate, up, act="silu"):
     return out
 
 
+@launches_on_device
 def glu_backward(dout, gate, up, act="silu"):
     """(dgate, dup), contiguous, with gate's shape and dtype; dout any strides (stride 0 included)."""
     dg = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
