@@ -374,6 +374,64 @@ def test_existing_lora_modules_stay_trainable(tmp_path):
     assert not any(p.requires_grad for n, p in resumed.named_parameters() if "lora_" not in n)
 
 
+def test_later_peft_calls_keep_earlier_adapters_trainable():
+    """add_adapters froze every parameter, adapters and LoRA weights the model already had included (a second call,
+    or one after inject_lora, silently stopped their training)."""
+    model = tiny_llama()
+    lp.inject_lora(model, ["q_proj"], r=4, alpha=8)
+    lp.add_adapters(model, ["self_attn"], d=D, r=4)
+    lp.add_adapters(model, ["mlp"], d=D, r=4)
+    assert all(m.lora_A.requires_grad and m.lora_B.requires_grad for _, m in lp.lora_modules(model))
+    adapters = [m for m in model.modules() if isinstance(m, lp.Adapter)]
+    assert len(adapters) == 2 * L_ and all(p.requires_grad for a in adapters for p in a.parameters())
+    lp.inject_lora(model, ["v_proj"], r=4, alpha=8)  # ... and a LoRA after them keeps the adapters trainable
+    assert all(p.requires_grad for a in adapters for p in a.parameters())
+    frozen_base = [n for n, p in model.named_parameters() if "lora_" not in n and "adapter" not in n]
+    assert frozen_base and not any(dict(model.named_parameters())[n].requires_grad for n in frozen_base)
+
+
+def test_inject_lora_refuses_the_model_itself():
+    """A regex matching the root name '' made the LoRALinear a child of the nn.Linear it wraps (the LoRA never ran;
+    state_dict / repr recursed forever)."""
+    layer = nn.Linear(8, 8)
+    with pytest.raises(ValueError, match="matched the model itself"):
+        lp.inject_lora(layer, ".*", r=2)
+    assert not list(layer.children())
+
+
+def test_save_peft_adapter_task_type_follows_the_model(tmp_path):
+    """The config said CAUSAL_LM for any model, and PEFT's PeftModelForCausalLM fails on a model without
+    prepare_inputs_for_generation (an encoder, a classifier, a plain module): "auto" writes None there."""
+    import json
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    torch.manual_seed(0)
+    base = Net()
+    model = copy.deepcopy(base)
+    lp.inject_lora(model, ["up", "down"], r=2, alpha=4)
+    for _, m in lp.lora_modules(model):
+        nn.init.normal_(m.lora_B, std=0.1)
+    lp.save_peft_adapter(model, str(tmp_path / "net"))
+    assert json.load(open(tmp_path / "net" / "adapter_config.json"))["task_type"] is None
+    x = torch.randn(3, 8)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "net")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), rtol=1e-5, atol=1e-6)
+    llama = tiny_llama()
+    lp.inject_lora(llama, ["q_proj"], r=2)
+    lp.save_peft_adapter(llama, str(tmp_path / "llama"))  # a zoo model: a causal LM
+    assert json.load(open(tmp_path / "llama" / "adapter_config.json"))["task_type"] == "CAUSAL_LM"
+    lp.save_peft_adapter(model, str(tmp_path / "forced"), task_type="SEQ_CLS")  # an explicit value is written
+    assert json.load(open(tmp_path / "forced" / "adapter_config.json"))["task_type"] == "SEQ_CLS"
+
+
 def test_load_into_merged_lora_model_raises(tmp_path):
     src = tiny_llama()
     lp.inject_lora(src, ["q_proj"], r=4, alpha=8)

@@ -58,7 +58,9 @@ class AdapterWrapper(nn.Module):
 def add_adapters(model: nn.Module, targets: Union[str, Sequence[str]], d: int, r: int,
                  activation: str = "relu", freeze_base: bool = True) -> List[str]:
     """Put an Adapter after every sub-module whose name matches ``targets`` (a regex, or names
-    such as ("self_attn", "mlp") matched as name suffixes). Returns the wrapped names."""
+    such as ("self_attn", "mlp") matched as name suffixes). With ``freeze_base`` every other parameter is frozen
+    (the parameter-efficient ones the model already has, LoRA, adapters, prefixes, keep their state). Returns the
+    wrapped names."""
     def match(n):
         if isinstance(targets, str):
             return re.fullmatch(targets, n) is not None
@@ -71,9 +73,10 @@ def add_adapters(model: nn.Module, targets: Union[str, Sequence[str]], d: int, r
     if nested:  # (wrapping the outer one first would hide the inner one's path; nothing changed yet)
         raise ValueError(f"targets {targets!r} matched {nested[0][0]!r} inside another match {nested[0][1]!r}: an "
                          f"adapter after both would apply twice; narrow the targets")
-    if freeze_base:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    if freeze_base:  # (LoRA, adapters and prefixes the model already has keep their state)
+        from llmkern.peft.lora import _freeze_non_lora
+
+        _freeze_non_lora(model)
     for n in names:
         mod = model.get_submodule(n)
         ref = next(mod.parameters(), None)

@@ -179,7 +179,7 @@ def _dense_weight(module):
 
 
 def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None,
-                      task_type: Optional[str] = "CAUSAL_LM", hf_names: bool = True) -> None:
+                      task_type: Optional[str] = "auto", hf_names: bool = True) -> None:
     """Write the model's LoRALinear adapters as a PEFT adapter directory (loadable by
     ``peft.PeftModel.from_pretrained(base_model, path)``).
 
@@ -188,6 +188,10 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     one exact LoRA on GPT-2's fused ``c_attn``, with fan_in_fan_out=True for its Conv1D layers), so the
     adapter loads into PEFT on ``LlamaForCausalLM`` / ``GPT2LMHeadModel``; ``hf_names=False`` writes the
     zoo's own names. Other models: their own module names.
+
+    task_type: the config's (PEFT picks its PeftModel class by it). "auto" (default): "CAUSAL_LM" for zoo
+    models and generative models (those with ``prepare_inputs_for_generation``), else None (a plain PeftModel:
+    PeftModelForCausalLM needs that method, so CAUSAL_LM on an encoder or a classifier fails to load in PEFT).
 
     DoRA (``use_dora=True`` LoRALinear modules) is written as PEFT writes it: ``use_dora: true`` and a
     ``<module>.lora_magnitude_vector`` per module. PEFT's config has one use_dora for all modules, so a
@@ -231,6 +235,9 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     for n, m in mods:
         if m.merged:
             raise ValueError(f"module {n} is merged; unmerge() it before saving the adapter")
+    if task_type == "auto":
+        generative = hasattr(model, "hf_module_names") or hasattr(model, "prepare_inputs_for_generation")
+        task_type = "CAUSAL_LM" if generative else None
     hf = _hf_names(model) if hf_names else None
     metadata = {"format": "pt"}
     if hf is None:
@@ -398,7 +405,7 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     nn.Linear (aLoRA and other variants, LoRA bias, embeddings, fan_in_fan_out Conv1D layers,
     modules_to_save, trainable tokens, PiSSA/OLoRA/CorDA/LoftQ-initialised adapters, DoRA on
     tensor-parallel layers). With ``freeze_base`` every parameter except the LoRA A/B weights (and DoRA
-    magnitudes) is frozen.
+    magnitudes, and adapters / prefixes the model has) is frozen.
 
     A zoo model (GPT, Llama) also takes adapters written for the equivalent transformers model
     (``hf_module_names()``): PEFT on LlamaForCausalLM, or on GPT2LMHeadModel, whose ``c_attn`` LoRA

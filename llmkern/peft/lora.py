@@ -265,11 +265,15 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
     per layer).
 
     With ``freeze_base`` (default) every other parameter of the model is frozen too, so that only
-    the LoRA parameters train. Returns the names of the wrapped modules (raises if none matched).
+    the LoRA parameters train (parameter-efficient ones the model already has, LoRA, DoRA magnitudes, adapters
+    and prefixes, keep their state). Returns the names of the wrapped modules (raises if none matched).
     """
     wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, LoRALinear)}
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear)) and id(m) not in wrapped
              and _matches(n, target_modules)]
+    if "" in names:  # (the root: a LoRALinear would become a child of the very layer it wraps)
+        raise ValueError(f"target_modules {target_modules!r} matched the model itself, an {type(model).__name__}; "
+                         f"wrap a single layer directly: LoRALinear(layer, r=...)")
     mha = _read_in_place(model, names)
     if mha:
         raise ValueError(f"inject_lora: {mha[0]} is the out_proj of an nn.MultiheadAttention, which reads its weight "
@@ -293,12 +297,17 @@ def _read_in_place(model, names):
 
 
 def _freeze_non_lora(model: nn.Module):
-    """requires_grad=False on every parameter except the LoRA A/B weights (and DoRA magnitudes) of
-    LoRALinear modules (those the model already has keep their state)."""
+    """requires_grad=False on every parameter except the model's parameter-efficient ones, which keep their state:
+    the LoRA A/B weights (and DoRA magnitudes) of LoRALinear modules, and Adapter / PrefixTuning parameters (an
+    add_adapters or inject_lora call after another one must not freeze what the first one added)."""
+    from llmkern.peft.adapter import Adapter
+    from llmkern.peft.prefix import PrefixTuning
+
     # (tensor-parallel layers hold their LoRA shards as lora_A / lora_B parameters too)
     names = ("lora_A", "lora_B", "lora_magnitude_vector")
     keep = {id(p) for m in model.modules() for p in (getattr(m, n, None) for n in names)
             if isinstance(p, nn.Parameter)}
+    keep |= {id(p) for m in model.modules() if isinstance(m, (Adapter, PrefixTuning)) for p in m.parameters()}
     for p in model.parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
