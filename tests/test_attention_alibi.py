@@ -119,6 +119,56 @@ def test_reference_varlen_and_decode_are_the_explicit_formula():
         torch.testing.assert_close(got[b:b + 1], want)
 
 
+@pytest.mark.parametrize("shape", ["h", "bh"])
+def test_reference_bias_is_the_explicit_formula_also_with_no_query(shape):
+    """alibi_bias entry by entry in float64, for [Tq] and [B, Tq] positions, also Tq = 0 (reshape(-1, ...)
+    of an empty tensor raised)."""
+    B, H, tk = 2, 4, 5
+    slopes = _slopes(B, H, shape, device="cpu")
+    for tq in (3, 0):
+        for pos in (torch.arange(tq) + tk - tq, torch.stack([torch.arange(tq) + 2, torch.arange(tq) + tk - tq])):
+            got = ref.alibi_bias(slopes, pos, tk, torch.float64)
+            sl = slopes.double().reshape(-1, H)
+            pb = pos if pos.dim() == 2 else pos[None]
+            want = torch.tensor([[[[-sl[b % sl.shape[0], h].item() * abs(pb[b % pb.shape[0], i].item() - j)
+                                    for j in range(tk)] for i in range(tq)] for h in range(H)]
+                                 for b in range(max(sl.shape[0], pb.shape[0]))], dtype=torch.float64)
+            assert got.shape == (max(sl.shape[0], pb.shape[0]), H, tq, tk)
+            torch.testing.assert_close(got, want.reshape(got.shape))
+
+
+@pytest.mark.parametrize("backend", ["default", "reference", "triton"])
+@pytest.mark.parametrize("shape", ["h", "bh"])
+def test_decode_with_no_query_and_alibi(monkeypatch, backend, shape):
+    """attention_with_kvcache with Tq = 0 (no token this step) and alibi_slopes: empty out and LSE on every
+    backend (the CPU paths crashed in alibi_bias), as without ALiBi."""
+    device = "cpu"
+    if backend == "triton":
+        if DEV is None:
+            pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+        monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+        device = DEV
+    elif backend == "reference":
+        monkeypatch.setenv("LLMKERN_BACKEND", "reference")
+    else:
+        monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
+    B, H, Hk, Tmax, D = 2, 4, 2, 8, 8
+    q, kc, vc = (t.detach() for t in _inputs(B, H, Hk, 0, Tmax, D, device=device))
+    lens = torch.tensor([3, 5], dtype=torch.int32, device=device)
+    out, lse = llmkern.attention_with_kvcache(q, kc, vc, lens, alibi_slopes=_slopes(B, H, shape, device=device),
+                                              return_lse=True)
+    assert out.shape == (B, H, 0, D) and lse.shape == (B, H, 0)
+    # and one query token still matches the float64 formula (the bias of position len_b - 1)
+    q1 = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(4)).to(device)
+    slopes = _slopes(B, H, shape, device=device)
+    got = llmkern.attention_with_kvcache(q1, kc, vc, lens, alibi_slopes=slopes)
+    sl = slopes.reshape(-1, H).cpu()
+    for b, n in enumerate(lens.tolist()):
+        want = _explicit(q1[b:b + 1].double().cpu(), kc[b:b + 1, :, :n].double().cpu(),
+                         vc[b:b + 1, :, :n].double().cpu(), sl[b % sl.shape[0]], scale=D ** -0.5, causal=True)
+        assert_close(got[b:b + 1].cpu(), want, torch.float32)
+
+
 def test_reference_gives_the_slopes_no_gradient():
     q, k, v = _inputs(1, 2, 2, 5, 5, 8, torch.float64, device="cpu")
     slopes = _slopes(1, 2, "h", device="cpu").requires_grad_()

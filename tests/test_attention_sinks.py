@@ -102,6 +102,60 @@ def test_reference_rows_without_keys_get_zero_and_the_sink():
     assert (out == 0).all() and torch.equal(lse[0], sinks.detach()[:, None].expand(2, 3))
 
 
+def _no_sink_formula(q, k, v, sinks, scale, visible, g, gl):
+    """float64 out, LSE and dL/dsinks for L = sum(g * out) + sum(gl * LSE over the finite LSEs), with
+    sinks[h] = -inf meaning no sink: p_j = exp(s_j - LSE), LSE = log(sum_visible exp(s_j) + exp(sink_h));
+    a row whose denominator is 0 gets zeros and LSE -inf. dL/dsink_h = sum_rows p_sink (gl - <g, out>)."""
+    q, k, v, sinks, g, gl = (t.detach().double() for t in (q, k, v, sinks, g, gl))
+    B, H, Tq, _ = q.shape
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    logits = torch.cat([s, sinks.reshape(1, H, 1, 1).expand(B, H, Tq, 1)], dim=-1)
+    mx = logits.amax(-1, keepdim=True)
+    e = torch.exp(logits - mx.masked_fill(torch.isinf(mx), 0.0))
+    den = e.sum(-1, keepdim=True)
+    p = e / den.masked_fill(den == 0, 1.0)
+    out = p[..., :-1] @ v
+    lse = torch.where(den == 0, float("-inf"), mx.masked_fill(torch.isinf(mx), 0.0) + torch.log(den))[..., 0]
+    dsinks = (p[..., -1] * (gl.masked_fill(torch.isinf(lse), 0.0) - (g * out).sum(-1))).sum((0, 2))
+    return out, lse, dsinks
+
+
+@pytest.mark.parametrize("backend", ["default", "reference", "triton"])
+@pytest.mark.parametrize("Tk", [4, 0])
+def test_minus_inf_sink_is_no_sink_with_finite_gradient(monkeypatch, backend, Tk):
+    """sinks[h] = -inf (no sink for head h), a row that sees no key, the LSE in the loss: dsinks[h] = 0, not
+    NaN (the CPU paths took log(0)'s infinite gradient times exp(-inf)'s 0), and with Tk = 0 no NaN output."""
+    device = "cpu"
+    if backend == "triton":
+        if DEV is None:
+            pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+        monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+        device = DEV
+    elif backend == "reference":
+        monkeypatch.setenv("LLMKERN_BACKEND", "reference")
+    else:
+        monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
+    q, k, v, _ = _inputs(1, 2, 2, 4, Tk, 8, device=device)
+    sinks = torch.tensor([float("-inf"), 0.5], device=device, requires_grad=True)
+    kpm = torch.tensor([[False] + [True] * (Tk - 1)], device=device) if Tk else None  # query 0 sees no key
+    visible = torch.ones(4, Tk, dtype=torch.bool).tril(Tk - 4).to(device) & (True if kpm is None else kpm[0])
+    gen = torch.Generator().manual_seed(3)
+    g, gl = torch.randn(1, 2, 4, 8, generator=gen).to(device), torch.randn(1, 2, 4, generator=gen).to(device)
+    out, lse = llmkern.attention(q, k, v, causal=True, scale=0.5, key_padding_mask=kpm, sinks=sinks,
+                                 return_lse=True)
+    ((g * out).sum() + (gl * lse.masked_fill(torch.isinf(lse), 0.0)).sum()).backward()
+    rout, rlse, rds = _no_sink_formula(q, k, v, sinks, 0.5, visible, g, gl)
+    assert torch.isneginf(lse[0, 0, 0]) and torch.isfinite(lse[0, 1]).all()
+    assert_close(out, rout, torch.float32, msg="out")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(rlse))
+    assert_close(lse.masked_fill(torch.isinf(lse), 0.0), rlse.masked_fill(torch.isinf(rlse), 0.0), torch.float32,
+                 msg="lse")
+    assert torch.isfinite(sinks.grad).all() and sinks.grad[0] == 0
+    assert_close(sinks.grad, rds, torch.float32, msg="dsinks")
+    if Tk:
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
 # ---- the kernels vs the float64 reference -------------------------------------------------------
 
 CASES = [
@@ -325,10 +379,14 @@ _BAD = [
     (lambda H: torch.zeros(1, H), ValueError, r"sinks must have shape \[heads\]"),
     (lambda H: torch.zeros(H, dtype=torch.int64), ValueError, "sinks must be a floating-point"),
     (lambda H: torch.zeros(H, device="meta"), ValueError, "sinks is on meta"),
+    # NaN / +inf sinks gave NaN on the kernels and zeros with LSE +inf on CPU (-inf is allowed: no sink)
+    (lambda H: torch.tensor([0.0, float("nan")] + [0.0] * (H - 2)), ValueError, "sinks must be finite or -inf"),
+    (lambda H: torch.tensor([float("-inf"), float("inf")] + [0.0] * (H - 2), requires_grad=True), ValueError,
+     "sinks must be finite or -inf"),
 ]
 
 
-@pytest.mark.parametrize("make,exc,match", _BAD, ids=["list", "shape", "2d", "int", "device"])
+@pytest.mark.parametrize("make,exc,match", _BAD, ids=["list", "shape", "2d", "int", "device", "nan", "+inf"])
 def test_bad_sinks(make, exc, match):
     q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
     with pytest.raises(exc, match=match):

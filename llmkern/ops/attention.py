@@ -127,7 +127,9 @@ _softcap = _checks.softcap_arg
 
 
 def _check_sinks(sinks, H, device):
-    """sinks: None or a floating tensor [heads] (the query heads) on q's device."""
+    """sinks: None or a floating tensor [heads] (the query heads) on q's device, each finite or -inf (no sink
+    for that head). As for alibi_slopes, the values are read on CPU only (on CUDA it would cost a host sync
+    per call; a NaN or +inf sink gives NaN rows)."""
     if sinks is None:
         return
     _tensor("sinks", sinks)
@@ -138,6 +140,11 @@ def _check_sinks(sinks, H, device):
                          f"got {tuple(sinks.shape)}")
     if sinks.device != device:
         raise ValueError(f"sinks is on {sinks.device} but q is on {device}")
+    if sinks.device.type == "cpu" and _checking_values():
+        with torch.no_grad():
+            bad = bool((torch.isnan(sinks) | torch.isposinf(sinks)).any())
+        if bad:
+            raise ValueError(f"sinks must be finite or -inf (no sink for that head), got {sinks.tolist()}")
 
 
 def _check_alibi(alibi_slopes, B, H, device):
@@ -413,7 +420,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         window: (left, right) sliding window around that diagonal: query i sees keys with
             i + Tk - Tq - left <= j <= i + Tk - Tq + right; None (or -1) on a side = unbounded.
         softcap: tanh soft-capping of the scaled scores: softcap * tanh(s / softcap).
-        key_padding_mask: bool [batch, Tk], True = attend (left or right padding).
+        key_padding_mask: bool [batch, Tk], True = attend (left or right padding). The masked
+            keys' k and v must still be finite, as for SDPA (their weight is 0, but 0 * NaN is NaN in
+            the Triton kernels and the CPU SDPA path); attention_with_kvcache and attention_varlen never
+            read hidden keys.
         return_lse: also return the float32 logsumexp [batch, heads, Tq] (differentiable).
         dropout_p: attention dropout on the softmax weights, in [0, 1) (applied whenever > 0, like
             SDPA's dropout_p: pass 0 in evaluation). Kept weights are scaled by 1/(1-p); the mask is
@@ -424,9 +434,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             with torch.randint on q's device, so torch.manual_seed makes runs reproducible, with no
             host sync).
         sinks: attention sinks (gpt-oss), a floating tensor [heads] of per-query-head logits on q's
-            device (any float dtype, used in float32). Each joins its head's softmax denominator and
-            contributes no value: p_j = exp(s_j) / (sum_k exp(s_k) + exp(sinks[h])), with s_j the
-            scores after scale, softcap and masks (transformers' gpt-oss eager attention, `s_aux`).
+            device (any float dtype, used in float32; finite, or -inf for no sink in that head). Each
+            joins its head's softmax denominator and contributes no value:
+            p_j = exp(s_j) / (sum_k exp(s_k) + exp(sinks[h])), with s_j the scores after scale,
+            softcap and masks (transformers' gpt-oss eager attention, `s_aux`).
             The LSE is then that of the whole denominator, and a row that sees no key gets zeros and
             LSE sinks[h]. Differentiable (gpt-oss trains them). Dropout drops only the keys'
             weights; the sink always stays in the denominator.

@@ -110,8 +110,9 @@ def alibi_bias(alibi_slopes, q_pos, tk, dtype=torch.float32):
     (bottom-right alignment: i + Tk - Tq). The slopes are detached: ALiBi is not trained
     (FlashAttention gives them no gradient either)."""
     slopes = alibi_slopes.detach().to(device=q_pos.device, dtype=dtype)
-    slopes = slopes.reshape(-1 if slopes.dim() == 2 else 1, slopes.shape[-1], 1, 1)
-    pos = q_pos.reshape(-1 if q_pos.dim() == 2 else 1, 1, q_pos.shape[-1], 1)
+    # explicit sizes (not -1: ambiguous for an empty tensor, e.g. Tq = 0)
+    slopes = slopes.reshape(slopes.shape[0] if slopes.dim() == 2 else 1, slopes.shape[-1], 1, 1)
+    pos = q_pos.reshape(q_pos.shape[0] if q_pos.dim() == 2 else 1, 1, q_pos.shape[-1], 1)
     j = torch.arange(tk, device=q_pos.device)
     return -slopes * (pos - j).abs().to(dtype)
 
@@ -139,7 +140,9 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
         out = q[..., :1].mul(0).expand(B, H, Tq, v.shape[-1]) + (k.sum() + v.sum()) * 0
         lse = torch.full((B, H, Tq), float("-inf"), dtype=cd, device=q.device)
         if sink is not None:
-            out = out + sink.reshape(1, H, 1, 1).to(out.dtype) * 0
+            # (a -inf sink, "no sink", would make * 0 NaN: masked to 0 first, keeping the graph)
+            sk = sink.reshape(1, H, 1, 1)
+            out = out + sk.masked_fill(torch.isneginf(sk), 0.0).to(out.dtype) * 0
             lse = sink.reshape(1, H, 1).expand(B, H, Tq)
         return (out, lse) if return_lse else out
     qf = q.to(cd).reshape(B, Hk, G, Tq, D)
@@ -177,11 +180,15 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None,
     if dropout_p > 0:
         keep = attention_dropout_keep(B, H, Tq, Tk, dropout_p, seed, q.device, batch_base)
         p = torch.where(keep.reshape(B, Hk, G, Tq, Tk), p * (1.0 / (1.0 - dropout_p)), 0.0)
-    out = torch.matmul(p, vf) / torch.where(denom == 0, torch.ones_like(denom), denom)
+    empty = denom == 0  # a row that sees no key (and has no sink, or a -inf one)
+    safe = torch.where(empty, torch.ones_like(denom), denom)
+    out = torch.matmul(p, vf) / safe
     out = out.reshape(B, H, Tq, v.shape[-1]).to(q.dtype)
     if not return_lse:
         return out
-    lse = (m + torch.log(denom)).reshape(B, H, Tq)  # log(0) = -inf for empty rows
+    # LSE -inf for empty rows, through a safe log: log(0)'s gradient inf times exp(-inf - m)'s 0 would make a
+    # -inf sink's gradient NaN
+    lse = torch.where(empty, torch.full_like(denom, float("-inf")), m + torch.log(safe)).reshape(B, H, Tq)
     return out, lse
 
 
