@@ -294,6 +294,7 @@ def _bad_cases():
         (dict(logits=torch.zeros(4, 10, dtype=torch.int32)), "logits must be float32"),
         (dict(softcap=-1.0), "softcap must be"),
         (dict(softcap=float("inf")), "softcap must be"),
+        (dict(softcap=1e-39), "softcap must be 0"),  # (1 / softcap is inf in float32: NaN in the kernels)
     ]
 
 

@@ -134,8 +134,9 @@ def _once_differentiable(backward):
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-# vmap / grad wrap tensors that still look like plain ones: the custom op handles them, the
-# autograd.Function (no setup_context) does not
+# vmap / grad wrap tensors that still look like plain ones: they go to the custom op, not to the eager
+# autograd.Function twin (no setup_context). The ops' CPU paths (plain torch) run under torch.func; the custom
+# ops' kernel paths do not (torch.func.grad raises PyTorch's setup_context error through them).
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
@@ -148,7 +149,13 @@ def softcap_arg(softcap):
     softcap = float(softcap)
     if not (softcap >= 0 and math.isfinite(softcap)):
         raise ValueError(f"softcap must be a finite value >= 0 (0 or None: no capping), got {softcap}")
+    if 0 < softcap < _MIN_SOFTCAP:  # (the kernels multiply by 1 / softcap: inf below it, then inf * 0 = NaN)
+        raise ValueError(f"softcap must be 0 (no capping) or at least {_MIN_SOFTCAP:.3g} (float32's smallest normal "
+                         f"number), got {softcap}")
     return softcap
+
+
+_MIN_SOFTCAP = 2.0 ** -126
 
 
 def dropout_p_arg(dropout_p):

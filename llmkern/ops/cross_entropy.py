@@ -296,8 +296,11 @@ def _ce_rows(logits, labels, n_valid, ignore_index, softcap, mean, need_grad):
 def _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size, need_dh, need_dw,
               need_db):
     """(loss, dh [N, d] or empty, dW float32 [V, d] or empty, db float32 [V] or empty): the gradients
-    of the loss (upstream gradient 1) are computed here, chunk by chunk, while each chunk's logits
-    exist; the backward only scales them. The logits never exist for more than one chunk of rows."""
+    of the summed loss (upstream gradient 1, no 1 / n_valid) are computed here, chunk by chunk, while each
+    chunk's logits exist; the backward scales them by g (/ n_valid for "mean") in float32. The logits never
+    exist for more than one chunk of rows. (Unnormalised, the 16-bit dlogits and dh are p - onehot and
+    (p - onehot) W, whatever the token count: with 1 / n_valid folded in, a float16 p / N underflowed before
+    a loss scale (GradScaler's) could reach it.)"""
     d, V = hidden.shape[-1], weight.shape[0]
     h, y = hidden.reshape(-1, d), labels.reshape(-1)
     N = h.shape[0]
@@ -313,7 +316,7 @@ def _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, ch
     for lo in range(0, N, step):
         hc = h[lo:lo + step]
         logits = torch.nn.functional.linear(hc, weight, bias)
-        loss, dl = _ce_rows(logits, y[lo:lo + step], n_valid, ignore_index, softcap, mean,
+        loss, dl = _ce_rows(logits, y[lo:lo + step], n_valid, ignore_index, softcap, False,
                             need_dh or need_dw or need_db)
         total += loss.sum()
         if need_dh:
@@ -346,19 +349,25 @@ def _(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size
 
 
 def _lce_setup(ctx, inputs, output):
-    hidden, weight, bias = inputs[:3]
+    hidden, weight, bias, labels, ignore_index, _, reduction = inputs[:7]
     _, dh, dw, db = output
-    ctx.save_for_backward(dh, dw, db)
-    ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.save_for_backward(dh, dw, db, labels)
+    ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype, weight.shape[0],
+                ignore_index, reduction == "mean")
     ctx.mark_non_differentiable(dh, dw, db)
 
 
 def _lce_backward(ctx, g, *_):
-    dh, dw, db = ctx.saved_tensors
-    shape, h_dtype, w_dtype, b_dtype = ctx.meta
-    grad_h = (dh * g).to(h_dtype).reshape(shape) if ctx.needs_input_grad[0] else None
-    grad_w = (dw * g).to(w_dtype) if ctx.needs_input_grad[1] else None
-    grad_b = (db * g).to(b_dtype) if ctx.needs_input_grad[2] else None
+    dh, dw, db, labels = ctx.saved_tensors
+    shape, h_dtype, w_dtype, b_dtype, V, ignore_index, mean = ctx.meta
+    acc = dw.dtype if dw.numel() else db.dtype  # (float32, float64 for float64 inputs)
+    scale = g.to(acc)
+    if mean:  # (every row ignored: the saved gradients are zero)
+        scale = scale / _n_valid(labels.reshape(-1), V, ignore_index).clamp_min(1)
+    # the 16-bit dh widened for the product: g / n_valid is tiny with many tokens and no loss scale
+    grad_h = (dh.to(acc) * scale).to(h_dtype).reshape(shape) if ctx.needs_input_grad[0] else None
+    grad_w = (dw * scale).to(w_dtype) if ctx.needs_input_grad[1] else None
+    grad_b = (db * scale).to(b_dtype) if ctx.needs_input_grad[2] else None
     return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
@@ -403,8 +412,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     The rows are processed in chunks (``chunk_size`` rows; default: 2^26 logits per chunk): each
     chunk's logits are one GEMM in the inputs' dtype, its loss and dlogits come from the
     cross-entropy kernels (the reference on CPU), and dhidden, dweight (accumulated in float32 over
-    the chunks) and dbias are computed right there, so the backward only scales them by the
-    upstream gradient. Gradients are computed only for the inputs that require them (a frozen LM
+    the chunks) and dbias are computed right there, those of the summed loss, so the backward only scales them
+    by the upstream gradient (and 1 / n_valid for "mean") in float32: a float16 loss scale (GradScaler) acts
+    as on the unfused pair. Gradients are computed only for the inputs that require them (a frozen LM
     head, as in LoRA finetuning, skips the dweight GEMMs). Peak memory: one chunk of logits and its
     gradient, plus float32 [V, d] for dweight when the weight is trained.
 
