@@ -215,6 +215,38 @@ def test_vocab_parallel_loss_in_chunks_equals_cross_entropy(pool):
             assert err < 1e-5, (key, err)
 
 
+def fp16_scale_worker(rank, world_size):
+    """float16 vocab_parallel_loss under a GradScaler-sized loss scale: the gradients were formed with 1 / n_valid
+    folded into the float16 dlogits and dh (underflow whatever the scale), and the backward cast g to float16
+    (2^16 is float16's inf)."""
+    import torch.nn.functional as F
+
+    from llmkern.parallel.vocab import VocabParallelLMHead
+
+    gen = torch.Generator().manual_seed(5)
+    N, d, V = 4096, 8, 64
+    full = torch.nn.Linear(d, V, bias=False)
+    with torch.no_grad():
+        full.weight.copy_(torch.randn(V, d, generator=gen) * 0.05)
+    full = full.half()
+    h0 = torch.randn(N, d, generator=gen).half()
+    y = torch.randint(0, V, (N,), generator=gen)
+    hd, wd = h0.double().requires_grad_(), full.weight.detach().double().requires_grad_()
+    F.cross_entropy(hd @ wd.t(), y).backward()
+    head = VocabParallelLMHead.from_linear(full, None)
+    lo, hi = rank * V // world_size, (rank + 1) * V // world_size
+    h = h0.clone().requires_grad_()
+    S = 65536.0
+    (head.vocab_parallel_loss(h.view(1, N, d), y.view(1, N), chunk_size=N // 4) * S).backward()
+    rel = lambda a, b: ((a.double() / S - b).norm() / b.norm()).item()  # noqa: E731
+    return dict(dh=rel(h.grad, hd.grad), dw=rel(head.weight.grad[:hi - lo], wd.grad[lo:hi]))
+
+
+def test_vocab_parallel_loss_float16_loss_scale(pool):
+    for res in pool.run(fp16_scale_worker, timeout=120):
+        assert res["dh"] < 2e-3 and res["dw"] < 2e-3, res
+
+
 def no_grad_worker(rank, world_size):
     """vocab_parallel_loss under torch.no_grad (an evaluation): the same loss, and no gradient work (the
     chunked loss forms its gradients in the forward; under no_grad it formed dh and the float32 dW all the

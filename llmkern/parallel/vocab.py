@@ -152,9 +152,11 @@ def _shard_loss(z, labels, valid, bad, lo, valid_cols, group, grad_scale):
 
 def _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, group, num_classes, chunk_size,
                         need_dh, need_dw, need_db, softcap=None):
-    """(mean loss, partial dh [N, d], dW [S, d] float32, db [S] float32; float64 for float64 h): the loss of the sharded LM head
-    and the gradients of the mean (upstream gradient 1), chunk by chunk of rows while each chunk's logits
-    exist. dh is this rank's part (its vocabulary rows' contribution); the ranks' parts sum to dh.
+    """(mean loss, partial dh [N, d], dW [S, d] float32, db [S] float32, n_valid; float64 for float64 h): the loss of
+    the sharded LM head and the gradients of the summed loss (upstream gradient 1, no 1 / n_valid: the backward
+    scales them in float32, so that in float16 p / N does not underflow before a loss scale reaches it), chunk by
+    chunk of rows while each chunk's logits exist. dh is this rank's part (its vocabulary rows' contribution); the
+    ranks' parts sum to dh.
     softcap: the logits soft-capped first, c * tanh(z / c) (Gemma 2/3's final_logit_softcapping)."""
     from llmkern.ops.cross_entropy import _add_mm, _lce_chunk_rows
 
@@ -162,8 +164,7 @@ def _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, g
     n_valid = valid.sum()
     # float32 at least (16-bit logits lose the loss), float64 inputs in float64 (as F.cross_entropy)
     ct = torch.promote_types(h.dtype, torch.float32)
-    scale = n_valid.clamp_min(1).to(ct).reciprocal().expand(labels.shape[0])
-    scale = torch.where(n_valid > 0, scale, torch.full_like(scale, float("inf")))
+    scale = torch.ones((), device=h.device, dtype=ct).expand(labels.shape[0])
     grads = need_dh or need_dw or need_db
     S, d = weight.shape
     dh = torch.empty_like(h) if need_dh else None
@@ -191,7 +192,7 @@ def _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, g
             _add_mm(dw, dz.t(), h[rows])
         if need_db:
             db += dz.sum(0, dtype=ct)
-    return total / n_valid, dh, dw, db
+    return total / n_valid, dh, dw, db, n_valid
 
 
 class _VocabParallelLinearCE(torch.autograd.Function):
@@ -204,23 +205,26 @@ class _VocabParallelLinearCE(torch.autograd.Function):
     def forward(ctx, h, weight, bias, labels, lo, valid_cols, ignore_index, group, num_classes, chunk_size,
                 softcap=None):
         need = ctx.needs_input_grad
-        loss, dh, dw, db = _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, group,
-                                               num_classes, chunk_size, need[0], need[1],
-                                               bias is not None and need[2], softcap)
-        ctx.save_for_backward(dh, dw, db)
-        ctx.meta = (group, weight.dtype, None if bias is None else bias.dtype)
+        loss, dh, dw, db, n_valid = _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, group,
+                                                        num_classes, chunk_size, need[0], need[1],
+                                                        bias is not None and need[2], softcap)
+        ctx.save_for_backward(dh, dw, db, n_valid)
+        ctx.meta = (group, h.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        dh, dw, db = ctx.saved_tensors
-        group, w_dtype, b_dtype = ctx.meta
+        dh, dw, db, n_valid = ctx.saved_tensors
+        group, h_dtype, w_dtype, b_dtype = ctx.meta
+        ct = torch.promote_types(h_dtype, torch.float32)
+        # (in float32: g / n_valid may be tiny, and a float16 loss scale of 2^16 is float16's inf)
+        scale = g.to(ct) / n_valid.clamp_min(1).to(ct)  # (every row ignored: the saved gradients are zero)
         if dh is not None:
-            dh = dh * g.to(dh.dtype)
+            dh = (dh.to(ct) * scale).to(h_dtype)
             dist.all_reduce(dh, group=group)
-        dw = None if dw is None else (dw * g).to(w_dtype)
-        db = None if db is None else (db * g).to(b_dtype)
+        dw = None if dw is None else (dw * scale).to(w_dtype)
+        db = None if db is None else (db * scale).to(b_dtype)
         return (dh, dw, db) + (None,) * 8  # labels ... softcap
 
 
