@@ -20,6 +20,24 @@ def triton_device():
     return None
 
 
+def select_backend(monkeypatch, backend):
+    """Route the ops to `backend` for one test ("default": no LLMKERN_BACKEND, "reference", or "triton": the
+    kernels, skipping the test where they cannot run) and return the device to put its tensors on."""
+    import pytest
+
+    if backend == "triton":
+        device = triton_device()
+        if device is None:
+            pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+        monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+        return device
+    if backend == "reference":
+        monkeypatch.setenv("LLMKERN_BACKEND", "reference")
+    else:
+        monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
+    return "cpu"
+
+
 def interpreter_dtypes():
     """Dtypes the Triton kernels can be tested in here (the interpreter has no bfloat16)."""
     if torch.cuda.is_available():

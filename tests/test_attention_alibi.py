@@ -19,7 +19,7 @@ import llmkern
 import llmkern.ops.attention  # noqa: F401  (registers torch.ops.llmkern.attention_*)
 from llmkern.reference import attention as ref
 from llmkern.testing import (assert_close, attention_grid_slices_equal, attention_tma_vs_pointer, padding_mask,
-                             triton_device)
+                             select_backend, triton_device)
 
 DEV = triton_device()
 needs_triton = pytest.mark.skipif(DEV is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -142,16 +142,7 @@ def test_reference_bias_is_the_explicit_formula_also_with_no_query(shape):
 def test_decode_with_no_query_and_alibi(monkeypatch, backend, shape):
     """attention_with_kvcache with Tq = 0 (no token this step) and alibi_slopes: empty out and LSE on every
     backend (the CPU paths crashed in alibi_bias), as without ALiBi."""
-    device = "cpu"
-    if backend == "triton":
-        if DEV is None:
-            pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
-        monkeypatch.setenv("LLMKERN_BACKEND", "triton")
-        device = DEV
-    elif backend == "reference":
-        monkeypatch.setenv("LLMKERN_BACKEND", "reference")
-    else:
-        monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
+    device = select_backend(monkeypatch, backend)
     B, H, Hk, Tmax, D = 2, 4, 2, 8, 8
     q, kc, vc = (t.detach() for t in _inputs(B, H, Hk, 0, Tmax, D, device=device))
     lens = torch.tensor([3, 5], dtype=torch.int32, device=device)

@@ -14,7 +14,7 @@ import torch
 import llmkern
 import llmkern.ops.attention  # noqa: F401  (registers torch.ops.llmkern.attention_*)
 from llmkern.reference import attention as ref
-from llmkern.testing import assert_close, padding_mask, triton_device
+from llmkern.testing import assert_close, padding_mask, select_backend, triton_device
 
 DEV = triton_device()
 needs_triton = pytest.mark.skipif(DEV is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -125,16 +125,7 @@ def _no_sink_formula(q, k, v, sinks, scale, visible, g, gl):
 def test_minus_inf_sink_is_no_sink_with_finite_gradient(monkeypatch, backend, Tk):
     """sinks[h] = -inf (no sink for head h), a row that sees no key, the LSE in the loss: dsinks[h] = 0, not
     NaN (the CPU paths took log(0)'s infinite gradient times exp(-inf)'s 0), and with Tk = 0 no NaN output."""
-    device = "cpu"
-    if backend == "triton":
-        if DEV is None:
-            pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
-        monkeypatch.setenv("LLMKERN_BACKEND", "triton")
-        device = DEV
-    elif backend == "reference":
-        monkeypatch.setenv("LLMKERN_BACKEND", "reference")
-    else:
-        monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
+    device = select_backend(monkeypatch, backend)
     q, k, v, _ = _inputs(1, 2, 2, 4, Tk, 8, device=device)
     sinks = torch.tensor([float("-inf"), 0.5], device=device, requires_grad=True)
     kpm = torch.tensor([[False] + [True] * (Tk - 1)], device=device) if Tk else None  # query 0 sees no key
