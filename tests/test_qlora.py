@@ -772,3 +772,17 @@ def test_qlora_gpt_partial_dora_adapter_saves(tmp_path):
     d = dense_k.shape[0]
     mag0 = next(t for n, t in tensors.items() if "magnitude" in n and ".0." in n)
     torch.testing.assert_close(mag0[d:2 * d].float(), dense_k.norm(dim=1), rtol=0.05, atol=1e-3)
+
+
+def test_nf4_weight_made_under_inference_mode_trains_later():
+    """An NF4Weight built under torch.inference_mode (use_fused_lora's cache at an evaluation) held inference
+    tensors (the level-pair table, the double-quantization state) that a later training step saves for backward."""
+    from llmkern.ops.nf4 import NF4Weight, nf4_quantize
+
+    q0 = nf4_quantize(torch.randn(16, 64), blocksize=32, double_quant=True)
+    with torch.inference_mode():  # (the codes and scales: the model's own tensors, as bitsandbytes' are)
+        q = NF4Weight(q0.packed, q0.absmax, q0.shape, q0.blocksize, nested=q0.nested)
+    assert not q.pairs.is_inference() and not q.state2.is_inference()
+    x = torch.randn(3, 64, requires_grad=True)
+    llmkern.nf4_linear(x, q).sum().backward()
+    torch.testing.assert_close(x.grad, q.dequantize(torch.float32).sum(0).expand(3, 64), rtol=1e-5, atol=1e-5)

@@ -693,3 +693,43 @@ def test_int64_scalars_near_the_limits_are_accepted():
     for name, value in (("seed", 2**63), ("seed", -(2**63) - 1), ("position", 2**63), ("top_k", 2**63)):
         with pytest.raises(ValueError, match=name):
             llmkern.sample(x, **{"seed": 1, name: value})
+
+
+def test_parameter_caches_hold_no_inference_or_fake_tensors():
+    """The sampler caches its per-row parameter tensors across calls; one made under torch.inference_mode (a serving
+    thread, an evaluation) was an inference tensor, and a later differentiable filter could not save it for
+    backward; one made under FakeTensorMode was a fake tensor that a real call then got (and the reverse)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from llmkern.ops import sampling as S
+
+    S._CONSTANT_ROWS.clear()
+    S._PARAM_SETS.clear()
+    logits = torch.randn(3, 40)
+    with torch.inference_mode():
+        llmkern.top_k_top_p_filter(logits, top_k=7, top_p=0.8)
+        llmkern.sample(logits, top_k=7, top_p=0.8, repetition_penalty=1.3, prev_tokens=torch.tensor([[1], [2], [3]]))
+    x = logits.clone().requires_grad_()
+    out = llmkern.top_k_top_p_filter(x, top_k=7, top_p=0.8)
+    out.masked_fill(torch.isinf(out), 0).sum().backward()
+    assert int((x.grad != 0).sum()) >= 3
+    y = logits.clone().requires_grad_()  # (RL-style sampling from logits that require grad)
+    llmkern.sample(y, top_k=7, top_p=0.8, repetition_penalty=1.3, prev_tokens=torch.tensor([[1], [2], [3]]))
+    with FakeTensorMode():
+        fake = torch.empty(3, 40)
+        llmkern.top_k_top_p_filter(fake, top_k=5, top_p=0.7)
+    assert not any(isinstance(t, torch._subclasses.FakeTensor) for t in S._CONSTANT_ROWS.values())
+    llmkern.top_k_top_p_filter(logits, top_k=5, top_p=0.7)  # (a real call after the fake one)
+
+
+def test_greedy_sampling_leaves_the_global_rng_alone():
+    """temperature=0 without a seed drew fresh seeds from torch's generator, so a greedy evaluation inside a
+    training loop changed its later dropout masks and shuffles."""
+    logits = torch.randn(4, 50)
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    tok = llmkern.sample(logits, temperature=0.0)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(tok, logits.argmax(-1))
+    llmkern.sample(logits, temperature=1.0)  # (sampling without a seed still draws)
+    assert not torch.equal(torch.get_rng_state(), before)

@@ -69,13 +69,16 @@ class NF4Weight:
         self.absmax = absmax.reshape(-1).contiguous()
         # the double-quantization state as one fp32 tensor [code_map | offset | absmax2] (what the kernels
         # read), and `nested` as views of it
-        self.state2 = None if nested is None else _state2_arg(nested, nblocks, packed.device)
+        # (the tables made here outside inference mode: a weight built under it, e.g. use_fused_lora's cache at an
+        # evaluation, is kept for later training steps, which save them for the backward)
+        with torch.inference_mode(False):
+            self.state2 = None if nested is None else _state2_arg(nested, nblocks, packed.device)
+            # the kernels' level-pair table, made here (not per call, and not while torch.compile traces a call)
+            self.pairs = ref.level_pairs(self.packed.device)
         self.nested = None if nested is None else (self.state2[:256], self.state2[257:], self.state2[256])
         self.shape = torch.Size((N, K))
         self.blocksize = blocksize
         self.dtype = dtype
-        # the kernels' level-pair table, made here (not per call, and not while torch.compile traces a call)
-        self.pairs = ref.level_pairs(self.packed.device)
 
     out_features = property(lambda self: self.shape[0])
     in_features = property(lambda self: self.shape[1])

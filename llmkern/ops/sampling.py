@@ -154,19 +154,27 @@ _CONSTANT_ROWS = {}  # (value, B, device, dtype) -> read-only [B] tensor
 _CONSTANT_ROWS_MAX = 256
 
 
+def _cacheable():
+    """Whether parameter tensors may be cached across calls: not while tracing (torch.compile / graph capture
+    would bake the cached tensor in as a constant) nor under a dispatch mode (FakeTensorMode would cache a fake
+    tensor, and a real call would then get it, or the reverse)."""
+    return _checking_values() and torch._C._len_torch_dispatch_stack() == 0
+
+
 def _constant_row(value, B, device, dtype):
     """A [B] tensor filled with `value`, cached: a decode loop passes the same scalars every step, and
     building nine small tensors per call cost more than the kernel at B=1. The ops never write to
-    their parameter tensors, so sharing them is safe. Not cached while tracing (torch.compile /
-    graph capture would bake the cached tensor in as a constant)."""
-    if not _checking_values():
+    their parameter tensors, so sharing them is safe. Made outside inference mode: an inference tensor in
+    the cache could not be saved for backward by a later differentiable call (top_k_top_p_filter)."""
+    if not _cacheable():
         return torch.full((B,), value, dtype=dtype, device=device)
     key = (value, B, device, dtype)
     t = _CONSTANT_ROWS.get(key)
     if t is None:
         if len(_CONSTANT_ROWS) >= _CONSTANT_ROWS_MAX:
             _CONSTANT_ROWS.clear()
-        t = _CONSTANT_ROWS[key] = torch.full((B,), value, dtype=dtype, device=device)
+        with torch.inference_mode(False):
+            t = _CONSTANT_ROWS[key] = torch.full((B,), value, dtype=dtype, device=device)
     return t
 
 
@@ -274,11 +282,21 @@ def _sample_params(B, dev, *values):
     all seven are plain Python numbers (a decode loop passes the same ones every step) the validated
     set is cached, so a call at batch 1 costs microseconds in Python, not tens of microseconds."""
     key = None
-    if all(type(v) in (int, float) for v in values) and _checking_values():
+    if all(type(v) in (int, float) for v in values) and _cacheable():
         key = (B, dev) + tuple((type(v), v) for v in values)
         hit = _PARAM_SETS.get(key)
         if hit is not None:
             return hit
+        with torch.inference_mode(False):  # (cached: no inference tensors, see _constant_row)
+            out = _sample_params_uncached(B, dev, *values)
+        if len(_PARAM_SETS) >= _CONSTANT_ROWS_MAX:
+            _PARAM_SETS.clear()
+        _PARAM_SETS[key] = out
+        return out
+    return _sample_params_uncached(B, dev, *values)
+
+
+def _sample_params_uncached(B, dev, *values):
     f32, inf, chk = torch.float32, float("inf"), _RangeChecks()
     temperature, top_k, top_p, min_p, rep, pres, freq = values
     # (an infinite temperature or repetition penalty divides a +inf logit into NaN)
@@ -291,10 +309,6 @@ def _sample_params(B, dev, *values):
            _row_param("presence_penalty", pres, B, dev, f32, -inf, inf, checks=chk),
            _row_param("frequency_penalty", freq, B, dev, f32, -inf, inf, checks=chk))
     chk.verify()
-    if key is not None:
-        if len(_PARAM_SETS) >= _CONSTANT_ROWS_MAX:
-            _PARAM_SETS.clear()
-        _PARAM_SETS[key] = out
     return out
 
 
@@ -353,6 +367,8 @@ def sample(
     _check_logits(logits)
     B, V = logits.shape
     dev = logits.device
+    if seed is None and type(temperature) in (int, float) and temperature == 0:
+        seed = 0  # every row greedy: no draw, so no fresh seeds from torch's generator (its state stays as it was)
     temperature, top_k, top_p, min_p, rep, pres, freq = _sample_params(
         B, dev, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty)
     if logit_bias is not None:
