@@ -271,6 +271,8 @@ def _add_mm(acc, a, b):
             acc += torch.mm(a, b, out_dtype=acc.dtype)
             _OUT_DTYPE_MM[key] = True
             return
+        except torch.OutOfMemoryError:  # (not a missing matmul: must not switch the path off for good)
+            raise
         except (TypeError, RuntimeError, NotImplementedError):  # no such matmul on this torch / device
             _OUT_DTYPE_MM[key] = False
     acc += (a @ b).to(acc.dtype)
