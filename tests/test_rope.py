@@ -412,3 +412,18 @@ def test_gpu_bf16_vs_transformers():
                                    tuple(t.float() for t in g))
     torch.testing.assert_close(dq, rdq, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(dk, rdk, atol=2e-2, rtol=2e-2)
+
+
+def test_partial_rotary_output_keeps_the_input_layout(monkeypatch):
+    """The outputs keep q's / k's layout (README): the [B, H, T, D] view of a [B, T, H, D] projection comes back
+    in that layout, so .transpose(1, 2).view(B, T, H * D) needs no copy. With rotary_dim < head_dim the CPU path
+    returned a contiguous tensor (a cat)."""
+    monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
+    B, T, H, D, R = 2, 5, 4, 16, 8
+    q = torch.randn(B, T, H, D).transpose(1, 2)
+    k = torch.randn(B, T, H, D).transpose(1, 2)
+    cos, sin = torch.randn(T, R), torch.randn(T, R)  # (HF's layout: rotary_dim R < D)
+    qo, ko = llmkern.rope(q, k, cos, sin)
+    assert qo.stride() == q.stride() and ko.stride() == k.stride()
+    qo.transpose(1, 2).view(B, T, H * D)  # (no copy needed)
+    torch.testing.assert_close(qo[..., R:], q[..., R:])

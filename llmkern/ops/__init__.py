@@ -8,7 +8,11 @@ from llmkern.ops.speculative import speculative_accept  # noqa: F401
 
 
 def register_all():
-    """Import every op module, registering all torch.ops.llmkern.* custom ops."""
-    from llmkern.ops import attention, cross_entropy, lora, merge_attention_states, mla_decode, sampling  # noqa: F401
-    from llmkern.ops import norm  # noqa: F401
-    from llmkern.ops import rope, swiglu  # noqa: F401
+    """Import every op module, registering all torch.ops.llmkern.* custom ops (every module of this package:
+    a list by hand had left MoE's out)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")

@@ -55,8 +55,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     xr = x[..., :R].to(dt)
     rot = rotate_every_two if interleaved else rotate_half
     out = xr * c + rot(xr) * s
-    if R < x.shape[-1]:
-        out = torch.cat((out, x[..., R:].to(dt)), dim=-1)
+    if R < x.shape[-1]:  # (into x's layout, as the kernel writes: a cat would give a contiguous tensor)
+        full = torch.empty_like(x)
+        full[..., :R] = out
+        full[..., R:] = x[..., R:]
+        return full
     return out.to(x.dtype)
 
 
