@@ -198,3 +198,42 @@ def test_models_with_their_own_loss_code_are_refused():
         lt.use_fused_loss(xlm)
     llama = _model("llama")
     assert lt.use_fused_loss(llama) is llama  # (its forward calls self.loss_function)
+
+
+def test_pickled_model_keeps_the_fused_loss(monkeypatch):
+    """Regression: the patched forward was a bound method of a per-model function; torch.save(model) /
+    torch.load gave back the model's own forward (logits computed, no fused loss) while _llmkern_fused_loss
+    still said True, so use_fused_loss on it did nothing. The loaded model keeps the fused loss and signature."""
+    import inspect
+    import io
+    import pickle
+
+    from llmkern.ops import cross_entropy
+
+    calls = []
+    real = cross_entropy.linear_cross_entropy
+    monkeypatch.setattr(cross_entropy, "linear_cross_entropy", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ref = _model("llama").train()
+    fused = lt.use_fused_loss(copy.deepcopy(ref), chunk_size=4)
+    ids, labels = _batch()
+    want = ref(input_ids=ids, labels=labels).loss
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    for loaded in (torch.load(buf, weights_only=False), pickle.loads(pickle.dumps(fused))):
+        loaded.train()
+        assert loaded._llmkern_fused_loss is True and loaded._llmkern_fused_loss_chunk_size == 4
+        assert loaded.forward.__self__ is loaded and loaded._llmkern_original_forward.__self__ is loaded
+        assert inspect.signature(loaded.forward) == inspect.signature(ref.forward)
+        calls.clear()
+        got = loaded(input_ids=ids, labels=labels)
+        assert got.logits is None and calls == [1]
+        torch.testing.assert_close(got.loss, want, atol=1e-6, rtol=1e-6)
+        forward = loaded.forward
+        lt.use_fused_loss(loaded)  # idempotent
+        assert loaded.forward is forward
+        twin = copy.deepcopy(loaded)
+        assert twin.forward.__self__ is twin and twin(input_ids=ids, labels=labels).logits is None
+        with torch.no_grad():  # eval: the model's own forward, as before the save
+            out = loaded.eval()(input_ids=ids, labels=labels)
+        assert out.logits is not None and out.logits.shape == (2, 11, 97)

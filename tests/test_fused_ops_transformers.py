@@ -308,3 +308,84 @@ def test_fallbacks_keep_transformers_semantics(spy):
     for a, b in zip(fused_apply(qt, kt, cos, sin), apply_rotary_pos_emb(qt, kt, cos, sin)):
         torch.testing.assert_close(a, b)
     assert spy["rope"] == 1
+
+
+def _save_load(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "gpt2"])
+def test_pickled_model_stays_patched(kind, spy):
+    """Regression: the patched forwards were bound methods (types.MethodType), which pickle as
+    getattr(module, fn.__name__): torch.load of a torch.save'd model failed ('LlamaMLP' object has no attribute
+    '_mlp_forward'), or (RoPE alone) silently loaded the class forward under markers claiming the patch, so
+    use_fused_ops on it was a no-op. The loaded model computes the same, on the fused ops, patched per module."""
+    import pickle
+
+    ref = _model(kind).train()
+    fused = lt.use_fused_ops(copy.deepcopy(ref))
+    for loaded in (_save_load(fused), pickle.loads(pickle.dumps(fused))):
+        assert loaded._llmkern_fused_ops == EXPECTED[kind]
+        patched = {n: m for n, m in loaded.named_modules() if "forward" in vars(m)}
+        assert len(patched) == sum(EXPECTED[kind].values())
+        for name, m in patched.items():  # markers truthful: each patched module runs its own fused forward
+            orig = fused.get_submodule(name).forward
+            assert m.forward.__self__ is m and m.forward.__func__ is orig.__func__, name
+            assert m._llmkern_fused == getattr(fused.get_submodule(name), "_llmkern_fused"), name
+        ids, am = _batch()
+        for k in spy:
+            spy[k] = 0
+        _assert_same(loaded, ref, ids, am)
+        n = EXPECTED[kind]
+        assert spy["rms_norm"] == n["rms_norm"] and spy["layer_norm"] == n["layer_norm"] and spy["rope"] == n["rope"]
+        assert spy["swiglu" if kind != "gemma3" else "geglu"] == n["mlp"]
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids, attention_mask=am).logits,
+                                       fused(input_ids=ids, attention_mask=am).logits, atol=0, rtol=0)
+        forwards = [m.__dict__.get("forward") for m in loaded.modules()]  # idempotent after the load too
+        lt.use_fused_ops(loaded)
+        assert loaded._llmkern_fused_ops == EXPECTED[kind]
+        assert [m.__dict__.get("forward") for m in loaded.modules()] == forwards
+        twin = copy.deepcopy(loaded)  # and a copy of the loaded model is bound to the copy
+        assert all(m.forward.__self__ is m for m in twin.modules() if "forward" in vars(m))
+
+
+def test_pickled_use_fused_lora_model_stays_fused(monkeypatch):
+    """Regression: use_fused_lora bound its forward with types.MethodType; torch.load of a saved PEFT model then
+    failed ('Linear' object has no attribute '_fused_forward'). The loaded model runs the fused op, same outputs."""
+    peft = pytest.importorskip("peft")
+    from llmkern.integrations import peft as lip
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                 lora_dropout=0.0, init_lora_weights=False))
+    fused = lip.use_fused_lora(model).eval()
+    calls = []
+    real = lip.lora_linear
+    monkeypatch.setattr(lip, "lora_linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ids, am = _batch()
+    with torch.no_grad():
+        want = fused(input_ids=ids, attention_mask=am).logits
+    n = len(calls)
+    assert n == 2 * L
+    loaded = _save_load(fused)
+    layers = [m for m in loaded.modules() if hasattr(m, "_llmkern_orig_forward")]
+    assert len(layers) == 2 * L
+    for m in layers:
+        assert m.forward.__func__ is lip._fused_forward and m.forward.__self__ is m
+        assert m._llmkern_orig_forward.__self__ is m and m._llmkern_orig_forward.__func__ is type(m).forward
+    with torch.no_grad():
+        got = loaded(input_ids=ids, attention_mask=am).logits
+    assert len(calls) == 2 * n
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    lip.use_fused_lora(loaded, enable=False)  # and it can still be switched off
+    assert not any("forward" in vars(m) or hasattr(m, "_llmkern_orig_forward") for m in loaded.modules()
+                   if type(m).__name__ == "Linear" and hasattr(m, "lora_A"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=am).logits, want, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2 * n

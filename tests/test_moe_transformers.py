@@ -313,3 +313,39 @@ def test_quantized_weights_are_refused():
     experts.down_proj = torch.nn.Parameter(experts.down_proj.detach().to(torch.int8), requires_grad=False)
     with pytest.raises(NotImplementedError, match="torch.int8"):
         model(input_ids=_batch(1, 4)[0])
+
+
+def test_check_cache_sees_in_place_changes(moe_calls):
+    """Regression: the experts' validated activation was cached under id(act_fn) and the weight dtypes only, so an
+    in-place change of the activation (nn.GELU.approximate) kept the old gate (exact gelu computed for a tanh
+    one), and an in-place layout flag change skipped the check. The cache keys on the activation's type and
+    settings (holding the activation it validated) and on the layout flags."""
+    model = _model("mixtral").eval()
+    model.set_experts_implementation("llmkern")
+    experts = [layer.mlp.experts for layer in model.model.layers]
+    ids, _ = _batch(2, 6)
+
+    def run(impl="llmkern"):
+        model.set_experts_implementation(impl)
+        moe_calls.clear()
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    for e in experts:
+        e.act_fn = torch.nn.GELU()
+    torch.testing.assert_close(run(), run("eager"), atol=1e-5, rtol=1e-4)
+    run()
+    assert [c[2] for c in moe_calls] == ["geglu_exact"] * len(experts)
+    for e in experts:
+        e.act_fn.approximate = "tanh"  # the same object, now the tanh approximation
+    got = run()
+    assert [c[2] for c in moe_calls] == ["geglu"] * len(experts)
+    torch.testing.assert_close(got, run("eager"), atol=1e-5, rtol=1e-4)
+    for e in experts:
+        e.act_fn = torch.nn.SiLU()
+    got = run()
+    assert [c[2] for c in moe_calls] == ["swiglu"] * len(experts)
+    torch.testing.assert_close(got, run("eager"), atol=1e-5, rtol=1e-4)
+    experts[0].has_bias = True  # a layout flag set in place: checked again
+    with pytest.raises(NotImplementedError, match="has_bias"):
+        run()

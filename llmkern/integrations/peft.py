@@ -31,7 +31,6 @@ rebuilt when the weight tensor, its data, its version or its quant_state changes
 imported here: such layers exist only once the model imported it.
 """
 import sys
-import types
 
 import torch
 from torch import nn
@@ -236,6 +235,8 @@ def use_fused_lora(peft_model: nn.Module, enable: bool = True) -> nn.Module:
     """Switch every PEFT LoRA Linear layer of ``peft_model`` (and every 4-bit bitsandbytes one: QLoRA) to the
     fused op (``enable=False`` restores PEFT's own forward). Returns the model; outputs are unchanged up to
     rounding."""
+    from llmkern.integrations.transformers.fused_ops import _BoundForward
+
     classes = tuple(_lora_linear_classes())
     n = 0
     for m in peft_model.modules():
@@ -243,7 +244,9 @@ def use_fused_lora(peft_model: nn.Module, enable: bool = True) -> nn.Module:
             continue
         if enable and not hasattr(m, _ORIG):
             setattr(m, _ORIG, m.forward)
-            m.forward = types.MethodType(_fused_forward, m)
+            # (not types.MethodType: a bound method pickles as getattr(m, "_fused_forward"), so torch.load of a
+            # saved model failed; _BoundForward pickles and deep-copies bound to the loaded / copied layer)
+            m.forward = _BoundForward(_fused_forward, m)
             n += 1
         elif not enable and hasattr(m, _ORIG):
             del m.forward

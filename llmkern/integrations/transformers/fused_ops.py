@@ -4,8 +4,9 @@
     lt.use_fused_ops(model)          # a LlamaForCausalLM, Qwen3, Mistral, Gemma, GPT-2, ... (a PeftModel too)
     model._llmkern_fused_ops         # {"rms_norm": 5, "layer_norm": 0, "mlp": 2, "rope": 2}
 
-Patching is per module instance (an instance attribute `forward`, bound with types.MethodType so that
-copy.deepcopy binds the copy); classes and transformers' module globals are left alone, so other models in
+Patching is per module instance (an instance attribute `forward`: a _BoundForward, which calls like the bound
+method types.MethodType(fn, module) but survives torch.save(model) / torch.load and pickling, and which
+copy.deepcopy binds to the copy); classes and transformers' module globals are left alone, so other models in
 the process are unaffected. What is patched:
 
 - RMSNorm: modules whose class forward is, bytecode for bytecode, transformers' LlamaRMSNorm forward
@@ -93,7 +94,7 @@ def _glu(act):
     return None
 
 
-# ---- patched forwards (bound to the module instance) ----------------------------------------------
+# ---- patched forwards (bound to the module instance by _BoundForward) ----------------------------
 
 def _rms_forward(self, hidden_states, *args, **kwargs):
     from llmkern.ops.norm import rms_norm
@@ -255,10 +256,68 @@ def _calls_rope(cls):
 
 # ---- the patching -------------------------------------------------------------------------------
 
+class _BoundForward:
+    """`module.forward` of a patched module: calls fn(module, ...), like the bound method
+    types.MethodType(fn, module) (same __func__ / __self__, other attributes read from fn), but pickles.
+    A bound method pickles as getattr(module, fn.__name__), which on the loaded module names nothing
+    (AttributeError) or the class forward (the patch silently lost, its markers left claiming it). This
+    pickles as _BoundForward(fn, module), fn by reference (a module-level function) and module through the
+    pickler's memo, so torch.save(model) / torch.load gives a model patched the same way; copy.deepcopy copies
+    it the same way, binding the copy to the copied module. Also used by the PEFT and fused-loss patches."""
+
+    def __init__(self, fn, module):
+        self.__func__ = fn
+        self.__self__ = module
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __getattr__(self, name):  # as a bound method: the function's attributes (__name__, __wrapped__, ...)
+        try:
+            fn = self.__dict__["__func__"]
+        except KeyError:
+            raise AttributeError(name) from None
+        return getattr(fn, name)
+
+    @property
+    def __signature__(self):
+        import inspect
+
+        return inspect.signature(types.MethodType(self.__func__, self.__self__))
+
+    def __reduce__(self):
+        return type(self), (self.__func__, self.__self__)
+
+    def __repr__(self):
+        name = getattr(self.__func__, "__qualname__", self.__func__)
+        return f"<llmkern patched forward {name} of {type(self.__self__).__name__}>"
+
+
+class _RopeForward(_BoundForward):
+    """The RoPE patch: its function is a runtime copy of the class forward (_rope_forward_for), which pickle
+    cannot name, so it pickles (and deep-copies) as "the RoPE patch of this module", rebuilt from the
+    module's class when loaded."""
+
+    def __reduce__(self):
+        return _rope_bound, (self.__self__,)
+
+
+def _rope_bound(module):
+    """The _RopeForward of `module` (a loaded or copied patched attention module)."""
+    cls = type(module)
+    fwd = _rope_forward_for(cls)
+    if fwd is None:  # (the modeling code changed since the model was saved: it is no longer llmkern.rope's)
+        warn_once(("use_fused_ops-rope-load", cls.__module__, cls.__qualname__),
+                  f"use_fused_ops: a loaded {cls.__name__} was patched for RoPE, but its class's "
+                  f"apply_rotary_pos_emb is not llmkern.rope's computation any more; it runs its class forward")
+        fwd = cls.forward
+    return _RopeForward(fwd, module)
+
+
 def _bind(module, kind, fn, **attrs):
     for name, value in attrs.items():
         object.__setattr__(module, name, value)
-    module.forward = types.MethodType(fn, module)
+    module.forward = (_RopeForward if kind == "rope" else _BoundForward)(fn, module)
     object.__setattr__(module, _MARK, kind)
 
 
@@ -307,7 +366,8 @@ def use_fused_ops(model, *, rms_norm=True, rope=True, mlp=True, layer_norm=True)
 
     Per module instance, nothing global; idempotent (patched modules are skipped; calling it again with more
     kinds enabled patches those too); copy.deepcopy of a patched model gives a patched copy using its own
-    parameters. `model._llmkern_fused_ops` then holds the number of modules running each fused op, e.g.
+    parameters, and so does pickling (torch.save(model) / torch.load(..., weights_only=False)).
+    `model._llmkern_fused_ops` then holds the number of modules running each fused op, e.g.
     {"rms_norm": 5, "layer_norm": 0, "mlp": 2, "rope": 2}."""
     root = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped model
     enabled = {k for k, on in zip(_KINDS, (rms_norm, layer_norm, mlp, rope)) if on}

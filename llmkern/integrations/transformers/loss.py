@@ -13,10 +13,11 @@ output_router_logits). The output's `logits` is None then (the LM head still run
 position only, through `logits_to_keep=1`). In eval mode, or without labels, the model is unchanged.
 """
 import inspect
-import types
 
 import torch
 from torch import nn
+
+from llmkern.integrations.transformers.fused_ops import _BoundForward
 
 _ATTR = "_llmkern_fused_loss"
 
@@ -109,8 +110,9 @@ def _signature(bound):
 
 
 def _fused_forward(self, *args, labels=None, **kwargs):
-    """The patched forward, bound to the *ForCausalLM (types.MethodType, so that copy.deepcopy of a
-    patched model binds the copy, not the original). Everything is looked up on `self` at call time."""
+    """The patched forward, bound to the *ForCausalLM by a _FusedLossForward (copy.deepcopy of a patched model
+    binds the copy, not the original; pickling keeps the patch). Everything is looked up on `self` at call
+    time."""
     from llmkern.ops.cross_entropy import linear_cross_entropy
 
     original = self._llmkern_original_forward
@@ -174,20 +176,22 @@ def _fused_forward(self, *args, labels=None, **kwargs):
     return result if return_dict else result.to_tuple()
 
 
-def _with_signature(original):
-    """_fused_forward under the signature of `original` (the bound forward it replaces). generate() reads the
-    forward's signature to decide what to pass (position_ids built from the attention mask, attention_mask,
+class _FusedLossForward(_BoundForward):
+    """`model.forward` of a patched model: _fused_forward bound to it (pickles and deep-copies as such, see
+    _BoundForward), under the signature of the forward it replaces. generate() reads the forward's
+    signature to decide what to pass (position_ids built from the attention mask, attention_mask,
     logits_to_keep): with a bare (*args, **kwargs) it silently dropped position_ids, so a left-padded batch
-    decoded with positions counted from the padding (other logits for absolute-position models, GPT-2).
-    A new function per patched model (its signature is the model's); copy.deepcopy keeps it and binds the copy."""
-    def forward(self, *args, **kwargs):
-        return _fused_forward(self, *args, **kwargs)
+    decoded with positions counted from the padding (other logits for absolute-position models, GPT-2)."""
 
-    sig = inspect.signature(original)
-    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
-    forward.__doc__ = _fused_forward.__doc__
-    return forward
+    def __init__(self, module):
+        super().__init__(_fused_forward, module)
+
+    @property
+    def __signature__(self):
+        return _signature(self.__self__._llmkern_original_forward)
+
+    def __reduce__(self):
+        return type(self), (self.__self__,)
 
 
 def use_fused_loss(model, chunk_size=None):
@@ -201,7 +205,7 @@ def use_fused_loss(model, chunk_size=None):
     _check_model(lm)
     lm._llmkern_original_forward = lm.forward
     lm._llmkern_fused_loss_chunk_size = chunk_size
-    lm.forward = types.MethodType(_with_signature(lm.forward), lm)
+    lm.forward = _FusedLossForward(lm)
     setattr(lm, _ATTR, True)
     return model
 

@@ -105,18 +105,27 @@ def _check(module):
             f"with a silu or gelu (tanh or exact) gate; {_ADVICE}.")
 
 
+_FLAGS = ("has_gate", "is_concatenated", "has_bias", "has_post_expert_norm")
+
+
 def _checked_activation(module):
-    """The op's activation name for `module`, after _check; both cached on the module while its class, weights,
-    activation, weight dtypes and expert-parallel flag stay the same (the checks cost ~10 µs, every layer, every call)."""
-    key = (type(module), *(id(getattr(module, n, None)) for n in ("gate_up_proj", "down_proj", "act_fn")),
-           *(getattr(getattr(module, n, None), "dtype", None) for n in ("gate_up_proj", "down_proj")),
-           getattr(module, "_is_expert_parallel", False))
+    """The op's activation name for `module`, after _check; both cached on the module while what they depend on
+    stays the same (the checks cost ~10 µs, every layer, every call): its class and layout flags, its weights
+    (identity, dtype, number of dims), its act_fn and the expert-parallel flag. The act_fn is keyed on its type
+    and its settings (nn.GELU's `approximate`, which can change in place) and compared by identity with the one
+    the cache holds (not by id(): the cache keeps it alive, so a replacement cannot reuse its id unseen)."""
+    act = getattr(module, "act_fn", None)
+    weights = [getattr(module, n, None) for n in ("gate_up_proj", "down_proj")]
+    key = (type(module), *(getattr(module, n, None) for n in _FLAGS),
+           *(id(w) for w in weights), *(getattr(w, "dtype", None) for w in weights),
+           *(getattr(w, "ndim", None) for w in weights),
+           type(act), getattr(act, "approximate", None), getattr(module, "_is_expert_parallel", False))
     cached = module.__dict__.get("_llmkern_experts_check")
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0] == key and cached[2] is act:
         return cached[1]
     _check(module)
-    activation = _activation_name(module.act_fn)
-    module.__dict__["_llmkern_experts_check"] = (key, activation)
+    activation = _activation_name(act)
+    module.__dict__["_llmkern_experts_check"] = (key, activation, act)
     return activation
 
 
