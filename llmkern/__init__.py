@@ -56,6 +56,9 @@ _LAZY_ATTRS = {
 _SUBMODULES = {"bench", "flops", "generation", "integrations", "kernels", "models", "ops", "parallel",
                "peft", "reference", "testing", "info"}
 
+# `from llmkern import *`: the ops (the lazy ones import their modules then), not the subpackages
+__all__ = ["TopLogprobs", "sample", "top_k_top_p_filter", "top_logprobs", *_LAZY_ATTRS]
+
 
 def __getattr__(name):
     if name in _LAZY_ATTRS:

@@ -29,3 +29,14 @@ def test_register_all_registers_every_custom_op():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout
+
+
+def test_star_import_gives_every_public_op():
+    """`from llmkern import *` gave the eagerly imported sampling names only (no __all__; the other ops are lazy)."""
+    import llmkern
+
+    ns = {}
+    exec("from llmkern import *", ns)
+    for name in ("sample", "attention", "lora_linear", "rms_norm", "moe_mlp", "generate", "NF4Weight"):
+        assert ns.get(name) is getattr(llmkern, name), name
+    assert "models" not in ns and "_LAZY_ATTRS" not in ns
