@@ -422,6 +422,44 @@ def test_peft_lora_bias_and_several_active_adapters_refused(pool):
         assert seen["second_active"] < 1e-10, seen
 
 
+def fp16_lora_scale_worker(rank, world_size):
+    """float16 LoRA shards with s = alpha / r = 1/16 and large intermediates: the sharded layers' gradients must be
+    finite wherever the unsharded layer's (plain autograd) are."""
+    from llmkern.parallel import ColumnParallelLinear, RowParallelLinear
+    from llmkern.peft import inject_lora
+
+    out = {}
+    for kind, cls in (("column", ColumnParallelLinear), ("row", RowParallelLinear)):
+        for overlap in ("none", "ring"):
+            torch.manual_seed(0)
+            m = nn.Sequential(nn.Linear(16, 16, bias=False)).half()
+            inject_lora(m, ["0"], r=16, alpha=1.0)
+            lin = m[0]
+            with torch.no_grad():
+                lin.lora_A.fill_(0.25)
+                lin.lora_B.fill_(0.25)
+            x = torch.full((1024, 16), 40.0, dtype=torch.float16)
+            dy = torch.full((1024, 16), 0.5, dtype=torch.float16)  # (an upstream gradient under a loss scale)
+            xa = x.clone().requires_grad_()
+            lin(xa).backward(dy)
+            kw = {} if kind == "column" else {"input_is_parallel": False}
+            tp = cls.from_linear(lin, overlap=overlap, **kw)
+            xt = x.clone().requires_grad_()
+            y = tp(xt)
+            y.backward(dy[:, :y.shape[1]])
+            for name, want, got in (("A", lin.lora_A.grad, tp.lora_A.grad), ("B", lin.lora_B.grad, tp.lora_B.grad)):
+                out[(kind, overlap, name)] = (bool(torch.isfinite(want).all()), bool(torch.isfinite(got).all()))
+    return out
+
+
+def test_fp16_lora_shards_scale_before_the_second_gemm(pool):
+    """Regression: the sharded layers applied s after their float16 products ((dy B) A, dy^T (x A^T)), which
+    overflowed to inf where autograd of the unsharded layer (s first) stayed finite."""
+    for res in pool.run(fp16_lora_scale_worker, timeout=90):
+        for key, (want_finite, got_finite) in res.items():
+            assert want_finite and got_finite, (key, res)
+
+
 def test_peft_lora_dropout_is_the_active_adapters():
     """Regression: lora_dropout was read from the first adapter, not the active one."""
     pytest.importorskip("peft")

@@ -124,8 +124,9 @@ def _fwd_local(x, w, A, B, s, out=None):
 def _dgrad_local(dy, w, A, B, s, out=None):
     """out <- dy W (+ s (dy B) A)."""
     dx = torch.matmul(dy, w, out=out)
-    if A is not None:
-        dx.add_(torch.matmul(torch.matmul(dy, B), A), alpha=s)
+    if A is not None:  # s on the rank-r product, before the next GEMM (as autograd of PEFT's y * s does: in
+        # float16 a scale applied after it let (dy B) A overflow when s < 1)
+        dx.add_(torch.matmul(torch.matmul(dy, B).mul_(s), A))
     return dx
 
 
@@ -150,10 +151,11 @@ class _WGrad:
         """Accumulate the contribution of tokens dy [m, n], x [m, k]."""
         if self.need["w"]:
             self._add("w", torch.mm(dy.t(), x))
+        # s on the rank-r factor before the second GEMM (see _dgrad_local)
         if self.need["B"]:
-            self._add("B", torch.mm(dy.t(), torch.mm(x, self.A.t())).mul_(self.s))
+            self._add("B", torch.mm(dy.t(), torch.mm(x, self.A.t()).mul_(self.s)))
         if self.need["A"]:
-            self._add("A", torch.mm(torch.mm(dy, self.B).t(), x).mul_(self.s))
+            self._add("A", torch.mm(torch.mm(dy, self.B).mul_(self.s).t(), x))
 
     def get(self, key, like, dtype=None):
         """The gradient for `key` in `dtype` (default like's): a LoRA factor's in the factor's own dtype,
