@@ -611,6 +611,35 @@ def test_tied_embeddings_with_lora_on_the_head(pool2):
     assert pool2.run(lora_tied_head_worker, timeout=60) == [0, 1]
 
 
+def loss_scale_worker(rank, p):
+    """step(loss_scale=S): every stage's gradients are S times the unscaled step's (as after
+    GradScaler.scale(loss).backward()), the returned loss the unscaled one; a bad scale raises on every rank."""
+    failures, tag = [], f"loss_scale rank={rank}"
+    ref = _reference("llama-tiny", {}, "torch")
+    ids, labels = _batch(ref.config.vocab_size, 3, batch=4)
+    plain = pipeline_parallelize(copy.deepcopy(ref), n_microbatches=2, schedule="1f1b")
+    scaled = pipeline_parallelize(copy.deepcopy(ref), n_microbatches=2, schedule="1f1b")
+    loss = plain.step(ids, labels)
+    loss_s = scaled.step(ids, labels, loss_scale=torch.tensor(1024.0))
+    if plain.is_last:
+        _close(f"{tag}: loss", loss_s, loss, failures)
+    for (name, a), (_, b) in zip(plain.named_parameters(), scaled.named_parameters()):
+        _close(f"{tag}: grad of {name}", b.grad / 1024, a.grad, failures)
+    bad = -1.0 if rank == p - 1 else 2.0  # (only the last rank reads it: the others must raise too, not hang)
+    try:
+        scaled.step(ids, labels, loss_scale=bad)
+        failures.append(f"{tag}: a negative loss_scale was accepted")
+    except ValueError as exc:  # (the other ranks' error points to the last rank's, which names the argument)
+        if "loss_scale" not in str(exc) and rank == p - 1:
+            failures.append(f"{tag}: {exc}")
+    raise_failures(rank, failures)
+    return True
+
+
+def test_pipeline_loss_scale(pool2):
+    assert pool2.run(loss_scale_worker, timeout=90) == [True, True]
+
+
 def test_more_ranks_than_blocks(pool4):
     for got in pool4.run(too_many_ranks_worker, timeout=60):
         assert got is not None and got[0] == "ValueError" and "4 ranks but the model has 2 blocks" in got[1]

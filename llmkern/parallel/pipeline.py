@@ -371,6 +371,20 @@ class _Stage(nn.Module):
 
 # ---- the pipeline ----------------------------------------------------------------------------------
 
+
+def _loss_scale_arg(loss_scale):
+    """PipelineParallel.step's loss_scale as a float32 0-dim tensor (None: none), or an error naming it."""
+    if loss_scale is None:
+        return None
+    if torch.is_tensor(loss_scale):
+        if loss_scale.numel() != 1 or not loss_scale.is_floating_point():
+            raise ValueError(f"loss_scale must be a positive float or a one-element floating tensor, got "
+                             f"{loss_scale.dtype} {tuple(loss_scale.shape)}")
+        return loss_scale.detach().reshape(()).float()
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not 0 < loss_scale < float("inf"):
+        raise ValueError(f"loss_scale must be a positive finite float (or None), got {loss_scale!r}")
+    return torch.tensor(float(loss_scale))
+
 class PipelineParallel:
     """This rank's stage of a pipeline-parallel zoo model (build it with pipeline_parallelize).
 
@@ -404,7 +418,7 @@ class PipelineParallel:
         self.tied = None  # (this rank's copy of the tied embedding, the other end's group rank)
         self._stages = []  # one _Stage per chunk
         self._entries = collections.OrderedDict()
-        self._n_valid = None
+        self._n_valid = self._loss_scale = None
 
     # (the stage model's)
     def parameters(self, recurse=True):
@@ -432,7 +446,7 @@ class PipelineParallel:
 
     # ---- the steps ----
 
-    def step(self, input_ids=None, labels=None):
+    def step(self, input_ids=None, labels=None, *, loss_scale=None):
         """One training step over the batch: forward and backward of its n_microbatches micro-batches through
         the pipeline, the gradients accumulated into this stage's parameters' .grad (as loss.backward() would:
         zero them between optimizer steps), equal to those of the unsharded model's mean loss over the valid
@@ -442,8 +456,19 @@ class PipelineParallel:
         inside, -100 ignored) on the last; other ranks may pass them or None (under tensor parallelism the ranks
         of a stage pass the same). n_microbatches must divide B. Returns the batch's mean loss (a detached scalar)
         on the last rank, None on the others. Every rank of the group (of the grid, with tensor parallelism)
-        must call it; a bad argument on any rank raises on every rank (before any transfer)."""
-        B, T = self._agree_batch("PipelineParallel.step", input_ids, labels, need_labels=True, train=True)
+        must call it; a bad argument on any rank raises on every rank (before any transfer).
+
+        loss_scale: float16 training's loss scale (read on the last rank): the backward runs on loss_scale times
+        the loss, so every stage's gradients come out scaled, as after ``scaler.scale(loss).backward()``; pass
+        ``scaler.scale(torch.ones((), device=...))`` (which also starts the GradScaler), then ``scaler.step`` /
+        ``scaler.update`` as usual. A positive float or a 0-dim tensor; the returned loss is the unscaled one."""
+        scale, error = None, None
+        try:
+            scale = _loss_scale_arg(loss_scale) if self.is_last else None
+        except ValueError as exc:  # (raised on every rank by _agree_batch, not here alone: the others would hang)
+            error = exc
+        B, T = self._agree_batch("PipelineParallel.step", input_ids, labels, need_labels=True, train=True,
+                                 error=error)
         m = self.n_microbatches
         schedule = self._entry(B // m, T, train=True)
         ids = input_ids.to(self.device, torch.long) if self.is_first else None
@@ -452,16 +477,18 @@ class PipelineParallel:
             labels = labels.to(self.device, torch.long)
             n_valid = (_shift(labels) != -100).sum()  # N: the valid tokens of the whole batch (_loss reads it)
         before = self._tied_grad_before()
-        self._n_valid = n_valid
+        self._n_valid, self._loss_scale = n_valid, scale
         try:
             self._run(schedule, ids, labels, losses, train=True)
         finally:
-            self._n_valid = None
+            self._n_valid = self._loss_scale = None
         self._sync_tied(before)
         if not self.is_last:
             return None
         with torch.no_grad():  # (the micro-batches' weighted parts: their sum is the batch's mean)
             loss = torch.stack([x.detach().float() for x in losses]).sum()
+            if scale is not None:
+                loss = loss / scale.to(device=loss.device, dtype=loss.dtype)
             return loss + torch.where(n_valid > 0, 0.0, float("nan"))  # no valid label: NaN, as unsharded
 
     def forward(self, input_ids=None, labels=None, *, return_logits=True):
@@ -501,11 +528,11 @@ class PipelineParallel:
             kw["return_outputs"] = not train
         return schedule.step(*args, **kw)
 
-    def _agree_batch(self, what, input_ids, labels, need_labels, train=False):
+    def _agree_batch(self, what, input_ids, labels, need_labels, train=False, error=None):
         """Check the arguments on every rank (one all-gather of a few ints over the pipeline group; with tensor
         parallelism one more over the tensor-parallel group and a third over the pipeline group, so that an error
-        anywhere in the grid raises everywhere): (B, T) of the batch, or an error on every rank."""
-        error = None
+        anywhere in the grid raises everywhere): (B, T) of the batch, or an error on every rank (`error`: one
+        the caller found already)."""
         shapes = []
         for name, t in (("input_ids", input_ids), ("labels", labels)):
             if t is None:
@@ -592,7 +619,10 @@ class PipelineParallel:
         n = (_shift(labels) != -100).sum()
         loss = self.model.fused_lm_loss(h, labels)
         loss = torch.where(n > 0, loss, torch.zeros_like(loss))  # (n = 0: the mean is NaN; its gradient zero)
-        return loss * (n / self._n_valid.clamp_min(1)).to(loss.dtype)
+        loss = loss * (n / self._n_valid.clamp_min(1)).to(loss.dtype)
+        if self._loss_scale is not None:  # (GradScaler's: the backward from the scaled loss)
+            loss = loss * self._loss_scale.to(device=loss.device, dtype=loss.dtype)
+        return loss
 
     def _tied_grad_before(self):
         if self.tied is None:
