@@ -137,13 +137,20 @@ def _check_head_norms(children, hd, where):
 
 
 def _sum_grad_over_ranks(param, group):
-    """The gradient of a replicated parameter used by sharded heads is each rank's part: sum it."""
+    """The gradient of a replicated parameter used by sharded heads is each rank's part: sum it. Also on a
+    frozen parameter (PEFT leaves the norms frozen; unfrozen later to train them beside LoRA, its gradient
+    would be this rank's part, different on each rank): torch takes a hook only while it requires grad, and
+    keeps it when that is switched off and on again."""
     def hook(grad):
         grad = grad.contiguous().clone()
         comm.all_reduce(grad, group)
         return grad
 
+    frozen = not param.requires_grad
+    param.requires_grad_(True)
     param.register_hook(hook)
+    if frozen:
+        param.requires_grad_(False)
 
 
 def _shared_key_grad(group):
@@ -275,9 +282,6 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
     for obj, attr, value in plan:  # (an error above leaves the model as it was)
         setattr(obj, attr, value)
     if p > 1:
-        # (a frozen gain, as PEFT leaves it, has no gradient to sum: torch allows no hook on it; unfrozen
-        # after sharding, its gradient would be this rank's part)
         for prm in summed:
-            if prm.requires_grad:
-                _sum_grad_over_ranks(prm, group)
+            _sum_grad_over_ranks(prm, group)
     return model
