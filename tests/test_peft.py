@@ -795,3 +795,29 @@ def test_hf_name_mapping_refuses_what_it_cannot_express(tmp_path):
     with pytest.raises(ValueError, match=r"h\.0\.mlp\.module\.up_proj has no counterpart"):
         lp.save_peft_adapter(zoo, str(tmp_path / "x"))
     lp.save_peft_adapter(zoo, str(tmp_path / "x"), hf_names=False)  # its own names are fine
+
+
+def test_save_peft_adapter_replaces_files_whole(tmp_path, monkeypatch):
+    """The files are written beside their place and renamed into it (another replica's writer of the same path
+    truncated them under a reader); a failed write leaves the old files and no temporary one."""
+    import os
+
+    model = tiny_llama()
+    lp.inject_lora(model, ["q_proj"], r=2)
+    lp.save_peft_adapter(model, str(tmp_path))
+    before = {f: open(tmp_path / f, "rb").read() for f in os.listdir(tmp_path)}
+    assert set(before) == {"adapter_model.safetensors", "adapter_config.json"}
+    mode = os.stat(tmp_path / "adapter_config.json").st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # (a plain file's permissions, not a private temporary's)
+
+    def broken(tensors, dest, metadata=None):
+        with open(dest, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        lp.save_peft_adapter(model, str(tmp_path))
+    assert {f: open(tmp_path / f, "rb").read() for f in os.listdir(tmp_path)} == before

@@ -178,6 +178,27 @@ def _dense_weight(module):
     return module.weight.detach()
 
 
+
+def _write_atomically(dest, write):
+    """write(tmp) into a temporary file in dest's folder, then rename it over dest (atomic on POSIX). (A plain
+    new file, not mkstemp's: that one is private, 0600, and the rename would keep it so.)"""
+    import uuid
+
+    tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _dump_json(obj, dest):
+    with open(dest, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
 def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None,
                       task_type: Optional[str] = "auto", hf_names: bool = True) -> None:
     """Write the model's LoRALinear adapters as a PEFT adapter directory (loadable by
@@ -287,9 +308,12 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     if write:
         try:
             os.makedirs(path, exist_ok=True)
-            save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata=metadata)
-            with open(os.path.join(path, CONFIG_NAME), "w") as f:
-                json.dump(config, f, indent=2, sort_keys=True)
+            # each file written beside its place and renamed into it: a reader (another data-parallel replica's
+            # load, whose tensor-parallel group has its own writer of the same files) never sees a half file
+            _write_atomically(os.path.join(path, WEIGHTS_NAME),
+                              lambda tmp: save_file(tensors, tmp, metadata=metadata))
+            _write_atomically(os.path.join(path, CONFIG_NAME),
+                              lambda tmp: _dump_json(config, tmp))
         except Exception as exc:
             if group is None:
                 raise
