@@ -906,3 +906,45 @@ def test_vocab_parallel_loss_float64_2_ranks(ranks):
     """Regression: float64 logits were computed in float32 (loss float32, errors ~1e-7)."""
     for dtype, loss_err, dh_err in ranks(2).run(vocab_float64_worker, timeout=60):
         assert dtype == "torch.float64" and loss_err < 1e-12 and dh_err < 1e-12, (dtype, loss_err, dh_err)
+
+
+def dropout_worker(rank, p, backend):
+    """Attention dropout on tensor-parallel heads: every head made identical, so any two heads' outputs differ
+    only by their dropout masks. Rank r's local head j must not get the mask of the other ranks' local head j
+    (with the shared RNG state they did: global heads j and j + H/p dropped together), while the replicated
+    activations (logits, GPT's dropout after the output projection) stay the same on every rank."""
+    from llmkern.models import build, get_config
+
+    torch.manual_seed(0)
+    model = build(get_config("gpt-tiny", dropout=0.5), backend=backend)
+    H, D = model.config.n_head, model.config.head_dim
+    with torch.no_grad():
+        for blk in model.h:
+            attn = blk.attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                proj.weight.copy_(proj.weight[:D].repeat(H, 1))
+                if proj.bias is not None:
+                    proj.bias.copy_(proj.bias[:D].repeat(H))
+    tensor_parallelize(model)
+    model.train()
+    seen = []
+    model.h[0].attn.o_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    logits = model(ids)
+    y = seen[0].reshape(2, 16, H // p, D)  # this rank's heads' outputs, dropped
+    ys = [torch.empty_like(y) for _ in range(p)]
+    torch.distributed.all_gather(ys, y.contiguous())
+    lg = [torch.empty_like(logits) for _ in range(p)]
+    torch.distributed.all_gather(lg, logits.detach().contiguous())
+    rng = [torch.empty_like(torch.get_rng_state()) for _ in range(p)]
+    torch.distributed.all_gather(rng, torch.get_rng_state())
+    return dict(same_local_head=bool(torch.equal(ys[0][:, :, 0], ys[1][:, :, 0])),
+                same_heads_in_rank=bool(torch.equal(y[:, :, 0], y[:, :, 1])),
+                logits_equal=all(torch.equal(lg[0], x) for x in lg), rng_equal=all(torch.equal(rng[0], x) for x in rng))
+
+
+@pytest.mark.parametrize("backend", ["torch", "llmkern"])
+def test_attention_dropout_masks_differ_across_tensor_parallel_ranks(ranks, backend):
+    for res in ranks(2).run(dropout_worker, (backend,), timeout=60):
+        assert not res["same_local_head"] and not res["same_heads_in_rank"], res
+        assert res["logits_equal"] and res["rng_equal"], res

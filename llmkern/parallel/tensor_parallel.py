@@ -52,6 +52,7 @@ for an MoE layer).
 import inspect
 import re
 
+import torch
 import torch.nn as nn
 
 from llmkern.parallel import comm
@@ -151,6 +152,51 @@ def _sum_grad_over_ranks(param, group):
     param.register_hook(hook)
     if frozen:
         param.requires_grad_(False)
+
+
+
+class _ShardedHeadsRNG:
+    """`forward` of a tensor-parallel attention module: in training, the part of it that works on this rank's
+    heads (up to its row-parallel output projection, which ends the region by a forward pre-hook) draws from
+    generators seeded per rank, as Megatron-LM's model-parallel RNG tracker does for the attention dropout.
+    With the one RNG state that every rank must share (the replicated activations' dropout, e.g. GPT's after the
+    output projection, has to be the same everywhere), rank r's local head j had the mask of every other rank's
+    local head j: global heads j, j + H/p, ... dropped together. The seed comes from one draw of the CPU
+    generator (the same on every rank, and replayed by activation checkpointing); the generators' shared states
+    are restored when the region ends."""
+
+    def __init__(self, module, rank):
+        self.module, self.rank, self._saved = module, rank, None
+        # (an instance-level forward already there, e.g. use_fused_ops' RoPE patch, runs inside)
+        patched = module.__dict__.get("forward")
+        self.forward = patched if patched is not None else type(module).forward.__get__(module)
+
+    def _begin(self):
+        base = int(torch.randint(0, 2**62, (), generator=torch.default_generator))
+        seed = (base + 0x9E3779B97F4A7C15 * (self.rank + 1)) % 2**63
+        param = next(self.module.parameters(), None)
+        gens = [torch.default_generator]
+        if param is not None and param.is_cuda:
+            gens.append(torch.cuda.default_generators[param.device.index])
+        self._saved = [(g, g.get_state()) for g in gens]
+        for g in gens:
+            g.manual_seed(seed)
+
+    def end(self, *_):
+        """Back to the shared states (also the output projection's forward pre-hook)."""
+        if self._saved is not None:
+            for g, state in self._saved:
+                g.set_state(state)
+            self._saved = None
+
+    def __call__(self, *args, **kwargs):
+        if not self.module.training:
+            return self.forward(*args, **kwargs)
+        self._begin()
+        try:
+            return self.forward(*args, **kwargs)
+        finally:
+            self.end()
 
 
 def _shared_key_grad(group):
@@ -272,6 +318,11 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
                 plan.append((parent, kv_attr, kv // p))
             if isinstance(parent, MLAttention) and p > 1:
                 plan.append((parent, "shared_key_grad", _shared_key_grad(group)))
+        rows = [v for o, _, v in plan if o is parent and isinstance(v, RowParallelLinear)]
+        if attention and p > 1 and rows:  # (its dropout: per rank, see _ShardedHeadsRNG)
+            rng = _ShardedHeadsRNG(parent, comm.rank(group))
+            rows[0].register_forward_pre_hook(rng.end)
+            plan.append((parent, "forward", rng))
     if vocab_parallel:
         from llmkern.parallel.vocab import vocab_parallel_plan
 
