@@ -140,6 +140,12 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
+def finite(v):
+    """math.isfinite for a float that may be symbolic (a SymFloat under torch.compile, where math.isfinite breaks
+    the graph): comparisons trace, and NaN fails them."""
+    return -math.inf < v < math.inf
+
+
 def softcap_arg(softcap):
     """The tanh soft-capping value as a float (0.0: none), or an error naming `softcap`."""
     if softcap is None:
@@ -147,7 +153,7 @@ def softcap_arg(softcap):
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
     softcap = float(softcap)
-    if not (softcap >= 0 and math.isfinite(softcap)):
+    if not (softcap >= 0 and finite(softcap)):
         raise ValueError(f"softcap must be a finite value >= 0 (0 or None: no capping), got {softcap}")
     if 0 < softcap < _MIN_SOFTCAP:  # (the kernels multiply by 1 / softcap: inf below it, then inf * 0 = NaN)
         raise ValueError(f"softcap must be 0 (no capping) or at least {_MIN_SOFTCAP:.3g} (float32's smallest normal "

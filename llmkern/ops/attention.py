@@ -101,7 +101,7 @@ def _scale(scale, D):
     if isinstance(scale, torch.Tensor) or not isinstance(scale, numbers.Real) or isinstance(scale, bool):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     scale = float(scale)
-    if not math.isfinite(scale):
+    if not _checks.finite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
 
@@ -819,7 +819,7 @@ def _scale_tensor(name, scale, Hk, device):
             and scale.device == device and scale.is_contiguous() and not (device.type == "cpu" and _checking_values()):
         return scale  # (already the kernel's form; a cache's own scales each decode step: no copy)
     if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-        if not (math.isfinite(scale) and scale > 0):
+        if not (_checks.finite(scale) and scale > 0):
             raise ValueError(f"{name} must be a finite positive float, got {scale!r}")
         return torch.full((Hk,), float(scale), dtype=torch.float32, device=device)
     _tensor(name, scale)

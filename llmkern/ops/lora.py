@@ -11,7 +11,6 @@ torch.compile(fullgraph=True)). CPU tensors use the reference unless LLMKERN_BAC
 runs the same kernels under TRITON_INTERPRET=1 (float32/float16 only).
 """
 import functools
-import math
 import numbers
 from typing import Optional, Sequence, Tuple, Union
 
@@ -131,7 +130,7 @@ def _scalings_arg(scalings, n, device):
                 v = v.item()
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"scalings must hold real numbers, got {type(v).__name__}")
-            if not math.isfinite(v):
+            if not _checks.finite(v):
                 raise ValueError(f"scalings must be finite, got {v}")
             vals.append(float(v))
         scalings = torch.tensor(vals, dtype=torch.float32)

@@ -29,7 +29,6 @@ there is one rounding at the end, as GemmaRMSNorm / Gemma3RMSNorm do. In float32
 rounding; in bf16 they differ by at most about one bf16 ulp of y.
 """
 import functools
-import math
 import numbers
 from typing import Optional, Tuple
 
@@ -92,7 +91,7 @@ def _real(name, v, positive=False):
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(v).__name__}")
     v = float(v)
-    if not math.isfinite(v) or (positive and v <= 0):
+    if not _checks.finite(v) or (positive and v <= 0):
         raise ValueError(f"{name} must be a finite float{' > 0' if positive else ''}, got {v}")
     return v
 

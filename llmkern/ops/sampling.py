@@ -140,7 +140,8 @@ def _row_param(name, value, B, device, dtype, lo, hi, lo_open=False, hi_open=Fal
         return t
     if type(value) not in (int, float) and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-    if dtype == torch.int64 and not float(value).is_integer():
+    # (an int is one: float(value).is_integer() on a traced SymInt would pin it, recompiling per position / seed)
+    if dtype == torch.int64 and type(value) is not int and not float(value).is_integer():
         raise ValueError(f"{name} must be an integer, got {value}")
     # an int is compared as an int: float() would round 2**63 - 1 up to 2**63, out of int64's range
     v = int(value) if isinstance(value, numbers.Integral) else float(value)

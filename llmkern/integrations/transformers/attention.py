@@ -100,6 +100,22 @@ def _tag(mask, window):
     return mask
 
 
+@torch._dynamo.assume_constant_result
+def _mask_kind(mask_function):
+    """(_classify, _mask_window, whether it has packed-sequence leaves) of a mask function: read from the
+    closures' names and cells, which torch.compile cannot trace, and constant for a given model's masks (so
+    assumed constant: a compiled forward keeps one graph, fullgraph included)."""
+    return (_classify(mask_function), _mask_window(mask_function),
+            any(_packed_ids(f) is not None for f in _leaves(mask_function)))
+
+
+@torch.compiler.disable
+def _packed_list(mask_function):
+    """The packed-sequence index tensors of the mask's leaves (a graph break under torch.compile: packed
+    sequences come with position ids that restart, found by transformers outside a traced forward anyway)."""
+    return [ids for ids in map(_packed_ids, _leaves(mask_function)) if ids is not None]
+
+
 def _classify(mask_function):
     """'causal' / 'bidirectional' (possibly with a sliding window) or a NotImplementedError."""
     from transformers import masking_utils as mu
@@ -134,9 +150,8 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     from transformers import masking_utils as mu
 
     mask_function = mu.causal_mask_function if mask_function is None else mask_function
-    kind = _classify(mask_function)
-    window = _mask_window(mask_function)
-    packed = [ids for ids in map(_packed_ids, _leaves(mask_function)) if ids is not None]
+    kind, window, has_packed = _mask_kind(mask_function)
+    packed = _packed_list(mask_function) if has_packed else []
     if packed:
         if attention_mask is not None or q_length != kv_length or len(packed) > 1:
             raise NotImplementedError("llmkern attention: packed sequences with a padding mask or a cache")

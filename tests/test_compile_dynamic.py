@@ -1,0 +1,49 @@
+"""Python scalars that change between calls under torch.compile: traced as symbols, they must neither break the
+graph (fullgraph) nor pin the graph to one value (a recompile per decode step)."""
+import pytest
+import torch
+
+import llmkern
+
+
+def _compiles(fn, calls, **compile_kw):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(fn, backend=counter, fullgraph=True, **compile_kw)
+    outs = [compiled(*args) for args in calls]
+    return counter.frame_count, outs
+
+
+def test_changing_float_arguments_trace():
+    """math.isfinite on a traced float (a SymFloat) broke fullgraph: eps, softcap, scale."""
+    x, w = torch.randn(4, 32), torch.rand(32) + 0.5
+    n, outs = _compiles(lambda x, eps: llmkern.rms_norm(x, w, eps=eps), [(x, 1e-6), (x, 1e-5), (x, 1e-4)])
+    assert n <= 2
+    torch.testing.assert_close(outs[1], llmkern.rms_norm(x, w, eps=1e-5))
+    q = torch.randn(1, 2, 8, 16)
+    n, outs = _compiles(lambda q, c, s: llmkern.attention(q, q, q, causal=True, softcap=c, scale=s),
+                        [(q, 30.0, 0.25), (q, 50.0, 0.125), (q, 20.0, 0.5)])
+    assert n <= 2
+    torch.testing.assert_close(outs[2], llmkern.attention(q, q, q, causal=True, softcap=20.0, scale=0.5))
+    n, _ = _compiles(lambda x, eps: llmkern.rms_norm(x, w, eps=eps), [(x, 1e-6), (x[:3], 1e-5)], dynamic=True)
+    assert n == 1
+
+
+@pytest.mark.parametrize("fn", ["sample", "filter"])
+def test_changing_positions_and_seeds_do_not_recompile(fn):
+    """float(value).is_integer() on a traced int pinned it: a compiled decode step recompiled for every position
+    (and failed at the recompile limit under fullgraph)."""
+    logits = torch.randn(2, 50)
+    if fn == "sample":
+        calls = [(logits, pos, 100 + pos) for pos in range(6)]
+        n, outs = _compiles(lambda lg, pos, seed: llmkern.sample(lg, top_p=0.9, seed=seed, position=pos), calls)
+        for (lg, pos, seed), out in zip(calls, outs):
+            assert torch.equal(out, llmkern.sample(lg, top_p=0.9, seed=seed, position=pos))
+    else:
+        calls = [(logits, k) for k in range(1, 7)]
+        n, outs = _compiles(lambda lg, k: llmkern.top_k_top_p_filter(lg, top_k=k), calls)
+        for (lg, k), out in zip(calls, outs):
+            assert torch.equal(out, llmkern.top_k_top_p_filter(lg, top_k=k))
+    assert n <= 2
