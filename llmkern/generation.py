@@ -36,7 +36,11 @@ integer or 0-dim integer tensor, gives row r the seed s + r; seed tensors must b
 generated alone with its values draws the same tokens (with a draft model, see below). Beam search
 takes logit_bias [V] or [B, V] (added to every beam of the prompt) and repetition_penalty (a float or [B]:
 HF's processor on the beams' log-probabilities, the prompt's padding not counted); the other sampling
-options raise with it.
+options raise with it, and greedy decoding raises for temperature, top_k, top_p and min_p (a seed is accepted
+and unused by both). early_stopping and length_penalty (a finite number) are beam search's, num_draft_tokens
+speculative decoding's: given to another strategy / without draft_model, they raise. Token ids (eos_token_id:
+an int, numpy integer, 0-dim integer tensor or a list of them; pad_token_id; stop_sequences) must lie in
+[0, model.config.vocab_size).
 Guided decoding (any strategy):
   allowed_tokens  bool [V], [1, V], [B, V] (per prompt: each of its sequences / beams) or [N, V] (per
                   sequence, N = B * num_return_sequences, or B * num_beams for beam search; other row
@@ -78,6 +82,7 @@ Speculative decoding (draft_model=, greedy or sample; Leviathan et al. 2023, Che
   not counted) and num_accepted_draft_tokens [N] (proposals kept in the output) to the GenerationOutput.
 """
 import dataclasses
+import math
 import numbers
 from typing import Optional
 
@@ -110,13 +115,77 @@ class GenerationOutput:
     prompt_logprobs: Optional[torch.Tensor] = None  # float32 [N, T]
 
 
-def _eos_tensor(eos_token_id, device):
+def _as_int(v):
+    """v as a Python int when it is an integer (Python / numpy, not a bool) or a 0-dim integer tensor; else None."""
+    if torch.is_tensor(v):
+        if v.dim() == 0 and not (v.dtype == torch.bool or v.is_floating_point() or v.is_complex()):
+            return int(v)
+        return None
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return int(v)
+    return None
+
+
+def _eos_tensor(eos_token_id, device, vocab_size=None):
+    """eos_token_id (an id, numpy integer or 0-dim integer tensor, or a list / 1-D integer tensor of them) as an
+    int64 tensor of ids in [0, vocab_size) (vocab_size None: not checked), or None."""
     if eos_token_id is None:
         return None
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+    one = _as_int(eos_token_id)
+    if one is not None:
+        ids = [one]
+    elif torch.is_tensor(eos_token_id) and eos_token_id.dim() == 1:
+        ids = [_as_int(i) for i in eos_token_id]
+    elif isinstance(eos_token_id, (list, tuple)):
+        ids = [_as_int(i) for i in eos_token_id]
+    else:
+        ids = []
+    if not ids or not all(i is not None and i >= 0 for i in ids):
         raise ValueError(f"eos_token_id must be a token id (an int >= 0) or a list of them, got {eos_token_id!r}")
+    if vocab_size is not None and max(ids) >= vocab_size:
+        raise ValueError(f"eos_token_id: token {max(ids)} is outside the vocabulary (vocab_size={vocab_size})")
     return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _pad_id(pad_token_id, vocab_size):
+    """pad_token_id as an int in [0, vocab_size) (finished rows feed it to the model)."""
+    v = _as_int(pad_token_id)
+    if v is None or v < 0:
+        raise ValueError(f"pad_token_id must be a token id (an int >= 0), got {pad_token_id!r}")
+    if vocab_size is not None and v >= vocab_size:
+        raise ValueError(f"pad_token_id: token {v} is outside the vocabulary (vocab_size={vocab_size})")
+    return v
+
+
+def _check_strategy_options(strategy, draft_model, num_draft_tokens, options, beam_options):
+    """Options the strategy would ignore raise (when they differ from their defaults), as beam search's sampling
+    options do: greedy takes no temperature / top_k / top_p / min_p (`options`: name -> (value, default)), only
+    beam search takes early_stopping and length_penalty (`beam_options`), and num_draft_tokens needs a
+    draft_model. A seed is accepted by every strategy (greedy and beam search draw nothing)."""
+    def given(v, default):
+        return torch.is_tensor(v) or isinstance(v, bool) != isinstance(default, bool) or v != default
+
+    if strategy == "greedy":
+        for name, (v, default) in options.items():
+            if given(v, default):
+                raise ValueError(f"{name} is a sampling option; strategy='greedy' does not take it "
+                                 f"(strategy='sample' does)")
+    if strategy != "beam":
+        for name, (v, default) in beam_options.items():
+            if given(v, default):
+                raise ValueError(f"{name} is a beam search option; strategy={strategy!r} does not take it")
+    if draft_model is None and (isinstance(num_draft_tokens, bool) or num_draft_tokens != 4):
+        raise ValueError(f"num_draft_tokens applies to speculative decoding (draft_model=) only, "
+                         f"got num_draft_tokens={num_draft_tokens!r} without a draft_model")
+
+
+def _finite(name, v):
+    """v as a finite float (a real number, not a bool, or a 0-dim real tensor)."""
+    if torch.is_tensor(v) and v.dim() == 0 and v.dtype != torch.bool and not v.is_complex():
+        v = float(v)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
 
 
 def _scorers(scorers):
@@ -393,8 +462,18 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                          f"{getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}")
     if input_ids.shape[1] == 0:  # the first step conditions on the prompt's last token
         raise ValueError(f"input_ids must hold at least one token per row, got {tuple(input_ids.shape)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
+    if isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral) or num_beams < 1:
+        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+    num_beams = int(num_beams)
+    _check_strategy_options(strategy, draft_model, num_draft_tokens,
+                            dict(temperature=(temperature, 1.0), top_k=(top_k, 0), top_p=(top_p, 1.0),
+                                 min_p=(min_p, 0.0)),
+                            dict(early_stopping=(early_stopping, False), length_penalty=(length_penalty, 1.0)))
+    if strategy == "beam":
+        length_penalty = _finite("length_penalty", length_penalty)
     if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be an int >= 1, got {num_return_sequences!r}")
     seed = _seed_arg(seed)
@@ -407,12 +486,15 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
             raise NotImplementedError(f"generate: {name} is context-parallel (llmkern.parallel.context_parallelize); "
                                       f"generate with the unsharded model")
     mask = _check_mask(attention_mask, input_ids)
-    eos = _eos_tensor(eos_token_id, input_ids.device)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    vocab = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+    eos = _eos_tensor(eos_token_id, input_ids.device, vocab)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos is not None else 0
+    pad_token_id = _pad_id(pad_token_id, vocab)
     scorers = _scorers(scorers)
     rules = _check_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids)
-    stops = _check_stops(stop_sequences, strategy, draft_model, input_ids.device)
+    stops = _check_stops(stop_sequences, strategy, draft_model, input_ids.device, vocab)
     if rules:
         if draft_model is not None:
             raise ValueError(f"{', '.join(rules)} are not supported with draft_model (speculative decoding)")
@@ -451,8 +533,6 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
             for name, (v, default) in sampling_args.items():
                 if torch.is_tensor(v) or v != default:
                     raise ValueError(f"{name} is a sampling option; strategy='beam' does not take it")
-            if not isinstance(num_beams, int) or num_beams < 1:
-                raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
             if not 1 <= num_return_sequences <= num_beams:
                 raise ValueError(f"num_return_sequences must be in [1, num_beams={num_beams}], "
                                  f"got {num_return_sequences!r}")
@@ -493,8 +573,8 @@ def _token_lists(v):
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in w) for w in v)
 
 
-def _check_stops(stop_sequences, strategy, draft_model, device):
-    """stop_sequences as int64 tensors on `device`, or None."""
+def _check_stops(stop_sequences, strategy, draft_model, device, vocab_size=None):
+    """stop_sequences as int64 tensors on `device`, or None (ids checked against vocab_size unless None)."""
     if stop_sequences is None:
         return None
     if not _token_lists(stop_sequences):
@@ -502,6 +582,9 @@ def _check_stops(stop_sequences, strategy, draft_model, device):
                          f"{stop_sequences!r}")
     if strategy == "beam" or draft_model is not None:
         raise ValueError("stop_sequences are supported by strategy='greedy' and 'sample' without draft_model")
+    top = max((i for w in stop_sequences for i in w), default=-1)
+    if vocab_size is not None and top >= vocab_size:
+        raise ValueError(f"stop_sequences: token {top} is outside the vocabulary (vocab_size={vocab_size})")
     return [torch.tensor(w, dtype=torch.long, device=device) for w in stop_sequences] or None
 
 

@@ -47,3 +47,21 @@ def test_changing_positions_and_seeds_do_not_recompile(fn):
         for (lg, k), out in zip(calls, outs):
             assert torch.equal(out, llmkern.top_k_top_p_filter(lg, top_k=k))
     assert n <= 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "llmkern"])
+def test_zoo_model_with_attention_mask_compiles_fullgraph(backend):
+    """The zoo dropped an all-ones mask by reading it (bool(kpm.all())): a data-dependent branch that broke
+    fullgraph for every padded training batch and prompt."""
+    from llmkern.models import Llama
+
+    torch.manual_seed(0)
+    model = Llama("llama-tiny", backend=backend)
+    ids = torch.randint(0, 100, (2, 12))
+    am = torch.ones(2, 12, dtype=torch.long)
+    am[0, :3] = 0
+    labels = ids.masked_fill(am == 0, -100)
+    want = model(ids, labels, attention_mask=am)[1]
+    torch._dynamo.reset()
+    got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, labels, attention_mask=am)[1]
+    torch.testing.assert_close(got, want)

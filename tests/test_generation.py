@@ -713,16 +713,83 @@ def test_prompt_logprobs_equal_transformers_logits(pairs, strategy):
 
 
 def test_eos_ids_checked_and_one_beam_with_no_new_token(pairs):
-    """A negative eos id is refused (with min_new_tokens it banned the vocabulary's last token); an id past the
-    vocabulary bans nothing (as HF); one beam with max_new_tokens=0 and an eos returns the prompt (argmax over
-    zero tokens raised)."""
-    m, hf = pairs["llama"]
+    """A negative eos id is refused (with min_new_tokens it banned the vocabulary's last token); so is an id past
+    the model's vocabulary (it could never be emitted: silently no eos); one beam with max_new_tokens=0 and an
+    eos returns the prompt (argmax over zero tokens raised)."""
+    m, _ = pairs["llama"]
     x = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(15))
     with pytest.raises(ValueError, match="eos_token_id must be a token id"):
         generate(m, x, 3, eos_token_id=-1, min_new_tokens=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ours = generate(m, x, 4, eos_token_id=V + 5, min_new_tokens=3, pad_token_id=PAD)
-        assert torch.equal(ours, _hf(hf, x, max_new_tokens=4, eos_token_id=V + 5, min_new_tokens=3))
+    with pytest.raises(ValueError, match="eos_token_id: token 102 is outside the vocabulary"):
+        generate(m, x, 4, eos_token_id=[3, V + 5], min_new_tokens=3, pad_token_id=PAD)
     out = generate(m, x, 0, strategy="beam", num_beams=1, eos_token_id=3, return_dict=True, prompt_logprobs=True)
     assert torch.equal(out.sequences, x) and out.scores.shape == (2,)
+
+
+@pytest.mark.parametrize("strategy, kw, name", [
+    ("greedy", dict(temperature=1.5), "temperature"), ("greedy", dict(top_p=0.5), "top_p"),
+    ("greedy", dict(top_k=3), "top_k"), ("greedy", dict(min_p=0.3), "min_p"),
+    ("greedy", dict(temperature=torch.tensor([1.0, 1.0])), "temperature"),
+    ("greedy", dict(num_draft_tokens=-3), "num_draft_tokens"), ("beam", dict(num_draft_tokens=2), "num_draft_tokens"),
+    ("greedy", dict(early_stopping="foo"), "early_stopping"), ("sample", dict(early_stopping=True), "early_stopping"),
+    ("greedy", dict(length_penalty=float("nan")), "length_penalty"), ("sample", dict(length_penalty=2.0), "length_penalty"),
+    ("beam", dict(length_penalty=float("nan")), "length_penalty"), ("beam", dict(length_penalty=float("inf")), "length_penalty"),
+    ("beam", dict(length_penalty=True), "length_penalty"), ("beam", dict(length_penalty="1"), "length_penalty"),
+    ("greedy", dict(max_new_tokens=True), "max_new_tokens"), ("beam", dict(num_beams=True), "num_beams"),
+    ("greedy", dict(num_beams=True), "num_beams"),
+])
+def test_options_the_strategy_ignores_raise(pairs, strategy, kw, name):
+    """Regression: greedy decoding took temperature / top_k / top_p / min_p, num_draft_tokens without a draft model
+    and early_stopping / length_penalty outside beam search and ignored them (beam search already raised for the
+    sampling options); a NaN length_penalty gave NaN beam scores; bools passed as max_new_tokens / num_beams."""
+    m, _ = pairs["llama"]
+    x = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(16))
+    kw = dict(kw)
+    n = kw.pop("max_new_tokens", 3)
+    if strategy == "beam":
+        kw.setdefault("num_beams", 2)
+    with pytest.raises(ValueError, match=name):
+        generate(m, x, n, strategy=strategy, **kw)
+
+
+def test_defaults_seed_and_integer_ids_accepted(pairs):
+    """The options at their defaults pass (given explicitly too), a seed is accepted by greedy and beam search (it
+    draws nothing), and numpy integers / 0-dim integer tensors are ids (eos_token_id raised TypeError for them)."""
+    np = pytest.importorskip("numpy")
+    m, _ = pairs["llama"]
+    x = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(17))
+    plain = generate(m, x, 6)
+    eos = int(plain[0, 6])
+    assert torch.equal(generate(m, x, 6, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=3, num_draft_tokens=4,
+                                early_stopping=False, length_penalty=1.0, num_beams=1), plain)
+    assert torch.equal(generate(m, x, np.int64(6)), plain)
+    beam = generate(m, x, 4, strategy="beam", num_beams=2, length_penalty=0.5)
+    assert torch.equal(generate(m, x, 4, strategy="beam", num_beams=np.int64(2), seed=1,
+                                length_penalty=torch.tensor(0.5)), beam)
+    want = generate(m, x, 6, eos_token_id=eos, pad_token_id=PAD)
+    for e in (np.int64(eos), torch.tensor(eos), [np.int32(eos)], torch.tensor([eos])):
+        assert torch.equal(generate(m, x, 6, eos_token_id=e, pad_token_id=PAD), want)
+    for p in (np.int64(PAD), torch.tensor(PAD)):
+        assert torch.equal(generate(m, x, 6, eos_token_id=eos, pad_token_id=p), want)
+    for bad in (torch.tensor(float(eos)), True, [True], torch.tensor([[eos]])):
+        with pytest.raises(ValueError, match="eos_token_id"):
+            generate(m, x, 2, eos_token_id=bad)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(pad_token_id=-1), "pad_token_id"), (dict(pad_token_id=V), "pad_token_id: token 97 is outside"),
+    (dict(pad_token_id=2.5), "pad_token_id"), (dict(pad_token_id=True), "pad_token_id"),
+    (dict(eos_token_id=V), "eos_token_id: token 97 is outside"),
+    (dict(stop_sequences=[[3], [4, V + 10]]), "stop_sequences: token 107 is outside"),
+])
+def test_token_ids_outside_the_vocabulary_raise(pairs, kw, match):
+    """Regression: a pad id out of range raised IndexError in the embedding once a row finished (a device assert
+    on CUDA), a float pad id was truncated, eos / stop ids past the vocabulary were silently never matched."""
+    m, _ = pairs["gpt2"]
+    x = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(18))
+    kw = dict(kw)
+    kw.setdefault("eos_token_id", int(generate(m, x, 1)[0, -1]))
+    with pytest.raises(ValueError, match=match):
+        generate(m, x, 3, **kw)
+    with pytest.raises(ValueError, match="input_ids"):
+        generate(m, torch.full((1, 3), V), 2)

@@ -782,3 +782,117 @@ def test_torch_backend_padding_rows_equal_llmkern(name):
         m.backend = "llmkern"
         got = m(x, attention_mask=am)
     torch.testing.assert_close(want, got, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, changes", [
+    ("gpt2", dict(n_embd=1536)), ("llama-tiny", dict(n_embd=128)), ("gpt2", dict(arch="llama")),
+    ("gpt2", dict(n_head=16)), ("mixtral-tiny", dict(intermediate_size=128)), ("gpt-tiny", dict(dropout=0.1)),
+])
+def test_config_object_overrides_rederive_unset_fields(name, changes):
+    """Regression: get_config(cfg, **changes) / build(cfg, **changes) kept the fields __post_init__ had derived
+    (head_dim, n_kv_head, intermediate_size, activation, ...) as if given: another model than building by name
+    (gpt2 with n_head=16 raised). The fields given explicitly keep their values."""
+    by_name = get_config(name, **changes)
+    assert get_config(get_config(name), **changes) == by_name
+    assert get_config(name).replace(**changes) == by_name
+    if name.endswith("tiny"):
+        a, b = build(name, **changes), build(get_config(name), **changes)
+        assert b.config == a.config and sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
+    explicit = ModelConfig(arch="llama", n_embd=64, n_head=4, head_dim=32, intermediate_size=100, vocab_size=256)
+    changed = explicit.replace(n_embd=128)
+    assert (changed.head_dim, changed.intermediate_size, changed.n_kv_head) == (32, 100, 4)
+    assert explicit.replace(n_head=8).n_kv_head == 8  # derived: follows n_head
+    assigned = get_config("llama-tiny")
+    assigned.head_dim = 32  # assigned after construction: kept
+    assert assigned.replace(n_embd=128).head_dim == 32
+    with pytest.raises(ValueError, match="n_layers"):
+        get_config(get_config("gpt-tiny"), n_layers=3)
+
+
+def test_from_hf_config_keeps_explicit_fields_on_replace(tmp_path):
+    """A from_hf config's fields are explicit: replace() keeps them (regression guard for the re-derivation)."""
+    _save_llama(tmp_path, head_dim=16)
+    m = from_hf(str(tmp_path), backend="torch")
+    c = m.config.replace(n_embd=96)
+    assert (c.head_dim, c.intermediate_size, c.n_kv_head, c.tie_embeddings) == (16, 80, 2, False)
+
+
+def test_kv_cache_that_does_not_fit_raises_naming_cache():
+    """Regression: a KVCache of the wrong batch, layers, kv heads or head_dim was accepted and failed deep inside
+    torch (a batch-1 input broadcast over a larger cache); bad sizes were accepted by the constructor; reorder
+    with an index past the batch raised IndexError."""
+    m = build("llama-tiny").eval()
+    c = m.config
+    ids = torch.randint(0, c.vocab_size, (2, 5))
+    bad = {"batch": m.new_cache(1, 16), "batch ": m.new_cache(3, 16),
+           "layers": KVCache(1, 2, c.n_kv_head, 16, c.head_dim), "heads": KVCache(c.n_layer, 2, 3, 16, c.head_dim),
+           "channels": KVCache(c.n_layer, 2, c.n_kv_head, 16, 32)}
+    for what, cache in bad.items():
+        with pytest.raises(ValueError, match="cache"):
+            m(ids, cache=cache)
+    with pytest.raises(ValueError, match="cache"):
+        m(ids, cache="not a cache")
+    for args in ((2, 16.0), (0, 16), (True, 16), (2, 0), (2, -1)):
+        with pytest.raises(ValueError, match="new_cache"):
+            m.new_cache(*args)
+    for i, v in enumerate((0, 1.5, True)):
+        sizes = [c.n_layer, 2, c.n_kv_head, 16, c.head_dim]
+        for j in range(5):
+            with pytest.raises(ValueError, match="KVCache"):
+                KVCache(*(sizes[:j] + [v] + sizes[j + 1:]))
+    g = build("gpt-tiny").eval()
+    with pytest.raises(ValueError, match="cache"):  # another model's cache
+        g(torch.randint(0, 256, (2, 5)), cache=m.new_cache(2, 16))
+    cache = m.new_cache(2, 16)
+    m(ids, cache=cache)
+    for idx in (torch.tensor([0, 5]), torch.tensor([-1, 0]), torch.tensor([0.0, 1.0]), [0, 1], torch.tensor([[0, 1]])):
+        with pytest.raises(ValueError, match="reorder"):
+            cache.reorder(idx)
+    cache.reorder(torch.tensor([1, 1, 0]))  # beam search spreads rows: the batch grows
+    assert cache.shape[0] == 3 and cache.lengths.tolist() == [5, 5, 5]
+    out = m(torch.randint(0, c.vocab_size, (3, 1)), cache=cache)
+    assert out.shape == (3, 1, c.vocab_size)
+    with pytest.raises(ValueError, match="cache"):
+        m(torch.randint(0, c.vocab_size, (2, 1)), cache=cache)
+
+
+def test_latent_cache_checked_against_the_model():
+    m = build("deepseek-v3-tiny").eval()
+    ids = torch.randint(0, 256, (2, 4))
+    ref = m(ids)
+    torch.testing.assert_close(m(ids, cache=m.new_cache(2, 8, latent=True)), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m(ids, cache=m.new_cache(2, 8)), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="cache: a LatentKVCache"):
+        build("llama-tiny", n_layer=3)(ids, cache=m.new_cache(2, 8, latent=True))
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_input_ids_outside_the_vocabulary_raise(name):
+    """Regression: ids >= vocab_size or < 0 raised IndexError in the embedding (a device assert on CUDA)."""
+    m = build(name)
+    V = m.config.vocab_size
+    for bad in (V, -1):
+        x = torch.randint(0, V, (2, 4))
+        x[1, 2] = bad
+        with pytest.raises(ValueError, match="input_ids.*vocab_size"):
+            m(x)
+    m(torch.full((1, 3), V - 1))
+
+
+@pytest.mark.parametrize("dtype, want", [("bfloat16", torch.bfloat16), ("torch.float16", torch.float16),
+                                         ("float32", torch.float32), (torch.bfloat16, torch.bfloat16),
+                                         ("auto", torch.bfloat16)])
+def test_from_hf_dtype_names(tmp_path, dtype, want):
+    """Regression: from_hf(dtype="bfloat16") raised a TypeError from nn.Module.to; names and transformers'
+    "auto" (config.json's dtype, else the weights') are taken, other values refused naming dtype."""
+    hf = _save_llama(tmp_path / "f32")
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    m = from_hf(str(tmp_path / "bf16"), backend="torch", dtype=dtype)
+    assert next(m.parameters()).dtype == want and m.inv_freq.dtype == torch.float32
+    if dtype == "auto":
+        assert next(from_hf(str(tmp_path / "f32"), dtype="auto").parameters()).dtype == torch.float32
+        _edit_config(tmp_path / "bf16", lambda c: [c.pop(k, None) for k in ("dtype", "torch_dtype")])
+        assert next(from_hf(str(tmp_path / "bf16"), dtype="auto").parameters()).dtype == torch.bfloat16  # weights'
+        for bad in ("int8", "float8_e4m3fn", "fp32x", 16, torch.int64, "__class__"):
+            with pytest.raises(ValueError, match="dtype"):
+                from_hf(str(tmp_path / "f32"), dtype=bad)

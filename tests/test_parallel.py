@@ -948,3 +948,24 @@ def test_attention_dropout_masks_differ_across_tensor_parallel_ranks(ranks, back
     for res in ranks(2).run(dropout_worker, (backend,), timeout=60):
         assert not res["same_local_head"] and not res["same_heads_in_rank"], res
         assert res["logits_equal"] and res["rng_equal"], res
+
+
+def prefix_worker(rank, p):
+    from llmkern.models import Llama, get_config
+    from llmkern.peft import PrefixTuning
+
+    cfg = get_config("llama-tiny")
+    model = tensor_parallelize(Llama(cfg, backend="torch"))
+    model.attach_prefix(PrefixTuning(cfg.n_layer, 3, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head))
+    try:
+        model(torch.randint(0, 100, (2, 6)))
+    except NotImplementedError as exc:
+        return str(exc)
+    return "ran"
+
+
+def test_prefix_tuning_on_tensor_parallel_model_refused(ranks):
+    """Regression: the prefixes (every kv head) were concatenated onto each rank's share of the heads: a shape
+    error deep in attention. Now a clear refusal."""
+    for msg in ranks(2).run(prefix_worker, timeout=60):
+        assert "prefix tuning on a tensor-parallel model" in msg, msg

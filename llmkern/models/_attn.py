@@ -5,6 +5,7 @@ backend="llmkern"  llmkern.attention / llmkern.attention_with_kvcache when llmke
                    is importable; otherwise SDPA, with a one-time warning saying so.
 Layout everywhere: q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (SDPA's).
 """
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -244,6 +245,9 @@ class KVCache:
 
     def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, dtype=None, device=None, k_scale=1.0,
                  v_scale=1.0):
+        n_layer, batch, n_kv_head, max_len, head_dim = (_positive_int(f"KVCache: {name}", v) for name, v in (
+            ("n_layer", n_layer), ("batch", batch), ("n_kv_head", n_kv_head), ("max_len", max_len),
+            ("head_dim", head_dim)))
         self.shape = (batch, n_kv_head, max_len, head_dim)
         self.dtype, self.device = dtype, device  # None: those of the first keys written (autocast-safe)
         self.fp8 = dtype in FP8_DTYPES
@@ -339,9 +343,20 @@ class KVCache:
         self.uniform = False
 
     def reorder(self, idx):
-        self.k = [None if t is None else t.index_select(0, idx) for t in self.k]
-        self.v = [None if t is None else t.index_select(0, idx) for t in self.v]
+        """Row i becomes row idx[i] (a 1-D integer tensor; its length is the new batch: beam search spreads
+        each prompt's row over its beams). Indices outside [0, batch) raise ValueError where idx is on the
+        CPU (on a GPU the check would cost a host sync)."""
+        B = self.lengths.shape[0]
+        if not torch.is_tensor(idx) or idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"KVCache.reorder: idx must be a 1-D int64 / int32 tensor, got "
+                             f"{getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}")
+        if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= B):
+            raise ValueError(f"KVCache.reorder: idx must hold row indices in [0, {B}) (the cache's batch), got "
+                             f"values in [{int(idx.min())}, {int(idx.max())}]")
+        self.k = [None if t is None else t.index_select(0, idx.to(t.device)) for t in self.k]
+        self.v = [None if t is None else t.index_select(0, idx.to(t.device)) for t in self.v]
         self.lengths = self.lengths.index_select(0, idx.to(self.lengths.device))
+        self.shape = (idx.shape[0],) + tuple(self.shape[1:])  # (the layers allocated later take the new batch)
 
     @property
     def nbytes(self):
@@ -387,6 +402,21 @@ class LatentKVCache(KVCache):
             slots = self.lengths.to(device=kc.device, dtype=torch.long)[:, None] + torch.arange(T, device=kc.device)
             _bytes(kc).scatter_(2, slots[:, None, :, None].expand(k.shape), _bytes(k.to(kc.dtype)))
         return kc, kc[..., :self.kv_rank]
+
+
+def _readable(t):
+    """Whether t's values may be read on the host (eager mode, a plain tensor, no dispatch mode or functorch
+    transform active)."""
+    from llmkern.ops._checks import eager_fast_path
+
+    return eager_fast_path(t)
+
+
+def _positive_int(name, v):
+    """v as an int > 0 (Python or numpy integers; not bools), else ValueError naming it."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"{name} must be an int > 0, got {v!r}")
+    return int(v)
 
 
 HEAD_ALIGN = 64  # LM-head rows are padded to a multiple of this on CUDA (see ZooModel.head_logits)
@@ -466,8 +496,11 @@ class ZooModel(torch.nn.Module):
         prefix = getattr(self, "prefix_tuning", None)
         if prefix is None:
             return [None] * self.config.n_layer
-        kvs = list(prefix(batch))
         c = self.config
+        if self._cache_kv_heads() != c.n_kv_head:  # (each rank holds 1/p of the heads; the prefixes all of them)
+            raise NotImplementedError("prefix tuning on a tensor-parallel model (tensor_parallelize) is not supported: "
+                                      "the prefixes hold every key/value head, each rank only its share of them")
+        kvs = list(prefix(batch))
         if len(kvs) != c.n_layer:
             raise ValueError(f"prefix_tuning gave {len(kvs)} layers of prefixes, the model has {c.n_layer}")
         for pk, pv in kvs:
@@ -496,6 +529,8 @@ class ZooModel(torch.nn.Module):
         not per head."""
         c = self.config
         p = next(self.parameters())
+        batch = _positive_int("new_cache: batch", batch)
+        max_len = c.block_size if max_len is None else _positive_int("new_cache: max_len", max_len)
         latent = self.latent_cache if latent is None else latent
         dtype = self.kv_cache_dtype if dtype is None else dtype
         if not isinstance(latent, bool):
@@ -504,16 +539,45 @@ class ZooModel(torch.nn.Module):
             if not getattr(c, "kv_lora_rank", 0):
                 raise ValueError("new_cache: latent=True needs multi-head latent attention (config.kv_lora_rank > 0, "
                                  "DeepSeek); this model caches per-head keys and values")
-            return LatentKVCache(c.n_layer, batch, max_len or c.block_size, c.kv_lora_rank, c.rope_dim,
+            return LatentKVCache(c.n_layer, batch, max_len, c.kv_lora_rank, c.rope_dim,
                                  dtype, device or p.device, self.kv_cache_scales[0] if dtype in FP8_DTYPES else 1.0)
-        # heads per rank: tensor_parallelize divides the attention modules' n_kv_head
-        kv_heads = next((m.n_kv_head for m in self.modules() if m is not self and hasattr(m, "n_kv_head")),
-                        c.n_kv_head)
+        kv_heads = self._cache_kv_heads()
         scales = self.kv_cache_scales if dtype in FP8_DTYPES else (1.0, 1.0)
         if not isinstance(scales, (tuple, list)) or len(scales) != 2:
             raise ValueError(f"new_cache: kv_cache_scales must be (k_scale, v_scale), got {scales!r}")
-        return KVCache(c.n_layer, batch, kv_heads, max_len or c.block_size, c.head_dim,
+        return KVCache(c.n_layer, batch, kv_heads, max_len, c.head_dim,
                        dtype, device or p.device, *scales)
+
+    def _cache_kv_heads(self):
+        """The key/value heads a (full) KVCache of this model holds: per rank, as tensor_parallelize divides the
+        attention modules' n_kv_head."""
+        return next((m.n_kv_head for m in self.modules() if m is not self and hasattr(m, "n_kv_head")),
+                    self.config.n_kv_head)
+
+    def _check_cache(self, cache, B):
+        """A cache passed to forward must fit the model and the batch (else torch fails deep inside, or a
+        batch-1 input broadcasts over a larger cache's rows)."""
+        c = self.config
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"cache must be a KVCache (model.new_cache(batch, max_len)), got {type(cache).__name__}")
+        rows = cache.lengths.shape[0]
+        if rows != B:
+            raise ValueError(f"cache: its batch is {rows}, input_ids' {B} (model.new_cache(batch={B}, ...))")
+        if len(cache.k) != c.n_layer:
+            raise ValueError(f"cache: it has {len(cache.k)} layers, the model {c.n_layer}")
+        if cache.latent:
+            if not getattr(c, "kv_lora_rank", 0):
+                raise ValueError("cache: a LatentKVCache needs a model with multi-head latent attention "
+                                 "(config.kv_lora_rank > 0)")
+            want = (1, c.kv_lora_rank + c.rope_dim)
+            what = "1 head of kv_lora_rank + qk_rope_head_dim channels"
+        else:
+            want = (self._cache_kv_heads(), c.head_dim)
+            what = "n_kv_head heads of head_dim channels"
+        got = (cache.shape[1], cache.shape[3])
+        if got != want:
+            raise ValueError(f"cache: it holds {got[0]} key/value heads of {got[1]} channels, the model needs "
+                             f"{want[0]} of {want[1]} ({what}); make it with model.new_cache")
 
     def head_logits(self, h):
         """lm_head(h) [..., V]. On CUDA, when V is not a multiple of 64 (GPT-2's 50257), the product
@@ -615,8 +679,18 @@ class ZooModel(torch.nn.Module):
         if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
                              f"{getattr(input_ids, 'shape', type(input_ids))}")
-        start = cache.seqlen if cache is not None else 0
         B, T = input_ids.shape
+        if cache is not None:
+            self._check_cache(cache, B)
+        start = cache.seqlen if cache is not None else 0
+        V = self.config.vocab_size
+        # ids outside the vocabulary: an IndexError in the embedding on the CPU (checked here), a device-side
+        # assert on CUDA (not checked: reading the ids would be a host sync per forward; nor where they cannot be
+        # read: torch.compile / export traces, fake tensors, torch.func transforms)
+        if input_ids.device.type == "cpu" and input_ids.numel() and _readable(input_ids):
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= V:
+                raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={V}), got values in [{lo}, {hi}]")
         if start + T > self.config.block_size:
             raise ValueError(f"input_ids: {start} + {T} tokens exceed "
                              f"block_size={self.config.block_size}")
@@ -637,8 +711,10 @@ class ZooModel(torch.nn.Module):
                 position_ids = pos[:, start:] if slots is None else pos.gather(1, slots)
             # no padding: drop the mask (the unmasked kernels are faster). Reading that is a host sync on
             # CUDA: done for a prompt (no cache yet), not for the forwards that continue a cache (decoding,
-            # speculative drafts and verifies: the decode kernel and the per-row path take the mask at ~no cost)
-            if (start == 0 or kpm.device.type == "cpu") and bool(kpm.all()):
+            # speculative drafts and verifies: the decode kernel and the per-row path take the mask at ~no cost).
+            # Traced (torch.compile) the mask stays: its values cannot decide the graph.
+            if (not torch.compiler.is_compiling() and (start == 0 or kpm.device.type == "cpu")
+                    and bool(kpm.all())):
                 kpm = None
         if position_ids is None:
             position_ids = slots

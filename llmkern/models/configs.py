@@ -156,6 +156,12 @@ class ModelConfig:
     name: str = ""
 
     def __post_init__(self):
+        # the fields left unset (None), that __post_init__ derives from the others: replace() derives them again
+        unset = [f for f in _DERIVED_FIELDS if getattr(self, f) is None]
+        self._check_fields()
+        self._derived = {f: getattr(self, f) for f in unset}
+
+    def _check_fields(self):
         if self.arch not in ARCHS:
             raise ValueError(f"ModelConfig.arch must be one of {ARCHS}, got {self.arch!r}")
         for f in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
@@ -424,8 +430,26 @@ class ModelConfig:
         return self.n_head * self.head_dim
 
     def replace(self, **changes):
-        """A copy with fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with fields changed (validated again). The fields that were never set (None, derived by
+        __post_init__: head_dim, n_kv_head, intermediate_size, activation, ...) are derived again from the
+        new values, so get_config(cfg, **changes) equals get_config(name, **changes) for cfg = get_config(name);
+        the fields given explicitly (from_hf's, a named config's) keep their values."""
+        fields = {f.name for f in dataclasses.fields(self) if f.init}
+        bad = set(changes) - fields
+        if bad:
+            raise ValueError(f"ModelConfig.replace: unknown ModelConfig field(s) {sorted(bad)}")
+        derived = getattr(self, "_derived", {})
+        kwargs = {f: getattr(self, f) for f in fields}
+        for f, v in derived.items():  # (unless assigned since: then the assigned value is kept)
+            if f not in changes and kwargs[f] == v:
+                kwargs[f] = None
+        kwargs.update(changes)
+        return type(self)(**kwargs)
+
+
+# The fields __post_init__ fills in when None (from arch, n_embd, n_head, intermediate_size, n_experts, head_dim)
+_DERIVED_FIELDS = ("n_kv_head", "head_dim", "intermediate_size", "bias", "tie_embeddings", "activation",
+                   "n_experts_per_tok", "moe_ffn_dim", "v_head_dim")
 
 
 # The Gemma options' off values (GPT must leave them there)

@@ -745,6 +745,29 @@ def _resolve_tie(cfg, state, emb):
     return cfg.replace(tie_embeddings=False)
 
 
+def _parse_dtype(dtype, what="dtype"):
+    """float32 / bfloat16 / float16 / float64 from a torch.dtype or its name ("bfloat16", "torch.bfloat16",
+    "float16", "half", "float32", "float", ...); ValueError naming `what` otherwise."""
+    d = dtype
+    if isinstance(d, str):
+        name = d.strip()
+        name = name[len("torch."):] if name.startswith("torch.") else name
+        d = getattr(torch, name, None) if name.isidentifier() else None
+    if d not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):  # (no float8 compute)
+        raise ValueError(f"from_hf: {what} must be a floating-point torch.dtype (not float8) or its name (e.g. torch.bfloat16, "
+                         f"'bfloat16', 'float16', 'float32'), or 'auto', got {dtype!r}")
+    return d
+
+
+def _auto_dtype(hf, state):
+    """transformers' dtype="auto": config.json's dtype (transformers 5) or torch_dtype, else the dtype of the
+    checkpoint's first floating-point weight (float32 without one)."""
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    if name is not None:
+        return _parse_dtype(name, "config.json torch_dtype (dtype='auto')")
+    return next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+
+
 def from_hf(path, backend="llmkern", dtype=None, device=None):
     """A zoo model with the weights of the local Hugging Face checkpoint directory `path` (config.json
     and safetensors weights), in eval mode.
@@ -756,7 +779,10 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
     DeepSeek's latent attention and V3's sigmoid / V2's softmax router; see the module docstring). The logits
     equal those of transformers' *ForCausalLM on the same checkpoint. Unsupported configurations raise ValueError
     naming the config key. dtype/device: cast and move the model after loading (the RoPE frequencies
-    stay float32)."""
+    stay float32); dtype is a floating torch.dtype, its name ("bfloat16", "torch.float16", ...) or "auto"
+    (transformers': config.json's dtype / torch_dtype, else the checkpoint weights' dtype)."""
+    if dtype is not None and not (isinstance(dtype, str) and dtype == "auto"):
+        dtype = _parse_dtype(dtype)
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"from_hf: {cfg_file!r} not found (give a local checkpoint directory)")
@@ -785,6 +811,8 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
     else:
         raise ValueError(f"from_hf: model_type {mtype!r} is not supported "
                          f"(gpt2, {', '.join(LLAMA_FAMILY + GEMMA_FAMILY + DEEPSEEK_FAMILY)})")
+    if isinstance(dtype, str):  # "auto"
+        dtype = _auto_dtype(hf, state)
     state = {k: v.contiguous() for k, v in state.items()}
     if cfg.tie_embeddings:  # load the shared matrix once, through the embedding
         state.pop("lm_head.weight", None)
