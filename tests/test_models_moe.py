@@ -376,3 +376,12 @@ def test_mixtral_on_the_triton_kernels(saved, monkeypatch):
     torch.testing.assert_close(l1, l2, atol=1e-5, rtol=1e-5)
     for n in ("layers.0.mlp.experts.gate_up_proj", "layers.1.mlp.experts.down_proj", "layers.0.mlp.gate.weight"):
         torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_moe_capacity_refuses_ids_past_n_experts():
+    """Ids >= n_experts were taken as experts of their own while the capacity counted n_experts."""
+    import llmkern
+
+    ids = torch.tensor([[0, 3], [1, 2]])
+    with pytest.raises(ValueError, match="topk_ids must be in"):
+        llmkern.moe_capacity(ids, torch.ones(2, 2), n_experts=2, capacity_factor=1.0)

@@ -821,3 +821,21 @@ def test_save_peft_adapter_replaces_files_whole(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         lp.save_peft_adapter(model, str(tmp_path))
     assert {f: open(tmp_path / f, "rb").read() for f in os.listdir(tmp_path)} == before
+
+
+@pytest.mark.parametrize("call", ["lora_r0", "lora_dropout", "lora_bool_r", "lora_alpha_nan", "adapter_r0"])
+def test_refused_peft_calls_leave_the_model_as_it_was(call):
+    """inject_lora / add_adapters froze the whole model before checking their arguments: a refused call (caught)
+    left a model in which nothing trained."""
+    model = tiny_llama()
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    modules = [n for n, _ in model.named_modules()]
+    kw = {"lora_r0": dict(r=0), "lora_dropout": dict(dropout=1.5), "lora_bool_r": dict(r=True),
+          "lora_alpha_nan": dict(alpha=float("nan"))}
+    with pytest.raises(ValueError):
+        if call == "adapter_r0":
+            lp.add_adapters(model, ["mlp"], d=D, r=0)
+        else:
+            lp.inject_lora(model, ["q_proj"], **kw[call])
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert [n for n, _ in model.named_modules()] == modules

@@ -294,6 +294,11 @@ def moe_capacity(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: 
         raise ValueError(f"capacity_factor must be a finite number > 0, got {capacity_factor!r}")
     if policy not in ("probs", "position"):
         raise ValueError(f"policy must be 'probs' or 'position', got {policy!r}")
+    if topk_ids.device.type == "cpu" and topk_ids.numel() and _checks.checking_values():
+        lo, hi = torch.aminmax(topk_ids.to(torch.int64))  # (on CUDA a host sync: unchecked, as in moe_mlp)
+        if lo < NO_EXPERT or hi >= n_experts:
+            raise ValueError(f"topk_ids must be in [0, {n_experts}) (n_experts) or {NO_EXPERT} (dropped already), got "
+                             f"values in [{int(lo)}, {int(hi)}]")
     tokens, k = topk_ids.numel() // max(topk_ids.shape[-1], 1), topk_ids.shape[-1]
     # Megatron-LM's get_capacity: ceil(tokens * k / E * factor); never more than every pair (a huge factor)
     capacity = min(math.ceil(tokens * k / n_experts * capacity_factor), tokens * k)

@@ -22,8 +22,9 @@ class Adapter(nn.Module):
 
     def __init__(self, d: int, r: int, activation: str = "relu", device=None, dtype=None):
         super().__init__()
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
+        for name, v in (("d", d), ("r", r)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
         if activation not in _ACTS:
             raise ValueError(f"activation must be one of {sorted(_ACTS)}, got {activation!r}")
         self.d, self.r = d, r
@@ -73,15 +74,18 @@ def add_adapters(model: nn.Module, targets: Union[str, Sequence[str]], d: int, r
     if nested:  # (wrapping the outer one first would hide the inner one's path; nothing changed yet)
         raise ValueError(f"targets {targets!r} matched {nested[0][0]!r} inside another match {nested[0][1]!r}: an "
                          f"adapter after both would apply twice; narrow the targets")
-    if freeze_base:  # (LoRA, adapters and prefixes the model already has keep their state)
-        from llmkern.peft.lora import _freeze_non_lora
-
-        _freeze_non_lora(model)
+    wrappers = []  # (all built, their arguments checked, before the model changes: a refused call leaves it as it was)
     for n in names:
         mod = model.get_submodule(n)
         ref = next(mod.parameters(), None)
         ad = Adapter(d, r, activation, device=None if ref is None else ref.device,
                      dtype=None if ref is None else ref.dtype)
+        wrappers.append((n, AdapterWrapper(mod, ad)))
+    if freeze_base:  # (LoRA, adapters and prefixes the model already has keep their state)
+        from llmkern.peft.lora import _freeze_non_lora
+
+        _freeze_non_lora(model)
+    for n, wrapper in wrappers:
         parent_name, _, child = n.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, AdapterWrapper(mod, ad))
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
     return names

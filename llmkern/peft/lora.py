@@ -53,10 +53,12 @@ class LoRALinear(nn.Module):
         if not isinstance(base_layer, (nn.Linear, NF4Linear)):
             raise TypeError(f"base_layer must be an nn.Linear or an llmkern.peft.NF4Linear, got "
                             f"{type(base_layer).__name__}")
-        if not isinstance(r, int) or not 1 <= r <= MAX_RANK:
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_RANK:
             raise ValueError(f"r must be an int in 1..{MAX_RANK}, got {r!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not -math.inf < alpha < math.inf:
+            raise ValueError(f"alpha must be a finite float, got {alpha!r}")
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.alpha, self.dropout, self.use_rslora = r, float(alpha), float(dropout), bool(use_rslora)
@@ -281,11 +283,13 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
                          f"of target_modules")
     if not names:
         raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear (or NF4Linear) in the model")
+    # every wrapper built (its arguments checked) before the model changes: a refused call leaves it as it was
+    new = [(n, LoRALinear(model.get_submodule(n), r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                          freeze_base=False, use_dora=use_dora)) for n in names]
     if freeze_base:
-        _freeze_non_lora(model)
-    for n in names:
-        _set_submodule(model, n, LoRALinear(model.get_submodule(n), r=r, alpha=alpha, dropout=dropout,
-                                            use_rslora=use_rslora, freeze_base=freeze_base, use_dora=use_dora))
+        _freeze_non_lora(model)  # (the wrapped layers' own parameters included)
+    for n, layer in new:
+        _set_submodule(model, n, layer)
     return names
 
 
