@@ -36,6 +36,7 @@ the compute dtype in the math, as ``llmkern.lora_linear`` does; their gradients 
 factors' own dtype.
 """
 import math
+import numbers
 import sys
 
 import torch
@@ -545,12 +546,31 @@ def _check_lora_state(module):
         raise NotImplementedError(f"from_linear: {name} uses DoRA, which tensor-parallel LoRA layers do not support")
 
 
+def _int_arg(what, name, v, optional=False):
+    """v as an int >= 1 (Python or numpy integers, not bools; None when optional), else ValueError naming it."""
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"{what}: {name} must be an int >= 1, got {v!r}")
+    return int(v)
+
+
+def _flag_arg(what, name, v):
+    if not isinstance(v, bool):
+        raise ValueError(f"{what}: {name} must be True or False, got {v!r}")
+    return v
+
+
 class _ParallelLinear(nn.Module):
     _kind = ""
 
     def _setup(self, in_features, out_features, overlap, sequence_parallel, group, chunks, pieces, transport):
+        what = type(self).__name__
         if overlap not in OVERLAPS:
-            raise ValueError(f"{type(self).__name__}: overlap must be one of {OVERLAPS}, got {overlap!r}")
+            raise ValueError(f"{what}: overlap must be one of {OVERLAPS}, got {overlap!r}")
+        in_features, out_features = _int_arg(what, "in_features", in_features), _int_arg(what, "out_features", out_features)
+        chunks, pieces = _int_arg(what, "chunks", chunks, optional=True), _int_arg(what, "pieces", pieces, optional=True)
+        _flag_arg(what, "sequence_parallel", sequence_parallel)
         self.group = comm.resolve_group(group, type(self).__name__)
         self.world_size = comm.world_size(self.group)
         self.rank = comm.rank(self.group)
@@ -612,7 +632,7 @@ class ColumnParallelLinear(_ParallelLinear):
         super().__init__()
         self._setup(in_features, out_features, overlap, sequence_parallel, group, chunks, pieces, transport)
         _check_divisible(self.out_features, self.world_size, "ColumnParallelLinear: out_features")
-        self.gather_output = bool(gather_output)
+        self.gather_output = _flag_arg("ColumnParallelLinear", "gather_output", gather_output)
         if self.gather_output and self.sequence_parallel:
             raise ValueError("ColumnParallelLinear: gather_output=True cannot be combined with sequence_parallel=True")
         n = self.out_features // self.world_size
@@ -684,7 +704,7 @@ class RowParallelLinear(_ParallelLinear):
         super().__init__()
         self._setup(in_features, out_features, overlap, sequence_parallel, group, chunks, pieces, transport)
         _check_divisible(self.in_features, self.world_size, "RowParallelLinear: in_features")
-        self.input_is_parallel = bool(input_is_parallel)
+        self.input_is_parallel = _flag_arg("RowParallelLinear", "input_is_parallel", input_is_parallel)
         if self.sequence_parallel and not self.input_is_parallel:
             raise ValueError("RowParallelLinear: sequence_parallel=True needs input_is_parallel=True")
         k = self.in_features // self.world_size
