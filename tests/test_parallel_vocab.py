@@ -354,3 +354,32 @@ def test_vocab_parallel_embedding_keeps_padding_idx(pool):
     for res in pool.run(padding_idx_worker, timeout=60):
         for out_err, grad_err, pad_grad in res:
             assert out_err < 1e-6 and grad_err < 1e-6 and pad_grad == 0.0, res
+
+
+def shard_check_worker(rank, world_size):
+    import torch.nn as nn
+
+    from llmkern.parallel.vocab import VocabParallelEmbedding, VocabParallelLMHead
+
+    seen = {}
+    for name, make in (("emb full table", lambda: VocabParallelEmbedding(nn.Parameter(torch.randn(8, 4)), 8, None)),
+                       ("head 3 rows", lambda: VocabParallelLMHead(nn.Parameter(torch.randn(3, 4)), None, 8, None)),
+                       ("head bias", lambda: VocabParallelLMHead(nn.Parameter(torch.randn(4, 4)),
+                                                                 nn.Parameter(torch.zeros(8)), 8, None))):
+        try:
+            make()
+            seen[name] = "accepted"
+        except ValueError as exc:
+            seen[name] = str(exc)
+    seen["right"] = type(VocabParallelEmbedding(nn.Parameter(torch.randn(4, 4)), 8, None)).__name__
+    return seen
+
+
+def test_vocab_parallel_constructors_check_the_shard(pool):
+    """A full table (or a shard of another split) given to the constructors gave wrong rows, or logits of the
+    wrong width, silently."""
+    for seen in pool.run(shard_check_worker, timeout=60):
+        assert "weight_shard must be this rank's" in seen["emb full table"], seen
+        assert "weight_shard must be this rank's" in seen["head 3 rows"], seen
+        assert "bias_shard must be [4]" in seen["head bias"], seen
+        assert seen["right"] == "VocabParallelEmbedding", seen

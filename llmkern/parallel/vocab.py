@@ -34,6 +34,18 @@ def shard_rows(V, group):
     return lo, min(lo + S, V), S
 
 
+def _check_shard(what, weight_shard, V, group):
+    """A constructor's shard must be this rank's [ceil(V / p), d] rows (a full table, or another split, gave
+    wrong rows or logits of the wrong width silently)."""
+    if isinstance(V, bool) or not isinstance(V, int) or V < 1:
+        raise ValueError(f"{what}: the vocabulary size must be an int >= 1, got {V!r}")
+    S = shard_rows(V, comm.resolve_group(group, what))[2]
+    if not isinstance(weight_shard, torch.Tensor) or weight_shard.dim() != 2 or weight_shard.shape[0] != S:
+        raise ValueError(f"{what}: weight_shard must be this rank's [ceil({V} / world size) = {S}, d] rows (use "
+                         f"from_embedding / from_linear to shard a full layer), got "
+                         f"{tuple(getattr(weight_shard, 'shape', ()))}")
+
+
 def _shard(weight, group):
     """This rank's rows of a [V, ...] tensor, zero-padded to S rows."""
     lo, hi, S = shard_rows(weight.shape[0], group)
@@ -76,6 +88,7 @@ class _CopyToRanks(torch.autograd.Function):
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, weight_shard: nn.Parameter, num_embeddings: int, group, padding_idx=None):
         super().__init__()
+        _check_shard("VocabParallelEmbedding", weight_shard, num_embeddings, group)
         self.weight, self.num_embeddings, self.group = weight_shard, num_embeddings, group
         self.embedding_dim = weight_shard.shape[1]
         self.padding_idx = padding_idx  # (global id: its row gets no gradient on the rank that holds it)
@@ -231,6 +244,10 @@ class _VocabParallelLinearCE(torch.autograd.Function):
 class VocabParallelLMHead(nn.Module):
     def __init__(self, weight_shard: nn.Parameter, bias_shard, out_features: int, group):
         super().__init__()
+        _check_shard("VocabParallelLMHead", weight_shard, out_features, group)
+        if bias_shard is not None and tuple(bias_shard.shape) != (weight_shard.shape[0],):
+            raise ValueError(f"VocabParallelLMHead: bias_shard must be [{weight_shard.shape[0]}] (the weight shard's "
+                             f"rows), got {tuple(bias_shard.shape)}")
         self.weight, self.bias, self.out_features, self.group = weight_shard, bias_shard, out_features, group
         self.in_features = weight_shard.shape[1]
 
