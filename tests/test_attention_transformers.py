@@ -321,15 +321,20 @@ def test_left_padded_training_equals_sdpa(monkeypatch, backend, kind):
         torch.testing.assert_close(gk[n], gs[n], atol=1e-4, rtol=1e-3, msg=n)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma2"])
-def test_compiles_fullgraph(kind):
+@pytest.mark.parametrize("kind,fullgraph,masked", [("llama", True, True), ("gemma2", False, True),
+                                                   ("llama", False, False), ("mistral", False, False)])
+def test_compiles(kind, fullgraph, masked):
     """The mask interface reads transformers' mask closures (names, cells), which torch.compile cannot trace:
-    fullgraph failed on a plain forward. The analysis is assumed constant per mask function now."""
+    fullgraph failed on a plain forward. transformers' plain causal mask is now recognised without reading them
+    (fullgraph); combined masks (sliding windows; packed-sequence indices, which transformers adds while tracing
+    a forward with no attention mask and no cache) are read in a graph break, not taken as constants (a crash)."""
     m = _model(kind)
     ids, am = _batch()
+    kw = dict(attention_mask=am) if masked else dict(use_cache=False)
     m.set_attn_implementation("llmkern")
     with torch.no_grad():
-        want = m(input_ids=ids, attention_mask=am).logits
+        want = m(input_ids=ids, **kw).logits
     torch._dynamo.reset()
-    got = torch.compile(m, fullgraph=True, backend="aot_eager")(input_ids=ids, attention_mask=am).logits
-    torch.testing.assert_close((got * am[..., None]).detach(), want * am[..., None], rtol=1e-5, atol=1e-5)
+    got = torch.compile(m, fullgraph=fullgraph, backend="aot_eager")(input_ids=ids, **kw).logits
+    keep = am[..., None] if masked else 1
+    torch.testing.assert_close((got * keep).detach(), want * keep, rtol=1e-5, atol=1e-5)

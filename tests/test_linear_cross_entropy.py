@@ -107,6 +107,21 @@ def test_float16_loss_scale_reaches_the_gradients(monkeypatch, path):
         assert fused < max(2 * unfused, 1e-3), errs
 
 
+def test_float16_weight_gradient_of_a_frequent_label_stays_finite():
+    """The forward keeps the summed loss's gradients: a chunk's float16 dW product for a frequent label (a sum
+    over the chunk's rows) overflowed float16 where no float32-output matmul exists (CPU, older torch)."""
+    g = torch.Generator().manual_seed(0)
+    N, d, V = 8192, 16, 64
+    h = (torch.randn(N, d, generator=g) + 16).half().requires_grad_()
+    w = (torch.randn(V, d, generator=g) * 0.05).half().requires_grad_()
+    labels = torch.zeros(N, dtype=torch.long)
+    llmkern.linear_cross_entropy(h, w, labels).backward()
+    hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    F.cross_entropy(hd @ wd.t(), labels).backward()
+    assert torch.isfinite(w.grad).all()
+    torch.testing.assert_close(w.grad.double(), wd.grad, rtol=2e-3, atol=2e-3)
+
+
 def test_logits_exist_one_chunk_at_a_time(monkeypatch):
     h, w, b, y = _inputs(N=30)
     rows, real = [], F.linear

@@ -275,7 +275,8 @@ def _add_mm(acc, a, b):
             raise
         except (TypeError, RuntimeError, NotImplementedError):  # no such matmul on this torch / device
             _OUT_DTYPE_MM[key] = False
-    acc += (a @ b).to(acc.dtype)
+    # (widened first: a 16-bit product of a chunk's unnormalised dlogits, a sum over its rows, overflows float16)
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def _ce_rows(logits, labels, n_valid, ignore_index, softcap, mean, need_grad):

@@ -100,11 +100,11 @@ def _tag(mask, window):
     return mask
 
 
-@torch._dynamo.assume_constant_result
+@torch.compiler.disable
 def _mask_kind(mask_function):
-    """(_classify, _mask_window, whether it has packed-sequence leaves) of a mask function: read from the
-    closures' names and cells, which torch.compile cannot trace, and constant for a given model's masks (so
-    assumed constant: a compiled forward keeps one graph, fullgraph included)."""
+    """(_classify, _mask_window, whether it has packed-sequence leaves) of a combined mask function: read from the
+    closures' names and cells, which torch.compile cannot trace (a graph break here: the closures may hold
+    tensors, e.g. transformers' packed-sequence indices, so they cannot be taken as constants either)."""
     return (_classify(mask_function), _mask_window(mask_function),
             any(_packed_ids(f) is not None for f in _leaves(mask_function)))
 
@@ -150,7 +150,12 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     from transformers import masking_utils as mu
 
     mask_function = mu.causal_mask_function if mask_function is None else mask_function
-    kind, window, has_packed = _mask_kind(mask_function)
+    if mask_function is mu.causal_mask_function:  # (the common case, decided without reading closures: traces,
+        kind, window, has_packed = "causal", None, False  # so a compiled forward keeps one graph, fullgraph too)
+    elif mask_function is mu.bidirectional_mask_function:
+        kind, window, has_packed = "bidirectional", None, False
+    else:
+        kind, window, has_packed = _mask_kind(mask_function)
     packed = _packed_list(mask_function) if has_packed else []
     if packed:
         if attention_mask is not None or q_length != kv_length or len(packed) > 1:
