@@ -157,19 +157,19 @@ def _pad_id(pad_token_id, vocab_size):
     return v
 
 
-def _check_strategy_options(strategy, draft_model, num_draft_tokens, options, beam_options):
-    """Options the strategy would ignore raise (when they differ from their defaults), as beam search's sampling
-    options do: greedy takes no temperature / top_k / top_p / min_p (`options`: name -> (value, default)), only
-    beam search takes early_stopping and length_penalty (`beam_options`), and num_draft_tokens needs a
-    draft_model. A seed is accepted by every strategy (greedy and beam search draw nothing)."""
+def _check_strategy_options(strategy, draft_model, num_draft_tokens, options, penalties, beam_options):
+    """Options the strategy would ignore raise (when they differ from their defaults; each dict maps name ->
+    (value, default)): greedy and beam search take no temperature / top_k / top_p / min_p (`options`), beam
+    search no presence / frequency penalty (`penalties`), only beam search takes early_stopping and
+    length_penalty (`beam_options`), and num_draft_tokens needs a draft_model. A seed is accepted by every
+    strategy (greedy and beam search draw nothing)."""
     def given(v, default):
         return torch.is_tensor(v) or isinstance(v, bool) != isinstance(default, bool) or v != default
 
-    if strategy == "greedy":
-        for name, (v, default) in options.items():
-            if given(v, default):
-                raise ValueError(f"{name} is a sampling option; strategy='greedy' does not take it "
-                                 f"(strategy='sample' does)")
+    refused = dict(options, **penalties) if strategy == "beam" else options if strategy == "greedy" else {}
+    for name, (v, default) in refused.items():
+        if given(v, default):
+            raise ValueError(f"{name} is a sampling option; strategy={strategy!r} does not take it")
     if strategy != "beam":
         for name, (v, default) in beam_options.items():
             if given(v, default):
@@ -471,6 +471,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     _check_strategy_options(strategy, draft_model, num_draft_tokens,
                             dict(temperature=(temperature, 1.0), top_k=(top_k, 0), top_p=(top_p, 1.0),
                                  min_p=(min_p, 0.0)),
+                            dict(presence_penalty=(presence_penalty, 0.0), frequency_penalty=(frequency_penalty, 0.0)),
                             dict(early_stopping=(early_stopping, False), length_penalty=(length_penalty, 1.0)))
     if strategy == "beam":
         length_penalty = _finite("length_penalty", length_penalty)
@@ -527,12 +528,6 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                                       dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p),
                                       logit_bias, seed, allowed_tokens, mask, num_draft_tokens, prompts)
         elif strategy == "beam":
-            sampling_args = dict(temperature=(temperature, 1.0), top_k=(top_k, 0), top_p=(top_p, 1.0),
-                                 min_p=(min_p, 0.0), presence_penalty=(presence_penalty, 0.0),
-                                 frequency_penalty=(frequency_penalty, 0.0))
-            for name, (v, default) in sampling_args.items():
-                if torch.is_tensor(v) or v != default:
-                    raise ValueError(f"{name} is a sampling option; strategy='beam' does not take it")
             if not 1 <= num_return_sequences <= num_beams:
                 raise ValueError(f"num_return_sequences must be in [1, num_beams={num_beams}], "
                                  f"got {num_return_sequences!r}")

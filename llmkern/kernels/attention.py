@@ -43,7 +43,7 @@ import triton.language as tl
 
 from llmkern.kernels import _autotune as _autotune_front
 from llmkern.kernels import _tma
-from llmkern.kernels._common import cdiv, launches_on_device, next_power_of_2, on_device
+from llmkern.kernels._common import cdiv, next_power_of_2, on_device
 from llmkern.kernels._common import dropout_params as _dropout_params
 from llmkern.kernels._common import fmix32 as _fmix32
 from llmkern.kernels._common import seed_keys as _seed_keys
@@ -1020,7 +1020,6 @@ def _alibi_args(alibi_slopes, placeholder):
     return a, (a.stride(0) if a.dim() == 2 else 0)
 
 
-@launches_on_device
 def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_right=-1, softcap=0.0,
                       key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
                       max_seqlen_q=-1, max_seqlen_k=-1, dropout_p=0.0, seed=None, batch_base=0, sinks=None,
@@ -1102,7 +1101,6 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
     return out, lse
 
 
-@launches_on_device
 def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_left=-1, window_right=-1,
                        softcap=0.0, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
                        max_seqlen_q=-1, max_seqlen_k=-1, dlse=None, dropout_p=0.0, seed=None, batch_base=0,
@@ -1154,10 +1152,11 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
     pre_bm = 64
-    _attn_bwd_preprocess[(cdiv(Tq, pre_bm), B * H)](  # rowsum(dO * O): both are Dv wide
-        out, dout, dlse if dlse is not None else lse, delta, cu_q,
-        *_dense_strides(out), *_dense_strides(dout), *s_lse, H, Tq,
-        HEAD_DIM=Dv, BLOCK_D=BDV, IS_VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=pre_bm)
+    with on_device(out):
+        _attn_bwd_preprocess[(cdiv(Tq, pre_bm), B * H)](  # rowsum(dO * O): both are Dv wide
+            out, dout, dlse if dlse is not None else lse, delta, cu_q,
+            *_dense_strides(out), *_dense_strides(dout), *s_lse, H, Tq,
+            HEAD_DIM=Dv, BLOCK_D=BDV, IS_VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=pre_bm)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)

@@ -5,13 +5,13 @@ backend="llmkern"  llmkern.attention / llmkern.attention_with_kvcache when llmke
                    is importable; otherwise SDPA, with a one-time warning saying so.
 Layout everywhere: q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (SDPA's).
 """
-import numbers
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from llmkern._backend import warn_once
+from llmkern.ops._checks import eager_fast_path, positive_int
 
 BACKENDS = ("llmkern", "torch")
 _OPS = {}
@@ -245,7 +245,7 @@ class KVCache:
 
     def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, dtype=None, device=None, k_scale=1.0,
                  v_scale=1.0):
-        n_layer, batch, n_kv_head, max_len, head_dim = (_positive_int(f"KVCache: {name}", v) for name, v in (
+        n_layer, batch, n_kv_head, max_len, head_dim = (positive_int(f"KVCache: {name}", v) for name, v in (
             ("n_layer", n_layer), ("batch", batch), ("n_kv_head", n_kv_head), ("max_len", max_len),
             ("head_dim", head_dim)))
         self.shape = (batch, n_kv_head, max_len, head_dim)
@@ -404,21 +404,6 @@ class LatentKVCache(KVCache):
         return kc, kc[..., :self.kv_rank]
 
 
-def _readable(t):
-    """Whether t's values may be read on the host (eager mode, a plain tensor, no dispatch mode or functorch
-    transform active)."""
-    from llmkern.ops._checks import eager_fast_path
-
-    return eager_fast_path(t)
-
-
-def _positive_int(name, v):
-    """v as an int > 0 (Python or numpy integers; not bools), else ValueError naming it."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"{name} must be an int > 0, got {v!r}")
-    return int(v)
-
-
 HEAD_ALIGN = 64  # LM-head rows are padded to a multiple of this on CUDA (see ZooModel.head_logits)
 
 
@@ -529,8 +514,8 @@ class ZooModel(torch.nn.Module):
         not per head."""
         c = self.config
         p = next(self.parameters())
-        batch = _positive_int("new_cache: batch", batch)
-        max_len = c.block_size if max_len is None else _positive_int("new_cache: max_len", max_len)
+        batch = positive_int("new_cache: batch", batch)
+        max_len = c.block_size if max_len is None else positive_int("new_cache: max_len", max_len)
         latent = self.latent_cache if latent is None else latent
         dtype = self.kv_cache_dtype if dtype is None else dtype
         if not isinstance(latent, bool):
@@ -563,6 +548,8 @@ class ZooModel(torch.nn.Module):
         rows = cache.lengths.shape[0]
         if rows != B:
             raise ValueError(f"cache: its batch is {rows}, input_ids' {B} (model.new_cache(batch={B}, ...))")
+        if getattr(cache, "_fits_model", None) == id(self):  # (checked at its first forward: a decode step is
+            return                                                # host-bound, and the walk below visits every module)
         if len(cache.k) != c.n_layer:
             raise ValueError(f"cache: it has {len(cache.k)} layers, the model {c.n_layer}")
         if cache.latent:
@@ -578,6 +565,7 @@ class ZooModel(torch.nn.Module):
         if got != want:
             raise ValueError(f"cache: it holds {got[0]} key/value heads of {got[1]} channels, the model needs "
                              f"{want[0]} of {want[1]} ({what}); make it with model.new_cache")
+        cache._fits_model = id(self)
 
     def head_logits(self, h):
         """lm_head(h) [..., V]. On CUDA, when V is not a multiple of 64 (GPT-2's 50257), the product
@@ -687,7 +675,7 @@ class ZooModel(torch.nn.Module):
         # ids outside the vocabulary: an IndexError in the embedding on the CPU (checked here), a device-side
         # assert on CUDA (not checked: reading the ids would be a host sync per forward; nor where they cannot be
         # read: torch.compile / export traces, fake tensors, torch.func transforms)
-        if input_ids.device.type == "cpu" and input_ids.numel() and _readable(input_ids):
+        if input_ids.device.type == "cpu" and input_ids.numel() and eager_fast_path(input_ids):
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= V:
                 raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={V}), got values in [{lo}, {hi}]")

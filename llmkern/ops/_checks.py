@@ -140,6 +140,13 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
+def positive_int(name, v):
+    """v as an int >= 1 (Python or numpy integers, not bools), else ValueError naming it."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    return int(v)
+
+
 def finite(v):
     """math.isfinite for a float that may be symbolic (a SymFloat under torch.compile, where math.isfinite breaks
     the graph): comparisons trace, and NaN fails them."""

@@ -36,14 +36,13 @@ the compute dtype in the math, as ``llmkern.lora_linear`` does; their gradients 
 factors' own dtype.
 """
 import math
-import numbers
 import sys
 
 import torch
 import torch.nn as nn
 
 from llmkern._backend import warn_once
-from llmkern.ops._checks import autocast_cast, autocast_dtype
+from llmkern.ops._checks import autocast_cast, autocast_dtype, positive_int
 from llmkern.parallel import comm
 from llmkern.peft.lora import lora_scaling
 
@@ -547,12 +546,8 @@ def _check_lora_state(module):
 
 
 def _int_arg(what, name, v, optional=False):
-    """v as an int >= 1 (Python or numpy integers, not bools; None when optional), else ValueError naming it."""
-    if v is None and optional:
-        return None
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"{what}: {name} must be an int >= 1, got {v!r}")
-    return int(v)
+    """v as an int >= 1 (None when optional), else ValueError naming it."""
+    return None if v is None and optional else positive_int(f"{what}: {name}", v)
 
 
 def _flag_arg(what, name, v):
