@@ -593,6 +593,10 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         mk = int(max_seqlen_k) if max_seqlen_k else -1
         out, lse = _attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, seed_t, mq, mk, scale, causal,
                                   wl, wr, sc, p, sinks=sinks, alibi_slopes=alibi_slopes)
+    elif torch.compiler.is_compiling() and not p:  # (the per-sequence loop reads cu_seqlens on the host)
+        out, lse = ref.attention_varlen_dense(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
+                                              window=_ref_window(wl, wr), softcap=sc or None, return_lse=True,
+                                              sinks=sinks, alibi_slopes=alibi_slopes)
     else:
         out, lse = ref.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
                                         window=_ref_window(wl, wr), softcap=sc or None, return_lse=True,

@@ -228,6 +228,37 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     return out, torch.cat(lses, dim=1)
 
 
+def attention_varlen_dense(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None, window=None,
+                           softcap=None, return_lse=False, sinks=None, alibi_slopes=None):
+    """attention_varlen as one attention over all packed tokens with a block-diagonal mask: no host
+    read of cu_seqlens (torch.compile traces it whole) at the price of a [total_q, total_k] score
+    matrix. No dropout (its mask is keyed on each sequence's own row index: see attention_varlen)."""
+    cu_q, cu_k = cu_seqlens_q.to(torch.long), cu_seqlens_k.to(torch.long)
+    tq, tk = q.shape[0], k.shape[0]
+    # each token's sequence and its position in it; sequences' lengths broadcast to their tokens
+    seq_q = torch.searchsorted(cu_q[1:], torch.arange(tq, device=q.device), right=True)  # [tq]
+    seq_k = torch.searchsorted(cu_k[1:], torch.arange(tk, device=q.device), right=True)  # [tk]
+    len_q, len_k = (cu_q[1:] - cu_q[:-1])[seq_q], (cu_k[1:] - cu_k[:-1])[seq_q]
+    pos = torch.arange(tq, device=q.device) - cu_q[seq_q] + len_k - len_q  # bottom-right, among its keys
+    j = torch.arange(tk, device=q.device) - cu_k[seq_k]                    # [tk]
+    vis = seq_q[:, None] == seq_k[None, :]
+    left, right = _normalize_window(window, causal)
+    if right is not None:
+        vis = vis & (j[None, :] <= pos[:, None] + right)
+    if left is not None:
+        vis = vis & (j[None, :] >= pos[:, None] - left)
+    bias = None
+    if alibi_slopes is not None:  # -slope * |pos - j| with each sequence's (or the shared) slopes
+        slopes = alibi_slopes.detach().to(_compute_dtype(q.dtype))
+        slopes = slopes[seq_q] if slopes.dim() == 2 else slopes[None, :].expand(tq, -1)  # [tq, H]
+        dist = (pos[:, None] - j[None, :]).abs().to(slopes.dtype)                      # [tq, tk]
+        bias = (-slopes.t()[:, :, None] * dist[None])[None]                            # [1, H, tq, tk]
+    out, lse = attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale,
+                         softcap=softcap, return_lse=True, mask=vis[None, None], sinks=sinks, bias=bias)
+    out = out[0].transpose(0, 1)
+    return (out, lse[0]) if return_lse else out
+
+
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, causal=True, scale=None,
                            window=None, softcap=None, return_lse=False, sinks=None, key_padding_mask=None,
                            alibi_slopes=None):
