@@ -896,3 +896,14 @@ def test_from_hf_dtype_names(tmp_path, dtype, want):
         for bad in ("int8", "float8_e4m3fn", "fp32x", 16, torch.int64, "__class__"):
             with pytest.raises(ValueError, match="dtype"):
                 from_hf(str(tmp_path / "f32"), dtype=bad)
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_zoo_models_pickle(name, tmp_path):
+    """GPT kept its default activation as a lambda: torch.save(model) / pickle failed."""
+    model = build(name).eval()
+    torch.save(model, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), model(ids))

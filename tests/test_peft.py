@@ -451,6 +451,60 @@ def test_load_into_merged_lora_model_raises(tmp_path):
         torch.testing.assert_close(model(_ids()).logits, src(_ids()).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_state_dict_keeps_the_merged_state(use_dora):
+    """merged was a plain attribute: a merged model's state_dict loaded into a fresh LoRA model added s·B·A twice,
+    and a training (unmerged) checkpoint loaded into a merged model was ignored by the merged forward."""
+    def lora_model():
+        m = tiny_llama()
+        lp.inject_lora(m, ["q_proj", "v_proj"], r=4, alpha=8, use_dora=use_dora)
+        _randomize_lora(m, 3)
+        return m.eval()
+
+    a = lora_model()
+    with torch.no_grad():
+        ref = a(_ids()).logits
+    train_sd = copy.deepcopy(a.state_dict())
+    assert not any(k.endswith("lora_merged") for k in train_sd)  # unmerged state_dicts are unchanged
+    lp.merge_lora(a)
+    merged_sd = copy.deepcopy(a.state_dict())
+    b = lora_model()
+    b.load_state_dict(merged_sd)  # merged checkpoint -> unmerged model: it becomes merged
+    assert all(m.merged for _, m in lp.lora_modules(b))
+    a.load_state_dict(train_sd)  # unmerged checkpoint -> merged model: it becomes unmerged
+    assert not any(m.merged for _, m in lp.lora_modules(a))
+    with torch.no_grad():
+        torch.testing.assert_close(b(_ids()).logits, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a(_ids()).logits, ref, rtol=1e-5, atol=1e-5)
+    lp.unmerge_lora(b)  # (DoRA: the merged row norms came with the checkpoint)
+    with torch.no_grad():
+        torch.testing.assert_close(b(_ids()).logits, ref, rtol=1e-5, atol=1e-5)
+    lp.merge_lora(b)
+    lora_only = {k: v for k, v in train_sd.items() if "lora_" in k}
+    with pytest.raises(RuntimeError, match="merged"):  # new LoRA weights under a merged base weight
+        b.load_state_dict(lora_only, strict=False)
+
+
+def test_load_peft_adapter_refuses_several_named_adapters_in_one_file(tmp_path):
+    """Keys lora_A.<name>.weight of two adapters in one file loaded silently, one over the other, with the
+    config's single alpha: neither adapter."""
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_llama()
+    lp.inject_lora(src, ["q_proj"], r=4, alpha=8)
+    lp.save_peft_adapter(src, str(tmp_path))
+    path = tmp_path / "adapter_model.safetensors"
+    weights = load_file(str(path))
+    both = {}
+    for name in ("default", "other"):
+        both.update({k.replace(".weight", f".{name}.weight"): v.clone() for k, v in weights.items()})
+    save_file(both, str(path))
+    with pytest.raises(ValueError, match="several named adapters"):
+        lp.load_peft_adapter(tiny_llama(), str(tmp_path))
+    save_file({k: v for k, v in both.items() if ".other." in k}, str(path))  # one named adapter loads
+    lp.load_peft_adapter(tiny_llama(), str(tmp_path))
+
+
 def test_inject_lora_does_not_wrap_a_lora_base_layer():
     model = tiny_llama()
     lp.inject_lora(model, r".*q_proj", r=2, alpha=2)

@@ -20,7 +20,12 @@ import llmkern  # (llmkern.layer_norm loads on first use)
 from llmkern.models._attn import HFModule, ZooModel, attend, check_backend
 from llmkern.models.configs import ModelConfig, get_config
 
-_ACT = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu}
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+# (module-level functions, not lambdas: the model keeps one as an attribute and must pickle / torch.save)
+_ACT = {"gelu_tanh": _gelu_tanh, "gelu": F.gelu, "relu": F.relu}
 
 
 class CausalSelfAttention(nn.Module):

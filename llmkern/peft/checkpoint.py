@@ -359,6 +359,15 @@ def _parallel_lora(model, use_rslora):
     return out, write, group
 
 
+def _once(path, key, module, seen, what):
+    """A second weight for the same module and role: the file holds several named adapters (PEFT's
+    ``lora_A.<name>.weight`` keys of a multi-adapter state_dict); loading one over the other with the config's
+    single alpha would give neither adapter."""
+    if what in seen:
+        raise ValueError(f"{path}: module {module} has a second weight of the same kind, {key!r} (several named "
+                         f"adapters in one file?); save each adapter on its own (PEFT's save_pretrained does)")
+
+
 def _read_weights(path):
     """(tensors, safetensors metadata)."""
     st = os.path.join(path, WEIGHTS_NAME)
@@ -469,10 +478,13 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     for key, t in weights.items():
         m = _KEY.match(key)
         if m is not None:
-            pairs.setdefault(m.group("module"), {})[m.group("ab")] = t
+            pair = pairs.setdefault(m.group("module"), {})
+            _once(path, key, m.group("module"), pair, m.group("ab"))
+            pair[m.group("ab")] = t
         elif _MAG_KEY.match(key):
             if not use_dora:
                 raise ValueError(f"{path}: key {key!r} is a DoRA magnitude, but the config says use_dora=False")
+            _once(path, key, _MAG_KEY.match(key).group("module"), magnitudes, _MAG_KEY.match(key).group("module"))
             magnitudes[_MAG_KEY.match(key).group("module")] = t
         elif _BASE_KEY.match(key):
             base_weights[_BASE_KEY.match(key).group("module")] = t

@@ -71,6 +71,7 @@ class LoRALinear(nn.Module):
         self.register_buffer("_dora_merged_norm", None, persistent=False)
         self.merged = False
         self.disabled = False
+        self._register_state_dict_hook(_save_merged_state)
         if freeze_base:
             for p in base_layer.parameters():
                 p.requires_grad_(False)
@@ -214,6 +215,27 @@ class LoRALinear(nn.Module):
         self._dora_merged_norm = None
         self.merged = False
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A merged layer's state_dict says so (see _save_merged_state). A checkpoint carrying its base weight
+        brings its merged state along; LoRA weights alone into a layer whose merged state differs would apply
+        the update twice or not at all, so they are refused."""
+        merged = state_dict.pop(prefix + _MERGED_KEY, None) is not None
+        norm = state_dict.pop(prefix + _MERGED_NORM_KEY, None)
+        if merged != self.merged:
+            name = prefix[:-1] or "the root module"
+            if prefix + "base_layer.weight" not in state_dict:
+                error_msgs.append(f"LoRA layer {name} is {'' if self.merged else 'not '}merged but the checkpoint "
+                                  f"was saved {'' if merged else 'un'}merged and has no base weight for it: "
+                                  f"{'unmerge' if self.merged else 'merge'}() the layer first")
+            elif merged and self.use_dora and norm is None:
+                error_msgs.append(f"LoRA layer {name}: a merged DoRA checkpoint without its merged row norms")
+            else:
+                self.merged = merged
+                self._dora_merged_norm = norm.to(self.weight.device) if merged and self.use_dora else None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def num_trainable_parameters(self) -> int:
         n = self.lora_A.numel() + self.lora_B.numel()
         return n + (self.lora_magnitude_vector.numel() if self.lora_magnitude_vector is not None else 0)
@@ -243,6 +265,20 @@ class LoRALinear(nn.Module):
                 f"alpha={self.alpha}, dropout={self.dropout}, rslora={self.use_rslora}, "
                 + ("dora=True, " if self.use_dora else "") + ("nf4=True, " if self.quantized else "")
                 + f"merged={self.merged}")
+
+
+_MERGED_KEY, _MERGED_NORM_KEY = "lora_merged", "lora_dora_merged_norm"
+
+
+def _save_merged_state(module, state_dict, prefix, local_metadata):
+    """A merged LoRALinear's state_dict marks it (its base weight holds W + s B A, and for DoRA the row norms
+    unmerge() needs): loading it into an unmerged layer, or an unmerged checkpoint into a merged layer, then
+    keeps the right state instead of adding the update twice or dropping it. Unmerged state_dicts are unchanged."""
+    if module.merged:
+        state_dict[prefix + _MERGED_KEY] = torch.ones((), dtype=torch.bool, device=module.lora_A.device)
+        if module._dora_merged_norm is not None:
+            state_dict[prefix + _MERGED_NORM_KEY] = module._dora_merged_norm.detach().clone()
+    return state_dict
 
 
 def _matches(name: str, targets: Union[str, Sequence[str]]) -> bool:
