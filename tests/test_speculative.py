@@ -207,6 +207,8 @@ def test_bad_arguments():
         speculative_accept(d, q, p, seed=1.5)
     with pytest.raises(ValueError, match="position"):
         speculative_accept(d, q, p, position=-1)
+    with pytest.raises(ValueError, match="position values"):  # (a tensor's were not checked)
+        speculative_accept(d, q, p, position=torch.tensor([3, -1]))
     assert llmkern.speculative_accept is speculative_accept
 
 

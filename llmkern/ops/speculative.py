@@ -120,6 +120,8 @@ def _positions(position, B, device):
                              f"{position.dtype} {tuple(position.shape)}")
         if position.device != torch.device(device) and position.device.type != "cpu":
             raise ValueError(f"position is on {position.device} but the tokens are on {device}")
+        if position.device.type == "cpu" and _checks.checking_values() and bool((position < 0).any()):
+            raise ValueError(f"position values must be >= 0 (as llmkern.sample's), got {position.tolist()}")
         return position.to(device=device, dtype=torch.int64)
     if isinstance(position, bool) or not isinstance(position, numbers.Integral) or not 0 <= position <= _INT64_MAX:
         raise ValueError(f"position must be an int >= 0 or a [{B}] integer tensor, got {position!r}")
