@@ -731,5 +731,11 @@ def test_greedy_sampling_leaves_the_global_rng_alone():
     tok = llmkern.sample(logits, temperature=0.0)
     assert torch.equal(torch.get_rng_state(), before)
     assert torch.equal(tok, logits.argmax(-1))
+    tok = llmkern.sample(logits, temperature=torch.zeros(4))  # per-row zeros: greedy too
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(tok, logits.argmax(-1))
+    llmkern.sample(logits, temperature=torch.tensor([0.0, 0.0, 1.0, 0.0]))  # one sampled row: seeds drawn
+    assert not torch.equal(torch.get_rng_state(), before)
+    torch.set_rng_state(before)
     llmkern.sample(logits, temperature=1.0)  # (sampling without a seed still draws)
     assert not torch.equal(torch.get_rng_state(), before)

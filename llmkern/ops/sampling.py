@@ -368,7 +368,7 @@ def sample(
     _check_logits(logits)
     B, V = logits.shape
     dev = logits.device
-    if seed is None and type(temperature) in (int, float) and temperature == 0:
+    if seed is None and _all_greedy(temperature):
         seed = 0  # every row greedy: no draw, so no fresh seeds from torch's generator (its state stays as it was)
     temperature, top_k, top_p, min_p, rep, pres, freq = _sample_params(
         B, dev, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty)
@@ -494,6 +494,15 @@ def top_logprobs(logits: torch.Tensor, n: int, *, tokens: Optional[torch.Tensor]
     if tokens is not None:
         tokens = _check_tokens(tokens, B, V, dev)
     return top_logprobs_rows(logits, n, temperature, tokens)
+
+
+def _all_greedy(temperature):
+    """Whether temperature is 0 for every row: a Python 0, or a CPU tensor of zeros (read where values may be
+    read; a CUDA tensor would cost a device sync, so its rows still get seeds from torch's generator)."""
+    if type(temperature) in (int, float):
+        return temperature == 0
+    return (isinstance(temperature, torch.Tensor) and temperature.device.type == "cpu" and temperature.numel() > 0
+            and not temperature.requires_grad and _checking_values() and bool((temperature == 0).all()))
 
 
 def top_logprobs_rows(logits, n, temperature, tokens=None):
