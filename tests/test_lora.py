@@ -667,3 +667,25 @@ def test_multi_adapter_reference_compiles_fullgraph(monkeypatch):
                       backend="eager")
     torch.testing.assert_close(f(x), llmkern.lora_linear_multi(x, W, b, A, B, [0.5, 1.0, 2.0], ids))
     torch._dynamo.reset()
+
+
+def test_multi_adapter_float64_and_unused_adapters_on_the_reference():
+    """float64 inputs got their scales rounded to float32 (1e-8 relative off float64 math); a batch of base-only
+    tokens (every id -1) left lora_A / lora_B out of the graph on the reference (gradient None: autograd.grad
+    raised "not used in the graph"; the kernels give zeros)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, dtype=torch.float64, generator=g)
+    w = torch.randn(6, 8, dtype=torch.float64, generator=g)
+    A = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(2, 6, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    scalings = [1 / 3, 0.7]
+    ids = torch.tensor([0, 1, -1, 1, 0])
+    y = llmkern.lora_linear_multi(x, w, None, A, B, scalings, ids)
+    expect = x @ w.T
+    for t, a in enumerate(ids.tolist()):
+        if a >= 0:
+            expect[t] += scalings[a] * (B[a] @ (A[a] @ x[t]))
+    torch.testing.assert_close(y, expect, rtol=1e-14, atol=1e-14)
+    y = llmkern.lora_linear_multi(x, w, None, A, B, scalings, torch.full((5,), -1))
+    gA, gB = torch.autograd.grad(y.sum(), (A, B))
+    assert torch.equal(gA, torch.zeros_like(A)) and torch.equal(gB, torch.zeros_like(B))

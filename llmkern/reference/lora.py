@@ -126,8 +126,8 @@ def add_lora_multi(y, x, lora_A, lora_B, scalings, adapter_ids):
             y = y + torch.where(sel, upd.to(y.dtype), 0)
             continue
         idx = (ids == a).nonzero().squeeze(1)
-        if idx.numel() == 0:
-            continue
+        # (an adapter without rows still enters the graph, through an empty product: its gradient is zeros, not
+        # None, as on the kernel path; autograd.grad would otherwise raise "not used in the graph")
         upd = s * F.linear(F.linear(x2.index_select(0, idx), lora_A[a]), lora_B[a])
         y = y.index_add(0, idx, upd.to(y.dtype))
     return y
