@@ -907,3 +907,18 @@ def test_zoo_models_pickle(name, tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (1, 6))
     with torch.no_grad():
         torch.testing.assert_close(back(ids), model(ids))
+
+
+def test_head_dims_past_the_kernels_limit_fall_back_to_sdpa():
+    """A config with head_dim > 256 (valid: the torch backend runs it) crashed on the llmkern backend in
+    llmkern.attention's head-dim check; it now runs SDPA there, with a warning, and equals the torch backend."""
+    cfg = get_config("llama-tiny").replace(head_dim=264)
+    torch.manual_seed(0)
+    ours = build(cfg, backend="llmkern").eval()
+    plain = build(cfg, backend="torch").eval()
+    plain.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids), plain(ids))

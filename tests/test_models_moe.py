@@ -385,3 +385,14 @@ def test_moe_capacity_refuses_ids_past_n_experts():
     ids = torch.tensor([[0, 3], [1, 2]])
     with pytest.raises(ValueError, match="topk_ids must be in"):
         llmkern.moe_capacity(ids, torch.ones(2, 2), n_experts=2, capacity_factor=1.0)
+
+
+def test_moe_capacity_huge_finite_factor_keeps_every_pair():
+    """tokens * k / E * factor overflowed to inf for a factor near float's maximum (ceil(inf) raised
+    OverflowError) before the min with tokens * k was taken."""
+    import llmkern
+
+    ids, w = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 1]]), torch.rand(4, 2)
+    for factor in (1e300, 1e308, 1.7976931348623157e308):
+        kept = llmkern.moe_capacity(ids, w, n_experts=3, capacity_factor=factor)
+        assert torch.equal(kept, ids)

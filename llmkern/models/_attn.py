@@ -104,6 +104,9 @@ def _eager(q, k, v, mask, scale, softcap, dropout_p):
     return torch.matmul(F.dropout(p, dropout_p) if dropout_p > 0 else p, v)
 
 
+MAX_HEAD_DIM = 256  # llmkern.attention's largest head dim (q/k and v); wider heads fall back to SDPA
+
+
 def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=None, key_padding_mask=None,
            sliding_window=None, scale=None, softcap=None, context_parallel=None):
     """Causal self-attention of q over k/v; with a KV cache, k/v are appended first.
@@ -129,7 +132,11 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
     opts = {} if sliding_window is None else {"window": (sliding_window - 1, 0)}
     opts.update({name: x for name, x in (("scale", scale), ("softcap", softcap)) if x is not None})
     attn_fn = kv_fn = None
-    if backend == "llmkern":
+    if backend == "llmkern" and max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        warn_once(("attend-head-dim", q.shape[-1], v.shape[-1]),
+                  f"llmkern: head dims {q.shape[-1]} / {v.shape[-1]} exceed llmkern.attention's 1..{MAX_HEAD_DIM}; "
+                  f"this model's attention runs SDPA (plain torch)")
+    elif backend == "llmkern":
         attn_fn, kv_fn = llmkern_ops()
         if dropout_p > 0:  # training: the dense kernel drops; the decode kernel has no dropout
             kv_fn = None

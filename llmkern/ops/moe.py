@@ -301,7 +301,9 @@ def moe_capacity(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: 
                              f"values in [{int(lo)}, {int(hi)}]")
     tokens, k = topk_ids.numel() // max(topk_ids.shape[-1], 1), topk_ids.shape[-1]
     # Megatron-LM's get_capacity: ceil(tokens * k / E * factor); never more than every pair (a huge factor)
-    capacity = min(math.ceil(tokens * k / n_experts * capacity_factor), tokens * k)
+    # (compared before ceil: a huge finite factor overflows the product to inf)
+    fair = tokens * k / n_experts * capacity_factor
+    capacity = tokens * k if fair >= tokens * k else math.ceil(fair)
     return ref.moe_capacity(topk_ids.to(torch.int64), topk_weights, int(n_experts), capacity, policy)
 
 
