@@ -718,10 +718,10 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
             kw["temperature"] = 0.0
             if scorers:  # argmax of log p + Σ α f over the processed (biased, penalised, masked) distribution
                 lp = _processed_logprobs(logits, prev, T0, kw)
-                score = lp + _score_terms(scorers, seqs, lp)
+                score = _as_scores(lp + _score_terms(scorers, seqs, lp))
                 tok = score.argmax(-1)
                 lp_tok = lp.gather(1, tok[:, None])[:, 0]
-                valid = torch.isfinite(score).any(-1)
+                valid = (score > float("-inf")).any(-1)
             else:
                 tok, lp_tok, valid = sample(logits, **kw, return_valid=True)
         else:
@@ -1058,6 +1058,17 @@ def _log_softmax(y):
     return torch.log_softmax(y, -1)
 
 
+def _as_scores(y):
+    """Scores (log-probabilities plus bias / scorer terms) with llmkern.sample's conventions: NaN counts as
+    -inf, and a row with +inf entries keeps only those, equally likely (log 1/count). topk / argmax rank NaN
+    first, and an infinite running score broke beam search's comparisons (it stopped after one token)."""
+    y = torch.nan_to_num(y, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    pinf = torch.isposinf(y)
+    count = pinf.sum(-1, keepdim=True).clamp_min(1).to(y.dtype)
+    forced = torch.where(pinf, -torch.log(count), torch.full_like(y, float("-inf")))
+    return torch.where(pinf.any(-1, keepdim=True), forced, y)
+
+
 def _penalised(logits, prev, output_start, kw):
     """float32 [B, V]: logits + logit_bias, then the penalties (llmkern.sample's order: HF's and vLLM's);
     the repetition penalty counts all of prev, presence / frequency prev[:, output_start:]."""
@@ -1173,6 +1184,7 @@ def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_p
             log_probs = log_probs.masked_fill(~allow, float("-inf"))
         if scorers:
             log_probs = log_probs + _score_terms(scorers, flat, log_probs)
+        log_probs = _as_scores(log_probs)
         acc = (log_probs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
         # no beam of the prompt can go on: an error if one of them is a real hypothesis; if they are all
         # placeholders (eos-ended, or scored -inf) every real one has finished and the prompt is done

@@ -793,3 +793,32 @@ def test_token_ids_outside_the_vocabulary_raise(pairs, kw, match):
         generate(m, x, 3, **kw)
     with pytest.raises(ValueError, match="input_ids"):
         generate(m, torch.full((1, 3), V), 2)
+
+
+def test_nan_and_inf_bias_or_scores_in_beam_search_and_greedy_scorers():
+    """A NaN in logit_bias or a scorer's terms counts as -inf, as in plain greedy / sampling: torch.topk and
+    argmax ranked NaN first, so beam search chose it and stopped after one token with NaN scores, and greedy with
+    scorers emitted it every step. A +inf bias forces its token in beam search (it raised "no finite value")."""
+    torch.manual_seed(0)
+    model = build("llama-tiny").eval()
+    ids = torch.randint(0, 256, (2, 4))
+    bias = torch.zeros(256)
+    bias[77] = float("nan")
+    import llmkern
+
+    plain = llmkern.generate(model, ids, 5, strategy="beam", num_beams=2, return_dict=True)
+    out = llmkern.generate(model, ids, 5, strategy="beam", num_beams=2, logit_bias=bias, return_dict=True)
+    if (plain.sequences == 77).any():  # (then the NaN changes the search: only check it did not stop)
+        assert out.sequences.shape == plain.sequences.shape
+    else:
+        assert torch.equal(out.sequences, plain.sequences)
+        torch.testing.assert_close(out.scores, plain.scores)
+
+    def nan_feature(seqs, lp):
+        return torch.where(torch.arange(lp.shape[-1]) == 77, float("nan"), 0.0).expand_as(lp)
+
+    assert torch.equal(llmkern.generate(model, ids, 5, scorers=[nan_feature]), llmkern.generate(model, ids, 5))
+    bias = torch.zeros(256)
+    bias[77] = float("inf")
+    out = llmkern.generate(model, ids, 3, strategy="beam", num_beams=2, logit_bias=bias, return_dict=True)
+    assert (out.sequences[:, 4:] == 77).all() and torch.isfinite(out.scores).all()

@@ -4,7 +4,10 @@
 
 The prefix keys are always visible: with bottom-right causal alignment (llmkern.attention, and
 ``prefix_attention`` below), concatenating P_K/P_V in front of K/V gives query i the prefix plus
-keys 0..i. Optionally the prefix is reparameterised for stability, [P_K, P_V] = MLP_θ(P^E), with
+keys 0..i. Under a sliding window (Mistral, Gemma 2...) the zoo counts the prefix keys as the first key
+positions, as transformers with PEFT's prefix tuning does: queries more than the window past them no longer
+see them, and a left-padded row's pads sit between the prefix and its tokens (its prefix leaves the window
+sooner than the same prompt's alone). Optionally the prefix is reparameterised for stability, [P_K, P_V] = MLP_θ(P^E), with
 P^E [|P|, d] and an MLP d -> H -> 2·L·d without biases, which is exactly the deck's count
 |P|·d + d·H + H·d·2·L; the vanilla prefix has |P|·d·2·L parameters. ``to_vanilla()`` folds the
 MLP away for inference.
