@@ -310,6 +310,15 @@ def test_from_bnb_refuses_fp4(linear):
         NF4Weight.from_bnb(fp4)
 
 
+def test_from_bnb_refuses_a_cpu_repacked_weight():
+    """bitsandbytes repacks a CPU Linear4bit's bytes for its own kernel at the first eval forward (its flag
+    packing_format_for_cpu): from_bnb misread them as a dtype error of absmax."""
+    w = _bnb_param(_weight(16, 64), 64, False)
+    w.quant_state.packing_format_for_cpu = True
+    with pytest.raises(ValueError, match="repacked"):
+        NF4Weight.from_bnb(w)
+
+
 def test_from_bnb_refuses_a_plain_tensor():
     with pytest.raises(ValueError, match="weight must be a bitsandbytes Params4bit"):
         NF4Weight.from_bnb(_weight(16, 64))
@@ -353,6 +362,26 @@ def test_zero_blocks_dequantize_to_zeros():
     assert torch.equal(got[4, :32], torch.zeros(32))
     zeros = llmkern.nf4_quantize(torch.zeros(3, 5, dtype=torch.float16), 32)
     assert torch.equal(zeros.dequantize(), torch.zeros(3, 5, dtype=torch.float16))
+
+
+def test_extreme_block_scales_quantize_finitely():
+    """Blocks with absmax below ~2.9e-39 (1 / absmax overflows float32) got sign-only codes (every element ±absmax,
+    zeros +absmax); scales near float32's top overflowed the double-quantization offset (their float32 mean) to
+    inf: the dequantized weight was NaN / inf."""
+    tiny = torch.tensor([[3e-40, 1e-40, -5e-41, 0.0, 2e-41, -3e-40, 0.0, 1.5e-40]])
+    got = llmkern.nf4_quantize(tiny, 8).dequantize().double()[0]
+    tiny = tiny[0]
+    levels = RN.nf4_levels(torch.device("cpu")).double()
+    amax = tiny.double().abs().max()
+    expect = levels[(tiny.double()[:, None] / amax - levels[None]).abs().argmin(1)] * amax
+    torch.testing.assert_close(got, expect, rtol=1e-3, atol=0)  # (subnormal products: fewer digits)
+    big = torch.randn(64, 64)
+    big = big / big.abs().amax(1, keepdim=True) * 3e38
+    qw = llmkern.nf4_quantize(big, 64, double_quant=True)
+    back = qw.dequantize()
+    assert torch.isfinite(back).all()
+    plain = llmkern.nf4_quantize(big, 64).dequantize()
+    torch.testing.assert_close(back, plain, rtol=0.02, atol=0)  # (the 8-bit scales' error only)
 
 
 def test_dequantize_dtypes():

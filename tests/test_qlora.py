@@ -98,7 +98,7 @@ def test_nf4_linear_state_dict_round_trip_and_casts():
     lin = nn.Linear(40, 24)
     layer = lp.NF4Linear.from_linear(lin, blocksize=32)
     sd = layer.state_dict()
-    assert set(sd) == {"packed", "absmax", "bias"}
+    assert set(sd) == {"packed", "absmax", "bias", "weight_shape"}
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)
@@ -336,7 +336,7 @@ def test_nf4_linear_double_quant_keeps_8bit_scales():
     plain, dq = lp.NF4Linear.from_linear(lin), lp.NF4Linear.from_linear(lin, double_quant=True)
     qw = llmkern.nf4_quantize(lin.weight, double_quant=True)
     assert dq.double_quant and not plain.double_quant and plain.state2 is None
-    assert set(dq.state_dict()) == {"packed", "absmax", "state2", "bias"} and "double_quant=True" in repr(dq)
+    assert set(dq.state_dict()) == {"packed", "absmax", "state2", "bias", "weight_shape"} and "double_quant=True" in repr(dq)
     assert dq.absmax.dtype == torch.uint8 and dq.state2.dtype == torch.float32
     assert torch.equal(dq.packed, plain.packed) and torch.equal(dq.absmax, qw.absmax)
     assert torch.equal(dq.state2, qw.state2)
@@ -786,3 +786,18 @@ def test_nf4_weight_made_under_inference_mode_trains_later():
     x = torch.randn(3, 64, requires_grad=True)
     llmkern.nf4_linear(x, q).sum().backward()
     torch.testing.assert_close(x.grad, q.dequantize(torch.float32).sum(0).expand(3, 64), rtol=1e-5, atol=1e-5)
+
+
+def test_nf4_linear_state_dict_refuses_another_shape():
+    """The flat buffers of a [64, 32] layer fit a [32, 64] one: the load succeeded with the values reshaped."""
+    from llmkern.peft import NF4Linear
+
+    src = NF4Linear.from_linear(torch.nn.Linear(64, 32, bias=False))
+    dst = NF4Linear(32, 64, bias=False)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        dst.load_state_dict(src.state_dict())
+    same = NF4Linear(64, 32, bias=False)
+    same.load_state_dict(src.state_dict())
+    assert torch.equal(same.nf4_weight().dequantize(), src.nf4_weight().dequantize())
+    old = {k: v for k, v in src.state_dict().items() if k != "weight_shape"}  # a checkpoint without the shape
+    NF4Linear(64, 32, bias=False).load_state_dict(old)

@@ -123,6 +123,10 @@ class NF4Weight:
                              "its device), got " + type(weight).__name__)
         if getattr(state, "quant_type", "nf4") != "nf4":
             raise ValueError(f"only NF4 weights are supported, got quant_type={state.quant_type!r}")
+        if getattr(state, "packing_format_for_cpu", False):
+            raise ValueError("weight was repacked by bitsandbytes for its CPU inference kernel (packing_format_for_cpu;"
+                             " a Linear4bit run in eval mode on CPU): its bytes are not the NF4 layout; take the "
+                             "layer before its first CPU forward in eval mode")
         nested = None
         if getattr(state, "nested", False):
             inner = state.state2

@@ -80,6 +80,7 @@ class NF4Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._nf4 = None  # (packed, absmax, state2, compute_dtype, NF4Weight): see nf4_weight
+        self._register_state_dict_hook(_save_weight_shape)
 
     @property
     def n_blocks(self) -> int:
@@ -211,6 +212,13 @@ class NF4Linear(nn.Module):
         # would cast float scales to uint8 codes silently).
         absmax = state_dict.get(prefix + "absmax")
         n_errors = len(error_msgs)
+        # the flat buffers of any layer with out·in elements fit: the saved shape tells a [in, out] layer's apart
+        # (older checkpoints have none)
+        shape = state_dict.pop(prefix + _SHAPE_KEY, None)
+        if shape is not None and tuple(shape.tolist()) != (self.out_features, self.in_features):
+            error_msgs.append(f"size mismatch for {prefix}weight (NF4Linear): the checkpoint's is "
+                              f"{tuple(shape.tolist())}, this layer's is ({self.out_features}, {self.in_features})")
+            return
         if absmax is not None:
             nested = prefix + "state2" in state_dict
             if absmax.is_floating_point() == nested:
@@ -229,6 +237,16 @@ class NF4Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"blocksize={self.blocksize}, compute_dtype={self.compute_dtype}"
                 + (", double_quant=True" if self.double_quant else ""))
+
+
+_SHAPE_KEY = "weight_shape"
+
+
+def _save_weight_shape(module, state_dict, prefix, local_metadata):
+    """NF4Linear's state_dict carries the weight's (out, in) next to its flat buffers (as nn.Linear's weight
+    carries its shape): loading it into a layer of another shape with the same out·in is then an error."""
+    state_dict[prefix + _SHAPE_KEY] = torch.tensor([module.out_features, module.in_features], dtype=torch.int64)
+    return state_dict
 
 
 def _check_double_quant(double_quant):

@@ -51,9 +51,7 @@ def nf4_quantize(weight, blocksize=64):
     nblocks = -(-n // blocksize)
     padded = torch.nn.functional.pad(flat, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
     absmax = padded.abs().amax(dim=1)
-    # times the reciprocal, as bitsandbytes scales (a division differs by an ulp now and then, which moves an
-    # element lying on a midpoint between two levels to the other one)
-    scaled = padded * (1.0 / torch.where(absmax > 0, absmax, torch.ones_like(absmax)))[:, None]
+    scaled = _scaled(padded, absmax)
     levels = nf4_levels(weight.device)
     midpoints = (levels[1:] + levels[:-1]) / 2
     codes = torch.bucketize(scaled.reshape(-1)[:n], midpoints).to(torch.uint8)
@@ -61,6 +59,16 @@ def nf4_quantize(weight, blocksize=64):
         codes = torch.cat([codes, codes.new_full((1,), 7)])  # the level 0.0, as bitsandbytes pads
     packed = (codes[0::2] << 4) | codes[1::2]
     return packed, absmax
+
+
+def _scaled(blocks, absmax):
+    """blocks [n, bs] / absmax [n] (0 for an all-zero block: left as it is). Times the reciprocal, as bitsandbytes
+    scales (a division differs by an ulp now and then, which moves an element lying on a midpoint between two
+    levels to the other one), except where the reciprocal overflows (absmax below ~2.9e-39: every element would
+    be ±inf and the zeros NaN), which divide."""
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    inv = 1.0 / safe
+    return torch.where(torch.isinf(inv)[:, None], blocks / safe[:, None], blocks * inv[:, None])
 
 
 def nf4_unpack(packed, numel):
@@ -105,13 +113,15 @@ def dynamic_map():
 def quantize_absmax(absmax, blocksize2=BLOCKSIZE2):
     """(codes uint8 [n], code_map fp32 [256], absmax2 fp32 [ceil(n / blocksize2)], offset fp32 [])) of
     fp32 block scales: double quantization, the nearest map entry of (absmax - mean) / absmax2."""
+    # bitsandbytes' float32 mean; its sum overflows for scales near float32's top (then float64's, rounded)
     offset = absmax.mean()
+    offset = torch.where(torch.isfinite(offset), offset, absmax.double().mean().float())
     centred = absmax - offset
     n = centred.numel()
     groups = -(-n // blocksize2)
     padded = torch.nn.functional.pad(centred, (0, groups * blocksize2 - n)).view(groups, blocksize2)
     absmax2 = padded.abs().amax(dim=1)
-    scaled = padded * (1.0 / torch.where(absmax2 > 0, absmax2, torch.ones_like(absmax2)))[:, None]
+    scaled = _scaled(padded, absmax2)
     code_map = dynamic_map().to(absmax.device)
     codes = torch.bucketize(scaled.reshape(-1)[:n], (code_map[1:] + code_map[:-1]) / 2).to(torch.uint8)
     return codes, code_map, absmax2, offset
