@@ -321,7 +321,19 @@ def error_worker(rank, p):
     model = context_parallelize(Llama(get_config("llama-tiny")))
     ids = torch.randint(0, 256, (2, 8))
     gpt = context_parallelize(GPT(get_config("gpt-tiny").replace(dropout=0.1)))
+    from llmkern.parallel import pipeline_parallelize, tensor_parallelize
+
+    tp_model = tensor_parallelize(Llama(get_config("llama-tiny")))  # over the same ranks (both defaults: WORLD)
+    cp_model = context_parallelize(Llama(get_config("llama-tiny")))
+    piped = Llama(get_config("llama-tiny"))
+    pipeline_parallelize(piped, n_microbatches=2)
     return dict(
+        labels_one_rank=_error(lambda: model(ids[:, :4], ids[:, :4] if rank == 0 else None)),
+        labels_batch=_error(lambda: model(ids[:, :4], ids[:, :4] if rank == 0 else ids[:1, :4])),
+        tp_same_ranks=_error(lambda: context_parallelize(tp_model)),
+        cp_then_tp_same_ranks=_error(lambda: tensor_parallelize(cp_model)),
+        after_pipeline=_error(lambda: context_parallelize(piped)),
+        tp_after_pipeline=_error(lambda: tensor_parallelize(piped)),
         odd_local=_error(lambda: context_parallel_attention(kodd, kodd, kodd)),
         odd_gather=_error(lambda: gather_sequence(torch.randn(2, 5))),
         odd_shard=_error(lambda: shard_sequence(torch.randn(2, 10))),  # 10 % (2p = 4)
@@ -460,6 +472,14 @@ def test_context_parallel_errors(pool2):
         assert r["twice"].startswith("ValueError") and "already" in r["twice"], r
         assert r["not_zoo"].startswith("TypeError"), r
         assert r["capacity"].startswith("NotImplementedError") and "moe_capacity_factor" in r["capacity"], r
+        for key in ("labels_one_rank", "labels_batch"):  # (the label shift's all-gather hung, or gloo aborted)
+            assert r[key].startswith("ValueError") and "labels" in r[key], (key, r[key])
+        # tensor and context parallelism over the same ranks gathered other heads' K/V: silently wrong logits
+        for key in ("tp_same_ranks", "cp_then_tp_same_ranks"):
+            assert r[key].startswith("ValueError") and "grid" in r[key], (key, r[key])
+        # a pipelined model made context-parallel hung at its next step
+        assert r["after_pipeline"].startswith("ValueError") and "pipeline" in r["after_pipeline"], r
+        assert r["tp_after_pipeline"].startswith("ValueError") and "pipeline" in r["tp_after_pipeline"], r
 
 
 def test_expert_and_context_parallel_over_the_same_ranks(pool2):

@@ -376,6 +376,29 @@ def _check_forward(model, args, kwargs):
                                   "one rank): it is for decoding")
     if getattr(model, "prefix_tuning", None) is not None:
         raise NotImplementedError("context parallelism does not support prefix tuning")
+    input_ids = args[0] if args else kwargs.get("input_ids")
+    labels = args[1] if len(args) > 1 else kwargs.get("labels")
+    _check_same_batch(model.context_parallel.group, input_ids, labels)
+
+
+def _check_same_batch(group, input_ids, labels):
+    """ValueError on every rank unless every rank's labels are given (or not) with input_ids' shape: the label
+    shift's all-gather and the loss's all-reduce otherwise hang, or abort the process (gloo's size check).
+    One all-gather of 4 ints (off with llmkern.parallel.comm.set_validation(False))."""
+    if not comm.validation_enabled() or comm.world_size(group) == 1 or not torch.is_tensor(input_ids):
+        return
+    def dims(t):  # [B, T] of a 2-D tensor; [-1, -1] for none, [-2, ndim] for another rank
+        if not torch.is_tensor(t):
+            return [-1, -1]
+        return list(t.shape) if t.dim() == 2 else [-2, t.dim()]
+
+    rows = comm.gather_ints(dims(input_ids) + dims(labels), group)
+    mine = rows[comm.rank(group)]
+    if any(r != rows[0] for r in rows) or (mine[2] != -1 and mine[2:] != mine[:2]):
+        desc = "; ".join(f"rank {i}: input_ids {tuple(r[:2])}, labels " + ("none" if r[2] == -1 else str(tuple(r[2:])))
+                         for i, r in enumerate(rows))
+        raise ValueError(f"context parallelism: every rank must pass labels (or none) shaped like its input_ids "
+                         f"shard, and the same shard shape ({desc})")
 
 
 def context_parallelize(model, group=None, layout="zigzag"):
@@ -404,6 +427,10 @@ def context_parallelize(model, group=None, layout="zigzag"):
         raise TypeError(f"context_parallelize: needs a llmkern.models model (GPT, Llama), got {type(model).__name__}")
     if getattr(model, "context_parallel", None) is not None:
         raise ValueError("context_parallelize: the model is context-parallel already")
+    if getattr(model, "pipeline_parallel", None) is not None:  # (its stages' transfers would hang: refused here)
+        raise ValueError("context_parallelize: the model is pipeline-parallel (pipeline_parallelize refuses a "
+                         "context-parallel model, and the other order is not supported either)")
+    check_tensor_parallel_grid(model, group, "context_parallelize")
     capacity = getattr(model.config, "moe_capacity_factor", None)
     if getattr(model.config, "n_experts", 0) and capacity is not None:
         raise NotImplementedError(f"context_parallelize: moe_capacity_factor={capacity} is not supported: an expert's "
@@ -416,6 +443,25 @@ def context_parallelize(model, group=None, layout="zigzag"):
     model.context_parallel = cp
     model.register_forward_pre_hook(_check_forward, with_kwargs=True)
     return model
+
+
+def check_tensor_parallel_grid(model, cp_group, what):
+    """ValueError unless every tensor-parallel layer's group meets the context-parallel `cp_group` in this rank
+    only (a TP x CP grid). Over the same ranks (both functions' default: all of them) context parallelism would
+    gather K/V shards of other heads from the other ranks: the shapes agree, so the logits were silently wrong.
+    Every rank of an overlapping layout sees the overlap, so every rank raises."""
+    from llmkern.parallel.pipeline import _tensor_parallel_types
+
+    cp = set(dist.get_process_group_ranks(cp_group))
+    me = dist.get_rank()
+    for name, m in model.named_modules():
+        if isinstance(m, _tensor_parallel_types()):
+            tp = set(dist.get_process_group_ranks(m.group))
+            if tp & cp != {me}:
+                raise ValueError(f"{what}: {name} is tensor-parallel over global ranks {sorted(tp)}, which share "
+                                 f"ranks other than this one ({me}) with the context-parallel group (global ranks "
+                                 f"{sorted(cp)}): tensor- and context-parallel groups must form a grid (each "
+                                 f"tensor-parallel group meets each context-parallel group in one rank)")
 
 
 def _partitioned_experts(model, group):

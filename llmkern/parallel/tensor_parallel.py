@@ -240,6 +240,19 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
     from llmkern.parallel.moe import TensorParallelMoE, is_moe  # (imports the model zoo: on first use only)
     from llmkern.parallel.expert import ExpertParallelMoE
 
+    if getattr(model, "pipeline_parallel", None) is not None:
+        raise ValueError("tensor_parallelize: the model is pipeline-parallel; tensor_parallelize it first, then "
+                         "pipeline_parallelize (which splits the tensor-parallel model into stages)")
+    cp = getattr(model, "context_parallel", None)
+    if cp is not None:  # over the same ranks context parallelism would gather other heads' K/V (wrong, silently)
+        import torch.distributed as dist
+
+        overlap = set(dist.get_process_group_ranks(group)) & set(dist.get_process_group_ranks(cp.group))
+        if overlap != {dist.get_rank()}:
+            raise ValueError(f"tensor_parallelize: the model is context-parallel over global ranks "
+                             f"{sorted(dist.get_process_group_ranks(cp.group))}, which share ranks other than this "
+                             f"one with the tensor-parallel group (global ranks {sorted(overlap)} in common): "
+                             f"tensor- and context-parallel groups must form a grid")
     if any(isinstance(m, ExpertParallelMoE) for m in model.modules()):  # (the same on every rank)
         raise ValueError("tensor_parallelize: the model is expert-parallel (expert_parallelize): its ranks hold "
                          "different tokens and different experts; tensor parallelism over the same group is not "
