@@ -25,6 +25,22 @@ def test_unknown_suite_is_an_error(tmp_path):
     assert cli.main(["--suite", "nope", "--out", str(tmp_path)]) == 2
 
 
+def test_unusable_cuda_device_is_an_error_and_the_record_survives_a_broken_device(tmp_path, monkeypatch):
+    """--device cuda without a usable GPU (or cuda:N past the count) crashed in the failure handler, whose record
+    asked the device for its name: no file was written and the other suites never ran."""
+    import torch
+
+    from llmkern.bench import report
+
+    assert cli.main(["--suite", "rope", "--device", "cuda:99", "--out", str(tmp_path)]) == 2
+
+    def broken(device=None):
+        raise RuntimeError("no driver")
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", broken)
+    assert report.environment(torch.device("cuda"))["gpu"].startswith("unavailable: RuntimeError")
+
+
 def test_info_reports_versions_ops_and_tma(monkeypatch):
     from llmkern import info
 
@@ -229,11 +245,18 @@ def test_cuda_timing_times_several_calls_of_a_slow_step(monkeypatch):
     from llmkern.bench import timing
 
     seen = []
+
+    def do_bench(fn, warmup, rep, return_mode):  # the calls do_bench times: rep over its estimate, which holds
+        seen.append(rep)                         # the call and an L2 clear (0.1 ms), truncated
+        calls.append(int(rep / (41.6 + 0.1)))
+        return 41.6
+
+    calls = []
     monkeypatch.setattr(timing, "_once_ms", lambda fn: 41.6)
-    monkeypatch.setattr(triton_testing, "do_bench", lambda fn, warmup, rep, return_mode: seen.append(rep) or 41.6)
+    monkeypatch.setattr(triton_testing, "do_bench", do_bench)
     for quick in (True, False):
         assert timing._time_cuda(lambda: None, quick) == 41.6
-        assert seen[-1] >= timing.MIN_CUDA_RUNS[quick] * 41.6
+        assert calls[-1] >= timing.MIN_CUDA_RUNS[quick]  # (rep = MIN * 41.6 timed MIN - 1 calls)
     monkeypatch.setattr(timing, "_once_ms", lambda fn: 0.01)  # fast kernels keep the usual budget
     timing._time_cuda(lambda: None, True)
     assert seen[-1] == 40

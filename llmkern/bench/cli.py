@@ -54,6 +54,13 @@ def main(argv=None):
         print(f"llmkern-bench: unknown suite(s) {unknown}; available: {sorted(suites)}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (device.index is not None and device.index >= n):
+            print(f"llmkern-bench: --device {device}: {n} usable CUDA device(s) here", file=sys.stderr)
+            return 2
+        # the timing's CUDA events and synchronisations are the current device's: make it the measured one
+        torch.cuda.set_device(device.index or 0)
     ctx = Context(device=device, quick=not args.full, progress=_progress, out_dir=args.out)
     results, failed = [], {}
     for name in names:

@@ -40,7 +40,10 @@ def environment(device):
     except ImportError:
         env["triton"] = None
     if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
+        try:  # (written on the failure path too: a broken device must not lose the record)
+            env["gpu"] = torch.cuda.get_device_name(device)
+        except Exception as exc:  # noqa: BLE001
+            env["gpu"] = f"unavailable: {type(exc).__name__}: {exc}"
         env["cuda"] = torch.version.cuda
     else:
         env["cpu"] = platform.processor() or platform.machine()

@@ -32,9 +32,10 @@ def _time_cuda(fn, quick):
     try:
         from triton.testing import do_bench
 
-        # do_bench times rep / estimate calls: for a 40 ms training step a rep of 40 ms is ONE timed call.
-        # The rep grows with the call's own time so that the median has MIN_CUDA_RUNS calls at least.
-        rep = max(40 if quick else 100, MIN_CUDA_RUNS[quick] * _once_ms(fn))
+        # do_bench times int(rep / estimate) calls: for a 40 ms training step a rep of 40 ms is ONE timed call.
+        # The rep grows with the call's own time so that the median has MIN_CUDA_RUNS calls at least; one call
+        # more than that, since the estimate also holds do_bench's L2 clear per call (int() then lost one).
+        rep = max(40 if quick else 100, (MIN_CUDA_RUNS[quick] + 1) * _once_ms(fn))
         return float(do_bench(fn, warmup=10 if quick else 25, rep=rep, return_mode="median"))
     except ImportError:
         for _ in range(5):

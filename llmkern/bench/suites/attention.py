@@ -318,8 +318,8 @@ def _decode_rows(ctx, B, H, Hk, T, D, dtype):
     yield Result(op="attention decode, fp8 kv-cache",
                  shape=f"B={B} H={H} Hk={Hk} kv={T} D={D} q=1 {str(dtype).replace('torch.', '')}, cache e4m3",
                  ours_ms=fp8_ms, baseline=f"llmkern {str(dtype).replace('torch.', '')} cache", baseline_ms=ours_ms,
-                 throughput=gbytes / 2 / (fp8_ms * 1e-3), unit="GB/s",
-                 notes="" if dev.type == "cuda" else "CPU: the reference reads a dequantized copy")
+                 throughput=(k8.numel() * k8.element_size() + v8.numel() * v8.element_size()) / 1e9 / (fp8_ms * 1e-3),
+                 unit="GB/s", notes="" if dev.type == "cuda" else "CPU: the reference reads a dequantized copy")
 
 
 def _mla_decode_row(ctx, B, H, T, R, Dr, dtype):
@@ -354,7 +354,7 @@ def _mla_decode_row(ctx, B, H, T, R, Dr, dtype):
     yield Result(op="mla decode, fp8 latent cache",
                  shape=f"B={B} H={H} kv={T} D={R}+{Dr} q=1 {str(dtype).replace('torch.', '')}, cache e4m3",
                  ours_ms=fp8_ms, baseline=f"llmkern {str(dtype).replace('torch.', '')} cache", baseline_ms=ours_ms,
-                 throughput=gbytes / 2 / (fp8_ms * 1e-3), unit="GB/s")
+                 throughput=kv8.numel() * kv8.element_size() / 1e9 / (fp8_ms * 1e-3), unit="GB/s")
 
 
 def _merge_row(ctx, B, H, D, dtype):
