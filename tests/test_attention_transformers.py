@@ -338,3 +338,38 @@ def test_compiles(kind, fullgraph, masked):
     got = torch.compile(m, fullgraph=fullgraph, backend="aot_eager")(input_ids=ids, **kw).logits
     keep = am[..., None] if masked else 1
     torch.testing.assert_close((got * keep).detach(), want * keep, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["aimv2_text", "gemma_bidirectional"])
+def test_causality_is_the_masks_not_the_modules(family):
+    """eager and SDPA attend by the mask: Aimv2's text tower builds a causal mask for modules whose is_causal is
+    False, and Gemma with use_bidirectional_attention a bidirectional one for is_causal=True modules. On padded
+    batches llmkern took the module's flag (bidirectional where eager was causal, and the other way round)."""
+    import copy
+
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "aimv2_text":
+        if not hasattr(transformers, "Aimv2TextModel"):
+            pytest.skip("transformers without Aimv2")
+        cfg = transformers.Aimv2TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, max_position_embeddings=32, eos_token_id=2)
+        model = transformers.Aimv2TextModel(cfg).eval()
+    else:
+        cfg = transformers.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                       use_bidirectional_attention=True)
+        model = transformers.GemmaModel(cfg).eval()
+    ids = torch.randint(3, 64, (2, 8))
+    ids[:, -1] = 2
+    am = torch.ones(2, 8, dtype=torch.long)
+    am[1, 6:] = 0  # right padding in row 1
+    outs = {}
+    for impl in ("eager", "llmkern"):
+        m = copy.deepcopy(model)
+        m.set_attn_implementation(impl)
+        with torch.no_grad():
+            outs[impl] = m(input_ids=ids, attention_mask=am).last_hidden_state
+    real = am.bool()
+    torch.testing.assert_close(outs["llmkern"][real], outs["eager"][real], rtol=1e-4, atol=1e-5)

@@ -93,10 +93,12 @@ def _window_binds(kind, window, q_offset, q_length, kv_offset, kv_length):
     return max(q_last - kv_offset, kv_last - q_offset) > window
 
 
-def _tag(mask, window):
-    """The mask function's result, carrying the window its mask has (see llmkern_attention_forward)."""
+def _tag(mask, window, kind):
+    """The mask function's result, carrying the window its mask has and whether it is causal (see
+    llmkern_attention_forward)."""
     if mask is not None:
         mask._llmkern_window = window
+        mask._llmkern_causal = kind == "causal"
     return mask
 
 
@@ -160,7 +162,7 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     if packed:
         if attention_mask is not None or q_length != kv_length or len(packed) > 1:
             raise NotImplementedError("llmkern attention: packed sequences with a padding mask or a cache")
-        return _tag(packed[0].to(torch.long, copy=True), window)  # (a tensor of our own to tag)
+        return _tag(packed[0].to(torch.long, copy=True), window, kind)  # (a tensor of our own to tag)
     if window is not None and not _window_binds(kind, window, q_offset, q_length, kv_offset, kv_length):
         window = None  # (every key is within the window: no need to carry a mask for it)
     device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
@@ -192,7 +194,7 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         pad = None
     if pad is None and window is not None:  # a windowed mask is never None: None means "no window" (below)
         pad = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
-    return _tag(pad, window)
+    return _tag(pad, window, kind)
 
 
 # ---- attention function -------------------------------------------------------------------------
@@ -210,7 +212,11 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
     if kwargs.get("output_attentions", False):
         raise NotImplementedError("llmkern attention does not return attention weights "
                                   "(output_attentions=True needs attn_implementation='eager')")
-    if is_causal is None:
+    if isinstance(attention_mask, torch.Tensor) and hasattr(attention_mask, "_llmkern_causal"):
+        # eager and SDPA attend by the mask, whose kind the mask function knew: some models build a causal mask
+        # for modules whose is_causal is False (Aimv2's text tower) or a bidirectional one for is_causal=True ones
+        is_causal = attention_mask._llmkern_causal
+    elif is_causal is None:  # no mask of ours (none: SDPA's rule, the module's flag)
         is_causal = getattr(module, "is_causal", True)
     kpm = None
     window = None
