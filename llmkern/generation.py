@@ -486,6 +486,10 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
         if getattr(m, "context_parallel", None) is not None:  # its forward takes sequence shards
             raise NotImplementedError(f"generate: {name} is context-parallel (llmkern.parallel.context_parallelize); "
                                       f"generate with the unsharded model")
+    if _expert_parallel_group(model) is not None and (strategy == "beam" or draft_model is not None):
+        raise NotImplementedError("generate: the model is expert-parallel (llmkern.parallel.expert_parallelize); "
+                                  "beam search and speculative decoding with it are not supported (greedy and "
+                                  "sampling are)")
     mask = _check_mask(attention_mask, input_ids)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     vocab = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
@@ -680,6 +684,42 @@ class _TopLogprobs:
         return dataclasses.replace(out, top_logprob_ids=ids, top_logprobs=lps, raw_logprobs=tok_lps, token_ranks=ranks)
 
 
+def _expert_parallel_group(model):
+    """The process group of `model`'s expert-parallel layers, or None. Their all-to-all runs at every forward, so
+    every rank of it must take the same number of decode steps (see _decode)."""
+    import sys
+
+    expert = sys.modules.get("llmkern.parallel.expert")  # (never imported: no such layer exists)
+    if expert is None or not isinstance(model, torch.nn.Module):
+        return None
+    return next((m.group for m in model.modules() if isinstance(m, expert.ExpertParallelMoE)), None)
+
+
+class _StepsAgreed:
+    """Expert parallelism: each rank decodes its own prompts, but every forward exchanges tokens with the other
+    ranks, so a rank whose rows have all finished keeps stepping (its rows padded) until every rank's have, and
+    its output is cut back to where its own rows finished: the same as decoding alone. max_new_tokens must agree."""
+
+    def __init__(self, group, max_new_tokens):
+        from llmkern.parallel import comm
+
+        self.group, self.done_at = group, None
+        rows = comm.gather_ints([max_new_tokens], group)
+        if any(r != rows[0] for r in rows):
+            raise ValueError(f"generate: max_new_tokens differs across the expert-parallel ranks "
+                             f"({[r[0] for r in rows]}): every rank must decode the same number of steps")
+
+    def flags(self, stuck, unfinished, length):
+        """(any row stuck on any rank, any row unfinished on any rank); notes where this rank's rows ended."""
+        import torch.distributed as dist
+
+        f = torch.stack([stuck.any(), unfinished.any()]).to(torch.int64)
+        if self.done_at is None and not bool(f[1]):
+            self.done_at = length
+        dist.all_reduce(f, op=dist.ReduceOp.MAX, group=self.group)
+        return f.tolist()
+
+
 def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_bias, seed,
             allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts, stops=None, prompt_logprobs=False):
     """Greedy or sampled decoding of input_ids [N, T] (each prompt's rows repeated: `prompts` of them); stops:
@@ -706,6 +746,8 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
     # pass per step, and the bias stays in its kernel
     neutral = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
     penalised = any(torch.is_tensor(knobs[k]) or knobs[k] != v for k, v in neutral.items())
+    ep = _expert_parallel_group(model)
+    agreed = None if ep is None else _StepsAgreed(ep, max_new_tokens)
     n_new = T0
     for _ in range(max_new_tokens):
         logits = step(seqs, n_new)
@@ -747,11 +789,20 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
             unfinished &= ~torch.isin(tok, eos)
         if stops is not None:
             unfinished &= ~_stopped(seqs, T0, stops)
-        any_stuck, any_left = torch.stack([stuck.any(), unfinished.any()]).tolist()  # one sync
+        if agreed is None:
+            any_stuck, any_left = torch.stack([stuck.any(), unfinished.any()]).tolist()  # one sync
+        else:
+            any_stuck, any_left = agreed.flags(stuck, unfinished, seqs.shape[1])
+            if any_stuck and not bool(stuck.any()):
+                raise RuntimeError("generate: another expert-parallel rank has a sequence with no token to choose")
         if any_stuck:
             _raise_stuck(stuck, allow, seqs.shape[1] - 1 - T0)
         if not any_left:
             break
+    if agreed is not None and agreed.done_at is not None:  # (this rank's rows ended before the others')
+        seqs, logps = seqs[:, :agreed.done_at], logps[:agreed.done_at - T0]
+        if tops is not None:
+            tops.steps = tops.steps[:agreed.done_at - T0]
     scores = torch.stack(logps, 1) if logps else torch.zeros(B, 0, device=dev)
     out = step.output(GenerationOutput(seqs, scores), input_ids)
     return out if tops is None else tops.fill(out, B, dev)

@@ -286,7 +286,40 @@ def errors_worker(rank, p):
     return [s.split(":")[0].split(" on rank")[0] for s in seen]
 
 
+def generate_worker(rank, p):
+    """Each rank decodes its own prompts with an expert-parallel model; rank 0's rows stop at eos after one
+    token while the others go on (the forward's exchange hung once rank 0 stopped calling it). Every rank's output
+    equals the unsharded model's on its prompts, greedy and sampled; beam search, a pipelined model and
+    max_new_tokens that differ are refused on every rank."""
+    from llmkern.generation import generate
+    from llmkern.parallel import pipeline_parallelize
+
+    torch.manual_seed(0)
+    ref = Llama(get_config("mixtral-tiny"), backend="torch").eval()
+    model = expert_parallelize(copy.deepcopy(ref)).eval()
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(rank))
+    first = generate(ref, ids, 1)[:, 5]
+    eos = int(first[0]) if rank == 0 else 255  # rank 0: row 0 ends at once
+    for kw in (dict(eos_token_id=eos), dict(eos_token_id=eos, strategy="sample", seed=3, top_k=20)):
+        want = generate(ref, ids, 6, return_dict=True, **kw)
+        got = generate(model, ids, 6, return_dict=True, **kw)
+        assert torch.equal(got.sequences, want.sequences), (kw, got.sequences, want.sequences)
+        torch.testing.assert_close(got.scores, want.scores)
+    with pytest.raises(NotImplementedError, match="expert-parallel"):
+        generate(model, ids, 3, strategy="beam", num_beams=2)
+    seen = [_expect_error("max_new_tokens differs", lambda: generate(model, ids, 3 + rank), "max_new_tokens")]
+    piped = Llama(get_config("mixtral-tiny"), backend="torch")
+    pipeline_parallelize(piped, n_microbatches=2)
+    seen.append(_expect_error("after pipeline", lambda: expert_parallelize(piped), "pipeline-parallel"))
+    dist.barrier()
+    return len(seen)
+
+
 # ---- tests --------------------------------------------------------------------------------------
+
+
+def test_generate_with_ranks_stopping_at_different_steps_2_ranks(ranks):
+    assert ranks(2).run(generate_worker, timeout=90) == [2, 2]
 
 LAYER_CASES_2 = [  # (backend, E, k, routing, shared expert)
     ("torch", 4, 2, "plain", False),

@@ -625,13 +625,14 @@ def loss_scale_worker(rank, p):
         _close(f"{tag}: loss", loss_s, loss, failures)
     for (name, a), (_, b) in zip(plain.named_parameters(), scaled.named_parameters()):
         _close(f"{tag}: grad of {name}", b.grad / 1024, a.grad, failures)
-    bad = -1.0 if rank == p - 1 else 2.0  # (only the last rank reads it: the others must raise too, not hang)
-    try:
-        scaled.step(ids, labels, loss_scale=bad)
-        failures.append(f"{tag}: a negative loss_scale was accepted")
-    except ValueError as exc:  # (the other ranks' error points to the last rank's, which names the argument)
-        if "loss_scale" not in str(exc) and rank == p - 1:
-            failures.append(f"{tag}: {exc}")
+    # (only the last rank reads it: the others must raise too, not hang; a tensor's value was not checked)
+    for bad in (-1.0, torch.tensor(-1.0), torch.tensor(0.0), torch.tensor(float("nan"))):
+        try:
+            scaled.step(ids, labels, loss_scale=bad if rank == p - 1 else 2.0)
+            failures.append(f"{tag}: loss_scale={bad} was accepted")
+        except ValueError as exc:  # (the other ranks' error points to the last rank's, which names the argument)
+            if "loss_scale" not in str(exc) and rank == p - 1:
+                failures.append(f"{tag}: {exc}")
     raise_failures(rank, failures)
     return True
 

@@ -340,6 +340,8 @@ def expert_parallelize(model, group=None):
     error = None
     if isinstance(model, llama.MoE):
         error = f"{what}: got a single MoE layer; use ExpertParallelMoE.from_moe(layer, group)"
+    if getattr(model, "pipeline_parallel", None) is not None:  # (its stages' transfers and the exchange deadlock)
+        error = f"{what}: the model is pipeline-parallel; pipeline parallelism is not combined with expert parallelism"
     for parent, name, child in targets:
         error = error or _layer_error(child, p, f"{what}: {type(parent).__name__}.{name}")
     if not targets and error is None:

@@ -380,7 +380,10 @@ def _loss_scale_arg(loss_scale):
         if loss_scale.numel() != 1 or not loss_scale.is_floating_point():
             raise ValueError(f"loss_scale must be a positive float or a one-element floating tensor, got "
                              f"{loss_scale.dtype} {tuple(loss_scale.shape)}")
-        return loss_scale.detach().reshape(()).float()
+        scale = loss_scale.detach().reshape(()).float()
+        if not bool(torch.isfinite(scale) & (scale > 0)):  # (a negative scale was gradient ascent, silently)
+            raise ValueError(f"loss_scale must be positive and finite, got {scale.item()}")
+        return scale
     if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not 0 < loss_scale < float("inf"):
         raise ValueError(f"loss_scale must be a positive finite float (or None), got {loss_scale!r}")
     return torch.tensor(float(loss_scale))
