@@ -691,6 +691,26 @@ def test_float32_lora_factors_on_16bit_base_2_ranks(ranks):
     assert all(ranks(2).run(lora_factor_dtype_worker, timeout=60))
 
 
+def init_worker(rank, p):
+    """Layers built directly on ranks seeded alike hold shards of one nn.Linear-initialised matrix (each rank drew
+    only its own shard: every rank got the same numbers, p copies of one block that training never separates)."""
+    out = []
+    for cls, shape in ((ColumnParallelLinear, (8, 16)), (RowParallelLinear, (16, 8))):
+        torch.manual_seed(3)
+        layer = cls(*shape, bias=False)
+        torch.manual_seed(3)
+        want = nn.Linear(*shape, bias=False).weight.detach()
+        dim = 0 if cls is ColumnParallelLinear else 1
+        parts = [torch.empty_like(layer.weight) for _ in range(p)]
+        torch.distributed.all_gather(parts, layer.weight.detach().contiguous())
+        out.append(torch.equal(torch.cat(parts, dim), want))
+    return out
+
+
+def test_layers_built_directly_hold_shards_of_one_matrix_2_ranks(ranks):
+    assert ranks(2).run(init_worker, timeout=60) == [[True, True]] * 2
+
+
 def test_no_process_group_is_a_clear_error():
     import torch.distributed as dist
 

@@ -619,6 +619,16 @@ class _ParallelLinear(nn.Module):
                 f"sequence_parallel={self.sequence_parallel}, lora={'yes' if self.lora_A is not None else 'no'}")
 
 
+def _init_shard(out_features, in_features, device, dtype, keep):
+    """This rank's shard (keep(full)) of nn.Linear's weight init of the whole [out, in] matrix, drawn from this
+    process's RNG: ranks seeded alike draw the same matrix and keep different parts of it, as Megatron's CPU
+    initialisation does (with one seed, the layers hold nn.Linear's weight). Drawing only the shard gave every
+    rank the same numbers: p copies of one block, which training never tells apart."""
+    full = torch.empty(out_features, in_features, device=device, dtype=dtype)
+    nn.init.kaiming_uniform_(full, a=math.sqrt(5))  # nn.Linear's: uniform(±1/sqrt(in))
+    return keep(full).clone()
+
+
 class ColumnParallelLinear(_ParallelLinear):
     """y = x W^T + b with W split along the output features: weight [out/p, in]."""
 
@@ -631,9 +641,10 @@ class ColumnParallelLinear(_ParallelLinear):
         if self.gather_output and self.sequence_parallel:
             raise ValueError("ColumnParallelLinear: gather_output=True cannot be combined with sequence_parallel=True")
         n = self.out_features // self.world_size
-        self.weight = nn.Parameter(torch.empty(n, self.in_features, device=device, dtype=dtype))
+        r = self.rank
+        self.weight = nn.Parameter(_init_shard(self.out_features, self.in_features, device, dtype,
+                                               lambda full: full[r * n:(r + 1) * n]))
         self.bias = nn.Parameter(torch.zeros(n, device=device, dtype=dtype)) if bias else None
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's init, fan_in = in
 
     @property
     def out_features_per_rank(self):
@@ -662,8 +673,8 @@ class ColumnParallelLinear(_ParallelLinear):
         in the linear's order ([q | k | v]), not rank by rank."""
         segments = kw.pop("segments", None)
         base, A, B, s = _lora_parts(linear)
-        layer = cls(base.in_features, base.out_features, bias=base.bias is not None, group=group,
-                    device=base.weight.device, dtype=base.weight.dtype, **kw)
+        layer = nn.utils.skip_init(cls, base.in_features, base.out_features, bias=base.bias is not None, group=group,
+                                   device=base.weight.device, dtype=base.weight.dtype, **kw)  # (copied below)
         p, r = layer.world_size, layer.rank
         segs = list(segments) if segments else [base.out_features]
         layer.segments = segs  # (how the rows were sharded: llmkern.parallel.lora_state gathers by it)
@@ -703,10 +714,10 @@ class RowParallelLinear(_ParallelLinear):
         if self.sequence_parallel and not self.input_is_parallel:
             raise ValueError("RowParallelLinear: sequence_parallel=True needs input_is_parallel=True")
         k = self.in_features // self.world_size
-        self.weight = nn.Parameter(torch.empty(self.out_features, k, device=device, dtype=dtype))
+        r = self.rank
+        self.weight = nn.Parameter(_init_shard(self.out_features, self.in_features, device, dtype,
+                                               lambda full: full[:, r * k:(r + 1) * k]))
         self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype)) if bias else None
-        bound = 1.0 / math.sqrt(self.in_features)  # nn.Linear's init with the full fan_in
-        nn.init.uniform_(self.weight, -bound, bound)
 
     @property
     def in_features_per_rank(self):
@@ -736,8 +747,8 @@ class RowParallelLinear(_ParallelLinear):
         """Shard an existing nn.Linear (or a PEFT-style LoRA wrapper of one) along its input
         features: this rank keeps columns [r*in/p, (r+1)*in/p). Weights must match on every rank."""
         base, A, B, s = _lora_parts(linear)
-        layer = cls(base.in_features, base.out_features, bias=base.bias is not None, group=group,
-                    device=base.weight.device, dtype=base.weight.dtype, **kw)
+        layer = nn.utils.skip_init(cls, base.in_features, base.out_features, bias=base.bias is not None, group=group,
+                                   device=base.weight.device, dtype=base.weight.dtype, **kw)  # (copied below)
         p, r = layer.world_size, layer.rank
         k = base.in_features // p
         with torch.no_grad():
