@@ -922,3 +922,15 @@ def test_head_dims_past_the_kernels_limit_fall_back_to_sdpa():
         warnings.simplefilter("ignore")
         with torch.no_grad():
             torch.testing.assert_close(ours(ids), plain(ids))
+
+
+def test_float64_model_loss_stays_float64():
+    """The torch backend's loss upcast every non-float32 logits to float32, float64 included (2e-7 off)."""
+    import torch.nn.functional as F
+
+    model = build("llama-tiny", backend="torch").double()
+    ids = torch.randint(0, 256, (2, 6))
+    logits, loss = model(ids, ids)
+    assert loss.dtype == torch.float64
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)

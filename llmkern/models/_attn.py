@@ -602,7 +602,7 @@ class ZooModel(torch.nn.Module):
 
             return self.global_loss(cross_entropy(logits, shifted, ignore_index=-100), shifted)
         flat = logits.reshape(-1, logits.shape[-1])  # a view: no copy of the [B, T, V] logits
-        if flat.dtype != torch.float32:  # (autocast would upcast it for cross_entropy all the same)
+        if flat.dtype in (torch.float16, torch.bfloat16):  # (autocast would upcast it all the same; float64 stays)
             flat = flat.float()
         return self.global_loss(F.cross_entropy(flat, shifted.reshape(-1), ignore_index=-100), shifted)
 
