@@ -79,7 +79,10 @@ def env_count(name, default, meaning=""):
     return value
 
 
+@torch.compiler.assume_constant_result
 def triton_available():
+    # (a constant to torch.compile: traced, the lazy fill of _TRITON was a guard on the list that the call
+    # itself broke, so a process's first compiled call compiled twice)
     if not _TRITON:
         try:
             import triton  # noqa: F401

@@ -91,3 +91,35 @@ def test_varlen_attention_compiles_fullgraph_on_cpu():
         grads = torch.autograd.grad(out, (q, k, v), g)
         for a, b in zip(grads, torch.autograd.grad(ref_out, (q, k, v), g)):
             torch.testing.assert_close(a, b)
+
+
+def test_first_compiled_call_of_a_process_compiles_once(monkeypatch):
+    """triton_available() filled a lazy module-level cache while Dynamo traced: the guard on the (empty) cache failed
+    at the next call, so a process whose first use of an op was compiled compiled everything twice."""
+    from llmkern import _backend
+
+    monkeypatch.setattr(_backend, "_TRITON", [])  # as in a fresh process
+    x, w = torch.randn(4, 32), torch.rand(32)
+    n, _ = _compiles(lambda x: llmkern.rms_norm(x, w), [(x,), (x,), (x,)])
+    assert n == 1
+
+
+def test_zoo_model_compiled_first_in_a_fresh_process_compiles_once():
+    """The zoo's attention ops were imported lazily on the first forward: traced, that fill was a guard the call
+    itself broke, so a fresh process's first compiled forward (and backward) compiled twice."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from torch._dynamo.testing import CompileCounter\n"
+        "from llmkern.models import build\n"
+        "model = build('llama-tiny', backend='llmkern')\n"
+        "counter = CompileCounter()\n"
+        "step = torch.compile(lambda ids: model(ids, ids)[1], backend=counter, fullgraph=True, dynamic=True)\n"
+        "for T in (9, 13, 17):\n"
+        "    step(torch.randint(0, 100, (2, T))).backward()\n"
+        "print('frames', counter.frame_count)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "frames 1", out.stdout

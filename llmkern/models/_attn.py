@@ -25,7 +25,9 @@ def check_backend(backend):
 
 
 def llmkern_ops():
-    """(attention, attention_with_kvcache) from llmkern.ops.attention, None where missing."""
+    """(attention, attention_with_kvcache) from llmkern.ops.attention, None where missing. Resolved when this
+    module is imported (below): a lazy fill while torch.compile traced was a guard that the call broke (a
+    process's first compiled forward compiled twice)."""
     if "mod" not in _OPS:
         try:
             from llmkern.ops import attention as mod
@@ -37,6 +39,9 @@ def llmkern_ops():
         _OPS["mod"] = mod
     mod = _OPS["mod"]
     return getattr(mod, "attention", None), getattr(mod, "attention_with_kvcache", None)
+
+
+llmkern_ops()
 
 
 def _sdpa(q, k, v, causal, dropout_p=0.0, key_padding_mask=None, sliding_window=None, q_start=None, scale=None,
