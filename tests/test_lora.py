@@ -689,3 +689,22 @@ def test_multi_adapter_float64_and_unused_adapters_on_the_reference():
     y = llmkern.lora_linear_multi(x, w, None, A, B, scalings, torch.full((5,), -1))
     gA, gB = torch.autograd.grad(y.sum(), (A, B))
     assert torch.equal(gA, torch.zeros_like(A)) and torch.equal(gB, torch.zeros_like(B))
+
+
+def test_lora_traces_on_cpu_under_the_interpreter(triton_backend):
+    """With LLMKERN_BACKEND=triton on CPU, a traced call (torch.compile, export) ran the Triton launcher on fake
+    tensors (data_ptr of a FakeTensor): traced CPU calls take the reference, eager ones the kernels."""
+    device = triton_device()
+    torch.manual_seed(0)
+    x = torch.randn(5, 16, device=device, requires_grad=True)
+    w, A, B = torch.randn(12, 16, device=device), torch.randn(4, 16, device=device), torch.randn(12, 4, device=device)
+    ids = torch.tensor([0, 1, -1, 1, 0], device=device)
+    A2, B2 = torch.randn(2, 4, 16, device=device), torch.randn(2, 12, 4, device=device)
+    for fn in (lambda x: llmkern.lora_linear(x, w, None, A, B, 0.5),
+               lambda x: llmkern.lora_linear_multi(x, w, None, A2, B2, [0.5, 2.0], ids)):
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        got, want = compiled(x), fn(x)
+        assert_close(got, want, atol=1e-5, rtol=1e-5)
+        (gx,) = torch.autograd.grad(got.sum(), x)
+        (wx,) = torch.autograd.grad(want.sum(), x)
+        assert_close(gx, wx, atol=1e-5, rtol=1e-5)

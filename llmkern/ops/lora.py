@@ -28,8 +28,13 @@ MAX_RANK = 256
 
 # ---- dispatch -----------------------------------------------------------------------------------
 
-def _backend_for(device, dtype=torch.float32, op_name="lora_linear"):
-    return _backend.choose_triton(op_name, device, dtype, _DTYPES)
+def _backend_for(device, dtype=torch.float32, op_name="lora_linear", *tensors):
+    choice = _backend.choose_triton(op_name, device, dtype, _DTYPES)
+    # CPU tensors under the interpreter run the kernels only in eager mode: traced (torch.compile, export) the
+    # launcher would read fake tensors' data, so the reference (which traces) takes them, as DESIGN says
+    if choice == "triton" and torch.device(device).type == "cpu" and not _checks.eager_fast_path(*tensors):
+        return "reference"
+    return choice
 
 
 _backend.register_op("lora_linear", lambda device, dtype: _backend_for(device, dtype, "lora_linear"))
@@ -298,7 +303,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     seed_t = _seed_tensor(seed, p, x.device)
     lora_A = lora_A.to(x.dtype)
     lora_B = lora_B.to(x.dtype)
-    backend = _backend_for(x.device, x.dtype, "lora_linear")
+    backend = _backend_for(x.device, x.dtype, "lora_linear", x)
     if backend == "reference" or x.numel() == 0:
         if isinstance(weight, NF4Weight):  # the base through nf4_linear: only the codes kept for the backward
             return nf4_linear(x, weight, bias) + ref.lora_delta(x, lora_A, lora_B, scaling, p,
@@ -424,7 +429,7 @@ class _ValueCheck:
 def _lora_multi(x, weight, bias, lora_A, lora_B, scalings, ids, n, M):
     lora_A = lora_A.to(x.dtype)
     lora_B = lora_B.to(x.dtype)
-    backend = _backend_for(x.device, x.dtype, "lora_linear_multi")
+    backend = _backend_for(x.device, x.dtype, "lora_linear_multi", x)
     if backend == "reference" or M == 0:
         if isinstance(weight, NF4Weight):  # as in lora_linear: the base keeps only the codes
             y = nf4_linear(x, weight, bias).reshape(M, weight.shape[0])
