@@ -480,6 +480,15 @@ def test_state_dict_keeps_the_merged_state(use_dora):
     with torch.no_grad():
         torch.testing.assert_close(b(_ids()).logits, ref, rtol=1e-5, atol=1e-5)
     lp.merge_lora(b)
+    c = lora_model()  # a merged checkpoint into a merged layer: its DoRA norms come along (unmerge needs them)
+    lp.merge_lora(c)
+    c.load_state_dict(merged_sd)
+    lp.unmerge_lora(c)
+    with torch.no_grad():
+        torch.testing.assert_close(c(_ids()).logits, ref, rtol=1e-5, atol=1e-5)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict  # (resolves every key by name)
+
+    assert set(get_model_state_dict(b)) == set(merged_sd)
     lora_only = {k: v for k, v in train_sd.items() if "lora_" in k}
     with pytest.raises(RuntimeError, match="merged"):  # new LoRA weights under a merged base weight
         b.load_state_dict(lora_only, strict=False)

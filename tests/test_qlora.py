@@ -801,3 +801,6 @@ def test_nf4_linear_state_dict_refuses_another_shape():
     assert torch.equal(same.nf4_weight().dequantize(), src.nf4_weight().dequantize())
     old = {k: v for k, v in src.state_dict().items() if k != "weight_shape"}  # a checkpoint without the shape
     NF4Linear(64, 32, bias=False).load_state_dict(old)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict  # (resolves every key by name)
+
+    assert set(get_model_state_dict(torch.nn.Sequential(src))) == {"0." + k for k in src.state_dict()}

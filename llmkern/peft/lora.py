@@ -215,6 +215,15 @@ class LoRALinear(nn.Module):
         self._dora_merged_norm = None
         self.merged = False
 
+    # the merged layer's state-dict entries as attributes (torch.distributed.checkpoint resolves every key by name)
+    @property
+    def lora_merged(self):
+        return torch.tensor(self.merged, device=self.lora_A.device) if self.merged else None
+
+    @property
+    def lora_dora_merged_norm(self):
+        return self._dora_merged_norm
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """A merged layer's state_dict says so (see _save_merged_state). A checkpoint carrying its base weight
@@ -233,6 +242,13 @@ class LoRALinear(nn.Module):
             else:
                 self.merged = merged
                 self._dora_merged_norm = norm.to(self.weight.device) if merged and self.use_dora else None
+        elif merged and self.use_dora and prefix + "base_layer.weight" in state_dict:
+            # both merged: the checkpoint's merged weight comes with the norms it was divided by (unmerge needs them)
+            if norm is None:
+                error_msgs.append(f"LoRA layer {prefix[:-1] or 'the root module'}: a merged DoRA checkpoint without "
+                                  f"its merged row norms")
+            else:
+                self._dora_merged_norm = norm.to(self.weight.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

@@ -41,6 +41,9 @@ def nf4_dora_linear(x: torch.Tensor, qweight: NF4Weight, bias: Optional[torch.Te
 
 # ---- the module -------------------------------------------------------------------------------------
 
+_SHAPE_KEY = "weight_shape"
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in 4-bit NF4 (bitsandbytes' layout): QLoRA's base layer.
 
@@ -80,7 +83,11 @@ class NF4Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._nf4 = None  # (packed, absmax, state2, compute_dtype, NF4Weight): see nf4_weight
-        self._register_state_dict_hook(_save_weight_shape)
+        # the weight's (out, in) in the state dict, as nn.Linear's weight carries its shape: the flat buffers of
+        # another layer with the same out·in fit, so a load checks it (a buffer: torch.distributed.checkpoint
+        # resolves every state-dict key as a module attribute)
+        self.register_buffer(_SHAPE_KEY, torch.tensor([out_features, in_features], dtype=torch.int64,
+                                                      device="cpu" if device is None else device))
 
     @property
     def n_blocks(self) -> int:
@@ -114,6 +121,7 @@ class NF4Linear(nn.Module):
         layer = cls(qweight.in_features, qweight.out_features, bias=False, blocksize=qweight.blocksize,
                     compute_dtype=dt, device="meta", double_quant=nested)
         layer.packed, layer.absmax = qweight.packed, qweight.absmax
+        setattr(layer, _SHAPE_KEY, torch.tensor([qweight.out_features, qweight.in_features], device=qweight.device))
         if nested:  # NF4Weight.state2 is [code_map | offset | absmax2], the layer's layout
             layer.state2 = qweight.state2
         layer.nf4_weight()
@@ -214,11 +222,12 @@ class NF4Linear(nn.Module):
         n_errors = len(error_msgs)
         # the flat buffers of any layer with out·in elements fit: the saved shape tells a [in, out] layer's apart
         # (older checkpoints have none)
-        shape = state_dict.pop(prefix + _SHAPE_KEY, None)
+        shape = state_dict.pop(prefix + _SHAPE_KEY, None)  # (older checkpoints have none: accepted)
         if shape is not None and tuple(shape.tolist()) != (self.out_features, self.in_features):
             error_msgs.append(f"size mismatch for {prefix}weight (NF4Linear): the checkpoint's is "
                               f"{tuple(shape.tolist())}, this layer's is ({self.out_features}, {self.in_features})")
             return
+        n_missing = len(missing_keys)
         if absmax is not None:
             nested = prefix + "state2" in state_dict
             if absmax.is_floating_point() == nested:
@@ -230,6 +239,7 @@ class NF4Linear(nn.Module):
                 self._set_layout(nested, self.packed.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != prefix + _SHAPE_KEY]
         if len(error_msgs) == n_errors:
             self.nf4_weight()  # (assign=True may have replaced the buffers)
 
@@ -237,16 +247,6 @@ class NF4Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"blocksize={self.blocksize}, compute_dtype={self.compute_dtype}"
                 + (", double_quant=True" if self.double_quant else ""))
-
-
-_SHAPE_KEY = "weight_shape"
-
-
-def _save_weight_shape(module, state_dict, prefix, local_metadata):
-    """NF4Linear's state_dict carries the weight's (out, in) next to its flat buffers (as nn.Linear's weight
-    carries its shape): loading it into a layer of another shape with the same out·in is then an error."""
-    state_dict[prefix + _SHAPE_KEY] = torch.tensor([module.out_features, module.in_features], dtype=torch.int64)
-    return state_dict
 
 
 def _check_double_quant(double_quant):
