@@ -173,13 +173,21 @@ def test_custom_4d_mask_raises():
         model(input_ids=torch.randint(3, 96, (1, 5), device=DEV), attention_mask=mask)
 
 
+def _no_padding(m):
+    """The mask function's result when nothing is masked: all True, no window, marked so that the attention passes
+    no padding mask to the kernel (it still carries the mask's kind: causal or not)."""
+    return (m.dtype == torch.bool and bool(m.all()) and m._llmkern_window is None and m._llmkern_all_visible
+            and isinstance(m._llmkern_causal, bool))
+
+
 def test_mask_function_returns_padding_mask():
     from transformers import masking_utils as mu
 
     am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
     m = lt.attention.llmkern_mask(2, 5, 5, 0, 0, mu.causal_mask_function, am)
     assert torch.equal(m, am)
-    assert lt.attention.llmkern_mask(2, 5, 5, 0, 0, mu.causal_mask_function, torch.ones(2, 5, dtype=torch.bool)) is None
+    full = lt.attention.llmkern_mask(2, 5, 5, 0, 0, mu.causal_mask_function, torch.ones(2, 5, dtype=torch.bool))
+    assert _no_padding(full) and full._llmkern_causal  # (a tagged mask the kernel does not read: its kind)
     # decode against a static cache of 8: keys past the query are masked
     m = lt.attention.llmkern_mask(1, 1, 8, torch.tensor(4), 0, mu.causal_mask_function, None)
     assert m.tolist() == [[True] * 5 + [False] * 3]
@@ -243,17 +251,16 @@ def test_window_is_the_one_of_the_mask(kind):
 
 
 def test_mask_function_carries_the_window():
-    """A sliding-window mask is a tagged tensor whenever the window masks a key, and None (no window) only
+    """A sliding-window mask is a tagged tensor whenever the window masks a key, and carries no window only
     when it masks none."""
     from transformers import masking_utils as mu
 
     sw = mu.sliding_window_causal_mask_function(3)
     m = lt.attention.llmkern_mask(2, 5, 5, 0, 0, sw, None)
     assert m.dtype == torch.bool and bool(m.all()) and m._llmkern_window == 3
-    assert lt.attention.llmkern_mask(2, 3, 3, 0, 0, sw, None) is None  # 3 keys: the window masks none
-    assert lt.attention.llmkern_mask(1, 1, 3, 7, 5, sw, None) is None  # decode against a window cache
-    m = lt.attention.llmkern_mask(2, 5, 5, 0, 0, mu.causal_mask_function, None)
-    assert m is None
+    assert _no_padding(lt.attention.llmkern_mask(2, 3, 3, 0, 0, sw, None))  # 3 keys: the window masks none
+    assert _no_padding(lt.attention.llmkern_mask(1, 1, 3, 7, 5, sw, None))  # decode against a window cache
+    assert _no_padding(lt.attention.llmkern_mask(2, 5, 5, 0, 0, mu.causal_mask_function, None))
     am = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
     m = lt.attention.llmkern_mask(2, 5, 5, 0, 0, mu.causal_mask_function, am)
     assert torch.equal(m, am) and m._llmkern_window is None
@@ -365,11 +372,13 @@ def test_causality_is_the_masks_not_the_modules(family):
     ids[:, -1] = 2
     am = torch.ones(2, 8, dtype=torch.long)
     am[1, 6:] = 0  # right padding in row 1
-    outs = {}
-    for impl in ("eager", "llmkern"):
-        m = copy.deepcopy(model)
-        m.set_attn_implementation(impl)
-        with torch.no_grad():
-            outs[impl] = m(input_ids=ids, attention_mask=am).last_hidden_state
     real = am.bool()
-    torch.testing.assert_close(outs["llmkern"][real], outs["eager"][real], rtol=1e-4, atol=1e-5)
+    for mask in (am, torch.ones_like(am), None):  # (unpadded: the mask used to be dropped, and its kind with it)
+        outs = {}
+        for impl in ("eager", "llmkern"):
+            m = copy.deepcopy(model)
+            m.set_attn_implementation(impl)
+            with torch.no_grad():
+                outs[impl] = m(input_ids=ids, attention_mask=mask).last_hidden_state
+        keep = real if mask is am else torch.ones_like(real)
+        torch.testing.assert_close(outs["llmkern"][keep], outs["eager"][keep], rtol=1e-4, atol=1e-5)

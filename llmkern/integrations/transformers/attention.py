@@ -190,11 +190,12 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         valid = (torch.arange(kv_length, device=device) + kv_offset) < q_end_t
         valid = valid[None, :].expand(batch_size, kv_length)
         pad = valid if pad is None else (pad & valid)
-    if pad is not None and window is None and not torch.compiler.is_compiling() and bool(pad.all()):
-        pad = None
-    if pad is None and window is not None:  # a windowed mask is never None: None means "no window" (below)
+    all_visible = pad is None or (window is None and not torch.compiler.is_compiling() and bool(pad.all()))
+    if pad is None:  # never None: the mask carries its kind (and window) to the attention, whatever is_causal says
         pad = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
-    return _tag(pad, window, kind)
+    pad = _tag(pad, window, kind)
+    pad._llmkern_all_visible = all_visible  # (the attention then passes no padding mask to the kernel)
+    return pad
 
 
 # ---- attention function -------------------------------------------------------------------------
@@ -247,9 +248,9 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
                 f"llmkern attention got an attention_mask that is a {desc}: it takes the 2-D key padding "
                 f"mask built by its own mask function (llmkern.integrations.transformers.register()); "
                 f"custom 4-D masks need attn_implementation='sdpa' or 'eager'")
-        kpm = attention_mask
-        if kpm.shape[-1] != key.shape[2]:
-            raise NotImplementedError(f"llmkern attention: key padding mask covers {kpm.shape[-1]} keys, "
+        kpm = None if getattr(attention_mask, "_llmkern_all_visible", False) else attention_mask
+        if attention_mask.shape[-1] != key.shape[2]:
+            raise NotImplementedError(f"llmkern attention: key padding mask covers {attention_mask.shape[-1]} keys, "
                                       f"the layer has {key.shape[2]}")
     out = llmkern.attention(query, key, value, causal=bool(is_causal), scale=scaling, window=window,
                             softcap=softcap if softcap else None, key_padding_mask=kpm,
