@@ -186,8 +186,9 @@ def test_mask_function_returns_padding_mask():
     am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
     m = lt.attention.llmkern_mask(2, 5, 5, 0, 0, mu.causal_mask_function, am)
     assert torch.equal(m, am)
-    full = lt.attention.llmkern_mask(2, 5, 5, 0, 0, mu.causal_mask_function, torch.ones(2, 5, dtype=torch.bool))
-    assert _no_padding(full) and full._llmkern_causal  # (a tagged mask the kernel does not read: its kind)
+    assert lt.attention.llmkern_mask(2, 5, 5, 0, 0, mu.causal_mask_function, torch.ones(2, 5, dtype=torch.bool)) is None
+    full = lt.attention.llmkern_mask(2, 5, 5, 0, 0, mu.bidirectional_mask_function, torch.ones(2, 5, dtype=torch.bool))
+    assert _no_padding(full) and not full._llmkern_causal  # (a tagged mask the kernel does not read: its kind)
     # decode against a static cache of 8: keys past the query are masked
     m = lt.attention.llmkern_mask(1, 1, 8, torch.tensor(4), 0, mu.causal_mask_function, None)
     assert m.tolist() == [[True] * 5 + [False] * 3]
@@ -251,16 +252,16 @@ def test_window_is_the_one_of_the_mask(kind):
 
 
 def test_mask_function_carries_the_window():
-    """A sliding-window mask is a tagged tensor whenever the window masks a key, and carries no window only
+    """A sliding-window mask is a tagged tensor whenever the window masks a key, and None (no window) only
     when it masks none."""
     from transformers import masking_utils as mu
 
     sw = mu.sliding_window_causal_mask_function(3)
     m = lt.attention.llmkern_mask(2, 5, 5, 0, 0, sw, None)
     assert m.dtype == torch.bool and bool(m.all()) and m._llmkern_window == 3
-    assert _no_padding(lt.attention.llmkern_mask(2, 3, 3, 0, 0, sw, None))  # 3 keys: the window masks none
-    assert _no_padding(lt.attention.llmkern_mask(1, 1, 3, 7, 5, sw, None))  # decode against a window cache
-    assert _no_padding(lt.attention.llmkern_mask(2, 5, 5, 0, 0, mu.causal_mask_function, None))
+    assert lt.attention.llmkern_mask(2, 3, 3, 0, 0, sw, None) is None  # 3 keys: the window masks none
+    assert lt.attention.llmkern_mask(1, 1, 3, 7, 5, sw, None) is None  # decode against a window cache
+    assert lt.attention.llmkern_mask(2, 5, 5, 0, 0, mu.causal_mask_function, None) is None
     am = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
     m = lt.attention.llmkern_mask(2, 5, 5, 0, 0, mu.causal_mask_function, am)
     assert torch.equal(m, am) and m._llmkern_window is None
@@ -349,9 +350,9 @@ def test_compiles(kind, fullgraph, masked):
 
 @pytest.mark.parametrize("family", ["aimv2_text", "gemma_bidirectional"])
 def test_causality_is_the_masks_not_the_modules(family):
-    """eager and SDPA attend by the mask: Aimv2's text tower builds a causal mask for modules whose is_causal is
-    False, and Gemma with use_bidirectional_attention a bidirectional one for is_causal=True modules. On padded
-    batches llmkern took the module's flag (bidirectional where eager was causal, and the other way round)."""
+    """Aimv2's text tower and Gemma with use_bidirectional_attention build a causal mask for modules whose
+    is_causal is False; eager and SDPA attend by a padded mask, so causally. On padded batches llmkern took the
+    module's flag (bidirectional where eager and SDPA were causal)."""
     import copy
 
     import transformers
@@ -373,12 +374,15 @@ def test_causality_is_the_masks_not_the_modules(family):
     am = torch.ones(2, 8, dtype=torch.long)
     am[1, 6:] = 0  # right padding in row 1
     real = am.bool()
-    for mask in (am, torch.ones_like(am), None):  # (unpadded: the mask used to be dropped, and its kind with it)
+    # unpadded, a causal mask hides nothing and is None, as SDPA gets it: then the module's flag decides, as in
+    # SDPA (transformers' eager and SDPA disagree there for both models)
+    for mask in (am, torch.ones_like(am), None):
         outs = {}
-        for impl in ("eager", "llmkern"):
+        for impl in ("eager", "sdpa", "llmkern"):
             m = copy.deepcopy(model)
             m.set_attn_implementation(impl)
             with torch.no_grad():
                 outs[impl] = m(input_ids=ids, attention_mask=mask).last_hidden_state
         keep = real if mask is am else torch.ones_like(real)
-        torch.testing.assert_close(outs["llmkern"][keep], outs["eager"][keep], rtol=1e-4, atol=1e-5)
+        want = outs["eager" if mask is am else "sdpa"]
+        torch.testing.assert_close(outs["llmkern"][keep], want[keep], rtol=1e-4, atol=1e-5)

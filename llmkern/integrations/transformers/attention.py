@@ -191,7 +191,11 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         valid = valid[None, :].expand(batch_size, kv_length)
         pad = valid if pad is None else (pad & valid)
     all_visible = pad is None or (window is None and not torch.compiler.is_compiling() and bool(pad.all()))
-    if pad is None:  # never None: the mask carries its kind (and window) to the attention, whatever is_causal says
+    if all_visible and window is None and kind == "causal":
+        # nothing to hide in a causal mask: None, as SDPA gets (the module's is_causal decides; a model that
+        # concatenates this mask with another, T5Gemma2's merged self + cross attention, fails on None loudly)
+        return None
+    if pad is None:  # a bidirectional or windowed mask carries its kind and window to the attention
         pad = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
     pad = _tag(pad, window, kind)
     pad._llmkern_all_visible = all_visible  # (the attention then passes no padding mask to the kernel)
