@@ -219,7 +219,7 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
                                   "(output_attentions=True needs attn_implementation='eager')")
     if isinstance(attention_mask, torch.Tensor) and hasattr(attention_mask, "_llmkern_causal"):
         # eager and SDPA attend by the mask, whose kind the mask function knew: some models build a causal mask
-        # for modules whose is_causal is False (Aimv2's text tower) or a bidirectional one for is_causal=True ones
+        # for modules whose is_causal is False (Aimv2's text tower, Gemma with use_bidirectional_attention)
         is_causal = attention_mask._llmkern_causal
     elif is_causal is None:  # no mask of ours (none: SDPA's rule, the module's flag)
         is_causal = getattr(module, "is_causal", True)
