@@ -711,6 +711,34 @@ def test_layers_built_directly_hold_shards_of_one_matrix_2_ranks(ranks):
     assert ranks(2).run(init_worker, timeout=60) == [[True, True]] * 2
 
 
+def deepcopy_worker(rank, p):
+    """copy.deepcopy of tensor- (vocab-parallel too), expert- and context-parallel models: the copy shares the
+    process group (it could not be copied: TypeError), owns its parameters, and computes what the original does."""
+    from llmkern.models import Llama, get_config
+    from llmkern.parallel import context_parallelize, expert_parallelize, shard_sequence
+
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = []
+    for make in (lambda: tensor_parallelize(Llama(get_config("llama-tiny")), vocab_parallel=True),
+                 lambda: tensor_parallelize(Llama(get_config("mixtral-tiny", n_kv_head=4))),
+                 lambda: expert_parallelize(Llama(get_config("mixtral-tiny"))),
+                 lambda: context_parallelize(Llama(get_config("llama-tiny")))):
+        torch.manual_seed(0)
+        model = make().eval()
+        x = shard_sequence(ids) if getattr(model, "context_parallel", None) is not None else ids
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            same = torch.equal(twin(x), model(x))
+            next(twin.parameters()).add_(1.0)  # its own parameters
+            own = not torch.equal(next(twin.parameters()), next(model.parameters()))
+        out.append(same and own)
+    return out
+
+
+def test_parallel_models_deepcopy_2_ranks(ranks):
+    assert ranks(2).run(deepcopy_worker, timeout=90) == [[True] * 4] * 2
+
+
 def test_no_process_group_is_a_clear_error():
     import torch.distributed as dist
 

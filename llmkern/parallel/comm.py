@@ -18,6 +18,7 @@ the overlap is real in both cases. Every helper raises a clear error instead of 
 are checked across ranks (one small all-gather, see ``set_validation``) before a decomposed
 collective starts, and the process group's timeout bounds every wait.
 """
+import copy
 import os
 import warnings
 
@@ -292,6 +293,22 @@ def pieces_reduce_scatter(group, m, partial, pieces=2):
     for work, _ in posted:
         work.wait()
     return out
+
+
+class SharesProcessGroups:
+    """copy.deepcopy of this object keeps the torch.distributed process groups it refers to (a group cannot be
+    copied, and the copy takes part in the same collectives, as DDP's copy does) and copies everything else:
+    parallel models can be copied (an EMA or evaluation copy)."""
+
+    def __deepcopy__(self, memo):
+        for value in vars(self).values():
+            if isinstance(value, dist.ProcessGroup):
+                memo[id(value)] = value
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in vars(self).items():
+            new.__dict__[name] = copy.deepcopy(value, memo)
+        return new
 
 
 class AsyncChunkAllReduce:

@@ -298,7 +298,7 @@ def context_parallel_attention(q, k, v, group=None, *, causal=True, layout="zigz
 
 # ---- the zoo models --------------------------------------------------------------------------------
 
-class ContextParallel:
+class ContextParallel(comm.SharesProcessGroups):
     """What context_parallelize attaches to a zoo model (`model.context_parallel`) and to its attention
     modules; llmkern.models calls it at four hook points: the attention (attend), the positions
     (ZooModel.positions), the next-token labels and the loss (ZooModel.lm_loss / fused_lm_loss)."""

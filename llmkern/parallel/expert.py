@@ -140,7 +140,7 @@ def _layer_error(moe, p, what):
 
 # ---- the layer ------------------------------------------------------------------------------------
 
-class LocalExperts(nn.Module):
+class LocalExperts(comm.SharesProcessGroups, nn.Module):
     """This rank's E/p whole experts [first, first + E/p): gate_up_proj [E/p, 2F, d], down_proj [E/p, d, F].
     The parameter names are the unsharded Experts' (a rank's state_dict holds its slice under the same
     keys). No forward: ExpertParallelMoE runs them."""
@@ -168,7 +168,7 @@ class LocalExperts(nn.Module):
                 f"ffn_dim={two_f // 2}")
 
 
-class ExpertParallelMoE(llama.MoE):
+class ExpertParallelMoE(comm.SharesProcessGroups, llama.MoE):
     """The zoo's MoE (llmkern.models.llama.MoE: same attributes, forward and router_logits contract) with its
     routed experts partitioned over an expert-parallel group (see the module docstring). Build it with
     ``from_moe`` or ``expert_parallelize``."""

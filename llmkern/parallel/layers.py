@@ -556,7 +556,7 @@ def _flag_arg(what, name, v):
     return v
 
 
-class _ParallelLinear(nn.Module):
+class _ParallelLinear(comm.SharesProcessGroups, nn.Module):
     _kind = ""
 
     def _setup(self, in_features, out_features, overlap, sequence_parallel, group, chunks, pieces, transport):

@@ -102,7 +102,7 @@ def _expert_shard(gate_up, down, p, r):
     return gu, down[:, :, r * f:(r + 1) * f]
 
 
-class ShardedExperts(nn.Module):
+class ShardedExperts(comm.SharesProcessGroups, nn.Module):
     """This rank's 1/p of E stacked SwiGLU experts, split along the FFN width F (see the module
     docstring): gate_up_proj [E, 2F/p, d], down_proj [E, d, F/p]. The parameter names are the unsharded
     Experts' (a rank's state_dict holds its shard under the same keys)."""
@@ -136,7 +136,7 @@ class ShardedExperts(nn.Module):
 
 # ---- the MoE layer ----------------------------------------------------------------------------------
 
-class TensorParallelMoE(llama.MoE):
+class TensorParallelMoE(comm.SharesProcessGroups, llama.MoE):
     """The zoo's MoE (llmkern.models.llama.MoE: same attributes, forward and router_logits contract) with
     its routed experts sharded over a tensor-parallel group. Build it with ``from_moe``."""
 

@@ -85,7 +85,7 @@ class _CopyToRanks(torch.autograd.Function):
         return dy, None
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(comm.SharesProcessGroups, nn.Module):
     def __init__(self, weight_shard: nn.Parameter, num_embeddings: int, group, padding_idx=None):
         super().__init__()
         _check_shard("VocabParallelEmbedding", weight_shard, num_embeddings, group)
@@ -241,7 +241,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         return (dh, dw, db) + (None,) * 8  # labels ... softcap
 
 
-class VocabParallelLMHead(nn.Module):
+class VocabParallelLMHead(comm.SharesProcessGroups, nn.Module):
     def __init__(self, weight_shard: nn.Parameter, bias_shard, out_features: int, group):
         super().__init__()
         _check_shard("VocabParallelLMHead", weight_shard, out_features, group)
