@@ -711,13 +711,16 @@ class _StepsAgreed:
 
     def flags(self, stuck, unfinished, length):
         """(any row stuck on any rank, any row unfinished on any rank); notes where this rank's rows ended."""
-        import torch.distributed as dist
+        from llmkern.parallel import comm
 
         f = torch.stack([stuck.any(), unfinished.any()]).to(torch.int64)
-        if self.done_at is None and not bool(f[1]):
+        f = f.to(comm._meta_device(f, self.group))
+        every = f.new_empty(comm.world_size(self.group) * 2)
+        comm.all_gather_into(every, f, self.group)  # every rank's flags, read in one sync (this rank's among them)
+        rows = every.view(-1, 2).tolist()
+        if self.done_at is None and not rows[comm.rank(self.group)][1]:
             self.done_at = length
-        dist.all_reduce(f, op=dist.ReduceOp.MAX, group=self.group)
-        return f.tolist()
+        return [max(r[0] for r in rows), max(r[1] for r in rows)]
 
 
 def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_bias, seed,
@@ -1102,11 +1105,7 @@ def _raise_stuck(stuck, allow, t):
 def _log_softmax(y):
     """log-softmax with llmkern.sample's conventions: NaN counts as -inf, +inf logits share the row's mass
     (plain torch.log_softmax turns a row with a NaN or a +inf into NaN)."""
-    y = torch.nan_to_num(y.float(), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-    pinf = torch.isposinf(y)
-    y = torch.where(pinf.any(-1, keepdim=True),
-                    torch.where(pinf, torch.zeros_like(y), torch.full_like(y, float("-inf"))), y)
-    return torch.log_softmax(y, -1)
+    return torch.log_softmax(_as_scores(y.float()), -1)
 
 
 def _as_scores(y):

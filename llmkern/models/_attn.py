@@ -688,7 +688,8 @@ class ZooModel(torch.nn.Module):
         # assert on CUDA (not checked: reading the ids would be a host sync per forward; nor where they cannot be
         # read: torch.compile / export traces, fake tensors, torch.func transforms)
         if input_ids.device.type == "cpu" and input_ids.numel() and eager_fast_path(input_ids):
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            lo, hi = input_ids.aminmax()
+            lo, hi = int(lo), int(hi)
             if lo < 0 or hi >= V:
                 raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={V}), got values in [{lo}, {hi}]")
         if start + T > self.config.block_size:

@@ -295,6 +295,12 @@ def pieces_reduce_scatter(group, m, partial, pieces=2):
     return out
 
 
+def meets_only_here(group_a, group_b):
+    """Whether two process groups share no rank but this one (they form a grid, e.g. tensor x context parallel)."""
+    shared = set(dist.get_process_group_ranks(group_a)) & set(dist.get_process_group_ranks(group_b))
+    return shared == {dist.get_rank()}
+
+
 class SharesProcessGroups:
     """copy.deepcopy of this object keeps the torch.distributed process groups it refers to (a group cannot be
     copied, and the copy takes part in the same collectives, as DDP's copy does) and copies everything else:

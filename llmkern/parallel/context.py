@@ -452,16 +452,14 @@ def check_tensor_parallel_grid(model, cp_group, what):
     Every rank of an overlapping layout sees the overlap, so every rank raises."""
     from llmkern.parallel.pipeline import _tensor_parallel_types
 
-    cp = set(dist.get_process_group_ranks(cp_group))
-    me = dist.get_rank()
     for name, m in model.named_modules():
-        if isinstance(m, _tensor_parallel_types()):
-            tp = set(dist.get_process_group_ranks(m.group))
-            if tp & cp != {me}:
-                raise ValueError(f"{what}: {name} is tensor-parallel over global ranks {sorted(tp)}, which share "
-                                 f"ranks other than this one ({me}) with the context-parallel group (global ranks "
-                                 f"{sorted(cp)}): tensor- and context-parallel groups must form a grid (each "
-                                 f"tensor-parallel group meets each context-parallel group in one rank)")
+        if isinstance(m, _tensor_parallel_types()) and not comm.meets_only_here(m.group, cp_group):
+            raise ValueError(f"{what}: {name} is tensor-parallel over global ranks "
+                             f"{sorted(dist.get_process_group_ranks(m.group))}, which share ranks other than this one "
+                             f"({dist.get_rank()}) with the context-parallel group (global ranks "
+                             f"{sorted(dist.get_process_group_ranks(cp_group))}): tensor- and context-parallel groups "
+                             f"must form a grid (each tensor-parallel group meets each context-parallel group in one "
+                             f"rank)")
 
 
 def _partitioned_experts(model, group):

@@ -244,15 +244,10 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
         raise ValueError("tensor_parallelize: the model is pipeline-parallel; tensor_parallelize it first, then "
                          "pipeline_parallelize (which splits the tensor-parallel model into stages)")
     cp = getattr(model, "context_parallel", None)
-    if cp is not None:  # over the same ranks context parallelism would gather other heads' K/V (wrong, silently)
-        import torch.distributed as dist
-
-        overlap = set(dist.get_process_group_ranks(group)) & set(dist.get_process_group_ranks(cp.group))
-        if overlap != {dist.get_rank()}:
-            raise ValueError(f"tensor_parallelize: the model is context-parallel over global ranks "
-                             f"{sorted(dist.get_process_group_ranks(cp.group))}, which share ranks other than this "
-                             f"one with the tensor-parallel group (global ranks {sorted(overlap)} in common): "
-                             f"tensor- and context-parallel groups must form a grid")
+    if cp is not None and not comm.meets_only_here(group, cp.group):
+        # (over shared ranks context parallelism would gather other heads' K/V: wrong, silently)
+        raise ValueError("tensor_parallelize: the model is context-parallel over ranks that the tensor-parallel "
+                         "group shares beyond this one: tensor- and context-parallel groups must form a grid")
     if any(isinstance(m, ExpertParallelMoE) for m in model.modules()):  # (the same on every rank)
         raise ValueError("tensor_parallelize: the model is expert-parallel (expert_parallelize): its ranks hold "
                          "different tokens and different experts; tensor parallelism over the same group is not "

@@ -231,24 +231,17 @@ class LoRALinear(nn.Module):
         the update twice or not at all, so they are refused."""
         merged = state_dict.pop(prefix + _MERGED_KEY, None) is not None
         norm = state_dict.pop(prefix + _MERGED_NORM_KEY, None)
-        if merged != self.merged:
-            name = prefix[:-1] or "the root module"
-            if prefix + "base_layer.weight" not in state_dict:
-                error_msgs.append(f"LoRA layer {name} is {'' if self.merged else 'not '}merged but the checkpoint "
-                                  f"was saved {'' if merged else 'un'}merged and has no base weight for it: "
-                                  f"{'unmerge' if self.merged else 'merge'}() the layer first")
-            elif merged and self.use_dora and norm is None:
+        name = prefix[:-1] or "the root module"
+        if prefix + "base_layer.weight" in state_dict:  # the base weight brings its state (DoRA: and its norms)
+            if merged and self.use_dora and norm is None:
                 error_msgs.append(f"LoRA layer {name}: a merged DoRA checkpoint without its merged row norms")
             else:
                 self.merged = merged
                 self._dora_merged_norm = norm.to(self.weight.device) if merged and self.use_dora else None
-        elif merged and self.use_dora and prefix + "base_layer.weight" in state_dict:
-            # both merged: the checkpoint's merged weight comes with the norms it was divided by (unmerge needs them)
-            if norm is None:
-                error_msgs.append(f"LoRA layer {prefix[:-1] or 'the root module'}: a merged DoRA checkpoint without "
-                                  f"its merged row norms")
-            else:
-                self._dora_merged_norm = norm.to(self.weight.device)
+        elif merged != self.merged:
+            error_msgs.append(f"LoRA layer {name} is {'' if self.merged else 'not '}merged but the checkpoint "
+                              f"was saved {'' if merged else 'un'}merged and has no base weight for it: "
+                              f"{'unmerge' if self.merged else 'merge'}() the layer first")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -290,10 +283,10 @@ def _save_merged_state(module, state_dict, prefix, local_metadata):
     """A merged LoRALinear's state_dict marks it (its base weight holds W + s B A, and for DoRA the row norms
     unmerge() needs): loading it into an unmerged layer, or an unmerged checkpoint into a merged layer, then
     keeps the right state instead of adding the update twice or dropping it. Unmerged state_dicts are unchanged."""
-    if module.merged:
-        state_dict[prefix + _MERGED_KEY] = torch.ones((), dtype=torch.bool, device=module.lora_A.device)
-        if module._dora_merged_norm is not None:
-            state_dict[prefix + _MERGED_NORM_KEY] = module._dora_merged_norm.detach().clone()
+    for key in (_MERGED_KEY, _MERGED_NORM_KEY):  # (the properties of the same names)
+        value = getattr(module, key)
+        if value is not None:
+            state_dict[prefix + key] = value.detach().clone()
     return state_dict
 
 
