@@ -140,6 +140,53 @@ def test_lengths_beyond_the_table_capacity_raise():
                                        k=torch.randn(3, 2, 2, 16), v=torch.randn(3, 2, 2, 16), block_table=table)
 
 
+@pytest.mark.parametrize("backend", ["default", "triton"])
+@pytest.mark.parametrize("how", ["block_table", "cache_batch_idx"])
+def test_unchecked_negative_pages_raise_not_overwrite_another_sequence(monkeypatch, backend, how):
+    """The host-side range check runs on CPU tensors in eager mode only (on CUDA it would sync, under
+    torch.compile it cannot read values). Unchecked, a -1 entry (an unallocated page) wrapped to the pool's
+    last page as a Python index: the new k/v overwrote another sequence's cache and the CPU paths read it back
+    as a finite answer. A negative entry now indexes out of range (a device-side assert on CUDA)."""
+    if backend == "triton":
+        if DEV is None:
+            pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+        monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    import llmkern.ops.attention as ops_attention
+    monkeypatch.setattr(ops_attention, "_checking_values", lambda: False)  # as on CUDA / under compile
+    pool_k, pool_v = torch.full((3, 1, 4, 8), 7.0), torch.full((3, 1, 4, 8), 7.0)  # page 2: another sequence's
+    q, k, v = torch.randn(1, 1, 1, 8), torch.ones(1, 1, 1, 8), torch.ones(1, 1, 1, 8)
+    if how == "block_table":
+        kw, lens = dict(block_table=torch.tensor([[0, -1]], dtype=torch.int32)), 4  # position 4: page entry -1
+    else:
+        kw, lens = dict(cache_batch_idx=torch.tensor([-1])), 0
+    with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+        llmkern.attention_with_kvcache(q, pool_k, pool_v, torch.tensor([lens], dtype=torch.int32), k=k, v=v, **kw)
+    assert (pool_k[2] == 7.0).all() and (pool_v[2] == 7.0).all()
+
+
+def test_compiled_paged_read_of_a_negative_page_raises():
+    """Under torch.compile (no host-side check) the CPU path's dense copy of the pages read entry -1 as the
+    pool's last page and returned a finite, wrong answer."""
+    q, kc, vc, lens = _case(B=1, Tmax=32)
+    pool = torch.randn(3, 2, 16, 16)
+    table = torch.tensor([[0, -1]], dtype=torch.int32)
+    f = torch.compile(llmkern.attention_with_kvcache, backend="eager", fullgraph=False)
+    with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+        f(q, pool, pool.clone(), torch.tensor([20], dtype=torch.int32), block_table=table)
+
+
+def test_repeated_cache_batch_idx_with_new_tokens_raises():
+    """Two batch rows appending into one cache row overwrote each other's new token (the last write won and
+    both rows attended to it)."""
+    q, kc, vc, _ = _case(B=2)
+    k, v = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16)
+    with pytest.raises(ValueError, match="cache_batch_idx names one cache row for two batch rows"):
+        llmkern.attention_with_kvcache(q, kc, vc, torch.tensor([3, 3], dtype=torch.int32), k=k, v=v,
+                                       cache_batch_idx=torch.tensor([1, 1]))
+    llmkern.attention_with_kvcache(q, kc, vc, torch.tensor([3, 3], dtype=torch.int32),
+                                   cache_batch_idx=torch.tensor([1, 1]))  # reading one row twice is fine
+
+
 @pytest.mark.gpu
 def test_gpu_paged_equals_dense():
     q, kc, vc, lens = (t.cuda() for t in _case(B=3, H=32, Hk=8, Tmax=4096, D=128, Tq=1, dtype=torch.bfloat16))

@@ -630,7 +630,9 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache/v_cache are then page pools [num_pages, kv_heads, page_size, head_dim (v: head_dim_v)] (any strides:
         a token-major pool [num_pages, page_size, kv_heads, head_dim] works as ``.transpose(1, 2)``),
         key j of row b lives in page block_table[b, j // page_size] at slot j % page_size, and
-        Tmax = pages_per_row * page_size. New k/v are written into those slots.
+        Tmax = pages_per_row * page_size. New k/v are written into those slots. Entries must name pages of the
+        pool (checked on CPU in eager mode; on CUDA the kernel reads a bad entry as a NaN row and an append
+        through one fails a device-side assert, never writing into another sequence's page).
     sinks: as for ``attention``: [heads] per-query-head sink logits in the softmax denominator (the
         split-K kernel adds them when it combines the splits); the LSE includes them.
     key_padding_mask: bool [batch, Tmax], True = attend: cache slots no query may see, e.g. the pads of a
@@ -654,7 +656,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         seqlen_ro must cover cache_seqlens + Tq_new (checked on CPU).
     cache_batch_idx: int [batch] (FlashAttention's): row b reads and appends cache row cache_batch_idx[b] of a
         dense cache [N, kv_heads, Tmax, D] with N >= batch (a persistent pool of request slots); run as a paged
-        cache of one page per row (page size Tmax), so everything above holds. Not with block_table.
+        cache of one page per row (page size Tmax), so everything above holds. Not with block_table. With new k/v
+        the entries must be distinct (two rows appending into one cache row would overwrite each other).
     Returns out [batch, heads, Tq, head_dim_v] (, lse float32 [batch, heads, Tq]).
     """
     _check_qkv(q, k_cache, v_cache, 4, "[batch, heads, seq, head_dim]", names=("k_cache", "v_cache"), fp8_ok=True)
@@ -662,7 +665,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Dv = v_cache.shape[-1]
     Hk, Tmax = k_cache.shape[1], k_cache.shape[2]
     if cache_batch_idx is not None:  # a dense pool is a paged cache with one page of Tmax slots per row
-        block_table = _batch_idx_table(cache_batch_idx, block_table, B, q.device, k_cache.shape[0])
+        block_table = _batch_idx_table(cache_batch_idx, block_table, B, q.device, k_cache.shape[0], k is not None)
     if block_table is not None:
         Tmax = _check_block_table(block_table, B, k_cache, q.device)
     elif k_cache.shape[0] != B:
@@ -859,7 +862,7 @@ def quantize_kv(x: torch.Tensor, dtype=torch.float8_e4m3fn, scale=None) -> torch
     return y.clamp(-fmax, fmax).to(dtype)
 
 
-def _batch_idx_table(cache_batch_idx, block_table, B, device, n_rows):
+def _batch_idx_table(cache_batch_idx, block_table, B, device, n_rows, appending):
     """cache_batch_idx [B] as a block table [B, 1] (one page per row)."""
     _tensor("cache_batch_idx", cache_batch_idx)
     if block_table is not None:
@@ -874,6 +877,11 @@ def _batch_idx_table(cache_batch_idx, block_table, B, device, n_rows):
         if lo < 0 or hi >= n_rows:
             raise ValueError(f"cache_batch_idx entries must be rows of k_cache in 0..{n_rows - 1}, got values in "
                              f"{lo}..{hi}")
+        if appending and torch.unique(cache_batch_idx).numel() != B:
+            raise ValueError(f"cache_batch_idx names one cache row for two batch rows ({cache_batch_idx.tolist()}): "
+                             f"their new k/v would overwrite each other")
+    if cache_batch_idx.dtype == torch.int64:  # unchecked (CUDA, compile): out of range stays out of range in int32
+        cache_batch_idx = cache_batch_idx.clamp(-1, n_rows)
     return cache_batch_idx.to(torch.int32).view(B, 1)
 
 
@@ -894,10 +902,17 @@ def _check_block_table(block_table, B, k_cache, device):
     return block_table.shape[1] * k_cache.shape[2]
 
 
+def _page_index(block_table):
+    """An int32 block table as int64 indices, negative entries read as unsigned (-1 -> 2^32 - 1): out of range,
+    so indexing raises (a device-side assert on CUDA) where a negative index would wrap to the pool's last page,
+    another sequence's, unnoticed (the host-side range check runs on CPU tensors in eager mode only)."""
+    return block_table.to(torch.long) & 0xFFFFFFFF
+
+
 def _append_paged(k_cache, v_cache, block_table, pos, k, v):
     """Write new tokens k [B, Hk, t, D] / v [B, Hk, t, Dv] at positions pos [B, t] of each row's pages."""
     page_size = k_cache.shape[2]
-    pages = torch.gather(block_table.to(torch.long), 1, pos // page_size).reshape(-1)  # [B * t]
+    pages = torch.gather(_page_index(block_table), 1, pos // page_size).reshape(-1)  # [B * t]
     slots = (pos % page_size).reshape(-1)
     k_cache[pages, :, slots] = k.permute(0, 2, 1, 3).reshape(-1, k.shape[1], k.shape[3])
     v_cache[pages, :, slots] = v.permute(0, 2, 1, 3).reshape(-1, v.shape[1], v.shape[3])
@@ -906,7 +921,7 @@ def _append_paged(k_cache, v_cache, block_table, pos, k, v):
 def _gather_pages(cache, block_table):
     """A page pool [num_pages, Hk, page_size, D] as each row's dense cache [B, Hk, Tmax, D] (D: the pool's)."""
     B, n = block_table.shape
-    pages = cache[block_table.to(torch.long)]  # [B, n, Hk, page_size, D]
+    pages = cache[_page_index(block_table)]  # [B, n, Hk, page_size, D]
     return pages.permute(0, 2, 1, 3, 4).reshape(B, cache.shape[1], n * cache.shape[2], cache.shape[3])
 
 
