@@ -415,6 +415,38 @@ def test_opcheck_and_compile():
     assert torch.equal(compiled(x), step(x))
 
 
+@pytest.mark.parametrize("name,bad,good", [("min_p", [0.0, 1.5, float("nan")], [0.0, 0.1, 0.2]),
+                                           ("temperature", [1.0, -1.0, 1.0], [1.0, 0.0, 0.5]),
+                                           ("top_p", [0.9, float("nan"), 0.9], [0.9, 0.5, 1.0]),
+                                           ("top_k", [5, -2, 5], [5, 0, 1])])
+def test_compiled_calls_check_tensor_parameters_when_run(name, bad, good):
+    """Under torch.compile the range checks cannot read the values; they were skipped, and the kernels took
+    the values as they came: min_p 1.5 kept no token and returned token 0 with logprob inf (valid), a
+    negative or NaN temperature sampled at temperature 1. The check now runs inside the graph."""
+    x = torch.randn(3, 100)
+    kw = {name: torch.tensor(bad)}
+    f = torch.compile(lambda t, **k: llmkern.sample(t, seed=0, return_logprobs=True, **k), backend="aot_eager",
+                      fullgraph=True)
+    with pytest.raises(RuntimeError, match=f"{name} values must be in"):
+        f(x, **kw)
+    g = torch.compile(lambda t, **k: llmkern.top_k_top_p_filter(t, **k), backend="aot_eager", fullgraph=True)
+    if name != "temperature":
+        with pytest.raises(RuntimeError, match=f"{name} values must be in"):
+            g(x, **kw)
+    good = {name: torch.tensor(good)}
+    torch.testing.assert_close(f(x, **good), llmkern.sample(x, seed=0, return_logprobs=True, **good))
+
+
+def test_compiled_output_start_is_checked_when_run():
+    x, prev = torch.randn(2, 50), torch.randint(0, 50, (2, 6))
+    f = torch.compile(lambda t, s: llmkern.sample(t, seed=0, prev_tokens=prev, output_start=s, presence_penalty=1.0),
+                      backend="aot_eager", fullgraph=True)
+    with pytest.raises(RuntimeError, match="output_start values must be in"):
+        f(x, torch.tensor([0, 7]))
+    assert torch.equal(f(x, torch.tensor([0, 6])), llmkern.sample(x, seed=0, prev_tokens=prev, presence_penalty=1.0,
+                                                                  output_start=torch.tensor([0, 6])))
+
+
 def test_reference_fallback_without_extension(monkeypatch):
     monkeypatch.setenv("LLMKERN_BACKEND", "reference")
     x = torch.randn(3, 100)

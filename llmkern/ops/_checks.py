@@ -22,6 +22,13 @@ def checking_values():
     return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
 
+def assert_async(ok, message):
+    """The value check for code that cannot read values (torch.compile, CUDA graph capture): ok, a bool
+    tensor [], is checked when the graph runs (RuntimeError on CPU, a device-side assert on CUDA, which
+    ends the process's CUDA context: loud, where the unchecked value would give a silently wrong answer)."""
+    torch._assert_async(ok, message)
+
+
 def autocast_dtype(t):
     """The torch.autocast dtype in effect for t's device (None: autocast off, or t not a tensor)."""
     if not isinstance(t, torch.Tensor) or t.device.type not in ("cuda", "cpu"):

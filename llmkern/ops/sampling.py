@@ -99,14 +99,18 @@ class _RangeChecks:
         self.pending = []  # (name, interval text, bool tensor: any value out of range)
 
     def add(self, name, t, lo, hi, lo_open, hi_open):
-        if not _checking_values() or t.numel() == 0:
+        if t.numel() == 0:
             return
         below = t <= lo if lo_open else t < lo
         above = t >= hi if hi_open else t > hi
         bad = below | above
         if t.is_floating_point():
             bad = bad | torch.isnan(t)
-        self.pending.append((name, _interval(lo, hi, lo_open, hi_open), bad.any()))
+        if _checking_values():
+            self.pending.append((name, _interval(lo, hi, lo_open, hi_open), bad.any()))
+        else:  # compiled / captured: no host read, but no garbage either (min_p 1.5 kept no token and drew token
+            # 0 with logprob inf; a negative temperature sampled at 1): raises when run, a device assert on CUDA
+            _checks.assert_async(~bad.any(), f"{name} values must be in {_interval(lo, hi, lo_open, hi_open)}")
 
     def verify(self):
         if not self.pending:
@@ -243,8 +247,11 @@ def _output_start(output_start, prev_tokens, B, device):
         if output_start.device != device and output_start.device.type != "cpu":
             raise ValueError(f"output_start is on {output_start.device} but logits are on {device}")
         t = output_start.to(device=device, dtype=torch.int64)
-        if _checking_values() and B and bool(((t < 0) | (t > L)).any()):
-            raise ValueError(f"output_start values must be in [0, {L}] (prev_tokens has {L} columns)")
+        msg = f"output_start values must be in [0, {L}] (prev_tokens has {L} columns)"
+        if not _checking_values():
+            _checks.assert_async(~((t < 0) | (t > L)).any(), msg)
+        elif B and bool(((t < 0) | (t > L)).any()):
+            raise ValueError(msg)
         return t
     if isinstance(output_start, bool) or not isinstance(output_start, numbers.Integral):
         raise TypeError(f"output_start must be an int or an integer tensor, got {type(output_start).__name__}")
