@@ -71,6 +71,25 @@ def test_lora_linear_init_scaling_merge():
         lp.LoRALinear(nn.Linear(4, 4), r=0)
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_disabled_merged_layer_gives_the_base_output(use_dora):
+    """A merged layer holds W + s·B·A in its base weight: disabled, it returned the adapted output (PEFT
+    unmerges first, giving the base model's)."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8, dtype=torch.float64)
+    want_base = base.weight.detach().clone()
+    m = lp.LoRALinear(base, r=4, alpha=8, use_dora=use_dora)
+    nn.init.normal_(m.lora_B)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    adapted = m(x)
+    m.merge()
+    m.disabled = True
+    torch.testing.assert_close(m(x), x @ want_base.T + base.bias)
+    assert not m.merged
+    m.disabled = False
+    torch.testing.assert_close(m(x), adapted)
+
+
 def test_float64_merge_round_trip_is_exact_to_float64():
     m = lp.LoRALinear(nn.Linear(20, 12).double(), r=4, alpha=8)
     nn.init.normal_(m.lora_B)
@@ -297,6 +316,46 @@ def test_use_fused_lora_falls_back_under_cpu_autocast(monkeypatch):
         model(_ids())
     assert not calls
     ip.use_fused_lora(model, enable=False)
+
+
+class _Proj(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_offloaded_layers_run_through_their_hooks():
+    """accelerate's offloading (cpu_offload, device_map with offload) keeps a layer's weight on the meta device
+    and loads it inside the layer's own forward: the fused paths read the weight directly and raised 'weight is
+    on meta'. They now run the hooked layers' forwards (use_fused_lora: PEFT's; LoRALinear: base + update)."""
+    accelerate = pytest.importorskip("accelerate")
+    from llmkern.integrations import peft as ip
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    pm = peft.get_peft_model(_Proj(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]))
+    _randomize_lora(pm)
+    own = _Proj()
+    lp.inject_lora(own, ["proj"], r=2, alpha=4)
+    nn.init.normal_(own.proj.lora_B)
+    with torch.no_grad():
+        want_peft, want_own = pm(x), own(x)
+    for model, want in ((pm, want_peft), (own, want_own)):
+        accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+        if model is pm:
+            ip.use_fused_lora(pm)
+            assert pm.base_model.model.proj.base_layer.weight.device.type == "meta"
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    ip.use_fused_lora(pm, enable=False)
+    dora = _Proj()
+    lp.inject_lora(dora, ["proj"], r=2, alpha=4, use_dora=True)
+    accelerate.cpu_offload(dora, execution_device=torch.device("cpu"))
+    with pytest.raises(NotImplementedError, match="DoRA needs the base weight"):
+        dora(x)
 
 
 def test_use_fused_lora_falls_back_above_the_kernels_rank():

@@ -39,6 +39,7 @@ from llmkern._backend import warn_once
 from llmkern.ops.lora import MAX_RANK, lora_linear, lora_linear_multi
 from llmkern.ops.nf4 import NF4Weight
 from llmkern.peft.dora import dora_linear
+from llmkern.peft.lora import has_forward_hooks
 
 _ORIG = "_llmkern_orig_forward"
 _NF4_CACHE = "_llmkern_nf4_cache"
@@ -174,6 +175,14 @@ def _base_operands(self, x):
     return None if nf4 is None else (*nf4, True)
 
 
+def _hooked(self):
+    """Whether the base layer or an adapter's modules have forward hooks: accelerate's offloading keeps their
+    weights on the meta device and loads them inside their own forwards, which PEFT's forward calls and the
+    fused ops, reading the weights, would not."""
+    return has_forward_hooks(self.base_layer) or any(
+        has_forward_hooks(m) for d in (self.lora_A, self.lora_B) for m in d.values())
+
+
 def _fused_forward(self, x, *args, **kwargs):
     orig = getattr(self, _ORIG)
     base = self.base_layer
@@ -181,7 +190,9 @@ def _fused_forward(self, x, *args, **kwargs):
             or not isinstance(x, torch.Tensor) or torch.is_autocast_enabled(x.device.type)):
         return orig(x, *args, **kwargs)
     other = {k: v for k, v in kwargs.items() if k != "adapter_names" and v is not None}
-    operands = None if other else _base_operands(self, x)
+    if other or _hooked(self):
+        return orig(x, *args, **kwargs)
+    operands = _base_operands(self, x)
     if operands is None:
         return orig(x, *args, **kwargs)
     weight, bias, quantized = operands

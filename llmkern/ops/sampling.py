@@ -412,7 +412,9 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: ScalarOrTensor = 0, top_p: S
 
     Removed entries are set to `filter_value`; ties at the k-th value are kept; at least one token
     is kept. One deliberate difference: where the top-p boundary falls inside a group of exactly
-    equal logits, the whole group is kept (HF keeps an arbitrary part of it, by sort order).
+    equal logits, the whole group is kept (HF keeps an arbitrary part of it, by sort order). One limit: the
+    top-p masses are summed in 40-bit fixed point (each truncated to a multiple of 2^-40), so for top_p within
+    ~1e-5 of 1 on a long tail the kept set may stop short of HF's by tail tokens of tiny total mass (README).
     `logits` is [B, V] or [V]; returns a new tensor of the same shape and dtype.
     """
     if isinstance(logits, torch.Tensor) and logits.dim() == 1:

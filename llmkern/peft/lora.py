@@ -20,6 +20,12 @@ from llmkern.peft.qlora import NF4Linear, nf4_dora_linear
 MAX_RANK = 256  # the largest r a LoRALinear takes
 
 
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether module's forward is hooked (accelerate's _hf_hook, forward (pre-)hooks): its weights may then be
+    what the hooks make them only while its own forward runs (offloading keeps them on the meta device)."""
+    return hasattr(module, "_hf_hook") or bool(module._forward_pre_hooks) or bool(module._forward_hooks)
+
+
 def lora_scaling(alpha, r, use_rslora=False) -> float:
     """PEFT's LoRA scaling: alpha / r, alpha / sqrt(r) with rsLoRA."""
     return alpha / (math.sqrt(r) if use_rslora else r)
@@ -45,6 +51,9 @@ class LoRALinear(nn.Module):
     ``y = (m / ‖W + s B A‖_row) ⊙ (x Wᵀ + s (x Aᵀ) Bᵀ) + b`` with the norm detached and never forming B A.
     ``merge()`` writes ``(m / ‖W + s B A‖_row) ⊙ (W + s B A)`` into the weight and keeps the norm it used,
     so that ``unmerge()`` can divide it out again (as PEFT does).
+
+    ``disabled = True`` runs the base layer alone (PEFT's disable_adapters); a merged layer is unmerged by its
+    next forward, as PEFT does, so the output is the base model's.
     """
 
     def __init__(self, base_layer: Union[nn.Linear, NF4Linear], r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
@@ -250,9 +259,13 @@ class LoRALinear(nn.Module):
         return n + (self.lora_magnitude_vector.numel() if self.lora_magnitude_vector is not None else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled and self.merged:  # the merged weight holds the update: take it out first, as PEFT does
+            self.unmerge()
         if self.merged or self.disabled:
             return self.base_layer(x)
         p = self.dropout if self.training else 0.0
+        if has_forward_hooks(self.base_layer):
+            return self._forward_through_base(x, p)
         if self.quantized:
             return self._forward_nf4(x, p)
         if self.use_dora:
@@ -260,6 +273,18 @@ class LoRALinear(nn.Module):
                                self.lora_magnitude_vector, self.scaling, p)
         return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
                            self.scaling, p)
+
+    def _forward_through_base(self, x, p):
+        """base_layer(x) + the update, unfused: the base layer has forward hooks, e.g. accelerate's offload
+        (cpu_offload, device_map with offloading), which keeps its weight on the meta device and loads it only
+        inside base_layer's own forward, so the fused op, which reads the weight, cannot run."""
+        if self.use_dora:
+            raise NotImplementedError("LoRALinear with DoRA needs the base weight's row norms; its base layer has "
+                                      "forward hooks (accelerate offloading?) that load the weight only inside its "
+                                      "own forward: run it without offloading, or through PEFT")
+        h = nn.functional.dropout(x, p, training=p > 0)
+        return self.base_layer(x) + self.scaling * nn.functional.linear(nn.functional.linear(h, self.lora_A),
+                                                                        self.lora_B)
 
     def _forward_nf4(self, x, p):
         base = self.base_layer
