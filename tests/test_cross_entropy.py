@@ -220,6 +220,34 @@ def test_int32_labels_and_expanded_upstream_gradient(triton_backend):
     assert_close(out, _torch_loss(x.detach().double(), y, reduction="none"), torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["default", "triton"])
+def test_int32_labels_with_an_ignore_index_beyond_int32(monkeypatch, backend):
+    """torch compares int32 labels with an int by casting the int to int32: ignore_index 2**40 wrapped to 0
+    and the row count of the mean left out label-0 rows the kernels (comparing in int64) kept (loss x 4/3),
+    in linear_cross_entropy on every backend; 2**32 - 100 let label -100 pass the label check."""
+    if backend == "triton":
+        if DEV is None:
+            pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+        monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    dev = DEV if backend == "triton" else "cpu"
+    torch.manual_seed(0)
+    y = torch.tensor([1, 2, 3, 0], dtype=torch.int32, device=dev)
+    x = torch.randn(4, 5, device=dev, requires_grad=True)
+    out = llmkern.cross_entropy(x, y, ignore_index=2**40)
+    out.backward()
+    xd = x.detach().double().requires_grad_()
+    want = F.cross_entropy(xd, y.long(), ignore_index=2**40)
+    want.backward()
+    assert_close(out, want, torch.float32)
+    assert_close(x.grad, xd.grad, torch.float32, atol=1e-6)
+    h, w = torch.randn(4, 3, device=dev), torch.randn(5, 3, device=dev)
+    assert_close(llmkern.linear_cross_entropy(h, w, y, ignore_index=2**40),
+                 F.cross_entropy(F.linear(h.double(), w.double()), y.long()), torch.float32)
+    with pytest.raises(ValueError, match="labels must be in"):
+        llmkern.cross_entropy(x.detach(), torch.tensor([1, -100, 3, 0], dtype=torch.int32, device=dev),
+                              ignore_index=2**32 - 100)
+
+
 @needs_triton
 def test_out_of_range_labels_are_ignored_by_the_kernels(triton_backend):
     """CUDA semantics (no host check): the op itself counts such rows as ignored."""

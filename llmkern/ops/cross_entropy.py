@@ -66,6 +66,14 @@ def _check(logits, labels, ignore_index, reduction):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def ignored(labels, ignore_index):
+    """labels == ignore_index, compared as int64 (as the kernels and the reference do): for int32 labels torch
+    casts the int to int32, so an ignore_index beyond int32 (2**40) wrapped and matched labels (0)."""
+    if labels.dtype == torch.int32 and not -(2**31) <= ignore_index < 2**31:
+        return torch.zeros_like(labels, dtype=torch.bool)
+    return labels == ignore_index
+
+
 def _check_labels(labels, lead, V, device, ignore_index, lead_name, device_name):
     _tensor("labels", labels)
     if labels.is_floating_point() or labels.is_complex():
@@ -84,7 +92,7 @@ def _check_labels(labels, lead, V, device, ignore_index, lead_name, device_name)
     if not -(2**63) <= int(ignore_index) < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if labels.device.type == "cpu" and _checking_values() and N > 0:
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        bad = ~ignored(labels, ignore_index) & ((labels < 0) | (labels >= V))
         if bool(bad.any()):
             value = int(labels[bad].reshape(-1)[0])
             raise ValueError(f"labels must be in [0, {V}) or equal ignore_index ({ignore_index}), "
@@ -122,7 +130,7 @@ def _kern():
 
 def _n_valid(labels, V, ignore_index):
     """Non-ignored rows as an int64 0-dim device tensor (out-of-range labels are ignored)."""
-    return ((labels != ignore_index) & (labels >= 0) & (labels < V)).sum()
+    return (~ignored(labels, ignore_index) & (labels >= 0) & (labels < V)).sum()
 
 
 def _reduce(loss, n_valid, reduction):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkern.ops import _checks
+from llmkern.ops.cross_entropy import ignored
 from llmkern.parallel import comm
 
 
@@ -125,7 +126,7 @@ class VocabParallelEmbedding(comm.SharesProcessGroups, nn.Module):
 def _check_vocab_labels(labels, ignore_index, num_classes):
     """Out-of-range labels raise on CPU (labels are replicated: every rank raises); on CUDA the gather
     of column S in _shard_loss is the device-side assert (no host sync)."""
-    valid = labels != ignore_index
+    valid = ~ignored(labels, ignore_index)
     bad = valid & ((labels < 0) | (labels >= num_classes))
     if not labels.is_cuda and bool(bad.any()):
         raise IndexError(f"vocab_parallel_loss: label {labels[bad][0].item()} is out of bounds for "
