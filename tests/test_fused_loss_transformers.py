@@ -237,3 +237,33 @@ def test_pickled_model_keeps_the_fused_loss(monkeypatch):
         with torch.no_grad():  # eval: the model's own forward, as before the save
             out = loaded.eval()(input_ids=ids, labels=labels)
         assert out.logits is not None and out.logits.shape == (2, 11, 97)
+
+
+@pytest.mark.parametrize("keep", [4, "tensor"])
+def test_logits_to_keep_scores_the_kept_positions(keep):
+    """transformers computes the loss on lm_head(hidden[:, -k:]) with [B, k] labels; the patch overwrote the
+    caller's logits_to_keep with 1 and scored every position (a valid [B, k] call raised a shape error, a
+    [B, T] one silently returned the whole sequence's loss)."""
+    ref = _model("llama").train()
+    fused = lt.use_fused_loss(copy.deepcopy(ref))
+    ids, _ = _batch()
+    k = keep if keep == 4 else torch.tensor([3, 7, 9, 10])
+    labels = ids[:, -4:].clone() if keep == 4 else ids[:, k].clone()
+    want = ref(input_ids=ids, labels=labels, logits_to_keep=k)
+    got = fused(input_ids=ids, labels=labels, logits_to_keep=k)
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        fused(input_ids=ids, labels=ids, logits_to_keep=k)  # (transformers refuses these labels too)
+
+
+def test_hooks_on_the_lm_head_are_refused():
+    """A forward hook on lm_head changes (or reads) the logits, which the fused loss never forms: it was
+    skipped silently (the loss from the raw head weight)."""
+    fused = lt.use_fused_loss(_model("llama").train())
+    ids, labels = _batch()
+    handle = fused.lm_head.register_forward_hook(lambda m, a, out: out * 3)
+    with pytest.raises(ValueError, match="LM head has forward hooks"):
+        fused(input_ids=ids, labels=labels)
+    handle.remove()
+    fused(input_ids=ids, labels=labels)  # the model's own hooks of the call are gone again
+    assert not fused.lm_head._forward_hooks and not fused.lm_head._forward_pre_hooks

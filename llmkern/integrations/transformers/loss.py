@@ -135,7 +135,11 @@ def _fused_forward(self, *args, labels=None, **kwargs):
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
+    keep = kwargs.pop("logits_to_keep", 0)  # the caller's: the loss covers the kept positions, as transformers'
     kwargs["logits_to_keep"] = 1
+    if head._forward_hooks or head._forward_pre_hooks:  # (before ours are registered)
+        raise ValueError(f"use_fused_loss: {type(self).__name__}'s LM head has forward hooks; the fused loss never "
+                         f"forms the logits they would see or change: remove them, or train without the patch")
     hidden, head_io = [], {}
 
     def head_pre(module, args):
@@ -162,6 +166,8 @@ def _fused_forward(self, *args, labels=None, **kwargs):
     if shift is None:
         shift = nn.functional.pad(labels, (0, 1), value=ignore)[..., 1:]
     h = hidden[-1]
+    if isinstance(keep, torch.Tensor) or keep:  # transformers: lm_head(hidden[:, slice(-k, None)]) or [:, indices]
+        h = h[:, keep if isinstance(keep, torch.Tensor) else slice(-keep, None)]
     reduction = "sum" if n_items is not None else "mean"
     chunk_size = getattr(self, "_llmkern_fused_loss_chunk_size", None)
     loss = linear_cross_entropy(h, head.weight, shift.to(h.device), bias=head.bias, ignore_index=ignore,
@@ -198,7 +204,9 @@ def use_fused_loss(model, chunk_size=None):
     """Patch `model` (a transformers *ForCausalLM, or a PeftModel around one) in place so that training
     calls with labels compute the loss with llmkern.linear_cross_entropy. Returns `model`.
     A model whose logits are not lm_head(base model output) (a transform before or after the head) raises
-    ValueError at its first training call with labels."""
+    ValueError at its first training call with labels, as does an LM head with forward hooks (they would see
+    logits the fused loss never forms). logits_to_keep=k scores the last k positions (labels [B, k]), as
+    transformers does."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped *ForCausalLM
     if getattr(lm, _ATTR, False):
         return model
