@@ -389,3 +389,43 @@ def test_pickled_use_fused_lora_model_stays_fused(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids, attention_mask=am).logits, want, atol=1e-5, rtol=1e-5)
     assert len(calls) == 2 * n
+
+
+@pytest.mark.parametrize("family", ["neox", "phi3"])
+def test_partial_rotary_runs_llmkern_rope(family, spy):
+    """GPT-NeoX's rotary_pct / Phi-3's partial_rotary_factor: transformers' function rotates the first R
+    channels; it was counted as patched but every call fell back (cos / sin narrower than the head). The
+    probe now checks the function with R < D too, and llmkern.rope (which takes R < D) runs."""
+    torch.manual_seed(0)
+    if family == "neox":
+        cfg = transformers.GPTNeoXConfig(num_hidden_layers=L, num_attention_heads=4, hidden_size=32,
+                                         intermediate_size=48, vocab_size=V, rotary_pct=0.5,
+                                         max_position_embeddings=64)
+        ref = transformers.GPTNeoXForCausalLM(cfg)
+    else:
+        cfg = transformers.Phi3Config(num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2,
+                                      hidden_size=32, intermediate_size=48, vocab_size=V, partial_rotary_factor=0.5,
+                                      max_position_embeddings=64, pad_token_id=0)
+        ref = transformers.Phi3ForCausalLM(cfg)
+    ref = ref.float().train()
+    fused = lt.use_fused_ops(copy.deepcopy(ref))
+    assert fused._llmkern_fused_ops["rope"] == L
+    ids, am = _batch()
+    _assert_same(fused, ref, ids, am)
+    assert spy["rope"] == L
+
+
+def test_a_reassigned_rope_function_is_probed_again(monkeypatch):
+    """The patched attention forward was built once per class with the module globals of the first patch:
+    after apply_rotary_pos_emb was replaced (here by no rotation), a model patched later still ran
+    llmkern.rope, never checked against the new function."""
+    from transformers.models.llama import modeling_llama
+
+    lt.use_fused_ops(_model("llama"))  # the first patch of the class
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", lambda q, k, cos, sin, unsqueeze_dim=1: (q, k))
+    ref = _model("llama").eval()
+    fused = lt.use_fused_ops(copy.deepcopy(ref))
+    assert fused._llmkern_fused_ops["rope"] == 0
+    ids, am = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, ref(input_ids=ids).logits)

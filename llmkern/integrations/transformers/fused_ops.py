@@ -141,35 +141,42 @@ def _mlp_forward(self, x, *args, **kwargs):
 
 _ROPE_NAME = "apply_rotary_pos_emb"
 _rope_checked = {}   # transformers' function -> whether it equals llmkern.rope (the probe below)
-_rope_forwards = {}  # class forward -> its copy (or None: nothing to patch)
+_rope_forwards = {}  # class forward -> (the globals it read, its copy or None: nothing to patch)
+
+
+def _rope_probe(fn, R):
+    """Whether fn(q, k, cos, sin) is llmkern.rope(q, k, cos, sin) for [B, T, R] cos / sin and head dim 8 (in
+    float64 on random inputs, cos / sin not of the cat(f, f) form, so any per-channel difference shows)."""
+    from llmkern.reference.rope import rope  # what llmkern.rope computes (its CPU path, float64 here)
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 1, 5, 8, generator=g,
+                                                                                 dtype=torch.float64)
+    cos, sin = torch.randn(2, 2, 5, R, generator=g, dtype=torch.float64).unbind(0)
+    try:
+        got = fn(q, k, cos, sin)
+        want = rope(q, k, cos, sin)
+        return (isinstance(got, tuple) and len(got) == 2
+                and all(isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-12,
+                                                                                              atol=1e-12)
+                        for a, b in zip(got, want)))
+    except Exception:  # noqa: BLE001 (another signature or layout: not ours to replace)
+        return False
 
 
 def _rope_agrees(fn):
-    """Whether fn(q, k, cos, sin) is llmkern.rope(q, k, cos, sin) for [B, T, D] cos / sin (checked once, in
-    float64 on random inputs, cos / sin not of the cat(f, f) form, so any per-channel difference shows)."""
+    """(full, partial): whether fn is llmkern.rope for cos / sin covering the head dim, and for cos / sin
+    covering part of it (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor: the rest passes through); checked
+    once per function."""
     if fn not in _rope_checked:
-        from llmkern.reference.rope import rope  # what llmkern.rope computes (its CPU path, float64 here)
-
-        g = torch.Generator().manual_seed(0)
-        q, k = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 1, 5, 8, generator=g,
-                                                                                     dtype=torch.float64)
-        cos, sin = torch.randn(2, 2, 5, 8, generator=g, dtype=torch.float64).unbind(0)
-        try:
-            got = fn(q, k, cos, sin)
-            want = rope(q, k, cos, sin)
-            ok = (isinstance(got, tuple) and len(got) == 2
-                  and all(isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-12,
-                                                                                                atol=1e-12)
-                          for a, b in zip(got, want)))
-        except Exception:  # noqa: BLE001 (another signature or layout: not ours to replace)
-            ok = False
-        _rope_checked[fn] = ok
+        full = _rope_probe(fn, 8)
+        _rope_checked[fn] = (full, full and _rope_probe(fn, 4))
     return _rope_checked[fn]
 
 
-def _fused_rope(original):
+def _fused_rope(original, partial):
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if _rope_fits(q, k, cos, sin, args, kwargs):
+        if _rope_fits(q, k, cos, sin, args, kwargs, partial):
             from llmkern.ops.rope import rope
 
             return rope(q, k, cos, sin)
@@ -180,9 +187,10 @@ def _fused_rope(original):
     return apply_rotary_pos_emb
 
 
-def _rope_fits(q, k, cos, sin, args, kwargs):
-    """The calls the probe vouches for: q [B, Hq, T, D], k [B, Hk, T, D], cos / sin [B or 1, T, D], all of one
-    float dtype and device, unsqueeze_dim=1."""
+def _rope_fits(q, k, cos, sin, args, kwargs, partial):
+    """The calls the probe vouches for: q [B, Hq, T, D], k [B, Hk, T, D], cos / sin [B or 1, T, D] (or
+    [B or 1, T, R], R < D even, when the partial probe agreed), all of one float dtype and device,
+    unsqueeze_dim=1."""
     if args not in ((), (1,)) or kwargs not in ({}, {"unsqueeze_dim": 1}):
         return False
     if not all(isinstance(t, torch.Tensor) for t in (q, k, cos, sin)):
@@ -191,7 +199,8 @@ def _rope_fits(q, k, cos, sin, args, kwargs):
         return False
     B, _, T, D = q.shape
     return (k.shape[0] == B and k.shape[2:] == (T, D) and cos.shape == sin.shape and cos.shape[0] in (1, B)
-            and cos.shape[1:] == (T, D) and D % 2 == 0 and k.dtype == cos.dtype == sin.dtype == q.dtype
+            and cos.shape[1] == T and (cos.shape[2] == D or partial and 0 < cos.shape[2] < D)
+            and D % 2 == 0 and cos.shape[2] % 2 == 0 and k.dtype == cos.dtype == sin.dtype == q.dtype
             and k.device == cos.device == sin.device == q.device)
 
 
@@ -235,18 +244,31 @@ def _rebuild(fn):
     if code is None or _ROPE_NAME not in code.co_names:
         return None
     original = fn.__globals__.get(_ROPE_NAME)
-    if not callable(original) or getattr(original, "_llmkern_fused", False) or not _rope_agrees(original):
+    if not callable(original) or getattr(original, "_llmkern_fused", False) or not _rope_agrees(original)[0]:
         return None
     scope = dict(fn.__globals__)
-    scope[_ROPE_NAME] = _fused_rope(original)
+    scope[_ROPE_NAME] = _fused_rope(original, _rope_agrees(original)[1])
     return _copy_function(fn, scope, fn.__closure__)
 
 
+def _globals_read(fn):
+    """The module globals fn's innermost function names (apply_rotary_pos_emb, eager_attention_forward, ...), as
+    they are now: a copy made from other values is stale."""
+    while getattr(fn, "__wrapped__", None) is not None and getattr(fn, "__closure__", None):
+        fn = fn.__wrapped__
+    code = getattr(fn, "__code__", None)
+    return () if code is None else tuple(fn.__globals__.get(name) for name in code.co_names)
+
+
 def _rope_forward_for(cls):
+    """The class forward's copy, rebuilt (and its RoPE probed again) when a global it reads was reassigned since
+    (a new apply_rotary_pos_emb: the old copy ran llmkern.rope in place of a function never checked)."""
     fwd = cls.forward
-    if fwd not in _rope_forwards:
-        _rope_forwards[fwd] = _rebuild(fwd)
-    return _rope_forwards[fwd]
+    seen = _globals_read(fwd)
+    cached = _rope_forwards.get(fwd)
+    if cached is None or len(cached[0]) != len(seen) or any(a is not b for a, b in zip(cached[0], seen)):
+        cached = _rope_forwards[fwd] = (seen, _rebuild(fwd))
+    return cached[1]
 
 
 def _calls_rope(cls):
