@@ -220,7 +220,7 @@ class _Banned:
         """bool [N, V], True = banned this step, or None."""
         N, t = seqs.shape
         ban = torch.zeros(N, V, dtype=torch.bool, device=seqs.device)
-        top = max(self.single + [w[-1] for w in self.multi], default=-1)
+        top = max(self.single + [i for w in self.multi for i in w], default=-1)  # (every id: HF and stops check all)
         if top >= V:
             raise ValueError(f"bad_words_ids: token {top} is outside the vocabulary (V={V})")
         if self.eos is not None and t - self.prompt_len < self.min_new:
@@ -440,7 +440,8 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     after the others). They ban tokens as allowed_tokens does (and join its mask), so the outputs equal HF's.
     stop_sequences: lists of token ids (greedy and sample): a sequence stops once its generated tokens end with
     one of them (kept in the output, as HF's stop_strings keep theirs; pad_token_id follows), like an eos of
-    several tokens (vLLM's stop, on token ids: no tokenizer here). Beam search and draft_model refuse them.
+    several tokens (vLLM's stop, on token ids: no tokenizer here), from the min_new_tokens-th new token on (as
+    vLLM's min_tokens; transformers' stop_strings do not wait). Beam search and draft_model refuse them.
     prompt_logprobs: True (with return_dict=True; any strategy but speculative) adds the raw log-probability of
     every prompt token given the tokens before it (GenerationOutput.prompt_logprobs [N, T], vLLM's
     prompt_logprobs; NaN at padding and at a row's first token), from the prefill's logits of every position
@@ -500,6 +501,8 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     scorers = _scorers(scorers)
     rules = _check_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids)
     stops = _check_stops(stop_sequences, strategy, draft_model, input_ids.device, vocab)
+    if stops is not None:
+        stops = _Stops(stops, min_new_tokens)
     if rules:
         if draft_model is not None:
             raise ValueError(f"{', '.join(rules)} are not supported with draft_model (speculative decoding)")
@@ -587,13 +590,23 @@ def _check_stops(stop_sequences, strategy, draft_model, device, vocab_size=None)
     return [torch.tensor(w, dtype=torch.long, device=device) for w in stop_sequences] or None
 
 
-def _stopped(seqs, T0, stops):
-    """bool [N]: the generated tokens of seqs [N, t] (from column T0) end with one of the stop sequences."""
-    done = torch.zeros(seqs.shape[0], dtype=torch.bool, device=seqs.device)
-    for w in stops:
-        if seqs.shape[1] - T0 >= w.numel():
-            done |= (seqs[:, seqs.shape[1] - w.numel():] == w).all(-1)
-    return done
+class _Stops:
+    """The stop sequences, checked from the min_new_tokens-th generated token on (vLLM's min_tokens holds back
+    stop sequences as well as eos: a row asked for at least that many tokens)."""
+
+    def __init__(self, words, min_new_tokens):
+        self.words, self.min_new = words, min_new_tokens
+
+    def __call__(self, seqs, T0):
+        """bool [N]: the generated tokens of seqs [N, t] (from column T0) end with one of the stop sequences."""
+        done = torch.zeros(seqs.shape[0], dtype=torch.bool, device=seqs.device)
+        n_new = seqs.shape[1] - T0
+        if n_new < self.min_new:
+            return done
+        for w in self.words:
+            if n_new >= w.numel():
+                done |= (seqs[:, seqs.shape[1] - w.numel():] == w).all(-1)
+        return done
 
 
 def _check_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids):
@@ -772,10 +785,11 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
         else:
             kw["seed"] = seeds
             kw["position"] = position if seeds is not None else None
-            if scorers:  # Σ α f added to the biased, penalised logits (as greedy adds it after them)
-                base = _log_softmax(logits if allow is None else logits.masked_fill(~allow, float("-inf")))
-                terms = _score_terms(scorers, seqs, base)
+            if scorers:  # Σ α f added to the biased, penalised logits (as greedy adds it after them), f given
+                # the processed log-probabilities, as greedy and beam search give them
                 y = _penalised(logits, prev, T0, kw)
+                terms = _score_terms(scorers, seqs, _log_softmax(y if allow is None else
+                                                                 y.masked_fill(~allow, float("-inf"))))
                 kw.update(prev_tokens=None, output_start=None, logit_bias=terms)
                 tok, lp_tok, valid = sample(y, **kw, return_valid=True)
             else:
@@ -791,7 +805,7 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
         if eos is not None:
             unfinished &= ~torch.isin(tok, eos)
         if stops is not None:
-            unfinished &= ~_stopped(seqs, T0, stops)
+            unfinished &= ~stops(seqs, T0)
         if agreed is None:
             any_stuck, any_left = torch.stack([stuck.any(), unfinished.any()]).tolist()  # one sync
         else:

@@ -613,8 +613,9 @@ def test_masking_options_bad_arguments(pairs):
                       (dict(bad_words_ids=[[True]]), "bad_words_ids")]:
         with pytest.raises(ValueError, match=match):
             generate(m, x, 2, **kw)
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        generate(m, x, 2, bad_words_ids=[[V]])
+    for words in ([[V]], [[V + 10, 3]], [[3, V, 4]]):  # (a word with an id past V never matched: silently no ban)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            generate(m, x, 2, bad_words_ids=words)
     with pytest.raises(ValueError, match="not supported with draft_model"):
         generate(m, x, 2, draft_model=m, no_repeat_ngram_size=2)
 
@@ -682,6 +683,20 @@ def test_stop_sequences_equal_a_transformers_stopping_criterion(pairs):
     for kw in (dict(stop_sequences=[[]]), dict(stop_sequences=[[3]], strategy="beam", num_beams=2)):
         with pytest.raises(ValueError, match="stop_sequences"):
             generate(m, x, 2, **kw)
+
+
+def test_min_new_tokens_holds_back_stop_sequences(pairs):
+    """min_new_tokens (vLLM's min_tokens) holds back stop sequences as it holds back eos: a row stopped on a
+    one-token stop at its first new token despite min_new_tokens=5."""
+    m, _ = pairs["llama"]
+    x = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(13))
+    plain = generate(m, x, 8)
+    first = int(plain[0, 6])
+    out = generate(m, x, 8, stop_sequences=[[first]], min_new_tokens=5, pad_token_id=PAD)
+    row = out[0, 6:].tolist()
+    assert len(row) >= 5 and PAD not in row[:5]
+    cut = next((i + 1 for i, t in enumerate(row) if t == first and i >= 4), len(row))
+    assert all(t == PAD for t in row[cut:])
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
@@ -793,6 +808,30 @@ def test_token_ids_outside_the_vocabulary_raise(pairs, kw, match):
         generate(m, x, 3, **kw)
     with pytest.raises(ValueError, match="input_ids"):
         generate(m, torch.full((1, 3), V), 2)
+
+
+def test_scorers_see_the_same_log_probs_under_every_strategy():
+    """score = log p + Σ α f(seqs, log_probs) with log_probs after bias, penalties and the mask: greedy and beam
+    search passed those, sampling passed the raw log-softmax (so a scorer reading them changed meaning, and
+    sample(top_k=1) left greedy's token)."""
+    torch.manual_seed(0)
+    model = build("llama-tiny").eval()
+    ids = torch.randint(0, 256, (2, 4))
+    bias = torch.randn(256) * 3
+    seen = {}
+
+    def feature(name):
+        def f(seqs, lp):
+            seen.setdefault(name, []).append(lp.clone())
+            return lp
+        return f
+
+    kw = dict(logit_bias=bias, repetition_penalty=1.3, presence_penalty=0.5)
+    greedy = generate(model, ids, 4, scorers=[feature("greedy")], **kw)
+    sampled = generate(model, ids, 4, strategy="sample", top_k=1, seed=0, scorers=[feature("sample")], **kw)
+    assert torch.equal(sampled, greedy)
+    for a, b in zip(seen["greedy"], seen["sample"]):
+        torch.testing.assert_close(a, b)
 
 
 def test_nan_and_inf_bias_or_scores_in_beam_search_and_greedy_scorers():
