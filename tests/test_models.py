@@ -38,6 +38,14 @@ def test_named_configs():
     (dict(activation="swish"), "activation"),
     (dict(block_size=2.5), "block_size"),
     (dict(norm_eps=0), "norm_eps"),
+    # read by truthiness, "no" tied the head and "false" gave biases; pad_token_id -1 wrapped to the last token's
+    # row (never trained), on GPT it and rope_theta were accepted and ignored
+    (dict(tie_embeddings="no"), "tie_embeddings"),
+    (dict(arch="llama", bias="false"), "bias"),
+    (dict(arch="llama", vocab_size=256, pad_token_id=-1), "pad_token_id"),
+    (dict(arch="llama", vocab_size=256, pad_token_id=256), "pad_token_id"),
+    (dict(arch="gpt", pad_token_id=0), "pad_token_id"),
+    (dict(arch="gpt", rope_theta=5e5), "rope_theta"),
 ])
 def test_bad_config_names_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -934,3 +942,23 @@ def test_float64_model_loss_stays_float64():
     assert loss.dtype == torch.float64
     want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["gpt-tiny", "llama-tiny"])
+def test_int32_labels_on_the_torch_backend(arch):
+    """int32 labels worked on backend="llmkern" and raised in F.cross_entropy on backend="torch"."""
+    torch.manual_seed(0)
+    model = build(arch, backend="torch")
+    ids = torch.randint(0, 256, (2, 8))
+    want = model(ids, labels=ids)[1]
+    torch.testing.assert_close(model(ids, labels=ids.int())[1], want)
+
+
+def test_llama_padding_row_starts_at_zero():
+    """The init loop drew the padding row of the embedding again, which padding_idx then kept from training:
+    a random vector for good (nn.Embedding and transformers zero it)."""
+    from llmkern.models.llama import Llama
+
+    torch.manual_seed(0)
+    model = Llama(get_config("llama-tiny", pad_token_id=3, tie_embeddings=False))
+    assert model.embed_tokens.weight[3].abs().max() == 0 and model.embed_tokens.weight[4].abs().max() > 0

@@ -609,7 +609,7 @@ class ZooModel(torch.nn.Module):
         flat = logits.reshape(-1, logits.shape[-1])  # a view: no copy of the [B, T, V] logits
         if flat.dtype in (torch.float16, torch.bfloat16):  # (autocast would upcast it all the same; float64 stays)
             flat = flat.float()
-        return self.global_loss(F.cross_entropy(flat, shifted.reshape(-1), ignore_index=-100), shifted)
+        return self.global_loss(F.cross_entropy(flat, shifted.reshape(-1).long(), ignore_index=-100), shifted)
 
     def fused_lm_loss(self, h, labels):
         """lm_loss(head_logits(h), labels) without the logits: llmkern.linear_cross_entropy over the

@@ -193,6 +193,14 @@ class ModelConfig:
             self.bias = self.arch == "gpt"
         if self.tie_embeddings is None:
             self.tie_embeddings = self.arch == "gpt"
+        for f in ("bias", "tie_embeddings"):  # (read by truthiness: "no" would tie)
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"ModelConfig.{f} must be a bool or None (the arch's default), "
+                                 f"got {getattr(self, f)!r}")
+        pad = self.pad_token_id
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.vocab_size):
+            raise ValueError(f"ModelConfig.pad_token_id must be a token id in [0, {self.vocab_size}) or None, "
+                             f"got {pad!r}")
         if self.activation is None:
             self.activation = "gelu_tanh" if self.arch == "gpt" else "silu"
         allowed = ("gelu_tanh", "gelu", "relu") if self.arch == "gpt" else ("silu", "gelu_tanh", "gelu")
@@ -312,7 +320,8 @@ class ModelConfig:
         """The Llama-family options (Mistral / Qwen2 / Qwen3): GPT ignores them, so they must stay unset."""
         if self.arch != "llama":
             for f, off in (("qkv_bias", None), ("o_bias", None), ("qk_norm", False), ("sliding_window", None),
-                           ("sliding_window_layers", None)) + _GEMMA_OFF + _MLA_OFF:
+                           ("sliding_window_layers", None), ("pad_token_id", None),
+                           ("rope_theta", 10000.0)) + _GEMMA_OFF + _MLA_OFF:
                 if getattr(self, f) != off:
                     raise ValueError(f"ModelConfig.{f} applies to arch='llama' only, got arch={self.arch!r}")
             return

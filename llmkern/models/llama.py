@@ -426,6 +426,9 @@ class Llama(ZooModel):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+        if cfg.pad_token_id is not None:  # the lookup never trains that row: zero, as nn.Embedding / transformers
+            with torch.no_grad():         # leave it (the loop above drew it again)
+                self.embed_tokens.weight[cfg.pad_token_id].zero_()
 
     def hf_module_names(self):
         """{zoo nn.Linear name: HFModule}: where each linear layer sits in transformers'
