@@ -59,7 +59,9 @@ def _nvcc_major(home):
 
 
 def _want_cuda(torch):
-    mode = os.environ.get("LLMKERN_CUDA", "auto").lower()
+    mode = os.environ.get("LLMKERN_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "", "0", "false", "no", "off", "1", "true", "yes", "on"):
+        sys.exit(f"LLMKERN_CUDA must be auto, 0 or 1 (also off / on, false / true, no / yes), got {mode!r}")
     if mode in ("0", "false", "no", "off"):
         return False, None
     home = _real_cuda_home()

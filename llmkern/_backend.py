@@ -37,7 +37,7 @@ def extension():
 
             here = os.path.dirname(os.path.abspath(__file__))
             missing = not glob.glob(os.path.join(here, "_C*.so")) and not glob.glob(os.path.join(here, "_C*.pyd"))
-            _ext_error = ("llmkern._C is not built (pip install --no-build-isolation -e . builds it)" if missing
+            _ext_error = ("llmkern._C is not built (pip install --no-build-isolation . builds it; add -e for a checkout)" if missing
                           else f"llmkern._C does not load: {exc}")
     return _ext
 

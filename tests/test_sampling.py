@@ -1,5 +1,6 @@
 """llmkern.sample / top_k_top_p_filter on CPU: C++ kernel vs reference vs Hugging Face warpers."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -453,6 +454,25 @@ def test_reference_fallback_without_extension(monkeypatch):
     a = llmkern.sample(x, top_k=10, seed=2)
     monkeypatch.delenv("LLMKERN_BACKEND")
     assert torch.equal(a, llmkern.sample(x, top_k=10, seed=2))
+
+
+def test_each_op_says_once_under_its_own_name_that_it_uses_the_reference(monkeypatch):
+    """Without the extension, top_k_top_p_filter warned as 'llmkern.sample' (one shared key: after either op
+    had warned, the other said nothing)."""
+    from llmkern import _backend
+    from llmkern.ops import sampling as ops
+
+    monkeypatch.setattr(ops, "_COMPILED", {})
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.delenv("LLMKERN_BACKEND", raising=False)
+    x = torch.randn(2, 30)
+    for op, call in (("top_k_top_p_filter", lambda: llmkern.top_k_top_p_filter(x, top_k=3)),
+                     ("sample", lambda: llmkern.sample(x, top_k=3, seed=0))):
+        with pytest.warns(RuntimeWarning, match=f"llmkern.{op}: no compiled kernel"):
+            call()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            call()  # once
 
 
 def test_fallback_warning_inside_torch_compile(monkeypatch):

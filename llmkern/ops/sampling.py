@@ -27,22 +27,26 @@ _COMPILED = {"cpu": _backend.has_kernel("llmkern::sample", "CPU"),
              "cuda": _backend.has_kernel("llmkern::sample", "CUDA")}
 
 
-def _backend_for(device, dtype=None):
-    """"cuda" / "cpu" when llmkern._C has the kernel for this device, else "reference"."""
+def _backend_for(device, dtype=None, op="sample"):
+    """"cuda" / "cpu" when llmkern._C has the kernel for this device, else "reference" (said once per op)."""
     dev = torch.device(device)
     available = ["reference"]
     if _COMPILED.get(dev.type, False):
         available.insert(0, dev.type)
-    choice = _backend.choose("sample", available, ("cuda", "cpu", "reference"))
+    choice = _backend.choose(op, available, ("cuda", "cpu", "reference"))
     if choice == "reference" and available == ["reference"] and _backend.forced() != "reference":
-        _backend.warn_once(("sample", dev.type), "llmkern.sample: no compiled kernel for "
+        _backend.warn_once((op, dev.type), f"llmkern.{op}: no compiled kernel for "
                            f"{dev.type} ({_backend.extension_error() or 'not built'}); using the "
                            "PyTorch reference")
     return choice
 
 
+def _filter_backend_for(device, dtype=None):
+    return _backend_for(device, dtype, "top_k_top_p_filter")
+
+
 _backend.register_op("sample", _backend_for)
-_backend.register_op("top_k_top_p_filter", _backend_for)
+_backend.register_op("top_k_top_p_filter", _filter_backend_for)
 
 def _has_logprobs_kernel():
     try:
@@ -432,7 +436,7 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: ScalarOrTensor = 0, top_p: S
 def filter_rows(logits, top_k, top_p, min_p, filter_value=float("-inf")):
     """top_k_top_p_filter on [B] parameter tensors that _sample_params already validated: no checks and
     so no host sync (a decoding loop validates its parameters once, not once per token)."""
-    if _backend_for(logits.device) == "reference":
+    if _filter_backend_for(logits.device) == "reference":
         return ref.filter_logits(logits, top_k, top_p, min_p, filter_value)
     return torch.ops.llmkern.top_k_top_p_filter.default(logits, top_k, top_p, min_p, filter_value)
 
