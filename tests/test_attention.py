@@ -277,6 +277,40 @@ def test_autotune_candidates(monkeypatch, env, count):
 
 @needs_triton
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only")
+@pytest.mark.parametrize("case", ["slices", "negative_scale"])
+def test_kernel_outputs_have_the_strides_their_fakes_promise(monkeypatch, case):
+    """torch.compile trusts the fakes' strides (inductor asserts them): the batch-sliced launch (B * H > 65535)
+    concatenated its outputs, contiguous whatever q's layout (transformers' [B, T, H, D] transposed), and a
+    scale <= 0 allocated the output from the sign-folded, dense copy of an expanded q."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from llmkern.kernels import attention as A
+
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    B, H, T, D = 4, 2, 5, 16
+    if case == "slices":
+        monkeypatch.setattr(A, "MAX_GRID_YZ", 3)
+        q, k, v = (torch.randn(B, T, H, D).transpose(1, 2) for _ in range(3))
+        scale = 0.25
+    else:
+        q = torch.randn(1, H, T, D).expand(B, H, T, D)
+        k, v = torch.randn(B, H, T, D), torch.randn(B, H, T, 8)
+        scale = -0.25
+    fwd = (q, k, v, None, None, None, None, -1, -1, scale, False, -1, -1, 0.0, 0.0)
+    out, lse = torch.ops.llmkern.attention_fwd(*fwd)
+    dout = torch.randn_like(out)
+    bwd = (dout, q, k, v, out, lse, None) + fwd[3:]
+    grads = torch.ops.llmkern.attention_bwd(*bwd)[:3]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = lambda args: tuple(mode.from_tensor(a) if torch.is_tensor(a) else a for a in args)  # noqa: E731
+        f_out, _ = torch.ops.llmkern.attention_fwd(*fake(fwd))
+        f_grads = torch.ops.llmkern.attention_bwd(*fake(bwd))[:3]
+    assert out.stride() == f_out.stride()
+    assert [g.stride() for g in grads] == [g.stride() for g in f_grads]
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only")
 def test_batch_beyond_the_grid_limit_runs_in_slices(monkeypatch):
     """CUDA caps grid y/z at 65535 and the kernels put batch x heads there: larger batches run as
     several launches over batch slices. Shrink the cap to see the slicing on small tensors."""

@@ -1042,10 +1042,11 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
               batch_base=batch_base, sinks=sinks, alibi_slopes=alibi_slopes)
     n_batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
     parts = _split_batch(attention_forward, n_batch, q.shape[1], (q, k, v), kw)
-    if parts is not None:
-        return (torch.cat([o for o, _ in parts], 0),
-                torch.cat([lse for _, lse in parts], 0 if cu_seqlens_q is None else 1))
+    if parts is not None:  # (out in the one launch's layout, which the fake promises: cat gives a contiguous one)
+        out = empty_out(_last_contig(q), v.shape[-1]).copy_(torch.cat([o for o, _ in parts], 0))
+        return out, torch.cat([lse for _, lse in parts], 0 if cu_seqlens_q is None else 1)
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+    out = empty_out(q, v.shape[-1])  # (q's layout, before the sign fold below replaces q by a dense tensor)
     if not softcap and scale <= 0:
         # _fwd_inner keeps the scores unscaled until the exponent (max(qk) * scale, masks as -inf
         # before the scale), which needs scale > 0: q.k * scale == (-q).k * |scale|, and scale 0
@@ -1068,7 +1069,6 @@ def attention_forward(q, k, v, *, scale, causal=False, window_left=-1, window_ri
         s_lse = lse.stride()
         cu_q = cu_k = lse  # unused
     Dv = v.shape[-1]
-    out = empty_out(q, Dv)
     if causal:
         window_right = 0 if window_right is None or window_right < 0 else min(window_right, 0)
     L, R = _window_args(window_left, window_right)
@@ -1117,8 +1117,9 @@ def attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, window_l
               batch_base=batch_base, sinks=None if sinks is None else sinks.float(), alibi_slopes=alibi_slopes)
     n_batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
     parts = _split_batch(attention_backward, n_batch, q.shape[1], (dout, q, k, v, out, lse), kw)
-    if parts is not None:
-        grads = tuple(torch.cat([p[i] for p in parts], 0) for i in range(3))
+    if parts is not None:  # (each gradient in its one-launch layout, as the fake promises)
+        grads = tuple(torch.empty_like(_last_contig(t)).copy_(torch.cat([p[i] for p in parts], 0))
+                      for i, t in enumerate((q, k, v)))
         if sinks is None:
             return grads
         # each slice's dsinks sums its rows in float32 (float32 sinks in kw): add them, cast once

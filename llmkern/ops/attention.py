@@ -424,7 +424,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             keys' k and v must still be finite, as for SDPA (their weight is 0, but 0 * NaN is NaN in
             the Triton kernels and the CPU SDPA path); attention_with_kvcache and attention_varlen never
             read hidden keys.
-        return_lse: also return the float32 logsumexp [batch, heads, Tq] (differentiable).
+        return_lse: also return the float32 logsumexp [batch, heads, Tq] (differentiable; float64 for float64
+            inputs).
         dropout_p: attention dropout on the softmax weights, in [0, 1) (applied whenever > 0, like
             SDPA's dropout_p: pass 0 in evaluation). Kept weights are scaled by 1/(1-p); the mask is
             a hash of the seed and the (batch row, query head, query, key) position, regenerated in
@@ -447,7 +448,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             and softcap and before the masks: s = softcap(scale * q.k) - slope * |i + Tk - Tq - j|.
             The slopes get no gradient (FlashAttention's neither); q, k and v's gradients include the bias.
 
-    Returns out [batch, heads, Tq, head_dim_v] (v's head dim) (, lse float32 [batch, heads, Tq]).
+    Returns out [batch, heads, Tq, head_dim_v] (v's head dim) (, lse float32 [batch, heads, Tq]; float64 for
+    float64 inputs).
     A query row that sees no key returns zeros (and LSE -inf, or the sink), never NaN.
     Memory is O(T): no Tq x Tk tensor is materialised on the Triton path.
     """
@@ -559,7 +561,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     (head_dim_v may differ from head_dim, as for ``attention``); sequence b holds tokens
     cu_seqlens_q[b]:cu_seqlens_q[b+1] (int32, [batch + 1]). max_seqlen_* are optional upper bounds
     (a tighter grid); without them no host sync is needed. Causal/window are per sequence,
-    bottom-right aligned. Returns out [total_q, heads, head_dim_v] (, lse float32 [heads, total_q]).
+    bottom-right aligned. Returns out [total_q, heads, head_dim_v] (, lse float32 [heads, total_q];
+    float64 for float64 inputs).
     dropout_p / seed: as for ``attention``, sequence b taking the mask of batch row b (packed
     sequences of equal lengths drop what the padded batch drops).
     sinks: as for ``attention``: [heads] per-query-head sink logits in every row's softmax denominator
@@ -658,7 +661,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         dense cache [N, kv_heads, Tmax, D] with N >= batch (a persistent pool of request slots); run as a paged
         cache of one page per row (page size Tmax), so everything above holds. Not with block_table. With new k/v
         the entries must be distinct (two rows appending into one cache row would overwrite each other).
-    Returns out [batch, heads, Tq, head_dim_v] (, lse float32 [batch, heads, Tq]).
+    Returns out [batch, heads, Tq, head_dim_v] (, lse float32 [batch, heads, Tq]; float64 for float64 inputs).
     """
     _check_qkv(q, k_cache, v_cache, 4, "[batch, heads, seq, head_dim]", names=("k_cache", "v_cache"), fp8_ok=True)
     B, H, Tq, D = q.shape
