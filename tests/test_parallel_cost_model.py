@@ -16,7 +16,8 @@ def test_ring_hides_communication(sp, hw):
     none = cm.predict("gpt3-175b", 8, hw, sequence_parallel=sp, overlap="none")
     ring = cm.predict("gpt3-175b", 8, hw, sequence_parallel=sp, overlap="ring")
     assert none["exposed_fraction"] == pytest.approx(1.0)
-    assert 0.0 <= ring["exposed_fraction"] < 0.5
+    # (without SP at 2048 tokens the chunked all-reduces, each paying the whole latency, hide little)
+    assert 0.0 <= ring["exposed_fraction"] < (0.5 if sp else 1.0)
     assert ring["step_ms"] < none["step_ms"]
     assert none["step_ms"] == pytest.approx(none["compute_ms"] + none["comm_ms"])
     assert 0.3 < ring["mfu"] < 0.7  # GEMMs at 70% of peak bound the MFU
@@ -73,7 +74,11 @@ def test_ring_with_free_gemms_exposes_the_plain_collective(sp, latency_us):
     ring = cm.predict("gpt3-175b", 8, "H100", overlap="ring", **kw)
     if sp:  # the decomposed ring: exactly the collective's time
         assert ring["exposed_ms"] == pytest.approx(none["comm_ms"], rel=1e-6)
-    assert ring["exposed_fraction"] <= 1 + 1e-9 and ring["exposed_ms"] <= none["comm_ms"] * (1 + 1e-9)
+        assert ring["exposed_fraction"] <= 1 + 1e-9 and ring["exposed_ms"] <= none["comm_ms"] * (1 + 1e-9)
+    else:  # 4 all-reduces per layer, each cut in 4 all-reduces of a quarter of the bytes and all of the latency
+        # (the chunks' latency was divided by 4 with their bytes: chunking looked free)
+        extra_per_layer = 4 * (4 - 1) * 2 * 7 * latency_us * 1e-6
+        assert ring["exposed_ms"] == pytest.approx(none["comm_ms"] + 1e3 * 96 * extra_per_layer, rel=1e-6)
     p, lat = 8, latency_us * 1e-6
     t_ag = 1e-3 + (p - 1) * lat
     assert cm._ring_exposed(0.0, t_ag, p, lat, 0.0) == pytest.approx(t_ag)
@@ -116,3 +121,16 @@ def test_pipeline_bubble_fraction():
     for v in (0, 1.0, True):
         with pytest.raises(ValueError, match="virtual_stages must be a positive int"):
             cm.pipeline_bubble_fraction(4, 4, virtual_stages=v)
+    # (interleaving needs m a multiple of p, as pipeline_parallelize requires: it returned 0.43 for (4, 2, 2))
+    with pytest.raises(ValueError, match="multiple of p"):
+        cm.pipeline_bubble_fraction(4, 2, virtual_stages=2)
+
+
+def test_mfu_counts_model_flops_not_the_recompute():
+    """MFU (PaLM) counts attention's backward as 2x its forward; the flash backward's recompute (2.5x in the
+    time model) is not model FLOPs."""
+    d = cm.dims("gpt3-175b")
+    r = cm.predict("gpt3-175b", 8, "H100")
+    T = 2048
+    flops = 6 * T * d.params() + d.n_layer * 3 * 4 * d.n_head * T * T * d.head_dim / 2
+    assert r["mfu"] == pytest.approx(flops / 8 / (r["step_ms"] * 1e-3 * 989.4e12), rel=1e-9)

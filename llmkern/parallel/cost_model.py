@@ -21,7 +21,12 @@ backward, tensor parallelism only: no pipeline or data parallelism, no recomputa
   decomposed into p steps, each transfer hidden under the 1/p chunk of the GEMM it feeds (in
   backward: of the dgrad + wgrad GEMMs): exposed = (p-1) * max(0, t_step - g/p); without sequence
   parallelism the all-reduce is split in ``chunks`` pieces pipelined with the GEMM chunks
-  (backward: hidden under the weight-gradient GEMM). Overlapped GEMMs run ``overlap_slowdown``
+  (backward: hidden under the weight-gradient GEMM), each piece an all-reduce of its own (1/chunks of the
+  bytes, all of the latency).
+- Backward all-reduces: one input gradient per column-parallel group, as Megatron-LM's fused QKV and fused
+  MLP input projections give. The zoo's models under ``tensor_parallelize`` keep q/k/v (and gate/up) as
+  separate column-parallel layers, each all-reducing its own input gradient: 3 (+ 2 gated) per layer in place of
+  2, more traffic than modelled here. Overlapped GEMMs run ``overlap_slowdown``
   slower (communication kernels take SMs and memory bandwidth).
 """
 import dataclasses
@@ -102,13 +107,16 @@ def _ring_exposed(g, t_comm, p, latency, slowdown):
     return (p - 1) * max(0.0, step - g_chunk) + g * slowdown
 
 
-def _chunked_allreduce_exposed(g, t_comm, chunks, slowdown, after=0.0):
+def _chunked_allreduce_exposed(g, t_bytes, t_latency, chunks, slowdown, after=0.0):
     """Exposed time of an all-reduce split in `chunks` pieces pipelined behind the GEMM chunks
-    (time g in all), followed by `after` more compute it can hide under (backward: the wgrad)."""
-    if t_comm <= 0:
+    (time g in all), followed by `after` more compute it can hide under (backward: the wgrad). The
+    all-reduce moves its bytes in t_bytes and pays t_latency (its ring steps' latencies): each piece is
+    an all-reduce of its own (AsyncChunkAllReduce), so it moves 1/chunks of the bytes but pays the
+    whole latency."""
+    if t_bytes + t_latency <= 0:
         return 0.0
     k = max(1, chunks)
-    gc, ac = g * (1 + slowdown) / k, t_comm / k
+    gc, ac = g * (1 + slowdown) / k, t_bytes / k + t_latency
     comm_end = gc + (k - 1) * max(gc, ac) + ac
     compute_end = (g + after) * (1 + slowdown)
     return max(comm_end, compute_end) - (g + after)
@@ -143,8 +151,10 @@ def predict(model="gpt3-175b", p=8, hardware="H100", *, micro_batch=1, seq=None,
     fwd = g_qkv + g_o + g_up + g_down + attn_core
     bwd = 2 * (g_qkv + g_o + g_up + g_down) + 2.5 * attn_core
     S = T * d.hidden * dtype_bytes
-    t_ag = (p - 1) / p * S / bw + (p - 1) * lat if p > 1 else 0.0  # all-gather == reduce-scatter
+    ag_bytes, ag_lat = ((p - 1) / p * S / bw, (p - 1) * lat) if p > 1 else (0.0, 0.0)
+    t_ag = ag_bytes + ag_lat  # all-gather == reduce-scatter
     t_ar = 2 * t_ag
+    ar = (2 * ag_bytes, 2 * ag_lat)  # an all-reduce: reduce-scatter + all-gather
     if sequence_parallel:
         comm = 8 * t_ag
         pairs = [(g_qkv, t_ag), (g_o, t_ag), (g_up, t_ag), (g_down, t_ag),             # forward
@@ -152,17 +162,19 @@ def predict(model="gpt3-175b", p=8, hardware="H100", *, micro_batch=1, seq=None,
         exposed_ring = sum(_ring_exposed(g, t, p, lat, overlap_slowdown) for g, t in pairs)
     else:
         comm = 4 * t_ar
-        exposed_ring = (_chunked_allreduce_exposed(g_o, t_ar, chunks, overlap_slowdown)
-                        + _chunked_allreduce_exposed(g_down, t_ar, chunks, overlap_slowdown)
+        exposed_ring = (_chunked_allreduce_exposed(g_o, *ar, chunks, overlap_slowdown)
+                        + _chunked_allreduce_exposed(g_down, *ar, chunks, overlap_slowdown)
                         # backward: the input-gradient all-reduce runs under the dgrad chunks, then wgrad
-                        + _chunked_allreduce_exposed(g_up, t_ar, chunks, overlap_slowdown, after=g_up)
-                        + _chunked_allreduce_exposed(g_qkv, t_ar, chunks, overlap_slowdown, after=g_qkv))
+                        + _chunked_allreduce_exposed(g_up, *ar, chunks, overlap_slowdown, after=g_up)
+                        + _chunked_allreduce_exposed(g_qkv, *ar, chunks, overlap_slowdown, after=g_qkv))
     # the ring's exposed time includes the slowdown of the GEMMs it overlaps with
     exposed = comm if overlap == "none" or p == 1 else exposed_ring
     head = 3 * 2 * T * d.hidden * d.vocab / p / flops_rate
     compute_layer = fwd + bwd
     step = d.n_layer * (compute_layer + exposed) + head
-    model_flops = 6 * T * d.params() + d.n_layer * 3.5 * 4 * micro_batch * d.n_head * s_len * s_len * d.head_dim / 2
+    # MFU counts the model's FLOPs (PaLM): attention's backward is 2x its forward; the flash backward's recompute
+    # of the scores (the 2.5x above) is time, not model FLOPs
+    model_flops = 6 * T * d.params() + d.n_layer * 3 * 4 * micro_batch * d.n_head * s_len * s_len * d.head_dim / 2
     return {
         "model": d.name, "p": p, "hardware": hw.name, "tokens": T, "sequence_parallel": sequence_parallel,
         "overlap": overlap,
@@ -193,6 +205,8 @@ def pipeline_bubble_fraction(p, m, virtual_stages=1):
     for name, v in (("p", p), ("m", m), ("virtual_stages", virtual_stages)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"pipeline_bubble_fraction: {name} must be a positive int, got {v!r}")
+    if virtual_stages > 1 and m % p:  # (the schedule pipeline_parallelize refuses: no bubble to predict)
+        raise ValueError(f"pipeline_bubble_fraction: interleaved 1F1B needs m a multiple of p, got m={m}, p={p}")
     return (p - 1) / (virtual_stages * m + p - 1)
 
 
