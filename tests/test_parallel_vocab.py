@@ -294,6 +294,11 @@ def mismatch_worker(rank, world_size):
         "loss h": lambda: head.vocab_parallel_loss(torch.randn(n, 4), torch.randint(0, 10, (n,))),
         # h the same everywhere, labels wrong on one rank only (it used to raise there alone)
         "loss labels": lambda: head.vocab_parallel_loss(torch.randn(5, 4), torch.randint(0, 10, (5 + rank,))),
+        # the same on every rank, but wrong: h 8 wide for a 4-wide head (reshaped into other rows: a loss came
+        # back), labels of h's size in another shape, chunk_size -1 (no chunk ran: loss 0)
+        "loss width": lambda: head.vocab_parallel_loss(torch.randn(3, 8), torch.randint(0, 10, (6,))),
+        "loss label shape": lambda: head.vocab_parallel_loss(torch.randn(2, 3, 4), torch.randint(0, 10, (3, 2))),
+        "loss chunk": lambda: head.vocab_parallel_loss(torch.randn(5, 4), torch.randint(0, 10, (5,)), chunk_size=-1),
     }
     out = {}
     t0 = time.perf_counter()
@@ -324,6 +329,9 @@ def test_vocab_parallel_shape_mismatch_raises_on_every_rank(pool):
         for name, want in (("ids", "VocabParallelEmbedding: ids"), ("logits h", "VocabParallelLMHead: h"),
                            ("loss h", "vocab_parallel_loss: h"), ("loss labels", "vocab_parallel_loss: labels")):
             assert want in r[name] and "differs across" in r[name], (name, r)
+        for name, want in (("loss width", "h must be [..., 4]"), ("loss label shape", "labels must have shape"),
+                           ("loss chunk", "chunk_size must be None or an int >= 1")):
+            assert want in r[name], (name, r)
         assert r["seconds"] < 10, r  # no process-group timeout
 
 

@@ -409,9 +409,13 @@ def _check_lce(hidden, weight, bias, labels, reduction, chunk_size):
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' for linear_cross_entropy (its gradients are "
                          f"computed in the forward), got {reduction!r}; use cross_entropy on the logits for 'none'")
+    check_chunk_size(chunk_size)
+
+
+def check_chunk_size(chunk_size, where=""):
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
                                    or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        raise ValueError(f"{where}chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,

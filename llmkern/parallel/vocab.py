@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkern.ops import _checks
-from llmkern.ops.cross_entropy import ignored
+from llmkern.ops.cross_entropy import check_chunk_size, ignored
 from llmkern.parallel import comm
 
 
@@ -286,9 +286,16 @@ class VocabParallelLMHead(comm.SharesProcessGroups, nn.Module):
             comm.check_same_shape(t if isinstance(t, torch.Tensor) else None, self.group,
                                   f"vocab_parallel_loss: {name}")
         lo, hi, _ = shard_rows(self.out_features, self.group)
+        # (the same on every rank, after the cross-rank checks: a wrong width reshaped into other rows, and
+        # chunk_size -1 ran no chunk, loss 0)
+        check_chunk_size(chunk_size, "vocab_parallel_loss: ")
+        if h.dim() < 1 or h.shape[-1] != self.in_features:
+            raise ValueError(f"vocab_parallel_loss: h must be [..., {self.in_features}] (the head's in_features), "
+                             f"got {tuple(h.shape)}")
+        if tuple(labels.shape) != tuple(h.shape[:-1]) and tuple(labels.shape) != (h.numel() // self.in_features,):
+            raise ValueError(f"vocab_parallel_loss: labels must have shape {list(h.shape[:-1])} (h's leading dims) "
+                             f"or [{h.numel() // self.in_features}], got {list(labels.shape)}")
         y = labels.reshape(-1)
-        if y.numel() * self.in_features != h.numel():
-            raise ValueError(f"vocab_parallel_loss: labels {tuple(labels.shape)} do not match h {tuple(h.shape)}")
         h, weight, bias = h.reshape(-1, self.in_features), self.weight, self.bias
         dt = _checks.autocast_dtype(h)
         if dt is not None:  # the logits in the autocast dtype, as F.linear would compute them
