@@ -175,12 +175,13 @@ def _base_operands(self, x):
     return None if nf4 is None else (*nf4, True)
 
 
-def _hooked(self):
-    """Whether the base layer or an adapter's modules have forward hooks: accelerate's offloading keeps their
-    weights on the meta device and loads them inside their own forwards, which PEFT's forward calls and the
-    fused ops, reading the weights, would not."""
+def _hooked(self, names=None):
+    """Whether the base layer or the modules of adapters `names` have forward hooks: accelerate's offloading keeps
+    their weights on the meta device and loads them inside their own forwards, which PEFT's forward calls and the
+    fused ops, reading the weights, would not. (Only the adapters a call uses: a server's hundred adapters would
+    cost a check each, per layer and call.)"""
     return has_forward_hooks(self.base_layer) or any(
-        has_forward_hooks(m) for d in (self.lora_A, self.lora_B) for m in d.values())
+        has_forward_hooks(d[a]) for a in names or () for d in (self.lora_A, self.lora_B))
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -190,7 +191,7 @@ def _fused_forward(self, x, *args, **kwargs):
             or not isinstance(x, torch.Tensor) or torch.is_autocast_enabled(x.device.type)):
         return orig(x, *args, **kwargs)
     other = {k: v for k, v in kwargs.items() if k != "adapter_names" and v is not None}
-    if other or _hooked(self):
+    if other or _hooked(self):  # (the base layer's; the adapters' once known, below)
         return orig(x, *args, **kwargs)
     operands = _base_operands(self, x)
     if operands is None:
@@ -202,7 +203,7 @@ def _fused_forward(self, x, *args, **kwargs):
         if not active:
             return base(x)
         kind = _kind(self, active[0], x.dtype) if len(active) == 1 else None
-        if kind is None or (quantized and kind != "lora"):  # (DoRA on a 4-bit base: PEFT's forward)
+        if kind is None or (quantized and kind != "lora") or _hooked(self, active):  # (DoRA on 4 bits: PEFT's)
             return orig(x, *args, **kwargs)
         a = active[0]
         p = _dropout_p(self, a) if self.training else 0.0
@@ -219,7 +220,7 @@ def _fused_forward(self, x, *args, **kwargs):
     used = {a for a in adapter_names if a in self.lora_A}
     if not used:
         return base(x)
-    if any(not _plain(self, a, x.dtype) for a in used) or (
+    if any(not _plain(self, a, x.dtype) for a in used) or _hooked(self, used) or (
             self.training and any(_dropout_p(self, a) > 0 for a in used)):
         return orig(x, *args, **kwargs)
     names = sorted(used, key=known.index)
