@@ -150,15 +150,37 @@ def model_flops_per_token(config, seq_len=None, convention="seed", recompute=Fal
     non-reentrant checkpoint stops recomputing once every saved tensor is back, so each block's last
     projection (whose output no gradient needs) is not run again: the hardware does a little less."""
     c = _cfg(config)
-    T = seq_len or c.block_size
+    T = c.block_size if seq_len is None else seq_len  # (0 is 0 tokens of context, not block_size)
+    if isinstance(T, bool) or not isinstance(T, int) or T < 0:
+        raise ValueError(f"model_flops_per_token: seq_len must be None or an int >= 0, got {seq_len!r}")
+    frac = attention_fraction(c, T)  # the attention term's T shrinks for sliding-window layers' shorter rows
+    T_attn = T if frac == 1.0 else T * frac
     # PaLM's 4·T·H·Q per layer forward is q·k (2·T·H·D) plus p·v (2·T·H·Dv): their mean for MLA (Dv != D)
     d = c.n_embd if convention == "seed" else c.attn_dim if c.out_dim == c.attn_dim else (c.attn_dim + c.out_dim) / 2
     n = matmul_params(c)
-    model = flops_per_token(n, c.n_layer, T, d, convention)
+    model = flops_per_token(n, c.n_layer, T_attn, d, convention)
     if not recompute:
         return model
-    blocks_fwd = flops_per_token(n - c.vocab_size * c.n_embd, c.n_layer, T, d, convention) / 3
+    blocks_fwd = flops_per_token(n - c.vocab_size * c.n_embd, c.n_layer, T_attn, d, convention) / 3
     return model + blocks_fwd
+
+
+def attention_fraction(config, seq_len):
+    """The causal attention work a zoo config does at seq_len tokens, as a fraction of full causal attention's,
+    averaged over the layers: 1 without a sliding window; a layer with window W has its query i (1-based) see
+    min(i, W) keys, sum min(i, W) / (T (T + 1) / 2) of the full causal work (Mistral-7B, W = 4096, at 32768
+    tokens: 0.23). The attention terms of the FLOP formulas scale by it."""
+    c = _cfg(config)
+    windowed = c.n_layer if c.sliding_window_layers is None else len(c.sliding_window_layers)
+    return window_fraction(c.n_layer, c.sliding_window, windowed, seq_len)
+
+
+def window_fraction(n_layer, window, n_windowed, T):
+    """attention_fraction's arithmetic: n_windowed of n_layer layers with window `window` (None: none)."""
+    if window is None or T <= window:
+        return 1.0
+    kept = (window * (window + 1) / 2 + (T - window) * window) / (T * (T + 1) / 2)
+    return (n_layer - n_windowed + n_windowed * kept) / n_layer
 
 
 def mfu(tokens_per_second, flops_per_token, peak_flops):
@@ -170,6 +192,9 @@ def mfu(tokens_per_second, flops_per_token, peak_flops):
         peak_flops = peak(*peak_flops)
     if not peak_flops or peak_flops <= 0:
         raise ValueError(f"mfu: peak_flops must be > 0, got {peak_flops!r}")
+    for name, v in (("tokens_per_second", tokens_per_second), ("flops_per_token", flops_per_token)):
+        if not 0 <= v < float("inf"):  # (NaN fails too)
+            raise ValueError(f"mfu: {name} must be a finite number >= 0, got {v!r}")
     return tokens_per_second * flops_per_token / peak_flops
 
 

@@ -184,3 +184,37 @@ def test_recompute_flops_are_megatrons_hardware_flops():
     assert flops.model_flops_per_token(g, 1024, recompute=True) == (
         flops.model_flops_per_token(g, 1024) + 2 * (flops.matmul_params(g) - g.vocab_size * g.n_embd)
         + 2 * g.n_layer * 1024 * g.n_embd)
+
+
+def test_sliding_window_layers_count_the_keys_they_see():
+    """Query i of a layer with window W sees min(i, W) keys: the attention term counted full causal attention
+    (MFU overstated 40 % for a Mistral-like model at 32k tokens)."""
+    from llmkern.models.configs import get_config
+
+    full, T, W = get_config("llama3-8b"), 32768, 4096
+    win = get_config("llama3-8b", sliding_window=W)
+    kept = sum(min(i, W) for i in range(1, T + 1)) / (T * (T + 1) / 2)
+    attn = 6 * full.n_layer * T * full.n_embd  # the seed's attention term
+    got = flops.model_flops_per_token(win, T)
+    assert got == pytest.approx(flops.model_flops_per_token(full, T) - attn * (1 - kept), rel=1e-12)
+    half = get_config("llama3-8b", sliding_window=W, sliding_window_layers=range(0, full.n_layer, 2))
+    assert flops.model_flops_per_token(half, T) == pytest.approx((got + flops.model_flops_per_token(full, T)) / 2)
+    assert flops.model_flops_per_token(win, W) == flops.model_flops_per_token(full, W)  # (no row is cut)
+
+
+def test_bad_counts_raise():
+    """seq_len=0 gave block_size's count; negative or fractional PEFT counts and NaN rates gave numbers."""
+    from llmkern.peft import counts
+
+    assert flops.model_flops_per_token("gpt2", 0) == flops.flops_per_token(flops.matmul_params("gpt2"), 12, 0, 768)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="seq_len"):
+            flops.model_flops_per_token("gpt2", bad)
+    for call in (lambda: counts.lora_params(-2, 64, 8), lambda: counts.adapter_params(2, 64, -3),
+                 lambda: counts.prefix_params(2, 64.5, 3), lambda: counts.lora_params(True, 64, 8),
+                 lambda: counts.prefix_params_reparam(2, 64, 3, -1), lambda: counts.adapter_params_exact(1, 2, 3, -1)):
+        with pytest.raises(ValueError, match="must be an int >= 0"):
+            call()
+    for args in ((-1e5, 1e9), (1e5, float("nan")), (float("inf"), 1e9)):
+        with pytest.raises(ValueError, match="mfu"):
+            flops.mfu(*args, "a100")

@@ -134,3 +134,16 @@ def test_mfu_counts_model_flops_not_the_recompute():
     T = 2048
     flops = 6 * T * d.params() + d.n_layer * 3 * 4 * d.n_head * T * T * d.head_dim / 2
     assert r["mfu"] == pytest.approx(flops / 8 / (r["step_ms"] * 1e-3 * 989.4e12), rel=1e-9)
+
+
+def test_moe_and_latent_attention_models_are_refused_and_windows_counted():
+    """dims() modelled a mixture of experts as one dense FFN (Mixtral's expert compute halved) and MLA as
+    multi-head attention, silently; a sliding window's layers did full causal attention."""
+    from llmkern.models.configs import get_config
+
+    for name in ("mixtral-8x7b", "deepseek-v2-lite"):
+        with pytest.raises(ValueError, match="mixture-of-experts or latent-attention"):
+            cm.predict(name, 8, "H100")
+    full = cm.predict(get_config("llama3-8b"), 8, "H100", seq=32768)
+    win = cm.predict(get_config("llama3-8b", sliding_window=4096), 8, "H100", seq=32768)
+    assert win["layer"]["attn_core_fwd_ms"] == pytest.approx(full["layer"]["attn_core_fwd_ms"] * 0.2343, rel=1e-3)

@@ -66,6 +66,8 @@ class Dims:
     gated: bool
     vocab: int
     seq: int
+    sliding_window: Optional[int] = None  # (Mistral-style: query i sees its last W keys)
+    n_window_layers: int = 0              # the layers that slide
 
     def params(self):
         """Parameters (weights of the layers + embeddings, biases and norms ignored)."""
@@ -83,8 +85,14 @@ def dims(model):
         from llmkern.models.configs import ModelConfig, get_config
 
         cfg = model if isinstance(model, ModelConfig) else get_config(model)
+        if cfg.n_experts or cfg.kv_lora_rank:  # (one dense FFN and MHA projections would understate them)
+            raise ValueError(f"cost_model: {cfg.name or model} is a mixture-of-experts or latent-attention model; "
+                             f"the cost model covers dense models with multi-head / grouped-query attention")
+        windowed = 0 if cfg.sliding_window is None else (
+            cfg.n_layer if cfg.sliding_window_layers is None else len(cfg.sliding_window_layers))
         return Dims(cfg.name or str(model), cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim,
-                    cfg.intermediate_size, cfg.arch == "llama", cfg.vocab_size, cfg.block_size)
+                    cfg.intermediate_size, cfg.arch == "llama", cfg.vocab_size, cfg.block_size,
+                    cfg.sliding_window, windowed)
     except ImportError:
         pass
     key = str(model).lower()
@@ -147,7 +155,10 @@ def predict(model="gpt3-175b", p=8, hardware="H100", *, micro_batch=1, seq=None,
     g_o = gemm(d.head_dim * d.n_head, d.hidden)
     g_up = gemm(d.hidden, d.ffn * (2 if d.gated else 1))
     g_down = gemm(d.ffn, d.hidden)
-    attn_core = 4 * micro_batch * d.n_head * s_len * s_len * d.head_dim / 2 / p / attn_rate
+    from llmkern.flops import window_fraction
+
+    window = window_fraction(d.n_layer, d.sliding_window, d.n_window_layers, s_len)  # (1.0 without a window)
+    attn_core = 4 * micro_batch * d.n_head * s_len * s_len * d.head_dim / 2 * window / p / attn_rate
     fwd = g_qkv + g_o + g_up + g_down + attn_core
     bwd = 2 * (g_qkv + g_o + g_up + g_down) + 2.5 * attn_core
     S = T * d.hidden * dtype_bytes
@@ -174,7 +185,8 @@ def predict(model="gpt3-175b", p=8, hardware="H100", *, micro_batch=1, seq=None,
     step = d.n_layer * (compute_layer + exposed) + head
     # MFU counts the model's FLOPs (PaLM): attention's backward is 2x its forward; the flash backward's recompute
     # of the scores (the 2.5x above) is time, not model FLOPs
-    model_flops = 6 * T * d.params() + d.n_layer * 3 * 4 * micro_batch * d.n_head * s_len * s_len * d.head_dim / 2
+    model_flops = (6 * T * d.params()
+                   + d.n_layer * 3 * 4 * micro_batch * d.n_head * s_len * s_len * d.head_dim / 2 * window)
     return {
         "model": d.name, "p": p, "hardware": hw.name, "tokens": T, "sequence_parallel": sequence_parallel,
         "overlap": overlap,
