@@ -127,8 +127,8 @@ def test_pipeline_bubble_fraction():
 
 
 def test_mfu_counts_model_flops_not_the_recompute():
-    """MFU (PaLM) counts attention's backward as 2x its forward; the flash backward's recompute (2.5x in the
-    time model) is not model FLOPs."""
+    """MFU counts model FLOPs (the seed convention, causal-halved attention): attention's backward is 2x its
+    forward; the flash backward's recompute (2.5x in the time model) is not model FLOPs."""
     d = cm.dims("gpt3-175b")
     r = cm.predict("gpt3-175b", 8, "H100")
     T = 2048

@@ -438,6 +438,15 @@ def test_compiled_calls_check_tensor_parameters_when_run(name, bad, good):
     torch.testing.assert_close(f(x, **good), llmkern.sample(x, seed=0, return_logprobs=True, **good))
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 9),
+                    reason="inductor drops torch._assert_async before torch 2.9")
+def test_inductor_keeps_the_parameter_checks():
+    """The default backend too (its decompositions dropped _assert_async before torch 2.9)."""
+    f = torch.compile(lambda t, mp: llmkern.sample(t, seed=0, min_p=mp), fullgraph=True)
+    with pytest.raises(RuntimeError, match="min_p values must be in"):
+        f(torch.randn(3, 50), torch.tensor([0.0, 1.5, 0.1]))
+
+
 def test_compiled_output_start_is_checked_when_run():
     x, prev = torch.randn(2, 50), torch.randint(0, 50, (2, 6))
     f = torch.compile(lambda t, s: llmkern.sample(t, seed=0, prev_tokens=prev, output_start=s, presence_penalty=1.0),

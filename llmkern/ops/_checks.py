@@ -25,7 +25,9 @@ def checking_values():
 def assert_async(ok, message):
     """The value check for code that cannot read values (torch.compile, CUDA graph capture): ok, a bool
     tensor [], is checked when the graph runs (RuntimeError on CPU, a device-side assert on CUDA, which
-    ends the process's CUDA context: loud, where the unchecked value would give a silently wrong answer)."""
+    ends the process's CUDA context: loud, where the unchecked value would give a silently wrong answer).
+    Inductor keeps the assert from torch 2.9 on; before, its decompositions dropped it (eager and aot_eager
+    backends keep it on every version)."""
     torch._assert_async(ok, message)
 
 

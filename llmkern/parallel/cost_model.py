@@ -183,8 +183,8 @@ def predict(model="gpt3-175b", p=8, hardware="H100", *, micro_batch=1, seq=None,
     head = 3 * 2 * T * d.hidden * d.vocab / p / flops_rate
     compute_layer = fwd + bwd
     step = d.n_layer * (compute_layer + exposed) + head
-    # MFU counts the model's FLOPs (PaLM): attention's backward is 2x its forward; the flash backward's recompute
-    # of the scores (the 2.5x above) is time, not model FLOPs
+    # MFU counts the model's FLOPs (the seed convention: causal-halved attention, its backward 2x its forward);
+    # the flash backward's recompute of the scores (the 2.5x above) is time, not model FLOPs
     model_flops = (6 * T * d.params()
                    + d.n_layer * 3 * 4 * micro_batch * d.n_head * s_len * s_len * d.head_dim / 2 * window)
     return {
