@@ -190,6 +190,10 @@ def host_and_device_ms(fn, n=10):
         fn()
     host = (time.perf_counter() - t0) / n * 1e3
     torch.cuda.synchronize()
+    if host * n > 150:  # (CUDA's launch queue holds about a thousand launches: past that a launch waits for the
+        # sleep, and the host time measures the sleep, not the host)
+        _say(f"  (host time {host * n:.0f} ms over {n} calls, near the 200 ms sleep: an upper bound, the launch "
+             f"queue may have filled)")
     return host, device_ms(fn, n, warm=False)
 
 
@@ -250,7 +254,7 @@ def host():
                 extra = [("fused (FUSED_MIN_MNK=0)", {"LLMKERN_LORA_FUSED_MIN_MNK": "0"})]
             for vname, kv in variants + extra:
                 with env(**kv):
-                    h, d = host_and_device_ms(fn, n=3 if "step" in name else 10)
+                    h, d = host_and_device_ms(fn, n=1 if "step" in name else 10)  # (a step: ~1000 launches)
                 _say(f"  {name:58s} {vname:24s}: host {h:8.3f} ms/call, device {d:8.3f} ms/call")
 
 

@@ -119,10 +119,16 @@ def build_page(out_dir):
              "## Machine", "", "```", env_text.strip() or "(env.txt missing)", "```", ""]
     build = _summary_lines(_read(os.path.join(out_dir, "build.log")), [r"build rc=", r"[Ee]rror", r"Successfully"])
     tests = _summary_lines(_read(os.path.join(out_dir, "pytest_gpu.log")),
-                           [r"\d+ (passed|failed|skipped|error)", r"^FAILED", r"^ERROR", r"TMA kernels failed"])
+                           [r"\d+ (passed|failed|skipped|error)", r"^FAILED", r"^ERROR", r"TMA kernels failed",
+                            r"KeyboardInterrupt", r"^!+ .*[Ii]nterrupted", r"Timeout"])
     lines += ["## Build and GPU tests", "", "```"] + (build[-5:] or ["(no summary line in build.log)"])
     lines += tests or ["(no summary line in pytest_gpu.log)"]
     lines += ["```", ""]
+    stopped = [line.split("] ", 1)[-1] for line in _read(os.path.join(out_dir, "phases.txt")).splitlines()
+               if "rc=124" in line]  # (a phase stopped at its limit looks complete in its own log)
+    if stopped:
+        lines += ["**Stopped at their time limit (partial: tests or rows after the cut are missing):**", ""]
+        lines += [f"- {p}" for p in stopped] + [""]
     missing, partial = [], []
     for suite in found:
         if suite in unreadable:
@@ -154,7 +160,8 @@ def build_page(out_dir):
     rows = [line.rstrip() for line in diag.splitlines() if "ms/call" in line]
     if rows:
         lines += ["## Host time per call (`benchmarks/gpu_diag.py host`)", "", "```"] + rows + ["```", ""]
-    mla = [line.rstrip() for line in _read(os.path.join(out_dir, "diag-mla.log")).splitlines() if " ms (" in line]
+    mla = [line.rstrip() for line in _read(os.path.join(out_dir, "diag-mla.log")).splitlines()
+           if " ms (" in line or re.search(r"[A-Za-z]+(Error|Exception)\b|OutOfResources|gpu_diag: FAILED", line)]  # (failed configs too)
     if mla:
         lines += ["## MLA decode tiles (`benchmarks/gpu_diag.py mla`)", "", "```"] + mla + ["```", ""]
     if partial:

@@ -122,3 +122,19 @@ def test_results_json_is_replaced_atomically(tmp_path, monkeypatch):
     report.write_outputs(more, str(tmp_path), torch.device("cpu"), plot=False)
     assert [r["op"] for r in json.loads((tmp_path / "results.json").read_text())["results"]] == ["first", "second"]
     assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]
+
+
+def test_phases_stopped_at_their_limit_are_marked_partial(tmp_path):
+    """A pytest run stopped by `timeout -s INT` prints an ordinary "N passed" line after its KeyboardInterrupt,
+    and a suite stopped at its limit keeps the rows it measured: the page showed both as complete. The phases
+    with rc=124 are listed as partial, the interruption is kept, and failed MLA configs stay on the page."""
+    (tmp_path / "phases.txt").write_text("[40 s] build rc=0\n[100 s] pytest -m gpu (the rest, -n 8) rc=124\n"
+                                         "[300 s] llmkern-bench --suite mfu rc=124 (limit 70 s)\n")
+    (tmp_path / "pytest_gpu.log").write_text("....\n!!!!!!! KeyboardInterrupt !!!!!!!\n7 passed in 3.88s\n")
+    (tmp_path / "diag-mla.log").write_text("  tile 64x64: 0.100 ms (1.0 TB/s)\n  tile 128x128: "
+                                           "OutOfResources: shared memory\n")
+    _, page = _module().build_page(str(tmp_path))
+    assert "Stopped at their time limit" in page
+    assert "pytest -m gpu (the rest, -n 8) rc=124" in page and "llmkern-bench --suite mfu rc=124" in page
+    assert "KeyboardInterrupt" in page and "7 passed" in page
+    assert "OutOfResources: shared memory" in page and "0.100 ms" in page
