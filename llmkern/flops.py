@@ -26,6 +26,7 @@ MFU = observed tokens/s × FLOPs per token / peak FLOP/s. HFU counts the FLOPs t
 does: with full activation recomputation the forward runs twice, (1 + 1 + 2) × forward.
 """
 import dataclasses
+import numbers
 import re
 import warnings
 
@@ -151,7 +152,7 @@ def model_flops_per_token(config, seq_len=None, convention="seed", recompute=Fal
     projection (whose output no gradient needs) is not run again: the hardware does a little less."""
     c = _cfg(config)
     T = c.block_size if seq_len is None else seq_len  # (0 is 0 tokens of context, not block_size)
-    if isinstance(T, bool) or not isinstance(T, int) or T < 0:
+    if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 0:
         raise ValueError(f"model_flops_per_token: seq_len must be None or an int >= 0, got {seq_len!r}")
     frac = attention_fraction(c, T)  # the attention term's T shrinks for sliding-window layers' shorter rows
     T_attn = T if frac == 1.0 else T * frac

@@ -11,12 +11,13 @@ adapter (down d->r with bias r, up r->d with bias d) has 2·r·d + r + d paramet
 per layer has L·(2rd + r + d) = deck − L·(r + d). `adapter_params` returns the slide's value and
 `adapter_params_exact` the module's; they agree on the leading term 2·L·r·d.
 """
+import numbers
 
 
 def _counts(fn, **values):
     """The arguments as counts: ints >= 0 (a negative or fractional count gave a meaningless number)."""
     for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
             raise ValueError(f"{fn}: {name} must be an int >= 0, got {v!r}")
 
 
