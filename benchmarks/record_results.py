@@ -124,10 +124,12 @@ def build_page(out_dir):
     lines += ["## Build and GPU tests", "", "```"] + (build[-5:] or ["(no summary line in build.log)"])
     lines += tests or ["(no summary line in pytest_gpu.log)"]
     lines += ["```", ""]
+    # (a phase stopped at its limit looks complete in its own log: rc 124, or 137 when the kill grace ran out too)
     stopped = [line.split("] ", 1)[-1] for line in _read(os.path.join(out_dir, "phases.txt")).splitlines()
-               if "rc=124" in line]  # (a phase stopped at its limit looks complete in its own log)
+               if re.search(r"rc=(124|137)\b|skipped: deadline", line)]
     if stopped:
-        lines += ["**Stopped at their time limit (partial: tests or rows after the cut are missing):**", ""]
+        lines += ["**Stopped at their time limit or skipped at the deadline (partial: tests or rows after the cut "
+                  "are missing):**", ""]
         lines += [f"- {p}" for p in stopped] + [""]
     missing, partial = [], []
     for suite in found:
@@ -157,7 +159,7 @@ def build_page(out_dir):
         if rows or not failures:
             lines += suite_table(rows) + [""]
     diag = _read(os.path.join(out_dir, "diag-host.log"))
-    rows = [line.rstrip() for line in diag.splitlines() if "ms/call" in line]
+    rows = [line.rstrip() for line in diag.splitlines() if "ms/call" in line or "near the 200 ms sleep" in line]
     if rows:
         lines += ["## Host time per call (`benchmarks/gpu_diag.py host`)", "", "```"] + rows + ["```", ""]
     mla = [line.rstrip() for line in _read(os.path.join(out_dir, "diag-mla.log")).splitlines()

@@ -154,6 +154,7 @@ def model_flops_per_token(config, seq_len=None, convention="seed", recompute=Fal
     T = c.block_size if seq_len is None else seq_len  # (0 is 0 tokens of context, not block_size)
     if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 0:
         raise ValueError(f"model_flops_per_token: seq_len must be None or an int >= 0, got {seq_len!r}")
+    T = int(T)  # (a numpy int32 would wrap in the products below)
     frac = attention_fraction(c, T)  # the attention term's T shrinks for sliding-window layers' shorter rows
     T_attn = T if frac == 1.0 else T * frac
     # PaLM's 4·T·H·Q per layer forward is q·k (2·T·H·D) plus p·v (2·T·H·Dv): their mean for MLA (Dv != D)
@@ -178,8 +179,12 @@ def attention_fraction(config, seq_len):
 
 def window_fraction(n_layer, window, n_windowed, T):
     """attention_fraction's arithmetic: n_windowed of n_layer layers with window `window` (None: none)."""
+    if window is not None and not (window >= 1 and 0 <= n_windowed <= n_layer):
+        raise ValueError(f"window_fraction: window must be >= 1 and n_windowed in 0..{n_layer}, got window={window!r}, "
+                         f"n_windowed={n_windowed!r}")
     if window is None or T <= window:
         return 1.0
+    window, T = int(window), int(T)
     kept = (window * (window + 1) / 2 + (T - window) * window) / (T * (T + 1) / 2)
     return (n_layer - n_windowed + n_windowed * kept) / n_layer
 
@@ -191,8 +196,8 @@ def mfu(tokens_per_second, flops_per_token, peak_flops):
         peak_flops = peak(peak_flops)
     elif isinstance(peak_flops, tuple):
         peak_flops = peak(*peak_flops)
-    if not peak_flops or peak_flops <= 0:
-        raise ValueError(f"mfu: peak_flops must be > 0, got {peak_flops!r}")
+    if not 0 < peak_flops < float("inf"):  # (NaN fails too)
+        raise ValueError(f"mfu: peak_flops must be a finite number > 0, got {peak_flops!r}")
     for name, v in (("tokens_per_second", tokens_per_second), ("flops_per_token", flops_per_token)):
         if not 0 <= v < float("inf"):  # (NaN fails too)
             raise ValueError(f"mfu: {name} must be a finite number >= 0, got {v!r}")

@@ -218,3 +218,25 @@ def test_bad_counts_raise():
     for args in ((-1e5, 1e9), (1e5, float("nan")), (float("inf"), 1e9)):
         with pytest.raises(ValueError, match="mfu"):
             flops.mfu(*args, "a100")
+
+
+def test_numpy_int32_arguments_do_not_wrap():
+    """Integral arguments of any type: numpy int32 ones wrapped in the products (a window fraction of 7936,
+    negative LoRA counts)."""
+    import numpy as np
+    from llmkern.models.configs import get_config
+    from llmkern.parallel import cost_model
+    from llmkern.peft import counts
+
+    cfg = get_config("llama3-8b", sliding_window=4096)
+    assert flops.model_flops_per_token(cfg, np.int32(65536)) == flops.model_flops_per_token(cfg, 65536)
+    assert counts.lora_params(np.int32(80), 8192, 256, n_matrices=7) == 2348810240
+    assert counts.adapter_params_exact(np.int32(96), 12288, 1024, 2) == 4834394112
+    assert cost_model.predict("llama3-8b", 8, seq=np.int32(65536))["step_ms"] == pytest.approx(
+        cost_model.predict("llama3-8b", 8, seq=65536)["step_ms"])
+    for args in ((4, 0, 4, 16), (4, 8, 5, 16)):
+        with pytest.raises(ValueError, match="window_fraction"):
+            flops.window_fraction(*args)
+    for peak in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="peak_flops"):
+            flops.mfu(1e5, 1e9, peak)

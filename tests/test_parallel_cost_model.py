@@ -147,3 +147,16 @@ def test_moe_and_latent_attention_models_are_refused_and_windows_counted():
     full = cm.predict(get_config("llama3-8b"), 8, "H100", seq=32768)
     win = cm.predict(get_config("llama3-8b", sliding_window=4096), 8, "H100", seq=32768)
     assert win["layer"]["attn_core_fwd_ms"] == pytest.approx(full["layer"]["attn_core_fwd_ms"] * 0.2343, rel=1e-3)
+
+
+def test_a_dims_window_without_a_layer_count_covers_every_layer():
+    import dataclasses
+
+    from llmkern.models.configs import get_config
+
+    cfg = get_config("llama3-8b", sliding_window=4096)
+    from_cfg = cm.predict(cfg, 8, "H100", seq=32768)
+    by_hand = cm.predict(dataclasses.replace(cm.dims("llama3-8b"), sliding_window=4096), 8, "H100", seq=32768)
+    assert by_hand["layer"]["attn_core_fwd_ms"] == pytest.approx(from_cfg["layer"]["attn_core_fwd_ms"])
+    with pytest.raises(ValueError, match="n_windowed"):
+        cm.predict(dataclasses.replace(cm.dims("llama3-8b"), sliding_window=4096, n_window_layers=64), 8, "H100")

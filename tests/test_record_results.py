@@ -129,7 +129,11 @@ def test_phases_stopped_at_their_limit_are_marked_partial(tmp_path):
     and a suite stopped at its limit keeps the rows it measured: the page showed both as complete. The phases
     with rc=124 are listed as partial, the interruption is kept, and failed MLA configs stay on the page."""
     (tmp_path / "phases.txt").write_text("[40 s] build rc=0\n[100 s] pytest -m gpu (the rest, -n 8) rc=124\n"
-                                         "[300 s] llmkern-bench --suite mfu rc=124 (limit 70 s)\n")
+                                         "[300 s] llmkern-bench --suite mfu rc=124 (limit 70 s)\n"
+                                         "[310 s] pytest -m gpu (sampling, -n 8) rc=137\n"
+                                         "[530 s] moe skipped: deadline\n[531 s] rope rc=1240\n")
+    (tmp_path / "diag-host.log").write_text("  (host time 190 ms over 1 calls, near the 200 ms sleep: an upper bound)\n"
+                                            "  gpt2 step  front : host  190.0 ms/call, device   95.0 ms/call\n")
     (tmp_path / "pytest_gpu.log").write_text("....\n!!!!!!! KeyboardInterrupt !!!!!!!\n7 passed in 3.88s\n")
     (tmp_path / "diag-mla.log").write_text("  tile 64x64: 0.100 ms (1.0 TB/s)\n  tile 128x128: "
                                            "OutOfResources: shared memory\n")
@@ -138,3 +142,5 @@ def test_phases_stopped_at_their_limit_are_marked_partial(tmp_path):
     assert "pytest -m gpu (the rest, -n 8) rc=124" in page and "llmkern-bench --suite mfu rc=124" in page
     assert "KeyboardInterrupt" in page and "7 passed" in page
     assert "OutOfResources: shared memory" in page and "0.100 ms" in page
+    assert "sampling, -n 8) rc=137" in page and "moe skipped: deadline" in page and "rope rc=1240" not in page
+    assert "near the 200 ms sleep" in page

@@ -67,7 +67,7 @@ class Dims:
     vocab: int
     seq: int
     sliding_window: Optional[int] = None  # (Mistral-style: query i sees its last W keys)
-    n_window_layers: int = 0              # the layers that slide
+    n_window_layers: Optional[int] = None  # the layers that slide (None: all of them, with a window)
 
     def params(self):
         """Parameters (weights of the layers + embeddings, biases and norms ignored)."""
@@ -88,8 +88,7 @@ def dims(model):
         if cfg.n_experts or cfg.kv_lora_rank:  # (one dense FFN and MHA projections would understate them)
             raise ValueError(f"cost_model: {cfg.name or model} is a mixture-of-experts or latent-attention model; "
                              f"the cost model covers dense models with multi-head / grouped-query attention")
-        windowed = 0 if cfg.sliding_window is None else (
-            cfg.n_layer if cfg.sliding_window_layers is None else len(cfg.sliding_window_layers))
+        windowed = None if cfg.sliding_window_layers is None else len(cfg.sliding_window_layers)  # None: all
         return Dims(cfg.name or str(model), cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim,
                     cfg.intermediate_size, cfg.arch == "llama", cfg.vocab_size, cfg.block_size,
                     cfg.sliding_window, windowed)
@@ -141,8 +140,8 @@ def predict(model="gpt3-175b", p=8, hardware="H100", *, micro_batch=1, seq=None,
     if d.n_head % p or d.n_kv_head % p or d.ffn % p:
         raise ValueError(f"cost_model.predict: {d.name} does not shard {p} ways (heads {d.n_head}/{d.n_kv_head}, "
                          f"ffn {d.ffn})")
-    T = micro_batch * (seq or d.seq)
-    s_len = seq or d.seq
+    s_len = int(seq or d.seq)  # (Python ints: a numpy int32 would wrap in the products below)
+    T = int(micro_batch) * s_len
     flops_rate = hw.bf16_tflops * 1e12 * gemm_efficiency
     attn_rate = hw.bf16_tflops * 1e12 * attention_efficiency
     bw = (link_gbps or hw.link_gbps) / 2 * 1e9 * link_efficiency  # per direction
@@ -157,7 +156,8 @@ def predict(model="gpt3-175b", p=8, hardware="H100", *, micro_batch=1, seq=None,
     g_down = gemm(d.ffn, d.hidden)
     from llmkern.flops import window_fraction
 
-    window = window_fraction(d.n_layer, d.sliding_window, d.n_window_layers, s_len)  # (1.0 without a window)
+    n_win = d.n_layer if d.n_window_layers is None else d.n_window_layers
+    window = window_fraction(d.n_layer, d.sliding_window, n_win, s_len)  # (1.0 without a window)
     attn_core = 4 * micro_batch * d.n_head * s_len * s_len * d.head_dim / 2 * window / p / attn_rate
     fwd = g_qkv + g_o + g_up + g_down + attn_core
     bwd = 2 * (g_qkv + g_o + g_up + g_down) + 2.5 * attn_core
