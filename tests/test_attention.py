@@ -237,6 +237,39 @@ def test_tma_backward_kernels_follow_the_switch(monkeypatch, mode, want):
 
 
 @needs_triton
+def test_a_tma_failure_keeps_no_tensors_alive_and_out_of_memory_is_raised(monkeypatch):
+    """The switch kept the exception that turned TMA off, and its traceback every frame of the failing call and
+    its callers (the model's activations, for good); an out-of-memory error turned TMA off for good too."""
+    import gc
+    import warnings
+    import weakref
+
+    from llmkern.kernels import _tma
+
+    switch = _tma.Switch("LLMKERN_TEST_TMA", "test kernels")
+
+    def step():
+        activations = torch.empty(1000)
+
+        def launch():
+            raise RuntimeError("out of resource: shared memory")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert switch.run(launch) is False
+        return weakref.ref(activations)
+
+    ref_ = step()
+    gc.collect()
+    assert ref_() is None and switch.failed and "out of resource" in str(switch.failed[0])
+    fresh = _tma.Switch("LLMKERN_TEST_TMA", "test kernels")
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(torch.OutOfMemoryError):
+        fresh.run(oom)
+    assert not fresh.failed
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only")
 def test_tma_failure_falls_back_to_pointer_kernels(monkeypatch):
     from llmkern.kernels import attention as A

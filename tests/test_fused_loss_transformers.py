@@ -1,6 +1,7 @@
 """llmkern.integrations.transformers.use_fused_loss: a transformers causal LM's training loss through
 llmkern.linear_cross_entropy (no [B, T, V] logits) equals its own loss and gradients."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -267,3 +268,25 @@ def test_hooks_on_the_lm_head_are_refused():
     handle.remove()
     fused(input_ids=ids, labels=labels)  # the model's own hooks of the call are gone again
     assert not fused.lm_head._forward_hooks and not fused.lm_head._forward_pre_hooks
+
+
+def test_wrapped_forwards_are_not_cached_for_good():
+    """A forward that is no bound method (accelerate's hooks, torch.compile, a partial) holds its model: as a key of
+    the signature caches it kept every patched model alive."""
+    import gc
+    import weakref
+
+    from llmkern.integrations.transformers import loss
+
+    refs = []
+    for _ in range(3):
+        m = _model("llama").train()
+        m.forward = functools.partial(type(m).forward, m)  # an instance-level wrapper
+        lt.use_fused_loss(m)
+        ids, labels = _batch()
+        m(ids, labels=labels).loss.backward()  # (positional: the signature lookup)
+        refs.append(weakref.ref(m))
+        del m
+    gc.collect()
+    assert not any(r() is not None for r in refs)
+    assert not any(isinstance(k, functools.partial) for k in list(loss._SIGNATURES) + list(loss._CODE_CHECKS))

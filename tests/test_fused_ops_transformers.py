@@ -429,3 +429,23 @@ def test_a_reassigned_rope_function_is_probed_again(monkeypatch):
     ids, am = _batch()
     with torch.no_grad():
         torch.testing.assert_close(fused(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_a_reassigned_rotate_half_is_probed_again(monkeypatch):
+    """The RoPE verdict was cached per apply_rotary_pos_emb function: after the rotate_half it calls was replaced
+    (here by GPT-J's interleaved pairs), a model patched later still ran llmkern.rope."""
+    from transformers.models.llama import modeling_llama
+
+    lt.use_fused_ops(_model("llama"))
+
+    def rotate_half_interleaved(x):
+        x1, x2 = x[..., ::2], x[..., 1::2]
+        return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+    monkeypatch.setattr(modeling_llama, "rotate_half", rotate_half_interleaved)
+    ref = _model("llama").eval()
+    fused = lt.use_fused_ops(copy.deepcopy(ref))
+    assert fused._llmkern_fused_ops["rope"] == 0
+    ids, _ = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, ref(input_ids=ids).logits)

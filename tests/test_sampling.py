@@ -447,6 +447,20 @@ def test_inductor_keeps_the_parameter_checks():
         f(torch.randn(3, 50), torch.tensor([0.0, 1.5, 0.1]))
 
 
+def test_parameters_made_under_functionalize_are_not_cached():
+    """The parameter caches stored functorch wrappers made under torch.func.functionalize: every later eager call
+    with the same values returned tokens without storage (garbage through .numpy(), .tolist() raised)."""
+    from llmkern.ops import sampling as ops
+
+    x = torch.randn(2, 40)
+    want = llmkern.sample(x, top_k=4, temperature=0.7, seed=11)
+    ops._CONSTANT_ROWS.clear()
+    ops._PARAM_SETS.clear()
+    torch.func.functionalize(lambda t: llmkern.sample(t, top_k=4, temperature=0.7, seed=11))(x)
+    got = llmkern.sample(x, top_k=4, temperature=0.7, seed=11)
+    assert got.tolist() == want.tolist()
+
+
 def test_compiled_output_start_is_checked_when_run():
     x, prev = torch.randn(2, 50), torch.randint(0, 50, (2, 6))
     f = torch.compile(lambda t, s: llmkern.sample(t, seed=0, prev_tokens=prev, output_start=s, presence_penalty=1.0),

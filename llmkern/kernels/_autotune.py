@@ -13,6 +13,7 @@ config is remembered; a known key runs the config's pre-hook and launches the JI
 config's meta-parameters, which is what the autotuner itself does after its lookup.
 """
 import os
+import threading
 
 import torch
 
@@ -30,6 +31,9 @@ class Tuned:
         position = {name: i for i, name in enumerate(self.arg_names)}
         self._key_pos = [(name, position.get(name)) for name in autotuner.keys]
         self.chosen = {}  # key -> (triton.Config, its meta-parameters)
+        # the first call of a key reads the autotuner's shared best_config after its launch (a compile: other
+        # threads run meanwhile); serialised, so that a thread tuning another key cannot overwrite it in between
+        self._first_call = threading.Lock()
 
     def key(self, args, kwargs):
         vals = [args[i] if i is not None and i < len(args) else kwargs.get(name) for name, i in self._key_pos]
@@ -48,9 +52,10 @@ class Tuned:
         key = self.key(args, kwargs)
         chosen = self.chosen.get(key)
         if chosen is None:  # first call with this key: the autotuner tunes (or finds its cache) and launches
-            ret = self.autotuner[grid](*args, **kwargs)
-            config = self.autotuner.best_config
-            self.chosen[key] = (config, config.all_kwargs())
+            with self._first_call:
+                ret = self.autotuner[grid](*args, **kwargs)
+                config = self.autotuner.best_config
+                self.chosen[key] = (config, config.all_kwargs())
             return ret
         config, meta = chosen
         if config.pre_hook is not None:

@@ -73,7 +73,7 @@ def _capability(index):
 class Switch:
     def __init__(self, env, what):
         self.env, self.what = env, what
-        self.failed = []  # the exception that turned the variant off, if any
+        self.failed = []  # what turned the variant off (the error message), if anything
 
     def allowed(self, t):
         """Mode, dtype and device of a call whose tensors look like t (alignment is the caller's)."""
@@ -90,8 +90,12 @@ class Switch:
             return False
         try:
             launch()
+        except torch.OutOfMemoryError:  # (not the kernels' fault: the pointer kernels would need the memory too)
+            raise
         except Exception as e:  # noqa: BLE001 - any failure of the optional fast path
-            self.failed.append(e)
+            # the message only: the exception's traceback would keep the failing call's frames, and every tensor
+            # on them (the model's activations), alive for good
+            self.failed.append(f"{type(e).__name__}: {e}")
             warnings.warn(f"{self.what}: the TMA kernels failed ({type(e).__name__}: {e}); using the pointer "
                           f"kernels from now on ({self.env}=0 skips them)", RuntimeWarning)
             return False

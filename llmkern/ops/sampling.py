@@ -167,7 +167,15 @@ def _cacheable():
     """Whether parameter tensors may be cached across calls: not while tracing (torch.compile / graph capture
     would bake the cached tensor in as a constant) nor under a dispatch mode (FakeTensorMode would cache a fake
     tensor, and a real call would then get it, or the reverse)."""
-    return _checking_values() and torch._C._len_torch_dispatch_stack() == 0
+    return _checking_values() and torch._C._len_torch_dispatch_stack() == 0 and not _checks._functorch_active()
+
+
+def _stream(device):
+    """The current CUDA stream's id for device (None on CPU): a cached tensor is filled on the stream that made
+    it, so another stream could read it before that fill runs (and its memory, freed by the cache's clear,
+    could be reused under a reader on another stream); each stream gets its own entries."""
+    device = torch.device(device)
+    return torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None
 
 
 def _constant_row(value, B, device, dtype):
@@ -177,7 +185,7 @@ def _constant_row(value, B, device, dtype):
     the cache could not be saved for backward by a later differentiable call (top_k_top_p_filter)."""
     if not _cacheable():
         return torch.full((B,), value, dtype=dtype, device=device)
-    key = (value, B, device, dtype)
+    key = (value, B, device, dtype, _stream(device))
     t = _CONSTANT_ROWS.get(key)
     if t is None:
         if len(_CONSTANT_ROWS) >= _CONSTANT_ROWS_MAX:
@@ -295,7 +303,7 @@ def _sample_params(B, dev, *values):
     set is cached, so a call at batch 1 costs microseconds in Python, not tens of microseconds."""
     key = None
     if all(type(v) in (int, float) for v in values) and _cacheable():
-        key = (B, dev) + tuple((type(v), v) for v in values)
+        key = (B, dev, _stream(dev)) + tuple((type(v), v) for v in values)
         hit = _PARAM_SETS.get(key)
         if hit is not None:
             return hit

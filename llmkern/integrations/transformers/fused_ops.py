@@ -140,7 +140,7 @@ def _mlp_forward(self, x, *args, **kwargs):
 # ---- RoPE: a per-class copy of the attention forward whose apply_rotary_pos_emb is llmkern.rope -------
 
 _ROPE_NAME = "apply_rotary_pos_emb"
-_rope_checked = {}   # transformers' function -> whether it equals llmkern.rope (the probe below)
+_rope_checked = {}   # transformers' function -> (the globals it read, (full, partial): whether it is llmkern.rope)
 _rope_forwards = {}  # class forward -> (the globals it read, its copy or None: nothing to patch)
 
 
@@ -168,10 +168,12 @@ def _rope_agrees(fn):
     """(full, partial): whether fn is llmkern.rope for cos / sin covering the head dim, and for cos / sin
     covering part of it (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor: the rest passes through); checked
     once per function."""
-    if fn not in _rope_checked:
+    seen = _globals_read(fn)  # (probed again when a global it reads, e.g. rotate_half, was reassigned since)
+    cached = _rope_checked.get(fn)
+    if cached is None or len(cached[0]) != len(seen) or any(a is not b for a, b in zip(cached[0], seen)):
         full = _rope_probe(fn, 8)
-        _rope_checked[fn] = (full, full and _rope_probe(fn, 4))
-    return _rope_checked[fn]
+        cached = _rope_checked[fn] = (seen, (full, full and _rope_probe(fn, 4)))
+    return cached[1]
 
 
 def _fused_rope(original, partial):
@@ -251,11 +253,16 @@ def _rebuild(fn):
     return _copy_function(fn, scope, fn.__closure__)
 
 
+def _innermost(fn):
+    while getattr(fn, "__wrapped__", None) is not None and getattr(fn, "__closure__", None):
+        fn = fn.__wrapped__
+    return fn
+
+
 def _globals_read(fn):
     """The module globals fn's innermost function names (apply_rotary_pos_emb, eager_attention_forward, ...), as
     they are now: a copy made from other values is stale."""
-    while getattr(fn, "__wrapped__", None) is not None and getattr(fn, "__closure__", None):
-        fn = fn.__wrapped__
+    fn = _innermost(fn)
     code = getattr(fn, "__code__", None)
     return () if code is None else tuple(fn.__globals__.get(name) for name in code.co_names)
 
@@ -265,6 +272,8 @@ def _rope_forward_for(cls):
     (a new apply_rotary_pos_emb: the old copy ran llmkern.rope in place of a function never checked)."""
     fwd = cls.forward
     seen = _globals_read(fwd)
+    rope = _innermost(fwd).__globals__.get(_ROPE_NAME) if hasattr(_innermost(fwd), "__globals__") else None
+    seen += _globals_read(rope) if callable(rope) else ()  # (and what the RoPE function reads: rotate_half)
     cached = _rope_forwards.get(fwd)
     if cached is None or len(cached[0]) != len(seen) or any(a is not b for a, b in zip(cached[0], seen)):
         cached = _rope_forwards[fwd] = (seen, _rebuild(fwd))

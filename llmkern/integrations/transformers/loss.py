@@ -71,7 +71,9 @@ def _calls_loss_function(cls):
 
 
 def _takes_logits_to_keep(forward):
-    key = getattr(forward, "__func__", forward)
+    key = getattr(forward, "__func__", None)  # (a wrapper of the instance's forward - accelerate's hooks,
+    if key is None:                           # torch.compile, a partial - holds the model: not cached, or the
+        return "logits_to_keep" in inspect.signature(forward).parameters  # cache would keep every model alive)
     if key not in _CODE_CHECKS:
         _CODE_CHECKS[key] = "logits_to_keep" in inspect.signature(forward).parameters
     return _CODE_CHECKS[key]
@@ -101,8 +103,11 @@ _SIGNATURES = {}
 
 
 def _signature(bound):
-    """inspect.signature of a bound forward, looked up once per underlying function (not per call)."""
-    fn = getattr(bound, "__func__", bound)
+    """inspect.signature of a bound forward, looked up once per underlying function (not per call); a forward that
+    is no bound method (a wrapper holding its model) is not cached (the cache would keep every model alive)."""
+    fn = getattr(bound, "__func__", None)
+    if fn is None:
+        return inspect.signature(bound)
     sig = _SIGNATURES.get(fn)
     if sig is None:
         sig = _SIGNATURES[fn] = inspect.signature(bound)
