@@ -461,3 +461,14 @@ def test_loss_is_shift_invariant_with_large_logits(triton_backend, offset):
     xt = big.to(DEV).requires_grad_()
     llmkern.cross_entropy(xt, torch.tensor([0], device=DEV)).backward()
     torch.testing.assert_close(xt.grad[0, 1:14].cpu(), torch.full((13,), 1 / 14))
+
+
+def test_a_softcap_past_float32_is_refused():
+    """A softcap above float32's largest number is inf in the kernels: tanh(s / inf) * inf = NaN, silently."""
+    x, y = torch.randn(4, 10), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="softcap must be at most"):
+        llmkern.cross_entropy(x, y, softcap=1e39)
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="softcap must be at most"):
+        llmkern.attention(q, q, q, softcap=1e39)
+    torch.testing.assert_close(llmkern.cross_entropy(x, y, softcap=1e30), F.cross_entropy(x, y))

@@ -46,6 +46,12 @@ def test_named_configs():
     (dict(arch="llama", vocab_size=256, pad_token_id=256), "pad_token_id"),
     (dict(arch="gpt", pad_token_id=0), "pad_token_id"),
     (dict(arch="gpt", rope_theta=5e5), "rope_theta"),
+    # (an infinite softcap made every logit NaN; an infinite rope_theta was accepted)
+    (dict(arch="llama", logit_softcap=float("inf")), "logit_softcap"),
+    (dict(arch="llama", logit_softcap=1e40), "logit_softcap"),
+    (dict(arch="llama", attn_softcap=float("inf")), "attn_softcap"),
+    (dict(arch="llama", rope_theta=float("inf")), "rope_theta"),
+    (dict(arch="llama", rope_theta="x"), "rope_theta"),
 ])
 def test_bad_config_names_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

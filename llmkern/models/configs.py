@@ -95,6 +95,8 @@ import dataclasses
 import math
 from typing import Optional
 
+_FLOAT32_MAX = 3.4028234663852886e38  # (config values the models use in float32 arithmetic must fit in it)
+
 ARCHS = ("gpt", "llama")
 
 
@@ -211,8 +213,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not float(self.norm_eps) > 0:
             raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps!r}")
-        if not float(self.rope_theta) > 0:
-            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not (
+                0 < float(self.rope_theta) <= _FLOAT32_MAX):
+            raise ValueError(f"ModelConfig.rope_theta must be a finite number > 0, got {self.rope_theta!r}")
         self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.arch)
         self._check_llama_options()
         self._check_mla()
@@ -357,8 +360,9 @@ class ModelConfig:
             v = getattr(self, f)
             if v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v) > 0:
-                raise ValueError(f"ModelConfig.{f} must be a number > 0 or None, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < float(v) <= _FLOAT32_MAX:
+                # (inf, or past float32's range: a softcap of inf made every logit NaN)
+                raise ValueError(f"ModelConfig.{f} must be a finite number > 0 or None, got {v!r}")
             setattr(self, f, float(v))
         if self.rope_local_theta is not None and self.sliding_window is None:
             raise ValueError("ModelConfig.rope_local_theta needs sliding_window (it applies to the sliding layers)")

@@ -174,10 +174,14 @@ def softcap_arg(softcap):
     if 0 < softcap < _MIN_SOFTCAP:  # (the kernels multiply by 1 / softcap: inf below it, then inf * 0 = NaN)
         raise ValueError(f"softcap must be 0 (no capping) or at least {_MIN_SOFTCAP:.3g} (float32's smallest normal "
                          f"number), got {softcap}")
+    if softcap > _MAX_SOFTCAP:  # (inf in float32: tanh(s / inf) * inf = 0 * inf = NaN)
+        raise ValueError(f"softcap must be at most {_MAX_SOFTCAP:.4g} (float32's largest number; 0 or None: no "
+                         f"capping), got {softcap}")
     return softcap
 
 
 _MIN_SOFTCAP = 2.0 ** -126
+_MAX_SOFTCAP = 3.4028234663852886e38
 
 
 def dropout_p_arg(dropout_p):
