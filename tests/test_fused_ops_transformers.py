@@ -415,34 +415,23 @@ def test_partial_rotary_runs_llmkern_rope(family, spy):
     assert spy["rope"] == L
 
 
-def test_a_reassigned_rope_function_is_probed_again(monkeypatch):
-    """The patched attention forward was built once per class with the module globals of the first patch:
-    after apply_rotary_pos_emb was replaced (here by no rotation), a model patched later still ran
-    llmkern.rope, never checked against the new function."""
+def _rotate_half_interleaved(x):  # GPT-J's pairs, in place of Llama's halves
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("name,replacement", [
+    ("apply_rotary_pos_emb", lambda q, k, cos, sin, unsqueeze_dim=1: (q, k)),  # no rotation
+    ("rotate_half", _rotate_half_interleaved),
+])
+def test_a_reassigned_rope_global_is_probed_again(monkeypatch, name, replacement):
+    """The patched attention forward was built once per class with the module globals of the first patch, and the
+    RoPE verdict cached per function: after apply_rotary_pos_emb (or the rotate_half it calls) was replaced, a
+    model patched later still ran llmkern.rope, never checked against the new code."""
     from transformers.models.llama import modeling_llama
 
     lt.use_fused_ops(_model("llama"))  # the first patch of the class
-    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", lambda q, k, cos, sin, unsqueeze_dim=1: (q, k))
-    ref = _model("llama").eval()
-    fused = lt.use_fused_ops(copy.deepcopy(ref))
-    assert fused._llmkern_fused_ops["rope"] == 0
-    ids, am = _batch()
-    with torch.no_grad():
-        torch.testing.assert_close(fused(input_ids=ids).logits, ref(input_ids=ids).logits)
-
-
-def test_a_reassigned_rotate_half_is_probed_again(monkeypatch):
-    """The RoPE verdict was cached per apply_rotary_pos_emb function: after the rotate_half it calls was replaced
-    (here by GPT-J's interleaved pairs), a model patched later still ran llmkern.rope."""
-    from transformers.models.llama import modeling_llama
-
-    lt.use_fused_ops(_model("llama"))
-
-    def rotate_half_interleaved(x):
-        x1, x2 = x[..., ::2], x[..., 1::2]
-        return torch.stack((-x2, x1), dim=-1).flatten(-2)
-
-    monkeypatch.setattr(modeling_llama, "rotate_half", rotate_half_interleaved)
+    monkeypatch.setattr(modeling_llama, name, replacement)
     ref = _model("llama").eval()
     fused = lt.use_fused_ops(copy.deepcopy(ref))
     assert fused._llmkern_fused_ops["rope"] == 0
