@@ -175,13 +175,12 @@ def _base_operands(self, x):
     return None if nf4 is None else (*nf4, True)
 
 
-def _hooked(self, names=None):
-    """Whether the base layer or the modules of adapters `names` have forward hooks: accelerate's offloading keeps
-    their weights on the meta device and loads them inside their own forwards, which PEFT's forward calls and the
-    fused ops, reading the weights, would not. (Only the adapters a call uses: a server's hundred adapters would
-    cost a check each, per layer and call.)"""
-    return has_forward_hooks(self.base_layer) or any(
-        has_forward_hooks(d[a]) for a in names or () for d in (self.lora_A, self.lora_B))
+def _hooked(self, names):
+    """Whether the modules of adapters `names` have forward hooks (the base layer's are checked first, once):
+    accelerate's offloading keeps their weights on the meta device and loads them inside their own forwards,
+    which PEFT's forward calls and the fused ops, reading the weights, would not. (Only the adapters a call uses:
+    a server's hundred adapters would cost a check each, per layer and call.)"""
+    return any(has_forward_hooks(d[a]) for a in names for d in (self.lora_A, self.lora_B))
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -191,7 +190,7 @@ def _fused_forward(self, x, *args, **kwargs):
             or not isinstance(x, torch.Tensor) or torch.is_autocast_enabled(x.device.type)):
         return orig(x, *args, **kwargs)
     other = {k: v for k, v in kwargs.items() if k != "adapter_names" and v is not None}
-    if other or _hooked(self):  # (the base layer's; the adapters' once known, below)
+    if other or has_forward_hooks(self.base_layer):  # (the adapters' once known, below)
         return orig(x, *args, **kwargs)
     operands = _base_operands(self, x)
     if operands is None:
