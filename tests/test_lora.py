@@ -170,6 +170,35 @@ def test_multi_adapter_edge_mixes(triton_backend):
     assert_close(y1, y2.double(), **TOL[torch.float32])
 
 
+@needs_triton
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_multi_adapter_broken_factor_stays_in_its_rows(triton_backend, bad):
+    """One adapter's non-finite lora_B (forward) or lora_A (dx) reaches only its own rows: the other
+    adapters' and the base-only rows of the same tile stay what the reference gives (the epilogue's dot
+    once multiplied their zeroed inputs by the inf / NaN: 0 * inf = NaN across the whole tile)."""
+    M, K_, N, r, n = 24, 20, 16, 4, 3
+    x, W, b, A, B = _inputs(M, K_, N, r, torch.float32, n=n)
+    B[1, 3, 2] = bad
+    A[2, 1, 5] = bad
+    ids = torch.tensor([0, 1, -1, 2] * 6, device=DEV)
+    scal = torch.tensor([0.5, 2.0, 1.0])
+    xs = _leaf(x)
+    y = llmkern.lora_linear_multi(xs, W, b, A, B, scal, ids)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xd = _d(x)
+    yr = ref.lora_linear_multi(xd, W.double(), b.double(), A.double(), B.double(), scal.double(), ids)
+    yr.backward(dy.double())
+    for got, want in ((y, yr), (xs.grad, xd.grad)):
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want))  # NaN where the reference has ±inf
+        fin = torch.isfinite(want)
+        assert_close(got[fin], want[fin], **TOL[torch.float32])
+    healthy = ids <= 0  # adapter 0 and the base-only rows
+    for got in (y, xs.grad):
+        assert torch.isfinite(got[healthy]).all() and not torch.isfinite(got[ids == 1]).all()
+
+
 # ---- the TMA (tensor-descriptor) GEMM of sm_90+ -------------------------------------------------
 
 def _record_launches(monkeypatch):

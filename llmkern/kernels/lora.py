@@ -271,6 +271,8 @@ def _gemm_kernel(X, W, WQ_ABSMAX, WQ_PAIRS, WQ_STATE2, BIAS, XS, LB, OUT, IDS, d
         lora = acc
     for a in range(lo, hi + 1):
         sel = mask_m & (ids == a)
+        if HAS_IDS:
+            broken = tl.zeros([BLOCK_N], dtype=tl.int32)  # columns where adapter a's factor is not finite
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + offs_r
             mr = rr < R
@@ -278,7 +280,15 @@ def _gemm_kernel(X, W, WQ_ABSMAX, WQ_PAIRS, WQ_STATE2, BIAS, XS, LB, OUT, IDS, d
                          mask=sel[:, None] & mr[None, :], other=0.0)
             lb = tl.load(LB + a * slb_a + offs_n[None, :] * slb_n + rr[:, None] * slb_r,
                          mask=mr[:, None] & mask_n[None, :], other=0.0)
+            if HAS_IDS:
+                # The other adapters' rows enter this dot as zeros, and 0 * inf is NaN: a non-finite
+                # entry is zeroed here, and only adapter a's own rows are made NaN below.
+                finite = tl.abs(lb.to(tl.float32)) <= 3.4028234663852886e38
+                broken = tl.maximum(broken, tl.max(tl.where(finite, 0, 1), axis=0))
+                lb = tl.where(finite, lb, 0.0).to(lb.dtype)
             lora = tl.dot(xs.to(lb.dtype), lb, lora, input_precision=PRECISION)
+        if HAS_IDS:
+            lora = tl.where(sel[:, None] & (broken[None, :] > 0), float("nan"), lora)
     if EPI_DROPOUT:
         keep = _keep_mask(rows, offs_n, SEED, threshold)
         acc += tl.where(keep, lora * inv_keep, 0.0).to(tl.float32)  # inv_keep may be fp64
