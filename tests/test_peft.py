@@ -702,6 +702,29 @@ def test_prefix_attention_is_always_visible_and_trains():
     torch.testing.assert_close(o1, out[:, :, -1:], rtol=1e-5, atol=1e-5)
 
 
+def test_prefix_attention_gqa_and_bad_shapes():
+    B, T, P, hd = 2, 5, 3, 8
+    q = torch.randn(B, 4, T, hd, dtype=torch.float64)
+    k, v = torch.randn(B, 2, T, hd, dtype=torch.float64), torch.randn(B, 2, T, hd, dtype=torch.float64)
+    pk, pv = torch.randn(1, 2, P, hd, dtype=torch.float64), torch.randn(1, 2, P, hd, dtype=torch.float64)
+    out = lp.prefix_attention(q, k, v, pk, pv, causal=True)
+    rep = lambda t: t.repeat_interleave(2, dim=1)  # noqa: E731
+    want = lp.prefix_attention(q, rep(k), rep(v), rep(pk), rep(pv), causal=True)
+    torch.testing.assert_close(out, want)
+    cases = [((q, k, v, pk[:, :1], pv), "prefix_k"), ((q, k, v, pk, pv[..., :4]), "prefix_v"),
+             ((q, k, v[:, :, :4], pk, pv), "v "), ((q, k, v, pk, pv[:, :, :2]), "as many positions"),
+             ((q[..., :4], k, v, pk, pv), "head_dim"), ((q[:, :3], k, v, pk, pv), "multiple"),
+             ((q, k, v, pk[0], pv), "4-D"), ((torch.randn(B, 4, T + 1, hd, dtype=torch.float64), k, v, pk, pv),
+                                              "no longer than k")]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            lp.prefix_attention(*args, causal=True)
+    with pytest.raises(ValueError, match="scale"):
+        lp.prefix_attention(q, k, v, pk, pv, scale=float("nan"))
+    with pytest.raises(ValueError, match="prefix_k"):
+        lp.extend_kv(k, v, pk.expand(3, -1, -1, -1), pv)
+
+
 def test_prefix_validation():
     with pytest.raises(ValueError, match="divisible"):
         lp.PrefixTuning(2, 3, 30, 4)

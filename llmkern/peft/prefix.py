@@ -103,8 +103,26 @@ class PrefixTuning(nn.Module):
                             device=kv.device, dtype=kv.dtype)
 
 
+def _check_kv(k, v, prefix_k, prefix_v):
+    for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if not torch.is_tensor(t) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq, head_dim], got "
+                             f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+    B, H, T, _ = k.shape
+    if v.shape[:3] != (B, H, T):
+        raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)} in batch, heads and length")
+    for name, p, full in (("prefix_k", prefix_k, k), ("prefix_v", prefix_v, v)):
+        if p.shape[0] not in (1, B) or p.shape[1] != H or p.shape[3] != full.shape[3]:
+            raise ValueError(f"{name} {tuple(p.shape)} must be [1 or {B}, {H}, P, {full.shape[3]}] for "
+                             f"{'k' if full is k else 'v'} {tuple(full.shape)}")
+    if prefix_k.shape[2] != prefix_v.shape[2]:
+        raise ValueError(f"prefix_k and prefix_v must hold as many positions, got {prefix_k.shape[2]} and "
+                         f"{prefix_v.shape[2]}")
+
+
 def extend_kv(k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor):
     """[P_K; K], [P_V; V] along the sequence axis (-2). Prefix heads broadcast over the batch."""
+    _check_kv(k, v, prefix_k, prefix_v)
     B = k.shape[0]
     return (torch.cat([prefix_k.expand(B, -1, -1, -1).to(k.dtype), k], dim=-2),
             torch.cat([prefix_v.expand(B, -1, -1, -1).to(v.dtype), v], dim=-2))
@@ -113,13 +131,25 @@ def extend_kv(k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v
 def prefix_attention(q, k, v, prefix_k, prefix_v, causal: bool = True, scale: Optional[float] = None):
     """softmax(q [P_K; K]ᵀ · scale + mask) [P_V; V] with the prefix always visible (plain PyTorch).
 
-    q [B, H, Tq, D]; k, v [B, H, Tk, D]; prefix_k/v [B or 1, H, P, D]. Causal masking is aligned
-    bottom-right, so query i (of the last Tq positions) sees the prefix and keys up to its own.
+    q [B, H, Tq, D]; k, v [B, Hkv, Tk, D] (H a multiple of Hkv: grouped-query attention); prefix_k/v
+    [B or 1, Hkv, P, D] (v's head_dim may differ). Causal masking is aligned bottom-right, so query i (of the
+    last Tq positions) sees the prefix and keys up to its own.
     """
+    if not torch.is_tensor(q) or q.dim() != 4:
+        raise ValueError(f"q must be a 4-D tensor [batch, heads, seq, head_dim], got "
+                         f"{tuple(q.shape) if torch.is_tensor(q) else type(q).__name__}")
     k2, v2 = extend_kv(k, v, prefix_k, prefix_v)
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)} must match k {tuple(k.shape)} in batch and head_dim, with heads a "
+                         "multiple of k's (grouped-query attention)")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(f"causal prefix attention needs q no longer than k (the queries are the last positions), "
+                         f"got {q.shape[2]} queries and {k.shape[2]} keys")
     Tq, Tk = q.shape[-2], k2.shape[-2]
     mask = None
     if causal:
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
-    return F.scaled_dot_product_attention(q, k2, v2, attn_mask=mask,
+    return F.scaled_dot_product_attention(q, k2, v2, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1],
                                           scale=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
