@@ -59,6 +59,7 @@ def test_quantize_kv_saturates_and_divides_by_the_scale():
     (dict(x=torch.randn(2, 3, 4)), "x must be a floating tensor"),
     (dict(scale=-1.0), "finite positive"),
     (dict(scale=torch.ones(3)), r"kv_heads=2"),
+    (dict(scale=torch.ones(2, device="meta")), r"scale is on meta but x is on cpu"),
 ])
 def test_quantize_kv_errors(bad, match):
     kw = dict(x=torch.randn(1, 2, 3, 4), dtype=torch.float8_e4m3fn, scale=None)

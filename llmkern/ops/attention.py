@@ -823,8 +823,9 @@ def _kv_scale(name, scale, cache, Hk, device):
     return _scale_tensor(name, scale, Hk, device)
 
 
-def _scale_tensor(name, scale, Hk, device):
-    """A dequantization scale (positive float, or float tensor [] / [Hk]) as float32 [Hk], validated."""
+def _scale_tensor(name, scale, Hk, device, on="q"):
+    """A dequantization scale (positive float, or float tensor [] / [Hk]) as float32 [Hk], validated (`on`:
+    the tensor whose device it must share, for the message)."""
     if torch.is_tensor(scale) and scale.dtype == torch.float32 and scale.dim() == 1 and scale.shape[0] == Hk \
             and scale.device == device and scale.is_contiguous() and not (device.type == "cpu" and _checking_values()):
         return scale  # (already the kernel's form; a cache's own scales each decode step: no copy)
@@ -837,7 +838,7 @@ def _scale_tensor(name, scale, Hk, device):
         raise ValueError(f"{name} must be a positive float or a float tensor [] or [kv_heads={Hk}], "
                          f"got {scale.dtype} {tuple(scale.shape)}")
     if scale.device != device:
-        raise ValueError(f"{name} is on {scale.device} but q is on {device}")
+        raise ValueError(f"{name} is on {scale.device} but {on} is on {device}")
     scale = scale.to(torch.float32)  # (a float8 scale has no isfinite)
     if scale.device.type == "cpu" and _checking_values() and not bool((scale.isfinite() & (scale > 0)).all()):
         raise ValueError(f"{name} must be finite and positive, got {scale.tolist()}")
@@ -858,7 +859,7 @@ def quantize_kv(x: torch.Tensor, dtype=torch.float8_e4m3fn, scale=None) -> torch
                          f"{x.dtype} {tuple(x.shape)}")
     y = x.to(torch.float32)
     if scale is not None:  # (validated and made float32 [kv_heads], whatever form it came in)
-        scale = _scale_tensor("scale", scale, x.shape[1], x.device)
+        scale = _scale_tensor("scale", scale, x.shape[1], x.device, on="x")
     if scale is not None:
         y = y / scale.view(1, -1, 1, 1)
     fmax = torch.finfo(dtype).max
