@@ -93,11 +93,17 @@ GPT-Neo do.
 """
 import dataclasses
 import math
+import numbers
 from typing import Optional
 
 _FLOAT32_MAX = 3.4028234663852886e38  # (config values the models use in float32 arithmetic must fit in it)
 
 ARCHS = ("gpt", "llama")
+
+
+def _real(v):
+    """A real number (not a bool, not None, not a string: float() would accept "0.1")."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass
@@ -209,10 +215,10 @@ class ModelConfig:
         if self.activation not in allowed:
             raise ValueError(f"ModelConfig.activation must be one of {allowed} for arch={self.arch!r}, "
                              f"got {self.activation!r}")
-        if not (0.0 <= float(self.dropout) < 1.0):
+        if not (_real(self.dropout) and 0.0 <= float(self.dropout) < 1.0):
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not float(self.norm_eps) > 0:
-            raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        if not (_real(self.norm_eps) and 0 < float(self.norm_eps) <= _FLOAT32_MAX):
+            raise ValueError(f"ModelConfig.norm_eps must be a finite number > 0, got {self.norm_eps!r}")
         if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not (
                 0 < float(self.rope_theta) <= _FLOAT32_MAX):
             raise ValueError(f"ModelConfig.rope_theta must be a finite number > 0, got {self.rope_theta!r}")
