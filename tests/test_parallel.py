@@ -364,6 +364,67 @@ def zoo_worker(rank, p):
     return checked
 
 
+def shared_input_worker(rank, p, backend):
+    """The zoo's q/k/v and gate/up read one input: tensor-parallel, they run as one column product (one
+    input-gradient all-reduce each, as Megatron's fused QKV / gate-up layers), with the gradients of
+    separate layers. Counted: the elements all-reduced in the backward, fused vs one layer at a time."""
+    import torch.distributed as dist
+
+    from llmkern.models import GPT, Llama
+    from llmkern.models.configs import get_config
+
+    reduced = []
+    all_reduce = dist.all_reduce
+
+    def counting(t, *a, **kw):
+        reduced.append(t.numel())
+        return all_reduce(t, *a, **kw)
+
+    failures, counts = [], {}
+    for cls, name in ((Llama, "llama-tiny"), (GPT, "gpt-tiny")):
+        torch.manual_seed(7)
+        ref = cls(get_config(name, n_layer=1), backend=backend)
+        idx = torch.randint(0, ref.config.vocab_size, (2, 8))
+        for fused in (True, False):
+            tp = tensor_parallelize(copy.deepcopy(ref), overlap="ring")
+            if not fused:  # layer by layer: a forward hook on each column layer turns the fusion off
+                for m in tp.modules():
+                    if isinstance(m, ColumnParallelLinear):
+                        m.register_forward_hook(lambda mod, inp, out: None)
+            ref.zero_grad(set_to_none=True)
+            n = _compare_models(f"shared input {name} {backend} fused={fused}", ref, tp, (idx,),
+                                lambda out: out.float().pow(2).mean(), rank, p, failures)
+            reduced.clear()
+            dist.all_reduce = counting
+            try:
+                tp(idx).float().pow(2).mean().backward()
+            finally:
+                dist.all_reduce = all_reduce
+            counts[(name, fused)] = (sum(reduced), n)
+    # the layers themselves, under sequence parallelism (one all-gather of x for both, one reduce-scatter back)
+    from llmkern.parallel.layers import column_parallel_shared_input
+
+    torch.manual_seed(3)
+    lins = [nn.Linear(12, n) for n in (8, 4)]
+    x = torch.randn(6, 12)
+    for sp in (False, True):
+        layers = [ColumnParallelLinear.from_linear(m, sequence_parallel=sp) for m in lins]
+        xs = [(_rows(x, rank, p) if sp else x).clone().requires_grad_() for _ in range(2)]
+        ys = column_parallel_shared_input(xs[0], layers)
+        (ys[0].pow(2).sum() + ys[1].sum()).backward()
+        grads = [m.weight.grad.clone() for m in layers]
+        for m in layers:
+            m.weight.grad = m.bias.grad = None
+        y0, y1 = layers[0](xs[1]), layers[1](xs[1])
+        (y0.pow(2).sum() + y1.sum()).backward()
+        for tag, got, want in (("y0", ys[0], y0), ("y1", ys[1], y1), ("dx", xs[0].grad, xs[1].grad),
+                               ("dw0", grads[0], layers[0].weight.grad), ("dw1", grads[1], layers[1].weight.grad)):
+            _close(f"column_parallel_shared_input sp={sp}: {tag}", got, want, failures)
+    if failures:
+        raise AssertionError(f"rank {rank}:\n" + "\n".join(failures))
+    return counts
+
+
 def zoo_families_worker(rank, p):
     """Llama-family options under tensor parallelism: Qwen2-style q/k/v biases (sharded with their
     rows) and a per-layer sliding window, Qwen3-style q_norm/k_norm (replicated, gradient summed over
@@ -664,6 +725,17 @@ def test_tensor_parallelize_zoo_models_2_ranks(ranks):
         pytest.skip("llmkern.models (GPT, Llama) not importable")
     checked = ranks(2).run(zoo_worker, timeout=60)
     assert checked[0] and all(n > 0 for _, n in checked[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "llmkern"])
+def test_zoo_shared_input_projections_all_reduce_once_2_ranks(ranks, backend):
+    counts = ranks(2).run(shared_input_worker, (backend,), timeout=120)[0]
+    d, tokens = 64, 16  # (the tiny configs' width; batch 2 x 8 tokens)
+    for name, per_layer in (("llama-tiny", 3 + 2), ("gpt-tiny", 3 + 1)):  # column layers per block
+        fused, separate = counts[(name, True)][0], counts[(name, False)][0]
+        assert counts[(name, True)][1] == counts[(name, False)][1] > 0
+        # one block: q/k/v fused (one input-gradient all-reduce instead of 3), gate/up fused (1 instead of 2)
+        assert separate - fused == (per_layer - 2) * d * tokens, (name, fused, separate)
 
 
 def test_tensor_parallelize_zoo_llama_family_options_2_ranks(ranks):

@@ -167,6 +167,16 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
     return _sdpa(q, k, v, True, dropout_p, key_padding_mask, sliding_window, scale=scale, softcap=softcap)
 
 
+def shared_input(x, *modules):
+    """[m(x) for m in modules], for projections that read the same input (q / k / v, gate / up). A module
+    class may run them together through its `forward_shared_input(x, modules)` (the tensor-parallel column
+    layers do: one collective for all of them, as a fused QKV layer has); the model code stays the same."""
+    run = getattr(type(modules[0]), "forward_shared_input", None)
+    if run is not None and all(type(m) is type(modules[0]) for m in modules):
+        return run(x, modules)
+    return tuple(m(x) for m in modules)
+
+
 def _with_prefix(B, k, v, prefix, key_padding_mask):
     """Prefix-tuning's keys/values prepended (bottom-right causal alignment keeps them visible to every
     query), and the padding mask extended over them."""

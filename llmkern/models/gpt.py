@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import llmkern  # (llmkern.layer_norm loads on first use)
 
-from llmkern.models._attn import HFModule, ZooModel, attend, check_backend
+from llmkern.models._attn import HFModule, ZooModel, attend, check_backend, shared_input
 from llmkern.models.configs import ModelConfig, get_config
 
 def _gelu_tanh(x):
@@ -41,9 +41,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cache=None, layer=None, prefix=None, kpm=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         y = attend(q, k, v, backend=self.backend_name, cache=cache, layer=layer, prefix=prefix,
                    key_padding_mask=kpm, context_parallel=getattr(self, "context_parallel", None),
                    dropout_p=self.dropout if self.training else 0.0)

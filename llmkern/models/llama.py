@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llmkern  # (the fused ops load on first use: llmkern.rms_norm, llmkern.rope, llmkern.swiglu)
-from llmkern.models._attn import HFModule, ZooModel, attend, check_backend
+from llmkern.models._attn import HFModule, ZooModel, attend, check_backend, shared_input
 from llmkern.models.configs import ModelConfig, get_config
 from llmkern.ops import _checks
 
@@ -169,12 +169,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, layer=None, prefix=None, kpm=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
         if self.q_norm is not None:  # [B, T, H, D]: normalised over D, per head
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.backend_name == "llmkern" and q.dtype == k.dtype:
             q, k = llmkern.rope(q, k, cos, sin)  # one launch for both; float32 math, one rounding
         else:
@@ -201,7 +202,7 @@ class MLP(nn.Module):
         self.backend_name = backend
 
     def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = shared_input(x, self.gate_proj, self.up_proj)
         if self.backend_name == "llmkern" and gate.dtype == up.dtype:
             return self.down_proj(self._fused(gate, up))  # one pass, the activation recomputed in the backward
         if self.activation == "silu":

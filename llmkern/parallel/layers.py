@@ -702,6 +702,51 @@ class ColumnParallelLinear(_ParallelLinear):
         return layer
 
 
+def _hooked(m):
+    from torch.nn.modules import module as nn_module
+    return bool(m._forward_hooks or m._forward_pre_hooks or nn_module._global_forward_hooks
+                or nn_module._global_forward_pre_hooks)
+
+
+def _fusable(layers):
+    """Whether column layers reading one input can run as one product: plain ColumnParallelLinear layers (no
+    LoRA factors, no gather_output, no hooks that a joint call would skip) of one configuration."""
+    first = layers[0]
+    key = lambda m: (m.group, m.world_size, m.overlap, m.sequence_parallel, m.chunks, m.pieces,  # noqa: E731
+                     m.transport, m.in_features, m.weight.dtype, m.weight.device, m.bias is None)
+    return len(layers) > 1 and all(
+        type(m) is ColumnParallelLinear and m.lora_A is None and not m.gather_output and not _hooked(m)
+        and key(m) == key(first) for m in layers)
+
+
+def column_parallel_shared_input(x, layers):
+    """[layer(x) for layer in layers], for column-parallel layers that read the same input (q / k / v, gate /
+    up), run as ONE column-parallel product over their stacked weights, as Megatron-LM's fused QKV and
+    gate-up layers are: one input-gradient all-reduce in the backward (or, under sequence parallelism, one
+    all-gather of x in the forward and one reduce-scatter back) instead of one per layer, overlapped with
+    the stacked weight gradient's GEMM. Layers that cannot be fused (LoRA factors, gather_output, hooks,
+    different configurations) run one by one. The outputs are views into one [..., Σ out/p] tensor."""
+    layers = list(layers)
+    if not _fusable(layers):
+        return tuple(m(x) for m in layers)
+    first = layers[0]
+    casts = [m._cast(x) for m in layers]
+    x = casts[0][0]
+    w = torch.cat([c[1] for c in casts], 0)
+    b = None if first.bias is None else torch.cat([c[2] for c in casts], 0)
+    first._check_input(x, first.in_features, casts[0][1])
+    lead = tuple(x.shape[:-1])
+    x2 = x.reshape(-1, first.in_features)
+    if first.sequence_parallel and first.world_size > 1:
+        lead = (lead[0] * first.world_size,) + lead[1:] if lead else (first.world_size * x2.shape[0],)
+    y = _column_apply(x2, w, b, None, None, first._cfg())
+    y = y.view(lead + (y.shape[-1],))
+    return tuple(y.split([m.out_features_per_rank for m in layers], dim=-1))
+
+
+ColumnParallelLinear.forward_shared_input = staticmethod(column_parallel_shared_input)
+
+
 class RowParallelLinear(_ParallelLinear):
     """y = x W^T + b with W split along the input features: weight [out, in/p]; b replicated."""
 
