@@ -984,3 +984,33 @@ def test_refused_peft_calls_leave_the_model_as_it_was(call):
             lp.inject_lora(model, ["q_proj"], **kw[call])
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     assert [n for n, _ in model.named_modules()] == modules
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_prefix_on_zoo_equals_peft_prefix_tuning(tmp_path, kind):
+    """The same prefix K/V on the zoo model and on PEFT's PrefixTuning over transformers give the same logits:
+    the prefix takes positions 0..P-1 and the tokens P.. (RoPE / learned positions), as there, where the prefix
+    fills the first cache slots (the zoo numbered the tokens from 0: Llama logits 0.03 off, GPT-2 0.3)."""
+    path = _hf_dir(tmp_path / "base", kind)
+    P = 3
+    pm = peft.get_peft_model(_hf_base(path), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    pm.eval()
+    cfg = pm.peft_config["default"]
+    emb = pm.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        emb.normal_(0, 1.0, generator=torch.Generator().manual_seed(5))
+    L, d = cfg.num_layers, cfg.token_dim
+    init = emb.detach().view(P, L, 2, d).permute(1, 2, 0, 3).contiguous()  # PEFT's layout -> [L, 2, P, d]
+    zoo = _zoo(path).eval()
+    zoo.attach_prefix(lp.PrefixTuning(L, P, d, cfg.num_attention_heads, init=init))
+    ids = _ids(B=1)
+    with torch.no_grad():
+        want = pm(ids).logits
+        torch.testing.assert_close(zoo(ids), want, rtol=1e-4, atol=1e-4)
+        # with left padding (attention_mask): the positions count the real tokens after the prefix
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[1, :3] = 0
+        ids2 = torch.cat([ids, ids], 0)
+        got = zoo(ids2, attention_mask=mask)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[1, 3:], pm(ids[:, 3:]).logits[0], rtol=1e-4, atol=1e-4)

@@ -499,6 +499,11 @@ class ZooModel(torch.nn.Module):
         self.prefix_tuning = prefix
         return self
 
+    @staticmethod
+    def prefix_length(prefixes):
+        """P, the prefix-tuning positions in front of every row (0 without a prefix)."""
+        return 0 if not prefixes or prefixes[0] is None else int(prefixes[0][0].shape[2])
+
     def prefixes(self, batch):
         prefix = getattr(self, "prefix_tuning", None)
         if prefix is None:
@@ -674,8 +679,11 @@ class ZooModel(torch.nn.Module):
             fused = all(p.is_cuda for p in params)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
-    def _check_input(self, input_ids, cache, attention_mask=None, position_ids=None):
+    def _check_input(self, input_ids, cache, attention_mask=None, position_ids=None, offset=0):
         """Validates the inputs; returns (start, position_ids [B, T] or None, key mask [B, Tk] or None).
+
+        offset: the prefix-tuning keys in front of every row (they take positions 0..offset-1, as with
+        transformers + PEFT, where the prefix fills the first cache slots): derived positions start after them.
 
         attention_mask (Hugging Face semantics): [B, start + T], 1 = real token, 0 = padding (left
         padding for generation), over the cached and the new tokens. Without position_ids, positions
@@ -690,6 +698,7 @@ class ZooModel(torch.nn.Module):
             raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
                              f"{getattr(input_ids, 'shape', type(input_ids))}")
         B, T = input_ids.shape
+        derived = position_ids is None
         if cache is not None:
             self._check_cache(cache, B)
         start = cache.seqlen if cache is not None else 0
@@ -702,9 +711,10 @@ class ZooModel(torch.nn.Module):
             lo, hi = int(lo), int(hi)
             if lo < 0 or hi >= V:
                 raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={V}), got values in [{lo}, {hi}]")
-        if start + T > self.config.block_size:
+        if offset + start + T > self.config.block_size:
             raise ValueError(f"input_ids: {start} + {T} tokens exceed "
-                             f"block_size={self.config.block_size}")
+                             f"block_size={self.config.block_size}"
+                             + (f" with the {offset} prefix-tuning positions" if offset else ""))
         # a cache with per-row lengths: row b's new tokens sit at key slots lengths[b] + 0..T-1
         slots = None
         if cache is not None and not cache.uniform:
@@ -729,6 +739,8 @@ class ZooModel(torch.nn.Module):
                 kpm = None
         if position_ids is None:
             position_ids = slots
+        if derived and position_ids is not None and offset:  # (the caller's own positions are taken as given)
+            position_ids = position_ids + offset
         if position_ids is not None and tuple(position_ids.shape) != (B, T):
             raise ValueError(f"position_ids must be [batch, seq] = [{B}, {T}], got {tuple(position_ids.shape)}")
         return start, position_ids, kpm

@@ -165,12 +165,13 @@ class GPT(ZooModel):
         position_ids: Hugging Face semantics (see ZooModel._check_input), for padded batches.
         return_logits=False with labels: (None, loss), the loss from the LM head without the [B, T, V]
         logits (llmkern.linear_cross_entropy on the llmkern backend: training's memory saver)."""
-        start, pos, kpm = self._check_input(input_ids, cache, attention_mask, position_ids)
+        prefixes = self.prefixes(input_ids.shape[0]) if torch.is_tensor(input_ids) and input_ids.dim() == 2 else None
+        P = self.prefix_length(prefixes)
+        start, pos, kpm = self._check_input(input_ids, cache, attention_mask, position_ids, offset=P)
         T = input_ids.shape[1]
         if pos is None:
-            pos = self.positions(start, T, input_ids.device)
+            pos = self.positions(start, T, input_ids.device) + P
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
-        prefixes = self.prefixes(input_ids.shape[0])
         for i, block in enumerate(self.h):
             x = self.run_block(block, x, cache=cache, layer=i, prefix=prefixes[i], kpm=kpm)
         if cache is not None:

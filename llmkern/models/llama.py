@@ -488,13 +488,15 @@ class Llama(ZooModel):
         position_ids: Hugging Face semantics (see ZooModel._check_input), for padded batches.
         return_logits=False with labels: (None, loss), the loss from the LM head without the [B, T, V]
         logits (llmkern.linear_cross_entropy on the llmkern backend: training's memory saver)."""
-        start, pos, kpm = self._check_input(input_ids, cache, attention_mask, position_ids)
+        prefixes = self.prefixes(input_ids.shape[0]) if torch.is_tensor(input_ids) and input_ids.dim() == 2 else None
+        P = self.prefix_length(prefixes)
+        start, pos, kpm = self._check_input(input_ids, cache, attention_mask, position_ids, offset=P)
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)  # [B, T, d]
         if self.config.scale_embeddings:  # Gemma: times sqrt(d), that factor rounded to x's dtype first
             x = x * self.embed_scale.to(x.dtype)
         if pos is None:
-            pos = self.positions(start, T, input_ids.device)
+            pos = self.positions(start, T, input_ids.device) + P
         # positions derived here (cache, attention_mask) stay below block_size: only the caller's are
         # checked (reading them is a host sync)
         elif position_ids is not None and self.config.rope_scaling and \
@@ -504,7 +506,6 @@ class Llama(ZooModel):
                              f"block_size={self.config.block_size}, which is not supported; got {int(pos.max())}")
         rope = self.rope(pos, x.dtype)  # (cos, sin)
         local = self.rope(pos, x.dtype, local=True) if self.config.rope_local_theta is not None else rope
-        prefixes = self.prefixes(input_ids.shape[0])
         # the MoE layers' router logits, collected only when the load-balancing loss will use them
         aux = [] if labels is not None and self.config.n_experts and self.config.router_aux_loss_coef else None
         for i, block in enumerate(self.layers):
