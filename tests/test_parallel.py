@@ -807,6 +807,43 @@ def deepcopy_worker(rank, p):
     return out
 
 
+def head_norm_copies_worker(rank, p):
+    """q_norm / k_norm gains stay replicated and their gradient is summed over the ranks: also in a deep copy
+    of the sharded model and after load_state_dict(assign=True), which replace the parameters (the sum was a
+    hook on the tensor and got lost: each rank kept its heads' part), and without summing twice when the
+    original runs again after its copy."""
+    from llmkern.models import Llama
+    from llmkern.models.configs import get_config
+
+    torch.manual_seed(0)
+    m = Llama(get_config("llama-tiny", qk_norm=True, n_layer=1), backend="torch").double()
+    with torch.no_grad():
+        for n, prm in m.named_parameters():
+            if "norm" in n:
+                prm.add_(0.1 * torch.randn_like(prm))
+    ref = copy.deepcopy(m)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
+    ref(ids, ids)[1].backward()
+    tensor_parallelize(m)
+    loaded = tensor_parallelize(Llama(get_config("llama-tiny", qk_norm=True, n_layer=1), backend="torch").double())
+    loaded.load_state_dict(m.state_dict(), assign=True)
+    failures = []
+    for tag, model in (("original", m), ("deepcopy", copy.deepcopy(m)), ("original again", m),
+                       ("load_state_dict(assign=True)", loaded)):
+        model.zero_grad()
+        model(ids, ids)[1].backward()
+        for n in ("q_norm", "k_norm"):
+            _close(f"{tag}: {n} grad", getattr(model.layers[0].self_attn, n).weight.grad,
+                   getattr(ref.layers[0].self_attn, n).weight.grad, failures)
+    if failures:
+        raise AssertionError(f"rank {rank}:\n" + "\n".join(failures))
+    return True
+
+
+def test_head_norm_grad_sum_survives_deepcopy_and_assign_2_ranks(ranks):
+    assert all(ranks(2).run(head_norm_copies_worker, timeout=60))
+
+
 def test_parallel_models_deepcopy_2_ranks(ranks):
     assert ranks(2).run(deepcopy_worker, timeout=90) == [[True] * 4] * 2
 

@@ -51,6 +51,7 @@ for an MoE layer).
 """
 import inspect
 import re
+import weakref
 
 import torch
 import torch.nn as nn
@@ -137,11 +138,10 @@ def _check_head_norms(children, hd, where):
                              f"norm over all the heads' features (OLMo 2's) is not supported")
 
 
-def _sum_grad_over_ranks(param, group):
-    """The gradient of a replicated parameter used by sharded heads is each rank's part: sum it. Also on a
-    frozen parameter (PEFT leaves the norms frozen; unfrozen later to train them beside LoRA, its gradient
-    would be this rank's part, different on each rank): torch takes a hook only while it requires grad, and
-    keeps it when that is switched off and on again."""
+def _hook_grad_sum(param, group):
+    """Sum param's gradient over the ranks, by a hook on the tensor. Also on a frozen parameter (PEFT leaves the
+    norms frozen; unfrozen later to train them beside LoRA, its gradient would be this rank's part, different on
+    each rank): torch takes a hook only while it requires grad, and keeps it when that is switched off and on."""
     def hook(grad):
         grad = grad.contiguous().clone()
         comm.all_reduce(grad, group)
@@ -153,6 +153,23 @@ def _sum_grad_over_ranks(param, group):
     if frozen:
         param.requires_grad_(False)
 
+
+def _sum_grad_over_ranks(module, name, group):
+    """The gradient of a replicated parameter used by sharded heads is each rank's part: sum it. The hook sits
+    on the tensor, which copy.deepcopy and load_state_dict(assign=True) replace without it: a forward pre-hook
+    of the module (copied with it) hooks the parameter it finds there whenever that is not the hooked one
+    (a weak reference on the module; a copy's points at the original's parameter)."""
+    key = "_llmkern_grad_summed_" + name.replace(".", "_")
+
+    def ensure(mod, args):
+        param = mod.get_parameter(name)
+        ref = mod.__dict__.get(key)
+        if ref is None or ref() is not param:
+            _hook_grad_sum(param, group)
+            object.__setattr__(mod, key, weakref.ref(param))
+
+    ensure(module, ())
+    module.register_forward_pre_hook(ensure)
 
 
 class _ShardedHeadsRNG:
@@ -318,7 +335,7 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
                 raise ValueError(f"tensor_parallelize: cannot shard {full}: {exc}") from None
             plan.append((parent, name, new))
         if attention:  # (whether or not the module holds the head counts: each rank has its heads' part)
-            summed += [prm for n, c in children.items() if n in HEAD_NORM_NAMES for prm in c.parameters()]
+            summed += [(c, pn) for n, c in children.items() if n in HEAD_NORM_NAMES for pn, _ in c.named_parameters()]
         if attention and h_attr is not None:
             plan.append((parent, h_attr, h // p))
         if attention and h is not None:
@@ -341,6 +358,6 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
     for obj, attr, value in plan:  # (an error above leaves the model as it was)
         setattr(obj, attr, value)
     if p > 1:
-        for prm in summed:
-            _sum_grad_over_ranks(prm, group)
+        for module, name in summed:
+            _sum_grad_over_ranks(module, name, group)
     return model
