@@ -359,9 +359,14 @@ def test_hf_logits_warper_temperature_and_min_tokens_to_keep():
         got = LlmkernSamplingWarper(temperature=t, top_k=k, top_p=p, min_p=mp, min_tokens_to_keep=m)(None, x.clone())
         assert torch.equal(got.isfinite(), want.isfinite()), (t, k, p, mp, m)
         torch.testing.assert_close(got[got.isfinite()], want[want.isfinite()])
-    for bad in (dict(temperature=0.0), dict(min_tokens_to_keep=0)):
+    # (top_k=-1, vLLM's "disabled", became top-1 through max(top_k, min_tokens_to_keep))
+    for bad in (dict(temperature=0.0), dict(min_tokens_to_keep=0), dict(top_k=-1), dict(top_k=2.0),
+                dict(top_k=True)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             LlmkernSamplingWarper(**bad)
+    # a [B] top_k tensor: min_tokens_to_keep raises its positive entries, 0 stays "no top-k"
+    got = LlmkernSamplingWarper(top_k=torch.tensor([0, 1, 4, 2]), min_tokens_to_keep=3)(None, x.clone())
+    assert got.isfinite().sum(-1).tolist() == [300, 3, 4, 3]
 
 
 @pytest.mark.parametrize("bad,match", [

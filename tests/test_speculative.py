@@ -176,6 +176,11 @@ def test_greedy_mode():
     tie[0, :, 2] = tie[0, :, 4] = 1.0
     out, n = speculative_accept(torch.tensor([[4]]), None, tie, greedy=True)
     assert int(n) == 0 and out.tolist() == [[2, -1]]
+    # NaN scores count as -inf, as in llmkern.sample(temperature=0) (torch.argmax picked the NaN)
+    nan = torch.tensor([[[float("nan"), 0.1, 3.0], [float("nan"), 2.0, 1.0]]])
+    out, n = speculative_accept(torch.tensor([[2]]), None, nan, greedy=True)
+    assert int(n) == 1 and out.tolist() == [[2, 1]]
+    assert out[0, 0] == llmkern.sample(nan[0, :1], temperature=0.0)
 
 
 def test_bad_arguments():

@@ -211,7 +211,9 @@ def speculative_accept(
     dev = draft_tokens.device
     idx = torch.arange(k + 1, device=dev)
     if greedy:
-        choice = target_probs.argmax(-1)                                       # [B, k + 1]
+        # NaN counts as -inf, as llmkern.sample's greedy rows (torch.argmax takes NaN for the largest)
+        scores = target_probs.masked_fill(target_probs.isnan(), float("-inf"))
+        choice = scores.argmax(-1)                                             # [B, k + 1]
         accept = draft_tokens == choice[:, :k]
         num_accepted = accept.long().cumprod(-1).sum(-1)                       # leading run of accepts
         extra = choice.gather(1, num_accepted[:, None]).squeeze(1)

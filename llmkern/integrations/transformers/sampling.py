@@ -30,6 +30,10 @@ class LlmkernSamplingWarper(_Base):
             raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
         if isinstance(min_tokens_to_keep, bool) or not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
             raise ValueError(f"min_tokens_to_keep must be an int >= 1, got {min_tokens_to_keep!r}")
+        # (a negative top_k, vLLM's "disabled", became max(top_k, min_tokens_to_keep) = 1: near-greedy, silently)
+        if not torch.is_tensor(top_k) and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)
+                                           or top_k < 0):
+            raise ValueError(f"top_k must be an int >= 0 (0: no top-k) or a [batch] tensor, got {top_k!r}")
         self.top_k, self.top_p, self.min_p, self.filter_value = top_k, top_p, min_p, filter_value
         self.temperature, self.min_tokens_to_keep = float(temperature), min_tokens_to_keep
 
@@ -37,7 +41,10 @@ class LlmkernSamplingWarper(_Base):
         if self.temperature != 1.0:
             scores = scores / self.temperature
         m = min(self.min_tokens_to_keep, scores.shape[-1])
-        top_k = self.top_k if not self.top_k else max(self.top_k, m)
+        if torch.is_tensor(self.top_k):  # (negative entries reach the filter's check as they are)
+            top_k = torch.where(self.top_k > 0, self.top_k.clamp_min(m), self.top_k)
+        else:
+            top_k = max(self.top_k, m) if self.top_k > 0 else 0
         out = self._filter(scores, top_k)
         if m > 1:  # (top-p / min-p never cut below the m-th largest score, as HF's warpers)
             kth = scores.topk(m, dim=-1).values[..., -1:]
