@@ -25,6 +25,17 @@ def test_unknown_suite_is_an_error(tmp_path):
     assert cli.main(["--suite", "nope", "--out", str(tmp_path)]) == 2
 
 
+@pytest.mark.parametrize("bad", [["--device", "gpu"], ["--device", "meta"], ["--out", "FILE"]])
+def test_bad_device_or_out_is_a_usage_error_before_timing(tmp_path, capsys, bad):
+    """(--device gpu was a traceback, meta ran every suite to a failure; an --out that is a file came out as
+    a failed suite and a traceback, after the first row was timed)"""
+    (tmp_path / "FILE").write_text("")
+    bad = [str(tmp_path / a) if a == "FILE" else a for a in bad]
+    assert cli.main(["--suite", "swiglu", "--quick", "--out", str(tmp_path / "out")] + bad) == 2
+    err = capsys.readouterr()
+    assert bad[0] in err.err and "[row]" not in err.out and "Traceback" not in err.err
+
+
 def test_unusable_cuda_device_is_an_error_and_the_record_survives_a_broken_device(tmp_path, monkeypatch):
     """--device cuda without a usable GPU (or cuda:N past the count) crashed in the failure handler, whose record
     asked the device for its name: no file was written and the other suites never ran."""

@@ -6,6 +6,7 @@
 Writes results.json, results.md and results.png to --out (default ./bench-out).
 """
 import argparse
+import os
 import sys
 import time
 
@@ -53,7 +54,18 @@ def main(argv=None):
     if unknown:
         print(f"llmkern-bench: unknown suite(s) {unknown}; available: {sorted(suites)}", file=sys.stderr)
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        print(f"llmkern-bench: --device must be cpu or cuda[:N], got {args.device!r}", file=sys.stderr)
+        return 2
+    try:  # (created before anything is timed: a bad --out is not a failed suite)
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        print(f"llmkern-bench: --out {args.out!r} is not a usable folder: {exc}", file=sys.stderr)
+        return 2
     if device.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0 or (device.index is not None and device.index >= n):
