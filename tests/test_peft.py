@@ -510,6 +510,25 @@ def test_load_into_merged_lora_model_raises(tmp_path):
         torch.testing.assert_close(model(_ids()).logits, src(_ids()).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_load_refuses_active_lora_the_checkpoint_does_not_name(tmp_path):
+    """Loading a q/k adapter into a model that has trained LoRA on q/v kept v's LoRA active (outputs of neither
+    adapter, silently); fresh LoRA (lora_B zero, as inject_lora leaves it) on extra modules is inert and allowed."""
+    src = tiny_llama()
+    lp.inject_lora(src, ["q_proj", "k_proj"], r=4, alpha=8)
+    _randomize_lora(src, 7)
+    lp.save_peft_adapter(src, str(tmp_path))
+    model = tiny_llama()
+    lp.inject_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    _randomize_lora(model, 8)
+    with pytest.raises(ValueError, match=r"carries LoRA on .*v_proj"):
+        lp.load_peft_adapter(model, str(tmp_path))
+    fresh = tiny_llama()
+    lp.inject_lora(fresh, ["q_proj", "k_proj", "v_proj"], r=4, alpha=8)
+    lp.load_peft_adapter(fresh, str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(_ids()).logits, src(_ids()).logits, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_state_dict_keeps_the_merged_state(use_dora):
     """merged was a plain attribute: a merged model's state_dict loaded into a fresh LoRA model added s·B·A twice,

@@ -426,6 +426,26 @@ def _split_fused(path, name, A, B, alpha, use_rslora, parts, record, M=None):
     return [(zn, A, B[h.rows], R, alpha, None if M is None else M[h.rows]) for zn, h in parts]
 
 
+def _check_no_stale_lora(model, targets, path):
+    """LoRA the checkpoint does not name would stay active beside the loaded adapter (the model would not be
+    the checkpoint's): refused, unless it is inert (a fresh LoRALinear: lora_B zero, not merged, not DoRA).
+    Tensor-parallel layers are refused either way (their B shards differ by rank: a per-rank verdict could
+    leave the other ranks waiting in a collective)."""
+    stale = []
+    for name, mod in model.named_modules():
+        if name in targets:
+            continue
+        if isinstance(mod, LoRALinear):
+            if mod.merged or mod.use_dora or bool(mod.lora_B.detach().ne(0).any()):
+                stale.append(name)
+        elif _is_parallel(mod) and mod.lora_A is not None:
+            stale.append(name)
+    if stale:
+        raise ValueError(f"{path}: the model carries LoRA on {', '.join(stale)}, which the checkpoint does not name: "
+                         f"those updates would stay active beside the loaded adapter; load it into a model "
+                         f"without LoRA there (or with fresh, zero lora_B factors)")
+
+
 def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> nn.Module:
     """Load a PEFT LoRA adapter directory into ``model`` (a plain model, not a PeftModel).
 
@@ -453,6 +473,9 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     lora_dropout is not applied by sharded layers (as for existing LoRALinear modules, their dropout is
     left as it is). A sharded layer without LoRA, another rank, or shapes that do not fit raise
     ValueError naming the module, before anything is changed.
+
+    LoRA the model already carries on modules the checkpoint does not name is refused (it would stay active),
+    unless it is a fresh LoRALinear (lora_B zero, not merged).
     """
     with open(os.path.join(path, CONFIG_NAME)) as f:
         config = json.load(f)
@@ -602,6 +625,8 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         if W is not None and W.shape != layer.weight.shape:
             raise ValueError(f"{path}: {name}.base_layer.weight has shape {tuple(W.shape)}, the layer's weight "
                              f"is {tuple(layer.weight.shape)}")
+
+    _check_no_stale_lora(model, targets, path)
 
     # 2. load
     if freeze_base:
