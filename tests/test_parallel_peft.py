@@ -422,6 +422,34 @@ def test_peft_lora_bias_and_several_active_adapters_refused(pool):
         assert seen["second_active"] < 1e-10, seen
 
 
+def peft_model_save_worker(rank, world_size, tmp):
+    """save_peft_adapter on a tensor-parallelized peft.PeftModel: the keys named from the wrapped model (the
+    wrapper's base_model.model. prefix came twice; PEFT loaded none of them, with a warning only)."""
+    import warnings
+
+    from peft import PeftModel
+
+    from llmkern.parallel import tensor_parallelize
+    from llmkern.peft import save_peft_adapter
+
+    m = _peft_two()
+    ref = copy.deepcopy(m)
+    tensor_parallelize(m)
+    save_peft_adapter(m, os.path.join(tmp, "tp"))  # every rank; rank 0 writes
+    x = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (a missing key is only a warning in PEFT)
+        torch.manual_seed(0)
+        loaded = PeftModel.from_pretrained(_Two().double(), os.path.join(tmp, "tp"))
+    with torch.no_grad():
+        return (loaded(x) - ref(x)).abs().max().item()
+
+
+def test_save_from_sharded_peft_model_loads_in_peft(pool, tmp_path):
+    pytest.importorskip("peft")
+    assert all(err < 1e-10 for err in pool.run(peft_model_save_worker, (str(tmp_path),), timeout=90))
+
+
 def fp16_lora_scale_worker(rank, world_size):
     """float16 LoRA shards with s = alpha / r = 1/16 and large intermediates: the sharded layers' gradients must be
     finite wherever the unsharded layer's (plain autograd) are."""

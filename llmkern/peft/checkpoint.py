@@ -199,6 +199,17 @@ def _dump_json(obj, dest):
         json.dump(obj, f, indent=2, sort_keys=True)
 
 
+def _unwrap_peft_model(model):
+    """The model inside a peft.PeftModel (its LoRA layers sharded by tensor_parallelize): PEFT names the saved
+    modules from there, so the wrapper's base_model.model. prefix must not be written twice (PEFT's
+    from_pretrained would find none of the keys and load nothing, with a warning only)."""
+    if type(model).__module__.startswith("peft.") and hasattr(model, "peft_config"):
+        inner = getattr(getattr(model, "base_model", None), "model", None)
+        if isinstance(inner, nn.Module):
+            return inner
+    return model
+
+
 def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None,
                       task_type: Optional[str] = "auto", hf_names: bool = True) -> None:
     """Write the model's LoRALinear adapters as a PEFT adapter directory (loadable by
@@ -229,10 +240,12 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     wrapper's (recorded by ``from_linear`` / ``load_peft_adapter``) while they still give s exactly,
     otherwise use_rslora is that of the model's other LoRA modules (False if none) and alpha is s·r
     (s·sqrt(r) with rsLoRA), nudged to a neighbouring float if needed so that PEFT's alpha / r gives
-    back exactly s. Layers sharded without LoRA are not part of the adapter.
+    back exactly s. Layers sharded without LoRA are not part of the adapter. A peft.PeftModel is saved from the
+    model it wraps (named as PEFT names its modules).
     """
     from safetensors.torch import save_file
 
+    model = _unwrap_peft_model(model)
     mods = lora_modules(model)
     rslora = {m.use_rslora for _, m in mods} | _parallel_rslora(model)
     if len(rslora) > 1:
