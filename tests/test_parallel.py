@@ -508,6 +508,13 @@ def errors_worker(rank, p):
     expect("ffn not divisible", ValueError, "not divisible", lambda: tensor_parallelize(block))
     assert {k: v.shape for k, v in block.state_dict().items()} == {k: v.shape for k, v in before.items()}
     assert not any(isinstance(m, (ColumnParallelLinear, RowParallelLinear)) for m in block.modules())
+    # q/k/v sharded but an output projection under another name (Phi's `dense`): refused (it got this rank's
+    # features only and the forward failed)
+    phi = TransformerBlock("llama", d=12, n_heads=2 * p, n_kv_heads=2 * p)
+    phi.attn.dense = phi.attn.o_proj
+    del phi.attn.o_proj
+    expect("no row partner", ValueError, "no row-parallel one", lambda: tensor_parallelize(phi))
+    assert not any(isinstance(m, (ColumnParallelLinear, RowParallelLinear)) for m in phi.modules())
     # the group still works after the errors
     y = ColumnParallelLinear(8, 8, sequence_parallel=True)(torch.randn(4, 8))
     assert y.shape == (4 * p, 8 // p)

@@ -42,6 +42,8 @@ Module-naming contract (Hugging Face Llama / GPT-2 / nanoGPT names; llmkern.mode
   (llmkern.models.deepseek.DeepseekMoE: sigmoid group-limited router `gate` with its selection bias, ungated
   `shared_experts`) likewise: routed experts sharded along F, router and bias replicated, shared experts
   sharded as a dense MLP.
+- A module with column-parallel children must also hold the row-parallel one that reads their shards
+  (Phi's attention, whose output projection is `dense`, is refused).
 - The weights must be identical on every rank before sharding (same seed, or a broadcast); a model
   loaded with llmkern.models.from_hf on every rank is.
 
@@ -136,6 +138,18 @@ def _check_head_norms(children, hd, where):
             raise ValueError(f"tensor_parallelize: {where}.{n} has {size} features, not head_dim={hd}: only a "
                              f"per-head norm (one gain per head_dim channel, Qwen3's) can stay replicated; a "
                              f"norm over all the heads' features (OLMo 2's) is not supported")
+
+
+def _check_row_partner(children, where, parent):
+    """A module whose column-parallel projections (q/k/v, up/gate) are sharded must have the row-parallel layer
+    that reads their shards (o_proj, down_proj...): otherwise its output projection (Phi's `dense`) would get
+    this rank's features only, and the model would fail in forward (or, with matching sizes, be wrong)."""
+    column = [n for n, c in children.items() if (n in COLUMN_NAMES or n in FUSED_QKV_NAMES or n in FUSED_2_NAMES)
+              and _is_linear(c)]
+    if column and not any(n in ROW_NAMES and _is_linear(c) for n, c in children.items()):
+        raise ValueError(f"tensor_parallelize: {where} ({type(parent).__name__}) has column-parallel projections "
+                         f"{column} but no row-parallel one to read their shards (a linear child named one of "
+                         f"{sorted(ROW_NAMES)}); this module is not supported")
 
 
 def _hook_grad_sum(param, group):
@@ -305,6 +319,7 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
             if kv is not None and kv % p:
                 raise ValueError(f"tensor_parallelize: {kv_name}={kv} is not divisible by the world "
                                  f"size {p} (GQA key/value heads are sharded too)")
+        _check_row_partner(children, where, parent)
         for name, child in children.items():
             full = f"{parent_name}.{name}" if parent_name else name
             if is_moe(child):  # (its shared expert's linear layers are planned with its own children)
