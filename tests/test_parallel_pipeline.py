@@ -669,3 +669,31 @@ def test_pipeline_parallelize_needs_a_process_group():
     with pytest.raises(RuntimeError, match="process group"):
         pipeline_parallelize(build("gpt-tiny", backend="torch"), n_microbatches=2)
     assert issubclass(PipelineParallel, object)
+
+
+def float64_worker(rank, p):
+    """A float64 model: the micro-batch weights n_j / N were int64 / int64 = float32 (1/3 rounded: gradients
+    1e-7 off) and the returned loss float32."""
+    import copy
+
+    from llmkern.models import build, get_config
+    from llmkern.parallel.pipeline import pipeline_parallelize
+
+    torch.manual_seed(0)
+    ref = build(get_config("llama-tiny", n_layer=2), backend="torch").double()
+    pipe = pipeline_parallelize(copy.deepcopy(ref), n_microbatches=3, schedule="gpipe")
+    ids = torch.randint(0, ref.config.vocab_size, (6, 8), generator=torch.Generator().manual_seed(1))
+    loss = pipe.step(ids, ids)
+    _, want = ref(ids, ids, return_logits=False)
+    want.backward()
+    refp = dict(ref.named_parameters())
+    worst = max(((q.grad - refp[n].grad).abs().max() / refp[n].grad.abs().max()).item()
+                for n, q in pipe.named_parameters())
+    return worst, None if loss is None else (loss.dtype, abs(loss.item() - want.item()))
+
+
+def test_float64_pipeline_is_float64_exact(pool2):
+    out = pool2.run(float64_worker, timeout=90)
+    assert all(worst < 1e-12 for worst, _ in out), out
+    dtype, err = next(r for _, r in out if r is not None)
+    assert dtype == torch.float64 and err < 1e-12, out

@@ -489,7 +489,8 @@ class PipelineParallel:
         if not self.is_last:
             return None
         with torch.no_grad():  # (the micro-batches' weighted parts: their sum is the batch's mean)
-            loss = torch.stack([x.detach().float() for x in losses]).sum()
+            dtype = torch.promote_types(losses[0].dtype, torch.float32) if losses else torch.float32
+            loss = torch.stack([x.detach().to(dtype) for x in losses]).sum()
             if scale is not None:
                 loss = loss / scale.to(device=loss.device, dtype=loss.dtype)
             return loss + torch.where(n_valid > 0, 0.0, float("nan"))  # no valid label: NaN, as unsharded
@@ -622,7 +623,8 @@ class PipelineParallel:
         n = (_shift(labels) != -100).sum()
         loss = self.model.fused_lm_loss(h, labels)
         loss = torch.where(n > 0, loss, torch.zeros_like(loss))  # (n = 0: the mean is NaN; its gradient zero)
-        loss = loss * (n / self._n_valid.clamp_min(1)).to(loss.dtype)
+        # (the weight in the loss's dtype: int64 / int64 is float32, 1/3 rounded for a float64 model)
+        loss = loss * (n.to(loss.dtype) / self._n_valid.clamp_min(1).to(loss.dtype))
         if self._loss_scale is not None:  # (GradScaler's: the backward from the scaled loss)
             loss = loss * self._loss_scale.to(device=loss.device, dtype=loss.dtype)
         return loss
