@@ -638,11 +638,24 @@ def hf_filter_grad(x, k, p):
     return hf_logits.TopPLogitsWarper(p)(None, x)
 
 
-def test_sample_logprobs_backward_raises():
+def test_sample_logprobs_are_not_differentiable_and_compile_on_grad_logits():
+    """The outputs are marked non-differentiable: a backward through them raises, and torch.compile, whose AOT
+    autograd traces the backward at compile time, takes logits that require grad (it ran the raising backward:
+    BackendCompilerFailed for every sample / top_logprobs call in a graph with grad-requiring logits)."""
     x = torch.randn(2, 30, requires_grad=True)
     tok, lp = llmkern.sample(x, seed=0, return_logprobs=True)  # sampling itself works
-    with pytest.raises(RuntimeError, match="not differentiable"):
+    assert not lp.requires_grad and not tok.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
         lp.sum().backward()
+    f = torch.compile(lambda lg: llmkern.sample(lg, top_k=3, seed=1, return_logprobs=True), fullgraph=True,
+                      backend="aot_eager")
+    for got, want in zip(f(x), llmkern.sample(x, top_k=3, seed=1, return_logprobs=True)):
+        assert torch.equal(got, want)
+    if hasattr(torch.ops.llmkern, "top_logprobs"):
+        toks = torch.tensor([1, 2])
+        g = torch.compile(lambda lg: llmkern.top_logprobs(lg, 3, tokens=toks), fullgraph=True, backend="aot_eager")
+        for got, want in zip(g(x), llmkern.top_logprobs(x, 3, tokens=toks)):
+            assert torch.equal(got, want)
 
 
 def test_reference_processes_logits_in_float32_like_the_kernels():

@@ -570,7 +570,11 @@ def _register_fakes():
         return torch.where(kept, grad, torch.zeros_like(grad)), None, None, None, None
 
     def _sample_setup(ctx, inputs, output):
-        pass
+        # tokens and logprobs carry no gradient: marked so, torch.compile's AOT autograd (which traces the
+        # backward at compile time, called or not) does not run the raising backward below on logits that
+        # require grad (an RL rollout's, say), and a backward through them says they need no grad
+        outs = output if isinstance(output, (tuple, list)) else (output,)
+        ctx.mark_non_differentiable(*[o for o in outs if torch.is_tensor(o)])
 
     def _sample_backward(ctx, *grads):
         raise RuntimeError("llmkern.sample: the logprobs it returns are not differentiable; compute "
