@@ -349,7 +349,11 @@ def error_worker(rank, p):
         dropout=_error(lambda: gpt.train()(ids)),
         twice=_error(lambda: context_parallelize(model)),
         not_zoo=_error(lambda: context_parallelize(torch.nn.Linear(2, 2))),
-        capacity=_error(lambda: context_parallelize(Llama(get_config("mixtral-tiny", moe_capacity_factor=1.0)))))
+        capacity=_error(lambda: context_parallelize(Llama(get_config("mixtral-tiny", moe_capacity_factor=1.0)))),
+        # one rank's out-of-vocabulary id raised on that rank only: the other waited in the K/V all-gather
+        one_rank_bad_id=_error(lambda: model(ids[:, :4] if rank else ids[:, :4].clone().fill_(999))),
+        # wide heads: llmkern.attention's limit (the zoo falls back to SDPA; context parallelism cannot)
+        wide_heads=_error(lambda: context_parallelize(Llama(get_config("llama-tiny", head_dim=288)))))
 
 
 def ep_cp_worker(rank, p):
@@ -456,6 +460,34 @@ def test_context_parallel_composes_with_tensor_parallel(pool4):
         assert r["n"] >= 11 and r["loss"] < 1e-5 and r["logits"] < 1e-5 and r["grad"] < 1e-6, r
 
 
+def float64_worker(rank, p):
+    """A float64 model: each rank's token share n_local / n was int64 / int64 = float32 (loss 1.7e-7 off)."""
+    import copy
+
+    from llmkern.models import GPT, get_config
+    from llmkern.parallel import all_reduce_gradients, context_parallelize, shard_sequence
+
+    torch.manual_seed(0)
+    ref = GPT(get_config("gpt-tiny"), backend="torch").double()
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :3] = -100  # valid targets: rank 0 holds 3 of 8, rank 1 5 of 8
+    _, want = ref(ids, labels)
+    want.backward()
+    m = context_parallelize(copy.deepcopy(ref), None, "contiguous")
+    m.zero_grad()
+    _, loss = m(shard_sequence(ids, None, 1, "contiguous"), shard_sequence(labels, None, 1, "contiguous"))
+    loss.backward()
+    all_reduce_gradients(m)
+    worst = max((a.grad - b.grad).abs().max().item() for a, b in zip(m.parameters(), ref.parameters()))
+    return loss.dtype, abs(loss.item() - want.item()), worst
+
+
+def test_context_parallel_float64_is_float64_exact(pool2):
+    for dtype, loss_err, grad_err in pool2.run(float64_worker, timeout=60):
+        assert dtype == torch.float64 and loss_err < 1e-12 and grad_err < 1e-12, (loss_err, grad_err)
+
+
 def test_context_parallel_errors(pool2):
     for r in pool2.run(error_worker, timeout=60):
         for key in ("odd_local", "odd_gather", "odd_shard", "odd_model"):
@@ -472,6 +504,8 @@ def test_context_parallel_errors(pool2):
         assert r["twice"].startswith("ValueError") and "already" in r["twice"], r
         assert r["not_zoo"].startswith("TypeError"), r
         assert r["capacity"].startswith("NotImplementedError") and "moe_capacity_factor" in r["capacity"], r
+        assert r["one_rank_bad_id"].startswith("ValueError") and "rank(s) [0]" in r["one_rank_bad_id"], r
+        assert r["wide_heads"].startswith("NotImplementedError") and "288" in r["wide_heads"], r
         for key in ("labels_one_rank", "labels_batch"):  # (the label shift's all-gather hung, or gloo aborted)
             assert r[key].startswith("ValueError") and "labels" in r[key], (key, r[key])
         # tensor and context parallelism over the same ranks gathered other heads' K/V: silently wrong logits

@@ -357,7 +357,9 @@ class ContextParallel(comm.SharesProcessGroups):
         n_local = (shifted != -100).sum()
         n = n_local.clone()
         dist.all_reduce(n, group=self.group)
-        part = torch.where(n_local > 0, loss, torch.zeros_like(loss)) * (n_local / n.clamp_min(1)).to(loss.dtype)
+        # (the share in the loss's dtype: int64 / int64 is float32, rounded for a float64 model)
+        share = n_local.to(loss.dtype) / n.clamp_min(1).to(loss.dtype)
+        part = torch.where(n_local > 0, loss, torch.zeros_like(loss)) * share
         total = _SumOverRanks.apply(part, self.group)
         # no valid label anywhere: NaN like the unsharded mean (an added constant: the gradients stay zero)
         return total + torch.where(n > 0, 0.0, float("nan")).to(total.dtype)
@@ -378,13 +380,24 @@ def _check_forward(model, args, kwargs):
         raise NotImplementedError("context parallelism does not support prefix tuning")
     input_ids = args[0] if args else kwargs.get("input_ids")
     labels = args[1] if len(args) > 1 else kwargs.get("labels")
-    _check_same_batch(model.context_parallel.group, input_ids, labels)
+    _check_same_batch(model.context_parallel.group, input_ids, labels, model.config.vocab_size)
 
 
-def _check_same_batch(group, input_ids, labels):
+def _ids_in_range(input_ids, V):
+    """Whether this rank's (CPU) ids lie in [0, V): the model's own check raises on this rank only, after which
+    the others would wait in the K/V all-gather until the process group's timeout. (CUDA ids are not read: a
+    host sync per forward, as the model's check skips them too.)"""
+    if input_ids.device.type != "cpu" or not input_ids.numel() or input_ids.dim() != 2:
+        return True
+    lo, hi = input_ids.aminmax()
+    return 0 <= int(lo) and int(hi) < V
+
+
+def _check_same_batch(group, input_ids, labels, vocab_size=None):
     """ValueError on every rank unless every rank's labels are given (or not) with input_ids' shape: the label
     shift's all-gather and the loss's all-reduce otherwise hang, or abort the process (gloo's size check).
-    One all-gather of 4 ints (off with llmkern.parallel.comm.set_validation(False))."""
+    One all-gather of 5 ints (off with llmkern.parallel.comm.set_validation(False)); with vocab_size, also
+    ValueError on every rank when one rank's CPU ids lie outside the vocabulary."""
     if not comm.validation_enabled() or comm.world_size(group) == 1 or not torch.is_tensor(input_ids):
         return
     def dims(t):  # [B, T] of a 2-D tensor; [-1, -1] for none, [-2, ndim] for another rank
@@ -392,7 +405,13 @@ def _check_same_batch(group, input_ids, labels):
             return [-1, -1]
         return list(t.shape) if t.dim() == 2 else [-2, t.dim()]
 
-    rows = comm.gather_ints(dims(input_ids) + dims(labels), group)
+    ok = vocab_size is None or _ids_in_range(input_ids, vocab_size)
+    rows = comm.gather_ints(dims(input_ids) + dims(labels) + [int(ok)], group)
+    bad = [i for i, r in enumerate(rows) if not r[4]]
+    if bad:
+        raise ValueError(f"context parallelism: input_ids of rank(s) {bad} hold token ids outside "
+                         f"[0, vocab_size={vocab_size})")
+    rows = [r[:4] for r in rows]
     mine = rows[comm.rank(group)]
     if any(r != rows[0] for r in rows) or (mine[2] != -1 and mine[2:] != mine[:2]):
         desc = "; ".join(f"rank {i}: input_ids {tuple(r[:2])}, labels " + ("none" if r[2] == -1 else str(tuple(r[2:])))
@@ -436,6 +455,13 @@ def context_parallelize(model, group=None, layout="zigzag"):
         raise NotImplementedError(f"context_parallelize: moe_capacity_factor={capacity} is not supported: an expert's "
                                   f"capacity counts the tokens in front of it, this rank's shard here, so other pairs "
                                   f"would be dropped than in the unsharded model; build it with moe_capacity_factor=None")
+    from llmkern.models._attn import MAX_HEAD_DIM
+
+    c = model.config
+    dims = (c.head_dim, c.v_head_dim or c.head_dim)
+    if max(dims) > MAX_HEAD_DIM:  # (the zoo's own attention falls back to SDPA there; this one cannot)
+        raise NotImplementedError(f"context_parallelize: head dims {dims[0]} / {dims[1]} exceed llmkern.attention's "
+                                  f"1..{MAX_HEAD_DIM}, which context-parallel attention runs on")
     cp = ContextParallel(group, layout)
     for m in model.modules():
         if m is not model and hasattr(m, "backend_name") and hasattr(m, "n_head"):  # the attention modules
