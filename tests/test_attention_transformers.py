@@ -173,6 +173,21 @@ def test_custom_4d_mask_raises():
         model(input_ids=torch.randint(3, 96, (1, 5), device=DEV), attention_mask=mask)
 
 
+@pytest.mark.skipif(not hasattr(transformers, "Gemma4TextConfig"), reason="transformers without Gemma 4")
+def test_gemma4_kv_shared_layers_refused_clearly():
+    """Gemma 4's KV-shared layers slice the masks as 4-D: an IndexError in its code before; now a clear refusal."""
+    cfg = transformers.Gemma4TextConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=4, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"] * 2, vocab_size_per_layer_input=96,
+        hidden_size_per_layer_input=8, num_kv_shared_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.Gemma4ForCausalLM(cfg).eval()
+    model.set_attn_implementation("llmkern")
+    with pytest.raises(NotImplementedError, match="KV-shared"):
+        model(input_ids=torch.randint(3, 96, (1, 10)))
+
+
 def _no_padding(m):
     """The mask function's result when nothing is masked: all True, no window, marked so that the attention passes
     no padding mask to the kernel (it still carries the mask's kind: causal or not)."""

@@ -144,6 +144,15 @@ def _classify(mask_function):
     return "causal" if "causal" in kinds else "bidirectional"
 
 
+def _check_mask_consumer(config):
+    """Gemma 4 with KV-shared layers slices every mask as [B, 1, Tq, Tk] before those layers (for flash / flex
+    only it does not); this interface's masks are [B, Tk] key masks: an IndexError in the model's code."""
+    if getattr(config, "num_kv_shared_layers", 0) and str(getattr(config, "model_type", "")).startswith("gemma4"):
+        raise NotImplementedError("llmkern attention: Gemma 4 with KV-shared layers (num_kv_shared_layers > 0) "
+                                  "slices the attention masks as 4-D tensors, which llmkern's key masks are not; "
+                                  "use attn_implementation='sdpa' for this model")
+
+
 def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, use_vmap=False, **kwargs):
     """AttentionMaskInterface entry: returns the bool key padding mask [B, kv_length] or None; for
@@ -151,6 +160,7 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     sequence indices [B, T], which the attention function turns into varlen attention."""
     from transformers import masking_utils as mu
 
+    _check_mask_consumer(kwargs.get("config"))
     mask_function = mu.causal_mask_function if mask_function is None else mask_function
     if mask_function is mu.causal_mask_function:  # (the common case, decided without reading closures: traces,
         kind, window, has_packed = "causal", None, False  # so a compiled forward keeps one graph, fullgraph too)
