@@ -401,6 +401,30 @@ def shared_input_worker(rank, p, backend):
             finally:
                 dist.all_reduce = all_reduce
             counts[(name, fused)] = (sum(reduced), n)
+    # what a joint call would skip runs the layers one by one, on every rank alike: a backward hook fires, a
+    # forward set on the instance is called, and a hook on one rank only (logging there) neither fails the
+    # input check nor leaves the ranks in different collectives (both happened: fusion was decided per rank)
+    torch.manual_seed(7)
+    ref = Llama(get_config("llama-tiny", n_layer=1), backend="torch")
+    idx = torch.randint(0, ref.config.vocab_size, (2, 8))
+    fired = []
+    for case in ("backward hook", "instance forward", "rank 0 hook"):
+        tp = tensor_parallelize(copy.deepcopy(ref), overlap="ring")
+        q = tp.layers[0].self_attn.q_proj
+        if case == "backward hook":
+            q.register_full_backward_hook(lambda mod, gi, go: fired.append(case))
+        elif case == "instance forward":
+            plain = q.forward
+            q.forward = lambda x: (fired.append(case), plain(x))[1]
+        elif rank == 0:
+            q.register_forward_hook(lambda mod, inp, out: fired.append(case))
+        ref.zero_grad(set_to_none=True)
+        _compare_models(f"shared input, {case}", ref, tp, (idx,), lambda out: out.float().pow(2).mean(), rank, p,
+                        failures)
+    want = ["instance forward"] + (["rank 0 hook"] if rank == 0 else [])
+    if fired.count("backward hook") != 1 or [f for f in fired if f != "backward hook"] != want:
+        failures.append(f"hooks fired: {fired}")
+
     # the layers themselves, under sequence parallelism (one all-gather of x for both, one reduce-scatter back)
     from llmkern.parallel.layers import column_parallel_shared_input
 
@@ -514,6 +538,8 @@ def errors_worker(rank, p):
     phi.attn.dense = phi.attn.o_proj
     del phi.attn.o_proj
     expect("no row partner", ValueError, "no row-parallel one", lambda: tensor_parallelize(phi))
+    mha = nn.Sequential(nn.MultiheadAttention(4 * p, 2 * p))  # out_proj alone: its input is whole, not a shard
+    expect("no column partner", ValueError, "no column-parallel one", lambda: tensor_parallelize(mha))
     assert not any(isinstance(m, (ColumnParallelLinear, RowParallelLinear)) for m in phi.modules())
     # the group still works after the errors
     y = ColumnParallelLinear(8, 8, sequence_parallel=True)(torch.randn(4, 8))
@@ -987,6 +1013,12 @@ def _hf_model(kind, **over):
     return m
 
 
+def _hf_mpt():
+    import transformers as T
+
+    return T.MptForCausalLM(T.MptConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=64, max_seq_len=16))
+
+
 class _FusedNoHeads(nn.Module):
     def __init__(self):
         super().__init__()
@@ -1021,7 +1053,8 @@ def hf_attention_worker(rank, p):
     for case, make in (("kv heads", lambda: _hf_model("llama", num_key_value_heads=1)),
                        ("olmo2", lambda: _hf_model("olmo2")),
                        ("phi3", lambda: _hf_model("phi3", pad_token_id=0)),
-                       ("fused", lambda: nn.Sequential(_FusedNoHeads()))):
+                       ("fused", lambda: nn.Sequential(_FusedNoHeads())),
+                       ("mpt", lambda: _hf_mpt())):
         model = make()
         before = {k: v.shape for k, v in model.state_dict().items()}
         try:
@@ -1047,6 +1080,7 @@ def test_tensor_parallelize_transformers_attention_2_ranks(ranks):
     assert "q_norm has 32 features, not head_dim=8" in s["olmo2"], s
     assert "reads its head counts from the config" in s["phi3"], s
     assert "segment sizes cannot be derived" in s["fused"], s
+    assert "ALiBi" in s["mpt"], s  # (its bias for every head met the sharded heads: a shape error in forward)
     assert not any("model changed" in v for v in s.values() if isinstance(v, str)), s
 
 

@@ -80,12 +80,13 @@ def _meta_device(t, group):
     return torch.device("cpu")
 
 
-def check_same_shape(t, group, what):
+def check_same_shape(t, group, what, flag=None):
     """Raise ValueError on every rank when `t` does not have the same shape and dtype on all
-    ranks of `group` (one all-gather of 10 int64s)."""
+    ranks of `group` (one all-gather of 10 int64s). flag: an int per rank carried in the same all-gather;
+    returns every rank's (None when nothing was gathered: validation off, or one rank)."""
     p = world_size(group)
     if not _VALIDATE or p == 1:
-        return
+        return None
     if t is None:  # not a tensor on this rank: a row no tensor has
         meta = [-1, 98] + [-1] * 8
     else:
@@ -94,15 +95,17 @@ def check_same_shape(t, group, what):
         meta += shape[:8] + [-1] * (8 - len(shape[:8]))
         if len(shape) > 8:
             meta[-1] = int(torch.Size(shape[7:]).numel())
-    m = torch.tensor(meta, dtype=torch.int64, device=_meta_device(t, group))
+    m = torch.tensor(meta + ([] if flag is None else [int(flag)]), dtype=torch.int64, device=_meta_device(t, group))
     out = torch.empty(p * m.numel(), dtype=torch.int64, device=m.device)
     all_gather_into(out, m, group)
     rows = out.view(p, -1).tolist()
+    flags = None if flag is None else [r.pop() for r in rows]
     if any(row != rows[0] for row in rows):
         desc = "; ".join(f"rank {i}: not a tensor" if r[0] < 0 else f"rank {i}: shape {tuple(r[2:2 + r[0]][:8])} "
                          f"dtype {_DTYPES[r[1]] if r[1] < len(_DTYPES) else 'other'}" for i, r in enumerate(rows))
         raise ValueError(f"{what}: the input differs across tensor-parallel ranks ({desc}); every rank "
                          f"must pass the same shape and dtype")
+    return flags
 
 
 # ---- plain collectives (the "none" baseline), tolerant of old and new torch names -------------

@@ -597,11 +597,12 @@ class _ParallelLinear(comm.SharesProcessGroups, nn.Module):
         ts = (x, self.weight, self.bias, self.lora_A, self.lora_B)
         return ts if dt is None else tuple(autocast_cast(dt, t) for t in ts)
 
-    def _check_input(self, x, features, weight=None):
+    def _check_input(self, x, features, weight=None, cross_rank=True):
         name = type(self).__name__
         # the cross-rank check first: a local error on one rank only would leave the others
         # waiting in the next collective until the process group's timeout
-        comm.check_same_shape(x if isinstance(x, torch.Tensor) else None, self.group, name)
+        if cross_rank:
+            comm.check_same_shape(x if isinstance(x, torch.Tensor) else None, self.group, name)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: input must be a tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != features:
@@ -703,20 +704,25 @@ class ColumnParallelLinear(_ParallelLinear):
 
 
 def _hooked(m):
+    """Hooks or a patched forward that a joint call would skip: forward and backward hooks (the module's and the
+    global ones) and a forward set on the instance (accelerate, probing tools)."""
     from torch.nn.modules import module as nn_module
-    return bool(m._forward_hooks or m._forward_pre_hooks or nn_module._global_forward_hooks
-                or nn_module._global_forward_pre_hooks)
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks
+                or "forward" in m.__dict__)
 
 
 def _fusable(layers):
     """Whether column layers reading one input can run as one product: plain ColumnParallelLinear layers (no
-    LoRA factors, no gather_output, no hooks that a joint call would skip) of one configuration."""
+    LoRA factors, no gather_output) of one configuration, the same on every rank of a model sharded alike.
+    (Hooks, which one rank may have alone, are decided across the ranks: column_parallel_shared_input.)"""
     first = layers[0]
     key = lambda m: (m.group, m.world_size, m.overlap, m.sequence_parallel, m.chunks, m.pieces,  # noqa: E731
                      m.transport, m.in_features, m.weight.dtype, m.weight.device, m.bias is None)
     return len(layers) > 1 and all(
-        type(m) is ColumnParallelLinear and m.lora_A is None and not m.gather_output and not _hooked(m)
-        and key(m) == key(first) for m in layers)
+        type(m) is ColumnParallelLinear and m.lora_A is None and not m.gather_output and key(m) == key(first)
+        for m in layers)
 
 
 def column_parallel_shared_input(x, layers):
@@ -727,14 +733,22 @@ def column_parallel_shared_input(x, layers):
     the stacked weight gradient's GEMM. Layers that cannot be fused (LoRA factors, gather_output, hooks,
     different configurations) run one by one. The outputs are views into one [..., Σ out/p] tensor."""
     layers = list(layers)
-    if not _fusable(layers):
+    if not (isinstance(layers[0], ColumnParallelLinear) and _fusable(layers)):
         return tuple(m(x) for m in layers)
     first = layers[0]
+    # Every rank must take the same path (one product's collectives, or each layer's): the verdicts travel in
+    # the input check's all-gather, and one rank that cannot fuse (a hook of its own) makes all run one by one.
+    # (With validation off nothing is gathered: the layers' hooks must then agree across the ranks.)
+    here = not any(_hooked(m) for m in layers)
+    verdicts = comm.check_same_shape(x if isinstance(x, torch.Tensor) else None, first.group,
+                                     "ColumnParallelLinear", flag=here)
+    if not (all(verdicts) if verdicts is not None else here):
+        return tuple(m(x) for m in layers)
     casts = [m._cast(x) for m in layers]
     x = casts[0][0]
     w = torch.cat([c[1] for c in casts], 0)
     b = None if first.bias is None else torch.cat([c[2] for c in casts], 0)
-    first._check_input(x, first.in_features, casts[0][1])
+    first._check_input(x, first.in_features, casts[0][1], cross_rank=False)
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, first.in_features)
     if first.sequence_parallel and first.world_size > 1:

@@ -42,8 +42,9 @@ Module-naming contract (Hugging Face Llama / GPT-2 / nanoGPT names; llmkern.mode
   (llmkern.models.deepseek.DeepseekMoE: sigmoid group-limited router `gate` with its selection bias, ungated
   `shared_experts`) likewise: routed experts sharded along F, router and bias replicated, shared experts
   sharded as a dense MLP.
-- A module with column-parallel children must also hold the row-parallel one that reads their shards
-  (Phi's attention, whose output projection is `dense`, is refused).
+- A module with column-parallel children must also hold the row-parallel one that reads their shards, and the
+  other way round (Phi's attention, whose output projection is `dense`, and nn.MultiheadAttention's lone
+  out_proj are refused).
 - The weights must be identical on every rank before sharding (same seed, or a broadcast); a model
   loaded with llmkern.models.from_hf on every rank is.
 
@@ -146,10 +147,15 @@ def _check_row_partner(children, where, parent):
     this rank's features only, and the model would fail in forward (or, with matching sizes, be wrong)."""
     column = [n for n, c in children.items() if (n in COLUMN_NAMES or n in FUSED_QKV_NAMES or n in FUSED_2_NAMES)
               and _is_linear(c)]
-    if column and not any(n in ROW_NAMES and _is_linear(c) for n, c in children.items()):
+    row = [n for n, c in children.items() if n in ROW_NAMES and _is_linear(c)]
+    if column and not row:
         raise ValueError(f"tensor_parallelize: {where} ({type(parent).__name__}) has column-parallel projections "
                          f"{column} but no row-parallel one to read their shards (a linear child named one of "
                          f"{sorted(ROW_NAMES)}); this module is not supported")
+    if row and not column:  # (nn.MultiheadAttention's out_proj, T5's wo: their inputs are whole, not shards)
+        raise ValueError(f"tensor_parallelize: {where} ({type(parent).__name__}) has row-parallel projections {row} "
+                         f"but no column-parallel one making their input shards (a linear child named one of "
+                         f"{sorted(COLUMN_NAMES | FUSED_QKV_NAMES | FUSED_2_NAMES)}); this module is not supported")
 
 
 def _hook_grad_sum(param, group):
@@ -271,6 +277,12 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
     from llmkern.parallel.moe import TensorParallelMoE, is_moe  # (imports the model zoo: on first use only)
     from llmkern.parallel.expert import ExpertParallelMoE
 
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) in ("mpt", "bloom") or getattr(cfg, "alibi", False) is True:
+        # (the model builds its ALiBi bias for all the heads, outside the attention modules: each rank's
+        # sharded heads would get a bias of the wrong head count)
+        raise ValueError(f"tensor_parallelize: {type(model).__name__} adds an ALiBi bias built for every head "
+                         f"outside its attention modules; models with ALiBi are not supported")
     if getattr(model, "pipeline_parallel", None) is not None:
         raise ValueError("tensor_parallelize: the model is pipeline-parallel; tensor_parallelize it first, then "
                          "pipeline_parallelize (which splits the tensor-parallel model into stages)")
