@@ -415,6 +415,15 @@ def _check_mask(attention_mask, input_ids):
 
 
 @torch.no_grad()
+
+def _prefix_positions(model):
+    """The prefix-tuning positions a zoo model puts in front of the tokens (they count against block_size)."""
+    if getattr(model, "prefix_tuning", None) is None or not callable(getattr(model, "prefix_length", None)):
+        return 0
+    with torch.no_grad():
+        return model.prefix_length(model.prefixes(1))
+
+
 def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_id=None, pad_token_id=None,
              temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
              presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None,
@@ -480,9 +489,10 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
         raise ValueError(f"num_return_sequences must be an int >= 1, got {num_return_sequences!r}")
     seed = _seed_arg(seed)
     block = getattr(getattr(model, "config", None), "block_size", None)
-    if block is not None and input_ids.shape[1] + max_new_tokens > block:
+    P = _prefix_positions(model)
+    if block is not None and P + input_ids.shape[1] + max_new_tokens > block:
         raise ValueError(f"max_new_tokens: {input_ids.shape[1]} + {max_new_tokens} exceeds the model's "
-                         f"block_size={block}")
+                         f"block_size={block}" + (f" with its {P} prefix-tuning positions" if P else ""))
     for name, m in (("model", model), ("draft_model", draft_model)):
         if getattr(m, "context_parallel", None) is not None:  # its forward takes sequence shards
             raise NotImplementedError(f"generate: {name} is context-parallel (llmkern.parallel.context_parallelize); "
@@ -848,9 +858,10 @@ def _check_speculative(draft, input_ids, max_new_tokens, strategy, k, num_beams,
             raise ValueError(f"{name} must have new_cache(batch, max_len) (a zoo model) for speculative decoding")
     cfg, draft_cfg = getattr(model, "config", None), getattr(draft, "config", None)
     block = getattr(draft_cfg, "block_size", None)
-    if block is not None and input_ids.shape[1] + max_new_tokens > block:
+    P = _prefix_positions(draft)
+    if block is not None and P + input_ids.shape[1] + max_new_tokens > block:
         raise ValueError(f"max_new_tokens: {input_ids.shape[1]} + {max_new_tokens} exceeds the draft model's "
-                         f"block_size={block}")
+                         f"block_size={block}" + (f" with its {P} prefix-tuning positions" if P else ""))
     v, v_draft = getattr(cfg, "vocab_size", None), getattr(draft_cfg, "vocab_size", None)
     if v is not None and v_draft is not None and v != v_draft:
         raise ValueError(f"draft_model must share the model's vocabulary: vocab_size {v_draft} != {v}")

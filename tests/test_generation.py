@@ -861,3 +861,19 @@ def test_nan_and_inf_bias_or_scores_in_beam_search_and_greedy_scorers():
     bias[77] = float("inf")
     out = llmkern.generate(model, ids, 3, strategy="beam", num_beams=2, logit_bias=bias, return_dict=True)
     assert (out.sequences[:, 4:] == 77).all() and torch.isfinite(out.scores).all()
+
+
+def test_prefix_positions_count_against_block_size_up_front():
+    """A prefix's positions come before the tokens (as with PEFT): generate counted only prompt + new tokens and
+    failed after 110 decode steps; now refused before the first."""
+    import llmkern.peft as lp
+    from llmkern.models import GPT, get_config
+
+    torch.manual_seed(0)
+    m = GPT(get_config("gpt-tiny"), backend="torch").eval()  # block_size 128
+    c = m.config
+    m.attach_prefix(lp.PrefixTuning(c.n_layer, 10, c.n_embd, c.n_head))
+    ids = torch.randint(0, c.vocab_size, (1, 8))
+    with pytest.raises(ValueError, match="10 prefix-tuning positions"):
+        generate(m, ids, 120)
+    assert generate(m, ids, 110).shape == (1, 118)  # 10 + 8 + 110 = 128 fits
