@@ -963,6 +963,18 @@ def test_int32_labels_on_the_torch_backend(arch):
     torch.testing.assert_close(model(ids, labels=ids.int())[1], want)
 
 
+@pytest.mark.parametrize("backend", ["torch", "llmkern"])
+@pytest.mark.parametrize("bad", [torch.float32, torch.bool, torch.uint8])
+def test_non_integer_labels_refused_on_every_backend(backend, bad):
+    """Float labels were truncated to other tokens and bool ones scored the ignored last position as label 1 on
+    the torch backend (the llmkern one refused them), the fused-loss path included."""
+    model = build("gpt-tiny", backend=backend)
+    ids = torch.randint(0, 256, (2, 8))
+    for kw in (dict(), dict(return_logits=False)):
+        with pytest.raises(ValueError, match="labels must be an int64 or int32"):
+            model(ids, labels=ids.to(bad), **kw)
+
+
 def test_llama_padding_row_starts_at_zero():
     """The init loop drew the padding row of the embedding again, which padding_idx then kept from training:
     a random vector for good (nn.Embedding and transformers zero it)."""

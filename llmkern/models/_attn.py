@@ -657,6 +657,11 @@ class ZooModel(torch.nn.Module):
     def next_token_labels(self, labels):
         """The next token's label at every position (-100 at the last; across the shards under context
         parallelism)."""
+        # (float labels were truncated to other tokens on the torch backend, bool ones made the ignored last
+        # position label 1: refused on every backend, as F.cross_entropy refuses them)
+        if not torch.is_tensor(labels) or labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"labels must be an int64 or int32 tensor of token ids (-100: ignored), got "
+                             f"{labels.dtype if torch.is_tensor(labels) else type(labels).__name__}")
         return _shift(labels) if self.context_parallel is None else self.context_parallel.next_token_labels(labels)
 
     def global_loss(self, loss, shifted):
