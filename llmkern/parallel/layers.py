@@ -651,15 +651,19 @@ class ColumnParallelLinear(_ParallelLinear):
     def out_features_per_rank(self):
         return self.out_features // self.world_size
 
-    def forward(self, x):
-        x, w, b, A, B = self._cast(x)
-        self._check_input(x, self.in_features, w)
+    def _product(self, x, w, b, A, B):
+        """x [..., in] (this rank's token shard under sequence parallelism) -> [..., out/p] over all tokens."""
         lead = tuple(x.shape[:-1])
         x2 = x.reshape(-1, self.in_features)
         if self.sequence_parallel and self.world_size > 1:
             lead = (lead[0] * self.world_size,) + lead[1:] if lead else (self.world_size * x2.shape[0],)
         y = _column_apply(x2, w, b, A, B, self._cfg())
-        y = y.view(lead + (y.shape[-1],))
+        return y.view(lead + (y.shape[-1],))
+
+    def forward(self, x):
+        x, w, b, A, B = self._cast(x)
+        self._check_input(x, self.in_features, w)
+        y = self._product(x, w, b, A, B)
         if self.gather_output and self.world_size > 1:
             # in the unsharded layer's feature order, also for a segment-sharded (fused qkv) layer
             y = _GatherLastDim.apply(y, self.group, getattr(self, "segments", None))
@@ -749,12 +753,7 @@ def column_parallel_shared_input(x, layers):
     w = torch.cat([c[1] for c in casts], 0)
     b = None if first.bias is None else torch.cat([c[2] for c in casts], 0)
     first._check_input(x, first.in_features, casts[0][1], cross_rank=False)
-    lead = tuple(x.shape[:-1])
-    x2 = x.reshape(-1, first.in_features)
-    if first.sequence_parallel and first.world_size > 1:
-        lead = (lead[0] * first.world_size,) + lead[1:] if lead else (first.world_size * x2.shape[0],)
-    y = _column_apply(x2, w, b, None, None, first._cfg())
-    y = y.view(lead + (y.shape[-1],))
+    y = first._product(x, w, b, None, None)
     return tuple(y.split([m.out_features_per_rank for m in layers], dim=-1))
 
 
