@@ -405,7 +405,7 @@ def test_varlen_vs_reference(triton_backend, kw, give_max):
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-@pytest.mark.parametrize("mq,mk", [(8, None), (None, 8), (8, 8)])
+@pytest.mark.parametrize("mq,mk", [(8, None), (None, 8), (8, 8), (0, None), (None, 0)])  # (0 was "no bound")
 def test_varlen_max_seqlen_under_a_length_raises(monkeypatch, backend, mq, mk):
     """max_seqlen_* sizes the grids: a bound under the longest sequence would leave rows
     uncomputed (uninitialised output), so it is an error naming the argument."""
@@ -415,7 +415,7 @@ def test_varlen_max_seqlen_under_a_length_raises(monkeypatch, backend, mq, mk):
     device = DEV or "cpu"
     cu = torch.tensor([0, 3, 40], dtype=torch.int32, device=device)  # lengths 3 and 37
     q, k, v = (torch.randn(40, 2, 16, device=device) for _ in range(3))
-    with pytest.raises(ValueError, match="max_seqlen_q" if mq else "max_seqlen_k"):
+    with pytest.raises(ValueError, match="max_seqlen_q" if mq is not None else "max_seqlen_k"):
         llmkern.attention_varlen(q, k, v, cu, cu, mq, mk, causal=True)
     ok = llmkern.attention_varlen(q, k, v, cu, cu, 37, 40, causal=True)  # loose bounds are fine
     assert_close(ok, llmkern.attention_varlen(q, k, v, cu, cu, causal=True), torch.float32)

@@ -230,6 +230,30 @@ def test_grid_slices_sum_dsinks(monkeypatch):
     torch.testing.assert_close(whole[5], sliced[5])
 
 
+@needs_triton
+def test_huge_finite_sinks_do_not_overflow(triton_backend):
+    """A finite sink near float32's maximum overflowed to inf once scaled by log2(e) in the kernels (NaN
+    rows, in the forward, the decode combine and dsinks); the kernels clamp it at 1e30, where it already
+    takes the whole softmax: out = 0 for that head, a -3e38 sink is no sink, everything finite."""
+    q, k, v, _ = _inputs(1, 3, 3, 6, 6, 8)
+    sinks = torch.tensor([3e38, -3e38, 0.5], device=DEV, requires_grad=True)
+    out, lse = llmkern.attention(q, k, v, causal=True, sinks=sinks, return_lse=True)
+    rout, rlse = ref.attention(*(t.detach().double() for t in (q, k, v)), causal=True,
+                               sinks=sinks.detach().double(), return_lse=True)
+    assert torch.isfinite(out).all() and (out[:, 0] == 0).all() and (lse[:, 0] >= 1e30).all()
+    assert_close(out, rout, torch.float32, msg="out")
+    assert_close(lse[:, 1:], rlse[:, 1:], torch.float32, msg="lse")
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEV)
+    ((out * g).sum() + lse[:, 1:].sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v, sinks))
+    assert sinks.grad[0] == 0 and sinks.grad[1] == 0
+    kc, vc = k.detach(), v.detach()
+    lens = torch.tensor([6], dtype=torch.int32, device=DEV)
+    dec = llmkern.attention_with_kvcache(q.detach()[:, :, -1:], kc, vc, lens, sinks=sinks.detach(), num_splits=2)
+    assert torch.isfinite(dec).all() and (dec[:, 0] == 0).all()
+    assert_close(dec, rout[:, :, -1:], torch.float32, msg="decode")
+
+
 # ---- varlen and decode --------------------------------------------------------------------------
 
 @needs_triton

@@ -123,6 +123,14 @@ def _alibi(s, slope2, rows, cols, off, TRANS: tl.constexpr):
 
 
 @triton.jit
+def _sink_logit(SINKS, h):
+    """Head h's sink logit (natural units), clamped above at 1e30: a finite sink near float32's maximum
+    would overflow to inf once scaled by log2(e) (inf - inf = NaN rows), while any sink past 1e30
+    already takes the whole softmax (out = 0). sink_grad clamps the same way, so LSE and dsinks agree."""
+    return tl.minimum(tl.load(SINKS + h).to(tl.float32), 1e30)
+
+
+@triton.jit
 def _alibi_slope2(ALIBI, b, h, stride_slopes):
     """The ALiBi slope of batch row b, head h (stride_slopes = 0 for [H] slopes), times log2(e). Clamped to
     +-1e30 first: a finite slope near float32's maximum would overflow to inf and make inf * 0 = NaN on the
@@ -298,7 +306,7 @@ def _attn_fwd(Q, K, V, O, LSE, KPM, CU_Q, CU_K, SEED, SINKS, ALIBI,
         kh, kc = _drop_keys(SEED, (b + drop_b0) * H + h)
     sink = 0.0
     if HAS_SINKS:
-        sink = tl.load(SINKS + h).to(tl.float32)
+        sink = _sink_logit(SINKS, h)
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = _alibi_slope2(ALIBI, b, h, stride_slopes)
@@ -345,7 +353,7 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o, LSE, KPM, SEED, SINKS, ALIBI,
         kh, kc = _drop_keys(SEED, (b + drop_b0) * H + h)
     sink = 0.0
     if HAS_SINKS:
-        sink = tl.load(SINKS + h).to(tl.float32)
+        sink = _sink_logit(SINKS, h)
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = _alibi_slope2(ALIBI, b, h, stride_slopes)
@@ -1204,7 +1212,7 @@ def sink_grad(sinks, lse, delta, varlen=False):
     depends on the sink only through Z_i, so dO_i/dsink = -p_i O_i, and dLSE_i/dsink = p_i: hence
     dsink = -sum_i p_i (dO_i . O_i - dLSE_i) = -sum_i p_i delta_i over the rows of the head. Dropout
     masks only the numerator, so this holds with dropout too. A plain torch sum: deterministic."""
-    s = sinks.to(device=lse.device, dtype=torch.float32)
+    s = sinks.to(device=lse.device, dtype=torch.float32).clamp(max=1e30)  # as the kernels' _sink_logit
     s = s[:, None] if varlen else s[None, :, None]
     p = torch.where(lse == float("-inf"), 0.0, torch.exp(s - lse))  # (LSE = -inf only with sink -inf)
     g = -(p * delta.float())

@@ -199,7 +199,7 @@ def _decode_combine(OP, LP, O, LSE, SINKS, S,
                  mask=offs_s < S, other=float("-inf"))
     m = tl.max(lp, 0)
     if HAS_SINKS:  # the sink: one more partial with LSE sink (log2 units, as lp) and a zero output
-        sink2 = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+        sink2 = tl.minimum(tl.load(SINKS + h).to(tl.float32), 1e30) * 1.4426950408889634  # (see _sink_logit)
         m = tl.maximum(m, sink2)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lp - m_safe)

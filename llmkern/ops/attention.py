@@ -532,7 +532,7 @@ class _MaxSeqlenCheck:
     def __init__(self, cu_q, cu_k, max_q, max_k):
         self.bounds = (max_q, max_k)
         self.lens = None
-        if (max_q or max_k) and _checking_values() and cu_q.numel() > 1:
+        if (max_q is not None or max_k is not None) and _checking_values() and cu_q.numel() > 1:
             longest = torch.stack([(cu_q[1:] - cu_q[:-1]).max(), (cu_k[1:] - cu_k[:-1]).max()])
             self.lens = _checks.DeferredRead(longest)
             if self.lens.ready:
@@ -543,7 +543,7 @@ class _MaxSeqlenCheck:
             return
         lens, self.lens = self.lens.values(), None
         for name, bound, n in zip(("max_seqlen_q", "max_seqlen_k"), self.bounds, lens):
-            if bound and n > bound:
+            if bound is not None and n > bound:  # (0 is a bound too: only empty sequences)
                 raise ValueError(f"{name} ({bound}) is smaller than the longest sequence in cu_seqlens_"
                                  f"{name[-1]} ({n}): it must be an upper bound (or None)")
 
