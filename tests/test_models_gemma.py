@@ -239,6 +239,10 @@ def test_gemma2_through_the_triton_kernels(saved, monkeypatch):
     ("gemma3_text", dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 8.0}), "rope_scaling"),
     ("gemma3_text", dict(rope_parameters={"full_attention": {"rope_type": "longrope", "factor": 2.0}}),
      "rope_type"),
+    # transformers reads yarn's truncate from the outer per-layer-type dict, so Gemma 3 always truncates
+    ("gemma3_text", dict(rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 4.0, "truncate": False,
+                                                             "original_max_position_embeddings": 64},
+                                          "sliding_attention": {"rope_type": "default"}}), "truncate"),
     ("gemma3_text", dict(model_type="gemma3"), "model_type"),
     ("gemma3_text", dict(model_type="gemma3n_text"), "model_type"),
 ], ids=lambda v: v if isinstance(v, str) else None)

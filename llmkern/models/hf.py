@@ -364,6 +364,11 @@ def _gemma3_rope(hf):
         full.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
         if kind == "yarn" and full.get("factor") is None:
             full["factor"] = hf["max_position_embeddings"] / full["original_max_position_embeddings"]
+    if kind == "yarn" and full.get("truncate", True) is not True:
+        # transformers reads `truncate` from the outer per-layer-type dict, so a Gemma 3 model always runs
+        # with truncate=True whatever the config says: refuse rather than pick one of the two meanings
+        raise ValueError(f"from_hf: gemma3_text config yarn 'truncate'={full['truncate']!r} is not supported "
+                         f"(transformers ignores it for Gemma 3 and truncates; only truncate=True matches)")
     return _positive(full, "rope_theta", "gemma3_text"), full, _positive(local, "rope_theta", "gemma3_text")
 
 
