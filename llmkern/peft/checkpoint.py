@@ -5,6 +5,8 @@ target_modules, use_rslora, rank_pattern, alpha_pattern, ...) and ``adapter_mode
 with keys ``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.weight``
 ([out, r]), where <module> is the module's name inside the (unwrapped) base model. A DoRA adapter
 (``use_dora: true``) also has ``...lora_magnitude_vector`` ([out], no ``.weight`` suffix: PEFT strips it).
+LoRA on an embedding layer (llmkern.peft.LoRAEmbedding, PEFT's lora.Embedding) is stored as
+``...<module>.lora_embedding_A`` ([r, num_embeddings]) and ``...lora_embedding_B`` ([embedding_dim, r]).
 """
 import json
 import math
@@ -17,7 +19,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from llmkern.peft.lora import MAX_RANK, LoRALinear, _freeze_non_lora, _set_submodule, lora_modules, lora_scaling
+from llmkern.peft.lora import (MAX_RANK, LoRALinear, _freeze_non_lora, _set_submodule, lora_embedding_modules,
+                               lora_modules, lora_scaling)
+from llmkern.peft.lora_embedding import LoRAEmbedding
 from llmkern.peft.qlora import NF4Linear
 
 CONFIG_NAME = "adapter_config.json"
@@ -27,7 +31,7 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?
 # PEFT saves the base weights of targeted embedding-like layers (lm_head, embed_tokens) next to their
 # LoRA weights (save_embedding_layers="auto") and loads them back into the base layer.
 _BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
-_EMBED_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_[AB](?:\.[^.]+)?$")
+_EMBED_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
 # DoRA magnitudes: PEFT writes <module>.lora_magnitude_vector; its state_dict (and older files) say
 # <module>.lora_magnitude_vector.<adapter>.weight or <module>.lora_magnitude_vector.weight
 _MAG_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
@@ -74,6 +78,26 @@ def _linear_names(model):
     lora_children = {n + ".base_layer" for n, _ in lora_modules(model)}
     return {n for n, m in model.named_modules()
             if (isinstance(m, (nn.Linear, NF4Linear, LoRALinear)) or _is_parallel(m)) and n not in lora_children}
+
+
+def _embedding_names(model):
+    """Names of the model's embedding layers (an nn.Embedding or a LoRAEmbedding; a LoRAEmbedding's base_layer
+    does not count)."""
+    children = {n + ".base_layer" for n, _ in lora_embedding_modules(model)}
+    return {n for n, m in model.named_modules() if isinstance(m, (nn.Embedding, LoRAEmbedding)) and n not in children}
+
+
+def _hf_embedding_names(model):
+    """A zoo model's {zoo embedding name: its name in the equivalent transformers model} (GPT: wte / wpe in
+    GPT2LMHeadModel's transformer.; Llama and the families from_hf maps onto it: model.embed_tokens)."""
+    from llmkern.models.gpt import GPT
+    from llmkern.models.llama import Llama
+
+    if isinstance(model, GPT):
+        return {"wte": "transformer.wte", "wpe": "transformer.wpe"}
+    if isinstance(model, Llama):
+        return {"embed_tokens": "model.embed_tokens"}
+    return {}
 
 
 def _target_modules(candidates, names):
@@ -212,8 +236,10 @@ def _unwrap_peft_model(model):
 
 def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None,
                       task_type: Optional[str] = "auto", hf_names: bool = True) -> None:
-    """Write the model's LoRALinear adapters as a PEFT adapter directory (loadable by
-    ``peft.PeftModel.from_pretrained(base_model, path)``).
+    """Write the model's LoRALinear and LoRAEmbedding adapters as a PEFT adapter directory (loadable by
+    ``peft.PeftModel.from_pretrained(base_model, path)``; embeddings as PEFT's ``lora_embedding_A`` /
+    ``lora_embedding_B``, named in target_modules; a zoo model's wte / wpe / embed_tokens get their
+    transformers names).
 
     For a zoo model (GPT, Llama) the modules are named as in the equivalent transformers model
     (``hf_module_names()``: Llama's ``layers.0...`` is ``model.layers.0...``; GPT's q/k/v LoRAs become
@@ -247,12 +273,13 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
 
     model = _unwrap_peft_model(model)
     mods = lora_modules(model)
-    rslora = {m.use_rslora for _, m in mods} | _parallel_rslora(model)
+    embs = lora_embedding_modules(model)
+    rslora = {m.use_rslora for _, m in mods + embs} | _parallel_rslora(model)
     if len(rslora) > 1:
         raise ValueError("save_peft_adapter: PEFT's config has one use_rslora for all modules; "
                          "the model mixes rsLoRA and plain LoRA modules")
     use_rslora = rslora.pop() if rslora else False
-    dora = {bool(m.use_dora) for _, m in mods}
+    dora = {bool(m.use_dora) for _, m in mods + embs}  # (LoRAEmbedding: plain LoRA)
     if len(dora) > 1:
         raise ValueError("save_peft_adapter: PEFT's config has one use_dora for all modules; the model mixes "
                          "DoRA and plain LoRA modules")
@@ -263,10 +290,10 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
                          "layers (plain LoRA); PEFT's config has one use_dora for all modules")
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     mods = sorted(mods + parallel, key=lambda nm: order[nm[0]])  # model order, as before
-    if not mods:
+    if not mods and not embs:
         raise ValueError("model has no LoRALinear modules to save (use inject_lora or load_peft_adapter; under "
                          "tensor parallelism inject_lora before tensor_parallelize)")
-    for n, m in mods:
+    for n, m in mods + embs:
         if m.merged:
             raise ValueError(f"module {n} is merged; unmerge() it before saving the adapter")
     if task_type == "auto":
@@ -274,15 +301,25 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
         task_type = "CAUSAL_LM" if generative else None
     hf = _hf_names(model) if hf_names else None
     metadata = {"format": "pt"}
+    hf_emb = _hf_embedding_names(model) if hf is not None else {}
+    for n, _ in embs:
+        if hf is not None and n not in hf_emb:
+            raise ValueError(f"save_peft_adapter: embedding {n} has no counterpart in the Hugging Face model; "
+                             f"save with hf_names=False to write the zoo's own module names")
+    # (embeddings: A / B are lora_embedding_A [r, num_embeddings] / lora_embedding_B [dim, r], PEFT's keys)
+    emb_entries = [(hf_emb.get(n, n), m.r, m.alpha, m.dropout, m.lora_embedding_A.detach(),
+                    m.lora_embedding_B.detach(), None) for n, m in embs]
     if hf is None:
         entries = [(n, m.r, m.alpha, m.dropout, m.lora_A.detach(), m.lora_B.detach(), _magnitude(m))
                    for n, m in mods]
-        candidates, fan_in_fan_out = _linear_names(model), False
+        candidates, fan_in_fan_out = _linear_names(model) | _embedding_names(model), False
     else:
         entries, fused, fan_in_fan_out = _to_hf(model, mods, hf, use_rslora)
-        candidates = {h.name for h in hf.values()}
+        candidates = {h.name for h in hf.values()} | set(hf_emb.values())
         if fused:
             metadata[_FUSED_KEY] = json.dumps(fused)
+    emb_names = {e[0] for e in emb_entries}
+    entries = entries + emb_entries
     r = Counter(e[1] for e in entries).most_common(1)[0][0]
     alpha = Counter(e[2] for e in entries).most_common(1)[0][0]
     dropout = Counter(e[3] for e in entries).most_common(1)[0][0]
@@ -293,6 +330,10 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     alpha_pattern = {_pattern_key(n): ea for n, _, ea, *_ in entries if ea != alpha}
     tensors = {}
     for n, _, _, _, A, B, M in entries:
+        if n in emb_names:
+            tensors[f"{_PREFIX}{n}.lora_embedding_A"] = A.contiguous().cpu()
+            tensors[f"{_PREFIX}{n}.lora_embedding_B"] = B.contiguous().cpu()
+            continue
         tensors[f"{_PREFIX}{n}.lora_A.weight"] = A.contiguous().cpu()
         tensors[f"{_PREFIX}{n}.lora_B.weight"] = B.contiguous().cpu()
         if M is not None:
@@ -451,6 +492,9 @@ def _check_no_stale_lora(model, targets, path):
         if isinstance(mod, LoRALinear):
             if mod.merged or mod.use_dora or bool(mod.lora_B.detach().ne(0).any()):
                 stale.append(name)
+        elif isinstance(mod, LoRAEmbedding):  # (inert when A is zero: PEFT's embedding init)
+            if mod.merged or bool(mod.lora_embedding_A.detach().ne(0).any()):
+                stale.append(name)
         elif _is_parallel(mod) and mod.lora_A is not None:
             stale.append(name)
     if stale:
@@ -467,8 +511,10 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     PEFT saved for a targeted lm_head / embedding layer (``<module>.base_layer.weight``) are copied
     into that layer, as PEFT does. DoRA adapters (``use_dora: true``, a ``lora_magnitude_vector`` per
     module) load as DoRA LoRALinear modules (an existing LoRALinear is switched to DoRA, or back to plain
-    LoRA for a plain adapter). Raises ValueError for adapter kinds other than LoRA / DoRA on
-    nn.Linear (aLoRA and other variants, LoRA bias, embeddings, fan_in_fan_out Conv1D layers,
+    LoRA for a plain adapter). LoRA on an embedding layer (``lora_embedding_A`` / ``lora_embedding_B``)
+    loads as a LoRAEmbedding (a zoo model takes transformers' names for it, e.g. model.embed_tokens).
+    Raises ValueError for adapter kinds other than LoRA / DoRA on nn.Linear and plain LoRA on
+    nn.Embedding (aLoRA and other variants, LoRA bias, DoRA on embeddings, fan_in_fan_out Conv1D layers,
     modules_to_save, trainable tokens, PiSSA/OLoRA/CorDA/LoftQ-initialised adapters, DoRA on
     tensor-parallel layers). With ``freeze_base`` every parameter except the LoRA A/B weights (and DoRA
     magnitudes, and adapters / prefixes the model has) is frozen.
@@ -510,7 +556,7 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         raise ValueError(f"{path}: bias={config['bias']!r} is not supported (only 'none')")
     use_dora = bool(config.get("use_dora", False))
     weights, metadata = _read_weights(path)
-    pairs, base_weights, magnitudes = {}, {}, {}
+    pairs, base_weights, magnitudes, emb_pairs = {}, {}, {}, {}
     for key, t in weights.items():
         m = _KEY.match(key)
         if m is not None:
@@ -525,19 +571,24 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         elif _BASE_KEY.match(key):
             base_weights[_BASE_KEY.match(key).group("module")] = t
         elif _EMBED_KEY.match(key):
-            raise ValueError(f"{path}: LoRA on embedding layers ({_EMBED_KEY.match(key).group('module')}, key "
-                             f"{key!r}) is not supported by llmkern.peft (only nn.Linear)")
+            m = _EMBED_KEY.match(key)
+            pair = emb_pairs.setdefault(m.group("module"), {})
+            _once(path, key, m.group("module"), pair, m.group("ab"))
+            pair[m.group("ab")] = t
         else:
             raise ValueError(f"{path}: unsupported key {key!r} (only LoRA A/B weights of linear layers)")
+    if use_dora and emb_pairs:
+        raise ValueError(f"{path}: use_dora=True on embedding layers ({next(iter(emb_pairs))}) is not supported by "
+                         f"llmkern.peft (LoRAEmbedding is plain LoRA); DoRA loads on nn.Linear modules only")
     for name in base_weights:
-        if name not in pairs:
+        if name not in pairs and name not in emb_pairs:
             raise ValueError(f"{path}: unsupported key {_PREFIX}{name}.base_layer.weight (a base weight of a "
                              f"module without LoRA A/B weights)")
     for name in magnitudes:
         if name not in pairs:
             raise ValueError(f"{path}: {_PREFIX}{name}.lora_magnitude_vector belongs to a module without LoRA A/B "
                              f"weights")
-    if use_dora:
+    if use_dora:  # (embeddings refused above)
         for name in pairs:
             if name not in magnitudes:
                 raise ValueError(f"{path}: use_dora=True but module {name} has no lora_magnitude_vector")
@@ -639,7 +690,50 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
             raise ValueError(f"{path}: {name}.base_layer.weight has shape {tuple(W.shape)}, the layer's weight "
                              f"is {tuple(layer.weight.shape)}")
 
-    _check_no_stale_lora(model, targets, path)
+    emb_targets = {}  # embeddings: model module name -> (checkpoint name, A, B, r, alpha, base weight)
+    hf_emb = {v: k for k, v in _hf_embedding_names(model).items()} if hf is not None else {}
+    for name, ab in emb_pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{path}: embedding {name} has only lora_embedding_{''.join(ab)}")
+        A, B = ab["A"], ab["B"]
+        r = A.shape[0]
+        if r != _pattern_value(config.get("rank_pattern"), name, r_default):
+            raise ValueError(f"{path}: {name}.lora_embedding_A has rank {r}, config says "
+                             f"{_pattern_value(config.get('rank_pattern'), name, r_default)}")
+        alpha = _pattern_value(config.get("alpha_pattern"), name, alpha_default)
+        zn = hf_emb.get(name, name)
+        where = name if zn == name else f"{zn} (from {name} in the checkpoint)"
+        if zn in targets or zn in emb_targets:
+            raise ValueError(f"{path}: module {zn} gets LoRA weights twice in the checkpoint")
+        try:
+            mod = model.get_submodule(zn)
+        except AttributeError:
+            raise ValueError(f"{path}: module {where!r} from the checkpoint is not in the model") from None
+        if isinstance(mod, LoRAEmbedding):
+            if mod.merged:
+                raise ValueError(f"{path}: module {zn} is merged; unmerge_lora(model) before loading new adapter "
+                                 f"weights into it (its weight would keep the old update)")
+            if mod.r != r:
+                raise ValueError(f"{path}: {where} has rank {mod.r}, checkpoint has {r}")
+            layer = mod.base_layer
+        elif isinstance(mod, nn.Embedding):
+            if r < 1:
+                raise ValueError(f"{path}: {where}: rank {r} must be positive")
+            layer = mod
+        else:
+            raise ValueError(f"{path}: module {zn} is a {type(mod).__name__}, but the checkpoint has embedding LoRA "
+                             f"weights (lora_embedding_A / B) for it: not an nn.Embedding")
+        if (tuple(A.shape) != (r, layer.num_embeddings) or tuple(B.shape) != (layer.embedding_dim, r)):
+            raise ValueError(f"{path}: {where}: checkpoint shapes lora_embedding_A{tuple(A.shape)} "
+                             f"lora_embedding_B{tuple(B.shape)} do not fit the embedding "
+                             f"(A{(r, layer.num_embeddings)} B{(layer.embedding_dim, r)})")
+        W = base_weights.get(name)
+        if W is not None and W.shape != layer.weight.shape:
+            raise ValueError(f"{path}: {name}.base_layer.weight has shape {tuple(W.shape)}, the embedding's weight "
+                             f"is {tuple(layer.weight.shape)}")
+        emb_targets[zn] = (name, A, B, r, alpha, W)
+
+    _check_no_stale_lora(model, {**targets, **emb_targets}, path)
 
     # 2. load
     if freeze_base:
@@ -666,6 +760,19 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
             mod.lora_B.copy_(B)
             if M is not None:
                 mod.lora_magnitude_vector.copy_(M)
+            if W is not None:  # as PEFT does: the saved base weight replaces the layer's
+                mod.base_layer.weight.copy_(W)
+    for name, (source, A, B, r, alpha, W) in emb_targets.items():
+        mod = model.get_submodule(name)
+        if isinstance(mod, LoRAEmbedding):
+            mod.alpha, mod.use_rslora = float(alpha), use_rslora
+        else:
+            mod = LoRAEmbedding(mod, r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
+                                use_rslora=use_rslora, freeze_base=freeze_base)
+            _set_submodule(model, name, mod)
+        with torch.no_grad():
+            mod.lora_embedding_A.copy_(A)
+            mod.lora_embedding_B.copy_(B)
             if W is not None:  # as PEFT does: the saved base weight replaces the layer's
                 mod.base_layer.weight.copy_(W)
     return model
