@@ -53,7 +53,7 @@ _LAZY_ATTRS = {
     "nf4_linear": "llmkern.ops.nf4",
     "generate": "llmkern.generation",
 }
-_SUBMODULES = {"bench", "flops", "generation", "integrations", "kernels", "models", "ops", "parallel",
+_SUBMODULES = {"bench", "flops", "generation", "integrations", "kernels", "memory", "models", "ops", "parallel",
                "peft", "reference", "testing", "info"}
 
 # `from llmkern import *`: the ops (the lazy ones import their modules then), not the subpackages
