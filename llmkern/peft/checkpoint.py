@@ -7,6 +7,8 @@ with keys ``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.
 (``use_dora: true``) also has ``...lora_magnitude_vector`` ([out], no ``.weight`` suffix: PEFT strips it).
 LoRA on an embedding layer (llmkern.peft.LoRAEmbedding, PEFT's lora.Embedding) is stored as
 ``...<module>.lora_embedding_A`` ([r, num_embeddings]) and ``...lora_embedding_B`` ([embedding_dim, r]).
+LoRA on a conv layer (llmkern.peft.LoRAConv, PEFT's lora.Conv1d/2d/3d) uses the linear keys with conv kernels:
+``...<module>.lora_A.weight`` ([r, in_channels, *kernel_size]) and ``...lora_B.weight`` ([out, r / groups, 1, ...]).
 """
 import json
 import math
@@ -19,8 +21,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from llmkern.peft.lora import (MAX_RANK, LoRALinear, _freeze_non_lora, _set_submodule, lora_embedding_modules,
-                               lora_modules, lora_scaling)
+from llmkern.peft.lora import (MAX_RANK, LoRALinear, _freeze_non_lora, _set_submodule, lora_conv_modules,
+                               lora_embedding_modules, lora_modules, lora_scaling)
+from llmkern.peft.lora_conv import CONV_TYPES, LoRAConv, _check_base as _check_conv_base
 from llmkern.peft.lora_embedding import LoRAEmbedding
 from llmkern.peft.qlora import NF4Linear
 
@@ -85,6 +88,12 @@ def _embedding_names(model):
     does not count)."""
     children = {n + ".base_layer" for n, _ in lora_embedding_modules(model)}
     return {n for n, m in model.named_modules() if isinstance(m, (nn.Embedding, LoRAEmbedding)) and n not in children}
+
+
+def _conv_names(model):
+    """Names of the model's conv layers (an nn.Conv1d/2d/3d or a LoRAConv; a LoRAConv's base_layer does not count)."""
+    children = {n + ".base_layer" for n, _ in lora_conv_modules(model)}
+    return {n for n, m in model.named_modules() if isinstance(m, CONV_TYPES + (LoRAConv,)) and n not in children}
 
 
 def _hf_embedding_names(model):
@@ -236,10 +245,11 @@ def _unwrap_peft_model(model):
 
 def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None,
                       task_type: Optional[str] = "auto", hf_names: bool = True) -> None:
-    """Write the model's LoRALinear and LoRAEmbedding adapters as a PEFT adapter directory (loadable by
+    """Write the model's LoRALinear, LoRAEmbedding and LoRAConv adapters as a PEFT adapter directory (loadable by
     ``peft.PeftModel.from_pretrained(base_model, path)``; embeddings as PEFT's ``lora_embedding_A`` /
     ``lora_embedding_B``, named in target_modules; a zoo model's wte / wpe / embed_tokens get their
-    transformers names).
+    transformers names; convs as PEFT's conv ``lora_A.weight`` / ``lora_B.weight`` kernels, under the model's
+    own names).
 
     For a zoo model (GPT, Llama) the modules are named as in the equivalent transformers model
     (``hf_module_names()``: Llama's ``layers.0...`` is ``model.layers.0...``; GPT's q/k/v LoRAs become
@@ -274,12 +284,13 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     model = _unwrap_peft_model(model)
     mods = lora_modules(model)
     embs = lora_embedding_modules(model)
-    rslora = {m.use_rslora for _, m in mods + embs} | _parallel_rslora(model)
+    convs = lora_conv_modules(model)
+    rslora = {m.use_rslora for _, m in mods + embs + convs} | _parallel_rslora(model)
     if len(rslora) > 1:
         raise ValueError("save_peft_adapter: PEFT's config has one use_rslora for all modules; "
                          "the model mixes rsLoRA and plain LoRA modules")
     use_rslora = rslora.pop() if rslora else False
-    dora = {bool(m.use_dora) for _, m in mods + embs}  # (LoRAEmbedding: plain LoRA)
+    dora = {bool(m.use_dora) for _, m in mods + embs + convs}  # (LoRAEmbedding, LoRAConv: plain LoRA)
     if len(dora) > 1:
         raise ValueError("save_peft_adapter: PEFT's config has one use_dora for all modules; the model mixes "
                          "DoRA and plain LoRA modules")
@@ -290,10 +301,10 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
                          "layers (plain LoRA); PEFT's config has one use_dora for all modules")
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     mods = sorted(mods + parallel, key=lambda nm: order[nm[0]])  # model order, as before
-    if not mods and not embs:
-        raise ValueError("model has no LoRALinear modules to save (use inject_lora or load_peft_adapter; under "
-                         "tensor parallelism inject_lora before tensor_parallelize)")
-    for n, m in mods + embs:
+    if not mods and not embs and not convs:
+        raise ValueError("model has no LoRALinear modules to save (nor LoRAEmbedding, LoRAConv ones; use inject_lora "
+                         "or load_peft_adapter; under tensor parallelism inject_lora before tensor_parallelize)")
+    for n, m in mods + embs + convs:
         if m.merged:
             raise ValueError(f"module {n} is merged; unmerge() it before saving the adapter")
     if task_type == "auto":
@@ -306,20 +317,25 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
         if hf is not None and n not in hf_emb:
             raise ValueError(f"save_peft_adapter: embedding {n} has no counterpart in the Hugging Face model; "
                              f"save with hf_names=False to write the zoo's own module names")
+    if hf is not None and convs:
+        raise ValueError(f"save_peft_adapter: conv layer {convs[0][0]} has no counterpart in the Hugging Face model; "
+                         f"save with hf_names=False to write the zoo's own module names")
+    # (convs: PEFT's lora_A.weight / lora_B.weight keys, with their conv kernel shapes)
+    conv_entries = [(n, m.r, m.alpha, m.dropout, m.lora_A.detach(), m.lora_B.detach(), None) for n, m in convs]
     # (embeddings: A / B are lora_embedding_A [r, num_embeddings] / lora_embedding_B [dim, r], PEFT's keys)
     emb_entries = [(hf_emb.get(n, n), m.r, m.alpha, m.dropout, m.lora_embedding_A.detach(),
                     m.lora_embedding_B.detach(), None) for n, m in embs]
     if hf is None:
         entries = [(n, m.r, m.alpha, m.dropout, m.lora_A.detach(), m.lora_B.detach(), _magnitude(m))
                    for n, m in mods]
-        candidates, fan_in_fan_out = _linear_names(model) | _embedding_names(model), False
+        candidates, fan_in_fan_out = _linear_names(model) | _embedding_names(model) | _conv_names(model), False
     else:
         entries, fused, fan_in_fan_out = _to_hf(model, mods, hf, use_rslora)
         candidates = {h.name for h in hf.values()} | set(hf_emb.values())
         if fused:
             metadata[_FUSED_KEY] = json.dumps(fused)
     emb_names = {e[0] for e in emb_entries}
-    entries = entries + emb_entries
+    entries = entries + conv_entries + emb_entries
     r = Counter(e[1] for e in entries).most_common(1)[0][0]
     alpha = Counter(e[2] for e in entries).most_common(1)[0][0]
     dropout = Counter(e[3] for e in entries).most_common(1)[0][0]
@@ -495,6 +511,9 @@ def _check_no_stale_lora(model, targets, path):
         elif isinstance(mod, LoRAEmbedding):  # (inert when A is zero: PEFT's embedding init)
             if mod.merged or bool(mod.lora_embedding_A.detach().ne(0).any()):
                 stale.append(name)
+        elif isinstance(mod, LoRAConv):  # (inert when B is zero, as LoRALinear)
+            if mod.merged or bool(mod.lora_B.detach().ne(0).any()):
+                stale.append(name)
         elif _is_parallel(mod) and mod.lora_A is not None:
             stale.append(name)
     if stale:
@@ -513,8 +532,12 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     module) load as DoRA LoRALinear modules (an existing LoRALinear is switched to DoRA, or back to plain
     LoRA for a plain adapter). LoRA on an embedding layer (``lora_embedding_A`` / ``lora_embedding_B``)
     loads as a LoRAEmbedding (a zoo model takes transformers' names for it, e.g. model.embed_tokens).
+    LoRA on a conv layer (``lora_A.weight`` / ``lora_B.weight`` with conv kernel shapes) loads as a LoRAConv
+    into the nn.Conv1d/2d/3d of that name (its kernel, channels and groups checked against the shapes; a conv
+    LoRAConv refuses, e.g. dilation != 1, is refused too).
     Raises ValueError for adapter kinds other than LoRA / DoRA on nn.Linear and plain LoRA on
-    nn.Embedding (aLoRA and other variants, LoRA bias, DoRA on embeddings, fan_in_fan_out Conv1D layers,
+    nn.Embedding and nn.Conv (aLoRA and other variants, LoRA bias, DoRA on embeddings or convs, fan_in_fan_out
+    Conv1D layers,
     modules_to_save, trainable tokens, PiSSA/OLoRA/CorDA/LoftQ-initialised adapters, DoRA on
     tensor-parallel layers). With ``freeze_base`` every parameter except the LoRA A/B weights (and DoRA
     magnitudes, and adapters / prefixes the model has) is frozen.
@@ -580,8 +603,15 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     if use_dora and emb_pairs:
         raise ValueError(f"{path}: use_dora=True on embedding layers ({next(iter(emb_pairs))}) is not supported by "
                          f"llmkern.peft (LoRAEmbedding is plain LoRA); DoRA loads on nn.Linear modules only")
+    # conv LoRA (PEFT's lora.Conv1d/2d/3d) shares the linear keys; its kernels have more than 2 dimensions
+    conv_pairs = {n: ab for n, ab in pairs.items() if any(t.dim() > 2 for t in ab.values())}
+    for name in conv_pairs:
+        del pairs[name]
+    if use_dora and conv_pairs:
+        raise ValueError(f"{path}: use_dora=True on conv layers ({next(iter(conv_pairs))}) is not supported by "
+                         f"llmkern.peft (LoRAConv is plain LoRA); DoRA loads on nn.Linear modules only")
     for name in base_weights:
-        if name not in pairs and name not in emb_pairs:
+        if name not in pairs and name not in emb_pairs and name not in conv_pairs:
             raise ValueError(f"{path}: unsupported key {_PREFIX}{name}.base_layer.weight (a base weight of a "
                              f"module without LoRA A/B weights)")
     for name in magnitudes:
@@ -733,7 +763,51 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
                              f"is {tuple(layer.weight.shape)}")
         emb_targets[zn] = (name, A, B, r, alpha, W)
 
-    _check_no_stale_lora(model, {**targets, **emb_targets}, path)
+    conv_targets = {}  # convs: model module name -> (A, B, r, alpha, base weight); the model's own names
+    for name, ab in conv_pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{path}: conv {name} has only lora_{''.join(ab)}")
+        A, B = ab["A"], ab["B"]
+        r = A.shape[0]
+        if r != _pattern_value(config.get("rank_pattern"), name, r_default):
+            raise ValueError(f"{path}: {name}.lora_A has rank {r}, config says "
+                             f"{_pattern_value(config.get('rank_pattern'), name, r_default)}")
+        alpha = _pattern_value(config.get("alpha_pattern"), name, alpha_default)
+        if name in targets or name in emb_targets:
+            raise ValueError(f"{path}: module {name} gets LoRA weights twice in the checkpoint")
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: module {name!r} from the checkpoint is not in the model") from None
+        if isinstance(mod, LoRAConv):
+            if mod.merged:
+                raise ValueError(f"{path}: module {name} is merged; unmerge_lora(model) before loading new adapter "
+                                 f"weights into it (its weight would keep the old update)")
+            if mod.r != r:
+                raise ValueError(f"{path}: {name} has rank {mod.r}, checkpoint has {r}")
+            layer = mod.base_layer
+        elif isinstance(mod, CONV_TYPES):
+            try:  # (what LoRAConv refuses: dilation, padding_mode, r not divisible by groups, ...)
+                _check_conv_base(mod, r)
+            except ValueError as exc:
+                raise ValueError(f"{path}: {name}: {exc}") from None
+            layer = mod
+        else:
+            raise ValueError(f"{path}: module {name} is a {type(mod).__name__}, but the checkpoint has conv LoRA "
+                             f"weights (lora_A {tuple(A.shape)}) for it: not an nn.Conv1d/2d/3d")
+        nd = layer.weight.dim() - 2
+        want_a = (r, layer.in_channels, *layer.kernel_size)
+        want_b = (layer.out_channels, r // layer.groups, *(1,) * nd)
+        if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
+            raise ValueError(f"{path}: {name}: checkpoint shapes lora_A{tuple(A.shape)} lora_B{tuple(B.shape)} do "
+                             f"not fit the {type(layer).__name__} (A{want_a} B{want_b})")
+        W = base_weights.get(name)
+        if W is not None and W.shape != layer.weight.shape:
+            raise ValueError(f"{path}: {name}.base_layer.weight has shape {tuple(W.shape)}, the conv's weight "
+                             f"is {tuple(layer.weight.shape)}")
+        conv_targets[name] = (A, B, r, alpha, W)
+
+    _check_no_stale_lora(model, {**targets, **emb_targets, **conv_targets}, path)
 
     # 2. load
     if freeze_base:
@@ -773,6 +847,19 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         with torch.no_grad():
             mod.lora_embedding_A.copy_(A)
             mod.lora_embedding_B.copy_(B)
+            if W is not None:  # as PEFT does: the saved base weight replaces the layer's
+                mod.base_layer.weight.copy_(W)
+    for name, (A, B, r, alpha, W) in conv_targets.items():
+        mod = model.get_submodule(name)
+        if isinstance(mod, LoRAConv):
+            mod.alpha, mod.use_rslora = float(alpha), use_rslora
+        else:
+            mod = LoRAConv(mod, r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
+                           use_rslora=use_rslora, freeze_base=freeze_base)
+            _set_submodule(model, name, mod)
+        with torch.no_grad():
+            mod.lora_A.copy_(A)
+            mod.lora_B.copy_(B)
             if W is not None:  # as PEFT does: the saved base weight replaces the layer's
                 mod.base_layer.weight.copy_(W)
     return model

@@ -334,18 +334,20 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
                 freeze_base: bool = True, use_dora: bool = False) -> List[str]:
     """Replace every ``nn.Linear`` (or 4-bit ``NF4Linear``: QLoRA, see quantize_nf4) whose name matches
     ``target_modules`` by a ``LoRALinear`` (``use_dora=True``: DoRA ones, with a trainable magnitude vector
-    per layer), and every matching ``nn.Embedding`` (e.g. "embed_tokens", "wte") by a ``LoRAEmbedding``
-    (PEFT's LoRA on embeddings; ``use_dora=True`` with an embedding target raises ValueError).
+    per layer), every matching ``nn.Embedding`` (e.g. "embed_tokens", "wte") by a ``LoRAEmbedding``
+    (PEFT's LoRA on embeddings) and every matching ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` by a
+    ``LoRAConv`` (PEFT's LoRA on convs); ``use_dora=True`` with an embedding or conv target raises ValueError.
 
     With ``freeze_base`` (default) every other parameter of the model is frozen too, so that only
     the LoRA parameters train (parameter-efficient ones the model already has, LoRA, DoRA magnitudes, adapters
     and prefixes, keep their state). Returns the names of the wrapped modules (raises if none matched).
     """
+    from llmkern.peft.lora_conv import CONV_TYPES, LoRAConv
     from llmkern.peft.lora_embedding import LoRAEmbedding
 
-    wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, (LoRALinear, LoRAEmbedding))}
+    wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, (LoRALinear, LoRAEmbedding, LoRAConv))}
     names = [n for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, NF4Linear, nn.Embedding)) and id(m) not in wrapped
+             if isinstance(m, (nn.Linear, NF4Linear, nn.Embedding) + CONV_TYPES) and id(m) not in wrapped
              and _matches(n, target_modules)]
     if "" in names:  # (the root: a LoRALinear would become a child of the very layer it wraps)
         raise ValueError(f"target_modules {target_modules!r} matched the model itself, an {type(model).__name__}; "
@@ -356,16 +358,23 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
                          f"directly (F.multi_head_attention_forward), so a LoRA there would never run; leave it out "
                          f"of target_modules")
     if not names:
-        raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear (or NF4Linear, nn.Embedding) "
-                         f"in the model")
+        raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear (or NF4Linear, nn.Embedding, "
+                         f"nn.Conv1d/2d/3d) in the model")
     embeddings = [n for n in names if isinstance(model.get_submodule(n), nn.Embedding)]
     if use_dora and embeddings:
         raise ValueError(f"inject_lora: use_dora=True is not supported on embedding layers ({embeddings[0]} is an "
                          f"nn.Embedding); leave it out of target_modules, or inject it in a separate call without "
                          f"use_dora")
+    convs = [n for n in names if isinstance(model.get_submodule(n), CONV_TYPES)]
+    if use_dora and convs:
+        raise ValueError(f"inject_lora: use_dora=True is not supported on conv layers ({convs[0]} is an "
+                         f"{type(model.get_submodule(convs[0])).__name__}); leave it out of target_modules, or "
+                         f"inject it in a separate call without use_dora")
     # every wrapper built (its arguments checked) before the model changes: a refused call leaves it as it was
     new = [(n, LoRAEmbedding(model.get_submodule(n), r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                              freeze_base=False) if n in embeddings else
+            LoRAConv(model.get_submodule(n), r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                     freeze_base=False) if n in convs else
             LoRALinear(model.get_submodule(n), r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                        freeze_base=False, use_dora=use_dora)) for n in names]
     if freeze_base:
@@ -384,12 +393,13 @@ def _read_in_place(model, names):
 
 def _freeze_non_lora(model: nn.Module):
     """requires_grad=False on every parameter except the model's parameter-efficient ones, which keep their state:
-    the LoRA A/B weights (and DoRA magnitudes) of LoRALinear and LoRAEmbedding modules, and Adapter / PrefixTuning
-    parameters (an add_adapters or inject_lora call after another one must not freeze what the first one added)."""
+    the LoRA A/B weights (and DoRA magnitudes) of LoRALinear, LoRAEmbedding and LoRAConv modules, and Adapter /
+    PrefixTuning parameters (an add_adapters or inject_lora call after another one must not freeze what the first one
+    added)."""
     from llmkern.peft.adapter import Adapter
     from llmkern.peft.prefix import PrefixTuning
 
-    # (tensor-parallel layers hold their LoRA shards as lora_A / lora_B parameters too)
+    # (tensor-parallel layers hold their LoRA shards as lora_A / lora_B parameters too, LoRAConv its conv factors)
     names = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
     keep = {id(p) for m in model.modules() for p in (getattr(m, n, None) for n in names)
             if isinstance(p, nn.Parameter)}
@@ -426,9 +436,18 @@ def lora_embedding_modules(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRAEmbedding)]
 
 
+def lora_conv_modules(model: nn.Module):
+    """(name, LoRAConv) pairs of a model (lora_modules lists the LoRALinear ones only: a LoRAConv's lora_A /
+    lora_B are conv kernels, not [r, in] / [out, r] matrices)."""
+    from llmkern.peft.lora_conv import LoRAConv
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRAConv)]
+
+
 def merge_lora(model: nn.Module, safe_merge: bool = True, remove: bool = False) -> nn.Module:
-    """Merge every LoRALinear and LoRAEmbedding; with ``remove`` put the plain nn.Linear / nn.Embedding back in
-    its place.
+    """Merge every LoRALinear, LoRAEmbedding and LoRAConv; with ``remove`` put the plain nn.Linear /
+    nn.Embedding / nn.Conv back in its place. (A LoRAConv over a conv with groups > 1 cannot merge: ValueError,
+    nothing merged.)
 
     Raises ValueError (nothing merged) when a base weight is shared with another module, e.g. an
     lm_head tied to the token embedding: merging would change that module too. LoRA layers over a 4-bit
@@ -441,21 +460,21 @@ def merge_lora(model: nn.Module, safe_merge: bool = True, remove: bool = False) 
         raise ValueError(f"merge_lora: {quantized[0][0]} has a 4-bit base layer (NF4Linear) that cannot hold W + "
                          f"s·B·A; pass remove=True to replace such layers by dense nn.Linear layers of the merged "
                          f"weight (nothing merged)")
-    embeddings = lora_embedding_modules(model)
-    tied = _tied_base_weights(model, [(n, m) for n, m in mods + embeddings if not m.merged and not m.quantized])
+    others = lora_embedding_modules(model) + lora_conv_modules(model)  # (embeddings, convs: merge, _merged_weight)
+    tied = _tied_base_weights(model, [(n, m) for n, m in mods + others if not m.merged and not m.quantized])
     if tied:
         n, owner = next(iter(tied.items()))
         raise ValueError(f"merge_lora: {n}'s weight is shared with {owner} (tied weights); merging would "
                          f"change {owner} too. Untie the weights first (or keep the adapter unmerged)")
     dense = {n: m.merged_linear(safe_merge=safe_merge) for n, m in quantized}
-    for _, m in embeddings:  # (a max_norm embedding refuses to merge, safe_merge or not)
+    for _, m in others:  # (a max_norm embedding, a grouped conv refuse to merge, safe_merge or not)
         if not m.merged:
             m._merged_weight(safe_merge)
     if safe_merge:  # every merge checked before any is done: a broken adapter leaves the model as it was
         for _, m in mods:
             if not m.merged and not m.quantized:
                 m._merged_weight(True)
-    for n, m in mods + embeddings:
+    for n, m in mods + others:
         if n in dense:
             _set_submodule(model, n, dense[n])
             continue
@@ -466,7 +485,7 @@ def merge_lora(model: nn.Module, safe_merge: bool = True, remove: bool = False) 
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    for _, m in lora_modules(model) + lora_embedding_modules(model):
+    for _, m in lora_modules(model) + lora_embedding_modules(model) + lora_conv_modules(model):
         m.unmerge()
     return model
 
