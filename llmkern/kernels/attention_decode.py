@@ -291,15 +291,20 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
     if len(slices) > 1:
         def rows(t, b0, b1):  # a page pool is shared by every row
             return t if block_table is not None else t[b0:b1]
-        parts = [attention_decode(q[b0:b1], rows(k_cache, b0, b1), rows(v_cache, b0, b1), cache_seqlens[b0:b1],
-                                  scale=scale, causal=causal, window_left=window_left, window_right=window_right,
-                                  softcap=softcap, num_splits=num_splits,
-                                  block_table=None if block_table is None else block_table[b0:b1], sinks=sinks,
-                                  key_padding_mask=None if key_padding_mask is None else key_padding_mask[b0:b1],
-                                  alibi_slopes=None if alibi_slopes is None else alibi_rows(alibi_slopes, b0, b1),
-                                  k_scale=k_scale, v_scale=v_scale)
-                 for b0, b1 in slices]
-        return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
+        # the slices write into one output in the layout of an unsliced call (the fake's: torch.cat would give a
+        # contiguous one, whatever q's layout)
+        q = _last_contig(q)
+        out = empty_out(q, v_cache.shape[-1])
+        lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+        for b0, b1 in slices:
+            out[b0:b1], lse[b0:b1] = attention_decode(
+                q[b0:b1], rows(k_cache, b0, b1), rows(v_cache, b0, b1), cache_seqlens[b0:b1], scale=scale,
+                causal=causal, window_left=window_left, window_right=window_right, softcap=softcap,
+                num_splits=num_splits, block_table=None if block_table is None else block_table[b0:b1], sinks=sinks,
+                key_padding_mask=None if key_padding_mask is None else key_padding_mask[b0:b1],
+                alibi_slopes=None if alibi_slopes is None else alibi_rows(alibi_slopes, b0, b1),
+                k_scale=k_scale, v_scale=v_scale)
+        return out, lse
     q, k_cache, v_cache = _last_contig(q), _last_contig(k_cache), _last_contig(v_cache)
     B, H, Tq, D = q.shape
     Hk = k_cache.shape[1]

@@ -143,13 +143,16 @@ def mla_decode(q, kv_cache, cache_seqlens, *, head_dim_v, scale, causal=True, nu
     if len(slices) > 1:
         def rows(t, b0, b1):  # a page pool is shared by every row
             return t if block_table is not None or t is None else t[b0:b1]
-        parts = [mla_decode(q[b0:b1], rows(kv_cache, b0, b1), cache_seqlens[b0:b1], head_dim_v=head_dim_v,
-                            scale=scale, causal=causal, num_splits=num_splits,
-                            block_table=None if block_table is None else block_table[b0:b1],
-                            key_padding_mask=None if key_padding_mask is None else key_padding_mask[b0:b1],
-                            kpe_cache=rows(kpe_cache, b0, b1), kv_scale=kv_scale)
-                 for b0, b1 in slices]
-        return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
+        q = _last_contig(q)  # (one output in an unsliced call's layout, the fake's: torch.cat's is contiguous)
+        out = empty_out(q, head_dim_v)
+        lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+        for b0, b1 in slices:
+            out[b0:b1], lse[b0:b1] = mla_decode(
+                q[b0:b1], rows(kv_cache, b0, b1), cache_seqlens[b0:b1], head_dim_v=head_dim_v, scale=scale,
+                causal=causal, num_splits=num_splits, block_table=None if block_table is None else block_table[b0:b1],
+                key_padding_mask=None if key_padding_mask is None else key_padding_mask[b0:b1],
+                kpe_cache=rows(kpe_cache, b0, b1), kv_scale=kv_scale)
+        return out, lse
     q, kv_cache = _last_contig(q), _last_contig(kv_cache)
     kpe = kv_cache[..., head_dim_v:] if kpe_cache is None else _last_contig(kpe_cache)
     B, H, Tq, D = q.shape

@@ -133,8 +133,9 @@ def _check_sinks(sinks, H, device):
     if sinks is None:
         return
     _tensor("sinks", sinks)
-    if not sinks.is_floating_point():
-        raise ValueError(f"sinks must be a floating-point tensor (one logit per query head), got {sinks.dtype}")
+    if not sinks.is_floating_point() or sinks.dtype in FP8_DTYPES:  # (float8: no isnan, no arithmetic on CPU)
+        raise ValueError(f"sinks must be a floating-point tensor (one logit per query head; float16, bfloat16, "
+                         f"float32 or float64), got {sinks.dtype}")
     if tuple(sinks.shape) != (H,):
         raise ValueError(f"sinks must have shape [heads] = [{H}] (one logit per query head), "
                          f"got {tuple(sinks.shape)}")
@@ -833,7 +834,9 @@ def _scale_tensor(name, scale, Hk, device, on="q"):
         if not (_checks.finite(scale) and scale > 0):
             raise ValueError(f"{name} must be a finite positive float, got {scale!r}")
         return torch.full((Hk,), float(scale), dtype=torch.float32, device=device)
-    _tensor(name, scale)
+    if not torch.is_tensor(scale):
+        raise TypeError(f"{name} must be a positive float or a float tensor [] or [kv_heads={Hk}], got "
+                        f"{type(scale).__name__}")
     if not scale.is_floating_point() or tuple(scale.shape) not in ((), (1,), (Hk,)):
         raise ValueError(f"{name} must be a positive float or a float tensor [] or [kv_heads={Hk}], "
                          f"got {scale.dtype} {tuple(scale.shape)}")
