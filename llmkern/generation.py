@@ -188,13 +188,29 @@ def _finite(name, v):
     return float(v)
 
 
+def _early_stopping(v):
+    """early_stopping as True, False or "never": a numpy bool or a 0-dim bool tensor is a bool (beam search tests
+    `early_stopping is True`, so np.True_ ran as False); anything else (an int 1 included) raises."""
+    if torch.is_tensor(v) and v.dim() == 0 and v.dtype == torch.bool:
+        return bool(v)
+    if type(v).__module__ == "numpy" and getattr(v, "dtype", None) is not None and v.dtype.kind == "b" \
+            and getattr(v, "shape", None) == ():
+        return bool(v)
+    if v is True or v is False or (isinstance(v, str) and v == "never"):
+        return v
+    raise ValueError(f"early_stopping must be True, False or 'never', got {v!r}")
+
+
 def _scorers(scorers):
+    if scorers is not None and not isinstance(scorers, (list, tuple)):
+        raise ValueError(f"scorers must be a list of scorers (f or (alpha, f)), got {type(scorers).__name__}")
     out = []
     for s in scorers or ():
         if callable(s):
             out.append((1.0, s))
         elif isinstance(s, (tuple, list)) and len(s) == 2 and callable(s[1]):
-            out.append((float(s[0]), s[1]))
+            # (a NaN alpha made every score NaN: "the model's logits have no finite value")
+            out.append((_finite("scorers: alpha", s[0]), s[1]))
         else:
             raise ValueError(f"scorers: each scorer must be f or (alpha, f) with f callable, got {s!r}")
     return out
@@ -405,6 +421,9 @@ def _check_mask(attention_mask, input_ids):
     if not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(getattr(attention_mask, 'shape', ()))}")
+    if attention_mask.is_complex() or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        # (bool() made -1 or 2 a token: positions then differed from transformers', which counts the values)
+        raise ValueError("attention_mask values must be 0 (padding) or 1 (token)")
     m = attention_mask.to(input_ids.device).bool()
     if bool(m.all()):
         return None
@@ -414,8 +433,6 @@ def _check_mask(attention_mask, input_ids):
     return m
 
 
-@torch.no_grad()
-
 def _prefix_positions(model):
     """The prefix-tuning positions a zoo model puts in front of the tokens (they count against block_size)."""
     if getattr(model, "prefix_tuning", None) is None or not callable(getattr(model, "prefix_length", None)):
@@ -424,6 +441,7 @@ def _prefix_positions(model):
         return model.prefix_length(model.prefixes(1))
 
 
+@torch.no_grad()
 def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_id=None, pad_token_id=None,
              temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
              presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None,
@@ -461,6 +479,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     (greedy's: after logit_bias and allowed_tokens, without the scorers' terms) divided by (new tokens, eos
     included) ** length_penalty."""
     _check_top_logprobs(top_logprobs, strategy, return_dict, draft_model)
+    early_stopping = _early_stopping(early_stopping)
     if prompt_logprobs not in (False, True):
         raise ValueError(f"prompt_logprobs must be True or False, got {prompt_logprobs!r}")
     if prompt_logprobs and (not return_dict or draft_model is not None):
@@ -548,8 +567,6 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
             if not 1 <= num_return_sequences <= num_beams:
                 raise ValueError(f"num_return_sequences must be in [1, num_beams={num_beams}], "
                                  f"got {num_return_sequences!r}")
-            if early_stopping not in (True, False, "never"):
-                raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
             if num_beams == 1:  # greedy decoding, as transformers' generate runs for one beam
                 out = _one_beam(model, input_ids, max_new_tokens, eos, pad_token_id, float(length_penalty),
                                 logit_bias, allowed_tokens, scorers, use_cache, mask, repetition_penalty,

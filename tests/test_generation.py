@@ -877,3 +877,73 @@ def test_prefix_positions_count_against_block_size_up_front():
     with pytest.raises(ValueError, match="10 prefix-tuning positions"):
         generate(m, ids, 120)
     assert generate(m, ids, 110).shape == (1, 118)  # 10 + 8 + 110 = 128 fits
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(strategy="sample", seed=1, top_k=5), dict(strategy="beam", num_beams=2),
+                                dict(strategy="beam", num_beams=1), dict(scorers=[(0.5, lambda s, lp: lp)]),
+                                dict(draft="self", num_draft_tokens=2)])
+def test_generate_runs_without_autograd(pairs, kw):
+    """@torch.no_grad() had slid onto a helper inserted above generate: every decode step recorded autograd history
+    (the scores came back with a grad_fn, the KV cache and the graph of every step kept alive)."""
+    m, _ = pairs["llama"]
+    kw = dict(kw)
+    if kw.pop("draft", None):
+        kw["draft_model"] = m
+    modes = []
+    handle = m.register_forward_pre_hook(lambda mod, args: modes.append(torch.is_grad_enabled()))
+    try:
+        x = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(0))
+        out = generate(m, x, 3, return_dict=True, **kw)
+    finally:
+        handle.remove()
+    assert modes and not any(modes)
+    assert not out.scores.requires_grad and out.scores.grad_fn is None
+
+
+def test_early_stopping_numpy_and_tensor_bools(pairs):
+    """Beam search tests `early_stopping is True`: np.True_ (and a 0-dim bool tensor) passed the
+    `in (True, False, "never")` check and then ran as early_stopping=False."""
+    np = pytest.importorskip("numpy")
+    m, _ = pairs["gpt2"]
+    x = torch.tensor([[52, 58, 83, 54]])
+    bias = torch.zeros(V)
+    bias[11] = 1.0
+    kw = dict(num_beams=2, eos_token_id=11, pad_token_id=PAD, logit_bias=bias, length_penalty=2.0)
+    early = generate(m, x, 8, strategy="beam", early_stopping=True, **kw)
+    late = generate(m, x, 8, strategy="beam", early_stopping=False, **kw)
+    assert early.shape != late.shape or not torch.equal(early, late)  # (the case tells them apart)
+    for v in (np.True_, torch.tensor(True)):
+        assert torch.equal(generate(m, x, 8, strategy="beam", early_stopping=v, **kw), early), v
+    assert torch.equal(generate(m, x, 8, strategy="beam", early_stopping=np.False_, **kw), late)
+    for v in (1, 0, "Never", None, torch.tensor([True])):
+        with pytest.raises(ValueError, match="early_stopping"):
+            generate(m, x, 2, strategy="beam", num_beams=2, early_stopping=v)
+
+
+def test_scorers_alpha_must_be_a_finite_number(pairs):
+    """A NaN alpha made every score NaN and was reported as 'the model's logits have no finite value'; a string
+    alpha raised float()'s message, naming no argument."""
+    m, _ = pairs["gpt2"]
+    x = torch.randint(0, V, (1, 4), generator=torch.Generator().manual_seed(0))
+    f = lambda s, lp: torch.zeros_like(lp)  # noqa: E731
+    for alpha in (float("nan"), float("inf"), "a", None, True):
+        for strategy, kw in (("greedy", {}), ("beam", dict(num_beams=2))):
+            with pytest.raises(ValueError, match="scorers"):
+                generate(m, x, 2, strategy=strategy, scorers=[(alpha, f)], **kw)
+    with pytest.raises(ValueError, match="scorers"):
+        generate(m, x, 2, scorers=f)  # a scorer, not a list of them
+    assert generate(m, x, 2, scorers=[(torch.tensor(0.5), f), (2, f)]).shape == (1, 6)
+
+
+def test_attention_mask_values_must_be_zero_or_one(pairs):
+    """bool() turned a mask value of -1 or 2 into a token, silently (transformers' positions count the values)."""
+    m, _ = pairs["gpt2"]
+    x = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(0))
+    for bad in (torch.tensor([[-1, 1, 1, 1], [1, 1, 1, 1]]), torch.full_like(x, 2), torch.full(x.shape, 0.5)):
+        for kw in (dict(), dict(strategy="beam", num_beams=2)):
+            with pytest.raises(ValueError, match="attention_mask"):
+                generate(m, x, 2, attention_mask=bad, **kw)
+    ok = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    want = generate(m, x, 2, attention_mask=ok)
+    for same in (ok.bool(), ok.float(), ok.int()):
+        assert torch.equal(generate(m, x, 2, attention_mask=same), want)
