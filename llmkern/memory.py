@@ -56,10 +56,12 @@ Outside the layers (Korthikanti §4.3, which the paper then neglects; counted he
 2·s·b·h, the output projection's input 2·s·b·h (both / t with sequence parallel) and the loss: fp32 log-probs
 4·s·b·V/t (loss="torch": PyTorch's cross_entropy, and the paper's 4sbv/t), the 16-bit logits 2·s·b·V/t + an
 8-byte row statistic (loss="llmkern": llmkern.cross_entropy), or, for our fused linear_cross_entropy
-(loss="fused", no logits at all), the input gradient it computes in the forward (2·s·b·h) and the head's fp32
-weight gradient (4·V·h/t) that it keeps until the backward — less than the fp32 log-probs only when the
-micro-batch has more than h tokens (s·b > h): llama-7b at b = 1, s = 2048 keeps 0.52 GB of dW against 0.26 GB of
-log-probs. Plus the small things a measurement sees: token
+(loss="fused", no logits at all), the input gradient it computes in the forward (2·s·b·h) and the head's weight
+gradient that it keeps until the backward: 2·V·h in bf16 (kept in the weight's dtype), 4·V·h in fp32 and in
+fp16 (kept in fp32: fp16's range cannot hold the summed loss's dW), and 4·V·h/t for the vocabulary-parallel loss
+of a head sharded over t > 1 ranks (llmkern.parallel.vocab keeps fp32) — in bf16 less than the fp32 log-probs
+only when the micro-batch has more than h/2 tokens (s·b > h/2): llama-7b at b = 1, s = 2048 keeps 0.26 GB of dW,
+as much as its 0.26 GB of log-probs. Plus the small things a measurement sees: token
 ids and labels (int64), GPT's position ids, Llama's RoPE cos/sin tables, the loss's scalar.
 What "activations" is: the tensors autograd keeps between the forward and the backward (what
 `saved_activation_bytes` measures), not transient buffers: the activation gradients in flight, the layer being
@@ -100,6 +102,12 @@ def dtype_bytes(dtype, what="dtype"):
     elif dtype.lower() in _BYTES:
         return _BYTES[dtype.lower()]
     raise ValueError(f"{what} must be one of 'bf16', 'fp16', 'fp32' (or a torch float dtype), got {dtype!r}")
+
+
+def _is_bf16(dtype):
+    """Whether a precision name or torch dtype (as dtype_bytes takes) is bfloat16."""
+    name = dtype.lower() if isinstance(dtype, str) else str(dtype).replace("torch.", "")
+    return name in ("bf16", "bfloat16")
 
 
 def _int(name, v, least, fn):
@@ -384,7 +392,9 @@ def training_memory(config, batch_size, seq_len=None, *, dtype="bf16", optimizer
                 terms["final_norm_stats"] = (8 if c.arch == "gpt" else 4) * N / rep
             if loss == "fused":
                 terms["loss_input_grad"] = A * N * h / rep
-                terms["loss_weight_grad_fp32"] = 4 * math.ceil(V / t) * h
+                # (linear_cross_entropy keeps a bf16 head's dW in bf16, any other in fp32: ops/cross_entropy._dw_dtype;
+                # the vocabulary-parallel loss of a sharded head (tp > 1, llmkern.parallel.vocab) keeps fp32)
+                terms["loss_weight_grad"] = (2 if _is_bf16(dtype) and t == 1 else 4) * math.ceil(V / t) * h
             else:
                 terms["head_input"] = A * N * h / rep
                 if loss == "torch":

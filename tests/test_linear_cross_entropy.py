@@ -122,6 +122,42 @@ def test_float16_weight_gradient_of_a_frequent_label_stays_finite():
     torch.testing.assert_close(w.grad.double(), wd.grad, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("reduction,g", [("mean", 1.0), ("mean", 3.0), ("sum", 0.5)])
+def test_bfloat16_weight_gradient_is_kept_in_bfloat16(monkeypatch, reduction, g):
+    """The weight gradient the forward keeps until the backward: bfloat16 for a bfloat16 head (the dtype of the
+    gradient autograd returns), 2·V·d bytes where float32 kept 4·V·d; measured with saved_tensors_hooks. The
+    gradient is the float32-kept one's: equal up to a last-place rounding (the mean's 1 / n_valid is applied in
+    float32 before the one rounding; any g other than 1 or a power of two rounds the product again)."""
+    from llmkern.memory import saved_activations
+
+    N, d, V = 24, 16, 40
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(N, d, generator=gen).bfloat16().requires_grad_()
+    w = (torch.randn(V, d, generator=gen) * 0.3).bfloat16().requires_grad_()
+    y = torch.randint(0, V, (N,), generator=gen)
+    y[:5] = -100
+
+    def grads():
+        with saved_activations() as saved:
+            loss = llmkern.linear_cross_entropy(h, w, y, reduction=reduction, chunk_size=7)
+        return saved, torch.autograd.grad(loss * g, (h, w))
+
+    saved, (gh, gw) = grads()
+    kept = sorted((shape, dt) for shape, dt, n in saved.tensors if n)
+    assert kept == [((N,), torch.int64), ((N, d), torch.bfloat16), ((V, d), torch.bfloat16)], saved.tensors
+    assert saved.bytes == N * d * 2 + V * d * 2 + N * 8  # dh, dW (bfloat16), labels
+    assert gw.dtype == torch.bfloat16
+    monkeypatch.setattr(ops_ce, "_dw_dtype", lambda dt: torch.float64 if dt == torch.float64 else torch.float32)
+    saved32, (gh32, gw32) = grads()  # the float32 dW kept until the backward, as before
+    assert saved32.bytes == saved.bytes + V * d * 2
+    assert torch.equal(gh, gh32)
+    ulps = 1 if g == 1.0 else 2
+    assert ((gw.float() - gw32.float()).abs() <= gw32.float().abs() * 2 ** -8 * ulps).all()
+    hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (ww,) = torch.autograd.grad(F.cross_entropy(hd @ wd.t(), y, reduction=reduction) * g, (wd,))
+    torch.testing.assert_close(gw.double(), ww, atol=2e-2 * ww.abs().max().item(), rtol=2e-2)
+
+
 def test_logits_exist_one_chunk_at_a_time(monkeypatch):
     h, w, b, y = _inputs(N=30)
     rows, real = [], F.linear

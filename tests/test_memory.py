@@ -226,6 +226,28 @@ def test_measured_scaling_with_batch_and_sequence():
         assert _measure(cfg, B, T) == est
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_fused_loss_terms_equal_what_linear_cross_entropy_saves(dtype):
+    """loss="fused": the input gradient (2·s·b·h in 16 bits) and the head's weight gradient that
+    linear_cross_entropy keeps until the backward: 2·V·h in bf16 (the weight's dtype), 4·V·h in fp16 (fp32: its
+    range) and fp32; measured, plus the int64 labels (the 4 bytes of the loss scalar are the model's)."""
+    import llmkern
+
+    cfg = get_config("llama-tiny")
+    B, T, V, h = 2, 32, cfg.vocab_size, cfg.n_embd
+    td = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    hidden = torch.randn(B, T, h).to(td).requires_grad_()
+    weight = (torch.randn(V, h) * 0.02).to(td).requires_grad_()
+    labels = torch.randint(0, V, (B, T))
+    got = saved_activation_bytes(llmkern.linear_cross_entropy, hidden, weight, labels)
+    terms = training_memory(cfg, B, T, dtype=dtype, loss="fused").terms()
+    assert terms["loss_weight_grad"] == (2 if dtype == "bf16" else 4) * V * h
+    assert got == terms["loss_input_grad"] + terms["loss_weight_grad"] + 8 * B * T, (got, terms)
+    # a head sharded over tp ranks runs the vocabulary-parallel loss (llmkern.parallel.vocab), which keeps fp32
+    sharded = training_memory(cfg, B, T, dtype=dtype, loss="fused", tp=2).terms()["loss_weight_grad"]
+    assert sharded == 4 * math.ceil(V / 2) * h
+
+
 def test_saved_activation_bytes_counts_storages_once_and_skips_parameters():
     lin = torch.nn.Linear(8, 8)
     x = torch.randn(4, 8)

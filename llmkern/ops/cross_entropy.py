@@ -304,14 +304,26 @@ def _ce_rows(logits, labels, n_valid, ignore_index, softcap, mean, need_grad):
     return loss, None if d is None else d.to(logits.dtype)
 
 
+def _dw_dtype(dtype):
+    """The dtype of the weight gradient the forward keeps until the backward: bfloat16 for a bfloat16 head
+    (the gradient autograd returns has that dtype anyway: half of float32's 4·V·d bytes kept), float32
+    otherwise (float64 for float64). float16 keeps float32: its range cannot hold the summed loss's dW (a
+    frequent label sums thousands of rows: 8192 rows of |h| = 16 make 131072 > 65504), and dividing by
+    n_valid first would put rare labels' rows in float16's subnormals before a loss scale could reach them."""
+    if dtype == torch.bfloat16:
+        return torch.bfloat16
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size, need_dh, need_dw,
               need_db):
-    """(loss, dh [N, d] or empty, dW float32 [V, d] or empty, db float32 [V] or empty): the gradients
+    """(loss, dh [N, d] or empty, dW [V, d] or empty (_dw_dtype), db float32 [V] or empty): the gradients
     of the summed loss (upstream gradient 1, no 1 / n_valid) are computed here, chunk by chunk, while each
     chunk's logits exist; the backward scales them by g (/ n_valid for "mean") in float32. The logits never
     exist for more than one chunk of rows. (Unnormalised, the 16-bit dlogits and dh are p - onehot and
     (p - onehot) W, whatever the token count: with 1 / n_valid folded in, a float16 p / N underflowed before
-    a loss scale (GradScaler's) could reach it.)"""
+    a loss scale (GradScaler's) could reach it.) A bfloat16 dW is accumulated in float32 and, once complete,
+    divided by n_valid ("mean") in float32 and rounded once to bfloat16 (see _lce_backward)."""
     d, V = hidden.shape[-1], weight.shape[0]
     h, y = hidden.reshape(-1, d), labels.reshape(-1)
     N = h.shape[0]
@@ -324,6 +336,7 @@ def _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, ch
     db = torch.zeros(V, device=h.device, dtype=acc) if need_db else h.new_empty(0, dtype=acc)
     total = torch.zeros((), device=h.device, dtype=acc)
     step = _lce_chunk_rows(N, V, chunk_size)
+    logits = dl = None
     for lo in range(0, N, step):
         hc = h[lo:lo + step]
         logits = torch.nn.functional.linear(hc, weight, bias)
@@ -336,6 +349,18 @@ def _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, ch
             _add_mm(dw, dl.t(), hc)
         if need_db:
             db += dl.sum(0, dtype=acc)
+    if need_dw and _dw_dtype(weight.dtype) != dw.dtype:
+        # Kept until the backward in the weight's dtype (bfloat16: 2·V·d bytes instead of 4·V·d). The mean's
+        # 1 / n_valid is applied here, in float32, before the one rounding: the backward then only multiplies
+        # by the upstream gradient g, exactly for g = 1 (bfloat16 training has no loss scale) or a power of two
+        # (bfloat16 has float32's exponent range); any other g rounds the product again, at most 1 bfloat16
+        # ulp from the unfused pair's (which rounds its bfloat16 dlogits before the dW GEMM as well).
+        # (The float32 accumulator and its bfloat16 copy coexist for this cast, 6·V·d bytes, the chunk's logits
+        # freed first; on the float32-output matmul path each chunk's dW product already allocated 4·V·d more.)
+        del logits, dl
+        if mean:
+            dw /= n_valid.clamp_min(1)
+        dw = dw.to(_dw_dtype(weight.dtype))
     return (total / n_valid if mean else total), dh, dw, db
 
 
@@ -354,7 +379,7 @@ def _(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size
     f32 = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     loss = hidden.new_empty((), dtype=f32)
     dh = hidden.new_empty((N, d)) if need_dh else hidden.new_empty(0)
-    dw = hidden.new_empty((V, d), dtype=f32) if need_dw else hidden.new_empty(0, dtype=f32)
+    dw = hidden.new_empty((V, d), dtype=_dw_dtype(weight.dtype)) if need_dw else hidden.new_empty(0, dtype=f32)
     db = hidden.new_empty((V,), dtype=f32) if need_db and bias is not None else hidden.new_empty(0, dtype=f32)
     return loss, dh, dw, db
 
@@ -371,13 +396,16 @@ def _lce_setup(ctx, inputs, output):
 def _lce_backward(ctx, g, *_):
     dh, dw, db, labels = ctx.saved_tensors
     shape, h_dtype, w_dtype, b_dtype, V, ignore_index, mean = ctx.meta
-    acc = dw.dtype if dw.numel() else db.dtype  # (float32, float64 for float64 inputs)
-    scale = g.to(acc)
+    acc = db.dtype  # (float32, float64 for float64 inputs; db is that dtype even when empty)
+    g = g.to(acc)
+    scale = g
     if mean:  # (every row ignored: the saved gradients are zero)
         scale = scale / _n_valid(labels.reshape(-1), V, ignore_index).clamp_min(1)
     # the 16-bit dh widened for the product: g / n_valid is tiny with many tokens and no loss scale
     grad_h = (dh.to(acc) * scale).to(h_dtype).reshape(shape) if ctx.needs_input_grad[0] else None
-    grad_w = (dw * scale).to(w_dtype) if ctx.needs_input_grad[1] else None
+    # (a bfloat16 dW already holds the mean's 1 / n_valid: only g is left, see _lce_impl)
+    grad_w = (dw.to(acc) * (g if dw.dtype == torch.bfloat16 else scale)).to(w_dtype) if ctx.needs_input_grad[1] \
+        else None
     grad_b = (db * scale).to(b_dtype) if ctx.needs_input_grad[2] else None
     return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
 
@@ -431,7 +459,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     by the upstream gradient (and 1 / n_valid for "mean") in float32: a float16 loss scale (GradScaler) acts
     as on the unfused pair. Gradients are computed only for the inputs that require them (a frozen LM
     head, as in LoRA finetuning, skips the dweight GEMMs). Peak memory: one chunk of logits and its
-    gradient, plus float32 [V, d] for dweight when the weight is trained.
+    gradient, plus float32 [V, d] for dweight when the weight is trained; kept until the backward as [V, d] in
+    bfloat16 for a bfloat16 weight (its 1 / n_valid applied in float32 before the rounding), float32 otherwise.
 
     Args:
         hidden: [..., d] (the final hidden states), float32 / float16 / bfloat16.
