@@ -490,3 +490,35 @@ def test_whisper_encoder_conv1d_adapter_both_ways(tmp_path):
                                    atol=1e-5)
         lp.merge_lora(ours)  # the whole model merged: convs and linears
         torch.testing.assert_close(ours.encoder(feats).last_hidden_state, want, rtol=1e-4, atol=1e-4)
+
+
+def test_saved_target_modules_select_no_module_peft_cannot_wrap(tmp_path):
+    """save_peft_adapter wrote the bare suffixes ["0", "2"] for a CNN's features.0 / features.2, having checked them
+    against the model's linear / embedding / conv layers only: PEFT matches them against every module, found
+    classifier.0 (an nn.Flatten) and refused the adapter ("Target module Flatten(...) is not supported"). The suffixes
+    are now checked against every module name (here: a regex naming the two convs)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+            self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+
+        def forward(self, x):
+            return self.classifier(self.features(x))
+
+    base = Net().eval()
+    ours = copy.deepcopy(base)
+    lp.inject_lora(ours, ["features.0", "features.2"], r=2, alpha=4)
+    lp.inject_lora(ours, ["1"], r=2, alpha=4)  # classifier.1 (suffix "1" also names features.1, a ReLU)
+    _randomize(ours)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        want = ours(x)
+    lp.save_peft_adapter(ours, str(tmp_path))
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), want, rtol=1e-5, atol=1e-5)
+    again = lp.load_peft_adapter(copy.deepcopy(base), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), want, rtol=1e-5, atol=1e-5)

@@ -75,25 +75,19 @@ def _pattern_key(name):
     return "^" + re.escape(name)
 
 
-def _linear_names(model):
-    """Names of the model's linear layers, those PEFT's target_modules could select (an nn.Linear, a 4-bit
-    NF4Linear, a LoRALinear or a tensor-parallel layer counts, a LoRALinear's base_layer does not)."""
-    lora_children = {n + ".base_layer" for n, _ in lora_modules(model)}
-    return {n for n, m in model.named_modules()
-            if (isinstance(m, (nn.Linear, NF4Linear, LoRALinear)) or _is_parallel(m)) and n not in lora_children}
-
-
-def _embedding_names(model):
-    """Names of the model's embedding layers (an nn.Embedding or a LoRAEmbedding; a LoRAEmbedding's base_layer
-    does not count)."""
-    children = {n + ".base_layer" for n, _ in lora_embedding_modules(model)}
-    return {n for n, m in model.named_modules() if isinstance(m, (nn.Embedding, LoRAEmbedding)) and n not in children}
-
-
-def _conv_names(model):
-    """Names of the model's conv layers (an nn.Conv1d/2d/3d or a LoRAConv; a LoRAConv's base_layer does not count)."""
-    children = {n + ".base_layer" for n, _ in lora_conv_modules(model)}
-    return {n for n, m in model.named_modules() if isinstance(m, CONV_TYPES + (LoRAConv,)) and n not in children}
+def _peft_visible_names(model):
+    """Names of the modules PEFT's target_modules are matched against in the base model the adapter is for: every
+    module of `model` (a suffix that also names, e.g., an nn.Flatten or a ReLU makes PEFT refuse the adapter:
+    "Target module ... is not supported"), less the insides of LoRA wrappers and tensor-parallel layers (the base
+    model has plain layers there), and the root."""
+    inner = {n for n, m in model.named_modules()
+             if n and (isinstance(m, (LoRALinear, LoRAEmbedding, LoRAConv)) or _is_parallel(m))}
+    names = set()
+    for n, _ in model.named_modules():
+        parts = n.split(".")
+        if n and not any(".".join(parts[:i]) in inner for i in range(1, len(parts))):
+            names.add(n)
+    return names
 
 
 def _hf_embedding_names(model):
@@ -328,7 +322,9 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     if hf is None:
         entries = [(n, m.r, m.alpha, m.dropout, m.lora_A.detach(), m.lora_B.detach(), _magnitude(m))
                    for n, m in mods]
-        candidates, fan_in_fan_out = _linear_names(model) | _embedding_names(model) | _conv_names(model), False
+        # (every module name counts: PEFT matches a suffix against all of them and refuses an adapter whose suffix
+        # also selects a module it cannot wrap, e.g. a CNN's nn.Sequential index "0" naming an nn.Flatten elsewhere)
+        candidates, fan_in_fan_out = _peft_visible_names(model), False
     else:
         entries, fused, fan_in_fan_out = _to_hf(model, mods, hf, use_rslora)
         candidates = {h.name for h in hf.values()} | set(hf_emb.values())
