@@ -56,10 +56,11 @@ Outside the layers (Korthikanti §4.3, which the paper then neglects; counted he
 2·s·b·h, the output projection's input 2·s·b·h (both / t with sequence parallel) and the loss: fp32 log-probs
 4·s·b·V/t (loss="torch": PyTorch's cross_entropy, and the paper's 4sbv/t), the 16-bit logits 2·s·b·V/t + an
 8-byte row statistic (loss="llmkern": llmkern.cross_entropy), or, for our fused linear_cross_entropy
-(loss="fused", no logits at all), the input gradient it computes in the forward (2·s·b·h) and the head's weight
-gradient that it keeps until the backward: 2·V·h in bf16 (kept in the weight's dtype), 4·V·h in fp32 and in
-fp16 (kept in fp32: fp16's range cannot hold the summed loss's dW), and 4·V·h/t for the vocabulary-parallel loss
-of a head sharded over t > 1 ranks (llmkern.parallel.vocab keeps fp32) — in bf16 less than the fp32 log-probs
+(loss="fused", no logits at all), the input gradient it computes in the forward (2·s·b·h; the vocabulary-parallel
+loss of a head sharded over t > 1 ranks takes the whole, replicated h and keeps the whole dh on every rank, sequence
+parallel or not) and the head's weight gradient that it keeps until the backward: 2·V·h/t in bf16 (kept in the
+weight's dtype), 4·V·h/t in fp32 and in fp16 (kept in fp32: fp16's range cannot hold the summed loss's dW), t = 1
+for linear_cross_entropy, t > 1 for llmkern.parallel.vocab's sharded head — in bf16 less than the fp32 log-probs
 only when the micro-batch has more than h/2 tokens (s·b > h/2): llama-7b at b = 1, s = 2048 keeps 0.26 GB of dW,
 as much as its 0.26 GB of log-probs. Plus the small things a measurement sees: token
 ids and labels (int64), GPT's position ids, Llama's RoPE cos/sin tables, the loss's scalar.
@@ -116,6 +117,17 @@ def _int(name, v, least, fn):
     return int(v)
 
 
+def _flag(name, v, fn, allow_none=False):
+    """v as a bool (a bool or a numpy bool; None too where allow_none): anything else raises, naming the argument
+    (a string such as "no" is truthy, an int is not a flag: both were taken silently before)."""
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or (type(v).__module__ == "numpy" and getattr(v, "dtype", None) is not None
+                               and v.dtype.kind == "b" and getattr(v, "shape", None) == ()):
+        return bool(v)
+    raise ValueError(f"{fn}: {name} must be True or False{' (or None)' if allow_none else ''}, got {v!r}")
+
+
 def _check_choice(name, v, allowed, fn):
     if v not in allowed:
         raise ValueError(f"{fn}: {name} must be one of {allowed}, got {v!r}")
@@ -138,6 +150,7 @@ def model_state_bytes(n_params, *, dtype="bf16", optimizer="adamw", master_weigh
     if zero_stage not in (0, 1, 2, 3) or isinstance(zero_stage, bool):
         raise ValueError(f"{fn}: zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
     dp = _int("dp", dp, 1, fn)
+    master_weights = _flag("master_weights", master_weights, fn)
     p_bytes = dtype_bytes(dtype, "dtype")
     g_bytes = p_bytes if grad_dtype is None else dtype_bytes(grad_dtype, "grad_dtype")
     s_bytes = dtype_bytes(state_dtype, "state_dtype")
@@ -189,6 +202,7 @@ def layer_activation_bytes(s, b, h, a, *, t=1, sequence_parallel=False, recomput
     fn = "layer_activation_bytes"
     for name, v in (("s", s), ("b", b), ("h", h), ("a", a), ("t", t)):
         _int(name, v, 1, fn)
+    sequence_parallel = _flag("sequence_parallel", sequence_parallel, fn)
     _check_choice("recompute", recompute, RECOMPUTE, fn)
     sbh = s * b * h
     if recompute == "full":
@@ -225,7 +239,10 @@ def layer_activation_terms(config, seq_len, batch_size, *, tp=1, sequence_parall
     _check_choice("impl", impl, IMPLS, fn)
     A = dtype_bytes(dtype)
     M = _int("mask_bytes", mask_bytes, 1, fn)
-    drop = c.dropout > 0 if dropout is None else bool(dropout)
+    sequence_parallel = _flag("sequence_parallel", sequence_parallel, fn)
+    flash_attention, row_stats = _flag("flash_attention", flash_attention, fn), _flag("row_stats", row_stats, fn)
+    dropout = _flag("dropout", dropout, fn, allow_none=True)
+    drop = c.dropout > 0 if dropout is None else dropout
     N, h, a, f = s * b, c.n_embd, c.n_head, c.intermediate_size
     q_w, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
     rep = t if sequence_parallel else 1  # the tensors outside the tensor-parallel region: sharded with SP only
@@ -358,13 +375,17 @@ def training_memory(config, batch_size, seq_len=None, *, dtype="bf16", optimizer
         stage = _int("stage", stage, 0, fn)
         if stage >= pp:
             raise ValueError(f"{fn}: stage must be None or in 0..pp-1={pp - 1}, got {stage}")
+    sequence_parallel = _flag("sequence_parallel", sequence_parallel, fn)
+    for name, v in (("flash_attention", flash_attention), ("master_weights", master_weights), ("row_stats", row_stats)):
+        _flag(name, v, fn)
+    dropout = _flag("dropout", dropout, fn, allow_none=True)
     if sequence_parallel and t == 1:
         sequence_parallel = False  # (nothing to shard)
     A = dtype_bytes(dtype)
     layer = layer_activation_terms(c, s, b, tp=t, sequence_parallel=sequence_parallel, recompute=recompute,
                                    flash_attention=flash_attention, dtype=dtype, mask_bytes=mask_bytes,
                                    dropout=dropout, impl=impl, row_stats=row_stats)
-    drop = c.dropout > 0 if dropout is None else bool(dropout)
+    drop = c.dropout > 0 if dropout is None else dropout
     rep = t if sequence_parallel else 1
     N, h, V = s * b, c.n_embd, c.vocab_size
 
@@ -391,10 +412,12 @@ def training_memory(config, batch_size, seq_len=None, *, dtype="bf16", optimizer
             if row_stats:
                 terms["final_norm_stats"] = (8 if c.arch == "gpt" else 4) * N / rep
             if loss == "fused":
-                terms["loss_input_grad"] = A * N * h / rep
-                # (linear_cross_entropy keeps a bf16 head's dW in bf16, any other in fp32: ops/cross_entropy._dw_dtype;
-                # the vocabulary-parallel loss of a sharded head (tp > 1, llmkern.parallel.vocab) keeps fp32)
-                terms["loss_weight_grad"] = (2 if _is_bf16(dtype) and t == 1 else 4) * math.ceil(V / t) * h
+                # (tp > 1: llmkern.parallel.vocab's loss takes the whole h, replicated: its dh is [s·b, h] on every
+                # rank, not / t under sequence parallelism)
+                terms["loss_input_grad"] = A * N * h
+                # (linear_cross_entropy and the vocabulary-parallel loss of a sharded head (tp > 1,
+                # llmkern.parallel.vocab) keep a bf16 head's dW in bf16, any other in fp32: ops/cross_entropy._dw_dtype)
+                terms["loss_weight_grad"] = (2 if _is_bf16(dtype) else 4) * math.ceil(V / t) * h
             else:
                 terms["head_input"] = A * N * h / rep
                 if loss == "torch":

@@ -243,9 +243,13 @@ def test_fused_loss_terms_equal_what_linear_cross_entropy_saves(dtype):
     terms = training_memory(cfg, B, T, dtype=dtype, loss="fused").terms()
     assert terms["loss_weight_grad"] == (2 if dtype == "bf16" else 4) * V * h
     assert got == terms["loss_input_grad"] + terms["loss_weight_grad"] + 8 * B * T, (got, terms)
-    # a head sharded over tp ranks runs the vocabulary-parallel loss (llmkern.parallel.vocab), which keeps fp32
-    sharded = training_memory(cfg, B, T, dtype=dtype, loss="fused", tp=2).terms()["loss_weight_grad"]
-    assert sharded == 4 * math.ceil(V / 2) * h
+    # a head sharded over tp ranks runs the vocabulary-parallel loss (llmkern.parallel.vocab), which keeps its shard's
+    # dW as linear_cross_entropy does (bf16 for bf16, else fp32) and the whole dh, sequence parallel or not (measured
+    # on 2 ranks: tests/test_parallel_vocab.py::test_vocab_parallel_loss_keeps_a_bfloat16_weight_gradient_in_bfloat16)
+    for sp in (False, True):
+        sharded = training_memory(cfg, B, T, dtype=dtype, loss="fused", tp=2, sequence_parallel=sp).terms()
+        assert sharded["loss_weight_grad"] == (2 if dtype == "bf16" else 4) * math.ceil(V / 2) * h
+        assert sharded["loss_input_grad"] == terms["loss_input_grad"]
 
 
 def test_saved_activation_bytes_counts_storages_once_and_skips_parameters():
@@ -314,3 +318,26 @@ def test_refusals():
         max_batch_size("gpt2", 0)
     with pytest.raises(ValueError, match="exclude"):
         saved_activations(exclude="model")
+
+
+@pytest.mark.parametrize("fn,kwargs,name", [
+    ("training_memory", dict(dropout="no"), "dropout"), ("training_memory", dict(flash_attention="no"), "flash_attention"),
+    ("training_memory", dict(sequence_parallel="no", tp=2), "sequence_parallel"),
+    ("training_memory", dict(master_weights="no"), "master_weights"), ("training_memory", dict(row_stats=0), "row_stats"),
+    ("layer_activation_terms", dict(dropout="no"), "dropout"),
+    ("layer_activation_terms", dict(sequence_parallel=1, tp=2), "sequence_parallel"),
+    ("layer_activation_bytes", dict(sequence_parallel="no"), "sequence_parallel"),
+    ("model_state_bytes", dict(master_weights="no"), "master_weights")])
+def test_flags_must_be_bools(fn, kwargs, name):
+    """The boolean options were taken by truthiness: sequence_parallel="no" (or dropout="no") switched them ON and
+    gave another estimate without a word; a flag must be True or False (a numpy bool too; dropout: or None)."""
+    import numpy as np
+
+    call = {"training_memory": lambda **kw: training_memory("gpt2", 2, **kw),
+            "layer_activation_terms": lambda **kw: layer_activation_terms("gpt2", 64, 2, **kw),
+            "layer_activation_bytes": lambda **kw: layer_activation_bytes(64, 2, 768, 12, **kw),
+            "model_state_bytes": lambda **kw: model_state_bytes(1e6, **kw)}[fn]
+    with pytest.raises(ValueError, match=name):
+        call(**kwargs)
+    ok = {k: (np.bool_(False) if k == name else v) for k, v in kwargs.items()}
+    assert call(**ok) == call(**{k: (False if k == name else v) for k, v in kwargs.items()})

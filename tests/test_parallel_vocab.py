@@ -247,6 +247,78 @@ def test_vocab_parallel_loss_float16_loss_scale(pool):
         assert res["dh"] < 2e-3 and res["dw"] < 2e-3, res
 
 
+def bf16_dw_worker(rank, world_size):
+    """The sharded head's weight gradient kept until the backward, measured with saved_tensors_hooks on each rank:
+    bfloat16 for a bfloat16 shard (2·S·d bytes; it kept float32's 4·S·d), float32 for float16 and float32, as
+    training_memory(..., loss="fused", tp=world_size) estimates; the gradients against the unsharded float64 ones,
+    and the bfloat16 dW against the float32-kept one's: equal up to a last-place rounding (the mean's 1 / n_valid
+    is applied in float32 before the one rounding; a g other than a power of two rounds the product again)."""
+    import torch.nn.functional as F
+
+    import llmkern.ops.cross_entropy as ce
+    from llmkern.memory import saved_activations, training_memory
+    from llmkern.models import get_config
+    from llmkern.parallel.vocab import VocabParallelLMHead, shard_rows
+
+    cfg = get_config("llama-tiny").replace(vocab_size=101)  # (not divisible by 2)
+    B, T, V, d = 2, 16, cfg.vocab_size, cfg.n_embd
+    lo, hi, S = shard_rows(V, None)
+    gen = torch.Generator().manual_seed(6)
+    h0 = torch.randn(B, T, d, generator=gen)
+    w0 = torch.randn(V, d, generator=gen) * 0.3
+    y = torch.randint(0, V, (B, T), generator=gen)
+    y[0, :5] = -100
+    out = {}
+    for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        full = torch.nn.Linear(d, V, bias=False)
+        with torch.no_grad():
+            full.weight.copy_(w0)
+        head = VocabParallelLMHead.from_linear(full.to(dt), None)
+        h = h0.to(dt).requires_grad_()
+        hd, wd = h.detach().double().requires_grad_(), full.weight.detach().double().requires_grad_()
+        F.cross_entropy((hd @ wd.t()).view(-1, V), y.view(-1)).backward()
+        terms = training_memory(cfg, B, T, dtype=name, loss="fused", tp=world_size).terms()
+        for g in (1.0, 3.0):
+            def grads():
+                with saved_activations(exclude=head) as saved:
+                    loss = head.vocab_parallel_loss(h, y, chunk_size=7)
+                gh, gw = torch.autograd.grad(loss * g, (h, head.weight))
+                return saved, gh, gw
+
+            saved, gh, gw = grads()
+            orig = ce._dw_dtype
+            ce._dw_dtype = lambda t: torch.float64 if t == torch.float64 else torch.float32  # float32 kept, as before
+            try:
+                saved32, gh32, gw32 = grads()
+            finally:
+                ce._dw_dtype = orig
+            ulps = 0 if dt != torch.bfloat16 else (1 if g == 1.0 else 2)
+            rel = lambda a, b: ((a.double() / g - b).norm() / b.norm()).item()  # noqa: E731
+            out[(name, g)] = dict(
+                bytes=saved.bytes, bytes32=saved32.bytes,
+                estimate=terms["loss_input_grad"] + terms["loss_weight_grad"] + 8,  # + n_valid (int64)
+                kept=sorted((shape, t) for shape, t, n in saved.tensors if n), gw_dtype=gw.dtype,
+                same_dh=torch.equal(gh, gh32),
+                dw_ulps=bool(((gw.float() - gw32.float()).abs() <= gw32.float().abs() * 2 ** -8 * ulps).all()),
+                dh=rel(gh, hd.grad), dw=rel(gw[:hi - lo], wd.grad[lo:hi]), pad=gw[hi - lo:].abs().max().item()
+                if hi - lo < S else 0.0)
+    return dict(out=out, N=B * T, d=d, S=S)
+
+
+def test_vocab_parallel_loss_keeps_a_bfloat16_weight_gradient_in_bfloat16(pool):
+    for r in pool.run(bf16_dw_worker, timeout=120):
+        N, d, S = r["N"], r["d"], r["S"]
+        for (name, g), m in r["out"].items():
+            dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+            kept_dw = torch.bfloat16 if name == "bf16" else torch.float32
+            assert m["kept"] == sorted([((), torch.int64), ((N, d), dt), ((S, d), kept_dw)]), m
+            assert m["bytes"] == N * d * dt.itemsize + S * d * kept_dw.itemsize + 8 == m["estimate"], m
+            assert m["bytes32"] == m["bytes"] + (S * d * 2 if name == "bf16" else 0), m
+            assert m["gw_dtype"] == dt and m["same_dh"] and m["dw_ulps"] and m["pad"] == 0.0, m
+            tol = {"bf16": 1e-2, "fp16": 2e-3, "fp32": 1e-6}[name]
+            assert m["dh"] < tol and m["dw"] < tol, (name, g, m)
+
+
 def no_grad_worker(rank, world_size):
     """vocab_parallel_loss under torch.no_grad (an evaluation): the same loss, and no gradient work (the
     chunked loss forms its gradients in the forward; under no_grad it formed dh and the float32 dW all the
@@ -362,6 +434,57 @@ def test_vocab_parallel_embedding_keeps_padding_idx(pool):
     for res in pool.run(padding_idx_worker, timeout=60):
         for out_err, grad_err, pad_grad in res:
             assert out_err < 1e-6 and grad_err < 1e-6 and pad_grad == 0.0, res
+
+
+def argument_check_worker(rank, world_size):
+    """Arguments nn.Embedding / linear_cross_entropy refuse or normalise: a negative padding_idx given to the
+    constructor matched no rank's rows (the row of id V - 1 got its gradient), one out of range was taken; a NaN or
+    inf softcap gave a NaN loss, a negative one or True was taken for a cap (linear_cross_entropy raises)."""
+    import torch.nn.functional as F
+
+    import llmkern
+    from llmkern.parallel.vocab import VocabParallelEmbedding, VocabParallelLMHead, _shard, shard_rows
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(11, 4, padding_idx=-1)  # (nn.Embedding: padding_idx 10)
+    par = VocabParallelEmbedding(torch.nn.Parameter(_shard(emb.weight.detach(), None)), 11, None, padding_idx=-1)
+    ids = torch.tensor([[10, 3, 10, 0]])
+    par(ids).pow(2).sum().backward()
+    emb(ids).pow(2).sum().backward()
+    lo, hi, _ = shard_rows(11, None)
+    out = dict(pad=par.padding_idx, grad=(par.weight.grad[:hi - lo] - emb.weight.grad[lo:hi]).abs().max().item())
+    for bad in (11, -12, 2.0):
+        try:
+            VocabParallelEmbedding(torch.nn.Parameter(_shard(emb.weight.detach(), None)), 11, None, padding_idx=bad)
+            out[f"pad {bad}"] = "no error"
+        except ValueError as exc:
+            out[f"pad {bad}"] = str(exc)
+    full = torch.nn.Linear(4, 11)
+    head = VocabParallelLMHead.from_linear(full, None)
+    h, y = torch.randn(5, 4), torch.randint(0, 11, (5,))
+    for cap in (float("nan"), float("inf"), -2.0, True):
+        seen = []
+        for fn in (lambda: head.vocab_parallel_loss(h, y, softcap=cap),
+                   lambda: llmkern.linear_cross_entropy(h, full.weight, y, bias=full.bias, softcap=cap)):
+            try:
+                seen.append(f"no error: {fn().item()}")
+            except (TypeError, ValueError) as exc:
+                seen.append(type(exc).__name__)
+        out[f"softcap {cap}"] = seen
+    logits = full(h)
+    out["softcap 0"] = abs(head.vocab_parallel_loss(h, y, softcap=0).item() - F.cross_entropy(logits, y).item())
+    return out
+
+
+def test_vocab_parallel_arguments_checked_as_the_unsharded_ops_do(pool):
+    for r in pool.run(argument_check_worker, timeout=60):
+        assert r["pad"] == 10 and r["grad"] < 1e-6, r
+        for bad in (11, -12, 2.0):
+            assert "padding_idx must be None or an int in [-11, 11)" in r[f"pad {bad}"], r
+        for cap in (float("nan"), float("inf"), -2.0, True):
+            seen = r[f"softcap {cap}"]
+            assert seen[0] == seen[1] and seen[0] in ("TypeError", "ValueError"), (cap, seen)
+        assert r["softcap 0"] < 1e-6, r
 
 
 def shard_check_worker(rank, world_size):

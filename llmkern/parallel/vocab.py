@@ -17,6 +17,8 @@ logits are masked out of the softmax). A tied LM head shares the embedding's sha
 `tensor_parallelize(model, group, vocab_parallel=True)` installs them; see
 llmkern/parallel/tensor_parallel.py.
 """
+import numbers
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -92,6 +94,12 @@ class VocabParallelEmbedding(comm.SharesProcessGroups, nn.Module):
         _check_shard("VocabParallelEmbedding", weight_shard, num_embeddings, group)
         self.weight, self.num_embeddings, self.group = weight_shard, num_embeddings, group
         self.embedding_dim = weight_shard.shape[1]
+        if padding_idx is not None:  # (as nn.Embedding: a negative one counts from the end; -1 matched no rank's rows)
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, numbers.Integral) \
+                    or not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"VocabParallelEmbedding: padding_idx must be None or an int in "
+                                 f"[-{num_embeddings}, {num_embeddings}), got {padding_idx!r}")
+            padding_idx = int(padding_idx) + (num_embeddings if padding_idx < 0 else 0)
         self.padding_idx = padding_idx  # (global id: its row gets no gradient on the rank that holds it)
 
     @classmethod
@@ -166,13 +174,15 @@ def _shard_loss(z, labels, valid, bad, lo, valid_cols, group, grad_scale):
 
 def _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, group, num_classes, chunk_size,
                         need_dh, need_dw, need_db, softcap=None):
-    """(mean loss, partial dh [N, d], dW [S, d] float32, db [S] float32, n_valid; float64 for float64 h): the loss of
+    """(mean loss, partial dh [N, d], dW [S, d], db [S] float32, n_valid; float64 for float64 h): the loss of
     the sharded LM head and the gradients of the summed loss (upstream gradient 1, no 1 / n_valid: the backward
     scales them in float32, so that in float16 p / N does not underflow before a loss scale reaches it), chunk by
     chunk of rows while each chunk's logits exist. dh is this rank's part (its vocabulary rows' contribution); the
-    ranks' parts sum to dh.
+    ranks' parts sum to dh. dW is accumulated in float32 (float64) and kept in linear_cross_entropy's dtype
+    (ops/cross_entropy._dw_dtype): a bfloat16 shard's dW is divided by n_valid in float32 once complete and
+    rounded once to bfloat16 (2·S·d bytes kept instead of 4·S·d), any other stays float32 (float64), unscaled.
     softcap: the logits soft-capped first, c * tanh(z / c) (Gemma 2/3's final_logit_softcapping)."""
-    from llmkern.ops.cross_entropy import _add_mm, _lce_chunk_rows
+    from llmkern.ops.cross_entropy import _add_mm, _dw_dtype, _lce_chunk_rows
 
     valid, bad = _check_vocab_labels(labels, ignore_index, num_classes)
     n_valid = valid.sum()
@@ -186,6 +196,7 @@ def _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, g
     db = torch.zeros(S, device=h.device, dtype=ct) if need_db else None
     total = torch.zeros((), device=h.device, dtype=ct)
     step = _lce_chunk_rows(h.shape[0], S, chunk_size)
+    z = dz = t = None
     for r0 in range(0, h.shape[0], step):
         rows = slice(r0, r0 + step)
         z = F.linear(h[rows], weight, bias).to(ct)
@@ -206,6 +217,17 @@ def _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, g
             _add_mm(dw, dz.t(), h[rows])
         if need_db:
             db += dz.sum(0, dtype=ct)
+    if need_dw and _dw_dtype(weight.dtype) != dw.dtype:
+        # Kept until the backward in the shard's dtype (bfloat16: 2·S·d bytes instead of 4·S·d), as
+        # linear_cross_entropy keeps it. The mean's 1 / n_valid is applied here, in float32, before the one
+        # rounding: the backward then only multiplies by the upstream gradient g, exactly for g = 1 (bfloat16
+        # training has no loss scale) or a power of two (bfloat16 has float32's exponent range). n_valid is the
+        # same on every rank (the labels are replicated: each rank counts all the rows, not its vocabulary's),
+        # so every shard is divided by the same count and no all-reduce is needed. (The float32 accumulator and
+        # its bfloat16 copy coexist for this cast, 6·S·d bytes, the chunk's logits freed first.)
+        del z, dz, t
+        dw /= n_valid.clamp_min(1)
+        dw = dw.to(_dw_dtype(weight.dtype))
     return total / n_valid, dh, dw, db, n_valid
 
 
@@ -237,7 +259,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         if dh is not None:
             dh = (dh.to(ct) * scale).to(h_dtype)
             dist.all_reduce(dh, group=group)
-        dw = None if dw is None else (dw * scale).to(w_dtype)
+        # (a bfloat16 dW already holds the mean's 1 / n_valid: only g is left, see _vocab_parallel_lce)
+        dw = None if dw is None else (dw.to(ct) * (g.to(ct) if dw.dtype == torch.bfloat16 else scale)).to(w_dtype)
         db = None if db is None else (db * scale).to(b_dtype)
         return (dh, dw, db) + (None,) * 8  # labels ... softcap
 
@@ -289,6 +312,8 @@ class VocabParallelLMHead(comm.SharesProcessGroups, nn.Module):
         # (the same on every rank, after the cross-rank checks: a wrong width reshaped into other rows, and
         # chunk_size -1 ran no chunk, loss 0)
         check_chunk_size(chunk_size, "vocab_parallel_loss: ")
+        # (as linear_cross_entropy's: NaN and inf gave a NaN loss, a negative or True one was taken for a cap)
+        softcap = _checks.softcap_arg(softcap) or None
         if h.dim() < 1 or h.shape[-1] != self.in_features:
             raise ValueError(f"vocab_parallel_loss: h must be [..., {self.in_features}] (the head's in_features), "
                              f"got {tuple(h.shape)}")
