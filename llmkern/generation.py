@@ -81,6 +81,7 @@ Speculative decoding (draft_model=, greedy or sample; Leviathan et al. 2023, Che
   num_draft_tokens [N] (proposals made while the row ran, those beyond its remaining max_new_tokens
   not counted) and num_accepted_draft_tokens [N] (proposals kept in the output) to the GenerationOutput.
 """
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -228,9 +229,22 @@ class _Banned:
     def __init__(self, base, prompt_len, eos, min_new_tokens, ngram, bad_words):
         self.base, self.prompt_len, self.eos, self.min_new, self.ngram = base, prompt_len, eos, min_new_tokens, ngram
         eos_ids = set() if eos is None else set(eos.tolist())
+        self.eos_ids = sorted(eos_ids)
         words = [list(w) for w in bad_words or () if not (len(w) == 1 and w[0] in eos_ids)]
         self.single = sorted({w[0] for w in words if len(w) == 1})
         self.multi = [w for w in words if len(w) > 1]
+        self._index = {}  # (V, device) -> the index tensors on the device, made once (a copy there is a host sync)
+
+    def _indices(self, V, device):
+        """(eos ids below V, single bad words, each longer word's prefix) as device tensors, made at the first
+        step: per step, a host list as an index (or a mask as one) would cost a host sync on CUDA."""
+        key = (V, device)
+        if key not in self._index:
+            self._index[key] = (  # (an eos id past the vocabulary is never emitted: nothing to ban, as HF)
+                torch.tensor([i for i in self.eos_ids if i < V], dtype=torch.long, device=device),
+                torch.tensor(self.single, dtype=torch.long, device=device),
+                [torch.tensor(w[:-1], dtype=torch.long, device=device) for w in self.multi])
+        return self._index[key]
 
     def banned(self, seqs, V):
         """bool [N, V], True = banned this step, or None."""
@@ -239,9 +253,9 @@ class _Banned:
         top = max(self.single + [i for w in self.multi for i in w], default=-1)  # (every id: HF and stops check all)
         if top >= V:
             raise ValueError(f"bad_words_ids: token {top} is outside the vocabulary (V={V})")
+        eos_index, single, prefixes = self._indices(V, seqs.device)
         if self.eos is not None and t - self.prompt_len < self.min_new:
-            eos = self.eos.to(seqs.device)
-            ban[:, eos[eos < V]] = True  # (an id past the vocabulary is never emitted: nothing to ban, as HF)
+            ban[:, eos_index] = True
         if self.ngram and t >= self.ngram:  # (HF: cur_len + 1 >= n; with t = n - 1 no n-gram is complete)
             n = self.ngram
             grams = seqs.unfold(1, n, 1)  # [N, t - n + 1, n]: every n-gram so far
@@ -250,11 +264,11 @@ class _Banned:
             count.scatter_add_(1, grams[..., -1], hit.to(torch.int32))  # the tokens that followed those
             ban |= count > 0
         if self.single:
-            ban[:, self.single] = True
-        for w in self.multi:
+            ban[:, single] = True
+        for w, prefix in zip(self.multi, prefixes):
             if t >= len(w) - 1:
                 tail = seqs[:, t - len(w) + 1:]
-                ban[:, w[-1]] |= (tail == torch.tensor(w[:-1], device=seqs.device)).all(-1)
+                ban[:, w[-1]] |= (tail == prefix).all(-1)
         return ban
 
 
@@ -532,6 +546,8 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     stops = _check_stops(stop_sequences, strategy, draft_model, input_ids.device, vocab)
     if stops is not None:
         stops = _Stops(stops, min_new_tokens)
+    if torch.is_tensor(allowed_tokens):  # (moved once: a CPU mask's copy to a GPU each step would be a host sync)
+        allowed_tokens = allowed_tokens.to(input_ids.device)
     if rules:
         if draft_model is not None:
             raise ValueError(f"{', '.join(rules)} are not supported with draft_model (speculative decoding)")
@@ -767,7 +783,7 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
             allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts, stops=None, prompt_logprobs=False):
     """Greedy or sampled decoding of input_ids [N, T] (each prompt's rows repeated: `prompts` of them); stops:
     token sequences (int64 tensors) that end a row as an eos does."""
-    from llmkern.ops.sampling import sample
+    from llmkern.ops.sampling import trusted_values
     from llmkern.ops.speculative import row_seeds
 
     B, T0 = input_ids.shape
@@ -792,6 +808,7 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
     ep = _expert_parallel_group(model)
     agreed = None if ep is None else _StepsAgreed(ep, max_new_tokens)
     n_new = T0
+    checked_V = None  # the vocabulary size the first step's sample call checked the tensor arguments against
     for _ in range(max_new_tokens):
         logits = step(seqs, n_new)
         n_new = 1
@@ -799,28 +816,14 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
         allow = _allowed(allowed_tokens, seqs, V, prompts)
         kw = dict(knobs, prev_tokens=prev if penalised else None, output_start=T0 if penalised else None,
                   logit_bias=logit_bias, allowed_tokens=allow, return_logprobs=True)
-        if strategy == "greedy":
-            kw["temperature"] = 0.0
-            if scorers:  # argmax of log p + Σ α f over the processed (biased, penalised, masked) distribution
-                lp = _processed_logprobs(logits, prev, T0, kw)
-                score = _as_scores(lp + _score_terms(scorers, seqs, lp))
-                tok = score.argmax(-1)
-                lp_tok = lp.gather(1, tok[:, None])[:, 0]
-                valid = (score > float("-inf")).any(-1)
-            else:
-                tok, lp_tok, valid = sample(logits, **kw, return_valid=True)
-        else:
-            kw["seed"] = seeds
-            kw["position"] = position if seeds is not None else None
-            if scorers:  # Σ α f added to the biased, penalised logits (as greedy adds it after them), f given
-                # the processed log-probabilities, as greedy and beam search give them
-                y = _penalised(logits, prev, T0, kw)
-                terms = _score_terms(scorers, seqs, _log_softmax(y if allow is None else
-                                                                 y.masked_fill(~allow, float("-inf"))))
-                kw.update(prev_tokens=None, output_start=None, logit_bias=terms)
-                tok, lp_tok, valid = sample(y, **kw, return_valid=True)
-            else:
-                tok, lp_tok, valid = sample(logits, **kw, return_valid=True)
+        # The first step's sample call checks the values of the tensor arguments (per-row knobs, seeds,
+        # positions, prev_tokens: the prompt); later steps pass the same knobs and seeds, positions one higher
+        # and prev_tokens grown by sampled tokens (in [0, V)) or pad (in range when pad < V): their checks
+        # could not fail, and each would cost a host sync per step on CUDA (see tests/test_host_syncs.py).
+        trusted = checked_V == V and pad < V
+        checked_V = V
+        with trusted_values() if trusted else contextlib.nullcontext():
+            tok, lp_tok, valid = _decode_draw(strategy, logits, prev, T0, kw, scorers, seqs, allow, seeds, position)
         stuck = unfinished & ~valid
         if tops is not None:
             tops.add(logits, tok, unfinished)
@@ -850,6 +853,32 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
     scores = torch.stack(logps, 1) if logps else torch.zeros(B, 0, device=dev)
     out = step.output(GenerationOutput(seqs, scores), input_ids)
     return out if tops is None else tops.fill(out, B, dev)
+
+
+def _decode_draw(strategy, logits, prev, T0, kw, scorers, seqs, allow, seeds, position):
+    """One step's (tokens, their log-probabilities, valid rows) for _decode."""
+    from llmkern.ops.sampling import sample
+
+    if strategy == "greedy":
+        kw["temperature"] = 0.0
+        if scorers:  # argmax of log p + Σ α f over the processed (biased, penalised, masked) distribution
+            lp = _processed_logprobs(logits, prev, T0, kw)
+            score = _as_scores(lp + _score_terms(scorers, seqs, lp))
+            tok = score.argmax(-1)
+            lp_tok = lp.gather(1, tok[:, None])[:, 0]
+            valid = (score > float("-inf")).any(-1)
+            return tok, lp_tok, valid
+        return sample(logits, **kw, return_valid=True)
+    kw["seed"] = seeds
+    kw["position"] = position if seeds is not None else None
+    if scorers:  # Σ α f added to the biased, penalised logits (as greedy adds it after them), f given
+        # the processed log-probabilities, as greedy and beam search give them
+        y = _penalised(logits, prev, T0, kw)
+        terms = _score_terms(scorers, seqs, _log_softmax(y if allow is None else
+                                                         y.masked_fill(~allow, float("-inf"))))
+        kw.update(prev_tokens=None, output_start=None, logit_bias=terms)
+        return sample(y, **kw, return_valid=True)
+    return sample(logits, **kw, return_valid=True)
 
 
 # ---- speculative decoding ------------------------------------------------------------------------------

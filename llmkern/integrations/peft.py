@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from llmkern._backend import warn_once
+from llmkern.ops._checks import host_to_device
 from llmkern.ops.lora import MAX_RANK, lora_linear, lora_linear_multi
 from llmkern.ops.nf4 import NF4Weight
 from llmkern.peft.dora import dora_linear
@@ -238,7 +239,7 @@ def _fused_forward(self, x, *args, **kwargs):
     B = torch.stack([pad(self.lora_B[a].weight, 1) for a in names])
     scalings = [float(self.scaling[a]) for a in names]
     ids = torch.tensor([index.get(a, -1) for a in adapter_names], dtype=torch.int32)
-    ids = ids.to(x.device).view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+    ids = host_to_device(ids, x.device).view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
     return lora_linear_multi(x, base.weight, base.bias, A.to(x.dtype), B.to(x.dtype), scalings, ids)
 
 

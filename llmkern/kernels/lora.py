@@ -53,7 +53,7 @@ from llmkern.kernels._common import dropout_params  # (the launchers below; test
 from llmkern.kernels._common import fmix32 as _fmix32
 from llmkern.kernels._common import seed_keys as _seed_keys
 from llmkern.kernels._common import split_rows as _split_rows
-from llmkern.reference.lora import seed_words  # the int seed -> int32 words split (re-exported)
+from llmkern.reference.lora import seed_words, seed_words_tensor  # the int seed -> int32 words (re-exported)
 
 _HASH_COL = 0x9E3779B1
 
@@ -508,7 +508,7 @@ def seed_tensor(seed, device):
         if seed.numel() != 2:
             raise ValueError(f"seed tensor must hold 2 int32 words, got shape {tuple(seed.shape)}")
         return seed.reshape(2).to(device=device, dtype=torch.int32)
-    return torch.tensor(seed_words(seed), dtype=torch.int32, device=device)
+    return seed_words_tensor(seed, device)
 
 
 # ----------------------------------------------------------------------------- launchers

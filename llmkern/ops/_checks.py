@@ -74,6 +74,17 @@ class DeferredRead:
         return self.host.tolist()
 
 
+def host_to_device(t, device):
+    """A small CPU tensor built from host values (a list of ids, of scalings) on `device`. On CUDA the copy
+    goes through pinned memory, non-blocking: a copy from pageable memory waits for the work already queued
+    on the device (a host sync per call). The caching host allocator keeps the pinned block until the copy
+    has run."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def eager_fast_path(*tensors):
     """Whether an op may run its torch.autograd.Function directly instead of through its
     torch.library custom op: plain tensors in eager mode, no torch.compile / export trace and no
@@ -214,6 +225,6 @@ def dropout_seed(seed, p, device):
         return torch.randint(0, 2**31 - 1, (2,), device=device, dtype=torch.int32)
     if isinstance(seed, torch.Tensor):
         return seed.reshape(2).to(device=device, dtype=torch.int32)
-    from llmkern.reference.lora import seed_words
+    from llmkern.reference.lora import seed_words_tensor
 
-    return torch.tensor(seed_words(seed), dtype=torch.int32, device=device)
+    return seed_words_tensor(seed, device)

@@ -139,6 +139,9 @@ def _scalings_arg(scalings, n, device, dtype=torch.float32):
                 raise ValueError(f"scalings must be finite, got {v}")
             vals.append(float(v))
         scalings = torch.tensor(vals, dtype=dtype)
+        if scalings.shape != (n,):
+            raise ValueError(f"scalings must have shape [{n}] (one per adapter), got {tuple(scalings.shape)}")
+        return _checks.host_to_device(scalings, device)
     if scalings.shape != (n,):
         raise ValueError(f"scalings must have shape [{n}] (one per adapter), got {tuple(scalings.shape)}")
     return scalings.to(device=device, dtype=dtype)

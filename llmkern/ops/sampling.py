@@ -6,6 +6,8 @@ llmkern/reference/sampling.py. The algorithm is described in csrc/sampling.h.
 top_logprobs (serving-style log-probabilities) has a C++ CPU kernel (torch.ops.llmkern.top_logprobs)
 and runs the reference's torch ops on other devices (see its docstring for why).
 """
+import contextlib
+import contextvars
 import numbers
 from typing import NamedTuple, Optional, Union
 
@@ -95,34 +97,62 @@ def _check_logits(logits):
 _checking_values = _checks.checking_values
 
 
+# True inside trusted_values(): the caller (generate's decode loop) passes tensors whose values it has already
+# had checked (its first step's call checks them; later steps pass the same tensors, or ones that stay in range
+# by construction), so the value checks that read them (a host sync on CUDA, per step) are skipped.
+_VALUES_TRUSTED = contextvars.ContextVar("llmkern_sampling_values_trusted", default=False)
+
+
+@contextlib.contextmanager
+def trusted_values():
+    """Skip the value checks of sample's tensor arguments (range checks of per-row parameters, prev_tokens,
+    output_start) inside the block: for a caller that has had the same values checked already. Internal."""
+    token = _VALUES_TRUSTED.set(True)
+    try:
+        yield
+    finally:
+        _VALUES_TRUSTED.reset(token)
+
+
+def _reading_values():
+    """Whether tensor values are checked by reading them (see _checks.checking_values), and not trusted."""
+    return _checking_values() and not _VALUES_TRUSTED.get()
+
+
 class _RangeChecks:
-    """Range checks of tensor parameters, verified together: one host sync per call, not one per
-    parameter (a decode loop calls sample once per token)."""
+    """Value checks of tensor arguments, verified together: one host sync per call, not one per
+    argument (a decode loop calls sample once per token)."""
 
     def __init__(self):
-        self.pending = []  # (name, interval text, bool tensor: any value out of range)
+        self.pending = []  # (message, bool tensor []: the check failed)
 
     def add(self, name, t, lo, hi, lo_open, hi_open):
-        if t.numel() == 0:
+        if t.numel() == 0 or _VALUES_TRUSTED.get():
             return
         below = t <= lo if lo_open else t < lo
         above = t >= hi if hi_open else t > hi
         bad = below | above
         if t.is_floating_point():
             bad = bad | torch.isnan(t)
+        message = f"{name} values must be in {_interval(lo, hi, lo_open, hi_open)}"
         if _checking_values():
-            self.pending.append((name, _interval(lo, hi, lo_open, hi_open), bad.any()))
+            self.pending.append((message, bad.any()))
         else:  # compiled / captured: no host read, but no garbage either (min_p 1.5 kept no token and drew token
             # 0 with logprob inf; a negative temperature sampled at 1): raises when run, a device assert on CUDA
-            _checks.assert_async(~bad.any(), f"{name} values must be in {_interval(lo, hi, lo_open, hi_open)}")
+            _checks.assert_async(~bad.any(), message)
+
+    def add_flag(self, message, bad):
+        """A check of the caller's own: bad, a bool tensor [], True when it failed (only where values are read)."""
+        self.pending.append((message, bad))
 
     def verify(self):
         if not self.pending:
             return
-        flags = torch.stack([bad for _, _, bad in self.pending]).tolist()  # the one sync
-        for (name, interval, _), bad in zip(self.pending, flags):
+        flags = torch.stack([bad for _, bad in self.pending]).tolist()  # the one sync
+        self.pending, pending = [], self.pending
+        for (message, _), bad in zip(pending, flags):
             if bad:
-                raise ValueError(f"{name} values must be in {interval}")
+                raise ValueError(message)
 
 
 def _row_param(name, value, B, device, dtype, lo, hi, lo_open=False, hi_open=False, checks=None):
@@ -140,6 +170,8 @@ def _row_param(name, value, B, device, dtype, lo, hi, lo_open=False, hi_open=Fal
         if value.device != device and value.device.type != "cpu":
             raise ValueError(f"{name} is on {value.device} but logits are on {device}")
         t = value.to(device=device, dtype=dtype)
+        if dtype == torch.int64 and lo <= _INT64_MIN and hi >= _INT64_MAX and not (lo_open or hi_open):
+            return t  # (every int64 is in range: a check would only cost a host sync, as seeds did per call)
         own = checks is None
         checks = _RangeChecks() if own else checks
         checks.add(name, t, lo, hi, lo_open, hi_open)
@@ -230,19 +262,27 @@ def _allowed_mask(allowed, B, V, device):
                      f"bitmask [{words}] / [{B}, {words}], got {allowed.dtype} {tuple(allowed.shape)}")
 
 
-def _check_prev_tokens(prev_tokens, B, V, device):
+def _check_prev_tokens(prev_tokens, B, V, device, checks=None):
+    """Types and shape at once; the values where they may be read, with `checks` (verified by the caller,
+    in the call's one sync) or at once without."""
     if not isinstance(prev_tokens, torch.Tensor) or prev_tokens.dtype != torch.int64:
         raise TypeError("prev_tokens must be an int64 tensor [batch, length] padded with -1")
     if prev_tokens.dim() != 2 or prev_tokens.size(0) != B:
         raise ValueError(f"prev_tokens must have shape [{B}, length], got {tuple(prev_tokens.shape)}")
     if prev_tokens.device != device:
         raise ValueError(f"prev_tokens is on {prev_tokens.device} but logits are on {device}")
-    if _checking_values() and prev_tokens.numel() and bool(((prev_tokens < -1) | (prev_tokens >= V)).any()):
-        raise ValueError(f"prev_tokens values must be -1 (padding) or token ids in [0, {V})")
+    if _reading_values() and prev_tokens.numel():
+        own = checks is None
+        checks = _RangeChecks() if own else checks
+        checks.add_flag(f"prev_tokens values must be -1 (padding) or token ids in [0, {V})",
+                        ((prev_tokens < -1) | (prev_tokens >= V)).any())
+        if own:
+            checks.verify()
 
 
-def _output_start(output_start, prev_tokens, B, device):
-    """None, or int64 [B]: where each row's output begins in prev_tokens (0 <= start <= L)."""
+def _output_start(output_start, prev_tokens, B, device, checks=None):
+    """None, or int64 [B]: where each row's output begins in prev_tokens (0 <= start <= L). A tensor's values
+    are checked with `checks` (verified by the caller) or at once without."""
     if output_start is None:
         return None
     if prev_tokens is None:
@@ -260,10 +300,16 @@ def _output_start(output_start, prev_tokens, B, device):
             raise ValueError(f"output_start is on {output_start.device} but logits are on {device}")
         t = output_start.to(device=device, dtype=torch.int64)
         msg = f"output_start values must be in [0, {L}] (prev_tokens has {L} columns)"
-        if not _checking_values():
+        if _VALUES_TRUSTED.get():
+            pass
+        elif not _checking_values():
             _checks.assert_async(~((t < 0) | (t > L)).any(), msg)
-        elif B and bool(((t < 0) | (t > L)).any()):
-            raise ValueError(msg)
+        elif B:
+            own = checks is None
+            checks = _RangeChecks() if own else checks
+            checks.add_flag(msg, ((t < 0) | (t > L)).any())
+            if own:
+                checks.verify()
         return t
     if isinstance(output_start, bool) or not isinstance(output_start, numbers.Integral):
         raise TypeError(f"output_start must be an int or an integer tensor, got {type(output_start).__name__}")
@@ -283,24 +329,27 @@ def biased_and_penalised(logits, logit_bias, prev_tokens, rep, pres, freq, outpu
     return ref.apply_penalties(y, prev_tokens, rep, pres, freq, output_start=output_start)
 
 
-def _seeds(seed, position, B, device):
-    """Per-row (seed, position). Without a seed, fresh seeds come from torch's generator."""
+def _seed_row(seed, B, device):
+    """Per-row seeds. Without a seed, fresh seeds come from torch's generator."""
     if seed is None:
-        seed_t = torch.randint(_INT64_MIN, _INT64_MAX, (B,), dtype=torch.int64, device=device)
-    else:
-        seed_t = _row_param("seed", seed, B, device, torch.int64, _INT64_MIN, _INT64_MAX)
+        return torch.randint(_INT64_MIN, _INT64_MAX, (B,), dtype=torch.int64, device=device)
+    return _row_param("seed", seed, B, device, torch.int64, _INT64_MIN, _INT64_MAX)
+
+
+def _position_row(position, B, device, checks=None):
+    """Per-row positions; a tensor's values are checked with `checks` (verified by the caller) or at once."""
     pos = 0 if position is None else position
-    pos_t = _row_param("position", pos, B, device, torch.int64, 0, _INT64_MAX)
-    return seed_t, pos_t
+    return _row_param("position", pos, B, device, torch.int64, 0, _INT64_MAX, checks=checks)
 
 
 _PARAM_SETS = {}  # (B, device, scalar values) -> the seven [B] tensors, already validated
 
 
-def _sample_params(B, dev, *values):
-    """temperature, top_k, top_p, min_p and the three penalties as [B] tensors, range-checked. When
-    all seven are plain Python numbers (a decode loop passes the same ones every step) the validated
-    set is cached, so a call at batch 1 costs microseconds in Python, not tens of microseconds."""
+def _sample_params(B, dev, *values, checks=None):
+    """temperature, top_k, top_p, min_p and the three penalties as [B] tensors, range-checked (tensors: with
+    `checks`, verified by the caller, or at once without). When all seven are plain Python numbers (a decode
+    loop passes the same ones every step) the validated set is cached, so a call at batch 1 costs
+    microseconds in Python, not tens of microseconds."""
     key = None
     if all(type(v) in (int, float) for v in values) and _cacheable():
         key = (B, dev, _stream(dev)) + tuple((type(v), v) for v in values)
@@ -313,11 +362,11 @@ def _sample_params(B, dev, *values):
             _PARAM_SETS.clear()
         _PARAM_SETS[key] = out
         return out
-    return _sample_params_uncached(B, dev, *values)
+    return _sample_params_uncached(B, dev, *values, checks=checks)
 
 
-def _sample_params_uncached(B, dev, *values):
-    f32, inf, chk = torch.float32, float("inf"), _RangeChecks()
+def _sample_params_uncached(B, dev, *values, checks=None):
+    f32, inf, chk = torch.float32, float("inf"), _RangeChecks() if checks is None else checks
     temperature, top_k, top_p, min_p, rep, pres, freq = values
     # (an infinite temperature or repetition penalty divides a +inf logit into NaN)
     out = (_row_param("temperature", temperature, B, dev, f32, 0.0, inf, hi_open=True, checks=chk),
@@ -328,7 +377,8 @@ def _sample_params_uncached(B, dev, *values):
                       checks=chk),
            _row_param("presence_penalty", pres, B, dev, f32, -inf, inf, checks=chk),
            _row_param("frequency_penalty", freq, B, dev, f32, -inf, inf, checks=chk))
-    chk.verify()
+    if checks is None:
+        chk.verify()
     return out
 
 
@@ -389,19 +439,25 @@ def sample(
     dev = logits.device
     if seed is None and _all_greedy(temperature):
         seed = 0  # every row greedy: no draw, so no fresh seeds from torch's generator (its state stays as it was)
+    # every tensor argument's value checks go into one _RangeChecks: one host sync per call (none with plain
+    # numbers, nor inside trusted_values()), not one per tensor argument
+    checks = _RangeChecks()
     temperature, top_k, top_p, min_p, rep, pres, freq = _sample_params(
-        B, dev, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty)
+        B, dev, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty,
+        checks=checks)
     if logit_bias is not None:
         logit_bias = _side_tensor("logit_bias", logit_bias, B, V, dev).float()
     if allowed_tokens is not None:
         allowed_tokens = _allowed_mask(allowed_tokens, B, V, dev)
     if prev_tokens is not None:
-        _check_prev_tokens(prev_tokens, B, V, dev)
-    start = _output_start(output_start, prev_tokens, B, dev)
+        _check_prev_tokens(prev_tokens, B, V, dev, checks)
+    start = _output_start(output_start, prev_tokens, B, dev, checks)
+    pos_t = _position_row(position, B, dev, checks)
+    checks.verify()  # (before the penalties: an out-of-range prev_tokens id would index out of bounds)
     if prev_tokens is not None:  # (the bias goes in with them, first: not again in the kernel)
         logits = biased_and_penalised(logits, logit_bias, prev_tokens, rep, pres, freq, start)
         logit_bias = None
-    seed_t, pos_t = _seeds(seed, position, B, dev)
+    seed_t = _seed_row(seed, B, dev)
 
     if _backend_for(dev) == "reference":
         tokens, logprobs, valid = ref.sample(logits, temperature, top_k, top_p, min_p, seed_t, pos_t,

@@ -297,7 +297,9 @@ def _received_ids(received, n_local, device):
     """The local expert of each received row: rows arrive by source rank, then by expert."""
     n = torch.tensor(received, dtype=torch.int64).reshape(-1)
     ids = torch.arange(n_local, dtype=torch.int64).repeat(len(received))
-    return torch.repeat_interleave(ids, n).to(device)
+    # (built on the host from the counts already read; pinned and non-blocking: a pageable copy would wait for
+    # the device's queue again)
+    return _checks.host_to_device(torch.repeat_interleave(ids, n), device)
 
 
 def _local_experts(moe, rows, local_ids):

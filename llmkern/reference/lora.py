@@ -32,6 +32,15 @@ def seed_words(seed):
     return tuple(w - (1 << 32) if w >= 1 << 31 else w for w in (seed & _M32, seed >> 32))
 
 
+def seed_words_tensor(seed, device):
+    """seed_words(seed) as the kernels' int32 [2] seed tensor on `device`, filled there: torch.tensor(...,
+    device=) copies from host memory, which on CUDA waits for the device's queued work (a host sync per call)."""
+    w0, w1 = seed_words(seed)
+    t = torch.full((2,), w1, dtype=torch.int32, device=device)
+    t[:1].fill_(w0)
+    return t
+
+
 def dropout_params(p, seed):
     """(seed0, seed1, threshold). `seed`: an int, or an int32 [2] tensor holding (seed0, seed1)."""
     thr = int(round(float(p) * (1 << 24)))
