@@ -234,3 +234,41 @@ def test_int_dropout_seed_is_filled_on_the_device():
         assert _syncs(lambda: seed_tensor(seed, "cpu")) == []
         assert _checks.dropout_seed(seed, 0.1, "cpu").tolist() == list(seed_words(seed))
         assert seed_tensor(seed, "cpu").dtype == torch.int32
+
+
+# ---- multi-adapter LoRA through the PEFT integration -------------------------------------------------
+
+def test_peft_mixed_adapter_batch_skips_the_per_layer_id_check(monkeypatch):
+    """lora_linear_multi checks adapter_ids' range by reading them (on CUDA after the layer's kernels are
+    queued: still one host wait per layer). The PEFT integration builds the ids in [-1, n) on the host and
+    passes scalings as checked floats, so it runs without that check; a direct call keeps it."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    import llmkern.ops.lora as lora_ops
+    from llmkern.integrations.peft import use_fused_lora
+
+    made = []
+    real = lora_ops._ValueCheck
+    monkeypatch.setattr(lora_ops, "_ValueCheck", lambda *a: made.append(1) or real(*a))
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=4, target_modules=["q_proj"]),
+                                adapter_name="a1").eval()
+    model.add_adapter("a2", peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)
+    ids = torch.randint(0, 64, (3, 5))
+    names = ["a2", "__base__", "a1"]
+    with torch.no_grad():
+        want = model(ids, adapter_names=names).logits
+        use_fused_lora(model)
+        got = model(ids, adapter_names=names).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert made == []  # (two q_proj layers ran lora_linear_multi without the check)
+    x = torch.randn(4, 32)
+    with pytest.raises(ValueError, match="adapter_ids"):  # a direct call is still checked
+        llmkern.lora_linear_multi(x, torch.randn(8, 32), None, torch.randn(2, 4, 32), torch.randn(2, 8, 4),
+                                  [1.0, 1.0], torch.tensor([0, 1, 2, -1]))
+    assert made == [1]
