@@ -26,6 +26,18 @@ def has_forward_hooks(module: nn.Module) -> bool:
     return hasattr(module, "_hf_hook") or bool(module._forward_pre_hooks) or bool(module._forward_hooks)
 
 
+def check_lora_args(r, alpha, dropout, max_rank=None):
+    """ValueError naming the argument for a bad rank (a positive int, at most max_rank if given), alpha (finite)
+    or dropout (in [0, 1))."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1 or (max_rank is not None and r > max_rank):
+        raise ValueError(f"r must be {'a positive int' if max_rank is None else f'an int in 1..{max_rank}'}, "
+                         f"got {r!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not -math.inf < alpha < math.inf:
+        raise ValueError(f"alpha must be a finite float, got {alpha!r}")
+
+
 def lora_scaling(alpha, r, use_rslora=False) -> float:
     """PEFT's LoRA scaling: alpha / r, alpha / sqrt(r) with rsLoRA."""
     return alpha / (math.sqrt(r) if use_rslora else r)
@@ -62,12 +74,7 @@ class LoRALinear(nn.Module):
         if not isinstance(base_layer, (nn.Linear, NF4Linear)):
             raise TypeError(f"base_layer must be an nn.Linear or an llmkern.peft.NF4Linear, got "
                             f"{type(base_layer).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_RANK:
-            raise ValueError(f"r must be an int in 1..{MAX_RANK}, got {r!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not -math.inf < alpha < math.inf:
-            raise ValueError(f"alpha must be a finite float, got {alpha!r}")
+        check_lora_args(r, alpha, dropout, MAX_RANK)
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.alpha, self.dropout, self.use_rslora = r, float(alpha), float(dropout), bool(use_rslora)

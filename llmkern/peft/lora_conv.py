@@ -18,13 +18,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from llmkern.peft.lora import _MERGED_KEY, _MERGED_NORM_KEY, _save_merged_state, lora_scaling
+from llmkern.peft._plain_lora import PlainLoRA
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class LoRAConv(nn.Module):
+class LoRAConv(PlainLoRA):
     """An ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (kept frozen as ``base_layer``, PEFT's name) plus a
     low-rank update computed the way PEFT's ``lora.Conv1d`` / ``Conv2d`` / ``Conv3d`` compute it, with the
     shapes of PEFT's factors as parameters ``lora_A`` ``[r, in_channels, *kernel_size]`` and ``lora_B``
@@ -52,45 +52,22 @@ class LoRAConv(nn.Module):
 
     def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
                  use_rslora: bool = False, freeze_base: bool = True, use_dora: bool = False):
-        super().__init__()
         if not isinstance(base_layer, CONV_TYPES):
             raise TypeError(f"base_layer must be an nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(base_layer).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not -math.inf < alpha < math.inf:
-            raise ValueError(f"alpha must be a finite float, got {alpha!r}")
-        if use_dora:
-            raise ValueError("use_dora=True is not supported on conv layers by llmkern.peft (LoRAConv is plain "
-                             "LoRA); leave the conv layer out of a DoRA adapter's target_modules")
+        super().__init__(base_layer, r, alpha, dropout, use_rslora, use_dora, "conv")
         _check_base(base_layer, r)
-        self.base_layer = base_layer
         self.in_channels, self.out_channels = base_layer.in_channels, base_layer.out_channels
         self.groups = base_layer.groups
-        self.r, self.alpha, self.dropout, self.use_rslora = r, float(alpha), float(dropout), bool(use_rslora)
-        self.use_dora = False
         w = base_layer.weight
         nd = w.dim() - 2
         self.lora_A = nn.Parameter(torch.empty(r, self.in_channels, *base_layer.kernel_size, device=w.device,
                                                dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_channels, r // self.groups, *(1,) * nd, device=w.device,
                                                dtype=w.dtype))
-        self.merged = False
-        self.disabled = False
-        self._register_state_dict_hook(_save_merged_state)
-        if freeze_base:
-            for p in base_layer.parameters():
-                p.requires_grad_(False)
-        self.reset_lora_parameters()
+        self._finish_init(freeze_base)
 
-    @property
-    def scaling(self) -> float:
-        return lora_scaling(self.alpha, self.r, self.use_rslora)
-
-    @property
-    def weight(self):
-        return self.base_layer.weight
+    def _lora_factors(self):
+        return self.lora_A, self.lora_B
 
     @property
     def bias(self):
@@ -104,18 +81,10 @@ class LoRAConv(nn.Module):
     dilation = property(lambda self: self.base_layer.dilation)
     padding_mode = property(lambda self: self.base_layer.padding_mode)
 
-    quantized = False  # (LoRALinear's flag for a 4-bit base; a conv is never one)
-
     def reset_lora_parameters(self):
         """PEFT's default init: A kaiming-uniform(a=√5) (nn.Conv's init), B zeros (so the update starts at 0)."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
-
-    def num_trainable_parameters(self) -> int:
-        return self.lora_A.numel() + self.lora_B.numel()
-
-    def _acc_dtype(self):
-        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
 
     def _delta(self):
         dt = self._acc_dtype()
@@ -133,55 +102,6 @@ class LoRAConv(nn.Module):
         in float32 (float64 for float64 weights) and returned in the weight's dtype; groups == 1 only."""
         self._check_mergeable("delta_weight")
         return self._delta().to(self.weight.dtype)
-
-    def _merged_weight(self, safe_merge, what="merge"):
-        self._check_mergeable(what)
-        new = self.weight.to(self._acc_dtype()) + self._delta()
-        if safe_merge and not torch.isfinite(new.to(self.weight.dtype)).all():
-            raise ValueError(f"{what}: the merged weight has non-finite values (NaN/inf) in {self.weight.dtype}; "
-                             "the adapter is broken (or the sum overflows the dtype), weight left unchanged")
-        return new
-
-    @torch.no_grad()
-    def merge(self, safe_merge: bool = True):
-        """Fold the update into the base weight: after this, forward is the plain conv. With ``safe_merge`` a
-        non-finite result raises and leaves the weight unchanged; ``groups > 1`` raises."""
-        if self.merged:
-            return
-        self.weight.copy_(self._merged_weight(safe_merge).to(self.weight.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if not self.merged:
-            return
-        self.weight.copy_((self.weight.to(self._acc_dtype()) - self._delta()).to(self.weight.dtype))
-        self.merged = False
-
-    # the merged layer's state-dict entries as attributes (see LoRALinear; _save_merged_state reads them)
-    @property
-    def lora_merged(self):
-        return torch.tensor(self.merged, device=self.lora_A.device) if self.merged else None
-
-    @property
-    def lora_dora_merged_norm(self):
-        return None
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        """As LoRALinear's: a checkpoint with the base weight brings its merged state along; LoRA weights alone
-        into a layer whose merged state differs are refused (the update would count twice, or not at all)."""
-        merged = state_dict.pop(prefix + _MERGED_KEY, None) is not None
-        state_dict.pop(prefix + _MERGED_NORM_KEY, None)
-        name = prefix[:-1] or "the root module"
-        if prefix + "base_layer.weight" in state_dict:
-            self.merged = merged
-        elif merged != self.merged:
-            error_msgs.append(f"LoRA layer {name} is {'' if self.merged else 'not '}merged but the checkpoint "
-                              f"was saved {'' if merged else 'un'}merged and has no base weight for it: "
-                              f"{'unmerge' if self.merged else 'merge'}() the layer first")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled and self.merged:  # the merged weight holds the update: take it out first, as PEFT does

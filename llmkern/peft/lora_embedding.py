@@ -9,16 +9,15 @@
 Plain PyTorch ops: the update is a gather of r columns of A per token and a small [*, r] x [r, d] GEMM, far
 cheaper than the model's first projection; no Triton kernel is involved.
 """
-import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from llmkern.peft.lora import _MERGED_KEY, _MERGED_NORM_KEY, _save_merged_state, lora_scaling
+from llmkern.peft._plain_lora import PlainLoRA
 
 
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(PlainLoRA):
     """An ``nn.Embedding`` (kept frozen as ``base_layer``, PEFT's name) plus a low-rank update of its table,
     computed the way PEFT's ``lora.Embedding`` computes it, with PEFT's parameter names and shapes
     (``lora_embedding_A`` ``[r, num_embeddings]``, ``lora_embedding_B`` ``[embedding_dim, r]``) so that
@@ -49,53 +48,22 @@ class LoRAEmbedding(nn.Module):
 
     def __init__(self, base_layer: nn.Embedding, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
                  use_rslora: bool = False, freeze_base: bool = True, use_dora: bool = False):
-        super().__init__()
         if not isinstance(base_layer, nn.Embedding):
             raise TypeError(f"base_layer must be an nn.Embedding, got {type(base_layer).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not -math.inf < alpha < math.inf:
-            raise ValueError(f"alpha must be a finite float, got {alpha!r}")
-        if use_dora:
-            raise ValueError("use_dora=True is not supported on embedding layers by llmkern.peft (LoRAEmbedding is "
-                             "plain LoRA); leave the embedding out of a DoRA adapter's target_modules")
-        self.base_layer = base_layer
+        super().__init__(base_layer, r, alpha, dropout, use_rslora, use_dora, "embedding")
         self.num_embeddings, self.embedding_dim = base_layer.num_embeddings, base_layer.embedding_dim
-        self.r, self.alpha, self.dropout, self.use_rslora = r, float(alpha), float(dropout), bool(use_rslora)
-        self.use_dora = False
         w = base_layer.weight
         self.lora_embedding_A = nn.Parameter(torch.empty(r, self.num_embeddings, device=w.device, dtype=w.dtype))
         self.lora_embedding_B = nn.Parameter(torch.empty(self.embedding_dim, r, device=w.device, dtype=w.dtype))
-        self.merged = False
-        self.disabled = False
-        self._register_state_dict_hook(_save_merged_state)
-        if freeze_base:
-            for p in base_layer.parameters():
-                p.requires_grad_(False)
-        self.reset_lora_parameters()
+        self._finish_init(freeze_base)
 
-    @property
-    def scaling(self) -> float:
-        return lora_scaling(self.alpha, self.r, self.use_rslora)
-
-    @property
-    def weight(self):
-        return self.base_layer.weight
-
-    quantized = False  # (LoRALinear's flag for a 4-bit base; an embedding table is never one)
+    def _lora_factors(self):
+        return self.lora_embedding_A, self.lora_embedding_B
 
     def reset_lora_parameters(self):
         """PEFT's default init for embeddings: A zeros, B standard normal (so the update starts at 0)."""
         nn.init.zeros_(self.lora_embedding_A)
         nn.init.normal_(self.lora_embedding_B)
-
-    def num_trainable_parameters(self) -> int:
-        return self.lora_embedding_A.numel() + self.lora_embedding_B.numel()
-
-    def _acc_dtype(self):
-        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
 
     def _delta(self):
         dt = self._acc_dtype()
@@ -106,57 +74,11 @@ class LoRAEmbedding(nn.Module):
         (float64 for float64 tables) and returned in the table's dtype."""
         return self._delta().to(self.weight.dtype)
 
-    def _merged_weight(self, safe_merge, what="merge"):
+    def _check_mergeable(self, what):
         if self.base_layer.max_norm is not None:
             raise ValueError(f"{what}: the base embedding has max_norm={self.base_layer.max_norm}: its lookup "
                              f"renormalises rows, so a merged table (renormalised as a whole) would not give the "
                              f"unmerged output; keep the adapter unmerged")
-        new = self.weight.to(self._acc_dtype()) + self._delta()
-        if safe_merge and not torch.isfinite(new.to(self.weight.dtype)).all():
-            raise ValueError(f"{what}: the merged weight has non-finite values (NaN/inf) in {self.weight.dtype}; "
-                             "the adapter is broken (or the sum overflows the dtype), weight left unchanged")
-        return new
-
-    @torch.no_grad()
-    def merge(self, safe_merge: bool = True):
-        """Fold the update into the base table: after this, forward is a plain lookup. With ``safe_merge`` a
-        non-finite result raises and leaves the table unchanged; a base with ``max_norm`` raises."""
-        if self.merged:
-            return
-        self.weight.copy_(self._merged_weight(safe_merge).to(self.weight.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if not self.merged:
-            return
-        self.weight.copy_((self.weight.to(self._acc_dtype()) - self._delta()).to(self.weight.dtype))
-        self.merged = False
-
-    # the merged layer's state-dict entries as attributes (see LoRALinear; _save_merged_state reads them)
-    @property
-    def lora_merged(self):
-        return torch.tensor(self.merged, device=self.lora_embedding_A.device) if self.merged else None
-
-    @property
-    def lora_dora_merged_norm(self):
-        return None
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        """As LoRALinear's: a checkpoint with the base weight brings its merged state along; LoRA weights alone
-        into a layer whose merged state differs are refused (the update would count twice, or not at all)."""
-        merged = state_dict.pop(prefix + _MERGED_KEY, None) is not None
-        state_dict.pop(prefix + _MERGED_NORM_KEY, None)
-        name = prefix[:-1] or "the root module"
-        if prefix + "base_layer.weight" in state_dict:
-            self.merged = merged
-        elif merged != self.merged:
-            error_msgs.append(f"LoRA layer {name} is {'' if self.merged else 'not '}merged but the checkpoint "
-                              f"was saved {'' if merged else 'un'}merged and has no base weight for it: "
-                              f"{'unmerge' if self.merged else 'merge'}() the layer first")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     def _embed_scale(self, like):
         """The base layer's embed_scale (PEFT's _get_embed_scale: a scalar or a one-element tensor), or None."""
