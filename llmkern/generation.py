@@ -783,7 +783,6 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
             allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts, stops=None, prompt_logprobs=False):
     """Greedy or sampled decoding of input_ids [N, T] (each prompt's rows repeated: `prompts` of them); stops:
     token sequences (int64 tensors) that end a row as an eos does."""
-    from llmkern.ops.sampling import trusted_values
     from llmkern.ops.speculative import row_seeds
 
     B, T0 = input_ids.shape
@@ -822,8 +821,8 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
         # could not fail, and each would cost a host sync per step on CUDA (see tests/test_host_syncs.py).
         trusted = checked_V == V and pad < V
         checked_V = V
-        with trusted_values() if trusted else contextlib.nullcontext():
-            tok, lp_tok, valid = _decode_draw(strategy, logits, prev, T0, kw, scorers, seqs, allow, seeds, position)
+        tok, lp_tok, valid = _decode_draw(strategy, logits, prev, T0, kw, scorers, seqs, allow, seeds, position,
+                                          trusted)
         stuck = unfinished & ~valid
         if tops is not None:
             tops.add(logits, tok, unfinished)
@@ -855,30 +854,40 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
     return out if tops is None else tops.fill(out, B, dev)
 
 
-def _decode_draw(strategy, logits, prev, T0, kw, scorers, seqs, allow, seeds, position):
-    """One step's (tokens, their log-probabilities, valid rows) for _decode."""
-    from llmkern.ops.sampling import sample
+def _decode_draw(strategy, logits, prev, T0, kw, scorers, seqs, allow, seeds, position, trusted=False):
+    """One step's (tokens, their log-probabilities, valid rows) for _decode. trusted: the library's own calls
+    skip the value checks (trusted_values); the scorers (the caller's code, which may call llmkern.sample or
+    generate itself) run outside that block, so that their own calls are checked."""
+    from llmkern.ops.sampling import sample, trusted_values
+
+    def lib():
+        return trusted_values() if trusted else contextlib.nullcontext()
 
     if strategy == "greedy":
         kw["temperature"] = 0.0
         if scorers:  # argmax of log p + Σ α f over the processed (biased, penalised, masked) distribution
-            lp = _processed_logprobs(logits, prev, T0, kw)
+            with lib():
+                lp = _processed_logprobs(logits, prev, T0, kw)
             score = _as_scores(lp + _score_terms(scorers, seqs, lp))
             tok = score.argmax(-1)
             lp_tok = lp.gather(1, tok[:, None])[:, 0]
             valid = (score > float("-inf")).any(-1)
             return tok, lp_tok, valid
-        return sample(logits, **kw, return_valid=True)
+        with lib():
+            return sample(logits, **kw, return_valid=True)
     kw["seed"] = seeds
     kw["position"] = position if seeds is not None else None
     if scorers:  # Σ α f added to the biased, penalised logits (as greedy adds it after them), f given
         # the processed log-probabilities, as greedy and beam search give them
-        y = _penalised(logits, prev, T0, kw)
+        with lib():
+            y = _penalised(logits, prev, T0, kw)
         terms = _score_terms(scorers, seqs, _log_softmax(y if allow is None else
                                                          y.masked_fill(~allow, float("-inf"))))
         kw.update(prev_tokens=None, output_start=None, logit_bias=terms)
-        return sample(y, **kw, return_valid=True)
-    return sample(logits, **kw, return_valid=True)
+        with lib():
+            return sample(y, **kw, return_valid=True)
+    with lib():
+        return sample(logits, **kw, return_valid=True)
 
 
 # ---- speculative decoding ------------------------------------------------------------------------------

@@ -272,3 +272,44 @@ def test_peft_mixed_adapter_batch_skips_the_per_layer_id_check(monkeypatch):
         llmkern.lora_linear_multi(x, torch.randn(8, 32), None, torch.randn(2, 4, 32), torch.randn(2, 8, 4),
                                   [1.0, 1.0], torch.tensor([0, 1, 2, -1]))
     assert made == [1]
+
+
+# ---- what the skipped checks must not reach ------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample"])
+def test_generate_scorers_calls_are_checked(llama, strategy):
+    """generate's decode loop skips sample's value checks from its second step on (trusted_values), but a
+    scorer is the caller's code: an llmkern.sample call (or a nested generate) made inside it is checked at
+    every step. (The scorers ran inside the trusted block: a bad temperature tensor was taken unchecked.)"""
+    outcomes = []
+
+    def scorer(seqs, logp):
+        try:
+            llmkern.sample(torch.randn(2, 10), temperature=torch.tensor([1.0, -1.0]), seed=0)
+            outcomes.append("accepted")
+        except ValueError as e:
+            outcomes.append("temperature" in str(e))
+        return torch.zeros_like(logp)
+
+    llmkern.generate(llama, _prompt(llama), 3, strategy=strategy, scorers=[(1.0, scorer)],
+                     seed=1 if strategy == "sample" else None)
+    assert outcomes == [True] * 3
+
+
+def test_host_to_device_does_not_pin_under_graph_capture(monkeypatch):
+    """A pinned, non-blocking copy captured into a CUDA graph reads the pinned block at every replay, after
+    the caching host allocator has handed it out again: under capture host_to_device copies as before."""
+    from llmkern.ops import _checks
+
+    class Pinned(Exception):
+        pass
+
+    def pin(self, *a, **k):
+        raise Pinned
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    moved = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: moved.append((a, k)) or self)
+    _checks.host_to_device(torch.tensor([1, 2], dtype=torch.int32), "cuda")
+    assert moved == [((torch.device("cuda"),), {})]

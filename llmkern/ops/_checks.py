@@ -78,9 +78,11 @@ def host_to_device(t, device):
     """A small CPU tensor built from host values (a list of ids, of scalings) on `device`. On CUDA the copy
     goes through pinned memory, non-blocking: a copy from pageable memory waits for the work already queued
     on the device (a host sync per call). The caching host allocator keeps the pinned block until the copy
-    has run."""
+    has run. Not while a CUDA graph is being captured: the graph would keep the pinned block's address and
+    read it at every replay, after the allocator has handed the block out again (a plain copy raises there,
+    as it did before)."""
     device = torch.device(device)
-    if device.type != "cuda" or torch.compiler.is_compiling():
+    if device.type != "cuda" or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
