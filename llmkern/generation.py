@@ -81,7 +81,6 @@ Speculative decoding (draft_model=, greedy or sample; Leviathan et al. 2023, Che
   num_draft_tokens [N] (proposals made while the row ran, those beyond its remaining max_new_tokens
   not counted) and num_accepted_draft_tokens [N] (proposals kept in the output) to the GenerationOutput.
 """
-import contextlib
 import dataclasses
 import math
 import numbers
@@ -491,7 +490,10 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     search: a single beam does not go on past an eos for a better hypothesis), so early_stopping does not
     apply; return_dict=True still gives a beam's scores [B]: the sum of the chosen tokens' log-probabilities
     (greedy's: after logit_bias and allowed_tokens, without the scorers' terms) divided by (new tokens, eos
-    included) ** length_penalty."""
+    included) ** length_penalty.
+    Tensor knobs (temperature, top_k, top_p, min_p, the penalties, logit_bias, seed) are copied when generate is
+    called: changing the caller's tensors in place while it runs (from a scorer, an allowed_tokens function or
+    the model) has no effect, and the values checked at the first step are those used at every step."""
     _check_top_logprobs(top_logprobs, strategy, return_dict, draft_model)
     early_stopping = _early_stopping(early_stopping)
     if prompt_logprobs not in (False, True):
@@ -558,6 +560,14 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                            dict(repetition_penalty=(repetition_penalty, 1.0), presence_penalty=(presence_penalty, 0.0),
                                 frequency_penalty=(frequency_penalty, 0.0)),
                            allowed_tokens, scorers, use_cache, model)
+    # generate's own copies of the tensor knobs, taken before any of the caller's code runs (the model, scorers, an
+    # allowed_tokens function): the decode loop checks their values at its first step and trusts them from the
+    # second on (a host sync per step saved), so the values it checked must be the values it uses. Once per call,
+    # no sync: [B] tensors, logit_bias [V] / [B, V].
+    temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias, seed = (
+        v.clone() if torch.is_tensor(v) else v
+        for v in (temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty,
+                  logit_bias, seed))
     if strategy != "beam" or draft_model is not None:  # per-prompt tensors -> per returned sequence
         B, R = input_ids.shape[0], num_return_sequences
         temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias, \
@@ -816,7 +826,8 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
         kw = dict(knobs, prev_tokens=prev if penalised else None, output_start=T0 if penalised else None,
                   logit_bias=logit_bias, allowed_tokens=allow, return_logprobs=True)
         # The first step's sample call checks the values of the tensor arguments (per-row knobs, seeds,
-        # positions, prev_tokens: the prompt); later steps pass the same knobs and seeds, positions one higher
+        # positions, prev_tokens: the prompt); later steps pass the same knobs and seeds (generate's own copies:
+        # the caller's code cannot change them), positions one higher
         # and prev_tokens grown by sampled tokens (in [0, V)) or pad (in range when pad < V): their checks
         # could not fail, and each would cost a host sync per step on CUDA (see tests/test_host_syncs.py).
         trusted = checked_V == V and pad < V
@@ -856,38 +867,40 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
 
 def _decode_draw(strategy, logits, prev, T0, kw, scorers, seqs, allow, seeds, position, trusted=False):
     """One step's (tokens, their log-probabilities, valid rows) for _decode. trusted: the library's own calls
-    skip the value checks (trusted_values); the scorers (the caller's code, which may call llmkern.sample or
-    generate itself) run outside that block, so that their own calls are checked."""
-    from llmkern.ops.sampling import sample, trusted_values
+    (sample, the penalties) skip the value checks of their tensor arguments (_checks.trusted); the scorers run
+    outside that block: they are the caller's code, which may call llmkern.sample or generate itself, and
+    those calls must be checked."""
+    from llmkern.ops import _checks
+    from llmkern.ops.sampling import sample
 
-    def lib():
-        return trusted_values() if trusted else contextlib.nullcontext()
+    def lib(fn, /, *args, **kwargs):
+        """fn(*args, **kwargs), a call into the library, trusted when this step is; its arguments are made
+        before (outside the block)."""
+        if not trusted:
+            return fn(*args, **kwargs)
+        with _checks.trusted():
+            return fn(*args, **kwargs)
 
     if strategy == "greedy":
         kw["temperature"] = 0.0
         if scorers:  # argmax of log p + Σ α f over the processed (biased, penalised, masked) distribution
-            with lib():
-                lp = _processed_logprobs(logits, prev, T0, kw)
+            lp = lib(_processed_logprobs, logits, prev, T0, kw)
             score = _as_scores(lp + _score_terms(scorers, seqs, lp))
             tok = score.argmax(-1)
             lp_tok = lp.gather(1, tok[:, None])[:, 0]
             valid = (score > float("-inf")).any(-1)
             return tok, lp_tok, valid
-        with lib():
-            return sample(logits, **kw, return_valid=True)
+        return lib(sample, logits, **kw, return_valid=True)
     kw["seed"] = seeds
     kw["position"] = position if seeds is not None else None
     if scorers:  # Σ α f added to the biased, penalised logits (as greedy adds it after them), f given
         # the processed log-probabilities, as greedy and beam search give them
-        with lib():
-            y = _penalised(logits, prev, T0, kw)
+        y = lib(_penalised, logits, prev, T0, kw)
         terms = _score_terms(scorers, seqs, _log_softmax(y if allow is None else
                                                          y.masked_fill(~allow, float("-inf"))))
         kw.update(prev_tokens=None, output_start=None, logit_bias=terms)
-        with lib():
-            return sample(y, **kw, return_valid=True)
-    with lib():
-        return sample(logits, **kw, return_valid=True)
+        return lib(sample, y, **kw, return_valid=True)
+    return lib(sample, logits, **kw, return_valid=True)
 
 
 # ---- speculative decoding ------------------------------------------------------------------------------

@@ -278,9 +278,10 @@ def test_peft_mixed_adapter_batch_skips_the_per_layer_id_check(monkeypatch):
 
 @pytest.mark.parametrize("strategy", ["greedy", "sample"])
 def test_generate_scorers_calls_are_checked(llama, strategy):
-    """generate's decode loop skips sample's value checks from its second step on (trusted_values), but a
+    """generate's decode loop skips sample's value checks from its second step on (_checks.trusted), but a
     scorer is the caller's code: an llmkern.sample call (or a nested generate) made inside it is checked at
-    every step. (The scorers ran inside the trusted block: a bad temperature tensor was taken unchecked.)"""
+    every step, and so is any other op's (one trust flag covers sample's and lora_linear_multi's checks). (The
+    scorers ran inside the trusted block: a bad temperature tensor was taken unchecked.)"""
     outcomes = []
 
     def scorer(seqs, logp):
@@ -289,11 +290,62 @@ def test_generate_scorers_calls_are_checked(llama, strategy):
             outcomes.append("accepted")
         except ValueError as e:
             outcomes.append("temperature" in str(e))
+        try:
+            llmkern.lora_linear_multi(torch.randn(4, 32), torch.randn(8, 32), None, torch.randn(2, 4, 32),
+                                      torch.randn(2, 8, 4), [1.0, 1.0], torch.tensor([0, 1, 2, -1]))
+            outcomes.append("accepted")
+        except ValueError as e:
+            outcomes.append("adapter_ids" in str(e))
         return torch.zeros_like(logp)
 
     llmkern.generate(llama, _prompt(llama), 3, strategy=strategy, scorers=[(1.0, scorer)],
                      seed=1 if strategy == "sample" else None)
-    assert outcomes == [True] * 3
+    assert outcomes == [True] * 6
+
+
+def _bias(V, token, value):
+    b = torch.zeros(V)
+    b[token] = value
+    return b
+
+
+@pytest.mark.parametrize("strategy, name, given, changed, extra", [
+    ("sample", "temperature", lambda V: torch.tensor([0.7, 1.0]), lambda V: [-1.0, float("nan")], {}),
+    ("sample", "temperature", lambda V: torch.tensor([0.7, 1.0]), lambda V: [0.01, 5.0], {}),  # valid, ignored too
+    ("sample", "temperature", lambda V: torch.tensor(0.7), lambda V: float("nan"), dict(num_return_sequences=2)),
+    ("sample", "top_k", lambda V: torch.tensor([5, 0]), lambda V: [-3, -1], {}),
+    ("sample", "top_p", lambda V: torch.tensor([0.9, 1.0]), lambda V: [0.0, 1.5], {}),
+    ("sample", "min_p", lambda V: torch.tensor([0.05, 0.0]), lambda V: [1.5, float("nan")], {}),
+    ("sample", "presence_penalty", lambda V: torch.tensor([0.5, 0.0]), lambda V: [float("nan"), -float("inf")], {}),
+    ("greedy", "repetition_penalty", lambda V: torch.tensor([1.3, 1.0]), lambda V: [-1.0, float("nan")], {}),
+    ("sample", "logit_bias", lambda V: torch.zeros(V), lambda V: _bias(V, 7, 50.0), {}),
+    ("beam", "logit_bias", lambda V: torch.zeros(V), lambda V: _bias(V, 7, 50.0), dict(num_beams=2)),
+], ids=["temperature-bad", "temperature-valid", "temperature-0dim-nrs", "top_k", "top_p", "min_p", "presence",
+        "greedy-repetition", "logit_bias", "beam-logit_bias"])
+def test_generate_decodes_with_the_knob_values_it_checked(llama, strategy, name, given, changed, extra):
+    """generate checks its per-row knob tensors' values at the first step and trusts them from the second on
+    (no host sync per step), so it decodes with its own copies of them, taken when it is called: a scorer (the
+    caller's code) that changes the caller's tensor in place mid-run changes nothing, out-of-range values or
+    valid ones. (The later steps read the caller's tensor: a negative or NaN temperature, a negative top_k, a
+    top_p of 0 were used unchecked, and a valid change took effect half-way through.)"""
+    V, steps = llama.config.vocab_size, []
+    kw = dict(extra, strategy=strategy, return_dict=True, seed=1 if strategy == "sample" else None)
+
+    def scorer(seqs, logp):
+        steps.append(seqs.shape[1])
+        if len(steps) == 2:  # the second step: the first one has checked the values
+            knob.copy_(torch.as_tensor(changed(V), dtype=knob.dtype))
+        return torch.zeros_like(logp)
+
+    with torch.no_grad():
+        want = llmkern.generate(llama, _prompt(llama), 5, scorers=[lambda s, lp: torch.zeros_like(lp)],
+                                **{name: given(V)}, **kw)
+        knob = given(V)
+        got = llmkern.generate(llama, _prompt(llama), 5, scorers=[scorer], **{name: knob}, **kw)
+    assert len(steps) >= 3
+    torch.testing.assert_close(knob, torch.as_tensor(changed(V), dtype=knob.dtype), equal_nan=True)  # (changed)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(got.scores, want.scores)
 
 
 def test_host_to_device_does_not_pin_under_graph_capture(monkeypatch):

@@ -36,8 +36,9 @@ import torch
 from torch import nn
 
 from llmkern._backend import warn_once
+from llmkern.ops import _checks
 from llmkern.ops._checks import host_to_device
-from llmkern.ops.lora import MAX_RANK, lora_linear, lora_linear_multi, trusted_adapter_ids
+from llmkern.ops.lora import MAX_RANK, lora_linear, lora_linear_multi
 from llmkern.ops.nf4 import NF4Weight
 from llmkern.peft.dora import dora_linear
 from llmkern.peft.lora import has_forward_hooks
@@ -240,8 +241,12 @@ def _fused_forward(self, x, *args, **kwargs):
     scalings = [float(self.scaling[a]) for a in names]
     ids = torch.tensor([index.get(a, -1) for a in adapter_names], dtype=torch.int32)
     ids = host_to_device(ids, x.device).view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
-    with trusted_adapter_ids():  # (ids in [-1, n) by construction, scalings checked floats: no per-layer wait)
-        return lora_linear_multi(x, base.weight, base.bias, A.to(x.dtype), B.to(x.dtype), scalings, ids)
+    A, B = A.to(x.dtype), B.to(x.dtype)
+    # trusted: the ids are in [-1, n) by construction and the scalings Python floats (checked on the host), so
+    # lora_linear_multi skips its value check (on CUDA a wait for each layer's queued work); the block holds that
+    # one call only, its arguments made before it
+    with _checks.trusted():
+        return lora_linear_multi(x, base.weight, base.bias, A, B, scalings, ids)
 
 
 def use_fused_lora(peft_model: nn.Module, enable: bool = True) -> nn.Module:

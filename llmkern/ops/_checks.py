@@ -1,4 +1,6 @@
 """Argument checks the op files share."""
+import contextlib
+import contextvars
 import functools
 import math
 import numbers
@@ -20,6 +22,38 @@ def checking_values():
         return False
     # is_initialized is a cheap flag (is_available reads the environment); capture needs CUDA up
     return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
+
+
+# True inside trusted(): see there. A context variable, not a global: other threads (and asyncio tasks) keep
+# their own value, so one thread's trusted block never reaches another thread's calls.
+_TRUSTED = contextvars.ContextVar("llmkern_values_trusted", default=False)
+
+
+@contextlib.contextmanager
+def trusted():
+    """Internal: inside the block, the ops skip the value checks that read their tensor arguments (ranges,
+    finiteness: a host sync per call on CUDA), for a library caller that has had the same values checked
+    already or built them in range (generate's decode loop from its second step; the PEFT integration's
+    adapter ids). Checks of types, shapes and devices still run. Scope it to the library's own calls: code
+    of the user's that runs inside (a scorer, a callback, a model) would have its own llmkern calls go
+    unchecked."""
+    token = _TRUSTED.set(True)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def values_trusted():
+    """Whether the caller vouches for the tensor arguments' values (inside trusted()): no check of them at all,
+    neither a host read nor, under torch.compile / graph capture, an assert_async."""
+    return _TRUSTED.get()
+
+
+def reading_values():
+    """Whether an op checks its tensor arguments' values by reading them: where values may be read
+    (checking_values) and not inside trusted()."""
+    return checking_values() and not _TRUSTED.get()
 
 
 def assert_async(ok, message):

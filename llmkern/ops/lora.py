@@ -10,8 +10,6 @@ reference: llmkern/reference/lora.py. On CUDA the kernels run inside the torch.l
 torch.compile(fullgraph=True)). CPU tensors use the reference unless LLMKERN_BACKEND=triton, which
 runs the same kernels under TRITON_INTERPRET=1 (float32/float16 only).
 """
-import contextlib
-import contextvars
 import functools
 import numbers
 from typing import Optional, Sequence, Tuple, Union
@@ -46,7 +44,6 @@ _backend.register_op("lora_linear_multi",
 
 # ---- validation ---------------------------------------------------------------------------------
 
-_checking_values = _checks.checking_values
 _tensor = _checks.tensor_arg
 
 
@@ -398,28 +395,14 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if adapter_ids.device != x.device:
         raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device}")
     ids = adapter_ids.reshape(-1)
-    check = _ValueCheck(ids, n, scalings) if _checking_values() and not _IDS_TRUSTED.get() else None
+    # (skipped inside _checks.trusted(), which the PEFT integration enters: it builds the ids in [-1, n) on the host
+    # and passes scalings as Python floats. On CUDA this check waits for the layer's queued work, once per layer:
+    # the GPU queue would never get deeper than one layer while the host launches the next)
+    check = _ValueCheck(ids, n, scalings) if _checks.reading_values() else None
     y = _lora_multi(x, weight, bias, lora_A, lora_B, scalings, ids, n, M)
     if check is not None:
         check.finish()
     return y
-
-
-# True inside trusted_adapter_ids(): see there.
-_IDS_TRUSTED = contextvars.ContextVar("llmkern_lora_ids_trusted", default=False)
-
-
-@contextlib.contextmanager
-def trusted_adapter_ids():
-    """Internal: inside the block, lora_linear_multi skips the value check of adapter_ids (and of a scalings
-    tensor), for a caller that built the ids in [-1, n) on the host and passes scalings as checked floats (the
-    PEFT integration). On CUDA that check waits for the layer's queued work (DeferredRead), once per layer:
-    the GPU queue never gets deeper than one layer while the host launches the next."""
-    token = _IDS_TRUSTED.set(True)
-    try:
-        yield
-    finally:
-        _IDS_TRUSTED.reset(token)
 
 
 class _ValueCheck:

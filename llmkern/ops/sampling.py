@@ -6,8 +6,6 @@ llmkern/reference/sampling.py. The algorithm is described in csrc/sampling.h.
 top_logprobs (serving-style log-probabilities) has a C++ CPU kernel (torch.ops.llmkern.top_logprobs)
 and runs the reference's torch ops on other devices (see its docstring for why).
 """
-import contextlib
-import contextvars
 import numbers
 from typing import NamedTuple, Optional, Union
 
@@ -97,28 +95,6 @@ def _check_logits(logits):
 _checking_values = _checks.checking_values
 
 
-# True inside trusted_values(): the caller (generate's decode loop) passes tensors whose values it has already
-# had checked (its first step's call checks them; later steps pass the same tensors, or ones that stay in range
-# by construction), so the value checks that read them (a host sync on CUDA, per step) are skipped.
-_VALUES_TRUSTED = contextvars.ContextVar("llmkern_sampling_values_trusted", default=False)
-
-
-@contextlib.contextmanager
-def trusted_values():
-    """Skip the value checks of sample's tensor arguments (range checks of per-row parameters, prev_tokens,
-    output_start) inside the block: for a caller that has had the same values checked already. Internal."""
-    token = _VALUES_TRUSTED.set(True)
-    try:
-        yield
-    finally:
-        _VALUES_TRUSTED.reset(token)
-
-
-def _reading_values():
-    """Whether tensor values are checked by reading them (see _checks.checking_values), and not trusted."""
-    return _checking_values() and not _VALUES_TRUSTED.get()
-
-
 class _RangeChecks:
     """Value checks of tensor arguments, verified together: one host sync per call, not one per
     argument (a decode loop calls sample once per token)."""
@@ -127,7 +103,7 @@ class _RangeChecks:
         self.pending = []  # (message, bool tensor []: the check failed)
 
     def add(self, name, t, lo, hi, lo_open, hi_open):
-        if t.numel() == 0 or _VALUES_TRUSTED.get():
+        if t.numel() == 0 or _checks.values_trusted():  # (trusted: the caller had these values checked)
             return
         below = t <= lo if lo_open else t < lo
         above = t >= hi if hi_open else t > hi
@@ -271,7 +247,7 @@ def _check_prev_tokens(prev_tokens, B, V, device, checks=None):
         raise ValueError(f"prev_tokens must have shape [{B}, length], got {tuple(prev_tokens.shape)}")
     if prev_tokens.device != device:
         raise ValueError(f"prev_tokens is on {prev_tokens.device} but logits are on {device}")
-    if _reading_values() and prev_tokens.numel():
+    if _checks.reading_values() and prev_tokens.numel():  # (not inside _checks.trusted())
         own = checks is None
         checks = _RangeChecks() if own else checks
         checks.add_flag(f"prev_tokens values must be -1 (padding) or token ids in [0, {V})",
@@ -300,7 +276,7 @@ def _output_start(output_start, prev_tokens, B, device, checks=None):
             raise ValueError(f"output_start is on {output_start.device} but logits are on {device}")
         t = output_start.to(device=device, dtype=torch.int64)
         msg = f"output_start values must be in [0, {L}] (prev_tokens has {L} columns)"
-        if _VALUES_TRUSTED.get():
+        if _checks.values_trusted():
             pass
         elif not _checking_values():
             _checks.assert_async(~((t < 0) | (t > L)).any(), msg)
@@ -440,7 +416,7 @@ def sample(
     if seed is None and _all_greedy(temperature):
         seed = 0  # every row greedy: no draw, so no fresh seeds from torch's generator (its state stays as it was)
     # every tensor argument's value checks go into one _RangeChecks: one host sync per call (none with plain
-    # numbers, nor inside trusted_values()), not one per tensor argument
+    # numbers, nor inside _checks.trusted()), not one per tensor argument
     checks = _RangeChecks()
     temperature, top_k, top_p, min_p, rep, pres, freq = _sample_params(
         B, dev, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty,
