@@ -368,6 +368,7 @@ def test_lora_linear_validation(bad, match):
     # non-finite scalings went through (NaN rows) while lora_linear refuses a NaN scaling
     (dict(scalings=[1.0, float("nan")]), "scalings must be finite"),
     (dict(scalings=torch.tensor([float("inf"), 1.0])), "scalings must be finite"),
+    (dict(adapter_ids=torch.tensor([0, 1, -1, 0], device="meta")), "adapter_ids is on meta but x is on cpu"),
 ])
 def test_lora_linear_multi_validation(bad, match):
     args = dict(x=torch.randn(4, 10), weight=torch.randn(12, 10), bias=None,
@@ -539,6 +540,26 @@ def test_gpu_out_of_range_adapter_ids_raise():
     yr = ref.lora_linear_multi(x.double(), W.double(), b.double(), A.double(), B.double(),
                                torch.tensor([1.0, 0.5], dtype=torch.float64), ids)
     assert_close(y, yr, **TOL[torch.float16])
+
+
+@pytest.mark.gpu
+def test_gpu_host_adapter_ids_need_no_sync():
+    """Ids built on the host (a CPU tensor) and float scalings are checked on the host, before any launch,
+    and copied without a wait: no synchronizing CUDA call (set_sync_debug_mode raises on one), same output
+    as device ids; a bad host id raises before anything is queued."""
+    x, W, b, A, B = _inputs(64, 32, 48, 4, torch.float16, n=2, device="cuda")
+    host_ids = torch.randint(-1, 2, (64,))
+    want = llmkern.lora_linear_multi(x, W, b, A, B, [1.0, 0.5], host_ids.cuda())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = llmkern.lora_linear_multi(x, W, b, A, B, [1.0, 0.5], host_ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, want)
+    host_ids[5] = 2
+    with pytest.raises(ValueError, match="adapter_ids must be in"):
+        llmkern.lora_linear_multi(x, W, b, A, B, [1.0, 0.5], host_ids)
 
 
 @pytest.mark.gpu

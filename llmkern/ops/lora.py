@@ -370,10 +370,13 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
             with zeros), scalings: ``[n]`` tensor (not requiring grad: the op gives no gradient
             for it) or sequence of floats, all finite.
         adapter_ids: integer tensor with one id per token (shape ``x.shape[:-1]`` or ``[M]``),
-            values in ``[-1, n)``. The values of ids and of a scalings tensor are checked (ValueError)
-            except while compiling or capturing a CUDA graph (out-of-range ids then act as -1). On
-            CUDA the check reads them after this call's kernels are queued, so it does not leave the
-            GPU idle.
+            values in ``[-1, n)``, on x's device or on the CPU. The values of ids and of a scalings
+            tensor are checked (ValueError) except while compiling or capturing a CUDA graph
+            (out-of-range ids then act as -1). Ids on x's CUDA device are read after this call's
+            kernels are queued: still one host wait per call, so the GPU queue never runs more than
+            one layer ahead. Ids on the CPU (what a serving loop builds on the host) are checked
+            there, before any launch, and copied asynchronously: no wait; likewise scalings given as
+            floats, checked on the host.
 
     One launch per stage for the whole mixed batch (tokens are processed in adapter-sorted order,
     sorted on the device). Differentiable in x, weight, bias, lora_A and lora_B.
@@ -383,6 +386,7 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     n = lora_A.shape[0]
     M = x.numel() // x.shape[-1]
     # (float64 inputs run the reference in float64: a float32 scale cost them 1e-8 relative)
+    scalings_arg = scalings
     scalings = _scalings_arg(scalings, n, x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
     _tensor("adapter_ids", adapter_ids)
     if adapter_ids.dtype not in _INT_DTYPES:
@@ -392,43 +396,60 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if adapter_ids.shape != x.shape[:-1] and adapter_ids.shape != (M,):
         raise ValueError(f"adapter_ids must hold one id per token: shape {tuple(x.shape[:-1])} or [{M}], "
                          f"got shape {tuple(adapter_ids.shape)}")
-    if adapter_ids.device != x.device:
-        raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device}")
+    host_ids = adapter_ids.device != x.device and adapter_ids.device.type == "cpu"
+    if adapter_ids.device != x.device and not host_ids:
+        raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device} (give them on "
+                         f"{x.device} or on the CPU)")
     ids = adapter_ids.reshape(-1)
-    # (skipped inside _checks.trusted(), which the PEFT integration enters: it builds the ids in [-1, n) on the host
-    # and passes scalings as Python floats. On CUDA this check waits for the layer's queued work, once per layer:
-    # the GPU queue would never get deeper than one layer while the host launches the next)
-    check = _ValueCheck(ids, n, scalings) if _checks.reading_values() else None
+    # The value checks (skipped inside _checks.trusted(): the PEFT integration builds its ids in [-1, n) on the
+    # host and passes floats). Reading device values waits for the layer's queued work on CUDA, once per call:
+    # host ids are checked on the host, before any launch, and a sequence of floats was checked by _scalings_arg.
+    check = None
+    if _checks.reading_values():
+        user_scalings = scalings if isinstance(scalings_arg, torch.Tensor) else None
+        check = _ValueCheck(None if host_ids else ids, n, user_scalings)
+        if host_ids and ids.numel():
+            _check_id_range(*torch.aminmax(ids), n)
+    if host_ids:
+        ids = _checks.host_to_device(ids, x.device)
     y = _lora_multi(x, weight, bias, lora_A, lora_B, scalings, ids, n, M)
     if check is not None:
         check.finish()
     return y
 
 
+def _check_id_range(lo, hi, n):
+    lo, hi = int(lo), int(hi)
+    if lo < -1 or hi >= n:
+        raise ValueError(f"adapter_ids must be in [-1, {n}), got values in [{lo}, {hi}]")
+
+
 class _ValueCheck:
-    """The range check of adapter_ids and the finiteness check of scalings without stalling the
-    GPU (see _checks.DeferredRead): the values are read after the call's kernels are queued.
-    Out-of-range ids act as -1 in the kernels, so reading the result late never touches memory
-    out of bounds; the call still raises instead of returning."""
+    """The range check of device adapter_ids and the finiteness check of a scalings tensor without
+    stalling the GPU (see _checks.DeferredRead): the values are read after the call's kernels are
+    queued. Out-of-range ids act as -1 in the kernels, so reading the result late never touches
+    memory out of bounds; the call still raises instead of returning. ids / scalings: None when
+    checked on the host already (see lora_linear_multi)."""
 
     def __init__(self, ids, n, scalings):
-        self.n = n
-        parts = [(~torch.isfinite(scalings)).sum().reshape(1)]
-        if ids.numel():
+        self.n, self.scalings, self.read = n, scalings, None
+        parts = [] if scalings is None else [(~torch.isfinite(scalings)).sum().reshape(1)]
+        self.has_ids = ids is not None and ids.numel() > 0
+        if self.has_ids:
             parts.append(torch.stack(torch.aminmax(ids)).to(torch.int64))
-        self.scalings = scalings
-        self.read = _checks.DeferredRead(torch.cat(parts))
-        if self.read.ready:
-            self.finish()
+        if parts:
+            self.read = _checks.DeferredRead(torch.cat(parts))
+            if self.read.ready:
+                self.finish()
 
     def finish(self):
+        if self.read is None:
+            return
         vals = self.read.values()
-        if vals[0]:
+        if self.scalings is not None and vals[0]:
             raise ValueError(f"scalings must be finite, got {self.scalings.tolist()}")
-        if len(vals) == 3:
-            lo, hi = vals[1:]
-            if lo < -1 or hi >= self.n:
-                raise ValueError(f"adapter_ids must be in [-1, {self.n}), got values in [{lo}, {hi}]")
+        if self.has_ids:
+            _check_id_range(vals[-2], vals[-1], self.n)
 
 
 def _lora_multi(x, weight, bias, lora_A, lora_B, scalings, ids, n, M):
