@@ -70,6 +70,26 @@ def tiny_hf_llama(seed=0, vocab=64, hidden=32, layers=2, heads=4):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+def peft_lora_model(model, **lora_config):
+    """peft.get_peft_model(model, peft.LoraConfig(**lora_config)) without its warnings. Imports peft when called."""
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(model, peft.LoraConfig(**lora_config))
+
+
+def randomize_lora(model, seed=1, std=0.3):
+    """Every LoRA parameter ("lora_" in its name) N(0, std²), seeded (an initialised LoRA's update is zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
 def save_tiny_hf(path, config_cls, model_cls, config, seed=0, router_std=None):
     """A tiny random transformers model (`config_cls` / `model_cls` names in transformers, `config` its
     keyword arguments) saved to `path` and returned (eval mode, no eos). Norm gains and biases are random
@@ -210,11 +230,7 @@ def assert_peft_lora_round_trip(path, workdir, x, atol=1e-5, rtol=1e-5, targets=
     targets = targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     pm = peft.get_peft_model(base, peft.LoraConfig(target_modules=targets, r=4, lora_alpha=8, lora_dropout=0.0))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_lora(pm, std=0.1)
     pm.save_pretrained(workdir / "ad")
     with torch.no_grad():
         want = pm.eval()(x).logits

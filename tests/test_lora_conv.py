@@ -10,24 +10,10 @@ import torch
 from torch import nn
 
 from llmkern import peft as lp
+from llmkern.testing import peft_lora_model, randomize_lora
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-
-
-def _peft(model, **cfg):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.get_peft_model(model, peft.LoraConfig(**cfg))
-
-
-def _randomize(model, seed=1, std=0.3):
-    """Every LoRA factor random (B too: the default init has B = 0, so the update would vanish)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def _copy_peft_factors(pm, ours, name):
@@ -44,8 +30,8 @@ def _pair(conv, r=4, alpha=8, use_rslora=False, dropout=0.0, seed=0):
     torch.manual_seed(seed)
     base = nn.Sequential(conv)
     ours = copy.deepcopy(base)
-    pm = _peft(base, target_modules=["0"], r=r, lora_alpha=alpha, use_rslora=use_rslora, lora_dropout=dropout)
-    _randomize(pm)
+    pm = peft_lora_model(base, target_modules=["0"], r=r, lora_alpha=alpha, use_rslora=use_rslora, lora_dropout=dropout)
+    randomize_lora(pm)
     assert lp.inject_lora(ours, ["0"], r=r, alpha=alpha, use_rslora=use_rslora, dropout=dropout) == ["0"]
     _copy_peft_factors(pm, ours, "0")
     return pm, ours, ours[0]
@@ -131,7 +117,7 @@ def test_half_precision_model_matches_peft_with_either_adapter_dtype():
             warnings.simplefilter("ignore")
             pm = peft.get_peft_model(nn.Sequential(copy.deepcopy(conv)), peft.LoraConfig(target_modules=["0"], r=4),
                                      autocast_adapter_dtype=autocast)
-        _randomize(pm)
+        randomize_lora(pm)
         lp.inject_lora(ours, ["0"], r=4)
         src, layer = pm.base_model.model[0], ours[0]
         assert src.lora_A["default"].weight.dtype == (torch.float32 if autocast else torch.bfloat16)
@@ -182,7 +168,7 @@ def test_merge_unmerge_round_trip(case):
 def test_safe_merge_refuses_non_finite_and_leaves_the_model_unchanged():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 7 * 7, 5))
     lp.inject_lora(model, ["0", "2"], r=2, alpha=4)
-    _randomize(model)
+    randomize_lora(model)
     with torch.no_grad():
         model[0].lora_A[0, 0, 0, 0] = float("inf")
     w_conv, w_lin = model[0].base_layer.weight.detach().clone(), model[2].base_layer.weight.detach().clone()
@@ -206,7 +192,7 @@ def test_grouped_conv_merge_is_refused_and_nothing_merged():
     model = nn.Sequential(conv, nn.Flatten(), nn.Linear(6 * 7 * 7, 3))
     model[0] = layer
     lp.inject_lora(model, ["2"], r=2)
-    _randomize(model, seed=4)
+    randomize_lora(model, seed=4)
     w_lin = model[2].base_layer.weight.detach().clone()
     with pytest.raises(ValueError, match="groups=2"):
         lp.merge_lora(model)
@@ -218,7 +204,7 @@ def test_merged_state_dict_loads_without_adding_twice():
         torch.manual_seed(0)
         m = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv1d(4, 4, 1))
         lp.inject_lora(m, ["0", "2"], r=2, alpha=4)
-        _randomize(m, seed=5)
+        randomize_lora(m, seed=5)
         return m
 
     a = lora_model()
@@ -280,13 +266,13 @@ def test_peft_quirks_we_refuse_or_fix():
     with a (1, 1, k) or 1x1x1 kernel (its 1x1 fast path is written for Conv2d). LoRAConv refuses the first and
     merges the second exactly."""
     x = torch.randn(1, 4, 9, 9)
-    pm = _peft(nn.Sequential(nn.Conv2d(4, 6, 3, dilation=2)), target_modules=["0"], r=2)
-    _randomize(pm)
+    pm = peft_lora_model(nn.Sequential(nn.Conv2d(4, 6, 3, dilation=2)), target_modules=["0"], r=2)
+    randomize_lora(pm)
     with pytest.raises(RuntimeError):
         pm(x)
     conv = nn.Conv2d(4, 6, 3, dilation=2, padding="same")
-    pm = _peft(nn.Sequential(conv), target_modules=["0"], r=2)
-    _randomize(pm)
+    pm = peft_lora_model(nn.Sequential(conv), target_modules=["0"], r=2)
+    randomize_lora(pm)
     with torch.no_grad():
         unmerged = pm(x)
         pm.base_model.model[0].merge()
@@ -342,7 +328,7 @@ def test_inject_lora_on_a_small_cnn_trains_only_lora_and_matches_peft():
     assert ours[0].lora_B.abs().sum() > 0 and ours[2].lora_B.abs().sum() > 0
     assert torch.equal(ours[0].base_layer.weight, w0)
     # the same factors in PEFT: the same output
-    pm = _peft(copy.deepcopy(base), target_modules=["0", "2", "4"], r=4, lora_alpha=8)
+    pm = peft_lora_model(copy.deepcopy(base), target_modules=["0", "2", "4"], r=4, lora_alpha=8)
     with torch.no_grad():
         for i in ("0", "2", "4"):
             src = pm.base_model.model.get_submodule(i)
@@ -359,7 +345,7 @@ def test_our_adapter_loads_into_peft_with_the_same_outputs(tmp_path):
     ours = copy.deepcopy(base)
     lp.inject_lora(ours, ["0", "4"], r=4, alpha=8, use_rslora=True)
     lp.inject_lora(ours, ["2"], r=2, alpha=3, use_rslora=True)
-    _randomize(ours, seed=7)
+    randomize_lora(ours, seed=7)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         want = ours(x)
@@ -393,9 +379,9 @@ def test_peft_adapter_loads_into_llmkern_with_the_same_outputs(tmp_path):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.GELU(), nn.Conv2d(8, 6, 1), nn.Flatten(),
                          nn.Linear(6 * 6 * 6, 5))
-    pm = _peft(copy.deepcopy(base), target_modules=["0", "2", "4"], r=4, lora_alpha=16,
-               rank_pattern={"2": 3}, alpha_pattern={"2": 5}, lora_dropout=0.1)
-    _randomize(pm, seed=3)
+    pm = peft_lora_model(copy.deepcopy(base), target_modules=["0", "2", "4"], r=4, lora_alpha=16,
+                         rank_pattern={"2": 3}, alpha_pattern={"2": 5}, lora_dropout=0.1)
+    randomize_lora(pm, seed=3)
     pm.save_pretrained(tmp_path)
     x = torch.randn(2, 4, 6, 6)
     with torch.no_grad():
@@ -416,14 +402,14 @@ def test_peft_adapter_loads_into_llmkern_with_the_same_outputs(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-5)
     # a stale active conv LoRA the checkpoint does not name is refused
-    pm_lin = _peft(copy.deepcopy(base), target_modules=["4"], r=4)
+    pm_lin = peft_lora_model(copy.deepcopy(base), target_modules=["4"], r=4)
     pm_lin.save_pretrained(tmp_path / "lin")
     with pytest.raises(ValueError, match="carries LoRA on 0, 2"):
         lp.load_peft_adapter(ours, str(tmp_path / "lin"))
 
 
 def test_conv_adapter_that_does_not_fit_is_refused_naming_the_module(tmp_path):
-    pm = _peft(_cnn(), target_modules=["0", "2"], r=4)
+    pm = peft_lora_model(_cnn(), target_modules=["0", "2"], r=4)
     pm.save_pretrained(tmp_path)
     other = _cnn()
     other[2] = nn.Conv2d(8, 4, 5, stride=2)  # another kernel size
@@ -442,8 +428,31 @@ def test_conv_adapter_that_does_not_fit_is_refused_naming_the_module(tmp_path):
         assert all(p.requires_grad for p in m.parameters())
 
 
+def test_rank_zero_conv_adapter_is_refused_before_anything_changed(tmp_path):
+    """A conv LoRA of rank 0 (lora_A [0, in, k, k], the config agreeing): refused naming the module, with the model
+    unchanged. Regression: only LoRAConv() refused it, while loading, after the Linear's LoRA was in and the base
+    frozen, with an error naming neither the checkpoint nor the module."""
+    from safetensors.torch import load_file, save_file
+
+    ours = _cnn()
+    lp.inject_lora(ours, ["2", "4"], r=4)
+    lp.save_peft_adapter(ours, str(tmp_path))
+    weights = load_file(str(tmp_path / "adapter_model.safetensors"))
+    for key, rank_dim in (("base_model.model.2.lora_A.weight", 0), ("base_model.model.2.lora_B.weight", 1)):
+        weights[key] = weights[key].narrow(rank_dim, 0, 0).contiguous()
+    save_file(weights, str(tmp_path / "adapter_model.safetensors"))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["rank_pattern"] = {"^2": 0}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    model = _cnn()
+    with pytest.raises(ValueError, match="2: rank 0 must be positive"):
+        lp.load_peft_adapter(model, str(tmp_path))
+    assert not lp.lora_conv_modules(model) and not lp.lora_modules(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_peft_dora_conv_adapter_is_refused(tmp_path):
-    pm = _peft(_cnn(), target_modules=["0", "4"], r=4, use_dora=True)
+    pm = peft_lora_model(_cnn(), target_modules=["0", "4"], r=4, use_dora=True)
     pm.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="use_dora=True on conv layers"):
         lp.load_peft_adapter(_cnn(), str(tmp_path))
@@ -469,8 +478,8 @@ def test_whisper_encoder_conv1d_adapter_both_ways(tmp_path):
     base = transformers.WhisperModel(cfg).eval()
     assert isinstance(base.encoder.conv2, nn.Conv1d) and base.encoder.conv2.stride == (2,)
     feats = torch.randn(2, 8, 24)
-    pm = _peft(copy.deepcopy(base), target_modules=["conv1", "conv2", "q_proj"], r=4, lora_alpha=8)
-    _randomize(pm, seed=2, std=0.2)
+    pm = peft_lora_model(copy.deepcopy(base), target_modules=["conv1", "conv2", "q_proj"], r=4, lora_alpha=8)
+    randomize_lora(pm, seed=2, std=0.2)
     pm.save_pretrained(tmp_path / "peft")
     _give_peft_convs_their_stride(pm)
     with torch.no_grad():
@@ -511,7 +520,7 @@ def test_saved_target_modules_select_no_module_peft_cannot_wrap(tmp_path):
     ours = copy.deepcopy(base)
     lp.inject_lora(ours, ["features.0", "features.2"], r=2, alpha=4)
     lp.inject_lora(ours, ["1"], r=2, alpha=4)  # classifier.1 (suffix "1" also names features.1, a ReLU)
-    _randomize(ours)
+    randomize_lora(ours)
     x = torch.randn(2, 3, 5, 5)
     with torch.no_grad():
         want = ours(x)

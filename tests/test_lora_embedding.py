@@ -2,13 +2,13 @@
 gradients, merge, checkpoints both ways), and its place in inject_lora / merge_lora / save and load."""
 import copy
 import json
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from llmkern import peft as lp
+from llmkern.testing import peft_lora_model, randomize_lora
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -34,21 +34,6 @@ def _ids(B=3, T=10, vocab=V, seed=0):
     return ids
 
 
-def _peft(model, **cfg):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.get_peft_model(model, peft.LoraConfig(**cfg))
-
-
-def _randomize(model, seed=1, std=0.3):
-    """Every LoRA factor random (A too: PEFT's init has A = 0, so the update would vanish)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
 def _copy_peft_factors(pm, ours, name="emb"):
     """PEFT's embedding factors into our LoRAEmbedding `name`."""
     src = pm.base_model.model.get_submodule(name)
@@ -63,8 +48,9 @@ def _pair(emb_kwargs=None, r=4, alpha=8, use_rslora=False, dropout=0.0, seed=0):
     torch.manual_seed(seed)
     base = Tiny(**(emb_kwargs or {}))
     ours = copy.deepcopy(base)
-    pm = _peft(base, target_modules=["emb"], r=r, lora_alpha=alpha, use_rslora=use_rslora, lora_dropout=dropout)
-    _randomize(pm)
+    pm = peft_lora_model(base, target_modules=["emb"], r=r, lora_alpha=alpha, use_rslora=use_rslora,
+                         lora_dropout=dropout)
+    randomize_lora(pm)
     assert lp.inject_lora(ours, ["emb"], r=r, alpha=alpha, use_rslora=use_rslora, dropout=dropout) == ["emb"]
     _copy_peft_factors(pm, ours)
     return pm, ours, ours.emb
@@ -166,8 +152,8 @@ def test_embed_scale_of_the_base_layer_scales_the_update_as_peft():
     base = Tiny()
     base.emb = cls(V, D, padding_idx=0, embed_scale=3.0)
     ours = copy.deepcopy(base)
-    pm = _peft(base, target_modules=["emb"], r=4, lora_alpha=8)
-    _randomize(pm)
+    pm = peft_lora_model(base, target_modules=["emb"], r=4, lora_alpha=8)
+    randomize_lora(pm)
     lp.inject_lora(ours, ["emb"], r=4, alpha=8)
     _copy_peft_factors(pm, ours)
     x = _ids()
@@ -220,7 +206,7 @@ def test_merged_state_dict_loads_without_adding_twice():
         torch.manual_seed(0)
         m = Tiny(padding_idx=0)
         lp.inject_lora(m, ["emb", "head"], r=4, alpha=8)
-        _randomize(m, seed=5)
+        randomize_lora(m, seed=5)
         return m
 
     a = lora_model()
@@ -256,7 +242,7 @@ def test_tied_embedding_merge_is_refused():
     model = GPT(get_config("gpt-tiny").replace(tie_embeddings=True), backend="torch").eval()
     assert model.lm_head.weight is model.wte.weight
     lp.inject_lora(model, ["wte"], r=4, alpha=8)
-    _randomize(model)
+    randomize_lora(model)
     emb = model.wte.base_layer.weight.detach().clone()
     with pytest.raises(ValueError, match="tied"):  # merging would change lm_head too
         lp.merge_lora(model)
@@ -283,7 +269,7 @@ def test_inject_lora_on_zoo_model_keeps_lora_modules_and_trainability():
     assert {"embed_tokens.lora_embedding_A", "embed_tokens.lora_embedding_B"} <= trainable
     assert all("lora_" in n for n in trainable)
     assert model.embed_tokens.lora_embedding_A.shape == (4, model.config.vocab_size)
-    _randomize(model)
+    randomize_lora(model)
     x = _ids(vocab=model.config.vocab_size)
     out = model(x)
     out.float().square().mean().backward()
@@ -330,7 +316,7 @@ def test_our_adapter_loads_into_peft_with_the_same_outputs(tmp_path):
     ours = copy.deepcopy(base)
     lp.inject_lora(ours, ["embed_tokens", "q_proj"], r=4, alpha=8, use_rslora=True)
     lp.inject_lora(ours, ["lm_head"], r=2, alpha=3, use_rslora=True)
-    _randomize(ours, seed=7)
+    randomize_lora(ours, seed=7)
     x = _ids(vocab=64)
     with torch.no_grad():
         want = ours(x).logits
@@ -359,9 +345,9 @@ def test_peft_adapter_loads_into_llmkern_with_the_same_outputs(tmp_path):
     with torch.no_grad():  # a saved base table that differs from ours: PEFT loads it into the base layer
         altered = copy.deepcopy(base)
         altered.model.embed_tokens.weight.mul_(1.5)
-    pm = _peft(copy.deepcopy(altered), target_modules=["embed_tokens", "v_proj"], r=4, lora_alpha=16,
-               rank_pattern={"embed_tokens": 3}, alpha_pattern={"embed_tokens": 5})
-    _randomize(pm, seed=3)
+    pm = peft_lora_model(copy.deepcopy(altered), target_modules=["embed_tokens", "v_proj"], r=4, lora_alpha=16,
+                         rank_pattern={"embed_tokens": 3}, alpha_pattern={"embed_tokens": 5})
+    randomize_lora(pm, seed=3)
     pm.save_pretrained(tmp_path)
     x = _ids(vocab=64)
     with torch.no_grad():
@@ -375,14 +361,14 @@ def test_peft_adapter_loads_into_llmkern_with_the_same_outputs(tmp_path):
         torch.testing.assert_close(ours(x).logits, want, rtol=1e-5, atol=1e-5)
     # loading again into the same (now LoRA) model replaces the factors; a stale active embedding LoRA is refused
     lp.load_peft_adapter(ours, str(tmp_path))
-    pm_q = _peft(copy.deepcopy(base), target_modules=["q_proj"], r=4, lora_alpha=8)
+    pm_q = peft_lora_model(copy.deepcopy(base), target_modules=["q_proj"], r=4, lora_alpha=8)
     pm_q.save_pretrained(tmp_path / "q")
     with pytest.raises(ValueError, match="embed_tokens"):
         lp.load_peft_adapter(ours, str(tmp_path / "q"))
 
 
 def test_peft_dora_embedding_adapter_is_refused(tmp_path):
-    pm = _peft(_tiny_llama_hf(), target_modules=["embed_tokens", "q_proj"], r=4, use_dora=True)
+    pm = peft_lora_model(_tiny_llama_hf(), target_modules=["embed_tokens", "q_proj"], r=4, use_dora=True)
     pm.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="use_dora=True on embedding"):
         lp.load_peft_adapter(_tiny_llama_hf(), str(tmp_path))
@@ -403,8 +389,8 @@ def test_zoo_model_embedding_adapter_both_ways_with_hf_names(tmp_path, kind):
         transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
         targets, zoo_emb = ["wte", "wpe", "c_attn"], ["wte", "wpe"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
-    pm = _peft(hf, target_modules=targets, r=4, lora_alpha=8)
-    _randomize(pm, seed=9, std=0.2)
+    pm = peft_lora_model(hf, target_modules=targets, r=4, lora_alpha=8)
+    randomize_lora(pm, seed=9, std=0.2)
     pm.save_pretrained(tmp_path / "ad")
     x = _ids(vocab=64)
     with torch.no_grad():
@@ -436,7 +422,7 @@ def tp_worker(rank, world_size, tmp):
     torch.manual_seed(0)
     model = Llama(get_config("llama-tiny"), backend="torch").eval()
     inject_lora(model, ["embed_tokens", "q_proj", "v_proj"], r=4, alpha=8)
-    _randomize(model, seed=4, std=0.1)
+    randomize_lora(model, seed=4, std=0.1)
     x = _ids(vocab=model.config.vocab_size)
 
     def run(m):

@@ -12,7 +12,7 @@ import llmkern
 from llmkern import peft as lp
 from llmkern.models import Llama, get_config
 from llmkern.peft.lora import _set_submodule
-from llmkern.testing import triton_device
+from llmkern.testing import randomize_lora, triton_device
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,14 +36,6 @@ def _dense_copy(model):
         if isinstance(m, lp.NF4Linear):
             _set_submodule(dense, name, m.dequantize())
     return dense
-
-
-def _randomize_lora(model, seed=1, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def _lora_grads(model):
@@ -204,7 +196,7 @@ def test_quantize_nf4_under_existing_lora_layers():
     layer is quantized under the LoRALinear's name; merged layers are refused."""
     model = Llama(get_config("llama-tiny"), backend="torch")
     lp.inject_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
-    _randomize_lora(model)
+    randomize_lora(model, std=0.1)
     names = lp.quantize_nf4(model, ["q_proj", "k_proj"])
     assert "layers.0.self_attn.q_proj.base_layer" in names and "layers.0.self_attn.k_proj" in names
     q = model.layers[0].self_attn.q_proj
@@ -231,7 +223,7 @@ def _qlora_pair(use_dora=False, backend="torch", seed=0, double_quant=False):
     for m in (model, dense):
         torch.manual_seed(seed + 1)
         lp.inject_lora(m, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8, use_dora=use_dora)
-        _randomize_lora(m)
+        randomize_lora(m, std=0.1)
     return model, dense
 
 
@@ -284,7 +276,7 @@ def test_lora_layer_on_nf4_keeps_no_dense_weight(request, monkeypatch, backend, 
     K, N = 64, 40
     base = lp.NF4Linear.from_linear(nn.Linear(K, N), double_quant=double_quant)
     layer = lp.LoRALinear(base, r=4, alpha=8, dropout=dropout, use_dora=use_dora).train()
-    _randomize_lora(layer)
+    randomize_lora(layer, std=0.1)
     ref = lp.LoRALinear(layer.base_layer.dequantize(), r=4, alpha=8, dropout=dropout, use_dora=use_dora).train()
     ref.load_state_dict({k: v for k, v in layer.state_dict().items() if "base_layer" not in k}, strict=False)
     x = torch.randn(2, 7, K)
@@ -312,7 +304,7 @@ def test_qlora_layers_compile_fullgraph():
     for layer in (lp.NF4Linear.from_linear(nn.Linear(64, 32)),
                   lp.LoRALinear(lp.NF4Linear.from_linear(nn.Linear(64, 32)), r=4),
                   lp.LoRALinear(lp.NF4Linear.from_linear(nn.Linear(64, 32), double_quant=True), r=4)):
-        _randomize_lora(layer)
+        randomize_lora(layer, std=0.1)
         x = torch.randn(4, 64)
         xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         got = torch.compile(layer, fullgraph=True)(xa)
@@ -420,8 +412,8 @@ def test_qlora_dora_with_dropout_matches_dense_dora(double_quant):
     ref = lp.LoRALinear(base.dequantize(), r=4, alpha=8, dropout=0.2, use_dora=True).train()
     # the magnitude starts at the row norms of the dequantized weight (the layer starts as its base)
     torch.testing.assert_close(layer.lora_magnitude_vector, ref.lora_magnitude_vector)
-    _randomize_lora(layer)
-    _randomize_lora(ref)
+    randomize_lora(layer, std=0.1)
+    randomize_lora(ref, std=0.1)
     x = torch.randn(6, K)
     outs = []
     for m in (layer, ref):
@@ -457,7 +449,7 @@ def test_qlora_merge_behaviour(double_quant):
     # DoRA: merged_linear holds (m / ‖W + sBA‖) ⊙ (W + sBA) of the dequantized W
     layer = lp.LoRALinear(lp.NF4Linear.from_linear(nn.Linear(32, 16), double_quant=double_quant), r=4,
                           use_dora=True)
-    _randomize_lora(layer)
+    randomize_lora(layer, std=0.1)
     x = torch.randn(3, 32)
     with torch.no_grad():
         torch.testing.assert_close(layer.merged_linear()(x), layer(x), atol=1e-5, rtol=1e-5)
@@ -479,7 +471,7 @@ def test_qlora_adapter_saves_and_loads_both_ways(tmp_path):
     lp.load_peft_adapter(dense, str(tmp_path))
     lp.quantize_nf4(dense)
     injected, _ = _qlora_pair()
-    _randomize_lora(injected, seed=9)
+    randomize_lora(injected, seed=9, std=0.1)
     lp.load_peft_adapter(injected, str(tmp_path))
     with torch.no_grad():
         want = model(ids)
@@ -553,7 +545,7 @@ def _bnb_peft_model(tmp_path, double_quant=True, compute_dtype=torch.float32, dt
                                                              dtype=dtype)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets),
                                                       lora_dropout=0.0, **lora))
-    _randomize_lora(model)
+    randomize_lora(model, std=0.1)
     # train mode: in eval mode without grad, bitsandbytes repacks CPU weights into its own inference layout
     return model.train()
 

@@ -518,6 +518,27 @@ def _check_no_stale_lora(model, targets, path):
                          f"without LoRA there (or with fresh, zero lora_B factors)")
 
 
+def _lora_target(model, path, name, where, wrapper_type, r, taken=()):
+    """(module, its base layer) for the model's module `name` that rank-r checkpoint LoRA goes to. A `wrapper_type`
+    (LoRALinear, LoRAEmbedding, LoRAConv) is checked here (not merged, rank r); a plain layer comes with base layer
+    None, for the caller to check (its kind, the ranks its wrapper takes). `where` names the module in errors (with
+    its checkpoint name when that differs); `taken`: dicts of the modules already given LoRA weights."""
+    if any(name in t for t in taken):
+        raise ValueError(f"{path}: module {name} gets LoRA weights twice in the checkpoint")
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{path}: module {where!r} from the checkpoint is not in the model") from None
+    if not isinstance(mod, wrapper_type):
+        return mod, None
+    if mod.merged:
+        raise ValueError(f"{path}: module {name} is merged; unmerge_lora(model) before loading new adapter "
+                         f"weights into it (its weight would keep the old update)")
+    if mod.r != r:
+        raise ValueError(f"{path}: {where} has rank {mod.r}, checkpoint has {r}")
+    return mod, mod.base_layer
+
+
 def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> nn.Module:
     """Load a PEFT LoRA adapter directory into ``model`` (a plain model, not a PeftModel).
 
@@ -635,16 +656,19 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
                              f"{source} in the checkpoint")
         targets[name] = (source, A, B, r, alpha, W, M)
 
-    for name, ab in pairs.items():
+    def factors(what, name, ab, key="lora_"):
+        """A checkpoint module's (A, B, r, alpha), its rank checked against the config's."""
         if set(ab) != {"A", "B"}:
-            raise ValueError(f"{path}: module {name} has only lora_{''.join(ab)}")
-        A, B = ab["A"], ab["B"]
-        r = A.shape[0]
+            raise ValueError(f"{path}: {what} {name} has only {key}{''.join(ab)}")
+        r = ab["A"].shape[0]
         # rank_pattern / alpha_pattern name the modules as the checkpoint does
-        if r != _pattern_value(config.get("rank_pattern"), name, r_default):
-            raise ValueError(f"{path}: {name}.lora_A has rank {r}, config says "
-                             f"{_pattern_value(config.get('rank_pattern'), name, r_default)}")
-        alpha = _pattern_value(config.get("alpha_pattern"), name, alpha_default)
+        want = _pattern_value(config.get("rank_pattern"), name, r_default)
+        if r != want:
+            raise ValueError(f"{path}: {name}.{key}A has rank {r}, config says {want}")
+        return ab["A"], ab["B"], r, _pattern_value(config.get("alpha_pattern"), name, alpha_default)
+
+    for name, ab in pairs.items():
+        A, B, r, alpha = factors("module", name, ab)
         W = base_weights.get(name)
         M = magnitudes.get(name)
         if hf is None or name in hf or name not in by_hf:  # the model's own name
@@ -665,35 +689,25 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
 
     for name, (source, A, B, r, alpha, W, M) in targets.items():
         where = name if source == name else f"{name} (from {source} in the checkpoint)"
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{path}: module {where!r} from the checkpoint is not in the model") from None
-        if isinstance(mod, LoRALinear):
-            if mod.merged:
-                raise ValueError(f"{path}: module {name} is merged; unmerge_lora(model) before loading new adapter "
-                                 f"weights into it (its weight would keep the old update)")
-            if mod.r != r:
-                raise ValueError(f"{path}: {where} has rank {mod.r}, checkpoint has {r}")
-            layer = mod.base_layer
-        elif isinstance(mod, (nn.Linear, NF4Linear)):  # (QLoRA: quantize_nf4 first, then load the adapter)
-            if not 1 <= r <= MAX_RANK:
-                raise ValueError(f"{path}: {where}: rank {r} is outside LoRALinear's 1..{MAX_RANK}")
+        mod, layer = _lora_target(model, path, name, where, LoRALinear, r)  # (add refused duplicates)
+        if layer is None:
+            if isinstance(mod, (nn.Linear, NF4Linear)):  # (QLoRA: quantize_nf4 first, then load the adapter)
+                if not 1 <= r <= MAX_RANK:
+                    raise ValueError(f"{path}: {where}: rank {r} is outside LoRALinear's 1..{MAX_RANK}")
+            elif _is_parallel(mod):  # a tensor-parallel layer: whole shapes checked, this rank's shard loaded
+                if mod.lora_A is None:
+                    raise ValueError(f"{path}: {where} is a {type(mod).__name__} without LoRA parameters; inject "
+                                     f"LoRA (inject_lora) before tensor_parallelize, then load the adapter")
+                if mod.lora_A.shape[0] != r:
+                    raise ValueError(f"{path}: {where} has rank {mod.lora_A.shape[0]}, checkpoint has {r}")
+                if W is not None:
+                    raise ValueError(f"{path}: {name}.base_layer.weight: base weights of tensor-parallel layers "
+                                     f"cannot be loaded")
+                if M is not None:
+                    raise ValueError(f"{path}: {where}: DoRA (use_dora) is not supported on tensor-parallel layers")
+            else:
+                raise ValueError(f"{path}: module {name} is a {type(mod).__name__}, not an nn.Linear (or NF4Linear)")
             layer = mod
-        elif _is_parallel(mod):  # a tensor-parallel layer: whole shapes checked, this rank's shard loaded
-            if mod.lora_A is None:
-                raise ValueError(f"{path}: {where} is a {type(mod).__name__} without LoRA parameters; inject "
-                                 f"LoRA (inject_lora) before tensor_parallelize, then load the adapter")
-            if mod.lora_A.shape[0] != r:
-                raise ValueError(f"{path}: {where} has rank {mod.lora_A.shape[0]}, checkpoint has {r}")
-            if W is not None:
-                raise ValueError(f"{path}: {name}.base_layer.weight: base weights of tensor-parallel layers "
-                                 f"cannot be loaded")
-            if M is not None:
-                raise ValueError(f"{path}: {where}: DoRA (use_dora) is not supported on tensor-parallel layers")
-            layer = mod
-        else:
-            raise ValueError(f"{path}: module {name} is a {type(mod).__name__}, not an nn.Linear (or NF4Linear)")
         if tuple(A.shape) != (r, layer.in_features) or tuple(B.shape) != (layer.out_features, r):
             raise ValueError(f"{path}: {where}: checkpoint shapes A{tuple(A.shape)} B{tuple(B.shape)} do not "
                              f"fit the layer (A{(r, layer.in_features)} B{(layer.out_features, r)})")
@@ -719,36 +733,17 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     emb_targets = {}  # embeddings: model module name -> (checkpoint name, A, B, r, alpha, base weight)
     hf_emb = {v: k for k, v in _hf_embedding_names(model).items()} if hf is not None else {}
     for name, ab in emb_pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"{path}: embedding {name} has only lora_embedding_{''.join(ab)}")
-        A, B = ab["A"], ab["B"]
-        r = A.shape[0]
-        if r != _pattern_value(config.get("rank_pattern"), name, r_default):
-            raise ValueError(f"{path}: {name}.lora_embedding_A has rank {r}, config says "
-                             f"{_pattern_value(config.get('rank_pattern'), name, r_default)}")
-        alpha = _pattern_value(config.get("alpha_pattern"), name, alpha_default)
+        A, B, r, alpha = factors("embedding", name, ab, "lora_embedding_")
         zn = hf_emb.get(name, name)
         where = name if zn == name else f"{zn} (from {name} in the checkpoint)"
-        if zn in targets or zn in emb_targets:
-            raise ValueError(f"{path}: module {zn} gets LoRA weights twice in the checkpoint")
-        try:
-            mod = model.get_submodule(zn)
-        except AttributeError:
-            raise ValueError(f"{path}: module {where!r} from the checkpoint is not in the model") from None
-        if isinstance(mod, LoRAEmbedding):
-            if mod.merged:
-                raise ValueError(f"{path}: module {zn} is merged; unmerge_lora(model) before loading new adapter "
-                                 f"weights into it (its weight would keep the old update)")
-            if mod.r != r:
-                raise ValueError(f"{path}: {where} has rank {mod.r}, checkpoint has {r}")
-            layer = mod.base_layer
-        elif isinstance(mod, nn.Embedding):
+        mod, layer = _lora_target(model, path, zn, where, LoRAEmbedding, r, (targets, emb_targets))
+        if layer is None:
+            if not isinstance(mod, nn.Embedding):
+                raise ValueError(f"{path}: module {zn} is a {type(mod).__name__}, but the checkpoint has embedding "
+                                 f"LoRA weights (lora_embedding_A / B) for it: not an nn.Embedding")
             if r < 1:
                 raise ValueError(f"{path}: {where}: rank {r} must be positive")
             layer = mod
-        else:
-            raise ValueError(f"{path}: module {zn} is a {type(mod).__name__}, but the checkpoint has embedding LoRA "
-                             f"weights (lora_embedding_A / B) for it: not an nn.Embedding")
         if (tuple(A.shape) != (r, layer.num_embeddings) or tuple(B.shape) != (layer.embedding_dim, r)):
             raise ValueError(f"{path}: {where}: checkpoint shapes lora_embedding_A{tuple(A.shape)} "
                              f"lora_embedding_B{tuple(B.shape)} do not fit the embedding "
@@ -761,36 +756,19 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
 
     conv_targets = {}  # convs: model module name -> (A, B, r, alpha, base weight); the model's own names
     for name, ab in conv_pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"{path}: conv {name} has only lora_{''.join(ab)}")
-        A, B = ab["A"], ab["B"]
-        r = A.shape[0]
-        if r != _pattern_value(config.get("rank_pattern"), name, r_default):
-            raise ValueError(f"{path}: {name}.lora_A has rank {r}, config says "
-                             f"{_pattern_value(config.get('rank_pattern'), name, r_default)}")
-        alpha = _pattern_value(config.get("alpha_pattern"), name, alpha_default)
-        if name in targets or name in emb_targets:
-            raise ValueError(f"{path}: module {name} gets LoRA weights twice in the checkpoint")
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{path}: module {name!r} from the checkpoint is not in the model") from None
-        if isinstance(mod, LoRAConv):
-            if mod.merged:
-                raise ValueError(f"{path}: module {name} is merged; unmerge_lora(model) before loading new adapter "
-                                 f"weights into it (its weight would keep the old update)")
-            if mod.r != r:
-                raise ValueError(f"{path}: {name} has rank {mod.r}, checkpoint has {r}")
-            layer = mod.base_layer
-        elif isinstance(mod, CONV_TYPES):
+        A, B, r, alpha = factors("conv", name, ab)
+        mod, layer = _lora_target(model, path, name, name, LoRAConv, r, (targets, emb_targets))
+        if layer is None:
+            if not isinstance(mod, CONV_TYPES):
+                raise ValueError(f"{path}: module {name} is a {type(mod).__name__}, but the checkpoint has conv LoRA "
+                                 f"weights (lora_A {tuple(A.shape)}) for it: not an nn.Conv1d/2d/3d")
+            if r < 1:  # (here, not in LoRAConv(): that would raise with other modules already loaded)
+                raise ValueError(f"{path}: {name}: rank {r} must be positive")
             try:  # (what LoRAConv refuses: dilation, padding_mode, r not divisible by groups, ...)
                 _check_conv_base(mod, r)
             except ValueError as exc:
                 raise ValueError(f"{path}: {name}: {exc}") from None
             layer = mod
-        else:
-            raise ValueError(f"{path}: module {name} is a {type(mod).__name__}, but the checkpoint has conv LoRA "
-                             f"weights (lora_A {tuple(A.shape)}) for it: not an nn.Conv1d/2d/3d")
         nd = layer.weight.dim() - 2
         want_a = (r, layer.in_channels, *layer.kernel_size)
         want_b = (layer.out_channels, r // layer.groups, *(1,) * nd)
