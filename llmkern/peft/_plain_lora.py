@@ -1,26 +1,67 @@
-"""What LoRAEmbedding and LoRAConv share: plain LoRA (no DoRA, no 4-bit base) around a layer whose weight the
-update folds into. A subclass creates its two factors, defines `_lora_factors()` (A, B), `_delta()` (the update
-in the weight's shape, in `_acc_dtype()`), `reset_lora_parameters()` and `forward`, and may refuse a merge in
-`_check_mergeable(what)`. Merging, unmerging and the merged state in the state dict work as LoRALinear's.
+"""PlainLoRA: the state and bookkeeping every llmkern LoRA layer shares, around a base layer whose weight the
+update folds into: the arguments (r, alpha, dropout, rsLoRA), the merged / disabled state, merge / unmerge,
+the merged state in the state dict. LoRALinear (llmkern.peft.lora: the fused op, DoRA, a 4-bit base),
+LoRAEmbedding and LoRAConv derive from it.
+
+A subclass checks its base layer's type, calls ``PlainLoRA.__init__``, creates its factors, calls
+``_finish_init(freeze_base)`` and defines ``_lora_factors()`` (A, B), ``_delta()`` (the update in the weight's
+shape, in ``_acc_dtype()``), ``reset_lora_parameters()`` and ``forward`` (which starts with ``_base_only()``).
+It may refuse a merge in ``_check_mergeable(what)``. LoRALinear also overrides ``weight`` / ``_base_dtype`` /
+``_dense_weight`` (a 4-bit base) and ``_dora_merge`` / ``_dora_unmerge`` (DoRA's row rescaling); without DoRA
+(``use_dora=True`` is refused unless the class sets ``_supports_dora``) they are the identity.
 """
+import math
+
 import torch
 from torch import nn
 
-from llmkern.peft.lora import _MERGED_KEY, _MERGED_NORM_KEY, _save_merged_state, check_lora_args, lora_scaling
+
+def check_lora_args(r, alpha, dropout, max_rank=None):
+    """ValueError naming the argument for a bad rank (a positive int, at most max_rank if given), alpha (finite)
+    or dropout (in [0, 1))."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1 or (max_rank is not None and r > max_rank):
+        raise ValueError(f"r must be {'a positive int' if max_rank is None else f'an int in 1..{max_rank}'}, "
+                         f"got {r!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not -math.inf < alpha < math.inf:
+        raise ValueError(f"alpha must be a finite float, got {alpha!r}")
+
+
+def lora_scaling(alpha, r, use_rslora=False) -> float:
+    """PEFT's LoRA scaling: alpha / r, alpha / sqrt(r) with rsLoRA."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
+_MERGED_KEY, _MERGED_NORM_KEY = "lora_merged", "lora_dora_merged_norm"
+
+
+def _save_merged_state(module, state_dict, prefix, local_metadata):
+    """A merged LoRA layer's state_dict marks it (its base weight holds W + s B A, and for DoRA the row norms
+    unmerge() needs): loading it into an unmerged layer, or an unmerged checkpoint into a merged layer, then
+    keeps the right state instead of adding the update twice or dropping it. Unmerged state_dicts are unchanged."""
+    for key in (_MERGED_KEY, _MERGED_NORM_KEY):  # (the properties of the same names)
+        value = getattr(module, key)
+        if value is not None:
+            state_dict[prefix + key] = value.detach().clone()
+    return state_dict
 
 
 class PlainLoRA(nn.Module):
-    quantized = False  # (LoRALinear's flag for a 4-bit base; these bases never are)
+    quantized = False  # (LoRALinear's flag for a 4-bit base; the others' bases never are)
+    _supports_dora = False  # (LoRALinear: use_dora=True is taken)
 
-    def __init__(self, base_layer: nn.Module, r, alpha, dropout, use_rslora, use_dora, kind):
+    def __init__(self, base_layer: nn.Module, r, alpha, dropout, use_rslora, use_dora, kind, max_rank=None):
         super().__init__()
-        check_lora_args(r, alpha, dropout)
-        if use_dora:
+        check_lora_args(r, alpha, dropout, max_rank)
+        if use_dora and not self._supports_dora:
             raise ValueError(f"use_dora=True is not supported on {kind} layers by llmkern.peft ({type(self).__name__} "
                              f"is plain LoRA); leave the {kind} layer out of a DoRA adapter's target_modules")
         self.base_layer = base_layer
         self.r, self.alpha, self.dropout, self.use_rslora = r, float(alpha), float(dropout), bool(use_rslora)
-        self.use_dora = False
+        self.use_dora = bool(use_dora)
+        # DoRA: the row norms merge() divided by, which unmerge() needs (the merged weight no longer has them)
+        self.register_buffer("_dora_merged_norm", None, persistent=False)
         self.merged = False
         self.disabled = False
         self._register_state_dict_hook(_save_merged_state)
@@ -40,22 +81,51 @@ class PlainLoRA(nn.Module):
     def weight(self):
         return self.base_layer.weight
 
+    def _base_dtype(self):
+        """The dtype the base weight is stored (or for a 4-bit base computed) in."""
+        return self.weight.dtype
+
+    def _dense_weight(self):
+        """The base weight as a dense tensor."""
+        return self.weight
+
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self._lora_factors())
 
     def _acc_dtype(self):
-        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        """float32 for 16-bit weights, float64 for float64 ones (a float32 product made the float64
+        merge/unmerge round trip lossy)."""
+        return torch.float64 if self._base_dtype() == torch.float64 else torch.float32
 
     def _check_mergeable(self, what):
         """Raise ValueError when the update cannot be folded into the weight (nothing by default)."""
 
+    def _dora_merge(self, new, safe_merge, what):
+        """(DoRA's merged weight from ``new`` = W + s B A, the row norms unmerge() needs); (new, None) without DoRA."""
+        return new, None
+
+    def _dora_unmerge(self, w):
+        """The merged weight ``w`` with DoRA's rescaling taken out (``w`` itself without DoRA)."""
+        return w
+
+    def _base_only(self) -> bool:
+        """Whether forward is the base layer's alone: merged (the weight holds the update) or disabled (PEFT's
+        disable_adapters). A disabled merged layer is unmerged first, as PEFT does, so that the output is the
+        base model's."""
+        if self.disabled and self.merged:
+            self.unmerge()
+        return self.merged or self.disabled
+
     def _merged_weight(self, safe_merge, what="merge"):
+        """(the merged weight W + s B A, or with DoRA (m / n) ⊙ (W + s B A), in the accumulation dtype; n or None),
+        checked as merge() documents when safe_merge."""
         self._check_mergeable(what)
-        new = self.weight.to(self._acc_dtype()) + self._delta()
-        if safe_merge and not torch.isfinite(new.to(self.weight.dtype)).all():
-            raise ValueError(f"{what}: the merged weight has non-finite values (NaN/inf) in {self.weight.dtype}; "
+        new, norm = self._dora_merge(self._dense_weight().to(self._acc_dtype()) + self._delta(), safe_merge, what)
+        # (checked in the base dtype the weight is stored in: float16 overflows past 65504)
+        if safe_merge and not torch.isfinite(new.to(self._base_dtype())).all():
+            raise ValueError(f"{what}: the merged weight has non-finite values (NaN/inf) in {self._base_dtype()}; "
                              "the adapter is broken (or the sum overflows the dtype), weight left unchanged")
-        return new
+        return new, norm
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = True):
@@ -63,34 +133,44 @@ class PlainLoRA(nn.Module):
         non-finite result raises and leaves the weight unchanged; a layer that cannot merge raises."""
         if self.merged:
             return
-        self.weight.copy_(self._merged_weight(safe_merge).to(self.weight.dtype))
+        new, norm = self._merged_weight(safe_merge)
+        self.weight.copy_(new.to(self.weight.dtype))
+        self._dora_merged_norm = norm
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if not self.merged:
             return
-        self.weight.copy_((self.weight.to(self._acc_dtype()) - self._delta()).to(self.weight.dtype))
+        w = self._dora_unmerge(self.weight.to(self._acc_dtype()))
+        self.weight.copy_((w - self._delta()).to(self.weight.dtype))
+        self._dora_merged_norm = None
         self.merged = False
 
-    # the merged layer's state-dict entries as attributes (see LoRALinear; _save_merged_state reads them)
+    # the merged layer's state-dict entries as attributes (torch.distributed.checkpoint resolves every key by name;
+    # _save_merged_state reads them)
     @property
     def lora_merged(self):
         return torch.tensor(self.merged, device=self._lora_factors()[0].device) if self.merged else None
 
     @property
     def lora_dora_merged_norm(self):
-        return None
+        return self._dora_merged_norm
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        """As LoRALinear's: a checkpoint with the base weight brings its merged state along; LoRA weights alone
-        into a layer whose merged state differs are refused (the update would count twice, or not at all)."""
+        """A merged layer's state_dict says so (see _save_merged_state). A checkpoint carrying its base weight
+        brings its merged state along; LoRA weights alone into a layer whose merged state differs would apply
+        the update twice or not at all, so they are refused."""
         merged = state_dict.pop(prefix + _MERGED_KEY, None) is not None
-        state_dict.pop(prefix + _MERGED_NORM_KEY, None)
+        norm = state_dict.pop(prefix + _MERGED_NORM_KEY, None)
         name = prefix[:-1] or "the root module"
-        if prefix + "base_layer.weight" in state_dict:
-            self.merged = merged
+        if prefix + "base_layer.weight" in state_dict:  # the base weight brings its state (DoRA: and its norms)
+            if merged and self.use_dora and norm is None:
+                error_msgs.append(f"LoRA layer {name}: a merged DoRA checkpoint without its merged row norms")
+            else:
+                self.merged = merged
+                self._dora_merged_norm = norm.to(self.weight.device) if merged and self.use_dora else None
         elif merged != self.merged:
             error_msgs.append(f"LoRA layer {name} is {'' if self.merged else 'not '}merged but the checkpoint "
                               f"was saved {'' if merged else 'un'}merged and has no base weight for it: "

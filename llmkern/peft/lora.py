@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from llmkern.ops.lora import lora_linear
+from llmkern.peft._plain_lora import PlainLoRA, check_lora_args, lora_scaling  # noqa: F401 (re-exported)
 from llmkern.peft.dora import dora_linear, dora_weight_norm
 from llmkern.peft.qlora import NF4Linear, nf4_dora_linear
 
@@ -26,24 +27,7 @@ def has_forward_hooks(module: nn.Module) -> bool:
     return hasattr(module, "_hf_hook") or bool(module._forward_pre_hooks) or bool(module._forward_hooks)
 
 
-def check_lora_args(r, alpha, dropout, max_rank=None):
-    """ValueError naming the argument for a bad rank (a positive int, at most max_rank if given), alpha (finite)
-    or dropout (in [0, 1))."""
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1 or (max_rank is not None and r > max_rank):
-        raise ValueError(f"r must be {'a positive int' if max_rank is None else f'an int in 1..{max_rank}'}, "
-                         f"got {r!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not -math.inf < alpha < math.inf:
-        raise ValueError(f"alpha must be a finite float, got {alpha!r}")
-
-
-def lora_scaling(alpha, r, use_rslora=False) -> float:
-    """PEFT's LoRA scaling: alpha / r, alpha / sqrt(r) with rsLoRA."""
-    return alpha / (math.sqrt(r) if use_rslora else r)
-
-
-class LoRALinear(nn.Module):
+class LoRALinear(PlainLoRA):
     """An ``nn.Linear`` with a LoRA update computed by ``llmkern.lora_linear`` (one fused op).
 
     The wrapped layer is kept as ``base_layer`` (PEFT's name) and frozen; ``lora_A`` ``[r, in]`` and
@@ -66,36 +50,27 @@ class LoRALinear(nn.Module):
 
     ``disabled = True`` runs the base layer alone (PEFT's disable_adapters); a merged layer is unmerged by its
     next forward, as PEFT does, so the output is the base model's.
+
+    The state, merge / unmerge and state-dict bookkeeping are PlainLoRA's (shared with LoRAEmbedding and LoRAConv);
+    this class adds the fused forward, DoRA (the magnitude, ``_dora_merge`` / ``_dora_unmerge``) and the 4-bit base.
     """
+    _supports_dora = True
 
     def __init__(self, base_layer: Union[nn.Linear, NF4Linear], r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
                  use_rslora: bool = False, freeze_base: bool = True, use_dora: bool = False):
-        super().__init__()
         if not isinstance(base_layer, (nn.Linear, NF4Linear)):
             raise TypeError(f"base_layer must be an nn.Linear or an llmkern.peft.NF4Linear, got "
                             f"{type(base_layer).__name__}")
-        check_lora_args(r, alpha, dropout, MAX_RANK)
-        self.base_layer = base_layer
+        super().__init__(base_layer, r, alpha, dropout, use_rslora, use_dora, "linear", MAX_RANK)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.r, self.alpha, self.dropout, self.use_rslora = r, float(alpha), float(dropout), bool(use_rslora)
-        w = base_layer.nf4_weight() if isinstance(base_layer, NF4Linear) else base_layer.weight
+        w = self.weight
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=w.device, dtype=w.dtype))
-        self.use_dora = bool(use_dora)
         self.register_parameter("lora_magnitude_vector", None)
-        # DoRA: the row norms merge() divided by, which unmerge() needs (the merged weight no longer has them)
-        self.register_buffer("_dora_merged_norm", None, persistent=False)
-        self.merged = False
-        self.disabled = False
-        self._register_state_dict_hook(_save_merged_state)
-        if freeze_base:
-            for p in base_layer.parameters():
-                p.requires_grad_(False)
-        self.reset_lora_parameters()
+        self._finish_init(freeze_base)
 
-    @property
-    def scaling(self) -> float:
-        return lora_scaling(self.alpha, self.r, self.use_rslora)
+    def _lora_factors(self):
+        return self.lora_A, self.lora_B
 
     @property
     def quantized(self) -> bool:
@@ -154,11 +129,6 @@ class LoRALinear(nn.Module):
         computed without forming B A (llmkern.peft.dora_weight_norm). Only meaningful unmerged."""
         return dora_weight_norm(self._dense_weight(), self.lora_A, self.lora_B, self.scaling)
 
-    def _acc_dtype(self):
-        """float32 for 16-bit weights, float64 for float64 ones (a float32 product made the float64
-        merge/unmerge round trip lossy)."""
-        return torch.float64 if self._base_dtype() == torch.float64 else torch.float32
-
     def _delta(self):
         dt = self._acc_dtype()
         return self.scaling * (self.lora_B.to(dt) @ self.lora_A.to(dt))
@@ -169,25 +139,24 @@ class LoRALinear(nn.Module):
         not part of it.)"""
         return self._delta().to(self._base_dtype())
 
-    def _merged_weight(self, safe_merge, what="merge"):
-        """(W + s B A, or with DoRA (m / n) ⊙ (W + s B A), in the accumulation dtype; n or None), checked
-        as merge() documents when safe_merge."""
-        new = self._dense_weight().to(self._acc_dtype()) + self._delta()
-        norm = None
-        if self.use_dora:
-            norm = self.dora_weight_norm()
-            factor = self.lora_magnitude_vector.to(norm.dtype) / norm
-            if safe_merge and not bool((factor != 0).all()):
-                raise ValueError(f"{what}: lora_magnitude_vector has zero entries (or the ratio underflows): "
-                                 "unmerge() could not restore those rows; weight left unchanged")
-            new = factor.to(new.dtype)[:, None] * new
-        # (checked in the base dtype the weight is stored in: float16 overflows past 65504)
-        if safe_merge and not torch.isfinite(new.to(self._base_dtype())).all():
-            raise ValueError(f"{what}: the merged weight has non-finite values (NaN/inf) in {self._base_dtype()}; "
-                             "the adapter is broken (or the sum overflows the dtype), weight left unchanged")
-        return new, norm
+    def _dora_merge(self, new, safe_merge, what):
+        """DoRA: (m / n) ⊙ new row-wise with n = ‖W + s B A‖_row, and n (PEFT's merge); new as it is otherwise."""
+        if not self.use_dora:
+            return new, None
+        norm = self.dora_weight_norm()
+        factor = self.lora_magnitude_vector.to(norm.dtype) / norm
+        if safe_merge and not bool((factor != 0).all()):
+            raise ValueError(f"{what}: lora_magnitude_vector has zero entries (or the ratio underflows): "
+                             "unmerge() could not restore those rows; weight left unchanged")
+        return factor.to(new.dtype)[:, None] * new, norm
 
-    @torch.no_grad()
+    def _dora_unmerge(self, w):
+        """PEFT's DoRA unmerge: W_merged / (m / n), n as merge() computed it (then unmerge() subtracts s B A)."""
+        if not self.use_dora:
+            return w
+        factor = self.lora_magnitude_vector.to(self._dora_merged_norm.dtype) / self._dora_merged_norm
+        return w / factor.to(w.dtype)[:, None]
+
     def merge(self, safe_merge: bool = True):
         """Fold the update into the base weight: after this, forward is a plain linear.
 
@@ -195,16 +164,11 @@ class LoRALinear(nn.Module):
         merge); n is kept for unmerge(). With ``safe_merge`` a non-finite result, or a zero magnitude
         entry (its merged row would be 0 and unmerge() could not give W back), raises and leaves the
         weight unchanged. A 4-bit base raises ValueError (see the class docstring; ``merged_linear()``)."""
-        if self.merged:
-            return
-        if self.quantized:
+        if self.quantized and not self.merged:
             raise ValueError("merge: the base layer is 4-bit (NF4Linear); W + s·B·A cannot be stored in it without "
                              "re-quantizing. Use merge_lora(model, remove=True) (or layer.merged_linear()), which "
                              "gives a dense nn.Linear of dequantized W + s·B·A (quantize_nf4 it again if wanted)")
-        new, norm = self._merged_weight(safe_merge)
-        self.weight.copy_(new.to(self.weight.dtype))
-        self._dora_merged_norm = norm
-        self.merged = True
+        super().merge(safe_merge)
 
     @torch.no_grad()
     def merged_linear(self, safe_merge: bool = True) -> nn.Linear:
@@ -219,56 +183,12 @@ class LoRALinear(nn.Module):
             dense.bias.copy_(self.bias)
         return dense.requires_grad_(False)
 
-    @torch.no_grad()
-    def unmerge(self):
-        if not self.merged:
-            return
-        w = self.weight.to(self._acc_dtype())
-        if self.use_dora:  # PEFT's unmerge: W = W_merged / (m / n) - s B A, n as merge() computed it
-            factor = self.lora_magnitude_vector.to(self._dora_merged_norm.dtype) / self._dora_merged_norm
-            w = w / factor.to(w.dtype)[:, None]
-        self.weight.copy_((w - self._delta()).to(self.weight.dtype))
-        self._dora_merged_norm = None
-        self.merged = False
-
-    # the merged layer's state-dict entries as attributes (torch.distributed.checkpoint resolves every key by name)
-    @property
-    def lora_merged(self):
-        return torch.tensor(self.merged, device=self.lora_A.device) if self.merged else None
-
-    @property
-    def lora_dora_merged_norm(self):
-        return self._dora_merged_norm
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        """A merged layer's state_dict says so (see _save_merged_state). A checkpoint carrying its base weight
-        brings its merged state along; LoRA weights alone into a layer whose merged state differs would apply
-        the update twice or not at all, so they are refused."""
-        merged = state_dict.pop(prefix + _MERGED_KEY, None) is not None
-        norm = state_dict.pop(prefix + _MERGED_NORM_KEY, None)
-        name = prefix[:-1] or "the root module"
-        if prefix + "base_layer.weight" in state_dict:  # the base weight brings its state (DoRA: and its norms)
-            if merged and self.use_dora and norm is None:
-                error_msgs.append(f"LoRA layer {name}: a merged DoRA checkpoint without its merged row norms")
-            else:
-                self.merged = merged
-                self._dora_merged_norm = norm.to(self.weight.device) if merged and self.use_dora else None
-        elif merged != self.merged:
-            error_msgs.append(f"LoRA layer {name} is {'' if self.merged else 'not '}merged but the checkpoint "
-                              f"was saved {'' if merged else 'un'}merged and has no base weight for it: "
-                              f"{'unmerge' if self.merged else 'merge'}() the layer first")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
     def num_trainable_parameters(self) -> int:
-        n = self.lora_A.numel() + self.lora_B.numel()
+        n = super().num_trainable_parameters()
         return n + (self.lora_magnitude_vector.numel() if self.lora_magnitude_vector is not None else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled and self.merged:  # the merged weight holds the update: take it out first, as PEFT does
-            self.unmerge()
-        if self.merged or self.disabled:
+        if self._base_only():
             return self.base_layer(x)
         p = self.dropout if self.training else 0.0
         if has_forward_hooks(self.base_layer):
@@ -306,20 +226,6 @@ class LoRALinear(nn.Module):
                 f"alpha={self.alpha}, dropout={self.dropout}, rslora={self.use_rslora}, "
                 + ("dora=True, " if self.use_dora else "") + ("nf4=True, " if self.quantized else "")
                 + f"merged={self.merged}")
-
-
-_MERGED_KEY, _MERGED_NORM_KEY = "lora_merged", "lora_dora_merged_norm"
-
-
-def _save_merged_state(module, state_dict, prefix, local_metadata):
-    """A merged LoRALinear's state_dict marks it (its base weight holds W + s B A, and for DoRA the row norms
-    unmerge() needs): loading it into an unmerged layer, or an unmerged checkpoint into a merged layer, then
-    keeps the right state instead of adding the update twice or dropping it. Unmerged state_dicts are unchanged."""
-    for key in (_MERGED_KEY, _MERGED_NORM_KEY):  # (the properties of the same names)
-        value = getattr(module, key)
-        if value is not None:
-            state_dict[prefix + key] = value.detach().clone()
-    return state_dict
 
 
 def _matches(name: str, targets: Union[str, Sequence[str]]) -> bool:

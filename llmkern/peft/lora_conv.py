@@ -104,10 +104,9 @@ class LoRAConv(PlainLoRA):
         return self._delta().to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled and self.merged:  # the merged weight holds the update: take it out first, as PEFT does
-            self.unmerge()
+        base_only = self._base_only()  # (merged or disabled; a disabled merged layer is unmerged first)
         result = self.base_layer(x)
-        if self.merged or self.disabled:
+        if base_only:
             return result
         base = self.base_layer
         conv = _CONV_FN[self.lora_A.dim() - 2]

@@ -93,10 +93,9 @@ class LoRAEmbedding(PlainLoRA):
                          f"{type(scale).__name__} of shape {tuple(getattr(scale, 'shape', ()))}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled and self.merged:  # the merged table holds the update: take it out first, as PEFT does
-            self.unmerge()
+        base_only = self._base_only()  # (merged or disabled; a disabled merged layer is unmerged first)
         result = self.base_layer(x)
-        if self.merged or self.disabled:
+        if base_only:
             return result
         base = self.base_layer
         after_a = F.embedding(x, self.lora_embedding_A.T, padding_idx=base.padding_idx, max_norm=base.max_norm,
