@@ -62,12 +62,87 @@ _UNSUPPORTED = (
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
 
 
-def _pattern_value(patterns, name, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: key k matches module names ending in k."""
+def _pattern_entry(patterns, name):
+    r"""PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key): the first key k whose regex
+    (.*\.)?(k)$ matches the module name `name`, with its value; None when no key matches."""
     for k, v in (patterns or {}).items():
         if re.match(rf"(.*\.)?({k})$", name):
-            return v
-    return default
+            return k, v
+    return None
+
+
+def _config_flag(path, config, key):
+    """A true / false entry of adapter_config.json (missing or null: false, LoraConfig's default). PEFT takes the
+    value's truthiness, so a string ("false") would switch it on: only a JSON boolean (or 0 / 1) is taken."""
+    value = config.get(key)
+    if value is None or isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f"{path}: {CONFIG_NAME}: {key}={value!r} must be true or false")
+
+
+def _config_dropout(path, config):
+    """lora_dropout (missing: 0.0, LoraConfig's default) as a float in [0, 1): what llmkern's LoRA layers take (PEFT
+    itself fails on a non-number; 1.0 would drop the whole update in training, a negative value or NaN is no
+    probability)."""
+    p = config.get("lora_dropout", 0.0)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{path}: {CONFIG_NAME}: lora_dropout={p!r} must be a number in [0, 1) (the probability "
+                         f"with which the LoRA branch's inputs are dropped in training)")
+    return float(p)
+
+
+def _config_patterns(path, config):
+    """{"rank_pattern": {...}, "alpha_pattern": {...}} of adapter_config.json (missing or null: empty), each a JSON
+    object whose keys are valid regexes under PEFT's rule (a bad one would make PEFT's re.match raise). Their values
+    are checked where a module uses them (_module_rank / _module_alpha): PEFT ignores the others."""
+    out = {}
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key)
+        if patterns is None:
+            patterns = {}
+        if not isinstance(patterns, dict):
+            raise ValueError(f"{path}: {CONFIG_NAME}: {key} must be an object {{module regex: value}}, got "
+                             f"{patterns!r}")
+        for k in patterns:
+            try:
+                re.compile(rf"(.*\.)?({k})$")
+            except re.error as exc:
+                raise ValueError(f"{path}: {CONFIG_NAME}: {key} key {k!r} is not a valid regular expression "
+                                 f"({exc})") from None
+        out[key] = patterns
+    return out
+
+
+def _module_rank(path, config, patterns, name):
+    """(key, rank): the rank adapter_config.json gives the checkpoint module `name` (rank_pattern, else r; PEFT's
+    lookup) and the key it comes from, checked to be an int (PEFT builds nn.Linear(in, r) layers from it; the caller
+    compares it with the checkpoint's rank and refuses a rank below 1)."""
+    hit = _pattern_entry(patterns["rank_pattern"], name)
+    key, r = (f"rank_pattern[{hit[0]!r}]", hit[1]) if hit else ("r", config.get("r", 8))
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise ValueError(f"{path}: {CONFIG_NAME}: {key}={r!r} (module {name}) must be a positive int")
+    return key, r
+
+
+def _module_alpha(path, config, patterns, name):
+    """The lora_alpha adapter_config.json gives the checkpoint module `name` (alpha_pattern, else lora_alpha; PEFT's
+    lookup), checked: a finite number (the scaling is alpha / r; zero and negative values are PEFT's too)."""
+    hit = _pattern_entry(patterns["alpha_pattern"], name)
+    key, alpha = (f"alpha_pattern[{hit[0]!r}]", hit[1]) if hit else ("lora_alpha", config.get("lora_alpha", 8))
+    if not _finite_number(alpha):
+        raise ValueError(f"{path}: {CONFIG_NAME}: {key}={alpha!r} (module {name}) must be a finite number (the "
+                         f"LoRA scaling is lora_alpha / r)")
+    return alpha
+
+
+def _finite_number(value):
+    """Whether `value` is an int or float (not a bool) with a finite float value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # (an int past float's range)
+        return False
 
 
 def _pattern_key(name):
@@ -135,6 +210,17 @@ def _hf_names(model):
 _FUSED_KEY = "llmkern.fused_lora"
 
 
+def _fused_records(metadata):
+    """The _FUSED_KEY record of a file's safetensors metadata: {HF name: record}; {} when there is none or it is not
+    a JSON object (PEFT ignores it; load_peft_adapter then splits the fused LoRAs as it does PEFT's own, exactly;
+    each record is checked where it is used, _split_by_record)."""
+    try:
+        records = json.loads(metadata.get(_FUSED_KEY, "{}"))
+    except (TypeError, ValueError):
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
 def _magnitude(m):
     """A LoRA module's DoRA magnitude (detached), None without DoRA."""
     mag = getattr(m, "lora_magnitude_vector", None) if getattr(m, "use_dora", False) else None
@@ -149,7 +235,8 @@ def _to_hf(model, mods, hf, use_rslora):
     A zoo layer that is a whole HF module keeps its A, B, r and alpha. Zoo layers that are output rows
     of one HF module (GPT-2's q/k/v in c_attn) become one LoRA of rank R = sum of their ranks:
     A = concat(A_q, A_k, A_v) [R, in], B block-diagonal [out, R] (the rows of a projection without LoRA
-    are zero). PEFT applies one scaling s to it, taken as the first part's; each other block is
+    are zero). PEFT applies one scaling s to it, taken as the first part's (the first nonzero one: a part with
+    alpha 0 adds nothing, its block is written as zeros); each other block is
     multiplied by its own scaling / s, so that every output row gets exactly its zoo update
     s_p · B_p A_p x. alpha is set so that PEFT computes s for rank R (R·s, or sqrt(R)·s with rsLoRA).
     DoRA is row-wise, so this stays exact: row i's norm ‖W_i + s B_i A‖ is its zoo layer's, and the
@@ -171,7 +258,7 @@ def _to_hf(model, mods, hf, use_rslora):
         parts.sort(key=lambda p: p[1].rows.start)
         out = max(h.rows.stop for h in hf.values() if h.name == name)
         R = sum(m.r for _, _, m in parts)
-        s = parts[0][2].scaling
+        s = next((m.scaling for _, _, m in parts if m.scaling != 0), 0.0)  # (s = 0: every block is 0 · B A)
         alpha = s * (math.sqrt(R) if use_rslora else R)
         A = torch.cat([m.lora_A.detach() for _, _, m in parts])
         B = A.new_zeros(out, R)
@@ -203,7 +290,6 @@ def _dense_weight(module):
     if hasattr(module, "nf4_weight"):
         return module.nf4_weight().dequantize(torch.float32)
     return module.weight.detach()
-
 
 
 def _write_atomically(dest, write):
@@ -337,7 +423,7 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     dropout = Counter(e[3] for e in entries).most_common(1)[0][0]
     # PEFT matches a pattern key k against module names as the regex (.*\.)?(k)$: a bare name would also pick
     # every module whose name ends in it (vision.layers.0 for layers.0), and its dots match any character.
-    # Anchored and escaped, a key names one module (_pattern_value reads them with PEFT's rule).
+    # Anchored and escaped, a key names one module (_pattern_entry reads them with PEFT's rule).
     rank_pattern = {_pattern_key(n): er for n, er, *_ in entries if er != r}
     alpha_pattern = {_pattern_key(n): ea for n, _, ea, *_ in entries if ea != alpha}
     tensors = {}
@@ -457,7 +543,8 @@ def _split_fused(path, name, A, B, alpha, use_rslora, parts, record, M=None):
 
     With save_peft_adapter's record of how it packed them (and B still block-diagonal that way), each
     zoo layer gets back its own A rows, B block, r and alpha. Otherwise (e.g. a LoRA PEFT trained on
-    GPT-2's c_attn) every part gets the whole A, its rows of B, rank R and the same alpha:
+    GPT-2's c_attn; or a record that is not well-formed [[zoo name, r >= 1, finite alpha], ...], which PEFT
+    ignores too) every part gets the whole A, its rows of B, rank R and the same alpha:
     B[rows] · A x is exactly what PEFT adds to those output rows.
     """
     out = max(h.rows.stop for _, h in parts)
@@ -469,27 +556,47 @@ def _split_fused(path, name, A, B, alpha, use_rslora, parts, record, M=None):
                          f"output rows")
     R = A.shape[0]
     s = lora_scaling(alpha, R, use_rslora)
-    rows = dict(parts)
-    if record is not None:
-        names = [p[0] for p in record]
-        if (all(n in rows for n in names) and len(set(names)) == len(names)
-                and sum(p[1] for p in record) == R):
-            off_block = torch.ones(B.shape, dtype=torch.bool)
-            col = 0
-            for zn, r, _ in record:
-                off_block[rows[zn].rows, col:col + r] = False
-                col += r
-            if not B[off_block].any():
-                split, col = [], 0
-                for zn, r, a in record:
-                    Bp = B[rows[zn].rows, col:col + r]
-                    sp = lora_scaling(a, r, use_rslora)
-                    if sp != s:
-                        Bp = (Bp.double() * (s / sp)).to(B.dtype)
-                    split.append((zn, A[col:col + r], Bp, r, a, None if M is None else M[rows[zn].rows]))
-                    col += r
-                return split
+    split = _split_by_record(A, B, s, use_rslora, dict(parts), record, M)
+    if split is not None:
+        return split
     return [(zn, A, B[h.rows], R, alpha, None if M is None else M[h.rows]) for zn, h in parts]
+
+
+def _split_by_record(A, B, s, use_rslora, rows, record, M):
+    """_split_fused's split by save_peft_adapter's record: [(zoo name, A rows, B block, r, alpha, M rows or None)],
+    or None when the record is missing, not well-formed or does not fit B (block-diagonal, each part's update
+    exactly representable with its own alpha)."""
+    def entry_ok(p):
+        return (isinstance(p, (list, tuple)) and len(p) == 3 and isinstance(p[0], str) and p[0] in rows
+                and not isinstance(p[1], bool) and isinstance(p[1], int) and p[1] >= 1 and _finite_number(p[2]))
+
+    if not isinstance(record, list) or not record or not all(entry_ok(p) for p in record):
+        return None
+    names = [p[0] for p in record]
+    if len(set(names)) != len(names) or sum(p[1] for p in record) != A.shape[0]:
+        return None
+    off_block = torch.ones(B.shape, dtype=torch.bool)
+    col = 0
+    for zn, r, _ in record:
+        off_block[rows[zn].rows, col:col + r] = False
+        col += r
+    if B[off_block].any():
+        return None
+    split, col = [], 0
+    for zn, r, a in record:
+        Bp = B[rows[zn].rows, col:col + r]
+        sp = lora_scaling(a, r, use_rslora)
+        if sp == 0:  # the part adds nothing with its alpha 0: exact only if PEFT's block adds nothing either
+            if s != 0 and Bp.any():
+                return None
+        elif sp != s:
+            scaled = (Bp.double() * (s / sp)).to(B.dtype)
+            if not bool(torch.isfinite(scaled).all()) and bool(torch.isfinite(Bp).all()):
+                return None  # (the ratio overflows B's dtype)
+            Bp = scaled
+        split.append((zn, A[col:col + r], Bp, r, a, None if M is None else M[rows[zn].rows]))
+        col += r
+    return split
 
 
 def _check_no_stale_lora(model, targets, path):
@@ -543,7 +650,9 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     """Load a PEFT LoRA adapter directory into ``model`` (a plain model, not a PeftModel).
 
     Each module named in the checkpoint becomes a LoRALinear (or, if it already is one, gets the
-    new weights) with PEFT's r / lora_alpha / use_rslora / rank_pattern / alpha_pattern; base weights
+    new weights) with PEFT's r / lora_alpha / lora_dropout / use_rslora / rank_pattern / alpha_pattern (a module
+    that already has LoRA takes the config's alpha, dropout and rsLoRA too, as PEFT builds every loaded adapter's
+    layers from its config: the model is the checkpoint's whether or not LoRA was injected first); base weights
     PEFT saved for a targeted lm_head / embedding layer (``<module>.base_layer.weight``) are copied
     into that layer, as PEFT does. DoRA adapters (``use_dora: true``, a ``lora_magnitude_vector`` per
     module) load as DoRA LoRALinear modules (an existing LoRALinear is switched to DoRA, or back to plain
@@ -562,22 +671,36 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     A zoo model (GPT, Llama) also takes adapters written for the equivalent transformers model
     (``hf_module_names()``): PEFT on LlamaForCausalLM, or on GPT2LMHeadModel, whose ``c_attn`` LoRA
     goes to the q/k/v layers exactly (each gets A and its rows of B) and whose fan_in_fan_out=True
-    only concerns the Conv1D base weight layout (A/B are as for nn.Linear). Nothing is changed
-    unless the whole checkpoint fits.
+    only concerns the Conv1D base weight layout (A/B are as for nn.Linear).
+
+    Nothing is changed unless the whole checkpoint fits: every check, of the weights and of every config value the
+    load uses, runs before the first module is changed (or frozen). Config values are checked as PEFT's
+    LoraConfig means them, raising ValueError naming the path, the key and (for a per-module value) the module:
+    ``lora_dropout`` a number in [0, 1) (llmkern's LoRA layers refuse 1.0, which would drop the whole update in
+    training); ``lora_alpha`` / ``alpha_pattern`` values finite numbers (zero and negative ones load, as in PEFT);
+    ``r`` / ``rank_pattern`` values positive ints; ``use_rslora`` / ``use_dora`` true or false (PEFT would take the
+    string "false" as true); ``rank_pattern`` / ``alpha_pattern`` objects whose keys are valid regexes. Pattern and
+    default values no checkpoint module uses are not looked at (PEFT does not use them either).
 
     Tensor parallelism: a ColumnParallelLinear / RowParallelLinear named in the checkpoint must already
     carry LoRA parameters of the checkpoint's rank (``inject_lora`` before ``tensor_parallelize``); each
     rank copies its shard of A and B into it (no communication: call it on every rank, each reads the
     files) and sets its scaling from lora_alpha / r / use_rslora / rank_pattern / alpha_pattern.
-    lora_dropout is not applied by sharded layers (as for existing LoRALinear modules, their dropout is
-    left as it is). A sharded layer without LoRA, another rank, or shapes that do not fit raise
-    ValueError naming the module, before anything is changed.
+    lora_dropout is not applied by sharded layers (they have no LoRA dropout; it is still checked). A sharded
+    layer without LoRA, another rank, or shapes that do not fit raise ValueError naming the module, before
+    anything is changed.
 
     LoRA the model already carries on modules the checkpoint does not name is refused (it would stay active),
     unless it is a fresh LoRALinear (lora_B zero, not merged).
     """
+    # (every config value the load uses is checked here or in step 1, before the first change to the model)
     with open(os.path.join(path, CONFIG_NAME)) as f:
-        config = json.load(f)
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: {CONFIG_NAME} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: {CONFIG_NAME} must hold a JSON object, got {type(config).__name__}")
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise ValueError(f"{path}: peft_type must be LORA, got {config.get('peft_type')!r}")
     hf = _hf_names(model)
@@ -594,7 +717,10 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
                          f"LoRA with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)")
     if config.get("bias", "none") != "none":
         raise ValueError(f"{path}: bias={config['bias']!r} is not supported (only 'none')")
-    use_dora = bool(config.get("use_dora", False))
+    use_dora = _config_flag(path, config, "use_dora")
+    use_rslora = _config_flag(path, config, "use_rslora")
+    dropout = _config_dropout(path, config)
+    patterns = _config_patterns(path, config)
     weights, metadata = _read_weights(path)
     pairs, base_weights, magnitudes, emb_pairs = {}, {}, {}, {}
     for key, t in weights.items():
@@ -639,9 +765,7 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         for name in pairs:
             if name not in magnitudes:
                 raise ValueError(f"{path}: use_dora=True but module {name} has no lora_magnitude_vector")
-    use_rslora = bool(config.get("use_rslora", False))
-    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
-    records = json.loads(metadata.get(_FUSED_KEY, "{}")) if hf is not None else {}
+    records = _fused_records(metadata) if hf is not None else {}
     by_hf = {}  # HF module name -> [(zoo name, HFModule)]
     for zn, h in (hf or {}).items():
         by_hf.setdefault(h.name, []).append((zn, h))
@@ -657,15 +781,17 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         targets[name] = (source, A, B, r, alpha, W, M)
 
     def factors(what, name, ab, key="lora_"):
-        """A checkpoint module's (A, B, r, alpha), its rank checked against the config's."""
+        """A checkpoint module's (A, B, r, alpha): its rank checked against the config's, its alpha checked."""
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{path}: {what} {name} has only {key}{''.join(ab)}")
         r = ab["A"].shape[0]
         # rank_pattern / alpha_pattern name the modules as the checkpoint does
-        want = _pattern_value(config.get("rank_pattern"), name, r_default)
+        rank_key, want = _module_rank(path, config, patterns, name)
         if r != want:
-            raise ValueError(f"{path}: {name}.{key}A has rank {r}, config says {want}")
-        return ab["A"], ab["B"], r, _pattern_value(config.get("alpha_pattern"), name, alpha_default)
+            raise ValueError(f"{path}: {name}.{key}A has rank {r}, {CONFIG_NAME} says {want} ({rank_key})")
+        if r < 1:  # (a rank-0 pair: here, not in the wrappers, which would raise with other modules already loaded)
+            raise ValueError(f"{path}: {name}: rank {r} must be positive")
+        return ab["A"], ab["B"], r, _module_alpha(path, config, patterns, name)
 
     for name, ab in pairs.items():
         A, B, r, alpha = factors("module", name, ab)
@@ -741,8 +867,6 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
             if not isinstance(mod, nn.Embedding):
                 raise ValueError(f"{path}: module {zn} is a {type(mod).__name__}, but the checkpoint has embedding "
                                  f"LoRA weights (lora_embedding_A / B) for it: not an nn.Embedding")
-            if r < 1:
-                raise ValueError(f"{path}: {where}: rank {r} must be positive")
             layer = mod
         if (tuple(A.shape) != (r, layer.num_embeddings) or tuple(B.shape) != (layer.embedding_dim, r)):
             raise ValueError(f"{path}: {where}: checkpoint shapes lora_embedding_A{tuple(A.shape)} "
@@ -762,8 +886,6 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
             if not isinstance(mod, CONV_TYPES):
                 raise ValueError(f"{path}: module {name} is a {type(mod).__name__}, but the checkpoint has conv LoRA "
                                  f"weights (lora_A {tuple(A.shape)}) for it: not an nn.Conv1d/2d/3d")
-            if r < 1:  # (here, not in LoRAConv(): that would raise with other modules already loaded)
-                raise ValueError(f"{path}: {name}: rank {r} must be positive")
             try:  # (what LoRAConv refuses: dilation, padding_mode, r not divisible by groups, ...)
                 _check_conv_base(mod, r)
             except ValueError as exc:
@@ -796,12 +918,12 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
             mod.lora_scaling = lora_scaling(alpha, r, use_rslora)
             mod.lora_alpha, mod.lora_use_rslora = alpha, use_rslora
             continue
-        if isinstance(mod, LoRALinear):
-            mod.alpha, mod.use_rslora = float(alpha), use_rslora
+        if isinstance(mod, LoRALinear):  # (as a new wrapper: the config's alpha, rsLoRA, dropout and DoRA)
+            mod.alpha, mod.use_rslora, mod.dropout = float(alpha), use_rslora, dropout
             mod.set_use_dora(M is not None)
         else:
-            mod = LoRALinear(mod, r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
-                             use_rslora=use_rslora, freeze_base=freeze_base, use_dora=M is not None)
+            mod = LoRALinear(mod, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, freeze_base=freeze_base,
+                             use_dora=M is not None)
             _set_submodule(model, name, mod)
         with torch.no_grad():
             mod.lora_A.copy_(A)
@@ -813,10 +935,10 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     for name, (source, A, B, r, alpha, W) in emb_targets.items():
         mod = model.get_submodule(name)
         if isinstance(mod, LoRAEmbedding):
-            mod.alpha, mod.use_rslora = float(alpha), use_rslora
+            mod.alpha, mod.use_rslora, mod.dropout = float(alpha), use_rslora, dropout
         else:
-            mod = LoRAEmbedding(mod, r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
-                                use_rslora=use_rslora, freeze_base=freeze_base)
+            mod = LoRAEmbedding(mod, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                freeze_base=freeze_base)
             _set_submodule(model, name, mod)
         with torch.no_grad():
             mod.lora_embedding_A.copy_(A)
@@ -826,10 +948,9 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     for name, (A, B, r, alpha, W) in conv_targets.items():
         mod = model.get_submodule(name)
         if isinstance(mod, LoRAConv):
-            mod.alpha, mod.use_rslora = float(alpha), use_rslora
+            mod.alpha, mod.use_rslora, mod.dropout = float(alpha), use_rslora, dropout
         else:
-            mod = LoRAConv(mod, r=r, alpha=alpha, dropout=float(config.get("lora_dropout", 0.0)),
-                           use_rslora=use_rslora, freeze_base=freeze_base)
+            mod = LoRAConv(mod, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, freeze_base=freeze_base)
             _set_submodule(model, name, mod)
         with torch.no_grad():
             mod.lora_A.copy_(A)
