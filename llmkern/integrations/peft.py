@@ -251,26 +251,46 @@ def _fused_forward(self, x, *args, **kwargs):
 
 def use_fused_lora(peft_model: nn.Module, enable: bool = True) -> nn.Module:
     """Switch every PEFT LoRA Linear layer of ``peft_model`` (and every 4-bit bitsandbytes one: QLoRA) to the
-    fused op (``enable=False`` restores PEFT's own forward). Returns the model; outputs are unchanged up to
-    rounding."""
+    fused op (``enable=False`` restores the forward each had: PEFT's own, or an instance-level one such as
+    accelerate's hooks). Returns the model; outputs are unchanged up to rounding."""
     from llmkern.integrations.transformers.fused_ops import _BoundForward
 
     classes = tuple(_lora_linear_classes())
+    if not enable:
+        _restore_forwards(peft_model, classes)
+        return peft_model
     n = 0
     for m in peft_model.modules():
-        if type(m) not in classes:
-            continue
-        if enable and not hasattr(m, _ORIG):
+        if type(m) in classes and not hasattr(m, _ORIG):
             setattr(m, _ORIG, m.forward)
             # (not types.MethodType: a bound method pickles as getattr(m, "_fused_forward"), so torch.load of a
             # saved model failed; _BoundForward pickles and deep-copies bound to the loaded / copied layer)
             m.forward = _BoundForward(_fused_forward, m)
             n += 1
-        elif not enable and hasattr(m, _ORIG):
-            del m.forward
-            delattr(m, _ORIG)
-            m.__dict__.pop(_NF4_CACHE, None)
-            n += 1
-    if enable and n == 0 and not any(hasattr(m, _ORIG) for m in peft_model.modules()):
+    if n == 0 and not any(hasattr(m, _ORIG) for m in peft_model.modules()):
         raise ValueError("use_fused_lora: the model has no PEFT LoRA Linear layers")
     return peft_model
+
+
+def _restore_forwards(peft_model, classes):
+    """use_fused_lora(enable=False): every fused layer gets back the forward it had, the class's or an instance-level
+    one (accelerate's hooks wrap a module's forward so; deleting the fused one dropped it). Checked for every layer
+    before any changes: a layer whose fused forward was itself wrapped since cannot be restored without dropping
+    that wrapper."""
+    from llmkern.integrations.transformers.fused_ops import _BoundForward
+
+    layers = [(n, m) for n, m in peft_model.named_modules() if type(m) in classes and hasattr(m, _ORIG)]
+    for name, m in layers:
+        fwd = m.__dict__.get("forward")
+        if fwd is not None and not (type(fwd) is _BoundForward and fwd.__func__ is _fused_forward):
+            raise ValueError(f"use_fused_lora(enable=False): the forward of {name or 'the model'} was replaced after "
+                             f"use_fused_lora (by {type(fwd).__name__}, e.g. accelerate's hooks), around the fused "
+                             f"one; restoring PEFT's forward would drop that patch too: remove it first (nothing "
+                             f"was changed)")
+    for _, m in layers:
+        orig = m.__dict__.pop(_ORIG)
+        m.__dict__.pop(_NF4_CACHE, None)
+        if getattr(orig, "__self__", None) is m and getattr(orig, "__func__", None) is type(m).forward:
+            m.__dict__.pop("forward", None)  # (the class forward it had)
+        else:
+            m.forward = orig

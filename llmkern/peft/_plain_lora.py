@@ -10,6 +10,7 @@ It may refuse a merge in ``_check_mergeable(what)``. LoRALinear also overrides `
 ``_dense_weight`` (a 4-bit base) and ``_dora_merge`` / ``_dora_unmerge`` (DoRA's row rescaling); without DoRA
 (``use_dora=True`` is refused unless the class sets ``_supports_dora``) they are the identity.
 """
+import itertools
 import math
 
 import torch
@@ -26,6 +27,12 @@ def check_lora_args(r, alpha, dropout, max_rank=None):
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not -math.inf < alpha < math.inf:
         raise ValueError(f"alpha must be a finite float, got {alpha!r}")
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether module's forward is hooked (accelerate's _hf_hook, forward (pre-)hooks): its weights may then be
+    what the hooks make them only while its own forward runs (offloading keeps them on the meta device)."""
+    return hasattr(module, "_hf_hook") or bool(module._forward_pre_hooks) or bool(module._forward_hooks)
 
 
 def lora_scaling(alpha, r, use_rslora=False) -> float:
@@ -67,11 +74,19 @@ class PlainLoRA(nn.Module):
         self._register_state_dict_hook(_save_merged_state)
 
     def _finish_init(self, freeze_base):
-        """After the subclass made its factors: freeze the base, initialise the factors."""
+        """After the subclass made its factors: initialise them, then freeze the base (last: an init that raises,
+        e.g. a DoRA magnitude of an offloaded weight, leaves the caller's layer as it was)."""
+        self.reset_lora_parameters()
         if freeze_base:
             for p in self.base_layer.parameters():
                 p.requires_grad_(False)
-        self.reset_lora_parameters()
+
+    def _offloaded(self) -> bool:
+        """Whether the layer is offloaded: tensors on the meta device behind forward hooks (accelerate's
+        cpu_offload, a device_map with offloading), which load the real ones only inside the hooked forward. There
+        is then no weight here to read or to merge into (a merge "into" the meta tensor lost the update)."""
+        hooked = has_forward_hooks(self) or has_forward_hooks(self.base_layer)
+        return hooked and any(t.is_meta for t in itertools.chain(self.parameters(), self.buffers()))
 
     @property
     def scaling(self) -> float:
@@ -100,6 +115,15 @@ class PlainLoRA(nn.Module):
     def _check_mergeable(self, what):
         """Raise ValueError when the update cannot be folded into the weight (nothing by default)."""
 
+    def _check_merge_possible(self, what):
+        """Raise ValueError when no merge can be done, whatever the values: an offloaded base weight, or what the
+        subclass refuses (_check_mergeable)."""
+        if self._offloaded():
+            raise ValueError(f"{what}: the base layer's weight is offloaded (on the meta device behind accelerate's "
+                             f"hooks): the update cannot be merged into it; merge before offloading, or keep the "
+                             f"adapter unmerged")
+        self._check_mergeable(what)
+
     def _dora_merge(self, new, safe_merge, what):
         """(DoRA's merged weight from ``new`` = W + s B A, the row norms unmerge() needs); (new, None) without DoRA."""
         return new, None
@@ -119,7 +143,7 @@ class PlainLoRA(nn.Module):
     def _merged_weight(self, safe_merge, what="merge"):
         """(the merged weight W + s B A, or with DoRA (m / n) ⊙ (W + s B A), in the accumulation dtype; n or None),
         checked as merge() documents when safe_merge."""
-        self._check_mergeable(what)
+        self._check_merge_possible(what)
         new, norm = self._dora_merge(self._dense_weight().to(self._acc_dtype()) + self._delta(), safe_merge, what)
         # (checked in the base dtype the weight is stored in: float16 overflows past 65504)
         if safe_merge and not torch.isfinite(new.to(self._base_dtype())).all():
@@ -161,19 +185,23 @@ class PlainLoRA(nn.Module):
                               error_msgs):
         """A merged layer's state_dict says so (see _save_merged_state). A checkpoint carrying its base weight
         brings its merged state along; LoRA weights alone into a layer whose merged state differs would apply
-        the update twice or not at all, so they are refused."""
+        the update twice or not at all, so they are refused (and not loaded into the layer, which stays as it was)."""
         merged = state_dict.pop(prefix + _MERGED_KEY, None) is not None
         norm = state_dict.pop(prefix + _MERGED_NORM_KEY, None)
         name = prefix[:-1] or "the root module"
         if prefix + "base_layer.weight" in state_dict:  # the base weight brings its state (DoRA: and its norms)
             if merged and self.use_dora and norm is None:
-                error_msgs.append(f"LoRA layer {name}: a merged DoRA checkpoint without its merged row norms")
-            else:
-                self.merged = merged
-                self._dora_merged_norm = norm.to(self.weight.device) if merged and self.use_dora else None
+                error_msgs.append(f"LoRA layer {name}: a merged DoRA checkpoint without its merged row norms "
+                                  f"(the layer and its base layer were left as they were)")
+                for key in [k for k in state_dict if k.startswith(prefix)]:  # (the base layer is loaded after
+                    del state_dict[key]                                      # this, from the same dict)
+                return
+            self.merged = merged
+            self._dora_merged_norm = norm.to(self.weight.device) if merged and self.use_dora else None
         elif merged != self.merged:
             error_msgs.append(f"LoRA layer {name} is {'' if self.merged else 'not '}merged but the checkpoint "
                               f"was saved {'' if merged else 'un'}merged and has no base weight for it: "
                               f"{'unmerge' if self.merged else 'merge'}() the layer first")
+            return  # (nor are its factors loaded: others than those merged into the weight would unmerge wrongly)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

@@ -6,6 +6,7 @@
     initialised to the row norms of W0 (PEFT init); see llmkern.peft.dora.
     QLoRA: the base layer may be a frozen 4-bit llmkern.peft.NF4Linear (see llmkern.peft.qlora).
 """
+import itertools
 import math
 import re
 from typing import List, Sequence, Union
@@ -14,17 +15,16 @@ import torch
 from torch import nn
 
 from llmkern.ops.lora import lora_linear
-from llmkern.peft._plain_lora import PlainLoRA, check_lora_args, lora_scaling  # noqa: F401 (re-exported)
+from llmkern.peft._plain_lora import (  # noqa: F401 (re-exported)
+    PlainLoRA,
+    check_lora_args,
+    has_forward_hooks,
+    lora_scaling,
+)
 from llmkern.peft.dora import dora_linear, dora_weight_norm
 from llmkern.peft.qlora import NF4Linear, nf4_dora_linear
 
 MAX_RANK = 256  # the largest r a LoRALinear takes
-
-
-def has_forward_hooks(module: nn.Module) -> bool:
-    """Whether module's forward is hooked (accelerate's _hf_hook, forward (pre-)hooks): its weights may then be
-    what the hooks make them only while its own forward runs (offloading keeps them on the meta device)."""
-    return hasattr(module, "_hf_hook") or bool(module._forward_pre_hooks) or bool(module._forward_hooks)
 
 
 class LoRALinear(PlainLoRA):
@@ -104,6 +104,10 @@ class LoRALinear(PlainLoRA):
             self._init_magnitude()
 
     def _init_magnitude(self):
+        if any(t.is_meta for t in itertools.chain(self.base_layer.parameters(), self.base_layer.buffers())):
+            raise ValueError("use_dora=True: DoRA's magnitude starts as the row norms of the base weight, which is on "
+                             "the meta device (offloaded by accelerate, or not materialised yet); add DoRA before "
+                             "offloading, or once the weights are loaded")
         m = self.dora_weight_norm().to(self._base_dtype())
         if self.lora_magnitude_vector is None:
             self.lora_magnitude_vector = nn.Parameter(m)
@@ -118,8 +122,8 @@ class LoRALinear(PlainLoRA):
             raise ValueError("set_use_dora: the module is merged; unmerge() it first")
         use_dora = bool(use_dora)
         if use_dora and self.lora_magnitude_vector is None:
+            self._init_magnitude()  # (first: when it raises, the layer is still plain LoRA)
             self.use_dora = True
-            self._init_magnitude()
         elif not use_dora:
             self.lora_magnitude_vector = None
             self.use_dora = False
@@ -366,7 +370,8 @@ def merge_lora(model: nn.Module, safe_merge: bool = True, remove: bool = False) 
     lm_head tied to the token embedding: merging would change that module too. LoRA layers over a 4-bit
     NF4Linear (QLoRA) cannot merge in place: without ``remove`` they raise ValueError (nothing merged);
     with ``remove`` each is replaced by ``merged_linear()``, a dense nn.Linear of dequantized W + s·B·A
-    (all of them formed before the model is changed)."""
+    (all of them formed before the model is changed). A model that is itself a LoRA layer is merged; with
+    ``remove`` its plain layer is returned."""
     mods = lora_modules(model)
     quantized = [(n, m) for n, m in mods if m.quantized]
     if quantized and not remove:
@@ -380,20 +385,25 @@ def merge_lora(model: nn.Module, safe_merge: bool = True, remove: bool = False) 
         raise ValueError(f"merge_lora: {n}'s weight is shared with {owner} (tied weights); merging would "
                          f"change {owner} too. Untie the weights first (or keep the adapter unmerged)")
     dense = {n: m.merged_linear(safe_merge=safe_merge) for n, m in quantized}
-    for _, m in others:  # (a max_norm embedding, a grouped conv refuse to merge, safe_merge or not)
-        if not m.merged:
-            m._merged_weight(safe_merge)
-    if safe_merge:  # every merge checked before any is done: a broken adapter leaves the model as it was
-        for _, m in mods:
-            if not m.merged and not m.quantized:
-                m._merged_weight(True)
-    for n, m in mods + others:
-        if n in dense:
-            _set_submodule(model, n, dense[n])
+    # every merge checked before any is done, so that a refused call leaves the model as it was: with safe_merge each
+    # merged weight is formed and checked; without, what refuses whatever the values still does (an offloaded weight,
+    # a max_norm embedding, a grouped conv)
+    for _, m in mods + others:
+        if m.merged or m.quantized:
             continue
-        m.merge(safe_merge=safe_merge)
-        if remove:
-            _set_submodule(model, n, m.base_layer)
+        if safe_merge:
+            m._merged_weight(True)
+        else:
+            m._check_merge_possible("merge")
+    for n, m in mods + others:
+        if n not in dense:
+            m.merge(safe_merge=safe_merge)
+        if remove or n in dense:
+            plain = dense.get(n, m.base_layer)
+            if n:
+                _set_submodule(model, n, plain)
+            else:  # the model is itself a LoRA layer: no parent to put its plain layer in (setattr(model, "", ...)
+                model = plain  # gave the LoRA layer a child named ""), so that layer is what is returned
     return model
 
 

@@ -235,6 +235,8 @@ class NF4Linear(nn.Module):
                                   f"{prefix}state2 (double-quantized scales) must hold "
                                   f"{'uint8 codes' if nested else 'float32 scales'} in absmax, got {absmax.dtype}")
                 return
+            if self._layout_mismatch(state_dict, prefix, nested, error_msgs):
+                return
             if nested != self.double_quant:
                 self._set_layout(nested, self.packed.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -242,6 +244,21 @@ class NF4Linear(nn.Module):
         missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != prefix + _SHAPE_KEY]
         if len(error_msgs) == n_errors:
             self.nf4_weight()  # (assign=True may have replaced the buffers)
+
+    def _layout_mismatch(self, state_dict, prefix, nested, error_msgs):
+        """Whether the state dict's packed / absmax / state2 do not have this layer's sizes (in the layout the state
+        dict has): an error each, checked before the layout changes, so that a refused load leaves the layer as it
+        was (switching first left zeroed scales behind a size-mismatch error; loading the buffers that fit gave
+        codes of one weight with the scales of another)."""
+        nb = self.n_blocks
+        want = {"packed": -(-self.in_features * self.out_features // 2), "absmax": nb}
+        if nested:
+            want["state2"] = _state2_numel(nb)
+        bad = [(k, tuple(state_dict[prefix + k].shape), (n,)) for k, n in want.items()
+               if isinstance(state_dict.get(prefix + k), torch.Tensor) and tuple(state_dict[prefix + k].shape) != (n,)]
+        error_msgs.extend(f"size mismatch for {prefix}{k} (NF4Linear): the checkpoint's is {got}, this layer's is "
+                          f"{size} (another weight shape or blocksize)" for k, got, size in bad)
+        return bool(bad)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -293,8 +293,16 @@ def _packed_attention(query, key, value, seq_ids, causal, scale, window, softcap
     return out.reshape(B, T, H, value.shape[3])
 
 
+def check_name(name):
+    """ValueError unless `name` is a non-empty str (what attn_implementation / experts_implementation take)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str (the attn_implementation / experts_implementation to "
+                         f"register), got {name!r}")
+
+
 def register(name: str = NAME):
     """Register `name` ("llmkern") with transformers' AttentionInterface and AttentionMaskInterface."""
+    check_name(name)
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 

@@ -352,15 +352,14 @@ def _bind(module, kind, fn, **attrs):
     object.__setattr__(module, _MARK, kind)
 
 
-def _patch(module, enabled):
-    """Patch one module if it is of a kind in `enabled`; returns the kind or None."""
+def _plan(module, enabled):
+    """(kind, forward, attributes) of the patch for one module if it is of a kind in `enabled`, else None."""
     cls = type(module)
     if "forward" in module.__dict__:  # another instance-level patch (ours is marked): do not stack on it
         return None
     if cls is nn.LayerNorm:
         if "layer_norm" in enabled and len(module.normalized_shape) == 1:
-            _bind(module, "layer_norm", _ln_forward)
-            return "layer_norm"
+            return "layer_norm", _ln_forward, {}
         return None
     if "rmsnorm" in cls.__name__.lower():
         if "rms_norm" not in enabled:
@@ -371,13 +370,11 @@ def _patch(module, enabled):
                       f"use_fused_ops: {cls.__name__} is not a known RMSNorm convention (neither LlamaRMSNorm's "
                       f"nor GemmaRMSNorm's forward); left unpatched")
             return None
-        _bind(module, "rms_norm", _rms_forward, _llmkern_offset=conv[0], _llmkern_eps_attr=conv[1])
-        return "rms_norm"
+        return "rms_norm", _rms_forward, dict(_llmkern_offset=conv[0], _llmkern_eps_attr=conv[1])
     if "mlp" in enabled and _code(cls.forward) == _references()["mlp"]:
         if _glu(getattr(module, "act_fn", None)) is None:
             return None
-        _bind(module, "mlp", _mlp_forward)
-        return "mlp"
+        return "mlp", _mlp_forward, {}
     if "rope" in enabled and _calls_rope(cls):
         fwd = _rope_forward_for(cls)
         if fwd is None:
@@ -385,8 +382,7 @@ def _patch(module, enabled):
                       f"use_fused_ops: {cls.__name__} calls an apply_rotary_pos_emb that is not llmkern.rope's "
                       f"computation (or behind a decorator that cannot be rebuilt); left unpatched")
             return None
-        _bind(module, "rope", fwd)
-        return "rope"
+        return "rope", fwd, {}
     return None
 
 
@@ -403,12 +399,19 @@ def use_fused_ops(model, *, rms_norm=True, rope=True, mlp=True, layer_norm=True)
     root = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped model
     enabled = {k for k, on in zip(_KINDS, (rms_norm, layer_norm, mlp, rope)) if on}
     counts = dict.fromkeys(_KINDS, 0)
+    plans = []
     for module in root.modules():
         kind = getattr(module, _MARK, None) if "forward" in module.__dict__ else None
-        if kind is None:
-            kind = _patch(module, enabled)
+        plan = None if kind is not None else _plan(module, enabled)
+        if plan is not None:
+            kind = plan[0]
+            plans.append((module, plan))
         if kind is not None:
             counts[kind] += 1
+    # every module looked at before any is patched: what raises on the way (a fallback warning under
+    # warnings.simplefilter("error"), transformers' modeling code failing to import) leaves the model as it was
+    for module, (kind, fn, attrs) in plans:
+        _bind(module, kind, fn, **attrs)
     object.__setattr__(root, _COUNTS, counts)
     logger.info("use_fused_ops: %s", ", ".join(f"{k}: {v}" for k, v in counts.items()))
     return model

@@ -211,7 +211,11 @@ def use_fused_loss(model, chunk_size=None):
     A model whose logits are not lm_head(base model output) (a transform before or after the head) raises
     ValueError at its first training call with labels, as does an LM head with forward hooks (they would see
     logits the fused loss never forms). logits_to_keep=k scores the last k positions (labels [B, k]), as
-    transformers does."""
+    transformers does. chunk_size: rows per chunk of the fused loss (None: automatic), checked here (it was first
+    read at the first training call, the model long patched by then)."""
+    from llmkern.ops.cross_entropy import check_chunk_size
+
+    check_chunk_size(chunk_size, "use_fused_loss: ")
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped *ForCausalLM
     if getattr(lm, _ATTR, False):
         return model

@@ -174,6 +174,9 @@ def register_experts(name: str = NAME):
     """Register `name` ("llmkern") with transformers' ExpertsInterface (idempotent). Returns False, and
     registers nothing, on a transformers release that has no experts interface (the attention
     integration still works there)."""
+    from llmkern.integrations.transformers.attention import check_name
+
+    check_name(name)
     try:
         from transformers.integrations.moe import ExpertsInterface
     except ImportError:
