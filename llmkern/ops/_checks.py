@@ -172,8 +172,8 @@ def _once_differentiable(backward):
         many = isinstance(outputs, tuple)
         outs = outputs if many else (outputs,)
         err = torch._C._functions.DelayedError(b"trying to differentiate twice a function that was marked with "
-                                                b"@once_differentiable (llmkern's kernels give first-order "
-                                                b"gradients only)", len(outs))
+                                               b"@once_differentiable (llmkern's kernels give first-order "
+                                               b"gradients only)", len(outs))
 
         def fake_requires_grad(t):
             if t is None:
@@ -203,6 +203,35 @@ def positive_int(name, v):
     return int(v)
 
 
+def bool_arg(name, v):
+    """v as a bool: a bool, a numpy bool, the int 0 or 1, or a one-element bool tensor (what bool() reads as
+    meant); anything else is a TypeError naming it: bool() would read a string "False" or "no", or a list [False],
+    as True, and None as False."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, numbers.Integral) and v in (0, 1):
+        return bool(v)
+    if type(v).__module__ == "numpy" and getattr(getattr(v, "dtype", None), "kind", None) == "b" and v.size == 1:
+        return bool(v)
+    if isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.numel() == 1:
+        return bool(v)
+    shown = repr(v) if v is None or isinstance(v, (str, numbers.Number)) else type(v).__name__
+    raise TypeError(f"{name} must be a bool, got {shown}")
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # float32's largest finite number
+FLOAT32_TINY = 2.0 ** -149  # float32's smallest positive (subnormal) number
+_F32_ZERO = 2.0 ** -150  # a magnitude up to this rounds to 0 in float32 (2**-150 itself too: ties to even)
+_F32_INF = 2.0 ** 128 - 2.0 ** 103  # and from this on to inf (FLOAT32_MAX plus half its ulp)
+
+
+def float32_finite(v, nonzero=False):
+    """Whether the finite float v stays finite (and, with nonzero, non-zero) rounded to float32, the dtype the
+    kernels and the float32 statistics use it in: eps = 1e-50 becomes 0, and 1e39 inf."""
+    v = abs(float(v))  # (a numpy float32 would compare in float32)
+    return v < _F32_INF and not (nonzero and v <= _F32_ZERO)
+
+
 def finite(v):
     """math.isfinite for a float that may be symbolic (a SymFloat under torch.compile, where math.isfinite breaks
     the graph): comparisons trace, and NaN fails them."""
@@ -228,7 +257,7 @@ def softcap_arg(softcap):
 
 
 _MIN_SOFTCAP = 2.0 ** -126
-_MAX_SOFTCAP = 3.4028234663852886e38
+_MAX_SOFTCAP = FLOAT32_MAX
 
 
 def dropout_p_arg(dropout_p):

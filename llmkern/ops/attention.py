@@ -72,7 +72,7 @@ def _check_qkv(q, k, v, ndim, layout, names=("k", "v"), fp8_ok=False):
     want = k.dtype if fp8_ok and k.dtype in FP8_DTYPES else q.dtype
     for name, t in ((kn, k), (vn, v)):
         if t.dtype != want:
-            what = f"{kn}'s float8 dtype" if want != q.dtype else f"the dtype of q"
+            what = f"{kn}'s float8 dtype" if want != q.dtype else "the dtype of q"
             raise ValueError(f"{name} must have {what} ({want}), got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
@@ -106,6 +106,9 @@ def _scale(scale, D):
     return scale
 
 
+_MAX_WINDOW = 2 ** 62
+
+
 def _window(window):
     """window -> (left, right) ints, -1 = unbounded."""
     if window is None:
@@ -117,7 +120,10 @@ def _window(window):
         if w is None:
             out.append(-1)
         elif isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1:
-            out.append(int(w))  # -1: unbounded, as flash-attn's window_size
+            # -1: unbounded, as flash-attn's window_size. A side wider than any sequence is as good as unbounded:
+            # kept under _MAX_WINDOW, so that i +- w stays in int64 (at 2**63 - 1 the reference's mask wrapped
+            # around and hid keys; 2**64 overflowed) and fits the custom ops' int arguments
+            out.append(min(int(w), _MAX_WINDOW))
         else:  # a negative size other than -1 is a mistake, not "unbounded"
             raise ValueError(f"window {side} must be an int >= 0, or None / -1 (unbounded), got {w!r}")
     return tuple(out)
@@ -593,8 +599,10 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     backend = _backend_for(q.device, q.dtype, "attention_varlen")
     bounds = _MaxSeqlenCheck(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if backend == "triton":
-        mq = int(max_seqlen_q) if max_seqlen_q else -1
-        mk = int(max_seqlen_k) if max_seqlen_k else -1
+        # (a bound past int32 is no bound: cu_seqlens are int32; as it was, 2**40 overflowed the kernels' int32 grid
+        # arithmetic and 2**63 the custom op's int argument)
+        mq = int(max_seqlen_q) if max_seqlen_q and max_seqlen_q < 2**31 else -1
+        mk = int(max_seqlen_k) if max_seqlen_k and max_seqlen_k < 2**31 else -1
         out, lse = _attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, seed_t, mq, mk, scale, causal,
                                   wl, wr, sc, p, sinks=sinks, alibi_slopes=alibi_slopes)
     elif torch.compiler.is_compiling() and not p:  # (the per-sequence loop reads cu_seqlens on the host)
@@ -675,8 +683,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     elif k_cache.shape[0] != B:
         raise ValueError(f"k_cache must have q's batch size {B}, got {k_cache.shape[0]}")
     _check_heads(H, Hk)
-    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
-        cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
+    cache_seqlens = _int_lengths(cache_seqlens, B, Tmax, q.device)
     _tensor("cache_seqlens", cache_seqlens)
     if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (B,):
         raise ValueError(f"cache_seqlens must be an int32/int64 tensor of shape [{B}], "
@@ -693,6 +700,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                 raise ValueError(f"{name} must have shape [{B}, {Hk}, Tq_new, {d}], got {tuple(t.shape)}")
             if t.dtype != q.dtype or t.device != q.device:
                 raise ValueError(f"{name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
+        _check_writable("k_cache", k_cache)
+        _check_writable("v_cache", v_cache)
         t_new = k.shape[2]
     if cache_seqlens.device.type == "cpu" and _checking_values() and B > 0:
         if bool((cache_seqlens < 0).any()) or int(cache_seqlens.max()) + t_new > Tmax:
@@ -739,7 +748,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             extra["alibi_slopes"] = alibi_slopes
         extra.update({n: t for n, t in (("k_scale", k_scale), ("v_scale", v_scale)) if t is not None})
         out, lse = _attention_decode_op(q, k_cache, v_cache, lens.to(torch.int32), block_table, scale, causal,
-                                        wl, wr, sc, int(num_splits), **extra)
+                                        wl, wr, sc, _splits(num_splits), **extra)
         return (out, lse) if return_lse else out
     if block_table is not None:  # the CPU paths read a dense copy of each row's pages
         k_cache, v_cache = _gather_pages(k_cache, block_table), _gather_pages(v_cache, block_table)
@@ -769,6 +778,29 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                           window=_ref_window(wl, wr), softcap=sc or None, return_lse=True,
                                           sinks=sinks, key_padding_mask=key_padding_mask, alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out
+
+
+def _check_writable(name, cache):
+    """A cache the new k/v are written into in place: neither a leaf tensor that requires grad (or a view of one),
+    which autograd refuses to write, nor one whose elements share memory (an expand()ed tensor), where the write
+    would land in several places. (Both raised PyTorch's errors from inside the write, naming no argument.)"""
+    if cache.requires_grad and torch.is_grad_enabled() and (cache.is_leaf or cache._base is not None
+                                                            and cache._base.is_leaf):
+        raise ValueError(f"{name} is written in place (the new k / v are appended to it): it must not be a leaf tensor "
+                         f"that requires grad, or a view of one (pass {name}.detach(), or call under torch.no_grad())")
+    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(cache) == 1:
+        raise ValueError(f"{name} is written in place (the new k / v are appended to it): its elements must not share "
+                         f"memory (an expand()ed tensor), got shape {tuple(cache.shape)} with strides {cache.stride()}")
+
+
+def _int_lengths(cache_seqlens, B, Tmax, device):
+    """cache_seqlens given as one int: an int32 tensor [B] of it, range-checked first (an int beyond int32, e.g.
+    2**40, raised torch.full's RuntimeError); anything else as it is."""
+    if not isinstance(cache_seqlens, numbers.Integral) or isinstance(cache_seqlens, bool):
+        return cache_seqlens
+    if not 0 <= cache_seqlens <= Tmax:
+        raise ValueError(f"cache_seqlens must lie in 0..{Tmax} (the cache length), got {cache_seqlens}")
+    return torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=device)
 
 
 def _rotary(q, k, cache_seqlens, cos, sin, interleaved, aligned, D, Tmax):
@@ -833,6 +865,11 @@ def _scale_tensor(name, scale, Hk, device, on="q"):
     if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
         if not (_checks.finite(scale) and scale > 0):
             raise ValueError(f"{name} must be a finite positive float, got {scale!r}")
+        # (used as float32: 1e-46 rounded to 0, and quantize_kv's x / 0 gave NaN for x = 0; 1e39 raised
+        # torch.full's overflow RuntimeError)
+        if not _checks.float32_finite(scale, nonzero=True):
+            raise ValueError(f"{name} must be a positive float32 value, in {_checks.FLOAT32_TINY:.4g}.."
+                             f"{_checks.FLOAT32_MAX:.4g}, got {scale!r}")
         return torch.full((Hk,), float(scale), dtype=torch.float32, device=device)
     if not torch.is_tensor(scale):
         raise TypeError(f"{name} must be a positive float or a float tensor [] or [kv_heads={Hk}], got "
@@ -892,7 +929,13 @@ def _batch_idx_table(cache_batch_idx, block_table, B, device, n_rows, appending)
     return cache_batch_idx.to(torch.int32).view(B, 1)
 
 
-def _check_block_table(block_table, B, k_cache, device):
+def _splits(num_splits):
+    """num_splits for the decode kernels' custom op (an int64 argument): the kernels never use more splits than key
+    blocks, so a count past int32 is as many as there are (2**63 overflowed the op's argument)."""
+    return min(int(num_splits), 2**31 - 1)
+
+
+def _check_block_table(block_table, B, k_cache, device, cache_name="k_cache"):
     """Validate a paged cache's block table; returns the per-row capacity Tmax."""
     _tensor("block_table", block_table)
     if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B:
@@ -904,7 +947,7 @@ def _check_block_table(block_table, B, k_cache, device):
     if block_table.device.type == "cpu" and _checking_values() and block_table.numel():
         lo, hi = int(block_table.min()), int(block_table.max())
         if lo < 0 or hi >= n_pages:
-            raise ValueError(f"block_table entries must be page indices in 0..{n_pages - 1} (k_cache's first "
+            raise ValueError(f"block_table entries must be page indices in 0..{n_pages - 1} ({cache_name}'s first "
                              f"dimension), got values in {lo}..{hi}")
     return block_table.shape[1] * k_cache.shape[2]
 

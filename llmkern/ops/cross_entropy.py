@@ -422,9 +422,12 @@ def _check_lce(hidden, weight, bias, labels, reduction, chunk_size):
     _tensor("weight", weight)
     if hidden.dtype not in _DTYPES:
         raise ValueError(f"hidden must be float32, float16 or bfloat16 (float64: reference), got {hidden.dtype}")
-    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must have shape [vocab, {hidden.shape[-1] if hidden.dim() else '?'}] "
-                         f"(hidden's last dim), got {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] < 1:  # (d = 0 raised reshape's RuntimeError)
+        raise ValueError(f"hidden must have shape [..., d] with d >= 1, got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        # (vocab 0, as cross_entropy's V = 0: a raw "index 0 is out of bounds" from the gather of the labels)
+        raise ValueError(f"weight must have shape [vocab, {hidden.shape[-1]}] (hidden's last dim) with vocab >= 1, "
+                         f"got {tuple(weight.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -484,7 +487,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     need_dh = grad and hidden.requires_grad
     need_dw = grad and weight.requires_grad
     need_db = grad and bias is not None and bias.requires_grad
-    args = (int(ignore_index), sc, reduction, int(chunk_size or 0), need_dh, need_dw, need_db)
+    # (a chunk past 2**62 rows is one chunk, as any chunk of at least N rows: capped, it fits the custom op's int
+    # argument, which 2**63 overflowed under torch.compile and dispatch modes)
+    args = (int(ignore_index), sc, reduction, min(int(chunk_size or 0), 2**62), need_dh, need_dw, need_db)
     with torch.autocast(hidden.device.type, enabled=False):
         if _checks.eager_fast_path(hidden, weight, bias, labels):
             return _LinearCrossEntropyFunction.apply(hidden, weight, bias, labels, *args)[0]

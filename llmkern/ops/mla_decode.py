@@ -9,7 +9,8 @@ first head_dim_v channels. Kernel: llmkern/kernels/mla_decode.py (each latent ti
 and for P V, head dims past the dense kernels' 256); reference: llmkern/reference/attention.py's
 attention_with_kvcache with v the cache's first head_dim_v channels (grouped heads: no repeat of the cache
 per query head). Off the kernel (CPU tensors, float64) it runs the reference's semantics as one product per
-batch row and kv head, the query heads folded into query rows (LLMKERN_BACKEND=reference forces the reference). The Triton path runs inside the custom op `llmkern::mla_decode` (torch.compile, opcheck).
+batch row and kv head, the query heads folded into query rows (LLMKERN_BACKEND=reference forces the reference).
+The Triton path runs inside the custom op `llmkern::mla_decode` (torch.compile, opcheck).
 Inference only (no autograd), as attention_with_kvcache.
 """
 import numbers
@@ -20,14 +21,15 @@ import torch
 from llmkern import _backend
 from llmkern.ops import _checks
 from llmkern.ops.attention import (_KERNEL_DTYPES, _DTYPES, FP8_DTYPES, _check_block_table, _check_causal,
-                                   _check_heads, _gather_pages, _kernel_layout, _kv_scale, _scale, _tensor)
+                                   _check_heads, _gather_pages, _int_lengths, _kernel_layout, _kv_scale, _scale,
+                                   _splits, _tensor)
 from llmkern.reference import attention as ref
 
 MAX_HEAD_DIM_V = 512   # the latent (DeepSeek: kv_lora_rank 512)
 MAX_ROPE_DIM = 256     # the channels after it (DeepSeek: 64)
 
 _backend.register_op("mla_decode", lambda device, dtype: _backend.choose_triton("mla_decode", device, dtype,
-                                                                               _KERNEL_DTYPES))
+                                                                                _KERNEL_DTYPES))
 
 
 @torch.library.custom_op("llmkern::mla_decode", mutates_args=())
@@ -39,8 +41,8 @@ def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch
     from llmkern.kernels.attention import empty_out
 
     if q.numel() == 0:  # (the kernel's output layout: q's when its last dim is contiguous, as the fake's)
-        return empty_out(_kernel_layout(q), head_dim_v).zero_(), torch.full(q.shape[:3], float("-inf"), device=q.device,
-                                                            dtype=torch.float32)
+        return empty_out(_kernel_layout(q), head_dim_v).zero_(), torch.full(q.shape[:3], float("-inf"),
+                                                                            device=q.device, dtype=torch.float32)
     from llmkern.kernels.mla_decode import mla_decode as kernel
 
     return kernel(q, kv_cache, cache_seqlens, head_dim_v=head_dim_v, scale=scale, causal=causal,
@@ -76,11 +78,12 @@ def _check_inputs(q, kv_cache, head_dim_v, block_table, kpe_cache=None):
     elif kv_cache.shape[3] != D:
         raise ValueError(f"kv_cache's last dimension must be q's head dim {D}, got {kv_cache.shape[3]}")
     if not 1 <= head_dim_v <= min(D, MAX_HEAD_DIM_V) or D - head_dim_v > MAX_ROPE_DIM:
-        raise ValueError(f"head_dim_v (the value channels, kv_cache's first ones) must be in 1..{min(D, MAX_HEAD_DIM_V)} "
-                         f"with at most {MAX_ROPE_DIM} channels after it (q's head dim is {D}), got {head_dim_v}")
+        raise ValueError(f"head_dim_v (the value channels, kv_cache's first ones) must be in "
+                         f"1..{min(D, MAX_HEAD_DIM_V)} with at most {MAX_ROPE_DIM} channels after it (q's head dim is "
+                         f"{D}), got {head_dim_v}")
     _check_heads(H, kv_cache.shape[1])
     if block_table is not None:
-        return B, H, Tq, D, _check_block_table(block_table, B, kv_cache, q.device)
+        return B, H, Tq, D, _check_block_table(block_table, B, kv_cache, q.device, "kv_cache")
     if kv_cache.shape[0] != B:
         raise ValueError(f"kv_cache must have q's batch size {B}, got {kv_cache.shape[0]}")
     return B, H, Tq, D, kv_cache.shape[2]
@@ -102,8 +105,7 @@ def _check_kpe(kpe_cache, kv_cache, head_dim_v, D):
 
 
 def _check_lengths(cache_seqlens, B, Tmax, device):
-    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
-        cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=device)
+    cache_seqlens = _int_lengths(cache_seqlens, B, Tmax, device)
     _tensor("cache_seqlens", cache_seqlens)
     if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (B,):
         raise ValueError(f"cache_seqlens must be an int32/int64 tensor of shape [{B}], "
@@ -209,7 +211,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens, *, head_d
         if kv_scale is not None:
             extra["kv_scale"] = kv_scale
         out, lse = _mla_decode_op(q, kv_cache, cache_seqlens.to(torch.int32), block_table, key_padding_mask,
-                                  int(head_dim_v), scale, causal, int(num_splits), **extra)
+                                  int(head_dim_v), scale, causal, _splits(num_splits), **extra)
         return (out, lse) if return_lse else out
     if kpe_cache is not None:  # the CPU paths read the keys whole
         kv_cache = torch.cat([kv_cache, kpe_cache], dim=-1)

@@ -105,7 +105,7 @@ def _check(x, w_gate_up, w_down, topk_ids, topk_weights, activation):
     for name, t in (("x", x), ("w_gate_up", w_gate_up), ("w_down", w_down), ("topk_ids", topk_ids),
                     ("topk_weights", topk_weights)):
         _checks.tensor_arg(name, t)
-    if activation not in _ACTS:
+    if not isinstance(activation, str) or activation not in _ACTS:  # (a list: "unhashable type", unnamed)
         raise ValueError(f"activation must be one of {tuple(_ACTS)}, got {activation!r}")
     if x.dtype not in _DTYPES:
         raise ValueError(f"x must be float32, float16 or bfloat16 (float64: reference only), got {x.dtype}")
@@ -212,7 +212,8 @@ def moe_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk
         w_down: [E, d, F], x's dtype (nn.Linear layout per expert). Any strides.
         topk_ids: integer [..., k] (x's leading dims) or [T, k], values in [0, E) or -1. The k
             ids of a token are normally distinct (top-k); repeated ids are summed like distinct experts,
-            and k may exceed E (an expert-parallel rank holds fewer experts than a token's k slots). -1 marks a dropped slot (a capacity-limited router's overflow, an expert on another
+            and k may exceed E (an expert-parallel rank holds fewer experts than a token's k slots). -1 marks a
+            dropped slot (a capacity-limited router's overflow, an expert on another
             rank under expert parallelism), on every device and backend: the slot adds nothing and its
             topk_weight gets gradient 0. Other values are checked on CPU in eager calls (ValueError); where
             the ids are not read on the host (CUDA, torch.compile) any id outside [0, E) is treated like -1.
@@ -257,13 +258,14 @@ def moe_route(router_logits: torch.Tensor, k: int, renormalize: bool = True
     as they are, Qwen2-MoE's default, DeepSeek-V2); topk_ids: int64 [..., k]. Plain PyTorch, differentiable
     through topk_weights (the router's gradient)."""
     _checks.tensor_arg("router_logits", router_logits)
-    if not router_logits.is_floating_point() or router_logits.dim() < 1:
-        raise ValueError(f"router_logits must be a floating-point tensor [..., n_experts], "
+    if not router_logits.is_floating_point() or router_logits.dim() < 1 or router_logits.shape[-1] < 1:
+        raise ValueError(f"router_logits must be a floating-point tensor [..., n_experts] with n_experts >= 1, "
                          f"got {router_logits.dtype} {tuple(router_logits.shape)}")
     E = router_logits.shape[-1]
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= E:
         raise ValueError(f"k must be an int in 1..{E} (n_experts), got {k!r}")
-    return ref.moe_route(router_logits, int(k), bool(renormalize))
+    # (a flag: bool("False") is True, and renormalize="False" renormalized)
+    return ref.moe_route(router_logits, int(k), _checks.bool_arg("renormalize", renormalize))
 
 
 def moe_capacity(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: int, capacity_factor: float,
@@ -287,6 +289,8 @@ def moe_capacity(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: 
     if topk_weights.shape != topk_ids.shape or topk_weights.device != topk_ids.device:
         raise ValueError(f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)} and device, got "
                          f"{tuple(topk_weights.shape)} on {topk_weights.device}")
+    if topk_weights.is_complex():  # (ranked by their real part, with only a warning)
+        raise ValueError(f"topk_weights must be real (routing weights), got {topk_weights.dtype}")
     if isinstance(n_experts, bool) or not isinstance(n_experts, numbers.Integral) or n_experts < 1:
         raise ValueError(f"n_experts must be an int >= 1, got {n_experts!r}")
     if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, numbers.Real) or \
@@ -296,7 +300,8 @@ def moe_capacity(topk_ids: torch.Tensor, topk_weights: torch.Tensor, n_experts: 
         raise ValueError(f"policy must be 'probs' or 'position', got {policy!r}")
     if topk_ids.device.type == "cpu" and topk_ids.numel() and _checks.checking_values():
         lo, hi = torch.aminmax(topk_ids.to(torch.int64))  # (on CUDA a host sync: unchecked, as in moe_mlp)
-        if lo < NO_EXPERT or hi >= n_experts:
+        # (compared as Python ints: an n_experts past int64 raised OverflowError against the tensor)
+        if int(lo) < NO_EXPERT or int(hi) >= n_experts:
             raise ValueError(f"topk_ids must be in [0, {n_experts}) (n_experts) or {NO_EXPERT} (dropped already), got "
                              f"values in [{int(lo)}, {int(hi)}]")
     tokens, k = topk_ids.numel() // max(topk_ids.shape[-1], 1), topk_ids.shape[-1]

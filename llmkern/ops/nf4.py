@@ -11,6 +11,7 @@ The layout is bitsandbytes' (see llmkern/reference/nf4.py), so `NF4Weight.from_b
 dequantization inside the LoRA GEMM's main loop, and a standalone dequantization pass).
 """
 import functools
+import numbers
 from typing import Optional
 
 import torch
@@ -23,13 +24,41 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 for _name in ("nf4_dequantize", "nf4_linear"):
     _backend.register_op(_name, lambda device, dtype, _name=_name: _backend.choose_triton(_name, device, dtype,
-                                                                                       _DTYPES))
+                                                                                          _DTYPES))
+
+
+_MAX_BLOCKSIZE = 2**30
 
 
 def _check_blocksize(blocksize):
-    # a power of two, as bitsandbytes' are: the kernels then find an element's block with a shift
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 2 or blocksize & (blocksize - 1):
-        raise ValueError(f"blocksize must be a power of two >= 2 (bitsandbytes uses 64), got {blocksize!r}")
+    # a power of two, as bitsandbytes' are: the kernels then find an element's block with a shift. At most 2**30:
+    # the weight is padded to whole blocks (2**40 asked the allocator for 4 TiB and raised its RuntimeError)
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 2 or blocksize & (blocksize - 1) \
+            or blocksize > _MAX_BLOCKSIZE:
+        raise ValueError(f"blocksize must be a power of two in 2..2**30 (bitsandbytes uses 64), got {blocksize!r}")
+
+
+def _shape_arg(shape):
+    """shape as two ints (a tuple, torch.Size, list, tensor or array of integers; integral floats, which worked, too),
+    or an error naming it: a non-integral 6.5 was truncated to 6, a bool read as 1, and a bare int or a string raised
+    Python's own TypeError / ValueError."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be a pair [out_features, in_features], got {type(shape).__name__}") from None
+    out = []
+    for s in dims:
+        if isinstance(s, torch.Tensor) and s.dim() == 0 and s.dtype != torch.bool:
+            s = s.item()
+        if isinstance(s, (numbers.Integral, torch.SymInt)) and not isinstance(s, bool):
+            out.append(int(s))
+        elif isinstance(s, numbers.Real) and not isinstance(s, bool) and float(s).is_integer():
+            out.append(int(s))
+        else:
+            raise ValueError(f"shape must be a pair of ints [out_features, in_features], got {shape!r}")
+    if len(out) != 2 or min(out) < 1:
+        raise ValueError(f"shape must be [out_features, in_features] with both >= 1, got {tuple(out)}")
+    return out
 
 
 class NF4Weight:
@@ -40,20 +69,18 @@ class NF4Weight:
     ``[ceil(N·K / blocksize)]``: float32, or with double quantization (``nested``) uint8 codes;
     nested: None, or ``(code_map [256] fp32, absmax2 fp32 [ceil(n_blocks / 256)], offset)`` decoding
     them (see llmkern.reference.nf4), or those three as one float32 tensor ``[code_map | offset | absmax2]``
-    (the kernels' layout, ``.state2``: used as it is, not copied); dtype: the dtype ``dequantize()`` returns by default (the original
-    weight's). Not a tensor and not trainable: it is the frozen base of a (Q)LoRA layer.
+    (the kernels' layout, ``.state2``: used as it is, not copied); dtype: the dtype ``dequantize()`` returns by
+    default (the original weight's). Not a tensor and not trainable: it is the frozen base of a (Q)LoRA layer.
     """
 
     def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize: int = 64,
                  dtype: torch.dtype = torch.float32, *, nested=None):
         _checks.tensor_arg("packed", packed)
         _checks.tensor_arg("absmax", absmax)
-        if len(tuple(shape)) != 2 or any(int(s) < 1 for s in shape):
-            raise ValueError(f"shape must be [out_features, in_features] with both >= 1, got {tuple(shape)}")
+        N, K = _shape_arg(shape)
         _check_blocksize(blocksize)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-        N, K = (int(s) for s in shape)
         if packed.dtype != torch.uint8 or packed.numel() != -(-N * K // 2):
             raise ValueError(f"packed must be uint8 with ceil({N}·{K} / 2) = {-(-N * K // 2)} elements, got "
                              f"{packed.dtype} with {packed.numel()}")
@@ -185,6 +212,7 @@ def nf4_quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     _check_blocksize(blocksize)
     if not torch.isfinite(weight).all():
         raise ValueError("weight must be finite to quantize it (it holds inf or NaN)")
+    double_quant = _checks.bool_arg("double_quant", double_quant)  # (a string "False" was read as True)
     packed, absmax = ref.nf4_quantize(weight, blocksize)
     if not double_quant:
         return NF4Weight(packed, absmax, weight.shape, blocksize, weight.dtype)
@@ -197,7 +225,7 @@ def nf4_dequantize(qweight: NF4Weight, dtype: Optional[torch.dtype] = None) -> t
     (reads 0.5 B, writes 2 B per element), the reference on CPU."""
     if not isinstance(qweight, NF4Weight):
         raise TypeError(f"qweight must be an NF4Weight (llmkern.nf4_quantize), got {type(qweight).__name__}")
-    dtype = dtype or qweight.dtype
+    dtype = qweight.dtype if dtype is None else dtype  # (not `dtype or`: a falsy 0 or "" took the default)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     if _backend.choose_triton("nf4_dequantize", qweight.device, dtype, _DTYPES) == "reference":

@@ -84,15 +84,21 @@ def _check(x, params, residual, eps, return_residual):
         raise TypeError(f"return_residual must be a bool, got {type(return_residual).__name__}")
     if return_residual and residual is None:
         raise ValueError("return_residual=True needs a residual (it returns x + residual)")
-    return _real("eps", eps, positive=True)
+    return _real("eps", eps, positive=True, dtype=x.dtype)
 
 
-def _real(name, v, positive=False):
+def _real(name, v, positive=False, dtype=torch.float64):
+    """v as a float, finite (and > 0 when `positive`); for inputs other than float64, whose statistics are float32,
+    also a float32 value: eps = 1e-50 rounded to 0 (0 / 0 = NaN on a row of zeros), eps or offset = 1e39 to inf."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(v).__name__}")
     v = float(v)
     if not _checks.finite(v) or (positive and v <= 0):
         raise ValueError(f"{name} must be a finite float{' > 0' if positive else ''}, got {v}")
+    if dtype != torch.float64 and not _checks.float32_finite(v, nonzero=positive):
+        lo = f"{_checks.FLOAT32_TINY:.4g}.." if positive else "+-"
+        raise ValueError(f"{name} must lie in {lo}{_checks.FLOAT32_MAX:.4g} for {dtype} x (the statistics are "
+                         f"float32), got {v}")
     return v
 
 
@@ -285,7 +291,7 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6,
     gradient of s from its own downstream use is added to the one through the norm.
     """
     eps = _check(x, (("weight", weight),), residual, eps, return_residual)
-    offset = _real("offset", offset)
+    offset = _real("offset", offset, dtype=x.dtype)
     if weight is None and offset != 0.0:
         raise ValueError(f"offset must be 0 without a weight (there is nothing to offset), got {offset}")
     if not _use_triton(x, "rms_norm"):

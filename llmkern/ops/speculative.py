@@ -135,8 +135,8 @@ def _check_probs(name, t, lead, layout, dev, V=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 3 or t.shape[:2] != lead or t.shape[2] < 1 or (V is not None and t.shape[2] != V):
-        raise ValueError(f"{name} must have shape {layout} = [{lead[0]}, {lead[1]}, {'V' if V is None else V}], "
-                         f"got {tuple(t.shape)}")
+        vocab = "V" if V is None else f"{V} (target_probs' vocab)"
+        raise ValueError(f"{name} must have shape {layout} = [{lead[0]}, {lead[1]}, {vocab}], got {tuple(t.shape)}")
     if t.dtype not in _DTYPES:
         raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
     if t.device != dev:
@@ -207,6 +207,7 @@ def speculative_accept(
     bonus token, then -1 padding; num_accepted int64 [B]): row b emits num_accepted[b] + 1 tokens.
     Vectorised PyTorch without host syncs; there is no fused kernel (module docstring).
     """
+    greedy = _checks.bool_arg("greedy", greedy)  # (a flag: bool("False") is True, and greedy="False" was greedy)
     B, k, V = _check(draft_tokens, draft_probs, target_probs, greedy)
     dev = draft_tokens.device
     idx = torch.arange(k + 1, device=dev)

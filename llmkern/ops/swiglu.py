@@ -153,7 +153,7 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> to
     "none" (the exact erf gelu, F.gelu's default). Shapes, dtypes, layouts and rounding as for
     ``swiglu``.
     """
-    if approximate not in _APPROXIMATE:
+    if not isinstance(approximate, str) or approximate not in _APPROXIMATE:  # (a list: "unhashable type", unnamed)
         raise ValueError(f"approximate must be 'tanh' or 'none' (as for F.gelu), got {approximate!r}")
     return _gated(gate, up, _APPROXIMATE[approximate])
 
