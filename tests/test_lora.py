@@ -368,7 +368,13 @@ def test_lora_linear_validation(bad, match):
     # non-finite scalings went through (NaN rows) while lora_linear refuses a NaN scaling
     (dict(scalings=[1.0, float("nan")]), "scalings must be finite"),
     (dict(scalings=torch.tensor([float("inf"), 1.0])), "scalings must be finite"),
-    (dict(adapter_ids=torch.tensor([0, 1, -1, 0], device="meta")), "adapter_ids is on meta but x is on cpu"),
+    (dict(adapter_ids=torch.tensor([0, 1, -1, 0], device="meta")), "adapter_ids is on meta but x is on cpu$"),
+    # a scalings tensor on another device raised torch's "Cannot copy out of meta tensor"
+    (dict(scalings=torch.ones(2, device="meta")), "scalings is on meta but x is on cpu"),
+    # past float32's range the kernels' scale is inf: inf / NaN outputs, silently
+    (dict(scalings=[1.0, 1e39]), "scalings must be within float32's range"),
+    (dict(scalings=torch.tensor([1.0, 1e39], dtype=torch.float64)), "scalings must be within float32's range"),
+    (dict(scalings=torch.tensor([1.0, float("nan")])), "scalings must be finite"),
 ])
 def test_lora_linear_multi_validation(bad, match):
     args = dict(x=torch.randn(4, 10), weight=torch.randn(12, 10), bias=None,
@@ -377,6 +383,19 @@ def test_lora_linear_multi_validation(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         llmkern.lora_linear_multi(**args)
+
+
+def test_lora_scaling_must_fit_float32_unless_float64():
+    """scaling = 1e39 is inf in the kernels' float32: the output was inf / NaN with no error. float64 inputs run the
+    reference in float64, where it is a number."""
+    x, W, A, B = torch.randn(3, 10), torch.randn(12, 10), torch.randn(2, 10), torch.randn(12, 2)
+    with pytest.raises(ValueError, match="scaling must be within float32's range"):
+        llmkern.lora_linear(x, W, None, A, B, 1e39)
+    y = llmkern.lora_linear(x.double(), W.double(), None, A.double(), B.double() * 1e-30, 1e39)
+    assert torch.isfinite(y).all()
+    y = llmkern.lora_linear_multi(x.double(), W.double(), None, A[None].double(), B[None].double() * 1e-30, [1e39],
+                                  torch.zeros(3, dtype=torch.long))
+    assert torch.isfinite(y).all()
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -114,12 +114,22 @@ def _no_grad_arg(name, t):
 
 
 def _scalings_arg(scalings, n, device, dtype=torch.float32):
-    """scalings as a `dtype` (float32; float64 for float64 inputs) [n] tensor on `device`; element types are checked here, finiteness
-    of a tensor's values with the ids (see _ValueCheck), of a sequence's here."""
+    """(scalings as a `dtype` [n] tensor on `device`, whether its values were checked here). dtype: float32, float64
+    for float64 inputs. Element types are checked here; values (finite, and in float32's range unless float64) here
+    too when they are on the host (a sequence, a CPU tensor: copied through pinned memory), else with the ids
+    (see _ValueCheck), after the call's kernels are queued."""
     if isinstance(scalings, torch.Tensor):
         _no_grad_arg("scalings", scalings)
         if not (scalings.is_floating_point() or scalings.dtype in _INT_DTYPES):
             raise TypeError(f"scalings must be a real (floating-point or integer) tensor, got {scalings.dtype}")
+        if scalings.shape != (n,):
+            raise ValueError(f"scalings must have shape [{n}] (one per adapter), got {tuple(scalings.shape)}")
+        if scalings.device != device and scalings.device.type != "cpu":
+            raise ValueError(f"scalings is on {scalings.device} but x is on {device} (give them on {device}, on "
+                             f"the CPU or as floats)")
+        if scalings.device.type != "cpu" or not _checks.reading_values():
+            return scalings.to(device=device, dtype=dtype), False
+        items = scalings.tolist()
     else:
         try:
             if isinstance(scalings, (str, bytes)):
@@ -127,23 +137,29 @@ def _scalings_arg(scalings, n, device, dtype=torch.float32):
             items = list(scalings)
         except TypeError:
             raise TypeError(f"scalings must be a tensor or a sequence of floats, got {type(scalings).__name__}")
-        vals = []
-        for v in items:
-            if isinstance(v, torch.Tensor) and v.numel() == 1:
-                _no_grad_arg("scalings", v)
-                v = v.item()
-            if isinstance(v, bool) or not isinstance(v, numbers.Real):
-                raise TypeError(f"scalings must hold real numbers, got {type(v).__name__}")
-            if not _checks.finite(v):
-                raise ValueError(f"scalings must be finite, got {v}")
-            vals.append(float(v))
-        scalings = torch.tensor(vals, dtype=dtype)
-        if scalings.shape != (n,):
-            raise ValueError(f"scalings must have shape [{n}] (one per adapter), got {tuple(scalings.shape)}")
-        return _checks.host_to_device(scalings, device)
-    if scalings.shape != (n,):
-        raise ValueError(f"scalings must have shape [{n}] (one per adapter), got {tuple(scalings.shape)}")
-    return scalings.to(device=device, dtype=dtype)
+    vals = []
+    for v in items:
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            _no_grad_arg("scalings", v)
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"scalings must hold real numbers, got {type(v).__name__}")
+        _check_scale_value("scalings", v, dtype)
+        vals.append(float(v))
+    out = torch.tensor(vals, dtype=dtype)
+    if out.shape != (n,):
+        raise ValueError(f"scalings must have shape [{n}] (one per adapter), got {tuple(out.shape)}")
+    return _checks.host_to_device(out, device), True
+
+
+def _check_scale_value(name, v, dtype):
+    """A LoRA scale the kernels use in float32 (float64 inputs: in float64) must be finite there: 1e39 became inf
+    in float32 and the output inf / NaN."""
+    if not _checks.finite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if dtype != torch.float64 and not _checks.float32_finite(v):
+        raise ValueError(f"{name} must be within float32's range (+-{_checks.FLOAT32_MAX:.4g}) for {dtype} inputs, "
+                         f"got {v}")
 
 
 _INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
@@ -299,6 +315,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     x, weight, bias = _autocast_args(x, weight, bias)
     _check_common(x, weight, bias, lora_A, lora_B, multi=False)
     scaling = _as_scalar("scaling", scaling)
+    _check_scale_value("scaling", scaling, torch.float64 if x.dtype == torch.float64 else torch.float32)
     p = _as_scalar("dropout_p", dropout_p)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {p}")
@@ -367,8 +384,9 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     Args:
         x: ``[..., in]``; weight ``[out, in]`` or an ``NF4Weight`` (see lora_linear); bias ``[out]`` or None.
         lora_A: ``[n, r, in]``, lora_B: ``[n, out, r]`` (adapters stacked; pad smaller ranks
-            with zeros), scalings: ``[n]`` tensor (not requiring grad: the op gives no gradient
-            for it) or sequence of floats, all finite.
+            with zeros), scalings: ``[n]`` tensor on x's device or the CPU (not requiring grad: the
+            op gives no gradient for it) or sequence of floats, all finite (within float32's range
+            unless x is float64).
         adapter_ids: integer tensor with one id per token (shape ``x.shape[:-1]`` or ``[M]``),
             values in ``[-1, n)``, on x's device or on the CPU. The values of ids and of a scalings
             tensor are checked (ValueError) except while compiling or capturing a CUDA graph
@@ -386,8 +404,8 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     n = lora_A.shape[0]
     M = x.numel() // x.shape[-1]
     # (float64 inputs run the reference in float64: a float32 scale cost them 1e-8 relative)
-    scalings_arg = scalings
-    scalings = _scalings_arg(scalings, n, x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
+    scalings, scalings_checked = _scalings_arg(scalings, n, x.device,
+                                               torch.float64 if x.dtype == torch.float64 else torch.float32)
     _tensor("adapter_ids", adapter_ids)
     if adapter_ids.dtype not in _INT_DTYPES:
         raise ValueError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
@@ -398,16 +416,15 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                          f"got shape {tuple(adapter_ids.shape)}")
     host_ids = adapter_ids.device != x.device and adapter_ids.device.type == "cpu"
     if adapter_ids.device != x.device and not host_ids:
-        raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device} (give them on "
-                         f"{x.device} or on the CPU)")
+        raise ValueError(f"adapter_ids is on {adapter_ids.device} but x is on {x.device}"
+                         + ("" if x.device.type == "cpu" else f" (give them on {x.device} or on the CPU)"))
     ids = adapter_ids.reshape(-1)
     # The value checks (skipped inside _checks.trusted(): the PEFT integration builds its ids in [-1, n) on the
     # host and passes floats). Reading device values waits for the layer's queued work on CUDA, once per call:
-    # host ids are checked on the host, before any launch, and a sequence of floats was checked by _scalings_arg.
+    # host ids are checked on the host, before any launch, and host scalings (floats, a CPU tensor) by _scalings_arg.
     check = None
     if _checks.reading_values():
-        user_scalings = scalings if isinstance(scalings_arg, torch.Tensor) else None
-        check = _ValueCheck(None if host_ids else ids, n, user_scalings)
+        check = _ValueCheck(None if host_ids else ids, n, None if scalings_checked else scalings)
         if host_ids and ids.numel():
             _check_id_range(*torch.aminmax(ids), n)
     if host_ids:
