@@ -832,3 +832,19 @@ def test_greedy_sampling_leaves_the_global_rng_alone():
     torch.set_rng_state(before)
     llmkern.sample(logits, temperature=1.0)  # (sampling without a seed still draws)
     assert not torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(temperature=1e39), r"temperature must be in \[0.0, inf\), got 1e\+39 \(inf in float32\)"),
+                                      (dict(repetition_penalty=1e39), "repetition_penalty must be in"),
+                                      (dict(top_p=-1e39), "top_p must be in")])
+def test_scalars_past_float32_range_are_checked_as_float32(kw, match):
+    """A Python float past float32's range is +-inf in the kernels' float32 (torch.full raised its own overflow
+    error, naming no argument): refused where inf is, an infinite penalty where inf is one."""
+    x = torch.randn(3, 20)
+    with pytest.raises(ValueError, match=match):
+        llmkern.sample(x, seed=0, **kw)
+    y = torch.randn(3, 20)
+    prev = torch.tensor([[1, 2], [3, 4], [5, -1]])
+    got = llmkern.sample(y, seed=1, prev_tokens=prev, presence_penalty=1e39, return_logprobs=True)
+    want = llmkern.sample(y, seed=1, prev_tokens=prev, presence_penalty=float("inf"), return_logprobs=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -6,6 +6,7 @@ llmkern/reference/sampling.py. The algorithm is described in csrc/sampling.h.
 top_logprobs (serving-style log-probabilities) has a C++ CPU kernel (torch.ops.llmkern.top_logprobs)
 and runs the reference's torch ops on other devices (see its docstring for why).
 """
+import math
 import numbers
 from typing import NamedTuple, Optional, Union
 
@@ -161,10 +162,16 @@ def _row_param(name, value, B, device, dtype, lo, hi, lo_open=False, hi_open=Fal
         raise ValueError(f"{name} must be an integer, got {value}")
     # an int is compared as an int: float() would round 2**63 - 1 up to 2**63, out of int64's range
     v = int(value) if isinstance(value, numbers.Integral) else float(value)
+    # a float past float32's range is +-inf there (as in a float32 tensor of it; torch.full raised its overflow
+    # error), checked as such: an infinite penalty is one, a temperature of 1e39 is refused like inf
+    rounded = dtype == torch.float32 and v == v and not _checks.float32_finite(v)
+    if rounded:
+        v = math.copysign(math.inf, v)
     out_of_range = (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi) or v != v
     if out_of_range:
-        raise ValueError(f"{name} must be in {_interval(lo, hi, lo_open, hi_open)}, got {value}")
-    return _constant_row(value, B, device, dtype)
+        raise ValueError(f"{name} must be in {_interval(lo, hi, lo_open, hi_open)}, got {value}"
+                         + (f" ({v} in float32)" if rounded else ""))
+    return _constant_row(v if rounded else value, B, device, dtype)
 
 
 _CONSTANT_ROWS = {}  # (value, B, device, dtype) -> read-only [B] tensor
@@ -413,6 +420,7 @@ def sample(
     _check_logits(logits)
     B, V = logits.shape
     dev = logits.device
+    filters = not _no_filtering(temperature, top_k, top_p, min_p, V)  # (before the numbers become tensors)
     if seed is None and _all_greedy(temperature):
         seed = 0  # every row greedy: no draw, so no fresh seeds from torch's generator (its state stays as it was)
     # every tensor argument's value checks go into one _RangeChecks: one host sync per call (none with plain
@@ -437,7 +445,7 @@ def sample(
 
     if _backend_for(dev) == "reference":
         tokens, logprobs, valid = ref.sample(logits, temperature, top_k, top_p, min_p, seed_t, pos_t,
-                                             logit_bias=logit_bias, allowed=allowed_tokens)
+                                             logit_bias=logit_bias, allowed=allowed_tokens, filters=filters)
     else:
         # .default: the overload packet's resolution costs several microseconds per call
         tokens, logprobs, valid = torch.ops.llmkern.sample.default(logits, logit_bias, allowed_tokens, temperature,
@@ -547,6 +555,15 @@ def top_logprobs(logits: torch.Tensor, n: int, *, tokens: Optional[torch.Tensor]
     if tokens is not None:
         tokens = _check_tokens(tokens, B, V, dev)
     return top_logprobs_rows(logits, n, temperature, tokens)
+
+
+def _no_filtering(temperature, top_k, top_p, min_p, V):
+    """Whether no row is filtered, known from Python numbers alone (no tensor read): every row greedy, or top-k,
+    top-p and min-p all off. The reference then skips its keep mask, a float64 sort of every row."""
+    if type(temperature) in (int, float) and temperature == 0:
+        return True
+    return (type(top_k) is int and (top_k == 0 or top_k >= V) and type(top_p) in (int, float) and top_p >= 1.0
+            and type(min_p) in (int, float) and min_p <= 0.0)
 
 
 def _all_greedy(temperature):

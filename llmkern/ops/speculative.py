@@ -24,24 +24,15 @@ from typing import Optional, Union
 import torch
 
 from llmkern.ops import _checks
+from llmkern.reference.sampling import philox_uniform_tensor as _philox_impl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_M32 = 0xFFFFFFFF
 
 STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_DRAFT = 1, 2, 3
 
 
 # ---- counter-based uniforms -------------------------------------------------------------------------
-
-def _mulhilo(a, b):
-    """(hi, lo) 32-bit words of the 64-bit product of the constant a and b (int64 tensor of 32-bit
-    values), in int64 arithmetic that never overflows: b is split into 16-bit halves."""
-    t1 = a * (b & 0xFFFF)          # < 2^48
-    t2 = a * (b >> 16)             # < 2^48
-    s = ((t2 & 0xFFFF) << 16) + t1  # a*b = (t2 >> 16) * 2^32 + s
-    return (t2 >> 16) + (s >> 32), s & _M32
-
 
 def philox_uniform(seed: torch.Tensor, position: torch.Tensor, stream: int = 0) -> torch.Tensor:
     """Uniforms in [0, 1) (float64, 53 random bits), elementwise over broadcast int64 `seed` and
@@ -54,20 +45,6 @@ def philox_uniform(seed: torch.Tensor, position: torch.Tensor, stream: int = 0) 
     if _checks.eager_fast_path(seed, position):
         return _philox_impl(seed, position, int(stream))
     return _philox_op(seed, position, int(stream))
-
-
-def _philox_impl(seed, position, stream):
-    seed, position = torch.broadcast_tensors(seed.long(), position.long())
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    c0, c1 = position & _M32, (position >> 32) & _M32
-    c2, c3 = torch.full_like(c0, 0x5A4D504C), torch.full_like(c0, int(stream) & _M32)
-    for _ in range(10):
-        hi0, lo0 = _mulhilo(0xD2511F53, c0)
-        hi1, lo1 = _mulhilo(0xCD9E8D57, c2)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = (k0 + 0x9E3779B9) & _M32
-        k1 = (k1 + 0xBB67AE85) & _M32
-    return ((c0 >> 5) * 67108864 + (c1 >> 6)).double() * (1.0 / 9007199254740992.0)
 
 
 @torch.library.custom_op("llmkern::philox_uniform", mutates_args=())

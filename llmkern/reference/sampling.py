@@ -7,8 +7,6 @@ Semantics (shared with the C++ and CUDA kernels):
   kept); min-p keeps p >= min_p * p_max. The draw is the first token, in vocabulary order,
   whose cumulative kept probability exceeds one uniform u(seed, position).
 """
-import math
-
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -32,6 +30,51 @@ def philox_uniform(seed, position):
     s, p = int(seed) & 0xFFFFFFFFFFFFFFFF, int(position) & 0xFFFFFFFFFFFFFFFF
     c = _philox4x32([p & _M32, p >> 32, 0x5A4D504C, 0], s & _M32, s >> 32)
     return ((c[0] >> 5) * 67108864 + (c[1] >> 6)) / 9007199254740992.0
+
+
+def _mulhilo(a, b):
+    """(hi, lo) 32-bit words of the 64-bit product of the constant a < 2^32 and b (int64 tensor of 32-bit
+    values), in int64 arithmetic that never overflows (b split into 16-bit halves): a wrapping int64
+    product would be signed overflow in the C++ that torch.compile generates, undefined behaviour that an
+    optimiser may use to drop the masks that undo it."""
+    t1 = a * (b & 0xFFFF)           # < 2^48
+    t2 = a * (b >> 16)              # < 2^48
+    s = ((t2 & 0xFFFF) << 16) + t1  # a * b = (t2 >> 16) * 2^32 + s, s < 2^49
+    return (t2 >> 16) + (s >> 32), s & _M32
+
+
+def philox_uniform_tensor(seed, position, stream=0):
+    """philox_uniform elementwise over int64 tensors (seed and position broadcast; a seed is its uint64
+    bit pattern, as philox_uniform's int(seed) & (2^64 - 1)): float64 uniforms in [0, 1), bit-identical to
+    the scalar function. uint32 words are int64 values in [0, 2^32): masks keep them there, and
+    (x >> 32) & 0xFFFFFFFF is the logical shift of a negative int64's bits. stream: the counter's last word
+    (0: llmkern.sample's uniform; speculative decoding draws its other uniforms from streams 1-3)."""
+    seed, position = torch.broadcast_tensors(seed.long(), position.long())
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    c0, c1 = position & _M32, (position >> 32) & _M32
+    c2, c3 = torch.full_like(c0, 0x5A4D504C), torch.full_like(c0, int(stream) & _M32)
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(0xD2511F53, c0)
+        hi1, lo1 = _mulhilo(0xCD9E8D57, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    # 27 + 26 bits < 2^53: exact in float64, and the division by 2^53 is exact too
+    return ((c0 >> 5) * 67108864 + (c1 >> 6)).double() / 9007199254740992.0
+
+
+def _row_uniforms(seed, position):
+    """philox_uniform_tensor(seed, position), for sample. While torch.compile traces (or under a dispatch mode)
+    it goes through the opaque custom op llmkern::philox_uniform (llmkern.ops.speculative, stream 0: the same
+    words, the same bits; tested): inlined, Inductor's lowering of the ten rounds did not finish in minutes
+    when the seeds or positions were computed inside the graph (an arange, a scalar's torch.full)."""
+    from llmkern.ops import _checks
+
+    if _checks.eager_fast_path(seed, position):
+        return philox_uniform_tensor(seed, position)
+    from llmkern.ops.speculative import philox_uniform as philox_op
+
+    return philox_op(seed, position)
 
 
 def apply_penalties(logits, prev_tokens, repetition_penalty, presence_penalty, frequency_penalty,
@@ -87,35 +130,46 @@ def _process(logits, temperature, bias, allowed):
     return torch.nan_to_num(y, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")).double()
 
 
-def _keep_mask(y, top_k, top_p, min_p):
-    """Boolean [B, V]: which processed logits survive top-k, top-p, min-p (HF order)."""
+def _weights(y):
+    """The row maxima m [B, 1] and the weights e = exp(y - m) [B, V] of processed logits y (float64, no NaN):
+    1 at the maximum, also when it is +inf (not exp(inf - inf))."""
+    m = y.amax(-1, keepdim=True)
+    return m, torch.where(y == m, 1.0, torch.exp(y - m))
+
+
+def _keep_mask(y, top_k, top_p, min_p, weights=None):
+    """Boolean [B, V]: which processed logits y (float64 [B, V], no NaN) survive top-k, top-p, min-p (HF
+    order), all rows at once, without host reads. top_k, top_p, min_p: [B] tensors; weights: _weights(y)
+    when the caller has it. Rows whose maximum is -inf keep everything."""
     B, V = y.shape
-    keep = torch.ones_like(y, dtype=torch.bool)
-    for r in range(B):
-        row = y[r]
-        m = row.max()
-        if m == float("-inf"):
-            continue
-        k = int(top_k[r])
-        kth = torch.topk(row, k).values[-1] if 0 < k < V else float("-inf")
-        keep[r] &= row >= kth
-        e = torch.where(row == m, torch.ones_like(row), torch.exp(row - m))
-        e = torch.where(keep[r], e, torch.zeros_like(e))
-        p = float(top_p[r])
-        if p < 1.0:
-            asc, _ = torch.sort(row)
-            e_asc = torch.where(asc == m, torch.ones_like(asc), torch.exp(asc - m))
-            e_asc = torch.where(asc >= kth, e_asc, torch.zeros_like(e_asc))
-            cum = torch.cumsum(e_asc, 0)
-            z = cum[-1]
-            last_le = torch.searchsorted(asc, row, right=True) - 1  # last position holding <= v
-            mass_above = z - cum[last_le]
-            # (the top group is always kept: p rounded to 0 in float32 keeps it, as the kernels do)
-            keep[r] &= (mass_above < p * z) | (mass_above == 0)
-        mp = float(min_p[r])
-        if mp > 0:
-            keep[r] &= e >= mp
-    return keep
+    m, e = _weights(y) if weights is None else weights
+    asc, order = torch.sort(y, dim=-1)
+    # top-k keeps y >= the k-th largest value, asc[V - k] (ties kept); k <= 0 or k >= V: no top-k
+    k = top_k.to(device=y.device, dtype=torch.int64).view(B, 1)
+    has_k = (k > 0) & (k < V)
+    kth = torch.where(has_k, asc.gather(1, torch.where(has_k, V - k, 0)), float("-inf"))
+    keep = y >= kth
+    e = torch.where(keep, e, 0.0)  # the weights of the top-k survivors
+    # top-p keeps v when the mass strictly above v (over the top-k survivors) is < top_p * total: in
+    # ascending order, total - (cumulative mass up to the last position holding v). The tie group's last
+    # position counts for all of v's group, so a group is kept or dropped whole.
+    group_end = torch.cat([asc[:, 1:] != asc[:, :-1], torch.ones_like(asc[:, :1], dtype=torch.bool)], -1)
+    del asc  # (one [B, V] float64 fewer at the peak below)
+    p = top_p.to(device=y.device, dtype=torch.float64).view(B, 1)
+    cum = torch.cumsum(e.gather(1, order), -1)
+    z = cum[:, -1:]
+    # cum at the end of each position's group: the cum of the nearest group end at or after it (cum does
+    # not decrease, so that is the smallest one there)
+    cum_end = torch.where(group_end, cum, float("inf")).flip(-1).cummin(-1).values.flip(-1)
+    mass_above = z - cum_end
+    # (the top group is always kept: p rounded to 0 in float32 keeps it, as the kernels do); top_p >= 1
+    # (or NaN) disables the filter
+    top_p_sorted = ~(p < 1.0) | (mass_above < p * z) | (mass_above == 0)
+    keep = keep & torch.empty_like(top_p_sorted).scatter(1, order, top_p_sorted)  # back to vocabulary order
+    # min-p keeps e >= min_p (e is relative to the maximum: p >= min_p * p_max); min_p <= 0 (or NaN): off
+    mp = min_p.to(device=y.device, dtype=torch.float64).view(B, 1)
+    keep = keep & (~(mp > 0) | (e >= mp))
+    return keep | (m == float("-inf"))
 
 
 def filter_logits(logits, top_k, top_p, min_p, filter_value=float("-inf")):
@@ -125,38 +179,37 @@ def filter_logits(logits, top_k, top_p, min_p, filter_value=float("-inf")):
     return torch.where(keep, logits, torch.full_like(logits, filter_value))
 
 
-def sample(logits, temperature, top_k, top_p, min_p, seed, position, logit_bias=None, allowed=None):
-    """Reference of the sampling kernel. All parameters are [B] tensors.
+def sample(logits, temperature, top_k, top_p, min_p, seed, position, logit_bias=None, allowed=None, filters=True):
+    """Reference of the sampling kernel. All parameters are [B] tensors (on the logits' device or the CPU).
 
-    Returns (tokens int64 [B], logprobs float32 [B], valid bool [B]).
+    Returns (tokens int64 [B], logprobs float32 [B], valid bool [B]). All rows at once, without host reads
+    (torch.compile traces it whole): a row with temperature 0 takes the first maximum in vocabulary order
+    (logprob under the temperature-1 distribution), the others draw by inverse CDF with philox_uniform;
+    a row whose logits are all -inf gives token 0, logprob -inf, valid False. filters=False: the caller knows
+    that no row filters (top-k, top-p and min-p off, or every row greedy), so the keep mask (a sort of every
+    row) is skipped; the result is the same.
     """
     B, V = logits.shape
-    y = _process(logits, temperature, logit_bias, allowed)
-    keep = _keep_mask(y, top_k, top_p, min_p)
-    tokens = torch.zeros(B, dtype=torch.long)
-    logprobs = torch.full((B,), float("-inf"), dtype=torch.float32)
-    valid = torch.zeros(B, dtype=torch.bool)
-    for r in range(B):
-        row = y[r]
-        m = row.max()
-        if m == float("-inf"):
-            continue
-        valid[r] = True
-        e = torch.where(row == m, torch.ones_like(row), torch.exp(row - m))
-        if float(temperature[r]) == 0.0:
-            tokens[r] = int(torch.nonzero(row == m)[0])
-            logprobs[r] = -math.log(float(e.sum()))
-            continue
-        e = torch.where(keep[r], e, torch.zeros_like(e))
-        cdf = torch.cumsum(e, 0)
-        u = philox_uniform(int(seed[r]), int(position[r]))
-        tok = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype), right=True)[0])
-        tok = min(tok, V - 1)
-        tokens[r] = tok
-        d = 0.0 if row[tok] == m else float(row[tok] - m)  # (+inf maximum: 0, not inf - inf)
-        logprobs[r] = d - math.log(float(cdf[-1]))
     dev = logits.device
-    return tokens.to(dev), logprobs.to(dev), valid.to(dev)
+    y = _process(logits, temperature, logit_bias, allowed).detach()  # (the outputs carry no gradient)
+    m, e = _weights(y)
+    keep = _keep_mask(y, top_k, top_p, min_p, (m, e)) if filters else None
+    valid = (m != float("-inf")).view(B)
+    # temperature 0: the first maximum (torch.argmax gives the first one), logprob -log(sum of e)
+    greedy_tok = y.argmax(-1)
+    greedy_lp = -torch.log(e.sum(-1))
+    # the draw: the first token whose cumulative kept weight exceeds u * total
+    cdf = torch.cumsum(e if keep is None else torch.where(keep, e, 0.0), -1)
+    total = cdf[:, -1]
+    u = _row_uniforms(seed.to(device=dev, dtype=torch.int64), position.to(device=dev, dtype=torch.int64))
+    tok = torch.searchsorted(cdf, (u * total).view(B, 1), right=True).view(B).clamp(max=V - 1)
+    y_tok = y.gather(1, tok.view(B, 1))
+    d = torch.where(y_tok == m, 0.0, y_tok - m).view(B)  # (+inf maximum: 0, not inf - inf)
+    drawn_lp = d - torch.log(total)
+    greedy = temperature.to(dev).view(B) == 0
+    tokens = torch.where(valid, torch.where(greedy, greedy_tok, tok), 0)
+    logprobs = torch.where(valid, torch.where(greedy, greedy_lp, drawn_lp), float("-inf"))
+    return tokens, logprobs.float(), valid
 
 
 def _top_ids(x, n):
