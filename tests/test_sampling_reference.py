@@ -197,6 +197,17 @@ def test_unfiltered_calls_skip_the_keep_mask_with_the_same_result(monkeypatch, k
     assert calls == [] and len(ran) == 20  # (the reference ran, without its keep mask)
 
 
+def test_row_chunks_give_the_same_result():
+    """Large batches go in chunks of rows (bounded float64 temporaries): the same bits as one piece, with per-row
+    and shared ([V]) logit_bias / allowed."""
+    for i in range(6):
+        x, (t, k, p, mp, seed, pos), bias, allowed = _config(i)
+        whole = ref.sample(x, t, k, p, mp, seed, pos, logit_bias=bias, allowed=allowed)
+        chunked = ref.sample(x, t, k, p, mp, seed, pos, logit_bias=bias, allowed=allowed,
+                             chunk_elements=2 * x.shape[1])  # two rows a chunk
+        _assert_same(chunked, whole)
+
+
 def test_float64_filter_equals_the_per_row_reference():
     """filter_logits on float64 scores (the transformers integration's path: no float32 rounding)."""
     gen = torch.Generator().manual_seed(5)

@@ -179,7 +179,8 @@ def filter_logits(logits, top_k, top_p, min_p, filter_value=float("-inf")):
     return torch.where(keep, logits, torch.full_like(logits, filter_value))
 
 
-def sample(logits, temperature, top_k, top_p, min_p, seed, position, logit_bias=None, allowed=None, filters=True):
+def sample(logits, temperature, top_k, top_p, min_p, seed, position, logit_bias=None, allowed=None, filters=True,
+           chunk_elements=1 << 22):
     """Reference of the sampling kernel. All parameters are [B] tensors (on the logits' device or the CPU).
 
     Returns (tokens int64 [B], logprobs float32 [B], valid bool [B]). All rows at once, without host reads
@@ -187,8 +188,24 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, position, logit_bias=
     (logprob under the temperature-1 distribution), the others draw by inverse CDF with philox_uniform;
     a row whose logits are all -inf gives token 0, logprob -inf, valid False. filters=False: the caller knows
     that no row filters (top-k, top-p and min-p off, or every row greedy), so the keep mask (a sort of every
-    row) is skipped; the result is the same.
+    row) is skipped; the result is the same. Rows go in chunks of about chunk_elements logits: the batched
+    steps keep several float64 [rows, V] temporaries (2 GB at B=256, V=128256 in one piece).
     """
+    B, V = logits.shape
+    rows = max(1, chunk_elements // max(V, 1))
+    if B > rows:  # (a fixed number of chunks: torch.compile unrolls the loop)
+        def side(t, lo):  # logit_bias / allowed: [B, V] rows, or one [V] row for all
+            return t[lo:lo + rows] if t is not None and t.dim() == 2 else t
+
+        outs = [_sample_rows(*(t[lo:lo + rows] for t in (logits, temperature, top_k, top_p, min_p, seed, position)),
+                             side(logit_bias, lo), side(allowed, lo), filters)
+                for lo in range(0, B, rows)]
+        return tuple(torch.cat(o) for o in zip(*outs))
+    return _sample_rows(logits, temperature, top_k, top_p, min_p, seed, position, logit_bias, allowed, filters)
+
+
+def _sample_rows(logits, temperature, top_k, top_p, min_p, seed, position, logit_bias, allowed, filters):
+    """sample on one chunk of rows."""
     B, V = logits.shape
     dev = logits.device
     y = _process(logits, temperature, logit_bias, allowed).detach()  # (the outputs carry no gradient)
