@@ -44,7 +44,8 @@ def validation_enabled():
 
 
 def resolve_group(group=None, what="llmkern.parallel"):
-    """The process group to use (WORLD for None); a clear error when there is none."""
+    """The process group to use (WORLD for None); a clear error when there is none, or when `group` is not a
+    ProcessGroup."""
     if not dist.is_available():
         raise RuntimeError(f"{what}: torch.distributed is not available in this build of torch")
     if not dist.is_initialized():
@@ -52,7 +53,12 @@ def resolve_group(group=None, what="llmkern.parallel"):
             f"{what}: no process group: torch.distributed is not initialized. Call "
             f"torch.distributed.init_process_group(...) first (torchrun sets up the environment; "
             f"llmkern.parallel.launch.spawn does it for local runs), then pass group= or use WORLD.")
-    return dist.group.WORLD if group is None else group
+    if group is None:
+        return dist.group.WORLD
+    if not isinstance(group, dist.ProcessGroup):  # (a rank number or a backend name failed deep inside torch)
+        raise TypeError(f"{what}: group must be a torch.distributed ProcessGroup (or None: WORLD), got "
+                        f"{type(group).__name__}")
+    return group
 
 
 def world_size(group):

@@ -43,9 +43,13 @@ Not supported (a clear error): lengths that 2p (zigzag) or p (contiguous) does n
 sequence), KV caches (generation), attention masks / padding, prefix tuning, attention dropout, and a
 second derivative through the attention (create_graph=True; neither do the attention kernels).
 """
+import numbers
+
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
+from llmkern.ops._checks import bool_arg
 from llmkern.parallel import comm
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -88,6 +92,17 @@ def _check_length(T, p, layout, what, local=False):
     return n
 
 
+def _dim_arg(what, x, dim):
+    """dim as an index into x's dimensions, or an error naming it: x % x.dim() wrapped an out-of-range dim
+    (4 of a 3-D tensor) onto another dimension, silently."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what}: x must be a tensor, got {type(x).__name__}")
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"{what}: dim must be an int in [-{x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, "
+                         f"got {dim!r}")
+    return int(dim) % x.dim()
+
+
 def shard_sequence(x, group=None, dim=1, layout="zigzag"):
     """This rank's part of a full-sequence tensor x (inputs, labels, position ids, q/k/v...) along `dim`:
     chunks r and 2p-1-r of 2p (zigzag) or chunk r of p (contiguous). Not differentiable through
@@ -95,7 +110,7 @@ def shard_sequence(x, group=None, dim=1, layout="zigzag"):
     _check_layout(layout)
     group = comm.resolve_group(group, "shard_sequence")
     p, r = comm.world_size(group), comm.rank(group)
-    dim = dim % x.dim()
+    dim = _dim_arg("shard_sequence", x, dim)
     n = _check_length(x.shape[dim], p, layout, "shard_sequence")
     return _take(x, dim, _rank_chunks(p, layout)[r], x.shape[dim] // n)
 
@@ -104,6 +119,10 @@ def context_parallel_positions(T_global, group=None, layout="zigzag", device=Non
     """The absolute positions (int64 [T_global / p]) of this rank's tokens, in its local order: what RoPE or
     a learned position embedding needs (shard_sequence of arange(T_global))."""
     _check_layout(layout)
+    if isinstance(T_global, bool) or not isinstance(T_global, numbers.Integral) or T_global < 0:
+        # (a float 4.0 failed in narrow, a negative length in arange, a string in the divisibility check)
+        raise ValueError(f"context_parallel_positions: T_global must be an int >= 0, got {T_global!r}")
+    T_global = int(T_global)
     group = comm.resolve_group(group, "context_parallel_positions")
     p, r = comm.world_size(group), comm.rank(group)
     n = _check_length(T_global, p, layout, "context_parallel_positions")
@@ -162,11 +181,12 @@ def gather_sequence(x, group=None, dim=1, layout="zigzag", *, reduce_grad=True):
     queries' attention over gathered keys); reduce_grad=False: each rank keeps its slice of its own
     gradient (right when every rank computes the same function of the gathered tensor)."""
     _check_layout(layout)
+    reduce_grad = bool_arg("gather_sequence: reduce_grad", reduce_grad)  # (bool("False") is True)
     group = comm.resolve_group(group, "gather_sequence")
-    dim = dim % x.dim()
+    dim = _dim_arg("gather_sequence", x, dim)
     _check_length(x.shape[dim], comm.world_size(group), layout, "gather_sequence", local=True)
     comm.check_same_shape(x, group, "gather_sequence")
-    return _GatherSequence.apply(x, group, dim, layout, bool(reduce_grad))
+    return _GatherSequence.apply(x, group, dim, layout, reduce_grad)
 
 
 # ---- attention -----------------------------------------------------------------------------------
@@ -514,6 +534,8 @@ def all_reduce_gradients(model, group=None):
     context_parallelize gave the model, else WORLD), in place, in one all-reduce per dtype (flattened).
     The experts of an expert-parallel model partitioned over the same group are left as they are (their
     gradients are complete on the rank that holds them)."""
+    if not isinstance(model, nn.Module):  # (None returned None on one rank, and failed on more)
+        raise TypeError(f"all_reduce_gradients: model must be an nn.Module, got {type(model).__name__}")
     if group is None and getattr(model, "context_parallel", None) is not None:
         group = model.context_parallel.group
     group = comm.resolve_group(group, "all_reduce_gradients")

@@ -30,6 +30,8 @@ backward, tensor parallelism only: no pipeline or data parallelism, no recomputa
   slower (communication kernels take SMs and memory bandwidth).
 """
 import dataclasses
+import math
+import numbers
 from typing import Dict, Optional
 
 
@@ -129,14 +131,57 @@ def _chunked_allreduce_exposed(g, t_bytes, t_latency, chunks, slowdown, after=0.
     return max(comm_end, compute_end) - (g + after)
 
 
+def _count(name, v, optional=False):
+    """v as an int >= 1 (a whole float such as 8.0 too; None when optional), else ValueError naming it: a bool was
+    taken for 1, 2.5 micro-batches counted as 2 tokens' worth here and 2.5 there, 0 and negatives gave times
+    below zero or a division by zero."""
+    if v is None and optional:
+        return None
+    if not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and v == int(v) and v >= 1:
+        return int(v)
+    raise ValueError(f"cost_model.predict: {name} must be an int >= 1{' or None' if optional else ''}, got {v!r}")
+
+
+def _positive(name, v, optional=False, zero=False):
+    """v as a finite float > 0 (>= 0 with zero; None when optional), else ValueError naming it: 0 divided by zero
+    or was taken for the default, negatives gave negative times."""
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) \
+            or not (v >= 0 if zero else v > 0):
+        raise ValueError(f"cost_model.predict: {name} must be a finite number {'>= 0' if zero else '> 0'}"
+                         f"{' or None' if optional else ''}, got {v!r}")
+    return float(v)
+
+
+def _hardware(hardware):
+    if isinstance(hardware, Hardware):
+        return hardware
+    if isinstance(hardware, str) and hardware in HARDWARE:
+        return HARDWARE[hardware]
+    raise ValueError(f"cost_model: hardware must be one of {sorted(HARDWARE)} or a Hardware, got {hardware!r}")
+
+
 def predict(model="gpt3-175b", p=8, hardware="H100", *, micro_batch=1, seq=None, sequence_parallel=True,
             overlap="ring", dtype_bytes=2, gemm_efficiency=0.7, attention_efficiency=0.5, link_efficiency=0.8,
             latency_us=10.0, chunks=4, overlap_slowdown=0.05, link_gbps: Optional[float] = None):
     """Predicted times (ms) for one micro-batch, forward + backward, through the whole model."""
     if overlap not in ("none", "ring"):
         raise ValueError(f"cost_model.predict: overlap must be 'none' or 'ring', got {overlap!r}")
+    from llmkern.ops._checks import bool_arg
+
+    p, micro_batch, chunks = _count("p", p), _count("micro_batch", micro_batch), _count("chunks", chunks)
+    seq = _count("seq", seq, optional=True)  # (0 was taken for the model's length)
+    sequence_parallel = bool_arg("cost_model.predict: sequence_parallel", sequence_parallel)  # ("False" was True)
+    dtype_bytes = _positive("dtype_bytes", dtype_bytes)
+    gemm_efficiency = _positive("gemm_efficiency", gemm_efficiency)  # (> 1 allowed: a test makes GEMMs free)
+    attention_efficiency = _positive("attention_efficiency", attention_efficiency)
+    link_efficiency = _positive("link_efficiency", link_efficiency)
+    latency_us = _positive("latency_us", latency_us, zero=True)
+    overlap_slowdown = _positive("overlap_slowdown", overlap_slowdown, zero=True)
+    link_gbps = _positive("link_gbps", link_gbps, optional=True)  # (0 was taken for the hardware's figure)
     d = dims(model)
-    hw = HARDWARE[hardware] if isinstance(hardware, str) else hardware
+    hw = _hardware(hardware)
     if d.n_head % p or d.n_kv_head % p or d.ffn % p:
         raise ValueError(f"cost_model.predict: {d.name} does not shard {p} ways (heads {d.n_head}/{d.n_kv_head}, "
                          f"ffn {d.ffn})")
@@ -224,7 +269,18 @@ def pipeline_bubble_fraction(p, m, virtual_stages=1):
 
 def table(model="gpt3-175b", p=8, hardware=("H100", "A100"), micro_batches=(1, 4), **kw):
     """Markdown table: per GPU type, sequence parallelism and micro-batch, step time with plain
-    collectives vs ring overlap and the exposed-communication fraction."""
+    collectives vs ring overlap and the exposed-communication fraction. hardware: one name (or Hardware) or a
+    sequence of them; micro_batches: one int or a sequence."""
+    if isinstance(hardware, (str, Hardware)):  # (a name was iterated letter by letter: KeyError 'H')
+        hardware = (hardware,)
+    if isinstance(micro_batches, numbers.Integral):
+        micro_batches = (micro_batches,)
+    taken = sorted({"micro_batch", "sequence_parallel", "overlap"} & set(kw))
+    if taken:
+        raise TypeError(f"cost_model.table: {taken[0]} is set by the table itself (its rows and columns), not an "
+                        f"argument")
+    for hw in hardware:
+        _hardware(hw)
     lines = ["| GPU | SP | tokens | compute ms | comm ms | step ms, none | step ms, ring | exposed comm, ring | "
              "MFU none / ring |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -233,7 +289,8 @@ def table(model="gpt3-175b", p=8, hardware=("H100", "A100"), micro_batches=(1, 4
             for b in micro_batches:
                 n = predict(model, p, hw, micro_batch=b, sequence_parallel=sp, overlap="none", **kw)
                 r = predict(model, p, hw, micro_batch=b, sequence_parallel=sp, overlap="ring", **kw)
-                lines.append(f"| {hw} | {'yes' if sp else 'no'} | {r['tokens']} | {r['compute_ms']:.0f} | "
+                name = hw if isinstance(hw, str) else hw.name
+                lines.append(f"| {name} | {'yes' if sp else 'no'} | {r['tokens']} | {r['compute_ms']:.0f} | "
                              f"{r['comm_ms']:.0f} | {n['step_ms']:.0f} | {r['step_ms']:.0f} | "
                              f"{r['exposed_fraction']:.2f} | {n['mfu']:.2f} / {r['mfu']:.2f} |")
     return "\n".join(lines)

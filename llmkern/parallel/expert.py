@@ -99,7 +99,7 @@ def _agree(group, what, meta, error=None, describe=None):
     rank failed its local check or any meta differs, so that none goes on into a collective alone."""
     rows = comm.gather_ints([1 if error else 0] + [int(v) for v in meta], group)
     if error:
-        raise ValueError(error)
+        raise error if isinstance(error, Exception) else ValueError(error)
     failed = [i for i, r in enumerate(rows) if r[0]]
     if failed:
         raise ValueError(f"{what}: failed on rank(s) {failed} (their error says why)")
@@ -337,9 +337,11 @@ def expert_parallelize(model, group=None):
     replicated parameters' gradients."""
     group = comm.resolve_group(group, "expert_parallelize")
     p, what = comm.world_size(group), "expert_parallelize"
-    targets = [(parent, name, child) for _, parent in model.named_modules() for name, child in parent.named_children()
-               if isinstance(child, llama.MoE)]
     error = None
+    if not isinstance(model, nn.Module):  # (raised on every rank by _agree below: the others would wait there)
+        error = TypeError(f"{what}: model must be an nn.Module, got {type(model).__name__}")
+    targets = [] if error else [(parent, name, child) for _, parent in model.named_modules()
+                                for name, child in parent.named_children() if isinstance(child, llama.MoE)]
     if isinstance(model, llama.MoE):
         error = f"{what}: got a single MoE layer; use ExpertParallelMoE.from_moe(layer, group)"
     if getattr(model, "pipeline_parallel", None) is not None:  # (its stages' transfers and the exchange deadlock)
@@ -377,6 +379,8 @@ def all_reduce_replicated_grads(model, group=None, op="sum"):
     A parameter without a gradient on some rank but not all gets zeros there. Returns `model`."""
     if op not in ("sum", "mean"):
         raise ValueError(f"all_reduce_replicated_grads: op must be 'sum' or 'mean', got {op!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"all_reduce_replicated_grads: model must be an nn.Module, got {type(model).__name__}")
     layers = [m for m in model.modules() if isinstance(m, ExpertParallelMoE)]
     if group is None and layers:
         group = layers[0].group

@@ -10,7 +10,10 @@ fails instead of hanging. Returns the list of fn's return values in rank order; 
 RuntimeError with every failed rank's traceback.
 """
 import datetime
+import math
+import numbers
 import os
+import pickle
 import queue as _queue
 import socket
 import time
@@ -65,6 +68,27 @@ def _rank_main(rank, world_size, port, backend, pg_timeout, num_threads, tasks, 
         pass
 
 
+def _seconds(what, name, v):
+    """v as a float > 0, else ValueError naming it (0 or a negative timeout failed every run as "did not finish",
+    a negative pg_timeout inside torch's store)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{what}: {name} must be a finite number of seconds > 0, got {v!r}")
+    return float(v)
+
+
+def _check_fn(what, fn):
+    """TypeError unless fn is a callable that pickles (by reference: cheap). The task queue pickles it in a
+    background thread, where a lambda or a nested function failed with a printed traceback only, and the run then
+    waited for its whole timeout and reported the ranks as not finishing."""
+    if not callable(fn):
+        raise TypeError(f"{what}: fn must be a function, got {type(fn).__name__}")
+    try:
+        pickle.dumps(fn)
+    except Exception as exc:
+        raise TypeError(f"{what}: fn must be picklable (a module-level function, which the spawned ranks import), "
+                        f"got {getattr(fn, '__qualname__', fn)!r}: {exc}") from None
+
+
 class RankPool:
     """`world_size` spawned ranks with a live process group, running functions on request:
 
@@ -76,6 +100,17 @@ class RankPool:
     closes the pool (its ranks may be left inside a collective)."""
 
     def __init__(self, world_size, backend="gloo", pg_timeout=30.0, num_threads=1):
+        from llmkern.ops._checks import positive_int
+
+        # (checked before any process starts: world_size 0 ran nothing and returned [], a bool started one rank)
+        world_size = positive_int("RankPool: world_size", world_size)
+        pg_timeout = _seconds("RankPool", "pg_timeout", pg_timeout)
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral)
+                                        or num_threads < 0):
+            raise ValueError(f"RankPool: num_threads must be None or an int >= 0 (0: torch's default), got "
+                             f"{num_threads!r}")
+        if not isinstance(backend, str):
+            raise TypeError(f"RankPool: backend must be a string ('gloo', 'nccl'), got {type(backend).__name__}")
         ctx = mp.get_context("spawn")
         self.world_size = world_size
         self._results = ctx.Queue()
@@ -92,6 +127,8 @@ class RankPool:
     def run(self, fn, args=(), timeout=120.0):
         if self.closed:
             raise RuntimeError("RankPool is closed")
+        timeout = _seconds("RankPool.run", "timeout", timeout)
+        _check_fn("RankPool.run", fn)
         self._next += 1
         task_id = self._next
         for q in self._tasks:
@@ -149,5 +186,7 @@ class RankPool:
 
 def spawn(fn, world_size, args=(), timeout=120.0, backend="gloo", pg_timeout=30.0, num_threads=1):
     """Run fn(rank, world_size, *args) on `world_size` spawned ranks; see the module docstring."""
+    _seconds("spawn", "timeout", timeout)
+    _check_fn("spawn", fn)  # (before any rank starts: seconds each)
     with RankPool(world_size, backend, pg_timeout, num_threads) as pool:
         return pool.run(fn, args, timeout)

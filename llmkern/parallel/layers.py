@@ -36,13 +36,14 @@ the compute dtype in the math, as ``llmkern.lora_linear`` does; their gradients 
 factors' own dtype.
 """
 import math
+import numbers
 import sys
 
 import torch
 import torch.nn as nn
 
 from llmkern._backend import warn_once
-from llmkern.ops._checks import autocast_cast, autocast_dtype, positive_int
+from llmkern.ops._checks import autocast_cast, autocast_dtype, bool_arg, positive_int
 from llmkern.parallel import comm
 from llmkern.peft.lora import lora_scaling
 
@@ -550,6 +551,32 @@ def _int_arg(what, name, v, optional=False):
     return None if v is None and optional else positive_int(f"{what}: {name}", v)
 
 
+def _bias_arg(what, bias):
+    """bias as a bool (None: no bias, as nn.Linear reads it); a string "False" made a bias, silently."""
+    return False if bias is None else bool_arg(f"{what}: bias", bias)
+
+
+def _from_linear_kw(what, kw):
+    """from_linear takes the sizes, the bias, the device and the dtype from the linear: any of them in kw is a
+    TypeError naming it (skip_init's "got multiple values for keyword argument" did not say where from)."""
+    taken = [k for k in ("in_features", "out_features", "bias", "device", "dtype") if k in kw]
+    if taken:
+        raise TypeError(f"{what}.from_linear: {taken[0]} comes from the linear; it is not an argument of "
+                        f"from_linear")
+
+
+def _segments_arg(segments, out_features):
+    """from_linear's segments as a list of positive ints summing to out_features (None: one segment)."""
+    if segments is None or (isinstance(segments, (list, tuple)) and not segments):
+        return [out_features]
+    segs = list(segments) if isinstance(segments, (list, tuple)) else None
+    if segs is None or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in segs) \
+            or sum(segs) != out_features:
+        raise ValueError(f"ColumnParallelLinear.from_linear: segments must be a list of positive ints summing to "
+                         f"out_features={out_features}, got {segments!r}")
+    return [int(n) for n in segs]
+
+
 def _flag_arg(what, name, v):
     if not isinstance(v, bool):
         raise ValueError(f"{what}: {name} must be True or False, got {v!r}")
@@ -636,6 +663,7 @@ class ColumnParallelLinear(_ParallelLinear):
     def __init__(self, in_features, out_features, bias=True, *, gather_output=False, sequence_parallel=False,
                  overlap="ring", group=None, chunks=None, pieces=None, transport="p2p", device=None, dtype=None):
         super().__init__()
+        bias = _bias_arg("ColumnParallelLinear", bias)
         self._setup(in_features, out_features, overlap, sequence_parallel, group, chunks, pieces, transport)
         _check_divisible(self.out_features, self.world_size, "ColumnParallelLinear: out_features")
         self.gather_output = _flag_arg("ColumnParallelLinear", "gather_output", gather_output)
@@ -677,14 +705,13 @@ class ColumnParallelLinear(_ParallelLinear):
         projection (e.g. qkv) segment by segment; with gather_output=True the gathered features are
         in the linear's order ([q | k | v]), not rank by rank."""
         segments = kw.pop("segments", None)
+        _from_linear_kw(cls.__name__, kw)
         base, A, B, s = _lora_parts(linear)
+        segs = _segments_arg(segments, base.out_features)
         layer = nn.utils.skip_init(cls, base.in_features, base.out_features, bias=base.bias is not None, group=group,
                                    device=base.weight.device, dtype=base.weight.dtype, **kw)  # (copied below)
         p, r = layer.world_size, layer.rank
-        segs = list(segments) if segments else [base.out_features]
         layer.segments = segs  # (how the rows were sharded: llmkern.parallel.lora_state gathers by it)
-        if sum(segs) != base.out_features:
-            raise ValueError(f"from_linear: segments {segs} must sum to out_features={base.out_features}")
 
         for n in segs:
             _check_divisible(n, p, "ColumnParallelLinear.from_linear: segment size")
@@ -766,6 +793,7 @@ class RowParallelLinear(_ParallelLinear):
     def __init__(self, in_features, out_features, bias=True, *, input_is_parallel=True, sequence_parallel=False,
                  overlap="ring", group=None, chunks=None, pieces=None, transport="p2p", device=None, dtype=None):
         super().__init__()
+        bias = _bias_arg("RowParallelLinear", bias)
         self._setup(in_features, out_features, overlap, sequence_parallel, group, chunks, pieces, transport)
         _check_divisible(self.in_features, self.world_size, "RowParallelLinear: in_features")
         self.input_is_parallel = _flag_arg("RowParallelLinear", "input_is_parallel", input_is_parallel)
@@ -804,6 +832,7 @@ class RowParallelLinear(_ParallelLinear):
     def from_linear(cls, linear, group=None, **kw):
         """Shard an existing nn.Linear (or a PEFT-style LoRA wrapper of one) along its input
         features: this rank keeps columns [r*in/p, (r+1)*in/p). Weights must match on every rank."""
+        _from_linear_kw(cls.__name__, kw)
         base, A, B, s = _lora_parts(linear)
         layer = nn.utils.skip_init(cls, base.in_features, base.out_features, bias=base.bias is not None, group=group,
                                    device=base.weight.device, dtype=base.weight.dtype, **kw)  # (copied below)

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 import llmkern
 from llmkern.models import llama
 from llmkern.models.deepseek import DeepseekMoE
+from llmkern.ops._checks import bool_arg
 from llmkern.parallel import comm
 from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear, _maybe_no_compile, _ParallelLinear
 from llmkern.parallel.vocab import _CopyToRanks, _SumOverRanks
@@ -146,6 +147,16 @@ class TensorParallelMoE(comm.SharesProcessGroups, llama.MoE):
         FFN width (or the shared expert's) is not divisible by the world size. shard_shared_expert=False
         keeps the shared expert module as it is (tensor_parallelize shards its linear layers itself);
         layer_kw (overlap, chunks, pieces, transport) go to the shared expert's parallel layers."""
+        if not isinstance(moe, llama.MoE):
+            raise TypeError(f"TensorParallelMoE.from_moe: moe must be the zoo's MoE layer (llmkern.models.llama.MoE), "
+                            f"got {type(moe).__name__}")
+        # (strings were read as bools: "False" turned sequence parallelism on, silently)
+        sequence_parallel = bool_arg("TensorParallelMoE: sequence_parallel", sequence_parallel)
+        shard_shared_expert = bool_arg("TensorParallelMoE: shard_shared_expert", shard_shared_expert)
+        unknown = sorted(set(layer_kw) - {"overlap", "chunks", "pieces", "transport"})
+        if unknown:  # (swallowed before, when the layer has no shared expert)
+            raise TypeError(f"TensorParallelMoE.from_moe: unexpected keyword argument {unknown[0]!r} (the layer "
+                            f"arguments are overlap, chunks, pieces, transport)")
         group = comm.resolve_group(group, "TensorParallelMoE")
         if sequence_parallel:
             _check_sequence_parallel(moe, shard_shared_expert)

@@ -100,6 +100,7 @@ import torch.nn as nn
 from llmkern.models._attn import ZooModel, _shift
 from llmkern.models.gpt import GPT
 from llmkern.models.llama import Llama
+from llmkern.ops._checks import bool_arg
 from llmkern.parallel import comm
 
 SCHEDULES = ("1f1b", "gpipe", "interleaved-1f1b")
@@ -501,7 +502,12 @@ class PipelineParallel:
         (None, loss) with labels and return_logits=False (the fused loss, no logits); the loss is the mean
         over the valid tokens of the whole batch. None on the other ranks. input_ids on the first rank; labels
         (optional) on the last. Every rank of the group must call it."""
-        B, T = self._agree_batch("PipelineParallel.forward", input_ids, labels, need_labels=False)
+        error = None
+        try:  # (a string "False" returned the logits; raised on every rank by _agree_batch)
+            return_logits = bool_arg("PipelineParallel.forward: return_logits", return_logits)
+        except TypeError as exc:
+            error = exc
+        B, T = self._agree_batch("PipelineParallel.forward", input_ids, labels, need_labels=False, error=error)
         m = self.n_microbatches
         schedule = self._entry(B // m, T, train=False)
         ids = input_ids.to(self.device, torch.long) if self.is_first else None

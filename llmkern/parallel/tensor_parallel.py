@@ -59,6 +59,7 @@ import weakref
 import torch
 import torch.nn as nn
 
+from llmkern.ops._checks import bool_arg
 from llmkern.parallel import comm
 from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear, _ParallelLinear
 
@@ -267,6 +268,10 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
     (llmkern.parallel.vocab; a tied head shares the embedding's shard): the LM head's forward then
     all-gathers the logits, and the zoo models' `model(ids, labels, return_logits=False)` computes the
     loss on the shards without any [N, V] tensor."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"tensor_parallelize: model must be an nn.Module, got {type(model).__name__}")
+    # (a string "False" sharded the embedding and the LM head, silently)
+    vocab_parallel = bool_arg("tensor_parallelize: vocab_parallel", vocab_parallel)
     group = comm.resolve_group(group, "tensor_parallelize")
     from llmkern.models.deepseek import MLAttention
 

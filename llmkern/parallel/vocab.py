@@ -104,6 +104,9 @@ class VocabParallelEmbedding(comm.SharesProcessGroups, nn.Module):
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, group=None):
+        if not isinstance(emb, nn.Embedding):
+            raise TypeError(f"VocabParallelEmbedding.from_embedding: emb must be an nn.Embedding, got "
+                            f"{type(emb).__name__}")
         group = comm.resolve_group(group, "VocabParallelEmbedding")
         if emb.max_norm is not None or emb.scale_grad_by_freq or emb.sparse:
             raise ValueError("VocabParallelEmbedding: max_norm, scale_grad_by_freq and sparse embeddings are not "
@@ -116,6 +119,10 @@ class VocabParallelEmbedding(comm.SharesProcessGroups, nn.Module):
         # aborts the process and NCCL hangs until the timeout)
         comm.check_same_shape(ids if isinstance(ids, torch.Tensor) else None, self.group,
                               "VocabParallelEmbedding: ids")
+        # (after the cross-rank check, which compares the dtypes: the same on every rank)
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"VocabParallelEmbedding: ids must be an integer tensor, got "
+                            f"{getattr(ids, 'dtype', type(ids).__name__)}")
         lo, hi, _ = shard_rows(self.num_embeddings, self.group)
         mine = (ids >= lo) & (ids < hi)
         # an id outside [0, V) looks up row S (out of range) on every rank: F.embedding raises as
@@ -269,15 +276,19 @@ class VocabParallelLMHead(comm.SharesProcessGroups, nn.Module):
     def __init__(self, weight_shard: nn.Parameter, bias_shard, out_features: int, group):
         super().__init__()
         _check_shard("VocabParallelLMHead", weight_shard, out_features, group)
-        if bias_shard is not None and tuple(bias_shard.shape) != (weight_shard.shape[0],):
+        if bias_shard is not None and (not isinstance(bias_shard, torch.Tensor)
+                                       or tuple(bias_shard.shape) != (weight_shard.shape[0],)):
             raise ValueError(f"VocabParallelLMHead: bias_shard must be [{weight_shard.shape[0]}] (the weight shard's "
-                             f"rows), got {tuple(bias_shard.shape)}")
+                             f"rows) or None, got {tuple(getattr(bias_shard, 'shape', ())) or bias_shard!r}")
         self.weight, self.bias, self.out_features, self.group = weight_shard, bias_shard, out_features, group
         self.in_features = weight_shard.shape[1]
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group=None, weight_shard=None):
         """Shard `linear` by output rows; `weight_shard` (a tied embedding's shard) is reused as is."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"VocabParallelLMHead.from_linear: linear must be an nn.Linear, got "
+                            f"{type(linear).__name__}")
         group = comm.resolve_group(group, "VocabParallelLMHead")
         if weight_shard is None:
             weight_shard = nn.Parameter(_shard(linear.weight.detach(), group),
@@ -295,6 +306,7 @@ class VocabParallelLMHead(comm.SharesProcessGroups, nn.Module):
         from llmkern.parallel.layers import _GatherLastDim
 
         comm.check_same_shape(h if isinstance(h, torch.Tensor) else None, self.group, "VocabParallelLMHead: h")
+        _check_hidden("VocabParallelLMHead", h, self.in_features)  # (the same on every rank, after the check)
         full = _GatherLastDim.apply(self._local_logits(h).contiguous(), self.group)
         return full[..., :self.out_features]
 
@@ -314,9 +326,12 @@ class VocabParallelLMHead(comm.SharesProcessGroups, nn.Module):
         check_chunk_size(chunk_size, "vocab_parallel_loss: ")
         # (as linear_cross_entropy's: NaN and inf gave a NaN loss, a negative or True one was taken for a cap)
         softcap = _checks.softcap_arg(softcap) or None
-        if h.dim() < 1 or h.shape[-1] != self.in_features:
-            raise ValueError(f"vocab_parallel_loss: h must be [..., {self.in_features}] (the head's in_features), "
-                             f"got {tuple(h.shape)}")
+        _check_hidden("vocab_parallel_loss", h, self.in_features)
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
+                or labels.dtype == torch.bool:
+            raise TypeError(f"vocab_parallel_loss: labels must be an integer tensor of class indices, got "
+                            f"{getattr(labels, 'dtype', type(labels).__name__)}")
+        ignore_index = _ignore_index_arg(ignore_index)
         if tuple(labels.shape) != tuple(h.shape[:-1]) and tuple(labels.shape) != (h.numel() // self.in_features,):
             raise ValueError(f"vocab_parallel_loss: labels must have shape {list(h.shape[:-1])} (h's leading dims) "
                              f"or [{h.numel() // self.in_features}], got {list(labels.shape)}")
@@ -336,6 +351,23 @@ class VocabParallelLMHead(comm.SharesProcessGroups, nn.Module):
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, shard={tuple(self.weight.shape)}"
+
+
+def _check_hidden(what, h, in_features):
+    """h must be a floating-point tensor [..., in_features] (a wrong width failed in the GEMM, a list in torch)."""
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"{what}: h must be a tensor, got {type(h).__name__}")
+    if h.dim() < 1 or h.shape[-1] != in_features:
+        raise ValueError(f"{what}: h must be [..., {in_features}] (the head's in_features), got {tuple(h.shape)}")
+
+
+def _ignore_index_arg(ignore_index):
+    """ignore_index as an int: a float that is not a whole number (2.5) matched no label and ignored nothing,
+    silently, and None / a string failed deep inside; a whole float (1.0) is taken as the int."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Real) \
+            or (not isinstance(ignore_index, numbers.Integral) and not float(ignore_index).is_integer()):
+        raise TypeError(f"vocab_parallel_loss: ignore_index must be an int, got {ignore_index!r}")
+    return int(ignore_index)
 
 
 EMBEDDING_NAMES = {"wte", "embed_tokens", "tok_embeddings", "word_embeddings"}
