@@ -30,6 +30,10 @@ import numbers
 import re
 import warnings
 
+import torch
+
+from llmkern.ops._checks import bool_arg
+
 # Dense peak FLOP/s (no sparsity: half the datasheets' starred numbers). A100 SXM/PCIe; H100 SXM;
 # H100 PCIe; H100 NVL and H200 NVL (datasheets: bf16 1,671, fp8 3,341, tf32 835 sparse; fp32 60);
 # H200 SXM (same SMs and clocks as H100 SXM).
@@ -44,6 +48,17 @@ PEAK_FLOPS = {
 }
 PRECISIONS = ("bf16", "fp16", "fp8", "tf32", "fp32")
 CONVENTIONS = ("seed", "palm")
+
+
+def _number(fn, name, v, positive=False):
+    """v as a finite Python number >= 0 (> 0 when positive; an int stays an int: a numpy int32 would wrap in the
+    products), a 0-dim real tensor read as one; else ValueError naming it (a string or None raised a bare
+    comparison TypeError, inf gave inf FLOPs, True counted as 1)."""
+    if isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype != torch.bool and not v.is_complex():
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < float("inf") or (positive and v == 0):
+        raise ValueError(f"{fn}: {name} must be a finite number {'>' if positive else '>='} 0, got {v!r}")
+    return int(v) if isinstance(v, numbers.Integral) else float(v)
 
 
 def _cfg(config):
@@ -134,9 +149,9 @@ def flops_per_token(n_params, n_layers, seq_len, attn_dim, convention="seed", re
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"flops_per_token: convention must be one of {CONVENTIONS}, got {convention!r}")
-    for name, v in (("n_params", n_params), ("n_layers", n_layers), ("seq_len", seq_len), ("attn_dim", attn_dim)):
-        if not v >= 0:
-            raise ValueError(f"flops_per_token: {name} must be >= 0, got {v!r}")
+    n_params, n_layers, seq_len, attn_dim = (_number("flops_per_token", name, v) for name, v in (
+        ("n_params", n_params), ("n_layers", n_layers), ("seq_len", seq_len), ("attn_dim", attn_dim)))
+    recompute = bool_arg("flops_per_token: recompute", recompute)  # (bool() read "False" as True)
     passes = 4 if recompute else 3  # forward 1 + backward 2 (+ recomputed forward 1)
     attn_fwd = 2 * n_layers * seq_len * attn_dim if convention == "seed" else 4 * n_layers * seq_len * attn_dim
     return passes * (2 * n_params + attn_fwd)
@@ -155,6 +170,7 @@ def model_flops_per_token(config, seq_len=None, convention="seed", recompute=Fal
     if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 0:
         raise ValueError(f"model_flops_per_token: seq_len must be None or an int >= 0, got {seq_len!r}")
     T = int(T)  # (a numpy int32 would wrap in the products below)
+    recompute = bool_arg("model_flops_per_token: recompute", recompute)
     frac = attention_fraction(c, T)  # the attention term's T shrinks for sliding-window layers' shorter rows
     T_attn = T if frac == 1.0 else T * frac
     # PaLM's 4·T·H·Q per layer forward is q·k (2·T·H·D) plus p·v (2·T·H·Dv): their mean for MLA (Dv != D)
@@ -173,8 +189,11 @@ def attention_fraction(config, seq_len):
     min(i, W) keys, sum min(i, W) / (T (T + 1) / 2) of the full causal work (Mistral-7B, W = 4096, at 32768
     tokens: 0.23). The attention terms of the FLOP formulas scale by it."""
     c = _cfg(config)
+    # (2.5 was truncated to 2 tokens, -1 taken as a sequence shorter than the window)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 0:
+        raise ValueError(f"attention_fraction: seq_len must be an int >= 0, got {seq_len!r}")
     windowed = c.n_layer if c.sliding_window_layers is None else len(c.sliding_window_layers)
-    return window_fraction(c.n_layer, c.sliding_window, windowed, seq_len)
+    return window_fraction(c.n_layer, c.sliding_window, windowed, int(seq_len))
 
 
 def window_fraction(n_layer, window, n_windowed, T):
@@ -195,12 +214,12 @@ def mfu(tokens_per_second, flops_per_token, peak_flops):
     if isinstance(peak_flops, str):
         peak_flops = peak(peak_flops)
     elif isinstance(peak_flops, tuple):
+        if not 1 <= len(peak_flops) <= 2:  # (() was the A100's bf16 peak, a longer one peak()'s TypeError)
+            raise ValueError(f"mfu: peak_flops as a tuple must be (device,) or (device, precision), got {peak_flops!r}")
         peak_flops = peak(*peak_flops)
-    if not 0 < peak_flops < float("inf"):  # (NaN fails too)
-        raise ValueError(f"mfu: peak_flops must be a finite number > 0, got {peak_flops!r}")
-    for name, v in (("tokens_per_second", tokens_per_second), ("flops_per_token", flops_per_token)):
-        if not 0 <= v < float("inf"):  # (NaN fails too)
-            raise ValueError(f"mfu: {name} must be a finite number >= 0, got {v!r}")
+    peak_flops = _number("mfu", "peak_flops", peak_flops, positive=True)  # (NaN fails too)
+    tokens_per_second, flops_per_token = (_number("mfu", name, v) for name, v in (
+        ("tokens_per_second", tokens_per_second), ("flops_per_token", flops_per_token)))
     return tokens_per_second * flops_per_token / peak_flops
 
 
@@ -210,12 +229,12 @@ def hfu(tokens_per_second, flops_per_token, peak_flops, recompute=True):
     passes). For the zoo's recomputation (gradient_checkpointing_enable: the blocks run again, the LM head
     does not, Megatron-LM's count) use mfu(tokens_per_second, model_flops_per_token(cfg, recompute=True),
     peak) instead, as the mfu suite does: this rule is 1-8% higher there (GPT-2: 7.8%)."""
+    recompute = bool_arg("hfu: recompute", recompute)
+    flops_per_token = _number("hfu", "flops_per_token", flops_per_token)
     return mfu(tokens_per_second, flops_per_token * (4 / 3 if recompute else 1), peak_flops)
 
 
 def _precision(dtype):
-    import torch
-
     if isinstance(dtype, str):
         p = dtype.lower().replace("float", "fp").replace("bfloat16", "bf16").replace("half", "fp16")
         p = {"fp16": "fp16", "bfp16": "bf16", "bf16": "bf16", "fp32": "fp32", "tf32": "tf32", "fp8": "fp8"}.get(p, p)
@@ -262,10 +281,13 @@ _WARNED = set()
 
 def detect_device(device=None):
     """The PEAK_FLOPS key of `device` (default: current CUDA device), None on CPU or unknown cards."""
-    import torch
-
-    device = torch.device(device) if device is not None else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as e:  # (torch's device-string error named no argument)
+            raise ValueError(f"detect_device: device must be None or a torch device, got {device!r} ({e})") from None
+    else:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     gpu = torch.cuda.get_device_name(device)

@@ -88,7 +88,10 @@ from typing import Optional
 
 import torch
 
+from llmkern.ops._checks import bool_arg, float32_finite
+
 STRATEGIES = ("greedy", "sample", "beam")
+_INT64_LIMIT = 2 ** 63  # element counts of the tensors generate makes must stay below it
 
 
 @dataclasses.dataclass
@@ -115,10 +118,27 @@ class GenerationOutput:
     prompt_logprobs: Optional[torch.Tensor] = None  # float32 [N, T]
 
 
+def _int_arg(name, v, least, hint=""):
+    """v as a Python int >= least (a Python or numpy integer, not a bool), else ValueError naming it."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < least:
+        raise ValueError(f"{name} must be an int >= {least}{hint}, got {v!r}")
+    return int(v)
+
+
+def _with_data(name, t):
+    """t, or a ValueError naming it when it is a meta tensor: no values to read or copy (generate moves a mask or a
+    seed given on another device to the tokens' device, or reads it on the host)."""
+    if torch.is_tensor(t) and t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (no data); give it on a device with its values")
+    return t
+
+
 def _as_int(v):
-    """v as a Python int when it is an integer (Python / numpy, not a bool) or a 0-dim integer tensor; else None."""
+    """v as a Python int when it is an integer (Python / numpy, not a bool) or a 0-dim integer tensor with data;
+    else None."""
     if torch.is_tensor(v):
-        if v.dim() == 0 and not (v.dtype == torch.bool or v.is_floating_point() or v.is_complex()):
+        if v.dim() == 0 and v.device.type != "meta" and not (v.dtype == torch.bool or v.is_floating_point()
+                                                             or v.is_complex()):
             return int(v)
         return None
     if isinstance(v, numbers.Integral) and not isinstance(v, bool):
@@ -209,8 +229,12 @@ def _scorers(scorers):
         if callable(s):
             out.append((1.0, s))
         elif isinstance(s, (tuple, list)) and len(s) == 2 and callable(s[1]):
-            # (a NaN alpha made every score NaN: "the model's logits have no finite value")
-            out.append((_finite("scorers: alpha", s[0]), s[1]))
+            # (a NaN alpha made every score NaN: "the model's logits have no finite value"; so did one past
+            # float32's range, the dtype of the scores: 1e308 became inf there)
+            alpha = _finite("scorers: alpha", s[0])
+            if not float32_finite(alpha):
+                raise ValueError(f"scorers: alpha must lie in float32's range (the scores' dtype), got {s[0]!r}")
+            out.append((alpha, s[1]))
         else:
             raise ValueError(f"scorers: each scorer must be f or (alpha, f) with f callable, got {s!r}")
     return out
@@ -282,10 +306,11 @@ def _allowed(allowed_tokens, seqs, V, prompts):
     if allowed_tokens is None:
         return None
     m = allowed_tokens(seqs) if callable(allowed_tokens) else allowed_tokens
-    if not torch.is_tensor(m) or m.dtype != torch.bool or m.shape[-1] != V or m.dim() not in (1, 2):
+    # (dim first: a 0-dim mask raised IndexError reading its shape)
+    if not torch.is_tensor(m) or m.dtype != torch.bool or m.dim() not in (1, 2) or m.shape[-1] != V:
         raise ValueError(f"allowed_tokens must be a bool tensor [V] or [N, V] with V={V} (or a function "
                          f"returning one), got {getattr(m, 'dtype', type(m))} {tuple(getattr(m, 'shape', ()))}")
-    m, N = m.to(seqs.device), seqs.shape[0]
+    m, N = _with_data("allowed_tokens", m).to(seqs.device), seqs.shape[0]
     if m.dim() == 2 and m.shape[0] not in (1, N):
         if m.shape[0] != prompts:
             raise ValueError(f"allowed_tokens has {m.shape[0]} rows: it takes 1, one per prompt ({prompts}) or one "
@@ -312,20 +337,21 @@ class ChoiceConstraint:
     reordering. A row outside the trie (possible only if the function was bypassed) allows eos alone."""
 
     def __init__(self, choices, vocab_size, prompt_len, eos_token_id=None):
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"ChoiceConstraint: vocab_size must be an int >= 1, got {vocab_size!r}")
-        if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 0:
-            raise ValueError(f"ChoiceConstraint: prompt_len must be an int >= 0, got {prompt_len!r}")
-        if eos_token_id is not None and not (isinstance(eos_token_id, int) and 0 <= eos_token_id < vocab_size):
+        vocab_size = _int_arg("ChoiceConstraint: vocab_size", vocab_size, 1)
+        prompt_len = _int_arg("ChoiceConstraint: prompt_len", prompt_len, 0)
+        eos = None if eos_token_id is None else _as_int(eos_token_id)
+        # (an int check let True through as token 1)
+        if eos_token_id is not None and (torch.is_tensor(eos_token_id) or eos is None or not 0 <= eos < vocab_size):
             raise ValueError(f"ChoiceConstraint: eos_token_id must be None or a token id in [0, {vocab_size}), "
                              f"got {eos_token_id!r}")
+        eos_token_id = eos
         if torch.is_tensor(choices) or not isinstance(choices, (list, tuple)) or not choices:
             raise ValueError(f"ChoiceConstraint: choices must be a non-empty list of token sequences (lists or 1-D "
                              f"tensors of ids), got {type(choices).__name__}")
         self.vocab_size, self.prompt_len, self.eos = vocab_size, prompt_len, eos_token_id
         self.root = {}
         for c in choices:
-            ids = [int(t) for t in (c.tolist() if torch.is_tensor(c) else c)]
+            ids = _choice_ids(c)
             if not ids or any(not 0 <= t < vocab_size for t in ids):
                 raise ValueError(f"ChoiceConstraint: each choice must be a non-empty list of token ids in "
                                  f"[0, {vocab_size}), got {c!r}")
@@ -364,12 +390,32 @@ class ChoiceConstraint:
         return mask.to(seqs.device)
 
 
+def _choice_ids(c):
+    """A ChoiceConstraint choice (a list / tuple of token ids, Python or numpy integers, or a 1-D integer tensor) as
+    a list of ints, or None: int() truncated 1.7 to 1 and read True as 1 and the string "12" as [1, 2]."""
+    if torch.is_tensor(c):
+        if c.dim() != 1 or c.dtype == torch.bool or c.is_floating_point() or c.is_complex():
+            return None
+        return c.tolist()
+    if not isinstance(c, (list, tuple)) or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                   for t in c):
+        return None
+    return [int(t) for t in c]
+
+
 def _score_terms(scorers, seqs, log_probs):
     total = torch.zeros_like(log_probs)
+    N, V = log_probs.shape
     for alpha, f in scorers:
         v = f(seqs, log_probs)
-        if not torch.is_tensor(v) or v.shape[-1] != log_probs.shape[-1]:
-            raise ValueError(f"scorer {f!r} must return a tensor [N, V], got {getattr(v, 'shape', type(v))}")
+        # (other row counts failed to broadcast deep in torch; a tensor on another device too)
+        if not torch.is_tensor(v) or v.dim() not in (1, 2) or v.shape[-1] != V or (
+                v.dim() == 2 and v.shape[0] not in (1, N)):
+            raise ValueError(f"scorer {f!r} must return a tensor [N, V] = [{N}, {V}] (or [1, V], [V]), got "
+                             f"{tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}")
+        if v.device != log_probs.device:
+            raise ValueError(f"scorer {f!r} returned a tensor on {v.device}; the log-probabilities are on "
+                             f"{log_probs.device}")
         total = total + alpha * v.to(log_probs.dtype)
     return total
 
@@ -434,6 +480,7 @@ def _check_mask(attention_mask, input_ids):
     if not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(getattr(attention_mask, 'shape', ()))}")
+    _with_data("attention_mask", attention_mask)
     if attention_mask.is_complex() or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         # (bool() made -1 or 2 a token: positions then differed from transformers', which counts the values)
         raise ValueError("attention_mask values must be 0 (padding) or 1 (token)")
@@ -494,10 +541,15 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     Tensor knobs (temperature, top_k, top_p, min_p, the penalties, logit_bias, seed) are copied when generate is
     called: changing the caller's tensors in place while it runs (from a scorer, an allowed_tokens function or
     the model) has no effect, and the values checked at the first step are those used at every step."""
-    _check_top_logprobs(top_logprobs, strategy, return_dict, draft_model)
+    for name, m in (("model", model), ("draft_model", draft_model)):
+        if (m is not None or name == "model") and not callable(m):
+            raise TypeError(f"{name} must be a model (a zoo model, or callable as model(ids, cache=..., "
+                            f"last_only=True)), got {type(m).__name__}")
+    # flags: bool() read "False" as True (return_dict="False" returned a GenerationOutput)
+    return_dict, use_cache = bool_arg("return_dict", return_dict), bool_arg("use_cache", use_cache)
+    prompt_logprobs = bool_arg("prompt_logprobs", prompt_logprobs)
+    top_logprobs = _check_top_logprobs(top_logprobs, strategy, return_dict, draft_model)
     early_stopping = _early_stopping(early_stopping)
-    if prompt_logprobs not in (False, True):
-        raise ValueError(f"prompt_logprobs must be True or False, got {prompt_logprobs!r}")
     if prompt_logprobs and (not return_dict or draft_model is not None):
         raise ValueError("prompt_logprobs needs return_dict=True and no draft_model")
     if strategy not in STRATEGIES:
@@ -507,21 +559,19 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                          f"{getattr(input_ids, 'dtype', type(input_ids))} {tuple(getattr(input_ids, 'shape', ()))}")
     if input_ids.shape[1] == 0:  # the first step conditions on the prompt's last token
         raise ValueError(f"input_ids must hold at least one token per row, got {tuple(input_ids.shape)}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    max_new_tokens = int(max_new_tokens)
-    if isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral) or num_beams < 1:
-        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
-    num_beams = int(num_beams)
+    if input_ids.shape[0] == 0:  # (raised new_cache's "batch must be an int >= 1")
+        raise ValueError(f"input_ids must hold at least one row (prompt), got {tuple(input_ids.shape)}")
+    _with_data("input_ids", input_ids)
+    max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, 0)
+    num_beams = _int_arg("num_beams", num_beams, 1)
     _check_strategy_options(strategy, draft_model, num_draft_tokens,
                             dict(temperature=(temperature, 1.0), top_k=(top_k, 0), top_p=(top_p, 1.0),
                                  min_p=(min_p, 0.0)),
                             dict(presence_penalty=(presence_penalty, 0.0), frequency_penalty=(frequency_penalty, 0.0)),
                             dict(early_stopping=(early_stopping, False), length_penalty=(length_penalty, 1.0)))
     if strategy == "beam":
-        length_penalty = _finite("length_penalty", length_penalty)
-    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
-        raise ValueError(f"num_return_sequences must be an int >= 1, got {num_return_sequences!r}")
+        length_penalty = _length_penalty(length_penalty, max_new_tokens)
+    num_return_sequences = _int_arg("num_return_sequences", num_return_sequences, 1)
     seed = _seed_arg(seed)
     block = getattr(getattr(model, "config", None), "block_size", None)
     P = _prefix_positions(model)
@@ -540,26 +590,28 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     vocab = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
     eos = _eos_tensor(eos_token_id, input_ids.device, vocab)
+    _check_sizes(input_ids.shape, max_new_tokens, strategy, draft_model, num_beams, num_return_sequences, eos)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos is not None else 0
     pad_token_id = _pad_id(pad_token_id, vocab)
     scorers = _scorers(scorers)
-    rules = _check_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids)
+    rules, min_new_tokens, no_repeat_ngram_size = _check_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids)
     stops = _check_stops(stop_sequences, strategy, draft_model, input_ids.device, vocab)
     if stops is not None:
         stops = _Stops(stops, min_new_tokens)
     if torch.is_tensor(allowed_tokens):  # (moved once: a CPU mask's copy to a GPU each step would be a host sync)
-        allowed_tokens = allowed_tokens.to(input_ids.device)
+        allowed_tokens = _with_data("allowed_tokens", allowed_tokens).to(input_ids.device)
     if rules:
         if draft_model is not None:
             raise ValueError(f"{', '.join(rules)} are not supported with draft_model (speculative decoding)")
         allowed_tokens = _Banned(allowed_tokens, input_ids.shape[1], eos, min_new_tokens, no_repeat_ngram_size,
                                  bad_words_ids)
     if draft_model is not None:
-        _check_speculative(draft_model, input_ids, max_new_tokens, strategy, num_draft_tokens, num_beams,
-                           dict(repetition_penalty=(repetition_penalty, 1.0), presence_penalty=(presence_penalty, 0.0),
-                                frequency_penalty=(frequency_penalty, 0.0)),
-                           allowed_tokens, scorers, use_cache, model)
+        num_draft_tokens = _check_speculative(
+            draft_model, input_ids, max_new_tokens, strategy, num_draft_tokens, num_beams,
+            dict(repetition_penalty=(repetition_penalty, 1.0), presence_penalty=(presence_penalty, 0.0),
+                 frequency_penalty=(frequency_penalty, 0.0)),
+            allowed_tokens, scorers, use_cache, model)
     # generate's own copies of the tensor knobs, taken before any of the caller's code runs (the model, scorers, an
     # allowed_tokens function): the decode loop checks their values at its first step and trusts them from the
     # second on (a host sync per step saved), so the values it checked must be the values it uses. Once per call,
@@ -568,6 +620,8 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
         v.clone() if torch.is_tensor(v) else v
         for v in (temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty,
                   logit_bias, seed))
+    if torch.is_tensor(logit_bias):  # (beam search moves it to the tokens' device: a meta one raised torch's error)
+        _with_data("logit_bias", logit_bias)
     if strategy != "beam" or draft_model is not None:  # per-prompt tensors -> per returned sequence
         B, R = input_ids.shape[0], num_return_sequences
         temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias, \
@@ -575,12 +629,16 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                 ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
                 ("repetition_penalty", repetition_penalty), ("presence_penalty", presence_penalty),
                 ("frequency_penalty", frequency_penalty), ("logit_bias", logit_bias), ("seed", seed)))
+    elif seed is not None:  # (beam search draws nothing, but a seed it cannot take is refused as sampling refuses it)
+        from llmkern.ops.speculative import row_seeds
+
+        B, R = input_ids.shape[0], num_return_sequences
+        row_seeds(_per_sequence("seed", seed, B, R), B * R, input_ids.device)
     prompts = input_ids.shape[0]  # (a per-prompt allowed_tokens spreads over the prompt's sequences)
-    was_training = model.training
-    draft_training = draft_model.training if draft_model is not None else None
-    model.eval()
-    if draft_model is not None:
-        draft_model.eval()
+    # eval mode while generating (dropout off), each module's mode restored after; a plain callable has none
+    modes = [(m, m.training) for m in (model, draft_model) if isinstance(m, torch.nn.Module)]
+    for m, _ in modes:
+        m.eval()
     try:
         if draft_model is not None:
             if num_return_sequences != 1:
@@ -615,9 +673,8 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                           logit_bias, seed, allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts, stops,
                           prompt_logprobs)
     finally:
-        model.train(was_training)
-        if draft_model is not None:
-            draft_model.train(draft_training)
+        for m, mode in modes:
+            m.train(mode)
     return out if return_dict else out.sequences
 
 
@@ -663,16 +720,17 @@ class _Stops:
 
 
 def _check_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids):
-    """Validate generate's HF masking options; returns the names of those in use."""
-    for name, v in (("min_new_tokens", min_new_tokens), ("no_repeat_ngram_size", no_repeat_ngram_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be an int >= 0 (0: off), got {v!r}")
+    """Validate generate's HF masking options; returns the names of those in use, min_new_tokens and
+    no_repeat_ngram_size (as ints)."""
+    min_new_tokens = _int_arg("min_new_tokens", min_new_tokens, 0, " (0: off)")
+    no_repeat_ngram_size = _int_arg("no_repeat_ngram_size", no_repeat_ngram_size, 0, " (0: off)")
     if bad_words_ids is not None:
         if not _token_lists(bad_words_ids):
             raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids (ints >= 0), got "
                              f"{bad_words_ids!r}")
-    return [name for name, on in (("min_new_tokens", min_new_tokens), ("no_repeat_ngram_size", no_repeat_ngram_size),
-                                  ("bad_words_ids", bad_words_ids)) if on]
+    rules = [name for name, on in (("min_new_tokens", min_new_tokens), ("no_repeat_ngram_size", no_repeat_ngram_size),
+                                   ("bad_words_ids", bad_words_ids)) if on]
+    return rules, min_new_tokens, no_repeat_ngram_size
 
 
 def _per_sequence(name, v, B, R):
@@ -703,24 +761,52 @@ def _seed_arg(seed):
     row_seeds checks the rest where the seeds are made (a float or bool tensor would be truncated silently)."""
     from llmkern.ops.speculative import row_seeds
 
-    if torch.is_tensor(seed) and seed.dim() == 0:
-        return int(row_seeds(seed.reshape(1), 1, seed.device)[0])  # (refuses bool / float seeds)
+    if torch.is_tensor(seed) and seed.dim() == 0:  # (a meta one has no value to read)
+        return int(row_seeds(_with_data("seed", seed).reshape(1), 1, seed.device)[0])  # (refuses bool / float seeds)
     if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
         return int(seed)
     return seed
 
 
+def _length_penalty(length_penalty, max_new_tokens):
+    """length_penalty as a finite float whose power of every new-token count up to max_new_tokens is a positive
+    finite float (beam search divides the scores by it: a Python float power past 1e308 raised OverflowError,
+    one below 5e-324 divided by 0)."""
+    lp = _finite("length_penalty", length_penalty)
+    try:
+        ok = 0.0 < float(max(max_new_tokens, 1)) ** lp < math.inf
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise ValueError(f"length_penalty={length_penalty!r}: max_new_tokens ** length_penalty ({max_new_tokens} ** "
+                         f"{lp}) must be a positive finite float")
+    return lp
+
+
+def _check_sizes(shape, max_new_tokens, strategy, draft_model, num_beams, num_return_sequences, eos):
+    """The rows generate makes (beam search: [B, keep beams, T + n] candidates, keep = max(2, 1 + eos ids) times
+    num_beams; else B * num_return_sequences) times their length must count below 2**63: past that torch raised
+    its "Overflow when unpacking long long" without naming the argument."""
+    B, T = shape
+    beam = strategy == "beam" and draft_model is None
+    rows = B * num_beams * max(2, 1 + (0 if eos is None else eos.numel())) if beam else B * num_return_sequences
+    if rows * (T + max_new_tokens) >= _INT64_LIMIT:
+        name, v = ("num_beams", num_beams) if beam else ("num_return_sequences", num_return_sequences)
+        raise ValueError(f"{name}={v} is too large: {rows} rows of {T + max_new_tokens} tokens exceed 2**63 elements")
+
+
 def _check_top_logprobs(k, strategy, return_dict, draft_model):
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"top_logprobs must be an int >= 0, got {k!r}")
+    """top_logprobs as an int (0: off), checked against the other options."""
+    k = _int_arg("top_logprobs", k, 0)
     if k == 0:
-        return
+        return k
     if not return_dict:
         raise ValueError("top_logprobs needs return_dict=True (they are fields of the GenerationOutput)")
     if strategy == "beam":
         raise ValueError("top_logprobs is supported for strategy='greedy' and 'sample', not beam search")
     if draft_model is not None:
         raise ValueError("top_logprobs is not supported with draft_model (speculative decoding)")
+    return k
 
 
 class _TopLogprobs:
@@ -909,8 +995,7 @@ def _check_speculative(draft, input_ids, max_new_tokens, strategy, k, num_beams,
                        scorers, use_cache, model):
     if strategy == "beam" or num_beams != 1:
         raise ValueError("draft_model: speculative decoding runs strategy='greedy' or 'sample', not beam search")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"num_draft_tokens must be an int >= 1, got {k!r}")
+    k = _int_arg("num_draft_tokens", k, 1)
     for name, (v, default) in penalties.items():
         if torch.is_tensor(v) or v != default:
             raise ValueError(f"{name} is not supported with draft_model (speculative decoding)")
@@ -939,6 +1024,9 @@ def _check_speculative(draft, input_ids, max_new_tokens, strategy, k, num_beams,
             # drop other pairs than one-token decoding, changing the distribution speculation must reproduce
             raise ValueError(f"{name}: a MoE with moe_capacity_factor={c.moe_capacity_factor} is not supported with "
                              f"draft_model (speculative decoding); build it with moe_capacity_factor=None")
+    # a step proposes at most the tokens left: more is the same decoding (a huge k sized the token buffer past
+    # int64, torch's "Overflow when unpacking long long")
+    return min(k, max(max_new_tokens, 1))
 
 
 def _spec_scores(logits, bias, allow):

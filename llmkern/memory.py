@@ -200,8 +200,8 @@ def layer_activation_bytes(s, b, h, a, *, t=1, sequence_parallel=False, recomput
     none: sbh(34 + 5as/h); t > 1: sbh(10 + 24/t + 5as/(ht)); sequence parallel: sbh(34/t + 5as/(ht));
     selective: without the 5as/h term; full: 2sbh (/ t with sequence parallel)."""
     fn = "layer_activation_bytes"
-    for name, v in (("s", s), ("b", b), ("h", h), ("a", a), ("t", t)):
-        _int(name, v, 1, fn)
+    # (as Python ints: numpy int32 sizes wrapped in s * b * h, 65536 * 65536 giving 0 bytes)
+    s, b, h, a, t = (_int(name, v, 1, fn) for name, v in (("s", s), ("b", b), ("h", h), ("a", a), ("t", t)))
     sequence_parallel = _flag("sequence_parallel", sequence_parallel, fn)
     _check_choice("recompute", recompute, RECOMPUTE, fn)
     sbh = s * b * h
@@ -371,6 +371,7 @@ def training_memory(config, batch_size, seq_len=None, *, dtype="bf16", optimizer
     if c.n_layer % pp:
         raise ValueError(f"{fn}: pp={pp} must divide n_layer={c.n_layer} (a stage holds n_layer / pp layers)")
     m = pp if num_microbatches is None else _int("num_microbatches", num_microbatches, 1, fn)
+    mask_bytes = _int("mask_bytes", mask_bytes, 1, fn)  # (a numpy int32 overflowed in the embedding mask's bytes)
     if stage is not None:
         stage = _int("stage", stage, 0, fn)
         if stage >= pp:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkern._backend import warn_once
-from llmkern.ops._checks import eager_fast_path, positive_int
+from llmkern.ops._checks import bool_arg, eager_fast_path, float32_finite, positive_int
 
 BACKENDS = ("llmkern", "torch")
 _OPS = {}
@@ -235,6 +235,14 @@ def _bytes(t):
     return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
 
 
+def _with_data(name, t):
+    """t, or a ValueError naming it when it is a meta tensor: no values to copy to the cache's device (a tensor on
+    another device with data is moved there)."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (no data); give it on a device with its values")
+    return t
+
+
 def _shift(labels):
     """Labels aligned with input_ids -> the next token's label at every position (-100 at the last)."""
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
@@ -271,11 +279,25 @@ class KVCache:
             ("n_layer", n_layer), ("batch", batch), ("n_kv_head", n_kv_head), ("max_len", max_len),
             ("head_dim", head_dim)))
         self.shape = (batch, n_kv_head, max_len, head_dim)
+        if batch * n_kv_head * max_len * head_dim >= 2 ** 63:  # (torch.zeros overflowed at the first write)
+            raise ValueError(f"KVCache: its buffers (batch, n_kv_head, max_len, head_dim) = {self.shape} would hold "
+                             f"2**63 elements or more; max_len={max_len} is too large")
+        # (an integer dtype truncated the keys silently, bool or a string failed in torch.zeros at the first write)
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"KVCache: dtype must be None (the keys' own) or a floating-point torch.dtype, "
+                             f"got {dtype!r}")
+        if device is not None:  # (a bad name raised torch's device-string error, which names no argument)
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError, ValueError) as e:
+                raise ValueError(f"KVCache: device must be None or a torch device, got {device!r} ({e})") from None
         self.dtype, self.device = dtype, device  # None: those of the first keys written (autocast-safe)
         self.fp8 = dtype in FP8_DTYPES
         for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < float("inf"):
-                raise ValueError(f"KVCache: {name} must be a finite positive float, got {x!r}")
+            # (the scales are float32 in the kernels: 1e39 is inf there, 1e-46 zero)
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < float("inf") \
+                    or not float32_finite(x, nonzero=True):
+                raise ValueError(f"KVCache: {name} must be a finite positive float (in float32's range), got {x!r}")
         if not self.fp8 and (k_scale != 1.0 or v_scale != 1.0):
             raise ValueError(f"KVCache: k_scale / v_scale are for a float8 cache (dtype {FP8_DTYPES}), got dtype {dtype}")
         self.k_scale, self.v_scale = float(k_scale), float(v_scale)
@@ -339,7 +361,7 @@ class KVCache:
         would cost a host sync). max_n: a host int >= max(n), the new seqlen (the caller usually knows
         it); None keeps seqlen as the bound (or takes max(n) on the CPU)."""
         if torch.is_tensor(n):
-            return self._crop_rows(n, max_n)
+            return self._crop_rows(_with_data("KVCache.crop: n", n), max_n)
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.seqlen:
             raise ValueError(f"KVCache.crop: n must be an int in [0, {self.seqlen}] or a tensor [batch], got {n!r}")
         self.lengths = self.lengths.clamp(max=n) if not self.uniform else torch.full_like(self.lengths, n)
@@ -372,6 +394,7 @@ class KVCache:
         if not torch.is_tensor(idx) or idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"KVCache.reorder: idx must be a 1-D int64 / int32 tensor, got "
                              f"{getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}")
+        _with_data("KVCache.reorder: idx", idx)
         if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= B):
             raise ValueError(f"KVCache.reorder: idx must hold row indices in [0, {B}) (the cache's batch), got "
                              f"values in [{int(idx.min())}, {int(idx.max())}]")
@@ -401,6 +424,9 @@ class LatentKVCache(KVCache):
     def __init__(self, n_layer, batch, max_len, kv_rank, rope_dim, dtype=None, device=None, kv_scale=1.0):
         # (a float8 latent: one scale for the latent and its rotary part, mla_decode's kv_scale; read() and
         # scales() see it as both k_scale and v_scale, the values being the latent's first channels)
+        # (the widths are checked apart: a negative kv_rank summed into a valid width sliced the values wrongly)
+        kv_rank, rope_dim = (positive_int(f"LatentKVCache: {name}", v) for name, v in (("kv_rank", kv_rank),
+                                                                                        ("rope_dim", rope_dim)))
         super().__init__(n_layer, batch, 1, max_len, kv_rank + rope_dim, dtype, device, kv_scale, kv_scale)
         self.kv_rank = kv_rank
 
@@ -543,7 +569,7 @@ class ZooModel(torch.nn.Module):
         p = next(self.parameters())
         batch = positive_int("new_cache: batch", batch)
         max_len = c.block_size if max_len is None else positive_int("new_cache: max_len", max_len)
-        latent = self.latent_cache if latent is None else latent
+        latent = self.latent_cache if latent is None else bool_arg("new_cache: latent", latent)
         dtype = self.kv_cache_dtype if dtype is None else dtype
         if not isinstance(latent, bool):
             raise TypeError(f"new_cache: latent must be a bool, got {type(latent).__name__}")
@@ -566,7 +592,7 @@ class ZooModel(torch.nn.Module):
         return next((m.n_kv_head for m in self.modules() if m is not self and hasattr(m, "n_kv_head")),
                     self.config.n_kv_head)
 
-    def _check_cache(self, cache, B):
+    def _check_cache(self, cache, B, device):
         """A cache passed to forward must fit the model and the batch (else torch fails deep inside, or a
         batch-1 input broadcasts over a larger cache's rows)."""
         c = self.config
@@ -575,6 +601,9 @@ class ZooModel(torch.nn.Module):
         rows = cache.lengths.shape[0]
         if rows != B:
             raise ValueError(f"cache: its batch is {rows}, input_ids' {B} (model.new_cache(batch={B}, ...))")
+        if cache.device is not None and cache.lengths.device != device:  # (failed inside the attention)
+            raise ValueError(f"cache: it is on {cache.lengths.device}, input_ids on {device} "
+                             f"(model.new_cache(..., device=))")
         if getattr(cache, "_fits_model", None) == id(self):  # (checked at its first forward: a decode step is
             return                                                # host-bound, and the walk below visits every module)
         if len(cache.k) != c.n_layer:
@@ -621,7 +650,16 @@ class ZooModel(torch.nn.Module):
             from llmkern.ops.cross_entropy import cross_entropy
 
             return self.global_loss(cross_entropy(logits, shifted, ignore_index=-100), shifted)
-        flat = logits.reshape(-1, logits.shape[-1])  # a view: no copy of the [B, T, V] logits
+        V = logits.shape[-1]
+        # labels outside the vocabulary (but -100): F.cross_entropy's IndexError "Target 89 is out of bounds" named no
+        # argument; checked on the CPU, as input_ids are (a host sync on CUDA), and as llmkern.cross_entropy checks
+        # them on the other backend
+        if shifted.device.type == "cpu" and shifted.numel() and eager_fast_path(shifted):
+            bad = (shifted != -100) & ((shifted < 0) | (shifted >= V))
+            if bool(bad.any()):
+                raise ValueError(f"labels must be token ids in [0, vocab_size={V}) or -100 (ignored), got "
+                                 f"{int(shifted[bad][0])}")
+        flat = logits.reshape(-1, V)  # a view: no copy of the [B, T, V] logits
         if flat.dtype in (torch.float16, torch.bfloat16):  # (autocast would upcast it all the same; float64 stays)
             flat = flat.float()
         return self.global_loss(F.cross_entropy(flat, shifted.reshape(-1).long(), ignore_index=-100), shifted)
@@ -684,6 +722,60 @@ class ZooModel(torch.nn.Module):
             fused = all(p.is_cuda for p in params)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
+    # position_ids index a table of learned positions (GPT): integer ids in [0, block_size); else (RoPE) any real
+    # positions
+    _table_positions = False
+
+    def _token_embedding_weight(self):
+        """The token embedding's weight (its device is the one input_ids must be on), or None where that is not
+        known: no such module, or parameters not materialised (meta: offloaded, or placed by hooks)."""
+        emb = getattr(self, "wte", None) if hasattr(self, "wte") else getattr(self, "embed_tokens", None)
+        w = getattr(emb, "weight", None)
+        if not torch.is_tensor(w) or w.device.type == "meta" or hasattr(emb, "_hf_hook"):
+            return None
+        return w
+
+    def _check_position_ids(self, position_ids, input_ids):
+        """The caller's position_ids: a real tensor on input_ids' device; integer ids in [0, block_size) for a
+        learned position table (checked on the CPU, as input_ids are). A list raised AttributeError, a float or
+        out-of-range one torch's embedding errors (GPT), a bool one was taken as positions 0 / 1 (Llama)."""
+        p = position_ids
+        if not torch.is_tensor(p) or p.dtype == torch.bool or p.is_complex() or (
+                self._table_positions and p.is_floating_point()):
+            kind = "an integer" if self._table_positions else "an integer or floating-point"
+            raise ValueError(f"position_ids must be {kind} tensor [batch, seq], got "
+                             f"{p.dtype if torch.is_tensor(p) else type(p).__name__}")
+        if p.device != input_ids.device:
+            raise ValueError(f"position_ids is on {p.device}, input_ids on {input_ids.device}")
+        if self._table_positions and p.device.type == "cpu" and p.numel() and eager_fast_path(p):
+            lo, hi = (int(v) for v in p.aminmax())
+            if lo < 0 or hi >= self.config.block_size:
+                raise ValueError(f"position_ids must lie in [0, block_size={self.config.block_size}), got values in "
+                                 f"[{lo}, {hi}]")
+
+    def _check_loss_args(self, input_ids, labels, last_only, return_logits):
+        """forward's flags as bools (bool() read last_only="False" as True), and labels checked against input_ids:
+        shaped like it (other shapes failed in the loss without naming labels), on its device, and not with
+        last_only (one position's logits have no loss over the sequence). Returns (last_only, return_logits)."""
+        last_only, return_logits = bool_arg("last_only", last_only), bool_arg("return_logits", return_logits)
+        if labels is None:
+            if not return_logits:  # (was ignored: the logits came back)
+                raise ValueError("return_logits=False applies with labels (it returns (None, loss)); without labels "
+                                 "the forward returns the logits")
+            return last_only, return_logits
+        if not torch.is_tensor(labels) or labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"labels must be an int64 or int32 tensor of token ids (-100: ignored), got "
+                             f"{labels.dtype if torch.is_tensor(labels) else type(labels).__name__}")
+        if tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(f"labels must be shaped like input_ids {tuple(input_ids.shape)}, got "
+                             f"{tuple(labels.shape)}")
+        if labels.device != input_ids.device:
+            raise ValueError(f"labels is on {labels.device}, input_ids on {input_ids.device}")
+        if last_only:
+            raise ValueError("last_only=True computes the last position's logits only: it does not take labels "
+                             "(the loss needs every position)")
+        return last_only, return_logits
+
     def _check_input(self, input_ids, cache, attention_mask=None, position_ids=None, offset=0):
         """Validates the inputs; returns (start, position_ids [B, T] or None, key mask [B, Tk] or None).
 
@@ -703,9 +795,15 @@ class ZooModel(torch.nn.Module):
             raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
                              f"{getattr(input_ids, 'shape', type(input_ids))}")
         B, T = input_ids.shape
+        emb = self._token_embedding_weight()
+        if emb is not None and input_ids.device != emb.device:
+            # (a meta input_ids made GPT return meta logits silently; another device failed inside torch)
+            raise ValueError(f"input_ids is on {input_ids.device}, the model's token embedding on {emb.device}")
         derived = position_ids is None
+        if position_ids is not None:
+            self._check_position_ids(position_ids, input_ids)
         if cache is not None:
-            self._check_cache(cache, B)
+            self._check_cache(cache, B, input_ids.device)
         start = cache.seqlen if cache is not None else 0
         V = self.config.vocab_size
         # ids outside the vocabulary: an IndexError in the embedding on the CPU (checked here), a device-side
@@ -730,17 +828,26 @@ class ZooModel(torch.nn.Module):
             if not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != (B, start + T):
                 raise ValueError(f"attention_mask must be a tensor [batch, cached + new tokens] = "
                                  f"[{B}, {start + T}], got {tuple(getattr(attention_mask, 'shape', ()))}")
-            kpm = attention_mask.to(device=input_ids.device).bool()
+            if attention_mask.is_complex():
+                raise ValueError(f"attention_mask must hold 0 (padding) and 1 (token) values, got "
+                                 f"{attention_mask.dtype}")
+            kpm = _with_data("attention_mask", attention_mask).to(device=input_ids.device)
+            # no padding: drop the mask (the unmasked kernels are faster). Reading that is a host sync on CUDA: done
+            # for a prompt (no cache yet), not for the forwards that continue a cache (decoding, speculative drafts
+            # and verifies: the decode kernel and the per-row path take the mask at ~no cost). The same read checks
+            # the values (bool() made 2, -1, 0.5 or NaN a token, where transformers counts them in its positions).
+            # Traced (torch.compile) the mask stays: its values cannot decide the graph.
+            full = False
+            if not torch.compiler.is_compiling() and (start == 0 or kpm.device.type == "cpu"):
+                ok, full = torch.stack([((kpm == 0) | (kpm == 1)).all(), (kpm != 0).all()]).tolist()
+                if not ok:
+                    raise ValueError("attention_mask values must be 0 (padding) or 1 (token)")
+            kpm = kpm.bool()
             if position_ids is None:
                 pos = kpm.long().cumsum(-1) - 1
                 pos = pos.masked_fill(~kpm, 1)
                 position_ids = pos[:, start:] if slots is None else pos.gather(1, slots)
-            # no padding: drop the mask (the unmasked kernels are faster). Reading that is a host sync on
-            # CUDA: done for a prompt (no cache yet), not for the forwards that continue a cache (decoding,
-            # speculative drafts and verifies: the decode kernel and the per-row path take the mask at ~no cost).
-            # Traced (torch.compile) the mask stays: its values cannot decide the graph.
-            if (not torch.compiler.is_compiling() and (start == 0 or kpm.device.type == "cpu")
-                    and bool(kpm.all())):
+            if full:
                 kpm = None
         if position_ids is None:
             position_ids = slots

@@ -96,7 +96,10 @@ import math
 import numbers
 from typing import Optional
 
+from llmkern.ops._checks import bool_arg
+
 _FLOAT32_MAX = 3.4028234663852886e38  # (config values the models use in float32 arithmetic must fit in it)
+_MIN_SOFTCAP = 2.0 ** -126  # (llmkern.attention's least softcap: float32's smallest normal number)
 
 ARCHS = ("gpt", "llama")
 
@@ -104,6 +107,16 @@ ARCHS = ("gpt", "llama")
 def _real(v):
     """A real number (not a bool, not None, not a string: float() would accept "0.1")."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _pos_int(v):
+    """A positive int (not a bool: True passed as 1 head, head_dim 1 or an FFN width of 1)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _float32_positive(v):
+    """A real number > 0 that stays finite and non-zero in float32, the dtype the models use it in."""
+    return _real(v) and 0 < float(v) <= _FLOAT32_MAX and not float(v) <= 2.0 ** -150
 
 
 @dataclasses.dataclass
@@ -178,7 +191,7 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{f} must be a positive int, got {v!r}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        if not isinstance(self.n_kv_head, int) or self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
+        if not _pos_int(self.n_kv_head) or self.n_head % self.n_kv_head:
             raise ValueError(f"ModelConfig.n_kv_head must be a positive divisor of n_head={self.n_head}, "
                              f"got {self.n_kv_head!r}")
         if self.head_dim is None:
@@ -186,7 +199,7 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head} "
                                  f"(or set head_dim)")
             self.head_dim = self.n_embd // self.n_head
-        if not isinstance(self.head_dim, int) or self.head_dim <= 0:
+        if not _pos_int(self.head_dim):
             raise ValueError(f"ModelConfig.head_dim must be a positive int, got {self.head_dim!r}")
         if self.arch == "llama" and self.head_dim % 2 and not self.kv_lora_rank:  # (MLA: the rotary part's checked)
             raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
@@ -195,7 +208,7 @@ class ModelConfig:
                 self.intermediate_size = 4 * self.n_embd
             else:  # LLaMA: 2/3 * 4d rounded up to a multiple of 256
                 self.intermediate_size = 256 * ((int(8 * self.n_embd / 3) + 255) // 256)
-        if not isinstance(self.intermediate_size, int) or self.intermediate_size <= 0:
+        if not _pos_int(self.intermediate_size):
             raise ValueError(f"ModelConfig.intermediate_size must be a positive int, got {self.intermediate_size!r}")
         if self.bias is None:
             self.bias = self.arch == "gpt"
@@ -261,8 +274,8 @@ class ModelConfig:
         if not isinstance(self.moe_renormalize, bool):
             raise ValueError(f"ModelConfig.moe_renormalize must be a bool, got {self.moe_renormalize!r}")
         c = self.router_aux_loss_coef
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0:
-            raise ValueError(f"ModelConfig.router_aux_loss_coef must be a number >= 0 (0: off), got {c!r}")
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c <= _FLOAT32_MAX:  # (inf: an inf loss)
+            raise ValueError(f"ModelConfig.router_aux_loss_coef must be a number >= 0 (finite; 0: off), got {c!r}")
         self.router_aux_loss_coef = float(c)
         layers = self.moe_layers
         if layers is not None:
@@ -279,8 +292,8 @@ class ModelConfig:
         if self.moe_router not in MOE_ROUTERS:
             raise ValueError(f"ModelConfig.moe_router must be one of {MOE_ROUTERS}, got {self.moe_router!r}")
         G, Gk, s = self.moe_n_group, self.moe_topk_group, self.moe_routed_scaling
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
-            raise ValueError(f"ModelConfig.moe_routed_scaling must be a number > 0, got {s!r}")
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not _float32_positive(s):  # (inf: NaN outputs)
+            raise ValueError(f"ModelConfig.moe_routed_scaling must be a number > 0 (finite), got {s!r}")
         self.moe_routed_scaling = float(s)
         c = self.moe_capacity_factor
         if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < float("inf")):
@@ -359,16 +372,21 @@ class ModelConfig:
         for f in ("scale_embeddings", "post_norms"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"ModelConfig.{f} must be a bool, got {getattr(self, f)!r}")
-        if isinstance(self.norm_offset, bool) or not isinstance(self.norm_offset, (int, float)):
-            raise ValueError(f"ModelConfig.norm_offset must be a number, got {self.norm_offset!r}")
+        # (NaN or inf gave NaN logits; past float32's range the gains' torch.full overflowed)
+        if isinstance(self.norm_offset, bool) or not isinstance(self.norm_offset, (int, float)) or not (
+                -_FLOAT32_MAX <= self.norm_offset <= _FLOAT32_MAX):
+            raise ValueError(f"ModelConfig.norm_offset must be a finite number, got {self.norm_offset!r}")
         self.norm_offset = float(self.norm_offset)
         for f in ("attn_scale", "attn_softcap", "logit_softcap", "rope_local_theta"):
             v = getattr(self, f)
             if v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < float(v) <= _FLOAT32_MAX:
-                # (inf, or past float32's range: a softcap of inf made every logit NaN)
-                raise ValueError(f"ModelConfig.{f} must be a finite number > 0 or None, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _float32_positive(v) or (
+                    f.endswith("softcap") and v < _MIN_SOFTCAP):
+                # (inf, or past float32's range: a softcap of inf made every logit NaN; below float32's least
+                # number, 0 there: attn_scale=1e-50 gave NaN logits; softcaps: llmkern.attention's least)
+                raise ValueError(f"ModelConfig.{f} must be a finite number > 0 (within float32's range"
+                                 f"{', >= 2**-126' if f.endswith('softcap') else ''}) or None, got {v!r}")
             setattr(self, f, float(v))
         if self.rope_local_theta is not None and self.sliding_window is None:
             raise ValueError("ModelConfig.rope_local_theta needs sliding_window (it applies to the sliding layers)")
@@ -504,6 +522,8 @@ def _check_rope_scaling(scaling, arch):
     if not isinstance(scaling, dict):
         raise ValueError(f"ModelConfig.rope_scaling must be a dict or None, got {type(scaling).__name__}")
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if not isinstance(kind, str):  # (a list raised "unhashable type")
+        raise ValueError(f"ModelConfig.rope_scaling rope_type must be a string, got {kind!r}")
     if kind == "default":
         return None
     if kind not in ROPE_SCALING_KEYS:
@@ -512,8 +532,9 @@ def _check_rope_scaling(scaling, arch):
     out = {"rope_type": kind}
     for key in ROPE_SCALING_KEYS[kind]:
         v = scaling.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v) > 0:
-            raise ValueError(f"ModelConfig.rope_scaling[{key!r}] must be a number > 0 for rope_type {kind!r}, "
+        # (inf made every frequency 0 or the llama3 band empty; below float32's range the frequencies inf)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not _float32_positive(v):
+            raise ValueError(f"ModelConfig.rope_scaling[{key!r}] must be a finite number > 0 for rope_type {kind!r}, "
                              f"got {v!r}")
         out[key] = float(v)
     if kind == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
@@ -533,18 +554,25 @@ def _yarn_options(scaling, factor):
             raise ValueError(f"ModelConfig.rope_scaling[{key!r}] must be a number for rope_type 'yarn', got {v!r}")
         return float(v)
 
+    def positive(key, v):  # (NaN, inf or <= 0 raised "math domain error" / "cannot convert float NaN to integer")
+        if not _float32_positive(number(key, v)):
+            raise ValueError(f"ModelConfig.rope_scaling[{key!r}] must be a finite number > 0 for rope_type 'yarn', "
+                             f"got {v!r}")
+        return float(v)
+
     def mscale(m):
         return yarn_mscale(factor, m)
 
-    out = {"beta_fast": number("beta_fast", scaling.get("beta_fast") or 32),
-           "beta_slow": number("beta_slow", scaling.get("beta_slow") or 1),
-           "truncate": bool(scaling.get("truncate", True))}
+    # (bool() read truncate="False" as True)
+    out = {"beta_fast": positive("beta_fast", scaling.get("beta_fast") or 32),
+           "beta_slow": positive("beta_slow", scaling.get("beta_slow") or 1),
+           "truncate": bool_arg("ModelConfig.rope_scaling['truncate']", scaling.get("truncate", True))}
     att = scaling.get("attention_factor")
     if att is None:
         m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
         att = mscale(number("mscale", m)) / mscale(number("mscale_all_dim", m_all)) if m and m_all else mscale(1)
-    if not number("attention_factor", att) > 0:
-        raise ValueError(f"ModelConfig.rope_scaling['attention_factor'] must be > 0, got {att!r}")
+    if not _float32_positive(number("attention_factor", att)):  # (inf: inf / NaN cos and sin)
+        raise ValueError(f"ModelConfig.rope_scaling['attention_factor'] must be a finite number > 0, got {att!r}")
     out["attention_factor"] = float(att)
     return out
 

@@ -102,6 +102,8 @@ class Block(nn.Module):
 
 
 class GPT(ZooModel):
+    _table_positions = True  # (wpe: learned positions)
+
     def __init__(self, config="gpt2", backend="llmkern"):
         super().__init__()
         cfg = get_config(config) if not isinstance(config, ModelConfig) else config
@@ -168,6 +170,7 @@ class GPT(ZooModel):
         prefixes = self.prefixes(input_ids.shape[0]) if torch.is_tensor(input_ids) and input_ids.dim() == 2 else None
         P = self.prefix_length(prefixes)
         start, pos, kpm = self._check_input(input_ids, cache, attention_mask, position_ids, offset=P)
+        last_only, return_logits = self._check_loss_args(input_ids, labels, last_only, return_logits)
         T = input_ids.shape[1]
         if pos is None:
             pos = self.positions(start, T, input_ids.device) + P

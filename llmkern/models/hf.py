@@ -79,6 +79,7 @@ import warnings
 import torch
 
 from llmkern.models._attn import HFModule  # noqa: F401  (re-exported: the zoo <-> HF name table's entries)
+from llmkern.models._attn import check_backend
 from llmkern.models.configs import ModelConfig, _check_rope_scaling, yarn_mscale
 from llmkern.models.gpt import GPT
 from llmkern.models.llama import Llama
@@ -786,6 +787,15 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
     naming the config key. dtype/device: cast and move the model after loading (the RoPE frequencies
     stay float32); dtype is a floating torch.dtype, its name ("bfloat16", "torch.float16", ...) or "auto"
     (transformers': config.json's dtype / torch_dtype, else the checkpoint weights' dtype)."""
+    if not isinstance(path, (str, os.PathLike)):  # (os.path.join's TypeError did not name it)
+        raise TypeError(f"from_hf: path must be a checkpoint directory (a str or os.PathLike), got "
+                        f"{type(path).__name__}")
+    check_backend(backend)  # (before reading the checkpoint)
+    if device is not None:  # (a bad name raised torch's device-string error after loading, naming no argument)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"from_hf: device must be None or a torch device, got {device!r} ({e})") from None
     if dtype is not None and not (isinstance(dtype, str) and dtype == "auto"):
         dtype = _parse_dtype(dtype)
     cfg_file = os.path.join(path, "config.json")

@@ -162,7 +162,10 @@ class Attention(nn.Module):
         # qk_norm: one gain per head_dim channel, shared by the heads (tensor parallelism replicates it)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, backend, cfg.norm_offset) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, backend, cfg.norm_offset) if cfg.qk_norm else None
-        self.sliding_window = cfg.layer_window(layer)
+        # a window of block_size keys or more sees every key, as none does (no key lies further back): one past
+        # int64's range (2**70 overflowed the masks' int64 arithmetic) is taken as none
+        W = cfg.layer_window(layer)
+        self.sliding_window = None if W is not None and W >= max(cfg.block_size, 2 ** 62) else W
         self.scale, self.softcap = cfg.attn_scale, cfg.attn_softcap  # (None: 1/sqrt(head_dim), no cap)
         self.dropout = cfg.dropout
         self.backend_name = backend
@@ -491,6 +494,7 @@ class Llama(ZooModel):
         prefixes = self.prefixes(input_ids.shape[0]) if torch.is_tensor(input_ids) and input_ids.dim() == 2 else None
         P = self.prefix_length(prefixes)
         start, pos, kpm = self._check_input(input_ids, cache, attention_mask, position_ids, offset=P)
+        last_only, return_logits = self._check_loss_args(input_ids, labels, last_only, return_logits)
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)  # [B, T, d]
         if self.config.scale_embeddings:  # Gemma: times sqrt(d), that factor rounded to x's dtype first
