@@ -88,7 +88,7 @@ from typing import Optional
 
 import torch
 
-from llmkern.ops._checks import bool_arg, float32_finite
+from llmkern.ops._checks import bool_arg, float32_finite, with_data
 
 STRATEGIES = ("greedy", "sample", "beam")
 _INT64_LIMIT = 2 ** 63  # element counts of the tensors generate makes must stay below it
@@ -123,14 +123,6 @@ def _int_arg(name, v, least, hint=""):
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < least:
         raise ValueError(f"{name} must be an int >= {least}{hint}, got {v!r}")
     return int(v)
-
-
-def _with_data(name, t):
-    """t, or a ValueError naming it when it is a meta tensor: no values to read or copy (generate moves a mask or a
-    seed given on another device to the tokens' device, or reads it on the host)."""
-    if torch.is_tensor(t) and t.device.type == "meta":
-        raise ValueError(f"{name} is a meta tensor (no data); give it on a device with its values")
-    return t
 
 
 def _as_int(v):
@@ -310,7 +302,7 @@ def _allowed(allowed_tokens, seqs, V, prompts):
     if not torch.is_tensor(m) or m.dtype != torch.bool or m.dim() not in (1, 2) or m.shape[-1] != V:
         raise ValueError(f"allowed_tokens must be a bool tensor [V] or [N, V] with V={V} (or a function "
                          f"returning one), got {getattr(m, 'dtype', type(m))} {tuple(getattr(m, 'shape', ()))}")
-    m, N = _with_data("allowed_tokens", m).to(seqs.device), seqs.shape[0]
+    m, N = with_data("allowed_tokens", m).to(seqs.device), seqs.shape[0]
     if m.dim() == 2 and m.shape[0] not in (1, N):
         if m.shape[0] != prompts:
             raise ValueError(f"allowed_tokens has {m.shape[0]} rows: it takes 1, one per prompt ({prompts}) or one "
@@ -480,7 +472,7 @@ def _check_mask(attention_mask, input_ids):
     if not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(getattr(attention_mask, 'shape', ()))}")
-    _with_data("attention_mask", attention_mask)
+    with_data("attention_mask", attention_mask)
     if attention_mask.is_complex() or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         # (bool() made -1 or 2 a token: positions then differed from transformers', which counts the values)
         raise ValueError("attention_mask values must be 0 (padding) or 1 (token)")
@@ -561,7 +553,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
         raise ValueError(f"input_ids must hold at least one token per row, got {tuple(input_ids.shape)}")
     if input_ids.shape[0] == 0:  # (raised new_cache's "batch must be an int >= 1")
         raise ValueError(f"input_ids must hold at least one row (prompt), got {tuple(input_ids.shape)}")
-    _with_data("input_ids", input_ids)
+    with_data("input_ids", input_ids)
     max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, 0)
     num_beams = _int_arg("num_beams", num_beams, 1)
     _check_strategy_options(strategy, draft_model, num_draft_tokens,
@@ -600,7 +592,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     if stops is not None:
         stops = _Stops(stops, min_new_tokens)
     if torch.is_tensor(allowed_tokens):  # (moved once: a CPU mask's copy to a GPU each step would be a host sync)
-        allowed_tokens = _with_data("allowed_tokens", allowed_tokens).to(input_ids.device)
+        allowed_tokens = with_data("allowed_tokens", allowed_tokens).to(input_ids.device)
     if rules:
         if draft_model is not None:
             raise ValueError(f"{', '.join(rules)} are not supported with draft_model (speculative decoding)")
@@ -621,7 +613,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
         for v in (temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty,
                   logit_bias, seed))
     if torch.is_tensor(logit_bias):  # (beam search moves it to the tokens' device: a meta one raised torch's error)
-        _with_data("logit_bias", logit_bias)
+        with_data("logit_bias", logit_bias)
     if strategy != "beam" or draft_model is not None:  # per-prompt tensors -> per returned sequence
         B, R = input_ids.shape[0], num_return_sequences
         temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias, \
@@ -762,7 +754,7 @@ def _seed_arg(seed):
     from llmkern.ops.speculative import row_seeds
 
     if torch.is_tensor(seed) and seed.dim() == 0:  # (a meta one has no value to read)
-        return int(row_seeds(_with_data("seed", seed).reshape(1), 1, seed.device)[0])  # (refuses bool / float seeds)
+        return int(row_seeds(with_data("seed", seed).reshape(1), 1, seed.device)[0])  # (refuses bool / float seeds)
     if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
         return int(seed)
     return seed

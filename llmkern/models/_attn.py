@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkern._backend import warn_once
-from llmkern.ops._checks import bool_arg, eager_fast_path, float32_finite, positive_int
+from llmkern.ops._checks import bool_arg, eager_fast_path, float32_finite, positive_int, with_data
 
 BACKENDS = ("llmkern", "torch")
 _OPS = {}
@@ -235,14 +235,6 @@ def _bytes(t):
     return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
 
 
-def _with_data(name, t):
-    """t, or a ValueError naming it when it is a meta tensor: no values to copy to the cache's device (a tensor on
-    another device with data is moved there)."""
-    if t.device.type == "meta":
-        raise ValueError(f"{name} is a meta tensor (no data); give it on a device with its values")
-    return t
-
-
 def _shift(labels):
     """Labels aligned with input_ids -> the next token's label at every position (-100 at the last)."""
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
@@ -361,7 +353,7 @@ class KVCache:
         would cost a host sync). max_n: a host int >= max(n), the new seqlen (the caller usually knows
         it); None keeps seqlen as the bound (or takes max(n) on the CPU)."""
         if torch.is_tensor(n):
-            return self._crop_rows(_with_data("KVCache.crop: n", n), max_n)
+            return self._crop_rows(with_data("KVCache.crop: n", n), max_n)
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.seqlen:
             raise ValueError(f"KVCache.crop: n must be an int in [0, {self.seqlen}] or a tensor [batch], got {n!r}")
         self.lengths = self.lengths.clamp(max=n) if not self.uniform else torch.full_like(self.lengths, n)
@@ -394,7 +386,7 @@ class KVCache:
         if not torch.is_tensor(idx) or idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"KVCache.reorder: idx must be a 1-D int64 / int32 tensor, got "
                              f"{getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}")
-        _with_data("KVCache.reorder: idx", idx)
+        with_data("KVCache.reorder: idx", idx)
         if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= B):
             raise ValueError(f"KVCache.reorder: idx must hold row indices in [0, {B}) (the cache's batch), got "
                              f"values in [{int(idx.min())}, {int(idx.max())}]")
@@ -831,7 +823,7 @@ class ZooModel(torch.nn.Module):
             if attention_mask.is_complex():
                 raise ValueError(f"attention_mask must hold 0 (padding) and 1 (token) values, got "
                                  f"{attention_mask.dtype}")
-            kpm = _with_data("attention_mask", attention_mask).to(device=input_ids.device)
+            kpm = with_data("attention_mask", attention_mask).to(device=input_ids.device)
             # no padding: drop the mask (the unmasked kernels are faster). Reading that is a host sync on CUDA: done
             # for a prompt (no cache yet), not for the forwards that continue a cache (decoding, speculative drafts
             # and verifies: the decode kernel and the per-row path take the mask at ~no cost). The same read checks

@@ -203,6 +203,14 @@ def positive_int(name, v):
     return int(v)
 
 
+def with_data(name, t):
+    """t, or a ValueError naming it when it is a meta tensor: it has no values to read or to copy to another device
+    (torch's own error there names no argument). Anything else passes as it is."""
+    if isinstance(t, torch.Tensor) and t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (no data); give it on a device with its values")
+    return t
+
+
 def bool_arg(name, v):
     """v as a bool: a bool, a numpy bool, the int 0 or 1, or a one-element bool tensor (what bool() reads as
     meant); anything else is a TypeError naming it: bool() would read a string "False" or "no", or a list [False],
