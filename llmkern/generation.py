@@ -1271,8 +1271,11 @@ def _raise_stuck(stuck, allow, t):
     rows = stuck.nonzero()[:, 0].tolist()
     if allow is not None and not bool(allow[rows].any(-1).all()):
         raise ValueError(f"allowed_tokens allows no token for sequence(s) {rows} at new token {t}")
+    # (the logits as processed: a -inf / NaN logit_bias, a penalty, a masking rule or a scorer's term removes tokens
+    # as well; the message names them, not only the model)
     raise RuntimeError(f"generate: the model's logits have no finite value for sequence(s) {rows} "
-                       f"at new token {t}")
+                       f"at new token {t} (after logit_bias, the penalties, min_new_tokens / bad_words_ids / "
+                       f"no_repeat_ngram_size and the scorers' terms, where -inf or NaN removes a token too)")
 
 
 def _log_softmax(y):

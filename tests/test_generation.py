@@ -863,6 +863,20 @@ def test_nan_and_inf_bias_or_scores_in_beam_search_and_greedy_scorers():
     assert (out.sequences[:, 4:] == 77).all() and torch.isfinite(out.scores).all()
 
 
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_no_token_left_names_the_processing_not_only_the_model(strategy):
+    """A logit_bias of -inf everywhere leaves no token: the error said only "the model's logits have no finite
+    value", blaming the model; it names what else removes tokens (logit_bias first)."""
+    import llmkern
+
+    torch.manual_seed(0)
+    model = build("llama-tiny").eval()
+    ids = torch.randint(0, 256, (2, 4))
+    kw = dict(num_beams=2) if strategy == "beam" else dict(seed=0) if strategy == "sample" else {}
+    with pytest.raises(RuntimeError, match=r"no finite value .*\(after logit_bias, the penalties"):
+        llmkern.generate(model, ids, 3, strategy=strategy, logit_bias=torch.full((256,), float("-inf")), **kw)
+
+
 def test_prefix_positions_count_against_block_size_up_front():
     """A prefix's positions come before the tokens (as with PEFT): generate counted only prompt + new tokens and
     failed after 110 decode steps; now refused before the first."""
