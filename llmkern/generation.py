@@ -89,6 +89,7 @@ from typing import Optional
 import torch
 
 from llmkern.ops._checks import bool_arg, float32_finite, with_data
+from llmkern.ops._checks import int_arg as _int_arg
 
 STRATEGIES = ("greedy", "sample", "beam")
 _INT64_LIMIT = 2 ** 63  # element counts of the tensors generate makes must stay below it
@@ -116,13 +117,6 @@ class GenerationOutput:
     # each prompt token, from the prefill's logits; NaN where there is no such probability (a row's first
     # real token, left padding)
     prompt_logprobs: Optional[torch.Tensor] = None  # float32 [N, T]
-
-
-def _int_arg(name, v, least, hint=""):
-    """v as a Python int >= least (a Python or numpy integer, not a bool), else ValueError naming it."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < least:
-        raise ValueError(f"{name} must be an int >= {least}{hint}, got {v!r}")
-    return int(v)
 
 
 def _as_int(v):

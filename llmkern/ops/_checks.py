@@ -196,11 +196,17 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
+def int_arg(name, v, least, hint=""):
+    """v as a Python int >= least (Python or numpy integers, not bools), else ValueError naming it (hint: what the
+    least value means, e.g. " (0: off)")."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < least:
+        raise ValueError(f"{name} must be an int >= {least}{hint}, got {v!r}")
+    return int(v)
+
+
 def positive_int(name, v):
     """v as an int >= 1 (Python or numpy integers, not bools), else ValueError naming it."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    return int(v)
+    return int_arg(name, v, 1)
 
 
 def with_data(name, t):
