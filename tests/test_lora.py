@@ -105,6 +105,31 @@ def test_backward_with_expanded_grad_and_3d_input(triton_backend):
 
 
 @needs_triton
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_transposed_weight_is_read_in_place(triton_backend, monkeypatch, p):
+    """A GPT-2 Conv1D stores its weight [in, out]; lora_linear(x, w.t(), ...) reads that view through its strides
+    (no copy of the weight per call: the GEMM and the backward's Wᵀ read both layouts) and its gradient reaches
+    the [in, out] tensor."""
+    x, W, b, A, B = _inputs(37, 48, 40, 8, torch.float32)
+    w_io = _leaf(W.t().contiguous())  # the Conv1D parameter, [in, out]
+    seen = []
+    forward = K.lora_forward
+    monkeypatch.setattr(K, "lora_forward", lambda x_, W_, *a, **k: (seen.append(W_), forward(x_, W_, *a, **k))[1])
+    xs, As, Bs = _leaf(x), _leaf(A), _leaf(B)
+    y = llmkern.lora_linear(xs, w_io.t(), b, As, Bs, 1.3, p, seed=7)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert len(seen) == 1 and seen[0].data_ptr() == w_io.data_ptr() and seen[0].stride() == (1, 40)
+    xd, Wd, Ad, Bd = _d(x), _d(W), _d(A), _d(B)
+    yr = ref.lora_linear(xd, Wd, b.double(), Ad, Bd, 1.3, p, seed=7)
+    yr.backward(dy.double())
+    assert_close(y, yr, **TOL[torch.float32])
+    for name, got, want in (("dx", xs.grad, xd.grad), ("dW", w_io.grad, Wd.grad.t()), ("dA", As.grad, Ad.grad),
+                            ("dB", Bs.grad, Bd.grad)):
+        assert_close(got, want, msg=name, **TOL[torch.float32])
+
+
+@needs_triton
 def test_rank_above_block_chunk(triton_backend):
     """Ranks beyond one epilogue chunk (64) loop over rank chunks."""
     x, W, b, A, B = _inputs(17, 33, 21, 80, torch.float32)
@@ -490,6 +515,23 @@ def test_gpu_lora_linear_large(fixed_config, dtype, M, K_, N, r):
     lim = 2e-2 if dtype == torch.bfloat16 else 5e-3
     for got, want in ((y, yr), (xs.grad, xd.grad), (As.grad, Ad.grad), (Bs.grad, Bd.grad), (Ws.grad, Wd.grad)):
         assert rel(got, want) < lim
+
+
+@pytest.mark.gpu
+def test_gpu_transposed_weight(fixed_config):
+    """A Conv1D-layout weight (the [out, in] view of an [in, out] tensor) on the GPU GEMMs: the forward reads it
+    as the backward reads Wᵀ (TMA's W_T on sm_90)."""
+    x, W, b, A, B = _inputs(1000, 1024, 768, 16, torch.bfloat16, device="cuda")
+    w_io = _leaf(W.t().contiguous())
+    xs, As, Bs = _leaf(x), _leaf(A), _leaf(B)
+    y = llmkern.lora_linear(xs, w_io.t(), b, As, Bs, 2.0, 0.1, seed=3)
+    y.sum().backward()
+    xd, Ad, Bd, Wd = _d(x), _d(A), _d(B), _d(W)
+    yr = ref.lora_linear(xd, Wd, b.double(), Ad, Bd, 2.0, 0.1, seed=3)
+    yr.sum().backward()
+    rel = lambda a, e: ((a.double() - e).norm() / e.norm()).item()  # noqa: E731
+    for got, want in ((y, yr), (xs.grad, xd.grad), (As.grad, Ad.grad), (Bs.grad, Bd.grad), (w_io.grad.t(), Wd.grad)):
+        assert rel(got, want) < 2e-2
 
 
 @pytest.mark.gpu

@@ -201,6 +201,90 @@ def test_use_fused_lora_mixed_adapter_batch(backend):
     torch.testing.assert_close(got_b, want_b, rtol=1e-4, atol=1e-4)
 
 
+def _peft_gpt2(adapters=("default",), use_dora=False):
+    """PEFT LoRA on a tiny transformers GPT2LMHeadModel: c_attn, both c_proj and c_fc are Conv1D layers
+    (weight [in, out], fan_in_fan_out=True)."""
+    torch.manual_seed(3)
+    base = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=D, n_layer=L_,
+                                                                n_head=H_))
+    cfg = lambda r: peft.LoraConfig(r=r, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],  # noqa: E731
+                                    lora_dropout=0.0, fan_in_fan_out=True, use_dora=use_dora)
+    model = peft.get_peft_model(base, cfg(4), adapter_name=adapters[0])
+    for i, a in enumerate(adapters[1:]):
+        model.add_adapter(a, cfg(2 + i))
+    _randomize_lora(model, 5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_use_fused_lora_fuses_gpt2_conv1d_layers(backend, use_dora):
+    """GPT-2's Conv1D layers (PEFT's fan_in_fan_out) run the fused op on the weight's transposed view, with
+    PEFT's outputs and gradients (they ran PEFT's forward before)."""
+    from llmkern.integrations import peft as ip
+
+    model = _peft_gpt2(use_dora=use_dora)
+    ids = _ids()
+    out = model(ids).logits
+    out.float().pow(2).mean().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    name = "dora_linear" if use_dora else "lora_linear"
+    orig, calls = getattr(ip, name), []
+    setattr(ip, name, lambda *a, **k: calls.append(a[1].stride()) or orig(*a, **k))
+    try:
+        ip.use_fused_lora(model)
+        got = model(ids).logits
+        got.float().pow(2).mean().backward()
+    finally:
+        setattr(ip, name, orig)
+    assert len(calls) == 4 * L_ and all(st[0] == 1 for st in calls)  # the [in, out] weights' transposed views
+    torch.testing.assert_close(got, out, rtol=1e-4, atol=1e-4)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, want[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_use_fused_lora_gpt2_mixed_adapter_batch(backend):
+    from llmkern.integrations import peft as ip
+
+    model = _peft_gpt2(adapters=("ad1", "ad2"))
+    ids = _ids(B=3)
+    names = ["ad2", "__base__", "ad1"]
+    orig, calls = ip.lora_linear_multi, []
+    with torch.no_grad():
+        want = model(ids, adapter_names=names).logits
+        ip.use_fused_lora(model)
+        ip.lora_linear_multi = lambda *a, **k: calls.append(1) or orig(*a, **k)
+        try:
+            got = model(ids, adapter_names=names).logits
+        finally:
+            ip.lora_linear_multi = orig
+    assert len(calls) == 4 * L_
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_use_fused_lora_gpt2_layer_with_unmatched_fan_in_fan_out_runs_peft():
+    """A Conv1D layer whose fan_in_fan_out was turned off (PEFT's merge would then use the wrong layout; its
+    forward is still the Conv1D's) keeps PEFT's forward."""
+    from llmkern.integrations import peft as ip
+
+    model = _peft_gpt2()
+    layer = model.base_model.model.transformer.h[0].attn.c_attn
+    layer.fan_in_fan_out = False
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+        orig, calls = ip.lora_linear, []
+        ip.use_fused_lora(model)
+        ip.lora_linear = lambda *a, **k: calls.append(1) or orig(*a, **k)
+        try:
+            got = model(ids).logits
+        finally:
+            ip.lora_linear = orig
+    assert len(calls) == 4 * L_ - 1
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_use_fused_lora_keeps_peft_float32_adapters_of_half_model(monkeypatch):
     from llmkern import _backend
     from llmkern.integrations.peft import use_fused_lora

@@ -4,15 +4,16 @@
     llmkern.integrations.peft.use_fused_lora(model)         # same outputs, fused kernels
     model(input_ids, adapter_names=["a", "b", "__base__"])  # mixed batch: one launch per layer
 
-Every ``peft.tuners.lora.Linear`` whose base layer is an ``nn.Linear`` gets a forward that calls
+Every ``peft.tuners.lora.Linear`` whose base layer is an ``nn.Linear`` (or transformers' GPT-2 ``Conv1D``, PEFT's
+``fan_in_fan_out=True`` layers: the kernels read its [in, out] weight as the transposed view) gets a forward that calls
 ``llmkern.lora_linear`` (one active adapter), ``llmkern.peft.dora_linear`` (one active DoRA adapter,
 ``use_dora=True``: PEFT's DoRA semantics without forming B A) or ``llmkern.lora_linear_multi`` (PEFT's
 ``adapter_names`` mixed batches: per-sample adapter names, "__base__" = base model only; PEFT itself
 refuses ``adapter_names`` when an adapter in the batch uses DoRA, and that error is kept). Cases
 the fused ops do not cover fall back to PEFT's own forward for that call: several active adapters
-at once, other LoRA variants (aLoRA, ...), lora_bias, fan_in_fan_out, non-Linear or quantised base
-layers (except bitsandbytes NF4, below), autocast, mismatched dtypes (input vs base weight, or adapter
-weights vs input: PEFT's default ``autocast_adapter_dtype=True`` keeps a bf16/fp16 model's adapters in
+at once, other LoRA variants (aLoRA, ...), lora_bias, a fan_in_fan_out that does not match the base
+layer, other or quantised base layers (except bitsandbytes NF4, below), autocast, mismatched dtypes
+(input vs base weight, or adapter weights vs input: PEFT's default ``autocast_adapter_dtype=True`` keeps a bf16/fp16 model's adapters in
 float32 and computes them in float32, so such layers stay on PEFT's forward; create the model with
 ``autocast_adapter_dtype=False`` or cast the adapters to the model's dtype to fuse them; the same for a
 DoRA magnitude), and mixed batches during training with dropout. Dropout uses llmkern's seeded mask: the
@@ -148,7 +149,7 @@ def _kind(module, name, dtype):
 
 def _dora_layer(module, name, variant):
     """PEFT's DoRA magnitude layer of adapter `name` when its variant is exactly DoRA for Linear layers
-    (not a composed or subclassed variant) on a layer without fan_in_fan_out; else None."""
+    (not a composed or subclassed variant) reading the base weight as the layer does; else None."""
     if variant is None:  # plain LoRA (every call of the fused forward asks: no import for it)
         return None
     try:
@@ -158,7 +159,9 @@ def _dora_layer(module, name, variant):
     mags = getattr(module, "lora_magnitude_vector", None)
     if type(variant) is not DoraLinearVariant or mags is None or name not in mags:
         return None
-    return None if getattr(mags[name], "fan_in_fan_out", False) else mags[name]
+    # (its fan_in_fan_out matching the layer's, which _fused_forward has matched to the base)
+    return mags[name] if getattr(mags[name], "fan_in_fan_out", False) == getattr(module, "fan_in_fan_out",
+                                                                                 False) else None
 
 
 def _plain(module, name, dtype):
@@ -166,11 +169,20 @@ def _plain(module, name, dtype):
     return _kind(module, name, dtype) == "lora"
 
 
+def _conv1d(base):
+    """Whether `base` is transformers' GPT-2 Conv1D (y = x W + b, W stored [in, out]); transformers is never
+    imported here: such layers exist only once the model imported it."""
+    return type(base) is getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
 def _base_operands(self, x):
-    """(weight, bias, quantized) the fused ops take for this layer's base on input x, or None."""
+    """(weight, bias, quantized) the fused ops take for this layer's base on input x, or None. A Conv1D's weight
+    goes in as its [out, in] transposed view: the kernels read either layout, so nothing is copied."""
     base = self.base_layer
-    if type(base) is nn.Linear:
-        return None if x.dtype != base.weight.dtype else (base.weight, base.bias, False)
+    if type(base) is nn.Linear or _conv1d(base):
+        if x.dtype != base.weight.dtype:
+            return None
+        return (base.weight.t() if _conv1d(base) else base.weight), base.bias, False
     if torch.is_autocast_enabled(x.device.type):  # (bitsandbytes' casts under autocast are its own)
         return None
     nf4 = _nf4_base(self, x)
@@ -188,8 +200,9 @@ def _hooked(self, names):
 def _fused_forward(self, x, *args, **kwargs):
     orig = getattr(self, _ORIG)
     base = self.base_layer
-    if (args or getattr(self, "fan_in_fan_out", False) or self.disable_adapters or self.merged
-            or not isinstance(x, torch.Tensor) or torch.is_autocast_enabled(x.device.type)):
+    # fan_in_fan_out must say what the base is (PEFT sets it so; DoRA's norms read the base weight by it)
+    if (args or bool(getattr(self, "fan_in_fan_out", False)) != _conv1d(base) or self.disable_adapters
+            or self.merged or not isinstance(x, torch.Tensor) or torch.is_autocast_enabled(x.device.type)):
         return orig(x, *args, **kwargs)
     other = {k: v for k, v in kwargs.items() if k != "adapter_names" and v is not None}
     if other or has_forward_hooks(self.base_layer):  # (the adapters' once known, below)
@@ -246,7 +259,7 @@ def _fused_forward(self, x, *args, **kwargs):
     # lora_linear_multi skips its value check (on CUDA a wait for each layer's queued work); the block holds that
     # one call only, its arguments made before it
     with _checks.trusted():
-        return lora_linear_multi(x, base.weight, base.bias, A, B, scalings, ids)
+        return lora_linear_multi(x, weight, bias, A, B, scalings, ids)
 
 
 def use_fused_lora(peft_model: nn.Module, enable: bool = True) -> nn.Module:

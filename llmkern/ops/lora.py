@@ -270,13 +270,21 @@ _LoRAFunction = _checks.eager_twin("_LoRAFunction", _fwd_impl, _setup_context,
                                    "The eager twin of llmkern::lora_fwd / lora_bwd.", materialize_grads=False)
 
 
+def _gemm_layout(weight):
+    """The dense weight as the kernels take it: row-major [out, in], or the transpose of a row-major [in, out]
+    tensor (GPT-2's Conv1D weight seen as [out, in]): the GEMM reads W through its strides (the backward
+    already reads Wᵀ so), which saves a copy of the weight per call; other layouts are copied."""
+    return weight if weight.is_contiguous() or weight.t().is_contiguous() else weight.contiguous()
+
+
 def _run_triton(x2, weight, bias, A3, B3, scalings, scaling, perm, sorted_ids, seg, p, seed):
     if isinstance(weight, NF4Weight):  # the codes go in weight's place, with the scales after the seed
         nf4 = (weight.absmax, weight.pairs, weight.blocksize, weight.state2)
-        weight = weight.packed
+        weight = weight.packed.contiguous()
     else:
         nf4 = (None, None, 0, None)
-    args = (x2, weight.contiguous(), None if bias is None else bias.contiguous(), A3.contiguous(),
+        weight = _gemm_layout(weight)
+    args = (x2, weight, None if bias is None else bias.contiguous(), A3.contiguous(),
             B3.contiguous(), scalings, scaling, perm, sorted_ids, seg, p, seed, *nf4)
     # the custom op where torch.compile traces; eager calls skip its dispatch (see eager_fast_path)
     if x2.device.type == "cuda" and _HAVE_OPS and not _checks.eager_fast_path(*args[:6]):
