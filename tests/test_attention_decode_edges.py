@@ -48,3 +48,42 @@ def test_bool_kv_scale_message_names_what_is_expected():
     kc, vc = llmkern.quantize_kv(torch.randn(1, 2, 4, 8)), llmkern.quantize_kv(torch.randn(1, 2, 4, 8))
     with pytest.raises(TypeError, match="k_scale must be a positive float or a float tensor"):
         llmkern.attention_with_kvcache(q, kc, vc, 3, k_scale=True)
+
+
+def test_writable_cache_check_skips_the_overlap_test_for_contiguous_caches(monkeypatch):
+    """attention_with_kvcache checks per call that the caches can be written in place (the decoding hot path: per step
+    per layer). The overlap test (torch._debug_has_internal_overlap) ran for both caches on every call; a contiguous
+    cache cannot overlap, so it now runs for strided caches only. A cache that became unwritable in place since a
+    previous call (requires_grad_(), as_strided_(), `.data =` an expanded tensor: the same object) is still refused,
+    with the same messages."""
+    calls = []
+    real = torch._debug_has_internal_overlap
+
+    def counting(t):
+        calls.append(tuple(t.stride()))
+        return real(t)
+
+    monkeypatch.setattr(torch, "_debug_has_internal_overlap", counting)
+    AK = llmkern.attention_with_kvcache
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+    kc, vc = torch.zeros(1, 2, 6, 8), torch.zeros(1, 2, 6, 8)
+    for step in range(2):  # two decoding steps on the same contiguous caches
+        AK(q, kc, vc, step, k=k, v=v)
+    assert calls == []
+    # a token-major cache (a valid strided layout) is still tested and accepted; an expand()ed one still refused
+    AK(q, torch.zeros(1, 6, 2, 8).transpose(1, 2), vc, 2, k=k, v=v)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="k_cache is written in place.*must not share memory"):
+        AK(q, torch.zeros(1, 1, 6, 8).expand(1, 2, 6, 8), vc, 2, k=k, v=v)
+    # the same once-accepted objects, made unwritable in place, are refused on the next call
+    kc.as_strided_((1, 2, 6, 8), (0, 0, 8, 1))
+    with pytest.raises(ValueError, match="k_cache is written in place.*must not share memory"):
+        AK(q, kc, vc, 2, k=k, v=v)
+    kc2 = torch.zeros(1, 2, 6, 8)
+    AK(q, kc2, vc, 3, k=k, v=v)
+    kc2.data = torch.zeros(1, 1, 6, 8).expand(1, 2, 6, 8)  # (does not bump kc2._version)
+    with pytest.raises(ValueError, match="k_cache is written in place.*must not share memory"):
+        AK(q, kc2, vc, 3, k=k, v=v)
+    vc.requires_grad_()
+    with pytest.raises(ValueError, match="v_cache is written in place.*leaf tensor that requires grad"):
+        AK(q, torch.zeros(1, 2, 6, 8), vc, 4, k=k, v=v)

@@ -783,12 +783,17 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def _check_writable(name, cache):
     """A cache the new k/v are written into in place: neither a leaf tensor that requires grad (or a view of one),
     which autograd refuses to write, nor one whose elements share memory (an expand()ed tensor), where the write
-    would land in several places. (Both raised PyTorch's errors from inside the write, naming no argument.)"""
+    would land in several places. (Both raised PyTorch's errors from inside the write, naming no argument.)
+
+    It runs per decoding step and layer, so it stays cheap: a contiguous cache cannot overlap, and the overlap test
+    runs only for strided ones. (No memo per tensor: set_(), as_strided_() and `.data =` change a tensor's layout
+    in place, and a memo keyed on identity, sizes and strides costs as much as the test.)"""
     if cache.requires_grad and torch.is_grad_enabled() and (cache.is_leaf or cache._base is not None
                                                             and cache._base.is_leaf):
         raise ValueError(f"{name} is written in place (the new k / v are appended to it): it must not be a leaf tensor "
                          f"that requires grad, or a view of one (pass {name}.detach(), or call under torch.no_grad())")
-    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(cache) == 1:
+    if (not torch.compiler.is_compiling() and not cache.is_contiguous()
+            and torch._debug_has_internal_overlap(cache) == 1):
         raise ValueError(f"{name} is written in place (the new k / v are appended to it): its elements must not share "
                          f"memory (an expand()ed tensor), got shape {tuple(cache.shape)} with strides {cache.stride()}")
 
