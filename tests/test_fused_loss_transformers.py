@@ -290,3 +290,35 @@ def test_wrapped_forwards_are_not_cached_for_good():
     gc.collect()
     assert not any(r() is not None for r in refs)
     assert not any(isinstance(k, functools.partial) for k in list(loss._SIGNATURES) + list(loss._CODE_CHECKS))
+
+
+def test_calling_again_applies_the_latest_chunk_size(monkeypatch):
+    """A second use_fused_loss(model, chunk_size=...) on a patched model returned it unchanged: the loss kept the
+    first call's chunk_size. The latest call's chunk_size applies (None: automatic again), the forward is not
+    wrapped twice, and a bad chunk_size on a re-call is refused, leaving the patch as it was."""
+    from llmkern.ops import cross_entropy
+
+    sizes = []
+    real = cross_entropy.linear_cross_entropy
+
+    def recording(*args, chunk_size=None, **kwargs):
+        sizes.append(chunk_size)
+        return real(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(cross_entropy, "linear_cross_entropy", recording)
+    ref = _model("llama").train()
+    ids, labels = _batch()
+    want = ref(input_ids=ids, labels=labels).loss
+    fused = lt.use_fused_loss(copy.deepcopy(ref), chunk_size=4)
+    forward = fused.forward
+    for chunk_size in (4, 8, None):
+        assert lt.use_fused_loss(fused, chunk_size=chunk_size) is fused and fused.forward is forward
+        sizes.clear()
+        torch.testing.assert_close(fused(input_ids=ids, labels=labels).loss, want, atol=1e-6, rtol=1e-6)
+        assert sizes == [chunk_size]
+    lt.use_fused_loss(fused, chunk_size=8)
+    with pytest.raises(ValueError, match="chunk_size"):
+        lt.use_fused_loss(fused, chunk_size=0)
+    sizes.clear()
+    fused(input_ids=ids, labels=labels)
+    assert sizes == [8] and fused.forward is forward

@@ -212,12 +212,17 @@ def use_fused_loss(model, chunk_size=None):
     ValueError at its first training call with labels, as does an LM head with forward hooks (they would see
     logits the fused loss never forms). logits_to_keep=k scores the last k positions (labels [B, k]), as
     transformers does. chunk_size: rows per chunk of the fused loss (None: automatic), checked here (it was first
-    read at the first training call, the model long patched by then)."""
+    read at the first training call, the model long patched by then).
+
+    Calling it again on a patched model keeps the patch (the forward is not wrapped twice) and applies this call's
+    chunk_size: the latest call's value holds, None making it automatic again. (A second call used to return the
+    model unchanged, silently keeping the first call's chunk_size.)"""
     from llmkern.ops.cross_entropy import check_chunk_size
 
     check_chunk_size(chunk_size, "use_fused_loss: ")
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped *ForCausalLM
     if getattr(lm, _ATTR, False):
+        lm._llmkern_fused_loss_chunk_size = chunk_size
         return model
     _check_model(lm)
     lm._llmkern_original_forward = lm.forward
