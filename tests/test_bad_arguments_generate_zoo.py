@@ -640,3 +640,51 @@ OK = [
 @pytest.mark.parametrize("check", [c[1] for c in OK], ids=[c[0] for c in OK])
 def test_valid_input_right_answer(check):
     check()
+
+
+# ---- one check of the labels' values, one message on both backends ---------------------------------------------------
+
+@pytest.mark.parametrize("cls", [GPT, Llama])
+def test_bad_labels_one_message_on_both_backends(monkeypatch, cls):
+    """Labels outside the vocabulary: the torch backend's zoo check said "labels must be token ids in
+    [0, vocab_size=50) or -100 (ignored), got 50", the llmkern backend's loss op "labels must be in [0, 50) or equal
+    ignore_index (-100), got 50". The zoo's check (naming vocab_size) now applies on both backends, with and without
+    the logits (llmkern.linear_cross_entropy), and the loss op does not read the labels' values a second time."""
+    from llmkern.ops import cross_entropy as ce
+
+    name = "gpt-tiny" if cls is GPT else "llama-tiny"
+    models = {b: _tiny(cls, name, intermediate_size=64) for b in ("torch", "llmkern")}
+    models["llmkern"].backend = "llmkern"
+    for bad, value in ((torch.tensor([[1, 2, V, 3, 4]]), V), (torch.tensor([[1, -5, 2, 3, 4]]), -5)):
+        want = f"labels must be token ids in [0, vocab_size={V}) or -100 (ignored), got {value}"
+        for backend, m in models.items():
+            for return_logits in (True, False):
+                with pytest.raises(ValueError) as err:
+                    m(X[:1], labels=bad, return_logits=return_logits)
+                assert str(err.value) == want, (backend, return_logits)
+    # valid labels on the llmkern backend: the op's own read of the values (in ce._check_labels) is skipped
+    reads, inside = [], []
+    real_check, real_ignored = ce._check_labels, ce.ignored
+
+    def check(*args, **kw):
+        inside.append(True)
+        try:
+            return real_check(*args, **kw)
+        finally:
+            inside.pop()
+
+    def ignored(*args, **kw):
+        if inside:
+            reads.append(args[0].shape)
+        return real_ignored(*args, **kw)
+
+    monkeypatch.setattr(ce, "_check_labels", check)
+    monkeypatch.setattr(ce, "ignored", ignored)
+    for return_logits in (True, False):
+        loss = models["llmkern"](X, labels=X, return_logits=return_logits)[1]
+        torch.testing.assert_close(loss, models["torch"](X, labels=X)[1])
+    assert reads == []
+    # outside the model the op still checks its labels
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 50\)"):
+        ce.cross_entropy(torch.randn(2, V), torch.tensor([0, V]))
+    assert len(reads) == 1

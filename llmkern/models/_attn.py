@@ -5,6 +5,7 @@ backend="llmkern"  llmkern.attention / llmkern.attention_with_kvcache when llmke
                    is importable; otherwise SDPA, with a one-time warning saying so.
 Layout everywhere: q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (SDPA's).
 """
+import contextlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -238,6 +239,25 @@ def _bytes(t):
 def _shift(labels):
     """Labels aligned with input_ids -> the next token's label at every position (-100 at the last)."""
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+
+
+def _check_labels_dtype(labels):
+    """labels as the zoo's losses take them: an int64 / int32 tensor (float labels were truncated to other tokens on
+    the torch backend, bool ones made the ignored last position label 1: refused on every backend, as
+    F.cross_entropy refuses them)."""
+    if not torch.is_tensor(labels) or labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be an int64 or int32 tensor of token ids (-100: ignored), got "
+                         f"{labels.dtype if torch.is_tensor(labels) else type(labels).__name__}")
+
+
+def _trusted_if(checked):
+    """llmkern.ops._checks.trusted() where the zoo has read the labels' values already (ZooModel._check_label_values),
+    so the loss op does not read them again; else no block."""
+    if not checked:
+        return contextlib.nullcontext()
+    from llmkern.ops import _checks
+
+    return _checks.trusted()
 
 
 class KVCache:
@@ -638,19 +658,14 @@ class ZooModel(torch.nn.Module):
         here; -100 is ignored. backend="llmkern": llmkern.cross_entropy, which reads the (bf16)
         logits once in the forward and once in the backward instead of upcasting a float32 copy."""
         shifted = self.next_token_labels(labels)
+        V = logits.shape[-1]
+        checked = self._check_label_values(shifted, V)
         if getattr(self, "_backend", "torch") == "llmkern":
             from llmkern.ops.cross_entropy import cross_entropy
 
-            return self.global_loss(cross_entropy(logits, shifted, ignore_index=-100), shifted)
-        V = logits.shape[-1]
-        # labels outside the vocabulary (but -100): F.cross_entropy's IndexError "Target 89 is out of bounds" named no
-        # argument; checked on the CPU, as input_ids are (a host sync on CUDA), and as llmkern.cross_entropy checks
-        # them on the other backend
-        if shifted.device.type == "cpu" and shifted.numel() and eager_fast_path(shifted):
-            bad = (shifted != -100) & ((shifted < 0) | (shifted >= V))
-            if bool(bad.any()):
-                raise ValueError(f"labels must be token ids in [0, vocab_size={V}) or -100 (ignored), got "
-                                 f"{int(shifted[bad][0])}")
+            with _trusted_if(checked):
+                loss = cross_entropy(logits, shifted, ignore_index=-100)
+            return self.global_loss(loss, shifted)
         flat = logits.reshape(-1, V)  # a view: no copy of the [B, T, V] logits
         if flat.dtype in (torch.float16, torch.bfloat16):  # (autocast would upcast it all the same; float64 stays)
             flat = flat.float()
@@ -670,8 +685,25 @@ class ZooModel(torch.nn.Module):
         from llmkern.ops.cross_entropy import linear_cross_entropy
 
         shifted = self.next_token_labels(labels)
-        loss = linear_cross_entropy(h, head.weight, shifted, bias=head.bias, ignore_index=-100, softcap=cap)
+        with _trusted_if(self._check_label_values(shifted, head.weight.shape[0])):
+            loss = linear_cross_entropy(h, head.weight, shifted, bias=head.bias, ignore_index=-100, softcap=cap)
         return self.global_loss(loss, shifted)
+
+    @staticmethod
+    def _check_label_values(shifted, V):
+        """The one check of the (shifted) labels' values, on both backends, before the loss: token ids in
+        [0, vocab_size) or -100. The torch backend's F.cross_entropy raised IndexError "Target 89 is out of bounds"
+        (no argument named), and llmkern.cross_entropy's own check worded it differently ("labels must be in
+        [0, 50) or equal ignore_index (-100)"): one message for the same mistake on either backend. Read on the CPU
+        only, as input_ids are (a host sync on CUDA), in eager mode. Returns whether the values were read (the
+        llmkern ops then run inside _checks.trusted(): no second pass over them)."""
+        if shifted.device.type != "cpu" or not shifted.numel() or not eager_fast_path(shifted):
+            return False
+        bad = (shifted != -100) & ((shifted < 0) | (shifted >= V))
+        if bool(bad.any()):
+            raise ValueError(f"labels must be token ids in [0, vocab_size={V}) or -100 (ignored), got "
+                             f"{int(shifted[bad][0])}")
+        return True
 
     # Hook points of context parallelism (llmkern.parallel.context_parallelize sets `context_parallel`:
     # the sequence is sharded over ranks); without it, the plain single-sequence behaviour.
@@ -687,11 +719,7 @@ class ZooModel(torch.nn.Module):
     def next_token_labels(self, labels):
         """The next token's label at every position (-100 at the last; across the shards under context
         parallelism)."""
-        # (float labels were truncated to other tokens on the torch backend, bool ones made the ignored last
-        # position label 1: refused on every backend, as F.cross_entropy refuses them)
-        if not torch.is_tensor(labels) or labels.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"labels must be an int64 or int32 tensor of token ids (-100: ignored), got "
-                             f"{labels.dtype if torch.is_tensor(labels) else type(labels).__name__}")
+        _check_labels_dtype(labels)  # (also for callers that skip forward: PipelineParallel calls the losses)
         return _shift(labels) if self.context_parallel is None else self.context_parallel.next_token_labels(labels)
 
     def global_loss(self, loss, shifted):
@@ -755,9 +783,7 @@ class ZooModel(torch.nn.Module):
                 raise ValueError("return_logits=False applies with labels (it returns (None, loss)); without labels "
                                  "the forward returns the logits")
             return last_only, return_logits
-        if not torch.is_tensor(labels) or labels.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"labels must be an int64 or int32 tensor of token ids (-100: ignored), got "
-                             f"{labels.dtype if torch.is_tensor(labels) else type(labels).__name__}")
+        _check_labels_dtype(labels)
         if tuple(labels.shape) != tuple(input_ids.shape):
             raise ValueError(f"labels must be shaped like input_ids {tuple(input_ids.shape)}, got "
                              f"{tuple(labels.shape)}")

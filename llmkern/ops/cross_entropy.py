@@ -46,7 +46,6 @@ _backend.register_op("cross_entropy", lambda device, dtype: _backend_for(device,
 
 # ---- validation ---------------------------------------------------------------------------------
 
-_checking_values = _checks.checking_values
 _tensor = _checks.tensor_arg
 
 
@@ -91,7 +90,7 @@ def _check_labels(labels, lead, V, device, ignore_index, lead_name, device_name)
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -(2**63) <= int(ignore_index) < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    if labels.device.type == "cpu" and _checking_values() and N > 0:
+    if labels.device.type == "cpu" and _checks.reading_values() and N > 0:  # (not inside _checks.trusted())
         bad = ~ignored(labels, ignore_index) & ((labels < 0) | (labels >= V))
         if bool(bad.any()):
             value = int(labels[bad].reshape(-1)[0])
