@@ -88,7 +88,7 @@ from typing import Optional
 
 import torch
 
-from llmkern.ops._checks import bool_arg, float32_finite, with_data
+from llmkern.ops._checks import bool_arg, real_arg, with_data
 from llmkern.ops._checks import int_arg as _int_arg
 
 STRATEGIES = ("greedy", "sample", "beam")
@@ -185,13 +185,12 @@ def _check_strategy_options(strategy, draft_model, num_draft_tokens, options, pe
                          f"got num_draft_tokens={num_draft_tokens!r} without a draft_model")
 
 
-def _finite(name, v):
-    """v as a finite float (a real number, not a bool, or a 0-dim real tensor)."""
+def _finite(name, v, **kw):
+    """real_arg's finite float (kw: its options), from a 0-dim real tensor too; a ValueError for any bad value, as
+    generate raises for its other options."""
     if torch.is_tensor(v) and v.dim() == 0 and v.dtype != torch.bool and not v.is_complex():
         v = float(v)
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
-    return float(v)
+    return real_arg(name, v, type_error=ValueError, **kw)
 
 
 def _early_stopping(v):
@@ -217,10 +216,7 @@ def _scorers(scorers):
         elif isinstance(s, (tuple, list)) and len(s) == 2 and callable(s[1]):
             # (a NaN alpha made every score NaN: "the model's logits have no finite value"; so did one past
             # float32's range, the dtype of the scores: 1e308 became inf there)
-            alpha = _finite("scorers: alpha", s[0])
-            if not float32_finite(alpha):
-                raise ValueError(f"scorers: alpha must lie in float32's range (the scores' dtype), got {s[0]!r}")
-            out.append((alpha, s[1]))
+            out.append((_finite("scorers: alpha", s[0], float32=True, why=" for the float32 scores"), s[1]))
         else:
             raise ValueError(f"scorers: each scorer must be f or (alpha, f) with f callable, got {s!r}")
     return out

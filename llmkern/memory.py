@@ -79,6 +79,8 @@ import dataclasses
 import math
 import numbers
 
+from llmkern.ops._checks import bool_arg, int_arg
+
 GB, GIB = 1e9, 2 ** 30
 OPTIMIZERS = ("adamw", "adam", "sgd", None)  # "sgd": SGD with momentum (one state); None: no optimizer states
 RECOMPUTE = ("none", "selective", "full")
@@ -112,20 +114,14 @@ def _is_bf16(dtype):
 
 
 def _int(name, v, least, fn):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < least:
-        raise ValueError(f"{fn}: {name} must be an int >= {least}, got {v!r}")
-    return int(v)
+    """int_arg, named after the function `fn` it is an argument of."""
+    return int_arg(f"{fn}: {name}", v, least)
 
 
 def _flag(name, v, fn, allow_none=False):
-    """v as a bool (a bool or a numpy bool; None too where allow_none): anything else raises, naming the argument
-    (a string such as "no" is truthy, an int is not a flag: both were taken silently before)."""
-    if v is None and allow_none:
-        return None
-    if isinstance(v, bool) or (type(v).__module__ == "numpy" and getattr(v, "dtype", None) is not None
-                               and v.dtype.kind == "b" and getattr(v, "shape", None) == ()):
-        return bool(v)
-    raise ValueError(f"{fn}: {name} must be True or False{' (or None)' if allow_none else ''}, got {v!r}")
+    """bool_arg's bool (None too where allow_none), named after `fn`; not an int (a string such as "no" is truthy, an
+    int is not a flag: both were taken silently before), and a ValueError, as this module's other checks raise."""
+    return bool_arg(f"{fn}: {name}", v, allow_none=allow_none, ints=False, type_error=ValueError)
 
 
 def _check_choice(name, v, allowed, fn):

@@ -312,6 +312,13 @@ ERR = [
     ("layer_norm eps 1e-50", lambda: llmkern.layer_norm(X, W, B, 1e-50), "eps"),
     # was: eps inf in float32: y = 0 (x / sqrt(1e39) is 3e-20 x, a float32 number)
     ("rms_norm eps 1e39", lambda: llmkern.rms_norm(X, W, 1e39), "eps"),
+    # was: OverflowError "int too large to convert to float", naming nothing (lora_linear_multi's scalings too)
+    ("rms_norm eps 10**400", lambda: llmkern.rms_norm(X, W, 10**400), "eps"),
+    ("layer_norm eps 10**400", lambda: llmkern.layer_norm(X, W, B, 10**400), "eps"),
+    ("rms_norm offset 10**400", lambda: llmkern.rms_norm(X, W, offset=10**400), "offset"),
+    ("lora_linear_multi scalings 10**400", lambda: llmkern.lora_linear_multi(
+        X, torch.ones(8, 16), None, torch.ones(2, 2, 16), torch.ones(2, 8, 2), [1.0, 10**400],
+        torch.zeros(15, dtype=torch.long)), "scalings"),
     ("rms_norm offset nan", lambda: llmkern.rms_norm(X, W, offset=math.nan), "offset"),
     ("rms_norm offset without weight", lambda: llmkern.rms_norm(X, None, offset=1.0), "offset"),
     # was: offset + weight inf in float32, NaN on a row of zeros

@@ -153,6 +153,8 @@ ERR = [
     # was: OverflowError (34, 'Numerical result out of range') from 4 ** 1e308 (and 4 ** -1e308 divided by 0)
     ("generate length_penalty 1e308", lambda: g(3, **B2, length_penalty=1e308), "length_penalty"),
     ("generate length_penalty -1e308", lambda: g(3, **B2, length_penalty=-1e308), "length_penalty"),
+    # was: OverflowError "int too large to convert to float", naming nothing (here and in the 10**400 cases below)
+    ("generate length_penalty 10**400", lambda: g(3, **B2, length_penalty=10**400), "length_penalty"),
     # was: ValueError "Overflow when unpacking long long" (no name)
     ("generate num_return_sequences 2**70", lambda: g(3, num_return_sequences=2**70), "num_return_sequences"),
     # flags
@@ -213,6 +215,7 @@ ERR = [
     ("generate scorer returns wrong V", lambda: g(3, scorers=_scorer(lambda lp: lp[:, :-1])), "scorer"),
     # was: RuntimeError "the model's logits have no finite value" (1e308 is inf in the float32 scores)
     ("generate scorers alpha 1e308", lambda: g(3, scorers=[(1e308, lambda s, lp: lp)]), "scorers"),
+    ("generate scorers alpha 10**400", lambda: g(3, scorers=[(10**400, lambda s, lp: lp)]), "scorers"),
     # was: RuntimeError "The size of tensor a (2) must match the size of tensor b (3)"
     ("generate scorer returns 3 rows", lambda: g(3, scorers=_scorer(lambda lp: torch.zeros(3, V))), "scorer"),
     ("generate scorer returns 3 rows beam", lambda: g(3, **B2, scorers=_scorer(lambda lp: torch.zeros(3, V))),
@@ -347,6 +350,9 @@ ERR = [
     ("ModelConfig.replace unknown field", lambda: get_config("gpt-tiny").replace(foo=1), "foo"),
     ("ModelConfig vocab_size 2.5", lambda: ModelConfig(vocab_size=2.5), "vocab_size"),
     ("ModelConfig dropout nan", lambda: ModelConfig(dropout=math.nan), "dropout"),
+    ("ModelConfig dropout 10**400", lambda: ModelConfig(dropout=10**400), "dropout"),
+    ("ModelConfig norm_eps 10**400", lambda: ModelConfig(norm_eps=10**400), "norm_eps"),
+    ("ModelConfig attn_scale 10**400", lambda: ModelConfig(**dict(LL, attn_scale=10**400)), "attn_scale"),
     ("ModelConfig sliding_window True", lambda: ModelConfig(**dict(LL, sliding_window=True)), "sliding_window"),
     ("ModelConfig qk_norm 'False'", lambda: ModelConfig(**dict(LL, qk_norm="False")), "qk_norm"),
     ("from_hf dtype int8", lambda: from_hf("/nonexistent", dtype=torch.int8), "dtype"),
@@ -437,6 +443,7 @@ ERR = [
     ("training_memory seq_len 0", lambda: memory.training_memory("gpt2", 1, 0), "seq_len"),
     ("training_memory dtype", lambda: memory.training_memory("gpt2", 1, dtype=torch.int8), "dtype"),
     ("training_memory recompute True", lambda: memory.training_memory("gpt2", 1, recompute=True), "recompute"),
+    ("training_memory row_stats 1", lambda: memory.training_memory("gpt2", 1, row_stats=1), "row_stats"),
     ("training_memory flash_attention 'no'", lambda: memory.training_memory("gpt2", 1, flash_attention="no"),
      "flash_attention"),
     ("training_memory zero_stage 1.5", lambda: memory.training_memory("gpt2", 1, zero_stage=1.5), "zero_stage"),
@@ -587,6 +594,9 @@ def _caches():
 def _configs():
     """Finite values within float32's range keep working; the defaults of the checked fields too."""
     ModelConfig(**dict(LL, norm_offset=1.0, attn_scale=1e-30, attn_softcap=50.0, logit_softcap=30.0))
+    # float32's largest number as numpy prints it (np.finfo(np.float32).max), just above it as a Python float, rounds
+    # to it in float32: was refused, as llmkern.rms_norm took it
+    assert ModelConfig(**dict(LL, attn_scale=3.4028235e38)).attn_scale == 3.4028235e38
     c = ModelConfig(**_yarn(truncate=np.False_, beta_fast=32, beta_slow=1))
     assert c.rope_scaling["truncate"] is False
     assert ModelConfig(**_yarn()).rope_scaling["truncate"] is True
@@ -621,6 +631,9 @@ def _memory_numbers():
                                   dropout=True).total == want
     assert memory.max_batch_size("gpt2", np.float64(8e10)) == memory.max_batch_size("gpt2", 8e10) > 0
     assert memory.training_memory("gpt2", 1, zero_stage=np.int64(1)).total > 0
+    # a one-element bool tensor or array is a flag (bool_arg's): was "must be True or False"
+    want = memory.training_memory("gpt2", 2**10, dropout=True, row_stats=False).total
+    assert memory.training_memory("gpt2", 2**10, dropout=torch.tensor(True), row_stats=np.array([False])).total == want
 
 
 OK = [

@@ -152,8 +152,12 @@ def test_parallel_linear_sizes_and_flags(world1, cls):
         with _raises(ValueError, name, word):
             cls(4, 4, **kw)
     flag = "gather_output" if cls is ColumnParallelLinear else "input_is_parallel"
-    with _raises(ValueError, name, flag):
-        cls(4, 4, **{flag: "False"})
+    for bad in ("False", 1, np.int64(0)):  # (an int is no flag here)
+        with _raises(ValueError, name, flag):
+            cls(4, 4, **{flag: bad})
+    # was: "must be True or False" for a numpy bool or a one-element bool tensor (bool_arg's bools)
+    assert getattr(cls(4, 4, **{flag: np.bool_(True)}), flag) is True
+    assert cls(4, 4, sequence_parallel=torch.tensor(False), **{flag: True}).sequence_parallel is False
     # was: bias="False" (any non-empty string, a list) made a bias, silently
     for bad in ("False", "no", [False]):
         with _raises(TypeError, name, "bias"):
@@ -389,7 +393,8 @@ def test_launch_arguments_fail_fast():
             launch.spawn(_rank_of, bad)
         with _raises(ValueError, "world_size"):
             launch.RankPool(bad)
-    for bad in (0, -1, "5", float("nan")):  # was: every run failed as "did not finish within 0 s"
+    # was: every run failed as "did not finish within 0 s"; 10**400: OverflowError "int too large to convert to float"
+    for bad in (0, -1, "5", float("nan"), 10**400):
         with _raises(ValueError, "timeout"):
             launch.spawn(_rank_of, 1, timeout=bad)
     for bad in (-1, 0, "30"):  # was: a negative pg_timeout failed inside the ranks' store

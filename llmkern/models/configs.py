@@ -93,20 +93,14 @@ GPT-Neo do.
 """
 import dataclasses
 import math
-import numbers
 from typing import Optional
 
-from llmkern.ops._checks import bool_arg
+# (_FLOAT32_MAX: config values the models use in float32 arithmetic must fit in it)
+from llmkern.ops._checks import FLOAT32_MAX as _FLOAT32_MAX, bool_arg, is_real
 
-_FLOAT32_MAX = 3.4028234663852886e38  # (config values the models use in float32 arithmetic must fit in it)
 _MIN_SOFTCAP = 2.0 ** -126  # (llmkern.attention's least softcap: float32's smallest normal number)
 
 ARCHS = ("gpt", "llama")
-
-
-def _real(v):
-    """A real number (not a bool, not None, not a string: float() would accept "0.1")."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _pos_int(v):
@@ -116,7 +110,7 @@ def _pos_int(v):
 
 def _float32_positive(v):
     """A real number > 0 that stays finite and non-zero in float32, the dtype the models use it in."""
-    return _real(v) and 0 < float(v) <= _FLOAT32_MAX and not float(v) <= 2.0 ** -150
+    return is_real(v, positive=True, float32=True)
 
 
 @dataclasses.dataclass
@@ -228,9 +222,9 @@ class ModelConfig:
         if self.activation not in allowed:
             raise ValueError(f"ModelConfig.activation must be one of {allowed} for arch={self.arch!r}, "
                              f"got {self.activation!r}")
-        if not (_real(self.dropout) and 0.0 <= float(self.dropout) < 1.0):
+        if not (is_real(self.dropout) and 0.0 <= float(self.dropout) < 1.0):
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not (_real(self.norm_eps) and 0 < float(self.norm_eps) <= _FLOAT32_MAX):
+        if not (is_real(self.norm_eps, positive=True) and float(self.norm_eps) <= _FLOAT32_MAX):
             raise ValueError(f"ModelConfig.norm_eps must be a finite number > 0, got {self.norm_eps!r}")
         if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not (
                 0 < float(self.rope_theta) <= _FLOAT32_MAX):

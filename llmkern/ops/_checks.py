@@ -217,20 +217,21 @@ def with_data(name, t):
     return t
 
 
-def bool_arg(name, v):
-    """v as a bool: a bool, a numpy bool, the int 0 or 1, or a one-element bool tensor (what bool() reads as
-    meant); anything else is a TypeError naming it: bool() would read a string "False" or "no", or a list [False],
-    as True, and None as False."""
-    if isinstance(v, bool):
+def bool_arg(name, v, *, allow_none=False, ints=True, type_error=TypeError):
+    """v as a bool: a bool, a numpy bool, the int 0 or 1 (unless not `ints`, where an int is no flag), or a one-element
+    bool tensor (what bool() reads as meant); None too where allow_none. Anything else is a `type_error` (ValueError
+    where the caller raises it for every bad argument) naming it: bool() would read a string "False" or "no", or a
+    list [False], as True, and None as False."""
+    if isinstance(v, bool) or (v is None and allow_none):
         return v
-    if isinstance(v, numbers.Integral) and v in (0, 1):
+    if ints and isinstance(v, numbers.Integral) and v in (0, 1):
         return bool(v)
     if type(v).__module__ == "numpy" and getattr(getattr(v, "dtype", None), "kind", None) == "b" and v.size == 1:
         return bool(v)
     if isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.numel() == 1:
         return bool(v)
     shown = repr(v) if v is None or isinstance(v, (str, numbers.Number)) else type(v).__name__
-    raise TypeError(f"{name} must be a bool, got {shown}")
+    raise type_error(f"{name} must be a bool{' or None' if allow_none else ''}, got {shown}")
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # float32's largest finite number
@@ -250,6 +251,35 @@ def finite(v):
     """math.isfinite for a float that may be symbolic (a SymFloat under torch.compile, where math.isfinite breaks
     the graph): comparisons trace, and NaN fails them."""
     return -math.inf < v < math.inf
+
+
+def real_arg(name, v, *, positive=False, float32=False, why="", type_error=TypeError):
+    """v as a float: a real number (Python or numpy; not a bool, which float() reads as 1.0 or 0.0), finite (an int
+    past float's range too: float() raised OverflowError, naming nothing), > 0 with `positive`, and with `float32`
+    also finite (and, positive, non-zero) rounded to float32, the dtype the kernels use it in (why: the note that says
+    so, e.g. " for torch.float16 x"). A non-number is a `type_error` (ValueError where the caller raises it for every
+    bad argument), a bad value a ValueError, each naming it."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise type_error(f"{name} must be a float, got {type(v).__name__}")
+    try:
+        f = float(v)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite float, got an int past float's range") from None
+    if not finite(f) or (positive and f <= 0):
+        raise ValueError(f"{name} must be a finite float{' > 0' if positive else ''}, got {v}")
+    if float32 and not float32_finite(f, nonzero=positive):
+        lo = f"{FLOAT32_TINY:.4g}.." if positive else "+-"
+        raise ValueError(f"{name} must be within float32's range ({lo}{FLOAT32_MAX:.4g}){why}, got {v}")
+    return f
+
+
+def is_real(v, *, positive=False, float32=False):
+    """Whether real_arg takes v: for a caller that words its own error (a config's field, a checkpoint's entry)."""
+    try:
+        real_arg("v", v, positive=positive, float32=float32)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def softcap_arg(softcap):

@@ -154,12 +154,10 @@ def _scalings_arg(scalings, n, device, dtype=torch.float32):
 
 def _check_scale_value(name, v, dtype):
     """A LoRA scale the kernels use in float32 (float64 inputs: in float64) must be finite there: 1e39 became inf
-    in float32 and the output inf / NaN."""
+    in float32 and the output inf / NaN. (NaN / inf worded as _as_scalar words them; the rest is real_arg's.)"""
     if not _checks.finite(v):
         raise ValueError(f"{name} must be finite, got {v}")
-    if dtype != torch.float64 and not _checks.float32_finite(v):
-        raise ValueError(f"{name} must be within float32's range (+-{_checks.FLOAT32_MAX:.4g}) for {dtype} inputs, "
-                         f"got {v}")
+    _checks.real_arg(name, v, float32=dtype != torch.float64, why=f" for {dtype} inputs")
 
 
 _INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)

@@ -29,7 +29,6 @@ there is one rounding at the end, as GemmaRMSNorm / Gemma3RMSNorm do. In float32
 rounding; in bf16 they differ by at most about one bf16 ulp of y.
 """
 import functools
-import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -88,18 +87,10 @@ def _check(x, params, residual, eps, return_residual):
 
 
 def _real(name, v, positive=False, dtype=torch.float64):
-    """v as a float, finite (and > 0 when `positive`); for inputs other than float64, whose statistics are float32,
-    also a float32 value: eps = 1e-50 rounded to 0 (0 / 0 = NaN on a row of zeros), eps or offset = 1e39 to inf."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
-    v = float(v)
-    if not _checks.finite(v) or (positive and v <= 0):
-        raise ValueError(f"{name} must be a finite float{' > 0' if positive else ''}, got {v}")
-    if dtype != torch.float64 and not _checks.float32_finite(v, nonzero=positive):
-        lo = f"{_checks.FLOAT32_TINY:.4g}.." if positive else "+-"
-        raise ValueError(f"{name} must lie in {lo}{_checks.FLOAT32_MAX:.4g} for {dtype} x (the statistics are "
-                         f"float32), got {v}")
-    return v
+    """real_arg's float (> 0 when `positive`); for inputs other than float64, whose statistics are float32, also a
+    float32 value: eps = 1e-50 rounded to 0 (0 / 0 = NaN on a row of zeros), eps or offset = 1e39 to inf."""
+    return _checks.real_arg(name, v, positive=positive, float32=dtype != torch.float64,
+                            why=f" for {dtype} x (the statistics are float32)")
 
 
 def _use_triton(x, op_name):

@@ -10,7 +10,6 @@ fails instead of hanging. Returns the list of fn's return values in rank order; 
 RuntimeError with every failed rank's traceback.
 """
 import datetime
-import math
 import numbers
 import os
 import pickle
@@ -21,6 +20,8 @@ import traceback
 
 import torch
 import torch.multiprocessing as mp
+
+from llmkern.ops._checks import real_arg
 
 
 def free_port(host="127.0.0.1"):
@@ -70,10 +71,8 @@ def _rank_main(rank, world_size, port, backend, pg_timeout, num_threads, tasks, 
 
 def _seconds(what, name, v):
     """v as a float > 0, else ValueError naming it (0 or a negative timeout failed every run as "did not finish",
-    a negative pg_timeout inside torch's store)."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{what}: {name} must be a finite number of seconds > 0, got {v!r}")
-    return float(v)
+    a negative pg_timeout inside torch's store), a string too, as the pool's other checks raise."""
+    return real_arg(f"{what}: {name} (seconds)", v, positive=True, type_error=ValueError)
 
 
 def _check_fn(what, fn):

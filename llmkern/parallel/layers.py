@@ -578,9 +578,9 @@ def _segments_arg(segments, out_features):
 
 
 def _flag_arg(what, name, v):
-    if not isinstance(v, bool):
-        raise ValueError(f"{what}: {name} must be True or False, got {v!r}")
-    return v
+    """bool_arg's bool (a numpy bool or a one-element bool tensor too), not an int, and a ValueError naming the layer,
+    as the layers' size checks raise."""
+    return bool_arg(f"{what}: {name}", v, ints=False, type_error=ValueError)
 
 
 class _ParallelLinear(comm.SharesProcessGroups, nn.Module):
@@ -592,7 +592,7 @@ class _ParallelLinear(comm.SharesProcessGroups, nn.Module):
             raise ValueError(f"{what}: overlap must be one of {OVERLAPS}, got {overlap!r}")
         in_features, out_features = _int_arg(what, "in_features", in_features), _int_arg(what, "out_features", out_features)
         chunks, pieces = _int_arg(what, "chunks", chunks, optional=True), _int_arg(what, "pieces", pieces, optional=True)
-        _flag_arg(what, "sequence_parallel", sequence_parallel)
+        sequence_parallel = _flag_arg(what, "sequence_parallel", sequence_parallel)
         self.group = comm.resolve_group(group, type(self).__name__)
         self.world_size = comm.world_size(self.group)
         self.rank = comm.rank(self.group)

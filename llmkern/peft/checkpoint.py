@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from llmkern.ops._checks import is_real
 from llmkern.peft.lora import (MAX_RANK, LoRALinear, _freeze_non_lora, _set_submodule, lora_conv_modules,
                                lora_embedding_modules, lora_modules, lora_scaling)
 from llmkern.peft.lora_conv import CONV_TYPES, LoRAConv, _check_base as _check_conv_base
@@ -129,20 +130,10 @@ def _module_alpha(path, config, patterns, name):
     lookup), checked: a finite number (the scaling is alpha / r; zero and negative values are PEFT's too)."""
     hit = _pattern_entry(patterns["alpha_pattern"], name)
     key, alpha = (f"alpha_pattern[{hit[0]!r}]", hit[1]) if hit else ("lora_alpha", config.get("lora_alpha", 8))
-    if not _finite_number(alpha):
+    if not is_real(alpha):
         raise ValueError(f"{path}: {CONFIG_NAME}: {key}={alpha!r} (module {name}) must be a finite number (the "
                          f"LoRA scaling is lora_alpha / r)")
     return alpha
-
-
-def _finite_number(value):
-    """Whether `value` is an int or float (not a bool) with a finite float value."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # (an int past float's range)
-        return False
 
 
 def _pattern_key(name):
@@ -568,7 +559,7 @@ def _split_by_record(A, B, s, use_rslora, rows, record, M):
     exactly representable with its own alpha)."""
     def entry_ok(p):
         return (isinstance(p, (list, tuple)) and len(p) == 3 and isinstance(p[0], str) and p[0] in rows
-                and not isinstance(p[1], bool) and isinstance(p[1], int) and p[1] >= 1 and _finite_number(p[2]))
+                and not isinstance(p[1], bool) and isinstance(p[1], int) and p[1] >= 1 and is_real(p[2]))
 
     if not isinstance(record, list) or not record or not all(entry_ok(p) for p in record):
         return None
