@@ -146,7 +146,8 @@ def test_unchecked_negative_pages_raise_not_overwrite_another_sequence(monkeypat
     """The host-side range check runs on CPU tensors in eager mode only (on CUDA it would sync, under
     torch.compile it cannot read values). Unchecked, a -1 entry (an unallocated page) wrapped to the pool's
     last page as a Python index: the new k/v overwrote another sequence's cache and the CPU paths read it back
-    as a finite answer. A negative entry now indexes out of range (a device-side assert on CUDA)."""
+    as a finite answer. A negative entry now indexes out of range (a device-side assert on CUDA); the Triton
+    append writes nothing through it, and the decode kernel reads the row as NaN."""
     if backend == "triton":
         if DEV is None:
             pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -159,8 +160,13 @@ def test_unchecked_negative_pages_raise_not_overwrite_another_sequence(monkeypat
         kw, lens = dict(block_table=torch.tensor([[0, -1]], dtype=torch.int32)), 4  # position 4: page entry -1
     else:
         kw, lens = dict(cache_batch_idx=torch.tensor([-1])), 0
-    with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
-        llmkern.attention_with_kvcache(q, pool_k, pool_v, torch.tensor([lens], dtype=torch.int32), k=k, v=v, **kw)
+    call = lambda: llmkern.attention_with_kvcache(q, pool_k, pool_v,  # noqa: E731
+                                                  torch.tensor([lens], dtype=torch.int32), k=k, v=v, **kw)
+    if backend == "triton":
+        assert call().isnan().all()
+    else:
+        with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+            call()
     assert (pool_k[2] == 7.0).all() and (pool_v[2] == 7.0).all()
 
 
@@ -270,3 +276,90 @@ def test_decode_key_padding_mask_errors():
         llmkern.attention_with_kvcache(q, kc, vc, lens, key_padding_mask=torch.ones(3, 64))
     with pytest.raises(ValueError, match="key_padding_mask must be a bool tensor"):
         llmkern.attention_with_kvcache(q, kc, vc, lens, key_padding_mask=torch.ones(3, 63, dtype=torch.bool))
+
+
+# ---- appending new k / v: one Triton launch (kernels.attention_decode.append_kv) ---------------------------
+
+def _append_both_ways(caches, lens, k, v, **kw):
+    """The caches after ops.attention._append on the triton backend (the kernel) and on the CPU indexing ops."""
+    import llmkern.ops.attention as ops_attention
+
+    table = kw.get("block_table")
+    if "cache_batch_idx" in kw:
+        table = kw["cache_batch_idx"].to(torch.int32).view(-1, 1)
+    out = {}
+    for backend in ("triton", "reference"):
+        kc, vc = (c.clone() for c in caches)
+        kc, vc = (c.transpose(1, 2) if kw.get("token_major") else c for c in (kc, vc))
+        ops_attention._append(kc, vc, table, lens, k, v, backend)
+        out[backend] = (kc, vc)
+    return out
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["dense", "paged", "token_major_pool", "cache_batch_idx"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_append_kernel_writes_what_the_indexing_ops_write(layout, dtype):
+    """Raw-bit copies: bfloat16 and float8 caches (which the interpreter cannot compute in) copy exactly; Dv != D,
+    two new tokens, a strided k, page size 4 (a row's new tokens straddle pages)."""
+    B, Hk, t, D, Dv = 3, 2, 2, 16, 8
+    lens = torch.tensor([0, 5, 9], dtype=torch.int32)
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(B, t, Hk, D, generator=g).to(dtype).transpose(1, 2)  # strided
+    v = torch.randn(B, Hk, t, Dv, generator=g).to(dtype)
+    kw = {}
+    if layout == "dense":
+        caches = (torch.randn(B, Hk, 12, D, generator=g).to(dtype), torch.randn(B, Hk, 12, Dv, generator=g).to(dtype))
+    elif layout == "cache_batch_idx":
+        caches = (torch.randn(5, Hk, 12, D, generator=g).to(dtype), torch.randn(5, Hk, 12, Dv, generator=g).to(dtype))
+        kw["cache_batch_idx"] = torch.tensor([4, 0, 2])
+    else:
+        shape = (9, 4, Hk) if layout == "token_major_pool" else (9, Hk, 4)
+        caches = (torch.randn(*shape, D, generator=g).to(dtype), torch.randn(*shape, Dv, generator=g).to(dtype))
+        kw["block_table"] = torch.tensor([[8, 1, 3], [0, 2, 7], [6, 5, 4]], dtype=torch.int32)
+        kw["token_major"] = layout == "token_major_pool"
+    out = _append_both_ways(caches, lens, k, v, **kw)
+    for a, b, before in zip(out["triton"], out["reference"], caches):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        assert not torch.equal(a.contiguous().view(torch.uint8).sum(), before.view(torch.uint8).sum())  # written
+
+
+@needs_triton
+def test_append_is_one_launch_on_the_kernel_backend(monkeypatch):
+    """attention_with_kvcache on the Triton backend appends through append_kv (not the indexing ops: 5 launches per
+    layer and step for a dense cache, 10-12 for a paged one) and attends to what it wrote."""
+    import llmkern.kernels.attention_decode as AD
+    import llmkern.ops.attention as ops_attention
+
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    calls = []
+    real = AD.append_kv
+    monkeypatch.setattr(AD, "append_kv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(ops_attention, "_append_paged", lambda *a: pytest.fail("the indexing ops ran"))
+    q, kc, vc, lens = _case(Tmax=64)
+    lens = torch.tensor([60, 1, 37], dtype=torch.int32)
+    k, v = torch.randn(3, 2, 2, 16), torch.randn(3, 2, 2, 16)
+    pool_k, table = _paged(kc, 16)
+    pool_v, _ = _paged(vc, 16)
+    got = llmkern.attention_with_kvcache(q, pool_k, pool_v, lens, k=k, v=v, block_table=table)
+    monkeypatch.setenv("LLMKERN_BACKEND", "reference")
+    want = llmkern.attention_with_kvcache(q, kc, vc, lens, k=k, v=v)
+    assert calls == [1]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_gpu_append_kernel_matches_the_indexing_ops(dtype):
+    """On CUDA: a paged bf16 / float8 pool of 64 pages, page size 16, 8 rows appending 3 tokens each."""
+    import llmkern.ops.attention as ops_attention
+
+    B, Hk, t, D, n = 8, 4, 3, 128, 8
+    pool = torch.randn(64, Hk, 16, D, device="cuda").to(dtype)
+    table = torch.randperm(64, device="cuda")[:B * n].view(B, n).to(torch.int32)
+    lens = torch.randint(0, n * 16 - t, (B,), device="cuda", dtype=torch.int32)
+    k = torch.randn(B, Hk, t, D, device="cuda").to(dtype)
+    got, want = pool.clone(), pool.clone()
+    ops_attention._append(got, got, table, lens, k, k, "triton")
+    ops_attention._append(want, want, table, lens, k, k, "reference")
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))

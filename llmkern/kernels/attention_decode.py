@@ -359,3 +359,63 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, *, scale, causal=True, 
 
 
 __all__ = ["attention_decode", "cache_pages", "choose_num_splits", "fp8_in_registers", "LOG2E"]
+
+
+# ----------------------------------------------------------------------------- appending new k / v
+
+@triton.jit
+def _kv_append(K, V, KC, VC, SEQLENS, BT, T_NEW, D, DV, PAGE, N_PAGES, CAP,
+               s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
+               s_kcp, s_kch, s_kct, s_kcd, s_vcp, s_vch, s_vct, s_vcd, s_btb, s_btp,
+               PAGED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One program per (batch row b, new token i) and kv head: copies k[b, h, i] and v[b, h, i] (as raw bits)
+    into slot pos % PAGE of page BT[b, pos // PAGE], pos = SEQLENS[b] + i (a dense cache is one page per row). A
+    position past the row's capacity or a page outside the pool writes nothing: the decode kernel then reads the
+    row's bad position or page as NaN outputs, never another sequence's page (TRITON_DEBUG=1: a device assert)."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = (pid // T_NEW).to(tl.int64)
+    i = (pid % T_NEW).to(tl.int64)
+    pos = tl.load(SEQLENS + b).to(tl.int64) + i
+    ok = (pos >= 0) & (pos < CAP)
+    if PAGED:
+        page = tl.load(BT + b * s_btb + (pos // PAGE) * s_btp, mask=ok, other=-1).to(tl.int64)
+        ok = ok & (page >= 0) & (page < N_PAGES)
+    else:
+        page = b
+    tl.device_assert(ok, "attention_with_kvcache: a new token's cache position or page is out of range")
+    slot = pos % PAGE
+    offs = tl.arange(0, BLOCK_D)
+    mask = (offs < D) & ok
+    k = tl.load(K + b * s_kb + h * s_kh + i * s_kt + offs * s_kd, mask=mask)
+    tl.store(KC + page * s_kcp + h * s_kch + slot * s_kct + offs * s_kcd, k, mask=mask)
+    offs_v = tl.arange(0, BLOCK_DV)
+    mask_v = (offs_v < DV) & ok
+    v = tl.load(V + b * s_vb + h * s_vh + i * s_vt + offs_v * s_vd, mask=mask_v)
+    tl.store(VC + page * s_vcp + h * s_vch + slot * s_vct + offs_v * s_vcd, v, mask=mask_v)
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@launches_on_device
+def append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table=None):
+    """Write k [B, Hk, t, D] / v [B, Hk, t, Dv] into the caches at positions cache_seqlens[b] + i, in one launch
+    (the indexing ops it replaces were 5 launches for a dense cache, 10-12 for a paged one, per layer and decode step).
+    k_cache / v_cache: dense [B, Hk, Tmax, D] or, with block_table (int32 [B, pages per row]), page pools
+    [num_pages, Hk, page_size, D]; any strides; k / v already in the caches' dtype (copied as raw bits, so float8
+    and bfloat16 copy under the interpreter too)."""
+    B, Hk, t = k.shape[:3]
+    if B == 0 or t == 0 or Hk == 0:
+        return
+    paged = block_table is not None
+    page = k_cache.shape[2]  # (a dense cache: one page of Tmax slots per row, page b)
+    cap = block_table.shape[1] * page if paged else page
+    bits = _BITS[k_cache.element_size()]
+    kc, vc, kb, vb = (x.view(bits) for x in (k_cache, v_cache, k, v))
+    bt = block_table if paged else cache_seqlens  # (unread when dense)
+    D, Dv = k.shape[3], v.shape[3]
+    _kv_append[(B * t, Hk)](
+        kb, vb, kc, vc, cache_seqlens, bt, t, D, Dv, page, k_cache.shape[0], cap,
+        *kb.stride(), *vb.stride(), *kc.stride(), *vc.stride(), *(bt.stride() if paged else (0, 0)),
+        PAGED=paged, BLOCK_D=next_power_of_2(D), BLOCK_DV=next_power_of_2(Dv), num_warps=1)

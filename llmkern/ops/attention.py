@@ -642,9 +642,10 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache/v_cache are then page pools [num_pages, kv_heads, page_size, head_dim (v: head_dim_v)] (any strides:
         a token-major pool [num_pages, page_size, kv_heads, head_dim] works as ``.transpose(1, 2)``),
         key j of row b lives in page block_table[b, j // page_size] at slot j % page_size, and
-        Tmax = pages_per_row * page_size. New k/v are written into those slots. Entries must name pages of the
-        pool (checked on CPU in eager mode; on CUDA the kernel reads a bad entry as a NaN row and an append
-        through one fails a device-side assert, never writing into another sequence's page).
+        Tmax = pages_per_row * page_size. New k/v are written into those slots (on the kernels' backend by one
+        Triton launch for k and v together, dense or paged). Entries must name pages of the pool (checked on CPU
+        in eager mode; on CUDA the kernels write nothing through a bad entry and read it as a NaN row, never
+        writing into another sequence's page).
     sinks: as for ``attention``: [heads] per-query-head sink logits in the softmax denominator (the
         split-K kernel adds them when it combines the splits); the LSE includes them.
     key_padding_mask: bool [batch, Tmax], True = attend: cache slots no query may see, e.g. the pads of a
@@ -728,18 +729,12 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if rotary_cos is not None or rotary_sin is not None:
         q, k = _rotary(q, k, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved,
                        causal or wl >= 0 or wr >= 0, D, Tmax)
+    backend = _backend_for(q.device, q.dtype, "attention_with_kvcache")
     if k is not None:
         if k_cache.dtype in FP8_DTYPES:
             k, v = quantize_kv(k, k_cache.dtype, k_scale), quantize_kv(v, v_cache.dtype, v_scale)
-        pos = (cache_seqlens.to(torch.long)[:, None] + torch.arange(t_new, device=q.device)[None, :])
-        if block_table is not None:
-            _append_paged(k_cache, v_cache, block_table, pos, k, v)
-        else:
-            idx = pos[:, None, :, None]
-            _bytes(k_cache).scatter_(2, idx.expand(B, Hk, t_new, D), _bytes(k))
-            _bytes(v_cache).scatter_(2, idx.expand(B, Hk, t_new, Dv), _bytes(v))
+        _append(k_cache, v_cache, block_table, cache_seqlens, k, v, backend)
         lens = cache_seqlens + t_new
-    backend = _backend_for(q.device, q.dtype, "attention_with_kvcache")
     if backend == "triton":
         extra = {} if sinks is None else {"sinks": sinks}
         if key_padding_mask is not None:
@@ -962,6 +957,23 @@ def _page_index(block_table):
     so indexing raises (a device-side assert on CUDA) where a negative index would wrap to the pool's last page,
     another sequence's, unnoticed (the host-side range check runs on CPU tensors in eager mode only)."""
     return block_table.to(torch.long) & 0xFFFFFFFF
+
+
+def _append(k_cache, v_cache, block_table, cache_seqlens, k, v, backend):
+    """Write the new tokens k [B, Hk, t, D] / v [B, Hk, t, Dv] at each row's positions cache_seqlens[b] + i: one
+    Triton launch on the kernels' backend (eager), else indexing ops (the CPU paths; torch.compile, which traces
+    and fuses them)."""
+    if backend == "triton" and not torch.compiler.is_compiling():
+        from llmkern.kernels.attention_decode import append_kv
+
+        return append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
+    B, Hk, t = k.shape[:3]
+    pos = (cache_seqlens.to(torch.long)[:, None] + torch.arange(t, device=k.device)[None, :])
+    if block_table is not None:
+        return _append_paged(k_cache, v_cache, block_table, pos, k, v)
+    idx = pos[:, None, :, None]
+    _bytes(k_cache).scatter_(2, idx.expand(B, Hk, t, k.shape[3]), _bytes(k))
+    _bytes(v_cache).scatter_(2, idx.expand(B, Hk, t, v.shape[3]), _bytes(v))
 
 
 def _append_paged(k_cache, v_cache, block_table, pos, k, v):
