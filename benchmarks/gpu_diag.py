@@ -232,6 +232,12 @@ def host():
     logits.requires_grad_()
     step, _, _ = _step_fn(get_config("gpt2"), "llmkern", 8, 1024, False, torch.device("cuda"), False)
     step_t, _, _ = _step_fn(get_config("gpt2"), "torch", 8, 1024, False, torch.device("cuda"), False)
+    # a decode step's attention with its new token appended (B=8, GQA 32/8, D=128, 4k cache, pages of 16)
+    dq, dk = rnd(8, 32, 1, 128), rnd(8, 8, 1, 128)
+    pool = rnd(8 * 256 + 8, 8, 16, 128)
+    table = torch.randperm(pool.shape[0], device="cuda")[:8 * 256].view(8, 256).to(torch.int32)
+    dlens = torch.full((8,), 4000, device="cuda", dtype=torch.int32)
+    dense = rnd(8, 8, 4096, 128)
     xs, Ws, As, Bs = rnd(8192, 768).requires_grad_(), rnd(768, 768) * 768 ** -0.5, rnd(16, 768), rnd(768, 16)
     As.requires_grad_()
     Bs.requires_grad_()
@@ -243,6 +249,10 @@ def host():
         ("cross_entropy fwd+bwd N=8192 V=50304", lambda: torch.autograd.grad(llmkern.cross_entropy(logits, labels), (logits,))),
         ("lora_linear fwd+bwd M=8192 K=N=768 r=16 (GPT-2 size)",
          lambda: torch.autograd.grad(llmkern.lora_linear(xs, Ws, None, As, Bs, 2.0), (xs, As, Bs), dy[:, :768])),
+        ("kvcache decode + append B=8 4k paged", lambda: llmkern.attention_with_kvcache(
+            dq, pool, pool, dlens, k=dk, v=dk, block_table=table)),
+        ("kvcache decode + append B=8 4k dense", lambda: llmkern.attention_with_kvcache(
+            dq, dense, dense, dlens, k=dk, v=dk)),
         ("gpt2-124m train step B=8 T=1024 (llmkern)", step),
         ("gpt2-124m train step B=8 T=1024 (torch)", step_t),
     ]
@@ -250,6 +260,8 @@ def host():
     with env(LLMKERN_ATTN_TUNE_TOP="2"):
         for name, fn in work:
             extra = [("front, pointer kernels", {"LLMKERN_ATTN_TMA": "0"})] if name.startswith("attention") else []
+            if name.startswith("kvcache"):  # the one-launch append against the indexing ops it replaced
+                extra = [("indexing-op append", {"LLMKERN_KV_APPEND_KERNEL": "0"})]
             if "GPT-2 size" in name:  # the small-layer dispatch (llmkern.ops.lora.fused_pays) against fused
                 extra = [("fused (FUSED_MIN_MNK=0)", {"LLMKERN_LORA_FUSED_MIN_MNK": "0"})]
             for vname, kv in variants + extra:

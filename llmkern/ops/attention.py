@@ -25,6 +25,7 @@ import functools
 import inspect
 import math
 import numbers
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -962,8 +963,10 @@ def _page_index(block_table):
 def _append(k_cache, v_cache, block_table, cache_seqlens, k, v, backend):
     """Write the new tokens k [B, Hk, t, D] / v [B, Hk, t, Dv] at each row's positions cache_seqlens[b] + i: one
     Triton launch on the kernels' backend (eager), else indexing ops (the CPU paths; torch.compile, which traces
-    and fuses them)."""
-    if backend == "triton" and not torch.compiler.is_compiling():
+    and fuses them). LLMKERN_KV_APPEND_KERNEL=0 takes the indexing ops on the kernels' backend too (for timing
+    both: benchmarks/gpu_diag.py host)."""
+    kernel = backend == "triton" and os.environ.get("LLMKERN_KV_APPEND_KERNEL") != "0"
+    if kernel and not torch.compiler.is_compiling():
         from llmkern.kernels.attention_decode import append_kv
 
         return append_kv(k_cache, v_cache, cache_seqlens, k, v, block_table)
