@@ -472,11 +472,11 @@ ERR = [
     # was: double quantization (bool("False") is True)
     ("nf4_quantize double_quant 'False'", lambda: llmkern.nf4_quantize(W4, 64, "False"), "double_quant"),
     ("nf4_dequantize qweight tensor", lambda: llmkern.nf4_dequantize(W4), "qweight"),
-    ("nf4_dequantize dtype float64", lambda: llmkern.nf4_dequantize(llmkern.nf4_quantize(W4), torch.float64),
+    ("nf4_dequantize dtype int32", lambda: llmkern.nf4_dequantize(llmkern.nf4_quantize(W4), torch.int32),
      "dtype"),
     # was: a falsy dtype took the default
     ("nf4_dequantize dtype 0", lambda: llmkern.nf4_dequantize(llmkern.nf4_quantize(W4), 0), "dtype"),
-    ("nf4_linear x float64", lambda: llmkern.nf4_linear(X[0].double(), llmkern.nf4_quantize(W4)), "x"),
+    ("nf4_linear x int32", lambda: llmkern.nf4_linear(X[0].int(), llmkern.nf4_quantize(W4)), "x"),
     ("nf4_linear x in_features", lambda: llmkern.nf4_linear(_randn(3, 8), llmkern.nf4_quantize(W4)), "x"),
     ("nf4_linear x meta", lambda: llmkern.nf4_linear(_randn(3, 16).to(META), llmkern.nf4_quantize(W4)), "x"),
     ("nf4_linear qweight tensor", lambda: llmkern.nf4_linear(_randn(3, 16), W4), "qweight"),

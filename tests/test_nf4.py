@@ -559,7 +559,7 @@ def _parts(N=4, K=10, blocksize=32):
     (lambda p, a: NF4Weight(p, a, (2, 2, 10), 32), ValueError, "shape must be"),
     (lambda p, a: NF4Weight(p, a, (0, 10), 32), ValueError, "shape must be"),
     (lambda p, a: NF4Weight(p, a, (5, 10), 32), ValueError, "packed"),  # 25 bytes needed, 20 given
-    (lambda p, a: NF4Weight(p, a, (4, 10), 32, dtype=torch.float64), ValueError, "dtype"),
+    (lambda p, a: NF4Weight(p, a, (4, 10), 32, dtype=torch.int32), ValueError, "dtype"),
     (lambda p, a: NF4Weight(p.numpy(), a, (4, 10), 32), TypeError, "packed must be a torch.Tensor"),
     (lambda p, a: NF4Weight(p, a.tolist(), (4, 10), 32), TypeError, "absmax must be a torch.Tensor"),
     (lambda p, a: NF4Weight(p, a.to("meta"), (4, 10), 32), ValueError, "absmax is on meta"),
@@ -593,7 +593,36 @@ def test_nf4_dequantize_errors():
     with pytest.raises(TypeError, match="qweight must be an NF4Weight"):
         llmkern.nf4_dequantize(W)
     with pytest.raises(ValueError, match="dtype must be float32"):
-        llmkern.nf4_dequantize(llmkern.nf4_quantize(W), torch.float64)
+        llmkern.nf4_dequantize(llmkern.nf4_quantize(W), torch.int32)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_float64_through_the_reference(double_quant):
+    """float64 (as lora_linear and the other ops take it: the PyTorch reference, no kernel): nf4_dequantize gives the
+    float32 dequantized weight exactly, and nf4_linear / lora_linear / lora_linear_multi on an NF4Weight compute in
+    float64 (gradcheck). was: refused by nf4_dequantize / nf4_linear / NF4Weight, so lora_linear, which takes float64
+    x, raised "x must be float32, float16 or bfloat16" from inside for an NF4 weight."""
+    torch.manual_seed(0)
+    W = torch.randn(12, 40)
+    qw = llmkern.nf4_quantize(W, 32, double_quant)
+    W64 = llmkern.nf4_dequantize(qw, torch.float64)
+    assert W64.dtype == torch.float64 and torch.equal(W64, llmkern.nf4_dequantize(qw).double())
+    q64 = qw.to(dtype=torch.float64)
+    assert q64.dtype == torch.float64 and torch.equal(q64.dequantize(), W64)
+    x, b = torch.randn(3, 40, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    A, B = torch.randn(4, 40, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64)
+    y = llmkern.nf4_linear(x, qw, b)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, x @ W64.t() + b, atol=1e-12, rtol=0)
+    torch.testing.assert_close(llmkern.lora_linear(x, q64, b, A, B, 0.5), x @ W64.t() + b + 0.5 * (x @ A.t()) @ B.t(),
+                               atol=1e-12, rtol=0)
+    ids = torch.tensor([0, 1, 0])
+    y2 = llmkern.lora_linear_multi(x, qw, b, torch.stack([A, 2 * A]), torch.stack([B, B]), torch.tensor([0.5, 1.0]),
+                                   ids)
+    torch.testing.assert_close(y2[1], (x @ W64.t() + b + 2 * (x @ A.t()) @ B.t())[1], atol=1e-12, rtol=0)
+    leaves = [t.clone().requires_grad_() for t in (x, b, A, B)]
+    assert torch.autograd.gradcheck(lambda xx, bb: llmkern.nf4_linear(xx, qw, bb), tuple(leaves[:2]))
+    assert torch.autograd.gradcheck(lambda xx, bb, aa, BB: llmkern.lora_linear(xx, qw, bb, aa, BB, 0.5), tuple(leaves))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -721,7 +750,7 @@ def test_nf4_linear_errors():
     with pytest.raises(ValueError, match="bias"):
         llmkern.nf4_linear(x, qw, b.double())
     with pytest.raises(ValueError, match="x must be"):
-        llmkern.nf4_linear(x.double(), qw)
+        llmkern.nf4_linear(x.int(), qw)
 
 
 # ---- 7. GPU -------------------------------------------------------------------------------------------

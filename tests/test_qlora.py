@@ -125,7 +125,7 @@ def test_nf4_linear_errors_and_autocast():
     with pytest.raises(ValueError, match="in_features"):
         lp.NF4Linear(0, 8)
     with pytest.raises(ValueError, match="compute_dtype"):
-        lp.NF4Linear(4, 8, compute_dtype=torch.float64)
+        lp.NF4Linear(4, 8, compute_dtype=torch.int32)
     with pytest.raises(TypeError, match="qweight"):
         lp.nf4_dora_linear(torch.randn(2, 16), torch.randn(8, 16), None, torch.randn(2, 16), torch.randn(8, 2),
                            torch.ones(8), 1.0)
@@ -733,15 +733,119 @@ def test_bench_qlora_row_baselines_compute_the_same_layer(monkeypatch, with_bnb)
         torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_nf4linear_refuses_float64_casts():
-    from llmkern.peft import NF4Linear
+_NF4_STORAGE = ("packed", "absmax", "state2", "weight_shape")
 
-    q = NF4Linear.from_linear(torch.nn.Linear(64, 16))
-    with pytest.raises(ValueError, match="cast to torch.float64 is not supported"):
-        q.double()
-    assert q.compute_dtype == torch.float32 and q.bias.dtype == torch.float32  # left as it was
-    q.half()
-    assert q.compute_dtype == torch.float16 and q.absmax.dtype == torch.float32
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_cast(model, before, dtype):
+    """Every floating parameter / buffer of `model` is `dtype` holding its `before` value (cast), except the NF4
+    storage (codes, scales, shape), which kept its dtype and bytes; every NF4Linear computes in `dtype`."""
+    now = model.state_dict()
+    assert now.keys() == before.keys()
+    for k, old in before.items():
+        if k.rpartition(".")[2] in _NF4_STORAGE or not old.is_floating_point():
+            assert now[k].dtype == old.dtype and torch.equal(now[k], old), k
+        else:
+            assert now[k].dtype == dtype and torch.equal(now[k], old.to(dtype)), k
+    assert all(m.compute_dtype == dtype for m in model.modules() if isinstance(m, lp.NF4Linear))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4linear_casts_to_float64_and_back(double_quant):
+    """was: .double() / .to(torch.float64) raised from NF4Linear._apply, which a model reaches after Module._apply has
+    cast the modules before it (a model left half float64). Now a float64 cast works as for an nn.Linear: the codes
+    stay 4-bit and the scales float32 (the same bytes), bias and compute dtype follow, and the layer computes in
+    float64 (the reference: no kernel), so gradcheck runs on it. .float() gives the layer back exactly."""
+    torch.manual_seed(0)
+    q = lp.NF4Linear.from_linear(nn.Linear(64, 16), double_quant=double_quant)
+    before = _snapshot(q)
+    x = torch.randn(3, 64)
+    y32 = q(x)
+    W64 = q.dequantize().weight.double()  # the float32 dequantized weight, exactly
+    for cast in (lambda m: m.double(), lambda m: m.to(torch.float64), lambda m: m.type(torch.float64)):
+        assert cast(q) is q
+        _assert_cast(q, before, torch.float64)
+        xd = x.double().requires_grad_()
+        y = q(xd)
+        assert y.dtype == torch.float64
+        torch.testing.assert_close(y, nn.functional.linear(xd, W64, before["bias"].double()), atol=1e-12, rtol=0)
+        assert torch.autograd.gradcheck(q, (xd[:2],))
+        torch.testing.assert_close(q.dequantize().weight, W64, atol=0, rtol=0)
+        q.float()
+        _assert_cast(q, before, torch.float32)
+        torch.testing.assert_close(q(x), y32, atol=0, rtol=0)
+
+
+def test_nf4linear_type_cast_keeps_the_codes():
+    """was: Module.type(dtype) casts every buffer, the uint8 codes and int64 shape too (codes turned into float16
+    numbers: the weight lost); only the float32 scales were kept."""
+    q = lp.NF4Linear.from_linear(nn.Linear(64, 16), double_quant=True)
+    before, W = _snapshot(q), q.dequantize().weight
+    q.type(torch.float16)
+    _assert_cast(q, before, torch.float16)
+    torch.testing.assert_close(q.dequantize().weight, W.half(), atol=0, rtol=0)
+    assert q(torch.randn(2, 64).half()).dtype == torch.float16
+
+
+def _qlora_net(use_dora):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 24), nn.Linear(24, 16))
+    lp.quantize_nf4(model, ["1", "3"], blocksize=32)
+    lp.quantize_nf4(model, ["4"], double_quant=True)
+    lp.inject_lora(model, ["1", "4"], r=4, use_dora=use_dora)  # "3" stays a bare NF4Linear
+    randomize_lora(model, seed=1)
+    return model
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_qlora_model_casts_to_float64_as_a_whole(use_dora):
+    """was: model.double() raised at the first NF4Linear, the dense layer (and LoRA weights) before it already float64
+    and the rest still float32. Now every module is cast (codes and scales kept), the float64 model computes what
+    the dense float64 model of the dequantized weights does, gradcheck passes, and .float() gives it back exactly."""
+    model = _qlora_net(use_dora)
+    before = _snapshot(model)
+    x = torch.randn(5, 32)
+    y32 = model(x)
+    for cast in (lambda m: m.double(), lambda m: m.to(torch.float64)):
+        assert cast(model) is model
+        _assert_cast(model, before, torch.float64)
+        xd = x.double()
+        y = model(xd)
+        assert y.dtype == torch.float64
+        torch.testing.assert_close(y, _dense_copy(model)(xd), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(y, y32.double(), atol=1e-5, rtol=1e-5)
+        # (DoRA's row norm is detached, as PEFT's: its gradient in A, B is not the true one, so x only)
+        lora = [] if use_dora else [p for p in model.parameters() if p.requires_grad][:2]
+        assert torch.autograd.gradcheck(lambda inp, *ps: model(inp), (xd[:2].requires_grad_(), *lora))
+        model.float()
+        _assert_cast(model, before, torch.float32)
+        torch.testing.assert_close(model(x), y32, atol=0, rtol=0)
+    model.half()  # (float16 / bfloat16 casts worked and still do)
+    _assert_cast(model, before, torch.float16)
+
+
+def test_qlora_model_cast_to_a_dtype_nf4_cannot_compute_in_is_whole():
+    """A cast to a floating dtype the layer cannot compute in (float8) casts the whole model as for dense layers
+    (was: refused at the first NF4Linear, the modules before it cast); its forward then says why, and a cast back
+    makes it usable again."""
+    model = _qlora_net(False)
+    before = _snapshot(model)
+    model.to(torch.float8_e4m3fn)
+    now = model.state_dict()
+    for k, old in before.items():
+        want = old.dtype if k.rpartition(".")[2] in _NF4_STORAGE else torch.float8_e4m3fn
+        assert now[k].dtype == want, k
+        if k.rpartition(".")[2] in _NF4_STORAGE:
+            assert torch.equal(now[k], old), k
+    with pytest.raises(ValueError, match=r"NF4Linear computes in .* not its compute_dtype torch.float8_e4m3fn"):
+        model[3](torch.randn(2, 48).to(torch.float8_e4m3fn))
+    with pytest.raises(ValueError, match="not its compute_dtype torch.float8_e4m3fn"):
+        model[1](torch.randn(2, 32).to(torch.float8_e4m3fn))
+    model.float()
+    assert model(torch.randn(2, 32)).dtype == torch.float32
 
 
 def test_qlora_gpt_partial_dora_adapter_saves(tmp_path):

@@ -20,7 +20,10 @@ from llmkern import _backend
 from llmkern.ops import _checks
 from llmkern.reference import nf4 as ref
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernels'
+# what an NF4 weight dequantizes to and computes in: the kernels' dtypes, and float64 through the PyTorch reference
+# (no kernel; as lora_linear takes float64: a QLoRA model cast with .double(), e.g. for gradcheck)
+_COMPUTE_DTYPES = _DTYPES + (torch.float64,)
 
 for _name in ("nf4_dequantize", "nf4_linear"):
     _backend.register_op(_name, lambda device, dtype, _name=_name: _backend.choose_triton(_name, device, dtype,
@@ -79,8 +82,8 @@ class NF4Weight:
         _checks.tensor_arg("absmax", absmax)
         N, K = _shape_arg(shape)
         _check_blocksize(blocksize)
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        if dtype not in _COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
         if packed.dtype != torch.uint8 or packed.numel() != -(-N * K // 2):
             raise ValueError(f"packed must be uint8 with ceil({N}·{K} / 2) = {-(-N * K // 2)} elements, got "
                              f"{packed.dtype} with {packed.numel()}")
@@ -226,8 +229,8 @@ def nf4_dequantize(qweight: NF4Weight, dtype: Optional[torch.dtype] = None) -> t
     if not isinstance(qweight, NF4Weight):
         raise TypeError(f"qweight must be an NF4Weight (llmkern.nf4_quantize), got {type(qweight).__name__}")
     dtype = qweight.dtype if dtype is None else dtype  # (not `dtype or`: a falsy 0 or "" took the default)
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    if dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
     if _backend.choose_triton("nf4_dequantize", qweight.device, dtype, _DTYPES) == "reference":
         return ref.nf4_dequantize(qweight.packed, qweight.scales(), qweight.shape, qweight.blocksize, dtype)
     from llmkern.kernels.nf4 import dequantize
@@ -309,7 +312,8 @@ def nf4_linear(x: torch.Tensor, qweight: NF4Weight, bias: Optional[torch.Tensor]
     keep a dense copy of W per layer until the backward: the memory QLoRA exists to save). The backward
     dequantizes again. On CUDA: the LoRA GEMM kernel with an empty rank for few rows (W dequantized in its
     main loop), one dequantization pass + cuBLAS for many (see llmkern/kernels/nf4.py); on CPU the
-    reference. x: ``[..., in]`` float32 / float16 / bfloat16 (under autocast: cast to its dtype);
+    reference. x: ``[..., in]`` float32 / float16 / bfloat16, or float64 (the reference: no kernel) (under
+    autocast: cast to its dtype);
     bias: ``[out]`` in x's dtype or None. Returns ``[..., out]`` in x's dtype.
     """
     _checks.tensor_arg("x", x)
@@ -319,8 +323,8 @@ def nf4_linear(x: torch.Tensor, qweight: NF4Weight, bias: Optional[torch.Tensor]
     if dt is not None:
         x, bias = _checks.autocast_cast(dt, x), _checks.autocast_cast(dt, bias)
     N, K = qweight.shape
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"x must have shape [..., {K}] (qweight's in_features), got {tuple(x.shape)}")
     if x.device != qweight.device:

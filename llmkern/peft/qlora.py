@@ -22,7 +22,8 @@ from llmkern.ops.nf4 import NF4Weight, _check_blocksize, nf4_linear, nf4_quantiz
 from llmkern.peft.dora import dora_linear
 from llmkern.reference import nf4 as ref_nf4
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# the dtypes the layer computes in: the kernels' three, and float64 through the PyTorch reference (no kernel)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ---- DoRA on an NF4Weight ----------------------------------------------------------------------------
@@ -54,8 +55,9 @@ class NF4Linear(nn.Module):
     (NF4Weight.state2's layout; None without double quantization). ``bias`` is an ordinary (frozen by LoRA
     injection) parameter or None. ``compute_dtype`` is the dtype the layer computes in, as an ``nn.Linear``
     whose weight had that dtype: the input must have it (under torch.autocast, the autocast dtype is used, as
-    F.linear's). Casting the module (``.half()``, ``.to(torch.bfloat16)``) changes ``compute_dtype``; the
-    float32 scales (``absmax`` or ``state2``) stay float32.
+    F.linear's). Casting the module (``.half()``, ``.to(torch.bfloat16)``, ``.double()``) changes ``compute_dtype``
+    (float64: computed by the PyTorch reference, no kernel); the codes stay 4-bit and the float32 scales
+    (``absmax`` or ``state2``) float32.
 
     ``NF4Linear(in, out)`` holds zeros until a state dict is loaded into it (a state dict of the other layout
     is taken too: the buffers follow it); ``from_linear(linear)`` quantizes an ``nn.Linear``;
@@ -71,7 +73,7 @@ class NF4Linear(nn.Module):
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         _check_blocksize(blocksize)
         if compute_dtype not in _DTYPES:
-            raise ValueError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
+            raise ValueError(f"compute_dtype must be float32, float16, bfloat16 or float64, got {compute_dtype}")
         _check_double_quant(double_quant)
         self.in_features, self.out_features, self.blocksize = in_features, out_features, blocksize
         self.compute_dtype = compute_dtype
@@ -161,6 +163,9 @@ class NF4Linear(nn.Module):
         Made once and kept while the buffers and compute_dtype stay the same objects (an NF4Weight builds its
         kernels' level table on the device when made: not per call, and not while torch.compile traces one).
         In-place writes (load_state_dict) reach it through the shared storage."""
+        if self.compute_dtype not in _DTYPES:  # a module cast to, e.g., float8 (taken: see _apply)
+            raise ValueError(f"NF4Linear computes in float32, float16, bfloat16 or float64, not its compute_dtype "
+                             f"{self.compute_dtype} (from a module cast): cast the module back, e.g. .float()")
         c = self._nf4
         if (c is None or c[0] is not self.packed or c[1] is not self.absmax or c[2] is not self.state2
                 or c[3] != self.compute_dtype):
@@ -192,25 +197,26 @@ class NF4Linear(nn.Module):
         return nf4_linear(x, self.nf4_weight(), self.bias)
 
     def _apply(self, fn, *args, **kwargs):
-        # Module casts (.half(), .to(dtype), .float()) convert floating buffers: the scales (absmax, or the
-        # double-quantization state2) must stay float32 (the NF4 layout's, and bf16 scales would add error to
-        # every element), while the cast is taken as the new compute dtype. fn applied to an empty tensor
-        # tells which dtype a cast leads to.
-        fp32 = {n: t for n, t in (("absmax", self.absmax), ("state2", self.state2))
-                if t is not None and t.dtype == torch.float32}
-        dtype = self.compute_dtype
-        cast = fn(torch.empty(0, dtype=dtype, device=self.packed.device)).dtype
-        if cast.is_floating_point and cast not in _DTYPES:  # e.g. .double(): refused before anything moves
-            raise ValueError(f"NF4Linear computes in float32, float16 or bfloat16; a cast to {cast} is not supported "
-                             f"(dequantize() gives a dense nn.Linear that can be cast)")
+        # Module casts (.half(), .double(), .to(dtype), .type(dtype)) convert the buffers: the weight's storage
+        # keeps its dtypes (the uint8 codes and a double-quantized absmax stay 4 / 8 bits, the scales float32: the
+        # NF4 layout's, and bf16 scales would add error to every element; the int64 shape), while the cast is
+        # taken as the new compute dtype (the bias follows), as bitsandbytes' Linear4bit keeps its codes. Never
+        # refused here: Module._apply casts the modules before this one in the model first, so raising here left
+        # the model half-converted (.double() did); a dtype the layer cannot compute in is refused by the forward
+        # (nf4_weight), as F.linear refuses one for a dense layer. fn applied to an empty tensor tells which dtype
+        # a cast leads to.
+        keep = {n: getattr(self, n) for n in ("packed", "absmax", "state2", _SHAPE_KEY)
+                if getattr(self, n) is not None}
+        cast = fn(torch.empty(0, dtype=self.compute_dtype, device=self.packed.device)).dtype
         super()._apply(fn, *args, **kwargs)
-        for name, old in fp32.items():
+        for name, old in keep.items():
             new = getattr(self, name)
-            if new.dtype != torch.float32:
+            if new.dtype != old.dtype:
                 setattr(self, name, old.to(new.device))
-        if cast in _DTYPES:
+        if cast.is_floating_point:
             self.compute_dtype = cast
-        self.nf4_weight()  # made now, outside any later compiled forward
+        if self.compute_dtype in _DTYPES:
+            self.nf4_weight()  # made now, outside any later compiled forward
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
