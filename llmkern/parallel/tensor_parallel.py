@@ -52,7 +52,9 @@ Sequence parallelism is not applied by tensor_parallelize (norms and dropout wou
 shards); use the layers directly for it (TensorParallelMoE.from_moe(moe, group, sequence_parallel=True)
 for an MoE layer).
 """
+import hashlib
 import inspect
+import numbers
 import re
 import weakref
 
@@ -258,28 +260,106 @@ def _moe_shard(moe, group, where):
         raise ValueError(f"tensor_parallelize: cannot shard {where}: {exc}") from None
 
 
-def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces=None, transport="p2p",
-                       vocab_parallel=False):
-    """Replace, in place, the attention and MLP projections of `model` by tensor-parallel layers
-    (see the module docstring for the naming contract). Returns `model`. Raises ValueError (on
-    every rank) when a head count or a feature size is not divisible by the world size, and
-    RuntimeError when there is no process group; the model is then left unchanged.
-    vocab_parallel=True also shards the token embedding and the LM head by vocabulary rows
-    (llmkern.parallel.vocab; a tied head shares the embedding's shard): the LM head's forward then
-    all-gathers the logits, and the zoo models' `model(ids, labels, return_logits=False)` computes the
-    loss on the shards without any [N, V] tensor."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"tensor_parallelize: model must be an nn.Module, got {type(model).__name__}")
-    # (a string "False" sharded the embedding and the LM head, silently)
-    vocab_parallel = bool_arg("tensor_parallelize: vocab_parallel", vocab_parallel)
-    group = comm.resolve_group(group, "tensor_parallelize")
-    from llmkern.models.deepseek import MLAttention
+# ---- cross-rank agreement -----------------------------------------------------------------------------
 
+_HASHED = -(2 ** 62)  # argument codes in [_HASHED, _HASHED + 2**61): a hash of a value not shown in the error
+
+
+def _stable_hash(value, bits=64):
+    """A hash of repr(value) that every process computes alike (Python's hash() of a str is salted per process)."""
+    h = int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little")
+    return h % 2 ** bits if bits < 64 else h - 2 ** 64 if h >= 2 ** 63 else h
+
+
+def _arg_codes(args, p):
+    """One int64 per argument, comparable across ranks: an index into the choices (overlap, transport), the number
+    (chunks, pieces; None as the default it stands for), 0 / 1 (vocab_parallel), else a hash of the value."""
+    from llmkern.parallel.layers import DEFAULT_ALLREDUCE_CHUNKS, OVERLAPS, TRANSPORTS, default_pieces
+
+    codes = []
+    for name, v in args.items():
+        choices = {"overlap": OVERLAPS, "transport": TRANSPORTS}.get(name)
+        if name == "chunks" and v is None:
+            v = max(DEFAULT_ALLREDUCE_CHUNKS, p)
+        if name == "pieces" and v is None and args.get("transport") in TRANSPORTS:
+            v = default_pieces(p, args["transport"])
+        if choices is not None and isinstance(v, str) and v in choices:
+            codes.append(choices.index(v))
+        elif (isinstance(v, numbers.Integral) and (name == "vocab_parallel" or not isinstance(v, bool))
+              and -2 ** 60 < int(v) < 2 ** 60):  # (vocab_parallel: a bool by now, 0 / 1)
+            codes.append(int(v))
+        else:  # (another object: its type only, as its repr may hold its address: the same check refuses it later)
+            plain = v if isinstance(v, (str, bytes, numbers.Number, type(None))) else None
+            codes.append(_HASHED + _stable_hash((name, type(v).__qualname__, plain), 61))
+    return codes
+
+
+def _describe_arg(name, code):
+    from llmkern.parallel.layers import OVERLAPS, TRANSPORTS
+
+    if code < _HASHED + 2 ** 61:
+        return "another value"
+    choices = {"overlap": OVERLAPS, "transport": TRANSPORTS}.get(name)
+    if choices is not None:
+        return repr(choices[code]) if 0 <= code < len(choices) else "another value"
+    return str(bool(code)) if name == "vocab_parallel" else str(code)
+
+
+def _model_digest(model):
+    """(a hash, the parameters' element count) of what tensor_parallelize shards by: the modules' names and types,
+    the head counts (the modules' and their configs'), the parameters' names, shapes and dtypes. Not their values
+    (the weights must be the same on every rank: the caller's part, see the module docstring) nor devices."""
+    attrs = HEAD_ATTRS + KV_HEAD_ATTRS + ("head_dim",)
+
+    def counts(obj):
+        return [(a, v) for a in attrs for v in (getattr(obj, a, None),) if isinstance(v, int)]
+
+    h = hashlib.blake2b(digest_size=8)
+    cfg = getattr(model, "config", None)
+    h.update(repr((getattr(cfg, "model_type", None), getattr(cfg, "alibi", None), counts(cfg))).encode())
+    for name, m in model.named_modules():
+        h.update(repr((name, type(m).__module__, type(m).__qualname__, counts(m),
+                       counts(getattr(m, "config", None)))).encode())
+    numel = 0
+    for name, t in model.named_parameters():
+        h.update(repr((name, tuple(t.shape), str(t.dtype))).encode())
+        numel += t.numel()
+    return _stable_hash(h.hexdigest()), numel
+
+
+def _check_agreement(model, group, args, error=None):
+    """Every rank of `group` must shard the same model with the same arguments: otherwise the sharded layers'
+    collectives pair different shapes or protocols (garbage, or a hang until the process group's timeout). One
+    all-gather of a few int64s, at setup only: (this rank's argument error?, one code per argument, the model's
+    digest, its parameter count). Then every rank raises: its own argument error, or the same ValueError naming
+    the rank(s) that failed, or the argument(s) (and / or the model) that differ, with every rank's value."""
     p = comm.world_size(group)
-    kw = dict(overlap=overlap, chunks=chunks, pieces=pieces, transport=transport)
-    plan = []  # (object, attribute, value), applied only once every projection could be sharded
-    summed = []  # replicated parameters of the sharded heads (q_norm / k_norm gains)
-    from llmkern.parallel.moe import TensorParallelMoE, is_moe  # (imports the model zoo: on first use only)
+    digest, numel = _model_digest(model)
+    codes = _arg_codes(args, p)
+    rows = comm.gather_ints([1 if error is not None else 0] + codes + [digest, numel], group)
+    if error is not None:
+        raise error
+    failed = [i for i, r in enumerate(rows) if r[0]]
+    if failed:
+        raise ValueError(f"tensor_parallelize: failed on rank(s) {failed} (their error says why); every rank must "
+                         f"pass the same arguments")
+    differ = []
+    for k, name in enumerate(args, start=1):
+        if any(r[k] != rows[0][k] for r in rows):
+            differ.append(f"{name} (" + ", ".join(f"rank {i}: {_describe_arg(name, r[k])}"
+                                                  for i, r in enumerate(rows)) + ")")
+    if any(r[-2] != rows[0][-2] for r in rows):
+        differ.append("the model (its module names and types, head counts, or parameter names, shapes and dtypes; "
+                      "parameter elements: " + ", ".join(f"rank {i}: {r[-1]}" for i, r in enumerate(rows)) + ")")
+    if differ:
+        raise ValueError(f"tensor_parallelize: the ranks of the group disagree on {'; '.join(differ)}. Every rank "
+                         f"must shard the same model with the same arguments (the sharded layers' collectives would "
+                         f"otherwise compute garbage or hang); the model is left unchanged")
+
+
+def _refuse_model(model, group):
+    """The refusals of a whole model (ALiBi; pipeline-, context- or expert-parallel already), made before the
+    cross-rank agreement: a pipeline- or expert-parallel model differs across the ranks by design."""
     from llmkern.parallel.expert import ExpertParallelMoE
 
     cfg = getattr(model, "config", None)
@@ -300,6 +380,41 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
         raise ValueError("tensor_parallelize: the model is expert-parallel (expert_parallelize): its ranks hold "
                          "different tokens and different experts; tensor parallelism over the same group is not "
                          "supported")
+
+
+def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces=None, transport="p2p",
+                       vocab_parallel=False):
+    """Replace, in place, the attention and MLP projections of `model` by tensor-parallel layers
+    (see the module docstring for the naming contract). Returns `model`. Raises ValueError (on
+    every rank) when a head count or a feature size is not divisible by the world size, and
+    RuntimeError when there is no process group; the model is then left unchanged.
+    vocab_parallel=True also shards the token embedding and the LM head by vocabulary rows
+    (llmkern.parallel.vocab; a tied head shares the embedding's shard): the LM head's forward then
+    all-gathers the logits, and the zoo models' `model(ids, labels, return_logits=False)` computes the
+    loss on the shards without any [N, V] tensor.
+
+    Every rank must pass the same arguments and the same model (structure): checked first, by one all-gather of a
+    digest of both (a ValueError on every rank naming what differs, the model left unchanged), since ranks that
+    disagree would pair different collectives (garbage, or a hang until the process group's timeout)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"tensor_parallelize: model must be an nn.Module, got {type(model).__name__}")
+    group = comm.resolve_group(group, "tensor_parallelize")
+    error = None
+    try:  # (raised after the agreement: on one rank only, the others would be left waiting in a collective)
+        # (a string "False" sharded the embedding and the LM head, silently)
+        vocab_parallel = bool_arg("tensor_parallelize: vocab_parallel", vocab_parallel)
+        _refuse_model(model, group)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    _check_agreement(model, group, dict(overlap=overlap, chunks=chunks, pieces=pieces, transport=transport,
+                                        vocab_parallel=vocab_parallel), error)
+    from llmkern.models.deepseek import MLAttention
+
+    p = comm.world_size(group)
+    kw = dict(overlap=overlap, chunks=chunks, pieces=pieces, transport=transport)
+    plan = []  # (object, attribute, value), applied only once every projection could be sharded
+    summed = []  # replicated parameters of the sharded heads (q_norm / k_norm gains)
+    from llmkern.parallel.moe import TensorParallelMoE, is_moe  # (imports the model zoo: on first use only)
 
     for parent_name, parent in list(model.named_modules()):
         children = dict(parent.named_children())
