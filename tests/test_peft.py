@@ -939,9 +939,11 @@ def test_peft_adapter_on_hf_gpt2_loads_into_zoo_gpt(tmp_path, lora):
     assert isinstance(zoo.h[0].attn.o_proj, lp.LoRALinear) == ("c_proj" in lora["target_modules"])
     with torch.no_grad():
         torch.testing.assert_close(zoo(_ids()), want, rtol=1e-4, atol=1e-4)
-    # a plain GPT2LMHeadModel (Conv1D layers) is not a zoo model: fan_in_fan_out is still refused
-    with pytest.raises(ValueError, match="fan_in_fan_out"):
-        lp.load_peft_adapter(_hf_base(base), str(tmp_path / "ad"))
+    # a plain GPT2LMHeadModel takes it too: LoRALinear over its Conv1D layers (tests/test_peft_conv1d.py)
+    plain = lp.load_peft_adapter(_hf_base(base), str(tmp_path / "ad"))
+    assert plain.transformer.h[1].attn.c_attn.conv1d
+    with torch.no_grad():
+        torch.testing.assert_close(plain(_ids()).logits, want, rtol=1e-5, atol=1e-5)
 
 
 def _inject(model, targets, r, alpha, use_rslora=False):

@@ -7,11 +7,14 @@ A subclass checks its base layer's type, calls ``PlainLoRA.__init__``, creates i
 ``_finish_init(freeze_base)`` and defines ``_lora_factors()`` (A, B), ``_delta()`` (the update in the weight's
 shape, in ``_acc_dtype()``), ``reset_lora_parameters()`` and ``forward`` (which starts with ``_base_only()``).
 It may refuse a merge in ``_check_mergeable(what)``. LoRALinear also overrides ``weight`` / ``_base_dtype`` /
-``_dense_weight`` (a 4-bit base) and ``_dora_merge`` / ``_dora_unmerge`` (DoRA's row rescaling); without DoRA
-(``use_dora=True`` is refused unless the class sets ``_supports_dora``) they are the identity.
+``_dense_weight`` (a 4-bit base; a transformers Conv1D base, whose ``weight`` is the [out, in] transposed view of
+its [in, out] parameter: merge / unmerge write that parameter through the view) and ``_dora_merge`` /
+``_dora_unmerge`` (DoRA's row rescaling); without DoRA (``use_dora=True`` is refused unless the class sets
+``_supports_dora``) they are the identity.
 """
 import itertools
 import math
+import sys
 
 import torch
 from torch import nn
@@ -33,6 +36,12 @@ def has_forward_hooks(module: nn.Module) -> bool:
     """Whether module's forward is hooked (accelerate's _hf_hook, forward (pre-)hooks): its weights may then be
     what the hooks make them only while its own forward runs (offloading keeps them on the meta device)."""
     return hasattr(module, "_hf_hook") or bool(module._forward_pre_hooks) or bool(module._forward_hooks)
+
+
+def is_hf_conv1d(module) -> bool:
+    """Whether `module` is exactly transformers' Conv1D (GPT-2's c_attn / c_proj / c_fc: y = x W + b, W stored
+    [in, out], PEFT's fan_in_fan_out layers). transformers is not imported: such layers exist only once it is."""
+    return type(module) is getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
 def lora_scaling(alpha, r, use_rslora=False) -> float:

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from llmkern.ops._checks import is_real
-from llmkern.peft.lora import (MAX_RANK, LoRALinear, _freeze_non_lora, _set_submodule, lora_conv_modules,
-                               lora_embedding_modules, lora_modules, lora_scaling)
+from llmkern.peft.lora import (MAX_RANK, LoRALinear, _freeze_non_lora, _set_submodule, is_hf_conv1d,
+                               lora_conv_modules, lora_embedding_modules, lora_modules, lora_scaling)
 from llmkern.peft.lora_conv import CONV_TYPES, LoRAConv, _check_base as _check_conv_base
 from llmkern.peft.lora_embedding import LoRAEmbedding
 from llmkern.peft.qlora import NF4Linear
@@ -44,7 +44,6 @@ _MAG_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_
 # quantisation, replicated layers): an adapter using any of them is not plain LoRA.
 _UNSUPPORTED = (
     ("lora_bias", "LoRA bias (lora_bias)"),
-    ("fan_in_fan_out", "fan_in_fan_out (GPT-2 Conv1D layers)"),
     ("alora_invocation_tokens", "aLoRA (alora_invocation_tokens)"),
     ("use_bdlora", "block-diagonal LoRA (use_bdlora)"),
     ("arrow_config", "Arrow routing (arrow_config)"),
@@ -326,7 +325,8 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     (``hf_module_names()``: Llama's ``layers.0...`` is ``model.layers.0...``; GPT's q/k/v LoRAs become
     one exact LoRA on GPT-2's fused ``c_attn``, with fan_in_fan_out=True for its Conv1D layers), so the
     adapter loads into PEFT on ``LlamaForCausalLM`` / ``GPT2LMHeadModel``; ``hf_names=False`` writes the
-    zoo's own names. Other models: their own module names.
+    zoo's own names. Other models: their own module names, with fan_in_fan_out=True when LoRA is on transformers'
+    Conv1D layers (a plain GPT2LMHeadModel; PEFT takes an nn.Linear such as lm_head beside them as nn.Linear).
 
     task_type: the config's (PEFT picks its PeftModel class by it). "auto" (default): "CAUSAL_LM" for zoo
     models and generative models (those with ``prepare_inputs_for_generation``), else None (a plain PeftModel:
@@ -401,7 +401,10 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
                    for n, m in mods]
         # (every module name counts: PEFT matches a suffix against all of them and refuses an adapter whose suffix
         # also selects a module it cannot wrap, e.g. a CNN's nn.Sequential index "0" naming an nn.Flatten elsewhere)
-        candidates, fan_in_fan_out = _peft_visible_names(model), False
+        candidates = _peft_visible_names(model)
+        # GPT-2's Conv1D layers: True. PEFT sets each layer's layout by its type (flipping the flag, with a warning,
+        # for an nn.Linear such as lm_head), so one flag serves a mix too
+        fan_in_fan_out = any(getattr(m, "conv1d", False) for _, m in mods)
     else:
         entries, fused, fan_in_fan_out = _to_hf(model, mods, hf, use_rslora)
         candidates = {h.name for h in hf.values()} | set(hf_emb.values())
@@ -590,6 +593,29 @@ def _split_by_record(A, B, s, use_rslora, rows, record, M):
     return split
 
 
+def _linear_features(layer):
+    """(in, out) features of a base layer LoRALinear takes (or a tensor-parallel one): a transformers Conv1D has
+    none by those names, its weight is [in, out]."""
+    if is_hf_conv1d(layer):
+        return tuple(layer.weight.shape)
+    return layer.in_features, layer.out_features
+
+
+def _check_fan_in_fan_out(model, path, targets):
+    """fan_in_fan_out=True (a plain model): PEFT sets each layer's layout by its type, not by this flag (a Conv1D is
+    read [in, out], an nn.Linear [out, in]; it flips the flag with a warning), and LoRALinear does the same, so GPT-2
+    adapters load whatever value they hold (PEFT saves the one its last layer left: False with lm_head targeted).
+    PEFT never saves True for an adapter without a Conv1D, though: one whose linear layers are all nn.Linear here
+    was not made for this model, and is refused, naming a layer."""
+    bases = {n: model.get_submodule(n) for n in targets}
+    bases = {n: getattr(m, "base_layer", m) for n, m in bases.items()}
+    if bases and not any(is_hf_conv1d(m) for m in bases.values()):
+        name, mod = next(iter(bases.items()))
+        raise ValueError(f"{path}: fan_in_fan_out=True is for transformers' Conv1D layers (GPT-2: weight [in, "
+                         f"out]), but the adapter's layers are not Conv1D here ({name} is a {type(mod).__name__}): "
+                         f"an adapter for another model? (PEFT writes fan_in_fan_out=false for nn.Linear layers)")
+
+
 def _check_no_stale_lora(model, targets, path):
     """LoRA the checkpoint does not name would stay active beside the loaded adapter (the model would not be
     the checkpoint's): refused, unless it is inert (a fresh LoRALinear: lora_B zero, not merged, not DoRA).
@@ -652,12 +678,15 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     LoRA on a conv layer (``lora_A.weight`` / ``lora_B.weight`` with conv kernel shapes) loads as a LoRAConv
     into the nn.Conv1d/2d/3d of that name (its kernel, channels and groups checked against the shapes; a conv
     LoRAConv refuses, e.g. dilation != 1, is refused too).
-    Raises ValueError for adapter kinds other than LoRA / DoRA on nn.Linear and plain LoRA on
-    nn.Embedding and nn.Conv (aLoRA and other variants, LoRA bias, DoRA on embeddings or convs, fan_in_fan_out
-    Conv1D layers,
-    modules_to_save, trainable tokens, PiSSA/OLoRA/CorDA/LoftQ-initialised adapters, DoRA on
-    tensor-parallel layers). With ``freeze_base`` every parameter except the LoRA A/B weights (and DoRA
-    magnitudes, and adapters / prefixes the model has) is frozen.
+    transformers' GPT-2 Conv1D layers (a plain GPT2LMHeadModel) load as LoRALinear modules over them, whatever the
+    config's fan_in_fan_out: as in PEFT each layer's layout follows its type (PEFT's own GPT-2 adapters that also
+    target lm_head say false); fan_in_fan_out=True for an adapter none of whose linear layers is a Conv1D here is
+    refused (PEFT never writes that).
+    Raises ValueError for adapter kinds other than LoRA / DoRA on nn.Linear (and Conv1D) and plain LoRA on
+    nn.Embedding and nn.Conv (aLoRA and other variants, LoRA bias, DoRA on embeddings or convs, modules_to_save,
+    trainable tokens, PiSSA/OLoRA/CorDA/LoftQ-initialised adapters, DoRA on tensor-parallel layers). With
+    ``freeze_base`` every parameter except the LoRA A/B weights (and DoRA magnitudes, and adapters / prefixes the
+    model has) is frozen.
 
     A zoo model (GPT, Llama) also takes adapters written for the equivalent transformers model
     (``hf_module_names()``): PEFT on LlamaForCausalLM, or on GPT2LMHeadModel, whose ``c_attn`` LoRA
@@ -696,8 +725,6 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         raise ValueError(f"{path}: peft_type must be LORA, got {config.get('peft_type')!r}")
     hf = _hf_names(model)
     for flag, what in _UNSUPPORTED:
-        if flag == "fan_in_fan_out" and hf is not None:
-            continue  # zoo layers are nn.Linear; a GPT-2 Conv1D's LoRA A/B have nn.Linear's shapes
         if config.get(flag):
             raise ValueError(f"{path}: {flag}={config[flag]!r}: {what} adapters are not supported by "
                              f"llmkern.peft (only plain LoRA on nn.Linear)")
@@ -710,6 +737,7 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         raise ValueError(f"{path}: bias={config['bias']!r} is not supported (only 'none')")
     use_dora = _config_flag(path, config, "use_dora")
     use_rslora = _config_flag(path, config, "use_rslora")
+    fan_in_fan_out = _config_flag(path, config, "fan_in_fan_out")  # (checked against the modules: step 1)
     dropout = _config_dropout(path, config)
     patterns = _config_patterns(path, config)
     weights, metadata = _read_weights(path)
@@ -808,7 +836,8 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         where = name if source == name else f"{name} (from {source} in the checkpoint)"
         mod, layer = _lora_target(model, path, name, where, LoRALinear, r)  # (add refused duplicates)
         if layer is None:
-            if isinstance(mod, (nn.Linear, NF4Linear)):  # (QLoRA: quantize_nf4 first, then load the adapter)
+            # (QLoRA: quantize_nf4 first, then load the adapter; GPT-2: Conv1D layers, any fan_in_fan_out, as PEFT)
+            if isinstance(mod, (nn.Linear, NF4Linear)) or is_hf_conv1d(mod):
                 if not 1 <= r <= MAX_RANK:
                     raise ValueError(f"{path}: {where}: rank {r} is outside LoRALinear's 1..{MAX_RANK}")
             elif _is_parallel(mod):  # a tensor-parallel layer: whole shapes checked, this rank's shard loaded
@@ -823,14 +852,16 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
                 if M is not None:
                     raise ValueError(f"{path}: {where}: DoRA (use_dora) is not supported on tensor-parallel layers")
             else:
-                raise ValueError(f"{path}: module {name} is a {type(mod).__name__}, not an nn.Linear (or NF4Linear)")
+                raise ValueError(f"{path}: module {name} is a {type(mod).__name__}, not an nn.Linear (or NF4Linear, "
+                                 f"transformers Conv1D)")
             layer = mod
-        if tuple(A.shape) != (r, layer.in_features) or tuple(B.shape) != (layer.out_features, r):
+        n_in, n_out = _linear_features(layer)
+        if tuple(A.shape) != (r, n_in) or tuple(B.shape) != (n_out, r):
             raise ValueError(f"{path}: {where}: checkpoint shapes A{tuple(A.shape)} B{tuple(B.shape)} do not "
-                             f"fit the layer (A{(r, layer.in_features)} B{(layer.out_features, r)})")
-        if M is not None and tuple(M.shape) != (layer.out_features,):
+                             f"fit the layer (A{(r, n_in)} B{(n_out, r)})")
+        if M is not None and tuple(M.shape) != (n_out,):
             raise ValueError(f"{path}: {where}: lora_magnitude_vector has shape {tuple(M.shape)}, the layer has "
-                             f"{layer.out_features} output features")
+                             f"{n_out} output features")
         if _is_parallel(mod):
             from llmkern.parallel import lora_state
 
@@ -894,6 +925,8 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
                              f"is {tuple(layer.weight.shape)}")
         conv_targets[name] = (A, B, r, alpha, W)
 
+    if fan_in_fan_out and hf is None:
+        _check_fan_in_fan_out(model, path, targets)
     _check_no_stale_lora(model, {**targets, **emb_targets, **conv_targets}, path)
 
     # 2. load

@@ -5,6 +5,7 @@
     DoRA (use_dora=True): W = (m / ‖W0 + scaling · B A‖_row) ⊙ (W0 + scaling · B A), magnitude m [out]
     initialised to the row norms of W0 (PEFT init); see llmkern.peft.dora.
     QLoRA: the base layer may be a frozen 4-bit llmkern.peft.NF4Linear (see llmkern.peft.qlora).
+    GPT-2: the base layer may be transformers' Conv1D (weight stored [in, out], PEFT's fan_in_fan_out).
 """
 import itertools
 import math
@@ -19,6 +20,7 @@ from llmkern.peft._plain_lora import (  # noqa: F401 (re-exported)
     PlainLoRA,
     check_lora_args,
     has_forward_hooks,
+    is_hf_conv1d,
     lora_scaling,
 )
 from llmkern.peft.dora import dora_linear, dora_weight_norm
@@ -48,6 +50,12 @@ class LoRALinear(PlainLoRA):
     ``merge()`` writes ``(m / ‖W + s B A‖_row) ⊙ (W + s B A)`` into the weight and keeps the norm it used,
     so that ``unmerge()`` can divide it out again (as PEFT does).
 
+    GPT-2: ``base_layer`` may be transformers' ``Conv1D`` (``y = x W + b``, W stored ``[in, out]``; PEFT wraps it
+    with ``fan_in_fan_out=True``). A and B keep nn.Linear's shapes; ``weight`` is the ``[out, in]`` transposed view
+    of the Conv1D's parameter, which the fused op reads in place (no copy; its gradient reaches the parameter), and
+    through which merge / unmerge / DoRA read and write it. The state dict keeps ``base_layer.weight`` in the Conv1D
+    layout (PEFT's), and ``merge_lora(model, remove=True)`` puts the (merged) Conv1D back.
+
     ``disabled = True`` runs the base layer alone (PEFT's disable_adapters); a merged layer is unmerged by its
     next forward, as PEFT does, so the output is the base model's.
 
@@ -56,13 +64,16 @@ class LoRALinear(PlainLoRA):
     """
     _supports_dora = True
 
-    def __init__(self, base_layer: Union[nn.Linear, NF4Linear], r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
-                 use_rslora: bool = False, freeze_base: bool = True, use_dora: bool = False):
-        if not isinstance(base_layer, (nn.Linear, NF4Linear)):
-            raise TypeError(f"base_layer must be an nn.Linear or an llmkern.peft.NF4Linear, got "
-                            f"{type(base_layer).__name__}")
+    def __init__(self, base_layer: Union[nn.Linear, NF4Linear, nn.Module], r: int = 8, alpha: float = 8.0,
+                 dropout: float = 0.0, use_rslora: bool = False, freeze_base: bool = True, use_dora: bool = False):
+        if not isinstance(base_layer, (nn.Linear, NF4Linear)) and not is_hf_conv1d(base_layer):
+            raise TypeError(f"base_layer must be an nn.Linear, an llmkern.peft.NF4Linear or a transformers Conv1D, "
+                            f"got {type(base_layer).__name__}")
         super().__init__(base_layer, r, alpha, dropout, use_rslora, use_dora, "linear", MAX_RANK)
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        if is_hf_conv1d(base_layer):  # (weight [in, out]: its nx / nf attributes, from the tensor itself)
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         w = self.weight
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=w.device, dtype=w.dtype))
@@ -78,9 +89,17 @@ class LoRALinear(PlainLoRA):
         return isinstance(self.base_layer, NF4Linear)
 
     @property
+    def conv1d(self) -> bool:
+        """Whether the base layer is transformers' Conv1D (GPT-2; weight stored [in, out])."""
+        return is_hf_conv1d(self.base_layer)
+
+    @property
     def weight(self):
-        """The base weight: a tensor, or for a 4-bit base its NF4Weight (what lora_linear takes)."""
-        return self.base_layer.nf4_weight() if self.quantized else self.base_layer.weight
+        """The base weight as lora_linear takes it, [out, in]: a tensor (for a Conv1D base the transposed view of its
+        [in, out] parameter: in-place writes to it write the parameter), or for a 4-bit base its NF4Weight."""
+        if self.quantized:
+            return self.base_layer.nf4_weight()
+        return self.base_layer.weight.t() if self.conv1d else self.base_layer.weight
 
     def _base_dtype(self):
         return self.base_layer.compute_dtype if self.quantized else self.base_layer.weight.dtype
@@ -89,7 +108,7 @@ class LoRALinear(PlainLoRA):
         """The base weight as a dense tensor (a 4-bit one dequantized into a temporary, no autograd)."""
         if self.quantized:
             return self.base_layer.nf4_weight().dequantize()
-        return self.base_layer.weight
+        return self.weight
 
     @property
     def bias(self):
@@ -175,14 +194,22 @@ class LoRALinear(PlainLoRA):
         super().merge(safe_merge)
 
     @torch.no_grad()
-    def merged_linear(self, safe_merge: bool = True) -> nn.Linear:
+    def merged_linear(self, safe_merge: bool = True) -> nn.Module:
         """A new dense, frozen ``nn.Linear`` computing what this layer computes (the merged weight as merge()
         forms it, the base bias), in the base dtype; this layer is unchanged. For a 4-bit base W is the
-        dequantized weight, so the dense layer computes what this one does, up to rounding."""
-        w = self.base_layer.weight.detach() if self.merged else self._merged_weight(safe_merge, "merged_linear")[0]
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
-                          dtype=self._base_dtype())
-        dense.weight.copy_(w)
+        dequantized weight, so the dense layer computes what this one does, up to rounding. For a Conv1D base it
+        is a new Conv1D (the layer type the model was built with, weight [in, out]), as merge_lora(remove=True)
+        leaves it."""
+        w = self.weight.detach() if self.merged else self._merged_weight(safe_merge, "merged_linear")[0]
+        if self.conv1d:
+            dense = type(self.base_layer)(self.out_features, self.in_features).to(w.device, self._base_dtype())
+            if self.bias is None:
+                dense.bias = None
+            dense.weight.t().copy_(w)
+        else:
+            dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                              dtype=self._base_dtype())
+            dense.weight.copy_(w)
         if self.bias is not None:
             dense.bias.copy_(self.bias)
         return dense.requires_grad_(False)
@@ -199,11 +226,10 @@ class LoRALinear(PlainLoRA):
             return self._forward_through_base(x, p)
         if self.quantized:
             return self._forward_nf4(x, p)
-        if self.use_dora:
-            return dora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
+        if self.use_dora:  # (a Conv1D's weight goes in as its transposed view: the op reads it in place)
+            return dora_linear(x, self.weight, self.base_layer.bias, self.lora_A, self.lora_B,
                                self.lora_magnitude_vector, self.scaling, p)
-        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
-                           self.scaling, p)
+        return lora_linear(x, self.weight, self.base_layer.bias, self.lora_A, self.lora_B, self.scaling, p)
 
     def _forward_through_base(self, x, p):
         """base_layer(x) + the update, unfused: the base layer has forward hooks, e.g. accelerate's offload
@@ -229,6 +255,7 @@ class LoRALinear(PlainLoRA):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, rslora={self.use_rslora}, "
                 + ("dora=True, " if self.use_dora else "") + ("nf4=True, " if self.quantized else "")
+                + ("conv1d=True, " if self.conv1d else "")
                 + f"merged={self.merged}")
 
 
@@ -249,11 +276,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module):
 def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("q_proj", "v_proj"),
                 r: int = 8, alpha: float = 8.0, dropout: float = 0.0, use_rslora: bool = False,
                 freeze_base: bool = True, use_dora: bool = False) -> List[str]:
-    """Replace every ``nn.Linear`` (or 4-bit ``NF4Linear``: QLoRA, see quantize_nf4) whose name matches
-    ``target_modules`` by a ``LoRALinear`` (``use_dora=True``: DoRA ones, with a trainable magnitude vector
-    per layer), every matching ``nn.Embedding`` (e.g. "embed_tokens", "wte") by a ``LoRAEmbedding``
-    (PEFT's LoRA on embeddings) and every matching ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` by a
-    ``LoRAConv`` (PEFT's LoRA on convs); ``use_dora=True`` with an embedding or conv target raises ValueError.
+    """Replace every ``nn.Linear`` (or 4-bit ``NF4Linear``: QLoRA, see quantize_nf4; or transformers' GPT-2
+    ``Conv1D``, weight [in, out], as PEFT's fan_in_fan_out) whose name matches ``target_modules`` by a
+    ``LoRALinear`` (``use_dora=True``: DoRA ones, with a trainable magnitude vector per layer), every matching
+    ``nn.Embedding`` (e.g. "embed_tokens", "wte") by a ``LoRAEmbedding`` (PEFT's LoRA on embeddings) and every
+    matching ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` by a ``LoRAConv`` (PEFT's LoRA on convs);
+    ``use_dora=True`` with an embedding or conv target raises ValueError.
 
     With ``freeze_base`` (default) every other parameter of the model is frozen too, so that only
     the LoRA parameters train (parameter-efficient ones the model already has, LoRA, DoRA magnitudes, adapters
@@ -263,9 +291,9 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
     from llmkern.peft.lora_embedding import LoRAEmbedding
 
     wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, (LoRALinear, LoRAEmbedding, LoRAConv))}
+    kinds = (nn.Linear, NF4Linear, nn.Embedding) + CONV_TYPES
     names = [n for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, NF4Linear, nn.Embedding) + CONV_TYPES) and id(m) not in wrapped
-             and _matches(n, target_modules)]
+             if (isinstance(m, kinds) or is_hf_conv1d(m)) and id(m) not in wrapped and _matches(n, target_modules)]
     if "" in names:  # (the root: a LoRALinear would become a child of the very layer it wraps)
         raise ValueError(f"target_modules {target_modules!r} matched the model itself, an {type(model).__name__}; "
                          f"wrap a single layer directly: LoRALinear(layer, r=...)")
@@ -275,8 +303,8 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
                          f"directly (F.multi_head_attention_forward), so a LoRA there would never run; leave it out "
                          f"of target_modules")
     if not names:
-        raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear (or NF4Linear, nn.Embedding, "
-                         f"nn.Conv1d/2d/3d) in the model")
+        raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear (or NF4Linear, transformers Conv1D, "
+                         f"nn.Embedding, nn.Conv1d/2d/3d) in the model")
     embeddings = [n for n in names if isinstance(model.get_submodule(n), nn.Embedding)]
     if use_dora and embeddings:
         raise ValueError(f"inject_lora: use_dora=True is not supported on embedding layers ({embeddings[0]} is an "
@@ -363,8 +391,8 @@ def lora_conv_modules(model: nn.Module):
 
 def merge_lora(model: nn.Module, safe_merge: bool = True, remove: bool = False) -> nn.Module:
     """Merge every LoRALinear, LoRAEmbedding and LoRAConv; with ``remove`` put the plain nn.Linear /
-    nn.Embedding / nn.Conv back in its place. (A LoRAConv over a conv with groups > 1 cannot merge: ValueError,
-    nothing merged.)
+    nn.Embedding / nn.Conv (a GPT-2 Conv1D: that Conv1D, merged in its [in, out] layout) back in its place. (A
+    LoRAConv over a conv with groups > 1 cannot merge: ValueError, nothing merged.)
 
     Raises ValueError (nothing merged) when a base weight is shared with another module, e.g. an
     lm_head tied to the token embedding: merging would change that module too. LoRA layers over a 4-bit
