@@ -438,3 +438,49 @@ def test_a_reassigned_rope_global_is_probed_again(monkeypatch, name, replacement
     ids, _ = _batch()
     with torch.no_grad():
         torch.testing.assert_close(fused(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gpt2_peft_model_on_every_llmkern_op(monkeypatch, backend):
+    """The whole drop-in stack on a PEFT LoRA GPT-2 (Conv1D layers, fan_in_fan_out): llmkern attention, fused
+    LayerNorms, the fused LoRA op on every targeted Conv1D and the fused loss give PEFT's loss and gradients, on
+    the reference backend and on the Triton kernels (the interpreter on CPU)."""
+    peft = pytest.importorskip("peft")
+    import llmkern
+    from llmkern.integrations import peft as ip
+
+    if backend == "triton" and triton_device() is None:
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    dev = triton_device() if backend == "triton" else "cpu"
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], lora_dropout=0.0,
+                          fan_in_fan_out=True)
+    ref = peft.get_peft_model(_model("gpt2"), cfg).to(dev)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ref.train()
+    fused = copy.deepcopy(ref)
+    lt.register()
+    fused.get_base_model().set_attn_implementation("llmkern")
+    lt.use_fused_loss(ip.use_fused_lora(lt.use_fused_ops(fused)))
+    calls, attn = [], []
+    real, real_attn = ip.lora_linear, llmkern.attention
+    monkeypatch.setattr(ip, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(llmkern, "attention", lambda *a, **k: attn.append(1) or real_attn(*a, **k))
+    monkeypatch.setenv("LLMKERN_BACKEND", backend)
+    ids, am = (t.to(dev) for t in _batch())
+    labels = ids.masked_fill(am == 0, -100)
+    want = ref(input_ids=ids, attention_mask=am, labels=labels)
+    got = fused(input_ids=ids, attention_mask=am, labels=labels)
+    want.loss.backward()
+    got.loss.backward()
+    assert got.logits is None and len(calls) == 4 * L  # c_attn, attn.c_proj, c_fc, mlp.c_proj per layer
+    assert len(attn) == L
+    assert fused.get_base_model()._llmkern_fused_ops["layer_norm"] == 2 * L + 1
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    for n, p in fused.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=n)
