@@ -23,7 +23,7 @@ HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 _PTRS = {"Q", "K", "V", "O", "LSE", "KPM", "CU_Q", "CU_K", "DO", "DELTA", "DK", "DV", "DQ", "DLSE",
-         "SEQLENS", "OP", "LP", "SEED", "BT", "SINKS", "ALIBI", "KV", "KPE", "KS", "VS"}
+         "SEQLENS", "OP", "LP", "SEED", "BT", "SINKS", "ALIBI", "KV", "KPE", "KS", "VS", "KC", "VC"}
 _F32_PTRS = {"LSE": "fp32", "DELTA": "fp32", "DLSE": "fp32", "KPM": "u8", "CU_Q": "i32", "CU_K": "i32",
              "SEQLENS": "i32", "OP": "fp32", "LP": "fp32", "SEED": "i32", "BT": "i32", "SINKS": "fp32",
              "ALIBI": "fp32", "KS": "fp32", "VS": "fp32"}
@@ -157,6 +157,9 @@ def main(cc=90, dtype="bf16", D=128, every_config=False, Dv=None):
         ("decode split paged fp8", DEC._decode_split,
          dict(dims, HAS_SOFTCAP=True, PREC="tf32", PAGE=16, BLOCK_M=16, BLOCK_N=dec_bn,
               HAS_KPM=True, HAS_ALIBI=False, HAS_KV_SCALE=True), dec_w, dec_s),
+        # appending the new k / v (attention_with_kvcache's k=, v=): dense and paged caches
+        ("kv append", DEC._kv_append, dict(PAGED=False, BLOCK_D=BD, BLOCK_DV=BDV), 1, 1),
+        ("kv append paged", DEC._kv_append, dict(PAGED=True, BLOCK_D=BD, BLOCK_DV=BDV), 1, 1),
         ("decode combine", DEC._decode_combine, dict(HEAD_DIM=Dv, BLOCK_D=BDV, BLOCK_S=16, HAS_SINKS=False), 4, 1),
         ("decode combine sinks", DEC._decode_combine, dict(HEAD_DIM=Dv, BLOCK_D=BDV, BLOCK_S=16, HAS_SINKS=True),
          4, 1),

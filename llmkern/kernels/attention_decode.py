@@ -364,7 +364,7 @@ __all__ = ["attention_decode", "cache_pages", "choose_num_splits", "fp8_in_regis
 # ----------------------------------------------------------------------------- appending new k / v
 
 @triton.jit
-def _kv_append(K, V, KC, VC, SEQLENS, BT, T_NEW, D, DV, PAGE, N_PAGES, CAP,
+def _kv_append(K, V, KC, VC, SEQLENS, BT, T_NEW, D_K, D_V, PAGE, N_PAGES, CAP,
                s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
                s_kcp, s_kch, s_kct, s_kcd, s_vcp, s_vch, s_vct, s_vcd, s_btb, s_btp,
                PAGED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -386,11 +386,11 @@ def _kv_append(K, V, KC, VC, SEQLENS, BT, T_NEW, D, DV, PAGE, N_PAGES, CAP,
     tl.device_assert(ok, "attention_with_kvcache: a new token's cache position or page is out of range")
     slot = pos % PAGE
     offs = tl.arange(0, BLOCK_D)
-    mask = (offs < D) & ok
+    mask = (offs < D_K) & ok
     k = tl.load(K + b * s_kb + h * s_kh + i * s_kt + offs * s_kd, mask=mask)
     tl.store(KC + page * s_kcp + h * s_kch + slot * s_kct + offs * s_kcd, k, mask=mask)
     offs_v = tl.arange(0, BLOCK_DV)
-    mask_v = (offs_v < DV) & ok
+    mask_v = (offs_v < D_V) & ok
     v = tl.load(V + b * s_vb + h * s_vh + i * s_vt + offs_v * s_vd, mask=mask_v)
     tl.store(VC + page * s_vcp + h * s_vch + slot * s_vct + offs_v * s_vcd, v, mask=mask_v)
 
