@@ -99,6 +99,10 @@ def main(everything=False):
         ("gemm bwd dx dropout", L._gemm_kernel, gemm_t,
          dict(gemm_bwd, HAS_BIAS=False, HAS_IDS=False, EPI_DROPOUT=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
               BLOCK_R=32), 8, 3),
+        # a GPT-2 Conv1D weight ([in, out] read as its transposed view: W's unit stride along N, as the backward's)
+        ("gemm fwd conv1d weight", L._gemm_kernel, gemm_t,
+         dict(gemm_bwd, HAS_BIAS=True, HAS_IDS=False, EPI_DROPOUT=False, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64,
+              BLOCK_R=16), 8, 3),
         ("shrink fwd dropout", L._shrink_kernel, shrink_t,
          dict(sxk=1, sa_k=1, sor=1, HAS_IDS=False, DROPOUT=True, BLOCK_M=64, BLOCK_K=128, BLOCK_R=16,
               PRECISION="tf32"), 4, 3),
