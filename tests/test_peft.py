@@ -244,6 +244,19 @@ def test_use_fused_lora_fuses_gpt2_conv1d_layers(backend, use_dora):
             torch.testing.assert_close(p.grad, want[n], rtol=1e-3, atol=1e-5, msg=n)
 
 
+def test_use_fused_lora_gpt2_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces the fused Conv1D layers (the Conv1D test reads sys.modules)."""
+    from llmkern.integrations import peft as ip
+
+    model = _peft_gpt2()
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+        ip.use_fused_lora(model)
+        got = torch.compile(lambda t: model(t).logits, backend="eager", fullgraph=True)(ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_use_fused_lora_gpt2_mixed_adapter_batch(backend):
     from llmkern.integrations import peft as ip
 
