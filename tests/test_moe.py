@@ -348,6 +348,42 @@ def _compiled_equals_eager(x, wgu, wd, ids, tw):
     assert not g_got[3][ids < 0].any()
 
 
+def test_float32_ieee_configs(monkeypatch):
+    """float32 without TF32 (tl.dot's "ieee": FMA dots, no tensor cores) autotunes over its own small-BLOCK_K
+    tiles, and LLMKERN_MOE_AUTOTUNE=0 takes the first of them: the 16-bit lists' BLOCK_K 64 / 128 spill kilobytes
+    of stack there at sm_80 (tests/test_moe_compile.py compiles them). 16-bit inputs (and float32 as TF32) keep
+    the tensor-core lists. The launcher's choice, on the GPU path (not the interpreter's fixed blocks)."""
+    pytest.importorskip("triton")
+    from llmkern.kernels import moe as kern
+
+    ieee = {"gate_up": kern.GATE_UP_IEEE_TILES, "gemm": kern.GEMM_IEEE_TILES,
+            "gate_up_bwd": kern.GATE_UP_BWD_IEEE_TILES, "wgrad": kern.WGRAD_IEEE_TILES}
+    mma = {"gate_up": kern.GATE_UP_TILES, "gemm": kern.GEMM_TILES, "gate_up_bwd": kern.GATE_UP_BWD_TILES,
+           "wgrad": kern.WGRAD_TILES}
+
+    def tiles(configs):
+        wgrad = "BLOCK_P" in configs[0].kwargs
+        dims = ("BLOCK_P", "BLOCK_R", "BLOCK_M") if wgrad else ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+        return [tuple(c.kwargs[d] for d in dims) + (c.num_warps, c.num_stages) for c in configs]
+
+    monkeypatch.setattr(kern, "triton_interpreting", lambda: False)
+    for autotune in ("1", "0"):
+        monkeypatch.setenv("LLMKERN_MOE_AUTOTUNE", autotune)
+        monkeypatch.setattr(kern, "_tuned", {})
+        for name in ieee:
+            got = {(prec, esize): tiles(kern._kernel(name, esize, prec)[0].autotuner.configs)
+                   for prec, esize in (("ieee", 4), ("tf32", 4), ("tf32", 2))}
+            if autotune == "1":
+                assert got["ieee", 4] == ieee[name], name
+                assert got["tf32", 4] == got["tf32", 2] == mma[name], name
+            else:  # the first candidate that fits shared memory (float32 as TF32: in its doubled tiles)
+                assert got["ieee", 4] == ieee[name][:1], name
+                assert got["tf32", 4] == tiles([kern.fixed_config(name, 4, "tf32")]), name
+                assert got["tf32", 2] == mma[name][:1], name  # 16-bit inputs: as before
+            # the BLOCK_K (wgrad: BLOCK_M) that keeps the FMA dots' operand slices in registers
+            assert all(t[2] <= 32 for t in got["ieee", 4]), (name, got["ieee", 4])
+
+
 # ---- registration ------------------------------------------------------------------------------------
 
 def _op_args(T=8, d=24, F=20, E=4, k=2, save_h=True):

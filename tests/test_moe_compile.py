@@ -12,7 +12,13 @@ spills.
 The signatures are those of a real launch: contiguous operands' unit strides constexpr, other strides
 and the sizes F, K, N, P, R divisible by 16 (d = 2048, F = 1408 or 14336, ...).
 
+float32 (`main_fp32`, its own test): with input_precision "ieee" (no TF32) tl.dot has no tensor-core MMA
+and the kernels take moe.configs_for(name, "ieee"), whose first candidate is LLMKERN_MOE_AUTOTUNE=0's
+choice; every one of those (in its heaviest use; the fixed one in every use) compiles for sm_80 (the fixed one
+also for sm_90) with at most 256 bytes of stack and within the target's shared memory.
+
     python tests/test_moe_compile.py        # prints the resource table
+    python tests/test_moe_compile.py fp32   # the float32 "ieee" table, sm_80 and sm_90
 """
 import os
 import re
@@ -72,6 +78,50 @@ def _tile_rows(K):
     return rows
 
 
+SMEM_LIMITS = {90: SMEM_LIMIT, 80: 166912}  # bytes of shared memory one block may use (opt-in maximum)
+_MNK = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+_PRM = ("BLOCK_P", "BLOCK_R", "BLOCK_M")
+
+
+def _fp32_rows(fixed_only=False):
+    """Every float32 "ieee" candidate of each kernel, silu, in its heaviest use (the sorted GEMM as the down
+    projection, the weight gradient as dw_down: the most registers), and the fixed choice (the first, named
+    "fixed") in the other uses too (dx, dw_gate_up); fixed_only: the fixed choice only (sm_90, where the old
+    tiles spilled little: the A100 is the target that shows the spills). About 1 s of compile each."""
+    from llmkern.kernels import moe as K
+
+    common = dict(PRECISION="ieee", BLOCK_E=BLOCK_E)
+    uses = {"gate_up": [("gate_up", K._gate_up_kernel, dict(common, sw_k=1, ACT=0, SAVE_H=True))],
+            "gemm": [("down", K._sorted_gemm_kernel, dict(common, sb_k=1)),
+                     ("dx", K._sorted_gemm_kernel, dict(common, sb_n=1))],
+            "gate_up_bwd": [("gate_up_bwd", K._gate_up_bwd_kernel,
+                             dict(common, sw_n=1, ACT=0, SLOT_N=K.GPU_SLOT_N))],
+            "wgrad": [("wgrad dw_down", K._wgrad_kernel, dict(PRECISION="ieee", ACT=0, Y_TOKEN=True, Z_TOKEN=False)),
+                      ("wgrad dw_gate_up", K._wgrad_kernel,
+                       dict(PRECISION="ieee", ACT=0, Y_TOKEN=False, Z_TOKEN=True))]}
+    rows = []
+    for name, kernel_uses in uses.items():
+        for i, c in enumerate(K.configs_for(name, "ieee")[:1 if fixed_only else None]):
+            tile = "x".join(str(c.kwargs[d]) for d in (_PRM if name == "wgrad" else _MNK))
+            for use, fn, consts in kernel_uses[:None if i == 0 else 1]:
+                rows.append((f"{use} {tile}{' fixed' if i == 0 else ''}", fn, dict(c.kwargs, **consts),
+                             c.num_warps, c.num_stages))
+    return rows
+
+
+def main_fp32():
+    test_lora_compile._DIV16 = test_lora_compile._DIV16 | {"F", "R"}
+    types = {n: "*fp32" for n in ("X", "W", "A", "H", "IN", "B", "OUT", "DY", "WD", "DH", "Y", "Z", "O")}
+    types.update(ORDER="*i32", SEG="*i32", IDS="*i32", TW="*fp32", DWP="*fp32")
+    for cc in (80, 90):
+        for name, fn, consts, warps, stages in _fp32_rows(fixed_only=cc == 90):
+            consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+            r = _compile(fn, types, consts, warps, stages, cc=cc)
+            print(f"{name:37s} sm_{cc} fp32 ieee warps={warps} stages={stages}: regs={r['regs']} stack={r['stack']} "
+                  f"smem={r['smem']}", flush=True)
+    print("COMPILED-ALL")
+
+
 def main():
     test_lora_compile._DIV16 = test_lora_compile._DIV16 | {"F", "R"}
     dt = "bf16"
@@ -105,5 +155,22 @@ def test_moe_kernels_compile_for_sm90():
             assert "wgmma=True" in line, f"no warp-group MMA: {line}"
 
 
+@pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's bundled ptxas")
+def test_moe_float32_ieee_kernels_compile_for_sm80_and_sm90():
+    """float32 without TF32 (FMA dots): no heavy spill and within shared memory on the A100 and the H100, for
+    the fixed choice (the first candidate, "fixed") and every autotuning candidate."""
+    lines = compiled_table(HERE, ["fp32"], timeout=600)
+    want = [f"{name} sm_{cc}" for cc in (80, 90) for name, *_ in _fp32_rows(fixed_only=cc == 90)]
+    assert [re.sub(r" +(sm_\d+) .*", r" \1", line) for line in lines] == want, "\n".join(lines)
+    assert sum(" fixed " in line for line in lines) == 2 * 6, lines  # the six uses, per target
+    for line in lines:
+        stack = int(re.search(r"stack=(\d+)", line).group(1))
+        assert stack <= 256, f"heavy register spills: {line}"
+        smem = int(re.search(r"smem=(\d+)", line).group(1))
+        assert smem <= SMEM_LIMITS[int(re.search(r" sm_(\d+) ", line).group(1))], f"over shared memory: {line}"
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main_fp32() if sys.argv[1:] == ["fp32"] else main()

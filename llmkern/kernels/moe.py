@@ -53,7 +53,8 @@ gate-up epilogue (act(g)) and the backward's (act'(g)); tl.math.erf lowers to li
 Accumulation in float32; outputs in the input dtype. Launchers make their activations contiguous
 (a gradient from `.sum()` arrives as a stride-0 expanded tensor); weights are read through their
 strides. Under TRITON_INTERPRET=1 one small fixed configuration per kernel; on GPU the kernels are
-autotuned (LLMKERN_MOE_AUTOTUNE=0: one fixed configuration each).
+autotuned (LLMKERN_MOE_AUTOTUNE=0: one fixed configuration each), float32 without TF32 (FMA dots, no
+tensor cores) over its own smaller tiles (configs_for).
 """
 import os
 
@@ -307,10 +308,22 @@ GATE_UP_BWD_TILES = [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 64, 64, 8, 
 # (BLOCK_P, BLOCK_R, BLOCK_M, warps, stages)
 WGRAD_TILES = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
                (64, 64, 64, 4, 4)]
+# float32 with input_precision "ieee" (mma_precision's default for float32: torch's allow_tf32 off) has no
+# tensor-core MMA: tl.dot becomes FMAs over per-thread slices of the operand tiles, which a BLOCK_K of 64 or
+# 128 (or BLOCK_M 64 in wgrad's reduction) overflows: at sm_80 the 16-bit lists above spill kilobytes of stack
+# (gate-up 128x64x64: 6208 bytes; 16x64x128 also needs 221184 bytes of shared memory, over the A100's 166912).
+# A BLOCK_K of 16 (32 rows per step in wgrad) keeps every one of these within 255 registers at sm_80 and sm_90,
+# with no spill (8 bytes of stack for the 64x64 gate-up with the erf gelu at sm_90) and at most 82 KB of shared
+# memory (`python tests/test_moe_compile.py fp32`): large tiles for prefill, 64x64 for mid-size experts, 16 rows
+# for decoding. The first is LLMKERN_MOE_AUTOTUNE=0's choice. 16-bit inputs and float32 as TF32 use the lists above.
+GATE_UP_IEEE_TILES = [(128, 64, 16, 8, 3), (64, 64, 16, 4, 3), (16, 64, 16, 4, 3)]
+GEMM_IEEE_TILES = [(128, 128, 16, 8, 3), (64, 64, 16, 4, 3), (16, 128, 16, 4, 3)]
+GATE_UP_BWD_IEEE_TILES = [(128, 64, 16, 8, 3), (64, 64, 16, 4, 3), (16, 64, 16, 4, 3)]
+WGRAD_IEEE_TILES = [(128, 128, 32, 8, 3), (64, 64, 32, 4, 3)]
 _MNK = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 _PRM = ("BLOCK_P", "BLOCK_R", "BLOCK_M")
 
-GPU_SLOT_N = 64  # d topk_weights partials per 64 columns of F: every GATE_UP_BWD_TILES BLOCK_N is a multiple
+GPU_SLOT_N = 64  # d topk_weights partials per 64 columns of F: every GATE_UP_BWD(_IEEE)_TILES BLOCK_N is a multiple
 INTERP_SLOT_N = 16
 
 _KERNELS = {  # name: (kernel, candidates, autotune key)
@@ -320,6 +333,12 @@ _KERNELS = {  # name: (kernel, candidates, autotune key)
     "gate_up_bwd": (_gate_up_bwd_kernel, [_cfg(_MNK, t[:3], *t[3:]) for t in GATE_UP_BWD_TILES],
                     ["F", "K", "rows_hint", "ACT"]),
     "wgrad": (_wgrad_kernel, [_cfg(_PRM, t[:3], *t[3:]) for t in WGRAD_TILES], ["P", "R", "Y_TOKEN", "split"]),
+}
+_IEEE = {  # name: the float32 "ieee" candidates (FMA dots)
+    "gate_up": [_cfg(_MNK, t[:3], *t[3:]) for t in GATE_UP_IEEE_TILES],
+    "gemm": [_cfg(_MNK, t[:3], *t[3:]) for t in GEMM_IEEE_TILES],
+    "gate_up_bwd": [_cfg(_MNK, t[:3], *t[3:]) for t in GATE_UP_BWD_IEEE_TILES],
+    "wgrad": [_cfg(_PRM, t[:3], *t[3:]) for t in WGRAD_IEEE_TILES],
 }
 _INTERP = {"gate_up": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32), "gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32),
            "gate_up_bwd": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32),
@@ -337,25 +356,38 @@ def _smem(name, config, esize):
     return config.num_stages * tiles * esize
 
 
-def _kernel(name, esize):
+def configs_for(name, precision):
+    """The autotuning candidates of kernel `name` for tl.dot's input precision: the float32 "ieee" list (FMA
+    dots) or the tensor-core one (16-bit inputs, and float32 as TF32)."""
+    return _IEEE[name] if precision == "ieee" else _KERNELS[name][1]
+
+
+def fixed_config(name, esize, precision):
+    """LLMKERN_MOE_AUTOTUNE=0's configuration: the first candidate whose tiles fit shared memory in this
+    element size (float32 doubles them)."""
+    configs = configs_for(name, precision)
+    return next((c for c in configs if _smem(name, c, esize) <= 200 << 10), configs[-1])
+
+
+def _kernel(name, esize, precision):
     """(kernel, fixed meta-parameters): the raw kernel with small blocks under the interpreter, an
-    autotuner (behind the low-overhead launch front) on GPU. LLMKERN_MOE_AUTOTUNE=0: the first
-    candidate whose tiles fit shared memory in this element size (float32 doubles them)."""
-    raw, configs, key = _KERNELS[name]
+    autotuner (behind the low-overhead launch front) on GPU over configs_for(name, precision), or over
+    fixed_config's one under LLMKERN_MOE_AUTOTUNE=0."""
+    raw, _, key = _KERNELS[name]
     if triton_interpreting():
         return raw, _INTERP[name]
     fixed = os.environ.get("LLMKERN_MOE_AUTOTUNE", "1") == "0"
-    tag = (name, esize) if fixed else name
+    ieee = precision == "ieee"
+    tag = (name, ieee, esize) if fixed else (name, ieee)
     if tag not in _tuned:
-        if fixed:
-            configs = [next((c for c in configs if _smem(name, c, esize) <= 200 << 10), configs[-1])]
+        configs = [fixed_config(name, esize, precision)] if fixed else configs_for(name, precision)
         tuner = triton.autotune(configs, key=[] if fixed else key)(raw)
         _tuned[tag] = _autotune_front.Tuned(tuner)
     return _tuned[tag], {}
 
 
 def _launch(name, grid, *args, **kwargs):
-    kern, fixed = _kernel(name, args[0].element_size())
+    kern, fixed = _kernel(name, args[0].element_size(), kwargs["PRECISION"])
     with on_device(*args):
         kern[grid](*args, **kwargs, **fixed)
 
