@@ -27,8 +27,8 @@ vocab 128256, head_dim 128, d_ff 14336, 256 experts) and Triton's default num_st
 and the @triton.jit helpers of _common.py (tanh, split_rows) through their callers.
 
 Targets: sm_90 bf16 (everything), sm_80 fp16 (a subset). Asserts: every kernel compiles (COMPILED-ALL), stack
-(register spills) <= 256 bytes, shared memory within the architecture's per-block limit, and the warp-group MMA
-for the sm_90 MoE tiles of 64 rows or more.
+(register spills) <= 256 bytes, shared memory within the architecture's per-block limit, the warp-group MMA
+for the sm_90 MoE tiles of 64 rows or more, and at most 96 registers for RoPE (warps for its whole row tile).
 
     python tests/test_kernels_compile.py [90|80]     # prints the resource table (both targets by default)
 """
@@ -153,9 +153,10 @@ def _rope_rows(dt, full):
         variants = [v for v in variants if v[0] in ("decode fwd", "interleaved bwd")]
     rows = []
     for name, ty, hq, hk, D, R, tokens, inter, trans in variants:
-        bq, bk, bh, warps = K.config(hq, hk, R // 2, tokens)
+        block_pass = next_power_of_2(D - R) if R < D else 0  # as rope_apply passes it
+        bq, bk, bh, warps = K.config(hq, hk, R // 2, tokens, block_pass)
         consts = dict(unit, INTERLEAVED=inter, TRANSPOSE=trans, BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_HALF=bh,
-                      HAS_PASS=R < D, BLOCK_PASS=next_power_of_2(max(D - R, 1)))
+                      HAS_PASS=R < D, BLOCK_PASS=max(block_pass, 1))
         rows.append((f"rope {name}", K._rope, ty, consts, warps, DEFAULT_STAGES))
     return rows
 
@@ -257,6 +258,8 @@ def test_other_kernels_compile_for_gpu_targets():
         assert stack <= 256, f"heavy register spills: {line}"
         smem = int(re.search(r"smem=(\d+)", line).group(1))
         assert smem <= SMEM_LIMIT[cc], f"does not fit in shared memory: {line}"
+        if line.startswith("rope "):  # warps for the whole row tile, pass-through included: <= 32 elements a thread
+            assert int(re.search(r"regs=(\d+)", line).group(1)) <= 96, f"too few warps for the tile: {line}"
         tile = re.search(r"^moe .* (\d+)x\d+x\d+ +sm_90 ", line)
         if tile and int(tile.group(1)) >= 64:
             assert "wgmma=True" in line, f"no warp-group MMA: {line}"

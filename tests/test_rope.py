@@ -172,6 +172,29 @@ def test_empty_sequence(triton_backend):
     assert qo.shape == q.shape and ko.shape == k.shape
 
 
+@pytest.mark.parametrize("Hq, Hk, D, R", [(32, 8, 128, 128), (32, 32, 128, 32), (32, 2, 128, 64), (32, 32, 80, 32),
+                                         (16, 16, 256, 256), (128, 1, 64, 64)])
+@pytest.mark.parametrize("tokens", [8, 8192], ids=["decode", "prefill"])
+def test_gpu_config_warps_cover_the_whole_row_tile(monkeypatch, Hq, Hk, D, R, tokens):
+    """The GPU launch's warps count everything a program holds, the pass-through block of partial rotary too:
+    at most 32 elements per thread (up to 8 warps). R = 32 of D = 128 (GPT-NeoX) at 32 heads moves 160 channels
+    per head, where counting the rotary half alone gave 1 warp (160 elements, 134 registers per thread at sm_90);
+    full rotary keeps its choice (4 warps for 32 heads of 128 at prefill, 1 for decoding's 4-head blocks)."""
+    pytest.importorskip("triton")
+    from llmkern.kernels import rope as kern
+    from llmkern.kernels._common import next_power_of_2
+
+    monkeypatch.setattr(kern, "_interpreting", lambda: False)
+    block_pass = next_power_of_2(D - R) if R < D else 0  # rope_apply's BLOCK_PASS
+    bq, bk, bh, warps = kern.config(Hq, Hk, R // 2, tokens, block_pass)
+    per_thread = max(bq, bk) * (2 * bh + block_pass) / (32 * warps)
+    assert per_thread <= 32 or warps == 8, (bq, bk, bh, warps)
+    assert warps == 1 or per_thread > 8, (bq, bk, bh, warps)  # and no more warps than that needs
+    want = {(32, 8, 128, 128, 8): (4, 4, 64, 1), (32, 8, 128, 128, 8192): (32, 8, 64, 4),  # as before
+            (32, 32, 128, 32, 8): (16, 16, 16, 4), (32, 32, 128, 32, 8192): (32, 32, 16, 8)}  # were 1 warp
+    assert want.get((Hq, Hk, D, R, tokens), (bq, bk, bh, warps)) == (bq, bk, bh, warps)
+
+
 # ---- against transformers and the model zoo ----------------------------------------------------------
 
 def _llama_cos_sin(B, T, D, dtype=torch.float32):

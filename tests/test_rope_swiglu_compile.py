@@ -21,13 +21,20 @@ HERE = os.path.abspath(__file__)
 def _rope_rows():
     from llmkern.kernels import rope as K
 
-    unit = dict(sq_d=1, sk_d=1, sqo_d=1, sko_d=1, sc_d=1)
-    base = dict(unit, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_HALF=64, HAS_PASS=False, BLOCK_PASS=1)
-    partial = dict(unit, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_HALF=16, HAS_PASS=True, BLOCK_PASS=128)  # R = 32 of 128
-    return [("rope fwd", K._rope, dict(base, INTERLEAVED=False, TRANSPOSE=False), 4),
-            ("rope bwd", K._rope, dict(base, INTERLEAVED=False, TRANSPOSE=True), 4),
-            ("rope interleaved fwd", K._rope, dict(base, INTERLEAVED=True, TRANSPOSE=False), 4),
-            ("rope partial bwd", K._rope, dict(partial, INTERLEAVED=False, TRANSPOSE=True), 4)]
+    from llmkern.kernels._common import next_power_of_2
+
+    def launch(R, D, tokens=8192):  # what rope_apply picks for 32 q heads, 8 k heads of head_dim D
+        block_pass = next_power_of_2(D - R) if R < D else 0
+        bq, bk, bh, warps = K.config(32, 8, R // 2, tokens, block_pass)
+        return dict(sq_d=1, sk_d=1, sqo_d=1, sko_d=1, sc_d=1, BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_HALF=bh,
+                    HAS_PASS=R < D, BLOCK_PASS=max(block_pass, 1)), warps
+
+    base, w = launch(128, 128)
+    partial, pw = launch(32, 128)  # R = 32 of 128 (GPT-NeoX): the pass-through block counts for the warps
+    return [("rope fwd", K._rope, dict(base, INTERLEAVED=False, TRANSPOSE=False), w),
+            ("rope bwd", K._rope, dict(base, INTERLEAVED=False, TRANSPOSE=True), w),
+            ("rope interleaved fwd", K._rope, dict(base, INTERLEAVED=True, TRANSPOSE=False), w),
+            ("rope partial bwd", K._rope, dict(partial, INTERLEAVED=False, TRANSPOSE=True), pw)]
 
 
 def _glu_rows():
@@ -48,7 +55,7 @@ def main():
         for name, fn, consts, warps in _rope_rows() + _glu_rows():
             consts = {k: v for k, v in consts.items() if k in fn.arg_names}
             r = _compile(fn, types, consts, warps, 1, cc=cc)
-            print(f"{name:22s} sm_{cc} {dt}: regs={r['regs']} stack={r['stack']} ldg128={r['ldg128']} "
+            print(f"{name:22s} sm_{cc} {dt} warps={warps}: regs={r['regs']} stack={r['stack']} ldg128={r['ldg128']} "
                   f"stg128={r['stg128']}", flush=True)
     print("COMPILED-ALL")
 
@@ -60,6 +67,8 @@ def test_rope_swiglu_kernels_compile():
     for line in lines:
         assert "stack=0 " in line, f"register spills: {line}"
         assert "ldg128=True stg128=True" in line, f"no 16-byte vectors: {line}"
+        if line.startswith("rope"):  # at most 32 elements per thread (the partial row had 160 on 1 warp: 134)
+            assert int(line.split("regs=")[1].split()[0]) <= 96, f"too few warps for the tile: {line}"
 
 
 if __name__ == "__main__":

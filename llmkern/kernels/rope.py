@@ -122,10 +122,13 @@ def interpreter_heads():
     return int(os.environ.get("LLMKERN_ROPE_INTERP_HEADS", "2"))
 
 
-def config(Hq, Hk, half, n_tokens):
+def config(Hq, Hk, half, n_tokens, block_pass=0):
     """(BLOCK_HQ, BLOCK_HK, BLOCK_HALF, num_warps): head blocks of up to MAX_TILE elements per half
     (all 32 heads of a head_dim-128 q in one program: 16 KB of bf16 moved per program), narrower
-    when there are few tokens (decoding), so that the grid still fills the GPU."""
+    when there are few tokens (decoding), so that the grid still fills the GPU. Warps for the whole
+    row tile a program holds: both halves plus, with partial rotary, the pass-through block of
+    block_pass channels (BLOCK_PASS; 0 without one), 1024 elements per warp (32 per thread), at most 8:
+    R = 32 of 128 channels moves 160 per head, not 32 (1 warp there held 160 elements per thread)."""
     bh = next_power_of_2(half)
     if _interpreting():
         cap = interpreter_heads()
@@ -134,7 +137,8 @@ def config(Hq, Hk, half, n_tokens):
         cap = max(1, tile // bh)
     bq = min(next_power_of_2(max(Hq, 1)), cap)
     bk = min(next_power_of_2(max(Hk, 1)), cap)
-    warps = 1 if _interpreting() else max(1, min(8, max(bq, bk) * bh // 512))
+    row = 2 * bh + block_pass
+    warps = 1 if _interpreting() else min(8, next_power_of_2(cdiv(max(bq, bk) * row, 1024)))
     return bq, bk, bh, warps
 
 
@@ -165,11 +169,12 @@ def rope_apply(q, k, cos, sin, *, interleaved=False, transpose=False):
     if B * T == 0 or Hq + Hk == 0:
         return qo, ko
     cos, sin, cstr = _cos_sin_rows(cos, sin)
-    bq, bk, bh, warps = config(Hq, Hk, half, B * T)
+    block_pass = next_power_of_2(D - R) if R < D else 0
+    bq, bk, bh, warps = config(Hq, Hk, half, B * T, block_pass)
     n_qblk, n_kblk = cdiv(Hq, bq), cdiv(Hk, bk)
     _rope[(B * T, n_qblk + n_kblk)](
         q, k, qo, ko, cos, sin, T, Hq, Hk, half, R, D, n_qblk,
         *q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *cstr,
         INTERLEAVED=bool(interleaved), TRANSPOSE=bool(transpose), BLOCK_HQ=bq, BLOCK_HK=bk,
-        BLOCK_HALF=bh, HAS_PASS=R < D, BLOCK_PASS=next_power_of_2(max(D - R, 1)), num_warps=warps)
+        BLOCK_HALF=bh, HAS_PASS=R < D, BLOCK_PASS=max(block_pass, 1), num_warps=warps)
     return qo, ko
