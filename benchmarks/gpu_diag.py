@@ -296,6 +296,13 @@ def decode():
                          f"({gb / t * 1e3:.0f} GB/s)")
                 except Exception as exc:  # noqa: BLE001 - e.g. a config out of shared memory
                     _say(f"  decode {cfg} splits={splits}: {type(exc).__name__}: {str(exc)[:100]}")
+    # llmkern.attention on a plain cache tensor (transformers' DynamicCache): one query, no grad, now the split-K
+    # decode kernel; LLMKERN_ATTN_DECODE_MAX_TQ=0 gives the forward kernel it replaced
+    t = ms(lambda: llmkern.attention(q, kc, vc, causal=True))
+    with env(LLMKERN_ATTN_DECODE_MAX_TQ="0"):
+        t0 = ms(lambda: llmkern.attention(q, kc, vc, causal=True))
+    _say(f"  llmkern.attention Tq=1 no grad: decode route {t:.4f} ms ({gb / t * 1e3:.0f} GB/s), forward kernel "
+         f"{t0:.4f} ms ({gb / t0 * 1e3:.0f} GB/s)")
     # the float8 cache (half the bytes): the same kernel with wider key tiles may pay off there
     k8, v8 = llmkern.quantize_kv(kc), llmkern.quantize_kv(vc)
     for cfg in ("64,4,3", "128,4,3", "128,8,3", "256,8,3"):

@@ -485,7 +485,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     backend = _backend_for(q.device, q.dtype, "attention")
-    if backend == "triton":
+    if backend == "triton" and _runs_as_decode(q, k, v, p):
+        extra = {n: t for n, t in (("sinks", sinks), ("key_padding_mask", key_padding_mask),
+                                   ("alibi_slopes", alibi_slopes)) if t is not None}
+        lens = torch.full((B,), Tk, dtype=torch.int32, device=q.device)
+        out, lse = _attention_decode_op(q, k, v, lens, None, scale, causal, wl, wr, sc, 0, **extra)
+    elif backend == "triton":
         out, lse = _attention_fwd(q, k, v, key_padding_mask, None, None, seed_t, -1, -1, scale, causal, wl, wr, sc,
                                   p, sinks=sinks, alibi_slopes=alibi_slopes)
     elif (q.device.type == "cpu" and not sc and not return_lse and not p and sinks is None and alibi_slopes is None
@@ -496,6 +501,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                                  softcap=sc or None, key_padding_mask=key_padding_mask, return_lse=True,
                                  dropout_p=p, seed=seed_t, sinks=sinks, alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out
+
+
+def _decode_max_tq():
+    """The most queries per row an inference call runs on the split-K decode kernel (LLMKERN_ATTN_DECODE_MAX_TQ,
+    default 16; 0: never)."""
+    return int(os.environ.get("LLMKERN_ATTN_DECODE_MAX_TQ", "16"))
+
+
+def _runs_as_decode(q, k, v, p):
+    """Whether an attention call takes the split-K decode kernel (attention_with_kvcache's) instead of the
+    forward kernel: a few queries per row (a decode step of a model whose cache is a plain tensor, e.g.
+    transformers' DynamicCache; speculative drafts), no dropout, and no gradient wanted (the decode kernel has
+    no backward). Its grid splits the keys, so a small batch still fills the GPU, and it packs a GQA group's
+    query heads into one tile, reading each K/V tile once per group (the forward kernel's grid is one program
+    per query block and head: for one query, B * H programs each over every key)."""
+    if p or q.shape[2] > _decode_max_tq():
+        return False
+    return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
 
 
 def _cpu_sdpa(q, k, v, causal, scale, wl, wr, key_padding_mask):

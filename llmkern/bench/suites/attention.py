@@ -310,6 +310,14 @@ def _decode_rows(ctx, B, H, Hk, T, D, dtype):
                  ours_ms=ours_ms, baseline=best, baseline_ms=base[best],
                  throughput=gbytes / (ours_ms * 1e-3), unit="GB/s",
                  extra={f"{n}_ms": ms for n, ms in base.items()})
+    # llmkern.attention itself on the same tensors (a model whose cache is a plain tensor, transformers'
+    # DynamicCache): one query and no gradient take the split-K decode kernel too
+    plain_ms = time_fn(lambda: llmkern.attention(q, kc, vc, causal=True), dev, quick=ctx.quick)
+    yield Result(op="attention, one query (plain cache tensor)",
+                 shape=f"B={B} H={H} Hk={Hk} kv={T} D={D} q=1 {str(dtype).replace('torch.', '')}",
+                 ours_ms=plain_ms, baseline=best, baseline_ms=base[best],
+                 throughput=gbytes / (plain_ms * 1e-3), unit="GB/s",
+                 notes="" if dev.type == "cuda" else "CPU: SDPA's CPU kernel")
     # the same cache stored as float8 (vLLM's kv_cache_dtype="fp8"): half the bytes the decode reads
     fp8 = torch.float8_e4m3fn
     k8, v8 = llmkern.quantize_kv(kc, fp8, 0.5), llmkern.quantize_kv(vc, fp8, 0.5)

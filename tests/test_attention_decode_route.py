@@ -1,0 +1,105 @@
+"""llmkern.attention for a few queries per row and no gradient (a decode step of a model whose KV cache is a plain
+tensor, e.g. transformers' DynamicCache) runs the split-K decode kernel: the same outputs and LSE as the reference
+for every feature the call takes (causal bottom-right, windows, padding masks, softcap, sinks, ALiBi, GQA, a value
+head dim of its own, queries that see no key), under the Triton interpreter on CPU."""
+import pytest
+import torch
+
+import llmkern
+from llmkern.kernels import attention as KA, attention_decode as KD
+from llmkern.testing import triton_device
+
+DEV = triton_device()
+pytestmark = pytest.mark.skipif(DEV is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+
+# (Tq, Tk, H, Hk, D, Dv, options)
+CASES = [
+    (1, 37, 4, 2, 16, 16, dict(causal=True)),
+    (1, 70, 4, 1, 16, 8, dict(causal=True, return_lse=True)),
+    (3, 37, 4, 2, 16, 16, dict(causal=True, window=(5, 0))),
+    (2, 37, 2, 2, 16, 16, dict(causal=False, window=(3, 2), return_lse=True)),
+    (1, 37, 4, 2, 16, 16, dict(causal=True, key_padding_mask="left")),
+    (4, 33, 4, 2, 16, 16, dict(causal=True, softcap=5.0, return_lse=True)),
+    (1, 37, 4, 2, 16, 16, dict(causal=True, sinks=True, return_lse=True)),
+    (2, 37, 4, 2, 16, 16, dict(causal=True, alibi=True)),
+    (5, 3, 4, 2, 16, 16, dict(causal=True, return_lse=True)),      # queries 0, 1 see no key: zeros, LSE -inf
+    (1, 1, 4, 4, 16, 16, dict(causal=False)),
+    (16, 40, 2, 1, 32, 32, dict(causal=True, key_padding_mask="left", window=(7, 0))),
+]
+
+
+def _inputs(Tq, Tk, H, Hk, D, Dv, opts, B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Tq, D, generator=g)
+    k = torch.randn(B, Hk, Tk, D, generator=g)
+    v = torch.randn(B, Hk, Tk, Dv, generator=g)
+    kw = {n: opts[n] for n in ("causal", "window", "softcap", "return_lse") if n in opts}
+    if opts.get("key_padding_mask") == "left":
+        kpm = torch.ones(B, Tk, dtype=torch.bool)
+        kpm[0, :4] = False
+        kpm[2, :Tk // 2] = False
+        kw["key_padding_mask"] = kpm
+    if opts.get("sinks"):
+        kw["sinks"] = torch.randn(H, generator=g)
+    if opts.get("alibi"):
+        kw["alibi_slopes"] = torch.rand(B, H, generator=g)
+    return (q, k, v), kw
+
+
+def _spy(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"Tq{c[0]}-Tk{c[1]}-H{c[2]}/{c[3]}-" + "-".join(c[6]) for c in CASES])
+def test_inference_calls_with_few_queries_run_the_decode_kernel(monkeypatch, case):
+    *shape, opts = case
+    (q, k, v), kw = _inputs(*shape, opts)
+    monkeypatch.setenv("LLMKERN_BACKEND", "reference")
+    want = llmkern.attention(q, k, v, **kw)
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    decode, fwd = _spy(monkeypatch, KD, "attention_decode"), _spy(monkeypatch, KA, "attention_forward")
+    kw_dev = {n: t.to(DEV) if torch.is_tensor(t) else t for n, t in kw.items()}
+    with torch.no_grad():
+        got = llmkern.attention(q.to(DEV), k.to(DEV), v.to(DEV), **kw_dev)
+    assert decode == [1] and fwd == []
+    for a, b in zip(got if kw.get("return_lse") else [got], want if kw.get("return_lse") else [want]):
+        torch.testing.assert_close(a.cpu(), b, rtol=2e-4, atol=2e-4)
+
+
+def test_calls_that_need_gradients_or_many_queries_keep_the_forward_kernel(monkeypatch):
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    (q, k, v), kw = _inputs(1, 37, 4, 2, 16, 16, dict(causal=True))
+    q, k, v = (t.to(DEV) for t in (q, k, v))
+    decode, fwd = _spy(monkeypatch, KD, "attention_decode"), _spy(monkeypatch, KA, "attention_forward")
+    qg = q.clone().requires_grad_()
+    llmkern.attention(qg, k, v, **kw).sum().backward()       # a gradient wanted: the forward kernel
+    assert qg.grad is not None and decode == [] and fwd == [1]
+    (q17, _, _), _ = _inputs(17, 37, 4, 2, 16, 16, {})
+    with torch.no_grad():
+        llmkern.attention(q17.to(DEV), k, v, causal=True)    # 17 queries: past LLMKERN_ATTN_DECODE_MAX_TQ
+        llmkern.attention(q, k, v, causal=True, dropout_p=0.1)  # dropout: the forward kernel's mask
+        monkeypatch.setenv("LLMKERN_ATTN_DECODE_MAX_TQ", "0")
+        llmkern.attention(q, k, v, causal=True)
+    assert decode == [] and fwd == [1, 1, 1, 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Tq", [1, 4])
+def test_gpu_decode_route_matches_the_forward_kernel(monkeypatch, Tq):
+    """bf16, GQA 32/8, 4k keys with left padding: the decode route against the forward kernel."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 32, Tq, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(2, 8, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    kpm = torch.ones(2, 4096, dtype=torch.bool, device="cuda")
+    kpm[1, :1000] = False
+    with torch.no_grad():
+        got, lse = llmkern.attention(q, k, v, causal=True, key_padding_mask=kpm, return_lse=True)
+        monkeypatch.setenv("LLMKERN_ATTN_DECODE_MAX_TQ", "0")
+        want, want_lse = llmkern.attention(q, k, v, causal=True, key_padding_mask=kpm, return_lse=True)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-3, atol=1e-3)
