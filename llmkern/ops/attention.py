@@ -352,14 +352,9 @@ def _attention_backward(dout, q, k, v, out, lse, *, causal, scale, window, softc
     return tuple(bwd(*args)[:3])
 
 
-@torch.library.custom_op("llmkern::attention_decode", mutates_args=())
-def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], scale: float,
-                         causal: bool, window_left: int, window_right: int, softcap: float,
-                         num_splits: int, sinks: Optional[torch.Tensor] = None,
-                         key_padding_mask: Optional[torch.Tensor] = None,
-                         alibi_slopes: Optional[torch.Tensor] = None, k_scale: Optional[torch.Tensor] = None,
-                         v_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def _decode_impl(q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, window_left, window_right, softcap,
+                 num_splits, sinks=None, key_padding_mask=None, alibi_slopes=None, k_scale=None, v_scale=None):
+    """llmkern::attention_decode's implementation: (out, lse) from the split-K kernels."""
     if q.numel() == 0:
         return _empty_out(q, v_cache).zero_(), torch.full(q.shape[:3], float("-inf"), device=q.device,
                                                           dtype=torch.float32)
@@ -372,10 +367,28 @@ def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                             v_scale=v_scale)
 
 
+@torch.library.custom_op("llmkern::attention_decode", mutates_args=())
+def _attention_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], scale: float,
+                         causal: bool, window_left: int, window_right: int, softcap: float,
+                         num_splits: int, sinks: Optional[torch.Tensor] = None,
+                         key_padding_mask: Optional[torch.Tensor] = None,
+                         alibi_slopes: Optional[torch.Tensor] = None, k_scale: Optional[torch.Tensor] = None,
+                         v_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _decode_impl(q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, window_left, window_right,
+                        softcap, num_splits, sinks, key_padding_mask, alibi_slopes, k_scale, v_scale)
+
+
 @_attention_decode_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, window_left, window_right, softcap,
       num_splits, sinks=None, key_padding_mask=None, alibi_slopes=None, k_scale=None, v_scale=None):
     return _empty_out(q, v_cache), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _decode(*args, **kwargs):
+    """The decode op (inference only); eager calls run its implementation directly (a decode step calls it once
+    per layer: see _checks.op_or_impl)."""
+    return _checks.op_or_impl(_attention_decode_op, _decode_impl, *args, **kwargs)
 
 
 # ---- public API ---------------------------------------------------------------------------------
@@ -489,7 +502,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         extra = {n: t for n, t in (("sinks", sinks), ("key_padding_mask", key_padding_mask),
                                    ("alibi_slopes", alibi_slopes)) if t is not None}
         lens = torch.full((B,), Tk, dtype=torch.int32, device=q.device)
-        out, lse = _attention_decode_op(q, k, v, lens, None, scale, causal, wl, wr, sc, 0, **extra)
+        out, lse = _decode(q, k, v, lens, None, scale, causal, wl, wr, sc, 0, **extra)
     elif backend == "triton":
         out, lse = _attention_fwd(q, k, v, key_padding_mask, None, None, seed_t, -1, -1, scale, causal, wl, wr, sc,
                                   p, sinks=sinks, alibi_slopes=alibi_slopes)
@@ -766,8 +779,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         if alibi_slopes is not None:
             extra["alibi_slopes"] = alibi_slopes
         extra.update({n: t for n, t in (("k_scale", k_scale), ("v_scale", v_scale)) if t is not None})
-        out, lse = _attention_decode_op(q, k_cache, v_cache, lens.to(torch.int32), block_table, scale, causal,
-                                        wl, wr, sc, _splits(num_splits), **extra)
+        out, lse = _decode(q, k_cache, v_cache, lens.to(torch.int32), block_table, scale, causal, wl, wr, sc,
+                           _splits(num_splits), **extra)
         return (out, lse) if return_lse else out
     if block_table is not None:  # the CPU paths read a dense copy of each row's pages
         k_cache, v_cache = _gather_pages(k_cache, block_table), _gather_pages(v_cache, block_table)

@@ -35,15 +35,20 @@ _backend.register_op("merge_attention_states",
                                                                   _KERNEL_DTYPES))
 
 
-@torch.library.custom_op("llmkern::merge_attention_states", mutates_args=())
-def _merge_op(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-              lse_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _merge_impl(out_a, lse_a, out_b, lse_b):
+    """llmkern::merge_attention_states's implementation: (out, lse) from the kernel."""
     from llmkern.kernels.merge_attention_states import merge_attention_states as kernel
 
     D, N = out_a.shape[-1], lse_a.numel()  # (N rows, not -1: a head dim of 0 leaves -1 undetermined)
     out, lse = kernel(out_a.reshape(N, D).contiguous(), lse_a.reshape(N).contiguous(),
                       out_b.reshape(N, D).contiguous(), lse_b.reshape(N).contiguous())
     return out.view(out_a.shape), lse.view(lse_a.shape)
+
+
+@torch.library.custom_op("llmkern::merge_attention_states", mutates_args=())
+def _merge_op(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+              lse_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _merge_impl(out_a, lse_a, out_b, lse_b)
 
 
 @_merge_op.register_fake
@@ -85,7 +90,7 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (out_a, lse_a, out_b, lse_b))
     if not needs_grad and _backend.choose_triton("merge_attention_states", out_a.device, out_a.dtype,
                                                  _KERNEL_DTYPES) == "triton":
-        return _merge_op(out_a, lse_a, out_b, lse_b)
+        return _checks.op_or_impl(_merge_op, _merge_impl, out_a, lse_a, out_b, lse_b)
     return ref.merge_attention_states(out_a, lse_a, out_b, lse_b)
 
 

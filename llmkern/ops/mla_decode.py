@@ -32,12 +32,9 @@ _backend.register_op("mla_decode", lambda device, dtype: _backend.choose_triton(
                                                                                 _KERNEL_DTYPES))
 
 
-@torch.library.custom_op("llmkern::mla_decode", mutates_args=())
-def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                   block_table: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
-                   head_dim_v: int, scale: float, causal: bool, num_splits: int,
-                   kpe_cache: Optional[torch.Tensor] = None,
-                   kv_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def _mla_impl(q, kv_cache, cache_seqlens, block_table, key_padding_mask, head_dim_v, scale, causal, num_splits,
+              kpe_cache=None, kv_scale=None):
+    """llmkern::mla_decode's implementation: (out, lse) from the split-K kernel."""
     from llmkern.kernels.attention import empty_out
 
     if q.numel() == 0:  # (the kernel's output layout: q's when its last dim is contiguous, as the fake's)
@@ -48,6 +45,16 @@ def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch
     return kernel(q, kv_cache, cache_seqlens, head_dim_v=head_dim_v, scale=scale, causal=causal,
                   num_splits=num_splits, block_table=block_table, key_padding_mask=key_padding_mask,
                   kpe_cache=kpe_cache, kv_scale=kv_scale)
+
+
+@torch.library.custom_op("llmkern::mla_decode", mutates_args=())
+def _mla_decode_op(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                   block_table: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                   head_dim_v: int, scale: float, causal: bool, num_splits: int,
+                   kpe_cache: Optional[torch.Tensor] = None,
+                   kv_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _mla_impl(q, kv_cache, cache_seqlens, block_table, key_padding_mask, head_dim_v, scale, causal, num_splits,
+                     kpe_cache, kv_scale)
 
 
 @_mla_decode_op.register_fake
@@ -210,8 +217,9 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens, *, head_d
         extra = {} if kpe_cache is None else {"kpe_cache": kpe_cache}
         if kv_scale is not None:
             extra["kv_scale"] = kv_scale
-        out, lse = _mla_decode_op(q, kv_cache, cache_seqlens.to(torch.int32), block_table, key_padding_mask,
-                                  int(head_dim_v), scale, causal, _splits(num_splits), **extra)
+        out, lse = _checks.op_or_impl(_mla_decode_op, _mla_impl, q, kv_cache, cache_seqlens.to(torch.int32),
+                                      block_table, key_padding_mask, int(head_dim_v), scale, causal,
+                                      _splits(num_splits), **extra)
         return (out, lse) if return_lse else out
     if kpe_cache is not None:  # the CPU paths read the keys whole
         kv_cache = torch.cat([kv_cache, kpe_cache], dim=-1)
