@@ -210,13 +210,7 @@ def test_safe_merge_on_conv1d_refuses_and_keeps_the_weight():
 def _peft_saved(path, **lora):
     """PEFT's LoRA on a tiny GPT2LMHeadModel with random factors, saved to `path`; its logits on _ids()."""
     pm = _peft(_gpt2(), **lora)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_A" in n or "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            elif "lora_magnitude_vector" in n:
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    _randomize(pm, 11)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm.save_pretrained(str(path))
