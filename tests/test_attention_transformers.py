@@ -401,3 +401,78 @@ def test_causality_is_the_masks_not_the_modules(family):
         keep = real if mask is am else torch.ones_like(real)
         want = outs["eager" if mask is am else "sdpa"]
         torch.testing.assert_close(outs["llmkern"][keep], want[keep], rtol=1e-4, atol=1e-5)
+
+
+def _cache_kwarg():
+    """generate's keyword for a cache passed in: `cache` from transformers 5.x (`past_key_values` deprecated), before
+    that `past_key_values` (told apart by the output's field)."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    return "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
+
+
+@pytest.mark.parametrize("kind,pads,full_cache", [("llama", 5, False), ("mistral", 15, False), ("mistral", 13, True),
+                                                  ("gpt2", 6, False)])
+def test_greedy_generate_on_triton_decodes_with_the_split_k_kernel(monkeypatch, triton_backend, kind, pads,
+                                                                   full_cache):
+    """model.generate (greedy, DynamicCache, a left-padded batch) with attn_implementation="llmkern" on the Triton
+    kernels gives exactly the tokens of eager and SDPA attention, and each step's logits; the prefill (18 queries per
+    row, past LLMKERN_ATTN_DECODE_MAX_TQ = 16) runs the forward kernel once per layer, and every decode step (1 query
+    per row against the cache) runs the split-K decode kernel, with the padding mask while pads are among the keys.
+    Llama: GQA 4/2; GPT-2: plain MHA; Mistral: MQA 4/1 and a sliding window of 5. Its default DynamicCache keeps the
+    last 4 keys per layer (so the pads of the row with 3 real tokens leave the keys after the first steps, and the
+    window never binds); a DynamicCache() built without the config keeps every key, so the decode kernel gets the
+    window (left 4) and the padding mask."""
+    from llmkern.kernels import attention as KA, attention_decode as KD
+
+    monkeypatch.delenv("LLMKERN_ATTN_DECODE_MAX_TQ", raising=False)
+    model = _model(kind).eval()
+    P, new = 18, 6
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, 96, (2, P), generator=g).to(DEV)
+    am = torch.ones(2, P, dtype=torch.long, device=DEV)
+    am[1, :pads] = 0
+    calls = []
+    real_dec, real_fwd = KD.attention_decode, KA.attention_forward
+
+    def spy_dec(q, k, v, lens, **kw):
+        calls.append(("decode", q.shape[2], k.shape[2], kw.get("key_padding_mask") is not None, kw.get("window_left")))
+        return real_dec(q, k, v, lens, **kw)
+
+    def spy_fwd(q, k, v, **kw):
+        calls.append(("forward", q.shape[2], k.shape[2], kw.get("key_padding_mask") is not None,
+                      kw.get("window_left")))
+        return real_fwd(q, k, v, **kw)
+
+    monkeypatch.setattr(KD, "attention_decode", spy_dec)
+    monkeypatch.setattr(KA, "attention_forward", spy_fwd)
+    out = {}
+    for impl in ("eager", "sdpa", "llmkern"):
+        model.set_attn_implementation(impl)
+        calls.clear()
+        extra = {_cache_kwarg(): transformers.DynamicCache()} if full_cache else {}
+        res = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=new, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True, output_scores=True, **extra)
+        cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
+        assert isinstance(cache, transformers.DynamicCache), type(cache)
+        out[impl] = res.sequences, res.scores
+    # (transformers 5's DynamicCache built from a config with a sliding window: sliding layers, keeping the window)
+    sliding = any("Sliding" in type(layer).__name__ for layer in getattr(cache, "layers", ()))
+    assert not (sliding and (kind != "mistral" or full_cache))
+    assert out["llmkern"][0].shape[1] > P + 1  # (at least one decode step)
+    for impl in ("eager", "sdpa"):
+        assert torch.equal(out["llmkern"][0], out[impl][0]), impl
+        for step, (a, b) in enumerate(zip(out["llmkern"][1], out[impl][1])):  # each step's next-token logits
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, s=step, i=impl: f"{i} step {s}: {m}")
+    layers = model.config.num_hidden_layers
+    steps = out["llmkern"][0].shape[1] - P - 1  # generated tokens after the prefill's
+    prefill, decode = calls[:layers], calls[layers:]
+    window = 4 if kind == "mistral" else -1  # (transformers' sliding window 5: the query and 4 keys before it)
+    assert prefill == [("forward", P, P, True, window)] * layers, calls
+    assert len(decode) == layers * steps and all(c[0] == "decode" and c[1] == 1 for c in decode), calls
+    if sliding:  # the sliding-window cache: 4 kept keys + the new one, no window left to apply
+        assert {c[2:] for c in decode[-layers:]} == {(5, False, -1)}
+        assert decode[0][3]  # (the first steps: pads among the 5 keys)
+    else:
+        assert [c[2] for c in decode[::layers]] == list(range(P + 1, P + 1 + steps))
+        assert all(c[3] and c[4] == window for c in decode), decode

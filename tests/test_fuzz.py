@@ -358,3 +358,182 @@ def test_attention_with_kvcache(case):
         want, _ = _attention_exact(q[b:b + 1].double(), kc[b:b + 1, :, :L].double(), vc[b:b + 1, :, :L].double(),
                                    True, window, softcap, None, None, None, D ** -0.5)
         torch.testing.assert_close(out[b:b + 1].double().cpu(), want, atol=2e-4, rtol=2e-4)
+
+
+# ---- inference attention on the split-K decode kernel --------------------------------------------------
+
+def _spy(monkeypatch, module, name):
+    """Count the calls of module.name (still running it)."""
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def _fuzz_layout(x, how, gen):
+    """A [B, H, T, d] tensor with x's values: contiguous; transformers' layout (a [B, T, H, d] tensor transposed);
+    a slice of a wider tensor; or with a strided last dimension (the launchers copy it)."""
+    if how == "hf":
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    if how == "slice":
+        wide = torch.randn(*x.shape[:-1], x.shape[-1] + 3, generator=gen)
+        return wide[..., :x.shape[-1]].copy_(x)
+    if how == "strided":
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return x.contiguous()
+
+
+def _padding_mask(B, Tk, how, gen):
+    """bool [B, Tk] (True = attend): left or right padding of random lengths, or random holes; how[1]: a
+    non-contiguous slice of a wider mask (as transformers' cache-offset masks); how[2]: the last row fully masked."""
+    m = torch.ones(B, Tk + 2, dtype=torch.bool)[:, 1:Tk + 1] if how[1] else torch.ones(B, Tk, dtype=torch.bool)
+    for b in range(B):
+        n = int(torch.randint(0, Tk + 1, (1,), generator=gen))
+        if how[0] == "left":
+            m[b, :n] = False
+        elif how[0] == "right":
+            m[b, Tk - n:] = False
+        else:
+            m[b] = torch.rand(Tk, generator=gen) < 0.7
+    if B > 1 and how[2]:
+        m[-1] = False
+    return m
+
+
+@pytest.mark.parametrize("case", _cases(32))
+def test_attention_decode_route(monkeypatch, case):
+    """llmkern.attention with 1..16 queries per row and no gradient runs the split-K decode kernel (not the forward
+    kernel): its outputs and LSE against the reference backend in float64 and against the float64 formula above,
+    over keys 0..80 (fewer than the queries, none), GQA, D != Dv (not powers of two), causal or not, windows (a side
+    None, 0, or both 0), softcap, padding masks (rows fully masked), sinks, ALiBi [H] / [B, H], a scale, transposed
+    and sliced views; 1..4 key splits (forced: the interpreter's 32-key tiles would give one for these lengths), so
+    the split combine (and the sink in it) runs."""
+    from llmkern.kernels import attention as KA, attention_decode as KD
+
+    rng = random.Random(1200 + case)
+    gen = torch.Generator().manual_seed(1200 + case)
+    B, Hk = rng.randint(1, 3), rng.choice((1, 2, 3))
+    H, Tq = Hk * rng.choice((1, 2, 3, 5)), rng.choice((1, rng.randint(1, 16), rng.randint(1, 16)))
+    Tk = rng.choice((0, rng.randint(1, Tq), rng.randint(1, 80), rng.randint(1, 80), rng.randint(1, 80)))
+    D = rng.choice((8, 12, 20, 24, 33, 40))
+    Dv = D if rng.random() < 0.5 else rng.choice((8, 12, 20, 33, 40))
+    causal = rng.random() < 0.6
+    sides = (rng.choice((None, 0, 1, 3, 7, 20)), rng.choice((None, 0, 1, 3, 7)))
+    window = rng.choice((None, None, None, (0, 0), sides))
+    softcap, scale = rng.choice((None, None, 1.5, 5.0)), rng.choice((None, None, 0.3))
+    layout = rng.choice(("contig", "hf", "hf", "slice", "strided"))
+    q, k, v = (_fuzz_layout(torch.randn(B, h, T, d, generator=gen), layout, gen)
+               for h, T, d in ((H, Tq, D), (Hk, Tk, D), (Hk, Tk, Dv)))
+    kw = dict(causal=causal, window=window, softcap=softcap, scale=scale, return_lse=rng.random() < 0.5)
+    if rng.random() < 0.4:
+        kw["key_padding_mask"] = _padding_mask(B, Tk, (rng.choice(("left", "right", "holes")), rng.random() < 0.3,
+                                                      rng.random() < 0.5), gen)
+    if rng.random() < 0.3:
+        kw["sinks"] = torch.randn(H, generator=gen)
+    if rng.random() < 0.4:
+        kw["alibi_slopes"] = torch.rand(*((H,) if rng.random() < 0.5 else (B, H)), generator=gen)
+    splits = rng.randint(1, 4)
+
+    monkeypatch.setenv("LLMKERN_BACKEND", "reference")
+    want = llmkern.attention(q.double(), k.double(), v.double(), **kw)
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    decode, forward = _spy(monkeypatch, KD, "attention_decode"), _spy(monkeypatch, KA, "attention_forward")
+    chosen = []
+    monkeypatch.setattr(KD, "choose_num_splits", lambda *a: chosen.append(1) or splits)
+    dev = {n: t.to(DEV) if torch.is_tensor(t) else t for n, t in kw.items()}
+    with torch.no_grad():
+        got = llmkern.attention(q.to(DEV), k.to(DEV), v.to(DEV), **dev)
+    assert decode == [1] and forward == [] and chosen == [1]
+    if kw["return_lse"]:
+        assert got[0].dtype == q.dtype and got[1].dtype == torch.float32
+    else:
+        assert got.dtype == q.dtype
+    got, want = (got, want) if kw["return_lse"] else ((got,), (want,))
+    for a, b, name in zip(got, want, ("out", "lse")):
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        torch.testing.assert_close(a.double().cpu(), b, atol=2e-4, rtol=2e-4, msg=lambda m, n=name: f"{n}: {m}")
+    exact = _attention_exact(q.double(), k.double(), v.double(), causal,
+                             None if window is None else tuple(10 ** 6 if w is None else w for w in window),
+                             softcap, kw.get("key_padding_mask"), kw.get("sinks"), kw.get("alibi_slopes"),
+                             scale or D ** -0.5)
+    for a, b in zip(got, exact):
+        torch.testing.assert_close(a.double().cpu(), b, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("case", _cases(32))
+def test_attention_with_kvcache_appends(monkeypatch, case):
+    """attention_with_kvcache with new k / v: the Triton append kernel then the decode kernel, against the reference
+    backend's indexing ops and attention on copies of the same caches: the caches bit for bit (every slot: the
+    appended ones at cache_seqlens[b] + i, the others untouched) and the outputs / LSE. Dense caches, page pools
+    (shuffled pages, spare pages, token-major pools passed transposed) and cache_batch_idx rows of a larger pool;
+    float8 caches (the new tokens quantized by the scales); GQA, D != Dv, transposed new k / v, Tq != Tq_new,
+    no new token, lengths as int32 / int64 / one int, num_splits, and the features of the decode kernel."""
+    from llmkern.kernels import attention_decode as KD
+
+    rng = random.Random(1300 + case)
+    gen = torch.Generator().manual_seed(1300 + case)
+    B, Hk = rng.randint(1, 3), rng.choice((1, 2, 3))
+    H = Hk * rng.choice((1, 2, 4))
+    D = rng.choice((8, 12, 20, 33, 40))
+    Dv = D if rng.random() < 0.5 else rng.choice((8, 12, 24))
+    t_new = rng.choice((0, 1, 1, 2, 3, 5))
+    Tq = rng.choice((max(t_new, 1), max(t_new, 1), rng.randint(1, 6)))
+    mode = rng.choice(("dense", "paged", "batch_idx"))
+    page, per_row = rng.choice((4, 8, 16)), rng.randint(2, 5)
+    Tmax = page * per_row if mode == "paged" else rng.randint(max(t_new, 1), 60)
+    fp8 = rng.choice((None, None, torch.float8_e4m3fn, torch.float8_e5m2))
+    token_major = rng.random() < 0.5
+    q = _fuzz_layout(torch.randn(B, H, Tq, D, generator=gen), rng.choice(("contig", "hf")), gen)
+    kv_layout = rng.choice(("contig", "hf", "slice"))
+    k, v = (_fuzz_layout(torch.randn(B, Hk, t_new, d, generator=gen), kv_layout, gen) for d in (D, Dv))
+
+    def cache(rows, T, d):  # [rows, Hk, T, d], or a token-major [rows, T, Hk, d] seen as that
+        x = torch.randn(rows, T, Hk, d, generator=gen).transpose(1, 2) if token_major else \
+            torch.randn(rows, Hk, T, d, generator=gen)
+        return x.to(fp8) if fp8 else x
+
+    kw = dict(causal=rng.random() < 0.7, softcap=rng.choice((None, 2.0)), return_lse=rng.random() < 0.5,
+              num_splits=rng.choice((0, 1, 2, 3)),
+              window=rng.choice((None, None, (rng.choice((None, 0, 2, 5)), rng.choice((None, 0, 3))))))
+    if mode == "dense":
+        rows = B
+    elif mode == "paged":
+        rows = B * per_row + rng.randint(0, 3)
+        kw["block_table"] = torch.randperm(rows, generator=gen)[:B * per_row].view(B, per_row).to(torch.int32)
+    else:
+        rows = B + rng.randint(0, 3)
+        kw["cache_batch_idx"] = torch.randperm(rows, generator=gen)[:B].to(rng.choice((torch.int32, torch.int64)))
+    kc, vc = cache(rows, page if mode == "paged" else Tmax, D), cache(rows, page if mode == "paged" else Tmax, Dv)
+    lens = [rng.randint(0, Tmax - t_new) for _ in range(B)]
+    lens = rng.choice((torch.tensor(lens, dtype=torch.int32), torch.tensor(lens), lens[0]))  # (an int: every row's)
+    if fp8:
+        kw.update(k_scale=torch.rand(Hk, generator=gen) + 0.5, v_scale=rng.choice((0.7, None)))
+    if rng.random() < 0.3:
+        kw["sinks"] = torch.randn(H, generator=gen)
+    if rng.random() < 0.3:
+        kw["alibi_slopes"] = torch.rand(*((H,) if rng.random() < 0.5 else (B, H)), generator=gen)
+    if rng.random() < 0.3:
+        kw["key_padding_mask"] = torch.rand(B, Tmax, generator=gen) < 0.8
+
+    def run(backend):
+        monkeypatch.setenv("LLMKERN_BACKEND", backend)
+        dev = DEV if backend == "triton" else "cpu"
+        on = {n: t.to(dev) if torch.is_tensor(t) else t for n, t in kw.items()}
+        kc_, vc_ = kc.clone().to(dev), vc.clone().to(dev)  # (clone keeps a token-major pool's strides)
+        with torch.no_grad():
+            out = llmkern.attention_with_kvcache(q.to(dev), kc_, vc_, lens.to(dev) if torch.is_tensor(lens) else lens,
+                                                 k=k.to(dev), v=v.to(dev), **on)
+        return (out if kw["return_lse"] else (out,)), kc_, vc_
+
+    want, kc_want, vc_want = run("reference")
+    append, decode = _spy(monkeypatch, KD, "append_kv"), _spy(monkeypatch, KD, "attention_decode")
+    got, kc_got, vc_got = run("triton")
+    assert append == [1] and decode == [1]
+
+    def bits(t):
+        return t.cpu().view(torch.uint8) if t.element_size() == 1 else t.cpu()
+
+    assert torch.equal(bits(kc_got), bits(kc_want)) and torch.equal(bits(vc_got), bits(vc_want))
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a.cpu(), b, atol=2e-4, rtol=2e-4)
