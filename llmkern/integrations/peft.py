@@ -42,7 +42,7 @@ from llmkern.ops._checks import host_to_device
 from llmkern.ops.lora import MAX_RANK, lora_linear, lora_linear_multi
 from llmkern.ops.nf4 import NF4Weight
 from llmkern.peft.dora import dora_linear
-from llmkern.peft.lora import has_forward_hooks
+from llmkern.peft.lora import has_forward_hooks, is_hf_conv1d
 
 _ORIG = "_llmkern_orig_forward"
 _NF4_CACHE = "_llmkern_nf4_cache"
@@ -169,20 +169,14 @@ def _plain(module, name, dtype):
     return _kind(module, name, dtype) == "lora"
 
 
-def _conv1d(base):
-    """Whether `base` is transformers' GPT-2 Conv1D (y = x W + b, W stored [in, out]); transformers is never
-    imported here: such layers exist only once the model imported it."""
-    return type(base) is getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-
-
 def _base_operands(self, x):
     """(weight, bias, quantized) the fused ops take for this layer's base on input x, or None. A Conv1D's weight
     goes in as its [out, in] transposed view: the kernels read either layout, so nothing is copied."""
     base = self.base_layer
-    if type(base) is nn.Linear or _conv1d(base):
+    if type(base) is nn.Linear or is_hf_conv1d(base):
         if x.dtype != base.weight.dtype:
             return None
-        return (base.weight.t() if _conv1d(base) else base.weight), base.bias, False
+        return (base.weight.t() if is_hf_conv1d(base) else base.weight), base.bias, False
     if torch.is_autocast_enabled(x.device.type):  # (bitsandbytes' casts under autocast are its own)
         return None
     nf4 = _nf4_base(self, x)
@@ -201,7 +195,7 @@ def _fused_forward(self, x, *args, **kwargs):
     orig = getattr(self, _ORIG)
     base = self.base_layer
     # fan_in_fan_out must say what the base is (PEFT sets it so; DoRA's norms read the base weight by it)
-    if (args or bool(getattr(self, "fan_in_fan_out", False)) != _conv1d(base) or self.disable_adapters
+    if (args or bool(getattr(self, "fan_in_fan_out", False)) != is_hf_conv1d(base) or self.disable_adapters
             or self.merged or not isinstance(x, torch.Tensor) or torch.is_autocast_enabled(x.device.type)):
         return orig(x, *args, **kwargs)
     other = {k: v for k, v in kwargs.items() if k != "adapter_names" and v is not None}

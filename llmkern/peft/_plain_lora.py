@@ -44,6 +44,14 @@ def is_hf_conv1d(module) -> bool:
     return type(module) is getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
+def linear_features(layer):
+    """(in_features, out_features) of a linear base layer: nn.Linear's (NF4Linear's, a tensor-parallel layer's)
+    attributes, or, for transformers' Conv1D, which has none by those names, its [in, out] weight's shape."""
+    if is_hf_conv1d(layer):
+        return tuple(layer.weight.shape)
+    return layer.in_features, layer.out_features
+
+
 def lora_scaling(alpha, r, use_rslora=False) -> float:
     """PEFT's LoRA scaling: alpha / r, alpha / sqrt(r) with rsLoRA."""
     return alpha / (math.sqrt(r) if use_rslora else r)

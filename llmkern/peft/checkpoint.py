@@ -23,7 +23,8 @@ from torch import nn
 
 from llmkern.ops._checks import is_real
 from llmkern.peft.lora import (MAX_RANK, LoRALinear, _freeze_non_lora, _set_submodule, is_hf_conv1d,
-                               lora_conv_modules, lora_embedding_modules, lora_modules, lora_scaling)
+                               linear_features, lora_conv_modules, lora_embedding_modules, lora_modules,
+                               lora_scaling)
 from llmkern.peft.lora_conv import CONV_TYPES, LoRAConv, _check_base as _check_conv_base
 from llmkern.peft.lora_embedding import LoRAEmbedding
 from llmkern.peft.qlora import NF4Linear
@@ -593,14 +594,6 @@ def _split_by_record(A, B, s, use_rslora, rows, record, M):
     return split
 
 
-def _linear_features(layer):
-    """(in, out) features of a base layer LoRALinear takes (or a tensor-parallel one): a transformers Conv1D has
-    none by those names, its weight is [in, out]."""
-    if is_hf_conv1d(layer):
-        return tuple(layer.weight.shape)
-    return layer.in_features, layer.out_features
-
-
 def _check_fan_in_fan_out(model, path, targets):
     """fan_in_fan_out=True (a plain model): PEFT sets each layer's layout by its type, not by this flag (a Conv1D is
     read [in, out], an nn.Linear [out, in]; it flips the flag with a warning), and LoRALinear does the same, so GPT-2
@@ -855,7 +848,7 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
                 raise ValueError(f"{path}: module {name} is a {type(mod).__name__}, not an nn.Linear (or NF4Linear, "
                                  f"transformers Conv1D)")
             layer = mod
-        n_in, n_out = _linear_features(layer)
+        n_in, n_out = linear_features(layer)
         if tuple(A.shape) != (r, n_in) or tuple(B.shape) != (n_out, r):
             raise ValueError(f"{path}: {where}: checkpoint shapes A{tuple(A.shape)} B{tuple(B.shape)} do not "
                              f"fit the layer (A{(r, n_in)} B{(n_out, r)})")

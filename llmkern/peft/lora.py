@@ -21,6 +21,7 @@ from llmkern.peft._plain_lora import (  # noqa: F401 (re-exported)
     check_lora_args,
     has_forward_hooks,
     is_hf_conv1d,
+    linear_features,
     lora_scaling,
 )
 from llmkern.peft.dora import dora_linear, dora_weight_norm
@@ -70,10 +71,7 @@ class LoRALinear(PlainLoRA):
             raise TypeError(f"base_layer must be an nn.Linear, an llmkern.peft.NF4Linear or a transformers Conv1D, "
                             f"got {type(base_layer).__name__}")
         super().__init__(base_layer, r, alpha, dropout, use_rslora, use_dora, "linear", MAX_RANK)
-        if is_hf_conv1d(base_layer):  # (weight [in, out]: its nx / nf attributes, from the tensor itself)
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = linear_features(base_layer)
         w = self.weight
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=w.device, dtype=w.dtype))
