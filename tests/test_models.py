@@ -145,10 +145,10 @@ def test_per_row_cache_matches_full_forward(name, backend, monkeypatch):
     ops = pytest.importorskip("llmkern.ops.attention")
     if backend == "triton":  # the Triton kernels, under the interpreter on a CPU
         monkeypatch.setenv("LLMKERN_BACKEND", "triton")
-    seqlens = []
+    seqlens = []  # the keys each row attends to (the op appends k= / v= first: cache_seqlens + their length)
     orig = ops.attention_with_kvcache
-    monkeypatch.setattr(ops, "attention_with_kvcache",
-                        lambda *a, **kw: (seqlens.append(a[3].tolist()), orig(*a, **kw))[1])
+    monkeypatch.setattr(ops, "attention_with_kvcache", lambda *a, **kw: (
+        seqlens.append((a[3] + (kw["k"].shape[2] if kw.get("k") is not None else 0)).tolist()), orig(*a, **kw))[1])
     over = dict(n_layer=1, sliding_window=4) if name == "llama-tiny" else dict(n_layer=1)
     m = build(name, backend="torch" if backend == "torch" else "llmkern", **over).eval()
     B, T = 3, 3
@@ -172,6 +172,42 @@ def test_per_row_cache_matches_full_forward(name, backend, monkeypatch):
         assert cache.lengths.tolist() == (keep + T).tolist()
     if backend != "torch":  # both forwards: the decode kernel with each row's keys (and the padding mask)
         assert seqlens == [(keep + T).tolist()] * 2
+
+
+@pytest.mark.parametrize("backend", ["llmkern", "triton"])
+@pytest.mark.parametrize("dtype", [None, torch.float8_e4m3fn])
+def test_decode_steps_append_through_the_attention_op(backend, dtype, monkeypatch):
+    """A decode step hands its new keys to attention_with_kvcache (k=, v=: one append kernel on the Triton
+    backend) instead of copying them into the cache first: the same cache bytes and logits as the copy path,
+    after uniform steps and after a per-row rollback."""
+    ops = pytest.importorskip("llmkern.ops.attention")
+    from llmkern.models import _attn
+    if backend == "triton":  # the Triton kernels (append_kv too), under the interpreter on a CPU
+        monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    appended = []
+    orig = ops.attention_with_kvcache
+    monkeypatch.setattr(ops, "attention_with_kvcache",
+                        lambda *a, **kw: (appended.append(kw.get("k") is not None), orig(*a, **kw))[1])
+    m = build("llama-tiny", backend="llmkern", n_layer=1).eval()
+    x = torch.randint(0, 256, (3, 9))
+
+    def run():
+        cache, out = m.new_cache(3, 12, dtype=dtype), []
+        with torch.no_grad():
+            m(x[:, :5], cache=cache)
+            out += [m(x[:, 5:6], cache=cache), m(x[:, 6:7], cache=cache)]
+            cache.crop(torch.tensor([3, 7, 5]), max_n=7)
+            out.append(m(x[:, 7:9], cache=cache))
+        return out, [t.view(torch.uint8) for t in cache.k + cache.v]
+
+    out, caches = run()
+    assert appended == [True] * 3  # 2 uniform steps + 1 per-row step
+    monkeypatch.setattr(_attn, "_kernel_appends", lambda *a: False)  # the copy path
+    appended.clear()
+    old_out, old_caches = run()
+    assert appended == [False] * 3
+    for a, b in zip(caches + out, old_caches + old_out):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", ["torch", "llmkern"])

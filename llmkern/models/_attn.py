@@ -153,10 +153,7 @@ def attend(q, k, v, *, backend, dropout_p=0.0, cache=None, layer=None, prefix=No
         start = cache.seqlen
         # the split-K decode kernel is for a few new tokens; longer chunks take the prefill kernel
         if kv_fn is not None and 0 < start and q.shape[2] <= 16 and prefix is None:
-            k_cache, v_cache = cache.append(layer, k, v)
-            seqlens = torch.full((q.shape[0],), start + k.shape[2], dtype=torch.int32, device=q.device)
-            return kv_fn(q, k_cache, v_cache, seqlens, causal=True, **opts, **cache.scales(),
-                         **_cache_mask(key_padding_mask, k_cache.shape[2]))
+            return _decode_step(q, k, v, cache, layer, kv_fn, opts, key_padding_mask)
         k, v = cache.append(layer, k, v)
         k, v = cache.read(k[:, :, :start + q.shape[2]], v[:, :, :start + q.shape[2]], q.dtype)
     k, v, key_padding_mask = _with_prefix(q.shape[0], k, v, prefix, key_padding_mask)
@@ -200,6 +197,28 @@ def _cache_mask(key_padding_mask, width):
     return {"key_padding_mask": torch.nn.functional.pad(key_padding_mask.to(torch.bool), (0, extra), value=False)}
 
 
+def _decode_step(q, k, v, cache, layer, kv_fn, opts, key_padding_mask):
+    """A decode step (a few new tokens, every row at cache.seqlen) on attention_with_kvcache, which writes the new
+    k / v itself (k=, v=: one Triton launch on the kernels' backend, where the cache's slice copies were two and
+    the row lengths one more fill, per layer and step) at cache.lengths, every row's seqlen here."""
+    if not _kernel_appends(cache, layer, k):
+        k_cache, v_cache = cache.append(layer, k, v)
+        lens = torch.full((q.shape[0],), cache.seqlen + k.shape[2], dtype=torch.int32, device=q.device)
+        return kv_fn(q, k_cache, v_cache, lens, causal=True, **opts, **cache.scales(),
+                     **_cache_mask(key_padding_mask, k_cache.shape[2]))
+    cache.check_room(k.shape[2])
+    return kv_fn(q, cache.k[layer], cache.v[layer], cache.lengths.to(q.device), k=k, v=v, causal=True, **opts,
+                 **cache.scales(), **_cache_mask(key_padding_mask, cache.max_len))
+
+
+def _kernel_appends(cache, layer, k):
+    """Whether attention_with_kvcache may write this step's keys into the cache itself: the layer's buffers exist
+    (its first append allocates them) and hold k's dtype (or are float8: the op quantizes as the cache does; a
+    cache in another dtype is cast by KVCache.append's copy instead)."""
+    k_cache = cache.k[layer]
+    return k_cache is not None and (cache.fp8 or k_cache.dtype == k.dtype)
+
+
 def _attend_rows(q, k, v, cache, layer, kv_fn, prefix, key_padding_mask, sliding_window, opts, dropout_p,
                  scale=None, softcap=None):
     """attend() over a cache whose rows hold different lengths (speculative decoding's per-row rollback):
@@ -208,9 +227,13 @@ def _attend_rows(q, k, v, cache, layer, kv_fn, prefix, key_padding_mask, sliding
     The llmkern backend runs llmkern.attention_with_kvcache with per-row cache_seqlens and the key padding
     mask, whatever the number of new tokens (the dense kernel has one causal offset for all rows)."""
     T = q.shape[2]
+    span = cache.seqlen + T
+    if kv_fn is not None and prefix is None and _kernel_appends(cache, layer, k):  # (the op appends: see _decode_step)
+        cache.check_room(T)
+        return kv_fn(q, cache.k[layer][:, :, :span], cache.v[layer][:, :, :span], cache.lengths.to(q.device), k=k,
+                     v=v, causal=True, **opts, **cache.scales(), **_cache_mask(key_padding_mask, span))
     starts = cache.lengths.to(device=q.device, dtype=torch.long)  # before this forward's append
     k_cache, v_cache = cache.append(layer, k, v)
-    span = cache.seqlen + T
     k, v, scales = k_cache[:, :, :span], v_cache[:, :, :span], cache.scales()
     if scales and (kv_fn is None or prefix is not None):  # (only the decode kernel reads an fp8 cache itself)
         k, v, scales = *cache.read(k, v, q.dtype), {}
@@ -320,11 +343,15 @@ class KVCache:
         self.uniform = True
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
 
+    def check_room(self, T):
+        """Raise where T more tokens would not fit (before anything is written)."""
+        if self.seqlen + T > self.max_len:
+            raise ValueError(f"KVCache: {self.seqlen} + {T} tokens exceed max_len={self.max_len}")
+
     def append(self, layer, k, v):
         """Write k/v [B, Hkv, T, D] at each row's offset; returns the layer's whole buffers."""
         T = k.shape[2]
-        if self.seqlen + T > self.max_len:
-            raise ValueError(f"KVCache: {self.seqlen} + {T} tokens exceed max_len={self.max_len}")
+        self.check_room(T)
         if self.k[layer] is None:
             kw = dict(dtype=self.dtype or k.dtype, device=self.device or k.device)
             self.k[layer] = torch.zeros(self.shape, **kw)
@@ -449,8 +476,7 @@ class LatentKVCache(KVCache):
         if k.dim() != 4 or tuple(k.shape[1::2]) != self.shape[1::2]:
             raise ValueError(f"LatentKVCache: the latent must be [batch, 1, T, {self.shape[3]}], got {tuple(k.shape)}")
         T = k.shape[2]
-        if self.seqlen + T > self.max_len:
-            raise ValueError(f"KVCache: {self.seqlen} + {T} tokens exceed max_len={self.max_len}")
+        self.check_room(T)
         if self.k[layer] is None:
             self.k[layer] = torch.zeros(self.shape, dtype=self.dtype or k.dtype, device=self.device or k.device)
         kc = self.k[layer]
