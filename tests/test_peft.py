@@ -244,16 +244,20 @@ def test_use_fused_lora_fuses_gpt2_conv1d_layers(backend, use_dora):
             torch.testing.assert_close(p.grad, want[n], rtol=1e-3, atol=1e-5, msg=n)
 
 
-def test_use_fused_lora_gpt2_compiles_without_graph_breaks():
-    """torch.compile(fullgraph=True) traces the fused Conv1D layers (the Conv1D test reads sys.modules)."""
+def test_use_fused_lora_gpt2_compiles_without_graph_breaks(monkeypatch):
+    """torch.compile(fullgraph=True) traces the fused Conv1D layers (the Conv1D test reads sys.modules): the trace
+    runs lora_linear once per adapted layer, not PEFT's own forward."""
     from llmkern.integrations import peft as ip
 
     model = _peft_gpt2()
     ids = _ids()
+    traced, orig = [], ip.lora_linear
+    monkeypatch.setattr(ip, "lora_linear", lambda *a, **k: (traced.append(1), orig(*a, **k))[1])
     with torch.no_grad():
         want = model(ids).logits
         ip.use_fused_lora(model)
         got = torch.compile(lambda t: model(t).logits, backend="eager", fullgraph=True)(ids)
+    assert len(traced) == 4 * L_  # c_attn, attn.c_proj, c_fc, mlp.c_proj per layer
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
