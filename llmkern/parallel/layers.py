@@ -27,8 +27,13 @@ Inputs may have any leading shape; tokens are the flattened leading dimensions. 
 parallelism the column layer gathers along dim 0 (local [d0, ...] -> [p*d0, ...]) and the row
 layer scatters along dim 0 (it needs d0, or else the token count, divisible by p).
 
+``from_linear`` also takes transformers' ``Conv1D`` (GPT-2's c_attn / c_fc / c_proj: y = x W + b with W
+stored [in, out]), read as the nn.Linear of weight W^T (``_as_linear``); the shard is a fresh contiguous
+parameter in the layers' [out, in] layout.
+
 LoRA: a layer may carry lora_A/lora_B factors (``from_linear`` of a PEFT-style module with
-``.base_layer``); the local shard then computes x W^T + s (x A^T) B^T with
+``.base_layer``, an nn.Linear or a Conv1D: PEFT's fan_in_fan_out layers, whose factors are as for
+nn.Linear); the local shard then computes x W^T + s (x A^T) B^T with
 ``llmkern.lora_linear`` when that op is importable (else the plain math). The factor that is
 replicated across ranks (A of a column layer, B of a row layer) gets its gradient all-reduced.
 Factors in another dtype than the input (PEFT keeps adapters float32 on a bf16/fp16 base) are cast to
@@ -45,6 +50,7 @@ import torch.nn as nn
 from llmkern._backend import warn_once
 from llmkern.ops._checks import autocast_cast, autocast_dtype, bool_arg, positive_int
 from llmkern.parallel import comm
+from llmkern.peft._plain_lora import is_hf_conv1d
 from llmkern.peft.lora import lora_scaling
 
 OVERLAPS = ("none", "ring")
@@ -436,19 +442,39 @@ def _check_divisible(size, p, what):
         raise ValueError(f"{what}={size} is not divisible by the tensor-parallel world size {p}")
 
 
+class _LinearView:
+    """What from_linear reads of a transformers Conv1D: the nn.Linear it computes, weight W^T [out, in] (a detached
+    view of the Conv1D's [in, out] parameter, with its requires_grad also under no_grad: from_linear copies its
+    shard out of it) and the bias."""
+
+    def __init__(self, conv1d):
+        w = conv1d.weight
+        self.weight, self.bias = w.detach().t().requires_grad_(w.requires_grad), conv1d.bias
+        self.in_features, self.out_features = conv1d.weight.shape
+
+
+def _as_linear(layer):
+    """`layer` as from_linear reads it (in_features, out_features, weight [out, in], bias): an nn.Linear as it is,
+    transformers' Conv1D (y = x W + b, W [in, out]) as a _LinearView of W^T, anything else None."""
+    if isinstance(layer, nn.Linear):
+        return layer
+    return _LinearView(layer) if is_hf_conv1d(layer) else None
+
+
 def _lora_parts(module):
-    """(base nn.Linear, lora_A [r, in] or None, lora_B [out, r] or None, scaling) of a plain
-    nn.Linear or a PEFT-style LoRA wrapper (.base_layer + lora_A/lora_B modules, dicts of them,
-    or tensors; .scaling a float or a dict). A merged wrapper is its base layer (the update is
+    """(base nn.Linear (or a Conv1D's _LinearView), lora_A [r, in] or None, lora_B [out, r] or None, scaling) of a
+    plain nn.Linear / Conv1D or a PEFT-style LoRA wrapper of one (.base_layer + lora_A/lora_B modules, dicts of
+    them, or tensors; .scaling a float or a dict; a Conv1D base is PEFT's fan_in_fan_out, its factors are as for
+    nn.Linear). A merged wrapper is its base layer (the update is
     in the weight); disabled adapters, DoRA, dropout, a bias on lora_B (PEFT's lora_bias) and several
     active adapters are not supported (errors, so that the sharded layer never computes something other
     than the wrapper). Per-adapter dicts are read at the active adapter's key."""
-    if isinstance(module, nn.Linear) and not hasattr(module, "base_layer"):
-        return module, None, None, 1.0
-    base = getattr(module, "base_layer", None)
-    if not isinstance(base, nn.Linear):
-        raise TypeError(f"from_linear expects an nn.Linear or a LoRA wrapper with an nn.Linear "
-                        f".base_layer, got {type(module).__name__}")
+    if not hasattr(module, "base_layer") and _as_linear(module) is not None:
+        return _as_linear(module), None, None, 1.0
+    base = _as_linear(getattr(module, "base_layer", None))
+    if base is None:
+        raise TypeError(f"from_linear expects an nn.Linear (or a transformers Conv1D) or a LoRA wrapper with "
+                        f"one as .base_layer, got {type(module).__name__}")
     _check_lora_state(module)
     if getattr(module, "merged", False):
         return base, None, None, 1.0
@@ -699,11 +725,12 @@ class ColumnParallelLinear(_ParallelLinear):
 
     @classmethod
     def from_linear(cls, linear, group=None, **kw):
-        """Shard an existing nn.Linear (or a PEFT-style LoRA wrapper of one) along its output
-        features: this rank keeps rows [r*out/p, (r+1)*out/p). The weights must be identical on
-        every rank. `segments` (a list of row counts summing to out_features) shards a fused
-        projection (e.g. qkv) segment by segment; with gather_output=True the gathered features are
-        in the linear's order ([q | k | v]), not rank by rank."""
+        """Shard an existing nn.Linear (or a transformers Conv1D, read as the nn.Linear of W^T, or a
+        PEFT-style LoRA wrapper of either) along its output features: this rank keeps rows
+        [r*out/p, (r+1)*out/p). The weights must be identical on every rank. `segments` (a list of
+        row counts summing to out_features) shards a fused projection (e.g. qkv) segment by segment;
+        with gather_output=True the gathered features are in the linear's order ([q | k | v]), not
+        rank by rank."""
         segments = kw.pop("segments", None)
         _from_linear_kw(cls.__name__, kw)
         base, A, B, s = _lora_parts(linear)
@@ -830,8 +857,9 @@ class RowParallelLinear(_ParallelLinear):
 
     @classmethod
     def from_linear(cls, linear, group=None, **kw):
-        """Shard an existing nn.Linear (or a PEFT-style LoRA wrapper of one) along its input
-        features: this rank keeps columns [r*in/p, (r+1)*in/p). Weights must match on every rank."""
+        """Shard an existing nn.Linear (or a transformers Conv1D, read as the nn.Linear of W^T, or a
+        PEFT-style LoRA wrapper of either) along its input features: this rank keeps columns
+        [r*in/p, (r+1)*in/p). Weights must match on every rank."""
         _from_linear_kw(cls.__name__, kw)
         base, A, B, s = _lora_parts(linear)
         layer = nn.utils.skip_init(cls, base.in_features, base.out_features, bias=base.bias is not None, group=group,

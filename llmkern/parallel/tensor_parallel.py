@@ -2,7 +2,10 @@
 
 Module-naming contract (Hugging Face Llama / GPT-2 / nanoGPT names; llmkern.models follows it):
 
-- Column-parallel (output features split, weights [out/p, in]): nn.Linear children named
+- "Linear" below is an nn.Linear or transformers' Conv1D (Hugging Face GPT-2's c_attn / c_fc / c_proj: y = x W + b,
+  W stored [in, out]), sharded as the nn.Linear of W^T: the tensor-parallel layer holds a fresh [out/p, in] or
+  [out, in/p] shard, so its state-dict entries are in the nn.Linear layout, not the Conv1D's.
+- Column-parallel (output features split, weights [out/p, in]): linear children named
   q_proj, k_proj, v_proj, wq, wk, wv, up_proj, gate_proj, fc1, c_fc, w1, w3, fc_in, and multi-head latent
   attention's up projections q_b_proj and kv_b_proj (DeepSeek-V2/V3: per-head blocks of nope + rope and
   nope + v_head_dim rows, so contiguous row shards are whole heads).
@@ -15,7 +18,10 @@ Module-naming contract (Hugging Face Llama / GPT-2 / nanoGPT names; llmkern.mode
   counts n_head / n_heads / num_heads / num_attention_heads and n_kv_head / n_kv_heads /
   num_key_value_heads / num_kv_heads are divided by p (they must be divisible). Its forward must
   derive shapes from those counts and head_dim (``view(B, T, self.n_head, self.head_dim)``,
-  ``reshape(B, T, self.n_head * self.head_dim)`` or ``-1``), never from the model width.
+  ``reshape(B, T, self.n_head * self.head_dim)`` or ``-1``), never from the model width. An int attribute
+  split_size (GPT-2's ``c_attn(x).split(self.split_size, dim=2)``; its embed_dim is read in __init__ only)
+  must equal the width of each segment of its fused qkv projection (else refused) and is divided by p too.
+  GPT-2's cross-attention (a q_attn beside a 2-segment c_attn) is refused.
   An attention module without head-count attributes (transformers 5's) takes them from its .config (or
   the model's) num_attention_heads / num_key_value_heads, which are checked but not rewritten: its forward
   must use ``-1`` and head_dim; one that reads head counts from the config (Phi3's split of qkv_proj) is
@@ -30,7 +36,8 @@ Module-naming contract (Hugging Face Llama / GPT-2 / nanoGPT names; llmkern.mode
   head_dim channel, shared by all heads) stay replicated; their gradients are summed over the ranks
   in the backward (each rank's heads give only part of it), as transformers' "replicated_with_grad_allreduce".
   A q_norm / k_norm whose gain is not head_dim wide (OLMo 2's norm over all the heads) is refused.
-- PEFT-style LoRA wrappers (``.base_layer`` nn.Linear plus lora_A/lora_B) under those names are
+- PEFT-style LoRA wrappers (``.base_layer`` nn.Linear or Conv1D, plus lora_A/lora_B; on a Conv1D, PEFT's
+  fan_in_fan_out layers of GPT-2, the factors A [r, in] / B [out, r] are as for nn.Linear) under those names are
   sharded with their factors. Every other module (embeddings, norms, lm_head) stays replicated, unless
   vocab_parallel=True: then the token embedding (wte / embed_tokens / tok_embeddings / word_embeddings)
   and the LM head (lm_head / output) are sharded by vocabulary rows (llmkern.parallel.vocab).
@@ -64,6 +71,7 @@ import torch.nn as nn
 from llmkern.ops._checks import bool_arg
 from llmkern.parallel import comm
 from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear, _ParallelLinear
+from llmkern.peft._plain_lora import is_hf_conv1d, linear_features
 
 MLA_COLUMN_NAMES = {"q_b_proj", "kv_b_proj"}  # (MLA's q_proj, without a q bottleneck, is the usual name)
 COLUMN_NAMES = {"q_proj", "k_proj", "v_proj", "wq", "wk", "wv", "up_proj", "gate_proj", "fc1", "c_fc", "w1",
@@ -77,14 +85,24 @@ KV_HEAD_ATTRS = ("n_kv_head", "n_kv_heads", "num_key_value_heads", "num_kv_heads
 HEAD_NORM_NAMES = {"q_norm", "k_norm"}
 
 
+def _plain_linear(m):
+    """An nn.Linear, or transformers' Conv1D (GPT-2: W stored [in, out]; from_linear shards it as W^T)."""
+    return isinstance(m, nn.Linear) or is_hf_conv1d(m)
+
+
 def _is_linear(m):
     if isinstance(m, _ParallelLinear):
         return False
-    return isinstance(m, nn.Linear) or isinstance(getattr(m, "base_layer", None), nn.Linear)
+    return _plain_linear(m) or _plain_linear(getattr(m, "base_layer", None))
 
 
 def _base(m):
-    return m if isinstance(m, nn.Linear) and not hasattr(m, "base_layer") else m.base_layer
+    return m if _plain_linear(m) and not hasattr(m, "base_layer") else m.base_layer
+
+
+def _out_features(m):
+    """out_features of a linear child (its base layer's for a LoRA wrapper; a Conv1D's weight is [in, out])."""
+    return linear_features(_base(m))[1]
 
 
 def _heads(module, attrs):
@@ -125,7 +143,7 @@ def _head_dim(parent, children, h, hd):
     if hd is not None or h is None:
         return hd
     q = children.get("q_proj", children.get("wq"))
-    return _base(q).out_features // h if q is not None and _is_linear(q) else None
+    return _out_features(q) // h if q is not None and _is_linear(q) else None
 
 
 def _check_head_norms(children, hd, where):
@@ -451,7 +469,12 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
             if kv is not None and kv % p:
                 raise ValueError(f"tensor_parallelize: {kv_name}={kv} is not divisible by the world "
                                  f"size {p} (GQA key/value heads are sharded too)")
+        if attention and _is_linear(children.get("q_attn")):
+            # (GPT-2's cross-attention: q from q_attn, k / v from a 2-segment c_attn over the encoder's states)
+            raise ValueError(f"tensor_parallelize: {where} ({type(parent).__name__}) is a cross-attention (a q_attn "
+                             f"projection beside its fused c_attn); cross-attention modules are not supported")
         _check_row_partner(children, where, parent)
+        fused = None  # the fused qkv projection's segment sizes
         for name, child in children.items():
             full = f"{parent_name}.{name}" if parent_name else name
             if is_moe(child):  # (its shared expert's linear layers are planned with its own children)
@@ -463,16 +486,16 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
                 if name in COLUMN_NAMES:
                     new = ColumnParallelLinear.from_linear(child, group, **kw)
                 elif name in FUSED_QKV_NAMES:
-                    out = _base(child).out_features
+                    out = _out_features(child)
                     n_kv = kv if kv is not None else h
                     if out % (h + 2 * n_kv):
                         raise ValueError(f"fused qkv out_features={out} is not (heads {h} + 2 * key/value "
                                          f"heads {n_kv}) * head_dim")
                     d = out // (h + 2 * n_kv)
-                    segments = [h * d, n_kv * d, n_kv * d]
+                    segments = fused = [h * d, n_kv * d, n_kv * d]
                     new = ColumnParallelLinear.from_linear(child, group, segments=segments, **kw)
                 elif name in FUSED_2_NAMES:
-                    out = _base(child).out_features
+                    out = _out_features(child)
                     new = ColumnParallelLinear.from_linear(child, group, segments=[out // 2] * 2, **kw)
                 elif name in ROW_NAMES:
                     new = RowParallelLinear.from_linear(child, group, **kw)
@@ -481,6 +504,13 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
             except ValueError as exc:
                 raise ValueError(f"tensor_parallelize: cannot shard {full}: {exc}") from None
             plan.append((parent, name, new))
+        _, split = _heads(parent, ("split_size",))
+        if attention and split is not None:  # (GPT-2's: the forward splits the fused qkv output by it)
+            if fused is None or any(n != split for n in fused):
+                raise ValueError(f"tensor_parallelize: {where}.split_size={split} is not the width of each segment of "
+                                 f"its fused qkv projection ({fused or 'none'}): the sharded forward's split "
+                                 f"cannot be derived; this attention module is not supported")
+            plan.append((parent, "split_size", split // p))
         if attention:  # (whether or not the module holds the head counts: each rank has its heads' part)
             summed += [(c, pn) for n, c in children.items() if n in HEAD_NORM_NAMES for pn, _ in c.named_parameters()]
         if attention and h_attr is not None:
