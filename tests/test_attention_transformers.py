@@ -98,6 +98,29 @@ def test_generate_with_cache_and_left_padding(kind):
     assert torch.equal(out["eager"], out["llmkern"])
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "gemma2", "llama-triton"])
+def test_generate_with_a_static_cache(kind, request):
+    """cache_implementation="static" (transformers' cache for compiled decoding): the prefill's queries see the first
+    slots of a cache longer than the prompt (sliding-window layers included), then one-token steps; left padding.
+    The same tokens and scores as eager's."""
+    if kind.endswith("-triton"):  # the kernels (under the interpreter on a CPU) on the sliced and masked caches
+        request.getfixturevalue("triton_backend")
+        kind = kind[:-len("-triton")]
+    model = _model(kind).eval()
+    ids = torch.randint(3, 96, (2, 9), device=DEV)
+    am = torch.ones(2, 9, dtype=torch.long, device=DEV)
+    am[0, :3] = 0
+    out = {}
+    for impl in ("eager", "llmkern"):
+        model.set_attn_implementation(impl)
+        out[impl] = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=6, do_sample=False,
+                                   pad_token_id=0, cache_implementation="static", return_dict_in_generate=True,
+                                   output_scores=True)
+    assert torch.equal(out["eager"].sequences, out["llmkern"].sequences)
+    for a, b in zip(out["eager"].scores, out["llmkern"].scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_generate_triton_llama(triton_backend):
     model = _model("llama").eval()
     ids = torch.randint(3, 96, (2, 8), device=DEV)
@@ -207,9 +230,15 @@ def test_mask_function_returns_padding_mask():
     # decode against a static cache of 8: keys past the query are masked
     m = lt.attention.llmkern_mask(1, 1, 8, torch.tensor(4), 0, mu.causal_mask_function, None)
     assert m.tolist() == [[True] * 5 + [False] * 3]
-    with pytest.raises(NotImplementedError, match="static-cache prefill"):
-        lt.attention.llmkern_mask(1, 3, 8, 0, 0, mu.causal_mask_function, None)
-
+    # a static cache's prefill (3 queries from position 0, 8 slots): the first 3 slots are its keys, all visible
+    m = lt.attention.llmkern_mask(2, 3, 8, torch.tensor(0), 0, mu.causal_mask_function, None)
+    assert _no_padding(m) and m.shape == (2, 3) and m._llmkern_keys == 3 and m._llmkern_causal
+    # a multi-token step at position 4 with left padding: the padding mask cut to the 6 slots written by then
+    am = torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6], dtype=torch.bool)
+    m = lt.attention.llmkern_mask(2, 2, 8, torch.tensor(4), 0, mu.causal_mask_function, am)
+    assert m.tolist() == am.tolist() and m._llmkern_keys == 6 and not m._llmkern_all_visible
+    with pytest.raises(NotImplementedError, match="not bottom-right aligned"):  # queries past the cache's slots
+        lt.attention.llmkern_mask(1, 3, 8, torch.tensor(7), 0, mu.causal_mask_function, None)
 
 
 def test_static_cache_multi_token_step_refused_when_traced(monkeypatch):
@@ -218,7 +247,7 @@ def test_static_cache_multi_token_step_refused_when_traced(monkeypatch):
     from transformers import masking_utils as mu
 
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    with pytest.raises(NotImplementedError, match="static-cache prefill"):
+    with pytest.raises(NotImplementedError, match="under torch.compile"):
         lt.attention.llmkern_mask(1, 3, 8, torch.tensor(5), 0, mu.causal_mask_function, None)
     m = lt.attention.llmkern_mask(1, 1, 8, torch.tensor(4), 0, mu.causal_mask_function, None)
     assert m.tolist() == [[True] * 5 + [False] * 3]

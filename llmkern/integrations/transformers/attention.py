@@ -9,11 +9,13 @@
 - a mask function (AttentionMaskInterface): instead of a [B, 1, Tq, Tk] tensor it returns the 2-D
   boolean key padding mask [B, Tk] (or None), after checking that the mask the model asked for
   is one the kernel expresses (causal, bidirectional, sliding window, with padding, at a query
-  offset that is bottom-right aligned with the keys, as with DynamicCache or no cache; and
-  single-token decode against a static cache). Packed sequences (position_ids restarting inside a
-  row, as DataCollatorWithFlattening builds them) give the int64 sequence indices [B, T] instead,
-  and the attention runs as llmkern.attention_varlen over the packed tokens. Anything else
-  (chunked attention, custom or/and mask functions, static-cache prefill) raises NotImplementedError.
+  offset that is bottom-right aligned with the keys, as with DynamicCache or no cache; single-token
+  decode against a static cache; and, in eager mode, a static cache's prefill or multi-token step, whose
+  mask then names the first slots the attention reads: _static_chunk_mask). Packed sequences (position_ids
+  restarting inside a row, as DataCollatorWithFlattening builds them) give the int64 sequence indices [B, T]
+  instead, and the attention runs as llmkern.attention_varlen over the packed tokens. Anything else
+  (chunked attention, custom or/and mask functions, a static cache's multi-token step under torch.compile)
+  raises NotImplementedError.
 - an attention function (AttentionInterface) mapping the model's call onto llmkern.attention:
   GQA natively (no repeat_kv), causal from the module (bottom-right aligned, so decode steps and
   chunked prefill with a cache need no special case), the mask's sliding window -> window (the mask
@@ -95,8 +97,10 @@ def _window_binds(kind, window, q_offset, q_length, kv_offset, kv_length):
 
 def _tag(mask, window, kind):
     """The mask function's result, carrying the window its mask has and whether it is causal (see
-    llmkern_attention_forward)."""
+    llmkern_attention_forward). Made contiguous first: generate's prepare_inputs_for_generation calls .contiguous()
+    on the masks, and a copy of a sliced mask would not carry the tags."""
     if mask is not None:
+        mask = mask.contiguous()
         mask._llmkern_window = window
         mask._llmkern_causal = kind == "causal"
     return mask
@@ -188,14 +192,15 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         raise NotImplementedError("llmkern attention: a bidirectional sliding window with queries not aligned "
                                   "with the keys is not expressible")
     if kind == "causal" and (isinstance(q_end, torch.Tensor) or q_end != kv_end):
+        if q_length > 1 and not torch.compiler.is_compiling():
+            return _static_chunk_mask(batch_size, q_offset, q_end, kv_offset, kv_end, kv_length, pad, window, device)
         # (traced, a static cache's offset is a tensor: whether the queries end at the last key cannot be
         # checked, and a misaligned chunk would see its own future keys: refused)
-        if q_length > 1 and (torch.compiler.is_compiling() or int(q_end) != kv_end):
-            where = "" if torch.compiler.is_compiling() else f" at positions {int(q_offset)}..{int(q_end) - 1}"
+        if q_length > 1:
             raise NotImplementedError(
-                f"llmkern attention: causal queries{where} against {kv_length} cached keys are not bottom-right "
-                f"aligned (static-cache prefill, or a multi-token step over a static cache under torch.compile); "
-                f"use DynamicCache, or 'sdpa' for this step")
+                f"llmkern attention: causal queries against {kv_length} cached keys are not bottom-right aligned "
+                f"(a multi-token step over a static cache under torch.compile); use DynamicCache, or 'sdpa' "
+                f"for this step")
         q_end_t = torch.as_tensor(q_end, device=device)
         valid = (torch.arange(kv_length, device=device) + kv_offset) < q_end_t
         valid = valid[None, :].expand(batch_size, kv_length)
@@ -209,6 +214,27 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         pad = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
     pad = _tag(pad, window, kind)
     pad._llmkern_all_visible = all_visible  # (the attention then passes no padding mask to the kernel)
+    return pad
+
+
+def _static_chunk_mask(batch_size, q_offset, q_end, kv_offset, kv_end, kv_length, pad, window, device):
+    """Several causal queries over a cache holding more slots than keys written so far (a static cache's prefill,
+    or a multi-token step over it, in eager mode): the keys the queries may see are the first q_end - kv_offset
+    slots, so the attention reads only those (the mask carries their count, _llmkern_keys) and the queries are
+    bottom-right aligned with them. One host read of the query offset (the mask checked it before anyway); under
+    torch.compile such a step is refused (single-token decode steps take the masked path, with no host read)."""
+    limit = int(q_end)
+    if not isinstance(kv_offset, int) or not kv_offset < limit <= kv_end:
+        raise NotImplementedError(
+            f"llmkern attention: causal queries at positions {int(q_offset)}..{limit - 1} against {kv_length} cached "
+            f"keys from position {kv_offset} are not bottom-right aligned with any prefix of them; use DynamicCache, "
+            f"or 'sdpa' for this step")
+    n = limit - kv_offset
+    pad = torch.ones(batch_size, n, dtype=torch.bool, device=device) if pad is None else pad[:, :n]
+    all_visible = window is None and bool(pad.all())
+    pad = _tag(pad, window, "causal")
+    pad._llmkern_all_visible = all_visible
+    pad._llmkern_keys = n
     return pad
 
 
@@ -263,6 +289,9 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
                 f"mask built by its own mask function (llmkern.integrations.transformers.register()); "
                 f"custom 4-D masks need attn_implementation='sdpa' or 'eager'")
         kpm = None if getattr(attention_mask, "_llmkern_all_visible", False) else attention_mask
+        n = getattr(attention_mask, "_llmkern_keys", None)
+        if n is not None:  # (a static cache's chunk: the first n slots hold every key it sees; see llmkern_mask)
+            key, value = key[:, :, :n], value[:, :, :n]
         if attention_mask.shape[-1] != key.shape[2]:
             raise NotImplementedError(f"llmkern attention: key padding mask covers {attention_mask.shape[-1]} keys, "
                                       f"the layer has {key.shape[2]}")
