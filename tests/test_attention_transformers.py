@@ -121,6 +121,26 @@ def test_generate_with_a_static_cache(kind, request):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_generate_with_a_static_cache_compiled(monkeypatch):
+    """transformers' compiled decoding: a static cache, the one-token steps through torch.compile(fullgraph=True)
+    (the prefill runs eagerly, as transformers runs it); the same tokens as eager attention's."""
+    model = _model("llama").eval()
+    ids = torch.randint(3, 96, (2, 7), device=DEV)
+    am = torch.ones(2, 7, dtype=torch.long, device=DEV)
+    am[1, :2] = 0
+    kw = dict(attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
+    model.set_attn_implementation("eager")
+    want = model.generate(input_ids=ids, **kw)
+    model.set_attn_implementation("llmkern")
+    compiled = []
+    orig = model.get_compiled_call
+    monkeypatch.setattr(model, "get_compiled_call", lambda *a, **k: compiled.append(1) or orig(*a, **k))
+    monkeypatch.setattr(model, "_valid_auto_compile_criteria", lambda *a, **k: True)  # (transformers: CUDA only)
+    got = model.generate(input_ids=ids, compile_config=transformers.CompileConfig(fullgraph=True, backend="eager"),
+                         **kw)
+    assert compiled and torch.equal(got, want)
+
+
 def test_generate_triton_llama(triton_backend):
     model = _model("llama").eval()
     ids = torch.randint(3, 96, (2, 8), device=DEV)
