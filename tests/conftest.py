@@ -17,35 +17,13 @@ os.environ.setdefault("LLMKERN_LORA_FUSED_MIN_MNK", "0")
 import pytest  # noqa: E402
 
 
-@pytest.hookimpl(trylast=True)  # (after -k / -m deselection: only the selected tests' scripts run)
-def pytest_collection_modifyitems(session, config, items):
-    """Without CUDA, `gpu` tests are skipped. The compile tests (marked background_script) go last, and their scripts
-    start now in the background (see tests/_background.py): they compile for minutes on one core while the rest of
-    the suite runs on the other."""
-    import _background
-
-    if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA device")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)
-    if config.option.collectonly:
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
         return
-    scripts = [(item, m) for item in items for m in item.iter_markers("background_script")]
-    scripts = [(item, m) for item, m in scripts if not any(s.args and s.args[0] for s in item.iter_markers("skipif"))]
-    if not scripts:
-        return
-    for _, m in scripts:
-        _background.register(*m.args, **m.kwargs)
-    late = {id(item) for item, _ in scripts}
-    items[:] = [i for i in items if id(i) not in late] + [i for i in items if id(i) in late]
-    _background.start()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    import _background
-
-    _background.stop()
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

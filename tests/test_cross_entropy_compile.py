@@ -32,7 +32,6 @@ def main():
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's bundled ptxas")
-@pytest.mark.background_script(HERE, [], timeout=300)
 def test_cross_entropy_kernels_compile():
     lines = compiled_table(HERE)
     for line in lines:

@@ -248,7 +248,6 @@ def main(ccs=(90, 80)):
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's bundled ptxas")
-@pytest.mark.background_script(HERE, [], timeout=600)
 def test_other_kernels_compile_for_gpu_targets():
     lines = compiled_table(HERE, timeout=600)
     want = [f"{name} sm_{cc}" for cc, _ in TARGETS for name, *_ in rows(cc)]

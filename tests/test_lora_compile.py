@@ -20,11 +20,9 @@ import sys
 
 import pytest
 
-import _background
-
 HERE = os.path.abspath(__file__)
-_ALL = ["all"] if os.environ.get("LLMKERN_COMPILE_ALL") == "1" else []
 _DIV16 = {"M", "N", "K", "P"}
+ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (opt-in maximum)
@@ -164,21 +162,22 @@ def _ptxas_available():
 
 
 def compiled_table(script, args=(), timeout=300):
-    """Run a compile script (`python script [args]` outside the interpreter: TRITON_INTERPRET unset; in the
-    background when the test is marked background_script with the same script and args: tests/_background.py) and
+    """Run a compile script (`python script [args]` outside the interpreter: TRITON_INTERPRET unset) and
     return its printed table, one line per kernel (the closing COMPILED-ALL line dropped); fails the test
     on an error or a missing COMPILED-ALL."""
-    res = _background.run_script(script, args, timeout)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=timeout)
     assert res.returncode == 0 and "COMPILED-ALL" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
     return [line for line in res.stdout.splitlines() if line != "COMPILED-ALL"]
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's bundled ptxas")
-@pytest.mark.background_script(HERE, _ALL, timeout=300)
 def test_lora_kernels_compile_for_sm90():
     from llmkern.kernels.lora import _GEMM_TMA_TILES
 
-    lines = compiled_table(HERE, _ALL)
+    lines = compiled_table(HERE, ["all"] if os.environ.get("LLMKERN_COMPILE_ALL") == "1" else [])
     fwd = next(line for line in lines if line.startswith("gemm fwd 128x256"))
     assert "wgmma=True" in fwd, fwd  # Hopper's warp-group MMA in the main GEMM
     tma = [line for line in lines if line.startswith("gemm tma")]

@@ -136,7 +136,6 @@ def main():
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's bundled ptxas")
-@pytest.mark.background_script(HERE, [], timeout=600)
 def test_moe_kernels_compile_for_sm90():
     lines = compiled_table(HERE, timeout=600)
     from llmkern.kernels import moe as K
@@ -157,7 +156,6 @@ def test_moe_kernels_compile_for_sm90():
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's bundled ptxas")
-@pytest.mark.background_script(HERE, ["fp32"], timeout=600)
 def test_moe_float32_ieee_kernels_compile_for_sm80_and_sm90():
     """float32 without TF32 (FMA dots): no heavy spill and within shared memory on the A100 and the H100, for
     the fixed choice (the first candidate, "fixed") and every autotuning candidate."""

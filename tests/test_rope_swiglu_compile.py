@@ -61,7 +61,6 @@ def main():
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's bundled ptxas")
-@pytest.mark.background_script(HERE, [], timeout=300)
 def test_rope_swiglu_kernels_compile():
     lines = compiled_table(HERE)
     assert len(lines) == 2 * 10, lines
