@@ -7,6 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import llmkern  # noqa: E402
 import llmkern.integrations.transformers as lt  # noqa: E402
 from llmkern.testing import triton_device  # noqa: E402
 
@@ -99,7 +100,7 @@ def test_generate_with_cache_and_left_padding(kind):
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "gemma2", "llama-triton"])
-def test_generate_with_a_static_cache(kind, request):
+def test_generate_with_a_static_cache(kind, request, monkeypatch):
     """cache_implementation="static" (transformers' cache for compiled decoding): the prefill's queries see the first
     slots of a cache longer than the prompt (sliding-window layers included), then one-token steps; left padding.
     The same tokens and scores as eager's."""
@@ -110,7 +111,9 @@ def test_generate_with_a_static_cache(kind, request):
     ids = torch.randint(3, 96, (2, 9), device=DEV)
     am = torch.ones(2, 9, dtype=torch.long, device=DEV)
     am[0, :3] = 0
-    out = {}
+    out, steps, orig = {}, [], llmkern.attention_with_kvcache
+    monkeypatch.setattr(llmkern, "attention_with_kvcache",
+                        lambda q, k, v, lens, **kw: steps.append((k.shape[2], lens.tolist())) or orig(q, k, v, lens, **kw))
     for impl in ("eager", "llmkern"):
         model.set_attn_implementation(impl)
         out[impl] = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=6, do_sample=False,
@@ -119,6 +122,10 @@ def test_generate_with_a_static_cache(kind, request):
     assert torch.equal(out["eager"].sequences, out["llmkern"].sequences)
     for a, b in zip(out["eager"].scores, out["llmkern"].scores):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # the one-token steps over the full-attention layers' 14 slots ran attention_with_kvcache with the keys written
+    # so far (the sliding-window layers' caches are full after the 9-token prompt: the plain decode step)
+    if kind != "mistral":
+        assert {tuple(lens) for n, lens in steps if n == 14} == {(t, t) for t in range(10, 15)}
 
 
 def test_generate_with_a_static_cache_compiled(monkeypatch):

@@ -205,6 +205,9 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         valid = (torch.arange(kv_length, device=device) + kv_offset) < q_end_t
         valid = valid[None, :].expand(batch_size, kv_length)
         pad = valid if pad is None else (pad & valid)
+        if isinstance(kv_offset, int) and kv_offset == 0:  # (every row's keys: the slots before q_end)
+            lengths = q_end_t.to(torch.int32).reshape(1).expand(batch_size).contiguous()
+            return _static_step_mask(pad, window, lengths)
     all_visible = pad is None or (window is None and not torch.compiler.is_compiling() and bool(pad.all()))
     if all_visible and window is None and kind == "causal":
         # nothing to hide in a causal mask: None, as SDPA gets (the module's is_causal decides; a model that
@@ -214,6 +217,17 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         pad = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
     pad = _tag(pad, window, kind)
     pad._llmkern_all_visible = all_visible  # (the attention then passes no padding mask to the kernel)
+    return pad
+
+
+def _static_step_mask(pad, window, lengths):
+    """A one-token step over a static cache (no host read: it compiles and captures): the padding mask over the
+    cache's slots, hiding those past the query, plus each row's key count (_llmkern_lengths, int32 [B]), with which
+    an inference call runs attention_with_kvcache: its split-K kernel then reads only the keys written so far, not
+    every slot of the cache."""
+    pad = _tag(pad, window, "causal")
+    pad._llmkern_all_visible = False
+    pad._llmkern_lengths = lengths
     return pad
 
 
@@ -295,10 +309,20 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
         if attention_mask.shape[-1] != key.shape[2]:
             raise NotImplementedError(f"llmkern attention: key padding mask covers {attention_mask.shape[-1]} keys, "
                                       f"the layer has {key.shape[2]}")
+    lengths = getattr(attention_mask, "_llmkern_lengths", None)
+    if lengths is not None and is_causal and not dropout and not _wants_grad(query, key, value):
+        # (a static cache's decode step: the keys written so far only; attention_with_kvcache is inference-only)
+        out = llmkern.attention_with_kvcache(query, key, value, lengths, causal=True, scale=scaling, window=window,
+                                             softcap=softcap if softcap else None, key_padding_mask=kpm, sinks=sinks)
+        return out.transpose(1, 2).contiguous(), None
     out = llmkern.attention(query, key, value, causal=bool(is_causal), scale=scaling, window=window,
                             softcap=softcap if softcap else None, key_padding_mask=kpm,
                             dropout_p=float(dropout) if dropout else 0.0, sinks=sinks)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _wants_grad(*tensors):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _packed_attention(query, key, value, seq_ids, causal, scale, window, softcap, dropout, sinks=None):
