@@ -112,8 +112,8 @@ def test_generate_with_a_static_cache(kind, request, monkeypatch):
     am = torch.ones(2, 9, dtype=torch.long, device=DEV)
     am[0, :3] = 0
     out, steps, orig = {}, [], llmkern.attention_with_kvcache
-    monkeypatch.setattr(llmkern, "attention_with_kvcache",
-                        lambda q, k, v, lens, **kw: steps.append((k.shape[2], lens.tolist())) or orig(q, k, v, lens, **kw))
+    monkeypatch.setattr(llmkern, "attention_with_kvcache", lambda q, k, v, lens, **kw: (
+        steps.append((k.shape[2], lens.tolist())) or orig(q, k, v, lens, **kw)))
     for impl in ("eager", "llmkern"):
         model.set_attn_implementation(impl)
         out[impl] = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=6, do_sample=False,
