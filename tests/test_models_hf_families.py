@@ -10,8 +10,9 @@ import torch
 from llmkern import flops
 from llmkern.generation import generate
 from llmkern.models import Llama, from_hf, get_config
-from llmkern.testing import (TinyHFFamilies, assert_greedy_matches_transformers, assert_peft_lora_round_trip,
-                             edit_hf_config, load_hf, random_ids)
+from llmkern.testing import (TinyHFFamilies, assert_greedy_matches_transformers,
+                             assert_logits_and_loss_match_transformers, assert_peft_lora_round_trip, edit_hf_config,
+                             load_hf, random_ids)
 
 transformers = pytest.importorskip("transformers")
 
@@ -261,3 +262,68 @@ def test_pad_token_row_gets_no_embedding_gradient_as_in_transformers(tmp_path):
     with pytest.raises(ValueError, match="pad_token_id=97"):
         edit_hf_config(tmp_path, pad_token_id=V)
         _load(str(tmp_path), "torch")
+
+
+# Phi-3 (model_type "phi3"): fused qkv_proj / gate_up_proj split into the zoo's projections. "window": a
+# sliding_window shorter than the prompts (transformers 5.24's Phi3Model masks with it), untied; "tied": no
+# window, head_dim 24 != 64 / 4, tied embeddings. (pad / eos: Phi3Config's defaults, 32000, are past V.)
+PHI3_IDS = dict(pad_token_id=PAD, eos_token_id=None)
+PHI3 = TinyHFFamilies({
+    "window": ("Phi3Config", "Phi3ForCausalLM", dict(PHI3_IDS, sliding_window=5)),
+    "tied": ("Phi3Config", "Phi3ForCausalLM", dict(PHI3_IDS, head_dim=24, tie_word_embeddings=True)),
+}, COMMON)
+
+
+@pytest.fixture(scope="module")
+def phi3_saved(tmp_path_factory):
+    """variant -> (checkpoint directory, transformers Phi3ForCausalLM)."""
+    return PHI3.save_all(tmp_path_factory.mktemp("phi3"))
+
+
+@pytest.mark.parametrize("variant", ["window", "tied"])
+@pytest.mark.parametrize("backend", ["torch", "llmkern"])
+def test_phi3_logits_loss_and_greedy_tokens_match_transformers(phi3_saved, variant, backend):
+    """from_hf on a Phi3ForCausalLM checkpoint: transformers' logits and loss (17 tokens: past the window),
+    its parameter count, and its greedy tokens through the KV cache (left padded too)."""
+    path, hf = phi3_saved[variant]
+    m = _load(path, backend)
+    c = m.config
+    assert (c.n_kv_head, c.head_dim, c.biases, c.tie_embeddings, c.norm_eps) == \
+        (2, 24 if variant == "tied" else 16, (False,) * 3, variant == "tied", hf.config.rms_norm_eps)
+    assert [c.layer_window(i) for i in range(2)] == ([5, 5] if variant == "window" else [None, None])
+    attn, mlp = hf.model.layers[1].self_attn, hf.model.layers[1].mlp
+    zoo = m.layers[1]
+    qkv = torch.cat([zoo.self_attn.q_proj.weight, zoo.self_attn.k_proj.weight, zoo.self_attn.v_proj.weight])
+    assert torch.equal(qkv, attn.qkv_proj.weight)
+    assert torch.equal(torch.cat([zoo.mlp.gate_proj.weight, zoo.mlp.up_proj.weight]), mlp.gate_up_proj.weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_logits_and_loss_match_transformers(m, hf, _ids(), atol=1e-5, rtol=1e-5)
+    assert_greedy_matches_transformers(m, hf, _ids(T=9, seed=1), 6, PAD)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
+                           "long_factor": [2.0] * 8, "original_max_position_embeddings": 32}),
+     "rope_parameters rope_type='longrope'"),
+    (dict(rope_scaling={"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}),
+     "rope_scaling rope_type='su'"),
+    # (Phi-4-mini's top-level key; a partial_rotary_factor in rope_parameters wins, as in Phi3Config)
+    (dict(partial_rotary_factor=0.75, rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
+     "partial_rotary_factor=0.75"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+     "partial_rotary_factor=0.5"),
+    (dict(resid_pdrop=0.1), "resid_pdrop"),
+    (dict(layer_types=["sliding_attention", "full_attention"]), "layer_types"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(num_key_value_heads=4), "qkv_proj"),  # (the file's fused rows do not match the config)
+], ids=["longrope", "su-rope_scaling", "partial-rotary", "partial-rotary-in-rope", "resid_pdrop", "layer_types",
+        "hidden_act", "sliding_window", "qkv-rows"])
+def test_phi3_unsupported_configs_raise_naming_the_key(tmp_path, phi3_saved, changes, match):
+    import shutil
+
+    shutil.copytree(phi3_saved["window"][0], tmp_path, dirs_exist_ok=True)
+    edit_hf_config(tmp_path, **changes)
+    with pytest.raises(ValueError, match=match):
+        from_hf(str(tmp_path))

@@ -19,6 +19,16 @@ Supported config.json model_types:
            sigmoid-gated shared expert (shared_expert_intermediate_size), q/k/v biases (qkv_bias), dense
            layers per mlp_only_layers / decoder_sparse_step
   qwen3_moe  Qwen3MoeForCausalLM -> the same without the shared expert, with Qwen3's attention
+  phi3     Phi3ForCausalLM (Phi-3-mini-4k / Phi-3-medium-4k: plain RoPE) -> Llama: the fused qkv_proj (rows q,
+           k, v) and gate_up_proj (rows gate, then up) are split into q/k/v_proj and gate/up_proj; head_dim (default
+           hidden_size / num_attention_heads); sliding_window (null: none) in every layer, as transformers 5.24's
+           Phi3Model masks with it (Phi-3-mini-4k's 2047); attention_dropout as Llama's; embd_pdrop ignored, as
+           transformers' Phi3Model ignores it; original_max_position_embeddings ignored (longrope's only).
+           Refused, naming the key: rope_scaling / rope_parameters rope_type other than "default" (Phi-3's
+           "longrope", which transformers also makes of "su" and "yarn": the 128k variants, Phi-3.5-mini,
+           Phi-4-mini), partial_rotary_factor != 1 (Phi-4-mini's 0.75: the zoo rotates every head channel),
+           resid_pdrop != 0 (the zoo's Llama has no residual dropout), layer_types (Phi3 reads none).
+           A config.json without pad_token_id takes Phi3Config's 32000 (the embedding's padding_idx).
   gemma    GemmaForCausalLM -> Llama with a GeGLU MLP (hidden_act), RMSNorm gains (1 + w) in float32,
            embeddings times sqrt(hidden_size), head_dim, attention_bias
   gemma2   Gemma2ForCausalLM -> Gemma plus the sandwich norms (post_attention / pre_feedforward /
@@ -86,6 +96,7 @@ from llmkern.models.llama import Llama
 
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")  # the zoo's Llama loads
+PHI3_FAMILY = ("phi3",)  # the zoo's Llama too, from fused qkv_proj / gate_up_proj weights (phi3_config)
 MOE_FAMILY = ("mixtral", "qwen2_moe", "qwen3_moe")
 GEMMA_FAMILY = ("gemma", "gemma2", "gemma3_text")  # also the zoo's Llama, with the Gemma options
 DEEPSEEK_FAMILY = ("deepseek_v3", "deepseek_v2")  # the zoo's Llama with MLA and DeepSeek's MoE (deepseek.py)
@@ -192,7 +203,10 @@ _FAMILY_DEFAULTS = {
                       shared_expert_intermediate_size=5632, **_QWEN_MOE),
     "qwen3_moe": dict(max_position_embeddings=32768, num_key_value_heads=4, head_dim=None, num_experts=128,
                       num_experts_per_tok=8, moe_intermediate_size=768, **_QWEN_MOE),
+    "phi3": dict(max_position_embeddings=4096, num_key_value_heads=None, head_dim=None, rms_norm_eps=1e-5,
+                 sliding_window=None),
 }
+_PHI3_PAD = 32000  # Phi3Config's default pad_token_id (the embedding's padding_idx when config.json has none)
 # keys of mixture-of-experts variants (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek ...): a dense model would
 # load without their expert weights, silently wrong
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
@@ -214,14 +228,14 @@ def _sliding_window(hf, family):
     "sliding_attention" (default: those from max_window_layers on)."""
     if family == "llama":
         return None, None
-    if family != "mistral" and not _bool_key(hf, "use_sliding_window", family):
+    if family not in ("mistral", "phi3") and not _bool_key(hf, "use_sliding_window", family):
         return None, None
     W = hf["sliding_window"]
     if W is None:
         return None, None
     if isinstance(W, bool) or not isinstance(W, int) or W <= 0:
         raise ValueError(f"from_hf: {family} config sliding_window={W!r} must be a positive int or null")
-    if family == "mistral" and hf.get("layer_types") is None:
+    if family == "phi3" or (family == "mistral" and hf.get("layer_types") is None):  # (every layer)
         return W, None
     n = hf["num_hidden_layers"]
     types = hf.get("layer_types")
@@ -279,6 +293,57 @@ def llama_config(hf):
                        dropout=float(hf.get("attention_dropout") or 0.0),
                        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
                        tie_embeddings=hf.get("tie_word_embeddings", False), name=hf.get("_name_or_path", ""))
+
+
+def phi3_config(hf):
+    """The zoo ModelConfig of a Phi3ForCausalLM config.json (see the module docstring): the Phi-3-specific keys
+    are checked here, the rest as a Llama's (llama_config). Raises ValueError, naming the config key, for what
+    the zoo's Llama cannot express."""
+    hf = {**_FAMILY_DEFAULTS["phi3"], **hf}
+    # (Phi3Config: a non-empty rope_scaling wins over rope_parameters; "su" / "yarn" are renamed "longrope")
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = hf.get(key) or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"from_hf: phi3 config {key}={rope!r} must be a dict or null")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise ValueError(f"from_hf: phi3 config {key} rope_type={kind!r} is not supported (only 'default': Phi-3's "
+                         f"'longrope', which transformers also makes of 'su' and 'yarn', is not implemented)")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if isinstance(partial, bool) or partial != 1:
+        raise ValueError(f"from_hf: phi3 config partial_rotary_factor={partial!r} is not supported (only 1.0: "
+                         f"transformers rotates the first head_dim * factor channels of each head, the zoo's Llama "
+                         f"all of them)")
+    resid = hf.get("resid_pdrop") or 0.0
+    if isinstance(resid, bool) or not isinstance(resid, (int, float)) or resid != 0:
+        raise ValueError(f"from_hf: phi3 config resid_pdrop={resid!r} is not supported (only 0: the zoo's Llama "
+                         f"has no residual dropout)")
+    if hf.get("layer_types") is not None:
+        raise ValueError("from_hf: phi3 config layer_types is not supported (transformers' Phi3 reads none and "
+                         "slides in every layer when sliding_window is set)")
+    return llama_config(hf)
+
+
+def _split_phi3(state, cfg):
+    """Phi-3's fused projections -> the zoo's, in place: layers.{i}.self_attn.qkv_proj.weight
+    [(n_head + 2 n_kv_head) * head_dim, d] (rows q, then k, then v, as Phi3Attention slices them) into
+    q_proj / k_proj / v_proj, and mlp.gate_up_proj.weight [2 F, d] (rows gate, then up, as Phi3MLP's chunk)
+    into gate_proj / up_proj."""
+    q, kv, F = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.intermediate_size
+    for i in range(cfg.n_layer):
+        for fused, names, rows in (("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj"), (q, kv, kv)),
+                                   ("mlp.gate_up_proj", ("gate_proj", "up_proj"), (F, F))):
+            key = f"layers.{i}.{fused}.weight"
+            if key not in state:
+                continue  # (load_state_dict reports the missing q/k/v or gate/up weights)
+            w = state.pop(key)
+            if w.dim() != 2 or w.shape[0] != sum(rows):
+                raise ValueError(f"from_hf: checkpoint does not match the phi3 config: {key} has shape "
+                                 f"{tuple(w.shape)}, expected {sum(rows)} rows")
+            prefix = f"layers.{i}.{fused.split('.')[0]}."
+            for name, part in zip(names, w.split(list(rows))):
+                state[f"{prefix}{name}.weight"] = part
+    return state
 
 
 # config.json defaults of the Gemma classes (transformers 5), for keys a file may leave out
@@ -779,11 +844,12 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
     and safetensors weights), in eval mode.
 
     model_type "gpt2" gives a GPT; "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
-    "qwen3_moe", "gemma", "gemma2", "gemma3_text", "deepseek_v3" and "deepseek_v2" give a Llama whose config
-    carries the family's options (Mistral's sliding window, Qwen2's q/k/v biases and per-layer sliding windows,
-    Qwen3's qk-norm and head_dim, the MoE families' experts, Gemma's GeGLU, norms, scales and soft-caps,
-    DeepSeek's latent attention and V3's sigmoid / V2's softmax router; see the module docstring). The logits
-    equal those of transformers' *ForCausalLM on the same checkpoint. Unsupported configurations raise ValueError
+    "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3_text", "deepseek_v3" and "deepseek_v2" give a Llama whose
+    config carries the family's options (Mistral's sliding window, Qwen2's q/k/v biases and per-layer sliding
+    windows, Phi-3's fused projections split into the zoo's, Qwen3's qk-norm and head_dim, the MoE families'
+    experts, Gemma's GeGLU, norms, scales and soft-caps, DeepSeek's latent attention and V3's sigmoid / V2's
+    softmax router; see the module docstring). The logits equal those of transformers' *ForCausalLM on the same
+    checkpoint. Unsupported configurations raise ValueError
     naming the config key. dtype/device: cast and move the model after loading (the RoPE frequencies
     stay float32); dtype is a floating torch.dtype, its name ("bfloat16", "torch.float16", ...) or "auto"
     (transformers': config.json's dtype / torch_dtype, else the checkpoint weights' dtype)."""
@@ -812,11 +878,14 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
             model, state = GPT(cfg, backend=backend), _gpt2_state(state, cfg)
         except KeyError as e:
             raise ValueError(f"from_hf: checkpoint does not match the model: missing {e}") from None
-    elif mtype in LLAMA_FAMILY or mtype in GEMMA_FAMILY or mtype in DEEPSEEK_FAMILY:
-        cfg = llama_config(hf) if mtype in LLAMA_FAMILY else gemma_config(hf) if mtype in GEMMA_FAMILY else \
-            deepseek_config(hf)
-        cfg = cfg.replace(pad_token_id=_padding_idx(hf))
+    elif mtype in LLAMA_FAMILY or mtype in PHI3_FAMILY or mtype in GEMMA_FAMILY or mtype in DEEPSEEK_FAMILY:
+        cfg = llama_config(hf) if mtype in LLAMA_FAMILY else phi3_config(hf) if mtype in PHI3_FAMILY else \
+            gemma_config(hf) if mtype in GEMMA_FAMILY else deepseek_config(hf)
+        cfg = cfg.replace(pad_token_id=_padding_idx({"pad_token_id": _PHI3_PAD, **hf} if mtype in PHI3_FAMILY
+                                                    else hf))
         state = _strip(_load_state(path), ("model.",))
+        if mtype in PHI3_FAMILY:
+            state = _split_phi3(state, cfg)
         cfg = _resolve_tie(cfg, state, "embed_tokens.weight")
         if mtype == "deepseek_v3":  # (DeepSeek-V2 has no multi-token prediction)
             state = _drop_mtp_layers(state, cfg, hf)
@@ -825,7 +894,7 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
         model, state = Llama(cfg, backend=backend), _llama_state(state, cfg)
     else:
         raise ValueError(f"from_hf: model_type {mtype!r} is not supported "
-                         f"(gpt2, {', '.join(LLAMA_FAMILY + GEMMA_FAMILY + DEEPSEEK_FAMILY)})")
+                         f"(gpt2, {', '.join(LLAMA_FAMILY + PHI3_FAMILY + GEMMA_FAMILY + DEEPSEEK_FAMILY)})")
     if isinstance(dtype, str):  # "auto"
         dtype = _auto_dtype(hf, state)
     state = {k: v.contiguous() for k, v in state.items()}
