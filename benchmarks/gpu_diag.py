@@ -303,6 +303,17 @@ def decode():
         t0 = ms(lambda: llmkern.attention(q, kc, vc, causal=True))
     _say(f"  llmkern.attention Tq=1 no grad: decode route {t:.4f} ms ({gb / t * 1e3:.0f} GB/s), forward kernel "
          f"{t0:.4f} ms ({gb / t0 * 1e3:.0f} GB/s)")
+    # transformers' static cache under attn_implementation="llmkern": a one-token step over all 8192 slots with 1024
+    # written. Before: the decode route over every slot under the mask; now attention_with_kvcache with each row's
+    # key count (llmkern.integrations.transformers._static_step_mask). SDPA reads every slot, masked.
+    n = 1024
+    mask = (torch.arange(T, device="cuda") < n)[None, :].expand(B, T).contiguous()
+    lens_n = torch.full((B,), n, device="cuda", dtype=torch.int32)
+    t_all = ms(lambda: llmkern.attention(q, kc, vc, causal=True, key_padding_mask=mask))
+    t_len = ms(lambda: llmkern.attention_with_kvcache(q, kc, vc, lens_n, key_padding_mask=mask))
+    t_sdpa = ms(lambda: F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask[:, None, None, :], enable_gqa=True))
+    _say(f"  static cache step, {n} of {T} slots written: masked route {t_all:.4f} ms, with lengths {t_len:.4f} ms, "
+         f"SDPA masked {t_sdpa:.4f} ms")
     # the float8 cache (half the bytes): the same kernel with wider key tiles may pay off there
     k8, v8 = llmkern.quantize_kv(kc), llmkern.quantize_kv(vc)
     for cfg in ("64,4,3", "128,4,3", "128,8,3", "256,8,3"):
