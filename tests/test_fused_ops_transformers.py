@@ -23,6 +23,7 @@ EXPECTED = {
     "qwen3": {"rms_norm": 4 * L + 1, "layer_norm": 0, "mlp": L, "rope": L},       # + q_norm, k_norm
     "gemma3": {"rms_norm": 6 * L + 1, "layer_norm": 0, "mlp": L, "rope": L},      # 4 per layer + q/k norms
     "gpt2": {"rms_norm": 0, "layer_norm": 2 * L + 1, "mlp": 0, "rope": 0},
+    "phi3": {"rms_norm": 2 * L + 1, "layer_norm": 0, "mlp": L, "rope": L},        # fused gate_up_proj MLP
 }
 
 
@@ -44,6 +45,8 @@ def _model(kind, **overrides):
     elif kind == "gemma3":  # offset-1 norms (zero-initialised weights), gelu-tanh MLP, q/k norms, softcaps
         common.update(num_attention_heads=2, num_key_value_heads=1)
         m = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(head_dim=16, sliding_window=4, **common))
+    elif kind == "phi3":
+        m = transformers.Phi3ForCausalLM(transformers.Phi3Config(sliding_window=None, **common))
     else:
         raise ValueError(kind)
     with torch.no_grad():  # norm weights away from their init (ones / zeros), so a wrong convention shows
@@ -97,7 +100,7 @@ def spy(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3", "mistral", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3", "mistral", "gpt2", "phi3"])
 def test_same_logits_and_grads_and_counts(kind, spy):
     ref = _model(kind).train()
     fused = copy.deepcopy(ref)
@@ -116,7 +119,7 @@ def test_same_logits_and_grads_and_counts(kind, spy):
     assert [m.__dict__.get("forward") for m in fused.modules()] == forwards
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3", "gpt2", "phi3"])
 def test_greedy_generate_same_tokens(kind):
     ref = _model(kind).eval()
     fused = lt.use_fused_ops(copy.deepcopy(ref))
@@ -162,10 +165,10 @@ def test_with_llmkern_attention_and_fused_loss(kind, spy):
     assert spy["rope"] == L and spy["rms_norm"] == EXPECTED[kind]["rms_norm"]
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3", "phi3"])
 def test_triton_kernels_under_the_interpreter(monkeypatch, kind):
-    """Qwen3 (q/k norms, GQA) and Gemma 3 (offset norms, geglu) with every fused op on the Triton kernels
-    (the interpreter on CPU, float32)."""
+    """Qwen3 (q/k norms, GQA), Gemma 3 (offset norms, geglu) and Phi-3 (gate and up as the halves of one
+    projection: strided rows) with every fused op on the Triton kernels (the interpreter on CPU, float32)."""
     if triton_device() is None:
         pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
     from llmkern.kernels import norm as kn, rope as kr, swiglu as ks

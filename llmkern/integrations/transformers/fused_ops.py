@@ -17,7 +17,9 @@ the process are unaffected. What is patched:
 - nn.LayerNorm (exactly that class, 1-D normalized_shape) -> llmkern.layer_norm; the original forward
   runs for mixed dtypes and under autocast unless x is float32 (F.layer_norm runs in float32 there).
 - Gated MLPs whose forward is LlamaMLP's, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, with act_fn
-  silu (swiglu) or the torch gelu / tanh gelu (geglu) -> down_proj(swiglu(gate_proj(x), up_proj(x))).
+  silu (swiglu) or the torch gelu / tanh gelu (geglu) -> down_proj(swiglu(gate_proj(x), up_proj(x))); and
+  those whose forward is Phi3MLP's, one fused ``gate_up_proj`` whose output halves are gate and up
+  (``activation_fn``) -> down_proj(swiglu(*gate_up_proj(x).chunk(2, -1))).
 - RoPE: transformers 5.x attention classes call the module-global ``apply_rotary_pos_emb(q, k, cos, sin)``
   of their modeling file (``use_kernelized_func`` is a no-op without the `kernels` package and adds no
   per-instance hook the forward reads). The attention instance gets a copy of its class forward whose
@@ -61,9 +63,13 @@ def _references():
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
+    try:
+        from transformers.models.phi3.modeling_phi3 import Phi3MLP
+    except ImportError:  # (an older transformers without Phi-3: nothing matches that reference)
+        Phi3MLP = None
     return {"llama_norm": _code(LlamaRMSNorm.forward), "gemma_norm": (_code(GemmaRMSNorm.forward),
                                                                        _code(GemmaRMSNorm._norm)),
-            "mlp": _code(LlamaMLP.forward)}
+            "mlp": _code(LlamaMLP.forward), "gate_up_mlp": Phi3MLP and _code(Phi3MLP.forward)}
 
 
 def _rms_convention(cls):
@@ -135,6 +141,18 @@ def _mlp_forward(self, x, *args, **kwargs):
         return self.down_proj(self.act_fn(gate) * up)  # (the original's math on the same projections)
     h = swiglu(gate, up) if kind[0] == "silu" else geglu(gate, up, approximate=kind[1])
     return self.down_proj(h)
+
+
+def _gate_up_mlp_forward(self, x, *args, **kwargs):
+    """Phi3MLP's forward (gate and up as the halves of one gate_up_proj) on llmkern.swiglu / geglu."""
+    from llmkern.ops.swiglu import geglu, swiglu
+
+    kind = None if (args or kwargs) else _glu(self.activation_fn)
+    h = self.gate_up_proj(x) if kind is not None else None
+    if not (isinstance(h, torch.Tensor) and h.dtype in _FLOATS and h.shape[-1] % 2 == 0):
+        return type(self).forward(self, x, *args, **kwargs)
+    gate, up = h.chunk(2, dim=-1)
+    return self.down_proj(swiglu(gate, up) if kind[0] == "silu" else geglu(gate, up, approximate=kind[1]))
 
 
 # ---- RoPE: a per-class copy of the attention forward whose apply_rotary_pos_emb is llmkern.rope -------
@@ -375,6 +393,11 @@ def _plan(module, enabled):
         if _glu(getattr(module, "act_fn", None)) is None:
             return None
         return "mlp", _mlp_forward, {}
+    if "mlp" in enabled and _references()["gate_up_mlp"] is not None \
+            and _code(cls.forward) == _references()["gate_up_mlp"]:
+        if _glu(getattr(module, "activation_fn", None)) is None:
+            return None
+        return "mlp", _gate_up_mlp_forward, {}
     if "rope" in enabled and _calls_rope(cls):
         fwd = _rope_forward_for(cls)
         if fwd is None:
