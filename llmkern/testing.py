@@ -216,12 +216,12 @@ def raise_failures(rank, failures):
         raise AssertionError(f"rank {rank}: {len(failures)} failures:\n" + "\n".join(failures))
 
 
-def assert_peft_lora_round_trip(path, workdir, x, atol=1e-5, rtol=1e-5, targets=None, n_layers=None):
+def assert_peft_lora_round_trip(path, workdir, x, atol=1e-5, rtol=1e-5, targets=None, n_layers=None, n_modules=None):
     """A LoRA adapter that PEFT saves on the transformers checkpoint at `path` (`targets`, default every
     attention and MLP projection; random nonzero factors) loads into the zoo (llmkern.peft.load_peft_adapter
     over from_hf) with PEFT's logits on x; saved back with HF names (save_peft_adapter), PEFT reads it and
-    gives them again. n_layers: expect n_layers * len(targets) LoRA modules (default 2 layers). Imports peft
-    and transformers."""
+    gives them again. n_layers: expect n_layers * len(targets) LoRA modules (default 2 layers), or n_modules
+    of them (a fused HF target is several zoo modules). Imports peft and transformers."""
     import peft
     import transformers
 
@@ -235,7 +235,7 @@ def assert_peft_lora_round_trip(path, workdir, x, atol=1e-5, rtol=1e-5, targets=
     with torch.no_grad():
         want = pm.eval()(x).logits
     zoo = lp.load_peft_adapter(load_hf(path), str(workdir / "ad"))
-    assert len(dict(lp.lora_modules(zoo))) == (n_layers or 2) * len(targets)
+    assert len(dict(lp.lora_modules(zoo))) == (n_modules or (n_layers or 2) * len(targets))
     with torch.no_grad():
         torch.testing.assert_close(zoo(x), want, atol=atol, rtol=rtol)
     lp.save_peft_adapter(zoo, str(workdir / "back"))

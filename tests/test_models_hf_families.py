@@ -302,6 +302,16 @@ def test_phi3_logits_loss_and_greedy_tokens_match_transformers(phi3_saved, varia
     assert_greedy_matches_transformers(m, hf, _ids(T=9, seed=1), 6, PAD)
 
 
+@pytest.mark.parametrize("variant", ["window", "tied"])
+def test_phi3_peft_lora_adapter_round_trip(tmp_path, phi3_saved, variant):
+    """A LoRA adapter that PEFT saved on Phi3ForCausalLM's fused qkv_proj and gate_up_proj (and o_proj, down_proj)
+    loads into the zoo's split projections with PEFT's logits; saved back on the fused names, PEFT reads it (it
+    was refused: 'qkv_proj is not in the model')."""
+    pytest.importorskip("peft")
+    assert_peft_lora_round_trip(phi3_saved[variant][0], tmp_path, _ids(),
+                                targets=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], n_modules=2 * 7)
+
+
 @pytest.mark.parametrize("changes, match", [
     (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
                            "long_factor": [2.0] * 8, "original_max_position_embeddings": 32}),

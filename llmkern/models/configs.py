@@ -16,6 +16,8 @@ Llama-family options (off by default; from_hf sets them for Mistral, Qwen2 and Q
   qk_norm               RMSNorm over head_dim of each head of q and k, before RoPE (Qwen3)
   sliding_window        W: query i sees keys i-W+1..i (Mistral, Qwen2/3 with use_sliding_window),
   sliding_window_layers in the layers listed (None: every layer)
+  hf_fused_projections  transformers' model has one qkv_proj and one gate_up_proj (Phi-3): the zoo's layers are
+                        the same, only hf_module_names (PEFT checkpoints) maps them onto those fused rows
 
 Gemma options (Llama family, off by default; from_hf sets them for Gemma, Gemma 2 and Gemma 3 text):
   activation            "gelu_tanh" / "gelu": the MLP is GeGLU, down(gelu(gate(x)) * up(x)) (Gemma)
@@ -168,6 +170,9 @@ class ModelConfig:
     # the token embedding's padding_idx (transformers' Llama-family models: config.pad_token_id): that row gets no
     # gradient from the lookup; None (GPT-2, the zoo's own configs): every row trains
     pad_token_id: Optional[int] = None
+    # llama only: the transformers model computes q/k/v in one qkv_proj and gate/up in one gate_up_proj (Phi-3,
+    # from_hf): hf_module_names maps the zoo's projections onto those layers' rows (PEFT checkpoints)
+    hf_fused_projections: bool = False
     name: str = ""
 
     def __post_init__(self):
@@ -337,7 +342,7 @@ class ModelConfig:
         if self.arch != "llama":
             for f, off in (("qkv_bias", None), ("o_bias", None), ("qk_norm", False), ("sliding_window", None),
                            ("sliding_window_layers", None), ("pad_token_id", None),
-                           ("rope_theta", 10000.0)) + _GEMMA_OFF + _MLA_OFF:
+                           ("rope_theta", 10000.0), ("hf_fused_projections", False)) + _GEMMA_OFF + _MLA_OFF:
                 if getattr(self, f) != off:
                     raise ValueError(f"ModelConfig.{f} applies to arch='llama' only, got arch={self.arch!r}")
             return
@@ -345,8 +350,9 @@ class ModelConfig:
         for f in ("qkv_bias", "o_bias"):
             if getattr(self, f) is not None and not isinstance(getattr(self, f), bool):
                 raise ValueError(f"ModelConfig.{f} must be a bool or None, got {getattr(self, f)!r}")
-        if not isinstance(self.qk_norm, bool):
-            raise ValueError(f"ModelConfig.qk_norm must be a bool, got {self.qk_norm!r}")
+        for f in ("qk_norm", "hf_fused_projections"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"ModelConfig.{f} must be a bool, got {getattr(self, f)!r}")
         W = self.sliding_window
         if W is not None and (not isinstance(W, int) or isinstance(W, bool) or W <= 0):
             raise ValueError(f"ModelConfig.sliding_window must be a positive int or None, got {W!r}")

@@ -28,7 +28,8 @@ Supported config.json model_types:
            "longrope", which transformers also makes of "su" and "yarn": the 128k variants, Phi-3.5-mini,
            Phi-4-mini), partial_rotary_factor != 1 (Phi-4-mini's 0.75: the zoo rotates every head channel),
            resid_pdrop != 0 (the zoo's Llama has no residual dropout), layer_types (Phi3 reads none).
-           A config.json without pad_token_id takes Phi3Config's 32000 (the embedding's padding_idx).
+           A config.json without pad_token_id takes Phi3Config's 32000 (the embedding's padding_idx). PEFT
+           adapters on qkv_proj / gate_up_proj map onto the split layers (ModelConfig.hf_fused_projections).
   gemma    GemmaForCausalLM -> Llama with a GeGLU MLP (hidden_act), RMSNorm gains (1 + w) in float32,
            embeddings times sqrt(hidden_size), head_dim, attention_bias
   gemma2   Gemma2ForCausalLM -> Gemma plus the sandwich norms (post_attention / pre_feedforward /
@@ -321,7 +322,7 @@ def phi3_config(hf):
     if hf.get("layer_types") is not None:
         raise ValueError("from_hf: phi3 config layer_types is not supported (transformers' Phi3 reads none and "
                          "slides in every layer when sliding_window is set)")
-    return llama_config(hf)
+    return llama_config(hf).replace(hf_fused_projections=True)
 
 
 def _split_phi3(state, cfg):

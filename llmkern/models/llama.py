@@ -458,7 +458,21 @@ class Llama(ZooModel):
             # (the router and the stacked experts are not nn.Linear in transformers 5: no entry)
             for sub in subs:
                 names[f"layers.{i}.{sub}"] = HFModule(f"model.layers.{i}.{sub}")
+            if c.hf_fused_projections:  # Phi-3: q/k/v rows of qkv_proj, gate/up rows of gate_up_proj
+                names.update(self._hf_fused_names(i))
         return names
+
+    def _hf_fused_names(self, i):
+        """{zoo name: HFModule} of layer i's projections in a model with transformers' fused qkv_proj (rows q, k, v)
+        and gate_up_proj (rows gate, up): Phi3ForCausalLM's."""
+        c = self.config
+        q, kv, F = c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.intermediate_size
+        qkv, gate_up = f"model.layers.{i}.self_attn.qkv_proj", f"model.layers.{i}.mlp.gate_up_proj"
+        return {f"layers.{i}.self_attn.q_proj": HFModule(qkv, slice(0, q)),
+                f"layers.{i}.self_attn.k_proj": HFModule(qkv, slice(q, q + kv)),
+                f"layers.{i}.self_attn.v_proj": HFModule(qkv, slice(q + kv, q + 2 * kv)),
+                f"layers.{i}.mlp.gate_proj": HFModule(gate_up, slice(0, F)),
+                f"layers.{i}.mlp.up_proj": HFModule(gate_up, slice(F, 2 * F))}
 
     def rope(self, pos, dtype, local=False):
         """cos, sin for positions pos ([T] or [B, T]): [T, D] or [B, 1, T, D]. local: those of the sliding
