@@ -132,6 +132,12 @@ def eager_fast_path(*tensors):
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
+def wants_grad(*tensors):
+    """Whether autograd would record a call on these tensors (grad mode on and one of them requires grad): the
+    inference-only paths (decode kernels, merge_attention_states) are taken only when it would not."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def op_or_impl(op, impl, *args, **kwargs):
     """Call an inference-only custom op (no autograd: the decode kernels, merge_attention_states): an eager call
     whose tensors need no gradient runs `impl`, the op's own implementation, directly (see eager_fast_path: a
@@ -139,8 +145,7 @@ def op_or_impl(op, impl, *args, **kwargs):
     on the 2-core CPU, kernel stubbed); traced calls, dispatch modes and inputs that require grad keep the op and
     its behaviour."""
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if not grad and eager_fast_path(*tensors):
+    if not wants_grad(*tensors) and eager_fast_path(*tensors):
         return impl(*args, **kwargs)
     return op(*args, **kwargs)
 

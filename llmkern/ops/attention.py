@@ -531,7 +531,7 @@ def _runs_as_decode(q, k, v, p):
     per query block and head: for one query, B * H programs each over every key)."""
     if p or q.shape[2] > _decode_max_tq():
         return False
-    return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    return not _checks.wants_grad(q, k, v)
 
 
 def _cpu_sdpa(q, k, v, causal, scale, wl, wr, key_padding_mask):

@@ -87,9 +87,8 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
     lse float32; float64 for float64 outputs). Differentiable in all four inputs.
     """
     _check(out_a, lse_a, out_b, lse_b)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (out_a, lse_a, out_b, lse_b))
-    if not needs_grad and _backend.choose_triton("merge_attention_states", out_a.device, out_a.dtype,
-                                                 _KERNEL_DTYPES) == "triton":
+    backend = _backend.choose_triton("merge_attention_states", out_a.device, out_a.dtype, _KERNEL_DTYPES)
+    if backend == "triton" and not _checks.wants_grad(out_a, lse_a, out_b, lse_b):
         return _checks.op_or_impl(_merge_op, _merge_impl, out_a, lse_a, out_b, lse_b)
     return ref.merge_attention_states(out_a, lse_a, out_b, lse_b)
 

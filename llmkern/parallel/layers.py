@@ -50,7 +50,7 @@ import torch.nn as nn
 from llmkern._backend import warn_once
 from llmkern.ops._checks import autocast_cast, autocast_dtype, bool_arg, positive_int
 from llmkern.parallel import comm
-from llmkern.peft._plain_lora import is_hf_conv1d
+from llmkern.peft._plain_lora import is_hf_conv1d, linear_features
 from llmkern.peft.lora import lora_scaling
 
 OVERLAPS = ("none", "ring")
@@ -450,7 +450,7 @@ class _LinearView:
     def __init__(self, conv1d):
         w = conv1d.weight
         self.weight, self.bias = w.detach().t().requires_grad_(w.requires_grad), conv1d.bias
-        self.in_features, self.out_features = conv1d.weight.shape
+        self.in_features, self.out_features = linear_features(conv1d)
 
 
 def _as_linear(layer):
@@ -469,8 +469,10 @@ def _lora_parts(module):
     in the weight); disabled adapters, DoRA, dropout, a bias on lora_B (PEFT's lora_bias) and several
     active adapters are not supported (errors, so that the sharded layer never computes something other
     than the wrapper). Per-adapter dicts are read at the active adapter's key."""
-    if not hasattr(module, "base_layer") and _as_linear(module) is not None:
-        return _as_linear(module), None, None, 1.0
+    if not hasattr(module, "base_layer"):
+        plain = _as_linear(module)
+        if plain is not None:
+            return plain, None, None, 1.0
     base = _as_linear(getattr(module, "base_layer", None))
     if base is None:
         raise TypeError(f"from_linear expects an nn.Linear (or a transformers Conv1D) or a LoRA wrapper with "

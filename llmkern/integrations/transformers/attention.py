@@ -34,6 +34,7 @@ values (with sinks, eager gives about zero there too); real tokens get the same 
 import torch
 
 import llmkern
+from llmkern.ops import _checks
 
 NAME = "llmkern"
 
@@ -310,7 +311,7 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
             raise NotImplementedError(f"llmkern attention: key padding mask covers {attention_mask.shape[-1]} keys, "
                                       f"the layer has {key.shape[2]}")
     lengths = getattr(attention_mask, "_llmkern_lengths", None)
-    if lengths is not None and is_causal and not dropout and not _wants_grad(query, key, value):
+    if lengths is not None and is_causal and not dropout and not _checks.wants_grad(query, key, value):
         # (a static cache's decode step: the keys written so far only; attention_with_kvcache is inference-only)
         out = llmkern.attention_with_kvcache(query, key, value, lengths, causal=True, scale=scaling, window=window,
                                              softcap=softcap if softcap else None, key_padding_mask=kpm, sinks=sinks)
@@ -319,10 +320,6 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
                             softcap=softcap if softcap else None, key_padding_mask=kpm,
                             dropout_p=float(dropout) if dropout else 0.0, sinks=sinks)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _wants_grad(*tensors):
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _packed_attention(query, key, value, seq_ids, causal, scale, window, softcap, dropout, sinks=None):

@@ -129,9 +129,14 @@ def _ln_forward(self, input, *args, **kwargs):
     return layer_norm(x, w, b, float(self.eps))
 
 
-def _mlp_forward(self, x, *args, **kwargs):
+def _glu_op(kind, gate, up):
+    """act(gate) * up on llmkern.swiglu / geglu, for kind = _glu(act) (not None)."""
     from llmkern.ops.swiglu import geglu, swiglu
 
+    return swiglu(gate, up) if kind[0] == "silu" else geglu(gate, up, approximate=kind[1])
+
+
+def _mlp_forward(self, x, *args, **kwargs):
     kind = None if (args or kwargs) else _glu(self.act_fn)
     if kind is None:
         return type(self).forward(self, x, *args, **kwargs)
@@ -139,20 +144,18 @@ def _mlp_forward(self, x, *args, **kwargs):
     if not (isinstance(gate, torch.Tensor) and isinstance(up, torch.Tensor) and gate.shape == up.shape
             and gate.dtype == up.dtype and gate.dtype in _FLOATS and gate.device == up.device):
         return self.down_proj(self.act_fn(gate) * up)  # (the original's math on the same projections)
-    h = swiglu(gate, up) if kind[0] == "silu" else geglu(gate, up, approximate=kind[1])
-    return self.down_proj(h)
+    return self.down_proj(_glu_op(kind, gate, up))
 
 
 def _gate_up_mlp_forward(self, x, *args, **kwargs):
     """Phi3MLP's forward (gate and up as the halves of one gate_up_proj) on llmkern.swiglu / geglu."""
-    from llmkern.ops.swiglu import geglu, swiglu
-
     kind = None if (args or kwargs) else _glu(self.activation_fn)
-    h = self.gate_up_proj(x) if kind is not None else None
-    if not (isinstance(h, torch.Tensor) and h.dtype in _FLOATS and h.shape[-1] % 2 == 0):
+    if kind is None:
         return type(self).forward(self, x, *args, **kwargs)
-    gate, up = h.chunk(2, dim=-1)
-    return self.down_proj(swiglu(gate, up) if kind[0] == "silu" else geglu(gate, up, approximate=kind[1]))
+    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    if gate.dtype not in _FLOATS or gate.shape != up.shape:  # (the original's math on the same projection)
+        return self.down_proj(up * self.activation_fn(gate))
+    return self.down_proj(_glu_op(kind, gate, up))
 
 
 # ---- RoPE: a per-class copy of the attention forward whose apply_rotary_pos_emb is llmkern.rope -------
