@@ -268,16 +268,62 @@ def test_mask_function_returns_padding_mask():
         lt.attention.llmkern_mask(1, 3, 8, torch.tensor(7), 0, mu.causal_mask_function, None)
 
 
-def test_static_cache_multi_token_step_refused_when_traced(monkeypatch):
-    """Traced (torch.compile), a static cache's query offset is a tensor and the alignment of a multi-token step
-    cannot be checked: refused (it ran with the chunk seeing its own future keys); a one-token decode runs."""
+def test_static_cache_multi_token_step_when_traced(monkeypatch):
+    """Traced (torch.compile), a static cache's query offset is a tensor: a multi-token step's mask carries each row's
+    key count, as a one-token step's does, for attention_with_kvcache to align the queries with the last written keys
+    (the mask alone would let the chunk see its own future keys); with gradients the attention refuses it, and so
+    does the mask for a cache whose slots start past position 0."""
     from transformers import masking_utils as mu
 
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    m = lt.attention.llmkern_mask(2, 3, 8, torch.tensor(5), 0, mu.causal_mask_function, None)
+    assert m.tolist() == [[True] * 8] * 2 and m._llmkern_lengths.tolist() == [8, 8]
+    m = lt.attention.llmkern_mask(1, 3, 8, torch.tensor(2), 0, mu.causal_mask_function, None)
+    assert m.tolist() == [[True] * 5 + [False] * 3] and m._llmkern_lengths.tolist() == [5]
+    m1 = lt.attention.llmkern_mask(1, 1, 8, torch.tensor(4), 0, mu.causal_mask_function, None)
+    assert m1.tolist() == [[True] * 5 + [False] * 3] and m1._llmkern_lengths.tolist() == [5]
     with pytest.raises(NotImplementedError, match="under torch.compile"):
-        lt.attention.llmkern_mask(1, 3, 8, torch.tensor(5), 0, mu.causal_mask_function, None)
-    m = lt.attention.llmkern_mask(1, 1, 8, torch.tensor(4), 0, mu.causal_mask_function, None)
-    assert m.tolist() == [[True] * 5 + [False] * 3]
+        lt.attention.llmkern_mask(1, 3, 8, torch.tensor(5), 2, mu.causal_mask_function, None)
+    q = torch.randn(1, 4, 3, 16, requires_grad=True)
+    k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(NotImplementedError, match="inference only"):
+        lt.attention.llmkern_attention_forward(torch.nn.Module(), q, k, v, m)
+    # without gradients: query t at slot 2 + t sees slots 0..2 + t, as eager's 4-D mask shows it
+    out, _ = lt.attention.llmkern_attention_forward(torch.nn.Module(), q.detach(), k, v, m)
+    vis = torch.arange(8)[None, :] <= (torch.arange(3) + 2)[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(q.detach(), k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                          attn_mask=vis)
+    torch.testing.assert_close(out, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_generate_with_a_static_cache_and_a_compiled_forward(kind, monkeypatch):
+    """transformers' static-cache recipe: model.forward = torch.compile(model.forward, fullgraph=True) compiles the
+    prefill (a multi-token step over the cache's slots) as well as the one-token steps, with left padding; the same
+    tokens as eager attention's. Llama's prefill ran attention_with_kvcache with its 7 queries (refused before);
+    Mistral's sliding-window mask is analysed inside the compiled forward (a graph break before: fullgraph
+    failed)."""
+    model = _model(kind).eval()
+    ids = torch.randint(3, 96, (2, 7), device=DEV)
+    am = torch.ones(2, 7, dtype=torch.long, device=DEV)
+    am[1, :2] = 0
+    kw = dict(attention_mask=am, max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    model.set_attn_implementation("eager")
+    want = model.generate(input_ids=ids, **kw)
+    model.set_attn_implementation("llmkern")
+    queries, orig = [], llmkern.attention_with_kvcache
+    monkeypatch.setattr(llmkern, "attention_with_kvcache", lambda q, *a, **k: queries.append(q.shape[2]) or orig(
+        q, *a, **k))
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
+    try:
+        got = model.generate(input_ids=ids, **kw)
+    finally:
+        del model.forward
+        torch._dynamo.reset()
+    assert torch.equal(got, want)
+    if kind == "llama":
+        assert 7 in queries and 1 in queries
 
 
 def _moe_model(kind):

@@ -9,13 +9,14 @@
 - a mask function (AttentionMaskInterface): instead of a [B, 1, Tq, Tk] tensor it returns the 2-D
   boolean key padding mask [B, Tk] (or None), after checking that the mask the model asked for
   is one the kernel expresses (causal, bidirectional, sliding window, with padding, at a query
-  offset that is bottom-right aligned with the keys, as with DynamicCache or no cache; single-token
-  decode against a static cache; and, in eager mode, a static cache's prefill or multi-token step, whose
-  mask then names the first slots the attention reads: _static_chunk_mask). Packed sequences (position_ids
+  offset that is bottom-right aligned with the keys, as with DynamicCache or no cache; steps over a static
+  cache: in eager mode a prefill or multi-token step's mask names the first slots the attention reads
+  (_static_chunk_mask); a one-token step, and under torch.compile a multi-token step too, carries each row's
+  key count for attention_with_kvcache (_static_step_mask). Packed sequences (position_ids
   restarting inside a row, as DataCollatorWithFlattening builds them) give the int64 sequence indices [B, T]
   instead, and the attention runs as llmkern.attention_varlen over the packed tokens. Anything else
-  (chunked attention, custom or/and mask functions, a static cache's multi-token step under torch.compile)
-  raises NotImplementedError.
+  (chunked attention, custom or/and mask functions, a static cache's multi-token step under torch.compile
+  with gradients or dropout) raises NotImplementedError.
 - an attention function (AttentionInterface) mapping the model's call onto llmkern.attention:
   GQA natively (no repeat_kv), causal from the module (bottom-right aligned, so decode steps and
   chunked prefill with a cache need no special case), the mask's sliding window -> window (the mask
@@ -41,11 +42,19 @@ NAME = "llmkern"
 
 # ---- mask function ------------------------------------------------------------------------------
 
+def _qualname(fn, default=""):
+    """fn's qualified name, read from its code object where it has one: torch.compile traces that for any function
+    (a module-level function's __qualname__ is a graph break), so the mask analysis below compiles, fullgraph too."""
+    code = getattr(fn, "__code__", None)
+    name = getattr(code, "co_qualname", None) if code is not None else None  # (Python 3.11+)
+    return name if name is not None else getattr(fn, "__qualname__", default)
+
+
 def _leaves(fn):
     """The elementary mask functions an and_masks(...) combination is made of. A function remapped to
     per-sequence positions (packed sequences) counts as the function it wraps: within one sequence
     positions rise by one per token, so causal / window masks on them are those on token indices."""
-    qual = getattr(fn, "__qualname__", "")
+    qual = _qualname(fn)
     if qual.endswith("and_masks.<locals>.and_mask") and fn.__closure__:
         out = []
         for cell in fn.__closure__:
@@ -63,7 +72,7 @@ def _leaves(fn):
 
 def _packed_ids(leaf):
     """The [B, T] sequence-index tensor of transformers' packed_sequence_mask_function leaf, or None."""
-    if not getattr(leaf, "__qualname__", "").startswith("packed_sequence_mask_function.") or not leaf.__closure__:
+    if not _qualname(leaf).startswith("packed_sequence_mask_function.") or not leaf.__closure__:
         return None
     ids = [c.cell_contents for c in leaf.__closure__ if isinstance(c.cell_contents, torch.Tensor)]
     return ids[0] if len(ids) == 1 else None
@@ -74,7 +83,7 @@ def _mask_window(mask_function):
     closure: kv > q - W, |q - kv| <= W), or None."""
     sizes = set()
     for f in _leaves(mask_function):
-        name = getattr(f, "__qualname__", "")
+        name = _qualname(f)
         if name.startswith(("sliding_window_overlay.", "sliding_window_bidirectional_overlay.")):
             cells = [c.cell_contents for c in (f.__closure__ or ()) if isinstance(c.cell_contents, int)
                      and not isinstance(c.cell_contents, bool)]
@@ -107,19 +116,16 @@ def _tag(mask, window, kind):
     return mask
 
 
-@torch.compiler.disable
 def _mask_kind(mask_function):
     """(_classify, _mask_window, whether it has packed-sequence leaves) of a combined mask function: read from the
-    closures' names and cells, which torch.compile cannot trace (a graph break here: the closures may hold
-    tensors, e.g. transformers' packed-sequence indices, so they cannot be taken as constants either)."""
+    closures' names and cells, which torch.compile traces (not taken as constants: the closures may hold tensors,
+    e.g. transformers' packed-sequence indices), so a sliding-window model compiles with fullgraph=True."""
     return (_classify(mask_function), _mask_window(mask_function),
             any(_packed_ids(f) is not None for f in _leaves(mask_function)))
 
 
-@torch.compiler.disable
 def _packed_list(mask_function):
-    """The packed-sequence index tensors of the mask's leaves (a graph break under torch.compile: packed
-    sequences come with position ids that restart, found by transformers outside a traced forward anyway)."""
+    """The packed-sequence index tensors of the mask's leaves."""
     return [ids for ids in map(_packed_ids, _leaves(mask_function)) if ids is not None]
 
 
@@ -129,7 +135,7 @@ def _classify(mask_function):
 
     kinds = set()
     for f in _leaves(mask_function):
-        name = getattr(f, "__qualname__", repr(f))
+        name = _qualname(f, repr(f))
         if _packed_ids(f) is not None:
             kinds.add("packed")
         elif f is mu.causal_mask_function:
@@ -195,13 +201,14 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     if kind == "causal" and (isinstance(q_end, torch.Tensor) or q_end != kv_end):
         if q_length > 1 and not torch.compiler.is_compiling():
             return _static_chunk_mask(batch_size, q_offset, q_end, kv_offset, kv_end, kv_length, pad, window, device)
-        # (traced, a static cache's offset is a tensor: whether the queries end at the last key cannot be
-        # checked, and a misaligned chunk would see its own future keys: refused)
-        if q_length > 1:
+        # (traced, a static cache's offset is a tensor: the first q_end slots cannot be sliced off without a host
+        # read. A multi-token step then runs as a one-token step does, attention_with_kvcache with q_end keys per
+        # row, which aligns the queries with the last of them; a mask alone would let them see their own future.)
+        if q_length > 1 and not (isinstance(kv_offset, int) and kv_offset == 0):
             raise NotImplementedError(
-                f"llmkern attention: causal queries against {kv_length} cached keys are not bottom-right aligned "
-                f"(a multi-token step over a static cache under torch.compile); use DynamicCache, or 'sdpa' "
-                f"for this step")
+                f"llmkern attention: causal queries against {kv_length} cached keys from position {kv_offset} are "
+                f"not bottom-right aligned (a multi-token step over a static cache under torch.compile); use "
+                f"DynamicCache, or 'sdpa' for this step")
         q_end_t = torch.as_tensor(q_end, device=device)
         valid = (torch.arange(kv_length, device=device) + kv_offset) < q_end_t
         valid = valid[None, :].expand(batch_size, kv_length)
@@ -222,10 +229,11 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
 
 
 def _static_step_mask(pad, window, lengths):
-    """A one-token step over a static cache (no host read: it compiles and captures): the padding mask over the
-    cache's slots, hiding those past the query, plus each row's key count (_llmkern_lengths, int32 [B]), with which
-    an inference call runs attention_with_kvcache: its split-K kernel then reads only the keys written so far, not
-    every slot of the cache."""
+    """A one-token step over a static cache, or under torch.compile a multi-token one (no host read: it compiles and
+    captures): the padding mask over the cache's slots, hiding those past the last query, plus each row's key count
+    (_llmkern_lengths, int32 [B]), with which an inference call runs attention_with_kvcache: its split-K kernel then
+    reads only the keys written so far, not every slot of the cache, and aligns the queries with the last of them.
+    A multi-token step needs that call (the mask alone would show each query the chunk's later keys)."""
     pad = _tag(pad, window, "causal")
     pad._llmkern_all_visible = False
     pad._llmkern_lengths = lengths
@@ -311,11 +319,17 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
             raise NotImplementedError(f"llmkern attention: key padding mask covers {attention_mask.shape[-1]} keys, "
                                       f"the layer has {key.shape[2]}")
     lengths = getattr(attention_mask, "_llmkern_lengths", None)
-    if lengths is not None and is_causal and not dropout and not _checks.wants_grad(query, key, value):
-        # (a static cache's decode step: the keys written so far only; attention_with_kvcache is inference-only)
-        out = llmkern.attention_with_kvcache(query, key, value, lengths, causal=True, scale=scaling, window=window,
-                                             softcap=softcap if softcap else None, key_padding_mask=kpm, sinks=sinks)
-        return out.transpose(1, 2).contiguous(), None
+    if lengths is not None:
+        if is_causal and not dropout and not _checks.wants_grad(query, key, value):
+            # (a static cache's step: the keys written so far only; attention_with_kvcache is inference-only)
+            out = llmkern.attention_with_kvcache(query, key, value, lengths, causal=True, scale=scaling,
+                                                 window=window, softcap=softcap if softcap else None,
+                                                 key_padding_mask=kpm, sinks=sinks)
+            return out.transpose(1, 2).contiguous(), None
+        if query.shape[2] > 1:  # (the dense kernel would align the queries with the cache's last slot)
+            raise NotImplementedError(
+                "llmkern attention: a multi-token step over a static cache under torch.compile runs for inference "
+                "only (no gradients, no dropout); use DynamicCache, eager mode, or 'sdpa' for this step")
     out = llmkern.attention(query, key, value, causal=bool(is_causal), scale=scaling, window=window,
                             softcap=softcap if softcap else None, key_padding_mask=kpm,
                             dropout_p=float(dropout) if dropout else 0.0, sinks=sinks)
