@@ -421,6 +421,52 @@ def test_varlen_max_seqlen_under_a_length_raises(monkeypatch, backend, mq, mk):
     assert_close(ok, llmkern.attention_varlen(q, k, v, cu, cu, causal=True), torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window=(2, 1), softcap=3.0, sinks=True)],
+                         ids=["causal", "window-softcap-sinks"])
+def test_attention_segments_equals_varlen_over_the_runs(monkeypatch, backend, kw):
+    """attention_segments (transformers' packed rows, traced): attention within the runs of equal indices of each
+    row, as attention_varlen over those runs gives it (out and every gradient, sinks' too); GQA, Dv != D."""
+    if backend == "triton" and DEV is None:
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("LLMKERN_BACKEND", backend)
+    from llmkern.ops.attention import attention_segments
+
+    device, kw = DEV or "cpu", dict(kw)
+    torch.manual_seed(0)
+    ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 2], [5, 5, 5, 5, 5, 5, 5, 5, 5]], device=device)
+    B, H, Hk, T, D, Dv = 2, 4, 2, 9, 16, 8
+    q = torch.randn(B, H, T, D, device=device, requires_grad=True)
+    k = torch.randn(B, Hk, T, D, device=device, requires_grad=True)
+    v = torch.randn(B, Hk, T, Dv, device=device, requires_grad=True)
+    leaves = [q, k, v]
+    if kw.pop("sinks", False):
+        kw["sinks"] = torch.randn(H, device=device, requires_grad=True)
+        leaves.append(kw["sinks"])
+    out = attention_segments(q, k, v, ids, **kw)
+    cu = torch.tensor([0, 3, 8, 9, 18], dtype=torch.int32, device=device)
+    want = llmkern.attention_varlen(*(t.transpose(1, 2).reshape(B * T, t.shape[1], -1) for t in (q, k, v)), cu, cu,
+                                    **kw).reshape(B, T, H, Dv)
+    assert out.shape == (B, T, H, Dv)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    dout = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, leaves, dout), torch.autograd.grad(want, leaves, dout)):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_attention_segments_ops_opcheck(triton_backend):
+    """The custom ops that read the runs' bounds inside (fakes, autograd registration, schema)."""
+    ids = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 2, 2]], device=DEV)
+    q, k, v = (torch.randn(10, 2, 16, device=DEV, requires_grad=True) for _ in range(3))
+    args = (q, k, v, ids, None, 0.25, True, -1, -1, 0.0, 0.0)
+    torch.library.opcheck(torch.ops.llmkern.attention_segments_fwd.default, args)
+    out, lse = torch.ops.llmkern.attention_segments_fwd(*args)
+    torch.library.opcheck(torch.ops.llmkern.attention_segments_bwd.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None,
+                           ids, None, 0.25, True, -1, -1, 0.0, 0.0))
+
+
 @needs_triton
 def test_varlen_strided_cu_seqlens(triton_backend):
     """The kernels read cu_seqlens[b] and [b + 1] as contiguous int32: a strided view (a slice

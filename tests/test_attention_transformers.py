@@ -215,6 +215,34 @@ def test_packed_sequences_run_as_varlen(kind):
     torch.testing.assert_close(alone, got[0][:1, 3:8], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind,backend", [("llama", "triton"), ("mistral", "triton"), ("llama", "reference")])
+def test_packed_sequences_compile_fullgraph(kind, backend, request):
+    """Traced, transformers gives packed-sequence indices to every forward with no padding mask and no cache (it
+    cannot check whether position_ids restart): the varlen bounds were read in a graph break per layer and
+    torch.compile(fullgraph=True) failed. attention_segments reads them inside its custom ops (the Triton kernels) or
+    masks by them (the reference): compiled whole; logits and gradients as eager attention's, packed or not."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    model = _model(kind)
+    if kind == "mistral":
+        model.config.sliding_window = 3
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 4, 5, 6, 7, 8]], device=DEV)
+    ids = torch.randint(3, 96, (2, 9), device=DEV)
+    got, want = [], []
+    for impl, out in (("eager", want), ("llmkern", got)):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        logits = compiled(input_ids=ids, position_ids=pos, use_cache=False).logits
+        logits.square().mean().backward()
+        out += [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+    torch._dynamo.reset()
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_custom_4d_mask_raises():
     model = _model("llama")
     model.set_attn_implementation("llmkern")
@@ -291,8 +319,8 @@ def test_static_cache_multi_token_step_when_traced(monkeypatch):
     # without gradients: query t at slot 2 + t sees slots 0..2 + t, as eager's 4-D mask shows it
     out, _ = lt.attention.llmkern_attention_forward(torch.nn.Module(), q.detach(), k, v, m)
     vis = torch.arange(8)[None, :] <= (torch.arange(3) + 2)[:, None]
-    want = torch.nn.functional.scaled_dot_product_attention(q.detach(), k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                                          attn_mask=vis)
+    want = torch.nn.functional.scaled_dot_product_attention(q.detach(), k.repeat_interleave(2, 1),
+                                                            v.repeat_interleave(2, 1), attn_mask=vis)
     torch.testing.assert_close(out, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
@@ -446,13 +474,13 @@ def test_left_padded_training_equals_sdpa(monkeypatch, backend, kind):
         torch.testing.assert_close(gk[n], gs[n], atol=1e-4, rtol=1e-3, msg=n)
 
 
-@pytest.mark.parametrize("kind,fullgraph,masked", [("llama", True, True), ("gemma2", False, True),
-                                                   ("llama", False, False), ("mistral", False, False)])
+@pytest.mark.parametrize("kind,fullgraph,masked", [("llama", True, True), ("gemma2", True, True),
+                                                   ("llama", True, False), ("mistral", True, False)])
 def test_compiles(kind, fullgraph, masked):
-    """The mask interface reads transformers' mask closures (names, cells), which torch.compile cannot trace:
-    fullgraph failed on a plain forward. transformers' plain causal mask is now recognised without reading them
-    (fullgraph); combined masks (sliding windows; packed-sequence indices, which transformers adds while tracing
-    a forward with no attention mask and no cache) are read in a graph break, not taken as constants (a crash)."""
+    """The mask interface reads transformers' mask closures (names, cells). Taken as constants they crashed
+    torch.compile (the packed-sequence indices transformers adds while tracing a forward with no attention mask and
+    no cache are a tensor in a closure); read in a graph break, fullgraph failed on any combined mask (sliding
+    windows). Names read from code objects trace: fullgraph compiles every case."""
     m = _model(kind)
     ids, am = _batch()
     kw = dict(attention_mask=am) if masked else dict(use_cache=False)

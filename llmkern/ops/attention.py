@@ -654,6 +654,116 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return (out, lse) if return_lse else out
 
 
+# ---- packed rows by sequence index (transformers' packed-sequence masks, traced) ----------------------------------
+
+def _segment_starts(seq_ids):
+    """cu_seqlens (int32) of the runs of equal indices in each row of seq_ids [B, T] (every row starts a run):
+    one host read, inside the custom ops below, so torch.compile sees no data-dependent shape."""
+    B, T = seq_ids.shape
+    starts = torch.ones(B, T, dtype=torch.bool, device=seq_ids.device)
+    starts[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]
+    first = starts.reshape(-1).nonzero().reshape(-1)
+    return torch.cat([first, first.new_tensor([B * T])]).to(torch.int32)
+
+
+@torch.library.custom_op("llmkern::attention_segments_fwd", mutates_args=())
+def _segments_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_ids: torch.Tensor,
+                     seed: Optional[torch.Tensor], scale: float, causal: bool, window_left: int, window_right: int,
+                     softcap: float, dropout_p: float, sinks: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """attention_varlen's forward over q, k, v [B * T, heads, d] whose sequences are the runs of seq_ids [B, T]
+    (each at most T tokens: the kernels' grid bound, no second host read)."""
+    cu, T = _segment_starts(seq_ids), seq_ids.shape[1]
+    return _fwd_impl(q, k, v, None, cu, cu, seed, T, T, scale, causal, window_left, window_right, softcap,
+                     dropout_p, sinks)
+
+
+@_segments_fwd_op.register_fake
+def _(q, k, v, seq_ids, seed, scale, causal, window_left, window_right, softcap, dropout_p, sinks=None):
+    return _empty_out(q, v), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("llmkern::attention_segments_bwd", mutates_args=())
+def _segments_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, dlse: Optional[torch.Tensor], seq_ids: torch.Tensor,
+                     seed: Optional[torch.Tensor], scale: float, causal: bool, window_left: int, window_right: int,
+                     softcap: float, dropout_p: float, sinks: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dsinks) of _segments_fwd_op (as llmkern::attention_bwd, with the runs of seq_ids)."""
+    cu, T = _segment_starts(seq_ids), seq_ids.shape[1]
+    return _bwd_impl(dout, q, k, v, out, lse, dlse, None, cu, cu, seed, T, T, scale, causal, window_left,
+                     window_right, softcap, dropout_p, sinks)
+
+
+@_segments_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, dlse, seq_ids, seed, scale, causal, window_left, window_right, softcap, dropout_p,
+      sinks=None):
+    dsinks = _no_dsinks(q) if sinks is None else torch.empty_like(sinks)
+    return tuple(torch.empty_like(_kernel_layout(t)) for t in (q, k, v)) + (dsinks,)
+
+
+_SEGMENT_ARGS = 11  # _segments_fwd_op's inputs before sinks
+
+
+def _segments_setup(ctx, inputs, output):
+    q, k, v, seq_ids, seed = inputs[:5]
+    sinks = inputs[_SEGMENT_ARGS] if len(inputs) > _SEGMENT_ARGS else None
+    ctx.save_for_backward(q, k, v, output[0], output[1], seq_ids, seed, sinks)
+    ctx.args = inputs[5:_SEGMENT_ARGS]
+    ctx.n_inputs = len(inputs)
+
+
+def _segments_backward(ctx, dout, dlse):
+    q, k, v, out, lse, seq_ids, seed, sinks = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    want_dsinks = sinks is not None and ctx.needs_input_grad[_SEGMENT_ARGS]
+    dq, dk, dv, dsinks = _segments_bwd_op(dout, q, k, v, out, lse, dlse, seq_ids, seed, *ctx.args,
+                                          sinks if want_dsinks else None)
+    grads = (dq, dk, dv) + (None,) * (_SEGMENT_ARGS - 3)
+    return grads + (dsinks if want_dsinks else None,)[:ctx.n_inputs - _SEGMENT_ARGS]
+
+
+_segments_fwd_op.register_autograd(_segments_backward, setup_context=_segments_setup)
+
+
+def attention_segments(q, k, v, seq_ids, *, causal=False, scale=None, window=None, softcap=None, dropout_p=0.0,
+                       sinks=None):
+    """Attention within the runs of equal indices of each row of seq_ids [B, T] (packed sequences, as transformers'
+    packed-sequence masks give them: position ids restarting inside a row), q [B, H, T, D], k / v [B, Hk, T, D / Dv]
+    -> [B, T, H, Dv]. attention_varlen over the runs, with the host read of their bounds inside one custom op (its
+    forward and its backward), so a compiled forward traces it whole, fullgraph too; without the Triton kernels,
+    the reference with a same-run mask (traceable as it is). Causal / window positions are token indices (within a
+    run positions rise by one per token)."""
+    B, H, T, D = q.shape
+    if tuple(seq_ids.shape) != (B, T) or k.shape[2] != T:
+        raise ValueError(f"seq_ids {tuple(seq_ids.shape)} must be [batch, seq] of q's {B} rows of {T} queries, with "
+                         f"as many keys (got {k.shape[2]})")
+    scale = _scale(scale, D)
+    wl, wr = _window(window)
+    sc = _softcap(softcap)
+    p = _checks.dropout_p_arg(dropout_p)
+    Dv = v.shape[-1]
+
+    def tokens(t):  # [B, heads, T, d] -> [B * T, heads, d]
+        return t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[3])
+
+    if _backend_for(q.device, q.dtype, "attention_varlen") == "triton":
+        extra = () if sinks is None else (sinks,)
+        out, _ = _segments_fwd_op(tokens(q), tokens(k), tokens(v), seq_ids, _checks.dropout_seed(None, p, q.device),
+                                  scale, causal, wl, wr, sc, p, *extra)
+        return out.reshape(B, T, H, Dv)
+    if p:  # (the reference's dropout is keyed on the packed sequences: attention_varlen, a graph break if traced)
+        cu = _segment_starts(seq_ids)
+        out = attention_varlen(tokens(q), tokens(k), tokens(v), cu, cu, causal=causal, scale=scale, window=window,
+                               softcap=softcap, dropout_p=p, sinks=sinks)
+        return out.reshape(B, T, H, Dv)
+    same = seq_ids[:, :, None] == seq_ids[:, None, :]
+    out = ref.attention(q, k, v, causal=causal, scale=scale, window=_ref_window(wl, wr), softcap=sc or None,
+                        mask=same[:, None], sinks=sinks)
+    return out.transpose(1, 2)
+
+
 @_like_sdpa_under_autocast
 def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            cache_seqlens, *, k: Optional[torch.Tensor] = None,

@@ -135,7 +135,7 @@ def _classify(mask_function):
 
     kinds = set()
     for f in _leaves(mask_function):
-        name = _qualname(f, repr(f))
+        name = _qualname(f)
         if _packed_ids(f) is not None:
             kinds.add("packed")
         elif f is mu.causal_mask_function:
@@ -146,7 +146,7 @@ def _classify(mask_function):
             kinds.add("window")
         else:
             raise NotImplementedError(
-                f"llmkern attention cannot express the mask function {name!r} (chunked attention, block "
+                f"llmkern attention cannot express the mask function {name or repr(f)!r} (chunked attention, block "
                 f"or custom masks): it supports causal, bidirectional and sliding-window masks with key "
                 f"padding or packed sequences. Use attn_implementation='sdpa' or 'eager' for this model/input.")
     kinds.discard("packed")
@@ -343,6 +343,15 @@ def _packed_attention(query, key, value, seq_ids, causal, scale, window, softcap
     if seq_ids.shape != (B, T) or key.shape[2] != T:
         raise NotImplementedError(f"llmkern attention: packed sequence indices {tuple(seq_ids.shape)} do not "
                                   f"match the layer's {B} rows of {T} queries and {key.shape[2]} keys")
+    if torch.compiler.is_compiling():
+        # traced, the sequences' bounds are read inside the op (transformers gives the indices to every traced
+        # forward with no padding mask and no cache, packed or not: a graph break per layer before, and fullgraph
+        # failed)
+        from llmkern.ops.attention import attention_segments
+
+        return attention_segments(query, key, value, seq_ids, causal=causal, scale=scale, window=window,
+                                  softcap=softcap if softcap else None, dropout_p=float(dropout) if dropout else 0.0,
+                                  sinks=sinks)
     starts = torch.ones(B, T, dtype=torch.bool, device=seq_ids.device)
     starts[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]  # (and every row starts a sequence)
     first = starts.reshape(-1).nonzero().reshape(-1)   # one host sync, as FlashAttention's varlen path
