@@ -162,9 +162,36 @@ def peft_worker(rank, p):
     collect_close("PEFT GPT-2: logits", got.logits, want.logits, failures, **TOL)
     collect_close("PEFT GPT-2: loss", got.loss, want.loss, failures, **TOL)
     n = _check_grads("PEFT GPT-2", ref, tp, failures, lora=True)
+    flags = _saved_adapter_round_trip(ref, ids, want.logits, failures)
     if failures:
         raise AssertionError(f"rank {rank}:\n" + "\n".join(failures))
-    return n, sorted(set(trainable))
+    return n, sorted(set(trainable)), flags
+
+
+def _saved_adapter_round_trip(ref, ids, want, failures):
+    """PEFT's saved GPT-2 adapter (fan_in_fan_out=True) loads into a sharded model (inject_lora, tensor_parallelize,
+    load_peft_adapter: it was refused, the parallel layers not being Conv1D) and is saved back with the flag PEFT
+    writes. Returns the flag of the file saved from the shards (rank 0; None elsewhere)."""
+    import json
+    import tempfile
+
+    from llmkern import peft as lp
+    from llmkern.parallel import tensor_parallelize
+    from llmkern.testing import collect_close
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(tmp + "/peft")
+        model = _gpt2()
+        lp.inject_lora(model, ["c_attn", "c_proj", "c_fc"], r=4, alpha=8)
+        tp = lp.load_peft_adapter(tensor_parallelize(model), tmp + "/peft")
+        with torch.no_grad():
+            collect_close("PEFT GPT-2 adapter loaded into the shards: logits", tp(input_ids=ids).logits, want,
+                          failures, **TOL)
+        lp.save_peft_adapter(tp, tmp + "/back")  # (rank 0 writes the gathered adapter)
+        if dist.get_rank() != 0:
+            return None
+        with open(tmp + "/back/adapter_config.json") as f:
+            return json.load(f)["fan_in_fan_out"]
 
 
 def errors_worker(rank, p):
@@ -195,10 +222,13 @@ def test_gpt2_sharded_matches_unsharded_2_ranks(ranks, attn):
 
 
 def test_gpt2_peft_fan_in_fan_out_lora_sharded_2_ranks(ranks):
-    """PEFT's lora.Linear over Conv1D (fan_in_fan_out=True): forward and the LoRA factors' gradients."""
+    """PEFT's lora.Linear over Conv1D (fan_in_fan_out=True): forward and the LoRA factors' gradients; its saved
+    adapter loaded into and saved from the shards."""
     pytest.importorskip("peft")
-    for n, trainable in ranks(2).run(peft_worker, timeout=90):
+    results = ranks(2).run(peft_worker, timeout=90)
+    for n, trainable, _ in results:
         assert n == 2 * 4 * 2 and trainable == ["lora_A", "lora_B"], (n, trainable)  # 2 blocks x 4 layers x 2
+    assert [flag for *_, flag in results] == [True, None]
 
 
 def test_gpt2_errors_raise_on_every_rank(ranks):

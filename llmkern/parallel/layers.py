@@ -613,6 +613,9 @@ def _flag_arg(what, name, v):
 
 class _ParallelLinear(comm.SharesProcessGroups, nn.Module):
     _kind = ""
+    # sharded from a transformers Conv1D (from_linear): PEFT adapters on it say fan_in_fan_out=True, as LoRALinear's
+    # conv1d says for the unsharded layer (their factors are the nn.Linear's all the same)
+    conv1d = False
 
     def _setup(self, in_features, out_features, overlap, sequence_parallel, group, chunks, pieces, transport):
         what = type(self).__name__
@@ -741,6 +744,7 @@ class ColumnParallelLinear(_ParallelLinear):
                                    device=base.weight.device, dtype=base.weight.dtype, **kw)  # (copied below)
         p, r = layer.world_size, layer.rank
         layer.segments = segs  # (how the rows were sharded: llmkern.parallel.lora_state gathers by it)
+        layer.conv1d = isinstance(base, _LinearView)
 
         for n in segs:
             _check_divisible(n, p, "ColumnParallelLinear.from_linear: segment size")
@@ -867,6 +871,7 @@ class RowParallelLinear(_ParallelLinear):
         layer = nn.utils.skip_init(cls, base.in_features, base.out_features, bias=base.bias is not None, group=group,
                                    device=base.weight.device, dtype=base.weight.dtype, **kw)  # (copied below)
         p, r = layer.world_size, layer.rank
+        layer.conv1d = isinstance(base, _LinearView)
         k = base.in_features // p
         with torch.no_grad():
             layer.weight.copy_(base.weight[:, r * k:(r + 1) * k])

@@ -502,7 +502,7 @@ def _parallel_lora(model, use_rslora):
         A, B = lora_state.gathered_lora(layer)
         out.append((n, SimpleNamespace(r=A.shape[0], alpha=alpha, scaling=float(layer.lora_scaling),
                                        use_rslora=use_rslora, dropout=0.0, merged=False, lora_A=A, lora_B=B,
-                                       use_dora=False, lora_magnitude_vector=None)))
+                                       use_dora=False, lora_magnitude_vector=None, conv1d=layer.conv1d)))
     return out, write, group
 
 
@@ -599,10 +599,11 @@ def _check_fan_in_fan_out(model, path, targets):
     read [in, out], an nn.Linear [out, in]; it flips the flag with a warning), and LoRALinear does the same, so GPT-2
     adapters load whatever value they hold (PEFT saves the one its last layer left: False with lm_head targeted).
     PEFT never saves True for an adapter without a Conv1D, though: one whose linear layers are all nn.Linear here
-    was not made for this model, and is refused, naming a layer."""
+    was not made for this model, and is refused, naming a layer. A tensor-parallel layer sharded from a Conv1D
+    counts as one (tensor_parallelize replaced GPT-2's, and refused the adapter)."""
     bases = {n: model.get_submodule(n) for n in targets}
     bases = {n: getattr(m, "base_layer", m) for n, m in bases.items()}
-    if bases and not any(is_hf_conv1d(m) for m in bases.values()):
+    if bases and not any(is_hf_conv1d(m) or (_is_parallel(m) and m.conv1d) for m in bases.values()):
         name, mod = next(iter(bases.items()))
         raise ValueError(f"{path}: fan_in_fan_out=True is for transformers' Conv1D layers (GPT-2: weight [in, "
                          f"out]), but the adapter's layers are not Conv1D here ({name} is a {type(mod).__name__}): "
