@@ -136,6 +136,28 @@ def test_kvcache_per_row_lengths():
     assert c.uniform and c.lengths.tolist() == [0] * 3
 
 
+@pytest.mark.parametrize("backend", ["torch", "llmkern", "triton"])
+def test_cache_in_another_dtype(backend, monkeypatch):
+    """new_cache(dtype=float32) for a float16 model: the cache holds the keys exactly and is read as the model's
+    dtype, so prefill, decode steps and a per-row crop give the logits of the model's own float16 cache (both
+    backends raised a dtype error at the prefill)."""
+    if backend == "triton":  # the Triton kernels, under the interpreter on a CPU
+        monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    m = build("llama-tiny", backend="torch" if backend == "torch" else "llmkern", n_layer=1).eval().half()
+    x = torch.randint(0, 256, (2, 9))
+    out = {}
+    for dtype in (None, torch.float32):
+        cache = m.new_cache(2, 12, dtype=dtype)
+        with torch.no_grad():
+            steps = [m(x[:, :6], cache=cache), m(x[:, 6:7], cache=cache)]
+            cache.crop(torch.tensor([5, 7]))
+            steps.append(m(x[:, 7:9], cache=cache))
+        assert cache.k[0].dtype == (dtype or torch.float16)
+        out[dtype] = steps
+    for a, b in zip(out[None], out[torch.float32]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("name", ARCHS)
 @pytest.mark.parametrize("backend", ["torch", "llmkern", "triton"])
 def test_per_row_cache_matches_full_forward(name, backend, monkeypatch):

@@ -203,6 +203,8 @@ def _decode_step(q, k, v, cache, layer, kv_fn, opts, key_padding_mask):
     the row lengths one more fill, per layer and step) at cache.lengths, every row's seqlen here."""
     if not _kernel_appends(cache, layer, k):
         k_cache, v_cache = cache.append(layer, k, v)
+        if not cache.fp8:  # (a cache made in another dtype: read cast, as the op reads only q's dtype or float8)
+            k_cache, v_cache = cache.read(k_cache, v_cache, q.dtype)
         lens = torch.full((q.shape[0],), cache.seqlen + k.shape[2], dtype=torch.int32, device=q.device)
         return kv_fn(q, k_cache, v_cache, lens, causal=True, **opts, **cache.scales(),
                      **_cache_mask(key_padding_mask, k_cache.shape[2]))
@@ -235,7 +237,7 @@ def _attend_rows(q, k, v, cache, layer, kv_fn, prefix, key_padding_mask, sliding
     starts = cache.lengths.to(device=q.device, dtype=torch.long)  # before this forward's append
     k_cache, v_cache = cache.append(layer, k, v)
     k, v, scales = k_cache[:, :, :span], v_cache[:, :, :span], cache.scales()
-    if scales and (kv_fn is None or prefix is not None):  # (only the decode kernel reads an fp8 cache itself)
+    if not scales or kv_fn is None or prefix is not None:  # (only the decode kernel reads an fp8 cache itself)
         k, v, scales = *cache.read(k, v, q.dtype), {}
     k, v, key_padding_mask = _with_prefix(q.shape[0], k, v, prefix, key_padding_mask)
     if prefix is not None:
@@ -371,9 +373,9 @@ class KVCache:
 
     def read(self, k, v, dtype):
         """Cached keys/values (buffers or slices of them) as attention reads them: in `dtype`, an fp8 cache's
-        dequantized (x * scale)."""
+        dequantized (x * scale), a cache made in another dtype (new_cache(dtype=)) cast."""
         if not self.fp8:
-            return k, v
+            return (k, v) if k.dtype == dtype else (k.to(dtype), v.to(dtype))
         return ((k.to(torch.float32) * self.k_scale).to(dtype), (v.to(torch.float32) * self.v_scale).to(dtype))
 
     def scales(self):
