@@ -128,6 +128,30 @@ def test_generate_with_a_static_cache(kind, request, monkeypatch):
         assert {tuple(lens) for n, lens in steps if n == 14} == {(t, t) for t in range(10, 15)}
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_static_cache_padding_inside_the_window(backend, request):
+    """Mistral with a static cache: generate builds the masks before the forward, which builds its sliding-window
+    mask again from the one it is given. Ours, already cut to the window, was cut again by the window's offset and
+    hid the newest keys once padding lay inside the window (wrong tokens in every row). The same tokens and scores
+    as eager's, with the window sliding past the padding."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    model = _model("mistral").eval()
+    model.config.sliding_window = 8  # (longer than the prompt: its padding stays inside for a few steps)
+    ids = torch.randint(3, 96, (2, 6), device=DEV)
+    am = torch.ones(2, 6, dtype=torch.long, device=DEV)
+    am[1, :3] = 0
+    out = {}
+    for impl in ("eager", "llmkern"):
+        model.set_attn_implementation(impl)
+        out[impl] = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=8, do_sample=False,
+                                   pad_token_id=0, cache_implementation="static", return_dict_in_generate=True,
+                                   output_scores=True)
+    assert torch.equal(out["eager"].sequences, out["llmkern"].sequences)
+    for a, b in zip(out["eager"].scores, out["llmkern"].scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_generate_with_a_static_cache_compiled(monkeypatch):
     """transformers' compiled decoding: a static cache, the one-token steps through torch.compile(fullgraph=True)
     (the prefill runs eagerly, as transformers runs it); the same tokens as eager attention's."""

@@ -186,6 +186,8 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         return _tag(packed[0].to(torch.long, copy=True), window, kind)  # (a tensor of our own to tag)
     if window is not None and not _window_binds(kind, window, q_offset, q_length, kv_offset, kv_length):
         window = None  # (every key is within the window: no need to carry a mask for it)
+    if _built_here(attention_mask, kv_length, kind, window):
+        return attention_mask
     device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
     pad = None
     if attention_mask is not None:
@@ -226,6 +228,15 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     pad = _tag(pad, window, kind)
     pad._llmkern_all_visible = all_visible  # (the attention then passes no padding mask to the kernel)
     return pad
+
+
+def _built_here(mask, kv_length, kind, window):
+    """Whether `mask` is this function's result for the same keys, handed back to it: generate builds a static
+    cache's masks before the forward, and some models (Mistral) build theirs again from the one they are given.
+    To them a 2-D mask is a padding mask over every position, which ours is not: cut to the cache's window
+    already, cutting it again by the window's offset hid the newest keys."""
+    return (isinstance(mask, torch.Tensor) and hasattr(mask, "_llmkern_causal") and mask.shape[-1] == kv_length
+            and mask._llmkern_causal == (kind == "causal") and mask._llmkern_window == window)
 
 
 def _static_step_mask(pad, window, lengths):
