@@ -96,6 +96,10 @@ def test_fused_loss_return_dict_false_deepcopy_and_unsupported_heads():
     out = fused(input_ids=ids, labels=labels, return_dict=False)
     assert isinstance(out, tuple)
     torch.testing.assert_close(out[0], want, atol=1e-6, rtol=1e-6)
+    # the model's own tuple, None in the logits' slot: (loss, logits, cache) gave (loss, cache), and
+    # `loss, logits = out[:2]` took the cache for the logits
+    plain = ref(input_ids=ids, labels=labels, return_dict=False)
+    assert len(out) == len(plain) == 3 and out[1] is None and [type(v) for v in out[2:]] == [type(v) for v in plain[2:]]
     twin, ref2 = copy.deepcopy(fused), copy.deepcopy(ref)
     with torch.no_grad():
         for a, b in zip(twin.parameters(), ref2.parameters()):

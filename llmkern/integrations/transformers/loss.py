@@ -183,8 +183,9 @@ def _fused_forward(self, *args, labels=None, **kwargs):
     if aux is not None:
         loss = loss + aux.to(loss.device)
     fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
-    result = type(out)(loss=loss, logits=None, **fields)
-    return result if return_dict else result.to_tuple()
+    if not return_dict:  # (the model's own tuple with None in the logits' slot: to_tuple() drops None, shifting the
+        return (loss, None) + tuple(fields.values())  # fields after it, so `loss, logits = out[:2]` got the cache)
+    return type(out)(loss=loss, logits=None, **fields)
 
 
 class _FusedLossForward(_BoundForward):
