@@ -352,6 +352,13 @@ def error_worker(rank, p):
         capacity=_error(lambda: context_parallelize(Llama(get_config("mixtral-tiny", moe_capacity_factor=1.0)))),
         # one rank's out-of-vocabulary id raised on that rank only: the other waited in the K/V all-gather
         one_rank_bad_id=_error(lambda: model(ids[:, :4] if rank else ids[:, :4].clone().fill_(999))),
+        # ranks that shard differently: the loss came back silently wrong
+        layout_differs=_error(lambda: context_parallelize(Llama(get_config("llama-tiny")),
+                                                          layout="zigzag" if rank == 0 else "contiguous")),
+        config_differs=_error(lambda: context_parallelize(Llama(get_config("llama-tiny",
+                                                                           sliding_window=4 if rank else None)))),
+        one_rank_bad_layout=_error(lambda: context_parallelize(Llama(get_config("llama-tiny")),
+                                                               layout="ring" if rank == 0 else "zigzag")),
         # wide heads: llmkern.attention's limit (the zoo falls back to SDPA; context parallelism cannot)
         wide_heads=_error(lambda: context_parallelize(Llama(get_config("llama-tiny", head_dim=288)))))
 
@@ -506,6 +513,10 @@ def test_context_parallel_errors(pool2):
         assert r["capacity"].startswith("NotImplementedError") and "moe_capacity_factor" in r["capacity"], r
         assert r["one_rank_bad_id"].startswith("ValueError") and "rank(s) [0]" in r["one_rank_bad_id"], r
         assert r["wide_heads"].startswith("NotImplementedError") and "288" in r["wide_heads"], r
+        assert r["layout_differs"].startswith("ValueError") and "rank 1: 'contiguous'" in r["layout_differs"], r
+        assert r["config_differs"].startswith("ValueError") and "different models" in r["config_differs"], r
+        assert r["one_rank_bad_layout"].startswith("ValueError") and (
+            "layout must be one of" in r["one_rank_bad_layout"] or "rank(s) [0]" in r["one_rank_bad_layout"]), r
         for key in ("labels_one_rank", "labels_batch"):  # (the label shift's all-gather hung, or gloo aborted)
             assert r[key].startswith("ValueError") and "labels" in r[key], (key, r[key])
         # tensor and context parallelism over the same ranks gathered other heads' K/V: silently wrong logits

@@ -371,6 +371,10 @@ def mismatch_worker(rank, world_size):
         "loss width": lambda: head.vocab_parallel_loss(torch.randn(3, 8), torch.randint(0, 10, (6,))),
         "loss label shape": lambda: head.vocab_parallel_loss(torch.randn(2, 3, 4), torch.randint(0, 10, (3, 2))),
         "loss chunk": lambda: head.vocab_parallel_loss(torch.randn(5, 4), torch.randint(0, 10, (5,)), chunk_size=-1),
+        # the loss on one rank, the logits on the other: the same first check, then different collectives (a gloo
+        # abort on the loss's rank, NaN logits on the other)
+        "loss or logits": lambda: (head.vocab_parallel_loss(torch.randn(5, 4), torch.randint(0, 10, (5,))) if rank == 0
+                                   else head(torch.randn(5, 4))),
     }
     out = {}
     t0 = time.perf_counter()
@@ -401,6 +405,7 @@ def test_vocab_parallel_shape_mismatch_raises_on_every_rank(pool):
         for name, want in (("ids", "VocabParallelEmbedding: ids"), ("logits h", "VocabParallelLMHead: h"),
                            ("loss h", "vocab_parallel_loss: h"), ("loss labels", "vocab_parallel_loss: labels")):
             assert want in r[name] and "differs across" in r[name], (name, r)
+        assert "different calls (rank 0: the loss, rank 1: the logits)" in r["loss or logits"], r
         for name, want in (("loss width", "h must be [..., 4]"), ("loss label shape", "labels must have shape"),
                            ("loss chunk", "chunk_size must be None or an int >= 1")):
             assert want in r[name], (name, r)

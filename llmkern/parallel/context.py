@@ -43,6 +43,7 @@ Not supported (a clear error): lengths that 2p (zigzag) or p (contiguous) does n
 sequence), KV caches (generation), attention masks / padding, prefix tuning, attention dropout, and a
 second derivative through the attention (create_graph=True; neither do the attention kernels).
 """
+import hashlib
 import numbers
 
 import torch
@@ -458,10 +459,55 @@ def context_parallelize(model, group=None, layout="zigzag"):
     tensor_parallelize on a different group (heads sharded over the TP group, tokens over this one).
     NotImplementedError for a KV cache, attention_mask, last_only, prefix tuning, attention dropout and a MoE
     capacity factor."""
+    group = comm.resolve_group(group, "context_parallelize")
+    error = None
+    try:
+        _check_parallelizable(model, group, layout)
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        error = exc
+    _check_agreement(model, group, layout, error)
+    cp = ContextParallel(group, layout)
+    for m in model.modules():
+        if m is not model and hasattr(m, "backend_name") and hasattr(m, "n_head"):  # the attention modules
+            m.context_parallel = cp
+    model.context_parallel = cp
+    model.register_forward_pre_hook(_check_forward, with_kwargs=True)
+    return model
+
+
+def _check_agreement(model, group, layout, error):
+    """Every rank must shard the same model (its config, module names and types, parameter shapes) with the same
+    layout: otherwise each rank's tokens run another model or sit at other positions, and the loss was silently
+    wrong. One all-gather of a few ints at setup, made by every rank (also one whose own checks failed, so that
+    none waits in it); then every rank raises the same error."""
+    from llmkern.parallel.tensor_parallel import _model_digest
+
+    meta = [0, 0, 0]
+    if error is None:
+        digest, _ = _model_digest(model)
+        config = int.from_bytes(hashlib.blake2b(repr(model.config).encode(), digest_size=7).digest(), "little")
+        meta = [LAYOUTS.index(layout), digest, config]
+    rows = comm.gather_ints([1 if error is not None else 0] + meta, group)
+    if error is not None:
+        raise error
+    failed = [i for i, r in enumerate(rows) if r[0]]
+    if failed:
+        raise ValueError(f"context_parallelize: failed on rank(s) {failed} (their error says why); every rank must "
+                         f"pass the same model and arguments")
+    if any(r[1] != rows[0][1] for r in rows):
+        raise ValueError("context_parallelize: the ranks of the group disagree on layout (" + ", ".join(
+            f"rank {i}: {LAYOUTS[r[1]]!r}" for i, r in enumerate(rows)) + "); every rank must pass the same one")
+    if any(r[2:] != rows[0][2:] for r in rows):
+        raise ValueError("context_parallelize: the ranks of the group hold different models (their configs, module "
+                         "names and types, or parameter names, shapes and dtypes differ); every rank must shard the "
+                         "same model, with the same weights")
+
+
+def _check_parallelizable(model, group, layout):
+    """context_parallelize's checks of its arguments on this rank (ValueError / TypeError / NotImplementedError)."""
     from llmkern.models._attn import ZooModel
 
     _check_layout(layout)
-    group = comm.resolve_group(group, "context_parallelize")
     if not isinstance(model, ZooModel):
         raise TypeError(f"context_parallelize: needs a llmkern.models model (GPT, Llama), got {type(model).__name__}")
     if getattr(model, "context_parallel", None) is not None:
@@ -482,13 +528,6 @@ def context_parallelize(model, group=None, layout="zigzag"):
     if max(dims) > MAX_HEAD_DIM:  # (the zoo's own attention falls back to SDPA there; this one cannot)
         raise NotImplementedError(f"context_parallelize: head dims {dims[0]} / {dims[1]} exceed llmkern.attention's "
                                   f"1..{MAX_HEAD_DIM}, which context-parallel attention runs on")
-    cp = ContextParallel(group, layout)
-    for m in model.modules():
-        if m is not model and hasattr(m, "backend_name") and hasattr(m, "n_head"):  # the attention modules
-            m.context_parallel = cp
-    model.context_parallel = cp
-    model.register_forward_pre_hook(_check_forward, with_kwargs=True)
-    return model
 
 
 def check_tensor_parallel_grid(model, cp_group, what):

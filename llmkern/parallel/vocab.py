@@ -272,6 +272,17 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         return (dh, dw, db) + (None,) * 8  # labels ... softcap
 
 
+def _check_same_call(flags):
+    """VocabParallelLMHead's first cross-rank check carries the call each rank makes (0: forward, the logits;
+    1: vocab_parallel_loss): the two start with the same check of h, so a rank computing the loss while another
+    computed the logits paired different collectives after it (a gloo abort on one rank, NaN logits on the other).
+    Every rank raises."""
+    if flags is not None and len(set(flags)) > 1:
+        calls = ", ".join(f"rank {i}: {'the loss' if f else 'the logits'}" for i, f in enumerate(flags))
+        raise ValueError(f"VocabParallelLMHead: the ranks make different calls ({calls}); every rank must ask for "
+                         f"the loss (labels given) or every rank for the logits")
+
+
 class VocabParallelLMHead(comm.SharesProcessGroups, nn.Module):
     def __init__(self, weight_shard: nn.Parameter, bias_shard, out_features: int, group):
         super().__init__()
@@ -305,7 +316,8 @@ class VocabParallelLMHead(comm.SharesProcessGroups, nn.Module):
         """The whole logits [..., V] (all-gathered over the vocabulary)."""
         from llmkern.parallel.layers import _GatherLastDim
 
-        comm.check_same_shape(h if isinstance(h, torch.Tensor) else None, self.group, "VocabParallelLMHead: h")
+        _check_same_call(comm.check_same_shape(h if isinstance(h, torch.Tensor) else None, self.group,
+                                               "VocabParallelLMHead: h", flag=0))
         _check_hidden("VocabParallelLMHead", h, self.in_features)  # (the same on every rank, after the check)
         full = _GatherLastDim.apply(self._local_logits(h).contiguous(), self.group)
         return full[..., :self.out_features]
@@ -317,9 +329,10 @@ class VocabParallelLMHead(comm.SharesProcessGroups, nn.Module):
         softcap: the logits soft-capped first, softcap * tanh(z / softcap) (None or 0: off)."""
         # the cross-rank checks first: on one rank only, the local error below would leave the others in
         # _shard_loss's all-reduces, where different sizes abort the process (gloo) or hang (NCCL)
-        for name, t in (("h", h), ("labels", labels)):
-            comm.check_same_shape(t if isinstance(t, torch.Tensor) else None, self.group,
-                                  f"vocab_parallel_loss: {name}")
+        _check_same_call(comm.check_same_shape(h if isinstance(h, torch.Tensor) else None, self.group,
+                                               "vocab_parallel_loss: h", flag=1))
+        comm.check_same_shape(labels if isinstance(labels, torch.Tensor) else None, self.group,
+                              "vocab_parallel_loss: labels")
         lo, hi, _ = shard_rows(self.out_features, self.group)
         # (the same on every rank, after the cross-rank checks: a wrong width reshaped into other rows, and
         # chunk_size -1 ran no chunk, loss 0)
