@@ -111,17 +111,10 @@ def test_generate_with_a_static_cache(kind, request, monkeypatch):
     ids = torch.randint(3, 96, (2, 9), device=DEV)
     am = torch.ones(2, 9, dtype=torch.long, device=DEV)
     am[0, :3] = 0
-    out, steps, orig = {}, [], llmkern.attention_with_kvcache
+    steps, orig = [], llmkern.attention_with_kvcache
     monkeypatch.setattr(llmkern, "attention_with_kvcache", lambda q, k, v, lens, **kw: (
         steps.append((k.shape[2], lens.tolist())) or orig(q, k, v, lens, **kw)))
-    for impl in ("eager", "llmkern"):
-        model.set_attn_implementation(impl)
-        out[impl] = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=6, do_sample=False,
-                                   pad_token_id=0, cache_implementation="static", return_dict_in_generate=True,
-                                   output_scores=True)
-    assert torch.equal(out["eager"].sequences, out["llmkern"].sequences)
-    for a, b in zip(out["eager"].scores, out["llmkern"].scores):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    _static_generate_as_eager(model, ids, am, max_new_tokens=6)
     # the one-token steps over the full-attention layers' 14 slots ran attention_with_kvcache with the keys written
     # so far (the sliding-window layers' caches are full after the 9-token prompt: the plain decode step)
     if kind != "mistral":
@@ -141,10 +134,15 @@ def test_static_cache_padding_inside_the_window(backend, request):
     ids = torch.randint(3, 96, (2, 6), device=DEV)
     am = torch.ones(2, 6, dtype=torch.long, device=DEV)
     am[1, :3] = 0
+    _static_generate_as_eager(model, ids, am, max_new_tokens=8)
+
+
+def _static_generate_as_eager(model, ids, am, max_new_tokens):
+    """Greedy generate with a static cache: the same tokens and scores with llmkern attention as with eager's."""
     out = {}
     for impl in ("eager", "llmkern"):
         model.set_attn_implementation(impl)
-        out[impl] = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=8, do_sample=False,
+        out[impl] = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=max_new_tokens, do_sample=False,
                                    pad_token_id=0, cache_implementation="static", return_dict_in_generate=True,
                                    output_scores=True)
     assert torch.equal(out["eager"].sequences, out["llmkern"].sequences)
