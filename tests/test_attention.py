@@ -456,7 +456,11 @@ def test_attention_segments_equals_varlen_over_the_runs(monkeypatch, backend, kw
 
 @needs_triton
 def test_attention_segments_ops_opcheck(triton_backend):
-    """The custom ops that read the runs' bounds inside (fakes, autograd registration, schema)."""
+    """The custom ops that read the runs' bounds inside (fakes, autograd registration, schema); tagged
+    cudagraph_unsafe (their host read cannot be captured) where torch has the tag."""
+    if hasattr(torch.Tag, "cudagraph_unsafe"):
+        for op in (torch.ops.llmkern.attention_segments_fwd, torch.ops.llmkern.attention_segments_bwd):
+            assert torch.Tag.cudagraph_unsafe in op.default.tags
     ids = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 2, 2]], device=DEV)
     q, k, v = (torch.randn(10, 2, 16, device=DEV, requires_grad=True) for _ in range(3))
     args = (q, k, v, ids, None, 0.25, True, -1, -1, 0.0, 0.0)

@@ -666,7 +666,12 @@ def _segment_starts(seq_ids):
     return torch.cat([first, first.new_tensor([B * T])]).to(torch.int32)
 
 
-@torch.library.custom_op("llmkern::attention_segments_fwd", mutates_args=())
+# (the ops read the bounds on the host, which a CUDA graph cannot capture: tagged so that torch.compile's CUDA graphs
+# leave them out, where this torch has the tag)
+_HOST_READ = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
+
+
+@torch.library.custom_op("llmkern::attention_segments_fwd", mutates_args=(), **_HOST_READ)
 def _segments_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_ids: torch.Tensor,
                      seed: Optional[torch.Tensor], scale: float, causal: bool, window_left: int, window_right: int,
                      softcap: float, dropout_p: float, sinks: Optional[torch.Tensor] = None
@@ -683,7 +688,7 @@ def _(q, k, v, seq_ids, seed, scale, causal, window_left, window_right, softcap,
     return _empty_out(q, v), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("llmkern::attention_segments_bwd", mutates_args=())
+@torch.library.custom_op("llmkern::attention_segments_bwd", mutates_args=(), **_HOST_READ)
 def _segments_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                      lse: torch.Tensor, dlse: Optional[torch.Tensor], seq_ids: torch.Tensor,
                      seed: Optional[torch.Tensor], scale: float, causal: bool, window_left: int, window_right: int,
