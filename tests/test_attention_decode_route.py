@@ -86,6 +86,23 @@ def test_calls_that_need_gradients_or_many_queries_keep_the_forward_kernel(monke
     assert decode == [] and fwd == [1, 1, 1, 1]
 
 
+def test_export_with_a_dynamic_length_keeps_every_length(monkeypatch):
+    """torch.export of a zoo forward with a dynamic sequence length: the decode route's comparison of the query
+    count with LLMKERN_ATTN_DECODE_MAX_TQ specialised the graph to 2..16 tokens (a constraint violation); a symbolic
+    count now takes the forward kernel, so one program serves every length up to block_size, as eager's logits."""
+    from llmkern.models import build
+
+    monkeypatch.setenv("LLMKERN_BACKEND", "triton")
+    torch.manual_seed(0)
+    m = build("gpt-tiny", backend="llmkern", vocab_size=128, n_layer=1).eval()
+    T = torch.export.Dim("T", max=64)
+    prog = torch.export.export(m, (torch.randint(0, 128, (2, 12)),), dynamic_shapes={"input_ids": {1: T}})
+    for n in (3, 20):
+        ids = torch.randint(0, 128, (2, n))
+        with torch.no_grad():
+            torch.testing.assert_close(prog.module()(ids), m(ids), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("Tq", [1, 4])
 def test_gpu_decode_route_matches_the_forward_kernel(monkeypatch, Tq):

@@ -528,8 +528,12 @@ def _runs_as_decode(q, k, v, p):
     transformers' DynamicCache; speculative drafts), no dropout, and no gradient wanted (the decode kernel has
     no backward). Its grid splits the keys, so a small batch still fills the GPU, and it packs a GQA group's
     query heads into one tile, reading each K/V tile once per group (the forward kernel's grid is one program
-    per query block and head: for one query, B * H programs each over every key)."""
-    if p or q.shape[2] > _decode_max_tq():
+    per query block and head: for one query, B * H programs each over every key).
+    A symbolic query count (a dynamic length under torch.compile / torch.export) takes the forward kernel: the
+    comparison would otherwise specialise the graph to lengths on one side of the threshold (an exported zoo forward
+    was then valid for prompts of 2..16 tokens only)."""
+    Tq = q.shape[2]
+    if p or isinstance(Tq, torch.SymInt) or Tq > _decode_max_tq():
         return False
     return not _checks.wants_grad(q, k, v)
 
