@@ -270,8 +270,35 @@ def test_hooks_on_the_lm_head_are_refused():
     with pytest.raises(ValueError, match="LM head has forward hooks"):
         fused(input_ids=ids, labels=labels)
     handle.remove()
-    fused(input_ids=ids, labels=labels)  # the model's own hooks of the call are gone again
-    assert not fused.lm_head._forward_hooks and not fused.lm_head._forward_pre_hooks
+    fused(input_ids=ids, labels=labels)
+    fused(input_ids=ids, labels=labels)  # only the patch's own capture hooks, installed once (none per call)
+    from llmkern.integrations.transformers import loss
+
+    assert list(fused.lm_head._forward_hooks.values()) == [loss._record_head_output]
+    assert list(fused.lm_head._forward_pre_hooks.values()) == [loss._record_head_input]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_fused_loss_compiles_fullgraph(kind):
+    """torch.compile(fullgraph=True) of a training step with the fused loss: the per-call hook registration it made
+    was a graph break (fullgraph failed). The capture hooks are installed once; loss and gradients as eager's."""
+    ref = _model(kind).train()
+    if kind == "gpt2":
+        ref.loss_type = "ForCausalLM"  # (transformers' own warning_once about a missing loss_type breaks fullgraph)
+    fused = lt.use_fused_loss(copy.deepcopy(ref))
+    ids, labels = _batch()
+    want = ref(input_ids=ids, labels=labels).loss
+    want.backward()
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(fused, fullgraph=True, backend="aot_eager")(input_ids=ids, labels=labels)
+        got.loss.backward()
+    finally:
+        torch._dynamo.reset()
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, want, atol=1e-6, rtol=1e-6)
+    for (n, a), b in zip(fused.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=n)
 
 
 def test_wrapped_forwards_are_not_cached_for_good():

@@ -22,10 +22,51 @@ from llmkern.integrations.transformers.fused_ops import _BoundForward
 _ATTR = "_llmkern_fused_loss"
 
 
-def _hidden_hook(store):
-    def hook(module, args, output):
-        store.append(output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state)
-    return hook
+# What the fused call reads of the model's own forward: the base model's output and the LM head's input and output,
+# recorded by hooks installed once (registering hooks per call broke torch.compile's fullgraph: dynamo cannot trace
+# the registration) that record only while the fused call is running. Their state lives on each module (a deepcopy
+# of the model gets its own).
+_CAPTURE = "_llmkern_capture"
+
+
+def _record_hidden(module, args, output):
+    cap = getattr(module, _CAPTURE, None)
+    if cap is not None and cap["on"]:
+        cap["hidden"] = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
+
+
+def _record_head_input(module, args):
+    cap = getattr(module, _CAPTURE, None)
+    if cap is not None and cap["on"]:
+        cap["input"] = args[0]
+
+
+def _record_head_output(module, args, output):
+    cap = getattr(module, _CAPTURE, None)
+    if cap is not None and cap["on"]:
+        cap["output"] = output
+
+
+_OURS = (_record_hidden, _record_head_input, _record_head_output)
+
+
+def _capture(module, head):
+    """The module's capture state, its hooks installed first if missing (the model's base model once; an LM head
+    that replaced the patched one at its first training call)."""
+    if _CAPTURE not in module.__dict__:
+        module.__dict__[_CAPTURE] = {"on": False}
+        if head:
+            module.register_forward_pre_hook(_record_head_input)
+            module.register_forward_hook(_record_head_output)
+        else:
+            module.register_forward_hook(_record_hidden)
+    return module.__dict__[_CAPTURE]
+
+
+def _foreign_hooks(head):
+    """Whether the LM head has forward hooks other than the capture's."""
+    hooks = list(head._forward_hooks.values()) + list(head._forward_pre_hooks.values())
+    return any(h not in _OURS for h in hooks)
 
 
 def _check_model(model):
@@ -142,35 +183,27 @@ def _fused_forward(self, *args, labels=None, **kwargs):
         return_dict = getattr(self.config, "return_dict", True)
     keep = kwargs.pop("logits_to_keep", 0)  # the caller's: the loss covers the kept positions, as transformers'
     kwargs["logits_to_keep"] = 1
-    if head._forward_hooks or head._forward_pre_hooks:  # (before ours are registered)
+    if _foreign_hooks(head):
         raise ValueError(f"use_fused_loss: {type(self).__name__}'s LM head has forward hooks; the fused loss never "
                          f"forms the logits they would see or change: remove them, or train without the patch")
-    hidden, head_io = [], {}
-
-    def head_pre(module, args):
-        head_io["input"] = args[0]
-
-    def head_post(module, args, output):
-        head_io["output"] = output
-
-    handles = [self.base_model.register_forward_hook(_hidden_hook(hidden)),
-               head.register_forward_pre_hook(head_pre), head.register_forward_hook(head_post)]
+    base_cap, head_cap = _capture(self.base_model, head=False), _capture(head, head=True)
+    base_cap["on"] = head_cap["on"] = True
     try:
         out = original(labels=None, return_dict=True, **kwargs)
     finally:
-        for handle in handles:
-            handle.remove()
+        base_cap["on"] = head_cap["on"] = False
+    hidden, head_in, head_out = base_cap.pop("hidden", None), head_cap.pop("input", None), head_cap.pop("output", None)
     softcap = getattr(self.config, "final_logit_softcapping", None)
     # The loss below is head(h) (and the softcap) for h the base model's output: the model must feed its
     # LM head a slice of that output (no transform in between: RoBERTa's dense + LayerNorm head) and return
     # the head's output as its logits (no multiplier / cap / slicing after it: Falcon-H1, RecurrentGemma).
-    if (not hidden or "input" not in head_io or _root(head_io["input"]) is not _root(hidden[-1])
-            or (softcap is None and out.logits is not head_io.get("output"))):
+    if (hidden is None or head_in is None or _root(head_in) is not _root(hidden)
+            or (softcap is None and out.logits is not head_out)):
         raise ValueError(f"use_fused_loss: {type(self).__name__} does not compute its logits as "
                          f"lm_head(base model output) (a transform before or after the LM head); not supported")
     if shift is None:
         shift = nn.functional.pad(labels, (0, 1), value=ignore)[..., 1:]
-    h = hidden[-1]
+    h = hidden
     if isinstance(keep, torch.Tensor) or keep:  # transformers: lm_head(hidden[:, slice(-k, None)]) or [:, indices]
         h = h[:, keep if isinstance(keep, torch.Tensor) else slice(-keep, None)]
     reduction = "sum" if n_items is not None else "mean"
@@ -225,7 +258,9 @@ def use_fused_loss(model, chunk_size=None):
     if getattr(lm, _ATTR, False):
         lm._llmkern_fused_loss_chunk_size = chunk_size
         return model
-    _check_model(lm)
+    head = _check_model(lm)
+    _capture(lm.base_model, head=False)
+    _capture(head, head=True)
     lm._llmkern_original_forward = lm.forward
     lm._llmkern_fused_loss_chunk_size = chunk_size
     lm.forward = _FusedLossForward(lm)
