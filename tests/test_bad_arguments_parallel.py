@@ -464,6 +464,13 @@ def _case_two_ranks(rank, p):
     _expect(seen, "vocab_parallel_loss float labels", TypeError, ["labels"],
             lambda: head.vocab_parallel_loss(h, torch.tensor([1.0, 2.0, 3.0])))
     _expect(seen, "shard_sequence dim", ValueError, ["dim"], lambda: shard_sequence(torch.zeros(2, 4, 3), dim=4))
+    # an id outside the vocabulary on one rank of a tensor-parallel model: raised on that rank only, and the other
+    # waited in the first sharded layer's collective until the timeout
+    tp = tensor_parallelize(_zoo())
+    good = torch.randint(0, 10, (2, 8), generator=torch.Generator().manual_seed(0))
+    _expect(seen, "tensor-parallel model, bad id on rank 0", ValueError, ["rank(s) [0]", "vocab_size"],
+            lambda: tp(good.clone().fill_(10**6) if rank == 0 else good))
+    tp(good)  # (still usable: no rank was left behind)
     # then a collective that works: no rank is behind
     t = torch.ones(1)
     dist.all_reduce(t)

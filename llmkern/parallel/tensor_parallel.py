@@ -537,4 +537,31 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
     if p > 1:
         for module, name in summed:
             _sum_grad_over_ranks(module, name, group)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if isinstance(vocab, int) and not getattr(model, "_llmkern_tp_ids_check", False):
+            model.register_forward_pre_hook(_IdsInVocabulary(group, vocab), with_kwargs=True)
+            model._llmkern_tp_ids_check = True
     return model
+
+
+class _IdsInVocabulary(comm.SharesProcessGroups):
+    """Forward pre-hook of a tensor-parallel model: CPU input_ids outside [0, vocab_size) on one rank raised there
+    only (the model's own check, or the embedding's IndexError), and the other ranks waited in the first sharded
+    layer's collective until the process group's timeout. One all-gather of a flag per forward makes every rank
+    raise. CUDA ids are not read (a host sync per forward; the models do not check them either), nor traced ones,
+    nor with validation off (llmkern.parallel.comm.set_validation(False))."""
+
+    def __init__(self, group, vocab_size):
+        self.group, self.vocab_size = group, vocab_size
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if (not comm.validation_enabled() or not torch.is_tensor(ids) or ids.device.type != "cpu"
+                or ids.is_floating_point() or torch.compiler.is_compiling()):
+            return None
+        ok = ids.numel() == 0 or (0 <= int(ids.min()) and int(ids.max()) < self.vocab_size)
+        bad = [i for i, r in enumerate(comm.gather_ints([int(ok)], self.group)) if not r[0]]
+        if bad:
+            raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={self.vocab_size}) (tensor parallelism: "
+                             f"out of range on rank(s) {bad})")
+        return None
