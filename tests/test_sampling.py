@@ -347,8 +347,10 @@ def test_hf_logits_warper_temperature_and_min_tokens_to_keep():
 
     x = torch.randn(4, 300) * 3
     x[0, 7] = 40.0
+    # (top_p=0: HF's TopPLogitsWarper keeps min_tokens_to_keep tokens; it raised llmkern.sample's (0, 1] error)
     for t, k, p, mp, m in [(0.5, 0, 0.5, 0.0, 1), (0.5, 0, 1.0, 0.2, 1), (2.0, 3, 0.9, 0.0, 5),
-                           (0.7, 0, 0.01, 0.0, 3), (1.0, 1, 1.0, 0.5, 2)]:
+                           (0.7, 0, 0.01, 0.0, 3), (1.0, 1, 1.0, 0.5, 2), (1.0, 0, 0.0, 0.0, 1),
+                           (0.8, 5, 0.0, 0.0, 3)]:
         want = lp.TemperatureLogitsWarper(t)(None, x.clone())
         if k:
             want = lp.TopKLogitsWarper(k, min_tokens_to_keep=m)(None, want)
@@ -367,6 +369,11 @@ def test_hf_logits_warper_temperature_and_min_tokens_to_keep():
     # a [B] top_k tensor: min_tokens_to_keep raises its positive entries, 0 stays "no top-k"
     got = LlmkernSamplingWarper(top_k=torch.tensor([0, 1, 4, 2]), min_tokens_to_keep=3)(None, x.clone())
     assert got.isfinite().sum(-1).tolist() == [300, 3, 4, 3]
+    # scores [..., V] of any leading shape, as HF's warpers take them (it raised: [batch, vocab] only)
+    x3 = x.reshape(2, 2, 300)
+    got3 = LlmkernSamplingWarper(top_k=7, top_p=0.8)(None, x3.clone())
+    assert got3.shape == x3.shape and torch.equal(got3.reshape(4, 300), LlmkernSamplingWarper(top_k=7, top_p=0.8)(
+        None, x.clone()))
 
 
 @pytest.mark.parametrize("bad,match", [

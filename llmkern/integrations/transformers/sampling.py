@@ -38,6 +38,10 @@ class LlmkernSamplingWarper(_Base):
         self.temperature, self.min_tokens_to_keep = float(temperature), min_tokens_to_keep
 
     def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
+        if torch.is_tensor(scores) and scores.dim() > 2 and not any(map(torch.is_tensor, (self.top_k, self.top_p,
+                                                                                          self.min_p))):
+            # (HF's warpers take [..., V]: rows of any leading shape, filtered as a batch of rows)
+            return self(input_ids, scores.reshape(-1, scores.shape[-1])).reshape(scores.shape)
         if self.temperature != 1.0:
             scores = scores / self.temperature
         m = min(self.min_tokens_to_keep, scores.shape[-1])
@@ -45,21 +49,25 @@ class LlmkernSamplingWarper(_Base):
             top_k = torch.where(self.top_k > 0, self.top_k.clamp_min(m), self.top_k)
         else:
             top_k = max(self.top_k, m) if self.top_k > 0 else 0
-        out = self._filter(scores, top_k)
+        top_p = self.top_p
+        if not torch.is_tensor(top_p) and isinstance(top_p, numbers.Real) and top_p == 0:
+            # HF's TopPLogitsWarper(0) keeps min_tokens_to_keep tokens (llmkern.sample's top_p is vLLM's (0, 1])
+            top_k, top_p = m, 1.0
+        out = self._filter(scores, top_k, top_p)
         if m > 1:  # (top-p / min-p never cut below the m-th largest score, as HF's warpers)
             kth = scores.topk(m, dim=-1).values[..., -1:]
             out = torch.where(scores >= kth, scores, out)
         return out
 
-    def _filter(self, scores, top_k):
+    def _filter(self, scores, top_k, top_p):
         if scores.dtype == torch.float64:
             # The kernels take 32/16-bit logits; float32 rounding would merge distinct scores into
             # ties (both kept by top-k) and move overflowing ones to +-inf. The float64 reference
             # (sorts per row: slower, exact) filters the float64 values themselves.
             B = scores.shape[0]
-            _, k, p, mp, _, _, _ = _sample_params(B, scores.device, 1.0, top_k, self.top_p,
+            _, k, p, mp, _, _, _ = _sample_params(B, scores.device, 1.0, top_k, top_p,
                                                   self.min_p, 1.0, 0.0, 0.0)
             if not isinstance(self.filter_value, numbers.Real):
                 raise TypeError(f"filter_value must be a number, got {type(self.filter_value).__name__}")
             return filter_logits(scores, k, p, mp, float(self.filter_value))
-        return top_k_top_p_filter(scores, top_k, self.top_p, self.min_p, self.filter_value)
+        return top_k_top_p_filter(scores, top_k, top_p, self.min_p, self.filter_value)
