@@ -265,6 +265,31 @@ def test_packed_sequences_compile_fullgraph(kind, backend, request):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.gpu
+def test_compiled_training_step_with_cuda_graphs_on_gpu():
+    """On a GPU: a training step with no padding mask (transformers' packed-sequence indices: attention_segments,
+    whose custom ops read the sequence bounds on the host) compiled with inductor's CUDA graphs
+    (mode="reduce-overhead", fullgraph=True). The ops are tagged cudagraph_unsafe, so the graphs leave them out
+    instead of failing at capture; loss and gradients as eager attention's."""
+    model = _model("llama").train()
+    ids = torch.randint(3, 96, (2, 12), device=DEV)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7], list(range(12))], device=DEV)
+    got, want = [], []
+    for impl, out in (("eager", want), ("llmkern", got)):
+        model.set_attn_implementation(impl)
+        torch._dynamo.reset()
+        step = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):  # (warm-up runs, then the recorded graphs replay)
+            model.zero_grad()
+            loss = step(input_ids=ids, position_ids=pos, labels=ids, use_cache=False).loss
+            loss.backward()
+        out += [loss.detach().clone()] + [p.grad.clone() for p in model.parameters()]
+    torch._dynamo.reset()
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
 def test_custom_4d_mask_raises():
     model = _model("llama")
     model.set_attn_implementation("llmkern")
