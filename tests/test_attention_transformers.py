@@ -150,17 +150,25 @@ def _static_generate_as_eager(model, ids, am, max_new_tokens):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def _static_prompt_and_eager_tokens(model, max_new_tokens):
+    """(ids, generate's keywords, eager attention's tokens) for a left-padded 2-row prompt of 7 tokens with a static
+    cache; the model is left on llmkern attention."""
+    ids = torch.randint(3, 96, (2, 7), device=DEV)
+    am = torch.ones(2, 7, dtype=torch.long, device=DEV)
+    am[1, :2] = 0
+    kw = dict(attention_mask=am, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+              cache_implementation="static")
+    model.set_attn_implementation("eager")
+    want = model.generate(input_ids=ids, **kw)
+    model.set_attn_implementation("llmkern")
+    return ids, kw, want
+
+
 def test_generate_with_a_static_cache_compiled(monkeypatch):
     """transformers' compiled decoding: a static cache, the one-token steps through torch.compile(fullgraph=True)
     (the prefill runs eagerly, as transformers runs it); the same tokens as eager attention's."""
     model = _model("llama").eval()
-    ids = torch.randint(3, 96, (2, 7), device=DEV)
-    am = torch.ones(2, 7, dtype=torch.long, device=DEV)
-    am[1, :2] = 0
-    kw = dict(attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
-    model.set_attn_implementation("eager")
-    want = model.generate(input_ids=ids, **kw)
-    model.set_attn_implementation("llmkern")
+    ids, kw, want = _static_prompt_and_eager_tokens(model, max_new_tokens=5)
     compiled = []
     orig = model.get_compiled_call
     monkeypatch.setattr(model, "get_compiled_call", lambda *a, **k: compiled.append(1) or orig(*a, **k))
@@ -379,13 +387,7 @@ def test_generate_with_a_static_cache_and_a_compiled_forward(kind, monkeypatch):
     Mistral's sliding-window mask is analysed inside the compiled forward (a graph break before: fullgraph
     failed)."""
     model = _model(kind).eval()
-    ids = torch.randint(3, 96, (2, 7), device=DEV)
-    am = torch.ones(2, 7, dtype=torch.long, device=DEV)
-    am[1, :2] = 0
-    kw = dict(attention_mask=am, max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
-    model.set_attn_implementation("eager")
-    want = model.generate(input_ids=ids, **kw)
-    model.set_attn_implementation("llmkern")
+    ids, kw, want = _static_prompt_and_eager_tokens(model, max_new_tokens=4)
     queries, orig = [], llmkern.attention_with_kvcache
     monkeypatch.setattr(llmkern, "attention_with_kvcache", lambda q, *a, **k: queries.append(q.shape[2]) or orig(
         q, *a, **k))
