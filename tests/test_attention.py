@@ -425,8 +425,10 @@ def test_varlen_max_seqlen_under_a_length_raises(monkeypatch, backend, mq, mk):
 @pytest.mark.parametrize("kw", [dict(causal=True), dict(window=(2, 1), softcap=3.0, sinks=True)],
                          ids=["causal", "window-softcap-sinks"])
 def test_attention_segments_equals_varlen_over_the_runs(monkeypatch, backend, kw):
-    """attention_segments (transformers' packed rows, traced): attention within the runs of equal indices of each
-    row, as attention_varlen over those runs gives it (out and every gradient, sinks' too); GQA, Dv != D."""
+    """attention_segments (transformers' packed rows) traced, where it runs its own paths (the custom ops that read
+    the runs' bounds, or the reference's same-run mask; eager calls are attention_varlen itself): attention within
+    the runs of equal indices of each row, as attention_varlen over those runs gives it (out and every gradient,
+    sinks' too); GQA, Dv != D."""
     if backend == "triton" and DEV is None:
         pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
     monkeypatch.setenv("LLMKERN_BACKEND", backend)
@@ -443,7 +445,8 @@ def test_attention_segments_equals_varlen_over_the_runs(monkeypatch, backend, kw
     if kw.pop("sinks", False):
         kw["sinks"] = torch.randn(H, device=device, requires_grad=True)
         leaves.append(kw["sinks"])
-    out = attention_segments(q, k, v, ids, **kw)
+    torch._dynamo.reset()
+    out = torch.compile(lambda *a: attention_segments(*a, **kw), fullgraph=True, backend="aot_eager")(q, k, v, ids)
     cu = torch.tensor([0, 3, 8, 9, 18], dtype=torch.int32, device=device)
     want = llmkern.attention_varlen(*(t.transpose(1, 2).reshape(B * T, t.shape[1], -1) for t in (q, k, v)), cu, cu,
                                     **kw).reshape(B, T, H, Dv)

@@ -742,8 +742,9 @@ def attention_segments(q, k, v, seq_ids, *, causal=False, scale=None, window=Non
     packed-sequence masks give them: position ids restarting inside a row), q [B, H, T, D], k / v [B, Hk, T, D / Dv]
     -> [B, T, H, Dv]. attention_varlen over the runs, with the host read of their bounds inside one custom op (its
     forward and its backward), so a compiled forward traces it whole, fullgraph too; without the Triton kernels,
-    the reference with a same-run mask (traceable as it is). Causal / window positions are token indices (within a
-    run positions rise by one per token)."""
+    the reference with a same-run mask (traceable as it is). In eager mode: attention_varlen itself, after one host
+    read of the bounds (its backward reuses them). Causal / window positions are token indices (within a run
+    positions rise by one per token)."""
     B, H, T, D = q.shape
     if tuple(seq_ids.shape) != (B, T) or k.shape[2] != T:
         raise ValueError(f"seq_ids {tuple(seq_ids.shape)} must be [batch, seq] of q's {B} rows of {T} queries, with "
@@ -757,12 +758,14 @@ def attention_segments(q, k, v, seq_ids, *, causal=False, scale=None, window=Non
     def tokens(t):  # [B, heads, T, d] -> [B * T, heads, d]
         return t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[3])
 
-    if _backend_for(q.device, q.dtype, "attention_varlen") == "triton":
+    triton = _backend_for(q.device, q.dtype, "attention_varlen") == "triton"
+    if triton and torch.compiler.is_compiling():
         extra = () if sinks is None else (sinks,)
         out, _ = _segments_fwd_op(tokens(q), tokens(k), tokens(v), seq_ids, _checks.dropout_seed(None, p, q.device),
                                   scale, causal, wl, wr, sc, p, *extra)
         return out.reshape(B, T, H, Dv)
-    if p:  # (the reference's dropout is keyed on the packed sequences: attention_varlen, a graph break if traced)
+    if p or not torch.compiler.is_compiling():
+        # (eager; or the reference's dropout, keyed on the packed sequences: attention_varlen, a graph break if traced)
         cu = _segment_starts(seq_ids)
         out = attention_varlen(tokens(q), tokens(k), tokens(v), cu, cu, causal=causal, scale=scale, window=window,
                                softcap=softcap, dropout_p=p, sinks=sinks)

@@ -140,6 +140,17 @@ def gather_ints(row, group):
     return out.view(world_size(group), -1).tolist()
 
 
+def ids_in_range(input_ids, V):
+    """Whether this rank's (CPU) token ids lie in [0, V), for a cross-rank verdict: a model's own check raises on
+    its rank only, after which the others would wait in the next collective until the process group's timeout.
+    CUDA ids are not read (a host sync per forward, as the models' own checks skip them too), nor traced ones."""
+    if (not torch.is_tensor(input_ids) or input_ids.device.type != "cpu" or not input_ids.numel()
+            or input_ids.is_floating_point() or torch.compiler.is_compiling()):
+        return True
+    lo, hi = input_ids.aminmax()
+    return 0 <= int(lo) and int(hi) < V
+
+
 def reduce_scatter_into(out, x, group, async_op=False):
     """out [x.shape[0] / p, ...] <- this rank's slice of the sum of x over ranks."""
     return _quiet(dist.reduce_scatter_tensor, out, x.contiguous(), group=group, async_op=async_op)

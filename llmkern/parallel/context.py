@@ -404,16 +404,6 @@ def _check_forward(model, args, kwargs):
     _check_same_batch(model.context_parallel.group, input_ids, labels, model.config.vocab_size)
 
 
-def _ids_in_range(input_ids, V):
-    """Whether this rank's (CPU) ids lie in [0, V): the model's own check raises on this rank only, after which
-    the others would wait in the K/V all-gather until the process group's timeout. (CUDA ids are not read: a
-    host sync per forward, as the model's check skips them too.)"""
-    if input_ids.device.type != "cpu" or not input_ids.numel() or input_ids.dim() != 2:
-        return True
-    lo, hi = input_ids.aminmax()
-    return 0 <= int(lo) and int(hi) < V
-
-
 def _check_same_batch(group, input_ids, labels, vocab_size=None):
     """ValueError on every rank unless every rank's labels are given (or not) with input_ids' shape: the label
     shift's all-gather and the loss's all-reduce otherwise hang, or abort the process (gloo's size check).
@@ -426,7 +416,7 @@ def _check_same_batch(group, input_ids, labels, vocab_size=None):
             return [-1, -1]
         return list(t.shape) if t.dim() == 2 else [-2, t.dim()]
 
-    ok = vocab_size is None or _ids_in_range(input_ids, vocab_size)
+    ok = vocab_size is None or comm.ids_in_range(input_ids, vocab_size)
     rows = comm.gather_ints(dims(input_ids) + dims(labels) + [int(ok)], group)
     bad = [i for i, r in enumerate(rows) if not r[4]]
     if bad:

@@ -557,9 +557,9 @@ class _IdsInVocabulary(comm.SharesProcessGroups):
     def __call__(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if (not comm.validation_enabled() or not torch.is_tensor(ids) or ids.device.type != "cpu"
-                or ids.is_floating_point() or torch.compiler.is_compiling()):
+                or torch.compiler.is_compiling()):
             return None
-        ok = ids.numel() == 0 or (0 <= int(ids.min()) and int(ids.max()) < self.vocab_size)
+        ok = comm.ids_in_range(ids, self.vocab_size)
         bad = [i for i, r in enumerate(comm.gather_ints([int(ok)], self.group)) if not r[0]]
         if bad:
             raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={self.vocab_size}) (tensor parallelism: "

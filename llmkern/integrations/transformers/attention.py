@@ -348,33 +348,18 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
 
 
 def _packed_attention(query, key, value, seq_ids, causal, scale, window, softcap, dropout, sinks=None):
-    """Packed sequences (padding-free batches, e.g. DataCollatorWithFlattening): every run of equal
-    sequence indices in a row is one sequence of llmkern.attention_varlen. Returns [B, T, H, Dv]."""
+    """Packed sequences (padding-free batches, e.g. DataCollatorWithFlattening): every run of equal sequence indices
+    in a row is one sequence (llmkern.ops.attention.attention_segments: attention_varlen over the runs, traced too;
+    transformers gives the indices to every traced forward with no padding mask and no cache). Returns [B, T, H, Dv]."""
+    from llmkern.ops.attention import attention_segments
+
     B, H, T, _ = query.shape
     if seq_ids.shape != (B, T) or key.shape[2] != T:
         raise NotImplementedError(f"llmkern attention: packed sequence indices {tuple(seq_ids.shape)} do not "
                                   f"match the layer's {B} rows of {T} queries and {key.shape[2]} keys")
-    if torch.compiler.is_compiling():
-        # traced, the sequences' bounds are read inside the op (transformers gives the indices to every traced
-        # forward with no padding mask and no cache, packed or not: a graph break per layer before, and fullgraph
-        # failed)
-        from llmkern.ops.attention import attention_segments
-
-        return attention_segments(query, key, value, seq_ids, causal=causal, scale=scale, window=window,
-                                  softcap=softcap if softcap else None, dropout_p=float(dropout) if dropout else 0.0,
-                                  sinks=sinks)
-    starts = torch.ones(B, T, dtype=torch.bool, device=seq_ids.device)
-    starts[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]  # (and every row starts a sequence)
-    first = starts.reshape(-1).nonzero().reshape(-1)   # one host sync, as FlashAttention's varlen path
-    cu = torch.cat([first, first.new_tensor([B * T])]).to(torch.int32)
-
-    def tokens(t):  # [B, heads, T, d] -> [B * T, heads, d] (d: D, or value's Dv)
-        return t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[3])
-
-    out = llmkern.attention_varlen(tokens(query), tokens(key), tokens(value), cu, cu, causal=causal, scale=scale,
-                                   window=window, softcap=softcap if softcap else None,
-                                   dropout_p=float(dropout) if dropout else 0.0, sinks=sinks)
-    return out.reshape(B, T, H, value.shape[3])
+    return attention_segments(query, key, value, seq_ids, causal=causal, scale=scale, window=window,
+                              softcap=softcap if softcap else None, dropout_p=float(dropout) if dropout else 0.0,
+                              sinks=sinks)
 
 
 def check_name(name):
