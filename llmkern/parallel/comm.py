@@ -151,6 +151,21 @@ def ids_in_range(input_ids, V):
     return 0 <= int(lo) and int(hi) < V
 
 
+def agree(group, what, meta, error=None):
+    """The setup checks that must agree across ranks: one all-gather of (this rank's error flag, *meta ints), made
+    by every rank, also one whose own checks failed (so that none is left waiting in it). Raises this rank's error
+    (a message: ValueError), or the same ValueError on every rank naming the ranks that failed; else returns every
+    rank's meta, in rank order, for the caller to compare."""
+    rows = gather_ints([1 if error is not None else 0] + [int(v) for v in meta], group)
+    if error is not None:
+        raise error if isinstance(error, Exception) else ValueError(error)
+    failed = [i for i, r in enumerate(rows) if r[0]]
+    if failed:
+        raise ValueError(f"{what}: failed on rank(s) {failed} (their error says why); every rank must pass the same "
+                         f"model and arguments")
+    return [r[1:] for r in rows]
+
+
 def reduce_scatter_into(out, x, group, async_op=False):
     """out [x.shape[0] / p, ...] <- this rank's slice of the sum of x over ranks."""
     return _quiet(dist.reduce_scatter_tensor, out, x.contiguous(), group=group, async_op=async_op)

@@ -477,17 +477,11 @@ def _check_agreement(model, group, layout, error):
         digest, _ = _model_digest(model)
         config = int.from_bytes(hashlib.blake2b(repr(model.config).encode(), digest_size=7).digest(), "little")
         meta = [LAYOUTS.index(layout), digest, config]
-    rows = comm.gather_ints([1 if error is not None else 0] + meta, group)
-    if error is not None:
-        raise error
-    failed = [i for i, r in enumerate(rows) if r[0]]
-    if failed:
-        raise ValueError(f"context_parallelize: failed on rank(s) {failed} (their error says why); every rank must "
-                         f"pass the same model and arguments")
-    if any(r[1] != rows[0][1] for r in rows):
+    rows = comm.agree(group, "context_parallelize", meta, error)
+    if any(r[0] != rows[0][0] for r in rows):
         raise ValueError("context_parallelize: the ranks of the group disagree on layout (" + ", ".join(
-            f"rank {i}: {LAYOUTS[r[1]]!r}" for i, r in enumerate(rows)) + "); every rank must pass the same one")
-    if any(r[2:] != rows[0][2:] for r in rows):
+            f"rank {i}: {LAYOUTS[r[0]]!r}" for i, r in enumerate(rows)) + "); every rank must pass the same one")
+    if any(r[1:] != rows[0][1:] for r in rows):
         raise ValueError("context_parallelize: the ranks of the group hold different models (their configs, module "
                          "names and types, or parameter names, shapes and dtypes differ); every rank must shard the "
                          "same model, with the same weights")

@@ -97,14 +97,9 @@ class _AllToAll(torch.autograd.Function):
 def _agree(group, what, meta, error=None, describe=None):
     """One all-gather of (error flag, *meta) ints; then every rank raises the same ValueError when any
     rank failed its local check or any meta differs, so that none goes on into a collective alone."""
-    rows = comm.gather_ints([1 if error else 0] + [int(v) for v in meta], group)
-    if error:
-        raise error if isinstance(error, Exception) else ValueError(error)
-    failed = [i for i, r in enumerate(rows) if r[0]]
-    if failed:
-        raise ValueError(f"{what}: failed on rank(s) {failed} (their error says why)")
-    if any(r[1:] != rows[0][1:] for r in rows):
-        desc = "; ".join(f"rank {i}: {describe(r[1:]) if describe else r[1:]}" for i, r in enumerate(rows))
+    rows = comm.agree(group, what, meta, error or None)
+    if any(r != rows[0] for r in rows):
+        desc = "; ".join(f"rank {i}: {describe(r) if describe else r}" for i, r in enumerate(rows))
         raise ValueError(f"{what}: the MoE layers differ across ranks ({desc}); every rank must hold the "
                          f"same model")
 

@@ -354,15 +354,9 @@ def _check_agreement(model, group, args, error=None):
     p = comm.world_size(group)
     digest, numel = _model_digest(model)
     codes = _arg_codes(args, p)
-    rows = comm.gather_ints([1 if error is not None else 0] + codes + [digest, numel], group)
-    if error is not None:
-        raise error
-    failed = [i for i, r in enumerate(rows) if r[0]]
-    if failed:
-        raise ValueError(f"tensor_parallelize: failed on rank(s) {failed} (their error says why); every rank must "
-                         f"pass the same arguments")
+    rows = comm.agree(group, "tensor_parallelize", codes + [digest, numel], error)
     differ = []
-    for k, name in enumerate(args, start=1):
+    for k, name in enumerate(args):
         if any(r[k] != rows[0][k] for r in rows):
             differ.append(f"{name} (" + ", ".join(f"rank {i}: {_describe_arg(name, r[k])}"
                                                   for i, r in enumerate(rows)) + ")")
