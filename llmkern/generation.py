@@ -15,7 +15,11 @@ left with no token to choose (allowed_tokens allows none, or the logits have no 
 raises instead of emitting token 0.
 Returns the prompt followed by the new tokens, [B * num_return_sequences, T + n]; rows that stop
 early (eos) are filled with pad_token_id, as transformers' generate does (which, unlike us, fills
-finished beams with eos when pad_token_id is 0).
+finished beams with eos when pad_token_id is 0). eos_token_id, pad_token_id and the knobs transformers'
+generate also reads from a checkpoint (repetition_penalty, no_repeat_ngram_size, bad_words_ids, min_new_tokens;
+beam search's length_penalty, early_stopping; sampling's temperature, top_k, top_p, min_p) default to the model's
+generation_config (GenerationDefaults; from_hf: the checkpoint's), as transformers' generate defaults them; the
+strategy does not (greedy unless strategy= says otherwise, whatever the checkpoint's do_sample / num_beams).
 
 Strategies (the seed deck's decoding slide):
   greedy  argmax of the (biased, penalised, masked) logits — llmkern.sample with temperature=0.
@@ -84,6 +88,7 @@ Speculative decoding (draft_model=, greedy or sample; Leviathan et al. 2023, Che
 import dataclasses
 import math
 import numbers
+import sys
 from typing import Optional
 
 import torch
@@ -132,25 +137,156 @@ def _as_int(v):
     return None
 
 
+def _id_list(v):
+    """v (an id: int, numpy integer or 0-dim integer tensor; or a list / tuple / 1-D integer tensor of them) as a
+    non-empty list of ints >= 0, or None when it is not one."""
+    one = _as_int(v)
+    if one is not None:
+        ids = [one]
+    elif (torch.is_tensor(v) and v.dim() == 1) or isinstance(v, (list, tuple)):
+        ids = [_as_int(i) for i in v]
+    else:
+        return None
+    return ids if ids and all(i is not None and i >= 0 for i in ids) else None
+
+
 def _eos_tensor(eos_token_id, device, vocab_size=None):
     """eos_token_id (an id, numpy integer or 0-dim integer tensor, or a list / 1-D integer tensor of them) as an
     int64 tensor of ids in [0, vocab_size) (vocab_size None: not checked), or None."""
     if eos_token_id is None:
         return None
-    one = _as_int(eos_token_id)
-    if one is not None:
-        ids = [one]
-    elif torch.is_tensor(eos_token_id) and eos_token_id.dim() == 1:
-        ids = [_as_int(i) for i in eos_token_id]
-    elif isinstance(eos_token_id, (list, tuple)):
-        ids = [_as_int(i) for i in eos_token_id]
-    else:
-        ids = []
-    if not ids or not all(i is not None and i >= 0 for i in ids):
+    ids = _id_list(eos_token_id)
+    if ids is None:
         raise ValueError(f"eos_token_id must be a token id (an int >= 0) or a list of them, got {eos_token_id!r}")
     if vocab_size is not None and max(ids) >= vocab_size:
         raise ValueError(f"eos_token_id: token {max(ids)} is outside the vocabulary (vocab_size={vocab_size})")
     return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+class _FromModel:
+    """generate's default for eos_token_id / pad_token_id and the knobs of GenerationDefaults (FROM_MODEL): the
+    model's generation_config."""
+
+    def __repr__(self):
+        return "FROM_MODEL"
+
+
+FROM_MODEL = _FromModel()
+
+
+@dataclasses.dataclass
+class GenerationDefaults:
+    """What generate takes from `model.generation_config` for its arguments left at FROM_MODEL, as transformers'
+    generate takes them from its model.generation_config. from_hf sets it from the checkpoint
+    (generation_config.json, else config.json: the keys of these names); set a field to None to drop it (generate's
+    own default then applies, noted per field); temperature, top_k, top_p and min_p apply to strategy="sample" only,
+    length_penalty and early_stopping to strategy="beam" only (as in transformers). The strategy, num_beams and
+    num_return_sequences are always generate's arguments (a checkpoint's do_sample / num_beams are not read)."""
+    eos_token_id: object = None  # an id or a list of ids (any of them ends a sequence); None: no eos
+    pad_token_id: Optional[int] = None  # None: the first eos id, else 0
+    repetition_penalty: Optional[float] = None  # None: 1.0
+    no_repeat_ngram_size: Optional[int] = None  # None: 0
+    bad_words_ids: Optional[list] = None
+    min_new_tokens: Optional[int] = None  # None: 0
+    length_penalty: Optional[float] = None  # None: 1.0
+    early_stopping: object = None  # True, False or "never"; None: False
+    temperature: Optional[float] = None  # None: 1.0
+    top_k: Optional[int] = None  # None: 0 (off; transformers' generate uses 50 where the checkpoint has none)
+    top_p: Optional[float] = None  # None: 1.0
+    min_p: Optional[float] = None  # None: 0.0
+
+
+def _real_in(lo, hi, lo_open=False):
+    """A check: v is a finite real number (not a bool) in [lo, hi] ((lo, hi] with lo_open)."""
+    def ok(v, vocab):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+            return False
+        return (lo < v if lo_open else lo <= v) and v <= hi
+    return ok
+
+
+def _count_ok(v, vocab):
+    return _as_int(v) is not None and not torch.is_tensor(v) and v >= 0
+
+
+def _words_ok(v, vocab):
+    return _token_lists(v) and (vocab is None or all(i < vocab for w in v for i in w))
+
+
+def _stopping_ok(v, vocab):
+    return v is True or v is False or (isinstance(v, str) and v == "never")
+
+
+# generate's knobs that default to model.generation_config: name -> (generate's own default, the strategy the
+# value applies to (None: any), its check, what the check wants)
+_KNOBS = {
+    "temperature": (1.0, "sample", _real_in(0.0, math.inf), "a finite float >= 0"),
+    "top_k": (0, "sample", _count_ok, "an int >= 0 (0: off)"),
+    "top_p": (1.0, "sample", _real_in(0.0, 1.0, lo_open=True), "a float in (0, 1]"),
+    "min_p": (0.0, "sample", _real_in(0.0, 1.0), "a float in [0, 1]"),
+    "repetition_penalty": (1.0, None, _real_in(0.0, math.inf, lo_open=True), "a finite float > 0"),
+    "min_new_tokens": (0, None, _count_ok, "an int >= 0 (0: off)"),
+    "no_repeat_ngram_size": (0, None, _count_ok, "an int >= 0 (0: off)"),
+    "bad_words_ids": (None, None, _words_ok, "a list of non-empty lists of token ids in [0, vocab_size)"),
+    "length_penalty": (1.0, "beam", _real_in(-math.inf, math.inf), "a finite float"),
+    "early_stopping": (False, "beam", _stopping_ok, "True, False or 'never'"),
+}
+_NOT_SPECULATIVE = ("repetition_penalty", "min_new_tokens", "no_repeat_ngram_size", "bad_words_ids")
+
+
+def _model_knob(cfg, name, strategy, speculative, vocab):
+    """generate's value for knob `name` left at FROM_MODEL: cfg.<name> where it is set and the strategy uses it,
+    else generate's own default. A malformed value, or one speculative decoding cannot apply, raises naming it."""
+    default, strategy_only, ok, wanted = _KNOBS[name]
+    v = getattr(cfg, name, None) if strategy_only in (None, strategy) else None
+    if v is None:
+        return default
+    if not ok(v, vocab):
+        raise ValueError(f"model.generation_config.{name} must be {wanted} or None, got {v!r}")
+    if speculative and name in _NOT_SPECULATIVE and v not in (default, []):
+        raise ValueError(f"model.generation_config.{name}={v!r} (generate's default for this model) is not "
+                         f"supported with draft_model (speculative decoding); pass {name}={default!r} to decode "
+                         f"without it")
+    return float(v) if isinstance(default, float) else int(v) if type(default) is int else v
+
+
+def _model_knobs(model, strategy, speculative, vocab, values):
+    """`values` (generate's arguments named in _KNOBS, in its order) with FROM_MODEL replaced (_model_knob)."""
+    cfg = getattr(model, "generation_config", None)
+    return [_model_knob(cfg, name, strategy, speculative, vocab) if v is FROM_MODEL else v
+            for name, v in zip(_KNOBS, values)]
+
+
+def _vocab_size(model):
+    """model.config.vocab_size when it is an int, else None (not checked)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+
+
+def _model_ids(model, name, vocab_size):
+    """model.generation_config.<name> as a list of ids, those outside the vocabulary dropped (a checkpoint's eos
+    past the vocabulary is never emitted, so transformers never stops on it either), or None."""
+    v = getattr(getattr(model, "generation_config", None), name, None)
+    if v is None:
+        return None
+    many = name == "eos_token_id"  # (a pad is one id)
+    ids = _id_list(v) if many or _as_int(v) is not None else None
+    if ids is None:
+        raise ValueError(f"model.generation_config.{name} must be a token id (an int >= 0)"
+                         f"{' or a list of them' if many else ''} or None, got {v!r}")
+    ids = [i for i in ids if vocab_size is None or i < vocab_size]
+    return ids or None
+
+
+def _token_defaults(model, eos_token_id, pad_token_id, vocab_size):
+    """(eos_token_id, pad_token_id) with FROM_MODEL replaced by the model's generation_config values (None where
+    it has none): a checkpoint's eos stops generation as it does in transformers' generate."""
+    if eos_token_id is FROM_MODEL:
+        eos_token_id = _model_ids(model, "eos_token_id", vocab_size)
+    if pad_token_id is FROM_MODEL:
+        pad = _model_ids(model, "pad_token_id", vocab_size)
+        pad_token_id = None if pad is None else pad[0]
+    return eos_token_id, pad_token_id
 
 
 def _pad_id(pad_token_id, vocab_size):
@@ -484,15 +620,27 @@ def _prefix_positions(model):
 
 
 @torch.no_grad()
-def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_id=None, pad_token_id=None,
-             temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-             presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None,
-             num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
+def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_id=FROM_MODEL,
+             pad_token_id=FROM_MODEL, temperature=FROM_MODEL, top_k=FROM_MODEL, top_p=FROM_MODEL, min_p=FROM_MODEL,
+             repetition_penalty=FROM_MODEL, presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, seed=None,
+             num_beams=1, length_penalty=FROM_MODEL, early_stopping=FROM_MODEL, num_return_sequences=1,
              allowed_tokens=None, scorers=None, use_cache=True, return_dict=False, attention_mask=None,
-             draft_model=None, num_draft_tokens=4, top_logprobs=0, min_new_tokens=0, no_repeat_ngram_size=0,
-             bad_words_ids=None, stop_sequences=None, prompt_logprobs=False):
+             draft_model=None, num_draft_tokens=4, top_logprobs=0, min_new_tokens=FROM_MODEL,
+             no_repeat_ngram_size=FROM_MODEL, bad_words_ids=FROM_MODEL, stop_sequences=None, prompt_logprobs=False):
     """Continue `input_ids` [B, T] by up to `max_new_tokens` tokens (see the module docstring).
 
+    eos_token_id, pad_token_id: FROM_MODEL (the default) takes them from `model.generation_config`, as
+    transformers' generate takes model.generation_config's (from_hf sets it from the checkpoint's
+    generation_config.json, else config.json; ids outside the vocabulary are dropped); a model without one has
+    neither. eos_token_id=None: no eos (as in transformers). A pad still None is the first eos id, else 0.
+    temperature, top_k, top_p, min_p (strategy="sample" only), repetition_penalty, min_new_tokens,
+    no_repeat_ngram_size, bad_words_ids, length_penalty and early_stopping (strategy="beam" only): FROM_MODEL
+    (the default) takes model.generation_config's value where it has one (not None), else the neutral value
+    (1.0, 0, 1.0, 0.0, 1.0, 0, 0, None, 1.0, False); a value given here always wins. So a from_hf model decodes
+    as transformers' generate(do_sample=strategy == "sample", num_beams=...) on the checkpoint, except for
+    top_k: transformers samples with top_k=50 where the checkpoint sets none, generate (as vLLM) with no top-k
+    (pass top_k=50 for transformers'). With draft_model, a model default that speculative decoding cannot apply
+    (a repetition_penalty != 1, min_new_tokens, no_repeat_ngram_size, bad_words_ids) raises.
     attention_mask: [B, T], 1 = token, 0 = left padding (batched prompts of different lengths,
     transformers' convention: positions count real tokens only).
     draft_model: a smaller model with the same vocabulary and the same interface (plus
@@ -523,6 +671,8 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     Tensor knobs (temperature, top_k, top_p, min_p, the penalties, logit_bias, seed) are copied when generate is
     called: changing the caller's tensors in place while it runs (from a scorer, an allowed_tokens function or
     the model) has no effect, and the values checked at the first step are those used at every step."""
+    if "llmkern.parallel" in sys.modules:  # tensor parallelism: every rank's arguments must agree (else a hang)
+        sys.modules["llmkern.parallel"].guards.check_generate_agreement(model, locals())
     for name, m in (("model", model), ("draft_model", draft_model)):
         if (m is not None or name == "model") and not callable(m):
             raise TypeError(f"{name} must be a model (a zoo model, or callable as model(ids, cache=..., "
@@ -531,7 +681,6 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     return_dict, use_cache = bool_arg("return_dict", return_dict), bool_arg("use_cache", use_cache)
     prompt_logprobs = bool_arg("prompt_logprobs", prompt_logprobs)
     top_logprobs = _check_top_logprobs(top_logprobs, strategy, return_dict, draft_model)
-    early_stopping = _early_stopping(early_stopping)
     if prompt_logprobs and (not return_dict or draft_model is not None):
         raise ValueError("prompt_logprobs needs return_dict=True and no draft_model")
     if strategy not in STRATEGIES:
@@ -546,6 +695,12 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     with_data("input_ids", input_ids)
     max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, 0)
     num_beams = _int_arg("num_beams", num_beams, 1)
+    vocab = _vocab_size(model)
+    (temperature, top_k, top_p, min_p, repetition_penalty, min_new_tokens, no_repeat_ngram_size, bad_words_ids,
+     length_penalty, early_stopping) = _model_knobs(model, strategy, draft_model is not None, vocab, (
+        temperature, top_k, top_p, min_p, repetition_penalty, min_new_tokens, no_repeat_ngram_size, bad_words_ids,
+        length_penalty, early_stopping))
+    early_stopping = _early_stopping(early_stopping)
     _check_strategy_options(strategy, draft_model, num_draft_tokens,
                             dict(temperature=(temperature, 1.0), top_k=(top_k, 0), top_p=(top_p, 1.0),
                                  min_p=(min_p, 0.0)),
@@ -569,8 +724,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                                   "beam search and speculative decoding with it are not supported (greedy and "
                                   "sampling are)")
     mask = _check_mask(attention_mask, input_ids)
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    vocab = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+    eos_token_id, pad_token_id = _token_defaults(model, eos_token_id, pad_token_id, vocab)
     eos = _eos_tensor(eos_token_id, input_ids.device, vocab)
     _check_sizes(input_ids.shape, max_new_tokens, strategy, draft_model, num_beams, num_return_sequences, eos)
     if pad_token_id is None:

@@ -468,10 +468,11 @@ def test_attention_segments_ops_opcheck(triton_backend):
     q, k, v = (torch.randn(10, 2, 16, device=DEV, requires_grad=True) for _ in range(3))
     args = (q, k, v, ids, None, 0.25, True, -1, -1, 0.0, 0.0)
     torch.library.opcheck(torch.ops.llmkern.attention_segments_fwd.default, args)
-    out, lse = torch.ops.llmkern.attention_segments_fwd(*args)
+    out, lse, cu = torch.ops.llmkern.attention_segments_fwd(*args)
+    assert cu.tolist() == [0, 2, 5, 6, 8, 10]  # the runs' bounds, handed to the backward
     torch.library.opcheck(torch.ops.llmkern.attention_segments_bwd.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None,
-                           ids, None, 0.25, True, -1, -1, 0.0, 0.0))
+                           cu, 5, None, 0.25, True, -1, -1, 0.0, 0.0))
 
 
 @needs_triton

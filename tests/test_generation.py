@@ -28,8 +28,8 @@ def pairs(tmp_path_factory):
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64)).eval()
-    hf.save_pretrained(d / "llama")
-    hf.generation_config.eos_token_id = None  # no default eos (LlamaConfig has eos_token_id=2)
+    hf.generation_config.eos_token_id = None  # no default eos (LlamaConfig has eos_token_id=2), here and in the
+    hf.save_pretrained(d / "llama")            # checkpoint (from_hf takes it as generate's default)
     out["llama"] = (from_hf(str(d / "llama"), backend="torch"), hf)
     return out
 

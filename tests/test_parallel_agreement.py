@@ -4,8 +4,20 @@ rank naming what differs, with every rank's value. was: ranks passing different 
 / vocab_parallel, or models of different shapes or head counts, were sharded without a word, and their layers'
 collectives then paired different messages (garbage, or a hang until the process group's timeout).
 
-Two spawned gloo ranks (conftest's pool2), tiny models: one task runs every case.
+Two spawned gloo ranks (conftest's pool2, which ranks(2) returns too), tiny models.
+
+The cross-rank guards of llmkern.parallel.guards, also a clear error on every rank:
+
+- generate on a sharded model with arguments that differ across the ranks (max_new_tokens, strategy, eos, the
+  prompts, the generator state when sampling without seed=). was: the ranks ran different numbers of collectives
+  (a hang until the process group's timeout) or fed different tokens to the sharded layers (garbage).
+- tensor_parallelize on ranks holding different weights (one rank unseeded; one parameter changed, or transposed).
+  was: sharded without a word, the outputs silently wrong.
+- tensor_parallelize on a model sharded already. was: "found no projection to shard".
+- a forward of a sharded model with other tokens (same shape) on one rank, as each rank loading its own batch.
+  was: every rank's output silently wrong (the sharded layers mixed the ranks' sequences).
 """
+import copy
 import time
 
 import pytest
@@ -143,3 +155,154 @@ def test_tensor_parallelize_ranks_must_agree(pool2):
     assert rank1["bad flag on rank 1"][0] == "TypeError" and "vocab_parallel" in rank1["bad flag on rank 1"][1]
     assert rank0["bad flag on rank 1"] == ("ValueError", rank0["bad flag on rank 1"][1])
     assert "failed on rank(s) [1]" in rank0["bad flag on rank 1"][1]
+
+
+# ---- llmkern.parallel.guards (same module: its 2 ranks serve these too) ----
+
+def _gpt(seed=0):
+    from llmkern.models import GPT, get_config
+
+    torch.manual_seed(seed)
+    return GPT(get_config("gpt-tiny").replace(vocab_size=101), backend="torch")
+
+
+def _outcome(fn):
+    try:
+        fn()
+    except (TypeError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def _all_met(p):
+    """A collective after the cases: every rank got here (none is left waiting in another)."""
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    return t.item() == p
+
+
+def _case_generate(rank, p):
+    from llmkern.generation import generate
+    from llmkern.parallel import tensor_parallelize
+
+    ref = _gpt()
+    model = tensor_parallelize(copy.deepcopy(ref))
+    ids = torch.randint(0, 101, (2, 4), generator=torch.Generator().manual_seed(1))
+    out = {"unsharded, rank 0 alone": _outcome(lambda: generate(ref, ids, 2)) if rank == 0 else "no error",
+           "same": torch.equal(generate(model, ids, 4), generate(ref, ids, 4))}
+    other = ids.clone()
+    other[0, 0] = (other[0, 0] + 1) % 101
+    t0 = time.monotonic()
+    for tag, kw in (("max_new_tokens", dict(max_new_tokens=3 + rank)),
+                    ("strategy", dict(max_new_tokens=3, strategy=("greedy", "sample")[rank], seed=1)),
+                    ("eos_token_id", dict(max_new_tokens=3, eos_token_id=(None, 5)[rank])),
+                    ("input_ids", dict(input_ids=(ids, other)[rank], max_new_tokens=3))):
+        kw = dict(dict(input_ids=ids), **kw)
+        out[tag] = _outcome(lambda: generate(model, **kw))
+    torch.manual_seed(rank)  # (the generators differ: sampling without seed= draws different tokens)
+    out["generator"] = _outcome(lambda: generate(model, ids, 3, strategy="sample"))
+    out["seconds"] = time.monotonic() - t0
+    out["met"] = _all_met(p)
+    return out
+
+
+def test_generate_arguments_must_agree_on_tensor_parallel_ranks(ranks):
+    results = ranks(2).run(_case_generate, timeout=60)
+    r0, r1 = results
+    assert r0["met"] and r1["met"] and r0["same"] and r1["same"], results
+    assert r0["unsharded, rank 0 alone"] == "no error", r0  # (no collective for a model that is not sharded)
+    assert r0["seconds"] < 10, "a refusal waited for a timeout"
+    for tag, words in (("max_new_tokens", "max_new_tokens (rank 0: 3, rank 1: 4)"), ("strategy", "strategy"),
+                       ("eos_token_id", "eos_token_id"), ("input_ids", "input_ids"),
+                       ("generator", "random generator state")):
+        assert r0[tag] == r1[tag], (tag, r0[tag], r1[tag])  # the same error on both ranks
+        assert r0[tag].startswith("ValueError: generate: the ranks of the tensor-parallel model disagree on"), r0[tag]
+        assert words in r0[tag], (tag, r0[tag])
+
+
+def _case_weights(rank, p):
+    from llmkern.parallel import tensor_parallelize
+
+    def changed(fn):
+        model = _gpt()
+        with torch.no_grad():
+            fn(model)
+        return model
+
+    def transposed(model):
+        w = model.h[1].attn.o_proj.weight
+        w.copy_(w.t().clone())
+
+    cases = {
+        "unseeded": lambda: _gpt(seed=rank),
+        "one norm gain": lambda: changed(lambda m: m.ln_f.weight.add_(1e-7 * rank)),
+        "transposed": lambda: changed(transposed if rank else (lambda m: None)),
+    }
+    out = {}
+    for tag, make in cases.items():
+        model = make()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        out[tag] = _outcome(lambda: tensor_parallelize(model))
+        out[tag + " unchanged"] = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    out["opted out"] = _outcome(lambda: tensor_parallelize(_gpt(seed=rank), check_weights=False))
+    out["flag differs"] = _outcome(lambda: tensor_parallelize(_gpt(), check_weights=bool(rank)))
+    out["met"] = _all_met(p)
+    return out
+
+
+def test_tensor_parallelize_refuses_ranks_with_different_weights(ranks):
+    r0, r1 = ranks(2).run(_case_weights, timeout=60)
+    assert r0["met"] and r1["met"] and r0["opted out"] == "no error", (r0, r1)
+    for tag, name in (("unseeded", "'wte.weight'"), ("one norm gain", "'ln_f.weight'"),
+                      ("transposed", "'h.1.attn.o_proj.weight'")):
+        assert r0[tag] == r1[tag], (tag, r0[tag], r1[tag])
+        assert r0[tag].startswith("ValueError: tensor_parallelize: the ranks hold different weights: parameter "
+                                  + name), (tag, r0[tag])
+        assert r0[tag + " unchanged"] and r1[tag + " unchanged"], tag
+    assert r0["flag differs"] == r1["flag differs"], (r0, r1)  # (the flag is agreed first: no rank left waiting)
+    assert "check_weights (rank 0: False, rank 1: True)" in r0["flag differs"], r0["flag differs"]
+
+
+def _case_twice(rank, p):
+    from llmkern.parallel import ColumnParallelLinear, RowParallelLinear, tensor_parallelize
+
+    model = tensor_parallelize(_gpt())
+    sub = _gpt()
+    tensor_parallelize(sub.h[0])  # (a module of it sharded: the whole model is refused too)
+
+    class ByHand(torch.nn.Module):  # sharded by hand: no projection left to shard
+        def __init__(self):
+            super().__init__()
+            self.up_proj, self.down_proj = ColumnParallelLinear(8, 16), RowParallelLinear(16, 8)
+
+    return {"twice": _outcome(lambda: tensor_parallelize(model)),
+            "module first": _outcome(lambda: tensor_parallelize(sub)),
+            "by hand": _outcome(lambda: tensor_parallelize(ByHand())), "met": _all_met(p)}
+
+
+def test_tensor_parallelize_refuses_a_sharded_model(ranks):
+    r0, r1 = ranks(2).run(_case_twice, timeout=60)
+    assert r0 == r1 and r0["met"], (r0, r1)
+    for tag in ("twice", "module first", "by hand"):
+        assert r0[tag].startswith("ValueError: tensor_parallelize: the model is already tensor-parallel"), r0[tag]
+
+
+def _case_forward(rank, p):
+    from llmkern.parallel import tensor_parallelize
+
+    ref = _gpt()
+    model = tensor_parallelize(copy.deepcopy(ref))
+    ids = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(rank))
+    same = torch.randint(0, 101, (2, 5), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        out = {"other tokens": _outcome(lambda: model(ids))}
+        out["same"] = torch.allclose(model(same)[0], ref(same)[0], atol=1e-5)
+    out["met"] = _all_met(p)
+    return out
+
+
+def test_tensor_parallel_forward_refuses_different_tokens_on_the_ranks(ranks):
+    r0, r1 = ranks(2).run(_case_forward, timeout=60)
+    assert r0 == r1 and r0["met"] and r0["same"], (r0, r1)
+    assert r0["other tokens"].startswith("ValueError: input_ids: the ranks of a tensor-parallel model must all pass "
+                                         "the same input_ids; those of rank(s) [1] differ"), r0["other tokens"]

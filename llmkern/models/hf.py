@@ -840,6 +840,24 @@ def _auto_dtype(hf, state):
     return next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
 
 
+def _generation_defaults(path, hf):
+    """The checkpoint's generation defaults for generate (model.generation_config: eos / pad token ids and the
+    knobs of GenerationDefaults), as transformers' from_pretrained reads them: generation_config.json when there
+    is one (a key it lacks is None there too), else config.json (legacy generation keys there count, as in
+    transformers). Values are checked where generate uses them."""
+    import dataclasses
+
+    from llmkern.generation import GenerationDefaults
+
+    gen_file = os.path.join(path, "generation_config.json")
+    if os.path.exists(gen_file):
+        with open(gen_file) as f:
+            hf = json.load(f)
+        if not isinstance(hf, dict):
+            raise ValueError(f"{gen_file} must hold a JSON object, got {type(hf).__name__}")
+    return GenerationDefaults(**{f.name: hf.get(f.name) for f in dataclasses.fields(GenerationDefaults)})
+
+
 def from_hf(path, backend="llmkern", dtype=None, device=None):
     """A zoo model with the weights of the local Hugging Face checkpoint directory `path` (config.json
     and safetensors weights), in eval mode.
@@ -853,7 +871,10 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
     checkpoint. Unsupported configurations raise ValueError
     naming the config key. dtype/device: cast and move the model after loading (the RoPE frequencies
     stay float32); dtype is a floating torch.dtype, its name ("bfloat16", "torch.float16", ...) or "auto"
-    (transformers': config.json's dtype / torch_dtype, else the checkpoint weights' dtype)."""
+    (transformers': config.json's dtype / torch_dtype, else the checkpoint weights' dtype).
+    model.generation_config (llmkern.generation.GenerationDefaults) holds the checkpoint's eos_token_id,
+    pad_token_id and the generation knobs generate defaults to (repetition_penalty, temperature, top_p, ...:
+    generation_config.json, else config.json), as transformers' generate."""
     if not isinstance(path, (str, os.PathLike)):  # (os.path.join's TypeError did not name it)
         raise TypeError(f"from_hf: path must be a checkpoint directory (a str or os.PathLike), got "
                         f"{type(path).__name__}")
@@ -909,4 +930,5 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
                          f"unexpected={unexpected[:5]}")
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
+    model.generation_config = _generation_defaults(path, hf)  # (generate's default eos / pad, as transformers')
     return model.eval()

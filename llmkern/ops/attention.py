@@ -664,6 +664,8 @@ def _segment_starts(seq_ids):
     """cu_seqlens (int32) of the runs of equal indices in each row of seq_ids [B, T] (every row starts a run):
     one host read, inside the custom ops below, so torch.compile sees no data-dependent shape."""
     B, T = seq_ids.shape
+    if B * T == 0:  # no token: one empty sequence (cu_seqlens holds at least one)
+        return torch.zeros(2, dtype=torch.int32, device=seq_ids.device)
     starts = torch.ones(B, T, dtype=torch.bool, device=seq_ids.device)
     starts[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]
     first = starts.reshape(-1).nonzero().reshape(-1)
@@ -679,34 +681,39 @@ _HOST_READ = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cuda
 def _segments_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_ids: torch.Tensor,
                      seed: Optional[torch.Tensor], scale: float, causal: bool, window_left: int, window_right: int,
                      softcap: float, dropout_p: float, sinks: Optional[torch.Tensor] = None
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """attention_varlen's forward over q, k, v [B * T, heads, d] whose sequences are the runs of seq_ids [B, T]
-    (each at most T tokens: the kernels' grid bound, no second host read)."""
+    (each at most T tokens: the kernels' grid bound, no second host read). Returns (out, lse, cu_seqlens): the runs'
+    bounds go to the backward as a tensor (its length is host metadata), so a training step reads them from the
+    device once per layer, not once in the forward and again in the backward."""
     cu, T = _segment_starts(seq_ids), seq_ids.shape[1]
-    return _fwd_impl(q, k, v, None, cu, cu, seed, T, T, scale, causal, window_left, window_right, softcap,
-                     dropout_p, sinks)
+    out, lse = _fwd_impl(q, k, v, None, cu, cu, seed, T, T, scale, causal, window_left, window_right, softcap,
+                         dropout_p, sinks)
+    return out, lse, cu
 
 
 @_segments_fwd_op.register_fake
 def _(q, k, v, seq_ids, seed, scale, causal, window_left, window_right, softcap, dropout_p, sinks=None):
-    return _empty_out(q, v), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    bounds = torch.library.get_ctx().new_dynamic_size(min=2)  # (data-dependent: the rows' runs, plus one; >= 2)
+    return (_empty_out(q, v), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32),
+            seq_ids.new_empty(bounds, dtype=torch.int32))
 
 
 @torch.library.custom_op("llmkern::attention_segments_bwd", mutates_args=(), **_HOST_READ)
 def _segments_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                     lse: torch.Tensor, dlse: Optional[torch.Tensor], seq_ids: torch.Tensor,
+                     lse: torch.Tensor, dlse: Optional[torch.Tensor], cu_seqlens: torch.Tensor, max_seqlen: int,
                      seed: Optional[torch.Tensor], scale: float, causal: bool, window_left: int, window_right: int,
                      softcap: float, dropout_p: float, sinks: Optional[torch.Tensor] = None
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dsinks) of _segments_fwd_op (as llmkern::attention_bwd, with the runs of seq_ids)."""
-    cu, T = _segment_starts(seq_ids), seq_ids.shape[1]
-    return _bwd_impl(dout, q, k, v, out, lse, dlse, None, cu, cu, seed, T, T, scale, causal, window_left,
-                     window_right, softcap, dropout_p, sinks)
+    """(dq, dk, dv, dsinks) of _segments_fwd_op (as llmkern::attention_bwd, with the forward's cu_seqlens and the
+    rows' length T as max_seqlen). Tagged like the forward: a batch past the grid limit reads cu_seqlens to slice."""
+    return _bwd_impl(dout, q, k, v, out, lse, dlse, None, cu_seqlens, cu_seqlens, seed, max_seqlen, max_seqlen,
+                     scale, causal, window_left, window_right, softcap, dropout_p, sinks)
 
 
 @_segments_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, dlse, seq_ids, seed, scale, causal, window_left, window_right, softcap, dropout_p,
-      sinks=None):
+def _(dout, q, k, v, out, lse, dlse, cu_seqlens, max_seqlen, seed, scale, causal, window_left, window_right, softcap,
+      dropout_p, sinks=None):
     dsinks = _no_dsinks(q) if sinks is None else torch.empty_like(sinks)
     return tuple(torch.empty_like(_kernel_layout(t)) for t in (q, k, v)) + (dsinks,)
 
@@ -717,17 +724,18 @@ _SEGMENT_ARGS = 11  # _segments_fwd_op's inputs before sinks
 def _segments_setup(ctx, inputs, output):
     q, k, v, seq_ids, seed = inputs[:5]
     sinks = inputs[_SEGMENT_ARGS] if len(inputs) > _SEGMENT_ARGS else None
-    ctx.save_for_backward(q, k, v, output[0], output[1], seq_ids, seed, sinks)
+    ctx.save_for_backward(q, k, v, output[0], output[1], output[2], seed, sinks)
+    ctx.max_seqlen = seq_ids.shape[1]
     ctx.args = inputs[5:_SEGMENT_ARGS]
     ctx.n_inputs = len(inputs)
 
 
-def _segments_backward(ctx, dout, dlse):
-    q, k, v, out, lse, seq_ids, seed, sinks = ctx.saved_tensors
+def _segments_backward(ctx, dout, dlse, _dcu):
+    q, k, v, out, lse, cu, seed, sinks = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     want_dsinks = sinks is not None and ctx.needs_input_grad[_SEGMENT_ARGS]
-    dq, dk, dv, dsinks = _segments_bwd_op(dout, q, k, v, out, lse, dlse, seq_ids, seed, *ctx.args,
+    dq, dk, dv, dsinks = _segments_bwd_op(dout, q, k, v, out, lse, dlse, cu, ctx.max_seqlen, seed, *ctx.args,
                                           sinks if want_dsinks else None)
     grads = (dq, dk, dv) + (None,) * (_SEGMENT_ARGS - 3)
     return grads + (dsinks if want_dsinks else None,)[:ctx.n_inputs - _SEGMENT_ARGS]
@@ -736,19 +744,37 @@ def _segments_backward(ctx, dout, dlse):
 _segments_fwd_op.register_autograd(_segments_backward, setup_context=_segments_setup)
 
 
+def _check_segments(q, k, v, seq_ids, causal, sinks):
+    """attention_segments' arguments (shapes, dtypes, devices: free under torch.compile), so that a bad call raises
+    an error naming the argument instead of failing inside a reshape."""
+    _check_qkv(q, k, v, 4, "[batch, heads, seq, head_dim]")
+    B, H, T = q.shape[:3]
+    if k.shape[0] != B or k.shape[2] != T:
+        raise ValueError(f"k must have q's batch size {B} and as many keys as q has queries ({T}): [{B}, kv_heads, "
+                         f"{T}, head_dim], got {tuple(k.shape)}")
+    _check_heads(H, k.shape[1])
+    _tensor("seq_ids", seq_ids)
+    if tuple(seq_ids.shape) != (B, T):
+        raise ValueError(f"seq_ids must be [batch, seq] = [{B}, {T}] (q's rows and queries), got "
+                         f"{tuple(seq_ids.shape)}")
+    if seq_ids.device != q.device:
+        raise ValueError(f"seq_ids is on {seq_ids.device} but q is on {q.device}")
+    _check_causal(causal)
+    _check_sinks(sinks, H, q.device)
+
+
+@_like_sdpa_under_autocast
 def attention_segments(q, k, v, seq_ids, *, causal=False, scale=None, window=None, softcap=None, dropout_p=0.0,
                        sinks=None):
     """Attention within the runs of equal indices of each row of seq_ids [B, T] (packed sequences, as transformers'
     packed-sequence masks give them: position ids restarting inside a row), q [B, H, T, D], k / v [B, Hk, T, D / Dv]
-    -> [B, T, H, Dv]. attention_varlen over the runs, with the host read of their bounds inside one custom op (its
-    forward and its backward), so a compiled forward traces it whole, fullgraph too; without the Triton kernels,
-    the reference with a same-run mask (traceable as it is). In eager mode: attention_varlen itself, after one host
-    read of the bounds (its backward reuses them). Causal / window positions are token indices (within a run
-    positions rise by one per token)."""
+    -> [B, T, H, Dv]. attention_varlen over the runs, with the host read of their bounds inside a custom op (its
+    forward reads them once and hands them to its backward), so a compiled forward traces it whole, fullgraph too;
+    without the Triton kernels, the reference with a same-run mask (traceable as it is). In eager mode:
+    attention_varlen itself, after one host read of the bounds (its backward reuses them). Causal / window positions
+    are token indices (within a run positions rise by one per token)."""
+    _check_segments(q, k, v, seq_ids, causal, sinks)
     B, H, T, D = q.shape
-    if tuple(seq_ids.shape) != (B, T) or k.shape[2] != T:
-        raise ValueError(f"seq_ids {tuple(seq_ids.shape)} must be [batch, seq] of q's {B} rows of {T} queries, with "
-                         f"as many keys (got {k.shape[2]})")
     scale = _scale(scale, D)
     wl, wr = _window(window)
     sc = _softcap(softcap)
@@ -761,8 +787,8 @@ def attention_segments(q, k, v, seq_ids, *, causal=False, scale=None, window=Non
     triton = _backend_for(q.device, q.dtype, "attention_varlen") == "triton"
     if triton and torch.compiler.is_compiling():
         extra = () if sinks is None else (sinks,)
-        out, _ = _segments_fwd_op(tokens(q), tokens(k), tokens(v), seq_ids, _checks.dropout_seed(None, p, q.device),
-                                  scale, causal, wl, wr, sc, p, *extra)
+        out = _segments_fwd_op(tokens(q), tokens(k), tokens(v), seq_ids, _checks.dropout_seed(None, p, q.device),
+                               scale, causal, wl, wr, sc, p, *extra)[0]
         return out.reshape(B, T, H, Dv)
     if p or not torch.compiler.is_compiling():
         # (eager; or the reference's dropout, keyed on the packed sequences: attention_varlen, a graph break if traced)

@@ -26,6 +26,7 @@ Everything runs on torch.distributed (NCCL on GPUs, gloo on CPUs) and works unde
 """
 from llmkern.parallel import comm  # noqa: F401
 from llmkern.parallel.comm import set_validation  # noqa: F401
+from llmkern.parallel import guards  # noqa: F401  (llmkern.generate's hook: sys.modules)
 from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear, OVERLAPS  # noqa: F401
 from llmkern.parallel.tensor_parallel import tensor_parallelize  # noqa: F401
 from llmkern.parallel import lora_state  # noqa: F401

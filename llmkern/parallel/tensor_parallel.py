@@ -53,7 +53,8 @@ Module-naming contract (Hugging Face Llama / GPT-2 / nanoGPT names; llmkern.mode
   other way round (Phi's attention, whose output projection is `dense`, and nn.MultiheadAttention's lone
   out_proj are refused).
 - The weights must be identical on every rank before sharding (same seed, or a broadcast); a model
-  loaded with llmkern.models.from_hf on every rank is.
+  loaded with llmkern.models.from_hf on every rank is. Checked (check_weights=True, the default): an integer
+  fingerprint of each parameter's bits, compared across the ranks (llmkern.parallel.guards).
 
 Sequence parallelism is not applied by tensor_parallelize (norms and dropout would then see token
 shards); use the layers directly for it (TensorParallelMoE.from_moe(moe, group, sequence_parallel=True)
@@ -69,7 +70,7 @@ import torch
 import torch.nn as nn
 
 from llmkern.ops._checks import bool_arg
-from llmkern.parallel import comm
+from llmkern.parallel import comm, guards
 from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear, _ParallelLinear
 from llmkern.peft._plain_lora import is_hf_conv1d, linear_features
 
@@ -280,6 +281,7 @@ def _moe_shard(moe, group, where):
 
 # ---- cross-rank agreement -----------------------------------------------------------------------------
 
+_FLAGS = ("vocab_parallel", "check_weights")  # bool arguments, coded 0 / 1
 _HASHED = -(2 ** 62)  # argument codes in [_HASHED, _HASHED + 2**61): a hash of a value not shown in the error
 
 
@@ -291,7 +293,7 @@ def _stable_hash(value, bits=64):
 
 def _arg_codes(args, p):
     """One int64 per argument, comparable across ranks: an index into the choices (overlap, transport), the number
-    (chunks, pieces; None as the default it stands for), 0 / 1 (vocab_parallel), else a hash of the value."""
+    (chunks, pieces; None as the default it stands for), 0 / 1 (the flags), else a hash of the value."""
     from llmkern.parallel.layers import DEFAULT_ALLREDUCE_CHUNKS, OVERLAPS, TRANSPORTS, default_pieces
 
     codes = []
@@ -303,8 +305,8 @@ def _arg_codes(args, p):
             v = default_pieces(p, args["transport"])
         if choices is not None and isinstance(v, str) and v in choices:
             codes.append(choices.index(v))
-        elif (isinstance(v, numbers.Integral) and (name == "vocab_parallel" or not isinstance(v, bool))
-              and -2 ** 60 < int(v) < 2 ** 60):  # (vocab_parallel: a bool by now, 0 / 1)
+        elif (isinstance(v, numbers.Integral) and (name in _FLAGS or not isinstance(v, bool))
+              and -2 ** 60 < int(v) < 2 ** 60):  # (the flags: bools by now, 0 / 1)
             codes.append(int(v))
         else:  # (another object: its type only, as its repr may hold its address: the same check refuses it later)
             plain = v if isinstance(v, (str, bytes, numbers.Number, type(None))) else None
@@ -320,13 +322,13 @@ def _describe_arg(name, code):
     choices = {"overlap": OVERLAPS, "transport": TRANSPORTS}.get(name)
     if choices is not None:
         return repr(choices[code]) if 0 <= code < len(choices) else "another value"
-    return str(bool(code)) if name == "vocab_parallel" else str(code)
+    return str(bool(code)) if name in _FLAGS else str(code)
 
 
 def _model_digest(model):
     """(a hash, the parameters' element count) of what tensor_parallelize shards by: the modules' names and types,
     the head counts (the modules' and their configs'), the parameters' names, shapes and dtypes. Not their values
-    (the weights must be the same on every rank: the caller's part, see the module docstring) nor devices."""
+    (check_weights compares those: guards.weight_fingerprints) nor devices."""
     attrs = HEAD_ATTRS + KV_HEAD_ATTRS + ("head_dim",)
 
     def counts(obj):
@@ -349,24 +351,31 @@ def _check_agreement(model, group, args, error=None):
     """Every rank of `group` must shard the same model with the same arguments: otherwise the sharded layers'
     collectives pair different shapes or protocols (garbage, or a hang until the process group's timeout). One
     all-gather of a few int64s, at setup only: (this rank's argument error?, one code per argument, the model's
-    digest, its parameter count). Then every rank raises: its own argument error, or the same ValueError naming
-    the rank(s) that failed, or the argument(s) (and / or the model) that differ, with every rank's value."""
+    digest, its parameter count, its weights' digest). Then every rank raises: its own argument error, or the same
+    ValueError naming the rank(s) that failed, or the argument(s) (and / or the model) that differ, with every
+    rank's value. With check_weights, returns this rank's weight fingerprints where the ranks' weights differ
+    (None where they agree): the caller raises that, on every rank, after its own checks of the model."""
     p = comm.world_size(group)
     digest, numel = _model_digest(model)
     codes = _arg_codes(args, p)
-    rows = comm.agree(group, "tensor_parallelize", codes + [digest, numel], error)
+    weights = None  # (not computed for one rank, nor where this rank's checks failed: agree raises then)
+    if args.get("check_weights") is True and p > 1 and error is None:
+        weights = guards.weight_fingerprints(model)
+    wdigest = guards.weights_digest(weights) if weights is not None else 0
+    rows = comm.agree(group, "tensor_parallelize", codes + [digest, numel, wdigest], error)
     differ = []
     for k, name in enumerate(args):
         if any(r[k] != rows[0][k] for r in rows):
             differ.append(f"{name} (" + ", ".join(f"rank {i}: {_describe_arg(name, r[k])}"
                                                   for i, r in enumerate(rows)) + ")")
-    if any(r[-2] != rows[0][-2] for r in rows):
+    if any(r[-3] != rows[0][-3] for r in rows):
         differ.append("the model (its module names and types, head counts, or parameter names, shapes and dtypes; "
-                      "parameter elements: " + ", ".join(f"rank {i}: {r[-1]}" for i, r in enumerate(rows)) + ")")
+                      "parameter elements: " + ", ".join(f"rank {i}: {r[-2]}" for i, r in enumerate(rows)) + ")")
     if differ:
         raise ValueError(f"tensor_parallelize: the ranks of the group disagree on {'; '.join(differ)}. Every rank "
                          f"must shard the same model with the same arguments (the sharded layers' collectives would "
                          f"otherwise compute garbage or hang); the model is left unchanged")
+    return weights if weights is not None and any(r[-1] != rows[0][-1] for r in rows) else None
 
 
 def _refuse_model(model, group):
@@ -388,6 +397,11 @@ def _refuse_model(model, group):
         # (over shared ranks context parallelism would gather other heads' K/V: wrong, silently)
         raise ValueError("tensor_parallelize: the model is context-parallel over ranks that the tensor-parallel "
                          "group shares beyond this one: tensor- and context-parallel groups must form a grid")
+    if any(getattr(m, "_llmkern_tensor_parallel", False) for m in model.modules()):
+        # (a second pass found no projection to shard and said only that; its shards would also fail the weight
+        # check, which expects whole weights)
+        raise ValueError("tensor_parallelize: the model is already tensor-parallel (tensor_parallelize was called "
+                         "on it, or on a module of it); shard the unsharded model once")
     if any(isinstance(m, ExpertParallelMoE) for m in model.modules()):  # (the same on every rank)
         raise ValueError("tensor_parallelize: the model is expert-parallel (expert_parallelize): its ranks hold "
                          "different tokens and different experts; tensor parallelism over the same group is not "
@@ -395,7 +409,7 @@ def _refuse_model(model, group):
 
 
 def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces=None, transport="p2p",
-                       vocab_parallel=False):
+                       vocab_parallel=False, check_weights=True):
     """Replace, in place, the attention and MLP projections of `model` by tensor-parallel layers
     (see the module docstring for the naming contract). Returns `model`. Raises ValueError (on
     every rank) when a head count or a feature size is not divisible by the world size, and
@@ -407,7 +421,11 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
 
     Every rank must pass the same arguments and the same model (structure): checked first, by one all-gather of a
     digest of both (a ValueError on every rank naming what differs, the model left unchanged), since ranks that
-    disagree would pair different collectives (garbage, or a hang until the process group's timeout)."""
+    disagree would pair different collectives (garbage, or a hang until the process group's timeout).
+    check_weights=True (default) also compares the weights (an integer fingerprint of every parameter's bits,
+    one pass over the weights on their devices, in the same all-gather): ranks with different weights (one not
+    seeded, another checkpoint) raise a ValueError on every rank naming the first parameter that differs. A model
+    sharded already (by tensor_parallelize) is refused."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"tensor_parallelize: model must be an nn.Module, got {type(model).__name__}")
     group = comm.resolve_group(group, "tensor_parallelize")
@@ -415,11 +433,12 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
     try:  # (raised after the agreement: on one rank only, the others would be left waiting in a collective)
         # (a string "False" sharded the embedding and the LM head, silently)
         vocab_parallel = bool_arg("tensor_parallelize: vocab_parallel", vocab_parallel)
+        check_weights = bool_arg("tensor_parallelize: check_weights", check_weights)
         _refuse_model(model, group)
     except (TypeError, ValueError) as exc:
         error = exc
-    _check_agreement(model, group, dict(overlap=overlap, chunks=chunks, pieces=pieces, transport=transport,
-                                        vocab_parallel=vocab_parallel), error)
+    mismatch = _check_agreement(model, group, dict(overlap=overlap, chunks=chunks, pieces=pieces, transport=transport,
+                                                   vocab_parallel=vocab_parallel, check_weights=check_weights), error)
     from llmkern.models.deepseek import MLAttention
 
     p = comm.world_size(group)
@@ -524,10 +543,16 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
 
         plan += vocab_parallel_plan(model, group)
     if not any(isinstance(v, (_ParallelLinear, TensorParallelMoE)) for _, _, v in plan):
+        if any(isinstance(m, comm.SharesProcessGroups) and isinstance(m, nn.Module) for m in model.modules()):
+            raise ValueError("tensor_parallelize: the model is already tensor-parallel (its projections are "
+                             "tensor-parallel layers): nothing is left to shard")
         raise ValueError("tensor_parallelize: found no projection to shard; the model's linear layers must "
                          "follow the naming contract in llmkern.parallel.tensor_parallel")
+    if mismatch is not None:  # (after the checks above: a model that cannot be sharded says so first)
+        guards.raise_weight_mismatch(mismatch, group, "tensor_parallelize")
     for obj, attr, value in plan:  # (an error above leaves the model as it was)
         setattr(obj, attr, value)
+    model._llmkern_tensor_parallel = True  # (a second tensor_parallelize is refused: _refuse_model)
     if p > 1:
         for module, name in summed:
             _sum_grad_over_ranks(module, name, group)
@@ -541,7 +566,9 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
 class _IdsInVocabulary(comm.SharesProcessGroups):
     """Forward pre-hook of a tensor-parallel model: CPU input_ids outside [0, vocab_size) on one rank raised there
     only (the model's own check, or the embedding's IndexError), and the other ranks waited in the first sharded
-    layer's collective until the process group's timeout. One all-gather of a flag per forward makes every rank
+    layer's collective until the process group's timeout; ids of the same shape but other tokens on one rank (each
+    rank loading its own batch, as under data parallelism) gave every rank wrong outputs, silently (the sharded
+    layers mixed the ranks' sequences). One all-gather of (a flag, a hash of the ids) per forward makes every rank
     raise. CUDA ids are not read (a host sync per forward; the models do not check them either), nor traced ones,
     nor with validation off (llmkern.parallel.comm.set_validation(False))."""
 
@@ -554,8 +581,14 @@ class _IdsInVocabulary(comm.SharesProcessGroups):
                 or torch.compiler.is_compiling()):
             return None
         ok = comm.ids_in_range(ids, self.vocab_size)
-        bad = [i for i, r in enumerate(comm.gather_ints([int(ok)], self.group)) if not r[0]]
+        rows = comm.gather_ints([int(ok), guards.tensor_hash(ids)], self.group)
+        bad = [i for i, r in enumerate(rows) if not r[0]]
         if bad:
             raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={self.vocab_size}) (tensor parallelism: "
                              f"out of range on rank(s) {bad})")
+        other = [i for i, r in enumerate(rows) if r[1] != rows[0][1]]
+        if other:
+            raise ValueError(f"input_ids: the ranks of a tensor-parallel model must all pass the same input_ids; those "
+                             f"of rank(s) {other} differ from rank 0's (in shape, dtype or tokens): the sharded layers "
+                             f"would mix the ranks' sequences")
         return None

@@ -232,7 +232,9 @@ def _to_hf(model, mods, hf, use_rslora):
     s_p · B_p A_p x. alpha is set so that PEFT computes s for rank R (R·s, or sqrt(R)·s with rsLoRA).
     DoRA is row-wise, so this stays exact: row i's norm ‖W_i + s B_i A‖ is its zoo layer's, and the
     magnitudes are concatenated in row order; the rows of a projection without LoRA get their base row
-    norms as magnitude (a factor of 1: they stay the base layer's).
+    norms as magnitude (a factor of 1: they stay the base layer's). Parts that cover every row of the HF module
+    with one A, rank and scaling (a PEFT LoRA load_peft_adapter split, its A tied) are written as PEFT had
+    them instead: that A, rank r, the B blocks stacked (_shared_a_entry).
     """
     groups = {}
     for n, m in mods:
@@ -248,6 +250,10 @@ def _to_hf(model, mods, hf, use_rslora):
             continue
         parts.sort(key=lambda p: p[1].rows.start)
         out = max(h.rows.stop for h in hf.values() if h.name == name)
+        shared = _shared_a_entry(name, parts, hf, out)
+        if shared is not None:
+            entries.append(shared)
+            continue
         R = sum(m.r for _, _, m in parts)
         s = next((m.scaling for _, _, m in parts if m.scaling != 0), 0.0)  # (s = 0: every block is 0 · B A)
         alpha = s * (math.sqrt(R) if use_rslora else R)
@@ -274,6 +280,31 @@ def _to_hf(model, mods, hf, use_rslora):
         entries.append((name, R, alpha, dropout, A, B, M))
         fused[name] = [[n, m.r, m.alpha] for n, _, m in parts]
     return entries, fused, any(hf[n].conv1d for n, _ in mods)
+
+
+def _shared_a_entry(name, parts, hf, out):
+    """The HF module `name`'s LoRA as PEFT holds it, (name, r, alpha, dropout, A, B, magnitude or None), when its
+    zoo row blocks `parts` (sorted by row) all carry LoRA with the same A, rank and scaling (what load_peft_adapter
+    makes of a PEFT LoRA on it, A tied): one A [r, in] and the parts' B blocks stacked [out, r], exact; else None
+    (_to_hf's block-diagonal rank-sum form then)."""
+    if {zn for zn, h in hf.items() if h.name == name} != {zn for zn, _, _ in parts}:
+        return None  # (a row block without LoRA: its rows need the block-diagonal form's zero block)
+    first = parts[0][2]
+    A = first.lora_A.detach()
+    for _, _, m in parts[1:]:
+        a = m.lora_A.detach()
+        if m.r != first.r or m.scaling != first.scaling or a.device != A.device or not torch.equal(a, A):
+            return None
+    B = A.new_zeros(out, first.r)
+    for _, h, m in parts:
+        B[h.rows] = m.lora_B.detach()
+    M = None
+    if _magnitude(first) is not None:  # (one use_dora for every module: all of them have one)
+        M = _magnitude(first).new_zeros(out)
+        for _, h, m in parts:
+            M[h.rows] = _magnitude(m)
+    dropout = Counter(m.dropout for _, _, m in parts).most_common(1)[0][0]
+    return name, first.r, first.alpha, dropout, A, B, M
 
 
 def _dense_weight(module):
@@ -314,6 +345,21 @@ def _unwrap_peft_model(model):
     return model
 
 
+def _auto_task_type(model):
+    """save_peft_adapter's task_type="auto": the PEFT task whose PeftModel class can run `model`. PEFT's
+    PeftModelForCausalLM / PeftModelForSeq2SeqLM call the model with an explicit input_ids argument (Whisper,
+    whose main input is input_features, then fails with "got multiple values for keyword argument 'input_ids'"),
+    so only models that take input_ids get one; the rest get None, a plain PeftModel that passes every argument
+    through."""
+    if hasattr(model, "hf_module_names"):  # a zoo model: a causal LM
+        return "CAUSAL_LM"
+    takes_ids = getattr(model, "main_input_name", "input_ids") == "input_ids"
+    if not hasattr(model, "prepare_inputs_for_generation") or not takes_ids:
+        return None
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    return "SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM"
+
+
 def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None,
                       task_type: Optional[str] = "auto", hf_names: bool = True) -> None:
     """Write the model's LoRALinear, LoRAEmbedding and LoRAConv adapters as a PEFT adapter directory (loadable by
@@ -329,9 +375,15 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     zoo's own names. Other models: their own module names, with fan_in_fan_out=True when LoRA is on transformers'
     Conv1D layers (a plain GPT2LMHeadModel; PEFT takes an nn.Linear such as lm_head beside them as nn.Linear).
 
+    base_model_name_or_path: the config's (what ``peft.AutoPeftModelForCausalLM.from_pretrained(path)`` loads the
+    base model from); None: a transformers model's own ``name_or_path`` (the directory or hub id it was loaded from,
+    as PEFT writes it), else none.
+
     task_type: the config's (PEFT picks its PeftModel class by it). "auto" (default): "CAUSAL_LM" for zoo
-    models and generative models (those with ``prepare_inputs_for_generation``), else None (a plain PeftModel:
-    PeftModelForCausalLM needs that method, so CAUSAL_LM on an encoder or a classifier fails to load in PEFT).
+    models and generative models (those with ``prepare_inputs_for_generation``), "SEQ_2_SEQ_LM" for
+    encoder-decoder ones (T5, BART), else None (a plain PeftModel: PeftModelForCausalLM needs that method, so
+    CAUSAL_LM on an encoder or a classifier fails to load in PEFT); also None for a generative model whose main
+    input is not ``input_ids`` (Whisper's ``input_features``: PEFT's task wrappers pass ``input_ids`` to it).
 
     DoRA (``use_dora=True`` LoRALinear modules) is written as PEFT writes it: ``use_dora: true`` and a
     ``<module>.lora_magnitude_vector`` per module. PEFT's config has one use_dora for all modules, so a
@@ -353,7 +405,7 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     """
     from safetensors.torch import save_file
 
-    model = _unwrap_peft_model(model)
+    wrapper, model = model, _unwrap_peft_model(model)
     mods = lora_modules(model)
     embs = lora_embedding_modules(model)
     convs = lora_conv_modules(model)
@@ -374,14 +426,18 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     mods = sorted(mods + parallel, key=lambda nm: order[nm[0]])  # model order, as before
     if not mods and not embs and not convs:
+        hint = (" (a peft.PeftModel: PEFT's own LoRA layers are saved by peft_model.save_pretrained(path))"
+                if wrapper is not model else "")
         raise ValueError("model has no LoRALinear modules to save (nor LoRAEmbedding, LoRAConv ones; use inject_lora "
-                         "or load_peft_adapter; under tensor parallelism inject_lora before tensor_parallelize)")
+                         "or load_peft_adapter; under tensor parallelism inject_lora before tensor_parallelize)" + hint)
     for n, m in mods + embs + convs:
         if m.merged:
             raise ValueError(f"module {n} is merged; unmerge() it before saving the adapter")
     if task_type == "auto":
-        generative = hasattr(model, "hf_module_names") or hasattr(model, "prepare_inputs_for_generation")
-        task_type = "CAUSAL_LM" if generative else None
+        task_type = _auto_task_type(model)
+    if base_model_name_or_path is None:  # (PEFT records it too; AutoPeftModel* cannot load the adapter without it)
+        name = getattr(model, "name_or_path", None)
+        base_model_name_or_path = name if isinstance(name, str) and name else None
     hf = _hf_names(model) if hf_names else None
     metadata = {"format": "pt"}
     hf_emb = _hf_embedding_names(model) if hf is not None else {}
@@ -540,7 +596,8 @@ def _split_fused(path, name, A, B, alpha, use_rslora, parts, record, M=None):
     zoo layer gets back its own A rows, B block, r and alpha. Otherwise (e.g. a LoRA PEFT trained on
     GPT-2's c_attn; or a record that is not well-formed [[zoo name, r >= 1, finite alpha], ...], which PEFT
     ignores too) every part gets the whole A, its rows of B, rank R and the same alpha:
-    B[rows] · A x is exactly what PEFT adds to those output rows.
+    B[rows] · A x is exactly what PEFT adds to those output rows (load_peft_adapter then ties the parts' A into
+    one Parameter, _tie_lora_a).
     """
     out = max(h.rows.stop for _, h in parts)
     if B.shape[0] != out:
@@ -657,8 +714,43 @@ def _lora_target(model, path, name, where, wrapper_type, r, taken=()):
     return mod, mod.base_layer
 
 
+def _untie_lora_a(mod, owners):
+    """Give the LoRALinear `mod` an A Parameter of its own when it shares one with other layers (_tie_lora_a; owners:
+    {id(A): how many LoRALinear layers hold it}), so that copying new values into it leaves their A alone."""
+    if owners.get(id(mod.lora_A), 0) > 1:
+        mod.lora_A = nn.Parameter(mod.lora_A.detach().clone(), requires_grad=mod.lora_A.requires_grad)
+
+
+def _tie_lora_a(model, names):
+    """Make the LoRALinear layers `names`, the row blocks of one HF module whose PEFT LoRA was split into them
+    (GPT-2's c_attn, Phi-3's qkv_proj / gate_up_proj), share one A Parameter, as PEFT's single A serves every row
+    of that module: a training step then gives A the sum of the parts' gradients, PEFT's dA (separate copies
+    would drift apart), and save_peft_adapter writes the LoRA back as PEFT's rank-r one. Tensor-parallel layers
+    (their own shards) are left as they are."""
+    mods = [model.get_submodule(n) for n in names]
+    if not all(isinstance(m, LoRALinear) for m in mods):
+        return
+    a = mods[0].lora_A
+    if all(m.lora_A.shape == a.shape and m.lora_A.dtype == a.dtype and m.lora_A.device == a.device for m in mods):
+        for m in mods[1:]:
+            m.lora_A = a
+
+
+def _check_no_peft_layers(path, model):
+    """load_peft_adapter into a peft.PeftModel: refused while the wrapped model holds PEFT's own layers (its LoRA
+    layers are not llmkern's, which the checkpoint's modules would have to become: the names did not even resolve,
+    "module ... is not in the model"). One whose layers llmkern replaced (tensor_parallelize) loads as its model."""
+    for name, m in model.named_modules():
+        if type(m).__module__.startswith("peft."):
+            raise ValueError(f"{path}: the model is a peft.PeftModel, whose {name} is PEFT's own "
+                             f"{type(m).__name__} layer: load the adapter with PEFT (peft_model.load_adapter(path, "
+                             f"adapter_name=...)), or into the plain model (peft_model.unload(), or the base model "
+                             f"before get_peft_model)")
+
+
 def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> nn.Module:
-    """Load a PEFT LoRA adapter directory into ``model`` (a plain model, not a PeftModel).
+    """Load a PEFT LoRA adapter directory into ``model`` (a plain model; a peft.PeftModel holding PEFT's own layers
+    is refused with ValueError: PeftModel.load_adapter loads into those).
 
     Each module named in the checkpoint becomes a LoRALinear (or, if it already is one, gets the
     new weights) with PEFT's r / lora_alpha / lora_dropout / use_rslora / rank_pattern / alpha_pattern (a module
@@ -684,8 +776,10 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
 
     A zoo model (GPT, Llama) also takes adapters written for the equivalent transformers model
     (``hf_module_names()``): PEFT on LlamaForCausalLM, or on GPT2LMHeadModel, whose ``c_attn`` LoRA
-    goes to the q/k/v layers exactly (each gets A and its rows of B) and whose fan_in_fan_out=True
-    only concerns the Conv1D base weight layout (A/B are as for nn.Linear).
+    goes to the q/k/v layers exactly (each gets its rows of B; the three share A as one Parameter, PEFT's single
+    A: a training step gives it PEFT's gradient, and save_peft_adapter writes PEFT's rank-r LoRA back; a later
+    load into them unties it first) and whose fan_in_fan_out=True only concerns the Conv1D base weight layout
+    (A/B are as for nn.Linear). Phi-3's qkv_proj / gate_up_proj LoRAs split the same way.
 
     Nothing is changed unless the whole checkpoint fits: every check, of the weights and of every config value the
     load uses, runs before the first module is changed (or frozen). Config values are checked as PEFT's
@@ -707,6 +801,10 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     LoRA the model already carries on modules the checkpoint does not name is refused (it would stay active),
     unless it is a fresh LoRALinear (lora_B zero, not merged).
     """
+    # a peft.PeftModel: its modules are named as in the model it wraps (as save_peft_adapter names them)
+    wrapper, model = model, _unwrap_peft_model(model)
+    if model is not wrapper:
+        _check_no_peft_layers(path, model)
     # (every config value the load uses is checked here or in step 1, before the first change to the model)
     with open(os.path.join(path, CONFIG_NAME)) as f:
         try:
@@ -785,6 +883,7 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
 
     # 1. every checkpoint module -> (model module name, A, B, r, alpha, base weight), all checked
     targets = {}
+    shared_a = []  # groups of zoo layers split from one HF module's LoRA that share its A (see _tie_lora_a)
     shards = {}  # tensor-parallel layers: name -> this rank's (A, B) shard
 
     def add(name, source, A, B, r, alpha, W, M):
@@ -823,8 +922,11 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         if W is not None:
             raise ValueError(f"{path}: {name}.base_layer.weight: {name} is split into "
                              f"{', '.join(p[0] for p in parts)} in this model; its base weight cannot be loaded")
-        for zn, Ap, Bp, rp, ap, Mp in _split_fused(path, name, A, B, alpha, use_rslora, parts, records.get(name), M):
+        split = _split_fused(path, name, A, B, alpha, use_rslora, parts, records.get(name), M)
+        for zn, Ap, Bp, rp, ap, Mp in split:
             add(zn, name, Ap, Bp, rp, ap, None, Mp)
+        if len(split) > 1 and all(e[1] is A for e in split):  # (the whole A each: PEFT's one shared A)
+            shared_a.append([e[0] for e in split])
 
     for name, (source, A, B, r, alpha, W, M) in targets.items():
         where = name if source == name else f"{name} (from {source} in the checkpoint)"
@@ -926,6 +1028,7 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     # 2. load
     if freeze_base:
         _freeze_non_lora(model)
+    owners = Counter(id(m.lora_A) for _, m in lora_modules(model))  # (A Parameters _tie_lora_a shared)
     for name, (source, A, B, r, alpha, W, M) in targets.items():
         mod = model.get_submodule(name)
         if name in shards:  # a tensor-parallel layer: this rank's shard
@@ -939,6 +1042,7 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         if isinstance(mod, LoRALinear):  # (as a new wrapper: the config's alpha, rsLoRA, dropout and DoRA)
             mod.alpha, mod.use_rslora, mod.dropout = float(alpha), use_rslora, dropout
             mod.set_use_dora(M is not None)
+            _untie_lora_a(mod, owners)  # (an A an earlier load tied to other layers: this load may give it another)
         else:
             mod = LoRALinear(mod, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, freeze_base=freeze_base,
                              use_dora=M is not None)
@@ -950,6 +1054,8 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
                 mod.lora_magnitude_vector.copy_(M)
             if W is not None:  # as PEFT does: the saved base weight replaces the layer's
                 mod.base_layer.weight.copy_(W)
+    for group in shared_a:
+        _tie_lora_a(model, group)
     for name, (source, A, B, r, alpha, W) in emb_targets.items():
         mod = model.get_submodule(name)
         if isinstance(mod, LoRAEmbedding):
@@ -975,4 +1081,4 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
             mod.lora_B.copy_(B)
             if W is not None:  # as PEFT does: the saved base weight replaces the layer's
                 mod.base_layer.weight.copy_(W)
-    return model
+    return wrapper
