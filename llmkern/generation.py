@@ -19,7 +19,11 @@ finished beams with eos when pad_token_id is 0). eos_token_id, pad_token_id and 
 generate also reads from a checkpoint (repetition_penalty, no_repeat_ngram_size, bad_words_ids, min_new_tokens;
 beam search's length_penalty, early_stopping; sampling's temperature, top_k, top_p, min_p) default to the model's
 generation_config (GenerationDefaults; from_hf: the checkpoint's), as transformers' generate defaults them; the
-strategy does not (greedy unless strategy= says otherwise, whatever the checkpoint's do_sample / num_beams).
+strategy does not (greedy unless strategy= says otherwise, whatever the checkpoint's do_sample / num_beams). Its
+min_length, suppress_tokens and begin_suppress_tokens (no arguments of generate) ban tokens as transformers' do; the
+keys transformers' generate applies and generate does not (forced_bos_token_id, forced_eos_token_id, sequence_bias,
+exponential_decay_length_penalty, guidance_scale, stop_strings, remove_invalid_values, watermarking_config;
+beam search's renormalize_logits; sampling's typical_p, epsilon_cutoff, eta_cutoff, top_h) warn where set.
 
 Strategies (the seed deck's decoding slide):
   greedy  argmax of the (biased, penalised, masked) logits — llmkern.sample with temperature=0.
@@ -89,6 +93,7 @@ import dataclasses
 import math
 import numbers
 import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -181,7 +186,8 @@ class GenerationDefaults:
     (generation_config.json, else config.json: the keys of these names); set a field to None to drop it (generate's
     own default then applies, noted per field); temperature, top_k, top_p and min_p apply to strategy="sample" only,
     length_penalty and early_stopping to strategy="beam" only (as in transformers). The strategy, num_beams and
-    num_return_sequences are always generate's arguments (a checkpoint's do_sample / num_beams are not read)."""
+    num_return_sequences are always generate's arguments (a checkpoint's do_sample / num_beams are not read), and
+    so is max_new_tokens (transformers' max_new_tokens, which replaces a checkpoint's max_length there too)."""
     eos_token_id: object = None  # an id or a list of ids (any of them ends a sequence); None: no eos
     pad_token_id: Optional[int] = None  # None: the first eos id, else 0
     repetition_penalty: Optional[float] = None  # None: 1.0
@@ -194,6 +200,26 @@ class GenerationDefaults:
     top_k: Optional[int] = None  # None: 0 (off; transformers' generate uses 50 where the checkpoint has none)
     top_p: Optional[float] = None  # None: 1.0
     min_p: Optional[float] = None  # None: 0.0
+    # banning rules with no generate argument (set the field to None to drop one), as transformers applies them:
+    min_length: Optional[int] = None  # no eos while the sequence (the prompt's padded width included) is shorter;
+    # ignored where min_new_tokens is given or set here, as transformers' min_new_tokens takes precedence
+    suppress_tokens: Optional[list] = None  # token ids banned at every step (ids past the vocabulary: ignored)
+    begin_suppress_tokens: Optional[list] = None  # token ids banned at the first new token
+    # keys transformers' generate applies and generate does not: read so that generate warns (warnings.warn, naming
+    # the key) where one is set to a value that changes transformers' output for the strategy, see _IGNORED
+    forced_bos_token_id: Optional[int] = None
+    forced_eos_token_id: object = None
+    sequence_bias: object = None
+    exponential_decay_length_penalty: object = None
+    guidance_scale: Optional[float] = None
+    stop_strings: object = None
+    remove_invalid_values: Optional[bool] = None
+    watermarking_config: object = None
+    renormalize_logits: Optional[bool] = None
+    typical_p: Optional[float] = None
+    epsilon_cutoff: Optional[float] = None
+    eta_cutoff: Optional[float] = None
+    top_h: Optional[float] = None
 
 
 def _real_in(lo, hi, lo_open=False):
@@ -255,6 +281,94 @@ def _model_knobs(model, strategy, speculative, vocab, values):
     cfg = getattr(model, "generation_config", None)
     return [_model_knob(cfg, name, strategy, speculative, vocab) if v is FROM_MODEL else v
             for name, v in zip(_KNOBS, values)]
+
+
+def _is_set(v):
+    return v is not None
+
+
+def _cutoff(v):
+    return v is not None and 0.0 < v < 1.0
+
+
+# checkpoint keys transformers' generate applies and generate does not: name -> (the strategy transformers applies it
+# with (None: any; its sampling warpers need do_sample, and renormalize_logits changes no greedy or sampled token,
+# only beam search's scores), whether a value is active, as transformers' _get_logits_processor and
+# _get_stopping_criteria test it)
+_IGNORED = {
+    "forced_bos_token_id": (None, _is_set),
+    "forced_eos_token_id": (None, _is_set),
+    "sequence_bias": (None, _is_set),
+    "exponential_decay_length_penalty": (None, _is_set),
+    "guidance_scale": (None, lambda v: v is not None and v != 1),
+    "stop_strings": (None, _is_set),
+    "remove_invalid_values": (None, lambda v: v is True),
+    "watermarking_config": (None, _is_set),
+    "renormalize_logits": ("beam", lambda v: v is True),
+    "typical_p": ("sample", lambda v: v is not None and v < 1.0),
+    "epsilon_cutoff": ("sample", _cutoff),
+    "eta_cutoff": ("sample", _cutoff),
+    "top_h": ("sample", _is_set),
+}
+
+
+def _active(test, v):
+    try:
+        return bool(test(v))
+    except TypeError:  # (a malformed value: transformers would apply or refuse it; generate does neither)
+        return True
+
+
+def _warn_ignored(model, strategy):
+    """warnings.warn for each key of _IGNORED that model.generation_config sets to a value transformers' generate
+    applies with this strategy (Python's default filter shows each message once per call site)."""
+    cfg = getattr(model, "generation_config", None)
+    for name, (only, test) in _IGNORED.items():
+        v = getattr(cfg, name, None)
+        if only in (None, strategy) and _active(test, v):
+            warnings.warn(f"model.generation_config.{name}={v!r}: llmkern's generate ignores it, where transformers' "
+                          f"generate applies it (their outputs may differ); set it to None to silence this",
+                          UserWarning, stacklevel=4)
+
+
+def _model_min_length(model, min_new_tokens):
+    """model.generation_config.min_length, 0 without one or where min_new_tokens is given or set there
+    (transformers' min_new_tokens then replaces min_length)."""
+    cfg = getattr(model, "generation_config", None)
+    v = getattr(cfg, "min_length", None)
+    if v is None or min_new_tokens is not FROM_MODEL or getattr(cfg, "min_new_tokens", None) is not None:
+        return 0
+    if not _count_ok(v, None):
+        raise ValueError(f"model.generation_config.min_length must be an int >= 0 or None, got {v!r}")
+    return int(v)
+
+
+def _ids_ok(v):
+    return isinstance(v, (list, tuple)) and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0
+                                                for i in v)
+
+
+def _model_rules(model, rules, min_new_tokens, min_length, T, speculative):
+    """(rules, min_new_tokens, suppress_tokens, begin_suppress_tokens) with model.generation_config's banning rules:
+    min_length (the sequence's width, so min_new_tokens = min_length - T where that is more) and the suppressed
+    ids (lists, empty without)."""
+    cfg, lists = getattr(model, "generation_config", None), []
+    if min_length > T:
+        rules, min_new_tokens = rules + ["min_length"], min_length - T
+    for name in ("suppress_tokens", "begin_suppress_tokens"):
+        v = getattr(cfg, name, None)
+        if v is not None and not _ids_ok(v):
+            raise ValueError(f"model.generation_config.{name} must be a list of token ids (ints >= 0) or None, "
+                             f"got {v!r}")
+        lists.append(sorted({int(i) for i in v or ()}))
+        rules = rules + [name] if v else rules
+    for name in rules if speculative else ():
+        if name in ("min_length", "suppress_tokens", "begin_suppress_tokens"):
+            fix = "pass min_new_tokens=0" if name == "min_length" else "set it to None"
+            raise ValueError(f"model.generation_config.{name}={getattr(cfg, name)!r} (generate's default for this "
+                             f"model) is not supported with draft_model (speculative decoding); {fix} to decode "
+                             f"without it")
+    return rules, min_new_tokens, lists[0], lists[1]
 
 
 def _vocab_size(model):
@@ -360,15 +474,19 @@ def _scorers(scorers):
 
 class _Banned:
     """transformers' masking logits processors on top of allowed_tokens (`base`): min_new_tokens
-    (MinNewTokensLengthLogitsProcessor: no eos before that many new tokens), no_repeat_ngram_size
+    (MinNewTokensLengthLogitsProcessor: no eos before that many new tokens; the checkpoint's min_length,
+    MinLengthLogitsProcessor, arrives as min_length - T), no_repeat_ngram_size
     (NoRepeatNGramLogitsProcessor: no token that would repeat an n-gram of the sequence, prompt and padding
-    included, as HF counts them) and bad_words_ids (NoBadWordsLogitsProcessor: a listed sequence's last token
-    is banned where the sequence ends with the others; sequences equal to [eos] are dropped, as HF does). Each
-    bans tokens (logit -inf), so their order against each other and the penalties does not matter. On the
+    included, as HF counts them), bad_words_ids (NoBadWordsLogitsProcessor: a listed sequence's last token
+    is banned where the sequence ends with the others; sequences equal to [eos] are dropped, as HF does) and the
+    checkpoint's suppress_tokens / begin_suppress_tokens (Suppress[AtBegin]TokensLogitsProcessor: ids banned at
+    every step / at the first new token, eos included; ids past the vocabulary ignored). Each bans tokens (logit
+    -inf), so their order against each other and the penalties does not matter. On the
     device, no host sync."""
 
-    def __init__(self, base, prompt_len, eos, min_new_tokens, ngram, bad_words):
+    def __init__(self, base, prompt_len, eos, min_new_tokens, ngram, bad_words, suppress=(), begin=()):
         self.base, self.prompt_len, self.eos, self.min_new, self.ngram = base, prompt_len, eos, min_new_tokens, ngram
+        self.suppress, self.begin = list(suppress), list(begin)
         eos_ids = set() if eos is None else set(eos.tolist())
         self.eos_ids = sorted(eos_ids)
         words = [list(w) for w in bad_words or () if not (len(w) == 1 and w[0] in eos_ids)]
@@ -384,7 +502,9 @@ class _Banned:
             self._index[key] = (  # (an eos id past the vocabulary is never emitted: nothing to ban, as HF)
                 torch.tensor([i for i in self.eos_ids if i < V], dtype=torch.long, device=device),
                 torch.tensor(self.single, dtype=torch.long, device=device),
-                [torch.tensor(w[:-1], dtype=torch.long, device=device) for w in self.multi])
+                [torch.tensor(w[:-1], dtype=torch.long, device=device) for w in self.multi],
+                *(torch.tensor([i for i in ids if i < V], dtype=torch.long, device=device)
+                  for ids in (self.suppress, self.begin)))
         return self._index[key]
 
     def banned(self, seqs, V):
@@ -394,7 +514,7 @@ class _Banned:
         top = max(self.single + [i for w in self.multi for i in w], default=-1)  # (every id: HF and stops check all)
         if top >= V:
             raise ValueError(f"bad_words_ids: token {top} is outside the vocabulary (V={V})")
-        eos_index, single, prefixes = self._indices(V, seqs.device)
+        eos_index, single, prefixes, suppress, begin = self._indices(V, seqs.device)
         if self.eos is not None and t - self.prompt_len < self.min_new:
             ban[:, eos_index] = True
         if self.ngram and t >= self.ngram:  # (HF: cur_len + 1 >= n; with t = n - 1 no n-gram is complete)
@@ -410,6 +530,10 @@ class _Banned:
             if t >= len(w) - 1:
                 tail = seqs[:, t - len(w) + 1:]
                 ban[:, w[-1]] |= (tail == prefix).all(-1)
+        if self.suppress:
+            ban[:, suppress] = True
+        if self.begin and t == self.prompt_len:
+            ban[:, begin] = True
         return ban
 
 
@@ -641,6 +765,13 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     top_k: transformers samples with top_k=50 where the checkpoint sets none, generate (as vLLM) with no top-k
     (pass top_k=50 for transformers'). With draft_model, a model default that speculative decoding cannot apply
     (a repetition_penalty != 1, min_new_tokens, no_repeat_ngram_size, bad_words_ids) raises.
+    model.generation_config's min_length (transformers': no eos while the sequence, prompt included, is shorter; the
+    prompt counts its padded width input_ids.shape[1], as transformers' MinLengthLogitsProcessor compares
+    input_ids.shape[-1], so it is min_new_tokens = min_length - T where that is more; dropped where min_new_tokens
+    is given or set there, as transformers' min_new_tokens replaces it), suppress_tokens (banned at every step, eos
+    included) and begin_suppress_tokens (banned at the first new token) apply to every strategy but speculative
+    decoding, which raises; set the field to None to drop one. The keys of GenerationDefaults that generate does not
+    apply warn (warnings.warn naming the key) where set to a value that changes transformers' output.
     attention_mask: [B, T], 1 = token, 0 = left padding (batched prompts of different lengths,
     transformers' convention: positions count real tokens only).
     draft_model: a smaller model with the same vocabulary and the same interface (plus
@@ -649,7 +780,9 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     proposals per step.
     top_logprobs: k > 0 (greedy and sample, with return_dict=True) adds, per generated position, the k
     most likely token ids and the raw log-probabilities of the model (see GenerationOutput).
-    num_return_sequences: an int >= 1 (at most num_beams for beam search).
+    num_return_sequences: an int >= 1 (at most num_beams for beam search). Greedy decoding gives each prompt's rows
+    the same tokens unless per-sequence values (logit_bias / allowed_tokens / penalties with B * R rows) tell them
+    apart (transformers' greedy refuses num_return_sequences > 1).
     min_new_tokens, no_repeat_ngram_size, bad_words_ids: transformers' generate options of those names (any
     strategy but speculative): no eos before min_new_tokens new tokens (vLLM's min_tokens); no n-gram of
     no_repeat_ngram_size tokens twice in a sequence (its prompt and padding included, as HF counts); no
@@ -696,10 +829,12 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, 0)
     num_beams = _int_arg("num_beams", num_beams, 1)
     vocab = _vocab_size(model)
+    min_length = _model_min_length(model, min_new_tokens)  # (before min_new_tokens' FROM_MODEL is resolved)
     (temperature, top_k, top_p, min_p, repetition_penalty, min_new_tokens, no_repeat_ngram_size, bad_words_ids,
      length_penalty, early_stopping) = _model_knobs(model, strategy, draft_model is not None, vocab, (
         temperature, top_k, top_p, min_p, repetition_penalty, min_new_tokens, no_repeat_ngram_size, bad_words_ids,
         length_penalty, early_stopping))
+    _warn_ignored(model, strategy)
     early_stopping = _early_stopping(early_stopping)
     _check_strategy_options(strategy, draft_model, num_draft_tokens,
                             dict(temperature=(temperature, 1.0), top_k=(top_k, 0), top_p=(top_p, 1.0),
@@ -732,6 +867,8 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     pad_token_id = _pad_id(pad_token_id, vocab)
     scorers = _scorers(scorers)
     rules, min_new_tokens, no_repeat_ngram_size = _check_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids)
+    rules, min_new_tokens, suppress, begin_suppress = _model_rules(model, rules, min_new_tokens, min_length,
+                                                                   input_ids.shape[1], draft_model is not None)
     stops = _check_stops(stop_sequences, strategy, draft_model, input_ids.device, vocab)
     if stops is not None:
         stops = _Stops(stops, min_new_tokens)
@@ -741,7 +878,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
         if draft_model is not None:
             raise ValueError(f"{', '.join(rules)} are not supported with draft_model (speculative decoding)")
         allowed_tokens = _Banned(allowed_tokens, input_ids.shape[1], eos, min_new_tokens, no_repeat_ngram_size,
-                                 bad_words_ids)
+                                 bad_words_ids, suppress, begin_suppress)
     if draft_model is not None:
         num_draft_tokens = _check_speculative(
             draft_model, input_ids, max_new_tokens, strategy, num_draft_tokens, num_beams,

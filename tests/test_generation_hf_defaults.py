@@ -244,3 +244,106 @@ def test_bad_checkpoint_knobs_speculative_and_models_without_defaults(knobbed):
     old = dict({k: v for k, v in old.items() if k not in SAMPLING}, length_penalty=1.0, early_stopping=False)
     a, b = generate(z, xz, 4, return_dict=True, **BEAM), generate(z, xz, 4, return_dict=True, **BEAM, **old)
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.scores, b.scores)
+
+
+# ---- min_length, suppress_tokens, begin_suppress_tokens; the keys generate ignores warn --------------------
+
+def _hf_padded(hf, x, am, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return hf.generate(x, attention_mask=am, max_new_tokens=8, do_sample=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def padded(ckpt, tmp_path_factory):
+    """(from_hf model, transformers model, left-padded prompts, their mask, eos, the banning keys) of a checkpoint
+    whose generation_config.json sets min_length, suppress_tokens (eos among them: unlike bad_words_ids, transformers
+    bans it) and begin_suppress_tokens, plus typical_p (sampling only: greedy and beam search ignore it there too)."""
+    path, x, _, _ = ckpt
+    new = tmp_path_factory.mktemp("gen_rules")
+    shutil.copytree(path, new, dirs_exist_ok=True)
+    am = torch.ones_like(x)
+    am[1, :2] = 0
+    free = _hf_padded(_hf(path), x, am, eos_token_id=None, pad_token_id=0)
+    eos, T = [int(free[0, 6])], x.shape[1]  # (row 0 stops at its second new token)
+    rules = dict(min_length=T + 4, suppress_tokens=[int(free[1, T]), eos[0]], begin_suppress_tokens=[int(free[2, T])])
+    with open(new / "generation_config.json", "w") as f:
+        json.dump(dict(rules, eos_token_id=eos, typical_p=0.5), f)
+    return from_hf(str(new), backend="torch"), _hf(new), x, am, eos, rules
+
+
+def test_checkpoint_min_length_and_suppressed_tokens_as_in_transformers(padded):
+    """generation_config.json's min_length (it counts the prompt's padded width, as transformers' processor
+    compares input_ids.shape[-1]; min_new_tokens given replaces it, as there), suppress_tokens and
+    begin_suppress_tokens: greedy and beam search give transformers' tokens on left-padded prompts, all keys at once
+    and each alone (each changes the tokens). The old generate ignored them."""
+    m, hf, x, am, eos, rules = padded
+    assert {k: getattr(m.generation_config, k) for k in rules} == rules and m.generation_config.typical_p == 0.5
+    saved = m.generation_config, hf.generation_config
+    try:
+        for keys in [rules] + [{k: v} for k, v in rules.items()]:
+            changed = False
+            for kw in ({}, BEAM):
+                hf_kw = dict({k: v for k, v in kw.items() if k != "strategy"}, num_beams=kw.get("num_beams", 1))
+                _set(m, hf, eos)
+                base = generate(m, x, 8, attention_mask=am, **kw)
+                _set(m, hf, eos, **keys)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # (typical_p: sampling only, no warning)
+                    ours = generate(m, x, 8, attention_mask=am, **kw)
+                assert torch.equal(ours, _hf_padded(hf, x, am, **hf_kw)), (keys, kw)
+                changed |= ours.shape != base.shape or not torch.equal(ours, base)
+            assert changed, keys
+        _set(m, hf, eos, min_length=rules["min_length"])
+        assert torch.equal(generate(m, x, 8, attention_mask=am, min_new_tokens=0),
+                           _hf_padded(hf, x, am, min_new_tokens=0))
+    finally:
+        m.generation_config, hf.generation_config = saved
+
+
+IGNORED = [("forced_bos_token_id", 1, None), ("forced_eos_token_id", [2], None), ("sequence_bias", [[[3], 1.0]], None),
+           ("exponential_decay_length_penalty", [2, 1.1], None), ("guidance_scale", 1.5, None),
+           ("stop_strings", ["x"], None), ("remove_invalid_values", True, None),
+           ("watermarking_config", {"bias": 2.0}, None),
+           ("renormalize_logits", True, "beam"), ("typical_p", 0.5, "sample"), ("epsilon_cutoff", 3e-4, "sample"),
+           ("eta_cutoff", 3e-4, "sample"), ("top_h", 0.4, "sample")]
+NEUTRAL = dict(guidance_scale=1.0, remove_invalid_values=False, renormalize_logits=False, typical_p=1.0,
+               epsilon_cutoff=0.0, eta_cutoff=1.0)
+
+
+def _warned(m, x, **kw):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        generate(m, x, 2, **kw)
+    return [str(w.message) for w in seen if "llmkern's generate ignores it" in str(w.message)]
+
+
+def test_checkpoint_keys_generate_ignores_warn_and_rules_refused_with_a_draft(padded):
+    """A checkpoint key transformers' generate applies and generate does not warns, naming it, with the strategies
+    transformers applies it with (its sampling warpers: sampling; renormalize_logits: beam search's scores); their
+    neutral values do not. min_length / suppress_tokens / begin_suppress_tokens: malformed values raise naming
+    them, and speculative decoding refuses them (min_new_tokens=0 overrides min_length)."""
+    m, _, x, am, eos, rules = padded
+    cfg = m.generation_config
+    kws = dict(greedy={}, sample=dict(strategy="sample", seed=0), beam=dict(strategy="beam", num_beams=2))
+    try:
+        for name, v, only in IGNORED:
+            m.generation_config = GenerationDefaults(**{name: v})
+            for strategy, kw in kws.items():
+                seen = _warned(m, x, **kw)
+                want = only in (None, strategy)
+                assert len(seen) == want and (not want or f"model.generation_config.{name}=" in seen[0]), (name, kw)
+        m.generation_config = GenerationDefaults(**NEUTRAL)
+        assert not any(_warned(m, x, **kw) for kw in kws.values())
+        for name, bad in (("min_length", -1), ("suppress_tokens", 3), ("begin_suppress_tokens", [1.0])):
+            m.generation_config = GenerationDefaults(**{name: bad})
+            with pytest.raises(ValueError, match=f"model.generation_config.{name} must be"):
+                generate(m, x, 2)
+        for name, v in rules.items():
+            m.generation_config = GenerationDefaults(**{name: v})
+            with pytest.raises(ValueError, match=f"model.generation_config.{name}=.* draft_model"):
+                generate(m, x, 2, draft_model=m)
+        m.generation_config = GenerationDefaults(min_length=rules["min_length"])
+        assert torch.equal(generate(m, x, 4, draft_model=m, min_new_tokens=0), generate(m, x, 4))
+    finally:
+        m.generation_config = cfg

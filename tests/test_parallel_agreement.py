@@ -9,8 +9,9 @@ Two spawned gloo ranks (conftest's pool2, which ranks(2) returns too), tiny mode
 The cross-rank guards of llmkern.parallel.guards, also a clear error on every rank:
 
 - generate on a sharded model with arguments that differ across the ranks (max_new_tokens, strategy, eos, the
-  prompts, the generator state when sampling without seed=). was: the ranks ran different numbers of collectives
-  (a hang until the process group's timeout) or fed different tokens to the sharded layers (garbage).
+  prompts, the generator state when sampling without seed=, model.generation_config: the defaults of arguments left
+  at FROM_MODEL, the same on every rank while the resolved values differ). was: the ranks ran different numbers of
+  collectives (a hang until the process group's timeout) or fed different tokens to the sharded layers (garbage).
 - tensor_parallelize on ranks holding different weights (one rank unseeded; one parameter changed, or transposed).
   was: sharded without a word, the outputs silently wrong.
 - tensor_parallelize on a model sharded already. was: "found no projection to shard".
@@ -201,9 +202,22 @@ def _case_generate(rank, p):
         out[tag] = _outcome(lambda: generate(model, **kw))
     torch.manual_seed(rank)  # (the generators differ: sampling without seed= draws different tokens)
     out["generator"] = _outcome(lambda: generate(model, ids, 3, strategy="sample"))
+    out["generation_config"] = _outcome(lambda: _with_defaults(model, ids, repetition_penalty=(1.0, 1.5)[rank]))
+    out["same generation_config"] = _outcome(lambda: _with_defaults(model, ids, repetition_penalty=1.5))
     out["seconds"] = time.monotonic() - t0
     out["met"] = _all_met(p)
     return out
+
+
+def _with_defaults(model, ids, **defaults):
+    """generate with every argument the same, model.generation_config set to `defaults` (may differ per rank)."""
+    from llmkern.generation import GenerationDefaults, generate
+
+    model.generation_config = GenerationDefaults(**defaults)
+    try:
+        generate(model, ids, 3)
+    finally:
+        del model.generation_config
 
 
 def test_generate_arguments_must_agree_on_tensor_parallel_ranks(ranks):
@@ -211,10 +225,12 @@ def test_generate_arguments_must_agree_on_tensor_parallel_ranks(ranks):
     r0, r1 = results
     assert r0["met"] and r1["met"] and r0["same"] and r1["same"], results
     assert r0["unsharded, rank 0 alone"] == "no error", r0  # (no collective for a model that is not sharded)
+    assert r0["same generation_config"] == r1["same generation_config"] == "no error", results
     assert r0["seconds"] < 10, "a refusal waited for a timeout"
     for tag, words in (("max_new_tokens", "max_new_tokens (rank 0: 3, rank 1: 4)"), ("strategy", "strategy"),
                        ("eos_token_id", "eos_token_id"), ("input_ids", "input_ids"),
-                       ("generator", "random generator state")):
+                       ("generator", "random generator state"),
+                       ("generation_config", "model.generation_config (the defaults")):
         assert r0[tag] == r1[tag], (tag, r0[tag], r1[tag])  # the same error on both ranks
         assert r0[tag].startswith("ValueError: generate: the ranks of the tensor-parallel model disagree on"), r0[tag]
         assert words in r0[tag], (tag, r0[tag])

@@ -6,6 +6,7 @@
   with different loop-shaping arguments run different numbers of collectives (a hang until the process group's
   timeout) or feed different tokens to the sharded layers (garbage).
 """
+import dataclasses
 import hashlib
 import numbers
 import sys
@@ -183,24 +184,37 @@ def _rng_key(args):
         return None
 
 
+def _generation_config(model):
+    """model.generation_config (a dataclass: its fields as a dict), where generate resolves the arguments left at
+    FROM_MODEL: ranks that loaded different ones pass the same arguments yet decode differently. Never raises."""
+    try:
+        cfg = getattr(model, "generation_config", None)
+        return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) else cfg
+    except Exception:  # noqa: BLE001  (as _code)
+        return ("unreadable generation_config",)
+
+
 def check_generate_agreement(model, args):
     """generate's hook (`args`: its arguments, locals() at its top). On a tensor-parallel model (or draft model),
     one all-gather of a code per argument over its group, then the same ValueError on every rank naming the
-    arguments that differ; nothing (no collective, no host read) on any other model."""
+    arguments that differ (and model.generation_config, where the arguments left at FROM_MODEL come from); nothing
+    (no collective, no host read) on any other model."""
     group = tensor_parallel_group(model, args.get("draft_model"))
     if group is None:
         return
     names = sorted(k for k in args if k not in _OUTPUT_ONLY)
     codes = [c for n in names for c in _code(args[n])] + list(_code(_rng_key(args)))
+    codes += _code(_generation_config(model))
     rows = comm.agree(group, "generate", codes)
     differ = []
-    for k, name in enumerate(names + ["torch's random generator state (strategy='sample' without seed=)"]):
+    for k, name in enumerate(names + ["torch's random generator state (strategy='sample' without seed=)",
+                                      "model.generation_config (the defaults of the arguments left at FROM_MODEL)"]):
         if any(r[2 * k:2 * k + 2] != rows[0][2 * k:2 * k + 2] for r in rows):
             shown = all(r[2 * k] for r in rows)
             differ.append(name + (" (" + ", ".join(f"rank {i}: {r[2 * k + 1]}" for i, r in enumerate(rows)) + ")"
                                   if shown else ""))
     if differ:
         raise ValueError(f"generate: the ranks of the tensor-parallel model disagree on {'; '.join(differ)}. Every "
-                         f"rank must call generate with the same arguments (and prompts): otherwise they run "
-                         f"different numbers of collectives (a hang) or feed different tokens to the sharded "
-                         f"layers (wrong outputs); for sampling, pass seed= or seed every rank alike")
+                         f"rank must call generate with the same arguments, prompts and model.generation_config: "
+                         f"otherwise they run different numbers of collectives (a hang) or feed different tokens to "
+                         f"the sharded layers (wrong outputs); for sampling, pass seed= or seed every rank alike")
