@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from types import SimpleNamespace
 from typing import Optional
@@ -387,7 +388,11 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
 
     DoRA (``use_dora=True`` LoRALinear modules) is written as PEFT writes it: ``use_dora: true`` and a
     ``<module>.lora_magnitude_vector`` per module. PEFT's config has one use_dora for all modules, so a
-    model that mixes DoRA and plain LoRA modules raises ValueError.
+    model that mixes DoRA and plain LoRA modules raises ValueError. It has one lora_dropout too (and, unlike r and
+    lora_alpha, no per-module pattern for it): the most common dropout of the LoRALinear / LoRAConv layers is written
+    (LoRAEmbedding ignores dropout, as PEFT's embedding LoRA does, and tensor-parallel layers have none, so neither
+    counts), with a UserWarning naming the layers whose own dropout differs (they load with the written one; the
+    saved weights are exact either way).
 
     Tensor parallelism (``llmkern.parallel.tensor_parallelize``): on a model whose layers are
     ColumnParallelLinear / RowParallelLinear with LoRA shards this is a collective. EVERY rank of the
@@ -471,7 +476,7 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     entries = entries + conv_entries + emb_entries
     r = Counter(e[1] for e in entries).most_common(1)[0][0]
     alpha = Counter(e[2] for e in entries).most_common(1)[0][0]
-    dropout = Counter(e[3] for e in entries).most_common(1)[0][0]
+    dropout = _config_dropout_value(lora_modules(model) + convs + embs, entries)
     # PEFT matches a pattern key k against module names as the regex (.*\.)?(k)$: a bare name would also pick
     # every module whose name ends in it (vision.layers.0 for layers.0), and its dots match any character.
     # Anchored and escaped, a key names one module (_pattern_entry reads them with PEFT's rule).
@@ -525,6 +530,30 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
         from llmkern.parallel import lora_state
 
         lora_state.finish_write(group, error)
+
+
+def _config_dropout_value(layers, entries):
+    """The lora_dropout to write. PEFT's config has one for all modules (no per-module pattern, unlike r and alpha),
+    so it is the most common among the layers that apply one: LoRALinear and LoRAConv, not LoRAEmbedding (which
+    ignores it, as PEFT's embedding LoRA does) nor tensor-parallel layers (which have no LoRA dropout: their 0.0 is
+    no choice of the user's). When those disagree, a warning names the layers that will load with another dropout
+    than they trained with (the saved weights are exact either way: dropout only matters in training)."""
+    applied = [(n, m.dropout) for n, m in layers if not isinstance(m, LoRAEmbedding)]
+    if not applied:
+        return Counter(e[3] for e in entries).most_common(1)[0][0]
+    counts = Counter(p for _, p in applied)
+    dropout = counts.most_common(1)[0][0]
+    if len(counts) > 1:
+        others = {}
+        for n, p in applied:
+            if p != dropout:
+                others.setdefault(p, []).append(n)
+        listed = "; ".join(f"{p}: {', '.join(ns[:3])}{' ...' if len(ns) > 3 else ''} ({len(ns)} layers)"
+                           for p, ns in others.items())
+        warnings.warn(f"save_peft_adapter: PEFT's adapter_config.json has one lora_dropout for all modules, but the "
+                      f"LoRA layers use {len(counts)} values; writing the most common, {dropout}. These layers will "
+                      f"load with it instead of their own dropout: {listed}", UserWarning, stacklevel=3)
+    return dropout
 
 
 def _parallel_rslora(model):
@@ -755,7 +784,8 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
     Each module named in the checkpoint becomes a LoRALinear (or, if it already is one, gets the
     new weights) with PEFT's r / lora_alpha / lora_dropout / use_rslora / rank_pattern / alpha_pattern (a module
     that already has LoRA takes the config's alpha, dropout and rsLoRA too, as PEFT builds every loaded adapter's
-    layers from its config: the model is the checkpoint's whether or not LoRA was injected first); base weights
+    layers from its config: the model is the checkpoint's whether or not LoRA was injected first; so a loaded layer
+    that was ``disabled`` is enabled again, where PEFT's load_adapter leaves a layer it disabled off); base weights
     PEFT saved for a targeted lm_head / embedding layer (``<module>.base_layer.weight``) are copied
     into that layer, as PEFT does. DoRA adapters (``use_dora: true``, a ``lora_magnitude_vector`` per
     module) load as DoRA LoRALinear modules (an existing LoRALinear is switched to DoRA, or back to plain
@@ -1039,8 +1069,9 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
             mod.lora_scaling = lora_scaling(alpha, r, use_rslora)
             mod.lora_alpha, mod.lora_use_rslora = alpha, use_rslora
             continue
-        if isinstance(mod, LoRALinear):  # (as a new wrapper: the config's alpha, rsLoRA, dropout and DoRA)
+        if isinstance(mod, LoRALinear):  # (as a new wrapper: the config's alpha, rsLoRA, dropout and DoRA; enabled)
             mod.alpha, mod.use_rslora, mod.dropout = float(alpha), use_rslora, dropout
+            mod.disabled = False
             mod.set_use_dora(M is not None)
             _untie_lora_a(mod, owners)  # (an A an earlier load tied to other layers: this load may give it another)
         else:
@@ -1060,6 +1091,7 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         mod = model.get_submodule(name)
         if isinstance(mod, LoRAEmbedding):
             mod.alpha, mod.use_rslora, mod.dropout = float(alpha), use_rslora, dropout
+            mod.disabled = False
         else:
             mod = LoRAEmbedding(mod, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                                 freeze_base=freeze_base)
@@ -1073,6 +1105,7 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         mod = model.get_submodule(name)
         if isinstance(mod, LoRAConv):
             mod.alpha, mod.use_rslora, mod.dropout = float(alpha), use_rslora, dropout
+            mod.disabled = False
         else:
             mod = LoRAConv(mod, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, freeze_base=freeze_base)
             _set_submodule(model, name, mod)

@@ -10,6 +10,7 @@
 import itertools
 import math
 import re
+import sys
 from typing import List, Sequence, Union
 
 import torch
@@ -271,6 +272,99 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module):
     setattr(parent, child, module)
 
 
+ALL_LINEAR = "all-linear"  # PEFT's shorthand target (LoraConfig(target_modules="all-linear"))
+
+
+def _is_all_linear(targets) -> bool:
+    return isinstance(targets, str) and targets.lower() == ALL_LINEAR  # (PEFT lower-cases it too)
+
+
+def _wrappable(module) -> bool:
+    """Whether inject_lora has a LoRA layer for `module`."""
+    from llmkern.peft.lora_conv import CONV_TYPES
+
+    return isinstance(module, (nn.Linear, NF4Linear, nn.Embedding) + CONV_TYPES) or is_hf_conv1d(module)
+
+
+def _adapted(model):
+    """ids of the model's llmkern LoRA layers and of every module inside them: already adapted, never a new target
+    (PEFT leaves its own layers' insides alone too)."""
+    from llmkern.peft.lora_conv import LoRAConv
+    from llmkern.peft.lora_embedding import LoRAEmbedding
+
+    return {id(sub) for m in model.modules() if isinstance(m, (LoRALinear, LoRAEmbedding, LoRAConv))
+            for sub in m.modules()}
+
+
+def _output_layer_names(model):
+    """Names of the layers "all-linear" leaves out as the model's output layer: a transformers model's output
+    embedding (get_output_embeddings(), PEFT's rule), a zoo model's lm_head (that of the HF model it maps to)."""
+    hf = getattr(model, "hf_module_names", None)
+    if callable(hf):
+        return {n for n, h in hf().items() if h.name == "lm_head"}
+    pretrained = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)
+    out = model.get_output_embeddings() if pretrained is not None and isinstance(model, pretrained) else None
+    return {n for n, m in model.named_modules() if out is not None and m is out}
+
+
+def _all_linear_names(model, adapted):
+    """PEFT's "all-linear": every nn.Linear (an NF4Linear too, as PEFT takes bitsandbytes' 4-bit layers) and
+    transformers Conv1D but the output layer. A zoo model takes only the layers its transformers twin has
+    (hf_module_names(): a Mixtral router is no nn.Linear there), so that both get the same adapter. The out_proj
+    of an nn.MultiheadAttention is left out: MHA never calls it (see _read_in_place)."""
+    skip = _output_layer_names(model) | set(_read_in_place(model, [n for n, _ in model.named_modules()]))
+    hf = getattr(model, "hf_module_names", None)
+    keep = set(hf()) if callable(hf) else None
+    return [n for n, m in model.named_modules()
+            if (isinstance(m, (nn.Linear, NF4Linear)) or is_hf_conv1d(m)) and id(m) not in adapted
+            and n not in skip and (keep is None or n in keep)]
+
+
+def _target_names(model, targets):
+    """The names of the modules inject_lora wraps: the layers LoRA takes among the matches of `targets`. A regex
+    (a string) or "all-linear" passes over the rest (".*" matches every block too). A list entry must name a layer
+    LoRA takes, as in PEFT: a match of another type (a block, a norm, a tensor-parallel layer) raises, naming it,
+    unless the entry is a suffix that also named layers LoRA takes (["1"] in an nn.Sequential: a ReLU at index 1
+    elsewhere is passed over). Layers that already carry LoRA are passed over either way."""
+    adapted = _adapted(model)
+    if _is_all_linear(targets):
+        return _all_linear_names(model, adapted)
+    matched = [(n, m) for n, m in model.named_modules() if id(m) not in adapted and _matches(n, targets)]
+    if not isinstance(targets, str):
+        for t in targets:
+            hits = [(n, m) for n, m in matched if _matches(n, [t])]
+            suffix_ok = any(_wrappable(m) for _, m in hits)
+            bad = [(n, m) for n, m in hits if not _wrappable(m) and (n == t or not suffix_ok)]
+            if bad:
+                _refuse_target(targets, *bad[0])
+    return [n for n, m in matched if _wrappable(m)]
+
+
+def _refuse_target(targets, name, module):
+    hint = (" (a tensor-parallel layer: inject_lora before tensor_parallelize)"
+            if type(module).__name__ in ("ColumnParallelLinear", "RowParallelLinear") else "")
+    raise ValueError(f"inject_lora: target_modules {targets!r} matched {name or 'the model itself'}, a "
+                     f"{type(module).__name__}, which LoRA cannot wrap{hint}; LoRA takes nn.Linear, NF4Linear, "
+                     f"transformers Conv1D, nn.Embedding and nn.Conv1d/2d/3d layers: name those (or pass a regex "
+                     f"string, which skips what it cannot wrap)")
+
+
+def _tie_fused_parts(model, names):
+    """all-linear on a zoo model: the zoo layers that are row blocks of one transformers layer (GPT-2's c_attn:
+    q/k/v; Phi-3's qkv_proj, gate_up_proj) share one A Parameter, as PEFT's one LoRA on that layer has one A (the
+    same parameters, gradients and saved adapter as PEFT's all-linear on the transformers model)."""
+    from llmkern.peft.checkpoint import _tie_lora_a
+
+    hf = getattr(model, "hf_module_names", None)
+    groups = {}
+    for zn, h in (hf() if callable(hf) else {}).items():
+        if h.rows is not None:
+            groups.setdefault(h.name, []).append(zn)
+    for parts in groups.values():
+        if all(zn in names for zn in parts):
+            _tie_lora_a(model, sorted(parts, key=names.index))
+
+
 def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("q_proj", "v_proj"),
                 r: int = 8, alpha: float = 8.0, dropout: float = 0.0, use_rslora: bool = False,
                 freeze_base: bool = True, use_dora: bool = False) -> List[str]:
@@ -281,6 +375,16 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
     matching ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` by a ``LoRAConv`` (PEFT's LoRA on convs);
     ``use_dora=True`` with an embedding or conv target raises ValueError.
 
+    ``target_modules`` as in PEFT: a list of names (a module matches an entry it equals or ends with after a
+    "."; a match LoRA cannot wrap, e.g. a block or a norm, raises ValueError naming it, as in PEFT, unless the entry
+    is a suffix that also matched layers LoRA takes: ["1"] in nn.Sequential models skips a ReLU at index 1), a
+    regex string (full match; matches LoRA cannot wrap are skipped: ".*" matches every block), or
+    ``"all-linear"``: every nn.Linear / NF4Linear /
+    Conv1D but the output layer (a transformers model's get_output_embeddings(), a zoo model's lm_head), the
+    modules PEFT's ``LoraConfig(target_modules="all-linear")`` picks. On a zoo model that means the layers its
+    transformers twin has (``hf_module_names()``), and the layers that are one transformers layer there (GPT-2's
+    c_attn: q/k/v) share one A, PEFT's single A for it. Layers that already carry LoRA are skipped.
+
     With ``freeze_base`` (default) every other parameter of the model is frozen too, so that only
     the LoRA parameters train (parameter-efficient ones the model already has, LoRA, DoRA magnitudes, adapters
     and prefixes, keep their state). Returns the names of the wrapped modules (raises if none matched).
@@ -288,10 +392,7 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
     from llmkern.peft.lora_conv import CONV_TYPES, LoRAConv
     from llmkern.peft.lora_embedding import LoRAEmbedding
 
-    wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, (LoRALinear, LoRAEmbedding, LoRAConv))}
-    kinds = (nn.Linear, NF4Linear, nn.Embedding) + CONV_TYPES
-    names = [n for n, m in model.named_modules()
-             if (isinstance(m, kinds) or is_hf_conv1d(m)) and id(m) not in wrapped and _matches(n, target_modules)]
+    names = _target_names(model, target_modules)
     if "" in names:  # (the root: a LoRALinear would become a child of the very layer it wraps)
         raise ValueError(f"target_modules {target_modules!r} matched the model itself, an {type(model).__name__}; "
                          f"wrap a single layer directly: LoRALinear(layer, r=...)")
@@ -324,6 +425,8 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
         _freeze_non_lora(model)  # (the wrapped layers' own parameters included)
     for n, layer in new:
         _set_submodule(model, n, layer)
+    if _is_all_linear(target_modules):
+        _tie_fused_parts(model, names)
     return names
 
 
