@@ -56,6 +56,13 @@ def reading_values():
     return checking_values() and not _TRUSTED.get()
 
 
+def has_values(t):
+    """Whether tensor t holds values to read: not a meta tensor nor a FakeTensor (FakeTensorMode: shape inference,
+    memory estimation), which have shapes only (reading one raised "Cannot copy out of meta tensor", or
+    DataDependentOutputException, where torch's own ops run)."""
+    return not (t.is_meta or torch._subclasses.fake_tensor.is_fake(t))
+
+
 def assert_async(ok, message):
     """The value check for code that cannot read values (torch.compile, CUDA graph capture): ok, a bool
     tensor [], is checked when the graph runs (RuntimeError on CPU, a device-side assert on CUDA, which

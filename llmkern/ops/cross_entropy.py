@@ -18,6 +18,7 @@ about 36 bytes (upcast copy, log_softmax output, their backward, the cast back);
 logits once in the forward, once more in the backward and writes the gradient once: 6 bytes for
 bf16. It saves the logits (not a float32 copy) and a float32 logsumexp per row for the backward.
 """
+import contextlib
 import functools
 import math
 import numbers
@@ -90,7 +91,10 @@ def _check_labels(labels, lead, V, device, ignore_index, lead_name, device_name)
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -(2**63) <= int(ignore_index) < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    if labels.device.type == "cpu" and _checks.reading_values() and N > 0:  # (not inside _checks.trusted())
+    # (not inside _checks.trusted(); nor under torch.func, where vmap's batched labels have no values to read: bool()
+    # raised vmap's "data-dependent control flow" error, where F.cross_entropy runs)
+    if labels.device.type == "cpu" and _checks.reading_values() and N > 0 and not _checks._functorch_active() \
+            and _checks.has_values(labels):
         bad = ~ignored(labels, ignore_index) & ((labels < 0) | (labels >= V))
         if bool(bad.any()):
             value = int(labels[bad].reshape(-1)[0])
@@ -482,6 +486,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     _check_labels(labels, tuple(hidden.shape[:-1]), weight.shape[0], hidden.device, ignore_index,
                   "hidden.shape[:-1]", "hidden")
     sc = _softcap(softcap)
+    if _checks._functorch_active():
+        # torch.func (grad, vmap, ...) cannot run a custom op's autograd ("must override the setup_context
+        # staticmethod"): the plain-PyTorch pair, which it can, with the logits formed
+        _backend.warn_once(("linear_cross_entropy", "functorch"), "llmkern.linear_cross_entropy under torch.func "
+                           "transforms runs the unfused F.linear + cross-entropy (the [N, V] logits are formed)")
+        return ref.linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                        reduction=reduction, softcap=sc or None)
     grad = torch.is_grad_enabled()
     need_dh = grad and hidden.requires_grad
     need_dw = grad and weight.requires_grad
@@ -489,7 +500,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     # (a chunk past 2**62 rows is one chunk, as any chunk of at least N rows: capped, it fits the custom op's int
     # argument, which 2**63 overflowed under torch.compile and dispatch modes)
     args = (int(ignore_index), sc, reduction, min(int(chunk_size or 0), 2**62), need_dh, need_dw, need_db)
-    with torch.autocast(hidden.device.type, enabled=False):
+    # (autocast off for the chunks' F.linear, which must not cast again; only where autocast is on: a meta
+    # tensor's torch.autocast("meta", enabled=False) raised "unsupported scalarType")
+    with torch.autocast(hidden.device.type, enabled=False) if dt is not None else contextlib.nullcontext():
         if _checks.eager_fast_path(hidden, weight, bias, labels):
             return _LinearCrossEntropyFunction.apply(hidden, weight, bias, labels, *args)[0]
         return _lce_fwd_op(hidden, weight, bias, labels, *args)[0]

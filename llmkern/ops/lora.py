@@ -127,7 +127,7 @@ def _scalings_arg(scalings, n, device, dtype=torch.float32):
         if scalings.device != device and scalings.device.type != "cpu":
             raise ValueError(f"scalings is on {scalings.device} but x is on {device} (give them on {device}, on "
                              f"the CPU or as floats)")
-        if scalings.device.type != "cpu" or not _checks.reading_values():
+        if scalings.device.type != "cpu" or not _checks.reading_values() or not _checks.has_values(scalings):
             return scalings.to(device=device, dtype=dtype), False
         items = scalings.tolist()
     else:
@@ -431,7 +431,7 @@ def lora_linear_multi(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     check = None
     if _checks.reading_values():
         check = _ValueCheck(None if host_ids else ids, n, None if scalings_checked else scalings)
-        if host_ids and ids.numel():
+        if host_ids and ids.numel() and _checks.has_values(ids):
             _check_id_range(*torch.aminmax(ids), n)
     if host_ids:
         ids = _checks.host_to_device(ids, x.device)
@@ -455,6 +455,9 @@ class _ValueCheck:
     checked on the host already (see lora_linear_multi)."""
 
     def __init__(self, ids, n, scalings):
+        # (meta and fake tensors have no values to read: .tolist() raised "Cannot copy out of meta tensor")
+        ids = None if ids is not None and not _checks.has_values(ids) else ids
+        scalings = None if scalings is not None and not _checks.has_values(scalings) else scalings
         self.n, self.scalings, self.read = n, scalings, None
         parts = [] if scalings is None else [(~torch.isfinite(scalings)).sum().reshape(1)]
         self.has_ids = ids is not None and ids.numel() > 0
@@ -482,7 +485,8 @@ def _lora_multi(x, weight, bias, lora_A, lora_B, scalings, ids, n, M):
     if backend == "reference" or M == 0:
         if isinstance(weight, NF4Weight):  # as in lora_linear: the base keeps only the codes
             y = nf4_linear(x, weight, bias).reshape(M, weight.shape[0])
-            return ref.add_lora_multi(y, x, lora_A, lora_B, scalings, ids).reshape(*x.shape[:-1], -1)
+            # (out_features named: reshape(..., -1) of an empty batch is ambiguous and raised)
+            return ref.add_lora_multi(y, x, lora_A, lora_B, scalings, ids).reshape(*x.shape[:-1], weight.shape[0])
         return ref.lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, ids)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])

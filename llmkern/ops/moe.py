@@ -93,7 +93,8 @@ def _check_routing(x, topk_ids, topk_weights, E):
     _check_same_device("topk_ids", topk_ids, x)
     _check_same_device("topk_weights", topk_weights, x)
     # the ids' range costs a host sync on CUDA: checked on CPU only (the kernels skip bad ids on CUDA)
-    if topk_ids.device.type == "cpu" and topk_ids.numel() and _checks.checking_values():
+    if topk_ids.device.type == "cpu" and topk_ids.numel() and _checks.checking_values() \
+            and _checks.has_values(topk_ids):
         lo, hi = torch.aminmax(topk_ids.to(torch.int64))
         if lo < NO_EXPERT or hi >= E:
             raise ValueError(f"topk_ids must be in [0, {E}) (n_experts) or {NO_EXPERT} (a dropped slot: no expert), "
@@ -227,7 +228,24 @@ def moe_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk
     Accumulates in float32; the activation a = act(g)·u is rounded to x's dtype before the down
     projection, like an eager model. Deterministic (no atomics). The backward keeps (g | u)
     [T·k, 2F] in x's dtype and the expert sort, nothing else activation-sized.
+
+    Under torch.autocast, x, w_gate_up and w_down are cast to the autocast dtype first, as each expert's
+    F.linear would be, on every backend, and y is returned in x's dtype, as transformers' experts (which add
+    into zeros_like(x)) return it.
     """
+    dt = _checks.autocast_dtype(x)
+    if dt is None or x.dtype == torch.float64:  # (autocast leaves float64 alone)
+        return _moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights, activation)
+    # Autocast off inside: the kernels ignore it, while the CPU reference's float32 matmuls would be cast
+    # (h rounded before the activation). Without the casts the kernels ran float32 x in float32 GEMMs and
+    # the reference in the autocast dtype: two backends, two results for one call.
+    cast = [_checks.autocast_cast(dt, t) for t in (x, w_gate_up, w_down)]
+    with torch.autocast(x.device.type, enabled=False):
+        y = _moe_mlp(*cast, topk_ids, topk_weights, activation)
+    return y.to(x.dtype)
+
+
+def _moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights, activation):
     T, k, E, F = _check(x, w_gate_up, w_down, topk_ids, topk_weights, activation)
     if _backend_for(x.device, x.dtype) != "triton":
         return ref.moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights, activation)

@@ -52,11 +52,12 @@ def cross_entropy_chunk(logits: torch.Tensor, labels: torch.Tensor, *, ignore_in
     valid = (y != ignore_index) & (y >= 0) & (y < V)
     y0 = torch.where(valid, y, torch.zeros_like(y))
     logp = torch.log_softmax(z, dim=-1)
-    loss = torch.where(valid, -logp.gather(1, y0[:, None])[:, 0], torch.zeros(1, dtype=logp.dtype))
+    # (0.0, not a CPU zeros(1): torch.where refuses a 1-dim CPU tensor beside CUDA (float64) or meta logits)
+    loss = torch.where(valid, -logp.gather(1, y0[:, None])[:, 0], 0.0)
     if not need_grad:
         return loss, None
     dz = logp.exp_()  # softmax, in place from here on (a chunk is large)
-    dz[torch.arange(len(y0)), y0] -= 1.0
+    dz[torch.arange(len(y0), device=dz.device), y0] -= 1.0
     dz.mul_(valid.to(dz.dtype)[:, None] * grad_scale)
     if softcap:
         dz.mul_(1.0 - (z / softcap) ** 2)

@@ -129,7 +129,8 @@ def add_lora_multi(y, x, lora_A, lora_B, scalings, adapter_ids):
     ids = adapter_ids.reshape(-1).to(x2.device)
     for a in range(lora_A.shape[0]):
         s = scalings[a].to(x2.dtype) if torch.is_tensor(scalings) else scalings[a]
-        if torch.compiler.is_compiling():  # no data-dependent shapes in a graph: all rows, masked
+        # no data-dependent shapes in a graph, nor for meta / fake tensors (nonzero raised): all rows, masked
+        if torch.compiler.is_compiling() or x2.is_meta or torch._subclasses.fake_tensor.is_fake(x2):
             sel = (ids == a)[:, None]
             upd = s * F.linear(F.linear(torch.where(sel, x2, 0), lora_A[a]), lora_B[a])
             y = y + torch.where(sel, upd.to(y.dtype), 0)

@@ -34,10 +34,16 @@ def _expert(x, w_gate_up, w_down, act, dt):
     return (_activation(g, ACTIVATIONS[act]) * u) @ w_down.to(dt).t()
 
 
+def _no_values(t):
+    """A meta or fake (FakeTensorMode) tensor: no values for torch.where to select an expert's rows by (nonzero
+    raised), so the static-shape form runs."""
+    return t.is_meta or torch._subclasses.fake_tensor.is_fake(t)
+
+
 def moe_mlp(x, w_gate_up, w_down, topk_ids, topk_weights, activation="swiglu"):
     """The loop over experts; x [..., d], topk_ids / topk_weights [..., k] (or [T, k]). Slots with id -1
     match no expert, so they add nothing and their weights get no gradient."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _no_values(x):
         return moe_mlp_dense(x, w_gate_up, w_down, topk_ids, topk_weights, activation)
     dt, x2, ids, w = _prepare(x, w_gate_up, topk_ids, topk_weights)
     y = torch.zeros_like(x2)
