@@ -83,9 +83,11 @@ def test_float16_loss_scale_reaches_the_gradients(monkeypatch, path):
         if DEV is None:
             pytest.skip("needs triton (a GPU or TRITON_INTERPRET=1)")
         monkeypatch.setenv("LLMKERN_BACKEND", "triton")
-        device, N, V, d = DEV, 4096, 64, 8
+        # (1024 rows keep the interpreter's run short; the old kernels were 1.6x the unfused error there, and
+        # a correct one matches it to 4 digits: both are the float16 rounding of the gradients)
+        device, N, V, d, slack, floor = DEV, 1024, 64, 8, 1.25, 0.0
     else:
-        device, N, V, d = "cpu", 8192, 128, 16
+        device, N, V, d, slack, floor = "cpu", 8192, 128, 16, 2.0, 1e-3
     g = torch.Generator().manual_seed(0)
     h0 = torch.randn(N, d, generator=g).half()
     w0 = (torch.randn(V, d, generator=g) * 0.05).half()
@@ -104,7 +106,7 @@ def test_float16_loss_scale_reaches_the_gradients(monkeypatch, path):
         errs[name] = [((t.grad.double().cpu() / S - ref.grad).norm() / ref.grad.norm()).item()
                       for t, ref in ((h, hd), (w, wd))]
     for fused, unfused in zip(errs["fused"], errs["unfused"]):
-        assert fused < max(2 * unfused, 1e-3), errs
+        assert fused < max(slack * unfused, floor), errs
 
 
 def test_float16_weight_gradient_of_a_frequent_label_stays_finite():
