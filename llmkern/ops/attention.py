@@ -911,10 +911,13 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     lens = cache_seqlens
+    backend = _backend_for(q.device, q.dtype, "attention_with_kvcache")
+    if backend == "triton":  # (before the rotary and the append: refused, nothing is written)
+        _refuse_grad(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, sinks=sinks, alibi_slopes=alibi_slopes,
+                     k_scale=k_scale, v_scale=v_scale, rotary_cos=rotary_cos, rotary_sin=rotary_sin)
     if rotary_cos is not None or rotary_sin is not None:
         q, k = _rotary(q, k, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved,
                        causal or wl >= 0 or wr >= 0, D, Tmax)
-    backend = _backend_for(q.device, q.dtype, "attention_with_kvcache")
     if k is not None:
         if k_cache.dtype in FP8_DTYPES:
             k, v = quantize_kv(k, k_cache.dtype, k_scale), quantize_kv(v, v_cache.dtype, v_scale)
@@ -958,6 +961,21 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                           window=_ref_window(wl, wr), softcap=sc or None, return_lse=True,
                                           sinks=sinks, key_padding_mask=key_padding_mask, alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out
+
+
+def _refuse_grad(**tensors):
+    """The kernels' path of attention_with_kvcache runs the decode op, which has no autograd formula: inputs that
+    require grad gave an output that failed only at backward, with PyTorch's "no autograd formula was registered for
+    llmkern.attention_decode". Refused at the call instead, naming them (the CPU paths are plain torch ops and
+    differentiable; a forward without torch.no_grad() on the kernels would keep a graph it cannot use anyway)."""
+    if not torch.is_grad_enabled():
+        return
+    names = [n for n, t in tensors.items() if isinstance(t, torch.Tensor) and t.requires_grad]
+    if names:
+        raise ValueError(f"attention_with_kvcache is inference-only on the Triton kernels (no backward), but "
+                         f"{', '.join(names)} require{'s' if len(names) == 1 else ''} grad: call it under "
+                         f"torch.no_grad() / torch.inference_mode() or pass detached tensors; for gradients use "
+                         f"llmkern.attention over the cache's keys (key_padding_mask= hides unwritten slots)")
 
 
 def _check_writable(name, cache):

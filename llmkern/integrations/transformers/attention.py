@@ -32,12 +32,16 @@
 Rows of padded queries (left padding) come out as zeros, where eager attention averages all
 values (with sinks, eager gives about zero there too); real tokens get the same result.
 """
+import weakref
+
 import torch
 
 import llmkern
 from llmkern.ops import _checks
 
 NAME = "llmkern"
+# The masks _tag made, by their memory and layout (see _retagged); an entry lives as long as its mask.
+_TAGGED = weakref.WeakValueDictionary()
 
 
 # ---- mask function ------------------------------------------------------------------------------
@@ -111,9 +115,39 @@ def _tag(mask, window, kind):
     on the masks, and a copy of a sliced mask would not carry the tags."""
     if mask is not None:
         mask = mask.contiguous()
+        if _has_memory(mask):
+            other = _TAGGED.get(_layout(mask))
+            if other is not None and other is not mask:  # (a view of another mask's memory: a copy, for _retagged to
+                mask = mask.clone()                       # tell them apart, e.g. a full and a sliding-window mask)
+            _TAGGED[_layout(mask)] = mask
         mask._llmkern_window = window
         mask._llmkern_causal = kind == "causal"
     return mask
+
+
+def _layout(t):
+    """What a detached copy of `t` shares with it: its memory, layout, dtype and device."""
+    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device
+
+
+def _has_memory(t):
+    """Whether `t` has memory of its own for _layout to name: not traced (torch.compile), empty, meta or fake."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not torch.compiler.is_compiling() and t.numel() > 0 and not t.is_meta and not is_fake(t)
+
+
+def _retagged(mask):
+    """The mask _tag made, for `mask` when it is a detached copy of it: reentrant gradient checkpointing recomputes a
+    layer in the backward with .detach()ed tensor arguments, which carry no Python attributes, so a mask passed
+    positionally (GPT-2, BERT, BART, Aimv2 call their layers so) reached the recompute untagged, and the module's
+    is_causal / sliding_window took the place of the mask's kind and window (Aimv2's text tower: bidirectional
+    recomputed attention, other gradients). A live tensor sharing a tagged mask's memory and layout holds its data,
+    so its tags hold for it too."""
+    if not isinstance(mask, torch.Tensor) or hasattr(mask, "_llmkern_causal") or not _has_memory(mask):
+        return mask
+    tagged = _TAGGED.get(_layout(mask))
+    return mask if tagged is None else tagged
 
 
 def _mask_kind(mask_function):
@@ -259,10 +293,12 @@ def _static_chunk_mask(batch_size, q_offset, q_end, kv_offset, kv_end, kv_length
     torch.compile such a step is refused (single-token decode steps take the masked path, with no host read)."""
     limit = int(q_end)
     if not isinstance(kv_offset, int) or not kv_offset < limit <= kv_end:
+        # (queries past the last slot: the cache is full, and every implementation fails; say so, not "use sdpa")
+        hint = (f"the static cache is too short for them (max_cache_len {kv_end})" if isinstance(kv_offset, int)
+                and limit > kv_end else "use DynamicCache, or 'sdpa' for this step")
         raise NotImplementedError(
             f"llmkern attention: causal queries at positions {int(q_offset)}..{limit - 1} against {kv_length} cached "
-            f"keys from position {kv_offset} are not bottom-right aligned with any prefix of them; use DynamicCache, "
-            f"or 'sdpa' for this step")
+            f"keys from position {kv_offset} are not bottom-right aligned with any prefix of them; {hint}")
     n = limit - kv_offset
     pad = torch.ones(batch_size, n, dtype=torch.bool, device=device) if pad is None else pad[:, :n]
     all_visible = window is None and bool(pad.all())
@@ -287,6 +323,7 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
     if kwargs.get("output_attentions", False):
         raise NotImplementedError("llmkern attention does not return attention weights "
                                   "(output_attentions=True needs attn_implementation='eager')")
+    attention_mask = _retagged(attention_mask)
     if isinstance(attention_mask, torch.Tensor) and hasattr(attention_mask, "_llmkern_causal"):
         # eager and SDPA attend by the mask, whose kind the mask function knew: some models build a causal mask
         # for modules whose is_causal is False (Aimv2's text tower, Gemma with use_bidirectional_attention)
@@ -322,7 +359,7 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
                 f"llmkern attention got an attention_mask that is a {desc}: it takes the 2-D key padding "
                 f"mask built by its own mask function (llmkern.integrations.transformers.register()); "
                 f"custom 4-D masks need attn_implementation='sdpa' or 'eager'")
-        kpm = None if getattr(attention_mask, "_llmkern_all_visible", False) else attention_mask
+        kpm = None if _all_visible(attention_mask, window) else attention_mask
         n = getattr(attention_mask, "_llmkern_keys", None)
         if n is not None:  # (a static cache's chunk: the first n slots hold every key it sees; see llmkern_mask)
             key, value = key[:, :, :n], value[:, :, :n]
@@ -331,7 +368,7 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
                                       f"the layer has {key.shape[2]}")
     lengths = getattr(attention_mask, "_llmkern_lengths", None)
     if lengths is not None:
-        if is_causal and not dropout and not _checks.wants_grad(query, key, value):
+        if is_causal and not dropout and not _checks.wants_grad(query, key, value, sinks):
             # (a static cache's step: the keys written so far only; attention_with_kvcache is inference-only)
             out = llmkern.attention_with_kvcache(query, key, value, lengths, causal=True, scale=scaling,
                                                  window=window, softcap=softcap if softcap else None,
@@ -345,6 +382,17 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
                             softcap=softcap if softcap else None, key_padding_mask=kpm,
                             dropout_p=float(dropout) if dropout else 0.0, sinks=sinks)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _all_visible(mask, window):
+    """Whether the 2-D bool mask hides no key, so that the kernel gets none: the mask function's flag, or for a mask
+    that lost its tags its rule again. Activation offloading (save_on_cpu) hands a checkpointed layer's recompute
+    copies of its tensor arguments, which _retagged cannot find: an all-visible mask BERT and BART pass positionally
+    then went to the kernel in the recompute only, and torch.utils.checkpoint refused the recomputed activations
+    (other shapes than the forward's)."""
+    if hasattr(mask, "_llmkern_causal"):
+        return getattr(mask, "_llmkern_all_visible", False)
+    return window is None and not torch.compiler.is_compiling() and bool(mask.all())
 
 
 def _packed_attention(query, key, value, seq_ids, causal, scale, window, softcap, dropout, sinks=None):
