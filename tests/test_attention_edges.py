@@ -106,3 +106,19 @@ def test_attention_segments_under_autocast(monkeypatch):
     torch._dynamo.reset()
     assert eager.dtype == traced.dtype == torch.bfloat16
     torch.testing.assert_close(traced, eager)
+
+
+def test_decode_route_counts_trainable_sinks(triton_backend):
+    """llmkern.attention took the backward-less decode kernel for a few queries whenever q, k and v needed no
+    gradient, trainable sinks (gpt-oss's) left out: their backward then failed ("no autograd formula"). Sinks that
+    require grad now send the call to the forward kernel, whose backward gives them their gradient."""
+    from llmkern.reference import attention as ref
+
+    torch.manual_seed(0)
+    q, k, v = (t.to(DEV) for t in _qkv(B=1, T=6))
+    q = q[:, :, -1:]  # one query: the decode route's shape
+    sinks = torch.randn(4, device=DEV, requires_grad=True)
+    A.attention(q, k, v, causal=True, sinks=sinks).square().sum().backward()
+    s2 = sinks.detach().clone().requires_grad_()
+    ref.attention(q, k, v, causal=True, sinks=s2).square().sum().backward()
+    torch.testing.assert_close(sinks.grad, s2.grad, atol=1e-5, rtol=1e-4)

@@ -127,13 +127,11 @@ def test_kvcache_stays_differentiable_on_the_reference(monkeypatch):
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
-def test_static_step_with_trainable_sinks(triton_backend, monkeypatch):
+def test_static_step_with_trainable_sinks(triton_backend):
     """A static cache's one-token step ran attention_with_kvcache unless q, k or v required grad, trainable sinks
     (gpt-oss's) left out: the kernels' output then failed at backward. The step takes llmkern.attention's
-    differentiable path (its forward kernel here: its own decode route does not count the sinks yet)."""
+    differentiable path."""
     from transformers import masking_utils as mu
-
-    monkeypatch.setenv("LLMKERN_ATTN_DECODE_MAX_TQ", "0")
 
     q, kc, vc, lens = _decode_inputs()
     sinks = torch.randn(4, requires_grad=True)

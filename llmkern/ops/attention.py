@@ -498,7 +498,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     backend = _backend_for(q.device, q.dtype, "attention")
-    if backend == "triton" and _runs_as_decode(q, k, v, p):
+    if backend == "triton" and _runs_as_decode(q, k, v, p, sinks):
         extra = {n: t for n, t in (("sinks", sinks), ("key_padding_mask", key_padding_mask),
                                    ("alibi_slopes", alibi_slopes)) if t is not None}
         lens = torch.full((B,), Tk, dtype=torch.int32, device=q.device)
@@ -522,11 +522,11 @@ def _decode_max_tq():
     return int(os.environ.get("LLMKERN_ATTN_DECODE_MAX_TQ", "16"))
 
 
-def _runs_as_decode(q, k, v, p):
+def _runs_as_decode(q, k, v, p, sinks=None):
     """Whether an attention call takes the split-K decode kernel (attention_with_kvcache's) instead of the
     forward kernel: a few queries per row (a decode step of a model whose cache is a plain tensor, e.g.
-    transformers' DynamicCache; speculative drafts), no dropout, and no gradient wanted (the decode kernel has
-    no backward). Its grid splits the keys, so a small batch still fills the GPU, and it packs a GQA group's
+    transformers' DynamicCache; speculative drafts), no dropout, and no gradient wanted, trainable sinks included
+    (the decode kernel has no backward). Its grid splits the keys, so a small batch still fills the GPU, and it packs a GQA group's
     query heads into one tile, reading each K/V tile once per group (the forward kernel's grid is one program
     per query block and head: for one query, B * H programs each over every key).
     A symbolic query count (a dynamic length under torch.compile / torch.export) takes the forward kernel: the
@@ -535,7 +535,7 @@ def _runs_as_decode(q, k, v, p):
     Tq = q.shape[2]
     if p or isinstance(Tq, torch.SymInt) or Tq > _decode_max_tq():
         return False
-    return not _checks.wants_grad(q, k, v)
+    return not _checks.wants_grad(q, k, v, sinks)
 
 
 def _cpu_sdpa(q, k, v, causal, scale, wl, wr, key_padding_mask):
