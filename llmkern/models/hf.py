@@ -31,7 +31,8 @@ Supported config.json model_types:
            A config.json without pad_token_id takes Phi3Config's 32000 (the embedding's padding_idx). PEFT
            adapters on qkv_proj / gate_up_proj map onto the split layers (ModelConfig.hf_fused_projections).
   gemma    GemmaForCausalLM -> Llama with a GeGLU MLP (hidden_act), RMSNorm gains (1 + w) in float32,
-           embeddings times sqrt(hidden_size), head_dim, attention_bias
+           embeddings times sqrt(hidden_size), head_dim, attention_bias; a config.json without pad_token_id
+           takes the Gemma configs' 0 (the embedding's padding_idx), as for Gemma 2 / 3
   gemma2   Gemma2ForCausalLM -> Gemma plus the sandwich norms (post_attention / pre_feedforward /
            post_feedforward_layernorm), attention scale query_pre_attn_scalar ** -0.5,
            attn_logit_softcapping, final_logit_softcapping (logits and loss), sliding_window in the
@@ -207,7 +208,9 @@ _FAMILY_DEFAULTS = {
     "phi3": dict(max_position_embeddings=4096, num_key_value_heads=None, head_dim=None, rms_norm_eps=1e-5,
                  sliding_window=None),
 }
-_PHI3_PAD = 32000  # Phi3Config's default pad_token_id (the embedding's padding_idx when config.json has none)
+# the config classes' pad_token_id defaults (None elsewhere): the embedding's padding_idx when config.json has
+# no pad_token_id, as transformers builds it (that row gets no gradient)
+_DEFAULT_PAD = {"phi3": 32000, "gemma": 0, "gemma2": 0, "gemma3_text": 0}
 # keys of mixture-of-experts variants (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek ...): a dense model would
 # load without their expert weights, silently wrong
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
@@ -700,7 +703,7 @@ def deepseek_config(hf):
 
 
 def _drop_mtp_layers(state, cfg, hf):
-    """DeepSeek-V3's multi-token-prediction modules are stored as layers num_hidden_layers .. + 
+    """DeepSeek-V3's multi-token-prediction modules are stored as layers num_hidden_layers .. +
     num_nextn_predict_layers - 1; transformers' DeepseekV3ForCausalLM has no such layers and ignores their
     weights: so does this, with a warning (they serve speculative decoding only, never the logits)."""
     extra = [k for k in state if k.startswith("layers.") and int(k.split(".")[1]) >= cfg.n_layer]
@@ -826,8 +829,8 @@ def _parse_dtype(dtype, what="dtype"):
         name = name[len("torch."):] if name.startswith("torch.") else name
         d = getattr(torch, name, None) if name.isidentifier() else None
     if d not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):  # (no float8 compute)
-        raise ValueError(f"from_hf: {what} must be a floating-point torch.dtype (not float8) or its name (e.g. torch.bfloat16, "
-                         f"'bfloat16', 'float16', 'float32'), or 'auto', got {dtype!r}")
+        raise ValueError(f"from_hf: {what} must be a floating-point torch.dtype (not float8) or its name (e.g. "
+                         f"torch.bfloat16, 'bfloat16', 'float16', 'float32'), or 'auto', got {dtype!r}")
     return d
 
 
@@ -903,8 +906,7 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
     elif mtype in LLAMA_FAMILY or mtype in PHI3_FAMILY or mtype in GEMMA_FAMILY or mtype in DEEPSEEK_FAMILY:
         cfg = llama_config(hf) if mtype in LLAMA_FAMILY else phi3_config(hf) if mtype in PHI3_FAMILY else \
             gemma_config(hf) if mtype in GEMMA_FAMILY else deepseek_config(hf)
-        cfg = cfg.replace(pad_token_id=_padding_idx({"pad_token_id": _PHI3_PAD, **hf} if mtype in PHI3_FAMILY
-                                                    else hf))
+        cfg = cfg.replace(pad_token_id=_padding_idx({"pad_token_id": _DEFAULT_PAD.get(mtype), **hf}))
         state = _strip(_load_state(path), ("model.",))
         if mtype in PHI3_FAMILY:
             state = _split_phi3(state, cfg)
