@@ -461,7 +461,7 @@ def fp16_lora_scale_worker(rank, world_size):
         for overlap in ("none", "ring"):
             torch.manual_seed(0)
             m = nn.Sequential(nn.Linear(16, 16, bias=False)).half()
-            inject_lora(m, ["0"], r=16, alpha=1.0)
+            inject_lora(m, ["0"], r=16, alpha=1.0, adapter_dtype="base")  # (float16 factors: float32 is the default)
             lin = m[0]
             with torch.no_grad():
                 lin.lora_A.fill_(0.25)
@@ -478,6 +478,42 @@ def fp16_lora_scale_worker(rank, world_size):
             for name, want, got in (("A", lin.lora_A.grad, tp.lora_A.grad), ("B", lin.lora_B.grad, tp.lora_B.grad)):
                 out[(kind, overlap, name)] = (bool(torch.isfinite(want).all()), bool(torch.isfinite(got).all()))
     return out
+
+
+def bf16_float32_lora_worker(rank, world_size, tmp):
+    """A bf16 model's LoRA, float32 by default (PEFT's autocast_adapter_dtype): the shards keep float32 through
+    tensor_parallelize, save_peft_adapter and load_peft_adapter."""
+    from llmkern.parallel import tensor_parallelize
+    from llmkern.peft import inject_lora, load_peft_adapter, save_peft_adapter
+
+    def model(random_b):
+        m = _model("llama").to(torch.bfloat16)
+        torch.manual_seed(1)
+        inject_lora(m, ["q_proj", "o_proj", "down_proj"], r=4, alpha=12.0)
+        if random_b:
+            _randomize_b(m)
+        return m
+
+    def lora_dtypes(m):
+        return {p.dtype for n, p in m.named_parameters() if "lora_" in n}
+
+    ref = model(True)
+    x = _tokens(ref)
+    sharded = tensor_parallelize(copy.deepcopy(ref))
+    tp_dir, ref_dir = os.path.join(tmp, "tp"), os.path.join(tmp, "ref")
+    save_peft_adapter(sharded, tp_dir)
+    _save_reference(rank, ref, ref_dir)
+    loaded = load_peft_adapter(tensor_parallelize(model(False)), ref_dir)
+    with torch.no_grad():
+        same_logits = torch.equal(loaded(x), sharded(x))
+    return dict(sharded=lora_dtypes(sharded), loaded=lora_dtypes(loaded), same_files=_same_files(tp_dir, ref_dir),
+                files={t.dtype for t in _files(tp_dir)[1].values()}, same_logits=same_logits)
+
+
+def test_bf16_model_keeps_float32_lora_shards(pool, tmp_path):
+    for r in pool.run(bf16_float32_lora_worker, (str(tmp_path),), timeout=90):
+        assert r["sharded"] == r["loaded"] == r["files"] == {torch.float32}, r
+        assert r["same_files"] and r["same_logits"], r
 
 
 def test_fp16_lora_shards_scale_before_the_second_gemm(pool):

@@ -11,6 +11,13 @@ It may refuse a merge in ``_check_mergeable(what)``. LoRALinear also overrides `
 its [in, out] parameter: merge / unmerge write that parameter through the view) and ``_dora_merge`` /
 ``_dora_unmerge`` (DoRA's row rescaling); without DoRA (``use_dora=True`` is refused unless the class sets
 ``_supports_dora``) they are the identity.
+
+Adapter dtype (``adapter_dtype``, PEFT's ``autocast_adapter_dtype=True`` default): the factors (and DoRA's magnitude)
+are created in ``self._factor_dtype``: float32 over a float16 / bfloat16 base (its compute dtype for a 4-bit one),
+so that small optimizer updates are not rounded away, else the base dtype; ``adapter_dtype="base"`` keeps the base
+dtype, a torch dtype is taken as given (resolve_adapter_dtype). The forwards compute in the input's dtype (the
+fused op casts A / B to it; gradients reach the factors in their own dtype); merge / unmerge work in float32
+(float64 if the base or the factors are float64) and round once into the base weight.
 """
 import itertools
 import math
@@ -30,6 +37,36 @@ def check_lora_args(r, alpha, dropout, max_rank=None):
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not -math.inf < alpha < math.inf:
         raise ValueError(f"alpha must be a finite float, got {alpha!r}")
+
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_adapter_dtype(adapter_dtype):
+    """ValueError unless adapter_dtype is None, "base" or a floating-point torch dtype LoRA can hold."""
+    if adapter_dtype is None or (isinstance(adapter_dtype, str) and adapter_dtype == "base"):
+        return
+    if not isinstance(adapter_dtype, torch.dtype) or adapter_dtype not in _ADAPTER_DTYPES:
+        raise ValueError(f"adapter_dtype must be None (float32 for a 16-bit base, else the base dtype), \"base\" or "
+                         f"one of torch.float16, torch.bfloat16, torch.float32, torch.float64; got {adapter_dtype!r}")
+
+
+def resolve_adapter_dtype(adapter_dtype, base_dtype) -> torch.dtype:
+    """The dtype LoRA factors are held in over a base of `base_dtype`, PEFT's rule (autocast_adapter_dtype=True):
+    None -> float32 for a float16 / bfloat16 base, else the base dtype; "base" -> the base dtype; a dtype -> itself."""
+    check_adapter_dtype(adapter_dtype)
+    if adapter_dtype is None:
+        return torch.float32 if base_dtype in _HALF_DTYPES else base_dtype
+    return base_dtype if isinstance(adapter_dtype, str) else adapter_dtype
+
+
+def cast_lora_params(params, dtype):
+    """Cast parameters in place (``.data``: each stays the same Parameter, so factors tied across layers stay
+    tied and references to them stay valid; an optimizer's state for them does not follow)."""
+    for p in params:
+        if p is not None and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
@@ -75,13 +112,16 @@ class PlainLoRA(nn.Module):
     quantized = False  # (LoRALinear's flag for a 4-bit base; the others' bases never are)
     _supports_dora = False  # (LoRALinear: use_dora=True is taken)
 
-    def __init__(self, base_layer: nn.Module, r, alpha, dropout, use_rslora, use_dora, kind, max_rank=None):
+    def __init__(self, base_layer: nn.Module, r, alpha, dropout, use_rslora, use_dora, kind, max_rank=None,
+                 adapter_dtype=None):
         super().__init__()
         check_lora_args(r, alpha, dropout, max_rank)
+        check_adapter_dtype(adapter_dtype)
         if use_dora and not self._supports_dora:
             raise ValueError(f"use_dora=True is not supported on {kind} layers by llmkern.peft ({type(self).__name__} "
                              f"is plain LoRA); leave the {kind} layer out of a DoRA adapter's target_modules")
         self.base_layer = base_layer
+        self._factor_dtype = resolve_adapter_dtype(adapter_dtype, self._base_dtype())  # (what the factors start in)
         self.r, self.alpha, self.dropout, self.use_rslora = r, float(alpha), float(dropout), bool(use_rslora)
         self.use_dora = bool(use_dora)
         # DoRA: the row norms merge() divided by, which unmerge() needs (the merged weight no longer has them)
@@ -124,10 +164,28 @@ class PlainLoRA(nn.Module):
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self._lora_factors())
 
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype the LoRA factors are held in now (they follow module casts such as .to(dtype), .half())."""
+        return self._lora_factors()[0].dtype
+
+    def _adapter_params(self):
+        """The trainable LoRA parameters (the factors; LoRALinear adds DoRA's magnitude)."""
+        return list(self._lora_factors())
+
+    def set_adapter_dtype(self, adapter_dtype):
+        """Cast the LoRA parameters to ``resolve_adapter_dtype(adapter_dtype, base dtype)`` in place (each stays
+        the same Parameter; an optimizer's state for them does not follow: cast before building the optimizer).
+        Not while merged: unmerge() would take out another update than merge() put in."""
+        if self.merged:
+            raise ValueError("set_adapter_dtype: the layer is merged; unmerge() it first")
+        cast_lora_params(self._adapter_params(), resolve_adapter_dtype(adapter_dtype, self._base_dtype()))
+
     def _acc_dtype(self):
-        """float32 for 16-bit weights, float64 for float64 ones (a float32 product made the float64
-        merge/unmerge round trip lossy)."""
-        return torch.float64 if self._base_dtype() == torch.float64 else torch.float32
+        """float32 for 16-bit weights, float64 when the weight or the factors are float64 (a float32 product made
+        the float64 merge/unmerge round trip lossy)."""
+        f64 = torch.float64 in (self._base_dtype(), self._lora_factors()[0].dtype)
+        return torch.float64 if f64 else torch.float32
 
     def _check_mergeable(self, what):
         """Raise ValueError when the update cannot be folded into the weight (nothing by default)."""

@@ -17,7 +17,7 @@ import re
 import warnings
 from collections import Counter
 from types import SimpleNamespace
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from llmkern.ops._checks import is_real
 from llmkern.peft.lora import (MAX_RANK, LoRALinear, _freeze_non_lora, _set_submodule, is_hf_conv1d,
                                linear_features, lora_conv_modules, lora_embedding_modules, lora_modules,
                                lora_scaling)
+from llmkern.peft._plain_lora import cast_lora_params, check_adapter_dtype, resolve_adapter_dtype
 from llmkern.peft.lora_conv import CONV_TYPES, LoRAConv, _check_base as _check_conv_base
 from llmkern.peft.lora_embedding import LoRAEmbedding
 from llmkern.peft.qlora import NF4Linear
@@ -777,7 +778,8 @@ def _check_no_peft_layers(path, model):
                              f"before get_peft_model)")
 
 
-def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> nn.Module:
+def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True,
+                      adapter_dtype: Union[None, str, torch.dtype] = None) -> nn.Module:
     """Load a PEFT LoRA adapter directory into ``model`` (a plain model; a peft.PeftModel holding PEFT's own layers
     is refused with ValueError: PeftModel.load_adapter loads into those).
 
@@ -830,8 +832,15 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
 
     LoRA the model already carries on modules the checkpoint does not name is refused (it would stay active),
     unless it is a fresh LoRALinear (lora_B zero, not merged).
+
+    ``adapter_dtype``: the dtype the loaded LoRA parameters are held in, as inject_lora's. None (default, PEFT's
+    ``autocast_adapter_dtype=True``): new LoRA layers are float32 over float16 / bfloat16 bases (a float32 file
+    loads unrounded), else in the base dtype, and LoRA layers (tensor-parallel shards included) the model already
+    has keep their dtype; ``"base"`` or a torch dtype: every loaded layer's parameters take it (existing ones are
+    cast in place).
     """
     # a peft.PeftModel: its modules are named as in the model it wraps (as save_peft_adapter names them)
+    check_adapter_dtype(adapter_dtype)
     wrapper, model = model, _unwrap_peft_model(model)
     if model is not wrapper:
         _check_no_peft_layers(path, model)
@@ -1063,6 +1072,8 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         mod = model.get_submodule(name)
         if name in shards:  # a tensor-parallel layer: this rank's shard
             A_shard, B_shard = shards[name]
+            if adapter_dtype is not None:
+                cast_lora_params([mod.lora_A, mod.lora_B], resolve_adapter_dtype(adapter_dtype, mod.weight.dtype))
             with torch.no_grad():
                 mod.lora_A.copy_(A_shard)
                 mod.lora_B.copy_(B_shard)
@@ -1072,11 +1083,13 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         if isinstance(mod, LoRALinear):  # (as a new wrapper: the config's alpha, rsLoRA, dropout and DoRA; enabled)
             mod.alpha, mod.use_rslora, mod.dropout = float(alpha), use_rslora, dropout
             mod.disabled = False
-            mod.set_use_dora(M is not None)
             _untie_lora_a(mod, owners)  # (an A an earlier load tied to other layers: this load may give it another)
+            if adapter_dtype is not None:
+                mod.set_adapter_dtype(adapter_dtype)
+            mod.set_use_dora(M is not None)
         else:
             mod = LoRALinear(mod, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, freeze_base=freeze_base,
-                             use_dora=M is not None)
+                             use_dora=M is not None, adapter_dtype=adapter_dtype)
             _set_submodule(model, name, mod)
         with torch.no_grad():
             mod.lora_A.copy_(A)
@@ -1092,9 +1105,11 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         if isinstance(mod, LoRAEmbedding):
             mod.alpha, mod.use_rslora, mod.dropout = float(alpha), use_rslora, dropout
             mod.disabled = False
+            if adapter_dtype is not None:
+                mod.set_adapter_dtype(adapter_dtype)
         else:
             mod = LoRAEmbedding(mod, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                freeze_base=freeze_base)
+                                freeze_base=freeze_base, adapter_dtype=adapter_dtype)
             _set_submodule(model, name, mod)
         with torch.no_grad():
             mod.lora_embedding_A.copy_(A)
@@ -1106,8 +1121,11 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True) -> 
         if isinstance(mod, LoRAConv):
             mod.alpha, mod.use_rslora, mod.dropout = float(alpha), use_rslora, dropout
             mod.disabled = False
+            if adapter_dtype is not None:
+                mod.set_adapter_dtype(adapter_dtype)
         else:
-            mod = LoRAConv(mod, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, freeze_base=freeze_base)
+            mod = LoRAConv(mod, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, freeze_base=freeze_base,
+                           adapter_dtype=adapter_dtype)
             _set_submodule(model, name, mod)
         with torch.no_grad():
             mod.lora_A.copy_(A)

@@ -6,6 +6,8 @@
     initialised to the row norms of W0 (PEFT init); see llmkern.peft.dora.
     QLoRA: the base layer may be a frozen 4-bit llmkern.peft.NF4Linear (see llmkern.peft.qlora).
     GPT-2: the base layer may be transformers' Conv1D (weight stored [in, out], PEFT's fan_in_fan_out).
+    Adapter dtype: A, B (and DoRA's magnitude) are float32 over a float16 / bfloat16 base by default, as PEFT keeps
+    them (autocast_adapter_dtype=True); ``adapter_dtype=`` changes that (see LoRALinear).
 """
 import itertools
 import math
@@ -19,11 +21,13 @@ from torch import nn
 from llmkern.ops.lora import lora_linear
 from llmkern.peft._plain_lora import (  # noqa: F401 (re-exported)
     PlainLoRA,
+    check_adapter_dtype,
     check_lora_args,
     has_forward_hooks,
     is_hf_conv1d,
     linear_features,
     lora_scaling,
+    resolve_adapter_dtype,
 )
 from llmkern.peft.dora import dora_linear, dora_weight_norm
 from llmkern.peft.qlora import NF4Linear, nf4_dora_linear
@@ -38,9 +42,18 @@ class LoRALinear(PlainLoRA):
     ``lora_B`` ``[out, r]`` are the trainable parameters. ``merge()`` folds ``scaling · B A`` into
     the base weight (checking the result is finite), ``unmerge()`` takes it out again.
 
-    QLoRA: ``base_layer`` may be a frozen 4-bit ``NF4Linear`` (``quantized`` is then True). A and B take its
-    compute_dtype, the forward hands its ``NF4Weight`` to ``lora_linear`` (the kernels read W in 4 bits) and
-    the input must have the compute dtype (or run under autocast), as with a dense base. ``weight`` is then
+    ``adapter_dtype``: the dtype of A, B and DoRA's magnitude. None (default, PEFT's ``autocast_adapter_dtype=True``):
+    float32 over a float16 / bfloat16 base (for a 4-bit base: its compute dtype), so that small optimizer updates
+    are not rounded away, else the base dtype (float32, float64); ``"base"``: the base dtype (PEFT's
+    ``autocast_adapter_dtype=False``); or a torch dtype. The forward computes in the input's dtype: the fused op
+    casts A and B to it (autograd casts their gradients back, so float32 factors get float32 gradients of the
+    16-bit products). merge() / unmerge() compute W ± s·B·A in float32 and round once into the weight.
+    ``adapter_dtype`` (the property) is the dtype they have now; ``set_adapter_dtype`` casts them in place.
+
+    QLoRA: ``base_layer`` may be a frozen 4-bit ``NF4Linear`` (``quantized`` is then True). A and B default to
+    float32 (PEFT's LoRA on bitsandbytes 4-bit layers is float32 too), the forward hands its ``NF4Weight`` to
+    ``lora_linear`` (the kernels read W in 4 bits) and the input must have the compute dtype (or run under
+    autocast), as with a dense base. ``weight`` is then
     that NF4Weight. ``merge()`` raises: W + s·B·A cannot be stored in 4 bits without re-quantizing it (a
     new rounding error, and no exact unmerge); ``merged_linear()`` (what ``merge_lora(model, remove=True)``
     puts in the layer's place) returns a dense ``nn.Linear`` of dequant(W) + s·B·A instead. DoRA works: its
@@ -67,20 +80,24 @@ class LoRALinear(PlainLoRA):
     _supports_dora = True
 
     def __init__(self, base_layer: Union[nn.Linear, NF4Linear, nn.Module], r: int = 8, alpha: float = 8.0,
-                 dropout: float = 0.0, use_rslora: bool = False, freeze_base: bool = True, use_dora: bool = False):
+                 dropout: float = 0.0, use_rslora: bool = False, freeze_base: bool = True, use_dora: bool = False,
+                 adapter_dtype: Union[None, str, torch.dtype] = None):
         if not isinstance(base_layer, (nn.Linear, NF4Linear)) and not is_hf_conv1d(base_layer):
             raise TypeError(f"base_layer must be an nn.Linear, an llmkern.peft.NF4Linear or a transformers Conv1D, "
                             f"got {type(base_layer).__name__}")
-        super().__init__(base_layer, r, alpha, dropout, use_rslora, use_dora, "linear", MAX_RANK)
+        super().__init__(base_layer, r, alpha, dropout, use_rslora, use_dora, "linear", MAX_RANK, adapter_dtype)
         self.in_features, self.out_features = linear_features(base_layer)
-        w = self.weight
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=w.device, dtype=w.dtype))
+        dev, dt = self.weight.device, self._factor_dtype
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=dev, dtype=dt))
         self.register_parameter("lora_magnitude_vector", None)
         self._finish_init(freeze_base)
 
     def _lora_factors(self):
         return self.lora_A, self.lora_B
+
+    def _adapter_params(self):
+        return [self.lora_A, self.lora_B, self.lora_magnitude_vector]
 
     @property
     def quantized(self) -> bool:
@@ -126,7 +143,7 @@ class LoRALinear(PlainLoRA):
             raise ValueError("use_dora=True: DoRA's magnitude starts as the row norms of the base weight, which is on "
                              "the meta device (offloaded by accelerate, or not materialised yet); add DoRA before "
                              "offloading, or once the weights are loaded")
-        m = self.dora_weight_norm().to(self._base_dtype())
+        m = self.dora_weight_norm().to(self.adapter_dtype)  # (float32 norms: exact in a float32 magnitude)
         if self.lora_magnitude_vector is None:
             self.lora_magnitude_vector = nn.Parameter(m)
         else:
@@ -239,8 +256,8 @@ class LoRALinear(PlainLoRA):
                                       "forward hooks (accelerate offloading?) that load the weight only inside its "
                                       "own forward: run it without offloading, or through PEFT")
         h = nn.functional.dropout(x, p, training=p > 0)
-        return self.base_layer(x) + self.scaling * nn.functional.linear(nn.functional.linear(h, self.lora_A),
-                                                                        self.lora_B)
+        A, B = self.lora_A.to(h.dtype), self.lora_B.to(h.dtype)  # (the input's dtype, as the fused op computes)
+        return self.base_layer(x) + self.scaling * nn.functional.linear(nn.functional.linear(h, A), B)
 
     def _forward_nf4(self, x, p):
         base = self.base_layer
@@ -253,7 +270,9 @@ class LoRALinear(PlainLoRA):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, rslora={self.use_rslora}, "
-                + ("dora=True, " if self.use_dora else "") + ("nf4=True, " if self.quantized else "")
+                + ("dora=True, " if self.use_dora else "")
+                + (f"adapter_dtype={self.adapter_dtype}, " if self.adapter_dtype != self._base_dtype() else "")
+                + ("nf4=True, " if self.quantized else "")
                 + ("conv1d=True, " if self.conv1d else "")
                 + f"merged={self.merged}")
 
@@ -367,7 +386,8 @@ def _tie_fused_parts(model, names):
 
 def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("q_proj", "v_proj"),
                 r: int = 8, alpha: float = 8.0, dropout: float = 0.0, use_rslora: bool = False,
-                freeze_base: bool = True, use_dora: bool = False) -> List[str]:
+                freeze_base: bool = True, use_dora: bool = False,
+                adapter_dtype: Union[None, str, torch.dtype] = None) -> List[str]:
     """Replace every ``nn.Linear`` (or 4-bit ``NF4Linear``: QLoRA, see quantize_nf4; or transformers' GPT-2
     ``Conv1D``, weight [in, out], as PEFT's fan_in_fan_out) whose name matches ``target_modules`` by a
     ``LoRALinear`` (``use_dora=True``: DoRA ones, with a trainable magnitude vector per layer), every matching
@@ -385,6 +405,11 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
     transformers twin has (``hf_module_names()``), and the layers that are one transformers layer there (GPT-2's
     c_attn: q/k/v) share one A, PEFT's single A for it. Layers that already carry LoRA are skipped.
 
+    ``adapter_dtype``: the dtype of the new LoRA parameters (A, B, DoRA magnitudes, embedding and conv factors).
+    None (default): PEFT's ``autocast_adapter_dtype=True``: float32 for layers whose base is float16 / bfloat16
+    (a 4-bit base: its compute dtype), else the base dtype; ``"base"``: each layer's base dtype (PEFT's
+    ``autocast_adapter_dtype=False``); a torch dtype: that dtype. The forwards compute in the input's dtype.
+
     With ``freeze_base`` (default) every other parameter of the model is frozen too, so that only
     the LoRA parameters train (parameter-efficient ones the model already has, LoRA, DoRA magnitudes, adapters
     and prefixes, keep their state). Returns the names of the wrapped modules (raises if none matched).
@@ -392,6 +417,7 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
     from llmkern.peft.lora_conv import CONV_TYPES, LoRAConv
     from llmkern.peft.lora_embedding import LoRAEmbedding
 
+    check_adapter_dtype(adapter_dtype)
     names = _target_names(model, target_modules)
     if "" in names:  # (the root: a LoRALinear would become a child of the very layer it wraps)
         raise ValueError(f"target_modules {target_modules!r} matched the model itself, an {type(model).__name__}; "
@@ -415,12 +441,10 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
                          f"{type(model.get_submodule(convs[0])).__name__}); leave it out of target_modules, or "
                          f"inject it in a separate call without use_dora")
     # every wrapper built (its arguments checked) before the model changes: a refused call leaves it as it was
-    new = [(n, LoRAEmbedding(model.get_submodule(n), r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                             freeze_base=False) if n in embeddings else
-            LoRAConv(model.get_submodule(n), r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                     freeze_base=False) if n in convs else
-            LoRALinear(model.get_submodule(n), r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                       freeze_base=False, use_dora=use_dora)) for n in names]
+    kw = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, freeze_base=False, adapter_dtype=adapter_dtype)
+    new = [(n, LoRAEmbedding(model.get_submodule(n), **kw) if n in embeddings else
+            LoRAConv(model.get_submodule(n), **kw) if n in convs else
+            LoRALinear(model.get_submodule(n), use_dora=use_dora, **kw)) for n in names]
     if freeze_base:
         _freeze_non_lora(model)  # (the wrapped layers' own parameters included)
     for n, layer in new:

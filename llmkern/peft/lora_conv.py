@@ -35,6 +35,9 @@ class LoRAConv(PlainLoRA):
     the input cast to A's dtype and the sum to the base output's dtype, as PEFT does. A reads every input
     channel (groups 1), B has the base's groups, so r must be divisible by ``groups`` (PEFT's rule).
 
+    ``adapter_dtype``: as LoRALinear's (default float32 over a float16 / bfloat16 conv, PEFT's
+    ``autocast_adapter_dtype=True``; ``"base"`` keeps the conv's dtype).
+
     Refused with ValueError naming the argument, where PEFT's parameterisation does not fit the base layer:
 
     * ``dilation`` other than 1: PEFT's A conv ignores the base's dilation, so its output has another spatial
@@ -51,19 +54,18 @@ class LoRAConv(PlainLoRA):
     """
 
     def __init__(self, base_layer: nn.Module, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
-                 use_rslora: bool = False, freeze_base: bool = True, use_dora: bool = False):
+                 use_rslora: bool = False, freeze_base: bool = True, use_dora: bool = False,
+                 adapter_dtype=None):
         if not isinstance(base_layer, CONV_TYPES):
             raise TypeError(f"base_layer must be an nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(base_layer).__name__}")
-        super().__init__(base_layer, r, alpha, dropout, use_rslora, use_dora, "conv")
+        super().__init__(base_layer, r, alpha, dropout, use_rslora, use_dora, "conv", adapter_dtype=adapter_dtype)
         _check_base(base_layer, r)
         self.in_channels, self.out_channels = base_layer.in_channels, base_layer.out_channels
         self.groups = base_layer.groups
-        w = base_layer.weight
-        nd = w.dim() - 2
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_channels, *base_layer.kernel_size, device=w.device,
-                                               dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.empty(self.out_channels, r // self.groups, *(1,) * nd, device=w.device,
-                                               dtype=w.dtype))
+        dev, dt = base_layer.weight.device, self._factor_dtype
+        nd = base_layer.weight.dim() - 2
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_channels, *base_layer.kernel_size, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.empty(self.out_channels, r // self.groups, *(1,) * nd, device=dev, dtype=dt))
         self._finish_init(freeze_base)
 
     def _lora_factors(self):

@@ -39,6 +39,10 @@ class LoRAEmbedding(PlainLoRA):
     * ``dropout``: PEFT builds a dropout module for embedding LoRA but never applies it in the forward;
       this layer records the value (it is written to adapter_config.json) and, like PEFT, does not apply it.
 
+    ``adapter_dtype``: as LoRALinear's (default float32 over a float16 / bfloat16 table, PEFT's
+    ``autocast_adapter_dtype=True``; ``"base"`` keeps the table's dtype). The update is computed in the factors'
+    dtype and the sum rounded to the table's, as PEFT does.
+
     DoRA on embeddings (PEFT's ``use_dora=True`` on an Embedding) is not supported: ``use_dora=True`` raises
     ValueError. ``merge()`` folds ``scaling · (B A)ᵀ`` into the table (refusing non-finite results with
     ``safe_merge``), ``unmerge()`` takes it out. ``disabled = True`` runs the base layer alone (a merged
@@ -47,14 +51,15 @@ class LoRAEmbedding(PlainLoRA):
     """
 
     def __init__(self, base_layer: nn.Embedding, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
-                 use_rslora: bool = False, freeze_base: bool = True, use_dora: bool = False):
+                 use_rslora: bool = False, freeze_base: bool = True, use_dora: bool = False,
+                 adapter_dtype=None):
         if not isinstance(base_layer, nn.Embedding):
             raise TypeError(f"base_layer must be an nn.Embedding, got {type(base_layer).__name__}")
-        super().__init__(base_layer, r, alpha, dropout, use_rslora, use_dora, "embedding")
+        super().__init__(base_layer, r, alpha, dropout, use_rslora, use_dora, "embedding", adapter_dtype=adapter_dtype)
         self.num_embeddings, self.embedding_dim = base_layer.num_embeddings, base_layer.embedding_dim
-        w = base_layer.weight
-        self.lora_embedding_A = nn.Parameter(torch.empty(r, self.num_embeddings, device=w.device, dtype=w.dtype))
-        self.lora_embedding_B = nn.Parameter(torch.empty(self.embedding_dim, r, device=w.device, dtype=w.dtype))
+        dev, dt = base_layer.weight.device, self._factor_dtype
+        self.lora_embedding_A = nn.Parameter(torch.empty(r, self.num_embeddings, device=dev, dtype=dt))
+        self.lora_embedding_B = nn.Parameter(torch.empty(self.embedding_dim, r, device=dev, dtype=dt))
         self._finish_init(freeze_base)
 
     def _lora_factors(self):
