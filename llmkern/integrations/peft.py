@@ -12,12 +12,19 @@ Every ``peft.tuners.lora.Linear`` whose base layer is an ``nn.Linear`` (or trans
 refuses ``adapter_names`` when an adapter in the batch uses DoRA, and that error is kept). Cases
 the fused ops do not cover fall back to PEFT's own forward for that call: several active adapters
 at once, other LoRA variants (aLoRA, ...), lora_bias, a fan_in_fan_out that does not match the base
-layer, other or quantised base layers (except bitsandbytes NF4, below), autocast, mismatched dtypes
-(input vs base weight, or adapter weights vs input: PEFT's default ``autocast_adapter_dtype=True`` keeps a bf16/fp16 model's adapters in
-float32 and computes them in float32, so such layers stay on PEFT's forward; create the model with
-``autocast_adapter_dtype=False`` or cast the adapters to the model's dtype to fuse them; the same for a
-DoRA magnitude), and mixed batches during training with dropout. Dropout uses llmkern's seeded mask: the
-same distribution as nn.Dropout but not the same random draws.
+layer, other or quantised base layers (except bitsandbytes NF4, below), mismatched dtypes (input vs
+base weight, adapter weights vs input: see below), and mixed batches during training with dropout. Dropout
+uses llmkern's seeded mask: the same distribution as nn.Dropout but not the same random draws.
+
+Float32 adapters on a 16-bit model (PEFT's default ``autocast_adapter_dtype=True``): PEFT runs them in their
+own dtype, which F.linear under ``torch.autocast`` (Trainer's bf16=True / fp16=True) casts to the autocast
+dtype, as it does x: the update is computed and added in bf16/fp16, as the fused op does (it rounds A and B
+to its compute dtype; their gradients come back float32). So under autocast (checked per call, on x's device)
+a layer whose base weight has the autocast dtype is fused whatever the adapters' float dtype (also a float32
+DoRA magnitude, and in mixed batches); under autocast a float32 base, or a 4-bit one, keeps PEFT's forward.
+Outside autocast PEFT computes float32 adapters in float32 and sums in float32: those calls keep PEFT's
+forward (a warning says so, once) unless the model was fused with ``float32_adapters="round"``, which rounds
+them to the input's dtype as autocast would.
 
 QLoRA: a ``peft.tuners.lora.bnb.Linear4bit`` layer (PEFT's LoRA over a bitsandbytes ``Linear4bit`` of
 quant_type "nf4", double-quantized or not) runs ``llmkern.lora_linear`` on ``NF4Weight.from_bnb`` of its
@@ -46,6 +53,9 @@ from llmkern.peft.lora import has_forward_hooks, is_hf_conv1d
 
 _ORIG = "_llmkern_orig_forward"
 _NF4_CACHE = "_llmkern_nf4_cache"
+_FP32_MODE = "_llmkern_float32_adapters"  # use_fused_lora's float32_adapters, per layer
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_AUTOCAST_DTYPES = (torch.float32,) + _HALF_DTYPES  # what autocast casts to its dtype
 
 
 def _lora_linear_classes():
@@ -120,23 +130,17 @@ def _dropout_p(module, name):
     return 0.0
 
 
-def _kind(module, name, dtype):
-    """What adapter `name` of `module` is, for the fused ops: "lora" (plain LoRA, lora_linear computes
-    it exactly), "dora" (PEFT's DoRA on a Linear, dora_linear), or None (PEFT's forward). Both need no
-    lora_bias, a rank the kernels take (<= MAX_RANK) and weights in the input's dtype (PEFT computes
-    float32 adapters of a 16-bit model, its autocast_adapter_dtype default, in float32; the fused op would
-    use the input's dtype)."""
+def _kind(module, name, dtype, autocast=False):
+    """What adapter `name` of `module` is, for the fused ops on inputs computed in `dtype` (under torch.autocast:
+    the autocast dtype): "lora" (plain LoRA, lora_linear), "dora" (PEFT's DoRA on a Linear, dora_linear), or None
+    (PEFT's forward). Both need no lora_bias, a rank the kernels take (<= MAX_RANK) and adapter weights the fused
+    op computes as PEFT does (see _adapter_dtype_ok)."""
     variant = getattr(module, "lora_variant", {}).get(name)
     dora = _dora_layer(module, name, variant)
     if variant is not None and dora is None:  # another variant (aLoRA, ...), or DoRA we do not cover
         return None
     weights = [module.lora_A[name].weight, module.lora_B[name].weight] + ([dora.weight] if dora is not None else [])
-    adapter_dtype = next((w.dtype for w in weights if w.dtype != dtype), None)
-    if adapter_dtype is not None:
-        warn_once(("peft-adapter-dtype", adapter_dtype, dtype),
-                  f"use_fused_lora: {adapter_dtype} adapters on {dtype} inputs run on PEFT's own forward "
-                  f"(PEFT computes them in {adapter_dtype}; the fused op would round them to {dtype}). To fuse "
-                  f"them, create the PEFT model with autocast_adapter_dtype=False or cast the adapters to {dtype}")
+    if not _adapter_dtype_ok(module, weights, dtype, autocast):
         return None
     if getattr(module.lora_B[name], "bias", None) is not None:
         return None
@@ -145,6 +149,35 @@ def _kind(module, name, dtype):
     if dora is not None:
         return "dora"
     return None if getattr(module, "use_dora", {}).get(name, False) else "lora"
+
+
+def _adapter_dtype_ok(module, weights, dtype, autocast):
+    """Whether the fused op, which rounds adapter weights to `dtype`, computes what PEFT does with them. PEFT
+    runs the adapters in their own dtype: under torch.autocast F.linear then casts them (and x) to the autocast
+    dtype anyway, so any float32 / 16-bit adapters fuse; outside autocast only adapters of the input's dtype, or
+    float32 ones on a 16-bit input when the layer was fused with float32_adapters="round" (a warning, once, says
+    why the others keep PEFT's forward)."""
+    other = next((w.dtype for w in weights if w.dtype != dtype), None)
+    if other is None:
+        return True
+    if autocast:
+        return all(w.dtype in _AUTOCAST_DTYPES for w in weights)
+    fp32_on_16 = dtype in _HALF_DTYPES and all(w.dtype in (dtype, torch.float32) for w in weights)
+    if fp32_on_16 and module.__dict__.get(_FP32_MODE, "peft") == "round":
+        return True
+    if fp32_on_16:
+        warn_once(("peft-adapter-dtype", other, dtype, fp32_on_16),
+                  f"use_fused_lora: float32 adapters on {dtype} inputs run on PEFT's own forward outside "
+                  f"torch.autocast: PEFT computes them in float32 there (under autocast, e.g. Trainer's bf16=True, "
+                  f"it computes them in the autocast dtype, and those calls are fused on 16-bit Linear / Conv1D "
+                  f"bases). To fuse them here too, rounded to {dtype} as autocast does, pass "
+                  f"use_fused_lora(model, float32_adapters=\"round\"), or create the PEFT model with "
+                  f"autocast_adapter_dtype=False")
+    else:
+        warn_once(("peft-adapter-dtype", other, dtype, fp32_on_16),
+                  f"use_fused_lora: {other} adapters on {dtype} inputs run on PEFT's own forward (PEFT computes "
+                  f"them in {other}; the fused op computes in the input's dtype)")
+    return False
 
 
 def _dora_layer(module, name, variant):
@@ -164,20 +197,30 @@ def _dora_layer(module, name, variant):
                                                                                  False) else None
 
 
-def _plain(module, name, dtype):
+def _plain(module, name, dtype, autocast=False):
     """Whether adapter `name` of `module` is plain LoRA (see _kind)."""
-    return _kind(module, name, dtype) == "lora"
+    return _kind(module, name, dtype, autocast) == "lora"
 
 
-def _base_operands(self, x):
-    """(weight, bias, quantized) the fused ops take for this layer's base on input x, or None. A Conv1D's weight
-    goes in as its [out, in] transposed view: the kernels read either layout, so nothing is copied."""
+def _compute_dtype(x):
+    """(dtype, autocast): the dtype the layer's products run in for input x (under torch.autocast on x's device, the
+    autocast dtype, as F.linear casts x and the weights to it; else x's) and whether autocast is on. dtype None:
+    autocast leaves x as it is (float64) and F.linear would mix dtypes (PEFT's forward says what it does)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x.dtype, False
+    return (torch.get_autocast_dtype(x.device.type) if x.dtype in _AUTOCAST_DTYPES else None), True
+
+
+def _base_operands(self, x, dtype, autocast):
+    """(weight, bias, quantized) the fused ops take for this layer's base on input x computed in `dtype` (see
+    _compute_dtype), or None. A Conv1D's weight goes in as its [out, in] transposed view: the kernels read either
+    layout, so nothing is copied. Under autocast only a base already in the autocast dtype (a 16-bit model)."""
     base = self.base_layer
     if type(base) is nn.Linear or is_hf_conv1d(base):
-        if x.dtype != base.weight.dtype:
+        if base.weight.dtype != dtype:
             return None
         return (base.weight.t() if is_hf_conv1d(base) else base.weight), base.bias, False
-    if torch.is_autocast_enabled(x.device.type):  # (bitsandbytes' casts under autocast are its own)
+    if autocast:  # (bitsandbytes' casts under autocast are its own)
         return None
     nf4 = _nf4_base(self, x)
     return None if nf4 is None else (*nf4, True)
@@ -196,12 +239,13 @@ def _fused_forward(self, x, *args, **kwargs):
     base = self.base_layer
     # fan_in_fan_out must say what the base is (PEFT sets it so; DoRA's norms read the base weight by it)
     if (args or bool(getattr(self, "fan_in_fan_out", False)) != is_hf_conv1d(base) or self.disable_adapters
-            or self.merged or not isinstance(x, torch.Tensor) or torch.is_autocast_enabled(x.device.type)):
+            or self.merged or not isinstance(x, torch.Tensor)):
         return orig(x, *args, **kwargs)
     other = {k: v for k, v in kwargs.items() if k != "adapter_names" and v is not None}
     if other or has_forward_hooks(self.base_layer):  # (the adapters' once known, below)
         return orig(x, *args, **kwargs)
-    operands = _base_operands(self, x)
+    dtype, autocast = _compute_dtype(x)
+    operands = None if dtype is None else _base_operands(self, x, dtype, autocast)
     if operands is None:
         return orig(x, *args, **kwargs)
     weight, bias, quantized = operands
@@ -210,7 +254,7 @@ def _fused_forward(self, x, *args, **kwargs):
         active = [a for a in self.active_adapters if a in self.lora_A]
         if not active:
             return base(x)
-        kind = _kind(self, active[0], x.dtype) if len(active) == 1 else None
+        kind = _kind(self, active[0], dtype, autocast) if len(active) == 1 else None
         if kind is None or (quantized and kind != "lora") or _hooked(self, active):  # (DoRA on 4 bits: PEFT's)
             return orig(x, *args, **kwargs)
         a = active[0]
@@ -228,7 +272,7 @@ def _fused_forward(self, x, *args, **kwargs):
     used = {a for a in adapter_names if a in self.lora_A}
     if not used:
         return base(x)
-    if any(not _plain(self, a, x.dtype) for a in used) or _hooked(self, used) or (
+    if any(not _plain(self, a, dtype, autocast) for a in used) or _hooked(self, used) or (
             self.training and any(_dropout_p(self, a) > 0 for a in used)):
         return orig(x, *args, **kwargs)
     names = sorted(used, key=known.index)
@@ -248,7 +292,7 @@ def _fused_forward(self, x, *args, **kwargs):
     scalings = [float(self.scaling[a]) for a in names]
     ids = torch.tensor([index.get(a, -1) for a in adapter_names], dtype=torch.int32)
     ids = host_to_device(ids, x.device).view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
-    A, B = A.to(x.dtype), B.to(x.dtype)
+    A, B = A.to(dtype), B.to(dtype)  # (under autocast the op casts x and the base to dtype too)
     # trusted: the ids are in [-1, n) by construction and the scalings Python floats (checked on the host), so
     # lora_linear_multi skips its value check (on CUDA a wait for each layer's queued work); the block holds that
     # one call only, its arguments made before it
@@ -256,12 +300,20 @@ def _fused_forward(self, x, *args, **kwargs):
         return lora_linear_multi(x, weight, bias, A, B, scalings, ids)
 
 
-def use_fused_lora(peft_model: nn.Module, enable: bool = True) -> nn.Module:
+def use_fused_lora(peft_model: nn.Module, enable: bool = True, *, float32_adapters: str = "peft") -> nn.Module:
     """Switch every PEFT LoRA Linear layer of ``peft_model`` (and every 4-bit bitsandbytes one: QLoRA) to the
     fused op (``enable=False`` restores the forward each had: PEFT's own, or an instance-level one such as
-    accelerate's hooks). Returns the model; outputs are unchanged up to rounding."""
+    accelerate's hooks). Returns the model; outputs are unchanged up to rounding.
+
+    float32_adapters: float32 adapters on a 16-bit model (PEFT's default ``autocast_adapter_dtype=True``).
+    "peft" (default): fused where PEFT itself computes them in the 16-bit dtype, i.e. under ``torch.autocast``
+    (F.linear casts them); outside autocast PEFT computes them in float32 and those calls keep PEFT's forward
+    (a warning says so, once). "round": fused in every call, rounded to the input's dtype as autocast would.
+    Gradients reach the float32 weights as float32 either way. Calling again on a fused model changes it."""
     from llmkern.integrations.transformers.fused_ops import _BoundForward
 
+    if float32_adapters not in ("peft", "round"):
+        raise ValueError(f'use_fused_lora: float32_adapters must be "peft" or "round", got {float32_adapters!r}')
     classes = tuple(_lora_linear_classes())
     if not enable:
         _restore_forwards(peft_model, classes)
@@ -274,6 +326,8 @@ def use_fused_lora(peft_model: nn.Module, enable: bool = True) -> nn.Module:
             # saved model failed; _BoundForward pickles and deep-copies bound to the loaded / copied layer)
             m.forward = _BoundForward(_fused_forward, m)
             n += 1
+        if type(m) in classes:
+            m.__dict__[_FP32_MODE] = float32_adapters
     if n == 0 and not any(hasattr(m, _ORIG) for m in peft_model.modules()):
         raise ValueError("use_fused_lora: the model has no PEFT LoRA Linear layers")
     return peft_model
@@ -297,6 +351,7 @@ def _restore_forwards(peft_model, classes):
     for _, m in layers:
         orig = m.__dict__.pop(_ORIG)
         m.__dict__.pop(_NF4_CACHE, None)
+        m.__dict__.pop(_FP32_MODE, None)
         if getattr(orig, "__self__", None) is m and getattr(orig, "__func__", None) is type(m).forward:
             m.__dict__.pop("forward", None)  # (the class forward it had)
         else:
