@@ -29,6 +29,11 @@
   `sinks` parameter; `sinks` as other models name it) -> sinks, trained through the kernels'
   backward. Position biases and 4-D masks raise a clear error.
 
+The tags are Python attributes, which a copy of the mask does not carry (accelerate's device_map moving it to a
+layer's device, activation offloading's copies for a checkpointed layer's recompute): the attention then takes them
+from the live mask of ours with the copy's values (host reads, on that path only) or from the last mask of ours the
+layer got, and otherwise raises rather than guess the kind from the module's flags (see _recovered).
+
 Rows of padded queries (left padding) come out as zeros, where eager attention averages all
 values (with sinks, eager gives about zero there too); real tokens get the same result.
 """
@@ -42,6 +47,11 @@ from llmkern.ops import _checks
 NAME = "llmkern"
 # The masks _tag made, by their memory and layout (see _retagged); an entry lives as long as its mask.
 _TAGGED = weakref.WeakValueDictionary()
+# The names register() gave this attention (a layer whose config names one of them gets its masks from llmkern_mask).
+_NAMES = set()
+# The tags a mask of ours carries, which a copy of it (.to(), .clone(), a saved-tensor hook's copy) loses.
+_TAG_NAMES = ("_llmkern_causal", "_llmkern_window", "_llmkern_fn_window", "_llmkern_all_visible", "_llmkern_keys",
+              "_llmkern_lengths")
 
 
 # ---- mask function ------------------------------------------------------------------------------
@@ -125,6 +135,17 @@ def _tag(mask, window, kind):
     return mask
 
 
+def _origin(mask, fn_window, config):
+    """`mask` (llmkern_mask's result) also carrying the window of its mask function, which llmkern_mask drops where it
+    masks no key of this call (a copy's layer then still knows it is a sliding one, see _recovered), and the config it
+    was built for (to tell several models' masks apart)."""
+    if isinstance(mask, torch.Tensor):
+        mask._llmkern_fn_window = fn_window
+        if config is not None and _has_memory(mask):
+            mask._llmkern_config_id = id(config)
+    return mask
+
+
 def _layout(t):
     """What a detached copy of `t` shares with it: its memory, layout, dtype and device."""
     return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device
@@ -148,6 +169,139 @@ def _retagged(mask):
         return mask
     tagged = _TAGGED.get(_layout(mask))
     return mask if tagged is None else tagged
+
+
+def _recovered(mask, module, is_causal=None, q_len=None, kv_len=None):
+    """`mask` with its tags, when it is an untagged copy of a mask of ours: a copy carries no Python attributes, and
+    the module's is_causal / sliding_window arguments, which then decided, are not always the mask's (Aimv2's text
+    tower, OLMoE, Qwen2-MoE, PhiMoE: other results; a static cache's prefill: a key count error). accelerate's
+    device_map copies the mask to each layer's device with .to(); activation offloading hands a checkpointed layer's
+    recompute copies of its arguments. The tags are, in this order: those of the mask it is a detached view of
+    (_retagged); of the live mask of ours with its values (_source: host reads, on this path only); the kind and
+    window of the last mask of ours the layer got (_SEEN); else a clear error where the layer's config names this
+    attention (the mask is then surely a copy of ours), and a mask from elsewhere is left to the module's arguments."""
+    mask = _retagged(mask)
+    if not isinstance(mask, torch.Tensor) or hasattr(mask, "_llmkern_causal") or not _has_memory(mask) \
+            or mask.dim() != 2 or mask.dtype not in (torch.bool, torch.long):  # (not one of our masks' forms)
+        return mask
+    source = _source(mask, module, is_causal)
+    if source is not None:
+        return _tags_onto(mask, source)
+    seen = _seen(module)
+    if seen is not None and q_len is not None:
+        return _layer_tags_onto(mask, seen, q_len, kv_len)
+    impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if impl in _NAMES:
+        raise NotImplementedError(
+            "llmkern attention: the layer got an untagged copy of one of llmkern's attention masks (which carry their "
+            "kind and window as Python attributes a copy loses, e.g. accelerate's device_map moving it to another "
+            "device), and no live mask with its values; keep the model on one device, or use "
+            "attn_implementation='sdpa'")
+    return mask
+
+
+def _layer_tags_onto(mask, seen, q_len, kv_len):
+    """`mask` tagged with the kind and mask function's window `seen` of the layer's last mask of ours (a checkpointed
+    layer's recompute: the forward's mask is gone by then), the window and the padding mask as llmkern_mask decides
+    them for this call's queries and keys (bottom-right aligned, as without a cache): the recompute's kernel call is
+    then the forward's, which torch.utils.checkpoint checks."""
+    causal, fn_window = seen
+    kind = "causal" if causal else "bidirectional"
+    window = fn_window
+    if window is not None and not _window_binds(kind, window, kv_len - q_len, q_len, 0, kv_len):
+        window = None
+    mask._llmkern_causal, mask._llmkern_window, mask._llmkern_fn_window = causal, window, fn_window
+    mask._llmkern_all_visible = window is None and bool(mask.all())
+    return mask
+
+
+def _source(mask, module, is_causal):
+    """The live mask of ours that `mask` is a copy of, or None; a NotImplementedError where masks of several kinds
+    have its values and the layer does not tell which it takes. Between a causal and a bidirectional one (an
+    encoder-decoder's masks over the same padding) the module's is_causal decides."""
+    sources = _live_sources(mask, module)
+    flag = getattr(module, "is_causal", None) if is_causal is None else is_causal
+    if len(sources) > 1 and flag is not None:
+        sources = [s for s in sources if s._llmkern_causal == bool(flag)] or sources
+    if len(sources) > 1:
+        raise NotImplementedError(
+            "llmkern attention: the layer got a copy of one of llmkern's attention masks (which carry their kind and "
+            "window as Python attributes a copy loses, e.g. accelerate's device_map moving it to another device), and "
+            "masks of several kinds have its values; keep the model on one device, or use attn_implementation='sdpa'")
+    return sources[0] if sources else None
+
+
+# The (causal, mask function's window) of the last mask of ours each layer got (see _recovered).
+_SEEN = weakref.WeakKeyDictionary()
+
+
+def _remember(module, mask):
+    """Keeps the kind of the (tagged) mask `module` got, for a copy of it in its recompute (see _recovered)."""
+    if not torch.compiler.is_compiling():
+        try:
+            _SEEN[module] = (mask._llmkern_causal, _fn_window(mask))
+        except TypeError:  # (a module that cannot be weakly referenced: nothing to remember it by)
+            pass
+
+
+def _seen(module):
+    """What _remember kept for `module`, or None."""
+    try:
+        return _SEEN.get(module)
+    except TypeError:
+        return None
+
+
+def _fn_window(mask):
+    """The window of a tagged mask's mask function (binding in this call or not)."""
+    return getattr(mask, "_llmkern_fn_window", mask._llmkern_window)
+
+
+def _live_sources(mask, module):
+    """The live masks of ours with `mask`'s values, one per kind, that the layer may take (_fits_layer): those built
+    for the layer's config where there are such. One host read per live mask of the same shape and dtype."""
+    found = [other for other in list(_TAGGED.values())
+             if other is not mask and other.shape == mask.shape and other.dtype == mask.dtype
+             and hasattr(other, "_llmkern_causal") and torch.equal(other.to(mask.device), mask)]
+    config_id = id(getattr(module, "config", None))
+    mine = [other for other in found if getattr(other, "_llmkern_config_id", None) == config_id]
+    kinds = {}
+    for other in mine or found:
+        if _fits_layer(module, other):
+            kinds.setdefault(tuple(_tag_value(other, name) for name in _TAG_NAMES), other)
+    return list(kinds.values())
+
+
+def _tag_value(mask, name):
+    """A tag, as a hashable value."""
+    value = getattr(mask, name, None)
+    return tuple(value.tolist()) if isinstance(value, torch.Tensor) else value
+
+
+def _fits_layer(module, mask):
+    """Whether the layer may take the tagged `mask`: its kind is the one of the last mask of ours the layer got, or
+    (none yet) the layer's type in its config (transformers' layer_types pick each layer's mask by it). A full and a
+    sliding-window mask over the same padding have the same values."""
+    seen = _seen(module)
+    if seen is not None:
+        return seen == (mask._llmkern_causal, _fn_window(mask))
+    types = getattr(getattr(module, "config", None), "layer_types", None)
+    idx = getattr(module, "layer_idx", None)
+    if isinstance(types, (list, tuple)) and isinstance(idx, int) and 0 <= idx < len(types):
+        if types[idx] == "full_attention":
+            return _fn_window(mask) is None
+        if types[idx] == "sliding_attention":
+            return _fn_window(mask) is not None
+    return True
+
+
+def _tags_onto(mask, source):
+    """`mask` carrying the tags of `source`, the mask of ours it is a copy of (a tensor tag moved to its device)."""
+    for name in _TAG_NAMES:
+        if hasattr(source, name):
+            value = getattr(source, name)
+            setattr(mask, name, value.to(mask.device) if isinstance(value, torch.Tensor) else value)
+    return mask
 
 
 def _mask_kind(mask_function):
@@ -205,7 +359,8 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     sequence indices [B, T], which the attention function turns into varlen attention."""
     from transformers import masking_utils as mu
 
-    _check_mask_consumer(kwargs.get("config"))
+    config = kwargs.get("config")
+    _check_mask_consumer(config)
     mask_function = mu.causal_mask_function if mask_function is None else mask_function
     if mask_function is mu.causal_mask_function:  # (the common case, decided without reading closures: traces,
         kind, window, has_packed = "causal", None, False  # so a compiled forward keeps one graph, fullgraph too)
@@ -217,7 +372,8 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     if packed:
         if attention_mask is not None or q_length != kv_length or len(packed) > 1:
             raise NotImplementedError("llmkern attention: packed sequences with a padding mask or a cache")
-        return _tag(packed[0].to(torch.long, copy=True), window, kind)  # (a tensor of our own to tag)
+        return _origin(_tag(packed[0].to(torch.long, copy=True), window, kind), window, config)  # (ours to tag)
+    fn_window = window
     if window is not None and not _window_binds(kind, window, q_offset, q_length, kv_offset, kv_length):
         window = None  # (every key is within the window: no need to carry a mask for it)
     if _built_here(attention_mask, kv_length, kind, window):
@@ -236,7 +392,8 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
                                   "with the keys is not expressible")
     if kind == "causal" and (isinstance(q_end, torch.Tensor) or q_end != kv_end):
         if q_length > 1 and not torch.compiler.is_compiling():
-            return _static_chunk_mask(batch_size, q_offset, q_end, kv_offset, kv_end, kv_length, pad, window, device)
+            return _origin(_static_chunk_mask(batch_size, q_offset, q_end, kv_offset, kv_end, kv_length, pad, window,
+                                              device), fn_window, config)
         # (traced, a static cache's offset is a tensor: the first q_end slots cannot be sliced off without a host
         # read. A multi-token step then runs as a one-token step does, attention_with_kvcache with q_end keys per
         # row, which aligns the queries with the last of them; a mask alone would let them see their own future.)
@@ -251,7 +408,7 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         pad = valid if pad is None else (pad & valid)
         if isinstance(kv_offset, int) and kv_offset == 0:  # (every row's keys: the slots before q_end)
             lengths = q_end_t.to(torch.int32).reshape(1).expand(batch_size).contiguous()
-            return _static_step_mask(pad, window, lengths)
+            return _origin(_static_step_mask(pad, window, lengths), fn_window, config)
     all_visible = pad is None or (window is None and not torch.compiler.is_compiling() and bool(pad.all()))
     if all_visible and window is None and kind == "causal":
         # nothing to hide in a causal mask: None, as SDPA gets (the module's is_causal decides; a model that
@@ -261,7 +418,7 @@ def llmkern_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         pad = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
     pad = _tag(pad, window, kind)
     pad._llmkern_all_visible = all_visible  # (the attention then passes no padding mask to the kernel)
-    return pad
+    return _origin(pad, fn_window, config)
 
 
 def _built_here(mask, kv_length, kind, window):
@@ -323,8 +480,9 @@ def llmkern_attention_forward(module, query, key, value, attention_mask, dropout
     if kwargs.get("output_attentions", False):
         raise NotImplementedError("llmkern attention does not return attention weights "
                                   "(output_attentions=True needs attn_implementation='eager')")
-    attention_mask = _retagged(attention_mask)
+    attention_mask = _recovered(attention_mask, module, is_causal, query.shape[2], key.shape[2])
     if isinstance(attention_mask, torch.Tensor) and hasattr(attention_mask, "_llmkern_causal"):
+        _remember(module, attention_mask)
         # eager and SDPA attend by the mask, whose kind the mask function knew: some models build a causal mask
         # for modules whose is_causal is False (Aimv2's text tower, Gemma with use_bidirectional_attention)
         is_causal = attention_mask._llmkern_causal
@@ -425,6 +583,7 @@ def register(name: str = NAME):
 
     AttentionInterface.register(name, llmkern_attention_forward)
     AttentionMaskInterface.register(name, llmkern_mask)
+    _NAMES.add(name)
     return name
 
 
