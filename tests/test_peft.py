@@ -404,19 +404,30 @@ def test_rank_and_alpha_patterns_name_one_module_each(tmp_path):
         torch.testing.assert_close(again(x), want, rtol=1e-5, atol=1e-5)
 
 
-def test_use_fused_lora_falls_back_under_cpu_autocast(monkeypatch):
-    """Autocast on the input's device (CPU here) runs PEFT's own forward, as documented (the check asked about
-    CUDA's autocast only)."""
+def test_use_fused_lora_under_cpu_autocast(monkeypatch):
+    """Autocast is checked on the input's device (CPU here; the check once asked about CUDA's only). A float32
+    model under autocast (AMP, e.g. Trainer's bf16=True) is fused: PEFT's F.linear casts x, W, A and B to bfloat16
+    there, as the fused op does. DoRA on it keeps PEFT's forward under autocast (PEFT forms its DoRA term in
+    float32 from the bfloat16 products, dora_linear in bfloat16), and is fused outside it."""
     from llmkern.integrations import peft as ip
 
-    model = _peft_model()
-    ip.use_fused_lora(model)
     calls = []
-    monkeypatch.setattr(ip, "lora_linear", lambda *a, **k: calls.append(1))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(_ids())
-    assert not calls
-    ip.use_fused_lora(model, enable=False)
+    for name in ("lora_linear", "dora_linear"):
+        monkeypatch.setattr(ip, name, lambda *a, _o=getattr(ip, name), _n=name, **k: calls.append(_n) or _o(*a, **k))
+    for use_dora in (False, True):
+        model = _peft_model() if not use_dora else peft.get_peft_model(
+            tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)).eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            want = model(_ids()).logits
+            ip.use_fused_lora(model)
+            got = model(_ids()).logits
+        assert calls == ([] if use_dora else ["lora_linear"] * 2 * L_) and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        with torch.no_grad():
+            model(_ids())
+        assert calls[-1:] == ["dora_linear" if use_dora else "lora_linear"]
+        calls.clear()
+        ip.use_fused_lora(model, enable=False)
 
 
 class _Proj(nn.Module):

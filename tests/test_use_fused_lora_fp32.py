@@ -3,6 +3,8 @@
 Under torch.autocast PEFT computes them in the autocast dtype (F.linear casts x, A and B), so the fused op,
 which rounds A and B to that dtype, computes the same up to accumulation order: they are fused, per call.
 Outside autocast PEFT computes them in float32: PEFT's forward (a warning, once), unless float32_adapters="round".
+A float32 model under autocast (AMP), or a 16-bit one under the other 16-bit autocast dtype, is fused too: F.linear
+casts its weights to the autocast dtype as the fused op does (DoRA there keeps PEFT's forward: tests/test_peft.py).
 
 Tolerance: the fused result must be as close to PEFT's as PEFT's own 16-bit result is to the float64 one (twice
 that, plus 2^-10 of the largest value): differences at the 16-bit rounding, not a looser absolute bound.
@@ -15,7 +17,7 @@ import torch
 
 from llmkern import _backend
 from llmkern.integrations import peft as ip
-from llmkern.testing import tiny_hf_llama, triton_device
+from llmkern.testing import randomize_lora, tiny_hf_llama, triton_device
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -99,12 +101,14 @@ def test_float32_adapters_fuse_under_autocast(monkeypatch, use_dora):
     _assert_like_peft(got, want, truth)
 
 
-def test_float32_adapters_fuse_under_fp16_autocast_on_the_kernels(monkeypatch, triton_backend):
+@pytest.mark.parametrize("base", [torch.float16, torch.float32], ids=["fp16", "fp32-amp"])
+def test_float32_adapters_fuse_under_fp16_autocast_on_the_kernels(monkeypatch, triton_backend, base):
     """The Triton kernels (the interpreter takes float16, not bfloat16); the loss scaled as fp16 training's
-    GradScaler does (unscaled, the tiny gradients underflow float16 in PEFT as in the kernels)."""
+    GradScaler does (unscaled, the tiny gradients underflow float16 in PEFT as in the kernels). A float32 base
+    (AMP) too: F.linear and the fused op cast its weights to float16."""
     if triton_device() != "cpu":
         pytest.skip("the interpreter's tiny shapes")
-    model = _model(torch.float16, layers=1, targets=("q_proj",))
+    model = _model(base, layers=1, targets=("q_proj",))
     ids = _ids(B=1)
     want = _run(model, ids, torch.float16, scale=2.0 ** 12)
     truth = _truth(model, ids, scale=2.0 ** 12)
@@ -140,9 +144,10 @@ def test_outside_autocast_peft_forward_once_warned_or_round(monkeypatch):
     _run(model, ids, torch.bfloat16)
     assert len(calls) == 6  # the same layers, fused in this call
     calls.clear()
-    with torch.autocast("cpu", dtype=torch.float16), torch.no_grad():  # not the bf16 base's dtype: PEFT's
+    with torch.autocast("cpu", dtype=torch.float16), torch.no_grad():  # (F.linear casts the bf16 base to float16)
         model(ids)
-    assert not calls
+    assert len(calls) == 6
+    calls.clear()
     ip.use_fused_lora(model, float32_adapters="round")  # (on a fused model: changes the mode)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -153,8 +158,9 @@ def test_outside_autocast_peft_forward_once_warned_or_round(monkeypatch):
     assert not any(hasattr(m, ip._FP32_MODE) for m in model.modules())
 
 
-def test_float32_adapters_mixed_batch_under_autocast(monkeypatch):
-    model = _model(extra=("b",))
+@pytest.mark.parametrize("base", [torch.bfloat16, torch.float32], ids=["bf16", "fp32-amp"])
+def test_float32_adapters_mixed_batch_under_autocast(monkeypatch, base):
+    model = _model(base, extra=("b",))
     ids = _ids(B=3)
     names = ["b", "__base__", "default"]
     want = _run(model, ids, torch.bfloat16, adapter_names=names)
@@ -163,6 +169,25 @@ def test_float32_adapters_mixed_batch_under_autocast(monkeypatch):
     ip.use_fused_lora(model)
     got = _run(model, ids, torch.bfloat16, adapter_names=names)
     assert len(calls) == 6
+    _assert_like_peft(got, want, truth)
+
+
+@pytest.mark.parametrize("base,ac", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)],
+                         ids=["fp32-amp-bf16", "bf16-fp16"])
+def test_base_of_another_dtype_fuses_under_autocast(monkeypatch, base, ac):
+    """A float32 model under bf16 autocast (AMP: Trainer's bf16=True on a model loaded in float32), and a bf16
+    one under fp16 autocast: PEFT's F.linear casts x, W, A and B to the autocast dtype, as the fused op does."""
+    model = _model(base)
+    ids = _ids()
+    scale = 2.0 ** 12 if ac == torch.float16 else 1.0  # (GradScaler's: unscaled, fp16 gradients underflow)
+    want = _run(model, ids, ac, scale=scale)
+    truth = _truth(model, ids, scale=scale)
+    calls = _count(monkeypatch, "lora_linear")
+    ip.use_fused_lora(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _run(model, ids, ac, scale=scale)
+    assert len(calls) == 6 and got[0].dtype == ac
     _assert_like_peft(got, want, truth)
 
 
@@ -212,3 +237,39 @@ def test_autocast_dispatch_compiles_per_call(monkeypatch):
     assert want.dtype == got.dtype == torch.bfloat16
     torch.testing.assert_close(got_ac, want_ac, rtol=0, atol=0)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _bnb_model(tmp_path):
+    """A tiny Llama loaded in bf16 with bitsandbytes NF4 layers computing in bf16 (QLoRA), float32 adapters."""
+    pytest.importorskip("bitsandbytes")
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=4, attn_implementation="eager")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)  # (in_features multiples of 64: bnb's CPU blocks)
+    qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_compute_dtype=torch.bfloat16)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=qcfg, device_map="cpu",
+                                                             dtype=torch.bfloat16)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_lora(model, std=0.1)
+    return model.train()  # (in eval mode without grad bitsandbytes repacks its CPU weights)
+
+
+def test_bnb_4bit_base_fuses_under_autocast(tmp_path, monkeypatch):
+    """QLoRA under autocast: a bf16 input to a bf16-compute 4-bit layer under bf16 autocast (autocast casts nothing
+    there; PEFT's F.linear casts the float32 A and B to bf16, as the fused op does) is fused; a float32 input (e.g.
+    after prepare_model_for_kbit_training) keeps PEFT's forward, which adds the bf16 products in float32."""
+    monkeypatch.setenv("LLMKERN_BACKEND", "reference")
+    model = _bnb_model(tmp_path)
+    ids = _ids()
+    want = _run(model, ids, torch.bfloat16)
+    calls = _count(monkeypatch, "lora_linear")
+    ip.use_fused_lora(model)
+    got = _run(model, ids, torch.bfloat16)
+    assert len(calls) == 2
+    for g, w in [*zip(got[:2], want[:2]), *((got[2][n], want[2][n]) for n in want[2])]:
+        assert g.dtype == w.dtype and _err(g, w) <= 2 ** -8
+    calls.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(inputs_embeds=model.get_input_embeddings()(ids).float())
+    assert not calls

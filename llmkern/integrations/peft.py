@@ -20,8 +20,12 @@ Float32 adapters on a 16-bit model (PEFT's default ``autocast_adapter_dtype=True
 own dtype, which F.linear under ``torch.autocast`` (Trainer's bf16=True / fp16=True) casts to the autocast
 dtype, as it does x: the update is computed and added in bf16/fp16, as the fused op does (it rounds A and B
 to its compute dtype; their gradients come back float32). So under autocast (checked per call, on x's device)
-a layer whose base weight has the autocast dtype is fused whatever the adapters' float dtype (also a float32
-DoRA magnitude, and in mixed batches); under autocast a float32 base, or a 4-bit one, keeps PEFT's forward.
+a layer is fused whatever the adapters' float dtype (also a float32 DoRA magnitude, and in mixed batches).
+That includes a float32 model under autocast (classic AMP: Trainer's bf16=True on a model loaded in float32) and
+a 16-bit base under the other 16-bit autocast dtype: F.linear casts the base weight to the autocast dtype, as
+the fused ops do. DoRA on such a base keeps PEFT's forward under autocast: PEFT forms its DoRA term in float32
+from the rounded products and rounds once, dora_linear scales a rounded output by a rounded m / n (measured on an
+fp32 tiny Llama: lora_B gradients 2.3x as far from float64 as PEFT's own), and its norm reads the rounded W.
 Outside autocast PEFT computes float32 adapters in float32 and sums in float32: those calls keep PEFT's
 forward (a warning says so, once) unless the model was fused with ``float32_adapters="round"``, which rounds
 them to the input's dtype as autocast would.
@@ -33,7 +37,8 @@ when the input has the layer's compute_dtype: bitsandbytes then computes the bas
 returns it in the input's, as the fused op does. Otherwise (an input of another dtype, e.g. float32 hidden
 states on a bf16-compute layer: bitsandbytes rounds the base product through the compute dtype; DoRA and
 other variants; mixed-adapter batches; bitsandbytes' CPU-repacked inference layout; a quant_storage other
-than uint8) the call runs PEFT's forward. The NF4Weight is cached on the layer (from_bnb reads the
+than uint8; under torch.autocast, an input not already in the autocast dtype: PEFT then adds the autocast-dtype
+products in the input's dtype) the call runs PEFT's forward. The NF4Weight is cached on the layer (from_bnb reads the
 quant_state, decodes or wraps a double-quantized absmax and builds the kernels' tables: not per call) and
 rebuilt when the weight tensor, its data, its version or its quant_state changes. bitsandbytes is never
 imported here: such layers exist only once the model imported it.
@@ -214,13 +219,14 @@ def _compute_dtype(x):
 def _base_operands(self, x, dtype, autocast):
     """(weight, bias, quantized) the fused ops take for this layer's base on input x computed in `dtype` (see
     _compute_dtype), or None. A Conv1D's weight goes in as its [out, in] transposed view: the kernels read either
-    layout, so nothing is copied. Under autocast only a base already in the autocast dtype (a 16-bit model)."""
+    layout, so nothing is copied. Under autocast a base of any dtype autocast casts (float32, bf16, fp16): F.linear
+    and the fused ops both cast it to the autocast dtype."""
     base = self.base_layer
     if type(base) is nn.Linear or is_hf_conv1d(base):
-        if base.weight.dtype != dtype:
+        if base.weight.dtype != dtype and not (autocast and base.weight.dtype in _AUTOCAST_DTYPES):
             return None
         return (base.weight.t() if is_hf_conv1d(base) else base.weight), base.bias, False
-    if autocast:  # (bitsandbytes' casts under autocast are its own)
+    if autocast and x.dtype != dtype:  # (4 bits under autocast: only inputs autocast leaves as they are, see above)
         return None
     nf4 = _nf4_base(self, x)
     return None if nf4 is None else (*nf4, True)
@@ -255,7 +261,8 @@ def _fused_forward(self, x, *args, **kwargs):
         if not active:
             return base(x)
         kind = _kind(self, active[0], dtype, autocast) if len(active) == 1 else None
-        if kind is None or (quantized and kind != "lora") or _hooked(self, active):  # (DoRA on 4 bits: PEFT's)
+        # DoRA on 4 bits, or on a base autocast rounds (a float32 model): PEFT's forward (see the module docstring)
+        if kind is None or (kind == "dora" and (quantized or weight.dtype != dtype)) or _hooked(self, active):
             return orig(x, *args, **kwargs)
         a = active[0]
         p = _dropout_p(self, a) if self.training else 0.0
