@@ -3,11 +3,13 @@
   llmkern-bench                    every suite, quick mode, on the best device found
   llmkern-bench --suite sampling   one suite (repeatable); --full for the complete sweep
   llmkern-bench --list             the suites
-Writes results.json, results.md and results.png to --out (default ./bench-out).
+Writes results.json, results.md and (with matplotlib: the bench extra) results.png to --out (default
+./bench-out).
 """
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -27,6 +29,15 @@ def _progress(iterable, desc="", total=None):
 def _row_line(r):
     base = f"{r.baseline} {r.baseline_ms:.3f} ms" if r.baseline_ms is not None else "no baseline"
     return f"{r.suite}: {r.op} [{r.shape}] ours {r.ours_ms:.3f} ms, {base}" + (f"; {r.notes}" if r.notes else "")
+
+
+def _check_out(out):
+    """Creates the folder `out` and writes a file there: an existing folder without write permission (or on a
+    read-only file system) passed makedirs and failed at the first row's record, a traceback after timing it."""
+    os.makedirs(out, exist_ok=True)
+    fd, path = tempfile.mkstemp(dir=out, prefix=".llmkern-bench-probe-")
+    os.close(fd)
+    os.unlink(path)
 
 
 def parse_args(argv=None):
@@ -49,7 +60,7 @@ def main(argv=None):
         for name, s in sorted(suites.items()):
             print(f"{name:12s} {s.description}")
         return 0
-    names = args.suite or sorted(suites)
+    names = list(dict.fromkeys(args.suite)) if args.suite else sorted(suites)  # (--suite x --suite x: once)
     unknown = [n for n in names if n not in suites]
     if unknown:
         print(f"llmkern-bench: unknown suite(s) {unknown}; available: {sorted(suites)}", file=sys.stderr)
@@ -61,8 +72,8 @@ def main(argv=None):
     if device is None or device.type not in ("cpu", "cuda"):
         print(f"llmkern-bench: --device must be cpu or cuda[:N], got {args.device!r}", file=sys.stderr)
         return 2
-    try:  # (created before anything is timed: a bad --out is not a failed suite)
-        os.makedirs(args.out, exist_ok=True)
+    try:  # (created and written to before anything is timed: a bad --out is not a failed suite)
+        _check_out(args.out)
     except OSError as exc:
         print(f"llmkern-bench: --out {args.out!r} is not a usable folder: {exc}", file=sys.stderr)
         return 2
@@ -75,9 +86,11 @@ def main(argv=None):
         torch.cuda.set_device(device.index or 0)
     ctx = Context(device=device, quick=not args.full, progress=_progress, out_dir=args.out)
     results, failed = [], {}
-    for name in names:
+    run = {"mode": "quick" if ctx.quick else "full", "suites": names}  # (the record says what was run)
+    for i, name in enumerate(names, 1):
         start = time.perf_counter()
-        print(f"[llmkern-bench] suite {name} on {device} ({'quick' if ctx.quick else 'full'})", file=sys.stderr)
+        print(f"[llmkern-bench] suite {name} ({i}/{len(names)}) on {device} ({'quick' if ctx.quick else 'full'})",
+              file=sys.stderr)
         mine = []
         try:
             for r in suites[name].fn(ctx) or ():
@@ -85,24 +98,27 @@ def main(argv=None):
                 mine.append(r)
                 # each row as soon as it is measured: a run stopped by a time limit keeps it
                 print(f"[row] {_row_line(r)}", flush=True)
-                write_outputs(results + mine, args.out, device, plot=False, failed=failed)
+                write_outputs(results + mine, args.out, device, plot=False, failed=failed, run=run)
         except Exception as exc:  # one broken suite must not hide the others' numbers
             failed[name] = f"{type(exc).__name__}: {exc}"
             print(f"[llmkern-bench] suite {name} failed: {failed[name]}", file=sys.stderr)
-            write_outputs(results + mine, args.out, device, plot=False, failed=failed)  # on record at once
+            write_outputs(results + mine, args.out, device, plot=False, failed=failed, run=run)  # on record at once
         print(f"[llmkern-bench] suite {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
         results += mine
         if len(names) > 1 and mine:  # each suite's table as soon as it is done (a run cut short keeps them)
             print(format_table(mine), flush=True)
-            write_outputs(results, args.out, device, failed=failed)
+            write_outputs(results, args.out, device, failed=failed, run=run)
     if len(names) > 1:
         print("\n[llmkern-bench] all suites:")
     print(format_table(results))
     print(RATIO_LEGEND)
     for line in failed_lines(failed):
         print(line)
-    paths = write_outputs(results, args.out, device, failed=failed)
+    paths = write_outputs(results, args.out, device, failed=failed, run=run)
     print("\nwritten: " + ", ".join(paths.values()))
+    if "png" not in paths and any(r.ratio is not None for r in results):
+        print(f"not written: {os.path.join(args.out, 'results.png')} (the chart needs matplotlib: "
+              "pip install 'llmkern[bench]')")
     return 1 if failed else 0
 
 

@@ -1,24 +1,44 @@
 """Result tables: printed text, JSON, markdown and a PNG chart of the speed-ups."""
 import json
+import math
 import os
 import platform
 
 import torch
 
-COLUMNS = ("suite", "op", "shape", "baseline", "baseline ms", "ours ms", "ratio", "throughput", "MFU")
+COLUMNS = ("suite", "op", "shape", "baseline", "baseline ms", "ours ms", "ratio", "throughput", "MFU",
+           "MFU A100")
 
 
 def _fmt(v, spec):
     return "" if v is None else format(v, spec)
 
 
+def _pct(v):
+    """A utilisation in percent: 0.1 % and above to one decimal, below that two significant digits (a CPU row
+    against the A100's peak read 0.0%)."""
+    if v is None:
+        return ""
+    return f"{100 * v:.1f}%" if 100 * v >= 0.1 else f"{100 * v:.2g}%"
+
+
+def _throughput(r):
+    """The row's throughput, and its TFLOP/s (extra["tflops"]) where the unit is another (the mfu suite's tok/s)."""
+    if r.throughput is None:
+        return ""
+    tflops = (r.extra or {}).get("tflops")
+    more = f", {tflops:.4g} TFLOP/s" if tflops is not None and r.unit != "TFLOP/s" else ""
+    return f"{r.throughput:.4g} {r.unit}{more}"
+
+
 def rows_as_text(results):
+    """MFU: against the detected device's dense peak (none on CPU or an unknown card); MFU A100: against the
+    A100's (extra["mfu_a100"]), the two utilisations the summary reports."""
     rows = [COLUMNS]
     for r in results:
-        thr = f"{r.throughput:.4g} {r.unit}" if r.throughput is not None else ""
-        mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else ""
         rows.append((r.suite, r.op, r.shape, r.baseline, _fmt(r.baseline_ms, ".3f"), _fmt(r.ours_ms, ".3f"),
-                     (_fmt(r.ratio, ".2f") + "x") if r.ratio is not None else "", thr, mfu))
+                     (_fmt(r.ratio, ".2f") + "x") if r.ratio is not None else "", _throughput(r), _pct(r.mfu),
+                     _pct((r.extra or {}).get("mfu_a100"))))
     return rows
 
 
@@ -74,16 +94,30 @@ def _write_atomic(path, text):
         raise
 
 
-def write_outputs(results, out_dir, device, name="results", plot=True, failed=None):
+def _finite(v):
+    """v with NaN and infinities as None (JSON null): json.dumps wrote them as NaN / Infinity, which strict JSON
+    readers (jq, JavaScript's JSON.parse, json.loads with parse_constant) refuse (the tp suite's exposed-communication
+    fraction is NaN when communication cost nothing)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
+def write_outputs(results, out_dir, device, name="results", plot=True, failed=None, run=None):
     """Writes <name>.json, <name>.md and (with matplotlib and plot) <name>.png; returns the paths.
-    `failed` ({suite: error message}) is recorded in both files ("failed" in the JSON)."""
+    `failed` ({suite: error message}) is recorded in both files ("failed" in the JSON); `run` (the CLI's
+    {"mode": "quick" | "full", "suites": [...]}) too, in the environment."""
     os.makedirs(out_dir, exist_ok=True)
-    env = environment(device)
+    env = {**environment(device), **(run or {})}
     paths = {}
     paths["json"] = os.path.join(out_dir, f"{name}.json")
-    _write_atomic(paths["json"], json.dumps(
+    _write_atomic(paths["json"], json.dumps(_finite(
         {"environment": env, "results": [r.as_dict() for r in results],
-         "failed": [{"suite": n, "error": e} for n, e in (failed or {}).items()]}, indent=2))
+         "failed": [{"suite": n, "error": e} for n, e in (failed or {}).items()]}), indent=2, allow_nan=False))
     paths["md"] = os.path.join(out_dir, f"{name}.md")
     rows = rows_as_text(results)
     md = ["# llmkern-bench results\n\n", ", ".join(f"{k}: {v}" for k, v in env.items()) + "\n\n",
@@ -94,6 +128,8 @@ def write_outputs(results, out_dir, device, name="results", plot=True, failed=No
     png = _plot(results, os.path.join(out_dir, f"{name}.png"), env) if plot else None
     if png:
         paths["png"] = png
+    elif plot and os.path.exists(os.path.join(out_dir, f"{name}.png")):  # an earlier run's chart, not this one's
+        os.unlink(os.path.join(out_dir, f"{name}.png"))
     return paths
 
 

@@ -1,6 +1,7 @@
 """Timing: CUDA events on GPU (triton.testing.do_bench when available), torch.utils.benchmark on
 CPU. Every function returns the median in milliseconds."""
 import statistics
+import time
 
 import torch
 
@@ -11,7 +12,7 @@ def time_fn(fn, device=None, warmup=3, min_run_time=0.5, quick=False):
         "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         return _time_cuda(fn, quick)
-    return _time_cpu(fn, warmup, 0.2 if quick else min_run_time)
+    return _time_cpu(fn, warmup, 0.2 if quick else min_run_time, quick)
 
 
 MIN_CUDA_RUNS = {True: 5, False: 10}  # timed calls at least (quick, full)
@@ -52,10 +53,32 @@ def _time_cuda(fn, quick):
         return statistics.median(times)
 
 
-def _time_cpu(fn, warmup, min_run_time):
+MIN_CPU_RUNS = {True: 3, False: 5}  # timed blocks at least (quick, full)
+
+
+def _warm_up(fn, warmup, min_run_time):
+    """`warmup` calls of fn, but two when the second (warm) call alone takes min_run_time: a training step of a
+    second gains nothing from a third warm-up call (the first compiles, the second makes optimizer state), and
+    _time_cpu now times it MIN_CPU_RUNS times."""
+    for i in range(warmup):
+        start = time.perf_counter()
+        fn()
+        if i >= 1 and time.perf_counter() - start >= min_run_time:
+            return
+
+
+def _time_cpu(fn, warmup, min_run_time, quick=True):
+    """Median over MIN_CPU_RUNS timed blocks at least: blocked_autorange alone times ONE call of a call that
+    takes longer than min_run_time (every mfu and generate row on CPU), a median of a single sample."""
     import torch.utils.benchmark as tub
 
-    for _ in range(warmup):
-        fn()
+    _warm_up(fn, warmup, min_run_time)
     timer = tub.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    times = list(m.times)
+    while len(times) < MIN_CPU_RUNS[quick]:  # (Timer.timeit would warm up again: two more calls each)
+        start = time.perf_counter()
+        for _ in range(m.number_per_run):
+            fn()
+        times.append((time.perf_counter() - start) / m.number_per_run)
+    return statistics.median(times) * 1e3

@@ -48,6 +48,13 @@ def _mfu(tflops, peak, mode="fwd+bwd"):
     return tflops * 1e12 * _MODEL_SHARE[mode] / peak if peak else None
 
 
+def _a100_extra(tflops, extra=None):
+    """`extra` with the row's MFU against the A100's dense bf16 peak (fwd+bwd rows; the summary's MFU A100)."""
+    from llmkern.flops import PEAK_FLOPS
+
+    return {**(extra or {}), "mfu_a100": _mfu(tflops, PEAK_FLOPS["a100"]["bf16"])}
+
+
 def _sdpa_backends():
     """name -> context manager factory selecting one SDPA backend (those this torch has)."""
     try:
@@ -119,6 +126,7 @@ def _gpu_rows(ctx):
             fl = _flops(B, H, T, D, causal, mode)
             ours_ms = time_fn(_timer(ours, q, k, v, dout, mode), dev, quick=ctx.quick)
             base = {}
+
             def sd(a, b, c):
                 return F.scaled_dot_product_attention(a, b, c, is_causal=causal)
 
@@ -194,7 +202,7 @@ def _sinks_row(ctx, T, H, Hk, D, dtype, peak):
     yield Result(op="attention fwd+bwd sinks (gpt-oss)",
                  shape=f"B={B} H={H} Hk={Hk} T={T} D={D} causal=True {str(dtype).replace('torch.', '')}",
                  ours_ms=ours_ms, baseline="sdpa + sink column mask" if base_ms else "", baseline_ms=base_ms,
-                 throughput=tflops, unit="TFLOP/s", mfu=_mfu(tflops, peak))
+                 throughput=tflops, unit="TFLOP/s", mfu=_mfu(tflops, peak), extra=_a100_extra(tflops))
 
 
 def _alibi_row(ctx, T, H, D, dtype, peak):
@@ -224,7 +232,7 @@ def _alibi_row(ctx, T, H, D, dtype, peak):
     yield Result(op="attention fwd+bwd alibi",
                  shape=f"B={B} H={H} T={T} D={D} causal=True {str(dtype).replace('torch.', '')}",
                  ours_ms=ours_ms, baseline="sdpa + float bias mask" if base_ms else "", baseline_ms=base_ms,
-                 throughput=tflops, unit="TFLOP/s", mfu=_mfu(tflops, peak))
+                 throughput=tflops, unit="TFLOP/s", mfu=_mfu(tflops, peak), extra=_a100_extra(tflops))
 
 
 def _mla_row(ctx, T, H, D, Dv, dtype, peak):
@@ -255,7 +263,7 @@ def _mla_row(ctx, T, H, D, Dv, dtype, peak):
                  shape=f"B={B} H={H} T={T} D={D} Dv={Dv} causal=True {str(dtype).replace('torch.', '')}",
                  ours_ms=ours_ms, baseline=f"sdpa-{best}" if best else "", baseline_ms=base.get(best),
                  throughput=tflops, unit="TFLOP/s", mfu=_mfu(tflops, peak),
-                 extra={f"sdpa-{n}_ms": ms for n, ms in base.items()})
+                 extra=_a100_extra(tflops, {f"sdpa-{n}_ms": ms for n, ms in base.items()}))
 
 
 def _dropout_row(ctx, T, D, p, dtype, peak):
@@ -283,7 +291,7 @@ def _dropout_row(ctx, T, D, p, dtype, peak):
     yield Result(op="attention fwd+bwd dropout", shape=f"B={B} H={H} T={T} D={D} causal=True p={p} bf16",
                  ours_ms=ours_ms, baseline=f"sdpa-{best}" if best else "", baseline_ms=base.get(best),
                  throughput=tflops, unit="TFLOP/s", mfu=_mfu(tflops, peak),
-                 extra={f"sdpa-{n}_ms": ms for n, ms in base.items()})
+                 extra=_a100_extra(tflops, {f"sdpa-{n}_ms": ms for n, ms in base.items()}))
 
 
 def _decode_rows(ctx, B, H, Hk, T, D, dtype):

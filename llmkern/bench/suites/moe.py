@@ -8,7 +8,8 @@ both expert weights and topk_weights: the router trains); full mode adds a Mixtr
 reduced width (d = 4096, F = 14336, E = 8, k = 2, T = 4096) and a decoding step (T = 16, the 64x6 layer,
 forward only: launch- and weight-read-bound).
 FLOPs: forward 2·T·k·3·F·d (three d x F matmuls per (token, slot)); forward+backward 3x that.
-extra["mfu"] is against the card's dense bf16 peak (llmkern.flops.device_peak) where it is known.
+extra["mfu"] is against the card's dense bf16 peak (llmkern.flops.device_peak) where it is known, extra["mfu_a100"]
+against the A100's at the row's precision.
 
 GPU quick mode (gpu_check.sh) runs each kernel's fixed configuration (LLMKERN_MOE_AUTOTUNE=0, unless
 the variable is set): autotuning ~40 candidates costs minutes of compiles; --full autotunes.
@@ -66,6 +67,7 @@ def _baselines(dev):
 
 def _rows(ctx, label, T, d, F_, E, k, dtype, modes=("fwd", "fwd+bwd"), notes=""):
     import llmkern
+    from llmkern import flops
     from llmkern.flops import device_peak
 
     dev = ctx.device
@@ -80,7 +82,9 @@ def _rows(ctx, label, T, d, F_, E, k, dtype, modes=("fwd", "fwd+bwd"), notes="")
     leaves = (x, wgu, wd, tw)
     fwd_flops = 2 * T * k * 3 * F_ * d
     peak = device_peak(dev, dtype)
+    peak_a100 = flops.peak("a100", dtype)  # (its fp32 peak for the CPU rows' float32)
     shape = f"T={T} d={d} F={F_} E={E} k={k} {str(dtype).replace('torch.', '')}"
+
     def timed(fn, mode):
         if mode == "fwd":
             with torch.no_grad():
@@ -102,6 +106,7 @@ def _rows(ctx, label, T, d, F_, E, k, dtype, modes=("fwd", "fwd+bwd"), notes="")
             extra = {"tflop": flops / 1e12, "baseline_tflops": flops / (base * 1e-3) / 1e12}
             if peak:
                 extra["mfu"] = tflops * 1e12 / peak
+            extra["mfu_a100"] = tflops * 1e12 / peak_a100
             yield Result(op=f"moe_mlp {label} {mode}", shape=shape, ours_ms=ours, baseline=name, baseline_ms=base,
                          throughput=tflops, unit="TFLOP/s", mfu=extra.get("mfu"), notes=notes, extra=extra)
     if dev.type == "cuda":
