@@ -126,3 +126,23 @@ def test_repeated_suite_runs_once_and_suites_are_counted(tmp_path, capsys, monke
     assert data["environment"]["mode"] == "quick" and data["environment"]["suites"] == ["fake"]
     assert "mode: quick" in (tmp_path / "results.md").read_text()
     assert "suite fake (1/1)" in capsys.readouterr().err
+
+
+def test_torchrun_rank_measures_its_own_gpu(monkeypatch, tmp_path):
+    """Under torchrun every rank set cuda:0 (only the mfu and tp suites re-picked LOCAL_RANK's device): the other
+    suites' ranks all timed one GPU. `--device cuda` now means the rank's own."""
+    class Stop(Exception):
+        pass
+
+    def context(**kw):
+        raise Stop(kw["device"])
+
+    picked = []
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", picked.append)
+    monkeypatch.setattr(cli, "Context", context)
+    with pytest.raises(Stop) as stop:
+        cli.main(["--device", "cuda", "--suite", "rope", "--out", str(tmp_path)])
+    assert stop.value.args[0] == torch.device("cuda", 1) and picked == [1]

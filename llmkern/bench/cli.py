@@ -77,6 +77,8 @@ def main(argv=None):
     except OSError as exc:
         print(f"llmkern-bench: --out {args.out!r} is not a usable folder: {exc}", file=sys.stderr)
         return 2
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # (under torchrun: each rank its own GPU)
     if device.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0 or (device.index is not None and device.index >= n):
