@@ -48,7 +48,7 @@ def parse_args(argv=None):
     mode.add_argument("--quick", action="store_true", help="small sweep (the default)")
     mode.add_argument("--full", action="store_true", help="the complete sweep of each suite")
     p.add_argument("--out", default="bench-out", help="output folder for JSON / markdown / PNG")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available; under torchrun cuda is the LOCAL_RANK GPU)")
     p.add_argument("--list", action="store_true", help="list the suites and exit")
     return p.parse_args(argv)
 

@@ -11,7 +11,7 @@ load through tensor descriptors (TMA); at seq 4k, causal, head dim 128 the point
 (LLMKERN_ATTN_TMA=0) are timed too, in the row's notes.
 Training rows with dropout, sinks and ALiBi (fwd+bwd, causal, seq 4k) follow, each against what a user
 would write without our kernel; outside quick mode also DeepSeek MLA's head dims (q/k 192, v 128) against SDPA.
-Last, DeepSeek-V3's latent-cache decode (llmkern.mla_decode: 512 + 64 channels, one kv head, 16 and 128 query
+Right after the decode row, DeepSeek-V3's latent-cache decode (llmkern.mla_decode: 512 + 64 channels, one kv head, 16 and 128 query
 heads, kv 4096, one new token; GB/s of the latent read once) against SDPA over the same cache, with the query
 heads as SDPA's heads (enable_gqa: what the zoo ran before) and folded into query rows (the best plain-torch form);
 and merge_attention_states (cascade decoding's merge) against the same formula in eager torch ops.
