@@ -37,3 +37,17 @@ def test_gemma_config_without_pad_token_id_keeps_padding_idx_zero(tmp_path, fami
     m(x, labels=x)[1].backward()
     hf(x, labels=x).loss.backward()  # (the tied LM head still trains row 0, in both)
     torch.testing.assert_close(m.embed_tokens.weight.grad, hf.model.embed_tokens.weight.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", [("LlamaConfig", "LlamaForCausalLM"), ("GPT2Config", "GPT2LMHeadModel")])
+def test_quantization_config_is_refused_by_name(tmp_path, family):
+    """A checkpoint with a quantization_config loaded its float weights silently or failed on its unexpected keys
+    without naming the config key (only the DeepSeek loaders refused it)."""
+    save_tiny_hf(tmp_path, *family, dict(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                         num_attention_heads=2, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+    f = tmp_path / "config.json"
+    cfg = json.loads(f.read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8"}
+    f.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"quantization_config \(quant_method='fp8'\)"):
+        load_hf(str(tmp_path))

@@ -895,6 +895,12 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
     with open(cfg_file) as f:
         hf = json.load(f)
     mtype = hf.get("model_type")
+    if hf.get("quantization_config") is not None:  # (the zoo's layers hold float weights: the codes would not load)
+        quant = hf["quantization_config"]
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise ValueError(f"from_hf: config quantization_config (quant_method={method!r}) is not supported: the zoo "
+                         f"loads float weights (dequantize the checkpoint first; for 4-bit NF4 base layers load the "
+                         f"float checkpoint and call llmkern.peft.quantize_nf4)")
     if mtype == "gpt2":
         cfg = gpt2_config(hf)
         state = _strip(_load_state(path), ("transformer.",))
