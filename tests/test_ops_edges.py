@@ -1,5 +1,6 @@
 """Edge cases of the non-attention ops found by an audit (each test failed before its fix): autocast on
 moe_mlp's two backends."""
+import numpy as np
 import pytest
 import torch
 
@@ -142,3 +143,56 @@ def test_linear_cross_entropy_under_torch_func():
     per_row = torch.func.vmap(lambda a, b: llmkern.linear_cross_entropy(a, w, b, reduction="sum"))(h, y)
     torch.testing.assert_close(per_row, torch.stack([llmkern.linear_cross_entropy(a, w, b, reduction="sum")
                                                      for a, b in zip(h, y)]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("grad_of", ["k", "q", "cos"])
+def test_rope_outputs_require_grad_as_unfused(backend, grad_of, request):
+    """On the Triton path (an autograd.Function with two outputs) q_out required grad when only k did; each output
+    now requires grad as the unfused expression's does: when its own input or cos / sin requires it."""
+    from llmkern.reference import rope as rope_ref
+
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    torch.manual_seed(0)
+    t = dict(q=torch.randn(1, 2, 3, 4), k=torch.randn(1, 1, 3, 4), cos=torch.randn(3, 4), sin=torch.randn(3, 4))
+    t[grad_of].requires_grad_()
+    q_out, k_out = llmkern.rope(t["q"], t["k"], t["cos"], t["sin"])
+    want = [x * t["cos"] + rope_ref.rotate_half(x) * t["sin"] for x in (t["q"], t["k"])]
+    assert (q_out.requires_grad, k_out.requires_grad) == (want[0].requires_grad, want[1].requires_grad)
+    (q_out.sum() * 2 + k_out.sum() if q_out.requires_grad else k_out.sum()).backward()
+    got = t[grad_of].grad
+    t[grad_of].grad = None
+    (want[0].sum() * 2 + want[1].sum() if want[0].requires_grad else want[1].sum()).backward()
+    torch.testing.assert_close(got, t[grad_of].grad)
+
+
+@pytest.mark.parametrize("flag", [np.True_, torch.tensor(True)])
+def test_norm_and_rope_flags_take_numpy_bools(flag):
+    """return_residual and interleaved raised TypeError for a numpy bool (or a one-element bool tensor), which the
+    other ops' flags take through _checks.bool_arg; a string is still refused, not read as True."""
+    x, r, w = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8)
+    for got, want in ((llmkern.rms_norm(x, w, residual=r, return_residual=flag),
+                       llmkern.rms_norm(x, w, residual=r, return_residual=True)),
+                      (llmkern.layer_norm(x, w, residual=r, return_residual=flag),
+                       llmkern.layer_norm(x, w, residual=r, return_residual=True))):
+        assert isinstance(got, tuple) and len(got) == 2
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    q, k, cos, sin = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    torch.testing.assert_close(llmkern.rope(q, k, cos, sin, interleaved=flag),
+                               llmkern.rope(q, k, cos, sin, interleaved=True), atol=0, rtol=0)
+    with pytest.raises(TypeError, match="return_residual must be a bool"):
+        llmkern.rms_norm(x, w, residual=r, return_residual="False")
+    with pytest.raises(TypeError, match="interleaved must be a bool"):
+        llmkern.rope(q, k, cos, sin, interleaved="False")
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
+def test_norm_weight_dtype_message_for_float32_x(op):
+    """For float32 x the message read "weight must be torch.float32 (x's dtype) or float32"."""
+    x, w = torch.randn(3, 8), torch.randn(8, dtype=torch.float16)
+    with pytest.raises(ValueError) as e:
+        getattr(llmkern, op)(x, w)
+    assert str(e.value) == "weight must be torch.float32 (x's dtype), got torch.float16"
+    with pytest.raises(ValueError, match=r"weight must be torch.float16 \(x's dtype\) or float32, got torch.float64"):
+        getattr(llmkern, op)(x.half(), w.double())

@@ -57,7 +57,8 @@ _tensor = _checks.tensor_arg
 
 
 def _check(x, params, residual, eps, return_residual):
-    """params: ((name, tensor or None), ...) of the [N] affine parameters."""
+    """params: ((name, tensor or None), ...) of the [N] affine parameters. Returns (eps, return_residual) as
+    float and bool."""
     _tensor("x", x)
     if x.dtype not in _DTYPES:
         raise ValueError(f"x must be float32, float16 or bfloat16 (float64: reference only), got {x.dtype}")
@@ -71,7 +72,8 @@ def _check(x, params, residual, eps, return_residual):
         if tuple(t.shape) != (N,):
             raise ValueError(f"{name} must have shape [{N}] (x's last dim), got {tuple(t.shape)}")
         if t.dtype not in (x.dtype, torch.float32):
-            raise ValueError(f"{name} must be {x.dtype} (x's dtype) or float32, got {t.dtype}")
+            want = "torch.float32 (x's dtype)" if x.dtype == torch.float32 else f"{x.dtype} (x's dtype) or float32"
+            raise ValueError(f"{name} must be {want}, got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if residual is not None:
@@ -79,11 +81,10 @@ def _check(x, params, residual, eps, return_residual):
         if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
             raise ValueError(f"residual must have x's shape, dtype and device {tuple(x.shape)} {x.dtype} "
                              f"{x.device}, got {tuple(residual.shape)} {residual.dtype} {residual.device}")
-    if not isinstance(return_residual, bool):
-        raise TypeError(f"return_residual must be a bool, got {type(return_residual).__name__}")
+    return_residual = _checks.bool_arg("return_residual", return_residual, ints=False)  # (as attention's flags)
     if return_residual and residual is None:
         raise ValueError("return_residual=True needs a residual (it returns x + residual)")
-    return _real("eps", eps, positive=True, dtype=x.dtype)
+    return _real("eps", eps, positive=True, dtype=x.dtype), return_residual
 
 
 def _real(name, v, positive=False, dtype=torch.float64):
@@ -281,7 +282,7 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6,
     Returns y (x's shape and dtype), or (y, s). Gradients flow to x, residual and weight; the
     gradient of s from its own downstream use is added to the one through the norm.
     """
-    eps = _check(x, (("weight", weight),), residual, eps, return_residual)
+    eps, return_residual = _check(x, (("weight", weight),), residual, eps, return_residual)
     offset = _real("offset", offset, dtype=x.dtype)
     if weight is None and offset != 0.0:
         raise ValueError(f"offset must be 0 without a weight (there is nothing to offset), got {offset}")
@@ -312,7 +313,7 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     torch.autocast runs in float32 (a float32 output for bf16 inputs), the output stays in x's dtype
     under autocast too.
     """
-    eps = _check(x, (("weight", weight), ("bias", bias)), residual, eps, return_residual)
+    eps, return_residual = _check(x, (("weight", weight), ("bias", bias)), residual, eps, return_residual)
     if not _use_triton(x, "layer_norm"):
         return ref.layer_norm(x, weight, bias, eps, residual=residual, return_residual=return_residual)
     if _checks.eager_fast_path(x, weight, bias, residual):

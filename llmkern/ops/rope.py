@@ -49,8 +49,7 @@ def _check(q, k, cos, sin, interleaved):
     _tensor("k", k)
     _tensor("cos", cos)
     _tensor("sin", sin)
-    if not isinstance(interleaved, bool):
-        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    interleaved = _checks.bool_arg("interleaved", interleaved, ints=False)  # (as attention's rotary_interleaved)
     if q.dtype not in _DTYPES:
         raise ValueError(f"q must be float32, float16 or bfloat16 (float64: reference only), got {q.dtype}")
     if q.dim() != 4:
@@ -71,6 +70,7 @@ def _check(q, k, cos, sin, interleaved):
     if cos.shape != sin.shape:
         raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
     _check_cos_shape(cos, B, T, D)
+    return interleaved
 
 
 def _check_cos_shape(cos, B, T, D):
@@ -118,6 +118,12 @@ def _setup_context(ctx, inputs, output):
     need_cs = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
     ctx.save_for_backward(cos, sin, q if need_cs else None, k if need_cs else None)
     ctx.args = (interleaved, transpose)
+    # an output depends on its own input and on cos / sin only: q_out needs no grad when only k does (autograd
+    # would mark every output of the Function as requiring grad, unlike the unfused expression)
+    need = ctx.needs_input_grad
+    for out, own in zip(output, need[:2]):
+        if not (own or need_cs):
+            ctx.mark_non_differentiable(out)
 
 
 def _backward(ctx, dq, dk):
@@ -184,7 +190,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     with bfloat16 q are used in float32 (transformers would have rounded them to bfloat16) and the
     result is still bfloat16.
     """
-    _check(q, k, cos, sin, interleaved)
+    interleaved = _check(q, k, cos, sin, interleaved)
     backend = _backend_for(q.device, q.dtype)
     if backend != "triton" or q.numel() + k.numel() == 0:
         return ref.rope(q, k, cos, sin, interleaved=interleaved)
