@@ -98,7 +98,7 @@ from typing import Optional
 
 import torch
 
-from llmkern.ops._checks import bool_arg, real_arg, with_data
+from llmkern.ops._checks import bool_arg, is_real, real_arg, with_data
 from llmkern.ops._checks import int_arg as _int_arg
 
 STRATEGIES = ("greedy", "sample", "beam")
@@ -223,11 +223,9 @@ class GenerationDefaults:
 
 
 def _real_in(lo, hi, lo_open=False):
-    """A check: v is a finite real number (not a bool) in [lo, hi] ((lo, hi] with lo_open)."""
+    """A check: v is a finite real number (not a bool: _checks.is_real) in [lo, hi] ((lo, hi] with lo_open)."""
     def ok(v, vocab):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
-            return False
-        return (lo < v if lo_open else lo <= v) and v <= hi
+        return is_real(v) and (lo < v if lo_open else lo <= v) and v <= hi
     return ok
 
 
@@ -240,7 +238,11 @@ def _words_ok(v, vocab):
 
 
 def _stopping_ok(v, vocab):
-    return v is True or v is False or (isinstance(v, str) and v == "never")
+    try:  # (generate's own early_stopping rule)
+        _early_stopping(v)
+    except ValueError:
+        return False
+    return True
 
 
 # generate's knobs that default to model.generation_config: name -> (generate's own default, the strategy the
