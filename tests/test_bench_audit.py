@@ -146,3 +146,31 @@ def test_torchrun_rank_measures_its_own_gpu(monkeypatch, tmp_path):
     with pytest.raises(Stop) as stop:
         cli.main(["--device", "cuda", "--suite", "rope", "--out", str(tmp_path)])
     assert stop.value.args[0] == torch.device("cuda", 1) and picked == [1]
+
+
+def test_torchrun_ranks_other_than_0_run_the_suites_but_report_nothing(tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank printed every row and table and wrote the same --out files (the last rank's
+    numbers won). The ranks other than 0 still run the suites (parallel rows need their collectives) and say only
+    their failures."""
+    ran = []
+
+    def fake(ctx):
+        ran.append(1)
+        yield Result(op="x", shape="s", ours_ms=1.0, baseline="b", baseline_ms=2.0)
+
+    def broken(ctx):
+        raise RuntimeError("boom")
+        yield
+
+    suites = {"fake": Suite("fake", "", fake), "broken": Suite("broken", "", broken)}
+    monkeypatch.setattr(cli, "load_all", lambda: suites)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["--suite", "fake", "--out", str(tmp_path / "r1"), "--device", "cpu"]) == 0
+    assert ran == [1] and capsys.readouterr().out == ""
+    assert not (tmp_path / "r1" / "results.json").exists()
+    assert cli.main(["--suite", "broken", "--out", str(tmp_path / "r1"), "--device", "cpu"]) == 1
+    assert "rank 1: suite broken failed: RuntimeError: boom" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["--suite", "fake", "--out", str(tmp_path / "r0"), "--device", "cpu"]) == 0
+    assert ran == [1, 1] and "x" in capsys.readouterr().out and (tmp_path / "r0" / "results.json").exists()

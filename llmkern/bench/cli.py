@@ -40,6 +40,16 @@ def _check_out(out):
     os.unlink(path)
 
 
+def _reporting_rank():
+    """False on torchrun's ranks other than 0: every rank runs the suites (the parallel rows' collectives need them
+    all), rank 0 prints and writes --out. (Each rank printed every row and table, and all wrote the same files,
+    the last one's numbers winning.)"""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="llmkern-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,7 +58,8 @@ def parse_args(argv=None):
     mode.add_argument("--quick", action="store_true", help="small sweep (the default)")
     mode.add_argument("--full", action="store_true", help="the complete sweep of each suite")
     p.add_argument("--out", default="bench-out", help="output folder for JSON / markdown / PNG")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available; under torchrun cuda is the LOCAL_RANK GPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available; under "
+                   "torchrun cuda is the LOCAL_RANK GPU)")
     p.add_argument("--list", action="store_true", help="list the suites and exit")
     return p.parse_args(argv)
 
@@ -86,6 +97,8 @@ def main(argv=None):
             return 2
         # the timing's CUDA events and synchronisations are the current device's: make it the measured one
         torch.cuda.set_device(device.index or 0)
+    if not _reporting_rank():
+        return _run_silently(suites, names, device, args)
     ctx = Context(device=device, quick=not args.full, progress=_progress, out_dir=args.out)
     results, failed = [], {}
     run = {"mode": "quick" if ctx.quick else "full", "suites": names}  # (the record says what was run)
@@ -121,6 +134,22 @@ def main(argv=None):
     if "png" not in paths and any(r.ratio is not None for r in results):
         print(f"not written: {os.path.join(args.out, 'results.png')} (the chart needs matplotlib: "
               "pip install 'llmkern[bench]')")
+    return 1 if failed else 0
+
+
+def _run_silently(suites, names, device, args):
+    """A torchrun rank other than 0: the same suites, nothing printed but failures, nothing written."""
+    ctx = Context(device=device, quick=not args.full, progress=lambda it, desc="", total=None: it,
+                  out_dir=args.out)
+    failed = 0
+    for name in names:
+        try:
+            for _ in suites[name].fn(ctx) or ():
+                pass
+        except Exception as exc:
+            failed += 1
+            print(f"[llmkern-bench] rank {os.environ.get('RANK')}: suite {name} failed: {type(exc).__name__}: "
+                  f"{exc}", file=sys.stderr)
     return 1 if failed else 0
 
 
