@@ -1259,7 +1259,8 @@ def _decode_draw(strategy, logits, prev, T0, kw, scorers, seqs, allow, seeds, po
         y = lib(_penalised, logits, prev, T0, kw)
         terms = _score_terms(scorers, seqs, _log_softmax(y if allow is None else
                                                          y.masked_fill(~allow, float("-inf"))))
-        kw.update(prev_tokens=None, output_start=None, logit_bias=terms)
+        kw.update(prev_tokens=None, output_start=None, logit_bias=terms, repetition_penalty=1.0,
+                  presence_penalty=0.0, frequency_penalty=0.0)  # (the penalties are in y)
         return lib(sample, y, **kw, return_valid=True)
     return lib(sample, logits, **kw, return_valid=True)
 

@@ -141,7 +141,8 @@ def _row_param(name, value, B, device, dtype, lo, hi, lo_open=False, hi_open=Fal
         if value.shape != (B,):
             raise ValueError(f"{name} must be a scalar or a tensor of shape [{B}], got {tuple(value.shape)}")
         if value.dtype == torch.bool or value.is_complex():  # (a Python bool is refused too)
-            raise TypeError(f"{name} must be an integer or floating-point tensor, got {value.dtype}")
+            kinds = "an integer" if dtype == torch.int64 else "an integer or floating-point"
+            raise TypeError(f"{name} must be {kinds} tensor, got {value.dtype}")
         if value.is_floating_point() and dtype == torch.int64:
             raise ValueError(f"{name} must be an integer tensor, got {value.dtype}")
         if value.device != device and value.device.type != "cpu":
@@ -365,6 +366,19 @@ def _sample_params_uncached(B, dev, *values, checks=None):
     return out
 
 
+def _penalties_need_prev_tokens(checks, *penalties):
+    """A penalty without prev_tokens (the tokens it penalises) changed nothing, silently: refused. Each of
+    `penalties` is (the argument, its [B] row, its neutral value, its name); a tensor's values are read with the
+    call's other checks (one sync), and only where values are read."""
+    for given, row, neutral, name in penalties:
+        msg = f"{name} needs prev_tokens (the tokens it penalises): without them it would change nothing"
+        if not torch.is_tensor(given):
+            if given != neutral:
+                raise ValueError(f"{msg}, got {name}={given!r}")
+        elif _checks.reading_values() and row.numel():
+            checks.add_flag(f"{msg} (its values must be {neutral} without them)", (row != neutral).any())
+
+
 # ---- public API -------------------------------------------------------------------------------------
 
 def sample(
@@ -396,7 +410,7 @@ def sample(
 
     prev_tokens: [B, L] int64, -1 padded: the tokens seen so far (prompt, then output), for the
         penalties. The repetition penalty (HF's: a seen token's logit divided by it when positive,
-        multiplied when negative) counts all of them.
+        multiplied when negative) counts all of them. A penalty given without prev_tokens raises.
     output_start: None, an int or an int64 [B] tensor in [0, L]: where each row's output (generated)
         tokens begin in prev_tokens. The presence and frequency penalties (OpenAI's and vLLM's:
         logit -= presence * (count > 0) + frequency * count) count only the output tokens
@@ -418,6 +432,9 @@ def sample(
     overflows float32, about 1e-38 for logits of order 1, makes every positive logit +inf).
     """
     _check_logits(logits)
+    # (flags: bool("False") is True, and return_logprobs="False" returned a tuple)
+    return_logprobs = _checks.bool_arg("return_logprobs", return_logprobs)
+    return_valid = _checks.bool_arg("return_valid", return_valid)
     B, V = logits.shape
     dev = logits.device
     filters = not _no_filtering(temperature, top_k, top_p, min_p, V)  # (before the numbers become tensors)
@@ -436,6 +453,10 @@ def sample(
     if prev_tokens is not None:
         _check_prev_tokens(prev_tokens, B, V, dev, checks)
     start = _output_start(output_start, prev_tokens, B, dev, checks)
+    if prev_tokens is None:
+        _penalties_need_prev_tokens(checks, (repetition_penalty, rep, 1.0, "repetition_penalty"),
+                                    (presence_penalty, pres, 0.0, "presence_penalty"),
+                                    (frequency_penalty, freq, 0.0, "frequency_penalty"))
     pos_t = _position_row(position, B, dev, checks)
     checks.verify()  # (before the penalties: an out-of-range prev_tokens id would index out of bounds)
     if prev_tokens is not None:  # (the bias goes in with them, first: not again in the kernel)

@@ -176,7 +176,10 @@ def filter_logits(logits, top_k, top_p, min_p, filter_value=float("-inf")):
     """Reference of top_k_top_p_filter: the logits with removed entries set to filter_value."""
     y = torch.nan_to_num(logits.double(), nan=float("-inf"))
     keep = _keep_mask(y, top_k, top_p, min_p)
-    return torch.where(keep, logits, torch.full_like(logits, filter_value))
+    # filter_value rounded to the logits' dtype as the kernels round it (a cast: -1e9 is -inf in float16, 1e39 inf
+    # in float32); full_like raised torch's overflow error for those where the kernels returned the rounded value
+    fill = torch.tensor(float(filter_value), dtype=torch.float64, device=logits.device).to(logits.dtype)
+    return torch.where(keep, logits, fill)
 
 
 def sample(logits, temperature, top_k, top_p, min_p, seed, position, logit_bias=None, allowed=None, filters=True,
