@@ -11,7 +11,8 @@ so the op traces under torch.compile(fullgraph=True) as one opaque node and pass
 
 Dispatch: CUDA tensors run the Triton kernels (float32, float16, bfloat16). CPU tensors run the
 reference unless LLMKERN_BACKEND=triton, which runs the same kernels under TRITON_INTERPRET=1
-(float32/float16; the interpreter has no bfloat16). float64 always uses the reference.
+(float32/float16; the interpreter has no bfloat16). float64 always uses the reference, as do calls under
+torch.func transforms (grad, jacrev, vmap: a custom op's autograd does not run there).
 
 Memory traffic per logit: eager ``F.cross_entropy(logits.float(), labels)`` on bf16 logits moves
 about 36 bytes (upcast copy, log_softmax output, their backward, the cast back); this op reads the
@@ -247,6 +248,12 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     sc = _softcap(softcap)
     lead = logits.shape[:-1]
     backend = _backend_for(logits.device, logits.dtype)
+    if backend == "triton" and logits.numel() and _checks._functorch_active():
+        # torch.func.grad / jacrev through the custom op raised PyTorch's "must override the setup_context
+        # staticmethod" (F.cross_entropy runs there): the reference, plain PyTorch, as linear_cross_entropy does
+        _backend.warn_once(("cross_entropy", "functorch"), "llmkern.cross_entropy under torch.func transforms runs "
+                           "the reference (F.cross_entropy on float32 logits), not the kernels")
+        backend = "reference"
     if backend != "triton" or logits.numel() == 0:
         return ref.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction,
                                  softcap=sc or None)

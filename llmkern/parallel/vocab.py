@@ -340,9 +340,10 @@ class VocabParallelLMHead(comm.SharesProcessGroups, nn.Module):
         # (as linear_cross_entropy's: NaN and inf gave a NaN loss, a negative or True one was taken for a cap)
         softcap = _checks.softcap_arg(softcap) or None
         _check_hidden("vocab_parallel_loss", h, self.in_features)
-        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
-                or labels.dtype == torch.bool:
-            raise TypeError(f"vocab_parallel_loss: labels must be an integer tensor of class indices, got "
+        # (int64 / int32 as linear_cross_entropy takes: uint8 labels indexed the logits as a mask, a silently wrong
+        # gradient on some ranks, and int16 failed in the indexing)
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"vocab_parallel_loss: labels must be an int64 or int32 tensor of class indices, got "
                             f"{getattr(labels, 'dtype', type(labels).__name__)}")
         ignore_index = _ignore_index_arg(ignore_index)
         if tuple(labels.shape) != tuple(h.shape[:-1]) and tuple(labels.shape) != (h.numel() // self.in_features,):
