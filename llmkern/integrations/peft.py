@@ -36,9 +36,9 @@ weight (the kernels read the 4-bit codes as bitsandbytes stores them), for one a
 when the input has the layer's compute_dtype: bitsandbytes then computes the base product in that dtype and
 returns it in the input's, as the fused op does. Otherwise (an input of another dtype, e.g. float32 hidden
 states on a bf16-compute layer: bitsandbytes rounds the base product through the compute dtype; DoRA and
-other variants; mixed-adapter batches; bitsandbytes' CPU-repacked inference layout; a quant_storage other
-than uint8; under torch.autocast, an input not already in the autocast dtype: PEFT then adds the autocast-dtype
-products in the input's dtype) the call runs PEFT's forward. The NF4Weight is cached on the layer (from_bnb reads the
+other variants; mixed-adapter batches; bitsandbytes' CPU-repacked inference layout; under torch.autocast, an
+input not already in the autocast dtype: PEFT then adds the autocast-dtype products in the input's dtype) the
+call runs PEFT's forward. The NF4Weight is cached on the layer (from_bnb reads the
 quant_state, decodes or wraps a double-quantized absmax and builds the kernels' tables: not per call) and
 rebuilt when the weight tensor, its data, its version or its quant_state changes. bitsandbytes is never
 imported here: such layers exist only once the model imported it.
@@ -120,7 +120,7 @@ def _cached_nf4(module, weight, state):
         return cached[1]
     try:
         qweight = NF4Weight.from_bnb(weight)
-    except ValueError as e:  # e.g. a quant_storage other than uint8
+    except ValueError as e:  # e.g. a non-contiguous quant_storage
         warn_once(("peft-nf4-layout", str(e)), f"use_fused_lora: a 4-bit layer runs on PEFT's own forward: {e}")
         return None
     # the weight and state objects are kept with the key so that their ids cannot be reused while cached

@@ -34,11 +34,13 @@ _MAX_BLOCKSIZE = 2**30
 
 
 def _check_blocksize(blocksize):
-    # a power of two, as bitsandbytes' are: the kernels then find an element's block with a shift. At most 2**30:
-    # the weight is padded to whole blocks (2**40 asked the allocator for 4 TiB and raised its RuntimeError)
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 2 or blocksize & (blocksize - 1) \
-            or blocksize > _MAX_BLOCKSIZE:
+    """blocksize as a Python int, or a ValueError. A power of two, as bitsandbytes' are: the kernels then find an
+    element's block with a shift. At most 2**30: the weight is padded to whole blocks (2**40 asked the allocator for
+    4 TiB and raised its RuntimeError). Any integer type (a numpy 64 was refused as "not a power of two")."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) or not 2 <= blocksize <= \
+            _MAX_BLOCKSIZE or int(blocksize) & (int(blocksize) - 1):
         raise ValueError(f"blocksize must be a power of two in 2..2**30 (bitsandbytes uses 64), got {blocksize!r}")
+    return int(blocksize)
 
 
 def _shape_arg(shape):
@@ -81,7 +83,7 @@ class NF4Weight:
         _checks.tensor_arg("packed", packed)
         _checks.tensor_arg("absmax", absmax)
         N, K = _shape_arg(shape)
-        _check_blocksize(blocksize)
+        blocksize = _check_blocksize(blocksize)
         if dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
         if packed.dtype != torch.uint8 or packed.numel() != -(-N * K // 2):
@@ -164,13 +166,26 @@ class NF4Weight:
                 raise ValueError(f"double quantization with {inner.blocksize} scales per group is not supported "
                                  f"(only {ref.BLOCKSIZE2}, bitsandbytes' default)")
             nested = (inner.code, inner.absmax, state.offset)
-        return cls(weight.data, state.absmax, tuple(state.shape), int(state.blocksize), dtype or state.dtype,
-                   nested=nested)
+        return cls(_bnb_code_bytes(weight.data), state.absmax, tuple(state.shape), int(state.blocksize),
+                   dtype or state.dtype, nested=nested)
 
     def __repr__(self):
         dq = ", double_quant=True" if self.nested is not None else ""
         return (f"NF4Weight(shape={tuple(self.shape)}, blocksize={self.blocksize}{dq}, dtype={self.dtype}, "
                 f"device={self.device})")
+
+
+def _bnb_code_bytes(data):
+    """The packed NF4 bytes of a Params4bit's data. bitsandbytes' `quant_storage` (bnb_4bit_quant_storage, e.g.
+    bfloat16 so that FSDP can shard 4-bit weights with the 16-bit ones) stores the same bytes reinterpreted as that
+    dtype; they are read back through a uint8 view (no copy), as bitsandbytes' own dequantization does. (Refused
+    before as "packed must be uint8", naming neither the storage dtype nor a way out.)"""
+    if not isinstance(data, torch.Tensor) or data.dtype == torch.uint8:
+        return data
+    if data.is_complex() or data.dtype == torch.bool or not data.is_contiguous():
+        raise ValueError(f"weight's quant_storage must be a contiguous uint8 or float/int tensor holding the packed "
+                         f"NF4 bytes, got {data.dtype} (contiguous: {data.is_contiguous()})")
+    return data.reshape(-1).view(torch.uint8)
 
 
 def _state2_arg(nested, nblocks, device):
@@ -212,7 +227,7 @@ def nf4_quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
                          f"{tuple(weight.shape)}")
     if weight.dtype not in _DTYPES:
         raise ValueError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
-    _check_blocksize(blocksize)
+    blocksize = _check_blocksize(blocksize)
     if not torch.isfinite(weight).all():
         raise ValueError("weight must be finite to quantize it (it holds inf or NaN)")
     double_quant = _checks.bool_arg("double_quant", double_quant)  # (a string "False" was read as True)

@@ -12,6 +12,7 @@ Its forward is llmkern.nf4_linear, which keeps only the codes for the backward (
 between the two: the memory QLoRA saves). A LoRALinear over it hands the NF4Weight to the fused
 llmkern.lora_linear (W read in 4 bits by the kernels).
 """
+import numbers
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -69,9 +70,9 @@ class NF4Linear(nn.Module):
                  compute_dtype: torch.dtype = torch.float32, device=None, double_quant: bool = False):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:  # (numpy ints: as nn.Linear)
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        _check_blocksize(blocksize)
+        in_features, out_features, blocksize = int(in_features), int(out_features), _check_blocksize(blocksize)
         if compute_dtype not in _DTYPES:
             raise ValueError(f"compute_dtype must be float32, float16, bfloat16 or float64, got {compute_dtype}")
         _check_double_quant(double_quant)
@@ -298,13 +299,38 @@ def _targets(model, target_modules, skip):
         owner, _, child = name.rpartition(".")
         lora = isinstance(parents.get(owner), LoRALinear) and child == "base_layer"
         key = owner if lora else name
-        if (target_modules is not None and not _matches(key, target_modules)) or (skip and _matches(key, skip)):
+        if (target_modules is not None and not _matches(key, target_modules)) or _skipped(key, skip, _matches):
             continue
         if lora and parents[owner].merged:
             raise ValueError(f"quantize_nf4: {owner} is merged (its base weight holds W + s·B·A); unmerge() it "
                              f"first")
         found.setdefault(id(m), (m, [], key))[1].append(name)
     return found
+
+
+def _skipped(key, skip, matches):
+    """Whether the layer named `key` is left dense: its name or the name of a module it sits in matches `skip`
+    (transformers' modules_to_not_convert / llm_int8_skip_modules leave a named block's layers dense: skip=
+    ("vision_tower",) or ("layers.0",) kept every nn.Linear inside quantized, silently, when only the layer's own
+    name was matched)."""
+    if not skip:
+        return False
+    parts = key.split(".")
+    return any(matches(".".join(parts[:i]), skip) for i in range(len(parts), 0, -1))
+
+
+def _names_arg(name, value):
+    """target_modules / skip: None, a regex string, or a sequence of module names (strings); anything else raised
+    Python's own TypeError from the name matching (an int: "'int' object is not iterable"), naming neither."""
+    if value is None or isinstance(value, str):
+        return value
+    try:
+        entries = list(value)
+    except TypeError:
+        entries = None
+    if entries is None or isinstance(value, (bytes, dict)) or not all(isinstance(e, str) for e in entries):
+        raise TypeError(f"{name} must be None, a regex string or a list of module names (strings), got {value!r}")
+    return entries
 
 
 def _check_untied(model, found):
@@ -341,10 +367,12 @@ def quantize_nf4(model: nn.Module, target_modules: Union[str, Sequence[str], Non
     names of the replaced modules.
 
     target_modules: PEFT's rule (a list: names equal to an entry or ending in "." + entry; a string: a
-    full-match regex), or None for every nn.Linear. Names matching `skip` are left dense (default: the LM
-    head, as bitsandbytes/transformers do). A LoRALinear's base layer counts under the LoRALinear's name (so a
-    model with a loaded adapter can be quantized); merged ones are refused. Only exact nn.Linear modules are
-    replaced (subclasses may be read by their parent, as nn.MultiheadAttention reads its out_proj). Weights
+    full-match regex), or None for every nn.Linear. Layers matching `skip` (the same rule), or sitting in a
+    module that matches it (``skip=("vision_tower",)``: every layer inside it, as transformers'
+    ``llm_int8_skip_modules``), are left dense (default: the LM head, as bitsandbytes/transformers do). A
+    LoRALinear's base layer counts under the LoRALinear's name (so a model with a loaded adapter can be
+    quantized); merged ones are refused. Only exact nn.Linear modules are replaced (subclasses may be read by
+    their parent, as nn.MultiheadAttention reads its out_proj). Weights
     tied to another module are refused, and so is the lm_head of a llmkern zoo model (its loss path reads
     lm_head.weight). `double_quant`: QLoRA's 8-bit block scales (NF4Linear.double_quant). Everything is
     checked and quantized before the model is changed. Each layer keeps its weight's dtype as compute_dtype
@@ -352,8 +380,9 @@ def quantize_nf4(model: nn.Module, target_modules: Union[str, Sequence[str], Non
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _check_blocksize(blocksize)
+    blocksize = _check_blocksize(blocksize)
     _check_double_quant(double_quant)
+    target_modules, skip = _names_arg("target_modules", target_modules), _names_arg("skip", skip)
     found = _targets(model, target_modules, skip)
     if not found:
         raise ValueError(f"quantize_nf4: target_modules {target_modules!r} (skip {skip!r}) matched no nn.Linear "
