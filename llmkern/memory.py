@@ -75,6 +75,7 @@ bf16 for llama-tiny; gpt-tiny in bf16 on CPU keeps 1,280 bytes less (CPU LayerNo
 impl="fused" follows the save_for_backward calls of llmkern's autograd functions (norm, rope, swiglu, attention,
 cross_entropy); on CPU those ops run reference paths, so it has not been measured here (no GPU in these tests).
 """
+import contextvars
 import dataclasses
 import math
 import numbers
@@ -454,13 +455,26 @@ def max_batch_size(config, memory_bytes, seq_len=None, **kwargs):
     return lo
 
 
+# The innermost saved_activations block open in this context (thread / asyncio task): torch calls only the innermost
+# saved_tensors_hooks, so a block hands what it sees on to the one enclosing it.
+_OPEN_BLOCK = contextvars.ContextVar("llmkern_saved_activations", default=None)
+
+
+def _storage_key(t):
+    """The identity of t's storage: its StorageImpl, shared by every view of it. Not its data_ptr: meta tensors and
+    FakeTensors (shape-only memory estimates) all have address 0, and counted as one storage (or as a parameter's)."""
+    return t.untyped_storage()._cdata
+
+
 class saved_activations:
     """Context manager: the tensors autograd saves for the backward inside it (torch.autograd.graph.
     saved_tensors_hooks), each distinct storage counted once, parameters excluded (model states, not
     activations): the storages of `exclude` (modules' parameters and buffers, or tensors) and of any trainable
     leaf tensor or view of one. .bytes, .tensors: [(shape, dtype, storage bytes)] in the order first saved.
-    The saved tensors are held until the block ends (so that a freed storage's address is never mistaken for
-    a new one); a storage is counted whole, even when only a view of it was saved.
+    The saved tensors are held until the block ends (so that a freed storage is never mistaken for a new one);
+    a storage is counted whole, even when only a view of it was saved. Meta tensors and FakeTensors are counted
+    by their sizes (an estimate that allocates nothing). Blocks nest: an enclosing block also counts what is saved
+    inside an inner one (each with its own `exclude`).
 
         with saved_activations(exclude=model) as saved:
             loss = model(ids, labels)[1]
@@ -475,34 +489,42 @@ class saved_activations:
         for x in items:
             if isinstance(x, torch.nn.Module):
                 for p in list(x.parameters()) + list(x.buffers()):
-                    self._skip.add(p.untyped_storage().data_ptr())
+                    self._skip.add(_storage_key(p))
             elif torch.is_tensor(x):
-                self._skip.add(x.untyped_storage().data_ptr())
+                self._skip.add(_storage_key(x))
             else:
                 raise ValueError(f"saved_activations: exclude must hold modules or tensors, got {type(x).__name__}")
         self.bytes, self.tensors, self._held = 0, [], {}
+        self._outer = None
 
-    def _pack(self, t):
+    def _count(self, t):
         base = t if t._base is None else t._base
         st = t.untyped_storage()
-        key = st.data_ptr()
-        if key in self._skip or key in self._held or (base.is_leaf and base.requires_grad):
-            return t
-        self._held[key] = t
-        self.bytes += st.nbytes()
-        self.tensors.append((tuple(t.shape), t.dtype, st.nbytes()))
+        key = _storage_key(t)
+        if not (key in self._skip or key in self._held or (base.is_leaf and base.requires_grad)):
+            self._held[key] = t
+            self.bytes += st.nbytes()
+            self.tensors.append((tuple(t.shape), t.dtype, st.nbytes()))
+        if self._outer is not None:
+            self._outer._count(t)
+
+    def _pack(self, t):
+        self._count(t)
         return t
 
     def __enter__(self):
         import torch
 
+        self._outer = _OPEN_BLOCK.get()
+        self._token = _OPEN_BLOCK.set(self)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
-        self._held = {}
+        _OPEN_BLOCK.reset(self._token)
+        self._outer, self._held = None, {}
         return False
 
 

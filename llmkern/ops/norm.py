@@ -198,13 +198,21 @@ def _saved_input(x, residual, s):
     return x if residual is None else s
 
 
+def _constant_sum(ctx, s, residual_index):
+    """(s,) when s = x + residual needs no gradient (neither x, input 0, nor the residual, input residual_index,
+    requires one), else (): an autograd Function marks every output as requiring grad when any input does, so a
+    trainable weight alone (norm-only tuning on a frozen trunk) made s require grad, unlike `h = x + residual`."""
+    need = ctx.needs_input_grad
+    return () if need[0] or need[residual_index] else (s,)
+
+
 def _rms_setup(ctx, inputs, output):
     x, weight, residual, _, offset = inputs
     _, s, rstd = output
     ctx.save_for_backward(_saved_input(x, residual, s), weight, rstd)
     ctx.offset = offset
     ctx.has_residual = residual is not None
-    ctx.mark_non_differentiable(rstd)
+    ctx.mark_non_differentiable(rstd, *_constant_sum(ctx, s, 2))
     ctx.set_materialize_grads(False)  # an unused s gets no zero gradient to read
 
 
@@ -228,7 +236,7 @@ def _ln_setup(ctx, inputs, output):
     ctx.save_for_backward(_saved_input(x, residual, s), weight, mean, rstd)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.has_residual = residual is not None
-    ctx.mark_non_differentiable(mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd, *_constant_sum(ctx, s, 3))
     ctx.set_materialize_grads(False)
 
 
