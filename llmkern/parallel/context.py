@@ -43,8 +43,10 @@ Not supported (a clear error): lengths that 2p (zigzag) or p (contiguous) does n
 sequence), KV caches (generation), attention masks / padding, prefix tuning, attention dropout, and a
 second derivative through the attention (create_graph=True; neither do the attention kernels).
 """
+import functools
 import hashlib
 import numbers
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -552,11 +554,119 @@ def _partitioned_experts(model, group):
     return skip
 
 
+# ---- reducing gradients over ranks once (a sum is not idempotent) -----------------------------------------
+# A gradient summed over p ranks is the same on every rank; summing it again (a second call, or a call after each
+# of several accumulated backwards, as loss.backward(); all_reduce_gradients(model) in a loop invites) counted it p
+# times: g1 + g2 came out as p·g1 + g2. So each reduced gradient is recorded (the tensor, its version counter): a
+# reduction skips a gradient unchanged since on every rank, and when a backward is about to add to one, a hook on
+# the parameter runs the record's `before_next` first (the ranks other than the group's first zero their copy of the
+# sum, which the first keeps): the next sum is then the sum of every micro-step's, as DDP's averaging gives by
+# itself. zero_grad (set to None, or zeroed in place: a new version) ends a record.
+
+# (keyed by id: a WeakKeyDictionary compares tensors with ==; each entry dies with its parameter)
+_REDUCED = {}  # id(parameter) -> (key, weakref to its .grad then, its _version, before_next)
+_HOOKED = {}  # id(parameter) -> weakref to the parameter, which carries the hook
+
+
+def _forget(pid, _ref=None):
+    _REDUCED.pop(pid, None)
+    _HOOKED.pop(pid, None)
+
+
+def _record(prm):
+    ref = _HOOKED.get(id(prm))
+    return _REDUCED.get(id(prm)) if ref is not None and ref() is prm else None
+
+
+def _still_reduced(prm, record):
+    g = prm.grad
+    return g is not None and record[1]() is g and g._version == record[2]
+
+
+def already_reduced(prm, key):
+    """Whether prm.grad is exactly what the last reduction `key` (reduction_key: how, over which ranks) left:
+    no backward and no in-place change since."""
+    record = _record(prm)
+    return record is not None and record[0] == key and _still_reduced(prm, record)
+
+
+def note_reduced(prm, key, before_next=None):
+    """Record prm.grad as reduced by `key`; before_next(grad), if given, runs in place (no autograd) when a later
+    backward is about to accumulate into that same, unchanged gradient, or a reduction takes it up again."""
+    ref = _HOOKED.get(id(prm))
+    if ref is None or ref() is not prm:  # (one hook per parameter, for its lifetime)
+        _forget(id(prm))
+        ref = weakref.ref(prm, functools.partial(_forget, id(prm)))
+        if prm.requires_grad:
+            prm.register_hook(functools.partial(_before_accumulation, ref))
+        _HOOKED[id(prm)] = ref
+    _REDUCED[id(prm)] = (key, weakref.ref(prm.grad), prm.grad._version, before_next)
+
+
+def _reopen(prm):
+    """End prm's record; run its before_next when the gradient is still the recorded one."""
+    record = _record(prm)
+    _REDUCED.pop(id(prm), None)
+    if record is not None and record[3] is not None and _still_reduced(prm, record):
+        with torch.no_grad():
+            record[3](prm.grad)
+
+
+def _before_accumulation(prm_ref, grad):
+    prm = prm_ref()
+    if prm is not None:
+        _reopen(prm)
+    return None  # (the incoming gradient itself is unchanged)
+
+
+def reduction_key(op, group):
+    return op, tuple(dist.get_process_group_ranks(group))
+
+
+def all_reduce_grads(params, group, op, what):
+    """Sum (op="sum") or average ("mean") the gradients of `params` (the same list on every rank) over `group`, in
+    place, one flattened all-reduce per dtype, each gradient once (see above). One all-reduce of a flag per
+    parameter first decides which to reduce: those with a gradient on some rank that no reduction of this kind
+    has left unchanged; a rank without one joins with zeros (a parameter its tokens did not reach). Returns the
+    reduced parameters."""
+    key, keep = reduction_key(op, group), comm.rank(group) == 0
+    # per parameter: 0 no gradient, 1 the last reduction's (unchanged), 2 a gradient to reduce
+    state = [0 if prm.grad is None else 1 if already_reduced(prm, key) else 2 for prm in params]
+    flags = torch.tensor(state, dtype=torch.int64)
+    if params:
+        flags = flags.to(comm._meta_device(None, group))
+        comm.check_same_shape(flags, group, f"{what} (parameter count)")
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    todo = [prm for prm, most in zip(params, flags.tolist()) if most == 2]
+    for prm in todo:
+        if prm.grad is None:
+            prm.grad = torch.zeros_like(prm)
+        else:
+            _reopen(prm)  # (a copy of the last sum on a rank that does not keep it: zeroed)
+    grads = {}
+    for prm in todo:
+        grads.setdefault(prm.grad.dtype, []).append(prm.grad)
+    for _, gs in sorted(grads.items(), key=lambda kv: str(kv[0])):  # (the same order on every rank)
+        flat = torch.cat([g.reshape(-1) for g in gs])
+        dist.all_reduce(flat, group=group)
+        if op == "mean":
+            flat /= comm.world_size(group)
+        for g, part in zip(gs, flat.split([g.numel() for g in gs])):
+            g.copy_(part.view_as(g))
+    for prm in todo:  # (an average is idempotent: mean(G + g_r) = G + mean(g_r))
+        note_reduced(prm, key, torch.Tensor.zero_ if op == "sum" and not keep else None)
+    return todo
+
+
 def all_reduce_gradients(model, group=None):
     """Sum the gradients of `model`'s parameters over the context-parallel group (default: the one
     context_parallelize gave the model, else WORLD), in place, in one all-reduce per dtype (flattened).
     The experts of an expert-parallel model partitioned over the same group are left as they are (their
-    gradients are complete on the rank that holds them)."""
+    gradients are complete on the rank that holds them). With gradient accumulation, call it after the last
+    backward or after each one: a gradient it summed already is not summed again (a second call leaves it), and a
+    backward that adds to one leaves, after the next call, the sum of the micro-steps (the ranks other than the
+    group's first drop their copy of the earlier sum as that backward starts adding to it: read .grad after the
+    call). A parameter with a gradient on some ranks only is summed with zeros for the others."""
     if not isinstance(model, nn.Module):  # (None returned None on one rank, and failed on more)
         raise TypeError(f"all_reduce_gradients: model must be an nn.Module, got {type(model).__name__}")
     if group is None and getattr(model, "context_parallel", None) is not None:
@@ -565,15 +675,8 @@ def all_reduce_gradients(model, group=None):
     if comm.world_size(group) == 1:
         return model
     skip = _partitioned_experts(model, group)
-    grads = {}
-    for prm in model.parameters():  # (parameters() yields a tied weight once)
-        if prm.grad is not None and id(prm) not in skip:
-            grads.setdefault(prm.grad.dtype, []).append(prm.grad)
-    for gs in grads.values():
-        flat = torch.cat([g.reshape(-1) for g in gs])
-        dist.all_reduce(flat, group=group)
-        for g, part in zip(gs, flat.split([g.numel() for g in gs])):
-            g.copy_(part.view_as(g))
+    params = [prm for prm in model.parameters() if id(prm) not in skip]  # (parameters() yields a tied weight once)
+    all_reduce_grads(params, group, "sum", "all_reduce_gradients")
     return model
 
 

@@ -53,6 +53,7 @@ micro-batch): the layer appends only the local logits to ``router_logits``.
 Under torch.compile the exchange and the experts run outside the graph (a graph break, as in
 llmkern.parallel.moe): their sizes depend on the routing.
 """
+import functools
 import zlib
 
 import torch
@@ -63,6 +64,7 @@ from llmkern.models import llama
 from llmkern.models.deepseek import DeepseekMoE
 from llmkern.ops import _checks
 from llmkern.parallel import comm
+from llmkern.parallel.context import _reopen, all_reduce_grads, already_reduced, note_reduced, reduction_key
 from llmkern.parallel.layers import _maybe_no_compile
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -371,7 +373,10 @@ def all_reduce_replicated_grads(model, group=None, op="sum"):
     ExpertParallelMoE layers, else WORLD), in one flattened all-reduce per dtype. op="sum": the gradients
     of the sum of the ranks' losses (the expert gradients already are); op="mean": divided by the world
     size, the expert gradients too (the gradient of the mean of the ranks' losses, DDP's convention).
-    A parameter without a gradient on some rank but not all gets zeros there. Returns `model`."""
+    A parameter without a gradient on some rank but not all gets zeros there. With gradient accumulation, call it
+    after the last backward or after each one: a gradient it reduced already is not reduced again, and a backward
+    that adds to one leaves, after the next call, the sum (or mean) of the micro-steps (see
+    llmkern.parallel.context.all_reduce_gradients). Returns `model`."""
     if op not in ("sum", "mean"):
         raise ValueError(f"all_reduce_replicated_grads: op must be 'sum' or 'mean', got {op!r}")
     if not isinstance(model, nn.Module):
@@ -383,38 +388,19 @@ def all_reduce_replicated_grads(model, group=None, op="sum"):
     p = comm.world_size(group)
     experts = {id(prm) for m in layers for prm in m.experts.parameters()}
     params = [prm for prm in model.parameters() if prm.requires_grad and id(prm) not in experts]
-    has = _any_rank_has_grad(params, group)
-    for prm, h in zip(params, has):
-        if h and prm.grad is None:
-            prm.grad = torch.zeros_like(prm)
-    grads = {}
-    for prm, h in zip(params, has):
-        if h:
-            grads.setdefault(prm.grad.dtype, []).append(prm.grad)
-    for dtype, gs in sorted(grads.items(), key=lambda kv: str(kv[0])):  # (the same order on every rank)
-        flat = torch.cat([g.reshape(-1) for g in gs])
-        comm.check_same_shape(flat, group, "all_reduce_replicated_grads")
-        dist.all_reduce(flat, group=group)
-        if op == "mean":
-            flat /= p
-        for g, part in zip(gs, flat.split([g.numel() for g in gs])):
-            g.copy_(part.view_as(g))
+    if p > 1:
+        all_reduce_grads(params, group, op, "all_reduce_replicated_grads")
     if op == "mean" and p > 1:
+        # each expert gradient divided once (a second call left p² less); a backward adding to a divided one first
+        # multiplies it back, so that the next call divides the micro-steps' sum
+        key = reduction_key("mean", group)
         for m in layers:
             for prm in m.experts.parameters():
-                if prm.grad is not None:
+                if prm.grad is not None and not already_reduced(prm, key):
+                    _reopen(prm)
                     prm.grad.div_(p)
+                    note_reduced(prm, key, functools.partial(torch.Tensor.mul_, other=p))
     return model
-
-
-def _any_rank_has_grad(params, group):
-    """Per parameter: whether any rank holds a gradient for it (one all-reduce of a flag per parameter)."""
-    flags = torch.tensor([prm.grad is not None for prm in params], dtype=torch.int64)
-    if comm.world_size(group) > 1 and len(params):
-        flags = flags.to(comm._meta_device(None, group))
-        comm.check_same_shape(flags, group, "all_reduce_replicated_grads (parameter count)")
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    return [bool(f) for f in flags.tolist()]
 
 
 __all__ = ["ExpertParallelMoE", "ExpertParallelDeepseekMoE", "LocalExperts", "expert_parallelize",

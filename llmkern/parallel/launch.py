@@ -7,7 +7,8 @@ benchmarks and quick experiments; production runs use torchrun).
 The ranks meet on 127.0.0.1 at a port the OS picks; every collective is bounded by
 `pg_timeout` seconds and the whole run by `timeout` (ranks still alive then are killed), so a bug
 fails instead of hanging. Returns the list of fn's return values in rank order; raises
-RuntimeError with every failed rank's traceback.
+RuntimeError with every failed rank's traceback. args and the return values travel between the
+processes, so they must pickle (TypeError naming them otherwise, at once, not after the timeout).
 """
 import datetime
 import numbers
@@ -17,6 +18,7 @@ import queue as _queue
 import socket
 import time
 import traceback
+from multiprocessing.reduction import ForkingPickler
 
 import torch
 import torch.multiprocessing as mp
@@ -60,7 +62,9 @@ def _rank_main(rank, world_size, port, backend, pg_timeout, num_threads, tasks, 
             break
         task_id, fn, args = task
         try:
-            results.put((task_id, rank, True, fn(rank, world_size, *args)))
+            value = fn(rank, world_size, *args)
+            _check_result(fn, value)
+            results.put((task_id, rank, True, value))
         except BaseException:  # noqa: B902  (report everything to the parent)
             results.put((task_id, rank, False, traceback.format_exc()))
     try:
@@ -69,10 +73,35 @@ def _rank_main(rank, world_size, port, backend, pg_timeout, num_threads, tasks, 
         pass
 
 
+def _check_result(fn, value):
+    """TypeError unless fn's return value pickles: the result queue pickles it in a background thread, where a
+    failure (a lambda, a generator, a process group) was printed only, and the parent then waited for the whole
+    timeout and reported the rank as not finishing."""
+    try:
+        ForkingPickler.dumps(value)
+    except Exception as exc:
+        raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} returned a {type(value).__name__} that cannot be sent "
+                        f"back to the parent (it must pickle): {exc}") from None
+
+
 def _seconds(what, name, v):
     """v as a float > 0, else ValueError naming it (0 or a negative timeout failed every run as "did not finish",
     a negative pg_timeout inside torch's store), a string too, as the pool's other checks raise."""
     return real_arg(f"{what}: {name} (seconds)", v, positive=True, type_error=ValueError)
+
+
+def _check_args(what, args):
+    """args as a tuple, or TypeError naming it: tuple("abc") passed 'a', 'b', 'c' (args="abc" for ("abc",)), an int
+    failed after the ranks had started, and arguments that do not pickle were lost in the task queue's background
+    thread (a printed traceback), the run then waiting for its whole timeout."""
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(f"{what}: args must be a tuple (or list) of fn's arguments after (rank, world_size), got "
+                        f"{type(args).__name__}{' (a 1-tuple needs a comma: (x,))' if isinstance(args, str) else ''}")
+    try:
+        ForkingPickler.dumps(tuple(args))
+    except Exception as exc:
+        raise TypeError(f"{what}: args must pickle (the spawned ranks receive a copy): {exc}") from None
+    return tuple(args)
 
 
 def _check_fn(what, fn):
@@ -128,10 +157,11 @@ class RankPool:
             raise RuntimeError("RankPool is closed")
         timeout = _seconds("RankPool.run", "timeout", timeout)
         _check_fn("RankPool.run", fn)
+        args = _check_args("RankPool.run", args)
         self._next += 1
         task_id = self._next
         for q in self._tasks:
-            q.put((task_id, fn, tuple(args)))
+            q.put((task_id, fn, args))
         deadline = time.monotonic() + timeout
         got, failures = {}, {}
         while len(got) + len(failures) < self.world_size:
@@ -187,5 +217,6 @@ def spawn(fn, world_size, args=(), timeout=120.0, backend="gloo", pg_timeout=30.
     """Run fn(rank, world_size, *args) on `world_size` spawned ranks; see the module docstring."""
     _seconds("spawn", "timeout", timeout)
     _check_fn("spawn", fn)  # (before any rank starts: seconds each)
+    args = _check_args("spawn", args)
     with RankPool(world_size, backend, pg_timeout, num_threads) as pool:
         return pool.run(fn, args, timeout)
