@@ -99,6 +99,7 @@ from typing import Optional
 import torch
 
 from llmkern.ops._checks import bool_arg, is_real, real_arg, with_data
+from llmkern.guided import RegexConstraint, TokenVocabulary, json_schema_regex  # noqa: F401  (re-exported)
 from llmkern.ops._checks import int_arg as _int_arg
 
 STRATEGIES = ("greedy", "sample", "beam")
