@@ -7,10 +7,13 @@ labels flattened to [N] (int64 or int32). Row r of the flattened view is (b, t) 
 
 Semantics (those of ``F.cross_entropy(logits.float(), labels, ignore_index=...)``):
 - optional Gemma-style soft-capping first: z = softcap * tanh(x / softcap), else z = x;
-- per-row loss = logsumexp(z) - z[label], 0 for ignored rows;
+- per-row loss = logsumexp(z) - z[label], 0 for ignored rows; with label smoothing eps (torch's):
+  (1 - eps) (logsumexp(z) - z[label]) + eps (logsumexp(z) - mean(z)), gradient
+  softmax - (1 - eps) onehot - eps / V; the z-loss's gradient, 2 z_loss lse softmax, is added by the
+  backward (its forward term, z_loss lse^2, by the caller from the saved logsumexp);
 - a row is ignored when label == ignore_index, and also when the label lies outside [0, V): the
-  kernels never read out of bounds and never sync the host to check (the op validates labels on
-  CPU tensors only).
+  kernels never read out of bounds and never sync the host to check (the public ops reject such
+  labels: by reading them on CPU tensors in eager mode, elsewhere with an assert_async).
 
 Kernels:
 - `_ce_fwd`: one program per row; loops over V in BLOCK_V chunks with an online max / sum-exp in
@@ -19,6 +22,7 @@ Kernels:
   numbers, m + log(sum) and that sum's rounding error (TwoSum): with large logits one float32 would lose
   log(sum) and the backward's probabilities would not sum to 1. One read of the logits; ignored rows
   read nothing.
+  With label smoothing (SMOOTH) the same pass also sums z - z[label] (one more running sum).
 - `_ce_bwd`: one program per (row, chunk of BLOCK_V columns): recomputes softmax from the saved
   logsumexp pair, exp((z - lse) - lse_lo), and writes dlogits = (softmax - onehot(label)) * g_row [* (1 - tanh^2) with softcap]
   in the logits' dtype. g_row = dout[row * stride_dout] (stride 0: one scalar for mean/sum),
@@ -77,10 +81,13 @@ def _row_setup(LABELS, row, T, stride_b, stride_t, V, ignore_index, VEC: tl.cons
 
 
 @triton.jit
-def _fwd_chunk(x_row, rel, shift, end, m, s, sc_in, sc_out, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+def _fwd_chunk(x_row, rel, shift, end, m, s, t, z0, sc_in, sc_out, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               SMOOTH: tl.constexpr):
     """Fold the logits at relative offsets `rel` into the running (max, sum of exp(y - max)). Both in
     natural units: scaling by log2(e) comes after the subtraction, so that logits near float32's
-    largest value (|x| > FLT_MAX / log2(e)) do not overflow to inf - inf."""
+    largest value (|x| > FLT_MAX / log2(e)) do not overflow to inf - inf. SMOOTH: also the running
+    sum t of y - z0 (z0 the label's logit where finite): label smoothing's mean logit, taken relative
+    to z0 so that large logits do not cancel it away (the loss needs m - mean(y), not mean(y))."""
     if MASKED:
         cmask = (rel >= shift) & (rel < end)
         x = tl.load(x_row + rel, mask=cmask, other=float("-inf")).to(tl.float32)
@@ -92,30 +99,46 @@ def _fwd_chunk(x_row, rel, shift, end, m, s, sc_in, sc_out, MASKED: tl.constexpr
             y = tl.where(cmask, y, float("-inf"))
     else:
         y = x
+    if SMOOTH:
+        if MASKED:
+            t = t + tl.sum(tl.where(cmask, y - z0, 0.0), 0)
+        else:
+            t = t + tl.sum(y - z0, 0)
     m_new = tl.maximum(m, tl.max(y, 0))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk of -inf logits: no NaN
     s = s * tl.exp2((m - m_use) * _LOG2E) + tl.sum(tl.exp2((y - m_use) * _LOG2E), 0)
-    return m_new, s
+    return m_new, s, t
 
 
 @triton.jit
-def _ce_fwd(X, LABELS, LOSS, LSE, T, stride_b, stride_t, V, ignore_index, sc_in, sc_out,
-            HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
+def _ce_fwd(X, LABELS, LOSS, LSE, T, stride_b, stride_t, V, ignore_index, sc_in, sc_out, eps,
+            HAS_SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+            ALIGNED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     label, valid, base, shift, end = _row_setup(LABELS, row, T, stride_b, stride_t, V, ignore_index,
                                                 VEC, ALIGNED)
     x_row = X + base
+    # the label's logit first (one scalar load): label smoothing sums the logits relative to it
+    xl = tl.load(x_row + shift + tl.where(valid, label, 0), mask=valid, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        zl = _tanh(xl * sc_in) * sc_out
+    else:
+        zl = xl
+    z0 = tl.where(tl.abs(zl) < float("inf"), zl, 0.0)
     cols = tl.arange(0, BLOCK_V)
     m = tl.full((), float("-inf"), tl.float32)  # running max
     s = tl.full((), 0.0, tl.float32)            # running sum of exp(y - m)
+    t = tl.full((), 0.0, tl.float32)            # running sum of y - z0 (SMOOTH)
     # first chunk (holds [0, shift)), whole chunks, then the partial last one; an ignored row
     # (end = 0) reads nothing
-    m, s = _fwd_chunk(x_row, cols, shift, end, m, s, sc_in, sc_out, True, HAS_SOFTCAP)
+    m, s, t = _fwd_chunk(x_row, cols, shift, end, m, s, t, z0, sc_in, sc_out, True, HAS_SOFTCAP, SMOOTH)
     n_whole = end // BLOCK_V
     for c in range(1, n_whole):
-        m, s = _fwd_chunk(x_row, c * BLOCK_V + cols, shift, end, m, s, sc_in, sc_out, False, HAS_SOFTCAP)
+        m, s, t = _fwd_chunk(x_row, c * BLOCK_V + cols, shift, end, m, s, t, z0, sc_in, sc_out, False,
+                             HAS_SOFTCAP, SMOOTH)
     for c in range(tl.maximum(n_whole, 1), tl.cdiv(end, BLOCK_V)):
-        m, s = _fwd_chunk(x_row, c * BLOCK_V + cols, shift, end, m, s, sc_in, sc_out, True, HAS_SOFTCAP)
+        m, s, t = _fwd_chunk(x_row, c * BLOCK_V + cols, shift, end, m, s, t, z0, sc_in, sc_out, True,
+                             HAS_SOFTCAP, SMOOTH)
     log_s = tl.log2(tl.where(valid, s, 1.0)) * _LN2  # (an ignored row has s = 0)
     lse = m + log_s
     # the rounding of m + log s (TwoSum): with large logits lse alone loses log s, and the backward's
@@ -123,21 +146,22 @@ def _ce_fwd(X, LABELS, LOSS, LSE, T, stride_b, stride_t, V, ignore_index, sc_in,
     bb = lse - m
     lo = (m - (lse - bb)) + (log_s - bb)
     lo = tl.where((lse == lse) & (tl.abs(lse) < float("inf")), lo, 0.0)
-    xl = tl.load(x_row + shift + tl.where(valid, label, 0), mask=valid, other=0.0).to(tl.float32)
-    if HAS_SOFTCAP:
-        zl = _tanh(xl * sc_in) * sc_out
-    else:
-        zl = xl
     # (m - zl) + log s, not lse - zl: with large logits lse rounds log s away and the difference cancels
-    tl.store(LOSS + row, tl.where(valid, (m - zl) + log_s, 0.0))
+    loss = (m - zl) + log_s
+    if SMOOTH:
+        # torch's (1 - eps) (lse - zl) + eps (lse - mean y), with lse - mean y = (m - z0) - mean(y - z0) + log s
+        loss = (1.0 - eps) * loss + eps * (((m - z0) - t / V) + log_s)
+    tl.store(LOSS + row, tl.where(valid, loss, 0.0))
     tl.store(LSE + 2 * row, tl.where(valid, lse, 0.0))
     tl.store(LSE + 2 * row + 1, tl.where(valid, lo, 0.0))
 
 
 @triton.jit
-def _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, lse_lo, g, sc_in, sc_out,
-               MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """dlogits at relative offsets `rel`; an ignored row (g = 0) reads nothing and writes zeros."""
+def _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, lse_lo, g, sc_in, sc_out, p_scale,
+               target, uniform, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """dlogits at relative offsets `rel`; an ignored row (g = 0) reads nothing and writes zeros.
+    d = p * p_scale - target * onehot - uniform: p_scale 1 + 2 z_loss lse (the z-loss), target
+    1 - eps and uniform eps / V (label smoothing); 1, 1 and 0 without them (exact: the same bits)."""
     if MASKED:
         cmask = (rel >= shift) & (rel < row_end)
         x = tl.load(x_row + rel, mask=cmask & valid, other=0.0).to(tl.float32)
@@ -149,7 +173,7 @@ def _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, lse_lo, g,
     else:
         y = x
     p = tl.exp2(((y - lse) - lse_lo) * _LOG2E)
-    d = (p - tl.where(rel == label + shift, 1.0, 0.0)) * g
+    d = ((p * p_scale - tl.where(rel == label + shift, target, 0.0)) - uniform) * g
     if HAS_SOFTCAP:
         d = d * (1.0 - th * th)
     d = d.to(dx_row.dtype.element_ty)
@@ -161,8 +185,8 @@ def _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, lse_lo, g,
 
 @triton.jit
 def _ce_bwd(X, LABELS, LSE, DOUT, NVALID, DX, T, stride_b, stride_t, stride_dout, V, ignore_index,
-            sc_in, sc_out, HAS_SOFTCAP: tl.constexpr, MEAN: tl.constexpr, BLOCK_V: tl.constexpr,
-            VEC: tl.constexpr, ALIGNED: tl.constexpr):
+            sc_in, sc_out, target, uniform, z2, HAS_SOFTCAP: tl.constexpr, MEAN: tl.constexpr,
+            BLOCK_V: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     label, valid, base, shift, _ = _row_setup(LABELS, row, T, stride_b, stride_t, V, ignore_index,
@@ -174,6 +198,8 @@ def _ce_bwd(X, LABELS, LSE, DOUT, NVALID, DX, T, stride_b, stride_t, stride_dout
     g = tl.where(valid, g, 0.0)
     lse = tl.load(LSE + 2 * row)
     lse_lo = tl.load(LSE + 2 * row + 1)
+    # d(z_loss lse^2)/dz = 2 z_loss lse p; (selected: z2 = 0 keeps 1 even where lse is infinite)
+    p_scale = tl.where(z2 != 0.0, 1.0 + z2 * lse, 1.0)
     if ALIGNED:  # the launcher checked that gradient rows sit at the logits rows' shift
         dbase = tl.multiple_of(row * V - shift, VEC)
     else:
@@ -182,11 +208,11 @@ def _ce_bwd(X, LABELS, LSE, DOUT, NVALID, DX, T, stride_b, stride_t, stride_dout
     dx_row = DX + dbase
     rel = blk * BLOCK_V + tl.arange(0, BLOCK_V)
     if (blk == 0) | ((blk + 1) * BLOCK_V > row_end):
-        _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, lse_lo, g, sc_in, sc_out, True,
-                   HAS_SOFTCAP)
+        _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, lse_lo, g, sc_in, sc_out, p_scale,
+                   target, uniform, True, HAS_SOFTCAP)
     else:
-        _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, lse_lo, g, sc_in, sc_out, False,
-                   HAS_SOFTCAP)
+        _bwd_chunk(x_row, dx_row, rel, shift, row_end, label, valid, lse, lse_lo, g, sc_in, sc_out, p_scale,
+                   target, uniform, False, HAS_SOFTCAP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,11 +269,13 @@ def _rows_congruent(logits, vec):
 
 
 @launches_on_device
-def cross_entropy_forward(logits, labels, *, ignore_index=-100, softcap=0.0):
-    """Per-row loss and logsumexp, both float32 [N] (0 for ignored rows).
+def cross_entropy_forward(logits, labels, *, ignore_index=-100, softcap=0.0, label_smoothing=0.0):
+    """Per-row loss float32 [N] and logsumexp float32 [N, 2] (0 for ignored rows).
 
     logits: [N, V] or [B, T, V] (last dim contiguous, else copied), float32/float16/bfloat16;
-    labels: [N] int64 or int32 (N = B * T)."""
+    labels: [N] int64 or int32 (N = B * T). label_smoothing eps: the loss is
+    (1 - eps) (lse - z[label]) + eps (lse - mean(z)), one more running sum in the same pass.
+    (The z-loss, z_loss * lse^2, is added by the caller from the logsumexp.)"""
     logits = _last_contig(logits)
     labels = labels.reshape(-1).contiguous()
     V = logits.shape[-1]
@@ -260,15 +288,16 @@ def cross_entropy_forward(logits, labels, *, ignore_index=-100, softcap=0.0):
     sc_in, sc_out = _softcap_args(softcap)
     bv, nw = config(V, _vec(logits))
     _ce_fwd[(N,)](logits, labels, loss, lse, T, sb, st, V, int(ignore_index), sc_in, sc_out,
-                  HAS_SOFTCAP=bool(softcap), BLOCK_V=bv, VEC=_vec(logits), ALIGNED=_aligned(logits),
-                  num_warps=nw)
+                  float(label_smoothing), HAS_SOFTCAP=bool(softcap), SMOOTH=bool(label_smoothing), BLOCK_V=bv,
+                  VEC=_vec(logits), ALIGNED=_aligned(logits), num_warps=nw)
     return loss, lse
 
 
 @launches_on_device
 def cross_entropy_backward(dout, logits, labels, lse, n_valid, *, ignore_index=-100, softcap=0.0,
-                           mean=False):
-    """dlogits, contiguous, with the logits' shape and dtype.
+                           mean=False, label_smoothing=0.0, z_loss=0.0):
+    """dlogits, contiguous, with the logits' shape and dtype: (softmax (1 + 2 z_loss lse) - (1 - eps) onehot
+    - eps / V) * g, eps the label smoothing.
 
     dout: the upstream gradient: a 0-dim tensor (reductions "mean" / "sum") or [N] (any stride,
     "none"); n_valid: 0-dim integer device tensor, read by the kernel when `mean` (no host sync)."""
@@ -286,7 +315,9 @@ def cross_entropy_backward(dout, logits, labels, lse, n_valid, *, ignore_index=-
     aligned = _aligned(logits, dx) and _rows_congruent(logits, vec)
     n_blk = cdiv(V + (vec - 1 if aligned else 0), bv)
     stride_dout = dout.stride(0) if dout.dim() else 0
+    eps = float(label_smoothing)
     _ce_bwd[(N, n_blk)](logits, labels, lse, dout, n_valid, dx, T, sb, st, stride_dout, V,
-                        int(ignore_index), sc_in, sc_out, HAS_SOFTCAP=bool(softcap), MEAN=bool(mean),
+                        int(ignore_index), sc_in, sc_out, 1.0 - eps, eps / V, 2.0 * float(z_loss),
+                        HAS_SOFTCAP=bool(softcap), MEAN=bool(mean),
                         BLOCK_V=bv, VEC=vec, ALIGNED=aligned, num_warps=nw)
     return dx

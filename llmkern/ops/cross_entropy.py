@@ -1,7 +1,11 @@
 """Fused cross-entropy over logits: public API, validation, registration, dispatch, autograd.
 
-    cross_entropy(logits, labels, *, ignore_index=-100, reduction="mean", softcap=None)
-      == F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1), ignore_index=..., reduction=...)
+    cross_entropy(logits, labels, *, ignore_index=-100, reduction="mean", softcap=None, label_smoothing=0.0)
+      == F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1), ignore_index=..., reduction=...,
+                         label_smoothing=...)
+
+plus, with z_loss > 0, the z-loss of PaLM / Liger-Kernel: z_loss * logsumexp(z)^2 per row not ignored, reduced
+as the loss is (return_z_loss=True returns it beside the loss, for logging).
 
 Kernels: llmkern/kernels/cross_entropy.py (forward: one read of the logits, online logsumexp;
 backward: one read and one write, softmax recomputed from the saved logsumexp); reference:
@@ -67,6 +71,28 @@ def _check(logits, labels, ignore_index, reduction):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def _label_smoothing_arg(label_smoothing):
+    """label_smoothing as a float in [0, 1] (torch's range), or an error naming it."""
+    eps = _checks.real_arg("label_smoothing", label_smoothing)
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1] (0: none), got {label_smoothing}")
+    return eps
+
+
+def _z_loss_arg(z_loss):
+    """z_loss as a float >= 0 (the coefficient of logsumexp^2), or an error naming it."""
+    lam = _checks.real_arg("z_loss", z_loss, float32=True)
+    if lam < 0:
+        raise ValueError(f"z_loss must be >= 0 (the coefficient of logsumexp(logits)^2; 0: none), got {z_loss}")
+    return lam
+
+
+def _loss_terms(label_smoothing, z_loss, return_z_loss):
+    """(label_smoothing, z_loss, return_z_loss) checked, for the three losses."""
+    return (_label_smoothing_arg(label_smoothing), _z_loss_arg(z_loss),
+            _checks.bool_arg("return_z_loss", return_z_loss))
+
+
 def ignored(labels, ignore_index):
     """labels == ignore_index, compared as int64 (as the kernels and the reference do): for int32 labels torch
     casts the int to int32, so an ignore_index beyond int32 (2**40) wrapped and matched labels (0)."""
@@ -94,13 +120,23 @@ def _check_labels(labels, lead, V, device, ignore_index, lead_name, device_name)
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     # (not inside _checks.trusted(); nor under torch.func, where vmap's batched labels have no values to read: bool()
     # raised vmap's "data-dependent control flow" error, where F.cross_entropy runs)
-    if labels.device.type == "cpu" and _checks.reading_values() and N > 0 and not _checks._functorch_active() \
-            and _checks.has_values(labels):
-        bad = ~ignored(labels, ignore_index) & ((labels < 0) | (labels >= V))
-        if bool(bad.any()):
-            value = int(labels[bad].reshape(-1)[0])
-            raise ValueError(f"labels must be in [0, {V}) or equal ignore_index ({ignore_index}), "
-                             f"got {value}")
+    if N == 0 or _checks.values_trusted() or _checks._functorch_active():
+        return
+    message = f"labels must be in [0, {V}) or equal ignore_index ({ignore_index})"
+    if labels.device.type == "cpu" and _checks.checking_values():
+        if _checks.has_values(labels):
+            bad = _out_of_range(labels, V, ignore_index)
+            if bool(bad.any()):
+                raise ValueError(f"{message}, got {int(labels[bad].reshape(-1)[0])}")
+    elif torch.compiler.is_compiling() or _checks.has_values(labels):
+        # CUDA (a read is a host sync), torch.compile and CUDA graph capture (no read at all): checked when it
+        # runs, a device-side assert on CUDA as F.cross_entropy's; the kernels would count such a row as ignored,
+        # a silently wrong loss
+        _checks.assert_async(~_out_of_range(labels, V, ignore_index).any(), message)
+
+
+def _out_of_range(labels, V, ignore_index):
+    return ~ignored(labels, ignore_index) & ((labels < 0) | (labels >= V))
 
 
 def _rows_collapse(shape, stride):
@@ -147,20 +183,33 @@ def _reduce(loss, n_valid, reduction):
 
 @torch.library.custom_op("llmkern::cross_entropy_fwd", mutates_args=())
 def _ce_fwd_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float,
-               reduction: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [N, V] or [B, T, V]; labels [N]. Returns (loss: float32 0-dim, or [N] for "none";
-    lse float32 [N, 2]: the log-sum-exp and its rounding error, 0 at ignored rows; n_valid int64 0-dim)."""
-    return _fwd_impl(logits, labels, ignore_index, softcap, reduction)
+               reduction: str, label_smoothing: float = 0.0,
+               z_loss: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [N, V] or [B, T, V]; labels [N]. Returns (loss: float32 0-dim, or [N] for "none", the z-loss
+    included; lse float32 [N, 2]: the log-sum-exp and its rounding error, 0 at ignored rows; n_valid int64
+    0-dim)."""
+    return _fwd_impl(logits, labels, ignore_index, softcap, reduction, label_smoothing, z_loss)
 
 
-def _fwd_impl(logits, labels, ignore_index, softcap, reduction):
-    loss, lse = _kern().cross_entropy_forward(logits, labels, ignore_index=ignore_index, softcap=softcap)
+def _z_rows(lse, z_loss):
+    """z_loss * lse^2 per row from the kernels' logsumexp pair (0 at ignored rows, where it is 0); zeros without
+    z_loss (0 * lse^2 would be NaN where lse^2 overflows)."""
+    if not z_loss:
+        return lse.new_zeros(lse.shape[0])
+    return z_loss * lse[:, 0].square()
+
+
+def _fwd_impl(logits, labels, ignore_index, softcap, reduction, label_smoothing=0.0, z_loss=0.0):
+    loss, lse = _kern().cross_entropy_forward(logits, labels, ignore_index=ignore_index, softcap=softcap,
+                                              label_smoothing=label_smoothing)
+    if z_loss:
+        loss = loss + _z_rows(lse, z_loss)
     n_valid = _n_valid(labels, logits.shape[-1], ignore_index)
     return _reduce(loss, n_valid, reduction), lse, n_valid
 
 
 @_ce_fwd_op.register_fake
-def _(logits, labels, ignore_index, softcap, reduction):
+def _(logits, labels, ignore_index, softcap, reduction, label_smoothing=0.0, z_loss=0.0):
     N = labels.shape[0]
     out = logits.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
     return out, logits.new_empty((N, 2), dtype=torch.float32), labels.new_empty((), dtype=torch.int64)
@@ -168,32 +217,35 @@ def _(logits, labels, ignore_index, softcap, reduction):
 
 @torch.library.custom_op("llmkern::cross_entropy_bwd", mutates_args=())
 def _ce_bwd_op(dout: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-               n_valid: torch.Tensor, ignore_index: int, softcap: float, reduction: str) -> torch.Tensor:
-    return _bwd_impl(dout, logits, labels, lse, n_valid, ignore_index, softcap, reduction)
+               n_valid: torch.Tensor, ignore_index: int, softcap: float, reduction: str,
+               label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+    return _bwd_impl(dout, logits, labels, lse, n_valid, ignore_index, softcap, reduction, label_smoothing, z_loss)
 
 
-def _bwd_impl(dout, logits, labels, lse, n_valid, ignore_index, softcap, reduction):
+def _bwd_impl(dout, logits, labels, lse, n_valid, ignore_index, softcap, reduction, label_smoothing=0.0,
+              z_loss=0.0):
     return _kern().cross_entropy_backward(dout, logits, labels, lse, n_valid, ignore_index=ignore_index,
-                                          softcap=softcap, mean=reduction == "mean")
+                                          softcap=softcap, mean=reduction == "mean",
+                                          label_smoothing=label_smoothing, z_loss=z_loss)
 
 
 @_ce_bwd_op.register_fake
-def _(dout, logits, labels, lse, n_valid, ignore_index, softcap, reduction):
+def _(dout, logits, labels, lse, n_valid, ignore_index, softcap, reduction, label_smoothing=0.0, z_loss=0.0):
     return logits.new_empty(logits.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, ignore_index, softcap, reduction = inputs
+    logits, labels = inputs[:2]
     _, lse, n_valid = output
     ctx.save_for_backward(logits, labels, lse, n_valid)
-    ctx.args = (ignore_index, softcap, reduction)
+    ctx.args = tuple(inputs[2:])  # ignore_index, softcap, reduction[, label_smoothing, z_loss]
     ctx.mark_non_differentiable(lse, n_valid)
 
 
 def _backward(ctx, dout, _dlse, _dn, bwd=None):
     logits, labels, lse, n_valid = ctx.saved_tensors
     dlogits = (bwd or _ce_bwd_op)(dout, logits, labels, lse, n_valid, *ctx.args)
-    return dlogits, None, None, None, None
+    return (dlogits,) + (None,) * (1 + len(ctx.args))
 
 
 _ce_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -215,7 +267,8 @@ def _ce_fwd(logits, labels, *args):
 # ---- public API ---------------------------------------------------------------------------------
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-                  reduction: str = "mean", softcap: Optional[float] = None) -> torch.Tensor:
+                  reduction: str = "mean", softcap: Optional[float] = None, label_smoothing: float = 0.0,
+                  z_loss: float = 0.0, return_z_loss: bool = False):
     """Fused cross-entropy loss over logits (the LM head's loss), with its gradient.
 
     Equal to ``F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1),
@@ -229,15 +282,22 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
             strides with a contiguous last dimension are read in place (a [B, T, V] slice such as
             logits[:, :-1] included); a non-contiguous last dimension is copied first.
         labels: int64 or int32 class indices, shape logits.shape[:-1] or flat [N]; each in
-            [0, V) or equal to ignore_index. Checked on CPU tensors (ValueError). On CUDA there is
-            no check (no host sync): labels outside [0, V) are treated as ignored (PyTorch would
-            raise a device-side assert instead).
+            [0, V) or equal to ignore_index. Checked on CPU tensors in eager mode (ValueError); on
+            CUDA, under torch.compile and in CUDA graph capture, without a host sync, by an
+            assert_async when the op runs (a device-side assert on CUDA, as PyTorch's).
         ignore_index: label value whose rows contribute nothing (default -100, Hugging Face's).
         reduction: "mean" over the non-ignored rows (NaN when every row is ignored, like
             PyTorch; the gradient is then zero), "sum", or "none" (the per-row loss with the
             labels' leading shape logits.shape[:-1], 0 at ignored rows).
         softcap: Gemma-style soft-capping applied to the logits inside the kernel,
             z = softcap * tanh(x / softcap), differentiated through; None or 0: none.
+        label_smoothing: eps in [0, 1], PyTorch's: the loss of a row is
+            (1 - eps) (lse - z[label]) + eps (lse - mean(z)) (z the soft-capped logits), computed in the
+            kernels' one pass over the logits.
+        z_loss: coefficient of the z-loss (PaLM, Liger-Kernel's lse_square_scale): z_loss * lse^2 is added
+            to the loss of every row not ignored (reduced with it), pulling the logsumexp towards 0.
+        return_z_loss: return (loss, z_term), z_term that z-loss part of the loss with the same reduction
+            and shape, detached (for logging; zeros without z_loss).
 
     Returns a float32 tensor (float64 for float64 logits): the loss is accumulated in float32 for
     every input dtype, i.e. it equals F.cross_entropy(logits.float(), ...). Note that
@@ -246,6 +306,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     """
     _check(logits, labels, ignore_index, reduction)
     sc = _softcap(softcap)
+    eps, lam, with_z = _loss_terms(label_smoothing, z_loss, return_z_loss)
     lead = logits.shape[:-1]
     backend = _backend_for(logits.device, logits.dtype)
     if backend == "triton" and logits.numel() and _checks._functorch_active():
@@ -256,10 +317,16 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
         backend = "reference"
     if backend != "triton" or logits.numel() == 0:
         return ref.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction,
-                                 softcap=sc or None)
+                                 softcap=sc or None, label_smoothing=eps, z_loss=lam, return_z_loss=with_z)
     x = _flat_logits(logits)
-    out, _, _ = _ce_fwd(x, labels.reshape(-1), int(ignore_index), sc, reduction)
-    return out.reshape(lead) if reduction == "none" else out
+    out, lse, n_valid = _ce_fwd(x, labels.reshape(-1), int(ignore_index), sc, reduction, eps, lam)
+    if reduction == "none":
+        out = out.reshape(lead)
+    if not with_z:
+        return out
+    # (from the saved logsumexp, as the op's forward adds it: [N] work, no second pass over the logits)
+    z_term = _reduce(_z_rows(lse, lam), n_valid, reduction)
+    return out, (z_term.reshape(lead) if reduction == "none" else z_term)
 
 
 # ---- fused linear + cross-entropy (the LM head and its loss, without the [N, V] logits) -----------
@@ -297,21 +364,29 @@ def _add_mm(acc, a, b):
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def _ce_rows(logits, labels, n_valid, ignore_index, softcap, mean, need_grad):
-    """(per-row loss, dloss/dlogits in the logits' dtype or None) of one chunk of rows."""
+def _ce_rows(logits, labels, n_valid, ignore_index, softcap, mean, label_smoothing, z_loss, need_grad):
+    """(per-row loss with its z-loss, dloss/dlogits in the logits' dtype or None, per-row z-loss or None without
+    z_loss) of one chunk of rows."""
     if _backend_for(logits.device, logits.dtype) == "triton":
         kern = _kern()
-        loss, lse = kern.cross_entropy_forward(logits, labels, ignore_index=ignore_index, softcap=softcap)
+        loss, lse = kern.cross_entropy_forward(logits, labels, ignore_index=ignore_index, softcap=softcap,
+                                               label_smoothing=label_smoothing)
+        z_rows = _z_rows(lse, z_loss) if z_loss else None
+        if z_loss:
+            loss = loss + z_rows
         if not need_grad:
-            return loss, None
+            return loss, None, z_rows
         one = torch.ones((), device=logits.device, dtype=torch.float32)
         return loss, kern.cross_entropy_backward(one, logits, labels, lse, n_valid, ignore_index=ignore_index,
-                                                 softcap=softcap, mean=mean)
+                                                 softcap=softcap, mean=mean, label_smoothing=label_smoothing,
+                                                 z_loss=z_loss), z_rows
     # (mean: 1 / n_valid folded into the gradient; every row ignored: zero, as in the kernels)
-    loss, d = ref.cross_entropy_chunk(logits, labels, ignore_index=ignore_index, softcap=softcap or None,
-                                      need_grad=need_grad,
-                                      grad_scale=n_valid.clamp_min(1).double().reciprocal() if mean else 1.0)
-    return loss, None if d is None else d.to(logits.dtype)
+    out = ref.cross_entropy_chunk(logits, labels, ignore_index=ignore_index, softcap=softcap or None,
+                                  need_grad=need_grad, label_smoothing=label_smoothing, z_loss=z_loss,
+                                  grad_scale=n_valid.clamp_min(1).double().reciprocal() if mean else 1.0,
+                                  return_lse=bool(z_loss))
+    d = out[1]
+    return out[0], None if d is None else d.to(logits.dtype), z_loss * out[2].square() if z_loss else None
 
 
 def _dw_dtype(dtype):
@@ -326,8 +401,9 @@ def _dw_dtype(dtype):
 
 
 def _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size, need_dh, need_dw,
-              need_db):
-    """(loss, dh [N, d] or empty, dW [V, d] or empty (_dw_dtype), db float32 [V] or empty): the gradients
+              need_db, label_smoothing=0.0, z_loss=0.0):
+    """(loss, dh [N, d] or empty, dW [V, d] or empty (_dw_dtype), db float32 [V] or empty, z_term: the z-loss
+    part of the loss, reduced as it, float32 0-dim): the gradients
     of the summed loss (upstream gradient 1, no 1 / n_valid) are computed here, chunk by chunk, while each
     chunk's logits exist; the backward scales them by g (/ n_valid for "mean") in float32. The logits never
     exist for more than one chunk of rows. (Unnormalised, the 16-bit dlogits and dh are p - onehot and
@@ -345,14 +421,17 @@ def _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, ch
     dw = torch.zeros(V, d, device=h.device, dtype=acc) if need_dw else h.new_empty(0, dtype=acc)
     db = torch.zeros(V, device=h.device, dtype=acc) if need_db else h.new_empty(0, dtype=acc)
     total = torch.zeros((), device=h.device, dtype=acc)
+    z_total = torch.zeros((), device=h.device, dtype=acc)
     step = _lce_chunk_rows(N, V, chunk_size)
     logits = dl = None
     for lo in range(0, N, step):
         hc = h[lo:lo + step]
         logits = torch.nn.functional.linear(hc, weight, bias)
-        loss, dl = _ce_rows(logits, y[lo:lo + step], n_valid, ignore_index, softcap, False,
-                            need_dh or need_dw or need_db)
+        loss, dl, z_rows = _ce_rows(logits, y[lo:lo + step], n_valid, ignore_index, softcap, False, label_smoothing,
+                                    z_loss, need_dh or need_dw or need_db)
         total += loss.sum()
+        if z_rows is not None:
+            z_total += z_rows.sum()
         if need_dh:
             torch.matmul(dl, weight, out=dh[lo:lo + step])
         if need_dw:
@@ -371,19 +450,23 @@ def _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, ch
         if mean:
             dw /= n_valid.clamp_min(1)
         dw = dw.to(_dw_dtype(weight.dtype))
-    return (total / n_valid if mean else total), dh, dw, db
+    if mean:
+        total, z_total = total / n_valid, z_total / n_valid
+    return total, dh, dw, db, z_total
 
 
 @torch.library.custom_op("llmkern::linear_cross_entropy_fwd", mutates_args=())
 def _lce_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                 ignore_index: int, softcap: float, reduction: str, chunk_size: int, need_dh: bool,
-                need_dw: bool, need_db: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                need_dw: bool, need_db: bool, label_smoothing: float = 0.0, z_loss: float = 0.0
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size, need_dh, need_dw,
-                     need_db)
+                     need_db, label_smoothing, z_loss)
 
 
 @_lce_fwd_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size, need_dh, need_dw, need_db):
+def _(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size, need_dh, need_dw, need_db,
+      label_smoothing=0.0, z_loss=0.0):
     d, V = hidden.shape[-1], weight.shape[0]
     N = hidden.numel() // d if d else 0
     f32 = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -391,16 +474,17 @@ def _(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size
     dh = hidden.new_empty((N, d)) if need_dh else hidden.new_empty(0)
     dw = hidden.new_empty((V, d), dtype=_dw_dtype(weight.dtype)) if need_dw else hidden.new_empty(0, dtype=f32)
     db = hidden.new_empty((V,), dtype=f32) if need_db and bias is not None else hidden.new_empty(0, dtype=f32)
-    return loss, dh, dw, db
+    return loss, dh, dw, db, hidden.new_empty((), dtype=f32)
 
 
 def _lce_setup(ctx, inputs, output):
     hidden, weight, bias, labels, ignore_index, _, reduction = inputs[:7]
-    _, dh, dw, db = output
+    _, dh, dw, db, z_term = output
     ctx.save_for_backward(dh, dw, db, labels)
     ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype, weight.shape[0],
                 ignore_index, reduction == "mean")
-    ctx.mark_non_differentiable(dh, dw, db)
+    ctx.n_inputs = len(inputs)
+    ctx.mark_non_differentiable(dh, dw, db, z_term)
 
 
 def _lce_backward(ctx, g, *_):
@@ -417,7 +501,7 @@ def _lce_backward(ctx, g, *_):
     grad_w = (dw.to(acc) * (g if dw.dtype == torch.bfloat16 else scale)).to(w_dtype) if ctx.needs_input_grad[1] \
         else None
     grad_b = (db * scale).to(b_dtype) if ctx.needs_input_grad[2] else None
-    return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
+    return (grad_h, grad_w, grad_b) + (None,) * (ctx.n_inputs - 3)
 
 
 _lce_fwd_op.register_autograd(_lce_backward, setup_context=_lce_setup)
@@ -461,7 +545,8 @@ def check_chunk_size(chunk_size, where=""):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                         softcap: Optional[float] = None, chunk_size: Optional[int] = None) -> torch.Tensor:
+                         softcap: Optional[float] = None, chunk_size: Optional[int] = None,
+                         label_smoothing: float = 0.0, z_loss: float = 0.0, return_z_loss: bool = False):
     """The LM head and its loss in one op: ``cross_entropy(F.linear(hidden, weight, bias), labels)``
     without ever holding the [N, V] logits (Liger's / Apple's "fused linear cross-entropy").
 
@@ -480,11 +565,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         weight: [V, d] (the LM head's nn.Linear weight, tied or not), hidden's dtype and device.
         labels: hidden.shape[:-1] or flat [N] int64/int32 class indices (or ignore_index).
         bias: optional [V].
-        ignore_index, softcap: as for ``cross_entropy``.
+        ignore_index, softcap, label_smoothing, z_loss, return_z_loss: as for ``cross_entropy`` (computed
+            chunk by chunk with the rest: the logits are still never whole).
         reduction: "mean" (over non-ignored rows) or "sum".
         chunk_size: rows per chunk (None: automatic).
     Under torch.autocast hidden/weight/bias are cast to the autocast dtype first, as F.linear would.
-    Returns a float32 0-dim loss (float64 for float64 inputs).
+    Returns a float32 0-dim loss (float64 for float64 inputs); with return_z_loss, (loss, z_term).
     """
     dt = _checks.autocast_dtype(hidden)
     if dt is not None:
@@ -493,26 +579,30 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     _check_labels(labels, tuple(hidden.shape[:-1]), weight.shape[0], hidden.device, ignore_index,
                   "hidden.shape[:-1]", "hidden")
     sc = _softcap(softcap)
+    eps, lam, with_z = _loss_terms(label_smoothing, z_loss, return_z_loss)
     if _checks._functorch_active():
         # torch.func (grad, vmap, ...) cannot run a custom op's autograd ("must override the setup_context
         # staticmethod"): the plain-PyTorch pair, which it can, with the logits formed
         _backend.warn_once(("linear_cross_entropy", "functorch"), "llmkern.linear_cross_entropy under torch.func "
                            "transforms runs the unfused F.linear + cross-entropy (the [N, V] logits are formed)")
         return ref.linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                                        reduction=reduction, softcap=sc or None)
+                                        reduction=reduction, softcap=sc or None, label_smoothing=eps, z_loss=lam,
+                                        return_z_loss=with_z)
     grad = torch.is_grad_enabled()
     need_dh = grad and hidden.requires_grad
     need_dw = grad and weight.requires_grad
     need_db = grad and bias is not None and bias.requires_grad
     # (a chunk past 2**62 rows is one chunk, as any chunk of at least N rows: capped, it fits the custom op's int
     # argument, which 2**63 overflowed under torch.compile and dispatch modes)
-    args = (int(ignore_index), sc, reduction, min(int(chunk_size or 0), 2**62), need_dh, need_dw, need_db)
+    args = (int(ignore_index), sc, reduction, min(int(chunk_size or 0), 2**62), need_dh, need_dw, need_db, eps, lam)
     # (autocast off for the chunks' F.linear, which must not cast again; only where autocast is on: a meta
     # tensor's torch.autocast("meta", enabled=False) raised "unsupported scalarType")
     with torch.autocast(hidden.device.type, enabled=False) if dt is not None else contextlib.nullcontext():
         if _checks.eager_fast_path(hidden, weight, bias, labels):
-            return _LinearCrossEntropyFunction.apply(hidden, weight, bias, labels, *args)[0]
-        return _lce_fwd_op(hidden, weight, bias, labels, *args)[0]
+            out = _LinearCrossEntropyFunction.apply(hidden, weight, bias, labels, *args)
+        else:
+            out = _lce_fwd_op(hidden, weight, bias, labels, *args)
+    return (out[0], out[4]) if with_z else out[0]
 
 
 __all__ = ["cross_entropy", "linear_cross_entropy"]

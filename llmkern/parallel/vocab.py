@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkern.ops import _checks
-from llmkern.ops.cross_entropy import check_chunk_size, ignored
+from llmkern.ops.cross_entropy import _loss_terms, check_chunk_size, ignored
 from llmkern.parallel import comm
 
 
@@ -149,10 +149,14 @@ def _check_vocab_labels(labels, ignore_index, num_classes):
     return valid, bad
 
 
-def _shard_loss(z, labels, valid, bad, lo, valid_cols, group, grad_scale):
+def _shard_loss(z, labels, valid, bad, lo, valid_cols, group, grad_scale, num_classes, label_smoothing=0.0,
+                z_loss=0.0):
     """Per-row losses of one chunk of vocabulary-sharded float32 (float64) logits z [c, S] (combined over the ranks
-    with two all-reduces: the row max, then the sums of exponentials and the target logits), and the
-    loss gradient dloss/dz [c, S] times grad_scale (None for no gradient), computed in place in z."""
+    with two all-reduces: the row max, then the sums of exponentials and the target logits, and with label smoothing
+    the sums of the logits), the z-loss included, the loss gradient dloss/dz [c, S] times grad_scale (None for no
+    gradient), computed in place in z, and the rows' z-loss (None without z_loss).
+    label_smoothing eps: torch's (1 - eps) (lse - z[label]) + eps (lse - mean z), the mean over all num_classes
+    columns; z_loss: + z_loss lse^2 (PaLM / Liger-Kernel)."""
     if valid_cols < z.shape[1]:  # the padded rows of the last shard are no classes
         z[:, valid_cols:] = float("-inf")
     local = labels - lo
@@ -163,32 +167,49 @@ def _shard_loss(z, labels, valid, bad, lo, valid_cols, group, grad_scale):
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     z -= m[:, None]
+    # (the logits' sum relative to the row max: large logits do not cancel it away; the padded columns left out)
+    rel_sum = [z[:, :valid_cols].sum(dim=1)] if label_smoothing else []
     z.exp_()
-    stats = torch.stack([z.sum(dim=1), torch.where(mine, z_label - m, torch.zeros_like(m))])
+    stats = torch.stack([z.sum(dim=1), torch.where(mine, z_label - m, torch.zeros_like(m))] + rel_sum)
     dist.all_reduce(stats, group=group)
     total, target = stats[0], stats[1]
-    loss = torch.where(valid, torch.log(total) - target, torch.zeros_like(total))
+    log_total = torch.log(total)
+    loss = log_total - target
+    if label_smoothing:  # lse - mean z = log(total) - mean(z - m)
+        loss = (1 - label_smoothing) * loss + label_smoothing * (log_total - stats[2] / num_classes)
+    z_rows = None
+    if z_loss:
+        lse = m + log_total
+        z_rows = torch.where(valid, z_loss * lse * lse, torch.zeros_like(lse))
+        loss = loss + z_rows
+    loss = torch.where(valid, loss, torch.zeros_like(total))
     if grad_scale is None:
-        return loss, None
-    z /= total[:, None]  # the softmax minus the one-hot of the label, for the rows not ignored
+        return loss, None, z_rows
+    z /= total[:, None]  # the softmax minus the (smoothed) one-hot of the label, for the rows not ignored
+    if z_loss:  # d(z_loss lse^2)/dz = 2 z_loss lse softmax (1 at ignored rows: an infinite lse there is no NaN)
+        z *= torch.where(valid, 1 + 2 * z_loss * lse, torch.ones_like(lse))[:, None]
     rows = torch.arange(z.shape[0], device=z.device)
-    z[rows, torch.where(mine, local, torch.zeros_like(local))] -= mine.to(z.dtype)
+    z[rows, torch.where(mine, local, torch.zeros_like(local))] -= mine.to(z.dtype) * (1 - label_smoothing)
+    if label_smoothing:
+        z[:, :valid_cols] -= label_smoothing / num_classes
     # where, not z * valid: with every label ignored grad_scale is inf (1 / 0) and torch's cross_entropy
     # gives zero gradients (inf * 0 would be NaN)
     z *= torch.where(valid, grad_scale, torch.zeros_like(grad_scale))[:, None]
-    return loss, z
+    return loss, z, z_rows
 
 
 def _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, group, num_classes, chunk_size,
-                        need_dh, need_dw, need_db, softcap=None):
-    """(mean loss, partial dh [N, d], dW [S, d], db [S] float32, n_valid; float64 for float64 h): the loss of
+                        need_dh, need_dw, need_db, softcap=None, label_smoothing=0.0, z_loss=0.0):
+    """(mean loss, partial dh [N, d], dW [S, d], db [S] float32, n_valid, the mean z-loss (0 without z_loss);
+    float64 for float64 h): the loss of
     the sharded LM head and the gradients of the summed loss (upstream gradient 1, no 1 / n_valid: the backward
     scales them in float32, so that in float16 p / N does not underflow before a loss scale reaches it), chunk by
     chunk of rows while each chunk's logits exist. dh is this rank's part (its vocabulary rows' contribution); the
     ranks' parts sum to dh. dW is accumulated in float32 (float64) and kept in linear_cross_entropy's dtype
     (ops/cross_entropy._dw_dtype): a bfloat16 shard's dW is divided by n_valid in float32 once complete and
     rounded once to bfloat16 (2·S·d bytes kept instead of 4·S·d), any other stays float32 (float64), unscaled.
-    softcap: the logits soft-capped first, c * tanh(z / c) (Gemma 2/3's final_logit_softcapping)."""
+    softcap: the logits soft-capped first, c * tanh(z / c) (Gemma 2/3's final_logit_softcapping);
+    label_smoothing, z_loss: see _shard_loss."""
     from llmkern.ops.cross_entropy import _add_mm, _dw_dtype, _lce_chunk_rows
 
     valid, bad = _check_vocab_labels(labels, ignore_index, num_classes)
@@ -202,6 +223,7 @@ def _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, g
     dw = torch.zeros(S, d, device=h.device, dtype=ct) if need_dw else None
     db = torch.zeros(S, device=h.device, dtype=ct) if need_db else None
     total = torch.zeros((), device=h.device, dtype=ct)
+    z_total = torch.zeros((), device=h.device, dtype=ct)
     step = _lce_chunk_rows(h.shape[0], S, chunk_size)
     z = dz = t = None
     for r0 in range(0, h.shape[0], step):
@@ -210,9 +232,11 @@ def _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, g
         if softcap:
             t = torch.tanh(z / softcap)
             z = softcap * t
-        loss, dz = _shard_loss(z, labels[rows], valid[rows], bad[rows], lo, valid_cols, group,
-                               scale[rows] if grads else None)
+        loss, dz, z_rows = _shard_loss(z, labels[rows], valid[rows], bad[rows], lo, valid_cols, group,
+                                       scale[rows] if grads else None, num_classes, label_smoothing, z_loss)
         total += loss.sum()
+        if z_rows is not None:
+            z_total += z_rows.sum()
         if not grads:
             continue
         if softcap:
@@ -235,7 +259,7 @@ def _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, g
         del z, dz, t
         dw /= n_valid.clamp_min(1)
         dw = dw.to(_dw_dtype(weight.dtype))
-    return total / n_valid, dh, dw, db, n_valid
+    return total / n_valid, dh, dw, db, n_valid, z_total / n_valid
 
 
 class _VocabParallelLinearCE(torch.autograd.Function):
@@ -246,18 +270,19 @@ class _VocabParallelLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, labels, lo, valid_cols, ignore_index, group, num_classes, chunk_size,
-                softcap=None):
+                softcap=None, label_smoothing=0.0, z_loss=0.0):
         need = ctx.needs_input_grad
-        loss, dh, dw, db, n_valid = _vocab_parallel_lce(h, weight, bias, labels, lo, valid_cols, ignore_index, group,
-                                                        num_classes, chunk_size, need[0], need[1],
-                                                        bias is not None and need[2], softcap)
+        loss, dh, dw, db, n_valid, z_term = _vocab_parallel_lce(
+            h, weight, bias, labels, lo, valid_cols, ignore_index, group, num_classes, chunk_size, need[0], need[1],
+            bias is not None and need[2], softcap, label_smoothing, z_loss)
         ctx.save_for_backward(dh, dw, db, n_valid)
         ctx.meta = (group, h.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return loss
+        ctx.mark_non_differentiable(z_term)  # (the z-loss term is for logging; the loss holds it)
+        return loss, z_term
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
+    def backward(ctx, g, _g_z_term):
         dh, dw, db, n_valid = ctx.saved_tensors
         group, h_dtype, w_dtype, b_dtype = ctx.meta
         ct = torch.promote_types(h_dtype, torch.float32)
@@ -269,7 +294,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         # (a bfloat16 dW already holds the mean's 1 / n_valid: only g is left, see _vocab_parallel_lce)
         dw = None if dw is None else (dw.to(ct) * (g.to(ct) if dw.dtype == torch.bfloat16 else scale)).to(w_dtype)
         db = None if db is None else (db * scale).to(b_dtype)
-        return (dh, dw, db) + (None,) * 8  # labels ... softcap
+        return (dh, dw, db) + (None,) * 10  # labels ... z_loss
 
 
 def _check_same_call(flags):
@@ -322,11 +347,15 @@ class VocabParallelLMHead(comm.SharesProcessGroups, nn.Module):
         full = _GatherLastDim.apply(self._local_logits(h).contiguous(), self.group)
         return full[..., :self.out_features]
 
-    def vocab_parallel_loss(self, h, labels, ignore_index=-100, chunk_size=None, softcap=None):
+    def vocab_parallel_loss(self, h, labels, ignore_index=-100, chunk_size=None, softcap=None, label_smoothing=0.0,
+                            z_loss=0.0, return_z_loss=False):
         """Mean cross-entropy of the logits of h [..., d] against labels [...] (ignore_index rows left
         out), computed on the vocabulary shards a chunk of rows at a time (`chunk_size` rows; default as
         llmkern.linear_cross_entropy's): no [N, V] tensor on any rank, and no [N, S] one either.
-        softcap: the logits soft-capped first, softcap * tanh(z / softcap) (None or 0: off)."""
+        softcap: the logits soft-capped first, softcap * tanh(z / softcap) (None or 0: off).
+        label_smoothing, z_loss, return_z_loss: as llmkern.linear_cross_entropy's (torch's label smoothing, its
+        mean logit over the whole vocabulary; the z-loss z_loss * lse^2; (loss, z_term) returned), the extra
+        statistics all-reduced with the existing ones."""
         # the cross-rank checks first: on one rank only, the local error below would leave the others in
         # _shard_loss's all-reduces, where different sizes abort the process (gloo) or hang (NCCL)
         _check_same_call(comm.check_same_shape(h if isinstance(h, torch.Tensor) else None, self.group,
@@ -339,6 +368,7 @@ class VocabParallelLMHead(comm.SharesProcessGroups, nn.Module):
         check_chunk_size(chunk_size, "vocab_parallel_loss: ")
         # (as linear_cross_entropy's: NaN and inf gave a NaN loss, a negative or True one was taken for a cap)
         softcap = _checks.softcap_arg(softcap) or None
+        label_smoothing, z_loss, return_z_loss = _loss_terms(label_smoothing, z_loss, return_z_loss)
         _check_hidden("vocab_parallel_loss", h, self.in_features)
         # (int64 / int32 as linear_cross_entropy takes: uint8 labels indexed the logits as a mask, a silently wrong
         # gradient on some ranks, and int16 failed in the indexing)
@@ -358,10 +388,15 @@ class VocabParallelLMHead(comm.SharesProcessGroups, nn.Module):
             if not torch.is_grad_enabled():
                 # (an autograd.Function's needs_input_grad ignores no_grad: through apply, an evaluation
                 # would form dh, the float32 [S, d] dW and db, three GEMMs' work, and throw them away)
-                return _vocab_parallel_lce(h, weight, bias, y, lo, hi - lo, ignore_index, self.group,
-                                           self.out_features, chunk_size, False, False, False, softcap)[0]
-            return _VocabParallelLinearCE.apply(h, weight, bias, y, lo, hi - lo, ignore_index, self.group,
-                                                self.out_features, chunk_size, softcap)
+                out = _vocab_parallel_lce(h, weight, bias, y, lo, hi - lo, ignore_index, self.group,
+                                          self.out_features, chunk_size, False, False, False, softcap,
+                                          label_smoothing, z_loss)
+                loss, z_term = out[0], out[5]
+            else:
+                loss, z_term = _VocabParallelLinearCE.apply(h, weight, bias, y, lo, hi - lo, ignore_index, self.group,
+                                                            self.out_features, chunk_size, softcap, label_smoothing,
+                                                            z_loss)
+        return (loss, z_term) if return_z_loss else loss
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, shard={tuple(self.weight.shape)}"

@@ -78,9 +78,16 @@ def _check_model(model):
     for key in ("logit_scale", "logits_scaling"):
         if getattr(cfg, key, None) not in (None, 1, 1.0):
             raise ValueError(f"use_fused_loss: config.{key}={getattr(cfg, key)!r} scales the logits; not supported")
-    if getattr(cfg, "z_loss_coefficient", None) not in (None, 0, 0.0):  # (Bamba: a z-loss on the full logits)
-        raise ValueError(f"use_fused_loss: config.z_loss_coefficient={cfg.z_loss_coefficient!r} adds a z-loss of "
-                         f"the logits; not supported")
+    if getattr(cfg, "z_loss_coefficient", None) not in (None, 0, 0.0):
+        # Bamba's z-loss is coef * mean(logsumexp(logits)^2) over every position of the batch, labelled or not (the
+        # padding and the last position too); llmkern's z_loss (PaLM's, Liger-Kernel's) counts the labelled tokens
+        # only, and the fused loss never forms the other positions' logits: passing it on would change the loss
+        raise ValueError(f"use_fused_loss: config.z_loss_coefficient={cfg.z_loss_coefficient!r} adds "
+                         f"{type(model).__name__}'s z-loss, a mean of logsumexp(logits)^2 over every position, "
+                         f"labelled or not; llmkern.linear_cross_entropy(z_loss=...) averages it over the labelled "
+                         f"tokens only (PaLM, Liger-Kernel), so it is not passed on: not supported (train without "
+                         f"use_fused_loss, or set z_loss_coefficient=0 and call llmkern.linear_cross_entropy "
+                         f"yourself)")
     # The fused loss is transformers' causal-LM cross-entropy (ForCausalLMLoss: labels shifted inside): a model
     # computing its loss with code of its own (XLM, CPM-Ant, BartForCausalLM: labels not shifted) or whose
     # loss_function is another (set by the user, another loss_type) would silently get a different loss.
