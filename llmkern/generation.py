@@ -20,10 +20,11 @@ generate also reads from a checkpoint (repetition_penalty, no_repeat_ngram_size,
 beam search's length_penalty, early_stopping; sampling's temperature, top_k, top_p, min_p) default to the model's
 generation_config (GenerationDefaults; from_hf: the checkpoint's), as transformers' generate defaults them; the
 strategy does not (greedy unless strategy= says otherwise, whatever the checkpoint's do_sample / num_beams). Its
-min_length, suppress_tokens and begin_suppress_tokens (no arguments of generate) ban tokens as transformers' do; the
-keys transformers' generate applies and generate does not (forced_bos_token_id, forced_eos_token_id, sequence_bias,
-exponential_decay_length_penalty, guidance_scale, stop_strings, remove_invalid_values, watermarking_config;
-beam search's renormalize_logits; sampling's typical_p, epsilon_cutoff, eta_cutoff, top_h) warn where set.
+min_length, suppress_tokens and begin_suppress_tokens (no arguments of generate) ban tokens as transformers' do;
+forced_bos_token_id, forced_eos_token_id, sequence_bias, exponential_decay_length_penalty, remove_invalid_values,
+renormalize_logits and sampling's typical_p, epsilon_cutoff, eta_cutoff are generate's arguments (FROM_MODEL, the
+checkpoint's) applied as transformers' processors (_Processors); the keys transformers' generate applies and generate
+does not (guidance_scale, stop_strings, watermarking_config; sampling's top_h) warn where set.
 
 Strategies (the seed deck's decoding slide):
   greedy  argmax of the (biased, penalised, masked) logits — llmkern.sample with temperature=0.
@@ -206,27 +207,29 @@ class GenerationDefaults:
     # ignored where min_new_tokens is given or set here, as transformers' min_new_tokens takes precedence
     suppress_tokens: Optional[list] = None  # token ids banned at every step (ids past the vocabulary: ignored)
     begin_suppress_tokens: Optional[list] = None  # token ids banned at the first new token
+    # transformers' other logits processors, defaults of generate's arguments of these names (see _Processors)
+    forced_bos_token_id: Optional[int] = None  # None: off
+    forced_eos_token_id: object = None  # an id or a list of ids; None: off
+    sequence_bias: object = None  # {(ids...): bias} or [[[ids...], bias], ...]; None: off
+    exponential_decay_length_penalty: object = None  # (start, decay factor); None: off
+    remove_invalid_values: Optional[bool] = None  # None: False
+    renormalize_logits: Optional[bool] = None  # None: False
+    typical_p: Optional[float] = None  # sampling only; None: 1.0 (off)
+    epsilon_cutoff: Optional[float] = None  # sampling only; None: 0.0 (off)
+    eta_cutoff: Optional[float] = None  # sampling only; None: 0.0 (off)
     # keys transformers' generate applies and generate does not: read so that generate warns (warnings.warn, naming
     # the key) where one is set to a value that changes transformers' output for the strategy, see _IGNORED
-    forced_bos_token_id: Optional[int] = None
-    forced_eos_token_id: object = None
-    sequence_bias: object = None
-    exponential_decay_length_penalty: object = None
     guidance_scale: Optional[float] = None
     stop_strings: object = None
-    remove_invalid_values: Optional[bool] = None
     watermarking_config: object = None
-    renormalize_logits: Optional[bool] = None
-    typical_p: Optional[float] = None
-    epsilon_cutoff: Optional[float] = None
-    eta_cutoff: Optional[float] = None
     top_h: Optional[float] = None
 
 
-def _real_in(lo, hi, lo_open=False):
-    """A check: v is a finite real number (not a bool: _checks.is_real) in [lo, hi] ((lo, hi] with lo_open)."""
+def _real_in(lo, hi, lo_open=False, hi_open=False):
+    """A check: v is a finite real number (not a bool: _checks.is_real) in [lo, hi] (open ends with lo_open /
+    hi_open)."""
     def ok(v, vocab):
-        return is_real(v) and (lo < v if lo_open else lo <= v) and v <= hi
+        return is_real(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
     return ok
 
 
@@ -246,6 +249,57 @@ def _stopping_ok(v, vocab):
     return True
 
 
+def _flag_ok(v, vocab):
+    return v is True or v is False
+
+
+def _token_ok(v, vocab):
+    i = _as_int(v)
+    return i is not None and i >= 0 and (vocab is None or i < vocab)
+
+
+def _tokens_ok(v, vocab):
+    ids = _id_list(v)
+    return ids is not None and (vocab is None or max(ids) < vocab)
+
+
+def _sequence_bias_ok(v, vocab):
+    pairs = _bias_pairs(v)
+    return pairs is not None and (vocab is None or max(i for ids in pairs for i in ids) < vocab)
+
+
+def _decay_ok(v, vocab):
+    return _decay_pair(v) is not None
+
+
+def _bias_pairs(v):
+    """transformers' sequence_bias ({(ids...): bias} or [[[ids...], bias], ...]) as {ids tuple: float}, or None
+    when it is not one (empty; a key not a non-empty tuple / list of ids >= 0; a bias not a real number, or NaN)."""
+    if isinstance(v, dict) and all(isinstance(k, tuple) for k in v):
+        items = list(v.items())
+    elif isinstance(v, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in v):
+        items = [(p[0], p[1]) for p in v]
+    else:
+        return None
+    out = {}
+    for ids, bias in items:
+        ids = _id_list(ids) if isinstance(ids, (list, tuple)) else None
+        if ids is None or not isinstance(bias, numbers.Real) or isinstance(bias, bool) or math.isnan(bias):
+            return None
+        out[tuple(ids)] = float(bias)  # (a list's repeated key: the last one, as transformers' dict of it)
+    return out or None
+
+
+def _decay_pair(v):
+    """exponential_decay_length_penalty (start, factor) as (int, float), or None when it is not one."""
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        return None
+    start, factor = _as_int(v[0]), v[1]
+    if start is None or torch.is_tensor(v[0]) or not is_real(factor):
+        return None
+    return start, float(factor)
+
+
 # generate's knobs that default to model.generation_config: name -> (generate's own default, the strategy the
 # value applies to (None: any), its check, what the check wants)
 _KNOBS = {
@@ -259,8 +313,23 @@ _KNOBS = {
     "bad_words_ids": (None, None, _words_ok, "a list of non-empty lists of token ids in [0, vocab_size)"),
     "length_penalty": (1.0, "beam", _real_in(-math.inf, math.inf), "a finite float"),
     "early_stopping": (False, "beam", _stopping_ok, "True, False or 'never'"),
+    "forced_bos_token_id": (None, None, _token_ok, "a token id in [0, vocab_size)"),
+    "forced_eos_token_id": (None, None, _tokens_ok, "a token id in [0, vocab_size) or a list of them"),
+    "sequence_bias": (None, None, _sequence_bias_ok, "a dict {tuple of token ids: float} or a list [[[token ids], "
+                      "float], ...] (non-empty, ids in [0, vocab_size), biases not NaN)"),
+    "exponential_decay_length_penalty": (None, None, _decay_ok, "a pair (start: int, decay factor: finite float)"),
+    "remove_invalid_values": (False, None, _flag_ok, "True or False"),
+    "renormalize_logits": (False, None, _flag_ok, "True or False"),
+    "typical_p": (1.0, "sample", _real_in(0.0, 1.0, lo_open=True), "a float in (0, 1] (1: off)"),
+    # (1 is off too: transformers applies the cutoffs strictly inside (0, 1) and checkpoints hold eta_cutoff=1.0)
+    "epsilon_cutoff": (0.0, "sample", _real_in(0.0, 1.0), "a float in [0, 1] (0 or 1: off)"),
+    "eta_cutoff": (0.0, "sample", _real_in(0.0, 1.0), "a float in [0, 1] (0 or 1: off)"),
 }
-_NOT_SPECULATIVE = ("repetition_penalty", "min_new_tokens", "no_repeat_ngram_size", "bad_words_ids")
+_NOT_SPECULATIVE = ("repetition_penalty", "min_new_tokens", "no_repeat_ngram_size", "bad_words_ids",
+                    "forced_bos_token_id", "forced_eos_token_id", "sequence_bias", "exponential_decay_length_penalty",
+                    "remove_invalid_values", "typical_p", "epsilon_cutoff", "eta_cutoff")
+_PROCESSOR_KNOBS = ("forced_bos_token_id", "forced_eos_token_id", "sequence_bias", "exponential_decay_length_penalty",
+                    "remove_invalid_values", "renormalize_logits", "typical_p", "epsilon_cutoff", "eta_cutoff")
 
 
 def _model_knob(cfg, name, strategy, speculative, vocab):
@@ -290,27 +359,14 @@ def _is_set(v):
     return v is not None
 
 
-def _cutoff(v):
-    return v is not None and 0.0 < v < 1.0
-
-
 # checkpoint keys transformers' generate applies and generate does not: name -> (the strategy transformers applies it
 # with (None: any; its sampling warpers need do_sample, and renormalize_logits changes no greedy or sampled token,
 # only beam search's scores), whether a value is active, as transformers' _get_logits_processor and
 # _get_stopping_criteria test it)
 _IGNORED = {
-    "forced_bos_token_id": (None, _is_set),
-    "forced_eos_token_id": (None, _is_set),
-    "sequence_bias": (None, _is_set),
-    "exponential_decay_length_penalty": (None, _is_set),
     "guidance_scale": (None, lambda v: v is not None and v != 1),
     "stop_strings": (None, _is_set),
-    "remove_invalid_values": (None, lambda v: v is True),
     "watermarking_config": (None, _is_set),
-    "renormalize_logits": ("beam", lambda v: v is True),
-    "typical_p": ("sample", lambda v: v is not None and v < 1.0),
-    "epsilon_cutoff": ("sample", _cutoff),
-    "eta_cutoff": ("sample", _cutoff),
     "top_h": ("sample", _is_set),
 }
 
@@ -484,12 +540,16 @@ class _Banned:
     is banned where the sequence ends with the others; sequences equal to [eos] are dropped, as HF does) and the
     checkpoint's suppress_tokens / begin_suppress_tokens (Suppress[AtBegin]TokensLogitsProcessor: ids banned at
     every step / at the first new token, eos included; ids past the vocabulary ignored). Each bans tokens (logit
-    -inf), so their order against each other and the penalties does not matter. On the
+    -inf), so their order against each other and the penalties does not matter; transformers runs its forced
+    tokens, remove_invalid_values and exponential_decay_length_penalty (_Processors) between the suppressions
+    (stage "late") and the others (stage "early"). begin_at: the sequence width at which begin_suppress_tokens
+    apply (transformers': one later where forced_bos_token_id forces the first token of a one-token prompt). On the
     device, no host sync."""
 
-    def __init__(self, base, prompt_len, eos, min_new_tokens, ngram, bad_words, suppress=(), begin=()):
+    def __init__(self, base, prompt_len, eos, min_new_tokens, ngram, bad_words, suppress=(), begin=(), begin_at=None):
         self.base, self.prompt_len, self.eos, self.min_new, self.ngram = base, prompt_len, eos, min_new_tokens, ngram
         self.suppress, self.begin = list(suppress), list(begin)
+        self.begin_at = prompt_len if begin_at is None else begin_at
         eos_ids = set() if eos is None else set(eos.tolist())
         self.eos_ids = sorted(eos_ids)
         words = [list(w) for w in bad_words or () if not (len(w) == 1 and w[0] in eos_ids)]
@@ -510,14 +570,26 @@ class _Banned:
                   for ids in (self.suppress, self.begin)))
         return self._index[key]
 
-    def banned(self, seqs, V):
-        """bool [N, V], True = banned this step, or None."""
+    def banned(self, seqs, V, stage="all"):
+        """bool [N, V], True = banned this step; stage "early": all but the suppressed ids, "late": those only."""
         N, t = seqs.shape
         ban = torch.zeros(N, V, dtype=torch.bool, device=seqs.device)
         top = max(self.single + [i for w in self.multi for i in w], default=-1)  # (every id: HF and stops check all)
         if top >= V:
             raise ValueError(f"bad_words_ids: token {top} is outside the vocabulary (V={V})")
         eos_index, single, prefixes, suppress, begin = self._indices(V, seqs.device)
+        if stage != "late":
+            self._early_bans(ban, seqs, eos_index, single, prefixes)
+        if stage != "early":
+            if self.suppress:
+                ban[:, suppress] = True
+            if self.begin and t == self.begin_at:
+                ban[:, begin] = True
+        return ban
+
+    def _early_bans(self, ban, seqs, eos_index, single, prefixes):
+        """min_new_tokens, no_repeat_ngram_size and bad_words_ids: into ban [N, V]."""
+        (N, t), V = seqs.shape, ban.shape[1]
         if self.eos is not None and t - self.prompt_len < self.min_new:
             ban[:, eos_index] = True
         if self.ngram and t >= self.ngram:  # (HF: cur_len + 1 >= n; with t = n - 1 no n-gram is complete)
@@ -533,22 +605,18 @@ class _Banned:
             if t >= len(w) - 1:
                 tail = seqs[:, t - len(w) + 1:]
                 ban[:, w[-1]] |= (tail == prefix).all(-1)
-        if self.suppress:
-            ban[:, suppress] = True
-        if self.begin and t == self.prompt_len:
-            ban[:, begin] = True
-        return ban
 
 
-def _allowed(allowed_tokens, seqs, V, prompts):
+def _allowed(allowed_tokens, seqs, V, prompts, stage="all"):
     """The bool [N, V] mask for this step (None = all allowed), from 1 row, one per prompt (`prompts` of them:
     each spread over its sequences / beams) or one per sequence (N); any other count would be spread over rows
-    of the wrong prompts. A _Banned adds its bans to its base mask."""
+    of the wrong prompts. A _Banned adds its bans to its base mask. stage: "all", or "early" (allowed_tokens and
+    the bans but suppress_tokens / begin_suppress_tokens) and "late" (those), which _Processors runs apart."""
     if isinstance(allowed_tokens, _Banned):
-        m = _allowed(allowed_tokens.base, seqs, V, prompts)
-        ban = allowed_tokens.banned(seqs, V)
+        m = None if stage == "late" else _allowed(allowed_tokens.base, seqs, V, prompts)
+        ban = allowed_tokens.banned(seqs, V, stage)
         return ~ban if m is None else m & ~ban
-    if allowed_tokens is None:
+    if allowed_tokens is None or stage == "late":
         return None
     m = allowed_tokens(seqs) if callable(allowed_tokens) else allowed_tokens
     # (dim first: a 0-dim mask raised IndexError reading its shape)
@@ -562,6 +630,158 @@ def _allowed(allowed_tokens, seqs, V, prompts):
                              f"per sequence ({N})")
         m = m.repeat_interleave(N // prompts, dim=0)  # per prompt -> per sequence / beam
     return m.expand(N, V)
+
+
+class _SequenceBias:
+    """transformers' SequenceBiasLogitsProcessor: bias added to a token's logit where the sequence (prompt and
+    padding included, as there) ends with the key's other tokens; a one-token key biases its token always."""
+
+    def __init__(self, pairs):
+        self.pairs, self._made = pairs, {}
+
+    def _tensors(self, V, device):
+        """(one-token biases [V], [(prefixes [G, L], last tokens [G], biases [G]) per prefix length L]), made once
+        per vocabulary size and device."""
+        if (V, device) not in self._made:
+            top = max(i for ids in self.pairs for i in ids)
+            if top >= V:
+                raise ValueError(f"sequence_bias: token {top} is outside the vocabulary (V={V})")
+            single = torch.zeros(V, dtype=torch.float32)
+            groups = {}
+            for ids, b in self.pairs.items():
+                if len(ids) == 1:
+                    single[ids[0]] = b
+                else:
+                    groups.setdefault(len(ids) - 1, []).append((ids, b))
+            multi = [(torch.tensor([ids[:-1] for ids, _ in g], device=device),
+                      torch.tensor([ids[-1] for ids, _ in g], device=device),
+                      torch.tensor([b for _, b in g], dtype=torch.float32, device=device)) for g in groups.values()]
+            self._made[(V, device)] = single.to(device), multi
+        return self._made[(V, device)]
+
+    def __call__(self, seqs, V):
+        """float32 [N, V]: this step's bias."""
+        single, multi = self._tensors(V, seqs.device)
+        bias = single.expand(seqs.shape[0], V).clone()
+        for prefixes, last, b in multi:
+            L = prefixes.shape[1]
+            if L <= seqs.shape[1]:  # (a prefix longer than the sequence matches nothing)
+                hit = (seqs[:, None, -L:] == prefixes).all(-1)  # [N, G]
+                bias.index_add_(1, last, torch.where(hit, b, torch.zeros_like(b)))
+        return bias
+
+
+def _typical_keep(z, mass):
+    """bool [N, V]: the tokens transformers' TypicalLogitsWarper keeps (min_tokens_to_keep 1): those whose
+    surprisal is closest to the entropy, taken by increasing distance until their probability reaches `mass` (the
+    token reaching it included, and every token as close as it)."""
+    logp = torch.log_softmax(z, -1)
+    entropy = -(logp * logp.exp()).nansum(-1, keepdim=True)
+    distance = (-logp - entropy).abs()
+    by_distance, order = distance.sort(-1)
+    cum = torch.softmax(z.gather(-1, order), -1).cumsum(-1)
+    last = (cum < mass).sum(-1, keepdim=True).clamp(max=z.shape[-1] - 1)
+    return distance <= by_distance.gather(-1, last)
+
+
+def _cutoff_keep(z, epsilon, eta):
+    """bool [N, V]: the tokens transformers' EpsilonLogitsWarper (eta False) / EtaLogitsWarper (eta True) keeps:
+    probability >= the cutoff (epsilon; eta: min(epsilon, sqrt(epsilon) * exp(-entropy))), or the largest logit."""
+    logp = torch.log_softmax(z, -1)
+    p = logp.exp()
+    cut = torch.full_like(p[:, :1], epsilon)
+    if eta:  # (torch's Categorical entropy: log-probabilities clamped to the dtype's min, so 0 * -inf is 0)
+        entropy = -(p * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1, keepdim=True)
+        cut = torch.minimum(cut, math.sqrt(epsilon) * torch.exp(-entropy))
+    return (p >= cut) | (z >= z.max(-1, keepdim=True)[0])
+
+
+class _Processors:
+    """transformers' logits processors that llmkern.sample has no filter for, in the order transformers' generate
+    runs them (_get_logits_processor): sequence_bias (with logit_bias, before the penalties); after the banning
+    rules forced_bos_token_id (the first new token of a one-token prompt), forced_eos_token_id (the last new token),
+    remove_invalid_values (NaN -> 0, +-inf -> float32's max / min) and exponential_decay_length_penalty (eos
+    logits raised by |logit| * (factor ** (new tokens - start) - 1) after `start` new tokens), then
+    suppress_tokens; sampling's warpers typical_p, epsilon_cutoff, eta_cutoff after temperature, top-k, top-p and
+    min-p; renormalize_logits last (a log-softmax: beam search's scores; greedy and sampled tokens do not change).
+    Widths are transformers' cur_len: the sequence's, prompt padding included."""
+
+    def __init__(self, T, max_new_tokens, eos, values):
+        v = values
+        self.max_length, self.eos = T + max_new_tokens, eos
+        self.bos = v["forced_bos_token_id"]
+        self.forced_eos = v["forced_eos_token_id"]
+        self.seq_bias = None if v["sequence_bias"] is None else _SequenceBias(v["sequence_bias"])
+        self.decay = v["exponential_decay_length_penalty"]
+        self.decay_start = None if self.decay is None else self.decay[0] + T
+        self.remove_invalid, self.renormalize = v["remove_invalid_values"], v["renormalize_logits"]
+        self.typical_p, self.epsilon, self.eta = v["typical_p"], v["epsilon_cutoff"], v["eta_cutoff"]
+        self.warps = self.typical_p < 1.0 or self.epsilon > 0.0 or self.eta > 0.0
+
+    def bias(self, seqs, V):
+        """float32 [N, V] sequence_bias for this step, or None."""
+        return None if self.seq_bias is None else self.seq_bias(seqs, V)
+
+    def forced(self, y, width):
+        """forced_bos / forced_eos, remove_invalid_values, exponential_decay_length_penalty on scores y [N, V] at
+        sequence width `width` (a Python int: no host sync)."""
+        for ids, at in ((self.bos, 1), (self.forced_eos, self.max_length - 1)):
+            if ids is not None and width == at:  # (every other token -inf, the forced ones 0, as transformers)
+                y = torch.full_like(y, float("-inf"))
+                y[:, ids] = 0.0
+        if self.remove_invalid:
+            y = torch.nan_to_num(y, nan=0.0)  # (+-inf: the dtype's max / min)
+        if self.decay is not None and width > self.decay_start:
+            try:
+                grow = self.decay[1] ** (width - self.decay_start) - 1.0
+            except OverflowError:
+                grow = math.inf
+            eos_logits = y[:, self.eos]
+            boost = (eos_logits.abs() * grow).masked_fill(~torch.isfinite(eos_logits), 0.0)
+            y = y.clone()
+            y[:, self.eos] = eos_logits + boost
+        return y
+
+    def warp(self, y, temperature, top_k, top_p, min_p):
+        """Sampling's scores y [N, V] with the tokens transformers' warpers remove set to -inf: temperature, top-k,
+        top-p, min-p ([N] tensors, filter_rows), then typical_p, epsilon_cutoff, eta_cutoff on what is left; the
+        sampler then runs temperature alone on the result. Rows of temperature 0 (argmax) are filtered at 1."""
+        from llmkern.ops.sampling import filter_rows
+
+        y = _as_scores(y.float())  # (llmkern.sample's reading of NaN and +inf logits)
+        z = filter_rows(y / torch.where(temperature > 0, temperature, 1.0)[:, None], top_k, top_p, min_p)
+        if self.typical_p < 1.0:
+            z = z.masked_fill(~_typical_keep(z, self.typical_p), float("-inf"))
+        for cutoff, eta in ((self.epsilon, False), (self.eta, True)):
+            if cutoff > 0.0:
+                z = z.masked_fill(~_cutoff_keep(z, cutoff, eta), float("-inf"))
+        return y.masked_fill(z == float("-inf"), float("-inf"))
+
+
+def _processors(values, strategy, T, max_new_tokens, eos, vocab, draft_model):
+    """values (generate's arguments of _PROCESSOR_KNOBS, FROM_MODEL resolved) checked, as a _Processors, or None
+    when none acts on the strategy's tokens or scores (renormalize_logits: beam search's only)."""
+    v = {}
+    for name in _PROCESSOR_KNOBS:
+        default, _, ok, wanted = _KNOBS[name]
+        x = v[name] = values[name]
+        if not (x is None and default is None) and not ok(x, vocab):
+            raise ValueError(f"{name} must be {wanted}" + (" or None" if default is None else "") + f", got {x!r}")
+    v = dict(v, forced_bos_token_id=None if v["forced_bos_token_id"] is None else _as_int(v["forced_bos_token_id"]),
+             forced_eos_token_id=None if v["forced_eos_token_id"] is None else _id_list(v["forced_eos_token_id"]),
+             sequence_bias=None if v["sequence_bias"] is None else _bias_pairs(v["sequence_bias"]),
+             exponential_decay_length_penalty=None if v["exponential_decay_length_penalty"] is None
+             else _decay_pair(v["exponential_decay_length_penalty"]),
+             typical_p=float(v["typical_p"]), epsilon_cutoff=float(v["epsilon_cutoff"]) % 1.0,
+             eta_cutoff=float(v["eta_cutoff"]) % 1.0)  # (1: off, as 0)
+    on = [n for n in _PROCESSOR_KNOBS if v[n] not in (_KNOBS[n][0], None) and n != "renormalize_logits"]
+    if draft_model is not None and on:
+        raise ValueError(f"{', '.join(on)}: not supported with draft_model (speculative decoding)")
+    if v["exponential_decay_length_penalty"] is not None and eos is None:
+        raise ValueError("exponential_decay_length_penalty raises the eos logits: it needs an eos_token_id")
+    if not on and not (v["renormalize_logits"] and strategy == "beam"):
+        return None
+    return _Processors(T, max_new_tokens, eos, v)
 
 
 class ChoiceConstraint:
@@ -753,7 +973,10 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
              num_beams=1, length_penalty=FROM_MODEL, early_stopping=FROM_MODEL, num_return_sequences=1,
              allowed_tokens=None, scorers=None, use_cache=True, return_dict=False, attention_mask=None,
              draft_model=None, num_draft_tokens=4, top_logprobs=0, min_new_tokens=FROM_MODEL,
-             no_repeat_ngram_size=FROM_MODEL, bad_words_ids=FROM_MODEL, stop_sequences=None, prompt_logprobs=False):
+             no_repeat_ngram_size=FROM_MODEL, bad_words_ids=FROM_MODEL, stop_sequences=None, prompt_logprobs=False,
+             forced_bos_token_id=FROM_MODEL, forced_eos_token_id=FROM_MODEL, sequence_bias=FROM_MODEL,
+             exponential_decay_length_penalty=FROM_MODEL, remove_invalid_values=FROM_MODEL,
+             renormalize_logits=FROM_MODEL, typical_p=FROM_MODEL, epsilon_cutoff=FROM_MODEL, eta_cutoff=FROM_MODEL):
     """Continue `input_ids` [B, T] by up to `max_new_tokens` tokens (see the module docstring).
 
     eos_token_id, pad_token_id: FROM_MODEL (the default) takes them from `model.generation_config`, as
@@ -775,6 +998,13 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     included) and begin_suppress_tokens (banned at the first new token) apply to every strategy but speculative
     decoding, which raises; set the field to None to drop one. The keys of GenerationDefaults that generate does not
     apply warn (warnings.warn naming the key) where set to a value that changes transformers' output.
+    forced_bos_token_id, forced_eos_token_id (an id or a list), sequence_bias ({(ids...): bias} or
+    [[[ids...], bias], ...]), exponential_decay_length_penalty ((start, factor); needs an eos), remove_invalid_values,
+    renormalize_logits (beam search's scores; no greedy or sampled token changes) and typical_p, epsilon_cutoff,
+    eta_cutoff (strategy="sample" only: given to greedy / beam search they raise): transformers' options of those
+    names with its semantics and order (_Processors), FROM_MODEL: the checkpoint's (None / neutral without). All but
+    renormalize_logits raise with draft_model. Where one acts, the bias, penalties and masks run in torch before
+    llmkern.sample (not in its kernel), and with a sampling warper so do temperature / top-k / top-p / min-p.
     attention_mask: [B, T], 1 = token, 0 = left padding (batched prompts of different lengths,
     transformers' convention: positions count real tokens only).
     draft_model: a smaller model with the same vocabulary and the same interface (plus
@@ -833,15 +1063,20 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     num_beams = _int_arg("num_beams", num_beams, 1)
     vocab = _vocab_size(model)
     min_length = _model_min_length(model, min_new_tokens)  # (before min_new_tokens' FROM_MODEL is resolved)
+    given = (temperature, top_k, top_p, min_p, repetition_penalty, min_new_tokens, no_repeat_ngram_size, bad_words_ids,
+             length_penalty, early_stopping, forced_bos_token_id, forced_eos_token_id, sequence_bias,
+             exponential_decay_length_penalty, remove_invalid_values, renormalize_logits, typical_p, epsilon_cutoff,
+             eta_cutoff)  # (_KNOBS' order)
     (temperature, top_k, top_p, min_p, repetition_penalty, min_new_tokens, no_repeat_ngram_size, bad_words_ids,
-     length_penalty, early_stopping) = _model_knobs(model, strategy, draft_model is not None, vocab, (
-        temperature, top_k, top_p, min_p, repetition_penalty, min_new_tokens, no_repeat_ngram_size, bad_words_ids,
-        length_penalty, early_stopping))
+     length_penalty, early_stopping, *processor_values) = _model_knobs(model, strategy, draft_model is not None,
+                                                                       vocab, given)
+    processor_values = dict(zip(_PROCESSOR_KNOBS, processor_values))
     _warn_ignored(model, strategy)
     early_stopping = _early_stopping(early_stopping)
     _check_strategy_options(strategy, draft_model, num_draft_tokens,
                             dict(temperature=(temperature, 1.0), top_k=(top_k, 0), top_p=(top_p, 1.0),
-                                 min_p=(min_p, 0.0)),
+                                 min_p=(min_p, 0.0), **{name: (processor_values[name], _KNOBS[name][0])
+                                                        for name in ("typical_p", "epsilon_cutoff", "eta_cutoff")}),
                             dict(presence_penalty=(presence_penalty, 0.0), frequency_penalty=(frequency_penalty, 0.0)),
                             dict(early_stopping=(early_stopping, False), length_penalty=(length_penalty, 1.0)))
     if strategy == "beam":
@@ -872,6 +1107,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     rules, min_new_tokens, no_repeat_ngram_size = _check_rules(min_new_tokens, no_repeat_ngram_size, bad_words_ids)
     rules, min_new_tokens, suppress, begin_suppress = _model_rules(model, rules, min_new_tokens, min_length,
                                                                    input_ids.shape[1], draft_model is not None)
+    proc = _processors(processor_values, strategy, input_ids.shape[1], max_new_tokens, eos, vocab, draft_model)
     stops = _check_stops(stop_sequences, strategy, draft_model, input_ids.device, vocab)
     if stops is not None:
         stops = _Stops(stops, min_new_tokens)
@@ -880,8 +1116,10 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     if rules:
         if draft_model is not None:
             raise ValueError(f"{', '.join(rules)} are not supported with draft_model (speculative decoding)")
+        # (transformers' begin_suppress_tokens wait for the forced bos of a one-token prompt)
+        begin_at = input_ids.shape[1] + (input_ids.shape[1] == 1 and proc is not None and proc.bos is not None)
         allowed_tokens = _Banned(allowed_tokens, input_ids.shape[1], eos, min_new_tokens, no_repeat_ngram_size,
-                                 bad_words_ids, suppress, begin_suppress)
+                                 bad_words_ids, suppress, begin_suppress, begin_at)
     if draft_model is not None:
         num_draft_tokens = _check_speculative(
             draft_model, input_ids, max_new_tokens, strategy, num_draft_tokens, num_beams,
@@ -930,12 +1168,12 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
             if num_beams == 1:  # greedy decoding, as transformers' generate runs for one beam
                 out = _one_beam(model, input_ids, max_new_tokens, eos, pad_token_id, float(length_penalty),
                                 logit_bias, allowed_tokens, scorers, use_cache, mask, repetition_penalty,
-                                prompt_logprobs)
+                                prompt_logprobs, proc)
             else:
                 out = _beam_search(model, input_ids, max_new_tokens, eos, pad_token_id, num_beams,
                                    float(length_penalty), early_stopping, num_return_sequences,
                                    logit_bias, allowed_tokens, scorers, use_cache, mask, repetition_penalty,
-                                   prompt_logprobs)
+                                   prompt_logprobs, proc)
         else:
             if num_beams != 1:
                 raise ValueError(f"num_beams={num_beams} needs strategy='beam'")
@@ -947,7 +1185,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                                repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                frequency_penalty=frequency_penalty),
                           logit_bias, seed, allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts, stops,
-                          prompt_logprobs)
+                          prompt_logprobs, proc)
     finally:
         for m, mode in modes:
             m.train(mode)
@@ -1152,9 +1390,10 @@ class _StepsAgreed:
 
 
 def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_bias, seed,
-            allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts, stops=None, prompt_logprobs=False):
+            allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts, stops=None, prompt_logprobs=False,
+            proc=None):
     """Greedy or sampled decoding of input_ids [N, T] (each prompt's rows repeated: `prompts` of them); stops:
-    token sequences (int64 tensors) that end a row as an eos does."""
+    token sequences (int64 tensors) that end a row as an eos does; proc: a _Processors or None."""
     from llmkern.ops.speculative import row_seeds
 
     B, T0 = input_ids.shape
@@ -1184,9 +1423,11 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
         logits = step(seqs, n_new)
         n_new = 1
         V = logits.shape[-1]
-        allow = _allowed(allowed_tokens, seqs, V, prompts)
+        allow = _allowed(allowed_tokens, seqs, V, prompts, "all" if proc is None else "early")
         kw = dict(knobs, prev_tokens=prev if penalised else None, output_start=T0 if penalised else None,
                   logit_bias=logit_bias, allowed_tokens=allow, return_logprobs=True)
+        if proc is not None:  # (the bias and penalties then run here, not in the sampler)
+            kw = dict(kw, prev_tokens=prev, output_start=T0, late=_allowed(allowed_tokens, seqs, V, prompts, "late"))
         # The first step's sample call checks the values of the tensor arguments (per-row knobs, seeds,
         # positions, prev_tokens: the prompt); later steps pass the same knobs and seeds (generate's own copies:
         # the caller's code cannot change them), positions one higher
@@ -1195,7 +1436,7 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
         trusted = checked_V == V and pad < V
         checked_V = V
         tok, lp_tok, valid = _decode_draw(strategy, logits, prev, T0, kw, scorers, seqs, allow, seeds, position,
-                                          trusted)
+                                          trusted, proc)
         stuck = unfinished & ~valid
         if tops is not None:
             tops.add(logits, tok, unfinished)
@@ -1227,7 +1468,7 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
     return out if tops is None else tops.fill(out, B, dev)
 
 
-def _decode_draw(strategy, logits, prev, T0, kw, scorers, seqs, allow, seeds, position, trusted=False):
+def _decode_draw(strategy, logits, prev, T0, kw, scorers, seqs, allow, seeds, position, trusted=False, proc=None):
     """One step's (tokens, their log-probabilities, valid rows) for _decode. trusted: the library's own calls
     (sample, the penalties) skip the value checks of their tensor arguments (_checks.trusted); the scorers run
     outside that block: they are the caller's code, which may call llmkern.sample or generate itself, and
@@ -1243,6 +1484,12 @@ def _decode_draw(strategy, logits, prev, T0, kw, scorers, seqs, allow, seeds, po
         with _checks.trusted():
             return fn(*args, **kwargs)
 
+    late = kw.pop("late", None)
+    if proc is not None:  # transformers' processors in its order; the sampler then gets processed logits
+        logits = lib(_processed, logits, prev, T0, kw, proc, seqs, late)
+        kw.update(prev_tokens=None, output_start=None, logit_bias=None, allowed_tokens=None, repetition_penalty=1.0,
+                  presence_penalty=0.0, frequency_penalty=0.0)
+        allow = None
     if strategy == "greedy":
         kw["temperature"] = 0.0
         if scorers:  # argmax of log p + Σ α f over the processed (biased, penalised, masked) distribution
@@ -1262,8 +1509,37 @@ def _decode_draw(strategy, logits, prev, T0, kw, scorers, seqs, allow, seeds, po
                                                          y.masked_fill(~allow, float("-inf"))))
         kw.update(prev_tokens=None, output_start=None, logit_bias=terms, repetition_penalty=1.0,
                   presence_penalty=0.0, frequency_penalty=0.0)  # (the penalties are in y)
-        return lib(sample, y, **kw, return_valid=True)
+        logits = y
+    if proc is not None and proc.warps:  # (top-k / top-p / min-p run in the warp, before typical / epsilon / eta)
+        logits = lib(_warped, logits if kw["logit_bias"] is None else logits + kw["logit_bias"], kw, proc)
+        kw.update(logit_bias=None, top_k=0, top_p=1.0, min_p=0.0)
     return lib(sample, logits, **kw, return_valid=True)
+
+
+def _processed(logits, prev, T0, kw, proc, seqs, late):
+    """float32 [N, V]: greedy's and sampling's scores through transformers' processors (_Processors' order):
+    logit_bias + sequence_bias, the penalties, allowed_tokens and the early bans, the forced tokens /
+    remove_invalid_values / exponential_decay_length_penalty, the suppressed ids."""
+    N, V = logits.shape
+    bias = proc.bias(seqs, V)
+    if bias is not None and kw["logit_bias"] is not None:
+        from llmkern.ops.sampling import _side_tensor
+
+        bias = bias + _side_tensor("logit_bias", kw["logit_bias"], N, V, logits.device).float()
+    y = _penalised(logits, prev, T0, dict(kw, logit_bias=bias if bias is not None else kw["logit_bias"]))
+    if kw["allowed_tokens"] is not None:
+        y = y.masked_fill(~kw["allowed_tokens"], float("-inf"))
+    y = proc.forced(y, seqs.shape[1])
+    return y if late is None else y.masked_fill(~late, float("-inf"))
+
+
+def _warped(y, kw, proc):
+    """Sampling's scores y [N, V] through temperature, top-k, top-p, min-p and the warpers (_Processors.warp)."""
+    from llmkern.ops.sampling import _sample_params
+
+    t, k, p, m = _sample_params(y.shape[0], y.device, kw["temperature"], kw["top_k"], kw["top_p"], kw["min_p"],
+                                1.0, 0.0, 0.0)[:4]
+    return proc.warp(y, t, k, p, m)
 
 
 # ---- speculative decoding ------------------------------------------------------------------------------
@@ -1614,7 +1890,7 @@ def _beam_penalty(repetition_penalty, B, K, dev):
 
 
 def _one_beam(model, input_ids, max_new_tokens, eos, pad, length_penalty, logit_bias, allowed_tokens, scorers,
-              use_cache, mask, repetition_penalty=1.0, prompt_logprobs=False):
+              use_cache, mask, repetition_penalty=1.0, prompt_logprobs=False, proc=None):
     """num_beams=1: greedy decoding, as transformers' generate runs it (a lone beam would go on past an eos
     looking for a better hypothesis, which greedy does not). The scores stay a beam's, [B]: the sum of the
     tokens' log-probabilities / (new tokens, eos included) ** length_penalty."""
@@ -1622,7 +1898,7 @@ def _one_beam(model, input_ids, max_new_tokens, eos, pad, length_penalty, logit_
                  presence_penalty=0.0, frequency_penalty=0.0)
     B, T0 = input_ids.shape
     out = _decode(model, input_ids, max_new_tokens, "greedy", eos, pad, knobs, logit_bias, None, allowed_tokens,
-                  scorers, use_cache, mask, 0, B, prompt_logprobs=prompt_logprobs)
+                  scorers, use_cache, mask, 0, B, prompt_logprobs=prompt_logprobs, proc=proc)
     new = out.sequences[:, T0:]
     n = torch.full((B,), new.shape[1], dtype=torch.long, device=new.device)
     if eos is not None and new.shape[1] > 0:  # a row's tokens end at its first eos (padding follows)
@@ -1631,9 +1907,19 @@ def _one_beam(model, input_ids, max_new_tokens, eos, pad, length_penalty, logit_
     return dataclasses.replace(out, scores=out.scores.sum(-1) / n.clamp(min=1).float() ** length_penalty)
 
 
+def _beam_processed(log_probs, proc, allowed_tokens, flat, B):
+    """Beam search's scores after the early bans through the rest of transformers' processors: the forced tokens,
+    remove_invalid_values, exponential_decay_length_penalty, the suppressed ids, renormalize_logits."""
+    log_probs = proc.forced(log_probs, flat.shape[1])
+    late = _allowed(allowed_tokens, flat, log_probs.shape[-1], B, "late")
+    if late is not None:
+        log_probs = log_probs.masked_fill(~late, float("-inf"))
+    return torch.log_softmax(log_probs, -1) if proc.renormalize else log_probs
+
+
 def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_penalty, early_stopping,
                  num_return_sequences, logit_bias, allowed_tokens, scorers, use_cache, mask, repetition_penalty=1.0,
-                 prompt_logprobs=False):
+                 prompt_logprobs=False, proc=None):
     """transformers' (>= 4.50) vectorised beam search, with our masks and scorers added to the
     log-probabilities before the beams are ranked. repetition_penalty (a float or [B] per prompt) acts on the
     (biased) log-probabilities, as HF's processor does in beam search: a seen token's log-probability (<= 0)
@@ -1683,6 +1969,9 @@ def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_p
         log_probs = torch.log_softmax(logits, dim=-1)
         if logit_bias is not None:
             log_probs = log_probs + logit_bias
+        seq_bias = None if proc is None else proc.bias(flat, V)
+        if seq_bias is not None:
+            log_probs = log_probs + seq_bias
         if rep is not None:
             from llmkern.reference.sampling import apply_penalties
 
@@ -1690,9 +1979,11 @@ def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_p
                                                                flat[:, T0:]], 1)
             zero = torch.zeros_like(rep)
             log_probs = apply_penalties(log_probs.float(), prev, rep, zero, zero)
-        allow = _allowed(allowed_tokens, flat, V, B)
+        allow = _allowed(allowed_tokens, flat, V, B, "all" if proc is None else "early")
         if allow is not None:
             log_probs = log_probs.masked_fill(~allow, float("-inf"))
+        if proc is not None:
+            log_probs = _beam_processed(log_probs, proc, allowed_tokens, flat, B)
         if scorers:
             log_probs = log_probs + _score_terms(scorers, flat, log_probs)
         log_probs = _as_scores(log_probs)

@@ -301,12 +301,9 @@ def test_checkpoint_min_length_and_suppressed_tokens_as_in_transformers(padded):
         m.generation_config, hf.generation_config = saved
 
 
-IGNORED = [("forced_bos_token_id", 1, None), ("forced_eos_token_id", [2], None), ("sequence_bias", [[[3], 1.0]], None),
-           ("exponential_decay_length_penalty", [2, 1.1], None), ("guidance_scale", 1.5, None),
-           ("stop_strings", ["x"], None), ("remove_invalid_values", True, None),
-           ("watermarking_config", {"bias": 2.0}, None),
-           ("renormalize_logits", True, "beam"), ("typical_p", 0.5, "sample"), ("epsilon_cutoff", 3e-4, "sample"),
-           ("eta_cutoff", 3e-4, "sample"), ("top_h", 0.4, "sample")]
+IGNORED = [("guidance_scale", 1.5, None), ("stop_strings", ["x"], None), ("watermarking_config", {"bias": 2.0}, None),
+           ("top_h", 0.4, "sample")]  # (the other keys transformers applies, generate applies too:
+# tests/test_generation_processors.py)
 NEUTRAL = dict(guidance_scale=1.0, remove_invalid_values=False, renormalize_logits=False, typical_p=1.0,
                epsilon_cutoff=0.0, eta_cutoff=1.0)
 
@@ -320,9 +317,8 @@ def _warned(m, x, **kw):
 
 def test_checkpoint_keys_generate_ignores_warn_and_rules_refused_with_a_draft(padded):
     """A checkpoint key transformers' generate applies and generate does not warns, naming it, with the strategies
-    transformers applies it with (its sampling warpers: sampling; renormalize_logits: beam search's scores); their
-    neutral values do not. min_length / suppress_tokens / begin_suppress_tokens: malformed values raise naming
-    them, and speculative decoding refuses them (min_new_tokens=0 overrides min_length)."""
+    transformers applies it with (top_h, a sampling warper: sampling only); their neutral values do not.
+    min_length / suppress_tokens / begin_suppress_tokens: malformed values raise naming them, and speculative decoding refuses them (min_new_tokens=0 overrides min_length)."""
     m, _, x, am, eos, rules = padded
     cfg = m.generation_config
     kws = dict(greedy={}, sample=dict(strategy="sample", seed=0), beam=dict(strategy="beam", num_beams=2))
