@@ -318,7 +318,8 @@ def _warned(m, x, **kw):
 def test_checkpoint_keys_generate_ignores_warn_and_rules_refused_with_a_draft(padded):
     """A checkpoint key transformers' generate applies and generate does not warns, naming it, with the strategies
     transformers applies it with (top_h, a sampling warper: sampling only); their neutral values do not.
-    min_length / suppress_tokens / begin_suppress_tokens: malformed values raise naming them, and speculative decoding refuses them (min_new_tokens=0 overrides min_length)."""
+    min_length / suppress_tokens / begin_suppress_tokens: malformed values raise naming them, and speculative
+    decoding refuses them (min_new_tokens=0 overrides min_length)."""
     m, _, x, am, eos, rules = padded
     cfg = m.generation_config
     kws = dict(greedy={}, sample=dict(strategy="sample", seed=0), beam=dict(strategy="beam", num_beams=2))
