@@ -21,6 +21,7 @@ fused op casts A / B to it; gradients reach the factors in their own dtype); mer
 """
 import itertools
 import math
+import numbers
 import sys
 
 import torch
@@ -28,15 +29,17 @@ from torch import nn
 
 
 def check_lora_args(r, alpha, dropout, max_rank=None):
-    """ValueError naming the argument for a bad rank (a positive int, at most max_rank if given), alpha (finite)
-    or dropout (in [0, 1))."""
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1 or (max_rank is not None and r > max_rank):
+    """(r, alpha, dropout) as int, float, float, or ValueError naming the argument for a bad rank (a positive int, at
+    most max_rank if given), alpha (finite) or dropout (in [0, 1)). NumPy scalars are taken (a sweep's np.arange /
+    np.linspace values: np.float32 was refused where np.float64, a float subclass, was taken)."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1 or (max_rank is not None and r > max_rank):
         raise ValueError(f"r must be {'a positive int' if max_rank is None else f'an int in 1..{max_rank}'}, "
                          f"got {r!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not -math.inf < alpha < math.inf:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not -math.inf < alpha < math.inf:
         raise ValueError(f"alpha must be a finite float, got {alpha!r}")
+    return int(r), float(alpha), float(dropout)
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -115,7 +118,7 @@ class PlainLoRA(nn.Module):
     def __init__(self, base_layer: nn.Module, r, alpha, dropout, use_rslora, use_dora, kind, max_rank=None,
                  adapter_dtype=None):
         super().__init__()
-        check_lora_args(r, alpha, dropout, max_rank)
+        r, alpha, dropout = check_lora_args(r, alpha, dropout, max_rank)
         check_adapter_dtype(adapter_dtype)
         if use_dora and not self._supports_dora:
             raise ValueError(f"use_dora=True is not supported on {kind} layers by llmkern.peft ({type(self).__name__} "
@@ -162,7 +165,10 @@ class PlainLoRA(nn.Module):
         return self.weight
 
     def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self._lora_factors())
+        """How many of the layer's parameters train (requires_grad), as Adapter / PrefixTuning and
+        count_trainable_parameters count: the LoRA factors (and DoRA's magnitude) by default, the base layer's too
+        with freeze_base=False, a factor frozen by hand not (the factors were counted whatever their state)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     @property
     def adapter_dtype(self) -> torch.dtype:

@@ -4,6 +4,7 @@
 (an attention block and/or an FFN block) of a model, applied to the sub-layer's output (the first
 element when it returns a tuple, as Hugging Face attention modules do).
 """
+import numbers
 import re
 from typing import List, Sequence, Union
 
@@ -23,8 +24,9 @@ class Adapter(nn.Module):
     def __init__(self, d: int, r: int, activation: str = "relu", device=None, dtype=None):
         super().__init__()
         for name, v in (("d", d), ("r", r)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        d, r = int(d), int(r)  # (NumPy ints taken, stored as ints)
         if activation not in _ACTS:
             raise ValueError(f"activation must be one of {sorted(_ACTS)}, got {activation!r}")
         self.d, self.r = d, r

@@ -88,8 +88,8 @@ class LoRALinear(PlainLoRA):
         super().__init__(base_layer, r, alpha, dropout, use_rslora, use_dora, "linear", MAX_RANK, adapter_dtype)
         self.in_features, self.out_features = linear_features(base_layer)
         dev, dt = self.weight.device, self._factor_dtype
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dt))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=dev, dtype=dt))
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, device=dev, dtype=dt))
         self.register_parameter("lora_magnitude_vector", None)
         self._finish_init(freeze_base)
 
@@ -138,8 +138,12 @@ class LoRALinear(PlainLoRA):
         if self.use_dora:
             self._init_magnitude()
 
+    def _base_on_meta(self) -> bool:
+        """Whether the base layer holds tensors on the meta device (offloaded by accelerate, or not materialised)."""
+        return any(t.is_meta for t in itertools.chain(self.base_layer.parameters(), self.base_layer.buffers()))
+
     def _init_magnitude(self):
-        if any(t.is_meta for t in itertools.chain(self.base_layer.parameters(), self.base_layer.buffers())):
+        if self._base_on_meta():
             raise ValueError("use_dora=True: DoRA's magnitude starts as the row norms of the base weight, which is on "
                              "the meta device (offloaded by accelerate, or not materialised yet); add DoRA before "
                              "offloading, or once the weights are loaded")
@@ -230,15 +234,11 @@ class LoRALinear(PlainLoRA):
             dense.bias.copy_(self.bias)
         return dense.requires_grad_(False)
 
-    def num_trainable_parameters(self) -> int:
-        n = super().num_trainable_parameters()
-        return n + (self.lora_magnitude_vector.numel() if self.lora_magnitude_vector is not None else 0)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._base_only():
             return self.base_layer(x)
         p = self.dropout if self.training else 0.0
-        if has_forward_hooks(self.base_layer):
+        if has_forward_hooks(self.base_layer) or self._custom_base_forward():
             return self._forward_through_base(x, p)
         if self.quantized:
             return self._forward_nf4(x, p)
@@ -247,17 +247,55 @@ class LoRALinear(PlainLoRA):
                                self.lora_magnitude_vector, self.scaling, p)
         return lora_linear(x, self.weight, self.base_layer.bias, self.lora_A, self.lora_B, self.scaling, p)
 
+    def _custom_base_forward(self) -> bool:
+        """Whether the base layer is an nn.Linear subclass with a forward of its own (transformers' FalconLinear, a
+        router returning (scores, logits)...): the fused op would compute F.linear(x, W, b) in its place."""
+        return isinstance(self.base_layer, nn.Linear) and type(self.base_layer).forward is not nn.Linear.forward
+
     def _forward_through_base(self, x, p):
-        """base_layer(x) + the update, unfused: the base layer has forward hooks, e.g. accelerate's offload
-        (cpu_offload, device_map with offloading), which keeps its weight on the meta device and loads it only
-        inside base_layer's own forward, so the fused op, which reads the weight, cannot run."""
+        """base_layer(x) + the update, unfused, as PEFT computes it: the base layer's own forward must run. It has
+        forward hooks (a user's hook that records activations, or accelerate's offload (cpu_offload, device_map with
+        offloading), which keeps its weight on the meta device and loads it only inside base_layer's own forward, so
+        the fused op, which reads the weight, cannot run), or is an nn.Linear subclass with its own forward."""
         if self.use_dora:
+            return self._dora_through_base(x, p)
+        result = self._base_output(x)  # (first, as PEFT: the dropout mask is drawn after the base layer's hooks ran)
+        h = nn.functional.dropout(x, p, training=p > 0)
+        A, B = self.lora_A.to(h.dtype), self.lora_B.to(h.dtype)  # (the input's dtype, as the fused op computes)
+        return result + self.scaling * nn.functional.linear(nn.functional.linear(h, A), B)
+
+    def _dora_through_base(self, x, p):
+        """DoRA around a hooked base layer, PEFT's formula: base_layer(x) + (m/n - 1) ⊙ (base term) + (m/n) ⊙ s·(x̃ Aᵀ)
+        Bᵀ, the base term being base_layer(x) less its bias without dropout, x̃ Wᵀ with it. The row norms n need the
+        weight outside the base layer's forward: an offloaded (meta) weight is refused."""
+        if self._base_on_meta():
             raise NotImplementedError("LoRALinear with DoRA needs the base weight's row norms; its base layer has "
                                       "forward hooks (accelerate offloading?) that load the weight only inside its "
                                       "own forward: run it without offloading, or through PEFT")
+        result = self._base_output(x)  # (first, as PEFT: the dropout mask is drawn after the base layer's hooks ran)
         h = nn.functional.dropout(x, p, training=p > 0)
-        A, B = self.lora_A.to(h.dtype), self.lora_B.to(h.dtype)  # (the input's dtype, as the fused op computes)
-        return self.base_layer(x) + self.scaling * nn.functional.linear(nn.functional.linear(h, A), B)
+        A, B = self.lora_A.to(h.dtype), self.lora_B.to(h.dtype)
+        W = self._dense_weight()
+        norm = dora_weight_norm(W, A, B, self.scaling)  # (float32, float64 for a float64 weight; detached)
+        scale = (self.lora_magnitude_vector.to(norm.dtype) / norm).to(h.dtype)
+        if p > 0:
+            base = nn.functional.linear(h, W.to(h.dtype))
+        else:
+            base = result if self.bias is None else result - self.bias
+        lora = self.scaling * nn.functional.linear(nn.functional.linear(h, A), B)
+        return (result + (scale - 1) * base + scale * lora).to(result.dtype)
+
+    def _base_output(self, x):
+        """base_layer(x), which the update is added to, checked to be a [..., out_features] tensor (a router's
+        (scores, logits) tuple raised a bare TypeError, a layer with extra output features a broadcasting error)."""
+        result = self.base_layer(x)
+        if not isinstance(result, torch.Tensor) or result.shape[-1:] != (self.out_features,):
+            got = (f"a tensor of shape {tuple(result.shape)}" if isinstance(result, torch.Tensor)
+                   else f"a {type(result).__name__}")
+            raise TypeError(f"LoRALinear: the base layer ({type(self.base_layer).__name__}) returned {got}; LoRA adds "
+                            f"its update to a [..., {self.out_features}] tensor output, so this layer cannot take a "
+                            f"LoRA (leave it out of target_modules)")
+        return result
 
     def _forward_nf4(self, x, p):
         base = self.base_layer

@@ -59,13 +59,14 @@ class LoRAConv(PlainLoRA):
         if not isinstance(base_layer, CONV_TYPES):
             raise TypeError(f"base_layer must be an nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(base_layer).__name__}")
         super().__init__(base_layer, r, alpha, dropout, use_rslora, use_dora, "conv", adapter_dtype=adapter_dtype)
-        _check_base(base_layer, r)
+        _check_base(base_layer, self.r)
         self.in_channels, self.out_channels = base_layer.in_channels, base_layer.out_channels
         self.groups = base_layer.groups
         dev, dt = base_layer.weight.device, self._factor_dtype
         nd = base_layer.weight.dim() - 2
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_channels, *base_layer.kernel_size, device=dev, dtype=dt))
-        self.lora_B = nn.Parameter(torch.empty(self.out_channels, r // self.groups, *(1,) * nd, device=dev, dtype=dt))
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_channels, *base_layer.kernel_size, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.empty(self.out_channels, self.r // self.groups, *(1,) * nd, device=dev,
+                                               dtype=dt))
         self._finish_init(freeze_base)
 
     def _lora_factors(self):

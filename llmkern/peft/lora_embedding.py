@@ -58,8 +58,8 @@ class LoRAEmbedding(PlainLoRA):
         super().__init__(base_layer, r, alpha, dropout, use_rslora, use_dora, "embedding", adapter_dtype=adapter_dtype)
         self.num_embeddings, self.embedding_dim = base_layer.num_embeddings, base_layer.embedding_dim
         dev, dt = base_layer.weight.device, self._factor_dtype
-        self.lora_embedding_A = nn.Parameter(torch.empty(r, self.num_embeddings, device=dev, dtype=dt))
-        self.lora_embedding_B = nn.Parameter(torch.empty(self.embedding_dim, r, device=dev, dtype=dt))
+        self.lora_embedding_A = nn.Parameter(torch.empty(self.r, self.num_embeddings, device=dev, dtype=dt))
+        self.lora_embedding_B = nn.Parameter(torch.empty(self.embedding_dim, self.r, device=dev, dtype=dt))
         self._finish_init(freeze_base)
 
     def _lora_factors(self):

@@ -13,6 +13,7 @@ P^E [|P|, d] and an MLP d -> H -> 2·L·d without biases, which is exactly the d
 MLP away for inference.
 """
 import math
+import numbers
 from typing import List, Optional, Tuple
 
 import torch
@@ -38,23 +39,22 @@ class PrefixTuning(nn.Module):
                  hidden: Optional[int] = None, d_embed: Optional[int] = None,
                  init: Optional[torch.Tensor] = None, device=None, dtype=None):
         super().__init__()
-        for name, v in (("n_layers", n_layers), ("n_prefix", n_prefix), ("d", d), ("n_heads", n_heads)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        n_layers, n_prefix, d, n_heads = (_positive_int(name, v) for name, v in (
+            ("n_layers", n_layers), ("n_prefix", n_prefix), ("d", d), ("n_heads", n_heads)))
         if d % n_heads:
             raise ValueError(f"d ({d}) must be divisible by n_heads ({n_heads})")
+        if init is not None and not isinstance(init, torch.Tensor):
+            raise TypeError(f"init must be a torch.Tensor or None, got {type(init).__name__}")
         self.n_layers, self.n_prefix, self.d, self.n_heads = n_layers, n_prefix, d, n_heads
         self.head_dim = d // n_heads
         self.reparam = bool(reparam)
         kw = dict(device=device, dtype=dtype)
         if self.reparam:
-            if not isinstance(hidden, int) or hidden < 1:
-                raise ValueError(f"hidden must be a positive int when reparam=True, got {hidden!r}")
-            self.hidden = hidden
-            self.d_embed = d if d_embed is None else d_embed
+            self.hidden = _positive_int("hidden", hidden, " when reparam=True")
+            self.d_embed = d if d_embed is None else _positive_int("d_embed", d_embed)
             self.embedding = nn.Parameter(torch.randn(n_prefix, self.d_embed, **kw) * 0.02)
-            self.mlp = nn.Sequential(nn.Linear(self.d_embed, hidden, bias=False, **kw), nn.Tanh(),
-                                     nn.Linear(hidden, 2 * n_layers * d, bias=False, **kw))
+            self.mlp = nn.Sequential(nn.Linear(self.d_embed, self.hidden, bias=False, **kw), nn.Tanh(),
+                                     nn.Linear(self.hidden, 2 * n_layers * d, bias=False, **kw))
             if init is not None:
                 if tuple(init.shape) != (n_prefix, self.d_embed):
                     raise ValueError(f"init must have shape [{n_prefix}, {self.d_embed}], got {tuple(init.shape)}")
@@ -80,6 +80,11 @@ class PrefixTuning(nn.Module):
 
     def forward(self, batch_size: int = 1) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (P_K, P_V), each [batch, n_heads, |P|, head_dim] (an expanded view)."""
+        # (expand(-1, ...) keeps the size: batch_size=-1 silently gave a batch of 1. A SymInt, the batch of a model
+        # compiled with dynamic shapes, is taken as it is: 0 (an empty batch) is fine)
+        if not isinstance(batch_size, torch.SymInt):
+            if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 0:
+                raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
         kv = self.kv().view(self.n_layers, 2, self.n_prefix, self.n_heads, self.head_dim).transpose(2, 3)
         return [(kv[i, 0].unsqueeze(0).expand(batch_size, -1, -1, -1),
                  kv[i, 1].unsqueeze(0).expand(batch_size, -1, -1, -1)) for i in range(self.n_layers)]
@@ -101,6 +106,14 @@ class PrefixTuning(nn.Module):
         kv = self.kv().detach()
         return PrefixTuning(self.n_layers, self.n_prefix, self.d, self.n_heads, init=kv.clone(),
                             device=kv.device, dtype=kv.dtype)
+
+
+def _positive_int(name, v, when=""):
+    """v as an int >= 1 (NumPy ints taken), or ValueError naming it (a bool was taken as 1, d_embed went unchecked
+    into the parameter shapes)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"{name} must be a positive int{when}, got {v!r}")
+    return int(v)
 
 
 def _check_kv(k, v, prefix_k, prefix_v):
