@@ -29,6 +29,9 @@ the process are unaffected. What is patched:
   != 1, partial rotary, cos / sin of another dtype than q, ...) run the original function. The copied
   globals are a snapshot: reassigning another global of that modeling module afterwards does not reach the
   patched instances.
+
+use_fused_ops(model, enable=False) removes the patches again (of the selected kinds): the modules run their class
+forward, with none of the patch's attributes left.
 """
 import functools
 import logging
@@ -412,7 +415,41 @@ def _plan(module, enabled):
     return None
 
 
-def use_fused_ops(model, *, rms_norm=True, rope=True, mlp=True, layer_norm=True):
+def _ours(module):
+    """The kind of the use_fused_ops patch `module` runs (its instance forward is ours), else None."""
+    fwd = module.__dict__.get("forward")
+    return module.__dict__.get(_MARK) if isinstance(fwd, _BoundForward) else None
+
+
+def _unpatch(root, kinds):
+    """Remove the patches of `kinds` from root's modules: each runs its class forward again, with none of the
+    attributes the patch added. A module whose patched forward was wrapped since by another instance-level
+    patch (accelerate's hooks keep ours inside theirs) keeps both, with a warning: removing ours would break
+    the outer one."""
+    for module in root.modules():
+        kind = module.__dict__.get(_MARK)
+        if kind not in kinds:
+            continue
+        if "forward" in module.__dict__ and _ours(module) is None:
+            cls = type(module)
+            warn_once(("use_fused_ops-unpatch", cls.__module__, cls.__qualname__),
+                      f"use_fused_ops(enable=False): a {cls.__name__}'s patched forward was wrapped by another "
+                      f"instance-level forward since; left patched")
+            continue
+        for name in ("forward", _MARK, "_llmkern_offset", "_llmkern_eps_attr"):
+            module.__dict__.pop(name, None)
+
+
+def _count(root):
+    counts = dict.fromkeys(_KINDS, 0)
+    for module in root.modules():
+        kind = module.__dict__.get(_MARK) if "forward" in module.__dict__ else None
+        if kind is not None:
+            counts[kind] += 1
+    return counts
+
+
+def use_fused_ops(model, *, rms_norm=True, rope=True, mlp=True, layer_norm=True, enable=True):
     """Patch `model` (a transformers model, or a PeftModel around one) in place so that its RMSNorm,
     LayerNorm, gated MLP and RoPE computations run on llmkern's fused ops (see the module docstring for
     what is recognised and when a call falls back to the original code). Returns `model`.
@@ -421,9 +458,23 @@ def use_fused_ops(model, *, rms_norm=True, rope=True, mlp=True, layer_norm=True)
     kinds enabled patches those too); copy.deepcopy of a patched model gives a patched copy using its own
     parameters, and so does pickling (torch.save(model) / torch.load(..., weights_only=False)).
     `model._llmkern_fused_ops` then holds the number of modules running each fused op, e.g.
-    {"rms_norm": 5, "layer_norm": 0, "mlp": 2, "rope": 2}."""
+    {"rms_norm": 5, "layer_norm": 0, "mlp": 2, "rope": 2}.
+
+    enable=False undoes it for the selected kinds (all by default): those modules run their class forward
+    again, exactly the unpatched model's computation."""
+    flags = dict(rms_norm=rms_norm, layer_norm=layer_norm, mlp=mlp, rope=rope, enable=enable)
+    for name, value in flags.items():  # (a string such as "off" is truthy: it switched the kind on)
+        if not isinstance(value, bool):
+            raise TypeError(f"use_fused_ops: {name} must be a bool, got {value!r}")
     root = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped model
+    if not isinstance(root, nn.Module):
+        raise TypeError(f"use_fused_ops: model must be a torch.nn.Module (a transformers model or a PeftModel), "
+                        f"got {type(model).__name__}")
     enabled = {k for k, on in zip(_KINDS, (rms_norm, layer_norm, mlp, rope)) if on}
+    if not enable:
+        _unpatch(root, enabled)
+        object.__setattr__(root, _COUNTS, _count(root))
+        return model
     counts = dict.fromkeys(_KINDS, 0)
     plans = []
     for module in root.modules():
