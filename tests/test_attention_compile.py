@@ -191,12 +191,36 @@ def main_mla(cc=90, dtype="bf16"):
     print("COMPILED-ALL")
 
 
-def _run(cc, dtype, D, every_config):
-    """D: the head dim, or "D/Dv" with a different value head dim."""
+def main_targets(targets, every_config=False):
+    """Each target's table (main / main_mla) in this one process, after a "== cc dtype D" header line: one
+    interpreter start and llmkern import for all of them."""
+    for cc, dtype, D in targets:
+        print(f"== {cc} {dtype} {D}", flush=True)
+        if D == "mla":
+            main_mla(cc, dtype)
+        else:
+            d, _, dv = str(D).partition("/")
+            main(cc, dtype, int(d), every_config=every_config, Dv=int(dv) if dv else None)
+
+
+def _run_all(targets, every_config):
+    """({(cc, dtype, D): that target's printed lines}, return code, stderr) of one subprocess running
+    main_targets (a target whose table does not end with COMPILED-ALL, or that a crash left out, fails its
+    test)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    args = [sys.executable, HERE, str(cc), dtype, str(D)] + (["all"] if every_config else [])
-    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    code = (f"import test_attention_compile as t; t.main_targets({[tuple(t) for t in targets]!r}, "
+            f"every_config={every_config!r})")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=900 * len(targets))
+    tables, lines = {}, None
+    for line in res.stdout.splitlines():
+        if line.startswith("== "):
+            cc, dtype, D = line[3:].split()
+            lines = tables[(int(cc), dtype, D)] = []
+        elif lines is not None:
+            lines.append(line)
+    return tables, res.returncode, res.stderr
 
 
 def _ptxas_available():
@@ -214,15 +238,21 @@ if _EVERY:  # more targets, every candidate config: about 15 s of CPU each
     _TARGETS += [(80, "fp16", 80), (90, "fp16", 64), (90, "bf16", 256), (80, "bf16", 256)]
 
 
+@pytest.fixture(scope="module")
+def tables():
+    return _run_all(_TARGETS, _EVERY)
+
+
 @pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's bundled ptxas")
 @pytest.mark.parametrize("cc,dtype,D", _TARGETS)
-def test_kernels_compile_for_gpu_targets(cc, dtype, D):
-    res = _run(cc, dtype, D, _EVERY)
-    assert res.returncode == 0 and "COMPILED-ALL" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
+def test_kernels_compile_for_gpu_targets(cc, dtype, D, tables):
+    by_target, returncode, stderr = tables
+    lines = by_target.get((cc, dtype, str(D)), [])
+    assert returncode == 0 and "COMPILED-ALL" in lines, "\n".join(lines)[-3000:] + stderr[-5000:]
     if cc == 90 and D != "mla":
-        fwd = next(line for line in res.stdout.splitlines() if line.startswith("fwd "))
+        fwd = next(line for line in lines if line.startswith("fwd "))
         assert "wgmma=True" in fwd, fwd  # Hopper's warp-group MMA, not the sm_80 path
-    for line in res.stdout.splitlines():
+    for line in lines:
         m = re.search(r"stack=(\d+)", line)
         assert m is None or int(m.group(1)) <= 256, f"heavy register spills: {line}"
         m = re.search(r"smem=(\d+)", line)

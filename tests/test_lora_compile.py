@@ -36,7 +36,26 @@ def _tma_box(name, consts):
     return [bk, bn] if consts["W_T"] else [bn, bk]
 
 
-def _compile(fn, types, consts, num_warps, num_stages, cc=90):
+def _compile(fn, types, consts, num_warps, num_stages, cc=90, sass=True):
+    """Compile fn for sm_<cc>; its registers, stack and shared memory, the warp-group MMA in the TTGIR, and
+    (sass=True) facts from the disassembly. sass=False skips nvdisasm (about 0.3 s a kernel, most of a
+    compile test's time once Triton's cache holds the cubin): utmaldg / hgmma / ldg128 / stg128 are None."""
+    return _resources(_build(fn, types, consts, num_warps, num_stages, cc), sass)
+
+
+def compile_many(jobs, workers=2):
+    """[_compile(*job) for job in jobs], each job (fn, types, consts, num_warps, num_stages, cc, sass). The
+    kernels compile one after another here; their cubins are read back (cuobjdump / nvdisasm: most of the time
+    once Triton's cache holds the cubins) `workers` at a time meanwhile: the same work, on both cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(_resources, _build(fn, types, consts, warps, stages, cc), sass)
+                   for fn, types, consts, warps, stages, cc, sass in jobs]
+        return [f.result() for f in futures]
+
+
+def _build(fn, types, consts, num_warps, num_stages, cc=90):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -56,9 +75,16 @@ def _compile(fn, types, consts, num_warps, num_stages, cc=90):
                                                                and name not in ("split",)):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _resources(k, sass=True):
+    """The resource facts of compiled kernel k (see _compile)."""
+    import triton
+
     regs = stack = None
-    sass = ""
+    text = ""
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if os.path.exists(cuobjdump):
         import tempfile
@@ -66,16 +92,17 @@ def _compile(fn, types, consts, num_warps, num_stages, cc=90):
         with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
             f.write(k.asm["cubin"])
         out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+        if sass:
+            text = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
         os.unlink(f.name)
         m = re.search(r"REG:(\d+)", out)
         regs = int(m.group(1)) if m else None
         m = re.search(r"STACK:(\d+)", out)
         stack = int(m.group(1)) if m else None
     ttgir = k.asm.get("ttgir", "")
-    return dict(regs=regs, stack=stack, smem=k.metadata.shared, wgmma="warp_group_dot" in ttgir,
-                utmaldg="UTMALDG" in sass, hgmma="HGMMA" in sass, ldg128="LDG.E.128" in sass,
-                stg128="STG.E.128" in sass)
+    facts = {key: (op in text if sass else None) for key, op in (("utmaldg", "UTMALDG"), ("hgmma", "HGMMA"),
+                                                                 ("ldg128", "LDG.E.128"), ("stg128", "STG.E.128"))}
+    return dict(regs=regs, stack=stack, smem=k.metadata.shared, wgmma="warp_group_dot" in ttgir, **facts)
 
 
 def main(everything=False):
@@ -145,8 +172,10 @@ def main(everything=False):
                  (f"gemm tma bwd {bm}x{bn}" + (" drop" if drop else ""), L._gemm_kernel, gemm_t,
                   dict(gemm_bwd, **tile, W_T=True, HAS_BIAS=False, HAS_IDS=False, EPI_DROPOUT=drop, BLOCK_R=32),
                   w, s)]
-    for name, fn, types, consts, w, s in rows:
-        r = _compile(fn, types, consts, w, s)
+    # SASS facts are checked on the TMA rows only (bulk tensor copies feeding the MMA)
+    results = compile_many([(fn, types, consts, w, s, 90, bool(consts.get("USE_TMA")))
+                            for _, fn, types, consts, w, s in rows])
+    for (name, fn, types, consts, w, s), r in zip(rows, results):
         tma = f" utmaldg={r['utmaldg']} hgmma={r['hgmma']}" if consts.get("USE_TMA") else ""
         print(f"{name:26s} sm_90 {dt} warps={w} stages={s}: regs={r['regs']} stack={r['stack']} "
               f"smem={r['smem']} wgmma={r['wgmma']}{tma}", flush=True)

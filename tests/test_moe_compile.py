@@ -19,6 +19,7 @@ also for sm_90) with at most 256 bytes of stack and within the target's shared m
 
     python tests/test_moe_compile.py        # prints the resource table
     python tests/test_moe_compile.py fp32   # the float32 "ieee" table, sm_80 and sm_90
+    python tests/test_moe_compile.py both   # both, the float32 one after a "== fp32" line (what the tests run)
 """
 import os
 import re
@@ -116,7 +117,7 @@ def main_fp32():
     for cc in (80, 90):
         for name, fn, consts, warps, stages in _fp32_rows(fixed_only=cc == 90):
             consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-            r = _compile(fn, types, consts, warps, stages, cc=cc)
+            r = _compile(fn, types, consts, warps, stages, cc=cc, sass=False)  # (no SASS facts checked)
             print(f"{name:37s} sm_{cc} fp32 ieee warps={warps} stages={stages}: regs={r['regs']} stack={r['stack']} "
                   f"smem={r['smem']}", flush=True)
     print("COMPILED-ALL")
@@ -129,15 +130,23 @@ def main():
     types.update(ORDER="*i32", SEG="*i32", IDS="*i32", TW="*fp32", DWP="*fp32")
     for name, fn, consts, warps, stages in _rows():
         consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-        r = _compile(fn, types, consts, warps, stages)
+        r = _compile(fn, types, consts, warps, stages, sass=False)  # (no SASS facts checked)
         print(f"{name:37s} sm_90 {dt} warps={warps} stages={stages}: regs={r['regs']} stack={r['stack']} "
               f"smem={r['smem']} wgmma={r['wgmma']}", flush=True)
     print("COMPILED-ALL")
 
 
+@pytest.fixture(scope="module")
+def tables():
+    """{"bf16": the sm_90 table, "fp32": the float32 one}, from one subprocess (one llmkern import for both)."""
+    lines = compiled_table(HERE, ["both"], timeout=1200)
+    split = lines.index("== fp32")
+    return {"bf16": lines[:split], "fp32": lines[split + 1:]}
+
+
 @pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's bundled ptxas")
-def test_moe_kernels_compile_for_sm90():
-    lines = compiled_table(HERE, timeout=600)
+def test_moe_kernels_compile_for_sm90(tables):
+    lines = tables["bf16"]
     from llmkern.kernels import moe as K
 
     with_act = len(K.GATE_UP_TILES) + len(K.GATE_UP_BWD_TILES) + len(K.WGRAD_TILES)  # each has a gelu copy
@@ -156,10 +165,10 @@ def test_moe_kernels_compile_for_sm90():
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="needs Triton's bundled ptxas")
-def test_moe_float32_ieee_kernels_compile_for_sm80_and_sm90():
+def test_moe_float32_ieee_kernels_compile_for_sm80_and_sm90(tables):
     """float32 without TF32 (FMA dots): no heavy spill and within shared memory on the A100 and the H100, for
     the fixed choice (the first candidate, "fixed") and every autotuning candidate."""
-    lines = compiled_table(HERE, ["fp32"], timeout=600)
+    lines = tables["fp32"]
     want = [f"{name} sm_{cc}" for cc in (80, 90) for name, *_ in _fp32_rows(fixed_only=cc == 90)]
     assert [re.sub(r" +(sm_\d+) .*", r" \1", line) for line in lines] == want, "\n".join(lines)
     assert sum(" fixed " in line for line in lines) == 2 * 6, lines  # the six uses, per target
@@ -173,4 +182,11 @@ def test_moe_float32_ieee_kernels_compile_for_sm80_and_sm90():
 if __name__ == "__main__":
     import sys
 
-    main_fp32() if sys.argv[1:] == ["fp32"] else main()
+    if sys.argv[1:] == ["fp32"]:
+        main_fp32()
+    elif sys.argv[1:] == ["both"]:
+        main()
+        print("== fp32", flush=True)
+        main_fp32()
+    else:
+        main()

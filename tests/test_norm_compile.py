@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from test_lora_compile import _compile, _ptxas_available, compiled_table
+from test_lora_compile import _ptxas_available, compile_many, compiled_table
 
 HERE = os.path.abspath(__file__)
 
@@ -24,15 +24,17 @@ def main():
                                                 CAST_XN=True)),
             ("ln bwd ds dw db", K._norm_bwd, dict(IS_RMS=False, HAS_W=True, HAS_DS=True, NEED_DW=True, NEED_DB=True,
                                                   CAST_XN=False))]
+    table = []  # (label, compile job)
     for cc, dt in ((90, "bf16"), (80, "fp16")):
         types = {name: f"*{dt}" for name in ("X", "R", "W", "B", "Y", "S", "DY", "DS", "DX")}
         types.update(MEAN="*fp32", RSTD="*fp32", DWP="*fp32", DBP="*fp32", eps="fp32", offset="fp32")
         for N in (4096, 8192):
             bm, bn, nw = K.config(N)
             for name, fn, consts in rows:
-                r = _compile(fn, types, dict(consts, BLOCK_M=bm, BLOCK_N=bn), nw, 1, cc=cc)
-                print(f"{name:22s} sm_{cc} {dt} N={N} warps={nw}: regs={r['regs']} stack={r['stack']} "
-                      f"ldg128={r['ldg128']} stg128={r['stg128']}", flush=True)
+                table.append((f"{name:22s} sm_{cc} {dt} N={N} warps={nw}",
+                              (fn, types, dict(consts, BLOCK_M=bm, BLOCK_N=bn), nw, 1, cc, True)))
+    for (label, _), r in zip(table, compile_many([job for _, job in table])):
+        print(f"{label}: regs={r['regs']} stack={r['stack']} ldg128={r['ldg128']} stg128={r['stg128']}", flush=True)
     print("COMPILED-ALL")
 
 

@@ -13,7 +13,7 @@ import os
 import pytest
 
 import test_lora_compile
-from test_lora_compile import _compile, _ptxas_available, compiled_table
+from test_lora_compile import _ptxas_available, compile_many, compiled_table
 
 HERE = os.path.abspath(__file__)
 
@@ -50,13 +50,14 @@ def _glu_rows():
 
 def main():
     test_lora_compile._DIV16 = test_lora_compile._DIV16 | {"HALF", "R", "D", "F"}  # realistic sizes
+    table = []  # (label, compile job)
     for cc, dt in ((90, "bf16"), (80, "fp16")):
         types = {n: f"*{dt}" for n in ("Q", "K", "QO", "KO", "COS", "SIN", "G", "U", "O", "DO", "DG", "DU")}
         for name, fn, consts, warps in _rope_rows() + _glu_rows():
             consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-            r = _compile(fn, types, consts, warps, 1, cc=cc)
-            print(f"{name:22s} sm_{cc} {dt} warps={warps}: regs={r['regs']} stack={r['stack']} ldg128={r['ldg128']} "
-                  f"stg128={r['stg128']}", flush=True)
+            table.append((f"{name:22s} sm_{cc} {dt} warps={warps}", (fn, types, consts, warps, 1, cc, True)))
+    for (label, _), r in zip(table, compile_many([job for _, job in table])):
+        print(f"{label}: regs={r['regs']} stack={r['stack']} ldg128={r['ldg128']} stg128={r['stg128']}", flush=True)
     print("COMPILED-ALL")
 
 
