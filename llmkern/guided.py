@@ -8,6 +8,8 @@ json_schema_regex(schema) turns a simple JSON Schema into such a pattern (vLLM's
 
 The text the row generates (its tokens' strings joined, up to eos) must fullmatch the pattern: each step a
 token is allowed iff the text with it is still a prefix of some match, and eos iff the text is a match.
+With a byte-level vocabulary (GPT-2 / Llama 3 / Qwen tokenizers, byte-fallback tokens, or a list of bytes) the
+walk reads UTF-8 bytes, so characters split across tokens are generated too (TokenVocabulary, _Utf8DFA).
 
 The regex is compiled here (no third-party engine): a parser for the subset below, a Thompson NFA, and a
 DFA built lazily by subset construction (a state is made the first time a walk reaches it, so patterns
@@ -26,7 +28,9 @@ Unsupported (ValueError naming it): lookaround (?=..) (?!..) (?<=..) (?<!..), ba
   word boundaries \\b \\B, anchors \\A \\Z and ^ $ elsewhere, inline flags (?i) (?i:..), atomic groups and
   possessive quantifiers, conditionals, comments (?#..), \\N{...}.
 """
+import bisect
 import json
+import math
 import numbers
 
 import torch
@@ -42,12 +46,69 @@ _CATEGORIES = {  # \d \w \s as Python's re reads them in str patterns (checked a
 _SIMPLE_ESCAPES = {"a": "\a", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
 
 
+_MAX_CODE_POINT = 0x10FFFF
+_SURROGATES = (0xD800, 0xDFFF)  # code points UTF-8 cannot encode
+_category_cache = {}
+
+
+def _merge(intervals):
+    """Sorted, disjoint, non-adjacent inclusive intervals covering the given ones."""
+    out = []
+    for lo, hi in sorted(intervals):
+        if out and lo <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [tuple(iv) for iv in out]
+
+
+def _complement(intervals):
+    """The code points outside merged intervals."""
+    out, nxt = [], 0
+    for lo, hi in intervals:
+        if lo > nxt:
+            out.append((nxt, lo - 1))
+        nxt = hi + 1
+    if nxt <= _MAX_CODE_POINT:
+        out.append((nxt, _MAX_CODE_POINT))
+    return out
+
+
+def _category_intervals(name):
+    """A category of _CATEGORIES as code point intervals, by scanning all of Unicode once (~0.1 s, only where a
+    byte-level walk or a JSON Schema pattern needs it)."""
+    got = _category_cache.get(name)
+    if got is None:
+        test, ranges, start = _CATEGORIES[name], [], None
+        for o in range(_MAX_CODE_POINT + 2):
+            inside = o <= _MAX_CODE_POINT and test(chr(o))
+            if inside and start is None:
+                start = o
+            elif not inside and start is not None:
+                ranges.append((start, o - 1))
+                start = None
+        got = _category_cache[name] = ranges
+    return got
+
+
 class _CharSet:
     """A set of characters: code point ranges and \\d \\w \\s categories (upper case: complemented), negated."""
-    __slots__ = ("ranges", "cats", "negated")
+    __slots__ = ("ranges", "cats", "negated", "_intervals")
 
     def __init__(self, ranges=(), cats=(), negated=False):
         self.ranges, self.cats, self.negated = tuple(ranges), tuple(cats), negated
+        self._intervals = None
+
+    def intervals(self):
+        """The set as merged code point intervals (what __contains__ decides, computed once)."""
+        if self._intervals is None:
+            parts = list(self.ranges)
+            for k in self.cats:
+                base = _category_intervals(k.lower())
+                parts += _complement(base) if k.isupper() else base
+            merged = _merge(parts)
+            self._intervals = _complement(merged) if self.negated else merged
+        return self._intervals
 
     def __contains__(self, c):
         o = ord(c)
@@ -65,6 +126,18 @@ class _CharSet:
             lo == 0 and hi >= 0x10FFFF for lo, hi in self.ranges)
 
 
+# JSON Schema's regexes are ECMA-262's: \d and \w are ASCII, \s is this table, . stops at these line ends
+_ECMA_CATEGORIES = {"d": [(0x30, 0x39)], "w": [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)],
+                    "s": [(0x09, 0x0D), (0x20, 0x20), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A),
+                          (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000), (0xFEFF, 0xFEFF)]}
+_ECMA_LINE_ENDS = [(0x0A, 0x0A), (0x0D, 0x0D), (0x2028, 0x2029)]
+
+
+def _ecma_category(letter):
+    base = _ECMA_CATEGORIES[letter.lower()]
+    return _complement(base) if letter.isupper() else base
+
+
 def _literal(c):
     return ("set", _CharSet([(ord(c), ord(c))]))
 
@@ -73,8 +146,9 @@ class _Parser:
     """Recursive descent over the documented subset; the AST is tuples: ("set", _CharSet), ("cat", [..]),
     ("alt", [..]), ("rep", node, min, max or None)."""
 
-    def __init__(self, pattern):
-        self.p, self.i = pattern, 0
+    def __init__(self, pattern, ecma=False):
+        # ecma: JSON Schema's reading (ECMA-262): \d \w ASCII, \s and . by ECMA's tables, (?<name>...) groups
+        self.p, self.i, self.ecma, self.search, self.depth = pattern, 0, ecma, False, 0
 
     def error(self, msg, pos=None):
         pos = self.i if pos is None else pos
@@ -112,8 +186,28 @@ class _Parser:
     def parse_concat(self):
         items = []
         while self.peek() is not None and self.peek() not in "|)":
+            if self.search and self.depth == 0 and self.peek() == "$" and self.peek(1) in (None, "|"):
+                break  # (an alternative's closing anchor: parse_search reads it)
             items.append(self.parse_repeat())
         return items[0] if len(items) == 1 else ("cat", items)
+
+    def parse_search(self):
+        """The pattern as a search (JSON Schema's `pattern`): [(node, anchored at the start, at the end)] for its
+        top-level alternatives; ^ may open and $ close each of them, nowhere else."""
+        self.search, alts = True, []
+        while True:
+            head = self.peek() == "^"
+            self.i += head
+            node = self.parse_concat()
+            tail = self.peek() == "$"
+            self.i += tail
+            alts.append((node, head, tail))
+            if self.peek() != "|":
+                break
+            self.i += 1
+        if self.i < len(self.p):
+            raise self.error("unbalanced parenthesis")
+        return alts
 
     def parse_repeat(self):
         node = self.parse_atom()
@@ -169,7 +263,7 @@ class _Parser:
         if c == "[":
             return ("set", self.parse_class())
         if c == ".":
-            return ("set", _CharSet([(10, 10)], negated=True))
+            return ("set", _CharSet(_ECMA_LINE_ENDS if self.ecma else [(10, 10)], negated=True))
         if c == "\\":
             return self.parse_escape(in_class=False)
         if c == "^" or c == "$":
@@ -181,14 +275,17 @@ class _Parser:
             nxt = self.peek(1)
             if nxt == ":":
                 self.i += 2
-            elif nxt == "P" and self.peek(2) == "<":
+            elif (nxt == "P" and self.peek(2) == "<") or (
+                    self.ecma and nxt == "<" and self.peek(2) not in ("=", "!", None)):
                 close = self.p.find(">", self.i)
-                if close < 0 or not self.p[self.i + 3:close].isidentifier():
+                if close < 0 or not self.p[self.i + 2 + (nxt == "P"):close].isidentifier():
                     raise self.error("bad group name", start)
                 self.i = close + 1
             else:
                 raise self.unsupported(_group_kind(self.p, self.i), start)
+        self.depth += 1
         node = self.parse_alt()
+        self.depth -= 1
         if self.peek() != ")":
             raise self.error("missing ), unterminated subpattern", start)
         self.i += 1
@@ -219,6 +316,8 @@ class _Parser:
                 if hi < lo:
                     raise self.error(f"bad character range {chr(lo)}-{chr(hi)}", dash)
                 ranges.append((lo, hi))
+            elif isinstance(lo, str) and self.ecma:
+                ranges += _ecma_category(lo)
             elif isinstance(lo, str):
                 cats.append(lo)
             else:
@@ -240,7 +339,9 @@ class _Parser:
             raise self.error("bad escape (end of pattern)", start)
         self.i += 1
         if c in "dDwWsS":
-            return c if in_class else ("set", _CharSet(cats=[c]))
+            if in_class:
+                return c
+            return ("set", _CharSet(_ecma_category(c)) if self.ecma else _CharSet(cats=[c]))
         if c in _SIMPLE_ESCAPES:
             return _literal(_SIMPLE_ESCAPES[c])
         if c == "b" and in_class:
@@ -406,6 +507,7 @@ class RegexDFA:
         self.pattern = pattern
         self.nfa = _NFA(_Parser(pattern).parse(), pattern)
         self._sets, self._index, self._accepting, self._trans = [], {}, [], []
+        self._spans = {}  # state -> (starts, ends) of the characters it takes (byte-level walks only)
         self.start = self._intern(self.nfa.closure([self.nfa.start]))
 
     @property
@@ -447,6 +549,107 @@ class RegexDFA:
     def fullmatch(self, text):
         return self.accepting(self.walk(self.start, text))
 
+    def takes_any(self, state, lo, hi):
+        """Whether some character U+lo..U+hi (a surrogate never counts: UTF-8 cannot hold one) keeps `state`
+        alive. Every NFA state of a DFA state is live and a character edge's target is live too, so a character
+        keeps the state alive iff some member's set holds it: the members' sets as intervals, bisected."""
+        spans = self._spans.get(state)
+        if spans is None:
+            nfa = self.nfa
+            merged = _merge([iv for s in self._sets[state] if nfa.charset[s] is not None
+                             for iv in nfa.charset[s].intervals()])
+            kept = _intersect(merged, _complement([_SURROGATES]))
+            spans = self._spans[state] = ([a for a, _ in kept], [b for _, b in kept])
+        starts, ends = spans
+        i = bisect.bisect_right(starts, hi) - 1
+        return i >= 0 and ends[i] >= lo
+
+
+def _utf8_length(lead):
+    """The length of the UTF-8 sequence a byte starts (0: the byte cannot start one)."""
+    return 1 if lead < 0x80 else 0 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4 if lead < 0xF8 \
+        else 0
+
+
+def _utf8_prefix_span(seq):
+    """(lo, hi): the code points whose UTF-8 form starts with the bytes `seq` (an incomplete character), or None
+    where none does (a stray continuation byte, an overlong form, a lead byte past U+10FFFF)."""
+    n = _utf8_length(seq[0])
+    if n < 2:
+        return None
+    value = seq[0] & (0x7F >> n)
+    for b in seq[1:]:
+        if b & 0xC0 != 0x80:
+            return None
+        value = value << 6 | (b & 0x3F)
+    rest = 6 * (n - len(seq))
+    lo = max(value << rest, (0x80, 0x800, 0x10000)[n - 2])  # (the clamps reject overlong and too-large forms)
+    hi = min((value << rest) | ((1 << rest) - 1), _MAX_CODE_POINT)
+    return (lo, hi) if lo <= hi else None
+
+
+class _Utf8DFA:
+    """A RegexDFA read over the UTF-8 bytes of its text, with the interface the trie walk and RegexConstraint
+    use (start, step, _trans, walk, accepting). A state is an int naming a pair (DFA state, the pending bytes
+    of an incomplete character, at most 3). A byte that completes a character steps the DFA by it; one that
+    leaves a character incomplete survives iff the pending bytes are a valid UTF-8 prefix of some character
+    the DFA state takes (RegexDFA.takes_any on the prefix's code point range: a bisection, where trying the
+    completions could mean 2^18 characters for a 4-byte lead). Accepting: no pending bytes, DFA accepting."""
+
+    def __init__(self, dfa):
+        self.dfa = dfa
+        self._pairs, self._index, self._trans = [], {}, []
+        self.start = self._intern(dfa.start, b"")
+
+    def _intern(self, state, pending):
+        if state == DEAD:
+            return DEAD
+        key = (state, pending)
+        w = self._index.get(key)
+        if w is None:
+            w = self._index[key] = len(self._pairs)
+            self._pairs.append(key)
+            self._trans.append({})
+        return w
+
+    def accepting(self, w):
+        if w < 0:
+            return False
+        state, pending = self._pairs[w]
+        return not pending and self.dfa.accepting(state)
+
+    def step(self, w, b):
+        if w == DEAD:
+            return DEAD
+        trans = self._trans[w]
+        nxt = trans.get(b)
+        if nxt is None:
+            nxt = trans[b] = self._next(w, b)
+        return nxt
+
+    def _next(self, w, b):
+        state, pending = self._pairs[w]
+        if not pending and b < 0x80:
+            return self._intern(self.dfa.step(state, chr(b)), b"")
+        seq = pending + bytes((b,))
+        if len(seq) == _utf8_length(seq[0]):
+            try:
+                char = seq.decode("utf-8")  # (strict: surrogates and overlong forms fail)
+            except UnicodeDecodeError:
+                return DEAD
+            return self._intern(self.dfa.step(state, char), b"")
+        span = _utf8_prefix_span(seq)
+        if span is None or not self.dfa.takes_any(state, *span):
+            return DEAD
+        return self._intern(state, seq)
+
+    def walk(self, w, data):
+        for b in data:
+            w = self.step(w, b)
+            if w == DEAD:
+                break
+        return w
+
 
 def compile_regex(pattern):
     """The pattern (see the module docstring for the subset) as a lazily built RegexDFA; ValueError names
@@ -457,54 +660,64 @@ def compile_regex(pattern):
 class TokenVocabulary:
     """The text of every token id, and a trie of those texts, shared by the constraints built on it.
 
-    `vocab`: a list of strings indexed by token id (None or "" for a token that never emits text, e.g. a
-    special token: such tokens are never allowed, except as eos), or a Hugging Face tokenizer. A tokenizer's
-    token i becomes the text it adds after other text: convert_tokens_to_string([a, tok_i]) minus
-    convert_tokens_to_string([a]) for a fixed ordinary token a. That keeps SentencePiece's leading space
-    ("▁Hello" -> " Hello", which decoding alone strips at the start of a text), maps byte-level BPE's
-    alphabet back to text ("Ġ" -> " "), reads byte-fallback tokens ("<0x0A>" -> "\\n") and WordPiece's "##".
-    Special tokens (tokenizer.all_special_ids) and tokens that are only part of a UTF-8 character (their
-    text decodes to U+FFFD) get None: the character-level DFA cannot follow a character split across tokens,
-    so such characters are generated only where a single token holds them whole.
+    `vocab`: a list indexed by token id of strings, or of bytes (None, "" or b"" for a token that never emits
+    text, e.g. a special token: such tokens are never allowed, except as eos), or a Hugging Face tokenizer.
+    A list holding any bytes is byte-level (its str entries count as their UTF-8 bytes); so is a tokenizer
+    whose decoder (else pre-tokenizer) is byte-level BPE (GPT-2, Llama 3, Qwen: a token's characters map to
+    bytes through GPT-2's byte <-> character table; added tokens are their content's UTF-8), or one with
+    SentencePiece byte-fallback tokens <0xHH> (Llama 2, Mistral: such a token is the byte HH). A byte-level
+    vocabulary is walked over UTF-8 bytes, so a character split across tokens is generated too: a token is
+    allowed iff its bytes keep every character they complete in a match and leave a valid UTF-8 prefix of a
+    character the pattern can take next (see _Utf8DFA). Otherwise a tokenizer's token i becomes the text it
+    adds after other text: convert_tokens_to_string([a, tok_i]) minus convert_tokens_to_string([a]) for a
+    fixed ordinary token a. That keeps SentencePiece's leading space ("▁Hello" -> " Hello", which decoding
+    alone strips at the start of a text) and WordPiece's "##"; special tokens (tokenizer.all_special_ids) get
+    None. `units`: what a token adds (str, or bytes in a byte-level vocabulary; None: never allowed);
+    `strings`: its text where it is whole characters (None for the part of a character or no text).
     vocab_size: the model's vocabulary (its masks' width), at least the number of strings (ids past them
     are never allowed); default: the number of strings."""
 
     def __init__(self, vocab, vocab_size=None):
         if isinstance(vocab, TokenVocabulary) and vocab_size in (None, vocab.vocab_size):
-            self.strings, self.vocab_size, self.children, self.ends = (
-                vocab.strings, vocab.vocab_size, vocab.children, vocab.ends)  # (the trie is shared, never changed)
+            self.__dict__.update(vocab.__dict__)  # (the trie is shared, never changed)
             return
+        byte_level = False
         if isinstance(vocab, TokenVocabulary):
-            strings = vocab.strings
+            units, byte_level = vocab.units, vocab.byte_level
         elif hasattr(vocab, "convert_ids_to_tokens") and hasattr(vocab, "convert_tokens_to_string"):
-            strings = _tokenizer_strings(vocab)
+            units, byte_level = _tokenizer_units(vocab)
         elif isinstance(vocab, (list, tuple)):
-            strings = list(vocab)
-            for i, s in enumerate(strings):
-                if s is not None and not isinstance(s, str):
-                    raise TypeError(f"vocab[{i}] must be a str (the token's text) or None, got {type(s).__name__}")
+            units = list(vocab)
+            for i, s in enumerate(units):
+                if s is not None and not isinstance(s, (str, bytes)):
+                    raise TypeError(f"vocab[{i}] must be a str (the token's text), bytes (a byte-level token) or "
+                                    f"None, got {type(s).__name__}")
+            byte_level = any(isinstance(s, bytes) for s in units)
+            if byte_level:
+                units = [s.encode("utf-8") if isinstance(s, str) else s for s in units]
         else:
-            raise TypeError(f"vocab must be a list of token strings (indexed by id), a Hugging Face tokenizer or a "
-                            f"TokenVocabulary, got {type(vocab).__name__}")
-        if not strings:
+            raise TypeError(f"vocab must be a list of token strings or bytes (indexed by id), a Hugging Face "
+                            f"tokenizer or a TokenVocabulary, got {type(vocab).__name__}")
+        if not units:
             raise ValueError("vocab is empty")
         if vocab_size is None:
-            vocab_size = len(strings)
+            vocab_size = len(units)
         elif not isinstance(vocab_size, numbers.Integral) or isinstance(vocab_size, bool) or vocab_size < len(
-                strings):
-            raise ValueError(f"vocab_size must be an int >= the number of token strings ({len(strings)}), got "
+                units):
+            raise ValueError(f"vocab_size must be an int >= the number of token strings ({len(units)}), got "
                              f"{vocab_size!r}")
-        self.strings, self.vocab_size = strings, int(vocab_size)
+        self.units, self.byte_level, self.vocab_size = units, byte_level, int(vocab_size)
+        self.strings = [_whole_text(u) for u in units] if byte_level else units
         self._build_trie()
 
     def _build_trie(self):
         # node k: children[k] (char -> node), ends[k] (ids whose text ends there); node 0 is the empty text
         self.children, self.ends = [{}], [[]]
-        for tok, s in enumerate(self.strings):
+        for tok, s in enumerate(self.units):
             if not s:
                 continue
             node = 0
-            for c in s:
+            for c in s:  # (characters, or byte values in a byte-level vocabulary)
                 nxt = self.children[node].get(c)
                 if nxt is None:
                     nxt = self.children[node][c] = len(self.children)
@@ -513,18 +726,20 @@ class TokenVocabulary:
                 node = nxt
             self.ends[node].append(tok)
 
-    def decode(self, ids, eos_token_id=None):
-        """The text of token ids, up to eos (excluded); a token without text raises."""
+    def decode(self, ids, eos_token_id=None, errors="strict"):
+        """The text of token ids, up to eos (excluded); a token without text raises. In a byte-level vocabulary
+        the bytes are decoded as UTF-8 with `errors` (bytes.decode's; "strict" raises on a character cut short,
+        as a row stopped by max_new_tokens may end)."""
         out = []
         for t in ids:
             t = int(t)
             if t == eos_token_id:
                 break
-            s = self.strings[t] if 0 <= t < len(self.strings) else None
+            s = self.units[t] if 0 <= t < len(self.units) else None
             if s is None:
                 raise ValueError(f"token {t} has no text in this vocabulary")
             out.append(s)
-        return "".join(out)
+        return b"".join(out).decode("utf-8", errors) if self.byte_level else "".join(out)
 
     def allowed_ids(self, dfa, state):
         """Ids whose text keeps `state` alive, walking the trie through the DFA (a dead DFA step cuts the
@@ -544,6 +759,72 @@ class TokenVocabulary:
                 if children[child]:
                     stack.append((child, nxt))
         return allowed
+
+
+def _whole_text(data):
+    """The text of a byte-level token that holds whole characters, else None."""
+    try:
+        return data.decode("utf-8") if data else None
+    except UnicodeDecodeError:
+        return None
+
+
+def _byte_alphabet():
+    """GPT-2's byte-level alphabet as {character: byte}: the printable Latin-1 bytes stand for themselves, the
+    others (controls, space, DEL, NBSP, soft hyphen) for U+0100 on, in byte order."""
+    kept = [b for b in range(256) if 0x21 <= b <= 0x7E or 0xA1 <= b <= 0xAC or 0xAE <= b <= 0xFF]
+    table = {chr(b): b for b in kept}
+    moved = [b for b in range(256) if chr(b) not in table]
+    table.update({chr(256 + i): b for i, b in enumerate(moved)})
+    return table
+
+
+def _json_has_type(node, name):
+    if isinstance(node, dict):
+        return node.get("type") == name or any(_json_has_type(v, name) for v in node.values())
+    if isinstance(node, list):
+        return any(_json_has_type(v, name) for v in node)
+    return False
+
+
+def _is_byte_level(tok):
+    """A fast tokenizer whose decoder (else pre-tokenizer) includes ByteLevel, or a slow GPT-2-style one."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return hasattr(tok, "byte_decoder")
+    for part in (backend.decoder, backend.pre_tokenizer):
+        if part is not None:
+            return _json_has_type(json.loads(part.__getstate__()), "ByteLevel")
+    return False
+
+
+def _special_ids(tok):
+    special = set(getattr(tok, "all_special_ids", ()) or ())
+    added = getattr(tok, "added_tokens_decoder", None) or {}
+    return special | {i for i, t in added.items() if getattr(t, "special", False)}, added
+
+
+def _tokenizer_units(tok):
+    """(units, byte_level) of a tokenizer (TokenVocabulary's docstring)."""
+    if _is_byte_level(tok):
+        special, added = _special_ids(tok)
+        table, units = _byte_alphabet(), []
+        for i, t in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))):
+            if i in special or t is None:
+                units.append(None)
+            elif i in added:  # (an added token's content is plain text, not the byte alphabet)
+                units.append(getattr(added[i], "content", str(added[i])).encode("utf-8") or None)
+            else:
+                units.append(bytes(table[c] for c in t) if t and all(c in table for c in t) else None)
+        return units, True
+    strings = _tokenizer_strings(tok)
+    tokens = tok.convert_ids_to_tokens(list(range(len(strings))))
+    fallback = {i: int(t[3:5], 16) for i, t in enumerate(tokens) if isinstance(t, str) and len(t) == 6
+                and t.startswith("<0x") and t.endswith(">") and all(c in "0123456789ABCDEF" for c in t[3:5])}
+    if not any(strings[i] is None and b >= 0x80 for i, b in fallback.items()):
+        return strings, False
+    return [bytes((fallback[i],)) if i in fallback else None if s is None else s.encode("utf-8")
+            for i, s in enumerate(strings)], True
 
 
 def _tokenizer_strings(tok):
@@ -590,7 +871,9 @@ class RegexConstraint:
     masks' width (the model's vocabulary) when it exceeds the strings.
 
     Each step, a token is allowed iff the text with its string appended is still a prefix of some match
-    (tokens without text never are); a row that emitted eos gets eos only (generate then pads it). A row
+    (tokens without text never are; in a byte-level vocabulary: iff the UTF-8 bytes with the token's appended
+    are a prefix of a match's, so a character may be split across tokens, and eos waits for the character to
+    be complete); a row that emitted eos gets eos only (generate then pads it). A row
     whose text matches and can go no further gets eos alone; without eos_token_id it raises (nothing may
     follow), as does a row whose text cannot match (possible only if the mask was bypassed; with eos it gets
     eos alone). A live text the vocabulary cannot continue (the pattern needs a character no token holds)
@@ -606,6 +889,8 @@ class RegexConstraint:
             raise ValueError(f"RegexConstraint: prompt_len must be an int >= 0, got {prompt_len!r}")
         self.dfa = compile_regex(pattern)
         self.vocab = TokenVocabulary(vocab, vocab_size)
+        # what the trie walk steps through: the DFA over characters, or over UTF-8 bytes (TokenVocabulary)
+        self._walker = _Utf8DFA(self.dfa) if self.vocab.byte_level else self.dfa
         V = self.vocab.vocab_size
         if eos_token_id is not None and (not isinstance(eos_token_id, numbers.Integral) or isinstance(
                 eos_token_id, bool) or not 0 <= eos_token_id < V):
@@ -616,9 +901,9 @@ class RegexConstraint:
         self._masks, self._token_step, self._rows = {}, {}, {}
         if self.dfa.start == DEAD:
             raise ValueError(f"RegexConstraint: pattern {pattern!r} matches no text")
-        start = self.dfa.start
+        start = self._walker.start
         mask, anything = self._mask(start)
-        if not self.dfa.accepting(start) and int(mask.sum()) == (self.eos is not None and bool(mask[self.eos])):
+        if not self._walker.accepting(start) and int(mask.sum()) == (self.eos is not None and bool(mask[self.eos])):
             raise ValueError(f"RegexConstraint: no token of the vocabulary can start a match of {pattern!r}")
         if not anything:  # only the empty text matches
             raise ValueError(f"RegexConstraint: {pattern!r} matches only the empty text and there is no "
@@ -636,11 +921,11 @@ class RegexConstraint:
             if state == FINISHED or state == DEAD:
                 ids = []
             else:
-                ids = self.vocab.allowed_ids(self.dfa, state)
+                ids = self.vocab.allowed_ids(self._walker, state)
             if ids:
                 mask[torch.tensor(ids, dtype=torch.long)] = True
             if self.eos is not None:
-                mask[self.eos] = state == FINISHED or state == DEAD or self.dfa.accepting(state)
+                mask[self.eos] = state == FINISHED or state == DEAD or self._walker.accepting(state)
                 if state >= 0 and not bool(mask.any()):  # stuck: the vocabulary cannot go on
                     mask[self.eos] = True
             got = self._masks[state] = (mask, bool(mask.any()))
@@ -654,8 +939,8 @@ class RegexConstraint:
         key = (state, tok)
         nxt = self._token_step.get(key)
         if nxt is None:
-            s = self.vocab.strings[tok] if 0 <= tok < len(self.vocab.strings) else None
-            nxt = self._token_step[key] = DEAD if not s else self.dfa.walk(state, s)
+            s = self.vocab.units[tok] if 0 <= tok < len(self.vocab.units) else None
+            nxt = self._token_step[key] = DEAD if not s else self._walker.walk(state, s)
         return nxt
 
     def _state(self, key, seen):
@@ -665,7 +950,7 @@ class RegexConstraint:
         if state is None:
             prev = self._rows.get(key[:-1]) if key else None
             if prev is None:  # not from the last step's rows: walk all the tokens (cached transitions)
-                prev, body = self.dfa.start, key
+                prev, body = self._walker.start, key
             else:
                 body = key[-1:]
             state = prev
@@ -694,12 +979,12 @@ class RegexConstraint:
 
     def _no_token_error(self, row, generated, state):
         try:
-            text = repr(self.vocab.decode(generated))
+            text = repr(self.vocab.decode(generated, errors="backslashreplace"))
         except ValueError:
             text = f"tokens {generated}"
         if state == DEAD:
             why = "cannot match the pattern (the mask was bypassed)"
-        elif self.dfa.accepting(state):
+        elif self._walker.accepting(state):
             why = "matches the pattern and nothing may follow it"
         else:
             why = "needs a character that no token of the vocabulary holds"
@@ -707,67 +992,348 @@ class RegexConstraint:
                           f"eos_token_id to end it (pass eos_token_id to the constraint and to generate)")
 
 
-# JSON Schema -> regex (outlines' build_regex_from_schema, for a simple subset)
+# JSON Schema -> regex (outlines' build_regex_from_schema, for a subset)
 _JSON_STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
 _JSON_INTEGER = r"-?(?:0|[1-9][0-9]*)"
 _JSON_NUMBER = _JSON_INTEGER + r"(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
-_JSON_IGNORED = {"title", "description", "examples", "default", "$schema", "$id", "$comment", "additionalProperties"}
+_JSON_IGNORED = {"title", "description", "examples", "default", "$schema", "$id", "$comment", "additionalProperties",
+                 "$defs", "definitions", "deprecated", "readOnly", "writeOnly"}
+_BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 _JSON_KEYS = {  # what each type honours; any other key raises (ignoring it could produce invalid documents)
-    "string": {"minLength", "maxLength"}, "integer": set(), "number": set(), "boolean": set(), "null": set(),
-    "array": {"items", "minItems", "maxItems"}, "object": {"properties", "required"},
+    "string": {"minLength", "maxLength", "pattern", "format"}, "integer": _BOUNDS, "number": _BOUNDS,
+    "boolean": set(), "null": set(), "array": {"items", "minItems", "maxItems"}, "object": {"properties", "required"},
 }
+# format -> the regex of the string's content (RFC 3339 dates and times, RFC 4122 UUIDs, a dot-atom email)
+_DAY_31, _DAY_30, _DAY_28 = r"(?:0[1-9]|[12][0-9]|3[01])", r"(?:0[1-9]|[12][0-9]|30)", r"(?:0[1-9]|1[0-9]|2[0-8])"
+_LEAP_YEAR = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:[02468][048]|[13579][26])00)"
+_DATE = (rf"(?:[0-9]{{4}}-(?:(?:0[13578]|1[02])-{_DAY_31}|(?:0[469]|11)-{_DAY_30}|02-{_DAY_28})"
+         rf"|{_LEAP_YEAR}-02-29)")
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_EMAIL_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_FORMATS = {
+    "date": _DATE, "time": _TIME, "date-time": _DATE + "[Tt]" + _TIME,
+    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+    "email": rf"{_EMAIL_ATOM}(?:\.{_EMAIL_ATOM})*@{_DNS_LABEL}(?:\.{_DNS_LABEL})+",
+}
+# a JSON string's characters that need no escape: what a `pattern` may generate (surrogates: no UTF-8 form)
+_JSON_RAW = _complement(_merge([(0, 0x1F), (0x22, 0x22), (0x5C, 0x5C), _SURROGATES]))
 
 
 def json_schema_regex(schema, whitespace=r"[ ]?"):
-    """A regex (for RegexConstraint) whose matches are JSON documents valid under `schema`, a dict (or its JSON
-    text) in this subset of JSON Schema:
-      {"type": "string"} (with minLength / maxLength), "integer", "number", "boolean", "null";
+    r"""A regex (for RegexConstraint) whose matches are JSON documents valid under `schema`, a dict (or its JSON
+    text) in this subset of JSON Schema (vLLM's guided_json; Pydantic's model_json_schema() output):
+      {"type": "string"} with minLength / maxLength, or with pattern, or with format;
+      {"type": "integer"} with minimum / maximum / exclusiveMinimum / exclusiveMaximum (exact: any integer
+        bounds, negative ones included; draft 4's boolean exclusiveMinimum / exclusiveMaximum too);
+      {"type": "number"} (bounds on non-integer numbers raise: no exact regex here), "boolean", "null";
+      {"type": [..]}: a list of those types (e.g. ["string", "null"]; each honours its own keywords);
       {"enum": [...]} / {"const": v} of JSON scalars;
       {"type": "array", "items": <schema>} (with minItems / maxItems);
       {"type": "object", "properties": {...}, "required": [...]}: the properties in the order given (required
-        ones always, the others optionally), no others (additionalProperties is not used: none are generated).
-    title, description, examples, default, $schema, $id, $comment are ignored; any other keyword ($ref, anyOf,
-    pattern, format, minimum, ...) raises ValueError naming it. `whitespace`: the regex allowed around
-    punctuation (default: an optional space; "" for compact JSON)."""
+        ones always, the others optionally), no others (so additionalProperties, false or not, always holds);
+      {"anyOf": [..]} / {"oneOf": [..]}: any of the schemas (oneOf's "exactly one" is not enforced: a document
+        valid under two of them matches too); {"allOf": [s]} of one schema;
+      {"$ref": "#/$defs/Name"} (or any JSON pointer into the schema: "#/definitions/..." etc.), alone in its
+        object; a $ref that reaches itself again raises, naming the chain (recursive schemas are refused).
+    Integers are written without fraction or exponent; numbers and strings as JSON allows (escapes included).
+    pattern: JSON Schema's reading, an unanchored search of the string's value: each top-level alternative
+      gets [^"\\\x00-\x1f]* around it unless it opens with ^ / closes with $; the syntax is llmkern's subset of
+      Python's re (see the module docstring) with ECMA-262's classes (\d = [0-9], \w = [A-Za-z0-9_], \s and .
+      as ECMA) and (?<name>...) groups; the generated value holds no escape sequence (its classes lose ", \ and
+      the controls U+0000-U+001F), so a valid document whose string uses escapes does not match. pattern with
+      minLength / maxLength or with format raises (the regex cannot intersect them).
+    format (the regex of the value; other formats raise naming them):
+      date       YYYY-MM-DD, the month's days exact, Feb 29 in Gregorian leap years only (RFC 3339 full-date)
+      time       HH:MM:SS[.frac] then Z/z or +HH:MM/-HH:MM, hours 00-23, seconds 00-60 (RFC 3339 full-time)
+      date-time  date, T or t, time (RFC 3339)
+      uuid       8-4-4-4-12 hex digits, either case (RFC 4122's text form, any version)
+      email      dot-atom local part of letters, digits and !#$%&'*+/=?^_`{|}~- ; "@"; two or more DNS labels
+                 (letters, digits, inner hyphens): a subset of RFC 5322 (no quoted local parts, no IP domains)
+    title, description, examples, default, deprecated, readOnly, writeOnly, $schema, $id, $comment,
+    additionalProperties and $defs / definitions (read through $ref) are ignored; any other keyword
+    (multipleOf, patternProperties, not, if, uniqueItems, ...) raises ValueError naming it. `whitespace`: the
+    regex allowed around punctuation (default: an optional space; "" for compact JSON)."""
     if isinstance(schema, str):
         schema = json.loads(schema)
     if not isinstance(whitespace, str):
         raise TypeError(f"json_schema_regex: whitespace must be a str (a regex), got {type(whitespace).__name__}")
     compile_regex(whitespace)  # (a bad whitespace pattern is named here, not inside the composed regex)
-    return _schema_regex(schema, f"(?:{whitespace})" if whitespace else "", "schema")
+    return _SchemaRegex(schema, f"(?:{whitespace})" if whitespace else "").build(schema, "schema")
 
 
-def _schema_regex(schema, ws, where):
-    if not isinstance(schema, dict):
-        raise ValueError(f"json_schema_regex: {where} must be a JSON object (dict), got {type(schema).__name__}")
-    keys = set(schema) - _JSON_IGNORED
-    if "enum" in schema or "const" in schema:
-        values = schema["enum"] if "enum" in schema else [schema["const"]]
-        _only(keys, {"enum", "const", "type"}, where)
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"json_schema_regex: {where}.enum must be a non-empty list")
-        return "(?:" + "|".join(_scalar_literal(v, where) for v in values) + ")"
-    kind = schema.get("type")
-    if kind not in _JSON_KEYS:
-        raise ValueError(f"json_schema_regex: {where}.type must be one of {sorted(_JSON_KEYS)} (or give enum / "
-                         f"const), got {kind!r}")
-    _only(keys, _JSON_KEYS[kind] | {"type"}, where)
-    if kind == "string":
+class _SchemaRegex:
+    """The conversion's context: the root (where $ref points) and the $refs being expanded (recursion)."""
+
+    def __init__(self, root, ws):
+        self.root, self.ws, self.refs = root, ws, []
+
+    def build(self, schema, where):
+        if not isinstance(schema, dict):
+            raise ValueError(f"json_schema_regex: {where} must be a JSON object (dict), got {type(schema).__name__}")
+        keys = set(schema) - _JSON_IGNORED
+        for combinator in ("$ref", "anyOf", "oneOf", "allOf"):
+            if combinator in keys:
+                _only(keys, {combinator}, where, f" (beside {combinator})")
+                return getattr(self, "_" + combinator.lstrip("$"))(schema[combinator], where)
+        if "enum" in schema or "const" in schema:
+            values = schema["enum"] if "enum" in schema else [schema["const"]]
+            _only(keys, {"enum", "const", "type"}, where)
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"json_schema_regex: {where}.enum must be a non-empty list")
+            return "(?:" + "|".join(_scalar_literal(v, where) for v in values) + ")"
+        kinds = schema.get("type")
+        names = kinds if isinstance(kinds, list) and kinds else [kinds]
+        valid = [k for k in names if isinstance(k, str) and k in _JSON_KEYS]
+        honoured = set().union(*(_JSON_KEYS[k] for k in (valid if valid else _JSON_KEYS)))
+        _only(keys, honoured | {"type"}, where)  # (unknown keywords first: they are named even beside a bad type)
+        if len(set(map(repr, names))) != len(names):
+            raise ValueError(f"json_schema_regex: {where}.type lists a type twice: {kinds!r}")
+        if len(names) == 1:
+            return self._typed(schema, names[0], where)
+        return "(?:" + "|".join(self._typed(schema, k, where) for k in names) + ")"
+
+    def _typed(self, schema, kind, where):
+        if not isinstance(kind, str) or kind not in _JSON_KEYS:
+            raise ValueError(f"json_schema_regex: {where}.type must be one of {sorted(_JSON_KEYS)} or a list of "
+                             f"them (or give enum / const / anyOf / oneOf / $ref), got {kind!r}")
+        if kind == "string":
+            return self._string(schema, where)
+        if kind == "integer":
+            return _integer_regex(schema, where)
+        if kind == "number" and _BOUNDS & set(schema):
+            raise ValueError(f"json_schema_regex: {where}: bounds {sorted(_BOUNDS & set(schema))} on a number are not "
+                             f"supported (no exact regex for bounded decimals with exponents); use type integer")
+        if kind == "number" or kind == "null":
+            return {"number": _JSON_NUMBER, "null": "null"}[kind]
+        if kind == "boolean":
+            return "(?:true|false)"
+        if kind == "array":
+            return self._array(schema, where)
+        return self._object(schema, where)
+
+    def _ref(self, ref, where):
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise ValueError(f"json_schema_regex: {where}.$ref must point into the schema (start with '#'), got "
+                             f"{ref!r}")
+        if ref in self.refs:
+            chain = " -> ".join(self.refs[self.refs.index(ref):] + [ref])
+            raise ValueError(f"json_schema_regex: recursive $ref {ref!r} at {where} ({chain}): recursive schemas "
+                             f"have no regex (only a bounded depth would); define the structure without the cycle")
+        target = self.root
+        for part in ref[1:].lstrip("/").split("/") if ref not in ("#", "#/") else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, dict) and part in target:
+                target = target[part]
+            elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+            else:
+                raise ValueError(f"json_schema_regex: {where}.$ref {ref!r} does not resolve (no {part!r})")
+        self.refs.append(ref)
+        try:
+            return self.build(target, ref)
+        finally:
+            self.refs.pop()
+
+    def _alternatives(self, name, options, where):
+        if not isinstance(options, list) or not options:
+            raise ValueError(f"json_schema_regex: {where}.{name} must be a non-empty list of schemas")
+        return "(?:" + "|".join(self.build(sub, f"{where}.{name}[{i}]") for i, sub in enumerate(options)) + ")"
+
+    def _anyOf(self, options, where):
+        return self._alternatives("anyOf", options, where)
+
+    def _oneOf(self, options, where):  # (exclusivity not enforced: documented)
+        return self._alternatives("oneOf", options, where)
+
+    def _allOf(self, options, where):
+        if not isinstance(options, list) or len(options) != 1:
+            raise ValueError(f"json_schema_regex: {where}.allOf is supported with exactly one schema (an "
+                             f"intersection of several has no regex here), got {options!r}")
+        return self.build(options[0], f"{where}.allOf[0]")
+
+    def _string(self, schema, where):
+        given = sorted(k for k in ("pattern", "format", "minLength", "maxLength") if k in schema)
+        if "format" in given and len(given) > 1 or "pattern" in given and len(given) > 1:
+            raise ValueError(f"json_schema_regex: {where} combines {given}: pattern and format go alone (the "
+                             f"regex cannot intersect them with each other or with lengths)")
+        if "format" in schema:
+            fmt = schema["format"]
+            if fmt not in _FORMATS:
+                raise ValueError(f"json_schema_regex: unsupported format {fmt!r} in {where} (supported: "
+                                 f"{sorted(_FORMATS)})")
+            return f'"{_FORMATS[fmt]}"'
+        if "pattern" in schema:
+            return '"' + _pattern_regex(schema["pattern"], where) + '"'
         lo, hi = _bounds(schema, "minLength", "maxLength", where)
         return '"' + _JSON_STRING_CHAR + _repeat(lo, hi) + '"'
-    if kind in ("integer", "number", "null"):
-        return {"integer": _JSON_INTEGER, "number": _JSON_NUMBER, "null": "null"}[kind]
-    if kind == "boolean":
-        return "(?:true|false)"
-    if kind == "array":
-        return _array_regex(schema, ws, where)
-    return _object_regex(schema, ws, where)
+
+    def _array(self, schema, where):
+        if "items" not in schema:
+            raise ValueError(f"json_schema_regex: {where} (an array) needs items")
+        item = self.build(schema["items"], where + ".items")
+        lo, hi = _bounds(schema, "minItems", "maxItems", where)
+        ws = self.ws
+        more = f"(?:{ws},{ws}{item})"
+        if hi == 0:
+            body = ""
+        elif lo == 0:
+            body = f"(?:{item}{more}{_repeat(0, None if hi is None else hi - 1)})?"
+        else:
+            body = f"{item}{more}{_repeat(lo - 1, None if hi is None else hi - 1)}"
+        return rf"\[{ws}{body}{ws}\]"
+
+    def _object(self, schema, where):
+        props, required, ws = schema.get("properties", {}), schema.get("required", []), self.ws
+        if not isinstance(props, dict) or not isinstance(required, list) or set(required) - set(props):
+            raise ValueError(f"json_schema_regex: {where} needs properties (a dict) and required (a list of its "
+                             f"keys), got properties={props!r}, required={required!r}")
+        items = [(_scalar_literal(name, where) + f"{ws}:{ws}" + self.build(sub, f"{where}.properties.{name}"),
+                  name in required) for name, sub in props.items()]
+
+        def rest(i, first):
+            """The members from the i-th on; `first`: none written yet (no comma before the next)."""
+            if i == len(items):
+                return ""
+            member, needed = items[i]
+            sep = "" if first else f"{ws},{ws}"
+            if needed:
+                return sep + member + rest(i + 1, False)
+            if not first:  # (both branches continue after a comma: the optional member factors out)
+                return f"(?:{sep}{member})?" + rest(i + 1, False)
+            return f"(?:{member}{rest(i + 1, False)}|{rest(i + 1, True)})"
+
+        return r"\{" + ws + rest(0, True) + ws + r"\}"
 
 
-def _only(keys, allowed, where):
+def _integer_regex(schema, where):
+    """The integers within the schema's bounds (JSON Schema draft 6+, or draft 4's boolean exclusives)."""
+    def bound(name):
+        v = schema.get(name)
+        if v is None or isinstance(v, bool):
+            return v
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"json_schema_regex: {where}.{name} must be a finite number, got {v!r}")
+        return v
+
+    lo, hi = bound("minimum"), bound("maximum")
+    ex_lo, ex_hi = bound("exclusiveMinimum"), bound("exclusiveMaximum")
+    for flag, base, name in ((ex_lo, lo, "exclusiveMinimum"), (ex_hi, hi, "exclusiveMaximum")):
+        if isinstance(flag, bool) and flag and base is None:
+            raise ValueError(f"json_schema_regex: {where}.{name}=true (draft 4) needs "
+                             f"{'minimum' if name.endswith('Minimum') else 'maximum'}")
+    low = [math.ceil(lo) + (ex_lo is True and lo == math.ceil(lo))] if lo is not None else []
+    high = [math.floor(hi) - (ex_hi is True and hi == math.floor(hi))] if hi is not None else []
+    if ex_lo is not None and not isinstance(ex_lo, bool):
+        low.append(math.floor(ex_lo) + 1)
+    if ex_hi is not None and not isinstance(ex_hi, bool):
+        high.append(math.ceil(ex_hi) - 1)
+    first, last = (max(low) if low else None), (min(high) if high else None)
+    if first is not None and last is not None and first > last:
+        raise ValueError(f"json_schema_regex: {where}'s bounds admit no integer ({schema!r})")
+    if first is None and last is None:
+        return _JSON_INTEGER
+    return _int_range_regex(first, last)
+
+
+def _int_range_regex(lo, hi):
+    """JSON integers n with lo <= n <= hi (None: unbounded), exactly; "-0" counts as 0."""
+    parts = []
+    if lo is None or lo < 0:
+        neg_lo = 1 if hi is None or hi >= 0 else -hi
+        parts.append("-" + _natural_range(neg_lo, None if lo is None else -lo))
+    if (lo is None or lo <= 0) and (hi is None or hi >= 0):
+        parts.append("-?0")
+    if hi is None or hi > 0:
+        parts.append(_natural_range(1 if lo is None or lo < 1 else lo, hi))
+    return "(?:" + "|".join(parts) + ")"
+
+
+def _natural_range(a, b):
+    """Decimal numbers without leading zeros in [a, b] (a >= 1; b None: unbounded)."""
+    width_a = len(str(a))
+    width_b = width_a if b is None else len(str(b))
+    alts = []
+    for width in range(width_a, width_b + 1):
+        lo = max(a, 10 ** (width - 1))
+        hi = 10 ** width - 1 if b is None else min(b, 10 ** width - 1)
+        alts.append(_same_width_range(str(lo), str(hi)))
+    if b is None:  # every longer number exceeds a
+        alts.append("[1-9][0-9]{%d,}" % width_a)
+    return "(?:" + "|".join(alts) + ")"
+
+
+def _same_width_range(lo, hi):
+    """Digit strings of one width between lo and hi (a concatenable regex)."""
+    if lo == hi:
+        return lo
+    if lo[0] == hi[0]:
+        return lo[0] + _same_width_range(lo[1:], hi[1:])
+    n = len(lo) - 1
+    tail = "[0-9]{%d}" % n if n else ""
+    first, last, alts = int(lo[0]), int(hi[0]), []
+    if lo[1:] != "0" * n:  # lo's leading digit with the tails from lo's on
+        alts.append(lo[0] + _same_width_range(lo[1:], "9" * n))
+        first += 1
+    middle_last = last if hi[1:] == "9" * n else last - 1
+    if first <= middle_last:
+        alts.append((str(first) if first == middle_last else f"[{first}-{middle_last}]") + tail)
+    if hi[1:] != "9" * n:
+        alts.append(hi[0] + _same_width_range("0" * n, hi[1:]))
+    return "(?:" + "|".join(alts) + ")"
+
+
+def _pattern_regex(pattern, where):
+    """A string `pattern` (JSON Schema: ECMA-262, unanchored) as the regex of a JSON string's raw content."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"json_schema_regex: {where}.pattern must be a str, got {type(pattern).__name__}")
+    try:
+        alts = _Parser(pattern, ecma=True).parse_search()
+    except ValueError as e:
+        raise ValueError(f"json_schema_regex: {where}.pattern: {e}") from None
+    anything = _intervals_regex(_JSON_RAW) + "*"
+    return "(?:" + "|".join(("" if head else anything) + _node_regex(node) + ("" if tail else anything)
+                            for node, head, tail in alts) + ")"
+
+
+def _node_regex(node):
+    """An AST of _Parser as regex text, every class cut to the characters a JSON string holds unescaped."""
+    kind = node[0]
+    if kind == "set":
+        return _intervals_regex(_intersect(node[1].intervals(), _JSON_RAW))
+    if kind == "cat":
+        return "".join(_node_regex(item) for item in node[1])
+    if kind == "alt":
+        return "(?:" + "|".join(_node_regex(item) for item in node[1]) + ")"
+    _, item, lo, hi = node
+    return f"(?:{_node_regex(item)}){_repeat(lo, hi)}"
+
+
+def _intersect(a, b):
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo <= hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def _intervals_regex(intervals):
+    def char(o):
+        return "\\x%02x" % o if o < 0x100 else "\\u%04x" % o if o < 0x10000 else "\\U%08x" % o
+    if not intervals:
+        return r"[^\s\S]"
+    return "[" + "".join(char(lo) if lo == hi else f"{char(lo)}-{char(hi)}" for lo, hi in intervals) + "]"
+
+
+def _only(keys, allowed, where, why=""):
     extra = sorted(keys - allowed)
     if extra:
-        raise ValueError(f"json_schema_regex: unsupported keyword(s) {extra} in {where}")
+        raise ValueError(f"json_schema_regex: unsupported keyword(s) {extra} in {where}{why}")
 
 
 def _bounds(schema, lo_key, hi_key, where):
@@ -789,41 +1355,3 @@ def _scalar_literal(v, where):
         raise ValueError(f"json_schema_regex: {where}.enum values must be JSON scalars, got {v!r}")
     text = json.dumps(v)
     return "".join("\\" + c if not c.isalnum() and c not in ' "' else c for c in text)
-
-
-def _array_regex(schema, ws, where):
-    if "items" not in schema:
-        raise ValueError(f"json_schema_regex: {where} (an array) needs items")
-    item = _schema_regex(schema["items"], ws, where + ".items")
-    lo, hi = _bounds(schema, "minItems", "maxItems", where)
-    more = f"(?:{ws},{ws}{item})"
-    if hi == 0:
-        body = ""
-    elif lo == 0:
-        body = f"(?:{item}{more}{_repeat(0, None if hi is None else hi - 1)})?"
-    else:
-        body = f"{item}{more}{_repeat(lo - 1, None if hi is None else hi - 1)}"
-    return rf"\[{ws}{body}{ws}\]"
-
-
-def _object_regex(schema, ws, where):
-    props, required = schema.get("properties", {}), schema.get("required", [])
-    if not isinstance(props, dict) or not isinstance(required, list) or set(required) - set(props):
-        raise ValueError(f"json_schema_regex: {where} needs properties (a dict) and required (a list of its keys), "
-                         f"got properties={props!r}, required={required!r}")
-    items = [(_scalar_literal(name, where) + f"{ws}:{ws}" + _schema_regex(sub, ws, f"{where}.properties.{name}"),
-              name in required) for name, sub in props.items()]
-
-    def rest(i, first):
-        """The members from the i-th on; `first`: none written yet (no comma before the next)."""
-        if i == len(items):
-            return ""
-        member, needed = items[i]
-        sep = "" if first else f"{ws},{ws}"
-        if needed:
-            return sep + member + rest(i + 1, False)
-        if not first:  # (both branches continue after a comma: the optional member factors out)
-            return f"(?:{sep}{member})?" + rest(i + 1, False)
-        return f"(?:{member}{rest(i + 1, False)}|{rest(i + 1, True)})"
-
-    return r"\{" + ws + rest(0, True) + ws + r"\}"

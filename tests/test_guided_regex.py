@@ -1,9 +1,12 @@
 """llmkern.guided: regex-guided decoding (vLLM's guided_regex). Python's re is the oracle: the compiled DFA
 fullmatches what re does, each mask is exactly the set of tokens that keep the text a viable prefix, and
 greedy / sampled / beam outputs fullmatch the pattern."""
+import calendar
 import itertools
 import json
 import re
+import string
+import uuid
 
 import pytest
 import torch
@@ -314,23 +317,84 @@ SCHEMA = {"type": "object", "title": "person", "properties": {
     "required": ["name", "age", "score", "ok", "color", "tags"]}
 
 
-def _valid(doc, schema):
-    """A validator for the subset json_schema_regex takes (jsonschema is not a dependency)."""
+def _valid(doc, schema, root=None):
+    """A validator for the subset json_schema_regex takes (jsonschema is not a dependency), written from JSON
+    Schema's text: $ref into the root, anyOf / oneOf (exactly one) / allOf, type lists, integer bounds (draft 6
+    and draft 4's boolean exclusives), pattern as an ECMA search (re.ASCII: \\d \\w ASCII), formats by hand.
+    Objects keep the schema's property order (the regex's documented choice)."""
+    root = schema if root is None else root
+    if "$ref" in schema:
+        target = root
+        for part in schema["$ref"][2:].split("/"):
+            target = target[part]
+        return _valid(doc, target, root)
+    for key, need in (("anyOf", lambda n: n >= 1), ("oneOf", lambda n: n == 1), ("allOf", None)):
+        if key in schema:
+            hits = sum(_valid(doc, sub, root) for sub in schema[key])
+            return need(hits) if need else hits == len(schema[key])
     if "enum" in schema or "const" in schema:
         values = schema.get("enum", [schema.get("const")])
         return any(doc == v and type(doc) is type(v) for v in values)
-    kind = schema["type"]
+    kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    return any(_valid_as(doc, schema, kind, root) for kind in kinds)
+
+
+def _valid_as(doc, schema, kind, root):
     if kind == "object":
         props = schema.get("properties", {})
         return isinstance(doc, dict) and set(schema.get("required", ())) <= set(doc) <= set(props) and list(
-            doc) == [k for k in props if k in doc] and all(_valid(doc[k], props[k]) for k in doc)
+            doc) == [k for k in props if k in doc] and all(_valid(doc[k], props[k], root) for k in doc)
     if kind == "array":
         return isinstance(doc, list) and schema.get("minItems", 0) <= len(doc) <= schema.get("maxItems", 1e9) and all(
-            _valid(v, schema["items"]) for v in doc)
+            _valid(v, schema["items"], root) for v in doc)
     if kind == "string":
-        return isinstance(doc, str) and schema.get("minLength", 0) <= len(doc) <= schema.get("maxLength", 1e9)
-    return {"integer": lambda v: type(v) is int, "number": lambda v: type(v) in (int, float),
-            "boolean": lambda v: type(v) is bool}[kind](doc)
+        return isinstance(doc, str) and schema.get("minLength", 0) <= len(doc) <= schema.get("maxLength", 1e9) and (
+            "pattern" not in schema or re.search(schema["pattern"], doc, re.ASCII) is not None) and (
+            "format" not in schema or _FORMAT_CHECKS[schema["format"]](doc))
+    if kind == "integer":
+        if type(doc) is not int:
+            return False
+        lo, hi, xlo, xhi = (schema.get(k) for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
+        return (lo is None or (doc > lo if xlo is True else doc >= lo)) and (
+            hi is None or (doc < hi if xhi is True else doc <= hi)) and (
+            xlo is None or isinstance(xlo, bool) or doc > xlo) and (xhi is None or isinstance(xhi, bool) or doc < xhi)
+    return {"number": lambda v: type(v) in (int, float), "boolean": lambda v: type(v) is bool,
+            "null": lambda v: v is None}[kind](doc)
+
+
+def _date_ok(s):
+    m = re.fullmatch(r"(\d{4})-(\d\d)-(\d\d)", s, re.ASCII)
+    if not m:
+        return False
+    y, mo, d = map(int, m.groups())
+    days = [31, 29 if calendar.isleap(y) else 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
+    return 1 <= mo <= 12 and 1 <= d <= days[mo - 1]
+
+
+def _time_ok(s):
+    m = re.fullmatch(r"(\d\d):(\d\d):(\d\d)(\.\d+)?([zZ]|[+-](\d\d):(\d\d))", s, re.ASCII)
+    return bool(m) and int(m[1]) < 24 and int(m[2]) < 60 and int(m[3]) <= 60 and (
+        m[6] is None or (int(m[6]) < 24 and int(m[7]) < 60))
+
+
+def _email_ok(s):
+    local, at, domain = s.rpartition("@")
+    atom = set(string.ascii_letters + string.digits + "!#$%&'*+/=?^_`{|}~-")
+    labels = domain.split(".")
+    return bool(at) and all(part and set(part) <= atom for part in local.split(".")) and len(labels) >= 2 and all(
+        label and set(label) <= set(string.ascii_letters + string.digits + "-") and label[0] != "-" != label[-1]
+        for label in labels)
+
+
+def _uuid_ok(s):
+    try:
+        return len(s) == 36 and str(uuid.UUID(s)) == s.lower()
+    except ValueError:
+        return False
+
+
+_FORMAT_CHECKS = {"date": _date_ok, "time": _time_ok, "uuid": _uuid_ok, "email": _email_ok,
+                  "date-time": lambda s: len(s) > 11 and s[10] in "Tt" and _date_ok(s[:10]) and _time_ok(s[11:])}
 
 
 def test_json_schema_regex_matches_valid_documents_only():
@@ -356,8 +420,9 @@ def test_json_schema_regex_matches_valid_documents_only():
             valid = False
         assert want == valid == dfa.fullmatch(doc) == bool(re.fullmatch(pattern, doc)), doc
     assert json_schema_regex({"type": "integer"}, whitespace="") == json_schema_regex('{"type": "integer"}')
-    for schema, what in [({"$ref": "#/x"}, "type must be"), ({"type": "string", "pattern": "a"}, "'pattern'"),
-                         ({"type": "integer", "minimum": 0}, "'minimum'"), ({"anyOf": []}, "type must be"),
+    for schema, what in [({"$ref": "#/x"}, "does not resolve"), ({"type": "string", "multipleOf": 2}, "'multipleOf'"),
+                         ({"type": "number", "minimum": 0}, "'minimum'"), ({"anyOf": []}, "non-empty list"),
+                         ({"not": {}}, "'not'"), ({"type": "strin"}, "type must be"),
                          ({"type": "array"}, "needs items"), ({"type": "string", "maxLength": -1}, "maxLength"),
                          ({"type": "string", "minLength": 3, "maxLength": 2}, "below"), ({"enum": []}, "enum"),
                          ({"type": "object", "properties": {"a": {"type": "null"}}, "required": ["b"]}, "required"),
@@ -396,3 +461,152 @@ def model_json():
     torch.manual_seed(1)
     return build("gpt-tiny", backend="torch", vocab_size=len(strings), n_layer=1, n_embd=32).eval(), strings, \
         len(strings) - 1
+
+
+@pytest.mark.parametrize("bounds", [
+    dict(minimum=-7, maximum=123), dict(exclusiveMinimum=-120, exclusiveMaximum=-9), dict(minimum=0),
+    dict(maximum=0), dict(exclusiveMinimum=99), dict(maximum=-100), dict(minimum=-1000, maximum=1000),
+    dict(minimum=-2.5, maximum=17.5), dict(minimum=5, exclusiveMinimum=True, maximum=50, exclusiveMaximum=True),
+    dict(minimum=42, maximum=42), dict(exclusiveMinimum=9.5, exclusiveMaximum=10.5)])
+def test_json_schema_integer_bounds_are_exact(bounds):
+    """Integer bounds (draft 6 numbers, draft 4 booleans, float bounds) give exactly the integers in range, in
+    JSON's spelling (no leading zeros; -0 iff 0 is in range), checked on every integer of -1200..1200."""
+    from llmkern.guided import json_schema_regex
+
+    schema = dict(type="integer", **bounds)
+    pattern = json_schema_regex(schema)
+    dfa = compile_regex(pattern)
+    for text in [str(n) for n in range(-1200, 1201)] + ["-0", "007", "-01", "1.0", "+5", ""]:
+        try:
+            want = _valid(json.loads(text), schema) and not re.search(r"\.|^\+|^-?0\d", text)
+        except ValueError:
+            want = False
+        assert bool(re.fullmatch(pattern, text)) == want == dfa.fullmatch(text), (bounds, text)
+
+
+RICH = {
+    "$defs": {"Point": {"type": "object", "required": ["x", "y"], "properties": {
+        "x": {"type": "integer", "minimum": -10, "maximum": 10}, "y": {"type": "integer", "exclusiveMinimum": 0}}},
+        "Code": {"type": "string", "pattern": r"^[A-Z]{2}-\d{3}$"}},
+    "type": "object", "additionalProperties": False, "required": ["p", "code", "tag", "n", "v"],
+    "properties": {
+        "p": {"$ref": "#/$defs/Point"}, "code": {"$ref": "#/$defs/Code"},
+        "tag": {"type": "string", "pattern": "ab|^c|d$"},
+        "when": {"type": "string", "format": "date-time"}, "day": {"type": "string", "format": "date"},
+        "at": {"type": "string", "format": "time"}, "id": {"type": "string", "format": "uuid"},
+        "mail": {"type": "string", "format": "email"}, "n": {"type": ["integer", "null"], "maximum": -5},
+        "v": {"anyOf": [{"type": "boolean"}, {"type": "integer", "minimum": 100, "exclusiveMaximum": 200}]},
+        "w": {"oneOf": [{"type": "string", "maxLength": 2}, {"type": "null"}]}}}
+RICH_BASE = {"p": {"x": 1, "y": 2}, "code": "AB-123", "tag": "xaby", "when": "2024-02-29T12:00:00Z",
+             "day": "2024-12-31", "at": "08:30:00+01:00", "id": "123e4567-e89b-12d3-a456-426614174000",
+             "mail": "a.b+c@ex-ample.com", "n": None, "v": True, "w": "ab"}
+RICH_EDITS = {  # values tried in place of the base's (each once)
+    "p": [{"x": -10, "y": 1}, {"x": 10, "y": 12345}, {"x": 11, "y": 1}, {"x": 0, "y": 0}, {"x": -11, "y": 5},
+          {"y": 1, "x": 1}, {"x": 1}],
+    "code": ["ZZ-000", "AB-1234", "ab-123", "AB-\u0661\u0662\u0663", "xAB-123"],
+    "tag": ["ab", "cat", "xd", "xc", "dx", "", "a\u00e9b", "c", "\u00e9abc\u4e2d"],
+    "when": ["2000-02-29T23:59:60.5-01:00", "1999-12-31t00:00:00z", "2023-02-29T12:00:00Z", "1900-02-29T00:00:00Z",
+             "2024-13-01T00:00:00Z", "2024-04-31T00:00:00Z", "2024-04-30T24:00:00Z", "2024-04-30 10:00:00Z"],
+    "day": ["2400-02-29", "2100-02-29", "2024-1-31", "2023-11-30", "2023-11-31", "2024-00-10"],
+    "at": ["23:59:59.123Z", "08:30:00", "08:60:00Z", "08:30:00+24:00"],
+    "id": ["123E4567-E89B-12D3-A456-426614174000", "123e4567e89b12d3a456426614174000",
+           "{123e4567-e89b-12d3-a456-426614174000}", "123e4567-e89b-12d3-a456-42661417400g"],
+    "mail": ["x@a.b.co", "a..b@x.com", "ab@x", "ab@-x.com", ".a@x.com", "a@b@c.com", "o'k@x1.org"],
+    "n": [-5, -4, -1000, 0, "x"], "v": [False, 100, 199, 200, 99, None, 150.5], "w": [None, "abc", 1, ""],
+}
+
+
+def _rich_documents():
+    docs = [RICH_BASE]
+    for key, values in RICH_EDITS.items():
+        docs += [{**RICH_BASE, key: v} for v in values]
+    docs.append({k: v for k, v in RICH_BASE.items() if k != "code"})  # a required member missing
+    docs.append({k: v for k, v in RICH_BASE.items() if k not in ("when", "at", "w")})  # optional ones left out
+    docs.append({**RICH_BASE, "extra": 1})  # additionalProperties: false
+    return [json.dumps(d, ensure_ascii=False) for d in docs]
+
+
+def test_json_schema_keywords_agree_with_a_validator():
+    """$defs / $ref, anyOf, oneOf, type lists, integer bounds, pattern (an unanchored search with anchored
+    alternatives, ECMA's ASCII \\d), every format: the regex accepts a document iff the validator does."""
+    from llmkern.guided import json_schema_regex
+
+    pattern = json_schema_regex(RICH)
+    dfa = compile_regex(pattern)
+    verdicts = []
+    for doc in _rich_documents():
+        valid = _valid(json.loads(doc), RICH)
+        assert bool(re.fullmatch(pattern, doc)) == valid == dfa.fullmatch(doc), doc
+        verdicts.append(valid)
+    assert 25 <= sum(verdicts) <= len(verdicts) - 30  # (both verdicts well represented)
+    compact = json_schema_regex(RICH, whitespace="")
+    assert re.fullmatch(compact, json.dumps(RICH_BASE, separators=(",", ":")))
+
+
+def test_json_schema_pattern_reads_ecma_and_searches():
+    """pattern as JSON Schema reads it: an unanchored search (^ / $ per top-level alternative), ECMA-262's ASCII
+    \\d and \\w, its . (not U+2028), (?<name>...) groups; the value is generated without escapes."""
+    from llmkern.guided import json_schema_regex
+
+    for pat, yes, no in [(r"^(?<yy>[0-9]{2})\w$", ["12a", "12_"], ["12\u00e9", "123 ", "x12a"]),
+                         (r"a.b", ["a b", "xa\u00e9by"], ["a\u2028b", "ab"]),
+                         (r"\d|^$", ["", "x1y"], ["\u0663", "x"]), (r"[^a]", ["ab", "\u4e2d"], ["a", "aa"]),
+                         (r"\W+$", ["a-", "a\u00e9"], ["a_", ""])]:
+        regex = json_schema_regex({"type": "string", "pattern": pat})
+        for value in yes + no:
+            assert bool(re.fullmatch(regex, json.dumps(value, ensure_ascii=False))) == (value in yes), (pat, value)
+    assert not re.fullmatch(json_schema_regex({"type": "string", "pattern": "a"}), '"a\\""')  # (escape: no)
+
+
+def test_json_schema_keyword_errors_name_the_problem():
+    from llmkern.guided import json_schema_regex
+
+    node = {"type": "object", "properties": {"next": {"$ref": "#/$defs/Node"}}}
+    for schema, what in [
+            ({"$defs": {"Node": node}, "$ref": "#/$defs/Node"}, r"recursive \$ref '#/\$defs/Node'.*Node -> "),
+            ({"type": "string", "format": "ipv4"}, "unsupported format 'ipv4'"),
+            ({"type": "string", "pattern": "a", "maxLength": 3}, "combines"),
+            ({"type": "string", "pattern": "a(?=b)"}, "pattern: .*lookahead"),
+            ({"type": "string", "pattern": "a$b"}, "anchor"),
+            ({"type": "number", "maximum": 1}, r"bounds \['maximum'\] on a number"),
+            ({"type": "integer", "minimum": 3, "maximum": 2.5}, "admit no integer"),
+            ({"type": "integer", "exclusiveMinimum": True}, "needs minimum"),
+            ({"type": "integer", "minimum": "1"}, "minimum must be a finite number"),
+            ({"$ref": "#/$defs/X", "description": "ok", "minimum": 1}, r"'minimum'\] in schema \(beside \$ref"),
+            ({"$ref": "other.json#/x"}, "must point into the schema"),
+            ({"allOf": [{"type": "null"}, {"type": "null"}]}, "exactly one"),
+            ({"type": ["string", "string"]}, "twice"), ({"type": ["string", "nul"]}, "type must be"),
+            ({"type": []}, "type must be"), ({"type": {"a": 1}}, "type must be"),
+            ({"type": ["integer", "null"], "maxLength": 2}, "'maxLength'"), ({"oneOf": {}}, "non-empty list"),
+            ({"type": "object", "properties": {}, "patternProperties": {}}, "'patternProperties'")]:
+        with pytest.raises(ValueError, match=what):
+            json_schema_regex(schema)
+    # a $ref reached twice without a cycle is fine; allOf of one schema is that schema
+    shared = {"$defs": {"N": {"type": "null"}}, "type": "array", "items": {"anyOf": [{"$ref": "#/$defs/N"}, {
+        "allOf": [{"$ref": "#/$defs/N"}]}]}}
+    assert re.fullmatch(json_schema_regex(shared), "[null, null]")
+
+
+GEN_SCHEMA = {"$defs": {"Id": {"type": "integer", "exclusiveMinimum": 0, "maximum": 999}},
+              "type": "object", "required": ["id", "n", "code", "day", "kind"], "properties": {
+                  "id": {"$ref": "#/$defs/Id"}, "n": {"type": ["integer", "null"], "minimum": -50, "maximum": 50},
+                  "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"},
+                  "day": {"type": "string", "format": "date"},
+                  "kind": {"anyOf": [{"const": "a"}, {"type": "boolean"}]}}}
+
+
+def test_json_schema_rich_guided_generation_validates(model_json):
+    """Greedy, sampling and beam search under a schema with $ref, bounds, a type list, pattern, a format and
+    anyOf: every row ends, json.loads reads it and the validator accepts it."""
+    from llmkern.guided import json_schema_regex
+
+    m, strings, eos = model_json
+    pattern = json_schema_regex(GEN_SCHEMA)
+    x = torch.randint(0, len(strings), (2, 3), generator=torch.Generator().manual_seed(5))
+    vocab = TokenVocabulary(strings)
+    for kw in [dict(), dict(strategy="sample", seed=0), dict(strategy="sample", seed=1, temperature=2.0),
+               dict(strategy="beam", num_beams=2)]:
+        c = RegexConstraint(pattern, vocab, prompt_len=3, eos_token_id=eos)
+        out = generate(m, x, 120, allowed_tokens=c, eos_token_id=eos, pad_token_id=0, **kw)
+        for text, ended in _texts(out, 3, eos, strings):
+            assert ended and _valid(json.loads(text), GEN_SCHEMA), (kw, text)
