@@ -105,8 +105,10 @@ def param_counts(config):
             ffn += experts + shared
             gated = c.moe_shared_ffn_dim and c.moe_router == "softmax"  # (DeepSeek's shared experts: no gate)
             router = L_moe * d * (E + (1 if gated else 0))  # + Qwen2-MoE's shared expert gate
-        norm = (2 * L + 1) * d + (L * 2 * c.head_dim if c.qk_norm else 0)  # + Qwen3's q_norm/k_norm gains
-        norm += 2 * L * d if c.post_norms else 0  # Gemma 2/3's norms after attention and around the MLP
+        norm = d + (2 * L * d if c.pre_norms else 0)  # the final norm, the blocks' input norms (not OLMo-2's)
+        if c.qk_norm:  # + Qwen3's per-head q_norm/k_norm gains, or OLMo-2's over all heads' channels
+            norm += L * (c.attn_dim + c.n_kv_head * c.head_dim if c.qk_norm_full else 2 * c.head_dim)
+        norm += 2 * L * d if c.post_norms else 0  # Gemma 2/3's (OLMo-2's) norms after attention and the MLP
         norm += L * (c.kv_lora_rank + (c.q_lora_rank or 0))  # MLA's kv_a_layernorm and q_a_layernorm
         pos = 0
     out = dict(token_embedding=V * d, position_embedding=pos, attention=attn_w, ffn=ffn,

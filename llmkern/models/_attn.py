@@ -670,7 +670,8 @@ class ZooModel(torch.nn.Module):
         dimensions. On an H100, an unpadded GPT-2 124M training step (B=8, T=1024) spent 15.4 of its
         43 ms of kernel time in three align-1 GEMMs of the LM head (logits, dlogits W, dlogitsᵀ h);
         the padding costs a copy of the weight and of the logits' gradient. config.logit_softcap (Gemma 2/3):
-        the logits come back soft-capped, c * tanh(logits / c), as transformers returns them."""
+        the logits come back soft-capped, c * tanh(logits / c), as transformers returns them;
+        config.logits_scaling (Granite): divided by it first."""
         head = self.lm_head
         V = head.weight.shape[0]
         if (not h.is_cuda or type(head) is not torch.nn.Linear or head.bias is not None or V % HEAD_ALIGN == 0
@@ -678,6 +679,9 @@ class ZooModel(torch.nn.Module):
             logits = head(h)
         else:
             logits = padded_linear(h, head.weight)
+        div = getattr(self.config, "logits_scaling", 1.0)
+        if div != 1.0:
+            logits = logits / div
         cap = getattr(self.config, "logit_softcap", None)
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
@@ -705,6 +709,12 @@ class ZooModel(torch.nn.Module):
         sharded head (llmkern.parallel.vocab); otherwise the logits path."""
         head = self.lm_head
         cap = getattr(self.config, "logit_softcap", None)
+        div = getattr(self.config, "logits_scaling", 1.0)
+        if div != 1.0 and (hasattr(head, "vocab_parallel_loss") or (
+                getattr(self, "_backend", "torch") == "llmkern" and type(head) is torch.nn.Linear)):
+            # Granite (the Llama's head has no bias): the fused losses take no logit scale, and (h / s) W equals
+            # (h W) / s up to rounding without holding the logits
+            h = h / div
         if hasattr(head, "vocab_parallel_loss"):  # tensor_parallelize(..., vocab_parallel=True)
             shifted = self.next_token_labels(labels)
             return self.global_loss(head.vocab_parallel_loss(h, shifted, softcap=cap), shifted)

@@ -32,6 +32,16 @@ Gemma options (Llama family, off by default; from_hf sets them for Gemma, Gemma 
   rope_local_theta      the RoPE base of the sliding-window layers, plain RoPE without rope_scaling
                         (Gemma 3's local layers); None: the same RoPE in every layer
 
+Granite and OLMo 2 options (Llama family, off by default; from_hf sets them for Granite and OLMo 2):
+  embedding_multiplier  token embeddings times this Python float (Granite; 1.0: off)
+  residual_multiplier   each block's attention and MLP outputs times this before their residual adds (Granite)
+  logits_scaling        the LM head's logits divided by this, in the loss too (Granite; 1.0: off). Granite's
+                        attention_multiplier is attn_scale
+  pre_norms             False: no norms before the attention and the MLP (OLMo 2's post-norm block,
+                        x + norm(attn(x)) then x + norm(mlp(x)); needs post_norms)
+  qk_norm_full          with qk_norm: q and k normalised over all their heads' channels at once, one gain per
+                        channel of q_proj / k_proj's output (OLMo 2), instead of over each head's head_dim
+
 Sparse mixture of experts (Llama family; off with n_experts = 0, the dense SwiGLU MLP):
   n_experts             E > 0: the MLP of each MoE layer is E SwiGLU experts of width moe_ffn_dim
                         (default intermediate_size) and a router (Mixtral, Qwen2-MoE, Qwen3-MoE)
@@ -146,6 +156,12 @@ class ModelConfig:
     attn_softcap: Optional[float] = None  # c * tanh(scores / c) (None: off)
     logit_softcap: Optional[float] = None  # c * tanh(logits / c) (None: off)
     rope_local_theta: Optional[float] = None  # RoPE base of the sliding-window layers (None: rope_theta)
+    # Granite / OLMo 2 (llama only; see the module docstring)
+    embedding_multiplier: float = 1.0  # token embeddings times this (Granite)
+    residual_multiplier: float = 1.0  # attention / MLP outputs times this before the residual adds (Granite)
+    logits_scaling: float = 1.0       # logits divided by this (Granite)
+    pre_norms: bool = True            # False: OLMo 2's post-norm-only block (needs post_norms)
+    qk_norm_full: bool = False        # qk_norm over all heads' channels at once (OLMo 2)
     # sparse mixture of experts (llama only; see the module docstring)
     n_experts: int = 0                # E experts per MoE layer; 0: the dense MLP
     n_experts_per_tok: Optional[int] = None  # top-k (default 2 when n_experts > 0)
@@ -342,11 +358,13 @@ class ModelConfig:
         if self.arch != "llama":
             for f, off in (("qkv_bias", None), ("o_bias", None), ("qk_norm", False), ("sliding_window", None),
                            ("sliding_window_layers", None), ("pad_token_id", None),
-                           ("rope_theta", 10000.0), ("hf_fused_projections", False)) + _GEMMA_OFF + _MLA_OFF:
+                           ("rope_theta", 10000.0), ("hf_fused_projections", False)) + _GEMMA_OFF + _MLA_OFF \
+                    + _GRANITE_OLMO_OFF:
                 if getattr(self, f) != off:
                     raise ValueError(f"ModelConfig.{f} applies to arch='llama' only, got arch={self.arch!r}")
             return
         self._check_gemma_options()
+        self._check_granite_olmo_options()
         for f in ("qkv_bias", "o_bias"):
             if getattr(self, f) is not None and not isinstance(getattr(self, f), bool):
                 raise ValueError(f"ModelConfig.{f} must be a bool or None, got {getattr(self, f)!r}")
@@ -390,6 +408,25 @@ class ModelConfig:
             setattr(self, f, float(v))
         if self.rope_local_theta is not None and self.sliding_window is None:
             raise ValueError("ModelConfig.rope_local_theta needs sliding_window (it applies to the sliding layers)")
+
+    def _check_granite_olmo_options(self):
+        """The Granite multipliers (finite numbers > 0 within float32's range: 0 or inf gave zero / NaN outputs)
+        and OLMo 2's norm placement (a block without any norm, or a full-width qk norm without qk_norm, is a
+        typo, not a model)."""
+        for f in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _float32_positive(v):
+                raise ValueError(f"ModelConfig.{f} must be a finite number > 0 (within float32's range; 1.0: off), "
+                                 f"got {v!r}")
+            setattr(self, f, float(v))
+        for f in ("pre_norms", "qk_norm_full"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"ModelConfig.{f} must be a bool, got {getattr(self, f)!r}")
+        if not self.pre_norms and not self.post_norms:
+            raise ValueError("ModelConfig.pre_norms=False needs post_norms=True (OLMo 2's post-norm block); a block "
+                             "without norms is not supported")
+        if self.qk_norm_full and not self.qk_norm:
+            raise ValueError("ModelConfig.qk_norm_full=True needs qk_norm=True")
 
     def _check_mla(self):
         """The multi-head latent attention fields: all off without kv_lora_rank; with it, consistent widths and
@@ -492,6 +529,9 @@ _DERIVED_FIELDS = ("n_kv_head", "head_dim", "intermediate_size", "bias", "tie_em
 # The Gemma options' off values (GPT must leave them there)
 _GEMMA_OFF = (("norm_offset", 0.0), ("scale_embeddings", False), ("post_norms", False), ("attn_scale", None),
               ("attn_softcap", None), ("logit_softcap", None), ("rope_local_theta", None))
+# The Granite / OLMo 2 options' off values (GPT must leave them there)
+_GRANITE_OLMO_OFF = (("embedding_multiplier", 1.0), ("residual_multiplier", 1.0), ("logits_scaling", 1.0),
+                     ("pre_norms", True), ("qk_norm_full", False))
 
 
 # moe_router's values: the first is Mixtral's, the others DeepSeek's (deepseek.DeepseekMoE)

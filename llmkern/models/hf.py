@@ -19,6 +19,14 @@ Supported config.json model_types:
            sigmoid-gated shared expert (shared_expert_intermediate_size), q/k/v biases (qkv_bias), dense
            layers per mlp_only_layers / decoder_sparse_step
   qwen3_moe  Qwen3MoeForCausalLM -> the same without the shared expert, with Qwen3's attention
+  granite  GraniteForCausalLM -> Llama (attention_bias, mlp_bias) with embeddings times embedding_multiplier,
+           each attention / MLP output times residual_multiplier before its residual add, attention_multiplier as
+           the softmax scale, the logits divided by logits_scaling (each a number > 0, else refused naming it)
+  olmo2    Olmo2ForCausalLM -> Llama with post-norm blocks (post_attention / post_feedforward_layernorm on the
+           attention / MLP outputs, no input norms) and q_norm / k_norm over all the heads' channels of q and k;
+           attention_bias; a config.json without pad_token_id takes Olmo2Config's 1. In bfloat16 / float16 the
+           norms round as LlamaRMSNorm (normalised value rounded, then times the gain); Olmo2RMSNorm multiplies in
+           float32 and rounds once: the last bit can differ (float32: the same)
   phi3     Phi3ForCausalLM (Phi-3-mini-4k / Phi-3-medium-4k: plain RoPE) -> Llama: the fused qkv_proj (rows q,
            k, v) and gate_up_proj (rows gate, then up) are split into q/k/v_proj and gate/up_proj; head_dim (default
            hidden_size / num_attention_heads); sliding_window (null: none) in every layer, as transformers 5.24's
@@ -97,7 +105,8 @@ from llmkern.models.gpt import GPT
 from llmkern.models.llama import Llama
 
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")  # the zoo's Llama loads
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe",  # the zoo's Llama loads
+                "granite", "olmo2")
 PHI3_FAMILY = ("phi3",)  # the zoo's Llama too, from fused qkv_proj / gate_up_proj weights (phi3_config)
 MOE_FAMILY = ("mixtral", "qwen2_moe", "qwen3_moe")
 GEMMA_FAMILY = ("gemma", "gemma2", "gemma3_text")  # also the zoo's Llama, with the Gemma options
@@ -207,10 +216,13 @@ _FAMILY_DEFAULTS = {
                       num_experts_per_tok=8, moe_intermediate_size=768, **_QWEN_MOE),
     "phi3": dict(max_position_embeddings=4096, num_key_value_heads=None, head_dim=None, rms_norm_eps=1e-5,
                  sliding_window=None),
+    "granite": dict(max_position_embeddings=2048, num_key_value_heads=None, head_dim=None, rms_norm_eps=1e-6,
+                    embedding_multiplier=1.0, residual_multiplier=1.0, attention_multiplier=1.0, logits_scaling=1.0),
+    "olmo2": dict(max_position_embeddings=2048, num_key_value_heads=None, head_dim=None, rms_norm_eps=1e-5),
 }
 # the config classes' pad_token_id defaults (None elsewhere): the embedding's padding_idx when config.json has
 # no pad_token_id, as transformers builds it (that row gets no gradient)
-_DEFAULT_PAD = {"phi3": 32000, "gemma": 0, "gemma2": 0, "gemma3_text": 0}
+_DEFAULT_PAD = {"phi3": 32000, "gemma": 0, "gemma2": 0, "gemma3_text": 0, "olmo2": 1}
 # keys of mixture-of-experts variants (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek ...): a dense model would
 # load without their expert weights, silently wrong
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
@@ -230,7 +242,7 @@ def _sliding_window(hf, family):
     marked "sliding_attention" (MistralForCausalLM itself would ignore them, and warns to use the Auto
     classes). Qwen2/3: only with use_sliding_window, in the layers layer_types marks
     "sliding_attention" (default: those from max_window_layers on)."""
-    if family == "llama":
+    if family in ("llama", "granite", "olmo2"):  # (their transformers classes never slide)
         return None, None
     if family not in ("mistral", "phi3") and not _bool_key(hf, "use_sliding_window", family):
         return None, None
@@ -274,10 +286,10 @@ def llama_config(hf):
         raise ValueError(f"from_hf: {e}") from None
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"from_hf: {family} config hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
-    if family == "llama":  # attention_bias: q/k/v/o; mlp_bias: gate/up/down
+    if family in ("llama", "granite"):  # attention_bias: q/k/v/o; mlp_bias: gate/up/down
         qkv = o = _bool_key(hf, "attention_bias", family)
         mlp = _bool_key(hf, "mlp_bias", family)
-    elif family in ("qwen3", "qwen3_moe"):
+    elif family in ("qwen3", "qwen3_moe", "olmo2"):  # (Olmo2MLP has no biases)
         qkv = o = _bool_key(hf, "attention_bias", family)
         mlp = False
     elif family == "qwen2_moe":  # q/k/v biased per qkv_bias (default True)
@@ -285,6 +297,9 @@ def llama_config(hf):
     else:  # Mistral, Mixtral: no biases; Qwen2: q/k/v always biased, o_proj and the MLP never
         qkv, o, mlp = family == "qwen2", False, False
     moe = _moe_options(hf, family) if family in MOE_FAMILY else {}
+    # Granite's four scalars; OLMo 2's post-norm blocks and q/k norms over all the heads
+    extra = _granite_options(hf) if family == "granite" else \
+        dict(pre_norms=False, post_norms=True, qk_norm_full=True) if family == "olmo2" else {}
     # Mixtral slides like Mistral (every layer); Qwen-MoE windows follow their own layer rules: refused
     window, window_layers = _sliding_window(hf, "mistral" if family == "mixtral" else family)
     return ModelConfig(arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
@@ -292,11 +307,21 @@ def llama_config(hf):
                        n_embd=hf["hidden_size"], head_dim=hf["head_dim"],
                        intermediate_size=hf["intermediate_size"],
                        block_size=hf["max_position_embeddings"], bias=mlp, qkv_bias=qkv, o_bias=o,
-                       qk_norm=family in ("qwen3", "qwen3_moe"), sliding_window=window,
-                       sliding_window_layers=window_layers, **moe,
+                       qk_norm=family in ("qwen3", "qwen3_moe", "olmo2"), sliding_window=window,
+                       sliding_window_layers=window_layers, **moe, **extra,
                        dropout=float(hf.get("attention_dropout") or 0.0),
                        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
                        tie_embeddings=hf.get("tie_word_embeddings", False), name=hf.get("_name_or_path", ""))
+
+
+def _granite_options(hf):
+    """The ModelConfig fields of GraniteForCausalLM's scalars: embedding_multiplier and residual_multiplier as
+    they are, attention_multiplier as the softmax scale (in place of head_dim ** -0.5), the logits divided by
+    logits_scaling. Each must be a number > 0 (ValueError naming the key)."""
+    return dict(embedding_multiplier=_positive(hf, "embedding_multiplier", "granite"),
+                residual_multiplier=_positive(hf, "residual_multiplier", "granite"),
+                attn_scale=_positive(hf, "attention_multiplier", "granite"),
+                logits_scaling=_positive(hf, "logits_scaling", "granite"))
 
 
 def phi3_config(hf):
@@ -866,11 +891,12 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
     and safetensors weights), in eval mode.
 
     model_type "gpt2" gives a GPT; "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
-    "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3_text", "deepseek_v3" and "deepseek_v2" give a Llama whose
-    config carries the family's options (Mistral's sliding window, Qwen2's q/k/v biases and per-layer sliding
-    windows, Phi-3's fused projections split into the zoo's, Qwen3's qk-norm and head_dim, the MoE families'
-    experts, Gemma's GeGLU, norms, scales and soft-caps, DeepSeek's latent attention and V3's sigmoid / V2's
-    softmax router; see the module docstring). The logits equal those of transformers' *ForCausalLM on the same
+    "qwen3_moe", "granite", "olmo2", "phi3", "gemma", "gemma2", "gemma3_text", "deepseek_v3" and "deepseek_v2"
+    give a Llama whose config carries the family's options (Mistral's sliding window, Qwen2's q/k/v biases and
+    per-layer sliding windows, Phi-3's fused projections split into the zoo's, Qwen3's qk-norm and head_dim, the
+    MoE families' experts, Granite's multipliers, OLMo 2's post-norms and full-width q/k norms, Gemma's GeGLU,
+    norms, scales and soft-caps, DeepSeek's latent attention and V3's sigmoid / V2's softmax router; see the
+    module docstring). The logits equal those of transformers' *ForCausalLM on the same
     checkpoint. Unsupported configurations raise ValueError
     naming the config key. dtype/device: cast and move the model after loading (the RoPE frequencies
     stay float32); dtype is a floating torch.dtype, its name ("bfloat16", "torch.float16", ...) or "auto"

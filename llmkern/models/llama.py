@@ -18,6 +18,11 @@ before their residual adds), the attention scale attn_scale, tanh soft-capping o
 (attn_softcap) and of the logits (logit_softcap), and Gemma 3's local RoPE base on its sliding layers
 (rope_local_theta).
 
+Granite: embeddings times embedding_multiplier, the attention and MLP outputs times residual_multiplier
+before their residual adds, attention_multiplier as attn_scale, the logits divided by logits_scaling.
+OLMo 2: post-norm blocks (pre_norms=False with post_norms: x + norm(attn(x)), then x + norm(mlp(x))) and
+q_norm / k_norm over all the heads' channels of q and k at once (qk_norm_full).
+
 With config.kv_lora_rank > 0 and moe_router "sigmoid" it is DeepSeek-V3 (deepseek.py: multi-head latent
 attention, the aux-loss-free group-limited sigmoid router, ungated shared experts); with moe_router
 "softmax_group" DeepSeek-V2 (the same with V2's softmax router, greedy or group-limited).
@@ -159,9 +164,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.attn_dim, cfg.n_embd, bias=o_bias)
-        # qk_norm: one gain per head_dim channel, shared by the heads (tensor parallelism replicates it)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, backend, cfg.norm_offset) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, backend, cfg.norm_offset) if cfg.qk_norm else None
+        # qk_norm: one gain per head_dim channel, shared by the heads (tensor parallelism replicates it); with
+        # qk_norm_full (OLMo 2) one per channel of all the heads, the norm taken over them all
+        self.qk_norm_full = cfg.qk_norm_full
+        q_width, k_width = (cfg.attn_dim, cfg.n_kv_head * cfg.head_dim) if cfg.qk_norm_full else (cfg.head_dim,) * 2
+        self.q_norm = RMSNorm(q_width, cfg.norm_eps, backend, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_width, cfg.norm_eps, backend, cfg.norm_offset) if cfg.qk_norm else None
         # a window of block_size keys or more sees every key, as none does (no key lies further back): one past
         # int64's range (2**70 overflowed the masks' int64 arithmetic) is taken as none
         W = cfg.layer_window(layer)
@@ -173,9 +181,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache=None, layer=None, prefix=None, kpm=None):
         B, T, _ = x.shape
         q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
+        if self.q_norm is not None and self.qk_norm_full:  # [B, T, H * D]: normalised over every head at once
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
-        if self.q_norm is not None:  # [B, T, H, D]: normalised over D, per head
+        if self.q_norm is not None and not self.qk_norm_full:  # [B, T, H, D]: normalised over D, per head
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -371,7 +381,9 @@ def load_balancing_loss(router_logits, top_k, attention_mask=None, pool=None):
 class Block(nn.Module):
     """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)). With config.post_norms (Gemma 2/3) the outputs are
     normalised too, x + norm(attn(norm(x))) and x + norm(mlp(norm(x))), and the norms take Gemma's names:
-    post_attention_layernorm is then the attention output's, pre/post_feedforward_layernorm the MLP's."""
+    post_attention_layernorm is then the attention output's, pre/post_feedforward_layernorm the MLP's. With
+    pre_norms=False as well (OLMo 2) only the output norms remain: x + norm(attn(x)), then x + norm(mlp(x)).
+    config.residual_multiplier (Granite) scales each branch's output (after its output norm) before the add."""
 
     def __init__(self, cfg, backend, layer=0):
         super().__init__()
@@ -380,23 +392,34 @@ class Block(nn.Module):
         # it builds on this module's RMSNorm, MLP and experts)
         from llmkern.models.deepseek import DeepseekMoE, MLAttention
 
-        self.input_layernorm = RMSNorm(d, eps, backend, off)
+        if cfg.pre_norms:
+            self.input_layernorm = RMSNorm(d, eps, backend, off)
         self.self_attn = (MLAttention if cfg.kv_lora_rank else Attention)(cfg, backend, layer)
         self.post_attention_layernorm = RMSNorm(d, eps, backend, off)
         if cfg.post_norms:
-            self.pre_feedforward_layernorm = RMSNorm(d, eps, backend, off)
+            if cfg.pre_norms:
+                self.pre_feedforward_layernorm = RMSNorm(d, eps, backend, off)
             self.post_feedforward_layernorm = RMSNorm(d, eps, backend, off)
-        self.post_norms = cfg.post_norms
+        self.pre_norms, self.post_norms = cfg.pre_norms, cfg.post_norms
+        self.residual_multiplier = cfg.residual_multiplier
         moe = DeepseekMoE if cfg.deepseek_moe else MoE
         self.mlp = moe(cfg, backend) if cfg.layer_is_moe(layer) else MLP(cfg, backend)
 
     def forward(self, x, cos, sin, cache=None, layer=None, prefix=None, kpm=None, router_logits=None):
-        a = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, prefix, kpm)
+        a = self.self_attn(self.input_layernorm(x) if self.pre_norms else x, cos, sin, cache, layer, prefix, kpm)
+        if not self.pre_norms:  # OLMo 2: x + norm(a), then that sum + norm(mlp(sum))
+            x = x + self._scaled(self.post_attention_layernorm(a))
+            return x + self._scaled(self.post_feedforward_layernorm(self._mlp(x, router_logits)))
         if self.post_norms:  # Gemma 2/3: x + norm(a), and that sum's pre-MLP norm (one kernel on llmkern)
-            h, x = self.pre_feedforward_layernorm(self.post_attention_layernorm(a), residual=x)
-            return x + self.post_feedforward_layernorm(self._mlp(h, router_logits))
-        h, x = self.post_attention_layernorm(a, residual=x)  # x + a and its norm (one kernel on llmkern)
-        return x + self._mlp(h, router_logits)
+            h, x = self.pre_feedforward_layernorm(self._scaled(self.post_attention_layernorm(a)), residual=x)
+            return x + self._scaled(self.post_feedforward_layernorm(self._mlp(h, router_logits)))
+        h, x = self.post_attention_layernorm(self._scaled(a), residual=x)  # x + a and its norm (one kernel)
+        return x + self._scaled(self._mlp(h, router_logits))
+
+    def _scaled(self, y):
+        """A branch's output times residual_multiplier (Granite: a Python float, as transformers multiplies)."""
+        m = self.residual_multiplier
+        return y if m == 1.0 else y * m
 
     def _mlp(self, h, router_logits):
         if isinstance(self.mlp, MoE):  # (DeepSeek's aux-loss-free DeepseekMoE, a MoE too, hands out none)
@@ -497,6 +520,15 @@ class Llama(ZooModel):
                 setattr(self, n, before[n].to(getattr(self, n).device))
         return self
 
+    def embed(self, input_ids):
+        """The token embeddings [B, T, d] the blocks take (the pipeline's first stage calls it too)."""
+        x = self.embed_tokens(input_ids)
+        if self.config.scale_embeddings:  # Gemma: times sqrt(d), that factor rounded to x's dtype first
+            x = x * self.embed_scale.to(x.dtype)
+        if self.config.embedding_multiplier != 1.0:  # Granite: times a Python float (not rounded to x's dtype)
+            x = x * self.config.embedding_multiplier
+        return x
+
     def forward(self, input_ids, labels=None, *, cache=None, last_only=False, attention_mask=None,
                 position_ids=None, return_logits=True):
         """Logits [B, T, V]; (logits, loss) when labels are given. With a KVCache, input_ids are
@@ -510,9 +542,7 @@ class Llama(ZooModel):
         start, pos, kpm = self._check_input(input_ids, cache, attention_mask, position_ids, offset=P)
         last_only, return_logits = self._check_loss_args(input_ids, labels, last_only, return_logits)
         T = input_ids.shape[1]
-        x = self.embed_tokens(input_ids)  # [B, T, d]
-        if self.config.scale_embeddings:  # Gemma: times sqrt(d), that factor rounded to x's dtype first
-            x = x * self.embed_scale.to(x.dtype)
+        x = self.embed(input_ids)  # [B, T, d]
         if pos is None:
             pos = self.positions(start, T, input_ids.device) + P
         # positions derived here (cache, attention_mask) stay below block_size: only the caller's are

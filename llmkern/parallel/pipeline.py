@@ -364,10 +364,7 @@ class _Stage(nn.Module):
         if self.arch == "gpt":
             pos = model.positions(0, ids.shape[1], ids.device)
             return model.drop(model.wte(ids) + model.wpe(pos))
-        x = model.embed_tokens(ids)
-        if model.config.scale_embeddings:  # Gemma: times sqrt(d), rounded to x's dtype first (as the zoo)
-            x = x * model.embed_scale.to(x.dtype)
-        return x
+        return model.embed(ids)  # (Gemma's and Granite's scaling included, as the model's own forward)
 
 
 # ---- the pipeline ----------------------------------------------------------------------------------
