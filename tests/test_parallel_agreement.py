@@ -322,3 +322,15 @@ def test_tensor_parallel_forward_refuses_different_tokens_on_the_ranks(ranks):
     assert r0 == r1 and r0["met"] and r0["same"], (r0, r1)
     assert r0["other tokens"].startswith("ValueError: input_ids: the ranks of a tensor-parallel model must all pass "
                                          "the same input_ids; those of rank(s) [1] differ"), r0["other tokens"]
+
+
+def test_agreement_keys_read_numpy_scalars_as_their_values():
+    """generate's cross-rank agreement compared np.int64(3) with 3 as different (a false mismatch for a rank
+    passing numpy ids, e.g. sequence_bias keys) and every numpy bool as equal to every other."""
+    import numpy as np
+
+    from llmkern.parallel.guards import _key
+
+    assert _key(np.int64(3)) == _key(3) and _key(np.float32(0.5)) == _key(0.5)
+    assert _key(np.True_) != _key(np.False_) and _key(np.True_) == _key(True) != _key(1)
+    assert _key({(np.int64(3), np.int64(4)): 1.0}) == _key({(3, 4): 1.0}) != _key({(4, 3): 1.0})

@@ -156,16 +156,20 @@ def _code(v):
 
 
 def _key(v):
+    if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0:  # a numpy scalar: as its Python value
+        v = v.item()  # (np.int64(3) and 3 differed, and every numpy bool agreed with every other)
     if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral):  # (0.8 and numpy's 0.8 alike)
         return "real", float(v)
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return "int", int(v)
     if v is None or isinstance(v, (bool, numbers.Number, str, bytes)):
         return type(v).__name__, v
     if torch.is_tensor(v):
         return "tensor", tensor_hash(v)
     if isinstance(v, (list, tuple)):
         return type(v).__name__, [_key(x) for x in v]
-    if isinstance(v, dict):
-        return "dict", sorted((repr(k), _key(x)) for k, x in v.items())
+    if isinstance(v, dict):  # (keys by their own _key: sequence_bias's (3, 4) with numpy ints is (3, 4))
+        return "dict", sorted(((_key(k), _key(x)) for k, x in v.items()), key=repr)
     return type(v).__module__, type(v).__qualname__
 
 
