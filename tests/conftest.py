@@ -52,6 +52,24 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
+def world1():
+    """A process group of one rank in this process (gloo on an in-memory store), destroyed after the module."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield dist.group.WORLD
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
 def ranks():
     """ranks(p) -> a RankPool of p gloo ranks, started once per module (starting a rank costs
     seconds: importing torch), restarted after a failure."""

@@ -9,7 +9,6 @@ gloo ranks covers what needs two ranks: sizes that the world size does not divid
 only. (Companion of tests/test_bad_arguments.py, which audits the ops.) Each case that was a bug says so (what the
 old code did) after `# was:`.
 """
-import datetime
 import time
 
 import numpy as np
@@ -100,18 +99,7 @@ def test_no_process_group_is_a_clear_error_and_the_model_is_unchanged():
 
 # ---- one rank, in this process ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def world1():
-    """A process group of one rank in this process (gloo on an in-memory store), destroyed after the module."""
-    if dist.is_initialized():
-        yield dist.group.WORLD
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
+# (world1, a one-rank group in this process: tests/conftest.py)
 
 
 BAD_GROUPS = ["WORLD", 0, object()]

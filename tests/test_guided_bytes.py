@@ -11,6 +11,7 @@ import torch
 from llmkern.generation import generate
 from llmkern.guided import RegexConstraint, TokenVocabulary
 from llmkern.models import build
+from test_guided_regex import _tokenizers
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py: tiny models)
 
@@ -151,24 +152,8 @@ def test_byte_level_generation_is_valid_utf8_and_fullmatches(byte_model, pattern
 
 def _hf_tokenizers():
     tk = pytest.importorskip("tokenizers")
-    transformers = pytest.importorskip("transformers")
     corpus = ["Hello world, naïve café", "yes no maybe 12 345", "ab@cd.org"] * 4
-    byte_level = tk.Tokenizer(tk.models.BPE())
-    byte_level.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    byte_level.decoder = tk.decoders.ByteLevel()
-    byte_level.train_from_iterator(corpus, tk.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    spm = tk.Tokenizer(tk.models.BPE(unk_token="<unk>", byte_fallback=True))
-    spm.pre_tokenizer = tk.pre_tokenizers.Metaspace()
-    spm.decoder = tk.decoders.Sequence([tk.decoders.Replace("▁", " "), tk.decoders.ByteFallback(),
-                                        tk.decoders.Fuse(), tk.decoders.Strip(" ", 1, 0)])
-    spm.train_from_iterator(corpus, tk.trainers.BpeTrainer(
-        vocab_size=360, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)],
-        show_progress=False))
-    fast = transformers.PreTrainedTokenizerFast
-    return (tk, fast(tokenizer_object=byte_level, eos_token="<|endoftext|>"),
-            fast(tokenizer_object=spm, eos_token="</s>", unk_token="<unk>", bos_token="<s>"))
+    return (tk,) + tuple(_tokenizers(corpus, spm_vocab_size=360))
 
 
 def test_hf_byte_level_tokenizers_round_trip_and_generate_non_ascii():

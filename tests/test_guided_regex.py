@@ -253,13 +253,15 @@ def test_bad_arguments():
         == (1, 8)
 
 
-def _tokenizers():
+_CORPUS = ["Hello world, the date is 2024-05-17.", "yes no maybe 12 345 email: ab@cd.org", "a  b\tc\nnew line",
+           "naïve café"] * 4
+
+
+def _tokenizers(corpus=_CORPUS, spm_vocab_size=380):
     """A byte-level BPE (GPT-2's scheme) and a SentencePiece-style BPE (Metaspace, byte fallback), trained
-    offline on a few lines, as transformers tokenizers."""
+    offline on `corpus`, as transformers tokenizers (tests/test_guided_bytes.py uses them too)."""
     tk = pytest.importorskip("tokenizers")
     transformers = pytest.importorskip("transformers")
-    corpus = ["Hello world, the date is 2024-05-17.", "yes no maybe 12 345 email: ab@cd.org", "a  b\tc\nnew line",
-              "naïve café"] * 4
     byte_level = tk.Tokenizer(tk.models.BPE())
     byte_level.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
     byte_level.decoder = tk.decoders.ByteLevel()
@@ -271,7 +273,7 @@ def _tokenizers():
     spm.decoder = tk.decoders.Sequence([tk.decoders.Replace("▁", " "), tk.decoders.ByteFallback(),
                                         tk.decoders.Fuse(), tk.decoders.Strip(" ", 1, 0)])
     spm.train_from_iterator(corpus, tk.trainers.BpeTrainer(
-        vocab_size=380, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)],
+        vocab_size=spm_vocab_size, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)],
         show_progress=False))
     fast = transformers.PreTrainedTokenizerFast
     return [fast(tokenizer_object=byte_level, eos_token="<|endoftext|>"),

@@ -1,10 +1,8 @@
 """Loss ops against the libraries a user compares them with: torch.func transforms through llmkern.cross_entropy
 (F.cross_entropy runs there), and the label dtypes vocab_parallel_loss takes (linear_cross_entropy's)."""
-import datetime
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -45,18 +43,7 @@ def test_cross_entropy_under_torch_func_grad_and_jacrev(triton_backend):
 
 # ---- vocab_parallel_loss on a one-rank group in this process ------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def world1():
-    """A process group of one rank in this process (gloo on an in-memory store), destroyed after the module."""
-    if dist.is_initialized():
-        yield dist.group.WORLD
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
+# (world1: tests/conftest.py)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.float32])
