@@ -341,6 +341,8 @@ def _model_knob(cfg, name, strategy, speculative, vocab):
         return default
     if not ok(v, vocab):
         raise ValueError(f"model.generation_config.{name} must be {wanted} or None, got {v!r}")
+    if name in ("epsilon_cutoff", "eta_cutoff"):
+        v = float(v) % 1.0  # (1: off, as 0: checkpoints hold eta_cutoff=1.0, which draft_model must not refuse)
     if speculative and name in _NOT_SPECULATIVE and v not in (default, []):
         raise ValueError(f"model.generation_config.{name}={v!r} (generate's default for this model) is not "
                          f"supported with draft_model (speculative decoding); pass {name}={default!r} to decode "

@@ -1292,8 +1292,12 @@ def _pattern_regex(pattern, where):
     except ValueError as e:
         raise ValueError(f"json_schema_regex: {where}.pattern: {e}") from None
     anything = _intervals_regex(_JSON_RAW) + "*"
-    return "(?:" + "|".join(("" if head else anything) + _node_regex(node) + ("" if tail else anything)
-                            for node, head, tail in alts) + ")"
+    out = "(?:" + "|".join(("" if head else anything) + _node_regex(node) + ("" if tail else anything)
+                           for node, head, tail in alts) + ")"
+    if compile_regex(out).start == DEAD:  # (else a "no token" error at decode time, far from the schema)
+        raise ValueError(f"json_schema_regex: {where}.pattern {pattern!r} matches no string content written "
+                         f"without escapes (every match needs a quote, a backslash or a control character)")
+    return out
 
 
 def _node_regex(node):

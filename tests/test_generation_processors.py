@@ -229,6 +229,10 @@ def test_bad_values_strategies_and_draft_model(ckpt):
                 generate(m, x, 2, draft_model=m, **kw)
             m.generation_config = cfg
         assert torch.equal(generate(m, x, 4, draft_model=m, renormalize_logits=True), generate(m, x, 4))
+        # a checkpoint's eta_cutoff / epsilon_cutoff of 1.0 is off (as transformers reads it): speculative
+        # sampling took it for an active filter and refused
+        m.generation_config = GenerationDefaults(eta_cutoff=1.0, epsilon_cutoff=1.0)
+        assert generate(m, x, 2, draft_model=m, strategy="sample", seed=0).shape == (x.shape[0], x.shape[1] + 2)
     finally:
         m.generation_config = cfg
 

@@ -193,3 +193,13 @@ def test_hf_byte_level_tokenizers_round_trip_and_generate_non_ascii():
     assert sorted(table) == sorted(tk.pre_tokenizers.ByteLevel.alphabet()) and sorted(table.values()) == list(
         range(256))
     assert table["Ġ"] == 0x20 and table["Ċ"] == 0x0A and table["Ã"] == 0xC3 and table["!"] == 0x21
+
+
+def test_json_schema_pattern_that_needs_escapes_is_refused_at_once():
+    """A `pattern` every match of which needs a quote, a backslash or a control character compiled to a regex
+    that matches nothing: the failure came at decode time as a "no token" error. It is a ValueError naming it."""
+    from llmkern.guided import json_schema_regex
+
+    with pytest.raises(ValueError, match=r'pattern .*matches no string content'):
+        json_schema_regex({"type": "string", "pattern": '^"$'})
+    assert json_schema_regex({"type": "string", "pattern": '^a"?$'})  # (a match without the quote exists)

@@ -33,8 +33,9 @@ def _check_cp(tag, model, ref, failures, scale=1.0):
 
 
 def _context_accumulation(rank, failures):
-    """Context parallelism: all_reduce_gradients after each of two accumulated backwards, once more with nothing
-    new, then after zero_grad(set_to_none=False) and a third step: every time the unsharded model's gradients."""
+    """Context parallelism: all_reduce_gradients after each of two accumulated backwards (a torch.autograd.grad
+    probe between them: it adds to no .grad, and must not touch the reduced ones), once more with nothing new,
+    then after zero_grad(set_to_none=False) and a third step: every time the unsharded model's gradients."""
     from llmkern.models import Llama, get_config
     from llmkern.parallel import all_reduce_gradients, context_parallelize, shard_sequence
 
@@ -47,6 +48,10 @@ def _context_accumulation(rank, failures):
         model(shard_sequence(ids), shard_sequence(ids))[1].backward()
         all_reduce_gradients(model)
         _check_cp(f"context, micro-step {step}", model, ref, failures)
+        if step == 0:  # a probe between the reduction and the step (a grad norm, a penalty) adds to no .grad
+            params = [q for q in model.parameters() if q.requires_grad]
+            torch.autograd.grad(model(shard_sequence(ids), shard_sequence(ids))[1], params, allow_unused=True)
+            _check_cp("context, after a torch.autograd.grad probe", model, ref, failures)
     all_reduce_gradients(model)  # nothing new: unchanged
     _check_cp("context, a second call", model, ref, failures)
     model.zero_grad(set_to_none=False)
@@ -94,6 +99,9 @@ def _expert_accumulation(rank, p, failures):
             b = _ids(10 * step + rank)
             ep(b, labels=b)[1].backward()
             all_reduce_replicated_grads(ep, op=op)
+            if step == 0:  # (a torch.autograd.grad probe: the reduced gradients stay as they are)
+                torch.autograd.grad(ep(b, labels=b)[1], [q for q in ep.parameters() if q.requires_grad],
+                                    allow_unused=True)
         all_reduce_replicated_grads(ep, op=op)
         _check_ep(f"expert, op={op}", ep, ref, failures, scale)
 

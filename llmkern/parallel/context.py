@@ -614,9 +614,24 @@ def _reopen(prm):
 
 def _before_accumulation(prm_ref, grad):
     prm = prm_ref()
-    if prm is not None:
+    if prm is not None and _record(prm) is not None and _accumulates(prm):
         _reopen(prm)
     return None  # (the incoming gradient itself is unchanged)
+
+
+def _accumulates(prm):
+    """Whether the running backward adds into prm.grad: torch.autograd.grad(..., inputs=[prm]) (a gradient penalty,
+    a grad-norm probe between the reduction and the optimizer step) runs prm's hooks too but adds nothing, and must
+    leave the reduced gradient as it is."""
+    will_run = getattr(torch._C, "_will_engine_execute_node", None)
+    if will_run is None:  # (a torch without it: every hook call is taken for an accumulation)
+        return True
+    with torch.enable_grad():
+        accumulator = prm.view_as(prm).grad_fn.next_functions[0][0]  # (the live AccumulateGrad node of prm)
+    try:
+        return bool(will_run(accumulator))
+    except RuntimeError:  # ("a leaf node ... while running autograd.grad()": it captures the gradient, adds nothing)
+        return False
 
 
 def reduction_key(op, group):

@@ -8,9 +8,12 @@ The ranks meet on 127.0.0.1 at a port the OS picks; every collective is bounded 
 `pg_timeout` seconds and the whole run by `timeout` (ranks still alive then are killed), so a bug
 fails instead of hanging. Returns the list of fn's return values in rank order; raises
 RuntimeError with every failed rank's traceback. args and the return values travel between the
-processes, so they must pickle (TypeError naming them otherwise, at once, not after the timeout).
+processes, so they must pickle (TypeError naming them otherwise, at once, not after the timeout). A rank
+ends with os._exit once its results are sent (logging flushed; its other atexit handlers do not run).
 """
 import datetime
+import io
+import logging
 import numbers
 import os
 import pickle
@@ -77,10 +80,12 @@ def _rank_main(rank, world_size, port, backend, pg_timeout, num_threads, tasks, 
 
 def _leave(results):
     """Ends the rank's process once its results have reached the parent, without the interpreter's shutdown: with
-    torch imported that took 1-3 s per rank, which every pool's close() (and each spawn) waited for. (Nothing of the
-    rank's is left to run: its tasks are done and reported.)"""
+    torch imported that took 1-3 s per rank, which every pool's close() (and each spawn) waited for. Its tasks are
+    done and reported; logging's handlers are flushed and closed, stdout and stderr flushed; other atexit handlers
+    of the rank's (coverage's, a user's) do not run."""
     results.close()
     results.join_thread()
+    logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -89,12 +94,27 @@ def _leave(results):
     os._exit(0)
 
 
+class _PickleProbe(ForkingPickler):
+    """A trial run of the queues' pickling, tensors and storages left out: they always travel, and ForkingPickler
+    moves a CPU tensor into shared memory and duplicates a file descriptor for it on each dump, which a trial
+    dump nobody loads would leak (one per tensor per run)."""
+
+    def persistent_id(self, obj):
+        if torch.is_tensor(obj) or isinstance(obj, (torch.UntypedStorage, torch.TypedStorage)):
+            return 0
+        return None
+
+
+def _probe_pickle(obj):
+    _PickleProbe(io.BytesIO(), pickle.HIGHEST_PROTOCOL).dump(obj)
+
+
 def _check_result(fn, value):
     """TypeError unless fn's return value pickles: the result queue pickles it in a background thread, where a
     failure (a lambda, a generator, a process group) was printed only, and the parent then waited for the whole
     timeout and reported the rank as not finishing."""
     try:
-        ForkingPickler.dumps(value)
+        _probe_pickle(value)
     except Exception as exc:
         raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} returned a {type(value).__name__} that cannot be sent "
                         f"back to the parent (it must pickle): {exc}") from None
@@ -114,7 +134,7 @@ def _check_args(what, args):
         raise TypeError(f"{what}: args must be a tuple (or list) of fn's arguments after (rank, world_size), got "
                         f"{type(args).__name__}{' (a 1-tuple needs a comma: (x,))' if isinstance(args, str) else ''}")
     try:
-        ForkingPickler.dumps(tuple(args))
+        _probe_pickle(tuple(args))
     except Exception as exc:
         raise TypeError(f"{what}: args must pickle (the spawned ranks receive a copy): {exc}") from None
     return tuple(args)
