@@ -253,8 +253,8 @@ def test_out_of_range_labels_are_ignored_by_the_kernels(triton_backend):
     """CUDA semantics (no host check): the op itself counts such rows as ignored."""
     x = torch.randn(6, 50, device=DEV, requires_grad=True)
     y = torch.tensor([3, 50, -1, 7, 1000, IGNORE], device=DEV)
-    out, lse, n_valid = torch.ops.llmkern.cross_entropy_fwd(x, y, IGNORE, 0.0, "mean")
-    assert int(n_valid) == 2
+    out, lse, n_valid, bad = torch.ops.llmkern.cross_entropy_fwd(x, y, IGNORE, 0.0, "mean")
+    assert int(n_valid) == 2 and int(bad) == 3  # (the kernel counts the out-of-range labels 50, -1, 1000)
     out.backward()
     keep = torch.tensor([3, IGNORE, IGNORE, 7, IGNORE, IGNORE], device=DEV)
     xd = x.detach().double().requires_grad_()
@@ -358,7 +358,7 @@ def test_opcheck(triton_backend):
     xs = base[:, 1:].requires_grad_()   # a [B, T, V] slice: the two-stride path
     torch.library.opcheck(torch.ops.llmkern.cross_entropy_fwd.default,
                           (xs, _labels((6,), 70, 2, dtype=torch.int32), IGNORE, 3.0, "none"))
-    _, lse, n = torch.ops.llmkern.cross_entropy_fwd(x.detach(), y, IGNORE, 0.0, "sum")
+    _, lse, n, _ = torch.ops.llmkern.cross_entropy_fwd(x.detach(), y, IGNORE, 0.0, "sum")
     torch.library.opcheck(torch.ops.llmkern.cross_entropy_bwd.default,
                           (torch.tensor(0.5, device=DEV), x.detach(), y, lse, n, IGNORE, 0.0, "sum"))
 

@@ -17,7 +17,7 @@ HERE = os.path.abspath(__file__)
 def main():
     from llmkern.kernels import cross_entropy as C
 
-    types = dict(X="*bf16", DX="*bf16", LABELS="*i64", LOSS="*fp32", LSE="*fp32", DOUT="*fp32",
+    types = dict(X="*bf16", DX="*bf16", LABELS="*i64", LOSS="*fp32", LSE="*fp32", BAD="*i32", DOUT="*fp32",
                  NVALID="*i64", sc_in="fp32", sc_out="fp32", eps="fp32", target="fp32", uniform="fp32", z2="fp32")
     rows = [("fwd aligned", C._ce_fwd, dict(HAS_SOFTCAP=False, SMOOTH=False, ALIGNED=True)),
             ("fwd softcap unaligned", C._ce_fwd, dict(HAS_SOFTCAP=True, SMOOTH=False, ALIGNED=False)),

@@ -113,7 +113,7 @@ def _ce_rows(dt, full):
     from llmkern.kernels import cross_entropy as C
 
     V = 128256  # Llama 3's vocabulary
-    types = dict(X=f"*{dt}", DX=f"*{dt}", LABELS="*i64", LOSS="*fp32", LSE="*fp32", DOUT="*fp32",
+    types = dict(X=f"*{dt}", DX=f"*{dt}", LABELS="*i64", LOSS="*fp32", LSE="*fp32", BAD="*i32", DOUT="*fp32",
                  NVALID="*i64", sc_in="fp32", sc_out="fp32", eps="fp32", target="fp32", uniform="fp32", z2="fp32")
     f32 = dict(types, X="*fp32", DX="*fp32")
     variants = [  # (name, kernel, types, flags, element size)

@@ -181,7 +181,7 @@ def test_new_arguments_under_opcheck_and_torch_compile(triton_backend):
     x = torch.randn(4, 70, generator=gen).to(DEV).requires_grad_()
     y = _labels((4,), 70, 1, gen).to(DEV)
     torch.library.opcheck(torch.ops.llmkern.cross_entropy_fwd.default, (x, y, IGNORE, 2.0, "mean", 0.1, 0.01))
-    _, lse, n = torch.ops.llmkern.cross_entropy_fwd(x.detach(), y, IGNORE, 0.0, "none", 0.2, 0.01)
+    _, lse, n, _ = torch.ops.llmkern.cross_entropy_fwd(x.detach(), y, IGNORE, 0.0, "none", 0.2, 0.01)
     torch.library.opcheck(torch.ops.llmkern.cross_entropy_bwd.default,
                           (torch.rand(4, generator=gen).to(DEV), x.detach(), y, lse, n, IGNORE, 0.0, "none", 0.2,
                            0.01))
@@ -239,6 +239,28 @@ def test_out_of_range_labels_raise_where_values_are_not_read(triton_backend, mon
     torch.testing.assert_close(llmkern.cross_entropy(x, ok), F.cross_entropy(x, ok))
     with _checks.trusted():  # (the caller vouches for the values: no check, the kernels' semantics)
         llmkern.cross_entropy(x, bad)
+
+
+@needs_triton
+def test_forward_kernel_counts_out_of_range_labels(triton_backend):
+    """The forward kernel counts the labels neither in [0, V) nor ignore_index (the ops' one assert_async reads
+    that count): compared as int64, so an int32 -100 is not ignore_index 2**32 - 100 nor 2**40; a count passed in
+    is added to (linear_cross_entropy's chunks share one)."""
+    from llmkern.kernels.cross_entropy import cross_entropy_forward
+
+    V = 20
+    x = torch.randn(7, V, device=DEV)
+    values = [3, V, -1, IGNORE, 5, 2**31 - 1, 0]
+    for dtype in (torch.int64, torch.int32):
+        y = torch.tensor(values, device=DEV, dtype=dtype)
+        for ignore_index in (IGNORE, 5, 2**32 - 100, 2**40):
+            want = sum(not 0 <= v < V and v != ignore_index for v in values)
+            _, _, bad = cross_entropy_forward(x, y, ignore_index=ignore_index)
+            assert bad.dtype == torch.int32 and bad.shape == ()
+            assert int(bad) == want, (dtype, ignore_index)
+        acc = torch.full((), 2, device=DEV, dtype=torch.int32)
+        assert cross_entropy_forward(x[:3], y[:3], bad_count=acc)[2] is acc
+        assert int(acc) == 4  # 2 + the chunk's V and -1
 
 
 # ---- the vocabulary-parallel loss on two gloo ranks -------------------------------------------------------------

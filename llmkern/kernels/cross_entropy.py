@@ -12,8 +12,9 @@ Semantics (those of ``F.cross_entropy(logits.float(), labels, ignore_index=...)`
   softmax - (1 - eps) onehot - eps / V; the z-loss's gradient, 2 z_loss lse softmax, is added by the
   backward (its forward term, z_loss lse^2, by the caller from the saved logsumexp);
 - a row is ignored when label == ignore_index, and also when the label lies outside [0, V): the
-  kernels never read out of bounds and never sync the host to check (the public ops reject such
-  labels: by reading them on CPU tensors in eager mode, elsewhere with an assert_async).
+  kernels never read out of bounds and never sync the host to check: the forward counts such rows
+  (label neither in [0, V) nor ignore_index) into a one-element int32 output, and the public ops reject
+  them: by reading the labels on CPU tensors in eager mode, elsewhere with an assert_async on that count.
 
 Kernels:
 - `_ce_fwd`: one program per row; loops over V in BLOCK_V chunks with an online max / sum-exp in
@@ -23,6 +24,7 @@ Kernels:
   log(sum) and the backward's probabilities would not sum to 1. One read of the logits; ignored rows
   read nothing.
   With label smoothing (SMOOTH) the same pass also sums z - z[label] (one more running sum).
+  A row whose label is out of range adds 1 to BAD (an atomic only such rows issue: none normally).
 - `_ce_bwd`: one program per (row, chunk of BLOCK_V columns): recomputes softmax from the saved
   logsumexp pair, exp((z - lse) - lse_lo), and writes dlogits = (softmax - onehot(label)) * g_row [* (1 - tanh^2) with softcap]
   in the logits' dtype. g_row = dout[row * stride_dout] (stride 0: one scalar for mean/sum),
@@ -111,12 +113,14 @@ def _fwd_chunk(x_row, rel, shift, end, m, s, t, z0, sc_in, sc_out, MASKED: tl.co
 
 
 @triton.jit
-def _ce_fwd(X, LABELS, LOSS, LSE, T, stride_b, stride_t, V, ignore_index, sc_in, sc_out, eps,
+def _ce_fwd(X, LABELS, LOSS, LSE, BAD, T, stride_b, stride_t, V, ignore_index, sc_in, sc_out, eps,
             HAS_SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
             ALIGNED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     label, valid, base, shift, end = _row_setup(LABELS, row, T, stride_b, stride_t, V, ignore_index,
                                                 VEC, ALIGNED)
+    # out of range and not ignore_index: counted for the op's assert (int64 compare, as _row_setup's)
+    tl.atomic_add(BAD, 1, mask=(~valid) & (label != ignore_index), sem="relaxed")
     x_row = X + base
     # the label's logit first (one scalar load): label smoothing sums the logits relative to it
     xl = tl.load(x_row + shift + tl.where(valid, label, 0), mask=valid, other=0.0).to(tl.float32)
@@ -269,28 +273,33 @@ def _rows_congruent(logits, vec):
 
 
 @launches_on_device
-def cross_entropy_forward(logits, labels, *, ignore_index=-100, softcap=0.0, label_smoothing=0.0):
-    """Per-row loss float32 [N] and logsumexp float32 [N, 2] (0 for ignored rows).
+def cross_entropy_forward(logits, labels, *, ignore_index=-100, softcap=0.0, label_smoothing=0.0, bad_count=None):
+    """Per-row loss float32 [N], logsumexp float32 [N, 2] (0 for ignored rows) and the number of rows whose
+    label lies outside [0, V) without being ignore_index, an int32 0-dim tensor (such rows are ignored).
 
     logits: [N, V] or [B, T, V] (last dim contiguous, else copied), float32/float16/bfloat16;
     labels: [N] int64 or int32 (N = B * T). label_smoothing eps: the loss is
     (1 - eps) (lse - z[label]) + eps (lse - mean(z)), one more running sum in the same pass.
-    (The z-loss, z_loss * lse^2, is added by the caller from the logsumexp.)"""
+    (The z-loss, z_loss * lse^2, is added by the caller from the logsumexp.)
+    bad_count: an int32 0-dim tensor the count is added to (linear_cross_entropy's chunks share one, one
+    assert per call), returned; None: a new one, zeroed here."""
     logits = _last_contig(logits)
     labels = labels.reshape(-1).contiguous()
     V = logits.shape[-1]
     N = labels.numel()
     loss = torch.empty(N, device=logits.device, dtype=torch.float32)
     lse = torch.empty(N, 2, device=logits.device, dtype=torch.float32)  # (log-sum-exp and its rounding)
+    if bad_count is None:
+        bad_count = torch.zeros((), device=logits.device, dtype=torch.int32)
     if N == 0:
-        return loss, lse
+        return loss, lse, bad_count
     B, T, sb, st = _rows(logits)
     sc_in, sc_out = _softcap_args(softcap)
     bv, nw = config(V, _vec(logits))
-    _ce_fwd[(N,)](logits, labels, loss, lse, T, sb, st, V, int(ignore_index), sc_in, sc_out,
+    _ce_fwd[(N,)](logits, labels, loss, lse, bad_count, T, sb, st, V, int(ignore_index), sc_in, sc_out,
                   float(label_smoothing), HAS_SOFTCAP=bool(softcap), SMOOTH=bool(label_smoothing), BLOCK_V=bv,
                   VEC=_vec(logits), ALIGNED=_aligned(logits), num_warps=nw)
-    return loss, lse
+    return loss, lse, bad_count
 
 
 @launches_on_device

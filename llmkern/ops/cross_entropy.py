@@ -59,16 +59,18 @@ _softcap = _checks.softcap_arg
 
 
 def _check(logits, labels, ignore_index, reduction):
+    """The argument checks; returns _check_labels's deferred message (or None)."""
     _tensor("logits", logits)
     if logits.dtype not in _DTYPES:
         raise ValueError(f"logits must be float32, float16 or bfloat16 (float64: reference only), "
                          f"got {logits.dtype}")
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must have shape [N, V] or [..., V] with V >= 1, got {tuple(logits.shape)}")
-    _check_labels(labels, tuple(logits.shape[:-1]), logits.shape[-1], logits.device, ignore_index,
-                  "logits.shape[:-1]", "logits")
+    deferred = _check_labels(labels, tuple(logits.shape[:-1]), logits.shape[-1], logits.device, ignore_index,
+                             "logits.shape[:-1]", "logits")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return deferred
 
 
 def _label_smoothing_arg(label_smoothing):
@@ -102,6 +104,11 @@ def ignored(labels, ignore_index):
 
 
 def _check_labels(labels, lead, V, device, ignore_index, lead_name, device_name):
+    """Checks the labels' type, shape and device, and on CPU in eager mode their values (ValueError). Returns
+    the message of the value check left to the caller (None: none), where the values cannot be read: CUDA (a
+    read is a host sync), torch.compile and CUDA graph capture (no read at all); the caller runs it as an
+    assert_async (_assert_labels, or on the count of the kernels, which treat such a row as ignored: a silently
+    wrong loss unchecked), a device-side assert on CUDA as F.cross_entropy's."""
     _tensor("labels", labels)
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"labels must be an int64 or int32 tensor of class indices (class probabilities "
@@ -121,18 +128,23 @@ def _check_labels(labels, lead, V, device, ignore_index, lead_name, device_name)
     # (not inside _checks.trusted(); nor under torch.func, where vmap's batched labels have no values to read: bool()
     # raised vmap's "data-dependent control flow" error, where F.cross_entropy runs)
     if N == 0 or _checks.values_trusted() or _checks._functorch_active():
-        return
+        return None
     message = f"labels must be in [0, {V}) or equal ignore_index ({ignore_index})"
     if labels.device.type == "cpu" and _checks.checking_values():
         if _checks.has_values(labels):
             bad = _out_of_range(labels, V, ignore_index)
             if bool(bad.any()):
                 raise ValueError(f"{message}, got {int(labels[bad].reshape(-1)[0])}")
-    elif torch.compiler.is_compiling() or _checks.has_values(labels):
-        # CUDA (a read is a host sync), torch.compile and CUDA graph capture (no read at all): checked when it
-        # runs, a device-side assert on CUDA as F.cross_entropy's; the kernels would count such a row as ignored,
-        # a silently wrong loss
-        _checks.assert_async(~_out_of_range(labels, V, ignore_index).any(), message)
+        return None
+    if torch.compiler.is_compiling() or _checks.has_values(labels):
+        return message
+    return None
+
+
+def _assert_labels(labels, V, ignore_index, message):
+    """The deferred value check of the reference path (nine launches on CUDA; the kernels' paths assert on the
+    forward kernel's count instead: three, its zeros, the == 0 and the assert)."""
+    _checks.assert_async(~_out_of_range(labels, V, ignore_index).any(), message)
 
 
 def _out_of_range(labels, V, ignore_index):
@@ -184,10 +196,11 @@ def _reduce(loss, n_valid, reduction):
 @torch.library.custom_op("llmkern::cross_entropy_fwd", mutates_args=())
 def _ce_fwd_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float,
                reduction: str, label_smoothing: float = 0.0,
-               z_loss: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               z_loss: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [N, V] or [B, T, V]; labels [N]. Returns (loss: float32 0-dim, or [N] for "none", the z-loss
     included; lse float32 [N, 2]: the log-sum-exp and its rounding error, 0 at ignored rows; n_valid int64
-    0-dim)."""
+    0-dim; bad int32 0-dim: the rows whose label is neither in [0, V) nor ignore_index, for the caller's
+    assert)."""
     return _fwd_impl(logits, labels, ignore_index, softcap, reduction, label_smoothing, z_loss)
 
 
@@ -200,19 +213,20 @@ def _z_rows(lse, z_loss):
 
 
 def _fwd_impl(logits, labels, ignore_index, softcap, reduction, label_smoothing=0.0, z_loss=0.0):
-    loss, lse = _kern().cross_entropy_forward(logits, labels, ignore_index=ignore_index, softcap=softcap,
-                                              label_smoothing=label_smoothing)
+    loss, lse, bad = _kern().cross_entropy_forward(logits, labels, ignore_index=ignore_index, softcap=softcap,
+                                                   label_smoothing=label_smoothing)
     if z_loss:
         loss = loss + _z_rows(lse, z_loss)
     n_valid = _n_valid(labels, logits.shape[-1], ignore_index)
-    return _reduce(loss, n_valid, reduction), lse, n_valid
+    return _reduce(loss, n_valid, reduction), lse, n_valid, bad
 
 
 @_ce_fwd_op.register_fake
 def _(logits, labels, ignore_index, softcap, reduction, label_smoothing=0.0, z_loss=0.0):
     N = labels.shape[0]
     out = logits.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
-    return out, logits.new_empty((N, 2), dtype=torch.float32), labels.new_empty((), dtype=torch.int64)
+    return (out, logits.new_empty((N, 2), dtype=torch.float32), labels.new_empty((), dtype=torch.int64),
+            labels.new_empty((), dtype=torch.int32))
 
 
 @torch.library.custom_op("llmkern::cross_entropy_bwd", mutates_args=())
@@ -236,13 +250,13 @@ def _(dout, logits, labels, lse, n_valid, ignore_index, softcap, reduction, labe
 
 def _setup_context(ctx, inputs, output):
     logits, labels = inputs[:2]
-    _, lse, n_valid = output
+    _, lse, n_valid, bad = output
     ctx.save_for_backward(logits, labels, lse, n_valid)
     ctx.args = tuple(inputs[2:])  # ignore_index, softcap, reduction[, label_smoothing, z_loss]
-    ctx.mark_non_differentiable(lse, n_valid)
+    ctx.mark_non_differentiable(lse, n_valid, bad)
 
 
-def _backward(ctx, dout, _dlse, _dn, bwd=None):
+def _backward(ctx, dout, _dlse, _dn, _dbad, bwd=None):
     logits, labels, lse, n_valid = ctx.saved_tensors
     dlogits = (bwd or _ce_bwd_op)(dout, logits, labels, lse, n_valid, *ctx.args)
     return (dlogits,) + (None,) * (1 + len(ctx.args))
@@ -257,7 +271,7 @@ _CrossEntropyFunction = _checks.eager_twin("_CrossEntropyFunction", _fwd_impl, _
 
 
 def _ce_fwd(logits, labels, *args):
-    """(loss, lse, n_valid), differentiable in logits: the custom op under torch.compile, its eager
+    """(loss, lse, n_valid, bad), differentiable in logits: the custom op under torch.compile, its eager
     twin otherwise."""
     if _checks.eager_fast_path(logits, labels):
         return _CrossEntropyFunction.apply(logits, labels, *args)
@@ -304,7 +318,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     F.cross_entropy(logits) on float16/bfloat16 logits itself would return the logits' dtype.
     The gradient with respect to logits has the logits' dtype and shape.
     """
-    _check(logits, labels, ignore_index, reduction)
+    deferred = _check(logits, labels, ignore_index, reduction)
     sc = _softcap(softcap)
     eps, lam, with_z = _loss_terms(label_smoothing, z_loss, return_z_loss)
     lead = logits.shape[:-1]
@@ -316,10 +330,14 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
                            "the reference (F.cross_entropy on float32 logits), not the kernels")
         backend = "reference"
     if backend != "triton" or logits.numel() == 0:
+        if deferred:
+            _assert_labels(labels, logits.shape[-1], ignore_index, deferred)
         return ref.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction,
                                  softcap=sc or None, label_smoothing=eps, z_loss=lam, return_z_loss=with_z)
     x = _flat_logits(logits)
-    out, lse, n_valid = _ce_fwd(x, labels.reshape(-1), int(ignore_index), sc, reduction, eps, lam)
+    out, lse, n_valid, bad = _ce_fwd(x, labels.reshape(-1), int(ignore_index), sc, reduction, eps, lam)
+    if deferred:  # (on the forward kernel's count of out-of-range labels: no host sync)
+        _checks.assert_async(bad == 0, deferred)
     if reduction == "none":
         out = out.reshape(lead)
     if not with_z:
@@ -364,13 +382,15 @@ def _add_mm(acc, a, b):
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def _ce_rows(logits, labels, n_valid, ignore_index, softcap, mean, label_smoothing, z_loss, need_grad):
+def _ce_rows(logits, labels, n_valid, ignore_index, softcap, mean, label_smoothing, z_loss, need_grad,
+             bad_count=None):
     """(per-row loss with its z-loss, dloss/dlogits in the logits' dtype or None, per-row z-loss or None without
-    z_loss) of one chunk of rows."""
+    z_loss) of one chunk of rows. The kernels add the chunk's out-of-range labels to bad_count (int32 0-dim); the
+    reference does not count them."""
     if _backend_for(logits.device, logits.dtype) == "triton":
         kern = _kern()
-        loss, lse = kern.cross_entropy_forward(logits, labels, ignore_index=ignore_index, softcap=softcap,
-                                               label_smoothing=label_smoothing)
+        loss, lse, _ = kern.cross_entropy_forward(logits, labels, ignore_index=ignore_index, softcap=softcap,
+                                                  label_smoothing=label_smoothing, bad_count=bad_count)
         z_rows = _z_rows(lse, z_loss) if z_loss else None
         if z_loss:
             loss = loss + z_rows
@@ -403,7 +423,8 @@ def _dw_dtype(dtype):
 def _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size, need_dh, need_dw,
               need_db, label_smoothing=0.0, z_loss=0.0):
     """(loss, dh [N, d] or empty, dW [V, d] or empty (_dw_dtype), db float32 [V] or empty, z_term: the z-loss
-    part of the loss, reduced as it, float32 0-dim): the gradients
+    part of the loss, reduced as it, float32 0-dim, bad: the kernels' count of labels neither in [0, V) nor
+    ignore_index, int32 0-dim, 0 on the reference): the gradients
     of the summed loss (upstream gradient 1, no 1 / n_valid) are computed here, chunk by chunk, while each
     chunk's logits exist; the backward scales them by g (/ n_valid for "mean") in float32. The logits never
     exist for more than one chunk of rows. (Unnormalised, the 16-bit dlogits and dh are p - onehot and
@@ -422,13 +443,14 @@ def _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, ch
     db = torch.zeros(V, device=h.device, dtype=acc) if need_db else h.new_empty(0, dtype=acc)
     total = torch.zeros((), device=h.device, dtype=acc)
     z_total = torch.zeros((), device=h.device, dtype=acc)
+    bad = torch.zeros((), device=h.device, dtype=torch.int32)  # (shared by the chunks' kernels)
     step = _lce_chunk_rows(N, V, chunk_size)
     logits = dl = None
     for lo in range(0, N, step):
         hc = h[lo:lo + step]
         logits = torch.nn.functional.linear(hc, weight, bias)
         loss, dl, z_rows = _ce_rows(logits, y[lo:lo + step], n_valid, ignore_index, softcap, False, label_smoothing,
-                                    z_loss, need_dh or need_dw or need_db)
+                                    z_loss, need_dh or need_dw or need_db, bad)
         total += loss.sum()
         if z_rows is not None:
             z_total += z_rows.sum()
@@ -452,14 +474,14 @@ def _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, ch
         dw = dw.to(_dw_dtype(weight.dtype))
     if mean:
         total, z_total = total / n_valid, z_total / n_valid
-    return total, dh, dw, db, z_total
+    return total, dh, dw, db, z_total, bad
 
 
 @torch.library.custom_op("llmkern::linear_cross_entropy_fwd", mutates_args=())
 def _lce_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                 ignore_index: int, softcap: float, reduction: str, chunk_size: int, need_dh: bool,
                 need_dw: bool, need_db: bool, label_smoothing: float = 0.0, z_loss: float = 0.0
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _lce_impl(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size, need_dh, need_dw,
                      need_db, label_smoothing, z_loss)
 
@@ -474,17 +496,17 @@ def _(hidden, weight, bias, labels, ignore_index, softcap, reduction, chunk_size
     dh = hidden.new_empty((N, d)) if need_dh else hidden.new_empty(0)
     dw = hidden.new_empty((V, d), dtype=_dw_dtype(weight.dtype)) if need_dw else hidden.new_empty(0, dtype=f32)
     db = hidden.new_empty((V,), dtype=f32) if need_db and bias is not None else hidden.new_empty(0, dtype=f32)
-    return loss, dh, dw, db, hidden.new_empty((), dtype=f32)
+    return loss, dh, dw, db, hidden.new_empty((), dtype=f32), hidden.new_empty((), dtype=torch.int32)
 
 
 def _lce_setup(ctx, inputs, output):
     hidden, weight, bias, labels, ignore_index, _, reduction = inputs[:7]
-    _, dh, dw, db, z_term = output
+    _, dh, dw, db, z_term, bad = output
     ctx.save_for_backward(dh, dw, db, labels)
     ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype, weight.shape[0],
                 ignore_index, reduction == "mean")
     ctx.n_inputs = len(inputs)
-    ctx.mark_non_differentiable(dh, dw, db, z_term)
+    ctx.mark_non_differentiable(dh, dw, db, z_term, bad)
 
 
 def _lce_backward(ctx, g, *_):
@@ -576,8 +598,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if dt is not None:
         hidden, weight, bias = (_checks.autocast_cast(dt, t) for t in (hidden, weight, bias))
     _check_lce(hidden, weight, bias, labels, reduction, chunk_size)
-    _check_labels(labels, tuple(hidden.shape[:-1]), weight.shape[0], hidden.device, ignore_index,
-                  "hidden.shape[:-1]", "hidden")
+    deferred = _check_labels(labels, tuple(hidden.shape[:-1]), weight.shape[0], hidden.device, ignore_index,
+                             "hidden.shape[:-1]", "hidden")
     sc = _softcap(softcap)
     eps, lam, with_z = _loss_terms(label_smoothing, z_loss, return_z_loss)
     if _checks._functorch_active():
@@ -602,6 +624,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
             out = _LinearCrossEntropyFunction.apply(hidden, weight, bias, labels, *args)
         else:
             out = _lce_fwd_op(hidden, weight, bias, labels, *args)
+    if deferred:  # (the chunks' kernels counted the out-of-range labels; the reference chunks do not)
+        if _backend_for(hidden.device, hidden.dtype) == "triton":
+            _checks.assert_async(out[5] == 0, deferred)
+        else:
+            _assert_labels(labels, weight.shape[0], ignore_index, deferred)
     return (out[0], out[4]) if with_z else out[0]
 
 
