@@ -630,8 +630,10 @@ def _accumulates(prm):
         accumulator = prm.view_as(prm).grad_fn.next_functions[0][0]  # (the live AccumulateGrad node of prm)
     try:
         return bool(will_run(accumulator))
-    except RuntimeError:  # ("a leaf node ... while running autograd.grad()": it captures the gradient, adds nothing)
-        return False
+    except RuntimeError as e:  # ("a leaf node ... while running autograd.grad()": it captures the gradient, adds
+        if "autograd.grad" in str(e):  # nothing); any other error is not taken for that
+            return False
+        raise
 
 
 def reduction_key(op, group):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkern.ops import _checks
-from llmkern.ops.cross_entropy import _loss_terms, check_chunk_size, ignored
+from llmkern.ops.cross_entropy import _LABEL_DTYPES, _loss_terms, check_chunk_size, ignored
 from llmkern.parallel import comm
 
 
@@ -372,7 +372,7 @@ class VocabParallelLMHead(comm.SharesProcessGroups, nn.Module):
         _check_hidden("vocab_parallel_loss", h, self.in_features)
         # (int64 / int32 as linear_cross_entropy takes: uint8 labels indexed the logits as a mask, a silently wrong
         # gradient on some ranks, and int16 failed in the indexing)
-        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in _LABEL_DTYPES:
             raise TypeError(f"vocab_parallel_loss: labels must be an int64 or int32 tensor of class indices, got "
                             f"{getattr(labels, 'dtype', type(labels).__name__)}")
         ignore_index = _ignore_index_arg(ignore_index)
