@@ -29,6 +29,7 @@ Unsupported (ValueError naming it): lookaround (?=..) (?!..) (?<=..) (?<!..), ba
   possessive quantifiers, conditionals, comments (?#..), \\N{...}.
 """
 import bisect
+import decimal
 import json
 import math
 import numbers
@@ -999,6 +1000,7 @@ _JSON_NUMBER = _JSON_INTEGER + r"(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
 _JSON_IGNORED = {"title", "description", "examples", "default", "$schema", "$id", "$comment", "additionalProperties",
                  "$defs", "definitions", "deprecated", "readOnly", "writeOnly"}
 _BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+_ANY_VALUE_DEPTH = 2  # {} / additionalProperties: true without max_recursion_depth: containers nest this deep
 _JSON_KEYS = {  # what each type honours; any other key raises (ignoring it could produce invalid documents)
     "string": {"minLength", "maxLength", "pattern", "format"}, "integer": _BOUNDS, "number": _BOUNDS,
     "boolean": set(), "null": set(), "array": {"items", "minItems", "maxItems"}, "object": {"properties", "required"},
@@ -1020,23 +1022,34 @@ _FORMATS = {
 _JSON_RAW = _complement(_merge([(0, 0x1F), (0x22, 0x22), (0x5C, 0x5C), _SURROGATES]))
 
 
-def json_schema_regex(schema, whitespace=r"[ ]?"):
+def json_schema_regex(schema, whitespace=r"[ ]?", *, max_recursion_depth=None):
     r"""A regex (for RegexConstraint) whose matches are JSON documents valid under `schema`, a dict (or its JSON
     text) in this subset of JSON Schema (vLLM's guided_json; Pydantic's model_json_schema() output):
       {"type": "string"} with minLength / maxLength, or with pattern, or with format;
       {"type": "integer"} with minimum / maximum / exclusiveMinimum / exclusiveMaximum (exact: any integer
         bounds, negative ones included; draft 4's boolean exclusiveMinimum / exclusiveMaximum too);
-      {"type": "number"} (bounds on non-integer numbers raise: no exact regex here), "boolean", "null";
+      {"type": "number"}, with minimum / maximum / exclusive bounds (draft 6 and draft 4): then written
+        without an exponent, every such number in range (an exclusive float bound b: from b's neighbouring
+        float on, so a document never rounds onto b when parsed as a float); integer bounds beyond 2**53 raise;
+      "boolean", "null"; {} (no keyword but annotations): any JSON value, arrays / objects nested at most
+        max_recursion_depth deep (2 when it is None);
       {"type": [..]}: a list of those types (e.g. ["string", "null"]; each honours its own keywords);
       {"enum": [...]} / {"const": v} of JSON scalars;
       {"type": "array", "items": <schema>} (with minItems / maxItems);
       {"type": "object", "properties": {...}, "required": [...]}: the properties in the order given (required
-        ones always, the others optionally), no others (so additionalProperties, false or not, always holds);
+        ones always, the others optionally); no others when additionalProperties is false or absent; when it
+        is a schema (or true / {}: any value, as {} above), after the declared ones any number of extra
+        members valued under it, each key written without escapes and equal to no declared property name
+        (extra keys may repeat one another: json.loads keeps the last, every value is valid anyway);
       {"anyOf": [..]} / {"oneOf": [..]}: any of the schemas (oneOf's "exactly one" is not enforced: a document
         valid under two of them matches too); {"allOf": [s]} of one schema;
       {"$ref": "#/$defs/Name"} (or any JSON pointer into the schema: "#/definitions/..." etc.), alone in its
-        object; a $ref that reaches itself again raises, naming the chain (recursive schemas are refused).
-    Integers are written without fraction or exponent; numbers and strings as JSON allows (escapes included).
+        object; a $ref that reaches itself again raises, naming the chain, unless max_recursion_depth=N is
+        given: then a $ref is expanded inside itself at most N times, and past that its branch is not offered
+        (an optional property is left out, an anyOf / oneOf alternative dropped, an array's items absent, so
+        [] only where minItems allows); a schema whose every document nests deeper raises, naming the $ref.
+    Integers are written without fraction or exponent; unbounded numbers and strings as JSON allows (escapes
+    included).
     pattern: JSON Schema's reading, an unanchored search of the string's value: each top-level alternative
       gets [^"\\\x00-\x1f]* around it unless it opens with ^ / closes with $; the syntax is llmkern's subset of
       Python's re (see the module docstring) with ECMA-262's classes (\d = [0-9], \w = [A-Za-z0-9_], \s and .
@@ -1051,22 +1064,36 @@ def json_schema_regex(schema, whitespace=r"[ ]?"):
       email      dot-atom local part of letters, digits and !#$%&'*+/=?^_`{|}~- ; "@"; two or more DNS labels
                  (letters, digits, inner hyphens): a subset of RFC 5322 (no quoted local parts, no IP domains)
     title, description, examples, default, deprecated, readOnly, writeOnly, $schema, $id, $comment,
-    additionalProperties and $defs / definitions (read through $ref) are ignored; any other keyword
+    $defs / definitions (read through $ref), and additionalProperties outside objects, are ignored; any other keyword
     (multipleOf, patternProperties, not, if, uniqueItems, ...) raises ValueError naming it. `whitespace`: the
     regex allowed around punctuation (default: an optional space; "" for compact JSON)."""
     if isinstance(schema, str):
         schema = json.loads(schema)
     if not isinstance(whitespace, str):
         raise TypeError(f"json_schema_regex: whitespace must be a str (a regex), got {type(whitespace).__name__}")
+    if max_recursion_depth is not None and (not isinstance(max_recursion_depth, numbers.Integral) or isinstance(
+            max_recursion_depth, bool) or max_recursion_depth < 0):
+        raise ValueError(f"json_schema_regex: max_recursion_depth must be None or an int >= 0, got "
+                         f"{max_recursion_depth!r}")
     compile_regex(whitespace)  # (a bad whitespace pattern is named here, not inside the composed regex)
-    return _SchemaRegex(schema, f"(?:{whitespace})" if whitespace else "").build(schema, "schema")
+    conv = _SchemaRegex(schema, f"(?:{whitespace})" if whitespace else "", max_recursion_depth)
+    out = conv.build(schema, "schema")
+    if out is None:  # (NO_MATCH: every branch went past the depth)
+        cut = ", ".join(repr(r) for r in dict.fromkeys(conv.cut))
+        raise ValueError(f"json_schema_regex: every document of the schema nests $ref {cut} more than "
+                         f"max_recursion_depth={max_recursion_depth} times (each branch recurses: a required "
+                         f"property, a non-empty array or every alternative leads back to it)")
+    return out
 
 
 class _SchemaRegex:
-    """The conversion's context: the root (where $ref points) and the $refs being expanded (recursion)."""
+    """The conversion's context: the root (where $ref points), the $refs being expanded (recursion) and how
+    often one may be expanded inside itself. build returns None for a schema no document may take here (a
+    recursive $ref past max_depth): its callers drop that branch (an optional property, an alternative, the
+    items of an array that may be empty) or are None themselves."""
 
-    def __init__(self, root, ws):
-        self.root, self.ws, self.refs = root, ws, []
+    def __init__(self, root, ws, max_depth=None):
+        self.root, self.ws, self.refs, self.max_depth, self.cut = root, ws, [], max_depth, []
 
     def build(self, schema, where):
         if not isinstance(schema, dict):
@@ -1082,6 +1109,8 @@ class _SchemaRegex:
             if not isinstance(values, list) or not values:
                 raise ValueError(f"json_schema_regex: {where}.enum must be a non-empty list")
             return "(?:" + "|".join(_scalar_literal(v, where) for v in values) + ")"
+        if not keys:  # {} (annotations at most): any JSON value
+            return self._any_value(self._any_depth())
         kinds = schema.get("type")
         names = kinds if isinstance(kinds, list) and kinds else [kinds]
         valid = [k for k in names if isinstance(k, str) and k in _JSON_KEYS]
@@ -1091,7 +1120,7 @@ class _SchemaRegex:
             raise ValueError(f"json_schema_regex: {where}.type lists a type twice: {kinds!r}")
         if len(names) == 1:
             return self._typed(schema, names[0], where)
-        return "(?:" + "|".join(self._typed(schema, k, where) for k in names) + ")"
+        return _either([self._typed(schema, k, where) for k in names])
 
     def _typed(self, schema, kind, where):
         if not isinstance(kind, str) or kind not in _JSON_KEYS:
@@ -1101,11 +1130,10 @@ class _SchemaRegex:
             return self._string(schema, where)
         if kind == "integer":
             return _integer_regex(schema, where)
-        if kind == "number" and _BOUNDS & set(schema):
-            raise ValueError(f"json_schema_regex: {where}: bounds {sorted(_BOUNDS & set(schema))} on a number are not "
-                             f"supported (no exact regex for bounded decimals with exponents); use type integer")
-        if kind == "number" or kind == "null":
-            return {"number": _JSON_NUMBER, "null": "null"}[kind]
+        if kind == "number":
+            return _number_regex(schema, where) if _BOUNDS & set(schema) else _JSON_NUMBER
+        if kind == "null":
+            return "null"
         if kind == "boolean":
             return "(?:true|false)"
         if kind == "array":
@@ -1116,10 +1144,13 @@ class _SchemaRegex:
         if not isinstance(ref, str) or not ref.startswith("#"):
             raise ValueError(f"json_schema_regex: {where}.$ref must point into the schema (start with '#'), got "
                              f"{ref!r}")
-        if ref in self.refs:
+        if ref in self.refs and self.max_depth is None:
             chain = " -> ".join(self.refs[self.refs.index(ref):] + [ref])
             raise ValueError(f"json_schema_regex: recursive $ref {ref!r} at {where} ({chain}): recursive schemas "
-                             f"have no regex (only a bounded depth would); define the structure without the cycle")
+                             f"have no regex; pass max_recursion_depth=N to unroll the recursion N levels deep")
+        if self.refs.count(ref) > (self.max_depth or 0):  # (past the depth: this branch is not offered)
+            self.cut.append(ref)
+            return None
         target = self.root
         for part in ref[1:].lstrip("/").split("/") if ref not in ("#", "#/") else []:
             part = part.replace("~1", "/").replace("~0", "~")
@@ -1138,7 +1169,7 @@ class _SchemaRegex:
     def _alternatives(self, name, options, where):
         if not isinstance(options, list) or not options:
             raise ValueError(f"json_schema_regex: {where}.{name} must be a non-empty list of schemas")
-        return "(?:" + "|".join(self.build(sub, f"{where}.{name}[{i}]") for i, sub in enumerate(options)) + ")"
+        return _either([self.build(sub, f"{where}.{name}[{i}]") for i, sub in enumerate(options)])
 
     def _anyOf(self, options, where):
         return self._alternatives("anyOf", options, where)
@@ -1173,11 +1204,15 @@ class _SchemaRegex:
             raise ValueError(f"json_schema_regex: {where} (an array) needs items")
         item = self.build(schema["items"], where + ".items")
         lo, hi = _bounds(schema, "minItems", "maxItems", where)
+        return self._list(item, lo, hi)
+
+    def _list(self, item, lo, hi):
+        """A JSON array of lo..hi (None: any number of) items; None where it needs an item and item is None."""
         ws = self.ws
+        if item is None or hi == 0:
+            return None if lo > 0 else rf"\[{ws}{ws}\]"
         more = f"(?:{ws},{ws}{item})"
-        if hi == 0:
-            body = ""
-        elif lo == 0:
+        if lo == 0:
             body = f"(?:{item}{more}{_repeat(0, None if hi is None else hi - 1)})?"
         else:
             body = f"{item}{more}{_repeat(lo - 1, None if hi is None else hi - 1)}"
@@ -1188,8 +1223,14 @@ class _SchemaRegex:
         if not isinstance(props, dict) or not isinstance(required, list) or set(required) - set(props):
             raise ValueError(f"json_schema_regex: {where} needs properties (a dict) and required (a list of its "
                              f"keys), got properties={props!r}, required={required!r}")
-        items = [(_scalar_literal(name, where) + f"{ws}:{ws}" + self.build(sub, f"{where}.properties.{name}"),
-                  name in required) for name, sub in props.items()]
+        items = []
+        for name, sub in props.items():
+            value = self.build(sub, f"{where}.properties.{name}")
+            if value is None and name in required:  # (a required member past the recursion depth)
+                return None
+            if value is not None:  # (an optional one is left out)
+                items.append((_scalar_literal(name, where) + f"{ws}:{ws}" + value, name in required))
+        extra = self._extra_member(schema, list(props), where)
 
         def rest(i, first):
             """The members from the i-th on; `first`: none written yet (no comma before the next)."""
@@ -1203,11 +1244,86 @@ class _SchemaRegex:
                 return f"(?:{sep}{member})?" + rest(i + 1, False)
             return f"(?:{member}{rest(i + 1, False)}|{rest(i + 1, True)})"
 
-        return r"\{" + ws + rest(0, True) + ws + r"\}"
+        if extra is None:
+            return r"\{" + ws + rest(0, True) + ws + r"\}"
+        # extra members follow the declared ones: after at least one member, or opening the object
+        more = f"(?:{ws},{ws}{extra})*"
+        if any(needed for _, needed in items):
+            body = rest(0, True) + more
+        else:  # the declared members, at least one (the i-th the first written), or none
+            firsts = [items[i][0] + rest(i + 1, False) for i in range(len(items))]
+            body = "(?:" + "|".join(f"{m}{more}" for m in firsts + [extra]) + ")?"
+        return r"\{" + ws + body + ws + r"\}"
+
+    def _extra_member(self, schema, declared, where):
+        """The regex of one additional member ("key": value), or None where the schema allows none here."""
+        extra = schema.get("additionalProperties", False)
+        if extra is False:
+            return None
+        if extra is True:
+            value = self._any_value(self._any_depth())
+        elif isinstance(extra, dict):
+            value = self.build(extra, f"{where}.additionalProperties")
+        else:
+            raise ValueError(f"json_schema_regex: {where}.additionalProperties must be a bool or a schema (dict), "
+                             f"got {extra!r}")
+        if value is None:
+            return None
+        return '"' + _raw_string_except(declared) + f'"{self.ws}:{self.ws}' + value
+
+    def _any_depth(self):
+        return _ANY_VALUE_DEPTH if self.max_depth is None else self.max_depth
+
+    def _any_value(self, depth):
+        """Any JSON value, arrays and objects nested at most `depth` deep (then only scalars)."""
+        scalar = f'(?:"{_JSON_STRING_CHAR}*"|{_JSON_NUMBER}|true|false|null)'
+        if depth == 0:
+            return scalar
+        inner, ws = self._any_value(depth - 1), self.ws
+        member = f'"{_JSON_STRING_CHAR}*"{ws}:{ws}{inner}'
+        obj = rf"\{{{ws}(?:{member}(?:{ws},{ws}{member})*)?{ws}\}}"
+        return f"(?:{scalar}|{self._list(inner, 0, None)}|{obj})"
 
 
-def _integer_regex(schema, where):
-    """The integers within the schema's bounds (JSON Schema draft 6+, or draft 4's boolean exclusives)."""
+def _either(options):
+    """Alternatives, the None ones (branches not offered) left out; None where all are."""
+    kept = [o for o in options if o is not None]
+    if not kept:
+        return None
+    return "(?:" + "|".join(kept) + ")"
+
+
+def _raw_string_except(names):
+    """The content of a JSON string written without escapes, other than the given strings (a key that would
+    duplicate a declared property): a walk of the names' trie where each node may end (unless a name ends
+    there), take a character that leaves the trie (then anything), or go on along the trie."""
+    trie = {}
+    for name in names:
+        node = trie
+        for c in name:
+            node = node.setdefault(c, {})
+        node[None] = True  # (a name ends here)
+    any_char = _intervals_regex(_JSON_RAW)
+
+    def walk(node):
+        chars = [c for c in node if c is not None and _intersect([(ord(c), ord(c))], _JSON_RAW)]  # (else: unreachable)
+        alts = [] if None in node else [""]
+        others = _intersect(_JSON_RAW, _complement(_merge((ord(c), ord(c)) for c in chars)))
+        if others:
+            alts.append(_intervals_regex(others) + any_char + "*")
+        alts += [_escape_char(c) + walk(node[c]) for c in chars]
+        return "(?:" + "|".join(alts) + ")"
+
+    return walk(trie)
+
+
+def _escape_char(c):
+    return _intervals_regex([(ord(c), ord(c))])
+
+
+def _schema_bounds(schema, where):
+    """(minimum, maximum, exclusiveMinimum, exclusiveMaximum) as given (None where absent; the exclusives a
+    number, or draft 4's bool beside minimum / maximum)."""
     def bound(name):
         v = schema.get(name)
         if v is None or isinstance(v, bool):
@@ -1222,6 +1338,12 @@ def _integer_regex(schema, where):
         if isinstance(flag, bool) and flag and base is None:
             raise ValueError(f"json_schema_regex: {where}.{name}=true (draft 4) needs "
                              f"{'minimum' if name.endswith('Minimum') else 'maximum'}")
+    return lo, hi, ex_lo, ex_hi
+
+
+def _integer_regex(schema, where):
+    """The integers within the schema's bounds (JSON Schema draft 6+, or draft 4's boolean exclusives)."""
+    lo, hi, ex_lo, ex_hi = _schema_bounds(schema, where)
     low = [math.ceil(lo) + (ex_lo is True and lo == math.ceil(lo))] if lo is not None else []
     high = [math.floor(hi) - (ex_hi is True and hi == math.floor(hi))] if hi is not None else []
     if ex_lo is not None and not isinstance(ex_lo, bool):
@@ -1253,11 +1375,16 @@ def _natural_range(a, b):
     """Decimal numbers without leading zeros in [a, b] (a >= 1; b None: unbounded)."""
     width_a = len(str(a))
     width_b = width_a if b is None else len(str(b))
-    alts = []
+    alts, full = [], []  # full: widths every number of which is in range (one alternative for a run of them)
     for width in range(width_a, width_b + 1):
         lo = max(a, 10 ** (width - 1))
         hi = 10 ** width - 1 if b is None else min(b, 10 ** width - 1)
-        alts.append(_same_width_range(str(lo), str(hi)))
+        if lo == 10 ** (width - 1) and hi == 10 ** width - 1 and width > 1:
+            full.append(width)
+        else:
+            alts.append(_same_width_range(str(lo), str(hi)))
+    if full:  # (consecutive: only the first and the last width can be partial)
+        alts.append("[1-9][0-9]{%d,%d}" % (full[0] - 1, full[-1] - 1))
     if b is None:  # every longer number exceeds a
         alts.append("[1-9][0-9]{%d,}" % width_a)
     return "(?:" + "|".join(alts) + ")"
@@ -1359,3 +1486,120 @@ def _scalar_literal(v, where):
         raise ValueError(f"json_schema_regex: {where}.enum values must be JSON scalars, got {v!r}")
     text = json.dumps(v)
     return "".join("\\" + c if not c.isalnum() and c not in ' "' else c for c in text)
+
+
+def _number_regex(schema, where):
+    """JSON numbers within the schema's bounds, written without an exponent. Each bound becomes an inclusive
+    decimal D that float rounding cannot cross: a float bound b reads as repr(b) (the shortest decimal that
+    rounds to b; rounding is monotone, so x >= repr(b) gives float(x) >= b); an exclusive one as repr of b's
+    next float inward (x >= repr(nextafter(b, +inf)) gives float(x) > b), so a validator that parses the
+    document's number as a float (json.loads) and one that reads it exactly both accept every match."""
+    lo, hi, ex_lo, ex_hi = _schema_bounds(schema, where)
+    lower, upper = [], []
+    for value, flag, name, out, inward in ((lo, ex_lo, "minimum", lower, math.inf),
+                                           (hi, ex_hi, "maximum", upper, -math.inf)):
+        exclusive = "exclusiveM" + name[1:]
+        if value is not None:
+            out.append(_decimal_bound(value, flag is True, inward, f"{where}.{name}"))
+        if flag is not None and not isinstance(flag, bool):
+            out.append(_decimal_bound(flag, True, inward, f"{where}.{exclusive}"))
+    first, last = (max(lower) if lower else None), (min(upper) if upper else None)
+    if first is not None and last is not None and first > last:
+        raise ValueError(f"json_schema_regex: {where}'s bounds admit no number ({schema!r})")
+    return _decimal_range_regex(first, last)
+
+
+def _decimal_bound(value, exclusive, inward, where):
+    """An inclusive decimal bound for `value` (module docstring of _number_regex)."""
+    if isinstance(value, int) and abs(value) > 2 ** 53:  # (a float document near it compares inexactly)
+        raise ValueError(f"json_schema_regex: {where}={value} on a number: integer bounds beyond 2**53 are not "
+                         f"supported (write the bound as a float, or use type integer)")
+    if exclusive:
+        value = math.nextafter(float(value), inward)
+    return decimal.Decimal(repr(value)) if isinstance(value, float) else decimal.Decimal(value)
+
+
+def _decimal_range_regex(lo, hi):
+    """Numbers -?(0|[1-9][0-9]*)(\\.[0-9]+)? whose value lies in [lo, hi] (Decimals; None: unbounded); a minus
+    sign with a zero value ("-0", "-0.0") is allowed iff 0 is."""
+    parts = []
+    if hi is None or hi >= 0:
+        parts.append(_magnitude_regex(max(lo, 0) if lo is not None else decimal.Decimal(0), hi))
+    if lo is None or lo <= 0:
+        parts.append("-" + _magnitude_regex(max(-hi, 0) if hi is not None else decimal.Decimal(0),
+                                            None if lo is None else -lo))
+    return "(?:" + "|".join(parts) + ")"
+
+
+def _split_decimal(d):
+    """A Decimal >= 0 as (integer part, fraction digits without trailing zeros)."""
+    whole, _, frac = format(d, "f").partition(".")
+    return int(whole), frac.rstrip("0")
+
+
+def _magnitude_regex(a, b):
+    """Unsigned numbers (0|[1-9][0-9]*)(\\.[0-9]+)? with a <= value <= b (b None: unbounded), 0 <= a <= b."""
+    a_int, a_frac = _split_decimal(a)
+    if b is not None:
+        b_int, b_frac = _split_decimal(b)
+        if a_int == b_int:
+            return str(a_int) + _fraction_regex(a_frac, b_frac)
+    alts = [str(a_int) + _fraction_regex(a_frac, None)]
+    middle_hi = None if b is None else b_int - 1
+    if middle_hi is None or middle_hi >= a_int + 1:  # integer parts strictly inside: any fraction
+        middle = _natural_range(a_int + 1, middle_hi)
+        alts.append(middle + _fraction_regex("", None))
+    if b is not None:
+        alts.append(str(b_int) + _fraction_regex("", b_frac))
+    return "(?:" + "|".join(alts) + ")"
+
+
+def _fraction_regex(lo, hi):
+    """The optional fraction \\.[0-9]+ whose value 0.d lies in [0.lo, 0.hi] (digit strings without trailing
+    zeros, "" for 0; hi None: below 1). No fraction counts as 0."""
+    body = _digits_at_least(lo) if hi is None else _digits_between(lo, hi)
+    return rf"(?:\.{body})?" if lo == "" else rf"\.{body}"
+
+
+def _digits_at_least(f, nonempty=True):
+    """Digit strings d with 0.d >= 0.f (f: no trailing zeros); the empty one too iff f is "" and not nonempty.
+    A run of leading zeros in f is one counted repeat (bounds like 5e-324 have hundreds)."""
+    if not f:
+        return "[0-9]+" if nonempty else "[0-9]*"
+    k = len(f) - len(f.lstrip("0"))
+    first = int(f[k])
+    beyond = [f"[{first + 1}-9][0-9]*"] if first < 9 else []
+    tail = "(?:" + "|".join(beyond + [f[k] + _digits_at_least(f[k + 1:], False)]) + ")"
+    if not k:
+        return tail
+    return "(?:0{%d}%s|0{0,%d}[1-9][0-9]*)" % (k, tail, k - 1)  # (or a nonzero digit before f's first)
+
+
+def _digits_at_most(g, nonempty):
+    """Digit strings d with 0.d <= 0.g (g: no trailing zeros); the empty one too unless nonempty."""
+    if not g:
+        return "0+" if nonempty else "0*"
+    k = len(g) - len(g.lstrip("0"))
+    first = int(g[k])
+    zeros = "0{%d}" % k if k else ""
+    alts = [f"{zeros}[0-{first - 1}][0-9]*", zeros + g[k] + _digits_at_most(g[k + 1:], False)]
+    if k or not nonempty:  # d = up to k zeros and nothing more (value 0)
+        alts.append("0{%d,%d}" % (1 if nonempty else 0, k) if k else "")
+    return "(?:" + "|".join(alts) + ")"
+
+
+def _digits_between(f, g):
+    """Non-empty digit strings d with 0.f <= 0.d <= 0.g (f <= g as fractions, no trailing zeros)."""
+    if not f:
+        return _digits_at_most(g, True)
+    p = 0
+    while p < len(f) and p < len(g) and f[p] == g[p]:
+        p += 1
+    if p == len(f):  # f is a prefix of g: d extends f by at most g's rest
+        return f + _digits_at_most(g[p:], False)
+    a, b = int(f[p]), int(g[p])  # (a < b: f <= g and they differ here)
+    alts = [f[p] + _digits_at_least(f[p + 1:], False)]
+    if b - a >= 2:
+        alts.append(f"[{a + 1}-{b - 1}][0-9]*")
+    alts.append(g[p] + _digits_at_most(g[p + 1:], False))
+    return f[:p] + "(?:" + "|".join(alts) + ")"

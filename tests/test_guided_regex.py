@@ -423,7 +423,7 @@ def test_json_schema_regex_matches_valid_documents_only():
         assert want == valid == dfa.fullmatch(doc) == bool(re.fullmatch(pattern, doc)), doc
     assert json_schema_regex({"type": "integer"}, whitespace="") == json_schema_regex('{"type": "integer"}')
     for schema, what in [({"$ref": "#/x"}, "does not resolve"), ({"type": "string", "multipleOf": 2}, "'multipleOf'"),
-                         ({"type": "number", "minimum": 0}, "'minimum'"), ({"anyOf": []}, "non-empty list"),
+                         ({"anyOf": []}, "non-empty list"),
                          ({"not": {}}, "'not'"), ({"type": "strin"}, "type must be"),
                          ({"type": "array"}, "needs items"), ({"type": "string", "maxLength": -1}, "maxLength"),
                          ({"type": "string", "minLength": 3, "maxLength": 2}, "below"), ({"enum": []}, "enum"),
@@ -570,7 +570,6 @@ def test_json_schema_keyword_errors_name_the_problem():
             ({"type": "string", "pattern": "a", "maxLength": 3}, "combines"),
             ({"type": "string", "pattern": "a(?=b)"}, "pattern: .*lookahead"),
             ({"type": "string", "pattern": "a$b"}, "anchor"),
-            ({"type": "number", "maximum": 1}, r"bounds \['maximum'\] on a number"),
             ({"type": "integer", "minimum": 3, "maximum": 2.5}, "admit no integer"),
             ({"type": "integer", "exclusiveMinimum": True}, "needs minimum"),
             ({"type": "integer", "minimum": "1"}, "minimum must be a finite number"),
