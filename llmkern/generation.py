@@ -23,8 +23,9 @@ strategy does not (greedy unless strategy= says otherwise, whatever the checkpoi
 min_length, suppress_tokens and begin_suppress_tokens (no arguments of generate) ban tokens as transformers' do;
 forced_bos_token_id, forced_eos_token_id, sequence_bias, exponential_decay_length_penalty, remove_invalid_values,
 renormalize_logits and sampling's typical_p, epsilon_cutoff, eta_cutoff are generate's arguments (FROM_MODEL, the
-checkpoint's) applied as transformers' processors (_Processors); the keys transformers' generate applies and generate
-does not (guidance_scale, stop_strings, watermarking_config; sampling's top_h) warn where set.
+checkpoint's) applied as transformers' processors (_Processors); so is stop_strings (with tokenizer=, see generate);
+the keys transformers' generate applies and generate does not (guidance_scale, watermarking_config; sampling's top_h;
+stop_strings without a tokenizer) warn where set.
 
 Strategies (the seed deck's decoding slide):
   greedy  argmax of the (biased, penalised, masked) logits — llmkern.sample with temperature=0.
@@ -67,9 +68,10 @@ Speculative decoding (draft_model=, greedy or sample; Leviathan et al. 2023, Che
   target scores the k + 1 positions in one forward over its cache, llmkern.speculative_accept keeps
   a prefix of the proposals plus one token of its own, and both caches are cut back to the kept
   length (KVCache.crop: a length update, no copy). The output is distributed exactly as the target's
-  (processed: temperature, top_k, top_p, min_p, logit_bias, allowed_tokens, applied to both models'
-  logits alike); greedy emits the same tokens as plain greedy decoding (up to float rounding between
-  a k + 1-token and a 1-token forward deciding a near-tie). The draft needs the target's vocabulary.
+  (processed: temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, logit_bias,
+  allowed_tokens, applied to both models' logits alike); greedy emits the same tokens as plain greedy
+  decoding (up to float rounding between a k + 1-token and a 1-token forward deciding a near-tie). The
+  draft needs the target's vocabulary.
   Batches: every row keeps its own accepted run. The zoo's KVCache holds a length per row, so each
   cache is cut back per row (crop with a [B] tensor), and the rows' sequences grow by different
   amounts. The forwards stay rectangular: every row feeds the same number of tokens, the target its
@@ -327,7 +329,10 @@ _KNOBS = {
 }
 _NOT_SPECULATIVE = ("repetition_penalty", "min_new_tokens", "no_repeat_ngram_size", "bad_words_ids",
                     "forced_bos_token_id", "forced_eos_token_id", "sequence_bias", "exponential_decay_length_penalty",
-                    "remove_invalid_values", "typical_p", "epsilon_cutoff", "eta_cutoff")
+                    "remove_invalid_values")
+# sampling's warpers: functions of one position's scores, so speculative decoding applies them to both models'
+# distributions (_spec_probs) and stays exact
+_WARPERS = ("typical_p", "epsilon_cutoff", "eta_cutoff")
 _PROCESSOR_KNOBS = ("forced_bos_token_id", "forced_eos_token_id", "sequence_bias", "exponential_decay_length_penalty",
                     "remove_invalid_values", "renormalize_logits", "typical_p", "epsilon_cutoff", "eta_cutoff")
 
@@ -380,16 +385,18 @@ def _active(test, v):
         return True
 
 
-def _warn_ignored(model, strategy):
-    """warnings.warn for each key of _IGNORED that model.generation_config sets to a value transformers' generate
-    applies with this strategy (Python's default filter shows each message once per call site)."""
+def _warn_ignored(model, strategy, applied=()):
+    """warnings.warn for each key of _IGNORED (but those `applied` this call) that model.generation_config sets to a
+    value transformers' generate applies with this strategy (Python's default filter shows each message once per
+    call site)."""
     cfg = getattr(model, "generation_config", None)
     for name, (only, test) in _IGNORED.items():
         v = getattr(cfg, name, None)
-        if only in (None, strategy) and _active(test, v):
-            warnings.warn(f"model.generation_config.{name}={v!r}: llmkern's generate ignores it, where transformers' "
-                          f"generate applies it (their outputs may differ); set it to None to silence this",
-                          UserWarning, stacklevel=4)
+        if name not in applied and only in (None, strategy) and _active(test, v):
+            how = " (pass tokenizer= to apply it)" if name == "stop_strings" else ""
+            warnings.warn(f"model.generation_config.{name}={v!r}: llmkern's generate ignores it{how}, where "
+                          f"transformers' generate applies it (their outputs may differ); set it to None to silence "
+                          f"this", UserWarning, stacklevel=4)
 
 
 def _model_min_length(model, min_new_tokens):
@@ -744,6 +751,16 @@ class _Processors:
             y[:, self.eos] = eos_logits + boost
         return y
 
+    def warp_filtered(self, z):
+        """z [N, V] (scores / temperature after top-k / top-p / min-p) with typical_p, epsilon_cutoff, eta_cutoff's
+        removed tokens -inf."""
+        if self.typical_p < 1.0:
+            z = z.masked_fill(~_typical_keep(z, self.typical_p), float("-inf"))
+        for cutoff, eta in ((self.epsilon, False), (self.eta, True)):
+            if cutoff > 0.0:
+                z = z.masked_fill(~_cutoff_keep(z, cutoff, eta), float("-inf"))
+        return z
+
     def warp(self, y, temperature, top_k, top_p, min_p):
         """Sampling's scores y [N, V] with the tokens transformers' warpers remove set to -inf: temperature, top-k,
         top-p, min-p ([N] tensors, filter_rows), then typical_p, epsilon_cutoff, eta_cutoff on what is left; the
@@ -752,11 +769,7 @@ class _Processors:
 
         y = _as_scores(y.float())  # (llmkern.sample's reading of NaN and +inf logits)
         z = filter_rows(y / torch.where(temperature > 0, temperature, 1.0)[:, None], top_k, top_p, min_p)
-        if self.typical_p < 1.0:
-            z = z.masked_fill(~_typical_keep(z, self.typical_p), float("-inf"))
-        for cutoff, eta in ((self.epsilon, False), (self.eta, True)):
-            if cutoff > 0.0:
-                z = z.masked_fill(~_cutoff_keep(z, cutoff, eta), float("-inf"))
+        z = self.warp_filtered(z)
         return y.masked_fill(z == float("-inf"), float("-inf"))
 
 
@@ -777,8 +790,9 @@ def _processors(values, strategy, T, max_new_tokens, eos, vocab, draft_model):
              typical_p=float(v["typical_p"]), epsilon_cutoff=float(v["epsilon_cutoff"]) % 1.0,
              eta_cutoff=float(v["eta_cutoff"]) % 1.0)  # (1: off, as 0)
     on = [n for n in _PROCESSOR_KNOBS if v[n] not in (_KNOBS[n][0], None) and n != "renormalize_logits"]
-    if draft_model is not None and on:
-        raise ValueError(f"{', '.join(on)}: not supported with draft_model (speculative decoding)")
+    refused = [n for n in on if n not in _WARPERS]
+    if draft_model is not None and refused:
+        raise ValueError(f"{', '.join(refused)}: not supported with draft_model (speculative decoding)")
     if v["exponential_decay_length_penalty"] is not None and eos is None:
         raise ValueError("exponential_decay_length_penalty raises the eos logits: it needs an eos_token_id")
     if not on and not (v["renormalize_logits"] and strategy == "beam"):
@@ -978,7 +992,8 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
              no_repeat_ngram_size=FROM_MODEL, bad_words_ids=FROM_MODEL, stop_sequences=None, prompt_logprobs=False,
              forced_bos_token_id=FROM_MODEL, forced_eos_token_id=FROM_MODEL, sequence_bias=FROM_MODEL,
              exponential_decay_length_penalty=FROM_MODEL, remove_invalid_values=FROM_MODEL,
-             renormalize_logits=FROM_MODEL, typical_p=FROM_MODEL, epsilon_cutoff=FROM_MODEL, eta_cutoff=FROM_MODEL):
+             renormalize_logits=FROM_MODEL, typical_p=FROM_MODEL, epsilon_cutoff=FROM_MODEL, eta_cutoff=FROM_MODEL,
+             stop_strings=FROM_MODEL, tokenizer=None):
     """Continue `input_ids` [B, T] by up to `max_new_tokens` tokens (see the module docstring).
 
     eos_token_id, pad_token_id: FROM_MODEL (the default) takes them from `model.generation_config`, as
@@ -1005,8 +1020,10 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     renormalize_logits (beam search's scores; no greedy or sampled token changes) and typical_p, epsilon_cutoff,
     eta_cutoff (strategy="sample" only: given to greedy / beam search they raise): transformers' options of those
     names with its semantics and order (_Processors), FROM_MODEL: the checkpoint's (None / neutral without). All but
-    renormalize_logits raise with draft_model. Where one acts, the bias, penalties and masks run in torch before
-    llmkern.sample (not in its kernel), and with a sampling warper so do temperature / top-k / top-p / min-p.
+    renormalize_logits and the sampling warpers (typical_p, epsilon_cutoff, eta_cutoff: applied to both models'
+    distributions, so the output stays exactly the target's) raise with draft_model. Where one acts, the bias,
+    penalties and masks run in torch before llmkern.sample (not in its kernel), and with a sampling warper so do
+    temperature / top-k / top-p / min-p.
     attention_mask: [B, T], 1 = token, 0 = left padding (batched prompts of different lengths,
     transformers' convention: positions count real tokens only).
     draft_model: a smaller model with the same vocabulary and the same interface (plus
@@ -1027,6 +1044,15 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     one of them (kept in the output, as HF's stop_strings keep theirs; pad_token_id follows), like an eos of
     several tokens (vLLM's stop, on token ids: no tokenizer here), from the min_new_tokens-th new token on (as
     vLLM's min_tokens; transformers' stop_strings do not wait). Beam search and draft_model refuse them.
+    stop_strings, tokenizer: transformers' generate(stop_strings=..., tokenizer=...) (greedy and sample): a str or a
+    list of them; a row stops (kept, pad_token_id after) once the text of its tokens, prompt included, holds one
+    that ends inside its last token's text (it may begin in an earlier token or the prompt), matched on the
+    tokenizer's token texts (UTF-8 bytes for byte-level / byte-fallback tokenizers) as transformers'
+    StopStringCriteria matches them, from the first new token on (no wait for min_new_tokens). They need the
+    tokenizer (ValueError without one); beam search and draft_model refuse them. FROM_MODEL: the checkpoint's
+    (generation_config.json's stop_strings) where tokenizer= is given; without one they are ignored with a warning
+    (transformers raises). Unlike transformers without an eos_token_id, a stopped row is padded while others run.
+    Building the match tables reads the whole vocabulary once per call (Python: ~1 s for 128k tokens).
     prompt_logprobs: True (with return_dict=True; any strategy but speculative) adds the raw log-probability of
     every prompt token given the tokens before it (GenerationOutput.prompt_logprobs [N, T], vLLM's
     prompt_logprobs; NaN at padding and at a row's first token), from the prefill's logits of every position
@@ -1073,7 +1099,8 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
      length_penalty, early_stopping, *processor_values) = _model_knobs(model, strategy, draft_model is not None,
                                                                        vocab, given)
     processor_values = dict(zip(_PROCESSOR_KNOBS, processor_values))
-    _warn_ignored(model, strategy)
+    _warn_ignored(model, strategy, applied=() if tokenizer is None else ("stop_strings",))
+    stop_strings, stop_strings_name = _stop_strings_arg(model, stop_strings, tokenizer)
     early_stopping = _early_stopping(early_stopping)
     _check_strategy_options(strategy, draft_model, num_draft_tokens,
                             dict(temperature=(temperature, 1.0), top_k=(top_k, 0), top_p=(top_p, 1.0),
@@ -1113,6 +1140,10 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     stops = _check_stops(stop_sequences, strategy, draft_model, input_ids.device, vocab)
     if stops is not None:
         stops = _Stops(stops, min_new_tokens)
+    _check_stop_strings(stop_strings, stop_strings_name, strategy, draft_model)
+    if stop_strings is not None:  # (transformers' stop strings do not wait for min_new_tokens)
+        strings = _StopStrings(stop_strings, tokenizer, vocab, input_ids.device)
+        stops = strings if stops is None else _EitherStop(stops, strings)
     if torch.is_tensor(allowed_tokens):  # (moved once: a CPU mask's copy to a GPU each step would be a host sync)
         allowed_tokens = with_data("allowed_tokens", allowed_tokens).to(input_ids.device)
     if rules:
@@ -1161,7 +1192,8 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                 input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
                 mask = None if mask is None else mask.repeat_interleave(num_return_sequences, dim=0)
             out = _speculative_decode(model, draft_model, input_ids, max_new_tokens, strategy, eos, pad_token_id,
-                                      dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p),
+                                      dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                           warp=proc if proc is not None and proc.warps else None),
                                       logit_bias, seed, allowed_tokens, mask, num_draft_tokens, prompts)
         elif strategy == "beam":
             if not 1 <= num_return_sequences <= num_beams:
@@ -1232,6 +1264,198 @@ class _Stops:
         for w in self.words:
             if n_new >= w.numel():
                 done |= (seqs[:, seqs.shape[1] - w.numel():] == w).all(-1)
+        return done
+
+
+# ---- stop strings (transformers' StopStringCriteria) -------------------------------------------------
+
+_STOP_PREFIX = "abcdef"  # plain text decoded before each token, so a token's own text is what follows it
+
+
+def _stop_string_units(tokenizer):
+    """'bytes' when transformers matches this tokenizer's stop strings on UTF-8 bytes (a fast tokenizer whose decoder
+    is or holds ByteLevel or ByteFallback: a token may hold part of a character), else 'text' (characters); and, for
+    bytes, how raw-byte tokens read: 'byte_level' (GPT-2's alphabet) or 'byte_fallback' (<0xNN> pieces)."""
+    import json
+
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
+        return "text", None
+    if type(decoder).__name__ == "ByteLevel":
+        return "bytes", "byte_level"
+    try:
+        state = decoder.__getstate__()
+        state = json.loads(state.decode() if isinstance(state, bytes) else state)
+    except (AttributeError, TypeError, ValueError):
+        return "text", None
+    from llmkern.guided import _json_has_type
+
+    for kind in ("ByteFallback", "ByteLevel"):  # (both present: the <0xNN> tokens are the raw bytes)
+        if _json_has_type(state, kind):
+            return "bytes", "byte_fallback" if kind == "ByteFallback" else "byte_level"
+    return "text", None
+
+
+def _raw_byte(token, kind, alphabet):
+    """The bytes a raw-byte token stands for (byte_level: every character in GPT-2's alphabet; byte_fallback:
+    <0xNN>), else None."""
+    if kind == "byte_level":
+        return bytes(alphabet[c] for c in token) if all(c in alphabet for c in token) else None
+    if kind == "byte_fallback" and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        digits = token[3:5]
+        if all(c in "0123456789abcdefABCDEF" for c in digits):
+            return bytes([int(digits, 16)])
+    return None
+
+
+def _stop_token_texts(tokenizer, units, kind):
+    """{token id: the text (str, or UTF-8 bytes) the token adds to decoded text}, for every entry of
+    tokenizer.get_vocab() (special and added tokens included, as transformers reads them): raw-byte tokens by their
+    bytes, the others decoded after a plain prefix (so a SentencePiece token keeps its leading space), the prefix
+    cut off."""
+    from llmkern.guided import _byte_alphabet
+
+    alphabet = _byte_alphabet() if kind == "byte_level" else None
+    prefix = tokenizer.convert_ids_to_tokens(tokenizer(_STOP_PREFIX, add_special_tokens=False)["input_ids"])
+    texts = {}
+    for token, idx in tokenizer.get_vocab().items():
+        text = _raw_byte(token, kind, alphabet)
+        if text is None:
+            full = tokenizer.convert_tokens_to_string(list(prefix) + [token])
+            if _STOP_PREFIX not in full:  # (transformers' criteria fail on such a tokenizer too)
+                raise ValueError(f"stop_strings: the tokenizer does not give back the text {_STOP_PREFIX!r} it "
+                                 f"tokenized (it decodes to {full!r}), which reading its tokens' text needs")
+            text = full[full.index(_STOP_PREFIX) + len(_STOP_PREFIX):]
+            text = text.encode("utf-8") if units == "bytes" else text
+        texts[int(idx)] = text
+    return texts
+
+
+def _stop_strings_arg(model, stop_strings, tokenizer):
+    """(stop strings as a list of str, the name to blame) or (None, None): stop_strings=FROM_MODEL takes
+    model.generation_config.stop_strings where a tokenizer is given (without one it is ignored, with _IGNORED's
+    warning); a str is one stop string. An explicit value needs tokenizer= (as transformers)."""
+    name = "stop_strings"
+    if stop_strings is FROM_MODEL:
+        stop_strings = getattr(getattr(model, "generation_config", None), "stop_strings", None)
+        if tokenizer is None:
+            return None, None
+        name = "model.generation_config.stop_strings"
+    if stop_strings is None:
+        return None, None
+    words = [stop_strings] if isinstance(stop_strings, str) else stop_strings
+    if not isinstance(words, (list, tuple)) or not words or not all(isinstance(w, str) and w for w in words):
+        raise ValueError(f"{name} must be a non-empty string or a non-empty list of them, got {stop_strings!r}")
+    if tokenizer is None:
+        raise ValueError("stop_strings need the model's tokenizer: pass tokenizer= (a transformers tokenizer) to "
+                         "generate; its tokens' text is what the stop strings are matched against")
+    return list(words), name
+
+
+def _check_stop_strings(words, name, strategy, draft_model):
+    if words is not None and (strategy == "beam" or draft_model is not None):
+        raise ValueError(f"{name} are supported by strategy='greedy' and 'sample' without draft_model")
+
+
+class _StopStrings:
+    """transformers' StopStringCriteria: a row stops once the text of its tokens (prompt and padding included)
+    holds a stop string that ends inside the text of its last token (it may start in an earlier token, even in the
+    prompt, and run past the start of the earliest one). Texts are the tokenizer's (_stop_token_texts): characters,
+    or UTF-8 bytes for byte-level / byte-fallback tokenizers. Only the last W tokens are read, W the longest stop
+    string's length (as transformers: a token of empty text counts among them). Ids without text (outside the
+    tokenizer's vocabulary) match nothing.
+
+    On the device, per stop string s of n units, read backwards from the last token: the last token's text gives
+    the numbers of s's last units it holds (s ends in it), each earlier token extends a partial match of p units
+    when its text ends at s's unit n - p (or, running past s's start, ends with s's first n - p units), by its
+    length. A match reaches n. Tables [R, S, D] of bool: `ends` (which counts m in [1, n] a token's text starts a
+    match with) and `fits` (which partial counts p in [1, n) it extends), D = 2M + 1 for the longest M (a count
+    p < M plus a length clamped to M stays below D). No host sync."""
+
+    def __init__(self, words, tokenizer, vocab_size, device):
+        units, kind = _stop_string_units(tokenizer)
+        texts = _stop_token_texts(tokenizer, units, kind)
+        targets = [w.encode("utf-8") if units == "bytes" else w for w in words]
+        M = max(len(t) for t in targets)
+        self.window, D, S = M, 2 * M + 1, len(targets)
+        R = max(vocab_size or 0, max(texts, default=-1) + 1)  # row R: any id past both (no text)
+        ends = torch.zeros(R + 1, S, D, dtype=torch.bool)
+        fits = torch.zeros(R + 1, S, D, dtype=torch.bool)
+        length = torch.zeros(R + 1, dtype=torch.long)
+        marks = {"ends": ([], [], []), "fits": ([], [], [])}  # (rows, strings, counts), set at once below
+        for idx, text in texts.items():
+            length[idx] = min(len(text), M)
+            for j, s in enumerate(targets):
+                for table, counts in (("ends", _end_counts(text, s)), ("fits", _fit_counts(text, s))):
+                    rows, js, cols = marks[table]
+                    rows += [idx] * len(counts)
+                    js += [j] * len(counts)
+                    cols += counts
+        for table, (rows, js, cols) in ((ends, marks["ends"]), (fits, marks["fits"])):
+            table[torch.tensor(rows, dtype=torch.long), torch.tensor(js, dtype=torch.long),
+                  torch.tensor(cols, dtype=torch.long)] = True
+        if not ends.any():  # (as transformers: one that no token can end is let through while another can be)
+            raise ValueError(f"stop_strings: no token of the tokenizer can end any of {words!r} (characters the "
+                             f"vocabulary does not hold?), so they could never stop a row")
+        self.ends, self.fits, self.length = ends.to(device), fits.to(device), length.to(device)
+        n = torch.tensor([len(t) for t in targets])
+        self.reached = (torch.arange(D)[None, :] >= n[:, None]).to(device)  # [S, D]
+        self.shift = torch.arange(D, device=device)
+
+    def __call__(self, seqs, T0=None):
+        """bool [N]: the rows of seqs [N, t] whose last token ends a stop string."""
+        w = min(self.window, seqs.shape[1])
+        ids = seqs[:, seqs.shape[1] - w:].flip(1).clamp(0, self.ends.shape[0] - 1)
+        state = self.ends[ids[:, 0]]  # [N, S, D]: the match counts still open
+        hit = (state & self.reached).any(-1).any(-1)
+        for k in range(1, w):
+            live = state & self.fits[ids[:, k]]
+            src = self.shift[None, :] - self.length[ids[:, k]][:, None]  # [N, D]: count q came from q - length
+            state = live.gather(-1, src.clamp(min=0)[:, None, :].expand_as(live)) & (src >= 0)[:, None, :]
+            hit |= (state & self.reached).any(-1).any(-1)
+        return hit
+
+
+def _end_counts(text, s):
+    """The numbers m in [1, len(s)] of s's last units that `text` holds with s ending inside it: s ends at some
+    unit e of text (1-based), and text's units up to e are s's last min(e, len(s))."""
+    n, counts = len(s), set()
+    e = text.find(s[-1:])
+    while e >= 0:
+        m = min(e + 1, n)
+        if text[e + 1 - m:e + 1] == s[n - m:]:
+            counts.add(m)
+        e = text.find(s[-1:], e + 1)
+    return sorted(counts)
+
+
+def _fit_counts(text, s):
+    """The partial match counts p in [1, len(s)) that `text` extends: it ends where s's unmatched first n - p units
+    end, and equals the units before that, or (longer) ends with all of them. An empty text fits every count."""
+    n, counts = len(s), []
+    if text and text[-1:] not in s:  # (it must end on one of s's units)
+        return counts
+    for p in range(1, n):
+        rest = n - p
+        if len(text) <= rest:
+            ok = s[rest - len(text):rest] == text
+        else:
+            ok = text[len(text) - rest:] == s[:rest]
+        if ok:
+            counts.append(p)
+    return counts
+
+
+class _EitherStop:
+    """Several stop tests (each (seqs, T0) -> bool [N]) as one: a row stops when any says so."""
+
+    def __init__(self, *tests):
+        self.tests = tests
+
+    def __call__(self, seqs, T0):
+        done = self.tests[0](seqs, T0)
+        for test in self.tests[1:]:
+            done = done | test(seqs, T0)
         return done
 
 
@@ -1596,8 +1820,9 @@ def _spec_scores(logits, bias, allow):
 
 def _spec_probs(y, knobs):
     """The distribution llmkern.sample draws from, [B, n, V]: scores / temperature, top-k, top-p, min-p
-    (top_k_top_p_filter on knobs["filter_rows"], validated once by _speculative_decode), softmax; +inf
-    scores share their row's mass."""
+    (top_k_top_p_filter on knobs["filter_rows"], validated once by _speculative_decode), then typical_p /
+    epsilon_cutoff / eta_cutoff (knobs["warp"], a _Processors, as plain sampling's _Processors.warp), softmax;
+    +inf scores share their row's mass."""
     from llmkern.ops.sampling import filter_rows
 
     B, n, V = y.shape
@@ -1609,6 +1834,8 @@ def _spec_probs(y, knobs):
                        torch.where(pinf, torch.zeros_like(flat), torch.full_like(flat, float("-inf"))), flat)
     if knobs["filter_rows"] is not None:  # per-sequence [B] values -> per (sequence, position) row
         flat = filter_rows(flat, *(v.repeat_interleave(n) for v in knobs["filter_rows"]))
+    if knobs.get("warp") is not None:
+        flat = knobs["warp"].warp_filtered(flat)
     return torch.softmax(flat, -1).view(B, n, V)
 
 
