@@ -914,6 +914,13 @@ class _Stepper:
     def __call__(self, seqs, n_new):
         """Logits (float32) of the last position, given sequences whose last n_new tokens are new."""
         ids = seqs[:, -n_new:] if self.use_cache else seqs
+        recompute = getattr(self.model, "longrope_recompute", None)
+        if self.cache is not None and self.cache.seqlen and recompute is not None and \
+                recompute(self.cache.seqlen, seqs.shape[1]):
+            # (LongRoPE switches to its long factors here: the cached keys, rotated with the short ones, are
+            # computed again from the whole sequence, as transformers' Phi3ForCausalLM.generate drops its cache)
+            self.cache.crop(0)
+            ids = seqs
         kw = {}
         if self.mask is not None:
             if self.mask.shape[1] < seqs.shape[1]:  # generated tokens are real tokens
@@ -1788,6 +1795,11 @@ def _check_speculative(draft, input_ids, max_new_tokens, strategy, k, num_beams,
     for name, m in (("model", model), ("draft_model", draft)):
         if not callable(getattr(m, "new_cache", None)):
             raise ValueError(f"{name} must have new_cache(batch, max_len) (a zoo model) for speculative decoding")
+        crosses = getattr(m, "longrope_recompute", None)
+        if crosses is not None and any(crosses(n, n + 1) for n in range(input_ids.shape[1],
+                                                                         input_ids.shape[1] + max_new_tokens)):
+            raise ValueError(f"max_new_tokens: {name}'s LongRoPE switches to its long factors during this generation "
+                             f"(its cached keys would need computing again): not supported with draft_model")
     cfg, draft_cfg = getattr(model, "config", None), getattr(draft, "config", None)
     block = getattr(draft_cfg, "block_size", None)
     P = _prefix_positions(draft)

@@ -313,23 +313,12 @@ def test_phi3_peft_lora_adapter_round_trip(tmp_path, phi3_saved, variant):
 
 
 @pytest.mark.parametrize("changes, match", [
-    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
-                           "long_factor": [2.0] * 8, "original_max_position_embeddings": 32}),
-     "rope_parameters rope_type='longrope'"),
-    (dict(rope_scaling={"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}),
-     "rope_scaling rope_type='su'"),
-    # (Phi-4-mini's top-level key; a partial_rotary_factor in rope_parameters wins, as in Phi3Config)
-    (dict(partial_rotary_factor=0.75, rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
-     "partial_rotary_factor=0.75"),
-    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
-     "partial_rotary_factor=0.5"),
     (dict(resid_pdrop=0.1), "resid_pdrop"),
     (dict(layer_types=["sliding_attention", "full_attention"]), "layer_types"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(sliding_window=0), "sliding_window"),
     (dict(num_key_value_heads=4), "qkv_proj"),  # (the file's fused rows do not match the config)
-], ids=["longrope", "su-rope_scaling", "partial-rotary", "partial-rotary-in-rope", "resid_pdrop", "layer_types",
-        "hidden_act", "sliding_window", "qkv-rows"])
+], ids=["resid_pdrop", "layer_types", "hidden_act", "sliding_window", "qkv-rows"])
 def test_phi3_unsupported_configs_raise_naming_the_key(tmp_path, phi3_saved, changes, match):
     import shutil
 

@@ -18,6 +18,16 @@ Llama-family options (off by default; from_hf sets them for Mistral, Qwen2 and Q
   sliding_window_layers in the layers listed (None: every layer)
   hf_fused_projections  transformers' model has one qkv_proj and one gate_up_proj (Phi-3): the zoo's layers are
                         the same, only hf_module_names (PEFT checkpoints) maps them onto those fused rows
+  rotary_dim            partial rotary (Phi-4-mini's partial_rotary_factor): RoPE rotates the first rotary_dim
+                        channels of each q/k head (an even int in 2..head_dim), the others pass through unchanged
+                        (None: all head_dim channels)
+
+rope_scaling "longrope" (Phi-3 128k, Phi-3.5-mini, Phi-4-mini; transformers' _compute_longrope_parameters): the
+frequencies theta^(-2i/d) are divided per frequency by short_factor[i] (d / 2 numbers, d the rotary width) while a
+forward's positions stay below original_max_position_embeddings (max(position) + 1 <= it), by long_factor[i] once
+they reach past it, chosen per forward as transformers does; cos and sin are multiplied by attention_factor
+(default sqrt(1 + ln(factor) / ln(original_max_position_embeddings)) for factor > 1, else 1; factor defaults to
+block_size / original_max_position_embeddings).
 
 Gemma options (Llama family, off by default; from_hf sets them for Gemma, Gemma 2 and Gemma 3 text):
   activation            "gelu_tanh" / "gelu": the MLP is GeGLU, down(gelu(gate(x)) * up(x)) (Gemma)
@@ -140,7 +150,8 @@ class ModelConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0       # llama only
-    rope_scaling: Optional[dict] = None  # llama only: {"rope_type": "linear"|"dynamic"|"llama3"|"yarn", "factor": ...}
+    rope_scaling: Optional[dict] = None  # llama only: {"rope_type": "linear"|"dynamic"|"llama3"|"yarn"|"longrope", ...}
+    rotary_dim: Optional[int] = None  # llama only: the rotated channels of each q/k head (None: head_dim)
     tie_embeddings: Optional[bool] = None  # lm_head shares the token embedding (GPT default True)
     activation: Optional[str] = None  # "gelu_tanh" | "gelu" (GPT), "silu" (llama, SwiGLU)
     qkv_bias: Optional[bool] = None   # llama only: biases on q/k/v_proj (None: `bias`); Qwen2 True
@@ -216,7 +227,8 @@ class ModelConfig:
             self.head_dim = self.n_embd // self.n_head
         if not _pos_int(self.head_dim):
             raise ValueError(f"ModelConfig.head_dim must be a positive int, got {self.head_dim!r}")
-        if self.arch == "llama" and self.head_dim % 2 and not self.kv_lora_rank:  # (MLA: the rotary part's checked)
+        if self.arch == "llama" and self.head_dim % 2 and not self.kv_lora_rank and self.rotary_dim is None:
+            # (MLA: the rotary part's checked; partial rotary: rotary_dim's)
             raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
         if self.intermediate_size is None:
             if self.arch == "gpt":
@@ -250,9 +262,10 @@ class ModelConfig:
         if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not (
                 0 < float(self.rope_theta) <= _FLOAT32_MAX):
             raise ValueError(f"ModelConfig.rope_theta must be a finite number > 0, got {self.rope_theta!r}")
-        self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.arch)
+        self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.arch, self.block_size)
         self._check_llama_options()
         self._check_mla()
+        self._check_rotary_dim()
         self._check_moe()
 
     def _check_moe(self):
@@ -358,7 +371,8 @@ class ModelConfig:
         if self.arch != "llama":
             for f, off in (("qkv_bias", None), ("o_bias", None), ("qk_norm", False), ("sliding_window", None),
                            ("sliding_window_layers", None), ("pad_token_id", None),
-                           ("rope_theta", 10000.0), ("hf_fused_projections", False)) + _GEMMA_OFF + _MLA_OFF \
+                           ("rope_theta", 10000.0), ("hf_fused_projections", False), ("rotary_dim", None)) \
+                    + _GEMMA_OFF + _MLA_OFF \
                     + _GRANITE_OLMO_OFF:
                 if getattr(self, f) != off:
                     raise ValueError(f"ModelConfig.{f} applies to arch='llama' only, got arch={self.arch!r}")
@@ -465,10 +479,31 @@ class ModelConfig:
         if self.bias:
             raise ValueError("ModelConfig.bias=True is not supported with multi-head latent attention")
 
+    def _check_rotary_dim(self):
+        """rotary_dim (partial rotary: an even width within head_dim; not with MLA, whose qk_rope_head_dim is its
+        rotary width), and longrope's factor lists: one number per rotated frequency (rope_dim / 2)."""
+        R = self.rotary_dim
+        if R is not None:
+            if not _pos_int(R) or R % 2 or R > self.head_dim:
+                raise ValueError(f"ModelConfig.rotary_dim must be an even int in 2..head_dim={self.head_dim} or None "
+                                 f"(every channel), got {R!r}")
+            if self.kv_lora_rank:
+                raise ValueError("ModelConfig.rotary_dim is not supported with multi-head latent attention "
+                                 "(kv_lora_rank > 0: qk_rope_head_dim is its rotary width)")
+        s = self.rope_scaling
+        if s is not None and s["rope_type"] == "longrope":
+            for key in ("short_factor", "long_factor"):
+                if len(s[key]) != self.rope_dim // 2:
+                    raise ValueError(f"ModelConfig.rope_scaling[{key!r}] must hold rope_dim / 2 = {self.rope_dim // 2} "
+                                     f"numbers (one per rotary frequency), got {len(s[key])}")
+
     @property
     def rope_dim(self):
-        """The channels RoPE rotates in each q/k head: qk_rope_head_dim with MLA, else head_dim."""
-        return self.qk_rope_head_dim if self.kv_lora_rank else self.head_dim
+        """The channels RoPE rotates in each q/k head: qk_rope_head_dim with MLA, else rotary_dim (partial rotary),
+        else head_dim."""
+        if self.kv_lora_rank:
+            return self.qk_rope_head_dim
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
     @property
     def qk_nope_head_dim(self):
@@ -550,11 +585,13 @@ ROPE_SCALING_KEYS = {
     "dynamic": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor", "original_max_position_embeddings"),
+    "longrope": ("original_max_position_embeddings",),  # (and the factor lists: _longrope_options)
 }
 
 
-def _check_rope_scaling(scaling, arch):
-    """None for plain RoPE, else a dict with rope_type and its float parameters (validated)."""
+def _check_rope_scaling(scaling, arch, block_size=None):
+    """None for plain RoPE, else a dict with rope_type and its float parameters (validated). block_size: the
+    model's context, longrope's default factor (block_size / original_max_position_embeddings)."""
     if scaling is None:
         return None
     if arch != "llama":
@@ -582,6 +619,42 @@ def _check_rope_scaling(scaling, arch):
                          f"low_freq_factor ({out['low_freq_factor']})")
     if kind == "yarn":
         out.update(_yarn_options(scaling, out["factor"]))
+    if kind == "longrope":
+        out.update(_longrope_options(scaling, out["original_max_position_embeddings"], block_size))
+    return out
+
+
+def _longrope_options(scaling, original, block_size):
+    """LongRoPE's keys: short_factor / long_factor (lists of numbers > 0, as float tuples; their length is checked
+    against the rotary width by ModelConfig), factor (default block_size / original) and attention_factor (the
+    cos/sin multiplier; default sqrt(1 + ln(factor) / ln(original)) for factor > 1, else 1), as transformers'
+    _compute_longrope_parameters."""
+    out = {}
+    for key in ("short_factor", "long_factor"):
+        v = scaling.get(key)
+        if not isinstance(v, (list, tuple)) or not v or not all(
+                not isinstance(x, bool) and isinstance(x, (int, float)) and _float32_positive(x) for x in v):
+            raise ValueError(f"ModelConfig.rope_scaling[{key!r}] must be a non-empty list of finite numbers > 0 for "
+                             f"rope_type 'longrope', got {v!r}")
+        out[key] = tuple(float(x) for x in v)
+    factor = scaling.get("factor")
+    if factor is None:
+        if block_size is None:
+            raise ValueError("ModelConfig.rope_scaling['factor'] must be given for rope_type 'longrope' without a "
+                             "block_size (its default is block_size / original_max_position_embeddings)")
+        factor = block_size / original
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not _float32_positive(factor):
+        raise ValueError(f"ModelConfig.rope_scaling['factor'] must be a finite number > 0 for rope_type 'longrope', "
+                         f"got {factor!r}")
+    att = scaling.get("attention_factor")
+    if att is None:
+        if factor > 1.0 and original <= 1.0:  # (ln(original) = 0 would divide by zero)
+            raise ValueError(f"ModelConfig.rope_scaling['original_max_position_embeddings'] must exceed 1 for "
+                             f"longrope's default attention_factor, got {original!r}")
+        att = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
+    if isinstance(att, bool) or not isinstance(att, (int, float)) or not _float32_positive(att):
+        raise ValueError(f"ModelConfig.rope_scaling['attention_factor'] must be a finite number > 0, got {att!r}")
+    out.update(factor=float(factor), attention_factor=float(att))
     return out
 
 

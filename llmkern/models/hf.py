@@ -27,15 +27,20 @@ Supported config.json model_types:
            attention_bias; a config.json without pad_token_id takes Olmo2Config's 1. In bfloat16 / float16 the
            norms round as LlamaRMSNorm (normalised value rounded, then times the gain); Olmo2RMSNorm multiplies in
            float32 and rounds once: the last bit can differ (float32: the same)
-  phi3     Phi3ForCausalLM (Phi-3-mini-4k / Phi-3-medium-4k: plain RoPE) -> Llama: the fused qkv_proj (rows q,
-           k, v) and gate_up_proj (rows gate, then up) are split into q/k/v_proj and gate/up_proj; head_dim (default
-           hidden_size / num_attention_heads); sliding_window (null: none) in every layer, as transformers 5.24's
-           Phi3Model masks with it (Phi-3-mini-4k's 2047); attention_dropout as Llama's; embd_pdrop ignored, as
-           transformers' Phi3Model ignores it; original_max_position_embeddings ignored (longrope's only).
-           Refused, naming the key: rope_scaling / rope_parameters rope_type other than "default" (Phi-3's
-           "longrope", which transformers also makes of "su" and "yarn": the 128k variants, Phi-3.5-mini,
-           Phi-4-mini), partial_rotary_factor != 1 (Phi-4-mini's 0.75: the zoo rotates every head channel),
-           resid_pdrop != 0 (the zoo's Llama has no residual dropout), layer_types (Phi3 reads none).
+  phi3     Phi3ForCausalLM (Phi-3-mini-4k / Phi-3-medium-4k, Phi-3 128k, Phi-3.5-mini, Phi-4-mini) -> Llama: the
+           fused qkv_proj (rows q, k, v) and gate_up_proj (rows gate, then up) are split into q/k/v_proj and
+           gate/up_proj; head_dim (default hidden_size / num_attention_heads); sliding_window (null: none) in every
+           layer, as transformers 5.24's Phi3Model masks with it (Phi-3-mini-4k's 2047); attention_dropout as
+           Llama's; embd_pdrop ignored, as transformers' Phi3Model ignores it. partial_rotary_factor (the RoPE
+           dict's, else the top-level key; Phi-4-mini's 0.75): RoPE on the first int(head_dim * factor) channels of
+           each head (ModelConfig.rotary_dim). rope_type "longrope" (also its old names "su" and "yarn"):
+           short_factor / long_factor, factor and attention_factor from the RoPE dict, the top-level
+           original_max_position_embeddings (default 4096, which wins over the dict's, as in Phi3Config); each
+           forward takes the long factors when its largest position + 1 exceeds it. transformers' Phi3 generate
+           recomputes its KV cache at the step that crosses over (Llama.longrope_recompute says which step).
+           Refused, naming the key: another rope_type, a partial_rotary_factor outside (0, 1] or giving an odd
+           number of rotary channels, factor lists not of rotary width / 2 numbers, resid_pdrop != 0 (the zoo's
+           Llama has no residual dropout), layer_types (Phi3 reads none). longrope on other model_types: refused.
            A config.json without pad_token_id takes Phi3Config's 32000 (the embedding's padding_idx). PEFT
            adapters on qkv_proj / gate_up_proj map onto the split layers (ModelConfig.hf_fused_projections).
   gemma    GemmaForCausalLM -> Llama with a GeGLU MLP (hidden_act), RMSNorm gains (1 + w) in float32,
@@ -199,6 +204,19 @@ def _rope_parameters(hf):
     return theta, rope
 
 
+def _hf_rope_scaling(rope, family):
+    """The zoo's rope_scaling of a non-Phi-3 family's RoPE dict (ValueError naming the key). longrope is taken
+    from phi3 checkpoints only (phi3_config): transformers' Phi3ForCausalLM.generate recomputes its cache where
+    the factors switch, the other classes do not, and partial rotary there is Phi3's."""
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "longrope":
+        raise ValueError(f"from_hf: {family} config rope_type 'longrope' is not supported (it is for model_type "
+                         f"'phi3': Phi-3 128k, Phi-3.5, Phi-4-mini)")
+    try:
+        return _check_rope_scaling(rope, "llama")
+    except ValueError as e:
+        raise ValueError(f"from_hf: {e}") from None
+
+
 # config.json defaults of the Llama-family classes (transformers 5), for keys a file may leave out
 _QWEN_WINDOW = dict(use_sliding_window=False, sliding_window=4096, max_window_layers=28)
 _QWEN_MOE = dict(use_sliding_window=False, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=False)
@@ -215,7 +233,7 @@ _FAMILY_DEFAULTS = {
     "qwen3_moe": dict(max_position_embeddings=32768, num_key_value_heads=4, head_dim=None, num_experts=128,
                       num_experts_per_tok=8, moe_intermediate_size=768, **_QWEN_MOE),
     "phi3": dict(max_position_embeddings=4096, num_key_value_heads=None, head_dim=None, rms_norm_eps=1e-5,
-                 sliding_window=None),
+                 sliding_window=None, original_max_position_embeddings=4096),
     "granite": dict(max_position_embeddings=2048, num_key_value_heads=None, head_dim=None, rms_norm_eps=1e-6,
                     embedding_multiplier=1.0, residual_multiplier=1.0, attention_multiplier=1.0, logits_scaling=1.0),
     "olmo2": dict(max_position_embeddings=2048, num_key_value_heads=None, head_dim=None, rms_norm_eps=1e-5),
@@ -280,10 +298,7 @@ def llama_config(hf):
     # transformers >= 5 writes rope_parameters (theta and scaling in one dict); older configs
     # rope_theta and rope_scaling.
     theta, rope = _rope_parameters(hf)
-    try:
-        scaling = _check_rope_scaling(rope, "llama")
-    except ValueError as e:
-        raise ValueError(f"from_hf: {e}") from None
+    scaling = _hf_rope_scaling(rope, family)
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"from_hf: {family} config hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
     if family in ("llama", "granite"):  # attention_bias: q/k/v/o; mlp_bias: gate/up/down
@@ -334,15 +349,9 @@ def phi3_config(hf):
     rope = hf.get(key) or {}
     if not isinstance(rope, dict):
         raise ValueError(f"from_hf: phi3 config {key}={rope!r} must be a dict or null")
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"from_hf: phi3 config {key} rope_type={kind!r} is not supported (only 'default': Phi-3's "
-                         f"'longrope', which transformers also makes of 'su' and 'yarn', is not implemented)")
-    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if isinstance(partial, bool) or partial != 1:
-        raise ValueError(f"from_hf: phi3 config partial_rotary_factor={partial!r} is not supported (only 1.0: "
-                         f"transformers rotates the first head_dim * factor channels of each head, the zoo's Llama "
-                         f"all of them)")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rotary_dim = _phi3_rotary_dim(hf, rope)
+    scaling = _phi3_longrope(hf, rope, key)
     resid = hf.get("resid_pdrop") or 0.0
     if isinstance(resid, bool) or not isinstance(resid, (int, float)) or resid != 0:
         raise ValueError(f"from_hf: phi3 config resid_pdrop={resid!r} is not supported (only 0: the zoo's Llama "
@@ -350,7 +359,48 @@ def phi3_config(hf):
     if hf.get("layer_types") is not None:
         raise ValueError("from_hf: phi3 config layer_types is not supported (transformers' Phi3 reads none and "
                          "slides in every layer when sliding_window is set)")
-    return llama_config(hf).replace(hf_fused_projections=True)
+    # (the RoPE keys are read above: llama_config sees plain RoPE of that base)
+    plain = {**hf, "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+             "partial_rotary_factor": None}
+    try:
+        return llama_config(plain).replace(hf_fused_projections=True, rotary_dim=rotary_dim, rope_scaling=scaling)
+    except ValueError as e:
+        raise ValueError(str(e) if str(e).startswith("from_hf") else f"from_hf: phi3 config: {e}") from None
+
+
+def _phi3_rotary_dim(hf, rope):
+    """The rotated channels of each head (None: all), as Phi3's RoPE: int(head_dim * partial_rotary_factor), the
+    factor from the RoPE dict, else config.json's top-level key (Phi-4-mini's 0.75), else 1."""
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+        raise ValueError(f"from_hf: phi3 config partial_rotary_factor={partial!r} must be a number in (0, 1]")
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    dim = int(head_dim * partial)
+    if dim == head_dim:
+        return None
+    if dim < 2 or dim % 2:  # (transformers' frequencies would not match its rotated width)
+        raise ValueError(f"from_hf: phi3 config partial_rotary_factor={partial!r} gives int(head_dim={head_dim} * "
+                         f"factor) = {dim} rotary channels; only an even number >= 2 is supported")
+    return dim
+
+
+def _phi3_longrope(hf, rope, key):
+    """The zoo's rope_scaling of a Phi-3 RoPE dict: None (rope_type "default") or longrope ("su" and "yarn" are
+    its old names, as Phi3Config renames them) with short_factor / long_factor, factor and attention_factor from
+    the dict and original_max_position_embeddings from config.json's top-level key (Phi3Config's, default 4096,
+    which wins over the dict's). Another rope_type is refused, as Phi3Config refuses it."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    kind = "longrope" if kind in ("su", "yarn") else kind
+    if kind == "default":
+        return None
+    if kind != "longrope":
+        raise ValueError(f"from_hf: phi3 config {key} rope_type={kind!r} is not supported (Phi3: 'default' or "
+                         f"'longrope')")
+    scaling = {"rope_type": "longrope", "original_max_position_embeddings": hf["original_max_position_embeddings"]}
+    for name in ("short_factor", "long_factor", "factor", "attention_factor"):
+        if rope.get(name) is not None:
+            scaling[name] = rope[name]
+    return scaling
 
 
 def _split_phi3(state, cfg):
@@ -503,10 +553,7 @@ def gemma_config(hf):
         theta, rope, local_theta = _gemma3_rope(hf)
     else:
         (theta, rope), local_theta = _rope_parameters(hf), None
-    try:
-        scaling = _check_rope_scaling(rope, "llama")
-    except ValueError as e:
-        raise ValueError(f"from_hf: {e}") from None
+    scaling = _hf_rope_scaling(rope, family)
     bias = _bool_key(hf, "attention_bias", family)
     options = {} if family == "gemma" else _gemma2_options(hf, family, local_theta)
     return ModelConfig(arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
@@ -693,10 +740,7 @@ def deepseek_config(hf):
     hf = {**_DEEPSEEK_DEFAULTS[fam], **hf}
     _deepseek_refusals(hf, fam)
     theta, rope = _rope_parameters(hf)
-    try:
-        scaling = _check_rope_scaling(rope, "llama")
-    except ValueError as e:
-        raise ValueError(f"from_hf: {e}") from None
+    scaling = _hf_rope_scaling(rope, fam)
     n, first = _int_key(hf, "num_hidden_layers", fam), _int_key(hf, "first_k_dense_replace", fam, low=0)
     if first >= n:
         raise ValueError(f"from_hf: {fam} config first_k_dense_replace={first} leaves no MoE layer of "

@@ -91,8 +91,13 @@ def fusable(x, weight, residual=None):
 
 
 def apply_rope(x, cos, sin):
-    """x [B, H, T, D]; cos/sin [T, D] or [B, 1, T, D] (the two halves of D rotate together, as in HF Llama)."""
-    return x * cos + rotate_half(x) * sin
+    """x [B, H, T, D]; cos/sin [T, R] or [B, 1, T, R] (the two halves of R rotate together, as in HF Llama).
+    R < D (partial rotary, Phi3's apply_rotary_pos_emb): channels [R, D) pass through unchanged."""
+    R = cos.shape[-1]
+    if R == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :R], x[..., R:]
+    return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
 
 
 def rope_inv_freq(cfg):
@@ -104,10 +109,13 @@ def rope_inv_freq(cfg):
     longer than original / low_freq_factor are divided by `factor`, and the band between blends
     the two linearly in original / wavelength. dynamic (NTK): theta grows with the sequence length
     beyond block_size, which the zoo never runs past, so these are the plain frequencies. yarn: see
-    _yarn_inv_freq. Each follows transformers' arithmetic, so that the frequencies agree to the bit.
+    _yarn_inv_freq. longrope: the short factors' (long=True: the long factors'), see longrope_inv_freq. Each
+    follows transformers' arithmetic, so that the frequencies agree to the bit.
     """
     d = cfg.rope_dim
     s = cfg.rope_scaling
+    if s is not None and s["rope_type"] == "longrope":
+        return longrope_inv_freq(cfg, s["short_factor"])
     theta = cfg.rope_theta
     if s is not None and s["rope_type"] == "dynamic":  # transformers' NTK theta at seq_len = block_size
         L = cfg.block_size
@@ -127,6 +135,14 @@ def rope_inv_freq(cfg):
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     in_band = (wavelen >= old / high) & (wavelen <= old / low)
     return torch.where(in_band, blended, scaled)
+
+
+def longrope_inv_freq(cfg, factors):
+    """LongRoPE's frequencies: theta^(-2i/d) with frequency i's wavelength stretched by factors[i], computed as
+    transformers' _compute_longrope_parameters (1 / (factor * theta^(2i/d)), float32)."""
+    d = cfg.rope_dim
+    ext = torch.tensor(factors, dtype=torch.float32)
+    return 1.0 / (ext * cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
 
 
 def _yarn_inv_freq(cfg, s):
@@ -442,6 +458,9 @@ class Llama(ZooModel):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        if cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "longrope":  # (inv_freq: the short ones)
+            self.register_buffer("inv_freq_long", longrope_inv_freq(cfg, cfg.rope_scaling["long_factor"]),
+                                 persistent=False)
         if cfg.rope_local_theta is not None:  # Gemma 3's sliding layers: plain RoPE of their own base
             local = cfg.replace(rope_theta=cfg.rope_local_theta, rope_scaling=None)
             self.register_buffer("inv_freq_local", rope_inv_freq(local), persistent=False)
@@ -498,9 +517,10 @@ class Llama(ZooModel):
                 f"layers.{i}.mlp.up_proj": HFModule(gate_up, slice(F, 2 * F))}
 
     def rope(self, pos, dtype, local=False):
-        """cos, sin for positions pos ([T] or [B, T]): [T, D] or [B, 1, T, D]. local: those of the sliding
-        layers' RoPE (config.rope_local_theta)."""
-        freqs = pos.float()[..., None] * (self.inv_freq_local if local else self.inv_freq).float()
+        """cos, sin for positions pos ([T] or [B, T]): [T, R] or [B, 1, T, R] (R = config.rope_dim). local: those
+        of the sliding layers' RoPE (config.rope_local_theta)."""
+        inv_freq = self.inv_freq_local if local else self._global_inv_freq(pos)
+        freqs = pos.float()[..., None] * inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
         if emb.dim() == 3:
             emb = emb[:, None]
@@ -508,11 +528,38 @@ class Llama(ZooModel):
         scale = s.get("attention_factor", 1.0) if s else 1.0  # YaRN scales cos and sin (in float32)
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
+    def _global_inv_freq(self, pos):
+        """The RoPE frequencies of a forward at positions pos. longrope: the long factors' when the forward's
+        largest position + 1 exceeds original_max_position_embeddings, else the short factors', chosen per forward
+        over the whole batch as transformers' longrope_frequency_update (on a tensor: no host sync). Keys already
+        in a KV cache keep the rotation they were stored with, as in transformers' cache; under context
+        parallelism the largest position is the whole sequence's."""
+        s = self.config.rope_scaling
+        if s is None or s["rope_type"] != "longrope" or pos.numel() == 0:
+            return self.inv_freq
+        last = pos.max()
+        cp = self.context_parallel
+        if cp is not None:  # (every rank must take the same factors: the largest position over the ranks)
+            last = last.clone()
+            torch.distributed.all_reduce(last, op=torch.distributed.ReduceOp.MAX, group=cp.group)
+        return torch.where(last + 1 > s["original_max_position_embeddings"], self.inv_freq_long, self.inv_freq)
+
+    def longrope_recompute(self, cached, total):
+        """Whether transformers' Phi3ForCausalLM.generate drops its KV cache at this step and runs the whole
+        sequence again: longrope, `cached` (the cache's length) <= original_max_position_embeddings and `total`
+        (the tokens so far, padding included) > it, i.e. the first step that takes the long factors while the
+        cached keys were rotated with the short ones (its prepare_inputs_for_generation)."""
+        s = self.config.rope_scaling
+        if s is None or s["rope_type"] != "longrope":
+            return False
+        original = s["original_max_position_embeddings"]
+        return cached <= original < total
+
     def _apply(self, fn, *args, **kwargs):
         # The RoPE frequencies stay float32 when the model is cast (.to(torch.bfloat16), .half()), as
         # in transformers: rounded to bf16 they would shift each angle pos * inv_freq by up to
         # pos * inv_freq * 2^-9 radians.
-        names = [n for n in ("inv_freq", "inv_freq_local") if hasattr(self, n)]
+        names = [n for n in ("inv_freq", "inv_freq_local", "inv_freq_long") if hasattr(self, n)]
         before = {n: getattr(self, n) for n in names}
         super()._apply(fn, *args, **kwargs)
         for n in names:
