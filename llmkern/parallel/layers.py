@@ -40,6 +40,7 @@ Factors in another dtype than the input (PEFT keeps adapters float32 on a bf16/f
 the compute dtype in the math, as ``llmkern.lora_linear`` does; their gradients come back in the
 factors' own dtype.
 """
+import collections.abc
 import math
 import numbers
 import sys
@@ -789,14 +790,41 @@ def _fusable(layers):
         for m in layers)
 
 
+def _shared_input_layers(layers):
+    """column_parallel_shared_input's `layers` as a list, or an error naming it."""
+    what = "column_parallel_shared_input: layers"
+    if not isinstance(layers, collections.abc.Iterable):  # (a single layer; a ModuleList is a sequence)
+        raise TypeError(f"{what} must be a sequence of modules (e.g. [q_proj, k_proj, v_proj]), got "
+                        f"{type(layers).__name__}")
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"{what} must hold at least one module, got none")
+    bad = [i for i, m in enumerate(layers) if not callable(m)]
+    if bad:
+        raise TypeError(f"{what} must hold modules (callables), got {type(layers[bad[0]]).__name__} at index "
+                        f"{bad[0]}")
+    flags = [getattr(m, "sequence_parallel", False) for m in layers if isinstance(m, ColumnParallelLinear)]
+    if len(set(flags)) > 1:
+        desc = ", ".join(f"{i}: {m.sequence_parallel}" for i, m in enumerate(layers)
+                         if isinstance(m, ColumnParallelLinear))
+        raise ValueError(f"{what}: the column-parallel layers disagree on sequence_parallel (by index: {desc}): "
+                         f"they read one input, which the sequence-parallel ones take as a shard of the tokens "
+                         f"and the others as the whole sequence")
+    return layers
+
+
 def column_parallel_shared_input(x, layers):
     """[layer(x) for layer in layers], for column-parallel layers that read the same input (q / k / v, gate /
     up), run as ONE column-parallel product over their stacked weights, as Megatron-LM's fused QKV and
     gate-up layers are: one input-gradient all-reduce in the backward (or, under sequence parallelism, one
     all-gather of x in the forward and one reduce-scatter back) instead of one per layer, overlapped with
     the stacked weight gradient's GEMM. Layers that cannot be fused (LoRA factors, gather_output, hooks,
-    different configurations) run one by one. The outputs are views into one [..., Σ out/p] tensor."""
-    layers = list(layers)
+    different configurations) run one by one. The outputs are views into one [..., Σ out/p] tensor.
+
+    ValueError / TypeError naming `layers` when it is empty, not a sequence of modules, or its column-parallel
+    layers disagree on sequence_parallel (one input cannot be both the token shard some read and the whole
+    sequence the others read)."""
+    layers = _shared_input_layers(layers)
     if not (isinstance(layers[0], ColumnParallelLinear) and _fusable(layers)):
         return tuple(m(x) for m in layers)
     first = layers[0]

@@ -89,6 +89,7 @@ convention every torch release with these schedules takes. Tested on CPU with gl
 the unsharded model); not timed, and not yet run with NCCL on GPUs.
 """
 import collections
+import collections.abc
 import functools
 import inspect
 import zlib
@@ -308,6 +309,24 @@ def _embedding(model):
     return getattr(model, _PARTS[_arch(model)]["embedding"])
 
 
+def _norm_args(what, max_norm, norm_type):
+    """clip_grad_norm_'s max_norm (a finite real >= 0) and norm_type (a positive real or inf) as floats, or a
+    ValueError naming them."""
+    def real(v):
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and v == v
+
+    if not real(max_norm) or not 0 <= max_norm < float("inf"):
+        raise ValueError(f"{what}: max_norm must be a finite number >= 0, got {max_norm!r}")
+    if not real(norm_type) or not norm_type > 0:
+        raise ValueError(f"{what}: norm_type must be a positive number or float('inf'), got {norm_type!r}")
+    return float(max_norm), float(norm_type)
+
+
+def _few(items, n=6):
+    """The first n of `items` (strings) and how many more, for an error message."""
+    return f"[{', '.join(items[:n])}{f', ... ({len(items) - n} more)' if len(items) > n else ''}]"
+
+
 def _refuse_forward(model, args, kwargs):
     raise RuntimeError("this model is pipeline-parallel (pipeline_parallelize) and holds one stage only: run it "
                        "through the returned PipelineParallel (step / forward)")
@@ -400,7 +419,10 @@ class PipelineParallel:
 
     step(input_ids, labels)   one training step's forward + backward (gradients accumulated)
     forward(input_ids, ...)   evaluation (no gradients)
-    parameters(), named_parameters(), train(), eval(): the stage model's
+    parameters(), named_parameters(), train(), eval(), zero_grad(): the stage model's
+    clip_grad_norm_(max_norm) torch's gradient clipping by the norm over all the stages (not each stage's own)
+    state_dict()              this stage's state under the unsharded model's keys (save one file per stage)
+    load_state_dict(sd)       this stage's keys of `sd`: its own dict, or the unsharded model's whole one
     """
 
     def __init__(self, model, group, n_microbatches, schedule, bounds, dtype, virtual_stages=1, tp_group=None):
@@ -416,10 +438,26 @@ class PipelineParallel:
         self.tp_group = tp_group
         self.dtype = dtype
         self.device = _embedding(model).weight.device  # (before the pruning: the stage runs there)
-        self.tied = None  # (this rank's copy of the tied embedding, the other end's group rank)
+        self._tied = None  # (the module holding this rank's copy of the tied embedding, the other end's group rank)
         self._stages = []  # one _Stage per chunk
         self._entries = collections.OrderedDict()
         self._n_valid = self._loss_scale = None
+        # (before the pruning) the unsharded model's keys, and those of the tied embedding (its input embedding's
+        # and the head's: one tensor there): load_state_dict skips the other stages' keys, refuses any other
+        full = model.state_dict(keep_vars=True)
+        emb = _embedding(model).weight
+        self._full_keys = frozenset(full)
+        self._tied_keys = tuple(k for k, v in full.items() if v is emb) if model.lm_head.weight is emb else ()
+
+    @property
+    def tied(self):
+        """(this rank's copy of the tied embedding, the other end's group rank), or None: the parameter read from its
+        module at each call, so that one replaced (load_state_dict(assign=True)) is still the one whose gradient
+        step() sums with the other copy's."""
+        if self._tied is None:
+            return None
+        owner, peer = self._tied
+        return owner.weight, peer
 
     # (the stage model's)
     def parameters(self, recurse=True):
@@ -434,6 +472,84 @@ class PipelineParallel:
 
     def eval(self):
         return self.train(False)
+
+    def zero_grad(self, set_to_none=True):
+        """The stage's gradients dropped (set_to_none=True, nn.Module's default) or zeroed in place."""
+        self.model.zero_grad(bool_arg("PipelineParallel.zero_grad: set_to_none", set_to_none))
+
+    def clip_grad_norm_(self, max_norm, norm_type=2.0, error_if_nonfinite=False):
+        """torch.nn.utils.clip_grad_norm_ over the whole pipeline: the norm of the gradients of every stage's
+        parameters together (a tied embedding's two copies counted once: one parameter in the unsharded model),
+        and each stage's gradients scaled by max_norm / (norm + 1e-6) where that is below 1. Returns that total
+        norm (a float32 0-dim tensor) on every rank; every rank of the group must call it. torch's own function on
+        pipe.parameters() would clip each stage by its own norm. Not under tensor parallelism (ValueError): a
+        sharded weight's norm needs its shards' squares summed, a replicated one's counted once."""
+        what = "PipelineParallel.clip_grad_norm_"
+        error = None
+        try:
+            max_norm, norm_type = _norm_args(what, max_norm, norm_type)
+            error_if_nonfinite = bool_arg(f"{what}: error_if_nonfinite", error_if_nonfinite)
+            if self.tp_group is not None:
+                raise ValueError(f"{what}: not supported with tensor parallelism inside the stages (the norm of a "
+                                 f"sharded weight sums its shards', a replicated one counts once)")
+        except (TypeError, ValueError) as exc:  # (raised on every rank: the others would wait in the all-reduce)
+            error = exc
+        self._agree(what, error)
+        tied_copy = self.tied[0] if self.tied is not None and self.is_last else None  # (the first stage counts it)
+        grads = [q.grad for q in self.model.parameters() if q.grad is not None]
+        counted = [q.grad for q in self.model.parameters() if q.grad is not None and q is not tied_copy]
+        norms = [torch.linalg.vector_norm(g.detach(), norm_type).double() for g in counted]
+        local = torch.linalg.vector_norm(torch.stack(norms), norm_type) if norms else \
+            torch.zeros((), dtype=torch.float64)
+        # [this stage's part, whether it is inf / NaN] (float64: p-th powers of large norms do not overflow; the
+        # flag travels apart as a reduced NaN may not)
+        inf = norm_type == float("inf")
+        row = torch.stack([local if inf else local.pow(norm_type), (~torch.isfinite(local)).double()])
+        row = row.to(self.device)
+        dist.all_reduce(row, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=self.group)
+        total = row[0] if inf else row[0].pow(1.0 / norm_type)
+        if bool(row[1] > 0) and bool(torch.isfinite(total)):  # (a NaN the reduction dropped)
+            total = torch.full_like(total, float("nan"))
+        if error_if_nonfinite and not bool(torch.isfinite(total)):  # (the same total on every rank: all raise)
+            raise RuntimeError(f"{what}: the total norm of order {norm_type} of the gradients is non-finite "
+                               f"({total.item()}; error_if_nonfinite=True)")
+        total = total.float()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:  # (the tied copy too: both copies scaled alike stay equal)
+            g.detach().mul_(coef.to(device=g.device, dtype=g.dtype))
+        return total
+
+    def state_dict(self, *args, **kwargs):
+        """This stage's state (nn.Module.state_dict of the stage model) under the unsharded model's keys, e.g.
+        ``h.5.attn.q_proj.weight``: the union of the stages' dicts is the unsharded model's state_dict (a tied
+        embedding's copies under the input embedding's key on the first stage and ``lm_head.weight`` on the last,
+        both keys as the unsharded model saves them). Under tensor parallelism the values are this rank's shards."""
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Load this stage's part of `state_dict`: this stage's own state_dict(), the union of every stage's, or the
+        unsharded model's whole state_dict (a rank takes its stage's keys and skips those of the other stages, so
+        every rank may pass the same full checkpoint). A tied embedding's copy missing under its own key is taken
+        from the tied weight's other key (checkpoints that store it once). Returns nn.Module's (missing_keys,
+        unexpected_keys).
+
+        strict=True: ValueError naming the keys, on every rank and before anything is loaded, for keys of this
+        stage missing from `state_dict` or keys that are not the unsharded model's (strict=False: skipped and
+        reported in the return). A tensor whose shape differs from the stage's is a ValueError either way. Every
+        rank of the group (of the grid, with tensor parallelism) must call it. assign: as nn.Module's."""
+        what = "PipelineParallel.load_state_dict"
+        error = result = None
+        try:
+            strict = bool_arg(f"{what}: strict", strict)
+            assign = bool_arg(f"{what}: assign", assign)
+            result = self._stage_state(what, state_dict, strict)
+        except (TypeError, ValueError) as exc:  # (raised on every rank below: the others would wait in step)
+            error = exc
+        self._agree(what, error)
+        stage_dict, missing, unexpected = result
+        self.model.load_state_dict(stage_dict, strict=strict, assign=assign)
+        # (nn.Module.load_state_dict's namedtuple, with the keys as the whole state_dict had them)
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     def __repr__(self):
         blocks = ", ".join(f"[{r.start}, {r.stop})" for r in self.chunk_layers)
@@ -523,6 +639,48 @@ class PipelineParallel:
     __call__ = forward
 
     # ---- helpers ----
+
+    def _stage_state(self, what, state_dict, strict):
+        """(the entries of `state_dict` this stage loads, its missing keys, the keys that are no stage's), or a
+        ValueError / TypeError naming the keys (see load_state_dict)."""
+        if not isinstance(state_dict, collections.abc.Mapping):
+            raise TypeError(f"{what}: state_dict must be a mapping of names to tensors, got "
+                            f"{type(state_dict).__name__}")
+        own = self.model.state_dict()
+        stage_dict, missing = collections.OrderedDict(), []
+        for key in own:
+            # (a tied copy's key, else the tied weight's other key: a checkpoint may hold it once)
+            aliases = self._tied_keys if key in self._tied_keys else ()
+            source = next((k for k in (key,) + aliases if k in state_dict), None)
+            if source is None:
+                missing.append(key)
+            else:
+                stage_dict[key] = state_dict[source]
+        unexpected = [k for k in state_dict if k not in self._full_keys]
+        if strict and (missing or unexpected):
+            parts = ([f"missing this stage's keys {_few([repr(k) for k in missing])}"] if missing else []) + \
+                    ([f"keys that are not the model's {_few([repr(k) for k in unexpected])}"] if unexpected else [])
+            raise ValueError(f"{what}: {'; '.join(parts)} (stage {self.stage_index} of {self.num_stages}; strict=False "
+                             f"skips them)")
+        wrong = [f"{k}: {tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}, the stage's "
+                 f"{tuple(own[k].shape)}" for k, v in stage_dict.items()
+                 if not torch.is_tensor(v) or (torch.is_tensor(own[k]) and v.shape != own[k].shape)]
+        if wrong:
+            raise ValueError(f"{what}: shapes differ from this stage's ({_few(wrong)}; under tensor parallelism a "
+                             f"stage holds its rank's shards)")
+        if hasattr(state_dict, "_metadata"):  # (the modules' versions, which their load hooks read)
+            stage_dict._metadata = state_dict._metadata
+        return stage_dict, missing, unexpected
+
+    def _agree(self, what, error):
+        """Raise `error` (this rank's, or None) on every rank of the pipeline and tensor-parallel groups: a
+        ValueError naming the ranks that failed on the others."""
+        _, error = _check(self.group, what, [], error)
+        if self.tp_group is not None:
+            _, error = _check(self.tp_group, what, [], error, kind="tensor-parallel")
+            _, error = _check(self.group, what, [], error)
+        if error is not None:
+            raise error
 
     def _run(self, schedule, ids, labels=None, losses=None, train=False):
         """schedule.step over the whole batch (torch cuts it into the n_microbatches micro-batches along dim 0,
@@ -754,9 +912,9 @@ def _prune(model, pipe, p):
             setattr(model, name, None)
     if tied and p > 1:
         if pipe.is_first:
-            pipe.tied = (emb.weight, p - 1)
+            pipe._tied = (emb, p - 1)
         elif pipe.is_last:
-            pipe.tied = (model.lm_head.weight, 0)
+            pipe._tied = (head, 0)
 
 
 __all__ = ["pipeline_parallelize", "PipelineParallel", "split_layers", "SCHEDULES"]
