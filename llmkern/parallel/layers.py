@@ -481,6 +481,13 @@ def _lora_parts(module):
     _check_lora_state(module)
     if getattr(module, "merged", False):
         return base, None, None, 1.0
+    init = getattr(module, "init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora")):
+        # (its adapter is one of the rewritten base weight: the sharded layer would drop the initial factors that
+        # save_peft_adapter(convert_to_original_base=True) needs, and save it as an adapter of the original model)
+        raise NotImplementedError(f"from_linear: the {type(module).__name__} was initialised with "
+                                  f"init_lora_weights={init!r}, which tensor-parallel LoRA layers do not carry: "
+                                  f"merge it (merge_lora) or save it converted first")
 
     active = _active_adapter(module)
     lora_bias = getattr(module, "lora_bias", False)  # PEFT: per adapter

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from llmkern.ops._checks import is_real
-from llmkern.peft.lora import (MAX_RANK, LoRALinear, _freeze_non_lora, _set_submodule, is_hf_conv1d,
-                               linear_features, lora_conv_modules, lora_embedding_modules, lora_modules,
+from llmkern.peft.lora import (MAX_RANK, LoRALinear, _freeze_non_lora, _set_submodule, is_base_changing_init,
+                               is_hf_conv1d, linear_features, lora_conv_modules, lora_embedding_modules, lora_modules,
                                lora_scaling)
 from llmkern.peft._plain_lora import cast_lora_params, check_adapter_dtype, resolve_adapter_dtype
 from llmkern.peft.lora_conv import CONV_TYPES, LoRAConv, _check_base as _check_conv_base
@@ -362,8 +362,46 @@ def _auto_task_type(model):
     return "SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM"
 
 
+def _converted_to_original_base(name, m):
+    """A PiSSA / OLoRA LoRALinear's adapter as plain LoRA on the base weight it was built on (PEFT's save_pretrained(
+    path_initial_model_for_weight_conversion=...)): the layer computes W_res + s·B A with W_res = W - s·B0 A0, so
+    relative to W its update is s·(B A - B0 A0) = s·[B, -B0] [A; A0], a rank-2r LoRA with the same scaling (alpha
+    doubled, or times √2 with rsLoRA). A record like a LoRALinear for the writers; the layer is unchanged."""
+    if m.lora_A_init is None or m.lora_B_init is None:
+        raise ValueError(f"save_peft_adapter: convert_to_original_base=True needs {name}'s initial factors "
+                         f"(lora_A_init / lora_B_init), which were set to None")
+    A, B = m.lora_A.detach(), m.lora_B.detach()
+    A = torch.cat([A, m.lora_A_init.to(A.device, A.dtype)])
+    B = torch.cat([B, -m.lora_B_init.to(B.device, B.dtype)], dim=1)
+    alpha = m.alpha * (math.sqrt(2) if m.use_rslora else 2)
+    return SimpleNamespace(r=2 * m.r, alpha=alpha, scaling=lora_scaling(alpha, 2 * m.r, m.use_rslora),
+                           use_rslora=m.use_rslora, dropout=m.dropout, merged=False, lora_A=A, lora_B=B,
+                           use_dora=m.use_dora, lora_magnitude_vector=m.lora_magnitude_vector, conv1d=m.conv1d)
+
+
+def _resolve_base_changing(mods, convert):
+    """mods with every PiSSA / OLoRA LoRALinear (its base weight rewritten at init) as save_peft_adapter writes it:
+    converted to the original base (convert=True), as it is, relative to the rewritten base (False); None, or
+    another value, with such layers raises ValueError naming convert_to_original_base."""
+    if convert is not None and not isinstance(convert, bool):
+        raise ValueError(f"convert_to_original_base must be None, True or False, got {convert!r}")
+    changing = [(n, m) for n, m in mods if is_base_changing_init(getattr(m, "init_lora_weights", True))]
+    if changing and convert is None:
+        n, m = changing[0]
+        raise ValueError(f"save_peft_adapter: {n} has init_lora_weights={m.init_lora_weights!r}, which rewrote its "
+                         f"base weight to W - s·B0 A0: its A, B alone are no adapter of the original model. Pass "
+                         f"convert_to_original_base=True (a rank-2r plain LoRA on the original weights, PEFT's "
+                         f"conversion) or False (A, B as they are, for the rewritten base weights, which you then "
+                         f"save with the model)")
+    if not convert:
+        return mods
+    names = {n for n, _ in changing}
+    return [(n, _converted_to_original_base(n, m) if n in names else m) for n, m in mods]
+
+
 def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Optional[str] = None,
-                      task_type: Optional[str] = "auto", hf_names: bool = True) -> None:
+                      task_type: Optional[str] = "auto", hf_names: bool = True,
+                      convert_to_original_base: Optional[bool] = None) -> None:
     """Write the model's LoRALinear, LoRAEmbedding and LoRAConv adapters as a PEFT adapter directory (loadable by
     ``peft.PeftModel.from_pretrained(base_model, path)``; embeddings as PEFT's ``lora_embedding_A`` /
     ``lora_embedding_B``, named in target_modules; a zoo model's wte / wpe / embed_tokens get their
@@ -408,6 +446,15 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     (s·sqrt(r) with rsLoRA), nudged to a neighbouring float if needed so that PEFT's alpha / r gives
     back exactly s. Layers sharded without LoRA are not part of the adapter. A peft.PeftModel is saved from the
     model it wraps (named as PEFT names its modules).
+
+    convert_to_original_base: for LoRALinear layers built with a base-changing init (init_lora_weights="pissa",
+    "pissa_niter_K", "olora": their base weight became W - s·B0 A0). True: each is written as PEFT's
+    save_pretrained(path_initial_model_for_weight_conversion=...) writes it, a plain rank-2r LoRA on the ORIGINAL
+    weights, A' = [A; A0], B' = [B, -B0], alpha doubled (times √2 with rsLoRA; in rank_pattern / alpha_pattern
+    where the other modules differ), so that PEFT (or load_peft_adapter) on the original model gives the fine-tuned
+    one; the layer's lora_A_init / lora_B_init must still be held. False: A, B as they are, an adapter for the
+    rewritten base weights (save those with the model). None (default): such a layer raises ValueError. Other
+    layers are written as they are either way; the config says init_lora_weights true (plain LoRA).
     """
     from safetensors.torch import save_file
 
@@ -439,6 +486,7 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
     for n, m in mods + embs + convs:
         if m.merged:
             raise ValueError(f"module {n} is merged; unmerge() it before saving the adapter")
+    mods = _resolve_base_changing(mods, convert_to_original_base)
     if task_type == "auto":
         task_type = _auto_task_type(model)
     if base_model_name_or_path is None:  # (PEFT records it too; AutoPeftModel* cannot load the adapter without it)

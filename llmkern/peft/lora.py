@@ -8,6 +8,9 @@
     GPT-2: the base layer may be transformers' Conv1D (weight stored [in, out], PEFT's fan_in_fan_out).
     Adapter dtype: A, B (and DoRA's magnitude) are float32 over a float16 / bfloat16 base by default, as PEFT keeps
     them (autocast_adapter_dtype=True); ``adapter_dtype=`` changes that (see LoRALinear).
+    Init: ``init_lora_weights=`` True (the above), False, "gaussian", "pissa", "pissa_niter_K", "olora": PEFT's
+    LoraConfig(init_lora_weights=...), drawn as PEFT draws them (one seed, the same factors); PiSSA and OLoRA rewrite
+    the base weight to W0 - scaling · B0 A0 (see LoRALinear).
 """
 import itertools
 import math
@@ -33,6 +36,54 @@ from llmkern.peft.dora import dora_linear, dora_weight_norm
 from llmkern.peft.qlora import NF4Linear, nf4_dora_linear
 
 MAX_RANK = 256  # the largest r a LoRALinear takes
+
+# PEFT's init_lora_weights values LoRALinear takes; PiSSA and OLoRA start A, B from the base weight and rewrite it to
+# W0 - s·B0 A0 (the layer starts as the base layer), the others leave the base weight alone
+_PLAIN_INITS = ("gaussian",)
+_BASE_CHANGING_PREFIXES = ("pissa", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def check_init_lora_weights(init_lora_weights):
+    """init_lora_weights normalised (True, False, "gaussian", "pissa", "pissa_niter_K", "olora"; strings lower-cased),
+    or ValueError naming the argument (PEFT's other inits, e.g. "loftq", "corda", "eva", are refused by name)."""
+    if isinstance(init_lora_weights, bool):
+        return init_lora_weights
+    name = init_lora_weights.lower() if isinstance(init_lora_weights, str) else None
+    if name in _PLAIN_INITS + ("pissa", "olora") or (name is not None and _PISSA_NITER.fullmatch(name)):
+        return name
+    raise ValueError(f"init_lora_weights must be True (A kaiming-uniform, B zeros), False (both kaiming-uniform: a "
+                     f"non-identity adapter), \"gaussian\", \"pissa\", \"pissa_niter_K\" (K a non-negative int) or "
+                     f"\"olora\"; got {init_lora_weights!r} (PEFT's other initialisations are not supported by "
+                     f"llmkern.peft)")
+
+
+def is_base_changing_init(init_lora_weights) -> bool:
+    """Whether init_lora_weights (normalised) rewrites the base weight: PiSSA, OLoRA."""
+    return isinstance(init_lora_weights, str) and init_lora_weights.startswith(_BASE_CHANGING_PREFIXES)
+
+
+def check_base_changing_init(base_layer, r, scaling, init):
+    """ValueError naming init_lora_weights (or r, alpha) when PiSSA / OLoRA cannot start from `base_layer`'s weight:
+    a 4-bit one (W - s·B A cannot be stored in it), one on the meta device (nothing to decompose), r above the
+    weight's rank bound min(in, out), or for PiSSA a scaling <= 0 (its factors are √(S / s))."""
+    if isinstance(base_layer, NF4Linear):
+        raise ValueError(f"init_lora_weights={init!r} rewrites the base weight to W - s·B A, which a 4-bit "
+                         f"NF4Linear cannot hold without re-quantizing; initialise on the dense model, then "
+                         f"quantize_nf4 it (PiSSA's residual quantizes with less error), or use "
+                         f"init_lora_weights=True")
+    if any(t.is_meta for t in itertools.chain(base_layer.parameters(), base_layer.buffers())):
+        raise ValueError(f"init_lora_weights={init!r} starts A, B from the base weight, which is on the meta "
+                         f"device (offloaded by accelerate, or not materialised yet); add the adapter once the "
+                         f"weights are loaded")
+    n_in, n_out = linear_features(base_layer)
+    if r > min(n_in, n_out):
+        raise ValueError(f"init_lora_weights={init!r}: r={r} exceeds min(in_features, out_features) = "
+                         f"{min(n_in, n_out)}, the rank of the base weight's "
+                         f"{'SVD' if init.startswith('pissa') else 'QR'}; pass a smaller r")
+    if init.startswith("pissa") and not scaling > 0:
+        raise ValueError(f"init_lora_weights={init!r} splits the singular values by the scaling "
+                         f"(alpha / r = {scaling}), which must be positive: pass alpha > 0")
 
 
 class LoRALinear(PlainLoRA):
@@ -76,21 +127,46 @@ class LoRALinear(PlainLoRA):
 
     The state, merge / unmerge and state-dict bookkeeping are PlainLoRA's (shared with LoRAEmbedding and LoRAConv);
     this class adds the fused forward, DoRA (the magnitude, ``_dora_merge`` / ``_dora_unmerge``) and the 4-bit base.
+
+    ``init_lora_weights`` (PEFT's LoraConfig field, same semantics; the draws are PEFT's too: its A and B start as
+    ``nn.Linear`` layers built in float32 on the CPU (two kaiming-uniform draws), then its init runs and the factors
+    pass through the base weight's dtype; so one seed gives PEFT's factors): True (default): A kaiming-uniform, B
+    zeros; False: A and B both kaiming-uniform (a non-identity adapter, for tests); "gaussian": A normal with std
+    1/r, B zeros; "pissa": from the base weight's SVD W = U S Vᵀ, A = √(S_r/s) V_rᵀ, B = U_r √(S_r/s) (the top r
+    singular triplets, s the scaling), and the base weight becomes the residual W - s·B A; "pissa_niter_K": the same
+    with ``torch.svd_lowrank(W, q=r, niter=K)`` (randomised: the seed picks it, as in PEFT); "olora": W = Q R, A =
+    R[:r], B = Q[:, :r], the base weight becomes W - s·B A. For the last three the layer starts as the base layer,
+    up to rounding; they need a dense, materialised base weight (a 4-bit base or one on the meta device raises
+    ValueError), r <= min(in, out), and PiSSA a positive scaling (alpha > 0). The SVD / QR run in float32 (float64
+    for a float64 weight; PEFT refuses float64). A Conv1D base is read as its [out, in] view for both (PEFT's OLoRA
+    reads a Conv1D's weight untransposed). A base weight shared with another module (tied embeddings) would change
+    there too: inject_lora refuses that; a LoRALinear built directly cannot see it. DoRA works on top (its
+    magnitude starts as the rows of W - s·B A + s·B A = W).
+    The initial factors of PiSSA / OLoRA are kept as the non-persistent buffers ``lora_A_init`` / ``lora_B_init``
+    (r·(in + out) values in the adapter dtype: as much memory as A and B, with no gradient nor optimizer state;
+    not in the state dict): save_peft_adapter(convert_to_original_base=True) needs them to write the adapter
+    relative to the original base weight, and reset_lora_parameters() restores them (the base weight stays the
+    residual). Setting them to None frees them (a later conversion then raises).
     """
     _supports_dora = True
 
     def __init__(self, base_layer: Union[nn.Linear, NF4Linear, nn.Module], r: int = 8, alpha: float = 8.0,
                  dropout: float = 0.0, use_rslora: bool = False, freeze_base: bool = True, use_dora: bool = False,
-                 adapter_dtype: Union[None, str, torch.dtype] = None):
+                 adapter_dtype: Union[None, str, torch.dtype] = None, init_lora_weights: Union[bool, str] = True):
         if not isinstance(base_layer, (nn.Linear, NF4Linear)) and not is_hf_conv1d(base_layer):
             raise TypeError(f"base_layer must be an nn.Linear, an llmkern.peft.NF4Linear or a transformers Conv1D, "
                             f"got {type(base_layer).__name__}")
+        init_lora_weights = check_init_lora_weights(init_lora_weights)
         super().__init__(base_layer, r, alpha, dropout, use_rslora, use_dora, "linear", MAX_RANK, adapter_dtype)
         self.in_features, self.out_features = linear_features(base_layer)
+        self.init_lora_weights = init_lora_weights
         dev, dt = self.weight.device, self._factor_dtype
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, device=dev, dtype=dt))
         self.register_parameter("lora_magnitude_vector", None)
+        # PiSSA / OLoRA: the factors the base weight was rewritten with (save_peft_adapter's conversion needs them)
+        self.register_buffer("lora_A_init", None, persistent=False)
+        self.register_buffer("lora_B_init", None, persistent=False)
         self._finish_init(freeze_base)
 
     def _lora_factors(self):
@@ -131,12 +207,73 @@ class LoRALinear(PlainLoRA):
         return self.base_layer.bias
 
     def reset_lora_parameters(self):
-        """PEFT's default init: A kaiming-uniform(a=√5) like nn.Linear, B zeros (so ΔW = 0); with DoRA
-        the magnitude is the row norms of the base weight (so the layer starts as the base layer)."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        """Initialise A and B by ``init_lora_weights`` (see the class docstring; True, PEFT's default: A
+        kaiming-uniform(a=√5) like nn.Linear, B zeros, so ΔW = 0); with DoRA the magnitude is the row norms of
+        W + s·B A (so the layer starts as the base layer). PiSSA / OLoRA rewrite the base weight once: a later
+        call puts the initial factors back (lora_A_init / lora_B_init) and leaves the residual weight as it is."""
+        init = self.init_lora_weights
+        if is_base_changing_init(init) and self.lora_A_init is not None:
+            A, B = self.lora_A_init, self.lora_B_init
+        else:
+            if is_base_changing_init(init):
+                self._check_base_changing_init()  # (before the first draw: a refusal changes nothing)
+            A, B = self._peft_draws()
+            if init is True:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            if init == "gaussian":
+                nn.init.normal_(A, std=1 / self.r)
+            if init is True or init == "gaussian":
+                nn.init.zeros_(B)
+            elif is_base_changing_init(init):
+                A, B = self._rewrite_base(init)
+            A, B = self._through_base_dtype(A), self._through_base_dtype(B)
+        with torch.no_grad():
+            self.lora_A.copy_(A)
+            self.lora_B.copy_(B)
+        if is_base_changing_init(init) and self.lora_A_init is None:
+            self.lora_A_init = self.lora_A.detach().clone()
+            self.lora_B_init = self.lora_B.detach().clone()
         if self.use_dora:
             self._init_magnitude()
+
+    def _peft_draws(self):
+        """(A, B) as PEFT's layer holds them before its init runs: nn.Linear(in, r) and nn.Linear(r, out) built in
+        that order in the default dtype on the CPU (kaiming-uniform(a=√5) each), so that one seed gives PEFT's
+        factors (its True / "gaussian" inits draw A again, "pissa_niter_K" draws after these)."""
+        A, B = torch.empty(self.r, self.in_features), torch.empty(self.out_features, self.r)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        return A, B
+
+    def _through_base_dtype(self, t):
+        """t rounded to the dense base weight's dtype, as PEFT moves new factors to the base layer's dtype before
+        autocast_adapter_dtype casts them back to float32 (a 4-bit base: unchanged, PEFT skips integer dtypes)."""
+        return t if self.quantized else t.to(self._base_dtype())
+
+    def _check_base_changing_init(self):
+        check_base_changing_init(self.base_layer, self.r, self.scaling, self.init_lora_weights)
+
+    @torch.no_grad()
+    def _rewrite_base(self, init):
+        """PiSSA / OLoRA: (A, B) from the base weight W ([out, in]; a Conv1D's view), in float32 (float64 for a
+        float64 weight), and W rewritten in place to the residual W - s·B A (PEFT's order of operations)."""
+        W = self._dense_weight().detach().to(self._acc_dtype())
+        r, s = self.r, self.scaling
+        if init == "olora":
+            Q, R = torch.linalg.qr(W)
+            A, B = R[:r].contiguous(), Q[:, :r].contiguous()
+        else:
+            niter = _PISSA_NITER.fullmatch(init)
+            if niter is None:
+                U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+                U, S, Vh = U[:, :r], S[:r], Vh[:r]
+            else:  # (randomised: draws from the generator, as PEFT's call does)
+                U, S, V = torch.svd_lowrank(W, q=r, niter=int(niter.group(1)))
+                Vh = V.t()
+            root = torch.sqrt(S / s)  # (s split evenly between A and B, so that s·B A is the rank-r part of W)
+            A, B = root[:, None] * Vh, U * root[None, :]
+        self.weight.copy_((W - (s * B) @ A).to(self.weight.dtype))
+        return A, B
 
     def _base_on_meta(self) -> bool:
         """Whether the base layer holds tensors on the meta device (offloaded by accelerate, or not materialised)."""
@@ -309,6 +446,7 @@ class LoRALinear(PlainLoRA):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, rslora={self.use_rslora}, "
                 + ("dora=True, " if self.use_dora else "")
+                + (f"init_lora_weights={self.init_lora_weights!r}, " if self.init_lora_weights is not True else "")
                 + (f"adapter_dtype={self.adapter_dtype}, " if self.adapter_dtype != self._base_dtype() else "")
                 + ("nf4=True, " if self.quantized else "")
                 + ("conv1d=True, " if self.conv1d else "")
@@ -425,7 +563,8 @@ def _tie_fused_parts(model, names):
 def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("q_proj", "v_proj"),
                 r: int = 8, alpha: float = 8.0, dropout: float = 0.0, use_rslora: bool = False,
                 freeze_base: bool = True, use_dora: bool = False,
-                adapter_dtype: Union[None, str, torch.dtype] = None) -> List[str]:
+                adapter_dtype: Union[None, str, torch.dtype] = None,
+                init_lora_weights: Union[bool, str] = True) -> List[str]:
     """Replace every ``nn.Linear`` (or 4-bit ``NF4Linear``: QLoRA, see quantize_nf4; or transformers' GPT-2
     ``Conv1D``, weight [in, out], as PEFT's fan_in_fan_out) whose name matches ``target_modules`` by a
     ``LoRALinear`` (``use_dora=True``: DoRA ones, with a trainable magnitude vector per layer), every matching
@@ -448,6 +587,14 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
     (a 4-bit base: its compute dtype), else the base dtype; ``"base"``: each layer's base dtype (PEFT's
     ``autocast_adapter_dtype=False``); a torch dtype: that dtype. The forwards compute in the input's dtype.
 
+    ``init_lora_weights``: PEFT's LoraConfig field (True, False, "gaussian", "pissa", "pissa_niter_K", "olora"; see
+    LoRALinear), for the LoRALinear layers (embedding and conv targets take only True: ValueError otherwise; inject
+    them in a separate call). The layers are built in the model's module order, as PEFT builds its own, so one seed
+    gives PEFT's factors. PiSSA / OLoRA rewrite each target's base weight (W - s·B A): a target whose weight is shared
+    with another module (tied embeddings) raises ValueError, as it would change there too; on a zoo model with
+    "all-linear" the row blocks of one transformers layer (GPT-2's q/k/v) keep their own A then (each has its own
+    decomposition), and save_peft_adapter needs ``convert_to_original_base`` for such an adapter.
+
     With ``freeze_base`` (default) every other parameter of the model is frozen too, so that only
     the LoRA parameters train (parameter-efficient ones the model already has, LoRA, DoRA magnitudes, adapters
     and prefixes, keep their state). Returns the names of the wrapped modules (raises if none matched).
@@ -456,6 +603,7 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
     from llmkern.peft.lora_embedding import LoRAEmbedding
 
     check_adapter_dtype(adapter_dtype)
+    init_lora_weights = check_init_lora_weights(init_lora_weights)
     names = _target_names(model, target_modules)
     if "" in names:  # (the root: a LoRALinear would become a child of the very layer it wraps)
         raise ValueError(f"target_modules {target_modules!r} matched the model itself, an {type(model).__name__}; "
@@ -478,16 +626,31 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
         raise ValueError(f"inject_lora: use_dora=True is not supported on conv layers ({convs[0]} is an "
                          f"{type(model.get_submodule(convs[0])).__name__}); leave it out of target_modules, or "
                          f"inject it in a separate call without use_dora")
-    # every wrapper built (its arguments checked) before the model changes: a refused call leaves it as it was
+    if init_lora_weights is not True and (embeddings or convs):
+        n = (embeddings + convs)[0]
+        raise ValueError(f"inject_lora: init_lora_weights={init_lora_weights!r} is not supported on embedding or conv "
+                         f"layers by llmkern.peft ({n} is an {type(model.get_submodule(n)).__name__}); leave it out "
+                         f"of target_modules, or inject it in a separate call with init_lora_weights=True")
+    base_changing = is_base_changing_init(init_lora_weights)
+    if base_changing:
+        _refuse_shared_base(model, names, init_lora_weights)
+    # every wrapper built (its arguments checked) before the model changes: a refused call leaves it as it was.
+    # (PiSSA / OLoRA rewrite each base weight as its wrapper is built: what a wrapper would refuse is checked for
+    # all of them first, so that a refusal comes before the first rewrite)
     kw = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, freeze_base=False, adapter_dtype=adapter_dtype)
+    if base_changing:
+        check_lora_args(r, alpha, dropout, MAX_RANK)
+        for n in names:
+            check_base_changing_init(model.get_submodule(n), r, lora_scaling(alpha, r, use_rslora), init_lora_weights)
     new = [(n, LoRAEmbedding(model.get_submodule(n), **kw) if n in embeddings else
             LoRAConv(model.get_submodule(n), **kw) if n in convs else
-            LoRALinear(model.get_submodule(n), use_dora=use_dora, **kw)) for n in names]
+            LoRALinear(model.get_submodule(n), use_dora=use_dora, init_lora_weights=init_lora_weights, **kw))
+           for n in names]
     if freeze_base:
         _freeze_non_lora(model)  # (the wrapped layers' own parameters included)
     for n, layer in new:
         _set_submodule(model, n, layer)
-    if _is_all_linear(target_modules):
+    if _is_all_linear(target_modules) and not base_changing:  # (each PiSSA / OLoRA part has its own A)
         _tie_fused_parts(model, names)
     return names
 
@@ -520,16 +683,32 @@ def _freeze_non_lora(model: nn.Module):
 def _tied_base_weights(model: nn.Module, mods):
     """{LoRALinear name: name of another parameter of `model` that is the same tensor as its base
     weight} (tied embeddings)."""
+    return _shared_weights(model, {n: mod.base_layer for n, mod in mods})
+
+
+def _shared_weights(model: nn.Module, layers):
+    """{name: name of another parameter of `model` that is the same tensor as the weight of layers[name]}."""
     owners = {}
     for n, m in model.named_modules(remove_duplicate=False):
         for pn, p in m.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append((m, f"{n}.{pn}" if n else pn))
     tied = {}
-    for n, mod in mods:
-        others = [name for m, name in owners.get(id(mod.base_layer.weight), []) if m is not mod.base_layer]
+    for n, layer in layers.items():
+        others = [name for m, name in owners.get(id(layer.weight), []) if m is not layer]
         if others:
             tied[n] = others[0]
     return tied
+
+
+def _refuse_shared_base(model, names, init):
+    """PiSSA / OLoRA rewrite the base weight: one shared with another module (an lm_head tied to the token
+    embedding) would change there too. ValueError naming init_lora_weights and the other owner."""
+    tied = _shared_weights(model, {n: model.get_submodule(n) for n in names})
+    if tied:
+        n, owner = next(iter(tied.items()))
+        raise ValueError(f"inject_lora: init_lora_weights={init!r} rewrites {n}'s base weight (W - s·B A), which is "
+                         f"shared with {owner} (tied weights): that module would change too. Untie the weights "
+                         f"first, leave {n} out of target_modules, or use init_lora_weights=True")
 
 
 def lora_modules(model: nn.Module):
