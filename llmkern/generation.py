@@ -23,9 +23,10 @@ strategy does not (greedy unless strategy= says otherwise, whatever the checkpoi
 min_length, suppress_tokens and begin_suppress_tokens (no arguments of generate) ban tokens as transformers' do;
 forced_bos_token_id, forced_eos_token_id, sequence_bias, exponential_decay_length_penalty, remove_invalid_values,
 renormalize_logits and sampling's typical_p, epsilon_cutoff, eta_cutoff are generate's arguments (FROM_MODEL, the
-checkpoint's) applied as transformers' processors (_Processors); so is stop_strings (with tokenizer=, see generate);
-the keys transformers' generate applies and generate does not (guidance_scale, watermarking_config; sampling's top_h;
-stop_strings without a tokenizer) warn where set.
+checkpoint's) applied as transformers' processors (_Processors); so are stop_strings (with tokenizer=, see generate)
+and guidance_scale (classifier-free guidance, with negative_prompt_ids; see generate); the keys transformers' generate
+applies and generate does not (watermarking_config; sampling's top_h; stop_strings without a tokenizer) warn where
+set.
 
 Strategies (the seed deck's decoding slide):
   greedy  argmax of the (biased, penalised, masked) logits — llmkern.sample with temperature=0.
@@ -97,6 +98,7 @@ import math
 import numbers
 import sys
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -219,10 +221,10 @@ class GenerationDefaults:
     typical_p: Optional[float] = None  # sampling only; None: 1.0 (off)
     epsilon_cutoff: Optional[float] = None  # sampling only; None: 0.0 (off)
     eta_cutoff: Optional[float] = None  # sampling only; None: 0.0 (off)
+    guidance_scale: Optional[float] = None  # classifier-free guidance (greedy and sample); None or 1: off
+    stop_strings: object = None  # applied where generate is given tokenizer=
     # keys transformers' generate applies and generate does not: read so that generate warns (warnings.warn, naming
     # the key) where one is set to a value that changes transformers' output for the strategy, see _IGNORED
-    guidance_scale: Optional[float] = None
-    stop_strings: object = None
     watermarking_config: object = None
     top_h: Optional[float] = None
 
@@ -371,7 +373,6 @@ def _is_set(v):
 # only beam search's scores), whether a value is active, as transformers' _get_logits_processor and
 # _get_stopping_criteria test it)
 _IGNORED = {
-    "guidance_scale": (None, lambda v: v is not None and v != 1),
     "stop_strings": (None, _is_set),
     "watermarking_config": (None, _is_set),
     "top_h": ("sample", _is_set),
@@ -961,22 +962,23 @@ def _prompt_logprobs(logits, ids, mask):
     return out
 
 
-def _check_mask(attention_mask, input_ids):
-    """A left-padding mask [B, T] (1 = token, 0 = padding) as bool, or None when there is no padding."""
+def _check_mask(attention_mask, input_ids, name="attention_mask", ids_name="input_ids"):
+    """A left-padding mask [B, T] (1 = token, 0 = padding) as bool, or None when there is no padding. name /
+    ids_name: the arguments' names for the errors (negative_prompt_attention_mask / negative_prompt_ids too)."""
     if attention_mask is None:
         return None
     if not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
+        raise ValueError(f"{name} must be a tensor shaped like {ids_name} {tuple(input_ids.shape)}, "
                          f"got {tuple(getattr(attention_mask, 'shape', ()))}")
-    with_data("attention_mask", attention_mask)
+    with_data(name, attention_mask)
     if attention_mask.is_complex() or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         # (bool() made -1 or 2 a token: positions then differed from transformers', which counts the values)
-        raise ValueError("attention_mask values must be 0 (padding) or 1 (token)")
+        raise ValueError(f"{name} values must be 0 (padding) or 1 (token)")
     m = attention_mask.to(input_ids.device).bool()
     if bool(m.all()):
         return None
     if not bool(m[:, -1].all()) or bool((m[:, 1:].long() - m[:, :-1].long() < 0).any()):
-        raise ValueError("attention_mask: only left padding is supported for generation (each row: "
+        raise ValueError(f"{name}: only left padding is supported for generation (each row: "
                          "zeros, then ones, ending with a real token)")
     return m
 
@@ -987,6 +989,94 @@ def _prefix_positions(model):
         return 0
     with torch.no_grad():
         return model.prefix_length(model.prefixes(1))
+
+
+# ---- classifier-free guidance (transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor) ---------------
+
+def _guidance_arg(model, guidance_scale):
+    """(guidance_scale as a float or None, the name to blame): FROM_MODEL takes model.generation_config's."""
+    name = "guidance_scale"
+    if guidance_scale is FROM_MODEL:
+        guidance_scale = getattr(getattr(model, "generation_config", None), "guidance_scale", None)
+        name = "model.generation_config.guidance_scale"
+    if guidance_scale is None:
+        return None, name
+    return _finite(name, guidance_scale, float32=True, why=" (the scores are float32)"), name
+
+
+def _negative_prompt(ids, attention_mask, input_ids, vocab):
+    """negative_prompt_ids checked (int64 [B, Tn], ids in the vocabulary), on input_ids' device, and its mask (bool
+    [B, Tn], or None without padding)."""
+    B = input_ids.shape[0]
+    if not torch.is_tensor(ids) or ids.dim() != 2 or ids.dtype != torch.long or ids.shape[0] != B or \
+            ids.shape[1] == 0:
+        raise ValueError(f"negative_prompt_ids must be an int64 tensor [batch, seq] with one row per prompt ({B}) "
+                         f"and at least one token, got {getattr(ids, 'dtype', type(ids))} "
+                         f"{tuple(getattr(ids, 'shape', ()))}")
+    ids = with_data("negative_prompt_ids", ids).to(input_ids.device)
+    lo, hi = (int(v) for v in ids.aminmax())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise ValueError(f"negative_prompt_ids: token ids must lie in [0, vocab_size={vocab}), got values in "
+                         f"[{lo}, {hi}]")
+    return ids, _check_mask(attention_mask, ids, "negative_prompt_attention_mask", "negative_prompt_ids")
+
+
+def _check_guidance(scale, name, negative_ids, negative_mask, input_ids, strategy, num_beams, draft_model, vocab):
+    """Classifier-free guidance's (scale, unconditional ids [B, Tn], bool mask [B, Tn] or None), or None where it
+    is off: no guidance_scale, or 1 (transformers then adds no processor: not even its log-softmax). Without
+    negative_prompt_ids they are each prompt's last token alone, as transformers'."""
+    if negative_mask is not None and negative_ids is None:
+        raise ValueError("negative_prompt_attention_mask needs negative_prompt_ids (the unconditional prompts it "
+                         "masks)")
+    if negative_ids is not None:
+        if scale is None:
+            raise ValueError("negative_prompt_ids need guidance_scale (classifier-free guidance, off without it): "
+                             "they would be ignored")
+        negative_ids, negative_mask = _negative_prompt(negative_ids, negative_mask, input_ids, vocab)
+    if scale is None or scale == 1.0:
+        return None
+    if draft_model is not None or (strategy == "beam" and num_beams > 1):
+        # (transformers' beam search runs the processor without reordering its unconditional cache with the beams,
+        # so its rows follow no beam; speculative decoding would need the unconditional rows in the draft's and
+        # the verify forwards)
+        fix = "" if name == "guidance_scale" else "; pass guidance_scale=1 to decode without it"
+        raise ValueError(f"{name}={scale}: classifier-free guidance is supported by strategy='greedy' and 'sample' "
+                         f"(and num_beams=1), not by beam search or with draft_model{fix}")
+    if negative_ids is None:
+        return scale, input_ids[:, -1:], None
+    return scale, negative_ids, negative_mask
+
+
+def _guided(model, guidance, R, max_new_tokens, use_cache):
+    """A _Guidance for _check_guidance's (scale, ids, mask) with each prompt's rows repeated R times (its returned
+    sequences: transformers would not repeat them), or None."""
+    if guidance is None:
+        return None
+    scale, ids, mask = guidance
+    if R != 1:
+        ids = ids.repeat_interleave(R, dim=0)
+        mask = None if mask is None else mask.repeat_interleave(R, dim=0)
+    return _Guidance(model, scale, ids, mask, max_new_tokens, use_cache)
+
+
+class _Guidance:
+    """transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor (the first of its processors): the scores become
+    scale * (log_softmax(cond) - log_softmax(uncond)) + log_softmax(uncond), where uncond are the model's logits for
+    the unconditional rows (the negative prompt, else the prompt's last token alone) followed by the tokens generated
+    so far (pad after a row finished, as there), over a KV cache of their own (use_cache=False: the whole
+    unconditional sequence each step, as transformers' processor without a cache). The rest of the processing
+    (bias, penalties, masks, warpers) then runs on these scores, as transformers' processors and warpers do."""
+
+    def __init__(self, model, scale, ids, mask, max_new_tokens, use_cache):
+        self.scale, self.ids, self.n_new = scale, ids, ids.shape[1]
+        self.step = _Stepper(model, ids.shape[0], ids.shape[1] + max_new_tokens, use_cache, mask)
+
+    def __call__(self, seqs, T0, logits):
+        """The guided scores [N, V] (float32) from the conditional logits of seqs [N, T0 + generated]."""
+        uncond = self.step(torch.cat([self.ids, seqs[:, T0:]], 1), self.n_new)
+        self.n_new = 1
+        uncond = torch.log_softmax(uncond, dim=-1)
+        return self.scale * (torch.log_softmax(logits.float(), dim=-1) - uncond) + uncond
 
 
 @torch.no_grad()
@@ -1000,7 +1090,8 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
              forced_bos_token_id=FROM_MODEL, forced_eos_token_id=FROM_MODEL, sequence_bias=FROM_MODEL,
              exponential_decay_length_penalty=FROM_MODEL, remove_invalid_values=FROM_MODEL,
              renormalize_logits=FROM_MODEL, typical_p=FROM_MODEL, epsilon_cutoff=FROM_MODEL, eta_cutoff=FROM_MODEL,
-             stop_strings=FROM_MODEL, tokenizer=None):
+             stop_strings=FROM_MODEL, tokenizer=None, guidance_scale=FROM_MODEL, negative_prompt_ids=None,
+             negative_prompt_attention_mask=None):
     """Continue `input_ids` [B, T] by up to `max_new_tokens` tokens (see the module docstring).
 
     eos_token_id, pad_token_id: FROM_MODEL (the default) takes them from `model.generation_config`, as
@@ -1056,10 +1147,30 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     that ends inside its last token's text (it may begin in an earlier token or the prompt), matched on the
     tokenizer's token texts (UTF-8 bytes for byte-level / byte-fallback tokenizers) as transformers'
     StopStringCriteria matches them, from the first new token on (no wait for min_new_tokens). They need the
-    tokenizer (ValueError without one); beam search and draft_model refuse them. FROM_MODEL: the checkpoint's
+    tokenizer (ValueError without one); draft_model refuses them. Beam search (as transformers') finishes a candidate
+    whose text ends a stop string as one ending with eos (then ranked by its length-penalised score); with
+    num_beams=1 (greedy) its score's length counts the new tokens up to the stop. FROM_MODEL: the checkpoint's
     (generation_config.json's stop_strings) where tokenizer= is given; without one they are ignored with a warning
     (transformers raises). Unlike transformers without an eos_token_id, a stopped row is padded while others run.
-    Building the match tables reads the whole vocabulary once per call (Python: ~1 s for 128k tokens).
+    Building the match tables reads the whole vocabulary (Python: ~1 s for 128k tokens): they are kept per tokenizer
+    object (weakly: they go with it) and its len(), for its 8 most recent stop string lists, so later calls reuse
+    them (a tokenizer changed in place without a change of length, e.g. its decoder replaced, is not seen).
+    guidance_scale, negative_prompt_ids, negative_prompt_attention_mask: transformers' classifier-free guidance
+    (UnbatchedClassifierFreeGuidanceLogitsProcessor; greedy, sample, and beam search with num_beams=1): with a scale
+    s != 1 the logits become s * (log_softmax(cond) - log_softmax(uncond)) + log_softmax(uncond) before any other
+    processing (bias, penalties, masks, temperature and filters then act on these scores, as transformers' later
+    processors and warpers do), uncond the model's logits for the unconditional rows: negative_prompt_ids [B, Tn]
+    (int64, one row per prompt, left-padded with negative_prompt_attention_mask) else each prompt's last token alone,
+    followed by the tokens generated so far, over a second KV cache (model.new_cache; use_cache=False: the whole
+    unconditional sequence each step): one more forward per step. s == 1 or None: off (the negative prompt is then
+    unused, as in transformers; given without any guidance_scale it raises). s < 1 weights the negative prompt
+    towards a positive one (s = 0: decode from it). FROM_MODEL: the checkpoint's guidance_scale. Beam search with
+    num_beams > 1 and draft_model refuse it (transformers' beam search does not reorder the unconditional rows with the
+    beams). Differences from transformers: with num_return_sequences R > 1 each prompt's negative prompt is repeated
+    for its R rows (transformers does not repeat it), and the unconditional rows' positions count real tokens (as the
+    prompt's), where transformers' processor numbers a padded negative prompt's padding too (the same scores for
+    rotary models like Llama, not for learned absolute positions, GPT-2). top_logprobs stay the model's raw
+    (unguided) distribution.
     prompt_logprobs: True (with return_dict=True; any strategy but speculative) adds the raw log-probability of
     every prompt token given the tokens before it (GenerationOutput.prompt_logprobs [N, T], vLLM's
     prompt_logprobs; NaN at padding and at a row's first token), from the prefill's logits of every position
@@ -1108,6 +1219,7 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     processor_values = dict(zip(_PROCESSOR_KNOBS, processor_values))
     _warn_ignored(model, strategy, applied=() if tokenizer is None else ("stop_strings",))
     stop_strings, stop_strings_name = _stop_strings_arg(model, stop_strings, tokenizer)
+    guidance_scale, guidance_name = _guidance_arg(model, guidance_scale)
     early_stopping = _early_stopping(early_stopping)
     _check_strategy_options(strategy, draft_model, num_draft_tokens,
                             dict(temperature=(temperature, 1.0), top_k=(top_k, 0), top_p=(top_p, 1.0),
@@ -1133,6 +1245,11 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                                   "beam search and speculative decoding with it are not supported (greedy and "
                                   "sampling are)")
     mask = _check_mask(attention_mask, input_ids)
+    guidance = _check_guidance(guidance_scale, guidance_name, negative_prompt_ids, negative_prompt_attention_mask,
+                               input_ids, strategy, num_beams, draft_model, vocab)
+    if guidance is not None and block is not None and P + guidance[1].shape[1] + max_new_tokens > block:
+        raise ValueError(f"negative_prompt_ids: {guidance[1].shape[1]} + max_new_tokens={max_new_tokens} exceeds "
+                         f"the model's block_size={block}" + (f" with its {P} prefix-tuning positions" if P else ""))
     eos_token_id, pad_token_id = _token_defaults(model, eos_token_id, pad_token_id, vocab)
     eos = _eos_tensor(eos_token_id, input_ids.device, vocab)
     _check_sizes(input_ids.shape, max_new_tokens, strategy, draft_model, num_beams, num_return_sequences, eos)
@@ -1147,9 +1264,9 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     stops = _check_stops(stop_sequences, strategy, draft_model, input_ids.device, vocab)
     if stops is not None:
         stops = _Stops(stops, min_new_tokens)
-    _check_stop_strings(stop_strings, stop_strings_name, strategy, draft_model)
+    _check_stop_strings(stop_strings, stop_strings_name, draft_model)
     if stop_strings is not None:  # (transformers' stop strings do not wait for min_new_tokens)
-        strings = _StopStrings(stop_strings, tokenizer, vocab, input_ids.device)
+        strings = _stop_tables(stop_strings, tokenizer, vocab, input_ids.device)
         stops = strings if stops is None else _EitherStop(stops, strings)
     if torch.is_tensor(allowed_tokens):  # (moved once: a CPU mask's copy to a GPU each step would be a host sync)
         allowed_tokens = with_data("allowed_tokens", allowed_tokens).to(input_ids.device)
@@ -1209,12 +1326,12 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
             if num_beams == 1:  # greedy decoding, as transformers' generate runs for one beam
                 out = _one_beam(model, input_ids, max_new_tokens, eos, pad_token_id, float(length_penalty),
                                 logit_bias, allowed_tokens, scorers, use_cache, mask, repetition_penalty,
-                                prompt_logprobs, proc)
+                                prompt_logprobs, proc, stops, _guided(model, guidance, 1, max_new_tokens, use_cache))
             else:
                 out = _beam_search(model, input_ids, max_new_tokens, eos, pad_token_id, num_beams,
                                    float(length_penalty), early_stopping, num_return_sequences,
                                    logit_bias, allowed_tokens, scorers, use_cache, mask, repetition_penalty,
-                                   prompt_logprobs, proc)
+                                   prompt_logprobs, proc, stops)
         else:
             if num_beams != 1:
                 raise ValueError(f"num_beams={num_beams} needs strategy='beam'")
@@ -1226,7 +1343,8 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
                                repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                frequency_penalty=frequency_penalty),
                           logit_bias, seed, allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts, stops,
-                          prompt_logprobs, proc)
+                          prompt_logprobs, proc,
+                          _guided(model, guidance, num_return_sequences, max_new_tokens, use_cache))
     finally:
         for m, mode in modes:
             m.train(mode)
@@ -1359,9 +1477,34 @@ def _stop_strings_arg(model, stop_strings, tokenizer):
     return list(words), name
 
 
-def _check_stop_strings(words, name, strategy, draft_model):
-    if words is not None and (strategy == "beam" or draft_model is not None):
-        raise ValueError(f"{name} are supported by strategy='greedy' and 'sample' without draft_model")
+def _check_stop_strings(words, name, draft_model):
+    if words is not None and draft_model is not None:
+        raise ValueError(f"{name} are supported by strategy='greedy' and 'sample' and by beam search, not with "
+                         f"draft_model (speculative decoding)")
+
+
+# tokenizer -> {(len(tokenizer), stop strings, vocab_size, device): _StopStrings}, the most recent _STOP_TABLES_KEPT
+# per tokenizer: building the tables reads every token's text (Python, ~1 s for a 128k vocabulary), so generate does
+# it once per tokenizer and stop strings. Weak keys: a tokenizer's entries go with it. Its length is in the key, so
+# a token added in place (add_tokens) builds them again; other in-place changes (its decoder replaced) are not seen.
+_STOP_TABLES = weakref.WeakKeyDictionary()
+_STOP_TABLES_KEPT = 8
+
+
+def _stop_tables(words, tokenizer, vocab_size, device):
+    """_StopStrings(words, tokenizer, vocab_size, device), from _STOP_TABLES where it was built before."""
+    key = (len(tokenizer), tuple(words), vocab_size, str(torch.device(device)))
+    try:
+        built = _STOP_TABLES.setdefault(tokenizer, {})
+    except TypeError:  # (a tokenizer that is not weak-referenceable or hashable: built every call)
+        return _StopStrings(words, tokenizer, vocab_size, device)
+    tables = built.pop(key, None)  # (popped and put back: the dict's order is the use order)
+    if tables is None:
+        tables = _StopStrings(words, tokenizer, vocab_size, device)
+        while len(built) >= _STOP_TABLES_KEPT:
+            built.pop(next(iter(built)))
+    built[key] = tables
+    return tables
 
 
 class _StopStrings:
@@ -1624,9 +1767,10 @@ class _StepsAgreed:
 
 def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_bias, seed,
             allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts, stops=None, prompt_logprobs=False,
-            proc=None):
+            proc=None, guidance=None):
     """Greedy or sampled decoding of input_ids [N, T] (each prompt's rows repeated: `prompts` of them); stops:
-    token sequences (int64 tensors) that end a row as an eos does; proc: a _Processors or None."""
+    token sequences (int64 tensors) that end a row as an eos does; proc: a _Processors or None; guidance: a
+    _Guidance (classifier-free guidance: the first processing of the logits) or None."""
     from llmkern.ops.speculative import row_seeds
 
     B, T0 = input_ids.shape
@@ -1653,7 +1797,9 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
     n_new = T0
     checked_V = None  # the vocabulary size the first step's sample call checked the tensor arguments against
     for _ in range(max_new_tokens):
-        logits = step(seqs, n_new)
+        raw = logits = step(seqs, n_new)  # (top_logprobs: the model's own distribution, unguided)
+        if guidance is not None:
+            logits = guidance(seqs, T0, logits)
         n_new = 1
         V = logits.shape[-1]
         allow = _allowed(allowed_tokens, seqs, V, prompts, "all" if proc is None else "early")
@@ -1672,7 +1818,7 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
                                           trusted, proc)
         stuck = unfinished & ~valid
         if tops is not None:
-            tops.add(logits, tok, unfinished)
+            tops.add(raw, tok, unfinished)
         tok = torch.where(unfinished, tok, torch.full_like(tok, pad))
         logps.append(torch.where(unfinished, lp_tok.float(), torch.zeros_like(lp_tok.float())))
         seqs = torch.cat([seqs, tok[:, None]], dim=1)
@@ -2131,19 +2277,24 @@ def _beam_penalty(repetition_penalty, B, K, dev):
 
 
 def _one_beam(model, input_ids, max_new_tokens, eos, pad, length_penalty, logit_bias, allowed_tokens, scorers,
-              use_cache, mask, repetition_penalty=1.0, prompt_logprobs=False, proc=None):
+              use_cache, mask, repetition_penalty=1.0, prompt_logprobs=False, proc=None, stops=None, guidance=None):
     """num_beams=1: greedy decoding, as transformers' generate runs it (a lone beam would go on past an eos
     looking for a better hypothesis, which greedy does not). The scores stay a beam's, [B]: the sum of the
-    tokens' log-probabilities / (new tokens, eos included) ** length_penalty."""
+    tokens' log-probabilities / (new tokens, eos or stop string included) ** length_penalty."""
     knobs = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=repetition_penalty,
                  presence_penalty=0.0, frequency_penalty=0.0)
     B, T0 = input_ids.shape
     out = _decode(model, input_ids, max_new_tokens, "greedy", eos, pad, knobs, logit_bias, None, allowed_tokens,
-                  scorers, use_cache, mask, 0, B, prompt_logprobs=prompt_logprobs, proc=proc)
+                  scorers, use_cache, mask, 0, B, stops=stops, prompt_logprobs=prompt_logprobs, proc=proc,
+                  guidance=guidance)
     new = out.sequences[:, T0:]
     n = torch.full((B,), new.shape[1], dtype=torch.long, device=new.device)
-    if eos is not None and new.shape[1] > 0:  # a row's tokens end at its first eos (padding follows)
-        hit = torch.isin(new, eos)
+    # a row's tokens end at its first eos or stop string (padding follows)
+    hit = torch.zeros_like(new, dtype=torch.bool) if eos is None else torch.isin(new, eos)
+    ends = [stops(out.sequences[:, :T0 + t + 1], T0) for t in range(new.shape[1])] if stops is not None else []
+    if ends:
+        hit = hit | torch.stack(ends, 1)
+    if new.shape[1] > 0:
         n = torch.where(hit.any(-1), hit.long().argmax(-1) + 1, n)
     return dataclasses.replace(out, scores=out.scores.sum(-1) / n.clamp(min=1).float() ** length_penalty)
 
@@ -2160,11 +2311,13 @@ def _beam_processed(log_probs, proc, allowed_tokens, flat, B):
 
 def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_penalty, early_stopping,
                  num_return_sequences, logit_bias, allowed_tokens, scorers, use_cache, mask, repetition_penalty=1.0,
-                 prompt_logprobs=False, proc=None):
+                 prompt_logprobs=False, proc=None, stops=None):
     """transformers' (>= 4.50) vectorised beam search, with our masks and scorers added to the
     log-probabilities before the beams are ranked. repetition_penalty (a float or [B] per prompt) acts on the
     (biased) log-probabilities, as HF's processor does in beam search: a seen token's log-probability (<= 0)
-    is multiplied by it; the prompt's padding is not counted (as in greedy)."""
+    is multiplied by it; the prompt's padding is not counted (as in greedy). stops: a _StopStrings (or None): a
+    candidate whose text ends a stop string finishes as one ending with eos does (transformers' stopping criteria
+    in beam search)."""
     B, T0 = input_ids.shape
     dev = input_ids.device
     K = num_beams
@@ -2245,6 +2398,8 @@ def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_p
         topk_seqs[:, :, cur_len] = topk_ids
         topk_len = running_len.gather(1, src_beam) + 1
         hits = torch.zeros(B, keep, dtype=torch.bool, device=dev) if eos is None else torch.isin(topk_ids, eos)
+        if stops is not None:  # (stop strings: a candidate that ends one finishes as an eos does, as transformers')
+            hits = hits | stops(topk_seqs[:, :, :cur_len + 1].reshape(B * keep, cur_len + 1), T0).view(B, keep)
         if cur_len + 1 >= max_length:
             hits = torch.ones_like(hits)
 

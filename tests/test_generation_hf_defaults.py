@@ -301,7 +301,7 @@ def test_checkpoint_min_length_and_suppressed_tokens_as_in_transformers(padded):
         m.generation_config, hf.generation_config = saved
 
 
-IGNORED = [("guidance_scale", 1.5, None), ("stop_strings", ["x"], None), ("watermarking_config", {"bias": 2.0}, None),
+IGNORED = [("stop_strings", ["x"], None), ("watermarking_config", {"bias": 2.0}, None),
            ("top_h", 0.4, "sample")]  # (the other keys transformers applies, generate applies too:
 # tests/test_generation_processors.py)
 NEUTRAL = dict(guidance_scale=1.0, remove_invalid_values=False, renormalize_logits=False, typical_p=1.0,
