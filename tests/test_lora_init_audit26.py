@@ -164,3 +164,14 @@ def test_tensor_parallel_refuses_a_base_changing_init(world1):
         ColumnParallelLinear.from_linear(layer, group=world1)
     plain = lp.LoRALinear(nn.Linear(16, 8), r=2, alpha=4)
     assert ColumnParallelLinear.from_linear(plain, group=world1).weight.shape == (8, 16)
+
+
+def test_inject_base_changing_init_on_a_4bit_model_names_the_argument():
+    """Was: inject_lora(init_lora_weights="pissa") on a quantize_nf4 model raised AttributeError ('NF4Linear' object
+    has no attribute 'weight', from the tied-weight check), not the ValueError a LoRALinear gives."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    lp.quantize_nf4(model)
+    for init in ("pissa", "olora"):
+        with pytest.raises(ValueError, match=f"init_lora_weights='{init}'.*4-bit"):
+            lp.inject_lora(model, ["0", "1"], r=4, init_lora_weights=init)
+    assert not lp.lora_modules(model)

@@ -210,3 +210,83 @@ def test_column_parallel_shared_input_argument_errors(world1):
     for mods, wrap in (([plain], list), ([plain, lin], list), ([plain, plain], iter), ([plain, plain], nn.ModuleList)):
         outs = column_parallel_shared_input(x, wrap(mods))
         assert len(outs) == len(mods) and all(torch.allclose(o, m(x)) for o, m in zip(outs, mods)), wrap
+
+
+# ---- review of the above (R1) ---------------------------------------------------------------------------------
+
+class _HostSyncs:
+    """A dispatch mode counting the reads of a tensor's value on the host (bool(), item(): a sync on GPU)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    outer.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count, self.mode = 0, Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def test_pipeline_stage_with_lora_reloads_its_state_dict_and_clips_without_host_sync(world1):
+    """Was: after inject_lora on pipe.model, pipe.load_state_dict(pipe.state_dict()) raised 'keys that are not the
+    model's' for the LoRA keys (only the unsharded model's keys were known); clip_grad_norm_ read its NaN flag on
+    the host (bool(), a device sync per training step on GPU, where torch's clip_grad_norm_ has none)."""
+    import llmkern.peft as lp
+    from llmkern.models import build, get_config
+    from llmkern.parallel.pipeline import pipeline_parallelize
+
+    cfg = get_config("gpt-tiny")
+    torch.manual_seed(0)
+    pipe = pipeline_parallelize(build(cfg, backend="torch"), world1, n_microbatches=1, schedule="gpipe")
+    lp.inject_lora(pipe.model, ["q_proj"], r=2)
+    ids, labels = _batch(cfg.vocab_size, 3)
+    pipe.step(ids, labels)
+    saved = {k: v.clone() for k, v in pipe.state_dict().items()}
+    with torch.no_grad():
+        for prm in pipe.parameters():
+            prm.add_(1.0)
+    result = pipe.load_state_dict(saved)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert all(torch.equal(v, saved[k]) for k, v in pipe.state_dict().items())
+    with pytest.raises(ValueError, match="h.0.attn.q_proj.lora_AA"):  # (a misspelt key is still named)
+        pipe.load_state_dict(dict(saved, **{"h.0.attn.q_proj.lora_AA": saved["h.0.attn.q_proj.lora_A"]}))
+
+    with _HostSyncs() as syncs:
+        norm = pipe.clip_grad_norm_(1e-4)
+    assert syncs.count == 0
+    assert float(norm) > 1e-3  # (clipped: the gradients' norm was larger)
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in pipe.parameters() if p.grad is not None]))
+    torch.testing.assert_close(total, 1e-4 * norm / (norm + 1e-6), rtol=1e-4, atol=0)  # (torch's coefficient)
+
+
+def _clip_nan_beside_inf_worker(rank, p):
+    """inf-norm clipping with an inf gradient on one stage and a NaN one on the other: torch's norm over all the
+    gradients is NaN (was: the MAX all-reduce could drop the NaN and return inf)."""
+    from llmkern.models import build, get_config
+    from llmkern.parallel.pipeline import pipeline_parallelize
+
+    torch.manual_seed(0)
+    pipe = pipeline_parallelize(build(get_config("gpt-tiny"), backend="torch"), n_microbatches=1, schedule="gpipe")
+    prm = next(q for q in pipe.parameters() if q.requires_grad)
+    prm.grad = torch.zeros_like(prm)
+    prm.grad.view(-1)[0] = float("inf") if rank == 0 else float("nan")
+    failures = []
+    for order in (float("inf"), 2.0):
+        norm = pipe.clip_grad_norm_(1.0, order)
+        if not torch.isnan(norm):
+            failures.append(f"clip_grad_norm_(norm_type={order}) with inf and NaN gradients returned {norm}, not nan")
+    raise_failures(rank, failures)
+    return rank
+
+
+def test_pipeline_clip_grad_norm_nan_beside_inf(pool2):
+    assert pool2.run(_clip_nan_beside_inf_worker, (), timeout=60) == [0, 1]

@@ -437,7 +437,6 @@ class PipelineParallel:
         self.layers = self.chunk_layers[0] if virtual_stages == 1 else [i for r in self.chunk_layers for i in r]
         self.tp_group = tp_group
         self.dtype = dtype
-        self.device = _embedding(model).weight.device  # (before the pruning: the stage runs there)
         self._tied = None  # (the module holding this rank's copy of the tied embedding, the other end's group rank)
         self._stages = []  # one _Stage per chunk
         self._entries = collections.OrderedDict()
@@ -448,6 +447,12 @@ class PipelineParallel:
         emb = _embedding(model).weight
         self._full_keys = frozenset(full)
         self._tied_keys = tuple(k for k, v in full.items() if v is emb) if model.lm_head.weight is emb else ()
+
+    @property
+    def device(self):
+        """The device this rank's stage runs on: its parameters' (read at each call, so that a model pipelined on the
+        meta device runs where to_empty / load_state_dict(assign=True) put it)."""
+        return self.model._parameter_device()
 
     @property
     def tied(self):
@@ -501,15 +506,13 @@ class PipelineParallel:
         norms = [torch.linalg.vector_norm(g.detach(), norm_type).double() for g in counted]
         local = torch.linalg.vector_norm(torch.stack(norms), norm_type) if norms else \
             torch.zeros((), dtype=torch.float64)
-        # [this stage's part, whether it is inf / NaN] (float64: p-th powers of large norms do not overflow; the
-        # flag travels apart as a reduced NaN may not)
+        # [this stage's part, whether it is NaN] (float64: p-th powers of large norms do not overflow; the NaN flag
+        # travels apart as a MAX reduction may drop a NaN beside a number or an inf, where torch's norm is NaN)
         inf = norm_type == float("inf")
-        row = torch.stack([local if inf else local.pow(norm_type), (~torch.isfinite(local)).double()])
-        row = row.to(self.device)
+        row = torch.stack([local if inf else local.pow(norm_type), torch.isnan(local).double()]).to(self.device)
         dist.all_reduce(row, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=self.group)
         total = row[0] if inf else row[0].pow(1.0 / norm_type)
-        if bool(row[1] > 0) and bool(torch.isfinite(total)):  # (a NaN the reduction dropped)
-            total = torch.full_like(total, float("nan"))
+        total = torch.where(row[1] > 0, torch.full_like(total, float("nan")), total)  # (on the device: no host sync)
         if error_if_nonfinite and not bool(torch.isfinite(total)):  # (the same total on every rank: all raise)
             raise RuntimeError(f"{what}: the total norm of order {norm_type} of the gradients is non-finite "
                                f"({total.item()}; error_if_nonfinite=True)")
@@ -534,9 +537,12 @@ class PipelineParallel:
         unexpected_keys).
 
         strict=True: ValueError naming the keys, on every rank and before anything is loaded, for keys of this
-        stage missing from `state_dict` or keys that are not the unsharded model's (strict=False: skipped and
-        reported in the return). A tensor whose shape differs from the stage's is a ValueError either way. Every
-        rank of the group (of the grid, with tensor parallelism) must call it. assign: as nn.Module's."""
+        stage missing from `state_dict` or keys that are neither the unsharded model's nor this stage's (strict=False:
+        skipped and reported in the return). Modules added to the stages after pipeline_parallelize (e.g.
+        inject_lora on pipe.model) have keys the unsharded model lacked: a stage takes its own, but another stage's
+        are unexpected here (load each stage's own dict then). A tensor whose shape differs from the stage's is a
+        ValueError either way. Every rank of the group (of the grid, with tensor parallelism) must call it. assign:
+        as nn.Module's."""
         what = "PipelineParallel.load_state_dict"
         error = result = None
         try:
@@ -656,7 +662,8 @@ class PipelineParallel:
                 missing.append(key)
             else:
                 stage_dict[key] = state_dict[source]
-        unexpected = [k for k in state_dict if k not in self._full_keys]
+        # (the stage's own keys too: modules added to the stage after the split, e.g. LoRA, are no unsharded key)
+        unexpected = [k for k in state_dict if k not in self._full_keys and k not in own]
         if strict and (missing or unexpected):
             parts = ([f"missing this stage's keys {_few([repr(k) for k in missing])}"] if missing else []) + \
                     ([f"keys that are not the model's {_few([repr(k) for k in unexpected])}"] if unexpected else [])
@@ -752,7 +759,7 @@ class PipelineParallel:
 
     def _entry(self, b, T, train):
         """The schedule for micro-batches [b, T] (train: with the loss and backward), built on first use."""
-        key = (b, T, train)
+        key = (b, T, train, self.device)  # (PipelineStage keeps the device: a stage moved since needs new ones)
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]

@@ -632,16 +632,16 @@ def inject_lora(model: nn.Module, target_modules: Union[str, Sequence[str]] = ("
                          f"layers by llmkern.peft ({n} is an {type(model.get_submodule(n)).__name__}); leave it out "
                          f"of target_modules, or inject it in a separate call with init_lora_weights=True")
     base_changing = is_base_changing_init(init_lora_weights)
-    if base_changing:
-        _refuse_shared_base(model, names, init_lora_weights)
     # every wrapper built (its arguments checked) before the model changes: a refused call leaves it as it was.
     # (PiSSA / OLoRA rewrite each base weight as its wrapper is built: what a wrapper would refuse is checked for
-    # all of them first, so that a refusal comes before the first rewrite)
+    # all of them first, so that a refusal comes before the first rewrite; the per-layer checks before the tied
+    # weights', which read a .weight that a 4-bit NF4Linear does not have)
     kw = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, freeze_base=False, adapter_dtype=adapter_dtype)
     if base_changing:
         check_lora_args(r, alpha, dropout, MAX_RANK)
         for n in names:
             check_base_changing_init(model.get_submodule(n), r, lora_scaling(alpha, r, use_rslora), init_lora_weights)
+        _refuse_shared_base(model, names, init_lora_weights)
     new = [(n, LoRAEmbedding(model.get_submodule(n), **kw) if n in embeddings else
             LoRAConv(model.get_submodule(n), **kw) if n in convs else
             LoRALinear(model.get_submodule(n), use_dora=use_dora, init_lora_weights=init_lora_weights, **kw))
