@@ -267,6 +267,23 @@ def test_pipeline_stage_with_lora_reloads_its_state_dict_and_clips_without_host_
     total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in pipe.parameters() if p.grad is not None]))
     torch.testing.assert_close(total, 1e-4 * norm / (norm + 1e-6), rtol=1e-4, atol=0)  # (torch's coefficient)
 
+    # with the per-call cross-rank checks off (LLMKERN_TP_VALIDATE=0) it runs no argument all-gather (was: always)
+    import llmkern.parallel.pipeline as pp
+    from llmkern.parallel import comm
+
+    def no_check(*args, **kwargs):
+        raise AssertionError("a cross-rank argument check ran")
+
+    previous, pp_check = comm.set_validation(False), pp._check
+    try:
+        pp._check = no_check
+        pipe.clip_grad_norm_(1.0)
+        with pytest.raises(ValueError, match="max_norm"):  # (this rank's own error still raises)
+            pipe.clip_grad_norm_(-1.0)
+    finally:
+        pp._check = pp_check
+        comm.set_validation(previous)
+
 
 def _clip_nan_beside_inf_worker(rank, p):
     """inf-norm clipping with an inf gradient on one stage and a NaN one on the other: torch's norm over all the

@@ -499,7 +499,10 @@ class PipelineParallel:
                                  f"sharded weight sums its shards', a replicated one counts once)")
         except (TypeError, ValueError) as exc:  # (raised on every rank: the others would wait in the all-reduce)
             error = exc
-        self._agree(what, error)
+        if comm.validation_enabled():  # (one collective and a wait per call: off with the other per-call checks)
+            self._agree(what, error)
+        elif error is not None:
+            raise error
         tied_copy = self.tied[0] if self.tied is not None and self.is_last else None  # (the first stage counts it)
         grads = [q.grad for q in self.model.parameters() if q.grad is not None]
         counted = [q.grad for q in self.model.parameters() if q.grad is not None and q is not tied_copy]
