@@ -8,6 +8,14 @@
 backend="llmkern" runs attention through llmkern.attention (and the KV-cache decode through
 llmkern.attention_with_kvcache); backend="torch" uses plain PyTorch (SDPA, nn.Linear).
 `model.backend = "torch"` switches an existing model.
+
+Built on the meta device (no memory, no init), a model is materialised as torchtitan does:
+
+    with torch.device("meta"):
+        model = build("llama-tiny")
+    model.to_empty(device="cuda")   # the RoPE buffers are computed again there; a tied head stays tied
+    model.init_weights()            # the constructor's init (seed=: per parameter name, for pipeline stages)
+    # or model.load_state_dict(sd), or load_state_dict(sd, assign=True) straight from meta
 """
 from llmkern.models.configs import CONFIGS, ModelConfig, available_configs, get_config  # noqa: F401
 from llmkern.models._attn import KVCache  # noqa: F401

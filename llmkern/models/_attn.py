@@ -6,6 +6,7 @@ backend="llmkern"  llmkern.attention / llmkern.attention_with_kvcache when llmke
 Layout everywhere: q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (SDPA's).
 """
 import contextlib
+import zlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -779,6 +780,148 @@ class ZooModel(torch.nn.Module):
         if fused is None:
             fused = all(p.is_cuda for p in params)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+    # ---- meta-device construction (torchtitan's flow; from_hf's loading) -----------------------------------
+    #
+    #     with torch.device("meta"):
+    #         model = Llama(cfg)                 # no memory, no random init
+    #     model.to_empty(device="cuda")          # the buffers (RoPE frequencies) are computed again here
+    #     model.init_weights()                   # training from scratch; or model.load_state_dict(sd)
+    #
+    # to_empty gives every module a new parameter, which unties a tied LM head, and leaves the non-persistent
+    # buffers (never in a state dict) garbage: _apply ties the head again and recomputes the buffers, and so does
+    # load_state_dict(assign=True) straight from the meta device.
+
+    def _buffer_values(self):
+        """{name: tensor} of the model's non-persistent buffers as the constructor computes them (a subclass's)."""
+        return {}
+
+    def init_buffers(self, device=None):
+        """Compute the non-persistent buffers again, as the constructor does (Llama's RoPE frequencies inv_freq /
+        inv_freq_local / inv_freq_long, float32; Gemma's embed_scale, in the dtype the model cast it to), on `device`
+        (default: the parameters'). to_empty and load_state_dict(assign=True) from the meta device call it; call it
+        yourself after materialising the parameters some other way. Returns the model."""
+        if device is None:
+            device = self._parameter_device()
+        else:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError, ValueError) as e:
+                raise ValueError(f"init_buffers: device must be None or a torch device, got {device!r} ({e})") from None
+        with torch.device("cpu"):  # (where the constructor computes them, whatever the default device)
+            values = self._buffer_values()
+        for name, value in values.items():
+            old = self._buffers.get(name)
+            self._buffers[name] = value.to(device=device, dtype=value.dtype if old is None else old.dtype)
+        return self
+
+    def init_weights(self, seed=None):
+        """The constructor's initialisation of every parameter, drawn again, and the buffers (init_buffers): for a model
+        built on the meta device and materialised with to_empty, to train from scratch. Returns the model.
+
+        seed None: drawn from torch's default generator, module by module in the constructor's order. seed an int:
+        each parameter from a generator of its own, seeded by `seed` and the parameter's name (a tied LM head: the
+        embedding's), so that the weights are the same however the model is split: a pipeline stage
+        (pipeline_parallelize keeps the names) gets the unsharded model's init of its own layers, and the tied
+        embedding's copies on the first and last stage are equal. A pipeline stage needs seed (drawn in module
+        order, stages seeded alike would hold equal layers and unequal tied copies). Tensor-, expert- or
+        vocabulary-parallel layers: NotImplementedError (a shard must be its part of one draw of the whole weight:
+        initialise before parallelising, or load a checkpoint)."""
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"init_weights: seed must be None or an int >= 0, got {seed!r}")
+        sharded = sorted({type(m).__name__ for m in self.modules()
+                          if type(m).__module__.startswith("llmkern.parallel")})
+        if sharded:
+            raise NotImplementedError(f"init_weights: the model holds parallel layers ({', '.join(sharded)}): "
+                                      f"initialise it before parallelising it, or load a checkpoint (to_empty + "
+                                      f"load_state_dict)")
+        if seed is None and getattr(self, "pipeline_parallel", None) is not None:
+            raise ValueError("init_weights: a pipeline stage needs seed= (an int, the same on every rank): drawn in "
+                             "module order, stages seeded alike would hold equal layers and unequal tied copies")
+        with torch.no_grad():
+            self._init_parameters(seed)
+        return self.init_buffers()
+
+    def _init_parameters(self, seed):
+        raise NotImplementedError(f"{type(self).__name__} does not implement init_weights")
+
+    def _normal_(self, tensor, std, seed, name):
+        """normal(0, std) into `tensor`, from torch's default generator (seed None) or from one seeded by `seed` and
+        the parameter name `name` (a tied LM head's: the embedding's)."""
+        gen = None
+        if seed is not None and tensor.device.type != "meta":
+            if name == "lm_head.weight" and self.config.tie_embeddings:
+                name = "wte.weight" if hasattr(self, "wte") else "embed_tokens.weight"
+            gen = torch.Generator(device=tensor.device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()))
+                                                                    % 2 ** 63)
+        torch.nn.init.normal_(tensor, mean=0.0, std=std, generator=gen)
+
+    def tie_weights(self):
+        """Make the LM head's weight the token embedding's parameter again (config.tie_embeddings; transformers'
+        name). Nothing when the model is untied or holds only one of the two (a pipeline stage). Returns the model."""
+        if self.config.tie_embeddings:
+            self._tie()
+        return self
+
+    def _tie(self):
+        emb, head = self._embedding_and_head()
+        if emb is not None and head is not None and head.weight is not emb.weight:
+            head.weight = emb.weight
+
+    def _embedding_and_head(self):
+        """(the module holding the token embedding's weight, the one holding the LM head's), each None where absent
+        (a pipeline stage); LoRA / DoRA wrappers are looked through to their base layers."""
+        def owner(m):
+            while m is not None and "weight" not in m._parameters and hasattr(m, "base_layer"):
+                m = m.base_layer
+            return m if m is not None and "weight" in m._parameters else None
+
+        emb = getattr(self, "wte", None) if hasattr(self, "wte") else getattr(self, "embed_tokens", None)
+        return owner(emb), owner(getattr(self, "lm_head", None))
+
+    def _weights_tied(self):
+        emb, head = self._embedding_and_head()
+        return emb is not None and head is not None and head.weight is emb.weight
+
+    def _parameter_device(self):
+        """The device of the first parameter not on the meta device (meta when all are; CPU without parameters)."""
+        first = None
+        for p in self.parameters():
+            if p.device.type != "meta":
+                return p.device
+            first = p.device if first is None else first
+        return torch.device("cpu") if first is None else first
+
+    def _meta_buffers(self):
+        """Whether a non-persistent buffer is on the meta device."""
+        return any(b is not None and b.is_meta for n, b in self._buffers.items()
+                   if n in self._non_persistent_buffers_set)
+
+    def _apply(self, fn, *args, **kwargs):
+        tied, meta = self._weights_tied(), self._meta_buffers()
+        super()._apply(fn, *args, **kwargs)
+        if tied:  # (to_empty makes one new parameter per module: the head's is no longer the embedding's)
+            self._tie()
+        if meta and not self._meta_buffers():  # (materialised from meta, e.g. to_empty within a parent's: garbage)
+            self.init_buffers()
+        return self
+
+    def to_empty(self, *, device, recurse=True):
+        """nn.Module's, then the buffers computed on `device` (init_buffers): to_empty leaves them uninitialised
+        memory, and they are in no state dict a load would fill them from."""
+        super().to_empty(device=device, recurse=recurse)
+        return self.init_buffers(device)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """nn.Module's; with assign=True the tied LM head stays tied (to the embedding's new parameter) and buffers
+        left on the meta device are computed (init_buffers)."""
+        tied = self._weights_tied()
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if tied:  # (assign=True gives each module its own new parameter)
+            self._tie()
+        if self._meta_buffers() and self._parameter_device().type != "meta":
+            self.init_buffers()
+        return result
 
     # position_ids index a table of learned positions (GPT): integer ids in [0, block_size); else (RoPE) any real
     # positions

@@ -269,9 +269,12 @@ class _Float32Router(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.n_embd))
-        nn.init.normal_(self.weight, mean=0.0, std=0.02)
+        self.reset_parameters()
         self.top_k, self.renormalize = cfg.n_experts_per_tok, cfg.moe_renormalize
         self.n_group, self.topk_group, self.scaling = cfg.moe_n_group, cfg.moe_topk_group, cfg.moe_routed_scaling
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, mean=0.0, std=0.02)
 
     def _apply(self, fn, *args, **kwargs):
         # transformers keeps the router's weight (and V3's bias) float32 whatever the model's dtype

@@ -120,10 +120,21 @@ class GPT(ZooModel):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
+        self.init_weights()
+
+    def _init_parameters(self, seed):
+        """The constructor's init (ZooModel.init_weights): normal(0, 0.02) linear layers and embeddings, GPT-2's
+        normal(0, 0.02 / sqrt(2 n_layer)) residual projections, zero biases, LayerNorms of gain 1 and bias 0."""
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                self._normal_(m.weight, 0.02, seed, name + ".weight")
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):  # (ones and zeros: drawn from no generator)
+                m.reset_parameters()
         for name, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
             if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                self._normal_(p, 0.02 / math.sqrt(2 * self.config.n_layer), seed, name)
 
     def hf_module_names(self):
         """{zoo nn.Linear name: HFModule}: where each linear layer sits in transformers'
@@ -149,15 +160,6 @@ class GPT(ZooModel):
             names[f"h.{i}.mlp.up_proj"] = HFModule(hf + "mlp.c_fc", conv1d=True)
             names[f"h.{i}.mlp.down_proj"] = HFModule(hf + "mlp.c_proj", conv1d=True)
         return names
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def forward(self, input_ids, labels=None, *, cache=None, last_only=False, attention_mask=None,
                 position_ids=None, return_logits=True):

@@ -930,6 +930,43 @@ def _generation_defaults(path, hf):
     return GenerationDefaults(**{f.name: hf.get(f.name) for f in dataclasses.fields(GenerationDefaults)})
 
 
+def _on_meta(cls, cfg, backend):
+    """The zoo model of `cfg` on the meta device: no memory and no random init (its weights are the checkpoint's)."""
+    with torch.device("meta"):
+        return cls(cfg, backend=backend)
+
+
+def _own_tensor(t, dtype, device):
+    """t in `dtype` on `device`, contiguous, in memory of its own: one copy, the cast's (or a clone when no cast is
+    needed). Never the checkpoint's tensor itself: safetensors maps the file, so a parameter on those pages would
+    change, or crash the process (SIGBUS), when the file is rewritten in place; and a row slice of a fused tensor
+    (Phi-3's qkv_proj) would share its storage with the other slices."""
+    out = t.to(device=device, dtype=dtype, memory_format=torch.contiguous_format)
+    return t.clone(memory_format=torch.contiguous_format) if out is t else out
+
+
+def _assign_state(model, state, cfg, dtype, device):
+    """`model` (on the meta device) with the checkpoint tensors of `state` as its parameters and buffers, each cast
+    once to the dtype the model cast to `dtype` gives it (float32 for None, as a freshly built model; DeepSeek's
+    routers stay float32) on `device` (None: the default device), its non-persistent buffers computed there and a
+    tied LM head tied. `state` is emptied as it goes (a source tensor is dropped once converted). ValueError for
+    keys missing from the checkpoint or left over."""
+    model = model.to(dtype=dtype or torch.float32)  # (on meta: only the dtypes the parameters will have)
+    targets = model.state_dict(keep_vars=True)
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    converted = {}
+    for key in list(state):
+        t, like = state.pop(key), targets.get(key)
+        converted[key] = t if like is None else _own_tensor(t, like.dtype, device)
+    missing, unexpected = model.load_state_dict(converted, strict=False, assign=True)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    unexpected = [k for k in unexpected if not k.endswith(_GPT2_UNUSED)]  # (old checkpoints' mask buffers)
+    if missing or unexpected:
+        raise ValueError(f"from_hf: checkpoint does not match the model: missing={missing[:5]} "
+                         f"unexpected={unexpected[:5]}")
+    return model.init_buffers(device)  # (load_state_dict tied the head to the embedding's new parameter)
+
+
 def from_hf(path, backend="llmkern", dtype=None, device=None):
     """A zoo model with the weights of the local Hugging Face checkpoint directory `path` (config.json
     and safetensors weights), in eval mode.
@@ -942,7 +979,9 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
     norms, scales and soft-caps, DeepSeek's latent attention and V3's sigmoid / V2's softmax router; see the
     module docstring). The logits equal those of transformers' *ForCausalLM on the same
     checkpoint. Unsupported configurations raise ValueError
-    naming the config key. dtype/device: cast and move the model after loading (the RoPE frequencies
+    naming the config key. dtype/device: the model's (default float32, the default device); it is built on the
+    meta device (no random init, no float32 copy of a 16-bit model) and each checkpoint tensor is cast once to
+    dtype on device and becomes the parameter (the RoPE frequencies are computed there, float32; DeepSeek's routers
     stay float32); dtype is a floating torch.dtype, its name ("bfloat16", "torch.float16", ...) or "auto"
     (transformers': config.json's dtype / torch_dtype, else the checkpoint weights' dtype).
     model.generation_config (llmkern.generation.GenerationDefaults) holds the checkpoint's eos_token_id,
@@ -976,7 +1015,7 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
         state = _strip(_load_state(path), ("transformer.",))
         cfg = _resolve_tie(cfg, state, "wte.weight")
         try:
-            model, state = GPT(cfg, backend=backend), _gpt2_state(state, cfg)
+            model, state = _on_meta(GPT, cfg, backend), _gpt2_state(state, cfg)
         except KeyError as e:
             raise ValueError(f"from_hf: checkpoint does not match the model: missing {e}") from None
     elif mtype in LLAMA_FAMILY or mtype in PHI3_FAMILY or mtype in GEMMA_FAMILY or mtype in DEEPSEEK_FAMILY:
@@ -991,22 +1030,14 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
             state = _drop_mtp_layers(state, cfg, hf)
         if mtype in MOE_FAMILY or mtype in DEEPSEEK_FAMILY:
             state = _stack_experts(state, cfg, mtype)
-        model, state = Llama(cfg, backend=backend), _llama_state(state, cfg)
+        model, state = _on_meta(Llama, cfg, backend), _llama_state(state, cfg)
     else:
         raise ValueError(f"from_hf: model_type {mtype!r} is not supported "
                          f"(gpt2, {', '.join(LLAMA_FAMILY + PHI3_FAMILY + GEMMA_FAMILY + DEEPSEEK_FAMILY)})")
     if isinstance(dtype, str):  # "auto"
         dtype = _auto_dtype(hf, state)
-    state = {k: v.contiguous() for k, v in state.items()}
     if cfg.tie_embeddings:  # load the shared matrix once, through the embedding
         state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    unexpected = [k for k in unexpected if not k.endswith(_GPT2_UNUSED)]  # (old checkpoints' mask buffers)
-    if missing or unexpected:
-        raise ValueError(f"from_hf: checkpoint does not match the model: missing={missing[:5]} "
-                         f"unexpected={unexpected[:5]}")
-    if dtype is not None or device is not None:
-        model = model.to(device=device, dtype=dtype)
+    model = _assign_state(model, state, cfg, dtype, device)
     model.generation_config = _generation_defaults(path, hf)  # (generate's default eos / pad, as transformers')
     return model.eval()

@@ -253,6 +253,9 @@ class Experts(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * width, d))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d, width))
+        self.reset_parameters()
+
+    def reset_parameters(self):
         nn.init.normal_(self.gate_up_proj, mean=0.0, std=0.02)
         nn.init.normal_(self.down_proj, mean=0.0, std=0.02)
 
@@ -457,24 +460,52 @@ class Llama(ZooModel):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        for name, value in self._buffer_values().items():
+            self.register_buffer(name, value, persistent=False)
+        self._init_linear_weights()
+
+    def _buffer_values(self):
+        """The non-persistent buffers (see ZooModel.init_buffers)."""
+        cfg = self.config
+        values = {"inv_freq": rope_inv_freq(cfg)}
         if cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "longrope":  # (inv_freq: the short ones)
-            self.register_buffer("inv_freq_long", longrope_inv_freq(cfg, cfg.rope_scaling["long_factor"]),
-                                 persistent=False)
+            values["inv_freq_long"] = longrope_inv_freq(cfg, cfg.rope_scaling["long_factor"])
         if cfg.rope_local_theta is not None:  # Gemma 3's sliding layers: plain RoPE of their own base
-            local = cfg.replace(rope_theta=cfg.rope_local_theta, rope_scaling=None)
-            self.register_buffer("inv_freq_local", rope_inv_freq(local), persistent=False)
+            values["inv_freq_local"] = rope_inv_freq(cfg.replace(rope_theta=cfg.rope_local_theta, rope_scaling=None))
         if cfg.scale_embeddings:  # Gemma: sqrt(d) as a float32 buffer, cast with the model, as transformers keeps it
-            self.register_buffer("embed_scale", torch.tensor(cfg.n_embd ** 0.5, dtype=torch.float32),
-                                 persistent=False)
-        for m in self.modules():
+            values["embed_scale"] = torch.tensor(cfg.n_embd ** 0.5, dtype=torch.float32)
+        return values
+
+    def _init_linear_weights(self, seed=None):
+        """The linear layers' and embeddings' init: normal(0, 0.02) weights, zero biases, a zero padding row."""
+        for name, m in self.named_modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+                self._normal_(m.weight, 0.02, seed, name + ".weight")
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-        if cfg.pad_token_id is not None:  # the lookup never trains that row: zero, as nn.Embedding / transformers
-            with torch.no_grad():         # leave it (the loop above drew it again)
-                self.embed_tokens.weight[cfg.pad_token_id].zero_()
+        pad = self.config.pad_token_id
+        if pad is not None:  # the lookup never trains that row: zero, as nn.Embedding / transformers leave it (the
+            with torch.no_grad():  # loop above drew it again); a tied head's copy on a pipeline's last stage too
+                for m in (self.embed_tokens, self.lm_head if self.config.tie_embeddings else None):
+                    if m is not None:
+                        m.weight[pad].zero_()
+
+    def _init_parameters(self, seed):
+        """The constructor's init (ZooModel.init_weights): normal(0, 0.02) linear layers, embeddings and experts
+        (routers included), zero biases, padding row and DeepSeek selection bias, norm gains of 1."""
+        from llmkern.models.deepseek import TopkRouter, _Float32Router
+
+        for name, m in self.named_modules():
+            if isinstance(m, RMSNorm):
+                m.weight.fill_(1.0 - m.offset)
+            elif isinstance(m, Experts):
+                self._normal_(m.gate_up_proj, 0.02, seed, name + ".gate_up_proj")
+                self._normal_(m.down_proj, 0.02, seed, name + ".down_proj")
+            elif isinstance(m, _Float32Router):
+                self._normal_(m.weight, 0.02, seed, name + ".weight")
+            if isinstance(m, TopkRouter):
+                m.e_score_correction_bias.zero_()
+        self._init_linear_weights(seed)
 
     def hf_module_names(self):
         """{zoo nn.Linear name: HFModule}: where each linear layer sits in transformers'
