@@ -1518,9 +1518,12 @@ class _StopStrings:
     On the device, per stop string s of n units, read backwards from the last token: the last token's text gives
     the numbers of s's last units it holds (s ends in it), each earlier token extends a partial match of p units
     when its text ends at s's unit n - p (or, running past s's start, ends with s's first n - p units), by its
-    length. A match reaches n. Tables [R, S, D] of bool: `ends` (which counts m in [1, n] a token's text starts a
-    match with) and `fits` (which partial counts p in [1, n) it extends), D = 2M + 1 for the longest M (a count
-    p < M plus a length clamped to M stays below D). No host sync."""
+    length. A match reaches n. Tables of bool: `ends` [R, S, M + 1] (which counts m in [1, n] a token's text
+    starts a match with, M the longest n) and `fits` [R, S, D] (which partial counts p in [1, n) it extends),
+    D = 2M + 1 (a count p < M plus a length clamped to M stays below D). A match started with m units has,
+    when it reaches the k-th earlier token, m plus the lengths of the tokens between: known up front, so the
+    whole window is read at once (a fixed number of kernels per step, whatever the stop strings' length).
+    No host sync."""
 
     def __init__(self, words, tokenizer, vocab_size, device):
         units, kind = _stop_string_units(tokenizer)
@@ -1547,23 +1550,28 @@ class _StopStrings:
         if not ends.any():  # (as transformers: one that no token can end is let through while another can be)
             raise ValueError(f"stop_strings: no token of the tokenizer can end any of {words!r} (characters the "
                              f"vocabulary does not hold?), so they could never stop a row")
-        self.ends, self.fits, self.length = ends.to(device), fits.to(device), length.to(device)
-        n = torch.tensor([len(t) for t in targets])
-        self.reached = (torch.arange(D)[None, :] >= n[:, None]).to(device)  # [S, D]
-        self.shift = torch.arange(D, device=device)
+        # (a match starts with at most M units: ends' columns past M are empty)
+        self.ends, self.fits, self.length = ends[:, :, :M + 1].to(device), fits.to(device), length.to(device)
+        self.needed = torch.tensor([len(t) for t in targets], device=device)  # [S]: n
+        self.strings = torch.arange(S, device=device)
+        self.starts = torch.arange(M + 1, device=device)  # m
 
     def __call__(self, seqs, T0=None):
         """bool [N]: the rows of seqs [N, t] whose last token ends a stop string."""
         w = min(self.window, seqs.shape[1])
-        ids = seqs[:, seqs.shape[1] - w:].flip(1).clamp(0, self.ends.shape[0] - 1)
-        state = self.ends[ids[:, 0]]  # [N, S, D]: the match counts still open
-        hit = (state & self.reached).any(-1).any(-1)
-        for k in range(1, w):
-            live = state & self.fits[ids[:, k]]
-            src = self.shift[None, :] - self.length[ids[:, k]][:, None]  # [N, D]: count q came from q - length
-            state = live.gather(-1, src.clamp(min=0)[:, None, :].expand_as(live)) & (src >= 0)[:, None, :]
-            hit |= (state & self.reached).any(-1).any(-1)
-        return hit
+        ids = seqs[:, seqs.shape[1] - w:].flip(1).clamp(0, self.ends.shape[0] - 1)  # [N, w], the last token first
+        start = self.ends[ids[:, 0]]  # [N, S, M + 1]: the counts m the last token starts
+        earlier = ids[:, 1:]  # [N, w - 1]
+        length = self.length[earlier]
+        after = length.cumsum(1)  # [N, w - 1]: the lengths of the earlier tokens up to the k-th
+        # the count a match started with m units has on reaching the k-th earlier token (clamped: the column
+        # D - 1 = 2M fits nothing, as no count past it could)
+        count = (self.starts + (after - length)[:, :, None]).clamp(max=self.fits.shape[-1] - 1)  # [N, w - 1, M + 1]
+        fit = self.fits[earlier[:, :, None, None], self.strings[:, None], count[:, :, None, :]]  # [N, w - 1, S, M + 1]
+        alive = fit.cummin(1).values  # every earlier token up to the k-th fits
+        reached = (self.starts + after[:, :, None])[:, :, None, :] >= self.needed[:, None]  # [N, w - 1, S, M + 1]
+        done = (self.starts >= self.needed[:, None]) | (alive & reached).any(1)  # [N, S, M + 1]
+        return (start & done).flatten(1).any(1)
 
 
 def _end_counts(text, s):

@@ -1035,12 +1035,16 @@ def json_schema_regex(schema, whitespace=r"[ ]?", *, max_recursion_depth=None):
         max_recursion_depth deep (2 when it is None);
       {"type": [..]}: a list of those types (e.g. ["string", "null"]; each honours its own keywords);
       {"enum": [...]} / {"const": v} of JSON scalars;
-      {"type": "array", "items": <schema>} (with minItems / maxItems);
+      {"type": "array", "items": <schema>} (with minItems / maxItems); without items, items {} (any values,
+        nested at most max_recursion_depth deep, 2 when it is None: the array itself one level more);
       {"type": "object", "properties": {...}, "required": [...]}: the properties in the order given (required
-        ones always, the others optionally); no others when additionalProperties is false or absent; when it
-        is a schema (or true / {}: any value, as {} above), after the declared ones any number of extra
-        members valued under it, each key written without escapes and equal to no declared property name
-        (extra keys may repeat one another: json.loads keeps the last, every value is valid anyway);
+        ones always, the others optionally); no others when additionalProperties is false or absent (closed by
+        default, as outlines: JSON Schema would allow any others); when it is a schema (or true / {}: any
+        value, as {} above), after the declared ones any number of extra members valued under it, each key
+        written without escapes and equal to no declared property name (extra keys may repeat one another:
+        json.loads keeps the last, every value is valid anyway); without properties and additionalProperties,
+        any members, as additionalProperties true (values nested at most max_recursion_depth deep, 2 when it
+        is None), while {"properties": {}} (or additionalProperties false) takes only {};
       {"anyOf": [..]} / {"oneOf": [..]}: any of the schemas (oneOf's "exactly one" is not enforced: a document
         valid under two of them matches too); {"allOf": [s]} of one schema;
       {"$ref": "#/$defs/Name"} (or any JSON pointer into the schema: "#/definitions/..." etc.), alone in its
@@ -1200,9 +1204,10 @@ class _SchemaRegex:
         return '"' + _JSON_STRING_CHAR + _repeat(lo, hi) + '"'
 
     def _array(self, schema, where):
-        if "items" not in schema:
-            raise ValueError(f"json_schema_regex: {where} (an array) needs items")
-        item = self.build(schema["items"], where + ".items")
+        if "items" in schema:
+            item = self.build(schema["items"], where + ".items")
+        else:  # (JSON Schema: no items keyword, any items; nesting bounded as {}'s)
+            item = self._any_value(self._any_depth())
         lo, hi = _bounds(schema, "minItems", "maxItems", where)
         return self._list(item, lo, hi)
 
@@ -1257,7 +1262,8 @@ class _SchemaRegex:
 
     def _extra_member(self, schema, declared, where):
         """The regex of one additional member ("key": value), or None where the schema allows none here."""
-        extra = schema.get("additionalProperties", False)
+        # (absent: closed when properties are declared, as outlines; an object without them takes any members)
+        extra = schema.get("additionalProperties", "properties" not in schema)
         if extra is False:
             return None
         if extra is True:
