@@ -28,7 +28,7 @@ from llmkern.parallel import comm  # noqa: F401
 from llmkern.parallel.comm import set_validation  # noqa: F401
 from llmkern.parallel import guards  # noqa: F401  (llmkern.generate's hook: sys.modules)
 from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear, OVERLAPS  # noqa: F401
-from llmkern.parallel.tensor_parallel import tensor_parallelize  # noqa: F401
+from llmkern.parallel.tensor_parallel import full_state_dict, load_full_state_dict, tensor_parallelize  # noqa: F401
 from llmkern.parallel import lora_state  # noqa: F401
 from llmkern.parallel.vocab import VocabParallelEmbedding, VocabParallelLMHead  # noqa: F401
 from llmkern.parallel.context import (all_reduce_gradients, context_parallel_attention,  # noqa: F401
@@ -41,7 +41,7 @@ __all__ = ["ColumnParallelLinear", "RowParallelLinear", "tensor_parallelize", "s
            "context_parallel_attention", "context_parallelize", "shard_sequence", "gather_sequence",
            "context_parallel_positions", "all_reduce_gradients", "TensorParallelMoE", "ShardedExperts",
            "ExpertParallelMoE", "expert_parallelize", "all_reduce_replicated_grads", "expert_parameter_names",
-           "pipeline_parallelize", "PipelineParallel"]
+           "pipeline_parallelize", "PipelineParallel", "full_state_dict", "load_full_state_dict"]
 
 _EXPERT = ("ExpertParallelMoE", "expert_parallelize", "all_reduce_replicated_grads", "expert_parameter_names")
 

@@ -63,7 +63,9 @@ def _rank_local(model):
 def weight_fingerprints(model):
     """[(name, int)] for every parameter of `model` but those of parallel layers: one hash of its fingerprint each,
     equal across ranks exactly when the weights are (up to hash collisions). One pass over the weights on their
-    devices and one host read per device."""
+    devices and one host read per device. A parameter on the meta device has no values: its fingerprint is that of
+    an empty one on every rank (compared equal; tensor_parallelize's docstring says where such weights are checked:
+    load_full_state_dict)."""
     skip = _rank_local(model)
     named = [(n, p) for n, p in model.named_parameters() if id(p) not in skip]
     on_device = {}  # device -> [(index, fingerprint)]: one copy to the host per device

@@ -438,6 +438,34 @@ def column_rows(t, segments, p, r):
     return torch.cat(parts, 0)
 
 
+def gather_column_rows(t, segments, group):
+    """The whole t (dim 0) from every rank's column_rows(t, segments, p, r) shard: the inverse of column_rows (one
+    all-gather over `group`), rows back in the unsharded order (segment 0 of ranks 0..p-1, then segment 1, ...)."""
+    p = comm.world_size(group)
+    if p == 1:
+        return t.clone()
+    per_rank = comm.all_gather_dim0(t.contiguous(), group).view((p, t.shape[0]) + tuple(t.shape[1:]))
+    parts, lo = [], 0
+    for n in segments:
+        k = n // p
+        parts.append(per_rank[:, lo:lo + k].reshape((n,) + tuple(t.shape[1:])))
+        lo += k
+    return torch.cat(parts, 0)
+
+
+def _source_names(linear, base, A, B):
+    """{the sharded layer's parameter name: the name of the tensor it was cut from in `linear`'s state dict} where they
+    differ (a LoRA wrapper's base_layer.weight, PEFT's lora_A.default.weight): full checkpoints
+    (llmkern.parallel.tensor_parallel.full_state_dict) use the unsharded model's keys."""
+    if not hasattr(linear, "base_layer"):
+        return {}
+    base_layer = linear.base_layer
+    sources = {"weight": base_layer.weight, "bias": base.bias, "lora_A": A, "lora_B": B}
+    by_id = {id(t): n for n, t in linear.state_dict(keep_vars=True).items()}
+    names = {own: by_id.get(id(t)) for own, t in sources.items() if t is not None}
+    return {own: n for own, n in names.items() if n is not None and n != own}
+
+
 def _check_divisible(size, p, what):
     if size % p:
         raise ValueError(f"{what}={size} is not divisible by the tensor-parallel world size {p}")
@@ -624,6 +652,9 @@ class _ParallelLinear(comm.SharesProcessGroups, nn.Module):
     # sharded from a transformers Conv1D (from_linear): PEFT adapters on it say fan_in_fan_out=True, as LoRALinear's
     # conv1d says for the unsharded layer (their factors are the nn.Linear's all the same)
     conv1d = False
+    # {parameter name: its name in the unsharded module's state dict} where they differ (from_linear of a LoRA wrapper:
+    # "weight" was "base_layer.weight"); full checkpoints use the unsharded names
+    source_names = {}
 
     def _setup(self, in_features, out_features, overlap, sequence_parallel, group, chunks, pieces, transport):
         what = type(self).__name__
@@ -753,6 +784,7 @@ class ColumnParallelLinear(_ParallelLinear):
         p, r = layer.world_size, layer.rank
         layer.segments = segs  # (how the rows were sharded: llmkern.parallel.lora_state gathers by it)
         layer.conv1d = isinstance(base, _LinearView)
+        layer.source_names = _source_names(linear, base, A, B)
 
         for n in segs:
             _check_divisible(n, p, "ColumnParallelLinear.from_linear: segment size")
@@ -907,6 +939,7 @@ class RowParallelLinear(_ParallelLinear):
                                    device=base.weight.device, dtype=base.weight.dtype, **kw)  # (copied below)
         p, r = layer.world_size, layer.rank
         layer.conv1d = isinstance(base, _LinearView)
+        layer.source_names = _source_names(linear, base, A, B)
         k = base.in_features // p
         with torch.no_grad():
             layer.weight.copy_(base.weight[:, r * k:(r + 1) * k])

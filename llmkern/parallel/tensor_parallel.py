@@ -54,16 +54,25 @@ Module-naming contract (Hugging Face Llama / GPT-2 / nanoGPT names; llmkern.mode
   out_proj are refused).
 - The weights must be identical on every rank before sharding (same seed, or a broadcast); a model
   loaded with llmkern.models.from_hf on every rank is. Checked (check_weights=True, the default): an integer
-  fingerprint of each parameter's bits, compared across the ranks (llmkern.parallel.guards).
+  fingerprint of each parameter's bits, compared across the ranks (llmkern.parallel.guards). A model built on
+  the meta device has no values to compare: its parameters are skipped, and load_full_state_dict compares the
+  checkpoint that every rank loads into it instead.
+
+Checkpoints: a sharded model's state_dict() holds this rank's shards under the unsharded names (one file per rank).
+full_state_dict(model) gathers the unsharded model's state_dict (one file, bit for bit the unsharded model's);
+load_full_state_dict(model, state_dict) cuts each rank's shards out of it, e.g. into a model built on the meta
+device, sharded, then materialised with to_empty (torchtitan's flow).
 
 Sequence parallelism is not applied by tensor_parallelize (norms and dropout would then see token
 shards); use the layers directly for it (TensorParallelMoE.from_moe(moe, group, sequence_parallel=True)
 for an MoE layer).
 """
+import collections
 import hashlib
 import inspect
 import numbers
 import re
+import sys
 import weakref
 
 import torch
@@ -71,7 +80,7 @@ import torch.nn as nn
 
 from llmkern.ops._checks import bool_arg
 from llmkern.parallel import comm, guards
-from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear, _ParallelLinear
+from llmkern.parallel.layers import ColumnParallelLinear, RowParallelLinear, _ParallelLinear, column_rows
 from llmkern.peft._plain_lora import is_hf_conv1d, linear_features
 
 MLA_COLUMN_NAMES = {"q_b_proj", "kv_b_proj"}  # (MLA's q_proj, without a q bottleneck, is the usual name)
@@ -424,7 +433,9 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
     disagree would pair different collectives (garbage, or a hang until the process group's timeout).
     check_weights=True (default) also compares the weights (an integer fingerprint of every parameter's bits,
     one pass over the weights on their devices, in the same all-gather): ranks with different weights (one not
-    seeded, another checkpoint) raise a ValueError on every rank naming the first parameter that differs. A model
+    seeded, another checkpoint) raise a ValueError on every rank naming the first parameter that differs. Parameters
+    on the meta device (a model built under ``torch.device("meta")``) hold no values and are not compared: load the
+    weights with load_full_state_dict, whose check_weights compares the checkpoint across the ranks. A model
     sharded already (by tensor_parallelize) is refused."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"tensor_parallelize: model must be an nn.Module, got {type(model).__name__}")
@@ -550,8 +561,11 @@ def tensor_parallelize(model, group=None, *, overlap="ring", chunks=None, pieces
                          "follow the naming contract in llmkern.parallel.tensor_parallel")
     if mismatch is not None:  # (after the checks above: a model that cannot be sharded says so first)
         guards.raise_weight_mismatch(mismatch, group, "tensor_parallelize")
+    # (full_state_dict returns the keys in this order: the sharded MoE layers register their children in another)
+    key_order = list(model.state_dict(keep_vars=True))
     for obj, attr, value in plan:  # (an error above leaves the model as it was)
         setattr(obj, attr, value)
+    model._llmkern_tp_key_order = key_order
     model._llmkern_tensor_parallel = True  # (a second tensor_parallelize is refused: _refuse_model)
     if p > 1:
         for module, name in summed:
@@ -592,3 +606,334 @@ class _IdsInVocabulary(comm.SharesProcessGroups):
                              f"of rank(s) {other} differ from rank 0's (in shape, dtype or tokens): the sharded layers "
                              f"would mix the ranks' sequences")
         return None
+
+
+# ---- full (unsharded) checkpoints -----------------------------------------------------------------------
+#
+# A tensor-parallel model's state_dict() holds this rank's shards under the unsharded names. full_state_dict gathers
+# them into the unsharded model's state_dict; load_full_state_dict cuts this rank's shards out of one. Both go
+# through _sharded_entries, whose cuts are the ones the layers' constructors made (column_rows, the vocabulary
+# rows' _shard, the experts' _expert_shard), so that a round trip is exact by construction.
+
+class _Sharded:
+    """A sharded tensor of a tensor-parallel module: its unsharded shape, this rank's cut of the whole tensor, and
+    the whole tensor gathered from the ranks' shards (a collective over the module's group)."""
+
+    def __init__(self, full_shape, shard, gather):
+        self.full_shape, self.shard, self.gather = tuple(full_shape), shard, gather
+
+
+def _transposed_if(t, flag):
+    return t.t() if flag else t
+
+
+def _linear_entries(m):
+    """Column- / row-parallel layer: a Conv1D's weight is whole as [in, out] (its unsharded layout), the shard
+    [out/p, in] / [out, in/p] as nn.Linear's (see from_linear)."""
+    from llmkern.parallel.layers import gather_column_rows
+
+    p, r, g, conv = m.world_size, m.rank, m.group, m.conv1d
+    w_shape = (m.in_features, m.out_features) if conv else (m.out_features, m.in_features)
+    entries = {}
+    if isinstance(m, ColumnParallelLinear):
+        segs = list(getattr(m, "segments", None) or [m.out_features])
+
+        def rows(t):
+            return column_rows(t, segs, p, r)
+
+        entries["weight"] = _Sharded(w_shape, lambda t: rows(_transposed_if(t, conv)),
+                                     lambda: _transposed_if(gather_column_rows(m.weight.detach(), segs, g), conv))
+        if m.bias is not None:
+            entries["bias"] = _Sharded((m.out_features,), rows, lambda: gather_column_rows(m.bias.detach(), segs, g))
+        if m.lora_B is not None:  # (lora_A [r, in] is replicated)
+            entries["lora_B"] = _Sharded((m.out_features, m.lora_B.shape[1]), rows,
+                                         lambda: gather_column_rows(m.lora_B.detach(), segs, g))
+        return entries
+    k = m.in_features // p
+
+    def cols(t):
+        return t[:, r * k:(r + 1) * k]
+
+    entries["weight"] = _Sharded(w_shape, lambda t: cols(_transposed_if(t, conv)),
+                                 lambda: _transposed_if(comm.all_gather_last_dim(m.weight.detach(), g), conv))
+    if m.lora_A is not None:  # (the bias and lora_B [out, r] are replicated)
+        entries["lora_A"] = _Sharded((m.lora_A.shape[0], m.in_features), cols,
+                                     lambda: comm.all_gather_last_dim(m.lora_A.detach(), g))
+    return entries
+
+
+def _vocab_entries(m, V):
+    """Vocabulary-parallel embedding / LM head: rows [r·S, (r+1)·S) of [V, d], the last shard zero-padded."""
+    from llmkern.parallel.vocab import _shard
+
+    def gather(t):
+        return comm.all_gather_dim0(t.detach().contiguous(), m.group)[:V]
+
+    entries = {"weight": _Sharded((V, m.weight.shape[1]), lambda t: _shard(t, m.group), lambda: gather(m.weight))}
+    if getattr(m, "bias", None) is not None:
+        entries["bias"] = _Sharded((V,), lambda t: _shard(t, m.group), lambda: gather(m.bias))
+    return entries
+
+
+def _expert_entries(m):
+    """ShardedExperts: each expert's gate and up rows and down columns along the FFN width (moe._expert_shard)."""
+    from llmkern.parallel.moe import _expert_shard
+
+    E, _, d = m.gate_up_proj.shape
+    F_, p, r = m.ffn_dim, m.world_size, m.rank
+    gate_up_shape, down_shape = (E, 2 * F_, d), (E, d, F_)
+
+    def stand_in(shape):  # (_expert_shard cuts both; the other one costs nothing on the meta device)
+        return torch.empty(shape, device="meta")
+
+    return {"gate_up_proj": _Sharded(gate_up_shape, lambda t: _expert_shard(t, stand_in(down_shape), p, r)[0],
+                                     lambda: m.gathered()[0]),
+            "down_proj": _Sharded(down_shape, lambda t: _expert_shard(stand_in(gate_up_shape), t, p, r)[1],
+                                  lambda: m.gathered()[1])}
+
+
+def _sharded_entries(module):
+    """{local state-dict name: _Sharded} of a tensor-parallel module's sharded tensors ({} for any other module:
+    its tensors are replicated, whole on every rank)."""
+    from llmkern.parallel.vocab import VocabParallelEmbedding, VocabParallelLMHead
+
+    if isinstance(module, _ParallelLinear):
+        return _linear_entries(module)
+    if isinstance(module, VocabParallelEmbedding):
+        return _vocab_entries(module, module.num_embeddings)
+    if isinstance(module, VocabParallelLMHead):
+        return _vocab_entries(module, module.out_features)
+    moe = sys.modules.get("llmkern.parallel.moe")  # (not imported: no sharded experts exist)
+    if moe is not None and isinstance(module, moe.ShardedExperts):
+        return _expert_entries(module)
+    return {}
+
+
+class _Entry:
+    """One key of the model's state_dict: its name here and in the unsharded model, the tensor this rank holds,
+    and how it is sharded (None: replicated)."""
+
+    def __init__(self, key, full_key, tensor, sharded):
+        self.key, self.full_key, self.tensor, self.sharded = key, full_key, tensor, sharded
+
+
+def _checkpoint_entries(model, what):
+    """[_Entry] in the order of model.state_dict(). Refuses the models whose rank-local state is not a shard of an
+    unsharded tensor (expert parallelism: each rank holds other whole experts)."""
+    from llmkern.parallel.expert import ExpertParallelMoE, LocalExperts
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what}: model must be an nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, (ExpertParallelMoE, LocalExperts)) for m in model.modules()):
+        raise ValueError(f"{what}: the model is expert-parallel (expert_parallelize): each rank holds other whole "
+                         f"experts, not shards of them; only tensor-parallel layers are gathered or cut")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    specs = {}
+    entries = []
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        path, _, local = key.rpartition(".")
+        module = modules.get(path)
+        if module is not None and id(module) not in specs:
+            specs[id(module)] = _sharded_entries(module)
+        sharded = specs.get(id(module), {}).get(local)
+        source = module.source_names.get(local, local) if isinstance(module, _ParallelLinear) else local
+        entries.append(_Entry(key, f"{path}.{source}" if path else source, tensor, sharded))
+    return entries
+
+
+def _checkpoint_group(model, what):
+    """The process group of the model's tensor-parallel modules (None: it has none, or one rank), one for all."""
+    groups = {}
+    for m in model.modules():
+        g = getattr(m, "group", None)
+        if isinstance(m, comm.SharesProcessGroups) and isinstance(g, torch.distributed.ProcessGroup):
+            groups[id(g)] = g
+    if len(groups) > 1:
+        raise ValueError(f"{what}: the model's tensor-parallel layers use {len(groups)} process groups; a full "
+                         f"checkpoint needs one (as tensor_parallelize builds)")
+    group = next(iter(groups.values()), None)
+    return group if group is not None and comm.world_size(group) > 1 else None
+
+
+def _raise_everywhere(group, what, error):
+    """Raise `error` (this rank's, or None) on every rank of `group` (one small all-gather): the ranks that passed
+    raise a ValueError naming those that failed, instead of waiting in the next collective."""
+    if group is None:
+        if error is not None:
+            raise error
+        return
+    comm.agree(group, what, [], error)
+
+
+def full_state_dict(model, rank0_only=True, cpu_offload=False):
+    """The unsharded model's state_dict, gathered from a tensor-parallel model's shards (torchtitan's DTensor
+    full_state_dict, Megatron's checkpoint conversion to one file): the same keys, in the same order, and the same
+    values bit for bit as the model had before tensor_parallelize; load it with load_full_state_dict (any world
+    size) or into the unsharded model with load_state_dict. A collective over the model's tensor-parallel group:
+    every rank calls it. rank0_only=True returns the dict on rank 0 of that group and {} on the others (which gather
+    all the same: a collective); False on every rank. cpu_offload=True moves each gathered tensor to the CPU at once
+    (a large model's whole state does not fit beside the shards on one accelerator).
+
+    Keys (in the unsharded model's order): a column / row / vocabulary-parallel layer's and the sharded experts'
+    are the unsharded ones; a layer sharded from a LoRA wrapper keeps the wrapper's names (base_layer.weight, its
+    lora_A / lora_B keys), one from a transformers Conv1D its [in, out] layout. A tied LM head is the embedding's
+    tensor (one object under both keys). Replicated tensors are this rank's (detached, as state_dict returns them).
+    A model without tensor-parallel layers gives its state_dict. ValueError (on every rank) for a model on the meta
+    device or an expert-parallel one. Pipeline stages: the stage's part (its keys), whole over the tensor-parallel
+    ranks."""
+    what = "full_state_dict"
+    rank0_only = bool_arg(f"{what}: rank0_only", rank0_only)
+    cpu_offload = bool_arg(f"{what}: cpu_offload", cpu_offload)
+    entries = _checkpoint_entries(model, what)
+    group = _checkpoint_group(model, what)
+    meta = [e.key for e in entries if e.sharded is not None and e.tensor.is_meta]
+    error = None
+    if meta:  # (nothing to gather: the ranks would exchange no values)
+        error = ValueError(f"{what}: the model's tensors are on the meta device ({_few(meta)}): materialise them "
+                           f"first (to_empty, then load_full_state_dict)")
+    _raise_everywhere(group, what, error)
+    keep = not rank0_only or group is None or comm.rank(group) == 0
+    gathered, values = {}, {}
+    for e in entries:  # (the same order on every rank: the ranks' models agree, tensor_parallelize checked it)
+        value = gathered.get(id(e.tensor))  # (a tied head: gathered once, one tensor under both keys)
+        if value is None:
+            value = e.tensor if e.sharded is None else e.sharded.gather()
+            if torch.is_tensor(value):  # (not a module's extra state)
+                value = value.detach().cpu() if cpu_offload else value.detach()
+            gathered[id(e.tensor)] = value
+        if keep:
+            values[e.full_key] = value
+    order = {k: i for i, k in enumerate(getattr(model, "_llmkern_tp_key_order", ()))}
+    # (the unsharded model's order; keys it did not have, e.g. modules added since, after its own)
+    return collections.OrderedDict((k, values[k]) for k in sorted(values, key=lambda k: order.get(k, len(order))))
+
+
+def _few(items, n=4):
+    items = list(items)
+    return ", ".join(repr(k) for k in items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _load_plan(entries, state_dict, strict, what):
+    """({this rank's key: the tensor to load}, missing full keys, unexpected keys), or a ValueError naming the
+    keys that are missing or unexpected (strict) or whose shape is not the unsharded one."""
+    local, missing, wrong, cuts = collections.OrderedDict(), [], [], {}
+    keys_of = {}  # a tensor's keys: a tied LM head's weight is the embedding's
+    for e in entries:
+        keys_of.setdefault(id(e.tensor), []).append(e.full_key)
+    for e in entries:
+        # (a checkpoint may hold a tied weight once: safetensors' save_model drops the shared copies)
+        source = next((k for k in [e.full_key] + keys_of[id(e.tensor)] if k in state_dict), None)
+        if source is None:
+            missing.append(e.full_key)
+            continue
+        value = state_dict[source]
+        if not torch.is_tensor(e.tensor):  # (a module's extra state: loaded as it is)
+            local[e.key] = value
+            continue
+        want = e.sharded.full_shape if e.sharded is not None else tuple(e.tensor.shape)
+        if not torch.is_tensor(value) or tuple(value.shape) != want:
+            got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            wrong.append(f"{e.full_key}: {got}, not {want}")
+            continue
+        if e.sharded is None:
+            local[e.key] = value
+        else:  # (one cut per parameter: a tied head's key gets the embedding's)
+            key = (id(value), id(e.tensor))
+            if key not in cuts:
+                cuts[key] = e.sharded.shard(value)
+            local[e.key] = cuts[key]
+    known = {e.full_key for e in entries}
+    unexpected = [k for k in state_dict if k not in known]
+    problems = []
+    if wrong:
+        problems.append(f"shapes differ from the unsharded model's ({_few(wrong)})")
+    if strict and missing:
+        problems.append(f"missing keys {_few(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys {_few(unexpected)}")
+    if problems:
+        raise ValueError(f"{what}: {'; '.join(problems)}" + (" (strict=False skips missing and unexpected keys)"
+                                                             if strict and (missing or unexpected) else ""))
+    return local, missing, unexpected
+
+
+def _value_digests(state_dict):
+    """[int64] per entry of the checkpoint: its key, dtype and shape and guards' integer fingerprint of its bits."""
+    out = []
+    for key, value in state_dict.items():
+        try:
+            f = guards._fingerprint(value) if torch.is_tensor(value) else None
+        except (RuntimeError, TypeError):  # (a tensor subclass without these ops: its dtype and shape only)
+            f = None
+        shape = (str(value.dtype), tuple(value.shape)) if torch.is_tensor(value) else type(value).__name__
+        out.append(guards._hash((key, shape, None if f is None else f.tolist())))
+    return out
+
+
+def _check_same_checkpoint(state_dict, group, what, error, check_weights):
+    """Every rank raises `error` (this rank's, or None), or the same ValueError where the ranks passed different
+    checkpoints: other keys (one all-gather), or with check_weights other values (the same all-gather, and one more
+    naming the first key that differs)."""
+    keys = guards._hash(sorted(str(k) for k in state_dict)) if error is None else 0
+    digests = _value_digests(state_dict) if check_weights and error is None else []
+    rows = comm.agree(group, what, [keys, guards._hash(digests)], error)
+    if any(r[0] != rows[0][0] for r in rows):
+        raise ValueError(f"{what}: the ranks passed checkpoints with different keys; every rank must load the same "
+                         f"full state_dict (the same file)")
+    if any(r[1] != rows[0][1] for r in rows):  # (the same keys: one digest per key on every rank)
+        per_key = comm.gather_ints(digests, group)
+        first = next(k for i, k in enumerate(state_dict) if any(r[i] != per_key[0][i] for r in per_key))
+        raise ValueError(f"{what}: the ranks passed different checkpoints: {first!r} differs (in its values, dtype "
+                         f"or shape). Every rank must load the same full state_dict (the same file): its shards "
+                         f"would not fit the other ranks' (check_weights=False skips this comparison)")
+
+
+def load_full_state_dict(model, state_dict, strict=True, check_weights=True):
+    """Load the unsharded model's state_dict (full_state_dict's, the unsharded model's own, or a converted Hugging
+    Face checkpoint's) into a tensor-parallel model: every rank cuts its shard of each column / row / vocabulary-
+    parallel weight, bias and LoRA factor (a fused q/k/v or gate/up projection segment by segment, GQA's key/value
+    heads with their q heads), and of the sharded experts, as tensor_parallelize cut them; replicated tensors are
+    loaded whole. The flow for a model too large to build whole (torchtitan's):
+
+        with torch.device("meta"):
+            model = build(cfg)
+        tensor_parallelize(model, group)            # shards of nothing: no memory, no values
+        model.to_empty(device="cuda")
+        load_full_state_dict(model, torch.load(path, mmap=True))
+
+    Every rank passes the whole checkpoint and calls it (one small all-gather: the ranks' errors are raised on every
+    rank). ValueError naming the keys: missing or unexpected ones (strict=True; strict=False skips them and returns
+    them), a shape other than the unsharded model's (also with strict=False), a model still on the meta device.
+    check_weights=True (default) compares an integer fingerprint of the checkpoint across the ranks (one pass over
+    it): ranks that loaded different files raise a ValueError naming the first key that differs, before anything is
+    loaded (tensor_parallelize cannot compare the weights of a model built on the meta device). Returns
+    nn.Module.load_state_dict's (missing_keys, unexpected_keys), with the unsharded names. The model's dtype is
+    kept (a checkpoint of another dtype is cast, as load_state_dict does)."""
+    import collections.abc
+
+    what = "load_full_state_dict"
+    strict = bool_arg(f"{what}: strict", strict)
+    check_weights = bool_arg(f"{what}: check_weights", check_weights)
+    entries = _checkpoint_entries(model, what)
+    group = _checkpoint_group(model, what)
+    error, plan = None, None
+    try:
+        if not isinstance(state_dict, collections.abc.Mapping):
+            raise TypeError(f"{what}: state_dict must be a mapping of names to tensors, got "
+                            f"{type(state_dict).__name__}")
+        meta = [e.key for e in entries if torch.is_tensor(e.tensor) and e.tensor.is_meta]
+        if meta:  # (load_state_dict copies into meta tensors without error: nothing would be loaded)
+            raise ValueError(f"{what}: the model's tensors are on the meta device ({_few(meta)}): materialise them "
+                             f"first (model.to_empty(device=...))")
+        plan = _load_plan(entries, state_dict, strict, what)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    if group is not None:
+        _check_same_checkpoint(state_dict, group, what, error, check_weights)
+    elif error is not None:
+        raise error
+    local, missing, unexpected = plan
+    if hasattr(state_dict, "_metadata"):  # (the modules' versions, which their load hooks read)
+        local._metadata = state_dict._metadata
+    model.load_state_dict(local, strict=False)  # (the keys were checked above, under their unsharded names)
+    return nn.modules.module._IncompatibleKeys(missing, unexpected)
