@@ -62,9 +62,9 @@ def _number(fn, name, v, positive=False):
 
 
 def _cfg(config):
-    from llmkern.models.configs import ModelConfig, get_config
+    from llmkern.models.configs import get_config
 
-    return config if isinstance(config, ModelConfig) else get_config(config)
+    return get_config(config)  # (a ModelConfig or NeoXConfig as given; a name looked up)
 
 
 def param_counts(config):
@@ -76,9 +76,12 @@ def param_counts(config):
     tied), router (MoE routers and shared-expert gates; 0 for dense models), total (the sum of those),
     experts (the routed experts' share of ffn), active (the parameters one token uses: total less the
     E - k experts it is not routed to in each MoE layer; total for dense models), and
-    shares: each of the first four as a fraction of total.
+    shares: each of the first four as a fraction of total. A NeoXConfig (GPT-NeoX / Pythia, Phi): the same keys,
+    LayerNorm gains and biases in norm, Phi's LM head bias in lm_head.
     """
     c = _cfg(config)
+    if c.arch == "neox":
+        return _with_totals(_neox_counts(c))
     L, d, V, T = c.n_layer, c.n_embd, c.vocab_size, c.block_size
     attn_w = L * (d * c.attn_dim + 2 * d * c.n_kv_head * c.head_dim + c.attn_dim * d)
     if c.kv_lora_rank:
@@ -113,11 +116,34 @@ def param_counts(config):
         pos = 0
     out = dict(token_embedding=V * d, position_embedding=pos, attention=attn_w, ffn=ffn,
                attention_bias=attn_b, norm=norm, lm_head=0 if c.tie_embeddings else V * d, router=router)
+    return _with_totals(out, experts, inactive)
+
+
+def _with_totals(out, experts=0, inactive=0):
+    """param_counts' dict: the components `out`, then total, experts, active and shares."""
     out["total"] = sum(out.values())
     out["experts"] = experts
     out["active"] = out["total"] - inactive
     out["shares"] = {k: out[k] / out["total"] for k in ("token_embedding", "position_embedding", "attention", "ffn")}
     return out
+
+
+def _neox_counts(c):
+    """param_counts' components for a NeoXConfig (GPT-NeoX / Phi). The parallel residual changes no weight; Phi's
+    shared norm is one LayerNorm per block instead of two; partial RoPE has no parameters; Phi's LM head bias
+    counts with the head (a tied head keeps its bias)."""
+    L, d, V, f = c.n_layer, c.n_embd, c.vocab_size, c.intermediate_size
+    kv = c.n_kv_head * c.head_dim
+    layer_norms = 1 if c.shared_norm else 2
+    norm = (L * layer_norms + 1) * 2 * d  # LayerNorms with gain and bias, the final one included
+    if c.qk_layernorm:  # per-head q / k LayerNorms: head_dim gains and biases each
+        norm += L * 2 * 2 * c.head_dim
+    head = (0 if c.tie_embeddings else V * d) + (V if c.lm_head_bias else 0)
+    return dict(token_embedding=V * d, position_embedding=0,
+                attention=L * (d * c.attn_dim + 2 * d * kv + c.attn_dim * d),
+                ffn=L * (d * f + f + f * d + d),  # (up / down with biases)
+                attention_bias=L * (c.attn_dim + 2 * kv + d) if c.attn_bias else 0, norm=norm, lm_head=head,
+                router=0)
 
 
 def _mla_weights(c):
@@ -133,9 +159,10 @@ def matmul_params(config):
     """N for the FLOP formulas: parameters used in matmuls (the token embedding counts when it is
     the tied output head; the position embedding and an input-only embedding are lookups). For a
     mixture of experts, the *active* parameters: a token runs k of the E experts (and the router)."""
-    p = param_counts(config)
+    c = _cfg(config)
+    p = param_counts(c)
     n = p["active"] - p["position_embedding"]
-    if p["lm_head"]:
+    if not c.tie_embeddings:  # (the tie, not lm_head's count: a tied Phi head's bias alone is counted there)
         n -= p["token_embedding"]
     return n
 

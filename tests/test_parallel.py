@@ -453,14 +453,19 @@ def zoo_families_worker(rank, p):
     """Llama-family options under tensor parallelism: Qwen2-style q/k/v biases (sharded with their
     rows) and a per-layer sliding window, Qwen3-style q_norm/k_norm (replicated, gradient summed over
     the ranks), head_dim != n_embd / n_head, an o_proj bias; forward, every gradient and the KV cache."""
-    from llmkern.models import Llama
+    from llmkern.models import Llama, build
     from llmkern.models.configs import get_config
 
     failures, checked = [], []
     for tag, opts in (("qwen2", dict(qkv_bias=True, sliding_window=3, sliding_window_layers=(1,))),
-                      ("qwen3", dict(qkv_bias=True, o_bias=True, qk_norm=True, head_dim=24))):
+                      ("qwen3", dict(qkv_bias=True, o_bias=True, qk_norm=True, head_dim=24)),
+                      # Phi-2-style NeoX: shared norm, per-head q/k LayerNorms (replicated, gradient summed), GQA,
+                      # partial rotary, a biased LM head
+                      ("phi", dict(family="phi", shared_norm=True, qk_layernorm=True, n_kv_head=2, rotary_dim=8,
+                                   lm_head_bias=True, activation="gelu_tanh"))):
         torch.manual_seed(7)
-        ref = Llama(get_config("llama-tiny", **opts), backend="torch")
+        ref = build(get_config("neox-tiny", **opts), backend="torch") if tag == "phi" else \
+            Llama(get_config("llama-tiny", **opts), backend="torch")
         with torch.no_grad():  # random norm gains and biases, weights large enough for peaked attention
             for n, prm in ref.named_parameters():
                 if "norm" in n:
@@ -773,7 +778,7 @@ def test_zoo_shared_input_projections_all_reduce_once_2_ranks(ranks, backend):
 
 def test_tensor_parallelize_zoo_llama_family_options_2_ranks(ranks):
     checked = ranks(2).run(zoo_families_worker, timeout=60)
-    assert checked[0] == checked[1] and all(n > 0 for _, n in checked[0])
+    assert checked[0] == checked[1] and all(n > 0 for _, n in checked[0]) and len(checked[0]) == 3
 
 
 def test_errors_raise_on_every_rank(ranks):

@@ -7,8 +7,13 @@ Named sizes (``get_config(name)``):
   mixtral-8x7b                                     sparse MoE: 8 experts, top-2 (counting only)
   deepseek-v3                                      MLA + 256 sigmoid-routed experts, top-8 (counting only)
   deepseek-v2-lite                                 MLA + 64 softmax-routed experts, top-6 (counting only)
+  pythia-70m, pythia-160m, pythia-410m, pythia-1b  GPT-NeoX (EleutherAI's Pythia config.json): a NeoXConfig
+  phi-2                                            Phi-2 (microsoft/phi-2 config.json): a NeoXConfig
   gpt-tiny, llama-tiny, mixtral-tiny,              a few hundred thousand parameters, for tests
-  deepseek-v3-tiny, deepseek-v2-tiny
+  deepseek-v3-tiny, deepseek-v2-tiny, neox-tiny
+
+The GPT-NeoX / Phi names give a llmkern.models.neox.NeoXConfig (its own dataclass: parallel residual, LayerNorms,
+partial RoPE, Phi's head bias), not a ModelConfig; get_config's overrides are that class's fields.
 
 Llama-family options (off by default; from_hf sets them for Mistral, Qwen2 and Qwen3 checkpoints):
   qkv_bias, o_bias      biases on q/k/v_proj and on o_proj, apart from `bias` (which then covers the
@@ -791,6 +796,23 @@ CONFIGS = {
                                             moe_topk_group=1, moe_routed_scaling=2.0, moe_renormalize=False,
                                             kv_lora_rank=16, q_lora_rank=None, nope=16, rope=8, v_head_dim=12)),
 }
+# GPT-NeoX and Phi (llmkern.models.neox.NeoXConfig fields; arch "neox" picks the class): the models' config.json
+# values. Pythia: parallel residual, exact GELU, a quarter of each head's channels rotated (rotary_dim's default),
+# untied head; Phi-2: one shared LayerNorm per block, the tanh GELU, 32 of 80 channels rotated, the head's bias,
+# resid_pdrop 0.1
+_NEOX_CONFIGS = {
+    "pythia-70m": dict(n_layer=6, n_embd=512, n_head=8),
+    "pythia-160m": dict(n_layer=12, n_embd=768, n_head=12),
+    "pythia-410m": dict(n_layer=24, n_embd=1024, n_head=16),
+    "pythia-1b": dict(n_layer=16, n_embd=2048, n_head=8),
+}
+CONFIGS.update({name: dict(arch="neox", name=name, vocab_size=50304, block_size=2048, **fields)
+                for name, fields in _NEOX_CONFIGS.items()})
+CONFIGS["phi-2"] = dict(arch="neox", name="phi-2", family="phi", vocab_size=51200, n_layer=32, n_embd=2560,
+                        n_head=32, block_size=2048, rotary_dim=32, activation="gelu_tanh", shared_norm=True,
+                        lm_head_bias=True, resid_dropout=0.1)
+CONFIGS["neox-tiny"] = dict(arch="neox", name="neox-tiny", n_layer=2, n_embd=64, n_head=4, block_size=128,
+                            vocab_size=256)
 _ALIASES = {"gpt2-small": "gpt2", "gpt2-124m": "gpt2", "gpt2-350m": "gpt2-medium",
             "gpt2-774m": "gpt2-large", "gpt2-1.5b": "gpt2-xl", "gpt3-small": "gpt3-125m",
             "gpt3-medium": "gpt3-350m", "gpt3-large": "gpt3-760m", "gpt3-xl": "gpt3-1.3b"}
@@ -801,14 +823,21 @@ def available_configs():
 
 
 def get_config(name, **overrides):
-    """The named ModelConfig (see the module docstring), with fields overridden by keyword."""
-    if isinstance(name, ModelConfig):
+    """The named ModelConfig (see the module docstring), with fields overridden by keyword; for the GPT-NeoX / Phi
+    names (and a NeoXConfig given) a llmkern.models.neox.NeoXConfig."""
+    # (imported here: neox.py imports the model code, which imports this module)
+    from llmkern.models.neox import NeoXConfig
+
+    if isinstance(name, (ModelConfig, NeoXConfig)):
         return name.replace(**overrides) if overrides else name
     key = _ALIASES.get(str(name).lower(), str(name).lower())
     if key not in CONFIGS:
         raise ValueError(f"get_config: unknown name {name!r}; known: {', '.join(available_configs())}")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    bad = set(overrides) - fields
+    fields = dict(CONFIGS[key])
+    cls = NeoXConfig if fields.get("arch") == "neox" else ModelConfig
+    if cls is NeoXConfig:
+        del fields["arch"]  # (a class attribute of NeoXConfig)
+    bad = set(overrides) - {f.name for f in dataclasses.fields(cls)}
     if bad:
-        raise ValueError(f"get_config: unknown ModelConfig field(s) {sorted(bad)}")
-    return ModelConfig(**{**CONFIGS[key], **overrides})
+        raise ValueError(f"get_config: unknown {cls.__name__} field(s) {sorted(bad)}")
+    return cls(**{**fields, **overrides})

@@ -79,6 +79,18 @@ Supported config.json model_types:
            (DeepSeek's own code would renormalise / the key would mean another RoPE; transformers ignores both),
            quantization_config, attention_bias, mlp_bias, num_key_value_heads != num_attention_heads, another
            hidden_act.
+  gpt_neox GPTNeoXForCausalLM (Pythia, GPT-NeoX-20B) -> NeoX (llmkern/models/neox.py): the fused
+           query_key_value (rows per head [q_h, k_h, v_h]) split into q/k/v_proj; use_parallel_residual (default
+           true: x + attn(ln_1(x)) + mlp(ln_2(x))), attention_bias, rotary_pct / rotary_emb_base (or the RoPE
+           dict's partial_rotary_factor / rope_theta: RoPE on the first int(head_dim * factor) channels of each
+           head), hidden_act (the exact or a tanh GELU, relu), hidden_dropout, attention_dropout,
+           tie_word_embeddings; the LM head as embed_out or lm_head; old checkpoints' attention.bias /
+           masked_bias / rotary_emb.inv_freq buffers ignored, as transformers ignores them
+  phi      PhiForCausalLM (Phi-1, Phi-1.5, Phi-2) -> NeoX with one input_layernorm feeding both parallel branches,
+           the LM head's bias, num_key_value_heads (GQA), qk_layernorm (per-head q/k LayerNorms), head_dim,
+           partial_rotary_factor / rope_theta (the RoPE dict's, else the top-level keys), resid_pdrop,
+           embd_pdrop, attention_dropout, pad_token_id (the embedding's padding_idx). For both: rope scaling, an
+           odd number of rotary channels or another activation raise ValueError naming the key
 Expert weights load from either checkpoint layout: one tensor per expert (Mixtral's
 block_sparse_moe.experts.{e}.w1/w3/w2, Qwen's mlp.experts.{e}.gate_proj/up_proj/down_proj, which is what
 transformers 5's save_pretrained writes) or the stacked mlp.experts.gate_up_proj / down_proj.
@@ -108,6 +120,7 @@ from llmkern.models._attn import check_backend
 from llmkern.models.configs import ModelConfig, _check_rope_scaling, yarn_mscale
 from llmkern.models.gpt import GPT
 from llmkern.models.llama import Llama
+from llmkern.models.neox import NEOX_FAMILY, NeoX, neox_config, neox_state
 
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe",  # the zoo's Llama loads
@@ -977,13 +990,14 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
     per-layer sliding windows, Phi-3's fused projections split into the zoo's, Qwen3's qk-norm and head_dim, the
     MoE families' experts, Granite's multipliers, OLMo 2's post-norms and full-width q/k norms, Gemma's GeGLU,
     norms, scales and soft-caps, DeepSeek's latent attention and V3's sigmoid / V2's softmax router; see the
-    module docstring). The logits equal those of transformers' *ForCausalLM on the same
-    checkpoint. Unsupported configurations raise ValueError
-    naming the config key. dtype/device: the model's (default float32, the default device); it is built on the
-    meta device (no random init, no float32 copy of a 16-bit model) and each checkpoint tensor is cast once to
-    dtype on device and becomes the parameter (the RoPE frequencies are computed there, float32; DeepSeek's routers
-    stay float32); dtype is a floating torch.dtype, its name ("bfloat16", "torch.float16", ...) or "auto"
-    (transformers': config.json's dtype / torch_dtype, else the checkpoint weights' dtype).
+    module docstring); "gpt_neox" (Pythia) and "phi" (Phi-1, 1.5, 2) give a NeoX (llmkern.models.neox: parallel
+    residual blocks, LayerNorms, partial RoPE, Phi's head bias). The logits equal those of transformers'
+    *ForCausalLM on the same checkpoint. Unsupported configurations raise ValueError naming the config key.
+    dtype/device: the model's (default float32, the default device); it is built on the meta device (no random
+    init, no float32 copy of a 16-bit model) and each checkpoint tensor is cast once to dtype on device and becomes
+    the parameter (the RoPE frequencies are computed there, float32; DeepSeek's routers stay float32); dtype is a
+    floating torch.dtype, its name ("bfloat16", "torch.float16", ...) or "auto" (transformers': config.json's
+    dtype / torch_dtype, else the checkpoint weights' dtype).
     model.generation_config (llmkern.generation.GenerationDefaults) holds the checkpoint's eos_token_id,
     pad_token_id and the generation knobs generate defaults to (repetition_penalty, temperature, top_p, ...:
     generation_config.json, else config.json), as transformers' generate."""
@@ -1031,9 +1045,12 @@ def from_hf(path, backend="llmkern", dtype=None, device=None):
         if mtype in MOE_FAMILY or mtype in DEEPSEEK_FAMILY:
             state = _stack_experts(state, cfg, mtype)
         model, state = _on_meta(Llama, cfg, backend), _llama_state(state, cfg)
+    elif mtype in NEOX_FAMILY:  # (neox.py: the config and the checkpoint's names)
+        cfg, state = neox_state(_load_state(path), neox_config(hf))
+        model = _on_meta(NeoX, cfg, backend)
     else:
-        raise ValueError(f"from_hf: model_type {mtype!r} is not supported "
-                         f"(gpt2, {', '.join(LLAMA_FAMILY + PHI3_FAMILY + GEMMA_FAMILY + DEEPSEEK_FAMILY)})")
+        families = LLAMA_FAMILY + PHI3_FAMILY + GEMMA_FAMILY + DEEPSEEK_FAMILY + NEOX_FAMILY
+        raise ValueError(f"from_hf: model_type {mtype!r} is not supported (gpt2, {', '.join(families)})")
     if isinstance(dtype, str):  # "auto"
         dtype = _auto_dtype(hf, state)
     if cfg.tie_embeddings:  # load the shared matrix once, through the embedding
