@@ -1138,10 +1138,13 @@ def generate(model, input_ids, max_new_tokens, *, strategy="greedy", eos_token_i
     no_repeat_ngram_size tokens twice in a sequence (its prompt and padding included, as HF counts); no
     sequence of bad_words_ids (lists of token ids; a one-token list bans the token, a longer one its last token
     after the others). They ban tokens as allowed_tokens does (and join its mask), so the outputs equal HF's.
-    stop_sequences: lists of token ids (greedy and sample): a sequence stops once its generated tokens end with
-    one of them (kept in the output, as HF's stop_strings keep theirs; pad_token_id follows), like an eos of
-    several tokens (vLLM's stop, on token ids: no tokenizer here), from the min_new_tokens-th new token on (as
-    vLLM's min_tokens; transformers' stop_strings do not wait). Beam search and draft_model refuse them.
+    stop_sequences: lists of token ids (greedy, sample and beam search): a sequence stops once its generated tokens
+    end with one of them (kept in the output, as HF's stop_strings keep theirs; pad_token_id follows), like an eos
+    of several tokens (vLLM's stop, on token ids: no tokenizer here), from the min_new_tokens-th new token on (as
+    vLLM's min_tokens, in every strategy; transformers' stop_strings do not wait). Beam search finishes a
+    candidate that ends one as one ending with eos (transformers' beam search with a StoppingCriteria of that
+    test; ranked by its length-penalised score, the stop sequence counted in its length); with num_beams=1
+    (greedy) its score's length counts the new tokens up to the stop. draft_model refuses them.
     stop_strings, tokenizer: transformers' generate(stop_strings=..., tokenizer=...) (greedy and sample): a str or a
     list of them; a row stops (kept, pad_token_id after) once the text of its tokens, prompt included, holds one
     that ends inside its last token's text (it may begin in an earlier token or the prompt), matched on the
@@ -1365,8 +1368,9 @@ def _check_stops(stop_sequences, strategy, draft_model, device, vocab_size=None)
     if not _token_lists(stop_sequences):
         raise ValueError(f"stop_sequences must be a list of non-empty lists of token ids (ints >= 0), got "
                          f"{stop_sequences!r}")
-    if strategy == "beam" or draft_model is not None:
-        raise ValueError("stop_sequences are supported by strategy='greedy' and 'sample' without draft_model")
+    if draft_model is not None:
+        raise ValueError("stop_sequences are supported by strategy='greedy', 'sample' and 'beam', not with "
+                         "draft_model (speculative decoding)")
     top = max((i for w in stop_sequences for i in w), default=-1)
     if vocab_size is not None and top >= vocab_size:
         raise ValueError(f"stop_sequences: token {top} is outside the vocabulary (vocab_size={vocab_size})")
@@ -2323,9 +2327,9 @@ def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_p
     """transformers' (>= 4.50) vectorised beam search, with our masks and scorers added to the
     log-probabilities before the beams are ranked. repetition_penalty (a float or [B] per prompt) acts on the
     (biased) log-probabilities, as HF's processor does in beam search: a seen token's log-probability (<= 0)
-    is multiplied by it; the prompt's padding is not counted (as in greedy). stops: a _StopStrings (or None): a
-    candidate whose text ends a stop string finishes as one ending with eos does (transformers' stopping criteria
-    in beam search)."""
+    is multiplied by it; the prompt's padding is not counted (as in greedy). stops: a stop test (seqs, T0) -> bool
+    [N] (_StopStrings, _Stops, _EitherStop) or None: a candidate it says ends a stop string or a stop sequence
+    finishes as one ending with eos does (transformers' stopping criteria in beam search)."""
     B, T0 = input_ids.shape
     dev = input_ids.device
     K = num_beams
@@ -2406,7 +2410,7 @@ def _beam_search(model, input_ids, max_new_tokens, eos, pad, num_beams, length_p
         topk_seqs[:, :, cur_len] = topk_ids
         topk_len = running_len.gather(1, src_beam) + 1
         hits = torch.zeros(B, keep, dtype=torch.bool, device=dev) if eos is None else torch.isin(topk_ids, eos)
-        if stops is not None:  # (stop strings: a candidate that ends one finishes as an eos does, as transformers')
+        if stops is not None:  # (a candidate that ends a stop string / sequence finishes as an eos does, as HF's)
             hits = hits | stops(topk_seqs[:, :, :cur_len + 1].reshape(B * keep, cur_len + 1), T0).view(B, keep)
         if cur_len + 1 >= max_length:
             hits = torch.ones_like(hits)

@@ -1044,7 +1044,12 @@ def json_schema_regex(schema, whitespace=r"[ ]?", *, max_recursion_depth=None):
         written without escapes and equal to no declared property name (extra keys may repeat one another:
         json.loads keeps the last, every value is valid anyway); without properties and additionalProperties,
         any members, as additionalProperties true (values nested at most max_recursion_depth deep, 2 when it
-        is None), while {"properties": {}} (or additionalProperties false) takes only {};
+        is None), while {"properties": {}} (or additionalProperties false) takes only {}; required keys that
+        properties do not declare (all of them, without properties) follow the declared properties, always, in
+        required's order, valued under additionalProperties (a schema; true, or absent without properties: any
+        value), then any extra members as above (e.g. {"type": "object", "required": ["a"]}: "a" first, then any
+        others; JSON Schema allows any order, the regex writes them in this one, as outlines orders declared
+        properties); in a closed object (additionalProperties false, or absent beside properties) they raise;
       {"anyOf": [..]} / {"oneOf": [..]}: any of the schemas (oneOf's "exactly one" is not enforced: a document
         valid under two of them matches too); {"allOf": [s]} of one schema;
       {"$ref": "#/$defs/Name"} (or any JSON pointer into the schema: "#/definitions/..." etc.), alone in its
@@ -1225,9 +1230,10 @@ class _SchemaRegex:
 
     def _object(self, schema, where):
         props, required, ws = schema.get("properties", {}), schema.get("required", []), self.ws
-        if not isinstance(props, dict) or not isinstance(required, list) or set(required) - set(props):
-            raise ValueError(f"json_schema_regex: {where} needs properties (a dict) and required (a list of its "
-                             f"keys), got properties={props!r}, required={required!r}")
+        if not isinstance(props, dict) or not isinstance(required, list) or not all(
+                isinstance(name, str) for name in required):
+            raise ValueError(f"json_schema_regex: {where} needs properties (a dict) and required (a list of key "
+                             f"names, str), got properties={props!r}, required={required!r}")
         items = []
         for name, sub in props.items():
             value = self.build(sub, f"{where}.properties.{name}")
@@ -1235,7 +1241,13 @@ class _SchemaRegex:
                 return None
             if value is not None:  # (an optional one is left out)
                 items.append((_scalar_literal(name, where) + f"{ws}:{ws}" + value, name in required))
-        extra = self._extra_member(schema, list(props), where)
+        undeclared = [name for name in dict.fromkeys(required) if name not in props]
+        if undeclared:  # required members that properties do not declare: after the declared ones, in order
+            value = self._undeclared_value(schema, undeclared, where)
+            if value is None:  # (additionalProperties' schema past the recursion depth)
+                return None
+            items += [(_scalar_literal(name, where) + f"{ws}:{ws}" + value, True) for name in undeclared]
+        extra = self._extra_member(schema, list(props) + undeclared, where)
 
         def rest(i, first):
             """The members from the i-th on; `first`: none written yet (no comma before the next)."""
@@ -1266,16 +1278,33 @@ class _SchemaRegex:
         extra = schema.get("additionalProperties", "properties" not in schema)
         if extra is False:
             return None
-        if extra is True:
-            value = self._any_value(self._any_depth())
-        elif isinstance(extra, dict):
-            value = self.build(extra, f"{where}.additionalProperties")
-        else:
-            raise ValueError(f"json_schema_regex: {where}.additionalProperties must be a bool or a schema (dict), "
-                             f"got {extra!r}")
+        value = self._extra_value(extra, where)
         if value is None:
             return None
         return '"' + _raw_string_except(declared) + f'"{self.ws}:{self.ws}' + value
+
+    def _extra_value(self, extra, where):
+        """The value regex additionalProperties `extra` (true or a schema) gives a member that properties do not
+        declare: any value for true, the schema's (None past the recursion depth) for a dict."""
+        if extra is True:
+            return self._any_value(self._any_depth())
+        if isinstance(extra, dict):
+            return self.build(extra, f"{where}.additionalProperties")
+        raise ValueError(f"json_schema_regex: {where}.additionalProperties must be a bool or a schema (dict), "
+                         f"got {extra!r}")
+
+    def _undeclared_value(self, schema, names, where):
+        """The value regex of required members `names` that properties do not declare: additionalProperties'
+        (true or a schema; absent without properties: true). A closed object (additionalProperties false, or
+        absent beside properties, closed here as outlines closes it) raises: it could hold no such member, and a
+        required name missing from properties is more often a typo than a wish for an open object."""
+        extra = schema.get("additionalProperties", "properties" not in schema)
+        if extra is False:
+            why = "false" if "additionalProperties" in schema else "absent (closed, as outlines, beside properties)"
+            raise ValueError(f"json_schema_regex: {where}.required names {names!r}, which properties do not declare, "
+                             f"and additionalProperties is {why}: declare them in properties, or set "
+                             f"additionalProperties to true or to a schema for their values")
+        return self._extra_value(extra, where)
 
     def _any_depth(self):
         return _ANY_VALUE_DEPTH if self.max_depth is None else self.max_depth

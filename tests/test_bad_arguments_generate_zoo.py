@@ -188,7 +188,7 @@ ERR = [
     ("generate bad_words_ids str", lambda: g(3, bad_words_ids="ab"), "bad_words_ids"),
     ("generate stop_sequences vocab", lambda: g(3, stop_sequences=[[V]]), "stop_sequences"),
     ("generate stop_sequences [1]", lambda: g(3, stop_sequences=[1]), "stop_sequences"),
-    ("generate stop_sequences beam", lambda: g(3, **B2, stop_sequences=[[1]]), "stop_sequences"),
+    ("generate stop_sequences draft", lambda: g(3, draft_model=D, stop_sequences=[[1]]), "stop_sequences"),
     # allowed_tokens
     ("generate allowed_tokens list", lambda: g(3, allowed_tokens=[True] * V), "allowed_tokens"),
     ("generate allowed_tokens int", lambda: g(3, allowed_tokens=_mask(V, dtype=torch.long)), "allowed_tokens"),

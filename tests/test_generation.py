@@ -680,7 +680,7 @@ def test_stop_sequences_equal_a_transformers_stopping_criterion(pairs):
     for row in out[:, 6:].tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t == 3 or (i and row[i - 1:i + 1] == [4, 5])), len(row))
         assert all(t == PAD for t in row[cut:])
-    for kw in (dict(stop_sequences=[[]]), dict(stop_sequences=[[3]], strategy="beam", num_beams=2)):
+    for kw in (dict(stop_sequences=[[]]), dict(stop_sequences=[[3]], draft_model=m)):
         with pytest.raises(ValueError, match="stop_sequences"):
             generate(m, x, 2, **kw)
 
