@@ -826,7 +826,8 @@ class ZooModel(torch.nn.Module):
         embedding's copies on the first and last stage are equal. A pipeline stage needs seed (drawn in module
         order, stages seeded alike would hold equal layers and unequal tied copies). Tensor-, expert- or
         vocabulary-parallel layers: NotImplementedError (a shard must be its part of one draw of the whole weight:
-        initialise before parallelising, or load a checkpoint)."""
+        initialise before parallelising, or load a checkpoint). Adapter modules (LoRA / DoRA, llmkern.peft's or
+        PEFT's): ValueError (their inits start from the base weights: initialise first, then add them)."""
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"init_weights: seed must be None or an int >= 0, got {seed!r}")
         sharded = sorted({type(m).__name__ for m in self.modules()
@@ -835,6 +836,12 @@ class ZooModel(torch.nn.Module):
             raise NotImplementedError(f"init_weights: the model holds parallel layers ({', '.join(sharded)}): "
                                       f"initialise it before parallelising it, or load a checkpoint (to_empty + "
                                       f"load_state_dict)")
+        adapters = sorted({type(m).__name__ for m in self.modules()
+                           if type(m).__module__.startswith(("llmkern.peft", "peft."))})
+        if adapters:  # (their own inits, e.g. DoRA's magnitude from the base weight, PiSSA's from its SVD, an
+            # adapter's zero up-projection, would no longer hold after the base weights are drawn again)
+            raise ValueError(f"init_weights: the model holds adapter modules ({', '.join(adapters)}): initialise "
+                             f"the model first, then add the adapters")
         if seed is None and getattr(self, "pipeline_parallel", None) is not None:
             raise ValueError("init_weights: a pipeline stage needs seed= (an int, the same on every rank): drawn in "
                              "module order, stages seeded alike would hold equal layers and unequal tied copies")
@@ -847,9 +854,12 @@ class ZooModel(torch.nn.Module):
 
     def _normal_(self, tensor, std, seed, name):
         """normal(0, std) into `tensor`, from torch's default generator (seed None) or from one seeded by `seed` and
-        the parameter name `name` (a tied LM head's: the embedding's)."""
+        the parameter name `name` (a tied LM head's: the embedding's). A LoRA / DoRA wrapper's base layer draws under
+        the unwrapped name: the weights must not depend on which layers carry adapters (a pipeline's two copies of a
+        tied embedding, one wrapped, would differ)."""
         gen = None
         if seed is not None and tensor.device.type != "meta":
+            name = name.replace(".base_layer", "")
             if name == "lm_head.weight" and self.config.tie_embeddings:
                 name = "wte.weight" if hasattr(self, "wte") else "embed_tokens.weight"
             gen = torch.Generator(device=tensor.device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()))
