@@ -1779,10 +1779,11 @@ class _StepsAgreed:
 
 def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_bias, seed,
             allowed_tokens, scorers, use_cache, mask, top_logprobs, prompts, stops=None, prompt_logprobs=False,
-            proc=None, guidance=None):
+            proc=None, guidance=None, return_lengths=False):
     """Greedy or sampled decoding of input_ids [N, T] (each prompt's rows repeated: `prompts` of them); stops:
     token sequences (int64 tensors) that end a row as an eos does; proc: a _Processors or None; guidance: a
-    _Guidance (classifier-free guidance: the first processing of the logits) or None."""
+    _Guidance (classifier-free guidance: the first processing of the logits) or None. return_lengths: (output,
+    int64 [N] new tokens per row up to and including the one that stopped it), counted while decoding."""
     from llmkern.ops.speculative import row_seeds
 
     B, T0 = input_ids.shape
@@ -1797,6 +1798,7 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
     position = torch.full((B,), T0, dtype=torch.long, device=dev) if mask is None else mask.sum(-1).long()
     step = _Stepper(model, B, T0 + max_new_tokens, use_cache, mask, prompt_logprobs)
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
+    lengths = torch.zeros(B, dtype=torch.long, device=dev) if return_lengths else None
     logps = []
     tops = _TopLogprobs(top_logprobs) if top_logprobs else None
     seeds = None if seed is None else row_seeds(seed, B, dev)  # int s: row r gets s + r
@@ -1836,6 +1838,8 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
         seqs = torch.cat([seqs, tok[:, None]], dim=1)
         prev = torch.cat([prev, tok[:, None]], dim=1)
         position = position + 1
+        if lengths is not None:  # (this step's token is the row's while it was unfinished: its eos / stop too)
+            lengths += unfinished
         if eos is not None:
             unfinished &= ~torch.isin(tok, eos)
         if stops is not None:
@@ -1856,7 +1860,8 @@ def _decode(model, input_ids, max_new_tokens, strategy, eos, pad, knobs, logit_b
             tops.steps = tops.steps[:agreed.done_at - T0]
     scores = torch.stack(logps, 1) if logps else torch.zeros(B, 0, device=dev)
     out = step.output(GenerationOutput(seqs, scores), input_ids)
-    return out if tops is None else tops.fill(out, B, dev)
+    out = out if tops is None else tops.fill(out, B, dev)
+    return (out, lengths) if return_lengths else out
 
 
 def _decode_draw(strategy, logits, prev, T0, kw, scorers, seqs, allow, seeds, position, trusted=False, proc=None):
@@ -2295,19 +2300,12 @@ def _one_beam(model, input_ids, max_new_tokens, eos, pad, length_penalty, logit_
     tokens' log-probabilities / (new tokens, eos or stop string included) ** length_penalty."""
     knobs = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=repetition_penalty,
                  presence_penalty=0.0, frequency_penalty=0.0)
-    B, T0 = input_ids.shape
-    out = _decode(model, input_ids, max_new_tokens, "greedy", eos, pad, knobs, logit_bias, None, allowed_tokens,
-                  scorers, use_cache, mask, 0, B, stops=stops, prompt_logprobs=prompt_logprobs, proc=proc,
-                  guidance=guidance)
-    new = out.sequences[:, T0:]
-    n = torch.full((B,), new.shape[1], dtype=torch.long, device=new.device)
-    # a row's tokens end at its first eos or stop string (padding follows)
-    hit = torch.zeros_like(new, dtype=torch.bool) if eos is None else torch.isin(new, eos)
-    ends = [stops(out.sequences[:, :T0 + t + 1], T0) for t in range(new.shape[1])] if stops is not None else []
-    if ends:
-        hit = hit | torch.stack(ends, 1)
-    if new.shape[1] > 0:
-        n = torch.where(hit.any(-1), hit.long().argmax(-1) + 1, n)
+    B = input_ids.shape[0]
+    # (n: each row's new tokens up to its eos / stop, counted as it decodes; a check of the stops per generated
+    # token afterwards cost max_new_tokens more stop tests)
+    out, n = _decode(model, input_ids, max_new_tokens, "greedy", eos, pad, knobs, logit_bias, None, allowed_tokens,
+                     scorers, use_cache, mask, 0, B, stops=stops, prompt_logprobs=prompt_logprobs, proc=proc,
+                     guidance=guidance, return_lengths=True)
     return dataclasses.replace(out, scores=out.scores.sum(-1) / n.clamp(min=1).float() ** length_penalty)
 
 
