@@ -48,6 +48,14 @@ Llama-style blocks (RMSNorm, RoPE, SwiGLU, GQA, no dropout), derived from what t
     Both: + the fp32 per-row norm statistics and, with flash attention, the log-sum-exp. Without flash,
     the scores 2·a·s/h (+ 3·a·s/h with attention dropout); eager attention with GQA keeps K and V repeated to
     every head (q_w wide). Qwen3's qk_norm and Gemma's extra norms are not counted; MoE and MLA are refused.
+GPT-NeoX / Phi blocks (llmkern.models.neox; a NeoXConfig or its name): GPT's terms, with the parallel residual's
+second LayerNorm reading the block input the first keeps (only its statistics added), Phi's one shared norm feeding
+q/k/v and the MLP (one tensor), Phi's per-head q/k LayerNorms (inputs + per-head statistics), a dropout mask per
+branch output (resid_dropout), embd_dropout / attn_dropout as GPT's dropout, cos/sin over the rotary_dim channels
+only; impl="torch" adds the attention output that SDPA keeps when partial RoPE or the q/k norms make it head-major
+(o_proj's input is then a second copy). Measured equal to the byte (tests/test_neox_library_audit26.py). Model
+states: param_counts exactly; LayerNorms, o_proj's and down_proj's biases replicated under tp, Phi's head bias
+vocabulary-parallel with the head.
 Pipeline parallelism, 1F1B (Korthikanti §4.2, "the first stage must store p micro-batches of L/p layers"): stage
 i holds min(pp - i, num_microbatches) micro-batches in flight, so the first stage holds L layers' activations of
 one micro-batch whatever pp is. Interleaved schedules (their 1 + (p-1)/(p·m) factor) are not modelled.
@@ -177,19 +185,31 @@ def stage_params(config, *, tp=1, pp=1, stage=0):
         raise ValueError(f"{fn}: pp={pp} must divide n_layer={c.n_layer} (a stage holds n_layer / pp layers)")
     p = param_counts(c)
     L, d, V = c.n_layer, c.n_embd, c.vocab_size
-    final_norm = d * (2 if c.arch == "gpt" and c.bias else 1)
+    final_norm, row_biases, head_bias = _norm_and_bias_layout(c)
     layer_total = p["attention"] + p["attention_bias"] + p["ffn"] + p["router"] + p["norm"] - final_norm
-    _, o_bias, mlp_bias = c.biases
-    replicated = (p["norm"] - final_norm) + L * ((d if o_bias else 0) + (d if mlp_bias else 0))
+    replicated = (p["norm"] - final_norm) + L * row_biases
     per_layer = (layer_total - replicated) / (tp * L) + replicated / L
     n = per_layer * (L // pp)
     if stage == 0:
         n += math.ceil(V / tp) * d + p["position_embedding"]
     if stage == pp - 1:
         n += final_norm
-        if p["lm_head"] or pp > 1:  # an untied head, or a tied head's copy on the last stage
+        if not c.tie_embeddings or pp > 1:  # an untied head, or a tied head's copy on the last stage
             n += math.ceil(V / tp) * d
+        if head_bias:  # (Phi's: vocabulary-parallel with the head's rows, kept by a tied head too)
+            n += math.ceil(V / tp)
     return n
+
+
+def _norm_and_bias_layout(c):
+    """(final norm parameters, replicated row-parallel bias parameters per layer, whether the LM head has a bias)
+    for stage_params. GPT-NeoX / Phi: LayerNorms with gain and bias, o_proj's bias (attn_bias) and down_proj's
+    bias replicated; every other parameter of a layer, the qk LayerNorms aside, is sharded as GPT's."""
+    d = c.n_embd
+    if c.arch == "neox":
+        return 2 * d, d * ((1 if c.attn_bias else 0) + 1), c.lm_head_bias
+    _, o_bias, mlp_bias = c.biases
+    return d * (2 if c.arch == "gpt" and c.bias else 1), (d if o_bias else 0) + (d if mlp_bias else 0), False
 
 
 def layer_activation_bytes(s, b, h, a, *, t=1, sequence_parallel=False, recompute="none"):
@@ -209,7 +229,8 @@ def layer_activation_bytes(s, b, h, a, *, t=1, sequence_parallel=False, recomput
 
 
 def _check_arch(c, fn):
-    if c.n_experts or c.kv_lora_rank:
+    # (getattr: a NeoXConfig has no n_experts, and its __getattr__ raises for it)
+    if getattr(c, "n_experts", 0) or c.kv_lora_rank:
         raise ValueError(f"{fn}: activations of mixture-of-experts and MLA models are not modelled "
                          f"({c.name or 'config'}); model_state_bytes(param_counts(config)['total']) gives their "
                          f"model states")
@@ -239,13 +260,17 @@ def layer_activation_terms(config, seq_len, batch_size, *, tp=1, sequence_parall
     sequence_parallel = _flag("sequence_parallel", sequence_parallel, fn)
     flash_attention, row_stats = _flag("flash_attention", flash_attention, fn), _flag("row_stats", row_stats, fn)
     dropout = _flag("dropout", dropout, fn, allow_none=True)
-    drop = c.dropout > 0 if dropout is None else dropout
-    N, h, a, f = s * b, c.n_embd, c.n_head, c.intermediate_size
-    q_w, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    N, h = s * b, c.n_embd
     rep = t if sequence_parallel else 1  # the tensors outside the tensor-parallel region: sharded with SP only
-    gpt = c.arch == "gpt"
     if recompute == "full":
         return {"layer_input": A * N * h / rep}
+    if c.arch == "neox":
+        return _neox_layer_terms(c, s, b, t=t, rep=rep, recompute=recompute, eager=not flash_attention, A=A, M=M,
+                                 drops=_neox_dropouts(c, dropout), impl=impl, row_stats=row_stats)
+    drop = c.dropout > 0 if dropout is None else dropout
+    a, f = c.n_head, c.intermediate_size
+    q_w, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    gpt = c.arch == "gpt"
     terms = {}
     stat = 8 if gpt else 4  # LayerNorm: mean and rstd; RMSNorm: rstd (fp32 per row)
 
@@ -288,6 +313,62 @@ def layer_activation_terms(config, seq_len, batch_size, *, tp=1, sequence_parall
         if impl == "torch":
             terms["act_gate"] = A * N * f / t
         terms["down_proj_input"] = A * N * f / t
+    return terms
+
+
+def _neox_dropouts(c, dropout):
+    """{"embedding", "residual", "attention"}: whether a GPT-NeoX / Phi config drops there (dropout None: its
+    embd_dropout / resid_dropout / attn_dropout > 0; True / False forces all three)."""
+    rates = {"embedding": c.embd_dropout, "residual": c.resid_dropout, "attention": c.attn_dropout}
+    return {k: (r > 0 if dropout is None else dropout) for k, r in rates.items()}
+
+
+def _neox_layer_terms(c, s, b, *, t, rep, recompute, eager, A, M, drops, impl, row_stats):
+    """layer_activation_terms of a GPT-NeoX / Phi block (llmkern.models.neox), GPT's terms (LayerNorm input + fp32
+    mean and rstd, the GELU's input and output) with its differences: the parallel residual's second LayerNorm
+    reads the block input that the first one keeps already (only its statistics are new; sequential blocks keep
+    x + attn as GPT's do); Phi's shared norm feeds the q/k/v and up projections one tensor (no second norm, no
+    separate MLP input); Phi's per-head q/k LayerNorms keep their inputs and per-head statistics; a dropout mask on
+    each branch's output (resid_dropout). impl="torch" (PyTorch's SDPA): when the query comes out head-major (the
+    partial RoPE's cat, or the q/k LayerNorms), so does the flash kernel's output, which it keeps, and o_proj's
+    input is a second, token-major copy of it (measured; full RoPE or none with no q/k norm keeps one)."""
+    N, h, a, f = s * b, c.n_embd, c.n_head, c.intermediate_size
+    q_w, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    terms = {"norm1_input": A * N * h / rep}
+    stats = 8 * N / rep if row_stats else 0  # (LayerNorm: fp32 mean and rstd per row)
+    if stats:
+        terms["norm1_stats"] = stats
+    if not c.shared_norm:
+        if not c.parallel_residual:  # (the parallel block's second norm reads the block input: counted above)
+            terms["norm2_input"] = A * N * h / rep
+        if stats:
+            terms["norm2_stats"] = stats
+    terms["qkv_input"] = A * N * h / rep
+    if c.qk_layernorm:
+        terms["q_norm_input"], terms["k_norm_input"] = A * N * q_w / t, A * N * kv / t
+        if row_stats:
+            terms["q_norm_stats"], terms["k_norm_stats"] = 8 * N * a / t, 8 * N * c.n_kv_head / t
+    kv_kept = q_w if eager and kv != q_w else kv  # eager attention repeats K/V to every query head
+    terms.update(q=A * N * q_w / t, k=A * N * kv_kept / t, v=A * N * kv_kept / t)
+    if eager and recompute != "selective":
+        terms["attention_probs"] = A * a * s * s * b / t
+        if drops["attention"]:
+            terms["attention_dropout_mask"] = M * a * s * s * b / t
+            terms["attention_dropped_probs"] = A * a * s * s * b / t
+    if not eager:
+        terms["attention_lse"] = 4 * a * s * b / t
+        head_major = c.qk_layernorm or 0 < c.rotary_dim < c.head_dim
+        if impl == "torch" and head_major:
+            terms["attention_out"] = A * N * q_w / t
+    terms["o_proj_input"] = A * N * q_w / t
+    if drops["residual"]:
+        terms["attention_out_dropout_mask"] = M * N * h / rep
+    if not c.shared_norm:
+        terms["mlp_input"] = A * N * h / rep
+    terms["mlp_act_input"] = A * N * f / t
+    terms["down_proj_input"] = A * N * f / t
+    if drops["residual"]:
+        terms["mlp_out_dropout_mask"] = M * N * h / rep
     return terms
 
 
@@ -383,7 +464,9 @@ def training_memory(config, batch_size, seq_len=None, *, dtype="bf16", optimizer
     layer = layer_activation_terms(c, s, b, tp=t, sequence_parallel=sequence_parallel, recompute=recompute,
                                    flash_attention=flash_attention, dtype=dtype, mask_bytes=mask_bytes,
                                    dropout=dropout, impl=impl, row_stats=row_stats)
-    drop = c.dropout > 0 if dropout is None else dropout
+    neox = c.arch == "neox"
+    drop = _neox_dropouts(c, dropout)["embedding"] if neox else c.dropout > 0 if dropout is None else dropout
+    layer_norms = c.arch in ("gpt", "neox")  # (LayerNorm: fp32 mean and rstd per row; RMSNorm: rstd)
     rep = t if sequence_parallel else 1
     N, h, V = s * b, c.n_embd, c.vocab_size
 
@@ -398,17 +481,19 @@ def training_memory(config, batch_size, seq_len=None, *, dtype="bf16", optimizer
             terms["input_ids"] = 8 * N * in_flight
             if c.arch == "gpt":
                 terms["position_ids"] = 8 * s * in_flight
-                if drop:
-                    terms["embedding_dropout_mask"] = mask_bytes * N * h / rep * in_flight
-            else:
-                terms["rope_cos_sin"] = 2 * A * s * c.head_dim * in_flight
+            if drop and c.arch in ("gpt", "neox"):
+                terms["embedding_dropout_mask"] = mask_bytes * N * h / rep * in_flight
+            if c.arch != "gpt":  # (NeoX / Phi: the rotated channels only; none for rotary_dim 0)
+                width = c.rotary_dim if neox else c.head_dim
+                if width:
+                    terms["rope_cos_sin"] = 2 * A * s * width * in_flight
         if i == pp - 1:
-            fused_rms_torch = c.arch != "gpt" and impl == "torch"
+            fused_rms_torch = not layer_norms and impl == "torch"
             terms["final_norm_input"] = (4 if fused_rms_torch else A) * N * h / rep
             if fused_rms_torch:
                 terms["final_norm_normalized"] = A * N * h / rep
             if row_stats:
-                terms["final_norm_stats"] = (8 if c.arch == "gpt" else 4) * N / rep
+                terms["final_norm_stats"] = (8 if layer_norms else 4) * N / rep
             if loss == "fused":
                 # (tp > 1: llmkern.parallel.vocab's loss takes the whole h, replicated: its dh is [s·b, h] on every
                 # rank, not / t under sequence parallelism)
@@ -416,6 +501,8 @@ def training_memory(config, batch_size, seq_len=None, *, dtype="bf16", optimizer
                 # (linear_cross_entropy and the vocabulary-parallel loss of a sharded head (tp > 1,
                 # llmkern.parallel.vocab) keep a bf16 head's dW in bf16, any other in fp32: ops/cross_entropy._dw_dtype)
                 terms["loss_weight_grad"] = (2 if _is_bf16(dtype) else 4) * math.ceil(V / t) * h
+                if neox and c.lm_head_bias:  # (Phi's head bias: its fp32 gradient, computed in the forward too)
+                    terms["loss_bias_grad"] = 4 * math.ceil(V / t)
             else:
                 terms["head_input"] = A * N * h / rep
                 if loss == "torch":

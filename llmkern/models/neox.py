@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llmkern  # (llmkern.rope loads on first use)
-from llmkern.models._attn import ZooModel, attend, check_backend, shared_input
+from llmkern.models._attn import HFModule, ZooModel, attend, check_backend, shared_input
 from llmkern.models.gpt import LayerNorm
 from llmkern.models.llama import apply_rope
 from llmkern.ops._checks import is_real
@@ -283,6 +283,44 @@ class NeoX(ZooModel):
         pad = self.config.pad_token_id
         if pad is not None:  # (nn.Embedding leaves that row zero, the lookup never trains it; the loop drew it again)
             self.embed_tokens.weight[pad].zero_()
+
+    def hf_module_names(self):
+        """{zoo nn.Linear name: HFModule}: where each linear layer sits in transformers' PhiForCausalLM
+        (model.layers.{i}.self_attn.q_proj / k_proj / v_proj / dense, model.layers.{i}.mlp.fc1 / fc2, lm_head) or
+        GPTNeoXForCausalLM (gpt_neox.layers.{i}.attention.dense, gpt_neox.layers.{i}.mlp.dense_h_to_4h /
+        dense_4h_to_h, lm_head). GPT-NeoX's q / k / v have no entry: its query_key_value interleaves them per head
+        ([q_h, k_h, v_h] for each head h), so each is not one row range of it (hf_refused_modules says why).
+        (llmkern.peft's PEFT checkpoints use this to read and write HF names.)"""
+        names = {"lm_head": HFModule("lm_head")}
+        for i in range(self.config.n_layer):
+            if self.config.family == "phi":
+                hf = f"model.layers.{i}."
+                subs = {"self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.k_proj",
+                        "self_attn.v_proj": "self_attn.v_proj", "self_attn.o_proj": "self_attn.dense",
+                        "mlp.up_proj": "mlp.fc1", "mlp.down_proj": "mlp.fc2"}
+            else:
+                hf = f"gpt_neox.layers.{i}."
+                subs = {"self_attn.o_proj": "attention.dense", "mlp.up_proj": "mlp.dense_h_to_4h",
+                        "mlp.down_proj": "mlp.dense_4h_to_h"}
+            for zoo, theirs in subs.items():
+                names[f"layers.{i}.{zoo}"] = HFModule(hf + theirs)
+        return names
+
+    def hf_refused_modules(self):
+        """{zoo or transformers module name: why a LoRA on it cannot be written / read under transformers' names}:
+        GPT-NeoX's q / k / v projections and its query_key_value (save_peft_adapter(hf_names=False) writes and
+        load_peft_adapter reads the zoo's own names for them). {} for Phi."""
+        if self.config.family == "phi":
+            return {}
+        why = ("GPT-NeoX's query_key_value interleaves q, k and v per head ([q_h, k_h, v_h] rows for each head h), "
+               "so a LoRA on it is not a LoRA on each of the zoo's q_proj / k_proj / v_proj (nor their LoRAs one "
+               "on it); use the zoo's own module names (save_peft_adapter(..., hf_names=False))")
+        out = {}
+        for i in range(self.config.n_layer):
+            out[f"gpt_neox.layers.{i}.attention.query_key_value"] = why
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                out[f"layers.{i}.self_attn.{proj}"] = why
+        return out
 
     def rope(self, pos, dtype):
         """cos, sin [T, R] for positions [T], [B, 1, T, R] for [B, T]: computed in float32, rounded to dtype."""

@@ -496,6 +496,10 @@ def _check_parallelizable(model, group, layout):
     _check_layout(layout)
     if not isinstance(model, ZooModel):
         raise TypeError(f"context_parallelize: needs a llmkern.models model (GPT, Llama), got {type(model).__name__}")
+    if getattr(model.config, "arch", None) == "neox":  # (its config lacks fields read below: refused by name)
+        raise ValueError(f"context_parallelize: {type(model).__name__} (GPT-NeoX / Phi, config "
+                         f"{model.config.name or 'unnamed'!r}) is not supported: context parallelism covers the GPT "
+                         f"and Llama-family models; train it without context_parallelize")
     if getattr(model, "context_parallel", None) is not None:
         raise ValueError("context_parallelize: the model is context-parallel already")
     if getattr(model, "pipeline_parallel", None) is not None:  # (its stages' transfers would hang: refused here)

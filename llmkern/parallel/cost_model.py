@@ -87,7 +87,9 @@ def dims(model):
         from llmkern.models.configs import ModelConfig, get_config
 
         cfg = model if isinstance(model, ModelConfig) else get_config(model)
-        if cfg.n_experts or cfg.kv_lora_rank:  # (one dense FFN and MHA projections would understate them)
+        # (getattr: a GPT-NeoX / Phi NeoXConfig has no n_experts; it is dense, its MLP ungated: modelled as GPT's
+        # block, the parallel residual's two row-parallel all-reduces kept apart as tensor_parallelize runs them)
+        if getattr(cfg, "n_experts", 0) or cfg.kv_lora_rank:  # (one dense FFN, MHA projections: understated)
             raise ValueError(f"cost_model: {cfg.name or model} is a mixture-of-experts or latent-attention model; "
                              f"the cost model covers dense models with multi-head / grouped-query attention")
         windowed = None if cfg.sliding_window_layers is None else len(cfg.sliding_window_layers)  # None: all

@@ -197,6 +197,21 @@ def _hf_names(model):
     return fn() if callable(fn) else None
 
 
+def _has_module(model, name):
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _hf_refusal(model, name):
+    """Why a zoo model cannot give LoRA on module `name` (its own name or transformers') under transformers' names
+    (NeoX.hf_refused_modules: GPT-NeoX's per-head interleaved query_key_value), None if nothing says so."""
+    fn = getattr(model, "hf_refused_modules", None)
+    return fn().get(name) if callable(fn) else None
+
+
 # safetensors metadata entry in which save_peft_adapter records how it packed several zoo LoRAs into one
 # HF module's LoRA (GPT-2's c_attn = q, k, v): {HF name: [[zoo name, r, alpha], ...] in column order}, so
 # that load_peft_adapter can give back the separate LoRAs. PEFT ignores it.
@@ -241,6 +256,9 @@ def _to_hf(model, mods, hf, use_rslora):
     groups = {}
     for n, m in mods:
         if n not in hf:
+            why = _hf_refusal(model, n)
+            if why:
+                raise ValueError(f"save_peft_adapter: module {n}: {why}")
             raise ValueError(f"save_peft_adapter: module {n} has no counterpart in the Hugging Face model; "
                              f"save with hf_names=False to write the zoo's own module names")
         groups.setdefault(hf[n].name, []).append((n, hf[n], m))
@@ -997,6 +1015,9 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True,
         W = base_weights.get(name)
         M = magnitudes.get(name)
         if hf is None or name in hf or name not in by_hf:  # the model's own name
+            why = None if hf is None else _hf_refusal(model, name)
+            if why and not _has_module(model, name):  # (the zoo's own q_proj name loads: it is a module here)
+                raise ValueError(f"{path}: module {name}: {why}")
             add(name, name, A, B, r, alpha, W, M)
             continue
         parts = by_hf[name]  # an HF name
