@@ -210,6 +210,23 @@ def collect_close(tag, actual, expected, failures, atol=1e-4, rtol=1e-4):
         failures.append(f"{tag}: {lines[0]} {lines[-1] if len(lines) > 1 else ''}".rstrip())
 
 
+def call_outcome(fn):
+    """(exception type name, message) of fn(), or None when it returns: a spawned rank records what each call
+    raised and reports them together (expect_outcome, raise_failures)."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001  (reported to the test)
+        return type(exc).__name__, str(exc)
+    return None
+
+
+def expect_outcome(tag, outcome, kind, words, failures):
+    """Append to `failures` unless `outcome` (call_outcome's) is an exception of type name `kind` whose message
+    holds every one of `words`."""
+    if outcome is None or outcome[0] != kind or not all(w in outcome[1] for w in words):
+        failures.append(f"{tag}: expected {kind} naming {words}, got {outcome}")
+
+
 def raise_failures(rank, failures):
     """AssertionError listing a rank's collected failures, if any."""
     if failures:

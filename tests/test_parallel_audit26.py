@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from llmkern.testing import collect_close, raise_failures
+from llmkern.testing import call_outcome as _outcome, collect_close, expect_outcome as _expect, raise_failures
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -66,19 +66,6 @@ def _step(tag, pipe, ref, opts, seed, failures, clip=None):
     ref.zero_grad()
     if any(prm.grad is not None for prm in pipe.parameters()):
         failures.append(f"{tag}: zero_grad() left gradients (set_to_none=True is the default)")
-
-
-def _outcome(fn):
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001  (reported to the test)
-        return type(exc).__name__, str(exc)
-    return None
-
-
-def _expect(tag, outcome, kind, words, failures):
-    if outcome is None or outcome[0] != kind or not all(w in outcome[1] for w in words):
-        failures.append(f"{tag}: expected {kind} naming {words}, got {outcome}")
 
 
 def _checkpoint_flow(rank, tmp, failures):

@@ -16,20 +16,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from llmkern.testing import raise_failures
-
-
-def _outcome(fn):
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001  (reported to the test)
-        return type(exc).__name__, str(exc)
-    return None
-
-
-def _expect(tag, outcome, kind, words, failures):
-    if outcome is None or outcome[0] != kind or not all(w in outcome[1] for w in words):
-        failures.append(f"{tag}: expected {kind} naming {words}, got {outcome}")
+from llmkern.testing import call_outcome as _outcome, expect_outcome as _expect, raise_failures
 
 
 def _same_dicts(tag, got, want, failures):

@@ -852,6 +852,17 @@ class ZooModel(torch.nn.Module):
     def _init_parameters(self, seed):
         raise NotImplementedError(f"{type(self).__name__} does not implement init_weights")
 
+    def _init_dense_modules(self, seed):
+        """normal(0, 0.02) weights of the linear layers and embeddings, zero biases, LayerNorms of gain 1 and bias 0
+        (GPT's and NeoX's constructor init)."""
+        for name, m in self.named_modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                self._normal_(m.weight, 0.02, seed, name + ".weight")
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, torch.nn.LayerNorm):  # (ones and zeros: drawn from no generator)
+                m.reset_parameters()
+
     def _normal_(self, tensor, std, seed, name):
         """normal(0, std) into `tensor`, from torch's default generator (seed None) or from one seeded by `seed` and
         the parameter name `name` (a tied LM head's: the embedding's). A LoRA / DoRA wrapper's base layer draws under

@@ -20,6 +20,7 @@ import llmkern  # (llmkern.layer_norm loads on first use)
 from llmkern.models._attn import HFModule, ZooModel, attend, check_backend, shared_input
 from llmkern.models.configs import ModelConfig, get_config
 
+
 def _gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
@@ -125,13 +126,7 @@ class GPT(ZooModel):
     def _init_parameters(self, seed):
         """The constructor's init (ZooModel.init_weights): normal(0, 0.02) linear layers and embeddings, GPT-2's
         normal(0, 0.02 / sqrt(2 n_layer)) residual projections, zero biases, LayerNorms of gain 1 and bias 0."""
-        for name, m in self.named_modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                self._normal_(m.weight, 0.02, seed, name + ".weight")
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.LayerNorm):  # (ones and zeros: drawn from no generator)
-                m.reset_parameters()
+        self._init_dense_modules(seed)
         for name, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 self._normal_(p, 0.02 / math.sqrt(2 * self.config.n_layer), seed, name)

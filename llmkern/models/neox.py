@@ -273,13 +273,7 @@ class NeoX(ZooModel):
     def _init_parameters(self, seed):
         """The constructor's init (ZooModel.init_weights): normal(0, 0.02) linear layers and embedding, zero
         biases, LayerNorms of gain 1 and bias 0 (the q/k ones too), a zero padding row (Phi's pad_token_id)."""
-        for name, m in self.named_modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                self._normal_(m.weight, 0.02, seed, name + ".weight")
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.LayerNorm):  # (ones and zeros: drawn from no generator)
-                m.reset_parameters()
+        self._init_dense_modules(seed)
         pad = self.config.pad_token_id
         if pad is not None:  # (nn.Embedding leaves that row zero, the lookup never trains it; the loop drew it again)
             self.embed_tokens.weight[pad].zero_()
