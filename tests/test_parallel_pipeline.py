@@ -697,3 +697,64 @@ def test_float64_pipeline_is_float64_exact(pool2):
     assert all(worst < 1e-12 for worst, _ in out), out
     dtype, err = next(r for _, r in out if r is not None)
     assert dtype == torch.float64 and err < 1e-12, out
+
+
+# ---- NeoX (GPT-NeoX / Phi) on a TP = 2 x PP = 2 grid: an unsharded checkpoint loaded into the stages' shards ----
+
+def _full_equal(tag, model, ref, failures, tol=None):
+    """full_state_dict of this stage (gathered over its tensor-parallel ranks) against the unsharded model's."""
+    from llmkern.parallel import full_state_dict
+    from llmkern.testing import collect_close
+
+    want = ref.state_dict()
+    for key, value in full_state_dict(model, rank0_only=False).items():
+        collect_close(f"{tag}: {key}", value, want[key], failures, **(tol or dict(atol=0, rtol=0)))
+
+
+def _grid_full_load(tag, tp, pp, options, lora, failures):
+    """The unsharded state_dict (a tied head stored once) loaded into each TP x PP stage's shards by
+    load_full_state_dict, then a 1F1B step and an SGD step equal to the unsharded model's."""
+    from llmkern.parallel import load_full_state_dict, tensor_parallelize
+    from llmkern.peft import inject_lora
+    from llmkern.testing import call_outcome, collect_close
+
+    from test_pipeline_neox_audit26 import TOL, _batch, _reference
+
+    ref, other = _reference("neox-tiny", options), _reference("neox-tiny", options, seed=7)
+    if lora:  # (layers sharded from LoRA wrappers: a full checkpoint names them base_layer.weight, lora_A...)
+        for m in (ref, other):
+            inject_lora(m, ["q_proj", "up_proj"], r=2, init_lora_weights=False)
+    tied = ref.config.tie_embeddings
+    full = {k: v.clone() for k, v in ref.state_dict().items() if not (tied and k == "lm_head.weight")}
+    pipe = pipeline_parallelize(tensor_parallelize(other, tp, vocab_parallel=True), pp, n_microbatches=2,
+                                schedule="1f1b")
+    result = call_outcome(lambda: load_full_state_dict(pipe.model, full))
+    if result is not None:
+        failures.append(f"{tag}: load_full_state_dict raised {result}")
+    _full_equal(f"{tag}: loaded", pipe.model, ref, failures)
+    ids, labels = _batch(ref.config.vocab_size, 1)
+    loss = pipe.step(ids, labels)
+    _, ref_loss = ref(ids, labels, return_logits=False)
+    ref_loss.backward()
+    if pipe.is_last:
+        collect_close(f"{tag}: loss", loss, ref_loss, failures, **TOL)
+    for opt in (torch.optim.SGD(pipe.parameters(), lr=1.0), torch.optim.SGD(ref.parameters(), lr=1.0)):
+        opt.step()
+    _full_equal(f"{tag}: after an SGD step", pipe.model, ref, failures, TOL)
+
+
+def neox_grid_worker(rank, p):
+    from test_pipeline_neox_audit26 import PHI, PYTHIA
+
+    from llmkern.testing import raise_failures
+
+    failures = []
+    tp, pp = _grid_groups(rank)
+    _grid_full_load("TP x PP phi (tied, vocab-parallel head with bias)", tp, pp, PHI, False, failures)
+    _grid_full_load("TP x PP pythia + LoRA", tp, pp, PYTHIA, True, failures)
+    raise_failures(rank, failures)
+    return rank
+
+
+def test_neox_tensor_and_pipeline_parallel_full_checkpoint(pool4):
+    assert pool4.run(neox_grid_worker, timeout=60) == [0, 1, 2, 3]

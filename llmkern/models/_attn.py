@@ -7,7 +7,7 @@ Layout everywhere: q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (SDPA's).
 """
 import contextlib
 import zlib
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -509,11 +509,13 @@ class HFModule(NamedTuple):
 
     name    the module's name in GPT2LMHeadModel / LlamaForCausalLM
     rows    None: the zoo layer is that whole module. A slice: the zoo layer is these output rows
-            of it (GPT-2's c_attn computes q, k and v in one layer: rows [0, d), [d, 2d), [2d, 3d))
+            of it (GPT-2's c_attn computes q, k and v in one layer: rows [0, d), [d, 2d), [2d, 3d)).
+            A tuple of row indices, ascending: the zoo layer's row j is the module's row rows[j] (GPT-NeoX's
+            query_key_value interleaves q, k and v per head)
     conv1d  the HF module is a GPT-2 Conv1D (weight stored [in, out]; PEFT's fan_in_fan_out)
     """
     name: str
-    rows: Optional[slice] = None
+    rows: Union[None, slice, Tuple[int, ...]] = None
     conv1d: bool = False
 
 

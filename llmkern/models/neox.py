@@ -281,10 +281,11 @@ class NeoX(ZooModel):
     def hf_module_names(self):
         """{zoo nn.Linear name: HFModule}: where each linear layer sits in transformers' PhiForCausalLM
         (model.layers.{i}.self_attn.q_proj / k_proj / v_proj / dense, model.layers.{i}.mlp.fc1 / fc2, lm_head) or
-        GPTNeoXForCausalLM (gpt_neox.layers.{i}.attention.dense, gpt_neox.layers.{i}.mlp.dense_h_to_4h /
-        dense_4h_to_h, lm_head). GPT-NeoX's q / k / v have no entry: its query_key_value interleaves them per head
-        ([q_h, k_h, v_h] for each head h), so each is not one row range of it (hf_refused_modules says why).
-        (llmkern.peft's PEFT checkpoints use this to read and write HF names.)"""
+        GPTNeoXForCausalLM (gpt_neox.layers.{i}.attention.query_key_value / dense, gpt_neox.layers.{i}.mlp.dense_h_to_4h
+        / dense_4h_to_h, lm_head). GPT-NeoX's q / k / v are rows of its query_key_value interleaved per head ([q_h, k_h,
+        v_h] for each head h, as neox_state splits it): their HFModule rows are row lists. A GPT-NeoX config with fewer
+        key/value heads (GQA, which GPTNeoXForCausalLM does not have) leaves q / k / v out (hf_refused_modules says
+        why). (llmkern.peft's PEFT checkpoints use this to read and write HF names.)"""
         names = {"lm_head": HFModule("lm_head")}
         for i in range(self.config.n_layer):
             if self.config.family == "phi":
@@ -296,25 +297,38 @@ class NeoX(ZooModel):
                 hf = f"gpt_neox.layers.{i}."
                 subs = {"self_attn.o_proj": "attention.dense", "mlp.up_proj": "mlp.dense_h_to_4h",
                         "mlp.down_proj": "mlp.dense_4h_to_h"}
+                names.update(self._neox_qkv_rows(hf + "attention.query_key_value", i))
             for zoo, theirs in subs.items():
                 names[f"layers.{i}.{zoo}"] = HFModule(hf + theirs)
         return names
 
-    def hf_refused_modules(self):
-        """{zoo or transformers module name: why a LoRA on it cannot be written / read under transformers' names}:
-        GPT-NeoX's q / k / v projections and its query_key_value (save_peft_adapter(hf_names=False) writes and
-        load_peft_adapter reads the zoo's own names for them). {} for Phi."""
-        if self.config.family == "phi":
+    def _neox_qkv_rows(self, qkv, i):
+        """{zoo name: HFModule} of layer i's q / k / v in GPT-NeoX's query_key_value `qkv`: its rows per head h are
+        [q_h, k_h, v_h] (D each), so q_proj's row h * D + c is qkv's row 3 * D * h + c, k's and v's D and 2 * D
+        further. {} with GQA (no such layer in transformers)."""
+        cfg = self.config
+        if cfg.n_kv_head != cfg.n_head:
             return {}
-        why = ("GPT-NeoX's query_key_value interleaves q, k and v per head ([q_h, k_h, v_h] rows for each head h), "
-               "so a LoRA on it is not a LoRA on each of the zoo's q_proj / k_proj / v_proj (nor their LoRAs one "
-               "on it); use the zoo's own module names (save_peft_adapter(..., hf_names=False))")
-        out = {}
-        for i in range(self.config.n_layer):
-            out[f"gpt_neox.layers.{i}.attention.query_key_value"] = why
-            for proj in ("q_proj", "k_proj", "v_proj"):
-                out[f"layers.{i}.self_attn.{proj}"] = why
-        return out
+        H, D = cfg.n_head, cfg.head_dim
+
+        def rows(j):  # (j: 0 for q, 1 for k, 2 for v)
+            return tuple(3 * D * h + j * D + c for h in range(H) for c in range(D))
+
+        return {f"layers.{i}.self_attn.{proj}": HFModule(qkv, rows(j))
+                for j, proj in enumerate(("q_proj", "k_proj", "v_proj"))}
+
+    def hf_refused_modules(self):
+        """{zoo module name: why a LoRA on it cannot be written under transformers' names}: a GPT-NeoX config with
+        GQA's q / k / v projections (GPTNeoXForCausalLM's query_key_value has as many key/value heads as query heads;
+        save_peft_adapter(hf_names=False) writes the zoo's own names). {} otherwise."""
+        cfg = self.config
+        if cfg.family == "phi" or cfg.n_kv_head == cfg.n_head:
+            return {}
+        why = (f"GPT-NeoX's query_key_value has as many key/value heads as query heads, this model has "
+               f"n_kv_head={cfg.n_kv_head} < n_head={cfg.n_head} (GQA); use the zoo's own module names "
+               f"(save_peft_adapter(..., hf_names=False))")
+        return {f"layers.{i}.self_attn.{proj}": why for i in range(cfg.n_layer)
+                for proj in ("q_proj", "k_proj", "v_proj")}
 
     def rope(self, pos, dtype):
         """cos, sin [T, R] for positions [T], [B, 1, T, R] for [B, T]: computed in float32, rounded to dtype."""
@@ -333,6 +347,14 @@ class NeoX(ZooModel):
             self.inv_freq = before.to(self.inv_freq.device)
         return self
 
+    def embed(self, input_ids):
+        """The token embeddings [B, T, d] the blocks take, after the embedding dropout (the pipeline's first stage
+        calls it too)."""
+        x = self.embed_tokens(input_ids)
+        if self.config.embd_dropout:
+            x = F.dropout(x, self.config.embd_dropout, self.training)
+        return x
+
     def forward(self, input_ids, labels=None, *, cache=None, last_only=False, attention_mask=None,
                 position_ids=None, return_logits=True):
         """Logits [B, T, V]; (logits, loss) with labels (shifted inside, -100 ignored). cache: a KVCache
@@ -344,9 +366,7 @@ class NeoX(ZooModel):
         start, pos, kpm = self._check_input(input_ids, cache, attention_mask, position_ids, offset=P)
         last_only, return_logits = self._check_loss_args(input_ids, labels, last_only, return_logits)
         T = input_ids.shape[1]
-        x = self.embed_tokens(input_ids)  # [B, T, d]
-        if self.config.embd_dropout:
-            x = F.dropout(x, self.config.embd_dropout, self.training)
+        x = self.embed(input_ids)  # [B, T, d]
         if pos is None:
             pos = self.positions(start, T, input_ids.device) + P
         cos, sin = self.rope(pos, x.dtype)  # [T, R] or [B, 1, T, R]

@@ -10,14 +10,14 @@ torchtitan run), alone or with tensor parallelism inside each stage (Megatron's 
     logits = pipe.forward(input_ids)                  # evaluation: logits [B, T, V] on the last rank, None elsewhere
 
 Rank r of p (its rank in `group`) keeps blocks [lo_r, hi_r) of the model (balanced by block count by default,
-or the caller's `stages`), rank 0 also the embeddings (GPT: wte, wpe; Llama: embed_tokens), rank p - 1 also
-the final norm and the LM head, and computes the loss; everything else is deleted from the model on that rank
-(in place: the model object becomes this rank's stage, its parameters keep their names, e.g. ``h.5.attn.q_proj
-.weight``, so a rank's state_dict holds its slice under the unsharded keys). Per micro-batch of b = B / m
-sequences, rank r receives the hidden states [b, T, d] from rank r - 1, runs its blocks and sends [b, T, d] to
-rank r + 1 (in the embeddings' dtype); the backward sends their gradients the other way: 2·b·T·d elements
-cross each stage boundary per micro-batch. A rank holds the weights, gradients and optimizer state of 1/p of
-the blocks; the price is the bubble below.
+or the caller's `stages`), rank 0 also the embeddings (GPT: wte, wpe; Llama, NeoX: embed_tokens), rank p - 1
+also the final norm and the LM head (Phi's with its bias), and computes the loss; everything else is deleted
+from the model on that rank (in place: the model object becomes this rank's stage, its parameters keep their
+names, e.g. ``h.5.attn.q_proj.weight``, so a rank's state_dict holds its slice under the unsharded keys). Per
+micro-batch of b = B / m sequences, rank r receives the hidden states [b, T, d] from rank r - 1, runs its blocks
+and sends [b, T, d] to rank r + 1 (in the embeddings' dtype); the backward sends their gradients the other way:
+2·b·T·d elements cross each stage boundary per micro-batch. A rank holds the weights, gradients and optimizer
+state of 1/p of the blocks; the price is the bubble below.
 
 Schedules (torch.distributed.pipelining's ScheduleGPipe, Schedule1F1B and ScheduleInterleaved1F1B; the
 transport is torch's P2P, isend / irecv, NCCL on GPUs and gloo on CPUs):
@@ -51,7 +51,8 @@ grid raises on every rank. Data parallelism over such grids (gradient all-reduce
 What the zoo needs and how it is done:
 
 - Positions: every stage builds its own (arange(T) of the micro-batch: GPT's learned positions on the first
-  stage, RoPE's cos / sin on each stage for its blocks, Gemma 3's local RoPE by the global layer index).
+  stage, RoPE's cos / sin on each stage for its blocks, Gemma 3's local RoPE by the global layer index, NeoX's
+  partial RoPE).
 - The loss: the zoo's own (fused_lm_loss: llmkern.linear_cross_entropy on the llmkern backend, the logit
   soft-cap, the vocabulary-parallel loss of a sharded head) per micro-batch on the last stage, weighted so that
   the sum over the micro-batches is the mean over the valid (label != -100) tokens of the whole batch, not the
@@ -67,7 +68,7 @@ What the zoo needs and how it is done:
 - Dropout: works, but each rank draws from its own RNG, so the masks differ from a single-process run's.
 
 Not supported (errors raised on every rank, so that none waits alone in a collective): a model that is not a
-zoo GPT / Llama; one that is expert- or context-parallel already, or has prefix tuning; a tensor-parallel one
+zoo GPT / Llama / NeoX; one that is expert- or context-parallel already, or has prefix tuning; a tensor-parallel one
 whose group shares ranks with the pipeline group (not a grid), whose layers use several groups, or with
 sequence-parallel layers (the stages exchange replicated hidden states; tensor_parallelize never applies
 sequence parallelism); more ranks (interleaved: v·p chunks) than blocks; n_microbatches not dividing the batch
@@ -101,6 +102,7 @@ import torch.nn as nn
 from llmkern.models._attn import ZooModel, _shift
 from llmkern.models.gpt import GPT
 from llmkern.models.llama import Llama
+from llmkern.models.neox import NeoX
 from llmkern.ops._checks import bool_arg
 from llmkern.parallel import comm
 
@@ -145,14 +147,24 @@ def _check(group, what, meta, error=None, describe=None, kind="pipeline", hint=N
 
 # ---- the zoo models' parts --------------------------------------------------------------------------
 
+# (the order is the architecture's index in the ranks' agreement on the model)
+_ARCHS = {"gpt": GPT, "llama": Llama, "neox": NeoX}
+
+
 def _arch(model):
-    """'gpt' / 'llama' for a zoo GPT / Llama (from_hf's too), else None."""
-    return "gpt" if isinstance(model, GPT) else "llama" if isinstance(model, Llama) else None
+    """'gpt' / 'llama' / 'neox' for a zoo GPT / Llama / NeoX (from_hf's too), else None."""
+    for arch, cls in _ARCHS.items():
+        if isinstance(model, cls):
+            return arch
+    return None
 
 
-# per architecture: the block list, the first stage's and the last stage's modules, the token embedding
+# per architecture: the block list, the first stage's and the last stage's modules (the final norm first), the
+# token embedding
 _PARTS = {"gpt": dict(blocks="h", first=("wte", "wpe"), last=("ln_f", "lm_head"), embedding="wte"),
-          "llama": dict(blocks="layers", first=("embed_tokens",), last=("norm", "lm_head"), embedding="embed_tokens")}
+          "llama": dict(blocks="layers", first=("embed_tokens",), last=("norm", "lm_head"), embedding="embed_tokens"),
+          "neox": dict(blocks="layers", first=("embed_tokens",), last=("final_layernorm", "lm_head"),
+                       embedding="embed_tokens")}
 
 
 def split_layers(n_layer, p, stages=None, virtual_stages=1):
@@ -194,7 +206,7 @@ def _model_error(model, p, n_microbatches, schedule, stages, virtual_stages):
     checked by _tensor_parallel)."""
     what = "pipeline_parallelize"
     if not isinstance(model, ZooModel) or _arch(model) is None:
-        return TypeError(f"{what}: needs a llmkern.models model (GPT or Llama, from_hf's too), got "
+        return TypeError(f"{what}: needs a llmkern.models model (GPT, Llama or NeoX, from_hf's too), got "
                          f"{type(model).__name__}")
     if getattr(model, "pipeline_parallel", None) is not None:
         return ValueError(f"{what}: the model is pipeline-parallel already")
@@ -225,11 +237,11 @@ def _model_error(model, p, n_microbatches, schedule, stages, virtual_stages):
     if getattr(model, "prefix_tuning", None) is not None:
         return ValueError(f"{what}: prefix tuning is not supported under pipeline parallelism (detach it first)")
     cfg = model.config
-    if cfg.n_experts and cfg.moe_capacity_factor is not None:
+    if getattr(cfg, "n_experts", 0) and cfg.moe_capacity_factor is not None:  # (a NeoXConfig has no MoE fields)
         return ValueError(f"{what}: moe_capacity_factor={cfg.moe_capacity_factor} is not supported: an expert's "
                           f"capacity counts the tokens of one forward, a micro-batch here, so other pairs would be "
                           f"dropped than in the whole-batch step; build the model with moe_capacity_factor=None")
-    if cfg.n_experts and cfg.router_aux_loss_coef:
+    if getattr(cfg, "n_experts", 0) and cfg.router_aux_loss_coef:
         return ValueError(f"{what}: router_aux_loss_coef={cfg.router_aux_loss_coef} > 0 is not supported: the "
                           f"load-balancing loss pools the router statistics of every MoE layer over the whole batch, "
                           f"which no stage has before its backward starts; build the model with "
@@ -367,6 +379,10 @@ class _Stage(nn.Module):
         if self.arch == "gpt":
             for i in self.layers:
                 x = model.run_block(self.blocks[str(i)], x, cache=None, layer=i, prefix=None, kpm=None)
+        elif self.arch == "neox":  # (partial RoPE: cos / sin of the rotated channels only)
+            cos, sin = model.rope(pos, x.dtype)
+            for i in self.layers:
+                x = model.run_block(self.blocks[str(i)], x, cos, sin, cache=None, layer=i, prefix=None, kpm=None)
         else:
             rope = model.rope(pos, x.dtype)
             local = model.rope(pos, x.dtype, local=True) if cfg.rope_local_theta is not None else rope
@@ -375,7 +391,7 @@ class _Stage(nn.Module):
                 x = model.run_block(self.blocks[str(i)], x, cos, sin, cache=None, layer=i, prefix=None, kpm=None,
                                     router_logits=None)
         if self.last:
-            return (model.ln_f if self.arch == "gpt" else model.norm)(x)
+            return getattr(model, _PARTS[self.arch]["last"][0])(x)  # the final norm
         return x.to(self.dtype).contiguous()  # what the next stage's receive buffer holds
 
     def _embed(self, ids):
@@ -383,7 +399,7 @@ class _Stage(nn.Module):
         if self.arch == "gpt":
             pos = model.positions(0, ids.shape[1], ids.device)
             return model.drop(model.wte(ids) + model.wpe(pos))
-        return model.embed(ids)  # (Gemma's and Granite's scaling included, as the model's own forward)
+        return model.embed(ids)  # (Gemma's and Granite's scaling, NeoX's dropout included, as the model's forward)
 
 
 # ---- the pipeline ----------------------------------------------------------------------------------
@@ -446,6 +462,11 @@ class PipelineParallel:
         full = model.state_dict(keep_vars=True)
         emb = _embedding(model).weight
         self._full_keys = frozenset(full)
+        # (and as a full checkpoint names them: a tensor-parallel layer cut from a LoRA wrapper keeps its names)
+        from llmkern.parallel.tensor_parallel import _checkpoint_entries
+
+        entries = _checkpoint_entries(model, "pipeline_parallelize")
+        self._full_checkpoint_keys = frozenset(e.full_key for e in entries)
         self._tied_keys = tuple(k for k, v in full.items() if v is emb) if model.lm_head.weight is emb else ()
 
     @property
@@ -826,10 +847,10 @@ class PipelineParallel:
 
 
 def pipeline_parallelize(model, group=None, *, n_microbatches, schedule="1f1b", stages=None, virtual_stages=1):
-    """Cut a zoo model (llmkern.models GPT or Llama: Mistral, Qwen, Gemma, Mixtral / Qwen-MoE, DeepSeek-V2/V3
-    included), plain or tensor-parallel (tensor_parallelize over a group that forms a grid with `group`), into
-    pipeline stages over the ranks of `group` (default WORLD), this rank keeping its own; returns a
-    PipelineParallel (module docstring: the schedules, the loss, tied embeddings, the TP x PP grid).
+    """Cut a zoo model (llmkern.models GPT, Llama or NeoX: Mistral, Qwen, Gemma, Mixtral / Qwen-MoE, DeepSeek-V2/V3,
+    GPT-NeoX / Pythia and Phi-1/1.5/2 included), plain or tensor-parallel (tensor_parallelize over a group that forms
+    a grid with `group`), into pipeline stages over the ranks of `group` (default WORLD), this rank keeping its own;
+    returns a PipelineParallel (module docstring: the schedules, the loss, tied embeddings, the TP x PP grid).
 
     n_microbatches  m: each batch is cut into m micro-batches of B / m sequences (m must divide B)
     schedule        "1f1b" (default: activation memory bounded by p micro-batches; needs m >= p), "gpipe", or
@@ -847,7 +868,7 @@ def pipeline_parallelize(model, group=None, *, n_microbatches, schedule="1f1b", 
     gradients step() sums.
 
     Errors (on every rank, of the whole TP x PP grid, the model left unchanged): TypeError for a model that is
-    not a zoo GPT / Llama; ValueError for more ranks (chunks) than blocks, bad stages / schedule /
+    not a zoo GPT / Llama / NeoX; ValueError for more ranks (chunks) than blocks, bad stages / schedule /
     n_microbatches / virtual_stages, a model that is expert- or context-parallel, sequence-parallel, tensor-parallel
     over a group that is not a grid with `group`, has prefix tuning, router_aux_loss_coef > 0 on a MoE model, or
     differs across ranks; RuntimeError without a process group."""
@@ -862,13 +883,13 @@ def pipeline_parallelize(model, group=None, *, n_microbatches, schedule="1f1b", 
         cfg = model.config
         emb = _embedding(model).weight
         counts = [hi - lo for lo, hi in split_layers(cfg.n_layer, p, stages, virtual_stages)]
-        meta = [0 if _arch(model) == "gpt" else 1, cfg.n_layer, cfg.n_embd, cfg.vocab_size,
+        meta = [list(_ARCHS).index(_arch(model)), cfg.n_layer, cfg.n_embd, cfg.vocab_size,
                 int(model.lm_head.weight is emb), sum(prm.numel() for prm in model.parameters()),
                 n_microbatches, SCHEDULES.index(schedule), virtual_stages, zlib.crc32(repr(counts).encode()),
                 _DTYPES.index(emb.dtype)]
 
     def describe(m):
-        return (f"{'GPT' if m[0] == 0 else 'Llama'} n_layer={m[1]} n_embd={m[2]} vocab={m[3]} tied={bool(m[4])} "
+        return (f"{_ARCHS[list(_ARCHS)[m[0]]].__name__} n_layer={m[1]} n_embd={m[2]} vocab={m[3]} tied={bool(m[4])} "
                 f"params={m[5]}, n_microbatches={m[6]}, schedule={SCHEDULES[m[7]]!r}, virtual_stages={m[8]}, "
                 f"stages digest {m[9]}, dtype {_DTYPES[m[10]]}, tensor-parallel rank {m[12]} of {m[11]}")
 

@@ -813,16 +813,20 @@ def _few(items, n=4):
     return ", ".join(repr(k) for k in items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def _load_plan(entries, state_dict, strict, what):
+def _load_plan(entries, state_dict, strict, what, pipe=None):
     """({this rank's key: the tensor to load}, missing full keys, unexpected keys), or a ValueError naming the
-    keys that are missing or unexpected (strict) or whose shape is not the unsharded one."""
+    keys that are missing or unexpected (strict) or whose shape is not the unsharded one. pipe: the model's
+    PipelineParallel (a stage): the other stages' keys are skipped, neither loaded nor unexpected."""
     local, missing, wrong, cuts = collections.OrderedDict(), [], [], {}
     keys_of = {}  # a tensor's keys: a tied LM head's weight is the embedding's
     for e in entries:
         keys_of.setdefault(id(e.tensor), []).append(e.full_key)
+    # (a pipeline's tied embedding: the first stage's embedding and the last stage's head are two tensors then)
+    tied = list(pipe._tied_keys) if pipe is not None else []
     for e in entries:
         # (a checkpoint may hold a tied weight once: safetensors' save_model drops the shared copies)
-        source = next((k for k in [e.full_key] + keys_of[id(e.tensor)] if k in state_dict), None)
+        aliases = keys_of[id(e.tensor)] + (tied if e.full_key in tied else [])
+        source = next((k for k in [e.full_key] + aliases if k in state_dict), None)
         if source is None:
             missing.append(e.full_key)
             continue
@@ -843,6 +847,8 @@ def _load_plan(entries, state_dict, strict, what):
                 cuts[key] = e.sharded.shard(value)
             local[e.key] = cuts[key]
     known = {e.full_key for e in entries}
+    if pipe is not None:  # (every rank of a pipeline passes the whole checkpoint: the other stages' keys too)
+        known |= pipe._full_checkpoint_keys
     unexpected = [k for k in state_dict if k not in known]
     problems = []
     if wrong:
@@ -908,7 +914,13 @@ def load_full_state_dict(model, state_dict, strict=True, check_weights=True):
     it): ranks that loaded different files raise a ValueError naming the first key that differs, before anything is
     loaded (tensor_parallelize cannot compare the weights of a model built on the meta device). Returns
     nn.Module.load_state_dict's (missing_keys, unexpected_keys), with the unsharded names. The model's dtype is
-    kept (a checkpoint of another dtype is cast, as load_state_dict does)."""
+    kept (a checkpoint of another dtype is cast, as load_state_dict does).
+
+    A pipeline stage (pipeline_parallelize after tensor_parallelize, or alone) loads its own keys of the whole
+    checkpoint and skips the other stages' (as PipelineParallel.load_state_dict does): missing means missing from
+    this stage, unexpected a key of no stage; a tied embedding's last-stage copy (lm_head.weight) is read from the
+    embedding's key when the checkpoint holds the weight once. The checks then agree over the tensor-parallel group
+    only: every rank of the grid calls it (pipe.load_state_dict agrees over the pipeline group too)."""
     import collections.abc
 
     what = "load_full_state_dict"
@@ -925,7 +937,7 @@ def load_full_state_dict(model, state_dict, strict=True, check_weights=True):
         if meta:  # (load_state_dict copies into meta tensors without error: nothing would be loaded)
             raise ValueError(f"{what}: the model's tensors are on the meta device ({_few(meta)}): materialise them "
                              f"first (model.to_empty(device=...))")
-        plan = _load_plan(entries, state_dict, strict, what)
+        plan = _load_plan(entries, state_dict, strict, what, getattr(model, "pipeline_parallel", None))
     except (TypeError, ValueError) as exc:
         error = exc
     if group is not None:

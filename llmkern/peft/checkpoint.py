@@ -36,8 +36,10 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 # PEFT saves the base weights of targeted embedding-like layers (lm_head, embed_tokens) next to their
-# LoRA weights (save_embedding_layers="auto") and loads them back into the base layer.
+# LoRA weights (save_embedding_layers="auto": the whole base layer, so a biased lm_head's bias too, Phi's)
+# and loads them back into the base layer.
 _BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
+_BASE_BIAS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.bias$")
 _EMBED_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
 # DoRA magnitudes: PEFT writes <module>.lora_magnitude_vector; its state_dict (and older files) say
 # <module>.lora_magnitude_vector.<adapter>.weight or <module>.lora_magnitude_vector.weight
@@ -207,9 +209,29 @@ def _has_module(model, name):
 
 def _hf_refusal(model, name):
     """Why a zoo model cannot give LoRA on module `name` (its own name or transformers') under transformers' names
-    (NeoX.hf_refused_modules: GPT-NeoX's per-head interleaved query_key_value), None if nothing says so."""
+    (NeoX.hf_refused_modules: a GPT-NeoX config with GQA's q / k / v), None if nothing says so."""
     fn = getattr(model, "hf_refused_modules", None)
     return fn().get(name) if callable(fn) else None
+
+
+def _row_index(h):
+    """An HFModule's rows as an index into the HF module's output rows (of B, of a DoRA magnitude): its slice, or its
+    row list (GPT-NeoX's q / k / v rows, interleaved per head in query_key_value) as a list, which torch takes as
+    advanced indexing (a tuple would index several dimensions)."""
+    return h.rows if isinstance(h.rows, slice) else list(h.rows)
+
+
+def _first_row(h):
+    return h.rows.start if isinstance(h.rows, slice) else min(h.rows)
+
+
+def _row_end(h):
+    """One past the HF module's last row that the HFModule `h` covers."""
+    return h.rows.stop if isinstance(h.rows, slice) else max(h.rows) + 1
+
+
+def _row_count(h):
+    return h.rows.stop - h.rows.start if isinstance(h.rows, slice) else len(h.rows)
 
 
 # safetensors metadata entry in which save_peft_adapter records how it packed several zoo LoRAs into one
@@ -268,8 +290,8 @@ def _to_hf(model, mods, hf, use_rslora):
             _, _, m = parts[0]
             entries.append((name, m.r, m.alpha, m.dropout, m.lora_A.detach(), m.lora_B.detach(), _magnitude(m)))
             continue
-        parts.sort(key=lambda p: p[1].rows.start)
-        out = max(h.rows.stop for h in hf.values() if h.name == name)
+        parts.sort(key=lambda p: _first_row(p[1]))
+        out = max(_row_end(h) for h in hf.values() if h.name == name)
         shared = _shared_a_entry(name, parts, hf, out)
         if shared is not None:
             entries.append(shared)
@@ -284,7 +306,7 @@ def _to_hf(model, mods, hf, use_rslora):
             block = m.lora_B.detach()
             if m.scaling != s:
                 block = (block.double() * (m.scaling / s)).to(B.dtype)
-            B[h.rows, col:col + m.r] = block
+            B[_row_index(h), col:col + m.r] = block
             col += m.r
         M = None
         if any(_magnitude(m) is not None for _, _, m in parts):
@@ -293,9 +315,9 @@ def _to_hf(model, mods, hf, use_rslora):
             for zn, h in hf.items():  # rows of projections without LoRA: their base row norms
                 if h.name == name and zn not in with_lora:
                     weight = _dense_weight(model.get_submodule(zn))
-                    M[h.rows] = torch.linalg.vector_norm(weight.to(torch.float32), dim=1).to(M.dtype)
+                    M[_row_index(h)] = torch.linalg.vector_norm(weight.to(torch.float32), dim=1).to(M.dtype)
             for _, h, m in parts:
-                M[h.rows] = _magnitude(m)
+                M[_row_index(h)] = _magnitude(m)
         dropout = Counter(m.dropout for _, _, m in parts).most_common(1)[0][0]
         entries.append((name, R, alpha, dropout, A, B, M))
         fused[name] = [[n, m.r, m.alpha] for n, _, m in parts]
@@ -317,12 +339,12 @@ def _shared_a_entry(name, parts, hf, out):
             return None
     B = A.new_zeros(out, first.r)
     for _, h, m in parts:
-        B[h.rows] = m.lora_B.detach()
+        B[_row_index(h)] = m.lora_B.detach()
     M = None
     if _magnitude(first) is not None:  # (one use_dora for every module: all of them have one)
         M = _magnitude(first).new_zeros(out)
         for _, h, m in parts:
-            M[h.rows] = _magnitude(m)
+            M[_row_index(h)] = _magnitude(m)
     dropout = Counter(m.dropout for _, _, m in parts).most_common(1)[0][0]
     return name, first.r, first.alpha, dropout, A, B, M
 
@@ -428,8 +450,9 @@ def save_peft_adapter(model: nn.Module, path: str, base_model_name_or_path: Opti
 
     For a zoo model (GPT, Llama) the modules are named as in the equivalent transformers model
     (``hf_module_names()``: Llama's ``layers.0...`` is ``model.layers.0...``; GPT's q/k/v LoRAs become
-    one exact LoRA on GPT-2's fused ``c_attn``, with fan_in_fan_out=True for its Conv1D layers), so the
-    adapter loads into PEFT on ``LlamaForCausalLM`` / ``GPT2LMHeadModel``; ``hf_names=False`` writes the
+    one exact LoRA on GPT-2's fused ``c_attn``, with fan_in_fan_out=True for its Conv1D layers; NeoX's on
+    GPT-NeoX's ``query_key_value``, whose rows interleave them per head), so the adapter loads into PEFT on
+    ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` / ``GPTNeoXForCausalLM``; ``hf_names=False`` writes the
     zoo's own names. Other models: their own module names, with fan_in_fan_out=True when LoRA is on transformers'
     Conv1D layers (a plain GPT2LMHeadModel; PEFT takes an nn.Linear such as lm_head beside them as nn.Linear).
 
@@ -695,10 +718,10 @@ def _split_fused(path, name, A, B, alpha, use_rslora, parts, record, M=None):
     B[rows] · A x is exactly what PEFT adds to those output rows (load_peft_adapter then ties the parts' A into
     one Parameter, _tie_lora_a).
     """
-    out = max(h.rows.stop for _, h in parts)
+    out = max(_row_end(h) for _, h in parts)
     if B.shape[0] != out:
         raise ValueError(f"{path}: {name}.lora_B has {B.shape[0]} output rows, but {name} has {out} "
-                         f"({' + '.join(f'{zn}: {h.rows.stop - h.rows.start}' for zn, h in parts)})")
+                         f"({' + '.join(f'{zn}: {_row_count(h)}' for zn, h in parts)})")
     if M is not None and tuple(M.shape) != (out,):
         raise ValueError(f"{path}: {name}.lora_magnitude_vector has shape {tuple(M.shape)}, {name} has {out} "
                          f"output rows")
@@ -707,7 +730,7 @@ def _split_fused(path, name, A, B, alpha, use_rslora, parts, record, M=None):
     split = _split_by_record(A, B, s, use_rslora, dict(parts), record, M)
     if split is not None:
         return split
-    return [(zn, A, B[h.rows], R, alpha, None if M is None else M[h.rows]) for zn, h in parts]
+    return [(zn, A, B[_row_index(h)], R, alpha, None if M is None else M[_row_index(h)]) for zn, h in parts]
 
 
 def _split_by_record(A, B, s, use_rslora, rows, record, M):
@@ -726,13 +749,13 @@ def _split_by_record(A, B, s, use_rslora, rows, record, M):
     off_block = torch.ones(B.shape, dtype=torch.bool)
     col = 0
     for zn, r, _ in record:
-        off_block[rows[zn].rows, col:col + r] = False
+        off_block[_row_index(rows[zn]), col:col + r] = False
         col += r
     if B[off_block].any():
         return None
     split, col = [], 0
     for zn, r, a in record:
-        Bp = B[rows[zn].rows, col:col + r]
+        Bp = B[_row_index(rows[zn]), col:col + r]
         sp = lora_scaling(a, r, use_rslora)
         if sp == 0:  # the part adds nothing with its alpha 0: exact only if PEFT's block adds nothing either
             if s != 0 and Bp.any():
@@ -742,9 +765,21 @@ def _split_by_record(A, B, s, use_rslora, rows, record, M):
             if not bool(torch.isfinite(scaled).all()) and bool(torch.isfinite(Bp).all()):
                 return None  # (the ratio overflows B's dtype)
             Bp = scaled
-        split.append((zn, A[col:col + r], Bp, r, a, None if M is None else M[rows[zn].rows]))
+        split.append((zn, A[col:col + r], Bp, r, a, None if M is None else M[_row_index(rows[zn])]))
         col += r
     return split
+
+
+def _check_base_bias(path, source, where, bias, layer):
+    """A base bias the checkpoint holds for the linear layer `where` (`source` in the checkpoint): PEFT saves the
+    whole base layer of a targeted lm_head / embed_tokens (save_embedding_layers, default "auto"), a biased lm_head's
+    bias too (Phi's), and its load copies it into the layer; it must fit the layer's bias."""
+    have = getattr(layer, "bias", None)
+    if have is None:
+        raise ValueError(f"{path}: {source}.base_layer.bias: {where} has no bias")
+    if bias.shape != have.shape:
+        raise ValueError(f"{path}: {source}.base_layer.bias has shape {tuple(bias.shape)}, the layer's bias is "
+                         f"{tuple(have.shape)}")
 
 
 def _check_fan_in_fan_out(model, path, targets):
@@ -854,11 +889,12 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True,
     that already has LoRA takes the config's alpha, dropout and rsLoRA too, as PEFT builds every loaded adapter's
     layers from its config: the model is the checkpoint's whether or not LoRA was injected first; so a loaded layer
     that was ``disabled`` is enabled again, where PEFT's load_adapter leaves a layer it disabled off); base weights
-    PEFT saved for a targeted lm_head / embedding layer (``<module>.base_layer.weight``) are copied
-    into that layer, as PEFT does. DoRA adapters (``use_dora: true``, a ``lora_magnitude_vector`` per
-    module) load as DoRA LoRALinear modules (an existing LoRALinear is switched to DoRA, or back to plain
-    LoRA for a plain adapter). LoRA on an embedding layer (``lora_embedding_A`` / ``lora_embedding_B``)
-    loads as a LoRAEmbedding (a zoo model takes transformers' names for it, e.g. model.embed_tokens).
+    PEFT saved for a targeted lm_head / embedding layer (``<module>.base_layer.weight``, and a biased lm_head's
+    ``<module>.base_layer.bias``, Phi's) are copied into that layer, as PEFT does. DoRA adapters (``use_dora:
+    true``, a ``lora_magnitude_vector`` per module) load as DoRA LoRALinear modules (an existing LoRALinear is
+    switched to DoRA, or back to plain LoRA for a plain adapter). LoRA on an embedding layer (``lora_embedding_A`` /
+    ``lora_embedding_B``) loads as a LoRAEmbedding (a zoo model takes transformers' names for it, e.g.
+    model.embed_tokens).
     LoRA on a conv layer (``lora_A.weight`` / ``lora_B.weight`` with conv kernel shapes) loads as a LoRAConv
     into the nn.Conv1d/2d/3d of that name (its kernel, channels and groups checked against the shapes; a conv
     LoRAConv refuses, e.g. dilation != 1, is refused too).
@@ -877,7 +913,8 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True,
     goes to the q/k/v layers exactly (each gets its rows of B; the three share A as one Parameter, PEFT's single
     A: a training step gives it PEFT's gradient, and save_peft_adapter writes PEFT's rank-r LoRA back; a later
     load into them unties it first) and whose fan_in_fan_out=True only concerns the Conv1D base weight layout
-    (A/B are as for nn.Linear). Phi-3's qkv_proj / gate_up_proj LoRAs split the same way.
+    (A/B are as for nn.Linear). Phi-3's qkv_proj / gate_up_proj LoRAs split the same way, and GPT-NeoX's
+    query_key_value's (each of q / k / v gets its rows of B, interleaved per head there).
 
     Nothing is changed unless the whole checkpoint fits: every check, of the weights and of every config value the
     load uses, runs before the first module is changed (or frozen). Config values are checked as PEFT's
@@ -938,7 +975,7 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True,
     dropout = _config_dropout(path, config)
     patterns = _config_patterns(path, config)
     weights, metadata = _read_weights(path)
-    pairs, base_weights, magnitudes, emb_pairs = {}, {}, {}, {}
+    pairs, base_weights, base_biases, magnitudes, emb_pairs = {}, {}, {}, {}, {}
     for key, t in weights.items():
         m = _KEY.match(key)
         if m is not None:
@@ -952,6 +989,8 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True,
             magnitudes[_MAG_KEY.match(key).group("module")] = t
         elif _BASE_KEY.match(key):
             base_weights[_BASE_KEY.match(key).group("module")] = t
+        elif _BASE_BIAS_KEY.match(key):
+            base_biases[_BASE_BIAS_KEY.match(key).group("module")] = t
         elif _EMBED_KEY.match(key):
             m = _EMBED_KEY.match(key)
             pair = emb_pairs.setdefault(m.group("module"), {})
@@ -973,6 +1012,10 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True,
         if name not in pairs and name not in emb_pairs and name not in conv_pairs:
             raise ValueError(f"{path}: unsupported key {_PREFIX}{name}.base_layer.weight (a base weight of a "
                              f"module without LoRA A/B weights)")
+    for name in base_biases:  # (PEFT saves base layers of targeted lm_head / embed_tokens; only a Linear has a bias)
+        if name not in pairs:
+            raise ValueError(f"{path}: unsupported key {_PREFIX}{name}.base_layer.bias (a base bias of a module "
+                             f"without linear LoRA A/B weights)")
     for name in magnitudes:
         if name not in pairs:
             raise ValueError(f"{path}: {_PREFIX}{name}.lora_magnitude_vector belongs to a module without LoRA A/B "
@@ -1021,15 +1064,16 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True,
             add(name, name, A, B, r, alpha, W, M)
             continue
         parts = by_hf[name]  # an HF name
+        base_key = "weight" if W is not None else "bias" if name in base_biases else None
         if len(parts) == 1 and parts[0][1].rows is None:
-            if W is not None and parts[0][1].conv1d:
-                raise ValueError(f"{path}: {name}.base_layer.weight: a base weight for a Conv1D module is not "
-                                 f"supported")
+            if base_key and parts[0][1].conv1d:
+                raise ValueError(f"{path}: {name}.base_layer.{base_key}: a base {base_key} for a Conv1D module is "
+                                 f"not supported")
             add(parts[0][0], name, A, B, r, alpha, W, M)
             continue
-        if W is not None:
-            raise ValueError(f"{path}: {name}.base_layer.weight: {name} is split into "
-                             f"{', '.join(p[0] for p in parts)} in this model; its base weight cannot be loaded")
+        if base_key:
+            raise ValueError(f"{path}: {name}.base_layer.{base_key}: {name} is split into "
+                             f"{', '.join(p[0] for p in parts)} in this model; its base {base_key} cannot be loaded")
         split = _split_fused(path, name, A, B, alpha, use_rslora, parts, records.get(name), M)
         for zn, Ap, Bp, rp, ap, Mp in split:
             add(zn, name, Ap, Bp, rp, ap, None, Mp)
@@ -1050,9 +1094,9 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True,
                                      f"LoRA (inject_lora) before tensor_parallelize, then load the adapter")
                 if mod.lora_A.shape[0] != r:
                     raise ValueError(f"{path}: {where} has rank {mod.lora_A.shape[0]}, checkpoint has {r}")
-                if W is not None:
-                    raise ValueError(f"{path}: {name}.base_layer.weight: base weights of tensor-parallel layers "
-                                     f"cannot be loaded")
+                if W is not None or source in base_biases:
+                    raise ValueError(f"{path}: {source}.base_layer.{'weight' if W is not None else 'bias'}: base "
+                                     f"weights of tensor-parallel layers cannot be loaded")
                 if M is not None:
                     raise ValueError(f"{path}: {where}: DoRA (use_dora) is not supported on tensor-parallel layers")
             else:
@@ -1075,12 +1119,15 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True,
                                  f"of the checkpoint do not fit the {type(mod).__name__}'s LoRA parameters "
                                  f"A{tuple(mod.lora_A.shape)} B{tuple(mod.lora_B.shape)}")
             shards[name] = (A_shard, B_shard)
-        if W is not None and isinstance(layer, NF4Linear):
-            raise ValueError(f"{path}: {name}.base_layer.weight: {where} is a 4-bit NF4Linear; a saved base weight "
-                             f"cannot be loaded into it (load the adapter before quantize_nf4)")
+        if (W is not None or source in base_biases) and isinstance(layer, NF4Linear):
+            raise ValueError(f"{path}: {source}.base_layer.{'weight' if W is not None else 'bias'}: {where} is a "
+                             f"4-bit NF4Linear; a saved base layer cannot be loaded into it (load the adapter before "
+                             f"quantize_nf4)")
         if W is not None and W.shape != layer.weight.shape:
             raise ValueError(f"{path}: {name}.base_layer.weight has shape {tuple(W.shape)}, the layer's weight "
                              f"is {tuple(layer.weight.shape)}")
+        if source in base_biases:
+            _check_base_bias(path, source, where, base_biases[source], layer)
 
     emb_targets = {}  # embeddings: model module name -> (checkpoint name, A, B, r, alpha, base weight)
     hf_emb = {v: k for k, v in _hf_embedding_names(model).items()} if hf is not None else {}
@@ -1167,6 +1214,8 @@ def load_peft_adapter(model: nn.Module, path: str, freeze_base: bool = True,
                 mod.lora_magnitude_vector.copy_(M)
             if W is not None:  # as PEFT does: the saved base weight replaces the layer's
                 mod.base_layer.weight.copy_(W)
+            if source in base_biases:  # (and its bias: PEFT saved and loads the whole base layer)
+                mod.base_layer.bias.copy_(base_biases[source])
     for group in shared_a:
         _tie_lora_a(model, group)
     for name, (source, A, B, r, alpha, W) in emb_targets.items():
