@@ -69,10 +69,11 @@ def world1():
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ranks():
-    """ranks(p) -> a RankPool of p gloo ranks, started once per module (starting a rank costs
-    seconds: importing torch), restarted after a failure."""
+    """ranks(p) -> a RankPool of p gloo ranks, started once per test session (starting a pool costs
+    3-7 s: importing torch in every rank), restarted after a failure. The ranks outlive a module, so a
+    worker that changes process-wide state (module attributes, os.environ) restores it before returning."""
     from llmkern.parallel.launch import RankPool
 
     pools = {}
@@ -87,13 +88,13 @@ def ranks():
         pool.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def pool2(ranks):
-    """The module's RankPool of 2 gloo ranks (see ranks)."""
+    """The session's RankPool of 2 gloo ranks (see ranks; a fresh one after a failure closed it)."""
     return ranks(2)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def pool4(ranks):
-    """The module's RankPool of 4 gloo ranks (see ranks)."""
+    """The session's RankPool of 4 gloo ranks (see ranks; a fresh one after a failure closed it)."""
     return ranks(4)

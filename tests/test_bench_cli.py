@@ -219,6 +219,20 @@ def test_mfu_peak_memory_is_one_steady_state_step_on_cuda_only(monkeypatch):
 
 def mfu_torchrun_worker(rank, p, out):
     """The mfu suite as torchrun runs it (WORLD_SIZE > 1, a process group up): tiny rows, one timed step."""
+    from llmkern.bench.suites import mfu
+
+    saved = os.environ.get("WORLD_SIZE"), mfu._rows, mfu.time_fn
+    try:  # (the ranks serve the whole session: put back what this run changes in them)
+        return _mfu_torchrun_run(rank, p, out)
+    finally:
+        if saved[0] is None:
+            os.environ.pop("WORLD_SIZE", None)
+        else:
+            os.environ["WORLD_SIZE"] = saved[0]
+        mfu._rows, mfu.time_fn = saved[1:]
+
+
+def _mfu_torchrun_run(rank, p, out):
     import torch
 
     from llmkern.bench.suites import mfu

@@ -447,13 +447,10 @@ def tp_worker(rank, world_size, tmp):
     return [float((a - b).abs().max()) for a, b in zip(got, ref)]
 
 
-def test_tensor_parallel_model_keeps_a_replicated_embedding_lora(tmp_path):
+def test_tensor_parallel_model_keeps_a_replicated_embedding_lora(pool2, tmp_path):
     from safetensors.torch import load_file
 
-    from llmkern.parallel.launch import RankPool
-
-    with RankPool(2, pg_timeout=30.0) as pool:
-        results = pool.run(tp_worker, (str(tmp_path),), timeout=90)
+    results = pool2.run(tp_worker, (str(tmp_path),), timeout=90)
     for errs in results:  # logits, and the embedding LoRA's gradients (whole on every rank), as unsharded
         assert max(errs) < 1e-5, errs
     ref, tp = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("ref", "tp"))

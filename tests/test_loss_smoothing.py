@@ -310,11 +310,8 @@ def vocab_worker(rank, world_size):
     return out
 
 
-def test_vocab_parallel_loss_label_smoothing_and_z_loss_match_unsharded():
-    from llmkern.parallel.launch import RankPool
-
-    with RankPool(2, pg_timeout=30.0) as pool:
-        results = pool.run(vocab_worker, timeout=120)
+def test_vocab_parallel_loss_label_smoothing_and_z_loss_match_unsharded(pool2):
+    results = pool2.run(vocab_worker, timeout=120)
     for res in results:
         errors = res.pop("errors")
         for name, message in zip(("label_smoothing", "label_smoothing", "z_loss", "return_z_loss"), errors):

@@ -168,7 +168,15 @@ def _case_mlp(rank, p, overlap, sp, failures, dtype=torch.float32, **kw):
 
 
 def layers_worker(rank, p, full):
-    tp_layers.LORA_IMPL = "plain"
+    # (the ranks serve the whole session: later modules' workers get the default LORA_IMPL back)
+    previous, tp_layers.LORA_IMPL = tp_layers.LORA_IMPL, "plain"
+    try:
+        return _layers_cases(rank, p, full)
+    finally:
+        tp_layers.LORA_IMPL = previous
+
+
+def _layers_cases(rank, p, full):
     failures = []
     ncases = 0
     for overlap in ("none", "ring"):
@@ -959,13 +967,26 @@ def test_lora_parts_follow_the_wrapper_state():
         tp_layers._lora_parts(w)
 
 
+def tp_suite_worker(rank, p, *args):
+    """The `tp` suite's worker, which turns the cross-rank validation off for its timings: back on afterwards, for
+    the later tests on these ranks (they serve the whole session)."""
+    from llmkern.bench.suites import tp as tp_suite
+    from llmkern.parallel import comm
+
+    previous = comm.validation_enabled()
+    try:
+        return tp_suite._tp_worker(rank, p, *args)
+    finally:
+        comm.set_validation(previous)
+
+
 def test_tp_benchmark_suite_runs(ranks):
     """The `tp` suite's worker on tiny sizes (no performance assertion here: see the suite)."""
     from llmkern.bench.suites import tp as tp_suite
 
     cases = [("allgather->GEMM (column, SP fwd)", 64, 32, 16), ("GEMM->reduce-scatter (row, SP fwd)", 64, 16, 32),
              ("GEMM->all-reduce (row fwd)", 64, 16, 32), ("MLP fwd+bwd (column->GeLU->row, SP)", 64, 32, 8)]
-    stats = ranks(2).run(tp_suite._tp_worker, (cases, True, "cpu", "float32", False, 1, 2), timeout=60)[0]
+    stats = ranks(2).run(tp_suite_worker, (cases, True, "cpu", "float32", False, 1, 2), timeout=60)[0]
     rows = list(tp_suite._rows_from(stats, "gloo"))
     assert len(rows) == 8
     for row in rows:

@@ -1,7 +1,7 @@
 """PEFT adapters under tensor parallelism: save_peft_adapter on a sharded model writes the files the
 unsharded model writes, and load_peft_adapter puts each rank's shard into a sharded model.
 
-Two gloo ranks on 127.0.0.1 (llmkern.parallel.launch.RankPool, started once for the module), tiny
+Two gloo ranks on 127.0.0.1 (conftest's pool2: a llmkern.parallel.launch.RankPool started once per session), tiny
 fp32 models with LoRA on every projection and random lora_B, so a wrong shard or order shows in the
 logits: the zoo Llama and GPT (Hugging Face module names, GPT's q/k/v packed into c_attn), and a
 plain model with fused qkv_proj / gate_up_proj (sharded segment by segment), rsLoRA and two ranks.
@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkern.parallel.launch import RankPool
 
 TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
            "gpt": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}
@@ -278,11 +277,9 @@ def fused_worker(rank, world_size, tmp):
                 odd_scaling=odd.blocks[0]["attn"].o_proj.scaling)
 
 
-@pytest.fixture(scope="module")
-def pool():
-    p = RankPool(2, pg_timeout=30.0)
-    yield p
-    p.close()
+@pytest.fixture
+def pool(pool2):
+    return pool2  # (conftest's session pool: starting ranks costs seconds)
 
 
 def test_save_from_sharded_model_writes_the_unsharded_files(pool, tmp_path):

@@ -10,8 +10,6 @@ import copy
 import pytest
 import torch
 
-from llmkern.parallel.launch import RankPool
-
 
 def vocab_worker(rank, world_size):
     from llmkern.models import GPT, Llama, get_config
@@ -57,11 +55,9 @@ def vocab_worker(rank, world_size):
     return out
 
 
-@pytest.fixture(scope="module")
-def pool():
-    p = RankPool(2, pg_timeout=30.0)
-    yield p
-    p.close()
+@pytest.fixture
+def pool(pool2):
+    return pool2  # (conftest's session pool: starting ranks costs seconds)
 
 
 def test_vocab_parallel_zoo_models_equal_the_unsharded_ones(pool):

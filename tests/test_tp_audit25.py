@@ -130,7 +130,15 @@ def _mlp_autocast_case(rank, p, failures, sp, overlap, lora):
 
 
 def _audit_worker(rank, p):
-    tp_layers.LORA_IMPL = "plain"
+    # (the ranks serve the whole session: later modules' workers get the default LORA_IMPL back)
+    previous, tp_layers.LORA_IMPL = tp_layers.LORA_IMPL, "plain"
+    try:
+        return _audit_cases(rank, p)
+    finally:
+        tp_layers.LORA_IMPL = previous
+
+
+def _audit_cases(rank, p):
     failures, cases = [], 0
     for overlap in ("none", "ring"):
         for sp in (False, True):

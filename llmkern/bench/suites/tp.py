@@ -160,11 +160,19 @@ def _calibrate(name, M, K, N, p, device, dtype, group):
 
 
 def _tp_worker(rank, p, cases, quick, device_type, dtype_name, calibrate=True, rounds=None, max_iters=50):
-    import torch.distributed as dist
-
     from llmkern.parallel import set_validation
 
-    set_validation(False)
+    previous = set_validation(False)
+    try:  # (put back: the process may go on to run other work, e.g. a pool of ranks reused by tests)
+        return _tp_cases(rank, p, cases, quick, device_type, dtype_name, calibrate, rounds, max_iters)
+    finally:
+        set_validation(previous)
+
+
+def _tp_cases(rank, p, cases, quick, device_type, dtype_name, calibrate, rounds, max_iters):
+    """_tp_worker's measurements, with the per-call shape checks off."""
+    import torch.distributed as dist
+
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     dtype = getattr(torch, dtype_name)
     group = dist.group.WORLD
