@@ -1958,9 +1958,8 @@ def _check_speculative(draft, input_ids, max_new_tokens, strategy, k, num_beams,
     for name, m in (("model", model), ("draft_model", draft)):
         if not callable(getattr(m, "new_cache", None)):
             raise ValueError(f"{name} must have new_cache(batch, max_len) (a zoo model) for speculative decoding")
-        crosses = getattr(m, "longrope_recompute", None)
-        if crosses is not None and any(crosses(n, n + 1) for n in range(input_ids.shape[1],
-                                                                         input_ids.shape[1] + max_new_tokens)):
+        crosses = getattr(m, "longrope_recompute", None)  # (some step n in [T0, T0 + max_new) has n <= original < n + 1)
+        if crosses is not None and crosses(input_ids.shape[1], input_ids.shape[1] + max_new_tokens):
             raise ValueError(f"max_new_tokens: {name}'s LongRoPE switches to its long factors during this generation "
                              f"(its cached keys would need computing again): not supported with draft_model")
     cfg, draft_cfg = getattr(model, "config", None), getattr(draft, "config", None)
